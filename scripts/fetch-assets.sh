@@ -72,3 +72,4 @@ for entry in "${PACKAGES[@]}"; do
     chatterbot-corpus*) [ -d "$ASSETS/raw/chatterbot" ] || extract "$path" "chatterbot_corpus/data/english/" "$ASSETS/raw/chatterbot" ;;
   esac
 done
+python3 scripts/prepare-data.py "$ASSETS"

@@ -1,1 +1,13 @@
-pub fn _x(){}
+//! ferrule: parameter- and memory-efficient fine-tuning of pretrained transformers.
+//!
+//! Layers: [`model`] (architectures, knowing nothing of methods) ← [`tuners`] (methods that
+//! wrap a model's linear layers) ← [`train`] (the loop, optimizer, checkpoints) and
+//! [`peft_io`] / [`merge`] (artifacts other tools open).
+
+pub mod init;
+pub mod model;
+pub mod ops;
+pub mod peft_io;
+pub mod tuners;
+pub mod util;
+pub mod generate;

@@ -1,0 +1,188 @@
+//! BERT-family encoders (Devlin et al. 2019): embeddings, post-norm transformer layers,
+//! mean pooling for sentence embeddings, and the `BertForSequenceClassification` head
+//! (pooler → classifier). Parameter names are the Hugging Face ones, verbatim.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::BertConfig;
+use super::weights::Weights;
+use super::{Linear, LinearHook, LinearInfo};
+use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::norm::layer_norm;
+use crate::ops::FrozenLinear;
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+struct Layer {
+    query: Box<dyn Linear>,
+    key: Box<dyn Linear>,
+    value: Box<dyn Linear>,
+    attn_out: Box<dyn Linear>,
+    attn_norm: Norm,
+    intermediate: Box<dyn Linear>,
+    output: Box<dyn Linear>,
+    output_norm: Norm,
+}
+
+/// What the encoder is used for; decides the module paths (`bert.` prefix under a head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BertTask {
+    /// Bare `BertModel`: hidden states and mean-pooled sentence embeddings.
+    Embedding,
+    /// `BertForSequenceClassification`: pooler + `classifier` linear.
+    SequenceClassification,
+}
+
+pub struct Bert {
+    pub config: BertConfig,
+    pub task: BertTask,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: Option<Box<dyn Linear>>,
+    classifier: Option<Box<dyn Linear>>,
+    /// Parameters created here rather than read from the checkpoint (a new classifier).
+    pub initialized_params: usize,
+    device: Device,
+}
+
+/// Outputs of one encoder pass.
+pub struct BertOutput {
+    pub last_hidden_state: Tensor,
+    pub pooler_output: Option<Tensor>,
+    pub logits: Option<Tensor>,
+}
+
+impl Bert {
+    /// `init_seed` seeds the classifier when the checkpoint has none (HF: normal(0, initializer_range), zero bias).
+    pub fn new(config: BertConfig, task: BertTask, w: &Weights, hook: &dyn LinearHook, device: &Device, init_seed: u64) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        // Module paths as the task's HF class names them; weights may or may not carry the prefix.
+        let prefix = match task {
+            BertTask::Embedding => "",
+            BertTask::SequenceClassification => "bert.",
+        };
+        let names = |n: &str| vec![format!("bert.{n}"), n.to_string()];
+        let get = |n: &str, shape: &[usize]| w.get_any(&names(n), shape);
+        let norm = |n: &str| -> Result<Norm> {
+            // Old checkpoints name LayerNorm parameters gamma/beta.
+            let weight = w.get_any(&[names(&format!("{n}.weight")), names(&format!("{n}.gamma"))].concat(), &[h])?;
+            let bias = w.get_any(&[names(&format!("{n}.bias")), names(&format!("{n}.beta"))].concat(), &[h])?;
+            Ok(Norm { weight, bias })
+        };
+        let lin = |n: &str, out_f: usize, in_f: usize| -> Result<Box<dyn Linear>> {
+            let weight = get(&format!("{n}.weight"), &[out_f, in_f])?;
+            let bias = get(&format!("{n}.bias"), &[out_f])?;
+            hook.wrap(&LinearInfo { path: format!("{prefix}{n}"), is_output_head: false }, FrozenLinear::new(weight, Some(bias))?)
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(Layer {
+                query: lin(&format!("{p}.attention.self.query"), h, h)?,
+                key: lin(&format!("{p}.attention.self.key"), h, h)?,
+                value: lin(&format!("{p}.attention.self.value"), h, h)?,
+                attn_out: lin(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                intermediate: lin(&format!("{p}.intermediate.dense"), c.intermediate_size, h)?,
+                output: lin(&format!("{p}.output.dense"), h, c.intermediate_size)?,
+                output_norm: norm(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        let has_pooler = w.contains("pooler.dense.weight") || w.contains("bert.pooler.dense.weight");
+        let pooler = if has_pooler { Some(lin("pooler.dense", h, h)?) } else { None };
+        let mut initialized_params = 0;
+        let classifier = match task {
+            BertTask::Embedding => None,
+            BertTask::SequenceClassification => {
+                if pooler.is_none() {
+                    anyhow::bail!("{}: sequence classification needs the pooler (pooler.dense.*), which this checkpoint lacks", w.source().display())
+                }
+                let shape = [c.num_labels, h];
+                let (weight, bias) = if w.contains("classifier.weight") {
+                    (w.get("classifier.weight", &shape)?, w.get("classifier.bias", &[c.num_labels])?)
+                } else {
+                    initialized_params = c.num_labels * (h + 1);
+                    (crate::init::normal(&shape, c.initializer_range, init_seed, device)?, Tensor::zeros(c.num_labels, DType::F32, device)?)
+                };
+                Some(hook.wrap(&LinearInfo { path: "classifier".into(), is_output_head: true }, FrozenLinear::new(weight, Some(bias))?)?)
+            }
+        };
+        Ok(Self {
+            word_embeddings: get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?,
+            position_embeddings: get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?,
+            token_type_embeddings: get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
+            embed_norm: norm("embeddings.LayerNorm")?,
+            layers,
+            pooler,
+            classifier,
+            initialized_params,
+            task,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<BertOutput> {
+        let c = &self.config;
+        let (b, t) = input_ids.dims2()?;
+        if t > c.max_position_embeddings {
+            anyhow::bail!("sequence of {t} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
+        }
+        let h = c.hidden_size;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let words = self.word_embeddings.index_select(&ids, 0)?.reshape((b, t, h))?;
+        let positions = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
+        let types = match token_type_ids {
+            Some(tt) => self.token_type_embeddings.index_select(&tt.to_dtype(DType::U32)?.flatten_all()?, 0)?.reshape((b, t, h))?,
+            None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, h))?.contiguous()?,
+        };
+        let x = words.broadcast_add(&positions)?.add(&types)?;
+        let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, c.layer_norm_eps)?;
+        let mask = build_mask(MaskKind::Bidirectional, t, t, attention_mask, &self.device)?;
+        let heads = c.num_attention_heads;
+        let d = h / heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        for layer in &self.layers {
+            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?) };
+            let q = split(layer.query.forward(&x)?)?;
+            let k = split(layer.key.forward(&x)?)?;
+            let v = split(layer.value.forward(&x)?)?;
+            let att = attention(&q, &k, &v, mask.as_ref(), scale)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let att = layer.attn_out.forward(&att)?;
+            x = layer_norm(&(att + &x)?, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
+            let inter = layer.intermediate.forward(&x)?.gelu_erf()?;
+            let out = layer.output.forward(&inter)?;
+            x = layer_norm(&(out + &x)?, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
+        }
+        let pooler_output = match &self.pooler {
+            Some(p) => Some(p.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),
+            None => None,
+        };
+        let logits = match (&self.classifier, &pooler_output) {
+            (Some(cls), Some(pooled)) => Some(cls.forward(pooled)?),
+            _ => None,
+        };
+        Ok(BertOutput { last_hidden_state: x, pooler_output, logits })
+    }
+}
+
+/// Attention-mask-weighted mean over positions (sentence-transformers mean pooling).
+pub fn mean_pool(hidden: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    match attention_mask {
+        None => Ok(hidden.mean(1)?),
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+            let summed = hidden.broadcast_mul(&m)?.sum(1)?;
+            let counts = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
+            Ok(summed.broadcast_div(&counts)?)
+        }
+    }
+}

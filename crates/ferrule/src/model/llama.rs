@@ -1,0 +1,173 @@
+//! Llama-shaped decoders: Llama 2/3, Mistral (sliding window), Qwen2 (q/k/v bias), SmolLM2
+//! (tied embeddings). Parameter names are the Hugging Face ones, verbatim.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::DecoderConfig;
+use super::weights::Weights;
+use super::{Linear, LinearHook, LinearInfo};
+use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::Rope;
+use crate::ops::FrozenLinear;
+
+struct Attention {
+    q_proj: Box<dyn Linear>,
+    k_proj: Box<dyn Linear>,
+    v_proj: Box<dyn Linear>,
+    o_proj: Box<dyn Linear>,
+}
+
+struct Mlp {
+    gate_proj: Box<dyn Linear>,
+    up_proj: Box<dyn Linear>,
+    down_proj: Box<dyn Linear>,
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Keys and values of earlier positions, one entry per layer (`[b, h_kv, s, d]`).
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A causal language model (`*ForCausalLM`).
+pub struct DecoderLm {
+    pub config: DecoderConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Box<dyn Linear>,
+    rope: Rope,
+    device: Device,
+}
+
+fn linear(w: &Weights, hook: &dyn LinearHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
+    let weight = w.get(&format!("{path}.weight"), &[out_f, in_f])?;
+    let bias = if bias { Some(w.get(&format!("{path}.bias"), &[out_f])?) } else { None };
+    hook.wrap(&LinearInfo { path: path.to_string(), is_output_head: path == "lm_head" }, FrozenLinear::new(weight, bias)?)
+}
+
+impl DecoderLm {
+    pub fn new(config: DecoderConfig, w: &Weights, hook: &dyn LinearHook, device: &Device) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: linear(w, hook, &format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
+                    k_proj: linear(w, hook, &format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
+                    v_proj: linear(w, hook, &format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
+                    o_proj: linear(w, hook, &format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
+                },
+                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: linear(w, hook, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    up_proj: linear(w, hook, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    down_proj: linear(w, hook, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                },
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        let head_weight = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            w.get("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let lm_head = hook.wrap(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::new(head_weight, None)?)?;
+        let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.layers.len()] }
+    }
+
+    /// Logits `[b, t, vocab]` for `input_ids: [b, t]`. `attention_mask: [b, s]` (1 = real token)
+    /// covers cached plus new positions. With a cache, new positions continue after the cached ones.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+
+    /// Final-norm hidden states `[b, t, hidden]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = input_ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let kv_len = offset + t;
+        if kv_len > c.max_position_embeddings {
+            anyhow::bail!("sequence of {kv_len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
+        }
+        let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, t, kv_len, attention_mask, &self.device)?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, c.hidden_size))?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let hs = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+            let a = &layer.self_attn;
+            let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?) };
+            let q = heads(a.q_proj.forward(&hs)?, c.num_attention_heads)?;
+            let k = heads(a.k_proj.forward(&hs)?, c.num_key_value_heads)?;
+            let v = heads(a.v_proj.forward(&hs)?, c.num_key_value_heads)?;
+            let q = self.rope.apply(&q, offset)?;
+            let k = self.rope.apply(&k, offset)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => {
+                    let (k, v) = match &cache.layers[i] {
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    cache.layers[i] = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+                None => (k, v),
+            };
+            let att = attention(&q, &k, &v, mask.as_ref(), scale)?;
+            let att = att.transpose(1, 2)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
+            x = (residual + a.o_proj.forward(&att)?)?;
+            let residual = x.clone();
+            let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let m = &layer.mlp;
+            let gated = (candle_nn::ops::silu(&m.gate_proj.forward(&hs)?)? * m.up_proj.forward(&hs)?)?;
+            x = (residual + m.down_proj.forward(&gated)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
+    }
+
+    /// Logits of the last position only (generation).
+    pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        Ok(self.lm_head.forward(&last)?.squeeze(1)?)
+    }
+}
+

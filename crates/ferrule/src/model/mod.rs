@@ -1,0 +1,146 @@
+//! Architectures: config parsing, weight loading, forward passes.
+//!
+//! Models know nothing about tuning methods. Every linear layer a model builds goes through
+//! a [`LinearHook`] with its Hugging Face module path (`model.layers.3.self_attn.q_proj`);
+//! a tuner is a hook that wraps the layers it targets.
+
+pub mod bert;
+pub mod config;
+pub mod gguf;
+pub mod llama;
+pub mod source;
+pub mod weights;
+
+use anyhow::Result;
+use candle_core::{Device, Module, Tensor};
+
+pub use config::{family_of, BertConfig, DecoderConfig, Family};
+pub use source::ModelSource;
+pub use weights::Weights;
+
+use crate::ops::FrozenLinear;
+
+/// A linear layer as a model calls it.
+pub trait Linear: Send + Sync {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl Linear for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Module::forward(self, x)
+    }
+}
+
+/// What a hook is told about the linear it may wrap.
+#[derive(Clone, Debug)]
+pub struct LinearInfo {
+    /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// The model's output layer (`lm_head`, `classifier`): PEFT's `all-linear` skips it.
+    pub is_output_head: bool,
+}
+
+/// Decides what each linear layer of a model becomes.
+pub trait LinearHook {
+    fn wrap(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>>;
+}
+
+/// Leaves every layer frozen (plain inference).
+pub struct Frozen;
+
+impl LinearHook for Frozen {
+    fn wrap(&self, _info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
+        Ok(Box::new(base))
+    }
+}
+
+/// What the model is trained or run for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Task {
+    /// Next-token prediction (`*ForCausalLM`), PEFT `CAUSAL_LM`.
+    CausalLm,
+    /// Sequence classification (`*ForSequenceClassification`), PEFT `SEQ_CLS`.
+    SeqCls,
+    /// Hidden states / sentence embeddings, PEFT `FEATURE_EXTRACTION`.
+    FeatureExtraction,
+}
+
+impl Task {
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Task::CausalLm => "CAUSAL_LM",
+            Task::SeqCls => "SEQ_CLS",
+            Task::FeatureExtraction => "FEATURE_EXTRACTION",
+        }
+    }
+}
+
+/// The architecture of a built model.
+pub enum Arch {
+    Decoder(llama::DecoderLm),
+    Bert(bert::Bert),
+}
+
+/// A built model of any supported family.
+pub struct Model {
+    pub arch: Arch,
+    pub task: Task,
+    /// Parameters of the base model (as `model.num_parameters()` counts them: tied tensors once).
+    pub base_params: usize,
+}
+
+/// Token inputs: `[b, t]` ids, optional 1/0 attention mask and token types (BERT).
+pub struct Inputs<'a> {
+    pub input_ids: &'a Tensor,
+    pub attention_mask: Option<&'a Tensor>,
+    pub token_type_ids: Option<&'a Tensor>,
+}
+
+impl Model {
+    /// Builds the model of `source` for `task`, passing every linear through `hook`.
+    pub fn build(source: &ModelSource, task: Task, hook: &dyn LinearHook, device: &Device, seed: u64) -> Result<Self> {
+        let arch = match family_of(&source.config)? {
+            Family::Decoder => {
+                if task != Task::CausalLm {
+                    anyhow::bail!("{}: only causal-LM training is supported for decoder models; use a BERT-family encoder for {}", source.location.display(), task.peft_name())
+                }
+                let cfg = DecoderConfig::from_json(&source.config)?;
+                Arch::Decoder(llama::DecoderLm::new(cfg, &source.weights, hook, device)?)
+            }
+            Family::Bert => {
+                let cfg = BertConfig::from_json(&source.config)?;
+                let bt = match task {
+                    Task::SeqCls => bert::BertTask::SequenceClassification,
+                    Task::FeatureExtraction => bert::BertTask::Embedding,
+                    Task::CausalLm => anyhow::bail!("{} is an encoder (bert); it cannot be trained as a causal LM", source.location.display()),
+                };
+                Arch::Bert(bert::Bert::new(cfg, bt, &source.weights, hook, device, seed)?)
+            }
+        };
+        let initialized = match &arch {
+            Arch::Bert(b) => b.initialized_params,
+            Arch::Decoder(_) => 0,
+        };
+        let unused = source.weights.unused();
+        if !unused.is_empty() {
+            tracing::warn!("{}: {} checkpoint tensor(s) not used by the model, e.g. {:?}", source.location.display(), unused.len(), unused[0]);
+        }
+        Ok(Model { arch, task, base_params: source.weights.used_elements() + initialized })
+    }
+
+    /// The task's output: causal-LM logits `[b,t,v]`, classification logits `[b,c]`, or
+    /// mean-pooled embeddings `[b,h]`.
+    pub fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        match &self.arch {
+            Arch::Decoder(m) => m.forward(inputs.input_ids, inputs.attention_mask, None),
+            Arch::Bert(m) => {
+                let out = m.forward(inputs.input_ids, inputs.attention_mask, inputs.token_type_ids)?;
+                match out.logits {
+                    Some(l) => Ok(l),
+                    None => bert::mean_pool(&out.last_hidden_state, inputs.attention_mask),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! PEFT adapter folders, both ways: `adapter_config.json` + `adapter_model.safetensors`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::{Map, Value};
+
+use crate::model::Task;
+use crate::tuners::lora::{config::KNOWN_KEYS, Lora, LoraConfig};
+use crate::tuners::Tuner;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The PEFT version whose format ferrule writes.
+pub const PEFT_VERSION: &str = "0.18.0";
+
+/// Common (method-independent) keys of `adapter_config.json`.
+const COMMON_KEYS: &[&str] = &["peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"];
+
+/// A saved adapter read back from disk.
+pub struct SavedAdapter {
+    pub dir: PathBuf,
+    pub config: Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl SavedAdapter {
+    pub fn peft_type(&self) -> &str {
+        self.config.get("peft_type").and_then(Value::as_str).unwrap_or("")
+    }
+
+    pub fn task(&self) -> Option<Task> {
+        match self.config.get("task_type").and_then(Value::as_str)? {
+            "CAUSAL_LM" => Some(Task::CausalLm),
+            "SEQ_CLS" => Some(Task::SeqCls),
+            "FEATURE_EXTRACTION" => Some(Task::FeatureExtraction),
+            _ => None,
+        }
+    }
+
+    /// Builds the tuner this adapter describes, holding its weights.
+    pub fn into_tuner(self, seed: u64, device: &Device) -> Result<Lora> {
+        match self.peft_type() {
+            "LORA" => {
+                let cfg: LoraConfig = serde_json::from_value(self.config.clone()).with_context(|| format!("{}: invalid LoRA config", self.dir.join(CONFIG_FILE).display()))?;
+                Lora::with_weights(cfg, self.tensors, seed, device)
+            }
+            other => bail!("{}: peft_type {other:?} is not supported (LORA is)", self.dir.join(CONFIG_FILE).display()),
+        }
+    }
+}
+
+/// Reads an adapter folder (or `<dir>/<name>/` for a named adapter). Refuses pickles.
+pub fn load_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    if !cfg_path.exists() {
+        bail!("{}: no {CONFIG_FILE}; not a PEFT adapter folder", dir.display())
+    }
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let obj = config.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object", cfg_path.display()))?;
+    if !obj.contains_key("peft_type") {
+        bail!("{}: missing \"peft_type\"", cfg_path.display())
+    }
+    for k in obj.keys() {
+        if !COMMON_KEYS.contains(&k.as_str()) && !KNOWN_KEYS.contains(&k.as_str()) {
+            tracing::warn!("{}: ignoring key {k:?} that ferrule does not use", cfg_path.display());
+        }
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    if !weights.exists() {
+        if dir.join("adapter_model.bin").exists() {
+            bail!("{}: only adapter_model.bin found; it is a pickle, which ferrule never loads (it can run arbitrary code). Re-save the adapter with safe_serialization=True", dir.display())
+        }
+        bail!("{}: no {WEIGHTS_FILE}", dir.display())
+    }
+    let tensors = crate::model::weights::load_safetensors_file(&weights, device)?;
+    Ok(SavedAdapter { dir: dir.to_path_buf(), config, tensors })
+}
+
+/// Writes `tuner` as a PEFT adapter folder. Each file is written to a temporary name,
+/// synced and renamed, so an interrupted save never leaves a half-written adapter.
+pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cfg = match tuner.config_json()? {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    cfg.insert("peft_type".into(), Value::from(tuner.peft_type()));
+    cfg.insert("task_type".into(), Value::from(task.peft_name()));
+    cfg.insert("base_model_name_or_path".into(), Value::from(base_model));
+    cfg.insert("revision".into(), Value::Null);
+    cfg.insert("inference_mode".into(), Value::Bool(true));
+    cfg.insert("peft_version".into(), Value::from(PEFT_VERSION));
+    // PEFT writes sorted keys with indent 2.
+    let sorted: BTreeMap<String, Value> = cfg.into_iter().collect();
+    let json = serde_json::to_string_pretty(&sorted)? + "\n";
+    let tensors: Vec<(String, Tensor)> = tuner.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &[("format", "pt")])?;
+    crate::util::atomic::write_bytes_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+    Ok(())
+}
+
+/// Writes named tensors as safetensors (atomically) with string metadata.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(&str, &str)]) -> Result<()> {
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    crate::util::atomic::save_safetensors_atomic(path, tensors, Some(meta)).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `LoraConfig`, with PEFT's key names and defaults (peft `tuners/lora/config.py`).
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::tuners::target::ModuleSpec;
+
+/// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (both random, for
+/// tests), or a named scheme.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    Flag(bool),
+    Named(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        InitLoraWeights::Flag(true)
+    }
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+/// One LoRA adapter's configuration, as `adapter_config.json` stores it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub init_lora_weights: InitLoraWeights,
+    #[serde(default)]
+    pub layers_to_transform: Option<LayersToTransform>,
+    #[serde(default)]
+    pub layers_pattern: Option<LayersPattern>,
+    #[serde(default)]
+    pub rank_pattern: Map<String, Value>,
+    #[serde(default)]
+    pub alpha_pattern: Map<String, Value>,
+    #[serde(default)]
+    pub lora_bias: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayersToTransform {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayersPattern {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Keys of a LoRA `adapter_config.json` that ferrule understands; others are kept and warned about.
+pub const KNOWN_KEYS: &[&str] = &[
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias", "use_rslora",
+    "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "lora_bias",
+];
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Map::new())).expect("defaults deserialize")
+    }
+}
+
+impl LoraConfig {
+    /// Rejects settings whose training or loading is not implemented, instead of silently
+    /// ignoring them (a user would get a different model than asked for).
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            bail!("lora: r must be at least 1")
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("lora: lora_dropout must be in [0, 1), got {}", self.lora_dropout)
+        }
+        if self.use_dora {
+            bail!("lora: use_dora (DoRA) is not supported yet")
+        }
+        if self.fan_in_fan_out {
+            bail!("lora: fan_in_fan_out (GPT-2 Conv1D layers) is not supported: no supported architecture uses Conv1D")
+        }
+        if self.bias != "none" {
+            bail!("lora: bias={:?} is not supported yet (only \"none\")", self.bias)
+        }
+        if self.lora_bias {
+            bail!("lora: lora_bias is not supported yet")
+        }
+        match &self.init_lora_weights {
+            InitLoraWeights::Flag(_) => {}
+            InitLoraWeights::Named(n) if n == "gaussian" => {}
+            InitLoraWeights::Named(n) => bail!("lora: init_lora_weights={n:?} is not supported (true, false and \"gaussian\" are)"),
+        }
+        for (k, v) in self.rank_pattern.iter() {
+            if v.as_u64().filter(|r| *r > 0).is_none() {
+                bail!("lora: rank_pattern[{k:?}] must be a positive integer, got {v}")
+            }
+        }
+        for (k, v) in self.alpha_pattern.iter() {
+            if v.as_f64().is_none() {
+                bail!("lora: alpha_pattern[{k:?}] must be a number, got {v}")
+            }
+        }
+        Ok(())
+    }
+
+    /// (rank, alpha) for the module at `path`, after `rank_pattern` / `alpha_pattern`.
+    pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
+        let ranks: Vec<(String, usize)> = self.rank_pattern.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()? as usize))).collect();
+        let alphas: Vec<(String, f64)> = self.alpha_pattern.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect();
+        let r = crate::tuners::target::pattern_value(&ranks, path).copied().unwrap_or(self.r);
+        let a = crate::tuners::target::pattern_value(&alphas, path).copied().unwrap_or(self.lora_alpha);
+        (r, a)
+    }
+
+    /// LoRA's scale: α/r (Hu et al. 2021, §4.1), or α/√r with rsLoRA (Kalajdzievski 2023).
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
