@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates the Python *reference* environment (torch, transformers, peft, bitsandbytes) that
+# fixtures and benchmark baselines are made with. Never needed to build or run ferrule.
+# Usage: scripts/reference-venv.sh [DIR]   (default: ~/.cache/ferrule/ref-venv); prints DIR/bin/python.
+set -euo pipefail
+DIR=${1:-${FERRULE_REF_VENV:-$HOME/.cache/ferrule/ref-venv}}
+if [ ! -x "$DIR/bin/python" ]; then
+  python3 -m venv "$DIR"
+  "$DIR/bin/pip" install --quiet --upgrade pip
+fi
+"$DIR/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 peft==0.21.2 safetensors numpy gguf bitsandbytes psutil >&2
+echo "$DIR/bin/python"
