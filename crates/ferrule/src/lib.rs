@@ -1,1 +1,4 @@
-pub fn _x(){}
+//! ferrule: parameter- and memory-efficient fine-tuning of pretrained transformers.
+
+pub mod train;
+pub mod util;
