@@ -2,12 +2,13 @@
 //!
 //! Layers: [`model`] (architectures, knowing nothing of methods) ← [`tuners`] (methods that
 //! wrap a model's linear layers) ← [`train`] (the loop, optimizer, checkpoints) and
-//! [`peft_io`] / [`merge`] (artifacts other tools open).
+//! [`peft_io`] (artifacts other tools open).
 
+pub mod generate;
 pub mod init;
 pub mod model;
 pub mod ops;
 pub mod peft_io;
+pub mod train;
 pub mod tuners;
 pub mod util;
-pub mod generate;

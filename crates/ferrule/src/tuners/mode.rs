@@ -31,16 +31,13 @@ impl Mode {
     }
 }
 
-/// Inverted dropout with a seeded mask: keeps each element with probability 1 − p and
-/// scales kept ones by 1/(1 − p).
+/// Inverted dropout (Srivastava et al. 2014) with a seeded mask: keeps each element with
+/// probability 1 − p and scales kept ones by 1/(1 − p).
 pub fn dropout(x: &candle_core::Tensor, p: f64, seed: u64) -> candle_core::Result<candle_core::Tensor> {
-    use rand::{Rng, SeedableRng};
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale }).collect();
-    let mask = candle_core::Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    let mut rng = crate::train::rng::Rng::seed_from_u64(seed);
+    let mask = crate::train::rng::dropout_mask(&mut rng, x.shape(), p, x.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    x.mul(&mask.to_dtype(x.dtype())?)
 }

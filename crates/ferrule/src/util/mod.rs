@@ -1,1 +1,3 @@
+//! Small, dependency-light utilities shared by the rest of the crate.
+
 pub mod atomic;

@@ -1,0 +1,27 @@
+//! Building blocks of the training loop: optimizer, learning-rate schedule,
+//! checkpoints, metrics and deterministic randomness.
+//!
+//! * [`optim`]: AdamW (decoupled weight decay), gradient accumulation and
+//!   clipping, matching PyTorch numerics.
+//! * [`schedule`]: warmup + constant / linear / cosine schedules, matching
+//!   Hugging Face transformers.
+//! * [`checkpoint`]: atomically written, resumable `checkpoint-<step>/`
+//!   directories.
+//! * [`metrics`]: `metrics.jsonl` logging consistent across resumes, and
+//!   throughput measurement.
+//! * [`rng`]: a seedable generator whose state is saved in checkpoints.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod rng;
+pub mod schedule;
+
+pub use checkpoint::{
+    latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint,
+    TrainerState,
+};
+pub use metrics::{MetricsLog, Throughput};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
+pub use rng::{dropout_mask, Rng};
+pub use schedule::{lr_at, LrSchedule};
