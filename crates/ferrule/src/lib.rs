@@ -1,9 +1,10 @@
 //! ferrule: parameter- and memory-efficient fine-tuning of pretrained transformers.
 //!
 //! Layers: [`model`] (architectures, knowing nothing of methods) ← [`tuners`] (methods that
-//! wrap a model's linear layers) ← [`train`] (the loop, optimizer, checkpoints) and
-//! [`peft_io`] (artifacts other tools open).
+//! wrap a model's linear layers) ← [`train`] (the loop, optimizer, checkpoints), with
+//! [`data`] (JSONL, chat templates, batching) and [`peft_io`] (artifacts other tools open).
 
+pub mod data;
 pub mod generate;
 pub mod init;
 pub mod model;
