@@ -1,2 +1,2 @@
 pub fn load_gguf(_p: &std::path::Path, _d: &candle_core::Device) -> anyhow::Result<GgufModel> { anyhow::bail!("merge pending") }
-pub struct GgufModel { pub config: serde_json::Value, pub tensors: std::collections::HashMap<String, candle_core::Tensor>, pub tokenizer: tokenizers::Tokenizer }
+pub struct GgufModel { pub config: serde_json::Value, pub tensors: std::collections::HashMap<String, candle_core::Tensor>, pub tokenizer: tokenizers::Tokenizer, pub chat_template: Option<String>, pub bos_token: Option<String>, pub eos_token: Option<String>, pub pad_token: Option<String> }

@@ -19,6 +19,10 @@ pub struct ModelSource {
     pub tokenizer: Option<tokenizers::Tokenizer>,
     /// The folder holding tokenizer/chat-template files, when there is one.
     pub dir: Option<PathBuf>,
+    /// The model's chat template (tokenizer_config.json, chat_template.jinja, or GGUF metadata).
+    pub chat_template: Option<crate::data::ChatTemplate>,
+    /// Special tokens from tokenizer_config.json (or GGUF metadata).
+    pub tokenizer_config: Option<crate::data::TokenizerConfig>,
 }
 
 impl ModelSource {
@@ -48,25 +52,61 @@ impl ModelSource {
         let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
         super::config::family_of(&config).with_context(|| cfg_path.display().to_string())?;
         let weights = Weights::from_dir(dir, DType::F32, device)?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() {
-            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: {e}", tok_path.display()))?)
-        } else {
-            None
-        };
-        Ok(Self { location: dir.to_path_buf(), config, weights, tokenizer, dir: Some(dir.to_path_buf()) })
+        let tokenizer = if dir.join("tokenizer.json").exists() { Some(crate::data::load_tokenizer(dir)?) } else { None };
+        let chat_template = crate::data::ChatTemplate::from_model_dir(dir)?;
+        let tokenizer_config = crate::data::TokenizerConfig::from_model_dir(dir)?;
+        Ok(Self { location: dir.to_path_buf(), config, weights, tokenizer, dir: Some(dir.to_path_buf()), chat_template, tokenizer_config })
     }
 
     pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
         let g = super::gguf::load_gguf(path, device)?;
-        let tensors = g.tensors;
+        let chat_template = match &g.chat_template {
+            Some(src) => Some(crate::data::ChatTemplate::new(src.clone(), g.bos_token.as_deref(), g.eos_token.as_deref())?),
+            None => None,
+        };
+        let tokenizer_config = Some(crate::data::TokenizerConfig {
+            bos_token: g.bos_token.clone(),
+            eos_token: g.eos_token.clone(),
+            pad_token: g.pad_token.clone(),
+            chat_template: g.chat_template.clone(),
+            ..Default::default()
+        });
         Ok(Self {
             location: path.to_path_buf(),
             config: g.config,
-            weights: Weights::new(tensors, path),
+            weights: Weights::new(g.tensors, path),
             tokenizer: Some(g.tokenizer),
             dir: None,
+            chat_template,
+            tokenizer_config,
         })
+    }
+
+    /// The tokenizer, or an error naming where it was expected.
+    pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| anyhow!("{}: no tokenizer.json", self.location.display()))
+    }
+
+    /// Padding id: pad token, else eos, else 0 (as transformers' collators fall back).
+    pub fn pad_token_id(&self) -> Result<u32> {
+        Ok(crate::data::pad_token_id(self.tokenizer()?, self.tokenizer_config.as_ref()))
+    }
+
+    /// End-of-sequence ids: the tokenizer's eos plus config.json's `eos_token_id`(s).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = match self.config.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+            _ => vec![],
+        };
+        if let Some(t) = &self.tokenizer {
+            if let Some(id) = crate::data::eos_token_id(t, self.tokenizer_config.as_ref()) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
     }
 
     pub fn model_type(&self) -> &str {
