@@ -1,1 +1,3 @@
-pub fn _x(){}
+//! ferrule: parameter- and memory-efficient fine-tuning of pretrained transformers.
+
+pub mod model;
