@@ -67,7 +67,6 @@ impl ModelSource {
         let tokenizer_config = Some(crate::data::TokenizerConfig {
             bos_token: g.bos_token.clone(),
             eos_token: g.eos_token.clone(),
-            pad_token: g.pad_token.clone(),
             chat_template: g.chat_template.clone(),
             ..Default::default()
         });
