@@ -73,3 +73,19 @@ fn minilm_real_model_mean_pooling() {
     let diff = max_diff_masked(&pooled, &exp["mean_pooled"], None);
     assert!(diff < 1e-4, "MiniLM mean pooled max diff {diff}");
 }
+
+#[test]
+fn smollm2_gguf_logits_match_transformers_gguf_load() {
+    let Some(path) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let dev = Device::Cpu;
+    let src = ModelSource::load(path.to_str().unwrap(), &dev).unwrap();
+    let model = Model::build(&src, Task::CausalLm, &Frozen, &dev, 0).unwrap();
+    let exp = load("expected/smollm2_gguf.safetensors");
+    let logits = model.forward(&Inputs { input_ids: &exp["input_ids"], attention_mask: None, token_type_ids: None }).unwrap();
+    let t = logits.dim(1).unwrap();
+    let last = logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+    let diff = max_diff_masked(&last, &exp["last_logits"], None);
+    assert!(diff < 1e-3, "SmolLM2 GGUF last-position logits differ by {diff}");
+    let argmax = logits.argmax(candle_core::D::Minus1).unwrap().to_dtype(candle_core::DType::I64).unwrap();
+    assert_eq!(argmax.to_vec2::<i64>().unwrap(), exp["argmax"].to_vec2::<i64>().unwrap());
+}

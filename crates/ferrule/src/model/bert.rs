@@ -130,6 +130,10 @@ impl Bert {
         })
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<BertOutput> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;

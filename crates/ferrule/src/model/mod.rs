@@ -129,6 +129,13 @@ impl Model {
         Ok(Model { arch, task, base_params: source.weights.used_elements() + initialized })
     }
 
+    pub fn device(&self) -> &Device {
+        match &self.arch {
+            Arch::Decoder(m) => m.device(),
+            Arch::Bert(m) => m.device(),
+        }
+    }
+
     /// The task's output: causal-LM logits `[b,t,v]`, classification logits `[b,c]`, or
     /// mean-pooled embeddings `[b,h]`.
     pub fn forward(&self, inputs: &Inputs) -> Result<Tensor> {

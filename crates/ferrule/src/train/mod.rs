@@ -12,10 +12,12 @@
 //! * [`rng`]: a seedable generator whose state is saved in checkpoints.
 
 pub mod checkpoint;
+pub mod config;
 pub mod metrics;
 pub mod optim;
 pub mod rng;
 pub mod schedule;
+pub mod trainer;
 
 pub use checkpoint::{
     latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint,
@@ -25,3 +27,5 @@ pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
+pub use config::TrainConfig;
+pub use trainer::{evaluate, prepare, train, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary};

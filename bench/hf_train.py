@@ -1,0 +1,456 @@
+#!/usr/bin/env python3
+"""Reference LoRA trainer (transformers + peft, CPU) used as ferrule's baseline.
+
+Two tasks:
+  seq-cls    BertForSequenceClassification(num_labels=2) on a JSONL of
+             {"text": str, "label": int}. A bare BertModel folder (MiniLM) is
+             fine: the classifier head is freshly initialised (seeded) and,
+             with task_type SEQ_CLS, peft trains it too (modules_to_save).
+  causal-lm  AutoModelForCausalLM from a folder or a .gguf file (dequantized to
+             f32 by transformers) on a JSONL of {"messages": [...]}, rendered
+             with the model's chat template; loss only on assistant tokens
+             (assistant content + its end-of-turn token; labels -100 elsewhere).
+
+What is timed: one optimizer step = collate a pre-tokenized batch into tensors,
+forward, backward, AdamW step, LR-scheduler step, zero_grad. Tokenization and
+model loading are outside the timed region. The median is over steps after the
+first --timing-warmup (default 3) steps.
+
+tokens/s counts padded tokens (batch * padded sequence length). With
+--pad-to-max-len every batch is batch_size x max_len, so
+tokens_per_s = batch_size * max_len / median_step_s. Without it each batch is
+padded to its own longest row; tokens_per_s is then total padded tokens /
+total time over the timed steps, and the non-pad figure is given beside it.
+
+Data order: deterministic. Epoch e uses random.Random(seed + e).shuffle of the
+record indices; batches are taken in order, the last partial batch of an epoch
+is dropped (constant batch shape). Training runs --steps steps, or
+--epochs epochs when --steps is 0.
+
+Writes one JSON object to --out.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["seq-cls", "causal-lm"], required=True)
+    p.add_argument("--model", required=True, help="model folder, or a .gguf file")
+    p.add_argument("--data", required=True, help="training JSONL")
+    p.add_argument("--eval-data", default=None, help="evaluation JSONL (optional)")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N records (0 = all)")
+    p.add_argument("--eval-batch-size", type=int, default=0, help="default: --batch-size")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--targets", default="query,value", help="comma-separated target module names")
+    p.add_argument("--full-finetune", action="store_true", help="no LoRA: train every parameter")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--pad-to-max-len", action="store_true", help="pad every batch to --max-len")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0, help="used when --steps 0")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=0.0, help="0 = no clipping")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timing-warmup", type=int, default=3, help="steps excluded from the median")
+    p.add_argument("--no-model-dropout", action="store_true",
+                   help="set the model's own dropout probabilities to 0 (default: keep config values)")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--out", required=True, help="results JSON path")
+    return p.parse_args(argv)
+
+
+def loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def read_jsonl(path, limit=0):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+                if limit and len(rows) >= limit:
+                    break
+    return rows
+
+
+def maxrss_bytes():
+    # Linux: ru_maxrss is in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+class RssPoller:
+    """Samples this process's RSS with psutil every `interval` s in a thread."""
+
+    def __init__(self, interval=0.05):
+        import threading
+        import psutil
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except Exception:
+                pass
+            self._stop.wait(self.interval)
+
+    def start(self):
+        self._t.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return self.peak
+
+
+# ---------------------------------------------------------------- data
+
+def tokenize_seq_cls(tok, rows, max_len):
+    out = []
+    for r in rows:
+        enc = tok(r["text"], truncation=True, max_length=max_len)
+        out.append({"input_ids": enc["input_ids"],
+                    "token_type_ids": enc.get("token_type_ids"),
+                    "label": int(r["label"])})
+    return out
+
+
+def assistant_spans(tok, messages):
+    """Render with the chat template; return (text, [(start, end) char spans of assistant turns]).
+
+    A span is the assistant content plus its end-of-turn marker, trailing
+    whitespace after the marker excluded. Found by rendering message prefixes,
+    checked to be prefixes of the full rendering.
+    """
+    full = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        pre = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(pre) or not full.startswith(upto) or len(pre) > len(upto):
+            raise ValueError("chat template rendering is not prefix-consistent; cannot locate assistant span")
+        end = len(upto.rstrip())
+        spans.append((len(pre), end))
+    return full, spans
+
+
+def tokenize_causal(tok, rows, max_len):
+    out = []
+    n_trunc = 0
+    for r in rows:
+        text, spans = assistant_spans(tok, r["messages"])
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = []
+        for tid, (s, e) in zip(ids, enc["offset_mapping"]):
+            inside = any(s >= a and s < b for a, b in spans)
+            labels.append(tid if inside else -100)
+        if len(ids) > max_len:
+            n_trunc += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        out.append({"input_ids": ids, "labels": labels})
+    return out, n_trunc
+
+
+def collate(task, items, pad_id, pad_to):
+    import torch
+    L = pad_to if pad_to else max(len(it["input_ids"]) for it in items)
+    B = len(items)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "seq-cls":
+        tt = torch.zeros((B, L), dtype=torch.long)
+        batch["token_type_ids"] = tt
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    else:
+        lab = torch.full((B, L), -100, dtype=torch.long)
+        batch["labels"] = lab
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[i, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+        if task == "seq-cls":
+            if it.get("token_type_ids") is not None:
+                tt[i, :n] = torch.tensor(it["token_type_ids"], dtype=torch.long)
+        else:
+            lab[i, :n] = torch.tensor(it["labels"], dtype=torch.long)
+    return batch
+
+
+def batch_order(n, batch_size, seed):
+    """Yields lists of indices forever: epoch e shuffled with Random(seed + e), last partial batch dropped."""
+    epoch = 0
+    while True:
+        idx = list(range(n))
+        random.Random(seed + epoch).shuffle(idx)
+        for s in range(0, n - batch_size + 1, batch_size):
+            yield epoch, idx[s: s + batch_size]
+        epoch += 1
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    load_before = loadavg()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    import transformers
+    import peft
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    transformers.logging.set_verbosity_error()
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+    # ---- model + tokenizer
+    t0 = time.perf_counter()
+    if args.model.endswith(".gguf"):
+        mdir, gguf_file = os.path.dirname(os.path.abspath(args.model)), os.path.basename(args.model)
+        load_kw = {"gguf_file": gguf_file}
+    else:
+        mdir, load_kw = args.model, {}
+    tok = AutoTokenizer.from_pretrained(mdir, **load_kw)
+    if args.task == "seq-cls":
+        from transformers import BertForSequenceClassification
+        model = BertForSequenceClassification.from_pretrained(mdir, num_labels=2, dtype=torch.float32, **load_kw)
+        task_type = peft.TaskType.SEQ_CLS
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, **load_kw)
+        task_type = peft.TaskType.CAUSAL_LM
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    pad_id = tok.pad_token_id
+    if args.no_model_dropout:
+        for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "classifier_dropout"):
+            if getattr(model.config, k, None):
+                setattr(model.config, k, 0.0)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    n_params_total = sum(p.numel() for p in model.parameters())
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not args.full_finetune:
+        cfg = peft.LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha,
+                              lora_dropout=args.lora_dropout, target_modules=targets)
+        model = peft.get_peft_model(model, cfg)
+    model.train()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    load_s = time.perf_counter() - t0
+    rss_after_load = maxrss_bytes()
+
+    # ---- data
+    t0 = time.perf_counter()
+    train_rows = read_jsonl(args.data)
+    eval_rows = read_jsonl(args.eval_data, args.eval_limit) if args.eval_data else []
+    n_trunc_train = n_trunc_eval = 0
+    if args.task == "seq-cls":
+        train = tokenize_seq_cls(tok, train_rows, args.max_len)
+        evald = tokenize_seq_cls(tok, eval_rows, args.max_len)
+    else:
+        train, n_trunc_train = tokenize_causal(tok, train_rows, args.max_len)
+        evald, n_trunc_eval = tokenize_causal(tok, eval_rows, args.max_len)
+        # Records with no assistant token left after truncation would give NaN loss.
+        train = [t for t in train if any(l != -100 for l in t["labels"])]
+        evald = [t for t in evald if any(l != -100 for l in t["labels"])]
+    tokenize_s = time.perf_counter() - t0
+    steps_per_epoch = len(train) // args.batch_size
+    total_steps = args.steps if args.steps > 0 else max(1, int(math.floor(args.epochs * steps_per_epoch)))
+    pad_to = args.max_len if args.pad_to_max_len else 0
+
+    # ---- optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, args.warmup_steps, total_steps)
+
+    # ---- train
+    poller = RssPoller().start()
+    order = batch_order(len(train), args.batch_size, args.seed)
+    step_times, losses, lrs, padded_tokens, real_tokens, label_tokens = [], [], [], [], [], []
+    t_train = time.perf_counter()
+    for step in range(total_steps):
+        epoch, idx = next(order)
+        lrs.append(sched.get_last_lr()[0])
+        ts = time.perf_counter()
+        batch = collate(args.task, [train[i] for i in idx], pad_id, pad_to)
+        out = model(**batch)
+        loss = out.loss
+        loss.backward()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - ts
+        lv = float(loss.detach())
+        step_times.append(dt)
+        losses.append(lv)
+        padded_tokens.append(int(batch["input_ids"].numel()))
+        real_tokens.append(int(batch["attention_mask"].sum()))
+        if args.task == "causal-lm":
+            label_tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
+        if args.log_every and (step % args.log_every == 0 or step == total_steps - 1):
+            print(f"step {step + 1}/{total_steps} epoch {epoch} loss {lv:.4f} lr {lrs[-1]:.3e} "
+                  f"seq {batch['input_ids'].shape[1]} {dt:.3f}s", file=sys.stderr, flush=True)
+    train_s = time.perf_counter() - t_train
+    rss_peak_train_psutil = poller.stop()
+    rss_peak_train_ru = maxrss_bytes()
+
+    # ---- eval
+    ev = {}
+    if evald:
+        t0 = time.perf_counter()
+        model.eval()
+        ebs = args.eval_batch_size or args.batch_size
+        tot_loss, tot_n, correct = 0.0, 0, 0
+        with torch.no_grad():
+            for s in range(0, len(evald), ebs):
+                batch = collate(args.task, evald[s: s + ebs], pad_id, pad_to)
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                if args.task == "seq-cls":
+                    tot_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                    tot_n += labels.numel()
+                    correct += int((logits.argmax(-1) == labels).sum())
+                else:
+                    sl = logits[:, :-1].reshape(-1, logits.shape[-1])
+                    tl = labels[:, 1:].reshape(-1)
+                    tot_loss += float(torch.nn.functional.cross_entropy(sl, tl, ignore_index=-100, reduction="sum"))
+                    tot_n += int((tl != -100).sum())
+        ev = {"eval_records": len(evald), "eval_loss": tot_loss / max(tot_n, 1),
+              "eval_loss_normalisation": "mean over examples" if args.task == "seq-cls"
+              else "mean over assistant (label) tokens of the whole eval set",
+              "eval_s": time.perf_counter() - t0}
+        if args.task == "seq-cls":
+            ev["eval_accuracy"] = correct / max(tot_n, 1)
+        else:
+            ev["eval_label_tokens"] = tot_n
+
+    # ---- summary
+    w = args.timing_warmup if total_steps > args.timing_warmup else 0
+    timed = step_times[w:]
+    med = statistics.median(timed)
+    tp = padded_tokens[w:]
+    if args.pad_to_max_len:
+        tps = args.batch_size * args.max_len / med
+        tps_def = "batch_size * max_len / median_step_s (all tokens padded to max_len, pad counted)"
+    else:
+        tps = sum(tp) / sum(timed)
+        tps_def = "sum(padded tokens) / sum(step_s) over timed steps (each batch padded to its longest row, pad counted)"
+    tps_real = sum(real_tokens[w:]) / sum(timed)
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "peft": peft.__version__}
+    try:
+        import psutil
+        versions["psutil"] = psutil.__version__
+    except Exception:
+        pass
+    attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    res = {
+        "tool": "python-reference",
+        "script": "bench/hf_train.py",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "args": vars(args),
+        "versions": versions,
+        "host": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+                 "torch_threads": torch.get_num_threads(),
+                 "loadavg_before": load_before, "loadavg_after": loadavg()},
+        "model": {"path": args.model, "params_total": n_params_total, "params_trainable": n_trainable,
+                  "trainable_tensors": len(trainable_names),
+                  "trainable_non_lora": [n for n in trainable_names if "lora_" not in n],
+                  "attn_implementation": attn_impl, "dtype": "float32",
+                  "model_dropout": "disabled" if args.no_model_dropout else "config values (train mode)"},
+        "data": {"train_records": len(train), "eval_records": len(evald),
+                 "train_truncated": n_trunc_train, "eval_truncated": n_trunc_eval,
+                 "steps_per_epoch": steps_per_epoch, "epochs_run": total_steps / max(steps_per_epoch, 1)},
+        "steps": total_steps,
+        "timing_warmup_steps": w,
+        "median_step_s": med,
+        "mean_step_s": statistics.mean(timed),
+        "min_step_s": min(timed),
+        "max_step_s": max(timed),
+        "tokens_per_s": tps,
+        "tokens_per_s_definition": tps_def,
+        "tokens_per_s_nonpad": tps_real,
+        "padded_tokens_per_step_median": statistics.median(tp),
+        "step_s": step_times,
+        "loss": losses,
+        "lr": lrs,
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "final_loss_mean_last10": statistics.mean(losses[-10:]),
+        "label_tokens_per_step": label_tokens or None,
+        **ev,
+        "peak_rss_bytes": maxrss_bytes(),
+        "peak_rss_bytes_train_ru_maxrss": rss_peak_train_ru,
+        "peak_rss_bytes_train_psutil": rss_peak_train_psutil,
+        "rss_bytes_after_load_ru_maxrss": rss_after_load,
+        "peak_rss_definition": "ru_maxrss of this process (whole run, incl. load and eval); psutil = polled RSS during training",
+        "load_s": load_s,
+        "tokenize_s": tokenize_s,
+        "train_s": train_s,
+        "total_s": time.perf_counter() - t_start,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    summary = {k: res.get(k) for k in ("tokens_per_s", "median_step_s", "first_loss", "final_loss",
+                                       "eval_loss", "eval_accuracy", "peak_rss_bytes")}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

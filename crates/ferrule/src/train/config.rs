@@ -1,0 +1,165 @@
+//! What a training run does: a TOML-friendly, serde-defaulted description.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::schedule::LrSchedule;
+use crate::model::Task;
+use crate::tuners::lora::LoraConfig;
+use crate::tuners::target::ModuleSpec;
+
+/// A training run. Every field has a default except `model`, `data` and `output_dir`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model folder, `.gguf` file, or hub id.
+    pub model: String,
+    /// Training records (JSONL).
+    pub data: PathBuf,
+    /// Held-out records for eval loss / accuracy.
+    pub eval_data: Option<PathBuf>,
+    /// Where the adapter, checkpoints and `metrics.jsonl` go.
+    pub output_dir: PathBuf,
+    pub task: Task,
+    /// LoRA settings, PEFT keys (`[lora]` table in TOML).
+    pub lora: LoraConfig,
+    /// Longest sequence in tokens.
+    pub max_len: usize,
+    /// Cut longer records to `max_len` instead of failing.
+    pub truncate: bool,
+    /// Loss only on completions (assistant turns, Alpaca outputs).
+    pub completion_only: bool,
+    /// Pad every batch to `max_len` (fixed shapes, e.g. for benchmarks).
+    pub pad_to_max_len: bool,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Optimizer steps; when absent, `epochs` passes over the data.
+    pub max_steps: Option<usize>,
+    pub epochs: f64,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub schedule: LrSchedule,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Clip the global gradient L2 norm to this (none: no clipping).
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub eval_every: Option<usize>,
+    pub eval_batch_size: Option<usize>,
+    /// Evaluate on the first N eval records only.
+    pub eval_limit: Option<usize>,
+    pub save_every: Option<usize>,
+    /// Checkpoints kept on disk (older ones are deleted).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            data: PathBuf::new(),
+            eval_data: None,
+            output_dir: PathBuf::new(),
+            task: Task::CausalLm,
+            lora: LoraConfig { r: 8, lora_alpha: 16.0, ..Default::default() },
+            max_len: 512,
+            truncate: true,
+            completion_only: true,
+            pad_to_max_len: false,
+            batch_size: 8,
+            grad_accum: 1,
+            max_steps: None,
+            epochs: 1.0,
+            lr: 2e-4,
+            warmup_steps: 0,
+            schedule: LrSchedule::Linear,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            eval_every: None,
+            eval_batch_size: None,
+            eval_limit: None,
+            save_every: None,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+/// PEFT's default LoRA targets per model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+pub fn default_lora_targets(model_type: &str) -> Option<Vec<String>> {
+    let v: &[&str] = match model_type {
+        "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
+        "bert" => &["query", "value"],
+        _ => return None,
+    };
+    Some(v.iter().map(|s| s.to_string()).collect())
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.model.is_empty() {
+            bail!("train: no model given (--model or `model = ...` in the config file)")
+        }
+        if self.data.as_os_str().is_empty() {
+            bail!("train: no training data given (--data or `data = ...`)")
+        }
+        if self.output_dir.as_os_str().is_empty() {
+            bail!("train: no output folder given (--output or `output_dir = ...`)")
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("train: batch_size and grad_accum must be at least 1")
+        }
+        if self.max_len < 2 {
+            bail!("train: max_len must be at least 2")
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("train: lr must be a positive number, got {}", self.lr)
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.epochs > 0.0)) {
+            bail!("train: nothing to do (max_steps = 0 or epochs <= 0)")
+        }
+        if self.task == Task::FeatureExtraction {
+            bail!("train: FEATURE_EXTRACTION has no training objective; use CAUSAL_LM or SEQ_CLS")
+        }
+        Ok(())
+    }
+
+    /// Completes the LoRA config as PEFT would: default targets for the model type, and
+    /// the classification head trained in full for SEQ_CLS.
+    pub fn resolved_lora(&self, model_type: &str) -> Result<LoraConfig> {
+        let mut l = self.lora.clone();
+        if l.target_modules.is_none() {
+            match default_lora_targets(model_type) {
+                Some(t) => l.target_modules = Some(ModuleSpec::Names(t)),
+                None => bail!("no default LoRA targets for model type {model_type:?}; set target_modules"),
+            }
+        }
+        if self.task == Task::SeqCls {
+            let m = l.modules_to_save.get_or_insert_with(Vec::new);
+            for head in ["classifier", "score"] {
+                if !m.iter().any(|x| x == head) {
+                    m.push(head.to_string());
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    /// The settings a resumed run must share with the interrupted one (logging and
+    /// checkpoint cadence may change).
+    pub fn resume_fingerprint(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.eval_every = None;
+        c.save_every = None;
+        c.keep_checkpoints = 0;
+        c.eval_batch_size = None;
+        super::checkpoint::config_hash(&c)
+    }
+}
