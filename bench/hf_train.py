@@ -30,6 +30,7 @@ is dropped (constant batch shape). Training runs --steps steps, or
 Writes one JSON object to --out.
 """
 import argparse
+import warnings
 import json
 import math
 import os
@@ -90,6 +91,17 @@ def read_jsonl(path, limit=0):
                 if limit and len(rows) >= limit:
                     break
     return rows
+
+
+def cpu_pressure():
+    """/proc/pressure/cpu 'some avg10/avg60' (share of time tasks waited for a CPU), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            first = f.readline().split()
+        kv = dict(x.split("=") for x in first[1:])
+        return {"some_avg10": float(kv["avg10"]), "some_avg60": float(kv["avg60"])}
+    except Exception:
+        return None
 
 
 def maxrss_bytes():
@@ -231,9 +243,12 @@ def batch_order(n, batch_size, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
     load_before = loadavg()
+    psi_before = cpu_pressure()
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization progress bar
     import torch
     torch.set_num_threads(args.threads)
     try:
@@ -318,12 +333,13 @@ def main(argv=None):
     # ---- train
     poller = RssPoller().start()
     order = batch_order(len(train), args.batch_size, args.seed)
-    step_times, losses, lrs, padded_tokens, real_tokens, label_tokens = [], [], [], [], [], []
+    step_cpu, step_times, losses, lrs, padded_tokens, real_tokens, label_tokens = [], [], [], [], [], []
     t_train = time.perf_counter()
     for step in range(total_steps):
         epoch, idx = next(order)
         lrs.append(sched.get_last_lr()[0])
         ts = time.perf_counter()
+        cs = time.process_time()
         batch = collate(args.task, [train[i] for i in idx], pad_id, pad_to)
         out = model(**batch)
         loss = out.loss
@@ -334,6 +350,7 @@ def main(argv=None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - ts
+        step_cpu.append(time.process_time() - cs)
         lv = float(loss.detach())
         step_times.append(dt)
         losses.append(lv)
@@ -407,7 +424,11 @@ def main(argv=None):
         "versions": versions,
         "host": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                  "torch_threads": torch.get_num_threads(),
-                 "loadavg_before": load_before, "loadavg_after": loadavg()},
+                 "loadavg_before": load_before, "loadavg_after": loadavg(),
+                 "cpu_pressure_before": psi_before, "cpu_pressure_after": cpu_pressure(),
+                 "train_cpu_utilisation": sum(step_cpu[w:]) / sum(timed),
+                 "train_cpu_utilisation_definition": "process CPU seconds / wall seconds over timed steps "
+                                                     "(= threads when the machine is otherwise idle)"},
         "model": {"path": args.model, "params_total": n_params_total, "params_trainable": n_trainable,
                   "trainable_tensors": len(trainable_names),
                   "trainable_non_lora": [n for n in trainable_names if "lora_" not in n],
@@ -427,6 +448,7 @@ def main(argv=None):
         "tokens_per_s_nonpad": tps_real,
         "padded_tokens_per_step_median": statistics.median(tp),
         "step_s": step_times,
+        "step_cpu_s": step_cpu,
         "loss": losses,
         "lr": lrs,
         "first_loss": losses[0],

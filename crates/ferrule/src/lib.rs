@@ -4,9 +4,11 @@
 //! wrap a model's linear layers) ← [`train`] (the loop, optimizer, checkpoints), with
 //! [`data`] (JSONL, chat templates, batching) and [`peft_io`] (artifacts other tools open).
 
+pub mod adapted;
 pub mod data;
 pub mod generate;
 pub mod init;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod peft_io;

@@ -134,3 +134,27 @@ fn fresh_adapter_is_a_no_op_and_b_starts_at_zero() {
     }
     let Arch::Decoder(_) = adapted.arch else { panic!() };
 }
+
+#[test]
+fn merged_folders_reproduce_adapter_logits() {
+    let dev = Device::Cpu;
+    for case in CASES {
+        let (model, lora, src) = build(case);
+        let (want, inputs) = run(&model, case);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let report = ferrule::merge::merge_to_dir(&src, &lora, case.task, &out).unwrap();
+        assert_eq!(report.merged_modules, lora.adapted().len());
+        assert!(out.join("config.json").exists() && !tmp.path().join("merged.tmp").exists());
+        // A second merge into the same folder is refused, not overwritten.
+        assert!(ferrule::merge::merge_to_dir(&src, &lora, case.task, &out).is_err());
+        let merged_src = ModelSource::load(out.to_str().unwrap(), &dev).unwrap();
+        let merged = Model::build(&merged_src, case.task, &Frozen, &dev, 0).unwrap();
+        let got = merged
+            .forward(&Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: inputs.get("token_type_ids") })
+            .unwrap();
+        let mask = (case.task == Task::CausalLm).then(|| &inputs["attention_mask"]);
+        let diff = max_diff_masked(&got, &want, mask);
+        assert!(diff < 1e-4, "{}: merged vs adapter max diff {diff}", case.adapter);
+    }
+}

@@ -28,4 +28,4 @@ pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
 pub use config::TrainConfig;
-pub use trainer::{evaluate, prepare, train, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary};
+pub use trainer::{encode_file, encode_options, evaluate, prepare, train, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary};

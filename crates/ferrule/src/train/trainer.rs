@@ -104,16 +104,21 @@ pub struct Prepared {
     pub truncated: usize,
 }
 
-fn encode_file(path: &Path, source: &ModelSource, cfg: &TrainConfig, labels: Option<&LabelMap>, limit: Option<usize>) -> Result<data::EncodedSet> {
+/// Encoding settings of a training config.
+pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
+    EncodeOptions {
+        max_len: cfg.max_len,
+        truncation: if cfg.truncate { Truncation::Right } else { Truncation::Error },
+        completion_only: cfg.completion_only,
+    }
+}
+
+/// Reads and encodes a JSONL file with the model's tokenizer and chat template.
+pub fn encode_file(path: &Path, source: &ModelSource, opts: EncodeOptions, labels: Option<&LabelMap>, limit: Option<usize>) -> Result<data::EncodedSet> {
     let mut examples = data::read_jsonl(path)?;
     if let Some(n) = limit {
         examples.truncate(n);
     }
-    let opts = EncodeOptions {
-        max_len: cfg.max_len,
-        truncation: if cfg.truncate { Truncation::Right } else { Truncation::Error },
-        completion_only: cfg.completion_only,
-    };
     let tok = source.tokenizer()?;
     let eos = source.eos_token_ids().first().copied();
     let mut enc = Encoder::new(tok, source.chat_template.as_ref(), opts)?.with_eos_token_id(eos);
@@ -138,9 +143,9 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     } else {
         None
     };
-    let train = encode_file(&cfg.data, &source, cfg, label_map.as_ref(), None)?;
+    let train = encode_file(&cfg.data, &source, encode_options(cfg), label_map.as_ref(), None)?;
     let eval = match &cfg.eval_data {
-        Some(p) => encode_file(p, &source, cfg, label_map.as_ref(), cfg.eval_limit)?.items,
+        Some(p) => encode_file(p, &source, encode_options(cfg), label_map.as_ref(), cfg.eval_limit)?.items,
         None => vec![],
     };
     let lora_cfg = cfg.resolved_lora(source.model_type())?;
@@ -196,23 +201,23 @@ fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
 }
 
 /// Token-weighted eval loss (and accuracy for classification) over `items`.
-pub fn evaluate(p: &Prepared, items: &[Encoded], batch_size: usize, step: usize) -> Result<EvalReport> {
+/// Adapter layers must be in eval mode (no dropout).
+pub fn evaluate(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize, step: usize) -> Result<EvalReport> {
     if items.is_empty() {
         bail!("evaluation set is empty")
     }
-    p.tuner.mode().set_training(false);
-    let dev = p.model.device().clone();
+    let dev = model.device().clone();
     let (mut loss_sum, mut count, mut correct) = (0f64, 0usize, 0usize);
     for chunk in items.chunks(batch_size.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
-        let batch = collate(&refs, p.pad_id, PaddingSide::Right, &dev)?;
-        let (loss, n, c) = batch_loss(&p.model, &batch)?;
+        let batch = collate(&refs, pad_id, PaddingSide::Right, &dev)?;
+        let (loss, n, c) = batch_loss(model, &batch)?;
         loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
         correct += c;
     }
     let eval_loss = loss_sum / count.max(1) as f64;
-    let classification = p.model.task == Task::SeqCls;
+    let classification = model.task == Task::SeqCls;
     Ok(EvalReport {
         step,
         eval_loss,
@@ -370,7 +375,8 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
 
         let last = step == total_steps;
         if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step % e == 0)) {
-            let r = evaluate(&p, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step)?;
+            p.tuner.mode().set_training(false);
+            let r = evaluate(&p.model, p.pad_id, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step)?;
             metrics.log(step as u64, &r)?;
             progress.eval(&r);
             last_eval = Some(r);
