@@ -333,7 +333,7 @@ def main(argv=None):
     # ---- train
     poller = RssPoller().start()
     order = batch_order(len(train), args.batch_size, args.seed)
-    step_cpu, step_times, losses, lrs, padded_tokens, real_tokens, label_tokens = [], [], [], [], [], []
+    step_cpu, step_times, losses, lrs, padded_tokens, real_tokens, label_tokens = [], [], [], [], [], [], []
     t_train = time.perf_counter()
     for step in range(total_steps):
         epoch, idx = next(order)

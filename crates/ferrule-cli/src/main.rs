@@ -1,1 +1,62 @@
-fn main(){}
+//! `ferrule`: the command-line face of the library. Each subcommand parses its flags and
+//! calls the library; nothing here computes anything itself.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+// DESIGN.md fix 2: glibc malloc's page faults dominate tensor-heavy loops; mimalloc does not.
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "ferrule", version, about = "Parameter-efficient fine-tuning of pretrained transformers (LoRA, PEFT-compatible)")]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a LoRA adapter on a JSONL dataset.
+    Train(commands::train::Args),
+    /// Loss / perplexity (and accuracy for classification) on a JSONL dataset.
+    Eval(commands::eval::Args),
+    /// Generate text from a decoder model, with or without an adapter.
+    Generate(commands::generate::Args),
+    /// Merge an adapter into its base and write a standalone model folder.
+    Merge(commands::merge::Args),
+    /// Show a model's architecture and parameters, and what an adapter config would train.
+    Inspect(commands::inspect::Args),
+    /// Write f32 logits for given input tensors (for parity checks).
+    Logits(commands::logits::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(n) = cli.threads {
+        // candle and gemm both size their work from rayon's global pool.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    let result = match cli.command {
+        Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Merge(a) => commands::merge::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Logits(a) => commands::logits::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,61 @@
+//! `ferrule eval`
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ferrule::adapted::AdaptedModel;
+use ferrule::data::{EncodeOptions, LabelMap, Truncation};
+use ferrule::model::Task;
+use ferrule::train::{encode_file, evaluate};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: String,
+    /// A PEFT adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL records to evaluate.
+    #[arg(long)]
+    data: PathBuf,
+    /// causal-lm or seq-cls (default: the adapter's task_type, else causal-lm).
+    #[arg(long)]
+    task: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Evaluate the first N records only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Count loss on prompt tokens too.
+    #[arg(long)]
+    include_prompt: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let task = a.task.as_deref().map(super::parse_task).transpose()?;
+    let m = AdaptedModel::load(&a.model, a.adapter.as_deref(), task, &super::device())?;
+    let labels = if m.model.task == Task::SeqCls {
+        let examples = ferrule::data::read_jsonl(&a.data)?;
+        let n = m.source.config.get("num_labels").and_then(|v| v.as_u64()).unwrap_or(2) as usize;
+        let from_data = LabelMap::from_examples(&examples)?;
+        Some(match from_data.names() {
+            Some(names) => LabelMap::from_names(names.to_vec())?,
+            None => LabelMap::with_num_labels(n),
+        })
+    } else {
+        None
+    };
+    let opts = EncodeOptions { max_len: a.max_len, truncation: Truncation::Right, completion_only: !a.include_prompt };
+    let set = encode_file(&a.data, &m.source, opts, labels.as_ref(), a.limit)?;
+    let report = evaluate(&m.model, m.source.pad_token_id()?, &set.items, a.batch_size, 0)?;
+    let mut out = serde_json::to_value(&report)?;
+    if let Some(o) = out.as_object_mut() {
+        o.remove("step");
+        o.insert("skipped_records".into(), set.skipped.len().into());
+        o.insert("truncated_records".into(), set.truncated.into());
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}

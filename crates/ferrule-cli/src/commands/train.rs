@@ -1,0 +1,221 @@
+//! `ferrule train`
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use ferrule::train::{train, LrSchedule, RunOptions, TrainConfig};
+use ferrule::tuners::lora::InitLoraWeights;
+use ferrule::tuners::target::ModuleSpec;
+
+use crate::progress::Bar;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML file with the run's settings (the TrainConfig keys; LoRA keys under [lora]). Flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model folder (config.json + safetensors + tokenizer.json), .gguf file, or hub id.
+    #[arg(long)]
+    model: Option<String>,
+    /// Training data (JSONL: {"text"}, alpaca, {"messages"} chat, or {"text","label"}).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Output folder: adapter, checkpoints, metrics.jsonl.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// causal-lm or seq-cls.
+    #[arg(long)]
+    task: Option<String>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated module names (matched as dotted suffixes), or "all-linear".
+    #[arg(long)]
+    target_modules: Option<String>,
+    /// A regular expression that must match whole module paths (instead of --target-modules).
+    #[arg(long)]
+    target_regex: Option<String>,
+    #[arg(long)]
+    exclude_modules: Option<String>,
+    /// Comma-separated modules trained in full and saved with the adapter (e.g. a head).
+    #[arg(long)]
+    modules_to_save: Option<String>,
+    #[arg(long)]
+    use_rslora: bool,
+    /// true (Kaiming A, zero B), false, or gaussian.
+    #[arg(long)]
+    init_lora_weights: Option<String>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Fail on records longer than --max-len instead of truncating them.
+    #[arg(long)]
+    no_truncate: bool,
+    /// Train on prompt tokens too (default: completions only).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Pad every batch to --max-len.
+    #[arg(long)]
+    pad_to_max_len: bool,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    schedule: Option<LrSchedule>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// 0 disables clipping.
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    eval_batch_size: Option<usize>,
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    #[arg(long)]
+    save_every: Option<usize>,
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar or messages; the summary JSON is still printed.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Stop after this many steps as if interrupted (a checkpoint is written; resume later).
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
+}
+
+fn names(s: &str) -> Vec<String> {
+    s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()
+}
+
+fn list_or_all_linear(s: &str) -> ModuleSpec {
+    if s.trim() == "all-linear" {
+        ModuleSpec::Pattern("all-linear".into())
+    } else {
+        ModuleSpec::Names(names(s))
+    }
+}
+
+pub fn build_config(a: &Args) -> Result<TrainConfig> {
+    let mut c: TrainConfig = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: invalid training config", p.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($field:expr, $flag:expr) => {
+            if let Some(v) = $flag.clone() {
+                $field = v;
+            }
+        };
+    }
+    set!(c.model, a.model);
+    set!(c.data, a.data);
+    if a.eval_data.is_some() {
+        c.eval_data = a.eval_data.clone();
+    }
+    set!(c.output_dir, a.output);
+    if let Some(t) = &a.task {
+        c.task = super::parse_task(t)?;
+    }
+    set!(c.lora.r, a.lora_r);
+    set!(c.lora.lora_alpha, a.lora_alpha);
+    set!(c.lora.lora_dropout, a.lora_dropout);
+    if let Some(t) = &a.target_modules {
+        c.lora.target_modules = Some(list_or_all_linear(t));
+    }
+    if let Some(r) = &a.target_regex {
+        c.lora.target_modules = Some(ModuleSpec::Pattern(r.clone()));
+    }
+    if let Some(e) = &a.exclude_modules {
+        c.lora.exclude_modules = Some(ModuleSpec::Names(names(e)));
+    }
+    if let Some(m) = &a.modules_to_save {
+        c.lora.modules_to_save = Some(names(m));
+    }
+    if a.use_rslora {
+        c.lora.use_rslora = true;
+    }
+    if let Some(i) = &a.init_lora_weights {
+        c.lora.init_lora_weights = match i.as_str() {
+            "true" => InitLoraWeights::Flag(true),
+            "false" => InitLoraWeights::Flag(false),
+            other => InitLoraWeights::Named(other.to_string()),
+        };
+    }
+    set!(c.max_len, a.max_len);
+    if a.no_truncate {
+        c.truncate = false;
+    }
+    if a.train_on_prompt {
+        c.completion_only = false;
+    }
+    if a.pad_to_max_len {
+        c.pad_to_max_len = true;
+    }
+    set!(c.batch_size, a.batch_size);
+    set!(c.grad_accum, a.grad_accum);
+    if a.max_steps.is_some() {
+        c.max_steps = a.max_steps;
+    }
+    set!(c.epochs, a.epochs);
+    set!(c.lr, a.lr);
+    set!(c.warmup_steps, a.warmup_steps);
+    set!(c.schedule, a.schedule);
+    set!(c.weight_decay, a.weight_decay);
+    if let Some(g) = a.max_grad_norm {
+        c.max_grad_norm = (g > 0.0).then_some(g);
+    }
+    set!(c.seed, a.seed);
+    if a.eval_every.is_some() {
+        c.eval_every = a.eval_every;
+    }
+    if a.eval_batch_size.is_some() {
+        c.eval_batch_size = a.eval_batch_size;
+    }
+    if a.eval_limit.is_some() {
+        c.eval_limit = a.eval_limit;
+    }
+    if a.save_every.is_some() {
+        c.save_every = a.save_every;
+    }
+    set!(c.keep_checkpoints, a.keep_checkpoints);
+    Ok(c)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let cfg = build_config(&a)?;
+    let mut bar = Bar::new(a.quiet);
+    let summary = train(&cfg, &super::device(), &mut bar, &RunOptions { resume: a.resume, stop_after: a.stop_after })?;
+    println!("{}", serde_json::to_string(&summary)?);
+    if !a.quiet {
+        if summary.completed {
+            eprintln!("adapter saved to {} (adapter_config.json + adapter_model.safetensors)", summary.output_dir.display());
+        } else {
+            eprintln!("stopped after step {}; continue with --resume", summary.steps);
+        }
+    }
+    Ok(())
+}
