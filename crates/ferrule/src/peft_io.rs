@@ -19,6 +19,20 @@ pub const PEFT_VERSION: &str = "0.18.0";
 /// Common (method-independent) keys of `adapter_config.json`.
 const COMMON_KEYS: &[&str] = &["peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"];
 
+/// PEFT options whose default values carry no meaning for the methods ferrule runs.
+const IGNORABLE_KEYS: &[&str] = &["megatron_core", "megatron_config", "runtime_config", "qalora_group_size", "use_qalora", "ensure_weight_tying"];
+
+/// null, false, "", [], {} or an object of such values: an option left at its default.
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_unset),
+        _ => false,
+    }
+}
+
 /// A saved adapter read back from disk.
 pub struct SavedAdapter {
     pub dir: PathBuf,
@@ -64,9 +78,11 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter> {
     if !obj.contains_key("peft_type") {
         bail!("{}: missing \"peft_type\"", cfg_path.display())
     }
-    for k in obj.keys() {
-        if !COMMON_KEYS.contains(&k.as_str()) && !KNOWN_KEYS.contains(&k.as_str()) {
-            tracing::warn!("{}: ignoring key {k:?} that ferrule does not use", cfg_path.display());
+    // PEFT writes every option it knows, mostly at defaults; warn only about unknown
+    // options that are actually set.
+    for (k, v) in obj {
+        if !COMMON_KEYS.contains(&k.as_str()) && !KNOWN_KEYS.contains(&k.as_str()) && !IGNORABLE_KEYS.contains(&k.as_str()) && !is_unset(v) {
+            tracing::warn!("{}: ignoring {k:?} = {v}, which ferrule does not implement", cfg_path.display());
         }
     }
     let weights = dir.join(WEIGHTS_FILE);

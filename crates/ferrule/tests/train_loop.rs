@@ -21,7 +21,7 @@ fn config(out: &Path) -> TrainConfig {
         eval_data: Some(fixtures().join("data/chat.jsonl")),
         output_dir: out.to_path_buf(),
         lora: LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])), ..Default::default() },
-        max_len: 64,
+        max_len: Some(64),
         batch_size: 4,
         grad_accum: 2,
         max_steps: Some(10),

@@ -165,7 +165,9 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
             other => InitLoraWeights::Named(other.to_string()),
         };
     }
-    set!(c.max_len, a.max_len);
+    if a.max_len.is_some() {
+        c.max_len = a.max_len;
+    }
     if a.no_truncate {
         c.truncate = false;
     }

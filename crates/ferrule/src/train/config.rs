@@ -25,8 +25,8 @@ pub struct TrainConfig {
     pub task: Task,
     /// LoRA settings, PEFT keys (`[lora]` table in TOML).
     pub lora: LoraConfig,
-    /// Longest sequence in tokens.
-    pub max_len: usize,
+    /// Longest sequence in tokens (default: the model's context, at most 512).
+    pub max_len: Option<usize>,
     /// Cut longer records to `max_len` instead of failing.
     pub truncate: bool,
     /// Loss only on completions (assistant turns, Alpaca outputs).
@@ -66,7 +66,7 @@ impl Default for TrainConfig {
             output_dir: PathBuf::new(),
             task: Task::CausalLm,
             lora: LoraConfig { r: 8, lora_alpha: 16.0, ..Default::default() },
-            max_len: 512,
+            max_len: None,
             truncate: true,
             completion_only: true,
             pad_to_max_len: false,
@@ -116,7 +116,7 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("train: batch_size and grad_accum must be at least 1")
         }
-        if self.max_len < 2 {
+        if self.max_len.is_some_and(|m| m < 2) {
             bail!("train: max_len must be at least 2")
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
@@ -150,6 +150,19 @@ impl TrainConfig {
             }
         }
         Ok(l)
+    }
+
+    /// `max_len`, or the model's context capped at 512; an explicit value longer than the
+    /// context is an error.
+    pub fn effective_max_len(&self, context: Option<usize>) -> Result<usize> {
+        match (self.max_len, context) {
+            (Some(m), Some(ctx)) if m > ctx => {
+                bail!("max_len {m} exceeds the model's context of {ctx} positions (max_position_embeddings); lower --max-len")
+            }
+            (Some(m), _) => Ok(m),
+            (None, Some(ctx)) => Ok(ctx.min(512)),
+            (None, None) => Ok(512),
+        }
     }
 
     /// The settings a resumed run must share with the interrupted one (logging and

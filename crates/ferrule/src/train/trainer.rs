@@ -100,14 +100,16 @@ pub struct Prepared {
     pub eval: Vec<Encoded>,
     pub label_map: Option<LabelMap>,
     pub pad_id: u32,
+    /// Longest sequence, in tokens.
+    pub max_len: usize,
     pub skipped: usize,
     pub truncated: usize,
 }
 
-/// Encoding settings of a training config.
-pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
+/// Encoding settings of a training config, for sequences of at most `max_len` tokens.
+pub fn encode_options(cfg: &TrainConfig, max_len: usize) -> EncodeOptions {
     EncodeOptions {
-        max_len: cfg.max_len,
+        max_len,
         truncation: if cfg.truncate { Truncation::Right } else { Truncation::Error },
         completion_only: cfg.completion_only,
     }
@@ -143,9 +145,11 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     } else {
         None
     };
-    let train = encode_file(&cfg.data, &source, encode_options(cfg), label_map.as_ref(), None)?;
+    let context = source.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+    let max_len = cfg.effective_max_len(context)?;
+    let train = encode_file(&cfg.data, &source, encode_options(cfg, max_len), label_map.as_ref(), None)?;
     let eval = match &cfg.eval_data {
-        Some(p) => encode_file(p, &source, encode_options(cfg), label_map.as_ref(), cfg.eval_limit)?.items,
+        Some(p) => encode_file(p, &source, encode_options(cfg, max_len), label_map.as_ref(), cfg.eval_limit)?.items,
         None => vec![],
     };
     let lora_cfg = cfg.resolved_lora(source.model_type())?;
@@ -156,7 +160,7 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     let model = Model::build(&source, cfg.task, &tuner, device, cfg.seed)?;
     tuner.finish()?;
     let pad_id = source.pad_token_id()?;
-    Ok(Prepared { pad_id, skipped: train.skipped.len(), truncated: train.truncated, train: train.items, eval, label_map, source, model, tuner })
+    Ok(Prepared { pad_id, max_len, skipped: train.skipped.len(), truncated: train.truncated, train: train.items, eval, label_map, source, model, tuner })
 }
 
 /// Pads a collated batch on the right up to `len` positions.
@@ -328,7 +332,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
             pos = end;
             let mut batch = collate(&items, p.pad_id, PaddingSide::Right, &dev)?;
             if cfg.pad_to_max_len {
-                batch = pad_to(batch, cfg.max_len, p.pad_id)?;
+                batch = pad_to(batch, p.max_len, p.pad_id)?;
             }
             p.tuner.mode().set_training(true);
             p.tuner.mode().set_step((step * cfg.grad_accum + micro) as u64);

@@ -1,0 +1,144 @@
+//! The `ferrule` binary as a user runs it: the happy path through every subcommand, and the
+//! bad inputs users produce, each answered with a clear error and nothing half-written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+fn fx(rel: &str) -> String {
+    root().join("tests/fixtures").join(rel).display().to_string()
+}
+
+/// Runs ferrule; returns (success, stdout, stderr).
+fn ferrule(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrule")).args(args).arg("--threads").arg("1").output().expect("run ferrule");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let (ok, _, err) = ferrule(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(err.contains(needle), "error for {args:?} should mention {needle:?}, got:\n{err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn train_merge_generate_eval_inspect_logits() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run");
+    let run_s = run.display().to_string();
+    let (ok, out, err) = ferrule(&["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--eval-data", &fx("data/chat.jsonl"), "--output", &run_s, "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--target-modules", "all-linear", "-q"]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["steps"], 3);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap()).unwrap();
+    // PEFT expands all-linear into the module list on save.
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 14);
+
+    let merged = t.path().join("merged").display().to_string();
+    let (ok, _, err) = ferrule(&["merge", "--model", &fx("models/llama"), "--adapter", &run_s, "--output", &merged]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = ferrule(&["generate", "--model", &fx("models/llama"), "--adapter", &run_s, "--prompt", "hi", "--max-new-tokens", "5"]);
+    assert!(ok, "{err}");
+    let (ok2, out2, _) = ferrule(&["generate", "--model", &merged, "--prompt", "hi", "--max-new-tokens", "5"]);
+    assert!(ok2);
+    assert_eq!(out, out2, "merged model generates differently from base + adapter");
+
+    let (ok, out, err) = ferrule(&["eval", "--model", &fx("models/llama"), "--adapter", &run_s, "--data", &fx("data/chat.jsonl")]);
+    assert!(ok, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(ev["eval_loss"].as_f64().unwrap().is_finite());
+
+    let (ok, out, err) = ferrule(&["inspect", "--model", &fx("models/llama"), "--adapter", &run_s, "--json"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["adapter"]["modules"], 14);
+
+    let logits = t.path().join("logits.safetensors").display().to_string();
+    let (ok, _, err) = ferrule(&["logits", "--model", &fx("models/llama"), "--adapter", &fx("adapters/llama_lora"), "--inputs", &fx("inputs/decoder.safetensors"), "--out", &logits]);
+    assert!(ok, "{err}");
+    assert!(Path::new(&logits).exists());
+}
+
+#[test]
+fn bad_models_are_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    // Truncated safetensors.
+    let trunc = t.path().join("trunc");
+    copy_dir(&root().join("tests/fixtures/models/llama"), &trunc);
+    let bytes = std::fs::read(trunc.join("model.safetensors")).unwrap();
+    std::fs::write(trunc.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(&["inspect", "--model", trunc.to_str().unwrap()], "not a valid safetensors file");
+    // Missing weights.
+    std::fs::remove_file(trunc.join("model.safetensors")).unwrap();
+    fails_with(&["inspect", "--model", trunc.to_str().unwrap()], "no model.safetensors");
+    // Unknown architecture.
+    let unk = t.path().join("unk");
+    copy_dir(&root().join("tests/fixtures/models/llama"), &unk);
+    let cfg = std::fs::read_to_string(unk.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(unk.join("config.json"), cfg).unwrap();
+    fails_with(&["inspect", "--model", unk.to_str().unwrap()], "unsupported model_type \"gpt_neox\"");
+    fails_with(&["inspect", "--model", "/nonexistent/model"], "no such file or folder");
+}
+
+#[test]
+fn bad_adapters_are_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    // A pickle is never loaded.
+    let pickle = t.path().join("pickle");
+    std::fs::create_dir_all(&pickle).unwrap();
+    std::fs::copy(fx("adapters/llama_lora/adapter_config.json"), pickle.join("adapter_config.json")).unwrap();
+    std::fs::write(pickle.join("adapter_model.bin"), b"\x80\x04not really").unwrap();
+    fails_with(&["inspect", "--model", &fx("models/llama"), "--adapter", pickle.to_str().unwrap()], "pickle");
+    // An adapter for other modules (a llama adapter's q/k/v/o on bert).
+    fails_with(&["inspect", "--model", &fx("models/bert"), "--adapter", &fx("adapters/smollm_lora")], "cannot be trained as a causal LM");
+    fails_with(&["inspect", "--model", &fx("models/bert"), "--task", "feature-extraction", "--adapter", &fx("adapters/smollm_lora")], "does not fit");
+    // Shapes that don't fit the model's layers.
+    let wrong = t.path().join("wrong");
+    copy_dir(&root().join("tests/fixtures/adapters/llama_lora"), &wrong);
+    let dev = candle_core::Device::Cpu;
+    let mut tensors: Vec<(String, candle_core::Tensor)> = ferrule::model::weights::load_safetensors_file(&wrong.join("adapter_model.safetensors"), &dev).unwrap().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors[0].1 = candle_core::Tensor::zeros((4, 48), candle_core::DType::F32, &dev).unwrap();
+    ferrule::peft_io::write_safetensors(&wrong.join("adapter_model.safetensors"), &tensors, &[("format", "pt")]).unwrap();
+    fails_with(&["inspect", "--model", &fx("models/llama"), "--adapter", wrong.to_str().unwrap()], "has shape [4, 48]");
+}
+
+#[test]
+fn bad_training_inputs_are_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("o").display().to_string();
+    let base = ["train", "--model", &fx("models/llama"), "--output", &out, "--max-steps", "1", "-q"];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra.iter()).map(|s| s.to_string()).collect() };
+    let run = |extra: &[&str], needle: &str| {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&refs, needle);
+    };
+    // Malformed JSONL names file and line.
+    let bad = t.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"ok\"}\n{\"text\": oops}\n").unwrap();
+    run(&["--data", bad.to_str().unwrap()], "bad.jsonl:2");
+    // Empty dataset.
+    let empty = t.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    run(&["--data", empty.to_str().unwrap()], "no records");
+    // Targets that match nothing.
+    run(&["--data", &fx("data/chat.jsonl"), "--target-modules", "nonexistent_proj"], "matched no linear layer");
+    // Longer than the model's context (tiny models have 128 positions).
+    run(&["--data", &fx("data/chat.jsonl"), "--max-len", "4096"], "exceeds the model's context");
+    // Records longer than max-len when truncation is off.
+    run(&["--data", &fx("data/chat.jsonl"), "--max-len", "8", "--no-truncate"], "8");
+    // Nothing was left behind by the failed runs.
+    assert!(!Path::new(&out).join("adapter_model.safetensors").exists());
+}
