@@ -1,8 +1,13 @@
 //! Tensor operations with forward *and* backward that the training path needs and candle
 //! does not provide with a gradient (DESIGN.md, "fixes that are mandatory").
+//!
+//! On the CPU in f32, norms, rope, the masked softmax of attention and the cross-entropy are
+//! fused custom ops (`kernels`) that capture their constants and return only the input
+//! gradient; the composite `*_reference` versions run on other devices/dtypes.
 
 pub mod attention;
 pub mod frozen_linear;
+mod kernels;
 pub mod loss;
 pub mod norm;
 pub mod rope;

@@ -1,12 +1,29 @@
 //! Differentiable normalisations. candle's fused `rms_norm` / `layer_norm` have no backward
-//! (DESIGN.md, fix 4): gradients would silently stop at every norm. These are written with
-//! differentiable primitives.
+//! (DESIGN.md, fix 4): gradients would silently stop at every norm.
+//!
+//! On the CPU in f32 they run as fused custom ops whose backward returns only `dx`: the norm
+//! weight and bias are frozen, captured in the op, and get no gradient (candle would otherwise
+//! store an activation-sized gradient for each broadcast constant). Elsewhere, or when the
+//! weight itself is trained, the composite versions (`*_reference`) run.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+
+use super::kernels::{self, multiversion};
 
 /// RMSNorm (Zhang & Sennrich 2019), as `LlamaRMSNorm`: `w · x / sqrt(mean(x²) + eps)`,
 /// computed in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if kernels::fused_ok(x) && d > 0 && !weight.track_op() && weight.dims() == [d] {
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(RmsNormOp { weight, eps: eps as f32 })));
+    }
+    rms_norm_reference(x, weight, eps)
+}
+
+/// Composite RMSNorm from differentiable primitives (the fallback, and the reference the
+/// fused op is tested against).
+pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -16,9 +33,168 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm (Ba et al. 2016): `(x − mean) / sqrt(var + eps) · w + b`, biased variance as torch.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if kernels::fused_ok(x) && d > 0 && !weight.track_op() && !bias.track_op() && weight.dims() == [d] && bias.dims() == [d] {
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+        return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(LayerNormOp { weight, bias, eps: eps as f32 })));
+    }
+    layer_norm_reference(x, weight, bias, eps)
+}
+
+/// Composite LayerNorm from differentiable primitives (fallback and test reference).
+pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xc.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
     y.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+struct RmsNormOp {
+    weight: Tensor,
+    eps: f32,
+}
+
+multiversion! {
+    /// `y = x · inv · w` per row, `inv = 1/sqrt(mean(x²) + eps)`.
+    fn rms_fwd_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+        let d = w.len();
+        for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let inv = 1.0 / (kernels::sum_sq_centered(x, 0.0) / d as f32 + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * inv * w;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = inv·(g·w) − x·inv³·mean(g·w·x)` per row.
+    fn rms_bwd_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+        let d = w.len();
+        for ((x, g), dx) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let inv = 1.0 / (kernels::sum_sq_centered(x, 0.0) / d as f32 + eps).sqrt();
+            let c = inv * inv * inv * (kernels::dot3(g, w, x) / d as f32);
+            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                *dx = inv * (g * w) - x * c;
+            }
+        }
+    }
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = kernels::contiguous_f32(storage, layout, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        kernels::with_f32(&self.weight, self.name(), |w| {
+            let d = w.len();
+            kernels::par_rows(&mut y, d, d, |r0, y| rms_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, self.eps, y));
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        let mut dx = vec![0f32; arg.elem_count()];
+        kernels::with_f32(arg, self.name(), |x| {
+            kernels::with_f32(&g, self.name(), |g| {
+                kernels::with_f32(&self.weight, self.name(), |w| {
+                    let d = w.len();
+                    kernels::par_rows(&mut dx, d, 2 * d, |r0, dx| {
+                        let s = r0 * d..r0 * d + dx.len();
+                        rms_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+struct LayerNormOp {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+/// Row mean and `1/sqrt(var + eps)` (biased variance, two passes as the composite).
+#[inline(always)]
+fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = kernels::sum(x) / d;
+    let var = kernels::sum_sq_centered(x, mean) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    /// `y = (x − mean)·inv·w + b` per row.
+    fn ln_fwd_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+        let d = w.len();
+        for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let (mean, inv) = ln_stats(x, eps);
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * inv * w + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = inv·(gw − mean(gw) − x̂·mean(gw·x̂))` per row, `gw = g·w`, `x̂ = (x − mean)·inv`.
+    fn ln_bwd_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+        let d = w.len();
+        for ((x, g), dx) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let (mean, inv) = ln_stats(x, eps);
+            let mean_gw = kernels::dot(g, w) / d as f32;
+            let mean_gwxh = inv * (kernels::dot3_centered(g, w, x, mean) / d as f32);
+            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                let xh = (x - mean) * inv;
+                *dx = inv * (g * w - mean_gw - xh * mean_gwxh);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = kernels::contiguous_f32(storage, layout, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        kernels::with_f32(&self.weight, self.name(), |w| {
+            kernels::with_f32(&self.bias, self.name(), |b| {
+                let d = w.len();
+                kernels::par_rows(&mut y, d, 2 * d, |r0, y| ln_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, b, self.eps, y));
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        let mut dx = vec![0f32; arg.elem_count()];
+        kernels::with_f32(arg, self.name(), |x| {
+            kernels::with_f32(&g, self.name(), |g| {
+                kernels::with_f32(&self.weight, self.name(), |w| {
+                    let d = w.len();
+                    kernels::par_rows(&mut dx, d, 3 * d, |r0, dx| {
+                        let s = r0 * d..r0 * d + dx.len();
+                        ln_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
 }

@@ -1,8 +1,12 @@
 //! Rotary position embeddings (Su et al. 2021, RoFormer eq. 34), in the "rotate half"
 //! layout that Hugging Face checkpoints use: `x·cos + rotate_half(x)·sin`.
 //! candle's fused `rope` has no backward (DESIGN.md, fix 4); this one is differentiable.
+//! On the CPU in f32 it is one fused custom op with the cos/sin rows captured (no gradient
+//! is computed or stored for the tables); elsewhere the composite [`Rope::apply_reference`].
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
+
+use super::kernels::{self, multiversion};
 
 /// How `inv_freq` is derived (HF `rope_type`).
 #[derive(Clone, Debug, PartialEq)]
@@ -80,6 +84,19 @@ impl Rope {
         if offset + t > self.max_positions() {
             candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
         }
+        if kernels::fused_ok(x) && d > 0 && d % 2 == 0 && d == self.cos.dim(1)? && self.cos.dtype() == DType::F32 && self.cos.device().is_cpu() {
+            let op = RopeOp { cos: self.cos.clone(), sin: self.sin.clone(), offset, t };
+            return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+        }
+        self.apply_reference(x, offset)
+    }
+
+    /// Composite rotation from differentiable primitives (fallback and test reference).
+    pub fn apply_reference(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        if offset + t > self.max_positions() {
+            candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
+        }
         let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
         let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -89,3 +106,92 @@ impl Rope {
     }
 }
 
+
+/// Fused rotate-half rope over rows of `x: [b, h, t, d]`; row `r` sits at position
+/// `offset + r mod t`. The tables `[max_pos, d]` are captured whole.
+struct RopeOp {
+    cos: Tensor,
+    sin: Tensor,
+    offset: usize,
+    t: usize,
+}
+
+multiversion! {
+    /// `y = x·cos + rot(x)·sin`, `rot(x) = cat(−x₂, x₁)`, for rows starting at sequence
+    /// index `t0` (mod `t`); `cos`, `sin` hold the rows of positions `offset..offset+t`.
+    fn rope_fwd_rows(x: &[f32], cos: &[f32], sin: &[f32], t: usize, t0: usize, y: &mut [f32]) {
+        let d = cos.len() / t;
+        let h = d / 2;
+        for (i, (x, y)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+            let p = (t0 + i) % t;
+            let (c, s) = (&cos[p * d..p * d + d], &sin[p * d..p * d + d]);
+            let (x1, x2) = x.split_at(h);
+            let (y1, y2) = y.split_at_mut(h);
+            let (c1, c2) = c.split_at(h);
+            let (s1, s2) = s.split_at(h);
+            for ((((y, &a), &b), &c), &s) in y1.iter_mut().zip(x1).zip(x2).zip(c1).zip(s1) {
+                *y = a * c + (-b) * s;
+            }
+            for ((((y, &a), &b), &c), &s) in y2.iter_mut().zip(x2).zip(x1).zip(c2).zip(s2) {
+                *y = a * c + b * s;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = g·cos + rotᵀ(g·sin)`, `rotᵀ(u) = cat(u₂, −u₁)`.
+    fn rope_bwd_rows(g: &[f32], cos: &[f32], sin: &[f32], t: usize, t0: usize, dx: &mut [f32]) {
+        let d = cos.len() / t;
+        let h = d / 2;
+        for (i, (g, dx)) in g.chunks_exact(d).zip(dx.chunks_exact_mut(d)).enumerate() {
+            let p = (t0 + i) % t;
+            let (c, s) = (&cos[p * d..p * d + d], &sin[p * d..p * d + d]);
+            let (g1, g2) = g.split_at(h);
+            let (d1, d2) = dx.split_at_mut(h);
+            let (c1, c2) = c.split_at(h);
+            let (s1, s2) = s.split_at(h);
+            for ((((dx, &a), &b), &c), &s) in d1.iter_mut().zip(g1).zip(g2).zip(c1).zip(s2) {
+                *dx = a * c + b * s;
+            }
+            for ((((dx, &a), &b), &c), &s) in d2.iter_mut().zip(g2).zip(g1).zip(c2).zip(s1) {
+                *dx = a * c - b * s;
+            }
+        }
+    }
+}
+
+impl RopeOp {
+    /// Runs `kernel` over the rows of `src` into a new buffer, with the table rows in use.
+    fn run(&self, src: &[f32], kernel: fn(&[f32], &[f32], &[f32], usize, usize, &mut [f32])) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; src.len()];
+        kernels::with_f32(&self.cos, "fused-rope", |cos| {
+            kernels::with_f32(&self.sin, "fused-rope", |sin| {
+                let d = self.cos.dim(1)?;
+                let rows = self.offset * d..(self.offset + self.t) * d;
+                let (cos, sin) = (&cos[rows.clone()], &sin[rows]);
+                kernels::par_rows(&mut out, d, d, |r0, out| kernel(&src[r0 * d..r0 * d + out.len()], cos, sin, self.t, r0 % self.t, out));
+                Ok(())
+            })
+        })?;
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = kernels::contiguous_f32(storage, layout, self.name())?;
+        let y = self.run(x, rope_fwd_rows)?;
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        let dx = kernels::with_f32(&g, self.name(), |g| self.run(g, rope_bwd_rows))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}

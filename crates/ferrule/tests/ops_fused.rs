@@ -1,0 +1,270 @@
+//! The fused CPU ops (norms, rope, masked softmax, cross-entropy) against the composite
+//! versions they replace: forward values and input gradients, and no gradient stored for
+//! the captured constants.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use ferrule::ops::attention::{attention, attention_reference, build_mask, scaled_masked_softmax, MaskKind, MASKED};
+use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
+use ferrule::ops::norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+use ferrule::ops::rope::{Rope, RopeScaling};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const RTOL: f32 = 1e-5;
+
+fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal) * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn var(shape: &[usize], seed: u64, scale: f32) -> Var {
+    Var::from_tensor(&randn(shape, seed, scale)).unwrap()
+}
+
+/// Element-wise `|a − b| ≤ RTOL·(|b| + max|b|/10)`: relative, with a floor for entries that
+/// are tiny next to the rest of the tensor (sums of cancelling terms).
+fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(x.is_finite() && y.is_finite(), "{what}[{i}]: {x} vs {y}");
+        let tol = RTOL * (y.abs() + scale / 10.0);
+        assert!((x - y).abs() <= tol, "{what}[{i}]: fused {x} vs composite {y} (tol {tol})");
+    }
+}
+
+/// `Σ y·r`, `r` a random (trainable, so it is expected in the store) projection: gives the
+/// op a non-uniform output gradient.
+fn project(y: &Tensor, r: &Var) -> Tensor {
+    (y * r.as_tensor()).unwrap().sum_all().unwrap()
+}
+
+/// The GradStore holds exactly the variables, nothing for constants.
+fn assert_only_vars(grads: &GradStore, vars: &[&Var], what: &str) {
+    let n = grads.get_ids().count();
+    assert_eq!(n, vars.len(), "{what}: gradient store has {n} entries, expected only the {} variables", vars.len());
+    for v in vars {
+        assert!(grads.get(v.as_tensor()).is_some(), "{what}: variable without gradient");
+    }
+}
+
+/// Runs `f` fused and composite on the variables, compares outputs and all variable gradients,
+/// and checks the fused store holds only the variables. Returns the composite store's size.
+fn check(what: &str, vars: &[&Var], fused: impl Fn(&[Tensor]) -> Result<Tensor>, reference: impl Fn(&[Tensor]) -> Result<Tensor>) -> usize {
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let yf = fused(&inputs).unwrap();
+    let yr = reference(&inputs).unwrap();
+    assert_close(&yf, &yr, &format!("{what} forward"));
+    let r = var(yf.dims(), 99, 1.0);
+    let gf = project(&yf, &r).backward().unwrap();
+    let gr = project(&yr, &r).backward().unwrap();
+    let mut all: Vec<&Var> = vars.to_vec();
+    all.push(&r);
+    assert_only_vars(&gf, &all, what);
+    for (i, v) in vars.iter().enumerate() {
+        let a = gf.get(v.as_tensor()).unwrap();
+        let b = gr.get(v.as_tensor()).unwrap();
+        assert_close(a, b, &format!("{what} grad of input {i}"));
+    }
+    gr.get_ids().count()
+}
+
+#[test]
+fn rms_norm_matches_composite() {
+    for (k, shape) in [vec![2, 7, 13], vec![3, 576], vec![1, 5, 64], vec![4, 1, 3], vec![2, 150, 576]].into_iter().enumerate() {
+        let d = *shape.last().unwrap();
+        let w = (randn(&[d], 10 + k as u64, 0.3) + 1.0).unwrap();
+        let x = var(&shape, k as u64, 2.0);
+        let composite_entries = check(&format!("rms_norm {shape:?}"), &[&x], |i| rms_norm(&i[0], &w, 1e-6), |i| rms_norm_reference(&i[0], &w, 1e-6));
+        // The composite stores a gradient for the weight; the fused op does not.
+        assert!(composite_entries > 2, "composite store should hold a weight gradient");
+    }
+}
+
+#[test]
+fn rms_norm_non_contiguous_input() {
+    let w = randn(&[6], 3, 1.0);
+    let x = var(&[6, 5], 4, 1.0);
+    check("rms_norm transposed", &[&x], |i| rms_norm(&i[0].t()?, &w, 1e-5), |i| rms_norm_reference(&i[0].t()?, &w, 1e-5));
+}
+
+#[test]
+fn layer_norm_matches_composite() {
+    for (k, shape) in [vec![2, 7, 13], vec![4, 384], vec![3, 1, 5]].into_iter().enumerate() {
+        let d = *shape.last().unwrap();
+        let w = (randn(&[d], 20 + k as u64, 0.3) + 1.0).unwrap();
+        let b = randn(&[d], 30 + k as u64, 0.5);
+        // An offset mean, as residual streams have.
+        let x = Var::from_tensor(&(randn(&shape, k as u64, 2.0) + 3.0).unwrap()).unwrap();
+        let composite_entries = check(&format!("layer_norm {shape:?}"), &[&x], |i| layer_norm(&i[0], &w, &b, 1e-12), |i| layer_norm_reference(&i[0], &w, &b, 1e-12));
+        assert!(composite_entries > 2);
+    }
+}
+
+#[test]
+fn trainable_norm_weight_still_gets_its_gradient() {
+    // A weight that is itself a variable takes the composite path, so it is not silently frozen.
+    let w = var(&[9], 5, 1.0);
+    let x = var(&[4, 9], 6, 1.0);
+    let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(w.as_tensor()).is_some());
+}
+
+#[test]
+fn rope_matches_composite() {
+    for (k, (b, h, t, d, offset)) in [(2, 3, 7, 10, 0), (2, 3, 7, 10, 5), (1, 9, 5, 64, 0), (2, 2, 1, 6, 30), (2, 4, 100, 64, 17)].into_iter().enumerate() {
+        let rope = Rope::new(d, 128, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
+        let x = var(&[b, h, t, d], 40 + k as u64, 1.0);
+        let entries = check(
+            &format!("rope {:?}", (b, h, t, d, offset)),
+            &[&x],
+            |i| rope.apply(&i[0], offset),
+            |i| rope.apply_reference(&i[0], offset),
+        );
+        assert!(entries > 2, "composite store should hold gradients for the tables");
+    }
+    // Still refuses positions beyond the table.
+    let rope = Rope::new(8, 4, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
+    assert!(rope.apply(&randn(&[1, 1, 3, 8], 1, 1.0), 2).is_err());
+}
+
+fn left_padding(b: usize, s: usize, pads: &[usize]) -> Tensor {
+    let mut p = vec![1u32; b * s];
+    for (i, &n) in pads.iter().enumerate() {
+        for j in 0..n {
+            p[i * s + j] = 0;
+        }
+    }
+    Tensor::from_vec(p, (b, s), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_matches_composite() {
+    let dev = Device::Cpu;
+    // (b, h, h_kv, t, s, d, mask kind, padded positions per row)
+    let cases: Vec<(usize, usize, usize, usize, usize, usize, Option<MaskKind>, Vec<usize>)> = vec![
+        // causal + left padding: the first query of row 1 sees only padding (fully masked row)
+        (2, 6, 2, 7, 7, 10, Some(MaskKind::Causal { sliding_window: None }), vec![0, 2]),
+        // SmolLM-like heads, causal without padding ([1, 1, t, s] mask)
+        (1, 9, 3, 13, 13, 64, Some(MaskKind::Causal { sliding_window: None }), vec![]),
+        // sliding window, multi-head without grouping
+        (2, 4, 4, 9, 9, 8, Some(MaskKind::Causal { sliding_window: Some(3) }), vec![1, 0]),
+        // bidirectional with padding: mask [b, 1, 1, s]
+        (3, 4, 4, 5, 5, 12, Some(MaskKind::Bidirectional), vec![0, 3, 5]),
+        // queries after a cache: t < s
+        (2, 6, 3, 3, 11, 16, Some(MaskKind::Causal { sliding_window: None }), vec![4, 0]),
+        // large enough to be split over threads: rows map to mask rows from their global index
+        (2, 6, 2, 64, 64, 16, Some(MaskKind::Causal { sliding_window: None }), vec![5, 40]),
+        // no mask
+        (2, 4, 2, 6, 6, 7, None, vec![]),
+    ];
+    for (k, (b, h, h_kv, t, s, d, kind, pads)) in cases.into_iter().enumerate() {
+        let padding = if pads.is_empty() { None } else { Some(left_padding(b, s, &pads)) };
+        let mask = match kind {
+            Some(kind) => build_mask(kind, t, s, padding.as_ref(), &dev).unwrap(),
+            None => None,
+        };
+        let q = var(&[b, h, t, d], 100 + k as u64, 1.5);
+        let kk = var(&[b, h_kv, s, d], 200 + k as u64, 1.5);
+        let v = var(&[b, h_kv, s, d], 300 + k as u64, 1.0);
+        let scale = 1.0 / (d as f64).sqrt();
+        let what = format!("attention case {k}");
+        check(&what, &[&q, &kk, &v], |i| attention(&i[0], &i[1], &i[2], mask.as_ref(), scale), |i| attention_reference(&i[0], &i[1], &i[2], mask.as_ref(), scale));
+    }
+}
+
+#[test]
+fn masked_softmax_fully_masked_row_is_uniform_and_gradient_matches() {
+    let dev = Device::Cpu;
+    let (b, h_kv, groups, t, s) = (2, 2, 3, 4, 5);
+    let padding = left_padding(b, s, &[0, 2]);
+    let mask = build_mask(MaskKind::Causal { sliding_window: None }, t, s, Some(&padding), &dev).unwrap().unwrap();
+    let x = var(&[b, h_kv, groups * t, s], 7, 3.0);
+    let scale = 0.37;
+    let reference = |i: &[Tensor]| -> Result<Tensor> {
+        let sc = (i[0].reshape((b, h_kv, groups, t, s))? * scale)?;
+        candle_nn::ops::softmax(&sc.broadcast_add(&mask.unsqueeze(2)?)?.reshape((b, h_kv, groups * t, s))?, 3)
+    };
+    check("masked softmax", &[&x], |i| scaled_masked_softmax(&i[0], Some(&mask), scale), reference);
+    let y = scaled_masked_softmax(x.as_tensor(), Some(&mask), scale).unwrap();
+    // batch 1, query 0: keys 0..2 are padding, key 0 is the only causal one: fully masked.
+    let row = y.get(1).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+    for p in row {
+        assert!((p - 1.0 / s as f32).abs() < 1e-7, "fully masked row should be uniform");
+    }
+    assert!(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap().contains(&MASKED));
+}
+
+fn labels(n: usize, v: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|i| if ignore_every > 0 && i % ignore_every == 1 { IGNORE_INDEX } else { rng.gen_range(0..v as i64) }).collect()
+}
+
+#[test]
+fn cross_entropy_matches_composite() {
+    for (k, (n, v, ignore_every)) in [(37, 1001, 3), (5, 7, 0), (16, 49, 2)].into_iter().enumerate() {
+        let y = Tensor::new(labels(n, v, k as u64, ignore_every), &Device::Cpu).unwrap();
+        let x = var(&[n, v], 500 + k as u64, 4.0);
+        let (lf, cf) = cross_entropy(x.as_tensor(), &y).unwrap();
+        let (lr, cr) = cross_entropy_reference(x.as_tensor(), &y).unwrap();
+        assert_eq!(cf, cr);
+        assert_close(&lf, &lr, "cross_entropy loss");
+        let gf = lf.backward().unwrap();
+        let gr = lr.backward().unwrap();
+        assert_only_vars(&gf, &[&x], "cross_entropy");
+        assert_close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), "cross_entropy grad");
+        // Scaled upstream gradient (loss · 2.5) flows through.
+        let gf = (&lf * 2.5).unwrap().backward().unwrap();
+        let gr = (&lr * 2.5).unwrap().backward().unwrap();
+        assert_close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), "cross_entropy scaled grad");
+    }
+}
+
+#[test]
+fn causal_lm_loss_matches_composite() {
+    for (k, (b, t, v)) in [(3, 9, 517), (2, 2, 33), (1, 12, 1024)].into_iter().enumerate() {
+        let y = Tensor::from_vec(labels(b * t, v, 60 + k as u64, 4), (b, t), &Device::Cpu).unwrap();
+        let x = var(&[b, t, v], 600 + k as u64, 3.0);
+        let (lf, cf) = causal_lm_loss(x.as_tensor(), &y).unwrap();
+        let (lr, cr) = causal_lm_loss_reference(x.as_tensor(), &y).unwrap();
+        assert_eq!(cf, cr);
+        assert_close(&lf, &lr, "causal_lm_loss");
+        let gf = lf.backward().unwrap();
+        let gr = lr.backward().unwrap();
+        assert_only_vars(&gf, &[&x], "causal_lm_loss");
+        assert_close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), "causal_lm_loss grad");
+    }
+}
+
+#[test]
+fn loss_with_nothing_counted_is_zero() {
+    let x = var(&[2, 4, 11], 1, 1.0);
+    let y = Tensor::full(IGNORE_INDEX, (2, 4), &Device::Cpu).unwrap();
+    let (l, c) = causal_lm_loss(x.as_tensor(), &y).unwrap();
+    assert_eq!(c, 0);
+    assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
+    let g = l.backward().unwrap();
+    let g = g.get(x.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(g, 0.0);
+    // A single position: nothing to predict.
+    let (l, c) = causal_lm_loss(&randn(&[2, 1, 11], 2, 1.0), &Tensor::zeros((2, 1), DType::I64, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!((l.to_scalar::<f32>().unwrap(), c), (0.0, 0));
+    // Out-of-range labels are an error, as in torch.
+    assert!(cross_entropy(&randn(&[2, 5], 3, 1.0), &Tensor::new(&[1i64, 5], &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn other_dtypes_take_the_composite_path() {
+    let x = randn(&[3, 8], 1, 1.0).to_dtype(DType::F64).unwrap();
+    let w = Tensor::ones(8, DType::F64, &Device::Cpu).unwrap();
+    let a = rms_norm(&x, &w, 1e-6).unwrap();
+    let b = rms_norm_reference(&x, &w, 1e-6).unwrap();
+    assert_eq!(a.dtype(), DType::F64);
+    assert_close(&a, &b, "f64 rms_norm");
+}
