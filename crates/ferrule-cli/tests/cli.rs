@@ -142,3 +142,29 @@ fn bad_training_inputs_are_refused_clearly() {
     // Nothing was left behind by the failed runs.
     assert!(!Path::new(&out).join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn toml_config_with_flag_overrides() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("run.toml");
+    let out = t.path().join("run");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nbatch_size = 4\nmax_steps = 5\nlr = 0.01\nschedule = \"cosine\"\n\n[lora]\nr = 2\nlora_alpha = 4\ntarget_modules = [\"q_proj\"]\n",
+            fx("models/llama"), fx("data/chat.jsonl"), out.display().to_string()
+        ),
+    )
+    .unwrap();
+    // The flag overrides the file's max_steps.
+    let (ok, stdout, err) = ferrule(&["train", "--config", cfg.to_str().unwrap(), "--max-steps", "2", "-q"]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["steps"], 2);
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["r"], 2);
+    assert_eq!(saved["target_modules"], serde_json::json!(["q_proj"]));
+    // A misspelt key is an error naming it.
+    std::fs::write(&cfg, "model = \"x\"\nbatchsize = 4\n").unwrap();
+    fails_with(&["train", "--config", cfg.to_str().unwrap()], "batchsize");
+}

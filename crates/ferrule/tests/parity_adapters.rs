@@ -158,3 +158,22 @@ fn merged_folders_reproduce_adapter_logits() {
         assert!(diff < 1e-4, "{}: merged vs adapter max diff {diff}", case.adapter);
     }
 }
+
+/// Adapters trained and saved by ferrule, loaded by Python peft (tests/fixtures/roundtrip,
+/// made with `make_fixtures.py --check-roundtrip ... --save-peft-logits`): ferrule's logits
+/// for them equal peft's, so the files mean the same to both.
+#[test]
+fn ferrule_saved_adapters_mean_the_same_to_peft() {
+    let dev = Device::Cpu;
+    for name in ["llama", "qwen2"] {
+        let src = ModelSource::load(fixtures().join("models").join(name).to_str().unwrap(), &dev).unwrap();
+        let lora = load_adapter(&fixtures().join("roundtrip").join(name), &dev).unwrap().into_tuner(0, &dev).unwrap();
+        let model = Model::build(&src, Task::CausalLm, &lora, &dev, 0).unwrap();
+        lora.finish().unwrap();
+        let inputs = load("inputs/decoder.safetensors");
+        let got = model.forward(&Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: None }).unwrap();
+        let want = &load(&format!("roundtrip/{name}/peft_logits.safetensors"))["logits"];
+        let diff = max_diff_masked(&got, want, Some(&inputs["attention_mask"]));
+        assert!(diff < 1e-4, "{name}: ferrule vs peft on a ferrule-saved adapter: {diff}");
+    }
+}
