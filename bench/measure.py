@@ -147,7 +147,7 @@ def main():
     p.add_argument("--cwd", default=None)
     p.add_argument("--shell", action="store_true", help="run CMD through /bin/sh -c (give it as one string)")
     p.add_argument("--quiet", action="store_true", help="discard the child's stdout (stderr is kept)")
-    p.add_argument("--poll-interval", type=float, default=0.05)
+    p.add_argument("--poll-interval", type=float, default=0.25)
     p.add_argument("--no-poll", action="store_true", help="skip psutil tree polling")
     p.add_argument("--result-json", help="JSON file the child writes; numeric keys are collected per run")
     p.add_argument("--result-keys", default="", help="comma-separated keys of --result-json (default: all numeric top-level)")

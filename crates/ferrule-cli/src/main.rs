@@ -36,7 +36,15 @@ enum Command {
     Logits(commands::logits::Args),
 }
 
+/// mimalloc's `mi_option_purge_delay` (see mimalloc.h; not named in libmimalloc-sys).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // Training frees and reallocates the same large activation buffers every step; returning
+    // them to the OS in between made page faults ~30% of a step (measured with perf,
+    // 24.6 s -> 17.4 s per SmolLM2 step). Keep freed memory for reuse instead.
+    // SAFETY: sets a process-wide allocator option; no allocation is in flight.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG").unwrap_or_else(|_| "warn".into()))
