@@ -110,3 +110,21 @@ fn saved_adapter_reloads_with_identical_outputs() {
     assert_eq!(adapter_bytes(out.path()), adapter_bytes(again.path()));
     assert_eq!(tuner.adapted().len(), 6);
 }
+
+#[test]
+fn recomputation_gives_the_same_adapter() {
+    let plain = tempfile::tempdir().unwrap();
+    let recomputed = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    train(&config(plain.path()), &dev, &mut Silent, &RunOptions::default()).unwrap();
+    let mut cfg = config(recomputed.path());
+    cfg.recompute = true;
+    train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
+    let a = ferrule::model::weights::load_safetensors_file(&plain.path().join("adapter_model.safetensors"), &dev).unwrap();
+    let b = ferrule::model::weights::load_safetensors_file(&recomputed.path().join("adapter_model.safetensors"), &dev).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let d = max_diff_masked(t, &b[k], None);
+        assert!(d < 1e-5, "{k}: recomputed run differs by {d}");
+    }
+}

@@ -83,6 +83,9 @@ pub struct Args {
     max_grad_norm: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Recompute layer activations in backward (gradient checkpointing): less memory, ~1 extra forward.
+    #[arg(long)]
+    recompute: bool,
     #[arg(long)]
     eval_every: Option<usize>,
     #[arg(long)]
@@ -191,6 +194,9 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
         c.max_grad_norm = (g > 0.0).then_some(g);
     }
     set!(c.seed, a.seed);
+    if a.recompute {
+        c.recompute = true;
+    }
     if a.eval_every.is_some() {
         c.eval_every = a.eval_every;
     }

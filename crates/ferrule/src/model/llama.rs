@@ -1,6 +1,8 @@
 //! Llama-shaped decoders: Llama 2/3, Mistral (sliding window), Qwen2 (q/k/v bias), SmolLM2
 //! (tied embeddings). Parameter names are the Hugging Face ones, verbatim.
 
+use std::sync::{Arc, RwLock};
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -9,6 +11,7 @@ use super::weights::Weights;
 use super::{Linear, LinearHook, LinearInfo};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::norm::rms_norm;
+use crate::ops::recompute::{checkpoint, Block, GradSink};
 use crate::ops::rope::Rope;
 use crate::ops::FrozenLinear;
 
@@ -52,11 +55,12 @@ impl KvCache {
 pub struct DecoderLm {
     pub config: DecoderConfig,
     embed_tokens: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Box<dyn Linear>,
     rope: Rope,
     device: Device,
+    recompute: RwLock<Option<Arc<GradSink>>>,
 }
 
 fn linear(w: &Weights, hook: &dyn LinearHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
@@ -74,7 +78,7 @@ impl DecoderLm {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            layers.push(Layer {
+            layers.push(Arc::new(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
                     q_proj: linear(w, hook, &format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
@@ -88,7 +92,7 @@ impl DecoderLm {
                     up_proj: linear(w, hook, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
                     down_proj: linear(w, hook, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
                 },
-            });
+            }));
         }
         let norm = w.get("model.norm.weight", &[h])?;
         let head_weight = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
@@ -98,7 +102,7 @@ impl DecoderLm {
         };
         let lm_head = hook.wrap(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::new(head_weight, None)?)?;
         let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone() })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
     }
 
     pub fn device(&self) -> &Device {
@@ -128,38 +132,27 @@ impl DecoderLm {
         let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, t, kv_len, attention_mask, &self.device)?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, c.hidden_size))?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu());
         for (i, layer) in self.layers.iter().enumerate() {
-            let residual = x.clone();
-            let hs = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            let a = &layer.self_attn;
-            let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?) };
-            let q = heads(a.q_proj.forward(&hs)?, c.num_attention_heads)?;
-            let k = heads(a.k_proj.forward(&hs)?, c.num_key_value_heads)?;
-            let v = heads(a.v_proj.forward(&hs)?, c.num_key_value_heads)?;
-            let q = self.rope.apply(&q, offset)?;
-            let k = self.rope.apply(&k, offset)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => {
-                    let (k, v) = match &cache.layers[i] {
-                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                        None => (k, v),
-                    };
-                    cache.layers[i] = Some((k.clone(), v.clone()));
-                    (k, v)
+            x = match &sink {
+                Some(sink) => {
+                    let (layer, cfg, rope, mask) = (layer.clone(), self.config.clone(), self.rope.clone(), mask.clone());
+                    let block: Block = Arc::new(move |h: &Tensor| layer_forward(&layer, &cfg, &rope, h, mask.as_ref(), 0, None).map_err(candle_core::Error::wrap));
+                    checkpoint(&x, block, sink)?
                 }
-                None => (k, v),
+                None => {
+                    let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                    layer_forward(layer, c, &self.rope, &x, mask.as_ref(), offset, slot)?
+                }
             };
-            let att = attention(&q, &k, &v, mask.as_ref(), scale)?;
-            let att = att.transpose(1, 2)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
-            x = (residual + a.o_proj.forward(&att)?)?;
-            let residual = x.clone();
-            let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let m = &layer.mlp;
-            let gated = (candle_nn::ops::silu(&m.gate_proj.forward(&hs)?)? * m.up_proj.forward(&hs)?)?;
-            x = (residual + m.down_proj.forward(&gated)?)?;
         }
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
+    }
+
+    /// Recompute each layer's activations during backward instead of keeping them
+    /// (gradient checkpointing); trainable gradients from inside the layers go to `sink`.
+    pub fn set_recompute(&self, sink: Option<Arc<GradSink>>) {
+        *self.recompute.write().unwrap() = sink;
     }
 
     /// Logits of the last position only (generation).
@@ -171,3 +164,37 @@ impl DecoderLm {
     }
 }
 
+
+/// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `cache` holds this
+/// layer's keys/values of earlier positions (generation).
+fn layer_forward(layer: &Layer, c: &DecoderConfig, rope: &Rope, x: &Tensor, mask: Option<&Tensor>, offset: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let scale = 1.0 / (c.head_dim as f64).sqrt();
+    let residual = x;
+    let hs = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+    let a = &layer.self_attn;
+    let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?) };
+    let q = heads(a.q_proj.forward(&hs)?, c.num_attention_heads)?;
+    let k = heads(a.k_proj.forward(&hs)?, c.num_key_value_heads)?;
+    let v = heads(a.v_proj.forward(&hs)?, c.num_key_value_heads)?;
+    let q = rope.apply(&q, offset)?;
+    let k = rope.apply(&k, offset)?;
+    let (k, v) = match cache {
+        Some(slot) => {
+            let (k, v) = match slot.as_ref() {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                None => (k, v),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            (k, v)
+        }
+        None => (k, v),
+    };
+    let att = attention(&q, &k, &v, mask, scale)?;
+    let att = att.transpose(1, 2)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
+    let x = (residual + a.o_proj.forward(&att)?)?;
+    let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+    let m = &layer.mlp;
+    let gated = (candle_nn::ops::silu(&m.gate_proj.forward(&hs)?)? * m.up_proj.forward(&hs)?)?;
+    Ok((x + m.down_proj.forward(&gated)?)?)
+}

@@ -129,6 +129,19 @@ impl Model {
         Ok(Model { arch, task, base_params: source.weights.used_elements() + initialized })
     }
 
+    /// Turns block recomputation (gradient checkpointing) on for architectures that support
+    /// it (decoders); returns whether it is on.
+    pub fn set_recompute(&self, sink: Option<std::sync::Arc<crate::ops::recompute::GradSink>>) -> bool {
+        match &self.arch {
+            Arch::Decoder(m) => {
+                let on = sink.is_some();
+                m.set_recompute(sink);
+                on
+            }
+            Arch::Bert(_) => false,
+        }
+    }
+
     pub fn device(&self) -> &Device {
         match &self.arch {
             Arch::Decoder(m) => m.device(),

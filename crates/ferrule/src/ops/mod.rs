@@ -10,6 +10,7 @@ pub mod frozen_linear;
 mod kernels;
 pub mod loss;
 pub mod norm;
+pub mod recompute;
 pub mod rope;
 
 pub use frozen_linear::FrozenLinear;

@@ -48,6 +48,9 @@ pub struct TrainConfig {
     /// Clip the global gradient L2 norm to this (none: no clipping).
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
+    /// Recompute each decoder layer's activations in backward instead of keeping them
+    /// (gradient checkpointing): much less memory for about one extra forward pass.
+    pub recompute: bool,
     pub eval_every: Option<usize>,
     pub eval_batch_size: Option<usize>,
     /// Evaluate on the first N eval records only.
@@ -83,6 +86,7 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             max_grad_norm: Some(1.0),
             seed: 42,
+            recompute: false,
             eval_every: None,
             eval_batch_size: None,
             eval_limit: None,

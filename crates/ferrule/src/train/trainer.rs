@@ -18,6 +18,7 @@ use super::schedule::lr_at;
 use crate::data::{self, collate, Batch, EncodeOptions, Encoded, Encoder, LabelMap, PaddingSide, Truncation};
 use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
+use crate::ops::recompute::GradSink;
 use crate::peft_io::save_adapter;
 use crate::tuners::lora::Lora;
 use crate::tuners::Tuner;
@@ -283,6 +284,17 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * n as f64) / per_step as f64).ceil().max(1.0) as usize);
 
     let params = p.tuner.trainable();
+    let sink = if cfg.recompute {
+        let sink = std::sync::Arc::new(GradSink::new(params.iter().map(|(_, v)| v.as_tensor().id())));
+        if p.model.set_recompute(Some(sink.clone())) {
+            Some(sink)
+        } else {
+            progress.message("recompute: not supported for this architecture; keeping activations");
+            None
+        }
+    } else {
+        None
+    };
     let mut opt = AdamW::new(
         params.clone(),
         AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
@@ -341,7 +353,10 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
             if !lv.is_finite() {
                 bail!("loss became {lv} at step {}; lower the learning rate or check the data", step + 1)
             }
-            let grads = loss.backward()?;
+            let mut grads = loss.backward()?;
+            if let Some(sink) = &sink {
+                sink.drain_into(&mut grads)?;
+            }
             acc.add(&grads, &params, 1.0)?;
             loss_sum += lv;
             tokens += batch.num_tokens;
