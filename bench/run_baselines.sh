@@ -3,7 +3,7 @@
 # Usage: bench/run_baselines.sh [a|b|c ...]   (default: a b c)   REPEAT=3 by default for a, 1 for b.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/root/venv/bin/python}
+PY=${PY:-$(scripts/reference-venv.sh)}
 OUT=bench/results/python
 mkdir -p "$OUT"
 M="$PY bench/measure.py --quiet"
