@@ -75,8 +75,16 @@ fn assert_grads(case: &Case, grads_file: &str) {
     lora.mode().set_training(false); // the reference grads were taken in eval mode (no dropout)
     let (out, _) = run(&model, case);
     let exp = load(grads_file);
-    let (loss, _) = match case.task {
-        Task::CausalLm => causal_lm_loss(&out, &exp["labels"]).unwrap(),
+    let (loss, _) = match (case.task, &model.arch) {
+        // The training path: logits only where a label is counted.
+        (Task::CausalLm, Arch::Decoder(lm)) => {
+            let inputs = load("inputs/decoder.safetensors");
+            let (sparse, n) = lm.causal_lm_loss(&inputs["input_ids"], Some(&inputs["attention_mask"]), &exp["labels"]).unwrap();
+            let (full, m) = causal_lm_loss(&out, &exp["labels"]).unwrap();
+            assert_eq!(n, m);
+            assert!((sparse.to_scalar::<f32>().unwrap() - full.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+            (sparse, n)
+        }
         _ => cross_entropy(&out, &exp["labels"]).unwrap(),
     };
     let want_loss = exp["loss"].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];

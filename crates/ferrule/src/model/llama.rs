@@ -155,6 +155,36 @@ impl DecoderLm {
         *self.recompute.write().unwrap() = sink;
     }
 
+    /// Causal-LM loss computing the output projection only where a label is counted:
+    /// position i is projected only when label i+1 is not `IGNORE_INDEX`. With loss on
+    /// completions only and padded batches, most positions need no logits, and the
+    /// vocabulary projection is the largest matmul of a small model. Returns the same loss
+    /// (mean over counted positions) as [`crate::ops::loss::causal_lm_loss`] on full logits.
+    pub fn causal_lm_loss(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, labels: &Tensor) -> Result<(Tensor, usize)> {
+        let hidden = self.hidden_states(input_ids, attention_mask, None)?;
+        let (b, t, h) = hidden.dims3()?;
+        if t < 2 {
+            anyhow::bail!("causal-LM loss needs sequences of at least 2 tokens")
+        }
+        let next: Vec<i64> = labels.to_dtype(DType::I64)?.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?.to_vec1()?;
+        let (rows, targets): (Vec<u32>, Vec<i64>) = next
+            .iter()
+            .enumerate()
+            .filter(|(_, &y)| y >= 0)
+            .map(|(i, &y)| ((i / (t - 1) * t + i % (t - 1)) as u32, y))
+            .unzip();
+        let n = rows.len();
+        if n == 0 {
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+        }
+        let rows = Tensor::from_vec(rows, n, &self.device)?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+        let logits = self.lm_head.forward(&picked)?;
+        let targets = Tensor::from_vec(targets, n, &self.device)?;
+        let (loss, count) = crate::ops::loss::cross_entropy(&logits, &targets)?;
+        Ok((loss, count))
+    }
+
     /// Logits of the last position only (generation).
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;

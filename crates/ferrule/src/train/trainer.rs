@@ -187,6 +187,11 @@ fn pad_to(batch: Batch, len: usize, pad_id: u32) -> Result<Batch> {
 
 /// Forward pass and loss of one batch: `(loss, counted targets, correct predictions)`.
 fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
+    if let (Task::CausalLm, crate::model::Arch::Decoder(lm)) = (model.task, &model.arch) {
+        let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
+        let (loss, n) = lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?;
+        return Ok((loss, n, 0));
+    }
     let out = model.forward(&Inputs { input_ids: &batch.input_ids, attention_mask: Some(&batch.attention_mask), token_type_ids: None })?;
     match model.task {
         Task::CausalLm => {
