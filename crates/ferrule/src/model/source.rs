@@ -118,7 +118,14 @@ fn is_hub_id(spec: &str) -> bool {
     parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
+/// Without the `hub` feature there is no hub client.
+#[cfg(not(feature = "hub"))]
+fn fetch_from_hub(_id: &str) -> Result<PathBuf> {
+    bail!("this build has no Hugging Face hub support; rebuild with `--features hub`, or pass a local folder or .gguf file")
+}
+
 /// Downloads config, tokenizer and weights of a hub repository into the local HF cache.
+#[cfg(feature = "hub")]
 fn fetch_from_hub(id: &str) -> Result<PathBuf> {
     let api = hf_hub::api::sync::Api::new()?;
     let repo = api.model(id.to_string());
