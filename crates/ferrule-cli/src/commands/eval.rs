@@ -3,24 +3,17 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use ferrule::adapted::AdaptedModel;
 use ferrule::data::{EncodeOptions, LabelMap, Truncation};
 use ferrule::model::Task;
 use ferrule::train::{encode_file, evaluate};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    model: String,
-    /// A PEFT adapter folder to apply.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     /// JSONL records to evaluate.
     #[arg(long)]
     data: PathBuf,
-    /// causal-lm or seq-cls (default: the adapter's task_type, else causal-lm).
-    #[arg(long)]
-    task: Option<String>,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     #[arg(long, default_value_t = 512)]
@@ -34,8 +27,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let task = a.task.as_deref().map(super::parse_task).transpose()?;
-    let m = AdaptedModel::load(&a.model, a.adapter.as_deref(), task, &super::device())?;
+    let m = a.model.load()?;
     let labels = if m.model.task == Task::SeqCls {
         let examples = ferrule::data::read_jsonl(&a.data)?;
         let n = m.source.config.get("num_labels").and_then(|v| v.as_u64()).unwrap_or(2) as usize;

@@ -1,20 +1,16 @@
 //! `ferrule generate`
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use ferrule::adapted::AdaptedModel;
 use ferrule::data::Message;
 use ferrule::generate::{generate, SamplingOptions};
-use ferrule::model::{Arch, Task};
+use ferrule::model::Arch;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    model: String,
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     #[arg(long)]
     prompt: String,
     /// Optional system message (chat models).
@@ -35,7 +31,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let m = AdaptedModel::load(&a.model, a.adapter.as_deref(), Some(Task::CausalLm), &super::device())?;
+    let m = a.model.load()?;
     let Arch::Decoder(lm) = &m.model.arch else { bail!("generate needs a decoder model") };
     let tok = m.source.tokenizer()?;
     let text = match (&m.source.chat_template, a.raw) {

@@ -1,10 +1,8 @@
 //! `ferrule inspect`
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use candle_core::Device;
-use ferrule::adapted::{default_task, AdaptedModel};
+use ferrule::adapted::default_task;
 use ferrule::model::{Model, ModelSource};
 use ferrule::train::config::default_lora_targets;
 use ferrule::tuners::lora::{Lora, LoraConfig};
@@ -13,19 +11,14 @@ use ferrule::tuners::Tuner;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    model: String,
-    /// Summarise this adapter too.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     /// Show what LoRA with this rank would train.
     #[arg(long)]
     lora_r: Option<usize>,
     /// Modules for that LoRA (comma list or all-linear; default: PEFT's for the model type).
     #[arg(long)]
     target_modules: Option<String>,
-    #[arg(long)]
-    task: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -33,10 +26,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let dev = Device::Cpu;
-    let task = a.task.as_deref().map(super::parse_task).transpose()?;
-    let m = AdaptedModel::load(&a.model, a.adapter.as_deref(), task, &dev)?;
+    let task = a.model.task.as_deref().map(super::parse_task).transpose()?;
+    let m = a.model.load()?;
     let mut info = serde_json::json!({
-        "model": a.model,
+        "model": a.model.model,
         "model_type": m.source.model_type(),
         "task": m.model.task.peft_name(),
         "parameters": m.model.base_params,
@@ -53,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     if a.lora_r.is_some() || a.target_modules.is_some() {
-        let source = ModelSource::load(&a.model, &dev)?;
+        let source = ModelSource::load(&a.model.model, &dev)?;
         let targets = match &a.target_modules {
             Some(s) if s == "all-linear" => ModuleSpec::Pattern(s.clone()),
             Some(s) => ModuleSpec::Names(s.split(',').map(|x| x.trim().to_string()).collect()),
@@ -77,7 +70,7 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    println!("model        {}", a.model);
+    println!("model        {}", a.model.model);
     println!("architecture {} ({})", m.source.model_type(), m.model.task.peft_name());
     let c = &m.source.config;
     for k in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size", "max_position_embeddings"] {
