@@ -123,14 +123,21 @@ impl CustomOp1 for FrozenMatmul {
         let dims = g.dims().to_vec();
         let (out_f, in_f) = self.weight.dims2()?;
         let m = g.elem_count() / out_f;
-        let gs = g.flatten_all()?.to_vec1::<f32>()?;
+        // Read dY in place (it is contiguous) instead of copying it into a Vec.
+        let (g_storage, g_layout) = g.storage_and_layout();
+        let gs = match &*g_storage {
+            Storage::Cpu(s) => s.as_slice::<f32>()?,
+            _ => candle_core::bail!("frozen-linear: gradient not on cpu"),
+        };
+        let (ga, gb) = g_layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-linear: gradient not contiguous".into()))?;
+        let gs = &gs[ga..gb];
         let (w_storage, w_layout) = self.weight.storage_and_layout();
         let w = match &*w_storage {
             Storage::Cpu(s) => s.as_slice::<f32>()?,
             _ => candle_core::bail!("frozen-linear: weight not on cpu"),
         };
         let (wa, wb) = w_layout.contiguous_offsets().unwrap_or((0, out_f * in_f));
-        let dx = gemm_f32(&gs, m, out_f, &w[wa..wb], out_f, in_f, false);
+        let dx = gemm_f32(gs, m, out_f, &w[wa..wb], out_f, in_f, false);
         let mut in_dims = dims;
         *in_dims.last_mut().unwrap() = in_f;
         Ok(Some(Tensor::from_vec(dx, in_dims, grad_res.device())?))
