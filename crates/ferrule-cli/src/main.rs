@@ -30,6 +30,9 @@ enum Command {
     Generate(commands::generate::Args),
     /// Merge an adapter into its base and write a standalone model folder.
     Merge(commands::merge::Args),
+    /// Quantize a model's linear layers (nf4/fp4 with optional double quantization, or int8)
+    /// and write it in the bitsandbytes layout that transformers loads.
+    Quantize(commands::quantize::Args),
     /// Show a model's architecture and parameters, and what an adapter config would train.
     Inspect(commands::inspect::Args),
     /// Write f32 logits for given input tensors (for parity checks).
@@ -60,6 +63,7 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Merge(a) => commands::merge::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Logits(a) => commands::logits::run(a),
     };

@@ -8,6 +8,7 @@ use candle_core::Device;
 
 use crate::model::{family_of, Family, Frozen, LinearHook, Model, ModelSource, Task};
 use crate::peft_io::load_adapter;
+use crate::quant::QuantSpec;
 use crate::tuners::lora::Lora;
 use crate::tuners::Tuner;
 
@@ -28,7 +29,13 @@ pub fn default_task(source: &ModelSource) -> Result<Task> {
 
 impl AdaptedModel {
     pub fn load(model: &str, adapter: Option<&Path>, task: Option<Task>, device: &Device) -> Result<Self> {
-        let mut source = ModelSource::load(model, device)?;
+        Self::load_with(model, adapter, task, device, None)
+    }
+
+    /// [`AdaptedModel::load`] with the base's linear layers quantized while loading (the same
+    /// `--quantize` an adapter was trained with).
+    pub fn load_with(model: &str, adapter: Option<&Path>, task: Option<Task>, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
+        let mut source = ModelSource::load_with(model, device, quantize)?;
         let saved = adapter.map(|a| load_adapter(a, device)).transpose()?;
         let task = match (task, saved.as_ref().and_then(|s| s.task())) {
             (Some(t), _) => t,

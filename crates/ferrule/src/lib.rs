@@ -6,12 +6,14 @@
 
 pub mod adapted;
 pub mod data;
+pub mod export;
 pub mod generate;
 pub mod init;
 pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod peft_io;
+pub mod quant;
 pub mod train;
 pub mod tuners;
 pub mod util;

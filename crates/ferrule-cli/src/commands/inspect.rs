@@ -35,6 +35,15 @@ pub fn run(a: Args) -> Result<()> {
         "parameters": m.model.base_params,
         "config": m.source.config,
     });
+    let mem = ferrule::quant::WeightMemory::of(&m.source.weights);
+    info["weights"] = serde_json::json!({
+        "bytes": mem.total_bytes(),
+        "f32_bytes": mem.f32_bytes(),
+        "quantized_parameters": mem.quantized_params,
+        "quantized_bits_per_param": (mem.quantized_params > 0).then(|| mem.quantized_bits_per_param()),
+        "bits_per_param": mem.total_bytes() as f64 * 8.0 / (mem.quantized_params + mem.dense_params).max(1) as f64,
+        "formats": mem.formats,
+    });
     if let Some(t) = &m.tuner {
         let trainable = m.trainable_params();
         info["adapter"] = serde_json::json!({
@@ -46,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     if a.lora_r.is_some() || a.target_modules.is_some() {
-        let source = ModelSource::load(&a.model.model, &dev)?;
+        let source = ModelSource::load_with(&a.model.model, &dev, a.model.quant.spec()?.as_ref())?;
         let targets = match &a.target_modules {
             Some(s) if s == "all-linear" => ModuleSpec::Pattern(s.clone()),
             Some(s) => ModuleSpec::Names(s.split(',').map(|x| x.trim().to_string()).collect()),
@@ -79,6 +88,19 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     println!("parameters   {}", m.model.base_params);
+    let w = &info["weights"];
+    println!(
+        "weights      {:.1} MB ({:.3} bits/param; f32 would be {:.1} MB)",
+        mem.total_bytes() as f64 / 1e6,
+        w["bits_per_param"].as_f64().unwrap_or(0.0),
+        mem.f32_bytes() as f64 / 1e6
+    );
+    if mem.quantized_params > 0 {
+        println!("  quantized    {} parameters at {:.3} bits/param (statistics included)", mem.quantized_params, mem.quantized_bits_per_param());
+        for (format, n) in &mem.formats {
+            println!("    {n:>4} x {format}");
+        }
+    }
     if let Some(ad) = info.get("adapter") {
         println!("adapter      {} on {} modules, {} parameters ({:.4}% of total)", ad["peft_type"].as_str().unwrap_or(""), ad["modules"], ad["parameters"], ad["percent_of_total"].as_f64().unwrap_or(0.0));
     }

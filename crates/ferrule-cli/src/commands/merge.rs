@@ -15,10 +15,14 @@ pub struct Args {
     /// New folder for the merged model.
     #[arg(long, short)]
     output: PathBuf,
+    /// Quantize the base first (as the adapter was trained); the merged weights are then
+    /// requantized in the same format and written in the bitsandbytes layout.
+    #[command(flatten)]
+    quant: super::QuantArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let m = AdaptedModel::load(&a.model, Some(&a.adapter), None, &super::device())?;
+    let m = AdaptedModel::load_with(&a.model, Some(&a.adapter), None, &super::device(), a.quant.spec()?.as_ref())?;
     let tuner = m.tuner.as_ref().context("no adapter")?;
     let report = merge_to_dir(&m.source, tuner, m.model.task, &a.output)?;
     println!("{}", serde_json::to_string(&report)?);

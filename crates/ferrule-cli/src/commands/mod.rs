@@ -5,6 +5,7 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod merge;
+pub mod quantize;
 pub mod train;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use ferrule::adapted::AdaptedModel;
 use ferrule::model::Task;
+use ferrule::quant::{QuantMethod, QuantSpec};
 
 /// The model flags shared by the inference commands.
 #[derive(clap::Args)]
@@ -26,12 +28,53 @@ pub struct ModelArgs {
     /// causal-lm, seq-cls or feature-extraction (default: the adapter's task_type, else by model family).
     #[arg(long)]
     pub task: Option<String>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<AdaptedModel> {
         let task = self.task.as_deref().map(parse_task).transpose()?;
-        AdaptedModel::load(&self.model, self.adapter.as_deref(), task, &device())
+        AdaptedModel::load_with(&self.model, self.adapter.as_deref(), task, &device(), self.quant.spec()?.as_ref())
+    }
+}
+
+/// Quantizing a base model's linear layers while loading it.
+#[derive(clap::Args, Default)]
+pub struct QuantArgs {
+    /// Quantize the frozen base's linear layers while loading (QLoRA): nf4, fp4 or int8.
+    #[arg(long, value_name = "METHOD")]
+    pub quantize: Option<QuantMethod>,
+    /// With nf4/fp4: quantize the absmax statistics too (QLoRA double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// With nf4/fp4: values per absmax block (32..4096; default 64).
+    #[arg(long, value_name = "N")]
+    pub quant_blocksize: Option<usize>,
+}
+
+impl QuantArgs {
+    /// The spec these flags ask for, applied over `base` (a config file's `[quantize]`).
+    pub fn apply(&self, base: Option<QuantSpec>) -> Result<Option<QuantSpec>> {
+        let mut spec = match self.quantize {
+            Some(m) => Some(QuantSpec { method: m, blocksize: 64, double_quant: false }),
+            None => base,
+        };
+        if self.double_quant || self.quant_blocksize.is_some() {
+            let q = spec.as_mut().ok_or_else(|| anyhow::anyhow!("--double-quant / --quant-blocksize need --quantize"))?;
+            q.double_quant |= self.double_quant;
+            if let Some(bs) = self.quant_blocksize {
+                q.blocksize = bs;
+            }
+        }
+        if let Some(q) = &spec {
+            q.validate()?;
+        }
+        Ok(spec)
+    }
+
+    pub fn spec(&self) -> Result<Option<QuantSpec>> {
+        self.apply(None)
     }
 }
 

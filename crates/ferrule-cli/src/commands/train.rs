@@ -86,6 +86,8 @@ pub struct Args {
     /// Recompute layer activations in backward (gradient checkpointing): less memory, ~1 extra forward.
     #[arg(long)]
     recompute: bool,
+    #[command(flatten)]
+    quant: super::QuantArgs,
     #[arg(long)]
     eval_every: Option<usize>,
     #[arg(long)]
@@ -197,6 +199,7 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
     if a.recompute {
         c.recompute = true;
     }
+    c.quantize = a.quant.apply(c.quantize.take())?;
     if a.eval_every.is_some() {
         c.eval_every = a.eval_every;
     }

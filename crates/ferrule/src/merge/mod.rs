@@ -1,21 +1,23 @@
 //! Merging an adapter into its base: a standalone Hugging Face model folder (config,
 //! tokenizer, `model.safetensors`) that transformers loads without peft.
+//!
+//! A bitsandbytes-quantized base stays quantized: each adapted weight is dequantized, the
+//! update added, and the sum requantized in the same format (as peft's `merge` does for
+//! `Linear4bit`/`Linear8bitLt`); the rounding this adds is measured and reported. A GGUF base is
+//! written dequantized to f32 (safetensors has no GGUF block types).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::model::{ModelSource, Task};
+use crate::ops::FrozenWeight;
+use crate::quant::{bnb_format, RoundTripError};
+use crate::util::atomic::raw_tensor;
 use crate::tuners::Tuner;
-
-/// Tokenizer-side files copied from a model folder when present.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.txt",
-    "merges.txt", "vocab.json", "generation_config.json", "added_tokens.json",
-];
 
 /// What a merge changed, for the user to check.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -23,23 +25,30 @@ pub struct MergeReport {
     pub merged_modules: usize,
     pub replaced_tensors: usize,
     pub tensors_written: usize,
+    /// Adapted weights of a quantized base that were requantized after the merge.
+    pub requantized: usize,
+    /// Largest rounding error requantization added, against the exact `dequant(W) + ΔW`.
+    pub requantize_error: Option<RoundTripError>,
 }
 
 /// The base weights with `W' = W + ΔW` applied for every adapted module and the
 /// `modules_to_save` copies put in place, under the tensor names of the task's HF class.
-pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Result<(BTreeMap<String, Tensor>, Value, MergeReport)> {
+pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
     let mut config = source.config.clone();
     let model_type = source.model_type().to_string();
     // A bare encoder checkpoint gains the `bert.` prefix of BertForSequenceClassification.
     let prefix = if task == Task::SeqCls && model_type == "bert" && !source.weights.names().any(|n| n.starts_with("bert.")) { "bert." } else { "" };
-    let mut tensors: BTreeMap<String, Tensor> = source
-        .weights
-        .tensors()
-        .iter()
-        .filter(|(_, t)| t.dtype().is_float())
-        .map(|(k, t)| (format!("{prefix}{k}"), t.clone()))
-        .collect();
-    let mut report = MergeReport { merged_modules: 0, replaced_tensors: 0, tensors_written: 0 };
+    let device = Device::Cpu;
+    let mut tensors: BTreeMap<String, FrozenWeight> = BTreeMap::new();
+    for (k, t) in source.weights.tensors().iter().filter(|(_, t)| t.dtype().is_float()) {
+        tensors.insert(format!("{prefix}{k}"), FrozenWeight::Dense(t.clone()));
+    }
+    for (k, q) in source.weights.quantized() {
+        // bitsandbytes formats are written back in their layout; GGUF blocks are dequantized.
+        let w = if bnb_format::has_layout(q.as_ref()) { FrozenWeight::Quantized(q.clone()) } else { FrozenWeight::Quantized(q.clone()).to_dense(&device).map(FrozenWeight::Dense)? };
+        tensors.insert(format!("{prefix}{k}"), w);
+    }
+    let mut report = MergeReport { merged_modules: 0, replaced_tensors: 0, tensors_written: 0, requantized: 0, requantize_error: None };
     for (name, delta) in tuner.deltas()? {
         let base = match tensors.get(&name) {
             Some(t) => t.clone(),
@@ -51,14 +60,34 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
             }
             None => bail!("merge: the adapter changes {name:?}, which the base checkpoint does not have"),
         };
-        if base.dims() != delta.dims() {
-            bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", base.dims(), delta.dims())
+        let dims = base.to_dense(&device)?.dims().to_vec();
+        if dims != delta.dims() {
+            bail!("merge: {name:?} has shape {dims:?} but the adapter's update has {:?}", delta.dims())
         }
-        tensors.insert(name, (base + delta.to_dtype(candle_core::DType::F32)?)?);
+        let merged = (base.to_dense(&device)? + delta.to_dtype(candle_core::DType::F32)?)?;
+        let merged = match &base {
+            FrozenWeight::Quantized(q) => {
+                let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;
+                let requantized = bnb_format::requantize(q.as_ref(), &name, &exact)?;
+                let err = RoundTripError::between(&exact, &requantized.dequantize());
+                report.requantize_error = Some(report.requantize_error.map_or(err, |e| e.worst(err)));
+                report.requantized += 1;
+                FrozenWeight::Quantized(requantized)
+            }
+            FrozenWeight::Dense(_) => FrozenWeight::Dense(merged),
+        };
+        tensors.insert(name, merged);
         report.merged_modules += 1;
     }
+    if let Some(e) = report.requantize_error {
+        // peft's warning for the same operation, with the measured error.
+        tracing::warn!(
+            "Merge lora module to a quantized linear may get different generations due to rounding errors: requantizing {} merged weight(s) added max |error| {:.3e} ({:.2e} of the largest weight)",
+            report.requantized, e.max_abs, e.rel
+        );
+    }
     for (name, t) in tuner.replaced() {
-        tensors.insert(name, t);
+        tensors.insert(name, FrozenWeight::Dense(t));
         report.replaced_tensors += 1;
     }
     let arch = match (model_type.as_str(), task) {
@@ -75,8 +104,8 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
     }
     if task == Task::SeqCls {
         if let Some(t) = tensors.get("classifier.weight") {
-            config["num_labels"] = json!(t.dim(0)?);
-            let n = t.dim(0)?;
+            let n = t.dims().0;
+            config["num_labels"] = json!(n);
             config["id2label"] = json!((0..n).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect::<BTreeMap<_, _>>());
             config["label2id"] = json!((0..n).map(|i| (format!("LABEL_{i}"), i)).collect::<BTreeMap<_, _>>());
         }
@@ -85,55 +114,18 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
     Ok((tensors, config, report))
 }
 
-/// Writes the merged model to `out`: built in `<out>.tmp`, then renamed, so a failed merge
-/// leaves no half-written folder. Refuses to overwrite an existing folder.
+/// Writes the merged model to `out` (see [`crate::export::write_model_folder`]).
 pub fn merge_to_dir(source: &ModelSource, tuner: &dyn Tuner, task: Task, out: &Path) -> Result<MergeReport> {
-    if out.exists() {
-        bail!("{}: already exists; choose a new output folder", out.display())
-    }
     let (tensors, config, report) = merged_tensors(source, tuner, task)?;
-    let tmp = out.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    crate::peft_io::write_safetensors(&tmp.join("model.safetensors"), &list, &[("format", "pt")])?;
-    crate::util::atomic::write_bytes_atomic(&tmp.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
-    match &source.dir {
-        Some(dir) => {
-            for f in TOKENIZER_FILES {
-                let p = dir.join(f);
-                if p.is_file() {
-                    std::fs::copy(&p, tmp.join(f)).with_context(|| format!("copying {}", p.display()))?;
-                }
+    let mut raw = BTreeMap::new();
+    for (name, w) in &tensors {
+        match w {
+            FrozenWeight::Dense(t) => {
+                raw.insert(name.clone(), raw_tensor(name, t)?);
             }
+            FrozenWeight::Quantized(q) => bnb_format::serialize(name, q.as_ref(), &mut raw)?,
         }
-        None => write_tokenizer_files(source, &tmp)?,
     }
-    crate::util::atomic::sync_dir(&tmp)?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    crate::export::write_model_folder(source, out, &config, &raw)?;
     Ok(report)
-}
-
-/// For a GGUF base: `tokenizer.json` and `tokenizer_config.json` from its metadata.
-fn write_tokenizer_files(source: &ModelSource, dir: &Path) -> Result<()> {
-    let tok = source.tokenizer()?;
-    tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
-    let mut cfg = serde_json::Map::new();
-    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    if let Some(tc) = &source.tokenizer_config {
-        if let Some(b) = &tc.bos_token {
-            cfg.insert("bos_token".into(), json!(b));
-        }
-        if let Some(e) = &tc.eos_token {
-            cfg.insert("eos_token".into(), json!(e));
-            cfg.insert("pad_token".into(), json!(tc.pad_token.clone().unwrap_or_else(|| e.clone())));
-        }
-        if let Some(t) = &tc.chat_template {
-            cfg.insert("chat_template".into(), json!(t));
-        }
-    }
-    crate::util::atomic::write_bytes_atomic(&dir.join("tokenizer_config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
-    Ok(())
 }

@@ -78,9 +78,9 @@ impl Bert {
             Ok(Norm { weight, bias })
         };
         let lin = |n: &str, out_f: usize, in_f: usize| -> Result<Box<dyn Linear>> {
-            let weight = get(&format!("{n}.weight"), &[out_f, in_f])?;
+            let weight = w.frozen_any(&names(&format!("{n}.weight")), [out_f, in_f])?;
             let bias = get(&format!("{n}.bias"), &[out_f])?;
-            hook.wrap(&LinearInfo { path: format!("{prefix}{n}"), is_output_head: false }, FrozenLinear::new(weight, Some(bias))?)
+            hook.wrap(&LinearInfo { path: format!("{prefix}{n}"), is_output_head: false }, FrozenLinear::from_weight(weight, Some(bias)))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {

@@ -96,6 +96,9 @@ pub struct GgufModel {
     pub config: Json,
     /// Tensors under HF names, dequantized to f32, in HF layout (q/k rows un-permuted).
     pub tensors: HashMap<String, Tensor>,
+    /// With [`load_gguf_quantized`]: the 2-D block-quantized tensors, kept in their blocks (HF
+    /// names and layout); they are then absent from `tensors`.
+    pub quantized: HashMap<String, std::sync::Arc<dyn crate::quant::QuantMatrix>>,
     /// Built from the `tokenizer.ggml.*` metadata.
     pub tokenizer: Tokenizer,
     /// `tokenizer.chat_template`, when the file has one.
@@ -122,13 +125,32 @@ impl fmt::Debug for GgufModel {
 
 /// Loads a GGUF checkpoint: config, tokenizer, and every tensor dequantized to f32 on `device`.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, GgufError> {
+    load(path, device, false)
+}
+
+/// Loads a GGUF checkpoint keeping its block-quantized matrices (Q4_1, Q8_0, the k-quants...)
+/// in their blocks; F32/F16/BF16 and 1-D tensors are read as f32 tensors.
+pub fn load_gguf_quantized(path: &Path, device: &Device) -> Result<GgufModel, GgufError> {
+    load(path, device, true)
+}
+
+fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel, GgufError> {
     let file = GgufFile::open(path)?;
     let config = file.hf_config()?;
     let tok = file.tokenizer()?;
     let mut tensors = HashMap::with_capacity(file.entries.len());
+    let mut quantized: HashMap<String, std::sync::Arc<dyn crate::quant::QuantMatrix>> = HashMap::new();
     for entry in &file.entries {
-        // Dequantize one tensor at a time so that only one quantized copy is alive.
+        // One tensor at a time so that only one extra copy is alive.
         let q = file.qtensor_of(entry, &Device::Cpu)?;
+        let is_blocks = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if let (true, true, [rows, cols]) = (keep_quantized, is_blocks, q.shape().dims()) {
+            let data = q.data().map_err(|e| file.candle_err(&entry.gguf_name, e))?;
+            let m = crate::quant::ggml::GgmlMatrix::new(q.dtype(), *rows, *cols, &data)
+                .map_err(|e| file.bad_tensor(&entry.gguf_name, e.to_string()))?;
+            quantized.insert(entry.hf_name.clone(), std::sync::Arc::new(m));
+            continue;
+        }
         let t = q
             .dequantize(device)
             .map_err(|e| file.candle_err(&entry.gguf_name, e))?;
@@ -137,6 +159,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, GgufError> {
     Ok(GgufModel {
         config,
         tensors,
+        quantized,
         tokenizer: tok.tokenizer,
         chat_template: tok.chat_template,
         bos_token: tok.bos_token,

@@ -13,7 +13,7 @@ use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
 use crate::ops::rope::Rope;
-use crate::ops::FrozenLinear;
+use crate::ops::{FrozenLinear, FrozenWeight};
 
 struct Attention {
     q_proj: Box<dyn Linear>,
@@ -54,7 +54,8 @@ impl KvCache {
 /// A causal language model (`*ForCausalLM`).
 pub struct DecoderLm {
     pub config: DecoderConfig,
-    embed_tokens: Tensor,
+    /// `[vocab, hidden]`, dense or quantized (a GGUF token embedding stays in its blocks).
+    embed_tokens: FrozenWeight,
     layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Box<dyn Linear>,
@@ -64,9 +65,9 @@ pub struct DecoderLm {
 }
 
 fn linear(w: &Weights, hook: &dyn LinearHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
-    let weight = w.get(&format!("{path}.weight"), &[out_f, in_f])?;
+    let weight = w.frozen(&format!("{path}.weight"), [out_f, in_f])?;
     let bias = if bias { Some(w.get(&format!("{path}.bias"), &[out_f])?) } else { None };
-    hook.wrap(&LinearInfo { path: path.to_string(), is_output_head: path == "lm_head" }, FrozenLinear::new(weight, bias)?)
+    hook.wrap(&LinearInfo { path: path.to_string(), is_output_head: path == "lm_head" }, FrozenLinear::from_weight(weight, bias))
 }
 
 impl DecoderLm {
@@ -74,7 +75,7 @@ impl DecoderLm {
         let c = &config;
         let h = c.hidden_size;
         let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens = w.frozen("model.embed_tokens.weight", [c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -98,9 +99,9 @@ impl DecoderLm {
         let head_weight = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
             embed_tokens.clone()
         } else {
-            w.get("lm_head.weight", &[c.vocab_size, h])?
+            w.frozen("lm_head.weight", [c.vocab_size, h])?
         };
-        let lm_head = hook.wrap(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::new(head_weight, None)?)?;
+        let lm_head = hook.wrap(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
         let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
     }
@@ -131,7 +132,7 @@ impl DecoderLm {
         }
         let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, t, kv_len, attention_mask, &self.device)?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, c.hidden_size))?;
+        let mut x = self.embed_tokens.rows(&ids)?.reshape((b, t, c.hidden_size))?;
         let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu());
         for (i, layer) in self.layers.iter().enumerate() {
             x = match &sink {

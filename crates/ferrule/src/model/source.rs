@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use super::weights::Weights;
+use crate::quant::QuantSpec;
 
 /// A model's config, weights and tokenizer, before any architecture is built.
 pub struct ModelSource {
@@ -29,29 +30,44 @@ impl ModelSource {
     /// Loads `spec`: a folder with `config.json`, a `.gguf` file, or a hub id (`org/name`,
     /// fetched into the hub cache; needs network access to the hub).
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        Self::load_with(spec, device, None)
+    }
+
+    /// [`ModelSource::load`], quantizing the linear weights of a safetensors checkpoint with
+    /// `quantize` while reading it. A GGUF file or a bitsandbytes checkpoint is already
+    /// quantized and keeps its own format; asking to quantize it again is an error.
+    pub fn load_with(spec: &str, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Self::from_dir(path, device);
+            return Self::from_dir_with(path, device, quantize);
         }
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+                if quantize.is_some() {
+                    bail!("{spec}: a GGUF file is already quantized and is trained in its own blocks; drop --quantize")
+                }
                 return Self::from_gguf(path, device);
             }
             bail!("{spec}: expected a model folder (config.json + safetensors) or a .gguf file")
         }
         if is_hub_id(spec) {
             let dir = fetch_from_hub(spec).with_context(|| format!("{spec} is not a local path, and fetching it from the Hugging Face hub failed"))?;
-            return Self::from_dir(&dir, device);
+            return Self::from_dir_with(&dir, device, quantize);
         }
         bail!("{spec}: no such file or folder")
     }
 
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_dir_with(dir, device, None)
+    }
+
+    pub fn from_dir_with(dir: &Path, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
         let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
         super::config::family_of(&config).with_context(|| cfg_path.display().to_string())?;
-        let weights = Weights::from_dir(dir, DType::F32, device)?;
+        crate::quant::bnb_format::spec_from_config(&config).with_context(|| cfg_path.display().to_string())?;
+        let weights = Weights::load_dir(dir, DType::F32, device, quantize)?;
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(crate::data::load_tokenizer(dir)?) } else { None };
         let chat_template = crate::data::ChatTemplate::from_model_dir(dir)?;
         let tokenizer_config = crate::data::TokenizerConfig::from_model_dir(dir)?;
@@ -59,7 +75,7 @@ impl ModelSource {
     }
 
     pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
-        let g = super::gguf::load_gguf(path, device)?;
+        let g = super::gguf::load_gguf_quantized(path, device)?;
         let chat_template = match &g.chat_template {
             Some(src) => Some(crate::data::ChatTemplate::new(src.clone(), g.bos_token.as_deref(), g.eos_token.as_deref())?),
             None => None,
@@ -73,7 +89,7 @@ impl ModelSource {
         Ok(Self {
             location: path.to_path_buf(),
             config: g.config,
-            weights: Weights::new(g.tensors, path),
+            weights: Weights::with_quantized(g.tensors, g.quantized, path),
             tokenizer: Some(g.tokenizer),
             dir: None,
             chat_template,

@@ -3,52 +3,81 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Named tensors of a checkpoint, with the place they came from (for error messages).
+use crate::ops::FrozenWeight;
+use crate::quant::{bnb_format, QuantMatrix, QuantSpec};
+use crate::util::atomic::RawTensor;
+
+/// Named tensors of a checkpoint, with the place they came from (for error messages). Linear
+/// weights may be held quantized ([`QuantMatrix`]): read from a bitsandbytes-quantized
+/// checkpoint or a GGUF file, or quantized while loading (`--quantize`).
 #[derive(Debug, Clone)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    quantized: HashMap<String, Arc<dyn QuantMatrix>>,
     source: PathBuf,
     /// Names a model has read, so it can count its parameters and spot unused tensors.
-    used: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<PathBuf>) -> Self {
-        Self { tensors, source: source.into(), used: Default::default() }
+        Self::with_quantized(tensors, HashMap::new(), source)
+    }
+
+    pub fn with_quantized(tensors: HashMap<String, Tensor>, quantized: HashMap<String, Arc<dyn QuantMatrix>>, source: impl Into<PathBuf>) -> Self {
+        Self { tensors, quantized, source: source.into(), used: Default::default() }
     }
 
     /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
     /// Floating tensors are converted to `dtype`. A legacy `pytorch_model.bin` is refused:
     /// it is a pickle and loading it would run arbitrary code.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if single.exists() {
-            vec![single]
-        } else if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
-            let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-            shards.sort();
-            shards.dedup();
-            shards.into_iter().map(|s| dir.join(s)).collect()
-        } else if dir.join("pytorch_model.bin").exists() {
-            bail!("{}: only pytorch_model.bin found; it is a pickle, which ferrule never loads. Convert it to safetensors first", dir.display())
-        } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
-        };
+        Self::load_dir(dir, dtype, device, None)
+    }
+
+    /// Like [`Weights::from_dir`]; bitsandbytes-quantized weights stay quantized, and with
+    /// `quantize` every linear weight it [wants](QuantSpec::wants) is quantized as it is read,
+    /// one tensor at a time, so the whole model is never in f32 at once.
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
         let mut tensors = HashMap::new();
-        for f in &files {
-            for (name, t) in load_safetensors_file(f, device)? {
+        let mut quantized: HashMap<String, Arc<dyn QuantMatrix>> = HashMap::new();
+        let mut bnb: HashMap<String, RawTensor> = HashMap::new();
+        for f in &checkpoint_files(dir)? {
+            let file = std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
+            // SAFETY: read-only map of a checkpoint file we do not modify while it is mapped.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
+            let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            let has_bnb = names.iter().any(|n| bnb_format::is_component(n));
+            for name in names {
+                let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name:?}: {e}", f.display()))?;
+                if bnb_format::is_component(&name) || (has_bnb && bnb_format::is_packed_dtype(view.dtype())) {
+                    bnb.insert(name, RawTensor::new(view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+                    continue;
+                }
+                if let Some(spec) = quantize.filter(|s| s.wants(&name, view.shape()) && is_float(view.dtype())) {
+                    let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
+                    let q = spec.quantize(&format!("{}: {name}", f.display()), &values, view.shape()[0], view.shape()[1])?;
+                    quantized.insert(name, q);
+                    continue;
+                }
+                let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
                 let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
                 tensors.insert(name, t);
             }
         }
-        Ok(Self::new(tensors, dir))
+        if !bnb.is_empty() {
+            if quantize.is_some() {
+                bail!("{}: the checkpoint is already quantized with bitsandbytes; drop --quantize", dir.display())
+            }
+            quantized.extend(bnb_format::assemble(&mut bnb, dir)?);
+        }
+        Ok(Self::with_quantized(tensors, quantized, dir))
     }
 
     pub fn source(&self) -> &Path {
@@ -56,11 +85,14 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.quantized.contains_key(name)
     }
 
     /// The tensor `name`, checked against the expected shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(q) = self.quantized.get(name) {
+            bail!("{}: tensor {name:?} is stored quantized ({}), but this layer needs it dense", self.source.display(), q.format())
+        }
         let t = self.tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
         if t.dims() != shape {
             bail!("{}: tensor {name:?} has shape {:?}, expected {:?}", self.source.display(), t.dims(), shape)
@@ -69,10 +101,34 @@ impl Weights {
         Ok(t.clone())
     }
 
+    /// A frozen matrix (linear weight or embedding table): quantized when it is stored so,
+    /// dense otherwise.
+    pub fn frozen(&self, name: &str, shape: [usize; 2]) -> Result<FrozenWeight> {
+        match self.quantized.get(name) {
+            Some(q) => {
+                let (r, c) = q.dims();
+                if [r, c] != shape {
+                    bail!("{}: tensor {name:?} has shape [{r}, {c}], expected {shape:?}", self.source.display())
+                }
+                self.used.lock().unwrap().insert(name.to_string());
+                Ok(FrozenWeight::Quantized(q.clone()))
+            }
+            None => Ok(FrozenWeight::Dense(self.get(name, &shape)?)),
+        }
+    }
+
+    /// [`Weights::frozen`] for the first of `names` that exists.
+    pub fn frozen_any(&self, names: &[String], shape: [usize; 2]) -> Result<FrozenWeight> {
+        match names.iter().find(|n| self.contains(n)) {
+            Some(n) => self.frozen(n, shape),
+            None => Err(anyhow!("{}: missing tensor {:?}", self.source.display(), names.first().map(String::as_str).unwrap_or(""))),
+        }
+    }
+
     /// The first of `names` that exists (checkpoints differ in prefixes, e.g. `bert.`).
     pub fn get_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
         for n in names {
-            if self.contains(n) {
+            if self.tensors.contains_key(n) {
                 return self.get(n, shape);
             }
         }
@@ -81,19 +137,28 @@ impl Weights {
 
     /// Total elements of the distinct tensors read so far (a tied head counts once).
     pub fn used_elements(&self) -> usize {
-        self.used.lock().unwrap().iter().filter_map(|n| self.tensors.get(n)).map(|t| t.elem_count()).sum()
+        let used = self.used.lock().unwrap();
+        let dense: usize = used.iter().filter_map(|n| self.tensors.get(n)).map(|t| t.elem_count()).sum();
+        let quantized: usize = used.iter().filter_map(|n| self.quantized.get(n)).map(|q| q.dims().0 * q.dims().1).sum();
+        dense + quantized
     }
 
     /// Floating-point tensors in the checkpoint that no layer read.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap();
         let mut v: Vec<String> = self.tensors.iter().filter(|(n, t)| t.dtype().is_float() && !used.contains(*n)).map(|(n, _)| n.clone()).collect();
+        v.extend(self.quantized.keys().filter(|n| !used.contains(*n)).cloned());
         v.sort();
         v
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
+        self.tensors.keys().chain(self.quantized.keys())
+    }
+
+    /// The weights held quantized, by tensor name.
+    pub fn quantized(&self) -> &HashMap<String, Arc<dyn QuantMatrix>> {
+        &self.quantized
     }
 
     pub fn tensors(&self) -> &HashMap<String, Tensor> {
@@ -103,6 +168,42 @@ impl Weights {
     pub fn into_tensors(self) -> HashMap<String, Tensor> {
         self.tensors
     }
+}
+
+/// `model.safetensors`, or the shards of `model.safetensors.index.json`.
+fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        Ok(vec![single])
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
+        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        shards.sort();
+        shards.dedup();
+        Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+    } else if dir.join("pytorch_model.bin").exists() {
+        bail!("{}: only pytorch_model.bin found; it is a pickle, which ferrule never loads. Convert it to safetensors first", dir.display())
+    } else {
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+    }
+}
+
+fn is_float(dt: safetensors::Dtype) -> bool {
+    matches!(dt, safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16)
+}
+
+/// A float tensor's values in f32.
+fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    let d = view.data();
+    Ok(match view.dtype() {
+        safetensors::Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        safetensors::Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        safetensors::Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => bail!("dtype {other:?} is not a float type"),
+    })
 }
 
 /// Reads one safetensors file with a clear error for a missing, truncated or corrupt file.

@@ -1,47 +1,128 @@
-//! `y = x Wᵀ (+ b)` for a weight that is never trained.
+//! `y = x Wᵀ (+ b)` for a weight that is never trained, dense or quantized.
 //!
 //! candle's matmul backward always computes the weight gradient (DESIGN.md, fix 3), which for
 //! a frozen base is a full wasted GEMM per layer and a weight-sized buffer. This custom op
-//! runs the forward GEMM itself (gemm crate, AVX-512 kernels) and its backward returns only
-//! `dX = dY W`.
+//! runs the forward GEMM itself (gemm crate) and its backward returns only `dX = dY W`.
+//!
+//! A quantized weight ([`QuantMatrix`]: NF4/FP4, int8, GGUF blocks) goes through the same op:
+//! forward and backward walk the weight in tiles of rows, dequantize one tile into a scratch
+//! buffer and multiply it, so at most [`TILE_ELEMS`] values of the layer are ever in f32 (QLoRA,
+//! Dettmers et al. 2023, eq. 5: the 4-bit storage is dequantized to the compute type only for
+//! the matmul). A dense weight is one tile, read in place.
+//!
+//! This is the kernel interface a GPU implementation fills in: `cuda_fwd` over the same packed
+//! data. Until one exists, other devices dequantize the whole weight and use candle's matmul.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::quant::QuantMatrix;
+
+/// Most weight values dequantized at once (4 MiB of f32); a SmolLM2 projection fits in one
+/// tile, its 49152-row embedding head takes 28.
+pub const TILE_ELEMS: usize = 1 << 20;
+
+/// A frozen `[out, in]` weight: a dense tensor or a quantized matrix.
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<dyn QuantMatrix>),
+}
+
+impl FrozenWeight {
+    /// `(rows, cols)` = `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            FrozenWeight::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            FrozenWeight::Quantized(q) => q.dims(),
+        }
+    }
+
+    /// The weight in f32 (a copy when quantized).
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(t.clone()),
+            FrozenWeight::Quantized(q) => Tensor::from_vec(q.dequantize(), q.dims(), device),
+        }
+    }
+
+    /// Rows `ids` (flattened) as `[n, cols]`: an embedding lookup that dequantizes only the
+    /// rows it reads.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => t.index_select(ids, 0),
+            FrozenWeight::Quantized(q) => {
+                let (rows, cols) = q.dims();
+                let device = ids.device().clone();
+                let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+                let mut out = vec![0f32; ids.len() * cols];
+                for (i, &id) in ids.iter().enumerate() {
+                    let r = id as usize;
+                    if r >= rows {
+                        candle_core::bail!("embedding: id {r} out of range for {rows} rows")
+                    }
+                    q.dequantize_rows(r, r + 1, &mut out[i * cols..(i + 1) * cols]);
+                }
+                Tensor::from_vec(out, (ids.len(), cols), &device)
+            }
+        }
+    }
+
+    /// Bytes the weight occupies (quantization statistics included).
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenWeight::Quantized(q) => q.storage_bytes(),
+        }
+    }
+}
 
 /// A frozen linear layer: weight `[out, in]` (HF layout), optional bias `[out]`.
 #[derive(Clone, Debug)]
 pub struct FrozenLinear {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = weight.detach().contiguous()?;
-        let bias = bias.map(|b| b.detach());
-        Ok(Self { weight, bias })
+        Ok(Self::from_weight(FrozenWeight::Dense(weight.detach().contiguous()?), bias))
     }
-    pub fn weight(&self) -> &Tensor {
+
+    pub fn from_weight(weight: FrozenWeight, bias: Option<Tensor>) -> Self {
+        let weight = match weight {
+            FrozenWeight::Dense(t) => FrozenWeight::Dense(t.detach()),
+            q => q,
+        };
+        Self { weight, bias: bias.map(|b| b.detach()) }
+    }
+
+    pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
     pub fn in_features(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
+        self.weight.dims().1
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.weight.dims().0
     }
 }
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
-            x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul { weight: self.weight.clone() })))?
+        let dense_f32 = matches!(&self.weight, FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.is_contiguous());
+        let quantized = matches!(self.weight, FrozenWeight::Quantized(_));
+        let y = if x.device().is_cpu() && x.dtype() == DType::F32 && (dense_f32 || quantized) {
+            x.contiguous()?.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { weight: self.weight.clone() })))?
         } else {
             // Other devices/dtypes: candle's matmul (its backward also computes an unused dW).
-            let w = self.weight.to_dtype(x.dtype())?;
+            let w = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
             match x.dims() {
                 [b, t, i] => x.reshape((b * t, *i))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
                 _ => x.matmul(&w.t()?)?,
@@ -55,7 +136,7 @@ impl Module for FrozenLinear {
 }
 
 struct FrozenMatmul {
-    weight: Tensor,
+    weight: FrozenWeight,
 }
 
 fn parallelism() -> Parallelism {
@@ -67,24 +148,42 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// `dst[m, n] = lhs[m, k] · W-view`, where the W view is `Wᵀ` (`transpose_w`) or `W`.
-fn gemm_f32(lhs: &[f32], m: usize, k: usize, w: &[f32], w_rows: usize, w_cols: usize, transpose_w: bool) -> Vec<f32> {
-    let n = if transpose_w { w_rows } else { w_cols };
-    let mut dst = vec![0f32; m * n];
-    // rhs element (kk, j): Wᵀ → W[j, kk] (row stride 1, col stride w_cols); W → W[kk, j].
-    let (rhs_cs, rhs_rs) = if transpose_w { (w_cols as isize, 1) } else { (1, w_cols as isize) };
-    // SAFETY: all pointers point to buffers of the sizes the strides describe.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, n as isize, false,
-            lhs.as_ptr(), 1, k as isize,
-            w.as_ptr(), rhs_cs, rhs_rs,
-            0f32, 1f32, false, false, false,
-            parallelism(),
-        );
+fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let s = match storage {
+        Storage::Cpu(s) => s.as_slice::<f32>()?,
+        _ => candle_core::bail!("frozen-linear: {what} not on cpu"),
+    };
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("frozen-linear: {what} not contiguous")))?;
+    Ok(&s[a..b])
+}
+
+/// Calls `f(r0, r1, tile)` for consecutive row tiles of the weight, `tile` holding rows
+/// `r0..r1` in f32: the dense weight itself, or a quantized tile dequantized (in parallel) into
+/// a reused buffer.
+fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usize, &[f32])) -> Result<()> {
+    match weight {
+        FrozenWeight::Dense(w) => {
+            let (rows, _) = w.dims2()?;
+            let (storage, layout) = w.storage_and_layout();
+            f(0, rows, cpu_slice(&storage, layout, "weight")?);
+        }
+        FrozenWeight::Quantized(q) => {
+            let (rows, cols) = q.dims();
+            let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
+            let mut buf = vec![0f32; tile_rows * cols];
+            let chunk_rows = tile_rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+            for r0 in (0..rows).step_by(tile_rows) {
+                let r1 = (r0 + tile_rows).min(rows);
+                let tile = &mut buf[..(r1 - r0) * cols];
+                tile.par_chunks_mut(chunk_rows * cols).enumerate().for_each(|(i, part)| {
+                    let a = r0 + i * chunk_rows;
+                    q.dequantize_rows(a, a + part.len() / cols, part);
+                });
+                f(r0, r1, tile);
+            }
+        }
     }
-    dst
+    Ok(())
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -95,7 +194,7 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
         let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-linear: scalar input".into()))?;
-        let (out_f, in_f) = self.weight.dims2()?;
+        let (out_f, in_f) = self.weight.dims();
         if k != in_f {
             candle_core::bail!("frozen-linear: input has {k} features, weight expects {in_f}")
         }
@@ -105,41 +204,89 @@ impl CustomOp1 for FrozenMatmul {
             Some((a, b)) => &x[a..b],
             None => candle_core::bail!("frozen-linear: input must be contiguous"),
         };
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let w = match &*w_storage {
-            Storage::Cpu(s) => s.as_slice::<f32>()?,
-            _ => candle_core::bail!("frozen-linear: weight not on cpu"),
-        };
-        let (wa, wb) = w_layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-linear: weight not contiguous".into()))?;
-        let y = gemm_f32(x, m, k, &w[wa..wb], out_f, in_f, true);
+        let mut y = vec![0f32; m * out_f];
+        // Y[:, r0..r1] = X · tileᵀ, written in place into the columns of Y.
+        for_each_tile(&self.weight, |r0, r1, tile| {
+            let n = r1 - r0;
+            // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, k]
+            // row-major; the tile is [n, k] row-major, read transposed (col stride k).
+            unsafe {
+                gemm::gemm(
+                    m, n, k,
+                    y.as_mut_ptr().add(r0), 1, out_f as isize, false,
+                    x.as_ptr(), 1, k as isize,
+                    tile.as_ptr(), k as isize, 1,
+                    0f32, 1f32, false, false, false,
+                    parallelism(),
+                );
+            }
+        })?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = out_f;
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // dX = dY · W ; no dW: the weight is frozen.
+        // dX = dY · W = Σ_tiles dY[:, r0..r1] · W[r0..r1, :]; no dW: the weight is frozen.
         let g = grad_res.contiguous()?;
         let dims = g.dims().to_vec();
-        let (out_f, in_f) = self.weight.dims2()?;
+        let (out_f, in_f) = self.weight.dims();
         let m = g.elem_count() / out_f;
         // Read dY in place (it is contiguous) instead of copying it into a Vec.
         let (g_storage, g_layout) = g.storage_and_layout();
-        let gs = match &*g_storage {
-            Storage::Cpu(s) => s.as_slice::<f32>()?,
-            _ => candle_core::bail!("frozen-linear: gradient not on cpu"),
-        };
-        let (ga, gb) = g_layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-linear: gradient not contiguous".into()))?;
-        let gs = &gs[ga..gb];
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let w = match &*w_storage {
-            Storage::Cpu(s) => s.as_slice::<f32>()?,
-            _ => candle_core::bail!("frozen-linear: weight not on cpu"),
-        };
-        let (wa, wb) = w_layout.contiguous_offsets().unwrap_or((0, out_f * in_f));
-        let dx = gemm_f32(gs, m, out_f, &w[wa..wb], out_f, in_f, false);
+        let gs = cpu_slice(&g_storage, g_layout, "gradient")?;
+        let mut dx = vec![0f32; m * in_f];
+        let mut first = true;
+        for_each_tile(&self.weight, |r0, r1, tile| {
+            // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
+            // [r1 - r0, in_f] row-major; dX is [m, in_f], accumulated after the first tile.
+            unsafe {
+                gemm::gemm(
+                    m, in_f, r1 - r0,
+                    dx.as_mut_ptr(), 1, in_f as isize, !first,
+                    gs.as_ptr().add(r0), 1, out_f as isize,
+                    tile.as_ptr(), 1, in_f as isize,
+                    1f32, 1f32, false, false, false,
+                    parallelism(),
+                );
+            }
+            first = false;
+        })?;
         let mut in_dims = dims;
         *in_dims.last_mut().unwrap() = in_f;
         Ok(Some(Tensor::from_vec(dx, in_dims, grad_res.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{Blockwise4, Code4};
+    use candle_core::Var;
+
+    /// The quantized op computes exactly what the dense op computes on the dequantized weight,
+    /// forward and backward, also when the weight spans several tiles.
+    #[test]
+    fn quantized_tiles_match_the_dequantized_dense_weight() {
+        let (rows, cols) = (TILE_ELEMS / 64 + 37, 64); // two tiles, the second partial
+        let vals: Vec<f32> = (0..rows * cols).map(|i| (((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
+        let q = Arc::new(Blockwise4::quantize(&vals, &[rows, cols], Code4::Nf4, 64, true).unwrap());
+        let dense = Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap();
+        let lin_q = FrozenLinear::from_weight(FrozenWeight::Quantized(q), None);
+        let lin_d = FrozenLinear::new(dense, None).unwrap();
+        let x0: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut results = vec![];
+        for lin in [&lin_q, &lin_d] {
+            let x = Var::from_vec(x0.clone(), (3, cols), &Device::Cpu).unwrap();
+            let y = lin.forward(x.as_tensor()).unwrap();
+            let loss = (&y * &y).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let dx: Vec<f32> = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            results.push((y, dx));
+        }
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()));
+        assert!(close(&results[0].0, &results[1].0), "forward differs");
+        assert!(close(&results[0].1, &results[1].1), "dX differs");
     }
 }

@@ -13,4 +13,4 @@ pub mod norm;
 pub mod recompute;
 pub mod rope;
 
-pub use frozen_linear::FrozenLinear;
+pub use frozen_linear::{FrozenLinear, FrozenWeight};

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::LrSchedule;
 use crate::model::Task;
+use crate::quant::QuantSpec;
 use crate::tuners::lora::LoraConfig;
 use crate::tuners::target::ModuleSpec;
 
@@ -51,6 +52,9 @@ pub struct TrainConfig {
     /// Recompute each decoder layer's activations in backward instead of keeping them
     /// (gradient checkpointing): much less memory for about one extra forward pass.
     pub recompute: bool,
+    /// Quantize the frozen base's linear weights while loading it (QLoRA): `[quantize]` table
+    /// with `method = "nf4" | "fp4" | "int8"`, `blocksize`, `double_quant`.
+    pub quantize: Option<QuantSpec>,
     pub eval_every: Option<usize>,
     pub eval_batch_size: Option<usize>,
     /// Evaluate on the first N eval records only.
@@ -87,6 +91,7 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             seed: 42,
             recompute: false,
+            quantize: None,
             eval_every: None,
             eval_batch_size: None,
             eval_limit: None,
@@ -116,6 +121,9 @@ impl TrainConfig {
         }
         if self.output_dir.as_os_str().is_empty() {
             bail!("train: no output folder given (--output or `output_dir = ...`)")
+        }
+        if let Some(q) = &self.quantize {
+            q.validate()?;
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("train: batch_size and grad_accum must be at least 1")

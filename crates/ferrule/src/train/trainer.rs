@@ -134,7 +134,7 @@ pub fn encode_file(path: &Path, source: &ModelSource, opts: EncodeOptions, label
 /// Loads the model and data and builds the adapter (fresh, or from `adapter_weights`).
 pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTreeMap<String, Tensor>>) -> Result<Prepared> {
     cfg.validate()?;
-    let mut source = ModelSource::load(&cfg.model, device)?;
+    let mut source = ModelSource::load_with(&cfg.model, device, cfg.quantize.as_ref())?;
     let label_map = if cfg.task == Task::SeqCls {
         let examples = data::read_jsonl(&cfg.data)?;
         let map = LabelMap::from_examples(&examples)?;

@@ -97,11 +97,31 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
 
 /// A tensor already copied to host memory as little-endian bytes, so that
 /// serialization can never fail (candle's own `View` impl unwraps the
-/// device-to-host copy).
-struct HostView {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+/// device-to-host copy). Also how dtypes candle lacks (int8) are written.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn new(dtype: StDtype, shape: Vec<usize>, data: Vec<u8>) -> Self {
+        Self { dtype, shape, data }
+    }
+
+    pub fn f32s(shape: Vec<usize>, values: &[f32]) -> Self {
+        Self::new(StDtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+type HostView = RawTensor;
+
+/// Writes raw tensors (and string metadata) atomically to `path`.
+pub fn save_raw_safetensors_atomic(path: &Path, tensors: &BTreeMap<String, RawTensor>, metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, v)| (n.as_str(), v)), metadata)
+        .with_context(|| format!("serializing safetensors for {}", path.display()))?;
+    write_bytes_atomic(path, &bytes).with_context(|| format!("writing safetensors file {}", path.display()))
 }
 
 impl View for &HostView {
@@ -150,7 +170,7 @@ fn le_bytes_of<T: LeBytes>(t: &Tensor) -> candle_core::Result<Vec<u8>> {
 
 /// Copies `t` to host memory as contiguous little-endian bytes, preserving
 /// its dtype.
-fn host_view(name: &str, t: &Tensor) -> Result<HostView> {
+pub fn raw_tensor(name: &str, t: &Tensor) -> Result<RawTensor> {
     let data = match t.dtype() {
         DType::U8 => le_bytes_of::<u8>(t),
         DType::U32 => le_bytes_of::<u32>(t),
@@ -195,7 +215,7 @@ pub fn serialize_safetensors<S: AsRef<str>>(
     let mut views: BTreeMap<&str, HostView> = BTreeMap::new();
     for (name, t) in tensors {
         let name = name.as_ref();
-        if views.insert(name, host_view(name, t)?).is_some() {
+        if views.insert(name, raw_tensor(name, t)?).is_some() {
             bail!("duplicate tensor name {name:?}");
         }
     }

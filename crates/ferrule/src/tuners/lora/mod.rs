@@ -110,7 +110,8 @@ impl LinearHook for Lora {
         let path = info.path.as_str();
         if let Some(names) = &self.config.modules_to_save {
             if names.iter().any(|n| suffix_match(path, n)) {
-                let w = self.take_or_init(&peft_key(path, "weight"), base.weight().dims(), || Ok(base.weight().clone()))?;
+                let (rows, cols) = base.weight().dims();
+                let w = self.take_or_init(&peft_key(path, "weight"), &[rows, cols], || Ok(base.weight().to_dense(&self.device)?))?;
                 let b = match base.bias() {
                     Some(b) => Some(self.take_or_init(&peft_key(path, "bias"), b.dims(), || Ok(b.clone()))?),
                     None => None,

@@ -1,0 +1,37 @@
+//! `ferrule quantize`
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use ferrule::model::ModelSource;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (config.json + safetensors + tokenizer).
+    #[arg(long)]
+    model: String,
+    /// New folder for the quantized model (bitsandbytes layout, loadable by transformers).
+    #[arg(long, short)]
+    output: PathBuf,
+    #[command(flatten)]
+    quant: super::QuantArgs,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let spec = a.quant.spec()?.context("ferrule quantize needs --quantize nf4|fp4|int8")?;
+    let source = ModelSource::load_with(&a.model, &super::device(), Some(&spec))?;
+    let report = ferrule::export::quantize_to_dir(&source, &spec, &a.output)?;
+    let m = &report.memory;
+    eprintln!(
+        "{} linear weights quantized to {}: {:.3} bits/param; base weights {:.1} MB (f32: {:.1} MB, {:.3}x)",
+        report.quantized_tensors,
+        spec.describe(),
+        m.quantized_bits_per_param(),
+        m.total_bytes() as f64 / 1e6,
+        m.f32_bytes() as f64 / 1e6,
+        m.total_bytes() as f64 / m.f32_bytes() as f64
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!("quantized model written to {}", a.output.display());
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Writing a standalone Hugging Face model folder (config.json, tokenizer files,
+//! model.safetensors), for `ferrule merge` and `ferrule quantize`. The folder is built in
+//! `<out>.tmp` and renamed into place, so a failure leaves no half-written output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::model::ModelSource;
+use crate::util::atomic::{save_raw_safetensors_atomic, sync_dir, write_bytes_atomic, RawTensor};
+
+/// Tokenizer-side files copied from a model folder when present.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.txt",
+    "merges.txt", "vocab.json", "generation_config.json", "added_tokens.json",
+];
+
+/// Writes `config`, the tokenizer of `source` and `tensors` as a model folder at `out`.
+/// Refuses to overwrite an existing folder.
+pub fn write_model_folder(source: &ModelSource, out: &Path, config: &Value, tensors: &BTreeMap<String, RawTensor>) -> Result<()> {
+    if out.exists() {
+        bail!("{}: already exists; choose a new output folder", out.display())
+    }
+    let tmp = out.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_raw_safetensors_atomic(&tmp.join("model.safetensors"), tensors, Some(meta))?;
+    write_bytes_atomic(&tmp.join("config.json"), (serde_json::to_string_pretty(config)? + "\n").as_bytes())?;
+    match &source.dir {
+        Some(dir) => {
+            for f in TOKENIZER_FILES {
+                let p = dir.join(f);
+                if p.is_file() {
+                    std::fs::copy(&p, tmp.join(f)).with_context(|| format!("copying {}", p.display()))?;
+                }
+            }
+        }
+        None => write_tokenizer_files(source, &tmp)?,
+    }
+    sync_dir(&tmp)?;
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    Ok(())
+}
+
+/// For a GGUF base: `tokenizer.json` and `tokenizer_config.json` from its metadata.
+fn write_tokenizer_files(source: &ModelSource, dir: &Path) -> Result<()> {
+    let tok = source.tokenizer()?;
+    tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    if let Some(tc) = &source.tokenizer_config {
+        if let Some(b) = &tc.bos_token {
+            cfg.insert("bos_token".into(), json!(b));
+        }
+        if let Some(e) = &tc.eos_token {
+            cfg.insert("eos_token".into(), json!(e));
+            cfg.insert("pad_token".into(), json!(tc.pad_token.clone().unwrap_or_else(|| e.clone())));
+        }
+        if let Some(t) = &tc.chat_template {
+            cfg.insert("chat_template".into(), json!(t));
+        }
+    }
+    write_bytes_atomic(&dir.join("tokenizer_config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
+    Ok(())
+}
+
+/// What `ferrule quantize` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeReport {
+    pub quantized_tensors: usize,
+    pub memory: crate::quant::WeightMemory,
+}
+
+/// Writes `source` (loaded with [`ModelSource::load_with`] and `spec`) as a quantized model
+/// folder in the bitsandbytes serialized layout, which transformers + bitsandbytes load.
+pub fn quantize_to_dir(source: &ModelSource, spec: &crate::quant::QuantSpec, out: &Path) -> Result<QuantizeReport> {
+    if source.weights.quantized().is_empty() {
+        bail!("{}: no linear weights to quantize", source.location.display())
+    }
+    let mut raw = BTreeMap::new();
+    for (name, t) in source.weights.tensors() {
+        raw.insert(name.clone(), crate::util::atomic::raw_tensor(name, t)?);
+    }
+    for (name, q) in source.weights.quantized() {
+        crate::quant::bnb_format::serialize(name, q.as_ref(), &mut raw)?;
+    }
+    let mut config = source.config.clone();
+    config["quantization_config"] = crate::quant::bnb_format::quantization_config(spec);
+    write_model_folder(source, out, &config, &raw)?;
+    Ok(QuantizeReport { quantized_tensors: source.weights.quantized().len(), memory: crate::quant::WeightMemory::of(&source.weights) })
+}

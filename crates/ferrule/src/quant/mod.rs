@@ -1,0 +1,131 @@
+//! Frozen base weights kept quantized: bitsandbytes-exact NF4/FP4 with double quantization
+//! ([`blockwise4`], [`dynamic`]), LLM.int8 row-wise int8 ([`int8`]), and GGUF blocks as
+//! llama.cpp stores them ([`ggml`]).
+//!
+//! Every format is a [`QuantMatrix`]: a `[rows, cols]` matrix that can dequantize any range of
+//! rows into f32. That is the whole kernel interface the quantized linear op
+//! (`ops::frozen_linear`) needs on the CPU: it dequantizes a tile of rows at a time inside the
+//! matmul, so no more than one tile of a layer is ever held in f32. A GPU kernel implements the
+//! same op over the same packed data.
+
+pub mod blockwise4;
+pub mod bnb_format;
+pub mod dynamic;
+pub mod ggml;
+pub mod int8;
+pub mod policy;
+
+use std::fmt;
+
+pub use blockwise4::{Blockwise4, Code4};
+pub use int8::Int8Rows;
+pub use policy::{QuantMethod, QuantSpec};
+
+/// A frozen weight matrix stored in a compressed format.
+pub trait QuantMatrix: Send + Sync + fmt::Debug {
+    /// `(rows, cols)`: `(out_features, in_features)` for a linear weight.
+    fn dims(&self) -> (usize, usize);
+
+    /// Writes rows `r0..r1`, dequantized, row-major into `out` (`(r1 - r0) * cols` values).
+    fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]);
+
+    /// Bytes this matrix occupies, quantization statistics included.
+    fn storage_bytes(&self) -> usize;
+
+    /// A short name of the format, e.g. `nf4 (blocksize 64, double quant)` or `Q4_1`.
+    fn format(&self) -> String;
+
+    /// For writers that need the concrete format (the bitsandbytes layout).
+    fn as_any(&self) -> &dyn std::any::Any;
+
+    /// The whole matrix in f32.
+    fn dequantize(&self) -> Vec<f32> {
+        let (r, c) = self.dims();
+        let mut out = vec![0f32; r * c];
+        self.dequantize_rows(0, r, &mut out);
+        out
+    }
+
+    /// Bits per parameter, statistics included.
+    fn bits_per_param(&self) -> f64 {
+        let (r, c) = self.dims();
+        self.storage_bytes() as f64 * 8.0 / (r * c).max(1) as f64
+    }
+}
+
+/// Refuses NaN and infinite weights: quantizing them gives a silently wrong model.
+pub fn check_finite(name: &str, values: &[f32]) -> anyhow::Result<()> {
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!("{name}: element {i} is {}; refusing to quantize a tensor with NaN/inf values", values[i])
+    }
+    Ok(())
+}
+
+/// Error introduced by a lossy round trip: max absolute and max-relative (to the largest
+/// reference magnitude) difference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RoundTripError {
+    pub max_abs: f32,
+    /// `max_abs / max |reference|`.
+    pub rel: f32,
+}
+
+impl RoundTripError {
+    pub fn between(reference: &[f32], approx: &[f32]) -> Self {
+        let mut max_abs = 0f32;
+        let mut max_ref = 0f32;
+        for (a, b) in reference.iter().zip(approx) {
+            max_abs = max_abs.max((a - b).abs());
+            max_ref = max_ref.max(a.abs());
+        }
+        Self { max_abs, rel: if max_ref > 0.0 { max_abs / max_ref } else { 0.0 } }
+    }
+
+    pub fn worst(self, other: Self) -> Self {
+        Self { max_abs: self.max_abs.max(other.max_abs), rel: self.rel.max(other.rel) }
+    }
+}
+
+/// Memory of a model's base weights: what is quantized, in which formats, at how many bits.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WeightMemory {
+    /// Parameters held quantized, and their bytes (statistics included).
+    pub quantized_params: usize,
+    pub quantized_bytes: usize,
+    /// Parameters held dense (f32), and their bytes.
+    pub dense_params: usize,
+    pub dense_bytes: usize,
+    /// Quantized tensors per format (e.g. `nf4 (blocksize 64, double quant)` → 210).
+    pub formats: std::collections::BTreeMap<String, usize>,
+}
+
+impl WeightMemory {
+    pub fn of(weights: &crate::model::Weights) -> Self {
+        let mut m = Self::default();
+        for (_, t) in weights.tensors().iter().filter(|(_, t)| t.dtype().is_float()) {
+            m.dense_params += t.elem_count();
+            m.dense_bytes += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        for q in weights.quantized().values() {
+            let (r, c) = q.dims();
+            m.quantized_params += r * c;
+            m.quantized_bytes += q.storage_bytes();
+            *m.formats.entry(q.format()).or_default() += 1;
+        }
+        m
+    }
+
+    /// Bits per parameter of the quantized weights (statistics included).
+    pub fn quantized_bits_per_param(&self) -> f64 {
+        self.quantized_bytes as f64 * 8.0 / self.quantized_params.max(1) as f64
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.quantized_bytes + self.dense_bytes
+    }
+
+    /// Bytes the same weights take in f32.
+    pub fn f32_bytes(&self) -> usize {
+        4 * (self.quantized_params + self.dense_params)
+    }
+}
