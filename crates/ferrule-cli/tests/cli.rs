@@ -168,3 +168,51 @@ fn toml_config_with_flag_overrides() {
     std::fs::write(&cfg, "model = \"x\"\nbatchsize = 4\n").unwrap();
     fails_with(&["train", "--config", cfg.to_str().unwrap()], "batchsize");
 }
+
+#[test]
+fn qlora_train_eval_merge_quantize_inspect() {
+    let t = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let (run, merged, quant) = (t.path().join("run"), t.path().join("merged"), t.path().join("quant"));
+    let q = ["--quantize", "nf4", "--double-quant"];
+    let (ok, out, err) = ferrule(&[&["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--output", &s(&run), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--target-modules", "all-linear", "-q"][..], &q].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("\"completed\":true"), "{out}");
+    let (ok, out, err) = ferrule(&[&["eval", "--model", &fx("models/llama"), "--adapter", &s(&run), "--data", &fx("data/chat.jsonl")][..], &q].concat());
+    assert!(ok && out.contains("loss"), "{out}{err}");
+
+    // Merging into the NF4 base requantizes the adapted weights and reports what that cost.
+    let (ok, out, err) = ferrule(&[&["merge", "--model", &fx("models/llama"), "--adapter", &s(&run), "--output", &s(&merged)][..], &q].concat());
+    assert!(ok, "{err}");
+    assert!(err.contains("rounding errors"), "peft's warning: {err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["requantized"], 14);
+    let e = &report["requantize_error"];
+    assert!(e["max_abs"].as_f64().unwrap() > 0.0 && e["rel"].as_f64().unwrap() < 0.2, "{report}");
+    let (ok, out, _) = ferrule(&["inspect", "--model", &s(&merged)]);
+    assert!(ok && out.contains("14 x nf4 (blocksize 64, double quant)"), "{out}");
+
+    // ferrule quantize, then inspect: bits per parameter with the statistics.
+    let (ok, _, err) = ferrule(&["quantize", "--model", &fx("models/llama"), "--output", &s(&quant), "--quantize", "fp4", "--quant-blocksize", "32"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = ferrule(&["inspect", "--model", &s(&quant), "--json"]);
+    assert!(ok);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // 4 bits + one f32 absmax per 32 values.
+    assert!((info["weights"]["quantized_bits_per_param"].as_f64().unwrap() - 5.0).abs() < 1e-9, "{out}");
+    fails_with(&["quantize", "--model", &fx("models/llama"), "--output", &s(&quant), "--quantize", "nf4"], "already exists");
+}
+
+#[test]
+fn bad_quantization_flags_are_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("x").display().to_string();
+    let base = ["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--output", &out, "--max-steps", "1"];
+    fails_with(&[&base[..], &["--quantize", "nf4", "--quant-blocksize", "48"]].concat(), "invalid 4-bit blocksize 48");
+    fails_with(&[&base[..], &["--double-quant"]].concat(), "need --quantize");
+    fails_with(&[&base[..], &["--quantize", "int8", "--double-quant"]].concat(), "double quantization applies to nf4/fp4");
+    fails_with(&[&base[..], &["--quantize", "nf3"]].concat(), "nf3");
+    fails_with(&["quantize", "--model", &fx("models/llama"), "--output", &out], "needs --quantize");
+    fails_with(&["quantize", "--model", &fx("quant/llama-fp4"), "--output", &out, "--quantize", "nf4"], "already quantized");
+    assert!(!t.path().join("x").exists(), "nothing written");
+}

@@ -278,3 +278,26 @@ fn truncated_in_data_names_the_tensor() {
         "{msg}"
     );
 }
+
+/// Kept in its blocks (210 Q4_1 + the Q8_0 token embedding, 0.18x the f32 bytes), the model
+/// computes the logits of its fully dequantized copy: the quantized linear op and the
+/// quantized embedding lookup dequantize exactly what `load_gguf` dequantizes.
+#[test]
+fn blocks_kept_quantized_give_the_dequantized_logits() {
+    use ferrule::model::{Frozen, Inputs, Model, ModelSource, Task, Weights};
+    let (Some(path), Some(dense)) = (asset(), model()) else { return };
+    let dev = Device::Cpu;
+    let q = ModelSource::load(path.to_str().unwrap(), &dev).unwrap();
+    let mem = ferrule::quant::WeightMemory::of(&q.weights);
+    assert_eq!(mem.formats.get("Q4_1"), Some(&210));
+    assert_eq!(mem.formats.get("Q8_0"), Some(&1));
+    assert!((mem.total_bytes() as f64) < 0.2 * mem.f32_bytes() as f64, "{mem:?}");
+    let mut d = ModelSource::load(path.to_str().unwrap(), &dev).unwrap();
+    d.weights = Weights::new(dense.tensors.clone(), &path);
+    let ids = Tensor::new(&[[1u32, 504, 3458, 314, 260, 1345, 28, 2]], &dev).unwrap();
+    let inp = Inputs { input_ids: &ids, attention_mask: None, token_type_ids: None };
+    let yq = Model::build(&q, Task::CausalLm, &Frozen, &dev, 0).unwrap().forward(&inp).unwrap();
+    let yd = Model::build(&d, Task::CausalLm, &Frozen, &dev, 0).unwrap().forward(&inp).unwrap();
+    let diff = (yq - yd).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "quantized vs dequantized logits differ by {diff}");
+}
