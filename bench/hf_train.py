@@ -27,6 +27,19 @@ record indices; batches are taken in order, the last partial batch of an epoch
 is dropped (constant batch shape). Training runs --steps steps, or
 --epochs epochs when --steps is 0.
 
+Quantized base (QLoRA): --load-in-4bit (bitsandbytes Params4bit, quant type
+--bnb-quant-type, default nf4; --double-quant quantizes the absmax too; compute
+dtype f32) or --load-in-8bit (LLM.int8). Only the nn.Linear layers of the
+decoder are quantized (transformers keeps lm_head / embeddings / norms dense).
+Loaded with device_map="cpu"; bitsandbytes' CPU backend does the (de)quantized
+matmuls. "weight_bytes" in the results is the storage of all parameters and
+buffers right after loading (packed uint8 for 4-bit, plus the quant_state
+absmax / nested statistics), before LoRA is attached.
+
+--gradient-checkpointing: activation checkpointing of every decoder layer,
+non-reentrant (torch.utils.checkpoint use_reentrant=False), so peft's LoRA
+parameters get gradients without enable_input_require_grads.
+
 Writes one JSON object to --out.
 """
 import argparse
@@ -69,6 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--timing-warmup", type=int, default=3, help="steps excluded from the median")
     p.add_argument("--no-model-dropout", action="store_true",
                    help="set the model's own dropout probabilities to 0 (default: keep config values)")
+    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base (QLoRA)")
+    p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 base")
+    p.add_argument("--bnb-quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit quant type")
+    p.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the absmax (nested)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing per decoder layer (use_reentrant=False)")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--out", required=True, help="results JSON path")
     return p.parse_args(argv)
@@ -79,6 +98,43 @@ def loadavg():
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def weight_bytes(model):
+    """Bytes of storage of all parameters and buffers (each tensor once).
+
+    bitsandbytes Params4bit hold packed uint8 (2 values a byte); their quant_state
+    adds absmax (uint8 when nested, plus state2's f32 absmax and code) and the
+    16-entry code table. Int8Params hold int8 plus their SCB row scales.
+    Returns (total, detail dict).
+    """
+    import torch
+    seen = set()
+    det = {"params": 0, "buffers": 0, "quant_state": 0, "int8_scb": 0}
+
+    def tb(t):
+        if t is None or not isinstance(t, torch.Tensor):
+            return 0
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    for _, p in model.named_parameters(remove_duplicate=True):
+        det["params"] += tb(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            det["quant_state"] += tb(getattr(qs, "absmax", None)) + tb(getattr(qs, "code", None))
+            if getattr(qs, "offset", None) is not None:
+                det["quant_state"] += tb(qs.offset) if isinstance(qs.offset, torch.Tensor) else 0
+            s2 = getattr(qs, "state2", None)
+            if s2 is not None:
+                det["quant_state"] += tb(getattr(s2, "absmax", None)) + tb(getattr(s2, "code", None))
+        det["int8_scb"] += tb(getattr(p, "SCB", None))
+    for _, b in model.named_buffers(remove_duplicate=True):
+        det["buffers"] += tb(b)
+    return sum(det.values()), det
 
 
 def read_jsonl(path, limit=0):
@@ -276,6 +332,25 @@ def main(argv=None):
     else:
         mdir, load_kw = args.model, {}
     tok = AutoTokenizer.from_pretrained(mdir, **load_kw)
+    if args.load_in_4bit and args.load_in_8bit:
+        raise SystemExit("--load-in-4bit and --load-in-8bit are exclusive")
+    quant_record = None
+    if args.load_in_4bit or args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes
+        if args.load_in_4bit:
+            qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_quant_type,
+                                      bnb_4bit_use_double_quant=args.double_quant,
+                                      bnb_4bit_compute_dtype=torch.float32)
+        else:
+            qcfg = BitsAndBytesConfig(load_in_8bit=True)
+        load_kw = dict(load_kw, quantization_config=qcfg, device_map="cpu")
+        quant_record = {"method": "bitsandbytes", "bitsandbytes": bitsandbytes.__version__,
+                        "load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit}
+        if args.load_in_4bit:
+            quant_record.update({"bnb_4bit_quant_type": args.bnb_quant_type,
+                                 "bnb_4bit_use_double_quant": args.double_quant,
+                                 "bnb_4bit_compute_dtype": "float32"})
     if args.task == "seq-cls":
         from transformers import BertForSequenceClassification
         model = BertForSequenceClassification.from_pretrained(mdir, num_labels=2, dtype=torch.float32, **load_kw)
@@ -294,7 +369,37 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
+    wbytes, wbytes_detail = weight_bytes(model)  # right after loading, before LoRA / kbit prep
+    # Params4bit count packed bytes as elements; report the logical count too.
     n_params_total = sum(p.numel() for p in model.parameters())
+    n_params_logical = sum(int(getattr(getattr(p, "quant_state", None), "shape", p.shape).numel())
+                           for p in model.parameters())
+    quantized_linears = 0
+    if quant_record is not None:
+        import bitsandbytes as bnb
+        quantized_linears = sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+        quant_record["quantized_linear_modules"] = quantized_linears
+        if quantized_linears == 0:
+            raise SystemExit("quantization requested but no bitsandbytes Linear modules were created")
+        # peft.prepare_model_for_kbit_training on this CPU/f32 setup only (1) freezes every
+        # base parameter (get_peft_model does that too), (2) upcasts fp16/bf16 non-Params4bit
+        # tensors to f32 (none here: everything dense is already f32, so memory does not
+        # change), and (3) enables gradient checkpointing when asked. It works on CPU, so it
+        # is called; weight_bytes is measured above, before it, and re-measured after it.
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        quant_record["prepare_model_for_kbit_training"] = True
+        quant_record["weight_bytes_after_prepare"] = weight_bytes(model)[0]
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Non-reentrant checkpointing needs no enable_input_require_grads (the frozen
+    # embedding output may stay requires_grad=False; LoRA params still get grads).
+    if args.gradient_checkpointing:
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False
+        if not getattr(model, "is_gradient_checkpointing", False):
+            raise SystemExit("gradient checkpointing did not switch on")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.full_finetune:
         cfg = peft.LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha,
@@ -432,8 +537,15 @@ def main(argv=None):
         "model": {"path": args.model, "params_total": n_params_total, "params_trainable": n_trainable,
                   "trainable_tensors": len(trainable_names),
                   "trainable_non_lora": [n for n in trainable_names if "lora_" not in n],
+                  "params_total_logical": n_params_logical,
                   "attn_implementation": attn_impl, "dtype": "float32",
+                  "gradient_checkpointing": bool(args.gradient_checkpointing),
                   "model_dropout": "disabled" if args.no_model_dropout else "config values (train mode)"},
+        "quantization": quant_record,
+        "weight_bytes": wbytes,
+        "weight_bytes_detail": wbytes_detail,
+        "weight_bytes_definition": "sum of numel*element_size over parameters and buffers right after loading, "
+                                   "before LoRA (4-bit: packed uint8 + quant_state absmax/code/nested stats)",
         "data": {"train_records": len(train), "eval_records": len(evald),
                  "train_truncated": n_trunc_train, "eval_truncated": n_trunc_eval,
                  "steps_per_epoch": steps_per_epoch, "epochs_run": total_steps / max(steps_per_epoch, 1)},
@@ -469,7 +581,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    summary = {k: res.get(k) for k in ("tokens_per_s", "median_step_s", "first_loss", "final_loss",
+    summary = {k: res.get(k) for k in ("tokens_per_s", "median_step_s", "first_loss", "final_loss", "weight_bytes",
                                        "eval_loss", "eval_accuracy", "peak_rss_bytes")}
     print(json.dumps(summary))
 

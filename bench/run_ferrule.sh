@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs ferrule on the same workloads as bench/run_baselines.sh (a: MiniLM seq-cls 32x128,
-# b: SmolLM2-135M causal LM 8x256, c: MiniLM quality, 1 epoch). Results: bench/results/rust/.
-# Usage: bench/run_ferrule.sh [a|b|c ...]  (default: a b c). Needs `cargo build --release`.
+# b: SmolLM2-135M causal LM 8x256, c: MiniLM quality, 1 epoch) and bench/run_qlora_baselines.sh
+# (SmolLM2 8x256 with recomputation on three bases: qf32 = the dense f32 copy, qnf4 = the same
+# quantized to NF4 + double quant while loading, qgguf = the Q4_1 GGUF kept in its blocks).
+# Results: bench/results/rust/.
+# Usage: bench/run_ferrule.sh [a|b|c|qf32|qnf4|qgguf ...]  (default: a b c). Needs
+# `cargo build --release`. STEPS_B / STEPS_Q set the step counts of b / the q runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F=${FERRULE:-target/release/ferrule}
@@ -10,9 +14,16 @@ mkdir -p "$OUT"
 A=assets
 
 # run NAME -- ferrule train args...: wall time and peak RSS (GNU time), plus the run summary.
+# The base's weight bytes come from `ferrule inspect --json` with the model flags in $INSPECT.
 run() {
   local name=$1; shift; shift
   local dir; dir=$(mktemp -d)
+  if [ -n "${INSPECT:-}" ]; then
+    # shellcheck disable=SC2086
+    "$F" inspect --json $INSPECT > "$dir/inspect.json"
+  else
+    echo '{}' > "$dir/inspect.json"
+  fi
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
     "$F" train --threads 2 --output "$dir/run" -q "$@" > "$dir/summary.json"
   python3 - "$dir" "$OUT/$name.json" "$*" <<'PY'
@@ -20,13 +31,15 @@ import json, sys, os
 d, out, args = sys.argv[1:4]
 s = json.load(open(os.path.join(d, "summary.json")))
 t = json.load(open(os.path.join(d, "time.json")))
+w = json.load(open(os.path.join(d, "inspect.json"))).get("weights")
 steps = [json.loads(l) for l in open(os.path.join(d, "run", "metrics.jsonl")) if '"loss"' in l]
 r = {"tool": "ferrule", "args": args, "load_avg": os.getloadavg(), **t,
      "median_step_s": s["median_step_seconds"], "positions_per_s": s["positions_per_sec"], "tokens_per_s_nonpad": s["tokens_per_sec"],
      "final_loss": s["final_loss"], "losses": [x["loss"] for x in steps], "eval": s["eval"],
-     "trainable_params": s["trainable_params"], "total_params": s["total_params"]}
+     "trainable_params": s["trainable_params"], "total_params": s["total_params"],
+     "weight_bytes": w and w["bytes"], "weight_f32_bytes": w and w["f32_bytes"], "weight_formats": w and w["formats"]}
 json.dump(r, open(out, "w"), indent=1)
-print(json.dumps({k: r[k] for k in ("median_step_s", "positions_per_s", "peak_rss_kb", "final_loss", "eval")}))
+print(json.dumps({k: r[k] for k in ("median_step_s", "positions_per_s", "peak_rss_kb", "final_loss", "eval", "weight_bytes")}))
 PY
   rm -rf "$dir"
 }
@@ -48,6 +61,22 @@ run_c() {
     --data $A/data/rotten_tomatoes/train.jsonl --eval-data $A/data/rotten_tomatoes/test.jsonl \
     --lora-r 8 --lora-alpha 16 --target-modules query,value --batch-size 32 --max-len 128 \
     --epochs 1 --lr 5e-4 --warmup-steps 30 --weight-decay 0.01 --seed 42 --eval-batch-size 64
+}
+
+# SmolLM2 QLoRA comparison: same data, steps and flags on three bases.
+Q_ARGS=(--data $A/data/chatterbot/train.jsonl --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64
+  --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 8 --max-len 256 --pad-to-max-len
+  --max-steps ${STEPS_Q:-6} --lr 2e-4 --warmup-steps 2 --seed 42 --recompute)
+run_qf32() {
+  INSPECT="--model $A/smollm2-f32" run q_smollm2_f32 -- --model $A/smollm2-f32 "${Q_ARGS[@]}"
+}
+run_qnf4() {
+  INSPECT="--model $A/smollm2-f32 --quantize nf4 --double-quant" \
+    run q_smollm2_nf4 -- --model $A/smollm2-f32 --quantize nf4 --double-quant "${Q_ARGS[@]}"
+}
+run_qgguf() {
+  INSPECT="--model $A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    run q_smollm2_gguf_q4_1 -- --model $A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "${Q_ARGS[@]}"
 }
 
 for w in "${@:-a b c}"; do for x in $w; do "run_$x"; done; done

@@ -199,7 +199,11 @@ fn qlora_train_eval_merge_quantize_inspect() {
     assert!(ok);
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     // 4 bits + one f32 absmax per 32 values.
-    assert!((info["weights"]["quantized_bits_per_param"].as_f64().unwrap() - 5.0).abs() < 1e-9, "{out}");
+    let fp4 = &info["weights"]["formats"]["fp4 (blocksize 32)"];
+    assert_eq!(fp4["tensors"], 14);
+    assert!((fp4["bits_per_param"].as_f64().unwrap() - 5.0).abs() < 1e-9, "{out}");
+    // The embedding table and the head are kept in bf16.
+    assert_eq!(info["weights"]["formats"]["bf16"]["tensors"], 2, "{out}");
     fails_with(&["quantize", "--model", &fx("models/llama"), "--output", &s(&quant), "--quantize", "nf4"], "already exists");
 }
 

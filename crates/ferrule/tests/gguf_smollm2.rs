@@ -289,8 +289,9 @@ fn blocks_kept_quantized_give_the_dequantized_logits() {
     let dev = Device::Cpu;
     let q = ModelSource::load(path.to_str().unwrap(), &dev).unwrap();
     let mem = ferrule::quant::WeightMemory::of(&q.weights);
-    assert_eq!(mem.formats.get("Q4_1"), Some(&210));
-    assert_eq!(mem.formats.get("Q8_0"), Some(&1));
+    assert_eq!(mem.formats["Q4_1"].tensors, 210);
+    assert_eq!(mem.formats["Q8_0"].tensors, 1);
+    assert!((mem.formats["Q4_1"].bits_per_param - 5.0).abs() < 1e-9);
     assert!((mem.total_bytes() as f64) < 0.2 * mem.f32_bytes() as f64, "{mem:?}");
     let mut d = ModelSource::load(path.to_str().unwrap(), &dev).unwrap();
     d.weights = Weights::new(dense.tensors.clone(), &path);

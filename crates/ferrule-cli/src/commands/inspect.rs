@@ -95,11 +95,8 @@ pub fn run(a: Args) -> Result<()> {
         w["bits_per_param"].as_f64().unwrap_or(0.0),
         mem.f32_bytes() as f64 / 1e6
     );
-    if mem.quantized_params > 0 {
-        println!("  quantized    {} parameters at {:.3} bits/param (statistics included)", mem.quantized_params, mem.quantized_bits_per_param());
-        for (format, n) in &mem.formats {
-            println!("    {n:>4} x {format}");
-        }
+    for (format, f) in &mem.formats {
+        println!("  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)", f.tensors, f.params, f.bits_per_param);
     }
     if let Some(ad) = info.get("adapter") {
         println!("adapter      {} on {} modules, {} parameters ({:.4}% of total)", ad["peft_type"].as_str().unwrap_or(""), ad["modules"], ad["parameters"], ad["percent_of_total"].as_f64().unwrap_or(0.0));

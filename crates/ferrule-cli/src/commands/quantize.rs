@@ -22,15 +22,10 @@ pub fn run(a: Args) -> Result<()> {
     let source = ModelSource::load_with(&a.model, &super::device(), Some(&spec))?;
     let report = ferrule::export::quantize_to_dir(&source, &spec, &a.output)?;
     let m = &report.memory;
-    eprintln!(
-        "{} linear weights quantized to {}: {:.3} bits/param; base weights {:.1} MB (f32: {:.1} MB, {:.3}x)",
-        report.quantized_tensors,
-        spec.describe(),
-        m.quantized_bits_per_param(),
-        m.total_bytes() as f64 / 1e6,
-        m.f32_bytes() as f64 / 1e6,
-        m.total_bytes() as f64 / m.f32_bytes() as f64
-    );
+    for (format, f) in &m.formats {
+        eprintln!("{:>4} x {format}: {:.3} bits/param", f.tensors, f.bits_per_param);
+    }
+    eprintln!("base weights {:.1} MB (f32: {:.1} MB, {:.3}x)", m.total_bytes() as f64 / 1e6, m.f32_bytes() as f64 / 1e6, m.total_bytes() as f64 / m.f32_bytes() as f64);
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("quantized model written to {}", a.output.display());
     Ok(())

@@ -180,6 +180,10 @@ impl DecoderLm {
         }
         let rows = Tensor::from_vec(rows, n, &self.device)?;
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+        // A frozen head is fused with the loss: the [n, vocab] logits are never held.
+        if let Some(head) = self.lm_head.as_frozen().filter(|f| f.bias().is_none() && crate::ops::kernels::fused_ok(&picked)) {
+            return Ok(crate::ops::head_loss::head_cross_entropy(&picked, head.weight(), targets)?);
+        }
         let logits = self.lm_head.forward(&picked)?;
         let targets = Tensor::from_vec(targets, n, &self.device)?;
         let (loss, count) = crate::ops::loss::cross_entropy(&logits, &targets)?;

@@ -23,11 +23,21 @@ use crate::ops::FrozenLinear;
 /// A linear layer as a model calls it.
 pub trait Linear: Send + Sync {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The layer itself when it is a plain frozen linear (no method wraps it), so that a loss
+    /// can fuse it (`ops::head_loss`).
+    fn as_frozen(&self) -> Option<&FrozenLinear> {
+        None
+    }
 }
 
 impl Linear for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Module::forward(self, x)
+    }
+
+    fn as_frozen(&self) -> Option<&FrozenLinear> {
+        Some(self)
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::ops::FrozenWeight;
-use crate::quant::{bnb_format, QuantMatrix, QuantSpec};
+use crate::quant::{bnb_format, Bf16Rows, QuantMatrix, QuantSpec};
 use crate::util::atomic::RawTensor;
 
 /// Named tensors of a checkpoint, with the place they came from (for error messages). Linear
@@ -56,14 +56,29 @@ impl Weights {
             let has_bnb = names.iter().any(|n| bnb_format::is_component(n));
             for name in names {
                 let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name:?}: {e}", f.display()))?;
+                let _release = ReleasePages { mmap: &mmap, data: view.data() };
                 if bnb_format::is_component(&name) || (has_bnb && bnb_format::is_packed_dtype(view.dtype())) {
                     bnb.insert(name, RawTensor::new(view.dtype(), view.shape().to_vec(), view.data().to_vec()));
                     continue;
                 }
-                if let Some(spec) = quantize.filter(|s| s.wants(&name, view.shape()) && is_float(view.dtype())) {
-                    let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
-                    let q = spec.quantize(&format!("{}: {name}", f.display()), &values, view.shape()[0], view.shape()[1])?;
-                    quantized.insert(name, q);
+                if let Some(spec) = quantize.filter(|_| is_float(view.dtype())) {
+                    let shape = view.shape();
+                    if spec.wants(&name, shape) || spec.wants_bf16(&name, shape) {
+                        let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
+                        let q: Arc<dyn QuantMatrix> = if spec.wants(&name, shape) {
+                            spec.quantize(&format!("{}: {name}", f.display()), &values, shape[0], shape[1])?
+                        } else {
+                            Arc::new(Bf16Rows::from_f32(&values, shape[0], shape[1]))
+                        };
+                        quantized.insert(name, q);
+                        continue;
+                    }
+                }
+                // A bitsandbytes checkpoint's bf16 embedding/head (as `ferrule quantize` writes
+                // them) stays bf16.
+                if has_bnb && view.dtype() == safetensors::Dtype::BF16 && QuantSpec::keeps_bf16(&name, view.shape()) {
+                    let values = to_f32(&view)?;
+                    quantized.insert(name, Arc::new(Bf16Rows::from_f32(&values, view.shape()[0], view.shape()[1])));
                     continue;
                 }
                 let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
@@ -167,6 +182,25 @@ impl Weights {
 
     pub fn into_tensors(self) -> HashMap<String, Tensor> {
         self.tensors
+    }
+}
+
+/// Drops a tensor's file pages from the process once it has been copied or quantized, so that
+/// loading never holds the mapped checkpoint and its converted copy at once (peak RSS).
+struct ReleasePages<'a> {
+    mmap: &'a memmap2::Mmap,
+    data: &'a [u8],
+}
+
+impl Drop for ReleasePages<'_> {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        {
+            let offset = self.data.as_ptr() as usize - self.mmap.as_ptr() as usize;
+            // SAFETY: a read-only private file mapping; dropped pages are read again from the
+            // file if touched. Failure only means the pages stay resident.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, self.data.len()) };
+        }
     }
 }
 

@@ -139,7 +139,7 @@ struct FrozenMatmul {
     weight: FrozenWeight,
 }
 
-fn parallelism() -> Parallelism {
+pub(crate) fn parallelism() -> Parallelism {
     let n = candle_core::utils::get_num_threads();
     if n > 1 {
         Parallelism::Rayon(n)
@@ -160,7 +160,7 @@ fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'
 /// Calls `f(r0, r1, tile)` for consecutive row tiles of the weight, `tile` holding rows
 /// `r0..r1` in f32: the dense weight itself, or a quantized tile dequantized (in parallel) into
 /// a reused buffer.
-fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usize, &[f32])) -> Result<()> {
+pub(crate) fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usize, &[f32])) -> Result<()> {
     match weight {
         FrozenWeight::Dense(w) => {
             let (rows, _) = w.dims2()?;

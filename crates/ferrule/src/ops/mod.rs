@@ -7,7 +7,8 @@
 
 pub mod attention;
 pub mod frozen_linear;
-mod kernels;
+pub mod head_loss;
+pub(crate) mod kernels;
 pub mod loss;
 pub mod norm;
 pub mod recompute;

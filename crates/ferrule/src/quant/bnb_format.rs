@@ -19,7 +19,7 @@ use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
 
 use super::blockwise4::{Absmax, NESTED_BLOCKSIZE};
-use super::{Blockwise4, Code4, Int8Rows, QuantMatrix, QuantMethod, QuantSpec};
+use super::{Bf16Rows, Blockwise4, Code4, Int8Rows, QuantMatrix, QuantMethod, QuantSpec};
 use crate::util::atomic::RawTensor;
 
 const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
@@ -144,12 +144,16 @@ pub fn serialize(name: &str, q: &dyn QuantMatrix, out: &mut BTreeMap<String, Raw
         out.insert(format!("{module}.weight_format"), RawTensor::new(Dtype::U8, vec![], vec![0]));
         return Ok(());
     }
-    bail!("{name}: {} weights have no bitsandbytes layout; only nf4/fp4/int8 can be saved in it", q.format())
+    if let Some(h) = any.downcast_ref::<Bf16Rows>() {
+        out.insert(name.to_string(), RawTensor::new(Dtype::BF16, vec![h.rows, h.cols], h.data.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        return Ok(());
+    }
+    bail!("{name}: {} weights have no bitsandbytes layout; only nf4/fp4/int8 (and bf16) can be saved in it", q.format())
 }
 
 /// Whether `q` is a format the bitsandbytes layout can hold (nf4/fp4/int8).
 pub fn has_layout(q: &dyn QuantMatrix) -> bool {
-    q.as_any().is::<Blockwise4>() || q.as_any().is::<Int8Rows>()
+    q.as_any().is::<Blockwise4>() || q.as_any().is::<Int8Rows>() || q.as_any().is::<Bf16Rows>()
 }
 
 /// `values` quantized in the same format as `q` (same code, blocksize, double quantization),
@@ -161,6 +165,8 @@ pub fn requantize(q: &dyn QuantMatrix, name: &str, values: &[f32]) -> Result<Arc
         QuantSpec { method, blocksize: b.blocksize, double_quant: b.double_quant() }
     } else if q.as_any().is::<Int8Rows>() {
         QuantSpec { method: QuantMethod::Int8, blocksize: 64, double_quant: false }
+    } else if q.as_any().is::<Bf16Rows>() {
+        return Ok(Arc::new(Bf16Rows::from_f32(values, rows, cols)));
     } else {
         bail!("{name}: cannot requantize {} weights", q.format())
     };

@@ -8,6 +8,7 @@
 //! matmul, so no more than one tile of a layer is ever held in f32. A GPU kernel implements the
 //! same op over the same packed data.
 
+pub mod bf16;
 pub mod blockwise4;
 pub mod bnb_format;
 pub mod dynamic;
@@ -17,6 +18,7 @@ pub mod policy;
 
 use std::fmt;
 
+pub use bf16::Bf16Rows;
 pub use blockwise4::{Blockwise4, Code4};
 pub use int8::Int8Rows;
 pub use policy::{QuantMethod, QuantSpec};
@@ -86,17 +88,26 @@ impl RoundTripError {
     }
 }
 
-/// Memory of a model's base weights: what is quantized, in which formats, at how many bits.
+/// Memory of a model's base weights: what is compressed, in which formats, at how many bits.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct WeightMemory {
-    /// Parameters held quantized, and their bytes (statistics included).
+    /// Parameters held in a compressed format (quantized or bf16), and their bytes.
     pub quantized_params: usize,
     pub quantized_bytes: usize,
     /// Parameters held dense (f32), and their bytes.
     pub dense_params: usize,
     pub dense_bytes: usize,
-    /// Quantized tensors per format (e.g. `nf4 (blocksize 64, double quant)` → 210).
-    pub formats: std::collections::BTreeMap<String, usize>,
+    /// Per format (e.g. `nf4 (blocksize 64, double quant)`, `Q4_1`, `bf16`).
+    pub formats: std::collections::BTreeMap<String, FormatMemory>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct FormatMemory {
+    pub tensors: usize,
+    pub params: usize,
+    pub bytes: usize,
+    /// Statistics included.
+    pub bits_per_param: f64,
 }
 
 impl WeightMemory {
@@ -110,12 +121,16 @@ impl WeightMemory {
             let (r, c) = q.dims();
             m.quantized_params += r * c;
             m.quantized_bytes += q.storage_bytes();
-            *m.formats.entry(q.format()).or_default() += 1;
+            let f = m.formats.entry(q.format()).or_default();
+            f.tensors += 1;
+            f.params += r * c;
+            f.bytes += q.storage_bytes();
+            f.bits_per_param = f.bytes as f64 * 8.0 / f.params.max(1) as f64;
         }
         m
     }
 
-    /// Bits per parameter of the quantized weights (statistics included).
+    /// Bits per parameter of the compressed weights (statistics included).
     pub fn quantized_bits_per_param(&self) -> f64 {
         self.quantized_bytes as f64 * 8.0 / self.quantized_params.max(1) as f64
     }
