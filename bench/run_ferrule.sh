@@ -4,8 +4,10 @@
 # (SmolLM2 8x256 with recomputation on three bases: qf32 = the dense f32 copy, qnf4 = the same
 # quantized to NF4 + double quant while loading, qgguf = the Q4_1 GGUF kept in its blocks).
 # Results: bench/results/rust/.
-# Usage: bench/run_ferrule.sh [a|b|c|qf32|qnf4|qgguf ...]  (default: a b c). Needs
-# `cargo build --release`. STEPS_B / STEPS_Q set the step counts of b / the q runs.
+# mf32/mnf4: MiniLM (real f32 weights) LoRA on an f32 vs an NF4 base, 100 steps.
+# Usage: bench/run_ferrule.sh [a|b|c|qf32|qnf4|qgguf|mf32|mnf4 ...]  (default: a b c). Needs
+# `cargo build --release`. STEPS_B / STEPS_Q set the step counts of b / the q runs; Q_BATCH
+# the q runs' batch size (default 8; results then get a _b<N> suffix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F=${FERRULE:-target/release/ferrule}
@@ -65,18 +67,27 @@ run_c() {
 
 # SmolLM2 QLoRA comparison: same data, steps and flags on three bases.
 Q_ARGS=(--data $A/data/chatterbot/train.jsonl --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64
-  --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 8 --max-len 256 --pad-to-max-len
+  --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --batch-size ${Q_BATCH:-8} --max-len 256 --pad-to-max-len
   --max-steps ${STEPS_Q:-6} --lr 2e-4 --warmup-steps 2 --seed 42 --recompute)
+QS=${Q_BATCH:+_b$Q_BATCH}  # result-name suffix when Q_BATCH is set
 run_qf32() {
-  INSPECT="--model $A/smollm2-f32" run q_smollm2_f32 -- --model $A/smollm2-f32 "${Q_ARGS[@]}"
+  INSPECT="--model $A/smollm2-f32" run q_smollm2_f32$QS -- --model $A/smollm2-f32 "${Q_ARGS[@]}"
 }
 run_qnf4() {
   INSPECT="--model $A/smollm2-f32 --quantize nf4 --double-quant" \
-    run q_smollm2_nf4 -- --model $A/smollm2-f32 --quantize nf4 --double-quant "${Q_ARGS[@]}"
+    run q_smollm2_nf4$QS -- --model $A/smollm2-f32 --quantize nf4 --double-quant "${Q_ARGS[@]}"
 }
 run_qgguf() {
   INSPECT="--model $A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    run q_smollm2_gguf_q4_1 -- --model $A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "${Q_ARGS[@]}"
+    run q_smollm2_gguf_q4_1$QS -- --model $A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "${Q_ARGS[@]}"
 }
+
+# Quantization on a model whose weights are really f32 (SmolLM2's only source is a 4-bit
+# GGUF): MiniLM on Rotten Tomatoes, 100 steps, full test split.
+M_ARGS=(--task seq-cls --model $A/minilm --data $A/data/rotten_tomatoes/train.jsonl
+  --eval-data $A/data/rotten_tomatoes/test.jsonl --lora-r 8 --lora-alpha 16 --target-modules query,value
+  --batch-size 32 --max-len 128 --max-steps 100 --lr 5e-4 --warmup-steps 10 --weight-decay 0.01 --seed 42 --eval-batch-size 64)
+run_mf32() { INSPECT="--model $A/minilm" run q_minilm_f32 -- "${M_ARGS[@]}"; }
+run_mnf4() { INSPECT="--model $A/minilm --quantize nf4 --double-quant" run q_minilm_nf4 -- "${M_ARGS[@]}" --quantize nf4 --double-quant; }
 
 for w in "${@:-a b c}"; do for x in $w; do "run_$x"; done; done

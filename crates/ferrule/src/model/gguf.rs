@@ -404,8 +404,11 @@ impl GgufFile {
             }
             None => raw,
         };
-        candle_core::quantized::ggml_file::qtensor_from_ggml(info.ggml_dtype, data, dims, device)
-            .map_err(|e| self.candle_err(&entry.gguf_name, e))
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.ggml_dtype, data, dims, device)
+            .map_err(|e| self.candle_err(&entry.gguf_name, e));
+        // The tensor is copied out: let its file pages go (peak RSS while loading).
+        crate::util::release_pages(&self.mmap, start, len);
+        q
     }
 
     fn data_range(&self, info: &gguf_file::TensorInfo) -> (usize, usize) {

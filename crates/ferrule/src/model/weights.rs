@@ -64,22 +64,27 @@ impl Weights {
                 if let Some(spec) = quantize.filter(|_| is_float(view.dtype())) {
                     let shape = view.shape();
                     if spec.wants(&name, shape) || spec.wants_bf16(&name, shape) {
-                        let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
                         let q: Arc<dyn QuantMatrix> = if spec.wants(&name, shape) {
+                            let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
                             spec.quantize(&format!("{}: {name}", f.display()), &values, shape[0], shape[1])?
                         } else {
-                            Arc::new(Bf16Rows::from_f32(&values, shape[0], shape[1]))
+                            // Converted slice by slice, releasing the file pages as it goes: the
+                            // embedding is the largest tensor and is never whole in f32.
+                            Arc::new(bf16_rows(&mmap, &view).with_context(|| format!("{}: tensor {name:?}", f.display()))?)
                         };
                         quantized.insert(name, q);
                         continue;
                     }
                 }
-                // A bitsandbytes checkpoint's bf16 embedding/head (as `ferrule quantize` writes
-                // them) stays bf16.
-                if has_bnb && view.dtype() == safetensors::Dtype::BF16 && QuantSpec::keeps_bf16(&name, view.shape()) {
+                // The embedding/head of a bitsandbytes checkpoint whose values are all exactly
+                // representable in bf16 (as `ferrule quantize` writes them) is held in bf16: no
+                // loss, half the bytes.
+                if has_bnb && is_float(view.dtype()) && QuantSpec::keeps_bf16(&name, view.shape()) {
                     let values = to_f32(&view)?;
-                    quantized.insert(name, Arc::new(Bf16Rows::from_f32(&values, view.shape()[0], view.shape()[1])));
-                    continue;
+                    if values.iter().all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits()) {
+                        quantized.insert(name, Arc::new(Bf16Rows::from_f32(&values, view.shape()[0], view.shape()[1])));
+                        continue;
+                    }
                 }
                 let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
                 let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
@@ -194,13 +199,8 @@ struct ReleasePages<'a> {
 
 impl Drop for ReleasePages<'_> {
     fn drop(&mut self) {
-        #[cfg(unix)]
-        {
-            let offset = self.data.as_ptr() as usize - self.mmap.as_ptr() as usize;
-            // SAFETY: a read-only private file mapping; dropped pages are read again from the
-            // file if touched. Failure only means the pages stay resident.
-            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, self.data.len()) };
-        }
+        let offset = self.data.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        crate::util::release_pages(self.mmap, offset, self.data.len());
     }
 }
 
@@ -223,6 +223,27 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     } else {
         bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
     }
+}
+
+/// A 2-D float tensor as [`Bf16Rows`], read in slices whose file pages are released after use.
+fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -> Result<Bf16Rows> {
+    let (rows, cols) = (view.shape()[0], view.shape()[1]);
+    let data = view.data();
+    let base = data.as_ptr() as usize - mmap.as_ptr() as usize;
+    let mut out = Vec::with_capacity(rows * cols);
+    const SLICE: usize = 1 << 22;
+    for (i, chunk) in data.chunks(SLICE).enumerate() {
+        let values: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            safetensors::Dtype::F16 => chunk.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            safetensors::Dtype::BF16 => chunk.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => bail!("dtype {other:?} is not a float type"),
+        };
+        crate::quant::check_finite("embedding", &values)?;
+        out.extend(values.iter().map(|&v| half::bf16::from_f32(v)));
+        crate::util::release_pages(mmap, base + i * SLICE, chunk.len());
+    }
+    Ok(Bf16Rows { rows, cols, data: out })
 }
 
 fn is_float(dt: safetensors::Dtype) -> bool {

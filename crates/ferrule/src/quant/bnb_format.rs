@@ -145,7 +145,9 @@ pub fn serialize(name: &str, q: &dyn QuantMatrix, out: &mut BTreeMap<String, Raw
         return Ok(());
     }
     if let Some(h) = any.downcast_ref::<Bf16Rows>() {
-        out.insert(name.to_string(), RawTensor::new(Dtype::BF16, vec![h.rows, h.cols], h.data.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        // Written widened to f32: transformers keeps a bf16 head in bf16 and then fails to
+        // multiply it with f32 activations. Reading it back finds the values bf16-exact.
+        out.insert(name.to_string(), RawTensor::f32s(vec![h.rows, h.cols], &h.dequantize()));
         return Ok(());
     }
     bail!("{name}: {} weights have no bitsandbytes layout; only nf4/fp4/int8 (and bf16) can be saved in it", q.format())
