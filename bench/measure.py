@@ -177,8 +177,9 @@ def main():
     kept = [r for r in runs if not r["warmup"] and r["exit_code"] == 0]
     summary = {
         "label": args.label,
-        "command": cmd if isinstance(cmd, str) else " ".join(shlex.quote(c) for c in cmd),
-        "cwd": os.path.abspath(args.cwd or "."),
+        # Recorded relative to the repository (results are committed; no paths of this machine).
+        "command": (cmd if isinstance(cmd, str) else " ".join(shlex.quote(c) for c in cmd)).replace(sys.executable, "python"),
+        "cwd": os.path.relpath(os.path.abspath(args.cwd or "."), os.getcwd()),
         "repeat": args.repeat,
         "ok_runs": len(kept),
         "median": {
