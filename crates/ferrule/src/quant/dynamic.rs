@@ -94,7 +94,7 @@ mod tests {
     #[test]
     fn exact_codes_round_trip_and_ties_stay_low() {
         let c = signed_map();
-        let vals: Vec<f32> = c.iter().copied().collect();
+        let vals: Vec<f32> = c.to_vec();
         let (q, am) = quantize_blockwise(&vals, &c, 256);
         // absmax is 1.0, so every code maps to itself.
         assert_eq!(am, vec![1.0]);

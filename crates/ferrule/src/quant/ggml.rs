@@ -54,7 +54,7 @@ impl GgmlMatrix {
     /// Takes the raw bytes of a `[rows, cols]` tensor (HF layout) of type `dtype`.
     pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let bs = dtype.block_size();
-        if cols % bs != 0 {
+        if !cols.is_multiple_of(bs) {
             bail!("a {dtype:?} row of {cols} values is not a whole number of {bs}-value blocks")
         }
         let want = rows * cols / bs * dtype.type_size();
