@@ -164,6 +164,20 @@ fn toml_config_with_flag_overrides() {
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(saved["r"], 2);
     assert_eq!(saved["target_modules"], serde_json::json!(["q_proj"]));
+    // A [quantize] table quantizes the base: int8 weights are a quarter of f32 (plus one scale
+    // per row), and the bf16 embedding/head half.
+    let out_q = t.path().join("runq");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&out.display().to_string(), &out_q.display().to_string());
+    std::fs::write(&cfg, text + "\n[quantize]\nmethod = \"int8\"\n").unwrap();
+    let (ok, stdout, err) = ferrule(&["train", "--config", cfg.to_str().unwrap(), "--max-steps", "1", "-q"]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let dense: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_summary.json")).unwrap()).unwrap();
+    let (q, d) = (summary["base_weight_bytes"].as_f64().unwrap(), dense["base_weight_bytes"].as_f64().unwrap());
+    assert!(q < 0.5 * d, "int8 base {q} bytes vs f32 {d}");
+    let bad = std::fs::read_to_string(&cfg).unwrap().replace("method = \"int8\"", "method = \"nf4\"\nblocksize = 100");
+    std::fs::write(&cfg, bad).unwrap();
+    fails_with(&["train", "--config", cfg.to_str().unwrap()], "blocksize 100");
     // A misspelt key is an error naming it.
     std::fs::write(&cfg, "model = \"x\"\nbatchsize = 4\n").unwrap();
     fails_with(&["train", "--config", cfg.to_str().unwrap()], "batchsize");

@@ -81,6 +81,8 @@ pub struct TrainSummary {
     pub completed: bool,
     pub trainable_params: usize,
     pub total_params: usize,
+    /// Bytes of the frozen base's weights as held (quantized formats included).
+    pub base_weight_bytes: usize,
     pub train_records: usize,
     pub skipped_records: usize,
     pub truncated_records: usize,
@@ -318,6 +320,16 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     };
 
     let trainable = p.trainable_params();
+    let memory = crate::quant::WeightMemory::of(&p.source.weights);
+    if !memory.formats.is_empty() {
+        let formats: Vec<String> = memory.formats.iter().map(|(f, m)| format!("{} x {f}", m.tensors)).collect();
+        progress.message(&format!(
+            "base weights {:.1} MB ({:.2}x of f32): {}",
+            memory.total_bytes() as f64 / 1e6,
+            memory.total_bytes() as f64 / memory.f32_bytes().max(1) as f64,
+            formats.join(", ")
+        ));
+    }
     progress.message(&format!(
         "{} records ({} skipped, {} truncated), {} steps of {} x {} records; trainable params {} of {} ({:.4}%)",
         n, p.skipped, p.truncated, total_steps, cfg.batch_size, cfg.grad_accum, trainable, p.model.base_params + trainable,
@@ -435,6 +447,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         completed,
         trainable_params: trainable,
         total_params: p.model.base_params + trainable,
+        base_weight_bytes: memory.total_bytes(),
         train_records: n,
         skipped_records: p.skipped,
         truncated_records: p.truncated,
