@@ -162,7 +162,7 @@ impl Bert {
             let att = attention(&q, &k, &v, mask.as_ref(), scale)?.transpose(1, 2)?.reshape((b, t, h))?;
             let att = layer.attn_out.forward(&att)?;
             x = layer_norm(&(att + &x)?, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
-            let inter = layer.intermediate.forward(&x)?.gelu_erf()?;
+            let inter = crate::ops::gelu::gelu(&layer.intermediate.forward(&x)?)?;
             let out = layer.output.forward(&inter)?;
             x = layer_norm(&(out + &x)?, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
         }

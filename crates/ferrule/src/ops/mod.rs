@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod frozen_linear;
+pub mod gelu;
 pub mod head_loss;
 pub(crate) mod kernels;
 pub mod loss;
