@@ -60,11 +60,12 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
             }
             None => bail!("merge: the adapter changes {name:?}, which the base checkpoint does not have"),
         };
-        let dims = base.to_dense(&device)?.dims().to_vec();
-        if dims != delta.dims() {
-            bail!("merge: {name:?} has shape {dims:?} but the adapter's update has {:?}", delta.dims())
+        // Dequantized once: it is both the shape check and the sum's left side.
+        let dense = base.to_dense(&device)?;
+        if dense.dims() != delta.dims() {
+            bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), delta.dims())
         }
-        let merged = (base.to_dense(&device)? + delta.to_dtype(candle_core::DType::F32)?)?;
+        let merged = (dense + delta.to_dtype(candle_core::DType::F32)?)?;
         let merged = match &base {
             FrozenWeight::Quantized(q) => {
                 let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;

@@ -63,7 +63,7 @@ impl Weights {
                 }
                 if let Some(spec) = quantize.filter(|_| is_float(view.dtype())) {
                     let shape = view.shape();
-                    if spec.wants(&name, shape) || spec.wants_bf16(&name, shape) {
+                    if spec.wants(&name, shape) || QuantSpec::keeps_bf16(&name, shape) {
                         let q: Arc<dyn QuantMatrix> = if spec.wants(&name, shape) {
                             let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
                             spec.quantize(&format!("{}: {name}", f.display()), &values, shape[0], shape[1])?
@@ -233,12 +233,7 @@ fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -
     let mut out = Vec::with_capacity(rows * cols);
     const SLICE: usize = 1 << 22;
     for (i, chunk) in data.chunks(SLICE).enumerate() {
-        let values: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            safetensors::Dtype::F16 => chunk.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            safetensors::Dtype::BF16 => chunk.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => bail!("dtype {other:?} is not a float type"),
-        };
+        let values = decode_f32(view.dtype(), chunk)?;
         crate::quant::check_finite("embedding", &values)?;
         out.extend(values.iter().map(|&v| half::bf16::from_f32(v)));
         crate::util::release_pages(mmap, base + i * SLICE, chunk.len());
@@ -252,8 +247,12 @@ fn is_float(dt: safetensors::Dtype) -> bool {
 
 /// A float tensor's values in f32.
 fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
-    let d = view.data();
-    Ok(match view.dtype() {
+    decode_f32(view.dtype(), view.data())
+}
+
+/// Little-endian f32/f16/bf16 bytes as f32 values.
+fn decode_f32(dtype: safetensors::Dtype, d: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
         safetensors::Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         safetensors::Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         safetensors::Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),

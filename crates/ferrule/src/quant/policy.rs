@@ -74,10 +74,6 @@ impl QuantSpec {
     /// Whether `name` is a frozen table this spec stores in bf16 rather than f32: a decoder's
     /// token embedding and output head, which bitsandbytes leaves unquantized and QLoRA keeps in
     /// its 16-bit compute dtype.
-    pub fn wants_bf16(&self, name: &str, shape: &[usize]) -> bool {
-        Self::keeps_bf16(name, shape)
-    }
-
     pub fn keeps_bf16(name: &str, shape: &[usize]) -> bool {
         shape.len() == 2 && (name.ends_with("embed_tokens.weight") || name == "lm_head.weight")
     }
