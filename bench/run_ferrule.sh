@@ -53,7 +53,9 @@ run_a() {
     --max-steps 20 --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42
 }
 run_b() {
-  run b_smollm2_lora -- --model $A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+  # The f32 copy of the GGUF (bench/prepare_smollm2_f32.py): the same weights transformers
+  # dequantizes the GGUF to, so both tools train an f32 base (the GGUF itself now loads 4-bit).
+  run b_smollm2_lora -- --model $A/smollm2-f32 \
     --data $A/data/chatterbot/train.jsonl --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64 \
     --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 8 --max-len 256 --pad-to-max-len \
     --max-steps ${STEPS_B:-20} --lr 2e-4 --warmup-steps 2 --seed 42

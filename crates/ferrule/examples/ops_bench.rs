@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor, Var};
-use ferrule::ops::attention::{attention, attention_reference, build_mask, scaled_masked_softmax, softmax_last_dim, MaskKind};
+use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind};
 use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, IGNORE_INDEX};
 use ferrule::ops::norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 use ferrule::ops::rope::{Rope, RopeScaling};
@@ -111,11 +111,11 @@ fn main() -> Result<()> {
         &|| layer_norm(x.as_tensor(), &w, &bias, 1e-5)?.backward().map(drop),
     )?;
 
-    // Rope on q [b, 9, t, 64] and k [b, 3, t, 64].
+    // Rope on q [b, t, 9·64] and k [b, t, 3·64] (token-major, as the projections make them).
     let rope = Rope::new(d, 2048, 100000.0, &RopeScaling::Default, &dev)?;
-    let q = Var::from_tensor(&randn(&[b, h, t, d], 1.0)?)?;
-    let k = Var::from_tensor(&randn(&[b, h_kv, t, d], 1.0)?)?;
-    let v = Var::from_tensor(&randn(&[b, h_kv, t, d], 1.0)?)?;
+    let q = Var::from_tensor(&randn(&[b, t, h * d], 1.0)?)?;
+    let k = Var::from_tensor(&randn(&[b, t, h_kv * d], 1.0)?)?;
+    let v = Var::from_tensor(&randn(&[b, t, h_kv * d], 1.0)?)?;
     row(
         "rope q+k",
         reps,
@@ -128,23 +128,11 @@ fn main() -> Result<()> {
     let padding = Tensor::from_vec(pad, (b, t), &dev)?;
     let mask = build_mask(MaskKind::Causal { sliding_window: None }, t, t, Some(&padding), &dev)?.unwrap();
     let scale = 1.0 / (d as f64).sqrt();
-    let groups = h / h_kv;
-    let scores = Var::from_tensor(&randn(&[b, h_kv, groups * t, t], 3.0)?)?;
-    row(
-        "scale+mask+softmax [8,3,768,256]",
-        reps,
-        &|| {
-            let s = (scores.as_tensor() * scale)?.reshape((b, h_kv, groups, t, t))?;
-            let s = s.broadcast_add(&mask.unsqueeze(2)?)?.reshape((b, h_kv, groups * t, t))?;
-            softmax_last_dim(&s)?.backward().map(drop)
-        },
-        &|| scaled_masked_softmax(scores.as_tensor(), Some(&mask), scale)?.backward().map(drop),
-    )?;
     row(
         "attention (incl. matmuls)",
         reps,
-        &|| attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), scale)?.backward().map(drop),
-        &|| attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), scale)?.backward().map(drop),
+        &|| attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), h, Some(&mask), scale)?.backward().map(drop),
+        &|| attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), h, Some(&mask), scale)?.backward().map(drop),
     )?;
 
     // Causal-LM loss over logits [b, t, vocab] (402 MB).

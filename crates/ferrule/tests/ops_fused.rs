@@ -1,13 +1,18 @@
-//! The fused CPU ops (norms, rope, masked softmax, cross-entropy) against the composite
+//! The fused CPU ops (norms, rope, attention, cross-entropy) against the composite
 //! versions they replace: forward values and input gradients, and no gradient stored for
 //! the captured constants.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ferrule::ops::attention::{attention, attention_reference, build_mask, scaled_masked_softmax, MaskKind, MASKED};
+use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind, MASKED};
 use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 use ferrule::ops::norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 use ferrule::ops::rope::{Rope, RopeScaling};
+use ferrule::ops::low_rank::low_rank_linear;
+use ferrule::ops::swiglu::{swiglu, swiglu_reference};
+use ferrule::ops::{FrozenLinear, FrozenWeight};
+use ferrule::quant::{Blockwise4, Code4};
+use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -120,7 +125,7 @@ fn trainable_norm_weight_still_gets_its_gradient() {
 fn rope_matches_composite() {
     for (k, (b, h, t, d, offset)) in [(2, 3, 7, 10, 0), (2, 3, 7, 10, 5), (1, 9, 5, 64, 0), (2, 2, 1, 6, 30), (2, 4, 100, 64, 17)].into_iter().enumerate() {
         let rope = Rope::new(d, 128, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
-        let x = var(&[b, h, t, d], 40 + k as u64, 1.0);
+        let x = var(&[b, t, h * d], 40 + k as u64, 1.0);
         let entries = check(
             &format!("rope {:?}", (b, h, t, d, offset)),
             &[&x],
@@ -131,7 +136,7 @@ fn rope_matches_composite() {
     }
     // Still refuses positions beyond the table.
     let rope = Rope::new(8, 4, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
-    assert!(rope.apply(&randn(&[1, 1, 3, 8], 1, 1.0), 2).is_err());
+    assert!(rope.apply(&randn(&[1, 3, 8], 1, 1.0), 2).is_err());
 }
 
 fn left_padding(b: usize, s: usize, pads: &[usize]) -> Tensor {
@@ -170,35 +175,91 @@ fn attention_matches_composite() {
             Some(kind) => build_mask(kind, t, s, padding.as_ref(), &dev).unwrap(),
             None => None,
         };
-        let q = var(&[b, h, t, d], 100 + k as u64, 1.5);
-        let kk = var(&[b, h_kv, s, d], 200 + k as u64, 1.5);
-        let v = var(&[b, h_kv, s, d], 300 + k as u64, 1.0);
+        let q = var(&[b, t, h * d], 100 + k as u64, 1.5);
+        let kk = var(&[b, s, h_kv * d], 200 + k as u64, 1.5);
+        let v = var(&[b, s, h_kv * d], 300 + k as u64, 1.0);
         let scale = 1.0 / (d as f64).sqrt();
         let what = format!("attention case {k}");
-        check(&what, &[&q, &kk, &v], |i| attention(&i[0], &i[1], &i[2], mask.as_ref(), scale), |i| attention_reference(&i[0], &i[1], &i[2], mask.as_ref(), scale));
+        check(&what, &[&q, &kk, &v], |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), scale), |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), scale));
     }
 }
 
 #[test]
-fn masked_softmax_fully_masked_row_is_uniform_and_gradient_matches() {
+fn attention_fully_masked_query_averages_values() {
+    // Left padding under a causal mask: the first query of batch row 1 may see only key 0,
+    // which is padding, so its scores are all masked. It then attends uniformly (a finite
+    // mean of the values, never NaN), as the composite does.
     let dev = Device::Cpu;
-    let (b, h_kv, groups, t, s) = (2, 2, 3, 4, 5);
-    let padding = left_padding(b, s, &[0, 2]);
-    let mask = build_mask(MaskKind::Causal { sliding_window: None }, t, s, Some(&padding), &dev).unwrap().unwrap();
-    let x = var(&[b, h_kv, groups * t, s], 7, 3.0);
-    let scale = 0.37;
-    let reference = |i: &[Tensor]| -> Result<Tensor> {
-        let sc = (i[0].reshape((b, h_kv, groups, t, s))? * scale)?;
-        candle_nn::ops::softmax(&sc.broadcast_add(&mask.unsqueeze(2)?)?.reshape((b, h_kv, groups * t, s))?, 3)
-    };
-    check("masked softmax", &[&x], |i| scaled_masked_softmax(&i[0], Some(&mask), scale), reference);
-    let y = scaled_masked_softmax(x.as_tensor(), Some(&mask), scale).unwrap();
-    // batch 1, query 0: keys 0..2 are padding, key 0 is the only causal one: fully masked.
-    let row = y.get(1).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
-    for p in row {
-        assert!((p - 1.0 / s as f32).abs() < 1e-7, "fully masked row should be uniform");
-    }
+    let (b, h, h_kv, t, d) = (2, 4, 2, 5, 8);
+    let padding = left_padding(b, t, &[0, 2]);
+    let mask = build_mask(MaskKind::Causal { sliding_window: None }, t, t, Some(&padding), &dev).unwrap().unwrap();
     assert!(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap().contains(&MASKED));
+    let q = var(&[b, t, h * d], 1, 2.0);
+    let k = var(&[b, t, h_kv * d], 2, 2.0);
+    let v = var(&[b, t, h_kv * d], 3, 1.0);
+    let scale = 0.37;
+    check("attention, fully masked row", &[&q, &k, &v], |i| attention(&i[0], &i[1], &i[2], h, Some(&mask), scale), |i| attention_reference(&i[0], &i[1], &i[2], h, Some(&mask), scale));
+    let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), h, Some(&mask), scale).unwrap();
+    for head in 0..h {
+        let got = y.get(1).unwrap().get(0).unwrap().narrow(0, head * d, d).unwrap();
+        let mean = v.as_tensor().get(1).unwrap().narrow(1, head / (h / h_kv) * d, d).unwrap().mean(0).unwrap();
+        assert_close(&got, &mean, &format!("head {head}, fully masked query"));
+    }
+}
+
+#[test]
+fn attention_long_keys_use_several_query_tiles() {
+    // 300 keys: the fused op cuts the 300 queries into tiles of 54 rows (the last one partial);
+    // the sliding window lets each tile skip the keys before its window (key_range).
+    let dev = Device::Cpu;
+    let (b, h, h_kv, t, d) = (1, 2, 1, 300, 8);
+    let padding = left_padding(b, t, &[7]);
+    let mask = build_mask(MaskKind::Causal { sliding_window: Some(40) }, t, t, Some(&padding), &dev).unwrap();
+    let q = var(&[b, t, h * d], 11, 1.5);
+    let k = var(&[b, t, h_kv * d], 12, 1.5);
+    let v = var(&[b, t, h_kv * d], 13, 1.0);
+    check("attention, 300 positions", &[&q, &k, &v], |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35), |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35));
+}
+
+#[test]
+fn swiglu_matches_composite() {
+    // Gate values out to ±12 reach both saturated ends of the sigmoid; 70,001 elements are
+    // split over threads with a partial last chunk.
+    for (k, shape) in [vec![2, 5, 7], vec![7, 10_001]].into_iter().enumerate() {
+        let g = var(&shape, 60 + k as u64, 4.0);
+        let u = var(&shape, 70 + k as u64, 1.0);
+        check(&format!("swiglu {shape:?}"), &[&g, &u], |i| swiglu(&i[0], &i[1]), |i| swiglu_reference(&i[0], &i[1]));
+    }
+}
+
+#[test]
+fn low_rank_linear_matches_composite() {
+    // (leading dims, in, out, r, bias, quantized base)
+    let cases = [(vec![2, 7], 24, 40, 4, true, false), (vec![9], 64, 16, 8, false, true), (vec![3, 5], 576, 192, 8, false, false)];
+    for (k, (lead, i, o, r, bias, quantized)) in cases.into_iter().enumerate() {
+        let w = randn(&[o, i], 80 + k as u64, 0.2);
+        let b = bias.then(|| randn(&[o], 90 + k as u64, 0.5));
+        let base = if quantized {
+            let vals = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = Blockwise4::quantize(&vals, &[o, i], Code4::Nf4, 64, true).unwrap();
+            FrozenLinear::from_weight(FrozenWeight::Quantized(Arc::new(q)), b)
+        } else {
+            FrozenLinear::new(w, b).unwrap()
+        };
+        let mut shape = lead.clone();
+        shape.push(i);
+        let x = var(&shape, 100 + k as u64, 1.0);
+        let a = var(&[r, i], 110 + k as u64, 0.3);
+        let bm = var(&[o, r], 120 + k as u64, 0.3);
+        let scale = 2.0;
+        // Passing `x` itself as the update input takes the composite path with the same math.
+        check(
+            &format!("low-rank linear case {k}"),
+            &[&x, &a, &bm],
+            |t| low_rank_linear(&t[0], None, &base, &t[1], &t[2], scale),
+            |t| low_rank_linear(&t[0], Some(&t[0]), &base, &t[1], &t[2], scale),
+        );
+    }
 }
 
 fn labels(n: usize, v: usize, seed: u64, ignore_every: usize) -> Vec<i64> {

@@ -155,11 +155,8 @@ impl Bert {
         let d = h / heads;
         let scale = 1.0 / (d as f64).sqrt();
         for layer in &self.layers {
-            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?) };
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
-            let att = attention(&q, &k, &v, mask.as_ref(), scale)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let (q, k, v) = (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?);
+            let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
             let att = layer.attn_out.forward(&att)?;
             x = layer_norm(&(att + &x)?, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
             let inter = crate::ops::gelu::gelu(&layer.intermediate.forward(&x)?)?;

@@ -10,6 +10,7 @@ use super::config::DecoderConfig;
 use super::weights::Weights;
 use super::{Linear, LinearHook, LinearInfo};
 use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::swiglu::swiglu;
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
 use crate::ops::rope::Rope;
@@ -35,7 +36,7 @@ struct Layer {
     mlp: Mlp,
 }
 
-/// Keys and values of earlier positions, one entry per layer (`[b, h_kv, s, d]`).
+/// Keys and values of earlier positions, one entry per layer (`[b, s, h_kv·head_dim]`).
 #[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -44,7 +45,7 @@ pub struct KvCache {
 impl KvCache {
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(1).unwrap_or(0)).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -203,21 +204,18 @@ impl DecoderLm {
 /// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `cache` holds this
 /// layer's keys/values of earlier positions (generation).
 fn layer_forward(layer: &Layer, c: &DecoderConfig, rope: &Rope, x: &Tensor, mask: Option<&Tensor>, offset: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
-    let (b, t, _) = x.dims3()?;
     let scale = 1.0 / (c.head_dim as f64).sqrt();
     let residual = x;
     let hs = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
     let a = &layer.self_attn;
-    let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?) };
-    let q = heads(a.q_proj.forward(&hs)?, c.num_attention_heads)?;
-    let k = heads(a.k_proj.forward(&hs)?, c.num_key_value_heads)?;
-    let v = heads(a.v_proj.forward(&hs)?, c.num_key_value_heads)?;
-    let q = rope.apply(&q, offset)?;
-    let k = rope.apply(&k, offset)?;
+    // Token-major [b, t, heads·head_dim] throughout: rope and attention split the heads.
+    let q = rope.apply(&a.q_proj.forward(&hs)?, offset)?;
+    let k = rope.apply(&a.k_proj.forward(&hs)?, offset)?;
+    let v = a.v_proj.forward(&hs)?;
     let (k, v) = match cache {
         Some(slot) => {
             let (k, v) = match slot.as_ref() {
-                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
                 None => (k, v),
             };
             *slot = Some((k.clone(), v.clone()));
@@ -225,11 +223,10 @@ fn layer_forward(layer: &Layer, c: &DecoderConfig, rope: &Rope, x: &Tensor, mask
         }
         None => (k, v),
     };
-    let att = attention(&q, &k, &v, mask, scale)?;
-    let att = att.transpose(1, 2)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
+    let att = attention(&q, &k, &v, c.num_attention_heads, mask, scale)?;
     let x = (residual + a.o_proj.forward(&att)?)?;
     let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
     let m = &layer.mlp;
-    let gated = (candle_nn::ops::silu(&m.gate_proj.forward(&hs)?)? * m.up_proj.forward(&hs)?)?;
+    let gated = swiglu(&m.gate_proj.forward(&hs)?, &m.up_proj.forward(&hs)?)?;
     Ok((x + m.down_proj.forward(&gated)?)?)
 }

@@ -116,17 +116,15 @@ impl FrozenLinear {
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dense_f32 = matches!(&self.weight, FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.is_contiguous());
-        let quantized = matches!(self.weight, FrozenWeight::Quantized(_));
-        let y = if x.device().is_cpu() && x.dtype() == DType::F32 && (dense_f32 || quantized) {
-            x.contiguous()?.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { weight: self.weight.clone() })))?
-        } else {
-            // Other devices/dtypes: candle's matmul (its backward also computes an unused dW).
-            let w = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
-            match x.dims() {
-                [b, t, i] => x.reshape((b * t, *i))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
-                _ => x.matmul(&w.t()?)?,
-            }
+        if self.fused_ok(x) {
+            // The bias is added inside the op: no node (and no gradient buffer) for the sum.
+            return x.contiguous()?.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { weight: self.weight.clone(), bias: self.bias.clone() })));
+        }
+        // Other devices/dtypes: candle's matmul (its backward also computes an unused dW).
+        let w = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
+        let y = match x.dims() {
+            [b, t, i] => x.reshape((b * t, *i))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
+            _ => x.matmul(&w.t()?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
@@ -135,8 +133,22 @@ impl Module for FrozenLinear {
     }
 }
 
+impl FrozenLinear {
+    /// Whether the CPU custom ops take `x` with this weight: f32 input on the CPU, and a
+    /// contiguous f32 or a quantized weight.
+    pub(crate) fn fused_ok(&self, x: &Tensor) -> bool {
+        let weight_ok = match &self.weight {
+            FrozenWeight::Dense(w) => w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu(),
+            FrozenWeight::Quantized(_) => true,
+        };
+        let bias_ok = self.bias.as_ref().map_or(true, |b| b.device().is_cpu());
+        super::kernels::fused_ok(x) && weight_ok && bias_ok
+    }
+}
+
 struct FrozenMatmul {
     weight: FrozenWeight,
+    bias: Option<Tensor>,
 }
 
 pub(crate) fn parallelism() -> Parallelism {
@@ -186,6 +198,60 @@ pub(crate) fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usiz
     Ok(())
 }
 
+/// `y = x Wᵀ` into `y: [m, out]` for row-major `x: [m, in]`, one weight tile at a time, each
+/// tile's product written in place into its columns of `y`.
+pub(crate) fn matmul_into(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    let (out_f, in_f) = weight.dims();
+    assert!(x.len() >= m * in_f && y.len() >= m * out_f, "frozen-linear: buffer too short");
+    for_each_tile(weight, |r0, r1, tile| {
+        // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, in]
+        // row-major; the tile is [r1 - r0, in] row-major, read transposed (col stride in).
+        unsafe {
+            gemm::gemm(
+                m, r1 - r0, in_f,
+                y.as_mut_ptr().add(r0), 1, out_f as isize, false,
+                x.as_ptr(), 1, in_f as isize,
+                tile.as_ptr(), in_f as isize, 1,
+                0f32, 1f32, false, false, false,
+                parallelism(),
+            );
+        }
+    })
+}
+
+/// `dx [+]= dy W` (the frozen layer's input gradient) for row-major `dy: [m, out]`, summed
+/// over the weight's tiles: `Σ dY[:, r0..r1] · W[r0..r1, :]`.
+pub(crate) fn input_grad_into(weight: &FrozenWeight, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) -> Result<()> {
+    let (out_f, in_f) = weight.dims();
+    assert!(dy.len() >= m * out_f && dx.len() >= m * in_f, "frozen-linear: buffer too short");
+    let mut first = !accumulate;
+    for_each_tile(weight, |r0, r1, tile| {
+        // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
+        // [r1 - r0, in] row-major; dX is [m, in].
+        unsafe {
+            gemm::gemm(
+                m, in_f, r1 - r0,
+                dx.as_mut_ptr(), 1, in_f as isize, !first,
+                dy.as_ptr().add(r0), 1, out_f as isize,
+                tile.as_ptr(), 1, in_f as isize,
+                1f32, 1f32, false, false, false,
+                parallelism(),
+            );
+        }
+        first = false;
+    })
+}
+
+/// Adds the bias `[out]` to every row of `y`.
+pub(crate) fn add_bias(bias: Option<&Tensor>, y: &mut [f32], out_f: usize) -> Result<()> {
+    let Some(b) = bias else { return Ok(()) };
+    let b = b.to_dtype(DType::F32)?;
+    super::kernels::with_f32(&b, "frozen-linear bias", |b| {
+        y.par_chunks_mut(out_f).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        Ok(())
+    })
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-linear"
@@ -199,62 +265,24 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-linear: input has {k} features, weight expects {in_f}")
         }
         let m = layout.shape().elem_count() / k;
-        let x = storage.as_slice::<f32>()?;
-        let x = match layout.contiguous_offsets() {
-            Some((a, b)) => &x[a..b],
-            None => candle_core::bail!("frozen-linear: input must be contiguous"),
-        };
+        let x = super::kernels::contiguous_f32(storage, layout, self.name())?;
         let mut y = vec![0f32; m * out_f];
-        // Y[:, r0..r1] = X · tileᵀ, written in place into the columns of Y.
-        for_each_tile(&self.weight, |r0, r1, tile| {
-            let n = r1 - r0;
-            // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, k]
-            // row-major; the tile is [n, k] row-major, read transposed (col stride k).
-            unsafe {
-                gemm::gemm(
-                    m, n, k,
-                    y.as_mut_ptr().add(r0), 1, out_f as isize, false,
-                    x.as_ptr(), 1, k as isize,
-                    tile.as_ptr(), k as isize, 1,
-                    0f32, 1f32, false, false, false,
-                    parallelism(),
-                );
-            }
-        })?;
+        matmul_into(&self.weight, x, m, &mut y)?;
+        add_bias(self.bias.as_ref(), &mut y, out_f)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = out_f;
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // dX = dY · W = Σ_tiles dY[:, r0..r1] · W[r0..r1, :]; no dW: the weight is frozen.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // No dW and no bias gradient: both are frozen.
         let g = grad_res.contiguous()?;
-        let dims = g.dims().to_vec();
-        let (out_f, in_f) = self.weight.dims();
-        let m = g.elem_count() / out_f;
-        // Read dY in place (it is contiguous) instead of copying it into a Vec.
-        let (g_storage, g_layout) = g.storage_and_layout();
-        let gs = cpu_slice(&g_storage, g_layout, "gradient")?;
+        let (_, in_f) = self.weight.dims();
+        let m = arg.elem_count() / in_f.max(1);
         let mut dx = vec![0f32; m * in_f];
-        let mut first = true;
-        for_each_tile(&self.weight, |r0, r1, tile| {
-            // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
-            // [r1 - r0, in_f] row-major; dX is [m, in_f], accumulated after the first tile.
-            unsafe {
-                gemm::gemm(
-                    m, in_f, r1 - r0,
-                    dx.as_mut_ptr(), 1, in_f as isize, !first,
-                    gs.as_ptr().add(r0), 1, out_f as isize,
-                    tile.as_ptr(), 1, in_f as isize,
-                    1f32, 1f32, false, false, false,
-                    parallelism(),
-                );
-            }
-            first = false;
-        })?;
-        let mut in_dims = dims;
-        *in_dims.last_mut().unwrap() = in_f;
-        Ok(Some(Tensor::from_vec(dx, in_dims, grad_res.device())?))
+        // Read dY in place (it is contiguous) instead of copying it into a Vec.
+        super::kernels::with_f32(&g, self.name(), |dy| input_grad_into(&self.weight, dy, m, &mut dx, false))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 

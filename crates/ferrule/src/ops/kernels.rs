@@ -218,6 +218,72 @@ pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, row_cost: usize, 
     out.par_chunks_mut(rows_per * row_len).enumerate().for_each(|(i, c)| f(i * rows_per, c));
 }
 
+/// A matrix operand for [`matmul`]: row-major `data` of the stored shape, rows `rs` apart
+/// (0: packed); `transposed` reads it as its transpose.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub transposed: bool,
+    pub rs: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub fn n(data: &'a [f32]) -> Self {
+        Self { data, transposed: false, rs: 0 }
+    }
+    pub fn t(data: &'a [f32]) -> Self {
+        Self { data, transposed: true, rs: 0 }
+    }
+    /// The same operand with its stored rows `rs` elements apart (a strided view).
+    pub fn rows_apart(self, rs: usize) -> Self {
+        Self { rs, ..self }
+    }
+    /// The operand from stored row `rows` on, rows `rs` apart.
+    pub fn skip_rows(self, rows: usize, rs: usize) -> Self {
+        Self { data: &self.data[rows * rs..], rs, ..self }
+    }
+    /// (column stride, row stride, elements spanned) as a `rows × cols` matrix.
+    fn strides(&self, rows: usize, cols: usize) -> (usize, usize, usize) {
+        let (stored_rows, stored_cols) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        let rs = if self.rs == 0 { stored_cols } else { self.rs };
+        let span = if stored_rows == 0 || stored_cols == 0 { 0 } else { (stored_rows - 1) * rs + stored_cols };
+        if self.transposed {
+            (rs, 1, span)
+        } else {
+            (1, rs, span)
+        }
+    }
+}
+
+/// `dst (m×n, row-major) = [dst +] scale · A·B` with `A` m×k and `B` k×n as [`Mat`]s, on the
+/// calling thread (callers parallelise over independent blocks).
+pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
+    matmul_with(m, n, k, dst, accumulate, a, b, scale, gemm::Parallelism::None)
+}
+
+/// [`matmul`] spread over rayon's threads (for one large product rather than many blocks).
+pub(crate) fn matmul_par(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
+    matmul_with(m, n, k, dst, accumulate, a, b, scale, super::frozen_linear::parallelism())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32, parallelism: gemm::Parallelism) {
+    let (a_cs, a_rs, a_span) = a.strides(m, k);
+    let (b_cs, b_rs, b_span) = b.strides(k, n);
+    assert!(dst.len() >= m * n && a.data.len() >= a_span && b.data.len() >= b_span, "matmul: operand too short");
+    // SAFETY: the lengths checked above cover every element the strides address.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, accumulate,
+            a.data.as_ptr(), a_cs as isize, a_rs as isize,
+            b.data.as_ptr(), b_cs as isize, b_rs as isize,
+            1f32, scale, false, false, false,
+            parallelism,
+        );
+    }
+}
+
 /// The f32 elements of a CPU storage under a contiguous layout.
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -260,6 +326,32 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn matmul_reads_transposed_operands() {
+        // A (2×3) = [[1,2,3],[4,5,6]], B (3×2) = [[1,0],[0,1],[1,1]]: A·B = [[4,5],[10,11]].
+        let a = [1., 2., 3., 4., 5., 6.];
+        let a_t = [1., 4., 2., 5., 3., 6.];
+        let b = [1., 0., 0., 1., 1., 1.];
+        let b_t = [1., 0., 1., 0., 1., 1.];
+        for (am, bm) in [(Mat::n(&a), Mat::n(&b)), (Mat::t(&a_t), Mat::n(&b)), (Mat::n(&a), Mat::t(&b_t)), (Mat::t(&a_t), Mat::t(&b_t))] {
+            let mut c = [0f32; 4];
+            matmul(2, 2, 3, &mut c, false, am, bm, 1.0);
+            assert_eq!(c, [4., 5., 10., 11.]);
+            matmul(2, 2, 3, &mut c, true, am, bm, 0.5);
+            assert_eq!(c, [6., 7.5, 15., 16.5]);
+        }
+    }
+
+    #[test]
+    fn matmul_reads_strided_rows() {
+        // The same A and B as above, their rows padded to 5 elements with junk.
+        let a = [1., 2., 3., -9., -9., 4., 5., 6.];
+        let b_t = [1., 0., 1., -9., -9., 0., 1., 1.];
+        let mut c = [0f32; 4];
+        matmul(2, 2, 3, &mut c, false, Mat::n(&a).rows_apart(5), Mat::t(&b_t).rows_apart(5), 1.0);
+        assert_eq!(c, [4., 5., 10., 11.]);
     }
 
     #[test]

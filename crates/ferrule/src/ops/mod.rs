@@ -1,18 +1,21 @@
 //! Tensor operations with forward *and* backward that the training path needs and candle
 //! does not provide with a gradient (DESIGN.md, "fixes that are mandatory").
 //!
-//! On the CPU in f32, norms, rope, the masked softmax of attention and the cross-entropy are
+//! On the CPU in f32, norms, rope, attention, the SwiGLU gate and the cross-entropy are
 //! fused custom ops (`kernels`) that capture their constants and return only the input
 //! gradient; the composite `*_reference` versions run on other devices/dtypes.
 
 pub mod attention;
 pub mod frozen_linear;
+mod fused_attention;
 pub mod gelu;
 pub mod head_loss;
 pub(crate) mod kernels;
 pub mod loss;
+pub mod low_rank;
 pub mod norm;
 pub mod recompute;
 pub mod rope;
+pub mod swiglu;
 
 pub use frozen_linear::{FrozenLinear, FrozenWeight};

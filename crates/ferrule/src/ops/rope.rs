@@ -78,14 +78,19 @@ impl Rope {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    /// Applies the rotation to `x: [b, heads, t, head_dim]` for positions `offset..offset+t`.
+    /// Applies the rotation to every head of `x: [b, t, heads·head_dim]` (token-major, as the
+    /// projections make it) for positions `offset..offset+t`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
+        let (_, t, hd) = x.dims3()?;
+        let d = self.cos.dim(1)?;
         if offset + t > self.max_positions() {
             candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
         }
-        if kernels::fused_ok(x) && d > 0 && d % 2 == 0 && d == self.cos.dim(1)? && self.cos.dtype() == DType::F32 && self.cos.device().is_cpu() {
-            let op = RopeOp { cos: self.cos.clone(), sin: self.sin.clone(), offset, t };
+        if d == 0 || d % 2 != 0 || hd % d != 0 {
+            candle_core::bail!("rope: {hd} features do not split into heads of {d}")
+        }
+        if kernels::fused_ok(x) && self.cos.dtype() == DType::F32 && self.cos.device().is_cpu() {
+            let op = RopeOp { cos: self.cos.clone(), sin: self.sin.clone(), offset, t, heads: hd / d };
             return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
         }
         self.apply_reference(x, offset)
@@ -93,37 +98,41 @@ impl Rope {
 
     /// Composite rotation from differentiable primitives (fallback and test reference).
     pub fn apply_reference(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
+        let (b, t, hd) = x.dims3()?;
+        let d = self.cos.dim(1)?;
         if offset + t > self.max_positions() {
             candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
         }
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let x = x.reshape((b, t, hd / d, d))?;
+        // [t, 1, d]: one row per position, broadcast over heads.
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?.unsqueeze(1)?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?.unsqueeze(1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
+        x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)?.reshape((b, t, hd))
     }
 }
 
 
-/// Fused rotate-half rope over rows of `x: [b, h, t, d]`; row `r` sits at position
-/// `offset + r mod t`. The tables `[max_pos, d]` are captured whole.
+/// Fused rotate-half rope over rows of `d` of `x: [b, t, heads·d]`; row `r` sits at position
+/// `offset + (r / heads) mod t`. The tables `[max_pos, d]` are captured whole.
 struct RopeOp {
     cos: Tensor,
     sin: Tensor,
     offset: usize,
     t: usize,
+    heads: usize,
 }
 
 multiversion! {
-    /// `y = x·cos + rot(x)·sin`, `rot(x) = cat(−x₂, x₁)`, for rows starting at sequence
-    /// index `t0` (mod `t`); `cos`, `sin` hold the rows of positions `offset..offset+t`.
-    fn rope_fwd_rows(x: &[f32], cos: &[f32], sin: &[f32], t: usize, t0: usize, y: &mut [f32]) {
+    /// `y = x·cos + rot(x)·sin`, `rot(x) = cat(−x₂, x₁)`, for rows from row `r0` on (row `r`
+    /// at sequence index `(r / heads) mod t`); `cos`, `sin` hold positions `offset..offset+t`.
+    fn rope_fwd_rows(x: &[f32], cos: &[f32], sin: &[f32], t: usize, heads: usize, r0: usize, y: &mut [f32]) {
         let d = cos.len() / t;
         let h = d / 2;
         for (i, (x, y)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
-            let p = (t0 + i) % t;
+            let p = ((r0 + i) / heads) % t;
             let (c, s) = (&cos[p * d..p * d + d], &sin[p * d..p * d + d]);
             let (x1, x2) = x.split_at(h);
             let (y1, y2) = y.split_at_mut(h);
@@ -141,11 +150,11 @@ multiversion! {
 
 multiversion! {
     /// `dx = g·cos + rotᵀ(g·sin)`, `rotᵀ(u) = cat(u₂, −u₁)`.
-    fn rope_bwd_rows(g: &[f32], cos: &[f32], sin: &[f32], t: usize, t0: usize, dx: &mut [f32]) {
+    fn rope_bwd_rows(g: &[f32], cos: &[f32], sin: &[f32], t: usize, heads: usize, r0: usize, dx: &mut [f32]) {
         let d = cos.len() / t;
         let h = d / 2;
         for (i, (g, dx)) in g.chunks_exact(d).zip(dx.chunks_exact_mut(d)).enumerate() {
-            let p = (t0 + i) % t;
+            let p = ((r0 + i) / heads) % t;
             let (c, s) = (&cos[p * d..p * d + d], &sin[p * d..p * d + d]);
             let (g1, g2) = g.split_at(h);
             let (d1, d2) = dx.split_at_mut(h);
@@ -163,14 +172,14 @@ multiversion! {
 
 impl RopeOp {
     /// Runs `kernel` over the rows of `src` into a new buffer, with the table rows in use.
-    fn run(&self, src: &[f32], kernel: fn(&[f32], &[f32], &[f32], usize, usize, &mut [f32])) -> Result<Vec<f32>> {
+    fn run(&self, src: &[f32], kernel: fn(&[f32], &[f32], &[f32], usize, usize, usize, &mut [f32])) -> Result<Vec<f32>> {
         let mut out = vec![0f32; src.len()];
         kernels::with_f32(&self.cos, "fused-rope", |cos| {
             kernels::with_f32(&self.sin, "fused-rope", |sin| {
                 let d = self.cos.dim(1)?;
                 let rows = self.offset * d..(self.offset + self.t) * d;
                 let (cos, sin) = (&cos[rows.clone()], &sin[rows]);
-                kernels::par_rows(&mut out, d, d, |r0, out| kernel(&src[r0 * d..r0 * d + out.len()], cos, sin, self.t, r0 % self.t, out));
+                kernels::par_rows(&mut out, d, d, |r0, out| kernel(&src[r0 * d..r0 * d + out.len()], cos, sin, self.t, self.heads, r0, out));
                 Ok(())
             })
         })?;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{Module, Result, Tensor, Var};
 
 use crate::model::Linear;
+use crate::ops::low_rank::low_rank_linear;
 use crate::ops::FrozenLinear;
 use crate::tuners::mode::{dropout, Mode};
 
@@ -29,16 +30,8 @@ impl LoraLinear {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = Module::forward(&self.base, x)?;
-        let x_in = if self.mode.training() && self.dropout > 0.0 { dropout(x, self.dropout, self.mode.dropout_seed(&self.path))? } else { x.clone() };
-        let dims = x_in.dims().to_vec();
-        let in_f = *dims.last().unwrap_or(&0);
-        let flat = x_in.reshape(((), in_f))?;
-        let low = flat.matmul(&self.a.as_tensor().t()?)?;
-        let up = (low.matmul(&self.b.as_tensor().t()?)? * self.scaling)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = up.dim(1)?;
-        y + up.reshape(out_dims)?
+        let dropped = if self.mode.training() && self.dropout > 0.0 { Some(dropout(x, self.dropout, self.mode.dropout_seed(&self.path))?) } else { None };
+        low_rank_linear(x, dropped.as_ref(), &self.base, self.a.as_tensor(), self.b.as_tensor(), self.scaling)
     }
 }
 

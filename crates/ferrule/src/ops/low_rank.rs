@@ -1,0 +1,113 @@
+//! `y = x W₀ᵀ (+ b) + s · (x Aᵀ) Bᵀ`: a frozen linear layer plus a trainable low-rank update
+//! (LoRA, Hu et al. 2021, eq. 3), as one CPU custom op.
+//!
+//! As composite ops the update is two matmuls, a scale and an add beside the frozen op: the
+//! graph keeps `(x Aᵀ) Bᵀ`, its scaled copy, the frozen output and their sum (four `[m, out]`
+//! tensors per adapted layer), and the backward fills and accumulates a gradient buffer for
+//! each, and a second one for `x`. The fused op keeps only `x`. Its backward recomputes
+//! `h = x Aᵀ` (`r` columns, cheap) and forms
+//!
+//! `dB = s · dyᵀ h`, `dh = s · dy B`, `dA = dhᵀ x`, `dx = dy W₀ + dh A`.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
+
+use super::frozen_linear::{add_bias, input_grad_into, matmul_into, FrozenWeight};
+use super::kernels::{self, matmul_par, Mat};
+use super::FrozenLinear;
+
+/// `base(x) + scale · (u Aᵀ) Bᵀ` with `u = update_input` (a dropped-out copy of `x`) or `x`;
+/// `a: [r, in]`, `b: [out, r]`. Fused on the CPU in f32 when `u` is `x`; composite otherwise.
+pub fn low_rank_linear(x: &Tensor, update_input: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    if update_input.is_none() && base.fused_ok(x) && kernels::fused_ok(a) && kernels::fused_ok(b) {
+        let op = LowRankLinear { weight: base.weight().clone(), bias: base.bias().cloned(), scale: scale as f32 };
+        return x.contiguous()?.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)));
+    }
+    let y = base.forward(x)?;
+    let u = update_input.unwrap_or(x);
+    let dims = u.dims().to_vec();
+    let in_f = *dims.last().unwrap_or(&0);
+    let update = (u.reshape(((), in_f))?.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = update.dim(1)?;
+    y + update.reshape(out_dims)?
+}
+
+/// The fused op over `(x, A, B)`; the frozen weight and bias are captured.
+struct LowRankLinear {
+    weight: FrozenWeight,
+    bias: Option<Tensor>,
+    scale: f32,
+}
+
+impl LowRankLinear {
+    /// `(m, in, out, r)` for `x: [.., in]` and `a: [r, in]`.
+    fn dims(&self, x: &Shape, a: &Shape) -> Result<(usize, usize, usize, usize)> {
+        let (out_f, in_f) = self.weight.dims();
+        let (r, a_in) = a.dims2()?;
+        let k = *x.dims().last().unwrap_or(&0);
+        if k != in_f || a_in != in_f {
+            candle_core::bail!("low-rank-linear: input has {k} features and A {a_in}, the weight expects {in_f}")
+        }
+        Ok((x.elem_count() / in_f.max(1), in_f, out_f, r))
+    }
+}
+
+impl CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "low-rank-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, _, out_f, r) = self.dims(l1.shape(), l2.shape())?;
+        let x = kernels::contiguous_f32(s1, l1, self.name())?;
+        let a = kernels::contiguous_f32(s2, l2, self.name())?;
+        let b = kernels::contiguous_f32(s3, l3, self.name())?;
+        if l3.shape().dims2()? != (out_f, r) {
+            candle_core::bail!("low-rank-linear: B is {:?}, expected [{out_f}, {r}]", l3.shape().dims())
+        }
+        let in_f = a.len() / r.max(1);
+        let mut y = vec![0f32; m * out_f];
+        matmul_into(&self.weight, x, m, &mut y)?;
+        add_bias(self.bias.as_ref(), &mut y, out_f)?;
+        let mut h = vec![0f32; m * r];
+        matmul_par(m, r, in_f, &mut h, false, Mat::n(x), Mat::t(a), 1.0);
+        matmul_par(m, out_f, r, &mut y, true, Mat::n(&h), Mat::t(b), self.scale);
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, in_f, out_f, r) = self.dims(x.shape(), a.shape())?;
+        let dy = grad_res.contiguous()?;
+        let mut dx = vec![0f32; m * in_f];
+        let mut da = vec![0f32; r * in_f];
+        let mut db = vec![0f32; out_f * r];
+        let name = self.name();
+        kernels::with_f32(x, name, |x| {
+            kernels::with_f32(a, name, |a| {
+                kernels::with_f32(b, name, |b| {
+                    kernels::with_f32(&dy, name, |dy| {
+                        input_grad_into(&self.weight, dy, m, &mut dx, false)?;
+                        let mut h = vec![0f32; m * r];
+                        matmul_par(m, r, in_f, &mut h, false, Mat::n(x), Mat::t(a), 1.0);
+                        let mut dh = vec![0f32; m * r];
+                        matmul_par(m, r, out_f, &mut dh, false, Mat::n(dy), Mat::n(b), self.scale);
+                        matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0);
+                        matmul_par(out_f, r, m, &mut db, false, Mat::t(dy), Mat::n(&h), self.scale);
+                        matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(x), 1.0);
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, a.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
