@@ -264,55 +264,47 @@ impl CustomOp3 for FusedAttention {
         let name = self.name();
         // One unit per (batch, key/value head): the dQ rows of its query heads, its dK and dV.
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let units: Vec<Grads> = kernels::with_f32(q, name, |q| {
-            kernels::with_f32(k, name, |k| {
-                kernels::with_f32(v, name, |v| {
-                    kernels::with_f32(res, name, |o| {
-                        kernels::with_f32(&go, name, |go| {
-                            self.with_mask(|mask| {
-                                Ok((0..b * h_kv)
-                                    .into_par_iter()
-                                    .map(|unit| {
-                                        let (batch, kv_head) = (unit / h_kv, unit % h_kv);
-                                        let kv0 = dm.head_start(batch, s, h_kv, kv_head);
-                                        let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
-                                        let (mut dq, mut dk, mut dv) = (vec![0f32; groups * t * d], vec![0f32; s * d], vec![0f32; s * d]);
-                                        let (mut p, mut dp, mut di) = (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
-                                        for g in 0..groups {
-                                            let head = kv_head * groups + g;
-                                            let q0h = dm.head_start(batch, t, h, head);
-                                            let st = &stats[(batch * h + head) * t * 2..(batch * h + head + 1) * t * 2];
-                                            for q0 in (0..t).step_by(tq) {
-                                                let n = tq.min(t - q0);
-                                                let rows = q0h + q0 * q_rs;
-                                                let (qt, got) = (Mat::n(&q[rows..]).rows_apart(q_rs), Mat::n(&go[rows..]).rows_apart(q_rs));
-                                                let mrows = mask.rows(batch, q0, n, s);
-                                                let (lo, hi) = key_range(mrows, n, s);
-                                                let w = hi - lo;
-                                                let (m, stride) = mrows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
-                                                let (kt, vt) = (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
-                                                let (p, dp, di) = (&mut p[..n * w], &mut dp[..n * w], &mut di[..n]);
-                                                matmul(n, w, d, p, false, qt, Mat { transposed: true, ..kt }, self.scale);
-                                                probs_rows(p, m, stride, w, &st[q0 * 2..(q0 + n) * 2]);
-                                                matmul(w, d, n, &mut dv[lo * d..hi * d], true, Mat::t(p), got, 1.0);
-                                                matmul(n, w, d, dp, false, got, Mat { transposed: true, ..vt }, 1.0);
-                                                for (i, di) in di.iter_mut().enumerate() {
-                                                    let r = rows + i * q_rs;
-                                                    *di = kernels::dot(&go[r..r + d], &o[r..r + d]);
-                                                }
-                                                score_grad_rows(dp, p, di, w);
-                                                let dq_rows = (g * t + q0) * d..(g * t + q0 + n) * d;
-                                                matmul(n, d, w, &mut dq[dq_rows], false, Mat::n(dp), kt, self.scale);
-                                                matmul(w, d, n, &mut dk[lo * d..hi * d], true, Mat::t(dp), qt, self.scale);
-                                            }
-                                        }
-                                        (dq, dk, dv)
-                                    })
-                                    .collect())
-                            })
-                        })
+        let units: Vec<Grads> = kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
+            self.with_mask(|mask| {
+                Ok((0..b * h_kv)
+                    .into_par_iter()
+                    .map(|unit| {
+                        let (batch, kv_head) = (unit / h_kv, unit % h_kv);
+                        let kv0 = dm.head_start(batch, s, h_kv, kv_head);
+                        let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
+                        let (mut dq, mut dk, mut dv) = (vec![0f32; groups * t * d], vec![0f32; s * d], vec![0f32; s * d]);
+                        let (mut p, mut dp, mut di) = (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
+                        for g in 0..groups {
+                            let head = kv_head * groups + g;
+                            let q0h = dm.head_start(batch, t, h, head);
+                            let st = &stats[(batch * h + head) * t * 2..(batch * h + head + 1) * t * 2];
+                            for q0 in (0..t).step_by(tq) {
+                                let n = tq.min(t - q0);
+                                let rows = q0h + q0 * q_rs;
+                                let (qt, got) = (Mat::n(&q[rows..]).rows_apart(q_rs), Mat::n(&go[rows..]).rows_apart(q_rs));
+                                let mrows = mask.rows(batch, q0, n, s);
+                                let (lo, hi) = key_range(mrows, n, s);
+                                let w = hi - lo;
+                                let (m, stride) = mrows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
+                                let (kt, vt) = (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
+                                let (p, dp, di) = (&mut p[..n * w], &mut dp[..n * w], &mut di[..n]);
+                                matmul(n, w, d, p, false, qt, Mat { transposed: true, ..kt }, self.scale);
+                                probs_rows(p, m, stride, w, &st[q0 * 2..(q0 + n) * 2]);
+                                matmul(w, d, n, &mut dv[lo * d..hi * d], true, Mat::t(p), got, 1.0);
+                                matmul(n, w, d, dp, false, got, Mat { transposed: true, ..vt }, 1.0);
+                                for (i, di) in di.iter_mut().enumerate() {
+                                    let r = rows + i * q_rs;
+                                    *di = kernels::dot(&go[r..r + d], &o[r..r + d]);
+                                }
+                                score_grad_rows(dp, p, di, w);
+                                let dq_rows = (g * t + q0) * d..(g * t + q0 + n) * d;
+                                matmul(n, d, w, &mut dq[dq_rows], false, Mat::n(dp), kt, self.scale);
+                                matmul(w, d, n, &mut dk[lo * d..hi * d], true, Mat::t(dp), qt, self.scale);
+                            }
+                        }
+                        (dq, dk, dv)
                     })
-                })
+                    .collect())
             })
         })?;
         let (mut dq, mut dk, mut dv) = (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);

@@ -72,11 +72,9 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.contiguous()?;
         let mut dx = vec![0f32; arg.elem_count()];
-        kernels::with_f32(arg, self.name(), |x| {
-            kernels::with_f32(&g, self.name(), |g| {
-                kernels::par_rows(&mut dx, 1, 24, |r0, out| gelu_bwd(&x[r0..r0 + out.len()], &g[r0..r0 + out.len()], out));
-                Ok(())
-            })
+        kernels::with_f32s([arg, &g], self.name(), |[x, g]| {
+            kernels::par_rows(&mut dx, 1, 24, |r0, out| gelu_bwd(&x[r0..r0 + out.len()], &g[r0..r0 + out.len()], out));
+            Ok(())
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

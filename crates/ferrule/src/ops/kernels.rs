@@ -303,6 +303,19 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
     }
 }
 
+/// [`with_f32`] for several tensors at once: `f` gets their elements in the same order.
+pub(crate) fn with_f32s<const N: usize, R>(ts: [&Tensor; N], op: &str, f: impl FnOnce([&[f32]; N]) -> Result<R>) -> Result<R> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        *slot = match &**storage {
+            Storage::Cpu(s) => contiguous_f32(s, layout, op)?,
+            _ => candle_core::bail!("{op}: tensor not on cpu"),
+        };
+    }
+    f(slices)
+}
+
 /// True when the fused CPU path applies: f32 on the CPU.
 pub(crate) fn fused_ok(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32

@@ -85,23 +85,16 @@ impl CustomOp3 for LowRankLinear {
         let mut dx = vec![0f32; m * in_f];
         let mut da = vec![0f32; r * in_f];
         let mut db = vec![0f32; out_f * r];
-        let name = self.name();
-        kernels::with_f32(x, name, |x| {
-            kernels::with_f32(a, name, |a| {
-                kernels::with_f32(b, name, |b| {
-                    kernels::with_f32(&dy, name, |dy| {
-                        input_grad_into(&self.weight, dy, m, &mut dx, false)?;
-                        let mut h = vec![0f32; m * r];
-                        matmul_par(m, r, in_f, &mut h, false, Mat::n(x), Mat::t(a), 1.0);
-                        let mut dh = vec![0f32; m * r];
-                        matmul_par(m, r, out_f, &mut dh, false, Mat::n(dy), Mat::n(b), self.scale);
-                        matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0);
-                        matmul_par(out_f, r, m, &mut db, false, Mat::t(dy), Mat::n(&h), self.scale);
-                        matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(x), 1.0);
-                        Ok(())
-                    })
-                })
-            })
+        kernels::with_f32s([x, a, b, &dy], self.name(), |[x, a, b, dy]| {
+            input_grad_into(&self.weight, dy, m, &mut dx, false)?;
+            let mut h = vec![0f32; m * r];
+            matmul_par(m, r, in_f, &mut h, false, Mat::n(x), Mat::t(a), 1.0);
+            let mut dh = vec![0f32; m * r];
+            matmul_par(m, r, out_f, &mut dh, false, Mat::n(dy), Mat::n(b), self.scale);
+            matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0);
+            matmul_par(out_f, r, m, &mut db, false, Mat::t(dy), Mat::n(&h), self.scale);
+            matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(x), 1.0);
+            Ok(())
         })?;
         let dev = x.device();
         Ok((

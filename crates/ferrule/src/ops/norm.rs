@@ -102,17 +102,13 @@ impl CustomOp1 for RmsNormOp {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.contiguous()?;
         let mut dx = vec![0f32; arg.elem_count()];
-        kernels::with_f32(arg, self.name(), |x| {
-            kernels::with_f32(&g, self.name(), |g| {
-                kernels::with_f32(&self.weight, self.name(), |w| {
-                    let d = w.len();
-                    kernels::par_rows(&mut dx, d, 2 * d, |r0, dx| {
-                        let s = r0 * d..r0 * d + dx.len();
-                        rms_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
-                    });
-                    Ok(())
-                })
-            })
+        kernels::with_f32s([arg, &g, &self.weight], self.name(), |[x, g, w]| {
+            let d = w.len();
+            kernels::par_rows(&mut dx, d, 2 * d, |r0, dx| {
+                let s = r0 * d..r0 * d + dx.len();
+                rms_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
+            });
+            Ok(())
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
@@ -170,12 +166,10 @@ impl CustomOp1 for LayerNormOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = kernels::contiguous_f32(storage, layout, self.name())?;
         let mut y = vec![0f32; x.len()];
-        kernels::with_f32(&self.weight, self.name(), |w| {
-            kernels::with_f32(&self.bias, self.name(), |b| {
-                let d = w.len();
-                kernels::par_rows(&mut y, d, 2 * d, |r0, y| ln_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, b, self.eps, y));
-                Ok(())
-            })
+        kernels::with_f32s([&self.weight, &self.bias], self.name(), |[w, b]| {
+            let d = w.len();
+            kernels::par_rows(&mut y, d, 2 * d, |r0, y| ln_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, b, self.eps, y));
+            Ok(())
         })?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -183,17 +177,13 @@ impl CustomOp1 for LayerNormOp {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.contiguous()?;
         let mut dx = vec![0f32; arg.elem_count()];
-        kernels::with_f32(arg, self.name(), |x| {
-            kernels::with_f32(&g, self.name(), |g| {
-                kernels::with_f32(&self.weight, self.name(), |w| {
-                    let d = w.len();
-                    kernels::par_rows(&mut dx, d, 3 * d, |r0, dx| {
-                        let s = r0 * d..r0 * d + dx.len();
-                        ln_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
-                    });
-                    Ok(())
-                })
-            })
+        kernels::with_f32s([arg, &g, &self.weight], self.name(), |[x, g, w]| {
+            let d = w.len();
+            kernels::par_rows(&mut dx, d, 3 * d, |r0, dx| {
+                let s = r0 * d..r0 * d + dx.len();
+                ln_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
+            });
+            Ok(())
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

@@ -174,14 +174,12 @@ impl RopeOp {
     /// Runs `kernel` over the rows of `src` into a new buffer, with the table rows in use.
     fn run(&self, src: &[f32], kernel: fn(&[f32], &[f32], &[f32], usize, usize, usize, &mut [f32])) -> Result<Vec<f32>> {
         let mut out = vec![0f32; src.len()];
-        kernels::with_f32(&self.cos, "fused-rope", |cos| {
-            kernels::with_f32(&self.sin, "fused-rope", |sin| {
-                let d = self.cos.dim(1)?;
-                let rows = self.offset * d..(self.offset + self.t) * d;
-                let (cos, sin) = (&cos[rows.clone()], &sin[rows]);
-                kernels::par_rows(&mut out, d, d, |r0, out| kernel(&src[r0 * d..r0 * d + out.len()], cos, sin, self.t, self.heads, r0, out));
-                Ok(())
-            })
+        kernels::with_f32s([&self.cos, &self.sin], "fused-rope", |[cos, sin]| {
+            let d = self.cos.dim(1)?;
+            let rows = self.offset * d..(self.offset + self.t) * d;
+            let (cos, sin) = (&cos[rows.clone()], &sin[rows]);
+            kernels::par_rows(&mut out, d, d, |r0, out| kernel(&src[r0 * d..r0 * d + out.len()], cos, sin, self.t, self.heads, r0, out));
+            Ok(())
         })?;
         Ok(out)
     }

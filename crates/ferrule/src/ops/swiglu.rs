@@ -73,17 +73,13 @@ impl CustomOp2 for SwiGlu {
         let dy = grad_res.contiguous()?;
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        kernels::with_f32(gate, self.name(), |g| {
-            kernels::with_f32(up, self.name(), |u| {
-                kernels::with_f32(&dy, self.name(), |dy| {
-                    const CHUNK: usize = 16 * 1024;
-                    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dg, du))| {
-                        let r = i * CHUNK..i * CHUNK + dg.len();
-                        swiglu_bwd(&g[r.clone()], &u[r.clone()], &dy[r], dg, du)
-                    });
-                    Ok(())
-                })
-            })
+        kernels::with_f32s([gate, up, &dy], self.name(), |[g, u, dy]| {
+            const CHUNK: usize = 16 * 1024;
+            dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dg, du))| {
+                let r = i * CHUNK..i * CHUNK + dg.len();
+                swiglu_bwd(&g[r.clone()], &u[r.clone()], &dy[r], dg, du)
+            });
+            Ok(())
         })?;
         let dev = gate.device();
         Ok((Some(Tensor::from_vec(dg, gate.shape(), dev)?), Some(Tensor::from_vec(du, up.shape(), dev)?)))
