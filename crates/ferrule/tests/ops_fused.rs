@@ -8,7 +8,7 @@ use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKi
 use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 use ferrule::ops::norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 use ferrule::ops::rope::{Rope, RopeScaling};
-use ferrule::ops::low_rank::low_rank_linear;
+use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
 use ferrule::ops::swiglu::{swiglu, swiglu_reference};
 use ferrule::ops::{FrozenLinear, FrozenWeight};
 use ferrule::quant::{Blockwise4, Code4};
@@ -252,12 +252,21 @@ fn low_rank_linear_matches_composite() {
         let a = var(&[r, i], 110 + k as u64, 0.3);
         let bm = var(&[o, r], 120 + k as u64, 0.3);
         let scale = 2.0;
-        // Passing `x` itself as the update input takes the composite path with the same math.
         check(
             &format!("low-rank linear case {k}"),
             &[&x, &a, &bm],
             |t| low_rank_linear(&t[0], None, &base, &t[1], &t[2], scale),
-            |t| low_rank_linear(&t[0], Some(&t[0]), &base, &t[1], &t[2], scale),
+            |t| low_rank_linear_reference(&t[0], None, &base, &t[1], &t[2], scale),
+        );
+        // LoRA dropout: p = 0.3, the mask kept as a constant (scaled 1/0.7 or 0).
+        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 7 + k as u64).unwrap().unwrap();
+        let kept = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(kept.iter().any(|&v| v == 0.0) && kept.iter().any(|&v| v > 1.0), "mask drops some and scales the rest");
+        check(
+            &format!("low-rank linear case {k} with dropout"),
+            &[&x, &a, &bm],
+            |t| low_rank_linear(&t[0], Some(&mask), &base, &t[1], &t[2], scale),
+            |t| low_rank_linear_reference(&t[0], Some(&mask), &base, &t[1], &t[2], scale),
         );
     }
 }

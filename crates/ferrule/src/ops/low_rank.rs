@@ -8,6 +8,9 @@
 //! `h = x Aᵀ` (`r` columns, cheap) and forms
 //!
 //! `dB = s · dyᵀ h`, `dh = s · dy B`, `dA = dhᵀ x`, `dx = dy W₀ + dh A`.
+//!
+//! With LoRA dropout the update reads `u = x ⊙ mask` (the captured inverted-dropout mask), so
+//! `h = u Aᵀ`, `dA = dhᵀ u` and the update's part of `dx` is `(dh A) ⊙ mask`.
 
 use std::sync::Arc;
 
@@ -17,15 +20,25 @@ use super::frozen_linear::{add_bias, input_grad_into, matmul_into, FrozenWeight}
 use super::kernels::{self, matmul_par, Mat};
 use super::FrozenLinear;
 
-/// `base(x) + scale · (u Aᵀ) Bᵀ` with `u = update_input` (a dropped-out copy of `x`) or `x`;
-/// `a: [r, in]`, `b: [out, r]`. Fused on the CPU in f32 when `u` is `x`; composite otherwise.
-pub fn low_rank_linear(x: &Tensor, update_input: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    if update_input.is_none() && base.fused_ok(x) && kernels::fused_ok(a) && kernels::fused_ok(b) {
-        let op = LowRankLinear { weight: base.weight().clone(), bias: base.bias().cloned(), scale: scale as f32 };
+/// `base(x) + scale · (u Aᵀ) Bᵀ` with `u = x ⊙ update_mask` (LoRA dropout) or `u = x`;
+/// `a: [r, in]`, `b: [out, r]`. Fused on the CPU in f32; composite otherwise.
+pub fn low_rank_linear(x: &Tensor, update_mask: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let mask_ok = update_mask.map_or(true, |m| kernels::fused_ok(m) && m.dims() == x.dims());
+    if mask_ok && base.fused_ok(x) && kernels::fused_ok(a) && kernels::fused_ok(b) {
+        let update_mask = update_mask.map(|m| m.contiguous()).transpose()?;
+        let op = LowRankLinear { weight: base.weight().clone(), bias: base.bias().cloned(), update_mask, scale: scale as f32 };
         return x.contiguous()?.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)));
     }
+    low_rank_linear_reference(x, update_mask, base, a, b, scale)
+}
+
+/// The same from candle's differentiable ops (other devices and dtypes; test reference).
+pub fn low_rank_linear_reference(x: &Tensor, update_mask: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let y = base.forward(x)?;
-    let u = update_input.unwrap_or(x);
+    let u = match update_mask {
+        Some(m) => x.mul(&m.detach())?,
+        None => x.clone(),
+    };
     let dims = u.dims().to_vec();
     let in_f = *dims.last().unwrap_or(&0);
     let update = (u.reshape(((), in_f))?.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
@@ -38,10 +51,23 @@ pub fn low_rank_linear(x: &Tensor, update_input: Option<&Tensor>, base: &FrozenL
 struct LowRankLinear {
     weight: FrozenWeight,
     bias: Option<Tensor>,
+    /// The dropout mask on the update's input, shaped like `x`.
+    update_mask: Option<Tensor>,
     scale: f32,
 }
 
 impl LowRankLinear {
+    /// Calls `f` with the update's input: `x`, or `x ⊙ mask` (a new buffer) under dropout.
+    fn with_update_input<R>(&self, x: &[f32], f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        match &self.update_mask {
+            None => f(x),
+            Some(m) => kernels::with_f32(m, "low-rank-linear", |m| {
+                let u: Vec<f32> = x.iter().zip(m).map(|(x, m)| x * m).collect();
+                f(&u)
+            }),
+        }
+    }
+
     /// `(m, in, out, r)` for `x: [.., in]` and `a: [r, in]`.
     fn dims(&self, x: &Shape, a: &Shape) -> Result<(usize, usize, usize, usize)> {
         let (out_f, in_f) = self.weight.dims();
@@ -72,7 +98,10 @@ impl CustomOp3 for LowRankLinear {
         matmul_into(&self.weight, x, m, &mut y)?;
         add_bias(self.bias.as_ref(), &mut y, out_f)?;
         let mut h = vec![0f32; m * r];
-        matmul_par(m, r, in_f, &mut h, false, Mat::n(x), Mat::t(a), 1.0);
+        self.with_update_input(x, |u| {
+            matmul_par(m, r, in_f, &mut h, false, Mat::n(u), Mat::t(a), 1.0);
+            Ok(())
+        })?;
         matmul_par(m, out_f, r, &mut y, true, Mat::n(&h), Mat::t(b), self.scale);
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().unwrap() = out_f;
@@ -87,13 +116,25 @@ impl CustomOp3 for LowRankLinear {
         let mut db = vec![0f32; out_f * r];
         kernels::with_f32s([x, a, b, &dy], self.name(), |[x, a, b, dy]| {
             input_grad_into(&self.weight, dy, m, &mut dx, false)?;
-            let mut h = vec![0f32; m * r];
-            matmul_par(m, r, in_f, &mut h, false, Mat::n(x), Mat::t(a), 1.0);
             let mut dh = vec![0f32; m * r];
             matmul_par(m, r, out_f, &mut dh, false, Mat::n(dy), Mat::n(b), self.scale);
-            matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0);
-            matmul_par(out_f, r, m, &mut db, false, Mat::t(dy), Mat::n(&h), self.scale);
-            matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(x), 1.0);
+            self.with_update_input(x, |u| {
+                let mut h = vec![0f32; m * r];
+                matmul_par(m, r, in_f, &mut h, false, Mat::n(u), Mat::t(a), 1.0);
+                matmul_par(out_f, r, m, &mut db, false, Mat::t(dy), Mat::n(&h), self.scale);
+                matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(u), 1.0);
+                Ok(())
+            })?;
+            match &self.update_mask {
+                // The update's share of dx goes through the mask: dx += (dh A) ⊙ mask.
+                Some(mask) => kernels::with_f32(mask, self.name(), |mask| {
+                    let mut du = vec![0f32; m * in_f];
+                    matmul_par(m, in_f, r, &mut du, false, Mat::n(&dh), Mat::n(a), 1.0);
+                    dx.iter_mut().zip(&du).zip(mask).for_each(|((dx, du), m)| *dx += du * m);
+                    Ok(())
+                })?,
+                None => matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0),
+            }
             Ok(())
         })?;
         let dev = x.device();

@@ -31,13 +31,13 @@ impl Mode {
     }
 }
 
-/// Inverted dropout (Srivastava et al. 2014) with a seeded mask: keeps each element with
-/// probability 1 − p and scales kept ones by 1/(1 − p).
-pub fn dropout(x: &candle_core::Tensor, p: f64, seed: u64) -> candle_core::Result<candle_core::Tensor> {
+/// The inverted-dropout mask (Srivastava et al. 2014) for `x`, seeded: each element kept with
+/// probability 1 − p and scaled by 1/(1 − p), else 0. `None` when `p` is 0.
+pub fn dropout_mask(x: &candle_core::Tensor, p: f64, seed: u64) -> candle_core::Result<Option<candle_core::Tensor>> {
     if p <= 0.0 {
-        return Ok(x.clone());
+        return Ok(None);
     }
     let mut rng = crate::train::rng::Rng::seed_from_u64(seed);
     let mask = crate::train::rng::dropout_mask(&mut rng, x.shape(), p, x.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    x.mul(&mask.to_dtype(x.dtype())?)
+    Ok(Some(mask.to_dtype(x.dtype())?))
 }

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor, Var};
 use crate::model::Linear;
 use crate::ops::low_rank::low_rank_linear;
 use crate::ops::FrozenLinear;
-use crate::tuners::mode::{dropout, Mode};
+use crate::tuners::mode::{dropout_mask, Mode};
 
 /// A frozen linear plus a trainable low-rank update.
 pub struct LoraLinear {
@@ -30,8 +30,8 @@ impl LoraLinear {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dropped = if self.mode.training() && self.dropout > 0.0 { Some(dropout(x, self.dropout, self.mode.dropout_seed(&self.path))?) } else { None };
-        low_rank_linear(x, dropped.as_ref(), &self.base, self.a.as_tensor(), self.b.as_tensor(), self.scaling)
+        let mask = if self.mode.training() { dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))? } else { None };
+        low_rank_linear(x, mask.as_ref(), &self.base, self.a.as_tensor(), self.b.as_tensor(), self.scaling)
     }
 }
 
