@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::frozen_linear::{add_bias, input_grad_into, matmul_into, FrozenWeight};
 use super::kernels::{self, matmul_par, Mat};
@@ -47,6 +48,9 @@ pub fn low_rank_linear_reference(x: &Tensor, update_mask: Option<&Tensor>, base:
     y + update.reshape(out_dims)?
 }
 
+/// Elements per parallel chunk of the element-wise dropout passes.
+const CHUNK: usize = 16 * 1024;
+
 /// The fused op over `(x, A, B)`; the frozen weight and bias are captured.
 struct LowRankLinear {
     weight: FrozenWeight,
@@ -62,7 +66,10 @@ impl LowRankLinear {
         match &self.update_mask {
             None => f(x),
             Some(m) => kernels::with_f32(m, "low-rank-linear", |m| {
-                let u: Vec<f32> = x.iter().zip(m).map(|(x, m)| x * m).collect();
+                let mut u = vec![0f32; x.len()];
+                u.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK))).for_each(|(u, (x, m))| {
+                    u.iter_mut().zip(x).zip(m).for_each(|((u, x), m)| *u = x * m)
+                });
                 f(&u)
             }),
         }
@@ -130,7 +137,9 @@ impl CustomOp3 for LowRankLinear {
                 Some(mask) => kernels::with_f32(mask, self.name(), |mask| {
                     let mut du = vec![0f32; m * in_f];
                     matmul_par(m, in_f, r, &mut du, false, Mat::n(&dh), Mat::n(a), 1.0);
-                    dx.iter_mut().zip(&du).zip(mask).for_each(|((dx, du), m)| *dx += du * m);
+                    dx.par_chunks_mut(CHUNK).zip(du.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK))).for_each(|(dx, (du, m))| {
+                        dx.iter_mut().zip(du).zip(m).for_each(|((dx, du), m)| *dx += du * m)
+                    });
                     Ok(())
                 })?,
                 None => matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0),
