@@ -33,9 +33,9 @@ const TILE_SCORES: usize = 16 * 1024;
 /// `k, v: [b, s, h_kv·d]` (query head `i` reads key/value head `i / (h / h_kv)`);
 /// `mask: [b|1, 1, t|1, s]`, captured. The output is `[b, t, h·d]`.
 pub(super) struct FusedAttention {
-    pub mask: Option<Tensor>,
-    pub scale: f32,
-    pub heads: usize,
+    mask: Option<Tensor>,
+    scale: f32,
+    heads: usize,
     /// `[b, h, t, 2]`: the max and the sum of each forward softmax row, for the backward.
     stats: Mutex<Vec<f32>>,
 }

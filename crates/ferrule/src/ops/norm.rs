@@ -100,17 +100,7 @@ impl CustomOp1 for RmsNormOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        let mut dx = vec![0f32; arg.elem_count()];
-        kernels::with_f32s([arg, &g, &self.weight], self.name(), |[x, g, w]| {
-            let d = w.len();
-            kernels::par_rows(&mut dx, d, 2 * d, |r0, dx| {
-                let s = r0 * d..r0 * d + dx.len();
-                rms_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
-            });
-            Ok(())
-        })?;
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        rows_bwd(self.name(), arg, grad_res, &self.weight, self.eps, 2, rms_bwd_rows)
     }
 }
 
@@ -175,16 +165,22 @@ impl CustomOp1 for LayerNormOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        let mut dx = vec![0f32; arg.elem_count()];
-        kernels::with_f32s([arg, &g, &self.weight], self.name(), |[x, g, w]| {
-            let d = w.len();
-            kernels::par_rows(&mut dx, d, 3 * d, |r0, dx| {
-                let s = r0 * d..r0 * d + dx.len();
-                ln_bwd_rows(&x[s.clone()], &g[s], w, self.eps, dx)
-            });
-            Ok(())
-        })?;
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        rows_bwd(self.name(), arg, grad_res, &self.weight, self.eps, 3, ln_bwd_rows)
     }
+}
+
+/// The input gradient of a row-wise norm: `kernel(x, dy, weight, eps, dx)` over rows of
+/// `weight.len()`, spread over threads (`passes`: the kernel's passes over a row, for chunking).
+fn rows_bwd(name: &str, arg: &Tensor, grad_res: &Tensor, weight: &Tensor, eps: f32, passes: usize, kernel: fn(&[f32], &[f32], &[f32], f32, &mut [f32])) -> Result<Option<Tensor>> {
+    let g = grad_res.contiguous()?;
+    let mut dx = vec![0f32; arg.elem_count()];
+    kernels::with_f32s([arg, &g, weight], name, |[x, g, w]| {
+        let d = w.len();
+        kernels::par_rows(&mut dx, d, passes * d, |r0, dx| {
+            let s = r0 * d..r0 * d + dx.len();
+            kernel(&x[s.clone()], &g[s], w, eps, dx)
+        });
+        Ok(())
+    })?;
+    Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
 }
