@@ -9,6 +9,8 @@ use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy
 use ferrule::ops::norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 use ferrule::ops::rope::{Rope, RopeScaling};
 use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
+use ferrule::ops::frozen_mlp::{gelu_mlp, swiglu_mlp};
+use ferrule::ops::gelu::gelu;
 use ferrule::ops::swiglu::{swiglu, swiglu_reference};
 use ferrule::ops::{FrozenLinear, FrozenWeight};
 use ferrule::quant::{Blockwise4, Code4};
@@ -268,6 +270,56 @@ fn low_rank_linear_matches_composite() {
             |t| low_rank_linear(&t[0], Some(&mask), &base, &t[1], &t[2], scale),
             |t| low_rank_linear_reference(&t[0], Some(&mask), &base, &t[1], &t[2], scale),
         );
+    }
+}
+
+/// A frozen `[o, i]` linear with random weights, NF4-quantized (blocksize 64) when asked.
+fn frozen(o: usize, i: usize, seed: u64, bias: bool, quantized: bool) -> FrozenLinear {
+    let w = randn(&[o, i], seed, 0.2);
+    let b = bias.then(|| randn(&[o], seed + 1, 0.5));
+    if quantized {
+        let vals = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = Blockwise4::quantize(&vals, &[o, i], Code4::Nf4, 64, true).unwrap();
+        FrozenLinear::from_weight(FrozenWeight::Quantized(Arc::new(q)), b)
+    } else {
+        FrozenLinear::new(w, b).unwrap()
+    }
+}
+
+#[test]
+fn frozen_mlp_matches_composite() {
+    use candle_core::Module;
+    // (leading dims, hidden, intermediate, bias, quantized); 7·3000 intermediate values
+    // span several parallel chunks with a partial last one.
+    let cases = [(vec![2, 5], 24, 40, true, false), (vec![9], 64, 128, false, true), (vec![7], 32, 3000, false, false)];
+    for (k, (lead, h, inter, bias, quantized)) in cases.into_iter().enumerate() {
+        let s = 200 + 10 * k as u64;
+        let (gate, up, down) = (frozen(inter, h, s, bias, quantized), frozen(inter, h, s + 2, bias, quantized), frozen(h, inter, s + 4, bias, quantized));
+        let mut shape = lead.clone();
+        shape.push(h);
+        let x = var(&shape, s + 6, 1.0);
+        check(
+            &format!("swiglu MLP case {k}"),
+            &[&x],
+            |t| swiglu_mlp(&t[0], &gate, &up, &down),
+            |t| down.forward(&swiglu_reference(&gate.forward(&t[0])?, &up.forward(&t[0])?)?),
+        );
+        check(&format!("gelu MLP case {k}"), &[&x], |t| gelu_mlp(&t[0], &up, &down), |t| down.forward(&gelu(&up.forward(&t[0])?)?));
+    }
+}
+
+/// The op hands its kept pre-activations to the first backward; a second backward over the
+/// same graph recomputes them and gives the same gradient.
+#[test]
+fn frozen_mlp_second_backward_recomputes() {
+    let (gate, up, down) = (frozen(48, 16, 300, true, false), frozen(48, 16, 302, true, false), frozen(16, 48, 304, true, false));
+    let x = var(&[3, 16], 306, 1.0);
+    let r = var(&[3, 16], 307, 1.0);
+    for y in [swiglu_mlp(x.as_tensor(), &gate, &up, &down).unwrap(), gelu_mlp(x.as_tensor(), &up, &down).unwrap()] {
+        let loss = project(&y, &r);
+        let first = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let second = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        assert_close(&second, &first, "second backward");
     }
 }
 

@@ -9,6 +9,8 @@ use super::config::BertConfig;
 use super::weights::Weights;
 use super::{Linear, LinearHook, LinearInfo};
 use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::frozen_mlp::gelu_mlp;
+use crate::ops::gelu::gelu;
 use crate::ops::norm::layer_norm;
 use crate::ops::FrozenLinear;
 
@@ -159,8 +161,10 @@ impl Bert {
             let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
             let att = layer.attn_out.forward(&att)?;
             x = layer_norm(&(att + &x)?, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
-            let inter = crate::ops::gelu::gelu(&layer.intermediate.forward(&x)?)?;
-            let out = layer.output.forward(&inter)?;
+            let out = match (layer.intermediate.as_frozen(), layer.output.as_frozen()) {
+                (Some(up), Some(down)) => gelu_mlp(&x, up, down)?,
+                _ => layer.output.forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
+            };
             x = layer_norm(&(out + &x)?, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
         }
         let pooler_output = match &self.pooler {

@@ -10,6 +10,7 @@ use super::config::DecoderConfig;
 use super::weights::Weights;
 use super::{Linear, LinearHook, LinearInfo};
 use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::frozen_mlp::swiglu_mlp;
 use crate::ops::swiglu::swiglu;
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
@@ -226,7 +227,13 @@ fn layer_forward(layer: &Layer, c: &DecoderConfig, rope: &Rope, x: &Tensor, mask
     let att = attention(&q, &k, &v, c.num_attention_heads, mask, scale)?;
     let x = (residual + a.o_proj.forward(&att)?)?;
     let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-    let m = &layer.mlp;
-    let gated = swiglu(&m.gate_proj.forward(&hs)?, &m.up_proj.forward(&hs)?)?;
-    Ok((x + m.down_proj.forward(&gated)?)?)
+    Ok((x + mlp_forward(&layer.mlp, &hs)?)?)
+}
+
+/// `down(silu(gate(x)) ⊙ up(x))`; one fused op when no method wraps any of the three.
+fn mlp_forward(m: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
+    if let (Some(gate), Some(up), Some(down)) = (m.gate_proj.as_frozen(), m.up_proj.as_frozen(), m.down_proj.as_frozen()) {
+        return swiglu_mlp(x, gate, up, down);
+    }
+    m.down_proj.forward(&swiglu(&m.gate_proj.forward(x)?, &m.up_proj.forward(x)?)?)
 }

@@ -262,6 +262,9 @@ impl CustomOp3 for FusedAttention {
             candle_core::bail!("fused-attention: backward without a matching forward")
         }
         let name = self.name();
+        // Gradients only for inputs something trainable lies below (the first layer's keys
+        // from a frozen projection have none).
+        let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
         // One unit per (batch, key/value head): the dQ rows of its query heads, its dK and dV.
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
         let units: Vec<Grads> = kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
@@ -290,7 +293,9 @@ impl CustomOp3 for FusedAttention {
                                 let (p, dp, di) = (&mut p[..n * w], &mut dp[..n * w], &mut di[..n]);
                                 matmul(n, w, d, p, false, qt, Mat { transposed: true, ..kt }, self.scale);
                                 probs_rows(p, m, stride, w, &st[q0 * 2..(q0 + n) * 2]);
-                                matmul(w, d, n, &mut dv[lo * d..hi * d], true, Mat::t(p), got, 1.0);
+                                if need_v {
+                                    matmul(w, d, n, &mut dv[lo * d..hi * d], true, Mat::t(p), got, 1.0);
+                                }
                                 matmul(n, w, d, dp, false, got, Mat { transposed: true, ..vt }, 1.0);
                                 for (i, di) in di.iter_mut().enumerate() {
                                     let r = rows + i * q_rs;
@@ -298,8 +303,12 @@ impl CustomOp3 for FusedAttention {
                                 }
                                 score_grad_rows(dp, p, di, w);
                                 let dq_rows = (g * t + q0) * d..(g * t + q0 + n) * d;
-                                matmul(n, d, w, &mut dq[dq_rows], false, Mat::n(dp), kt, self.scale);
-                                matmul(w, d, n, &mut dk[lo * d..hi * d], true, Mat::t(dp), qt, self.scale);
+                                if need_q {
+                                    matmul(n, d, w, &mut dq[dq_rows], false, Mat::n(dp), kt, self.scale);
+                                }
+                                if need_k {
+                                    matmul(w, d, n, &mut dk[lo * d..hi * d], true, Mat::t(dp), qt, self.scale);
+                                }
                             }
                         }
                         (dq, dk, dv)
@@ -318,10 +327,7 @@ impl CustomOp3 for FusedAttention {
             scatter_rows(&dvu, d, &mut dv, kv0, kv_rs);
         }
         let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        let grad = |need: bool, g: Vec<f32>, x: &Tensor| if need { Tensor::from_vec(g, x.shape(), dev).map(Some) } else { Ok(None) };
+        Ok((grad(need_q, dq, q)?, grad(need_k, dk, k)?, grad(need_v, dv, v)?))
     }
 }

@@ -117,12 +117,14 @@ impl CustomOp3 for LowRankLinear {
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, in_f, out_f, r) = self.dims(x.shape(), a.shape())?;
+        // No dX when nothing below x is trained (the first layer's input): it would be a
+        // full frozen GEMM, and candle would store it.
+        let need_dx = x.track_op();
         let dy = grad_res.contiguous()?;
-        let mut dx = vec![0f32; m * in_f];
+        let mut dx = vec![0f32; if need_dx { m * in_f } else { 0 }];
         let mut da = vec![0f32; r * in_f];
         let mut db = vec![0f32; out_f * r];
         kernels::with_f32s([x, a, b, &dy], self.name(), |[x, a, b, dy]| {
-            input_grad_into(&self.weight, dy, m, &mut dx, false)?;
             let mut dh = vec![0f32; m * r];
             matmul_par(m, r, out_f, &mut dh, false, Mat::n(dy), Mat::n(b), self.scale);
             self.with_update_input(x, |u| {
@@ -132,6 +134,10 @@ impl CustomOp3 for LowRankLinear {
                 matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(u), 1.0);
                 Ok(())
             })?;
+            if !need_dx {
+                return Ok(());
+            }
+            input_grad_into(&self.weight, dy, m, &mut dx, false)?;
             match &self.update_mask {
                 // The update's share of dx goes through the mask: dx += (dh A) ⊙ mask.
                 Some(mask) => kernels::with_f32(mask, self.name(), |mask| {
@@ -147,10 +153,7 @@ impl CustomOp3 for LowRankLinear {
             Ok(())
         })?;
         let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(da, a.shape(), dev)?),
-            Some(Tensor::from_vec(db, b.shape(), dev)?),
-        ))
+        let dx = if need_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        Ok((dx, Some(Tensor::from_vec(da, a.shape(), dev)?), Some(Tensor::from_vec(db, b.shape(), dev)?)))
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod frozen_linear;
+pub mod frozen_mlp;
 mod fused_attention;
 pub mod gelu;
 pub mod head_loss;

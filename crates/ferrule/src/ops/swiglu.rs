@@ -33,10 +33,23 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + kernels::exp(-x))
 }
 
+/// `silu(g)·u`.
+#[inline(always)]
+pub(super) fn swiglu_value(g: f32, u: f32) -> f32 {
+    g * sigmoid(g) * u
+}
+
+/// `(dg, du)` for the output gradient `dy`.
+#[inline(always)]
+pub(super) fn swiglu_grads(g: f32, u: f32, dy: f32) -> (f32, f32) {
+    let s = sigmoid(g);
+    (dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s)
+}
+
 multiversion! {
     fn swiglu_fwd(g: &[f32], u: &[f32], y: &mut [f32]) {
         for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            *y = g * sigmoid(g) * u;
+            *y = swiglu_value(g, u);
         }
     }
 }
@@ -44,9 +57,7 @@ multiversion! {
 multiversion! {
     fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
         for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
-            let s = sigmoid(g);
-            *du = dy * g * s;
-            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+            (*dg, *du) = swiglu_grads(g, u, dy);
         }
     }
 }
