@@ -117,6 +117,15 @@ fn key_range(mask: Option<(&[f32], usize)>, n: usize, s: usize) -> (usize, usize
     }
 }
 
+/// [`key_range`] of every tile, indexed `batch · tiles + q0 / tq`: the mask is the same for all
+/// heads, so it is scanned once per call, not once per head.
+fn key_ranges(mask: &MaskRows, b: usize, t: usize, s: usize, tq: usize) -> Vec<(usize, usize)> {
+    (0..b)
+        .into_par_iter()
+        .flat_map_iter(|batch| (0..t).step_by(tq).map(move |q0| key_range(mask.rows(batch, q0, tq.min(t - q0), s), tq.min(t - q0), s)))
+        .collect()
+}
+
 /// Query rows per tile for keys of length `s`.
 fn tile_rows(s: usize, t: usize) -> usize {
     (TILE_SCORES / s.max(1)).clamp(1, t.max(1))
@@ -216,6 +225,7 @@ impl CustomOp3 for FusedAttention {
         let (groups, tq, q_rs, kv_rs) = (h / h_kv, tile_rows(s, t), h * d, h_kv * d);
         // One unit of work per (batch, query head): its output rows (packed) and statistics.
         let units: Vec<(Vec<f32>, Vec<f32>)> = self.with_mask(|mask| {
+            let ranges = key_ranges(&mask, b, t, s, tq);
             Ok((0..b * h)
                 .into_par_iter()
                 .map(|unit| {
@@ -229,7 +239,7 @@ impl CustomOp3 for FusedAttention {
                     for q0 in (0..t).step_by(tq) {
                         let n = tq.min(t - q0);
                         let rows = mask.rows(batch, q0, n, s);
-                        let (lo, hi) = key_range(rows, n, s);
+                        let (lo, hi) = ranges[batch * t.div_ceil(tq) + q0 / tq];
                         let w = hi - lo;
                         let (m, stride) = rows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
                         let (kt, vt) = (Mat { transposed: true, ..kh.skip_rows(lo, kv_rs) }, vh.skip_rows(lo, kv_rs));
@@ -269,6 +279,7 @@ impl CustomOp3 for FusedAttention {
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
         let units: Vec<Grads> = kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
             self.with_mask(|mask| {
+                let ranges = key_ranges(&mask, b, t, s, tq);
                 Ok((0..b * h_kv)
                     .into_par_iter()
                     .map(|unit| {
@@ -286,7 +297,7 @@ impl CustomOp3 for FusedAttention {
                                 let rows = q0h + q0 * q_rs;
                                 let (qt, got) = (Mat::n(&q[rows..]).rows_apart(q_rs), Mat::n(&go[rows..]).rows_apart(q_rs));
                                 let mrows = mask.rows(batch, q0, n, s);
-                                let (lo, hi) = key_range(mrows, n, s);
+                                let (lo, hi) = ranges[batch * t.div_ceil(tq) + q0 / tq];
                                 let w = hi - lo;
                                 let (m, stride) = mrows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
                                 let (kt, vt) = (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
