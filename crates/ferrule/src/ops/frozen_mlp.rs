@@ -61,8 +61,8 @@ struct FrozenMlp {
     activation: Activation,
     up: FrozenLinear,
     down: FrozenLinear,
-    /// Whether a backward can follow (the input is tracked): only then are the
-    /// pre-activations kept.
+    /// Whether a backward can follow (the input is tracked): only then are the derivatives
+    /// kept.
     keep: bool,
     /// The activation's partial derivatives at the forward's pre-activations: `[gelu′(h)]`,
     /// or `[∂act/∂gate, ∂act/∂up]` for SwiGLU.

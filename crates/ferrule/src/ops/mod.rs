@@ -1,7 +1,7 @@
 //! Tensor operations with forward *and* backward that the training path needs and candle
 //! does not provide with a gradient (DESIGN.md, "fixes that are mandatory").
 //!
-//! On the CPU in f32, norms, rope, attention, the SwiGLU gate and the cross-entropy are
+//! On the CPU in f32, norms, rope, attention, the SwiGLU gate, a frozen MLP and the cross-entropy are
 //! fused custom ops (`kernels`) that capture their constants and return only the input
 //! gradient; the composite `*_reference` versions run on other devices/dtypes.
 
