@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind, MASKED};
 use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
-use ferrule::ops::norm::{layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+use ferrule::ops::norm::{add_layer_norm, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 use ferrule::ops::rope::{Rope, RopeScaling};
 use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
 use ferrule::ops::frozen_mlp::{gelu_mlp, swiglu_mlp};
@@ -111,6 +111,31 @@ fn layer_norm_matches_composite() {
         let composite_entries = check(&format!("layer_norm {shape:?}"), &[&x], |i| layer_norm(&i[0], &w, &b, 1e-12), |i| layer_norm_reference(&i[0], &w, &b, 1e-12));
         assert!(composite_entries > 2);
     }
+}
+
+#[test]
+fn residual_layer_norm_matches_composite() {
+    // 4 × 384 rows as BERT's; 3 × 1 × 5 a single row per batch.
+    for (k, shape) in [vec![2, 7, 13], vec![4, 384], vec![3, 1, 5]].into_iter().enumerate() {
+        let d = *shape.last().unwrap();
+        let w = (randn(&[d], 40 + k as u64, 0.3) + 1.0).unwrap();
+        let b = randn(&[d], 50 + k as u64, 0.5);
+        let x = Var::from_tensor(&(randn(&shape, 60 + k as u64, 2.0) + 3.0).unwrap()).unwrap();
+        let sub = var(&shape, 70 + k as u64, 1.0);
+        check(
+            &format!("add_layer_norm {shape:?}"),
+            &[&sub, &x],
+            |i| add_layer_norm(&i[0], &i[1], &w, &b, 1e-12),
+            |i| layer_norm_reference(&(&i[0] + &i[1])?, &w, &b, 1e-12),
+        );
+    }
+    // An untracked input gets no gradient entry.
+    let (w, b) = (Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap());
+    let x = var(&[3, 8], 80, 1.0);
+    let constant = randn(&[3, 8], 81, 1.0);
+    let r = var(&[3, 8], 82, 1.0);
+    let grads = project(&add_layer_norm(x.as_tensor(), &constant, &w, &b, 1e-12).unwrap(), &r).backward().unwrap();
+    assert_only_vars(&grads, &[&x, &r], "add_layer_norm with a constant input");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use super::{Linear, LinearHook, LinearInfo};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp;
 use crate::ops::gelu::gelu;
-use crate::ops::norm::layer_norm;
+use crate::ops::norm::{add_layer_norm, layer_norm};
 use crate::ops::FrozenLinear;
 
 struct Norm {
@@ -160,12 +160,12 @@ impl Bert {
             let (q, k, v) = (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?);
             let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
             let att = layer.attn_out.forward(&att)?;
-            x = layer_norm(&(att + &x)?, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
+            x = add_layer_norm(&att, &x, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
             let out = match (layer.intermediate.as_frozen(), layer.output.as_frozen()) {
                 (Some(up), Some(down)) => gelu_mlp(&x, up, down)?,
                 _ => layer.output.forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
             };
-            x = layer_norm(&(out + &x)?, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
+            x = add_layer_norm(&out, &x, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
         }
         let pooler_output = match &self.pooler {
             Some(p) => Some(p.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),

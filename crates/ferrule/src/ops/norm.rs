@@ -6,7 +6,7 @@
 //! store an activation-sized gradient for each broadcast constant). Elsewhere, or when the
 //! weight itself is trained, the composite versions (`*_reference`) run.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 use super::kernels::{self, multiversion};
 
@@ -40,6 +40,19 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(LayerNormOp { weight, bias, eps: eps as f32 })));
     }
     layer_norm_reference(x, weight, bias, eps)
+}
+
+/// `LayerNorm(a + b)`: a post-norm residual (BERT's `LayerNorm(sublayer(x) + x)`). On the CPU
+/// one op that forms the sum row by row and neither stores it nor leaves an add node in the
+/// graph (whose backward would zero-fill and add a buffer for the sum); elsewhere composite.
+pub fn add_layer_norm(a: &Tensor, b: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = a.dim(D::Minus1)?;
+    if kernels::fused_ok(a) && kernels::fused_ok(b) && a.dims() == b.dims() && d > 0 && !weight.track_op() && !bias.track_op() && weight.dims() == [d] && bias.dims() == [d] {
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+        return a.contiguous()?.apply_op2_arc(&b.contiguous()?, std::sync::Arc::new(Box::new(AddLayerNormOp(LayerNormOp { weight, bias, eps: eps as f32 }))));
+    }
+    layer_norm(&(a + b)?, weight, bias, eps)
 }
 
 /// Composite LayerNorm from differentiable primitives (fallback and test reference).
@@ -166,6 +179,49 @@ impl CustomOp1 for LayerNormOp {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         rows_bwd(self.name(), arg, grad_res, &self.weight, self.eps, 3, ln_bwd_rows)
+    }
+}
+
+/// Spreads rows of `d` over threads like [`kernels::par_rows`] and calls `f(span, a + b, out)`
+/// for each chunk: the chunk's element range, its rows of `a + b` in a scratch buffer, and its
+/// rows of `out`.
+fn par_row_sums(a: &[f32], b: &[f32], d: usize, out: &mut [f32], passes: usize, f: impl Fn(std::ops::Range<usize>, &[f32], &mut [f32]) + Sync) {
+    kernels::par_rows(out, d, passes * d, |r0, out| {
+        let span = r0 * d..r0 * d + out.len();
+        let sum: Vec<f32> = a[span.clone()].iter().zip(&b[span.clone()]).map(|(a, b)| a + b).collect();
+        f(span, &sum, out)
+    });
+}
+
+/// [`add_layer_norm`]'s op: the LayerNorm's constants, two inputs.
+struct AddLayerNormOp(LayerNormOp);
+
+impl CustomOp2 for AddLayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-add-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = kernels::contiguous_f32(s1, l1, self.name())?;
+        let b = kernels::contiguous_f32(s2, l2, self.name())?;
+        let mut y = vec![0f32; a.len()];
+        kernels::with_f32s([&self.0.weight, &self.0.bias], self.name(), |[w, bias]| {
+            par_row_sums(a, b, w.len(), &mut y, 3, |_, x, y| ln_fwd_rows(x, w, bias, self.0.eps, y));
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.contiguous()?;
+        let mut dx = vec![0f32; a.elem_count()];
+        kernels::with_f32s([a, b, &g, &self.0.weight], self.name(), |[a, b, g, w]| {
+            par_row_sums(a, b, w.len(), &mut dx, 4, |span, x, dx| ln_bwd_rows(x, &g[span], w, self.0.eps, dx));
+            Ok(())
+        })?;
+        // d(a + b)/da = d(a + b)/db = 1: both inputs get the same gradient.
+        let dx = Tensor::from_vec(dx, a.shape(), a.device())?;
+        Ok((a.track_op().then(|| dx.clone()), b.track_op().then_some(dx)))
     }
 }
 
