@@ -117,13 +117,27 @@ fn key_range(mask: Option<(&[f32], usize)>, n: usize, s: usize) -> (usize, usize
     }
 }
 
-/// [`key_range`] of every tile, indexed `batch · tiles + q0 / tq`: the mask is the same for all
-/// heads, so it is scanned once per call, not once per head.
-fn key_ranges(mask: &MaskRows, b: usize, t: usize, s: usize, tq: usize) -> Vec<(usize, usize)> {
-    (0..b)
-        .into_par_iter()
-        .flat_map_iter(|batch| (0..t).step_by(tq).map(move |q0| key_range(mask.rows(batch, q0, tq.min(t - q0), s), tq.min(t - q0), s)))
-        .collect()
+/// [`key_range`] of every tile of `tq` query rows: the mask is the same for all heads, so it
+/// is scanned once per call, not once per head.
+struct TileKeyRanges {
+    ranges: Vec<(usize, usize)>,
+    tiles_per_batch: usize,
+    tq: usize,
+}
+
+impl TileKeyRanges {
+    fn new(mask: &MaskRows, b: usize, t: usize, s: usize, tq: usize) -> Self {
+        let ranges = (0..b)
+            .into_par_iter()
+            .flat_map_iter(|batch| (0..t).step_by(tq).map(move |q0| key_range(mask.rows(batch, q0, tq.min(t - q0), s), tq.min(t - q0), s)))
+            .collect();
+        Self { ranges, tiles_per_batch: t.div_ceil(tq), tq }
+    }
+
+    /// The keys the tile starting at query row `q0` of `batch` can see.
+    fn get(&self, batch: usize, q0: usize) -> (usize, usize) {
+        self.ranges[batch * self.tiles_per_batch + q0 / self.tq]
+    }
 }
 
 /// Query rows per tile for keys of length `s`.
@@ -225,7 +239,7 @@ impl CustomOp3 for FusedAttention {
         let (groups, tq, q_rs, kv_rs) = (h / h_kv, tile_rows(s, t), h * d, h_kv * d);
         // One unit of work per (batch, query head): its output rows (packed) and statistics.
         let units: Vec<(Vec<f32>, Vec<f32>)> = self.with_mask(|mask| {
-            let ranges = key_ranges(&mask, b, t, s, tq);
+            let ranges = TileKeyRanges::new(&mask, b, t, s, tq);
             Ok((0..b * h)
                 .into_par_iter()
                 .map(|unit| {
@@ -239,7 +253,7 @@ impl CustomOp3 for FusedAttention {
                     for q0 in (0..t).step_by(tq) {
                         let n = tq.min(t - q0);
                         let rows = mask.rows(batch, q0, n, s);
-                        let (lo, hi) = ranges[batch * t.div_ceil(tq) + q0 / tq];
+                        let (lo, hi) = ranges.get(batch, q0);
                         let w = hi - lo;
                         let (m, stride) = rows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
                         let (kt, vt) = (Mat { transposed: true, ..kh.skip_rows(lo, kv_rs) }, vh.skip_rows(lo, kv_rs));
@@ -275,18 +289,19 @@ impl CustomOp3 for FusedAttention {
         // Gradients only for inputs something trainable lies below (the first layer's keys
         // from a frozen projection have none).
         let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
+        let sized = |need: bool, n: usize| if need { n } else { 0 };
         // One unit per (batch, key/value head): the dQ rows of its query heads, its dK and dV.
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
         let units: Vec<Grads> = kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
             self.with_mask(|mask| {
-                let ranges = key_ranges(&mask, b, t, s, tq);
+                let ranges = TileKeyRanges::new(&mask, b, t, s, tq);
                 Ok((0..b * h_kv)
                     .into_par_iter()
                     .map(|unit| {
                         let (batch, kv_head) = (unit / h_kv, unit % h_kv);
                         let kv0 = dm.head_start(batch, s, h_kv, kv_head);
                         let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
-                        let (mut dq, mut dk, mut dv) = (vec![0f32; groups * t * d], vec![0f32; s * d], vec![0f32; s * d]);
+                        let (mut dq, mut dk, mut dv) = (vec![0f32; sized(need_q, groups * t * d)], vec![0f32; sized(need_k, s * d)], vec![0f32; sized(need_v, s * d)]);
                         let (mut p, mut dp, mut di) = (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
                         for g in 0..groups {
                             let head = kv_head * groups + g;
@@ -297,7 +312,7 @@ impl CustomOp3 for FusedAttention {
                                 let rows = q0h + q0 * q_rs;
                                 let (qt, got) = (Mat::n(&q[rows..]).rows_apart(q_rs), Mat::n(&go[rows..]).rows_apart(q_rs));
                                 let mrows = mask.rows(batch, q0, n, s);
-                                let (lo, hi) = ranges[batch * t.div_ceil(tq) + q0 / tq];
+                                let (lo, hi) = ranges.get(batch, q0);
                                 let w = hi - lo;
                                 let (m, stride) = mrows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
                                 let (kt, vt) = (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
@@ -327,7 +342,8 @@ impl CustomOp3 for FusedAttention {
                     .collect())
             })
         })?;
-        let (mut dq, mut dk, mut dv) = (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+        // Gradients not needed stay empty, and so do their scatters.
+        let (mut dq, mut dk, mut dv) = (vec![0f32; sized(need_q, q.elem_count())], vec![0f32; sized(need_k, k.elem_count())], vec![0f32; sized(need_v, v.elem_count())]);
         for (unit, (dqu, dku, dvu)) in units.into_iter().enumerate() {
             let (batch, kv_head) = (unit / h_kv, unit % h_kv);
             for (g, dqh) in dqu.chunks_exact(t * d).enumerate() {
