@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/smollm2-chatterbot}
 shift || true
+scripts/install-deps.sh
 scripts/fetch-assets.sh
 cargo build --release -p ferrule-cli
 FERRULE=${CARGO_TARGET_DIR:-target}/release/ferrule

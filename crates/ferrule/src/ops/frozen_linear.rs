@@ -16,9 +16,9 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::blas::{gemm_par, Strided};
 use crate::quant::QuantMatrix;
 
 /// Most weight values dequantized at once (4 MiB of f32); a SmolLM2 projection fits in one
@@ -151,15 +151,6 @@ struct FrozenMatmul {
     bias: Option<Tensor>,
 }
 
-pub(crate) fn parallelism() -> Parallelism {
-    let n = candle_core::utils::get_num_threads();
-    if n > 1 {
-        Parallelism::Rayon(n)
-    } else {
-        Parallelism::None
-    }
-}
-
 fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let s = match storage {
         Storage::Cpu(s) => s.as_slice::<f32>()?,
@@ -207,13 +198,12 @@ pub(crate) fn matmul_into(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f
         // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, in]
         // row-major; the tile is [r1 - r0, in] row-major, read transposed (col stride in).
         unsafe {
-            gemm::gemm(
+            gemm_par(
                 m, r1 - r0, in_f,
-                y.as_mut_ptr().add(r0), 1, out_f as isize, false,
-                x.as_ptr(), 1, in_f as isize,
-                tile.as_ptr(), in_f as isize, 1,
-                0f32, 1f32, false, false, false,
-                parallelism(),
+                y.as_mut_ptr().add(r0), out_f, false,
+                Strided { ptr: x.as_ptr(), cs: 1, rs: in_f as isize },
+                Strided { ptr: tile.as_ptr(), cs: in_f as isize, rs: 1 },
+                1.0,
             );
         }
     })
@@ -229,13 +219,12 @@ pub(crate) fn input_grad_into(weight: &FrozenWeight, dy: &[f32], m: usize, dx: &
         // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
         // [r1 - r0, in] row-major; dX is [m, in].
         unsafe {
-            gemm::gemm(
+            gemm_par(
                 m, in_f, r1 - r0,
-                dx.as_mut_ptr(), 1, in_f as isize, !first,
-                dy.as_ptr().add(r0), 1, out_f as isize,
-                tile.as_ptr(), 1, in_f as isize,
-                1f32, 1f32, false, false, false,
-                parallelism(),
+                dx.as_mut_ptr(), in_f, !first,
+                Strided { ptr: dy.as_ptr().add(r0), cs: 1, rs: out_f as isize },
+                Strided { ptr: tile.as_ptr(), cs: 1, rs: in_f as isize },
+                1.0,
             );
         }
         first = false;

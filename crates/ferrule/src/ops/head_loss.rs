@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::frozen_linear::{for_each_tile, parallelism, FrozenWeight};
+use super::blas::{gemm_par, Strided};
+use super::frozen_linear::{for_each_tile, FrozenWeight};
 use super::kernels::{self, multiversion};
 
 /// Mean cross-entropy of `hidden: [n, h]` through the frozen head `weight: [vocab, h]` against
@@ -37,7 +38,7 @@ struct HeadCrossEntropy {
 fn logits_block(x: &[f32], n: usize, k: usize, tile: &[f32], cols: usize, block: &mut [f32]) {
     // SAFETY: x is [n, k], tile [cols, k] (read transposed), block [n, cols], all row-major.
     unsafe {
-        gemm::gemm(n, cols, k, block.as_mut_ptr(), 1, cols as isize, false, x.as_ptr(), 1, k as isize, tile.as_ptr(), k as isize, 1, 0f32, 1f32, false, false, false, parallelism());
+        gemm_par(n, cols, k, block.as_mut_ptr(), cols, false, Strided { ptr: x.as_ptr(), cs: 1, rs: k as isize }, Strided { ptr: tile.as_ptr(), cs: k as isize, rs: 1 }, 1.0);
     }
 }
 
@@ -123,7 +124,7 @@ impl CustomOp1 for HeadCrossEntropy {
                 // SAFETY: block [n, cols], tile [cols, k], dx [n, k], row-major; accumulate
                 // after the first tile.
                 unsafe {
-                    gemm::gemm(n, k, cols, dx.as_mut_ptr(), 1, k as isize, !first, block.as_ptr(), 1, cols as isize, tile.as_ptr(), 1, k as isize, 1f32, 1f32, false, false, false, parallelism());
+                    gemm_par(n, k, cols, dx.as_mut_ptr(), k, !first, Strided { ptr: block.as_ptr(), cs: 1, rs: cols as isize }, Strided { ptr: tile.as_ptr(), cs: 1, rs: k as isize }, 1.0);
                 }
                 first = false;
             })

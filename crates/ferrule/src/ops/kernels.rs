@@ -11,6 +11,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
+use super::blas::Strided;
 
 /// Width of the lane accumulators in the reductions (two AVX2 registers, four SSE ones).
 const LANES: usize = 16;
@@ -258,30 +259,26 @@ impl<'a> Mat<'a> {
 /// `dst (m×n, row-major) = [dst +] scale · A·B` with `A` m×k and `B` k×n as [`Mat`]s, on the
 /// calling thread (callers parallelise over independent blocks).
 pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
-    matmul_with(m, n, k, dst, accumulate, a, b, scale, gemm::Parallelism::None)
+    let (a, b) = operands(m, n, k, dst, a, b);
+    // SAFETY: `operands` checked that the strides address only elements of the slices.
+    unsafe {
+        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, n as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1f32, scale, false, false, false, gemm::Parallelism::None);
+    }
 }
 
-/// [`matmul`] spread over rayon's threads (for one large product rather than many blocks).
+/// [`matmul`] as one large product over all threads (through [`super::blas`]).
 pub(crate) fn matmul_par(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
-    matmul_with(m, n, k, dst, accumulate, a, b, scale, super::frozen_linear::parallelism())
+    let (a, b) = operands(m, n, k, dst, a, b);
+    // SAFETY: as in `matmul`.
+    unsafe { super::blas::gemm_par(m, n, k, dst.as_mut_ptr(), n, accumulate, a, b, scale) }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn matmul_with(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32, parallelism: gemm::Parallelism) {
+/// The two operands as strided pointers, after checking that the slices cover them.
+fn operands(m: usize, n: usize, k: usize, dst: &[f32], a: Mat, b: Mat) -> (Strided, Strided) {
     let (a_cs, a_rs, a_span) = a.strides(m, k);
     let (b_cs, b_rs, b_span) = b.strides(k, n);
     assert!(dst.len() >= m * n && a.data.len() >= a_span && b.data.len() >= b_span, "matmul: operand too short");
-    // SAFETY: the lengths checked above cover every element the strides address.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, n as isize, accumulate,
-            a.data.as_ptr(), a_cs as isize, a_rs as isize,
-            b.data.as_ptr(), b_cs as isize, b_rs as isize,
-            1f32, scale, false, false, false,
-            parallelism,
-        );
-    }
+    (Strided { ptr: a.data.as_ptr(), cs: a_cs as isize, rs: a_rs as isize }, Strided { ptr: b.data.as_ptr(), cs: b_cs as isize, rs: b_rs as isize })
 }
 
 /// The f32 elements of a CPU storage under a contiguous layout.

@@ -6,6 +6,7 @@
 //! gradient; the composite `*_reference` versions run on other devices/dtypes.
 
 pub mod attention;
+pub mod blas;
 pub mod frozen_linear;
 pub mod frozen_mlp;
 mod fused_attention;

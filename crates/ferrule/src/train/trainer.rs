@@ -92,6 +92,9 @@ pub struct TrainSummary {
     pub positions_per_sec: Option<f64>,
     pub median_step_seconds: Option<f64>,
     pub seconds: f64,
+    /// What computed the large matrix products: the system BLAS opened, or the gemm crate
+    /// (`ops::blas`); step times depend on it.
+    pub matmul_backend: String,
 }
 
 /// A model with its tokenizer and encoded data, ready to train or evaluate.
@@ -457,6 +460,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         positions_per_sec: positions.overall_tokens_per_sec(),
         median_step_seconds: sorted.get(sorted.len() / 2).copied(),
         seconds: started.elapsed().as_secs_f64(),
+        matmul_backend: crate::ops::blas::backend(),
     };
     if completed {
         crate::util::atomic::write_bytes_atomic(&out.join("train_summary.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;

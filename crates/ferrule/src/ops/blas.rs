@@ -1,0 +1,254 @@
+//! The large f32 products of the fused ops, through a system BLAS when one is installed.
+//!
+//! The gemm crate reaches 102–113 GFLOP/s on this project's 2-core AVX2 (Zen 3) machines for
+//! the products of a transformer step, about 0.65 of the cores' FMA peak; BLIS and OpenBLAS,
+//! whose kernels are tuned per microarchitecture, reach 115–137 on the same shapes
+//! (`cargo run --release --example gemm_backends`, BENCHMARKS.md). Those products are about 80%
+//! of a training step, so the library that computes them sets the step time.
+//!
+//! The library is opened at run time, not linked: a machine without one runs the same code on
+//! the gemm crate, and the binary needs no BLAS to start. Both libraries export the standard
+//! `cblas_sgemm`. `FERRULE_BLAS` names the library to open instead of the default search
+//! (a file name or path), or `off` for the gemm crate.
+
+use std::ffi::{c_int, c_long};
+use std::sync::{Once, OnceLock};
+
+use rayon::prelude::*;
+
+/// Libraries tried in order when `FERRULE_BLAS` is unset: Debian/Ubuntu's `libblis4-*` and
+/// `libopenblas0-*` packages (what `scripts/install-deps.sh` installs).
+const SEARCH: &[&str] = &["libopenblas.so.0", "libblis.so.4", "libopenblas.so", "libblis.so"];
+
+/// Products with a dimension below this stay on the gemm crate: a BLAS call starts its threads
+/// and packs both operands, which costs more than it saves on the rank-r products of LoRA.
+const MIN_DIM: usize = 32;
+
+const CBLAS_ROW_MAJOR: c_int = 101;
+const CBLAS_NO_TRANS: c_int = 111;
+const CBLAS_TRANS: c_int = 112;
+
+type CblasSgemm = unsafe extern "C" fn(c_int, c_int, c_int, c_int, c_int, c_int, f32, *const f32, c_int, *const f32, c_int, f32, *mut f32, c_int);
+
+/// How each library is told its thread count (both read it on every call).
+enum SetThreads {
+    /// BLIS: `void bli_thread_set_num_threads(dim_t)`, `dim_t` 64-bit.
+    Blis(unsafe extern "C" fn(c_long)),
+    /// OpenBLAS: `void openblas_set_num_threads(int)`.
+    OpenBlas(unsafe extern "C" fn(c_int)),
+}
+
+struct Blas {
+    /// Keeps the library mapped for as long as the function pointers are used (the process).
+    _lib: libloading::Library,
+    sgemm: CblasSgemm,
+    set_threads: Option<SetThreads>,
+    single: Once,
+    name: String,
+}
+
+impl Blas {
+    /// Tells the library to compute each call on the calling thread only.
+    fn single_threaded(&self) {
+        self.single.call_once(|| match self.set_threads {
+            // SAFETY: the setters take a thread count and only store it.
+            Some(SetThreads::Blis(f)) => unsafe { f(1) },
+            Some(SetThreads::OpenBlas(f)) => unsafe { f(1) },
+            None => {}
+        });
+    }
+}
+
+static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+
+fn open(name: &str) -> Option<Blas> {
+    // SAFETY: opening a BLAS runs its initialisers, which only set up its own thread pool and
+    // CPU detection; the symbols are then resolved with the C signatures they are declared with
+    // in cblas.h, blis.h and openblas's cblas.h.
+    unsafe {
+        let lib = libloading::Library::new(name).ok()?;
+        let sgemm = *lib.get::<CblasSgemm>(b"cblas_sgemm\0").ok()?;
+        let set_threads = if let Ok(f) = lib.get::<unsafe extern "C" fn(c_long)>(b"bli_thread_set_num_threads\0") {
+            Some(SetThreads::Blis(*f))
+        } else {
+            lib.get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0").ok().map(|f| SetThreads::OpenBlas(*f))
+        };
+        Some(Blas { _lib: lib, sgemm, set_threads, single: Once::new(), name: name.to_string() })
+    }
+}
+
+fn blas() -> Option<&'static Blas> {
+    BLAS.get_or_init(|| match std::env::var("FERRULE_BLAS") {
+        Ok(v) if v == "off" || v.is_empty() => None,
+        Ok(v) => {
+            let lib = open(&v);
+            if lib.is_none() {
+                tracing::warn!("FERRULE_BLAS={v}: cannot open it or it has no cblas_sgemm; using the gemm crate");
+            }
+            lib
+        }
+        Err(_) => SEARCH.iter().find_map(|n| open(n)),
+    })
+    .as_ref()
+}
+
+/// What computes the large products: the BLAS library's file name, or `gemm crate`.
+pub fn backend() -> String {
+    blas().map_or_else(|| "gemm crate".to_string(), |b| b.name.clone())
+}
+
+/// A matrix operand as the gemm crate takes it: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided {
+    pub ptr: *const f32,
+    pub cs: isize,
+    pub rs: isize,
+}
+
+// SAFETY: an operand is only read, by the blocks of one product while its caller waits.
+unsafe impl Send for Strided {}
+unsafe impl Sync for Strided {}
+
+impl Strided {
+    /// The operand from element `(i, j)` on.
+    fn at(self, i: usize, j: usize) -> Self {
+        // SAFETY (of the offset): callers pass indices inside the operand.
+        Self { ptr: self.ptr.wrapping_offset(i as isize * self.rs + j as isize * self.cs), ..self }
+    }
+}
+
+/// The CBLAS row-major form of a `rows × cols` operand: (transpose flag, leading dimension),
+/// or None when neither stride is 1 (or the other is too small to be a leading dimension).
+fn cblas_form(op: Strided, rows: usize, cols: usize) -> Option<(c_int, c_int)> {
+    let ld = |s: isize, min: usize| (s >= min.max(1) as isize && s <= c_int::MAX as isize).then_some(s as c_int);
+    if op.cs == 1 {
+        Some((CBLAS_NO_TRANS, ld(op.rs, cols)?))
+    } else if op.rs == 1 {
+        Some((CBLAS_TRANS, ld(op.cs, rows)?))
+    } else {
+        None
+    }
+}
+
+/// The output pointer, shared by blocks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: each block writes only its own rows/columns of the output.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+/// Runs `f(r0, r1, c0, c1)` over disjoint blocks of an `m × n` output on rayon's pool, one
+/// block per thread: rows, or columns when there are fewer rows than columns. (Two blocks per
+/// thread, to even out a thread the host slows down, measured slower: each block packs the
+/// other operand again.)
+fn for_each_block(m: usize, n: usize, threads: usize, f: impl Fn(usize, usize, usize, usize) + Sync) {
+    let (long, by_rows) = if m >= n || m >= MIN_DIM * threads { (m, true) } else { (n, false) };
+    let blocks = threads.min(long.div_ceil(MIN_DIM)).max(1);
+    let step = long.div_ceil(blocks);
+    (0..long.div_ceil(step)).into_par_iter().for_each(|i| {
+        let (lo, hi) = (i * step, ((i + 1) * step).min(long));
+        if by_rows {
+            f(lo, hi, 0, n)
+        } else {
+            f(0, m, lo, hi)
+        }
+    });
+}
+
+/// `dst = [dst +] scale · A·B` for `A: m×k`, `B: k×n` and a row-major `dst` whose rows are
+/// `dst_rs` apart, spread over rayon's pool (`candle_core::utils::get_num_threads` threads).
+/// Call it outside rayon tasks: it is one large product, not a block of one.
+///
+/// With a BLAS, each rayon thread calls the library single-threaded on its blocks of rows: its
+/// own threads would compete with rayon's for the same cores (measured: 4.4% of a SmolLM2 step
+/// spent in BLIS's barrier waits when it ran two threads of its own).
+///
+/// # Safety
+/// Every element the strides address must lie in its allocation; `dst` must not overlap the
+/// operands. Without `accumulate`, `dst` is only written (it may be uninitialised).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_par(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, a: Strided, b: Strided, scale: f32) {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let fits = |x: usize| x <= c_int::MAX as usize;
+    if let Some(lib) = blas().filter(|_| m.min(n).min(k) >= MIN_DIM && fits(m) && fits(n) && fits(k) && fits(dst_rs) && dst_rs >= n) {
+        if let (Some((ta, lda)), Some((tb, ldb))) = (cblas_form(a, m, k), cblas_form(b, k, n)) {
+            lib.single_threaded();
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            let out = Dst(dst);
+            for_each_block(m, n, threads, |r0, r1, c0, c1| {
+                let (a, b, out) = (a.at(r0, 0), b.at(0, c0), out);
+                // SAFETY: rows r0..r1 and columns c0..c1 of the caller's product; blocks are
+                // disjoint in the output.
+                unsafe {
+                    (lib.sgemm)(CBLAS_ROW_MAJOR, ta, tb, (r1 - r0) as c_int, (c1 - c0) as c_int, k as c_int, scale, a.ptr, lda, b.ptr, ldb, beta, out.0.add(r0 * dst_rs + c0), dst_rs as c_int)
+                }
+            });
+            return;
+        }
+    }
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1f32, scale, false, false, false, parallelism);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::kernels::{matmul, Mat};
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5).collect()
+    }
+
+    /// `gemm_par` against the gemm crate on one thread (`kernels::matmul`), for every operand
+    /// layout the fused ops use, both split directions, a strided output, accumulation and
+    /// products too small for the BLAS.
+    #[test]
+    fn gemm_par_matches_the_gemm_crate() {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
+        for &(m, n, k) in &[(97, 70, 45), (40, 300, 33), (300, 40, 64), (8, 200, 50), (64, 64, 7)] {
+            for (ta, tb, accumulate, pad) in [(false, false, false, 0), (false, true, false, 3), (true, false, true, 0), (true, true, true, 5)] {
+                let a = data(m * k, 1);
+                let b = data(k * n, 2);
+                let (am, bm) = (if ta { Mat::t(&a) } else { Mat::n(&a) }, if tb { Mat::t(&b) } else { Mat::n(&b) });
+                let a_s = if ta { Strided { ptr: a.as_ptr(), cs: m as isize, rs: 1 } } else { Strided { ptr: a.as_ptr(), cs: 1, rs: k as isize } };
+                let b_s = if tb { Strided { ptr: b.as_ptr(), cs: k as isize, rs: 1 } } else { Strided { ptr: b.as_ptr(), cs: 1, rs: n as isize } };
+                let start = data(m * n, 3);
+                let mut want = start.clone();
+                matmul(m, n, k, &mut want, accumulate, am, bm, 0.5);
+                // The output with `pad` extra columns per row, which the product must not touch.
+                let rs = n + pad;
+                let mut got = vec![f32::NAN; m * rs];
+                for i in 0..m {
+                    got[i * rs..i * rs + n].copy_from_slice(&start[i * n..(i + 1) * n]);
+                }
+                unsafe { gemm_par(m, n, k, got.as_mut_ptr(), rs, accumulate, a_s, b_s, 0.5) };
+                for i in 0..m {
+                    for j in 0..rs {
+                        let g = got[i * rs + j];
+                        if j >= n {
+                            assert!(g.is_nan(), "padding column written at ({i}, {j})");
+                            continue;
+                        }
+                        let w = want[i * n + j];
+                        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}: ({i}, {j}) {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A machine with OpenBLAS or BLIS installed (as `scripts/install-deps.sh` does) must use
+    /// it, or the tests above only ever check the fallback.
+    #[test]
+    fn an_installed_blas_is_found() {
+        if std::env::var_os("FERRULE_BLAS").is_some() {
+            return;
+        }
+        let installed = ["/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/x86_64-linux-gnu/libblis.so.4", "/usr/lib64/libopenblas.so.0"]
+            .iter()
+            .any(|p| std::path::Path::new(p).exists());
+        if installed {
+            assert_ne!(backend(), "gemm crate");
+        }
+    }
+}
