@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen_linear::{add_bias, input_grad_into, matmul_into};
+use super::frozen_linear::{add_bias, add_input_grad, add_product};
 use super::gelu::{gelu, gelu_value_and_slope};
 use super::kernels::{self, multiversion};
 use super::swiglu::{swiglu, swiglu_grads, swiglu_value};
@@ -118,7 +118,7 @@ impl FrozenMlp {
             .into_iter()
             .map(|lin| {
                 let mut h = vec![0f32; m * lin.out_features()];
-                matmul_into(lin.weight(), x, m, &mut h)?;
+                add_product(lin.weight(), x, m, &mut h)?;
                 add_bias(lin.bias(), &mut h, lin.out_features())?;
                 Ok(h)
             })
@@ -155,7 +155,7 @@ impl CustomOp1 for FrozenMlp {
         let act = activate(&mut slopes);
         let out_f = self.down.out_features();
         let mut y = vec![0f32; m * out_f];
-        matmul_into(self.down.weight(), &act, m, &mut y)?;
+        add_product(self.down.weight(), &act, m, &mut y)?;
         add_bias(self.down.bias(), &mut y, out_f)?;
         if self.keep {
             *self.saved.lock().unwrap() = Some(slopes);
@@ -180,17 +180,17 @@ impl CustomOp1 for FrozenMlp {
         };
         let dy = grad_res.contiguous()?;
         let mut d = vec![0f32; m * self.up.out_features()];
-        kernels::with_f32(&dy, self.name(), |dy| input_grad_into(self.down.weight(), dy, m, &mut d, false))?;
+        kernels::with_f32(&dy, self.name(), |dy| add_input_grad(self.down.weight(), dy, m, &mut d))?;
         let mut dx = vec![0f32; m * in_f];
         match (&self.activation, slopes.as_mut_slice()) {
             (Activation::SwiGlu { gate }, [dg, du]) => {
                 dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(d.par_chunks(CHUNK)).for_each(|((dg, du), d)| scale_pair(dg, du, d));
-                input_grad_into(gate.weight(), dg, m, &mut dx, false)?;
-                input_grad_into(self.up.weight(), du, m, &mut dx, true)?;
+                add_input_grad(gate.weight(), dg, m, &mut dx)?;
+                add_input_grad(self.up.weight(), du, m, &mut dx)?;
             }
             (Activation::Gelu, [s]) => {
                 d.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK)).for_each(|(d, s)| scale(d, s));
-                input_grad_into(self.up.weight(), &d, m, &mut dx, false)?;
+                add_input_grad(self.up.weight(), &d, m, &mut dx)?;
             }
             _ => unreachable!("kept derivatives match the activation"),
         }

@@ -115,18 +115,16 @@ impl CustomOp1 for HeadCrossEntropy {
         let mut dx = vec![0f32; n * k];
         kernels::with_f32(arg, self.name(), |x| {
             let mut block = Vec::new();
-            let mut first = true;
             for_each_tile(&self.weight, |c0, c1, tile| {
                 let cols = c1 - c0;
                 block.resize(n * cols, 0.0);
                 logits_block(x, n, k, tile, cols, &mut block);
                 softmax_grad(&mut block, cols, c0, &self.labels, &lse, coef);
-                // SAFETY: block [n, cols], tile [cols, k], dx [n, k], row-major; accumulate
-                // after the first tile.
+                // SAFETY: block [n, cols], tile [cols, k], dx [n, k], row-major. Each tile's
+                // share is added to dx, zeroed above (see `frozen_linear::add_product`).
                 unsafe {
-                    gemm_par(n, k, cols, dx.as_mut_ptr(), k, !first, Strided { ptr: block.as_ptr(), cs: 1, rs: cols as isize }, Strided { ptr: tile.as_ptr(), cs: 1, rs: k as isize }, 1.0);
+                    gemm_par(n, k, cols, dx.as_mut_ptr(), k, true, Strided { ptr: block.as_ptr(), cs: 1, rs: cols as isize }, Strided { ptr: tile.as_ptr(), cs: 1, rs: k as isize }, 1.0);
                 }
-                first = false;
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, (n, k), arg.device())?))

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen_linear::{add_bias, input_grad_into, matmul_into, FrozenWeight};
+use super::frozen_linear::{add_bias, add_input_grad, add_product, FrozenWeight};
 use super::kernels::{self, matmul_par, Mat};
 use super::FrozenLinear;
 
@@ -102,7 +102,7 @@ impl CustomOp3 for LowRankLinear {
         }
         let in_f = a.len() / r.max(1);
         let mut y = vec![0f32; m * out_f];
-        matmul_into(&self.weight, x, m, &mut y)?;
+        add_product(&self.weight, x, m, &mut y)?;
         add_bias(self.bias.as_ref(), &mut y, out_f)?;
         let mut h = vec![0f32; m * r];
         self.with_update_input(x, |u| {
@@ -137,7 +137,7 @@ impl CustomOp3 for LowRankLinear {
             if !need_dx {
                 return Ok(());
             }
-            input_grad_into(&self.weight, dy, m, &mut dx, false)?;
+            add_input_grad(&self.weight, dy, m, &mut dx)?;
             match &self.update_mask {
                 // The update's share of dx goes through the mask: dx += (dh A) ⊙ mask.
                 Some(mask) => kernels::with_f32(mask, self.name(), |mask| {
