@@ -87,7 +87,16 @@ fn blas() -> Option<&'static Blas> {
             }
             lib
         }
-        Err(_) => SEARCH.iter().find_map(|n| open(n)),
+        Err(_) => {
+            let lib = SEARCH.iter().find_map(|n| open(n));
+            if lib.is_none() {
+                tracing::warn!(
+                    "no system BLAS found ({}); large matrix products run on the gemm crate, about 1.2x slower (install libopenblas0-pthread, or see scripts/install-deps.sh)",
+                    SEARCH.join(", ")
+                );
+            }
+            lib
+        }
     })
     .as_ref()
 }
