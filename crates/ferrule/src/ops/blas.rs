@@ -1,10 +1,10 @@
 //! The large f32 products of the fused ops, through a system BLAS when one is installed.
 //!
-//! The gemm crate reaches 102–113 GFLOP/s on this project's 2-core AVX2 (Zen 3) machines for
-//! the products of a transformer step, about 0.65 of the cores' FMA peak; BLIS and OpenBLAS,
-//! whose kernels are tuned per microarchitecture, reach 115–137 on the same shapes
-//! (`cargo run --release --example gemm_backends`, BENCHMARKS.md). Those products are about 80%
-//! of a training step, so the library that computes them sets the step time.
+//! On this project's 2-core AVX2 (Zen 3) machines, whose FMA peak is 168 GFLOP/s, the gemm
+//! crate reaches 90–108 GFLOP/s on the products of a transformer step and OpenBLAS, whose
+//! kernels are tuned per microarchitecture, 113–129 (`cargo run --release --example
+//! matmul_peak`, BENCHMARKS.md). Those products are about 80% of a training step, so the
+//! library that computes them sets the step time.
 //!
 //! The library is opened at run time, not linked: a machine without one runs the same code on
 //! the gemm crate, and the binary needs no BLAS to start. Both libraries export the standard
@@ -16,12 +16,14 @@ use std::sync::{Once, OnceLock};
 
 use rayon::prelude::*;
 
-/// Libraries tried in order when `FERRULE_BLAS` is unset: Debian/Ubuntu's `libblis4-*` and
-/// `libopenblas0-*` packages (what `scripts/install-deps.sh` installs).
+/// Libraries tried in order when `FERRULE_BLAS` is unset: the sonames of Debian/Ubuntu's
+/// `libopenblas0-*` (what `scripts/install-deps.sh` installs) and `libblis4-*` packages. BLIS
+/// comes second: it ran some shapes much slower (BENCHMARKS.md, "Matmul throughput").
 const SEARCH: &[&str] = &["libopenblas.so.0", "libblis.so.4", "libopenblas.so", "libblis.so"];
 
-/// Products with a dimension below this stay on the gemm crate: a BLAS call starts its threads
-/// and packs both operands, which costs more than it saves on the rank-r products of LoRA.
+/// Products with a dimension below this stay on the gemm crate: a BLAS call packs both
+/// operands, which costs about what it saves on LoRA's rank-8 products (measured: within the
+/// noise either way at 8), so the skinny products keep the path they were tuned on.
 const MIN_DIM: usize = 32;
 
 const CBLAS_ROW_MAJOR: c_int = 101;
