@@ -37,7 +37,26 @@ fn train_merge_generate_eval_inspect_logits() {
     let t = tempfile::tempdir().unwrap();
     let run = t.path().join("run");
     let run_s = run.display().to_string();
-    let (ok, out, err) = ferrule(&["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--eval-data", &fx("data/chat.jsonl"), "--output", &run_s, "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--target-modules", "all-linear", "-q"]);
+    let (ok, out, err) = ferrule(&[
+        "train",
+        "--model",
+        &fx("models/llama"),
+        "--data",
+        &fx("data/chat.jsonl"),
+        "--eval-data",
+        &fx("data/chat.jsonl"),
+        "--output",
+        &run_s,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--target-modules",
+        "all-linear",
+        "-q",
+    ]);
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(summary["steps"], 3);
@@ -65,7 +84,17 @@ fn train_merge_generate_eval_inspect_logits() {
     assert_eq!(info["adapter"]["modules"], 14);
 
     let logits = t.path().join("logits.safetensors").display().to_string();
-    let (ok, _, err) = ferrule(&["logits", "--model", &fx("models/llama"), "--adapter", &fx("adapters/llama_lora"), "--inputs", &fx("inputs/decoder.safetensors"), "--out", &logits]);
+    let (ok, _, err) = ferrule(&[
+        "logits",
+        "--model",
+        &fx("models/llama"),
+        "--adapter",
+        &fx("adapters/llama_lora"),
+        "--inputs",
+        &fx("inputs/decoder.safetensors"),
+        "--out",
+        &logits,
+    ]);
     assert!(ok, "{err}");
     assert!(Path::new(&logits).exists());
 }
@@ -107,7 +136,8 @@ fn bad_adapters_are_refused_clearly() {
     let wrong = t.path().join("wrong");
     copy_dir(&root().join("tests/fixtures/adapters/llama_lora"), &wrong);
     let dev = candle_core::Device::Cpu;
-    let mut tensors: Vec<(String, candle_core::Tensor)> = ferrule::model::weights::load_safetensors_file(&wrong.join("adapter_model.safetensors"), &dev).unwrap().into_iter().collect();
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        ferrule::model::weights::load_safetensors_file(&wrong.join("adapter_model.safetensors"), &dev).unwrap().into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors[0].1 = candle_core::Tensor::zeros((4, 48), candle_core::DType::F32, &dev).unwrap();
     ferrule::peft_io::write_safetensors(&wrong.join("adapter_model.safetensors"), &tensors, &[("format", "pt")]).unwrap();
@@ -189,7 +219,30 @@ fn qlora_train_eval_merge_quantize_inspect() {
     let s = |p: &Path| p.display().to_string();
     let (run, merged, quant) = (t.path().join("run"), t.path().join("merged"), t.path().join("quant"));
     let q = ["--quantize", "nf4", "--double-quant"];
-    let (ok, out, err) = ferrule(&[&["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--output", &s(&run), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--target-modules", "all-linear", "-q"][..], &q].concat());
+    let (ok, out, err) = ferrule(
+        &[
+            &[
+                "train",
+                "--model",
+                &fx("models/llama"),
+                "--data",
+                &fx("data/chat.jsonl"),
+                "--output",
+                &s(&run),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--target-modules",
+                "all-linear",
+                "-q",
+            ][..],
+            &q,
+        ]
+        .concat(),
+    );
     assert!(ok, "{err}");
     assert!(out.contains("\"completed\":true"), "{out}");
     let (ok, out, err) = ferrule(&[&["eval", "--model", &fx("models/llama"), "--adapter", &s(&run), "--data", &fx("data/chat.jsonl")][..], &q].concat());

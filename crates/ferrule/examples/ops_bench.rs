@@ -98,18 +98,12 @@ fn main() -> Result<()> {
     let x = Var::from_tensor(&randn(&[b, t, hidden], 1.0)?)?;
     let w = (randn(&[hidden], 0.1)? + 1.0)?;
     let bias = randn(&[hidden], 0.1)?;
-    row(
-        "rms_norm [8,256,576]",
-        reps,
-        &|| rms_norm_reference(x.as_tensor(), &w, 1e-5)?.backward().map(drop),
-        &|| rms_norm(x.as_tensor(), &w, 1e-5)?.backward().map(drop),
-    )?;
-    row(
-        "layer_norm [8,256,576]",
-        reps,
-        &|| layer_norm_reference(x.as_tensor(), &w, &bias, 1e-5)?.backward().map(drop),
-        &|| layer_norm(x.as_tensor(), &w, &bias, 1e-5)?.backward().map(drop),
-    )?;
+    row("rms_norm [8,256,576]", reps, &|| rms_norm_reference(x.as_tensor(), &w, 1e-5)?.backward().map(drop), &|| {
+        rms_norm(x.as_tensor(), &w, 1e-5)?.backward().map(drop)
+    })?;
+    row("layer_norm [8,256,576]", reps, &|| layer_norm_reference(x.as_tensor(), &w, &bias, 1e-5)?.backward().map(drop), &|| {
+        layer_norm(x.as_tensor(), &w, &bias, 1e-5)?.backward().map(drop)
+    })?;
 
     // Rope on q [b, t, 9·64] and k [b, t, 3·64] (token-major, as the projections make them).
     let rope = Rope::new(d, 2048, 100000.0, &RopeScaling::Default, &dev)?;
@@ -139,11 +133,8 @@ fn main() -> Result<()> {
     let logits = Var::from_tensor(&randn(&[b, t, vocab], 2.0)?)?;
     let labels: Vec<i64> = (0..b * t).map(|i| if i % 7 == 0 { IGNORE_INDEX } else { ((i * 7919) % vocab) as i64 }).collect();
     let labels = Tensor::from_vec(labels, (b, t), &dev)?;
-    row(
-        "causal_lm_loss [8,256,49152]",
-        reps.min(3),
-        &|| causal_lm_loss_reference(logits.as_tensor(), &labels)?.0.backward().map(drop),
-        &|| causal_lm_loss(logits.as_tensor(), &labels)?.0.backward().map(drop),
-    )?;
+    row("causal_lm_loss [8,256,49152]", reps.min(3), &|| causal_lm_loss_reference(logits.as_tensor(), &labels)?.0.backward().map(drop), &|| {
+        causal_lm_loss(logits.as_tensor(), &labels)?.0.backward().map(drop)
+    })?;
     Ok(())
 }

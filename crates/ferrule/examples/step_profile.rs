@@ -35,7 +35,10 @@ fn main() -> anyhow::Result<()> {
         let t4 = Instant::now();
         println!(
             "rep {rep}: forward {:.2}s  loss {:.2}s  backward {:.2}s  drop {:.2}s",
-            (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64(), (t4 - t3).as_secs_f64()
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+            (t4 - t3).as_secs_f64()
         );
     }
     Ok(())

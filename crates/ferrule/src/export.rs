@@ -13,8 +13,15 @@ use crate::util::atomic::{save_raw_safetensors_atomic, sync_dir, write_bytes_ato
 
 /// Tokenizer-side files copied from a model folder when present.
 const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.txt",
-    "merges.txt", "vocab.json", "generation_config.json", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "generation_config.json",
+    "added_tokens.json",
 ];
 
 /// Writes `config`, the tokenizer of `source` and `tensors` as a model folder at `out`.

@@ -85,4 +85,3 @@ fn pick(logits: &[f32], opts: &SamplingOptions, rng: &mut impl Rng) -> u32 {
     }
     probs[kept - 1].0 as u32
 }
-

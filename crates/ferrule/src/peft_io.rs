@@ -58,7 +58,8 @@ impl SavedAdapter {
     pub fn into_tuner(self, seed: u64, device: &Device) -> Result<Lora> {
         match self.peft_type() {
             "LORA" => {
-                let cfg: LoraConfig = serde_json::from_value(self.config.clone()).with_context(|| format!("{}: invalid LoRA config", self.dir.join(CONFIG_FILE).display()))?;
+                let cfg: LoraConfig =
+                    serde_json::from_value(self.config.clone()).with_context(|| format!("{}: invalid LoRA config", self.dir.join(CONFIG_FILE).display()))?;
                 Lora::with_weights(cfg, self.tensors, seed, device)
             }
             other => bail!("{}: peft_type {other:?} is not supported (LORA is)", self.dir.join(CONFIG_FILE).display()),

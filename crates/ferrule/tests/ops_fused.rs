@@ -5,18 +5,18 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind, MASKED};
-use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
-use ferrule::ops::norm::{add_layer_norm, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
-use ferrule::ops::rope::{Rope, RopeScaling};
-use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
 use ferrule::ops::frozen_mlp::{gelu_mlp, swiglu_mlp};
 use ferrule::ops::gelu::gelu;
+use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
+use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
+use ferrule::ops::norm::{add_layer_norm, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+use ferrule::ops::rope::{Rope, RopeScaling};
 use ferrule::ops::swiglu::{swiglu, swiglu_reference};
 use ferrule::ops::{FrozenLinear, FrozenWeight};
 use ferrule::quant::{Blockwise4, Code4};
-use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::Arc;
 
 const RTOL: f32 = 1e-5;
 
@@ -108,7 +108,8 @@ fn layer_norm_matches_composite() {
         let b = randn(&[d], 30 + k as u64, 0.5);
         // An offset mean, as residual streams have.
         let x = Var::from_tensor(&(randn(&shape, k as u64, 2.0) + 3.0).unwrap()).unwrap();
-        let composite_entries = check(&format!("layer_norm {shape:?}"), &[&x], |i| layer_norm(&i[0], &w, &b, 1e-12), |i| layer_norm_reference(&i[0], &w, &b, 1e-12));
+        let composite_entries =
+            check(&format!("layer_norm {shape:?}"), &[&x], |i| layer_norm(&i[0], &w, &b, 1e-12), |i| layer_norm_reference(&i[0], &w, &b, 1e-12));
         assert!(composite_entries > 2);
     }
 }
@@ -153,12 +154,7 @@ fn rope_matches_composite() {
     for (k, (b, h, t, d, offset)) in [(2, 3, 7, 10, 0), (2, 3, 7, 10, 5), (1, 9, 5, 64, 0), (2, 2, 1, 6, 30), (2, 4, 100, 64, 17)].into_iter().enumerate() {
         let rope = Rope::new(d, 128, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
         let x = var(&[b, t, h * d], 40 + k as u64, 1.0);
-        let entries = check(
-            &format!("rope {:?}", (b, h, t, d, offset)),
-            &[&x],
-            |i| rope.apply(&i[0], offset),
-            |i| rope.apply_reference(&i[0], offset),
-        );
+        let entries = check(&format!("rope {:?}", (b, h, t, d, offset)), &[&x], |i| rope.apply(&i[0], offset), |i| rope.apply_reference(&i[0], offset));
         assert!(entries > 2, "composite store should hold gradients for the tables");
     }
     // Still refuses positions beyond the table.
@@ -207,7 +203,12 @@ fn attention_matches_composite() {
         let v = var(&[b, s, h_kv * d], 300 + k as u64, 1.0);
         let scale = 1.0 / (d as f64).sqrt();
         let what = format!("attention case {k}");
-        check(&what, &[&q, &kk, &v], |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), scale), |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), scale));
+        check(
+            &what,
+            &[&q, &kk, &v],
+            |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), scale),
+            |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), scale),
+        );
     }
 }
 
@@ -225,7 +226,12 @@ fn attention_fully_masked_query_averages_values() {
     let k = var(&[b, t, h_kv * d], 2, 2.0);
     let v = var(&[b, t, h_kv * d], 3, 1.0);
     let scale = 0.37;
-    check("attention, fully masked row", &[&q, &k, &v], |i| attention(&i[0], &i[1], &i[2], h, Some(&mask), scale), |i| attention_reference(&i[0], &i[1], &i[2], h, Some(&mask), scale));
+    check(
+        "attention, fully masked row",
+        &[&q, &k, &v],
+        |i| attention(&i[0], &i[1], &i[2], h, Some(&mask), scale),
+        |i| attention_reference(&i[0], &i[1], &i[2], h, Some(&mask), scale),
+    );
     let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), h, Some(&mask), scale).unwrap();
     for head in 0..h {
         let got = y.get(1).unwrap().get(0).unwrap().narrow(0, head * d, d).unwrap();
@@ -245,7 +251,12 @@ fn attention_long_keys_use_several_query_tiles() {
     let q = var(&[b, t, h * d], 11, 1.5);
     let k = var(&[b, t, h_kv * d], 12, 1.5);
     let v = var(&[b, t, h_kv * d], 13, 1.0);
-    check("attention, 300 positions", &[&q, &k, &v], |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35), |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35));
+    check(
+        "attention, 300 positions",
+        &[&q, &k, &v],
+        |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35),
+        |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35),
+    );
 }
 
 #[test]

@@ -101,7 +101,12 @@ fn dequantize_4bit_from_bitsandbytes_parts_is_exact() {
         let get = |k: &str| &t[&format!("{}.{k}", c.name)];
         let absmax = if c.double_quant {
             let code: [f32; 256] = f32s(get("nested_quant_map")).try_into().unwrap();
-            Absmax::Double { q: get("qabsmax").2.clone(), nested_absmax: f32s(get("nested_absmax")), nested_code: Arc::new(code), offset: f32s(get("offset"))[0] }
+            Absmax::Double {
+                q: get("qabsmax").2.clone(),
+                nested_absmax: f32s(get("nested_absmax")),
+                nested_code: Arc::new(code),
+                offset: f32s(get("offset"))[0],
+            }
         } else {
             Absmax::Plain(f32s(get("absmax")))
         };
@@ -150,7 +155,9 @@ fn decoder_logits(src: &ModelSource) -> candle_core::Tensor {
 #[test]
 fn bitsandbytes_checkpoints_load_and_match_transformers_logits() {
     let mask = &load("inputs/decoder.safetensors")["attention_mask"];
-    for (name, format, tol) in [("llama-nf4-dq", "nf4 (blocksize 64, double quant)", 1e-4), ("llama-fp4", "fp4 (blocksize 64)", 1e-4), ("llama-int8", "int8 (row absmax)", 0.1)] {
+    for (name, format, tol) in
+        [("llama-nf4-dq", "nf4 (blocksize 64, double quant)", 1e-4), ("llama-fp4", "fp4 (blocksize 64)", 1e-4), ("llama-int8", "int8 (row absmax)", 0.1)]
+    {
         let src = ModelSource::load(fixtures().join("quant").join(name).to_str().unwrap(), &Device::Cpu).unwrap();
         let q = src.weights.quantized();
         assert_eq!(q.len(), 14, "{name}: 7 linear layers x 2 blocks quantized, lm_head not");
@@ -226,7 +233,8 @@ fn quantized_folder_matches_the_transformers_bitsandbytes_save() {
             }
         }
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-        let theirs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("quant").join(name).join("config.json")).unwrap()).unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join("quant").join(name).join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["quantization_config"], theirs["quantization_config"], "{name}: quantization_config");
         // And it loads back into the same quantized model.
         let back = ModelSource::load(out.to_str().unwrap(), &Device::Cpu).unwrap();

@@ -72,7 +72,12 @@ fn smollm2_gguf_causal_lm_few_steps() {
         model: model.display().to_string(),
         data: small,
         output_dir: out.clone(),
-        lora: LoraConfig { r: 8, lora_alpha: 16.0, target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()])), ..Default::default() },
+        lora: LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()])),
+            ..Default::default()
+        },
         max_len: Some(64),
         batch_size: 2,
         max_steps: Some(2),

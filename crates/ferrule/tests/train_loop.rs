@@ -20,7 +20,13 @@ fn config(out: &Path) -> TrainConfig {
         data: fixtures().join("data/chat.jsonl"),
         eval_data: Some(fixtures().join("data/chat.jsonl")),
         output_dir: out.to_path_buf(),
-        lora: LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])), ..Default::default() },
+        lora: LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])),
+            ..Default::default()
+        },
         max_len: Some(64),
         batch_size: 4,
         grad_accum: 2,
@@ -76,11 +82,17 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed run diverged");
     let m1 = std::fs::read_to_string(whole.path().join("metrics.jsonl")).unwrap();
     let m2 = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();
-    let strip = |s: &str| s.lines().map(|l| {
-        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-        for k in ["tokens_per_sec", "positions_per_sec", "step_seconds"] { v.as_object_mut().unwrap().remove(k); }
-        v
-    }).collect::<Vec<_>>();
+    let strip = |s: &str| {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["tokens_per_sec", "positions_per_sec", "step_seconds"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    };
     assert_eq!(strip(&m1), strip(&m2));
 }
 

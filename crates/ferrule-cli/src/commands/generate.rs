@@ -46,7 +46,8 @@ pub fn run(a: Args) -> Result<()> {
         _ => a.prompt.clone(),
     };
     let enc = tok.encode(text.as_str(), m.source.chat_template.is_none() || a.raw).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-    let opts = SamplingOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, stop_tokens: m.source.eos_token_ids() };
+    let opts =
+        SamplingOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, stop_tokens: m.source.eos_token_ids() };
     let mut out = std::io::stdout();
     let mut ids: Vec<u32> = Vec::new();
     let mut printed = 0usize;

@@ -99,12 +99,22 @@ pub fn run(a: Args) -> Result<()> {
         println!("  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)", f.tensors, f.params, f.bits_per_param);
     }
     if let Some(ad) = info.get("adapter") {
-        println!("adapter      {} on {} modules, {} parameters ({:.4}% of total)", ad["peft_type"].as_str().unwrap_or(""), ad["modules"], ad["parameters"], ad["percent_of_total"].as_f64().unwrap_or(0.0));
+        println!(
+            "adapter      {} on {} modules, {} parameters ({:.4}% of total)",
+            ad["peft_type"].as_str().unwrap_or(""),
+            ad["modules"],
+            ad["parameters"],
+            ad["percent_of_total"].as_f64().unwrap_or(0.0)
+        );
     }
     if let Some(p) = info.get("lora_plan") {
         println!(
             "LoRA r={} on {} modules: trainable {} of {} ({:.4}%)",
-            p["r"], p["modules"], p["trainable_parameters"], p["total_parameters"], p["percent_trainable"].as_f64().unwrap_or(0.0)
+            p["r"],
+            p["modules"],
+            p["trainable_parameters"],
+            p["total_parameters"],
+            p["percent_trainable"].as_f64().unwrap_or(0.0)
         );
     }
     Ok(())

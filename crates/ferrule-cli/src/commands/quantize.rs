@@ -25,7 +25,12 @@ pub fn run(a: Args) -> Result<()> {
     for (format, f) in &m.formats {
         eprintln!("{:>4} x {format}: {:.3} bits/param", f.tensors, f.bits_per_param);
     }
-    eprintln!("base weights {:.1} MB (f32: {:.1} MB, {:.3}x)", m.total_bytes() as f64 / 1e6, m.f32_bytes() as f64 / 1e6, m.total_bytes() as f64 / m.f32_bytes() as f64);
+    eprintln!(
+        "base weights {:.1} MB (f32: {:.1} MB, {:.3}x)",
+        m.total_bytes() as f64 / 1e6,
+        m.f32_bytes() as f64 / 1e6,
+        m.total_bytes() as f64 / m.f32_bytes() as f64
+    );
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("quantized model written to {}", a.output.display());
     Ok(())

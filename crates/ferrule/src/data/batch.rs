@@ -34,29 +34,17 @@ pub struct Batch {
 /// A batch holds either classification records (all with [`Encoded::class_label`]), giving
 /// `class_labels` and no `labels`, or language-modelling records (none with a class label),
 /// giving `labels`. Mixing them, or an empty `items`, is an error.
-pub fn collate(
-    items: &[&Encoded],
-    pad_id: u32,
-    side: PaddingSide,
-    device: &Device,
-) -> candle_core::Result<Batch> {
+pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Device) -> candle_core::Result<Batch> {
     if items.is_empty() {
         candle_core::bail!("collate: cannot build a batch of no records");
     }
     let classification = items[0].class_label.is_some();
-    if items
-        .iter()
-        .any(|e| e.class_label.is_some() != classification)
-    {
+    if items.iter().any(|e| e.class_label.is_some() != classification) {
         candle_core::bail!("collate: a batch mixes classification and language-modelling records");
     }
     for (i, item) in items.iter().enumerate() {
         if item.input_ids.len() != item.labels.len() {
-            candle_core::bail!(
-                "collate: record {i} of the batch has {} tokens but {} labels",
-                item.input_ids.len(),
-                item.labels.len()
-            );
+            candle_core::bail!("collate: record {i} of the batch has {} tokens but {} labels", item.input_ids.len(), item.labels.len());
         }
     }
 
@@ -74,11 +62,7 @@ pub fn collate(
         let pad_mask = std::iter::repeat_n(0u32, pad);
         let pad_labels = std::iter::repeat_n(IGNORE_INDEX, if classification { 0 } else { pad });
         let real_mask = std::iter::repeat_n(1u32, n);
-        let real_labels = item
-            .labels
-            .iter()
-            .copied()
-            .take(if classification { 0 } else { n });
+        let real_labels = item.labels.iter().copied().take(if classification { 0 } else { n });
         match side {
             PaddingSide::Left => {
                 ids.extend(pad_ids.chain(item.input_ids.iter().copied()));
@@ -100,20 +84,12 @@ pub fn collate(
             .iter()
             .map(|e| {
                 let c = e.class_label.expect("checked above");
-                u32::try_from(c).map_err(|_| {
-                    candle_core::Error::Msg(format!("collate: class index {c} does not fit u32"))
-                })
+                u32::try_from(c).map_err(|_| candle_core::Error::Msg(format!("collate: class index {c} does not fit u32")))
             })
             .collect::<candle_core::Result<Vec<u32>>>()?;
         (None, Some(Tensor::from_vec(classes, b, device)?))
     } else {
         (Some(Tensor::from_vec(labels, (b, t), device)?), None)
     };
-    Ok(Batch {
-        input_ids,
-        attention_mask,
-        labels,
-        class_labels,
-        num_tokens,
-    })
+    Ok(Batch { input_ids, attention_mask, labels, class_labels, num_tokens })
 }

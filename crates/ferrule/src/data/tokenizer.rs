@@ -16,20 +16,10 @@ use super::jsonl::describe;
 pub fn load_tokenizer(model_dir: &Path) -> Result<Tokenizer> {
     let path = model_dir.join("tokenizer.json");
     if !path.is_file() {
-        return Err(DataError::MissingTokenizer {
-            dir: model_dir.to_path_buf(),
-        });
+        return Err(DataError::MissingTokenizer { dir: model_dir.to_path_buf() });
     }
-    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer {
-        context: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    tokenizer
-        .with_truncation(None)
-        .map_err(|e| DataError::Tokenizer {
-            context: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer { context: path.display().to_string(), message: e.to_string() })?;
+    tokenizer.with_truncation(None).map_err(|e| DataError::Tokenizer { context: path.display().to_string(), message: e.to_string() })?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
 }
@@ -65,14 +55,8 @@ impl TokenizerConfig {
     /// Reads a `tokenizer_config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, &e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| DataError::Config {
-            path: path.to_path_buf(),
-            message: format!("invalid JSON: {e}"),
-        })?;
-        let mut config = Self::from_json(&value).map_err(|message| DataError::Config {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| DataError::Config { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })?;
+        let mut config = Self::from_json(&value).map_err(|message| DataError::Config { path: path.to_path_buf(), message })?;
         config.path = Some(path.to_path_buf());
         Ok(config)
     }
@@ -132,13 +116,8 @@ pub(crate) fn chat_template_string(value: &Value) -> std::result::Result<String,
         Value::Array(items) => {
             let mut names = Vec::new();
             for item in items {
-                let (Some(Value::String(name)), Some(Value::String(template))) =
-                    (item.get("name"), item.get("template"))
-                else {
-                    return Err(format!(
-                        "{EXPECTED}, found an element that is {}",
-                        describe(item)
-                    ));
+                let (Some(Value::String(name)), Some(Value::String(template))) = (item.get("name"), item.get("template")) else {
+                    return Err(format!("{EXPECTED}, found an element that is {}", describe(item)));
                 };
                 if name == "default" {
                     return Ok(template.clone());
@@ -147,11 +126,7 @@ pub(crate) fn chat_template_string(value: &Value) -> std::result::Result<String,
             }
             Err(format!(
                 "expected a chat template named \"default\" among {}, found none",
-                if names.is_empty() {
-                    "the list".to_string()
-                } else {
-                    names.join(", ")
-                }
+                if names.is_empty() { "the list".to_string() } else { names.join(", ") }
             ))
         }
         other => Err(format!("{EXPECTED}, found {}", describe(other))),
@@ -169,18 +144,10 @@ fn id_of(tokenizer: &Tokenizer, token: Option<&str>) -> Option<u32> {
 /// is preferred so that padding looks like what the model saw during pretraining.
 pub fn pad_token_id(tokenizer: &Tokenizer, tokenizer_config: Option<&TokenizerConfig>) -> u32 {
     let config = tokenizer_config;
-    id_of(tokenizer, config.and_then(|c| c.pad_token.as_deref()))
-        .or_else(|| id_of(tokenizer, config.and_then(|c| c.eos_token.as_deref())))
-        .unwrap_or(0)
+    id_of(tokenizer, config.and_then(|c| c.pad_token.as_deref())).or_else(|| id_of(tokenizer, config.and_then(|c| c.eos_token.as_deref()))).unwrap_or(0)
 }
 
 /// The id of the config's `eos_token`, if it has one the tokenizer knows.
-pub fn eos_token_id(
-    tokenizer: &Tokenizer,
-    tokenizer_config: Option<&TokenizerConfig>,
-) -> Option<u32> {
-    id_of(
-        tokenizer,
-        tokenizer_config.and_then(|c| c.eos_token.as_deref()),
-    )
+pub fn eos_token_id(tokenizer: &Tokenizer, tokenizer_config: Option<&TokenizerConfig>) -> Option<u32> {
+    id_of(tokenizer, tokenizer_config.and_then(|c| c.eos_token.as_deref()))
 }

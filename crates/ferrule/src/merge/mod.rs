@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use crate::model::{ModelSource, Task};
 use crate::ops::FrozenWeight;
 use crate::quant::{bnb_format, RoundTripError};
-use crate::util::atomic::raw_tensor;
 use crate::tuners::Tuner;
+use crate::util::atomic::raw_tensor;
 
 /// What a merge changed, for the user to check.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -45,7 +45,11 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
     }
     for (k, q) in source.weights.quantized() {
         // bitsandbytes formats are written back in their layout; GGUF blocks are dequantized.
-        let w = if bnb_format::has_layout(q.as_ref()) { FrozenWeight::Quantized(q.clone()) } else { FrozenWeight::Quantized(q.clone()).to_dense(&device).map(FrozenWeight::Dense)? };
+        let w = if bnb_format::has_layout(q.as_ref()) {
+            FrozenWeight::Quantized(q.clone())
+        } else {
+            FrozenWeight::Quantized(q.clone()).to_dense(&device).map(FrozenWeight::Dense)?
+        };
         tensors.insert(format!("{prefix}{k}"), w);
     }
     let mut report = MergeReport { merged_modules: 0, replaced_tensors: 0, tensors_written: 0, requantized: 0, requantize_error: None };

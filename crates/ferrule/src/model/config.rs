@@ -173,9 +173,7 @@ impl BertConfig {
                 bail!("config.json: position_embedding_type {p:?} is not supported (expected \"absolute\")")
             }
         }
-        let num_labels = opt_usize(c, "num_labels")
-            .or_else(|| c.get("id2label").and_then(Value::as_object).map(|m| m.len()))
-            .unwrap_or(2);
+        let num_labels = opt_usize(c, "num_labels").or_else(|| c.get("id2label").and_then(Value::as_object).map(|m| m.len())).unwrap_or(2);
         Ok(Self {
             vocab_size: req_usize(c, "vocab_size")?,
             hidden_size: req_usize(c, "hidden_size")?,

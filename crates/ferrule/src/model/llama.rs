@@ -11,10 +11,10 @@ use super::weights::Weights;
 use super::{Linear, LinearHook, LinearInfo};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp;
-use crate::ops::swiglu::swiglu;
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
 use crate::ops::rope::Rope;
+use crate::ops::swiglu::swiglu;
 use crate::ops::{FrozenLinear, FrozenWeight};
 
 struct Attention {
@@ -98,11 +98,8 @@ impl DecoderLm {
             }));
         }
         let norm = w.get("model.norm.weight", &[h])?;
-        let head_weight = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
-            embed_tokens.clone()
-        } else {
-            w.frozen("lm_head.weight", [c.vocab_size, h])?
-        };
+        let head_weight =
+            if c.tie_word_embeddings || !w.contains("lm_head.weight") { embed_tokens.clone() } else { w.frozen("lm_head.weight", [c.vocab_size, h])? };
         let lm_head = hook.wrap(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
         let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
@@ -140,7 +137,8 @@ impl DecoderLm {
             x = match &sink {
                 Some(sink) => {
                     let (layer, cfg, rope, mask) = (layer.clone(), self.config.clone(), self.rope.clone(), mask.clone());
-                    let block: Block = Arc::new(move |h: &Tensor| layer_forward(&layer, &cfg, &rope, h, mask.as_ref(), 0, None).map_err(candle_core::Error::wrap));
+                    let block: Block =
+                        Arc::new(move |h: &Tensor| layer_forward(&layer, &cfg, &rope, h, mask.as_ref(), 0, None).map_err(candle_core::Error::wrap));
                     checkpoint(&x, block, sink)?
                 }
                 None => {
@@ -170,12 +168,8 @@ impl DecoderLm {
             anyhow::bail!("causal-LM loss needs sequences of at least 2 tokens")
         }
         let next: Vec<i64> = labels.to_dtype(DType::I64)?.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?.to_vec1()?;
-        let (rows, targets): (Vec<u32>, Vec<i64>) = next
-            .iter()
-            .enumerate()
-            .filter(|(_, &y)| y >= 0)
-            .map(|(i, &y)| ((i / (t - 1) * t + i % (t - 1)) as u32, y))
-            .unzip();
+        let (rows, targets): (Vec<u32>, Vec<i64>) =
+            next.iter().enumerate().filter(|(_, &y)| y >= 0).map(|(i, &y)| ((i / (t - 1) * t + i % (t - 1)) as u32, y)).unzip();
         let n = rows.len();
         if n == 0 {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
@@ -201,10 +195,17 @@ impl DecoderLm {
     }
 }
 
-
 /// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `cache` holds this
 /// layer's keys/values of earlier positions (generation).
-fn layer_forward(layer: &Layer, c: &DecoderConfig, rope: &Rope, x: &Tensor, mask: Option<&Tensor>, offset: usize, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+fn layer_forward(
+    layer: &Layer,
+    c: &DecoderConfig,
+    rope: &Rope,
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    offset: usize,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+) -> Result<Tensor> {
     let scale = 1.0 / (c.head_dim as f64).sqrt();
     let residual = x;
     let hs = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;

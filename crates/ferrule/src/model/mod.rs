@@ -113,7 +113,11 @@ impl Model {
         let arch = match family_of(&source.config)? {
             Family::Decoder => {
                 if task != Task::CausalLm {
-                    anyhow::bail!("{}: only causal-LM training is supported for decoder models; use a BERT-family encoder for {}", source.location.display(), task.peft_name())
+                    anyhow::bail!(
+                        "{}: only causal-LM training is supported for decoder models; use a BERT-family encoder for {}",
+                        source.location.display(),
+                        task.peft_name()
+                    )
                 }
                 let cfg = DecoderConfig::from_json(&source.config)?;
                 Arch::Decoder(llama::DecoderLm::new(cfg, &source.weights, hook, device)?)

@@ -152,7 +152,8 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
     if repo.get("model.safetensors").is_err() {
         let index = repo.get("model.safetensors.index.json")?;
         let json: Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-        let mut shards: Vec<String> = json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+        let mut shards: Vec<String> =
+            json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
         shards.sort();
         shards.dedup();
         for s in shards {

@@ -263,8 +263,7 @@ fn decode_f32(dtype: safetensors::Dtype, d: &[u8]) -> Result<Vec<f32>> {
 /// Reads one safetensors file with a clear error for a missing, truncated or corrupt file.
 pub fn load_safetensors_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name:?}", path.display()))?;

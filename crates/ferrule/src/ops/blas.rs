@@ -191,7 +191,22 @@ pub(crate) unsafe fn gemm_par(m: usize, n: usize, k: usize, dst: *mut f32, dst_r
                 // SAFETY: rows r0..r1 and columns c0..c1 of the caller's product; blocks are
                 // disjoint in the output.
                 unsafe {
-                    (lib.sgemm)(CBLAS_ROW_MAJOR, ta, tb, (r1 - r0) as c_int, (c1 - c0) as c_int, k as c_int, scale, a.ptr, lda, b.ptr, ldb, beta, out.0.add(r0 * dst_rs + c0), dst_rs as c_int)
+                    (lib.sgemm)(
+                        CBLAS_ROW_MAJOR,
+                        ta,
+                        tb,
+                        (r1 - r0) as c_int,
+                        (c1 - c0) as c_int,
+                        k as c_int,
+                        scale,
+                        a.ptr,
+                        lda,
+                        b.ptr,
+                        ldb,
+                        beta,
+                        out.0.add(r0 * dst_rs + c0),
+                        dst_rs as c_int,
+                    )
                 }
             });
             return;

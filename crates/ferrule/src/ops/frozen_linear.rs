@@ -203,8 +203,12 @@ pub(crate) fn add_product(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f
         // row-major; the tile is [r1 - r0, in] row-major, read transposed (col stride in).
         unsafe {
             gemm_par(
-                m, r1 - r0, in_f,
-                y.as_mut_ptr().add(r0), out_f, true,
+                m,
+                r1 - r0,
+                in_f,
+                y.as_mut_ptr().add(r0),
+                out_f,
+                true,
                 Strided { ptr: x.as_ptr(), cs: 1, rs: in_f as isize },
                 Strided { ptr: tile.as_ptr(), cs: in_f as isize, rs: 1 },
                 1.0,
@@ -224,8 +228,12 @@ pub(crate) fn add_input_grad(weight: &FrozenWeight, dy: &[f32], m: usize, dx: &m
         // [r1 - r0, in] row-major; dX is [m, in].
         unsafe {
             gemm_par(
-                m, in_f, r1 - r0,
-                dx.as_mut_ptr(), in_f, true,
+                m,
+                in_f,
+                r1 - r0,
+                dx.as_mut_ptr(),
+                in_f,
+                true,
                 Strided { ptr: dy.as_ptr().add(r0), cs: 1, rs: out_f as isize },
                 Strided { ptr: tile.as_ptr(), cs: 1, rs: in_f as isize },
                 1.0,

@@ -301,7 +301,8 @@ impl CustomOp3 for FusedAttention {
                         let (batch, kv_head) = (unit / h_kv, unit % h_kv);
                         let kv0 = dm.head_start(batch, s, h_kv, kv_head);
                         let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
-                        let (mut dq, mut dk, mut dv) = (vec![0f32; sized(need_q, groups * t * d)], vec![0f32; sized(need_k, s * d)], vec![0f32; sized(need_v, s * d)]);
+                        let (mut dq, mut dk, mut dv) =
+                            (vec![0f32; sized(need_q, groups * t * d)], vec![0f32; sized(need_k, s * d)], vec![0f32; sized(need_v, s * d)]);
                         let (mut p, mut dp, mut di) = (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
                         for g in 0..groups {
                             let head = kv_head * groups + g;
@@ -343,7 +344,8 @@ impl CustomOp3 for FusedAttention {
             })
         })?;
         // Gradients not needed stay empty, and so do their scatters.
-        let (mut dq, mut dk, mut dv) = (vec![0f32; sized(need_q, q.elem_count())], vec![0f32; sized(need_k, k.elem_count())], vec![0f32; sized(need_v, v.elem_count())]);
+        let (mut dq, mut dk, mut dv) =
+            (vec![0f32; sized(need_q, q.elem_count())], vec![0f32; sized(need_k, k.elem_count())], vec![0f32; sized(need_v, v.elem_count())]);
         for (unit, (dqu, dku, dvu)) in units.into_iter().enumerate() {
             let (batch, kv_head) = (unit / h_kv, unit % h_kv);
             for (g, dqh) in dqu.chunks_exact(t * d).enumerate() {

@@ -38,7 +38,17 @@ struct HeadCrossEntropy {
 fn logits_block(x: &[f32], n: usize, k: usize, tile: &[f32], cols: usize, block: &mut [f32]) {
     // SAFETY: x is [n, k], tile [cols, k] (read transposed), block [n, cols], all row-major.
     unsafe {
-        gemm_par(n, cols, k, block.as_mut_ptr(), cols, false, Strided { ptr: x.as_ptr(), cs: 1, rs: k as isize }, Strided { ptr: tile.as_ptr(), cs: k as isize, rs: 1 }, 1.0);
+        gemm_par(
+            n,
+            cols,
+            k,
+            block.as_mut_ptr(),
+            cols,
+            false,
+            Strided { ptr: x.as_ptr(), cs: 1, rs: k as isize },
+            Strided { ptr: tile.as_ptr(), cs: k as isize, rs: 1 },
+            1.0,
+        );
     }
 }
 
@@ -123,7 +133,17 @@ impl CustomOp1 for HeadCrossEntropy {
                 // SAFETY: block [n, cols], tile [cols, k], dx [n, k], row-major. Each tile's
                 // share is added to dx, zeroed above (see `frozen_linear::add_product`).
                 unsafe {
-                    gemm_par(n, k, cols, dx.as_mut_ptr(), k, true, Strided { ptr: block.as_ptr(), cs: 1, rs: cols as isize }, Strided { ptr: tile.as_ptr(), cs: 1, rs: k as isize }, 1.0);
+                    gemm_par(
+                        n,
+                        k,
+                        cols,
+                        dx.as_mut_ptr(),
+                        k,
+                        true,
+                        Strided { ptr: block.as_ptr(), cs: 1, rs: cols as isize },
+                        Strided { ptr: tile.as_ptr(), cs: 1, rs: k as isize },
+                        1.0,
+                    );
                 }
             })
         })?;

@@ -9,9 +9,9 @@
 //! row kernels are compiled twice (baseline and AVX2+FMA) and picked at run time
 //! ([`multiversion!`]); rows are spread over rayon with about four chunks per thread.
 
+use super::blas::Strided;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
-use super::blas::Strided;
 
 /// Width of the lane accumulators in the reductions (two AVX2 registers, four SSE ones).
 const LANES: usize = 16;
@@ -262,7 +262,27 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: 
     let (a, b) = operands(m, n, k, dst, a, b);
     // SAFETY: `operands` checked that the strides address only elements of the slices.
     unsafe {
-        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, n as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1f32, scale, false, false, false, gemm::Parallelism::None);
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1f32,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 

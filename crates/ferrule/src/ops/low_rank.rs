@@ -67,9 +67,9 @@ impl LowRankLinear {
             None => f(x),
             Some(m) => kernels::with_f32(m, "low-rank-linear", |m| {
                 let mut u = vec![0f32; x.len()];
-                u.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK))).for_each(|(u, (x, m))| {
-                    u.iter_mut().zip(x).zip(m).for_each(|((u, x), m)| *u = x * m)
-                });
+                u.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))
+                    .for_each(|(u, (x, m))| u.iter_mut().zip(x).zip(m).for_each(|((u, x), m)| *u = x * m));
                 f(&u)
             }),
         }
@@ -143,9 +143,9 @@ impl CustomOp3 for LowRankLinear {
                 Some(mask) => kernels::with_f32(mask, self.name(), |mask| {
                     let mut du = vec![0f32; m * in_f];
                     matmul_par(m, in_f, r, &mut du, false, Mat::n(&dh), Mat::n(a), 1.0);
-                    dx.par_chunks_mut(CHUNK).zip(du.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK))).for_each(|(dx, (du, m))| {
-                        dx.iter_mut().zip(du).zip(m).for_each(|((dx, du), m)| *dx += du * m)
-                    });
+                    dx.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
+                        .for_each(|(dx, (du, m))| dx.iter_mut().zip(du).zip(m).for_each(|((dx, du), m)| *dx += du * m));
                     Ok(())
                 })?,
                 None => matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0),

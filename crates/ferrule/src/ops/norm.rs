@@ -47,7 +47,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// graph (whose backward would zero-fill and add a buffer for the sum); elsewhere composite.
 pub fn add_layer_norm(a: &Tensor, b: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = a.dim(D::Minus1)?;
-    if kernels::fused_ok(a) && kernels::fused_ok(b) && a.dims() == b.dims() && d > 0 && !weight.track_op() && !bias.track_op() && weight.dims() == [d] && bias.dims() == [d] {
+    if kernels::fused_ok(a)
+        && kernels::fused_ok(b)
+        && a.dims() == b.dims()
+        && d > 0
+        && !weight.track_op()
+        && !bias.track_op()
+        && weight.dims() == [d]
+        && bias.dims() == [d]
+    {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
         return a.contiguous()?.apply_op2_arc(&b.contiguous()?, std::sync::Arc::new(Box::new(AddLayerNormOp(LayerNormOp { weight, bias, eps: eps as f32 }))));
@@ -227,7 +235,15 @@ impl CustomOp2 for AddLayerNormOp {
 
 /// The input gradient of a row-wise norm: `kernel(x, dy, weight, eps, dx)` over rows of
 /// `weight.len()`, spread over threads (`passes`: the kernel's passes over a row, for chunking).
-fn rows_bwd(name: &str, arg: &Tensor, grad_res: &Tensor, weight: &Tensor, eps: f32, passes: usize, kernel: fn(&[f32], &[f32], &[f32], f32, &mut [f32])) -> Result<Option<Tensor>> {
+fn rows_bwd(
+    name: &str,
+    arg: &Tensor,
+    grad_res: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    passes: usize,
+    kernel: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
+) -> Result<Option<Tensor>> {
     let g = grad_res.contiguous()?;
     let mut dx = vec![0f32; arg.elem_count()];
     kernels::with_f32s([arg, &g, weight], name, |[x, g, w]| {

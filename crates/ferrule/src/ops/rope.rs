@@ -13,9 +13,16 @@ use super::kernels::{self, multiversion};
 pub enum RopeScaling {
     Default,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 wavelength-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 /// Precomputed cos/sin tables, `[max_pos, head_dim]`.
@@ -68,10 +75,7 @@ impl Rope {
                 sin[p * head_dim + i + half] = s;
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?,
-            sin: Tensor::from_vec(sin, (max_pos, head_dim), device)?,
-        })
+        Ok(Self { cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?, sin: Tensor::from_vec(sin, (max_pos, head_dim), device)? })
     }
 
     pub fn max_positions(&self) -> usize {
@@ -113,7 +117,6 @@ impl Rope {
         x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)?.reshape((b, t, hd))
     }
 }
-
 
 /// Fused rotate-half rope over rows of `d` of `x: [b, t, heads·d]`; row `r` sits at position
 /// `offset + (r / heads) mod t`. The tables `[max_pos, d]` are captured whole.

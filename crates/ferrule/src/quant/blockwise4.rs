@@ -92,7 +92,12 @@ impl Code4 {
 pub enum Absmax {
     Plain(Vec<f32>),
     /// Double quantization: `absmax = nested_code[q] · nested_absmax[block / 256] + offset`.
-    Double { q: Vec<u8>, nested_absmax: Vec<f32>, nested_code: Arc<[f32; 256]>, offset: f32 },
+    Double {
+        q: Vec<u8>,
+        nested_absmax: Vec<f32>,
+        nested_code: Arc<[f32; 256]>,
+        offset: f32,
+    },
 }
 
 impl Absmax {

@@ -27,8 +27,7 @@ const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
 /// Whether a checkpoint tensor is part of a bitsandbytes-quantized weight (other than the
 /// packed weight itself).
 pub fn is_component(name: &str) -> bool {
-    name.contains(QUANT_STATE)
-        || [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format"].iter().any(|s| name.ends_with(s))
+    name.contains(QUANT_STATE) || [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format"].iter().any(|s| name.ends_with(s))
 }
 
 /// Whether a tensor of this dtype can be the packed data of a quantized weight.
@@ -82,12 +81,14 @@ pub fn assemble(raw: &mut HashMap<String, RawTensor>, file: &Path) -> Result<Has
             let q = take(raw, file, &format!("{w}.absmax"), Dtype::U8)?.data;
             let nested_absmax = f32s(&take(raw, file, &format!("{w}.nested_absmax"), Dtype::F32)?);
             let code8 = f32s(&take(raw, file, &format!("{w}.nested_quant_map"), Dtype::F32)?);
-            let nested_code: [f32; 256] = code8.try_into().map_err(|v: Vec<f32>| anyhow!("{}: {w}.nested_quant_map has {} values, expected 256", file.display(), v.len()))?;
+            let nested_code: [f32; 256] =
+                code8.try_into().map_err(|v: Vec<f32>| anyhow!("{}: {w}.nested_quant_map has {} values, expected 256", file.display(), v.len()))?;
             Absmax::Double { q, nested_absmax, nested_code: Arc::new(nested_code), offset }
         } else {
             Absmax::Plain(f32s(&take(raw, file, &format!("{w}.absmax"), Dtype::F32)?))
         };
-        let q = Blockwise4::from_parts(code, shape, blocksize, packed, absmax).with_context(|| format!("{}: {w:?}: the quantization statistics do not fit the shape", file.display()))?;
+        let q = Blockwise4::from_parts(code, shape, blocksize, packed, absmax)
+            .with_context(|| format!("{}: {w:?}: the quantization statistics do not fit the shape", file.display()))?;
         out.insert(w.to_string(), Arc::new(q));
     }
     let scbs: Vec<String> = raw.keys().filter(|k| k.ends_with(".SCB")).cloned().collect();

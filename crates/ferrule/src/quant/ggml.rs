@@ -31,21 +31,66 @@ impl std::fmt::Debug for GgmlMatrix {
 macro_rules! with_block_type {
     ($dtype:expr, $t:ident, $body:block) => {
         match $dtype {
-            GgmlDType::F32 => { type $t = f32; $body }
-            GgmlDType::F16 => { type $t = f16; $body }
-            GgmlDType::BF16 => { type $t = bf16; $body }
-            GgmlDType::Q4_0 => { type $t = BlockQ4_0; $body }
-            GgmlDType::Q4_1 => { type $t = BlockQ4_1; $body }
-            GgmlDType::Q5_0 => { type $t = BlockQ5_0; $body }
-            GgmlDType::Q5_1 => { type $t = BlockQ5_1; $body }
-            GgmlDType::Q8_0 => { type $t = BlockQ8_0; $body }
-            GgmlDType::Q8_1 => { type $t = BlockQ8_1; $body }
-            GgmlDType::Q2K => { type $t = BlockQ2K; $body }
-            GgmlDType::Q3K => { type $t = BlockQ3K; $body }
-            GgmlDType::Q4K => { type $t = BlockQ4K; $body }
-            GgmlDType::Q5K => { type $t = BlockQ5K; $body }
-            GgmlDType::Q6K => { type $t = BlockQ6K; $body }
-            GgmlDType::Q8K => { type $t = BlockQ8K; $body }
+            GgmlDType::F32 => {
+                type $t = f32;
+                $body
+            }
+            GgmlDType::F16 => {
+                type $t = f16;
+                $body
+            }
+            GgmlDType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            GgmlDType::Q4_0 => {
+                type $t = BlockQ4_0;
+                $body
+            }
+            GgmlDType::Q4_1 => {
+                type $t = BlockQ4_1;
+                $body
+            }
+            GgmlDType::Q5_0 => {
+                type $t = BlockQ5_0;
+                $body
+            }
+            GgmlDType::Q5_1 => {
+                type $t = BlockQ5_1;
+                $body
+            }
+            GgmlDType::Q8_0 => {
+                type $t = BlockQ8_0;
+                $body
+            }
+            GgmlDType::Q8_1 => {
+                type $t = BlockQ8_1;
+                $body
+            }
+            GgmlDType::Q2K => {
+                type $t = BlockQ2K;
+                $body
+            }
+            GgmlDType::Q3K => {
+                type $t = BlockQ3K;
+                $body
+            }
+            GgmlDType::Q4K => {
+                type $t = BlockQ4K;
+                $body
+            }
+            GgmlDType::Q5K => {
+                type $t = BlockQ5K;
+                $body
+            }
+            GgmlDType::Q6K => {
+                type $t = BlockQ6K;
+                $body
+            }
+            GgmlDType::Q8K => {
+                type $t = BlockQ8K;
+                $body
+            }
         }
     };
 }

@@ -95,7 +95,12 @@ impl QuantSpec {
     pub fn describe(&self) -> String {
         match self.method {
             QuantMethod::Int8 => "int8".into(),
-            m => format!("{} (blocksize {}{})", if m == QuantMethod::Nf4 { "nf4" } else { "fp4" }, self.blocksize, if self.double_quant { ", double quant" } else { "" }),
+            m => format!(
+                "{} (blocksize {}{})",
+                if m == QuantMethod::Nf4 { "nf4" } else { "fp4" },
+                self.blocksize,
+                if self.double_quant { ", double quant" } else { "" }
+            ),
         }
     }
 }

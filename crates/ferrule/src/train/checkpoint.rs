@@ -109,8 +109,7 @@ pub fn config_hash<T: Serialize + ?Sized>(config: &T) -> Result<String> {
         use serde_json::Value;
         match v {
             Value::Object(map) => {
-                let sorted: BTreeMap<String, Value> =
-                    map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
+                let sorted: BTreeMap<String, Value> = map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
                 Value::Object(sorted.into_iter().collect())
             }
             Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
@@ -143,19 +142,13 @@ fn parse_checkpoint_name(name: &str) -> Option<u64> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn check_extra_name(name: &str) -> Result<()> {
     let reserved = [ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE];
     ensure!(
-        !name.is_empty()
-            && name != "."
-            && name != ".."
-            && !name.contains(['/', '\\'])
-            && !reserved.contains(&name),
+        !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']) && !reserved.contains(&name),
         "invalid extra checkpoint file name {name:?}"
     );
     Ok(())
@@ -180,19 +173,15 @@ pub fn save_checkpoint(
     }
     // Serialize first so that a bad tensor fails before touching the disk.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let adapter_bytes =
-        serialize_safetensors(adapter, Some(meta)).context("serializing adapter")?;
-    let optimizer_bytes =
-        serialize_safetensors(optimizer, None).context("serializing optimizer state")?;
+    let adapter_bytes = serialize_safetensors(adapter, Some(meta)).context("serializing adapter")?;
+    let optimizer_bytes = serialize_safetensors(optimizer, None).context("serializing optimizer state")?;
     let state_bytes = serde_json::to_vec_pretty(state).context("serializing trainer state")?;
 
-    std::fs::create_dir_all(output_dir)
-        .with_context(|| format!("creating output directory {}", output_dir.display()))?;
+    std::fs::create_dir_all(output_dir).with_context(|| format!("creating output directory {}", output_dir.display()))?;
     let final_dir = checkpoint_dir(output_dir, state.step);
     let tmp_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{}{TMP_SUFFIX}", state.step));
     if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir)
-            .with_context(|| format!("removing stale {}", tmp_dir.display()))?;
+        std::fs::remove_dir_all(&tmp_dir).with_context(|| format!("removing stale {}", tmp_dir.display()))?;
     }
     std::fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
 
@@ -208,22 +197,15 @@ pub fn save_checkpoint(
         if final_dir.exists() {
             // Renaming onto a non-empty directory fails, so move the old one
             // aside (as a `.tmp`, ignored by readers) and delete it after.
-            let old = output_dir.join(format!(
-                "{CHECKPOINT_PREFIX}{}.replaced{TMP_SUFFIX}",
-                state.step
-            ));
+            let old = output_dir.join(format!("{CHECKPOINT_PREFIX}{}.replaced{TMP_SUFFIX}", state.step));
             if old.exists() {
                 std::fs::remove_dir_all(&old)?;
             }
-            std::fs::rename(&final_dir, &old)
-                .with_context(|| format!("moving aside {}", final_dir.display()))?;
-            std::fs::rename(&tmp_dir, &final_dir)
-                .with_context(|| format!("renaming into {}", final_dir.display()))?;
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("removing replaced {}", old.display()))?;
+            std::fs::rename(&final_dir, &old).with_context(|| format!("moving aside {}", final_dir.display()))?;
+            std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing replaced {}", old.display()))?;
         } else {
-            std::fs::rename(&tmp_dir, &final_dir)
-                .with_context(|| format!("renaming into {}", final_dir.display()))?;
+            std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
         }
         sync_dir(output_dir).with_context(|| format!("syncing {}", output_dir.display()))?;
         Ok(())
@@ -239,8 +221,7 @@ pub fn save_checkpoint(
 fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(TRAINER_STATE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let state: TrainerState =
-        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let state: TrainerState = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
     ensure!(
         state.format_version <= TRAINER_STATE_VERSION,
         "{} has format version {}, newer than supported {}",
@@ -254,10 +235,7 @@ fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
 /// Whether `dir` holds all required checkpoint files and a readable
 /// trainer state.
 fn is_complete(dir: &Path) -> bool {
-    [ADAPTER_FILE, OPTIMIZER_FILE]
-        .iter()
-        .all(|f| dir.join(f).is_file())
-        && read_trainer_state(dir).is_ok()
+    [ADAPTER_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file()) && read_trainer_state(dir).is_ok()
 }
 
 /// Complete checkpoints under `output_dir`, sorted by ascending step.
@@ -295,31 +273,16 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
 /// Reads a checkpoint directory, loading tensors onto `device`.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let state = read_trainer_state(dir)?;
-    if let Some(step) = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(parse_checkpoint_name)
-    {
-        ensure!(
-            step == state.step,
-            "{} records step {}, but the directory is named for step {step}",
-            dir.join(TRAINER_STATE_FILE).display(),
-            state.step
-        );
+    if let Some(step) = dir.file_name().and_then(|n| n.to_str()).and_then(parse_checkpoint_name) {
+        ensure!(step == state.step, "{} records step {}, but the directory is named for step {step}", dir.join(TRAINER_STATE_FILE).display(), state.step);
     }
     let load = |name: &str| -> Result<BTreeMap<String, Tensor>> {
         let path = dir.join(name);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let (tensors, _) = deserialize_safetensors(&bytes, device)
-            .with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
+        let (tensors, _) = deserialize_safetensors(&bytes, device).with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
         Ok(tensors)
     };
-    Ok(Checkpoint {
-        dir: dir.to_path_buf(),
-        adapter: load(ADAPTER_FILE)?,
-        optimizer: load(OPTIMIZER_FILE)?,
-        state,
-    })
+    Ok(Checkpoint { dir: dir.to_path_buf(), adapter: load(ADAPTER_FILE)?, optimizer: load(OPTIMIZER_FILE)?, state })
 }
 
 /// Deletes all but the `keep_last` most recent complete checkpoints under
@@ -334,12 +297,8 @@ pub fn prune_checkpoints(output_dir: &Path, keep_last: usize) -> Result<Vec<Path
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with(CHECKPOINT_PREFIX)
-                && name.ends_with(TMP_SUFFIX)
-                && entry.path().is_dir()
-            {
-                std::fs::remove_dir_all(entry.path())
-                    .with_context(|| format!("removing stale {}", entry.path().display()))?;
+            if name.starts_with(CHECKPOINT_PREFIX) && name.ends_with(TMP_SUFFIX) && entry.path().is_dir() {
+                std::fs::remove_dir_all(entry.path()).with_context(|| format!("removing stale {}", entry.path().display()))?;
             }
         }
     }
@@ -350,8 +309,7 @@ pub fn prune_checkpoints(output_dir: &Path, keep_last: usize) -> Result<Vec<Path
     for (step, path) in checkpoints.into_iter().take(n_delete) {
         let doomed = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}.deleting{TMP_SUFFIX}"));
         std::fs::rename(&path, &doomed).with_context(|| format!("removing {}", path.display()))?;
-        std::fs::remove_dir_all(&doomed)
-            .with_context(|| format!("removing {}", doomed.display()))?;
+        std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
         deleted.push(path);
     }
     if !deleted.is_empty() {
@@ -394,27 +352,15 @@ mod tests {
 
     fn tensors(dev: &Device) -> (Named, Named) {
         let adapter = vec![
-            (
-                "l0.lora_A.weight".to_string(),
-                Tensor::arange(0f32, 6., dev)
-                    .unwrap()
-                    .reshape((2, 3))
-                    .unwrap(),
-            ),
-            (
-                "l0.lora_B.weight".to_string(),
-                Tensor::ones((3, 2), DType::BF16, dev).unwrap(),
-            ),
+            ("l0.lora_A.weight".to_string(), Tensor::arange(0f32, 6., dev).unwrap().reshape((2, 3)).unwrap()),
+            ("l0.lora_B.weight".to_string(), Tensor::ones((3, 2), DType::BF16, dev).unwrap()),
         ];
         let opt = vec![("step".to_string(), Tensor::new(5i64, dev).unwrap())];
         (adapter, opt)
     }
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
     }
@@ -425,33 +371,15 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let (adapter, opt) = tensors(&dev);
         let cfg = br#"{"r": 8}"#;
-        let dir = save_checkpoint(
-            out.path(),
-            &state(5),
-            &adapter,
-            &opt,
-            &[("adapter_config.json", cfg)],
-        )
-        .unwrap();
+        let dir = save_checkpoint(out.path(), &state(5), &adapter, &opt, &[("adapter_config.json", cfg)]).unwrap();
         assert_eq!(dir, out.path().join("checkpoint-5"));
         assert_eq!(names(out.path()), vec!["checkpoint-5"]);
-        assert_eq!(
-            names(&dir),
-            vec![
-                "adapter_config.json",
-                ADAPTER_FILE,
-                OPTIMIZER_FILE,
-                TRAINER_STATE_FILE
-            ]
-        );
+        assert_eq!(names(&dir), vec!["adapter_config.json", ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE]);
         let ck = load_checkpoint(&dir, &dev).unwrap();
         assert_eq!(ck.state, state(5));
         assert_eq!(ck.adapter.len(), 2);
         assert_eq!(ck.adapter["l0.lora_B.weight"].dtype(), DType::BF16);
-        assert_eq!(
-            ck.adapter["l0.lora_A.weight"].to_vec2::<f32>().unwrap(),
-            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
-        );
+        assert_eq!(ck.adapter["l0.lora_A.weight"].to_vec2::<f32>().unwrap(), vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
         assert_eq!(ck.optimizer["step"].to_scalar::<i64>().unwrap(), 5);
         assert_eq!(std::fs::read(dir.join("adapter_config.json")).unwrap(), cfg);
         // u64 words survive JSON exactly.
@@ -479,15 +407,8 @@ mod tests {
         std::fs::write(corrupt.join(TRAINER_STATE_FILE), b"{\"step\": 3").unwrap();
         std::fs::create_dir(out.path().join("checkpoint-x1")).unwrap();
         std::fs::create_dir(out.path().join("checkpoint-")).unwrap();
-        assert_eq!(
-            latest_checkpoint(out.path()),
-            Some(out.path().join("checkpoint-10"))
-        );
-        let steps: Vec<u64> = list_checkpoints(out.path())
-            .unwrap()
-            .into_iter()
-            .map(|c| c.0)
-            .collect();
+        assert_eq!(latest_checkpoint(out.path()), Some(out.path().join("checkpoint-10")));
+        let steps: Vec<u64> = list_checkpoints(out.path()).unwrap().into_iter().map(|c| c.0).collect();
         assert_eq!(steps, vec![2, 9, 10]);
     }
 
@@ -502,10 +423,7 @@ mod tests {
         let dir = save_checkpoint(out.path(), &s, &adapter, &opt, &[]).unwrap();
         assert_eq!(names(out.path()), vec!["checkpoint-3"]);
         assert!(!dir.join("a.txt").exists());
-        assert_eq!(
-            load_checkpoint(&dir, &dev).unwrap().state.epoch_position,
-            99
-        );
+        assert_eq!(load_checkpoint(&dir, &dev).unwrap().state.epoch_position, 99);
     }
 
     #[test]
@@ -515,24 +433,11 @@ mod tests {
         let (adapter, opt) = tensors(&dev);
         save_checkpoint(out.path(), &state(1), &adapter, &opt, &[]).unwrap();
         // Unsupported dtype fails during serialization.
-        let bad = vec![(
-            "x".to_string(),
-            Tensor::zeros(2, DType::F32, &dev)
-                .unwrap()
-                .to_dtype(DType::F8E4M3)
-                .unwrap(),
-        )];
+        let bad = vec![("x".to_string(), Tensor::zeros(2, DType::F32, &dev).unwrap().to_dtype(DType::F8E4M3).unwrap())];
         assert!(save_checkpoint(out.path(), &state(2), &bad, &opt, &[]).is_err());
         // Invalid extra file name.
         assert!(save_checkpoint(out.path(), &state(2), &adapter, &opt, &[("../x", b"")]).is_err());
-        assert!(save_checkpoint(
-            out.path(),
-            &state(2),
-            &adapter,
-            &opt,
-            &[(TRAINER_STATE_FILE, b"")]
-        )
-        .is_err());
+        assert!(save_checkpoint(out.path(), &state(2), &adapter, &opt, &[(TRAINER_STATE_FILE, b"")]).is_err());
         assert_eq!(names(out.path()), vec!["checkpoint-1"]);
     }
 
@@ -563,23 +468,11 @@ mod tests {
         std::fs::create_dir(out.path().join("checkpoint-30.tmp")).unwrap();
         std::fs::write(out.path().join("metrics.jsonl"), b"").unwrap();
         let deleted = prune_checkpoints(out.path(), 2).unwrap();
-        assert_eq!(
-            deleted,
-            vec![
-                out.path().join("checkpoint-1"),
-                out.path().join("checkpoint-2"),
-                out.path().join("checkpoint-3")
-            ]
-        );
-        assert_eq!(
-            names(out.path()),
-            vec!["checkpoint-10", "checkpoint-20", "metrics.jsonl"]
-        );
+        assert_eq!(deleted, vec![out.path().join("checkpoint-1"), out.path().join("checkpoint-2"), out.path().join("checkpoint-3")]);
+        assert_eq!(names(out.path()), vec!["checkpoint-10", "checkpoint-20", "metrics.jsonl"]);
         prune_checkpoints(out.path(), 0).unwrap();
         assert_eq!(names(out.path()), vec!["checkpoint-20", "metrics.jsonl"]);
-        assert!(prune_checkpoints(&out.path().join("missing"), 1)
-            .unwrap()
-            .is_empty());
+        assert!(prune_checkpoints(&out.path().join("missing"), 1).unwrap().is_empty());
     }
 
     #[test]
@@ -587,15 +480,9 @@ mod tests {
         let a: HashMap<&str, i32> = HashMap::from([("x", 1), ("y", 2), ("z", 3)]);
         let b = serde_json::json!({"z": 3, "y": 2, "x": 1});
         assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
-        assert_ne!(
-            config_hash(&a).unwrap(),
-            config_hash(&serde_json::json!({"x": 1})).unwrap()
-        );
+        assert_ne!(config_hash(&a).unwrap(), config_hash(&serde_json::json!({"x": 1})).unwrap());
         assert_eq!(config_hash(&a).unwrap().len(), 16);
-        let s = TrainerState {
-            config_hash: config_hash(&a).unwrap(),
-            ..Default::default()
-        };
+        let s = TrainerState { config_hash: config_hash(&a).unwrap(), ..Default::default() };
         ensure_same_config(&s, &config_hash(&b).unwrap()).unwrap();
         assert!(ensure_same_config(&s, "0000").is_err());
     }

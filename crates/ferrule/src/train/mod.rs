@@ -19,13 +19,10 @@ pub mod rng;
 pub mod schedule;
 pub mod trainer;
 
-pub use checkpoint::{
-    latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint,
-    TrainerState,
-};
+pub use checkpoint::{latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint, TrainerState};
+pub use config::TrainConfig;
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
-pub use config::TrainConfig;
 pub use trainer::{encode_file, encode_options, evaluate, prepare, train, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary};

@@ -114,11 +114,7 @@ pub struct Prepared {
 
 /// Encoding settings of a training config, for sequences of at most `max_len` tokens.
 pub fn encode_options(cfg: &TrainConfig, max_len: usize) -> EncodeOptions {
-    EncodeOptions {
-        max_len,
-        truncation: if cfg.truncate { Truncation::Right } else { Truncation::Error },
-        completion_only: cfg.completion_only,
-    }
+    EncodeOptions { max_len, truncation: if cfg.truncate { Truncation::Right } else { Truncation::Error }, completion_only: cfg.completion_only }
 }
 
 /// Reads and encodes a JSONL file with the model's tokenizer and chat template.
@@ -268,7 +264,10 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
             Some(dir) => {
                 let ck = load_checkpoint(&dir, device)?;
                 if ck.state.config_hash != fingerprint {
-                    bail!("{}: this checkpoint was written by a run with different settings; resume with the same config, or use a new output folder", dir.display())
+                    bail!(
+                        "{}: this checkpoint was written by a run with different settings; resume with the same config, or use a new output folder",
+                        dir.display()
+                    )
                 }
                 progress.message(&format!("resuming from {}", dir.display()));
                 Some(ck)
@@ -305,10 +304,8 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     } else {
         None
     };
-    let mut opt = AdamW::new(
-        params.clone(),
-        AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
-    );
+    let mut opt =
+        AdamW::new(params.clone(), AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay });
     let (mut step, mut epoch, mut pos) = (0usize, 0u64, 0usize);
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = match &checkpoint {
@@ -335,7 +332,14 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     }
     progress.message(&format!(
         "{} records ({} skipped, {} truncated), {} steps of {} x {} records; trainable params {} of {} ({:.4}%)",
-        n, p.skipped, p.truncated, total_steps, cfg.batch_size, cfg.grad_accum, trainable, p.model.base_params + trainable,
+        n,
+        p.skipped,
+        p.truncated,
+        total_steps,
+        cfg.batch_size,
+        cfg.grad_accum,
+        trainable,
+        p.model.base_params + trainable,
         100.0 * trainable as f64 / (p.model.base_params + trainable) as f64
     ));
     progress.start(total_steps, step);
@@ -422,14 +426,8 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         }
         let save_now = cfg.save_every.is_some_and(|s| step % s == 0) || (step == stop_at && !last);
         if save_now {
-            let state = TrainerState {
-                step: step as u64,
-                epoch,
-                epoch_position: pos as u64,
-                seed: cfg.seed,
-                config_hash: fingerprint.clone(),
-                ..Default::default()
-            };
+            let state =
+                TrainerState { step: step as u64, epoch, epoch_position: pos as u64, seed: cfg.seed, config_hash: fingerprint.clone(), ..Default::default() };
             let adapter: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
             metrics.sync()?;
             save_checkpoint(out, &state, &adapter, &opt.state()?, &[])?;

@@ -10,28 +10,17 @@ use super::*;
 pub(super) type Meta = HashMap<String, gguf_file::Value>;
 
 pub(super) fn missing(path: &Path, key: &str) -> GgufError {
-    GgufError::MissingKey {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-    }
+    GgufError::MissingKey { path: path.to_path_buf(), key: key.to_string() }
 }
 
 pub(super) fn bad(path: &Path, key: &str, detail: impl Into<String>) -> GgufError {
-    GgufError::BadMetadata {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        detail: detail.into(),
-    }
+    GgufError::BadMetadata { path: path.to_path_buf(), key: key.to_string(), detail: detail.into() }
 }
 
 pub(super) fn meta_str<'a>(path: &Path, md: &'a Meta, key: &str) -> Result<&'a str, GgufError> {
     match md.get(key) {
         Some(gguf_file::Value::String(s)) => Ok(s),
-        Some(v) => Err(bad(
-            path,
-            key,
-            format!("expected a string, got {:?}", v.value_type()),
-        )),
+        Some(v) => Err(bad(path, key, format!("expected a string, got {:?}", v.value_type()))),
         None => Err(missing(path, key)),
     }
 }
@@ -48,17 +37,9 @@ pub(super) fn opt_usize(path: &Path, md: &Meta, key: &str) -> Result<Option<usiz
         Some(V::I32(x)) => (*x).into(),
         Some(V::U64(x)) => (*x).into(),
         Some(V::I64(x)) => (*x).into(),
-        Some(v) => {
-            return Err(bad(
-                path,
-                key,
-                format!("expected an integer, got {:?}", v.value_type()),
-            ))
-        }
+        Some(v) => return Err(bad(path, key, format!("expected an integer, got {:?}", v.value_type()))),
     };
-    usize::try_from(v)
-        .map(Some)
-        .map_err(|_| bad(path, key, format!("{v} is out of range")))
+    usize::try_from(v).map(Some).map_err(|_| bad(path, key, format!("{v} is out of range")))
 }
 
 pub(super) fn meta_usize(path: &Path, md: &Meta, key: &str) -> Result<usize, GgufError> {
@@ -74,13 +55,7 @@ pub(super) fn opt_f64(path: &Path, md: &Meta, key: &str) -> Result<Option<f64>, 
         Some(V::F64(x)) => *x,
         Some(v) => match opt_usize(path, md, key) {
             Ok(Some(n)) => n as f64,
-            _ => {
-                return Err(bad(
-                    path,
-                    key,
-                    format!("expected a number, got {:?}", v.value_type()),
-                ))
-            }
+            _ => return Err(bad(path, key, format!("expected a number, got {:?}", v.value_type()))),
         },
     }))
 }
@@ -98,11 +73,7 @@ pub(super) fn read_dims(path: &Path, md: &Meta, arch: Arch) -> Result<Dims, Gguf
     let heads = meta_usize(path, md, &key("attention.head_count"))?;
     let kv_heads = opt_usize(path, md, &key("attention.head_count_kv"))?.unwrap_or(heads);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(bad(
-            path,
-            &key("attention.head_count_kv"),
-            format!("{kv_heads} kv heads do not divide {heads} heads"),
-        ));
+        return Err(bad(path, &key("attention.head_count_kv"), format!("{kv_heads} kv heads do not divide {heads} heads")));
     }
     // transformers reads head_dim from `rope.dimension_count` for llama/mistral (not qwen2).
     let mut explicit_head_dim = opt_usize(path, md, &key("attention.key_length"))?;
@@ -112,22 +83,7 @@ pub(super) fn read_dims(path: &Path, md: &Meta, arch: Arch) -> Result<Dims, Gguf
     let head_dim = match explicit_head_dim {
         Some(hd) => hd,
         None if hidden % heads == 0 => hidden / heads,
-        None => {
-            return Err(bad(
-                path,
-                &key("attention.head_count"),
-                format!("{heads} heads do not divide hidden size {hidden}"),
-            ))
-        }
+        None => return Err(bad(path, &key("attention.head_count"), format!("{heads} heads do not divide hidden size {hidden}"))),
     };
-    Ok(Dims {
-        layers,
-        hidden,
-        intermediate,
-        heads,
-        kv_heads,
-        head_dim,
-        explicit_head_dim,
-    })
+    Ok(Dims { layers, hidden, intermediate, heads, kv_heads, head_dim, explicit_head_dim })
 }
-

@@ -84,9 +84,22 @@ pub enum LayersPattern {
 
 /// Keys of a LoRA `adapter_config.json` that ferrule understands; others are kept and warned about.
 pub const KNOWN_KEYS: &[&str] = &[
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias", "use_rslora",
-    "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-    "alpha_pattern", "lora_bias",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "modules_to_save",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_bias",
 ];
 
 impl Default for LoraConfig {
