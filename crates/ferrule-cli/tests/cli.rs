@@ -164,7 +164,20 @@ fn bad_training_inputs_are_refused_clearly() {
     std::fs::write(&empty, "\n").unwrap();
     run(&["--data", empty.to_str().unwrap()], "no records");
     // Targets that match nothing.
-    run(&["--data", &fx("data/chat.jsonl"), "--target-modules", "nonexistent_proj"], "matched no linear layer");
+    run(&["--data", &fx("data/chat.jsonl"), "--target-modules", "nonexistent_proj"], "[\"nonexistent_proj\"] matched no module");
+    // One misspelt entry among good ones fails too, naming it and the model's module names.
+    run(&["--data", &fx("data/chat.jsonl"), "--target-modules", "q_proj,v_projx"], "[\"v_projx\"] matched no module");
+    run(&["--data", &fx("data/chat.jsonl"), "--target-modules", "q_proj,v_projx"], "model.layers.*.self_attn.v_proj (2)");
+    // A rank_pattern key that is no regex, or that matches no targeted module.
+    run(
+        &["--data", &fx("data/chat.jsonl"), "--peft-option", "rank_pattern={\"q_proj(\": 2}"],
+        "rank_pattern: key \"q_proj(\" is not a valid regular expression",
+    );
+    run(&["--data", &fx("data/chat.jsonl"), "--peft-option", "rank_pattern={\"k_proj\": 2}"], "rank_pattern[\"k_proj\"] matched no targeted module");
+    // Options of another method, and unknown methods.
+    run(&["--data", &fx("data/chat.jsonl"), "--method", "ia3", "--lora-r", "4"], "--lora-r sets \"r\", which the ia3 method does not have");
+    run(&["--data", &fx("data/chat.jsonl"), "--method", "adalora"], "unknown method \"adalora\"");
+    run(&["--data", &fx("data/chat.jsonl"), "--peft-option", "use_dorra=true"], "\"use_dorra\", which the lora method does not have");
     // Longer than the model's context (tiny models have 128 positions).
     run(&["--data", &fx("data/chat.jsonl"), "--max-len", "4096"], "exceeds the model's context");
     // Records longer than max-len when truncation is off.
@@ -208,9 +221,74 @@ fn toml_config_with_flag_overrides() {
     let bad = std::fs::read_to_string(&cfg).unwrap().replace("method = \"int8\"", "method = \"nf4\"\nblocksize = 100");
     std::fs::write(&cfg, bad).unwrap();
     fails_with(&["train", "--config", cfg.to_str().unwrap()], "blocksize 100");
-    // A misspelt key is an error naming it.
+    // A misspelt key is an error naming it, at the top level and in [adapter].
     std::fs::write(&cfg, "model = \"x\"\nbatchsize = 4\n").unwrap();
     fails_with(&["train", "--config", cfg.to_str().unwrap()], "batchsize");
+    std::fs::write(&cfg, "model = \"x\"\n[adapter]\npeft_type = \"IA3\"\nfeedforward_module = [\"down_proj\"]\n").unwrap();
+    fails_with(&["train", "--config", cfg.to_str().unwrap()], "\"feedforward_module\" is not a IA3 option");
+    std::fs::write(&cfg, "model = \"x\"\n[adapter]\npeft_type = \"VERA\"\n").unwrap();
+    fails_with(&["train", "--config", cfg.to_str().unwrap()], "peft_type \"VERA\" is not supported");
+}
+
+/// `--allow-unmatched` turns an unmatched entry into a warning; the run trains the rest.
+#[test]
+fn allow_unmatched_trains_what_matched() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("o");
+    let (ok, _, err) = ferrule(&[
+        "train",
+        "--model",
+        &fx("models/llama"),
+        "--data",
+        &fx("data/chat.jsonl"),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--target-modules",
+        "q_proj,v_projx",
+        "--allow-unmatched",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("v_projx") && err.contains("--allow-unmatched"), "no warning:\n{err}");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["target_modules"], serde_json::json!(["q_proj", "v_projx"]));
+    let keys = ferrule::model::weights::load_safetensors_file(&out.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(keys.len(), 4, "q_proj A and B in 2 layers: {:?}", keys.keys());
+}
+
+/// An `[adapter]` table with another method trains it; inspect shows the plan of a method.
+#[test]
+fn adapter_table_and_inspect_plan() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("run.toml");
+    let out = t.path().join("run");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nbatch_size = 4\nmax_steps = 2\n\n[adapter]\npeft_type = \"IA3\"\ntarget_modules = [\"k_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]\n",
+            fx("models/llama"), fx("data/chat.jsonl"), out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = ferrule(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("k_proj     2 modules") && err.contains("down_proj  2 modules"), "no match table:\n{err}");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["peft_type"], "IA3");
+    fails_with(
+        &["train", "--config", cfg.to_str().unwrap(), "--method", "lora", "--output", t.path().join("x").to_str().unwrap()],
+        "conflicts with the config file",
+    );
+    // inspect: IA3 with PEFT's defaults for llama (k_proj, v_proj, down_proj): 2 x (32 + 32 + 128) parameters.
+    let (ok, stdout, err) = ferrule(&["inspect", "--model", &fx("models/llama"), "--method", "ia3", "--json"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(info["plan"]["peft_type"], "IA3");
+    assert_eq!(info["plan"]["modules"], 6);
+    let (ok, stdout, err) = ferrule(&["inspect", "--model", &fx("models/llama"), "--method", "ln-tuning"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("ln-tuning (LN_TUNING) on 5 modules"), "{stdout}");
 }
 
 #[test]

@@ -6,18 +6,18 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use ferrule::model::{Inputs, Model, ModelSource, Task};
 use ferrule::ops::loss::causal_lm_loss;
-use ferrule::tuners::lora::{Lora, LoraConfig};
-use ferrule::tuners::target::ModuleSpec;
-use ferrule::tuners::Tuner;
+use ferrule::tuners::{registry, AdapterConfig, BuildContext};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (model, b, t) = (&args[1], args[2].parse::<usize>()?, args[3].parse::<usize>()?);
     let dev = Device::Cpu;
     let src = ModelSource::load(model, &dev)?;
-    let targets = ModuleSpec::Names(["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect());
-    let lora = Lora::new(LoraConfig { r: 8, lora_alpha: 16.0, target_modules: Some(targets), ..Default::default() }, 0, &dev)?;
-    let m = Model::build(&src, Task::CausalLm, &lora, &dev, 0)?;
+    let cfg = AdapterConfig::from_json(
+        serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    )?;
+    let lora = registry::build(&cfg, BuildContext { seed: 0, device: &dev, weights: None, allow_unmatched: false })?;
+    let m = Model::build(&src, Task::CausalLm, lora.as_ref(), &dev, 0)?;
     lora.finish()?;
     lora.mode().set_training(true);
     let ids = Tensor::arange(0u32, (b * t) as u32, &dev)?.reshape((b, t))?.affine(1.0, 100.0)?;

@@ -6,16 +6,15 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::Device;
 
-use crate::model::{family_of, Family, Frozen, LinearHook, Model, ModelSource, Task};
+use crate::model::{family_of, Family, Frozen, Model, ModelHook, ModelSource, Task};
 use crate::peft_io::load_adapter;
 use crate::quant::QuantSpec;
-use crate::tuners::lora::Lora;
 use crate::tuners::Tuner;
 
 pub struct AdaptedModel {
     pub source: ModelSource,
     pub model: Model,
-    pub tuner: Option<Lora>,
+    pub tuner: Option<Box<dyn Tuner>>,
 }
 
 /// The task a model is run for when nobody says: the adapter's `task_type`, else causal
@@ -58,8 +57,8 @@ impl AdaptedModel {
             }
             None => None,
         };
-        let hook: &dyn LinearHook = match &tuner {
-            Some(t) => t,
+        let hook: &dyn ModelHook = match &tuner {
+            Some(t) => t.as_ref(),
             None => &Frozen,
         };
         let model = Model::build(&source, task, hook, device, 0)?;
@@ -70,7 +69,7 @@ impl AdaptedModel {
     }
 
     pub fn trainable_params(&self) -> usize {
-        self.tuner.as_ref().map_or(0, |t| t.trainable().iter().map(|(_, v)| v.elem_count()).sum())
+        self.tuner.as_deref().map_or(0, crate::tuners::trainable_params)
     }
 }
 

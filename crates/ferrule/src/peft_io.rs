@@ -8,30 +8,12 @@ use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
 
 use crate::model::Task;
-use crate::tuners::lora::{config::KNOWN_KEYS, Lora, LoraConfig};
-use crate::tuners::Tuner;
+use crate::tuners::{registry, AdapterConfig, BuildContext, Tuner};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The PEFT version whose format ferrule writes.
 pub const PEFT_VERSION: &str = "0.18.0";
-
-/// Common (method-independent) keys of `adapter_config.json`.
-const COMMON_KEYS: &[&str] = &["peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"];
-
-/// PEFT options whose default values carry no meaning for the methods ferrule runs.
-const IGNORABLE_KEYS: &[&str] = &["megatron_core", "megatron_config", "runtime_config", "qalora_group_size", "use_qalora", "ensure_weight_tying"];
-
-/// null, false, "", [], {} or an object of such values: an option left at its default.
-fn is_unset(v: &Value) -> bool {
-    match v {
-        Value::Null | Value::Bool(false) => true,
-        Value::String(s) => s.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.values().all(is_unset),
-        _ => false,
-    }
-}
 
 /// A saved adapter read back from disk.
 pub struct SavedAdapter {
@@ -54,16 +36,21 @@ impl SavedAdapter {
         }
     }
 
+    /// The adapter's config: `peft_type` and the method's keys.
+    pub fn adapter_config(&self) -> Result<AdapterConfig> {
+        let origin = self.dir.join(CONFIG_FILE).display().to_string();
+        let mut options = self.config.as_object().cloned().unwrap_or_default();
+        options.remove("peft_type");
+        let cfg = AdapterConfig::new(self.peft_type(), options);
+        cfg.check_keys(&origin, false)?;
+        Ok(cfg)
+    }
+
     /// Builds the tuner this adapter describes, holding its weights.
-    pub fn into_tuner(self, seed: u64, device: &Device) -> Result<Lora> {
-        match self.peft_type() {
-            "LORA" => {
-                let cfg: LoraConfig =
-                    serde_json::from_value(self.config.clone()).with_context(|| format!("{}: invalid LoRA config", self.dir.join(CONFIG_FILE).display()))?;
-                Lora::with_weights(cfg, self.tensors, seed, device)
-            }
-            other => bail!("{}: peft_type {other:?} is not supported (LORA is)", self.dir.join(CONFIG_FILE).display()),
-        }
+    pub fn into_tuner(self, seed: u64, device: &Device) -> Result<Box<dyn Tuner>> {
+        let cfg = self.adapter_config()?;
+        let origin = self.dir.join(CONFIG_FILE).display().to_string();
+        registry::build(&cfg, BuildContext { seed, device, weights: Some(self.tensors), allow_unmatched: false }).with_context(|| origin)
     }
 }
 
@@ -76,15 +63,12 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter> {
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
     let obj = config.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object", cfg_path.display()))?;
-    if !obj.contains_key("peft_type") {
-        bail!("{}: missing \"peft_type\"", cfg_path.display())
-    }
-    // PEFT writes every option it knows, mostly at defaults; warn only about unknown
-    // options that are actually set.
-    for (k, v) in obj {
-        if !COMMON_KEYS.contains(&k.as_str()) && !KNOWN_KEYS.contains(&k.as_str()) && !IGNORABLE_KEYS.contains(&k.as_str()) && !is_unset(v) {
-            tracing::warn!("{}: ignoring {k:?} = {v}, which ferrule does not implement", cfg_path.display());
+    match obj.get("peft_type") {
+        None => bail!("{}: missing \"peft_type\"", cfg_path.display()),
+        Some(Value::String(t)) => {
+            registry::by_peft_type(t).with_context(|| cfg_path.display().to_string())?;
         }
+        Some(v) => bail!("{}: \"peft_type\" must be a string such as \"LORA\", got {v}", cfg_path.display()),
     }
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.exists() {
@@ -105,7 +89,7 @@ pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str)
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    cfg.insert("peft_type".into(), Value::from(tuner.peft_type()));
+    cfg.insert("peft_type".into(), Value::from(tuner.method().peft_type));
     cfg.insert("task_type".into(), Value::from(task.peft_name()));
     cfg.insert("base_model_name_or_path".into(), Value::from(base_model));
     cfg.insert("revision".into(), Value::Null);

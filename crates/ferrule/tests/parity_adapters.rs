@@ -8,9 +8,7 @@ use common::*;
 use ferrule::model::{Arch, Frozen, Inputs, Model, ModelSource, Task};
 use ferrule::ops::loss::{causal_lm_loss, cross_entropy};
 use ferrule::peft_io::load_adapter;
-use ferrule::tuners::lora::{Lora, LoraConfig};
-use ferrule::tuners::target::ModuleSpec;
-use ferrule::tuners::Tuner;
+use ferrule::tuners::{registry, AdapterConfig, BuildContext, Tuner};
 
 struct Case {
     model: &'static str,
@@ -27,13 +25,13 @@ const CASES: &[Case] = &[
     Case { model: "bert", adapter: "bert_seqcls", task: Task::SeqCls, inputs: "bert" },
 ];
 
-fn build(case: &Case) -> (Model, Lora, ModelSource) {
+fn build(case: &Case) -> (Model, Box<dyn Tuner>, ModelSource) {
     let dev = Device::Cpu;
     let src = ModelSource::load(fixtures().join("models").join(case.model).to_str().unwrap(), &dev).unwrap();
     let saved = load_adapter(&fixtures().join("adapters").join(case.adapter), &dev).unwrap();
     assert_eq!(saved.task(), Some(case.task));
     let lora = saved.into_tuner(0, &dev).unwrap();
-    let model = Model::build(&src, case.task, &lora, &dev, 0).unwrap();
+    let model = Model::build(&src, case.task, lora.as_ref(), &dev, 0).unwrap();
     lora.finish().unwrap();
     (model, lora, src)
 }
@@ -120,9 +118,9 @@ fn bert_seqcls_gradients_match_torch() {
 fn fresh_adapter_is_a_no_op_and_b_starts_at_zero() {
     let dev = Device::Cpu;
     let src = ModelSource::load(fixtures().join("models/llama").to_str().unwrap(), &dev).unwrap();
-    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, target_modules: Some(ModuleSpec::Pattern("all-linear".into())), ..Default::default() };
-    let lora = Lora::new(cfg, 7, &dev).unwrap();
-    let adapted = Model::build(&src, Task::CausalLm, &lora, &dev, 0).unwrap();
+    let cfg = AdapterConfig::from_json(serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap();
+    let lora = registry::build(&cfg, BuildContext { seed: 7, device: &dev, weights: None, allow_unmatched: false }).unwrap();
+    let adapted = Model::build(&src, Task::CausalLm, lora.as_ref(), &dev, 0).unwrap();
     lora.finish().unwrap();
     let base = Model::build(&src, Task::CausalLm, &Frozen, &dev, 0).unwrap();
     let inputs = load("inputs/decoder.safetensors");
@@ -151,11 +149,11 @@ fn merged_folders_reproduce_adapter_logits() {
         let (want, inputs) = run(&model, case);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        let report = ferrule::merge::merge_to_dir(&src, &lora, case.task, &out).unwrap();
+        let report = ferrule::merge::merge_to_dir(&src, lora.as_ref(), case.task, &out).unwrap();
         assert_eq!(report.merged_modules, lora.adapted().len());
         assert!(out.join("config.json").exists() && !tmp.path().join("merged.tmp").exists());
         // A second merge into the same folder is refused, not overwritten.
-        assert!(ferrule::merge::merge_to_dir(&src, &lora, case.task, &out).is_err());
+        assert!(ferrule::merge::merge_to_dir(&src, lora.as_ref(), case.task, &out).is_err());
         let merged_src = ModelSource::load(out.to_str().unwrap(), &dev).unwrap();
         let merged = Model::build(&merged_src, case.task, &Frozen, &dev, 0).unwrap();
         let got = merged
@@ -176,7 +174,7 @@ fn ferrule_saved_adapters_mean_the_same_to_peft() {
     for name in ["llama", "qwen2"] {
         let src = ModelSource::load(fixtures().join("models").join(name).to_str().unwrap(), &dev).unwrap();
         let lora = load_adapter(&fixtures().join("roundtrip").join(name), &dev).unwrap().into_tuner(0, &dev).unwrap();
-        let model = Model::build(&src, Task::CausalLm, &lora, &dev, 0).unwrap();
+        let model = Model::build(&src, Task::CausalLm, lora.as_ref(), &dev, 0).unwrap();
         lora.finish().unwrap();
         let inputs = load("inputs/decoder.safetensors");
         let got = model.forward(&Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: None }).unwrap();

@@ -13,8 +13,7 @@ use common::*;
 use ferrule::model::ModelSource;
 use ferrule::quant::{QuantMethod, QuantSpec};
 use ferrule::train::{train, RunOptions, Silent, TrainConfig};
-use ferrule::tuners::lora::LoraConfig;
-use ferrule::tuners::target::ModuleSpec;
+use ferrule::tuners::AdapterConfig;
 use ferrule::util::atomic::RawTensor;
 
 fn config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> TrainConfig {
@@ -22,7 +21,10 @@ fn config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> TrainConfig 
         model: model.display().to_string(),
         data: fixtures().join("data/chat.jsonl"),
         output_dir: out.to_path_buf(),
-        lora: LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Some(ModuleSpec::Pattern("all-linear".into())), ..Default::default() },
+        adapter: Some(
+            AdapterConfig::from_json(serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"}))
+                .unwrap(),
+        ),
         max_len: Some(64),
         batch_size: 4,
         max_steps: Some(6),

@@ -11,8 +11,8 @@ use common::*;
 use ferrule::adapted::AdaptedModel;
 use ferrule::model::{Inputs, Task};
 use ferrule::train::{train, RunOptions, Silent, TrainConfig};
-use ferrule::tuners::lora::LoraConfig;
-use ferrule::tuners::target::ModuleSpec;
+use ferrule::tuners::AdapterConfig;
+use serde_json::json;
 
 fn head(src: &Path, dst: &Path, n: usize) {
     let text = std::fs::read_to_string(src).unwrap();
@@ -46,7 +46,7 @@ fn minilm_sequence_classification_few_steps() {
         eval_data: Some(small),
         output_dir: out.clone(),
         task: Task::SeqCls,
-        lora: LoraConfig { r: 8, lora_alpha: 16.0, target_modules: Some(ModuleSpec::Names(vec!["query".into(), "value".into()])), ..Default::default() },
+        adapter: Some(AdapterConfig::from_json(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]})).unwrap()),
         max_len: Some(64),
         batch_size: 16,
         max_steps: Some(3),
@@ -72,12 +72,10 @@ fn smollm2_gguf_causal_lm_few_steps() {
         model: model.display().to_string(),
         data: small,
         output_dir: out.clone(),
-        lora: LoraConfig {
-            r: 8,
-            lora_alpha: 16.0,
-            target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()])),
-            ..Default::default()
-        },
+        adapter: Some(
+            AdapterConfig::from_json(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+                .unwrap(),
+        ),
         max_len: Some(64),
         batch_size: 2,
         max_steps: Some(2),

@@ -10,9 +10,7 @@ use common::*;
 use ferrule::model::{Frozen, Inputs, Model, ModelSource, Task};
 use ferrule::peft_io::load_adapter;
 use ferrule::train::{train, RunOptions, Silent, TrainConfig};
-use ferrule::tuners::lora::LoraConfig;
-use ferrule::tuners::target::ModuleSpec;
-use ferrule::tuners::Tuner;
+use ferrule::tuners::AdapterConfig;
 
 fn config(out: &Path) -> TrainConfig {
     TrainConfig {
@@ -20,13 +18,12 @@ fn config(out: &Path) -> TrainConfig {
         data: fixtures().join("data/chat.jsonl"),
         eval_data: Some(fixtures().join("data/chat.jsonl")),
         output_dir: out.to_path_buf(),
-        lora: LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.1,
-            target_modules: Some(ModuleSpec::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])),
-            ..Default::default()
-        },
+        adapter: Some(
+            AdapterConfig::from_json(
+                serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+            )
+            .unwrap(),
+        ),
         max_len: Some(64),
         batch_size: 4,
         grad_accum: 2,
@@ -109,7 +106,7 @@ fn saved_adapter_reloads_with_identical_outputs() {
     assert_eq!(json["r"], 4);
     let tuner = saved.into_tuner(0, &dev).unwrap();
     let src = ModelSource::load(&cfg.model, &dev).unwrap();
-    let model = Model::build(&src, Task::CausalLm, &tuner, &dev, 0).unwrap();
+    let model = Model::build(&src, Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
     tuner.finish().unwrap();
     let inputs = load("inputs/decoder.safetensors");
     let inp = Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: None };
@@ -118,7 +115,7 @@ fn saved_adapter_reloads_with_identical_outputs() {
     assert!(max_diff_masked(&adapted, &base, Some(&inputs["attention_mask"])) > 1e-3, "trained adapter is a no-op");
     // Save → load → save gives the same bytes.
     let again = tempfile::tempdir().unwrap();
-    ferrule::peft_io::save_adapter(again.path(), &tuner, Task::CausalLm, &cfg.model).unwrap();
+    ferrule::peft_io::save_adapter(again.path(), tuner.as_ref(), Task::CausalLm, &cfg.model).unwrap();
     assert_eq!(adapter_bytes(out.path()), adapter_bytes(again.path()));
     assert_eq!(tuner.adapted().len(), 6);
 }

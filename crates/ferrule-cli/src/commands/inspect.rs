@@ -4,21 +4,17 @@ use anyhow::Result;
 use candle_core::Device;
 use ferrule::adapted::default_task;
 use ferrule::model::{Model, ModelSource};
-use ferrule::train::config::default_lora_targets;
-use ferrule::tuners::lora::{Lora, LoraConfig};
-use ferrule::tuners::target::ModuleSpec;
-use ferrule::tuners::Tuner;
+use ferrule::train::TrainConfig;
+use ferrule::tuners::{registry, trainable_params, BuildContext};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     model: super::ModelArgs,
-    /// Show what LoRA with this rank would train.
-    #[arg(long)]
-    lora_r: Option<usize>,
-    /// Modules for that LoRA (comma list or all-linear; default: PEFT's for the model type).
-    #[arg(long)]
-    target_modules: Option<String>,
+    /// Show what this adapter would train (any of train's adapter flags; --method alone uses
+    /// the method's defaults, e.g. PEFT's targets for the model type).
+    #[command(flatten)]
+    adapter: super::adapter_args::AdapterArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -47,32 +43,31 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(t) = &m.tuner {
         let trainable = m.trainable_params();
         info["adapter"] = serde_json::json!({
-            "peft_type": t.peft_type(),
+            "peft_type": t.method().peft_type,
             "modules": t.adapted().len(),
             "parameters": trainable,
             "percent_of_total": 100.0 * trainable as f64 / (m.model.base_params + trainable) as f64,
             "example_module": t.adapted().first(),
         });
     }
-    if a.lora_r.is_some() || a.target_modules.is_some() {
+    if a.adapter.given() {
         let source = ModelSource::load_with(&a.model.model, &dev, a.model.quant.spec()?.as_ref())?;
-        let targets = match &a.target_modules {
-            Some(s) if s == "all-linear" => ModuleSpec::Pattern(s.clone()),
-            Some(s) => ModuleSpec::Names(s.split(',').map(|x| x.trim().to_string()).collect()),
-            None => ModuleSpec::Names(default_lora_targets(source.model_type()).unwrap_or_default()),
-        };
-        let r = a.lora_r.unwrap_or(8);
-        let lora = Lora::new(LoraConfig { r, lora_alpha: 2.0 * r as f64, target_modules: Some(targets), ..Default::default() }, 0, &dev)?;
-        let model = Model::build(&source, task.unwrap_or(default_task(&source)?), &lora, &dev, 0)?;
-        lora.finish()?;
-        let trainable: usize = lora.trainable().iter().map(|(_, v)| v.elem_count()).sum();
-        info["lora_plan"] = serde_json::json!({
-            "r": r,
-            "modules": lora.adapted().len(),
+        let task = task.unwrap_or(default_task(&source)?);
+        let adapter = a.adapter.apply(&TrainConfig::default())?.resolved(source.model_type(), task)?;
+        let tuner = registry::build(&adapter, BuildContext { seed: 0, device: &dev, weights: None, allow_unmatched: a.adapter.allow_unmatched })?;
+        let model = Model::build(&source, task, tuner.as_ref(), &dev, 0)?;
+        let matches = tuner.finish()?;
+        let trainable = trainable_params(tuner.as_ref());
+        info["plan"] = serde_json::json!({
+            "method": tuner.method().name,
+            "peft_type": tuner.method().peft_type,
+            "config": tuner.config_json()?,
+            "matches": matches,
+            "modules": tuner.adapted().len(),
             "trainable_parameters": trainable,
             "total_parameters": model.base_params + trainable,
             "percent_trainable": 100.0 * trainable as f64 / (model.base_params + trainable) as f64,
-            "module_paths": lora.adapted().iter().map(|m| m.path.clone()).collect::<Vec<_>>(),
+            "adapted": tuner.adapted(),
         });
     }
     if a.json {
@@ -107,15 +102,30 @@ pub fn run(a: Args) -> Result<()> {
             ad["percent_of_total"].as_f64().unwrap_or(0.0)
         );
     }
-    if let Some(p) = info.get("lora_plan") {
-        println!(
-            "LoRA r={} on {} modules: trainable {} of {} ({:.4}%)",
-            p["r"],
-            p["modules"],
-            p["trainable_parameters"],
-            p["total_parameters"],
-            p["percent_trainable"].as_f64().unwrap_or(0.0)
-        );
+    if let Some(p) = info.get("plan") {
+        print_plan(p);
     }
     Ok(())
+}
+
+/// The text form of a method plan: what it trains, what each target entry matched, an example module.
+fn print_plan(p: &serde_json::Value) {
+    println!(
+        "{} ({}) on {} modules: trainable {} of {} ({:.4}%)",
+        p["method"].as_str().unwrap_or(""),
+        p["peft_type"].as_str().unwrap_or(""),
+        p["modules"],
+        p["trainable_parameters"],
+        p["total_parameters"],
+        p["percent_trainable"].as_f64().unwrap_or(0.0)
+    );
+    for m in p["matches"].as_array().into_iter().flatten() {
+        println!("  {} matched:", m["option"].as_str().unwrap_or(""));
+        for e in m["entries"].as_array().into_iter().flatten() {
+            println!("    {:<24} {} modules", e[0].as_str().unwrap_or(""), e[1]);
+        }
+    }
+    if let Some(first) = p["adapted"].as_array().and_then(|a| a.first()) {
+        println!("  e.g. {} ({}, {} parameters)", first["path"].as_str().unwrap_or(""), first["detail"].as_str().unwrap_or(""), first["params"]);
+    }
 }

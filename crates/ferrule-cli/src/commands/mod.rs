@@ -1,5 +1,6 @@
 //! One file per subcommand: flags, then a call into the library.
 
+pub mod adapter_args;
 pub mod eval;
 pub mod generate;
 pub mod inspect;

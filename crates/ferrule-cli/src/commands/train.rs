@@ -4,14 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use ferrule::train::{train, LrSchedule, RunOptions, TrainConfig};
-use ferrule::tuners::lora::InitLoraWeights;
-use ferrule::tuners::target::ModuleSpec;
 
 use crate::progress::Bar;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML file with the run's settings (the TrainConfig keys; LoRA keys under [lora]). Flags override it.
+    /// TOML file with the run's settings (the TrainConfig keys; the method's PEFT keys under [adapter] with
+    /// peft_type, or LoRA's under [lora]). Flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Model folder (config.json + safetensors + tokenizer.json), .gguf file, or hub id.
@@ -28,28 +27,8 @@ pub struct Args {
     /// causal-lm or seq-cls.
     #[arg(long)]
     task: Option<String>,
-    #[arg(long)]
-    lora_r: Option<usize>,
-    #[arg(long)]
-    lora_alpha: Option<f64>,
-    #[arg(long)]
-    lora_dropout: Option<f64>,
-    /// Comma-separated module names (matched as dotted suffixes), or "all-linear".
-    #[arg(long)]
-    target_modules: Option<String>,
-    /// A regular expression that must match whole module paths (instead of --target-modules).
-    #[arg(long)]
-    target_regex: Option<String>,
-    #[arg(long)]
-    exclude_modules: Option<String>,
-    /// Comma-separated modules trained in full and saved with the adapter (e.g. a head).
-    #[arg(long)]
-    modules_to_save: Option<String>,
-    #[arg(long)]
-    use_rslora: bool,
-    /// true (Kaiming A, zero B), false, or gaussian.
-    #[arg(long)]
-    init_lora_weights: Option<String>,
+    #[command(flatten)]
+    adapter: super::adapter_args::AdapterArgs,
     #[arg(long)]
     max_len: Option<usize>,
     /// Fail on records longer than --max-len instead of truncating them.
@@ -109,18 +88,6 @@ pub struct Args {
     stop_after: Option<usize>,
 }
 
-fn names(s: &str) -> Vec<String> {
-    s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()
-}
-
-fn list_or_all_linear(s: &str) -> ModuleSpec {
-    if s.trim() == "all-linear" {
-        ModuleSpec::Pattern("all-linear".into())
-    } else {
-        ModuleSpec::Names(names(s))
-    }
-}
-
 pub fn build_config(a: &Args) -> Result<TrainConfig> {
     let mut c: TrainConfig = match &a.config {
         Some(p) => {
@@ -145,30 +112,10 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
     if let Some(t) = &a.task {
         c.task = super::parse_task(t)?;
     }
-    set!(c.lora.r, a.lora_r);
-    set!(c.lora.lora_alpha, a.lora_alpha);
-    set!(c.lora.lora_dropout, a.lora_dropout);
-    if let Some(t) = &a.target_modules {
-        c.lora.target_modules = Some(list_or_all_linear(t));
-    }
-    if let Some(r) = &a.target_regex {
-        c.lora.target_modules = Some(ModuleSpec::Pattern(r.clone()));
-    }
-    if let Some(e) = &a.exclude_modules {
-        c.lora.exclude_modules = Some(ModuleSpec::Names(names(e)));
-    }
-    if let Some(m) = &a.modules_to_save {
-        c.lora.modules_to_save = Some(names(m));
-    }
-    if a.use_rslora {
-        c.lora.use_rslora = true;
-    }
-    if let Some(i) = &a.init_lora_weights {
-        c.lora.init_lora_weights = match i.as_str() {
-            "true" => InitLoraWeights::Flag(true),
-            "false" => InitLoraWeights::Flag(false),
-            other => InitLoraWeights::Named(other.to_string()),
-        };
+    c.adapter = Some(a.adapter.apply(&c)?);
+    c.lora = None;
+    if a.adapter.allow_unmatched {
+        c.allow_unmatched = true;
     }
     if a.max_len.is_some() {
         c.max_len = a.max_len;

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::model::{ModelSource, Task};
 use crate::ops::FrozenWeight;
 use crate::quant::{bnb_format, RoundTripError};
-use crate::tuners::Tuner;
+use crate::tuners::{Tuner, Update};
 use crate::util::atomic::raw_tensor;
 
 /// What a merge changed, for the user to check.
@@ -53,7 +53,7 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         tensors.insert(format!("{prefix}{k}"), w);
     }
     let mut report = MergeReport { merged_modules: 0, replaced_tensors: 0, tensors_written: 0, requantized: 0, requantize_error: None };
-    for (name, delta) in tuner.deltas()? {
+    for (name, update) in tuner.updates()? {
         let base = match tensors.get(&name) {
             Some(t) => t.clone(),
             // A tied head that was adapted gets its own weight: untie it.
@@ -66,10 +66,11 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         };
         // Dequantized once: it is both the shape check and the sum's left side.
         let dense = base.to_dense(&device)?;
-        if dense.dims() != delta.dims() {
-            bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), delta.dims())
-        }
-        let merged = (dense + delta.to_dtype(candle_core::DType::F32)?)?;
+        let merged = match update {
+            Update::Add(delta) if delta.dims() == dense.dims() => (dense + delta.to_dtype(candle_core::DType::F32)?)?,
+            Update::Scale(s) if s.broadcast_as(dense.shape()).is_ok() => dense.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?,
+            Update::Add(u) | Update::Scale(u) => bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), u.dims()),
+        };
         let merged = match &base {
             FrozenWeight::Quantized(q) => {
                 let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;

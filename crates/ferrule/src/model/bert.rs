@@ -2,12 +2,12 @@
 //! mean pooling for sentence embeddings, and the `BertForSequenceClassification` head
 //! (pooler → classifier). Parameter names are the Hugging Face ones, verbatim.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::BertConfig;
 use super::weights::Weights;
-use super::{Linear, LinearHook, LinearInfo};
+use super::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp;
 use crate::ops::gelu::gelu;
@@ -63,7 +63,7 @@ pub struct BertOutput {
 
 impl Bert {
     /// `init_seed` seeds the classifier when the checkpoint has none (HF: normal(0, initializer_range), zero bias).
-    pub fn new(config: BertConfig, task: BertTask, w: &Weights, hook: &dyn LinearHook, device: &Device, init_seed: u64) -> Result<Self> {
+    pub fn new(config: BertConfig, task: BertTask, w: &Weights, hook: &dyn ModelHook, device: &Device, init_seed: u64) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         // Module paths as the task's HF class names them; weights may or may not carry the prefix.
@@ -77,12 +77,13 @@ impl Bert {
             // Old checkpoints name LayerNorm parameters gamma/beta.
             let weight = w.get_any(&[names(&format!("{n}.weight")), names(&format!("{n}.gamma"))].concat(), &[h])?;
             let bias = w.get_any(&[names(&format!("{n}.bias")), names(&format!("{n}.beta"))].concat(), &[h])?;
-            Ok(Norm { weight, bias })
+            let p = hook.norm(&NormInfo { path: format!("{prefix}{n}") }, NormParams { weight, bias: Some(bias) })?;
+            Ok(Norm { weight: p.weight, bias: p.bias.context("a LayerNorm hook dropped the bias")? })
         };
         let lin = |n: &str, out_f: usize, in_f: usize| -> Result<Box<dyn Linear>> {
             let weight = w.frozen_any(&names(&format!("{n}.weight")), [out_f, in_f])?;
             let bias = get(&format!("{n}.bias"), &[out_f])?;
-            hook.wrap(&LinearInfo { path: format!("{prefix}{n}"), is_output_head: false }, FrozenLinear::from_weight(weight, Some(bias)))
+            hook.linear(&LinearInfo { path: format!("{prefix}{n}"), is_output_head: false }, FrozenLinear::from_weight(weight, Some(bias)))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -114,7 +115,7 @@ impl Bert {
                     initialized_params = c.num_labels * (h + 1);
                     (crate::init::normal(&shape, c.initializer_range, init_seed, device)?, Tensor::zeros(c.num_labels, DType::F32, device)?)
                 };
-                Some(hook.wrap(&LinearInfo { path: "classifier".into(), is_output_head: true }, FrozenLinear::new(weight, Some(bias))?)?)
+                Some(hook.linear(&LinearInfo { path: "classifier".into(), is_output_head: true }, FrozenLinear::new(weight, Some(bias))?)?)
             }
         };
         Ok(Self {

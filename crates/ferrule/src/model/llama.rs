@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use super::weights::Weights;
-use super::{Linear, LinearHook, LinearInfo};
+use super::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp;
 use crate::ops::norm::rms_norm;
@@ -66,14 +66,20 @@ pub struct DecoderLm {
     recompute: RwLock<Option<Arc<GradSink>>>,
 }
 
-fn linear(w: &Weights, hook: &dyn LinearHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
+fn linear(w: &Weights, hook: &dyn ModelHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
     let weight = w.frozen(&format!("{path}.weight"), [out_f, in_f])?;
     let bias = if bias { Some(w.get(&format!("{path}.bias"), &[out_f])?) } else { None };
-    hook.wrap(&LinearInfo { path: path.to_string(), is_output_head: path == "lm_head" }, FrozenLinear::from_weight(weight, bias))
+    hook.linear(&LinearInfo { path: path.to_string(), is_output_head: path == "lm_head" }, FrozenLinear::from_weight(weight, bias))
+}
+
+/// An RMSNorm's weight `[hidden]` (no bias), through the norm hook point.
+fn rms_weight(w: &Weights, hook: &dyn ModelHook, path: &str, hidden: usize) -> Result<Tensor> {
+    let weight = w.get(&format!("{path}.weight"), &[hidden])?;
+    Ok(hook.norm(&NormInfo { path: path.to_string() }, NormParams { weight, bias: None })?.weight)
 }
 
 impl DecoderLm {
-    pub fn new(config: DecoderConfig, w: &Weights, hook: &dyn LinearHook, device: &Device) -> Result<Self> {
+    pub fn new(config: DecoderConfig, w: &Weights, hook: &dyn ModelHook, device: &Device) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -82,14 +88,14 @@ impl DecoderLm {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Arc::new(Layer {
-                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_layernorm: rms_weight(w, hook, &format!("{p}.input_layernorm"), h)?,
                 self_attn: Attention {
                     q_proj: linear(w, hook, &format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
                     k_proj: linear(w, hook, &format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
                     v_proj: linear(w, hook, &format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
                     o_proj: linear(w, hook, &format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
                 },
-                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: rms_weight(w, hook, &format!("{p}.post_attention_layernorm"), h)?,
                 mlp: Mlp {
                     gate_proj: linear(w, hook, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
                     up_proj: linear(w, hook, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
@@ -97,10 +103,10 @@ impl DecoderLm {
                 },
             }));
         }
-        let norm = w.get("model.norm.weight", &[h])?;
+        let norm = rms_weight(w, hook, "model.norm", h)?;
         let head_weight =
             if c.tie_word_embeddings || !w.contains("lm_head.weight") { embed_tokens.clone() } else { w.frozen("lm_head.weight", [c.vocab_size, h])? };
-        let lm_head = hook.wrap(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
+        let lm_head = hook.linear(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
         let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
     }

@@ -1,68 +1,25 @@
 //! Architectures: config parsing, weight loading, forward passes.
 //!
-//! Models know nothing about tuning methods. Every linear layer a model builds goes through
-//! a [`LinearHook`] with its Hugging Face module path (`model.layers.3.self_attn.q_proj`);
-//! a tuner is a hook that wraps the layers it targets.
+//! Models know nothing about tuning methods. Every module a method may change (linear layers,
+//! norm weights) goes through a [`ModelHook`] with its Hugging Face module path
+//! (`model.layers.3.self_attn.q_proj`) while the model is built; a tuner is a hook that
+//! changes the modules it targets (see [`hooks`]).
 
 pub mod bert;
 pub mod config;
 pub mod gguf;
+pub mod hooks;
 pub mod llama;
 pub mod source;
 pub mod weights;
 
 use anyhow::Result;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
 pub use config::{family_of, BertConfig, DecoderConfig, Family};
+pub use hooks::{Frozen, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 pub use source::ModelSource;
 pub use weights::Weights;
-
-use crate::ops::FrozenLinear;
-
-/// A linear layer as a model calls it.
-pub trait Linear: Send + Sync {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
-
-    /// The layer itself when it is a plain frozen linear (no method wraps it), so that a loss
-    /// can fuse it (`ops::head_loss`).
-    fn as_frozen(&self) -> Option<&FrozenLinear> {
-        None
-    }
-}
-
-impl Linear for FrozenLinear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Module::forward(self, x)
-    }
-
-    fn as_frozen(&self) -> Option<&FrozenLinear> {
-        Some(self)
-    }
-}
-
-/// What a hook is told about the linear it may wrap.
-#[derive(Clone, Debug)]
-pub struct LinearInfo {
-    /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
-    pub path: String,
-    /// The model's output layer (`lm_head`, `classifier`): PEFT's `all-linear` skips it.
-    pub is_output_head: bool,
-}
-
-/// Decides what each linear layer of a model becomes.
-pub trait LinearHook {
-    fn wrap(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>>;
-}
-
-/// Leaves every layer frozen (plain inference).
-pub struct Frozen;
-
-impl LinearHook for Frozen {
-    fn wrap(&self, _info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        Ok(Box::new(base))
-    }
-}
 
 /// What the model is trained or run for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -108,8 +65,8 @@ pub struct Inputs<'a> {
 }
 
 impl Model {
-    /// Builds the model of `source` for `task`, passing every linear through `hook`.
-    pub fn build(source: &ModelSource, task: Task, hook: &dyn LinearHook, device: &Device, seed: u64) -> Result<Self> {
+    /// Builds the model of `source` for `task`, passing every hook point through `hook`.
+    pub fn build(source: &ModelSource, task: Task, hook: &dyn ModelHook, device: &Device, seed: u64) -> Result<Self> {
         let arch = match family_of(&source.config)? {
             Family::Decoder => {
                 if task != Task::CausalLm {

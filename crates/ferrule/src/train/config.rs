@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::schedule::LrSchedule;
 use crate::model::Task;
 use crate::quant::QuantSpec;
-use crate::tuners::lora::LoraConfig;
-use crate::tuners::target::ModuleSpec;
+use crate::tuners::AdapterConfig;
 
 /// A training run. Every field has a default except `model`, `data` and `output_dir`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -24,8 +23,13 @@ pub struct TrainConfig {
     /// Where the adapter, checkpoints and `metrics.jsonl` go.
     pub output_dir: PathBuf,
     pub task: Task,
-    /// LoRA settings, PEFT keys (`[lora]` table in TOML).
-    pub lora: LoraConfig,
+    /// The method and its settings with PEFT's keys: `[adapter]` in TOML, with `peft_type`
+    /// (default: LoRA with r = 8, lora_alpha = 16). See [`TrainConfig::adapter`].
+    pub adapter: Option<AdapterConfig>,
+    /// LoRA settings under `[lora]` (the older spelling of `[adapter]` with `peft_type = "LORA"`).
+    pub lora: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A `target_modules` entry or pattern key that matches no module is a warning, not an error.
+    pub allow_unmatched: bool,
     /// Longest sequence in tokens (default: the model's context, at most 512).
     pub max_len: Option<usize>,
     /// Cut longer records to `max_len` instead of failing.
@@ -72,7 +76,9 @@ impl Default for TrainConfig {
             eval_data: None,
             output_dir: PathBuf::new(),
             task: Task::CausalLm,
-            lora: LoraConfig { r: 8, lora_alpha: 16.0, ..Default::default() },
+            adapter: None,
+            lora: None,
+            allow_unmatched: false,
             max_len: None,
             truncate: true,
             completion_only: true,
@@ -99,16 +105,6 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
         }
     }
-}
-
-/// PEFT's default LoRA targets per model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
-pub fn default_lora_targets(model_type: &str) -> Option<Vec<String>> {
-    let v: &[&str] = match model_type {
-        "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
-        "bert" => &["query", "value"],
-        _ => return None,
-    };
-    Some(v.iter().map(|s| s.to_string()).collect())
 }
 
 impl TrainConfig {
@@ -143,25 +139,25 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Completes the LoRA config as PEFT would: default targets for the model type, and
-    /// the classification head trained in full for SEQ_CLS.
-    pub fn resolved_lora(&self, model_type: &str) -> Result<LoraConfig> {
-        let mut l = self.lora.clone();
-        if l.target_modules.is_none() {
-            match default_lora_targets(model_type) {
-                Some(t) => l.target_modules = Some(ModuleSpec::Names(t)),
-                None => bail!("no default LoRA targets for model type {model_type:?}; set target_modules"),
-            }
-        }
-        if self.task == Task::SeqCls {
-            let m = l.modules_to_save.get_or_insert_with(Vec::new);
-            for head in ["classifier", "score"] {
-                if !m.iter().any(|x| x == head) {
-                    m.push(head.to_string());
-                }
-            }
-        }
-        Ok(l)
+    /// The adapter to train: `[adapter]`, else `[lora]` as LoRA, else LoRA with r = 8 and
+    /// lora_alpha = 16. Both tables at once is an error. Unknown keys are errors.
+    pub fn adapter(&self) -> Result<AdapterConfig> {
+        let cfg = match (&self.adapter, &self.lora) {
+            (Some(_), Some(_)) => bail!("train: both [adapter] and [lora] are given; put the method's keys under [adapter] with peft_type"),
+            (Some(a), None) => a.clone(),
+            (None, Some(l)) => AdapterConfig::new("LORA", l.clone()),
+            (None, None) => Self::default_adapter(),
+        };
+        cfg.check_keys("train config [adapter]", true)?;
+        Ok(cfg)
+    }
+
+    /// LoRA with r = 8 and lora_alpha = 16, what `ferrule train` trains when told nothing.
+    pub fn default_adapter() -> AdapterConfig {
+        let mut o = serde_json::Map::new();
+        o.insert("r".into(), 8.into());
+        o.insert("lora_alpha".into(), 16.into());
+        AdapterConfig::new("LORA", o)
     }
 
     /// `max_len`, or the model's context capped at 512; an explicit value longer than the

@@ -20,8 +20,7 @@ use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
 use crate::peft_io::save_adapter;
-use crate::tuners::lora::Lora;
-use crate::tuners::Tuner;
+use crate::tuners::{registry, BuildContext, MatchReport, Tuner};
 
 /// One optimizer step, as reported to the progress display and `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
@@ -101,7 +100,9 @@ pub struct TrainSummary {
 pub struct Prepared {
     pub source: ModelSource,
     pub model: Model,
-    pub tuner: Lora,
+    pub tuner: Box<dyn Tuner>,
+    /// What each `target_modules` entry matched.
+    pub matches: Vec<MatchReport>,
     pub train: Vec<Encoded>,
     pub eval: Vec<Encoded>,
     pub label_map: Option<LabelMap>,
@@ -154,15 +155,25 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
         Some(p) => encode_file(p, &source, encode_options(cfg, max_len), label_map.as_ref(), cfg.eval_limit)?.items,
         None => vec![],
     };
-    let lora_cfg = cfg.resolved_lora(source.model_type())?;
-    let tuner = match adapter_weights {
-        Some(w) => Lora::with_weights(lora_cfg, w.into_iter().collect(), cfg.seed, device)?,
-        None => Lora::new(lora_cfg, cfg.seed, device)?,
-    };
-    let model = Model::build(&source, cfg.task, &tuner, device, cfg.seed)?;
-    tuner.finish()?;
+    let adapter = cfg.adapter()?.resolved(source.model_type(), cfg.task)?;
+    let weights = adapter_weights.map(|w| w.into_iter().collect());
+    let tuner = registry::build(&adapter, BuildContext { seed: cfg.seed, device, weights, allow_unmatched: cfg.allow_unmatched })?;
+    let model = Model::build(&source, cfg.task, tuner.as_ref(), device, cfg.seed)?;
+    let matches = tuner.finish()?;
     let pad_id = source.pad_token_id()?;
-    Ok(Prepared { pad_id, max_len, skipped: train.skipped.len(), truncated: train.truncated, train: train.items, eval, label_map, source, model, tuner })
+    Ok(Prepared {
+        pad_id,
+        max_len,
+        skipped: train.skipped.len(),
+        truncated: train.truncated,
+        train: train.items,
+        eval,
+        label_map,
+        source,
+        model,
+        tuner,
+        matches,
+    })
 }
 
 /// Pads a collated batch on the right up to `len` positions.
@@ -240,7 +251,7 @@ pub fn evaluate(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize
 
 impl Prepared {
     pub fn trainable_params(&self) -> usize {
-        self.tuner.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+        crate::tuners::trainable_params(self.tuner.as_ref())
     }
 }
 
@@ -329,6 +340,9 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
             memory.total_bytes() as f64 / memory.f32_bytes().max(1) as f64,
             formats.join(", ")
         ));
+    }
+    for m in &p.matches {
+        progress.message(&format!("{} {} matched:\n{}", p.tuner.method().name, m.option, m.table()));
     }
     progress.message(&format!(
         "{} records ({} skipped, {} truncated), {} steps of {} x {} records; trainable params {} of {} ({:.4}%)",
@@ -437,7 +451,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     metrics.sync()?;
     let completed = step >= total_steps;
     if completed {
-        save_adapter(out, &p.tuner, cfg.task, &cfg.model)?;
+        save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model)?;
     }
     progress.finish();
     let mut sorted = step_times.clone();

@@ -1,11 +1,19 @@
 //! Parameter-efficient tuning methods. One folder per method, same shape each:
-//! `config.rs` (serde, PEFT keys), `layer.rs` (the math), `mod.rs` (which modules it wraps).
+//! `config.rs` (serde, PEFT keys), `layer.rs` (the math), `mod.rs` (the [`Tuner`]: which
+//! modules it changes, and its [`registry::Method`] entry).
 //!
-//! A tuner is a [`LinearHook`]: the model passes every linear layer through it while it is
-//! built, and the tuner wraps the ones its config targets.
+//! A tuner is a [`ModelHook`]: the model passes every hook point (linear layers, norms)
+//! through it while it is built, and the tuner changes the ones its config targets. The rest
+//! of ferrule reaches methods through [`registry`] and [`Tuner`] only.
 
+pub mod config;
+pub mod ia3;
+pub mod ln_tuning;
 pub mod lora;
 pub mod mode;
+pub mod modules_to_save;
+pub mod params;
+pub mod registry;
 pub mod target;
 
 use std::sync::Arc;
@@ -13,37 +21,50 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 
-use crate::model::LinearHook;
+pub use config::AdapterConfig;
 pub use mode::Mode;
+pub use registry::{BuildContext, Method};
+pub use target::MatchReport;
 
-/// One module a tuner adapted.
+use crate::model::ModelHook;
+
+/// One module a tuner changed.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AdaptedModule {
+    /// Hugging Face module path.
     pub path: String,
-    pub rank: usize,
-    pub alpha: f64,
-    pub scaling: f64,
-    pub in_features: usize,
-    pub out_features: usize,
+    /// Trainable elements this module added.
+    pub params: usize,
+    /// The method's settings for it, e.g. `r=8 alpha=16 scaling=2` or `scales input`.
+    pub detail: String,
 }
 
-/// What every method provides beyond wrapping layers.
-pub trait Tuner: LinearHook {
-    /// PEFT's `peft_type` (`LORA`, ...).
-    fn peft_type(&self) -> &'static str;
+/// How a merge changes one base tensor (`path.weight` or `path.bias`).
+pub enum Update {
+    /// `W' = W + Δ`, `Δ` of `W`'s shape (LoRA: `ΔW = s·B A`).
+    Add(Tensor),
+    /// `W' = W ⊙ s`, `s` broadcast against `W` (IA3: `[out, 1]` rows or `[1, in]` columns).
+    Scale(Tensor),
+}
+
+/// What every method provides beyond its hook points.
+pub trait Tuner: ModelHook {
+    /// Its registry entry (PEFT's `peft_type`, the CLI name).
+    fn method(&self) -> &'static Method;
     /// The train/eval switch its layers read.
     fn mode(&self) -> &Arc<Mode>;
-    /// Called after the model is built: fails when nothing was targeted or a loaded
-    /// adapter had tensors that found no module.
-    fn finish(&self) -> Result<()>;
+    /// Called once the model is built. Fails when a `target_modules` entry matched nothing
+    /// (unless `allow_unmatched`), when nothing was targeted, or when a loaded adapter had
+    /// tensors that found no module. Returns what each entry matched.
+    fn finish(&self) -> Result<Vec<MatchReport>>;
     /// Trainable tensors under their PEFT on-disk keys, sorted by key.
     fn trainable(&self) -> Vec<(String, Var)>;
     fn adapted(&self) -> Vec<AdaptedModule>;
     /// The method's part of `adapter_config.json`.
     fn config_json(&self) -> Result<serde_json::Value>;
-    /// Weight deltas to add for a merge, keyed by the base tensor name (`path.weight`).
-    fn deltas(&self) -> Result<Vec<(String, Tensor)>>;
-    /// Base tensors replaced outright by trained copies (`modules_to_save`).
+    /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
+    fn updates(&self) -> Result<Vec<(String, Update)>>;
+    /// Base tensors replaced outright by trained copies (`modules_to_save`, LN tuning).
     fn replaced(&self) -> Vec<(String, Tensor)>;
 }
 
@@ -51,4 +72,9 @@ pub trait Tuner: LinearHook {
 /// `base_model.model.<path>.<suffix>`.
 pub fn peft_key(path: &str, suffix: &str) -> String {
     format!("base_model.model.{path}.{suffix}")
+}
+
+/// Elements of all trainable tensors of `tuner`.
+pub fn trainable_params(tuner: &dyn Tuner) -> usize {
+    tuner.trainable().iter().map(|(_, v)| v.elem_count()).sum()
 }

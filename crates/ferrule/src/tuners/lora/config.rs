@@ -4,7 +4,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::tuners::target::ModuleSpec;
+use regex::Regex;
+
+use crate::tuners::target::{compile_pattern_key, pattern_index, ModuleSpec};
 
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (both random, for
 /// tests), or a named scheme.
@@ -102,6 +104,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "lora_bias",
 ];
 
+/// Compiled `rank_pattern` / `alpha_pattern` keys, in the config's order.
+pub struct Patterns {
+    pub rank: Vec<(String, Regex)>,
+    pub alpha: Vec<(String, Regex)>,
+}
+
 impl Default for LoraConfig {
     fn default() -> Self {
         serde_json::from_value(Value::Object(Map::new())).expect("defaults deserialize")
@@ -145,16 +153,26 @@ impl LoraConfig {
                 bail!("lora: alpha_pattern[{k:?}] must be a number, got {v}")
             }
         }
+        self.patterns()?;
         Ok(())
     }
 
-    /// (rank, alpha) for the module at `path`, after `rank_pattern` / `alpha_pattern`.
-    pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
-        let ranks: Vec<(String, usize)> = self.rank_pattern.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()? as usize))).collect();
-        let alphas: Vec<(String, f64)> = self.alpha_pattern.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect();
-        let r = crate::tuners::target::pattern_value(&ranks, path).copied().unwrap_or(self.r);
-        let a = crate::tuners::target::pattern_value(&alphas, path).copied().unwrap_or(self.lora_alpha);
-        (r, a)
+    /// `rank_pattern` and `alpha_pattern` compiled; an invalid regex is an error naming its key.
+    pub fn patterns(&self) -> Result<Patterns> {
+        let compile = |option: &str, m: &Map<String, Value>| -> Result<Vec<(String, Regex)>> {
+            m.keys().map(|k| Ok((k.clone(), compile_pattern_key(&format!("lora: {option}"), k)?))).collect()
+        };
+        Ok(Patterns { rank: compile("rank_pattern", &self.rank_pattern)?, alpha: compile("alpha_pattern", &self.alpha_pattern)? })
+    }
+
+    /// (rank, alpha) for the module at `path`, after `rank_pattern` / `alpha_pattern`, with
+    /// the indices of the pattern keys that decided them.
+    pub fn rank_and_alpha(&self, patterns: &Patterns, path: &str) -> (usize, f64, Option<usize>, Option<usize>) {
+        let ri = pattern_index(&patterns.rank.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), path);
+        let ai = pattern_index(&patterns.alpha.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), path);
+        let r = ri.and_then(|i| self.rank_pattern[&patterns.rank[i].0].as_u64()).map_or(self.r, |r| r as usize);
+        let a = ai.and_then(|i| self.alpha_pattern[&patterns.alpha[i].0].as_f64()).unwrap_or(self.lora_alpha);
+        (r, a, ri, ai)
     }
 
     /// LoRA's scale: α/r (Hu et al. 2021, §4.1), or α/√r with rsLoRA (Kalajdzievski 2023).

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Module, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
 use crate::model::Linear;
 use crate::ops::low_rank::low_rank_linear;
@@ -32,24 +32,5 @@ impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mask = if self.mode.training() { dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))? } else { None };
         low_rank_linear(x, mask.as_ref(), &self.base, self.a.as_tensor(), self.b.as_tensor(), self.scaling)
-    }
-}
-
-/// A layer trained in full (`modules_to_save`, e.g. a classification head).
-pub struct FullLinear {
-    weight: Var,
-    bias: Option<Var>,
-}
-
-impl FullLinear {
-    pub fn new(weight: Var, bias: Option<Var>) -> Self {
-        Self { weight, bias }
-    }
-}
-
-impl Linear for FullLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let l = candle_nn::Linear::new(self.weight.as_tensor().clone(), self.bias.as_ref().map(|b| b.as_tensor().clone()));
-        l.forward(x)
     }
 }

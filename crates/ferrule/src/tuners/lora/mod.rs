@@ -4,72 +4,97 @@
 pub mod config;
 pub mod layer;
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use serde_json::{Map, Value};
 
 pub use config::{InitLoraWeights, LoraConfig};
-use layer::{FullLinear, LoraLinear};
+use layer::LoraLinear;
 
+use super::config::{default_list, AdapterConfig};
 use super::mode::Mode;
-use super::target::{layer_index, suffix_match, Matcher};
-use super::{peft_key, AdaptedModule, Tuner};
+use super::modules_to_save::ModulesToSave;
+use super::params::ParamStore;
+use super::registry::{BuildContext, Method};
+use super::target::{layer_index, MatchReport, Targets};
+use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
-use crate::model::{Linear, LinearHook, LinearInfo};
+use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
+
+/// The registry entry.
+pub static METHOD: Method = Method {
+    name: "lora",
+    peft_type: "LORA",
+    summary: "LoRA: h = W₀x + (α/r)·B A x on the targeted linear layers (Hu et al. 2021)",
+    keys: config::KNOWN_KEYS,
+    complete,
+    build,
+};
+
+/// PEFT's default LoRA targets per model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+pub fn default_targets(model_type: &str) -> Option<&'static [&'static str]> {
+    match model_type {
+        "llama" | "mistral" | "qwen2" => Some(&["q_proj", "v_proj"]),
+        "bert" => Some(&["query", "value"]),
+        _ => None,
+    }
+}
+
+fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
+    default_list(options, "target_modules", model_type, default_targets)
+}
+
+fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
+    let cfg: LoraConfig = serde_json::from_value(config.options_json()).context("lora: invalid config")?;
+    Ok(Box::new(Lora::new(cfg, ctx)?))
+}
 
 /// Builds LoRA layers for the modules a [`LoraConfig`] targets.
 pub struct Lora {
     config: LoraConfig,
-    target: Matcher,
-    exclude: Option<Matcher>,
+    patterns: config::Patterns,
+    targets: Targets,
+    allow_unmatched: bool,
     seed: u64,
-    device: Device,
     mode: Arc<Mode>,
-    /// Weights from a saved adapter (PEFT keys); consumed as layers are built.
-    preloaded: Mutex<HashMap<String, Tensor>>,
-    /// True when built from a saved adapter: every targeted module must then find its weights.
-    loading: bool,
+    params: ParamStore,
+    saved: ModulesToSave,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    params: BTreeMap<String, Var>,
-    adapted: Vec<AdaptedModule>,
-    saved_modules: Vec<String>,
+    /// Adapted modules with their scaling `s`.
+    adapted: Vec<(AdaptedModule, f64)>,
+    /// Which `rank_pattern` / `alpha_pattern` keys decided some module.
+    rank_keys_used: Vec<bool>,
+    alpha_keys_used: Vec<bool>,
 }
 
 impl Lora {
-    /// A fresh adapter, initialised per `init_lora_weights` from `seed`.
-    pub fn new(config: LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+    /// An adapter initialised per `init_lora_weights` from `ctx.seed`, or holding
+    /// `ctx.weights` (PEFT keys).
+    pub fn new(config: LoraConfig, ctx: BuildContext) -> Result<Self> {
         config.validate()?;
-        let target = match &config.target_modules {
-            Some(t) => Matcher::new(t)?,
-            None => bail!("lora: target_modules is required (a list of module names, a regex, or \"all-linear\")"),
-        };
-        let exclude = config.exclude_modules.as_ref().map(Matcher::new).transpose()?;
+        let target =
+            config.target_modules.as_ref().ok_or_else(|| anyhow!("lora: target_modules is required (a list of module names, a regex, or \"all-linear\")"))?;
+        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref()).context("lora")?;
+        let patterns = config.patterns()?;
+        let state = State { rank_keys_used: vec![false; patterns.rank.len()], alpha_keys_used: vec![false; patterns.alpha.len()], ..Default::default() };
         Ok(Self {
+            saved: ModulesToSave::new(config.modules_to_save.as_deref()),
+            patterns,
+            targets,
+            allow_unmatched: ctx.allow_unmatched,
+            seed: ctx.seed,
+            mode: Arc::new(Mode::new(ctx.seed)),
+            params: ParamStore::new(ctx.device, ctx.weights),
+            state: Mutex::new(state),
             config,
-            target,
-            exclude,
-            seed,
-            device: device.clone(),
-            mode: Arc::new(Mode::new(seed)),
-            preloaded: Mutex::new(HashMap::new()),
-            loading: false,
-            state: Mutex::new(State::default()),
         })
-    }
-
-    /// An adapter whose weights come from `tensors` (PEFT on-disk keys).
-    pub fn with_weights(config: LoraConfig, tensors: HashMap<String, Tensor>, seed: u64, device: &Device) -> Result<Self> {
-        let mut l = Self::new(config, seed, device)?;
-        *l.preloaded.lock().unwrap() = tensors;
-        l.loading = true;
-        Ok(l)
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -89,112 +114,105 @@ impl Lora {
         }
     }
 
-    fn take_or_init(&self, key: &str, shape: &[usize], init: impl FnOnce() -> Result<Tensor>) -> Result<Var> {
-        let pre = self.preloaded.lock().unwrap().remove(key);
-        let t = match pre {
-            Some(t) => {
-                if t.dims() != shape {
-                    bail!("adapter tensor {key:?} has shape {:?}, but the model's layer needs {:?}", t.dims(), shape)
-                }
-                t.to_dtype(DType::F32)?.to_device(&self.device)?
-            }
-            None if self.loading => bail!("the adapter has no tensor {key:?} for a module its config targets"),
-            None => init()?,
-        };
-        Ok(Var::from_tensor(&t)?)
+    /// `A: [r, in]` and `B: [out, r]`, saved or initialised per `init_lora_weights`.
+    fn factors(&self, path: &str, r: usize, in_f: usize, out_f: usize) -> Result<(Var, Var)> {
+        let key_a = peft_key(path, "lora_A.weight");
+        let key_b = peft_key(path, "lora_B.weight");
+        let dev = self.params.device().clone();
+        let (seed_a, seed_b) = (init::seed_for(self.seed, &key_a), init::seed_for(self.seed, &key_b));
+        let a = self.params.take_or_init(&key_a, &[r, in_f], || match &self.config.init_lora_weights {
+            // PEFT "gaussian": normal(0, 1/r) for A.
+            InitLoraWeights::Named(n) if n == "gaussian" => init::normal(&[r, in_f], 1.0 / r as f64, seed_a, &dev),
+            // PEFT default: kaiming_uniform_(a=sqrt(5)).
+            _ => init::kaiming_uniform(&[r, in_f], 5f64.sqrt(), seed_a, &dev),
+        })?;
+        let b = self.params.take_or_init(&key_b, &[out_f, r], || match &self.config.init_lora_weights {
+            // init_lora_weights=false: B random too, so the adapter is not a no-op (tests).
+            InitLoraWeights::Flag(false) => init::kaiming_uniform(&[out_f, r], 5f64.sqrt(), seed_b, &dev),
+            _ => Ok(Tensor::zeros((out_f, r), DType::F32, &dev)?),
+        })?;
+        Ok((a, b))
+    }
+
+    /// `rank_pattern` / `alpha_pattern` keys that decided no targeted module: errors (or
+    /// warnings with `allow_unmatched`), since such a key silently trains another rank.
+    fn check_pattern_keys(&self, st: &State) -> Result<()> {
+        let unused: Vec<String> = (self.patterns.rank.iter().zip(&st.rank_keys_used).map(|((k, _), u)| ("rank_pattern", k, *u)))
+            .chain(self.patterns.alpha.iter().zip(&st.alpha_keys_used).map(|((k, _), u)| ("alpha_pattern", k, *u)))
+            .filter(|(_, _, used)| !used)
+            .map(|(opt, k, _)| format!("{opt}[{k:?}]"))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let msg = format!("lora: {} matched no targeted module", unused.join(", "));
+        if self.allow_unmatched {
+            tracing::warn!("{msg} (continuing: --allow-unmatched)");
+            return Ok(());
+        }
+        bail!("{msg}. A pattern key is a regex matched against the end of a targeted module's path (e.g. \"k_proj\" or \"layers.0.self_attn.q_proj\"); fix it, or pass --allow-unmatched")
     }
 }
 
-impl LinearHook for Lora {
-    fn wrap(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
+impl ModelHook for Lora {
+    fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
+        let base = match self.saved.wrap(info, base, &self.params)? {
+            Ok(full) => return Ok(full),
+            Err(base) => base,
+        };
         let path = info.path.as_str();
-        if let Some(names) = &self.config.modules_to_save {
-            if names.iter().any(|n| suffix_match(path, n)) {
-                let (rows, cols) = base.weight().dims();
-                let w = self.take_or_init(&peft_key(path, "weight"), &[rows, cols], || Ok(base.weight().to_dense(&self.device)?))?;
-                let b = match base.bias() {
-                    Some(b) => Some(self.take_or_init(&peft_key(path, "bias"), b.dims(), || Ok(b.clone()))?),
-                    None => None,
-                };
-                let mut st = self.state.lock().unwrap();
-                st.params.insert(peft_key(path, "weight"), w.clone());
-                if let Some(b) = &b {
-                    st.params.insert(peft_key(path, "bias"), b.clone());
-                }
-                st.saved_modules.push(path.to_string());
-                return Ok(Box::new(FullLinear::new(w, b)));
-            }
-        }
-        let excluded = self.exclude.as_ref().is_some_and(|m| m.matches(path, info.is_output_head));
-        if excluded || !self.target.matches(path, info.is_output_head) || !self.in_layers(path) {
+        if !self.targets.select(path, info.is_output_head) || !self.in_layers(path) {
             return Ok(Box::new(base));
         }
-        let (r, alpha) = self.config.rank_and_alpha(path);
+        let (r, alpha, ri, ai) = self.config.rank_and_alpha(&self.patterns, path);
         let scaling = self.config.scaling(r, alpha);
         let (out_f, in_f) = (base.out_features(), base.in_features());
-        let key_a = peft_key(path, "lora_A.weight");
-        let key_b = peft_key(path, "lora_B.weight");
-        let dev = &self.device;
-        let (seed_a, seed_b) = (init::seed_for(self.seed, &key_a), init::seed_for(self.seed, &key_b));
-        let a = self.take_or_init(&key_a, &[r, in_f], || match &self.config.init_lora_weights {
-            // PEFT "gaussian": normal(0, 1/r) for A.
-            InitLoraWeights::Named(n) if n == "gaussian" => init::normal(&[r, in_f], 1.0 / r as f64, seed_a, dev),
-            // PEFT default: kaiming_uniform_(a=sqrt(5)).
-            _ => init::kaiming_uniform(&[r, in_f], 5f64.sqrt(), seed_a, dev),
-        })?;
-        let b = self.take_or_init(&key_b, &[out_f, r], || match &self.config.init_lora_weights {
-            // init_lora_weights=false: B random too, so the adapter is not a no-op (tests).
-            InitLoraWeights::Flag(false) => init::kaiming_uniform(&[out_f, r], 5f64.sqrt(), seed_b, dev),
-            _ => Ok(Tensor::zeros((out_f, r), DType::F32, dev)?),
-        })?;
+        let (a, b) = self.factors(path, r, in_f, out_f)?;
         let mut st = self.state.lock().unwrap();
-        st.params.insert(key_a, a.clone());
-        st.params.insert(key_b, b.clone());
-        st.adapted.push(AdaptedModule { path: path.to_string(), rank: r, alpha, scaling, in_features: in_f, out_features: out_f });
+        if let Some(i) = ri {
+            st.rank_keys_used[i] = true;
+        }
+        if let Some(i) = ai {
+            st.alpha_keys_used[i] = true;
+        }
+        let detail = format!("r={r} alpha={alpha} scaling={scaling}");
+        st.adapted.push((AdaptedModule { path: path.to_string(), params: r * (in_f + out_f), detail }, scaling));
         Ok(Box::new(LoraLinear::new(path.to_string(), base, a, b, scaling, self.config.lora_dropout, self.mode.clone())))
     }
 }
 
 impl Tuner for Lora {
-    fn peft_type(&self) -> &'static str {
-        "LORA"
+    fn method(&self) -> &'static Method {
+        &METHOD
     }
 
     fn mode(&self) -> &Arc<Mode> {
         &self.mode
     }
 
-    fn finish(&self) -> Result<()> {
+    fn finish(&self) -> Result<Vec<MatchReport>> {
+        let report = self.targets.report();
+        // A saved adapter's targets are checked by its tensors (each must find its module);
+        // an entry that matched nothing there is PEFT's silence, reported but not fatal.
+        report.check("lora", self.allow_unmatched || self.params.loading())?;
         let st = self.state.lock().unwrap();
         if st.adapted.is_empty() {
             bail!("lora: target_modules {} matched no linear layer of the model", serde_json::to_string(&self.config.target_modules).unwrap_or_default())
         }
-        if let Some(names) = &self.config.modules_to_save {
-            for n in names {
-                // PEFT lists both "classifier" and "score" for SEQ_CLS; one of them is absent.
-                if !st.saved_modules.iter().any(|p| suffix_match(p, n)) {
-                    tracing::debug!("lora: modules_to_save entry {n:?} matched no linear layer of the model");
-                }
-            }
-        }
-        let left = self.preloaded.lock().unwrap();
-        if !left.is_empty() {
-            let mut keys: Vec<&String> = left.keys().collect();
-            keys.sort();
-            bail!("the adapter has {} tensor(s) for modules this model does not have or the config does not target, e.g. {:?}", keys.len(), keys[0])
-        }
-        Ok(())
+        self.check_pattern_keys(&st)?;
+        self.params.check_all_used()?;
+        Ok(vec![report])
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
-        self.state.lock().unwrap().params.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.params.trainable()
     }
 
     fn adapted(&self) -> Vec<AdaptedModule> {
-        self.state.lock().unwrap().adapted.clone()
+        self.state.lock().unwrap().adapted.iter().map(|(m, _)| m.clone()).collect()
     }
 
-    fn config_json(&self) -> Result<serde_json::Value> {
+    fn config_json(&self) -> Result<Value> {
         let mut v = serde_json::to_value(&self.config)?;
         let obj = v.as_object_mut().ok_or_else(|| anyhow!("config is not an object"))?;
         // PEFT writes the explicit list of full module paths when "all-linear" was asked for.
@@ -208,27 +226,18 @@ impl Tuner for Lora {
     }
 
     /// `ΔW = s · B A` per adapted module (merge: `W' = W + ΔW`).
-    fn deltas(&self) -> Result<Vec<(String, Tensor)>> {
+    fn updates(&self) -> Result<Vec<(String, Update)>> {
         let st = self.state.lock().unwrap();
         let mut out = Vec::new();
-        for m in &st.adapted {
-            let a = st.params[&peft_key(&m.path, "lora_A.weight")].as_tensor();
-            let b = st.params[&peft_key(&m.path, "lora_B.weight")].as_tensor();
-            out.push((format!("{}.weight", m.path), (b.matmul(a)? * m.scaling)?));
+        for (m, scaling) in &st.adapted {
+            let get = |suffix: &str| self.params.get(&peft_key(&m.path, suffix)).ok_or_else(|| anyhow!("lora: {} has no {suffix}", m.path));
+            let (a, b) = (get("lora_A.weight")?, get("lora_B.weight")?);
+            out.push((format!("{}.weight", m.path), Update::Add((b.as_tensor().matmul(a.as_tensor())? * *scaling)?)));
         }
         Ok(out)
     }
 
     fn replaced(&self) -> Vec<(String, Tensor)> {
-        let st = self.state.lock().unwrap();
-        let mut out = Vec::new();
-        for p in &st.saved_modules {
-            for suffix in ["weight", "bias"] {
-                if let Some(v) = st.params.get(&peft_key(p, suffix)) {
-                    out.push((format!("{p}.{suffix}"), v.as_tensor().clone()));
-                }
-            }
-        }
-        out
+        self.saved.replaced(&self.params)
     }
 }

@@ -1,0 +1,86 @@
+//! Hook points: the places where a model lets a tuning method change it.
+//!
+//! A model calls its [`ModelHook`] once per hook point while it is built, with the module's
+//! Hugging Face path. Every method of the trait has a default that leaves the module as the
+//! checkpoint has it, so a hook implements only the points its method uses, and a model built
+//! with [`Frozen`] is the plain pretrained model.
+//!
+//! The fused CPU paths stay in use wherever a hook leaves a module unchanged: a linear layer
+//! that comes back as the same [`FrozenLinear`] keeps the frozen-MLP and head-loss fusions
+//! (they ask [`Linear::as_frozen`]), and a norm whose weight comes back untracked keeps the
+//! fused norm kernels (`ops::norm`). A method pays for the modules it touches only.
+//!
+//! | point | called for | used by |
+//! |---|---|---|
+//! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`) |
+//! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning |
+
+use anyhow::Result;
+use candle_core::{Module, Tensor};
+
+use crate::ops::FrozenLinear;
+
+/// A linear layer as a model calls it: `y = f(x)` for `x: [.., in_features]`.
+pub trait Linear: Send + Sync {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The layer itself when it is a plain frozen linear (no method wraps it), so that a loss
+    /// or the MLP can fuse it (`ops::head_loss`, `ops::frozen_mlp`).
+    fn as_frozen(&self) -> Option<&FrozenLinear> {
+        None
+    }
+}
+
+impl Linear for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Module::forward(self, x)
+    }
+
+    fn as_frozen(&self) -> Option<&FrozenLinear> {
+        Some(self)
+    }
+}
+
+/// What a hook is told about the linear it may wrap.
+#[derive(Clone, Debug)]
+pub struct LinearInfo {
+    /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// The model's output layer (`lm_head`, `classifier`): PEFT's `all-linear` skips it.
+    pub is_output_head: bool,
+}
+
+/// What a hook is told about a norm layer.
+#[derive(Clone, Debug)]
+pub struct NormInfo {
+    /// Hugging Face module path, e.g. `model.layers.0.input_layernorm` or
+    /// `encoder.layer.0.output.LayerNorm`.
+    pub path: String,
+}
+
+/// A norm layer's parameters: `weight: [hidden]` and, for LayerNorm, `bias: [hidden]`. A hook
+/// that trains them returns tensors of `Var`s (tracked); the model then runs the composite,
+/// differentiable norm instead of the fused frozen one.
+#[derive(Clone, Debug)]
+pub struct NormParams {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// Decides what each hook point of a model becomes. Defaults leave the module unchanged.
+pub trait ModelHook {
+    /// A linear layer `y = x Wᵀ + b` with its frozen base.
+    fn linear(&self, _info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
+        Ok(Box::new(base))
+    }
+
+    /// A norm layer's weight and bias, as the checkpoint has them.
+    fn norm(&self, _info: &NormInfo, params: NormParams) -> Result<NormParams> {
+        Ok(params)
+    }
+}
+
+/// Leaves every module frozen (plain inference).
+pub struct Frozen;
+
+impl ModelHook for Frozen {}

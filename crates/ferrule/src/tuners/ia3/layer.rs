@@ -1,0 +1,34 @@
+//! The IA3 linear layer (Liu et al. 2022, "(IA)³", §3.3): a learned vector `l` rescales a
+//! frozen layer's output, `h = l ⊙ (W₀x + b)`, or, for feed-forward modules, its input,
+//! `h = W₀(l ⊙ x) + b` (peft `tuners/ia3/layer.py`, `Linear.forward`).
+
+use candle_core::{Result, Tensor, Var};
+
+use crate::model::Linear;
+use crate::ops::FrozenLinear;
+
+/// A frozen linear with a trainable scaling vector.
+pub struct Ia3Linear {
+    base: FrozenLinear,
+    /// `[out, 1]` (output scaling) or `[1, in]` (input scaling, `is_feedforward`).
+    l: Var,
+    is_feedforward: bool,
+}
+
+impl Ia3Linear {
+    pub fn new(base: FrozenLinear, l: Var, is_feedforward: bool) -> Self {
+        Self { base, l, is_feedforward }
+    }
+}
+
+impl Linear for Ia3Linear {
+    /// `x: [.., in]` → `[.., out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let l = self.l.as_tensor().flatten_all()?;
+        if self.is_feedforward {
+            self.base.forward(&x.broadcast_mul(&l)?)
+        } else {
+            self.base.forward(x)?.broadcast_mul(&l)
+        }
+    }
+}

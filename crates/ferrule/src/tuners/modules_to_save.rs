@@ -1,0 +1,68 @@
+//! PEFT's `modules_to_save`: layers trained in full and saved whole with the adapter (a
+//! classification head, say), for every method that has the option.
+
+use std::sync::Mutex;
+
+use anyhow::Result;
+use candle_core::{Module, Tensor, Var};
+
+use super::params::ParamStore;
+use super::peft_key;
+use super::target::suffix_match;
+use crate::model::{Linear, LinearInfo};
+use crate::ops::FrozenLinear;
+
+/// The `modules_to_save` names of one adapter and the paths they took.
+pub struct ModulesToSave {
+    names: Vec<String>,
+    taken: Mutex<Vec<String>>,
+}
+
+impl ModulesToSave {
+    pub fn new(names: Option<&[String]>) -> Self {
+        Self { names: names.map(<[String]>::to_vec).unwrap_or_default(), taken: Mutex::new(Vec::new()) }
+    }
+
+    /// A trainable copy of `base` when its path is listed, with `weight` / `bias` under
+    /// `base_model.model.<path>.weight|bias`; else `base` back, untouched.
+    pub fn wrap(&self, info: &LinearInfo, base: FrozenLinear, params: &ParamStore) -> Result<std::result::Result<Box<dyn Linear>, FrozenLinear>> {
+        let path = info.path.as_str();
+        if !self.names.iter().any(|n| suffix_match(path, n)) {
+            return Ok(Err(base));
+        }
+        let (rows, cols) = base.weight().dims();
+        let dev = params.device().clone();
+        let w = params.take_or_init(&peft_key(path, "weight"), &[rows, cols], || Ok(base.weight().to_dense(&dev)?))?;
+        let b = match base.bias() {
+            Some(b) => Some(params.take_or_init(&peft_key(path, "bias"), b.dims(), || Ok(b.clone()))?),
+            None => None,
+        };
+        self.taken.lock().unwrap().push(path.to_string());
+        Ok(Ok(Box::new(FullLinear { weight: w, bias: b })))
+    }
+
+    /// The base tensors these copies replace in a merge: `(path.weight|bias, trained tensor)`.
+    pub fn replaced(&self, params: &ParamStore) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for p in self.taken.lock().unwrap().iter() {
+            for suffix in ["weight", "bias"] {
+                if let Some(v) = params.get(&peft_key(p, suffix)) {
+                    out.push((format!("{p}.{suffix}"), v.as_tensor().clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A layer trained in full: `y = x Wᵀ + b` with trainable `W: [out, in]`, `b: [out]`.
+pub struct FullLinear {
+    weight: Var,
+    bias: Option<Var>,
+}
+
+impl Linear for FullLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::Linear::new(self.weight.as_tensor().clone(), self.bias.as_ref().map(|b| b.as_tensor().clone())).forward(x)
+    }
+}

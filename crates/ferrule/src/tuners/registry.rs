@@ -1,0 +1,97 @@
+//! The methods ferrule knows, keyed by PEFT's `peft_type`. Everything outside `tuners/`
+//! (adapter files, the trainer, merge, inspect, the CLI) reaches a method through here and
+//! names none.
+//!
+//! Adding a method: a folder `tuners/<method>/` with `config.rs` (its PEFT keys, serde),
+//! `layer.rs` (the math), `mod.rs` (the [`Tuner`] and its `METHOD`), and one line in
+//! [`METHODS`]. `docs/ARCHITECTURE.md` walks through an example.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use serde_json::{Map, Value};
+
+use super::config::AdapterConfig;
+use super::Tuner;
+
+/// What a method's builder is given.
+pub struct BuildContext<'a> {
+    /// Seeds initialisation (and dropout masks through [`super::Mode`]).
+    pub seed: u64,
+    pub device: &'a Device,
+    /// Tensors of a saved adapter or checkpoint under PEFT keys; `None` for a fresh adapter.
+    pub weights: Option<HashMap<String, Tensor>>,
+    /// A `target_modules` entry (or pattern key) that matches nothing is a warning, not an error.
+    pub allow_unmatched: bool,
+}
+
+/// One adaptation method.
+#[derive(Debug)]
+pub struct Method {
+    /// The CLI's name (`ferrule train --method lora`).
+    pub name: &'static str,
+    /// PEFT's `peft_type` (`adapter_config.json`).
+    pub peft_type: &'static str,
+    /// One line for `--help` and `inspect`.
+    pub summary: &'static str,
+    /// Its `adapter_config.json` keys that ferrule implements.
+    pub keys: &'static [&'static str],
+    /// Fills PEFT's defaults that depend on the model type (default targets).
+    pub complete: fn(&mut Map<String, Value>, &str) -> Result<()>,
+    /// Builds the tuner from a completed config.
+    pub build: fn(&AdapterConfig, BuildContext) -> Result<Box<dyn Tuner>>,
+}
+
+/// Every registered method.
+pub static METHODS: &[&Method] = &[&super::lora::METHOD, &super::ia3::METHOD, &super::ln_tuning::METHOD];
+
+/// The method with PEFT type `peft_type`; an unsupported type is an error that names it.
+pub fn by_peft_type(peft_type: &str) -> Result<&'static Method> {
+    match METHODS.iter().find(|m| m.peft_type == peft_type) {
+        Some(m) => Ok(m),
+        None => bail!("peft_type {peft_type:?} is not supported; ferrule implements {}", list()),
+    }
+}
+
+/// The method a CLI name (`lora`, `ia3`, `ln-tuning`) or a PEFT type (`LN_TUNING`) names.
+pub fn by_name(name: &str) -> Result<&'static Method> {
+    let norm = name.trim().to_ascii_lowercase().replace('_', "-");
+    match METHODS.iter().find(|m| m.name == norm || m.peft_type.eq_ignore_ascii_case(name.trim())) {
+        Some(m) => Ok(m),
+        None => bail!("unknown method {name:?}; ferrule implements {}", list()),
+    }
+}
+
+fn list() -> String {
+    METHODS.iter().map(|m| format!("{} ({})", m.name, m.peft_type)).collect::<Vec<_>>().join(", ")
+}
+
+/// Builds the tuner `config` describes; the config must be completed ([`AdapterConfig::resolved`]).
+pub fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
+    (config.method()?.build)(config, ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_types_resolve_and_unknown_ones_are_named() {
+        assert_eq!(by_name("ln_tuning").unwrap().peft_type, "LN_TUNING");
+        assert_eq!(by_name("IA3").unwrap().name, "ia3");
+        let e = by_peft_type("ADALORA").unwrap_err().to_string();
+        assert!(e.contains("\"ADALORA\"") && e.contains("lora (LORA)"), "{e}");
+        assert!(by_name("dora-ish").unwrap_err().to_string().contains("unknown method \"dora-ish\""));
+    }
+
+    #[test]
+    fn every_method_has_a_distinct_name_and_type() {
+        for (i, a) in METHODS.iter().enumerate() {
+            for b in &METHODS[i + 1..] {
+                assert!(a.name != b.name && a.peft_type != b.peft_type);
+            }
+            assert!(a.keys.contains(&"target_modules"), "{}", a.name);
+        }
+    }
+}
