@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ferrule", version, about = "Parameter-efficient fine-tuning of pretrained transformers (LoRA, PEFT-compatible)")]
+#[command(name = "ferrule", version, about = "Parameter-efficient fine-tuning of pretrained transformers (LoRA, IA3, LN tuning; PEFT-compatible)")]
 struct Cli {
     /// Worker threads for tensor math (default: all cores).
     #[arg(long, global = true)]
@@ -22,8 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune a LoRA adapter on a JSONL dataset.
-    Train(commands::train::Args),
+    /// Fine-tune an adapter (LoRA, IA3, LN tuning: --method) on a JSONL dataset.
+    Train(Box<commands::train::Args>),
     /// Loss / perplexity (and accuracy for classification) on a JSONL dataset.
     Eval(commands::eval::Args),
     /// Generate text from a decoder model, with or without an adapter.
@@ -59,7 +59,7 @@ fn main() {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
     let result = match cli.command {
-        Command::Train(a) => commands::train::run(a),
+        Command::Train(a) => commands::train::run(*a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Merge(a) => commands::merge::run(a),

@@ -176,7 +176,8 @@ fn left_padding(b: usize, s: usize, pads: &[usize]) -> Tensor {
 fn attention_matches_composite() {
     let dev = Device::Cpu;
     // (b, h, h_kv, t, s, d, mask kind, padded positions per row)
-    let cases: Vec<(usize, usize, usize, usize, usize, usize, Option<MaskKind>, Vec<usize>)> = vec![
+    type Case = (usize, usize, usize, usize, usize, usize, Option<MaskKind>, Vec<usize>);
+    let cases: Vec<Case> = vec![
         // causal + left padding: the first query of row 1 sees only padding (fully masked row)
         (2, 6, 2, 7, 7, 10, Some(MaskKind::Causal { sliding_window: None }), vec![0, 2]),
         // SmolLM-like heads, causal without padding ([1, 1, t, s] mask)
@@ -299,7 +300,7 @@ fn low_rank_linear_matches_composite() {
         // LoRA dropout: p = 0.3, the mask kept as a constant (scaled 1/0.7 or 0).
         let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 7 + k as u64).unwrap().unwrap();
         let kept = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(kept.iter().any(|&v| v == 0.0) && kept.iter().any(|&v| v > 1.0), "mask drops some and scales the rest");
+        assert!(kept.contains(&0.0) && kept.iter().any(|&v| v > 1.0), "mask drops some and scales the rest");
         check(
             &format!("low-rank linear case {k} with dropout"),
             &[&x, &a, &bm],

@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
         // Decode the whole continuation each time so multi-byte characters print whole.
         if let Ok(s) = tok.decode(&ids, true) {
             if s.len() > printed && s.is_char_boundary(printed) {
-                let _ = out.write_all(s[printed..].as_bytes());
+                let _ = out.write_all(&s.as_bytes()[printed..]);
                 let _ = out.flush();
                 printed = s.len();
             }

@@ -36,7 +36,7 @@ pub fn build_mask(kind: MaskKind, q_len: usize, kv_len: usize, padding: Option<&
             for i in 0..q_len {
                 let qi = i + offset;
                 for j in 0..kv_len {
-                    let allowed = j <= qi && sliding_window.map_or(true, |w| qi - j < w);
+                    let allowed = j <= qi && sliding_window.is_none_or(|w| qi - j < w);
                     if !allowed {
                         m[i * kv_len + j] = MASKED;
                     }
@@ -73,12 +73,12 @@ pub fn build_mask(kind: MaskKind, q_len: usize, kv_len: usize, padding: Option<&
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
     let (_, s, kd) = k.dims3()?;
-    let d = if heads > 0 { hd / heads } else { 0 };
-    let shapes_ok = d > 0 && hd == heads * d && kd % d == 0 && kd > 0 && heads % (kd / d) == 0 && v.dims() == k.dims();
+    let d = hd.checked_div(heads).unwrap_or(0);
+    let shapes_ok = d > 0 && hd == heads * d && kd.is_multiple_of(d) && kd > 0 && heads.is_multiple_of(kd / d) && v.dims() == k.dims();
     if !shapes_ok {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not split into {heads} heads", q.dims(), k.dims(), v.dims())
     }
-    if [q, k, v].iter().all(|x| kernels::fused_ok(x)) && mask.map_or(true, |m| mask_fits(m, b, t, s)) {
+    if [q, k, v].iter().all(|x| kernels::fused_ok(x)) && mask.is_none_or(|m| mask_fits(m, b, t, s)) {
         let mask = match mask {
             Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
             None => None,

@@ -141,7 +141,7 @@ impl FrozenLinear {
             FrozenWeight::Dense(w) => w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu(),
             FrozenWeight::Quantized(_) => true,
         };
-        let bias_ok = self.bias.as_ref().map_or(true, |b| b.device().is_cpu());
+        let bias_ok = self.bias.as_ref().is_none_or(|b| b.device().is_cpu());
         super::kernels::fused_ok(x) && weight_ok && bias_ok
     }
 }

@@ -52,7 +52,7 @@ impl FusedAttention {
         let h = self.heads;
         let d = hd / h.max(1);
         let h_kv = kd / d.max(1);
-        if h == 0 || d == 0 || hd != h * d || kd != h_kv * d || h_kv == 0 || h % h_kv != 0 {
+        if h == 0 || d == 0 || hd != h * d || kd != h_kv * d || h_kv == 0 || !h.is_multiple_of(h_kv) {
             candle_core::bail!("fused-attention: q has {hd} features for {h} heads, k has {kd}")
         }
         Ok(Dims { b, h, h_kv, t, s, d })

@@ -257,7 +257,9 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst (m×n, row-major) = [dst +] scale · A·B` with `A` m×k and `B` k×n as [`Mat`]s, on the
-/// calling thread (callers parallelise over independent blocks).
+/// calling thread (callers parallelise over independent blocks). The argument list is a BLAS
+/// gemm's (sizes, output, operands, scale).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
     let (a, b) = operands(m, n, k, dst, a, b);
     // SAFETY: `operands` checked that the strides address only elements of the slices.
@@ -287,6 +289,7 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: 
 }
 
 /// [`matmul`] as one large product over all threads (through [`super::blas`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_par(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
     let (a, b) = operands(m, n, k, dst, a, b);
     // SAFETY: as in `matmul`.

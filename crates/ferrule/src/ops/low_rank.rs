@@ -24,7 +24,7 @@ use super::FrozenLinear;
 /// `base(x) + scale · (u Aᵀ) Bᵀ` with `u = x ⊙ update_mask` (LoRA dropout) or `u = x`;
 /// `a: [r, in]`, `b: [out, r]`. Fused on the CPU in f32; composite otherwise.
 pub fn low_rank_linear(x: &Tensor, update_mask: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let mask_ok = update_mask.map_or(true, |m| kernels::fused_ok(m) && m.dims() == x.dims());
+    let mask_ok = update_mask.is_none_or(|m| kernels::fused_ok(m) && m.dims() == x.dims());
     if mask_ok && base.fused_ok(x) && kernels::fused_ok(a) && kernels::fused_ok(b) {
         let update_mask = update_mask.map(|m| m.contiguous()).transpose()?;
         let op = LowRankLinear { weight: base.weight().clone(), bias: base.bias().cloned(), update_mask, scale: scale as f32 };

@@ -233,17 +233,12 @@ impl CustomOp2 for AddLayerNormOp {
     }
 }
 
+/// A norm's backward over rows: `(x, dy, weight, eps, dx)`.
+type RowBwdKernel = fn(&[f32], &[f32], &[f32], f32, &mut [f32]);
+
 /// The input gradient of a row-wise norm: `kernel(x, dy, weight, eps, dx)` over rows of
 /// `weight.len()`, spread over threads (`passes`: the kernel's passes over a row, for chunking).
-fn rows_bwd(
-    name: &str,
-    arg: &Tensor,
-    grad_res: &Tensor,
-    weight: &Tensor,
-    eps: f32,
-    passes: usize,
-    kernel: fn(&[f32], &[f32], &[f32], f32, &mut [f32]),
-) -> Result<Option<Tensor>> {
+fn rows_bwd(name: &str, arg: &Tensor, grad_res: &Tensor, weight: &Tensor, eps: f32, passes: usize, kernel: RowBwdKernel) -> Result<Option<Tensor>> {
     let g = grad_res.contiguous()?;
     let mut dx = vec![0f32; arg.elem_count()];
     kernels::with_f32s([arg, &g, weight], name, |[x, g, w]| {

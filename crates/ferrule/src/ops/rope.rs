@@ -173,9 +173,12 @@ multiversion! {
     }
 }
 
+/// A rope kernel over rows: `(src, cos, sin, …sizes, dst)`.
+type RowKernel = fn(&[f32], &[f32], &[f32], usize, usize, usize, &mut [f32]);
+
 impl RopeOp {
     /// Runs `kernel` over the rows of `src` into a new buffer, with the table rows in use.
-    fn run(&self, src: &[f32], kernel: fn(&[f32], &[f32], &[f32], usize, usize, usize, &mut [f32])) -> Result<Vec<f32>> {
+    fn run(&self, src: &[f32], kernel: RowKernel) -> Result<Vec<f32>> {
         let mut out = vec![0f32; src.len()];
         kernels::with_f32s([&self.cos, &self.sin], "fused-rope", |[cos, sin]| {
             let d = self.cos.dim(1)?;

@@ -130,7 +130,7 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("train: lr must be a positive number, got {}", self.lr)
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.epochs > 0.0)) {
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && (self.epochs.is_nan() || self.epochs <= 0.0)) {
             bail!("train: nothing to do (max_steps = 0 or epochs <= 0)")
         }
         if self.task == Task::FeatureExtraction {

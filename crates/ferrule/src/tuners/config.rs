@@ -42,7 +42,7 @@ impl AdapterConfig {
     /// From one JSON object holding `peft_type` and the method's keys, as
     /// `adapter_config.json` has them.
     pub fn from_json(v: Value) -> Result<Self> {
-        Ok(serde_json::from_value(v).context("adapter config: expected an object with a \"peft_type\" string")?)
+        serde_json::from_value(v).context("adapter config: expected an object with a \"peft_type\" string")
     }
 
     /// The registered method of `peft_type`; an unsupported one is an error naming it.

@@ -115,7 +115,7 @@ impl Targets {
         if entries.is_empty() {
             bail!("{option} is an empty list; name at least one module")
         }
-        let target = Matcher::new(target).with_context(|| format!("{option}"))?;
+        let target = Matcher::new(target).context(option)?;
         let exclude = exclude.map(Matcher::new).transpose().context("exclude_modules")?;
         let seen = Mutex::new(Seen { counts: vec![0; entries.len()], paths: Vec::new() });
         Ok(Self { option, target, entries, exclude, seen })
