@@ -1,0 +1,275 @@
+//! Methods beyond LoRA (IA3, LN tuning) against adapters Python peft saved
+//! (tests/fixtures/methods, made by make_method_fixtures.py): loading reproduces peft's
+//! logits, gradients and parameter counts; recomputation gives the same gradients; merged
+//! folders equal the adapter; save → load keeps the bytes; bad adapters fail clearly.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use ferrule::model::{Arch, Inputs, Model, ModelSource, Task};
+use ferrule::ops::loss::cross_entropy;
+use ferrule::ops::recompute::GradSink;
+use ferrule::peft_io::{load_adapter, save_adapter};
+use ferrule::tuners::Tuner;
+
+struct Case {
+    name: &'static str,
+    model: &'static str,
+    task: Task,
+    peft_type: &'static str,
+    grads: bool,
+}
+
+const CASES: &[Case] = &[
+    Case { name: "llama_ia3", model: "llama", task: Task::CausalLm, peft_type: "IA3", grads: true },
+    Case { name: "qwen2_ia3", model: "qwen2", task: Task::CausalLm, peft_type: "IA3", grads: false },
+    Case { name: "bert_ia3_seqcls", model: "bert", task: Task::SeqCls, peft_type: "IA3", grads: false },
+    Case { name: "llama_ln_tuning", model: "llama", task: Task::CausalLm, peft_type: "LN_TUNING", grads: true },
+    Case { name: "bert_ln_tuning_seqcls", model: "bert", task: Task::SeqCls, peft_type: "LN_TUNING", grads: false },
+];
+
+fn source(case: &Case) -> ModelSource {
+    let mut src = ModelSource::load(fixtures().join("models").join(case.model).to_str().unwrap(), &Device::Cpu).unwrap();
+    if case.task == Task::SeqCls {
+        src.config["num_labels"] = serde_json::json!(2);
+    }
+    src
+}
+
+fn build(case: &Case) -> (Model, Box<dyn Tuner>, ModelSource) {
+    let dev = Device::Cpu;
+    let src = source(case);
+    let saved = load_adapter(&fixtures().join("methods").join(case.name), &dev).unwrap();
+    assert_eq!(saved.peft_type(), case.peft_type);
+    assert_eq!(saved.task(), Some(case.task));
+    let tuner = saved.into_tuner(0, &dev).unwrap();
+    let model = Model::build(&src, case.task, tuner.as_ref(), &dev, 0).unwrap();
+    tuner.finish().unwrap();
+    (model, tuner, src)
+}
+
+fn inputs(case: &Case) -> HashMap<String, Tensor> {
+    load(if case.task == Task::SeqCls { "inputs/bert.safetensors" } else { "inputs/decoder.safetensors" })
+}
+
+fn forward(model: &Model, inputs: &HashMap<String, Tensor>) -> Tensor {
+    model
+        .forward(&Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: inputs.get("token_type_ids") })
+        .unwrap()
+}
+
+/// Max |a − b| over attended positions; NaN anywhere fails.
+fn diff(case: &Case, got: &Tensor, want: &Tensor, inputs: &HashMap<String, Tensor>) -> f32 {
+    let all: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(all.iter().all(|v| v.is_finite()), "{}: non-finite output", case.name);
+    let mask = (case.task == Task::CausalLm).then(|| &inputs["attention_mask"]);
+    max_diff_masked(got, want, mask)
+}
+
+#[test]
+fn peft_adapters_reproduce_peft_logits() {
+    for case in CASES {
+        let (model, _, _) = build(case);
+        let inp = inputs(case);
+        let want = &load(&format!("methods/{}/logits.safetensors", case.name))["logits"];
+        let d = diff(case, &forward(&model, &inp), want, &inp);
+        assert!(d < 1e-4, "{}: max |Δlogits| = {d}", case.name);
+    }
+}
+
+#[test]
+fn trainable_and_total_parameters_equal_peft() {
+    let counts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("methods/param_counts.json")).unwrap()).unwrap();
+    for case in CASES {
+        let (model, tuner, _) = build(case);
+        let trainable = ferrule::tuners::trainable_params(tuner.as_ref());
+        assert_eq!(trainable as u64, counts[case.name]["trainable"].as_u64().unwrap(), "{} trainable", case.name);
+        assert_eq!((model.base_params + trainable) as u64, counts[case.name]["total"].as_u64().unwrap(), "{} total", case.name);
+    }
+}
+
+/// The training loss's gradients for every trainable tensor, with or without recomputation.
+fn loss_grads(case: &Case, recompute: bool) -> (f32, HashMap<String, Tensor>) {
+    let (model, tuner, _) = build(case);
+    let exp = load(&format!("methods/{}/grads.safetensors", case.name));
+    let inp = inputs(case);
+    let sink = recompute.then(|| std::sync::Arc::new(GradSink::new(tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()))));
+    assert_eq!(model.set_recompute(sink.clone()), recompute);
+    let (loss, _) = match &model.arch {
+        Arch::Decoder(lm) => lm.causal_lm_loss(&inp["input_ids"], Some(&inp["attention_mask"]), &exp["labels"]).unwrap(),
+        Arch::Bert(_) => cross_entropy(&forward(&model, &inp), &exp["labels"]).unwrap(),
+    };
+    let mut grads = loss.backward().unwrap();
+    if let Some(s) = &sink {
+        s.drain_into(&mut grads).unwrap();
+    }
+    let out = tuner.trainable().into_iter().map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).clone())).collect();
+    (loss.to_scalar::<f32>().unwrap(), out)
+}
+
+#[test]
+fn gradients_match_torch_with_and_without_recomputation() {
+    for case in CASES.iter().filter(|c| c.grads) {
+        let exp = load(&format!("methods/{}/grads.safetensors", case.name));
+        let want_loss = exp["loss"].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        for recompute in [false, true] {
+            let (loss, grads) = loss_grads(case, recompute);
+            assert!((loss - want_loss).abs() < 1e-4, "{}: loss {loss} vs {want_loss}", case.name);
+            assert_eq!(grads.len() + 2, exp.len(), "{}: every saved tensor has a reference gradient", case.name);
+            for (key, g) in &grads {
+                let want = &exp[key];
+                let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+                let d = max_diff_masked(g, want, None);
+                assert!(d.is_finite() && d / scale < 1e-4, "{} (recompute {recompute}): {key}: max |Δgrad| = {d} (scale {scale})", case.name);
+                assert!(g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{key}: zero gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn merged_folders_reproduce_adapter_logits() {
+    let dev = Device::Cpu;
+    for case in CASES {
+        let (model, tuner, src) = build(case);
+        let inp = inputs(case);
+        let want = forward(&model, &inp);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        ferrule::merge::merge_to_dir(&src, tuner.as_ref(), case.task, &out).unwrap();
+        let merged_src = ModelSource::load(out.to_str().unwrap(), &dev).unwrap();
+        let merged = Model::build(&merged_src, case.task, &ferrule::model::Frozen, &dev, 0).unwrap();
+        let d = diff(case, &forward(&merged, &inp), &want, &inp);
+        assert!(d < 1e-4, "{}: merged vs adapter max diff {d}", case.name);
+    }
+}
+
+#[test]
+fn save_then_load_keeps_keys_bytes_and_config() {
+    for case in CASES {
+        let (_, tuner, _) = build(case);
+        let tmp = tempfile::tempdir().unwrap();
+        save_adapter(tmp.path(), tuner.as_ref(), case.task, "base").unwrap();
+        let peft = std::fs::read(fixtures().join("methods").join(case.name).join("adapter_model.safetensors")).unwrap();
+        let ours = std::fs::read(tmp.path().join("adapter_model.safetensors")).unwrap();
+        let (a, b) = (safetensors::SafeTensors::deserialize(&peft).unwrap(), safetensors::SafeTensors::deserialize(&ours).unwrap());
+        let mut ka: Vec<String> = a.names().into_iter().map(String::from).collect();
+        let mut kb: Vec<String> = b.names().into_iter().map(String::from).collect();
+        ka.sort();
+        kb.sort();
+        assert_eq!(ka, kb, "{}: same keys as peft", case.name);
+        for k in &ka {
+            assert_eq!(a.tensor(k).unwrap().data(), b.tensor(k).unwrap().data(), "{}: {k} bytes", case.name);
+        }
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures().join("methods").join(case.name).join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["peft_type"], case.peft_type);
+        for key in ["target_modules", "feedforward_modules", "init_ia3_weights", "modules_to_save"] {
+            let norm = |v: &serde_json::Value| {
+                let mut v = v.clone();
+                if let Some(a) = v.as_array_mut() {
+                    a.sort_by_key(|x| x.to_string());
+                }
+                v
+            };
+            if theirs.get(key).is_some() {
+                assert_eq!(norm(&cfg[key]), norm(&theirs[key]), "{}: {key}", case.name);
+            }
+        }
+    }
+}
+
+/// Copies a fixture adapter, rewrites its tensors with `edit`, and returns the load error.
+fn load_error(case: &Case, edit: impl Fn(&mut HashMap<String, Tensor>), config_edit: impl Fn(&mut serde_json::Value)) -> String {
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let from = fixtures().join("methods").join(case.name);
+    let mut tensors = ferrule::model::weights::load_safetensors_file(&from.join("adapter_model.safetensors"), &dev).unwrap();
+    edit(&mut tensors);
+    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    ferrule::peft_io::write_safetensors(&tmp.path().join("adapter_model.safetensors"), &list, &[("format", "pt")]).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("adapter_config.json")).unwrap()).unwrap();
+    config_edit(&mut cfg);
+    std::fs::write(tmp.path().join("adapter_config.json"), cfg.to_string()).unwrap();
+    let r = ferrule::adapted::AdaptedModel::load(fixtures().join("models").join(case.model).to_str().unwrap(), Some(tmp.path()), Some(case.task), &dev);
+    format!("{:#}", r.err().expect("a broken adapter must not load"))
+}
+
+#[test]
+fn broken_adapters_fail_clearly() {
+    let ia3 = &CASES[0];
+    let key = "base_model.model.model.layers.0.self_attn.k_proj.ia3_l";
+    let e = load_error(ia3, |t| drop(t.insert(key.into(), Tensor::ones((1, 64), DType::F32, &Device::Cpu).unwrap())), |_| {});
+    assert!(e.contains(key) && e.contains("[1, 64]") && e.contains("[32, 1]"), "{e}");
+    let e = load_error(ia3, |t| drop(t.remove(key)), |_| {});
+    assert!(e.contains("has no tensor") && e.contains(key), "{e}");
+    let e = load_error(ia3, |_| {}, |c| c["peft_type"] = "ADALORA".into());
+    assert!(e.contains("peft_type \"ADALORA\" is not supported"), "{e}");
+    let ln = &CASES[3];
+    let e = load_error(ln, |_| {}, |c| c["target_modules"] = serde_json::json!(["input_layernorm"]));
+    assert!(e.contains("the adapter has 3 tensor(s) for modules"), "{e}");
+}
+
+/// Adapters ferrule trained and saved (tests/fixtures/methods/roundtrip, checked with
+/// `make_fixtures.py --check-roundtrip ... --save-peft-logits`): peft's logits for them equal
+/// ferrule's.
+#[test]
+fn ferrule_saved_adapters_mean_the_same_to_peft() {
+    let dev = Device::Cpu;
+    let case = &CASES[0];
+    for name in ["llama_ia3", "llama_ln_tuning"] {
+        let dir = fixtures().join("methods/roundtrip").join(name);
+        let m = ferrule::adapted::AdaptedModel::load(fixtures().join("models/llama").to_str().unwrap(), Some(&dir), None, &dev).unwrap();
+        let inp = inputs(case);
+        let want = &load(&format!("methods/roundtrip/{name}/peft_logits.safetensors"))["logits"];
+        let d = diff(case, &forward(&m.model, &inp), want, &inp);
+        assert!(d < 1e-4, "{name}: ferrule vs peft on a ferrule-saved adapter: {d}");
+    }
+}
+
+fn train_config(method: &str, out: &std::path::Path, quantize: Option<ferrule::quant::QuantSpec>) -> ferrule::train::TrainConfig {
+    let peft_type = ferrule::tuners::registry::by_name(method).unwrap().peft_type;
+    ferrule::train::TrainConfig {
+        model: fixtures().join("models/llama").display().to_string(),
+        data: fixtures().join("data/chat.jsonl"),
+        output_dir: out.to_path_buf(),
+        adapter: Some(ferrule::tuners::AdapterConfig::new(peft_type, serde_json::Map::new())),
+        max_len: Some(64),
+        batch_size: 2,
+        max_steps: Some(4),
+        lr: 3e-2,
+        quantize,
+        ..Default::default()
+    }
+}
+
+fn adapter_bytes(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+/// IA3 and LN tuning train on dense and NF4 bases (PEFT allows both on bitsandbytes 4-bit),
+/// and an interrupted IA3 run resumes to the same adapter bytes.
+#[test]
+fn methods_train_on_dense_and_nf4_bases_and_resume_exactly() {
+    use ferrule::train::{train, RunOptions, Silent};
+    let dev = Device::Cpu;
+    let nf4 = ferrule::quant::QuantSpec::new(ferrule::quant::QuantMethod::Nf4, 64, true).unwrap();
+    for method in ["ia3", "ln-tuning"] {
+        for q in [None, Some(nf4.clone())] {
+            let tmp = tempfile::tempdir().unwrap();
+            let s = train(&train_config(method, tmp.path(), q.clone()), &dev, &mut Silent, &RunOptions::default()).unwrap();
+            assert!(s.completed && s.final_loss.is_some_and(f64::is_finite), "{method} {q:?}");
+            let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+            assert_eq!(saved["peft_type"], ferrule::tuners::registry::by_name(method).unwrap().peft_type);
+        }
+    }
+    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train(&train_config("ia3", whole.path(), None), &dev, &mut Silent, &RunOptions::default()).unwrap();
+    train(&train_config("ia3", split.path(), None), &dev, &mut Silent, &RunOptions { resume: false, stop_after: Some(2) }).unwrap();
+    train(&train_config("ia3", split.path(), None), &dev, &mut Silent, &RunOptions { resume: true, stop_after: None }).unwrap();
+    assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed IA3 run diverged");
+}
