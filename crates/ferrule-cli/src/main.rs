@@ -7,7 +7,7 @@ mod progress;
 use clap::{Parser, Subcommand};
 
 #[global_allocator]
-// DESIGN.md fix 2: glibc malloc's page faults dominate tensor-heavy loops; mimalloc does not.
+// docs/ARCHITECTURE.md, decisions, fix 2: glibc malloc's page faults dominate tensor-heavy loops; mimalloc does not.
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]

@@ -98,7 +98,7 @@ fn assert_grads(case: &Case, grads_file: &str) {
         let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0, "{key}: zero gradient");
     }
-    // Frozen base weights never get a gradient (DESIGN.md: candle pitfall 3).
+    // Frozen base weights never get a gradient (docs/ARCHITECTURE.md, decisions, fix 3).
     for (name, t) in src.weights.tensors() {
         assert!(grads.get(t).is_none(), "{}: frozen tensor {name} received a gradient", case.adapter);
     }

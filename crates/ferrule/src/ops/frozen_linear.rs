@@ -1,6 +1,6 @@
 //! `y = x Wᵀ (+ b)` for a weight that is never trained, dense or quantized.
 //!
-//! candle's matmul backward always computes the weight gradient (DESIGN.md, fix 3), which for
+//! candle's matmul backward always computes the weight gradient (docs/ARCHITECTURE.md, decisions, fix 3), which for
 //! a frozen base is a full wasted GEMM per layer and a weight-sized buffer. This custom op
 //! runs the forward GEMM itself (gemm crate) and its backward returns only `dX = dY W`.
 //!

@@ -1,5 +1,5 @@
 //! Tensor operations with forward *and* backward that the training path needs and candle
-//! does not provide with a gradient (DESIGN.md, "fixes that are mandatory").
+//! does not provide with a gradient (docs/ARCHITECTURE.md, "Decisions").
 //!
 //! On the CPU in f32, norms, rope, attention, the SwiGLU gate, a frozen MLP and the cross-entropy are
 //! fused custom ops (`kernels`) that capture their constants and return only the input

@@ -1,5 +1,5 @@
 //! Differentiable normalisations. candle's fused `rms_norm` / `layer_norm` have no backward
-//! (DESIGN.md, fix 4): gradients would silently stop at every norm.
+//! (docs/ARCHITECTURE.md, decisions, fix 4): gradients would silently stop at every norm.
 //!
 //! On the CPU in f32 they run as fused custom ops whose backward returns only `dx`: the norm
 //! weight and bias are frozen, captured in the op, and get no gradient (candle would otherwise

@@ -1,7 +1,7 @@
 //! Block-level recomputation (gradient checkpointing, Chen et al. 2016): a block's forward
 //! runs without keeping its intermediate activations; its backward runs the block again with
 //! a graph and backpropagates through it. candle keeps the whole forward graph alive until
-//! backward ends (DESIGN.md, fix 5), so this is how activation memory drops from
+//! backward ends (docs/ARCHITECTURE.md, decisions, fix 5), so this is how activation memory drops from
 //! O(layers × block activations) to O(layers × block input + one block's activations).
 //!
 //! Gradients of trainable tensors inside the block are produced by the inner backward, which

@@ -1,6 +1,6 @@
 //! Rotary position embeddings (Su et al. 2021, RoFormer eq. 34), in the "rotate half"
 //! layout that Hugging Face checkpoints use: `x·cos + rotate_half(x)·sin`.
-//! candle's fused `rope` has no backward (DESIGN.md, fix 4); this one is differentiable.
+//! candle's fused `rope` has no backward (docs/ARCHITECTURE.md, decisions, fix 4); this one is differentiable.
 //! On the CPU in f32 it is one fused custom op with the cos/sin rows captured (no gradient
 //! is computed or stored for the tables); elsewhere the composite [`Rope::apply_reference`].
 

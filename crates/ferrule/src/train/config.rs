@@ -24,7 +24,7 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     pub task: Task,
     /// The method and its settings with PEFT's keys: `[adapter]` in TOML, with `peft_type`
-    /// (default: LoRA with r = 8, lora_alpha = 16). See [`TrainConfig::adapter`].
+    /// (default: `tuners::registry::default_adapter`). See [`TrainConfig::adapter`].
     pub adapter: Option<AdapterConfig>,
     /// LoRA settings under `[lora]` (the older spelling of `[adapter]` with `peft_type = "LORA"`).
     pub lora: Option<serde_json::Map<String, serde_json::Value>>,
@@ -139,25 +139,18 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The adapter to train: `[adapter]`, else `[lora]` as LoRA, else LoRA with r = 8 and
-    /// lora_alpha = 16. Both tables at once is an error. Unknown keys are errors.
+    /// The adapter to train: `[adapter]`, else `[lora]` as LoRA, else
+    /// [`crate::tuners::registry::default_adapter`]. Both tables at once is an error. Unknown
+    /// keys are errors.
     pub fn adapter(&self) -> Result<AdapterConfig> {
         let cfg = match (&self.adapter, &self.lora) {
             (Some(_), Some(_)) => bail!("train: both [adapter] and [lora] are given; put the method's keys under [adapter] with peft_type"),
             (Some(a), None) => a.clone(),
-            (None, Some(l)) => AdapterConfig::new("LORA", l.clone()),
-            (None, None) => Self::default_adapter(),
+            (None, Some(l)) => AdapterConfig::new(crate::tuners::lora::METHOD.peft_type, l.clone()),
+            (None, None) => crate::tuners::registry::default_adapter(),
         };
         cfg.check_keys("train config [adapter]", true)?;
         Ok(cfg)
-    }
-
-    /// LoRA with r = 8 and lora_alpha = 16, what `ferrule train` trains when told nothing.
-    pub fn default_adapter() -> AdapterConfig {
-        let mut o = serde_json::Map::new();
-        o.insert("r".into(), 8.into());
-        o.insert("lora_alpha".into(), 16.into());
-        AdapterConfig::new("LORA", o)
     }
 
     /// `max_len`, or the model's context capped at 512; an explicit value longer than the

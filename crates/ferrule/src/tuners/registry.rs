@@ -54,6 +54,15 @@ pub fn by_peft_type(peft_type: &str) -> Result<&'static Method> {
     }
 }
 
+/// What `ferrule train` trains when told no method: LoRA with r = 8 and lora_alpha = 16
+/// (PEFT's default alpha is 8; ferrule's train default has been 16 = 2r since its first release).
+pub fn default_adapter() -> AdapterConfig {
+    let mut o = Map::new();
+    o.insert("r".into(), 8.into());
+    o.insert("lora_alpha".into(), 16.into());
+    AdapterConfig::new(super::lora::METHOD.peft_type, o)
+}
+
 /// The method a CLI name (`lora`, `ia3`, `ln-tuning`) or a PEFT type (`LN_TUNING`) names.
 pub fn by_name(name: &str) -> Result<&'static Method> {
     let norm = name.trim().to_ascii_lowercase().replace('_', "-");
