@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--targets", default="query,value", help="comma-separated target module names")
     p.add_argument("--full-finetune", action="store_true", help="no LoRA: train every parameter")
+    p.add_argument("--method", default="lora", choices=["lora", "ia3", "ln-tuning"],
+                   help="peft method; ia3 / ln-tuning use --targets if given, else peft's defaults for the model type")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--pad-to-max-len", action="store_true", help="pad every batch to --max-len")
@@ -402,8 +404,13 @@ def main(argv=None):
             raise SystemExit("gradient checkpointing did not switch on")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.full_finetune:
-        cfg = peft.LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha,
-                              lora_dropout=args.lora_dropout, target_modules=targets)
+        if args.method == "ia3":
+            cfg = peft.IA3Config(task_type=task_type, target_modules=targets or None)
+        elif args.method == "ln-tuning":
+            cfg = peft.LNTuningConfig(task_type=task_type, target_modules=targets or None)
+        else:
+            cfg = peft.LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha,
+                                  lora_dropout=args.lora_dropout, target_modules=targets)
         model = peft.get_peft_model(model, cfg)
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every method on workload a (MiniLM seq-cls, 32 x 128 fixed, 20 steps, 2 threads), ferrule
+# and transformers + peft alternated in the same run, REPEAT rounds (default 3). Methods: lora
+# (r 8, α 16, query,value), ia3 and ln-tuning with peft's defaults for BERT (ia3: key, value,
+# output.dense; LN tuning: LayerNorm, given explicitly since peft has no BERT default).
+# OLD=path/to/older/ferrule adds a LoRA round of that binary (the A/B of two builds).
+# Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians).
+# Usage: bench/run_methods.sh [lora ia3 ln-tuning]; needs `cargo build --release` and
+# scripts/reference-venv.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+F=${FERRULE:-target/release/ferrule}
+PY=${PY:-$(scripts/reference-venv.sh)}
+OUT=bench/results/methods
+REPEAT=${REPEAT:-3}
+A=assets
+mkdir -p "$OUT"
+METHODS=("$@")
+[ ${#METHODS[@]} -gt 0 ] || METHODS=(lora ia3 ln-tuning)
+COMMON=(--task seq-cls --model $A/minilm --data $A/data/rotten_tomatoes/train.jsonl --batch-size 32 --max-len 128
+        --pad-to-max-len --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42)
+
+targets() {  # method -> target list for both tools
+  case $1 in lora) echo query,value ;; ln-tuning) echo LayerNorm ;; *) echo "" ;; esac
+}
+
+ferrule_run() {  # binary method round
+  local bin=$1 m=$2 i=$3 tag=$4 dir; dir=$(mktemp -d)
+  local t; t=$(targets "$m")
+  local extra=(--method "$m"); [ -n "$t" ] && extra+=(--target-modules "$t")
+  [ "$m" = lora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules query,value)
+  /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
+    "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps 20 "${extra[@]}" > "$dir/summary.json"
+  python3 - "$dir" "$OUT/${tag}_${m}_$i.json" <<'PY'
+import json, sys, os
+d, out = sys.argv[1:3]
+s = json.load(open(os.path.join(d, "summary.json"))); t = json.load(open(os.path.join(d, "time.json")))
+r = {"median_step_s": s["median_step_seconds"], "peak_rss_bytes": t["peak_rss_kb"] * 1024, "final_loss": s["final_loss"],
+     "trainable_params": s["trainable_params"], "load_avg": os.getloadavg()}
+json.dump(r, open(out, "w"), indent=1); print(out, json.dumps(r))
+PY
+  rm -rf "$dir"
+}
+
+python_run() {  # method round
+  local m=$1 i=$2 t; t=$(targets "$m")
+  "$PY" bench/hf_train.py "${COMMON[@]}" --steps 20 --threads 2 --method "$m" --targets "$t" --r 8 --alpha 16 \
+    --out "$OUT/python_${m}_$i.json" | tail -1
+}
+
+for i in $(seq 1 "$REPEAT"); do
+  for m in "${METHODS[@]}"; do
+    ferrule_run "$F" "$m" "$i" ferrule
+    [ -n "${OLD:-}" ] && [ "$m" = lora ] && ferrule_run "$OLD" lora "$i" ferrule_old
+    python_run "$m" "$i"
+  done
+done
+
+python3 - "$OUT" <<'PY'
+import json, sys, glob, os, statistics as st
+out = sys.argv[1]; rows = {}
+for f in sorted(glob.glob(os.path.join(out, "*_*.json"))):
+    name = os.path.basename(f)[:-5]
+    if name == "summary": continue
+    tool, method, _ = name.rsplit("_", 2) if name.count("_") >= 2 else (None, None, None)
+    r = json.load(open(f)); rows.setdefault((tool, method), []).append(r)
+summary = {}
+for (tool, method), rs in sorted(rows.items()):
+    summary[f"{tool}/{method}"] = {"runs": len(rs), "median_step_s": st.median(r["median_step_s"] for r in rs),
+        "tokens_per_s": 32 * 128 / st.median(r["median_step_s"] for r in rs),
+        "peak_rss_gb": st.median(r["peak_rss_bytes"] for r in rs) / 1e9,
+        "trainable_params": rs[0].get("trainable_params") or rs[0].get("model", {}).get("params_trainable")}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+for k, v in summary.items(): print(f"{k:28s} {v}")
+PY
