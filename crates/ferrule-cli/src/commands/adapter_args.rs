@@ -86,6 +86,8 @@ fn set_option(adapter: &mut AdapterConfig, flag: &str, key: &str, value: Value) 
 /// `KEY=VALUE` with VALUE parsed as JSON, else taken as a string.
 fn parse_option(s: &str) -> Result<(String, Value)> {
     let (k, v) = s.split_once('=').with_context(|| format!("--peft-option {s:?}: expected KEY=VALUE"))?;
+    // Not JSON (e.g. `init_lora_weights=gaussian`): the plain string. A wrong type is still caught
+    // when the method deserializes its config, with an error naming the method.
     let v = serde_json::from_str(v).unwrap_or_else(|_| Value::from(v));
     Ok((k.trim().to_string(), v))
 }

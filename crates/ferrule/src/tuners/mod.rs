@@ -74,6 +74,27 @@ pub fn peft_key(path: &str, suffix: &str) -> String {
     format!("base_model.model.{path}.{suffix}")
 }
 
+/// The checks every method's [`Tuner::finish`] makes, in order: each `target_modules` entry
+/// matched something (a saved adapter's entries are reported but not fatal: its tensors are
+/// checked one by one instead), something was adapted (`what`: "linear layer", "norm layer"),
+/// and every saved tensor found its module.
+pub(crate) fn check_finished(
+    method: &str,
+    targets: &target::Targets,
+    params: &params::ParamStore,
+    allow_unmatched: bool,
+    adapted_any: bool,
+    what: &str,
+) -> Result<MatchReport> {
+    let report = targets.report();
+    report.check(method, allow_unmatched || params.loading())?;
+    if !adapted_any {
+        anyhow::bail!("{method}: target_modules matched no {what} of the model")
+    }
+    params.check_all_used()?;
+    Ok(report)
+}
+
 /// Elements of all trainable tensors of `tuner`.
 pub fn trainable_params(tuner: &dyn Tuner) -> usize {
     tuner.trainable().iter().map(|(_, v)| v.elem_count()).sum()

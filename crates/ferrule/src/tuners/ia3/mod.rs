@@ -6,7 +6,7 @@ pub mod layer;
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -20,7 +20,7 @@ use super::modules_to_save::ModulesToSave;
 use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
 use super::target::{MatchReport, ModuleSpec, Targets};
-use super::{peft_key, AdaptedModule, Tuner, Update};
+use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
 
@@ -160,13 +160,8 @@ impl Tuner for Ia3 {
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let report = self.targets.report();
-        report.check("ia3", self.allow_unmatched || self.params.loading())?;
-        if self.adapted.lock().unwrap().is_empty() {
-            bail!("ia3: target_modules matched no linear layer of the model")
-        }
-        self.params.check_all_used()?;
-        Ok(vec![report])
+        let adapted_any = !self.adapted.lock().unwrap().is_empty();
+        Ok(vec![check_finished("ia3", &self.targets, &self.params, self.allow_unmatched, adapted_any, "linear layer")?])
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {

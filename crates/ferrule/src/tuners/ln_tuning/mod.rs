@@ -6,7 +6,7 @@ pub mod layer;
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::{Tensor, Var};
 use serde_json::{Map, Value};
 
@@ -19,7 +19,7 @@ use super::modules_to_save::ModulesToSave;
 use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
 use super::target::{MatchReport, Targets};
-use super::{peft_key, AdaptedModule, Tuner, Update};
+use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::FrozenLinear;
 
@@ -115,13 +115,8 @@ impl Tuner for LnTuning {
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let report = self.targets.report();
-        report.check("ln_tuning", self.allow_unmatched || self.params.loading())?;
-        if self.adapted.lock().unwrap().is_empty() {
-            bail!("ln_tuning: target_modules matched no norm layer of the model")
-        }
-        self.params.check_all_used()?;
-        Ok(vec![report])
+        let adapted_any = !self.adapted.lock().unwrap().is_empty();
+        Ok(vec![check_finished("ln_tuning", &self.targets, &self.params, self.allow_unmatched, adapted_any, "norm layer")?])
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {

@@ -19,7 +19,7 @@ use super::modules_to_save::ModulesToSave;
 use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
 use super::target::{layer_index, MatchReport, Targets};
-use super::{peft_key, AdaptedModule, Tuner, Update};
+use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
@@ -191,16 +191,9 @@ impl Tuner for Lora {
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let report = self.targets.report();
-        // A saved adapter's targets are checked by its tensors (each must find its module);
-        // an entry that matched nothing there is PEFT's silence, reported but not fatal.
-        report.check("lora", self.allow_unmatched || self.params.loading())?;
         let st = self.state.lock().unwrap();
-        if st.adapted.is_empty() {
-            bail!("lora: target_modules {} matched no linear layer of the model", serde_json::to_string(&self.config.target_modules).unwrap_or_default())
-        }
+        let report = check_finished("lora", &self.targets, &self.params, self.allow_unmatched, !st.adapted.is_empty(), "linear layer")?;
         self.check_pattern_keys(&st)?;
-        self.params.check_all_used()?;
         Ok(vec![report])
     }
 
