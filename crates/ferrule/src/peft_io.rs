@@ -98,7 +98,7 @@ pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str)
     // PEFT writes sorted keys with indent 2.
     let sorted: BTreeMap<String, Value> = cfg.into_iter().collect();
     let json = serde_json::to_string_pretty(&sorted)? + "\n";
-    let tensors: Vec<(String, Tensor)> = tuner.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    let tensors = tuner.saved_tensors()?;
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &[("format", "pt")])?;
     crate::util::atomic::write_bytes_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
     Ok(())

@@ -5,6 +5,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind, MASKED};
+use ferrule::ops::dora::{dora_linear, dora_linear_reference, row_sq_norms, weight_norm};
 use ferrule::ops::frozen_mlp::{gelu_mlp, swiglu_mlp};
 use ferrule::ops::gelu::gelu;
 use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
@@ -306,6 +307,44 @@ fn low_rank_linear_matches_composite() {
             &[&x, &a, &bm],
             |t| low_rank_linear(&t[0], Some(&mask), &base, &t[1], &t[2], scale),
             |t| low_rank_linear_reference(&t[0], Some(&mask), &base, &t[1], &t[2], scale),
+        );
+    }
+}
+
+#[test]
+fn dora_linear_matches_composite() {
+    // (leading dims, in, out, r, bias, quantized base)
+    let cases = [(vec![2, 7], 24, 40, 4, true, false), (vec![9], 64, 16, 8, false, true), (vec![3, 5], 96, 72, 8, true, true)];
+    for (k, (lead, i, o, r, bias, quantized)) in cases.into_iter().enumerate() {
+        let full = frozen(o, i, 200 + k as u64, bias, quantized);
+        let bias_t = full.bias().cloned();
+        let base = FrozenLinear::from_weight(full.weight().clone(), None);
+        let mut shape = lead.clone();
+        shape.push(i);
+        let x = var(&shape, 210 + k as u64, 1.0);
+        let a = var(&[r, i], 220 + k as u64, 0.3);
+        let b = var(&[o, r], 230 + k as u64, 0.3);
+        let scale = 2.0;
+        // The norm against a dense computation of ‖W₀ + s·B A‖_row.
+        let w0_sq = row_sq_norms(base.weight(), &Device::Cpu).unwrap();
+        let norm = weight_norm(&base, &w0_sq, a.as_tensor(), b.as_tensor(), scale).unwrap();
+        let dense = base.weight().to_dense(&Device::Cpu).unwrap();
+        let want = (dense + (b.as_tensor().matmul(a.as_tensor()).unwrap() * scale).unwrap()).unwrap().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        assert_close(&norm, &want, &format!("dora weight norm case {k}"));
+        let m = Var::from_tensor(&norm.mul(&(randn(&[o], 240 + k as u64, 0.2) + 1.0).unwrap()).unwrap()).unwrap();
+        let vars = [&x, &a, &b, &m];
+        check(
+            &format!("dora linear case {k}"),
+            &vars,
+            |t| dora_linear(&t[0], None, &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
+            |t| dora_linear_reference(&t[0], None, &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
+        );
+        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 9 + k as u64).unwrap().unwrap();
+        check(
+            &format!("dora linear case {k} with dropout"),
+            &vars,
+            |t| dora_linear(&t[0], Some(&mask), &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
+            |t| dora_linear_reference(&t[0], Some(&mask), &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
         );
     }
 }

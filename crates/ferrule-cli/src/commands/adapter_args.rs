@@ -39,9 +39,20 @@ pub struct AdapterArgs {
     /// Comma-separated modules trained in full and saved with the adapter (e.g. a head).
     #[arg(long)]
     pub modules_to_save: Option<String>,
+    /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.
     #[arg(long)]
     pub use_rslora: bool,
-    /// true (Kaiming A, zero B), false, or gaussian.
+    /// DoRA: a trained magnitude per output row over the normalised LoRA-updated weight.
+    #[arg(long)]
+    pub use_dora: bool,
+    /// Base biases trained beside the adapter: none (default), all, or lora_only (the targeted layers').
+    #[arg(long, value_name = "none|all|lora_only")]
+    pub bias: Option<String>,
+    /// A trainable bias on lora_B (scaled with the update).
+    #[arg(long)]
+    pub lora_bias: bool,
+    /// true (Kaiming A, zero B), false, gaussian, pissa, pissa_niter_<N> or olora (the last three move part of
+    /// the base into the adapter; the saved adapter is converted to plain LoRA of rank 2r).
     #[arg(long)]
     pub init_lora_weights: Option<String>,
 }
@@ -107,6 +118,9 @@ impl AdapterArgs {
             || self.feedforward_modules.is_some()
             || self.modules_to_save.is_some()
             || self.use_rslora
+            || self.use_dora
+            || self.bias.is_some()
+            || self.lora_bias
             || self.init_lora_weights.is_some()
     }
 
@@ -129,6 +143,9 @@ impl AdapterArgs {
         push("--feedforward-modules", "feedforward_modules", a.feedforward_modules.as_deref().map(|e| Value::from(names(e))));
         push("--modules-to-save", "modules_to_save", a.modules_to_save.as_deref().map(|m| Value::from(names(m))));
         push("--use-rslora", "use_rslora", a.use_rslora.then_some(Value::Bool(true)));
+        push("--use-dora", "use_dora", a.use_dora.then_some(Value::Bool(true)));
+        push("--bias", "bias", a.bias.clone().map(Value::from));
+        push("--lora-bias", "lora_bias", a.lora_bias.then_some(Value::Bool(true)));
         push(
             "--init-lora-weights",
             "init_lora_weights",

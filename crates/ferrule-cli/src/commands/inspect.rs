@@ -46,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
             "peft_type": t.method().peft_type,
             "modules": t.adapted().len(),
             "parameters": trainable,
-            "percent_of_total": 100.0 * trainable as f64 / (m.model.base_params + trainable) as f64,
+            "percent_of_total": 100.0 * trainable as f64 / ferrule::tuners::total_params(m.model.base_params, t.as_ref()) as f64,
             "example_module": t.adapted().first(),
         });
     }
@@ -65,8 +65,8 @@ pub fn run(a: Args) -> Result<()> {
             "matches": matches,
             "modules": tuner.adapted().len(),
             "trainable_parameters": trainable,
-            "total_parameters": model.base_params + trainable,
-            "percent_trainable": 100.0 * trainable as f64 / (model.base_params + trainable) as f64,
+            "total_parameters": ferrule::tuners::total_params(model.base_params, tuner.as_ref()),
+            "percent_trainable": 100.0 * trainable as f64 / ferrule::tuners::total_params(model.base_params, tuner.as_ref()) as f64,
             "adapted": tuner.adapted(),
         });
     }

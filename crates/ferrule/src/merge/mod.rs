@@ -53,7 +53,22 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         tensors.insert(format!("{prefix}{k}"), w);
     }
     let mut report = MergeReport { merged_modules: 0, replaced_tensors: 0, tensors_written: 0, requantized: 0, requantize_error: None };
-    for (name, update) in tuner.updates()? {
+    // Replacements first: an update may apply on top of one (a LoRA delta on PEFT's saved
+    // embedding base layer, lora_B's bias on a trained base bias), as in peft.
+    for (name, t) in tuner.replaced() {
+        tensors.insert(name, FrozenWeight::Dense(t));
+        report.replaced_tensors += 1;
+    }
+    let updates = tuner.updates()?;
+    // A tied head shares the embedding's table, not its LoRA update (peft adds the update in
+    // the embedding layer only): an updated embedding unties the head.
+    let tied = !tensors.contains_key("lm_head.weight") && tensors.contains_key("model.embed_tokens.weight");
+    if tied && updates.iter().any(|(n, _)| n == "model.embed_tokens.weight") {
+        let table = tensors["model.embed_tokens.weight"].clone();
+        tensors.insert("lm_head.weight".into(), table);
+        config["tie_word_embeddings"] = json!(false);
+    }
+    for (name, update) in updates {
         let base = match tensors.get(&name) {
             Some(t) => t.clone(),
             // A tied head that was adapted gets its own weight: untie it.
@@ -62,6 +77,9 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
                 config["tie_word_embeddings"] = json!(false);
                 embed
             }
+            None if name.ends_with(".bias") => bail!(
+                "merge: the adapter adds to {name:?} (lora_bias), but that layer has no bias in the base checkpoint; peft refuses this merge too. Use the adapter unmerged"
+            ),
             None => bail!("merge: the adapter changes {name:?}, which the base checkpoint does not have"),
         };
         // Dequantized once: it is both the shape check and the sum's left side.
@@ -69,7 +87,14 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         let merged = match update {
             Update::Add(delta) if delta.dims() == dense.dims() => (dense + delta.to_dtype(candle_core::DType::F32)?)?,
             Update::Scale(s) if s.broadcast_as(dense.shape()).is_ok() => dense.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?,
-            Update::Add(u) | Update::Scale(u) => bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), u.dims()),
+            Update::RowRescaled { delta, magnitude } if delta.dims() == dense.dims() && magnitude.dims() == [dense.dims()[0]] => {
+                let w = (dense + delta.to_dtype(candle_core::DType::F32)?)?;
+                let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+                w.broadcast_mul(&magnitude.to_dtype(candle_core::DType::F32)?.unsqueeze(1)?.broadcast_div(&norm)?)?
+            }
+            Update::Add(u) | Update::Scale(u) | Update::RowRescaled { delta: u, .. } => {
+                bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), u.dims())
+            }
         };
         let merged = match &base {
             FrozenWeight::Quantized(q) => {
@@ -91,10 +116,6 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
             "Merge lora module to a quantized linear may get different generations due to rounding errors: requantizing {} merged weight(s) added max |error| {:.3e} ({:.2e} of the largest weight)",
             report.requantized, e.max_abs, e.rel
         );
-    }
-    for (name, t) in tuner.replaced() {
-        tensors.insert(name, FrozenWeight::Dense(t));
-        report.replaced_tensors += 1;
     }
     let arch = match (model_type.as_str(), task) {
         ("bert", Task::SeqCls) => "BertForSequenceClassification",

@@ -7,12 +7,12 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::BertConfig;
 use super::weights::Weights;
-use super::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
+use super::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp;
 use crate::ops::gelu::gelu;
 use crate::ops::norm::{add_layer_norm, layer_norm};
-use crate::ops::FrozenLinear;
+use crate::ops::{FrozenLinear, FrozenWeight};
 
 struct Norm {
     weight: Tensor,
@@ -42,7 +42,8 @@ pub enum BertTask {
 pub struct Bert {
     pub config: BertConfig,
     pub task: BertTask,
-    word_embeddings: Tensor,
+    /// `[vocab, hidden]`, through the embedding hook point.
+    word_embeddings: Box<dyn Embedding>,
     position_embeddings: Tensor,
     token_type_embeddings: Tensor,
     embed_norm: Norm,
@@ -119,7 +120,10 @@ impl Bert {
             }
         };
         Ok(Self {
-            word_embeddings: get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?,
+            word_embeddings: hook.embedding(
+                &EmbeddingInfo { path: format!("{prefix}embeddings.word_embeddings"), padding_idx: Some(c.pad_token_id) },
+                FrozenWeight::Dense(get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?),
+            )?,
             position_embeddings: get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?,
             token_type_embeddings: get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
             embed_norm: norm("embeddings.LayerNorm")?,
@@ -145,7 +149,7 @@ impl Bert {
         }
         let h = c.hidden_size;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let words = self.word_embeddings.index_select(&ids, 0)?.reshape((b, t, h))?;
+        let words = self.word_embeddings.forward(&ids)?.reshape((b, t, h))?;
         let positions = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
         let types = match token_type_ids {
             Some(tt) => self.token_type_embeddings.index_select(&tt.to_dtype(DType::U32)?.flatten_all()?, 0)?.reshape((b, t, h))?,

@@ -62,6 +62,9 @@ pub struct DecoderConfig {
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
+    /// The embedding's `padding_idx` (transformers: `nn.Embedding(..., config.pad_token_id)`):
+    /// its row gets no gradient.
+    pub pad_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
 
@@ -138,6 +141,7 @@ impl DecoderConfig {
             o_bias,
             mlp_bias: opt_bool(c, "mlp_bias").unwrap_or(false),
             bos_token_id: opt_usize(c, "bos_token_id").map(|v| v as u32),
+            pad_token_id: opt_usize(c, "pad_token_id").map(|v| v as u32),
             eos_token_ids,
             model_type,
         })

@@ -13,11 +13,13 @@
 //! | point | called for | used by |
 //! |---|---|---|
 //! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`) |
-//! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning |
+//! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning, LoRA `bias="all"` |
+//! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings |
 
 use anyhow::Result;
 use candle_core::{Module, Tensor};
 
+use crate::ops::frozen_linear::FrozenWeight;
 use crate::ops::FrozenLinear;
 
 /// A linear layer as a model calls it: `y = f(x)` for `x: [.., in_features]`.
@@ -50,6 +52,36 @@ pub struct LinearInfo {
     pub is_output_head: bool,
 }
 
+/// A token-embedding table as a model calls it: `ids: [n]` (u32) → rows `[n, hidden]`.
+pub trait Embedding: Send + Sync {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The frozen table the layer looks its rows up in: what a tied output head shares
+    /// (`tie_word_embeddings`), after any replacement a method made (PEFT's saved
+    /// `embed_tokens.base_layer.weight`).
+    fn base(&self) -> &FrozenWeight;
+}
+
+impl Embedding for FrozenWeight {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.rows(ids)
+    }
+
+    fn base(&self) -> &FrozenWeight {
+        self
+    }
+}
+
+/// What a hook is told about an embedding layer.
+#[derive(Clone, Debug)]
+pub struct EmbeddingInfo {
+    /// Hugging Face module path, e.g. `model.embed_tokens` or `bert.embeddings.word_embeddings`.
+    pub path: String,
+    /// `padding_idx` (the config's `pad_token_id`): a trained table gives its row no gradient,
+    /// as `torch.nn.functional.embedding` does.
+    pub padding_idx: Option<u32>,
+}
+
 /// What a hook is told about a norm layer.
 #[derive(Clone, Debug)]
 pub struct NormInfo {
@@ -77,6 +109,11 @@ pub trait ModelHook {
     /// A norm layer's weight and bias, as the checkpoint has them.
     fn norm(&self, _info: &NormInfo, params: NormParams) -> Result<NormParams> {
         Ok(params)
+    }
+
+    /// A token embedding `[vocab, hidden]` with its frozen table.
+    fn embedding(&self, _info: &EmbeddingInfo, base: FrozenWeight) -> Result<Box<dyn Embedding>> {
+        Ok(Box::new(base))
     }
 }
 

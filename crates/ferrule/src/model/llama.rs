@@ -8,14 +8,14 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use super::weights::Weights;
-use super::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
+use super::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp;
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
 use crate::ops::rope::Rope;
 use crate::ops::swiglu::swiglu;
-use crate::ops::{FrozenLinear, FrozenWeight};
+use crate::ops::FrozenLinear;
 
 struct Attention {
     q_proj: Box<dyn Linear>,
@@ -56,8 +56,9 @@ impl KvCache {
 /// A causal language model (`*ForCausalLM`).
 pub struct DecoderLm {
     pub config: DecoderConfig,
-    /// `[vocab, hidden]`, dense or quantized (a GGUF token embedding stays in its blocks).
-    embed_tokens: FrozenWeight,
+    /// `[vocab, hidden]`, dense or quantized (a GGUF token embedding stays in its blocks),
+    /// through the embedding hook point.
+    embed_tokens: Box<dyn Embedding>,
     layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Box<dyn Linear>,
@@ -83,7 +84,8 @@ impl DecoderLm {
         let c = &config;
         let h = c.hidden_size;
         let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-        let embed_tokens = w.frozen("model.embed_tokens.weight", [c.vocab_size, h])?;
+        let table = w.frozen("model.embed_tokens.weight", [c.vocab_size, h])?;
+        let embed_tokens = hook.embedding(&EmbeddingInfo { path: "model.embed_tokens".into(), padding_idx: c.pad_token_id }, table)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -105,7 +107,7 @@ impl DecoderLm {
         }
         let norm = rms_weight(w, hook, "model.norm", h)?;
         let head_weight =
-            if c.tie_word_embeddings || !w.contains("lm_head.weight") { embed_tokens.clone() } else { w.frozen("lm_head.weight", [c.vocab_size, h])? };
+            if c.tie_word_embeddings || !w.contains("lm_head.weight") { embed_tokens.base().clone() } else { w.frozen("lm_head.weight", [c.vocab_size, h])? };
         let lm_head = hook.linear(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
         let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
@@ -137,7 +139,7 @@ impl DecoderLm {
         }
         let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, t, kv_len, attention_mask, &self.device)?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self.embed_tokens.rows(&ids)?.reshape((b, t, c.hidden_size))?;
+        let mut x = self.embed_tokens.forward(&ids)?.reshape((b, t, c.hidden_size))?;
         let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu());
         for (i, layer) in self.layers.iter().enumerate() {
             x = match &sink {

@@ -27,7 +27,7 @@ pub fn low_rank_linear(x: &Tensor, update_mask: Option<&Tensor>, base: &FrozenLi
     let mask_ok = update_mask.is_none_or(|m| kernels::fused_ok(m) && m.dims() == x.dims());
     if mask_ok && base.fused_ok(x) && kernels::fused_ok(a) && kernels::fused_ok(b) {
         let update_mask = update_mask.map(|m| m.contiguous()).transpose()?;
-        let op = LowRankLinear { weight: base.weight().clone(), bias: base.bias().cloned(), update_mask, scale: scale as f32 };
+        let op = LowRankLinear::new(base, update_mask, scale);
         return x.contiguous()?.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)));
     }
     low_rank_linear_reference(x, update_mask, base, a, b, scale)
@@ -51,8 +51,9 @@ pub fn low_rank_linear_reference(x: &Tensor, update_mask: Option<&Tensor>, base:
 /// Elements per parallel chunk of the element-wise dropout passes.
 const CHUNK: usize = 16 * 1024;
 
-/// The fused op over `(x, A, B)`; the frozen weight and bias are captured.
-struct LowRankLinear {
+/// The fused op over `(x, A, B)`; the frozen weight and bias are captured. DoRA
+/// (`ops::dora`) runs its forward and backward inside its own op.
+pub(crate) struct LowRankLinear {
     weight: FrozenWeight,
     bias: Option<Tensor>,
     /// The dropout mask on the update's input, shaped like `x`.
@@ -61,6 +62,14 @@ struct LowRankLinear {
 }
 
 impl LowRankLinear {
+    pub(crate) fn new(base: &FrozenLinear, update_mask: Option<Tensor>, scale: f64) -> Self {
+        Self { weight: base.weight().clone(), bias: base.bias().cloned(), update_mask, scale: scale as f32 }
+    }
+
+    pub(crate) fn weight(&self) -> &FrozenWeight {
+        &self.weight
+    }
+
     /// Calls `f` with the update's input: `x`, or `x ⊙ mask` (a new buffer) under dropout.
     fn with_update_input<R>(&self, x: &[f32], f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         match &self.update_mask {
@@ -93,14 +102,27 @@ impl CustomOp3 for LowRankLinear {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, _, out_f, r) = self.dims(l1.shape(), l2.shape())?;
         let x = kernels::contiguous_f32(s1, l1, self.name())?;
         let a = kernels::contiguous_f32(s2, l2, self.name())?;
         let b = kernels::contiguous_f32(s3, l3, self.name())?;
-        if l3.shape().dims2()? != (out_f, r) {
-            candle_core::bail!("low-rank-linear: B is {:?}, expected [{out_f}, {r}]", l3.shape().dims())
+        let (y, shape) = self.forward_f32(x, l1.shape(), a, l2.shape(), b, l3.shape())?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, db) = self.backward(x, a, b, grad_res, x.track_op())?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+impl LowRankLinear {
+    /// `y = x W₀ᵀ (+ b) + s·(u Aᵀ) Bᵀ` for contiguous f32 `x: [.., in]`, `a: [r, in]`,
+    /// `b: [out, r]`; returns `y` and its shape `[.., out]`.
+    pub(crate) fn forward_f32(&self, x: &[f32], xs: &Shape, a: &[f32], as_: &Shape, b: &[f32], bs: &Shape) -> Result<(Vec<f32>, Shape)> {
+        let (m, in_f, out_f, r) = self.dims(xs, as_)?;
+        if bs.dims2()? != (out_f, r) {
+            candle_core::bail!("low-rank-linear: B is {:?}, expected [{out_f}, {r}]", bs.dims())
         }
-        let in_f = a.len() / r.max(1);
         let mut y = vec![0f32; m * out_f];
         add_product(&self.weight, x, m, &mut y)?;
         add_bias(self.bias.as_ref(), &mut y, out_f)?;
@@ -110,16 +132,17 @@ impl CustomOp3 for LowRankLinear {
             Ok(())
         })?;
         matmul_par(m, out_f, r, &mut y, true, Mat::n(&h), Mat::t(b), self.scale);
-        let mut dims = l1.shape().dims().to_vec();
+        let mut dims = xs.dims().to_vec();
         *dims.last_mut().unwrap() = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((y, Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    /// `(dx, dA, dB)` for the output gradient `grad_res`; `dx` only when `need_dx` (a tracked
+    /// `x`: something below it trains).
+    pub(crate) fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad_res: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let (m, in_f, out_f, r) = self.dims(x.shape(), a.shape())?;
         // No dX when nothing below x is trained (the first layer's input): it would be a
         // full frozen GEMM, and candle would store it.
-        let need_dx = x.track_op();
         let dy = grad_res.contiguous()?;
         let mut dx = vec![0f32; if need_dx { m * in_f } else { 0 }];
         let mut da = vec![0f32; r * in_f];
@@ -154,6 +177,6 @@ impl CustomOp3 for LowRankLinear {
         })?;
         let dev = x.device();
         let dx = if need_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
-        Ok((dx, Some(Tensor::from_vec(da, a.shape(), dev)?), Some(Tensor::from_vec(db, b.shape(), dev)?)))
+        Ok((dx, Tensor::from_vec(da, a.shape(), dev)?, Tensor::from_vec(db, b.shape(), dev)?))
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod blas;
+pub mod dora;
 pub mod frozen_linear;
 pub mod frozen_mlp;
 mod fused_attention;

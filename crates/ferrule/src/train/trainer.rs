@@ -20,7 +20,7 @@ use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
 use crate::peft_io::save_adapter;
-use crate::tuners::{registry, BuildContext, MatchReport, Tuner};
+use crate::tuners::{registry, total_params, BuildContext, MatchReport, Tuner};
 
 /// One optimizer step, as reported to the progress display and `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
@@ -353,8 +353,8 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         cfg.batch_size,
         cfg.grad_accum,
         trainable,
-        p.model.base_params + trainable,
-        100.0 * trainable as f64 / (p.model.base_params + trainable) as f64
+        total_params(p.model.base_params, p.tuner.as_ref()),
+        100.0 * trainable as f64 / total_params(p.model.base_params, p.tuner.as_ref()) as f64
     ));
     progress.start(total_steps, step);
 
@@ -461,7 +461,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         steps: step,
         completed,
         trainable_params: trainable,
-        total_params: p.model.base_params + trainable,
+        total_params: total_params(p.model.base_params, p.tuner.as_ref()),
         base_weight_bytes: memory.total_bytes(),
         train_records: n,
         skipped_records: p.skipped,

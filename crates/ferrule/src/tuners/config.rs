@@ -109,3 +109,18 @@ pub fn default_list(options: &mut Map<String, Value>, key: &str, model_type: &st
         None => bail!("no default {key} for model type {model_type:?}; set {key}"),
     }
 }
+
+/// A float as JSON the way Python's `json` writes the number a user gave: `16` for an
+/// integral value (PEFT's `lora_alpha: int`), `16.5` otherwise.
+pub fn json_number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        Value::from(v as i64)
+    } else {
+        Value::from(v)
+    }
+}
+
+/// serde `serialize_with` for [`json_number`].
+pub fn serialize_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&json_number(*v), s)
+}

@@ -6,6 +6,7 @@
 //! through it while it is built, and the tuner changes the ones its config targets. The rest
 //! of ferrule reaches methods through [`registry`] and [`Tuner`] only.
 
+pub mod bias;
 pub mod config;
 pub mod ia3;
 pub mod ln_tuning;
@@ -45,6 +46,9 @@ pub enum Update {
     Add(Tensor),
     /// `W' = W ⊙ s`, `s` broadcast against `W` (IA3: `[out, 1]` rows or `[1, in]` columns).
     Scale(Tensor),
+    /// `W' = (m / ‖W + Δ‖_row) ⊙ (W + Δ)` with `magnitude: [out]`: DoRA's merge (Liu et al.
+    /// 2024, eq. 5; peft `DoraLinearVariant.merge_safe`), the norm taken over each output row.
+    RowRescaled { delta: Tensor, magnitude: Tensor },
 }
 
 /// What every method provides beyond its hook points.
@@ -60,12 +64,23 @@ pub trait Tuner: ModelHook {
     /// Trainable tensors under their PEFT on-disk keys, sorted by key.
     fn trainable(&self) -> Vec<(String, Var)>;
     fn adapted(&self) -> Vec<AdaptedModule>;
-    /// The method's part of `adapter_config.json`.
+    /// The method's part of `adapter_config.json`, as a final adapter is saved.
     fn config_json(&self) -> Result<serde_json::Value>;
+    /// The tensors of the final adapter under their PEFT keys: the trainable ones, unless the
+    /// method converts them for saving (PiSSA/OLoRA: a rank-2r LoRA for the unchanged base).
+    /// Checkpoints keep [`Tuner::trainable`] as is.
+    fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect())
+    }
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;
     /// Base tensors replaced outright by trained copies (`modules_to_save`, LN tuning).
     fn replaced(&self) -> Vec<(String, Tensor)>;
+    /// Trainable elements that are base parameters trained in place rather than copies (LoRA's
+    /// `bias = "all" | "lora_only"`): PEFT counts them once in the model total.
+    fn trained_in_place(&self) -> usize {
+        0
+    }
 }
 
 /// The key PEFT uses on disk for a tensor of module `path` (adapter name stripped):
@@ -98,4 +113,10 @@ pub(crate) fn check_finished(
 /// Elements of all trainable tensors of `tuner`.
 pub fn trainable_params(tuner: &dyn Tuner) -> usize {
     tuner.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+}
+
+/// The model's parameter count with `tuner` attached, as peft's `get_nb_trainable_parameters`
+/// reports it: the base (`base_params`) plus the adapter, base tensors trained in place once.
+pub fn total_params(base_params: usize, tuner: &dyn Tuner) -> usize {
+    base_params + trainable_params(tuner) - tuner.trained_in_place()
 }

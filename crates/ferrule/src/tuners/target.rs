@@ -135,6 +135,12 @@ impl Targets {
         !hit.is_empty() && !self.exclude.as_ref().is_some_and(|m| m.matches(path, is_output_head))
     }
 
+    /// [`Targets::select`] for a module that is not a linear layer (an embedding, a norm):
+    /// `all-linear` never selects it.
+    pub fn select_non_linear(&self, path: &str) -> bool {
+        self.select(path, true)
+    }
+
     /// What each entry matched, once the model is built.
     pub fn report(&self) -> MatchReport {
         let seen = self.seen.lock().unwrap();

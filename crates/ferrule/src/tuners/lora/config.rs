@@ -38,7 +38,7 @@ fn default_bias() -> String {
 pub struct LoraConfig {
     #[serde(default = "default_r")]
     pub r: usize,
-    #[serde(default = "default_alpha")]
+    #[serde(default = "default_alpha", serialize_with = "crate::tuners::config::serialize_number")]
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
@@ -126,22 +126,27 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("lora: lora_dropout must be in [0, 1), got {}", self.lora_dropout)
         }
-        if self.use_dora {
-            bail!("lora: use_dora (DoRA) is not supported yet")
+        if self.lora_bias && self.use_dora {
+            bail!("lora: lora_bias=true is not supported with DoRA (use_dora=true), as in peft; set one of them to false")
+        }
+        if self.lora_bias && !matches!(self.init_lora_weights, InitLoraWeights::Flag(_)) {
+            bail!("lora: lora_bias=true needs init_lora_weights true or false (peft's rule), got {:?}", self.init_lora_weights)
         }
         if self.fan_in_fan_out {
             bail!("lora: fan_in_fan_out (GPT-2 Conv1D layers) is not supported: no supported architecture uses Conv1D")
         }
-        if self.bias != "none" {
-            bail!("lora: bias={:?} is not supported yet (only \"none\")", self.bias)
-        }
-        if self.lora_bias {
-            bail!("lora: lora_bias is not supported yet")
-        }
+        crate::tuners::bias::BiasMode::parse("lora", &self.bias)?;
         match &self.init_lora_weights {
             InitLoraWeights::Flag(_) => {}
             InitLoraWeights::Named(n) if n == "gaussian" => {}
-            InitLoraWeights::Named(n) => bail!("lora: init_lora_weights={n:?} is not supported (true, false and \"gaussian\" are)"),
+            InitLoraWeights::Named(n) if super::residual_init::ResidualInit::parse(n)?.is_some() => {
+                if self.use_dora {
+                    bail!("lora: init_lora_weights={n:?} with use_dora is not supported: the DoRA magnitude would have to follow the residual base")
+                }
+            }
+            InitLoraWeights::Named(n) => {
+                bail!("lora: init_lora_weights={n:?} is not supported (true, false, \"gaussian\", \"pissa\", \"pissa_niter_<N>\" and \"olora\" are)")
+            }
         }
         for (k, v) in self.rank_pattern.iter() {
             if v.as_u64().filter(|r| *r > 0).is_none() {
