@@ -250,9 +250,17 @@ fn broken_adapters_fail_clearly() {
 fn ferrule_saved_adapters_mean_the_same_to_peft() {
     let dev = Device::Cpu;
     let case = &CASES[0];
-    for name in ["llama_ia3", "llama_ln_tuning"] {
+    let saved = [
+        ("llama_ia3", "llama"),
+        ("llama_ln_tuning", "llama"),
+        ("llama_dora", "llama"),
+        ("llama_lora_embed", "llama"),
+        ("qwen2_lora_bias_all", "qwen2"),
+        ("llama_pissa", "llama"),
+    ];
+    for (name, model) in saved {
         let dir = fixtures().join("methods/roundtrip").join(name);
-        let m = ferrule::adapted::AdaptedModel::load(fixtures().join("models/llama").to_str().unwrap(), Some(&dir), None, &dev).unwrap();
+        let m = ferrule::adapted::AdaptedModel::load(fixtures().join("models").join(model).to_str().unwrap(), Some(&dir), None, &dev).unwrap();
         let inp = inputs(case);
         let want = &load(&format!("methods/roundtrip/{name}/peft_logits.safetensors"))["logits"];
         let d = diff(case, &forward(&m.model, &inp), want, &inp);
