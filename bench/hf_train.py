@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--targets", default="query,value", help="comma-separated target module names")
     p.add_argument("--full-finetune", action="store_true", help="no LoRA: train every parameter")
-    p.add_argument("--method", default="lora", choices=["lora", "ia3", "ln-tuning"],
+    p.add_argument("--method", default="lora", choices=["lora", "dora", "ia3", "ln-tuning"],
                    help="peft method; ia3 / ln-tuning use --targets if given, else peft's defaults for the model type")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=128)
@@ -410,7 +410,8 @@ def main(argv=None):
             cfg = peft.LNTuningConfig(task_type=task_type, target_modules=targets or None)
         else:
             cfg = peft.LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha,
-                                  lora_dropout=args.lora_dropout, target_modules=targets)
+                                  lora_dropout=args.lora_dropout, target_modules=targets,
+                                  use_dora=args.method == "dora")
         model = peft.get_peft_model(model, cfg)
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

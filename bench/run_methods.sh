@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every method on workload a (MiniLM seq-cls, 32 x 128 fixed, 20 steps, 2 threads), ferrule
 # and transformers + peft alternated in the same run, REPEAT rounds (default 3). Methods: lora
-# (r 8, α 16, query,value), ia3 and ln-tuning with peft's defaults for BERT (ia3: key, value,
+# and dora (r 8, α 16, query,value; dora = lora with use_dora), ia3 and ln-tuning with peft's defaults for BERT (ia3: key, value,
 # output.dense; LN tuning: LayerNorm, given explicitly since peft has no BERT default).
 # OLD=path/to/older/ferrule adds a LoRA round of that binary (the A/B of two builds).
 # Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians).
-# Usage: bench/run_methods.sh [lora ia3 ln-tuning]; needs `cargo build --release` and
+# Usage: bench/run_methods.sh [lora dora ia3 ln-tuning]; needs `cargo build --release` and
 # scripts/reference-venv.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,21 +14,35 @@ PY=${PY:-$(scripts/reference-venv.sh)}
 OUT=bench/results/methods
 REPEAT=${REPEAT:-3}
 A=assets
-mkdir -p "$OUT"
 METHODS=("$@")
-[ ${#METHODS[@]} -gt 0 ] || METHODS=(lora ia3 ln-tuning)
-COMMON=(--task seq-cls --model $A/minilm --data $A/data/rotten_tomatoes/train.jsonl --batch-size 32 --max-len 128
-        --pad-to-max-len --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42)
+[ ${#METHODS[@]} -gt 0 ] || METHODS=(lora dora ia3 ln-tuning)
+# WORKLOAD=b: SmolLM2-135M causal LM on its f32 copy (bench/prepare_smollm2_f32.py), 8 x 256
+# fixed, LoRA/DoRA on q,k,v,o; IA3 and LN tuning with peft's llama defaults.
+WORKLOAD=${WORKLOAD:-a}
+if [ "$WORKLOAD" = b ]; then
+  OUT=bench/results/methods_b
+  TOKENS=$((8 * 256))
+  COMMON=(--task causal-lm --model $A/smollm2-f32 --data $A/data/chatterbot/train.jsonl --batch-size 8 --max-len 256
+          --pad-to-max-len --lr 2e-4 --warmup-steps 2 --weight-decay 0.0 --seed 42)
+  LORA_TARGETS=q_proj,k_proj,v_proj,o_proj
+else
+  TOKENS=$((32 * 128))
+  COMMON=(--task seq-cls --model $A/minilm --data $A/data/rotten_tomatoes/train.jsonl --batch-size 32 --max-len 128
+          --pad-to-max-len --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42)
+  LORA_TARGETS=query,value
+fi
+mkdir -p "$OUT"
 
 targets() {  # method -> target list for both tools
-  case $1 in lora) echo query,value ;; ln-tuning) echo LayerNorm ;; *) echo "" ;; esac
+  case $1 in lora|dora) echo $LORA_TARGETS ;; ln-tuning) [ "$WORKLOAD" = a ] && echo LayerNorm ;; *) echo "" ;; esac
 }
 
 ferrule_run() {  # binary method round
   local bin=$1 m=$2 i=$3 tag=$4 dir; dir=$(mktemp -d)
   local t; t=$(targets "$m")
   local extra=(--method "$m"); [ -n "$t" ] && extra+=(--target-modules "$t")
-  [ "$m" = lora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules query,value)
+  [ "$m" = lora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS)
+  [ "$m" = dora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS --use-dora)
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
     "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps 20 "${extra[@]}" > "$dir/summary.json"
   python3 - "$dir" "$OUT/${tag}_${m}_$i.json" <<'PY'
@@ -56,9 +70,9 @@ for i in $(seq 1 "$REPEAT"); do
   done
 done
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$TOKENS" <<'PY'
 import json, sys, glob, os, statistics as st
-out = sys.argv[1]; rows = {}
+out = sys.argv[1]; tokens = int(sys.argv[2]); rows = {}
 for f in sorted(glob.glob(os.path.join(out, "*_*.json"))):
     name = os.path.basename(f)[:-5]
     if name == "summary": continue
@@ -67,7 +81,7 @@ for f in sorted(glob.glob(os.path.join(out, "*_*.json"))):
 summary = {}
 for (tool, method), rs in sorted(rows.items()):
     summary[f"{tool}/{method}"] = {"runs": len(rs), "median_step_s": st.median(r["median_step_s"] for r in rs),
-        "tokens_per_s": 32 * 128 / st.median(r["median_step_s"] for r in rs),
+        "tokens_per_s": tokens / st.median(r["median_step_s"] for r in rs),
         "peak_rss_gb": st.median(r["peak_rss_bytes"] for r in rs) / 1e9,
         "trainable_params": rs[0].get("trainable_params") or rs[0].get("model", {}).get("params_trainable")}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind, MASKED};
 use ferrule::ops::dora::{dora_linear, dora_linear_reference, row_sq_norms, weight_norm};
-use ferrule::ops::frozen_mlp::{gelu_mlp, swiglu_mlp};
+use ferrule::ops::frozen_mlp::{gelu_mlp, gelu_mlp_scaled, swiglu_mlp, swiglu_mlp_scaled};
 use ferrule::ops::gelu::gelu;
 use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
 use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
@@ -381,6 +381,20 @@ fn frozen_mlp_matches_composite() {
             |t| down.forward(&swiglu_reference(&gate.forward(&t[0])?, &up.forward(&t[0])?)?),
         );
         check(&format!("gelu MLP case {k}"), &[&x], |t| gelu_mlp(&t[0], &up, &down), |t| down.forward(&gelu(&up.forward(&t[0])?)?));
+        // IA3 on the down projection: its input scaled by a trainable l: [1, intermediate].
+        let l = var(&[1, inter], s + 8, 1.0);
+        check(
+            &format!("swiglu MLP case {k}, down input scaled"),
+            &[&x, &l],
+            |t| swiglu_mlp_scaled(&t[0], &gate, &up, &down, Some(&t[1])),
+            |t| down.forward(&swiglu_reference(&gate.forward(&t[0])?, &up.forward(&t[0])?)?.broadcast_mul(&t[1])?),
+        );
+        check(
+            &format!("gelu MLP case {k}, down input scaled"),
+            &[&x, &l],
+            |t| gelu_mlp_scaled(&t[0], &up, &down, Some(&t[1])),
+            |t| down.forward(&gelu(&up.forward(&t[0])?)?.broadcast_mul(&t[1])?),
+        );
     }
 }
 

@@ -6,10 +6,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::BertConfig;
+use super::hooks::fusable_down;
 use super::weights::Weights;
 use super::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::attention::{attention, build_mask, MaskKind};
-use crate::ops::frozen_mlp::gelu_mlp;
+use crate::ops::frozen_mlp::gelu_mlp_scaled;
 use crate::ops::gelu::gelu;
 use crate::ops::norm::{add_layer_norm, layer_norm};
 use crate::ops::{FrozenLinear, FrozenWeight};
@@ -166,8 +167,8 @@ impl Bert {
             let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
             let att = layer.attn_out.forward(&att)?;
             x = add_layer_norm(&att, &x, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
-            let out = match (layer.intermediate.as_frozen(), layer.output.as_frozen()) {
-                (Some(up), Some(down)) => gelu_mlp(&x, up, down)?,
+            let out = match (layer.intermediate.as_frozen(), fusable_down(layer.output.as_ref())) {
+                (Some(up), Some((down, scale))) => gelu_mlp_scaled(&x, up, down, scale)?,
                 _ => layer.output.forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
             };
             x = add_layer_norm(&out, &x, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;

@@ -31,6 +31,18 @@ pub trait Linear: Send + Sync {
     fn as_frozen(&self) -> Option<&FrozenLinear> {
         None
     }
+
+    /// The layer when it is a frozen linear applied to its input scaled by a vector
+    /// `s: [in]` (`y = W(s ⊙ x) + b`; IA3 on a feed-forward module), so that an MLP can fuse
+    /// it as its down projection (`ops::frozen_mlp`).
+    fn as_input_scaled(&self) -> Option<(&FrozenLinear, &Tensor)> {
+        None
+    }
+}
+
+/// A down projection an MLP can fuse: a frozen linear, with the input scale it applies if any.
+pub fn fusable_down(layer: &dyn Linear) -> Option<(&FrozenLinear, Option<&Tensor>)> {
+    layer.as_frozen().map(|f| (f, None)).or_else(|| layer.as_input_scaled().map(|(f, s)| (f, Some(s))))
 }
 
 impl Linear for FrozenLinear {

@@ -7,10 +7,11 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
+use super::hooks::fusable_down;
 use super::weights::Weights;
 use super::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::attention::{attention, build_mask, MaskKind};
-use crate::ops::frozen_mlp::swiglu_mlp;
+use crate::ops::frozen_mlp::swiglu_mlp_scaled;
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
 use crate::ops::rope::Rope;
@@ -239,10 +240,11 @@ fn layer_forward(
     Ok((x + mlp_forward(&layer.mlp, &hs)?)?)
 }
 
-/// `down(silu(gate(x)) ⊙ up(x))`; one fused op when no method wraps any of the three.
+/// `down(silu(gate(x)) ⊙ up(x))`; one fused op when no method wraps any of the three (or one
+/// only scales the down projection's input).
 fn mlp_forward(m: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
-    if let (Some(gate), Some(up), Some(down)) = (m.gate_proj.as_frozen(), m.up_proj.as_frozen(), m.down_proj.as_frozen()) {
-        return swiglu_mlp(x, gate, up, down);
+    if let (Some(gate), Some(up), Some((down, scale))) = (m.gate_proj.as_frozen(), m.up_proj.as_frozen(), fusable_down(m.down_proj.as_ref())) {
+        return swiglu_mlp_scaled(x, gate, up, down, scale);
     }
     m.down_proj.forward(&swiglu(&m.gate_proj.forward(x)?, &m.up_proj.forward(x)?)?)
 }

@@ -13,10 +13,15 @@
 //! `dX = d_gate·W_gate + d_up·W_up` summed inside the GEMMs: no `exp` or `erf` again.
 //!
 //! Quantized weights go through the same tiled kernels as the frozen-linear op.
+//!
+//! The down projection may read its input scaled by a trainable vector `l: [intermediate]`
+//! (IA3 on a feed-forward module, Liu et al. 2022: `down(l ⊙ act)`). The op then takes `l` as
+//! a second input, also keeps `act`, and returns `dl = Σ_tokens act ⊙ (dY·W_down)`; the rest of
+//! the backward runs on `d ⊙ l`.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::frozen_linear::{add_bias, add_input_grad, add_product};
@@ -30,26 +35,55 @@ const CHUNK: usize = 16 * 1024;
 
 /// `down(silu(gate(x)) ⊙ up(x))`: fused on the CPU in f32, composite elsewhere.
 pub fn swiglu_mlp(x: &Tensor, gate: &FrozenLinear, up: &FrozenLinear, down: &FrozenLinear) -> Result<Tensor> {
-    if gate.fused_ok(x) && up.fused_ok(x) && down.fused_ok(x) && gate.out_features() == up.out_features() {
-        return apply(x, Activation::SwiGlu { gate: gate.clone() }, up, down);
-    }
-    down.forward(&swiglu(&gate.forward(x)?, &up.forward(x)?)?)
+    swiglu_mlp_scaled(x, gate, up, down, None)
 }
 
 /// `down(gelu(up(x)))` with the erf GELU: fused on the CPU in f32, composite elsewhere.
 pub fn gelu_mlp(x: &Tensor, up: &FrozenLinear, down: &FrozenLinear) -> Result<Tensor> {
-    if up.fused_ok(x) && down.fused_ok(x) {
-        return apply(x, Activation::Gelu, up, down);
-    }
-    down.forward(&gelu(&up.forward(x)?)?)
+    gelu_mlp_scaled(x, up, down, None)
 }
 
-fn apply(x: &Tensor, activation: Activation, up: &FrozenLinear, down: &FrozenLinear) -> Result<Tensor> {
+/// [`swiglu_mlp`] with the down projection's input scaled by `down_scale: [intermediate]`
+/// (`down(l ⊙ act)`, IA3 on `down_proj`).
+pub fn swiglu_mlp_scaled(x: &Tensor, gate: &FrozenLinear, up: &FrozenLinear, down: &FrozenLinear, down_scale: Option<&Tensor>) -> Result<Tensor> {
+    if gate.fused_ok(x) && up.fused_ok(x) && down.fused_ok(x) && gate.out_features() == up.out_features() && down_scale.is_none_or(kernels::fused_ok) {
+        return apply(x, Activation::SwiGlu { gate: gate.clone() }, up, down, down_scale);
+    }
+    down.forward(&scaled(swiglu(&gate.forward(x)?, &up.forward(x)?)?, down_scale)?)
+}
+
+/// [`gelu_mlp`] with the down projection's input scaled by `down_scale: [intermediate]`
+/// (IA3 on BERT's `output.dense`).
+pub fn gelu_mlp_scaled(x: &Tensor, up: &FrozenLinear, down: &FrozenLinear, down_scale: Option<&Tensor>) -> Result<Tensor> {
+    if up.fused_ok(x) && down.fused_ok(x) && down_scale.is_none_or(kernels::fused_ok) {
+        return apply(x, Activation::Gelu, up, down, down_scale);
+    }
+    down.forward(&scaled(gelu(&up.forward(x)?)?, down_scale)?)
+}
+
+fn scaled(act: Tensor, down_scale: Option<&Tensor>) -> Result<Tensor> {
+    match down_scale {
+        Some(l) => act.broadcast_mul(&l.flatten_all()?),
+        None => Ok(act),
+    }
+}
+
+fn apply(x: &Tensor, activation: Activation, up: &FrozenLinear, down: &FrozenLinear, down_scale: Option<&Tensor>) -> Result<Tensor> {
     if down.in_features() != up.out_features() {
         candle_core::bail!("frozen MLP: up projection gives {} features, down projection takes {}", up.out_features(), down.in_features())
     }
-    let op = FrozenMlp { activation, up: up.clone(), down: down.clone(), keep: x.track_op(), saved: Mutex::new(None) };
-    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
+    let keep = x.track_op() || down_scale.is_some_and(|l| l.track_op());
+    let op = FrozenMlp { activation, up: up.clone(), down: down.clone(), keep, saved: Mutex::new(None), act: Mutex::new(None) };
+    let x = x.contiguous()?;
+    match down_scale {
+        None => x.apply_op1_arc(Arc::new(Box::new(op))),
+        Some(l) => {
+            if l.elem_count() != up.out_features() {
+                candle_core::bail!("frozen MLP: down-input scale has {} values, the MLP has {} features", l.elem_count(), up.out_features())
+            }
+            x.apply_op2_arc(&l.flatten_all()?.contiguous()?, Arc::new(Box::new(op)))
+        }
+    }
 }
 
 enum Activation {
@@ -67,6 +101,8 @@ struct FrozenMlp {
     /// The activation's partial derivatives at the forward's pre-activations: `[gelu′(h)]`,
     /// or `[∂act/∂gate, ∂act/∂up]` for SwiGLU.
     saved: Mutex<Option<Vec<Vec<f32>>>>,
+    /// With a down-input scale: the activation before scaling, for `dl`.
+    act: Mutex<Option<Vec<f32>>>,
 }
 
 multiversion! {
@@ -138,21 +174,23 @@ fn activate(pre: &mut [Vec<f32>]) -> Vec<f32> {
     act
 }
 
-impl CustomOp1 for FrozenMlp {
-    fn name(&self) -> &'static str {
-        "frozen-mlp"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl FrozenMlp {
+    /// `y` for contiguous `x: [.., in]`, the down input scaled by `l` when given.
+    fn forward(&self, x: &[f32], layout: &Layout, l: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
         let k = dims.last().copied().unwrap_or(0);
         if k != self.up.in_features() {
             candle_core::bail!("frozen MLP: input has {k} features, the up projection expects {}", self.up.in_features())
         }
         let m = layout.shape().elem_count() / k.max(1);
-        let x = kernels::contiguous_f32(storage, layout, self.name())?;
         let mut slopes = self.pre_activations(x, m)?;
-        let act = activate(&mut slopes);
+        let mut act = activate(&mut slopes);
+        if let Some(l) = l {
+            if self.keep {
+                *self.act.lock().unwrap() = Some(act.clone());
+            }
+            act.par_chunks_mut(l.len()).for_each(|row| scale(row, l));
+        }
         let out_f = self.down.out_features();
         let mut y = vec![0f32; m * out_f];
         add_product(self.down.weight(), &act, m, &mut y)?;
@@ -165,22 +203,34 @@ impl CustomOp1 for FrozenMlp {
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    /// `(dx, dl)`: `dl` only with a down-input scale `l`.
+    fn backward(&self, arg: &Tensor, l: Option<&Tensor>, grad_res: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let in_f = self.up.in_features();
+        let inter = self.up.out_features();
         let m = arg.elem_count() / in_f.max(1);
-        let saved = self.saved.lock().unwrap().take();
-        let mut slopes = match saved {
-            Some(s) => s,
+        let (saved, act) = (self.saved.lock().unwrap().take(), self.act.lock().unwrap().take());
+        let (mut slopes, act) = match saved {
+            Some(s) if l.is_none() || act.is_some() => (s, act),
             // Taken by an earlier backward over the same graph: recompute.
-            None => {
-                let mut s = kernels::with_f32(&arg.contiguous()?, self.name(), |x| self.pre_activations(x, m))?;
-                activate(&mut s);
-                s
+            _ => {
+                let mut s = kernels::with_f32(&arg.contiguous()?, "frozen-mlp", |x| self.pre_activations(x, m))?;
+                let act = activate(&mut s);
+                (s, Some(act))
             }
         };
         let dy = grad_res.contiguous()?;
-        let mut d = vec![0f32; m * self.up.out_features()];
-        kernels::with_f32(&dy, self.name(), |dy| add_input_grad(self.down.weight(), dy, m, &mut d))?;
+        let mut d = vec![0f32; m * inter];
+        kernels::with_f32(&dy, "frozen-mlp", |dy| add_input_grad(self.down.weight(), dy, m, &mut d))?;
+        let dl = match l {
+            None => None,
+            Some(l) => {
+                let act = act.expect("activation kept or recomputed with a scale");
+                let lv: Vec<f32> = l.to_vec1()?;
+                let dl = column_dot(&act, &d, inter);
+                d.par_chunks_mut(inter).for_each(|row| scale(row, &lv));
+                Some(Tensor::from_vec(dl, l.shape(), l.device())?)
+            }
+        };
         let mut dx = vec![0f32; m * in_f];
         match (&self.activation, slopes.as_mut_slice()) {
             (Activation::SwiGlu { gate }, [dg, du]) => {
@@ -194,6 +244,56 @@ impl CustomOp1 for FrozenMlp {
             }
             _ => unreachable!("kept derivatives match the activation"),
         }
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        Ok((Tensor::from_vec(dx, arg.shape(), arg.device())?, dl))
+    }
+}
+
+/// `Σ_t a_ti b_ti` per column `i` of two row-major `[rows, cols]` matrices.
+fn column_dot(a: &[f32], b: &[f32], cols: usize) -> Vec<f32> {
+    a.par_chunks(cols * 64)
+        .zip(b.par_chunks(cols * 64))
+        .map(|(a, b)| {
+            let mut acc = vec![0f32; cols];
+            for (a, b) in a.chunks(cols).zip(b.chunks(cols)) {
+                acc.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut s, t| {
+                s.iter_mut().zip(t).for_each(|(s, t)| *s += t);
+                s
+            },
+        )
+}
+
+impl CustomOp1 for FrozenMlp {
+    fn name(&self) -> &'static str {
+        "frozen-mlp"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward(kernels::contiguous_f32(storage, layout, "frozen-mlp")?, layout, None)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(arg, None, grad_res)?.0))
+    }
+}
+
+impl CustomOp2 for FrozenMlp {
+    fn name(&self) -> &'static str {
+        "frozen-mlp-scaled"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let l = kernels::contiguous_f32(s2, l2, "frozen-mlp-scaled")?;
+        self.forward(kernels::contiguous_f32(s1, l1, "frozen-mlp-scaled")?, l1, Some(l))
+    }
+
+    fn bwd(&self, arg: &Tensor, l: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dl) = self.backward(arg, Some(l), grad_res)?;
+        Ok((arg.track_op().then_some(dx), dl))
     }
 }

@@ -22,6 +22,10 @@ impl Ia3Linear {
 }
 
 impl Linear for Ia3Linear {
+    fn as_input_scaled(&self) -> Option<(&FrozenLinear, &Tensor)> {
+        self.is_feedforward.then(|| (&self.base, self.l.as_tensor()))
+    }
+
     /// `x: [.., in]` → `[.., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let l = self.l.as_tensor().flatten_all()?;
