@@ -12,6 +12,7 @@ use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy
 use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
 use ferrule::ops::norm::{add_layer_norm, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
 use ferrule::ops::rope::{Rope, RopeScaling};
+use ferrule::ops::scaled_linear::{scaled_linear, scaled_linear_reference};
 use ferrule::ops::swiglu::{swiglu, swiglu_reference};
 use ferrule::ops::{FrozenLinear, FrozenWeight};
 use ferrule::quant::{Blockwise4, Code4};
@@ -141,13 +142,29 @@ fn residual_layer_norm_matches_composite() {
 }
 
 #[test]
-fn trainable_norm_weight_still_gets_its_gradient() {
-    // A weight that is itself a variable takes the composite path, so it is not silently frozen.
-    let w = var(&[9], 5, 1.0);
-    let x = var(&[4, 9], 6, 1.0);
-    let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
-    let g = y.sum_all().unwrap().backward().unwrap();
-    assert!(g.get(w.as_tensor()).is_some());
+fn trained_norm_weights_and_biases_get_the_composite_gradients() {
+    // LN tuning / bias="all": the weight and bias are variables; the fused normalisation plus an
+    // affine part must give the composite's gradients for x, w and b.
+    for (k, shape) in [vec![2, 7, 13], vec![4, 384]].into_iter().enumerate() {
+        let d = *shape.last().unwrap();
+        let w = Var::from_tensor(&(randn(&[d], 90 + k as u64, 0.3) + 1.0).unwrap()).unwrap();
+        let b = var(&[d], 95 + k as u64, 0.5);
+        let x = Var::from_tensor(&(randn(&shape, 100 + k as u64, 2.0) + 3.0).unwrap()).unwrap();
+        let sub = var(&shape, 105 + k as u64, 1.0);
+        check(&format!("rms_norm, trained weight {shape:?}"), &[&x, &w], |i| rms_norm(&i[0], &i[1], 1e-6), |i| rms_norm_reference(&i[0], &i[1], 1e-6));
+        check(
+            &format!("layer_norm, trained weight and bias {shape:?}"),
+            &[&x, &w, &b],
+            |i| layer_norm(&i[0], &i[1], &i[2], 1e-12),
+            |i| layer_norm_reference(&i[0], &i[1], &i[2], 1e-12),
+        );
+        check(
+            &format!("add_layer_norm, trained weight and bias {shape:?}"),
+            &[&sub, &x, &w, &b],
+            |i| add_layer_norm(&i[0], &i[1], &i[2], &i[3], 1e-12),
+            |i| layer_norm_reference(&(&i[0] + &i[1])?, &i[2], &i[3], 1e-12),
+        );
+    }
 }
 
 #[test]
@@ -346,6 +363,27 @@ fn dora_linear_matches_composite() {
             |t| dora_linear(&t[0], Some(&mask), &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
             |t| dora_linear_reference(&t[0], Some(&mask), &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
         );
+    }
+}
+
+#[test]
+fn scaled_linear_matches_composite() {
+    // (leading dims, in, out, bias, quantized), both sides of the scale.
+    let cases = [(vec![2, 7], 24, 40, true, false), (vec![9], 64, 16, false, true), (vec![3, 5], 96, 72, true, true)];
+    for (k, (lead, i, o, bias, quantized)) in cases.into_iter().enumerate() {
+        let base = frozen(o, i, 400 + k as u64, bias, quantized);
+        let mut shape = lead.clone();
+        shape.push(i);
+        let x = var(&shape, 410 + k as u64, 1.0);
+        for (input_side, n) in [(false, o), (true, i)] {
+            let l = var(&[n, 1], 420 + k as u64, 1.0);
+            check(
+                &format!("scaled linear case {k}, input side {input_side}"),
+                &[&x, &l],
+                |t| scaled_linear(&t[0], &base, &t[1], input_side),
+                |t| scaled_linear_reference(&t[0], &base, &t[1], input_side),
+            );
+        }
     }
 }
 

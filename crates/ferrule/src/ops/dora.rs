@@ -211,7 +211,7 @@ impl CustomOp3 for DoraLinear {
         let (dz, dm) = kernels::with_f32s([&dy, &res.contiguous()?], self.name(), |[dy, y]| {
             let dz: Vec<f32> = dy.par_chunks(out_f).flat_map_iter(|dy| dy.iter().zip(&c).map(|(dy, c)| dy * c).collect::<Vec<_>>()).collect();
             let dm = match &stashed {
-                Some(z) => column_dot(dy, z, out_f).into_iter().zip(&self.norm).map(|(d, n)| d / n).collect(),
+                Some(z) => kernels::column_dot(dy, z, out_f).into_iter().zip(&self.norm).map(|(d, n)| d / n).collect(),
                 None => {
                     if let Some(i) = m.iter().position(|v| *v == 0.0 || !v.is_finite()) {
                         candle_core::bail!("dora-linear: magnitude of output row {i} is {}; DoRA needs a finite, non-zero magnitude", m[i])
@@ -221,7 +221,7 @@ impl CustomOp3 for DoraLinear {
                         Some(b) => y.par_chunks(out_f).flat_map_iter(|y| y.iter().zip(b).map(|(y, b)| y - b).collect::<Vec<_>>()).collect(),
                         None => y.to_vec(),
                     };
-                    column_dot(dy, &centered, out_f).into_iter().zip(&m).map(|(d, m)| d / m).collect()
+                    kernels::column_dot(dy, &centered, out_f).into_iter().zip(&m).map(|(d, m)| d / m).collect()
                 }
             };
             Ok((dz, dm))
@@ -262,24 +262,4 @@ impl DoraLinear {
         })?;
         Tensor::from_vec(dx, du.shape(), du.device())
     }
-}
-
-/// `Σ_t a_ti b_ti` per column `i` of two row-major `[rows, cols]` matrices, over row blocks in parallel.
-fn column_dot(a: &[f32], b: &[f32], cols: usize) -> Vec<f32> {
-    a.par_chunks(cols * 64)
-        .zip(b.par_chunks(cols * 64))
-        .map(|(a, b)| {
-            let mut acc = vec![0f32; cols];
-            for (a, b) in a.chunks(cols).zip(b.chunks(cols)) {
-                acc.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
-            }
-            acc
-        })
-        .reduce(
-            || vec![0f32; cols],
-            |mut s, t| {
-                s.iter_mut().zip(t).for_each(|(s, t)| *s += t);
-                s
-            },
-        )
 }

@@ -226,7 +226,7 @@ impl FrozenMlp {
             Some(l) => {
                 let act = act.expect("activation kept or recomputed with a scale");
                 let lv: Vec<f32> = l.to_vec1()?;
-                let dl = column_dot(&act, &d, inter);
+                let dl = kernels::column_dot(&act, &d, inter);
                 d.par_chunks_mut(inter).for_each(|row| scale(row, &lv));
                 Some(Tensor::from_vec(dl, l.shape(), l.device())?)
             }
@@ -246,26 +246,6 @@ impl FrozenMlp {
         }
         Ok((Tensor::from_vec(dx, arg.shape(), arg.device())?, dl))
     }
-}
-
-/// `Σ_t a_ti b_ti` per column `i` of two row-major `[rows, cols]` matrices.
-fn column_dot(a: &[f32], b: &[f32], cols: usize) -> Vec<f32> {
-    a.par_chunks(cols * 64)
-        .zip(b.par_chunks(cols * 64))
-        .map(|(a, b)| {
-            let mut acc = vec![0f32; cols];
-            for (a, b) in a.chunks(cols).zip(b.chunks(cols)) {
-                acc.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
-            }
-            acc
-        })
-        .reduce(
-            || vec![0f32; cols],
-            |mut s, t| {
-                s.iter_mut().zip(t).for_each(|(s, t)| *s += t);
-                s
-            },
-        )
 }
 
 impl CustomOp1 for FrozenMlp {

@@ -341,6 +341,28 @@ pub(crate) fn fused_ok(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
+/// `Σ_t a_ti b_ti` per column `i` of two row-major `[rows, cols]` matrices, over blocks of rows
+/// in parallel (a scale vector's gradient: DoRA's magnitude, IA3's `l`).
+pub(crate) fn column_dot(a: &[f32], b: &[f32], cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    a.par_chunks(cols.max(1) * 64)
+        .zip(b.par_chunks(cols.max(1) * 64))
+        .map(|(a, b)| {
+            let mut acc = vec![0f32; cols];
+            for (a, b) in a.chunks(cols.max(1)).zip(b.chunks(cols.max(1))) {
+                acc.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut s, t| {
+                s.iter_mut().zip(t).for_each(|(s, t)| *s += t);
+                s
+            },
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

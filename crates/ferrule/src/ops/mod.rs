@@ -19,6 +19,7 @@ pub mod low_rank;
 pub mod norm;
 pub mod recompute;
 pub mod rope;
+pub mod scaled_linear;
 pub mod swiglu;
 
 pub use frozen_linear::{FrozenLinear, FrozenWeight};

@@ -3,8 +3,10 @@
 //!
 //! On the CPU in f32 they run as fused custom ops whose backward returns only `dx`: the norm
 //! weight and bias are frozen, captured in the op, and get no gradient (candle would otherwise
-//! store an activation-sized gradient for each broadcast constant). Elsewhere, or when the
-//! weight itself is trained, the composite versions (`*_reference`) run.
+//! store an activation-sized gradient for each broadcast constant). When the weight or bias is
+//! trained (LN tuning, LoRA `bias = "all"`), the fused op normalises with a unit weight and zero
+//! bias and the affine part `x̂ ⊙ w + b` runs as two differentiable element-wise ops, which give
+//! `dw = Σ g ⊙ x̂` and `db = Σ g`. Elsewhere the composite versions (`*_reference`) run.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -14,7 +16,10 @@ use super::kernels::{self, multiversion};
 /// computed in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    if kernels::fused_ok(x) && d > 0 && !weight.track_op() && weight.dims() == [d] {
+    if kernels::fused_ok(x) && d > 0 && weight.dims() == [d] {
+        if weight.track_op() {
+            return rms_norm(x, &Tensor::ones(d, DType::F32, x.device())?, eps)?.broadcast_mul(weight);
+        }
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(RmsNormOp { weight, eps: eps as f32 })));
     }
@@ -34,6 +39,10 @@ pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 /// LayerNorm (Ba et al. 2016): `(x − mean) / sqrt(var + eps) · w + b`, biased variance as torch.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
+    if kernels::fused_ok(x) && d > 0 && (weight.track_op() || bias.track_op()) && weight.dims() == [d] && bias.dims() == [d] {
+        let (ones, zeros) = unit_affine(d, x.device())?;
+        return layer_norm(x, &ones, &zeros, eps)?.broadcast_mul(weight)?.broadcast_add(bias);
+    }
     if kernels::fused_ok(x) && d > 0 && !weight.track_op() && !bias.track_op() && weight.dims() == [d] && bias.dims() == [d] {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
@@ -47,6 +56,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// graph (whose backward would zero-fill and add a buffer for the sum); elsewhere composite.
 pub fn add_layer_norm(a: &Tensor, b: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = a.dim(D::Minus1)?;
+    let fusable = kernels::fused_ok(a) && kernels::fused_ok(b) && a.dims() == b.dims() && d > 0 && weight.dims() == [d] && bias.dims() == [d];
+    if fusable && (weight.track_op() || bias.track_op()) {
+        let (ones, zeros) = unit_affine(d, a.device())?;
+        return add_layer_norm(a, b, &ones, &zeros, eps)?.broadcast_mul(weight)?.broadcast_add(bias);
+    }
     if kernels::fused_ok(a)
         && kernels::fused_ok(b)
         && a.dims() == b.dims()
@@ -61,6 +75,11 @@ pub fn add_layer_norm(a: &Tensor, b: &Tensor, weight: &Tensor, bias: &Tensor, ep
         return a.contiguous()?.apply_op2_arc(&b.contiguous()?, std::sync::Arc::new(Box::new(AddLayerNormOp(LayerNormOp { weight, bias, eps: eps as f32 }))));
     }
     layer_norm(&(a + b)?, weight, bias, eps)
+}
+
+/// A unit weight and a zero bias `[d]`: the fused ops' constants when the affine part trains.
+fn unit_affine(d: usize, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    Ok((Tensor::ones(d, DType::F32, device)?, Tensor::zeros(d, DType::F32, device)?))
 }
 
 /// Composite LayerNorm from differentiable primitives (fallback and test reference).

@@ -5,6 +5,7 @@
 use candle_core::{Result, Tensor, Var};
 
 use crate::model::Linear;
+use crate::ops::scaled_linear::scaled_linear;
 use crate::ops::FrozenLinear;
 
 /// A frozen linear with a trainable scaling vector.
@@ -28,11 +29,6 @@ impl Linear for Ia3Linear {
 
     /// `x: [.., in]` → `[.., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let l = self.l.as_tensor().flatten_all()?;
-        if self.is_feedforward {
-            self.base.forward(&x.broadcast_mul(&l)?)
-        } else {
-            self.base.forward(x)?.broadcast_mul(&l)
-        }
+        scaled_linear(x, &self.base, self.l.as_tensor(), self.is_feedforward)
     }
 }
