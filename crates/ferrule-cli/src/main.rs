@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune an adapter (LoRA, IA3, LN tuning: --method) on a JSONL dataset.
+    /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
     /// Loss / perplexity (and accuracy for classification) on a JSONL dataset.
     Eval(commands::eval::Args),
@@ -34,7 +34,7 @@ enum Command {
     /// and write it in the bitsandbytes layout that transformers loads.
     Quantize(commands::quantize::Args),
     /// Show a model's architecture and parameters, and what an adapter config would train.
-    Inspect(commands::inspect::Args),
+    Inspect(Box<commands::inspect::Args>),
     /// Write f32 logits for given input tensors (for parity checks).
     Logits(commands::logits::Args),
 }
@@ -64,7 +64,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Merge(a) => commands::merge::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
-        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Inspect(a) => commands::inspect::run(*a),
         Command::Logits(a) => commands::logits::run(a),
     };
     if let Err(e) = result {

@@ -39,7 +39,9 @@ pub fn generate(model: &DecoderLm, prompt: &[u32], opts: &SamplingOptions, mut o
     let mut next_input = prompt.to_vec();
     let max_ctx = model.config.max_position_embeddings;
     for _ in 0..opts.max_new_tokens {
-        if cache.len() + next_input.len() > max_ctx {
+        // The first pass also holds the positions a method adds (virtual tokens, a prefix).
+        let held = if cache.is_empty() { model.added_positions() } else { cache.len() };
+        if held + next_input.len() > max_ctx {
             break;
         }
         let ids = Tensor::new(next_input.as_slice(), &device)?.unsqueeze(0)?;

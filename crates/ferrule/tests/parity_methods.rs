@@ -257,6 +257,8 @@ fn ferrule_saved_adapters_mean_the_same_to_peft() {
         ("llama_lora_embed", "llama"),
         ("qwen2_lora_bias_all", "qwen2"),
         ("llama_pissa", "llama"),
+        ("llama_prompt_tuning", "llama"),
+        ("llama_prefix_tuning_proj", "llama"),
     ];
     for (name, model) in saved {
         let dir = fixtures().join("methods/roundtrip").join(name);

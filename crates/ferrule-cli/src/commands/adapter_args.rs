@@ -8,7 +8,8 @@ use serde_json::Value;
 
 #[derive(clap::Args, Default)]
 pub struct AdapterArgs {
-    /// Adaptation method: lora (default), ia3 or ln-tuning (or its PEFT type, e.g. LN_TUNING).
+    /// Adaptation method: lora (default), ia3, ln-tuning, prompt-tuning or prefix-tuning (or its PEFT
+    /// type, e.g. LN_TUNING).
     #[arg(long)]
     pub method: Option<String>,
     /// Any option of the method by its PEFT key, VALUE as JSON or a plain string
@@ -55,6 +56,19 @@ pub struct AdapterArgs {
     /// the base into the adapter; the saved adapter is converted to plain LoRA of rank 2r).
     #[arg(long)]
     pub init_lora_weights: Option<String>,
+    /// Prompt / prefix tuning: virtual tokens (prefix positions) to train.
+    #[arg(long)]
+    pub num_virtual_tokens: Option<usize>,
+    /// Prompt tuning: RANDOM (default), SAMPLE_VOCAB or TEXT.
+    #[arg(long, value_name = "RANDOM|SAMPLE_VOCAB|TEXT")]
+    pub prompt_tuning_init: Option<String>,
+    /// Prompt tuning: the text whose token embeddings start the prompt (implies TEXT; tokenized with
+    /// the model's own tokenizer unless tokenizer_name_or_path is set).
+    #[arg(long)]
+    pub prompt_tuning_init_text: Option<String>,
+    /// Prefix tuning: train the prefix through an MLP of this hidden width (prefix_projection).
+    #[arg(long, value_name = "WIDTH")]
+    pub prefix_projection: Option<usize>,
 }
 
 fn names(s: &str) -> Vec<String> {
@@ -122,6 +136,10 @@ impl AdapterArgs {
             || self.bias.is_some()
             || self.lora_bias
             || self.init_lora_weights.is_some()
+            || self.num_virtual_tokens.is_some()
+            || self.prompt_tuning_init.is_some()
+            || self.prompt_tuning_init_text.is_some()
+            || self.prefix_projection.is_some()
     }
 
     /// The adapter of `c` (a config file's, or the default) with these flags applied.
@@ -155,8 +173,23 @@ impl AdapterArgs {
                 other => Value::from(other),
             }),
         );
+        push("--num-virtual-tokens", "num_virtual_tokens", a.num_virtual_tokens.map(Value::from));
+        push("--prompt-tuning-init", "prompt_tuning_init", a.prompt_tuning_init.as_deref().map(|i| Value::from(i.to_ascii_uppercase())));
+        push("--prompt-tuning-init-text", "prompt_tuning_init_text", a.prompt_tuning_init_text.clone().map(Value::from));
+        if a.prompt_tuning_init_text.is_some() && a.prompt_tuning_init.is_none() {
+            push("--prompt-tuning-init-text", "prompt_tuning_init", Some(Value::from("TEXT")));
+        }
+        push("--prefix-projection", "prefix_projection", a.prefix_projection.map(|_| Value::Bool(true)));
+        push("--prefix-projection", "encoder_hidden_size", a.prefix_projection.map(Value::from));
         for (flag, key, v) in flags {
             set_option(&mut ad, flag, key, v)?;
+        }
+        // TEXT init reads a tokenizer (peft requires tokenizer_name_or_path): the model's own,
+        // written into the adapter config, unless the config names one.
+        let text_init = ad.options.get("prompt_tuning_init").and_then(Value::as_str) == Some("TEXT");
+        if text_init && ad.options.get("tokenizer_name_or_path").is_none_or(Value::is_null) {
+            tracing::info!("prompt_tuning_init_text is tokenized with the model's tokenizer (tokenizer_name_or_path = {:?})", c.model);
+            ad.options.insert("tokenizer_name_or_path".into(), Value::from(c.model.clone()));
         }
         for o in &a.peft_option {
             let (k, v) = parse_option(o)?;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::config::BertConfig;
 use super::hooks::fusable_down;
 use super::weights::Weights;
-use super::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
+use super::{Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams, VirtualTokens};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp_scaled;
 use crate::ops::gelu::gelu;
@@ -45,6 +45,8 @@ pub struct Bert {
     pub task: BertTask,
     /// `[vocab, hidden]`, through the embedding hook point.
     word_embeddings: Box<dyn Embedding>,
+    /// Virtual tokens before the input (prompt tuning), from the input hook point.
+    virtual_tokens: Option<Box<dyn VirtualTokens>>,
     position_embeddings: Tensor,
     token_type_embeddings: Tensor,
     embed_norm: Norm,
@@ -120,11 +122,21 @@ impl Bert {
                 Some(hook.linear(&LinearInfo { path: "classifier".into(), is_output_head: true }, FrozenLinear::new(weight, Some(bias))?)?)
             }
         };
+        let word_path = format!("{prefix}embeddings.word_embeddings");
+        let word_embeddings = hook.embedding(
+            &EmbeddingInfo { path: word_path.clone(), padding_idx: Some(c.pad_token_id) },
+            FrozenWeight::Dense(get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?),
+        )?;
+        let virtual_tokens = hook.virtual_tokens(&InputInfo {
+            path: word_path,
+            hidden_size: h,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            word_embeddings: word_embeddings.as_ref(),
+        })?;
         Ok(Self {
-            word_embeddings: hook.embedding(
-                &EmbeddingInfo { path: format!("{prefix}embeddings.word_embeddings"), padding_idx: Some(c.pad_token_id) },
-                FrozenWeight::Dense(get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?),
-            )?,
+            word_embeddings,
+            virtual_tokens,
             position_embeddings: get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?,
             token_type_embeddings: get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
             embed_norm: norm("embeddings.LayerNorm")?,
@@ -142,21 +154,39 @@ impl Bert {
         &self.device
     }
 
+    /// Encodes `input_ids: [b, t]`. With virtual tokens (prompt tuning) they come first, as
+    /// PEFT's `inputs_embeds` (token type 0, positions from 0, attention mask extended with
+    /// ones), so the pooler reads the first virtual token; `last_hidden_state` holds the `t`
+    /// positions of `input_ids` only.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<BertOutput> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
+        let h = c.hidden_size;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut words = self.word_embeddings.forward(&ids)?.reshape((b, t, h))?;
+        let mut types = match token_type_ids {
+            Some(tt) => Some(tt.to_dtype(DType::U32)?),
+            None => None,
+        };
+        let mut mask = attention_mask.cloned();
+        let n = self.virtual_tokens.as_ref().map_or(0, |v| v.num_tokens());
+        if let Some(vt) = &self.virtual_tokens {
+            let p = vt.embeddings()?;
+            words = Tensor::cat(&[&p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?, &words], 1)?;
+            types = types.map(|tt| Tensor::cat(&[&Tensor::zeros((b, n), DType::U32, &self.device)?, &tt], 1)).transpose()?;
+            mask = mask.map(|m| Tensor::cat(&[&Tensor::ones((b, n), m.dtype(), &self.device)?, &m], 1)).transpose()?;
+        }
+        let t = n + t;
         if t > c.max_position_embeddings {
             anyhow::bail!("sequence of {t} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
-        let h = c.hidden_size;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let words = self.word_embeddings.forward(&ids)?.reshape((b, t, h))?;
         let positions = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
-        let types = match token_type_ids {
-            Some(tt) => self.token_type_embeddings.index_select(&tt.to_dtype(DType::U32)?.flatten_all()?, 0)?.reshape((b, t, h))?,
+        let types = match types {
+            Some(tt) => self.token_type_embeddings.index_select(&tt.flatten_all()?, 0)?.reshape((b, t, h))?,
             None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, h))?.contiguous()?,
         };
         let x = words.broadcast_add(&positions)?.add(&types)?;
+        let attention_mask = mask.as_ref();
         let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, c.layer_norm_eps)?;
         let mask = build_mask(MaskKind::Bidirectional, t, t, attention_mask, &self.device)?;
         let heads = c.num_attention_heads;
@@ -181,7 +211,7 @@ impl Bert {
             (Some(cls), Some(pooled)) => Some(cls.forward(pooled)?),
             _ => None,
         };
-        Ok(BertOutput { last_hidden_state: x, pooler_output, logits })
+        Ok(BertOutput { last_hidden_state: x.narrow(1, n, t - n)?, pooler_output, logits })
     }
 }
 

@@ -15,6 +15,12 @@
 //! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`) |
 //! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning, LoRA `bias="all"` |
 //! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings |
+//! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model | prompt tuning |
+//! | [`ModelHook::kv_prefix`] | the attention keys and values of every layer, once per model | prefix tuning |
+//!
+//! The last two add positions before the user's tokens. A model that has them prepends them on
+//! a fresh pass (no KV cache, or an empty one), extends the attention mask it is given (which
+//! covers the user's positions only) with ones, and returns outputs for the user's positions.
 
 use anyhow::Result;
 use candle_core::{Module, Tensor};
@@ -111,6 +117,50 @@ pub struct NormParams {
     pub bias: Option<Tensor>,
 }
 
+/// What a hook is told about the model's input embeddings.
+pub struct InputInfo<'a> {
+    /// Path of the token embedding, e.g. `model.embed_tokens`.
+    pub path: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// The token embedding after the embedding hook point (prompt tuning's TEXT init looks
+    /// rows up in it).
+    pub word_embeddings: &'a dyn Embedding,
+}
+
+/// Virtual token embeddings `[n, hidden]` put before every sequence's own (prompt tuning,
+/// Lester et al. 2021). Evaluated once per forward pass, so they may be computed (a
+/// reparameterisation) as well as stored.
+pub trait VirtualTokens: Send + Sync {
+    /// `[n, hidden]`, f32.
+    fn embeddings(&self) -> candle_core::Result<Tensor>;
+    /// `n`.
+    fn num_tokens(&self) -> usize;
+}
+
+/// What a hook is told about the attention layers.
+#[derive(Clone, Debug)]
+pub struct AttentionInfo {
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (< `num_heads` with grouped-query attention).
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden_size: usize,
+}
+
+/// Keys and values put before every layer's own (prefix tuning, Li & Liang 2021). They act as
+/// cached positions: they are not rotated, and the user's tokens take rope positions `n..`.
+pub trait KvPrefix: Send + Sync {
+    /// One `(key, value)` per layer, each `[n, kv_heads · head_dim]` (token-major, heads in
+    /// order), f32. Evaluated once per forward pass.
+    fn key_values(&self) -> candle_core::Result<Vec<(Tensor, Tensor)>>;
+    /// `n`.
+    fn num_tokens(&self) -> usize;
+}
+
 /// Decides what each hook point of a model becomes. Defaults leave the module unchanged.
 pub trait ModelHook {
     /// A linear layer `y = x Wᵀ + b` with its frozen base.
@@ -126,6 +176,16 @@ pub trait ModelHook {
     /// A token embedding `[vocab, hidden]` with its frozen table.
     fn embedding(&self, _info: &EmbeddingInfo, base: FrozenWeight) -> Result<Box<dyn Embedding>> {
         Ok(Box::new(base))
+    }
+
+    /// Virtual tokens before the input embeddings; `None` leaves the input as it is.
+    fn virtual_tokens(&self, _info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
+        Ok(None)
+    }
+
+    /// A key/value prefix for every attention layer; `None` adds none.
+    fn kv_prefix(&self, _info: &AttentionInfo) -> Result<Option<Box<dyn KvPrefix>>> {
+        Ok(None)
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::DecoderConfig;
 use super::hooks::fusable_down;
 use super::weights::Weights;
-use super::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
+use super::{AttentionInfo, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, VirtualTokens};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp_scaled;
 use crate::ops::norm::rms_norm;
@@ -60,6 +60,10 @@ pub struct DecoderLm {
     /// `[vocab, hidden]`, dense or quantized (a GGUF token embedding stays in its blocks),
     /// through the embedding hook point.
     embed_tokens: Box<dyn Embedding>,
+    /// Virtual tokens before the input (prompt tuning), from the input hook point.
+    virtual_tokens: Option<Box<dyn VirtualTokens>>,
+    /// Keys/values before every layer's (prefix tuning), from the key/value-prefix hook point.
+    kv_prefix: Option<Box<dyn KvPrefix>>,
     layers: Vec<Arc<Layer>>,
     norm: Tensor,
     lm_head: Box<dyn Linear>,
@@ -111,7 +115,21 @@ impl DecoderLm {
             if c.tie_word_embeddings || !w.contains("lm_head.weight") { embed_tokens.base().clone() } else { w.frozen("lm_head.weight", [c.vocab_size, h])? };
         let lm_head = hook.linear(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
         let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
+        let virtual_tokens = hook.virtual_tokens(&InputInfo {
+            path: "model.embed_tokens".into(),
+            hidden_size: h,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            word_embeddings: embed_tokens.as_ref(),
+        })?;
+        let kv_prefix = hook.kv_prefix(&AttentionInfo {
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            hidden_size: h,
+        })?;
+        Ok(Self { config, embed_tokens, virtual_tokens, kv_prefix, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
     }
 
     pub fn device(&self) -> &Device {
@@ -123,37 +141,87 @@ impl DecoderLm {
     }
 
     /// Logits `[b, t, vocab]` for `input_ids: [b, t]`. `attention_mask: [b, s]` (1 = real token)
-    /// covers cached plus new positions. With a cache, new positions continue after the cached ones.
+    /// covers cached plus new positions of the caller's tokens (not the positions a method
+    /// adds, see [`Self::added_positions`]). With a cache, new positions continue after the
+    /// cached ones.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
-        Ok(self.lm_head.forward(&hidden)?)
+        let (virtual_len, t) = (hidden.dim(1)? - input_ids.dim(1)?, input_ids.dim(1)?);
+        Ok(self.lm_head.forward(&hidden.narrow(1, virtual_len, t)?)?)
     }
 
-    /// Final-norm hidden states `[b, t, hidden]`.
+    /// Positions a method puts before the caller's tokens on a fresh pass: virtual tokens
+    /// (prompt tuning) plus a key/value prefix (prefix tuning). A KV cache holds them after
+    /// the first pass.
+    pub fn added_positions(&self) -> usize {
+        self.virtual_len() + self.kv_prefix.as_ref().map_or(0, |p| p.num_tokens())
+    }
+
+    fn virtual_len(&self) -> usize {
+        self.virtual_tokens.as_ref().map_or(0, |v| v.num_tokens())
+    }
+
+    /// Final-norm hidden states `[b, v + t, hidden]`: `v` virtual tokens (prompt tuning, on a
+    /// fresh pass only) before the `t` of `input_ids`.
     pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        let kv_len = offset + t;
+        let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = self.embed_tokens.forward(&ids)?.reshape((b, t, c.hidden_size))?;
+        // Prompt tuning: virtual tokens first; a cache holds them after the first pass.
+        if let Some(vt) = self.virtual_tokens.as_ref().filter(|_| fresh) {
+            let p = vt.embeddings()?;
+            x = Tensor::cat(&[&p.unsqueeze(0)?.broadcast_as((b, p.dim(0)?, c.hidden_size))?.contiguous()?, &x], 1)?;
+        }
+        // Prefix tuning: every layer starts from the prefix as if it were cached.
+        let prefix = match self.kv_prefix.as_ref().filter(|_| fresh) {
+            Some(p) => Some(batched_prefix(p.as_ref(), b, self.layers.len())?),
+            None => None,
+        };
+        // The caller's mask covers its own positions; the added ones are in this pass (fresh) or
+        // in the cache.
+        let added = self.added_positions();
+        let q_len = x.dim(1)?;
+        let offset = match (&cache, &prefix) {
+            (Some(c), _) if !c.is_empty() => c.len(),
+            (_, Some(p)) => p[0].0.dim(1)?,
+            _ => 0,
+        };
+        let kv_len = offset + q_len;
         if kv_len > c.max_position_embeddings {
             anyhow::bail!("sequence of {kv_len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
-        let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, t, kv_len, attention_mask, &self.device)?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self.embed_tokens.forward(&ids)?.reshape((b, t, c.hidden_size))?;
+        let mask = match attention_mask {
+            Some(m) if added > 0 => Some(Tensor::cat(&[&Tensor::ones((b, added), m.dtype(), &self.device)?, m], 1)?),
+            _ => attention_mask.cloned(),
+        };
+        let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, q_len, kv_len, mask.as_ref(), &self.device)?;
         let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu());
         for (i, layer) in self.layers.iter().enumerate() {
+            let layer_prefix = prefix.as_ref().map(|p| p[i].clone());
             x = match &sink {
                 Some(sink) => {
                     let (layer, cfg, rope, mask) = (layer.clone(), self.config.clone(), self.rope.clone(), mask.clone());
-                    let block: Block =
-                        Arc::new(move |h: &Tensor| layer_forward(&layer, &cfg, &rope, h, mask.as_ref(), 0, None).map_err(candle_core::Error::wrap));
+                    let block: Block = Arc::new(move |h: &Tensor| {
+                        let mut past = layer_prefix.clone();
+                        layer_forward(&layer, &cfg, &rope, h, mask.as_ref(), offset, Some(&mut past)).map_err(candle_core::Error::wrap)
+                    });
                     checkpoint(&x, block, sink)?
                 }
-                None => {
-                    let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-                    layer_forward(layer, c, &self.rope, &x, mask.as_ref(), offset, slot)?
-                }
+                None => match cache.as_deref_mut() {
+                    Some(c) => {
+                        let slot = &mut c.layers[i];
+                        if slot.is_none() {
+                            *slot = layer_prefix;
+                        }
+                        layer_forward(layer, &self.config, &self.rope, &x, mask.as_ref(), offset, Some(slot))?
+                    }
+                    None => {
+                        let mut past = layer_prefix;
+                        layer_forward(layer, &self.config, &self.rope, &x, mask.as_ref(), offset, Some(&mut past))?
+                    }
+                },
             };
         }
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
@@ -176,7 +244,14 @@ impl DecoderLm {
         if t < 2 {
             anyhow::bail!("causal-LM loss needs sequences of at least 2 tokens")
         }
-        let next: Vec<i64> = labels.to_dtype(DType::I64)?.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?.to_vec1()?;
+        // Virtual tokens predict nothing of their own, but the last one predicts the first
+        // real token (PEFT prefixes the labels with -100, peft_model.py).
+        let mut labels = labels.to_dtype(DType::I64)?;
+        if t > labels.dim(1)? {
+            let ignored = Tensor::full(crate::ops::loss::IGNORE_INDEX, (b, t - labels.dim(1)?), &self.device)?;
+            labels = Tensor::cat(&[&ignored, &labels], 1)?;
+        }
+        let next: Vec<i64> = labels.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?.to_vec1()?;
         let (rows, targets): (Vec<u32>, Vec<i64>) =
             next.iter().enumerate().filter(|(_, &y)| y >= 0).map(|(i, &y)| ((i / (t - 1) * t + i % (t - 1)) as u32, y)).unzip();
         let n = rows.len();
@@ -204,8 +279,22 @@ impl DecoderLm {
     }
 }
 
-/// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `cache` holds this
-/// layer's keys/values of earlier positions (generation).
+/// The prefix's keys and values per layer, broadcast to the batch: `[b, n, kv_heads·head_dim]`.
+fn batched_prefix(prefix: &dyn KvPrefix, b: usize, layers: usize) -> Result<Vec<(Tensor, Tensor)>> {
+    let kv = prefix.key_values()?;
+    if kv.len() != layers {
+        anyhow::bail!("the key/value prefix has {} layers, the model {layers}", kv.len())
+    }
+    let batch = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let (n, d) = t.dims2()?;
+        t.unsqueeze(0)?.broadcast_as((b, n, d))?.contiguous()
+    };
+    kv.iter().map(|(k, v)| Ok((batch(k)?, batch(v)?))).collect()
+}
+
+/// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `past` holds this
+/// layer's keys/values of earlier positions (a KV cache, or a prefix-tuning prefix), extended
+/// with the new ones; `offset` is the rope position of the first query.
 fn layer_forward(
     layer: &Layer,
     c: &DecoderConfig,
@@ -213,7 +302,7 @@ fn layer_forward(
     x: &Tensor,
     mask: Option<&Tensor>,
     offset: usize,
-    cache: Option<&mut Option<(Tensor, Tensor)>>,
+    past: Option<&mut Option<(Tensor, Tensor)>>,
 ) -> Result<Tensor> {
     let scale = 1.0 / (c.head_dim as f64).sqrt();
     let residual = x;
@@ -223,7 +312,7 @@ fn layer_forward(
     let q = rope.apply(&a.q_proj.forward(&hs)?, offset)?;
     let k = rope.apply(&a.k_proj.forward(&hs)?, offset)?;
     let v = a.v_proj.forward(&hs)?;
-    let (k, v) = match cache {
+    let (k, v) = match past {
         Some(slot) => {
             let (k, v) = match slot.as_ref() {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),

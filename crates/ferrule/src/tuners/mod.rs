@@ -14,6 +14,9 @@ pub mod lora;
 pub mod mode;
 pub mod modules_to_save;
 pub mod params;
+pub mod prefix_tuning;
+pub mod prompt_learning;
+pub mod prompt_tuning;
 pub mod registry;
 pub mod target;
 

@@ -7,7 +7,6 @@ use anyhow::Result;
 use candle_core::{Module, Tensor, Var};
 
 use super::params::ParamStore;
-use super::peft_key;
 use super::target::suffix_match;
 use crate::model::{Linear, LinearInfo};
 use crate::ops::FrozenLinear;
@@ -15,16 +14,29 @@ use crate::ops::FrozenLinear;
 /// The `modules_to_save` names of one adapter and the paths they took.
 pub struct ModulesToSave {
     names: Vec<String>,
+    /// What PEFT puts before a module path in its keys.
+    key_prefix: &'static str,
     taken: Mutex<Vec<String>>,
 }
 
 impl ModulesToSave {
+    /// For methods that wrap the model in a tuner model (LoRA, IA3, ...): keys
+    /// `base_model.model.<path>.weight`.
     pub fn new(names: Option<&[String]>) -> Self {
-        Self { names: names.map(<[String]>::to_vec).unwrap_or_default(), taken: Mutex::new(Vec::new()) }
+        Self::with_key_prefix(names, "base_model.model.")
+    }
+
+    /// Keys `<key_prefix><path>.weight` (prompt learning: `base_model.`).
+    pub fn with_key_prefix(names: Option<&[String]>, key_prefix: &'static str) -> Self {
+        Self { names: names.map(<[String]>::to_vec).unwrap_or_default(), key_prefix, taken: Mutex::new(Vec::new()) }
+    }
+
+    fn key(&self, path: &str, suffix: &str) -> String {
+        format!("{}{path}.{suffix}", self.key_prefix)
     }
 
     /// A trainable copy of `base` when its path is listed, with `weight` / `bias` under
-    /// `base_model.model.<path>.weight|bias`; else `base` back, untouched.
+    /// `<key prefix><path>.weight|bias`; else `base` back, untouched.
     pub fn wrap(&self, info: &LinearInfo, base: FrozenLinear, params: &ParamStore) -> Result<std::result::Result<Box<dyn Linear>, FrozenLinear>> {
         let path = info.path.as_str();
         if !self.names.iter().any(|n| suffix_match(path, n)) {
@@ -32,9 +44,9 @@ impl ModulesToSave {
         }
         let (rows, cols) = base.weight().dims();
         let dev = params.device().clone();
-        let w = params.take_or_init(&peft_key(path, "weight"), &[rows, cols], || Ok(base.weight().to_dense(&dev)?))?;
+        let w = params.take_or_init(&self.key(path, "weight"), &[rows, cols], || Ok(base.weight().to_dense(&dev)?))?;
         let b = match base.bias() {
-            Some(b) => Some(params.take_or_init(&peft_key(path, "bias"), b.dims(), || Ok(b.clone()))?),
+            Some(b) => Some(params.take_or_init(&self.key(path, "bias"), b.dims(), || Ok(b.clone()))?),
             None => None,
         };
         self.taken.lock().unwrap().push(path.to_string());
@@ -46,7 +58,7 @@ impl ModulesToSave {
         let mut out = Vec::new();
         for p in self.taken.lock().unwrap().iter() {
             for suffix in ["weight", "bias"] {
-                if let Some(v) = params.get(&peft_key(p, suffix)) {
+                if let Some(v) = params.get(&self.key(p, suffix)) {
                     out.push((format!("{p}.{suffix}"), v.as_tensor().clone()));
                 }
             }

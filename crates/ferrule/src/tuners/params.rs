@@ -53,6 +53,11 @@ impl ParamStore {
         Ok(v)
     }
 
+    /// Whether the saved adapter (or checkpoint) holds `key`, not yet claimed.
+    pub fn has_saved(&self, key: &str) -> bool {
+        self.preloaded.lock().unwrap().contains_key(key)
+    }
+
     /// A saved tensor that replaces part of the base rather than being trained (e.g. PEFT's
     /// saved embedding base layer); `None` when the adapter has none.
     pub fn take_frozen(&self, key: &str) -> Option<Tensor> {

@@ -44,7 +44,8 @@ pub struct Method {
 }
 
 /// Every registered method.
-pub static METHODS: &[&Method] = &[&super::lora::METHOD, &super::ia3::METHOD, &super::ln_tuning::METHOD];
+pub static METHODS: &[&Method] =
+    &[&super::lora::METHOD, &super::ia3::METHOD, &super::ln_tuning::METHOD, &super::prompt_tuning::METHOD, &super::prefix_tuning::METHOD];
 
 /// The method with PEFT type `peft_type`; an unsupported type is an error that names it.
 pub fn by_peft_type(peft_type: &str) -> Result<&'static Method> {
@@ -100,7 +101,7 @@ mod tests {
             for b in &METHODS[i + 1..] {
                 assert!(a.name != b.name && a.peft_type != b.peft_type);
             }
-            assert!(a.keys.contains(&"target_modules"), "{}", a.name);
+            assert!(a.keys.contains(&"modules_to_save"), "{}", a.name);
         }
     }
 }

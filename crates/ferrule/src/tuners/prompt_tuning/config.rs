@@ -1,0 +1,79 @@
+//! `PromptTuningConfig`, with PEFT's key names and defaults (peft
+//! `tuners/prompt_tuning/config.py`).
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::tuners::prompt_learning::PromptLearningConfig;
+
+/// How the virtual token embeddings start (PEFT's `PromptTuningInit`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PromptTuningInit {
+    /// Standard normal (torch's `nn.Embedding` default).
+    #[default]
+    #[serde(rename = "RANDOM")]
+    Random,
+    /// Rows of the word embeddings of tokens drawn uniformly from the vocabulary.
+    #[serde(rename = "SAMPLE_VOCAB")]
+    SampleVocab,
+    /// Rows of the word embeddings of `prompt_tuning_init_text`'s tokens, repeated or cut to
+    /// `num_virtual_tokens`.
+    #[serde(rename = "TEXT")]
+    Text,
+}
+
+/// One prompt-tuning adapter's configuration, as `adapter_config.json` stores it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PromptTuningConfig {
+    #[serde(flatten)]
+    pub common: PromptLearningConfig,
+    #[serde(default)]
+    pub prompt_tuning_init: PromptTuningInit,
+    #[serde(default)]
+    pub prompt_tuning_init_text: Option<String>,
+    /// A model folder whose `tokenizer.json` tokenizes `prompt_tuning_init_text`.
+    #[serde(default)]
+    pub tokenizer_name_or_path: Option<String>,
+    /// `AutoTokenizer.from_pretrained` options in peft; ferrule reads `tokenizer.json` as is.
+    #[serde(default)]
+    pub tokenizer_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Keys of a PROMPT_TUNING `adapter_config.json` that ferrule understands.
+pub const KNOWN_KEYS: &[&str] = &[
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "modules_to_save",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+];
+
+impl PromptTuningConfig {
+    /// PEFT's `__post_init__` checks (TEXT needs a text and a tokenizer; `tokenizer_kwargs`
+    /// only with TEXT), and ferrule's: it does not pass `tokenizer_kwargs` on.
+    pub fn validate(&self) -> Result<()> {
+        self.common.validate("prompt_tuning")?;
+        let text = self.prompt_tuning_init == PromptTuningInit::Text;
+        if text && self.prompt_tuning_init_text.as_deref().is_none_or(str::is_empty) {
+            bail!("prompt_tuning: prompt_tuning_init = \"TEXT\" needs prompt_tuning_init_text")
+        }
+        if text && self.tokenizer_name_or_path.as_deref().is_none_or(str::is_empty) {
+            bail!("prompt_tuning: prompt_tuning_init = \"TEXT\" needs tokenizer_name_or_path (a model folder with tokenizer.json)")
+        }
+        if let Some(kw) = self.tokenizer_kwargs.as_ref().filter(|k| !k.is_empty()) {
+            if !text {
+                bail!("prompt_tuning: tokenizer_kwargs is only valid with prompt_tuning_init = \"TEXT\"")
+            }
+            bail!(
+                "prompt_tuning: tokenizer_kwargs ({}) is not supported: ferrule tokenizes with tokenizer.json as saved",
+                kw.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        }
+        Ok(())
+    }
+}
