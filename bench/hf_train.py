@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--targets", default="query,value", help="comma-separated target module names")
     p.add_argument("--full-finetune", action="store_true", help="no LoRA: train every parameter")
-    p.add_argument("--method", default="lora", choices=["lora", "dora", "ia3", "ln-tuning"],
+    p.add_argument("--virtual-tokens", type=int, default=20, help="prompt / prefix tuning: num_virtual_tokens")
+    p.add_argument("--method", default="lora", choices=["lora", "dora", "ia3", "ln-tuning", "prompt-tuning", "prefix-tuning", "randlora"],
                    help="peft method; ia3 / ln-tuning use --targets if given, else peft's defaults for the model type")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=128)
@@ -408,6 +409,12 @@ def main(argv=None):
             cfg = peft.IA3Config(task_type=task_type, target_modules=targets or None)
         elif args.method == "ln-tuning":
             cfg = peft.LNTuningConfig(task_type=task_type, target_modules=targets or None)
+        elif args.method == "prompt-tuning":
+            cfg = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=args.virtual_tokens)
+        elif args.method == "prefix-tuning":
+            cfg = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=args.virtual_tokens)
+        elif args.method == "randlora":
+            cfg = peft.RandLoraConfig(task_type=task_type, r=args.r, randlora_alpha=args.alpha, target_modules=targets)
         else:
             cfg = peft.LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha,
                                   lora_dropout=args.lora_dropout, target_modules=targets,

@@ -2,7 +2,9 @@
 # Every method on workload a (MiniLM seq-cls, 32 x 128 fixed, 20 steps, 2 threads), ferrule
 # and transformers + peft alternated in the same run, REPEAT rounds (default 3). Methods: lora
 # and dora (r 8, α 16, query,value; dora = lora with use_dora), ia3 and ln-tuning with peft's defaults for BERT (ia3: key, value,
-# output.dense; LN tuning: LayerNorm, given explicitly since peft has no BERT default).
+# output.dense; LN tuning: LayerNorm, given explicitly since peft has no BERT default), prompt-tuning
+# and prefix-tuning with 20 virtual tokens (prefix tuning: workload b only, peft cannot run it on
+# BERT), randlora with r 8, randlora_alpha 16 on LoRA's targets.
 # OLD=path/to/older/ferrule adds a LoRA round of that binary (the A/B of two builds).
 # Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians).
 # Usage: bench/run_methods.sh [lora dora ia3 ln-tuning]; needs `cargo build --release` and
@@ -34,7 +36,7 @@ fi
 mkdir -p "$OUT"
 
 targets() {  # method -> target list for both tools
-  case $1 in lora|dora) echo $LORA_TARGETS ;; ln-tuning) [ "$WORKLOAD" = a ] && echo LayerNorm ;; *) echo "" ;; esac
+  case $1 in lora|dora|randlora) echo $LORA_TARGETS ;; ln-tuning) [ "$WORKLOAD" = a ] && echo LayerNorm ;; *) echo "" ;; esac
 }
 
 ferrule_run() {  # binary method round
@@ -43,6 +45,8 @@ ferrule_run() {  # binary method round
   local extra=(--method "$m"); [ -n "$t" ] && extra+=(--target-modules "$t")
   [ "$m" = lora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS)
   [ "$m" = dora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS --use-dora)
+  [ "$m" = randlora ] && extra=(--method randlora --lora-r 8 --peft-option randlora_alpha=16 --target-modules $LORA_TARGETS)
+  case $m in prompt-tuning|prefix-tuning) extra=(--method "$m" --num-virtual-tokens 20) ;; esac
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
     "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps 20 "${extra[@]}" > "$dir/summary.json"
   python3 - "$dir" "$OUT/${tag}_${m}_$i.json" <<'PY'

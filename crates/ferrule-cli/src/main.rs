@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning: --method) on a JSONL dataset.
+    /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
     /// Loss / perplexity (and accuracy for classification) on a JSONL dataset.
     Eval(commands::eval::Args),

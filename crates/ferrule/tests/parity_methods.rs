@@ -1,4 +1,4 @@
-//! Methods and LoRA variants (IA3, LN tuning, embedding LoRA, `bias`, `lora_bias`, DoRA,
+//! Methods and LoRA variants (IA3, LN tuning, RandLoRA, embedding LoRA, `bias`, `lora_bias`, DoRA,
 //! PiSSA/OLoRA) against adapters Python peft saved (tests/fixtures/methods, made by
 //! make_method_fixtures.py): loading reproduces peft's logits, gradients and parameter counts;
 //! recomputation gives the same gradients; merged folders equal the adapter; save → load
@@ -38,6 +38,7 @@ const CASES: &[Case] = &[
     Case { name: "llama_dora", model: "llama", task: Task::CausalLm, peft_type: "LORA", grads: true },
     Case { name: "qwen2_dora", model: "qwen2", task: Task::CausalLm, peft_type: "LORA", grads: false },
     Case { name: "bert_dora_seqcls", model: "bert", task: Task::SeqCls, peft_type: "LORA", grads: false },
+    Case { name: "llama_randlora", model: "llama", task: Task::CausalLm, peft_type: "RANDLORA", grads: true },
 ];
 
 /// Keys peft writes that ferrule does not: the unchanged embedding base layer
@@ -241,6 +242,11 @@ fn broken_adapters_fail_clearly() {
     let ln = &CASES[3];
     let e = load_error(ln, |_| {}, |c| c["target_modules"] = serde_json::json!(["input_layernorm"]));
     assert!(e.contains("the adapter has 3 tensor(s) for modules"), "{e}");
+    let rand = CASES.iter().find(|c| c.peft_type == "RANDLORA").unwrap();
+    let e = load_error(rand, |_| {}, |c| c["save_projection"] = false.into());
+    assert!(e.contains("save_projection = false"), "{e}");
+    let e = load_error(rand, |t| drop(t.remove("base_model.randlora_A")), |_| {});
+    assert!(e.contains("base_model.randlora_A"), "{e}");
 }
 
 /// Adapters ferrule trained and saved (tests/fixtures/methods/roundtrip, checked with
@@ -259,6 +265,7 @@ fn ferrule_saved_adapters_mean_the_same_to_peft() {
         ("llama_pissa", "llama"),
         ("llama_prompt_tuning", "llama"),
         ("llama_prefix_tuning_proj", "llama"),
+        ("llama_randlora", "llama"),
     ];
     for (name, model) in saved {
         let dir = fixtures().join("methods/roundtrip").join(name);
@@ -300,14 +307,14 @@ fn adapter_bytes(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
 }
 
-/// IA3 and LN tuning train on dense and NF4 bases (PEFT allows both on bitsandbytes 4-bit),
+/// IA3, LN tuning and RandLoRA train on dense and NF4 bases (PEFT allows them on bitsandbytes 4-bit),
 /// and an interrupted IA3 run resumes to the same adapter bytes.
 #[test]
 fn methods_train_on_dense_and_nf4_bases_and_resume_exactly() {
     use ferrule::train::{train, RunOptions, Silent};
     let dev = Device::Cpu;
     let nf4 = ferrule::quant::QuantSpec::new(ferrule::quant::QuantMethod::Nf4, 64, true).unwrap();
-    for method in ["ia3", "ln-tuning"] {
+    for method in ["ia3", "ln-tuning", "randlora"] {
         for q in [None, Some(nf4.clone())] {
             let tmp = tempfile::tempdir().unwrap();
             let s = train(&train_config(method, tmp.path(), q.clone()), &dev, &mut Silent, &RunOptions::default()).unwrap();

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 #[derive(clap::Args, Default)]
 pub struct AdapterArgs {
-    /// Adaptation method: lora (default), ia3, ln-tuning, prompt-tuning or prefix-tuning (or its PEFT
+    /// Adaptation method: lora (default), ia3, ln-tuning, prompt-tuning, prefix-tuning or randlora (or its PEFT
     /// type, e.g. LN_TUNING).
     #[arg(long)]
     pub method: Option<String>,

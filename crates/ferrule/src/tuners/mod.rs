@@ -17,6 +17,7 @@ pub mod params;
 pub mod prefix_tuning;
 pub mod prompt_learning;
 pub mod prompt_tuning;
+pub mod randlora;
 pub mod registry;
 pub mod target;
 

@@ -44,8 +44,14 @@ pub struct Method {
 }
 
 /// Every registered method.
-pub static METHODS: &[&Method] =
-    &[&super::lora::METHOD, &super::ia3::METHOD, &super::ln_tuning::METHOD, &super::prompt_tuning::METHOD, &super::prefix_tuning::METHOD];
+pub static METHODS: &[&Method] = &[
+    &super::lora::METHOD,
+    &super::ia3::METHOD,
+    &super::ln_tuning::METHOD,
+    &super::prompt_tuning::METHOD,
+    &super::prefix_tuning::METHOD,
+    &super::randlora::METHOD,
+];
 
 /// The method with PEFT type `peft_type`; an unsupported type is an error that names it.
 pub fn by_peft_type(peft_type: &str) -> Result<&'static Method> {

@@ -71,6 +71,37 @@ pub fn pattern_index(patterns: &[Regex], path: &str) -> Option<usize> {
     patterns.iter().position(|re| re.is_match(path))
 }
 
+/// PEFT's `layers_to_transform`: one layer index or several.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum LayersToTransform {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+/// PEFT's `layers_pattern`: the name(s) of the container holding the numbered layers.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum LayersPattern {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Whether `path` lies in a layer `layers_to_transform` selects (every path when it is unset;
+/// none outside a numbered layer when it is set), as PEFT's `_check_target_module_exists`.
+pub fn in_layers(path: &str, layers_to_transform: Option<&LayersToTransform>, layers_pattern: Option<&LayersPattern>) -> bool {
+    let Some(ltt) = layers_to_transform else { return true };
+    let pats: Option<Vec<String>> = layers_pattern.map(|p| match p {
+        LayersPattern::One(s) => vec![s.clone()],
+        LayersPattern::Many(v) => v.clone(),
+    });
+    let Some(idx) = layer_index(path, pats.as_deref()) else { return false };
+    match ltt {
+        LayersToTransform::One(i) => *i == idx,
+        LayersToTransform::Many(v) => v.contains(&idx),
+    }
+}
+
 /// The layer index in a path like `model.layers.3.mlp` (for `layers_to_transform`).
 pub fn layer_index(path: &str, layers_pattern: Option<&[String]>) -> Option<usize> {
     let parts: Vec<&str> = path.split('.').collect();

@@ -70,19 +70,7 @@ pub struct LoraConfig {
     pub lora_bias: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum LayersToTransform {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum LayersPattern {
-    One(String),
-    Many(Vec<String>),
-}
+pub use crate::tuners::target::{LayersPattern, LayersToTransform};
 
 /// Keys of a LoRA `adapter_config.json` that ferrule understands; others are kept and warned about.
 pub const KNOWN_KEYS: &[&str] = &[

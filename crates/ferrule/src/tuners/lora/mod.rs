@@ -22,7 +22,7 @@ use super::mode::Mode;
 use super::modules_to_save::ModulesToSave;
 use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
-use super::target::{layer_index, MatchReport, Targets};
+use super::target::{in_layers, MatchReport, Targets};
 use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
 use crate::model::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
@@ -123,16 +123,7 @@ impl Lora {
     }
 
     fn in_layers(&self, path: &str) -> bool {
-        let Some(ltt) = &self.config.layers_to_transform else { return true };
-        let pats: Option<Vec<String>> = self.config.layers_pattern.as_ref().map(|p| match p {
-            config::LayersPattern::One(s) => vec![s.clone()],
-            config::LayersPattern::Many(v) => v.clone(),
-        });
-        let Some(idx) = layer_index(path, pats.as_deref()) else { return false };
-        match ltt {
-            config::LayersToTransform::One(i) => *i == idx,
-            config::LayersToTransform::Many(v) => v.contains(&idx),
-        }
+        in_layers(path, self.config.layers_to_transform.as_ref(), self.config.layers_pattern.as_ref())
     }
 
     /// `A: [r, in]` and `B: [out, r]`, saved or initialised per `init_lora_weights`.

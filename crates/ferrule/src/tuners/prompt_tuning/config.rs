@@ -31,7 +31,8 @@ pub struct PromptTuningConfig {
     pub prompt_tuning_init: PromptTuningInit,
     #[serde(default)]
     pub prompt_tuning_init_text: Option<String>,
-    /// A model folder whose `tokenizer.json` tokenizes `prompt_tuning_init_text`.
+    /// A model folder whose `tokenizer.json` (or a GGUF file whose metadata) tokenizes
+    /// `prompt_tuning_init_text`.
     #[serde(default)]
     pub tokenizer_name_or_path: Option<String>,
     /// `AutoTokenizer.from_pretrained` options in peft; ferrule reads `tokenizer.json` as is.

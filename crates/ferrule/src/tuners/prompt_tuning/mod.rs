@@ -102,7 +102,14 @@ fn text_ids(cfg: &PromptTuningConfig) -> Result<Vec<u32>> {
     let (Some(text), Some(dir)) = (&cfg.prompt_tuning_init_text, &cfg.tokenizer_name_or_path) else {
         bail!("prompt_tuning: TEXT init needs prompt_tuning_init_text and tokenizer_name_or_path")
     };
-    let tokenizer = crate::data::load_tokenizer(Path::new(dir)).with_context(|| format!("prompt_tuning: tokenizer_name_or_path {dir:?}"))?;
+    let path = Path::new(dir);
+    let context = || format!("prompt_tuning: tokenizer_name_or_path {dir:?}");
+    // A GGUF file carries its tokenizer in the metadata; a folder has tokenizer.json.
+    let tokenizer = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        crate::model::gguf::GgufFile::open(path).and_then(|g| g.tokenizer()).with_context(context)?.tokenizer
+    } else {
+        crate::data::load_tokenizer(path).with_context(context)?
+    };
     let enc = tokenizer.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("prompt_tuning: tokenizing prompt_tuning_init_text: {e}"))?;
     Ok(enc.get_ids().to_vec())
 }
