@@ -1,5 +1,6 @@
 //! Real models from the fetched assets (scripts/fetch-assets.sh): a few LoRA steps on
-//! MiniLM (classification) and SmolLM2-135M (GGUF, causal LM), save, reload, identical outputs.
+//! MiniLM (classification) and SmolLM2-135M (GGUF, causal LM), and a few steps of every other
+//! method on the GGUF; save, reload, identical outputs.
 //! Skipped with a message when the assets are missing.
 
 mod common;
@@ -87,4 +88,43 @@ fn smollm2_gguf_causal_lm_few_steps() {
     assert!(s.final_loss.unwrap().is_finite());
     let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
     reload_matches(&cfg.model, &out, &ids);
+}
+
+/// Every method other than plain LoRA trains on the quantized GGUF base (its Q4_1 blocks kept),
+/// saves, and reloads to the same outputs: DoRA, IA3 and LN tuning with PEFT's llama defaults,
+/// prompt tuning initialised from a text tokenized with the GGUF's own tokenizer, prefix tuning
+/// through its MLP, RandLoRA.
+#[test]
+fn smollm2_gguf_every_method_few_steps() {
+    let (Some(model), Some(data)) = (asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), asset("data/chatterbot/train.jsonl")) else { return };
+    let t = tempfile::tempdir().unwrap();
+    let small = t.path().join("chat.jsonl");
+    head(&data, &small, 4);
+    let gguf = model.display().to_string();
+    let methods = [
+        json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true}),
+        json!({"peft_type": "IA3"}),
+        json!({"peft_type": "LN_TUNING"}),
+        json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 6, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Answer kindly.", "tokenizer_name_or_path": gguf}),
+        json!({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "prefix_projection": true, "encoder_hidden_size": 16}),
+        json!({"peft_type": "RANDLORA", "r": 64, "target_modules": ["v_proj"]}),
+    ];
+    for (i, adapter) in methods.into_iter().enumerate() {
+        let out = t.path().join(format!("run{i}"));
+        let cfg = TrainConfig {
+            model: gguf.clone(),
+            data: small.clone(),
+            output_dir: out.clone(),
+            adapter: Some(AdapterConfig::from_json(adapter.clone()).unwrap()),
+            max_len: Some(48),
+            batch_size: 2,
+            max_steps: Some(2),
+            lr: 1e-3,
+            ..Default::default()
+        };
+        let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap_or_else(|e| panic!("{adapter}: {e:#}"));
+        assert!(s.completed && s.final_loss.unwrap().is_finite(), "{adapter}");
+        let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
+        reload_matches(&cfg.model, &out, &ids);
+    }
 }
