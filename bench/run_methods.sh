@@ -6,14 +6,15 @@
 # and prefix-tuning with 20 virtual tokens (prefix tuning: workload b only, peft cannot run it on
 # BERT), randlora with r 8, randlora_alpha 16 on LoRA's targets.
 # OLD=path/to/older/ferrule adds a LoRA round of that binary (the A/B of two builds).
-# Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians).
+# Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians);
+# OUT_DIR=... writes them elsewhere.
 # Usage: bench/run_methods.sh [lora dora ia3 ln-tuning]; needs `cargo build --release` and
 # scripts/reference-venv.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F=${FERRULE:-target/release/ferrule}
 PY=${PY:-$(scripts/reference-venv.sh)}
-OUT=bench/results/methods
+OUT=${OUT_DIR:-bench/results/methods}
 REPEAT=${REPEAT:-3}
 A=assets
 METHODS=("$@")
@@ -22,7 +23,7 @@ METHODS=("$@")
 # fixed, LoRA/DoRA on q,k,v,o; IA3 and LN tuning with peft's llama defaults.
 WORKLOAD=${WORKLOAD:-a}
 if [ "$WORKLOAD" = b ]; then
-  OUT=bench/results/methods_b
+  OUT=${OUT_DIR:-bench/results/methods_b}
   TOKENS=$((8 * 256))
   COMMON=(--task causal-lm --model $A/smollm2-f32 --data $A/data/chatterbot/train.jsonl --batch-size 8 --max-len 256
           --pad-to-max-len --lr 2e-4 --warmup-steps 2 --weight-decay 0.0 --seed 42)
