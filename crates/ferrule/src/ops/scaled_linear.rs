@@ -76,6 +76,10 @@ impl CustomOp2 for ScaledLinear {
         if k != in_f {
             candle_core::bail!("scaled-linear: input has {k} features, the weight expects {in_f}")
         }
+        let scaled = if self.input_side { in_f } else { out_f };
+        if l.len() != scaled {
+            candle_core::bail!("scaled-linear: the scale has {} elements, the {} side has {scaled}", l.len(), if self.input_side { "input" } else { "output" })
+        }
         let m = x.len() / in_f.max(1);
         let mut y = vec![0f32; m * out_f];
         if self.input_side {

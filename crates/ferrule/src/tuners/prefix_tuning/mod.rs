@@ -105,7 +105,7 @@ impl PrefixTuning {
             let init = if zero { Init::Zero } else { Init::Embedding };
             return Ok(PrefixEncoder::Table(self.param(PROMPT_KEY, &[s.num_tokens, width], init)?));
         }
-        let h = cfg.encoder_hidden_size.unwrap_or(0);
+        let h = cfg.encoder_hidden_size.context("prefix_tuning: encoder_hidden_size is unset (kv_prefix fills it before the encoder is built)")?;
         let last = |fan_in| if zero { Init::Zero } else { Init::Bias(fan_in) };
         let enc = PrefixEncoder::Projected {
             embedding: self.param(EMBEDDING_KEY, &[s.num_tokens, s.kv_dim], Init::Embedding)?,
