@@ -2,6 +2,8 @@
 //! mean pooling for sentence embeddings, and the `BertForSequenceClassification` head
 //! (pooler → classifier). Parameter names are the Hugging Face ones, verbatim.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -56,6 +58,8 @@ pub struct Bert {
     /// Parameters created here rather than read from the checkpoint (a new classifier).
     pub initialized_params: usize,
     device: Device,
+    /// Off: every layer's output is detached ([`Bert::set_grad_enabled`]).
+    grad_enabled: AtomicBool,
 }
 
 /// Outputs of one encoder pass.
@@ -147,11 +151,22 @@ impl Bert {
             task,
             config,
             device: device.clone(),
+            grad_enabled: AtomicBool::new(true),
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Off for inference: no pass keeps the autograd graph of earlier layers
+    /// (`DecoderLm::set_grad_enabled`). On by default, for training.
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.grad_enabled.store(on, Ordering::Relaxed)
+    }
+
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled.load(Ordering::Relaxed)
     }
 
     /// Encodes `input_ids: [b, t]`. With virtual tokens (prompt tuning) they come first, as
@@ -202,6 +217,9 @@ impl Bert {
                 _ => layer.output.forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
             };
             x = add_layer_norm(&out, &x, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
+            if !self.grad_enabled() {
+                x = x.detach();
+            }
         }
         let pooler_output = match &self.pooler {
             Some(p) => Some(p.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),

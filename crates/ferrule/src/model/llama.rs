@@ -1,6 +1,7 @@
 //! Llama-shaped decoders: Llama 2/3, Mistral (sliding window), Qwen2 (q/k/v bias), SmolLM2
 //! (tied embeddings). Parameter names are the Hugging Face ones, verbatim.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::Result;
@@ -70,6 +71,9 @@ pub struct DecoderLm {
     rope: Rope,
     device: Device,
     recompute: RwLock<Option<Arc<GradSink>>>,
+    /// Off: every layer's output is detached, so no pass keeps the graph of the layers before
+    /// ([`DecoderLm::set_grad_enabled`]).
+    grad_enabled: AtomicBool,
 }
 
 fn linear(w: &Weights, hook: &dyn ModelHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
@@ -129,7 +133,19 @@ impl DecoderLm {
             head_dim: c.head_dim,
             hidden_size: h,
         })?;
-        Ok(Self { config, embed_tokens, virtual_tokens, kv_prefix, layers, norm, lm_head, rope, device: device.clone(), recompute: RwLock::new(None) })
+        Ok(Self {
+            config,
+            embed_tokens,
+            virtual_tokens,
+            kv_prefix,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            recompute: RwLock::new(None),
+            grad_enabled: AtomicBool::new(true),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -223,8 +239,26 @@ impl DecoderLm {
                     }
                 },
             };
+            if !self.grad_enabled.load(Ordering::Relaxed) {
+                x = x.detach();
+                if let Some(Some((k, v))) = cache.as_deref_mut().map(|c| &mut c.layers[i]) {
+                    (*k, *v) = (k.detach(), v.detach());
+                }
+            }
         }
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
+    }
+
+    /// Off for inference (eval, logits, generate): a forward pass then keeps no autograd graph,
+    /// so each layer's activations are freed once the next layer has them (a trained adapter's
+    /// tensors are tracked variables, and without this a pass would hold every layer's
+    /// intermediates until its output is dropped). On by default, for training.
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.grad_enabled.store(on, Ordering::Relaxed)
+    }
+
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled.load(Ordering::Relaxed)
     }
 
     /// Recompute each layer's activations during backward instead of keeping them

@@ -113,6 +113,25 @@ impl Model {
         }
     }
 
+    /// Autograd on (training, the default) or off (inference: no pass keeps the graph of the
+    /// layers it has run; see `DecoderLm::set_grad_enabled`).
+    pub fn set_grad_enabled(&self, on: bool) {
+        match &self.arch {
+            Arch::Decoder(m) => m.set_grad_enabled(on),
+            Arch::Bert(m) => m.set_grad_enabled(on),
+        }
+    }
+
+    /// Autograd off until the guard is dropped, then as it was.
+    pub fn no_grad(&self) -> NoGrad<'_> {
+        let was = match &self.arch {
+            Arch::Decoder(m) => m.grad_enabled(),
+            Arch::Bert(m) => m.grad_enabled(),
+        };
+        self.set_grad_enabled(false);
+        NoGrad { model: self, was }
+    }
+
     pub fn device(&self) -> &Device {
         match &self.arch {
             Arch::Decoder(m) => m.device(),
@@ -133,5 +152,17 @@ impl Model {
                 }
             }
         }
+    }
+}
+
+/// [`Model::no_grad`]'s guard.
+pub struct NoGrad<'a> {
+    model: &'a Model,
+    was: bool,
+}
+
+impl Drop for NoGrad<'_> {
+    fn drop(&mut self) {
+        self.model.set_grad_enabled(self.was)
     }
 }

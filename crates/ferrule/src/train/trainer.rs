@@ -229,6 +229,7 @@ pub fn evaluate(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize
         bail!("evaluation set is empty")
     }
     let dev = model.device().clone();
+    let _no_grad = model.no_grad();
     let (mut loss_sum, mut count, mut correct) = (0f64, 0usize, 0usize);
     for chunk in items.chunks(batch_size.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
