@@ -81,6 +81,47 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter> {
     Ok(SavedAdapter { dir: dir.to_path_buf(), config, tensors })
 }
 
+/// The adapters a folder holds, as `(name, folder)`, in PEFT's layouts:
+/// - `DIR/adapter_config.json` alone: one adapter, named after the folder;
+/// - subfolders `DIR/<name>/adapter_config.json` (what peft's `save_pretrained` writes for every
+///   adapter not named "default"): one adapter each under its subfolder's name, sorted, and the
+///   root's adapter, if any, as `"default"` (where peft writes that one).
+///
+/// `checkpoint-*` subfolders (ferrule's and the HF Trainer's checkpoints in a run folder) and
+/// hidden ones are not adapters of the folder: name one by its own path. A folder with neither is an error.
+pub fn find_adapters(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    if !dir.is_dir() {
+        bail!("{}: no such adapter folder", dir.display())
+    }
+    let mut subs = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for e in entries {
+        let path = e.with_context(|| format!("listing {}", dir.display()))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        if path.join(CONFIG_FILE).is_file() && !is_checkpoint_name(&name) {
+            subs.push((name, path));
+        }
+    }
+    subs.sort();
+    let root = dir.join(CONFIG_FILE).is_file();
+    if subs.is_empty() {
+        if !root {
+            bail!("{}: no {CONFIG_FILE} in the folder or its subfolders; not a PEFT adapter folder", dir.display())
+        }
+        let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "default".into());
+        return Ok(vec![(name, dir.to_path_buf())]);
+    }
+    if root {
+        subs.insert(0, ("default".to_string(), dir.to_path_buf()));
+    }
+    Ok(subs)
+}
+
+/// `checkpoint-*` (checkpoints, complete or being written) and hidden folders.
+fn is_checkpoint_name(name: &str) -> bool {
+    name.starts_with("checkpoint-") || name.starts_with('.')
+}
+
 /// Writes `tuner` as a PEFT adapter folder. Each file is written to a temporary name,
 /// synced and renamed, so an interrupted save never leaves a half-written adapter.
 pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str) -> Result<()> {

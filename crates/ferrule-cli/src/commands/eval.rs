@@ -47,6 +47,7 @@ pub fn run(a: Args) -> Result<()> {
         o.remove("step");
         o.insert("skipped_records".into(), set.skipped.len().into());
         o.insert("truncated_records".into(), set.truncated.into());
+        o.insert("adapter".into(), m.active.clone().into());
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

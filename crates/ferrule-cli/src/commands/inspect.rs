@@ -41,14 +41,14 @@ pub fn run(a: Args) -> Result<()> {
         "formats": mem.formats,
     });
     if let Some(t) = &m.tuner {
-        let trainable = m.trainable_params();
-        info["adapter"] = serde_json::json!({
-            "peft_type": t.method().peft_type,
-            "modules": t.adapted().len(),
-            "parameters": trainable,
-            "percent_of_total": 100.0 * trainable as f64 / ferrule::tuners::total_params(m.model.base_params, t.as_ref()) as f64,
-            "example_module": t.adapted().first(),
-        });
+        info["adapter"] = adapter_json(&m.active, t.as_ref(), m.model.base_params);
+    }
+    if let Some(w) = &m.weighted {
+        let members: Vec<_> = w.members.iter().map(|x| adapter_json(&x.name, x.tuner.as_ref(), m.model.base_params)).collect();
+        info["weighted_sum"] = serde_json::json!({ "running": m.active, "members": members });
+    }
+    if !m.adapters.is_empty() {
+        info["adapters_loaded"] = serde_json::json!(m.adapters.iter().map(|a| serde_json::json!({"name": a.name, "dir": a.dir})).collect::<Vec<_>>());
     }
     if a.adapter.given() {
         let source = ModelSource::load_with(&a.model.model, &dev, a.model.quant.spec()?.as_ref())?;
@@ -93,19 +93,46 @@ pub fn run(a: Args) -> Result<()> {
     for (format, f) in &mem.formats {
         println!("  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)", f.tensors, f.params, f.bits_per_param);
     }
+    if m.adapters.len() > 1 {
+        println!("adapters     {} loaded: {}", m.adapters.len(), m.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", "));
+    }
     if let Some(ad) = info.get("adapter") {
-        println!(
-            "adapter      {} on {} modules, {} parameters ({:.4}% of total)",
-            ad["peft_type"].as_str().unwrap_or(""),
-            ad["modules"],
-            ad["parameters"],
-            ad["percent_of_total"].as_f64().unwrap_or(0.0)
-        );
+        print_adapter("adapter     ", ad);
+    }
+    if let Some(w) = info.get("weighted_sum") {
+        println!("running      {}", m.active);
+        for ad in w["members"].as_array().into_iter().flatten() {
+            print_adapter("  member    ", ad);
+        }
     }
     if let Some(p) = info.get("plan") {
         print_plan(p);
     }
     Ok(())
+}
+
+/// One loaded adapter: its method, modules and parameters.
+fn adapter_json(name: &str, t: &dyn ferrule::tuners::Tuner, base_params: usize) -> serde_json::Value {
+    let trainable = trainable_params(t);
+    serde_json::json!({
+        "name": name,
+        "peft_type": t.method().peft_type,
+        "modules": t.adapted().len(),
+        "parameters": trainable,
+        "percent_of_total": 100.0 * trainable as f64 / ferrule::tuners::total_params(base_params, t) as f64,
+        "example_module": t.adapted().first(),
+    })
+}
+
+fn print_adapter(label: &str, ad: &serde_json::Value) {
+    println!(
+        "{label} {} {} on {} modules, {} parameters ({:.4}% of total)",
+        ad["name"].as_str().unwrap_or(""),
+        ad["peft_type"].as_str().unwrap_or(""),
+        ad["modules"],
+        ad["parameters"],
+        ad["percent_of_total"].as_f64().unwrap_or(0.0)
+    );
 }
 
 /// The text form of a method plan: what it trains, what each target entry matched, an example module.

@@ -9,11 +9,9 @@ pub mod merge;
 pub mod quantize;
 pub mod train;
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Result};
 use candle_core::Device;
-use ferrule::adapted::AdaptedModel;
+use ferrule::adapted::{AdaptedModel, AdapterSource, Selection};
 use ferrule::model::Task;
 use ferrule::quant::{QuantMethod, QuantSpec};
 
@@ -23,9 +21,17 @@ pub struct ModelArgs {
     /// Model folder (config.json + safetensors + tokenizer.json), .gguf file, or hub id.
     #[arg(long)]
     pub model: String,
-    /// A PEFT adapter folder to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// A PEFT adapter folder to apply, as DIR or NAME=DIR; repeatable. A folder in PEFT's
+    /// several-adapter layout (one subfolder per adapter, "default" at the root) offers each of them.
+    #[arg(long, value_name = "[NAME=]DIR")]
+    pub adapter: Vec<String>,
+    /// With several adapters loaded: the one to run.
+    #[arg(long, value_name = "NAME", conflicts_with = "adapter_weights")]
+    pub active_adapter: Option<String>,
+    /// Run a weighted sum of loaded adapters' changes, f0 + sum of w*(f_adapter - f0) at every
+    /// adapted module (for LoRA: W0 + sum of w*s*B*A), e.g. default=0.7,other=-0.4.
+    #[arg(long, value_name = "NAME=W,...")]
+    pub adapter_weights: Option<String>,
     /// causal-lm, seq-cls or feature-extraction (default: the adapter's task_type, else by model family).
     #[arg(long)]
     pub task: Option<String>,
@@ -36,7 +42,18 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<AdaptedModel> {
         let task = self.task.as_deref().map(parse_task).transpose()?;
-        AdaptedModel::load_with(&self.model, self.adapter.as_deref(), task, &device(), self.quant.spec()?.as_ref())
+        let sources: Vec<AdapterSource> = self.adapter.iter().map(|s| AdapterSource::parse(s)).collect();
+        let selection = match (&self.active_adapter, &self.adapter_weights) {
+            (Some(name), _) => Selection::Active(name.clone()),
+            (None, Some(w)) => Selection::parse_weights(w)?,
+            (None, None) => Selection::Only,
+        };
+        let m = AdaptedModel::load_adapters(&self.model, &sources, &selection, task, &device(), self.quant.spec()?.as_ref())?;
+        if m.adapters.len() > 1 || m.weighted.is_some() {
+            let names: Vec<_> = m.adapters.iter().map(|a| a.name.as_str()).collect();
+            eprintln!("adapters loaded: {}; running: {}", names.join(", "), m.active);
+        }
+        Ok(m)
     }
 }
 

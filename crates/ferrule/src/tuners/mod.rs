@@ -20,6 +20,7 @@ pub mod prompt_tuning;
 pub mod randlora;
 pub mod registry;
 pub mod target;
+pub mod weighted;
 
 use std::sync::Arc;
 
