@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::BertConfig;
-use super::hooks::fusable_down;
+use super::hooks::{branch, fusable_down};
 use super::weights::Weights;
-use super::{Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams, VirtualTokens};
+use super::{BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp_scaled;
 use crate::ops::gelu::gelu;
@@ -31,6 +31,9 @@ struct Layer {
     intermediate: Box<dyn Linear>,
     output: Box<dyn Linear>,
     output_norm: Norm,
+    /// Changes to the attention and feed-forward branches, from the residual-branch hook point.
+    attn_branch: Option<Box<dyn ResidualBranch>>,
+    mlp_branch: Option<Box<dyn ResidualBranch>>,
 }
 
 /// What the encoder is used for; decides the module paths (`bert.` prefix under a head).
@@ -105,6 +108,8 @@ impl Bert {
                 intermediate: lin(&format!("{p}.intermediate.dense"), c.intermediate_size, h)?,
                 output: lin(&format!("{p}.output.dense"), h, c.intermediate_size)?,
                 output_norm: norm(&format!("{p}.output.LayerNorm"))?,
+                attn_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.attention"), layer: i, kind: BranchKind::Attention, hidden_size: h })?,
+                mlp_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.output"), layer: i, kind: BranchKind::Mlp, hidden_size: h })?,
             });
         }
         let has_pooler = w.contains("pooler.dense.weight") || w.contains("bert.pooler.dense.weight");
@@ -210,12 +215,13 @@ impl Bert {
         for layer in &self.layers {
             let (q, k, v) = (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?);
             let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
-            let att = layer.attn_out.forward(&att)?;
+            let att = branch(layer.attn_branch.as_deref(), &x, layer.attn_out.forward(&att)?)?;
             x = add_layer_norm(&att, &x, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
             let out = match (layer.intermediate.as_frozen(), fusable_down(layer.output.as_ref())) {
                 (Some(up), Some((down, scale))) => gelu_mlp_scaled(&x, up, down, scale)?,
                 _ => layer.output.forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
             };
+            let out = branch(layer.mlp_branch.as_deref(), &x, out)?;
             x = add_layer_norm(&out, &x, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
             if !self.grad_enabled() {
                 x = x.detach();

@@ -17,6 +17,7 @@
 //! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings |
 //! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model | prompt tuning |
 //! | [`ModelHook::kv_prefix`] | the attention keys and values of every layer, once per model | prefix tuning |
+//! | [`ModelHook::residual_branch`] | the attention and MLP branches of every layer, before the residual add | series / parallel adapters (none yet) |
 //!
 //! The last two add positions before the user's tokens. A model that has them prepends them on
 //! a fresh pass (no KV cache, or an empty one), extends the attention mask it is given (which
@@ -161,6 +162,46 @@ pub trait KvPrefix: Send + Sync {
     fn num_tokens(&self) -> usize;
 }
 
+/// Which residual branch of a transformer layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchKind {
+    /// Self-attention through its output projection (`o_proj`, `attention.output.dense`).
+    Attention,
+    /// The feed-forward block through its down projection (`down_proj`, `output.dense`).
+    Mlp,
+}
+
+/// What a hook is told about a residual branch.
+#[derive(Clone, Debug)]
+pub struct BranchInfo {
+    /// Hugging Face path of the branch's module: `model.layers.0.self_attn` / `model.layers.0.mlp`,
+    /// or `encoder.layer.0.attention` / `encoder.layer.0.output` (with `bert.` under a head).
+    pub path: String,
+    /// Layer index.
+    pub layer: usize,
+    pub kind: BranchKind,
+    pub hidden_size: usize,
+}
+
+/// A change to a residual branch: the layer computes `x + g(u, f(u))` instead of `x + f(u)`,
+/// where `x` is the residual stream, `u` what the branch reads (`x` after the pre-norm in a
+/// decoder; `x` itself in a post-norm encoder) and `f(u)` the branch output, all `[b, t, hidden]`.
+/// A series adapter (Houlsby et al. 2019) is `g = f + A(f)`; a parallel one (He et al. 2022)
+/// `g = f + A(u)`. In a post-norm encoder the LayerNorm of the residual sum follows, as in
+/// Houlsby's placement.
+pub trait ResidualBranch: Send + Sync {
+    /// `g(u, f(u))`, `[b, t, hidden]`.
+    fn forward(&self, input: &Tensor, output: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// A branch's output `f` for input `u`, through the residual-branch hook's change if any.
+pub fn branch(change: Option<&dyn ResidualBranch>, u: &Tensor, f: Tensor) -> candle_core::Result<Tensor> {
+    match change {
+        Some(g) => g.forward(u, &f),
+        None => Ok(f),
+    }
+}
+
 /// Decides what each hook point of a model becomes. Defaults leave the module unchanged.
 pub trait ModelHook {
     /// A linear layer `y = x Wᵀ + b` with its frozen base.
@@ -185,6 +226,11 @@ pub trait ModelHook {
 
     /// A key/value prefix for every attention layer; `None` adds none.
     fn kv_prefix(&self, _info: &AttentionInfo) -> Result<Option<Box<dyn KvPrefix>>> {
+        Ok(None)
+    }
+
+    /// A change to one residual branch; `None` leaves it (and its fused kernels) as it is.
+    fn residual_branch(&self, _info: &BranchInfo) -> Result<Option<Box<dyn ResidualBranch>>> {
         Ok(None)
     }
 }

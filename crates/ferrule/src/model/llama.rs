@@ -8,9 +8,12 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
-use super::hooks::fusable_down;
+use super::hooks::{branch, fusable_down};
 use super::weights::Weights;
-use super::{AttentionInfo, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, VirtualTokens};
+use super::{
+    AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch,
+    VirtualTokens,
+};
 use crate::ops::attention::{attention, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp_scaled;
 use crate::ops::norm::rms_norm;
@@ -37,6 +40,9 @@ struct Layer {
     self_attn: Attention,
     post_attention_layernorm: Tensor,
     mlp: Mlp,
+    /// Changes to the attention and MLP branches, from the residual-branch hook point.
+    attn_branch: Option<Box<dyn ResidualBranch>>,
+    mlp_branch: Option<Box<dyn ResidualBranch>>,
 }
 
 /// Keys and values of earlier positions, one entry per layer (`[b, s, h_kv·head_dim]`).
@@ -112,6 +118,8 @@ impl DecoderLm {
                     up_proj: linear(w, hook, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
                     down_proj: linear(w, hook, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
                 },
+                attn_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.self_attn"), layer: i, kind: BranchKind::Attention, hidden_size: h })?,
+                mlp_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.mlp"), layer: i, kind: BranchKind::Mlp, hidden_size: h })?,
             }));
         }
         let norm = rms_weight(w, hook, "model.norm", h)?;
@@ -358,9 +366,9 @@ fn layer_forward(
         None => (k, v),
     };
     let att = attention(&q, &k, &v, c.num_attention_heads, mask, scale)?;
-    let x = (residual + a.o_proj.forward(&att)?)?;
+    let x = (residual + branch(layer.attn_branch.as_deref(), &hs, a.o_proj.forward(&att)?)?)?;
     let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-    Ok((x + mlp_forward(&layer.mlp, &hs)?)?)
+    Ok((&x + branch(layer.mlp_branch.as_deref(), &hs, mlp_forward(&layer.mlp, &hs)?)?)?)
 }
 
 /// `down(silu(gate(x)) ⊙ up(x))`; one fused op when no method wraps any of the three (or one

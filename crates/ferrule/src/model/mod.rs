@@ -17,7 +17,10 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 pub use config::{family_of, BertConfig, DecoderConfig, Family};
-pub use hooks::{AttentionInfo, Embedding, EmbeddingInfo, Frozen, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, VirtualTokens};
+pub use hooks::{
+    AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, Frozen, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams,
+    ResidualBranch, VirtualTokens,
+};
 pub use source::ModelSource;
 pub use weights::Weights;
 

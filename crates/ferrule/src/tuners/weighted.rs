@@ -29,7 +29,10 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 use super::Tuner;
-use crate::model::{AttentionInfo, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, VirtualTokens};
+use crate::model::{
+    AttentionInfo, BranchInfo, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch,
+    VirtualTokens,
+};
 use crate::ops::{FrozenLinear, FrozenWeight};
 
 /// One adapter of a weighted sum.
@@ -137,6 +140,16 @@ impl ModelHook for WeightedSum {
         Ok(Box::new(WeightedEmbedding { base, parts }))
     }
 
+    fn residual_branch(&self, info: &BranchInfo) -> Result<Option<Box<dyn ResidualBranch>>> {
+        let mut parts = Vec::new();
+        for m in &self.members {
+            if let Some(b) = m.tuner.residual_branch(info)? {
+                parts.push((m.weight, b));
+            }
+        }
+        Ok((!parts.is_empty()).then(|| Box::new(WeightedBranch { parts }) as Box<dyn ResidualBranch>))
+    }
+
     fn virtual_tokens(&self, info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
         self.refuse_positions("virtual tokens", |t| Ok(t.virtual_tokens(info)?.is_some()))?;
         Ok(None)
@@ -164,6 +177,21 @@ impl Linear for WeightedLinear {
         let mut y = y0.clone();
         for (w, f) in &self.parts {
             y = (y + ((f.forward(x)?.detach() - &y0)? * *w)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// The residual-branch form: `f + Σ wᵢ (gᵢ(u, f) − f)`.
+struct WeightedBranch {
+    parts: Vec<(f64, Box<dyn ResidualBranch>)>,
+}
+
+impl ResidualBranch for WeightedBranch {
+    fn forward(&self, input: &Tensor, output: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = output.clone();
+        for (w, g) in &self.parts {
+            y = (y + ((g.forward(input, output)?.detach() - output)? * *w)?)?;
         }
         Ok(y)
     }
