@@ -371,7 +371,11 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     while step < stop_at {
         let t0 = Instant::now();
         let mut acc = GradAccumulator::new();
-        let (mut loss_sum, mut tokens, mut slots) = (0f64, 0usize, 0usize);
+        // Token-weighted accumulation: micro-batch i (mean loss over its n_i trained tokens, or
+        // n_i examples for classification) weighs n_i / Σn, so the step's loss and gradient are
+        // the mean over every trained token of the step, as one batch of the same records would
+        // give (transformers' `num_items_in_batch` fix, 2024).
+        let (mut loss_sum, mut trained, mut tokens, mut slots) = (0f64, 0usize, 0usize, 0usize);
         for micro in 0..cfg.grad_accum {
             if pos >= n {
                 epoch += 1;
@@ -387,7 +391,12 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
             }
             p.tuner.mode().set_training(true);
             p.tuner.mode().set_step((step * cfg.grad_accum + micro) as u64);
-            let (loss, _, _) = batch_loss(&p.model, &batch)?;
+            tokens += batch.num_tokens;
+            slots += batch.input_ids.elem_count();
+            let (loss, counted, _) = batch_loss(&p.model, &batch)?;
+            if counted == 0 {
+                continue; // nothing trained in this micro-batch (its weight would be 0)
+            }
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
                 bail!("loss became {lv} at step {}; lower the learning rate or check the data", step + 1)
@@ -396,10 +405,12 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
             if let Some(sink) = &sink {
                 sink.drain_into(&mut grads)?;
             }
-            acc.add(&grads, &params, 1.0)?;
-            loss_sum += lv;
-            tokens += batch.num_tokens;
-            slots += batch.input_ids.elem_count();
+            acc.add(&grads, &params, counted as f64)?;
+            loss_sum += lv * counted as f64;
+            trained += counted;
+        }
+        if trained == 0 {
+            bail!("step {}: its {} micro-batch(es) hold no trained token (every label is masked)", step + 1, cfg.grad_accum)
         }
         let mut grads = acc.take_mean()?;
         let grad_norm = match cfg.max_grad_norm {
@@ -414,7 +425,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         throughput.record_with_duration(tokens as u64, dt);
         positions.record_with_duration(slots as u64, dt);
         step_times.push(dt.as_secs_f64());
-        let loss = loss_sum / cfg.grad_accum as f64;
+        let loss = loss_sum / trained as f64;
         last_loss = Some(loss);
         let report = StepReport {
             step,
