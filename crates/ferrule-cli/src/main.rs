@@ -72,3 +72,28 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag of every subcommand says what it does in `--help`.
+    #[test]
+    fn every_flag_has_a_help_line() {
+        fn walk(cmd: &clap::Command, name: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if let (None, Some(long)) = (arg.get_help(), arg.get_long()) {
+                    if !arg.is_hide_set() {
+                        missing.push(format!("{name} --{long}"));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{name} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "ferrule", &mut missing);
+        assert!(missing.is_empty(), "flags without a help line:\n{}", missing.join("\n"));
+    }
+}

@@ -22,8 +22,10 @@ pub struct AdapterArgs {
     /// LoRA rank r.
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora); default 16 for ferrule train's LoRA, else PEFT's default of the method.
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// Dropout probability on the adapter input during training (default 0).
     #[arg(long)]
     pub lora_dropout: Option<f64>,
     /// Comma-separated module names (matched as dotted suffixes), or "all-linear".
@@ -32,6 +34,7 @@ pub struct AdapterArgs {
     /// A regular expression that must match whole module paths (instead of --target-modules).
     #[arg(long)]
     pub target_regex: Option<String>,
+    /// Comma-separated module names (dotted suffixes) never adapted, even when a target matches them.
     #[arg(long)]
     pub exclude_modules: Option<String>,
     /// IA3: comma-separated targets whose input (not output) is scaled.

@@ -14,8 +14,10 @@ pub struct Args {
     /// JSONL records to evaluate.
     #[arg(long)]
     data: PathBuf,
+    /// Records per batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Longest sequence in tokens; longer records are cut on the right (and counted).
     #[arg(long, default_value_t = 512)]
     max_len: usize,
     /// Evaluate the first N records only.

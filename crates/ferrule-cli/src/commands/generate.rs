@@ -11,6 +11,7 @@ use ferrule::model::Arch;
 pub struct Args {
     #[command(flatten)]
     model: super::ModelArgs,
+    /// The user message (rendered with the model's chat template unless --raw).
     #[arg(long)]
     prompt: String,
     /// Optional system message (chat models).
@@ -19,13 +20,16 @@ pub struct Args {
     /// Use the prompt as raw text even when the model has a chat template.
     #[arg(long)]
     raw: bool,
+    /// Tokens to generate at most (generation also stops at an end-of-sequence token).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = all).
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

@@ -8,8 +8,10 @@ use ferrule::merge::merge_to_dir;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Base model folder, .gguf file, or hub id (the one the adapter was trained on).
     #[arg(long)]
     model: String,
+    /// The PEFT adapter folder to merge into the base.
     #[arg(long)]
     adapter: PathBuf,
     /// New folder for the merged model.

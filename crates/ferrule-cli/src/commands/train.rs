@@ -19,6 +19,7 @@ pub struct Args {
     /// Training data (JSONL: {"text"}, alpaca, {"messages"} chat, or {"text","label"}).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Held-out JSONL records (same shapes as --data), evaluated at the end and every --eval-every steps.
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// Output folder: adapter, checkpoints, metrics.jsonl.
@@ -29,6 +30,7 @@ pub struct Args {
     task: Option<String>,
     #[command(flatten)]
     adapter: super::adapter_args::AdapterArgs,
+    /// Longest sequence in tokens (default: the model's context, at most 512).
     #[arg(long)]
     max_len: Option<usize>,
     /// Fail on records longer than --max-len instead of truncating them.
@@ -40,26 +42,34 @@ pub struct Args {
     /// Pad every batch to --max-len.
     #[arg(long)]
     pad_to_max_len: bool,
+    /// Records per micro-batch (default 8).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (default 1); the step averages over all their trained tokens.
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Optimizer steps to run (default: --epochs passes over the data).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Passes over the data when --max-steps is not given (default 1; fractions allowed).
     #[arg(long)]
     epochs: Option<f64>,
+    /// Peak learning rate of AdamW (default 2e-4).
     #[arg(long)]
     lr: Option<f64>,
+    /// Steps of linear warmup from 0 to --lr (default 0).
     #[arg(long)]
     warmup_steps: Option<usize>,
     /// constant, linear or cosine.
     #[arg(long)]
     schedule: Option<LrSchedule>,
+    /// AdamW decoupled weight decay (default 0).
     #[arg(long)]
     weight_decay: Option<f64>,
     /// 0 disables clipping.
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Seed of initialisation, data order and dropout (default 42).
     #[arg(long)]
     seed: Option<u64>,
     /// Recompute layer activations in backward (gradient checkpointing): less memory, ~1 extra forward.
@@ -67,14 +77,19 @@ pub struct Args {
     recompute: bool,
     #[command(flatten)]
     quant: super::QuantArgs,
+    /// Evaluate every N steps as well as at the end (needs --eval-data).
     #[arg(long)]
     eval_every: Option<usize>,
+    /// Records per evaluation batch (default: --batch-size).
     #[arg(long)]
     eval_batch_size: Option<usize>,
+    /// Evaluate on the first N --eval-data records only.
     #[arg(long)]
     eval_limit: Option<usize>,
+    /// Write a checkpoint every N steps (for --resume).
     #[arg(long)]
     save_every: Option<usize>,
+    /// Checkpoints kept in the output folder; older ones are deleted (default 2).
     #[arg(long)]
     keep_checkpoints: Option<usize>,
     /// Continue from the newest checkpoint in the output folder.
