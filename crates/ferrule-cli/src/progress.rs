@@ -1,4 +1,7 @@
-//! A terminal progress bar (step, loss, tokens/s, ETA) for training runs.
+//! Training progress: a bar (step, loss, tokens/s, ETA) on a terminal; plain lines every
+//! `--log-every` steps when stderr is not one (nohup, CI, a file), where a bar shows nothing.
+
+use std::io::IsTerminal;
 
 use ferrule::train::{EvalReport, Progress, StepReport};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -6,17 +9,45 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Bar {
     bar: Option<ProgressBar>,
     quiet: bool,
+    /// `Some(n)`: no bar; a line every n steps (and the last).
+    lines_every: Option<usize>,
+    /// Seconds of the steps run in this process, and their count (the ETA).
+    elapsed: f64,
+    steps_run: usize,
 }
 
 impl Bar {
-    pub fn new(quiet: bool) -> Self {
-        Self { bar: None, quiet }
+    /// A bar when stderr is a terminal, else lines every `log_every` steps.
+    pub fn new(quiet: bool, log_every: usize) -> Self {
+        let lines_every = (!std::io::stderr().is_terminal()).then_some(log_every.max(1));
+        Self { bar: None, quiet, lines_every, elapsed: 0.0, steps_run: 0 }
     }
+}
+
+/// `1:02:03` from seconds.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// One plain progress line.
+pub fn step_line(r: &StepReport, eta_secs: f64) -> String {
+    format!(
+        "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s  eta {}",
+        r.step,
+        r.total_steps,
+        r.loss,
+        r.lr,
+        r.grad_norm,
+        r.tokens_per_sec,
+        clock(eta_secs)
+    )
 }
 
 impl Progress for Bar {
     fn start(&mut self, total_steps: usize, first_step: usize) {
-        let bar = ProgressBar::with_draw_target(Some(total_steps as u64), if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+        let hidden = self.quiet || self.lines_every.is_some();
+        let bar = ProgressBar::with_draw_target(Some(total_steps as u64), if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
         bar.set_style(
             ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -26,6 +57,14 @@ impl Progress for Bar {
     }
 
     fn step(&mut self, r: &StepReport) {
+        self.elapsed += r.step_seconds;
+        self.steps_run += 1;
+        if let (Some(every), false) = (self.lines_every, self.quiet) {
+            if r.step.is_multiple_of(every) || r.step == r.total_steps {
+                let eta = self.elapsed / self.steps_run as f64 * r.total_steps.saturating_sub(r.step) as f64;
+                eprintln!("{}", step_line(r, eta));
+            }
+        }
         if let Some(b) = &self.bar {
             b.set_position(r.step as u64);
             b.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_sec));
@@ -54,5 +93,27 @@ impl Progress for Bar {
         if let Some(b) = self.bar.take() {
             b.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_line_names_every_figure() {
+        let r = StepReport {
+            step: 20,
+            total_steps: 100,
+            epoch: 0.5,
+            loss: 2.34567,
+            lr: 2e-4,
+            grad_norm: 0.5,
+            tokens: 1000,
+            tokens_per_sec: 1234.4,
+            positions_per_sec: 2000.0,
+            step_seconds: 0.8,
+        };
+        assert_eq!(step_line(&r, 3725.0), "step 20/100  loss 2.3457  lr 2.00e-4  grad_norm 0.500  1234 tok/s  eta 1:02:05");
     }
 }

@@ -95,6 +95,9 @@ pub struct Args {
     /// Continue from the newest checkpoint in the output folder.
     #[arg(long)]
     resume: bool,
+    /// When stderr is not a terminal (nohup, CI, a file): a plain progress line every N steps.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    log_every: usize,
     /// No progress bar or messages; the summary JSON is still printed.
     #[arg(long, short)]
     quiet: bool,
@@ -180,7 +183,7 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = build_config(&a)?;
-    let mut bar = Bar::new(a.quiet);
+    let mut bar = Bar::new(a.quiet, a.log_every);
     let summary = train(&cfg, &super::device(), &mut bar, &RunOptions { resume: a.resume, stop_after: a.stop_after })?;
     println!("{}", serde_json::to_string(&summary)?);
     if !a.quiet {
