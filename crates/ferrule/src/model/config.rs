@@ -18,7 +18,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "bert"
 
 /// Reads `model_type` and says which family implements it.
 pub fn family_of(config: &Value) -> Result<Family> {
-    let mt = config.get("model_type").and_then(Value::as_str).ok_or_else(|| anyhow!("config.json has no \"model_type\""))?;
+    let mt =
+        config.get("model_type").and_then(Value::as_str).ok_or_else(|| anyhow!("no \"model_type\"; ferrule supports {}", SUPPORTED_MODEL_TYPES.join(", ")))?;
     match mt {
         "llama" | "mistral" | "qwen2" => Ok(Family::Decoder),
         "bert" => Ok(Family::Bert),
@@ -26,17 +27,132 @@ pub fn family_of(config: &Value) -> Result<Family> {
     }
 }
 
-fn req_usize(c: &Value, key: &str) -> Result<usize> {
-    c.get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| anyhow!("config.json: missing or non-integer {key:?}"))
+/// Parses `config` for its family, so that a bad key fails when the model is loaded.
+pub fn check(config: &Value) -> Result<()> {
+    match family_of(config)? {
+        Family::Decoder => DecoderConfig::from_json(config).map(drop),
+        Family::Bert => BertConfig::from_json(config).map(drop),
+    }
 }
-fn opt_usize(c: &Value, key: &str) -> Option<usize> {
-    c.get(key).and_then(Value::as_u64).map(|v| v as usize)
+
+/// Typed reads of `config.json` keys. A missing key gives `None` (the caller's documented
+/// default); a key of the wrong type, or `null` where transformers gives the key no meaning for
+/// `null`, is an error naming the key, the value found and what was expected. (The old pattern,
+/// `as_f64().unwrap_or(default)`, silently turned `"rms_norm_eps": "x"` into the default.)
+struct Keys<'a>(&'a Value);
+
+fn found(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        format!("{}...", &s[..60])
+    } else {
+        s
+    }
 }
-fn opt_f64(c: &Value, key: &str) -> Option<f64> {
-    c.get(key).and_then(Value::as_f64)
+
+impl Keys<'_> {
+    fn wrong(&self, key: &str, expected: &str) -> anyhow::Error {
+        anyhow!("{key:?} is {}, expected {expected}", found(&self.0[key]))
+    }
+
+    /// A non-negative integer (`null` is an error).
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| Some(n as usize)).ok_or_else(|| self.wrong(key, "a non-negative integer")),
+        }
+    }
+
+    /// An integer ≥ 1.
+    fn count(&self, key: &str) -> Result<Option<usize>> {
+        match self.usize(key) {
+            Ok(Some(0)) | Err(_) => Err(self.wrong(key, "an integer of at least 1")),
+            n => n,
+        }
+    }
+
+    fn required_count(&self, key: &str) -> Result<usize> {
+        self.count(key)?.ok_or_else(|| anyhow!("missing {key:?} (an integer of at least 1)"))
+    }
+
+    /// A non-negative integer, or `null` meaning none (token ids, `sliding_window`, `head_dim`).
+    fn nullable_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.usize(key),
+        }
+    }
+
+    /// A finite number.
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| self.wrong(key, "a finite number")),
+        }
+    }
+
+    /// A finite number > 0 (epsilons, rope theta and factors).
+    fn positive(&self, key: &str) -> Result<Option<f64>> {
+        match self.f64(key)? {
+            Some(x) if x <= 0.0 => Err(self.wrong(key, "a number greater than 0")),
+            x => Ok(x),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong(key, "true or false")),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&str>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string")),
+        }
+    }
+
+    /// An object, or `null` / missing meaning none (`rope_scaling`, `rope_parameters`).
+    fn object(&self, key: &str) -> Result<Option<&Value>> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) if v.is_object() => Ok(Some(v)),
+            Some(_) => Err(self.wrong(key, "an object or null")),
+        }
+    }
+
+    /// A token id below `vocab` (torch's `nn.Embedding` refuses a `padding_idx` outside it).
+    fn token_id(&self, key: &str, vocab: usize) -> Result<Option<u32>> {
+        match self.nullable_usize(key)? {
+            Some(id) if id >= vocab => Err(self.wrong(key, &format!("a token id below vocab_size ({vocab})"))),
+            id => Ok(id.map(|i| i as u32)),
+        }
+    }
 }
-fn opt_bool(c: &Value, key: &str) -> Option<bool> {
-    c.get(key).and_then(Value::as_bool)
+
+/// Defaults of keys a `config.json` may leave out, as transformers 5 documents them for each
+/// model type (`LlamaConfig`, `MistralConfig`, `Qwen2Config`, `BertConfig` in
+/// `transformers/models/<type>/configuration_<type>.py`).
+pub mod defaults {
+    /// `LlamaConfig.rms_norm_eps` (Qwen2 and Mistral also 1e-6).
+    pub const RMS_NORM_EPS: f64 = 1e-6;
+    /// `rope_theta` of Llama and Mistral (Qwen2 writes its own in every released config).
+    pub const ROPE_THETA: f64 = 10000.0;
+    /// `LlamaConfig.max_position_embeddings`.
+    pub const MAX_POSITION_EMBEDDINGS: usize = 2048;
+    /// `BertConfig.layer_norm_eps`, `max_position_embeddings`, `type_vocab_size`,
+    /// `pad_token_id`, `initializer_range`, and `PretrainedConfig.num_labels`.
+    pub const BERT_LAYER_NORM_EPS: f64 = 1e-12;
+    pub const BERT_MAX_POSITION_EMBEDDINGS: usize = 512;
+    pub const BERT_TYPE_VOCAB_SIZE: usize = 2;
+    pub const BERT_PAD_TOKEN_ID: usize = 0;
+    pub const BERT_INITIALIZER_RANGE: f64 = 0.02;
+    pub const NUM_LABELS: usize = 2;
+    /// Llama 3's rope scaling (`_compute_llama3_parameters` in `modeling_rope_utils.py`).
+    pub const LLAMA3_LOW_FREQ_FACTOR: f64 = 1.0;
+    pub const LLAMA3_HIGH_FREQ_FACTOR: f64 = 4.0;
+    pub const LLAMA3_ORIGINAL_MAX_POSITION_EMBEDDINGS: f64 = 8192.0;
 }
 
 /// A Llama-shaped decoder (Llama, Mistral, Qwen2, SmolLM2).
@@ -69,83 +185,120 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
+    /// Parses and range-checks a decoder `config.json`; errors name the key and what it holds.
     pub fn from_json(c: &Value) -> Result<Self> {
-        let model_type = c.get("model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
-        let hidden_size = req_usize(c, "hidden_size")?;
-        let heads = req_usize(c, "num_attention_heads")?;
-        let kv = opt_usize(c, "num_key_value_heads").unwrap_or(heads);
-        if heads == 0 || kv == 0 || heads % kv != 0 {
-            bail!("config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
+        let k = Keys(c);
+        let model_type = k.str("model_type")?.ok_or_else(|| anyhow!("no \"model_type\"; ferrule supports {}", SUPPORTED_MODEL_TYPES.join(", ")))?.to_string();
+        let vocab_size = k.required_count("vocab_size")?;
+        let hidden_size = k.required_count("hidden_size")?;
+        let heads = k.required_count("num_attention_heads")?;
+        let kv = k.count("num_key_value_heads")?.unwrap_or(heads);
+        if heads % kv != 0 {
+            bail!("num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
         }
-        let head_dim = opt_usize(c, "head_dim").unwrap_or(hidden_size / heads);
-        if let Some(act) = c.get("hidden_act").and_then(Value::as_str) {
+        let head_dim = match k.nullable_usize("head_dim")? {
+            Some(0) => bail!("\"head_dim\" is 0, expected an integer of at least 1"),
+            Some(d) => d,
+            None if hidden_size % heads != 0 => {
+                bail!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({heads}) and no \"head_dim\" is given")
+            }
+            None => hidden_size / heads,
+        };
+        if let Some(act) = k.str("hidden_act")? {
             if act != "silu" {
-                bail!("config.json: hidden_act {act:?} is not supported for {model_type} (expected \"silu\")")
+                bail!("hidden_act {act:?} is not supported for {model_type} (expected \"silu\")")
             }
         }
         // transformers 5 moves rope settings into `rope_parameters`; older files use
         // top-level `rope_theta` and `rope_scaling`.
-        let params = c.get("rope_parameters").filter(|v| v.is_object());
-        let scaling_obj = params.or_else(|| c.get("rope_scaling").filter(|v| v.is_object()));
-        let rope_theta = params.and_then(|p| opt_f64(p, "rope_theta")).or_else(|| opt_f64(c, "rope_theta")).unwrap_or(10000.0);
+        let params = k.object("rope_parameters")?;
+        let scaling_obj = match params {
+            Some(p) => Some(p),
+            None => k.object("rope_scaling")?,
+        };
+        let theta_in_params = match params {
+            Some(p) => Keys(p).positive("rope_theta").map_err(|e| e.context("in \"rope_parameters\""))?,
+            None => None,
+        };
+        let rope_theta = match theta_in_params {
+            Some(t) => t,
+            None => k.positive("rope_theta")?.unwrap_or(defaults::ROPE_THETA),
+        };
         let rope_scaling = match scaling_obj {
             None => RopeScaling::Default,
-            Some(s) => {
-                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-                let factor = opt_f64(s, "factor");
-                match kind {
-                    "default" => RopeScaling::Default,
-                    "linear" => RopeScaling::Linear { factor: factor.ok_or_else(|| anyhow!("config.json: linear rope scaling needs \"factor\""))? },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: factor.ok_or_else(|| anyhow!("config.json: llama3 rope scaling needs \"factor\""))?,
-                        low_freq_factor: opt_f64(s, "low_freq_factor").unwrap_or(1.0),
-                        high_freq_factor: opt_f64(s, "high_freq_factor").unwrap_or(4.0),
-                        original_max_position_embeddings: opt_f64(s, "original_max_position_embeddings").unwrap_or(8192.0),
-                    },
-                    other => bail!("config.json: rope type {other:?} is not supported (default, linear, llama3 are)"),
-                }
-            }
+            Some(obj) => rope_scaling(obj)?,
         };
         let (qkv_bias, o_bias) = match model_type.as_str() {
             "qwen2" => (true, false),
             _ => {
-                let b = opt_bool(c, "attention_bias").unwrap_or(false);
+                let b = k.bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
         };
+        let window = k.nullable_usize("sliding_window")?;
+        if window == Some(0) {
+            bail!("\"sliding_window\" is 0, expected an integer of at least 1 or null")
+        }
         let sliding_window = match model_type.as_str() {
-            "mistral" => opt_usize(c, "sliding_window"),
-            "qwen2" if opt_bool(c, "use_sliding_window").unwrap_or(false) => opt_usize(c, "sliding_window"),
+            "mistral" => window,
+            "qwen2" if k.bool("use_sliding_window")?.unwrap_or(false) => window,
             _ => None,
         };
         let eos_token_ids = match c.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
-            _ => vec![],
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => {
+                let ids: Option<Vec<u32>> = a.iter().map(|v| v.as_u64().filter(|&i| (i as usize) < vocab_size).map(|i| i as u32)).collect();
+                ids.ok_or_else(|| k.wrong("eos_token_id", &format!("token ids below vocab_size ({vocab_size})")))?
+            }
+            Some(_) => k.token_id("eos_token_id", vocab_size)?.into_iter().collect(),
         };
         Ok(Self {
-            vocab_size: req_usize(c, "vocab_size")?,
+            vocab_size,
             hidden_size,
-            intermediate_size: req_usize(c, "intermediate_size")?,
-            num_hidden_layers: req_usize(c, "num_hidden_layers")?,
+            intermediate_size: k.required_count("intermediate_size")?,
+            num_hidden_layers: k.required_count("num_hidden_layers")?,
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
-            rms_norm_eps: opt_f64(c, "rms_norm_eps").unwrap_or(1e-6),
+            rms_norm_eps: k.positive("rms_norm_eps")?.unwrap_or(defaults::RMS_NORM_EPS),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: opt_usize(c, "max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: opt_bool(c, "tie_word_embeddings").unwrap_or(false),
+            max_position_embeddings: k.count("max_position_embeddings")?.unwrap_or(defaults::MAX_POSITION_EMBEDDINGS),
+            tie_word_embeddings: k.bool("tie_word_embeddings")?.unwrap_or(false),
             sliding_window,
             qkv_bias,
             o_bias,
-            mlp_bias: opt_bool(c, "mlp_bias").unwrap_or(false),
-            bos_token_id: opt_usize(c, "bos_token_id").map(|v| v as u32),
-            pad_token_id: opt_usize(c, "pad_token_id").map(|v| v as u32),
+            mlp_bias: k.bool("mlp_bias")?.unwrap_or(false),
+            bos_token_id: k.token_id("bos_token_id", vocab_size)?,
+            pad_token_id: k.token_id("pad_token_id", vocab_size)?,
             eos_token_ids,
             model_type,
         })
     }
+}
+
+/// `rope_scaling` / `rope_parameters` (transformers `modeling_rope_utils.py`).
+fn rope_scaling(obj: &Value) -> Result<RopeScaling> {
+    let s = Keys(obj);
+    let inner = || -> Result<RopeScaling> {
+        let kind = match s.str("rope_type")? {
+            Some(t) => t,
+            None => s.str("type")?.unwrap_or("default"),
+        };
+        let factor = s.positive("factor")?;
+        Ok(match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: factor.ok_or_else(|| anyhow!("linear rope scaling needs \"factor\""))? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: factor.ok_or_else(|| anyhow!("llama3 rope scaling needs \"factor\""))?,
+                low_freq_factor: s.positive("low_freq_factor")?.unwrap_or(defaults::LLAMA3_LOW_FREQ_FACTOR),
+                high_freq_factor: s.positive("high_freq_factor")?.unwrap_or(defaults::LLAMA3_HIGH_FREQ_FACTOR),
+                original_max_position_embeddings: s.positive("original_max_position_embeddings")?.unwrap_or(defaults::LLAMA3_ORIGINAL_MAX_POSITION_EMBEDDINGS),
+            },
+            other => bail!("rope type {other:?} is not supported (default, linear, llama3 are)"),
+        })
+    };
+    inner().map_err(|e| anyhow!("{e} (in rope_scaling / rope_parameters)"))
 }
 
 /// A BERT-family encoder.
@@ -166,30 +319,108 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
+    /// Parses and range-checks a BERT `config.json`; errors name the key and what it holds.
     pub fn from_json(c: &Value) -> Result<Self> {
-        if let Some(act) = c.get("hidden_act").and_then(Value::as_str) {
+        let k = Keys(c);
+        if let Some(act) = k.str("hidden_act")? {
             if act != "gelu" {
-                bail!("config.json: hidden_act {act:?} is not supported for bert (expected \"gelu\")")
+                bail!("hidden_act {act:?} is not supported for bert (expected \"gelu\")")
             }
         }
-        if let Some(p) = c.get("position_embedding_type").and_then(Value::as_str) {
+        if let Some(p) = k.str("position_embedding_type")? {
             if p != "absolute" {
-                bail!("config.json: position_embedding_type {p:?} is not supported (expected \"absolute\")")
+                bail!("position_embedding_type {p:?} is not supported (expected \"absolute\")")
             }
         }
-        let num_labels = opt_usize(c, "num_labels").or_else(|| c.get("id2label").and_then(Value::as_object).map(|m| m.len())).unwrap_or(2);
+        let num_labels = match k.count("num_labels")? {
+            Some(n) => n,
+            None => match c.get("id2label") {
+                None | Some(Value::Null) => defaults::NUM_LABELS,
+                Some(Value::Object(m)) if !m.is_empty() => m.len(),
+                Some(_) => return Err(k.wrong("id2label", "a non-empty object")),
+            },
+        };
+        let vocab_size = k.required_count("vocab_size")?;
+        let hidden_size = k.required_count("hidden_size")?;
+        let num_attention_heads = k.required_count("num_attention_heads")?;
+        if hidden_size % num_attention_heads != 0 {
+            bail!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})")
+        }
         Ok(Self {
-            vocab_size: req_usize(c, "vocab_size")?,
-            hidden_size: req_usize(c, "hidden_size")?,
-            num_hidden_layers: req_usize(c, "num_hidden_layers")?,
-            num_attention_heads: req_usize(c, "num_attention_heads")?,
-            intermediate_size: req_usize(c, "intermediate_size")?,
-            max_position_embeddings: opt_usize(c, "max_position_embeddings").unwrap_or(512),
-            type_vocab_size: opt_usize(c, "type_vocab_size").unwrap_or(2),
-            layer_norm_eps: opt_f64(c, "layer_norm_eps").unwrap_or(1e-12),
-            pad_token_id: opt_usize(c, "pad_token_id").unwrap_or(0) as u32,
-            initializer_range: opt_f64(c, "initializer_range").unwrap_or(0.02),
+            vocab_size,
+            hidden_size,
+            num_hidden_layers: k.required_count("num_hidden_layers")?,
+            num_attention_heads,
+            intermediate_size: k.required_count("intermediate_size")?,
+            max_position_embeddings: k.count("max_position_embeddings")?.unwrap_or(defaults::BERT_MAX_POSITION_EMBEDDINGS),
+            type_vocab_size: k.count("type_vocab_size")?.unwrap_or(defaults::BERT_TYPE_VOCAB_SIZE),
+            layer_norm_eps: k.positive("layer_norm_eps")?.unwrap_or(defaults::BERT_LAYER_NORM_EPS),
+            pad_token_id: k.token_id("pad_token_id", vocab_size)?.unwrap_or(defaults::BERT_PAD_TOKEN_ID as u32),
+            initializer_range: k.positive("initializer_range")?.unwrap_or(defaults::BERT_INITIALIZER_RANGE),
             num_labels,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(model: &str) -> Value {
+        let path = format!("{}/../../tests/fixtures/models/{model}/config.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn err_with(model: &str, key: &str, value: Value) -> String {
+        let mut c = fixture(model);
+        c[key] = value;
+        check(&c).expect_err(&format!("{key} = {} must be refused", c[key])).to_string()
+    }
+
+    /// The values the fuzzing of issue 13 found accepted; each now fails naming the key.
+    #[test]
+    fn wrong_types_and_ranges_name_the_key() {
+        use serde_json::json;
+        for v in [json!("x"), json!([]), json!(true), json!(null), json!(-1), json!(0)] {
+            let e = err_with("llama", "rms_norm_eps", v.clone());
+            assert!(e.contains("\"rms_norm_eps\" is") && (e.contains("finite number") || e.contains("greater than 0")), "{v}: {e}");
+        }
+        assert!(err_with("llama", "rope_parameters", json!("x")).contains("\"rope_parameters\" is \"x\", expected an object or null"));
+        assert!(err_with("llama", "sliding_window", json!(0)).contains("\"sliding_window\" is 0"));
+        assert!(err_with("llama", "num_key_value_heads", json!(3)).contains("multiple of num_key_value_heads (3)"));
+        assert!(err_with("llama", "num_attention_heads", json!(0)).contains("\"num_attention_heads\" is 0, expected an integer of at least 1"));
+        assert!(err_with("llama", "hidden_size", json!(2.5)).contains("\"hidden_size\" is 2.5"));
+        assert!(err_with("llama", "vocab_size", json!(1u64 << 40)).contains("\"vocab_size\""));
+        assert!(err_with("llama", "pad_token_id", json!(100000)).contains("below vocab_size (320)"));
+        assert!(err_with("llama", "tie_word_embeddings", json!("yes")).contains("expected true or false"));
+        assert!(err_with("llama", "eos_token_id", json!(["nope"])).contains("\"eos_token_id\""));
+        assert!(err_with("llama", "head_dim", json!(0)).contains("\"head_dim\" is 0"));
+        assert!(err_with("bert", "layer_norm_eps", json!("x")).contains("\"layer_norm_eps\" is \"x\""));
+        assert!(err_with("bert", "num_attention_heads", json!(5)).contains("not a multiple of num_attention_heads (5)"));
+        assert!(err_with("bert", "id2label", json!([])).contains("\"id2label\""));
+        let mut c = fixture("llama");
+        c["rope_parameters"] = json!({"rope_type": "linear", "factor": "x"});
+        assert!(check(&c).unwrap_err().to_string().contains("\"factor\" is \"x\""));
+        c.as_object_mut().unwrap().remove("model_type");
+        let e = check(&c).unwrap_err().to_string();
+        assert!(e.contains("no \"model_type\"") && e.contains("llama, mistral, qwen2, bert"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_null_keys_take_the_documented_defaults() {
+        let mut c = fixture("llama");
+        let o = c.as_object_mut().unwrap();
+        for k in ["rms_norm_eps", "max_position_embeddings", "rope_parameters", "rope_theta", "num_key_value_heads"] {
+            o.remove(k);
+        }
+        o.insert("sliding_window".into(), Value::Null);
+        o.insert("pad_token_id".into(), Value::Null);
+        let d = DecoderConfig::from_json(&c).unwrap();
+        assert_eq!(
+            (d.rms_norm_eps, d.rope_theta, d.max_position_embeddings),
+            (defaults::RMS_NORM_EPS, defaults::ROPE_THETA, defaults::MAX_POSITION_EMBEDDINGS)
+        );
+        assert_eq!((d.num_key_value_heads, d.sliding_window, d.pad_token_id), (d.num_attention_heads, None, None));
+        assert!(check(&fixture("bert")).is_ok() && check(&fixture("qwen2")).is_ok());
     }
 }

@@ -65,7 +65,7 @@ impl ModelSource {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
         let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-        super::config::family_of(&config).with_context(|| cfg_path.display().to_string())?;
+        super::config::check(&config).with_context(|| cfg_path.display().to_string())?;
         crate::quant::bnb_format::spec_from_config(&config).with_context(|| cfg_path.display().to_string())?;
         let weights = Weights::load_dir(dir, DType::F32, device, quantize)?;
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(crate::data::load_tokenizer(dir)?) } else { None };
@@ -86,6 +86,7 @@ impl ModelSource {
             chat_template: g.chat_template.clone(),
             ..Default::default()
         });
+        super::config::check(&g.config).with_context(|| format!("{}: the config derived from its metadata", path.display()))?;
         Ok(Self {
             location: path.to_path_buf(),
             config: g.config,
