@@ -107,7 +107,13 @@ impl AdaptedModel {
     /// `--quantize` an adapter was trained with).
     pub fn load_with(model: &str, adapter: Option<&Path>, task: Option<Task>, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
         let sources: Vec<AdapterSource> = adapter.map(|d| AdapterSource { name: None, dir: d.to_path_buf() }).into_iter().collect();
-        Self::load_adapters(model, &sources, &Selection::Only, task, device, quantize)
+        // One folder named by path means its own adapter, even when subfolders hold more
+        // (PEFT's layout, or PiSSA's `initial/` beside the converted adapter).
+        let selection = match adapter {
+            Some(d) if d.join(crate::peft_io::CONFIG_FILE).is_file() && find_adapters(d)?.len() > 1 => Selection::Active("default".into()),
+            _ => Selection::Only,
+        };
+        Self::load_adapters(model, &sources, &selection, task, device, quantize)
     }
 
     /// The base `model` with the adapters found in `adapters`, running the one(s) `selection`

@@ -203,3 +203,21 @@ fn a_path_with_an_equals_sign_is_taken_whole_when_it_exists() {
     assert_eq!(AdapterSource::parse("mine=runs/a"), AdapterSource { name: Some("mine".into()), dir: "runs/a".into() });
     assert_eq!(AdapterSource::parse("runs/x=y"), AdapterSource { name: None, dir: "runs/x=y".into() });
 }
+
+#[test]
+fn one_folder_named_by_path_means_its_own_adapter() {
+    // merge, and every caller of AdaptedModel::load with a path: a root adapter with other
+    // adapters in subfolders (PEFT's layout, PiSSA's initial/) is the root's.
+    let tmp = tempfile::tempdir().unwrap();
+    let sub = tmp.path().join("extra");
+    std::fs::create_dir(&sub).unwrap();
+    for (from, to) in [(multi("ia3_a"), tmp.path().to_path_buf()), (multi("ia3_b"), sub)] {
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+    }
+    let m = AdaptedModel::load(&llama(), Some(tmp.path()), None, &Device::Cpu).unwrap();
+    assert_eq!(m.active, "default");
+    let alone = try_load(&[src(&multi("ia3_a"))], &Selection::Only).unwrap();
+    assert_eq!(max_diff_masked(&logits(&m), &logits(&alone), None), 0.0);
+}

@@ -43,10 +43,9 @@ struct Keys<'a>(&'a Value);
 
 fn found(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..60])
-    } else {
-        s
+    match s.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
     }
 }
 
@@ -122,12 +121,28 @@ impl Keys<'_> {
         }
     }
 
-    /// A token id below `vocab` (torch's `nn.Embedding` refuses a `padding_idx` outside it).
+    /// A token id below `vocab` (torch's `nn.Embedding` refuses a `padding_idx` outside it); a
+    /// negative one counts from the end, as torch reads `padding_idx = -1`.
     fn token_id(&self, key: &str, vocab: usize) -> Result<Option<u32>> {
+        if let Some(n) = self.0.get(key).and_then(Value::as_i64).filter(|&n| n < 0) {
+            return match vocab.checked_sub(n.unsigned_abs() as usize) {
+                Some(id) => Ok(Some(id as u32)),
+                None => Err(self.wrong(key, &format!("a token id within vocab_size ({vocab})"))),
+            };
+        }
         match self.nullable_usize(key)? {
             Some(id) if id >= vocab => Err(self.wrong(key, &format!("a token id below vocab_size ({vocab})"))),
             id => Ok(id.map(|i| i as u32)),
         }
+    }
+
+    /// A token id that indexes nothing (`bos_token_id`, `eos_token_id`): any integer; a negative
+    /// one (some conversions write -1) means none, as it can never be generated.
+    fn marker_id(&self, key: &str) -> Result<Option<u32>> {
+        if self.0.get(key).and_then(Value::as_i64).is_some_and(|n| n < 0) {
+            return Ok(None);
+        }
+        Ok(self.nullable_usize(key)?.map(|i| i as u32))
     }
 }
 
@@ -192,7 +207,11 @@ impl DecoderConfig {
         let vocab_size = k.required_count("vocab_size")?;
         let hidden_size = k.required_count("hidden_size")?;
         let heads = k.required_count("num_attention_heads")?;
-        let kv = k.count("num_key_value_heads")?.unwrap_or(heads);
+        // `null` or missing: as many as the query heads (transformers' LlamaConfig).
+        let kv = match c.get("num_key_value_heads") {
+            None | Some(Value::Null) => heads,
+            Some(_) => k.required_count("num_key_value_heads")?,
+        };
         if heads % kv != 0 {
             bail!("num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
         }
@@ -247,10 +266,11 @@ impl DecoderConfig {
         let eos_token_ids = match c.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => {
-                let ids: Option<Vec<u32>> = a.iter().map(|v| v.as_u64().filter(|&i| (i as usize) < vocab_size).map(|i| i as u32)).collect();
-                ids.ok_or_else(|| k.wrong("eos_token_id", &format!("token ids below vocab_size ({vocab_size})")))?
+                let ids: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
+                let ids = ids.ok_or_else(|| k.wrong("eos_token_id", "an integer or a list of integers"))?;
+                ids.into_iter().filter(|&i| i >= 0).map(|i| i as u32).collect()
             }
-            Some(_) => k.token_id("eos_token_id", vocab_size)?.into_iter().collect(),
+            Some(_) => k.marker_id("eos_token_id")?.into_iter().collect(),
         };
         Ok(Self {
             vocab_size,
@@ -269,7 +289,7 @@ impl DecoderConfig {
             qkv_bias,
             o_bias,
             mlp_bias: k.bool("mlp_bias")?.unwrap_or(false),
-            bos_token_id: k.token_id("bos_token_id", vocab_size)?,
+            bos_token_id: k.marker_id("bos_token_id")?,
             pad_token_id: k.token_id("pad_token_id", vocab_size)?,
             eos_token_ids,
             model_type,
@@ -394,6 +414,14 @@ mod tests {
         assert!(err_with("llama", "pad_token_id", json!(100000)).contains("below vocab_size (320)"));
         assert!(err_with("llama", "tie_word_embeddings", json!("yes")).contains("expected true or false"));
         assert!(err_with("llama", "eos_token_id", json!(["nope"])).contains("\"eos_token_id\""));
+        assert!(err_with("llama", "rms_norm_eps", json!("é".repeat(80))).contains("...")); // cut at a character
+        let mut c = fixture("llama");
+        c["pad_token_id"] = json!(-1);
+        c["bos_token_id"] = json!(-1);
+        c["eos_token_id"] = json!([-1, 2]);
+        c["num_key_value_heads"] = Value::Null;
+        let d = DecoderConfig::from_json(&c).unwrap();
+        assert_eq!((d.pad_token_id, d.bos_token_id, d.eos_token_ids.as_slice(), d.num_key_value_heads), (Some(319), None, &[2u32][..], d.num_attention_heads));
         assert!(err_with("llama", "head_dim", json!(0)).contains("\"head_dim\" is 0"));
         assert!(err_with("bert", "layer_norm_eps", json!("x")).contains("\"layer_norm_eps\" is \"x\""));
         assert!(err_with("bert", "num_attention_heads", json!(5)).contains("not a multiple of num_attention_heads (5)"));

@@ -221,7 +221,7 @@ impl DecoderLm {
             _ => attention_mask.cloned(),
         };
         let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, q_len, kv_len, mask.as_ref(), &self.device)?;
-        let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu());
+        let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu() && self.grad_enabled());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_prefix = prefix.as_ref().map(|p| p[i].clone());
             x = match &sink {

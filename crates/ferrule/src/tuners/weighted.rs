@@ -23,7 +23,8 @@
 //!
 //! Not combinable, and refused by [`WeightedSum`]'s hooks: methods that add positions (prompt
 //! and prefix tuning). Modules trained in full (`modules_to_save`) and replaced embedding
-//! tables are refused by the loader (`crate::adapted`), as peft refuses the first.
+//! tables are refused by the loader (`crate::adapted`); peft's `add_weighted_adapter` refuses
+//! the first only when two adapters train the same module in full, ferrule for any member.
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
