@@ -162,6 +162,15 @@ impl ModelHook for WeightedSum {
     }
 }
 
+/// `y₀ + Σ wᵢ (yᵢ − y₀)` for the members' outputs `yᵢ`, each detached (see [`WeightedLinear`]).
+fn add_changes(y0: &Tensor, outputs: impl Iterator<Item = (f64, candle_core::Result<Tensor>)>) -> candle_core::Result<Tensor> {
+    let mut y = y0.clone();
+    for (w, yi) in outputs {
+        y = (y + ((yi?.detach() - y0)? * w)?)?;
+    }
+    Ok(y)
+}
+
 /// `y = y₀ + Σ wᵢ (fᵢ(x) − y₀)` with `y₀ = x W₀ᵀ + b₀`, for the members that changed the layer.
 /// Each `fᵢ(x)` is detached: no gradient flows through a weighted sum, and a tracked result
 /// would keep every member's activations alive until the whole forward pass ends.
@@ -175,11 +184,7 @@ struct WeightedLinear {
 impl Linear for WeightedLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y0 = candle_core::Module::forward(&self.base, x)?;
-        let mut y = y0.clone();
-        for (w, f) in &self.parts {
-            y = (y + ((f.forward(x)?.detach() - &y0)? * *w)?)?;
-        }
-        Ok(y)
+        add_changes(&y0, self.parts.iter().map(|(w, f)| (*w, f.forward(x))))
     }
 }
 
@@ -190,11 +195,7 @@ struct WeightedBranch {
 
 impl ResidualBranch for WeightedBranch {
     fn forward(&self, input: &Tensor, output: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = output.clone();
-        for (w, g) in &self.parts {
-            y = (y + ((g.forward(input, output)?.detach() - output)? * *w)?)?;
-        }
-        Ok(y)
+        add_changes(output, self.parts.iter().map(|(w, g)| (*w, g.forward(input, output))))
     }
 }
 
@@ -206,12 +207,7 @@ struct WeightedEmbedding {
 
 impl Embedding for WeightedEmbedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let r0 = self.base.rows(ids)?;
-        let mut r = r0.clone();
-        for (w, e) in &self.parts {
-            r = (r + ((e.forward(ids)?.detach() - &r0)? * *w)?)?;
-        }
-        Ok(r)
+        add_changes(&self.base.rows(ids)?, self.parts.iter().map(|(w, e)| (*w, e.forward(ids))))
     }
 
     fn base(&self) -> &FrozenWeight {
