@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Installs the system libraries ferrule opens at run time: OpenBLAS, which computes the large
-# matrix products (ops/blas.rs; about 1.2x the gemm crate's throughput on AVX2 machines).
-# Without it ferrule runs the same code on the gemm crate, slower. Idempotent; needs root (or
-# sudo) and apt-get, and only warns where neither is available.
+# Installs the system packages ferrule builds and runs with (Debian / Ubuntu, apt-get):
+# - OpenBLAS (libopenblas0-pthread), opened at run time for the large matrix products
+#   (ops/blas.rs; about 1.2x the gemm crate's throughput on AVX2 machines). Without it ferrule
+#   runs the same code on the gemm crate, slower.
+# - Open MPI (openmpi-bin, libopenmpi-dev) and libclang-dev, which the `mpi` feature (on in the
+#   default build) compiles against (the `mpi` crate generates its bindings with bindgen) and
+#   which `mpirun` launches multi-process training with (docs/ARCHITECTURE.md, "Scale-out").
+# Idempotent; needs root (or sudo) and apt-get, and only warns where neither is available.
 set -euo pipefail
-if ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0'; then
-  exit 0
-fi
+missing=()
+ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' || missing+=(libopenblas0-pthread)
+command -v mpirun >/dev/null || missing+=(openmpi-bin)
+command -v mpicc >/dev/null || missing+=(libopenmpi-dev) # mpicc ships with the headers
+ldconfig -p 2>/dev/null | grep -q 'libclang' || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+[ ${#missing[@]} = 0 ] && exit 0
 SUDO=
 [ "$(id -u)" = 0 ] || SUDO=$(command -v sudo || true)
 if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
-  echo "install libopenblas0-pthread (apt-get)" >&2
-  $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 ||
-    { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null; }
+  echo "install ${missing[*]} (apt-get)" >&2
+  $SUDO apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
+    { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q "${missing[@]}" >/dev/null; }
 else
-  echo "warning: OpenBLAS is not installed and cannot be installed here (no apt-get or no root);" \
-    "ferrule will compute matrix products with the gemm crate, about 1.2x slower" >&2
+  echo "warning: ${missing[*]} not installed and cannot be installed here (no apt-get or no root):" \
+    "without OpenBLAS ferrule computes matrix products with the gemm crate (about 1.2x slower);" \
+    "without Open MPI and libclang build with --no-default-features (single process only)" >&2
 fi

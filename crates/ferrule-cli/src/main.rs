@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "ferrule", version, about = "Parameter-efficient fine-tuning of pretrained transformers (LoRA, IA3, LN tuning; PEFT-compatible)")]
 struct Cli {
-    /// Worker threads for tensor math (default: all cores).
+    /// Worker threads for tensor math (default: all cores, divided among the ranks of an mpirun job on this machine).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -37,6 +37,9 @@ enum Command {
     Inspect(Box<commands::inspect::Args>),
     /// Write f32 logits for given input tensors (for parity checks).
     Logits(commands::logits::Args),
+    /// Work on a training run's checkpoints (consolidate a sharded one).
+    #[command(subcommand)]
+    Checkpoint(commands::checkpoint::Command),
 }
 
 /// mimalloc's `mi_option_purge_delay` (see mimalloc.h; not named in libmimalloc-sys).
@@ -53,21 +56,42 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    if let Some(n) = cli.threads {
+    // MPI first (when a launcher started this process): the default thread count depends on
+    // how many ranks share this machine.
+    let comm = match ferrule::dist::init() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cli.threads.unwrap_or_else(|| (cores / comm.local_size()).max(1));
+    if cli.threads.is_some() || comm.local_size() > 1 {
         // candle and gemm both size their work from rayon's global pool.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     }
-    let result = match cli.command {
-        Command::Train(a) => commands::train::run(*a),
-        Command::Eval(a) => commands::eval::run(a),
-        Command::Generate(a) => commands::generate::run(a),
-        Command::Merge(a) => commands::merge::run(a),
-        Command::Quantize(a) => commands::quantize::run(a),
-        Command::Inspect(a) => commands::inspect::run(*a),
-        Command::Logits(a) => commands::logits::run(a),
+    let result = if comm.world_size() > 1 && !matches!(cli.command, Command::Train(_)) {
+        Err(anyhow::anyhow!("only `ferrule train` runs on several processes; run this command without mpirun"))
+    } else {
+        match cli.command {
+            Command::Train(a) => commands::train::run(*a, comm.as_ref()),
+            Command::Eval(a) => commands::eval::run(a),
+            Command::Generate(a) => commands::generate::run(a),
+            Command::Merge(a) => commands::merge::run(a),
+            Command::Quantize(a) => commands::quantize::run(a),
+            Command::Inspect(a) => commands::inspect::run(*a),
+            Command::Logits(a) => commands::logits::run(a),
+            Command::Checkpoint(c) => commands::checkpoint::run(c),
+        }
     };
     if let Err(e) = result {
+        if comm.world_size() > 1 {
+            eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.world_size());
+            // Stop the other ranks now rather than leave them waiting in a collective.
+            comm.abort(1);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

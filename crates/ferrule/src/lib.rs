@@ -6,6 +6,7 @@
 
 pub mod adapted;
 pub mod data;
+pub mod dist;
 pub mod export;
 pub mod generate;
 pub mod init;

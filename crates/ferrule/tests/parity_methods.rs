@@ -325,8 +325,8 @@ fn methods_train_on_dense_and_nf4_bases_and_resume_exactly() {
     }
     let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train(&train_config("ia3", whole.path(), None), &dev, &mut Silent, &RunOptions::default()).unwrap();
-    train(&train_config("ia3", split.path(), None), &dev, &mut Silent, &RunOptions { resume: false, stop_after: Some(2) }).unwrap();
-    train(&train_config("ia3", split.path(), None), &dev, &mut Silent, &RunOptions { resume: true, stop_after: None }).unwrap();
+    train(&train_config("ia3", split.path(), None), &dev, &mut Silent, &RunOptions { stop_after: Some(2), ..Default::default() }).unwrap();
+    train(&train_config("ia3", split.path(), None), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
     assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed IA3 run diverged");
 }
 
@@ -422,8 +422,8 @@ fn lora_variants_train_on_dense_and_nf4_bases_and_resume_exactly() {
         let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let cfg = |dir: &std::path::Path| train_config_with("lora", options.clone(), dir, None);
         train(&cfg(whole.path()), &dev, &mut Silent, &RunOptions::default()).unwrap();
-        train(&cfg(split.path()), &dev, &mut Silent, &RunOptions { resume: false, stop_after: Some(2) }).unwrap();
-        train(&cfg(split.path()), &dev, &mut Silent, &RunOptions { resume: true, stop_after: None }).unwrap();
+        train(&cfg(split.path()), &dev, &mut Silent, &RunOptions { stop_after: Some(2), ..Default::default() }).unwrap();
+        train(&cfg(split.path()), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
         assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed {what} run diverged");
     }
 }

@@ -342,8 +342,9 @@ fn prompt_methods_train_save_and_resume() {
     let opts = serde_json::json!({"num_virtual_tokens": 3, "prefix_projection": true, "encoder_hidden_size": 8});
     let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train(&config("PREFIX_TUNING", opts.clone(), whole.path(), None, false), &dev, &mut Silent, &RunOptions::default()).unwrap();
-    train(&config("PREFIX_TUNING", opts.clone(), split.path(), None, false), &dev, &mut Silent, &RunOptions { resume: false, stop_after: Some(2) }).unwrap();
-    train(&config("PREFIX_TUNING", opts, split.path(), None, false), &dev, &mut Silent, &RunOptions { resume: true, stop_after: None }).unwrap();
+    train(&config("PREFIX_TUNING", opts.clone(), split.path(), None, false), &dev, &mut Silent, &RunOptions { stop_after: Some(2), ..Default::default() })
+        .unwrap();
+    train(&config("PREFIX_TUNING", opts, split.path(), None, false), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
     let bytes = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(whole.path()), bytes(split.path()), "resumed prefix-tuning run diverged");
 }

@@ -63,7 +63,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     let dev = Device::Cpu;
     train(&config(whole.path()), &dev, &mut Silent, &RunOptions::default()).unwrap();
     // "Killed" after step 3: a checkpoint is written at the stop point, no adapter yet.
-    let partial = train(&config(split.path()), &dev, &mut Silent, &RunOptions { resume: false, stop_after: Some(3) }).unwrap();
+    let partial = train(&config(split.path()), &dev, &mut Silent, &RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
     assert!(!partial.completed);
     assert!(!split.path().join("adapter_model.safetensors").exists());
     assert!(split.path().join("checkpoint-3").is_dir());
@@ -73,9 +73,9 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     // A resume with different settings is refused.
     let mut other = config(split.path());
     other.lr = 1e-3;
-    let err = train(&other, &dev, &mut Silent, &RunOptions { resume: true, stop_after: None }).unwrap_err().to_string();
+    let err = train(&other, &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string();
     assert!(err.contains("different settings"), "{err}");
-    train(&config(split.path()), &dev, &mut Silent, &RunOptions { resume: true, stop_after: None }).unwrap();
+    train(&config(split.path()), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
     assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed run diverged");
     let m1 = std::fs::read_to_string(whole.path().join("metrics.jsonl")).unwrap();
     let m2 = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();

@@ -1,6 +1,7 @@
 //! One file per subcommand: flags, then a call into the library.
 
 pub mod adapter_args;
+pub mod checkpoint;
 pub mod eval;
 pub mod generate;
 pub mod inspect;

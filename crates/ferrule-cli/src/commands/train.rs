@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrule::train::{train, LrSchedule, RunOptions, TrainConfig};
+use ferrule::dist::{Collective, ZeroStage};
+use ferrule::train::{train_on, LrSchedule, RunOptions, TrainConfig};
 
 use crate::progress::Bar;
 
@@ -101,6 +102,11 @@ pub struct Args {
     /// No progress bar or messages; the summary JSON is still printed.
     #[arg(long, short)]
     quiet: bool,
+    /// Under mpirun: how the trainable state is spread over the ranks (ZeRO, Rajbhandari et al. 2020):
+    /// 0 gradients all-reduced, 1 also AdamW state partitioned, 2 gradients reduce-scattered too,
+    /// 3 trainable parameters partitioned too. Every stage trains the same adapter.
+    #[arg(long, value_name = "0-3", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero_stage: u8,
     /// Stop after this many steps as if interrupted (a checkpoint is written; resume later).
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
@@ -181,10 +187,15 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
     Ok(c)
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// Trains on every rank of `comm` (the world of one without a launcher); rank 0 prints.
+pub fn run(a: Args, comm: &dyn Collective) -> Result<()> {
     let cfg = build_config(&a)?;
     let mut bar = Bar::new(a.quiet, a.log_every);
-    let summary = train(&cfg, &super::device(), &mut bar, &RunOptions { resume: a.resume, stop_after: a.stop_after })?;
+    let run = RunOptions { resume: a.resume, stop_after: a.stop_after, zero_stage: ZeroStage::new(a.zero_stage)? };
+    let summary = train_on(&cfg, &super::device(), &mut bar, &run, comm)?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     println!("{}", serde_json::to_string(&summary)?);
     if !a.quiet {
         if summary.completed {

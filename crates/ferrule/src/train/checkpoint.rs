@@ -4,7 +4,10 @@
 //!
 //! * [`ADAPTER_FILE`]: the trainable (adapter) tensors, safetensors with
 //!   `{"format": "pt"}` metadata like PEFT's `adapter_model.safetensors`;
-//! * [`OPTIMIZER_FILE`]: the optimizer state (e.g. [`super::optim::AdamW::state`]);
+//! * [`OPTIMIZER_FILE`]: the optimizer state (e.g. [`super::optim::AdamW::state`]), or, for a
+//!   run whose AdamW state was partitioned over ranks (ZeRO stage ≥ 1, `crate::dist::zero`),
+//!   one [`shard_file_name`] per rank, each written by its rank, with the flat layout in its
+//!   safetensors metadata; [`consolidate_checkpoint`] joins them into one [`OPTIMIZER_FILE`];
 //! * [`TRAINER_STATE_FILE`]: a JSON [`TrainerState`] (step, epoch, position in
 //!   the epoch's data order, RNG states, config hash, metrics, caller data);
 //! * any extra files the caller passes (e.g. `adapter_config.json`).
@@ -25,6 +28,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::dist::{Collective, FlatLayout};
 use crate::util::atomic::{deserialize_safetensors, serialize_safetensors, sync_dir};
 
 /// Adapter tensors inside a checkpoint directory.
@@ -68,6 +72,23 @@ pub struct TrainerState {
     /// Arbitrary caller data.
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Processes that trained the run (1 for checkpoints written before multi-process runs).
+    #[serde(default = "one")]
+    pub world_size: u64,
+    /// ZeRO stage of the run; at stage ≥ 1 with several ranks the optimizer state is sharded.
+    #[serde(default)]
+    pub zero_stage: u8,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl TrainerState {
+    /// Whether the optimizer state is one file per rank.
+    pub fn sharded(&self) -> bool {
+        self.world_size > 1 && self.zero_stage >= 1
+    }
 }
 
 impl Default for TrainerState {
@@ -82,6 +103,8 @@ impl Default for TrainerState {
             config_hash: String::new(),
             metrics: Vec::new(),
             extra: serde_json::Value::Null,
+            world_size: 1,
+            zero_stage: 0,
         }
     }
 }
@@ -95,7 +118,7 @@ pub struct Checkpoint {
     pub state: TrainerState,
     /// Adapter tensors by name.
     pub adapter: BTreeMap<String, Tensor>,
-    /// Optimizer state tensors by name.
+    /// Optimizer state tensors by name (empty for a sharded checkpoint).
     pub optimizer: BTreeMap<String, Tensor>,
 }
 
@@ -177,45 +200,168 @@ pub fn save_checkpoint(
     let optimizer_bytes = serialize_safetensors(optimizer, None).context("serializing optimizer state")?;
     let state_bytes = serde_json::to_vec_pretty(state).context("serializing trainer state")?;
 
-    std::fs::create_dir_all(output_dir).with_context(|| format!("creating output directory {}", output_dir.display()))?;
-    let final_dir = checkpoint_dir(output_dir, state.step);
-    let tmp_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{}{TMP_SUFFIX}", state.step));
-    if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir).with_context(|| format!("removing stale {}", tmp_dir.display()))?;
-    }
-    std::fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
-
-    let write_all = || -> Result<()> {
+    let tmp_dir = begin_tmp(output_dir, state.step)?;
+    let write_all = || -> Result<PathBuf> {
         write_synced(&tmp_dir.join(ADAPTER_FILE), &adapter_bytes)?;
         write_synced(&tmp_dir.join(OPTIMIZER_FILE), &optimizer_bytes)?;
         for (name, bytes) in extra_files {
             write_synced(&tmp_dir.join(name), bytes)?;
         }
         write_synced(&tmp_dir.join(TRAINER_STATE_FILE), &state_bytes)?;
-        sync_dir(&tmp_dir).with_context(|| format!("syncing {}", tmp_dir.display()))?;
+        commit_tmp(output_dir, &tmp_dir, state.step)
+    };
+    write_all()
+        .inspect_err(|_| {
+            // Best effort: the error being returned matters more than cleanup.
+            let _ = std::fs::remove_dir_all(&tmp_dir);
+        })
+        .with_context(|| format!("saving checkpoint {}", checkpoint_dir(output_dir, state.step).display()))
+}
 
+/// Creates an empty `checkpoint-<step>.tmp/` under `output_dir` (replacing a stale one).
+fn begin_tmp(output_dir: &Path, step: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir).with_context(|| format!("creating output directory {}", output_dir.display()))?;
+    let tmp_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}{TMP_SUFFIX}"));
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(&tmp_dir).with_context(|| format!("removing stale {}", tmp_dir.display()))?;
+    }
+    std::fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    Ok(tmp_dir)
+}
+
+/// Syncs the filled `tmp_dir` and renames it to `checkpoint-<step>` (replacing an older one
+/// of the same step), then syncs `output_dir`.
+fn commit_tmp(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<PathBuf> {
+    let final_dir = checkpoint_dir(output_dir, step);
+    let commit = || -> Result<()> {
+        sync_dir(tmp_dir).with_context(|| format!("syncing {}", tmp_dir.display()))?;
         if final_dir.exists() {
             // Renaming onto a non-empty directory fails, so move the old one
             // aside (as a `.tmp`, ignored by readers) and delete it after.
-            let old = output_dir.join(format!("{CHECKPOINT_PREFIX}{}.replaced{TMP_SUFFIX}", state.step));
+            let old = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}.replaced{TMP_SUFFIX}"));
             if old.exists() {
                 std::fs::remove_dir_all(&old)?;
             }
             std::fs::rename(&final_dir, &old).with_context(|| format!("moving aside {}", final_dir.display()))?;
-            std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
+            std::fs::rename(tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
             std::fs::remove_dir_all(&old).with_context(|| format!("removing replaced {}", old.display()))?;
         } else {
-            std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
+            std::fs::rename(tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
         }
-        sync_dir(output_dir).with_context(|| format!("syncing {}", output_dir.display()))?;
-        Ok(())
+        sync_dir(output_dir).with_context(|| format!("syncing {}", output_dir.display()))
     };
-    if let Err(e) = write_all() {
-        // Best effort: the error being returned matters more than cleanup.
-        let _ = std::fs::remove_dir_all(&tmp_dir);
-        return Err(e.context(format!("saving checkpoint {}", final_dir.display())));
-    }
+    commit().with_context(|| format!("saving checkpoint {}", final_dir.display()))?;
     Ok(final_dir)
+}
+
+/// The optimizer shard of `rank` in a checkpoint of `world` ranks.
+pub fn shard_file_name(rank: usize, world: usize) -> String {
+    format!("optimizer-rank{rank:05}-of-{world:05}.safetensors")
+}
+
+/// Metadata key of a shard file that holds the flat layout (`FlatLayout::to_json`).
+const LAYOUT_KEY: &str = "ferrule.flat_layout";
+
+/// Writes `checkpoint-<state.step>/` of a multi-rank run whose optimizer state is partitioned,
+/// atomically, with every rank calling it: rank 0 creates the temporary folder, each rank
+/// writes its own optimizer shard into it (`fsync`ed), rank 0 writes the adapter and trainer
+/// state and renames the folder. The output folder must be one that every rank sees (a local
+/// disk for ranks on one machine, a shared file system across machines). A rank that fails
+/// makes every rank return an error, and no `checkpoint-<step>` appears.
+pub fn save_sharded_checkpoint(
+    comm: &dyn Collective,
+    output_dir: &Path,
+    state: &TrainerState,
+    adapter: &[(String, Tensor)],
+    shard: &[(String, Tensor)],
+    layout: &serde_json::Value,
+) -> Result<PathBuf> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let tmp_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{}{TMP_SUFFIX}", state.step));
+    let begun = if rank == 0 { begin_tmp(output_dir, state.step).map(|_| ()) } else { Ok(()) };
+    comm.all_ok(begun.is_ok(), "creating the checkpoint folder")?;
+    begun?;
+    let written = (|| -> Result<()> {
+        let meta = HashMap::from([(LAYOUT_KEY.to_string(), layout.to_string())]);
+        let bytes = serialize_safetensors(shard, Some(meta)).context("serializing the optimizer shard")?;
+        write_synced(&tmp_dir.join(shard_file_name(rank, world)), &bytes)
+    })();
+    comm.all_ok(written.is_ok(), "writing their optimizer shard")?;
+    written?;
+    let committed = if rank == 0 {
+        (|| -> Result<PathBuf> {
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            write_synced(&tmp_dir.join(ADAPTER_FILE), &serialize_safetensors(adapter, Some(meta))?)?;
+            write_synced(&tmp_dir.join(TRAINER_STATE_FILE), &serde_json::to_vec_pretty(state)?)?;
+            commit_tmp(output_dir, &tmp_dir, state.step)
+        })()
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&tmp_dir);
+        })
+    } else {
+        Ok(checkpoint_dir(output_dir, state.step))
+    };
+    comm.all_ok(committed.is_ok(), "committing the checkpoint")?;
+    committed
+}
+
+/// Reads rank `rank`'s optimizer shard of a sharded checkpoint, with the flat layout it was
+/// written with.
+pub fn load_optimizer_shard(dir: &Path, state: &TrainerState, rank: usize, device: &Device) -> Result<(BTreeMap<String, Tensor>, FlatLayout)> {
+    let path = dir.join(shard_file_name(rank, state.world_size as usize));
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (tensors, meta) = deserialize_safetensors(&bytes, device).with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
+    let layout = meta.get(LAYOUT_KEY).with_context(|| format!("{}: no {LAYOUT_KEY:?} metadata", path.display()))?;
+    let layout = FlatLayout::from_json(&serde_json::from_str(layout)?).with_context(|| format!("{}: bad {LAYOUT_KEY:?}", path.display()))?;
+    Ok((tensors, layout))
+}
+
+/// Turns a sharded checkpoint (one optimizer file per rank) into a world-size-1 one in place:
+/// one [`OPTIMIZER_FILE`] with [`super::optim::AdamW::state`]'s keys, which resumes on any
+/// number of ranks at any ZeRO stage. The folder is rewritten atomically (a copy is filled and
+/// renamed over it). A checkpoint that is not sharded is an error saying so.
+pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
+    let mut state = read_trainer_state(dir)?;
+    ensure!(
+        state.sharded(),
+        "{} is not sharded (world size {}, ZeRO stage {}): it resumes on any number of ranks as it is",
+        dir.display(),
+        state.world_size,
+        state.zero_stage
+    );
+    let mut shards = Vec::new();
+    let mut layout = None;
+    for rank in 0..state.world_size as usize {
+        let (t, l) = load_optimizer_shard(dir, &state, rank, &Device::Cpu)?;
+        if let Some(first) = &layout {
+            ensure!(first == &l, "{}: rank {rank}'s shard has another flat layout than rank 0's", dir.display());
+        }
+        layout = Some(l);
+        shards.push(t);
+    }
+    let full = crate::dist::consolidate_shards(&shards, &layout.expect("world size >= 2"))?;
+    let adapter_path = dir.join(ADAPTER_FILE);
+    let adapter_bytes = std::fs::read(&adapter_path).with_context(|| format!("reading {}", adapter_path.display()))?;
+    let (adapter, _) = deserialize_safetensors(&adapter_bytes, &Device::Cpu).with_context(|| format!("invalid or corrupt {}", adapter_path.display()))?;
+    let adapter: Vec<(String, Tensor)> = adapter.into_iter().collect();
+    let output_dir = dir.parent().context("checkpoint folder without a parent")?;
+    let step = state.step;
+    ensure!(checkpoint_dir(output_dir, step) == dir, "{} is not named checkpoint-{step}", dir.display());
+    state.world_size = 1;
+    state.zero_stage = 0;
+    let mut extra = Vec::new();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ![ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE].contains(&name.as_str()) && !name.starts_with("optimizer-rank") && e.path().is_file() {
+            names.push(name);
+        }
+    }
+    for name in &names {
+        extra.push((name.as_str(), std::fs::read(dir.join(name))?));
+    }
+    let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    save_checkpoint(output_dir, &state, &adapter, &full, &extra)
 }
 
 fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
@@ -235,7 +381,10 @@ fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
 /// Whether `dir` holds all required checkpoint files and a readable
 /// trainer state.
 fn is_complete(dir: &Path) -> bool {
-    [ADAPTER_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file()) && read_trainer_state(dir).is_ok()
+    let Ok(state) = read_trainer_state(dir) else { return false };
+    let world = state.world_size as usize;
+    let optimizer = if state.sharded() { (0..world).all(|r| dir.join(shard_file_name(r, world)).is_file()) } else { dir.join(OPTIMIZER_FILE).is_file() };
+    dir.join(ADAPTER_FILE).is_file() && optimizer
 }
 
 /// Complete checkpoints under `output_dir`, sorted by ascending step.
@@ -282,7 +431,9 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
         let (tensors, _) = deserialize_safetensors(&bytes, device).with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
         Ok(tensors)
     };
-    Ok(Checkpoint { dir: dir.to_path_buf(), adapter: load(ADAPTER_FILE)?, optimizer: load(OPTIMIZER_FILE)?, state })
+    // A sharded checkpoint's optimizer state is read per rank (`load_optimizer_shard`).
+    let optimizer = if state.sharded() { BTreeMap::new() } else { load(OPTIMIZER_FILE)? };
+    Ok(Checkpoint { dir: dir.to_path_buf(), adapter: load(ADAPTER_FILE)?, optimizer, state })
 }
 
 /// Deletes all but the `keep_last` most recent complete checkpoints under

@@ -19,10 +19,12 @@ pub mod rng;
 pub mod schedule;
 pub mod trainer;
 
-pub use checkpoint::{latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint, TrainerState};
+pub use checkpoint::{consolidate_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint, TrainerState};
 pub use config::TrainConfig;
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
-pub use trainer::{encode_file, encode_options, evaluate, prepare, train, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary};
+pub use trainer::{
+    encode_file, encode_options, evaluate, evaluate_on, prepare, train, train_on, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary,
+};

@@ -5,17 +5,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::checkpoint::{latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, TrainerState};
+use super::checkpoint::{
+    latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
+};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
+use super::optim::{AdamWConfig, GradAccumulator};
 use super::rng::Rng;
 use super::schedule::lr_at;
 use crate::data::{self, collate, Batch, EncodeOptions, Encoded, Encoder, LabelMap, PaddingSide, Truncation};
+use crate::dist::{Collective, FlatLayout, OptimizerState, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage};
 use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
@@ -70,6 +73,9 @@ pub struct RunOptions {
     pub resume: bool,
     /// Stop (as if interrupted) after this many optimizer steps in total.
     pub stop_after: Option<usize>,
+    /// How the trainable state is spread over ranks (`--zero-stage`; no effect on one rank's
+    /// result: every stage trains the same adapter).
+    pub zero_stage: ZeroStage,
 }
 
 /// What a finished run produced.
@@ -94,6 +100,13 @@ pub struct TrainSummary {
     /// What computed the large matrix products: the system BLAS opened, or the gemm crate
     /// (`ops::blas`); step times depend on it.
     pub matmul_backend: String,
+    /// Processes that trained (1 without a launcher).
+    pub world_size: usize,
+    pub zero_stage: u8,
+    /// Peak resident memory (`VmHWM`) of each rank, in bytes (0 where unknown).
+    pub peak_rss_bytes_per_rank: Vec<f64>,
+    /// What this rank sent in the collectives of the last step (none in a single process).
+    pub comm_per_step: Option<Traffic>,
 }
 
 /// A model with its tokenizer and encoded data, ready to train or evaluate.
@@ -225,27 +238,34 @@ fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
 /// Token-weighted eval loss (and accuracy for classification) over `items`.
 /// Adapter layers must be in eval mode (no dropout).
 pub fn evaluate(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize, step: usize) -> Result<EvalReport> {
+    evaluate_on(model, pad_id, items, batch_size, step, &SingleProcess)
+}
+
+/// [`evaluate`] spread over the ranks of `comm`: rank `r` takes records `r, r + N, ...` and the
+/// sums are all-reduced, so every rank returns the report of the whole set.
+pub fn evaluate_on(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize, step: usize, comm: &dyn Collective) -> Result<EvalReport> {
     if items.is_empty() {
         bail!("evaluation set is empty")
     }
     let dev = model.device().clone();
     let _no_grad = model.no_grad();
-    let (mut loss_sum, mut count, mut correct) = (0f64, 0usize, 0usize);
-    for chunk in items.chunks(batch_size.max(1)) {
-        let refs: Vec<&Encoded> = chunk.iter().collect();
-        let batch = collate(&refs, pad_id, PaddingSide::Right, &dev)?;
+    let mine: Vec<&Encoded> = items.iter().skip(comm.rank()).step_by(comm.world_size()).collect();
+    let mut sums = [0f64; 3]; // loss·n, n, correct
+    for chunk in mine.chunks(batch_size.max(1)) {
+        let batch = collate(chunk, pad_id, PaddingSide::Right, &dev)?;
         let (loss, n, c) = batch_loss(model, &batch)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-        count += n;
-        correct += c;
+        sums[0] += loss.to_scalar::<f32>()? as f64 * n as f64;
+        sums[1] += n as f64;
+        sums[2] += c as f64;
     }
-    let eval_loss = loss_sum / count.max(1) as f64;
+    comm.all_reduce_sum_f64(&mut sums)?;
+    let eval_loss = sums[0] / sums[1].max(1.0);
     let classification = model.task == Task::SeqCls;
     Ok(EvalReport {
         step,
         eval_loss,
         eval_perplexity: (!classification).then(|| eval_loss.exp()),
-        eval_accuracy: classification.then(|| correct as f64 / items.len() as f64),
+        eval_accuracy: classification.then(|| sums[2] / items.len() as f64),
         eval_records: items.len(),
     })
 }
@@ -256,6 +276,39 @@ impl Prepared {
     }
 }
 
+/// Where the next micro-batch starts in the seeded data order: epoch, position in it, and the
+/// epoch's order (a pure function of (seed, epoch)).
+struct DataCursor {
+    seed: u64,
+    epoch: u64,
+    pos: usize,
+    order: Vec<usize>,
+}
+
+impl DataCursor {
+    fn new(seed: u64, epoch: u64, pos: usize, n: usize) -> DataCursor {
+        DataCursor { seed, epoch, pos, order: epoch_order(seed, epoch, n) }
+    }
+
+    /// The records of the next micro-batch of at most `batch_size` (it ends at an epoch's end).
+    fn next(&mut self, batch_size: usize) -> &[usize] {
+        let n = self.order.len();
+        if self.pos >= n {
+            self.epoch += 1;
+            self.pos = 0;
+            self.order = epoch_order(self.seed, self.epoch, n);
+        }
+        let start = self.pos;
+        self.pos = (start + batch_size).min(n);
+        &self.order[start..self.pos]
+    }
+
+    /// Epochs done, as a fraction.
+    fn progress(&self) -> f64 {
+        self.epoch as f64 + self.pos as f64 / self.order.len() as f64
+    }
+}
+
 /// The order of records in `epoch`: a seeded shuffle, a pure function of (seed, epoch).
 fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -263,45 +316,199 @@ fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     order
 }
 
-/// Runs (or resumes) training as `cfg` describes.
+/// Runs (or resumes) training as `cfg` describes, in this process alone.
 pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, run: &RunOptions) -> Result<TrainSummary> {
-    let started = Instant::now();
-    let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let fingerprint = cfg.resume_fingerprint()?;
+    train_on(cfg, device, progress, run, &SingleProcess)
+}
 
-    // Resume state, if asked and present.
-    let checkpoint = if run.resume {
-        match latest_checkpoint(out) {
-            Some(dir) => {
-                let ck = load_checkpoint(&dir, device)?;
-                if ck.state.config_hash != fingerprint {
-                    bail!(
-                        "{}: this checkpoint was written by a run with different settings; resume with the same config, or use a new output folder",
-                        dir.display()
-                    )
-                }
-                progress.message(&format!("resuming from {}", dir.display()));
-                Some(ck)
-            }
-            None => {
-                progress.message("no checkpoint to resume from; starting fresh");
-                None
-            }
-        }
-    } else {
+/// The newest checkpoint to resume from, if `run.resume` asks and one exists; errors when
+/// checkpoints exist and resuming was not asked, or when they belong to another run.
+fn find_resume(
+    cfg: &TrainConfig,
+    run: &RunOptions,
+    comm: &dyn Collective,
+    fingerprint: &str,
+    progress: &mut dyn Progress,
+    device: &Device,
+) -> Result<Option<Checkpoint>> {
+    let out = &cfg.output_dir;
+    if !run.resume {
         if latest_checkpoint(out).is_some() {
             bail!("{} already holds checkpoints of a run; pass --resume to continue it, or choose another output folder", out.display())
         }
-        None
+        return Ok(None);
+    }
+    let Some(dir) = latest_checkpoint(out) else {
+        progress.message("no checkpoint to resume from; starting fresh");
+        return Ok(None);
     };
+    let ck = load_checkpoint(&dir, device)?;
+    if ck.state.config_hash != fingerprint {
+        bail!("{}: this checkpoint was written by a run with different settings; resume with the same config, or use a new output folder", dir.display())
+    }
+    let world = comm.world_size() as u64;
+    if ck.state.sharded() && (ck.state.world_size != world || ck.state.zero_stage != run.zero_stage.get()) {
+        bail!(
+            "{}: its optimizer state is sharded over {} ranks at ZeRO stage {}; resume it with `mpirun -np {} ... --zero-stage {}`, \
+             or run `ferrule checkpoint consolidate {}` first to resume with {} rank(s) or another stage",
+            dir.display(),
+            ck.state.world_size,
+            ck.state.zero_stage,
+            ck.state.world_size,
+            ck.state.zero_stage,
+            dir.display(),
+            world
+        )
+    }
+    if ck.state.world_size != world {
+        let per_rank = cfg.batch_size * cfg.grad_accum;
+        progress.message(&format!(
+            "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} records",
+            ck.state.world_size,
+            per_rank as u64 * ck.state.world_size,
+            per_rank as u64 * world
+        ));
+    }
+    progress.message(&format!("resuming from {}", dir.display()));
+    Ok(Some(ck))
+}
+
+/// One rank's share of one optimizer step: the global batch is `batch_size × grad_accum ×
+/// world` records in the single-process order, cut into `grad_accum × world` micro-batches;
+/// micro-batch `j` belongs to rank `j mod world`. Returns this rank's weighted gradient sums
+/// (Σ nᵢ·gᵢ, nᵢ the counted targets of micro-batch i) and counts.
+fn accumulate_step(
+    p: &Prepared,
+    cfg: &TrainConfig,
+    cursor: &mut DataCursor,
+    step: usize,
+    comm: &dyn Collective,
+    params: &[(String, candle_core::Var)],
+    sink: Option<&std::sync::Arc<GradSink>>,
+) -> Result<(std::collections::HashMap<String, Tensor>, StepTotals)> {
+    let world = comm.world_size();
+    let dev = p.model.device().clone();
+    let mut acc = GradAccumulator::new();
+    let mut local = StepTotals::default();
+    let micro_batches = cfg.grad_accum * world;
+    for j in 0..micro_batches {
+        let records = cursor.next(cfg.batch_size);
+        if j % world != comm.rank() {
+            continue;
+        }
+        let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
+        let mut batch = collate(&items, p.pad_id, PaddingSide::Right, &dev)?;
+        if cfg.pad_to_max_len {
+            batch = pad_to(batch, p.max_len, p.pad_id)?;
+        }
+        p.tuner.mode().set_training(true);
+        p.tuner.mode().set_step((step * micro_batches + j) as u64);
+        local.tokens += batch.num_tokens as f64;
+        local.positions += batch.input_ids.elem_count() as f64;
+        let (loss, counted, _) = batch_loss(&p.model, &batch)?;
+        if counted == 0 {
+            continue; // nothing trained in this micro-batch (its weight would be 0)
+        }
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            bail!("loss became {lv} at step {}; lower the learning rate or check the data", step + 1)
+        }
+        let mut grads = loss.backward()?;
+        if let Some(sink) = sink {
+            sink.drain_into(&mut grads)?;
+        }
+        acc.add(&grads, params, counted as f64)?;
+        local.loss_sum += lv * counted as f64;
+        local.trained += counted as f64;
+    }
+    Ok((acc.take_sum(), local))
+}
+
+/// Writes `checkpoint-<step>`: through rank 0 alone when every rank holds the whole state, by
+/// every rank (each its optimizer shard) when it is partitioned.
+fn save_step_checkpoint(comm: &dyn Collective, cfg: &TrainConfig, state: &TrainerState, adapter: &[(String, Tensor)], opt: &ZeroOptimizer) -> Result<()> {
+    let out = &cfg.output_dir;
+    match opt.state()? {
+        OptimizerState::Shard(shard, layout) if comm.world_size() > 1 => {
+            save_sharded_checkpoint(comm, out, state, adapter, &shard, &layout)?;
+        }
+        OptimizerState::Shard(shard, layout) => {
+            // One rank owns the whole partition: store it as the whole state.
+            let layout = FlatLayout::from_json(&layout)?;
+            let full = crate::dist::consolidate_shards(&[shard.into_iter().collect()], &layout)?;
+            save_checkpoint(out, &TrainerState { zero_stage: 0, ..state.clone() }, adapter, &full, &[])?;
+        }
+        OptimizerState::Full(full) => {
+            let saved = if comm.rank() == 0 { save_checkpoint(out, state, adapter, &full, &[]).map(|_| ()) } else { Ok(()) };
+            comm.all_ok(saved.is_ok(), "saving the checkpoint")?;
+            saved?;
+        }
+    }
+    if comm.rank() == 0 {
+        prune_checkpoints(out, cfg.keep_checkpoints.max(1))?;
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes; `None` where `/proc` has none.
+fn peak_rss_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+/// What a run is about to train, for the progress display.
+fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, total_steps: usize, world: usize, stage: ZeroStage) {
+    let memory = crate::quant::WeightMemory::of(&p.source.weights);
+    if !memory.formats.is_empty() {
+        let formats: Vec<String> = memory.formats.iter().map(|(f, m)| format!("{} x {f}", m.tensors)).collect();
+        progress.message(&format!(
+            "base weights {:.1} MB ({:.2}x of f32): {}",
+            memory.total_bytes() as f64 / 1e6,
+            memory.total_bytes() as f64 / memory.f32_bytes().max(1) as f64,
+            formats.join(", ")
+        ));
+    }
+    for m in &p.matches {
+        progress.message(&format!("{} {} matched:\n{}", p.tuner.method().name, m.option, m.table()));
+    }
+    let trainable = p.trainable_params();
+    let total = total_params(p.model.base_params, p.tuner.as_ref());
+    let ranks = if world > 1 { format!(" x {world} ranks (ZeRO stage {})", stage.get()) } else { String::new() };
+    progress.message(&format!(
+        "{} records ({} skipped, {} truncated), {total_steps} steps of {} x {} records{ranks}; trainable params {trainable} of {total} ({:.4}%)",
+        p.train.len(),
+        p.skipped,
+        p.truncated,
+        cfg.batch_size,
+        cfg.grad_accum,
+        100.0 * trainable as f64 / total as f64
+    ));
+}
+
+/// Runs (or resumes) training as `cfg` describes on every rank of `comm` (data parallel, ZeRO
+/// stage `run.zero_stage`); with [`SingleProcess`] this is [`train`]. Every rank calls it with
+/// the same arguments. Rank 0 alone reports progress, writes `metrics.jsonl`, the adapter and
+/// the summary; the summary's throughput is summed over ranks.
+pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, run: &RunOptions, comm: &dyn Collective) -> Result<TrainSummary> {
+    let started = Instant::now();
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut silent = Silent;
+    let progress: &mut dyn Progress = if rank == 0 { progress } else { &mut silent };
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let fingerprint = cfg.resume_fingerprint()?;
+    let checkpoint = find_resume(cfg, run, comm, &fingerprint, progress, device)?;
+    // Every rank has decided (and read the checkpoint) before rank 0 may write into the folder.
+    comm.barrier()?;
 
     let p = prepare(cfg, device, checkpoint.as_ref().map(|c| c.adapter.clone()))?;
     let n = p.train.len();
     if n == 0 {
         bail!("{}: no trainable records", cfg.data.display())
     }
-    let per_step = cfg.batch_size * cfg.grad_accum;
+    let per_step = cfg.batch_size * cfg.grad_accum * world;
     let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * n as f64) / per_step as f64).ceil().max(1.0) as usize);
 
     let params = p.tuner.trainable();
@@ -316,165 +523,127 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
     } else {
         None
     };
-    let mut opt =
-        AdamW::new(params.clone(), AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay });
-    let (mut step, mut epoch, mut pos) = (0usize, 0u64, 0usize);
+    let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
+    let mut opt = ZeroOptimizer::new(params.clone(), adam, run.zero_stage, comm)?;
+    let mut step = 0usize;
+    let mut cursor = DataCursor::new(cfg.seed, 0, 0, n);
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = match &checkpoint {
+    let mut metrics = None;
+    match &checkpoint {
         Some(ck) => {
-            opt.load_state(&ck.optimizer)?;
+            if ck.state.sharded() {
+                let (shard, layout) = load_optimizer_shard(&ck.dir, &ck.state, rank, device)?;
+                ensure!(&layout == opt.layout(), "{}: the optimizer shard's parameters differ from this run's", ck.dir.display());
+                opt.load_state(&shard, true)?;
+            } else {
+                opt.load_state(&ck.optimizer, false)?;
+            }
             step = ck.state.step as usize;
-            epoch = ck.state.epoch;
-            pos = ck.state.epoch_position as usize;
-            MetricsLog::resume(&metrics_path, ck.state.step)?
+            cursor = DataCursor::new(cfg.seed, ck.state.epoch, ck.state.epoch_position as usize, n);
+            if rank == 0 {
+                metrics = Some(MetricsLog::resume(&metrics_path, ck.state.step)?);
+            }
         }
-        None => MetricsLog::create(&metrics_path)?,
-    };
+        None if rank == 0 => metrics = Some(MetricsLog::create(&metrics_path)?),
+        None => {}
+    }
 
-    let trainable = p.trainable_params();
-    let memory = crate::quant::WeightMemory::of(&p.source.weights);
-    if !memory.formats.is_empty() {
-        let formats: Vec<String> = memory.formats.iter().map(|(f, m)| format!("{} x {f}", m.tensors)).collect();
-        progress.message(&format!(
-            "base weights {:.1} MB ({:.2}x of f32): {}",
-            memory.total_bytes() as f64 / 1e6,
-            memory.total_bytes() as f64 / memory.f32_bytes().max(1) as f64,
-            formats.join(", ")
-        ));
-    }
-    for m in &p.matches {
-        progress.message(&format!("{} {} matched:\n{}", p.tuner.method().name, m.option, m.table()));
-    }
-    progress.message(&format!(
-        "{} records ({} skipped, {} truncated), {} steps of {} x {} records; trainable params {} of {} ({:.4}%)",
-        n,
-        p.skipped,
-        p.truncated,
-        total_steps,
-        cfg.batch_size,
-        cfg.grad_accum,
-        trainable,
-        total_params(p.model.base_params, p.tuner.as_ref()),
-        100.0 * trainable as f64 / total_params(p.model.base_params, p.tuner.as_ref()) as f64
-    ));
+    describe(progress, &p, cfg, total_steps, world, run.zero_stage);
     progress.start(total_steps, step);
-
-    let mut order = epoch_order(cfg.seed, epoch, n);
     let mut throughput = Throughput::new(20);
     let mut positions = Throughput::new(20);
     let mut step_times = Vec::new();
-    let mut last_loss = None;
-    let mut last_eval = None;
-    let dev = device.clone();
+    let (mut last_loss, mut last_eval, mut step_traffic) = (None, None, None);
     let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
 
     while step < stop_at {
         let t0 = Instant::now();
-        let mut acc = GradAccumulator::new();
-        // Token-weighted accumulation: micro-batch i (mean loss over its n_i trained tokens, or
-        // n_i examples for classification) weighs n_i / Σn, so the step's loss and gradient are
-        // the mean over every trained token of the step, as one batch of the same records would
-        // give (transformers' `num_items_in_batch` fix, 2024).
-        let (mut loss_sum, mut trained, mut tokens, mut slots) = (0f64, 0usize, 0usize, 0usize);
-        for micro in 0..cfg.grad_accum {
-            if pos >= n {
-                epoch += 1;
-                pos = 0;
-                order = epoch_order(cfg.seed, epoch, n);
-            }
-            let end = (pos + cfg.batch_size).min(n);
-            let items: Vec<&Encoded> = order[pos..end].iter().map(|&i| &p.train[i]).collect();
-            pos = end;
-            let mut batch = collate(&items, p.pad_id, PaddingSide::Right, &dev)?;
-            if cfg.pad_to_max_len {
-                batch = pad_to(batch, p.max_len, p.pad_id)?;
-            }
-            p.tuner.mode().set_training(true);
-            p.tuner.mode().set_step((step * cfg.grad_accum + micro) as u64);
-            tokens += batch.num_tokens;
-            slots += batch.input_ids.elem_count();
-            let (loss, counted, _) = batch_loss(&p.model, &batch)?;
-            if counted == 0 {
-                continue; // nothing trained in this micro-batch (its weight would be 0)
-            }
-            let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!("loss became {lv} at step {}; lower the learning rate or check the data", step + 1)
-            }
-            let mut grads = loss.backward()?;
-            if let Some(sink) = &sink {
-                sink.drain_into(&mut grads)?;
-            }
-            acc.add(&grads, &params, counted as f64)?;
-            loss_sum += lv * counted as f64;
-            trained += counted;
-        }
-        if trained == 0 {
-            bail!("step {}: its {} micro-batch(es) hold no trained token (every label is masked)", step + 1, cfg.grad_accum)
-        }
-        let mut grads = acc.take_mean()?;
-        let grad_norm = match cfg.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => clip_grad_norm(&mut grads, f64::INFINITY)?,
-        };
+        let traffic0 = comm.traffic();
+        opt.materialize(comm)?;
+        let (sums, local) = accumulate_step(&p, cfg, &mut cursor, step, comm, &params, sink.as_ref())?;
         let lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup_steps, total_steps);
-        opt.set_lr(lr);
-        opt.step_with(&grads)?;
+        let result = opt.step(comm, sums, local, cfg.max_grad_norm, lr)?;
+        step_traffic = Some(comm.traffic().since(&traffic0));
         step += 1;
         let dt = t0.elapsed();
-        throughput.record_with_duration(tokens as u64, dt);
-        positions.record_with_duration(slots as u64, dt);
+        let totals = result.totals;
+        throughput.record_with_duration(totals.tokens as u64, dt);
+        positions.record_with_duration(totals.positions as u64, dt);
         step_times.push(dt.as_secs_f64());
-        let loss = loss_sum / trained as f64;
+        let loss = totals.loss_sum / totals.trained;
         last_loss = Some(loss);
         let report = StepReport {
             step,
             total_steps,
-            epoch: epoch as f64 + pos as f64 / n as f64,
+            epoch: cursor.progress(),
             loss,
             lr,
-            grad_norm,
-            tokens,
+            grad_norm: result.grad_norm,
+            tokens: totals.tokens as usize,
             tokens_per_sec: throughput.window_tokens_per_sec().unwrap_or(0.0),
             positions_per_sec: positions.window_tokens_per_sec().unwrap_or(0.0),
             step_seconds: dt.as_secs_f64(),
         };
-        metrics.log(step as u64, &report)?;
+        if let Some(m) = &mut metrics {
+            m.log(step as u64, &report)?;
+        }
         progress.step(&report);
 
         let last = step == total_steps;
-        if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step % e == 0)) {
+        if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e))) {
+            opt.materialize(comm)?;
             p.tuner.mode().set_training(false);
-            let r = evaluate(&p.model, p.pad_id, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step)?;
-            metrics.log(step as u64, &r)?;
+            let r = evaluate_on(&p.model, p.pad_id, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step, comm)?;
+            if let Some(m) = &mut metrics {
+                m.log(step as u64, &r)?;
+            }
             progress.eval(&r);
             last_eval = Some(r);
         }
-        let save_now = cfg.save_every.is_some_and(|s| step % s == 0) || (step == stop_at && !last);
+        let save_now = cfg.save_every.is_some_and(|s| step.is_multiple_of(s)) || (step == stop_at && !last);
         if save_now {
-            let state =
-                TrainerState { step: step as u64, epoch, epoch_position: pos as u64, seed: cfg.seed, config_hash: fingerprint.clone(), ..Default::default() };
+            opt.materialize(comm)?;
+            let state = TrainerState {
+                step: step as u64,
+                epoch: cursor.epoch,
+                epoch_position: cursor.pos as u64,
+                seed: cfg.seed,
+                config_hash: fingerprint.clone(),
+                world_size: world as u64,
+                zero_stage: run.zero_stage.get(),
+                ..Default::default()
+            };
             let adapter: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-            metrics.sync()?;
-            save_checkpoint(out, &state, &adapter, &opt.state()?, &[])?;
-            prune_checkpoints(out, cfg.keep_checkpoints.max(1))?;
+            if let Some(m) = &metrics {
+                m.sync()?;
+            }
+            save_step_checkpoint(comm, cfg, &state, &adapter, &opt)?;
         }
     }
-    metrics.sync()?;
+    if let Some(m) = &metrics {
+        m.sync()?;
+    }
     let completed = step >= total_steps;
     if completed {
-        save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model)?;
+        opt.materialize(comm)?;
+        let saved = if rank == 0 { save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model) } else { Ok(()) };
+        comm.all_ok(saved.is_ok(), "saving the adapter")?;
+        saved?;
     }
     progress.finish();
+    let mut rss = vec![0f64; world];
+    rss[rank] = peak_rss_bytes().unwrap_or(0.0);
+    comm.all_reduce_sum_f64(&mut rss)?;
     let mut sorted = step_times.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let trainable = p.trainable_params();
     let summary = TrainSummary {
         output_dir: out.clone(),
         steps: step,
         completed,
         trainable_params: trainable,
         total_params: total_params(p.model.base_params, p.tuner.as_ref()),
-        base_weight_bytes: memory.total_bytes(),
+        base_weight_bytes: crate::quant::WeightMemory::of(&p.source.weights).total_bytes(),
         train_records: n,
         skipped_records: p.skipped,
         truncated_records: p.truncated,
@@ -485,8 +654,12 @@ pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, ru
         median_step_seconds: sorted.get(sorted.len() / 2).copied(),
         seconds: started.elapsed().as_secs_f64(),
         matmul_backend: crate::ops::blas::backend(),
+        world_size: world,
+        zero_stage: run.zero_stage.get(),
+        peak_rss_bytes_per_rank: rss,
+        comm_per_step: step_traffic.filter(|_| world > 1),
     };
-    if completed {
+    if completed && rank == 0 {
         crate::util::atomic::write_bytes_atomic(&out.join("train_summary.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     }
     Ok(summary)

@@ -1,0 +1,19 @@
+//! Scale-out: data-parallel training over several processes (docs/ARCHITECTURE.md,
+//! "Scale-out").
+//!
+//! * [`collective`]: the [`Collective`] trait (all-reduce, reduce-scatter, all-gather,
+//!   broadcast, barrier) and the world of one process; [`init`] picks the job's.
+//! * `mpi` (feature `mpi`): the trait over MPI through the `mpi` crate, the only code that
+//!   calls MPI.
+//! * [`partition`]: the trainable parameters as one flat vector in `N` equal partitions.
+//! * [`zero`]: ZeRO stages 0–3 for the trainable state.
+
+pub mod collective;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod partition;
+pub mod zero;
+
+pub use collective::{init, launcher_env, Collective, SingleProcess, Traffic};
+pub use partition::FlatLayout;
+pub use zero::{consolidate_shards, OptimizerState, StepResult, StepTotals, ZeroOptimizer, ZeroStage};
