@@ -37,6 +37,8 @@ enum Command {
     Inspect(Box<commands::inspect::Args>),
     /// Write f32 logits for given input tensors (for parity checks).
     Logits(commands::logits::Args),
+    /// Estimate per-rank memory and communication of a (multi-process) training run.
+    Plan(Box<commands::plan::Args>),
     /// Work on a training run's checkpoints (consolidate a sharded one).
     #[command(subcommand)]
     Checkpoint(commands::checkpoint::Command),
@@ -84,6 +86,7 @@ fn main() {
             Command::Inspect(a) => commands::inspect::run(*a),
             Command::Logits(a) => commands::logits::run(a),
             Command::Checkpoint(c) => commands::checkpoint::run(c),
+            Command::Plan(a) => commands::plan::run(*a),
         }
     };
     if let Err(e) = result {

@@ -365,3 +365,40 @@ fn bad_quantization_flags_are_refused_clearly() {
     fails_with(&["quantize", "--model", &fx("quant/llama-fp4"), "--output", &out, "--quantize", "nf4"], "already quantized");
     assert!(!t.path().join("x").exists(), "nothing written");
 }
+
+/// `ferrule plan` from a config.json alone (Meta-Llama-3-70B's shapes): the ZeRO formulas for
+/// its LoRA parameters, the NF4 base sharded over 8 ranks, and the answer to "does it fit".
+#[test]
+fn plan_a_70b_model_this_machine_cannot_hold() {
+    let cfg = fx("plan/llama-70b/config.json");
+    let args = |extra: &[&str]| {
+        let mut a = vec!["plan", "--model", &cfg, "--quantize", "nf4", "--double-quant", "--lora-r", "16", "--target-modules", "q_proj,k_proj,v_proj,o_proj"];
+        a.extend_from_slice(extra);
+        a.push("--json");
+        let (ok, out, err) = ferrule(&a);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let one = args(&["--batch-size", "1", "--max-len", "2048", "--recompute"]);
+    assert_eq!(one["base_params"], 70_553_706_496u64);
+    let psi = 65_536_000f64;
+    assert_eq!(one["trainable_params"].as_f64().unwrap(), psi);
+    assert_eq!(one["paper_model_state_bytes"].as_f64().unwrap(), 16.0 * psi);
+    // By hand: 68,451,041,280 linear weights at NF4 + double quant (4 + 8.125/64 bits), the
+    // untied embedding and head (2 x 128256 x 8192) in bf16, 1,318,912 norm weights in f32.
+    let weights = one["weights_bytes"].as_f64().unwrap();
+    let by_hand = 68_451_041_280.0 * (4.0 + 8.125 / 64.0) / 8.0 + 2.0 * 2.0 * 128_256.0 * 8192.0 + 4.0 * 1_318_912.0;
+    assert!((weights - by_hand).abs() < 1.0, "{weights} vs {by_hand}");
+    let eight =
+        args(&["--world-size", "8", "--zero-stage", "3", "--shard-base", "--batch-size", "1", "--max-len", "2048", "--recompute", "--memory-per-rank", "24"]);
+    assert_eq!(eight["paper_model_state_bytes"].as_f64().unwrap(), 16.0 * psi / 8.0);
+    // Stage 3 sends 3Ψ elements of 4 bytes in the paper, 2Ψ in ferrule; times (N-1)/N.
+    assert_eq!(eight["paper_comm_bytes_per_step"].as_f64().unwrap(), 3.0 * 4.0 * psi * 7.0 / 8.0);
+    assert_eq!(eight["comm_bytes_per_step"].as_f64().unwrap(), 2.0 * 4.0 * psi * 7.0 / 8.0);
+    assert!(eight["weights_bytes"].as_f64().unwrap() < weights / 4.0);
+    assert_eq!(eight["fits"], true);
+    assert_eq!(args(&["--memory-per-rank", "24"])["fits"], false);
+    fails_with(&["plan", "--model", &cfg, "--method", "ia3"], "only plain LoRA");
+    fails_with(&["plan", "--model", &cfg, "--target-modules", "query"], "names no linear layer");
+    fails_with(&["plan", "--model", &cfg, "--world-size", "0"], "--world-size is 0");
+}

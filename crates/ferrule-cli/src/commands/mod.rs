@@ -7,6 +7,7 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod merge;
+pub mod plan;
 pub mod quantize;
 pub mod train;
 

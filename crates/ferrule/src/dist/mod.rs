@@ -7,11 +7,13 @@
 //!   calls MPI.
 //! * [`partition`]: the trainable parameters as one flat vector in `N` equal partitions.
 //! * [`zero`]: ZeRO stages 0–3 for the trainable state.
+//! * [`plan`]: per-rank memory and traffic estimates (`ferrule plan`).
 
 pub mod collective;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod partition;
+pub mod plan;
 pub mod zero;
 
 pub use collective::{init, launcher_env, Collective, SingleProcess, Traffic};

@@ -1,0 +1,358 @@
+//! `ferrule plan`: per-rank memory and per-step communication of a data-parallel run,
+//! estimated from the model's `config.json` (no weights needed), the method's trainable
+//! parameters, the batch shape, the world size and the ZeRO stage. Estimates, not
+//! measurements: BENCHMARKS.md ("Scale-out") compares them with measured runs.
+//!
+//! Model states follow the ZeRO paper (Rajbhandari et al. 2020, §3.1 and §5): with
+//! mixed-precision Adam a data-parallel rank holds `16Ψ` bytes for `Ψ` trainable parameters
+//! (`2Ψ` fp16 parameters, `2Ψ` fp16 gradients, `K = 12` bytes of fp32 copy, momentum and
+//! variance), `4Ψ + 12Ψ/N` at stage 1, `2Ψ + 14Ψ/N` at stage 2 and `16Ψ/N` at stage 3; it sends
+//! `2Ψ` elements per step at stages 0–2 and `3Ψ` at stage 3 (§7). ferrule trains adapters in
+//! f32, so its own figures ([`TrainableState`]) use 4-byte parameters and gradients; both are
+//! printed.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::zero::ZeroStage;
+use crate::model::config::{family_of, BertConfig, DecoderConfig, Family};
+
+/// A linear layer of every transformer block: its module name (PEFT's suffix), input and
+/// output features.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BlockLinear {
+    pub name: &'static str,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// The shapes that size a run, read from `config.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelShape {
+    pub family: &'static str,
+    pub layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    /// The linear layers of one block.
+    pub block_linears: Vec<BlockLinear>,
+    /// Parameters outside the blocks' linear weights (embeddings, norms, biases, head).
+    pub other_params: usize,
+    /// Parameters of the embedding table and the untied head (bf16 when the base is quantized).
+    pub embedding_params: usize,
+}
+
+impl ModelShape {
+    /// The shape of a llama-family decoder or BERT encoder `config.json`.
+    pub fn from_config(config: &Value) -> anyhow::Result<ModelShape> {
+        Ok(match family_of(config)? {
+            Family::Decoder => {
+                let c = DecoderConfig::from_json(config)?;
+                let (h, q, kv, i) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
+                let lin = |name, a, b| BlockLinear { name, in_features: a, out_features: b };
+                let block_linears = vec![
+                    lin("q_proj", h, q),
+                    lin("k_proj", h, kv),
+                    lin("v_proj", h, kv),
+                    lin("o_proj", q, h),
+                    lin("gate_proj", h, i),
+                    lin("up_proj", h, i),
+                    lin("down_proj", i, h),
+                ];
+                let biases = if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { h } else { 0 } + if c.mlp_bias { 2 * i + h } else { 0 };
+                let embedding_params = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
+                ModelShape {
+                    family: "decoder",
+                    layers: c.num_hidden_layers,
+                    hidden: h,
+                    intermediate: i,
+                    vocab: c.vocab_size,
+                    block_linears,
+                    other_params: embedding_params + c.num_hidden_layers * (2 * h + biases) + h,
+                    embedding_params,
+                }
+            }
+            Family::Bert => {
+                let c = BertConfig::from_json(config)?;
+                let (h, i) = (c.hidden_size, c.intermediate_size);
+                let lin = |name, a, b| BlockLinear { name, in_features: a, out_features: b };
+                let block_linears = vec![
+                    lin("query", h, h),
+                    lin("key", h, h),
+                    lin("value", h, h),
+                    lin("attention.output.dense", h, h),
+                    lin("intermediate.dense", h, i),
+                    lin("output.dense", i, h),
+                ];
+                let embedding_params = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h;
+                ModelShape {
+                    family: "bert",
+                    layers: c.num_hidden_layers,
+                    hidden: h,
+                    intermediate: i,
+                    vocab: c.vocab_size,
+                    block_linears,
+                    // Biases of the six linears, two LayerNorms per block, embedding LayerNorm, pooler.
+                    other_params: embedding_params + c.num_hidden_layers * (5 * h + i + 4 * h) + 2 * h + h * h + h,
+                    embedding_params,
+                }
+            }
+        })
+    }
+
+    /// Weights of the blocks' linear layers (what `--quantize` quantizes).
+    pub fn linear_params(&self) -> usize {
+        self.layers * self.block_linears.iter().map(|l| l.in_features * l.out_features).sum::<usize>()
+    }
+
+    /// All parameters of the base model (the classifier head of a SEQ_CLS run excluded).
+    pub fn total_params(&self) -> usize {
+        self.linear_params() + self.other_params
+    }
+
+    /// LoRA's trainable parameters, `r (in + out)` per targeted linear of every block
+    /// (Hu et al. 2021, §4.1). `targets` are PEFT suffixes, or `all-linear`.
+    pub fn lora_params(&self, targets: &[String], r: usize) -> anyhow::Result<usize> {
+        let all = targets.iter().any(|t| t == "all-linear");
+        let mut per_block = 0;
+        for t in targets.iter().filter(|t| *t != "all-linear") {
+            anyhow::ensure!(
+                self.block_linears.iter().any(|l| l.name == t || l.name.ends_with(&format!(".{t}"))),
+                "--target-modules {t:?} names no linear layer of this {} model; its linears are {}",
+                self.family,
+                self.block_linears.iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
+            );
+        }
+        for l in &self.block_linears {
+            if all || targets.iter().any(|t| l.name == t || l.name.ends_with(&format!(".{t}"))) {
+                per_block += r * (l.in_features + l.out_features);
+            }
+        }
+        Ok(self.layers * per_block)
+    }
+
+    /// The largest block's frozen linear weights, in bytes at `bytes_per_param`.
+    pub fn block_bytes(&self, bytes_per_param: f64) -> f64 {
+        self.block_linears.iter().map(|l| (l.in_features * l.out_features) as f64).sum::<f64>() * bytes_per_param
+    }
+}
+
+/// What a run trains and on what shape of batch.
+#[derive(Clone, Debug)]
+pub struct PlanRequest {
+    pub shape: ModelShape,
+    /// Bytes of the frozen base as held in memory.
+    pub base_bytes: f64,
+    /// Bytes per parameter of the blocks' linear weights (for the all-gathered block of
+    /// `--shard-base`).
+    pub linear_bytes_per_param: f64,
+    /// Ψ, trainable parameters.
+    pub trainable: usize,
+    pub world: usize,
+    pub stage: ZeroStage,
+    pub shard_base: bool,
+    /// Records per micro-batch on each rank, and tokens per record.
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub recompute: bool,
+}
+
+/// Bytes one rank holds for the trainable state, ferrule's way (f32 throughout).
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainableState {
+    /// The model's working copy of the trainable parameters (4Ψ; all-gathered each step at
+    /// stage 3, since ferrule gathers once per step).
+    pub parameters: f64,
+    /// Accumulated gradients (4Ψ), and with several ranks the flat vector they are sent in
+    /// (another 4Ψ).
+    pub gradients: f64,
+    /// AdamW's moments (8Ψ), or at stages 1–3 this rank's partition of moments and f32 master
+    /// parameters (12Ψ/N).
+    pub optimizer: f64,
+}
+
+/// The estimate for one rank.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub world_size: usize,
+    pub zero_stage: u8,
+    pub shard_base: bool,
+    pub trainable_params: usize,
+    pub base_params: usize,
+    /// Frozen weights on one rank (1/N of them plus one gathered block with `--shard-base`).
+    pub weights_bytes: f64,
+    pub trainable_state: TrainableState,
+    /// The ZeRO paper's model-state bytes for the same Ψ (mixed-precision Adam, K = 12).
+    pub paper_model_state_bytes: f64,
+    /// Saved activations of one micro-batch (see [`activation_bytes`]).
+    pub activation_bytes: f64,
+    /// Process overhead besides the above (runtime, tokenizer, encoded data, allocator).
+    pub runtime_bytes: f64,
+    /// Sum of weights, trainable state, activations and runtime.
+    pub total_bytes: f64,
+    /// Bytes one rank sends per optimizer step, ring accounting (`crate::dist::Traffic`).
+    pub comm_bytes_per_step: f64,
+    /// The paper's figure: 2Ψ (stages 0–2) or 3Ψ (stage 3) elements of 4 bytes, times (N-1)/N.
+    pub paper_comm_bytes_per_step: f64,
+    pub notes: Vec<String>,
+}
+
+/// Fixed process overhead of a training run (runtime, tokenizer, encoded data, allocator),
+/// measured: the 1- and 2-rank runs of bench/run_scaleout.sh less their weights and
+/// activations were 105 MB (MiniLM) and 139 MB (SmolLM2-135M) (BENCHMARKS.md, "Scale-out").
+pub const RUNTIME_BYTES: f64 = 120e6;
+
+/// Floats a block keeps per token for its backward pass. Counted from what ferrule's fused ops
+/// save (the fused attention keeps no score matrix, so there is no `T²` term; the decoder's
+/// head loss keeps no logits): a decoder block keeps its input, the normed input, q, k, v, the
+/// attention output, the MLP's input and normed input (8·hidden) and gate, up and their product
+/// (3·intermediate); a BERT block its input, q, k, v, the attention output, its dense output and
+/// LayerNorm, the FFN output and LayerNorm (9·hidden) and the FFN's two intermediates
+/// (2·intermediate). Each count is then scaled by the ratio measured on one model of the family
+/// (per-token slope of peak RSS between the 1- and 2-rank runs of bench/run_scaleout.sh):
+/// 1.107 for SmolLM2-135M (10,205 floats per token and block against 9,216 counted), 0.879 for
+/// MiniLM (5,740 against 6,528).
+pub fn block_floats_per_token(shape: &ModelShape) -> f64 {
+    let (h, i) = (shape.hidden as f64, shape.intermediate as f64);
+    if shape.family == "decoder" {
+        1.107 * (8.0 * h + 3.0 * i)
+    } else {
+        0.879 * (9.0 * h + 2.0 * i)
+    }
+}
+
+/// Saved activations of one micro-batch of `micro_batch × seq_len` tokens, in bytes (f32). With
+/// recomputation only each block's input is kept, plus one block's activations while it is
+/// recomputed.
+pub fn activation_bytes(shape: &ModelShape, micro_batch: usize, seq_len: usize, recompute: bool) -> f64 {
+    let tokens = (micro_batch * seq_len) as f64;
+    let block = block_floats_per_token(shape);
+    let kept = if recompute { shape.hidden as f64 * shape.layers as f64 + block } else { block * shape.layers as f64 };
+    4.0 * tokens * kept
+}
+
+/// Estimates one rank's memory and traffic for `req`.
+pub fn plan(req: &PlanRequest) -> Plan {
+    let psi = req.trainable as f64;
+    let n = req.world.max(1) as f64;
+    let ring = (n - 1.0) / n;
+    let stage = req.stage.get();
+    let trainable_state = TrainableState {
+        parameters: 4.0 * psi,
+        gradients: if req.world > 1 { 8.0 * psi } else { 4.0 * psi },
+        optimizer: if stage >= 1 { 12.0 * psi / n } else { 8.0 * psi },
+    };
+    let paper_model_state_bytes = match stage {
+        0 => 16.0 * psi,
+        1 => 4.0 * psi + 12.0 * psi / n,
+        2 => 2.0 * psi + 14.0 * psi / n,
+        _ => 16.0 * psi / n,
+    };
+    let weights_bytes = if req.shard_base && req.world > 1 { req.base_bytes / n + req.shape.block_bytes(req.linear_bytes_per_param) } else { req.base_bytes };
+    let activation = activation_bytes(&req.shape, req.micro_batch, req.seq_len, req.recompute);
+    // Gradients: all-reduce (stages 0, 1) or reduce-scatter (2, 3) of 4Ψ bytes; parameters:
+    // all-gather of 4Ψ bytes at stages 1-3.
+    let grads = if stage <= 1 { 2.0 * ring * 4.0 * psi } else { ring * 4.0 * psi };
+    let params = if stage >= 1 { ring * 4.0 * psi } else { 0.0 };
+    let paper_comm = if stage == 3 { 3.0 } else { 2.0 } * 4.0 * psi * ring;
+    let state = trainable_state.parameters + trainable_state.gradients + trainable_state.optimizer;
+    let mut notes = vec!["estimates from the model's shapes and formulas; measured runs are in BENCHMARKS.md (Scale-out)".to_string()];
+    if req.shard_base {
+        notes.push(
+            "ferrule train does not shard the frozen base yet: this is the plan for FSDP-style sharding (1/N of every block plus one all-gathered block)"
+                .into(),
+        );
+    }
+    Plan {
+        world_size: req.world,
+        zero_stage: stage,
+        shard_base: req.shard_base,
+        trainable_params: req.trainable,
+        base_params: req.shape.total_params(),
+        weights_bytes,
+        paper_model_state_bytes,
+        activation_bytes: activation,
+        runtime_bytes: RUNTIME_BYTES,
+        total_bytes: weights_bytes + state + activation + RUNTIME_BYTES,
+        comm_bytes_per_step: grads + params,
+        paper_comm_bytes_per_step: paper_comm,
+        trainable_state,
+        notes,
+    }
+}
+
+/// Bytes per parameter of the blocks' linear weights for a `--quantize` method (bitsandbytes'
+/// layouts: 4-bit codes plus one f32 absmax per block of `blocksize`, or with double
+/// quantization one byte per block plus one f32 per 256 blocks; int8: one byte plus one f32
+/// per row), or f32 without quantization.
+pub fn linear_bytes_per_param(quantize: Option<&crate::quant::QuantSpec>, in_features: usize) -> f64 {
+    use crate::quant::QuantMethod;
+    match quantize {
+        None => 4.0,
+        Some(q) => match q.method {
+            QuantMethod::Nf4 | QuantMethod::Fp4 => {
+                let absmax = if q.double_quant { (8.0 + 32.0 / 256.0) / q.blocksize as f64 } else { 32.0 / q.blocksize as f64 };
+                (4.0 + absmax) / 8.0
+            }
+            QuantMethod::Int8 => 1.0 + 4.0 / in_features as f64,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_70b() -> Value {
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": false
+        })
+    }
+
+    /// Llama-3-70B's config: 70.55 B parameters (its model card says 70.6 B); LoRA r 16 on
+    /// q,k,v,o trains r (in + out) per module, 65,536,000 in all (counted by hand below).
+    #[test]
+    fn shapes_of_a_70b_config() {
+        let s = ModelShape::from_config(&llama_70b()).unwrap();
+        assert_eq!(s.total_params(), 70_553_706_496);
+        let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect();
+        // per layer: q 16(8192+8192) + k 16(8192+1024) + v the same + o 16(8192+8192) = 819,200
+        assert_eq!(s.lora_params(&targets, 16).unwrap(), 80 * 819_200);
+        assert!(s.lora_params(&["query".to_string()], 8).unwrap_err().to_string().contains("q_proj"));
+    }
+
+    /// The ZeRO paper's model-state formulas (§5, Figure 1 with K = 12) and its 7.5B example:
+    /// Ψ = 7.5 B on 64 ranks gives 120 GB, 31.4 GB, 16.6 GB and 1.88 GB for stages 0–3.
+    #[test]
+    fn paper_formulas_at_its_own_example() {
+        let s = ModelShape::from_config(&llama_70b()).unwrap();
+        let gb: Vec<f64> = (0..=3)
+            .map(|stage| {
+                let req = PlanRequest {
+                    shape: s.clone(),
+                    base_bytes: 0.0,
+                    linear_bytes_per_param: 4.0,
+                    trainable: 7_500_000_000,
+                    world: 64,
+                    stage: ZeroStage::new(stage).unwrap(),
+                    shard_base: false,
+                    micro_batch: 1,
+                    seq_len: 1,
+                    recompute: false,
+                };
+                (plan(&req).paper_model_state_bytes / 1e9 * 100.0).round() / 100.0
+            })
+            .collect();
+        assert_eq!(gb, vec![120.0, 31.41, 16.64, 1.88]);
+    }
+
+    #[test]
+    fn nf4_bits_per_parameter_match_bitsandbytes() {
+        let q = |double_quant| crate::quant::QuantSpec { method: crate::quant::QuantMethod::Nf4, blocksize: 64, double_quant };
+        assert_eq!(linear_bytes_per_param(Some(&q(false)), 4096) * 8.0, 4.5);
+        // QLoRA §2: double quantization brings 0.5 bits/param of constants to 0.127.
+        assert!((linear_bytes_per_param(Some(&q(true)), 4096) * 8.0 - 4.127).abs() < 1e-3);
+    }
+}
