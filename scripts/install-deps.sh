@@ -12,7 +12,10 @@ missing=()
 ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' || missing+=(libopenblas0-pthread)
 command -v mpirun >/dev/null || missing+=(openmpi-bin)
 command -v mpicc >/dev/null || missing+=(libopenmpi-dev) # mpicc ships with the headers
-ldconfig -p 2>/dev/null | grep -q 'libclang' || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# libclang itself (libclang.so, libclang-14.so.1, ...), not libclang-cpp, which bindgen cannot use
+ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so' ||
+  ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 ||
+  missing+=(libclang-dev)
 [ ${#missing[@]} = 0 ] && exit 0
 SUDO=
 [ "$(id -u)" = 0 ] || SUDO=$(command -v sudo || true)

@@ -401,4 +401,23 @@ fn plan_a_70b_model_this_machine_cannot_hold() {
     fails_with(&["plan", "--model", &cfg, "--method", "ia3"], "only plain LoRA");
     fails_with(&["plan", "--model", &cfg, "--target-modules", "query"], "names no linear layer");
     fails_with(&["plan", "--model", &cfg, "--world-size", "0"], "--world-size is 0");
+    fails_with(&["plan", "--model", &cfg, "--batch-size", "0"], "--batch-size and --max-len must be at least 1");
+    fails_with(&["plan", "--model", &cfg, "--memory-per-rank", "nan"], "expected a positive number of GB");
+    fails_with(&["plan", "--model", "no/such/model"], "no such file or folder");
+}
+
+/// A checkpoint that lost a file is not skipped quietly on --resume (which would start over).
+#[test]
+fn resume_refuses_an_incomplete_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("run").display().to_string();
+    let args = ["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--output", &run, "--max-steps", "3", "--batch-size", "4", "-q"];
+    let mut first = args.to_vec();
+    first.extend(["--stop-after", "1"]);
+    let (ok, _, err) = ferrule(&first);
+    assert!(ok, "{err}");
+    std::fs::remove_file(t.path().join("run/checkpoint-1/optimizer.safetensors")).unwrap();
+    let mut again = args.to_vec();
+    again.push("--resume");
+    fails_with(&again, "an incomplete checkpoint");
 }

@@ -61,7 +61,15 @@ fn adapter(dir: &Path) -> BTreeMap<String, Tensor> {
 
 fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f32 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter().map(|(k, t)| (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()).fold(0.0, f32::max)
+    // Infinite on a NaN or inf anywhere (a max fold would skip NaN).
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (k, t) in a {
+        for (x, y) in values(t).into_iter().zip(values(&b[k])) {
+            worst = if x.is_finite() && y.is_finite() { worst.max((x - y).abs()) } else { f32::INFINITY };
+        }
+    }
+    worst
 }
 
 /// Float summation order (per-rank sums, then across ranks) is the only difference, but Adam's
@@ -76,13 +84,15 @@ fn two_ranks_train_what_one_process_trains_at_every_zero_stage() {
     let t = tempfile::tempdir().unwrap();
     let data = fx("data/chat.jsonl");
     let one = t.path().join("one");
-    let single = summary(&run(ferrule(), &train_args(&data, &one, &["--max-steps", "4", "--batch-size", "4"])));
+    // 24 records in global batches of 10: step 3 holds the epoch's last 4 records (all on rank
+    // 0, none on rank 1) and step 4 starts the next epoch, as in one process.
+    let single = summary(&run(ferrule(), &train_args(&data, &one, &["--max-steps", "4", "--batch-size", "10"])));
     assert_eq!(single["world_size"], 1);
     assert!(single["comm_per_step"].is_null());
     let reference = adapter(&one);
     for stage in ["0", "1", "2", "3"] {
         let two = t.path().join(format!("two{stage}"));
-        let s = summary(&run(mpirun(2), &train_args(&data, &two, &["--max-steps", "4", "--batch-size", "2", "--zero-stage", stage])));
+        let s = summary(&run(mpirun(2), &train_args(&data, &two, &["--max-steps", "4", "--batch-size", "5", "--zero-stage", stage])));
         assert_eq!(s["world_size"], 2);
         let d = max_diff(&reference, &adapter(&two));
         assert!(d <= TOL, "stage {stage}: adapter differs from one process by {d}");
@@ -188,7 +198,8 @@ fn a_sharded_checkpoint_consolidates_and_resumes_with_another_world_size_and_sta
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("ferrule checkpoint consolidate"), "{err}");
 
-    let out = ferrule().args(["checkpoint", "consolidate", &ck.display().to_string()]).output().unwrap();
+    // Named relative to the output folder, as a user in it would.
+    let out = ferrule().current_dir(&split).args(["checkpoint", "consolidate", "checkpoint-3"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(ck.join("optimizer.safetensors").exists());
     let out = ferrule().args(["checkpoint", "consolidate", &ck.display().to_string()]).output().unwrap();
@@ -206,9 +217,10 @@ fn a_sharded_checkpoint_consolidates_and_resumes_with_another_world_size_and_sta
 fn four_ranks_oversubscribed_train_what_one_process_trains() {
     let t = tempfile::tempdir().unwrap();
     let data = fx("data/chat.jsonl");
-    // The same micro-batch shapes (1 record) as the ranks': Adam's first steps amplify the
-    // float noise of other shapes in near-zero gradient elements (batch 4 x 2 against 1 x 8
-    // differs by 1e-3 after three steps at lr 1e-2, in one process alone).
+    // One process with --batch-size 1 --grad-accum 8 trains the same 8 records per step as 4
+    // ranks x 1 x 2, in forward passes of the same shape (1 record). Against --batch-size 4
+    // --grad-accum 2 (other shapes) one process alone differs by 1e-3 after three steps: Adam
+    // turns float noise in near-zero gradient elements into ±lr updates (see TOL).
     run(ferrule(), &train_args(&data, &t.path().join("one"), &["--max-steps", "3", "--batch-size", "1", "--grad-accum", "8"]));
     let s = summary(&run(
         mpirun(4),
@@ -217,6 +229,27 @@ fn four_ranks_oversubscribed_train_what_one_process_trains() {
     assert_eq!(s["world_size"], 4);
     let d = max_diff(&adapter(&t.path().join("one")), &adapter(&t.path().join("four")));
     assert!(d <= TOL, "four ranks' adapter differs by {d}");
+}
+
+/// Ranks started with different settings (here seeds: each would initialize its own adapter)
+/// are refused before anything is trained or written.
+#[test]
+fn ranks_started_with_different_settings_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("run");
+    let args = |seed: &str| {
+        let mut a = train_args(&fx("data/chat.jsonl"), &out, &["--max-steps", "2", "--batch-size", "2", "--threads", "1"]);
+        let i = a.iter().position(|x| x == "--seed").unwrap();
+        a[i + 1] = seed.to_string();
+        a
+    };
+    let mut c = mpirun(1);
+    c.args(args("3")).args([":", "-np", "1", env!("CARGO_BIN_EXE_ferrule")]).args(args("4"));
+    let res = c.output().unwrap();
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("rank 1 differs from rank 0 in the training settings"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists() && !out.join("metrics.jsonl").exists());
 }
 
 #[test]

@@ -68,6 +68,17 @@ pub fn run(a: Args) -> Result<()> {
     if a.world_size == 0 {
         bail!("--world-size is 0, expected at least 1")
     }
+    if a.batch_size == 0 || a.max_len == 0 {
+        bail!("--batch-size and --max-len must be at least 1 (got {} and {})", a.batch_size, a.max_len)
+    }
+    if let Some(gb) = a.memory_per_rank {
+        if !(gb.is_finite() && gb > 0.0) {
+            bail!("--memory-per-rank is {gb}, expected a positive number of GB")
+        }
+    }
+    if !Path::new(&a.model).exists() {
+        bail!("{}: no such file or folder (give a model folder, its config.json, or a .gguf file)", a.model)
+    }
     let quant = a.quant.spec()?;
     let task = a.task.as_deref().map(super::parse_task).transpose()?;
     let (config, has_weights) = read_config(&a.model)?;
@@ -133,7 +144,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("  base parameters       {}", p.base_params);
     println!("  trainable parameters  {}", p.trainable_params);
     println!("  frozen weights        {}", gb(p.weights_bytes));
-    println!("  trainable parameters  {}", gb(p.trainable_state.parameters));
+    println!("  trainable (f32 copy)  {}", gb(p.trainable_state.parameters));
     println!("  gradients             {}", gb(p.trainable_state.gradients));
     println!("  optimizer state       {}", gb(p.trainable_state.optimizer));
     println!("  activations           {}  ({} x {} tokens{})", gb(p.activation_bytes), a.batch_size, a.max_len, if a.recompute { ", recomputed" } else { "" });

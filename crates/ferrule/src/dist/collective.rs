@@ -125,6 +125,24 @@ pub trait Collective {
         }
         Ok(())
     }
+
+    /// Errors on every rank unless every rank passed the same values as rank 0 (`(what it is,
+    /// value)` pairs); the rank that differs names what.
+    fn ensure_same(&self, values: &[(&str, u64)], what: &str) -> Result<()> {
+        let mine: Vec<u8> = values.iter().flat_map(|(_, v)| v.to_le_bytes()).collect();
+        let mut rank0 = mine.clone();
+        self.broadcast_bytes(0, &mut rank0)?;
+        let differ: Vec<&str> = values.iter().zip(rank0.chunks_exact(8)).filter(|((_, v), r)| v.to_le_bytes() != **r).map(|((name, _), _)| *name).collect();
+        self.all_ok(differ.is_empty(), &format!("to agree with rank 0 on {what}"))?;
+        if !differ.is_empty() {
+            bail!(
+                "rank {} differs from rank 0 in {}: every rank must be started with the same arguments, data and output folder",
+                self.rank(),
+                differ.join(", ")
+            )
+        }
+        Ok(())
+    }
 }
 
 /// The world of one process: what `ferrule train` runs in without a launcher.

@@ -250,7 +250,7 @@ fn commit_tmp(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<PathBuf> {
         }
         sync_dir(output_dir).with_context(|| format!("syncing {}", output_dir.display()))
     };
-    commit().with_context(|| format!("saving checkpoint {}", final_dir.display()))?;
+    commit()?;
     Ok(final_dir)
 }
 
@@ -321,6 +321,11 @@ pub fn load_optimizer_shard(dir: &Path, state: &TrainerState, rank: usize, devic
 /// number of ranks at any ZeRO stage. The folder is rewritten atomically (a copy is filled and
 /// renamed over it). A checkpoint that is not sharded is an error saying so.
 pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
+    ensure!(
+        dir.join(TRAINER_STATE_FILE).is_file(),
+        "{} is not a checkpoint folder (expected OUTPUT/checkpoint-STEP holding {TRAINER_STATE_FILE})",
+        dir.display()
+    );
     let mut state = read_trainer_state(dir)?;
     ensure!(
         state.sharded(),
@@ -344,10 +349,15 @@ pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
     let adapter_bytes = std::fs::read(&adapter_path).with_context(|| format!("reading {}", adapter_path.display()))?;
     let (adapter, _) = deserialize_safetensors(&adapter_bytes, &Device::Cpu).with_context(|| format!("invalid or corrupt {}", adapter_path.display()))?;
     let adapter: Vec<(String, Tensor)> = adapter.into_iter().collect();
-    let output_dir = dir.parent().context("checkpoint folder without a parent")?;
+    // `checkpoint-3` given relative to the output folder has the parent "".
+    let output_dir = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let step = state.step;
-    ensure!(checkpoint_dir(output_dir, step) == dir, "{} is not named checkpoint-{step}", dir.display());
-    state.world_size = 1;
+    ensure!(dir.file_name() == checkpoint_dir(output_dir, step).file_name(), "{} is not named checkpoint-{step}", dir.display());
+    // Stage 0 alone makes the state whole (`sharded()` is false); the world size stays, so a
+    // resume with another one reports how the global batch changes.
     state.zero_stage = 0;
     let mut extra = Vec::new();
     let mut names = Vec::new();

@@ -105,7 +105,7 @@ pub struct TrainSummary {
     pub zero_stage: u8,
     /// Peak resident memory (`VmHWM`) of each rank, in bytes (0 where unknown).
     pub peak_rss_bytes_per_rank: Vec<f64>,
-    /// What this rank sent in the collectives of the last step (none in a single process).
+    /// What this rank sent in the collectives of its busiest step (none in a single process).
     pub comm_per_step: Option<Traffic>,
 }
 
@@ -339,6 +339,13 @@ fn find_resume(
         return Ok(None);
     }
     let Some(dir) = latest_checkpoint(out) else {
+        if let Some(broken) = incomplete_checkpoint(out) {
+            bail!(
+                "{}: an incomplete checkpoint (a file is missing: adapter, trainer state or an optimizer shard); \
+                 restore it or remove it to start fresh",
+                broken.display()
+            )
+        }
         progress.message("no checkpoint to resume from; starting fresh");
         return Ok(None);
     };
@@ -373,10 +380,22 @@ fn find_resume(
     Ok(Some(ck))
 }
 
-/// One rank's share of one optimizer step: the global batch is `batch_size × grad_accum ×
-/// world` records in the single-process order, cut into `grad_accum × world` micro-batches;
-/// micro-batch `j` belongs to rank `j mod world`. Returns this rank's weighted gradient sums
-/// (Σ nᵢ·gᵢ, nᵢ the counted targets of micro-batch i) and counts.
+/// A `checkpoint-<step>` folder (not a `.tmp` one) that is not a complete checkpoint.
+fn incomplete_checkpoint(out: &Path) -> Option<PathBuf> {
+    let complete: Vec<PathBuf> = crate::train::checkpoint::list_checkpoints(out).ok()?.into_iter().map(|(_, p)| p).collect();
+    std::fs::read_dir(out).ok()?.flatten().map(|e| e.path()).find(|p| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        p.is_dir() && name.strip_prefix("checkpoint-").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) && !complete.contains(p)
+    })
+}
+
+/// One rank's share of one optimizer step. The global batch is `grad_accum` micro-batches of
+/// `batch_size × world` records, each taken as one process with that batch size takes it (in
+/// the seeded order, cut short at an epoch's end), and cut into `world` contiguous chunks of
+/// `batch_size`: rank r trains chunk r (none, when a micro-batch cut short at an epoch's end
+/// has fewer records). So N ranks with `--batch-size B` train what one process with
+/// `--batch-size B·N` trains. Returns this rank's weighted gradient sums (Σ nᵢ·gᵢ, nᵢ the
+/// counted targets of micro-batch i) and counts.
 fn accumulate_step(
     p: &Prepared,
     cfg: &TrainConfig,
@@ -390,19 +409,21 @@ fn accumulate_step(
     let dev = p.model.device().clone();
     let mut acc = GradAccumulator::new();
     let mut local = StepTotals::default();
-    let micro_batches = cfg.grad_accum * world;
-    for j in 0..micro_batches {
-        let records = cursor.next(cfg.batch_size);
-        if j % world != comm.rank() {
-            continue;
+    for micro in 0..cfg.grad_accum {
+        let records = cursor.next(cfg.batch_size * world);
+        let lo = (comm.rank() * cfg.batch_size).min(records.len());
+        let hi = (lo + cfg.batch_size).min(records.len());
+        if lo == hi {
+            continue; // this rank's chunk lies past the epoch's end
         }
-        let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
+        let items: Vec<&Encoded> = records[lo..hi].iter().map(|&i| &p.train[i]).collect();
         let mut batch = collate(&items, p.pad_id, PaddingSide::Right, &dev)?;
         if cfg.pad_to_max_len {
             batch = pad_to(batch, p.max_len, p.pad_id)?;
         }
         p.tuner.mode().set_training(true);
-        p.tuner.mode().set_step((step * micro_batches + j) as u64);
+        // Each rank's chunk draws its own dropout masks.
+        p.tuner.mode().set_step(((step * cfg.grad_accum + micro) * world + comm.rank()) as u64);
         local.tokens += batch.num_tokens as f64;
         local.positions += batch.input_ids.elem_count() as f64;
         let (loss, counted, _) = batch_loss(&p.model, &batch)?;
@@ -448,6 +469,23 @@ fn save_step_checkpoint(comm: &dyn Collective, cfg: &TrainConfig, state: &Traine
         prune_checkpoints(out, cfg.keep_checkpoints.max(1))?;
     }
     Ok(())
+}
+
+/// FNV-1a digest of the records' token ids and labels (the same on ranks that read the same data).
+fn records_digest(items: &[Encoded]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for e in items {
+        eat(e.input_ids.len() as u64);
+        e.input_ids.iter().for_each(|&t| eat(t as u64));
+        e.labels.iter().for_each(|&l| eat(l as u64));
+        eat(e.class_label.map_or(u64::MAX, |c| c as u64));
+    }
+    h
 }
 
 /// Peak resident memory of this process (`VmHWM`), in bytes; `None` where `/proc` has none.
@@ -510,6 +548,20 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     }
     let per_step = cfg.batch_size * cfg.grad_accum * world;
     let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * n as f64) / per_step as f64).ceil().max(1.0) as usize);
+    let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
+    // Ranks started with other settings, other data or another checkpoint would train apart
+    // (and only rank 0's adapter would be saved): refuse before anything is written.
+    comm.ensure_same(
+        &[
+            ("the training settings (config fingerprint)", u64::from_str_radix(&fingerprint, 16).unwrap_or(0)),
+            ("the encoded training records", records_digest(&p.train)),
+            ("the number of steps", total_steps as u64),
+            ("--stop-after", stop_at as u64),
+            ("--zero-stage", run.zero_stage.get() as u64),
+            ("the checkpoint resumed from", checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step)),
+        ],
+        "the run",
+    )?;
 
     let params = p.tuner.trainable();
     let sink = if cfg.recompute {
@@ -554,7 +606,6 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     let mut positions = Throughput::new(20);
     let mut step_times = Vec::new();
     let (mut last_loss, mut last_eval, mut step_traffic) = (None, None, None);
-    let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
 
     while step < stop_at {
         let t0 = Instant::now();
@@ -563,7 +614,11 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         let (sums, local) = accumulate_step(&p, cfg, &mut cursor, step, comm, &params, sink.as_ref())?;
         let lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup_steps, total_steps);
         let result = opt.step(comm, sums, local, cfg.max_grad_norm, lr)?;
-        step_traffic = Some(comm.traffic().since(&traffic0));
+        // The busiest step: at stage 3 a step after an eval or a save needs no gather.
+        let t = comm.traffic().since(&traffic0);
+        if step_traffic.is_none_or(|b: Traffic| t.total_bytes() > b.total_bytes()) {
+            step_traffic = Some(t);
+        }
         step += 1;
         let dt = t0.elapsed();
         let totals = result.totals;
