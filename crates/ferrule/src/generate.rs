@@ -38,7 +38,7 @@ pub fn generate(model: &DecoderLm, prompt: &[u32], opts: &SamplingOptions, mut o
     let mut out = Vec::new();
     let mut next_input = prompt.to_vec();
     let max_ctx = model.config.max_position_embeddings;
-    for _ in 0..opts.max_new_tokens {
+    for step in 0..opts.max_new_tokens {
         // The first pass also holds the positions a method adds (virtual tokens, a prefix).
         let held = if cache.is_empty() { model.added_positions() } else { cache.len() };
         if held + next_input.len() > max_ctx {
@@ -46,6 +46,11 @@ pub fn generate(model: &DecoderLm, prompt: &[u32], opts: &SamplingOptions, mut o
         }
         let ids = Tensor::new(next_input.as_slice(), &device)?.unsqueeze(0)?;
         let logits = model.last_logits(&ids, None, Some(&mut cache))?.squeeze(0)?.to_dtype(DType::F32)?;
+        crate::util::finite::ensure_finite(
+            &logits,
+            || format!("the logits of generated token {} (index [vocabulary id])", step + 1),
+            "the model or adapter produced a non-finite output; generation stopped",
+        )?;
         let token = pick(&logits.to_vec1::<f32>()?, opts, &mut rng);
         out.push(token);
         on_token(token);

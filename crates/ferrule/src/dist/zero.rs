@@ -361,6 +361,7 @@ impl ZeroOptimizer {
                 }
                 let mut grads: HashMap<String, Tensor> = sums.into_iter().map(|(k, t)| Ok((k, (t / totals.trained)?))).collect::<Result<_>>()?;
                 let norm = clip_grad_norm(&mut grads, max_norm)?;
+                ensure_finite_norm(norm)?;
                 opt.set_lr(lr);
                 opt.step_with(&grads)?;
                 norm
@@ -382,6 +383,7 @@ impl ZeroOptimizer {
                 let mut sq = [part.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()];
                 comm.all_reduce_sum_f64(&mut sq)?;
                 let norm = sq[0].sqrt();
+                ensure_finite_norm(norm)?; // the same sum on every rank: all stop together
                 let coef = max_norm / (norm + 1e-6);
                 if coef < 1.0 {
                     let c = coef as f32;
@@ -450,6 +452,16 @@ pub fn consolidate_shards(shards: &[BTreeMap<String, Tensor>], layout: &FlatLayo
     Ok(out)
 }
 
+/// Refuses an update from a NaN or infinite gradient (it would make every trained value NaN).
+/// torch's `clip_grad_norm_` leaves this to the caller (`error_if_nonfinite=False`).
+fn ensure_finite_norm(norm: f64) -> Result<()> {
+    ensure!(
+        norm.is_finite(),
+        "the gradient norm is {norm}: a gradient is NaN or infinite (the parameters were not updated); lower the learning rate or check the data"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +515,24 @@ mod tests {
                 opt.materialize(&SingleProcess).unwrap();
                 assert_eq!(&values(&v), want, "stage {stage}, step {step}");
             }
+        }
+    }
+
+    /// A NaN or infinite gradient is an error at every stage, and nothing is updated.
+    #[test]
+    fn a_non_finite_gradient_stops_the_step_and_updates_nothing() {
+        let cfg = AdamWConfig { lr: 0.1, ..Default::default() };
+        for (stage, bad) in (0..=3).flat_map(|s| [(s, f32::NAN), (s, f32::INFINITY)]) {
+            let v = vars();
+            let before = values(&v);
+            let mut opt = ZeroOptimizer::new(v.clone(), cfg, ZeroStage::new(stage).unwrap(), &SingleProcess).unwrap();
+            let mut g = grads(0);
+            g.insert("b".to_string(), Tensor::new(&[bad, 0.2], &Device::Cpu).unwrap());
+            let local = StepTotals { trained: 1.0, ..Default::default() };
+            let err = opt.step(&SingleProcess, g, local, Some(1.0), 0.1).unwrap_err().to_string();
+            assert!(err.contains("the gradient norm is") && err.contains("not updated"), "stage {stage}: {err}");
+            opt.materialize(&SingleProcess).unwrap();
+            assert_eq!(values(&v), before, "stage {stage}: parameters moved");
         }
     }
 

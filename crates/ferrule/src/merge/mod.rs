@@ -56,6 +56,11 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
     // Replacements first: an update may apply on top of one (a LoRA delta on PEFT's saved
     // embedding base layer, lora_B's bias on a trained base bias), as in peft.
     for (name, t) in tuner.replaced() {
+        crate::util::finite::ensure_finite(
+            &t,
+            || format!("the adapter's replacement for {name}"),
+            "the adapter holds a non-finite value; nothing was written",
+        )?;
         tensors.insert(name, FrozenWeight::Dense(t));
         report.replaced_tensors += 1;
     }
@@ -96,6 +101,7 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
                 bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), u.dims())
             }
         };
+        crate::util::finite::ensure_finite(&merged, || format!("the merged weight {name}"), "the adapter's update is not finite; nothing was written")?;
         let merged = match &base {
             FrozenWeight::Quantized(q) => {
                 let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;

@@ -250,15 +250,35 @@ pub fn evaluate_on(model: &Model, pad_id: u32, items: &[Encoded], batch_size: us
     let dev = model.device().clone();
     let _no_grad = model.no_grad();
     let mine: Vec<&Encoded> = items.iter().skip(comm.rank()).step_by(comm.world_size()).collect();
-    let mut sums = [0f64; 3]; // loss·n, n, correct
-    for chunk in mine.chunks(batch_size.max(1)) {
+    let mut sums = [0f64; 4]; // loss·n, n, correct, batches with a non-finite loss
+    let mut first_bad = None;
+    for (j, chunk) in mine.chunks(batch_size.max(1)).enumerate() {
         let batch = collate(chunk, pad_id, PaddingSide::Right, &dev)?;
         let (loss, n, c) = batch_loss(model, &batch)?;
-        sums[0] += loss.to_scalar::<f32>()? as f64 * n as f64;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            sums[3] += 1.0;
+            first_bad.get_or_insert((j, lv));
+            continue;
+        }
+        sums[0] += lv * n as f64;
         sums[1] += n as f64;
         sums[2] += c as f64;
     }
+    // Every rank learns of a bad batch anywhere, so all stop together.
     comm.all_reduce_sum_f64(&mut sums)?;
+    if sums[3] > 0.0 {
+        let (world, rank, bs) = (comm.world_size(), comm.rank(), batch_size.max(1));
+        let here = first_bad.map_or_else(
+            || "on another rank".to_string(),
+            |(j, lv)| {
+                // Rank r evaluates records r, r + world, ...: the batch's first record.
+                let first = (j * bs) * world + rank + 1;
+                format!("first: loss {lv} in the eval batch starting at eval record {first} (batch size {bs})")
+            },
+        );
+        bail!("evaluation at step {step}: {} batch(es) gave a NaN or infinite loss ({here}); the model or adapter produces non-finite outputs", sums[3])
+    }
     let eval_loss = sums[0] / sums[1].max(1.0);
     let classification = model.task == Task::SeqCls;
     Ok(EvalReport {
@@ -613,7 +633,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         opt.materialize(comm)?;
         let (sums, local) = accumulate_step(&p, cfg, &mut cursor, step, comm, &params, sink.as_ref())?;
         let lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup_steps, total_steps);
-        let result = opt.step(comm, sums, local, cfg.max_grad_norm, lr)?;
+        let result = opt.step(comm, sums, local, cfg.max_grad_norm, lr).with_context(|| format!("optimizer step {}", step + 1))?;
         // The busiest step: at stage 3 a step after an eval or a save needs no gather.
         let t = comm.traffic().since(&traffic0);
         if step_traffic.is_none_or(|b: Traffic| t.total_bytes() > b.total_bytes()) {

@@ -1,6 +1,7 @@
 //! Small, dependency-light utilities shared by the rest of the crate.
 
 pub mod atomic;
+pub mod finite;
 
 /// Drops the pages of `mmap[offset..offset + len]` from the process (`madvise(DONTNEED)`), once
 /// what they hold has been copied out; they are read from the file again if touched.

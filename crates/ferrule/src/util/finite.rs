@@ -1,0 +1,45 @@
+//! Refusing NaN and infinite results: a command that met one stops with an error naming what
+//! and where, and writes nothing (a NaN logit, loss or merged weight is never a result).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+/// The first NaN or infinite element of `t` (any float dtype, any device): its index in each
+/// dimension and its value, or `None` when every element is finite.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<(Vec<usize>, f32)>> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let Some(flat) = values.iter().position(|v| !v.is_finite()) else { return Ok(None) };
+    let mut index = vec![0; t.rank()];
+    let mut rest = flat;
+    for (i, &d) in t.dims().iter().enumerate().rev() {
+        index[i] = rest % d.max(1);
+        rest /= d.max(1);
+    }
+    Ok(Some((index, values[flat])))
+}
+
+/// Errors when `t` holds a NaN or infinite value: "`what` holds NaN at [0, 3, 17]: `hint`".
+/// `what` names the tensor and where it was met (a step, a batch, a weight's name).
+pub fn ensure_finite(t: &Tensor, what: impl FnOnce() -> String, hint: &str) -> Result<()> {
+    if let Some((index, value)) = first_non_finite(t)? {
+        bail!("{} holds {value} at {index:?}: {hint}", what())
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn names_the_first_non_finite_element_by_its_index() {
+        let t = Tensor::new(&[[[1f32, 2.0, 3.0], [4.0, f32::NEG_INFINITY, f32::NAN]]], &Device::Cpu).unwrap();
+        assert_eq!(first_non_finite(&t).unwrap(), Some((vec![0, 1, 1], f32::NEG_INFINITY)));
+        let fine = Tensor::new(&[0f32, -1e38, 1e38], &Device::Cpu).unwrap();
+        assert_eq!(first_non_finite(&fine).unwrap(), None);
+        let nan = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let err = ensure_finite(&nan, || "the logits".into(), "check the model").unwrap_err().to_string();
+        assert_eq!(err, "the logits holds NaN at [0]: check the model");
+    }
+}
