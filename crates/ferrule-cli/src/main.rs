@@ -74,11 +74,13 @@ fn main() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     }
+    // 130 (128 + SIGINT, as shells report it) when training stopped on a signal.
+    let mut exit_code = 0;
     let result = if comm.world_size() > 1 && !matches!(cli.command, Command::Train(_)) {
         Err(anyhow::anyhow!("only `ferrule train` runs on several processes; run this command without mpirun"))
     } else {
         match cli.command {
-            Command::Train(a) => commands::train::run(*a, comm.as_ref()),
+            Command::Train(a) => commands::train::run(*a, comm.as_ref()).map(|interrupted| exit_code = if interrupted { 130 } else { 0 }),
             Command::Eval(a) => commands::eval::run(a),
             Command::Generate(a) => commands::generate::run(a),
             Command::Merge(a) => commands::merge::run(a),
@@ -97,6 +99,10 @@ fn main() {
         }
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+    if exit_code != 0 {
+        drop(comm); // MPI_Finalize before exiting
+        std::process::exit(exit_code);
     }
 }
 

@@ -1,6 +1,8 @@
 //! `ferrule train`
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ferrule::dist::{Collective, ZeroStage};
@@ -188,21 +190,42 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
 }
 
 /// Trains on every rank of `comm` (the world of one without a launcher); rank 0 prints.
-pub fn run(a: Args, comm: &dyn Collective) -> Result<()> {
+/// Returns whether a signal stopped the run (after saving a checkpoint).
+pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
     let cfg = build_config(&a)?;
     let mut bar = Bar::new(a.quiet, a.log_every);
-    let run = RunOptions { resume: a.resume, stop_after: a.stop_after, zero_stage: ZeroStage::new(a.zero_stage)? };
+    let interrupt = stop_on_signal(comm.rank() == 0)?;
+    let run = RunOptions { resume: a.resume, stop_after: a.stop_after, zero_stage: ZeroStage::new(a.zero_stage)?, interrupt: Some(interrupt) };
     let summary = train_on(&cfg, &super::device(), &mut bar, &run, comm)?;
     if comm.rank() != 0 {
-        return Ok(());
+        return Ok(summary.interrupted);
     }
     println!("{}", serde_json::to_string(&summary)?);
-    if !a.quiet {
+    if !a.quiet || summary.interrupted {
         if summary.completed {
             eprintln!("adapter saved to {} (adapter_config.json + adapter_model.safetensors)", summary.output_dir.display());
         } else {
-            eprintln!("stopped after step {}; continue with --resume", summary.steps);
+            eprintln!("stopped after step {} (checkpoint saved); run the same command with --resume to continue", summary.steps);
         }
     }
-    Ok(())
+    Ok(summary.interrupted)
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP: the first asks training to stop after the current step with a
+/// checkpoint; a second one exits at once (130), as an unhandled Ctrl-C would. Under mpirun,
+/// Open MPI turns Ctrl-C into SIGTERM for every rank and kills them a few seconds later:
+/// the checkpoint is only written if the step ends in that time.
+fn stop_on_signal(announce: bool) -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        if announce {
+            eprintln!("\nstopping after this step with a checkpoint (interrupt again to stop at once)");
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(flag)
 }

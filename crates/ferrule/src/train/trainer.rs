@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -76,6 +78,10 @@ pub struct RunOptions {
     /// How the trainable state is spread over ranks (`--zero-stage`; no effect on one rank's
     /// result: every stage trains the same adapter).
     pub zero_stage: ZeroStage,
+    /// Set (by a signal handler, say) to stop after the current step with a checkpoint; the
+    /// run then ends with `interrupted` and `--resume` continues it. Ranks agree on it every
+    /// step, so all stop at the same one.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// What a finished run produced.
@@ -84,6 +90,8 @@ pub struct TrainSummary {
     pub output_dir: PathBuf,
     pub steps: usize,
     pub completed: bool,
+    /// Stopped early by [`RunOptions::interrupt`], after saving a checkpoint of step `steps`.
+    pub interrupted: bool,
     pub trainable_params: usize,
     pub total_params: usize,
     /// Bytes of the frozen base's weights as held (quantized formats included).
@@ -491,6 +499,17 @@ fn save_step_checkpoint(comm: &dyn Collective, cfg: &TrainConfig, state: &Traine
     Ok(())
 }
 
+/// Whether any rank was asked to stop (one tiny all-reduce per step when there are ranks).
+fn interrupt_requested(run: &RunOptions, comm: &dyn Collective) -> Result<bool> {
+    let mine = run.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    if comm.world_size() == 1 {
+        return Ok(mine);
+    }
+    let mut any = [if mine { 1.0 } else { 0.0 }];
+    comm.all_reduce_sum_f64(&mut any)?;
+    Ok(any[0] > 0.0)
+}
+
 /// FNV-1a digest of the records' token ids and labels (the same on ranks that read the same data).
 fn records_digest(items: &[Encoded]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -626,6 +645,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     let mut positions = Throughput::new(20);
     let mut step_times = Vec::new();
     let (mut last_loss, mut last_eval, mut step_traffic) = (None, None, None);
+    let mut interrupted = false;
 
     while step < stop_at {
         let t0 = Instant::now();
@@ -675,7 +695,8 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
             progress.eval(&r);
             last_eval = Some(r);
         }
-        let save_now = cfg.save_every.is_some_and(|s| step.is_multiple_of(s)) || (step == stop_at && !last);
+        interrupted = !last && interrupt_requested(run, comm)?;
+        let save_now = cfg.save_every.is_some_and(|s| step.is_multiple_of(s)) || (step == stop_at && !last) || interrupted;
         if save_now {
             opt.materialize(comm)?;
             let state = TrainerState {
@@ -693,6 +714,10 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
                 m.sync()?;
             }
             save_step_checkpoint(comm, cfg, &state, &adapter, &opt)?;
+        }
+        if interrupted {
+            progress.message(&format!("interrupted: checkpoint of step {step} saved; rerun with --resume to continue"));
+            break;
         }
     }
     if let Some(m) = &metrics {
@@ -716,6 +741,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         output_dir: out.clone(),
         steps: step,
         completed,
+        interrupted,
         trainable_params: trainable,
         total_params: total_params(p.model.base_params, p.tuner.as_ref()),
         base_weight_bytes: crate::quant::WeightMemory::of(&p.source.weights).total_bytes(),
