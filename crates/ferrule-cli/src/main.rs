@@ -39,6 +39,8 @@ enum Command {
     Logits(commands::logits::Args),
     /// Estimate per-rank memory and communication of a (multi-process) training run.
     Plan(Box<commands::plan::Args>),
+    /// Draw a run's loss.svg (train and eval loss, learning rate) from its metrics.jsonl.
+    Plot(commands::plot::Args),
     /// Work on a training run's checkpoints (consolidate a sharded one).
     #[command(subcommand)]
     Checkpoint(commands::checkpoint::Command),
@@ -89,6 +91,7 @@ fn main() {
             Command::Logits(a) => commands::logits::run(a),
             Command::Checkpoint(c) => commands::checkpoint::run(c),
             Command::Plan(a) => commands::plan::run(*a),
+            Command::Plot(a) => commands::plot::run(a),
         }
     };
     if let Err(e) = result {

@@ -59,6 +59,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
     let resumed = Command::new(env!("CARGO_BIN_EXE_ferrule")).args(&again).output().unwrap();
     let resumed_err = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{resumed_err}");
+    assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"), "no loss plot");
     assert!(
         resumed_err.contains(&format!("resuming from {}", out.join(format!("checkpoint-{step}")).display())),
         "the resume did not start at step {step}:\n{resumed_err}"

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod logits;
 pub mod merge;
 pub mod plan;
+pub mod plot;
 pub mod quantize;
 pub mod train;
 

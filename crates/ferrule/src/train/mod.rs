@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod rng;
 pub mod schedule;
 pub mod trainer;
@@ -23,6 +24,7 @@ pub use checkpoint::{consolidate_checkpoint, latest_checkpoint, load_checkpoint,
 pub use config::TrainConfig;
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
+pub use plot::{write_loss_plot, PLOT_FILE};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
 pub use trainer::{

@@ -722,6 +722,10 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     }
     if let Some(m) = &metrics {
         m.sync()?;
+        // The picture is a convenience: a failure to draw it is reported, not fatal.
+        if let Err(e) = super::plot::write_loss_plot(out, None) {
+            progress.message(&format!("warning: {} not written: {e:#}", super::plot::PLOT_FILE));
+        }
     }
     let completed = step >= total_steps;
     if completed {
