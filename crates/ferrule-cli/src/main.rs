@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
+    /// Show records as training sees them (trained tokens marked) and count tokens, padding, lengths.
+    Data(commands::data::Args),
     /// Loss / perplexity (and accuracy for classification) on a JSONL dataset.
     Eval(commands::eval::Args),
     /// Generate text from a decoder model, with or without an adapter.
@@ -84,6 +86,7 @@ fn main() {
         match cli.command {
             Command::Train(a) => commands::train::run(*a, comm.as_ref()).map(|interrupted| exit_code = if interrupted { 130 } else { 0 }),
             Command::Eval(a) => commands::eval::run(a),
+            Command::Data(a) => commands::data::run(a),
             Command::Generate(a) => commands::generate::run(a),
             Command::Merge(a) => commands::merge::run(a),
             Command::Quantize(a) => commands::quantize::run(a),

@@ -38,6 +38,7 @@ pub mod encode;
 mod error;
 mod jsonl;
 mod labels;
+pub mod preview;
 mod tokenizer;
 
 pub use batch::{collate, Batch, PaddingSide};

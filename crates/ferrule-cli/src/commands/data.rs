@@ -1,0 +1,111 @@
+//! `ferrule data`: the records as training will see them. Trained spans are coloured on a
+//! terminal and put in `[[ ]]` otherwise; counts and a length histogram follow.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ferrule::data::preview::{spans, stats, DataStats};
+use ferrule::data::{read_jsonl, LabelMap};
+use ferrule::model::{ModelSource, Task};
+use ferrule::train::{encode_file, encode_options, TrainConfig};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder, .gguf file or hub id (its tokenizer and chat template are used).
+    #[arg(long)]
+    model: String,
+    /// JSONL records (the shapes `ferrule train --data` takes).
+    #[arg(long)]
+    data: PathBuf,
+    /// How many records to print (the first N kept ones).
+    #[arg(long, default_value_t = 3)]
+    show: usize,
+    /// causal-lm or seq-cls (as ferrule train --task).
+    #[arg(long)]
+    task: Option<String>,
+    /// Longest sequence in tokens (default: the model's context, at most 512, as in train).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Fail on records longer than --max-len instead of truncating them (as in train).
+    #[arg(long)]
+    no_truncate: bool,
+    /// Mark prompt tokens as trained too (as ferrule train --train-on-prompt).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Records per batch, for the padding count (default 8, as in train).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Print the counts as one JSON object instead of text (no records).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut cfg = TrainConfig { max_len: a.max_len, truncate: !a.no_truncate, completion_only: !a.train_on_prompt, ..Default::default() };
+    if let Some(t) = &a.task {
+        cfg.task = super::parse_task(t)?;
+    }
+    let source = ModelSource::load(&a.model, &super::device())?;
+    let context = source.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+    let max_len = cfg.effective_max_len(context)?;
+    let records = read_jsonl(&a.data)?;
+    let labels = if cfg.task == Task::SeqCls { Some(LabelMap::from_examples(&records)?) } else { None };
+    let set = encode_file(&a.data, &source, encode_options(&cfg, max_len), labels.as_ref(), None)?;
+    let counts = stats(&set, records.len(), a.batch_size, max_len);
+    if a.json {
+        println!("{}", serde_json::to_string(&counts)?);
+        return Ok(());
+    }
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let tokenizer = source.tokenizer()?;
+    for (item, &record) in set.items.iter().zip(&set.record_indices).take(a.show) {
+        println!("── {}:{} ({} tokens) ──", a.data.display(), record + 1, item.len());
+        let mut text = String::new();
+        for s in spans(tokenizer, item)? {
+            text += &match (s.trained, colour) {
+                (false, _) => s.text,
+                (true, true) => format!("\x1b[1;32m{}\x1b[0m", s.text),
+                (true, false) => format!("[[{}]]", s.text),
+            };
+        }
+        println!("{text}");
+        if let Some(c) = item.class_label {
+            println!("(label {c})");
+        }
+    }
+    print_counts(&counts, cfg.task == Task::SeqCls, colour);
+    Ok(())
+}
+
+fn print_counts(s: &DataStats, classification: bool, colour: bool) {
+    let marked = if colour { "green" } else { "[[ ]]" };
+    println!("──");
+    if classification {
+        println!("classification: the loss is one per record (its label), not per token; records longer than {} tokens are cut", s.max_len);
+    } else {
+        println!("trained tokens are marked {marked}; records longer than {} tokens are cut (--max-len)", s.max_len);
+    }
+    println!("records {} (kept {}, skipped {}: nothing left to train, truncated {})", s.records, s.kept, s.skipped_lines.len(), s.truncated);
+    if !s.skipped_lines.is_empty() {
+        let shown: Vec<String> = s.skipped_lines.iter().take(10).map(|l| l.to_string()).collect();
+        println!("skipped lines: {}{}", shown.join(", "), if s.skipped_lines.len() > 10 { ", ..." } else { "" });
+    }
+    if classification {
+        println!("tokens {}", s.tokens);
+    } else {
+        println!("tokens {}, trained {} ({:.1}%)", s.tokens, s.trained_tokens, 100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64);
+    }
+    println!(
+        "padding in batches of {} (file order): {} positions, {:.1}% of what the batches compute ({:.1}% with --pad-to-max-len)",
+        s.batch_size,
+        s.padding_positions,
+        100.0 * s.padding_fraction,
+        100.0 * s.padding_fraction_at_max_len
+    );
+    println!("record length (tokens):");
+    let most = s.length_histogram.iter().map(|b| b.2).max().unwrap_or(1);
+    for &(lo, hi, n) in &s.length_histogram {
+        println!("  {:>6} – {:<6} {:>7}  {}", lo, hi - 1, n, "#".repeat((40 * n).div_ceil(most)));
+    }
+}
