@@ -57,6 +57,14 @@ fn main() {
     // 24.6 s -> 17.4 s per SmolLM2 step). Keep freed memory for reuse instead.
     // SAFETY: sets a process-wide allocator option; no allocation is in flight.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // A file-size limit (`ulimit -f`, RLIMIT_FSIZE) kills a process that writes past it with
+    // SIGXFSZ unless the signal is ignored; ignored, the write fails with EFBIG and ferrule
+    // reports which file it was writing and removes the partial copy.
+    // SAFETY: setting a signal's disposition to SIG_IGN before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN)
+    };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG").unwrap_or_else(|_| "warn".into()))

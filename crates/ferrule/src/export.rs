@@ -30,27 +30,36 @@ pub fn write_model_folder(source: &ModelSource, out: &Path, config: &Value, tens
     if out.exists() {
         bail!("{}: already exists; choose a new output folder", out.display())
     }
-    let tmp = out.with_extension("tmp");
+    // `OUT.tmp` beside it (appended: `with_extension` would turn `model.v2` into `model.tmp`).
+    let mut tmp_name = out.file_name().with_context(|| format!("{}: not a folder name", out.display()))?.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = out.with_file_name(tmp_name);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    save_raw_safetensors_atomic(&tmp.join("model.safetensors"), tensors, Some(meta))?;
-    write_bytes_atomic(&tmp.join("config.json"), (serde_json::to_string_pretty(config)? + "\n").as_bytes())?;
-    match &source.dir {
-        Some(dir) => {
-            for f in TOKENIZER_FILES {
-                let p = dir.join(f);
-                if p.is_file() {
-                    std::fs::copy(&p, tmp.join(f)).with_context(|| format!("copying {}", p.display()))?;
+    let fill = || -> Result<()> {
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_raw_safetensors_atomic(&tmp.join("model.safetensors"), tensors, Some(meta))?;
+        write_bytes_atomic(&tmp.join("config.json"), (serde_json::to_string_pretty(config)? + "\n").as_bytes())?;
+        match &source.dir {
+            Some(dir) => {
+                for f in TOKENIZER_FILES {
+                    let p = dir.join(f);
+                    if p.is_file() {
+                        std::fs::copy(&p, tmp.join(f)).with_context(|| format!("copying {}", p.display()))?;
+                    }
                 }
             }
+            None => write_tokenizer_files(source, &tmp)?,
         }
-        None => write_tokenizer_files(source, &tmp)?,
+        Ok(sync_dir(&tmp)?)
+    };
+    if let Err(e) = fill().and_then(|_| std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))) {
+        // Best effort: the error matters more than the cleanup.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    sync_dir(&tmp)?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
     Ok(())
 }
 

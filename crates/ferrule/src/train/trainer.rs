@@ -574,7 +574,10 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     let mut silent = Silent;
     let progress: &mut dyn Progress = if rank == 0 { progress } else { &mut silent };
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    if out.exists() && !out.is_dir() {
+        bail!("output {}: is a file, not a folder (the run's folder is created when missing)", out.display())
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating the output folder {}", out.display()))?;
     let fingerprint = cfg.resume_fingerprint()?;
     let checkpoint = find_resume(cfg, run, comm, &fingerprint, progress, device)?;
     // Every rank has decided (and read the checkpoint) before rank 0 may write into the folder.
