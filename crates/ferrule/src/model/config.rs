@@ -41,13 +41,7 @@ pub fn check(config: &Value) -> Result<()> {
 /// `as_f64().unwrap_or(default)`, silently turned `"rms_norm_eps": "x"` into the default.)
 struct Keys<'a>(&'a Value);
 
-fn found(v: &Value) -> String {
-    let s = v.to_string();
-    match s.char_indices().nth(60) {
-        Some((cut, _)) => format!("{}...", &s[..cut]),
-        None => s,
-    }
-}
+use crate::util::shown_value as found;
 
 impl Keys<'_> {
     fn wrong(&self, key: &str, expected: &str) -> anyhow::Error {

@@ -55,6 +55,17 @@ impl AdapterConfig {
         Value::Object(self.options.clone())
     }
 
+    /// The options as the method's typed config `T`. A value of the wrong type is an error
+    /// naming `method`, the key, the value found and what was expected, e.g.
+    /// `lora: "r" is -1: invalid value: integer `-1`, expected usize`.
+    pub fn typed<T: serde::de::DeserializeOwned>(&self, method: &str) -> Result<T> {
+        serde_path_to_error::deserialize(self.options_json()).map_err(|e| {
+            let key = e.path().iter().next().map(|s| s.to_string()).unwrap_or_default();
+            let found = self.options.get(key.trim_matches('"')).map_or_else(|| "missing".to_string(), |v| format!("is {}", crate::util::shown_value(v)));
+            anyhow::anyhow!("{method}: {:?} {found}: {}", e.path().to_string(), e.inner())
+        })
+    }
+
     /// Rejects keys the method does not have. `origin` names the file or table in the error.
     /// For a training config (`strict`) an unknown key is an error; for a saved adapter
     /// (PEFT writes every option it knows, mostly at defaults) a set unknown key is a warning.
@@ -123,4 +134,14 @@ pub fn json_number(v: f64) -> Value {
 /// serde `serialize_with` for [`json_number`].
 pub fn serialize_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
     serde::Serialize::serialize(&json_number(*v), s)
+}
+
+/// An α (LoRA's `lora_alpha`, RandLoRA's `randlora_alpha`) whose scale α/r or α/√r is a finite
+/// f32 for every r ≥ 1: so |α| ≤ f32::MAX (3.4e38). peft accepts any float; a larger α makes
+/// every adapted output infinite. `what` names the key in the error.
+pub fn check_alpha(what: &str, alpha: f64) -> Result<()> {
+    if !(alpha as f32).is_finite() {
+        anyhow::bail!("{what} is {alpha:e}: expected a finite number of at most {:e} in magnitude (its scale α/r must be a finite f32)", f32::MAX)
+    }
+    Ok(())
 }

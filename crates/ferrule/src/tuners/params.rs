@@ -46,7 +46,10 @@ impl ParamStore {
                 t.to_dtype(DType::F32)?.to_device(&self.device)?
             }
             None if self.loading => bail!("the adapter has no tensor {key:?} for a module its config targets"),
-            None => init()?,
+            None => {
+                crate::util::ensure_allocatable(&format!("the new trainable tensor {key:?} {shape:?} (f32)"), shape, 4)?;
+                init()?
+            }
         };
         let v = Var::from_tensor(&t)?;
         self.params.lock().unwrap().insert(key.to_string(), v.clone());

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// `target_modules` / `exclude_modules` / `modules_to_save` as PEFT writes them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a list of module names, a regular expression string, or \"all-linear\"")]
 pub enum ModuleSpec {
     /// A regular expression (or the special value `all-linear`).
     Pattern(String),
@@ -73,7 +73,7 @@ pub fn pattern_index(patterns: &[Regex], path: &str) -> Option<usize> {
 
 /// PEFT's `layers_to_transform`: one layer index or several.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a layer index or a list of layer indices (non-negative integers)")]
 pub enum LayersToTransform {
     One(usize),
     Many(Vec<usize>),

@@ -3,6 +3,34 @@
 pub mod atomic;
 pub mod finite;
 
+/// Errors (instead of the allocator aborting the process) when a tensor of `shape` with
+/// `elem_bytes`-byte elements cannot fit in this machine's available memory (`MemAvailable` of
+/// /proc/meminfo; on other systems only an overflowing size is refused). A config asking for
+/// `r = 2^40`, say, is then an error naming the tensor.
+pub fn ensure_allocatable(what: &str, shape: &[usize], elem_bytes: usize) -> anyhow::Result<()> {
+    let bytes = shape.iter().try_fold(elem_bytes, |n, &d| n.checked_mul(d));
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .map(|kb| kb.saturating_mul(1024));
+    match (bytes, available) {
+        (None, _) => anyhow::bail!("{what} would take more than 2^64 bytes"),
+        (Some(b), Some(avail)) if b as u64 > avail => {
+            anyhow::bail!("{what} would take {:.3e} bytes, more than the {:.3e} this machine has available", b as f64, avail as f64)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A JSON value as an error message shows it: its JSON text, cut after 60 characters.
+pub fn shown_value(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
+    }
+}
+
 /// Drops the pages of `mmap[offset..offset + len]` from the process (`madvise(DONTNEED)`), once
 /// what they hold has been copied out; they are read from the file again if touched.
 pub fn release_pages(mmap: &memmap2::Mmap, offset: usize, len: usize) {

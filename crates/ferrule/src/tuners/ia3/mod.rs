@@ -61,7 +61,7 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
-    let cfg: Ia3Config = serde_json::from_value(config.options_json()).context("ia3: invalid config")?;
+    let cfg: Ia3Config = config.typed("ia3")?;
     Ok(Box::new(Ia3::new(cfg, ctx)?))
 }
 

@@ -47,7 +47,7 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
-    let cfg: LnTuningConfig = serde_json::from_value(config.options_json()).context("ln_tuning: invalid config")?;
+    let cfg: LnTuningConfig = config.typed("ln_tuning")?;
     Ok(Box::new(LnTuning::new(cfg, ctx)?))
 }
 

@@ -11,7 +11,7 @@ use crate::tuners::target::{compile_pattern_key, pattern_index, ModuleSpec};
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (both random, for
 /// tests), or a named scheme.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "true, false or a scheme name (\"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")")]
 pub enum InitLoraWeights {
     Flag(bool),
     Named(String),
@@ -114,6 +114,7 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("lora: lora_dropout must be in [0, 1), got {}", self.lora_dropout)
         }
+        crate::tuners::config::check_alpha("lora: lora_alpha", self.lora_alpha)?;
         if self.lora_bias && self.use_dora {
             bail!("lora: lora_bias=true is not supported with DoRA (use_dora=true), as in peft; set one of them to false")
         }
@@ -142,8 +143,9 @@ impl LoraConfig {
             }
         }
         for (k, v) in self.alpha_pattern.iter() {
-            if v.as_f64().is_none() {
-                bail!("lora: alpha_pattern[{k:?}] must be a number, got {v}")
+            match v.as_f64() {
+                Some(a) => crate::tuners::config::check_alpha(&format!("lora: alpha_pattern[{k:?}]"), a)?,
+                None => bail!("lora: alpha_pattern[{k:?}] must be a number, got {v}"),
             }
         }
         self.patterns()?;
@@ -175,5 +177,107 @@ impl LoraConfig {
         } else {
             alpha / r as f64
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Map, Value};
+
+    use super::LoraConfig;
+    use crate::tuners::AdapterConfig;
+
+    fn parse(key: &str, value: &Value) -> anyhow::Result<LoraConfig> {
+        let mut options = Map::new();
+        options.insert("target_modules".into(), json!(["q_proj"]));
+        options.insert(key.into(), value.clone());
+        let c: LoraConfig = AdapterConfig::new("LORA", options).typed("lora")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Every odd value of every key is refused with the key named, except the values that
+    /// mean something to peft (listed with what they mean).
+    #[test]
+    fn odd_values_of_every_key_are_refused_naming_the_key() {
+        let odd = [
+            json!(null),
+            json!(-1),
+            json!(0),
+            json!(1099511627776u64),
+            json!("x"),
+            json!([]),
+            json!({}),
+            json!(true),
+            json!(-0.5),
+            json!(1e308),
+            json!(["nope"]),
+        ];
+        // (key, value): accepted, because peft gives the value a meaning.
+        let accepted: &[(&str, Value)] = &[
+            ("r", json!(1099511627776u64)), // a rank; refused when built if its factors cannot be allocated (util::ensure_allocatable)
+            ("lora_alpha", json!(-1)),      // any α whose scale is a finite f32, negative included
+            ("lora_alpha", json!(1099511627776u64)),
+            ("lora_alpha", json!(0)),
+            ("lora_alpha", json!(-0.5)),
+            ("lora_dropout", json!(0)),
+            ("target_modules", json!(null)), // the model type's default targets
+            ("target_modules", json!("x")),  // a regex (it must then match a module)
+            ("target_modules", json!([])),
+            ("target_modules", json!(["nope"])), // names (they must then match a module)
+            ("exclude_modules", json!(null)),
+            ("exclude_modules", json!("x")),
+            ("exclude_modules", json!([])),
+            ("exclude_modules", json!(["nope"])),
+            ("use_rslora", json!(true)),
+            ("use_dora", json!(true)),
+            ("lora_bias", json!(true)),
+            ("init_lora_weights", json!(true)),
+            ("modules_to_save", json!(null)),
+            ("modules_to_save", json!([])),
+            ("modules_to_save", json!(["nope"])),
+            ("layers_to_transform", json!(null)),
+            ("layers_to_transform", json!(0)),
+            ("layers_to_transform", json!(1099511627776u64)), // no such layer: nothing matches, an error when built
+            ("layers_to_transform", json!([])),
+            ("layers_pattern", json!(null)),
+            ("layers_pattern", json!("x")),
+            ("layers_pattern", json!([])),
+            ("layers_pattern", json!(["nope"])),
+            ("rank_pattern", json!({})),
+            ("alpha_pattern", json!({})),
+        ];
+        let keys = [
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "exclude_modules",
+            "bias",
+            "use_rslora",
+            "use_dora",
+            "lora_bias",
+            "init_lora_weights",
+            "modules_to_save",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+            "fan_in_fan_out",
+        ];
+        let mut wrong = Vec::new();
+        for key in keys {
+            for v in &odd {
+                let ok = accepted.iter().any(|(k, a)| *k == key && a == v);
+                match parse(key, v) {
+                    Ok(_) if ok => {}
+                    Ok(_) => wrong.push(format!("{key} = {v}: accepted")),
+                    Err(e) if ok => wrong.push(format!("{key} = {v}: refused ({e:#})")),
+                    Err(e) if !format!("{e:#}").contains(key) => wrong.push(format!("{key} = {v}: the error does not name the key: {e:#}")),
+                    Err(_) => {}
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 }

@@ -52,7 +52,7 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
-    let cfg: LoraConfig = serde_json::from_value(config.options_json()).context("lora: invalid config")?;
+    let cfg: LoraConfig = config.typed("lora")?;
     Ok(Box::new(Lora::new(cfg, ctx)?))
 }
 

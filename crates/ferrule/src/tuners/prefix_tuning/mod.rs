@@ -47,7 +47,7 @@ fn complete(_options: &mut Map<String, Value>, _model_type: &str) -> Result<()> 
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
-    let cfg: PrefixTuningConfig = serde_json::from_value(config.options_json()).context("prefix_tuning: invalid config")?;
+    let cfg: PrefixTuningConfig = config.typed("prefix_tuning")?;
     cfg.validate()?;
     Ok(Box::new(PrefixTuning::new(cfg, ctx)))
 }

@@ -46,7 +46,7 @@ fn complete(_options: &mut Map<String, Value>, _model_type: &str) -> Result<()> 
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
-    let cfg: PromptTuningConfig = serde_json::from_value(config.options_json()).context("prompt_tuning: invalid config")?;
+    let cfg: PromptTuningConfig = config.typed("prompt_tuning")?;
     cfg.validate()?;
     Ok(Box::new(PromptTuning::new(cfg, ctx)))
 }

@@ -84,6 +84,7 @@ impl RandLoraConfig {
         if self.r == 0 {
             bail!("randlora: r must be a positive integer")
         }
+        crate::tuners::config::check_alpha("randlora: randlora_alpha", self.randlora_alpha)?;
         if !(0.0..1.0).contains(&self.randlora_dropout) {
             bail!("randlora: randlora_dropout must be in [0, 1), got {}", self.randlora_dropout)
         }

@@ -45,7 +45,7 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
-    let cfg: RandLoraConfig = serde_json::from_value(config.options_json()).context("randlora: invalid config")?;
+    let cfg: RandLoraConfig = config.typed("randlora")?;
     cfg.validate()?;
     Ok(Box::new(RandLora::new(cfg, ctx)?))
 }
