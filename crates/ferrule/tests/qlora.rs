@@ -84,7 +84,7 @@ fn training_through_a_quantized_base_equals_training_on_its_dequantized_weights(
         let (aq, ad) = (adapter(&qa), adapter(&da));
         assert_eq!(aq.len(), ad.len());
         for (k, v) in &aq {
-            let max = v.iter().zip(&ad[k]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let max = max_abs_diff(v, &ad[k]);
             assert!(max < 1e-5, "{:?}: {k} differs by {max}", spec.method);
             assert!(v.iter().any(|&x| x != 0.0), "{k} never moved");
         }
