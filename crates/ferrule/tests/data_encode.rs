@@ -609,3 +609,17 @@ fn fixture_model_chat_masks() {
     let pad = pad_token_id(&tok, config.as_ref());
     assert_eq!(Some(pad), config.as_ref().and_then(|c| c.pad_token.as_deref()).and_then(|p| tok.token_to_id(p)));
 }
+
+/// A BPE merge longer than every token made the tokenizers crate panic (found by fuzzing the
+/// GGUF reader, which shares the check): it is an error naming the file and the merge.
+#[test]
+fn a_bpe_merge_longer_than_every_token_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama/tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    let longest = t["model"]["vocab"].as_object().unwrap().keys().max_by_key(|k| k.len()).unwrap().clone();
+    t["model"]["merges"] = serde_json::json!([[longest, longest]]);
+    std::fs::write(dir.path().join("tokenizer.json"), t.to_string()).unwrap();
+    let err = load_tokenizer(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("BPE merge 0") && err.contains("longer than any in the vocabulary"), "{err}");
+}

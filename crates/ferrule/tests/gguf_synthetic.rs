@@ -471,3 +471,19 @@ fn unsupported_tokenizer_model() {
     assert!(matches!(err, GgufError::UnsupportedTokenizer { .. }), "{err:?}");
     assert!(msg.contains("unsupported tokenizer model \"llama\""), "{msg}");
 }
+
+/// Fuzzing found it (fuzz/corpus/gguf/tiny-llama.gguf): a merge whose result is longer than every
+/// token made the tokenizers crate panic; a merge whose result is not a token is an error.
+#[test]
+fn a_merge_that_makes_no_token_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // The longest token merged with itself: longer than any token of the vocabulary.
+    let longest = tokens().into_iter().max_by_key(|t| t.len()).unwrap();
+    let spec = Spec::llama("llama").set("tokenizer.ggml.merges", V::Strs(vec![format!("{longest} {longest}")]));
+    let path = spec.write(dir.path(), "merge.gguf");
+    let msg = match load_gguf(&path, &Device::Cpu) {
+        Ok(_) => panic!("a merge making no token was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(msg.contains("merge 0") && msg.contains("which is not in tokenizer.ggml.tokens"), "{msg}");
+}

@@ -1,6 +1,7 @@
 //! Loading a model's tokenizer and the special tokens of its `tokenizer_config.json`.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -18,10 +19,39 @@ pub fn load_tokenizer(model_dir: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(DataError::MissingTokenizer { dir: model_dir.to_path_buf() });
     }
-    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer { context: path.display().to_string(), message: e.to_string() })?;
+    let bad = |message: String| DataError::Tokenizer { context: path.display().to_string(), message };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+    check_bpe_merges(&text).map_err(bad)?;
+    let mut tokenizer = Tokenizer::from_str(&text).map_err(|e| bad(e.to_string()))?;
     tokenizer.with_truncation(None).map_err(|e| DataError::Tokenizer { context: path.display().to_string(), message: e.to_string() })?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
+}
+
+/// tokenizers 0.23 panics (a slice index in `BpeBuilder::build`) on a BPE merge whose result is
+/// longer than every token of the vocabulary, before its own "not in the vocabulary" error;
+/// found by fuzzing the GGUF reader, which has the same check. Refuse such a merge first.
+fn check_bpe_merges(text: &str) -> std::result::Result<(), String> {
+    let Ok(json) = serde_json::from_str::<Value>(text) else { return Ok(()) }; // tokenizers reports it
+    let model = &json["model"];
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array()) else { return Ok(()) };
+    if model["type"].as_str().is_some_and(|t| t != "BPE") {
+        return Ok(());
+    }
+    let longest = vocab.keys().map(String::len).max().unwrap_or(0);
+    for (i, m) in merges.iter().enumerate() {
+        let pair = match m {
+            Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
+            Value::Array(p) if p.len() == 2 => p[0].as_str().zip(p[1].as_str()).map(|(a, b)| (a.to_string(), b.to_string())),
+            _ => None,
+        };
+        if let Some((a, b)) = pair {
+            if a.len() + b.len() > longest {
+                return Err(format!("BPE merge {i} ({a:?} + {b:?}) makes a token longer than any in the vocabulary"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The parts of a model's `tokenizer_config.json` that ferrule uses.

@@ -104,6 +104,11 @@ pub(super) fn build_tokenizer(path: &Path, md: &Meta) -> Result<GgufTokenizer, G
             m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(format!("merge {m:?} is not two tokens separated by a space")))
         })
         .collect::<Result<_, _>>()?;
+    // tokenizers 0.23 panics (slice index) on a merge whose result is longer than every token
+    // of the vocabulary, before its own "not in the vocabulary" check: check it here.
+    if let Some((i, (a, b))) = merges.iter().enumerate().find(|(_, (a, b))| !vocab.contains_key(&format!("{a}{b}"))) {
+        return Err(tok_err(format!("merge {i} ({a:?} + {b:?}) makes {:?}, which is not in tokenizer.ggml.tokens", format!("{a}{b}"))));
+    }
     let bpe = BPE::builder().vocab_and_merges(vocab.clone(), merges).build().map_err(|e| tok_err(format!("BPE: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
 
