@@ -487,3 +487,17 @@ fn a_merge_that_makes_no_token_is_an_error() {
     };
     assert!(msg.contains("merge 0") && msg.contains("which is not in tokenizer.ggml.tokens"), "{msg}");
 }
+
+/// Fuzzing found it: tensor dims whose product overflows (an overflow panic with debug
+/// assertions, a wrapped small size without) are a corrupt file, not a small tensor.
+#[test]
+fn tensor_dims_whose_product_overflows_are_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = Spec::llama("llama");
+    let t = spec.tensors.iter_mut().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    // 2^33 x 2^31 = 2^64 elements: wraps to 0.
+    t.dims = vec![1 << 33, 1 << 31];
+    let (err, msg) = load_err(&spec.write(dir.path(), "overflow.gguf"));
+    assert!(matches!(err, GgufError::Corrupt { .. }), "{err:?}: {msg}");
+    assert!(msg.contains("\"blk.0.attn_q.weight\" needs bytes"), "{msg}");
+}

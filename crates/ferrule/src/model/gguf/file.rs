@@ -204,7 +204,10 @@ impl GgufFile {
 
     pub(super) fn data_range(&self, info: &gguf_file::TensorInfo) -> (usize, usize) {
         let dt = info.ggml_dtype;
-        let len = info.shape.elem_count() / dt.block_size() * dt.type_size();
+        // Checked: a corrupt header's dims can overflow `Shape::elem_count` (found by fuzzing);
+        // an overflowing size reads as usize::MAX, which no file holds.
+        let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let len = elems.and_then(|e| (e / dt.block_size()).checked_mul(dt.type_size())).unwrap_or(usize::MAX);
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         (usize::try_from(start).unwrap_or(usize::MAX), len)
     }
