@@ -501,3 +501,14 @@ fn tensor_dims_whose_product_overflows_are_corrupt() {
     assert!(matches!(err, GgufError::Corrupt { .. }), "{err:?}: {msg}");
     assert!(msg.contains("\"blk.0.attn_q.weight\" needs bytes"), "{msg}");
 }
+
+/// Fuzzing found it: a `block_count` of 2^32 made a 4 KB file take 22 GB (every required
+/// tensor name was built first). The first absent layer is named, at once.
+#[test]
+fn a_huge_block_count_names_the_first_missing_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Spec::llama("llama").set("llama.block_count", V::U32(u32::MAX));
+    let (err, msg) = load_err(&spec.write(dir.path(), "layers.gguf"));
+    assert!(matches!(err, GgufError::MissingTensor { .. }), "{err:?}");
+    assert!(msg.contains(&format!("model.layers.{LAYERS}.self_attn.q_proj.weight")), "{msg}");
+}
