@@ -512,9 +512,23 @@ fn loss_with_nothing_counted_is_zero() {
 #[test]
 fn other_dtypes_take_the_composite_path() {
     let x = randn(&[3, 8], 1, 1.0).to_dtype(DType::F64).unwrap();
-    let w = Tensor::ones(8, DType::F64, &Device::Cpu).unwrap();
-    let a = rms_norm(&x, &w, 1e-6).unwrap();
-    let b = rms_norm_reference(&x, &w, 1e-6).unwrap();
+    let w = (randn(&[8], 2, 0.3) + 1.0).unwrap().to_dtype(DType::F64).unwrap();
+    let eps = 1e-6;
+    let a = rms_norm(&x, &w, eps).unwrap();
     assert_eq!(a.dtype(), DType::F64);
-    assert_close(&a, &b, "f64 rms_norm");
+    // Against RMSNorm written out in f64 loops, `w · x / sqrt(mean(x²) + eps)` (not against
+    // `rms_norm_reference`, which is what this path runs).
+    let (xs, ws) = (x.to_vec2::<f64>().unwrap(), w.to_vec1::<f64>().unwrap());
+    let by_hand: Vec<Vec<f64>> = xs
+        .iter()
+        .map(|row| {
+            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt();
+            row.iter().zip(&ws).map(|(v, w)| v * inv * w).collect()
+        })
+        .collect();
+    let got = a.to_vec2::<f64>().unwrap();
+    for (i, (g, h)) in got.iter().flatten().zip(by_hand.iter().flatten()).enumerate() {
+        // The composite computes in f32: a few f32 ulps.
+        assert!((g - h).abs() <= 1e-6 * h.abs().max(1e-3), "f64 rms_norm[{i}]: {g} vs by hand {h}");
+    }
 }

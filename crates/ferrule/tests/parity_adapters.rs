@@ -98,9 +98,25 @@ fn assert_grads(case: &Case, grads_file: &str) {
         let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0, "{key}: zero gradient");
     }
-    // Frozen base weights never get a gradient (docs/ARCHITECTURE.md, decisions, fix 3).
+    // Frozen base weights never get a gradient (docs/ARCHITECTURE.md, decisions, fix 3). Looking
+    // a base tensor up by id is not enough: a composite `x.matmul(&w.t())` would store the
+    // gradient under the id of `w.t()`, a new tensor. So: the store holds the trainable tensors
+    // and, besides them, only batched activations `[b, t, hidden]` (the embedding output, a
+    // constant the first adapted layer reads), nothing shaped like a weight.
     for (name, t) in src.weights.tensors() {
         assert!(grads.get(t).is_none(), "{}: frozen tensor {name} received a gradient", case.adapter);
+    }
+    let trainable: Vec<_> = lora.trainable().iter().map(|(_, v)| v.as_tensor().id()).collect();
+    let ids = load(&format!("inputs/{}.safetensors", case.inputs));
+    let (b, t) = ids["input_ids"].dims2().unwrap();
+    let hidden = src.config["hidden_size"].as_u64().unwrap() as usize;
+    for id in grads.get_ids().filter(|id| !trainable.contains(id)) {
+        let dims = grads.get_id(*id).unwrap().dims().to_vec();
+        assert!(
+            dims == [b, t, hidden],
+            "{}: the gradient store holds a {dims:?} entry that is neither a trainable tensor nor the [{b}, {t}, {hidden}] input stream",
+            case.adapter
+        );
     }
 }
 

@@ -198,6 +198,8 @@ fn quantized_folder_matches_the_transformers_bitsandbytes_save() {
         let mut their_keys: Vec<_> = theirs.keys().collect();
         their_keys.sort();
         assert_eq!(keys, their_keys, "{name}: keys");
+        // (differing, all) double-quantized absmax codes.
+        let mut absmax_codes = (0usize, 0usize);
         for k in keys {
             let (a, b) = (&ours[k], &theirs[k]);
             if k.contains("quant_state") {
@@ -221,9 +223,12 @@ fn quantized_folder_matches_the_transformers_bitsandbytes_save() {
             } else if k.ends_with(".absmax") && a.0 == Dtype::U8 {
                 // Double-quantized absmax: bitsandbytes' CPU search (BinSearch "Direct2" bucket
                 // lookup) occasionally lands one code left of the nearest one; we take the
-                // nearest. Allow those one-step differences, nothing else.
+                // nearest. Allow those one-step differences, nothing else, and few of them
+                // (counted over the whole model below).
                 let diffs: Vec<(u8, u8)> = a.2.iter().zip(&b.2).filter(|(x, y)| x != y).map(|(x, y)| (*x, *y)).collect();
-                assert!(diffs.iter().all(|(x, y)| x.abs_diff(*y) == 1) && diffs.len() * 20 <= a.2.len(), "{name}: {k}: {diffs:?}");
+                assert!(diffs.iter().all(|(x, y)| x.abs_diff(*y) == 1), "{name}: {k}: {diffs:?}");
+                absmax_codes.0 += diffs.len();
+                absmax_codes.1 += a.2.len();
             } else if k.ends_with("nested_absmax") {
                 // Moves with the mean offset's last bit (see above).
                 assert!(f32s(a).iter().zip(f32s(b)).all(|(x, y)| (x - y).abs() <= 1e-6 * y.abs().max(1e-3)), "{name}: {k}");
@@ -231,6 +236,12 @@ fn quantized_folder_matches_the_transformers_bitsandbytes_save() {
                 let first = a.2.iter().zip(&b.2).position(|(x, y)| x != y);
                 assert!(first.is_none(), "{name}: {k} bytes differ at {first:?}: {:?} vs {:?}", first.map(|i| a.2[i]), first.map(|i| b.2[i]));
             }
+        }
+        // Measured: 2 of the 1152 codes of llama-nf4-dq differ (0.17%, one in each o_proj);
+        // allow 0.5%.
+        assert!(absmax_codes.0 * 200 <= absmax_codes.1, "{name}: {} of {} double-quantized absmax codes differ", absmax_codes.0, absmax_codes.1);
+        if name.ends_with("-dq") {
+            assert!(absmax_codes.1 > 0, "{name}: no double-quantized absmax compared");
         }
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         let theirs: serde_json::Value =
