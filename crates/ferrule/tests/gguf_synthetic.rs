@@ -10,7 +10,7 @@ use ferrule::model::gguf::{load_gguf, GgufError};
 // A minimal GGUF v3 writer
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 enum V {
     U32(u32),
     F32(f32),
@@ -511,4 +511,30 @@ fn a_huge_block_count_names_the_first_missing_layer() {
     let (err, msg) = load_err(&spec.write(dir.path(), "layers.gguf"));
     assert!(matches!(err, GgufError::MissingTensor { .. }), "{err:?}");
     assert!(msg.contains(&format!("model.layers.{LAYERS}.self_attn.q_proj.weight")), "{msg}");
+}
+
+#[test]
+fn out_of_range_metadata_is_an_error_naming_the_gguf_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(0.0)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(-1e-6)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(f32::NAN)),
+        ("llama.rope.freq_base", V::F32(0.0)),
+        ("llama.rope.freq_base", V::F32(f32::INFINITY)),
+        ("llama.context_length", V::U32(0)),
+        ("llama.embedding_length", V::U32(0)),
+        ("llama.feed_forward_length", V::U32(0)),
+        ("llama.attention.head_count", V::U32(0)),
+        ("llama.attention.head_count_kv", V::U32(3)),
+        ("tokenizer.ggml.eos_token_id", V::U32(10)),
+        ("tokenizer.ggml.bos_token_id", V::U32(u32::MAX)),
+    ];
+    for (key, value) in cases {
+        let shown = format!("{value:?}");
+        let spec = Spec::llama("llama").set(key, value);
+        let (err, msg) = load_err(&spec.write(dir.path(), "range.gguf"));
+        assert!(matches!(err, GgufError::BadMetadata { .. }), "{key} = {shown}: {err:?}");
+        assert!(msg.contains(&format!("\"{key}\"")) && msg.contains("range.gguf"), "{key} = {shown}: {msg}");
+    }
 }

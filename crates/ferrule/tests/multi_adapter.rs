@@ -106,7 +106,7 @@ fn generation_through_a_weighted_sum_follows_its_logits() {
     let m = try_load(&[src(&multi("peft_layout"))], &weights(&[("default", 0.7), ("other", -0.4)])).unwrap();
     let Arch::Decoder(lm) = &m.model.arch else { panic!("decoder expected") };
     let prompt = [5u32, 17, 42, 9];
-    let opts = SamplingOptions { max_new_tokens: 5, temperature: 0.0, top_p: 1.0, seed: 0, stop_tokens: vec![] };
+    let opts = SamplingOptions { max_new_tokens: 5, ..Default::default() };
     let cached = generate(lm, &prompt, &opts, |_| {}).unwrap();
     // The same greedy tokens from full forward passes, no cache.
     let mut ids = prompt.to_vec();

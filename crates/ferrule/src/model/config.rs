@@ -4,6 +4,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 
 use crate::ops::rope::RopeScaling;
+use crate::util::json_keys::Keys;
 
 /// The architecture families ferrule implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,111 +33,6 @@ pub fn check(config: &Value) -> Result<()> {
     match family_of(config)? {
         Family::Decoder => DecoderConfig::from_json(config).map(drop),
         Family::Bert => BertConfig::from_json(config).map(drop),
-    }
-}
-
-/// Typed reads of `config.json` keys. A missing key gives `None` (the caller's documented
-/// default); a key of the wrong type, or `null` where transformers gives the key no meaning for
-/// `null`, is an error naming the key, the value found and what was expected. (The old pattern,
-/// `as_f64().unwrap_or(default)`, silently turned `"rms_norm_eps": "x"` into the default.)
-struct Keys<'a>(&'a Value);
-
-use crate::util::shown_value as found;
-
-impl Keys<'_> {
-    fn wrong(&self, key: &str, expected: &str) -> anyhow::Error {
-        anyhow!("{key:?} is {}, expected {expected}", found(&self.0[key]))
-    }
-
-    /// A non-negative integer (`null` is an error).
-    fn usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| Some(n as usize)).ok_or_else(|| self.wrong(key, "a non-negative integer")),
-        }
-    }
-
-    /// An integer ≥ 1.
-    fn count(&self, key: &str) -> Result<Option<usize>> {
-        match self.usize(key) {
-            Ok(Some(0)) | Err(_) => Err(self.wrong(key, "an integer of at least 1")),
-            n => n,
-        }
-    }
-
-    fn required_count(&self, key: &str) -> Result<usize> {
-        self.count(key)?.ok_or_else(|| anyhow!("missing {key:?} (an integer of at least 1)"))
-    }
-
-    /// A non-negative integer, or `null` meaning none (token ids, `sliding_window`, `head_dim`).
-    fn nullable_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.0.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(_) => self.usize(key),
-        }
-    }
-
-    /// A finite number.
-    fn f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| self.wrong(key, "a finite number")),
-        }
-    }
-
-    /// A finite number > 0 (epsilons, rope theta and factors).
-    fn positive(&self, key: &str) -> Result<Option<f64>> {
-        match self.f64(key)? {
-            Some(x) if x <= 0.0 => Err(self.wrong(key, "a number greater than 0")),
-            x => Ok(x),
-        }
-    }
-
-    fn bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong(key, "true or false")),
-        }
-    }
-
-    fn str(&self, key: &str) -> Result<Option<&str>> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string")),
-        }
-    }
-
-    /// An object, or `null` / missing meaning none (`rope_scaling`, `rope_parameters`).
-    fn object(&self, key: &str) -> Result<Option<&Value>> {
-        match self.0.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) if v.is_object() => Ok(Some(v)),
-            Some(_) => Err(self.wrong(key, "an object or null")),
-        }
-    }
-
-    /// A token id below `vocab` (torch's `nn.Embedding` refuses a `padding_idx` outside it); a
-    /// negative one counts from the end, as torch reads `padding_idx = -1`.
-    fn token_id(&self, key: &str, vocab: usize) -> Result<Option<u32>> {
-        if let Some(n) = self.0.get(key).and_then(Value::as_i64).filter(|&n| n < 0) {
-            return match vocab.checked_sub(n.unsigned_abs() as usize) {
-                Some(id) => Ok(Some(id as u32)),
-                None => Err(self.wrong(key, &format!("a token id within vocab_size ({vocab})"))),
-            };
-        }
-        match self.nullable_usize(key)? {
-            Some(id) if id >= vocab => Err(self.wrong(key, &format!("a token id below vocab_size ({vocab})"))),
-            id => Ok(id.map(|i| i as u32)),
-        }
-    }
-
-    /// A token id that indexes nothing (`bos_token_id`, `eos_token_id`): any integer; a negative
-    /// one (some conversions write -1) means none, as it can never be generated.
-    fn marker_id(&self, key: &str) -> Result<Option<u32>> {
-        if self.0.get(key).and_then(Value::as_i64).is_some_and(|n| n < 0) {
-            return Ok(None);
-        }
-        Ok(self.nullable_usize(key)?.map(|i| i as u32))
     }
 }
 
@@ -196,13 +92,13 @@ pub struct DecoderConfig {
 impl DecoderConfig {
     /// Parses and range-checks a decoder `config.json`; errors name the key and what it holds.
     pub fn from_json(c: &Value) -> Result<Self> {
-        let k = Keys(c);
+        let k = Keys::new(c);
         let model_type = k.str("model_type")?.ok_or_else(|| anyhow!("no \"model_type\"; ferrule supports {}", SUPPORTED_MODEL_TYPES.join(", ")))?.to_string();
         let vocab_size = k.required_count("vocab_size")?;
         let hidden_size = k.required_count("hidden_size")?;
         let heads = k.required_count("num_attention_heads")?;
         // `null` or missing: as many as the query heads (transformers' LlamaConfig).
-        let kv = match c.get("num_key_value_heads") {
+        let kv = match k.raw("num_key_value_heads") {
             None | Some(Value::Null) => heads,
             Some(_) => k.required_count("num_key_value_heads")?,
         };
@@ -230,7 +126,7 @@ impl DecoderConfig {
             None => k.object("rope_scaling")?,
         };
         let theta_in_params = match params {
-            Some(p) => Keys(p).positive("rope_theta").map_err(|e| e.context("in \"rope_parameters\""))?,
+            Some(p) => Keys::new(p).positive("rope_theta").map_err(|e| e.context("in \"rope_parameters\""))?,
             None => None,
         };
         let rope_theta = match theta_in_params {
@@ -257,7 +153,7 @@ impl DecoderConfig {
             "qwen2" if k.bool("use_sliding_window")?.unwrap_or(false) => window,
             _ => None,
         };
-        let eos_token_ids = match c.get("eos_token_id") {
+        let eos_token_ids = match k.raw("eos_token_id") {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => {
                 let ids: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
@@ -266,7 +162,7 @@ impl DecoderConfig {
             }
             Some(_) => k.marker_id("eos_token_id")?.into_iter().collect(),
         };
-        Ok(Self {
+        let config = Self {
             vocab_size,
             hidden_size,
             intermediate_size: k.required_count("intermediate_size")?,
@@ -287,13 +183,24 @@ impl DecoderConfig {
             pad_token_id: k.token_id("pad_token_id", vocab_size)?,
             eos_token_ids,
             model_type,
-        })
+        };
+        note_unread(&k);
+        Ok(config)
     }
+}
+
+/// Debug-level note of the `config.json` keys nothing reads (`quantization_config` is read by
+/// `quant::bnb_format`, `label2id` goes with `id2label`).
+fn note_unread(k: &Keys) {
+    for elsewhere in ["quantization_config", "label2id"] {
+        k.raw(elsewhere);
+    }
+    k.note_unread("config.json");
 }
 
 /// `rope_scaling` / `rope_parameters` (transformers `modeling_rope_utils.py`).
 fn rope_scaling(obj: &Value) -> Result<RopeScaling> {
-    let s = Keys(obj);
+    let s = Keys::new(obj);
     let inner = || -> Result<RopeScaling> {
         let kind = match s.str("rope_type")? {
             Some(t) => t,
@@ -335,7 +242,7 @@ pub struct BertConfig {
 impl BertConfig {
     /// Parses and range-checks a BERT `config.json`; errors name the key and what it holds.
     pub fn from_json(c: &Value) -> Result<Self> {
-        let k = Keys(c);
+        let k = Keys::new(c);
         if let Some(act) = k.str("hidden_act")? {
             if act != "gelu" {
                 bail!("hidden_act {act:?} is not supported for bert (expected \"gelu\")")
@@ -348,7 +255,7 @@ impl BertConfig {
         }
         let num_labels = match k.count("num_labels")? {
             Some(n) => n,
-            None => match c.get("id2label") {
+            None => match k.raw("id2label") {
                 None | Some(Value::Null) => defaults::NUM_LABELS,
                 Some(Value::Object(m)) if !m.is_empty() => m.len(),
                 Some(_) => return Err(k.wrong("id2label", "a non-empty object")),
@@ -360,7 +267,7 @@ impl BertConfig {
         if hidden_size % num_attention_heads != 0 {
             bail!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})")
         }
-        Ok(Self {
+        let config = Self {
             vocab_size,
             hidden_size,
             num_hidden_layers: k.required_count("num_hidden_layers")?,
@@ -372,7 +279,9 @@ impl BertConfig {
             pad_token_id: k.token_id("pad_token_id", vocab_size)?.unwrap_or(defaults::BERT_PAD_TOKEN_ID as u32),
             initializer_range: k.positive("initializer_range")?.unwrap_or(defaults::BERT_INITIALIZER_RANGE),
             num_labels,
-        })
+        };
+        note_unread(&k);
+        Ok(config)
     }
 }
 

@@ -24,6 +24,8 @@ pub struct ModelSource {
     pub chat_template: Option<crate::data::ChatTemplate>,
     /// Special tokens from tokenizer_config.json (or GGUF metadata).
     pub tokenizer_config: Option<crate::data::TokenizerConfig>,
+    /// The decoding defaults of generation_config.json, when the folder has one.
+    pub generation_config: Option<crate::generate::GenerationConfig>,
 }
 
 impl ModelSource {
@@ -71,7 +73,12 @@ impl ModelSource {
         let tokenizer = if dir.join("tokenizer.json").exists() { Some(crate::data::load_tokenizer(dir)?) } else { None };
         let chat_template = crate::data::ChatTemplate::from_model_dir(dir)?;
         let tokenizer_config = crate::data::TokenizerConfig::from_model_dir(dir)?;
-        Ok(Self { location: dir.to_path_buf(), config, weights, tokenizer, dir: Some(dir.to_path_buf()), chat_template, tokenizer_config })
+        let vocab_size = config.get("vocab_size").and_then(Value::as_u64).unwrap_or(u32::MAX as u64) as usize; // checked above
+        let generation_config = crate::generate::GenerationConfig::from_model_dir(dir, vocab_size)?;
+        if let Some(t) = &tokenizer {
+            warn_unknown_special_tokens(t, tokenizer_config.as_ref());
+        }
+        Ok(Self { location: dir.to_path_buf(), config, weights, tokenizer, dir: Some(dir.to_path_buf()), chat_template, tokenizer_config, generation_config })
     }
 
     pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
@@ -95,6 +102,7 @@ impl ModelSource {
             dir: None,
             chat_template,
             tokenizer_config,
+            generation_config: None,
         })
     }
 
@@ -108,18 +116,20 @@ impl ModelSource {
         Ok(crate::data::pad_token_id(self.tokenizer()?, self.tokenizer_config.as_ref()))
     }
 
-    /// End-of-sequence ids: the tokenizer's eos plus config.json's `eos_token_id`(s).
+    /// End-of-sequence ids: config.json's `eos_token_id`(s) (typed and checked when the model
+    /// loaded), then generation_config.json's, then the tokenizer's `eos_token`. transformers'
+    /// `generate` stops on the first two; the tokenizer's is added because chat models end a
+    /// turn with it.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = match self.config.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+        let mut ids = match super::config::family_of(&self.config) {
+            Ok(super::config::Family::Decoder) => super::config::DecoderConfig::from_json(&self.config).map(|c| c.eos_token_ids).unwrap_or_default(),
             _ => vec![],
         };
-        if let Some(t) = &self.tokenizer {
-            if let Some(id) = crate::data::eos_token_id(t, self.tokenizer_config.as_ref()) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
+        let more = self.generation_config.iter().flat_map(|g| g.eos_token_ids.iter().copied());
+        let tokenizer_eos = self.tokenizer.as_ref().and_then(|t| crate::data::eos_token_id(t, self.tokenizer_config.as_ref()));
+        for id in more.chain(tokenizer_eos) {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
         ids
@@ -162,4 +172,17 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
         }
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// A special token that tokenizer_config.json names but tokenizer.json does not hold is never
+/// produced or recognised; ferrule falls back (padding with eos, then id 0), so say so.
+fn warn_unknown_special_tokens(tokenizer: &tokenizers::Tokenizer, config: Option<&crate::data::TokenizerConfig>) {
+    let Some(c) = config else { return };
+    let named = [("bos_token", &c.bos_token), ("eos_token", &c.eos_token), ("pad_token", &c.pad_token), ("unk_token", &c.unk_token)];
+    for (key, token) in named {
+        if let Some(t) = token.as_deref().filter(|t| tokenizer.token_to_id(t).is_none()) {
+            let file = c.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "tokenizer_config.json".into());
+            tracing::warn!("{file}: {key} {t:?} is not in tokenizer.json's vocabulary; it is ignored");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod atomic;
 pub mod finite;
+pub(crate) mod json_keys;
 
 /// Errors (instead of the allocator aborting the process) when a tensor of `shape` with
 /// `elem_bytes`-byte elements cannot fit in this machine's available memory (`MemAvailable` of

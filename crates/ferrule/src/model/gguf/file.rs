@@ -320,9 +320,10 @@ impl GgufFile {
         let a = self.arch.name();
         let d = &self.dims;
         let key = |k: &str| format!("{a}.{k}");
-        let eps = meta_f64(p, md, &key("attention.layer_norm_rms_epsilon"))?;
-        let rope_theta = opt_f64(p, md, &key("rope.freq_base"))?.unwrap_or(10_000.0);
-        let ctx = meta_usize(p, md, &key("context_length"))?;
+        let eps = meta_positive(p, md, &key("attention.layer_norm_rms_epsilon"))?;
+        let rope_theta = opt_positive(p, md, &key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let ctx = meta_count(p, md, &key("context_length"))?;
+        let vocab = self.vocab_size()?;
         let tie = !self.has_tensor("output.weight");
         let mut c = serde_json::Map::new();
         c.insert("architectures".into(), json!([self.arch.hf_class()]));
@@ -342,7 +343,7 @@ impl GgufFile {
         if let Some(scaling) = self.rope_scaling()? {
             c.insert("rope_scaling".into(), scaling);
         }
-        c.insert("vocab_size".into(), json!(self.vocab_size()?));
+        c.insert("vocab_size".into(), json!(vocab));
         c.insert("tie_word_embeddings".into(), json!(tie));
         if self.arch != Arch::Qwen2 {
             // Qwen2 always has q/k/v biases; llama-family models have them when the file does.
@@ -353,7 +354,11 @@ impl GgufFile {
             ("eos_token_id", "tokenizer.ggml.eos_token_id"),
             ("pad_token_id", "tokenizer.ggml.padding_token_id"),
         ] {
-            c.insert(hf.into(), json!(opt_usize(p, md, gg)?));
+            let id = opt_usize(p, md, gg)?;
+            if let Some(id) = id.filter(|&id| id >= vocab) {
+                return Err(bad(p, gg, format!("token id {id} is not below the vocabulary size {vocab}")));
+            }
+            c.insert(hf.into(), json!(id));
         }
         c.insert("torch_dtype".into(), json!("float32"));
         Ok(Json::Object(c))
@@ -367,7 +372,7 @@ impl GgufFile {
         };
         let mut s = serde_json::Map::new();
         s.insert("rope_type".into(), json!(ty));
-        if let Some(f) = opt_f64(p, md, &format!("{a}.rope.scaling.factor"))? {
+        if let Some(f) = opt_positive(p, md, &format!("{a}.rope.scaling.factor"))? {
             s.insert("factor".into(), json!(f));
         }
         if let Some(n) = opt_usize(p, md, &format!("{a}.rope.scaling.original_context_length"))? {

@@ -60,17 +60,33 @@ pub(super) fn opt_f64(path: &Path, md: &Meta, key: &str) -> Result<Option<f64>, 
     }))
 }
 
-pub(super) fn meta_f64(path: &Path, md: &Meta, key: &str) -> Result<f64, GgufError> {
-    opt_f64(path, md, key)?.ok_or_else(|| missing(path, key))
+/// A finite number > 0 (epsilons, rope bases and factors), the error naming the GGUF key.
+pub(super) fn opt_positive(path: &Path, md: &Meta, key: &str) -> Result<Option<f64>, GgufError> {
+    match opt_f64(path, md, key)? {
+        Some(x) if !(x.is_finite() && x > 0.0) => Err(bad(path, key, format!("{x} is not a finite number greater than 0"))),
+        x => Ok(x),
+    }
+}
+
+pub(super) fn meta_positive(path: &Path, md: &Meta, key: &str) -> Result<f64, GgufError> {
+    opt_positive(path, md, key)?.ok_or_else(|| missing(path, key))
+}
+
+/// An integer ≥ 1 (layer, head and size counts), the error naming the GGUF key.
+pub(super) fn meta_count(path: &Path, md: &Meta, key: &str) -> Result<usize, GgufError> {
+    match meta_usize(path, md, key)? {
+        0 => Err(bad(path, key, "0, expected an integer of at least 1")),
+        n => Ok(n),
+    }
 }
 
 pub(super) fn read_dims(path: &Path, md: &Meta, arch: Arch) -> Result<Dims, GgufError> {
     let a = arch.name();
     let key = |k: &str| format!("{a}.{k}");
-    let layers = meta_usize(path, md, &key("block_count"))?;
-    let hidden = meta_usize(path, md, &key("embedding_length"))?;
-    let intermediate = meta_usize(path, md, &key("feed_forward_length"))?;
-    let heads = meta_usize(path, md, &key("attention.head_count"))?;
+    let layers = meta_count(path, md, &key("block_count"))?;
+    let hidden = meta_count(path, md, &key("embedding_length"))?;
+    let intermediate = meta_count(path, md, &key("feed_forward_length"))?;
+    let heads = meta_count(path, md, &key("attention.head_count"))?;
     let kv_heads = opt_usize(path, md, &key("attention.head_count_kv"))?.unwrap_or(heads);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(bad(path, &key("attention.head_count_kv"), format!("{kv_heads} kv heads do not divide {heads} heads")));
