@@ -85,7 +85,9 @@ fn smollm2_gguf_logits_match_transformers_gguf_load() {
     let t = logits.dim(1).unwrap();
     let last = logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
     let diff = max_diff_masked(&last, &exp["last_logits"], None);
-    assert!(diff < 1e-3, "SmolLM2 GGUF last-position logits differ by {diff}");
+    // The README's figure for every family: 1e-4 (measured 6.3e-5 on logits up to 19.8, with
+    // OpenBLAS and with FERRULE_BLAS=off, 1 and 2 threads).
+    assert!(diff < 1e-4, "SmolLM2 GGUF last-position logits differ by {diff}");
     let argmax = logits.argmax(candle_core::D::Minus1).unwrap().to_dtype(candle_core::DType::I64).unwrap();
     assert_eq!(argmax.to_vec2::<i64>().unwrap(), exp["argmax"].to_vec2::<i64>().unwrap());
 }

@@ -47,12 +47,17 @@ impl Weights {
         let mut tensors = HashMap::new();
         let mut quantized: HashMap<String, Arc<dyn QuantMatrix>> = HashMap::new();
         let mut bnb: HashMap<String, RawTensor> = HashMap::new();
-        for f in &checkpoint_files(dir)? {
+        for (f, listed) in &checkpoint_files(dir)? {
             let file = std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
             // SAFETY: read-only map of a checkpoint file we do not modify while it is mapped.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", f.display()))?;
             let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
             let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            // A tensor the index places in this shard must be there (a stale or mixed-up index
+            // would otherwise surface later as a "missing tensor" of the folder, or not at all).
+            if let Some(missing) = listed.iter().find(|n| !names.contains(n)) {
+                bail!("{}: model.safetensors.index.json lists tensor {missing:?} in this shard, but the file has no such tensor", f.display())
+            }
             let has_bnb = names.iter().any(|n| bnb_format::is_component(n));
             for name in names {
                 let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name:?}: {e}", f.display()))?;
@@ -204,22 +209,29 @@ impl Drop for ReleasePages<'_> {
     }
 }
 
-/// `model.safetensors`, or the shards of `model.safetensors.index.json`.
-fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// `model.safetensors`, or the shards of `model.safetensors.index.json`, each with the tensor
+/// names the index places in it (none for a single file).
+fn checkpoint_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     if single.exists() {
-        Ok(vec![single])
+        Ok(vec![(single, Vec::new())])
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
         let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
         let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
-        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-        shards.sort();
-        shards.dedup();
-        Ok(shards.into_iter().map(|s| dir.join(s)).collect())
-    } else if dir.join("pytorch_model.bin").exists() {
-        bail!("{}: only pytorch_model.bin found; it is a pickle, which ferrule never loads. Convert it to safetensors first", dir.display())
+        let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (name, shard) in map {
+            let shard = shard.as_str().ok_or_else(|| anyhow!("{}: weight_map[{name:?}] is {shard}, expected a file name", index.display()))?;
+            shards.entry(shard.to_string()).or_default().push(name.clone());
+        }
+        Ok(shards.into_iter().map(|(s, names)| (dir.join(s), names)).collect())
+    } else if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        let found = if dir.join("pytorch_model.bin").exists() { "pytorch_model.bin" } else { "pytorch_model.bin.index.json (sharded pytorch_model-*.bin)" };
+        bail!(
+            "{}: only {found} found; it is a pickle, which ferrule never loads (it can run arbitrary code). Convert it to safetensors first (e.g. load it in transformers and save_pretrained)",
+            dir.display()
+        )
     } else {
         bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
     }

@@ -87,14 +87,22 @@ pub enum LayersPattern {
     Many(Vec<String>),
 }
 
-/// Whether `path` lies in a layer `layers_to_transform` selects (every path when it is unset;
-/// none outside a numbered layer when it is set), as PEFT's `_check_target_module_exists`.
+/// Whether `path` lies in a layer `layers_to_transform` selects (every path when it is unset
+/// or an empty list; none outside a numbered layer when it is set), as PEFT's
+/// `check_target_module_exists`. An empty `layers_pattern` (`[]` or `""`) means any container,
+/// as in PEFT.
 pub fn in_layers(path: &str, layers_to_transform: Option<&LayersToTransform>, layers_pattern: Option<&LayersPattern>) -> bool {
-    let Some(ltt) = layers_to_transform else { return true };
-    let pats: Option<Vec<String>> = layers_pattern.map(|p| match p {
-        LayersPattern::One(s) => vec![s.clone()],
-        LayersPattern::Many(v) => v.clone(),
-    });
+    let ltt = match layers_to_transform {
+        None => return true,
+        Some(LayersToTransform::Many(v)) if v.is_empty() => return true,
+        Some(l) => l,
+    };
+    let pats: Option<Vec<String>> = layers_pattern
+        .map(|p| match p {
+            LayersPattern::One(s) => vec![s.clone()],
+            LayersPattern::Many(v) => v.clone(),
+        })
+        .filter(|p| !p.is_empty() && p.iter().any(|s| !s.is_empty()));
     let Some(idx) = layer_index(path, pats.as_deref()) else { return false };
     match ltt {
         LayersToTransform::One(i) => *i == idx,

@@ -121,6 +121,21 @@ impl LoraConfig {
         if self.lora_bias && !matches!(self.init_lora_weights, InitLoraWeights::Flag(_)) {
             bail!("lora: lora_bias=true needs init_lora_weights true or false (peft's rule), got {:?}", self.init_lora_weights)
         }
+        // peft's LoraConfig.__post_init__ raises for these, so an adapter saved with them would
+        // not load there ("all-linear" is saved as the list of names it matched).
+        if let Some(ModuleSpec::Pattern(p)) = &self.target_modules {
+            if p != "all-linear" && (self.layers_to_transform.is_some() || self.layers_pattern.is_some()) {
+                bail!("lora: layers_to_transform / layers_pattern cannot be used when target_modules is a regex ({p:?}), as in peft; list the module names instead")
+            }
+        }
+        let pattern_given = match &self.layers_pattern {
+            Some(LayersPattern::One(p)) => !p.is_empty(),
+            Some(LayersPattern::Many(v)) => !v.is_empty(),
+            None => false,
+        };
+        if pattern_given && self.layers_to_transform.is_none() {
+            bail!("lora: layers_pattern is set but layers_to_transform is not; peft refuses this config (it would select no layer), so give layers_to_transform too")
+        }
         if self.fan_in_fan_out {
             bail!("lora: fan_in_fan_out (GPT-2 Conv1D layers) is not supported: no supported architecture uses Conv1D")
         }
@@ -241,9 +256,8 @@ mod tests {
             ("layers_to_transform", json!(1099511627776u64)), // no such layer: nothing matches, an error when built
             ("layers_to_transform", json!([])),
             ("layers_pattern", json!(null)),
-            ("layers_pattern", json!("x")),
+            // "x" and ["nope"] without layers_to_transform are refused, as in peft.
             ("layers_pattern", json!([])),
-            ("layers_pattern", json!(["nope"])),
             ("rank_pattern", json!({})),
             ("alpha_pattern", json!({})),
         ];

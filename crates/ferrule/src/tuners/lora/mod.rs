@@ -366,7 +366,21 @@ impl Tuner for Lora {
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
         let st = self.state.lock().unwrap();
-        let report = check_finished("lora", &self.targets, &self.params, self.allow_unmatched, !st.adapted.is_empty(), "linear or embedding layer")?;
+        let report =
+            check_finished("lora", &self.targets, &self.params, self.allow_unmatched, !st.adapted.is_empty(), "linear or embedding layer").map_err(|e| {
+                match (&self.config.layers_to_transform, st.adapted.is_empty()) {
+                    // As peft's error does: the layer selection may be what left nothing.
+                    (Some(l), true) => {
+                        let shown = |v: serde_json::Result<Value>| v.map(|v| v.to_string()).unwrap_or_default();
+                        let pattern = shown(serde_json::to_value(&self.config.layers_pattern));
+                        anyhow!(
+                            "{e} (layers_to_transform is {}, layers_pattern {pattern}: no targeted module lies in those layers)",
+                            shown(serde_json::to_value(l))
+                        )
+                    }
+                    _ => e,
+                }
+            })?;
         self.check_pattern_keys(&st)?;
         Ok(vec![report])
     }
