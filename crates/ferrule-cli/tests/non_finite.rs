@@ -15,8 +15,8 @@ fn ferrule(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// The llama LoRA fixture with `value` written into one `lora_B` entry (or into a
-/// `lora_A` entry: then the whole update row is non-finite too).
+/// The llama LoRA fixture with `value` written into one `lora_B` entry of layer 1 (of 2), so
+/// that layer 0's output stays finite and the trace must name layer 1.
 fn poisoned_adapter(dir: &Path, value: f32) {
     let src = fixtures().join("adapters/llama_lora");
     std::fs::create_dir_all(dir).unwrap();
@@ -25,7 +25,7 @@ fn poisoned_adapter(dir: &Path, value: f32) {
     let (tensors, _) = ferrule::util::atomic::deserialize_safetensors(&bytes, &Device::Cpu).unwrap();
     let mut out: Vec<(String, Tensor)> = tensors.into_iter().collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    let (name, t) = out.iter_mut().find(|(n, _)| n.contains("lora_B")).expect("a lora_B tensor");
+    let (name, t) = out.iter_mut().find(|(n, _)| n.contains("layers.1.") && n.contains("lora_B")).expect("a lora_B tensor of layer 1");
     let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
     v[0] = value;
     *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
@@ -42,6 +42,9 @@ fn refused(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// What the rerun that checks each layer says about the poisoned adapter.
+const TRACED: &str = "the first stage with a non-finite output: layer 1 (model.layers.1)";
+
 #[test]
 fn commands_refuse_non_finite_outputs_and_write_nothing() {
     let t = tempfile::tempdir().unwrap();
@@ -55,16 +58,16 @@ fn commands_refuse_non_finite_outputs_and_write_nothing() {
         let inputs = fixtures().join("inputs/decoder.safetensors").display().to_string();
         refused(
             &["logits", "--model", &model, "--adapter", &adapter, "--inputs", &inputs, "--out", &out.display().to_string()],
-            &["the logits for", "[batch, position, output]", "was not written"],
+            &["the logits for", "[batch, position, output]", "was not written", TRACED],
         );
         assert!(!out.exists(), "logits were written");
 
         let data = fixtures().join("data/chat.jsonl").display().to_string();
-        refused(&["eval", "--model", &model, "--adapter", &adapter, "--data", &data], &["NaN or infinite loss", "eval record 1"]);
+        refused(&["eval", "--model", &model, "--adapter", &adapter, "--data", &data], &["NaN or infinite loss", "eval record 1", TRACED]);
 
         refused(
             &["generate", "--model", &model, "--adapter", &adapter, "--prompt", "hi", "--max-new-tokens", "3"],
-            &["the logits of generated token 1", "generation stopped"],
+            &["the logits of generated token 1", "generation stopped", TRACED],
         );
 
         let merged = t.path().join(format!("merged-{shown}"));

@@ -23,12 +23,16 @@ pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
     let t = ferrule::model::weights::load_safetensors_file(&a.inputs, &dev)?;
     let ids = t.get("input_ids").with_context(|| format!("{}: no \"input_ids\" tensor", a.inputs.display()))?;
-    let logits = m.model.forward(&Inputs { input_ids: ids, attention_mask: t.get("attention_mask"), token_type_ids: t.get("token_type_ids") })?;
-    ferrule::util::finite::ensure_finite(
-        &logits,
-        || format!("the logits for {} (index [batch, position, output])", a.inputs.display()),
-        &format!("the model or adapter produced a non-finite output; {} was not written", a.out.display()),
-    )?;
+    let inputs = Inputs { input_ids: ids, attention_mask: t.get("attention_mask"), token_type_ids: t.get("token_type_ids") };
+    let logits = m.model.forward(&inputs)?;
+    if ferrule::util::finite::first_non_finite(&logits)?.is_some() {
+        let origin = m.model.non_finite_origin(&inputs);
+        ferrule::util::finite::ensure_finite(
+            &logits,
+            || format!("the logits for {} (index [batch, position, output])", a.inputs.display()),
+            &format!("the model or adapter produced a non-finite output{origin}; {} was not written", a.out.display()),
+        )?;
+    }
     ferrule::peft_io::write_safetensors(&a.out, &[("logits".to_string(), logits.to_dtype(DType::F32)?)], &[("format", "pt")])?;
     Ok(())
 }

@@ -63,11 +63,18 @@ pub fn generate_with_reason(model: &DecoderLm, prompt: &[u32], opts: &SamplingOp
         }
         let ids = Tensor::new(next_input.as_slice(), &device)?.unsqueeze(0)?;
         let logits = model.last_logits(&ids, None, Some(&mut cache))?.squeeze(0)?.to_dtype(DType::F32)?;
-        crate::util::finite::ensure_finite(
-            &logits,
-            || format!("the logits of generated token {} (index [vocabulary id])", step + 1),
-            "the model or adapter produced a non-finite output; generation stopped",
-        )?;
+        if crate::util::finite::first_non_finite(&logits)?.is_some() {
+            // Rerun the whole sequence so far (the history ends with the token just fed) without
+            // the cache, checking each layer.
+            let traced =
+                Tensor::new(history.as_slice(), &device)?.unsqueeze(0).map_err(Into::into).and_then(|ids| model.trace.run(|| model.forward(&ids, None, None)));
+            let origin = crate::util::finite::origin_clause(traced);
+            crate::util::finite::ensure_finite(
+                &logits,
+                || format!("the logits of generated token {} (index [vocabulary id])", step + 1),
+                &format!("the model or adapter produced a non-finite output{origin}; generation stopped"),
+            )?;
+        }
         let token = sampling::pick(&logits.to_vec1::<f32>()?, &history, opts, &mut rng);
         history.push(token);
         on_token(token);

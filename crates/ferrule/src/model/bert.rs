@@ -63,6 +63,8 @@ pub struct Bert {
     device: Device,
     /// Off: every layer's output is detached ([`Bert::set_grad_enabled`]).
     grad_enabled: AtomicBool,
+    /// Finds the first stage with a non-finite output, when asked ([`super::Model::trace_non_finite`]).
+    pub(crate) trace: crate::util::finite::LayerTrace,
 }
 
 /// Outputs of one encoder pass.
@@ -157,6 +159,7 @@ impl Bert {
             config,
             device: device.clone(),
             grad_enabled: AtomicBool::new(true),
+            trace: Default::default(),
         })
     }
 
@@ -208,11 +211,12 @@ impl Bert {
         let x = words.broadcast_add(&positions)?.add(&types)?;
         let attention_mask = mask.as_ref();
         let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, c.layer_norm_eps)?;
+        self.trace.check(|| "the embeddings (embeddings.LayerNorm)".into(), &x)?;
         let mask = build_mask(MaskKind::Bidirectional, t, t, attention_mask, &self.device)?;
         let heads = c.num_attention_heads;
         let d = h / heads;
         let scale = 1.0 / (d as f64).sqrt();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?);
             let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
             let att = branch(layer.attn_branch.as_deref(), &x, layer.attn_out.forward(&att)?)?;
@@ -223,6 +227,7 @@ impl Bert {
             };
             let out = branch(layer.mlp_branch.as_deref(), &x, out)?;
             x = add_layer_norm(&out, &x, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
+            self.trace.check(|| format!("layer {i} (encoder.layer.{i})"), &x)?;
             if !self.grad_enabled() {
                 x = x.detach();
             }

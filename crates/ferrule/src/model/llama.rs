@@ -80,6 +80,8 @@ pub struct DecoderLm {
     /// Off: every layer's output is detached, so no pass keeps the graph of the layers before
     /// ([`DecoderLm::set_grad_enabled`]).
     grad_enabled: AtomicBool,
+    /// Finds the first stage with a non-finite output, when asked ([`super::Model::trace_non_finite`]).
+    pub(crate) trace: crate::util::finite::LayerTrace,
 }
 
 fn linear(w: &Weights, hook: &dyn ModelHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
@@ -153,6 +155,7 @@ impl DecoderLm {
             device: device.clone(),
             recompute: RwLock::new(None),
             grad_enabled: AtomicBool::new(true),
+            trace: Default::default(),
         })
     }
 
@@ -193,6 +196,7 @@ impl DecoderLm {
         let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed_tokens.forward(&ids)?.reshape((b, t, c.hidden_size))?;
+        self.trace.check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
         // Prompt tuning: virtual tokens first; a cache holds them after the first pass.
         if let Some(vt) = self.virtual_tokens.as_ref().filter(|_| fresh) {
             let p = vt.embeddings()?;
@@ -247,6 +251,7 @@ impl DecoderLm {
                     }
                 },
             };
+            self.trace.check(|| format!("layer {i} (model.layers.{i})"), &x)?;
             if !self.grad_enabled.load(Ordering::Relaxed) {
                 x = x.detach();
                 if let Some(Some((k, v))) = cache.as_deref_mut().map(|c| &mut c.layers[i]) {
@@ -254,7 +259,9 @@ impl DecoderLm {
                 }
             }
         }
-        Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        self.trace.check(|| "the final norm (model.norm)".into(), &x)?;
+        Ok(x)
     }
 
     /// Off for inference (eval, logits, generate): a forward pass then keeps no autograd graph,

@@ -219,13 +219,17 @@ fn pad_to(batch: Batch, len: usize, pad_id: u32) -> Result<Batch> {
 }
 
 /// Forward pass and loss of one batch: `(loss, counted targets, correct predictions)`.
+fn batch_inputs(batch: &Batch) -> Inputs<'_> {
+    Inputs { input_ids: &batch.input_ids, attention_mask: Some(&batch.attention_mask), token_type_ids: None }
+}
+
 fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
     if let (Task::CausalLm, crate::model::Arch::Decoder(lm)) = (model.task, &model.arch) {
         let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
         let (loss, n) = lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?;
         return Ok((loss, n, 0));
     }
-    let out = model.forward(&Inputs { input_ids: &batch.input_ids, attention_mask: Some(&batch.attention_mask), token_type_ids: None })?;
+    let out = model.forward(&batch_inputs(batch))?;
     match model.task {
         Task::CausalLm => {
             let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
@@ -266,7 +270,9 @@ pub fn evaluate_on(model: &Model, pad_id: u32, items: &[Encoded], batch_size: us
         let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
             sums[3] += 1.0;
-            first_bad.get_or_insert((j, lv));
+            if first_bad.is_none() {
+                first_bad = Some((j, lv, model.non_finite_origin(&batch_inputs(&batch))));
+            }
             continue;
         }
         sums[0] += lv * n as f64;
@@ -279,10 +285,10 @@ pub fn evaluate_on(model: &Model, pad_id: u32, items: &[Encoded], batch_size: us
         let (world, rank, bs) = (comm.world_size(), comm.rank(), batch_size.max(1));
         let here = first_bad.map_or_else(
             || "on another rank".to_string(),
-            |(j, lv)| {
+            |(j, lv, origin)| {
                 // Rank r evaluates records r, r + world, ...: the batch's first record.
                 let first = (j * bs) * world + rank + 1;
-                format!("first: loss {lv} in the eval batch starting at eval record {first} (batch size {bs})")
+                format!("first: loss {lv} in the eval batch starting at eval record {first} (batch size {bs}){origin}")
             },
         );
         bail!("evaluation at step {step}: {} batch(es) gave a NaN or infinite loss ({here}); the model or adapter produces non-finite outputs", sums[3])
@@ -460,7 +466,8 @@ fn accumulate_step(
         }
         let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
-            bail!("loss became {lv} at step {}; lower the learning rate or check the data", step + 1)
+            let origin = p.model.non_finite_origin(&batch_inputs(&batch));
+            bail!("loss became {lv} at step {}{origin}; lower the learning rate or check the data", step + 1)
         }
         let mut grads = loss.backward()?;
         if let Some(sink) = sink {

@@ -27,6 +27,51 @@ pub fn ensure_finite(t: &Tensor, what: impl FnOnce() -> String, hint: &str) -> R
     Ok(())
 }
 
+/// A per-layer check of a forward pass, off unless [`LayerTrace::run`] diagnoses a non-finite
+/// result: models call [`LayerTrace::check`] after each stage, which costs one atomic load
+/// when off.
+#[derive(Debug, Default)]
+pub struct LayerTrace {
+    on: std::sync::atomic::AtomicBool,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl LayerTrace {
+    /// While tracing, remembers `stage()` (e.g. `"layer 3 (model.layers.3)"`) if it is the first
+    /// stage whose output `x` holds a NaN or infinite value.
+    pub fn check(&self, stage: impl FnOnce() -> String, x: &Tensor) -> Result<()> {
+        if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() && first_non_finite(x)?.is_some() {
+            *first = Some(stage());
+        }
+        Ok(())
+    }
+
+    /// Runs `pass` (a forward pass that calls [`Self::check`]) with tracing on and returns the
+    /// first stage whose output was not finite, if any.
+    pub fn run<T>(&self, pass: impl FnOnce() -> Result<T>) -> Result<Option<String>> {
+        *self.first.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.on.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = pass();
+        self.on.store(false, std::sync::atomic::Ordering::Relaxed);
+        result?;
+        Ok(self.first.lock().unwrap_or_else(|e| e.into_inner()).take())
+    }
+}
+
+/// The result of [`LayerTrace::run`] as a clause for an error message ("; the first stage
+/// with a non-finite output: layer 3 (model.layers.3)"); empty when the rerun failed.
+pub fn origin_clause(traced: Result<Option<String>>) -> String {
+    match traced {
+        Ok(Some(stage)) => format!("; the first stage with a non-finite output: {stage}"),
+        Ok(None) => "; every layer's output was finite, so the output head or the loss made it".into(),
+        Err(_) => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
