@@ -181,3 +181,34 @@ pub fn pad_token_id(tokenizer: &Tokenizer, tokenizer_config: Option<&TokenizerCo
 pub fn eos_token_id(tokenizer: &Tokenizer, tokenizer_config: Option<&TokenizerConfig>) -> Option<u32> {
     id_of(tokenizer, tokenizer_config.and_then(|c| c.eos_token.as_deref()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Every odd value of every key ferrule reads is an error naming the key, except the ones
+    /// transformers accepts (a string, null, an AddedToken object; a list of named templates).
+    #[test]
+    fn odd_values_are_errors_naming_the_key() {
+        let odd = [json!(-1), json!(0), json!(1099511627776u64), json!(true), json!([]), json!({}), json!(["nope"]), json!(-0.5), json!({"content": 3})];
+        for key in ["bos_token", "eos_token", "pad_token", "unk_token", "chat_template"] {
+            for v in &odd {
+                let e = TokenizerConfig::from_json(&json!({ key: v })).expect_err(&format!("{key} = {v} must be refused"));
+                assert!(e.contains(&format!("\"{key}\"")) || (key == "chat_template" && e.contains("chat template")), "{key} = {v}: {e}");
+            }
+            let fine = TokenizerConfig::from_json(&json!({ key: null })).unwrap();
+            assert_eq!(fine, TokenizerConfig::default(), "{key} = null is unset");
+        }
+        let c = TokenizerConfig::from_json(&json!({
+            "eos_token": {"__type": "AddedToken", "content": "</s>"},
+            "pad_token": "<pad>",
+            "chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}],
+        }))
+        .unwrap();
+        assert_eq!((c.eos_token.as_deref(), c.pad_token.as_deref(), c.chat_template.as_deref()), (Some("</s>"), Some("<pad>"), Some("d")));
+        let e = TokenizerConfig::from_json(&json!({"chat_template": [{"name": "tool_use", "template": "t"}]})).unwrap_err();
+        assert!(e.contains("named \"default\"") && e.contains("\"tool_use\""), "{e}");
+        assert!(TokenizerConfig::from_json(&json!([])).unwrap_err().contains("expected a JSON object"));
+    }
+}
