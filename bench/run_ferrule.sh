@@ -5,7 +5,8 @@
 # quantized to NF4 + double quant while loading, qgguf = the Q4_1 GGUF kept in its blocks).
 # Results: bench/results/rust/.
 # mf32/mnf4: MiniLM (real f32 weights) LoRA on an f32 vs an NF4 base, 100 steps.
-# Usage: bench/run_ferrule.sh [a|b|c|qf32|qnf4|qgguf|mf32|mnf4 ...]  (default: a b c). Needs
+# ra/rb: a and b with padding-free batches (real-token throughput, issue 12).
+# Usage: bench/run_ferrule.sh [a|b|c|ra|rb|qf32|qnf4|qgguf|mf32|mnf4 ...]  (default: a b c). Needs
 # `cargo build --release`. STEPS_B / STEPS_Q set the step counts of b / the q runs; Q_BATCH
 # the q runs' batch size (default 8; results then get a _b<N> suffix).
 set -euo pipefail
@@ -91,5 +92,21 @@ M_ARGS=(--task seq-cls --model $A/minilm --data $A/data/rotten_tomatoes/train.js
   --batch-size 32 --max-len 128 --max-steps 100 --lr 5e-4 --warmup-steps 10 --weight-decay 0.01 --seed 42 --eval-batch-size 64)
 run_mf32() { INSPECT="--model $A/minilm" run q_minilm_f32 -- "${M_ARGS[@]}"; }
 run_mnf4() { INSPECT="--model $A/minilm --quantize nf4 --double-quant" run q_minilm_nf4 -- "${M_ARGS[@]}" --quantize nf4 --double-quant; }
+
+# Real-token throughput (issue 12): workloads a and b with padding-free batches (the default),
+# against a and b themselves (--pad-to-max-len) and the Python runs ra/rb of run_baselines.sh.
+# Compare tokens_per_s_nonpad (real tokens per second).
+run_ra() {
+  run ra_minilm_free -- --task seq-cls --model $A/minilm \
+    --data $A/data/rotten_tomatoes/train.jsonl --eval-data $A/data/rotten_tomatoes/test.jsonl --eval-limit 256 \
+    --lora-r 8 --lora-alpha 16 --target-modules query,value --batch-size 32 --max-len 128 --padding free \
+    --max-steps 20 --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42
+}
+run_rb() {
+  run rb_smollm2_free -- --model $A/smollm2-f32 \
+    --data $A/data/chatterbot/train.jsonl --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64 \
+    --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 8 --max-len 256 --padding free \
+    --max-steps ${STEPS_B:-20} --lr 2e-4 --warmup-steps 2 --seed 42
+}
 
 for w in "${@:-a b c}"; do for x in $w; do "run_$x"; done; done

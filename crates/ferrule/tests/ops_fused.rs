@@ -4,7 +4,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ferrule::ops::attention::{attention, attention_reference, build_mask, MaskKind, MASKED};
+use ferrule::ops::attention::{attention, attention_reference, attention_varlen, build_mask, MaskKind, MASKED};
 use ferrule::ops::dora::{dora_linear, dora_linear_reference, row_sq_norms, weight_norm};
 use ferrule::ops::frozen_mlp::{gelu_mlp, gelu_mlp_scaled, swiglu_mlp, swiglu_mlp_scaled};
 use ferrule::ops::gelu::gelu;
@@ -276,6 +276,79 @@ fn attention_long_keys_use_several_query_tiles() {
         |i| attention(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35),
         |i| attention_reference(&i[0], &i[1], &i[2], h, mask.as_ref(), 0.35),
     );
+}
+
+/// Composite attention of each sequence alone (its own `[len, len]` mask), concatenated.
+fn attention_each_alone(q: &Tensor, k: &Tensor, v: &Tensor, h: usize, lens: &[usize], kind: MaskKind, scale: f64) -> Result<Tensor> {
+    let mut outs = vec![];
+    let mut start = 0;
+    for &len in lens {
+        let mask = build_mask(kind, len, len, None, &Device::Cpu)?;
+        outs.push(attention_reference(&q.narrow(1, start, len)?, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?, h, mask.as_ref(), scale)?);
+        start += len;
+    }
+    Tensor::cat(&outs, 1)
+}
+
+#[test]
+fn attention_varlen_matches_each_sequence_alone() {
+    // (h, h_kv, d, lengths, mask kind): sequences end to end in one row, against the composite
+    // of each sequence on its own; values and the gradients of q, k and v. A query that saw
+    // another sequence's keys would change its output and fail this.
+    let causal = MaskKind::Causal { sliding_window: None };
+    let cases: Vec<(usize, usize, usize, Vec<usize>, MaskKind)> = vec![
+        (6, 2, 10, vec![7, 3, 1, 12], causal),
+        (9, 3, 64, vec![13, 13, 5], causal),
+        (4, 4, 8, vec![9, 2, 6], MaskKind::Causal { sliding_window: Some(3) }),
+        (4, 4, 12, vec![5, 8, 1, 3], MaskKind::Bidirectional),
+        // a 300-token sequence spans several query tiles, next to short ones
+        (2, 1, 8, vec![4, 300, 17], causal),
+        (1, 1, 8, vec![1], causal),
+    ];
+    for (c, (h, h_kv, d, lens, kind)) in cases.into_iter().enumerate() {
+        let n: usize = lens.iter().sum();
+        let q = var(&[1, n, h * d], 400 + c as u64, 1.5);
+        let k = var(&[1, n, h_kv * d], 500 + c as u64, 1.5);
+        let v = var(&[1, n, h_kv * d], 600 + c as u64, 1.0);
+        let scale = 1.0 / (d as f64).sqrt();
+        check(
+            &format!("varlen attention case {c} {lens:?}"),
+            &[&q, &k, &v],
+            |i| attention_varlen(&i[0], &i[1], &i[2], h, &lens, kind, scale),
+            |i| attention_each_alone(&i[0], &i[1], &i[2], h, &lens, kind, scale),
+        );
+    }
+}
+
+#[test]
+fn attention_varlen_refuses_lengths_that_do_not_cover_the_row() {
+    let q = randn(&[1, 6, 8], 1, 1.0);
+    for lens in [vec![2, 3], vec![6, 0], vec![3, 4]] {
+        let err = attention_varlen(&q, &q, &q, 2, &lens, MaskKind::Bidirectional, 0.5).unwrap_err().to_string();
+        assert!(err.contains("do not hold sequences"), "{lens:?}: {err}");
+    }
+}
+
+#[test]
+fn rope_at_positions_equals_rope_per_sequence() {
+    // Positions restarting at each sequence of a padding-free row: the same rotation as
+    // applying rope to each sequence from offset 0; gradients against the composite.
+    let rope = Rope::new(8, 64, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
+    let lens = [5usize, 1, 9];
+    let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+    let x = var(&[1, 15, 3 * 8], 77, 1.0);
+    let per_seq = |x: &Tensor| -> Result<Tensor> {
+        let mut start = 0;
+        let mut outs = vec![];
+        for &l in &lens {
+            outs.push(rope.apply_reference(&x.narrow(1, start, l)?, 0)?);
+            start += l;
+        }
+        Tensor::cat(&outs, 1)
+    };
+    check("rope at positions", &[&x], |i| rope.apply_at(&i[0], &positions), |i| per_seq(&i[0]));
+    let err = rope.apply_at(x.as_tensor(), &[64; 15]).unwrap_err().to_string();
+    assert!(err.contains("position 64 exceeds"), "{err}");
 }
 
 #[test]

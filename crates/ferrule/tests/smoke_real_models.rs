@@ -33,7 +33,8 @@ fn reload_matches(cfg: &TrainConfig, s: &TrainSummary, ids: &Tensor) {
     let labels = (a.model.task == Task::SeqCls).then(|| LabelMap::from_examples(&read_jsonl(&cfg.data).unwrap()).unwrap());
     let set = encode_file(eval_data, &a.source, encode_options(cfg, cfg.max_len.unwrap()), labels.as_ref(), cfg.eval_limit).unwrap();
     assert_eq!(set.items.len(), trained.eval_records);
-    let r = evaluate(&a.model, a.source.pad_token_id().unwrap(), &set.items, cfg.eval_batch_size.unwrap_or(cfg.batch_size), 0).unwrap();
+    let r = evaluate(&a.model, a.source.pad_token_id().unwrap(), ferrule::data::Padding::Free, &set.items, cfg.eval_batch_size.unwrap_or(cfg.batch_size), 0)
+        .unwrap();
     let tol = 1e-6 * trained.eval_loss.abs().max(1.0);
     assert!((r.eval_loss - trained.eval_loss).abs() <= tol, "reloaded adapter: eval loss {} vs {} in training", r.eval_loss, trained.eval_loss);
     assert_eq!(r.eval_accuracy, trained.eval_accuracy);

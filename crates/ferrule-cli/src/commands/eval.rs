@@ -26,6 +26,10 @@ pub struct Args {
     /// Count loss on prompt tokens too.
     #[arg(long)]
     include_prompt: bool,
+    /// Batch layout: free (padding-free, the default), longest or max-len (as `ferrule train`;
+    /// the loss is the same, within float rounding).
+    #[arg(long, value_parser = super::parse_padding, default_value = "free")]
+    padding: ferrule::data::Padding,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -43,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let opts = EncodeOptions { max_len: a.max_len, truncation: Truncation::Right, completion_only: !a.include_prompt };
     let set = encode_file(&a.data, &m.source, opts, labels.as_ref(), a.limit)?;
-    let report = evaluate(&m.model, m.source.pad_token_id()?, &set.items, a.batch_size, 0)?;
+    let report = evaluate(&m.model, m.source.pad_token_id()?, a.padding, &set.items, a.batch_size, 0)?;
     let mut out = serde_json::to_value(&report)?;
     if let Some(o) = out.as_object_mut() {
         o.remove("step");

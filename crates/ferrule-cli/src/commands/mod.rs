@@ -110,6 +110,17 @@ pub fn parse_task(s: &str) -> Result<Task> {
     })
 }
 
+/// `--padding` values (`max_len`, the config file's spelling, accepted too).
+pub fn parse_padding(s: &str) -> Result<ferrule::data::Padding> {
+    use ferrule::data::Padding;
+    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
+        "free" => Padding::Free,
+        "longest" => Padding::Longest,
+        "max-len" => Padding::MaxLen,
+        other => bail!("unknown padding {other:?}; expected free, longest or max-len"),
+    })
+}
+
 pub fn device() -> Device {
     Device::Cpu
 }

@@ -42,8 +42,12 @@ pub struct Args {
     /// Train on prompt tokens too (default: completions only).
     #[arg(long)]
     train_on_prompt: bool,
-    /// Pad every batch to --max-len.
-    #[arg(long)]
+    /// Batch layout: free (padding-free: records end to end, attention within each; the
+    /// default), longest (padded to each batch's longest record) or max-len (padded to --max-len).
+    #[arg(long, value_parser = super::parse_padding)]
+    padding: Option<ferrule::data::Padding>,
+    /// Pad every batch to --max-len (the same as --padding max-len; fixed shapes for benchmarks).
+    #[arg(long, conflicts_with = "padding")]
     pad_to_max_len: bool,
     /// Records per micro-batch (default 8).
     #[arg(long)]
@@ -151,6 +155,9 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
     }
     if a.train_on_prompt {
         c.completion_only = false;
+    }
+    if a.padding.is_some() {
+        c.padding = a.padding;
     }
     if a.pad_to_max_len {
         c.pad_to_max_len = true;

@@ -14,7 +14,60 @@ pub enum PaddingSide {
     Right,
 }
 
-/// A padded batch of `b` sequences of `t` tokens.
+/// How the sequences of a batch are laid out (`padding` in a training config, `--padding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// Padding-free: the records end to end in one row ([`pack`]); no position is padding.
+    #[default]
+    Free,
+    /// Padded on the right to the batch's longest record ([`collate`]).
+    Longest,
+    /// Padded on the right to the longest sequence allowed (`max_len`): the same shape every
+    /// step, for benchmarks.
+    MaxLen,
+}
+
+impl Padding {
+    /// The spelling of `--padding` and of the config key's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Padding::Free => "free",
+            Padding::Longest => "longest",
+            Padding::MaxLen => "max_len",
+        }
+    }
+}
+
+/// A training or evaluation batch of `items` laid out as `padding` says (`max_len` is used by
+/// [`Padding::MaxLen`] only; shorter batches pad up to it).
+pub fn make_batch(items: &[&Encoded], padding: Padding, pad_id: u32, max_len: usize, device: &Device) -> candle_core::Result<Batch> {
+    match padding {
+        Padding::Free => pack(items, device),
+        Padding::Longest => collate(items, pad_id, PaddingSide::Right, device),
+        Padding::MaxLen => pad_to(collate(items, pad_id, PaddingSide::Right, device)?, max_len, pad_id),
+    }
+}
+
+/// Pads a right-padded batch on the right up to `len` positions.
+fn pad_to(batch: Batch, len: usize, pad_id: u32) -> candle_core::Result<Batch> {
+    let (b, t) = batch.input_ids.dims2()?;
+    if t >= len {
+        return Ok(batch);
+    }
+    let dev = batch.input_ids.device().clone();
+    let extra = len - t;
+    let cat = |x: &Tensor, fill: Tensor| Tensor::cat(&[x, &fill], 1);
+    Ok(Batch {
+        input_ids: cat(&batch.input_ids, Tensor::full(pad_id, (b, extra), &dev)?)?,
+        attention_mask: cat(&batch.attention_mask, Tensor::zeros((b, extra), candle_core::DType::U32, &dev)?)?,
+        labels: batch.labels.as_ref().map(|l| cat(l, Tensor::full(IGNORE_INDEX, (b, extra), &dev)?)).transpose()?,
+        ..batch
+    })
+}
+
+/// A batch of sequences: padded, `b` rows of `t` tokens ([`collate`]), or padding-free, one
+/// row of the sequences end to end ([`pack`], `seq_lens` set).
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// Token ids, `u32 [b, t]`; padded positions hold the pad id.
@@ -27,14 +80,41 @@ pub struct Batch {
     pub class_labels: Option<Tensor>,
     /// Number of real (non-padding) tokens.
     pub num_tokens: usize,
+    /// Padding-free: the lengths of the sequences laid end to end in the one row (`b = 1`,
+    /// `t` = their sum, no padding); `None` for a padded batch.
+    pub seq_lens: Option<Vec<usize>>,
 }
 
-/// Pads `items` to the longest among them and stacks them into a [`Batch`].
-///
-/// A batch holds either classification records (all with [`Encoded::class_label`]), giving
-/// `class_labels` and no `labels`, or language-modelling records (none with a class label),
-/// giving `labels`. Mixing them, or an empty `items`, is an error.
-pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Device) -> candle_core::Result<Batch> {
+/// Lays `items` end to end in one row, without padding (the padding-free batches of
+/// transformers' `DataCollatorWithFlattening`): `input_ids`, `attention_mask` (all ones) and
+/// `labels` are `[1, n]`, `n` the total of the records' tokens, and `seq_lens` their lengths.
+/// The first label of every record is `IGNORE_INDEX`, as that collator sets it, so that no
+/// record's last token learns to predict the next record's first; a padded batch never
+/// trains that label either (position `i` predicts label `i + 1`), so the losses agree.
+/// Classification records give `class_labels: [records]`. Errors as [`collate`], and on a
+/// record of no tokens.
+pub fn pack(items: &[&Encoded], device: &Device) -> candle_core::Result<Batch> {
+    check_items(items)?;
+    if let Some(i) = items.iter().position(|e| e.input_ids.is_empty()) {
+        candle_core::bail!("pack: record {i} of the batch has no tokens")
+    }
+    let classification = items[0].class_label.is_some();
+    let n: usize = items.iter().map(|e| e.input_ids.len()).sum();
+    let ids: Vec<u32> = items.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
+    let input_ids = Tensor::from_vec(ids, (1, n), device)?;
+    let attention_mask = Tensor::ones((1, n), candle_core::DType::U32, device)?;
+    let labels = if classification {
+        None
+    } else {
+        let labels: Vec<i64> = items.iter().flat_map(|e| std::iter::once(IGNORE_INDEX).chain(e.labels.iter().copied().skip(1))).collect();
+        Some(Tensor::from_vec(labels, (1, n), device)?)
+    };
+    let class_labels = if classification { Some(class_tensor(items, device)?) } else { None };
+    Ok(Batch { input_ids, attention_mask, labels, class_labels, num_tokens: n, seq_lens: Some(items.iter().map(|e| e.input_ids.len()).collect()) })
+}
+
+/// The checks every batch makes: records present, all of one kind, labels matching tokens.
+fn check_items(items: &[&Encoded]) -> candle_core::Result<()> {
     if items.is_empty() {
         candle_core::bail!("collate: cannot build a batch of no records");
     }
@@ -47,7 +127,29 @@ pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Devi
             candle_core::bail!("collate: record {i} of the batch has {} tokens but {} labels", item.input_ids.len(), item.labels.len());
         }
     }
+    Ok(())
+}
 
+/// The records' class indices, `u32 [records]`.
+fn class_tensor(items: &[&Encoded], device: &Device) -> candle_core::Result<Tensor> {
+    let classes = items
+        .iter()
+        .map(|e| {
+            let c = e.class_label.ok_or_else(|| candle_core::Error::Msg("collate: a classification record without a class".into()))?;
+            u32::try_from(c).map_err(|_| candle_core::Error::Msg(format!("collate: class index {c} does not fit u32")))
+        })
+        .collect::<candle_core::Result<Vec<u32>>>()?;
+    Tensor::from_vec(classes, items.len(), device)
+}
+
+/// Pads `items` to the longest among them and stacks them into a [`Batch`].
+///
+/// A batch holds either classification records (all with [`Encoded::class_label`]), giving
+/// `class_labels` and no `labels`, or language-modelling records (none with a class label),
+/// giving `labels`. Mixing them, or an empty `items`, is an error.
+pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Device) -> candle_core::Result<Batch> {
+    check_items(items)?;
+    let classification = items[0].class_label.is_some();
     let b = items.len();
     let t = items.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * t);
@@ -79,17 +181,7 @@ pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Devi
 
     let input_ids = Tensor::from_vec(ids, (b, t), device)?;
     let attention_mask = Tensor::from_vec(mask, (b, t), device)?;
-    let (labels, class_labels) = if classification {
-        let classes = items
-            .iter()
-            .map(|e| {
-                let c = e.class_label.expect("checked above");
-                u32::try_from(c).map_err(|_| candle_core::Error::Msg(format!("collate: class index {c} does not fit u32")))
-            })
-            .collect::<candle_core::Result<Vec<u32>>>()?;
-        (None, Some(Tensor::from_vec(classes, b, device)?))
-    } else {
-        (Some(Tensor::from_vec(labels, (b, t), device)?), None)
-    };
-    Ok(Batch { input_ids, attention_mask, labels, class_labels, num_tokens })
+    let (labels, class_labels) =
+        if classification { (None, Some(class_tensor(items, device)?)) } else { (Some(Tensor::from_vec(labels, (b, t), device)?), None) };
+    Ok(Batch { input_ids, attention_mask, labels, class_labels, num_tokens, seq_lens: None })
 }

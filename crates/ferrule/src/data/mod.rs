@@ -41,7 +41,7 @@ mod labels;
 pub mod preview;
 mod tokenizer;
 
-pub use batch::{collate, Batch, PaddingSide};
+pub use batch::{collate, make_batch, pack, Batch, Padding, PaddingSide};
 pub use chat::ChatTemplate;
 pub use encode::{alpaca_prompt, EncodeOptions, Encoded, EncodedSet, Encoder, Truncation, IGNORE_INDEX};
 pub use error::{DataError, Result};

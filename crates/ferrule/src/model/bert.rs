@@ -11,7 +11,7 @@ use super::config::BertConfig;
 use super::hooks::{branch, fusable_down};
 use super::weights::Weights;
 use super::{BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens};
-use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::attention::{attention, attention_varlen, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp_scaled;
 use crate::ops::gelu::gelu;
 use crate::ops::norm::{add_layer_norm, layer_norm};
@@ -177,6 +177,11 @@ impl Bert {
         self.grad_enabled.load(Ordering::Relaxed)
     }
 
+    /// Positions a method puts before the input: prompt tuning's virtual tokens.
+    pub fn added_positions(&self) -> usize {
+        self.virtual_tokens.as_ref().map_or(0, |v| v.num_tokens())
+    }
+
     /// Encodes `input_ids: [b, t]`. With virtual tokens (prompt tuning) they come first, as
     /// PEFT's `inputs_embeds` (token type 0, positions from 0, attention mask extended with
     /// ones), so the pooler reads the first virtual token; `last_hidden_state` holds the `t`
@@ -209,16 +214,56 @@ impl Bert {
             None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, h))?.contiguous()?,
         };
         let x = words.broadcast_add(&positions)?.add(&types)?;
-        let attention_mask = mask.as_ref();
+        let mask = build_mask(MaskKind::Bidirectional, t, t, mask.as_ref(), &self.device)?;
+        let x = self.encode(x, &Attend::Padded(mask))?;
+        let pooled_rows = x.narrow(1, 0, 1)?.squeeze(1)?;
+        let (pooler_output, logits) = self.head(&pooled_rows)?;
+        Ok(BertOutput { last_hidden_state: x.narrow(1, n, t - n)?, pooler_output, logits })
+    }
+
+    /// Encodes a padding-free batch: `input_ids: [1, n]` holds sequences of `lens` tokens end
+    /// to end, each with positions from 0 and token type 0, attending within itself only.
+    /// `last_hidden_state` is `[1, n, hidden]`; the pooler reads each sequence's first token,
+    /// so `pooler_output` and `logits` have one row per sequence. Prompt tuning's virtual
+    /// tokens need padded batches.
+    pub fn forward_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<BertOutput> {
+        let c = &self.config;
+        let (one, n) = input_ids.dims2()?;
+        if one != 1 || lens.iter().sum::<usize>() != n || lens.contains(&0) {
+            anyhow::bail!("a padding-free batch is one row of sequences end to end: got ids {:?} for lengths {lens:?}", input_ids.dims())
+        }
+        if self.virtual_tokens.is_some() {
+            anyhow::bail!("padding-free batches cannot take virtual tokens (prompt tuning); use padded batches")
+        }
+        if let Some(&len) = lens.iter().find(|&&l| l > c.max_position_embeddings) {
+            anyhow::bail!("sequence of {len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let words = self.word_embeddings.forward(&ids)?.reshape((1, n, c.hidden_size))?;
+        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let positions = self.position_embeddings.index_select(&Tensor::from_vec(positions, n, &self.device)?, 0)?.unsqueeze(0)?;
+        let types = self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let x = words.add(&positions)?.broadcast_add(&types)?;
+        let x = self.encode(x, &Attend::Packed(lens))?;
+        let firsts: Vec<u32> = lens.iter().scan(0u32, |start, &l| Some(std::mem::replace(start, *start + l as u32))).collect();
+        let pooled_rows = x.squeeze(0)?.index_select(&Tensor::from_vec(firsts, lens.len(), &self.device)?, 0)?;
+        let (pooler_output, logits) = self.head(&pooled_rows)?;
+        Ok(BertOutput { last_hidden_state: x, pooler_output, logits })
+    }
+
+    /// The embedding LayerNorm and the layers over the summed embeddings `x`.
+    fn encode(&self, x: Tensor, attend: &Attend) -> Result<Tensor> {
+        let c = &self.config;
         let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, c.layer_norm_eps)?;
         self.trace.check(|| "the embeddings (embeddings.LayerNorm)".into(), &x)?;
-        let mask = build_mask(MaskKind::Bidirectional, t, t, attention_mask, &self.device)?;
         let heads = c.num_attention_heads;
-        let d = h / heads;
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = 1.0 / ((c.hidden_size / heads) as f64).sqrt();
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?);
-            let att = attention(&q, &k, &v, heads, mask.as_ref(), scale)?;
+            let att = match attend {
+                Attend::Padded(mask) => attention(&q, &k, &v, heads, mask.as_ref(), scale)?,
+                Attend::Packed(lens) => attention_varlen(&q, &k, &v, heads, lens, MaskKind::Bidirectional, scale)?,
+            };
             let att = branch(layer.attn_branch.as_deref(), &x, layer.attn_out.forward(&att)?)?;
             x = add_layer_norm(&att, &x, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
             let out = match (layer.intermediate.as_frozen(), fusable_down(layer.output.as_ref())) {
@@ -232,16 +277,43 @@ impl Bert {
                 x = x.detach();
             }
         }
+        Ok(x)
+    }
+
+    /// The pooler (`tanh(dense(first token))`) and classifier over the first token's states
+    /// `[rows, hidden]`, where the checkpoint and task have them.
+    fn head(&self, first_tokens: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let pooler_output = match &self.pooler {
-            Some(p) => Some(p.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),
+            Some(p) => Some(p.forward(first_tokens)?.tanh()?),
             None => None,
         };
         let logits = match (&self.classifier, &pooler_output) {
             (Some(cls), Some(pooled)) => Some(cls.forward(pooled)?),
             _ => None,
         };
-        Ok(BertOutput { last_hidden_state: x.narrow(1, n, t - n)?, pooler_output, logits })
+        Ok((pooler_output, logits))
     }
+}
+
+/// Which keys each query of an encoder pass sees.
+enum Attend<'a> {
+    /// Padded rows: the additive padding mask `[b, 1, 1, t]`, if any.
+    Padded(Option<Tensor>),
+    /// Sequences of these lengths end to end in one row.
+    Packed(&'a [usize]),
+}
+
+/// The mean of each sequence's hidden states in a padding-free batch: `hidden: [1, n, h]`,
+/// sequences of `lens` end to end; `[sequences, h]`.
+pub fn mean_pool_packed(hidden: &Tensor, lens: &[usize]) -> Result<Tensor> {
+    let x = hidden.squeeze(0)?;
+    let mut start = 0;
+    let mut rows = Vec::with_capacity(lens.len());
+    for &l in lens {
+        rows.push(x.narrow(0, start, l)?.mean_keepdim(0)?);
+        start += l;
+    }
+    Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// Attention-mask-weighted mean over positions (sentence-transformers mean pooling).

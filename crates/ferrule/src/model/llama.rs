@@ -14,7 +14,7 @@ use super::{
     AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch,
     VirtualTokens,
 };
-use crate::ops::attention::{attention, build_mask, MaskKind};
+use crate::ops::attention::{attention, attention_varlen, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp_scaled;
 use crate::ops::norm::rms_norm;
 use crate::ops::recompute::{checkpoint, Block, GradSink};
@@ -190,7 +190,7 @@ impl DecoderLm {
 
     /// Final-norm hidden states `[b, v + t, hidden]`: `v` virtual tokens (prompt tuning, on a
     /// fresh pass only) before the `t` of `input_ids`.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
         let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
@@ -225,15 +225,46 @@ impl DecoderLm {
             _ => attention_mask.cloned(),
         };
         let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, q_len, kv_len, mask.as_ref(), &self.device)?;
+        self.run_layers(x, &AttnLayout::Padded { mask, offset }, prefix, cache)
+    }
+
+    /// Final-norm hidden states `[1, n, hidden]` of a padding-free batch: `input_ids: [1, n]`
+    /// holds sequences of `lens` tokens end to end. Each sequence's positions start at 0 and
+    /// its tokens attend within it only, so every token's state equals the one a padded batch
+    /// gives it. Methods that add positions (prompt and prefix tuning) need padded batches
+    /// ([`Self::added_positions`] must be 0).
+    pub fn hidden_states_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let c = &self.config;
+        let (one, n) = input_ids.dims2()?;
+        if one != 1 || lens.iter().sum::<usize>() != n || lens.contains(&0) {
+            anyhow::bail!("a padding-free batch is one row of sequences end to end: got ids {:?} for lengths {lens:?}", input_ids.dims())
+        }
+        if self.added_positions() > 0 {
+            anyhow::bail!("padding-free batches cannot take the positions a method adds (virtual tokens, a key/value prefix); use padded batches")
+        }
+        if let Some(&len) = lens.iter().find(|&&l| l > c.max_position_embeddings) {
+            anyhow::bail!("sequence of {len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let x = self.embed_tokens.forward(&ids)?.reshape((1, n, c.hidden_size))?;
+        self.trace.check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
+        let positions = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        self.run_layers(x, &AttnLayout::Packed { positions: Arc::new(positions), lens: Arc::new(lens.to_vec()) }, None, None)
+    }
+
+    /// The layers and the final norm over `x`, with each layer's key/value `prefix` (prefix
+    /// tuning) and the KV `cache` (generation).
+    fn run_layers(&self, mut x: Tensor, layout: &AttnLayout, prefix: Option<Vec<(Tensor, Tensor)>>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let c = &self.config;
         let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu() && self.grad_enabled());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_prefix = prefix.as_ref().map(|p| p[i].clone());
             x = match &sink {
                 Some(sink) => {
-                    let (layer, cfg, rope, mask) = (layer.clone(), self.config.clone(), self.rope.clone(), mask.clone());
+                    let (layer, cfg, rope, layout) = (layer.clone(), self.config.clone(), self.rope.clone(), layout.clone());
                     let block: Block = Arc::new(move |h: &Tensor| {
                         let mut past = layer_prefix.clone();
-                        layer_forward(&layer, &cfg, &rope, h, mask.as_ref(), offset, Some(&mut past)).map_err(candle_core::Error::wrap)
+                        layer_forward(&layer, &cfg, &rope, h, &layout, Some(&mut past)).map_err(candle_core::Error::wrap)
                     });
                     checkpoint(&x, block, sink)?
                 }
@@ -243,11 +274,11 @@ impl DecoderLm {
                         if slot.is_none() {
                             *slot = layer_prefix;
                         }
-                        layer_forward(layer, &self.config, &self.rope, &x, mask.as_ref(), offset, Some(slot))?
+                        layer_forward(layer, &self.config, &self.rope, &x, layout, Some(slot))?
                     }
                     None => {
                         let mut past = layer_prefix;
-                        layer_forward(layer, &self.config, &self.rope, &x, mask.as_ref(), offset, Some(&mut past))?
+                        layer_forward(layer, &self.config, &self.rope, &x, layout, Some(&mut past))?
                     }
                 },
             };
@@ -288,7 +319,24 @@ impl DecoderLm {
     /// vocabulary projection is the largest matmul of a small model. Returns the same loss
     /// (mean over counted positions) as [`crate::ops::loss::causal_lm_loss`] on full logits.
     pub fn causal_lm_loss(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, labels: &Tensor) -> Result<(Tensor, usize)> {
-        let hidden = self.hidden_states(input_ids, attention_mask, None)?;
+        self.loss_of_hidden(&self.hidden_states(input_ids, attention_mask, None)?, labels)
+    }
+
+    /// [`Self::causal_lm_loss`] of a padding-free batch (`input_ids`, `labels`: `[1, n]`,
+    /// sequences of `lens` end to end, see [`Self::hidden_states_packed`]). The first label of
+    /// every sequence must be `IGNORE_INDEX` (`data::pack` makes it so), so that no sequence's
+    /// last token is trained to predict the next sequence's first: then the loss equals the
+    /// padded batch's.
+    pub fn causal_lm_loss_packed(&self, input_ids: &Tensor, lens: &[usize], labels: &Tensor) -> Result<(Tensor, usize)> {
+        self.loss_of_hidden(&self.hidden_states_packed(input_ids, lens)?, labels)
+    }
+
+    /// Logits `[1, n, vocab]` of a padding-free batch ([`Self::hidden_states_packed`]).
+    pub fn forward_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_states_packed(input_ids, lens)?)?)
+    }
+
+    fn loss_of_hidden(&self, hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
         let (b, t, h) = hidden.dims3()?;
         if t < 2 {
             anyhow::bail!("causal-LM loss needs sequences of at least 2 tokens")
@@ -341,16 +389,25 @@ fn batched_prefix(prefix: &dyn KvPrefix, b: usize, layers: usize) -> Result<Vec<
     kv.iter().map(|(k, v)| Ok((batch(k)?, batch(v)?))).collect()
 }
 
+/// Where a layer's queries sit and which keys they see.
+#[derive(Clone)]
+enum AttnLayout {
+    /// The rows of a padded batch: queries from rope position `offset` on (after a cache or a
+    /// prefix), the additive mask `[b|1, 1, t, s]`.
+    Padded { mask: Option<Tensor>, offset: usize },
+    /// Sequences of `lens` tokens end to end in one row, each token at `positions[i]`.
+    Packed { positions: Arc<Vec<u32>>, lens: Arc<Vec<usize>> },
+}
+
 /// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `past` holds this
 /// layer's keys/values of earlier positions (a KV cache, or a prefix-tuning prefix), extended
-/// with the new ones; `offset` is the rope position of the first query.
+/// with the new ones (padded batches only).
 fn layer_forward(
     layer: &Layer,
     c: &DecoderConfig,
     rope: &Rope,
     x: &Tensor,
-    mask: Option<&Tensor>,
-    offset: usize,
+    layout: &AttnLayout,
     past: Option<&mut Option<(Tensor, Tensor)>>,
 ) -> Result<Tensor> {
     let scale = 1.0 / (c.head_dim as f64).sqrt();
@@ -358,9 +415,17 @@ fn layer_forward(
     let hs = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
     let a = &layer.self_attn;
     // Token-major [b, t, heads·head_dim] throughout: rope and attention split the heads.
-    let q = rope.apply(&a.q_proj.forward(&hs)?, offset)?;
-    let k = rope.apply(&a.k_proj.forward(&hs)?, offset)?;
-    let v = a.v_proj.forward(&hs)?;
+    let (q, k, v) = (a.q_proj.forward(&hs)?, a.k_proj.forward(&hs)?, a.v_proj.forward(&hs)?);
+    let (mask, offset) = match layout {
+        AttnLayout::Padded { mask, offset } => (mask.as_ref(), *offset),
+        AttnLayout::Packed { positions, lens } => {
+            let (q, k) = (rope.apply_at(&q, positions)?, rope.apply_at(&k, positions)?);
+            let kind = MaskKind::Causal { sliding_window: c.sliding_window };
+            let att = attention_varlen(&q, &k, &v, c.num_attention_heads, lens, kind, scale)?;
+            return finish_layer(layer, c, residual, &hs, &att);
+        }
+    };
+    let (q, k) = (rope.apply(&q, offset)?, rope.apply(&k, offset)?);
     let (k, v) = match past {
         Some(slot) => {
             let (k, v) = match slot.as_ref() {
@@ -373,7 +438,12 @@ fn layer_forward(
         None => (k, v),
     };
     let att = attention(&q, &k, &v, c.num_attention_heads, mask, scale)?;
-    let x = (residual + branch(layer.attn_branch.as_deref(), &hs, a.o_proj.forward(&att)?)?)?;
+    finish_layer(layer, c, residual, &hs, &att)
+}
+
+/// The rest of a layer after attention: output projection and residual, then the MLP branch.
+fn finish_layer(layer: &Layer, c: &DecoderConfig, residual: &Tensor, hs: &Tensor, att: &Tensor) -> Result<Tensor> {
+    let x = (residual + branch(layer.attn_branch.as_deref(), hs, layer.self_attn.o_proj.forward(att)?)?)?;
     let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
     Ok((&x + branch(layer.mlp_branch.as_deref(), &hs, mlp_forward(&layer.mlp, &hs)?)?)?)
 }

@@ -155,6 +155,42 @@ impl Model {
         trace.run(|| self.forward(inputs))
     }
 
+    /// [`Self::trace_non_finite`] for a padding-free batch ([`Self::forward_packed`]).
+    pub fn trace_non_finite_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Option<String>> {
+        let _no_grad = self.no_grad();
+        let trace = match &self.arch {
+            Arch::Decoder(m) => &m.trace,
+            Arch::Bert(m) => &m.trace,
+        };
+        trace.run(|| self.forward_packed(input_ids, lens))
+    }
+
+    /// Whether the model takes padding-free batches ([`Self::forward_packed`]): every method
+    /// but those that add positions before the input (prompt and prefix tuning).
+    pub fn supports_packed(&self) -> bool {
+        match &self.arch {
+            Arch::Decoder(m) => m.added_positions() == 0,
+            Arch::Bert(m) => m.added_positions() == 0,
+        }
+    }
+
+    /// [`Self::forward`] of a padding-free batch: `input_ids: [1, n]` holds sequences of
+    /// `lens` tokens end to end (positions restart at each, no attention across them).
+    /// Causal-LM logits `[1, n, v]`, classification logits `[sequences, c]`, or each
+    /// sequence's mean-pooled embedding `[sequences, h]`; each row equals the padded batch's.
+    pub fn forward_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        match &self.arch {
+            Arch::Decoder(m) => m.forward_packed(input_ids, lens),
+            Arch::Bert(m) => {
+                let out = m.forward_packed(input_ids, lens)?;
+                match out.logits {
+                    Some(l) => Ok(l),
+                    None => bert::mean_pool_packed(&out.last_hidden_state, lens),
+                }
+            }
+        }
+    }
+
     /// [`Self::trace_non_finite`] as a clause for an error message: "; the first non-finite
     /// output is layer 3's (model.layers.3)", or that every layer's output was finite; empty
     /// when the rerun itself fails.

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::fused_attention::FusedAttention;
+use super::fused_attention::{FusedAttention, Seq};
 use super::kernels;
 
 /// The value added to masked scores. A large finite negative rather than −∞: a fully masked
@@ -83,10 +83,68 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
             Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
-        let op = FusedAttention::new(mask, scale as f32, heads);
+        let op = FusedAttention::batched(mask, b, t, s, scale as f32, heads)?;
         return q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, std::sync::Arc::new(Box::new(op)));
     }
     attention_reference(q, k, v, heads, mask, scale)
+}
+
+/// Attention within each of several sequences laid end to end in one row (a padding-free
+/// batch, FlashAttention's varlen form): `q: [1, n, heads·d]`, `k, v: [1, n, h_kv·d]`,
+/// `lens` the sequences' lengths in order (summing to `n`). Query `i` of a sequence sees the
+/// keys of its own sequence only, as `kind` allows (causal with an optional sliding window,
+/// or bidirectional); the result equals [`attention`] on each sequence alone. Output
+/// `[1, n, heads·d]`.
+pub fn attention_varlen(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, lens: &[usize], kind: MaskKind, scale: f64) -> Result<Tensor> {
+    let (one, n, _) = q.dims3()?;
+    if one != 1 || k.dims3()?.1 != n || lens.iter().sum::<usize>() != n || lens.contains(&0) {
+        candle_core::bail!("attention_varlen: q {:?}, k {:?} do not hold sequences of {lens:?} in one row", q.dims(), k.dims())
+    }
+    if ![q, k, v].iter().all(|x| kernels::fused_ok(x)) {
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            let part = |x: &Tensor| x.narrow(1, start, len);
+            let mask = build_mask(kind, len, len, None, q.device())?;
+            outs.push(attention_reference(&part(q)?, &part(k)?, &part(v)?, heads, mask.as_ref(), scale)?);
+            start += len;
+        }
+        return Tensor::cat(&outs, 1);
+    }
+    let (mask, seqs) = varlen_masks(kind, lens, q.device())?;
+    let op = FusedAttention::varlen(mask, seqs, scale as f32, heads)?;
+    q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, std::sync::Arc::new(Box::new(op)))
+}
+
+/// The sequences of a varlen call and their masks, flat: each distinct length's `[len, len]`
+/// causal mask once (none for bidirectional attention, which needs no mask within a sequence).
+fn varlen_masks(kind: MaskKind, lens: &[usize], device: &Device) -> Result<(Option<Tensor>, Vec<Seq>)> {
+    let mut data: Vec<f32> = Vec::new();
+    let mut starts = std::collections::HashMap::new();
+    let mut seqs = Vec::with_capacity(lens.len());
+    let mut row = 0;
+    for &len in lens {
+        let mask = match kind {
+            MaskKind::Bidirectional => None,
+            MaskKind::Causal { sliding_window } => Some(*starts.entry(len).or_insert_with(|| {
+                let start = data.len();
+                data.extend((0..len * len).map(|ij| {
+                    let (i, j) = (ij / len, ij % len);
+                    if j <= i && sliding_window.is_none_or(|w| i - j < w) {
+                        0.0
+                    } else {
+                        MASKED
+                    }
+                }));
+                start
+            })),
+        };
+        seqs.push(Seq { q0: row, t: len, k0: row, s: len, mask: mask.map(|start| (start, len)) });
+        row += len;
+    }
+    let n = data.len();
+    let mask = if n == 0 { None } else { Some(Tensor::from_vec(data, n, device)?) };
+    Ok((mask, seqs))
 }
 
 /// Whether the fused op can take `mask`: `[b|1, 1, t|1, s]`, a constant.

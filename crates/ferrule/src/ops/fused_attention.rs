@@ -3,10 +3,13 @@
 //! 2023, alg. 2, without the online softmax since a whole key row fits in cache here).
 //!
 //! Inputs and output are token-major, as the projections make them (`[b, t, heads·d]`): the
-//! kernel reads each head's rows with a stride, so no transposed copies enter the graph.
-//! The forward runs per (batch, query head), one tile of query rows at a time: the scores
+//! kernel reads each head's rows with a stride, so no transposed copies enter the graph. A
+//! sequence is a range of query rows and a range of key rows: the `b` rows of a padded batch,
+//! or sequences of different lengths laid end to end (padding-free batches, the varlen form
+//! of FlashAttention's `cu_seqlens`), where no query reaches another sequence's keys.
+//! The forward runs per (sequence, query head), one tile of query rows at a time: the scores
 //! `S = scale · Q Kᵀ + mask`, the softmax in place, then `O = P V`. It keeps the max and sum
-//! of every softmax row (two floats a query). The backward runs per (batch, key/value head)
+//! of every softmax row (two floats a query). The backward runs per (sequence, key/value head)
 //! over the query heads of its group, recomputes each tile's `P` from those statistics, and
 //! accumulates
 //!
@@ -29,67 +32,112 @@ use super::kernels::{self, matmul, multiversion, Mat};
 /// mask's tiles are short enough that [`key_range`] skips about 3/8 of the scores at 256 keys).
 const TILE_SCORES: usize = 16 * 1024;
 
-/// `softmax(scale · q kᵀ + mask) v` for contiguous f32 `q: [b, t, h·d]`,
-/// `k, v: [b, s, h_kv·d]` (query head `i` reads key/value head `i / (h / h_kv)`);
-/// `mask: [b|1, 1, t|1, s]`, captured. The output is `[b, t, h·d]`.
+/// One sequence of a [`FusedAttention`] call: its query rows `q0..q0+t` of the `[rows, h·d]`
+/// queries, its key/value rows `k0..k0+s`, and where its additive mask starts in the op's
+/// mask data (`per_query` = `s` for a row per query, 0 for one row shared by all queries).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Seq {
+    pub q0: usize,
+    pub t: usize,
+    pub k0: usize,
+    pub s: usize,
+    pub mask: Option<(usize, usize)>,
+}
+
+/// `softmax(scale · q kᵀ + mask) v` within each of a list of sequences ([`Seq`]), for
+/// contiguous f32 `q: [.., rows, h·d]`, `k, v: [.., kv_rows, h_kv·d]` (query head `i` reads
+/// key/value head `i / (h / h_kv)`); the additive mask (f32, any shape) is captured. The output
+/// has `q`'s shape. A padded batch is `b` sequences of `t` queries over `s` keys
+/// ([`FusedAttention::batched`]); a padding-free one is sequences of different lengths laid
+/// end to end in one row ([`FusedAttention::varlen`]): no query sees another sequence's keys.
 pub(super) struct FusedAttention {
     mask: Option<Tensor>,
+    seqs: Vec<Seq>,
     scale: f32,
     heads: usize,
-    /// `[b, h, t, 2]`: the max and the sum of each forward softmax row, for the backward.
+    /// Per (sequence, head), in that order: the max and the sum of each forward softmax row
+    /// (`2·t` floats), for the backward.
     stats: Mutex<Vec<f32>>,
 }
 
 impl FusedAttention {
-    pub fn new(mask: Option<Tensor>, scale: f32, heads: usize) -> Self {
-        Self { mask, scale, heads, stats: Mutex::new(Vec::new()) }
+    /// A padded batch: `b` sequences of `t` queries over `s` keys, `mask: [b|1, 1, t|1, s]`.
+    pub fn batched(mask: Option<Tensor>, b: usize, t: usize, s: usize, scale: f32, heads: usize) -> Result<Self> {
+        let strides = match &mask {
+            None => None,
+            Some(m) => {
+                let (mb, _, mt, ms) = m.dims4()?;
+                if ms != s {
+                    candle_core::bail!("fused-attention: mask has {ms} keys, expected {s}")
+                }
+                Some((if mb > 1 { mt * s } else { 0 }, if mt > 1 { s } else { 0 }))
+            }
+        };
+        let seqs = (0..b).map(|i| Seq { q0: i * t, t, k0: i * s, s, mask: strides.map(|(per_batch, per_query)| (i * per_batch, per_query)) }).collect();
+        Ok(Self::new(mask, seqs, scale, heads))
     }
 
-    /// `(b, h, h_kv, t, s, d)` of `q: [b, t, h·d]` and `k: [b, s, h_kv·d]`.
+    /// Sequences laid end to end: `seqs` must cover disjoint key rows (their queries are
+    /// disjoint too); `mask` is a flat f32 tensor the sequences' mask offsets point into.
+    pub fn varlen(mask: Option<Tensor>, seqs: Vec<Seq>, scale: f32, heads: usize) -> Result<Self> {
+        for w in seqs.windows(2) {
+            if w[1].q0 < w[0].q0 + w[0].t || w[1].k0 < w[0].k0 + w[0].s {
+                candle_core::bail!("fused-attention: sequences overlap ({:?}, {:?})", w[0], w[1])
+            }
+        }
+        Ok(Self::new(mask, seqs, scale, heads))
+    }
+
+    fn new(mask: Option<Tensor>, seqs: Vec<Seq>, scale: f32, heads: usize) -> Self {
+        Self { mask, seqs, scale, heads, stats: Mutex::new(Vec::new()) }
+    }
+
+    /// `(h, h_kv, d)` of `q: [.., rows, h·d]` and `k: [.., kv_rows, h_kv·d]`, checked against
+    /// the sequences' rows.
     fn dims(&self, q: &Shape, k: &Shape) -> Result<Dims> {
-        let (b, t, hd) = q.dims3()?;
-        let (_, s, kd) = k.dims3()?;
+        let (q_rows, hd) = rows_features(q)?;
+        let (k_rows, kd) = rows_features(k)?;
         let h = self.heads;
         let d = hd / h.max(1);
         let h_kv = kd / d.max(1);
         if h == 0 || d == 0 || hd != h * d || kd != h_kv * d || h_kv == 0 || !h.is_multiple_of(h_kv) {
             candle_core::bail!("fused-attention: q has {hd} features for {h} heads, k has {kd}")
         }
-        Ok(Dims { b, h, h_kv, t, s, d })
+        if self.seqs.iter().any(|s| s.q0 + s.t > q_rows || s.k0 + s.s > k_rows) {
+            candle_core::bail!("fused-attention: the sequences need more rows than q ({q_rows}) or k ({k_rows}) have")
+        }
+        Ok(Dims { h, h_kv, d })
     }
 
-    fn with_mask<R>(&self, f: impl FnOnce(MaskRows) -> Result<R>) -> Result<R> {
+    fn with_mask<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         match &self.mask {
-            None => f(MaskRows { data: &[], per_batch: 0, per_query: 0 }),
-            Some(m) => {
-                let (mb, _, mt, s) = m.dims4()?;
-                kernels::with_f32(m, "fused-attention", |data| {
-                    f(MaskRows { data, per_batch: if mb > 1 { mt * s } else { 0 }, per_query: if mt > 1 { s } else { 0 } })
-                })
-            }
+            None => f(&[]),
+            Some(m) => kernels::with_f32(m, "fused-attention", f),
         }
+    }
+
+    /// Offset of the statistics of (sequence `i`, head `head`).
+    fn stats_start(&self, i: usize, head: usize) -> usize {
+        let seq = &self.seqs[i];
+        (seq.q0 * self.heads + head * seq.t) * 2
     }
 }
 
-/// The additive mask as a lookup of one row of `s` per (batch, query).
-#[derive(Clone, Copy)]
-struct MaskRows<'a> {
-    data: &'a [f32],
-    /// Stride between batch elements (0: one mask for all).
-    per_batch: usize,
-    /// Stride between queries (0: one row for all queries).
-    per_query: usize,
+/// `(rows, features)` of a `[.., rows, features]` shape (leading axes folded into rows).
+fn rows_features(shape: &Shape) -> Result<(usize, usize)> {
+    let dims = shape.dims();
+    match dims.split_last() {
+        Some((&f, rest)) if !rest.is_empty() => Ok((rest.iter().product(), f)),
+        _ => candle_core::bail!("fused-attention: expected [.., rows, features], got {dims:?}"),
+    }
 }
 
-impl MaskRows<'_> {
-    fn rows(&self, batch: usize, q0: usize, n: usize, s: usize) -> Option<(&[f32], usize)> {
-        if self.data.is_empty() {
-            return None;
-        }
-        let start = batch * self.per_batch + q0 * self.per_query;
-        let len = if self.per_query == 0 { s } else { n * s };
-        Some((&self.data[start..start + len], self.per_query))
-    }
+/// The mask rows of queries `q_off..q_off+n` of `seq`, and their stride (0: one row for all).
+fn mask_rows<'a>(data: &'a [f32], seq: &Seq, q_off: usize, n: usize) -> Option<(&'a [f32], usize)> {
+    let (start, per_query) = seq.mask?;
+    let start = start + q_off * per_query;
+    let len = if per_query == 0 { seq.s } else { n * seq.s };
+    Some((&data[start..start + len], per_query))
 }
 
 /// The keys a tile of query rows can see: the smallest `lo..hi` outside which every row's
@@ -117,26 +165,27 @@ fn key_range(mask: Option<(&[f32], usize)>, n: usize, s: usize) -> (usize, usize
     }
 }
 
-/// [`key_range`] of every tile of `tq` query rows: the mask is the same for all heads, so it
-/// is scanned once per call, not once per head.
+/// [`key_range`] of every tile of every sequence: the mask is the same for all heads, so it
+/// is scanned once per call, not once per head. Sequence `i` has tiles of `tq[i]` query rows.
 struct TileKeyRanges {
-    ranges: Vec<(usize, usize)>,
-    tiles_per_batch: usize,
-    tq: usize,
+    ranges: Vec<Vec<(usize, usize)>>,
+    tq: Vec<usize>,
 }
 
 impl TileKeyRanges {
-    fn new(mask: &MaskRows, b: usize, t: usize, s: usize, tq: usize) -> Self {
-        let ranges = (0..b)
-            .into_par_iter()
-            .flat_map_iter(|batch| (0..t).step_by(tq).map(move |q0| key_range(mask.rows(batch, q0, tq.min(t - q0), s), tq.min(t - q0), s)))
+    fn new(mask: &[f32], seqs: &[Seq]) -> Self {
+        let tq: Vec<usize> = seqs.iter().map(|q| tile_rows(q.s, q.t)).collect();
+        let ranges = seqs
+            .par_iter()
+            .zip(&tq)
+            .map(|(q, &tq)| (0..q.t).step_by(tq).map(|q0| key_range(mask_rows(mask, q, q0, tq.min(q.t - q0)), tq.min(q.t - q0), q.s)).collect())
             .collect();
-        Self { ranges, tiles_per_batch: t.div_ceil(tq), tq }
+        Self { ranges, tq }
     }
 
-    /// The keys the tile starting at query row `q0` of `batch` can see.
-    fn get(&self, batch: usize, q0: usize) -> (usize, usize) {
-        self.ranges[batch * self.tiles_per_batch + q0 / self.tq]
+    /// The keys the tile starting at query row `q0` of sequence `i` can see.
+    fn get(&self, i: usize, q0: usize) -> (usize, usize) {
+        self.ranges[i][q0 / self.tq[i]]
     }
 }
 
@@ -203,19 +252,9 @@ multiversion! {
 
 #[derive(Clone, Copy)]
 struct Dims {
-    b: usize,
     h: usize,
     h_kv: usize,
-    t: usize,
-    s: usize,
     d: usize,
-}
-
-impl Dims {
-    /// Offset of head `head`'s first row in a `[b, len, heads·d]` tensor, for batch `batch`.
-    fn head_start(&self, batch: usize, len: usize, heads: usize, head: usize) -> usize {
-        batch * len * heads * self.d + head * self.d
-    }
 }
 
 /// Copies rows of `d` from `src` (packed) into `dst` at `start`, `stride` apart.
@@ -234,28 +273,28 @@ impl CustomOp3 for FusedAttention {
         let q = kernels::contiguous_f32(s1, l1, self.name())?;
         let k = kernels::contiguous_f32(s2, l2, self.name())?;
         let v = kernels::contiguous_f32(s3, l3, self.name())?;
-        let dm = self.dims(l1.shape(), l2.shape())?;
-        let Dims { b, h, h_kv, t, s, d } = dm;
-        let (groups, tq, q_rs, kv_rs) = (h / h_kv, tile_rows(s, t), h * d, h_kv * d);
-        // One unit of work per (batch, query head): its output rows (packed) and statistics.
+        let Dims { h, h_kv, d } = self.dims(l1.shape(), l2.shape())?;
+        let (groups, q_rs, kv_rs) = (h / h_kv, h * d, h_kv * d);
+        // One unit of work per (sequence, query head): its output rows (packed) and statistics.
         let units: Vec<(Vec<f32>, Vec<f32>)> = self.with_mask(|mask| {
-            let ranges = TileKeyRanges::new(&mask, b, t, s, tq);
-            Ok((0..b * h)
+            let ranges = TileKeyRanges::new(mask, &self.seqs);
+            Ok((0..self.seqs.len() * h)
                 .into_par_iter()
                 .map(|unit| {
-                    let (batch, head) = (unit / h, unit % h);
-                    let qh = &q[dm.head_start(batch, t, h, head)..];
-                    let kv0 = dm.head_start(batch, s, h_kv, head / groups);
+                    let (i, head) = (unit / h, unit % h);
+                    let seq = &self.seqs[i];
+                    let (t, s, tq) = (seq.t, seq.s, ranges.tq[i]);
+                    let qh = &q[seq.q0 * q_rs + head * d..];
+                    let kv0 = seq.k0 * kv_rs + (head / groups) * d;
                     let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
                     let mut o = vec![0f32; t * d];
                     let mut st = vec![0f32; t * 2];
                     let mut p = vec![0f32; tq * s];
                     for q0 in (0..t).step_by(tq) {
                         let n = tq.min(t - q0);
-                        let rows = mask.rows(batch, q0, n, s);
-                        let (lo, hi) = ranges.get(batch, q0);
+                        let (lo, hi) = ranges.get(i, q0);
                         let w = hi - lo;
-                        let (m, stride) = rows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
+                        let (m, stride) = mask_rows(mask, seq, q0, n).map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
                         let (kt, vt) = (Mat { transposed: true, ..kh.skip_rows(lo, kv_rs) }, vh.skip_rows(lo, kv_rs));
                         let p = &mut p[..n * w];
                         matmul(n, w, d, p, false, Mat::n(&qh[q0 * q_rs..]).rows_apart(q_rs), kt, self.scale);
@@ -267,9 +306,10 @@ impl CustomOp3 for FusedAttention {
                 .collect())
         })?;
         let mut out = vec![0f32; q.len()];
-        let mut stats = Vec::with_capacity(b * h * t * 2);
+        let mut stats = Vec::with_capacity(units.iter().map(|u| u.1.len()).sum());
         for (unit, (o, st)) in units.into_iter().enumerate() {
-            scatter_rows(&o, d, &mut out, dm.head_start(unit / h, t, h, unit % h), q_rs);
+            let (seq, head) = (&self.seqs[unit / h], unit % h);
+            scatter_rows(&o, d, &mut out, seq.q0 * q_rs + head * d, q_rs);
             stats.extend_from_slice(&st);
         }
         *self.stats.lock().expect("fused-attention statistics") = stats;
@@ -277,12 +317,11 @@ impl CustomOp3 for FusedAttention {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dm = self.dims(q.shape(), k.shape())?;
-        let Dims { b, h, h_kv, t, s, d } = dm;
-        let (groups, tq, q_rs, kv_rs) = (h / h_kv, tile_rows(s, t), h * d, h_kv * d);
+        let Dims { h, h_kv, d } = self.dims(q.shape(), k.shape())?;
+        let (groups, q_rs, kv_rs) = (h / h_kv, h * d, h_kv * d);
         let go = grad_res.contiguous()?;
         let stats = self.stats.lock().expect("fused-attention statistics");
-        if stats.len() != b * h * t * 2 {
+        if stats.len() != self.seqs.iter().map(|s| s.t * h * 2).sum::<usize>() {
             candle_core::bail!("fused-attention: backward without a matching forward")
         }
         let name = self.name();
@@ -290,32 +329,34 @@ impl CustomOp3 for FusedAttention {
         // from a frozen projection have none).
         let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
         let sized = |need: bool, n: usize| if need { n } else { 0 };
-        // One unit per (batch, key/value head): the dQ rows of its query heads, its dK and dV.
+        // One unit per (sequence, key/value head): the dQ rows of its query heads, its dK and dV.
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
         let units: Vec<Grads> = kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
             self.with_mask(|mask| {
-                let ranges = TileKeyRanges::new(&mask, b, t, s, tq);
-                Ok((0..b * h_kv)
+                let ranges = TileKeyRanges::new(mask, &self.seqs);
+                Ok((0..self.seqs.len() * h_kv)
                     .into_par_iter()
                     .map(|unit| {
-                        let (batch, kv_head) = (unit / h_kv, unit % h_kv);
-                        let kv0 = dm.head_start(batch, s, h_kv, kv_head);
+                        let (i, kv_head) = (unit / h_kv, unit % h_kv);
+                        let seq = &self.seqs[i];
+                        let (t, s, tq) = (seq.t, seq.s, ranges.tq[i]);
+                        let kv0 = seq.k0 * kv_rs + kv_head * d;
                         let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
                         let (mut dq, mut dk, mut dv) =
                             (vec![0f32; sized(need_q, groups * t * d)], vec![0f32; sized(need_k, s * d)], vec![0f32; sized(need_v, s * d)]);
                         let (mut p, mut dp, mut di) = (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
                         for g in 0..groups {
                             let head = kv_head * groups + g;
-                            let q0h = dm.head_start(batch, t, h, head);
-                            let st = &stats[(batch * h + head) * t * 2..(batch * h + head + 1) * t * 2];
+                            let q0h = seq.q0 * q_rs + head * d;
+                            let st0 = self.stats_start(i, head);
+                            let st = &stats[st0..st0 + t * 2];
                             for q0 in (0..t).step_by(tq) {
                                 let n = tq.min(t - q0);
                                 let rows = q0h + q0 * q_rs;
                                 let (qt, got) = (Mat::n(&q[rows..]).rows_apart(q_rs), Mat::n(&go[rows..]).rows_apart(q_rs));
-                                let mrows = mask.rows(batch, q0, n, s);
-                                let (lo, hi) = ranges.get(batch, q0);
+                                let (lo, hi) = ranges.get(i, q0);
                                 let w = hi - lo;
-                                let (m, stride) = mrows.map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
+                                let (m, stride) = mask_rows(mask, seq, q0, n).map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
                                 let (kt, vt) = (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
                                 let (p, dp, di) = (&mut p[..n * w], &mut dp[..n * w], &mut di[..n]);
                                 matmul(n, w, d, p, false, qt, Mat { transposed: true, ..kt }, self.scale);
@@ -343,15 +384,19 @@ impl CustomOp3 for FusedAttention {
                     .collect())
             })
         })?;
-        // Gradients not needed stay empty, and so do their scatters.
+        // Gradients not needed stay empty, and so do their scatters. Rows no sequence covers
+        // (none in the models' calls) get a zero gradient.
         let (mut dq, mut dk, mut dv) =
             (vec![0f32; sized(need_q, q.elem_count())], vec![0f32; sized(need_k, k.elem_count())], vec![0f32; sized(need_v, v.elem_count())]);
         for (unit, (dqu, dku, dvu)) in units.into_iter().enumerate() {
-            let (batch, kv_head) = (unit / h_kv, unit % h_kv);
-            for (g, dqh) in dqu.chunks_exact(t * d).enumerate() {
-                scatter_rows(dqh, d, &mut dq, dm.head_start(batch, t, h, kv_head * groups + g), q_rs);
+            let (seq, kv_head) = (&self.seqs[unit / h_kv], unit % h_kv);
+            if seq.t == 0 {
+                continue;
             }
-            let kv0 = dm.head_start(batch, s, h_kv, kv_head);
+            for (g, dqh) in dqu.chunks_exact(seq.t * d).enumerate() {
+                scatter_rows(dqh, d, &mut dq, seq.q0 * q_rs + (kv_head * groups + g) * d, q_rs);
+            }
+            let kv0 = seq.k0 * kv_rs + kv_head * d;
             scatter_rows(&dku, d, &mut dk, kv0, kv_rs);
             scatter_rows(&dvu, d, &mut dv, kv0, kv_rs);
         }

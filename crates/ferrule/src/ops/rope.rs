@@ -100,22 +100,53 @@ impl Rope {
         self.apply_reference(x, offset)
     }
 
-    /// Composite rotation from differentiable primitives (fallback and test reference).
-    pub fn apply_reference(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Applies the rotation to every head of `x: [1, n, heads·head_dim]` with token `i` at
+    /// position `positions[i]` (a padding-free batch, whose positions restart at each
+    /// sequence). Same result, token by token, as [`Self::apply`] at those positions.
+    pub fn apply_at(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
         let (b, t, hd) = x.dims3()?;
         let d = self.cos.dim(1)?;
+        if b != 1 || positions.len() != t {
+            candle_core::bail!("rope: {} positions for x of shape {:?} (expected one row of {t})", positions.len(), x.dims())
+        }
+        if let Some(&p) = positions.iter().max().filter(|&&p| p as usize >= self.max_positions()) {
+            candle_core::bail!("position {p} exceeds the model's {} positions", self.max_positions())
+        }
+        if d == 0 || d % 2 != 0 || hd % d != 0 {
+            candle_core::bail!("rope: {hd} features do not split into heads of {d}")
+        }
+        let idx = Tensor::from_slice(positions, t, self.cos.device())?;
+        let (cos, sin) = (self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?);
+        if kernels::fused_ok(x) && self.cos.dtype() == DType::F32 && self.cos.device().is_cpu() {
+            let op = RopeOp { cos, sin, offset: 0, t, heads: hd / d };
+            return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+        }
+        rotate(x, &cos, &sin)
+    }
+
+    /// Composite rotation from differentiable primitives (fallback and test reference).
+    pub fn apply_reference(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(1)?;
         if offset + t > self.max_positions() {
             candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
         }
-        let x = x.reshape((b, t, hd / d, d))?;
-        // [t, 1, d]: one row per position, broadcast over heads.
-        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?.unsqueeze(1)?;
-        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?.unsqueeze(1)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)?.reshape((b, t, hd))
+        rotate(x, &self.cos.narrow(0, offset, t)?, &self.sin.narrow(0, offset, t)?)
     }
+}
+
+/// `x·cos + rotate_half(x)·sin` from differentiable primitives for `x: [b, t, heads·d]` and
+/// table rows `cos, sin: [t, d]` (one per token).
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    let d = cos.dim(1)?;
+    let x = x.reshape((b, t, hd / d, d))?;
+    // [t, 1, d]: one row per position, broadcast over heads.
+    let cos = cos.to_dtype(x.dtype())?.unsqueeze(1)?;
+    let sin = sin.to_dtype(x.dtype())?.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)?.reshape((b, t, hd))
 }
 
 /// Fused rotate-half rope over rows of `d` of `x: [b, t, heads·d]`; row `r` sits at position

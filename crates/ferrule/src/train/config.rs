@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::LrSchedule;
+use crate::data::Padding;
 use crate::model::Task;
 use crate::quant::QuantSpec;
 use crate::tuners::AdapterConfig;
@@ -36,7 +37,10 @@ pub struct TrainConfig {
     pub truncate: bool,
     /// Loss only on completions (assistant turns, Alpaca outputs).
     pub completion_only: bool,
-    /// Pad every batch to `max_len` (fixed shapes, e.g. for benchmarks).
+    /// How batches lay out their records: `"free"` (padding-free, the default), `"longest"`
+    /// (padded to the batch's longest record) or `"max_len"` (padded to `max_len`).
+    pub padding: Option<Padding>,
+    /// The older spelling of `padding = "max_len"` (fixed shapes, e.g. for benchmarks).
     pub pad_to_max_len: bool,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -82,6 +86,7 @@ impl Default for TrainConfig {
             max_len: None,
             truncate: true,
             completion_only: true,
+            padding: None,
             pad_to_max_len: false,
             batch_size: 8,
             grad_accum: 1,
@@ -108,7 +113,20 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The batch layout: `padding`, or `"max_len"` for `pad_to_max_len = true`; the two
+    /// saying different things is an error.
+    pub fn padding(&self) -> Result<Padding> {
+        match (self.padding, self.pad_to_max_len) {
+            (Some(p), true) if p != Padding::MaxLen => {
+                bail!("train: `pad_to_max_len = true` (--pad-to-max-len) contradicts `padding = \"{}\"`; set one of them", p.name())
+            }
+            (_, true) => Ok(Padding::MaxLen),
+            (p, false) => Ok(p.unwrap_or_default()),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
+        self.padding()?;
         if self.model.is_empty() {
             bail!("train: no model given (--model or `model = ...` in the config file)")
         }

@@ -19,7 +19,7 @@ use super::metrics::{MetricsLog, Throughput};
 use super::optim::{AdamWConfig, GradAccumulator};
 use super::rng::Rng;
 use super::schedule::lr_at;
-use crate::data::{self, collate, Batch, EncodeOptions, Encoded, Encoder, LabelMap, PaddingSide, Truncation};
+use crate::data::{self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation};
 use crate::dist::{Collective, FlatLayout, OptimizerState, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage};
 use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
@@ -40,7 +40,8 @@ pub struct StepReport {
     pub tokens: usize,
     /// Non-padding tokens per second over recent steps.
     pub tokens_per_sec: f64,
-    /// All positions (padding included) per second over recent steps.
+    /// All positions (padding included) per second over recent steps (equal to
+    /// `tokens_per_sec` with padding-free batches).
     pub positions_per_sec: f64,
     pub step_seconds: f64,
 }
@@ -105,6 +106,8 @@ pub struct TrainSummary {
     pub positions_per_sec: Option<f64>,
     pub median_step_seconds: Option<f64>,
     pub seconds: f64,
+    /// How batches were laid out (`padding`, and why it differs from the config's when it does).
+    pub padding: String,
     /// What computed the large matrix products: the system BLAS opened, or the gemm crate
     /// (`ops::blas`); step times depend on it.
     pub matmul_backend: String,
@@ -130,6 +133,11 @@ pub struct Prepared {
     pub pad_id: u32,
     /// Longest sequence, in tokens.
     pub max_len: usize,
+    /// How batches are laid out: the config's choice, or padded to the longest record where
+    /// the method cannot take padding-free batches (see `padding_note`).
+    pub padding: Padding,
+    /// Why `padding` differs from what the config asked, when it does.
+    pub padding_note: Option<String>,
     pub skipped: usize,
     pub truncated: usize,
 }
@@ -182,9 +190,21 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     let model = Model::build(&source, cfg.task, tuner.as_ref(), device, cfg.seed)?;
     let matches = tuner.finish()?;
     let pad_id = source.pad_token_id()?;
+    let (padding, padding_note) = match cfg.padding()? {
+        Padding::Free if !model.supports_packed() => (
+            Padding::Longest,
+            Some(format!(
+                "{} adds positions before every record, which padding-free batches cannot hold: batches are padded to their longest record",
+                adapter.peft_type
+            )),
+        ),
+        p => (p, None),
+    };
     Ok(Prepared {
         pad_id,
         max_len,
+        padding,
+        padding_note,
         skipped: train.skipped.len(),
         truncated: train.truncated,
         train: train.items,
@@ -197,39 +217,34 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     })
 }
 
-/// Pads a collated batch on the right up to `len` positions.
-fn pad_to(batch: Batch, len: usize, pad_id: u32) -> Result<Batch> {
-    let (b, t) = batch.input_ids.dims2()?;
-    if t >= len {
-        return Ok(batch);
-    }
-    let dev = batch.input_ids.device().clone();
-    let extra = len - t;
-    let cat = |x: &Tensor, fill: Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[x, &fill], 1)?) };
-    Ok(Batch {
-        input_ids: cat(&batch.input_ids, Tensor::full(pad_id, (b, extra), &dev)?)?,
-        attention_mask: cat(&batch.attention_mask, Tensor::zeros((b, extra), DType::U32, &dev)?)?,
-        labels: match &batch.labels {
-            Some(l) => Some(cat(l, Tensor::full(-100i64, (b, extra), &dev)?)?),
-            None => None,
-        },
-        class_labels: batch.class_labels,
-        num_tokens: batch.num_tokens,
-    })
-}
-
-/// Forward pass and loss of one batch: `(loss, counted targets, correct predictions)`.
 fn batch_inputs(batch: &Batch) -> Inputs<'_> {
     Inputs { input_ids: &batch.input_ids, attention_mask: Some(&batch.attention_mask), token_type_ids: None }
 }
 
-fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
+/// Where the first non-finite output of `batch` arose, as a clause for an error message
+/// ([`Model::non_finite_origin`]).
+fn non_finite_origin(model: &Model, batch: &Batch) -> String {
+    match &batch.seq_lens {
+        Some(lens) => crate::util::finite::origin_clause(model.trace_non_finite_packed(&batch.input_ids, lens)),
+        None => model.non_finite_origin(&batch_inputs(batch)),
+    }
+}
+
+/// Forward pass and loss of one batch (padded or padding-free): `(loss, counted targets,
+/// correct predictions)`.
+pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
     if let (Task::CausalLm, crate::model::Arch::Decoder(lm)) = (model.task, &model.arch) {
         let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
-        let (loss, n) = lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?;
+        let (loss, n) = match &batch.seq_lens {
+            Some(lens) => lm.causal_lm_loss_packed(&batch.input_ids, lens, labels)?,
+            None => lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?,
+        };
         return Ok((loss, n, 0));
     }
-    let out = model.forward(&batch_inputs(batch))?;
+    let out = match &batch.seq_lens {
+        Some(lens) => model.forward_packed(&batch.input_ids, lens)?,
+        None => model.forward(&batch_inputs(batch))?,
+    };
     match model.task {
         Task::CausalLm => {
             let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
@@ -247,31 +262,43 @@ fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
     }
 }
 
-/// Token-weighted eval loss (and accuracy for classification) over `items`.
+/// Token-weighted eval loss (and accuracy for classification) over `items`, in batches laid
+/// out as `padding` says (padding-free falls back to padded batches for a method that adds
+/// positions; the result is the same either way, within float rounding).
 /// Adapter layers must be in eval mode (no dropout).
-pub fn evaluate(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize, step: usize) -> Result<EvalReport> {
-    evaluate_on(model, pad_id, items, batch_size, step, &SingleProcess)
+pub fn evaluate(model: &Model, pad_id: u32, padding: Padding, items: &[Encoded], batch_size: usize, step: usize) -> Result<EvalReport> {
+    evaluate_on(model, pad_id, padding, items, batch_size, step, &SingleProcess)
 }
 
 /// [`evaluate`] spread over the ranks of `comm`: rank `r` takes records `r, r + N, ...` and the
 /// sums are all-reduced, so every rank returns the report of the whole set.
-pub fn evaluate_on(model: &Model, pad_id: u32, items: &[Encoded], batch_size: usize, step: usize, comm: &dyn Collective) -> Result<EvalReport> {
+pub fn evaluate_on(
+    model: &Model,
+    pad_id: u32,
+    padding: Padding,
+    items: &[Encoded],
+    batch_size: usize,
+    step: usize,
+    comm: &dyn Collective,
+) -> Result<EvalReport> {
     if items.is_empty() {
         bail!("evaluation set is empty")
     }
+    let padding = if padding == Padding::Free && !model.supports_packed() { Padding::Longest } else { padding };
+    let max_len = items.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let dev = model.device().clone();
     let _no_grad = model.no_grad();
     let mine: Vec<&Encoded> = items.iter().skip(comm.rank()).step_by(comm.world_size()).collect();
     let mut sums = [0f64; 4]; // loss·n, n, correct, batches with a non-finite loss
     let mut first_bad = None;
     for (j, chunk) in mine.chunks(batch_size.max(1)).enumerate() {
-        let batch = collate(chunk, pad_id, PaddingSide::Right, &dev)?;
+        let batch = make_batch(chunk, padding, pad_id, max_len, &dev)?;
         let (loss, n, c) = batch_loss(model, &batch)?;
         let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
             sums[3] += 1.0;
             if first_bad.is_none() {
-                first_bad = Some((j, lv, model.non_finite_origin(&batch_inputs(&batch))));
+                first_bad = Some((j, lv, non_finite_origin(model, &batch)));
             }
             continue;
         }
@@ -451,10 +478,7 @@ fn accumulate_step(
             continue; // this rank's chunk lies past the epoch's end
         }
         let items: Vec<&Encoded> = records[lo..hi].iter().map(|&i| &p.train[i]).collect();
-        let mut batch = collate(&items, p.pad_id, PaddingSide::Right, &dev)?;
-        if cfg.pad_to_max_len {
-            batch = pad_to(batch, p.max_len, p.pad_id)?;
-        }
+        let batch = make_batch(&items, p.padding, p.pad_id, p.max_len, &dev)?;
         p.tuner.mode().set_training(true);
         // Each rank's chunk draws its own dropout masks.
         p.tuner.mode().set_step(((step * cfg.grad_accum + micro) * world + comm.rank()) as u64);
@@ -466,7 +490,7 @@ fn accumulate_step(
         }
         let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
-            let origin = p.model.non_finite_origin(&batch_inputs(&batch));
+            let origin = non_finite_origin(&p.model, &batch);
             bail!("loss became {lv} at step {}{origin}; lower the learning rate or check the data", step + 1)
         }
         let mut grads = loss.backward()?;
@@ -542,6 +566,19 @@ fn peak_rss_bytes() -> Option<f64> {
     Some(kb * 1024.0)
 }
 
+/// How batches are laid out, in words, with why when it is not what the config asked.
+fn padding_description(p: &Prepared) -> String {
+    let what = match p.padding {
+        Padding::Free => "padding-free (records end to end, attention within each)".to_string(),
+        Padding::Longest => "padded to each batch's longest record".to_string(),
+        Padding::MaxLen => format!("padded to max_len ({} tokens)", p.max_len),
+    };
+    match &p.padding_note {
+        Some(note) => format!("{what}: {note}"),
+        None => what,
+    }
+}
+
 /// What a run is about to train, for the progress display.
 fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, total_steps: usize, world: usize, stage: ZeroStage) {
     let memory = crate::quant::WeightMemory::of(&p.source.weights);
@@ -557,6 +594,7 @@ fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, total_
     for m in &p.matches {
         progress.message(&format!("{} {} matched:\n{}", p.tuner.method().name, m.option, m.table()));
     }
+    progress.message(&format!("batches: {}", padding_description(p)));
     let trainable = p.trainable_params();
     let total = total_params(p.model.base_params, p.tuner.as_ref());
     let ranks = if world > 1 { format!(" x {world} ranks (ZeRO stage {})", stage.get()) } else { String::new() };
@@ -698,7 +736,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e))) {
             opt.materialize(comm)?;
             p.tuner.mode().set_training(false);
-            let r = evaluate_on(&p.model, p.pad_id, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step, comm)?;
+            let r = evaluate_on(&p.model, p.pad_id, p.padding, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step, comm)?;
             if let Some(m) = &mut metrics {
                 m.log(step as u64, &r)?;
             }
@@ -768,6 +806,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         positions_per_sec: positions.overall_tokens_per_sec(),
         median_step_seconds: sorted.get(sorted.len() / 2).copied(),
         seconds: started.elapsed().as_secs_f64(),
+        padding: padding_description(&p),
         matmul_backend: crate::ops::blas::backend(),
         world_size: world,
         zero_stage: run.zero_stage.get(),
