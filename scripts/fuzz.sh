@@ -22,6 +22,13 @@ cd fuzz
 for t in "${targets[@]}"; do
   mkdir -p "$scratch/$t"
   echo "== $t (${SECONDS_EACH}s)"
-  cargo +nightly fuzz run "$t" "$scratch/$t" corpus/"$t" -- -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=1 2>&1 |
-    grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss|==[0-9]+== ERROR|SUMMARY|.*panicked)|cov:' | tail -4
+  status=0
+  cargo +nightly fuzz run "$t" "$scratch/$t" corpus/"$t" -- -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=1 >"$scratch/$t.log" 2>&1 || status=$?
+  # libFuzzer separates its fields with tabs or spaces depending on the line.
+  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss|==[0-9]+== ERROR|SUMMARY|.*panicked)|cov:' "$scratch/$t.log" | tail -4 || true
+  if [ "$status" -ne 0 ]; then
+    tail -40 "$scratch/$t.log" >&2
+    echo "fuzz target $t failed (exit $status); its input is under fuzz/artifacts/$t" >&2
+    exit "$status"
+  fi
 done
