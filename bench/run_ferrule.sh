@@ -5,8 +5,9 @@
 # quantized to NF4 + double quant while loading, qgguf = the Q4_1 GGUF kept in its blocks).
 # Results: bench/results/rust/.
 # mf32/mnf4: MiniLM (real f32 weights) LoRA on an f32 vs an NF4 base, 100 steps.
-# ra/rb: a and b with padding-free batches (real-token throughput, issue 12).
-# Usage: bench/run_ferrule.sh [a|b|c|ra|rb|qf32|qnf4|qgguf|mf32|mnf4 ...]  (default: a b c). Needs
+# ra/rb: a and b with padding-free batches (real-token throughput, issue 12); pa/pb: the same
+# with packed micro-batches of batch x max_len tokens (--packing).
+# Usage: bench/run_ferrule.sh [a|b|c|ra|rb|pa|pb|qf32|qnf4|qgguf|mf32|mnf4 ...]  (default: a b c). Needs
 # `cargo build --release`. STEPS_B / STEPS_Q set the step counts of b / the q runs; Q_BATCH
 # the q runs' batch size (default 8; results then get a _b<N> suffix).
 set -euo pipefail
@@ -107,6 +108,20 @@ run_rb() {
     --data $A/data/chatterbot/train.jsonl --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64 \
     --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 8 --max-len 256 --padding free \
     --max-steps ${STEPS_B:-20} --lr 2e-4 --warmup-steps 2 --seed 42
+}
+# Packed micro-batches (--packing): bins of 32 x 128 and 8 x 256 tokens, so that each step
+# computes as many real tokens as a padded step of a or b computes positions.
+run_pa() {
+  run pa_minilm_packed -- --task seq-cls --model $A/minilm \
+    --data $A/data/rotten_tomatoes/train.jsonl --eval-data $A/data/rotten_tomatoes/test.jsonl --eval-limit 256 \
+    --lora-r 8 --lora-alpha 16 --target-modules query,value --packing --batch-tokens 4096 --max-len 128 \
+    --max-steps 20 --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42 --eval-batch-size 32
+}
+run_pb() {
+  run pb_smollm2_packed -- --model $A/smollm2-f32 \
+    --data $A/data/chatterbot/train.jsonl --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64 \
+    --lora-r 8 --lora-alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --packing --batch-tokens 2048 --max-len 256 \
+    --max-steps ${STEPS_B:-20} --lr 2e-4 --warmup-steps 2 --seed 42 --eval-batch-size 8
 }
 
 for w in "${@:-a b c}"; do for x in $w; do "run_$x"; done; done

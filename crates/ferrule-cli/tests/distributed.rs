@@ -136,6 +136,24 @@ fn the_loss_is_token_weighted_over_ranks_with_unequal_token_counts() {
     assert!((mean_of_means - token_mean).abs() > 1e-2, "records too alike to tell the means apart: {mean_of_means} vs {token_mean}");
 }
 
+#[test]
+fn two_ranks_with_packed_bins_train_what_one_process_accumulating_two_bins_trains() {
+    // Each global micro-batch is the next two bins of the epoch, one per rank: one process
+    // with --grad-accum 2 takes the same two bins into each step.
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let packed = ["--max-steps", "2", "--packing", "--batch-tokens", "160", "--max-len", "64"];
+    let one = t.path().join("one");
+    let single = summary(&run(ferrule(), &train_args(&data, &one, &[&packed[..], &["--grad-accum", "2"]].concat())));
+    let two = t.path().join("two");
+    let s = summary(&run(mpirun(2), &train_args(&data, &two, &packed)));
+    assert!(s["batching"].as_str().unwrap().starts_with("packed: 24 records in"), "{}", s["batching"]);
+    let (l1, l2) = (single["final_loss"].as_f64().unwrap(), s["final_loss"].as_f64().unwrap());
+    assert!((l1 - l2).abs() < 1e-5, "two ranks' loss {l2}, one process {l1}");
+    let d = max_diff(&adapter(&one), &adapter(&two));
+    assert!(d <= TOL, "adapter differs from one process by {d}");
+}
+
 fn children(pid: u32) -> Vec<u32> {
     let path = format!("/proc/{pid}/task/{pid}/children");
     std::fs::read_to_string(path).unwrap_or_default().split_whitespace().filter_map(|s| s.parse().ok()).collect()

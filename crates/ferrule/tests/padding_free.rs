@@ -216,7 +216,7 @@ fn a_training_run_is_the_same_padded_or_padding_free() {
             adapter: Some(AdapterConfig::from_json(lora(&["q_proj", "v_proj", "down_proj"])).unwrap()),
             padding: Some(padding),
             max_len: Some(64),
-            batch_size: 4,
+            batch_size: Some(4),
             grad_accum: 2,
             max_steps: Some(10),
             lr: 1e-2,

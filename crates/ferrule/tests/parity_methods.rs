@@ -295,7 +295,7 @@ fn train_config_with(
         output_dir: out.to_path_buf(),
         adapter: Some(ferrule::tuners::AdapterConfig::new(peft_type, options)),
         max_len: Some(64),
-        batch_size: 2,
+        batch_size: Some(2),
         max_steps: Some(4),
         lr: 3e-2,
         quantize,

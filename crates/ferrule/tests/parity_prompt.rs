@@ -304,7 +304,7 @@ fn prompt_methods_train_save_and_resume() {
         output_dir: out.to_path_buf(),
         adapter: Some(AdapterConfig::new(peft_type, options.as_object().unwrap().clone())),
         max_len: Some(48),
-        batch_size: 2,
+        batch_size: Some(2),
         max_steps: Some(4),
         lr: 3e-2,
         quantize,

@@ -26,7 +26,7 @@ fn config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> TrainConfig 
                 .unwrap(),
         ),
         max_len: Some(64),
-        batch_size: 4,
+        batch_size: Some(4),
         max_steps: Some(6),
         lr: 3e-2,
         seed: 5,

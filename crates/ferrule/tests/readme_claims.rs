@@ -447,7 +447,7 @@ fn fp4_train_config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> Tr
         adapter: Some(AdapterConfig::from_json(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap()),
         max_len: Some(64),
         // The whole file (24 records) every step, so the losses are of the same batch.
-        batch_size: 24,
+        batch_size: Some(24),
         max_steps: Some(6),
         lr: 3e-2,
         seed: 11,

@@ -33,7 +33,7 @@ fn reload_matches(cfg: &TrainConfig, s: &TrainSummary, ids: &Tensor) {
     let labels = (a.model.task == Task::SeqCls).then(|| LabelMap::from_examples(&read_jsonl(&cfg.data).unwrap()).unwrap());
     let set = encode_file(eval_data, &a.source, encode_options(cfg, cfg.max_len.unwrap()), labels.as_ref(), cfg.eval_limit).unwrap();
     assert_eq!(set.items.len(), trained.eval_records);
-    let r = evaluate(&a.model, a.source.pad_token_id().unwrap(), ferrule::data::Padding::Free, &set.items, cfg.eval_batch_size.unwrap_or(cfg.batch_size), 0)
+    let r = evaluate(&a.model, a.source.pad_token_id().unwrap(), ferrule::data::Padding::Free, &set.items, cfg.eval_batch_size.unwrap_or(cfg.batch_size()), 0)
         .unwrap();
     let tol = 1e-6 * trained.eval_loss.abs().max(1.0);
     assert!((r.eval_loss - trained.eval_loss).abs() <= tol, "reloaded adapter: eval loss {} vs {} in training", r.eval_loss, trained.eval_loss);
@@ -60,7 +60,7 @@ fn minilm_sequence_classification_few_steps() {
         task: Task::SeqCls,
         adapter: Some(AdapterConfig::from_json(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]})).unwrap()),
         max_len: Some(64),
-        batch_size: 16,
+        batch_size: Some(16),
         max_steps: Some(3),
         lr: 1e-3,
         ..Default::default()
@@ -90,7 +90,7 @@ fn smollm2_gguf_causal_lm_few_steps() {
                 .unwrap(),
         ),
         max_len: Some(64),
-        batch_size: 2,
+        batch_size: Some(2),
         max_steps: Some(2),
         lr: 1e-3,
         ..Default::default()
@@ -130,7 +130,7 @@ fn smollm2_gguf_every_method_few_steps() {
             output_dir: out.clone(),
             adapter: Some(AdapterConfig::from_json(adapter.clone()).unwrap()),
             max_len: Some(48),
-            batch_size: 2,
+            batch_size: Some(2),
             max_steps: Some(2),
             lr: 1e-3,
             ..Default::default()

@@ -25,7 +25,7 @@ fn config(out: &Path) -> TrainConfig {
             .unwrap(),
         ),
         max_len: Some(64),
-        batch_size: 4,
+        batch_size: Some(4),
         grad_accum: 2,
         max_steps: Some(10),
         lr: 3e-2,
@@ -152,7 +152,7 @@ fn batch_8_and_batch_4_times_2_train_the_same_adapter() {
             AdapterConfig::from_json(serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
                 .unwrap(),
         );
-        (cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.eval_data) = (batch_size, grad_accum, Some(3), None);
+        (cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.eval_data) = (Some(batch_size), grad_accum, Some(3), None);
         train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
         let losses: Vec<f64> = ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl"))
             .unwrap()

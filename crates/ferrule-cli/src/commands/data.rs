@@ -33,7 +33,7 @@ pub struct Args {
     /// Mark prompt tokens as trained too (as ferrule train --train-on-prompt).
     #[arg(long)]
     train_on_prompt: bool,
-    /// Records per batch, for the padding count (default 8, as in train).
+    /// Records per batch, for the padding and packing counts (default 8, as in train).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Print the counts as one JSON object instead of text (no records).
@@ -97,12 +97,14 @@ fn print_counts(s: &DataStats, classification: bool, colour: bool) {
         println!("tokens {}, trained {} ({:.1}%)", s.tokens, s.trained_tokens, 100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64);
     }
     println!(
-        "padding in batches of {} (file order): {} positions, {:.1}% of what the batches compute ({:.1}% with --pad-to-max-len)",
+        "padding: none in padding-free batches (train's default); in batches of {} padded to their longest record (--padding longest, \
+         file order) {} positions, {:.1}% of what the batches compute ({:.1}% with --pad-to-max-len)",
         s.batch_size,
         s.padding_positions,
         100.0 * s.padding_fraction,
         100.0 * s.padding_fraction_at_max_len
     );
+    println!("packing (--packing, bins of {} x {} tokens): {} bins, {:.1}% full", s.batch_size, s.max_len, s.packed_bins, 100.0 * s.packed_fill);
     println!("record length (tokens):");
     let most = s.length_histogram.iter().map(|b| b.2).max().unwrap_or(1);
     for &(lo, hi, n) in &s.length_histogram {

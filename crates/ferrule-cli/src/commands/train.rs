@@ -52,6 +52,14 @@ pub struct Args {
     /// Records per micro-batch (default 8).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Micro-batches by tokens: consecutive records of at most N tokens in all, instead of
+    /// --batch-size records (padding-free batches only). With --packing, the size of each bin.
+    #[arg(long, value_name = "N", conflicts_with = "batch_size")]
+    batch_tokens: Option<usize>,
+    /// Bin-pack each epoch's records into micro-batches of --batch-tokens tokens (default
+    /// --batch-size x --max-len) by best-fit decreasing; no record attends to another.
+    #[arg(long)]
+    packing: bool,
     /// Micro-batches per optimizer step (default 1); the step averages over all their trained tokens.
     #[arg(long)]
     grad_accum: Option<usize>,
@@ -162,7 +170,16 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
     if a.pad_to_max_len {
         c.pad_to_max_len = true;
     }
-    set!(c.batch_size, a.batch_size);
+    // Either flag replaces both keys of the file: they set the same thing.
+    if a.batch_size.is_some() {
+        (c.batch_size, c.batch_tokens) = (a.batch_size, None);
+    }
+    if a.batch_tokens.is_some() {
+        (c.batch_size, c.batch_tokens) = (None, a.batch_tokens);
+    }
+    if a.packing {
+        c.packing = true;
+    }
     set!(c.grad_accum, a.grad_accum);
     if a.max_steps.is_some() {
         c.max_steps = a.max_steps;

@@ -30,7 +30,8 @@
 //! * [`Encoder`] turns examples into token ids and labels (`-100` where there is no loss), with
 //!   loss only on completions when asked; see [`encode`] for the exact rules.
 //! * [`LabelMap`] maps classification labels to class indices.
-//! * [`collate`] pads encoded records into a [`Batch`] of tensors.
+//! * [`collate`] pads encoded records into a [`Batch`] of tensors, [`pack`] lays them end to
+//!   end without padding, [`best_fit_decreasing`] packs them into token budgets.
 
 mod batch;
 mod chat;
@@ -38,6 +39,7 @@ pub mod encode;
 mod error;
 mod jsonl;
 mod labels;
+mod packing;
 pub mod preview;
 mod tokenizer;
 
@@ -47,4 +49,5 @@ pub use encode::{alpaca_prompt, EncodeOptions, Encoded, EncodedSet, Encoder, Tru
 pub use error::{DataError, Result};
 pub use jsonl::{parse_jsonl, read_jsonl, Example, LabelValue, Message, Shape};
 pub use labels::LabelMap;
+pub use packing::best_fit_decreasing;
 pub use tokenizer::{eos_token_id, load_tokenizer, pad_token_id, TokenizerConfig};

@@ -65,6 +65,10 @@ pub struct DataStats {
     /// The same share when every record is padded to `max_len` (`--pad-to-max-len`).
     pub max_len: usize,
     pub padding_fraction_at_max_len: f64,
+    /// Bins of `batch_size × max_len` tokens that `--packing` would fill (best-fit decreasing),
+    /// and the share of their tokens that records fill.
+    pub packed_bins: usize,
+    pub packed_fill: f64,
     /// Record lengths in tokens: `(lo, hi, count)` for `lo ≤ len < hi`, in powers of two.
     pub length_histogram: Vec<(usize, usize, usize)>,
 }
@@ -84,7 +88,13 @@ pub fn stats(set: &EncodedSet, records: usize, batch_size: usize, max_len: usize
         }
     }
     length_histogram.sort();
+    let lengths: Vec<usize> = set.items.iter().map(Encoded::len).collect();
+    let order: Vec<usize> = (0..lengths.len()).collect();
+    let budget = batch_size.max(1) * max_len;
+    let packed_bins = super::best_fit_decreasing(&order, &lengths, budget).len();
     DataStats {
+        packed_bins,
+        packed_fill: tokens as f64 / (packed_bins * budget).max(1) as f64,
         records,
         kept: set.items.len(),
         skipped_lines: set.skipped.iter().map(|i| i + 1).collect(),
@@ -121,5 +131,8 @@ mod tests {
         assert_eq!(s.length_histogram, vec![(1, 2, 1), (2, 4, 1), (4, 8, 1), (8, 16, 1)]);
         assert!((s.padding_fraction - 9.0 / 26.0).abs() < 1e-12);
         assert!((s.padding_fraction_at_max_len - (1.0 - 17.0 / 32.0)).abs() < 1e-12);
+        // Bins of 2 x 8 = 16 tokens, longest first: 8 + 5 + 3 fill one exactly, 1 opens a second.
+        assert_eq!(s.packed_bins, 2);
+        assert!((s.packed_fill - 17.0 / 32.0).abs() < 1e-12);
     }
 }

@@ -42,7 +42,17 @@ pub struct TrainConfig {
     pub padding: Option<Padding>,
     /// The older spelling of `padding = "max_len"` (fixed shapes, e.g. for benchmarks).
     pub pad_to_max_len: bool,
-    pub batch_size: usize,
+    /// Records per micro-batch (default [`DEFAULT_BATCH_SIZE`]); see [`TrainConfig::batch_size`].
+    pub batch_size: Option<usize>,
+    /// Micro-batches of consecutive records of at most this many tokens instead of
+    /// `batch_size` records; with `packing`, the size of the packed bins. Needs padding-free
+    /// batches (`train::batching`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_tokens: Option<usize>,
+    /// Bin-pack each epoch's records into micro-batches of `batch_tokens` tokens (default
+    /// `batch_size × max_len`) by best-fit decreasing (`train::batching`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub packing: bool,
     pub grad_accum: usize,
     /// Optimizer steps; when absent, `epochs` passes over the data.
     pub max_steps: Option<usize>,
@@ -88,7 +98,9 @@ impl Default for TrainConfig {
             completion_only: true,
             padding: None,
             pad_to_max_len: false,
-            batch_size: 8,
+            batch_size: None,
+            batch_tokens: None,
+            packing: false,
             grad_accum: 1,
             max_steps: None,
             epochs: 1.0,
@@ -112,7 +124,16 @@ impl Default for TrainConfig {
     }
 }
 
+/// Records per micro-batch when neither `batch_size` nor a token budget is given.
+pub const DEFAULT_BATCH_SIZE: usize = 8;
+
 impl TrainConfig {
+    /// Records per micro-batch: `batch_size`, else [`DEFAULT_BATCH_SIZE`]. With `batch_tokens`
+    /// and no `packing`, micro-batches are formed by tokens and this is the eval batch size only.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)
+    }
+
     /// The batch layout: `padding`, or `"max_len"` for `pad_to_max_len = true`; the two
     /// saying different things is an error.
     pub fn padding(&self) -> Result<Padding> {
@@ -139,9 +160,10 @@ impl TrainConfig {
         if let Some(q) = &self.quantize {
             q.validate()?;
         }
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("train: batch_size and grad_accum must be at least 1")
+        if self.batch_size == Some(0) || self.grad_accum == 0 || self.batch_tokens == Some(0) {
+            bail!("train: batch_size, batch_tokens and grad_accum must be at least 1")
         }
+        self.validate_batching()?;
         if self.max_len.is_some_and(|m| m < 2) {
             bail!("train: max_len must be at least 2")
         }
@@ -153,6 +175,29 @@ impl TrainConfig {
         }
         if self.task == Task::FeatureExtraction {
             bail!("train: FEATURE_EXTRACTION has no training objective; use CAUSAL_LM or SEQ_CLS")
+        }
+        Ok(())
+    }
+
+    /// The batching keys that contradict each other: a token budget with a record count, or
+    /// either token-based batching with padded batches.
+    fn validate_batching(&self) -> Result<()> {
+        if let (Some(b), Some(t)) = (self.batch_size, self.batch_tokens) {
+            let what = if self.packing { "the size of the packed bins" } else { "micro-batches by tokens" };
+            bail!(
+                "train: batch_size = {b} and batch_tokens = {t} (--batch-size, --batch-tokens) both set the micro-batch: \
+                 batch_tokens gives {what}; set one of them"
+            )
+        }
+        let by_tokens = self.packing || self.batch_tokens.is_some();
+        let padding = self.padding()?;
+        if by_tokens && padding != Padding::Free {
+            let key = if self.packing { "packing" } else { "batch_tokens" };
+            bail!(
+                "train: {key} needs padding-free batches (records end to end, attention within each), but padding = \"{}\"; \
+                 drop --padding / --pad-to-max-len or {key}",
+                padding.name()
+            )
         }
         Ok(())
     }
@@ -192,6 +237,9 @@ impl TrainConfig {
         c.save_every = None;
         c.keep_checkpoints = 0;
         c.eval_batch_size = None;
+        // The default spelled out, so that checkpoints of runs before `batch_size` became
+        // optional (it was `8` then) keep their fingerprint.
+        c.batch_size = Some(c.batch_size());
         super::checkpoint::config_hash(&c)
     }
 }

@@ -9,8 +9,11 @@
 //!   directories.
 //! * [`metrics`]: `metrics.jsonl` logging consistent across resumes, and
 //!   throughput measurement.
+//! * [`batching`]: micro-batches by records, by token budget or packed, the
+//!   seeded data order and the optimizer steps an epoch count makes.
 //! * [`rng`]: a seedable generator whose state is saved in checkpoints.
 
+pub mod batching;
 pub mod checkpoint;
 pub mod config;
 pub mod metrics;
@@ -20,6 +23,7 @@ pub mod rng;
 pub mod schedule;
 pub mod trainer;
 
+pub use batching::{Batching, DataCursor};
 pub use checkpoint::{consolidate_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint, TrainerState};
 pub use config::TrainConfig;
 pub use metrics::{MetricsLog, Throughput};

@@ -11,13 +11,13 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use super::batching::{steps_for_epochs, Batching, DataCursor};
 use super::checkpoint::{
     latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
 };
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
 use super::optim::{AdamWConfig, GradAccumulator};
-use super::rng::Rng;
 use super::schedule::lr_at;
 use crate::data::{self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation};
 use crate::dist::{Collective, FlatLayout, OptimizerState, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage};
@@ -108,6 +108,15 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// How batches were laid out (`padding`, and why it differs from the config's when it does).
     pub padding: String,
+    /// How micro-batches were formed (records, a token budget or packed bins), with the
+    /// figures of the epoch the run started in.
+    pub batching: String,
+    /// Micro-batches in the epoch the run started in (with a token budget an epoch's count
+    /// depends on its order).
+    pub micro_batches_per_epoch: usize,
+    /// Optimizer steps per epoch: global micro-batches (`world` micro-batches each) over
+    /// `grad_accum`. The learning-rate schedule counts optimizer steps.
+    pub steps_per_epoch: f64,
     /// What computed the large matrix products: the system BLAS opened, or the gemm crate
     /// (`ops::blas`); step times depend on it.
     pub matmul_backend: String,
@@ -138,6 +147,8 @@ pub struct Prepared {
     pub padding: Padding,
     /// Why `padding` differs from what the config asked, when it does.
     pub padding_note: Option<String>,
+    /// How micro-batches are formed: a record count, a token budget, or packed bins.
+    pub batching: Batching,
     pub skipped: usize,
     pub truncated: usize,
 }
@@ -200,7 +211,13 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
         ),
         p => (p, None),
     };
+    let batching = Batching::of(cfg, max_len)?;
+    if batching.budget().is_some() && padding != Padding::Free {
+        let key = if cfg.packing { "packing" } else { "batch_tokens" };
+        bail!("train: {key} needs padding-free batches, which {} cannot take (it adds positions before every record); drop {key}", adapter.peft_type)
+    }
     Ok(Prepared {
+        batching,
         pad_id,
         max_len,
         padding,
@@ -337,46 +354,6 @@ impl Prepared {
     }
 }
 
-/// Where the next micro-batch starts in the seeded data order: epoch, position in it, and the
-/// epoch's order (a pure function of (seed, epoch)).
-struct DataCursor {
-    seed: u64,
-    epoch: u64,
-    pos: usize,
-    order: Vec<usize>,
-}
-
-impl DataCursor {
-    fn new(seed: u64, epoch: u64, pos: usize, n: usize) -> DataCursor {
-        DataCursor { seed, epoch, pos, order: epoch_order(seed, epoch, n) }
-    }
-
-    /// The records of the next micro-batch of at most `batch_size` (it ends at an epoch's end).
-    fn next(&mut self, batch_size: usize) -> &[usize] {
-        let n = self.order.len();
-        if self.pos >= n {
-            self.epoch += 1;
-            self.pos = 0;
-            self.order = epoch_order(self.seed, self.epoch, n);
-        }
-        let start = self.pos;
-        self.pos = (start + batch_size).min(n);
-        &self.order[start..self.pos]
-    }
-
-    /// Epochs done, as a fraction.
-    fn progress(&self) -> f64 {
-        self.epoch as f64 + self.pos as f64 / self.order.len() as f64
-    }
-}
-
-/// The order of records in `epoch`: a seeded shuffle, a pure function of (seed, epoch).
-fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    Rng::seed_from_u64(seed).fork(1_000 + epoch).shuffle(&mut order);
-    order
-}
-
 /// Runs (or resumes) training as `cfg` describes, in this process alone.
 pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, run: &RunOptions) -> Result<TrainSummary> {
     train_on(cfg, device, progress, run, &SingleProcess)
@@ -429,9 +406,10 @@ fn find_resume(
         )
     }
     if ck.state.world_size != world {
-        let per_rank = cfg.batch_size * cfg.grad_accum;
+        let by_tokens = cfg.packing || cfg.batch_tokens.is_some();
+        let (per_rank, unit) = if by_tokens { (cfg.grad_accum, "micro-batches") } else { (cfg.batch_size() * cfg.grad_accum, "records") };
         progress.message(&format!(
-            "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} records",
+            "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} {unit}",
             ck.state.world_size,
             per_rank as u64 * ck.state.world_size,
             per_rank as u64 * world
@@ -450,12 +428,11 @@ fn incomplete_checkpoint(out: &Path) -> Option<PathBuf> {
     })
 }
 
-/// One rank's share of one optimizer step. The global batch is `grad_accum` micro-batches of
-/// `batch_size × world` records, each taken as one process with that batch size takes it (in
-/// the seeded order, cut short at an epoch's end), and cut into `world` contiguous chunks of
-/// `batch_size`: rank r trains chunk r (none, when a micro-batch cut short at an epoch's end
-/// has fewer records). So N ranks with `--batch-size B` train what one process with
-/// `--batch-size B·N` trains. Returns this rank's weighted gradient sums (Σ nᵢ·gᵢ, nᵢ the
+/// One rank's share of one optimizer step. The global batch is `grad_accum` global
+/// micro-batches, each the next `world` micro-batches of the epoch ([`DataCursor::next`]): rank
+/// r trains the r-th (none, when the epoch ends first). With batches of `batch_size` records the
+/// `world` micro-batches are consecutive runs of the seeded order, so N ranks with
+/// `--batch-size B` train what one process with `--batch-size B·N` trains. Returns this rank's weighted gradient sums (Σ nᵢ·gᵢ, nᵢ the
 /// counted targets of micro-batch i) and counts.
 fn accumulate_step(
     p: &Prepared,
@@ -471,13 +448,10 @@ fn accumulate_step(
     let mut acc = GradAccumulator::new();
     let mut local = StepTotals::default();
     for micro in 0..cfg.grad_accum {
-        let records = cursor.next(cfg.batch_size * world);
-        let lo = (comm.rank() * cfg.batch_size).min(records.len());
-        let hi = (lo + cfg.batch_size).min(records.len());
-        if lo == hi {
-            continue; // this rank's chunk lies past the epoch's end
-        }
-        let items: Vec<&Encoded> = records[lo..hi].iter().map(|&i| &p.train[i]).collect();
+        let Some(records) = cursor.next(world).get(comm.rank()) else {
+            continue; // this rank's micro-batch lies past the epoch's end
+        };
+        let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
         let batch = make_batch(&items, p.padding, p.pad_id, p.max_len, &dev)?;
         p.tuner.mode().set_training(true);
         // Each rank's chunk draws its own dropout masks.
@@ -579,8 +553,9 @@ fn padding_description(p: &Prepared) -> String {
     }
 }
 
-/// What a run is about to train, for the progress display.
-fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, total_steps: usize, world: usize, stage: ZeroStage) {
+/// What a run is about to train, for the progress display; `micro_batches` is
+/// [`Batching::describe`]'s line.
+fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, micro_batches: &str, total_steps: usize, world: usize, stage: ZeroStage) {
     let memory = crate::quant::WeightMemory::of(&p.source.weights);
     if !memory.formats.is_empty() {
         let formats: Vec<String> = memory.formats.iter().map(|(f, m)| format!("{} x {f}", m.tensors)).collect();
@@ -595,16 +570,20 @@ fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, total_
         progress.message(&format!("{} {} matched:\n{}", p.tuner.method().name, m.option, m.table()));
     }
     progress.message(&format!("batches: {}", padding_description(p)));
+    progress.message(&format!("micro-batches: {micro_batches}"));
     let trainable = p.trainable_params();
     let total = total_params(p.model.base_params, p.tuner.as_ref());
     let ranks = if world > 1 { format!(" x {world} ranks (ZeRO stage {})", stage.get()) } else { String::new() };
     progress.message(&format!(
-        "{} records ({} skipped, {} truncated), {total_steps} steps of {} x {} records{ranks}; trainable params {trainable} of {total} ({:.4}%)",
+        "{} records ({} skipped, {} truncated), {total_steps} optimizer steps of {} micro-batch{}{ranks}, the {} learning-rate schedule \
+         ({} warmup) counting those steps; trainable params {trainable} of {total} ({:.4}%)",
         p.train.len(),
         p.skipped,
         p.truncated,
-        cfg.batch_size,
         cfg.grad_accum,
+        if cfg.grad_accum == 1 { "" } else { "es" },
+        cfg.schedule,
+        cfg.warmup_steps,
         100.0 * trainable as f64 / total as f64
     ));
 }
@@ -622,7 +601,8 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     if out.exists() && !out.is_dir() {
         bail!("output {}: is a file, not a folder (the run's folder is created when missing)", out.display())
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating the output folder {}", out.display()))?;
+    // Settings that cannot work fail before anything is created.
+    cfg.validate()?;
     let fingerprint = cfg.resume_fingerprint()?;
     let checkpoint = find_resume(cfg, run, comm, &fingerprint, progress, device)?;
     // Every rank has decided (and read the checkpoint) before rank 0 may write into the folder.
@@ -633,8 +613,10 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     if n == 0 {
         bail!("{}: no trainable records", cfg.data.display())
     }
-    let per_step = cfg.batch_size * cfg.grad_accum * world;
-    let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * n as f64) / per_step as f64).ceil().max(1.0) as usize);
+    // The folder appears once the model, data and method are known to work together.
+    std::fs::create_dir_all(out).with_context(|| format!("creating the output folder {}", out.display()))?;
+    let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
+    let total_steps = cfg.max_steps.unwrap_or_else(|| steps_for_epochs(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world));
     let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
     // Ranks started with other settings, other data or another checkpoint would train apart
     // (and only rank 0's adapter would be saved): refuse before anything is written.
@@ -665,7 +647,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
     let mut opt = ZeroOptimizer::new(params.clone(), adam, run.zero_stage, comm)?;
     let mut step = 0usize;
-    let mut cursor = DataCursor::new(cfg.seed, 0, 0, n);
+    let mut cursor = DataCursor::new(p.batching, cfg.seed, lengths.clone(), 0, 0)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = None;
     match &checkpoint {
@@ -678,7 +660,8 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
                 opt.load_state(&ck.optimizer, false)?;
             }
             step = ck.state.step as usize;
-            cursor = DataCursor::new(cfg.seed, ck.state.epoch, ck.state.epoch_position as usize, n);
+            cursor = DataCursor::new(p.batching, cfg.seed, lengths.clone(), ck.state.epoch, ck.state.epoch_position as usize)
+                .with_context(|| format!("{}", ck.dir.display()))?;
             if rank == 0 {
                 metrics = Some(MetricsLog::resume(&metrics_path, ck.state.step)?);
             }
@@ -687,7 +670,9 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         None => {}
     }
 
-    describe(progress, &p, cfg, total_steps, world, run.zero_stage);
+    let micro_batches = p.batching.describe(cursor.batches(), &lengths);
+    let micro_batches_per_epoch = cursor.batches().len();
+    describe(progress, &p, cfg, &micro_batches, total_steps, world, run.zero_stage);
     progress.start(total_steps, step);
     let mut throughput = Throughput::new(20);
     let mut positions = Throughput::new(20);
@@ -736,7 +721,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e))) {
             opt.materialize(comm)?;
             p.tuner.mode().set_training(false);
-            let r = evaluate_on(&p.model, p.pad_id, p.padding, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size), step, comm)?;
+            let r = evaluate_on(&p.model, p.pad_id, p.padding, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size()), step, comm)?;
             if let Some(m) = &mut metrics {
                 m.log(step as u64, &r)?;
             }
@@ -749,8 +734,8 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
             opt.materialize(comm)?;
             let state = TrainerState {
                 step: step as u64,
-                epoch: cursor.epoch,
-                epoch_position: cursor.pos as u64,
+                epoch: cursor.epoch(),
+                epoch_position: cursor.position() as u64,
                 seed: cfg.seed,
                 config_hash: fingerprint.clone(),
                 world_size: world as u64,
@@ -807,6 +792,9 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         median_step_seconds: sorted.get(sorted.len() / 2).copied(),
         seconds: started.elapsed().as_secs_f64(),
         padding: padding_description(&p),
+        batching: micro_batches,
+        micro_batches_per_epoch,
+        steps_per_epoch: micro_batches_per_epoch.div_ceil(world) as f64 / cfg.grad_accum as f64,
         matmul_backend: crate::ops::blas::backend(),
         world_size: world,
         zero_stage: run.zero_stage.get(),

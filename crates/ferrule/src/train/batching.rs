@@ -1,0 +1,272 @@
+//! How an epoch's records become micro-batches, and how many optimizer steps that makes.
+//!
+//! Three ways to form a micro-batch ([`Batching`]):
+//! * a fixed number of records (`batch_size`, the default), in the seeded order;
+//! * a token budget (`batch_tokens`): consecutive records in the seeded order, as many as fit;
+//! * packing (`packing`): the epoch's records bin-packed into budgets of `batch_tokens` tokens
+//!   (default `batch_size × max_len`) by best-fit decreasing, the bins then in seeded order.
+//!   This is what TRL's `packing=True` with `padding_free=True` does with its default
+//!   `packing_strategy="bfd"` (trl/data_utils.py `_pack_bfd`), except that a ferrule bin is a
+//!   whole micro-batch rather than one row of it; with padding-free batches a micro-batch is
+//!   one row anyway.
+//!
+//! Token budgets need padding-free batches, so that every record keeps its own attention and
+//! positions ([`crate::data::pack`]): packing never lets a record attend to another.
+//!
+//! The [`DataCursor`] walks the micro-batches of one epoch after another; its position, the
+//! number of records consumed in the current epoch, is what a checkpoint stores.
+
+use anyhow::{bail, Result};
+
+use super::config::TrainConfig;
+use super::rng::Rng;
+use crate::data::best_fit_decreasing;
+
+/// How micro-batches are formed (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batching {
+    /// `batch_size` records per micro-batch.
+    Records(usize),
+    /// Consecutive records of at most this many tokens in all.
+    Tokens(usize),
+    /// Bins of at most this many tokens, packed by best-fit decreasing.
+    Packed(usize),
+}
+
+impl Batching {
+    /// The batching `cfg` asks for, for records of at most `max_len` tokens. Errors when a
+    /// token budget is smaller than `max_len` (a record of `max_len` tokens would fit no
+    /// micro-batch); the other conflicts are [`TrainConfig::validate`]'s.
+    pub fn of(cfg: &TrainConfig, max_len: usize) -> Result<Batching> {
+        let batching = match (cfg.packing, cfg.batch_tokens) {
+            (false, None) => return Ok(Batching::Records(cfg.batch_size())),
+            (false, Some(t)) => Batching::Tokens(t),
+            (true, Some(t)) => Batching::Packed(t),
+            (true, None) => Batching::Packed(cfg.batch_size() * max_len),
+        };
+        let budget = batching.budget().unwrap_or(0);
+        if budget < max_len {
+            bail!(
+                "train: batch_tokens = {budget} is smaller than max_len = {max_len}: a record of max_len tokens would fit no \
+                 micro-batch; raise --batch-tokens to at least {max_len} or lower --max-len"
+            )
+        }
+        Ok(batching)
+    }
+
+    /// The token budget of a micro-batch, `None` for [`Batching::Records`].
+    pub fn budget(self) -> Option<usize> {
+        match self {
+            Batching::Records(_) => None,
+            Batching::Tokens(t) | Batching::Packed(t) => Some(t),
+        }
+    }
+
+    /// The micro-batches of one epoch, as indices into `lengths` (the records' token counts),
+    /// given the epoch's seeded `order` (a permutation of the indices). Packed bins are put in
+    /// the order of `bin_rng`'s shuffle.
+    pub fn epoch_batches(self, order: &[usize], lengths: &[usize], bin_rng: Rng) -> Vec<Vec<usize>> {
+        match self {
+            Batching::Records(b) => order.chunks(b.max(1)).map(<[usize]>::to_vec).collect(),
+            Batching::Tokens(budget) => {
+                let mut batches: Vec<Vec<usize>> = Vec::new();
+                let mut used = 0;
+                for &i in order {
+                    match batches.last_mut() {
+                        Some(last) if used + lengths[i] <= budget => last.push(i),
+                        _ => {
+                            batches.push(vec![i]);
+                            used = 0;
+                        }
+                    }
+                    used += lengths[i];
+                }
+                batches
+            }
+            Batching::Packed(budget) => {
+                let mut bins = best_fit_decreasing(order, lengths, budget);
+                let mut rng = bin_rng;
+                rng.shuffle(&mut bins);
+                bins
+            }
+        }
+    }
+
+    /// One line on how micro-batches are formed, with the first epoch's figures.
+    pub fn describe(self, first_epoch: &[Vec<usize>], lengths: &[usize]) -> String {
+        let tokens: usize = lengths.iter().sum();
+        match self {
+            Batching::Records(b) => format!("{b} records per micro-batch ({} per epoch)", first_epoch.len()),
+            Batching::Tokens(t) => format!(
+                "consecutive records of at most {t} tokens per micro-batch ({} per epoch, {:.1} records and {:.1}% of the budget on average)",
+                first_epoch.len(),
+                lengths.len() as f64 / first_epoch.len() as f64,
+                100.0 * tokens as f64 / (first_epoch.len() * t) as f64
+            ),
+            Batching::Packed(t) => format!(
+                "packed: {} records in {} bins of at most {t} tokens, one bin per micro-batch (best-fit decreasing, {:.1}% full)",
+                lengths.len(),
+                first_epoch.len(),
+                100.0 * tokens as f64 / (first_epoch.len() * t) as f64
+            ),
+        }
+    }
+}
+
+/// The order of records in `epoch`: a seeded shuffle, a pure function of (seed, epoch).
+pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::seed_from_u64(seed).fork(1_000 + epoch).shuffle(&mut order);
+    order
+}
+
+/// The micro-batches of `epoch`: a pure function of (batching, seed, epoch, lengths).
+pub fn plan_epoch(batching: Batching, seed: u64, epoch: u64, lengths: &[usize]) -> Vec<Vec<usize>> {
+    let order = epoch_order(seed, epoch, lengths.len());
+    batching.epoch_batches(&order, lengths, Rng::seed_from_u64(seed).fork(2_000 + epoch))
+}
+
+/// Optimizer steps for `epochs` passes over the data, each step `grad_accum` global
+/// micro-batches of up to `world` micro-batches (cut short at an epoch's end), as
+/// [`DataCursor::next`] takes them; a fractional last epoch counts its share of that epoch's
+/// global micro-batches, rounded up. At least 1.
+pub fn steps_for_epochs(batching: Batching, seed: u64, lengths: &[usize], epochs: f64, grad_accum: usize, world: usize) -> usize {
+    let per_epoch = |e: u64| plan_epoch(batching, seed, e, lengths).len().div_ceil(world.max(1));
+    let whole = epochs.floor() as u64;
+    // Records batches are the same number every epoch; only token budgets need each epoch planned.
+    let mut global = match batching {
+        Batching::Records(_) | Batching::Packed(_) => per_epoch(0) * whole as usize,
+        Batching::Tokens(_) => (0..whole).map(per_epoch).sum(),
+    };
+    let frac = epochs - whole as f64;
+    if frac > 0.0 {
+        global += (frac * per_epoch(whole) as f64).ceil() as usize;
+    }
+    global.div_ceil(grad_accum.max(1)).max(1)
+}
+
+/// Where the next micro-batch starts in the seeded data order: the epoch, its micro-batches
+/// and how many of them (and of its records) have been taken.
+pub struct DataCursor {
+    batching: Batching,
+    seed: u64,
+    lengths: Vec<usize>,
+    epoch: u64,
+    batches: Vec<Vec<usize>>,
+    next: usize,
+    consumed: usize,
+}
+
+impl DataCursor {
+    /// A cursor at `epoch` after `position` of its records (a checkpoint's `epoch_position`).
+    /// Errors when `position` does not fall between two micro-batches of that epoch.
+    pub fn new(batching: Batching, seed: u64, lengths: Vec<usize>, epoch: u64, position: usize) -> Result<DataCursor> {
+        let batches = plan_epoch(batching, seed, epoch, &lengths);
+        let mut cursor = DataCursor { batching, seed, lengths, epoch, batches, next: 0, consumed: 0 };
+        while cursor.consumed < position && cursor.next < cursor.batches.len() {
+            cursor.consumed += cursor.batches[cursor.next].len();
+            cursor.next += 1;
+        }
+        if cursor.consumed != position {
+            bail!("resume: {position} records into epoch {epoch} is not the end of a micro-batch of this run's batching")
+        }
+        Ok(cursor)
+    }
+
+    /// The next global micro-batch: the next `world` micro-batches of the epoch (fewer at its
+    /// end; a new epoch starts when the last one is used up). Rank r trains the r-th.
+    pub fn next(&mut self, world: usize) -> &[Vec<usize>] {
+        if self.next >= self.batches.len() {
+            self.epoch += 1;
+            self.batches = plan_epoch(self.batching, self.seed, self.epoch, &self.lengths);
+            (self.next, self.consumed) = (0, 0);
+        }
+        let start = self.next;
+        self.next = (start + world.max(1)).min(self.batches.len());
+        let taken = &self.batches[start..self.next];
+        self.consumed += taken.iter().map(Vec::len).sum::<usize>();
+        taken
+    }
+
+    /// The current epoch (0-based).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Records of the current epoch taken so far.
+    pub fn position(&self) -> usize {
+        self.consumed
+    }
+
+    /// Epochs done, as a fraction.
+    pub fn progress(&self) -> f64 {
+        self.epoch as f64 + self.consumed as f64 / self.lengths.len().max(1) as f64
+    }
+
+    /// The current epoch's micro-batches.
+    pub fn batches(&self) -> &[Vec<usize>] {
+        &self.batches
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_puts_every_record_in_one_bin_within_budget() {
+        let mut rng = Rng::seed_from_u64(3);
+        let lengths: Vec<usize> = (0..500).map(|_| 1 + rng.below(128) as usize).collect();
+        let bins = plan_epoch(Batching::Packed(512), 7, 0, &lengths);
+        let mut seen: Vec<usize> = bins.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..500).collect::<Vec<_>>());
+        assert!(bins.iter().all(|b| b.iter().map(|&i| lengths[i]).sum::<usize>() <= 512));
+        // Best-fit decreasing is within 11/9 OPT + 1 bins; the total tokens bound OPT below.
+        let lower = lengths.iter().sum::<usize>().div_ceil(512);
+        assert!(bins.len() <= lower * 11 / 9 + 1, "{} bins for a lower bound of {lower}", bins.len());
+        // The bins come in a seeded order, different per epoch, the same for the same seed.
+        assert_eq!(bins, plan_epoch(Batching::Packed(512), 7, 0, &lengths));
+        assert_ne!(bins, plan_epoch(Batching::Packed(512), 7, 1, &lengths));
+    }
+
+    #[test]
+    fn token_budget_takes_consecutive_records() {
+        let lengths = [3, 4, 2, 6, 1, 1, 5];
+        let order = [6, 5, 4, 3, 2, 1, 0];
+        let batches = Batching::Tokens(7).epoch_batches(&order, &lengths, Rng::seed_from_u64(0));
+        assert_eq!(batches, vec![vec![6, 5, 4], vec![3], vec![2, 1], vec![0]]);
+    }
+
+    #[test]
+    fn steps_count_every_micro_batch_of_every_epoch() {
+        let lengths = vec![5; 10];
+        // 10 records of batch 4: micro-batches of 4, 4, 2 per epoch, so 3 epochs are 9.
+        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 3.0, 1, 1), 9);
+        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 3.0, 2, 1), 5);
+        // Two ranks: global micro-batches {4, 4}, {2} per epoch.
+        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 1.0, 1, 2), 2);
+        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 0.5, 1, 1), 2);
+        // Packed bins of 20 tokens: 4 records each, 3 bins.
+        assert_eq!(steps_for_epochs(Batching::Packed(20), 1, &lengths, 2.0, 1, 1), 6);
+    }
+
+    #[test]
+    fn cursor_resumes_between_micro_batches_and_rolls_over_epochs() {
+        let lengths: Vec<usize> = (0..11).map(|i| 1 + i % 4).collect();
+        let mut a = DataCursor::new(Batching::Tokens(6), 5, lengths.clone(), 0, 0).unwrap();
+        for _ in 0..3 {
+            a.next(1);
+        }
+        let mut b = DataCursor::new(Batching::Tokens(6), 5, lengths.clone(), a.epoch(), a.position()).unwrap();
+        for _ in 0..20 {
+            assert_eq!(a.next(2), b.next(2));
+        }
+        assert!(a.epoch() > 0, "20 global micro-batches cover more than one epoch");
+        // A position inside a micro-batch is no place to resume.
+        let first = plan_epoch(Batching::Tokens(6), 5, 0, &lengths);
+        let k = first.iter().position(|b| b.len() >= 2).unwrap();
+        let inside = first[..k].iter().map(Vec::len).sum::<usize>() + 1;
+        assert!(DataCursor::new(Batching::Tokens(6), 5, lengths, 0, inside).is_err());
+    }
+}
