@@ -172,3 +172,26 @@ fn batch_8_and_batch_4_times_2_train_the_same_adapter() {
         assert!(d < 1e-4, "{k}: batch 4 × 2 differs from batch 8 by {d}");
     }
 }
+
+#[test]
+fn the_summary_states_which_library_computed_the_large_products() {
+    // With a system BLAS found by the default search, each class of large products goes to the
+    // faster of it and the gemm crate, measured once per machine (ops::matmul_probe); the
+    // summary lists the decisions. Without one, or with FERRULE_BLAS or
+    // FERRULE_MATMUL_PROBE=off, there is nothing to decide.
+    let out = tempfile::tempdir().unwrap();
+    let s = train(&TrainConfig { max_steps: Some(1), eval_data: None, ..config(out.path()) }, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap();
+    let probing = s.matmul_backend != "gemm crate"
+        && std::env::var_os("FERRULE_BLAS").is_none()
+        && std::env::var("FERRULE_MATMUL_PROBE").map_or(true, |v| v != "off" && v != "0");
+    assert_eq!(!s.matmul_probe.is_empty(), probing, "{} with {:?}", s.matmul_backend, s.matmul_probe);
+    if probing {
+        assert!(s.matmul_backend.starts_with("measured per shape: "), "{}", s.matmul_backend);
+        for e in &s.matmul_probe {
+            assert!(e.blas_gflops > 0.0 && e.gemm_gflops > 0.0, "{e:?}");
+            assert_eq!(e.chosen, if e.gemm_gflops > e.blas_gflops { "gemm" } else { "blas" }, "{e:?}");
+        }
+        // The fixture's products: 64-wide hidden states, a 128-wide MLP.
+        assert!(s.matmul_probe.iter().any(|e| e.shape.contains("k=64 n=128") || e.shape.contains("k=128 n=64")), "{:?}", s.matmul_probe);
+    }
+}

@@ -10,11 +10,17 @@
 //! the gemm crate, and the binary needs no BLAS to start. Both libraries export the standard
 //! `cblas_sgemm`. `FERRULE_BLAS` names the library to open instead of the default search
 //! (a file name or path), or `off` for the gemm crate.
+//!
+//! When the library was found by the default search, each class of products goes to whichever
+//! of the two measured faster on this machine (`ops::matmul_probe`; `FERRULE_MATMUL_PROBE=off`
+//! sends every large product to the library).
 
 use std::ffi::{c_int, c_long};
 use std::sync::{Once, OnceLock};
 
 use rayon::prelude::*;
+
+use super::matmul_probe::{self, Probe, ProbeEntry, ShapeClass};
 
 /// Libraries tried in order when `FERRULE_BLAS` is unset: the sonames of Debian/Ubuntu's
 /// `libopenblas0-*` (what `scripts/install-deps.sh` installs) and `libblis4-*` packages. BLIS
@@ -62,6 +68,27 @@ impl Blas {
 }
 
 static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+static PROBE: OnceLock<Option<Probe>> = OnceLock::new();
+
+/// The measured choice between the library and the gemm crate: when the library was found by
+/// the default search (an explicit `FERRULE_BLAS` is obeyed as it is) and
+/// `FERRULE_MATMUL_PROBE` is not `off`.
+fn probe() -> Option<&'static Probe> {
+    PROBE
+        .get_or_init(|| {
+            let lib = blas()?;
+            let explicit = std::env::var_os("FERRULE_BLAS").is_some();
+            let off = std::env::var("FERRULE_MATMUL_PROBE").is_ok_and(|v| v == "off" || v == "0");
+            let threads = candle_core::utils::get_num_threads().max(1);
+            (!explicit && !off).then(|| Probe::new(matmul_probe::default_cache_path(), matmul_probe::machine_key(&lib.name, threads)))
+        })
+        .as_ref()
+}
+
+/// The measured decisions this process has used (empty without a probe).
+pub fn probe_report() -> Vec<ProbeEntry> {
+    probe().map(Probe::report).unwrap_or_default()
+}
 
 fn open(name: &str) -> Option<Blas> {
     // SAFETY: opening a BLAS runs its initialisers, which only set up its own thread pool and
@@ -103,9 +130,17 @@ fn blas() -> Option<&'static Blas> {
     .as_ref()
 }
 
-/// What computes the large products: the BLAS library's file name, or `gemm crate`.
+/// What computes the large products: the BLAS library's file name, `gemm crate`, or, when
+/// the probe chose per shape, how many shape classes went to each so far.
 pub fn backend() -> String {
-    blas().map_or_else(|| "gemm crate".to_string(), |b| b.name.clone())
+    let Some(lib) = blas() else { return "gemm crate".to_string() };
+    match probe().map(Probe::report) {
+        Some(r) if !r.is_empty() => {
+            let to_blas = r.iter().filter(|e| e.chosen == "blas").count();
+            format!("measured per shape: {} for {to_blas} shape classes, gemm crate for {}", lib.name, r.len() - to_blas)
+        }
+        _ => lib.name.clone(),
+    }
 }
 
 /// A matrix operand as the gemm crate takes it: element `(i, j)` at `ptr + i·rs + j·cs`.
@@ -172,48 +207,108 @@ fn for_each_block(m: usize, n: usize, threads: usize, f: impl Fn(usize, usize, u
 ///
 /// With a BLAS, each rayon thread calls the library single-threaded on its blocks of rows: its
 /// own threads would compete with rayon's for the same cores (measured: 4.4% of a SmolLM2 step
-/// spent in BLIS's barrier waits when it ran two threads of its own).
+/// spent in BLIS's barrier waits when it ran two threads of its own). Which of the library and
+/// the gemm crate computes the product is the probe's decision for its shape class
+/// (`ops::matmul_probe`), measured on the class's first product.
 ///
 /// # Safety
 /// Every element the strides address must lie in its allocation; `dst` must not overlap the
 /// operands. Without `accumulate`, `dst` is only written (it may be uninitialised).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_par(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, a: Strided, b: Strided, scale: f32) {
-    let threads = candle_core::utils::get_num_threads().max(1);
     let fits = |x: usize| x <= c_int::MAX as usize;
-    if let Some(lib) = blas().filter(|_| m.min(n).min(k) >= MIN_DIM && fits(m) && fits(n) && fits(k) && fits(dst_rs) && dst_rs >= n) {
-        if let (Some((ta, lda)), Some((tb, ldb))) = (cblas_form(a, m, k), cblas_form(b, k, n)) {
-            lib.single_threaded();
-            let beta = if accumulate { 1.0 } else { 0.0 };
-            let out = Dst(dst);
-            for_each_block(m, n, threads, |r0, r1, c0, c1| {
-                let (a, b, out) = (a.at(r0, 0), b.at(0, c0), out);
-                // SAFETY: rows r0..r1 and columns c0..c1 of the caller's product; blocks are
-                // disjoint in the output.
-                unsafe {
-                    (lib.sgemm)(
-                        CBLAS_ROW_MAJOR,
-                        ta,
-                        tb,
-                        (r1 - r0) as c_int,
-                        (c1 - c0) as c_int,
-                        k as c_int,
-                        scale,
-                        a.ptr,
-                        lda,
-                        b.ptr,
-                        ldb,
-                        beta,
-                        out.0.add(r0 * dst_rs + c0),
-                        dst_rs as c_int,
-                    )
-                }
-            });
-            return;
+    let lib = blas().filter(|_| m.min(n).min(k) >= MIN_DIM && fits(m) && fits(n) && fits(k) && fits(dst_rs) && dst_rs >= n);
+    if let Some(lib) = lib {
+        if let (Some(fa), Some(fb)) = (cblas_form(a, m, k), cblas_form(b, k, n)) {
+            let class = ShapeClass::of(m, n, k, fa.0 == CBLAS_TRANS, fb.0 == CBLAS_TRANS);
+            let flops = 2.0 * m as f64 * n as f64 * k as f64;
+            // SAFETY (of the measurement): the caller's operands, into a scratch output of m x n.
+            let use_blas = probe().is_none_or(|p| p.use_blas(class, flops, || unsafe { time_both(lib, m, n, k, a, b, fa, fb) }));
+            if use_blas {
+                unsafe { blas_product(lib, m, n, k, dst, dst_rs, accumulate, a, b, fa, fb, scale) };
+                return;
+            }
         }
     }
+    unsafe { gemm_product(m, n, k, dst, dst_rs, accumulate, a, b, scale) }
+}
+
+/// The product through the BLAS, one single-threaded call per rayon thread on its block.
+///
+/// # Safety
+/// As [`gemm_par`]; `fa`/`fb` are the operands' CBLAS forms.
+#[allow(clippy::too_many_arguments)]
+unsafe fn blas_product(
+    lib: &Blas,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Strided,
+    b: Strided,
+    (ta, lda): (c_int, c_int),
+    (tb, ldb): (c_int, c_int),
+    scale: f32,
+) {
+    lib.single_threaded();
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let out = Dst(dst);
+    for_each_block(m, n, candle_core::utils::get_num_threads().max(1), |r0, r1, c0, c1| {
+        let (a, b, out) = (a.at(r0, 0), b.at(0, c0), out);
+        // SAFETY: rows r0..r1 and columns c0..c1 of the caller's product; blocks are disjoint in
+        // the output.
+        unsafe {
+            (lib.sgemm)(
+                CBLAS_ROW_MAJOR,
+                ta,
+                tb,
+                (r1 - r0) as c_int,
+                (c1 - c0) as c_int,
+                k as c_int,
+                scale,
+                a.ptr,
+                lda,
+                b.ptr,
+                ldb,
+                beta,
+                out.0.add(r0 * dst_rs + c0),
+                dst_rs as c_int,
+            )
+        }
+    });
+}
+
+/// The product through the gemm crate on rayon's pool.
+///
+/// # Safety
+/// As [`gemm_par`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_product(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, a: Strided, b: Strided, scale: f32) {
+    let threads = candle_core::utils::get_num_threads().max(1);
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1f32, scale, false, false, false, parallelism);
+    unsafe { gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1f32, scale, false, false, false, parallelism) }
+}
+
+/// Seconds for one `m x n x k` product through the BLAS and through the gemm crate, each the
+/// faster of two runs, alternated (`B G B G`), into a scratch output.
+///
+/// # Safety
+/// The operands as [`gemm_par`] requires them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn time_both(lib: &Blas, m: usize, n: usize, k: usize, a: Strided, b: Strided, fa: (c_int, c_int), fb: (c_int, c_int)) -> (f64, f64) {
+    let mut scratch = vec![0f32; m * n];
+    let (mut blas_s, mut gemm_s) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        unsafe { blas_product(lib, m, n, k, scratch.as_mut_ptr(), n, false, a, b, fa, fb, 1.0) };
+        blas_s = blas_s.min(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        unsafe { gemm_product(m, n, k, scratch.as_mut_ptr(), n, false, a, b, 1.0) };
+        gemm_s = gemm_s.min(t.elapsed().as_secs_f64());
+    }
+    (blas_s, gemm_s)
 }
 
 #[cfg(test)]
@@ -247,7 +342,16 @@ mod tests {
                 for i in 0..m {
                     got[i * rs..i * rs + n].copy_from_slice(&start[i * n..(i + 1) * n]);
                 }
+                let mut through_blas = got.clone();
                 unsafe { gemm_par(m, n, k, got.as_mut_ptr(), rs, accumulate, a_s, b_s, 0.5) };
+                // The library itself, whatever the probe chose for this shape.
+                let forms = (cblas_form(a_s, m, k), cblas_form(b_s, k, n));
+                if let (Some(lib), (Some(fa), Some(fb))) = (blas(), forms) {
+                    unsafe { blas_product(lib, m, n, k, through_blas.as_mut_ptr(), rs, accumulate, a_s, b_s, fa, fb, 0.5) };
+                    for (i, (x, y)) in through_blas.iter().zip(&got).enumerate() {
+                        assert!(x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{n}x{k} BLAS at {i}: {x} vs {y}");
+                    }
+                }
                 for i in 0..m {
                     for j in 0..rs {
                         let g = got[i * rs + j];

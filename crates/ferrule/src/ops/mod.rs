@@ -16,6 +16,7 @@ pub mod head_loss;
 pub(crate) mod kernels;
 pub mod loss;
 pub mod low_rank;
+pub mod matmul_probe;
 pub mod norm;
 pub mod recompute;
 pub mod rope;

@@ -120,6 +120,9 @@ pub struct TrainSummary {
     /// What computed the large matrix products: the system BLAS opened, or the gemm crate
     /// (`ops::blas`); step times depend on it.
     pub matmul_backend: String,
+    /// The probe's measurements for the shape classes this process computed, when it chose
+    /// per shape (`ops::matmul_probe`; empty with an explicit `FERRULE_BLAS` or no BLAS).
+    pub matmul_probe: Vec<crate::ops::matmul_probe::ProbeEntry>,
     /// Processes that trained (1 without a launcher).
     pub world_size: usize,
     pub zero_stage: u8,
@@ -796,6 +799,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         micro_batches_per_epoch,
         steps_per_epoch: micro_batches_per_epoch.div_ceil(world) as f64 / cfg.grad_accum as f64,
         matmul_backend: crate::ops::blas::backend(),
+        matmul_probe: crate::ops::blas::probe_report(),
         world_size: world,
         zero_stage: run.zero_stage.get(),
         peak_rss_bytes_per_rank: rss,
