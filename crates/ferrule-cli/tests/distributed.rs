@@ -137,6 +137,20 @@ fn the_loss_is_token_weighted_over_ranks_with_unequal_token_counts() {
 }
 
 #[test]
+fn a_run_resumed_on_more_ranks_still_ends_after_its_epochs() {
+    // 24 records in micro-batches of 2, one epoch: 12 steps in one process. Stopped after 4 and
+    // resumed on two ranks, the 8 micro-batches left take 4 steps of 2: the run ends at step 8
+    // with the epoch done (counting the whole epoch at two ranks would stop it at step 6).
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let out = t.path().join("run");
+    let flags = ["--epochs", "1", "--batch-size", "2"];
+    run(ferrule(), &train_args(&data, &out, &[&flags[..], &["--stop-after", "4"]].concat()));
+    let s = summary(&run(mpirun(2), &train_args(&data, &out, &[&flags[..], &["--resume"]].concat())));
+    assert_eq!((s["steps"].as_u64(), s["completed"].as_bool()), (Some(8), Some(true)), "{s}");
+}
+
+#[test]
 fn two_ranks_with_packed_bins_train_what_one_process_accumulating_two_bins_trains() {
     // Each global micro-batch is the next two bins of the epoch, one per rank: one process
     // with --grad-accum 2 takes the same two bins into each step.

@@ -195,3 +195,15 @@ fn the_summary_states_which_library_computed_the_large_products() {
         assert!(s.matmul_probe.iter().any(|e| e.shape.contains("k=64 n=128") || e.shape.contains("k=128 n=64")), "{:?}", s.matmul_probe);
     }
 }
+
+#[test]
+fn epochs_that_cannot_be_planned_are_refused() {
+    // Every epoch's micro-batches are planned to count the steps: an infinite or absurd number
+    // of epochs would hang or overflow, so it is an error naming the key.
+    let out = tempfile::tempdir().unwrap();
+    for epochs in [f64::INFINITY, 1e30, f64::NAN] {
+        let cfg = TrainConfig { max_steps: None, epochs, ..config(out.path()) };
+        let e = format!("{:#}", train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap_err());
+        assert!(e.contains("epochs = ") && e.contains("max_steps"), "{epochs}: {e}");
+    }
+}

@@ -124,6 +124,9 @@ impl Default for TrainConfig {
     }
 }
 
+/// The most `epochs` a run may ask for: each epoch's micro-batches are planned to count the steps.
+pub const MAX_EPOCHS: f64 = 100_000.0;
+
 /// Records per micro-batch when neither `batch_size` nor a token budget is given.
 pub const DEFAULT_BATCH_SIZE: usize = 8;
 
@@ -170,7 +173,10 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("train: lr must be a positive number, got {}", self.lr)
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && (self.epochs.is_nan() || self.epochs <= 0.0)) {
+        if !(self.epochs.is_finite() && self.epochs <= MAX_EPOCHS) {
+            bail!("train: epochs = {} is not a number of passes ferrule can plan (at most {MAX_EPOCHS}); use max_steps for longer runs", self.epochs)
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs <= 0.0) {
             bail!("train: nothing to do (max_steps = 0 or epochs <= 0)")
         }
         if self.task == Task::FeatureExtraction {

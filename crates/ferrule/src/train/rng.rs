@@ -32,6 +32,8 @@ pub mod stream {
     pub const DROPOUT: u64 = 2;
     /// Parameter initialization (e.g. LoRA `A` matrices).
     pub const INIT: u64 = 3;
+    /// Order of packed bins (`--packing`), forked again per epoch.
+    pub const PACKED_BINS: u64 = 4;
 }
 
 /// One step of SplitMix64: advances `state` by the golden-ratio increment and

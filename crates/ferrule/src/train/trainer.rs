@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::batching::{steps_for_epochs, Batching, DataCursor};
+use super::batching::{steps_for_epochs, steps_left, Batching, DataCursor};
 use super::checkpoint::{
     latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
 };
@@ -619,7 +619,20 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     // The folder appears once the model, data and method are known to work together.
     std::fs::create_dir_all(out).with_context(|| format!("creating the output folder {}", out.display()))?;
     let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
-    let total_steps = cfg.max_steps.unwrap_or_else(|| steps_for_epochs(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world));
+    let (mut step, mut cursor) = match &checkpoint {
+        Some(ck) => (
+            ck.state.step as usize,
+            DataCursor::new(p.batching, cfg.seed, lengths.clone(), ck.state.epoch, ck.state.epoch_position as usize)
+                .with_context(|| format!("{}", ck.dir.display()))?,
+        ),
+        None => (0, DataCursor::new(p.batching, cfg.seed, lengths.clone(), 0, 0)?),
+    };
+    // What is left is counted from the cursor, so a run resumed with another number of ranks
+    // still ends after its epochs (the steps done keep their count).
+    let total_steps = cfg.max_steps.unwrap_or_else(|| match step {
+        0 => steps_for_epochs(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world),
+        done => done + steps_left(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world, cursor.epoch(), cursor.index()),
+    });
     let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
     // Ranks started with other settings, other data or another checkpoint would train apart
     // (and only rank 0's adapter would be saved): refuse before anything is written.
@@ -649,8 +662,6 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     };
     let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
     let mut opt = ZeroOptimizer::new(params.clone(), adam, run.zero_stage, comm)?;
-    let mut step = 0usize;
-    let mut cursor = DataCursor::new(p.batching, cfg.seed, lengths.clone(), 0, 0)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = None;
     match &checkpoint {
@@ -662,9 +673,6 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
             } else {
                 opt.load_state(&ck.optimizer, false)?;
             }
-            step = ck.state.step as usize;
-            cursor = DataCursor::new(p.batching, cfg.seed, lengths.clone(), ck.state.epoch, ck.state.epoch_position as usize)
-                .with_context(|| format!("{}", ck.dir.display()))?;
             if rank == 0 {
                 metrics = Some(MetricsLog::resume(&metrics_path, ck.state.step)?);
             }
