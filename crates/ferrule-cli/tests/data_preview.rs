@@ -65,3 +65,32 @@ fn a_missing_file_is_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.jsonl: cannot read"));
 }
+
+#[test]
+fn the_packing_count_is_what_training_packs() {
+    let counts: serde_json::Value = serde_json::from_str(&data(&["--json", "--max-len", "64", "--batch-tokens", "160"])).unwrap();
+    // The trainer's bins for the same records and budget (any epoch: best-fit decreasing gives
+    // the same number of bins whatever the order).
+    let cfg = ferrule::train::TrainConfig {
+        model: fixtures().join("models/llama").display().to_string(),
+        data: fixtures().join("data/chat.jsonl"),
+        output_dir: "unused".into(),
+        max_len: Some(64),
+        packing: true,
+        batch_tokens: Some(160),
+        ..Default::default()
+    };
+    let p = ferrule::train::trainer::prepare(&cfg, &candle_core::Device::Cpu, None).unwrap();
+    let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
+    let bins = ferrule::train::batching::plan_epoch(p.batching, cfg.seed, 0, &lengths);
+    assert_eq!((counts["packed_budget"].as_u64(), counts["packed_bins"].as_u64()), (Some(160), Some(bins.len() as u64)));
+    // A budget below --max-len cannot hold a record of max_len tokens.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(["data", "--model", &fixtures().join("models/llama").display().to_string(), "--data"])
+        .arg(fixtures().join("data/chat.jsonl"))
+        .args(["--max-len", "64", "--batch-tokens", "32"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-tokens 32 is smaller than --max-len 64"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use ferrule::data::preview::{spans, stats, DataStats};
 use ferrule::data::{read_jsonl, LabelMap};
 use ferrule::model::{ModelSource, Task};
@@ -36,6 +36,10 @@ pub struct Args {
     /// Records per batch, for the padding and packing counts (default 8, as in train).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Token budget of the packed bins to count, as train's --batch-tokens with --packing
+    /// (default --batch-size x --max-len).
+    #[arg(long, value_name = "N")]
+    batch_tokens: Option<usize>,
     /// Print the counts as one JSON object instead of text (no records).
     #[arg(long)]
     json: bool,
@@ -52,7 +56,10 @@ pub fn run(a: Args) -> Result<()> {
     let records = read_jsonl(&a.data)?;
     let labels = if cfg.task == Task::SeqCls { Some(LabelMap::from_examples(&records)?) } else { None };
     let set = encode_file(&a.data, &source, encode_options(&cfg, max_len), labels.as_ref(), None)?;
-    let counts = stats(&set, records.len(), a.batch_size, max_len);
+    if let Some(t) = a.batch_tokens.filter(|&t| t < max_len) {
+        bail!("--batch-tokens {t} is smaller than --max-len {max_len}: a record of max_len tokens would fit no bin")
+    }
+    let counts = stats(&set, records.len(), a.batch_size, max_len, a.batch_tokens);
     if a.json {
         println!("{}", serde_json::to_string(&counts)?);
         return Ok(());
@@ -104,7 +111,7 @@ fn print_counts(s: &DataStats, classification: bool, colour: bool) {
         100.0 * s.padding_fraction,
         100.0 * s.padding_fraction_at_max_len
     );
-    println!("packing (--packing, bins of {} x {} tokens): {} bins, {:.1}% full", s.batch_size, s.max_len, s.packed_bins, 100.0 * s.packed_fill);
+    println!("packing (--packing, bins of {} tokens): {} bins, {:.1}% full", s.packed_budget, s.packed_bins, 100.0 * s.packed_fill);
     println!("record length (tokens):");
     let most = s.length_histogram.iter().map(|b| b.2).max().unwrap_or(1);
     for &(lo, hi, n) in &s.length_histogram {

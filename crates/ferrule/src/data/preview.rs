@@ -65,16 +65,18 @@ pub struct DataStats {
     /// The same share when every record is padded to `max_len` (`--pad-to-max-len`).
     pub max_len: usize,
     pub padding_fraction_at_max_len: f64,
-    /// Bins of `batch_size × max_len` tokens that `--packing` would fill (best-fit decreasing),
-    /// and the share of their tokens that records fill.
+    /// Bins of `packed_budget` tokens that `--packing` would fill (best-fit decreasing), and
+    /// the share of their tokens that records fill.
+    pub packed_budget: usize,
     pub packed_bins: usize,
     pub packed_fill: f64,
     /// Record lengths in tokens: `(lo, hi, count)` for `lo ≤ len < hi`, in powers of two.
     pub length_histogram: Vec<(usize, usize, usize)>,
 }
 
-/// Counts for `set`, which encoded `records` records, at `batch_size` and `max_len`.
-pub fn stats(set: &EncodedSet, records: usize, batch_size: usize, max_len: usize) -> DataStats {
+/// Counts for `set`, which encoded `records` records, at `batch_size` and `max_len`, with packed
+/// bins of `pack_budget` tokens (default `batch_size × max_len`, as `--packing` takes them).
+pub fn stats(set: &EncodedSet, records: usize, batch_size: usize, max_len: usize, pack_budget: Option<usize>) -> DataStats {
     let tokens: usize = set.items.iter().map(Encoded::len).sum();
     let trained_tokens = set.items.iter().map(|e| e.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()).sum();
     let padding_positions =
@@ -90,9 +92,10 @@ pub fn stats(set: &EncodedSet, records: usize, batch_size: usize, max_len: usize
     length_histogram.sort();
     let lengths: Vec<usize> = set.items.iter().map(Encoded::len).collect();
     let order: Vec<usize> = (0..lengths.len()).collect();
-    let budget = batch_size.max(1) * max_len;
+    let budget = pack_budget.unwrap_or(batch_size.max(1) * max_len).max(1);
     let packed_bins = super::best_fit_decreasing(&order, &lengths, budget).len();
     DataStats {
+        packed_budget: budget,
         packed_bins,
         packed_fill: tokens as f64 / (packed_bins * budget).max(1) as f64,
         records,
@@ -125,14 +128,17 @@ mod tests {
         let mut a = item(&[3]);
         a.labels[2] = 7;
         let set = EncodedSet { items: vec![a, item(&[5]), item(&[8]), item(&[1])], record_indices: vec![0, 1, 3, 4], skipped: vec![2], truncated: 1 };
-        let s = stats(&set, 5, 2, 8);
+        let s = stats(&set, 5, 2, 8, None);
         assert_eq!((s.records, s.kept, s.tokens, s.trained_tokens, s.padding_positions), (5, 4, 17, 1, 9));
         assert_eq!(s.skipped_lines, vec![3]);
         assert_eq!(s.length_histogram, vec![(1, 2, 1), (2, 4, 1), (4, 8, 1), (8, 16, 1)]);
         assert!((s.padding_fraction - 9.0 / 26.0).abs() < 1e-12);
         assert!((s.padding_fraction_at_max_len - (1.0 - 17.0 / 32.0)).abs() < 1e-12);
         // Bins of 2 x 8 = 16 tokens, longest first: 8 + 5 + 3 fill one exactly, 1 opens a second.
-        assert_eq!(s.packed_bins, 2);
+        assert_eq!((s.packed_budget, s.packed_bins), (16, 2));
         assert!((s.packed_fill - 17.0 / 32.0).abs() < 1e-12);
+        // Bins of 9: 8 | 5 + 3 | 1 would be three, but 1 fits beside 8: 8 + 1 | 5 + 3.
+        let s = stats(&set, 5, 2, 8, Some(9));
+        assert_eq!((s.packed_budget, s.packed_bins), (9, 2));
     }
 }
