@@ -88,10 +88,14 @@ fn an_epoch_of_packed_bins_trains_every_record_once_in_the_stated_steps() {
     // Best-fit decreasing packs these 24 records into as few bins as their tokens allow, or one more.
     assert!(bins.len() <= lengths.iter().sum::<usize>().div_ceil(160) + 1, "{} bins", bins.len());
 
-    // Accumulating 2 micro-batches per step: half the steps, rounded up.
+    // Accumulating 2 micro-batches per step: half the steps, rounded up, and with an odd
+    // number of bins the last step takes the one bin left, not one of the next epoch.
+    assert_eq!(bins.len() % 2, 1, "the fixture should give an odd number of bins");
     let out2 = tempfile::tempdir().unwrap();
-    let (s2, _) = run(&TrainConfig { grad_accum: 2, output_dir: out2.path().to_path_buf(), ..cfg });
+    let (s2, steps2) = run(&TrainConfig { grad_accum: 2, output_dir: out2.path().to_path_buf(), ..cfg });
     assert_eq!(s2.steps, bins.len().div_ceil(2));
+    assert_eq!(steps2.iter().map(|m| field(m, "tokens") as usize).sum::<usize>(), lengths.iter().sum::<usize>());
+    assert_eq!(field(steps2.last().unwrap(), "epoch"), 1.0);
 }
 
 #[test]

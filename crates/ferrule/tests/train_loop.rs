@@ -74,7 +74,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     let mut other = config(split.path());
     other.lr = 1e-3;
     let err = train(&other, &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string();
-    assert!(err.contains("different settings"), "{err}");
+    assert!(err.contains("different settings (lr: 0.03 -> 0.001)"), "{err}");
     train(&config(split.path()), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
     assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed run diverged");
     let m1 = std::fs::read_to_string(whole.path().join("metrics.jsonl")).unwrap();

@@ -104,9 +104,10 @@ impl Batching {
                 100.0 * tokens as f64 / (first_epoch.len() * t) as f64
             ),
             Batching::Packed(t) => format!(
-                "packed: {} records in {} bins of at most {t} tokens, one bin per micro-batch (best-fit decreasing, {:.1}% full)",
+                "packed: {} records in {} bin{} of at most {t} tokens, one bin per micro-batch (best-fit decreasing, {:.1}% full)",
                 lengths.len(),
                 first_epoch.len(),
+                if first_epoch.len() == 1 { "" } else { "s" },
                 100.0 * tokens as f64 / (first_epoch.len() * t) as f64
             ),
         }
@@ -145,6 +146,14 @@ pub fn steps_for_epochs(batching: Batching, seed: u64, lengths: &[usize], epochs
 /// rounded up.
 #[allow(clippy::too_many_arguments)]
 pub fn steps_left(batching: Batching, seed: u64, lengths: &[usize], epochs: f64, grad_accum: usize, world: usize, epoch: u64, index: usize) -> usize {
+    global_left(batching, seed, lengths, epochs, world, epoch, index).div_ceil(grad_accum.max(1))
+}
+
+/// Global micro-batches (up to `world` micro-batches each, as [`DataCursor::next`] takes them)
+/// left until `epochs` passes over the data end, from micro-batch `index` of `epoch`. The
+/// trainer's last step takes only what is left of these, as transformers steps on the
+/// remainder at the end.
+pub fn global_left(batching: Batching, seed: u64, lengths: &[usize], epochs: f64, world: usize, epoch: u64, index: usize) -> usize {
     let world = world.max(1);
     let whole = epochs.floor() as u64;
     let frac = epochs - whole as f64;
@@ -167,7 +176,7 @@ pub fn steps_left(batching: Batching, seed: u64, lengths: &[usize], epochs: f64,
             global += global_in(whole, 0);
         }
     }
-    global.div_ceil(grad_accum.max(1))
+    global
 }
 
 /// Where the next micro-batch starts in the seeded data order: the epoch, its micro-batches
@@ -180,6 +189,8 @@ pub struct DataCursor {
     batches: Vec<Vec<usize>>,
     next: usize,
     consumed: usize,
+    /// Global micro-batches [`DataCursor::take`] may still give (none: no limit).
+    budget: Option<usize>,
 }
 
 impl DataCursor {
@@ -187,7 +198,7 @@ impl DataCursor {
     /// Errors when `position` does not fall between two micro-batches of that epoch.
     pub fn new(batching: Batching, seed: u64, lengths: Vec<usize>, epoch: u64, position: usize) -> Result<DataCursor> {
         let batches = plan_epoch(batching, seed, epoch, &lengths);
-        let mut cursor = DataCursor { batching, seed, lengths, epoch, batches, next: 0, consumed: 0 };
+        let mut cursor = DataCursor { batching, seed, lengths, epoch, batches, next: 0, consumed: 0, budget: None };
         while cursor.consumed < position && cursor.next < cursor.batches.len() {
             cursor.consumed += cursor.batches[cursor.next].len();
             cursor.next += 1;
@@ -211,6 +222,21 @@ impl DataCursor {
         let taken = &self.batches[start..self.next];
         self.consumed += taken.iter().map(Vec::len).sum::<usize>();
         taken
+    }
+
+    /// Lets [`DataCursor::take`] give `n` more global micro-batches (the rest of a run's epochs).
+    pub fn limit(&mut self, n: usize) {
+        self.budget = Some(n);
+    }
+
+    /// [`DataCursor::next`], or `None` once the limit set by [`DataCursor::limit`] is used up.
+    pub fn take(&mut self, world: usize) -> Option<&[Vec<usize>]> {
+        match &mut self.budget {
+            Some(0) => return None,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        Some(self.next(world))
     }
 
     /// The current epoch (0-based).

@@ -164,7 +164,7 @@ impl TrainConfig {
             q.validate()?;
         }
         if self.batch_size == Some(0) || self.grad_accum == 0 || self.batch_tokens == Some(0) {
-            bail!("train: batch_size, batch_tokens and grad_accum must be at least 1")
+            bail!("train: batch_size, batch_tokens and grad_accum (--batch-size, --batch-tokens, --grad-accum) must be at least 1")
         }
         self.validate_batching()?;
         if self.max_len.is_some_and(|m| m < 2) {
@@ -198,10 +198,10 @@ impl TrainConfig {
         let by_tokens = self.packing || self.batch_tokens.is_some();
         let padding = self.padding()?;
         if by_tokens && padding != Padding::Free {
-            let key = if self.packing { "packing" } else { "batch_tokens" };
+            let (key, flag) = if self.packing { ("packing", "--packing") } else { ("batch_tokens", "--batch-tokens") };
             bail!(
                 "train: {key} needs padding-free batches (records end to end, attention within each), but padding = \"{}\"; \
-                 drop --padding / --pad-to-max-len or {key}",
+                 drop --padding / --pad-to-max-len (padding, pad_to_max_len) or {flag}",
                 padding.name()
             )
         }
@@ -238,6 +238,12 @@ impl TrainConfig {
     /// The settings a resumed run must share with the interrupted one (logging and
     /// checkpoint cadence may change).
     pub fn resume_fingerprint(&self) -> Result<String> {
+        super::checkpoint::config_hash(&self.resume_settings()?)
+    }
+
+    /// The settings [`TrainConfig::resume_fingerprint`] hashes, as JSON (a checkpoint keeps
+    /// them, so that a refused resume can name what differs).
+    pub fn resume_settings(&self) -> Result<serde_json::Value> {
         let mut c = self.clone();
         c.eval_every = None;
         c.save_every = None;
@@ -246,6 +252,6 @@ impl TrainConfig {
         // The default spelled out, so that checkpoints of runs before `batch_size` became
         // optional (it was `8` then) keep their fingerprint.
         c.batch_size = Some(c.batch_size());
-        super::checkpoint::config_hash(&c)
+        Ok(serde_json::to_value(c)?)
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::batching::{steps_for_epochs, steps_left, Batching, DataCursor};
+use super::batching::{global_left, steps_for_epochs, steps_left, Batching, DataCursor};
 use super::checkpoint::{
     latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
 };
@@ -205,19 +205,15 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     let matches = tuner.finish()?;
     let pad_id = source.pad_token_id()?;
     let (padding, padding_note) = match cfg.padding()? {
-        Padding::Free if !model.supports_packed() => (
-            Padding::Longest,
-            Some(format!(
-                "{} adds positions before every record, which padding-free batches cannot hold: batches are padded to their longest record",
-                adapter.peft_type
-            )),
-        ),
+        Padding::Free if !model.supports_packed() => {
+            (Padding::Longest, Some(format!("{} adds positions before every record, which padding-free batches cannot hold", adapter.peft_type)))
+        }
         p => (p, None),
     };
     let batching = Batching::of(cfg, max_len)?;
     if batching.budget().is_some() && padding != Padding::Free {
-        let key = if cfg.packing { "packing" } else { "batch_tokens" };
-        bail!("train: {key} needs padding-free batches, which {} cannot take (it adds positions before every record); drop {key}", adapter.peft_type)
+        let (key, flag) = if cfg.packing { ("packing", "--packing") } else { ("batch_tokens", "--batch-tokens") };
+        bail!("train: {key} needs padding-free batches, which {} cannot take (it adds positions before every record); drop {flag} ({key})", adapter.peft_type)
     }
     Ok(Prepared {
         batching,
@@ -392,7 +388,13 @@ fn find_resume(
     };
     let ck = load_checkpoint(&dir, device)?;
     if ck.state.config_hash != fingerprint {
-        bail!("{}: this checkpoint was written by a run with different settings; resume with the same config, or use a new output folder", dir.display())
+        let now = cfg.resume_settings()?;
+        let differ = ck.state.extra.get("settings").map(|old| settings_that_differ(old, &now)).unwrap_or_default();
+        let differ = if differ.is_empty() { String::new() } else { format!(" ({})", differ.join(", ")) };
+        bail!(
+            "{}: this checkpoint was written by a run with different settings{differ}; resume with the same config, or use a new output folder",
+            dir.display()
+        )
     }
     let world = comm.world_size() as u64;
     if ck.state.sharded() && (ck.state.world_size != world || ck.state.zero_stage != run.zero_stage.get()) {
@@ -420,6 +422,29 @@ fn find_resume(
     }
     progress.message(&format!("resuming from {}", dir.display()));
     Ok(Some(ck))
+}
+
+/// The settings whose values differ between a checkpoint's run (`old`) and this one, as
+/// `key: old -> new` (nested tables by their dotted path), at most 8.
+fn settings_that_differ(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out.truncate(8);
+    out
 }
 
 /// A `checkpoint-<step>` folder (not a `.tmp` one) that is not a complete checkpoint.
@@ -451,7 +476,10 @@ fn accumulate_step(
     let mut acc = GradAccumulator::new();
     let mut local = StepTotals::default();
     for micro in 0..cfg.grad_accum {
-        let Some(records) = cursor.next(world).get(comm.rank()) else {
+        let Some(group) = cursor.take(world) else {
+            break; // the run's epochs are done: the last step takes what was left
+        };
+        let Some(records) = group.get(comm.rank()) else {
             continue; // this rank's micro-batch lies past the epoch's end
         };
         let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
@@ -578,11 +606,12 @@ fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, micro_
     let total = total_params(p.model.base_params, p.tuner.as_ref());
     let ranks = if world > 1 { format!(" x {world} ranks (ZeRO stage {})", stage.get()) } else { String::new() };
     progress.message(&format!(
-        "{} records ({} skipped, {} truncated), {total_steps} optimizer steps of {} micro-batch{}{ranks}, the {} learning-rate schedule \
+        "{} records ({} skipped, {} truncated), {total_steps} optimizer step{} of {} micro-batch{}{ranks}, the {} learning-rate schedule \
          ({} warmup) counting those steps; trainable params {trainable} of {total} ({:.4}%)",
         p.train.len(),
         p.skipped,
         p.truncated,
+        if total_steps == 1 { "" } else { "s" },
         cfg.grad_accum,
         if cfg.grad_accum == 1 { "" } else { "es" },
         cfg.schedule,
@@ -633,6 +662,11 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         0 => steps_for_epochs(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world),
         done => done + steps_left(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world, cursor.epoch(), cursor.index()),
     });
+    // A run of epochs takes no micro-batch past them: its last step takes what is left.
+    if cfg.max_steps.is_none() {
+        let left = global_left(p.batching, cfg.seed, &lengths, cfg.epochs, world, cursor.epoch(), cursor.index());
+        cursor.limit(if step == 0 { left.max(1) } else { left });
+    }
     let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
     // Ranks started with other settings, other data or another checkpoint would train apart
     // (and only rank 0's adapter would be saved): refuse before anything is written.
@@ -751,6 +785,7 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
                 config_hash: fingerprint.clone(),
                 world_size: world as u64,
                 zero_stage: run.zero_stage.get(),
+                extra: serde_json::json!({ "settings": cfg.resume_settings()? }),
                 ..Default::default()
             };
             let adapter: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
