@@ -185,6 +185,16 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The option that forms micro-batches by tokens, as (config key, flag): `packing`, else
+    /// `batch_tokens`; `None` when micro-batches are `batch_size` records.
+    pub fn token_batching(&self) -> Option<(&'static str, &'static str)> {
+        match (self.packing, self.batch_tokens) {
+            (true, _) => Some(("packing", "--packing")),
+            (false, Some(_)) => Some(("batch_tokens", "--batch-tokens")),
+            (false, None) => None,
+        }
+    }
+
     /// The batching keys that contradict each other: a token budget with a record count, or
     /// either token-based batching with padded batches.
     fn validate_batching(&self) -> Result<()> {
@@ -195,10 +205,8 @@ impl TrainConfig {
                  batch_tokens gives {what}; set one of them"
             )
         }
-        let by_tokens = self.packing || self.batch_tokens.is_some();
         let padding = self.padding()?;
-        if by_tokens && padding != Padding::Free {
-            let (key, flag) = if self.packing { ("packing", "--packing") } else { ("batch_tokens", "--batch-tokens") };
+        if let Some((key, flag)) = self.token_batching().filter(|_| padding != Padding::Free) {
             bail!(
                 "train: {key} needs padding-free batches (records end to end, attention within each), but padding = \"{}\"; \
                  drop --padding / --pad-to-max-len (padding, pad_to_max_len) or {flag}",

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::batching::{global_left, steps_for_epochs, steps_left, Batching, DataCursor};
+use super::batching::{global_left, Batching, DataCursor};
 use super::checkpoint::{
     latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
 };
@@ -211,8 +211,7 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
         p => (p, None),
     };
     let batching = Batching::of(cfg, max_len)?;
-    if batching.budget().is_some() && padding != Padding::Free {
-        let (key, flag) = if cfg.packing { ("packing", "--packing") } else { ("batch_tokens", "--batch-tokens") };
+    if let Some((key, flag)) = cfg.token_batching().filter(|_| padding != Padding::Free) {
         bail!("train: {key} needs padding-free batches, which {} cannot take (it adds positions before every record); drop {flag} ({key})", adapter.peft_type)
     }
     Ok(Prepared {
@@ -411,8 +410,7 @@ fn find_resume(
         )
     }
     if ck.state.world_size != world {
-        let by_tokens = cfg.packing || cfg.batch_tokens.is_some();
-        let (per_rank, unit) = if by_tokens { (cfg.grad_accum, "micro-batches") } else { (cfg.batch_size() * cfg.grad_accum, "records") };
+        let (per_rank, unit) = if cfg.token_batching().is_some() { (cfg.grad_accum, "micro-batches") } else { (cfg.batch_size() * cfg.grad_accum, "records") };
         progress.message(&format!(
             "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} {unit}",
             ck.state.world_size,
@@ -658,15 +656,16 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     };
     // What is left is counted from the cursor, so a run resumed with another number of ranks
     // still ends after its epochs (the steps done keep their count).
-    let total_steps = cfg.max_steps.unwrap_or_else(|| match step {
-        0 => steps_for_epochs(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world),
-        done => done + steps_left(p.batching, cfg.seed, &lengths, cfg.epochs, cfg.grad_accum, world, cursor.epoch(), cursor.index()),
-    });
     // A run of epochs takes no micro-batch past them: its last step takes what is left.
-    if cfg.max_steps.is_none() {
-        let left = global_left(p.batching, cfg.seed, &lengths, cfg.epochs, world, cursor.epoch(), cursor.index());
-        cursor.limit(if step == 0 { left.max(1) } else { left });
-    }
+    let total_steps = match cfg.max_steps {
+        Some(n) => n,
+        None => {
+            let left = global_left(p.batching, cfg.seed, &lengths, cfg.epochs, world, cursor.epoch(), cursor.index());
+            let left = if step == 0 { left.max(1) } else { left };
+            cursor.limit(left);
+            step + left.div_ceil(cfg.grad_accum)
+        }
+    };
     let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
     // Ranks started with other settings, other data or another checkpoint would train apart
     // (and only rank 0's adapter would be saved): refuse before anything is written.
