@@ -93,4 +93,13 @@ fn the_packing_count_is_what_training_packs() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-tokens 32 is smaller than --max-len 64"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A batch of no records is a mistake, not a batch of one.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(["data", "--model", &fixtures().join("models/llama").display().to_string(), "--data"])
+        .arg(fixtures().join("data/chat.jsonl"))
+        .args(["--batch-size", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-size and --batch-tokens must be at least 1"), "{}", String::from_utf8_lossy(&out.stderr));
 }

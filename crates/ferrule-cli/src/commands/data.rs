@@ -56,6 +56,9 @@ pub fn run(a: Args) -> Result<()> {
     let records = read_jsonl(&a.data)?;
     let labels = if cfg.task == Task::SeqCls { Some(LabelMap::from_examples(&records)?) } else { None };
     let set = encode_file(&a.data, &source, encode_options(&cfg, max_len), labels.as_ref(), None)?;
+    if a.batch_size == 0 || a.batch_tokens == Some(0) {
+        bail!("--batch-size and --batch-tokens must be at least 1 (got {} and {:?})", a.batch_size, a.batch_tokens)
+    }
     if let Some(t) = a.batch_tokens.filter(|&t| t < max_len) {
         bail!("--batch-tokens {t} is smaller than --max-len {max_len}: a record of max_len tokens would fit no bin")
     }
