@@ -5,7 +5,8 @@
 # per rank x 2 = 32 / 4 per rank x 2 = 8). STEPS steps (default 10 for a, 6 for b), REPEAT rounds
 # (default 3) with the configurations alternated in each. Each run's train_summary.json gives
 # the median step time, tokens/s (summed over ranks), every rank's peak RSS (VmHWM) and what a
-# rank sent in the collectives of a step.
+# rank sent in the collectives of a step. Configs 2x1-zS-sb add --shard-base (the frozen base
+# sharded over the ranks), e.g. CONFIGS="1x2 2x1-z0 2x1-z0-sb 2x1-z3-sb".
 # Results: bench/results/scaleout_<workload>/<config>_<round>.json and summary.json (medians).
 # Usage: WORKLOAD=a|b bench/run_scaleout.sh; needs `cargo build --release -p ferrule-cli`,
 # scripts/install-deps.sh (Open MPI) and, for b, bench/prepare_smollm2_f32.py.
@@ -33,6 +34,8 @@ run_one() {  # config round
   local c=$1 i=$2 dir; dir=$(mktemp -d)
   case $c in
     1x2) "$F" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --batch-size $GLOBAL --max-steps "$STEPS" > /dev/null ;;
+    2x1-z*-sb) mpirun -np 2 --bind-to none "$F" train --threads 1 -q --output "$dir/run" "${COMMON[@]}" \
+              --batch-size $((GLOBAL / 2)) --max-steps "$STEPS" --zero-stage "${c:5:1}" --shard-base > /dev/null ;;
     2x1-z*) mpirun -np 2 --bind-to none "$F" train --threads 1 -q --output "$dir/run" "${COMMON[@]}" \
               --batch-size $((GLOBAL / 2)) --max-steps "$STEPS" --zero-stage "${c#2x1-z}" > /dev/null ;;
   esac

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ferrule", version, about = "Parameter-efficient fine-tuning of pretrained transformers (LoRA, IA3, LN tuning; PEFT-compatible)")]
+#[command(
+    name = "ferrule",
+    version,
+    about = "Parameter-efficient fine-tuning of pretrained transformers (LoRA, IA3, LN tuning; PEFT-compatible)"
+)]
 struct Cli {
     /// Worker threads for tensor math (default: all cores, divided among the ranks of an mpirun job on this machine).
     #[arg(long, global = true)]
@@ -67,7 +71,10 @@ fn main() {
     };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     // MPI first (when a launcher started this process): the default thread count depends on
@@ -80,19 +87,26 @@ fn main() {
         }
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cli.threads.unwrap_or_else(|| (cores / comm.local_size()).max(1));
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| (cores / comm.local_size()).max(1));
     if cli.threads.is_some() || comm.local_size() > 1 {
         // candle and gemm both size their work from rayon's global pool.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
     // 130 (128 + SIGINT, as shells report it) when training stopped on a signal.
     let mut exit_code = 0;
     let result = if comm.world_size() > 1 && !matches!(cli.command, Command::Train(_)) {
-        Err(anyhow::anyhow!("only `ferrule train` runs on several processes; run this command without mpirun"))
+        Err(anyhow::anyhow!(
+            "only `ferrule train` runs on several processes; run this command without mpirun"
+        ))
     } else {
         match cli.command {
-            Command::Train(a) => commands::train::run(*a, comm.as_ref()).map(|interrupted| exit_code = if interrupted { 130 } else { 0 }),
+            Command::Train(a) => commands::train::run(*a, comm.as_ref())
+                .map(|interrupted| exit_code = if interrupted { 130 } else { 0 }),
             Command::Eval(a) => commands::eval::run(a),
             Command::Data(a) => commands::data::run(a),
             Command::Generate(a) => commands::generate::run(a),
@@ -107,7 +121,11 @@ fn main() {
     };
     if let Err(e) = result {
         if comm.world_size() > 1 {
-            eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.world_size());
+            eprintln!(
+                "error (rank {} of {}): {e:#}",
+                comm.rank(),
+                comm.world_size()
+            );
             // Stop the other ranks now rather than leave them waiting in a collective.
             comm.abort(1);
         }
@@ -141,6 +159,10 @@ mod tests {
         }
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "ferrule", &mut missing);
-        assert!(missing.is_empty(), "flags without a help line:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "flags without a help line:\n{}",
+            missing.join("\n")
+        );
     }
 }

@@ -20,7 +20,13 @@ impl Bar {
     /// A bar when stderr is a terminal, else lines every `log_every` steps.
     pub fn new(quiet: bool, log_every: usize) -> Self {
         let lines_every = (!std::io::stderr().is_terminal()).then_some(log_every.max(1));
-        Self { bar: None, quiet, lines_every, elapsed: 0.0, steps_run: 0 }
+        Self {
+            bar: None,
+            quiet,
+            lines_every,
+            elapsed: 0.0,
+            steps_run: 0,
+        }
     }
 }
 
@@ -47,10 +53,19 @@ pub fn step_line(r: &StepReport, eta_secs: f64) -> String {
 impl Progress for Bar {
     fn start(&mut self, total_steps: usize, first_step: usize) {
         let hidden = self.quiet || self.lines_every.is_some();
-        let bar = ProgressBar::with_draw_target(Some(total_steps as u64), if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+        let bar = ProgressBar::with_draw_target(
+            Some(total_steps as u64),
+            if hidden {
+                ProgressDrawTarget::hidden()
+            } else {
+                ProgressDrawTarget::stderr()
+            },
+        );
         bar.set_style(
-            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_position(first_step as u64);
         self.bar = Some(bar);
@@ -61,20 +76,34 @@ impl Progress for Bar {
         self.steps_run += 1;
         if let (Some(every), false) = (self.lines_every, self.quiet) {
             if r.step.is_multiple_of(every) || r.step == r.total_steps {
-                let eta = self.elapsed / self.steps_run as f64 * r.total_steps.saturating_sub(r.step) as f64;
+                let eta = self.elapsed / self.steps_run as f64
+                    * r.total_steps.saturating_sub(r.step) as f64;
                 eprintln!("{}", step_line(r, eta));
             }
         }
         if let Some(b) = &self.bar {
             b.set_position(r.step as u64);
-            b.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_sec));
+            b.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                r.loss, r.lr, r.tokens_per_sec
+            ));
         }
     }
 
     fn eval(&mut self, r: &EvalReport) {
         let text = match r.eval_accuracy {
-            Some(acc) => format!("step {}: eval loss {:.4}, accuracy {:.2}%", r.step, r.eval_loss, 100.0 * acc),
-            None => format!("step {}: eval loss {:.4}, perplexity {:.2}", r.step, r.eval_loss, r.eval_perplexity.unwrap_or(f64::NAN)),
+            Some(acc) => format!(
+                "step {}: eval loss {:.4}, accuracy {:.2}%",
+                r.step,
+                r.eval_loss,
+                100.0 * acc
+            ),
+            None => format!(
+                "step {}: eval loss {:.4}, perplexity {:.2}",
+                r.step,
+                r.eval_loss,
+                r.eval_perplexity.unwrap_or(f64::NAN)
+            ),
         };
         self.message(&text);
     }
@@ -114,6 +143,9 @@ mod tests {
             positions_per_sec: 2000.0,
             step_seconds: 0.8,
         };
-        assert_eq!(step_line(&r, 3725.0), "step 20/100  loss 2.3457  lr 2.00e-4  grad_norm 0.500  1234 tok/s  eta 1:02:05");
+        assert_eq!(
+            step_line(&r, 3725.0),
+            "step 20/100  loss 2.3457  lr 2.00e-4  grad_norm 0.500  1234 tok/s  eta 1:02:05"
+        );
     }
 }

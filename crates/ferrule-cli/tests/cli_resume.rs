@@ -7,13 +7,25 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel).display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
+        .display()
+        .to_string()
 }
 
 /// Runs ferrule with `args`; returns (stdout, stderr), panicking with stderr on failure.
 fn ferrule(args: &[String]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrule")).args(args).arg("--threads").arg("1").output().expect("run ferrule");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(args)
+        .arg("--threads")
+        .arg("1")
+        .output()
+        .expect("run ferrule");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     assert!(out.status.success(), "ferrule {args:?} failed:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     (stdout, stderr)
@@ -58,7 +70,9 @@ fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
         "1",
     ]
     .map(String::from);
-    base.into_iter().chain(extra.iter().map(|s| s.to_string())).collect()
+    base.into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect()
 }
 
 /// `(step, loss, lr, grad_norm)` of a training line of metrics.jsonl.
@@ -73,7 +87,12 @@ fn metrics(dir: &Path) -> (Vec<TrainLine>, Vec<(u64, f64)>) {
         let m: serde_json::Value = serde_json::from_str(line).unwrap();
         let step = m["step"].as_u64().unwrap_or(u64::MAX);
         if let Some(loss) = m.get("loss").and_then(|v| v.as_f64()) {
-            train.push((step, loss, m["lr"].as_f64().unwrap(), m["grad_norm"].as_f64().unwrap()));
+            train.push((
+                step,
+                loss,
+                m["lr"].as_f64().unwrap(),
+                m["grad_norm"].as_f64().unwrap(),
+            ));
         }
         if let Some(loss) = m.get("eval_loss").and_then(|v| v.as_f64()) {
             eval.push((step, loss));
@@ -94,16 +113,29 @@ fn stopped_and_resumed(out: &Path, extra: &[&str], stops: &[usize]) {
             args.push("--resume".into());
         }
         let (_, err) = ferrule(&args);
-        assert!(err.contains("checkpoint saved") || err.contains("stopped after step"), "stop at {stop}:\n{err}");
-        assert!(!out.join("adapter_model.safetensors").exists(), "a run stopped at step {stop} wrote the final adapter");
-        assert!(out.join(format!("checkpoint-{stop}/trainer_state.json")).exists(), "no checkpoint of step {stop}");
+        assert!(
+            err.contains("checkpoint saved") || err.contains("stopped after step"),
+            "stop at {stop}:\n{err}"
+        );
+        assert!(
+            !out.join("adapter_model.safetensors").exists(),
+            "a run stopped at step {stop} wrote the final adapter"
+        );
+        assert!(
+            out.join(format!("checkpoint-{stop}/trainer_state.json"))
+                .exists(),
+            "no checkpoint of step {stop}"
+        );
     }
     let mut args = train_args(out, extra);
     args.push("--resume".into());
     let (stdout, err) = ferrule(&args);
     let last = stops.last().unwrap();
     let from = out.join(format!("checkpoint-{last}")).display().to_string();
-    assert!(err.contains(&format!("resuming from {from}")), "the last run did not resume from step {last}:\n{err}");
+    assert!(
+        err.contains(&format!("resuming from {from}")),
+        "the last run did not resume from step {last}:\n{err}"
+    );
     let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(summary["steps"], 8, "{summary}");
 }
@@ -116,33 +148,67 @@ fn stopping_twice_and_resuming_ends_with_the_uninterrupted_adapter_and_metrics()
     // Stopped at step 3 (between save-every checkpoints, mid-schedule), then at 5, then finished.
     stopped_and_resumed(&split, &[], &[3, 5]);
 
-    assert!(read(&whole, "adapter_model.safetensors") == read(&split, "adapter_model.safetensors"), "the resumed adapter's bytes differ");
-    assert_eq!(read(&whole, "adapter_config.json"), read(&split, "adapter_config.json"));
+    assert!(
+        read(&whole, "adapter_model.safetensors") == read(&split, "adapter_model.safetensors"),
+        "the resumed adapter's bytes differ"
+    );
+    assert_eq!(
+        read(&whole, "adapter_config.json"),
+        read(&split, "adapter_config.json")
+    );
     let (tw, ew) = metrics(&whole);
     let (ts, es) = metrics(&split);
-    assert_eq!(tw.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<u64>>(), "one training line per step");
+    assert_eq!(
+        tw.iter().map(|m| m.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<u64>>(),
+        "one training line per step"
+    );
     assert_eq!(tw, ts, "per-step loss, lr and grad norm of the resumed run differ (or steps were repeated or lost)");
-    assert_eq!(ew.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6, 8], "evaluations at --eval-every 3 and the end");
+    assert_eq!(
+        ew.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![3, 6, 8],
+        "evaluations at --eval-every 3 and the end"
+    );
     assert_eq!(ew, es, "eval losses differ");
     // The schedule was in play: the learning rate rose through the warmup, then fell.
-    assert!(tw[0].2 < tw[1].2 && tw[7].2 < tw[2].2, "lr {:?}", tw.iter().map(|m| m.2).collect::<Vec<_>>());
+    assert!(
+        tw[0].2 < tw[1].2 && tw[7].2 < tw[2].2,
+        "lr {:?}",
+        tw.iter().map(|m| m.2).collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn resume_through_an_fp4_base_ends_with_the_uninterrupted_adapter() {
     let t = tempfile::tempdir().unwrap();
-    let (whole, split, dense) = (t.path().join("whole"), t.path().join("split"), t.path().join("dense"));
+    let (whole, split, dense) = (
+        t.path().join("whole"),
+        t.path().join("split"),
+        t.path().join("dense"),
+    );
     let fp4 = ["--quantize", "fp4"];
     let (stdout, _) = ferrule(&train_args(&whole, &fp4));
-    let fp4_summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let fp4_summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     stopped_and_resumed(&split, &fp4, &[4]);
-    assert!(read(&whole, "adapter_model.safetensors") == read(&split, "adapter_model.safetensors"), "the resumed FP4 adapter's bytes differ");
+    assert!(
+        read(&whole, "adapter_model.safetensors") == read(&split, "adapter_model.safetensors"),
+        "the resumed FP4 adapter's bytes differ"
+    );
     assert_eq!(metrics(&whole), metrics(&split));
 
     // The FP4 run trained on another (quantized) base than the f32 one, held in fewer bytes.
     let (stdout, _) = ferrule(&train_args(&dense, &[]));
-    let dense_summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let dense_summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let bytes = |s: &serde_json::Value| s["base_weight_bytes"].as_u64().unwrap();
-    assert!(3 * bytes(&fp4_summary) < bytes(&dense_summary), "fp4 {fp4_summary}\nf32 {dense_summary}");
-    assert_ne!(metrics(&whole).0[0].1, metrics(&dense).0[0].1, "the FP4 base gave the f32 base's first loss");
+    assert!(
+        3 * bytes(&fp4_summary) < bytes(&dense_summary),
+        "fp4 {fp4_summary}\nf32 {dense_summary}"
+    );
+    assert_ne!(
+        metrics(&whole).0[0].1,
+        metrics(&dense).0[0].1,
+        "the FP4 base gave the f32 base's first loss"
+    );
 }

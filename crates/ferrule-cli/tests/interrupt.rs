@@ -12,9 +12,26 @@ fn fixtures() -> PathBuf {
 
 fn train_args(out: &Path) -> Vec<String> {
     let fx = |rel: &str| fixtures().join(rel).display().to_string();
-    let args = ["train", "--model", &fx("models/llama"), "--data", &fx("data/chat.jsonl"), "--output", &out.display().to_string()];
+    let args = [
+        "train",
+        "--model",
+        &fx("models/llama"),
+        "--data",
+        &fx("data/chat.jsonl"),
+        "--output",
+        &out.display().to_string(),
+    ];
     // About 0.5 ms a step here: long enough to be interrupted, short to finish.
-    let more = ["--max-steps", "6000", "--batch-size", "1", "--log-every", "50", "--threads", "1"];
+    let more = [
+        "--max-steps",
+        "6000",
+        "--batch-size",
+        "1",
+        "--log-every",
+        "50",
+        "--threads",
+        "1",
+    ];
     args.iter().chain(&more).map(|s| s.to_string()).collect()
 }
 
@@ -22,7 +39,12 @@ fn train_args(out: &Path) -> Vec<String> {
 fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrule")).args(train_args(&out)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(train_args(&out))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut err = String::new();
     for line in lines.by_ref() {
@@ -34,7 +56,10 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
         }
     }
     assert!(err.contains("step 50/"), "no progress line:\n{err}");
-    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     for line in lines {
         err += &line.unwrap();
@@ -42,32 +67,68 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
     }
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "exit status after Ctrl-C:\n{err}");
-    assert!(err.contains("stopping after this step with a checkpoint"), "{err}");
+    assert!(
+        err.contains("stopping after this step with a checkpoint"),
+        "{err}"
+    );
     assert!(err.contains("checkpoint saved"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(!out.join("adapter_model.safetensors").exists(), "an interrupted run wrote the final adapter");
-    let checkpoints: Vec<u64> =
-        std::fs::read_dir(&out).unwrap().filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok()).collect();
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "an interrupted run wrote the final adapter"
+    );
+    let checkpoints: Vec<u64> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+        })
+        .collect();
     assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
     let step = checkpoints[0];
     assert!((50..6000).contains(&step), "checkpoint of step {step}");
-    let state = std::fs::read_to_string(out.join(format!("checkpoint-{step}/trainer_state.json"))).unwrap();
-    assert!(state.contains(&format!("\"step\": {step}")) || state.contains(&format!("\"step\":{step}")), "{state}");
+    let state =
+        std::fs::read_to_string(out.join(format!("checkpoint-{step}/trainer_state.json"))).unwrap();
+    assert!(
+        state.contains(&format!("\"step\": {step}")) || state.contains(&format!("\"step\":{step}")),
+        "{state}"
+    );
 
     let mut again = train_args(&out);
     again.push("--resume".into());
-    let resumed = Command::new(env!("CARGO_BIN_EXE_ferrule")).args(&again).output().unwrap();
+    let resumed = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(&again)
+        .output()
+        .unwrap();
     let resumed_err = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{resumed_err}");
-    assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().starts_with("<svg"), "no loss plot");
     assert!(
-        resumed_err.contains(&format!("resuming from {}", out.join(format!("checkpoint-{step}")).display())),
+        std::fs::read_to_string(out.join("loss.svg"))
+            .unwrap()
+            .starts_with("<svg"),
+        "no loss plot"
+    );
+    assert!(
+        resumed_err.contains(&format!(
+            "resuming from {}",
+            out.join(format!("checkpoint-{step}")).display()
+        )),
         "the resume did not start at step {step}:\n{resumed_err}"
     );
 
     let plain = t.path().join("plain");
-    let uninterrupted = Command::new(env!("CARGO_BIN_EXE_ferrule")).args(train_args(&plain)).output().unwrap();
+    let uninterrupted = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(train_args(&plain))
+        .output()
+        .unwrap();
     assert!(uninterrupted.status.success());
     let read = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    assert!(read(&out) == read(&plain), "the resumed adapter differs from the uninterrupted run's");
+    assert!(
+        read(&out) == read(&plain),
+        "the resumed adapter differs from the uninterrupted run's"
+    );
 }

@@ -27,12 +27,24 @@ fn gflops(m: usize, k: usize, n: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let dev = Device::Cpu;
-    println!("threads: {}, frozen linear's backend: {}", candle_core::utils::get_num_threads(), ferrule::ops::blas::backend());
+    println!(
+        "threads: {}, frozen linear's backend: {}",
+        candle_core::utils::get_num_threads(),
+        ferrule::ops::blas::backend()
+    );
     println!("| m × k → n | candle matmul | frozen linear |");
     // MiniLM (4096 rows: 32 × 128) and SmolLM2 (2048 rows: 8 × 256) forward shapes; the
     // backward's dX products have the same sizes with k and n swapped. (The vocabulary head
     // is left out: training computes it in tiles, ops/head_loss.rs.)
-    for (m, k, n) in [(1024, 1024, 1024), (4096, 384, 384), (4096, 384, 1536), (4096, 1536, 384), (2048, 576, 576), (2048, 576, 1536), (2048, 1536, 576)] {
+    for (m, k, n) in [
+        (1024, 1024, 1024),
+        (4096, 384, 384),
+        (4096, 384, 1536),
+        (4096, 1536, 384),
+        (2048, 576, 576),
+        (2048, 576, 1536),
+        (2048, 1536, 576),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let wt = w.t().unwrap().contiguous().unwrap();

@@ -29,11 +29,17 @@ impl AdapterSource {
         if !Path::new(s).exists() {
             if let Some((name, dir)) = s.split_once('=') {
                 if !name.is_empty() && !name.contains('/') {
-                    return Self { name: Some(name.to_string()), dir: PathBuf::from(dir) };
+                    return Self {
+                        name: Some(name.to_string()),
+                        dir: PathBuf::from(dir),
+                    };
                 }
             }
         }
-        Self { name: None, dir: PathBuf::from(s) }
+        Self {
+            name: None,
+            dir: PathBuf::from(s),
+        }
     }
 }
 
@@ -54,8 +60,12 @@ impl Selection {
     pub fn parse_weights(s: &str) -> Result<Self> {
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let Some((name, w)) = part.split_once('=') else { bail!("--adapter-weights: {part:?} is not NAME=WEIGHT (e.g. default=0.7,other=0.3)") };
-            let w: f64 = w.trim().parse().with_context(|| format!("--adapter-weights: weight {w:?} of {name:?} is not a number"))?;
+            let Some((name, w)) = part.split_once('=') else {
+                bail!("--adapter-weights: {part:?} is not NAME=WEIGHT (e.g. default=0.7,other=0.3)")
+            };
+            let w: f64 = w.trim().parse().with_context(|| {
+                format!("--adapter-weights: weight {w:?} of {name:?} is not a number")
+            })?;
             if !w.is_finite() {
                 bail!("--adapter-weights: weight of {name:?} is {w}, not a finite number")
             }
@@ -99,18 +109,39 @@ pub fn default_task(source: &ModelSource) -> Result<Task> {
 }
 
 impl AdaptedModel {
-    pub fn load(model: &str, adapter: Option<&Path>, task: Option<Task>, device: &Device) -> Result<Self> {
+    pub fn load(
+        model: &str,
+        adapter: Option<&Path>,
+        task: Option<Task>,
+        device: &Device,
+    ) -> Result<Self> {
         Self::load_with(model, adapter, task, device, None)
     }
 
     /// [`AdaptedModel::load`] with the base's linear layers quantized while loading (the same
     /// `--quantize` an adapter was trained with).
-    pub fn load_with(model: &str, adapter: Option<&Path>, task: Option<Task>, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
-        let sources: Vec<AdapterSource> = adapter.map(|d| AdapterSource { name: None, dir: d.to_path_buf() }).into_iter().collect();
+    pub fn load_with(
+        model: &str,
+        adapter: Option<&Path>,
+        task: Option<Task>,
+        device: &Device,
+        quantize: Option<&QuantSpec>,
+    ) -> Result<Self> {
+        let sources: Vec<AdapterSource> = adapter
+            .map(|d| AdapterSource {
+                name: None,
+                dir: d.to_path_buf(),
+            })
+            .into_iter()
+            .collect();
         // One folder named by path means its own adapter, even when subfolders hold more
         // (PEFT's layout, or PiSSA's `initial/` beside the converted adapter).
         let selection = match adapter {
-            Some(d) if d.join(crate::peft_io::CONFIG_FILE).is_file() && find_adapters(d)?.len() > 1 => Selection::Active("default".into()),
+            Some(d)
+                if d.join(crate::peft_io::CONFIG_FILE).is_file() && find_adapters(d)?.len() > 1 =>
+            {
+                Selection::Active("default".into())
+            }
             _ => Selection::Only,
         };
         Self::load_adapters(model, &sources, &selection, task, device, quantize)
@@ -133,8 +164,16 @@ impl AdaptedModel {
         let mut source = ModelSource::load_with(model, device, quantize)?;
         let mut saved = Vec::new();
         for (name, weight) in &chosen {
-            let dir = &found.iter().find(|a| &a.name == name).expect("chosen from found").dir;
-            saved.push((name.clone(), *weight, load_adapter(dir, device).with_context(|| format!("adapter {name}"))?));
+            let dir = &found
+                .iter()
+                .find(|a| &a.name == name)
+                .expect("chosen from found")
+                .dir;
+            saved.push((
+                name.clone(),
+                *weight,
+                load_adapter(dir, device).with_context(|| format!("adapter {name}"))?,
+            ));
         }
         let task = match task {
             Some(t) => t,
@@ -152,9 +191,12 @@ impl AdaptedModel {
         let attached = match selection {
             Selection::Weighted(_) => Attached::Weighted(weighted_sum(saved, device)?),
             _ => match saved.pop() {
-                Some((name, _, s)) => {
-                    Attached::One(name, s.into_tuner(0, device).with_context(|| format!("loading adapter {}", found_dir(&found, &chosen[0].0)))?)
-                }
+                Some((name, _, s)) => Attached::One(
+                    name,
+                    s.into_tuner(0, device).with_context(|| {
+                        format!("loading adapter {}", found_dir(&found, &chosen[0].0))
+                    })?,
+                ),
                 None => Attached::None,
             },
         };
@@ -170,11 +212,21 @@ impl AdaptedModel {
                 (None, Some(w), d)
             }
         };
-        Ok(Self { source, model, adapters: found, tuner, weighted, active })
+        Ok(Self {
+            source,
+            model,
+            adapters: found,
+            tuner,
+            weighted,
+            active,
+        })
     }
 
     pub fn trainable_params(&self) -> usize {
-        self.tuner.as_deref().map_or(0, crate::tuners::trainable_params) + self.weighted.as_ref().map_or(0, WeightedSum::params)
+        self.tuner
+            .as_deref()
+            .map_or(0, crate::tuners::trainable_params)
+            + self.weighted.as_ref().map_or(0, WeightedSum::params)
     }
 }
 
@@ -198,8 +250,13 @@ impl Attached {
         let model = source.location.display();
         match self {
             Self::None => Ok(()),
-            Self::One(name, t) => t.finish().map(drop).with_context(|| format!("adapter {name} does not fit {model}")),
-            Self::Weighted(w) => w.finish().with_context(|| format!("the weighted adapters do not fit {model}")),
+            Self::One(name, t) => t
+                .finish()
+                .map(drop)
+                .with_context(|| format!("adapter {name} does not fit {model}")),
+            Self::Weighted(w) => w
+                .finish()
+                .with_context(|| format!("the weighted adapters do not fit {model}")),
         }
     }
 }
@@ -233,7 +290,13 @@ fn expand(adapters: &[AdapterSource]) -> Result<Vec<LoadedAdapter>> {
 
 /// `(name, weight)` of the adapters `selection` picks from `found` (weight 1 for one adapter).
 fn choose(found: &[LoadedAdapter], selection: &Selection) -> Result<Vec<(String, f64)>> {
-    let names = || found.iter().map(|a| format!("{} ({})", a.name, a.dir.display())).collect::<Vec<_>>().join(", ");
+    let names = || {
+        found
+            .iter()
+            .map(|a| format!("{} ({})", a.name, a.dir.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let known = |n: &str| -> Result<()> {
         if found.iter().any(|a| a.name == n) {
             return Ok(());
@@ -270,7 +333,10 @@ fn choose(found: &[LoadedAdapter], selection: &Selection) -> Result<Vec<(String,
 }
 
 fn found_dir(found: &[LoadedAdapter], name: &str) -> String {
-    found.iter().find(|a| a.name == name).map_or_else(|| name.to_string(), |a| a.dir.display().to_string())
+    found
+        .iter()
+        .find(|a| a.name == name)
+        .map_or_else(|| name.to_string(), |a| a.dir.display().to_string())
 }
 
 /// The `task_type` the selected adapters share; adapters of different tasks are an error.
@@ -279,7 +345,11 @@ fn agreed_task(saved: &[(String, f64, SavedAdapter)]) -> Result<Option<Task>> {
     for (name, _, s) in saved {
         if let Some(t) = s.task() {
             match task {
-                Some((t0, n0)) if t0 != t => bail!("adapters {n0} ({}) and {name} ({}) are for different tasks", t0.peft_name(), t.peft_name()),
+                Some((t0, n0)) if t0 != t => bail!(
+                    "adapters {n0} ({}) and {name} ({}) are for different tasks",
+                    t0.peft_name(),
+                    t.peft_name()
+                ),
                 None => task = Some((t, name)),
                 _ => {}
             }
@@ -311,8 +381,14 @@ fn weighted_sum(saved: Vec<(String, f64, SavedAdapter)>, device: &Device) -> Res
             )
         }
         let dir = s.dir.clone();
-        let tuner = s.into_tuner(0, device).with_context(|| format!("loading adapter {name} ({})", dir.display()))?;
-        members.push(Member { name, weight, tuner });
+        let tuner = s
+            .into_tuner(0, device)
+            .with_context(|| format!("loading adapter {name} ({})", dir.display()))?;
+        members.push(Member {
+            name,
+            weight,
+            tuner,
+        });
     }
     WeightedSum::new(members)
 }

@@ -26,28 +26,44 @@ const TOKENIZER_FILES: &[&str] = &[
 
 /// Writes `config`, the tokenizer of `source` and `tensors` as a model folder at `out`.
 /// Refuses to overwrite an existing folder.
-pub fn write_model_folder(source: &ModelSource, out: &Path, config: &Value, tensors: &BTreeMap<String, RawTensor>) -> Result<()> {
+pub fn write_model_folder(
+    source: &ModelSource,
+    out: &Path,
+    config: &Value,
+    tensors: &BTreeMap<String, RawTensor>,
+) -> Result<()> {
     if out.exists() {
-        bail!("{}: already exists; choose a new output folder", out.display())
+        bail!(
+            "{}: already exists; choose a new output folder",
+            out.display()
+        )
     }
     // `OUT.tmp` beside it (appended: `with_extension` would turn `model.v2` into `model.tmp`).
-    let mut tmp_name = out.file_name().with_context(|| format!("{}: not a folder name", out.display()))?.to_os_string();
+    let mut tmp_name = out
+        .file_name()
+        .with_context(|| format!("{}: not a folder name", out.display()))?
+        .to_os_string();
     tmp_name.push(".tmp");
     let tmp = out.with_file_name(tmp_name);
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let fill = || -> Result<()> {
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         save_raw_safetensors_atomic(&tmp.join("model.safetensors"), tensors, Some(meta))?;
-        write_bytes_atomic(&tmp.join("config.json"), (serde_json::to_string_pretty(config)? + "\n").as_bytes())?;
+        write_bytes_atomic(
+            &tmp.join("config.json"),
+            (serde_json::to_string_pretty(config)? + "\n").as_bytes(),
+        )?;
         match &source.dir {
             Some(dir) => {
                 for f in TOKENIZER_FILES {
                     let p = dir.join(f);
                     if p.is_file() {
-                        std::fs::copy(&p, tmp.join(f)).with_context(|| format!("copying {}", p.display()))?;
+                        std::fs::copy(&p, tmp.join(f))
+                            .with_context(|| format!("copying {}", p.display()))?;
                     }
                 }
             }
@@ -55,7 +71,10 @@ pub fn write_model_folder(source: &ModelSource, out: &Path, config: &Value, tens
         }
         Ok(sync_dir(&tmp)?)
     };
-    if let Err(e) = fill().and_then(|_| std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))) {
+    if let Err(e) = fill().and_then(|_| {
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    }) {
         // Best effort: the error matters more than the cleanup.
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -66,7 +85,8 @@ pub fn write_model_folder(source: &ModelSource, out: &Path, config: &Value, tens
 /// For a GGUF base: `tokenizer.json` and `tokenizer_config.json` from its metadata.
 fn write_tokenizer_files(source: &ModelSource, dir: &Path) -> Result<()> {
     let tok = source.tokenizer()?;
-    tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+    tok.save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
     let mut cfg = serde_json::Map::new();
     cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     if let Some(tc) = &source.tokenizer_config {
@@ -75,13 +95,19 @@ fn write_tokenizer_files(source: &ModelSource, dir: &Path) -> Result<()> {
         }
         if let Some(e) = &tc.eos_token {
             cfg.insert("eos_token".into(), json!(e));
-            cfg.insert("pad_token".into(), json!(tc.pad_token.clone().unwrap_or_else(|| e.clone())));
+            cfg.insert(
+                "pad_token".into(),
+                json!(tc.pad_token.clone().unwrap_or_else(|| e.clone())),
+            );
         }
         if let Some(t) = &tc.chat_template {
             cfg.insert("chat_template".into(), json!(t));
         }
     }
-    write_bytes_atomic(&dir.join("tokenizer_config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
+    write_bytes_atomic(
+        &dir.join("tokenizer_config.json"),
+        (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -94,9 +120,16 @@ pub struct QuantizeReport {
 
 /// Writes `source` (loaded with [`ModelSource::load_with`] and `spec`) as a quantized model
 /// folder in the bitsandbytes serialized layout, which transformers + bitsandbytes load.
-pub fn quantize_to_dir(source: &ModelSource, spec: &crate::quant::QuantSpec, out: &Path) -> Result<QuantizeReport> {
+pub fn quantize_to_dir(
+    source: &ModelSource,
+    spec: &crate::quant::QuantSpec,
+    out: &Path,
+) -> Result<QuantizeReport> {
     if source.weights.quantized().is_empty() {
-        bail!("{}: no linear weights to quantize", source.location.display())
+        bail!(
+            "{}: no linear weights to quantize",
+            source.location.display()
+        )
     }
     let mut raw = BTreeMap::new();
     for (name, t) in source.weights.tensors() {
@@ -108,5 +141,8 @@ pub fn quantize_to_dir(source: &ModelSource, spec: &crate::quant::QuantSpec, out
     let mut config = source.config.clone();
     config["quantization_config"] = crate::quant::bnb_format::quantization_config(spec);
     write_model_folder(source, out, &config, &raw)?;
-    Ok(QuantizeReport { quantized_tensors: source.weights.quantized().len(), memory: crate::quant::WeightMemory::of(&source.weights) })
+    Ok(QuantizeReport {
+        quantized_tensors: source.weights.quantized().len(),
+        memory: crate::quant::WeightMemory::of(&source.weights),
+    })
 }

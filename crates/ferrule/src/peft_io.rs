@@ -24,7 +24,10 @@ pub struct SavedAdapter {
 
 impl SavedAdapter {
     pub fn peft_type(&self) -> &str {
-        self.config.get("peft_type").and_then(Value::as_str).unwrap_or("")
+        self.config
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     pub fn task(&self) -> Option<Task> {
@@ -50,7 +53,16 @@ impl SavedAdapter {
     pub fn into_tuner(self, seed: u64, device: &Device) -> Result<Box<dyn Tuner>> {
         let cfg = self.adapter_config()?;
         let origin = self.dir.join(CONFIG_FILE).display().to_string();
-        registry::build(&cfg, BuildContext { seed, device, weights: Some(self.tensors), allow_unmatched: false }).with_context(|| origin)
+        registry::build(
+            &cfg,
+            BuildContext {
+                seed,
+                device,
+                weights: Some(self.tensors),
+                allow_unmatched: false,
+            },
+        )
+        .with_context(|| origin)
     }
 }
 
@@ -58,17 +70,27 @@ impl SavedAdapter {
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     if !cfg_path.exists() {
-        bail!("{}: no {CONFIG_FILE}; not a PEFT adapter folder", dir.display())
+        bail!(
+            "{}: no {CONFIG_FILE}; not a PEFT adapter folder",
+            dir.display()
+        )
     }
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-    let obj = config.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let obj = config
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: expected a JSON object", cfg_path.display()))?;
     match obj.get("peft_type") {
         None => bail!("{}: missing \"peft_type\"", cfg_path.display()),
         Some(Value::String(t)) => {
             registry::by_peft_type(t).with_context(|| cfg_path.display().to_string())?;
         }
-        Some(v) => bail!("{}: \"peft_type\" must be a string such as \"LORA\", got {v}", cfg_path.display()),
+        Some(v) => bail!(
+            "{}: \"peft_type\" must be a string such as \"LORA\", got {v}",
+            cfg_path.display()
+        ),
     }
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.exists() {
@@ -78,7 +100,11 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<SavedAdapter> {
         bail!("{}: no {WEIGHTS_FILE}", dir.display())
     }
     let tensors = crate::model::weights::load_safetensors_file(&weights, device)?;
-    Ok(SavedAdapter { dir: dir.to_path_buf(), config, tensors })
+    Ok(SavedAdapter {
+        dir: dir.to_path_buf(),
+        config,
+        tensors,
+    })
 }
 
 /// The adapters a folder holds, as `(name, folder)`, in PEFT's layouts:
@@ -96,8 +122,16 @@ pub fn find_adapters(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut subs = Vec::new();
     let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
     for e in entries {
-        let path = e.with_context(|| format!("listing {}", dir.display()))?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        let path = e
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
         if path.join(CONFIG_FILE).is_file() && !is_checkpoint_name(&name) {
             subs.push((name, path));
         }
@@ -106,9 +140,16 @@ pub fn find_adapters(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let root = dir.join(CONFIG_FILE).is_file();
     if subs.is_empty() {
         if !root {
-            bail!("{}: no {CONFIG_FILE} in the folder or its subfolders; not a PEFT adapter folder", dir.display())
+            bail!(
+                "{}: no {CONFIG_FILE} in the folder or its subfolders; not a PEFT adapter folder",
+                dir.display()
+            )
         }
-        let name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "default".into());
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "default".into());
         return Ok(vec![(name, dir.to_path_buf())]);
     }
     if root {
@@ -146,8 +187,16 @@ pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str)
 }
 
 /// Writes named tensors as safetensors (atomically) with string metadata.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(&str, &str)]) -> Result<()> {
-    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    crate::util::atomic::save_safetensors_atomic(path, tensors, Some(meta)).with_context(|| format!("writing {}", path.display()))?;
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &[(&str, &str)],
+) -> Result<()> {
+    let meta: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    crate::util::atomic::save_safetensors_atomic(path, tensors, Some(meta))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

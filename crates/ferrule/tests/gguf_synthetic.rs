@@ -113,12 +113,28 @@ const FFN: usize = 16;
 const LAYERS: usize = 2;
 
 fn tokens() -> Vec<String> {
-    ["<|endoftext|>", "<|im_start|>", "a", "b", "Ġ", "ab", "Ġa", "Ġab", "<think>", "é"].iter().map(|s| s.to_string()).collect()
+    [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "a",
+        "b",
+        "Ġ",
+        "ab",
+        "Ġa",
+        "Ġab",
+        "<think>",
+        "é",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Values that identify their HF position: `rows x cols` row-major, value = seed + row + col/100.
 fn hf_values(rows: usize, cols: usize, seed: f32) -> Vec<f32> {
-    (0..rows * cols).map(|i| seed + (i / cols) as f32 + (i % cols) as f32 / 100.0).collect()
+    (0..rows * cols)
+        .map(|i| seed + (i / cols) as f32 + (i % cols) as f32 / 100.0)
+        .collect()
 }
 
 /// llama.cpp's `LlamaModel.permute` of the rows of an HF matrix.
@@ -139,8 +155,17 @@ fn llama_cpp_permute(w: &[f32], rows: usize, heads: usize) -> Vec<f32> {
 }
 
 fn f32_tensor(name: &str, rows: usize, cols: usize, values: Vec<f32>) -> T {
-    let dims = if rows == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
-    T { name: name.to_string(), dims, ty: 0, data: values.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    let dims = if rows == 1 {
+        vec![cols as u64]
+    } else {
+        vec![cols as u64, rows as u64]
+    };
+    T {
+        name: name.to_string(),
+        dims,
+        ty: 0,
+        data: values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
 }
 
 struct Spec {
@@ -163,48 +188,132 @@ impl Spec {
             (format!("{a}.embedding_length"), V::U32(HIDDEN as u32)),
             (format!("{a}.feed_forward_length"), V::U32(FFN as u32)),
             (format!("{a}.attention.head_count"), V::U32(HEADS as u32)),
-            (format!("{a}.attention.head_count_kv"), V::U32(KV_HEADS as u32)),
+            (
+                format!("{a}.attention.head_count_kv"),
+                V::U32(KV_HEADS as u32),
+            ),
             (format!("{a}.rope.freq_base"), V::F32(10000.0)),
-            (format!("{a}.attention.layer_norm_rms_epsilon"), V::F32(1e-6)),
+            (
+                format!("{a}.attention.layer_norm_rms_epsilon"),
+                V::F32(1e-6),
+            ),
             ("tokenizer.ggml.model".into(), V::Str("gpt2".into())),
             ("tokenizer.ggml.pre".into(), V::Str("smollm".into())),
             ("tokenizer.ggml.tokens".into(), V::Strs(toks.clone())),
             ("tokenizer.ggml.token_type".into(), V::I32s(types)),
-            ("tokenizer.ggml.merges".into(), V::Strs(vec!["a b".into(), "Ġ a".into(), "Ġ ab".into()])),
+            (
+                "tokenizer.ggml.merges".into(),
+                V::Strs(vec!["a b".into(), "Ġ a".into(), "Ġ ab".into()]),
+            ),
             ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
             ("tokenizer.ggml.eos_token_id".into(), V::U32(0)),
             ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
-            ("tokenizer.chat_template".into(), V::Str("{{ messages }}".into())),
+            (
+                "tokenizer.chat_template".into(),
+                V::Str("{{ messages }}".into()),
+            ),
         ];
         let permutes = arch != "qwen2";
         let vocab = toks.len();
-        let mut tensors = vec![f32_tensor("token_embd.weight", vocab, HIDDEN, hf_values(vocab, HIDDEN, 0.0))];
+        let mut tensors = vec![f32_tensor(
+            "token_embd.weight",
+            vocab,
+            HIDDEN,
+            hf_values(vocab, HIDDEN, 0.0),
+        )];
         for l in 0..LAYERS {
             let s = 1000.0 * (l + 1) as f32;
             let q = hf_values(HEADS * HEAD_DIM, HIDDEN, s + 100.0);
             let k = hf_values(KV_HEADS * HEAD_DIM, HIDDEN, s + 200.0);
-            let (q, k) = if permutes { (llama_cpp_permute(&q, HEADS * HEAD_DIM, HEADS), llama_cpp_permute(&k, KV_HEADS * HEAD_DIM, KV_HEADS)) } else { (q, k) };
+            let (q, k) = if permutes {
+                (
+                    llama_cpp_permute(&q, HEADS * HEAD_DIM, HEADS),
+                    llama_cpp_permute(&k, KV_HEADS * HEAD_DIM, KV_HEADS),
+                )
+            } else {
+                (q, k)
+            };
             let b = format!("blk.{l}");
             tensors.extend([
                 f32_tensor(&format!("{b}.attn_q.weight"), HEADS * HEAD_DIM, HIDDEN, q),
-                f32_tensor(&format!("{b}.attn_k.weight"), KV_HEADS * HEAD_DIM, HIDDEN, k),
-                f32_tensor(&format!("{b}.attn_v.weight"), KV_HEADS * HEAD_DIM, HIDDEN, hf_values(KV_HEADS * HEAD_DIM, HIDDEN, s + 300.0)),
-                f32_tensor(&format!("{b}.attn_output.weight"), HIDDEN, HEADS * HEAD_DIM, hf_values(HIDDEN, HEADS * HEAD_DIM, s + 400.0)),
-                f32_tensor(&format!("{b}.ffn_gate.weight"), FFN, HIDDEN, hf_values(FFN, HIDDEN, s + 500.0)),
-                f32_tensor(&format!("{b}.ffn_up.weight"), FFN, HIDDEN, hf_values(FFN, HIDDEN, s + 600.0)),
-                f32_tensor(&format!("{b}.ffn_down.weight"), HIDDEN, FFN, hf_values(HIDDEN, FFN, s + 700.0)),
-                f32_tensor(&format!("{b}.attn_norm.weight"), 1, HIDDEN, hf_values(1, HIDDEN, s + 800.0)),
-                f32_tensor(&format!("{b}.ffn_norm.weight"), 1, HIDDEN, hf_values(1, HIDDEN, s + 900.0)),
+                f32_tensor(
+                    &format!("{b}.attn_k.weight"),
+                    KV_HEADS * HEAD_DIM,
+                    HIDDEN,
+                    k,
+                ),
+                f32_tensor(
+                    &format!("{b}.attn_v.weight"),
+                    KV_HEADS * HEAD_DIM,
+                    HIDDEN,
+                    hf_values(KV_HEADS * HEAD_DIM, HIDDEN, s + 300.0),
+                ),
+                f32_tensor(
+                    &format!("{b}.attn_output.weight"),
+                    HIDDEN,
+                    HEADS * HEAD_DIM,
+                    hf_values(HIDDEN, HEADS * HEAD_DIM, s + 400.0),
+                ),
+                f32_tensor(
+                    &format!("{b}.ffn_gate.weight"),
+                    FFN,
+                    HIDDEN,
+                    hf_values(FFN, HIDDEN, s + 500.0),
+                ),
+                f32_tensor(
+                    &format!("{b}.ffn_up.weight"),
+                    FFN,
+                    HIDDEN,
+                    hf_values(FFN, HIDDEN, s + 600.0),
+                ),
+                f32_tensor(
+                    &format!("{b}.ffn_down.weight"),
+                    HIDDEN,
+                    FFN,
+                    hf_values(HIDDEN, FFN, s + 700.0),
+                ),
+                f32_tensor(
+                    &format!("{b}.attn_norm.weight"),
+                    1,
+                    HIDDEN,
+                    hf_values(1, HIDDEN, s + 800.0),
+                ),
+                f32_tensor(
+                    &format!("{b}.ffn_norm.weight"),
+                    1,
+                    HIDDEN,
+                    hf_values(1, HIDDEN, s + 900.0),
+                ),
             ]);
             if arch == "qwen2" {
                 tensors.extend([
-                    f32_tensor(&format!("{b}.attn_q.bias"), 1, HEADS * HEAD_DIM, hf_values(1, HEADS * HEAD_DIM, s + 110.0)),
-                    f32_tensor(&format!("{b}.attn_k.bias"), 1, KV_HEADS * HEAD_DIM, hf_values(1, KV_HEADS * HEAD_DIM, s + 210.0)),
-                    f32_tensor(&format!("{b}.attn_v.bias"), 1, KV_HEADS * HEAD_DIM, hf_values(1, KV_HEADS * HEAD_DIM, s + 310.0)),
+                    f32_tensor(
+                        &format!("{b}.attn_q.bias"),
+                        1,
+                        HEADS * HEAD_DIM,
+                        hf_values(1, HEADS * HEAD_DIM, s + 110.0),
+                    ),
+                    f32_tensor(
+                        &format!("{b}.attn_k.bias"),
+                        1,
+                        KV_HEADS * HEAD_DIM,
+                        hf_values(1, KV_HEADS * HEAD_DIM, s + 210.0),
+                    ),
+                    f32_tensor(
+                        &format!("{b}.attn_v.bias"),
+                        1,
+                        KV_HEADS * HEAD_DIM,
+                        hf_values(1, KV_HEADS * HEAD_DIM, s + 310.0),
+                    ),
                 ]);
             }
         }
-        tensors.push(f32_tensor("output_norm.weight", 1, HIDDEN, hf_values(1, HIDDEN, 5.0)));
+        tensors.push(f32_tensor(
+            "output_norm.weight",
+            1,
+            HIDDEN,
+            hf_values(1, HIDDEN, 5.0),
+        ));
         Spec { kv, tensors }
     }
 
@@ -241,7 +350,10 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 fn load_err(path: &Path) -> (GgufError, String) {
     let err = load_gguf(path, &Device::Cpu).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()), "message does not name the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "message does not name the file: {msg}"
+    );
     (err, msg)
 }
 
@@ -288,14 +400,20 @@ fn llama_loads_in_hf_layout() {
             assert_eq!(r.len(), n, "{leaf}");
             for (i, row) in r.iter().enumerate() {
                 assert_eq!(row[0], s + seed + i as f32, "layer {l} {leaf} row {i}");
-                assert_eq!(row[3], s + seed + i as f32 + 0.03, "layer {l} {leaf} row {i}");
+                assert_eq!(
+                    row[3],
+                    s + seed + i as f32 + 0.03,
+                    "layer {l} {leaf} row {i}"
+                );
             }
         }
     }
     let e = rows(&m.tensors["model.embed_tokens.weight"]);
     assert_eq!(e.len(), 10);
     assert_eq!(e[7][1], 7.01);
-    let norm = m.tensors["model.layers.1.post_attention_layernorm.weight"].to_vec1::<f32>().unwrap();
+    let norm = m.tensors["model.layers.1.post_attention_layernorm.weight"]
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(norm[2], 2900.02);
     assert!(m.tensors.contains_key("model.norm.weight"));
 
@@ -315,7 +433,9 @@ fn qwen2_is_not_permuted_and_has_biases() {
     for (i, row) in q.iter().enumerate() {
         assert_eq!(row[0], 1100.0 + i as f32);
     }
-    let b = m.tensors["model.layers.1.self_attn.k_proj.bias"].to_vec1::<f32>().unwrap();
+    let b = m.tensors["model.layers.1.self_attn.k_proj.bias"]
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(b, vec![2210.0, 2210.01, 2210.02, 2210.03]);
     assert_eq!(m.tensors.len(), 1 + LAYERS * 12 + 1);
 }
@@ -324,7 +444,12 @@ fn qwen2_is_not_permuted_and_has_biases() {
 fn untied_output_becomes_lm_head() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = Spec::llama("llama");
-    spec.tensors.push(f32_tensor("output.weight", 10, HIDDEN, hf_values(10, HIDDEN, 9.0)));
+    spec.tensors.push(f32_tensor(
+        "output.weight",
+        10,
+        HIDDEN,
+        hf_values(10, HIDDEN, 9.0),
+    ));
     let m = load_gguf(&spec.write(dir.path(), "untied.gguf"), &Device::Cpu).unwrap();
     assert_eq!(m.config["tie_word_embeddings"], false);
     assert_eq!(rows(&m.tensors["lm_head.weight"])[2][0], 11.0);
@@ -340,7 +465,10 @@ fn byte_level_tokenizer() {
     assert_eq!(ids("ab ab a"), vec![5, 7, 6]);
     assert_eq!(ids("<|im_start|>ab<|endoftext|>"), vec![1, 5, 0]);
     assert_eq!(ids("b<think>a"), vec![3, 8, 2]);
-    assert_eq!(m.tokenizer.decode(&[1, 5, 7, 8], false).unwrap(), "<|im_start|>ab ab<think>");
+    assert_eq!(
+        m.tokenizer.decode(&[1, 5, 7, 8], false).unwrap(),
+        "<|im_start|>ab ab<think>"
+    );
     assert_eq!(m.tokenizer.decode(&[1, 5, 7], true).unwrap(), "ab ab");
 }
 
@@ -360,7 +488,11 @@ fn add_bos_token_true_adds_bos() {
 #[test]
 fn not_a_gguf_file() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "model.safetensors", b"{\"__metadata__\": {}} and more bytes");
+    let path = write(
+        dir.path(),
+        "model.safetensors",
+        b"{\"__metadata__\": {}} and more bytes",
+    );
     let (err, msg) = load_err(&path);
     assert!(matches!(err, GgufError::NotGguf { .. }), "{err:?}");
     assert!(msg.contains("not a GGUF file"), "{msg}");
@@ -389,7 +521,10 @@ fn truncated_files() {
     let path = write(dir.path(), "data.gguf", &bytes[..bytes.len() - 8]);
     let (err, msg) = load_err(&path);
     assert!(matches!(err, GgufError::Corrupt { .. }), "{err:?}");
-    assert!(msg.contains("tensor \"output_norm.weight\" needs bytes"), "{msg}");
+    assert!(
+        msg.contains("tensor \"output_norm.weight\" needs bytes"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -397,30 +532,57 @@ fn unsupported_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let spec = Spec::llama("llama").set("general.architecture", V::Str("falcon".into()));
     let (err, msg) = load_err(&spec.write(dir.path(), "falcon.gguf"));
-    assert!(matches!(err, GgufError::UnsupportedArchitecture { .. }), "{err:?}");
-    assert!(msg.contains("unsupported GGUF architecture \"falcon\""), "{msg}");
+    assert!(
+        matches!(err, GgufError::UnsupportedArchitecture { .. }),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("unsupported GGUF architecture \"falcon\""),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unsupported_tensor_type() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = Spec::llama("llama");
-    let t = spec.tensors.iter_mut().find(|t| t.name == "blk.1.ffn_up.weight").unwrap();
+    let t = spec
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.1.ffn_up.weight")
+        .unwrap();
     t.ty = 16; // IQ2_XXS
     t.data.truncate(66);
     let (err, msg) = load_err(&spec.write(dir.path(), "iq.gguf"));
-    assert!(matches!(err, GgufError::UnsupportedTensorType { .. }), "{err:?}");
-    assert!(msg.contains("\"blk.1.ffn_up.weight\"") && msg.contains("IQ2_XXS"), "{msg}");
+    assert!(
+        matches!(err, GgufError::UnsupportedTensorType { .. }),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("\"blk.1.ffn_up.weight\"") && msg.contains("IQ2_XXS"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn missing_metadata_key() {
     let dir = tempfile::tempdir().unwrap();
-    for key in ["llama.feed_forward_length", "llama.attention.layer_norm_rms_epsilon", "general.architecture", "tokenizer.ggml.merges"] {
+    for key in [
+        "llama.feed_forward_length",
+        "llama.attention.layer_norm_rms_epsilon",
+        "general.architecture",
+        "tokenizer.ggml.merges",
+    ] {
         let spec = Spec::llama("llama").without_key(key);
         let (err, msg) = load_err(&spec.write(dir.path(), "nokey.gguf"));
-        assert!(matches!(err, GgufError::MissingKey { .. }), "{key}: {err:?}");
-        assert!(msg.contains(&format!("missing required metadata key \"{key}\"")), "{msg}");
+        assert!(
+            matches!(err, GgufError::MissingKey { .. }),
+            "{key}: {err:?}"
+        );
+        assert!(
+            msg.contains(&format!("missing required metadata key \"{key}\"")),
+            "{msg}"
+        );
     }
 }
 
@@ -430,18 +592,28 @@ fn wrongly_typed_metadata() {
     let spec = Spec::llama("llama").set("llama.block_count", V::Str("two".into()));
     let (err, msg) = load_err(&spec.write(dir.path(), "badkey.gguf"));
     assert!(matches!(err, GgufError::BadMetadata { .. }), "{err:?}");
-    assert!(msg.contains("\"llama.block_count\"") && msg.contains("integer"), "{msg}");
+    assert!(
+        msg.contains("\"llama.block_count\"") && msg.contains("integer"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_tensor_name() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["blk.0.ffn_gate_exps.weight", "blk.2.attn_q.weight", "rope_freqs.weight"] {
+    for name in [
+        "blk.0.ffn_gate_exps.weight",
+        "blk.2.attn_q.weight",
+        "rope_freqs.weight",
+    ] {
         let mut spec = Spec::llama("llama");
         spec.tensors.push(f32_tensor(name, 1, 8, vec![0.0; 8]));
         let (err, msg) = load_err(&spec.write(dir.path(), "extra.gguf"));
         assert!(matches!(err, GgufError::UnknownTensor { .. }), "{err:?}");
-        assert!(msg.contains(&format!("unknown tensor name \"{name}\"")), "{msg}");
+        assert!(
+            msg.contains(&format!("unknown tensor name \"{name}\"")),
+            "{msg}"
+        );
     }
 }
 
@@ -452,15 +624,25 @@ fn missing_or_misshapen_tensor() {
     spec.tensors.retain(|t| t.name != "blk.1.ffn_down.weight");
     let (err, msg) = load_err(&spec.write(dir.path(), "missing.gguf"));
     assert!(matches!(err, GgufError::MissingTensor { .. }), "{err:?}");
-    assert!(msg.contains("model.layers.1.mlp.down_proj.weight (blk.1.ffn_down.weight)"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.mlp.down_proj.weight (blk.1.ffn_down.weight)"),
+        "{msg}"
+    );
 
     let mut spec = Spec::llama("llama");
-    let t = spec.tensors.iter_mut().find(|t| t.name == "blk.0.attn_k.weight").unwrap();
+    let t = spec
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.0.attn_k.weight")
+        .unwrap();
     t.dims = vec![8, 2];
     t.data.truncate(64);
     let (err, msg) = load_err(&spec.write(dir.path(), "shape.gguf"));
     assert!(matches!(err, GgufError::BadTensor { .. }), "{err:?}");
-    assert!(msg.contains("\"blk.0.attn_k.weight\"") && msg.contains("expected [4, 8]"), "{msg}");
+    assert!(
+        msg.contains("\"blk.0.attn_k.weight\"") && msg.contains("expected [4, 8]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -468,8 +650,14 @@ fn unsupported_tokenizer_model() {
     let dir = tempfile::tempdir().unwrap();
     let spec = Spec::llama("llama").set("tokenizer.ggml.model", V::Str("llama".into()));
     let (err, msg) = load_err(&spec.write(dir.path(), "spm.gguf"));
-    assert!(matches!(err, GgufError::UnsupportedTokenizer { .. }), "{err:?}");
-    assert!(msg.contains("unsupported tokenizer model \"llama\""), "{msg}");
+    assert!(
+        matches!(err, GgufError::UnsupportedTokenizer { .. }),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("unsupported tokenizer model \"llama\""),
+        "{msg}"
+    );
 }
 
 /// Fuzzing found it (fuzz/corpus/gguf/tiny-llama.gguf): a merge whose result is longer than every
@@ -479,13 +667,19 @@ fn a_merge_that_makes_no_token_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     // The longest token merged with itself: longer than any token of the vocabulary.
     let longest = tokens().into_iter().max_by_key(|t| t.len()).unwrap();
-    let spec = Spec::llama("llama").set("tokenizer.ggml.merges", V::Strs(vec![format!("{longest} {longest}")]));
+    let spec = Spec::llama("llama").set(
+        "tokenizer.ggml.merges",
+        V::Strs(vec![format!("{longest} {longest}")]),
+    );
     let path = spec.write(dir.path(), "merge.gguf");
     let msg = match load_gguf(&path, &Device::Cpu) {
         Ok(_) => panic!("a merge making no token was accepted"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(msg.contains("merge 0") && msg.contains("which is not in tokenizer.ggml.tokens"), "{msg}");
+    assert!(
+        msg.contains("merge 0") && msg.contains("which is not in tokenizer.ggml.tokens"),
+        "{msg}"
+    );
 }
 
 /// Fuzzing found it: tensor dims whose product overflows (an overflow panic with debug
@@ -494,7 +688,11 @@ fn a_merge_that_makes_no_token_is_an_error() {
 fn tensor_dims_whose_product_overflows_are_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = Spec::llama("llama");
-    let t = spec.tensors.iter_mut().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    let t = spec
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
     // 2^33 x 2^31 = 2^64 elements: wraps to 0.
     t.dims = vec![1 << 33, 1 << 31];
     let (err, msg) = load_err(&spec.write(dir.path(), "overflow.gguf"));
@@ -510,7 +708,10 @@ fn a_huge_block_count_names_the_first_missing_layer() {
     let spec = Spec::llama("llama").set("llama.block_count", V::U32(u32::MAX));
     let (err, msg) = load_err(&spec.write(dir.path(), "layers.gguf"));
     assert!(matches!(err, GgufError::MissingTensor { .. }), "{err:?}");
-    assert!(msg.contains(&format!("model.layers.{LAYERS}.self_attn.q_proj.weight")), "{msg}");
+    assert!(
+        msg.contains(&format!("model.layers.{LAYERS}.self_attn.q_proj.weight")),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -534,7 +735,13 @@ fn out_of_range_metadata_is_an_error_naming_the_gguf_key() {
         let shown = format!("{value:?}");
         let spec = Spec::llama("llama").set(key, value);
         let (err, msg) = load_err(&spec.write(dir.path(), "range.gguf"));
-        assert!(matches!(err, GgufError::BadMetadata { .. }), "{key} = {shown}: {err:?}");
-        assert!(msg.contains(&format!("\"{key}\"")) && msg.contains("range.gguf"), "{key} = {shown}: {msg}");
+        assert!(
+            matches!(err, GgufError::BadMetadata { .. }),
+            "{key} = {shown}: {err:?}"
+        );
+        assert!(
+            msg.contains(&format!("\"{key}\"")) && msg.contains("range.gguf"),
+            "{key} = {shown}: {msg}"
+        );
     }
 }

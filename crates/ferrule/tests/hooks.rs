@@ -9,7 +9,10 @@ use std::sync::Mutex;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use common::*;
-use ferrule::model::{BranchInfo, BranchKind, Frozen, Inputs, Linear, LinearInfo, Model, ModelHook, ModelSource, ResidualBranch, Task};
+use ferrule::model::{
+    BranchInfo, BranchKind, Frozen, Inputs, Linear, LinearInfo, Model, ModelHook, ModelSource,
+    ResidualBranch, Task,
+};
 use ferrule::ops::FrozenLinear;
 
 /// `g(u, f) = s · f`.
@@ -45,7 +48,11 @@ impl ModelHook for ScaleLinear {
 }
 
 fn model(name: &str, task: Task, hook: &dyn ModelHook) -> Model {
-    let mut src = ModelSource::load(fixtures().join("models").join(name).to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut src = ModelSource::load(
+        fixtures().join("models").join(name).to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
     if task == Task::SeqCls {
         src.config["num_labels"] = serde_json::json!(2);
     }
@@ -53,21 +60,43 @@ fn model(name: &str, task: Task, hook: &dyn ModelHook) -> Model {
 }
 
 fn outputs(name: &str, task: Task, hook: &dyn ModelHook) -> Tensor {
-    let (file, bert) = if name == "bert" { ("inputs/bert.safetensors", true) } else { ("inputs/decoder.safetensors", false) };
+    let (file, bert) = if name == "bert" {
+        ("inputs/bert.safetensors", true)
+    } else {
+        ("inputs/decoder.safetensors", false)
+    };
     let t = load(file);
-    let inputs =
-        Inputs { input_ids: &t["input_ids"], attention_mask: t.get("attention_mask"), token_type_ids: if bert { t.get("token_type_ids") } else { None } };
+    let inputs = Inputs {
+        input_ids: &t["input_ids"],
+        attention_mask: t.get("attention_mask"),
+        token_type_ids: if bert { t.get("token_type_ids") } else { None },
+    };
     model(name, task, hook).forward(&inputs).unwrap()
 }
 
 #[test]
 fn a_scaled_branch_equals_its_scaled_output_projection() {
     let cases: [(&str, Task, BranchKind, &[&str]); 4] = [
-        ("llama", Task::CausalLm, BranchKind::Attention, &["self_attn.o_proj"]),
+        (
+            "llama",
+            Task::CausalLm,
+            BranchKind::Attention,
+            &["self_attn.o_proj"],
+        ),
         ("llama", Task::CausalLm, BranchKind::Mlp, &["mlp.down_proj"]),
-        ("bert", Task::SeqCls, BranchKind::Attention, &["attention.output.dense"]),
+        (
+            "bert",
+            Task::SeqCls,
+            BranchKind::Attention,
+            &["attention.output.dense"],
+        ),
         // `encoder.layer.N.output.dense`, not `...attention.output.dense` (2 layers).
-        ("bert", Task::SeqCls, BranchKind::Mlp, &["0.output.dense", "1.output.dense"]),
+        (
+            "bert",
+            Task::SeqCls,
+            BranchKind::Mlp,
+            &["0.output.dense", "1.output.dense"],
+        ),
     ];
     for (name, task, kind, suffixes) in cases {
         let by_branch = outputs(name, task, &ScaleBranch(kind, 0.5));
@@ -75,11 +104,17 @@ fn a_scaled_branch_equals_its_scaled_output_projection() {
         let plain = outputs(name, task, &Frozen);
         let d = max_diff_masked(&by_branch, &by_weight, None);
         assert!(d <= 1e-5, "{name} {kind:?}: {d}");
-        assert!(max_diff_masked(&by_branch, &plain, None) > 1e-3, "{name} {kind:?}: the change did nothing");
+        assert!(
+            max_diff_masked(&by_branch, &plain, None) > 1e-3,
+            "{name} {kind:?}: the change did nothing"
+        );
     }
     // An identity change leaves the model as it was, to the bit.
     let same = outputs("llama", Task::CausalLm, &ScaleBranch(BranchKind::Mlp, 1.0));
-    assert_eq!(max_diff_masked(&same, &outputs("llama", Task::CausalLm, &Frozen), None), 0.0);
+    assert_eq!(
+        max_diff_masked(&same, &outputs("llama", Task::CausalLm, &Frozen), None),
+        0.0
+    );
 }
 
 /// Records what layer 0's attention branch read.
@@ -99,8 +134,17 @@ struct RecordLayer0(&'static Record);
 
 impl ModelHook for RecordLayer0 {
     fn residual_branch(&self, info: &BranchInfo) -> Result<Option<Box<dyn ResidualBranch>>> {
-        assert!(info.path.ends_with(if info.kind == BranchKind::Attention { "self_attn" } else { "mlp" }), "{}", info.path);
-        Ok((info.layer == 0 && info.kind == BranchKind::Attention).then(|| Box::new(Recorder(self.0)) as Box<dyn ResidualBranch>))
+        assert!(
+            info.path.ends_with(if info.kind == BranchKind::Attention {
+                "self_attn"
+            } else {
+                "mlp"
+            }),
+            "{}",
+            info.path
+        );
+        Ok((info.layer == 0 && info.kind == BranchKind::Attention)
+            .then(|| Box::new(Recorder(self.0)) as Box<dyn ResidualBranch>))
     }
 }
 
@@ -108,17 +152,40 @@ impl ModelHook for RecordLayer0 {
 fn a_decoder_branch_reads_the_pre_normed_stream() {
     let record: &'static Record = Box::leak(Box::default());
     outputs("llama", Task::CausalLm, &RecordLayer0(record));
-    let u = record.0.lock().unwrap().clone().expect("layer 0's attention branch ran");
+    let u = record
+        .0
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("layer 0's attention branch ran");
     // u = RMSNorm(embed[ids]) ⊙ input_layernorm.weight, by hand.
     let w = load("models/llama/model.safetensors");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("models/llama/config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("models/llama/config.json")).unwrap(),
+    )
+    .unwrap();
     let eps = cfg["rms_norm_eps"].as_f64().unwrap();
     let ids = load("inputs/decoder.safetensors")["input_ids"].clone();
     let (b, t) = ids.dims2().unwrap();
-    let x = w["model.embed_tokens.weight"].index_select(&ids.flatten_all().unwrap().to_dtype(candle_core::DType::U32).unwrap(), 0).unwrap();
+    let x = w["model.embed_tokens.weight"]
+        .index_select(
+            &ids.flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::U32)
+                .unwrap(),
+            0,
+        )
+        .unwrap();
     let x = x.reshape((b, t, ())).unwrap();
-    let rms = (x.sqr().unwrap().mean_keepdim(2).unwrap() + eps).unwrap().sqrt().unwrap();
-    let want = x.broadcast_div(&rms).unwrap().broadcast_mul(&w["model.layers.0.input_layernorm.weight"]).unwrap();
+    let rms = (x.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let want = x
+        .broadcast_div(&rms)
+        .unwrap()
+        .broadcast_mul(&w["model.layers.0.input_layernorm.weight"])
+        .unwrap();
     let d = max_diff_masked(&u, &want, None);
     assert!(d <= 1e-5, "{d}");
 }

@@ -4,13 +4,19 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ferrule::ops::attention::{attention, attention_reference, attention_varlen, build_mask, MaskKind, MASKED};
+use ferrule::ops::attention::{
+    attention, attention_reference, attention_varlen, build_mask, MaskKind, MASKED,
+};
 use ferrule::ops::dora::{dora_linear, dora_linear_reference, row_sq_norms, weight_norm};
 use ferrule::ops::frozen_mlp::{gelu_mlp, gelu_mlp_scaled, swiglu_mlp, swiglu_mlp_scaled};
 use ferrule::ops::gelu::gelu;
-use ferrule::ops::loss::{causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX};
+use ferrule::ops::loss::{
+    causal_lm_loss, causal_lm_loss_reference, cross_entropy, cross_entropy_reference, IGNORE_INDEX,
+};
 use ferrule::ops::low_rank::{low_rank_linear, low_rank_linear_reference};
-use ferrule::ops::norm::{add_layer_norm, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference};
+use ferrule::ops::norm::{
+    add_layer_norm, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference,
+};
 use ferrule::ops::rope::{Rope, RopeScaling};
 use ferrule::ops::scaled_linear::{scaled_linear, scaled_linear_reference};
 use ferrule::ops::swiglu::{swiglu, swiglu_reference};
@@ -25,7 +31,9 @@ const RTOL: f32 = 1e-5;
 fn randn(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal) * scale).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal) * scale)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -37,13 +45,28 @@ fn var(shape: &[usize], seed: u64, scale: f32) -> Var {
 /// are tiny next to the rest of the tensor (sums of cancelling terms).
 fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(x.is_finite() && y.is_finite(), "{what}[{i}]: {x} vs {y}");
         let tol = RTOL * (y.abs() + scale / 10.0);
-        assert!((x - y).abs() <= tol, "{what}[{i}]: fused {x} vs composite {y} (tol {tol})");
+        assert!(
+            (x - y).abs() <= tol,
+            "{what}[{i}]: fused {x} vs composite {y} (tol {tol})"
+        );
     }
 }
 
@@ -56,15 +79,28 @@ fn project(y: &Tensor, r: &Var) -> Tensor {
 /// The GradStore holds exactly the variables, nothing for constants.
 fn assert_only_vars(grads: &GradStore, vars: &[&Var], what: &str) {
     let n = grads.get_ids().count();
-    assert_eq!(n, vars.len(), "{what}: gradient store has {n} entries, expected only the {} variables", vars.len());
+    assert_eq!(
+        n,
+        vars.len(),
+        "{what}: gradient store has {n} entries, expected only the {} variables",
+        vars.len()
+    );
     for v in vars {
-        assert!(grads.get(v.as_tensor()).is_some(), "{what}: variable without gradient");
+        assert!(
+            grads.get(v.as_tensor()).is_some(),
+            "{what}: variable without gradient"
+        );
     }
 }
 
 /// Runs `f` fused and composite on the variables, compares outputs and all variable gradients,
 /// and checks the fused store holds only the variables. Returns the composite store's size.
-fn check(what: &str, vars: &[&Var], fused: impl Fn(&[Tensor]) -> Result<Tensor>, reference: impl Fn(&[Tensor]) -> Result<Tensor>) -> usize {
+fn check(
+    what: &str,
+    vars: &[&Var],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> usize {
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let yf = fused(&inputs).unwrap();
     let yr = reference(&inputs).unwrap();
@@ -85,13 +121,30 @@ fn check(what: &str, vars: &[&Var], fused: impl Fn(&[Tensor]) -> Result<Tensor>,
 
 #[test]
 fn rms_norm_matches_composite() {
-    for (k, shape) in [vec![2, 7, 13], vec![3, 576], vec![1, 5, 64], vec![4, 1, 3], vec![2, 150, 576]].into_iter().enumerate() {
+    for (k, shape) in [
+        vec![2, 7, 13],
+        vec![3, 576],
+        vec![1, 5, 64],
+        vec![4, 1, 3],
+        vec![2, 150, 576],
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let d = *shape.last().unwrap();
         let w = (randn(&[d], 10 + k as u64, 0.3) + 1.0).unwrap();
         let x = var(&shape, k as u64, 2.0);
-        let composite_entries = check(&format!("rms_norm {shape:?}"), &[&x], |i| rms_norm(&i[0], &w, 1e-6), |i| rms_norm_reference(&i[0], &w, 1e-6));
+        let composite_entries = check(
+            &format!("rms_norm {shape:?}"),
+            &[&x],
+            |i| rms_norm(&i[0], &w, 1e-6),
+            |i| rms_norm_reference(&i[0], &w, 1e-6),
+        );
         // The composite stores a gradient for the weight; the fused op does not.
-        assert!(composite_entries > 2, "composite store should hold a weight gradient");
+        assert!(
+            composite_entries > 2,
+            "composite store should hold a weight gradient"
+        );
     }
 }
 
@@ -99,19 +152,31 @@ fn rms_norm_matches_composite() {
 fn rms_norm_non_contiguous_input() {
     let w = randn(&[6], 3, 1.0);
     let x = var(&[6, 5], 4, 1.0);
-    check("rms_norm transposed", &[&x], |i| rms_norm(&i[0].t()?, &w, 1e-5), |i| rms_norm_reference(&i[0].t()?, &w, 1e-5));
+    check(
+        "rms_norm transposed",
+        &[&x],
+        |i| rms_norm(&i[0].t()?, &w, 1e-5),
+        |i| rms_norm_reference(&i[0].t()?, &w, 1e-5),
+    );
 }
 
 #[test]
 fn layer_norm_matches_composite() {
-    for (k, shape) in [vec![2, 7, 13], vec![4, 384], vec![3, 1, 5]].into_iter().enumerate() {
+    for (k, shape) in [vec![2, 7, 13], vec![4, 384], vec![3, 1, 5]]
+        .into_iter()
+        .enumerate()
+    {
         let d = *shape.last().unwrap();
         let w = (randn(&[d], 20 + k as u64, 0.3) + 1.0).unwrap();
         let b = randn(&[d], 30 + k as u64, 0.5);
         // An offset mean, as residual streams have.
         let x = Var::from_tensor(&(randn(&shape, k as u64, 2.0) + 3.0).unwrap()).unwrap();
-        let composite_entries =
-            check(&format!("layer_norm {shape:?}"), &[&x], |i| layer_norm(&i[0], &w, &b, 1e-12), |i| layer_norm_reference(&i[0], &w, &b, 1e-12));
+        let composite_entries = check(
+            &format!("layer_norm {shape:?}"),
+            &[&x],
+            |i| layer_norm(&i[0], &w, &b, 1e-12),
+            |i| layer_norm_reference(&i[0], &w, &b, 1e-12),
+        );
         assert!(composite_entries > 2);
     }
 }
@@ -119,7 +184,10 @@ fn layer_norm_matches_composite() {
 #[test]
 fn residual_layer_norm_matches_composite() {
     // 4 × 384 rows as BERT's; 3 × 1 × 5 a single row per batch.
-    for (k, shape) in [vec![2, 7, 13], vec![4, 384], vec![3, 1, 5]].into_iter().enumerate() {
+    for (k, shape) in [vec![2, 7, 13], vec![4, 384], vec![3, 1, 5]]
+        .into_iter()
+        .enumerate()
+    {
         let d = *shape.last().unwrap();
         let w = (randn(&[d], 40 + k as u64, 0.3) + 1.0).unwrap();
         let b = randn(&[d], 50 + k as u64, 0.5);
@@ -133,11 +201,19 @@ fn residual_layer_norm_matches_composite() {
         );
     }
     // An untracked input gets no gradient entry.
-    let (w, b) = (Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap());
+    let (w, b) = (
+        Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
+    );
     let x = var(&[3, 8], 80, 1.0);
     let constant = randn(&[3, 8], 81, 1.0);
     let r = var(&[3, 8], 82, 1.0);
-    let grads = project(&add_layer_norm(x.as_tensor(), &constant, &w, &b, 1e-12).unwrap(), &r).backward().unwrap();
+    let grads = project(
+        &add_layer_norm(x.as_tensor(), &constant, &w, &b, 1e-12).unwrap(),
+        &r,
+    )
+    .backward()
+    .unwrap();
     assert_only_vars(&grads, &[&x, &r], "add_layer_norm with a constant input");
 }
 
@@ -151,7 +227,12 @@ fn trained_norm_weights_and_biases_get_the_composite_gradients() {
         let b = var(&[d], 95 + k as u64, 0.5);
         let x = Var::from_tensor(&(randn(&shape, 100 + k as u64, 2.0) + 3.0).unwrap()).unwrap();
         let sub = var(&shape, 105 + k as u64, 1.0);
-        check(&format!("rms_norm, trained weight {shape:?}"), &[&x, &w], |i| rms_norm(&i[0], &i[1], 1e-6), |i| rms_norm_reference(&i[0], &i[1], 1e-6));
+        check(
+            &format!("rms_norm, trained weight {shape:?}"),
+            &[&x, &w],
+            |i| rms_norm(&i[0], &i[1], 1e-6),
+            |i| rms_norm_reference(&i[0], &i[1], 1e-6),
+        );
         check(
             &format!("layer_norm, trained weight and bias {shape:?}"),
             &[&x, &w, &b],
@@ -169,11 +250,28 @@ fn trained_norm_weights_and_biases_get_the_composite_gradients() {
 
 #[test]
 fn rope_matches_composite() {
-    for (k, (b, h, t, d, offset)) in [(2, 3, 7, 10, 0), (2, 3, 7, 10, 5), (1, 9, 5, 64, 0), (2, 2, 1, 6, 30), (2, 4, 100, 64, 17)].into_iter().enumerate() {
+    for (k, (b, h, t, d, offset)) in [
+        (2, 3, 7, 10, 0),
+        (2, 3, 7, 10, 5),
+        (1, 9, 5, 64, 0),
+        (2, 2, 1, 6, 30),
+        (2, 4, 100, 64, 17),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let rope = Rope::new(d, 128, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
         let x = var(&[b, t, h * d], 40 + k as u64, 1.0);
-        let entries = check(&format!("rope {:?}", (b, h, t, d, offset)), &[&x], |i| rope.apply(&i[0], offset), |i| rope.apply_reference(&i[0], offset));
-        assert!(entries > 2, "composite store should hold gradients for the tables");
+        let entries = check(
+            &format!("rope {:?}", (b, h, t, d, offset)),
+            &[&x],
+            |i| rope.apply(&i[0], offset),
+            |i| rope.apply_reference(&i[0], offset),
+        );
+        assert!(
+            entries > 2,
+            "composite store should hold gradients for the tables"
+        );
     }
     // Still refuses positions beyond the table.
     let rope = Rope::new(8, 4, 10000.0, &RopeScaling::Default, &Device::Cpu).unwrap();
@@ -194,25 +292,102 @@ fn left_padding(b: usize, s: usize, pads: &[usize]) -> Tensor {
 fn attention_matches_composite() {
     let dev = Device::Cpu;
     // (b, h, h_kv, t, s, d, mask kind, padded positions per row)
-    type Case = (usize, usize, usize, usize, usize, usize, Option<MaskKind>, Vec<usize>);
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<MaskKind>,
+        Vec<usize>,
+    );
     let cases: Vec<Case> = vec![
         // causal + left padding: the first query of row 1 sees only padding (fully masked row)
-        (2, 6, 2, 7, 7, 10, Some(MaskKind::Causal { sliding_window: None }), vec![0, 2]),
+        (
+            2,
+            6,
+            2,
+            7,
+            7,
+            10,
+            Some(MaskKind::Causal {
+                sliding_window: None,
+            }),
+            vec![0, 2],
+        ),
         // SmolLM-like heads, causal without padding ([1, 1, t, s] mask)
-        (1, 9, 3, 13, 13, 64, Some(MaskKind::Causal { sliding_window: None }), vec![]),
+        (
+            1,
+            9,
+            3,
+            13,
+            13,
+            64,
+            Some(MaskKind::Causal {
+                sliding_window: None,
+            }),
+            vec![],
+        ),
         // sliding window, multi-head without grouping
-        (2, 4, 4, 9, 9, 8, Some(MaskKind::Causal { sliding_window: Some(3) }), vec![1, 0]),
+        (
+            2,
+            4,
+            4,
+            9,
+            9,
+            8,
+            Some(MaskKind::Causal {
+                sliding_window: Some(3),
+            }),
+            vec![1, 0],
+        ),
         // bidirectional with padding: mask [b, 1, 1, s]
-        (3, 4, 4, 5, 5, 12, Some(MaskKind::Bidirectional), vec![0, 3, 5]),
+        (
+            3,
+            4,
+            4,
+            5,
+            5,
+            12,
+            Some(MaskKind::Bidirectional),
+            vec![0, 3, 5],
+        ),
         // queries after a cache: t < s
-        (2, 6, 3, 3, 11, 16, Some(MaskKind::Causal { sliding_window: None }), vec![4, 0]),
+        (
+            2,
+            6,
+            3,
+            3,
+            11,
+            16,
+            Some(MaskKind::Causal {
+                sliding_window: None,
+            }),
+            vec![4, 0],
+        ),
         // large enough to be split over threads: rows map to mask rows from their global index
-        (2, 6, 2, 64, 64, 16, Some(MaskKind::Causal { sliding_window: None }), vec![5, 40]),
+        (
+            2,
+            6,
+            2,
+            64,
+            64,
+            16,
+            Some(MaskKind::Causal {
+                sliding_window: None,
+            }),
+            vec![5, 40],
+        ),
         // no mask
         (2, 4, 2, 6, 6, 7, None, vec![]),
     ];
     for (k, (b, h, h_kv, t, s, d, kind, pads)) in cases.into_iter().enumerate() {
-        let padding = if pads.is_empty() { None } else { Some(left_padding(b, s, &pads)) };
+        let padding = if pads.is_empty() {
+            None
+        } else {
+            Some(left_padding(b, s, &pads))
+        };
         let mask = match kind {
             Some(kind) => build_mask(kind, t, s, padding.as_ref(), &dev).unwrap(),
             None => None,
@@ -239,8 +414,23 @@ fn attention_fully_masked_query_averages_values() {
     let dev = Device::Cpu;
     let (b, h, h_kv, t, d) = (2, 4, 2, 5, 8);
     let padding = left_padding(b, t, &[0, 2]);
-    let mask = build_mask(MaskKind::Causal { sliding_window: None }, t, t, Some(&padding), &dev).unwrap().unwrap();
-    assert!(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap().contains(&MASKED));
+    let mask = build_mask(
+        MaskKind::Causal {
+            sliding_window: None,
+        },
+        t,
+        t,
+        Some(&padding),
+        &dev,
+    )
+    .unwrap()
+    .unwrap();
+    assert!(mask
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .contains(&MASKED));
     let q = var(&[b, t, h * d], 1, 2.0);
     let k = var(&[b, t, h_kv * d], 2, 2.0);
     let v = var(&[b, t, h_kv * d], 3, 1.0);
@@ -251,10 +441,31 @@ fn attention_fully_masked_query_averages_values() {
         |i| attention(&i[0], &i[1], &i[2], h, Some(&mask), scale),
         |i| attention_reference(&i[0], &i[1], &i[2], h, Some(&mask), scale),
     );
-    let y = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), h, Some(&mask), scale).unwrap();
+    let y = attention(
+        q.as_tensor(),
+        k.as_tensor(),
+        v.as_tensor(),
+        h,
+        Some(&mask),
+        scale,
+    )
+    .unwrap();
     for head in 0..h {
-        let got = y.get(1).unwrap().get(0).unwrap().narrow(0, head * d, d).unwrap();
-        let mean = v.as_tensor().get(1).unwrap().narrow(1, head / (h / h_kv) * d, d).unwrap().mean(0).unwrap();
+        let got = y
+            .get(1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .narrow(0, head * d, d)
+            .unwrap();
+        let mean = v
+            .as_tensor()
+            .get(1)
+            .unwrap()
+            .narrow(1, head / (h / h_kv) * d, d)
+            .unwrap()
+            .mean(0)
+            .unwrap();
         assert_close(&got, &mean, &format!("head {head}, fully masked query"));
     }
 }
@@ -266,7 +477,16 @@ fn attention_long_keys_use_several_query_tiles() {
     let dev = Device::Cpu;
     let (b, h, h_kv, t, d) = (1, 2, 1, 300, 8);
     let padding = left_padding(b, t, &[7]);
-    let mask = build_mask(MaskKind::Causal { sliding_window: Some(40) }, t, t, Some(&padding), &dev).unwrap();
+    let mask = build_mask(
+        MaskKind::Causal {
+            sliding_window: Some(40),
+        },
+        t,
+        t,
+        Some(&padding),
+        &dev,
+    )
+    .unwrap();
     let q = var(&[b, t, h * d], 11, 1.5);
     let k = var(&[b, t, h_kv * d], 12, 1.5);
     let v = var(&[b, t, h_kv * d], 13, 1.0);
@@ -279,12 +499,27 @@ fn attention_long_keys_use_several_query_tiles() {
 }
 
 /// Composite attention of each sequence alone (its own `[len, len]` mask), concatenated.
-fn attention_each_alone(q: &Tensor, k: &Tensor, v: &Tensor, h: usize, lens: &[usize], kind: MaskKind, scale: f64) -> Result<Tensor> {
+fn attention_each_alone(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    h: usize,
+    lens: &[usize],
+    kind: MaskKind,
+    scale: f64,
+) -> Result<Tensor> {
     let mut outs = vec![];
     let mut start = 0;
     for &len in lens {
         let mask = build_mask(kind, len, len, None, &Device::Cpu)?;
-        outs.push(attention_reference(&q.narrow(1, start, len)?, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?, h, mask.as_ref(), scale)?);
+        outs.push(attention_reference(
+            &q.narrow(1, start, len)?,
+            &k.narrow(1, start, len)?,
+            &v.narrow(1, start, len)?,
+            h,
+            mask.as_ref(),
+            scale,
+        )?);
         start += len;
     }
     Tensor::cat(&outs, 1)
@@ -295,11 +530,21 @@ fn attention_varlen_matches_each_sequence_alone() {
     // (h, h_kv, d, lengths, mask kind): sequences end to end in one row, against the composite
     // of each sequence on its own; values and the gradients of q, k and v. A query that saw
     // another sequence's keys would change its output and fail this.
-    let causal = MaskKind::Causal { sliding_window: None };
+    let causal = MaskKind::Causal {
+        sliding_window: None,
+    };
     let cases: Vec<(usize, usize, usize, Vec<usize>, MaskKind)> = vec![
         (6, 2, 10, vec![7, 3, 1, 12], causal),
         (9, 3, 64, vec![13, 13, 5], causal),
-        (4, 4, 8, vec![9, 2, 6], MaskKind::Causal { sliding_window: Some(3) }),
+        (
+            4,
+            4,
+            8,
+            vec![9, 2, 6],
+            MaskKind::Causal {
+                sliding_window: Some(3),
+            },
+        ),
         (4, 4, 12, vec![5, 8, 1, 3], MaskKind::Bidirectional),
         // a 300-token sequence spans several query tiles, next to short ones
         (2, 1, 8, vec![4, 300, 17], causal),
@@ -324,7 +569,9 @@ fn attention_varlen_matches_each_sequence_alone() {
 fn attention_varlen_refuses_lengths_that_do_not_cover_the_row() {
     let q = randn(&[1, 6, 8], 1, 1.0);
     for lens in [vec![2, 3], vec![6, 0], vec![3, 4]] {
-        let err = attention_varlen(&q, &q, &q, 2, &lens, MaskKind::Bidirectional, 0.5).unwrap_err().to_string();
+        let err = attention_varlen(&q, &q, &q, 2, &lens, MaskKind::Bidirectional, 0.5)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("do not hold sequences"), "{lens:?}: {err}");
     }
 }
@@ -346,8 +593,16 @@ fn rope_at_positions_equals_rope_per_sequence() {
         }
         Tensor::cat(&outs, 1)
     };
-    check("rope at positions", &[&x], |i| rope.apply_at(&i[0], &positions), |i| per_seq(&i[0]));
-    let err = rope.apply_at(x.as_tensor(), &[64; 15]).unwrap_err().to_string();
+    check(
+        "rope at positions",
+        &[&x],
+        |i| rope.apply_at(&i[0], &positions),
+        |i| per_seq(&i[0]),
+    );
+    let err = rope
+        .apply_at(x.as_tensor(), &[64; 15])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("position 64 exceeds"), "{err}");
 }
 
@@ -358,14 +613,23 @@ fn swiglu_matches_composite() {
     for (k, shape) in [vec![2, 5, 7], vec![7, 10_001]].into_iter().enumerate() {
         let g = var(&shape, 60 + k as u64, 4.0);
         let u = var(&shape, 70 + k as u64, 1.0);
-        check(&format!("swiglu {shape:?}"), &[&g, &u], |i| swiglu(&i[0], &i[1]), |i| swiglu_reference(&i[0], &i[1]));
+        check(
+            &format!("swiglu {shape:?}"),
+            &[&g, &u],
+            |i| swiglu(&i[0], &i[1]),
+            |i| swiglu_reference(&i[0], &i[1]),
+        );
     }
 }
 
 #[test]
 fn low_rank_linear_matches_composite() {
     // (leading dims, in, out, r, bias, quantized base)
-    let cases = [(vec![2, 7], 24, 40, 4, true, false), (vec![9], 64, 16, 8, false, true), (vec![3, 5], 576, 192, 8, false, false)];
+    let cases = [
+        (vec![2, 7], 24, 40, 4, true, false),
+        (vec![9], 64, 16, 8, false, true),
+        (vec![3, 5], 576, 192, 8, false, false),
+    ];
     for (k, (lead, i, o, r, bias, quantized)) in cases.into_iter().enumerate() {
         let w = randn(&[o, i], 80 + k as u64, 0.2);
         let b = bias.then(|| randn(&[o], 90 + k as u64, 0.5));
@@ -389,9 +653,14 @@ fn low_rank_linear_matches_composite() {
             |t| low_rank_linear_reference(&t[0], None, &base, &t[1], &t[2], scale),
         );
         // LoRA dropout: p = 0.3, the mask kept as a constant (scaled 1/0.7 or 0).
-        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 7 + k as u64).unwrap().unwrap();
+        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 7 + k as u64)
+            .unwrap()
+            .unwrap();
         let kept = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(kept.contains(&0.0) && kept.iter().any(|&v| v > 1.0), "mask drops some and scales the rest");
+        assert!(
+            kept.contains(&0.0) && kept.iter().any(|&v| v > 1.0),
+            "mask drops some and scales the rest"
+        );
         check(
             &format!("low-rank linear case {k} with dropout"),
             &[&x, &a, &bm],
@@ -404,7 +673,11 @@ fn low_rank_linear_matches_composite() {
 #[test]
 fn dora_linear_matches_composite() {
     // (leading dims, in, out, r, bias, quantized base)
-    let cases = [(vec![2, 7], 24, 40, 4, true, false), (vec![9], 64, 16, 8, false, true), (vec![3, 5], 96, 72, 8, true, true)];
+    let cases = [
+        (vec![2, 7], 24, 40, 4, true, false),
+        (vec![9], 64, 16, 8, false, true),
+        (vec![3, 5], 96, 72, 8, true, true),
+    ];
     for (k, (lead, i, o, r, bias, quantized)) in cases.into_iter().enumerate() {
         let full = frozen(o, i, 200 + k as u64, bias, quantized);
         let bias_t = full.bias().cloned();
@@ -419,22 +692,84 @@ fn dora_linear_matches_composite() {
         let w0_sq = row_sq_norms(base.weight(), &Device::Cpu).unwrap();
         let norm = weight_norm(&base, &w0_sq, a.as_tensor(), b.as_tensor(), scale).unwrap();
         let dense = base.weight().to_dense(&Device::Cpu).unwrap();
-        let want = (dense + (b.as_tensor().matmul(a.as_tensor()).unwrap() * scale).unwrap()).unwrap().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let want = (dense + (b.as_tensor().matmul(a.as_tensor()).unwrap() * scale).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap();
         assert_close(&norm, &want, &format!("dora weight norm case {k}"));
-        let m = Var::from_tensor(&norm.mul(&(randn(&[o], 240 + k as u64, 0.2) + 1.0).unwrap()).unwrap()).unwrap();
+        let m = Var::from_tensor(
+            &norm
+                .mul(&(randn(&[o], 240 + k as u64, 0.2) + 1.0).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
         let vars = [&x, &a, &b, &m];
         check(
             &format!("dora linear case {k}"),
             &vars,
-            |t| dora_linear(&t[0], None, &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
-            |t| dora_linear_reference(&t[0], None, &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
+            |t| {
+                dora_linear(
+                    &t[0],
+                    None,
+                    &base,
+                    bias_t.as_ref(),
+                    &norm,
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    scale,
+                )
+            },
+            |t| {
+                dora_linear_reference(
+                    &t[0],
+                    None,
+                    &base,
+                    bias_t.as_ref(),
+                    &norm,
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    scale,
+                )
+            },
         );
-        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 9 + k as u64).unwrap().unwrap();
+        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 9 + k as u64)
+            .unwrap()
+            .unwrap();
         check(
             &format!("dora linear case {k} with dropout"),
             &vars,
-            |t| dora_linear(&t[0], Some(&mask), &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
-            |t| dora_linear_reference(&t[0], Some(&mask), &base, bias_t.as_ref(), &norm, &t[1], &t[2], &t[3], scale),
+            |t| {
+                dora_linear(
+                    &t[0],
+                    Some(&mask),
+                    &base,
+                    bias_t.as_ref(),
+                    &norm,
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    scale,
+                )
+            },
+            |t| {
+                dora_linear_reference(
+                    &t[0],
+                    Some(&mask),
+                    &base,
+                    bias_t.as_ref(),
+                    &norm,
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    scale,
+                )
+            },
         );
     }
 }
@@ -442,7 +777,11 @@ fn dora_linear_matches_composite() {
 #[test]
 fn scaled_linear_matches_composite() {
     // (leading dims, in, out, bias, quantized), both sides of the scale.
-    let cases = [(vec![2, 7], 24, 40, true, false), (vec![9], 64, 16, false, true), (vec![3, 5], 96, 72, true, true)];
+    let cases = [
+        (vec![2, 7], 24, 40, true, false),
+        (vec![9], 64, 16, false, true),
+        (vec![3, 5], 96, 72, true, true),
+    ];
     for (k, (lead, i, o, bias, quantized)) in cases.into_iter().enumerate() {
         let base = frozen(o, i, 400 + k as u64, bias, quantized);
         let mut shape = lead.clone();
@@ -478,10 +817,18 @@ fn frozen_mlp_matches_composite() {
     use candle_core::Module;
     // (leading dims, hidden, intermediate, bias, quantized); 7·3000 intermediate values
     // span several parallel chunks with a partial last one.
-    let cases = [(vec![2, 5], 24, 40, true, false), (vec![9], 64, 128, false, true), (vec![7], 32, 3000, false, false)];
+    let cases = [
+        (vec![2, 5], 24, 40, true, false),
+        (vec![9], 64, 128, false, true),
+        (vec![7], 32, 3000, false, false),
+    ];
     for (k, (lead, h, inter, bias, quantized)) in cases.into_iter().enumerate() {
         let s = 200 + 10 * k as u64;
-        let (gate, up, down) = (frozen(inter, h, s, bias, quantized), frozen(inter, h, s + 2, bias, quantized), frozen(h, inter, s + 4, bias, quantized));
+        let (gate, up, down) = (
+            frozen(inter, h, s, bias, quantized),
+            frozen(inter, h, s + 2, bias, quantized),
+            frozen(h, inter, s + 4, bias, quantized),
+        );
         let mut shape = lead.clone();
         shape.push(h);
         let x = var(&shape, s + 6, 1.0);
@@ -489,16 +836,31 @@ fn frozen_mlp_matches_composite() {
             &format!("swiglu MLP case {k}"),
             &[&x],
             |t| swiglu_mlp(&t[0], &gate, &up, &down),
-            |t| down.forward(&swiglu_reference(&gate.forward(&t[0])?, &up.forward(&t[0])?)?),
+            |t| {
+                down.forward(&swiglu_reference(
+                    &gate.forward(&t[0])?,
+                    &up.forward(&t[0])?,
+                )?)
+            },
         );
-        check(&format!("gelu MLP case {k}"), &[&x], |t| gelu_mlp(&t[0], &up, &down), |t| down.forward(&gelu(&up.forward(&t[0])?)?));
+        check(
+            &format!("gelu MLP case {k}"),
+            &[&x],
+            |t| gelu_mlp(&t[0], &up, &down),
+            |t| down.forward(&gelu(&up.forward(&t[0])?)?),
+        );
         // IA3 on the down projection: its input scaled by a trainable l: [1, intermediate].
         let l = var(&[1, inter], s + 8, 1.0);
         check(
             &format!("swiglu MLP case {k}, down input scaled"),
             &[&x, &l],
             |t| swiglu_mlp_scaled(&t[0], &gate, &up, &down, Some(&t[1])),
-            |t| down.forward(&swiglu_reference(&gate.forward(&t[0])?, &up.forward(&t[0])?)?.broadcast_mul(&t[1])?),
+            |t| {
+                down.forward(
+                    &swiglu_reference(&gate.forward(&t[0])?, &up.forward(&t[0])?)?
+                        .broadcast_mul(&t[1])?,
+                )
+            },
         );
         check(
             &format!("gelu MLP case {k}, down input scaled"),
@@ -513,10 +875,17 @@ fn frozen_mlp_matches_composite() {
 /// same graph recomputes them and gives the same gradient.
 #[test]
 fn frozen_mlp_second_backward_recomputes() {
-    let (gate, up, down) = (frozen(48, 16, 300, true, false), frozen(48, 16, 302, true, false), frozen(16, 48, 304, true, false));
+    let (gate, up, down) = (
+        frozen(48, 16, 300, true, false),
+        frozen(48, 16, 302, true, false),
+        frozen(16, 48, 304, true, false),
+    );
     let x = var(&[3, 16], 306, 1.0);
     let r = var(&[3, 16], 307, 1.0);
-    for y in [swiglu_mlp(x.as_tensor(), &gate, &up, &down).unwrap(), gelu_mlp(x.as_tensor(), &up, &down).unwrap()] {
+    for y in [
+        swiglu_mlp(x.as_tensor(), &gate, &up, &down).unwrap(),
+        gelu_mlp(x.as_tensor(), &up, &down).unwrap(),
+    ] {
         let loss = project(&y, &r);
         let first = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
         let second = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
@@ -526,12 +895,23 @@ fn frozen_mlp_second_backward_recomputes() {
 
 fn labels(n: usize, v: usize, seed: u64, ignore_every: usize) -> Vec<i64> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|i| if ignore_every > 0 && i % ignore_every == 1 { IGNORE_INDEX } else { rng.gen_range(0..v as i64) }).collect()
+    (0..n)
+        .map(|i| {
+            if ignore_every > 0 && i % ignore_every == 1 {
+                IGNORE_INDEX
+            } else {
+                rng.gen_range(0..v as i64)
+            }
+        })
+        .collect()
 }
 
 #[test]
 fn cross_entropy_matches_composite() {
-    for (k, (n, v, ignore_every)) in [(37, 1001, 3), (5, 7, 0), (16, 49, 2)].into_iter().enumerate() {
+    for (k, (n, v, ignore_every)) in [(37, 1001, 3), (5, 7, 0), (16, 49, 2)]
+        .into_iter()
+        .enumerate()
+    {
         let y = Tensor::new(labels(n, v, k as u64, ignore_every), &Device::Cpu).unwrap();
         let x = var(&[n, v], 500 + k as u64, 4.0);
         let (lf, cf) = cross_entropy(x.as_tensor(), &y).unwrap();
@@ -541,17 +921,28 @@ fn cross_entropy_matches_composite() {
         let gf = lf.backward().unwrap();
         let gr = lr.backward().unwrap();
         assert_only_vars(&gf, &[&x], "cross_entropy");
-        assert_close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), "cross_entropy grad");
+        assert_close(
+            gf.get(x.as_tensor()).unwrap(),
+            gr.get(x.as_tensor()).unwrap(),
+            "cross_entropy grad",
+        );
         // Scaled upstream gradient (loss · 2.5) flows through.
         let gf = (&lf * 2.5).unwrap().backward().unwrap();
         let gr = (&lr * 2.5).unwrap().backward().unwrap();
-        assert_close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), "cross_entropy scaled grad");
+        assert_close(
+            gf.get(x.as_tensor()).unwrap(),
+            gr.get(x.as_tensor()).unwrap(),
+            "cross_entropy scaled grad",
+        );
     }
 }
 
 #[test]
 fn causal_lm_loss_matches_composite() {
-    for (k, (b, t, v)) in [(3, 9, 517), (2, 2, 33), (1, 12, 1024)].into_iter().enumerate() {
+    for (k, (b, t, v)) in [(3, 9, 517), (2, 2, 33), (1, 12, 1024)]
+        .into_iter()
+        .enumerate()
+    {
         let y = Tensor::from_vec(labels(b * t, v, 60 + k as u64, 4), (b, t), &Device::Cpu).unwrap();
         let x = var(&[b, t, v], 600 + k as u64, 3.0);
         let (lf, cf) = causal_lm_loss(x.as_tensor(), &y).unwrap();
@@ -561,7 +952,11 @@ fn causal_lm_loss_matches_composite() {
         let gf = lf.backward().unwrap();
         let gr = lr.backward().unwrap();
         assert_only_vars(&gf, &[&x], "causal_lm_loss");
-        assert_close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), "causal_lm_loss grad");
+        assert_close(
+            gf.get(x.as_tensor()).unwrap(),
+            gr.get(x.as_tensor()).unwrap(),
+            "causal_lm_loss grad",
+        );
     }
 }
 
@@ -573,19 +968,38 @@ fn loss_with_nothing_counted_is_zero() {
     assert_eq!(c, 0);
     assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
     let g = l.backward().unwrap();
-    let g = g.get(x.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let g = g
+        .get(x.as_tensor())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(g, 0.0);
     // A single position: nothing to predict.
-    let (l, c) = causal_lm_loss(&randn(&[2, 1, 11], 2, 1.0), &Tensor::zeros((2, 1), DType::I64, &Device::Cpu).unwrap()).unwrap();
+    let (l, c) = causal_lm_loss(
+        &randn(&[2, 1, 11], 2, 1.0),
+        &Tensor::zeros((2, 1), DType::I64, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     assert_eq!((l.to_scalar::<f32>().unwrap(), c), (0.0, 0));
     // Out-of-range labels are an error, as in torch.
-    assert!(cross_entropy(&randn(&[2, 5], 3, 1.0), &Tensor::new(&[1i64, 5], &Device::Cpu).unwrap()).is_err());
+    assert!(cross_entropy(
+        &randn(&[2, 5], 3, 1.0),
+        &Tensor::new(&[1i64, 5], &Device::Cpu).unwrap()
+    )
+    .is_err());
 }
 
 #[test]
 fn other_dtypes_take_the_composite_path() {
     let x = randn(&[3, 8], 1, 1.0).to_dtype(DType::F64).unwrap();
-    let w = (randn(&[8], 2, 0.3) + 1.0).unwrap().to_dtype(DType::F64).unwrap();
+    let w = (randn(&[8], 2, 0.3) + 1.0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let eps = 1e-6;
     let a = rms_norm(&x, &w, eps).unwrap();
     assert_eq!(a.dtype(), DType::F64);
@@ -595,13 +1009,22 @@ fn other_dtypes_take_the_composite_path() {
     let by_hand: Vec<Vec<f64>> = xs
         .iter()
         .map(|row| {
-            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt();
+            let inv =
+                1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt();
             row.iter().zip(&ws).map(|(v, w)| v * inv * w).collect()
         })
         .collect();
     let got = a.to_vec2::<f64>().unwrap();
-    for (i, (g, h)) in got.iter().flatten().zip(by_hand.iter().flatten()).enumerate() {
+    for (i, (g, h)) in got
+        .iter()
+        .flatten()
+        .zip(by_hand.iter().flatten())
+        .enumerate()
+    {
         // The composite computes in f32: a few f32 ulps.
-        assert!((g - h).abs() <= 1e-6 * h.abs().max(1e-3), "f64 rms_norm[{i}]: {g} vs by hand {h}");
+        assert!(
+            (g - h).abs() <= 1e-6 * h.abs().max(1e-3),
+            "f64 rms_norm[{i}]: {g} vs by hand {h}"
+        );
     }
 }

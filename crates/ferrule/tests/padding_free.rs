@@ -31,18 +31,41 @@ struct Built {
 
 /// The fixture `model` with `adapter` (its trainable tensors set to random values, so that
 /// every one gets a gradient: LoRA's B starts at zero).
-fn build(model: &str, task: Task, adapter: serde_json::Value, quantize: Option<&QuantSpec>) -> Built {
+fn build(
+    model: &str,
+    task: Task,
+    adapter: serde_json::Value,
+    quantize: Option<&QuantSpec>,
+) -> Built {
     let dev = Device::Cpu;
-    let mut src = ModelSource::load_with(fixtures().join("models").join(model).to_str().unwrap(), &dev, quantize).unwrap();
+    let mut src = ModelSource::load_with(
+        fixtures().join("models").join(model).to_str().unwrap(),
+        &dev,
+        quantize,
+    )
+    .unwrap();
     if task == Task::SeqCls {
         src.config["num_labels"] = serde_json::json!(3);
     }
-    let adapter = AdapterConfig::from_json(adapter).unwrap().resolved(src.model_type(), task).unwrap();
-    let tuner = registry::build(&adapter, BuildContext { seed: 1, device: &dev, weights: None, allow_unmatched: false }).unwrap();
+    let adapter = AdapterConfig::from_json(adapter)
+        .unwrap()
+        .resolved(src.model_type(), task)
+        .unwrap();
+    let tuner = registry::build(
+        &adapter,
+        BuildContext {
+            seed: 1,
+            device: &dev,
+            weights: None,
+            allow_unmatched: false,
+        },
+    )
+    .unwrap();
     let model = Model::build(&src, task, tuner.as_ref(), &dev, 0).unwrap();
     tuner.finish().unwrap();
     for (_, v) in tuner.trainable() {
-        v.set(&Tensor::randn(0f32, 0.05, v.shape(), &dev).unwrap()).unwrap();
+        v.set(&Tensor::randn(0f32, 0.05, v.shape(), &dev).unwrap())
+            .unwrap();
     }
     Built { model, tuner }
 }
@@ -54,20 +77,51 @@ fn records(lens: &[usize], vocab: u32, classes: Option<usize>, seed: u64) -> Vec
     lens.iter()
         .map(|&n| {
             let input_ids: Vec<u32> = (0..n).map(|_| rng.gen_range(1..vocab)).collect();
-            let labels = input_ids.iter().enumerate().map(|(i, &t)| if classes.is_some() || i < n / 2 { IGNORE_INDEX } else { t as i64 }).collect();
-            Encoded { input_ids, labels, class_label: classes.map(|c| rng.gen_range(0..c)) }
+            let labels = input_ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    if classes.is_some() || i < n / 2 {
+                        IGNORE_INDEX
+                    } else {
+                        t as i64
+                    }
+                })
+                .collect();
+            Encoded {
+                input_ids,
+                labels,
+                class_label: classes.map(|c| rng.gen_range(0..c)),
+            }
         })
         .collect()
 }
 
 /// Loss, counted targets and the gradient of every trainable tensor for one batch.
-fn loss_and_grads(b: &Built, batch: &ferrule::data::Batch, sink: Option<&Arc<GradSink>>) -> (f32, usize, BTreeMap<String, Tensor>) {
+fn loss_and_grads(
+    b: &Built,
+    batch: &ferrule::data::Batch,
+    sink: Option<&Arc<GradSink>>,
+) -> (f32, usize, BTreeMap<String, Tensor>) {
     let (loss, n, _) = batch_loss(&b.model, batch).unwrap();
     let mut grads = loss.backward().unwrap();
     if let Some(s) = sink {
         s.drain_into(&mut grads).unwrap();
     }
-    let g = b.tuner.trainable().into_iter().map(|(k, v)| (k, grads.get(v.as_tensor()).expect("a trainable tensor without a gradient").clone())).collect();
+    let g = b
+        .tuner
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                grads
+                    .get(v.as_tensor())
+                    .expect("a trainable tensor without a gradient")
+                    .clone(),
+            )
+        })
+        .collect();
     (loss.to_scalar::<f32>().unwrap(), n, g)
 }
 
@@ -78,7 +132,10 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0, "{what}: all zero");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(x.is_finite() && (x - y).abs() <= TOL * (y.abs() + scale), "{what}[{i}]: padding-free {x} vs padded {y}");
+        assert!(
+            x.is_finite() && (x - y).abs() <= TOL * (y.abs() + scale),
+            "{what}[{i}]: padding-free {x} vs padded {y}"
+        );
     }
 }
 
@@ -86,18 +143,34 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
 fn check_equal(what: &str, b: &Built, items: &[Encoded], recompute: bool) {
     let dev = Device::Cpu;
     let refs: Vec<&Encoded> = items.iter().collect();
-    let sink = recompute.then(|| Arc::new(GradSink::new(b.tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()))));
+    let sink = recompute.then(|| {
+        Arc::new(GradSink::new(
+            b.tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()),
+        ))
+    });
     if let Some(s) = &sink {
-        assert!(b.model.set_recompute(Some(s.clone())), "{what}: recompute not on");
+        assert!(
+            b.model.set_recompute(Some(s.clone())),
+            "{what}: recompute not on"
+        );
     }
     let padded = collate(&refs, 0, PaddingSide::Right, &dev).unwrap();
     let packed = pack(&refs, &dev).unwrap();
-    assert_eq!(packed.input_ids.dims(), &[1, items.iter().map(|e| e.len()).sum::<usize>()]);
-    assert!(padded.input_ids.elem_count() > packed.input_ids.elem_count(), "{what}: the records should need padding");
+    assert_eq!(
+        packed.input_ids.dims(),
+        &[1, items.iter().map(|e| e.len()).sum::<usize>()]
+    );
+    assert!(
+        padded.input_ids.elem_count() > packed.input_ids.elem_count(),
+        "{what}: the records should need padding"
+    );
     let (lp, np, gp) = loss_and_grads(b, &padded, sink.as_ref());
     let (lf, nf, gf) = loss_and_grads(b, &packed, sink.as_ref());
     assert_eq!(np, nf, "{what}: counted targets");
-    assert!((lp - lf).abs() <= TOL * lp.abs(), "{what}: loss padding-free {lf} vs padded {lp}");
+    assert!(
+        (lp - lf).abs() <= TOL * lp.abs(),
+        "{what}: loss padding-free {lf} vs padded {lp}"
+    );
     assert_eq!(gp.len(), gf.len());
     for (k, g) in &gp {
         assert_close(&gf[k], g, &format!("{what}: grad of {k}"));
@@ -112,7 +185,15 @@ fn lora(targets: &[&str]) -> serde_json::Value {
 #[test]
 fn decoder_losses_and_gradients_equal_the_padded_batch() {
     let lens = [9, 3, 17, 6];
-    let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
     // llama: GQA; mistral: a sliding window of 4, shorter than three of the records.
     for model in ["llama", "mistral", "qwen2"] {
         let b = build(model, Task::CausalLm, lora(&all), None);
@@ -123,17 +204,42 @@ fn decoder_losses_and_gradients_equal_the_padded_batch() {
     let nf4 = QuantSpec::new(QuantMethod::Nf4, 64, true).unwrap();
     let b = build("llama", Task::CausalLm, lora(&all), Some(&nf4));
     check_equal("llama NF4 LoRA", &b, &records(&lens, 200, None, 8), false);
-    check_equal("llama NF4 LoRA, recompute", &b, &records(&lens, 200, None, 8), true);
+    check_equal(
+        "llama NF4 LoRA, recompute",
+        &b,
+        &records(&lens, 200, None, 8),
+        true,
+    );
     // Methods on norms and embeddings go through the same layout.
-    let b = build("llama", Task::CausalLm, serde_json::json!({"peft_type": "LN_TUNING"}), None);
+    let b = build(
+        "llama",
+        Task::CausalLm,
+        serde_json::json!({"peft_type": "LN_TUNING"}),
+        None,
+    );
     check_equal("llama LN tuning", &b, &records(&lens, 200, None, 9), false);
-    let b = build("llama", Task::CausalLm, lora(&["embed_tokens", "q_proj"]), None);
-    check_equal("llama LoRA on embeddings", &b, &records(&lens, 200, None, 10), false);
+    let b = build(
+        "llama",
+        Task::CausalLm,
+        lora(&["embed_tokens", "q_proj"]),
+        None,
+    );
+    check_equal(
+        "llama LoRA on embeddings",
+        &b,
+        &records(&lens, 200, None, 10),
+        false,
+    );
 }
 
 #[test]
 fn bert_classification_losses_and_gradients_equal_the_padded_batch() {
-    let b = build("bert", Task::SeqCls, lora(&["query", "value", "intermediate.dense"]), None);
+    let b = build(
+        "bert",
+        Task::SeqCls,
+        lora(&["query", "value", "intermediate.dense"]),
+        None,
+    );
     let items = records(&[5, 12, 2, 8, 8], 90, Some(3), 11);
     check_equal("bert SEQ_CLS LoRA", &b, &items, false);
     let b = build(
@@ -155,7 +261,11 @@ fn packed_outputs(m: &Model, items: &[&Encoded]) -> Vec<Tensor> {
     lens.iter()
         .enumerate()
         .map(|(i, &l)| {
-            let o = if m.task == Task::CausalLm { out.squeeze(0).unwrap().narrow(0, start, l).unwrap() } else { out.get(i).unwrap() };
+            let o = if m.task == Task::CausalLm {
+                out.squeeze(0).unwrap().narrow(0, start, l).unwrap()
+            } else {
+                out.get(i).unwrap()
+            };
             start += l;
             o
         })
@@ -174,15 +284,28 @@ fn no_record_attends_to_another_in_a_padding_free_batch() {
     ] {
         let b = build(model, task, lora(&targets), None);
         let classes = (task == Task::SeqCls).then_some(3);
-        let [target, before, after, other, same_len]: [Encoded; 5] = records(&[7, 11, 5, 11, 7], vocab, classes, 21).try_into().ok().unwrap();
+        let [target, before, after, other, same_len]: [Encoded; 5] =
+            records(&[7, 11, 5, 11, 7], vocab, classes, 21)
+                .try_into()
+                .ok()
+                .unwrap();
         let alone = &packed_outputs(&b.model, &[&target])[0];
         let with_others = &packed_outputs(&b.model, &[&before, &target, &after])[1];
         let others_changed = &packed_outputs(&b.model, &[&other, &target, &after])[1];
-        for (got, what) in [(with_others, "packed with others"), (others_changed, "others' tokens changed")] {
+        for (got, what) in [
+            (with_others, "packed with others"),
+            (others_changed, "others' tokens changed"),
+        ] {
             let d = max_diff(got, alone);
-            assert!(d <= 1e-5, "{model}: record's output {what} moved by {d} from the record alone");
+            assert!(
+                d <= 1e-5,
+                "{model}: record's output {what} moved by {d} from the record alone"
+            );
         }
-        assert!(max_diff(&packed_outputs(&b.model, &[&same_len])[0], alone) > 1e-3, "{model}: different records should differ");
+        assert!(
+            max_diff(&packed_outputs(&b.model, &[&same_len])[0], alone) > 1e-3,
+            "{model}: different records should differ"
+        );
     }
 }
 
@@ -193,12 +316,22 @@ fn methods_that_add_positions_train_on_padded_batches_and_say_so() {
         model: fixtures().join("models/llama").display().to_string(),
         data: fixtures().join("data/chat.jsonl"),
         output_dir: out.path().to_path_buf(),
-        adapter: Some(AdapterConfig::from_json(serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3})).unwrap()),
+        adapter: Some(
+            AdapterConfig::from_json(
+                serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}),
+            )
+            .unwrap(),
+        ),
         max_steps: Some(1),
         ..Default::default()
     };
     let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap();
-    assert!(s.padding.starts_with("padded to each batch's longest record: PROMPT_TUNING adds positions"), "{}", s.padding);
+    assert!(
+        s.padding
+            .starts_with("padded to each batch's longest record: PROMPT_TUNING adds positions"),
+        "{}",
+        s.padding
+    );
 }
 
 #[test]
@@ -213,7 +346,9 @@ fn a_training_run_is_the_same_padded_or_padding_free() {
             model: fixtures().join("models/llama").display().to_string(),
             data: fixtures().join("data/chat.jsonl"),
             output_dir: out.path().to_path_buf(),
-            adapter: Some(AdapterConfig::from_json(lora(&["q_proj", "v_proj", "down_proj"])).unwrap()),
+            adapter: Some(
+                AdapterConfig::from_json(lora(&["q_proj", "v_proj", "down_proj"])).unwrap(),
+            ),
             padding: Some(padding),
             max_len: Some(64),
             batch_size: Some(4),
@@ -224,21 +359,37 @@ fn a_training_run_is_the_same_padded_or_padding_free() {
             ..Default::default()
         };
         let s = train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
-        let metrics = ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl")).unwrap();
-        let losses: Vec<f64> = metrics.iter().filter_map(|m| m.get("loss").and_then(|v| v.as_f64())).collect();
-        let adapter = candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &dev).unwrap();
+        let metrics =
+            ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = metrics
+            .iter()
+            .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
+            .collect();
+        let adapter =
+            candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &dev)
+                .unwrap();
         (s, losses, adapter)
     };
     let (free, lf, af) = run(Padding::Free);
     let (padded, lp, ap) = run(Padding::Longest);
     assert!(free.padding.starts_with("padding-free"), "{}", free.padding);
-    assert_eq!(free.tokens_per_sec.is_some(), padded.tokens_per_sec.is_some());
+    assert_eq!(
+        free.tokens_per_sec.is_some(),
+        padded.tokens_per_sec.is_some()
+    );
     assert_eq!(lf.len(), 10);
     for (i, (a, b)) in lf.iter().zip(&lp).enumerate() {
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {}: loss {a} padding-free vs {b} padded", i + 1);
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "step {}: loss {a} padding-free vs {b} padded",
+            i + 1
+        );
     }
     for (k, t) in &ap {
-        let d = max_diff(&af[k].to_dtype(DType::F32).unwrap(), &t.to_dtype(DType::F32).unwrap());
+        let d = max_diff(
+            &af[k].to_dtype(DType::F32).unwrap(),
+            &t.to_dtype(DType::F32).unwrap(),
+        );
         assert!(d <= 1e-4, "{k}: adapters differ by {d}");
     }
 }

@@ -27,10 +27,34 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { name: "llama_prompt_tuning", model: "llama", task: Task::CausalLm, virtual_positions: 4, grads: true },
-    Case { name: "llama_prefix_tuning", model: "llama", task: Task::CausalLm, virtual_positions: 0, grads: true },
-    Case { name: "llama_prefix_tuning_proj", model: "llama", task: Task::CausalLm, virtual_positions: 0, grads: true },
-    Case { name: "bert_prompt_tuning_seqcls", model: "bert", task: Task::SeqCls, virtual_positions: 0, grads: false },
+    Case {
+        name: "llama_prompt_tuning",
+        model: "llama",
+        task: Task::CausalLm,
+        virtual_positions: 4,
+        grads: true,
+    },
+    Case {
+        name: "llama_prefix_tuning",
+        model: "llama",
+        task: Task::CausalLm,
+        virtual_positions: 0,
+        grads: true,
+    },
+    Case {
+        name: "llama_prefix_tuning_proj",
+        model: "llama",
+        task: Task::CausalLm,
+        virtual_positions: 0,
+        grads: true,
+    },
+    Case {
+        name: "bert_prompt_tuning_seqcls",
+        model: "bert",
+        task: Task::SeqCls,
+        virtual_positions: 0,
+        grads: false,
+    },
 ];
 
 fn model_dir(model: &str) -> String {
@@ -55,17 +79,28 @@ fn build(case: &Case) -> (Model, Box<dyn Tuner>) {
 }
 
 fn inputs(case: &Case) -> HashMap<String, Tensor> {
-    load(if case.task == Task::SeqCls { "inputs/bert.safetensors" } else { "inputs/decoder.safetensors" })
+    load(if case.task == Task::SeqCls {
+        "inputs/bert.safetensors"
+    } else {
+        "inputs/decoder.safetensors"
+    })
 }
 
 fn forward(model: &Model, inputs: &HashMap<String, Tensor>) -> Tensor {
     model
-        .forward(&Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: inputs.get("token_type_ids") })
+        .forward(&Inputs {
+            input_ids: &inputs["input_ids"],
+            attention_mask: Some(&inputs["attention_mask"]),
+            token_type_ids: inputs.get("token_type_ids"),
+        })
         .unwrap()
 }
 
 fn keys_json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("methods").join(name).join("keys.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("methods").join(name).join("keys.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -73,7 +108,9 @@ fn peft_adapters_reproduce_peft_logits_on_the_callers_positions() {
     for case in CASES {
         let (model, _) = build(case);
         let inp = inputs(case);
-        let mut want = load(&format!("methods/{}/logits.safetensors", case.name)).remove("logits").unwrap();
+        let mut want = load(&format!("methods/{}/logits.safetensors", case.name))
+            .remove("logits")
+            .unwrap();
         if case.virtual_positions > 0 {
             // peft's output starts with the virtual positions; ferrule's covers the input's.
             let t = inp["input_ids"].dim(1).unwrap();
@@ -89,23 +126,44 @@ fn peft_adapters_reproduce_peft_logits_on_the_callers_positions() {
 
 #[test]
 fn parameter_counts_equal_peft() {
-    let counts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("methods/param_counts.json")).unwrap()).unwrap();
+    let counts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("methods/param_counts.json")).unwrap(),
+    )
+    .unwrap();
     for case in CASES {
         let (model, tuner) = build(case);
         // A reloaded adapter holds what peft reloads (the projected prefix is a plain table
         // then); peft's inference-mode reload freezes the SEQ_CLS classifier copy, which
         // ferrule keeps trainable (66 elements, in the total either way).
         let reloaded = &keys_json(case.name)["counts_after_reload"];
-        let (tr, tot) = (ferrule::tuners::trainable_params(tuner.as_ref()), ferrule::tuners::total_params(model.base_params, tuner.as_ref()));
+        let (tr, tot) = (
+            ferrule::tuners::trainable_params(tuner.as_ref()),
+            ferrule::tuners::total_params(model.base_params, tuner.as_ref()),
+        );
         let classifier = if case.task == Task::SeqCls { 66 } else { 0 };
-        assert_eq!(tr as u64, reloaded[0].as_u64().unwrap() + classifier, "{} trainable", case.name);
-        assert_eq!(tot as u64, reloaded[1].as_u64().unwrap(), "{} total", case.name);
+        assert_eq!(
+            tr as u64,
+            reloaded[0].as_u64().unwrap() + classifier,
+            "{} trainable",
+            case.name
+        );
+        assert_eq!(
+            tot as u64,
+            reloaded[1].as_u64().unwrap(),
+            "{} total",
+            case.name
+        );
     }
     // A fresh adapter of each config counts what peft counted when it made it (the prefix MLP
     // included).
     for case in CASES {
         let (model, tuner) = fresh(case);
-        assert_eq!(ferrule::tuners::trainable_params(tuner.as_ref()) as u64, counts[case.name]["trainable"].as_u64().unwrap(), "{} fresh trainable", case.name);
+        assert_eq!(
+            ferrule::tuners::trainable_params(tuner.as_ref()) as u64,
+            counts[case.name]["trainable"].as_u64().unwrap(),
+            "{} fresh trainable",
+            case.name
+        );
         assert_eq!(
             ferrule::tuners::total_params(model.base_params, tuner.as_ref()) as u64,
             counts[case.name]["total"].as_u64().unwrap(),
@@ -118,31 +176,78 @@ fn parameter_counts_equal_peft() {
 /// A fresh (untrained) adapter with the fixture's config.
 fn fresh(case: &Case) -> (Model, Box<dyn Tuner>) {
     let dev = Device::Cpu;
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("methods").join(case.name).join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            fixtures()
+                .join("methods")
+                .join(case.name)
+                .join("adapter_config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let config = AdapterConfig::from_json(cfg).unwrap();
-    let tuner = ferrule::tuners::registry::build(&config, BuildContext { seed: 7, device: &dev, weights: None, allow_unmatched: false }).unwrap();
+    let tuner = ferrule::tuners::registry::build(
+        &config,
+        BuildContext {
+            seed: 7,
+            device: &dev,
+            weights: None,
+            allow_unmatched: false,
+        },
+    )
+    .unwrap();
     let model = Model::build(&source(case), case.task, tuner.as_ref(), &dev, 0).unwrap();
     tuner.finish().unwrap();
     (model, tuner)
 }
 
-fn loss_grads(model: &Model, tuner: &dyn Tuner, labels: &Tensor, recompute: bool) -> (f32, HashMap<String, Tensor>) {
+fn loss_grads(
+    model: &Model,
+    tuner: &dyn Tuner,
+    labels: &Tensor,
+    recompute: bool,
+) -> (f32, HashMap<String, Tensor>) {
     let inp = load("inputs/decoder.safetensors");
-    let sink = recompute.then(|| std::sync::Arc::new(GradSink::new(tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()))));
+    let sink = recompute.then(|| {
+        std::sync::Arc::new(GradSink::new(
+            tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()),
+        ))
+    });
     assert_eq!(model.set_recompute(sink.clone()), recompute);
-    let Arch::Decoder(lm) = &model.arch else { panic!("decoder expected") };
-    let (loss, _) = lm.causal_lm_loss(&inp["input_ids"], Some(&inp["attention_mask"]), labels).unwrap();
+    let Arch::Decoder(lm) = &model.arch else {
+        panic!("decoder expected")
+    };
+    let (loss, _) = lm
+        .causal_lm_loss(&inp["input_ids"], Some(&inp["attention_mask"]), labels)
+        .unwrap();
     let mut grads = loss.backward().unwrap();
     if let Some(s) = &sink {
         s.drain_into(&mut grads).unwrap();
     }
-    let out = tuner.trainable().into_iter().map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).clone())).collect();
+    let out = tuner
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{k}: no gradient"))
+                    .clone(),
+            )
+        })
+        .collect();
     (loss.to_scalar::<f32>().unwrap(), out)
 }
 
 fn scalar(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0]
 }
 
 #[test]
@@ -152,10 +257,19 @@ fn gradients_match_torch_with_and_without_recomputation() {
         for recompute in [false, true] {
             let (model, tuner) = build(case);
             let (loss, grads) = loss_grads(&model, tuner.as_ref(), &exp["labels"], recompute);
-            assert!((loss - scalar(&exp["loss"])).abs() < 1e-4, "{} loss {loss} vs {}", case.name, scalar(&exp["loss"]));
+            assert!(
+                (loss - scalar(&exp["loss"])).abs() < 1e-4,
+                "{} loss {loss} vs {}",
+                case.name,
+                scalar(&exp["loss"])
+            );
             for (k, g) in &grads {
                 let d = max_diff_masked(g, &exp[k], None);
-                assert!(d < 1e-4, "{} recompute={recompute} {k}: max |Δgrad| = {d}", case.name);
+                assert!(
+                    d < 1e-4,
+                    "{} recompute={recompute} {k}: max |Δgrad| = {d}",
+                    case.name
+                );
             }
         }
     }
@@ -169,19 +283,36 @@ fn projected_prefix_equals_the_mlp_peft_trained() {
     let case = &CASES[2];
     let encoder = load(&format!("methods/{}/encoder.safetensors", case.name));
     let exp = load(&format!("methods/{}/encoder_grads.safetensors", case.name));
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("methods").join(case.name).join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            fixtures()
+                .join("methods")
+                .join(case.name)
+                .join("adapter_config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let tuner = ferrule::tuners::registry::build(
         &AdapterConfig::from_json(cfg).unwrap(),
-        BuildContext { seed: 0, device: &dev, weights: Some(encoder), allow_unmatched: false },
+        BuildContext {
+            seed: 0,
+            device: &dev,
+            weights: Some(encoder),
+            allow_unmatched: false,
+        },
     )
     .unwrap();
     let model = Model::build(&source(case), case.task, tuner.as_ref(), &dev, 0).unwrap();
     tuner.finish().unwrap();
     let saved = tuner.saved_tensors().unwrap();
     assert_eq!(saved.len(), 1);
-    let want = &load(&format!("methods/{}/adapter_model.safetensors", case.name))["prompt_embeddings"];
-    assert!(max_diff_masked(&saved[0].1, want, None) < 1e-5, "projected table differs from peft's saved one");
+    let want =
+        &load(&format!("methods/{}/adapter_model.safetensors", case.name))["prompt_embeddings"];
+    assert!(
+        max_diff_masked(&saved[0].1, want, None) < 1e-5,
+        "projected table differs from peft's saved one"
+    );
     let labels = &load(&format!("methods/{}/grads.safetensors", case.name))["labels"];
     let (loss, grads) = loss_grads(&model, tuner.as_ref(), labels, false);
     assert!((loss - scalar(&exp["loss"])).abs() < 1e-4);
@@ -195,7 +326,13 @@ fn projected_prefix_equals_the_mlp_peft_trained() {
 /// TEXT init: the text's tokens repeated to num_virtual_tokens, their embedding rows.
 #[test]
 fn text_initialisation_equals_peft() {
-    let case = Case { name: "llama_prompt_tuning_text", model: "llama", task: Task::CausalLm, virtual_positions: 6, grads: false };
+    let case = Case {
+        name: "llama_prompt_tuning_text",
+        model: "llama",
+        task: Task::CausalLm,
+        virtual_positions: 6,
+        grads: false,
+    };
     let want = load("methods/llama_prompt_tuning_text/initial.safetensors");
     // The fixture config names the tokenizer repository-relative.
     let cwd = std::env::current_dir().unwrap();
@@ -204,7 +341,10 @@ fn text_initialisation_equals_peft() {
     std::env::set_current_dir(cwd).unwrap();
     let (key, table) = &tuner.trainable()[0];
     assert_eq!(key, "prompt_embeddings");
-    assert_eq!(max_diff_masked(table.as_tensor(), &want["prompt_embeddings"], None), 0.0);
+    assert_eq!(
+        max_diff_masked(table.as_tensor(), &want["prompt_embeddings"], None),
+        0.0
+    );
 }
 
 /// Cached greedy decoding (prefill with the padded batch, then one token at a time) picks the
@@ -212,37 +352,85 @@ fn text_initialisation_equals_peft() {
 /// with transformers 5.24; keys.json records both).
 #[test]
 fn cached_greedy_decoding_equals_the_full_forward_loop() {
-    for case in CASES.iter().filter(|c| c.task == Task::CausalLm && c.name != "llama_prefix_tuning_proj") {
+    for case in CASES
+        .iter()
+        .filter(|c| c.task == Task::CausalLm && c.name != "llama_prefix_tuning_proj")
+    {
         let (model, _) = build(case);
-        let Arch::Decoder(lm) = &model.arch else { unreachable!() };
-        let want: Vec<Vec<u32>> = serde_json::from_value(keys_json(case.name)["generate"]["full_forward_greedy_new_tokens"].clone()).unwrap();
+        let Arch::Decoder(lm) = &model.arch else {
+            unreachable!()
+        };
+        let want: Vec<Vec<u32>> = serde_json::from_value(
+            keys_json(case.name)["generate"]["full_forward_greedy_new_tokens"].clone(),
+        )
+        .unwrap();
         let inp = inputs(case);
         let mut mask = inp["attention_mask"].clone();
         let mut cache = lm.new_cache();
         let mut next = inp["input_ids"].clone();
         let mut got: Vec<Vec<u32>> = vec![vec![]; want.len()];
         for _ in 0..want[0].len() {
-            let logits = lm.last_logits(&next, Some(&mask), Some(&mut cache)).unwrap();
-            let picked: Vec<u32> = logits.argmax(1).unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+            let logits = lm
+                .last_logits(&next, Some(&mask), Some(&mut cache))
+                .unwrap();
+            let picked: Vec<u32> = logits
+                .argmax(1)
+                .unwrap()
+                .to_dtype(DType::U32)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             for (row, p) in picked.iter().enumerate() {
                 got[row].push(*p);
             }
-            next = Tensor::new(picked.as_slice(), &Device::Cpu).unwrap().unsqueeze(1).unwrap().to_dtype(inp["input_ids"].dtype()).unwrap();
-            mask = Tensor::cat(&[&mask, &Tensor::ones((want.len(), 1), mask.dtype(), &Device::Cpu).unwrap()], 1).unwrap();
+            next = Tensor::new(picked.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(1)
+                .unwrap()
+                .to_dtype(inp["input_ids"].dtype())
+                .unwrap();
+            mask = Tensor::cat(
+                &[
+                    &mask,
+                    &Tensor::ones((want.len(), 1), mask.dtype(), &Device::Cpu).unwrap(),
+                ],
+                1,
+            )
+            .unwrap();
         }
         assert_eq!(got, want, "{}", case.name);
         // The single-sequence generator on the unpadded row agrees.
-        let prompt: Vec<u32> = inp["input_ids"].i(0).unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap();
-        let opts = ferrule::generate::SamplingOptions { max_new_tokens: want[0].len(), ..Default::default() };
-        assert_eq!(ferrule::generate::generate(lm, &prompt, &opts, |_| {}).unwrap(), want[0], "{} generate", case.name);
+        let prompt: Vec<u32> = inp["input_ids"]
+            .i(0)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let opts = ferrule::generate::SamplingOptions {
+            max_new_tokens: want[0].len(),
+            ..Default::default()
+        };
+        assert_eq!(
+            ferrule::generate::generate(lm, &prompt, &opts, |_| {}).unwrap(),
+            want[0],
+            "{} generate",
+            case.name
+        );
     }
 }
 
 fn copy_adapter(name: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let from = fixtures().join("methods").join(name);
-    std::fs::copy(from.join("adapter_model.safetensors"), tmp.path().join("adapter_model.safetensors")).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from.join("adapter_config.json")).unwrap()).unwrap();
+    std::fs::copy(
+        from.join("adapter_model.safetensors"),
+        tmp.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("adapter_config.json")).unwrap())
+            .unwrap();
     edit(&mut cfg);
     std::fs::write(tmp.path().join("adapter_config.json"), cfg.to_string()).unwrap();
     tmp
@@ -255,10 +443,19 @@ fn load_err(model: &str, adapter: &std::path::Path) -> String {
 
 #[test]
 fn adapters_for_another_model_fail_clearly() {
-    let e = load_err("llama", copy_adapter("llama_prefix_tuning", |c| c["num_layers"] = 3.into()).path());
+    let e = load_err(
+        "llama",
+        copy_adapter("llama_prefix_tuning", |c| c["num_layers"] = 3.into()).path(),
+    );
     assert!(e.contains("num_layers = 3") && e.contains("needs 2"), "{e}");
-    let e = load_err("llama", copy_adapter("llama_prompt_tuning", |c| c["token_dim"] = 32.into()).path());
-    assert!(e.contains("token_dim = 32") && e.contains("needs 64"), "{e}");
+    let e = load_err(
+        "llama",
+        copy_adapter("llama_prompt_tuning", |c| c["token_dim"] = 32.into()).path(),
+    );
+    assert!(
+        e.contains("token_dim = 32") && e.contains("needs 64"),
+        "{e}"
+    );
     // A prompt made for BERT's hidden size on the llama fixture: the table's shape says so.
     let e = load_err(
         "llama",
@@ -269,15 +466,26 @@ fn adapters_for_another_model_fail_clearly() {
         })
         .path(),
     );
-    assert!(e.contains("prompt_embeddings") && e.contains("[4, 32]") && e.contains("[4, 64]"), "{e}");
+    assert!(
+        e.contains("prompt_embeddings") && e.contains("[4, 32]") && e.contains("[4, 64]"),
+        "{e}"
+    );
     // Prefix tuning on an encoder: no reference (peft 0.21 + transformers 5 cannot run it) and no hook yet.
     let cfg = serde_json::json!({"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 3});
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("adapter_config.json"), cfg.to_string()).unwrap();
-    ferrule::peft_io::write_safetensors(&tmp.path().join("adapter_model.safetensors"), &[], &[("format", "pt")]).unwrap();
+    ferrule::peft_io::write_safetensors(
+        &tmp.path().join("adapter_model.safetensors"),
+        &[],
+        &[("format", "pt")],
+    )
+    .unwrap();
     let mut src = ModelSource::load(&model_dir("bert"), &Device::Cpu).unwrap();
     src.config["num_labels"] = serde_json::json!(2);
-    let tuner = load_adapter(tmp.path(), &Device::Cpu).unwrap().into_tuner(0, &Device::Cpu).unwrap();
+    let tuner = load_adapter(tmp.path(), &Device::Cpu)
+        .unwrap()
+        .into_tuner(0, &Device::Cpu)
+        .unwrap();
     let _model = Model::build(&src, Task::SeqCls, tuner.as_ref(), &Device::Cpu, 0).unwrap();
     let e = format!("{:#}", tuner.finish().unwrap_err());
     assert!(e.contains("BERT-family encoders do not yet"), "{e}");
@@ -286,8 +494,15 @@ fn adapters_for_another_model_fail_clearly() {
 #[test]
 fn prompt_adapters_cannot_be_merged() {
     let (_, tuner) = build(&CASES[0]);
-    let e = tuner.updates().err().expect("prompt tuning has no weight update").to_string();
-    assert!(e.contains("PROMPT_TUNING") && e.contains("cannot be merged"), "{e}");
+    let e = tuner
+        .updates()
+        .err()
+        .expect("prompt tuning has no weight update")
+        .to_string();
+    assert!(
+        e.contains("PROMPT_TUNING") && e.contains("cannot be merged"),
+        "{e}"
+    );
 }
 
 /// Training: prompt tuning and prefix tuning (with and without the MLP) learn on a dense and
@@ -298,11 +513,18 @@ fn prompt_methods_train_save_and_resume() {
     use ferrule::train::{train, RunOptions, Silent, TrainConfig};
     let dev = Device::Cpu;
     let nf4 = ferrule::quant::QuantSpec::new(ferrule::quant::QuantMethod::Nf4, 64, true).unwrap();
-    let config = |peft_type: &str, options: serde_json::Value, out: &std::path::Path, quantize, recompute| TrainConfig {
+    let config = |peft_type: &str,
+                  options: serde_json::Value,
+                  out: &std::path::Path,
+                  quantize,
+                  recompute| TrainConfig {
         model: model_dir("llama"),
         data: fixtures().join("data/chat.jsonl"),
         output_dir: out.to_path_buf(),
-        adapter: Some(AdapterConfig::new(peft_type, options.as_object().unwrap().clone())),
+        adapter: Some(AdapterConfig::new(
+            peft_type,
+            options.as_object().unwrap().clone(),
+        )),
         max_len: Some(48),
         batch_size: Some(2),
         max_steps: Some(4),
@@ -312,8 +534,16 @@ fn prompt_methods_train_save_and_resume() {
         ..Default::default()
     };
     let methods = [
-        ("PROMPT_TUNING", serde_json::json!({"num_virtual_tokens": 5}), vec![("prompt_embeddings", vec![5, 64])]),
-        ("PREFIX_TUNING", serde_json::json!({"num_virtual_tokens": 3}), vec![("prompt_embeddings", vec![3, 128])]),
+        (
+            "PROMPT_TUNING",
+            serde_json::json!({"num_virtual_tokens": 5}),
+            vec![("prompt_embeddings", vec![5, 64])],
+        ),
+        (
+            "PREFIX_TUNING",
+            serde_json::json!({"num_virtual_tokens": 3}),
+            vec![("prompt_embeddings", vec![3, 128])],
+        ),
         (
             "PREFIX_TUNING",
             serde_json::json!({"num_virtual_tokens": 3, "prefix_projection": true, "encoder_hidden_size": 8}),
@@ -323,17 +553,37 @@ fn prompt_methods_train_save_and_resume() {
     for (peft_type, options, want) in &methods {
         for (q, recompute) in [(None, false), (Some(nf4.clone()), true)] {
             let tmp = tempfile::tempdir().unwrap();
-            let s = train(&config(peft_type, options.clone(), tmp.path(), q.clone(), recompute), &dev, &mut Silent, &RunOptions::default()).unwrap();
-            let losses: Vec<f64> = ferrule::train::metrics::read_metrics(&tmp.path().join("metrics.jsonl"))
-                .unwrap()
+            let s = train(
+                &config(peft_type, options.clone(), tmp.path(), q.clone(), recompute),
+                &dev,
+                &mut Silent,
+                &RunOptions::default(),
+            )
+            .unwrap();
+            let losses: Vec<f64> =
+                ferrule::train::metrics::read_metrics(&tmp.path().join("metrics.jsonl"))
+                    .unwrap()
+                    .iter()
+                    .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
+                    .collect();
+            assert!(
+                s.completed && losses.len() == 4 && losses[3] < losses[0],
+                "{peft_type} {options} {q:?}: loss did not fall: {losses:?}"
+            );
+            let tensors = ferrule::model::weights::load_safetensors_file(
+                &tmp.path().join("adapter_model.safetensors"),
+                &dev,
+            )
+            .unwrap();
+            let mut shapes: Vec<(String, Vec<usize>)> = tensors
                 .iter()
-                .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
                 .collect();
-            assert!(s.completed && losses.len() == 4 && losses[3] < losses[0], "{peft_type} {options} {q:?}: loss did not fall: {losses:?}");
-            let tensors = ferrule::model::weights::load_safetensors_file(&tmp.path().join("adapter_model.safetensors"), &dev).unwrap();
-            let mut shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
             shapes.sort();
-            let want: Vec<(String, Vec<usize>)> = want.iter().map(|(k, s)| (k.to_string(), s.clone())).collect();
+            let want: Vec<(String, Vec<usize>)> = want
+                .iter()
+                .map(|(k, s)| (k.to_string(), s.clone()))
+                .collect();
             assert_eq!(shapes, want, "{peft_type} {options}");
             // What was saved loads back and gives the trained model's outputs.
             AdaptedModel::load(&model_dir("llama"), Some(tmp.path()), None, &dev).unwrap();
@@ -341,10 +591,37 @@ fn prompt_methods_train_save_and_resume() {
     }
     let opts = serde_json::json!({"num_virtual_tokens": 3, "prefix_projection": true, "encoder_hidden_size": 8});
     let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    train(&config("PREFIX_TUNING", opts.clone(), whole.path(), None, false), &dev, &mut Silent, &RunOptions::default()).unwrap();
-    train(&config("PREFIX_TUNING", opts.clone(), split.path(), None, false), &dev, &mut Silent, &RunOptions { stop_after: Some(2), ..Default::default() })
-        .unwrap();
-    train(&config("PREFIX_TUNING", opts, split.path(), None, false), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
+    train(
+        &config("PREFIX_TUNING", opts.clone(), whole.path(), None, false),
+        &dev,
+        &mut Silent,
+        &RunOptions::default(),
+    )
+    .unwrap();
+    train(
+        &config("PREFIX_TUNING", opts.clone(), split.path(), None, false),
+        &dev,
+        &mut Silent,
+        &RunOptions {
+            stop_after: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    train(
+        &config("PREFIX_TUNING", opts, split.path(), None, false),
+        &dev,
+        &mut Silent,
+        &RunOptions {
+            resume: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let bytes = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(bytes(whole.path()), bytes(split.path()), "resumed prefix-tuning run diverged");
+    assert_eq!(
+        bytes(whole.path()),
+        bytes(split.path()),
+        "resumed prefix-tuning run diverged"
+    );
 }

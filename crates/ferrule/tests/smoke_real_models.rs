@@ -12,13 +12,19 @@ use common::*;
 use ferrule::adapted::AdaptedModel;
 use ferrule::data::{read_jsonl, LabelMap};
 use ferrule::model::{Inputs, Task};
-use ferrule::train::{encode_file, encode_options, evaluate, train, RunOptions, Silent, TrainConfig, TrainSummary};
+use ferrule::train::{
+    encode_file, encode_options, evaluate, train, RunOptions, Silent, TrainConfig, TrainSummary,
+};
 use ferrule::tuners::AdapterConfig;
 use serde_json::json;
 
 fn head(src: &Path, dst: &Path, n: usize) {
     let text = std::fs::read_to_string(src).unwrap();
-    std::fs::write(dst, text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    std::fs::write(
+        dst,
+        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
 }
 
 /// The adapter as saved, reloaded by a fresh load, gives what the trained model in memory gave:
@@ -30,24 +36,58 @@ fn reload_matches(cfg: &TrainConfig, s: &TrainSummary, ids: &Tensor) {
     let trained = s.eval.as_ref().expect("the run evaluates at its last step");
     let a = AdaptedModel::load(&cfg.model, Some(&cfg.output_dir), None, &dev).unwrap();
     let eval_data = cfg.eval_data.as_ref().unwrap();
-    let labels = (a.model.task == Task::SeqCls).then(|| LabelMap::from_examples(&read_jsonl(&cfg.data).unwrap()).unwrap());
-    let set = encode_file(eval_data, &a.source, encode_options(cfg, cfg.max_len.unwrap()), labels.as_ref(), cfg.eval_limit).unwrap();
+    let labels = (a.model.task == Task::SeqCls)
+        .then(|| LabelMap::from_examples(&read_jsonl(&cfg.data).unwrap()).unwrap());
+    let set = encode_file(
+        eval_data,
+        &a.source,
+        encode_options(cfg, cfg.max_len.unwrap()),
+        labels.as_ref(),
+        cfg.eval_limit,
+    )
+    .unwrap();
     assert_eq!(set.items.len(), trained.eval_records);
-    let r = evaluate(&a.model, a.source.pad_token_id().unwrap(), ferrule::data::Padding::Free, &set.items, cfg.eval_batch_size.unwrap_or(cfg.batch_size()), 0)
-        .unwrap();
+    let r = evaluate(
+        &a.model,
+        a.source.pad_token_id().unwrap(),
+        ferrule::data::Padding::Free,
+        &set.items,
+        cfg.eval_batch_size.unwrap_or(cfg.batch_size()),
+        0,
+    )
+    .unwrap();
     let tol = 1e-6 * trained.eval_loss.abs().max(1.0);
-    assert!((r.eval_loss - trained.eval_loss).abs() <= tol, "reloaded adapter: eval loss {} vs {} in training", r.eval_loss, trained.eval_loss);
+    assert!(
+        (r.eval_loss - trained.eval_loss).abs() <= tol,
+        "reloaded adapter: eval loss {} vs {} in training",
+        r.eval_loss,
+        trained.eval_loss
+    );
     assert_eq!(r.eval_accuracy, trained.eval_accuracy);
     if a.model.task == Task::CausalLm {
-        let inp = Inputs { input_ids: ids, attention_mask: None, token_type_ids: None };
+        let inp = Inputs {
+            input_ids: ids,
+            attention_mask: None,
+            token_type_ids: None,
+        };
         let base = AdaptedModel::load(&cfg.model, None, Some(a.model.task), &dev).unwrap();
-        assert!(max_diff_masked(&a.model.forward(&inp).unwrap(), &base.model.forward(&inp).unwrap(), None) > 0.0, "trained adapter changed nothing");
+        assert!(
+            max_diff_masked(
+                &a.model.forward(&inp).unwrap(),
+                &base.model.forward(&inp).unwrap(),
+                None
+            ) > 0.0,
+            "trained adapter changed nothing"
+        );
     }
 }
 
 #[test]
 fn minilm_sequence_classification_few_steps() {
-    let (Some(model), Some(data)) = (asset("minilm"), asset("data/rotten_tomatoes/train.jsonl")) else { return };
+    let (Some(model), Some(data)) = (asset("minilm"), asset("data/rotten_tomatoes/train.jsonl"))
+    else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let small = t.path().join("rt.jsonl");
     head(&data, &small, 64);
@@ -68,14 +108,22 @@ fn minilm_sequence_classification_few_steps() {
     let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap();
     assert!(s.eval.as_ref().unwrap().eval_accuracy.is_some());
     // LoRA r=8 on query,value of 6 layers (384x384) + the 2-class head.
-    assert_eq!(s.trainable_params, 6 * 2 * (8 * 384 + 384 * 8) + 2 * 384 + 2);
+    assert_eq!(
+        s.trainable_params,
+        6 * 2 * (8 * 384 + 384 * 8) + 2 * 384 + 2
+    );
     let ids = Tensor::new(&[[101u32, 2023, 3185, 2001, 2307, 102]], &Device::Cpu).unwrap();
     reload_matches(&cfg, &s, &ids);
 }
 
 #[test]
 fn smollm2_gguf_causal_lm_few_steps() {
-    let (Some(model), Some(data)) = (asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), asset("data/chatterbot/train.jsonl")) else { return };
+    let (Some(model), Some(data)) = (
+        asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        asset("data/chatterbot/train.jsonl"),
+    ) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let small = t.path().join("chat.jsonl");
     head(&data, &small, 8);
@@ -108,7 +156,12 @@ fn smollm2_gguf_causal_lm_few_steps() {
 /// through its MLP, RandLoRA.
 #[test]
 fn smollm2_gguf_every_method_few_steps() {
-    let (Some(model), Some(data)) = (asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), asset("data/chatterbot/train.jsonl")) else { return };
+    let (Some(model), Some(data)) = (
+        asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        asset("data/chatterbot/train.jsonl"),
+    ) else {
+        return;
+    };
     let t = tempfile::tempdir().unwrap();
     let small = t.path().join("chat.jsonl");
     head(&data, &small, 4);
@@ -135,8 +188,12 @@ fn smollm2_gguf_every_method_few_steps() {
             lr: 1e-3,
             ..Default::default()
         };
-        let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap_or_else(|e| panic!("{adapter}: {e:#}"));
-        assert!(s.completed && s.final_loss.unwrap().is_finite(), "{adapter}");
+        let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default())
+            .unwrap_or_else(|e| panic!("{adapter}: {e:#}"));
+        assert!(
+            s.completed && s.final_loss.unwrap().is_finite(),
+            "{adapter}"
+        );
         let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
         reload_matches(&cfg, &s, &ids);
     }

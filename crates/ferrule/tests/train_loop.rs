@@ -49,11 +49,21 @@ fn training_lowers_the_loss_and_is_deterministic() {
     train(&config(b.path()), &dev, &mut Silent, &RunOptions::default()).unwrap();
     assert!(sa.completed && sa.steps == 10);
     let metrics = ferrule::train::metrics::read_metrics(&a.path().join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = metrics.iter().filter_map(|m| m.get("loss").and_then(|v| v.as_f64())).collect();
+    let losses: Vec<f64> = metrics
+        .iter()
+        .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
+        .collect();
     assert_eq!(losses.len(), 10);
-    assert!(losses[9] < losses[0] * 0.8, "loss did not fall enough: {losses:?}");
+    assert!(
+        losses[9] < losses[0] * 0.8,
+        "loss did not fall enough: {losses:?}"
+    );
     assert!(sa.eval.as_ref().unwrap().eval_loss.is_finite());
-    assert_eq!(adapter_bytes(a.path()), adapter_bytes(b.path()), "same seed, different adapters");
+    assert_eq!(
+        adapter_bytes(a.path()),
+        adapter_bytes(b.path()),
+        "same seed, different adapters"
+    );
 }
 
 #[test]
@@ -61,22 +71,70 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     let whole = tempfile::tempdir().unwrap();
     let split = tempfile::tempdir().unwrap();
     let dev = Device::Cpu;
-    train(&config(whole.path()), &dev, &mut Silent, &RunOptions::default()).unwrap();
+    train(
+        &config(whole.path()),
+        &dev,
+        &mut Silent,
+        &RunOptions::default(),
+    )
+    .unwrap();
     // "Killed" after step 3: a checkpoint is written at the stop point, no adapter yet.
-    let partial = train(&config(split.path()), &dev, &mut Silent, &RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
+    let partial = train(
+        &config(split.path()),
+        &dev,
+        &mut Silent,
+        &RunOptions {
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(!partial.completed);
     assert!(!split.path().join("adapter_model.safetensors").exists());
     assert!(split.path().join("checkpoint-3").is_dir());
     // Starting again without --resume refuses to overwrite the run.
-    let err = train(&config(split.path()), &dev, &mut Silent, &RunOptions::default()).unwrap_err().to_string();
+    let err = train(
+        &config(split.path()),
+        &dev,
+        &mut Silent,
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("--resume"), "{err}");
     // A resume with different settings is refused.
     let mut other = config(split.path());
     other.lr = 1e-3;
-    let err = train(&other, &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string();
-    assert!(err.contains("different settings (lr: 0.03 -> 0.001)"), "{err}");
-    train(&config(split.path()), &dev, &mut Silent, &RunOptions { resume: true, ..Default::default() }).unwrap();
-    assert_eq!(adapter_bytes(whole.path()), adapter_bytes(split.path()), "resumed run diverged");
+    let err = train(
+        &other,
+        &dev,
+        &mut Silent,
+        &RunOptions {
+            resume: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("different settings (lr: 0.03 -> 0.001)"),
+        "{err}"
+    );
+    train(
+        &config(split.path()),
+        &dev,
+        &mut Silent,
+        &RunOptions {
+            resume: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        adapter_bytes(whole.path()),
+        adapter_bytes(split.path()),
+        "resumed run diverged"
+    );
     let m1 = std::fs::read_to_string(whole.path().join("metrics.jsonl")).unwrap();
     let m2 = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();
     let strip = |s: &str| {
@@ -100,7 +158,10 @@ fn saved_adapter_reloads_with_identical_outputs() {
     let cfg = config(out.path());
     train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
     let saved = load_adapter(out.path(), &dev).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["r"], 4);
@@ -109,13 +170,24 @@ fn saved_adapter_reloads_with_identical_outputs() {
     let model = Model::build(&src, Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
     tuner.finish().unwrap();
     let inputs = load("inputs/decoder.safetensors");
-    let inp = Inputs { input_ids: &inputs["input_ids"], attention_mask: Some(&inputs["attention_mask"]), token_type_ids: None };
+    let inp = Inputs {
+        input_ids: &inputs["input_ids"],
+        attention_mask: Some(&inputs["attention_mask"]),
+        token_type_ids: None,
+    };
     let adapted = model.forward(&inp).unwrap();
-    let base = Model::build(&src, Task::CausalLm, &Frozen, &dev, 0).unwrap().forward(&inp).unwrap();
-    assert!(max_diff_masked(&adapted, &base, Some(&inputs["attention_mask"])) > 1e-3, "trained adapter is a no-op");
+    let base = Model::build(&src, Task::CausalLm, &Frozen, &dev, 0)
+        .unwrap()
+        .forward(&inp)
+        .unwrap();
+    assert!(
+        max_diff_masked(&adapted, &base, Some(&inputs["attention_mask"])) > 1e-3,
+        "trained adapter is a no-op"
+    );
     // Save → load → save gives the same bytes.
     let again = tempfile::tempdir().unwrap();
-    ferrule::peft_io::save_adapter(again.path(), tuner.as_ref(), Task::CausalLm, &cfg.model).unwrap();
+    ferrule::peft_io::save_adapter(again.path(), tuner.as_ref(), Task::CausalLm, &cfg.model)
+        .unwrap();
     assert_eq!(adapter_bytes(out.path()), adapter_bytes(again.path()));
     assert_eq!(tuner.adapted().len(), 6);
 }
@@ -125,12 +197,26 @@ fn recomputation_gives_the_same_adapter() {
     let plain = tempfile::tempdir().unwrap();
     let recomputed = tempfile::tempdir().unwrap();
     let dev = Device::Cpu;
-    train(&config(plain.path()), &dev, &mut Silent, &RunOptions::default()).unwrap();
+    train(
+        &config(plain.path()),
+        &dev,
+        &mut Silent,
+        &RunOptions::default(),
+    )
+    .unwrap();
     let mut cfg = config(recomputed.path());
     cfg.recompute = true;
     train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
-    let a = ferrule::model::weights::load_safetensors_file(&plain.path().join("adapter_model.safetensors"), &dev).unwrap();
-    let b = ferrule::model::weights::load_safetensors_file(&recomputed.path().join("adapter_model.safetensors"), &dev).unwrap();
+    let a = ferrule::model::weights::load_safetensors_file(
+        &plain.path().join("adapter_model.safetensors"),
+        &dev,
+    )
+    .unwrap();
+    let b = ferrule::model::weights::load_safetensors_file(
+        &recomputed.path().join("adapter_model.safetensors"),
+        &dev,
+    )
+    .unwrap();
     assert_eq!(a.len(), b.len());
     for (k, t) in &a {
         let d = max_diff_masked(t, &b[k], None);
@@ -152,20 +238,32 @@ fn batch_8_and_batch_4_times_2_train_the_same_adapter() {
             AdapterConfig::from_json(serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
                 .unwrap(),
         );
-        (cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.eval_data) = (Some(batch_size), grad_accum, Some(3), None);
+        (cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.eval_data) =
+            (Some(batch_size), grad_accum, Some(3), None);
         train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
-        let losses: Vec<f64> = ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
-            .collect();
-        (ferrule::model::weights::load_safetensors_file(&out.path().join("adapter_model.safetensors"), &dev).unwrap(), losses)
+        let losses: Vec<f64> =
+            ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl"))
+                .unwrap()
+                .iter()
+                .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
+                .collect();
+        (
+            ferrule::model::weights::load_safetensors_file(
+                &out.path().join("adapter_model.safetensors"),
+                &dev,
+            )
+            .unwrap(),
+            losses,
+        )
     };
     let (whole, whole_losses) = run(8, 1);
     let (split, split_losses) = run(4, 2);
     assert_eq!(whole_losses.len(), 3);
     for (a, b) in whole_losses.iter().zip(&split_losses) {
-        assert!((a - b).abs() < 1e-5, "logged losses {whole_losses:?} vs {split_losses:?}");
+        assert!(
+            (a - b).abs() < 1e-5,
+            "logged losses {whole_losses:?} vs {split_losses:?}"
+        );
     }
     for (k, t) in &whole {
         let d = max_diff_masked(t, &split[k], None);
@@ -180,19 +278,53 @@ fn the_summary_states_which_library_computed_the_large_products() {
     // summary lists the decisions. Without one, or with FERRULE_BLAS or
     // FERRULE_MATMUL_PROBE=off, there is nothing to decide.
     let out = tempfile::tempdir().unwrap();
-    let s = train(&TrainConfig { max_steps: Some(1), eval_data: None, ..config(out.path()) }, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap();
+    let s = train(
+        &TrainConfig {
+            max_steps: Some(1),
+            eval_data: None,
+            ..config(out.path())
+        },
+        &Device::Cpu,
+        &mut Silent,
+        &RunOptions::default(),
+    )
+    .unwrap();
     let probing = s.matmul_backend != "gemm crate"
         && std::env::var_os("FERRULE_BLAS").is_none()
         && std::env::var("FERRULE_MATMUL_PROBE").map_or(true, |v| v != "off" && v != "0");
-    assert_eq!(!s.matmul_probe.is_empty(), probing, "{} with {:?}", s.matmul_backend, s.matmul_probe);
+    assert_eq!(
+        !s.matmul_probe.is_empty(),
+        probing,
+        "{} with {:?}",
+        s.matmul_backend,
+        s.matmul_probe
+    );
     if probing {
-        assert!(s.matmul_backend.starts_with("measured per shape: "), "{}", s.matmul_backend);
+        assert!(
+            s.matmul_backend.starts_with("measured per shape: "),
+            "{}",
+            s.matmul_backend
+        );
         for e in &s.matmul_probe {
             assert!(e.blas_gflops > 0.0 && e.gemm_gflops > 0.0, "{e:?}");
-            assert_eq!(e.chosen, if e.gemm_gflops > e.blas_gflops { "gemm" } else { "blas" }, "{e:?}");
+            assert_eq!(
+                e.chosen,
+                if e.gemm_gflops > e.blas_gflops {
+                    "gemm"
+                } else {
+                    "blas"
+                },
+                "{e:?}"
+            );
         }
         // The fixture's products: 64-wide hidden states, a 128-wide MLP.
-        assert!(s.matmul_probe.iter().any(|e| e.shape.contains("k=64 n=128") || e.shape.contains("k=128 n=64")), "{:?}", s.matmul_probe);
+        assert!(
+            s.matmul_probe
+                .iter()
+                .any(|e| e.shape.contains("k=64 n=128") || e.shape.contains("k=128 n=64")),
+            "{:?}",
+            s.matmul_probe
+        );
     }
 }
 
@@ -202,8 +334,18 @@ fn epochs_that_cannot_be_planned_are_refused() {
     // of epochs would hang or overflow, so it is an error naming the key.
     let out = tempfile::tempdir().unwrap();
     for epochs in [f64::INFINITY, 1e30, f64::NAN] {
-        let cfg = TrainConfig { max_steps: None, epochs, ..config(out.path()) };
-        let e = format!("{:#}", train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap_err());
-        assert!(e.contains("epochs = ") && e.contains("max_steps"), "{epochs}: {e}");
+        let cfg = TrainConfig {
+            max_steps: None,
+            epochs,
+            ..config(out.path())
+        };
+        let e = format!(
+            "{:#}",
+            train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap_err()
+        );
+        assert!(
+            e.contains("epochs = ") && e.contains("max_steps"),
+            "{epochs}: {e}"
+        );
     }
 }

@@ -75,7 +75,10 @@ pub struct AdapterArgs {
 }
 
 fn names(s: &str) -> Vec<String> {
-    s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()
+    s.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
 }
 
 fn list_or_all_linear(s: &str) -> Value {
@@ -90,7 +93,9 @@ fn list_or_all_linear(s: &str) -> Value {
 /// (an `[adapter]` table of one method with `--method` of another is an error).
 fn chosen_method(c: &TrainConfig, method: Option<&str>) -> Result<AdapterConfig> {
     let from_file = c.adapter()?;
-    let Some(name) = method else { return Ok(from_file) };
+    let Some(name) = method else {
+        return Ok(from_file);
+    };
     let m = registry::by_name(name)?;
     if m.peft_type == from_file.peft_type {
         return Ok(from_file);
@@ -105,7 +110,11 @@ fn chosen_method(c: &TrainConfig, method: Option<&str>) -> Result<AdapterConfig>
 fn set_option(adapter: &mut AdapterConfig, flag: &str, key: &str, value: Value) -> Result<()> {
     let method = adapter.method()?;
     if !method.keys.contains(&key) {
-        bail!("{flag} sets {key:?}, which the {} method does not have (its options: {})", method.name, method.keys.join(", "))
+        bail!(
+            "{flag} sets {key:?}, which the {} method does not have (its options: {})",
+            method.name,
+            method.keys.join(", ")
+        )
     }
     adapter.options.insert(key.to_string(), value);
     Ok(())
@@ -113,7 +122,9 @@ fn set_option(adapter: &mut AdapterConfig, flag: &str, key: &str, value: Value) 
 
 /// `KEY=VALUE` with VALUE parsed as JSON, else taken as a string.
 fn parse_option(s: &str) -> Result<(String, Value)> {
-    let (k, v) = s.split_once('=').with_context(|| format!("--peft-option {s:?}: expected KEY=VALUE"))?;
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("--peft-option {s:?}: expected KEY=VALUE"))?;
     // Not JSON (e.g. `init_lora_weights=gaussian`): the plain string. A wrong type is still caught
     // when the method deserializes its config, with an error naming the method.
     let v = serde_json::from_str(v).unwrap_or_else(|_| Value::from(v));
@@ -157,16 +168,54 @@ impl AdapterArgs {
         };
         push("--lora-r", "r", a.lora_r.map(Value::from));
         push("--lora-alpha", "lora_alpha", a.lora_alpha.map(Value::from));
-        push("--lora-dropout", "lora_dropout", a.lora_dropout.map(Value::from));
-        push("--target-modules", "target_modules", a.target_modules.as_deref().map(list_or_all_linear));
-        push("--target-regex", "target_modules", a.target_regex.clone().map(Value::from));
-        push("--exclude-modules", "exclude_modules", a.exclude_modules.as_deref().map(|e| Value::from(names(e))));
-        push("--feedforward-modules", "feedforward_modules", a.feedforward_modules.as_deref().map(|e| Value::from(names(e))));
-        push("--modules-to-save", "modules_to_save", a.modules_to_save.as_deref().map(|m| Value::from(names(m))));
-        push("--use-rslora", "use_rslora", a.use_rslora.then_some(Value::Bool(true)));
-        push("--use-dora", "use_dora", a.use_dora.then_some(Value::Bool(true)));
+        push(
+            "--lora-dropout",
+            "lora_dropout",
+            a.lora_dropout.map(Value::from),
+        );
+        push(
+            "--target-modules",
+            "target_modules",
+            a.target_modules.as_deref().map(list_or_all_linear),
+        );
+        push(
+            "--target-regex",
+            "target_modules",
+            a.target_regex.clone().map(Value::from),
+        );
+        push(
+            "--exclude-modules",
+            "exclude_modules",
+            a.exclude_modules.as_deref().map(|e| Value::from(names(e))),
+        );
+        push(
+            "--feedforward-modules",
+            "feedforward_modules",
+            a.feedforward_modules
+                .as_deref()
+                .map(|e| Value::from(names(e))),
+        );
+        push(
+            "--modules-to-save",
+            "modules_to_save",
+            a.modules_to_save.as_deref().map(|m| Value::from(names(m))),
+        );
+        push(
+            "--use-rslora",
+            "use_rslora",
+            a.use_rslora.then_some(Value::Bool(true)),
+        );
+        push(
+            "--use-dora",
+            "use_dora",
+            a.use_dora.then_some(Value::Bool(true)),
+        );
         push("--bias", "bias", a.bias.clone().map(Value::from));
-        push("--lora-bias", "lora_bias", a.lora_bias.then_some(Value::Bool(true)));
+        push(
+            "--lora-bias",
+            "lora_bias",
+            a.lora_bias.then_some(Value::Bool(true)),
+        );
         push(
             "--init-lora-weights",
             "init_lora_weights",
@@ -176,23 +225,58 @@ impl AdapterArgs {
                 other => Value::from(other),
             }),
         );
-        push("--num-virtual-tokens", "num_virtual_tokens", a.num_virtual_tokens.map(Value::from));
-        push("--prompt-tuning-init", "prompt_tuning_init", a.prompt_tuning_init.as_deref().map(|i| Value::from(i.to_ascii_uppercase())));
-        push("--prompt-tuning-init-text", "prompt_tuning_init_text", a.prompt_tuning_init_text.clone().map(Value::from));
+        push(
+            "--num-virtual-tokens",
+            "num_virtual_tokens",
+            a.num_virtual_tokens.map(Value::from),
+        );
+        push(
+            "--prompt-tuning-init",
+            "prompt_tuning_init",
+            a.prompt_tuning_init
+                .as_deref()
+                .map(|i| Value::from(i.to_ascii_uppercase())),
+        );
+        push(
+            "--prompt-tuning-init-text",
+            "prompt_tuning_init_text",
+            a.prompt_tuning_init_text.clone().map(Value::from),
+        );
         if a.prompt_tuning_init_text.is_some() && a.prompt_tuning_init.is_none() {
-            push("--prompt-tuning-init-text", "prompt_tuning_init", Some(Value::from("TEXT")));
+            push(
+                "--prompt-tuning-init-text",
+                "prompt_tuning_init",
+                Some(Value::from("TEXT")),
+            );
         }
-        push("--prefix-projection", "prefix_projection", a.prefix_projection.map(|_| Value::Bool(true)));
-        push("--prefix-projection", "encoder_hidden_size", a.prefix_projection.map(Value::from));
+        push(
+            "--prefix-projection",
+            "prefix_projection",
+            a.prefix_projection.map(|_| Value::Bool(true)),
+        );
+        push(
+            "--prefix-projection",
+            "encoder_hidden_size",
+            a.prefix_projection.map(Value::from),
+        );
         for (flag, key, v) in flags {
             set_option(&mut ad, flag, key, v)?;
         }
         // TEXT init reads a tokenizer (peft requires tokenizer_name_or_path): the model's own,
         // written into the adapter config, unless the config names one.
-        let text_init = ad.options.get("prompt_tuning_init").and_then(Value::as_str) == Some("TEXT");
-        if text_init && ad.options.get("tokenizer_name_or_path").is_none_or(Value::is_null) {
+        let text_init =
+            ad.options.get("prompt_tuning_init").and_then(Value::as_str) == Some("TEXT");
+        if text_init
+            && ad
+                .options
+                .get("tokenizer_name_or_path")
+                .is_none_or(Value::is_null)
+        {
             tracing::info!("prompt_tuning_init_text is tokenized with the model's tokenizer (tokenizer_name_or_path = {:?})", c.model);
-            ad.options.insert("tokenizer_name_or_path".into(), Value::from(c.model.clone()));
+            ad.options.insert(
+                "tokenizer_name_or_path".into(),
+                Value::from(c.model.clone()),
+            );
         }
         for o in &a.peft_option {
             let (k, v) = parse_option(o)?;

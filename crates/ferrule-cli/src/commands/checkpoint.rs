@@ -18,7 +18,10 @@ pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Consolidate { dir } => {
             let out = ferrule::train::consolidate_checkpoint(&dir)?;
-            eprintln!("{}: optimizer state consolidated; it resumes with any number of ranks", out.display());
+            eprintln!(
+                "{}: optimizer state consolidated; it resumes with any number of ranks",
+                out.display()
+            );
             Ok(())
         }
     }

@@ -46,18 +46,41 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut cfg = TrainConfig { max_len: a.max_len, truncate: !a.no_truncate, completion_only: !a.train_on_prompt, ..Default::default() };
+    let mut cfg = TrainConfig {
+        max_len: a.max_len,
+        truncate: !a.no_truncate,
+        completion_only: !a.train_on_prompt,
+        ..Default::default()
+    };
     if let Some(t) = &a.task {
         cfg.task = super::parse_task(t)?;
     }
     let source = ModelSource::load(&a.model, &super::device())?;
-    let context = source.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+    let context = source
+        .config
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize);
     let max_len = cfg.effective_max_len(context)?;
     let records = read_jsonl(&a.data)?;
-    let labels = if cfg.task == Task::SeqCls { Some(LabelMap::from_examples(&records)?) } else { None };
-    let set = encode_file(&a.data, &source, encode_options(&cfg, max_len), labels.as_ref(), None)?;
+    let labels = if cfg.task == Task::SeqCls {
+        Some(LabelMap::from_examples(&records)?)
+    } else {
+        None
+    };
+    let set = encode_file(
+        &a.data,
+        &source,
+        encode_options(&cfg, max_len),
+        labels.as_ref(),
+        None,
+    )?;
     if a.batch_size == 0 || a.batch_tokens == Some(0) {
-        bail!("--batch-size and --batch-tokens must be at least 1 (got {} and {:?})", a.batch_size, a.batch_tokens)
+        bail!(
+            "--batch-size and --batch-tokens must be at least 1 (got {} and {:?})",
+            a.batch_size,
+            a.batch_tokens
+        )
     }
     if let Some(t) = a.batch_tokens.filter(|&t| t < max_len) {
         bail!("--batch-tokens {t} is smaller than --max-len {max_len}: a record of max_len tokens would fit no bin")
@@ -70,7 +93,12 @@ pub fn run(a: Args) -> Result<()> {
     let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let tokenizer = source.tokenizer()?;
     for (item, &record) in set.items.iter().zip(&set.record_indices).take(a.show) {
-        println!("── {}:{} ({} tokens) ──", a.data.display(), record + 1, item.len());
+        println!(
+            "── {}:{} ({} tokens) ──",
+            a.data.display(),
+            record + 1,
+            item.len()
+        );
         let mut text = String::new();
         for s in spans(tokenizer, item)? {
             text += &match (s.trained, colour) {
@@ -94,17 +122,44 @@ fn print_counts(s: &DataStats, classification: bool, colour: bool) {
     if classification {
         println!("classification: the loss is one per record (its label), not per token; records longer than {} tokens are cut", s.max_len);
     } else {
-        println!("trained tokens are marked {marked}; records longer than {} tokens are cut (--max-len)", s.max_len);
+        println!(
+            "trained tokens are marked {marked}; records longer than {} tokens are cut (--max-len)",
+            s.max_len
+        );
     }
-    println!("records {} (kept {}, skipped {}: nothing left to train, truncated {})", s.records, s.kept, s.skipped_lines.len(), s.truncated);
+    println!(
+        "records {} (kept {}, skipped {}: nothing left to train, truncated {})",
+        s.records,
+        s.kept,
+        s.skipped_lines.len(),
+        s.truncated
+    );
     if !s.skipped_lines.is_empty() {
-        let shown: Vec<String> = s.skipped_lines.iter().take(10).map(|l| l.to_string()).collect();
-        println!("skipped lines: {}{}", shown.join(", "), if s.skipped_lines.len() > 10 { ", ..." } else { "" });
+        let shown: Vec<String> = s
+            .skipped_lines
+            .iter()
+            .take(10)
+            .map(|l| l.to_string())
+            .collect();
+        println!(
+            "skipped lines: {}{}",
+            shown.join(", "),
+            if s.skipped_lines.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
     }
     if classification {
         println!("tokens {}", s.tokens);
     } else {
-        println!("tokens {}, trained {} ({:.1}%)", s.tokens, s.trained_tokens, 100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64);
+        println!(
+            "tokens {}, trained {} ({:.1}%)",
+            s.tokens,
+            s.trained_tokens,
+            100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64
+        );
     }
     println!(
         "padding: none in padding-free batches (train's default); in batches of {} padded to their longest record (--padding longest, \
@@ -114,10 +169,21 @@ fn print_counts(s: &DataStats, classification: bool, colour: bool) {
         100.0 * s.padding_fraction,
         100.0 * s.padding_fraction_at_max_len
     );
-    println!("packing (--packing, bins of {} tokens): {} bins, {:.1}% full", s.packed_budget, s.packed_bins, 100.0 * s.packed_fill);
+    println!(
+        "packing (--packing, bins of {} tokens): {} bins, {:.1}% full",
+        s.packed_budget,
+        s.packed_bins,
+        100.0 * s.packed_fill
+    );
     println!("record length (tokens):");
     let most = s.length_histogram.iter().map(|b| b.2).max().unwrap_or(1);
     for &(lo, hi, n) in &s.length_histogram {
-        println!("  {:>6} – {:<6} {:>7}  {}", lo, hi - 1, n, "#".repeat((40 * n).div_ceil(most)));
+        println!(
+            "  {:>6} – {:<6} {:>7}  {}",
+            lo,
+            hi - 1,
+            n,
+            "#".repeat((40 * n).div_ceil(most))
+        );
     }
 }

@@ -36,7 +36,12 @@ pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
     let labels = if m.model.task == Task::SeqCls {
         let examples = ferrule::data::read_jsonl(&a.data)?;
-        let n = m.source.config.get("num_labels").and_then(|v| v.as_u64()).unwrap_or(2) as usize;
+        let n = m
+            .source
+            .config
+            .get("num_labels")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(2) as usize;
         let from_data = LabelMap::from_examples(&examples)?;
         Some(match from_data.names() {
             Some(names) => LabelMap::from_names(names.to_vec())?,
@@ -45,9 +50,20 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         None
     };
-    let opts = EncodeOptions { max_len: a.max_len, truncation: Truncation::Right, completion_only: !a.include_prompt };
+    let opts = EncodeOptions {
+        max_len: a.max_len,
+        truncation: Truncation::Right,
+        completion_only: !a.include_prompt,
+    };
     let set = encode_file(&a.data, &m.source, opts, labels.as_ref(), a.limit)?;
-    let report = evaluate(&m.model, m.source.pad_token_id()?, a.padding, &set.items, a.batch_size, 0)?;
+    let report = evaluate(
+        &m.model,
+        m.source.pad_token_id()?,
+        a.padding,
+        &set.items,
+        a.batch_size,
+        0,
+    )?;
     let mut out = serde_json::to_value(&report)?;
     if let Some(o) = out.as_object_mut() {
         o.remove("step");

@@ -50,15 +50,27 @@ pub struct Args {
 
 /// Decoding options: the flags given, over the model's generation_config.json, over
 /// transformers' defaults. Prints where sampling settings came from.
-fn sampling_options(a: &Args, generation_config: Option<&GenerationConfig>, prompt_len: usize, stop_tokens: Vec<u32>) -> Result<SamplingOptions> {
+fn sampling_options(
+    a: &Args,
+    generation_config: Option<&GenerationConfig>,
+    prompt_len: usize,
+    stop_tokens: Vec<u32>,
+) -> Result<SamplingOptions> {
     let mut opts = match (generation_config, a.max_new_tokens) {
         (Some(g), None) => g.sampling_options(prompt_len)?,
-        (Some(g), Some(_)) => GenerationConfig { max_length: None, ..g.clone() }.sampling_options(prompt_len)?,
+        (Some(g), Some(_)) => GenerationConfig {
+            max_length: None,
+            ..g.clone()
+        }
+        .sampling_options(prompt_len)?,
         (None, _) => SamplingOptions::default(),
     };
     if let Some(g) = generation_config {
         for key in &g.unsupported {
-            tracing::warn!("{}: {key} is not implemented by ferrule generate; decoding ignores it", g.path.display());
+            tracing::warn!(
+                "{}: {key} is not implemented by ferrule generate; decoding ignores it",
+                g.path.display()
+            );
         }
     }
     if let Some(n) = a.max_new_tokens {
@@ -84,18 +96,26 @@ fn sampling_options(a: &Args, generation_config: Option<&GenerationConfig>, prom
     }
     opts.seed = a.seed;
     opts.stop_tokens = stop_tokens;
-    opts.validate().map_err(|e| anyhow::anyhow!("{e}").context("decoding options (flags over generation_config.json)"))?;
+    opts.validate().map_err(|e| {
+        anyhow::anyhow!("{e}").context("decoding options (flags over generation_config.json)")
+    })?;
     let from = match generation_config {
         Some(g) => format!("flags over {}", g.path.display()),
         None => "flags over transformers' defaults".to_string(),
     };
-    eprintln!("decoding: {} ({from}); stop tokens {:?}", opts.describe(), opts.stop_tokens);
+    eprintln!(
+        "decoding: {} ({from}); stop tokens {:?}",
+        opts.describe(),
+        opts.stop_tokens
+    );
     Ok(opts)
 }
 
 pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
-    let Arch::Decoder(lm) = &m.model.arch else { bail!("generate needs a decoder model") };
+    let Arch::Decoder(lm) = &m.model.arch else {
+        bail!("generate needs a decoder model")
+    };
     let tok = m.source.tokenizer()?;
     let text = match (&m.source.chat_template, a.raw) {
         (Some(t), false) => {
@@ -108,8 +128,15 @@ pub fn run(a: Args) -> Result<()> {
         }
         _ => a.prompt.clone(),
     };
-    let enc = tok.encode(text.as_str(), m.source.chat_template.is_none() || a.raw).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-    let opts = sampling_options(&a, m.source.generation_config.as_ref(), enc.get_ids().len(), m.source.eos_token_ids())?;
+    let enc = tok
+        .encode(text.as_str(), m.source.chat_template.is_none() || a.raw)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let opts = sampling_options(
+        &a,
+        m.source.generation_config.as_ref(),
+        enc.get_ids().len(),
+        m.source.eos_token_ids(),
+    )?;
     let mut out = std::io::stdout();
     let mut ids: Vec<u32> = Vec::new();
     let mut printed = 0usize;
@@ -131,9 +158,15 @@ pub fn run(a: Args) -> Result<()> {
     println!();
     let n = generation.tokens.len();
     match generation.stop {
-        StopReason::StopToken => eprintln!("stopped: stop token {} after {n} token(s)", generation.tokens[n - 1]),
+        StopReason::StopToken => eprintln!(
+            "stopped: stop token {} after {n} token(s)",
+            generation.tokens[n - 1]
+        ),
         StopReason::MaxNewTokens => eprintln!("stopped: --max-new-tokens ({n}) reached"),
-        StopReason::ContextFull => eprintln!("stopped: the model's context ({} positions) is full after {n} token(s)", lm.config.max_position_embeddings),
+        StopReason::ContextFull => eprintln!(
+            "stopped: the model's context ({} positions) is full after {n} token(s)",
+            lm.config.max_position_embeddings
+        ),
     }
     Ok(())
 }

@@ -44,17 +44,36 @@ pub fn run(a: Args) -> Result<()> {
         info["adapter"] = adapter_json(&m.active, t.as_ref(), m.model.base_params);
     }
     if let Some(w) = &m.weighted {
-        let members: Vec<_> = w.members.iter().map(|x| adapter_json(&x.name, x.tuner.as_ref(), m.model.base_params)).collect();
+        let members: Vec<_> = w
+            .members
+            .iter()
+            .map(|x| adapter_json(&x.name, x.tuner.as_ref(), m.model.base_params))
+            .collect();
         info["weighted_sum"] = serde_json::json!({ "running": m.active, "members": members });
     }
     if !m.adapters.is_empty() {
-        info["adapters_loaded"] = serde_json::json!(m.adapters.iter().map(|a| serde_json::json!({"name": a.name, "dir": a.dir})).collect::<Vec<_>>());
+        info["adapters_loaded"] = serde_json::json!(m
+            .adapters
+            .iter()
+            .map(|a| serde_json::json!({"name": a.name, "dir": a.dir}))
+            .collect::<Vec<_>>());
     }
     if a.adapter.given() {
         let source = ModelSource::load_with(&a.model.model, &dev, a.model.quant.spec()?.as_ref())?;
         let task = task.unwrap_or(default_task(&source)?);
-        let adapter = a.adapter.apply(&TrainConfig::default())?.resolved(source.model_type(), task)?;
-        let tuner = registry::build(&adapter, BuildContext { seed: 0, device: &dev, weights: None, allow_unmatched: a.adapter.allow_unmatched })?;
+        let adapter = a
+            .adapter
+            .apply(&TrainConfig::default())?
+            .resolved(source.model_type(), task)?;
+        let tuner = registry::build(
+            &adapter,
+            BuildContext {
+                seed: 0,
+                device: &dev,
+                weights: None,
+                allow_unmatched: a.adapter.allow_unmatched,
+            },
+        )?;
         let model = Model::build(&source, task, tuner.as_ref(), &dev, 0)?;
         let matches = tuner.finish()?;
         let trainable = trainable_params(tuner.as_ref());
@@ -75,9 +94,21 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     println!("model        {}", a.model.model);
-    println!("architecture {} ({})", m.source.model_type(), m.model.task.peft_name());
+    println!(
+        "architecture {} ({})",
+        m.source.model_type(),
+        m.model.task.peft_name()
+    );
     let c = &m.source.config;
-    for k in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size", "max_position_embeddings"] {
+    for k in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ] {
         if let Some(v) = c.get(k) {
             println!("  {k:<24} {v}");
         }
@@ -91,10 +122,21 @@ pub fn run(a: Args) -> Result<()> {
         mem.f32_bytes() as f64 / 1e6
     );
     for (format, f) in &mem.formats {
-        println!("  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)", f.tensors, f.params, f.bits_per_param);
+        println!(
+            "  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)",
+            f.tensors, f.params, f.bits_per_param
+        );
     }
     if m.adapters.len() > 1 {
-        println!("adapters     {} loaded: {}", m.adapters.len(), m.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", "));
+        println!(
+            "adapters     {} loaded: {}",
+            m.adapters.len(),
+            m.adapters
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if let Some(ad) = info.get("adapter") {
         print_adapter("adapter     ", ad);
@@ -112,7 +154,11 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// One loaded adapter: its method, modules and parameters.
-fn adapter_json(name: &str, t: &dyn ferrule::tuners::Tuner, base_params: usize) -> serde_json::Value {
+fn adapter_json(
+    name: &str,
+    t: &dyn ferrule::tuners::Tuner,
+    base_params: usize,
+) -> serde_json::Value {
     let trainable = trainable_params(t);
     serde_json::json!({
         "name": name,
@@ -153,6 +199,11 @@ fn print_plan(p: &serde_json::Value) {
         }
     }
     if let Some(first) = p["adapted"].as_array().and_then(|a| a.first()) {
-        println!("  e.g. {} ({}, {} parameters)", first["path"].as_str().unwrap_or(""), first["detail"].as_str().unwrap_or(""), first["params"]);
+        println!(
+            "  e.g. {} ({}, {} parameters)",
+            first["path"].as_str().unwrap_or(""),
+            first["detail"].as_str().unwrap_or(""),
+            first["params"]
+        );
     }
 }

@@ -22,17 +22,35 @@ pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
     let m = a.model.load()?;
     let t = ferrule::model::weights::load_safetensors_file(&a.inputs, &dev)?;
-    let ids = t.get("input_ids").with_context(|| format!("{}: no \"input_ids\" tensor", a.inputs.display()))?;
-    let inputs = Inputs { input_ids: ids, attention_mask: t.get("attention_mask"), token_type_ids: t.get("token_type_ids") };
+    let ids = t
+        .get("input_ids")
+        .with_context(|| format!("{}: no \"input_ids\" tensor", a.inputs.display()))?;
+    let inputs = Inputs {
+        input_ids: ids,
+        attention_mask: t.get("attention_mask"),
+        token_type_ids: t.get("token_type_ids"),
+    };
     let logits = m.model.forward(&inputs)?;
     if ferrule::util::finite::first_non_finite(&logits)?.is_some() {
         let origin = m.model.non_finite_origin(&inputs);
         ferrule::util::finite::ensure_finite(
             &logits,
-            || format!("the logits for {} (index [batch, position, output])", a.inputs.display()),
-            &format!("the model or adapter produced a non-finite output{origin}; {} was not written", a.out.display()),
+            || {
+                format!(
+                    "the logits for {} (index [batch, position, output])",
+                    a.inputs.display()
+                )
+            },
+            &format!(
+                "the model or adapter produced a non-finite output{origin}; {} was not written",
+                a.out.display()
+            ),
         )?;
     }
-    ferrule::peft_io::write_safetensors(&a.out, &[("logits".to_string(), logits.to_dtype(DType::F32)?)], &[("format", "pt")])?;
+    ferrule::peft_io::write_safetensors(
+        &a.out,
+        &[("logits".to_string(), logits.to_dtype(DType::F32)?)],
+        &[("format", "pt")],
+    )?;
     Ok(())
 }

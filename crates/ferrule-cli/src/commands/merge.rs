@@ -24,7 +24,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let m = AdaptedModel::load_with(&a.model, Some(&a.adapter), None, &super::device(), a.quant.spec()?.as_ref())?;
+    let m = AdaptedModel::load_with(
+        &a.model,
+        Some(&a.adapter),
+        None,
+        &super::device(),
+        a.quant.spec()?.as_ref(),
+    )?;
     let tuner = m.tuner.as_deref().context("no adapter")?;
     let report = merge_to_dir(&m.source, tuner, m.model.task, &a.output)?;
     println!("{}", serde_json::to_string(&report)?);

@@ -46,16 +46,31 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<AdaptedModel> {
         let task = self.task.as_deref().map(parse_task).transpose()?;
-        let sources: Vec<AdapterSource> = self.adapter.iter().map(|s| AdapterSource::parse(s)).collect();
+        let sources: Vec<AdapterSource> = self
+            .adapter
+            .iter()
+            .map(|s| AdapterSource::parse(s))
+            .collect();
         let selection = match (&self.active_adapter, &self.adapter_weights) {
             (Some(name), _) => Selection::Active(name.clone()),
             (None, Some(w)) => Selection::parse_weights(w)?,
             (None, None) => Selection::Only,
         };
-        let m = AdaptedModel::load_adapters(&self.model, &sources, &selection, task, &device(), self.quant.spec()?.as_ref())?;
+        let m = AdaptedModel::load_adapters(
+            &self.model,
+            &sources,
+            &selection,
+            task,
+            &device(),
+            self.quant.spec()?.as_ref(),
+        )?;
         if m.adapters.len() > 1 || m.weighted.is_some() {
             let names: Vec<_> = m.adapters.iter().map(|a| a.name.as_str()).collect();
-            eprintln!("adapters loaded: {}; running: {}", names.join(", "), m.active);
+            eprintln!(
+                "adapters loaded: {}; running: {}",
+                names.join(", "),
+                m.active
+            );
         }
         Ok(m)
     }
@@ -79,11 +94,17 @@ impl QuantArgs {
     /// The spec these flags ask for, applied over `base` (a config file's `[quantize]`).
     pub fn apply(&self, base: Option<QuantSpec>) -> Result<Option<QuantSpec>> {
         let mut spec = match self.quantize {
-            Some(m) => Some(QuantSpec { method: m, blocksize: 64, double_quant: false }),
+            Some(m) => Some(QuantSpec {
+                method: m,
+                blocksize: 64,
+                double_quant: false,
+            }),
             None => base,
         };
         if self.double_quant || self.quant_blocksize.is_some() {
-            let q = spec.as_mut().ok_or_else(|| anyhow::anyhow!("--double-quant / --quant-blocksize need --quantize"))?;
+            let q = spec.as_mut().ok_or_else(|| {
+                anyhow::anyhow!("--double-quant / --quant-blocksize need --quantize")
+            })?;
             q.double_quant |= self.double_quant;
             if let Some(bs) = self.quant_blocksize {
                 q.blocksize = bs;

@@ -18,12 +18,18 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let spec = a.quant.spec()?.context("ferrule quantize needs --quantize nf4|fp4|int8")?;
+    let spec = a
+        .quant
+        .spec()?
+        .context("ferrule quantize needs --quantize nf4|fp4|int8")?;
     let source = ModelSource::load_with(&a.model, &super::device(), Some(&spec))?;
     let report = ferrule::export::quantize_to_dir(&source, &spec, &a.output)?;
     let m = &report.memory;
     for (format, f) in &m.formats {
-        eprintln!("{:>4} x {format}: {:.3} bits/param", f.tensors, f.bits_per_param);
+        eprintln!(
+            "{:>4} x {format}: {:.3} bits/param",
+            f.tensors, f.bits_per_param
+        );
     }
     eprintln!(
         "base weights {:.1} MB (f32: {:.1} MB, {:.3}x)",

@@ -90,6 +90,9 @@ pub struct Args {
     /// Recompute layer activations in backward (gradient checkpointing): less memory, ~1 extra forward.
     #[arg(long)]
     recompute: bool,
+    /// Under mpirun: each rank keeps 1/N of the frozen base's rows; layers gather the rest as they run.
+    #[arg(long)]
+    shard_base: bool,
     #[command(flatten)]
     quant: super::QuantArgs,
     /// Evaluate every N steps as well as at the end (needs --eval-data).
@@ -129,8 +132,10 @@ pub struct Args {
 pub fn build_config(a: &Args) -> Result<TrainConfig> {
     let mut c: TrainConfig = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: invalid training config", p.display()))?
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{}: invalid training config", p.display()))?
         }
         None => TrainConfig::default(),
     };
@@ -196,6 +201,9 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
     if a.recompute {
         c.recompute = true;
     }
+    if a.shard_base {
+        c.shard_base = true;
+    }
     c.quantize = a.quant.apply(c.quantize.take())?;
     if a.eval_every.is_some() {
         c.eval_every = a.eval_every;
@@ -219,7 +227,12 @@ pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
     let cfg = build_config(&a)?;
     let mut bar = Bar::new(a.quiet, a.log_every);
     let interrupt = stop_on_signal(comm.rank() == 0)?;
-    let run = RunOptions { resume: a.resume, stop_after: a.stop_after, zero_stage: ZeroStage::new(a.zero_stage)?, interrupt: Some(interrupt) };
+    let run = RunOptions {
+        resume: a.resume,
+        stop_after: a.stop_after,
+        zero_stage: ZeroStage::new(a.zero_stage)?,
+        interrupt: Some(interrupt),
+    };
     let summary = train_on(&cfg, &super::device(), &mut bar, &run, comm)?;
     if comm.rank() != 0 {
         return Ok(summary.interrupted);
@@ -227,7 +240,10 @@ pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
     println!("{}", serde_json::to_string(&summary)?);
     if !a.quiet || summary.interrupted {
         if summary.completed {
-            eprintln!("adapter saved to {} (adapter_config.json + adapter_model.safetensors)", summary.output_dir.display());
+            eprintln!(
+                "adapter saved to {} (adapter_config.json + adapter_model.safetensors)",
+                summary.output_dir.display()
+            );
         } else {
             eprintln!("stopped after step {} (checkpoint saved); run the same command with --resume to continue", summary.steps);
         }
@@ -247,7 +263,9 @@ fn stop_on_signal(announce: bool) -> Result<Arc<AtomicBool>> {
             std::process::exit(130);
         }
         if announce {
-            eprintln!("\nstopping after this step with a checkpoint (interrupt again to stop at once)");
+            eprintln!(
+                "\nstopping after this step with a checkpoint (interrupt again to stop at once)"
+            );
         }
     })
     .context("installing the Ctrl-C handler")?;

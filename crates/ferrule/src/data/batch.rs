@@ -41,11 +41,21 @@ impl Padding {
 
 /// A training or evaluation batch of `items` laid out as `padding` says (`max_len` is used by
 /// [`Padding::MaxLen`] only; shorter batches pad up to it).
-pub fn make_batch(items: &[&Encoded], padding: Padding, pad_id: u32, max_len: usize, device: &Device) -> candle_core::Result<Batch> {
+pub fn make_batch(
+    items: &[&Encoded],
+    padding: Padding,
+    pad_id: u32,
+    max_len: usize,
+    device: &Device,
+) -> candle_core::Result<Batch> {
     match padding {
         Padding::Free => pack(items, device),
         Padding::Longest => collate(items, pad_id, PaddingSide::Right, device),
-        Padding::MaxLen => pad_to(collate(items, pad_id, PaddingSide::Right, device)?, max_len, pad_id),
+        Padding::MaxLen => pad_to(
+            collate(items, pad_id, PaddingSide::Right, device)?,
+            max_len,
+            pad_id,
+        ),
     }
 }
 
@@ -60,8 +70,15 @@ fn pad_to(batch: Batch, len: usize, pad_id: u32) -> candle_core::Result<Batch> {
     let cat = |x: &Tensor, fill: Tensor| Tensor::cat(&[x, &fill], 1);
     Ok(Batch {
         input_ids: cat(&batch.input_ids, Tensor::full(pad_id, (b, extra), &dev)?)?,
-        attention_mask: cat(&batch.attention_mask, Tensor::zeros((b, extra), candle_core::DType::U32, &dev)?)?,
-        labels: batch.labels.as_ref().map(|l| cat(l, Tensor::full(IGNORE_INDEX, (b, extra), &dev)?)).transpose()?,
+        attention_mask: cat(
+            &batch.attention_mask,
+            Tensor::zeros((b, extra), candle_core::DType::U32, &dev)?,
+        )?,
+        labels: batch
+            .labels
+            .as_ref()
+            .map(|l| cat(l, Tensor::full(IGNORE_INDEX, (b, extra), &dev)?))
+            .transpose()?,
         ..batch
     })
 }
@@ -100,17 +117,34 @@ pub fn pack(items: &[&Encoded], device: &Device) -> candle_core::Result<Batch> {
     }
     let classification = items[0].class_label.is_some();
     let n: usize = items.iter().map(|e| e.input_ids.len()).sum();
-    let ids: Vec<u32> = items.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
+    let ids: Vec<u32> = items
+        .iter()
+        .flat_map(|e| e.input_ids.iter().copied())
+        .collect();
     let input_ids = Tensor::from_vec(ids, (1, n), device)?;
     let attention_mask = Tensor::ones((1, n), candle_core::DType::U32, device)?;
     let labels = if classification {
         None
     } else {
-        let labels: Vec<i64> = items.iter().flat_map(|e| std::iter::once(IGNORE_INDEX).chain(e.labels.iter().copied().skip(1))).collect();
+        let labels: Vec<i64> = items
+            .iter()
+            .flat_map(|e| std::iter::once(IGNORE_INDEX).chain(e.labels.iter().copied().skip(1)))
+            .collect();
         Some(Tensor::from_vec(labels, (1, n), device)?)
     };
-    let class_labels = if classification { Some(class_tensor(items, device)?) } else { None };
-    Ok(Batch { input_ids, attention_mask, labels, class_labels, num_tokens: n, seq_lens: Some(items.iter().map(|e| e.input_ids.len()).collect()) })
+    let class_labels = if classification {
+        Some(class_tensor(items, device)?)
+    } else {
+        None
+    };
+    Ok(Batch {
+        input_ids,
+        attention_mask,
+        labels,
+        class_labels,
+        num_tokens: n,
+        seq_lens: Some(items.iter().map(|e| e.input_ids.len()).collect()),
+    })
 }
 
 /// The checks every batch makes: records present, all of one kind, labels matching tokens.
@@ -119,12 +153,19 @@ fn check_items(items: &[&Encoded]) -> candle_core::Result<()> {
         candle_core::bail!("collate: cannot build a batch of no records");
     }
     let classification = items[0].class_label.is_some();
-    if items.iter().any(|e| e.class_label.is_some() != classification) {
+    if items
+        .iter()
+        .any(|e| e.class_label.is_some() != classification)
+    {
         candle_core::bail!("collate: a batch mixes classification and language-modelling records");
     }
     for (i, item) in items.iter().enumerate() {
         if item.input_ids.len() != item.labels.len() {
-            candle_core::bail!("collate: record {i} of the batch has {} tokens but {} labels", item.input_ids.len(), item.labels.len());
+            candle_core::bail!(
+                "collate: record {i} of the batch has {} tokens but {} labels",
+                item.input_ids.len(),
+                item.labels.len()
+            );
         }
     }
     Ok(())
@@ -135,8 +176,12 @@ fn class_tensor(items: &[&Encoded], device: &Device) -> candle_core::Result<Tens
     let classes = items
         .iter()
         .map(|e| {
-            let c = e.class_label.ok_or_else(|| candle_core::Error::Msg("collate: a classification record without a class".into()))?;
-            u32::try_from(c).map_err(|_| candle_core::Error::Msg(format!("collate: class index {c} does not fit u32")))
+            let c = e.class_label.ok_or_else(|| {
+                candle_core::Error::Msg("collate: a classification record without a class".into())
+            })?;
+            u32::try_from(c).map_err(|_| {
+                candle_core::Error::Msg(format!("collate: class index {c} does not fit u32"))
+            })
         })
         .collect::<candle_core::Result<Vec<u32>>>()?;
     Tensor::from_vec(classes, items.len(), device)
@@ -147,7 +192,12 @@ fn class_tensor(items: &[&Encoded], device: &Device) -> candle_core::Result<Tens
 /// A batch holds either classification records (all with [`Encoded::class_label`]), giving
 /// `class_labels` and no `labels`, or language-modelling records (none with a class label),
 /// giving `labels`. Mixing them, or an empty `items`, is an error.
-pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Device) -> candle_core::Result<Batch> {
+pub fn collate(
+    items: &[&Encoded],
+    pad_id: u32,
+    side: PaddingSide,
+    device: &Device,
+) -> candle_core::Result<Batch> {
     check_items(items)?;
     let classification = items[0].class_label.is_some();
     let b = items.len();
@@ -164,7 +214,11 @@ pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Devi
         let pad_mask = std::iter::repeat_n(0u32, pad);
         let pad_labels = std::iter::repeat_n(IGNORE_INDEX, if classification { 0 } else { pad });
         let real_mask = std::iter::repeat_n(1u32, n);
-        let real_labels = item.labels.iter().copied().take(if classification { 0 } else { n });
+        let real_labels = item
+            .labels
+            .iter()
+            .copied()
+            .take(if classification { 0 } else { n });
         match side {
             PaddingSide::Left => {
                 ids.extend(pad_ids.chain(item.input_ids.iter().copied()));
@@ -181,7 +235,17 @@ pub fn collate(items: &[&Encoded], pad_id: u32, side: PaddingSide, device: &Devi
 
     let input_ids = Tensor::from_vec(ids, (b, t), device)?;
     let attention_mask = Tensor::from_vec(mask, (b, t), device)?;
-    let (labels, class_labels) =
-        if classification { (None, Some(class_tensor(items, device)?)) } else { (Some(Tensor::from_vec(labels, (b, t), device)?), None) };
-    Ok(Batch { input_ids, attention_mask, labels, class_labels, num_tokens, seq_lens: None })
+    let (labels, class_labels) = if classification {
+        (None, Some(class_tensor(items, device)?))
+    } else {
+        (Some(Tensor::from_vec(labels, (b, t), device)?), None)
+    };
+    Ok(Batch {
+        input_ids,
+        attention_mask,
+        labels,
+        class_labels,
+        num_tokens,
+        seq_lens: None,
+    })
 }

@@ -54,7 +54,11 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles a template from its Jinja source. `bos_token` and `eos_token` are exposed to the
     /// template as variables of the same names (left undefined when `None`).
-    pub fn new(source: impl Into<String>, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
+    pub fn new(
+        source: impl Into<String>,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self> {
         Self::build(source.into(), "<string>".to_string(), bos_token, eos_token)
     }
 
@@ -80,19 +84,33 @@ impl ChatTemplate {
         }
         let json_path = dir.join("chat_template.json");
         if json_path.is_file() {
-            let text = std::fs::read_to_string(&json_path).map_err(|e| DataError::io(&json_path, &e))?;
-            let config_error = |message: String| DataError::Config { path: json_path.clone(), message };
-            let value: Json = serde_json::from_str(&text).map_err(|e| config_error(format!("invalid JSON: {e}")))?;
+            let text =
+                std::fs::read_to_string(&json_path).map_err(|e| DataError::io(&json_path, &e))?;
+            let config_error = |message: String| DataError::Config {
+                path: json_path.clone(),
+                message,
+            };
+            let value: Json = serde_json::from_str(&text)
+                .map_err(|e| config_error(format!("invalid JSON: {e}")))?;
             let source = match value.get("chat_template") {
                 Some(v) => chat_template_string(v).map_err(config_error)?,
-                None => return Err(config_error("expected a \"chat_template\" entry, found none".into())),
+                None => {
+                    return Err(config_error(
+                        "expected a \"chat_template\" entry, found none".into(),
+                    ))
+                }
             };
             return Self::build(source, json_path.display().to_string(), bos, eos).map(Some);
         }
         Ok(None)
     }
 
-    fn build(source: String, origin: String, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
+    fn build(
+        source: String,
+        origin: String,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -102,8 +120,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, neutralize_generation_tags(&source)).map_err(|e| DataError::template(&origin, &e))?;
-        Ok(ChatTemplate { env, source, origin, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
+        env.add_template_owned(TEMPLATE_NAME, neutralize_generation_tags(&source))
+            .map_err(|e| DataError::template(&origin, &e))?;
+        Ok(ChatTemplate {
+            env,
+            source,
+            origin,
+            bos_token: bos_token.map(str::to_string),
+            eos_token: eos_token.map(str::to_string),
+        })
     }
 
     /// The Jinja source, as given.
@@ -142,7 +167,10 @@ impl ChatTemplate {
             ctx.push(("eos_token", Value::from(eos.as_str())));
         }
         let ctx: Value = ctx.into_iter().collect();
-        self.env.get_template(TEMPLATE_NAME).and_then(|t| t.render(ctx)).map_err(|e| DataError::template(&self.origin, &e))
+        self.env
+            .get_template(TEMPLATE_NAME)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| DataError::template(&self.origin, &e))
     }
 }
 
@@ -154,9 +182,15 @@ fn neutralize_generation_tags(source: &str) -> String {
         return source.to_string();
     }
     static TAG: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    let re = TAG.get_or_init(|| regex::Regex::new(r"\{%(-?)(\s*)(end)?generation(\s*)(-?)%\}").expect("valid regex"));
+    let re = TAG.get_or_init(|| {
+        regex::Regex::new(r"\{%(-?)(\s*)(end)?generation(\s*)(-?)%\}").expect("valid regex")
+    });
     re.replace_all(source, |c: &regex::Captures<'_>| {
-        let tag = if c.get(3).is_some() { "endif" } else { "if true" };
+        let tag = if c.get(3).is_some() {
+            "endif"
+        } else {
+            "if true"
+        };
         format!("{{%{}{}{}{}{}%}}", &c[1], &c[2], tag, &c[4], &c[5])
     })
     .into_owned()
@@ -172,7 +206,8 @@ fn strftime_now(format: String) -> std::result::Result<String, Error> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("system clock: {e}")))?;
-    strftime::format(&format, now.as_secs() as i64).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {e}")))
+    strftime::format(&format, now.as_secs() as i64)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {e}")))
 }
 
 /// `value | tojson(indent=None)`, formatted like Python's
@@ -180,12 +215,16 @@ fn strftime_now(format: String) -> std::result::Result<String, Error> {
 fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = Vec::new();
     let result = match indent {
         Some(n) => {
             let indent = vec![b' '; n];
-            let mut ser = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(&indent));
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&indent),
+            );
             serde::Serialize::serialize(&json, &mut ser)
         }
         None => {
@@ -202,7 +241,11 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -210,7 +253,11 @@ impl serde_json::ser::Formatter for PythonFormatter {
         }
     }
 
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -225,8 +272,29 @@ impl serde_json::ser::Formatter for PythonFormatter {
 
 /// A small UTC `strftime` for `strftime_now`: templates use it to print today's date.
 mod strftime {
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const WEEKDAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
 
     /// The proleptic Gregorian (year, month 1–12, day 1–31) of a day count since 1970-01-01
     /// (Howard Hinnant's `civil_from_days`).
@@ -310,10 +378,19 @@ mod strftime {
             // 2023-11-14 22:13:20 UTC, a Tuesday, day 318 of a non-leap year.
             let t = 1_700_000_000;
             assert_eq!(format("%d %b %Y", t).unwrap(), "14 Nov 2023");
-            assert_eq!(format("%A, %B %e, %y %H:%M:%S %p %j", t).unwrap(), "Tuesday, November 14, 23 22:13:20 PM 318");
-            assert_eq!(format("%F %T %I%% %a", t).unwrap(), "2023-11-14 22:13:20 10% Tue");
+            assert_eq!(
+                format("%A, %B %e, %y %H:%M:%S %p %j", t).unwrap(),
+                "Tuesday, November 14, 23 22:13:20 PM 318"
+            );
+            assert_eq!(
+                format("%F %T %I%% %a", t).unwrap(),
+                "2023-11-14 22:13:20 10% Tue"
+            );
             // 2024-02-29 00:00:00 UTC (leap day), a Thursday; and the epoch.
-            assert_eq!(format("%F %a %j %I %p", 1_709_164_800).unwrap(), "2024-02-29 Thu 060 12 AM");
+            assert_eq!(
+                format("%F %a %j %I %p", 1_709_164_800).unwrap(),
+                "2024-02-29 Thu 060 12 AM"
+            );
             assert_eq!(format("%F %A", 0).unwrap(), "1970-01-01 Thursday");
             assert_eq!(format("%F", -86_400).unwrap(), "1969-12-31");
             assert!(format("%Q", t).is_err());
@@ -338,8 +415,16 @@ mod tests {
 
     #[test]
     fn tojson_is_python_like() {
-        let t = ChatTemplate::new("{{ {'a': [1, 'x<y'], 'b': none} | tojson }}|{{ messages[0] | tojson(indent=2) }}", None, None).unwrap();
-        assert_eq!(t.render(&[user("hé")], false).unwrap(), "{\"a\": [1, \"x<y\"], \"b\": null}|{\n  \"role\": \"user\",\n  \"content\": \"hé\"\n}");
+        let t = ChatTemplate::new(
+            "{{ {'a': [1, 'x<y'], 'b': none} | tojson }}|{{ messages[0] | tojson(indent=2) }}",
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[user("hé")], false).unwrap(),
+            "{\"a\": [1, \"x<y\"], \"b\": null}|{\n  \"role\": \"user\",\n  \"content\": \"hé\"\n}"
+        );
     }
 
     #[test]

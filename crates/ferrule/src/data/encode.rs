@@ -88,7 +88,11 @@ impl Encoded {
 
     /// Number of positions that are loss targets (labels other than -100, after position 0).
     pub fn num_targets(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 
@@ -117,7 +121,11 @@ pub struct EncodeOptions {
 impl Default for EncodeOptions {
     /// `max_len` 2048, [`Truncation::Error`], `completion_only`.
     fn default() -> Self {
-        EncodeOptions { max_len: 2048, truncation: Truncation::Error, completion_only: true }
+        EncodeOptions {
+            max_len: 2048,
+            truncation: Truncation::Error,
+            completion_only: true,
+        }
     }
 }
 
@@ -186,7 +194,11 @@ impl<'a> Encoder<'a> {
     ///
     /// Fails if `max_len` is 0, or if the tokenizer truncates or pads by itself (load it with
     /// [`load_tokenizer`](super::load_tokenizer), which turns both off).
-    pub fn new(tokenizer: &'a Tokenizer, template: Option<&'a ChatTemplate>, options: EncodeOptions) -> Result<Self> {
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        template: Option<&'a ChatTemplate>,
+        options: EncodeOptions,
+    ) -> Result<Self> {
         if options.max_len == 0 {
             return Err(DataError::Options("max_len must be at least 1".to_string()));
         }
@@ -198,8 +210,16 @@ impl<'a> Encoder<'a> {
                     .to_string(),
             ));
         }
-        let eos_token_id = template.and_then(|t| t.eos_token()).and_then(|t| tokenizer.token_to_id(t));
-        Ok(Encoder { tokenizer, template, label_map: None, eos_token_id, options })
+        let eos_token_id = template
+            .and_then(|t| t.eos_token())
+            .and_then(|t| tokenizer.token_to_id(t));
+        Ok(Encoder {
+            tokenizer,
+            template,
+            label_map: None,
+            eos_token_id,
+            options,
+        })
     }
 
     /// Sets the map from classification labels to class indices (needed for classification
@@ -222,13 +242,18 @@ impl<'a> Encoder<'a> {
 
     /// Encodes one record; `index` (its position in the file, 0-based) is used in errors.
     pub fn encode(&self, index: usize, example: &Example) -> Result<Encoded> {
-        self.encode_with_length(index, example).map(|(encoded, _)| encoded)
+        self.encode_with_length(index, example)
+            .map(|(encoded, _)| encoded)
     }
 
     /// Encodes all records in parallel, skipping those left without a trained token (see the
     /// [module documentation](self)). Any other error is returned for the first failing record.
     pub fn encode_all(&self, examples: &[Example]) -> Result<EncodedSet> {
-        let results: Vec<Result<(Encoded, usize)>> = examples.par_iter().enumerate().map(|(index, example)| self.encode_with_length(index, example)).collect();
+        let results: Vec<Result<(Encoded, usize)>> = examples
+            .par_iter()
+            .enumerate()
+            .map(|(index, example)| self.encode_with_length(index, example))
+            .collect();
         let mut set = EncodedSet::default();
         for (index, result) in results.into_iter().enumerate() {
             match result {
@@ -244,7 +269,9 @@ impl<'a> Encoder<'a> {
             }
         }
         if set.items.is_empty() && !set.skipped.is_empty() {
-            return Err(DataError::NoTrainableRecords { skipped: set.skipped.len() });
+            return Err(DataError::NoTrainableRecords {
+                skipped: set.skipped.len(),
+            });
         }
         Ok(set)
     }
@@ -257,14 +284,21 @@ impl<'a> Encoder<'a> {
                 let (ids, labels) = self.tokenize(index, text, Train::All, false)?;
                 (ids, labels, None)
             }
-            Example::Alpaca { instruction, input, output } => match self.template {
+            Example::Alpaca {
+                instruction,
+                input,
+                output,
+            } => match self.template {
                 Some(_) => {
                     let mut user = instruction.clone();
                     if !input.is_empty() {
                         user.push_str("\n\n");
                         user.push_str(input);
                     }
-                    let messages = [Message::new("user", user), Message::new("assistant", output.as_str())];
+                    let messages = [
+                        Message::new("user", user),
+                        Message::new("assistant", output.as_str()),
+                    ];
                     let (ids, labels) = self.encode_chat(index, &messages)?;
                     (ids, labels, None)
                 }
@@ -280,7 +314,11 @@ impl<'a> Encoder<'a> {
                     let prompt = alpaca_prompt(instruction, input);
                     let text = format!("{prompt}{output}");
                     let output_span = prompt.len()..text.len();
-                    let train = if completion_only { Train::Spans(std::slice::from_ref(&output_span)) } else { Train::All };
+                    let train = if completion_only {
+                        Train::Spans(std::slice::from_ref(&output_span))
+                    } else {
+                        Train::All
+                    };
                     let (mut ids, mut labels) = self.tokenize(index, &text, train, false)?;
                     if ids.last() != Some(&eos) {
                         ids.push(eos);
@@ -294,11 +332,16 @@ impl<'a> Encoder<'a> {
                 (ids, labels, None)
             }
             Example::Classification { text, label } => {
-                let map = self
-                    .label_map
-                    .ok_or_else(|| DataError::Record { index, message: "classification records need a label map (Encoder::with_label_map)".to_string() })?;
+                let map = self.label_map.ok_or_else(|| DataError::Record {
+                    index,
+                    message: "classification records need a label map (Encoder::with_label_map)"
+                        .to_string(),
+                })?;
                 let class = map.class_index(index, label)?;
-                let encoding = self.tokenizer.encode(text.as_str(), true).map_err(|e| tokenizer_error(index, &e))?;
+                let encoding = self
+                    .tokenizer
+                    .encode(text.as_str(), true)
+                    .map_err(|e| tokenizer_error(index, &e))?;
                 let ids = encoding.get_ids().to_vec();
                 let labels = vec![IGNORE_INDEX; ids.len()];
                 (ids, labels, Some(class))
@@ -308,24 +351,46 @@ impl<'a> Encoder<'a> {
     }
 
     /// Applies the length limit and checks that something is left to learn.
-    fn finish(&self, index: usize, mut input_ids: Vec<u32>, mut labels: Vec<i64>, class_label: Option<usize>) -> Result<(Encoded, usize)> {
+    fn finish(
+        &self,
+        index: usize,
+        mut input_ids: Vec<u32>,
+        mut labels: Vec<i64>,
+        class_label: Option<usize>,
+    ) -> Result<(Encoded, usize)> {
         let full_len = input_ids.len();
         if full_len == 0 {
-            return Err(DataError::Record { index, message: "encodes to no token at all".to_string() });
+            return Err(DataError::Record {
+                index,
+                message: "encodes to no token at all".to_string(),
+            });
         }
         let max_len = self.options.max_len;
         if full_len > max_len {
             match self.options.truncation {
-                Truncation::Error => return Err(DataError::TooLong { index, len: full_len, max_len }),
+                Truncation::Error => {
+                    return Err(DataError::TooLong {
+                        index,
+                        len: full_len,
+                        max_len,
+                    })
+                }
                 Truncation::Right => {
                     input_ids.truncate(max_len);
                     labels.truncate(max_len);
                 }
             }
         }
-        let encoded = Encoded { input_ids, labels, class_label };
+        let encoded = Encoded {
+            input_ids,
+            labels,
+            class_label,
+        };
         if class_label.is_none() && encoded.num_targets() == 0 {
-            return Err(DataError::NoTrainableTokens { index, truncated: full_len > max_len });
+            return Err(DataError::NoTrainableTokens {
+                index,
+                truncated: full_len > max_len,
+            });
         }
         Ok((encoded, full_len))
     }
@@ -340,7 +405,12 @@ impl<'a> Encoder<'a> {
                 .to_string(),
         })?;
         let render = |msgs: &[Message], generation_prompt: bool| {
-            template.render(msgs, generation_prompt).map_err(|e| DataError::Record { index, message: e.to_string() })
+            template
+                .render(msgs, generation_prompt)
+                .map_err(|e| DataError::Record {
+                    index,
+                    message: e.to_string(),
+                })
         };
         let full = render(messages, false)?;
         if !self.options.completion_only {
@@ -353,7 +423,11 @@ impl<'a> Encoder<'a> {
                 continue;
             }
             let prompt = render(&messages[..i], true)?;
-            let upto = if i + 1 == messages.len() { full.clone() } else { render(&messages[..=i], false)? };
+            let upto = if i + 1 == messages.len() {
+                full.clone()
+            } else {
+                render(&messages[..=i], false)?
+            };
             if !upto.starts_with(&prompt) || !full.starts_with(&upto) {
                 return Err(DataError::Record {
                     index,
@@ -376,8 +450,17 @@ impl<'a> Encoder<'a> {
     /// Tokenizes `text` with the tokenizer's special tokens and labels the tokens trained by
     /// `train`. For `templated` text, special tokens the tokenizer adds are dropped when the
     /// text already has them.
-    fn tokenize(&self, index: usize, text: &str, train: Train<'_>, templated: bool) -> Result<(Vec<u32>, Vec<i64>)> {
-        let encoding = self.tokenizer.encode(text, true).map_err(|e| tokenizer_error(index, &e))?;
+    fn tokenize(
+        &self,
+        index: usize,
+        text: &str,
+        train: Train<'_>,
+        templated: bool,
+    ) -> Result<(Vec<u32>, Vec<i64>)> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| tokenizer_error(index, &e))?;
         let ids = encoding.get_ids();
         let offsets = encoding.get_offsets();
         let added = encoding.get_special_tokens_mask();
@@ -408,7 +491,11 @@ impl<'a> Encoder<'a> {
                 Train::Spans(spans) => overlaps(spans, offsets[j]),
             };
             out_ids.push(ids[j]);
-            labels.push(if trained { i64::from(ids[j]) } else { IGNORE_INDEX });
+            labels.push(if trained {
+                i64::from(ids[j])
+            } else {
+                IGNORE_INDEX
+            });
             previous_trained = trained;
         }
         Ok((out_ids, labels))
@@ -418,11 +505,20 @@ impl<'a> Encoder<'a> {
 /// Whether a token with byte offsets `(start, end)` overlaps one of `spans`; a zero-width
 /// token counts as overlapping when its position lies inside a span.
 fn overlaps(spans: &[Range<usize>], (start, end): (usize, usize)) -> bool {
-    spans.iter().any(|span| if start < end { start < span.end && end > span.start } else { span.contains(&start) })
+    spans.iter().any(|span| {
+        if start < end {
+            start < span.end && end > span.start
+        } else {
+            span.contains(&start)
+        }
+    })
 }
 
 fn tokenizer_error(index: usize, err: &tokenizers::Error) -> DataError {
-    DataError::Tokenizer { context: format!("record {index}"), message: err.to_string() }
+    DataError::Tokenizer {
+        context: format!("record {index}"),
+        message: err.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -442,7 +538,9 @@ mod tests {
 
     #[test]
     fn alpaca_prompts() {
-        assert!(alpaca_prompt("Do it.", "").ends_with("### Instruction:\nDo it.\n\n### Response:\n"));
+        assert!(
+            alpaca_prompt("Do it.", "").ends_with("### Instruction:\nDo it.\n\n### Response:\n")
+        );
         assert!(alpaca_prompt("Do it.", "now").contains("paired with an input"));
         assert!(alpaca_prompt("Do it.", "now").ends_with("### Input:\nnow\n\n### Response:\n"));
     }

@@ -162,7 +162,9 @@ pub enum DataError {
     },
 
     /// Every record of a data set was skipped.
-    #[error("no record has a trained token ({skipped} record(s) skipped because every label was -100)")]
+    #[error(
+        "no record has a trained token ({skipped} record(s) skipped because every label was -100)"
+    )]
     NoTrainableRecords {
         /// How many records were skipped.
         skipped: usize,
@@ -180,12 +182,18 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, err: &std::io::Error) -> Self {
-        DataError::Io { path: path.into(), message: err.to_string() }
+        DataError::Io {
+            path: path.into(),
+            message: err.to_string(),
+        }
     }
 
     /// minijinja's message already ends with `(in <template name>:<line>)`.
     pub(crate) fn template(origin: &str, err: &minijinja::Error) -> Self {
-        DataError::Template { origin: origin.to_string(), message: err.to_string() }
+        DataError::Template {
+            origin: origin.to_string(),
+            message: err.to_string(),
+        }
     }
 }
 

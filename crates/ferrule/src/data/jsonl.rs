@@ -33,7 +33,10 @@ pub struct Message {
 impl Message {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -156,7 +159,11 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = std::str::from_utf8(raw).map_err(|e| DataError::NotUtf8 { path: path.to_path_buf(), line, column: e.valid_up_to() + 1 })?;
+        let text = std::str::from_utf8(raw).map_err(|e| DataError::NotUtf8 {
+            path: path.to_path_buf(),
+            line,
+            column: e.valid_up_to() + 1,
+        })?;
         if text.trim().is_empty() {
             continue;
         }
@@ -164,7 +171,12 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
             // serde's message ends with " at line 1 column N"; we report the position ourselves.
             let full = e.to_string();
             let suffix = format!(" at line {} column {}", e.line(), e.column());
-            DataError::InvalidJson { path: path.to_path_buf(), line, column: e.column(), message: full.strip_suffix(&suffix).unwrap_or(&full).to_string() }
+            DataError::InvalidJson {
+                path: path.to_path_buf(),
+                line,
+                column: e.column(),
+                message: full.strip_suffix(&suffix).unwrap_or(&full).to_string(),
+            }
         })?;
         let ctx = Ctx { path, line };
         let example = ctx.example(value)?;
@@ -172,7 +184,13 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
         match first_shape {
             None => first_shape = Some((example.shape(), line)),
             Some((shape, first_line)) if shape != example.shape() => {
-                return Err(DataError::MixedShapes { path: path.to_path_buf(), line, found: example.shape().name(), expected: shape.name(), first_line });
+                return Err(DataError::MixedShapes {
+                    path: path.to_path_buf(),
+                    line,
+                    found: example.shape().name(),
+                    expected: shape.name(),
+                    first_line,
+                });
             }
             Some(_) => {}
         }
@@ -182,9 +200,13 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
                 None => first_label = Some((is_index, line)),
                 Some((first_is_index, first_line)) if first_is_index != is_index => {
                     let kind = |index: bool| if index { "an integer" } else { "a string" };
-                    return Err(
-                        ctx.unexpected(format!("\"label\" to be {} like the label on line {first_line}", kind(first_is_index)), describe(&label_json(label)))
-                    );
+                    return Err(ctx.unexpected(
+                        format!(
+                            "\"label\" to be {} like the label on line {first_line}",
+                            kind(first_is_index)
+                        ),
+                        describe(&label_json(label)),
+                    ));
                 }
                 Some(_) => {}
             }
@@ -193,7 +215,9 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
     }
 
     if examples.is_empty() {
-        return Err(DataError::Empty { path: path.to_path_buf() });
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(examples)
 }
@@ -213,7 +237,12 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn unexpected(&self, expected: impl Into<String>, found: impl Into<String>) -> DataError {
-        DataError::Unexpected { path: PathBuf::from(self.path), line: self.line, expected: expected.into(), found: found.into() }
+        DataError::Unexpected {
+            path: PathBuf::from(self.path),
+            line: self.line,
+            expected: expected.into(),
+            found: found.into(),
+        }
     }
 
     fn example(&self, value: Value) -> Result<Example> {
@@ -229,15 +258,24 @@ impl Ctx<'_> {
             let input = match obj.get("input") {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(s)) => s.clone(),
-                Some(other) => return Err(self.unexpected("\"input\" to be a string", describe(other))),
+                Some(other) => {
+                    return Err(self.unexpected("\"input\" to be a string", describe(other)))
+                }
             };
-            return Ok(Example::Alpaca { instruction, input, output });
+            return Ok(Example::Alpaca {
+                instruction,
+                input,
+                output,
+            });
         }
         if obj.contains_key("text") {
             let text = self.string_field(&obj, "text")?;
             return match obj.get("label") {
                 None => Ok(Example::Text { text }),
-                Some(label) => Ok(Example::Classification { text, label: self.label(label)? }),
+                Some(label) => Ok(Example::Classification {
+                    text,
+                    label: self.label(label)?,
+                }),
             };
         }
         Err(self.unexpected(EXPECTED_RECORD, describe(&Value::Object(obj))))
@@ -246,8 +284,13 @@ impl Ctx<'_> {
     fn string_field(&self, obj: &Map<String, Value>, key: &str) -> Result<String> {
         match obj.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(self.unexpected(format!("\"{key}\" to be a string"), describe(other))),
-            None => Err(self.unexpected(format!("key \"{key}\" (a string) next to {}", keys_list(obj)), format!("no \"{key}\""))),
+            Some(other) => {
+                Err(self.unexpected(format!("\"{key}\" to be a string"), describe(other)))
+            }
+            None => Err(self.unexpected(
+                format!("key \"{key}\" (a string) next to {}", keys_list(obj)),
+                format!("no \"{key}\""),
+            )),
         }
     }
 
@@ -261,12 +304,18 @@ impl Ctx<'_> {
             Value::String(s) => return Ok(LabelValue::Name(s.clone())),
             _ => {}
         }
-        Err(self.unexpected("\"label\" to be a non-negative integer or a string", describe(value)))
+        Err(self.unexpected(
+            "\"label\" to be a non-negative integer or a string",
+            describe(value),
+        ))
     }
 
     fn chat(&self, messages: &Value) -> Result<Example> {
         let Value::Array(items) = messages else {
-            return Err(self.unexpected("\"messages\" to be an array of {\"role\", \"content\"} objects", describe(messages)));
+            return Err(self.unexpected(
+                "\"messages\" to be an array of {\"role\", \"content\"} objects",
+                describe(messages),
+            ));
         };
         if items.is_empty() {
             return Err(self.unexpected("at least one message in \"messages\"", "an empty array"));
@@ -274,12 +323,21 @@ impl Ctx<'_> {
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let Value::Object(obj) = item else {
-                return Err(self.unexpected(format!("messages[{i}] to be a {{\"role\", \"content\"}} object"), describe(item)));
+                return Err(self.unexpected(
+                    format!("messages[{i}] to be a {{\"role\", \"content\"}} object"),
+                    describe(item),
+                ));
             };
             let field = |key: &str| match obj.get(key) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(self.unexpected(format!("messages[{i}].{key} to be a string"), describe(other))),
-                None => Err(self.unexpected(format!("messages[{i}] to have \"role\" and \"content\""), format!("an object with {}", keys_list(obj)))),
+                Some(other) => Err(self.unexpected(
+                    format!("messages[{i}].{key} to be a string"),
+                    describe(other),
+                )),
+                None => Err(self.unexpected(
+                    format!("messages[{i}] to have \"role\" and \"content\""),
+                    format!("an object with {}", keys_list(obj)),
+                )),
             };
             let role = field("role")?;
             let content = field("content")?;
@@ -295,7 +353,11 @@ fn keys_list(obj: &Map<String, Value>) -> String {
         return "no keys".to_string();
     }
     let keys: Vec<String> = obj.keys().map(|k| format!("{k:?}")).collect();
-    format!("key{} {}", if keys.len() == 1 { "" } else { "s" }, keys.join(", "))
+    format!(
+        "key{} {}",
+        if keys.len() == 1 { "" } else { "s" },
+        keys.join(", ")
+    )
 }
 
 /// A short description of a JSON value for "found …" messages.
@@ -313,7 +375,11 @@ pub(crate) fn describe(value: &Value) -> String {
                 format!("the string {s:?}")
             }
         }
-        Value::Array(a) => format!("an array of {} element{}", a.len(), if a.len() == 1 { "" } else { "s" }),
+        Value::Array(a) => format!(
+            "an array of {} element{}",
+            a.len(),
+            if a.len() == 1 { "" } else { "s" }
+        ),
         Value::Object(o) => format!("an object with {}", keys_list(o)),
     }
 }

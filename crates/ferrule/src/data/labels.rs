@@ -43,7 +43,11 @@ impl LabelMap {
                             "label {label} is {} but record {first_index} has {} label; \
                              use either class indices or class names",
                             if is_index { "an integer" } else { "a string" },
-                            if first_is_index { "an integer" } else { "a string" },
+                            if first_is_index {
+                                "an integer"
+                            } else {
+                                "a string"
+                            },
                         ),
                     });
                 }
@@ -62,17 +66,26 @@ impl LabelMap {
                  ({\"text\", \"label\"})"
                     .to_string(),
             )),
-            (Some(_), Some(max)) => Ok(LabelMap { names: None, num_labels: max + 1 }),
+            (Some(_), Some(max)) => Ok(LabelMap {
+                names: None,
+                num_labels: max + 1,
+            }),
             (Some(_), None) => {
                 let names: Vec<String> = names.into_iter().collect();
-                Ok(LabelMap { num_labels: names.len(), names: Some(names) })
+                Ok(LabelMap {
+                    num_labels: names.len(),
+                    names: Some(names),
+                })
             }
         }
     }
 
     /// A map with `num_labels` unnamed classes; only integer labels can be mapped.
     pub fn with_num_labels(num_labels: usize) -> Self {
-        LabelMap { names: None, num_labels }
+        LabelMap {
+            names: None,
+            num_labels,
+        }
     }
 
     /// A map from class names in index order (name `i` is class `i`). Errors on duplicates.
@@ -80,10 +93,15 @@ impl LabelMap {
         let mut seen = BTreeSet::new();
         for name in &names {
             if !seen.insert(name.as_str()) {
-                return Err(DataError::Options(format!("class name {name:?} appears twice")));
+                return Err(DataError::Options(format!(
+                    "class name {name:?} appears twice"
+                )));
             }
         }
-        Ok(LabelMap { num_labels: names.len(), names: Some(names) })
+        Ok(LabelMap {
+            num_labels: names.len(),
+            names: Some(names),
+        })
     }
 
     /// A map from a model's `id2label` (as in `config.json`); the ids must be exactly
@@ -91,7 +109,10 @@ impl LabelMap {
     pub fn from_id2label(id2label: &BTreeMap<usize, String>) -> Result<Self> {
         for (expected, id) in id2label.keys().enumerate() {
             if *id != expected {
-                return Err(DataError::Options(format!("id2label must number classes 0..{}, but id {expected} is missing", id2label.len())));
+                return Err(DataError::Options(format!(
+                    "id2label must number classes 0..{}, but id {expected} is missing",
+                    id2label.len()
+                )));
             }
         }
         Self::from_names(id2label.values().cloned().collect())
@@ -113,12 +134,22 @@ impl LabelMap {
             LabelValue::Index(i) if *i < self.num_labels => Ok(*i),
             LabelValue::Index(i) => Err(DataError::Label {
                 index,
-                message: format!("label {i} is out of range: the model has {} classes (0..{})", self.num_labels, self.num_labels.saturating_sub(1)),
+                message: format!(
+                    "label {i} is out of range: the model has {} classes (0..{})",
+                    self.num_labels,
+                    self.num_labels.saturating_sub(1)
+                ),
             }),
             LabelValue::Name(name) => match &self.names {
                 Some(names) => names.iter().position(|n| n == name).ok_or_else(|| {
                     let known: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
-                    DataError::Label { index, message: format!("unknown label {name:?}; expected one of {}", known.join(", ")) }
+                    DataError::Label {
+                        index,
+                        message: format!(
+                            "unknown label {name:?}; expected one of {}",
+                            known.join(", ")
+                        ),
+                    }
                 }),
                 None => Err(DataError::Label {
                     index,

@@ -45,7 +45,9 @@ mod tokenizer;
 
 pub use batch::{collate, make_batch, pack, Batch, Padding, PaddingSide};
 pub use chat::ChatTemplate;
-pub use encode::{alpaca_prompt, EncodeOptions, Encoded, EncodedSet, Encoder, Truncation, IGNORE_INDEX};
+pub use encode::{
+    alpaca_prompt, EncodeOptions, Encoded, EncodedSet, Encoder, Truncation, IGNORE_INDEX,
+};
 pub use error::{DataError, Result};
 pub use jsonl::{parse_jsonl, read_jsonl, Example, LabelValue, Message, Shape};
 pub use labels::LabelMap;

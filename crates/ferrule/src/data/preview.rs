@@ -20,7 +20,11 @@ pub struct Span {
 /// `item` as spans. The text of a span is the difference of the decoded prefixes, so a
 /// character whose bytes straddle two tokens lands whole in one span (byte-level BPE).
 pub fn spans(tokenizer: &Tokenizer, item: &Encoded) -> anyhow::Result<Vec<Span>> {
-    let decode = |n: usize| tokenizer.decode(&item.input_ids[..n], false).map_err(|e| anyhow::anyhow!("decoding a record: {e}"));
+    let decode = |n: usize| {
+        tokenizer
+            .decode(&item.input_ids[..n], false)
+            .map_err(|e| anyhow::anyhow!("decoding a record: {e}"))
+    };
     let mut out: Vec<Span> = Vec::new();
     let mut done = String::new();
     let mut start = 0;
@@ -33,9 +37,14 @@ pub fn spans(tokenizer: &Tokenizer, item: &Encoded) -> anyhow::Result<Vec<Span>>
         // Decoders that are not prefix-stable (a leading-space rule, say) fall back to the run alone.
         let text = match prefix.strip_prefix(done.as_str()) {
             Some(rest) => rest.to_string(),
-            None => tokenizer.decode(&item.input_ids[start..end], false).map_err(|e| anyhow::anyhow!("decoding a record: {e}"))?,
+            None => tokenizer
+                .decode(&item.input_ids[start..end], false)
+                .map_err(|e| anyhow::anyhow!("decoding a record: {e}"))?,
         };
-        out.push(Span { text, trained: trained(start) });
+        out.push(Span {
+            text,
+            trained: trained(start),
+        });
         done = prefix;
         start = end;
     }
@@ -76,14 +85,34 @@ pub struct DataStats {
 
 /// Counts for `set`, which encoded `records` records, at `batch_size` and `max_len`, with packed
 /// bins of `pack_budget` tokens (default `batch_size × max_len`, as `--packing` takes them).
-pub fn stats(set: &EncodedSet, records: usize, batch_size: usize, max_len: usize, pack_budget: Option<usize>) -> DataStats {
+pub fn stats(
+    set: &EncodedSet,
+    records: usize,
+    batch_size: usize,
+    max_len: usize,
+    pack_budget: Option<usize>,
+) -> DataStats {
     let tokens: usize = set.items.iter().map(Encoded::len).sum();
-    let trained_tokens = set.items.iter().map(|e| e.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()).sum();
-    let padding_positions =
-        set.items.chunks(batch_size.max(1)).map(|b| b.iter().map(Encoded::len).max().unwrap_or(0) * b.len() - b.iter().map(Encoded::len).sum::<usize>()).sum();
+    let trained_tokens = set
+        .items
+        .iter()
+        .map(|e| e.labels.iter().filter(|&&l| l != IGNORE_INDEX).count())
+        .sum();
+    let padding_positions = set
+        .items
+        .chunks(batch_size.max(1))
+        .map(|b| {
+            b.iter().map(Encoded::len).max().unwrap_or(0) * b.len()
+                - b.iter().map(Encoded::len).sum::<usize>()
+        })
+        .sum();
     let mut length_histogram: Vec<(usize, usize, usize)> = Vec::new();
     for e in &set.items {
-        let lo = if e.is_empty() { 0 } else { 1usize << e.len().ilog2() };
+        let lo = if e.is_empty() {
+            0
+        } else {
+            1usize << e.len().ilog2()
+        };
         match length_histogram.iter_mut().find(|b| b.0 == lo) {
             Some(b) => b.2 += 1,
             None => length_histogram.push((lo, (lo * 2).max(1), 1)),
@@ -108,7 +137,8 @@ pub fn stats(set: &EncodedSet, records: usize, batch_size: usize, max_len: usize
         batch_size,
         padding_fraction: padding_positions as f64 / (tokens + padding_positions).max(1) as f64,
         max_len,
-        padding_fraction_at_max_len: 1.0 - tokens as f64 / (set.items.len() * max_len).max(1) as f64,
+        padding_fraction_at_max_len: 1.0
+            - tokens as f64 / (set.items.len() * max_len).max(1) as f64,
         length_histogram,
     }
 }
@@ -119,7 +149,11 @@ mod tests {
 
     fn item(lens: &[usize]) -> Encoded {
         let n: usize = lens.iter().sum();
-        Encoded { input_ids: vec![1; n], labels: vec![IGNORE_INDEX; n], class_label: None }
+        Encoded {
+            input_ids: vec![1; n],
+            labels: vec![IGNORE_INDEX; n],
+            class_label: None,
+        }
     }
 
     /// Hand-checked: lengths 3, 5, 8, 1 in batches of 2 pad (5−3) + (8−1) = 9 positions.
@@ -127,11 +161,28 @@ mod tests {
     fn counts_padding_per_batch_and_buckets_lengths() {
         let mut a = item(&[3]);
         a.labels[2] = 7;
-        let set = EncodedSet { items: vec![a, item(&[5]), item(&[8]), item(&[1])], record_indices: vec![0, 1, 3, 4], skipped: vec![2], truncated: 1 };
+        let set = EncodedSet {
+            items: vec![a, item(&[5]), item(&[8]), item(&[1])],
+            record_indices: vec![0, 1, 3, 4],
+            skipped: vec![2],
+            truncated: 1,
+        };
         let s = stats(&set, 5, 2, 8, None);
-        assert_eq!((s.records, s.kept, s.tokens, s.trained_tokens, s.padding_positions), (5, 4, 17, 1, 9));
+        assert_eq!(
+            (
+                s.records,
+                s.kept,
+                s.tokens,
+                s.trained_tokens,
+                s.padding_positions
+            ),
+            (5, 4, 17, 1, 9)
+        );
         assert_eq!(s.skipped_lines, vec![3]);
-        assert_eq!(s.length_histogram, vec![(1, 2, 1), (2, 4, 1), (4, 8, 1), (8, 16, 1)]);
+        assert_eq!(
+            s.length_histogram,
+            vec![(1, 2, 1), (2, 4, 1), (4, 8, 1), (8, 16, 1)]
+        );
         assert!((s.padding_fraction - 9.0 / 26.0).abs() < 1e-12);
         assert!((s.padding_fraction_at_max_len - (1.0 - 17.0 / 32.0)).abs() < 1e-12);
         // Bins of 2 x 8 = 16 tokens, longest first: 8 + 5 + 3 fill one exactly, 1 opens a second.

@@ -17,13 +17,23 @@ use super::jsonl::describe;
 pub fn load_tokenizer(model_dir: &Path) -> Result<Tokenizer> {
     let path = model_dir.join("tokenizer.json");
     if !path.is_file() {
-        return Err(DataError::MissingTokenizer { dir: model_dir.to_path_buf() });
+        return Err(DataError::MissingTokenizer {
+            dir: model_dir.to_path_buf(),
+        });
     }
-    let bad = |message: String| DataError::Tokenizer { context: path.display().to_string(), message };
+    let bad = |message: String| DataError::Tokenizer {
+        context: path.display().to_string(),
+        message,
+    };
     let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
     check_bpe_merges(&text).map_err(bad)?;
     let mut tokenizer = Tokenizer::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    tokenizer.with_truncation(None).map_err(|e| DataError::Tokenizer { context: path.display().to_string(), message: e.to_string() })?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| DataError::Tokenizer {
+            context: path.display().to_string(),
+            message: e.to_string(),
+        })?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
 }
@@ -32,22 +42,34 @@ pub fn load_tokenizer(model_dir: &Path) -> Result<Tokenizer> {
 /// longer than every token of the vocabulary, before its own "not in the vocabulary" error;
 /// found by fuzzing the GGUF reader, which has the same check. Refuse such a merge first.
 fn check_bpe_merges(text: &str) -> std::result::Result<(), String> {
-    let Ok(json) = serde_json::from_str::<Value>(text) else { return Ok(()) }; // tokenizers reports it
+    let Ok(json) = serde_json::from_str::<Value>(text) else {
+        return Ok(());
+    }; // tokenizers reports it
     let model = &json["model"];
-    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array()) else { return Ok(()) };
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array())
+    else {
+        return Ok(());
+    };
     if model["type"].as_str().is_some_and(|t| t != "BPE") {
         return Ok(());
     }
     let longest = vocab.keys().map(String::len).max().unwrap_or(0);
     for (i, m) in merges.iter().enumerate() {
         let pair = match m {
-            Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
-            Value::Array(p) if p.len() == 2 => p[0].as_str().zip(p[1].as_str()).map(|(a, b)| (a.to_string(), b.to_string())),
+            Value::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string())),
+            Value::Array(p) if p.len() == 2 => p[0]
+                .as_str()
+                .zip(p[1].as_str())
+                .map(|(a, b)| (a.to_string(), b.to_string())),
             _ => None,
         };
         if let Some((a, b)) = pair {
             if a.len() + b.len() > longest {
-                return Err(format!("BPE merge {i} ({a:?} + {b:?}) makes a token longer than any in the vocabulary"));
+                return Err(format!(
+                    "BPE merge {i} ({a:?} + {b:?}) makes a token longer than any in the vocabulary"
+                ));
             }
         }
     }
@@ -85,8 +107,14 @@ impl TokenizerConfig {
     /// Reads a `tokenizer_config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, &e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| DataError::Config { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })?;
-        let mut config = Self::from_json(&value).map_err(|message| DataError::Config { path: path.to_path_buf(), message })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| DataError::Config {
+            path: path.to_path_buf(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let mut config = Self::from_json(&value).map_err(|message| DataError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
         config.path = Some(path.to_path_buf());
         Ok(config)
     }
@@ -146,8 +174,13 @@ pub(crate) fn chat_template_string(value: &Value) -> std::result::Result<String,
         Value::Array(items) => {
             let mut names = Vec::new();
             for item in items {
-                let (Some(Value::String(name)), Some(Value::String(template))) = (item.get("name"), item.get("template")) else {
-                    return Err(format!("{EXPECTED}, found an element that is {}", describe(item)));
+                let (Some(Value::String(name)), Some(Value::String(template))) =
+                    (item.get("name"), item.get("template"))
+                else {
+                    return Err(format!(
+                        "{EXPECTED}, found an element that is {}",
+                        describe(item)
+                    ));
                 };
                 if name == "default" {
                     return Ok(template.clone());
@@ -156,7 +189,11 @@ pub(crate) fn chat_template_string(value: &Value) -> std::result::Result<String,
             }
             Err(format!(
                 "expected a chat template named \"default\" among {}, found none",
-                if names.is_empty() { "the list".to_string() } else { names.join(", ") }
+                if names.is_empty() {
+                    "the list".to_string()
+                } else {
+                    names.join(", ")
+                }
             ))
         }
         other => Err(format!("{EXPECTED}, found {}", describe(other))),
@@ -174,12 +211,20 @@ fn id_of(tokenizer: &Tokenizer, token: Option<&str>) -> Option<u32> {
 /// is preferred so that padding looks like what the model saw during pretraining.
 pub fn pad_token_id(tokenizer: &Tokenizer, tokenizer_config: Option<&TokenizerConfig>) -> u32 {
     let config = tokenizer_config;
-    id_of(tokenizer, config.and_then(|c| c.pad_token.as_deref())).or_else(|| id_of(tokenizer, config.and_then(|c| c.eos_token.as_deref()))).unwrap_or(0)
+    id_of(tokenizer, config.and_then(|c| c.pad_token.as_deref()))
+        .or_else(|| id_of(tokenizer, config.and_then(|c| c.eos_token.as_deref())))
+        .unwrap_or(0)
 }
 
 /// The id of the config's `eos_token`, if it has one the tokenizer knows.
-pub fn eos_token_id(tokenizer: &Tokenizer, tokenizer_config: Option<&TokenizerConfig>) -> Option<u32> {
-    id_of(tokenizer, tokenizer_config.and_then(|c| c.eos_token.as_deref()))
+pub fn eos_token_id(
+    tokenizer: &Tokenizer,
+    tokenizer_config: Option<&TokenizerConfig>,
+) -> Option<u32> {
+    id_of(
+        tokenizer,
+        tokenizer_config.and_then(|c| c.eos_token.as_deref()),
+    )
 }
 
 #[cfg(test)]
@@ -191,11 +236,32 @@ mod tests {
     /// transformers accepts (a string, null, an AddedToken object; a list of named templates).
     #[test]
     fn odd_values_are_errors_naming_the_key() {
-        let odd = [json!(-1), json!(0), json!(1099511627776u64), json!(true), json!([]), json!({}), json!(["nope"]), json!(-0.5), json!({"content": 3})];
-        for key in ["bos_token", "eos_token", "pad_token", "unk_token", "chat_template"] {
+        let odd = [
+            json!(-1),
+            json!(0),
+            json!(1099511627776u64),
+            json!(true),
+            json!([]),
+            json!({}),
+            json!(["nope"]),
+            json!(-0.5),
+            json!({"content": 3}),
+        ];
+        for key in [
+            "bos_token",
+            "eos_token",
+            "pad_token",
+            "unk_token",
+            "chat_template",
+        ] {
             for v in &odd {
-                let e = TokenizerConfig::from_json(&json!({ key: v })).expect_err(&format!("{key} = {v} must be refused"));
-                assert!(e.contains(&format!("\"{key}\"")) || (key == "chat_template" && e.contains("chat template")), "{key} = {v}: {e}");
+                let e = TokenizerConfig::from_json(&json!({ key: v }))
+                    .expect_err(&format!("{key} = {v} must be refused"));
+                assert!(
+                    e.contains(&format!("\"{key}\""))
+                        || (key == "chat_template" && e.contains("chat template")),
+                    "{key} = {v}: {e}"
+                );
             }
             let fine = TokenizerConfig::from_json(&json!({ key: null })).unwrap();
             assert_eq!(fine, TokenizerConfig::default(), "{key} = null is unset");
@@ -206,9 +272,24 @@ mod tests {
             "chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}],
         }))
         .unwrap();
-        assert_eq!((c.eos_token.as_deref(), c.pad_token.as_deref(), c.chat_template.as_deref()), (Some("</s>"), Some("<pad>"), Some("d")));
-        let e = TokenizerConfig::from_json(&json!({"chat_template": [{"name": "tool_use", "template": "t"}]})).unwrap_err();
-        assert!(e.contains("named \"default\"") && e.contains("\"tool_use\""), "{e}");
-        assert!(TokenizerConfig::from_json(&json!([])).unwrap_err().contains("expected a JSON object"));
+        assert_eq!(
+            (
+                c.eos_token.as_deref(),
+                c.pad_token.as_deref(),
+                c.chat_template.as_deref()
+            ),
+            (Some("</s>"), Some("<pad>"), Some("d"))
+        );
+        let e = TokenizerConfig::from_json(
+            &json!({"chat_template": [{"name": "tool_use", "template": "t"}]}),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("named \"default\"") && e.contains("\"tool_use\""),
+            "{e}"
+        );
+        assert!(TokenizerConfig::from_json(&json!([]))
+            .unwrap_err()
+            .contains("expected a JSON object"));
     }
 }

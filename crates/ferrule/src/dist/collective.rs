@@ -8,7 +8,7 @@
 //! Every implementation counts what it moves in a [`Traffic`], so benchmarks and the planner
 //! (`ferrule plan`) speak of the same bytes.
 
-use std::cell::Cell;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 
@@ -31,7 +31,21 @@ pub struct Traffic {
 impl Traffic {
     /// All bytes sent, every kind together.
     pub fn total_bytes(&self) -> f64 {
-        self.all_reduce_bytes + self.reduce_scatter_bytes + self.all_gather_bytes + self.broadcast_bytes
+        self.all_reduce_bytes
+            + self.reduce_scatter_bytes
+            + self.all_gather_bytes
+            + self.broadcast_bytes
+    }
+
+    /// Both counts together (the trainer's collectives and the sharded base's).
+    pub fn plus(&self, other: &Traffic) -> Traffic {
+        Traffic {
+            all_reduce_bytes: self.all_reduce_bytes + other.all_reduce_bytes,
+            reduce_scatter_bytes: self.reduce_scatter_bytes + other.reduce_scatter_bytes,
+            all_gather_bytes: self.all_gather_bytes + other.all_gather_bytes,
+            broadcast_bytes: self.broadcast_bytes + other.broadcast_bytes,
+            calls: self.calls + other.calls,
+        }
     }
 
     /// What was sent since `earlier` (a snapshot of the same counter).
@@ -56,30 +70,43 @@ pub enum Op {
     Barrier,
 }
 
-/// A [`Traffic`] that implementations update as they run (single-threaded: collectives are
-/// called from the training loop's thread only).
+impl Traffic {
+    /// Adds one call of `op` with a payload of `bytes` (the full, unscattered size) over
+    /// `world` ranks.
+    fn add(&mut self, op: Op, bytes: usize, world: usize) {
+        let share = if world > 1 {
+            bytes as f64 * (world - 1) as f64 / world as f64
+        } else {
+            0.0
+        };
+        match op {
+            Op::AllReduce => self.all_reduce_bytes += 2.0 * share,
+            Op::ReduceScatter => self.reduce_scatter_bytes += share,
+            Op::AllGather => self.all_gather_bytes += share,
+            Op::Broadcast => self.broadcast_bytes += share,
+            Op::Barrier => {}
+        }
+        self.calls += 1;
+    }
+}
+
+/// A [`Traffic`] that implementations update as they run (behind a lock, so that a
+/// [`BaseComm`], which tensor ops hold, can count too).
 #[derive(Debug, Default)]
-pub struct TrafficCounter(Cell<Traffic>);
+pub struct TrafficCounter(Mutex<Traffic>);
 
 impl TrafficCounter {
     /// Records one call of `op` with a payload of `bytes` (the full, unscattered size) over
     /// `world` ranks.
     pub fn record(&self, op: Op, bytes: usize, world: usize) {
-        let mut t = self.0.get();
-        let share = if world > 1 { bytes as f64 * (world - 1) as f64 / world as f64 } else { 0.0 };
-        match op {
-            Op::AllReduce => t.all_reduce_bytes += 2.0 * share,
-            Op::ReduceScatter => t.reduce_scatter_bytes += share,
-            Op::AllGather => t.all_gather_bytes += share,
-            Op::Broadcast => t.broadcast_bytes += share,
-            Op::Barrier => {}
-        }
-        t.calls += 1;
-        self.0.set(t);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(op, bytes, world);
     }
 
     pub fn get(&self) -> Traffic {
-        self.0.get()
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -114,6 +141,9 @@ pub trait Collective {
     fn traffic(&self) -> Traffic;
     /// Stops every rank of the job with `code` (MPI_Abort); the single process just exits.
     fn abort(&self, code: i32) -> !;
+    /// A communicator of its own for the frozen base's gathers (`--shard-base`): the tensor ops
+    /// hold it, so it is `Send + Sync`, and its calls never interleave with the trainer's.
+    fn base_comm(&self) -> Result<Arc<dyn BaseComm>>;
 
     /// Whether every rank passed `ok = true`; errors on a rank that is fine when another one
     /// failed, so all ranks leave a shared step (a checkpoint, say) together.
@@ -132,8 +162,16 @@ pub trait Collective {
         let mine: Vec<u8> = values.iter().flat_map(|(_, v)| v.to_le_bytes()).collect();
         let mut rank0 = mine.clone();
         self.broadcast_bytes(0, &mut rank0)?;
-        let differ: Vec<&str> = values.iter().zip(rank0.chunks_exact(8)).filter(|((_, v), r)| v.to_le_bytes() != **r).map(|((name, _), _)| *name).collect();
-        self.all_ok(differ.is_empty(), &format!("to agree with rank 0 on {what}"))?;
+        let differ: Vec<&str> = values
+            .iter()
+            .zip(rank0.chunks_exact(8))
+            .filter(|((_, v), r)| v.to_le_bytes() != **r)
+            .map(|((name, _), _)| *name)
+            .collect();
+        self.all_ok(
+            differ.is_empty(),
+            &format!("to agree with rank 0 on {what}"),
+        )?;
         if !differ.is_empty() {
             bail!(
                 "rank {} differs from rank 0 in {}: every rank must be started with the same arguments, data and output folder",
@@ -187,6 +225,49 @@ impl Collective for SingleProcess {
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
+    fn base_comm(&self) -> Result<Arc<dyn BaseComm>> {
+        Ok(Arc::new(SingleProcess))
+    }
+}
+
+/// The collectives the sharded frozen base needs (`dist::sharded_base`), on a communicator
+/// separate from [`Collective`]'s. The ops that read a sharded weight call them in their
+/// forward and backward passes, which candle runs on the thread that called
+/// `forward`/`backward`: the training loop's, the only thread that talks to MPI
+/// (`MPI_THREAD_FUNNELED`). Every rank must make the same calls in the same order (MPI's rule):
+/// the trainer runs the same passes on every rank when the base is sharded.
+pub trait BaseComm: Send + Sync + std::fmt::Debug {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Replaces `buf` on every rank by rank `root`'s (same length everywhere).
+    fn broadcast_f32(&self, root: usize, buf: &mut [f32]) -> Result<()>;
+    /// Concatenates every rank's `send` (same length everywhere), in rank order, into `recv`.
+    fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
+    /// Sums `send` (length `N · recv.len()`) over ranks and leaves block `rank` in `recv`.
+    fn reduce_scatter_sum_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
+    /// What this rank has sent on this communicator so far.
+    fn traffic(&self) -> Traffic;
+}
+
+impl BaseComm for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn broadcast_f32(&self, _root: usize, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        Collective::all_gather_f32(self, send, recv)
+    }
+    fn reduce_scatter_sum_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        Collective::reduce_scatter_sum_f32(self, send, recv)
+    }
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
 }
 
 /// Checks that a scattered/gathered buffer of `full` elements is `world` blocks of `block`.
@@ -199,11 +280,18 @@ pub(crate) fn check_lengths(full: usize, block: usize, world: usize) -> Result<(
 
 /// Environment variables the common MPI launchers set in the processes they start
 /// (Open MPI's mpirun, PMI-based launchers such as MPICH's Hydra and Slurm's srun, PMIx).
-const LAUNCHER_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"];
+const LAUNCHER_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "MPI_LOCALNRANKS",
+];
 
 /// The launcher variable this process was started with, if any (`NAME=VALUE`).
 pub fn launcher_env() -> Option<String> {
-    LAUNCHER_VARS.iter().find_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+    LAUNCHER_VARS
+        .iter()
+        .find_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
 }
 
 /// The job this process belongs to: MPI's world when an MPI launcher started it (feature
@@ -212,7 +300,9 @@ pub fn launcher_env() -> Option<String> {
 /// Errors when a launcher started this process but the build has no MPI (each rank would
 /// silently train alone and write the same output folder).
 pub fn init() -> Result<Box<dyn Collective>> {
-    let Some(var) = launcher_env() else { return Ok(Box::new(SingleProcess)) };
+    let Some(var) = launcher_env() else {
+        return Ok(Box::new(SingleProcess));
+    };
     #[cfg(feature = "mpi")]
     {
         let _ = var;

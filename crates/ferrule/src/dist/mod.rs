@@ -7,6 +7,7 @@
 //!   calls MPI.
 //! * [`partition`]: the trainable parameters as one flat vector in `N` equal partitions.
 //! * [`zero`]: ZeRO stages 0–3 for the trainable state.
+//! * [`sharded_base`]: the frozen base's rows spread over the ranks (`--shard-base`).
 //! * [`plan`]: per-rank memory and traffic estimates (`ferrule plan`).
 
 pub mod collective;
@@ -14,8 +15,12 @@ pub mod collective;
 pub mod mpi;
 pub mod partition;
 pub mod plan;
+pub mod sharded_base;
 pub mod zero;
 
-pub use collective::{init, launcher_env, Collective, SingleProcess, Traffic};
+pub use collective::{init, launcher_env, BaseComm, Collective, SingleProcess, Traffic};
 pub use partition::FlatLayout;
-pub use zero::{consolidate_shards, OptimizerState, StepResult, StepTotals, ZeroOptimizer, ZeroStage};
+pub use sharded_base::ShardedWeight;
+pub use zero::{
+    consolidate_shards, OptimizerState, StepResult, StepTotals, ZeroOptimizer, ZeroStage,
+};

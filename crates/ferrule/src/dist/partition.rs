@@ -36,16 +36,29 @@ pub struct FlatLayout {
 
 impl FlatLayout {
     /// The layout of `shapes` (name, shape) in order, over `world` ranks.
-    pub fn new<'a>(shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>, world: usize) -> FlatLayout {
+    pub fn new<'a>(
+        shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+        world: usize,
+    ) -> FlatLayout {
         let mut segments = Vec::new();
         let mut offset = 0;
         for (name, shape) in shapes {
             let len = shape.iter().product();
-            segments.push(Segment { name: name.to_string(), shape: shape.to_vec(), offset, len });
+            segments.push(Segment {
+                name: name.to_string(),
+                shape: shape.to_vec(),
+                offset,
+                len,
+            });
             offset += len;
         }
         let world = world.max(1);
-        FlatLayout { segments, total: offset, partition_len: offset.div_ceil(world), world }
+        FlatLayout {
+            segments,
+            total: offset,
+            partition_len: offset.div_ceil(world),
+            world,
+        }
     }
 
     /// The layout of the trainable variables.
@@ -64,7 +77,10 @@ impl FlatLayout {
     }
 
     /// For each segment overlapping `range`: (segment index, range in the flat vector).
-    pub fn overlaps(&self, range: Range<usize>) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
+    pub fn overlaps(
+        &self,
+        range: Range<usize>,
+    ) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
         self.segments.iter().enumerate().filter_map(move |(i, s)| {
             let lo = s.offset.max(range.start);
             let hi = (s.offset + s.len).min(range.end);
@@ -79,28 +95,56 @@ impl FlatLayout {
         let mut present = vec![0f64; self.segments.len()];
         for (i, s) in self.segments.iter().enumerate() {
             if let Some(t) = tensors.get(&s.name) {
-                ensure!(t.dims() == s.shape.as_slice(), "{:?} has shape {:?}, the layout expects {:?}", s.name, t.dims(), s.shape);
+                ensure!(
+                    t.dims() == s.shape.as_slice(),
+                    "{:?} has shape {:?}, the layout expects {:?}",
+                    s.name,
+                    t.dims(),
+                    s.shape
+                );
                 let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 flat[s.offset..s.offset + s.len].copy_from_slice(&v);
                 present[i] = 1.0;
             }
         }
-        ensure!(tensors.keys().all(|k| self.segments.iter().any(|s| &s.name == k)), "a tensor is not in the flat layout");
+        ensure!(
+            tensors
+                .keys()
+                .all(|k| self.segments.iter().any(|s| &s.name == k)),
+            "a tensor is not in the flat layout"
+        );
         Ok((flat, present))
     }
 
     /// The variables' current values, flattened (padded).
     pub fn flatten_vars(&self, vars: &[(String, Var)]) -> Result<Vec<f32>> {
-        let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let map: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
         Ok(self.flatten(&map)?.0)
     }
 
     /// The segments named by `keep` (by index), cut out of `flat` as tensors of their shapes.
-    pub fn unflatten(&self, flat: &[f32], keep: impl Fn(usize) -> bool, device: &candle_core::Device) -> Result<HashMap<String, Tensor>> {
-        ensure!(flat.len() >= self.total, "flat vector of {} elements, the layout has {}", flat.len(), self.total);
+    pub fn unflatten(
+        &self,
+        flat: &[f32],
+        keep: impl Fn(usize) -> bool,
+        device: &candle_core::Device,
+    ) -> Result<HashMap<String, Tensor>> {
+        ensure!(
+            flat.len() >= self.total,
+            "flat vector of {} elements, the layout has {}",
+            flat.len(),
+            self.total
+        );
         let mut out = HashMap::new();
         for (_, s) in self.segments.iter().enumerate().filter(|(i, _)| keep(*i)) {
-            let t = Tensor::from_slice(&flat[s.offset..s.offset + s.len], s.shape.as_slice(), device)?;
+            let t = Tensor::from_slice(
+                &flat[s.offset..s.offset + s.len],
+                s.shape.as_slice(),
+                device,
+            )?;
             out.insert(s.name.clone(), t);
         }
         Ok(out)
@@ -109,8 +153,16 @@ impl FlatLayout {
     /// Sets every variable (in layout order) from `flat`, in the variable's own dtype.
     pub fn write_vars(&self, flat: &[f32], vars: &[(String, Var)]) -> Result<()> {
         for (s, (name, var)) in self.segments.iter().zip(vars) {
-            ensure!(&s.name == name, "variable {name:?} is not in the layout's order");
-            let t = Tensor::from_slice(&flat[s.offset..s.offset + s.len], s.shape.as_slice(), var.device())?.to_dtype(var.dtype())?;
+            ensure!(
+                &s.name == name,
+                "variable {name:?} is not in the layout's order"
+            );
+            let t = Tensor::from_slice(
+                &flat[s.offset..s.offset + s.len],
+                s.shape.as_slice(),
+                var.device(),
+            )?
+            .to_dtype(var.dtype())?;
             var.set(&t).with_context(|| format!("setting {name:?}"))?;
         }
         Ok(())
@@ -119,21 +171,38 @@ impl FlatLayout {
     /// The layout as JSON (`[[name, [shape...]], ...]` and the world size), stored with each
     /// optimizer shard so that `ferrule checkpoint consolidate` can cut it apart.
     pub fn to_json(&self) -> serde_json::Value {
-        let segs: Vec<serde_json::Value> = self.segments.iter().map(|s| serde_json::json!([s.name, s.shape])).collect();
+        let segs: Vec<serde_json::Value> = self
+            .segments
+            .iter()
+            .map(|s| serde_json::json!([s.name, s.shape]))
+            .collect();
         serde_json::json!({ "world": self.world, "segments": segs })
     }
 
     /// Reads [`FlatLayout::to_json`]'s output.
     pub fn from_json(v: &serde_json::Value) -> Result<FlatLayout> {
-        let world = v.get("world").and_then(|w| w.as_u64()).context("layout without \"world\"")? as usize;
-        let segs = v.get("segments").and_then(|s| s.as_array()).context("layout without \"segments\"")?;
+        let world = v
+            .get("world")
+            .and_then(|w| w.as_u64())
+            .context("layout without \"world\"")? as usize;
+        let segs = v
+            .get("segments")
+            .and_then(|s| s.as_array())
+            .context("layout without \"segments\"")?;
         let mut shapes = Vec::new();
         for s in segs {
-            let name = s.get(0).and_then(|n| n.as_str()).context("layout segment without a name")?;
-            let shape: Vec<usize> = serde_json::from_value(s.get(1).cloned().unwrap_or_default()).context("layout segment without a shape")?;
+            let name = s
+                .get(0)
+                .and_then(|n| n.as_str())
+                .context("layout segment without a name")?;
+            let shape: Vec<usize> = serde_json::from_value(s.get(1).cloned().unwrap_or_default())
+                .context("layout segment without a shape")?;
             shapes.push((name.to_string(), shape));
         }
-        Ok(FlatLayout::new(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), world))
+        Ok(FlatLayout::new(
+            shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            world,
+        ))
     }
 }
 
@@ -163,7 +232,10 @@ mod tests {
         assert_eq!(flat, vec![1., 2., 3., 4., 0., 0., 0., 0.]);
         assert_eq!(present, vec![1.0, 0.0]);
         let back = l.unflatten(&flat, |i| present[i] > 0.0, &dev).unwrap();
-        assert_eq!(back["a"].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            back["a"].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
         assert!(!back.contains_key("b"));
         assert_eq!(FlatLayout::from_json(&l.to_json()).unwrap(), l);
         let wrong = HashMap::from([("b".to_string(), a)]);

@@ -48,8 +48,17 @@ impl ModelShape {
         Ok(match family_of(config)? {
             Family::Decoder => {
                 let c = DecoderConfig::from_json(config)?;
-                let (h, q, kv, i) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
-                let lin = |name, a, b| BlockLinear { name, in_features: a, out_features: b };
+                let (h, q, kv, i) = (
+                    c.hidden_size,
+                    c.num_attention_heads * c.head_dim,
+                    c.num_key_value_heads * c.head_dim,
+                    c.intermediate_size,
+                );
+                let lin = |name, a, b| BlockLinear {
+                    name,
+                    in_features: a,
+                    out_features: b,
+                };
                 let block_linears = vec![
                     lin("q_proj", h, q),
                     lin("k_proj", h, kv),
@@ -59,7 +68,9 @@ impl ModelShape {
                     lin("up_proj", h, i),
                     lin("down_proj", i, h),
                 ];
-                let biases = if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { h } else { 0 } + if c.mlp_bias { 2 * i + h } else { 0 };
+                let biases = if c.qkv_bias { q + 2 * kv } else { 0 }
+                    + if c.o_bias { h } else { 0 }
+                    + if c.mlp_bias { 2 * i + h } else { 0 };
                 let embedding_params = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
                 ModelShape {
                     family: "decoder",
@@ -75,7 +86,11 @@ impl ModelShape {
             Family::Bert => {
                 let c = BertConfig::from_json(config)?;
                 let (h, i) = (c.hidden_size, c.intermediate_size);
-                let lin = |name, a, b| BlockLinear { name, in_features: a, out_features: b };
+                let lin = |name, a, b| BlockLinear {
+                    name,
+                    in_features: a,
+                    out_features: b,
+                };
                 let block_linears = vec![
                     lin("query", h, h),
                     lin("key", h, h),
@@ -84,7 +99,8 @@ impl ModelShape {
                     lin("intermediate.dense", h, i),
                     lin("output.dense", i, h),
                 ];
-                let embedding_params = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h;
+                let embedding_params =
+                    (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h;
                 ModelShape {
                     family: "bert",
                     layers: c.num_hidden_layers,
@@ -93,7 +109,11 @@ impl ModelShape {
                     vocab: c.vocab_size,
                     block_linears,
                     // Biases of the six linears, two LayerNorms per block, embedding LayerNorm, pooler.
-                    other_params: embedding_params + c.num_hidden_layers * (5 * h + i + 4 * h) + 2 * h + h * h + h,
+                    other_params: embedding_params
+                        + c.num_hidden_layers * (5 * h + i + 4 * h)
+                        + 2 * h
+                        + h * h
+                        + h,
                     embedding_params,
                 }
             }
@@ -102,7 +122,12 @@ impl ModelShape {
 
     /// Weights of the blocks' linear layers (what `--quantize` quantizes).
     pub fn linear_params(&self) -> usize {
-        self.layers * self.block_linears.iter().map(|l| l.in_features * l.out_features).sum::<usize>()
+        self.layers
+            * self
+                .block_linears
+                .iter()
+                .map(|l| l.in_features * l.out_features)
+                .sum::<usize>()
     }
 
     /// All parameters of the base model (the classifier head of a SEQ_CLS run excluded).
@@ -117,23 +142,28 @@ impl ModelShape {
         let mut per_block = 0;
         for t in targets.iter().filter(|t| *t != "all-linear") {
             anyhow::ensure!(
-                self.block_linears.iter().any(|l| l.name == t || l.name.ends_with(&format!(".{t}"))),
+                self.block_linears
+                    .iter()
+                    .any(|l| l.name == t || l.name.ends_with(&format!(".{t}"))),
                 "--target-modules {t:?} names no linear layer of this {} model; its linears are {}",
                 self.family,
-                self.block_linears.iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
+                self.block_linears
+                    .iter()
+                    .map(|l| l.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         for l in &self.block_linears {
-            if all || targets.iter().any(|t| l.name == t || l.name.ends_with(&format!(".{t}"))) {
+            if all
+                || targets
+                    .iter()
+                    .any(|t| l.name == t || l.name.ends_with(&format!(".{t}")))
+            {
                 per_block += r * (l.in_features + l.out_features);
             }
         }
         Ok(self.layers * per_block)
-    }
-
-    /// The largest block's frozen linear weights, in bytes at `bytes_per_param`.
-    pub fn block_bytes(&self, bytes_per_param: f64) -> f64 {
-        self.block_linears.iter().map(|l| (l.in_features * l.out_features) as f64).sum::<f64>() * bytes_per_param
     }
 }
 
@@ -143,9 +173,6 @@ pub struct PlanRequest {
     pub shape: ModelShape,
     /// Bytes of the frozen base as held in memory.
     pub base_bytes: f64,
-    /// Bytes per parameter of the blocks' linear weights (for the all-gathered block of
-    /// `--shard-base`).
-    pub linear_bytes_per_param: f64,
     /// Ψ, trainable parameters.
     pub trainable: usize,
     pub world: usize,
@@ -179,7 +206,8 @@ pub struct Plan {
     pub shard_base: bool,
     pub trainable_params: usize,
     pub base_params: usize,
-    /// Frozen weights on one rank (1/N of them plus one gathered block with `--shard-base`).
+    /// Frozen weights on one rank (with `--shard-base`, 1/N of them plus one broadcast tile and
+    /// the embedding lookup's buffers).
     pub weights_bytes: f64,
     pub trainable_state: TrainableState,
     /// The ZeRO paper's model-state bytes for the same Ψ (mixed-precision Adam, K = 12).
@@ -224,10 +252,19 @@ pub fn block_floats_per_token(shape: &ModelShape) -> f64 {
 /// Saved activations of one micro-batch of `micro_batch × seq_len` tokens, in bytes (f32). With
 /// recomputation only each block's input is kept, plus one block's activations while it is
 /// recomputed.
-pub fn activation_bytes(shape: &ModelShape, micro_batch: usize, seq_len: usize, recompute: bool) -> f64 {
+pub fn activation_bytes(
+    shape: &ModelShape,
+    micro_batch: usize,
+    seq_len: usize,
+    recompute: bool,
+) -> f64 {
     let tokens = (micro_batch * seq_len) as f64;
     let block = block_floats_per_token(shape);
-    let kept = if recompute { shape.hidden as f64 * shape.layers as f64 + block } else { block * shape.layers as f64 };
+    let kept = if recompute {
+        shape.hidden as f64 * shape.layers as f64 + block
+    } else {
+        block * shape.layers as f64
+    };
     4.0 * tokens * kept
 }
 
@@ -240,7 +277,11 @@ pub fn plan(req: &PlanRequest) -> Plan {
     let trainable_state = TrainableState {
         parameters: 4.0 * psi,
         gradients: if req.world > 1 { 8.0 * psi } else { 4.0 * psi },
-        optimizer: if stage >= 1 { 12.0 * psi / n } else { 8.0 * psi },
+        optimizer: if stage >= 1 {
+            12.0 * psi / n
+        } else {
+            8.0 * psi
+        },
     };
     let paper_model_state_bytes = match stage {
         0 => 16.0 * psi,
@@ -248,20 +289,36 @@ pub fn plan(req: &PlanRequest) -> Plan {
         2 => 2.0 * psi + 14.0 * psi / n,
         _ => 16.0 * psi / n,
     };
-    let weights_bytes = if req.shard_base && req.world > 1 { req.base_bytes / n + req.shape.block_bytes(req.linear_bytes_per_param) } else { req.base_bytes };
+    let sharded = req.shard_base && req.world > 1;
+    let tokens = (req.micro_batch * req.seq_len) as f64;
+    // A shard of every matrix, one broadcast f32 tile, and the embedding lookup's buffers (every
+    // rank's ids' rows, then this rank's).
+    let weights_bytes = if sharded {
+        req.base_bytes / n
+            + 4.0 * crate::ops::frozen_linear::TILE_ELEMS as f64
+            + 4.0 * (n + 1.0) * tokens * req.shape.hidden as f64
+    } else {
+        req.base_bytes
+    };
     let activation = activation_bytes(&req.shape, req.micro_batch, req.seq_len, req.recompute);
     // Gradients: all-reduce (stages 0, 1) or reduce-scatter (2, 3) of 4Ψ bytes; parameters:
     // all-gather of 4Ψ bytes at stages 1-3.
-    let grads = if stage <= 1 { 2.0 * ring * 4.0 * psi } else { ring * 4.0 * psi };
+    let grads = if stage <= 1 {
+        2.0 * ring * 4.0 * psi
+    } else {
+        ring * 4.0 * psi
+    };
     let params = if stage >= 1 { ring * 4.0 * psi } else { 0.0 };
     let paper_comm = if stage == 3 { 3.0 } else { 2.0 } * 4.0 * psi * ring;
+    let base_comm = if sharded {
+        sharded_base_bytes(&req.shape, n, tokens, req.recompute)
+    } else {
+        0.0
+    };
     let state = trainable_state.parameters + trainable_state.gradients + trainable_state.optimizer;
     let mut notes = vec!["estimates from the model's shapes and formulas; measured runs are in BENCHMARKS.md (Scale-out)".to_string()];
-    if req.shard_base {
-        notes.push(
-            "ferrule train does not shard the frozen base yet: this is the plan for FSDP-style sharding (1/N of every block plus one all-gathered block)"
-                .into(),
-        );
+    if sharded {
+        notes.push("--shard-base: every frozen matrix is broadcast in f32 tiles in the forward and the backward pass (and the recomputation), once per micro-batch: the traffic is per micro-batch of each rank, times --grad-accum".into());
     }
     Plan {
         world_size: req.world,
@@ -274,24 +331,48 @@ pub fn plan(req: &PlanRequest) -> Plan {
         activation_bytes: activation,
         runtime_bytes: RUNTIME_BYTES,
         total_bytes: weights_bytes + state + activation + RUNTIME_BYTES,
-        comm_bytes_per_step: grads + params,
+        comm_bytes_per_step: grads + params + base_comm,
         paper_comm_bytes_per_step: paper_comm,
         trainable_state,
         notes,
     }
 }
 
+/// Bytes one rank sends per micro-batch for a sharded base of `n` ranks (`dist::sharded_base`),
+/// ring accounting: each frozen linear weight and a decoder's output head are broadcast in f32
+/// in the forward and the backward pass (the blocks' weights a third time with recomputation),
+/// and the embedding lookup all-gathers the ids and reduce-scatters `n · tokens` rows. Within
+/// 0.3% of the measured bytes (BENCHMARKS.md, "Scale-out": the backward skips the first
+/// block's q, k, v, whose input needs no gradient).
+pub fn sharded_base_bytes(shape: &ModelShape, n: f64, tokens: f64, recompute: bool) -> f64 {
+    let ring = (n - 1.0) / n;
+    let head = if shape.family == "decoder" {
+        (shape.vocab * shape.hidden) as f64
+    } else {
+        0.0
+    };
+    let reads = (if recompute { 3.0 } else { 2.0 }) * shape.linear_params() as f64 + 2.0 * head;
+    ring * 4.0 * (reads + n * tokens * shape.hidden as f64 + n * (tokens + 1.0))
+}
+
 /// Bytes per parameter of the blocks' linear weights for a `--quantize` method (bitsandbytes'
 /// layouts: 4-bit codes plus one f32 absmax per block of `blocksize`, or with double
 /// quantization one byte per block plus one f32 per 256 blocks; int8: one byte plus one f32
 /// per row), or f32 without quantization.
-pub fn linear_bytes_per_param(quantize: Option<&crate::quant::QuantSpec>, in_features: usize) -> f64 {
+pub fn linear_bytes_per_param(
+    quantize: Option<&crate::quant::QuantSpec>,
+    in_features: usize,
+) -> f64 {
     use crate::quant::QuantMethod;
     match quantize {
         None => 4.0,
         Some(q) => match q.method {
             QuantMethod::Nf4 | QuantMethod::Fp4 => {
-                let absmax = if q.double_quant { (8.0 + 32.0 / 256.0) / q.blocksize as f64 } else { 32.0 / q.blocksize as f64 };
+                let absmax = if q.double_quant {
+                    (8.0 + 32.0 / 256.0) / q.blocksize as f64
+                } else {
+                    32.0 / q.blocksize as f64
+                };
                 (4.0 + absmax) / 8.0
             }
             QuantMethod::Int8 => 1.0 + 4.0 / in_features as f64,
@@ -317,10 +398,17 @@ mod tests {
     fn shapes_of_a_70b_config() {
         let s = ModelShape::from_config(&llama_70b()).unwrap();
         assert_eq!(s.total_params(), 70_553_706_496);
-        let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect();
+        let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         // per layer: q 16(8192+8192) + k 16(8192+1024) + v the same + o 16(8192+8192) = 819,200
         assert_eq!(s.lora_params(&targets, 16).unwrap(), 80 * 819_200);
-        assert!(s.lora_params(&["query".to_string()], 8).unwrap_err().to_string().contains("q_proj"));
+        assert!(s
+            .lora_params(&["query".to_string()], 8)
+            .unwrap_err()
+            .to_string()
+            .contains("q_proj"));
     }
 
     /// The ZeRO paper's model-state formulas (§5, Figure 1 with K = 12) and its 7.5B example:
@@ -333,7 +421,6 @@ mod tests {
                 let req = PlanRequest {
                     shape: s.clone(),
                     base_bytes: 0.0,
-                    linear_bytes_per_param: 4.0,
                     trainable: 7_500_000_000,
                     world: 64,
                     stage: ZeroStage::new(stage).unwrap(),
@@ -350,7 +437,11 @@ mod tests {
 
     #[test]
     fn nf4_bits_per_parameter_match_bitsandbytes() {
-        let q = |double_quant| crate::quant::QuantSpec { method: crate::quant::QuantMethod::Nf4, blocksize: 64, double_quant };
+        let q = |double_quant| crate::quant::QuantSpec {
+            method: crate::quant::QuantMethod::Nf4,
+            blocksize: 64,
+            double_quant,
+        };
         assert_eq!(linear_bytes_per_param(Some(&q(false)), 4096) * 8.0, 4.5);
         // QLoRA §2: double quantization brings 0.5 bits/param of constants to 0.127.
         assert!((linear_bytes_per_param(Some(&q(true)), 4096) * 8.0 - 4.127).abs() < 1e-3);

@@ -113,7 +113,12 @@ pub struct ShardedAdamW {
 
 impl ShardedAdamW {
     /// The optimizer for partition `range` of `flat_params` (the padded flat vector).
-    pub fn new(layout: &FlatLayout, range: Range<usize>, flat_params: &[f32], cfg: AdamWConfig) -> ShardedAdamW {
+    pub fn new(
+        layout: &FlatLayout,
+        range: Range<usize>,
+        flat_params: &[f32],
+        cfg: AdamWConfig,
+    ) -> ShardedAdamW {
         let n = range.len();
         ShardedAdamW {
             cfg,
@@ -138,7 +143,12 @@ impl ShardedAdamW {
     /// One update with the partition's mean gradient `grads` (clipped already); `present[s]`
     /// says whether segment `s` had a gradient on any rank.
     pub fn update(&mut self, layout: &FlatLayout, grads: &[f32], present: &[f64]) -> Result<()> {
-        ensure!(grads.len() == self.range.len(), "partition gradient of {} elements, expected {}", grads.len(), self.range.len());
+        ensure!(
+            grads.len() == self.range.len(),
+            "partition gradient of {} elements, expected {}",
+            grads.len(),
+            self.range.len()
+        );
         let cfg = self.cfg;
         let lo = self.range.start;
         for (seg, r) in layout.overlaps(self.range.clone()) {
@@ -149,7 +159,12 @@ impl ShardedAdamW {
             let k = Coefficients::at(&cfg, t);
             for i in r {
                 let j = i - lo;
-                let (p, m, v) = k.apply(self.params[j], grads[j], self.exp_avg[j], self.exp_avg_sq[j]);
+                let (p, m, v) = k.apply(
+                    self.params[j],
+                    grads[j],
+                    self.exp_avg[j],
+                    self.exp_avg_sq[j],
+                );
                 self.params[j] = p;
                 self.exp_avg[j] = m;
                 self.exp_avg_sq[j] = v;
@@ -169,8 +184,14 @@ impl ShardedAdamW {
     pub fn state(&self, layout: &FlatLayout) -> Result<Vec<(String, Tensor)>> {
         let n = self.range.len();
         let mut out = vec![
-            ("exp_avg".to_string(), Tensor::from_slice(&self.exp_avg, n, &Device::Cpu)?),
-            ("exp_avg_sq".to_string(), Tensor::from_slice(&self.exp_avg_sq, n, &Device::Cpu)?),
+            (
+                "exp_avg".to_string(),
+                Tensor::from_slice(&self.exp_avg, n, &Device::Cpu)?,
+            ),
+            (
+                "exp_avg_sq".to_string(),
+                Tensor::from_slice(&self.exp_avg_sq, n, &Device::Cpu)?,
+            ),
         ];
         for (s, steps) in layout.segments.iter().zip(&self.steps) {
             out.push((format!("{}.step", s.name), step_scalar(*steps)?));
@@ -182,9 +203,17 @@ impl ShardedAdamW {
     /// Restores [`ShardedAdamW::state`]'s output, or cuts this partition out of a whole
     /// [`AdamW::state`] (a world-size-1 checkpoint, e.g. one `ferrule checkpoint consolidate`
     /// wrote).
-    pub fn load_state(&mut self, layout: &FlatLayout, state: &BTreeMap<String, Tensor>, sharded: bool) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        layout: &FlatLayout,
+        state: &BTreeMap<String, Tensor>,
+        sharded: bool,
+    ) -> Result<()> {
         let (m, v) = if sharded {
-            (read_f32(state, "exp_avg", self.range.len())?, read_f32(state, "exp_avg_sq", self.range.len())?)
+            (
+                read_f32(state, "exp_avg", self.range.len())?,
+                read_f32(state, "exp_avg_sq", self.range.len())?,
+            )
         } else {
             let mut m = vec![0f32; self.range.len()];
             let mut v = vec![0f32; self.range.len()];
@@ -249,7 +278,11 @@ impl Coefficients {
             None => p,
         };
         let diff = g - m;
-        let m = if self.w < 0.5 { m + (diff * self.lerp_w + 0.0) } else { g - (diff * self.lerp_1w + 0.0) };
+        let m = if self.w < 0.5 {
+            m + (diff * self.lerp_w + 0.0)
+        } else {
+            g - (diff * self.lerp_1w + 0.0)
+        };
         let v = (v * self.beta2 + 0.0) + (g * g * self.one_minus_beta2 + 0.0);
         let denom = v.sqrt() * self.inv_sqrt_bc2 + self.eps;
         let p = p - ((m / denom) * self.step_size + 0.0);
@@ -258,19 +291,33 @@ impl Coefficients {
 }
 
 fn step_scalar(step: u64) -> Result<Tensor> {
-    Ok(Tensor::new(i64::try_from(step).context("step count overflows i64")?, &Device::Cpu)?)
+    Ok(Tensor::new(
+        i64::try_from(step).context("step count overflows i64")?,
+        &Device::Cpu,
+    )?)
 }
 
 fn read_step(state: &BTreeMap<String, Tensor>, key: &str) -> Result<u64> {
-    let t = state.get(key).with_context(|| format!("optimizer state is missing {key:?}"))?;
+    let t = state
+        .get(key)
+        .with_context(|| format!("optimizer state is missing {key:?}"))?;
     let x = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    ensure!(x.len() == 1 && x[0] >= 0.0 && x[0].fract() == 0.0, "optimizer state {key:?} is not a step count");
+    ensure!(
+        x.len() == 1 && x[0] >= 0.0 && x[0].fract() == 0.0,
+        "optimizer state {key:?} is not a step count"
+    );
     Ok(x[0] as u64)
 }
 
 fn read_f32(state: &BTreeMap<String, Tensor>, key: &str, len: usize) -> Result<Vec<f32>> {
-    let t = state.get(key).with_context(|| format!("optimizer state is missing {key:?}"))?;
-    ensure!(t.elem_count() == len, "optimizer state {key:?} has {} elements, expected {len}", t.elem_count());
+    let t = state
+        .get(key)
+        .with_context(|| format!("optimizer state is missing {key:?}"))?;
+    ensure!(
+        t.elem_count() == len,
+        "optimizer state {key:?} has {} elements, expected {len}",
+        t.elem_count()
+    );
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
@@ -291,15 +338,31 @@ pub struct ZeroOptimizer {
 
 impl ZeroOptimizer {
     /// The optimizer of `vars` (the same list, in the same order, on every rank).
-    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig, stage: ZeroStage, comm: &dyn Collective) -> Result<ZeroOptimizer> {
+    pub fn new(
+        vars: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        stage: ZeroStage,
+        comm: &dyn Collective,
+    ) -> Result<ZeroOptimizer> {
         let layout = FlatLayout::of_vars(&vars, comm.world_size());
         let inner = if stage.partitions_optimizer() {
             let flat = layout.flatten_vars(&vars)?;
-            Inner::Sharded(ShardedAdamW::new(&layout, layout.partition(comm.rank()), &flat, cfg))
+            Inner::Sharded(ShardedAdamW::new(
+                &layout,
+                layout.partition(comm.rank()),
+                &flat,
+                cfg,
+            ))
         } else {
             Inner::Replicated(AdamW::new(vars.clone(), cfg))
         };
-        Ok(ZeroOptimizer { stage, vars, layout, inner, stale: false })
+        Ok(ZeroOptimizer {
+            stage,
+            vars,
+            layout,
+            inner,
+            stale: false,
+        })
     }
 
     pub fn stage(&self) -> ZeroStage {
@@ -317,7 +380,9 @@ impl ZeroOptimizer {
         if !self.stale {
             return Ok(());
         }
-        let Inner::Sharded(opt) = &self.inner else { unreachable!("only partitioned parameters go stale") };
+        let Inner::Sharded(opt) = &self.inner else {
+            unreachable!("only partitioned parameters go stale")
+        };
         let mut full = vec![0f32; self.layout.padded_len()];
         comm.all_gather_f32(opt.params(), &mut full)?;
         self.layout.write_vars(&full, &self.vars)?;
@@ -331,13 +396,25 @@ impl ZeroOptimizer {
     /// `max_grad_norm` (torch's `clip_grad_norm_` semantics), at learning rate `lr`.
     ///
     /// Errors when the whole global batch counted no target.
-    pub fn step(&mut self, comm: &dyn Collective, sums: HashMap<String, Tensor>, local: StepTotals, max_grad_norm: Option<f64>, lr: f64) -> Result<StepResult> {
+    pub fn step(
+        &mut self,
+        comm: &dyn Collective,
+        sums: HashMap<String, Tensor>,
+        local: StepTotals,
+        max_grad_norm: Option<f64>,
+        lr: f64,
+    ) -> Result<StepResult> {
         ensure!(!self.stale, "ZeroOptimizer::step before materialize");
         let world = comm.world_size();
         let single_replica = world == 1 && !self.stage.partitions_optimizer();
         // One small f64 all-reduce: the counts and which parameters had a gradient anywhere.
         let (flat, present) = if single_replica {
-            let present = self.layout.segments.iter().map(|s| if sums.contains_key(&s.name) { 1.0 } else { 0.0 }).collect();
+            let present = self
+                .layout
+                .segments
+                .iter()
+                .map(|s| if sums.contains_key(&s.name) { 1.0 } else { 0.0 })
+                .collect();
             (Vec::new(), present)
         } else {
             self.layout.flatten(&sums)?
@@ -345,7 +422,12 @@ impl ZeroOptimizer {
         let mut counts = vec![local.loss_sum, local.trained, local.tokens, local.positions];
         counts.extend_from_slice(&present);
         comm.all_reduce_sum_f64(&mut counts)?;
-        let totals = StepTotals { loss_sum: counts[0], trained: counts[1], tokens: counts[2], positions: counts[3] };
+        let totals = StepTotals {
+            loss_sum: counts[0],
+            trained: counts[1],
+            tokens: counts[2],
+            positions: counts[3],
+        };
         let present = &counts[4..];
         if totals.trained <= 0.0 {
             bail!("the global batch holds no trained token (every label is masked in all its micro-batches)")
@@ -357,9 +439,16 @@ impl ZeroOptimizer {
                 if !single_replica {
                     let mut flat = flat;
                     comm.all_reduce_sum_f32(&mut flat)?;
-                    sums = self.layout.unflatten(&flat, |i| present[i] > 0.0, self.vars[0].1.device())?;
+                    sums = self.layout.unflatten(
+                        &flat,
+                        |i| present[i] > 0.0,
+                        self.vars[0].1.device(),
+                    )?;
                 }
-                let mut grads: HashMap<String, Tensor> = sums.into_iter().map(|(k, t)| Ok((k, (t / totals.trained)?))).collect::<Result<_>>()?;
+                let mut grads: HashMap<String, Tensor> = sums
+                    .into_iter()
+                    .map(|(k, t)| Ok((k, (t / totals.trained)?)))
+                    .collect::<Result<_>>()?;
                 let norm = clip_grad_norm(&mut grads, max_norm)?;
                 ensure_finite_norm(norm)?;
                 opt.set_lr(lr);
@@ -408,7 +497,9 @@ impl ZeroOptimizer {
     pub fn state(&self) -> Result<OptimizerState> {
         Ok(match &self.inner {
             Inner::Replicated(opt) => OptimizerState::Full(opt.state()?),
-            Inner::Sharded(opt) => OptimizerState::Shard(opt.state(&self.layout)?, self.layout.to_json()),
+            Inner::Sharded(opt) => {
+                OptimizerState::Shard(opt.state(&self.layout)?, self.layout.to_json())
+            }
         })
     }
 
@@ -427,8 +518,16 @@ impl ZeroOptimizer {
 
 /// Joins the optimizer shards of every rank (in rank order, each with the layout it was
 /// written with) into one world-size-1 state with [`AdamW::state`]'s keys.
-pub fn consolidate_shards(shards: &[BTreeMap<String, Tensor>], layout: &FlatLayout) -> Result<Vec<(String, Tensor)>> {
-    ensure!(shards.len() == layout.world, "{} optimizer shards for a layout over {} ranks", shards.len(), layout.world);
+pub fn consolidate_shards(
+    shards: &[BTreeMap<String, Tensor>],
+    layout: &FlatLayout,
+) -> Result<Vec<(String, Tensor)>> {
+    ensure!(
+        shards.len() == layout.world,
+        "{} optimizer shards for a layout over {} ranks",
+        shards.len(),
+        layout.world
+    );
     let mut m = Vec::with_capacity(layout.padded_len());
     let mut v = Vec::with_capacity(layout.padded_len());
     for s in shards {
@@ -441,11 +540,20 @@ pub fn consolidate_shards(shards: &[BTreeMap<String, Tensor>], layout: &FlatLayo
         let key = format!("{}.step", seg.name);
         let step = read_step(first, &key)?;
         for s in &shards[1..] {
-            ensure!(read_step(s, &key)? == step, "optimizer shards disagree on {key:?}");
+            ensure!(
+                read_step(s, &key)? == step,
+                "optimizer shards disagree on {key:?}"
+            );
         }
         let r = seg.offset..seg.offset + seg.len;
-        out.push((format!("{}.exp_avg", seg.name), Tensor::from_slice(&m[r.clone()], seg.shape.as_slice(), &Device::Cpu)?));
-        out.push((format!("{}.exp_avg_sq", seg.name), Tensor::from_slice(&v[r], seg.shape.as_slice(), &Device::Cpu)?));
+        out.push((
+            format!("{}.exp_avg", seg.name),
+            Tensor::from_slice(&m[r.clone()], seg.shape.as_slice(), &Device::Cpu)?,
+        ));
+        out.push((
+            format!("{}.exp_avg_sq", seg.name),
+            Tensor::from_slice(&v[r], seg.shape.as_slice(), &Device::Cpu)?,
+        ));
         out.push((key, step_scalar(step)?));
     }
     out.push(("step".to_string(), step_scalar(read_step(first, "step")?)?));
@@ -470,47 +578,90 @@ mod tests {
     fn vars() -> Vec<(String, Var)> {
         let dev = Device::Cpu;
         vec![
-            ("a".to_string(), Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.25, 3.0, -0.75]], &dev).unwrap()).unwrap()),
-            ("b".to_string(), Var::from_tensor(&Tensor::new(&[1.5f32, -0.5], &dev).unwrap()).unwrap()),
+            (
+                "a".to_string(),
+                Var::from_tensor(
+                    &Tensor::new(&[[0.5f32, -1.0, 2.0], [0.25, 3.0, -0.75]], &dev).unwrap(),
+                )
+                .unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Var::from_tensor(&Tensor::new(&[1.5f32, -0.5], &dev).unwrap()).unwrap(),
+            ),
         ]
     }
 
     fn grads(step: usize) -> HashMap<String, Tensor> {
         let dev = Device::Cpu;
         let s = step as f32 + 1.0;
-        let mut g = HashMap::from([("a".to_string(), Tensor::new(&[[0.3f32 * s, -0.2, 0.1], [0.05, -0.4 * s, 0.9]], &dev).unwrap())]);
+        let mut g = HashMap::from([(
+            "a".to_string(),
+            Tensor::new(&[[0.3f32 * s, -0.2, 0.1], [0.05, -0.4 * s, 0.9]], &dev).unwrap(),
+        )]);
         if step != 1 {
             // "b" has no gradient at step 1: skipped, its step count does not advance.
-            g.insert("b".to_string(), Tensor::new(&[-0.7f32 * s, 0.2], &dev).unwrap());
+            g.insert(
+                "b".to_string(),
+                Tensor::new(&[-0.7f32 * s, 0.2], &dev).unwrap(),
+            );
         }
         g
     }
 
     fn values(v: &[(String, Var)]) -> Vec<f32> {
-        v.iter().flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        v.iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
     }
 
     /// The partitioned optimizer (one rank owning everything) computes AdamW's update bit for
     /// bit: decay, skipped parameters, clipping and the token-weighted mean included.
     #[test]
     fn every_stage_equals_adamw_on_one_rank() {
-        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.05, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.05,
+            ..Default::default()
+        };
         let reference = vars();
         let mut adamw = AdamW::new(reference.clone(), cfg);
         let mut expected = Vec::new();
         for step in 0..4 {
-            let mut g: HashMap<String, Tensor> = grads(step).into_iter().map(|(k, t)| (k, (t / 3.0).unwrap())).collect();
+            let mut g: HashMap<String, Tensor> = grads(step)
+                .into_iter()
+                .map(|(k, t)| (k, (t / 3.0).unwrap()))
+                .collect();
             clip_grad_norm(&mut g, 0.5).unwrap();
             adamw.step_with(&g).unwrap();
             expected.push(values(&reference));
         }
         for stage in 0..=3 {
             let v = vars();
-            let mut opt = ZeroOptimizer::new(v.clone(), cfg, ZeroStage::new(stage).unwrap(), &SingleProcess).unwrap();
+            let mut opt = ZeroOptimizer::new(
+                v.clone(),
+                cfg,
+                ZeroStage::new(stage).unwrap(),
+                &SingleProcess,
+            )
+            .unwrap();
             for (step, want) in expected.iter().enumerate() {
                 opt.materialize(&SingleProcess).unwrap();
-                let local = StepTotals { loss_sum: 6.0, trained: 3.0, tokens: 4.0, positions: 5.0 };
-                let r = opt.step(&SingleProcess, grads(step), local, Some(0.5), 0.1).unwrap();
+                let local = StepTotals {
+                    loss_sum: 6.0,
+                    trained: 3.0,
+                    tokens: 4.0,
+                    positions: 5.0,
+                };
+                let r = opt
+                    .step(&SingleProcess, grads(step), local, Some(0.5), 0.1)
+                    .unwrap();
                 assert_eq!(r.totals, local);
                 opt.materialize(&SingleProcess).unwrap();
                 assert_eq!(&values(&v), want, "stage {stage}, step {step}");
@@ -521,16 +672,37 @@ mod tests {
     /// A NaN or infinite gradient is an error at every stage, and nothing is updated.
     #[test]
     fn a_non_finite_gradient_stops_the_step_and_updates_nothing() {
-        let cfg = AdamWConfig { lr: 0.1, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            ..Default::default()
+        };
         for (stage, bad) in (0..=3).flat_map(|s| [(s, f32::NAN), (s, f32::INFINITY)]) {
             let v = vars();
             let before = values(&v);
-            let mut opt = ZeroOptimizer::new(v.clone(), cfg, ZeroStage::new(stage).unwrap(), &SingleProcess).unwrap();
+            let mut opt = ZeroOptimizer::new(
+                v.clone(),
+                cfg,
+                ZeroStage::new(stage).unwrap(),
+                &SingleProcess,
+            )
+            .unwrap();
             let mut g = grads(0);
-            g.insert("b".to_string(), Tensor::new(&[bad, 0.2], &Device::Cpu).unwrap());
-            let local = StepTotals { trained: 1.0, ..Default::default() };
-            let err = opt.step(&SingleProcess, g, local, Some(1.0), 0.1).unwrap_err().to_string();
-            assert!(err.contains("the gradient norm is") && err.contains("not updated"), "stage {stage}: {err}");
+            g.insert(
+                "b".to_string(),
+                Tensor::new(&[bad, 0.2], &Device::Cpu).unwrap(),
+            );
+            let local = StepTotals {
+                trained: 1.0,
+                ..Default::default()
+            };
+            let err = opt
+                .step(&SingleProcess, g, local, Some(1.0), 0.1)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("the gradient norm is") && err.contains("not updated"),
+                "stage {stage}: {err}"
+            );
             opt.materialize(&SingleProcess).unwrap();
             assert_eq!(values(&v), before, "stage {stage}: parameters moved");
         }
@@ -538,13 +710,29 @@ mod tests {
 
     #[test]
     fn sharded_state_round_trips_and_consolidates_to_adamw_keys() {
-        let cfg = AdamWConfig { lr: 0.1, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            ..Default::default()
+        };
         let v = vars();
-        let mut opt = ZeroOptimizer::new(v.clone(), cfg, ZeroStage::new(2).unwrap(), &SingleProcess).unwrap();
+        let mut opt =
+            ZeroOptimizer::new(v.clone(), cfg, ZeroStage::new(2).unwrap(), &SingleProcess).unwrap();
         for step in 0..2 {
-            opt.step(&SingleProcess, grads(step), StepTotals { trained: 1.0, ..Default::default() }, None, 0.1).unwrap();
+            opt.step(
+                &SingleProcess,
+                grads(step),
+                StepTotals {
+                    trained: 1.0,
+                    ..Default::default()
+                },
+                None,
+                0.1,
+            )
+            .unwrap();
         }
-        let OptimizerState::Shard(shard, layout) = opt.state().unwrap() else { panic!("stage 2 is partitioned") };
+        let OptimizerState::Shard(shard, layout) = opt.state().unwrap() else {
+            panic!("stage 2 is partitioned")
+        };
         let shard: BTreeMap<String, Tensor> = shard.into_iter().collect();
         let layout = FlatLayout::from_json(&layout).unwrap();
         let full = consolidate_shards(std::slice::from_ref(&shard), &layout).unwrap();
@@ -558,15 +746,36 @@ mod tests {
         assert_eq!(full.len(), want.len());
         for ((k1, t1), (k2, t2)) in full.iter().zip(&want) {
             assert_eq!(k1, k2);
-            let a = t1.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-            let b = t2.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            let a = t1
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let b = t2
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             assert_eq!(a, b, "{k1}");
         }
         // A whole state loads into a partitioned optimizer and continues identically.
         let full_map: BTreeMap<String, Tensor> = full.into_iter().collect();
-        let mut resumed = ZeroOptimizer::new(vars(), cfg, ZeroStage::new(1).unwrap(), &SingleProcess).unwrap();
+        let mut resumed =
+            ZeroOptimizer::new(vars(), cfg, ZeroStage::new(1).unwrap(), &SingleProcess).unwrap();
         resumed.load_state(&full_map, false).unwrap();
-        assert!(ZeroOptimizer::new(vars(), cfg, ZeroStage::default(), &SingleProcess).unwrap().load_state(&shard, true).is_err());
-        assert!(ZeroStage::new(4).unwrap_err().to_string().contains("expected 0, 1, 2 or 3"));
+        assert!(
+            ZeroOptimizer::new(vars(), cfg, ZeroStage::default(), &SingleProcess)
+                .unwrap()
+                .load_state(&shard, true)
+                .is_err()
+        );
+        assert!(ZeroStage::new(4)
+            .unwrap_err()
+            .to_string()
+            .contains("expected 0, 1, 2 or 3"));
     }
 }

@@ -69,9 +69,12 @@ impl GenerationConfig {
         if !path.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-        let mut config = Self::from_json(&value, vocab_size).with_context(|| path.display().to_string())?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let mut config =
+            Self::from_json(&value, vocab_size).with_context(|| path.display().to_string())?;
         config.path = path;
         Ok(Some(config))
     }
@@ -80,11 +83,20 @@ impl GenerationConfig {
     /// what was expected (the file name is the caller's context).
     pub fn from_json(value: &Value, vocab_size: usize) -> Result<Self> {
         if !value.is_object() {
-            anyhow::bail!("expected a JSON object, found {}", crate::util::shown_value(value))
+            anyhow::bail!(
+                "expected a JSON object, found {}",
+                crate::util::shown_value(value)
+            )
         }
         let k = Keys::new(value);
         let non_null = |key: &str| value.get(key).is_some_and(|v| !v.is_null());
-        let positive = |key: &str| if non_null(key) { k.positive(key) } else { Ok(None) };
+        let positive = |key: &str| {
+            if non_null(key) {
+                k.positive(key)
+            } else {
+                Ok(None)
+            }
+        };
         let top_p = positive("top_p")?;
         if let Some(p) = top_p.filter(|&p| p > 1.0) {
             return Err(k.wrong("top_p", "a number in (0, 1]")).context(format!("top_p {p}"));
@@ -95,27 +107,50 @@ impl GenerationConfig {
                 let mut out = Vec::with_capacity(ids.len());
                 for (i, id) in ids.iter().enumerate() {
                     let item = serde_json::json!({ "eos_token_id": id });
-                    let id = Keys::new(&item).token_id("eos_token_id", vocab_size).with_context(|| format!("element {i} of \"eos_token_id\""))?;
+                    let id = Keys::new(&item)
+                        .token_id("eos_token_id", vocab_size)
+                        .with_context(|| format!("element {i} of \"eos_token_id\""))?;
                     out.extend(id);
                 }
                 out
             }
-            Some(_) => k.token_id("eos_token_id", vocab_size)?.into_iter().collect(),
+            Some(_) => k
+                .token_id("eos_token_id", vocab_size)?
+                .into_iter()
+                .collect(),
         };
         let unsupported = unsupported_keys()
             .into_iter()
             .filter_map(|(key, neutral)| match k.raw(key) {
-                Some(v) if !v.is_null() && !same_number_or_value(v, &neutral) => Some(format!("{key} = {}", crate::util::shown_value(v))),
+                Some(v) if !v.is_null() && !same_number_or_value(v, &neutral) => {
+                    Some(format!("{key} = {}", crate::util::shown_value(v)))
+                }
                 _ => None,
             })
             .collect();
         let config = Self {
             path: PathBuf::new(),
-            max_new_tokens: if non_null("max_new_tokens") { k.count("max_new_tokens")? } else { None },
-            max_length: if non_null("max_length") { k.count("max_length")? } else { None },
-            do_sample: if non_null("do_sample") { k.bool("do_sample")? } else { None },
+            max_new_tokens: if non_null("max_new_tokens") {
+                k.count("max_new_tokens")?
+            } else {
+                None
+            },
+            max_length: if non_null("max_length") {
+                k.count("max_length")?
+            } else {
+                None
+            },
+            do_sample: if non_null("do_sample") {
+                k.bool("do_sample")?
+            } else {
+                None
+            },
             temperature: positive("temperature")?,
-            top_k: if non_null("top_k") { k.usize("top_k")? } else { None },
+            top_k: if non_null("top_k") {
+                k.usize("top_k")?
+            } else {
+                None
+            },
             top_p,
             repetition_penalty: positive("repetition_penalty")?,
             eos_token_ids,
@@ -168,39 +203,82 @@ mod tests {
         let g = GenerationConfig::from_json(&json!({"do_sample": true, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 5], "max_new_tokens": 12}), 10)
             .unwrap();
         let o = g.sampling_options(3).unwrap();
-        assert_eq!((o.do_sample, o.temperature, o.top_p, o.top_k, o.max_new_tokens, o.repetition_penalty), (true, 0.6, 0.9, 50, 12, 1.0));
+        assert_eq!(
+            (
+                o.do_sample,
+                o.temperature,
+                o.top_p,
+                o.top_k,
+                o.max_new_tokens,
+                o.repetition_penalty
+            ),
+            (true, 0.6, 0.9, 50, 12, 1.0)
+        );
         assert_eq!(g.eos_token_ids, vec![2, 5]);
         // max_length caps prompt + output when max_new_tokens is unset.
         let g = GenerationConfig::from_json(&json!({"max_length": 20}), 10).unwrap();
         assert_eq!(g.sampling_options(7).unwrap().max_new_tokens, 13);
-        assert!(g.sampling_options(20).unwrap_err().to_string().contains("\"max_length\" is 20"));
+        assert!(g
+            .sampling_options(20)
+            .unwrap_err()
+            .to_string()
+            .contains("\"max_length\" is 20"));
         // Nulls are transformers' defaults.
         assert_eq!(
-            GenerationConfig::from_json(&json!({"top_k": null, "temperature": null}), 10).unwrap().sampling_options(1).unwrap(),
+            GenerationConfig::from_json(&json!({"top_k": null, "temperature": null}), 10)
+                .unwrap()
+                .sampling_options(1)
+                .unwrap(),
             SamplingOptions::default()
         );
     }
 
     #[test]
     fn odd_values_are_errors_naming_the_key() {
-        let odd = [json!("x"), json!(-1), json!([]), json!({}), json!(true), json!(-0.5)];
-        for key in ["max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id"] {
+        let odd = [
+            json!("x"),
+            json!(-1),
+            json!([]),
+            json!({}),
+            json!(true),
+            json!(-0.5),
+        ];
+        for key in [
+            "max_new_tokens",
+            "max_length",
+            "do_sample",
+            "temperature",
+            "top_k",
+            "top_p",
+            "repetition_penalty",
+            "eos_token_id",
+        ] {
             for v in &odd {
                 // A few odd values are valid for some keys: -1 as an eos id means none; `true`
                 // is a valid do_sample; a list is a valid eos_token_id (an empty one, none).
-                let valid = (key == "do_sample" && v == &json!(true)) || (key == "eos_token_id" && (v == &json!(-1) || v == &json!([])));
+                let valid = (key == "do_sample" && v == &json!(true))
+                    || (key == "eos_token_id" && (v == &json!(-1) || v == &json!([])));
                 let r = GenerationConfig::from_json(&json!({ key: v }), 10);
                 match (valid, r) {
                     (true, Ok(_)) => {}
-                    (false, Err(e)) => assert!(format!("{e:#}").contains(key), "{key} = {v}: {e:#}"),
+                    (false, Err(e)) => {
+                        assert!(format!("{e:#}").contains(key), "{key} = {v}: {e:#}")
+                    }
                     (valid, r) => panic!("{key} = {v}: valid {valid}, got {r:?}"),
                 }
             }
         }
-        for (key, v) in
-            [("top_p", json!(1.5)), ("temperature", json!(0)), ("max_new_tokens", json!(0)), ("eos_token_id", json!(10)), ("eos_token_id", json!([1, 99]))]
-        {
-            let e = format!("{:#}", GenerationConfig::from_json(&json!({ key: v }), 10).unwrap_err());
+        for (key, v) in [
+            ("top_p", json!(1.5)),
+            ("temperature", json!(0)),
+            ("max_new_tokens", json!(0)),
+            ("eos_token_id", json!(10)),
+            ("eos_token_id", json!([1, 99])),
+        ] {
+            let e = format!(
+                "{:#}",
+                GenerationConfig::from_json(&json!({ key: v }), 10).unwrap_err()
+            );
             assert!(e.contains(key), "{key} = {v}: {e}");
         }
     }
@@ -209,6 +287,12 @@ mod tests {
     fn settings_ferrule_does_not_implement_are_listed() {
         let g = GenerationConfig::from_json(&json!({"num_beams": 4, "no_repeat_ngram_size": 0, "typical_p": 1, "min_p": null, "suppress_tokens": [3]}), 10)
             .unwrap();
-        assert_eq!(g.unsupported, vec!["num_beams = 4".to_string(), "suppress_tokens = [3]".to_string()]);
+        assert_eq!(
+            g.unsupported,
+            vec![
+                "num_beams = 4".to_string(),
+                "suppress_tokens = [3]".to_string()
+            ]
+        );
     }
 }

@@ -34,7 +34,16 @@ pub struct SamplingOptions {
 
 impl Default for SamplingOptions {
     fn default() -> Self {
-        Self { max_new_tokens: 64, do_sample: false, temperature: 1.0, top_k: 50, top_p: 1.0, repetition_penalty: 1.0, seed: 0, stop_tokens: vec![] }
+        Self {
+            max_new_tokens: 64,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop_tokens: vec![],
+        }
     }
 }
 
@@ -52,17 +61,31 @@ impl SamplingOptions {
             bail!("top_p is {}, expected a number in (0, 1]", self.top_p)
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            bail!("repetition_penalty is {}, expected a finite number greater than 0 (1 = off)", self.repetition_penalty)
+            bail!(
+                "repetition_penalty is {}, expected a finite number greater than 0 (1 = off)",
+                self.repetition_penalty
+            )
         }
         Ok(())
     }
 
     /// One line for the user: how tokens are chosen.
     pub fn describe(&self) -> String {
-        let penalty = if self.repetition_penalty != 1.0 { format!(", repetition_penalty {}", self.repetition_penalty) } else { String::new() };
+        let penalty = if self.repetition_penalty != 1.0 {
+            format!(", repetition_penalty {}", self.repetition_penalty)
+        } else {
+            String::new()
+        };
         if self.do_sample {
-            let k = if self.top_k == 0 { "off".to_string() } else { self.top_k.to_string() };
-            format!("sampling (temperature {}, top_k {k}, top_p {}{penalty}, seed {})", self.temperature, self.top_p, self.seed)
+            let k = if self.top_k == 0 {
+                "off".to_string()
+            } else {
+                self.top_k.to_string()
+            };
+            format!(
+                "sampling (temperature {}, top_k {k}, top_p {}{penalty}, seed {})",
+                self.temperature, self.top_p, self.seed
+            )
         } else {
             format!("greedy{penalty}")
         }
@@ -97,7 +120,9 @@ pub fn processed_scores(logits: &[f32], history: &[u32], opts: &SamplingOptions)
         let mut sorted = s.clone();
         sorted.sort_unstable_by(|a, b| b.total_cmp(a));
         let kth = sorted[opts.top_k - 1];
-        s.iter_mut().filter(|v| **v < kth).for_each(|v| *v = f32::NEG_INFINITY);
+        s.iter_mut()
+            .filter(|v| **v < kth)
+            .for_each(|v| *v = f32::NEG_INFINITY);
     }
     if opts.top_p < 1.0 {
         top_p_filter(&mut s, opts.top_p as f32);
@@ -134,7 +159,17 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 pub fn pick(logits: &[f32], history: &[u32], opts: &SamplingOptions, rng: &mut impl Rng) -> u32 {
     let s = processed_scores(logits, history, opts);
     if !opts.do_sample {
-        return s.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32;
+        return s
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0 as u32;
     }
     let probs = softmax(&s);
     let mut u = rng.gen::<f32>();
@@ -157,14 +192,26 @@ mod tests {
     use rand::SeedableRng;
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> SamplingOptions {
-        SamplingOptions { do_sample: true, temperature, top_k, top_p, ..Default::default() }
+        SamplingOptions {
+            do_sample: true,
+            temperature,
+            top_k,
+            top_p,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative_once() {
-        let opts = SamplingOptions { repetition_penalty: 2.0, ..Default::default() };
+        let opts = SamplingOptions {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         // Token 0 appears twice in the history and is still penalised once.
-        assert_eq!(processed_scores(&[4.0, -1.0, 3.0], &[0, 1, 0], &opts), vec![2.0, -2.0, 3.0]);
+        assert_eq!(
+            processed_scores(&[4.0, -1.0, 3.0], &[0, 1, 0], &opts),
+            vec![2.0, -2.0, 3.0]
+        );
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         assert_eq!(pick(&[4.0, -1.0, 3.0], &[0], &opts, &mut rng), 2);
     }
@@ -179,9 +226,18 @@ mod tests {
     fn top_p_keeps_the_smallest_set_reaching_p() {
         // Probabilities 0.5, 0.25, 0.125, 0.125 (logits ln of them); ascending cumulative
         // 0.125, 0.25, 0.5, 1: with top_p 0.7 the two below 0.3 go, 0.5 + 0.25 ≥ 0.7 stays.
-        let l: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125].iter().map(|p| p.ln()).collect();
+        let l: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125]
+            .iter()
+            .map(|p| p.ln())
+            .collect();
         let s = processed_scores(&l, &[], &sampling(1.0, 0, 0.7));
-        assert!(s[0].is_finite() && s[1].is_finite() && s[2] == f32::NEG_INFINITY && s[3] == f32::NEG_INFINITY, "{s:?}");
+        assert!(
+            s[0].is_finite()
+                && s[1].is_finite()
+                && s[2] == f32::NEG_INFINITY
+                && s[3] == f32::NEG_INFINITY,
+            "{s:?}"
+        );
         // A tiny top_p keeps the most likely token only.
         let s = processed_scores(&l, &[], &sampling(1.0, 0, 1e-6));
         assert_eq!(s.iter().filter(|v| v.is_finite()).count(), 1);
@@ -209,11 +265,41 @@ mod tests {
     #[test]
     fn out_of_range_options_are_refused_by_name() {
         for (opts, needle) in [
-            (SamplingOptions { temperature: 0.0, ..Default::default() }, "temperature is 0"),
-            (SamplingOptions { top_p: 1.5, ..Default::default() }, "top_p is 1.5"),
-            (SamplingOptions { top_p: 0.0, ..Default::default() }, "top_p is 0"),
-            (SamplingOptions { repetition_penalty: -1.0, ..Default::default() }, "repetition_penalty is -1"),
-            (SamplingOptions { max_new_tokens: 0, ..Default::default() }, "max_new_tokens is 0"),
+            (
+                SamplingOptions {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                "temperature is 0",
+            ),
+            (
+                SamplingOptions {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p is 1.5",
+            ),
+            (
+                SamplingOptions {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p is 0",
+            ),
+            (
+                SamplingOptions {
+                    repetition_penalty: -1.0,
+                    ..Default::default()
+                },
+                "repetition_penalty is -1",
+            ),
+            (
+                SamplingOptions {
+                    max_new_tokens: 0,
+                    ..Default::default()
+                },
+                "max_new_tokens is 0",
+            ),
         ] {
             let e = opts.validate().unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

@@ -33,14 +33,30 @@ pub struct MergeReport {
 
 /// The base weights with `W' = W + ΔW` applied for every adapted module and the
 /// `modules_to_save` copies put in place, under the tensor names of the task's HF class.
-pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
+pub fn merged_tensors(
+    source: &ModelSource,
+    tuner: &dyn Tuner,
+    task: Task,
+) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
     let mut config = source.config.clone();
     let model_type = source.model_type().to_string();
     // A bare encoder checkpoint gains the `bert.` prefix of BertForSequenceClassification.
-    let prefix = if task == Task::SeqCls && model_type == "bert" && !source.weights.names().any(|n| n.starts_with("bert.")) { "bert." } else { "" };
+    let prefix = if task == Task::SeqCls
+        && model_type == "bert"
+        && !source.weights.names().any(|n| n.starts_with("bert."))
+    {
+        "bert."
+    } else {
+        ""
+    };
     let device = Device::Cpu;
     let mut tensors: BTreeMap<String, FrozenWeight> = BTreeMap::new();
-    for (k, t) in source.weights.tensors().iter().filter(|(_, t)| t.dtype().is_float()) {
+    for (k, t) in source
+        .weights
+        .tensors()
+        .iter()
+        .filter(|(_, t)| t.dtype().is_float())
+    {
         tensors.insert(format!("{prefix}{k}"), FrozenWeight::Dense(t.clone()));
     }
     for (k, q) in source.weights.quantized() {
@@ -48,11 +64,19 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         let w = if bnb_format::has_layout(q.as_ref()) {
             FrozenWeight::Quantized(q.clone())
         } else {
-            FrozenWeight::Quantized(q.clone()).to_dense(&device).map(FrozenWeight::Dense)?
+            FrozenWeight::Quantized(q.clone())
+                .to_dense(&device)
+                .map(FrozenWeight::Dense)?
         };
         tensors.insert(format!("{prefix}{k}"), w);
     }
-    let mut report = MergeReport { merged_modules: 0, replaced_tensors: 0, tensors_written: 0, requantized: 0, requantize_error: None };
+    let mut report = MergeReport {
+        merged_modules: 0,
+        replaced_tensors: 0,
+        tensors_written: 0,
+        requantized: 0,
+        requantize_error: None,
+    };
     // Replacements first: an update may apply on top of one (a LoRA delta on PEFT's saved
     // embedding base layer, lora_B's bias on a trained base bias), as in peft.
     for (name, t) in tuner.replaced() {
@@ -67,8 +91,13 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
     let updates = tuner.updates()?;
     // A tied head shares the embedding's table, not its LoRA update (peft adds the update in
     // the embedding layer only): an updated embedding unties the head.
-    let tied = !tensors.contains_key("lm_head.weight") && tensors.contains_key("model.embed_tokens.weight");
-    if tied && updates.iter().any(|(n, _)| n == "model.embed_tokens.weight") {
+    let tied = !tensors.contains_key("lm_head.weight")
+        && tensors.contains_key("model.embed_tokens.weight");
+    if tied
+        && updates
+            .iter()
+            .any(|(n, _)| n == "model.embed_tokens.weight")
+    {
         let table = tensors["model.embed_tokens.weight"].clone();
         tensors.insert("lm_head.weight".into(), table);
         config["tie_word_embeddings"] = json!(false);
@@ -90,28 +119,49 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         // Dequantized once: it is both the shape check and the sum's left side.
         let dense = base.to_dense(&device)?;
         let merged = match update {
-            Update::Add(delta) if delta.dims() == dense.dims() => (dense + delta.to_dtype(candle_core::DType::F32)?)?,
-            Update::Scale(s) if s.broadcast_as(dense.shape()).is_ok() => dense.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?,
-            Update::RowRescaled { delta, magnitude } if delta.dims() == dense.dims() && magnitude.dims() == [dense.dims()[0]] => {
+            Update::Add(delta) if delta.dims() == dense.dims() => {
+                (dense + delta.to_dtype(candle_core::DType::F32)?)?
+            }
+            Update::Scale(s) if s.broadcast_as(dense.shape()).is_ok() => {
+                dense.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?
+            }
+            Update::RowRescaled { delta, magnitude }
+                if delta.dims() == dense.dims() && magnitude.dims() == [dense.dims()[0]] =>
+            {
                 let w = (dense + delta.to_dtype(candle_core::DType::F32)?)?;
                 let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
-                w.broadcast_mul(&magnitude.to_dtype(candle_core::DType::F32)?.unsqueeze(1)?.broadcast_div(&norm)?)?
+                w.broadcast_mul(
+                    &magnitude
+                        .to_dtype(candle_core::DType::F32)?
+                        .unsqueeze(1)?
+                        .broadcast_div(&norm)?,
+                )?
             }
             Update::Add(u) | Update::Scale(u) | Update::RowRescaled { delta: u, .. } => {
-                bail!("merge: {name:?} has shape {:?} but the adapter's update has {:?}", dense.dims(), u.dims())
+                bail!(
+                    "merge: {name:?} has shape {:?} but the adapter's update has {:?}",
+                    dense.dims(),
+                    u.dims()
+                )
             }
         };
-        crate::util::finite::ensure_finite(&merged, || format!("the merged weight {name}"), "the adapter's update is not finite; nothing was written")?;
+        crate::util::finite::ensure_finite(
+            &merged,
+            || format!("the merged weight {name}"),
+            "the adapter's update is not finite; nothing was written",
+        )?;
         let merged = match &base {
             FrozenWeight::Quantized(q) => {
                 let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;
                 let requantized = bnb_format::requantize(q.as_ref(), &name, &exact)?;
                 let err = RoundTripError::between(&exact, &requantized.dequantize());
-                report.requantize_error = Some(report.requantize_error.map_or(err, |e| e.worst(err)));
+                report.requantize_error =
+                    Some(report.requantize_error.map_or(err, |e| e.worst(err)));
                 report.requantized += 1;
                 FrozenWeight::Quantized(requantized)
             }
-            FrozenWeight::Dense(_) => FrozenWeight::Dense(merged),
+            // merge loads the model in one process: nothing is sharded.
+            FrozenWeight::Dense(_) | FrozenWeight::Sharded(_) => FrozenWeight::Dense(merged),
         };
         tensors.insert(name, merged);
         report.merged_modules += 1;
@@ -139,8 +189,12 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
         if let Some(t) = tensors.get("classifier.weight") {
             let n = t.dims().0;
             config["num_labels"] = json!(n);
-            config["id2label"] = json!((0..n).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect::<BTreeMap<_, _>>());
-            config["label2id"] = json!((0..n).map(|i| (format!("LABEL_{i}"), i)).collect::<BTreeMap<_, _>>());
+            config["id2label"] = json!((0..n)
+                .map(|i| (i.to_string(), format!("LABEL_{i}")))
+                .collect::<BTreeMap<_, _>>());
+            config["label2id"] = json!((0..n)
+                .map(|i| (format!("LABEL_{i}"), i))
+                .collect::<BTreeMap<_, _>>());
         }
     }
     report.tensors_written = tensors.len();
@@ -148,7 +202,12 @@ pub fn merged_tensors(source: &ModelSource, tuner: &dyn Tuner, task: Task) -> Re
 }
 
 /// Writes the merged model to `out` (see [`crate::export::write_model_folder`]).
-pub fn merge_to_dir(source: &ModelSource, tuner: &dyn Tuner, task: Task, out: &Path) -> Result<MergeReport> {
+pub fn merge_to_dir(
+    source: &ModelSource,
+    tuner: &dyn Tuner,
+    task: Task,
+    out: &Path,
+) -> Result<MergeReport> {
     let (tensors, config, report) = merged_tensors(source, tuner, task)?;
     let mut raw = BTreeMap::new();
     for (name, w) in &tensors {
@@ -157,6 +216,9 @@ pub fn merge_to_dir(source: &ModelSource, tuner: &dyn Tuner, task: Task, out: &P
                 raw.insert(name.clone(), raw_tensor(name, t)?);
             }
             FrozenWeight::Quantized(q) => bnb_format::serialize(name, q.as_ref(), &mut raw)?,
+            FrozenWeight::Sharded(_) => {
+                bail!("merge: {name:?} is sharded across ranks; merge runs in one process")
+            }
         }
     }
     crate::export::write_model_folder(source, out, &config, &raw)?;

@@ -10,12 +10,15 @@ use candle_core::{DType, Device, Tensor, D};
 use super::config::BertConfig;
 use super::hooks::{branch, fusable_down};
 use super::weights::Weights;
-use super::{BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens};
+use super::{
+    BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook,
+    NormInfo, NormParams, ResidualBranch, VirtualTokens,
+};
 use crate::ops::attention::{attention, attention_varlen, build_mask, MaskKind};
 use crate::ops::frozen_mlp::gelu_mlp_scaled;
 use crate::ops::gelu::gelu;
 use crate::ops::norm::{add_layer_norm, layer_norm};
-use crate::ops::{FrozenLinear, FrozenWeight};
+use crate::ops::FrozenLinear;
 
 struct Norm {
     weight: Tensor,
@@ -76,7 +79,14 @@ pub struct BertOutput {
 
 impl Bert {
     /// `init_seed` seeds the classifier when the checkpoint has none (HF: normal(0, initializer_range), zero bias).
-    pub fn new(config: BertConfig, task: BertTask, w: &Weights, hook: &dyn ModelHook, device: &Device, init_seed: u64) -> Result<Self> {
+    pub fn new(
+        config: BertConfig,
+        task: BertTask,
+        w: &Weights,
+        hook: &dyn ModelHook,
+        device: &Device,
+        init_seed: u64,
+    ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         // Module paths as the task's HF class names them; weights may or may not carry the prefix.
@@ -88,15 +98,38 @@ impl Bert {
         let get = |n: &str, shape: &[usize]| w.get_any(&names(n), shape);
         let norm = |n: &str| -> Result<Norm> {
             // Old checkpoints name LayerNorm parameters gamma/beta.
-            let weight = w.get_any(&[names(&format!("{n}.weight")), names(&format!("{n}.gamma"))].concat(), &[h])?;
-            let bias = w.get_any(&[names(&format!("{n}.bias")), names(&format!("{n}.beta"))].concat(), &[h])?;
-            let p = hook.norm(&NormInfo { path: format!("{prefix}{n}") }, NormParams { weight, bias: Some(bias) })?;
-            Ok(Norm { weight: p.weight, bias: p.bias.context("a LayerNorm hook dropped the bias")? })
+            let weight = w.get_any(
+                &[names(&format!("{n}.weight")), names(&format!("{n}.gamma"))].concat(),
+                &[h],
+            )?;
+            let bias = w.get_any(
+                &[names(&format!("{n}.bias")), names(&format!("{n}.beta"))].concat(),
+                &[h],
+            )?;
+            let p = hook.norm(
+                &NormInfo {
+                    path: format!("{prefix}{n}"),
+                },
+                NormParams {
+                    weight,
+                    bias: Some(bias),
+                },
+            )?;
+            Ok(Norm {
+                weight: p.weight,
+                bias: p.bias.context("a LayerNorm hook dropped the bias")?,
+            })
         };
         let lin = |n: &str, out_f: usize, in_f: usize| -> Result<Box<dyn Linear>> {
             let weight = w.frozen_any(&names(&format!("{n}.weight")), [out_f, in_f])?;
             let bias = get(&format!("{n}.bias"), &[out_f])?;
-            hook.linear(&LinearInfo { path: format!("{prefix}{n}"), is_output_head: false }, FrozenLinear::from_weight(weight, Some(bias)))
+            hook.linear(
+                &LinearInfo {
+                    path: format!("{prefix}{n}"),
+                    is_output_head: false,
+                },
+                FrozenLinear::from_weight(weight, Some(bias)),
+            )
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -110,12 +143,27 @@ impl Bert {
                 intermediate: lin(&format!("{p}.intermediate.dense"), c.intermediate_size, h)?,
                 output: lin(&format!("{p}.output.dense"), h, c.intermediate_size)?,
                 output_norm: norm(&format!("{p}.output.LayerNorm"))?,
-                attn_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.attention"), layer: i, kind: BranchKind::Attention, hidden_size: h })?,
-                mlp_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.output"), layer: i, kind: BranchKind::Mlp, hidden_size: h })?,
+                attn_branch: hook.residual_branch(&BranchInfo {
+                    path: format!("{p}.attention"),
+                    layer: i,
+                    kind: BranchKind::Attention,
+                    hidden_size: h,
+                })?,
+                mlp_branch: hook.residual_branch(&BranchInfo {
+                    path: format!("{p}.output"),
+                    layer: i,
+                    kind: BranchKind::Mlp,
+                    hidden_size: h,
+                })?,
             });
         }
-        let has_pooler = w.contains("pooler.dense.weight") || w.contains("bert.pooler.dense.weight");
-        let pooler = if has_pooler { Some(lin("pooler.dense", h, h)?) } else { None };
+        let has_pooler =
+            w.contains("pooler.dense.weight") || w.contains("bert.pooler.dense.weight");
+        let pooler = if has_pooler {
+            Some(lin("pooler.dense", h, h)?)
+        } else {
+            None
+        };
         let mut initialized_params = 0;
         let classifier = match task {
             BertTask::Embedding => None,
@@ -125,18 +173,36 @@ impl Bert {
                 }
                 let shape = [c.num_labels, h];
                 let (weight, bias) = if w.contains("classifier.weight") {
-                    (w.get("classifier.weight", &shape)?, w.get("classifier.bias", &[c.num_labels])?)
+                    (
+                        w.get("classifier.weight", &shape)?,
+                        w.get("classifier.bias", &[c.num_labels])?,
+                    )
                 } else {
                     initialized_params = c.num_labels * (h + 1);
-                    (crate::init::normal(&shape, c.initializer_range, init_seed, device)?, Tensor::zeros(c.num_labels, DType::F32, device)?)
+                    (
+                        crate::init::normal(&shape, c.initializer_range, init_seed, device)?,
+                        Tensor::zeros(c.num_labels, DType::F32, device)?,
+                    )
                 };
-                Some(hook.linear(&LinearInfo { path: "classifier".into(), is_output_head: true }, FrozenLinear::new(weight, Some(bias))?)?)
+                Some(hook.linear(
+                    &LinearInfo {
+                        path: "classifier".into(),
+                        is_output_head: true,
+                    },
+                    FrozenLinear::new(weight, Some(bias))?,
+                )?)
             }
         };
         let word_path = format!("{prefix}embeddings.word_embeddings");
         let word_embeddings = hook.embedding(
-            &EmbeddingInfo { path: word_path.clone(), padding_idx: Some(c.pad_token_id) },
-            FrozenWeight::Dense(get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?),
+            &EmbeddingInfo {
+                path: word_path.clone(),
+                padding_idx: Some(c.pad_token_id),
+            },
+            w.frozen_any(
+                &names("embeddings.word_embeddings.weight"),
+                [c.vocab_size, h],
+            )?,
         )?;
         let virtual_tokens = hook.virtual_tokens(&InputInfo {
             path: word_path,
@@ -148,8 +214,14 @@ impl Bert {
         Ok(Self {
             word_embeddings,
             virtual_tokens,
-            position_embeddings: get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?,
-            token_type_embeddings: get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
+            position_embeddings: get(
+                "embeddings.position_embeddings.weight",
+                &[c.max_position_embeddings, h],
+            )?,
+            token_type_embeddings: get(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, h],
+            )?,
             embed_norm: norm("embeddings.LayerNorm")?,
             layers,
             pooler,
@@ -186,7 +258,12 @@ impl Bert {
     /// PEFT's `inputs_embeds` (token type 0, positions from 0, attention mask extended with
     /// ones), so the pooler reads the first virtual token; `last_hidden_state` holds the `t`
     /// positions of `input_ids` only.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<BertOutput> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<BertOutput> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
         let h = c.hidden_size;
@@ -200,9 +277,19 @@ impl Bert {
         let n = self.virtual_tokens.as_ref().map_or(0, |v| v.num_tokens());
         if let Some(vt) = &self.virtual_tokens {
             let p = vt.embeddings()?;
-            words = Tensor::cat(&[&p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?, &words], 1)?;
-            types = types.map(|tt| Tensor::cat(&[&Tensor::zeros((b, n), DType::U32, &self.device)?, &tt], 1)).transpose()?;
-            mask = mask.map(|m| Tensor::cat(&[&Tensor::ones((b, n), m.dtype(), &self.device)?, &m], 1)).transpose()?;
+            words = Tensor::cat(
+                &[
+                    &p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?,
+                    &words,
+                ],
+                1,
+            )?;
+            types = types
+                .map(|tt| Tensor::cat(&[&Tensor::zeros((b, n), DType::U32, &self.device)?, &tt], 1))
+                .transpose()?;
+            mask = mask
+                .map(|m| Tensor::cat(&[&Tensor::ones((b, n), m.dtype(), &self.device)?, &m], 1))
+                .transpose()?;
         }
         let t = n + t;
         if t > c.max_position_embeddings {
@@ -210,15 +297,27 @@ impl Bert {
         }
         let positions = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
         let types = match types {
-            Some(tt) => self.token_type_embeddings.index_select(&tt.flatten_all()?, 0)?.reshape((b, t, h))?,
-            None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, h))?.contiguous()?,
+            Some(tt) => self
+                .token_type_embeddings
+                .index_select(&tt.flatten_all()?, 0)?
+                .reshape((b, t, h))?,
+            None => self
+                .token_type_embeddings
+                .narrow(0, 0, 1)?
+                .unsqueeze(0)?
+                .broadcast_as((b, t, h))?
+                .contiguous()?,
         };
         let x = words.broadcast_add(&positions)?.add(&types)?;
         let mask = build_mask(MaskKind::Bidirectional, t, t, mask.as_ref(), &self.device)?;
         let x = self.encode(x, &Attend::Padded(mask))?;
         let pooled_rows = x.narrow(1, 0, 1)?.squeeze(1)?;
         let (pooler_output, logits) = self.head(&pooled_rows)?;
-        Ok(BertOutput { last_hidden_state: x.narrow(1, n, t - n)?, pooler_output, logits })
+        Ok(BertOutput {
+            last_hidden_state: x.narrow(1, n, t - n)?,
+            pooler_output,
+            logits,
+        })
     }
 
     /// Encodes a padding-free batch: `input_ids: [1, n]` holds sequences of `lens` tokens end
@@ -239,40 +338,91 @@ impl Bert {
             anyhow::bail!("sequence of {len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let words = self.word_embeddings.forward(&ids)?.reshape((1, n, c.hidden_size))?;
+        let words = self
+            .word_embeddings
+            .forward(&ids)?
+            .reshape((1, n, c.hidden_size))?;
         let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let positions = self.position_embeddings.index_select(&Tensor::from_vec(positions, n, &self.device)?, 0)?.unsqueeze(0)?;
+        let positions = self
+            .position_embeddings
+            .index_select(&Tensor::from_vec(positions, n, &self.device)?, 0)?
+            .unsqueeze(0)?;
         let types = self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?;
         let x = words.add(&positions)?.broadcast_add(&types)?;
         let x = self.encode(x, &Attend::Packed(lens))?;
-        let firsts: Vec<u32> = lens.iter().scan(0u32, |start, &l| Some(std::mem::replace(start, *start + l as u32))).collect();
-        let pooled_rows = x.squeeze(0)?.index_select(&Tensor::from_vec(firsts, lens.len(), &self.device)?, 0)?;
+        let firsts: Vec<u32> = lens
+            .iter()
+            .scan(0u32, |start, &l| {
+                Some(std::mem::replace(start, *start + l as u32))
+            })
+            .collect();
+        let pooled_rows = x
+            .squeeze(0)?
+            .index_select(&Tensor::from_vec(firsts, lens.len(), &self.device)?, 0)?;
         let (pooler_output, logits) = self.head(&pooled_rows)?;
-        Ok(BertOutput { last_hidden_state: x, pooler_output, logits })
+        Ok(BertOutput {
+            last_hidden_state: x,
+            pooler_output,
+            logits,
+        })
     }
 
     /// The embedding LayerNorm and the layers over the summed embeddings `x`.
     fn encode(&self, x: Tensor, attend: &Attend) -> Result<Tensor> {
         let c = &self.config;
-        let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, c.layer_norm_eps)?;
-        self.trace.check(|| "the embeddings (embeddings.LayerNorm)".into(), &x)?;
+        let mut x = layer_norm(
+            &x,
+            &self.embed_norm.weight,
+            &self.embed_norm.bias,
+            c.layer_norm_eps,
+        )?;
+        self.trace
+            .check(|| "the embeddings (embeddings.LayerNorm)".into(), &x)?;
         let heads = c.num_attention_heads;
         let scale = 1.0 / ((c.hidden_size / heads) as f64).sqrt();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?);
+            let (q, k, v) = (
+                layer.query.forward(&x)?,
+                layer.key.forward(&x)?,
+                layer.value.forward(&x)?,
+            );
             let att = match attend {
                 Attend::Padded(mask) => attention(&q, &k, &v, heads, mask.as_ref(), scale)?,
-                Attend::Packed(lens) => attention_varlen(&q, &k, &v, heads, lens, MaskKind::Bidirectional, scale)?,
+                Attend::Packed(lens) => {
+                    attention_varlen(&q, &k, &v, heads, lens, MaskKind::Bidirectional, scale)?
+                }
             };
-            let att = branch(layer.attn_branch.as_deref(), &x, layer.attn_out.forward(&att)?)?;
-            x = add_layer_norm(&att, &x, &layer.attn_norm.weight, &layer.attn_norm.bias, c.layer_norm_eps)?;
-            let out = match (layer.intermediate.as_frozen(), fusable_down(layer.output.as_ref())) {
+            let att = branch(
+                layer.attn_branch.as_deref(),
+                &x,
+                layer.attn_out.forward(&att)?,
+            )?;
+            x = add_layer_norm(
+                &att,
+                &x,
+                &layer.attn_norm.weight,
+                &layer.attn_norm.bias,
+                c.layer_norm_eps,
+            )?;
+            let out = match (
+                layer.intermediate.as_frozen(),
+                fusable_down(layer.output.as_ref()),
+            ) {
                 (Some(up), Some((down, scale))) => gelu_mlp_scaled(&x, up, down, scale)?,
-                _ => layer.output.forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
+                _ => layer
+                    .output
+                    .forward(&gelu(&layer.intermediate.forward(&x)?)?)?,
             };
             let out = branch(layer.mlp_branch.as_deref(), &x, out)?;
-            x = add_layer_norm(&out, &x, &layer.output_norm.weight, &layer.output_norm.bias, c.layer_norm_eps)?;
-            self.trace.check(|| format!("layer {i} (encoder.layer.{i})"), &x)?;
+            x = add_layer_norm(
+                &out,
+                &x,
+                &layer.output_norm.weight,
+                &layer.output_norm.bias,
+                c.layer_norm_eps,
+            )?;
+            self.trace
+                .check(|| format!("layer {i} (encoder.layer.{i})"), &x)?;
             if !self.grad_enabled() {
                 x = x.detach();
             }

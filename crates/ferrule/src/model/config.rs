@@ -19,12 +19,22 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "bert"
 
 /// Reads `model_type` and says which family implements it.
 pub fn family_of(config: &Value) -> Result<Family> {
-    let mt =
-        config.get("model_type").and_then(Value::as_str).ok_or_else(|| anyhow!("no \"model_type\"; ferrule supports {}", SUPPORTED_MODEL_TYPES.join(", ")))?;
+    let mt = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            anyhow!(
+                "no \"model_type\"; ferrule supports {}",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            )
+        })?;
     match mt {
         "llama" | "mistral" | "qwen2" => Ok(Family::Decoder),
         "bert" => Ok(Family::Bert),
-        other => bail!("unsupported model_type {other:?}; ferrule supports {}", SUPPORTED_MODEL_TYPES.join(", ")),
+        other => bail!(
+            "unsupported model_type {other:?}; ferrule supports {}",
+            SUPPORTED_MODEL_TYPES.join(", ")
+        ),
     }
 }
 
@@ -93,7 +103,15 @@ impl DecoderConfig {
     /// Parses and range-checks a decoder `config.json`; errors name the key and what it holds.
     pub fn from_json(c: &Value) -> Result<Self> {
         let k = Keys::new(c);
-        let model_type = k.str("model_type")?.ok_or_else(|| anyhow!("no \"model_type\"; ferrule supports {}", SUPPORTED_MODEL_TYPES.join(", ")))?.to_string();
+        let model_type = k
+            .str("model_type")?
+            .ok_or_else(|| {
+                anyhow!(
+                    "no \"model_type\"; ferrule supports {}",
+                    SUPPORTED_MODEL_TYPES.join(", ")
+                )
+            })?
+            .to_string();
         let vocab_size = k.required_count("vocab_size")?;
         let hidden_size = k.required_count("hidden_size")?;
         let heads = k.required_count("num_attention_heads")?;
@@ -126,7 +144,9 @@ impl DecoderConfig {
             None => k.object("rope_scaling")?,
         };
         let theta_in_params = match params {
-            Some(p) => Keys::new(p).positive("rope_theta").map_err(|e| e.context("in \"rope_parameters\""))?,
+            Some(p) => Keys::new(p)
+                .positive("rope_theta")
+                .map_err(|e| e.context("in \"rope_parameters\""))?,
             None => None,
         };
         let rope_theta = match theta_in_params {
@@ -157,8 +177,12 @@ impl DecoderConfig {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => {
                 let ids: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
-                let ids = ids.ok_or_else(|| k.wrong("eos_token_id", "an integer or a list of integers"))?;
-                ids.into_iter().filter(|&i| i >= 0).map(|i| i as u32).collect()
+                let ids =
+                    ids.ok_or_else(|| k.wrong("eos_token_id", "an integer or a list of integers"))?;
+                ids.into_iter()
+                    .filter(|&i| i >= 0)
+                    .map(|i| i as u32)
+                    .collect()
             }
             Some(_) => k.marker_id("eos_token_id")?.into_iter().collect(),
         };
@@ -170,10 +194,14 @@ impl DecoderConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
-            rms_norm_eps: k.positive("rms_norm_eps")?.unwrap_or(defaults::RMS_NORM_EPS),
+            rms_norm_eps: k
+                .positive("rms_norm_eps")?
+                .unwrap_or(defaults::RMS_NORM_EPS),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: k.count("max_position_embeddings")?.unwrap_or(defaults::MAX_POSITION_EMBEDDINGS),
+            max_position_embeddings: k
+                .count("max_position_embeddings")?
+                .unwrap_or(defaults::MAX_POSITION_EMBEDDINGS),
             tie_word_embeddings: k.bool("tie_word_embeddings")?.unwrap_or(false),
             sliding_window,
             qkv_bias,
@@ -209,12 +237,20 @@ fn rope_scaling(obj: &Value) -> Result<RopeScaling> {
         let factor = s.positive("factor")?;
         Ok(match kind {
             "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear { factor: factor.ok_or_else(|| anyhow!("linear rope scaling needs \"factor\""))? },
+            "linear" => RopeScaling::Linear {
+                factor: factor.ok_or_else(|| anyhow!("linear rope scaling needs \"factor\""))?,
+            },
             "llama3" => RopeScaling::Llama3 {
                 factor: factor.ok_or_else(|| anyhow!("llama3 rope scaling needs \"factor\""))?,
-                low_freq_factor: s.positive("low_freq_factor")?.unwrap_or(defaults::LLAMA3_LOW_FREQ_FACTOR),
-                high_freq_factor: s.positive("high_freq_factor")?.unwrap_or(defaults::LLAMA3_HIGH_FREQ_FACTOR),
-                original_max_position_embeddings: s.positive("original_max_position_embeddings")?.unwrap_or(defaults::LLAMA3_ORIGINAL_MAX_POSITION_EMBEDDINGS),
+                low_freq_factor: s
+                    .positive("low_freq_factor")?
+                    .unwrap_or(defaults::LLAMA3_LOW_FREQ_FACTOR),
+                high_freq_factor: s
+                    .positive("high_freq_factor")?
+                    .unwrap_or(defaults::LLAMA3_HIGH_FREQ_FACTOR),
+                original_max_position_embeddings: s
+                    .positive("original_max_position_embeddings")?
+                    .unwrap_or(defaults::LLAMA3_ORIGINAL_MAX_POSITION_EMBEDDINGS),
             },
             other => bail!("rope type {other:?} is not supported (default, linear, llama3 are)"),
         })
@@ -273,11 +309,21 @@ impl BertConfig {
             num_hidden_layers: k.required_count("num_hidden_layers")?,
             num_attention_heads,
             intermediate_size: k.required_count("intermediate_size")?,
-            max_position_embeddings: k.count("max_position_embeddings")?.unwrap_or(defaults::BERT_MAX_POSITION_EMBEDDINGS),
-            type_vocab_size: k.count("type_vocab_size")?.unwrap_or(defaults::BERT_TYPE_VOCAB_SIZE),
-            layer_norm_eps: k.positive("layer_norm_eps")?.unwrap_or(defaults::BERT_LAYER_NORM_EPS),
-            pad_token_id: k.token_id("pad_token_id", vocab_size)?.unwrap_or(defaults::BERT_PAD_TOKEN_ID as u32),
-            initializer_range: k.positive("initializer_range")?.unwrap_or(defaults::BERT_INITIALIZER_RANGE),
+            max_position_embeddings: k
+                .count("max_position_embeddings")?
+                .unwrap_or(defaults::BERT_MAX_POSITION_EMBEDDINGS),
+            type_vocab_size: k
+                .count("type_vocab_size")?
+                .unwrap_or(defaults::BERT_TYPE_VOCAB_SIZE),
+            layer_norm_eps: k
+                .positive("layer_norm_eps")?
+                .unwrap_or(defaults::BERT_LAYER_NORM_EPS),
+            pad_token_id: k
+                .token_id("pad_token_id", vocab_size)?
+                .unwrap_or(defaults::BERT_PAD_TOKEN_ID as u32),
+            initializer_range: k
+                .positive("initializer_range")?
+                .unwrap_or(defaults::BERT_INITIALIZER_RANGE),
             num_labels,
         };
         note_unread(&k);
@@ -290,32 +336,52 @@ mod tests {
     use super::*;
 
     fn fixture(model: &str) -> Value {
-        let path = format!("{}/../../tests/fixtures/models/{model}/config.json", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../../tests/fixtures/models/{model}/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     fn err_with(model: &str, key: &str, value: Value) -> String {
         let mut c = fixture(model);
         c[key] = value;
-        check(&c).expect_err(&format!("{key} = {} must be refused", c[key])).to_string()
+        check(&c)
+            .expect_err(&format!("{key} = {} must be refused", c[key]))
+            .to_string()
     }
 
     /// The values the fuzzing of issue 13 found accepted; each now fails naming the key.
     #[test]
     fn wrong_types_and_ranges_name_the_key() {
         use serde_json::json;
-        for v in [json!("x"), json!([]), json!(true), json!(null), json!(-1), json!(0)] {
+        for v in [
+            json!("x"),
+            json!([]),
+            json!(true),
+            json!(null),
+            json!(-1),
+            json!(0),
+        ] {
             let e = err_with("llama", "rms_norm_eps", v.clone());
-            assert!(e.contains("\"rms_norm_eps\" is") && (e.contains("finite number") || e.contains("greater than 0")), "{v}: {e}");
+            assert!(
+                e.contains("\"rms_norm_eps\" is")
+                    && (e.contains("finite number") || e.contains("greater than 0")),
+                "{v}: {e}"
+            );
         }
-        assert!(err_with("llama", "rope_parameters", json!("x")).contains("\"rope_parameters\" is \"x\", expected an object or null"));
+        assert!(err_with("llama", "rope_parameters", json!("x"))
+            .contains("\"rope_parameters\" is \"x\", expected an object or null"));
         assert!(err_with("llama", "sliding_window", json!(0)).contains("\"sliding_window\" is 0"));
-        assert!(err_with("llama", "num_key_value_heads", json!(3)).contains("multiple of num_key_value_heads (3)"));
-        assert!(err_with("llama", "num_attention_heads", json!(0)).contains("\"num_attention_heads\" is 0, expected an integer of at least 1"));
+        assert!(err_with("llama", "num_key_value_heads", json!(3))
+            .contains("multiple of num_key_value_heads (3)"));
+        assert!(err_with("llama", "num_attention_heads", json!(0))
+            .contains("\"num_attention_heads\" is 0, expected an integer of at least 1"));
         assert!(err_with("llama", "hidden_size", json!(2.5)).contains("\"hidden_size\" is 2.5"));
         assert!(err_with("llama", "vocab_size", json!(1u64 << 40)).contains("\"vocab_size\""));
         assert!(err_with("llama", "pad_token_id", json!(100000)).contains("below vocab_size (320)"));
-        assert!(err_with("llama", "tie_word_embeddings", json!("yes")).contains("expected true or false"));
+        assert!(err_with("llama", "tie_word_embeddings", json!("yes"))
+            .contains("expected true or false"));
         assert!(err_with("llama", "eos_token_id", json!(["nope"])).contains("\"eos_token_id\""));
         assert!(err_with("llama", "rms_norm_eps", json!("é".repeat(80))).contains("...")); // cut at a character
         let mut c = fixture("llama");
@@ -324,24 +390,47 @@ mod tests {
         c["eos_token_id"] = json!([-1, 2]);
         c["num_key_value_heads"] = Value::Null;
         let d = DecoderConfig::from_json(&c).unwrap();
-        assert_eq!((d.pad_token_id, d.bos_token_id, d.eos_token_ids.as_slice(), d.num_key_value_heads), (Some(319), None, &[2u32][..], d.num_attention_heads));
+        assert_eq!(
+            (
+                d.pad_token_id,
+                d.bos_token_id,
+                d.eos_token_ids.as_slice(),
+                d.num_key_value_heads
+            ),
+            (Some(319), None, &[2u32][..], d.num_attention_heads)
+        );
         assert!(err_with("llama", "head_dim", json!(0)).contains("\"head_dim\" is 0"));
-        assert!(err_with("bert", "layer_norm_eps", json!("x")).contains("\"layer_norm_eps\" is \"x\""));
-        assert!(err_with("bert", "num_attention_heads", json!(5)).contains("not a multiple of num_attention_heads (5)"));
+        assert!(
+            err_with("bert", "layer_norm_eps", json!("x")).contains("\"layer_norm_eps\" is \"x\"")
+        );
+        assert!(err_with("bert", "num_attention_heads", json!(5))
+            .contains("not a multiple of num_attention_heads (5)"));
         assert!(err_with("bert", "id2label", json!([])).contains("\"id2label\""));
         let mut c = fixture("llama");
         c["rope_parameters"] = json!({"rope_type": "linear", "factor": "x"});
-        assert!(check(&c).unwrap_err().to_string().contains("\"factor\" is \"x\""));
+        assert!(check(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("\"factor\" is \"x\""));
         c.as_object_mut().unwrap().remove("model_type");
         let e = check(&c).unwrap_err().to_string();
-        assert!(e.contains("no \"model_type\"") && e.contains("llama, mistral, qwen2, bert"), "{e}");
+        assert!(
+            e.contains("no \"model_type\"") && e.contains("llama, mistral, qwen2, bert"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_and_null_keys_take_the_documented_defaults() {
         let mut c = fixture("llama");
         let o = c.as_object_mut().unwrap();
-        for k in ["rms_norm_eps", "max_position_embeddings", "rope_parameters", "rope_theta", "num_key_value_heads"] {
+        for k in [
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "rope_parameters",
+            "rope_theta",
+            "num_key_value_heads",
+        ] {
             o.remove(k);
         }
         o.insert("sliding_window".into(), Value::Null);
@@ -349,9 +438,16 @@ mod tests {
         let d = DecoderConfig::from_json(&c).unwrap();
         assert_eq!(
             (d.rms_norm_eps, d.rope_theta, d.max_position_embeddings),
-            (defaults::RMS_NORM_EPS, defaults::ROPE_THETA, defaults::MAX_POSITION_EMBEDDINGS)
+            (
+                defaults::RMS_NORM_EPS,
+                defaults::ROPE_THETA,
+                defaults::MAX_POSITION_EMBEDDINGS
+            )
         );
-        assert_eq!((d.num_key_value_heads, d.sliding_window, d.pad_token_id), (d.num_attention_heads, None, None));
+        assert_eq!(
+            (d.num_key_value_heads, d.sliding_window, d.pad_token_id),
+            (d.num_attention_heads, None, None)
+        );
         assert!(check(&fixture("bert")).is_ok() && check(&fixture("qwen2")).is_ok());
     }
 }

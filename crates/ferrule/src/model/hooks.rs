@@ -49,7 +49,10 @@ pub trait Linear: Send + Sync {
 
 /// A down projection an MLP can fuse: a frozen linear, with the input scale it applies if any.
 pub fn fusable_down(layer: &dyn Linear) -> Option<(&FrozenLinear, Option<&Tensor>)> {
-    layer.as_frozen().map(|f| (f, None)).or_else(|| layer.as_input_scaled().map(|(f, s)| (f, Some(s))))
+    layer
+        .as_frozen()
+        .map(|f| (f, None))
+        .or_else(|| layer.as_input_scaled().map(|(f, s)| (f, Some(s))))
 }
 
 impl Linear for FrozenLinear {
@@ -195,7 +198,11 @@ pub trait ResidualBranch: Send + Sync {
 }
 
 /// A branch's output `f` for input `u`, through the residual-branch hook's change if any.
-pub fn branch(change: Option<&dyn ResidualBranch>, u: &Tensor, f: Tensor) -> candle_core::Result<Tensor> {
+pub fn branch(
+    change: Option<&dyn ResidualBranch>,
+    u: &Tensor,
+    f: Tensor,
+) -> candle_core::Result<Tensor> {
     match change {
         Some(g) => g.forward(u, &f),
         None => Ok(f),

@@ -11,8 +11,8 @@ use super::config::DecoderConfig;
 use super::hooks::{branch, fusable_down};
 use super::weights::Weights;
 use super::{
-    AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch,
-    VirtualTokens,
+    AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear,
+    LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens,
 };
 use crate::ops::attention::{attention, attention_varlen, build_mask, MaskKind};
 use crate::ops::frozen_mlp::swiglu_mlp_scaled;
@@ -54,7 +54,11 @@ pub struct KvCache {
 impl KvCache {
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(1).unwrap_or(0)).unwrap_or(0)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(1).unwrap_or(0))
+            .unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -84,51 +88,168 @@ pub struct DecoderLm {
     pub(crate) trace: crate::util::finite::LayerTrace,
 }
 
-fn linear(w: &Weights, hook: &dyn ModelHook, path: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Box<dyn Linear>> {
+fn linear(
+    w: &Weights,
+    hook: &dyn ModelHook,
+    path: &str,
+    out_f: usize,
+    in_f: usize,
+    bias: bool,
+) -> Result<Box<dyn Linear>> {
     let weight = w.frozen(&format!("{path}.weight"), [out_f, in_f])?;
-    let bias = if bias { Some(w.get(&format!("{path}.bias"), &[out_f])?) } else { None };
-    hook.linear(&LinearInfo { path: path.to_string(), is_output_head: path == "lm_head" }, FrozenLinear::from_weight(weight, bias))
+    let bias = if bias {
+        Some(w.get(&format!("{path}.bias"), &[out_f])?)
+    } else {
+        None
+    };
+    hook.linear(
+        &LinearInfo {
+            path: path.to_string(),
+            is_output_head: path == "lm_head",
+        },
+        FrozenLinear::from_weight(weight, bias),
+    )
 }
 
 /// An RMSNorm's weight `[hidden]` (no bias), through the norm hook point.
 fn rms_weight(w: &Weights, hook: &dyn ModelHook, path: &str, hidden: usize) -> Result<Tensor> {
     let weight = w.get(&format!("{path}.weight"), &[hidden])?;
-    Ok(hook.norm(&NormInfo { path: path.to_string() }, NormParams { weight, bias: None })?.weight)
+    Ok(hook
+        .norm(
+            &NormInfo {
+                path: path.to_string(),
+            },
+            NormParams { weight, bias: None },
+        )?
+        .weight)
 }
 
 impl DecoderLm {
-    pub fn new(config: DecoderConfig, w: &Weights, hook: &dyn ModelHook, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: DecoderConfig,
+        w: &Weights,
+        hook: &dyn ModelHook,
+        device: &Device,
+    ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
-        let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q_out, kv_out) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         let table = w.frozen("model.embed_tokens.weight", [c.vocab_size, h])?;
-        let embed_tokens = hook.embedding(&EmbeddingInfo { path: "model.embed_tokens".into(), padding_idx: c.pad_token_id }, table)?;
+        let embed_tokens = hook.embedding(
+            &EmbeddingInfo {
+                path: "model.embed_tokens".into(),
+                padding_idx: c.pad_token_id,
+            },
+            table,
+        )?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Arc::new(Layer {
                 input_layernorm: rms_weight(w, hook, &format!("{p}.input_layernorm"), h)?,
                 self_attn: Attention {
-                    q_proj: linear(w, hook, &format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
-                    k_proj: linear(w, hook, &format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
-                    v_proj: linear(w, hook, &format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
-                    o_proj: linear(w, hook, &format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
+                    q_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.self_attn.q_proj"),
+                        q_out,
+                        h,
+                        c.qkv_bias,
+                    )?,
+                    k_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.self_attn.k_proj"),
+                        kv_out,
+                        h,
+                        c.qkv_bias,
+                    )?,
+                    v_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.self_attn.v_proj"),
+                        kv_out,
+                        h,
+                        c.qkv_bias,
+                    )?,
+                    o_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.self_attn.o_proj"),
+                        h,
+                        q_out,
+                        c.o_bias,
+                    )?,
                 },
-                post_attention_layernorm: rms_weight(w, hook, &format!("{p}.post_attention_layernorm"), h)?,
+                post_attention_layernorm: rms_weight(
+                    w,
+                    hook,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                )?,
                 mlp: Mlp {
-                    gate_proj: linear(w, hook, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    up_proj: linear(w, hook, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    down_proj: linear(w, hook, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                    gate_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        c.mlp_bias,
+                    )?,
+                    up_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        h,
+                        c.mlp_bias,
+                    )?,
+                    down_proj: linear(
+                        w,
+                        hook,
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
                 },
-                attn_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.self_attn"), layer: i, kind: BranchKind::Attention, hidden_size: h })?,
-                mlp_branch: hook.residual_branch(&BranchInfo { path: format!("{p}.mlp"), layer: i, kind: BranchKind::Mlp, hidden_size: h })?,
+                attn_branch: hook.residual_branch(&BranchInfo {
+                    path: format!("{p}.self_attn"),
+                    layer: i,
+                    kind: BranchKind::Attention,
+                    hidden_size: h,
+                })?,
+                mlp_branch: hook.residual_branch(&BranchInfo {
+                    path: format!("{p}.mlp"),
+                    layer: i,
+                    kind: BranchKind::Mlp,
+                    hidden_size: h,
+                })?,
             }));
         }
         let norm = rms_weight(w, hook, "model.norm", h)?;
-        let head_weight =
-            if c.tie_word_embeddings || !w.contains("lm_head.weight") { embed_tokens.base().clone() } else { w.frozen("lm_head.weight", [c.vocab_size, h])? };
-        let lm_head = hook.linear(&LinearInfo { path: "lm_head".into(), is_output_head: true }, FrozenLinear::from_weight(head_weight, None))?;
-        let rope = Rope::new(c.head_dim, c.max_position_embeddings, c.rope_theta, &c.rope_scaling, device)?;
+        let head_weight = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+            embed_tokens.base().clone()
+        } else {
+            w.frozen("lm_head.weight", [c.vocab_size, h])?
+        };
+        let lm_head = hook.linear(
+            &LinearInfo {
+                path: "lm_head".into(),
+                is_output_head: true,
+            },
+            FrozenLinear::from_weight(head_weight, None),
+        )?;
+        let rope = Rope::new(
+            c.head_dim,
+            c.max_position_embeddings,
+            c.rope_theta,
+            &c.rope_scaling,
+            device,
+        )?;
         let virtual_tokens = hook.virtual_tokens(&InputInfo {
             path: "model.embed_tokens".into(),
             hidden_size: h,
@@ -164,14 +285,21 @@ impl DecoderLm {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![None; self.layers.len()] }
+        KvCache {
+            layers: vec![None; self.layers.len()],
+        }
     }
 
     /// Logits `[b, t, vocab]` for `input_ids: [b, t]`. `attention_mask: [b, s]` (1 = real token)
     /// covers cached plus new positions of the caller's tokens (not the positions a method
     /// adds, see [`Self::added_positions`]). With a cache, new positions continue after the
     /// cached ones.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
         let (virtual_len, t) = (hidden.dim(1)? - input_ids.dim(1)?, input_ids.dim(1)?);
         Ok(self.lm_head.forward(&hidden.narrow(1, virtual_len, t)?)?)
@@ -190,17 +318,34 @@ impl DecoderLm {
 
     /// Final-norm hidden states `[b, v + t, hidden]`: `v` virtual tokens (prompt tuning, on a
     /// fresh pass only) before the `t` of `input_ids`.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
         let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self.embed_tokens.forward(&ids)?.reshape((b, t, c.hidden_size))?;
-        self.trace.check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
+        let mut x = self
+            .embed_tokens
+            .forward(&ids)?
+            .reshape((b, t, c.hidden_size))?;
+        self.trace
+            .check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
         // Prompt tuning: virtual tokens first; a cache holds them after the first pass.
         if let Some(vt) = self.virtual_tokens.as_ref().filter(|_| fresh) {
             let p = vt.embeddings()?;
-            x = Tensor::cat(&[&p.unsqueeze(0)?.broadcast_as((b, p.dim(0)?, c.hidden_size))?.contiguous()?, &x], 1)?;
+            x = Tensor::cat(
+                &[
+                    &p.unsqueeze(0)?
+                        .broadcast_as((b, p.dim(0)?, c.hidden_size))?
+                        .contiguous()?,
+                    &x,
+                ],
+                1,
+            )?;
         }
         // Prefix tuning: every layer starts from the prefix as if it were cached.
         let prefix = match self.kv_prefix.as_ref().filter(|_| fresh) {
@@ -221,10 +366,21 @@ impl DecoderLm {
             anyhow::bail!("sequence of {kv_len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
         let mask = match attention_mask {
-            Some(m) if added > 0 => Some(Tensor::cat(&[&Tensor::ones((b, added), m.dtype(), &self.device)?, m], 1)?),
+            Some(m) if added > 0 => Some(Tensor::cat(
+                &[&Tensor::ones((b, added), m.dtype(), &self.device)?, m],
+                1,
+            )?),
             _ => attention_mask.cloned(),
         };
-        let mask = build_mask(MaskKind::Causal { sliding_window: c.sliding_window }, q_len, kv_len, mask.as_ref(), &self.device)?;
+        let mask = build_mask(
+            MaskKind::Causal {
+                sliding_window: c.sliding_window,
+            },
+            q_len,
+            kv_len,
+            mask.as_ref(),
+            &self.device,
+        )?;
         self.run_layers(x, &AttnLayout::Padded { mask, offset }, prefix, cache)
     }
 
@@ -246,25 +402,54 @@ impl DecoderLm {
             anyhow::bail!("sequence of {len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let x = self.embed_tokens.forward(&ids)?.reshape((1, n, c.hidden_size))?;
-        self.trace.check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
+        let x = self
+            .embed_tokens
+            .forward(&ids)?
+            .reshape((1, n, c.hidden_size))?;
+        self.trace
+            .check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
         let positions = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        self.run_layers(x, &AttnLayout::Packed { positions: Arc::new(positions), lens: Arc::new(lens.to_vec()) }, None, None)
+        self.run_layers(
+            x,
+            &AttnLayout::Packed {
+                positions: Arc::new(positions),
+                lens: Arc::new(lens.to_vec()),
+            },
+            None,
+            None,
+        )
     }
 
     /// The layers and the final norm over `x`, with each layer's key/value `prefix` (prefix
     /// tuning) and the KV `cache` (generation).
-    fn run_layers(&self, mut x: Tensor, layout: &AttnLayout, prefix: Option<Vec<(Tensor, Tensor)>>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        layout: &AttnLayout,
+        prefix: Option<Vec<(Tensor, Tensor)>>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let c = &self.config;
-        let sink = self.recompute.read().unwrap().clone().filter(|_| cache.is_none() && self.device.is_cpu() && self.grad_enabled());
+        let sink = self
+            .recompute
+            .read()
+            .unwrap()
+            .clone()
+            .filter(|_| cache.is_none() && self.device.is_cpu() && self.grad_enabled());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_prefix = prefix.as_ref().map(|p| p[i].clone());
             x = match &sink {
                 Some(sink) => {
-                    let (layer, cfg, rope, layout) = (layer.clone(), self.config.clone(), self.rope.clone(), layout.clone());
+                    let (layer, cfg, rope, layout) = (
+                        layer.clone(),
+                        self.config.clone(),
+                        self.rope.clone(),
+                        layout.clone(),
+                    );
                     let block: Block = Arc::new(move |h: &Tensor| {
                         let mut past = layer_prefix.clone();
-                        layer_forward(&layer, &cfg, &rope, h, &layout, Some(&mut past)).map_err(candle_core::Error::wrap)
+                        layer_forward(&layer, &cfg, &rope, h, &layout, Some(&mut past))
+                            .map_err(candle_core::Error::wrap)
                     });
                     checkpoint(&x, block, sink)?
                 }
@@ -282,7 +467,8 @@ impl DecoderLm {
                     }
                 },
             };
-            self.trace.check(|| format!("layer {i} (model.layers.{i})"), &x)?;
+            self.trace
+                .check(|| format!("layer {i} (model.layers.{i})"), &x)?;
             if !self.grad_enabled.load(Ordering::Relaxed) {
                 x = x.detach();
                 if let Some(Some((k, v))) = cache.as_deref_mut().map(|c| &mut c.layers[i]) {
@@ -291,7 +477,8 @@ impl DecoderLm {
             }
         }
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        self.trace.check(|| "the final norm (model.norm)".into(), &x)?;
+        self.trace
+            .check(|| "the final norm (model.norm)".into(), &x)?;
         Ok(x)
     }
 
@@ -318,8 +505,16 @@ impl DecoderLm {
     /// completions only and padded batches, most positions need no logits, and the
     /// vocabulary projection is the largest matmul of a small model. Returns the same loss
     /// (mean over counted positions) as [`crate::ops::loss::causal_lm_loss`] on full logits.
-    pub fn causal_lm_loss(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, labels: &Tensor) -> Result<(Tensor, usize)> {
-        self.loss_of_hidden(&self.hidden_states(input_ids, attention_mask, None)?, labels)
+    pub fn causal_lm_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<(Tensor, usize)> {
+        self.loss_of_hidden(
+            &self.hidden_states(input_ids, attention_mask, None)?,
+            labels,
+        )
     }
 
     /// [`Self::causal_lm_loss`] of a padding-free batch (`input_ids`, `labels`: `[1, n]`,
@@ -327,13 +522,20 @@ impl DecoderLm {
     /// every sequence must be `IGNORE_INDEX` (`data::pack` makes it so), so that no sequence's
     /// last token is trained to predict the next sequence's first: then the loss equals the
     /// padded batch's.
-    pub fn causal_lm_loss_packed(&self, input_ids: &Tensor, lens: &[usize], labels: &Tensor) -> Result<(Tensor, usize)> {
+    pub fn causal_lm_loss_packed(
+        &self,
+        input_ids: &Tensor,
+        lens: &[usize],
+        labels: &Tensor,
+    ) -> Result<(Tensor, usize)> {
         self.loss_of_hidden(&self.hidden_states_packed(input_ids, lens)?, labels)
     }
 
     /// Logits `[1, n, vocab]` of a padding-free batch ([`Self::hidden_states_packed`]).
     pub fn forward_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        Ok(self.lm_head.forward(&self.hidden_states_packed(input_ids, lens)?)?)
+        Ok(self
+            .lm_head
+            .forward(&self.hidden_states_packed(input_ids, lens)?)?)
     }
 
     fn loss_of_hidden(&self, hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
@@ -345,12 +547,24 @@ impl DecoderLm {
         // real token (PEFT prefixes the labels with -100, peft_model.py).
         let mut labels = labels.to_dtype(DType::I64)?;
         if t > labels.dim(1)? {
-            let ignored = Tensor::full(crate::ops::loss::IGNORE_INDEX, (b, t - labels.dim(1)?), &self.device)?;
+            let ignored = Tensor::full(
+                crate::ops::loss::IGNORE_INDEX,
+                (b, t - labels.dim(1)?),
+                &self.device,
+            )?;
             labels = Tensor::cat(&[&ignored, &labels], 1)?;
         }
-        let next: Vec<i64> = labels.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?.to_vec1()?;
-        let (rows, targets): (Vec<u32>, Vec<i64>) =
-            next.iter().enumerate().filter(|(_, &y)| y >= 0).map(|(i, &y)| ((i / (t - 1) * t + i % (t - 1)) as u32, y)).unzip();
+        let next: Vec<i64> = labels
+            .narrow(1, 1, t - 1)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1()?;
+        let (rows, targets): (Vec<u32>, Vec<i64>) = next
+            .iter()
+            .enumerate()
+            .filter(|(_, &y)| y >= 0)
+            .map(|(i, &y)| ((i / (t - 1) * t + i % (t - 1)) as u32, y))
+            .unzip();
         let n = rows.len();
         if n == 0 {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
@@ -358,8 +572,16 @@ impl DecoderLm {
         let rows = Tensor::from_vec(rows, n, &self.device)?;
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
         // A frozen head is fused with the loss: the [n, vocab] logits are never held.
-        if let Some(head) = self.lm_head.as_frozen().filter(|f| f.bias().is_none() && crate::ops::kernels::fused_ok(&picked)) {
-            return Ok(crate::ops::head_loss::head_cross_entropy(&picked, head.weight(), targets)?);
+        if let Some(head) = self
+            .lm_head
+            .as_frozen()
+            .filter(|f| f.bias().is_none() && crate::ops::kernels::fused_ok(&picked))
+        {
+            return Ok(crate::ops::head_loss::head_cross_entropy(
+                &picked,
+                head.weight(),
+                targets,
+            )?);
         }
         let logits = self.lm_head.forward(&picked)?;
         let targets = Tensor::from_vec(targets, n, &self.device)?;
@@ -368,7 +590,12 @@ impl DecoderLm {
     }
 
     /// Logits of the last position only (generation).
-    pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn last_logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?;
@@ -380,7 +607,10 @@ impl DecoderLm {
 fn batched_prefix(prefix: &dyn KvPrefix, b: usize, layers: usize) -> Result<Vec<(Tensor, Tensor)>> {
     let kv = prefix.key_values()?;
     if kv.len() != layers {
-        anyhow::bail!("the key/value prefix has {} layers, the model {layers}", kv.len())
+        anyhow::bail!(
+            "the key/value prefix has {} layers, the model {layers}",
+            kv.len()
+        )
     }
     let batch = |t: &Tensor| -> candle_core::Result<Tensor> {
         let (n, d) = t.dims2()?;
@@ -396,7 +626,10 @@ enum AttnLayout {
     /// prefix), the additive mask `[b|1, 1, t, s]`.
     Padded { mask: Option<Tensor>, offset: usize },
     /// Sequences of `lens` tokens end to end in one row, each token at `positions[i]`.
-    Packed { positions: Arc<Vec<u32>>, lens: Arc<Vec<usize>> },
+    Packed {
+        positions: Arc<Vec<u32>>,
+        lens: Arc<Vec<usize>>,
+    },
 }
 
 /// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `past` holds this
@@ -415,12 +648,18 @@ fn layer_forward(
     let hs = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
     let a = &layer.self_attn;
     // Token-major [b, t, heads·head_dim] throughout: rope and attention split the heads.
-    let (q, k, v) = (a.q_proj.forward(&hs)?, a.k_proj.forward(&hs)?, a.v_proj.forward(&hs)?);
+    let (q, k, v) = (
+        a.q_proj.forward(&hs)?,
+        a.k_proj.forward(&hs)?,
+        a.v_proj.forward(&hs)?,
+    );
     let (mask, offset) = match layout {
         AttnLayout::Padded { mask, offset } => (mask.as_ref(), *offset),
         AttnLayout::Packed { positions, lens } => {
             let (q, k) = (rope.apply_at(&q, positions)?, rope.apply_at(&k, positions)?);
-            let kind = MaskKind::Causal { sliding_window: c.sliding_window };
+            let kind = MaskKind::Causal {
+                sliding_window: c.sliding_window,
+            };
             let att = attention_varlen(&q, &k, &v, c.num_attention_heads, lens, kind, scale)?;
             return finish_layer(layer, c, residual, &hs, &att);
         }
@@ -442,17 +681,38 @@ fn layer_forward(
 }
 
 /// The rest of a layer after attention: output projection and residual, then the MLP branch.
-fn finish_layer(layer: &Layer, c: &DecoderConfig, residual: &Tensor, hs: &Tensor, att: &Tensor) -> Result<Tensor> {
-    let x = (residual + branch(layer.attn_branch.as_deref(), hs, layer.self_attn.o_proj.forward(att)?)?)?;
+fn finish_layer(
+    layer: &Layer,
+    c: &DecoderConfig,
+    residual: &Tensor,
+    hs: &Tensor,
+    att: &Tensor,
+) -> Result<Tensor> {
+    let x = (residual
+        + branch(
+            layer.attn_branch.as_deref(),
+            hs,
+            layer.self_attn.o_proj.forward(att)?,
+        )?)?;
     let hs = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-    Ok((&x + branch(layer.mlp_branch.as_deref(), &hs, mlp_forward(&layer.mlp, &hs)?)?)?)
+    Ok((&x
+        + branch(
+            layer.mlp_branch.as_deref(),
+            &hs,
+            mlp_forward(&layer.mlp, &hs)?,
+        )?)?)
 }
 
 /// `down(silu(gate(x)) ⊙ up(x))`; one fused op when no method wraps any of the three (or one
 /// only scales the down projection's input).
 fn mlp_forward(m: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
-    if let (Some(gate), Some(up), Some((down, scale))) = (m.gate_proj.as_frozen(), m.up_proj.as_frozen(), fusable_down(m.down_proj.as_ref())) {
+    if let (Some(gate), Some(up), Some((down, scale))) = (
+        m.gate_proj.as_frozen(),
+        m.up_proj.as_frozen(),
+        fusable_down(m.down_proj.as_ref()),
+    ) {
         return swiglu_mlp_scaled(x, gate, up, down, scale);
     }
-    m.down_proj.forward(&swiglu(&m.gate_proj.forward(x)?, &m.up_proj.forward(x)?)?)
+    m.down_proj
+        .forward(&swiglu(&m.gate_proj.forward(x)?, &m.up_proj.forward(x)?)?)
 }

@@ -18,8 +18,8 @@ use candle_core::{Device, Tensor};
 
 pub use config::{family_of, BertConfig, DecoderConfig, Family};
 pub use hooks::{
-    AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, Frozen, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams,
-    ResidualBranch, VirtualTokens,
+    AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, Frozen, InputInfo, KvPrefix,
+    Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens,
 };
 pub use source::ModelSource;
 pub use weights::Weights;
@@ -58,6 +58,9 @@ pub struct Model {
     pub task: Task,
     /// Parameters of the base model (as `model.num_parameters()` counts them: tied tensors once).
     pub base_params: usize,
+    /// Whether reading the frozen weights is a collective (`--shard-base`): every rank must then
+    /// run the same forward and backward passes, in the same order.
+    pub lockstep: bool,
 }
 
 /// Token inputs: `[b, t]` ids, optional 1/0 attention mask and token types (BERT).
@@ -69,7 +72,13 @@ pub struct Inputs<'a> {
 
 impl Model {
     /// Builds the model of `source` for `task`, passing every hook point through `hook`.
-    pub fn build(source: &ModelSource, task: Task, hook: &dyn ModelHook, device: &Device, seed: u64) -> Result<Self> {
+    pub fn build(
+        source: &ModelSource,
+        task: Task,
+        hook: &dyn ModelHook,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         let arch = match family_of(&source.config)? {
             Family::Decoder => {
                 if task != Task::CausalLm {
@@ -87,9 +96,19 @@ impl Model {
                 let bt = match task {
                     Task::SeqCls => bert::BertTask::SequenceClassification,
                     Task::FeatureExtraction => bert::BertTask::Embedding,
-                    Task::CausalLm => anyhow::bail!("{} is an encoder (bert); it cannot be trained as a causal LM", source.location.display()),
+                    Task::CausalLm => anyhow::bail!(
+                        "{} is an encoder (bert); it cannot be trained as a causal LM",
+                        source.location.display()
+                    ),
                 };
-                Arch::Bert(bert::Bert::new(cfg, bt, &source.weights, hook, device, seed)?)
+                Arch::Bert(bert::Bert::new(
+                    cfg,
+                    bt,
+                    &source.weights,
+                    hook,
+                    device,
+                    seed,
+                )?)
             }
         };
         let initialized = match &arch {
@@ -98,14 +117,28 @@ impl Model {
         };
         let unused = source.weights.unused();
         if !unused.is_empty() {
-            tracing::warn!("{}: {} checkpoint tensor(s) not used by the model, e.g. {:?}", source.location.display(), unused.len(), unused[0]);
+            tracing::warn!(
+                "{}: {} checkpoint tensor(s) not used by the model, e.g. {:?}",
+                source.location.display(),
+                unused.len(),
+                unused[0]
+            );
         }
-        Ok(Model { arch, task, base_params: source.weights.used_elements() + initialized })
+        let lockstep = !source.weights.sharded().is_empty();
+        Ok(Model {
+            arch,
+            task,
+            base_params: source.weights.used_elements() + initialized,
+            lockstep,
+        })
     }
 
     /// Turns block recomputation (gradient checkpointing) on for architectures that support
     /// it (decoders); returns whether it is on.
-    pub fn set_recompute(&self, sink: Option<std::sync::Arc<crate::ops::recompute::GradSink>>) -> bool {
+    pub fn set_recompute(
+        &self,
+        sink: Option<std::sync::Arc<crate::ops::recompute::GradSink>>,
+    ) -> bool {
         match &self.arch {
             Arch::Decoder(m) => {
                 let on = sink.is_some();
@@ -156,7 +189,11 @@ impl Model {
     }
 
     /// [`Self::trace_non_finite`] for a padding-free batch ([`Self::forward_packed`]).
-    pub fn trace_non_finite_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Option<String>> {
+    pub fn trace_non_finite_packed(
+        &self,
+        input_ids: &Tensor,
+        lens: &[usize],
+    ) -> Result<Option<String>> {
         let _no_grad = self.no_grad();
         let trace = match &self.arch {
             Arch::Decoder(m) => &m.trace,
@@ -204,7 +241,11 @@ impl Model {
         match &self.arch {
             Arch::Decoder(m) => m.forward(inputs.input_ids, inputs.attention_mask, None),
             Arch::Bert(m) => {
-                let out = m.forward(inputs.input_ids, inputs.attention_mask, inputs.token_type_ids)?;
+                let out = m.forward(
+                    inputs.input_ids,
+                    inputs.attention_mask,
+                    inputs.token_type_ids,
+                )?;
                 match out.logits {
                     Some(l) => Ok(l),
                     None => bert::mean_pool(&out.last_hidden_state, inputs.attention_mask),

@@ -53,7 +53,11 @@ impl ModelSource {
             bail!("{spec}: expected a model folder (config.json + safetensors) or a .gguf file")
         }
         if is_hub_id(spec) {
-            let dir = fetch_from_hub(spec).with_context(|| format!("{spec} is not a local path, and fetching it from the Hugging Face hub failed"))?;
+            let dir = fetch_from_hub(spec).with_context(|| {
+                format!(
+                    "{spec} is not a local path, and fetching it from the Hugging Face hub failed"
+                )
+            })?;
             return Self::from_dir_with(&dir, device, quantize);
         }
         bail!("{spec}: no such file or folder")
@@ -63,28 +67,55 @@ impl ModelSource {
         Self::from_dir_with(dir, device, None)
     }
 
-    pub fn from_dir_with(dir: &Path, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
+    pub fn from_dir_with(
+        dir: &Path,
+        device: &Device,
+        quantize: Option<&QuantSpec>,
+    ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-        let config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let config: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
         super::config::check(&config).with_context(|| cfg_path.display().to_string())?;
-        crate::quant::bnb_format::spec_from_config(&config).with_context(|| cfg_path.display().to_string())?;
+        crate::quant::bnb_format::spec_from_config(&config)
+            .with_context(|| cfg_path.display().to_string())?;
         let weights = Weights::load_dir(dir, DType::F32, device, quantize)?;
-        let tokenizer = if dir.join("tokenizer.json").exists() { Some(crate::data::load_tokenizer(dir)?) } else { None };
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(crate::data::load_tokenizer(dir)?)
+        } else {
+            None
+        };
         let chat_template = crate::data::ChatTemplate::from_model_dir(dir)?;
         let tokenizer_config = crate::data::TokenizerConfig::from_model_dir(dir)?;
-        let vocab_size = config.get("vocab_size").and_then(Value::as_u64).unwrap_or(u32::MAX as u64) as usize; // checked above
+        let vocab_size = config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(u32::MAX as u64) as usize; // checked above
         let generation_config = crate::generate::GenerationConfig::from_model_dir(dir, vocab_size)?;
         if let Some(t) = &tokenizer {
             warn_unknown_special_tokens(t, tokenizer_config.as_ref());
         }
-        Ok(Self { location: dir.to_path_buf(), config, weights, tokenizer, dir: Some(dir.to_path_buf()), chat_template, tokenizer_config, generation_config })
+        Ok(Self {
+            location: dir.to_path_buf(),
+            config,
+            weights,
+            tokenizer,
+            dir: Some(dir.to_path_buf()),
+            chat_template,
+            tokenizer_config,
+            generation_config,
+        })
     }
 
     pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
         let g = super::gguf::load_gguf_quantized(path, device)?;
         let chat_template = match &g.chat_template {
-            Some(src) => Some(crate::data::ChatTemplate::new(src.clone(), g.bos_token.as_deref(), g.eos_token.as_deref())?),
+            Some(src) => Some(crate::data::ChatTemplate::new(
+                src.clone(),
+                g.bos_token.as_deref(),
+                g.eos_token.as_deref(),
+            )?),
             None => None,
         };
         let tokenizer_config = Some(crate::data::TokenizerConfig {
@@ -93,7 +124,8 @@ impl ModelSource {
             chat_template: g.chat_template.clone(),
             ..Default::default()
         });
-        super::config::check(&g.config).with_context(|| format!("{}: the config derived from its metadata", path.display()))?;
+        super::config::check(&g.config)
+            .with_context(|| format!("{}: the config derived from its metadata", path.display()))?;
         Ok(Self {
             location: path.to_path_buf(),
             config: g.config,
@@ -108,12 +140,17 @@ impl ModelSource {
 
     /// The tokenizer, or an error naming where it was expected.
     pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| anyhow!("{}: no tokenizer.json", self.location.display()))
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: no tokenizer.json", self.location.display()))
     }
 
     /// Padding id: pad token, else eos, else 0 (as transformers' collators fall back).
     pub fn pad_token_id(&self) -> Result<u32> {
-        Ok(crate::data::pad_token_id(self.tokenizer()?, self.tokenizer_config.as_ref()))
+        Ok(crate::data::pad_token_id(
+            self.tokenizer()?,
+            self.tokenizer_config.as_ref(),
+        ))
     }
 
     /// End-of-sequence ids: config.json's `eos_token_id`(s) (typed and checked when the model
@@ -122,11 +159,21 @@ impl ModelSource {
     /// turn with it.
     pub fn eos_token_ids(&self) -> Vec<u32> {
         let mut ids = match super::config::family_of(&self.config) {
-            Ok(super::config::Family::Decoder) => super::config::DecoderConfig::from_json(&self.config).map(|c| c.eos_token_ids).unwrap_or_default(),
+            Ok(super::config::Family::Decoder) => {
+                super::config::DecoderConfig::from_json(&self.config)
+                    .map(|c| c.eos_token_ids)
+                    .unwrap_or_default()
+            }
             _ => vec![],
         };
-        let more = self.generation_config.iter().flat_map(|g| g.eos_token_ids.iter().copied());
-        let tokenizer_eos = self.tokenizer.as_ref().and_then(|t| crate::data::eos_token_id(t, self.tokenizer_config.as_ref()));
+        let more = self
+            .generation_config
+            .iter()
+            .flat_map(|g| g.eos_token_ids.iter().copied());
+        let tokenizer_eos = self
+            .tokenizer
+            .as_ref()
+            .and_then(|t| crate::data::eos_token_id(t, self.tokenizer_config.as_ref()));
         for id in more.chain(tokenizer_eos) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -136,13 +183,21 @@ impl ModelSource {
     }
 
     pub fn model_type(&self) -> &str {
-        self.config.get("model_type").and_then(Value::as_str).unwrap_or("?")
+        self.config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
     }
 }
 
 fn is_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
 }
 
 /// Without the `hub` feature there is no hub client.
@@ -157,14 +212,25 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
     let api = hf_hub::api::sync::Api::new()?;
     let repo = api.model(id.to_string());
     let config = repo.get("config.json")?;
-    for optional in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+    for optional in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
         let _ = repo.get(optional);
     }
     if repo.get("model.safetensors").is_err() {
         let index = repo.get("model.safetensors.index.json")?;
         let json: Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-        let mut shards: Vec<String> =
-            json["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+        let mut shards: Vec<String> = json["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
         shards.sort();
         shards.dedup();
         for s in shards {
@@ -176,13 +242,30 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
 
 /// A special token that tokenizer_config.json names but tokenizer.json does not hold is never
 /// produced or recognised; ferrule falls back (padding with eos, then id 0), so say so.
-fn warn_unknown_special_tokens(tokenizer: &tokenizers::Tokenizer, config: Option<&crate::data::TokenizerConfig>) {
+fn warn_unknown_special_tokens(
+    tokenizer: &tokenizers::Tokenizer,
+    config: Option<&crate::data::TokenizerConfig>,
+) {
     let Some(c) = config else { return };
-    let named = [("bos_token", &c.bos_token), ("eos_token", &c.eos_token), ("pad_token", &c.pad_token), ("unk_token", &c.unk_token)];
+    let named = [
+        ("bos_token", &c.bos_token),
+        ("eos_token", &c.eos_token),
+        ("pad_token", &c.pad_token),
+        ("unk_token", &c.unk_token),
+    ];
     for (key, token) in named {
-        if let Some(t) = token.as_deref().filter(|t| tokenizer.token_to_id(t).is_none()) {
-            let file = c.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "tokenizer_config.json".into());
-            tracing::warn!("{file}: {key} {t:?} is not in tokenizer.json's vocabulary; it is ignored");
+        if let Some(t) = token
+            .as_deref()
+            .filter(|t| tokenizer.token_to_id(t).is_none())
+        {
+            let file = c
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "tokenizer_config.json".into());
+            tracing::warn!(
+                "{file}: {key} {t:?} is not in tokenizer.json's vocabulary; it is ignored"
+            );
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use crate::dist::{BaseComm, ShardedWeight};
 use crate::ops::FrozenWeight;
 use crate::quant::{bnb_format, Bf16Rows, QuantMatrix, QuantSpec};
 use crate::util::atomic::RawTensor;
@@ -19,6 +20,8 @@ use crate::util::atomic::RawTensor;
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
     quantized: HashMap<String, Arc<dyn QuantMatrix>>,
+    /// Matrices of which this rank holds a run of rows (`--shard-base`).
+    sharded: HashMap<String, Arc<ShardedWeight>>,
     source: PathBuf,
     /// Names a model has read, so it can count its parameters and spot unused tensors.
     used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -29,8 +32,83 @@ impl Weights {
         Self::with_quantized(tensors, HashMap::new(), source)
     }
 
-    pub fn with_quantized(tensors: HashMap<String, Tensor>, quantized: HashMap<String, Arc<dyn QuantMatrix>>, source: impl Into<PathBuf>) -> Self {
-        Self { tensors, quantized, source: source.into(), used: Default::default() }
+    pub fn with_quantized(
+        tensors: HashMap<String, Tensor>,
+        quantized: HashMap<String, Arc<dyn QuantMatrix>>,
+        source: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            tensors,
+            quantized,
+            sharded: HashMap::new(),
+            source: source.into(),
+            used: Default::default(),
+        }
+    }
+
+    /// Keeps only this rank's rows of every frozen matrix: each 2-D floating tensor and each
+    /// quantized one (`--shard-base`, [`crate::dist::sharded_base`]). Norms and biases stay
+    /// whole. Every rank must call it on the same checkpoint; the names and shapes are checked
+    /// to agree first (a collective).
+    pub fn shard(&mut self, comm: Arc<dyn BaseComm>) -> Result<()> {
+        self.ensure_same_matrices(comm.as_ref())?;
+        let mut names: Vec<String> = self
+            .tensors
+            .iter()
+            .filter(|(_, t)| t.rank() == 2 && t.dtype().is_float())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        for name in names {
+            let t = self.tensors.remove(&name).expect("listed above");
+            let (rows, cols) = t.dims2()?;
+            let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            drop(t);
+            let s = ShardedWeight::from_dense(&values, rows, cols, comm.clone())
+                .with_context(|| format!("{}: sharding {name:?}", self.source.display()))?;
+            self.sharded.insert(name, Arc::new(s));
+        }
+        for (name, q) in std::mem::take(&mut self.quantized) {
+            let s = ShardedWeight::from_quantized(q.as_ref(), comm.clone())
+                .with_context(|| format!("{}: sharding {name:?}", self.source.display()))?;
+            self.sharded.insert(name, Arc::new(s));
+        }
+        Ok(())
+    }
+
+    /// Errors on every rank unless all ranks hold matrices of the same names and shapes.
+    fn ensure_same_matrices(&self, comm: &dyn BaseComm) -> Result<()> {
+        let mut shapes: Vec<(String, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        shapes.extend(
+            self.quantized
+                .iter()
+                .map(|(n, q)| (n.clone(), vec![q.dims().0, q.dims().1])),
+        );
+        shapes.sort();
+        let digest = crate::util::fnv1a(format!("{shapes:?}").as_bytes());
+        // Four 16-bit pieces: exact in f32.
+        let mine: Vec<f32> = (0..4)
+            .map(|i| ((digest >> (16 * i)) & 0xffff) as f32)
+            .collect();
+        let mut all = vec![0f32; 4 * comm.world_size()];
+        comm.all_gather_f32(&mine, &mut all)?;
+        if let Some(k) = all.chunks(4).position(|d| d != mine.as_slice()) {
+            bail!(
+                "{}: rank {k} loaded other tensors or shapes than rank {}; every rank must load the same model to shard it",
+                self.source.display(),
+                comm.rank()
+            )
+        }
+        Ok(())
+    }
+
+    /// The matrices this rank holds a shard of, by tensor name.
+    pub fn sharded(&self) -> &HashMap<String, Arc<ShardedWeight>> {
+        &self.sharded
     }
 
     /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
@@ -43,15 +121,23 @@ impl Weights {
     /// Like [`Weights::from_dir`]; bitsandbytes-quantized weights stay quantized, and with
     /// `quantize` every linear weight it [wants](QuantSpec::wants) is quantized as it is read,
     /// one tensor at a time, so the whole model is never in f32 at once.
-    pub fn load_dir(dir: &Path, dtype: DType, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
+    pub fn load_dir(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<&QuantSpec>,
+    ) -> Result<Self> {
         let mut tensors = HashMap::new();
         let mut quantized: HashMap<String, Arc<dyn QuantMatrix>> = HashMap::new();
         let mut bnb: HashMap<String, RawTensor> = HashMap::new();
         for (f, listed) in &checkpoint_files(dir)? {
-            let file = std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
+            let file =
+                std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
             // SAFETY: read-only map of a checkpoint file we do not modify while it is mapped.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", f.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
+            let mmap = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
             let names: Vec<String> = st.names().into_iter().map(String::from).collect();
             // A tensor the index places in this shard must be there (a stale or mixed-up index
             // would otherwise surface later as a "missing tensor" of the folder, or not at all).
@@ -60,22 +146,41 @@ impl Weights {
             }
             let has_bnb = names.iter().any(|n| bnb_format::is_component(n));
             for name in names {
-                let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name:?}: {e}", f.display()))?;
-                let _release = ReleasePages { mmap: &mmap, data: view.data() };
-                if bnb_format::is_component(&name) || (has_bnb && bnb_format::is_packed_dtype(view.dtype())) {
-                    bnb.insert(name, RawTensor::new(view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+                let view = st
+                    .tensor(&name)
+                    .map_err(|e| anyhow!("{}: tensor {name:?}: {e}", f.display()))?;
+                let _release = ReleasePages {
+                    mmap: &mmap,
+                    data: view.data(),
+                };
+                if bnb_format::is_component(&name)
+                    || (has_bnb && bnb_format::is_packed_dtype(view.dtype()))
+                {
+                    bnb.insert(
+                        name,
+                        RawTensor::new(view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+                    );
                     continue;
                 }
                 if let Some(spec) = quantize.filter(|_| is_float(view.dtype())) {
                     let shape = view.shape();
                     if spec.wants(&name, shape) || QuantSpec::keeps_bf16(&name, shape) {
                         let q: Arc<dyn QuantMatrix> = if spec.wants(&name, shape) {
-                            let values = to_f32(&view).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
-                            spec.quantize(&format!("{}: {name}", f.display()), &values, shape[0], shape[1])?
+                            let values = to_f32(&view)
+                                .with_context(|| format!("{}: tensor {name:?}", f.display()))?;
+                            spec.quantize(
+                                &format!("{}: {name}", f.display()),
+                                &values,
+                                shape[0],
+                                shape[1],
+                            )?
                         } else {
                             // Converted slice by slice, releasing the file pages as it goes: the
                             // embedding is the largest tensor and is never whole in f32.
-                            Arc::new(bf16_rows(&mmap, &view).with_context(|| format!("{}: tensor {name:?}", f.display()))?)
+                            Arc::new(
+                                bf16_rows(&mmap, &view)
+                                    .with_context(|| format!("{}: tensor {name:?}", f.display()))?,
+                            )
                         };
                         quantized.insert(name, q);
                         continue;
@@ -86,19 +191,37 @@ impl Weights {
                 // loss, half the bytes.
                 if has_bnb && is_float(view.dtype()) && QuantSpec::keeps_bf16(&name, view.shape()) {
                     let values = to_f32(&view)?;
-                    if values.iter().all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits()) {
-                        quantized.insert(name, Arc::new(Bf16Rows::from_f32(&values, view.shape()[0], view.shape()[1])));
+                    if values
+                        .iter()
+                        .all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits())
+                    {
+                        quantized.insert(
+                            name,
+                            Arc::new(Bf16Rows::from_f32(
+                                &values,
+                                view.shape()[0],
+                                view.shape()[1],
+                            )),
+                        );
                         continue;
                     }
                 }
-                let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name:?}", f.display()))?;
-                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                let t = candle_core::safetensors::Load::load(&view, device)
+                    .with_context(|| format!("{}: tensor {name:?}", f.display()))?;
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(dtype)?
+                } else {
+                    t
+                };
                 tensors.insert(name, t);
             }
         }
         if !bnb.is_empty() {
             if quantize.is_some() {
-                bail!("{}: the checkpoint is already quantized with bitsandbytes; drop --quantize", dir.display())
+                bail!(
+                    "{}: the checkpoint is already quantized with bitsandbytes; drop --quantize",
+                    dir.display()
+                )
             }
             quantized.extend(bnb_format::assemble(&mut bnb, dir)?);
         }
@@ -110,17 +233,43 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.quantized.contains_key(name)
+        self.tensors.contains_key(name)
+            || self.quantized.contains_key(name)
+            || self.sharded.contains_key(name)
     }
 
     /// The tensor `name`, checked against the expected shape.
+    /// A sharded tensor is gathered (a collective: every rank asks for it in the same order).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if let Some(q) = self.quantized.get(name) {
-            bail!("{}: tensor {name:?} is stored quantized ({}), but this layer needs it dense", self.source.display(), q.format())
+        if let Some(s) = self.sharded.get(name) {
+            let (r, c) = s.dims();
+            if [r, c] != shape {
+                bail!(
+                    "{}: tensor {name:?} has shape [{r}, {c}], expected {shape:?}",
+                    self.source.display()
+                )
+            }
+            self.used.lock().unwrap().insert(name.to_string());
+            return Tensor::from_vec(s.gather()?, (r, c), &Device::Cpu).map_err(Into::into);
         }
-        let t = self.tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
+        if let Some(q) = self.quantized.get(name) {
+            bail!(
+                "{}: tensor {name:?} is stored quantized ({}), but this layer needs it dense",
+                self.source.display(),
+                q.format()
+            )
+        }
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
         if t.dims() != shape {
-            bail!("{}: tensor {name:?} has shape {:?}, expected {:?}", self.source.display(), t.dims(), shape)
+            bail!(
+                "{}: tensor {name:?} has shape {:?}, expected {:?}",
+                self.source.display(),
+                t.dims(),
+                shape
+            )
         }
         self.used.lock().unwrap().insert(name.to_string());
         Ok(t.clone())
@@ -129,11 +278,25 @@ impl Weights {
     /// A frozen matrix (linear weight or embedding table): quantized when it is stored so,
     /// dense otherwise.
     pub fn frozen(&self, name: &str, shape: [usize; 2]) -> Result<FrozenWeight> {
+        if let Some(s) = self.sharded.get(name) {
+            let (r, c) = s.dims();
+            if [r, c] != shape {
+                bail!(
+                    "{}: tensor {name:?} has shape [{r}, {c}], expected {shape:?}",
+                    self.source.display()
+                )
+            }
+            self.used.lock().unwrap().insert(name.to_string());
+            return Ok(FrozenWeight::Sharded(s.clone()));
+        }
         match self.quantized.get(name) {
             Some(q) => {
                 let (r, c) = q.dims();
                 if [r, c] != shape {
-                    bail!("{}: tensor {name:?} has shape [{r}, {c}], expected {shape:?}", self.source.display())
+                    bail!(
+                        "{}: tensor {name:?} has shape [{r}, {c}], expected {shape:?}",
+                        self.source.display()
+                    )
                 }
                 self.used.lock().unwrap().insert(name.to_string());
                 Ok(FrozenWeight::Quantized(q.clone()))
@@ -146,39 +309,74 @@ impl Weights {
     pub fn frozen_any(&self, names: &[String], shape: [usize; 2]) -> Result<FrozenWeight> {
         match names.iter().find(|n| self.contains(n)) {
             Some(n) => self.frozen(n, shape),
-            None => Err(anyhow!("{}: missing tensor {:?}", self.source.display(), names.first().map(String::as_str).unwrap_or(""))),
+            None => Err(anyhow!(
+                "{}: missing tensor {:?}",
+                self.source.display(),
+                names.first().map(String::as_str).unwrap_or("")
+            )),
         }
     }
 
     /// The first of `names` that exists (checkpoints differ in prefixes, e.g. `bert.`).
     pub fn get_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
         for n in names {
-            if self.tensors.contains_key(n) {
+            if self.tensors.contains_key(n) || self.sharded.contains_key(n) {
                 return self.get(n, shape);
             }
         }
-        Err(anyhow!("{}: missing tensor {:?}", self.source.display(), names.first().map(String::as_str).unwrap_or("")))
+        Err(anyhow!(
+            "{}: missing tensor {:?}",
+            self.source.display(),
+            names.first().map(String::as_str).unwrap_or("")
+        ))
     }
 
     /// Total elements of the distinct tensors read so far (a tied head counts once).
     pub fn used_elements(&self) -> usize {
         let used = self.used.lock().unwrap();
-        let dense: usize = used.iter().filter_map(|n| self.tensors.get(n)).map(|t| t.elem_count()).sum();
-        let quantized: usize = used.iter().filter_map(|n| self.quantized.get(n)).map(|q| q.dims().0 * q.dims().1).sum();
-        dense + quantized
+        let dense: usize = used
+            .iter()
+            .filter_map(|n| self.tensors.get(n))
+            .map(|t| t.elem_count())
+            .sum();
+        let quantized: usize = used
+            .iter()
+            .filter_map(|n| self.quantized.get(n))
+            .map(|q| q.dims().0 * q.dims().1)
+            .sum();
+        let sharded: usize = used
+            .iter()
+            .filter_map(|n| self.sharded.get(n))
+            .map(|s| s.dims().0 * s.dims().1)
+            .sum();
+        dense + quantized + sharded
     }
 
     /// Floating-point tensors in the checkpoint that no layer read.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap();
-        let mut v: Vec<String> = self.tensors.iter().filter(|(n, t)| t.dtype().is_float() && !used.contains(*n)).map(|(n, _)| n.clone()).collect();
-        v.extend(self.quantized.keys().filter(|n| !used.contains(*n)).cloned());
+        let mut v: Vec<String> = self
+            .tensors
+            .iter()
+            .filter(|(n, t)| t.dtype().is_float() && !used.contains(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.extend(
+            self.quantized
+                .keys()
+                .chain(self.sharded.keys())
+                .filter(|n| !used.contains(*n))
+                .cloned(),
+        );
         v.sort();
         v
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys().chain(self.quantized.keys())
+        self.tensors
+            .keys()
+            .chain(self.quantized.keys())
+            .chain(self.sharded.keys())
     }
 
     /// The weights held quantized, by tensor name.
@@ -217,23 +415,48 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
     if single.exists() {
         Ok(vec![(single, Vec::new())])
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("reading {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
         let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for (name, shard) in map {
-            let shard = shard.as_str().ok_or_else(|| anyhow!("{}: weight_map[{name:?}] is {shard}, expected a file name", index.display()))?;
-            shards.entry(shard.to_string()).or_default().push(name.clone());
+            let shard = shard.as_str().ok_or_else(|| {
+                anyhow!(
+                    "{}: weight_map[{name:?}] is {shard}, expected a file name",
+                    index.display()
+                )
+            })?;
+            shards
+                .entry(shard.to_string())
+                .or_default()
+                .push(name.clone());
         }
-        Ok(shards.into_iter().map(|(s, names)| (dir.join(s), names)).collect())
-    } else if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
-        let found = if dir.join("pytorch_model.bin").exists() { "pytorch_model.bin" } else { "pytorch_model.bin.index.json (sharded pytorch_model-*.bin)" };
+        Ok(shards
+            .into_iter()
+            .map(|(s, names)| (dir.join(s), names))
+            .collect())
+    } else if dir.join("pytorch_model.bin").exists()
+        || dir.join("pytorch_model.bin.index.json").exists()
+    {
+        let found = if dir.join("pytorch_model.bin").exists() {
+            "pytorch_model.bin"
+        } else {
+            "pytorch_model.bin.index.json (sharded pytorch_model-*.bin)"
+        };
         bail!(
             "{}: only {found} found; it is a pickle, which ferrule never loads (it can run arbitrary code). Convert it to safetensors first (e.g. load it in transformers and save_pretrained)",
             dir.display()
         )
     } else {
-        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+        bail!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        )
     }
 }
 
@@ -250,11 +473,18 @@ fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -
         out.extend(values.iter().map(|&v| half::bf16::from_f32(v)));
         crate::util::release_pages(mmap, base + i * SLICE, chunk.len());
     }
-    Ok(Bf16Rows { rows, cols, data: out })
+    Ok(Bf16Rows {
+        rows,
+        cols,
+        data: out,
+    })
 }
 
 fn is_float(dt: safetensors::Dtype) -> bool {
-    matches!(dt, safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16)
+    matches!(
+        dt,
+        safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+    )
 }
 
 /// A float tensor's values in f32.
@@ -265,9 +495,18 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
 /// Little-endian f32/f16/bf16 bytes as f32 values.
 fn decode_f32(dtype: safetensors::Dtype, d: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        safetensors::Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        safetensors::Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        safetensors::Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        safetensors::Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         other => bail!("dtype {other:?} is not a float type"),
     })
 }
@@ -275,10 +514,12 @@ fn decode_f32(dtype: safetensors::Dtype, d: &[u8]) -> Result<Vec<f32>> {
 /// Reads one safetensors file with a clear error for a missing, truncated or corrupt file.
 pub fn load_safetensors_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name:?}", path.display()))?;
+        let t = candle_core::safetensors::Load::load(&view, device)
+            .with_context(|| format!("{}: tensor {name:?}", path.display()))?;
         out.insert(name.to_string(), t);
     }
     Ok(out)

@@ -27,7 +27,13 @@ pub enum MaskKind {
 /// Builds the additive mask `[b, 1, q_len, kv_len]` (or `[1, 1, q, kv]` without padding).
 /// `padding`: `[b, kv_len]` with 1 for real tokens. Queries sit at positions
 /// `kv_len − q_len ..` (a KV cache holds the earlier ones).
-pub fn build_mask(kind: MaskKind, q_len: usize, kv_len: usize, padding: Option<&Tensor>, device: &Device) -> Result<Option<Tensor>> {
+pub fn build_mask(
+    kind: MaskKind,
+    q_len: usize,
+    kv_len: usize,
+    padding: Option<&Tensor>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     let offset = kv_len - q_len;
     let structural = match kind {
         MaskKind::Bidirectional => None,
@@ -70,21 +76,43 @@ pub fn build_mask(kind: MaskKind, q_len: usize, kv_len: usize, padding: Option<&
 /// `softmax(q kᵀ / sqrt(d) + mask) v` per head, token-major as the projections make them:
 /// `q: [b, t, heads·d]`, `k, v: [b, s, h_kv·d]`, output `[b, t, heads·d]`. Query head `i`
 /// reads key/value head `i / (heads / h_kv)` (GQA, Ainslie et al. 2023).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
     let (_, s, kd) = k.dims3()?;
     let d = hd.checked_div(heads).unwrap_or(0);
-    let shapes_ok = d > 0 && hd == heads * d && kd.is_multiple_of(d) && kd > 0 && heads.is_multiple_of(kd / d) && v.dims() == k.dims();
+    let shapes_ok = d > 0
+        && hd == heads * d
+        && kd.is_multiple_of(d)
+        && kd > 0
+        && heads.is_multiple_of(kd / d)
+        && v.dims() == k.dims();
     if !shapes_ok {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not split into {heads} heads", q.dims(), k.dims(), v.dims())
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not split into {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
     }
-    if [q, k, v].iter().all(|x| kernels::fused_ok(x)) && mask.is_none_or(|m| mask_fits(m, b, t, s)) {
+    if [q, k, v].iter().all(|x| kernels::fused_ok(x)) && mask.is_none_or(|m| mask_fits(m, b, t, s))
+    {
         let mask = match mask {
             Some(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
         let op = FusedAttention::batched(mask, b, t, s, scale as f32, heads)?;
-        return q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, std::sync::Arc::new(Box::new(op)));
+        return q.contiguous()?.apply_op3_arc(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            std::sync::Arc::new(Box::new(op)),
+        );
     }
     attention_reference(q, k, v, heads, mask, scale)
 }
@@ -95,10 +123,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
 /// keys of its own sequence only, as `kind` allows (causal with an optional sliding window,
 /// or bidirectional); the result equals [`attention`] on each sequence alone. Output
 /// `[1, n, heads·d]`.
-pub fn attention_varlen(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, lens: &[usize], kind: MaskKind, scale: f64) -> Result<Tensor> {
+pub fn attention_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    lens: &[usize],
+    kind: MaskKind,
+    scale: f64,
+) -> Result<Tensor> {
     let (one, n, _) = q.dims3()?;
     if one != 1 || k.dims3()?.1 != n || lens.iter().sum::<usize>() != n || lens.contains(&0) {
-        candle_core::bail!("attention_varlen: q {:?}, k {:?} do not hold sequences of {lens:?} in one row", q.dims(), k.dims())
+        candle_core::bail!(
+            "attention_varlen: q {:?}, k {:?} do not hold sequences of {lens:?} in one row",
+            q.dims(),
+            k.dims()
+        )
     }
     if ![q, k, v].iter().all(|x| kernels::fused_ok(x)) {
         let mut outs = Vec::with_capacity(lens.len());
@@ -106,19 +146,34 @@ pub fn attention_varlen(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, lens: 
         for &len in lens {
             let part = |x: &Tensor| x.narrow(1, start, len);
             let mask = build_mask(kind, len, len, None, q.device())?;
-            outs.push(attention_reference(&part(q)?, &part(k)?, &part(v)?, heads, mask.as_ref(), scale)?);
+            outs.push(attention_reference(
+                &part(q)?,
+                &part(k)?,
+                &part(v)?,
+                heads,
+                mask.as_ref(),
+                scale,
+            )?);
             start += len;
         }
         return Tensor::cat(&outs, 1);
     }
     let (mask, seqs) = varlen_masks(kind, lens, q.device())?;
     let op = FusedAttention::varlen(mask, seqs, scale as f32, heads)?;
-    q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, std::sync::Arc::new(Box::new(op)))
+    q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )
 }
 
 /// The sequences of a varlen call and their masks, flat: each distinct length's `[len, len]`
 /// causal mask once (none for bidirectional attention, which needs no mask within a sequence).
-fn varlen_masks(kind: MaskKind, lens: &[usize], device: &Device) -> Result<(Option<Tensor>, Vec<Seq>)> {
+fn varlen_masks(
+    kind: MaskKind,
+    lens: &[usize],
+    device: &Device,
+) -> Result<(Option<Tensor>, Vec<Seq>)> {
     let mut data: Vec<f32> = Vec::new();
     let mut starts = std::collections::HashMap::new();
     let mut seqs = Vec::with_capacity(lens.len());
@@ -139,25 +194,48 @@ fn varlen_masks(kind: MaskKind, lens: &[usize], device: &Device) -> Result<(Opti
                 start
             })),
         };
-        seqs.push(Seq { q0: row, t: len, k0: row, s: len, mask: mask.map(|start| (start, len)) });
+        seqs.push(Seq {
+            q0: row,
+            t: len,
+            k0: row,
+            s: len,
+            mask: mask.map(|start| (start, len)),
+        });
         row += len;
     }
     let n = data.len();
-    let mask = if n == 0 { None } else { Some(Tensor::from_vec(data, n, device)?) };
+    let mask = if n == 0 {
+        None
+    } else {
+        Some(Tensor::from_vec(data, n, device)?)
+    };
     Ok((mask, seqs))
 }
 
 /// Whether the fused op can take `mask`: `[b|1, 1, t|1, s]`, a constant.
 fn mask_fits(m: &Tensor, b: usize, t: usize, s: usize) -> bool {
     match m.dims() {
-        &[mb, 1, mt, ms] => (mb == 1 || mb == b) && (mt == 1 || mt == t) && ms == s && !m.track_op() && m.device().is_cpu(),
+        &[mb, 1, mt, ms] => {
+            (mb == 1 || mb == b)
+                && (mt == 1 || mt == t)
+                && ms == s
+                && !m.track_op()
+                && m.device().is_cpu()
+        }
         _ => false,
     }
 }
 
 /// Composite attention from differentiable primitives (fallback and test reference), same
 /// layouts as [`attention`].
-pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
     let d = hd / heads;
     let s = k.dim(1)?;
@@ -165,7 +243,9 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mas
     let groups = heads / h_kv;
     // [b, n, len, d] per head; the query-head groups folded into the time axis so K/V need no
     // copy: q [b, h_kv, groups·t, d] against k [b, h_kv, s, d].
-    let split = |x: &Tensor, n: usize, len: usize| -> Result<Tensor> { x.reshape((b, len, n, d))?.transpose(1, 2)?.contiguous() };
+    let split = |x: &Tensor, n: usize, len: usize| -> Result<Tensor> {
+        x.reshape((b, len, n, d))?.transpose(1, 2)?.contiguous()
+    };
     let q = split(q, heads, t)?.reshape((b, h_kv, groups * t, d))?;
     let (k, v) = (split(k, h_kv, s)?, split(v, h_kv, s)?);
     let scores = (q.matmul(&k.t()?)? * scale)?;
@@ -173,12 +253,18 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mas
         Some(m) => {
             let scores = scores.reshape((b, h_kv, groups, t, s))?;
             let m = m.unsqueeze(2)?; // [b|1, 1, 1, t, s]
-            scores.broadcast_add(&m)?.reshape((b, h_kv, groups * t, s))?
+            scores
+                .broadcast_add(&m)?
+                .reshape((b, h_kv, groups * t, s))?
         }
         None => scores,
     };
     let probs = softmax_last_dim(&scores)?;
-    probs.matmul(&v)?.reshape((b, heads, t, d))?.transpose(1, 2)?.reshape((b, t, hd))
+    probs
+        .matmul(&v)?
+        .reshape((b, heads, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, hd))
 }
 
 /// Differentiable softmax over the last axis (candle's fused one has no backward).

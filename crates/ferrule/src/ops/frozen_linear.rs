@@ -15,21 +15,26 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 use super::blas::{gemm_par, Strided};
+use crate::dist::ShardedWeight;
 use crate::quant::QuantMatrix;
 
 /// Most weight values dequantized at once (4 MiB of f32); a SmolLM2 projection fits in one
 /// tile, its 49152-row embedding head takes 28.
 pub const TILE_ELEMS: usize = 1 << 20;
 
-/// A frozen `[out, in]` weight: a dense tensor or a quantized matrix.
+/// A frozen `[out, in]` weight: a dense tensor, a quantized matrix, or this rank's rows of
+/// either (`--shard-base`; reading it is a collective, see [`crate::dist::sharded_base`]).
 #[derive(Clone, Debug)]
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<dyn QuantMatrix>),
+    Sharded(Arc<ShardedWeight>),
 }
 
 impl FrozenWeight {
@@ -38,14 +43,20 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(t) => t.dims2().unwrap_or((0, 0)),
             FrozenWeight::Quantized(q) => q.dims(),
+            FrozenWeight::Sharded(s) => s.dims(),
         }
     }
 
-    /// The weight in f32 (a copy when quantized).
+    /// The weight in f32 (a copy when quantized; gathered from every rank when sharded).
     pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
         match self {
             FrozenWeight::Dense(t) => Ok(t.clone()),
             FrozenWeight::Quantized(q) => Tensor::from_vec(q.dequantize(), q.dims(), device),
+            FrozenWeight::Sharded(s) => Tensor::from_vec(
+                s.gather().map_err(candle_core::Error::wrap)?,
+                s.dims(),
+                device,
+            ),
         }
     }
 
@@ -68,6 +79,12 @@ impl FrozenWeight {
                 }
                 Tensor::from_vec(out, (ids.len(), cols), &device)
             }
+            FrozenWeight::Sharded(s) => {
+                let device = ids.device().clone();
+                let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+                let out = s.rows(&ids).map_err(candle_core::Error::wrap)?;
+                Tensor::from_vec(out, (ids.len(), s.dims().1), &device)
+            }
         }
     }
 
@@ -76,6 +93,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             FrozenWeight::Quantized(q) => q.storage_bytes(),
+            FrozenWeight::Sharded(s) => s.local_bytes(),
         }
     }
 }
@@ -89,7 +107,10 @@ pub struct FrozenLinear {
 
 impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self::from_weight(FrozenWeight::Dense(weight.detach().contiguous()?), bias))
+        Ok(Self::from_weight(
+            FrozenWeight::Dense(weight.detach().contiguous()?),
+            bias,
+        ))
     }
 
     pub fn from_weight(weight: FrozenWeight, bias: Option<Tensor>) -> Self {
@@ -97,7 +118,10 @@ impl FrozenLinear {
             FrozenWeight::Dense(t) => FrozenWeight::Dense(t.detach()),
             q => q,
         };
-        Self { weight, bias: bias.map(|b| b.detach()) }
+        Self {
+            weight,
+            bias: bias.map(|b| b.detach()),
+        }
     }
 
     pub fn weight(&self) -> &FrozenWeight {
@@ -118,12 +142,20 @@ impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.fused_ok(x) {
             // The bias is added inside the op: no node (and no gradient buffer) for the sum.
-            return x.contiguous()?.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { weight: self.weight.clone(), bias: self.bias.clone() })));
+            return x
+                .contiguous()?
+                .apply_op1_arc(Arc::new(Box::new(FrozenMatmul {
+                    weight: self.weight.clone(),
+                    bias: self.bias.clone(),
+                })));
         }
         // Other devices/dtypes: candle's matmul (its backward also computes an unused dW).
         let w = self.weight.to_dense(x.device())?.to_dtype(x.dtype())?;
         let y = match x.dims() {
-            [b, t, i] => x.reshape((b * t, *i))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
+            [b, t, i] => x
+                .reshape((b * t, *i))?
+                .matmul(&w.t()?)?
+                .reshape((*b, *t, ()))?,
             _ => x.matmul(&w.t()?)?,
         };
         match &self.bias {
@@ -138,8 +170,10 @@ impl FrozenLinear {
     /// contiguous f32 or a quantized weight.
     pub(crate) fn fused_ok(&self, x: &Tensor) -> bool {
         let weight_ok = match &self.weight {
-            FrozenWeight::Dense(w) => w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu(),
-            FrozenWeight::Quantized(_) => true,
+            FrozenWeight::Dense(w) => {
+                w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu()
+            }
+            FrozenWeight::Quantized(_) | FrozenWeight::Sharded(_) => true,
         };
         let bias_ok = self.bias.as_ref().is_none_or(|b| b.device().is_cpu());
         super::kernels::fused_ok(x) && weight_ok && bias_ok
@@ -156,14 +190,19 @@ fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'
         Storage::Cpu(s) => s.as_slice::<f32>()?,
         _ => candle_core::bail!("frozen-linear: {what} not on cpu"),
     };
-    let (a, b) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("frozen-linear: {what} not contiguous")))?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("frozen-linear: {what} not contiguous")))?;
     Ok(&s[a..b])
 }
 
 /// Calls `f(r0, r1, tile)` for consecutive row tiles of the weight, `tile` holding rows
 /// `r0..r1` in f32: the dense weight itself, or a quantized tile dequantized (in parallel) into
 /// a reused buffer.
-pub(crate) fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usize, &[f32])) -> Result<()> {
+pub(crate) fn for_each_tile(
+    weight: &FrozenWeight,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) -> Result<()> {
     match weight {
         FrozenWeight::Dense(w) => {
             let (rows, _) = w.dims2()?;
@@ -174,17 +213,22 @@ pub(crate) fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usiz
             let (rows, cols) = q.dims();
             let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
             let mut buf = vec![0f32; tile_rows * cols];
-            let chunk_rows = tile_rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+            let chunk_rows = tile_rows
+                .div_ceil(rayon::current_num_threads().max(1))
+                .max(1);
             for r0 in (0..rows).step_by(tile_rows) {
                 let r1 = (r0 + tile_rows).min(rows);
                 let tile = &mut buf[..(r1 - r0) * cols];
-                tile.par_chunks_mut(chunk_rows * cols).enumerate().for_each(|(i, part)| {
-                    let a = r0 + i * chunk_rows;
-                    q.dequantize_rows(a, a + part.len() / cols, part);
-                });
+                tile.par_chunks_mut(chunk_rows * cols)
+                    .enumerate()
+                    .for_each(|(i, part)| {
+                        let a = r0 + i * chunk_rows;
+                        q.dequantize_rows(a, a + part.len() / cols, part);
+                    });
                 f(r0, r1, tile);
             }
         }
+        FrozenWeight::Sharded(s) => s.for_each_tile(f).map_err(candle_core::Error::wrap)?,
     }
     Ok(())
 }
@@ -197,7 +241,10 @@ pub(crate) fn for_each_tile(weight: &FrozenWeight, mut f: impl FnMut(usize, usiz
 /// own (2.5% of a MiniLM step in perf).
 pub(crate) fn add_product(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
     let (out_f, in_f) = weight.dims();
-    assert!(x.len() >= m * in_f && y.len() >= m * out_f, "frozen-linear: buffer too short");
+    assert!(
+        x.len() >= m * in_f && y.len() >= m * out_f,
+        "frozen-linear: buffer too short"
+    );
     for_each_tile(weight, |r0, r1, tile| {
         // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, in]
         // row-major; the tile is [r1 - r0, in] row-major, read transposed (col stride in).
@@ -209,8 +256,16 @@ pub(crate) fn add_product(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f
                 y.as_mut_ptr().add(r0),
                 out_f,
                 true,
-                Strided { ptr: x.as_ptr(), cs: 1, rs: in_f as isize },
-                Strided { ptr: tile.as_ptr(), cs: in_f as isize, rs: 1 },
+                Strided {
+                    ptr: x.as_ptr(),
+                    cs: 1,
+                    rs: in_f as isize,
+                },
+                Strided {
+                    ptr: tile.as_ptr(),
+                    cs: in_f as isize,
+                    rs: 1,
+                },
                 1.0,
             );
         }
@@ -220,9 +275,17 @@ pub(crate) fn add_product(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f
 /// `dx += dy W` (the frozen layer's input gradient) for row-major `dy: [m, out]`, summed
 /// over the weight's tiles: `Σ dY[:, r0..r1] · W[r0..r1, :]`. As in [`add_product`], callers
 /// start from a zeroed `dx`.
-pub(crate) fn add_input_grad(weight: &FrozenWeight, dy: &[f32], m: usize, dx: &mut [f32]) -> Result<()> {
+pub(crate) fn add_input_grad(
+    weight: &FrozenWeight,
+    dy: &[f32],
+    m: usize,
+    dx: &mut [f32],
+) -> Result<()> {
     let (out_f, in_f) = weight.dims();
-    assert!(dy.len() >= m * out_f && dx.len() >= m * in_f, "frozen-linear: buffer too short");
+    assert!(
+        dy.len() >= m * out_f && dx.len() >= m * in_f,
+        "frozen-linear: buffer too short"
+    );
     for_each_tile(weight, |r0, r1, tile| {
         // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
         // [r1 - r0, in] row-major; dX is [m, in].
@@ -234,8 +297,16 @@ pub(crate) fn add_input_grad(weight: &FrozenWeight, dy: &[f32], m: usize, dx: &m
                 dx.as_mut_ptr(),
                 in_f,
                 true,
-                Strided { ptr: dy.as_ptr().add(r0), cs: 1, rs: out_f as isize },
-                Strided { ptr: tile.as_ptr(), cs: 1, rs: in_f as isize },
+                Strided {
+                    ptr: dy.as_ptr().add(r0),
+                    cs: 1,
+                    rs: out_f as isize,
+                },
+                Strided {
+                    ptr: tile.as_ptr(),
+                    cs: 1,
+                    rs: in_f as isize,
+                },
                 1.0,
             );
         }
@@ -247,7 +318,8 @@ pub(crate) fn add_bias(bias: Option<&Tensor>, y: &mut [f32], out_f: usize) -> Re
     let Some(b) = bias else { return Ok(()) };
     let b = b.to_dtype(DType::F32)?;
     super::kernels::with_f32(&b, "frozen-linear bias", |b| {
-        y.par_chunks_mut(out_f).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        y.par_chunks_mut(out_f)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
         Ok(())
     })
 }
@@ -259,7 +331,9 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
-        let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("frozen-linear: scalar input".into()))?;
+        let k = *dims
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: scalar input".into()))?;
         let (out_f, in_f) = self.weight.dims();
         if k != in_f {
             candle_core::bail!("frozen-linear: input has {k} features, weight expects {in_f}")
@@ -281,7 +355,9 @@ impl CustomOp1 for FrozenMatmul {
         let m = arg.elem_count() / in_f.max(1);
         let mut dx = vec![0f32; m * in_f];
         // Read dY in place (it is contiguous) instead of copying it into a Vec.
-        super::kernels::with_f32(&g, self.name(), |dy| add_input_grad(&self.weight, dy, m, &mut dx))?;
+        super::kernels::with_f32(&g, self.name(), |dy| {
+            add_input_grad(&self.weight, dy, m, &mut dx)
+        })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -297,7 +373,9 @@ mod tests {
     #[test]
     fn quantized_tiles_match_the_dequantized_dense_weight() {
         let (rows, cols) = (TILE_ELEMS / 64 + 37, 64); // two tiles, the second partial
-        let vals: Vec<f32> = (0..rows * cols).map(|i| (((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0) * 0.05)
+            .collect();
         let q = Arc::new(Blockwise4::quantize(&vals, &[rows, cols], Code4::Nf4, 64, true).unwrap());
         let dense = Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap();
         let lin_q = FrozenLinear::from_weight(FrozenWeight::Quantized(q), None);
@@ -309,11 +387,21 @@ mod tests {
             let y = lin.forward(x.as_tensor()).unwrap();
             let loss = (&y * &y).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
-            let dx: Vec<f32> = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let dx: Vec<f32> = grads
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
             results.push((y, dx));
         }
-        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()));
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+        };
         assert!(close(&results[0].0, &results[1].0), "forward differs");
         assert!(close(&results[0].1, &results[1].1), "dX differs");
     }

@@ -34,7 +34,12 @@ use super::FrozenLinear;
 const CHUNK: usize = 16 * 1024;
 
 /// `down(silu(gate(x)) ⊙ up(x))`: fused on the CPU in f32, composite elsewhere.
-pub fn swiglu_mlp(x: &Tensor, gate: &FrozenLinear, up: &FrozenLinear, down: &FrozenLinear) -> Result<Tensor> {
+pub fn swiglu_mlp(
+    x: &Tensor,
+    gate: &FrozenLinear,
+    up: &FrozenLinear,
+    down: &FrozenLinear,
+) -> Result<Tensor> {
     swiglu_mlp_scaled(x, gate, up, down, None)
 }
 
@@ -45,16 +50,41 @@ pub fn gelu_mlp(x: &Tensor, up: &FrozenLinear, down: &FrozenLinear) -> Result<Te
 
 /// [`swiglu_mlp`] with the down projection's input scaled by `down_scale: [intermediate]`
 /// (`down(l ⊙ act)`, IA3 on `down_proj`).
-pub fn swiglu_mlp_scaled(x: &Tensor, gate: &FrozenLinear, up: &FrozenLinear, down: &FrozenLinear, down_scale: Option<&Tensor>) -> Result<Tensor> {
-    if gate.fused_ok(x) && up.fused_ok(x) && down.fused_ok(x) && gate.out_features() == up.out_features() && down_scale.is_none_or(kernels::fused_ok) {
-        return apply(x, Activation::SwiGlu { gate: gate.clone() }, up, down, down_scale);
+pub fn swiglu_mlp_scaled(
+    x: &Tensor,
+    gate: &FrozenLinear,
+    up: &FrozenLinear,
+    down: &FrozenLinear,
+    down_scale: Option<&Tensor>,
+) -> Result<Tensor> {
+    if gate.fused_ok(x)
+        && up.fused_ok(x)
+        && down.fused_ok(x)
+        && gate.out_features() == up.out_features()
+        && down_scale.is_none_or(kernels::fused_ok)
+    {
+        return apply(
+            x,
+            Activation::SwiGlu { gate: gate.clone() },
+            up,
+            down,
+            down_scale,
+        );
     }
-    down.forward(&scaled(swiglu(&gate.forward(x)?, &up.forward(x)?)?, down_scale)?)
+    down.forward(&scaled(
+        swiglu(&gate.forward(x)?, &up.forward(x)?)?,
+        down_scale,
+    )?)
 }
 
 /// [`gelu_mlp`] with the down projection's input scaled by `down_scale: [intermediate]`
 /// (IA3 on BERT's `output.dense`).
-pub fn gelu_mlp_scaled(x: &Tensor, up: &FrozenLinear, down: &FrozenLinear, down_scale: Option<&Tensor>) -> Result<Tensor> {
+pub fn gelu_mlp_scaled(
+    x: &Tensor,
+    up: &FrozenLinear,
+    down: &FrozenLinear,
+    down_scale: Option<&Tensor>,
+) -> Result<Tensor> {
     if up.fused_ok(x) && down.fused_ok(x) && down_scale.is_none_or(kernels::fused_ok) {
         return apply(x, Activation::Gelu, up, down, down_scale);
     }
@@ -68,18 +98,39 @@ fn scaled(act: Tensor, down_scale: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-fn apply(x: &Tensor, activation: Activation, up: &FrozenLinear, down: &FrozenLinear, down_scale: Option<&Tensor>) -> Result<Tensor> {
+fn apply(
+    x: &Tensor,
+    activation: Activation,
+    up: &FrozenLinear,
+    down: &FrozenLinear,
+    down_scale: Option<&Tensor>,
+) -> Result<Tensor> {
     if down.in_features() != up.out_features() {
-        candle_core::bail!("frozen MLP: up projection gives {} features, down projection takes {}", up.out_features(), down.in_features())
+        candle_core::bail!(
+            "frozen MLP: up projection gives {} features, down projection takes {}",
+            up.out_features(),
+            down.in_features()
+        )
     }
     let keep = x.track_op() || down_scale.is_some_and(|l| l.track_op());
-    let op = FrozenMlp { activation, up: up.clone(), down: down.clone(), keep, saved: Mutex::new(None), act: Mutex::new(None) };
+    let op = FrozenMlp {
+        activation,
+        up: up.clone(),
+        down: down.clone(),
+        keep,
+        saved: Mutex::new(None),
+        act: Mutex::new(None),
+    };
     let x = x.contiguous()?;
     match down_scale {
         None => x.apply_op1_arc(Arc::new(Box::new(op))),
         Some(l) => {
             if l.elem_count() != up.out_features() {
-                candle_core::bail!("frozen MLP: down-input scale has {} values, the MLP has {} features", l.elem_count(), up.out_features())
+                candle_core::bail!(
+                    "frozen MLP: down-input scale has {} values, the MLP has {} features",
+                    l.elem_count(),
+                    up.out_features()
+                )
             }
             x.apply_op2_arc(&l.flatten_all()?.contiguous()?, Arc::new(Box::new(op)))
         }
@@ -167,8 +218,15 @@ impl FrozenMlp {
 fn activate(pre: &mut [Vec<f32>]) -> Vec<f32> {
     let mut act = vec![0f32; pre[0].len()];
     match pre {
-        [g, u] => act.par_chunks_mut(CHUNK).zip(g.par_chunks_mut(CHUNK)).zip(u.par_chunks_mut(CHUNK)).for_each(|((y, g), u)| swiglu_fwd(g, u, y)),
-        [h] => act.par_chunks_mut(CHUNK).zip(h.par_chunks_mut(CHUNK)).for_each(|(y, h)| gelu_fwd(h, y)),
+        [g, u] => act
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks_mut(CHUNK))
+            .zip(u.par_chunks_mut(CHUNK))
+            .for_each(|((y, g), u)| swiglu_fwd(g, u, y)),
+        [h] => act
+            .par_chunks_mut(CHUNK)
+            .zip(h.par_chunks_mut(CHUNK))
+            .for_each(|(y, h)| gelu_fwd(h, y)),
         _ => unreachable!("one or two pre-activations"),
     }
     act
@@ -176,11 +234,19 @@ fn activate(pre: &mut [Vec<f32>]) -> Vec<f32> {
 
 impl FrozenMlp {
     /// `y` for contiguous `x: [.., in]`, the down input scaled by `l` when given.
-    fn forward(&self, x: &[f32], layout: &Layout, l: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    fn forward(
+        &self,
+        x: &[f32],
+        layout: &Layout,
+        l: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
         let k = dims.last().copied().unwrap_or(0);
         if k != self.up.in_features() {
-            candle_core::bail!("frozen MLP: input has {k} features, the up projection expects {}", self.up.in_features())
+            candle_core::bail!(
+                "frozen MLP: input has {k} features, the up projection expects {}",
+                self.up.in_features()
+            )
         }
         let m = layout.shape().elem_count() / k.max(1);
         let mut slopes = self.pre_activations(x, m)?;
@@ -204,23 +270,35 @@ impl FrozenMlp {
     }
 
     /// `(dx, dl)`: `dl` only with a down-input scale `l`.
-    fn backward(&self, arg: &Tensor, l: Option<&Tensor>, grad_res: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    fn backward(
+        &self,
+        arg: &Tensor,
+        l: Option<&Tensor>,
+        grad_res: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let in_f = self.up.in_features();
         let inter = self.up.out_features();
         let m = arg.elem_count() / in_f.max(1);
-        let (saved, act) = (self.saved.lock().unwrap().take(), self.act.lock().unwrap().take());
+        let (saved, act) = (
+            self.saved.lock().unwrap().take(),
+            self.act.lock().unwrap().take(),
+        );
         let (mut slopes, act) = match saved {
             Some(s) if l.is_none() || act.is_some() => (s, act),
             // Taken by an earlier backward over the same graph: recompute.
             _ => {
-                let mut s = kernels::with_f32(&arg.contiguous()?, "frozen-mlp", |x| self.pre_activations(x, m))?;
+                let mut s = kernels::with_f32(&arg.contiguous()?, "frozen-mlp", |x| {
+                    self.pre_activations(x, m)
+                })?;
                 let act = activate(&mut s);
                 (s, Some(act))
             }
         };
         let dy = grad_res.contiguous()?;
         let mut d = vec![0f32; m * inter];
-        kernels::with_f32(&dy, "frozen-mlp", |dy| add_input_grad(self.down.weight(), dy, m, &mut d))?;
+        kernels::with_f32(&dy, "frozen-mlp", |dy| {
+            add_input_grad(self.down.weight(), dy, m, &mut d)
+        })?;
         let dl = match l {
             None => None,
             Some(l) => {
@@ -234,12 +312,17 @@ impl FrozenMlp {
         let mut dx = vec![0f32; m * in_f];
         match (&self.activation, slopes.as_mut_slice()) {
             (Activation::SwiGlu { gate }, [dg, du]) => {
-                dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).zip(d.par_chunks(CHUNK)).for_each(|((dg, du), d)| scale_pair(dg, du, d));
+                dg.par_chunks_mut(CHUNK)
+                    .zip(du.par_chunks_mut(CHUNK))
+                    .zip(d.par_chunks(CHUNK))
+                    .for_each(|((dg, du), d)| scale_pair(dg, du, d));
                 add_input_grad(gate.weight(), dg, m, &mut dx)?;
                 add_input_grad(self.up.weight(), du, m, &mut dx)?;
             }
             (Activation::Gelu, [s]) => {
-                d.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK)).for_each(|(d, s)| scale(d, s));
+                d.par_chunks_mut(CHUNK)
+                    .zip(s.par_chunks(CHUNK))
+                    .for_each(|(d, s)| scale(d, s));
                 add_input_grad(self.up.weight(), &d, m, &mut dx)?;
             }
             _ => unreachable!("kept derivatives match the activation"),
@@ -254,7 +337,11 @@ impl CustomOp1 for FrozenMlp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward(kernels::contiguous_f32(storage, layout, "frozen-mlp")?, layout, None)
+        self.forward(
+            kernels::contiguous_f32(storage, layout, "frozen-mlp")?,
+            layout,
+            None,
+        )
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -267,12 +354,28 @@ impl CustomOp2 for FrozenMlp {
         "frozen-mlp-scaled"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let l = kernels::contiguous_f32(s2, l2, "frozen-mlp-scaled")?;
-        self.forward(kernels::contiguous_f32(s1, l1, "frozen-mlp-scaled")?, l1, Some(l))
+        self.forward(
+            kernels::contiguous_f32(s1, l1, "frozen-mlp-scaled")?,
+            l1,
+            Some(l),
+        )
     }
 
-    fn bwd(&self, arg: &Tensor, l: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        l: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dl) = self.backward(arg, Some(l), grad_res)?;
         Ok((arg.track_op().then_some(dx), dl))
     }

@@ -62,7 +62,14 @@ pub(super) struct FusedAttention {
 
 impl FusedAttention {
     /// A padded batch: `b` sequences of `t` queries over `s` keys, `mask: [b|1, 1, t|1, s]`.
-    pub fn batched(mask: Option<Tensor>, b: usize, t: usize, s: usize, scale: f32, heads: usize) -> Result<Self> {
+    pub fn batched(
+        mask: Option<Tensor>,
+        b: usize,
+        t: usize,
+        s: usize,
+        scale: f32,
+        heads: usize,
+    ) -> Result<Self> {
         let strides = match &mask {
             None => None,
             Some(m) => {
@@ -73,7 +80,15 @@ impl FusedAttention {
                 Some((if mb > 1 { mt * s } else { 0 }, if mt > 1 { s } else { 0 }))
             }
         };
-        let seqs = (0..b).map(|i| Seq { q0: i * t, t, k0: i * s, s, mask: strides.map(|(per_batch, per_query)| (i * per_batch, per_query)) }).collect();
+        let seqs = (0..b)
+            .map(|i| Seq {
+                q0: i * t,
+                t,
+                k0: i * s,
+                s,
+                mask: strides.map(|(per_batch, per_query)| (i * per_batch, per_query)),
+            })
+            .collect();
         Ok(Self::new(mask, seqs, scale, heads))
     }
 
@@ -82,14 +97,24 @@ impl FusedAttention {
     pub fn varlen(mask: Option<Tensor>, seqs: Vec<Seq>, scale: f32, heads: usize) -> Result<Self> {
         for w in seqs.windows(2) {
             if w[1].q0 < w[0].q0 + w[0].t || w[1].k0 < w[0].k0 + w[0].s {
-                candle_core::bail!("fused-attention: sequences overlap ({:?}, {:?})", w[0], w[1])
+                candle_core::bail!(
+                    "fused-attention: sequences overlap ({:?}, {:?})",
+                    w[0],
+                    w[1]
+                )
             }
         }
         Ok(Self::new(mask, seqs, scale, heads))
     }
 
     fn new(mask: Option<Tensor>, seqs: Vec<Seq>, scale: f32, heads: usize) -> Self {
-        Self { mask, seqs, scale, heads, stats: Mutex::new(Vec::new()) }
+        Self {
+            mask,
+            seqs,
+            scale,
+            heads,
+            stats: Mutex::new(Vec::new()),
+        }
     }
 
     /// `(h, h_kv, d)` of `q: [.., rows, h·d]` and `k: [.., kv_rows, h_kv·d]`, checked against
@@ -100,10 +125,15 @@ impl FusedAttention {
         let h = self.heads;
         let d = hd / h.max(1);
         let h_kv = kd / d.max(1);
-        if h == 0 || d == 0 || hd != h * d || kd != h_kv * d || h_kv == 0 || !h.is_multiple_of(h_kv) {
+        if h == 0 || d == 0 || hd != h * d || kd != h_kv * d || h_kv == 0 || !h.is_multiple_of(h_kv)
+        {
             candle_core::bail!("fused-attention: q has {hd} features for {h} heads, k has {kd}")
         }
-        if self.seqs.iter().any(|s| s.q0 + s.t > q_rows || s.k0 + s.s > k_rows) {
+        if self
+            .seqs
+            .iter()
+            .any(|s| s.q0 + s.t > q_rows || s.k0 + s.s > k_rows)
+        {
             candle_core::bail!("fused-attention: the sequences need more rows than q ({q_rows}) or k ({k_rows}) have")
         }
         Ok(Dims { h, h_kv, d })
@@ -145,7 +175,9 @@ fn mask_rows<'a>(data: &'a [f32], seq: &Seq, q_off: usize, n: usize) -> Option<(
 /// products skip those columns; their probabilities are exactly 0 either way. A fully masked
 /// row attends uniformly to all keys, so it keeps the whole range.
 fn key_range(mask: Option<(&[f32], usize)>, n: usize, s: usize) -> (usize, usize) {
-    let Some((m, stride)) = mask else { return (0, s) };
+    let Some((m, stride)) = mask else {
+        return (0, s);
+    };
     let (mut lo, mut hi) = (s, 0);
     for i in 0..n {
         let row = &m[i * stride..i * stride + s];
@@ -178,7 +210,18 @@ impl TileKeyRanges {
         let ranges = seqs
             .par_iter()
             .zip(&tq)
-            .map(|(q, &tq)| (0..q.t).step_by(tq).map(|q0| key_range(mask_rows(mask, q, q0, tq.min(q.t - q0)), tq.min(q.t - q0), q.s)).collect())
+            .map(|(q, &tq)| {
+                (0..q.t)
+                    .step_by(tq)
+                    .map(|q0| {
+                        key_range(
+                            mask_rows(mask, q, q0, tq.min(q.t - q0)),
+                            tq.min(q.t - q0),
+                            q.s,
+                        )
+                    })
+                    .collect()
+            })
             .collect();
         Self { ranges, tq }
     }
@@ -269,7 +312,15 @@ impl CustomOp3 for FusedAttention {
         "fused-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let q = kernels::contiguous_f32(s1, l1, self.name())?;
         let k = kernels::contiguous_f32(s2, l2, self.name())?;
         let v = kernels::contiguous_f32(s3, l3, self.name())?;
@@ -286,7 +337,10 @@ impl CustomOp3 for FusedAttention {
                     let (t, s, tq) = (seq.t, seq.s, ranges.tq[i]);
                     let qh = &q[seq.q0 * q_rs + head * d..];
                     let kv0 = seq.k0 * kv_rs + (head / groups) * d;
-                    let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
+                    let (kh, vh) = (
+                        Mat::n(&k[kv0..]).rows_apart(kv_rs),
+                        Mat::n(&v[kv0..]).rows_apart(kv_rs),
+                    );
                     let mut o = vec![0f32; t * d];
                     let mut st = vec![0f32; t * 2];
                     let mut p = vec![0f32; tq * s];
@@ -294,12 +348,37 @@ impl CustomOp3 for FusedAttention {
                         let n = tq.min(t - q0);
                         let (lo, hi) = ranges.get(i, q0);
                         let w = hi - lo;
-                        let (m, stride) = mask_rows(mask, seq, q0, n).map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
-                        let (kt, vt) = (Mat { transposed: true, ..kh.skip_rows(lo, kv_rs) }, vh.skip_rows(lo, kv_rs));
+                        let (m, stride) = mask_rows(mask, seq, q0, n)
+                            .map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
+                        let (kt, vt) = (
+                            Mat {
+                                transposed: true,
+                                ..kh.skip_rows(lo, kv_rs)
+                            },
+                            vh.skip_rows(lo, kv_rs),
+                        );
                         let p = &mut p[..n * w];
-                        matmul(n, w, d, p, false, Mat::n(&qh[q0 * q_rs..]).rows_apart(q_rs), kt, self.scale);
+                        matmul(
+                            n,
+                            w,
+                            d,
+                            p,
+                            false,
+                            Mat::n(&qh[q0 * q_rs..]).rows_apart(q_rs),
+                            kt,
+                            self.scale,
+                        );
                         softmax_rows(p, m, stride, w, &mut st[q0 * 2..(q0 + n) * 2]);
-                        matmul(n, d, w, &mut o[q0 * d..(q0 + n) * d], false, Mat::n(p), vt, 1.0);
+                        matmul(
+                            n,
+                            d,
+                            w,
+                            &mut o[q0 * d..(q0 + n) * d],
+                            false,
+                            Mat::n(p),
+                            vt,
+                            1.0,
+                        );
                     }
                     (o, st)
                 })
@@ -316,7 +395,14 @@ impl CustomOp3 for FusedAttention {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Dims { h, h_kv, d } = self.dims(q.shape(), k.shape())?;
         let (groups, q_rs, kv_rs) = (h / h_kv, h * d, h_kv * d);
         let go = grad_res.contiguous()?;
@@ -331,77 +417,161 @@ impl CustomOp3 for FusedAttention {
         let sized = |need: bool, n: usize| if need { n } else { 0 };
         // One unit per (sequence, key/value head): the dQ rows of its query heads, its dK and dV.
         type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let units: Vec<Grads> = kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
-            self.with_mask(|mask| {
-                let ranges = TileKeyRanges::new(mask, &self.seqs);
-                Ok((0..self.seqs.len() * h_kv)
-                    .into_par_iter()
-                    .map(|unit| {
-                        let (i, kv_head) = (unit / h_kv, unit % h_kv);
-                        let seq = &self.seqs[i];
-                        let (t, s, tq) = (seq.t, seq.s, ranges.tq[i]);
-                        let kv0 = seq.k0 * kv_rs + kv_head * d;
-                        let (kh, vh) = (Mat::n(&k[kv0..]).rows_apart(kv_rs), Mat::n(&v[kv0..]).rows_apart(kv_rs));
-                        let (mut dq, mut dk, mut dv) =
-                            (vec![0f32; sized(need_q, groups * t * d)], vec![0f32; sized(need_k, s * d)], vec![0f32; sized(need_v, s * d)]);
-                        let (mut p, mut dp, mut di) = (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
-                        for g in 0..groups {
-                            let head = kv_head * groups + g;
-                            let q0h = seq.q0 * q_rs + head * d;
-                            let st0 = self.stats_start(i, head);
-                            let st = &stats[st0..st0 + t * 2];
-                            for q0 in (0..t).step_by(tq) {
-                                let n = tq.min(t - q0);
-                                let rows = q0h + q0 * q_rs;
-                                let (qt, got) = (Mat::n(&q[rows..]).rows_apart(q_rs), Mat::n(&go[rows..]).rows_apart(q_rs));
-                                let (lo, hi) = ranges.get(i, q0);
-                                let w = hi - lo;
-                                let (m, stride) = mask_rows(mask, seq, q0, n).map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
-                                let (kt, vt) = (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
-                                let (p, dp, di) = (&mut p[..n * w], &mut dp[..n * w], &mut di[..n]);
-                                matmul(n, w, d, p, false, qt, Mat { transposed: true, ..kt }, self.scale);
-                                probs_rows(p, m, stride, w, &st[q0 * 2..(q0 + n) * 2]);
-                                if need_v {
-                                    matmul(w, d, n, &mut dv[lo * d..hi * d], true, Mat::t(p), got, 1.0);
-                                }
-                                matmul(n, w, d, dp, false, got, Mat { transposed: true, ..vt }, 1.0);
-                                for (i, di) in di.iter_mut().enumerate() {
-                                    let r = rows + i * q_rs;
-                                    *di = kernels::dot(&go[r..r + d], &o[r..r + d]);
-                                }
-                                score_grad_rows(dp, p, di, w);
-                                let dq_rows = (g * t + q0) * d..(g * t + q0 + n) * d;
-                                if need_q {
-                                    matmul(n, d, w, &mut dq[dq_rows], false, Mat::n(dp), kt, self.scale);
-                                }
-                                if need_k {
-                                    matmul(w, d, n, &mut dk[lo * d..hi * d], true, Mat::t(dp), qt, self.scale);
+        let units: Vec<Grads> =
+            kernels::with_f32s([q, k, v, res, &go], name, |[q, k, v, o, go]| {
+                self.with_mask(|mask| {
+                    let ranges = TileKeyRanges::new(mask, &self.seqs);
+                    Ok((0..self.seqs.len() * h_kv)
+                        .into_par_iter()
+                        .map(|unit| {
+                            let (i, kv_head) = (unit / h_kv, unit % h_kv);
+                            let seq = &self.seqs[i];
+                            let (t, s, tq) = (seq.t, seq.s, ranges.tq[i]);
+                            let kv0 = seq.k0 * kv_rs + kv_head * d;
+                            let (kh, vh) = (
+                                Mat::n(&k[kv0..]).rows_apart(kv_rs),
+                                Mat::n(&v[kv0..]).rows_apart(kv_rs),
+                            );
+                            let (mut dq, mut dk, mut dv) = (
+                                vec![0f32; sized(need_q, groups * t * d)],
+                                vec![0f32; sized(need_k, s * d)],
+                                vec![0f32; sized(need_v, s * d)],
+                            );
+                            let (mut p, mut dp, mut di) =
+                                (vec![0f32; tq * s], vec![0f32; tq * s], vec![0f32; tq]);
+                            for g in 0..groups {
+                                let head = kv_head * groups + g;
+                                let q0h = seq.q0 * q_rs + head * d;
+                                let st0 = self.stats_start(i, head);
+                                let st = &stats[st0..st0 + t * 2];
+                                for q0 in (0..t).step_by(tq) {
+                                    let n = tq.min(t - q0);
+                                    let rows = q0h + q0 * q_rs;
+                                    let (qt, got) = (
+                                        Mat::n(&q[rows..]).rows_apart(q_rs),
+                                        Mat::n(&go[rows..]).rows_apart(q_rs),
+                                    );
+                                    let (lo, hi) = ranges.get(i, q0);
+                                    let w = hi - lo;
+                                    let (m, stride) = mask_rows(mask, seq, q0, n)
+                                        .map_or((&[][..], 0), |(m, stride)| (&m[lo..], stride));
+                                    let (kt, vt) =
+                                        (kh.skip_rows(lo, kv_rs), vh.skip_rows(lo, kv_rs));
+                                    let (p, dp, di) =
+                                        (&mut p[..n * w], &mut dp[..n * w], &mut di[..n]);
+                                    matmul(
+                                        n,
+                                        w,
+                                        d,
+                                        p,
+                                        false,
+                                        qt,
+                                        Mat {
+                                            transposed: true,
+                                            ..kt
+                                        },
+                                        self.scale,
+                                    );
+                                    probs_rows(p, m, stride, w, &st[q0 * 2..(q0 + n) * 2]);
+                                    if need_v {
+                                        matmul(
+                                            w,
+                                            d,
+                                            n,
+                                            &mut dv[lo * d..hi * d],
+                                            true,
+                                            Mat::t(p),
+                                            got,
+                                            1.0,
+                                        );
+                                    }
+                                    matmul(
+                                        n,
+                                        w,
+                                        d,
+                                        dp,
+                                        false,
+                                        got,
+                                        Mat {
+                                            transposed: true,
+                                            ..vt
+                                        },
+                                        1.0,
+                                    );
+                                    for (i, di) in di.iter_mut().enumerate() {
+                                        let r = rows + i * q_rs;
+                                        *di = kernels::dot(&go[r..r + d], &o[r..r + d]);
+                                    }
+                                    score_grad_rows(dp, p, di, w);
+                                    let dq_rows = (g * t + q0) * d..(g * t + q0 + n) * d;
+                                    if need_q {
+                                        matmul(
+                                            n,
+                                            d,
+                                            w,
+                                            &mut dq[dq_rows],
+                                            false,
+                                            Mat::n(dp),
+                                            kt,
+                                            self.scale,
+                                        );
+                                    }
+                                    if need_k {
+                                        matmul(
+                                            w,
+                                            d,
+                                            n,
+                                            &mut dk[lo * d..hi * d],
+                                            true,
+                                            Mat::t(dp),
+                                            qt,
+                                            self.scale,
+                                        );
+                                    }
                                 }
                             }
-                        }
-                        (dq, dk, dv)
-                    })
-                    .collect())
-            })
-        })?;
+                            (dq, dk, dv)
+                        })
+                        .collect())
+                })
+            })?;
         // Gradients not needed stay empty, and so do their scatters. Rows no sequence covers
         // (none in the models' calls) get a zero gradient.
-        let (mut dq, mut dk, mut dv) =
-            (vec![0f32; sized(need_q, q.elem_count())], vec![0f32; sized(need_k, k.elem_count())], vec![0f32; sized(need_v, v.elem_count())]);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; sized(need_q, q.elem_count())],
+            vec![0f32; sized(need_k, k.elem_count())],
+            vec![0f32; sized(need_v, v.elem_count())],
+        );
         for (unit, (dqu, dku, dvu)) in units.into_iter().enumerate() {
             let (seq, kv_head) = (&self.seqs[unit / h_kv], unit % h_kv);
             if seq.t == 0 {
                 continue;
             }
             for (g, dqh) in dqu.chunks_exact(seq.t * d).enumerate() {
-                scatter_rows(dqh, d, &mut dq, seq.q0 * q_rs + (kv_head * groups + g) * d, q_rs);
+                scatter_rows(
+                    dqh,
+                    d,
+                    &mut dq,
+                    seq.q0 * q_rs + (kv_head * groups + g) * d,
+                    q_rs,
+                );
             }
             let kv0 = seq.k0 * kv_rs + kv_head * d;
             scatter_rows(&dku, d, &mut dk, kv0, kv_rs);
             scatter_rows(&dvu, d, &mut dv, kv0, kv_rs);
         }
         let dev = q.device();
-        let grad = |need: bool, g: Vec<f32>, x: &Tensor| if need { Tensor::from_vec(g, x.shape(), dev).map(Some) } else { Ok(None) };
-        Ok((grad(need_q, dq, q)?, grad(need_k, dk, k)?, grad(need_v, dv, v)?))
+        let grad = |need: bool, g: Vec<f32>, x: &Tensor| {
+            if need {
+                Tensor::from_vec(g, x.shape(), dev).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok((
+            grad(need_q, dq, q)?,
+            grad(need_k, dk, k)?,
+            grad(need_v, dv, v)?,
+        ))
     }
 }

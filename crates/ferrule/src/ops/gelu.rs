@@ -26,7 +26,13 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 #[inline(always)]
 fn erf_with_gauss(x: f32) -> (f32, f32) {
     const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_7, -1.453_152_1, 1.061_405_4];
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
     let ax = x.abs();
     let t = 1.0 / (1.0 + P * ax);
     let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
@@ -84,7 +90,9 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = kernels::contiguous_f32(storage, layout, self.name())?;
         let mut y = vec![0f32; x.len()];
-        kernels::par_rows(&mut y, 1, 16, |r0, out| gelu_fwd(&x[r0..r0 + out.len()], out));
+        kernels::par_rows(&mut y, 1, 16, |r0, out| {
+            gelu_fwd(&x[r0..r0 + out.len()], out)
+        });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -92,7 +100,9 @@ impl CustomOp1 for Gelu {
         let g = grad_res.contiguous()?;
         let mut dx = vec![0f32; arg.elem_count()];
         kernels::with_f32s([arg, &g], self.name(), |[x, g]| {
-            kernels::par_rows(&mut dx, 1, 24, |r0, out| gelu_bwd(&x[r0..r0 + out.len()], &g[r0..r0 + out.len()], out));
+            kernels::par_rows(&mut dx, 1, 24, |r0, out| {
+                gelu_bwd(&x[r0..r0 + out.len()], &g[r0..r0 + out.len()], out)
+            });
             Ok(())
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -127,12 +137,40 @@ mod tests {
         let x = Var::from_vec(vals.clone(), vals.len(), &Device::Cpu).unwrap();
         let ours = gelu(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().gelu_erf().unwrap();
-        let w = Tensor::from_vec((0..vals.len()).map(|i| (i as f32 * 0.7).sin()).collect::<Vec<f32>>(), vals.len(), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(
+            (0..vals.len())
+                .map(|i| (i as f32 * 0.7).sin())
+                .collect::<Vec<f32>>(),
+            vals.len(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let go = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gt = (&theirs * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff(&ours, &theirs) < 1e-6, "forward {}", diff(&ours, &theirs));
-        let (a, b) = (go.get(x.as_tensor()).unwrap(), gt.get(x.as_tensor()).unwrap());
+        let gt = (&theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            diff(&ours, &theirs) < 1e-6,
+            "forward {}",
+            diff(&ours, &theirs)
+        );
+        let (a, b) = (
+            go.get(x.as_tensor()).unwrap(),
+            gt.get(x.as_tensor()).unwrap(),
+        );
         assert!(diff(a, b) < 2e-6, "gradient {}", diff(a, b));
     }
 }

@@ -17,14 +17,25 @@ use super::kernels::{self, multiversion};
 
 /// Mean cross-entropy of `hidden: [n, h]` through the frozen head `weight: [vocab, h]` against
 /// `labels` (all counted). Returns `(loss, n)`.
-pub fn head_cross_entropy(hidden: &Tensor, weight: &FrozenWeight, labels: Vec<i64>) -> Result<(Tensor, usize)> {
+pub fn head_cross_entropy(
+    hidden: &Tensor,
+    weight: &FrozenWeight,
+    labels: Vec<i64>,
+) -> Result<(Tensor, usize)> {
     let n = labels.len();
     let (vocab, _) = weight.dims();
     if let Some(&bad) = labels.iter().find(|&&l| l < 0 || l as usize >= vocab) {
         candle_core::bail!("head cross-entropy: label {bad} outside the vocabulary of {vocab}")
     }
-    let op = HeadCrossEntropy { weight: weight.clone(), labels, lse: Mutex::new(None) };
-    Ok((hidden.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))?, n))
+    let op = HeadCrossEntropy {
+        weight: weight.clone(),
+        labels,
+        lse: Mutex::new(None),
+    };
+    Ok((
+        hidden.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))?,
+        n,
+    ))
 }
 
 struct HeadCrossEntropy {
@@ -45,8 +56,16 @@ fn logits_block(x: &[f32], n: usize, k: usize, tile: &[f32], cols: usize, block:
             block.as_mut_ptr(),
             cols,
             false,
-            Strided { ptr: x.as_ptr(), cs: 1, rs: k as isize },
-            Strided { ptr: tile.as_ptr(), cs: k as isize, rs: 1 },
+            Strided {
+                ptr: x.as_ptr(),
+                cs: 1,
+                rs: k as isize,
+            },
+            Strided {
+                ptr: tile.as_ptr(),
+                cs: k as isize,
+                rs: 1,
+            },
             1.0,
         );
     }
@@ -97,7 +116,12 @@ impl CustomOp1 for HeadCrossEntropy {
         let x = kernels::contiguous_f32(storage, layout, self.name())?;
         let (n, k) = layout.shape().dims2()?;
         if n != self.labels.len() || k != self.weight.dims().1 {
-            candle_core::bail!("{}: hidden [{n}, {k}] does not fit {} labels and a head of width {}", self.name(), self.labels.len(), self.weight.dims().1)
+            candle_core::bail!(
+                "{}: hidden [{n}, {k}] does not fit {} labels and a head of width {}",
+                self.name(),
+                self.labels.len(),
+                self.weight.dims().1
+            )
         }
         let (mut m, mut s, mut target) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
         let mut block = Vec::new();
@@ -110,11 +134,19 @@ impl CustomOp1 for HeadCrossEntropy {
         let lse: Vec<f32> = m.iter().zip(&s).map(|(m, s)| m + s.ln()).collect();
         let total: f64 = lse.iter().zip(&target).map(|(l, t)| (l - t) as f64).sum();
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((CpuStorage::F32(vec![(total / n.max(1) as f64) as f32]), Shape::from(())))
+        Ok((
+            CpuStorage::F32(vec![(total / n.max(1) as f64) as f32]),
+            Shape::from(()),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0);
+        let g = grad_res
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .first()
+            .copied()
+            .unwrap_or(0.0);
         let (n, k) = arg.dims2()?;
         let coef = g / n.max(1) as f32;
         let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -140,8 +172,16 @@ impl CustomOp1 for HeadCrossEntropy {
                         dx.as_mut_ptr(),
                         k,
                         true,
-                        Strided { ptr: block.as_ptr(), cs: 1, rs: cols as isize },
-                        Strided { ptr: tile.as_ptr(), cs: 1, rs: k as isize },
+                        Strided {
+                            ptr: block.as_ptr(),
+                            cs: 1,
+                            rs: cols as isize,
+                        },
+                        Strided {
+                            ptr: tile.as_ptr(),
+                            cs: 1,
+                            rs: k as isize,
+                        },
                         1.0,
                     );
                 }
@@ -165,7 +205,9 @@ mod tests {
         let dev = Device::Cpu;
         let (n, k) = (5, 64);
         let vocab = super::super::frozen_linear::TILE_ELEMS / k + 300; // two tiles
-        let w: Vec<f32> = (0..vocab * k).map(|i| (((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0) * 0.1).collect();
+        let w: Vec<f32> = (0..vocab * k)
+            .map(|i| (((i * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0) * 0.1)
+            .collect();
         let q = Arc::new(Blockwise4::quantize(&w, &[vocab, k], Code4::Nf4, 64, false).unwrap());
         let dense = Tensor::from_vec(q.dequantize(), (vocab, k), &dev).unwrap();
         let labels = vec![3i64, (vocab - 1) as i64, 16500, 0, 9];
@@ -173,20 +215,41 @@ mod tests {
         let run = |weight: Option<FrozenWeight>| {
             let h = Var::from_vec(h0.clone(), (n, k), &dev).unwrap();
             let loss = match weight {
-                Some(w) => head_cross_entropy(h.as_tensor(), &w, labels.clone()).unwrap().0,
+                Some(w) => {
+                    head_cross_entropy(h.as_tensor(), &w, labels.clone())
+                        .unwrap()
+                        .0
+                }
                 None => {
                     let logits = h.as_tensor().matmul(&dense.t().unwrap()).unwrap();
-                    cross_entropy_reference(&logits, &Tensor::new(labels.as_slice(), &dev).unwrap()).unwrap().0
+                    cross_entropy_reference(&logits, &Tensor::new(labels.as_slice(), &dev).unwrap())
+                        .unwrap()
+                        .0
                 }
             };
-            let dh: Vec<f32> = loss.backward().unwrap().get(h.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let dh: Vec<f32> = loss
+                .backward()
+                .unwrap()
+                .get(h.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             (loss.to_scalar::<f32>().unwrap(), dh)
         };
         let (lr, dr) = run(None);
-        for w in [FrozenWeight::Dense(dense.clone()), FrozenWeight::Quantized(q.clone())] {
+        for w in [
+            FrozenWeight::Dense(dense.clone()),
+            FrozenWeight::Quantized(q.clone()),
+        ] {
             let (l, d) = run(Some(w));
             assert!((l - lr).abs() < 1e-4 * lr.abs(), "loss {l} vs {lr}");
-            let max = d.iter().zip(&dr).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let max = d
+                .iter()
+                .zip(&dr)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(max < 1e-5, "dh differs by {max}");
         }
     }

@@ -101,7 +101,10 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
     let full = n / LANES * LANES;
-    for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
         for k in 0..LANES {
             acc[k] += ca[k] * cb[k];
         }
@@ -120,7 +123,11 @@ pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
     let mut acc = [0f32; LANES];
     let full = n / LANES * LANES;
-    for ((ca, cb), cc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)).zip(c[..full].chunks_exact(LANES)) {
+    for ((ca, cb), cc) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+        .zip(c[..full].chunks_exact(LANES))
+    {
         for k in 0..LANES {
             acc[k] += ca[k] * cb[k] * cc[k];
         }
@@ -139,7 +146,11 @@ pub(crate) fn dot3_centered(a: &[f32], b: &[f32], c: &[f32], m: f32) -> f32 {
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
     let mut acc = [0f32; LANES];
     let full = n / LANES * LANES;
-    for ((ca, cb), cc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)).zip(c[..full].chunks_exact(LANES)) {
+    for ((ca, cb), cc) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+        .zip(c[..full].chunks_exact(LANES))
+    {
         for k in 0..LANES {
             acc[k] += ca[k] * cb[k] * (cc[k] - m);
         }
@@ -187,7 +198,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let t = xc * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
     let e = r * r * p + r + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let scale = f32::from_bits(((ni + 127) << 23) as u32);
@@ -204,7 +218,12 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// Runs `f(first_row, chunk)` over `out` cut into chunks of whole rows of `row_len`
 /// elements, on rayon: about four chunks per thread (`candle_core::utils::get_num_threads`),
 /// none smaller than ~32K elements of work (`row_cost` per row), serially when that leaves one.
-pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, row_cost: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub(crate) fn par_rows<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    row_cost: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
     if row_len == 0 || out.is_empty() {
         return;
     }
@@ -216,7 +235,9 @@ pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, row_cost: usize, 
         f(0, out);
         return;
     }
-    out.par_chunks_mut(rows_per * row_len).enumerate().for_each(|(i, c)| f(i * rows_per, c));
+    out.par_chunks_mut(rows_per * row_len)
+        .enumerate()
+        .for_each(|(i, c)| f(i * rows_per, c));
 }
 
 /// A matrix operand for [`matmul`]: row-major `data` of the stored shape, rows `rs` apart
@@ -230,10 +251,18 @@ pub(crate) struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     pub fn n(data: &'a [f32]) -> Self {
-        Self { data, transposed: false, rs: 0 }
+        Self {
+            data,
+            transposed: false,
+            rs: 0,
+        }
     }
     pub fn t(data: &'a [f32]) -> Self {
-        Self { data, transposed: true, rs: 0 }
+        Self {
+            data,
+            transposed: true,
+            rs: 0,
+        }
     }
     /// The same operand with its stored rows `rs` elements apart (a strided view).
     pub fn rows_apart(self, rs: usize) -> Self {
@@ -241,13 +270,25 @@ impl<'a> Mat<'a> {
     }
     /// The operand from stored row `rows` on, rows `rs` apart.
     pub fn skip_rows(self, rows: usize, rs: usize) -> Self {
-        Self { data: &self.data[rows * rs..], rs, ..self }
+        Self {
+            data: &self.data[rows * rs..],
+            rs,
+            ..self
+        }
     }
     /// (column stride, row stride, elements spanned) as a `rows × cols` matrix.
     fn strides(&self, rows: usize, cols: usize) -> (usize, usize, usize) {
-        let (stored_rows, stored_cols) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        let (stored_rows, stored_cols) = if self.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
         let rs = if self.rs == 0 { stored_cols } else { self.rs };
-        let span = if stored_rows == 0 || stored_cols == 0 { 0 } else { (stored_rows - 1) * rs + stored_cols };
+        let span = if stored_rows == 0 || stored_cols == 0 {
+            0
+        } else {
+            (stored_rows - 1) * rs + stored_cols
+        };
         if self.transposed {
             (rs, 1, span)
         } else {
@@ -260,7 +301,16 @@ impl<'a> Mat<'a> {
 /// calling thread (callers parallelise over independent blocks). The argument list is a BLAS
 /// gemm's (sizes, output, operands, scale).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
+pub(crate) fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+) {
     let (a, b) = operands(m, n, k, dst, a, b);
     // SAFETY: `operands` checked that the strides address only elements of the slices.
     unsafe {
@@ -290,7 +340,16 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: 
 
 /// [`matmul`] as one large product over all threads (through [`super::blas`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_par(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
+pub(crate) fn matmul_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+) {
     let (a, b) = operands(m, n, k, dst, a, b);
     // SAFETY: as in `matmul`.
     unsafe { super::blas::gemm_par(m, n, k, dst.as_mut_ptr(), n, accumulate, a, b, scale) }
@@ -300,12 +359,30 @@ pub(crate) fn matmul_par(m: usize, n: usize, k: usize, dst: &mut [f32], accumula
 fn operands(m: usize, n: usize, k: usize, dst: &[f32], a: Mat, b: Mat) -> (Strided, Strided) {
     let (a_cs, a_rs, a_span) = a.strides(m, k);
     let (b_cs, b_rs, b_span) = b.strides(k, n);
-    assert!(dst.len() >= m * n && a.data.len() >= a_span && b.data.len() >= b_span, "matmul: operand too short");
-    (Strided { ptr: a.data.as_ptr(), cs: a_cs as isize, rs: a_rs as isize }, Strided { ptr: b.data.as_ptr(), cs: b_cs as isize, rs: b_rs as isize })
+    assert!(
+        dst.len() >= m * n && a.data.len() >= a_span && b.data.len() >= b_span,
+        "matmul: operand too short"
+    );
+    (
+        Strided {
+            ptr: a.data.as_ptr(),
+            cs: a_cs as isize,
+            rs: a_rs as isize,
+        },
+        Strided {
+            ptr: b.data.as_ptr(),
+            cs: b_cs as isize,
+            rs: b_rs as isize,
+        },
+    )
 }
 
 /// The f32 elements of a CPU storage under a contiguous layout.
-pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -324,7 +401,11 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
 }
 
 /// [`with_f32`] for several tensors at once: `f` gets their elements in the same order.
-pub(crate) fn with_f32s<const N: usize, R>(ts: [&Tensor; N], op: &str, f: impl FnOnce([&[f32]; N]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32s<const N: usize, R>(
+    ts: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
     let guards = ts.map(|t| t.storage_and_layout());
     let mut slices: [&[f32]; N] = [&[]; N];
     for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
@@ -350,7 +431,9 @@ pub(crate) fn column_dot(a: &[f32], b: &[f32], cols: usize) -> Vec<f32> {
         .map(|(a, b)| {
             let mut acc = vec![0f32; cols];
             for (a, b) in a.chunks(cols.max(1)).zip(b.chunks(cols.max(1))) {
-                acc.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
+                acc.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(s, (a, b))| *s += a * b);
             }
             acc
         })
@@ -390,7 +473,12 @@ mod tests {
         let a_t = [1., 4., 2., 5., 3., 6.];
         let b = [1., 0., 0., 1., 1., 1.];
         let b_t = [1., 0., 1., 0., 1., 1.];
-        for (am, bm) in [(Mat::n(&a), Mat::n(&b)), (Mat::t(&a_t), Mat::n(&b)), (Mat::n(&a), Mat::t(&b_t)), (Mat::t(&a_t), Mat::t(&b_t))] {
+        for (am, bm) in [
+            (Mat::n(&a), Mat::n(&b)),
+            (Mat::t(&a_t), Mat::n(&b)),
+            (Mat::n(&a), Mat::t(&b_t)),
+            (Mat::t(&a_t), Mat::t(&b_t)),
+        ] {
             let mut c = [0f32; 4];
             matmul(2, 2, 3, &mut c, false, am, bm, 1.0);
             assert_eq!(c, [4., 5., 10., 11.]);
@@ -405,7 +493,16 @@ mod tests {
         let a = [1., 2., 3., -9., -9., 4., 5., 6.];
         let b_t = [1., 0., 1., -9., -9., 0., 1., 1.];
         let mut c = [0f32; 4];
-        matmul(2, 2, 3, &mut c, false, Mat::n(&a).rows_apart(5), Mat::t(&b_t).rows_apart(5), 1.0);
+        matmul(
+            2,
+            2,
+            3,
+            &mut c,
+            false,
+            Mat::n(&a).rows_apart(5),
+            Mat::t(&b_t).rows_apart(5),
+            1.0,
+        );
         assert_eq!(c, [4., 5., 10., 11.]);
     }
 

@@ -21,7 +21,10 @@ pub const IGNORE_INDEX: i64 = -100;
 /// the loss is 0 when nothing is counted.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     if kernels::fused_ok(logits) && logits.rank() == 2 {
-        let labels = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        let labels = labels
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1::<i64>()?;
         return fused_cross_entropy(logits, labels);
     }
     cross_entropy_reference(logits, labels)
@@ -36,7 +39,9 @@ pub fn cross_entropy_reference(logits: &Tensor, labels: &Tensor) -> Result<(Tens
     let labels = labels.to_dtype(DType::I64)?;
     let keep = labels.ge(0i64)?;
     let count = keep.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
-    let safe = keep.where_cond(&labels, &labels.zeros_like()?)?.to_dtype(DType::U32)?;
+    let safe = keep
+        .where_cond(&labels, &labels.zeros_like()?)?
+        .to_dtype(DType::U32)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
     let masked = (picked * keep.to_dtype(DType::F32)?)?;
@@ -55,7 +60,15 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
         if labels.len() != b || labels.iter().any(|l| l.len() != t) {
             candle_core::bail!("causal_lm_loss: labels must be [{b}, {t}]")
         }
-        let shifted: Vec<i64> = labels.iter().flat_map(|row| row.iter().skip(1).copied().chain(std::iter::once(IGNORE_INDEX))).collect();
+        let shifted: Vec<i64> = labels
+            .iter()
+            .flat_map(|row| {
+                row.iter()
+                    .skip(1)
+                    .copied()
+                    .chain(std::iter::once(IGNORE_INDEX))
+            })
+            .collect();
         return fused_cross_entropy(&logits.reshape((b * t, v))?, shifted);
     }
     causal_lm_loss_reference(logits, labels)
@@ -65,10 +78,16 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
 pub fn causal_lm_loss_reference(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
     if t < 2 {
-        return cross_entropy_reference(&logits.narrow(1, 0, 0)?.reshape((0, v))?, &labels.narrow(1, 0, 0)?.reshape(0)?);
+        return cross_entropy_reference(
+            &logits.narrow(1, 0, 0)?.reshape((0, v))?,
+            &labels.narrow(1, 0, 0)?.reshape(0)?,
+        );
     }
     let l = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let y = labels.narrow(1, 1, t - 1)?.contiguous()?.reshape(b * (t - 1))?;
+    let y = labels
+        .narrow(1, 1, t - 1)?
+        .contiguous()?
+        .reshape(b * (t - 1))?;
     cross_entropy_reference(&l, &y)
 }
 
@@ -76,7 +95,10 @@ pub fn causal_lm_loss_reference(logits: &Tensor, labels: &Tensor) -> Result<(Ten
 fn fused_cross_entropy(logits: &Tensor, labels: Vec<i64>) -> Result<(Tensor, usize)> {
     let (n, v) = logits.dims2()?;
     if labels.len() != n {
-        candle_core::bail!("cross_entropy: {} labels for {n} rows of logits", labels.len())
+        candle_core::bail!(
+            "cross_entropy: {} labels for {n} rows of logits",
+            labels.len()
+        )
     }
     if v == 0 {
         return cross_entropy_reference(logits, &Tensor::new(labels, logits.device())?);
@@ -86,8 +108,14 @@ fn fused_cross_entropy(logits: &Tensor, labels: Vec<i64>) -> Result<(Tensor, usi
         candle_core::bail!("cross_entropy: label {bad} outside [0, {v})")
     }
     let count = labels.iter().filter(|&&l| l >= 0).count();
-    let op = CrossEntropyOp { labels, count, lse: Mutex::new(None) };
-    let loss = logits.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?;
+    let op = CrossEntropyOp {
+        labels,
+        count,
+        lse: Mutex::new(None),
+    };
+    let loss = logits
+        .contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(op)))?;
     Ok((loss, count))
 }
 
@@ -145,7 +173,14 @@ impl CrossEntropyOp {
     fn lse(&self, x: &[f32], v: usize) -> Vec<f32> {
         let n = self.labels.len();
         let mut lse = vec![0f32; n];
-        kernels::par_rows(&mut lse, 1, v, |r0, out| lse_rows(&x[r0 * v..(r0 + out.len()) * v], &self.labels[r0..r0 + out.len()], v, out));
+        kernels::par_rows(&mut lse, 1, v, |r0, out| {
+            lse_rows(
+                &x[r0 * v..(r0 + out.len()) * v],
+                &self.labels[r0..r0 + out.len()],
+                v,
+                out,
+            )
+        });
         lse
     }
 }
@@ -174,7 +209,10 @@ impl CustomOp1 for CrossEntropyOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let g = g.first().copied().unwrap_or(0.0);
         let (_, v) = arg.dims2()?;
         let coef = g / self.count.max(1) as f32;
@@ -187,7 +225,14 @@ impl CustomOp1 for CrossEntropyOp {
             };
             kernels::par_rows(&mut dx, v, v, |r0, dx| {
                 let rows = r0..r0 + dx.len() / v;
-                ce_bwd_rows(&x[r0 * v..rows.end * v], &self.labels[rows.clone()], &lse[rows], v, coef, dx)
+                ce_bwd_rows(
+                    &x[r0 * v..rows.end * v],
+                    &self.labels[rows.clone()],
+                    &lse[rows],
+                    v,
+                    coef,
+                    dx,
+                )
             });
             Ok(())
         })?;

@@ -23,18 +23,36 @@ use super::FrozenLinear;
 
 /// `base(x) + scale · (u Aᵀ) Bᵀ` with `u = x ⊙ update_mask` (LoRA dropout) or `u = x`;
 /// `a: [r, in]`, `b: [out, r]`. Fused on the CPU in f32; composite otherwise.
-pub fn low_rank_linear(x: &Tensor, update_mask: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn low_rank_linear(
+    x: &Tensor,
+    update_mask: Option<&Tensor>,
+    base: &FrozenLinear,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let mask_ok = update_mask.is_none_or(|m| kernels::fused_ok(m) && m.dims() == x.dims());
     if mask_ok && base.fused_ok(x) && kernels::fused_ok(a) && kernels::fused_ok(b) {
         let update_mask = update_mask.map(|m| m.contiguous()).transpose()?;
         let op = LowRankLinear::new(base, update_mask, scale);
-        return x.contiguous()?.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)));
+        return x.contiguous()?.apply_op3_arc(
+            &a.contiguous()?,
+            &b.contiguous()?,
+            Arc::new(Box::new(op)),
+        );
     }
     low_rank_linear_reference(x, update_mask, base, a, b, scale)
 }
 
 /// The same from candle's differentiable ops (other devices and dtypes; test reference).
-pub fn low_rank_linear_reference(x: &Tensor, update_mask: Option<&Tensor>, base: &FrozenLinear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn low_rank_linear_reference(
+    x: &Tensor,
+    update_mask: Option<&Tensor>,
+    base: &FrozenLinear,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let y = base.forward(x)?;
     let u = match update_mask {
         Some(m) => x.mul(&m.detach())?,
@@ -63,7 +81,12 @@ pub(crate) struct LowRankLinear {
 
 impl LowRankLinear {
     pub(crate) fn new(base: &FrozenLinear, update_mask: Option<Tensor>, scale: f64) -> Self {
-        Self { weight: base.weight().clone(), bias: base.bias().cloned(), update_mask, scale: scale as f32 }
+        Self {
+            weight: base.weight().clone(),
+            bias: base.bias().cloned(),
+            update_mask,
+            scale: scale as f32,
+        }
     }
 
     pub(crate) fn weight(&self) -> &FrozenWeight {
@@ -78,7 +101,12 @@ impl LowRankLinear {
                 let mut u = vec![0f32; x.len()];
                 u.par_chunks_mut(CHUNK)
                     .zip(x.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))
-                    .for_each(|(u, (x, m))| u.iter_mut().zip(x).zip(m).for_each(|((u, x), m)| *u = x * m));
+                    .for_each(|(u, (x, m))| {
+                        u.iter_mut()
+                            .zip(x)
+                            .zip(m)
+                            .for_each(|((u, x), m)| *u = x * m)
+                    });
                 f(&u)
             }),
         }
@@ -90,7 +118,9 @@ impl LowRankLinear {
         let (r, a_in) = a.dims2()?;
         let k = *x.dims().last().unwrap_or(&0);
         if k != in_f || a_in != in_f {
-            candle_core::bail!("low-rank-linear: input has {k} features and A {a_in}, the weight expects {in_f}")
+            candle_core::bail!(
+                "low-rank-linear: input has {k} features and A {a_in}, the weight expects {in_f}"
+            )
         }
         Ok((x.elem_count() / in_f.max(1), in_f, out_f, r))
     }
@@ -101,7 +131,15 @@ impl CustomOp3 for LowRankLinear {
         "low-rank-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = kernels::contiguous_f32(s1, l1, self.name())?;
         let a = kernels::contiguous_f32(s2, l2, self.name())?;
         let b = kernels::contiguous_f32(s3, l3, self.name())?;
@@ -109,7 +147,14 @@ impl CustomOp3 for LowRankLinear {
         Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, da, db) = self.backward(x, a, b, grad_res, x.track_op())?;
         Ok((dx, Some(da), Some(db)))
     }
@@ -118,10 +163,21 @@ impl CustomOp3 for LowRankLinear {
 impl LowRankLinear {
     /// `y = x W₀ᵀ (+ b) + s·(u Aᵀ) Bᵀ` for contiguous f32 `x: [.., in]`, `a: [r, in]`,
     /// `b: [out, r]`; returns `y` and its shape `[.., out]`.
-    pub(crate) fn forward_f32(&self, x: &[f32], xs: &Shape, a: &[f32], as_: &Shape, b: &[f32], bs: &Shape) -> Result<(Vec<f32>, Shape)> {
+    pub(crate) fn forward_f32(
+        &self,
+        x: &[f32],
+        xs: &Shape,
+        a: &[f32],
+        as_: &Shape,
+        b: &[f32],
+        bs: &Shape,
+    ) -> Result<(Vec<f32>, Shape)> {
         let (m, in_f, out_f, r) = self.dims(xs, as_)?;
         if bs.dims2()? != (out_f, r) {
-            candle_core::bail!("low-rank-linear: B is {:?}, expected [{out_f}, {r}]", bs.dims())
+            candle_core::bail!(
+                "low-rank-linear: B is {:?}, expected [{out_f}, {r}]",
+                bs.dims()
+            )
         }
         let mut y = vec![0f32; m * out_f];
         add_product(&self.weight, x, m, &mut y)?;
@@ -139,7 +195,14 @@ impl LowRankLinear {
 
     /// `(dx, dA, dB)` for the output gradient `grad_res`; `dx` only when `need_dx` (a tracked
     /// `x`: something below it trains).
-    pub(crate) fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad_res: &Tensor, need_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad_res: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let (m, in_f, out_f, r) = self.dims(x.shape(), a.shape())?;
         // No dX when nothing below x is trained (the first layer's input): it would be a
         // full frozen GEMM, and candle would store it.
@@ -149,11 +212,29 @@ impl LowRankLinear {
         let mut db = vec![0f32; out_f * r];
         kernels::with_f32s([x, a, b, &dy], self.name(), |[x, a, b, dy]| {
             let mut dh = vec![0f32; m * r];
-            matmul_par(m, r, out_f, &mut dh, false, Mat::n(dy), Mat::n(b), self.scale);
+            matmul_par(
+                m,
+                r,
+                out_f,
+                &mut dh,
+                false,
+                Mat::n(dy),
+                Mat::n(b),
+                self.scale,
+            );
             self.with_update_input(x, |u| {
                 let mut h = vec![0f32; m * r];
                 matmul_par(m, r, in_f, &mut h, false, Mat::n(u), Mat::t(a), 1.0);
-                matmul_par(out_f, r, m, &mut db, false, Mat::t(dy), Mat::n(&h), self.scale);
+                matmul_par(
+                    out_f,
+                    r,
+                    m,
+                    &mut db,
+                    false,
+                    Mat::t(dy),
+                    Mat::n(&h),
+                    self.scale,
+                );
                 matmul_par(r, in_f, m, &mut da, false, Mat::t(&dh), Mat::n(u), 1.0);
                 Ok(())
             })?;
@@ -168,7 +249,12 @@ impl LowRankLinear {
                     matmul_par(m, in_f, r, &mut du, false, Mat::n(&dh), Mat::n(a), 1.0);
                     dx.par_chunks_mut(CHUNK)
                         .zip(du.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
-                        .for_each(|(dx, (du, m))| dx.iter_mut().zip(du).zip(m).for_each(|((dx, du), m)| *dx += du * m));
+                        .for_each(|(dx, (du, m))| {
+                            dx.iter_mut()
+                                .zip(du)
+                                .zip(m)
+                                .for_each(|((dx, du), m)| *dx += du * m)
+                        });
                     Ok(())
                 })?,
                 None => matmul_par(m, in_f, r, &mut dx, true, Mat::n(&dh), Mat::n(a), 1.0),
@@ -176,7 +262,15 @@ impl LowRankLinear {
             Ok(())
         })?;
         let dev = x.device();
-        let dx = if need_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
-        Ok((dx, Tensor::from_vec(da, a.shape(), dev)?, Tensor::from_vec(db, b.shape(), dev)?))
+        let dx = if need_dx {
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Tensor::from_vec(da, a.shape(), dev)?,
+            Tensor::from_vec(db, b.shape(), dev)?,
+        ))
     }
 }

@@ -35,13 +35,26 @@ pub(crate) struct ShapeClass {
 
 impl ShapeClass {
     pub fn of(m: usize, n: usize, k: usize, a_transposed: bool, b_transposed: bool) -> Self {
-        Self { m_bucket: m.next_power_of_two(), n, k, a_transposed, b_transposed }
+        Self {
+            m_bucket: m.next_power_of_two(),
+            n,
+            k,
+            a_transposed,
+            b_transposed,
+        }
     }
 
     /// The cache file's key, e.g. `m<=4096 k=384 n=1536 AB^T`.
     fn key(&self) -> String {
         let t = |x: bool| if x { "^T" } else { "" };
-        format!("m<={} k={} n={} A{}B{}", self.m_bucket, self.k, self.n, t(self.a_transposed), t(self.b_transposed))
+        format!(
+            "m<={} k={} n={} A{}B{}",
+            self.m_bucket,
+            self.k,
+            self.n,
+            t(self.a_transposed),
+            t(self.b_transposed)
+        )
     }
 }
 
@@ -75,28 +88,56 @@ pub(crate) struct Probe {
 impl Probe {
     /// A probe keeping its decisions in `cache` (a JSON file) under the key `machine`.
     pub fn new(cache: Option<PathBuf>, machine: String) -> Self {
-        Self { cache, machine, decided: Mutex::new(HashMap::new()), measuring: Mutex::new(()) }
+        Self {
+            cache,
+            machine,
+            decided: Mutex::new(HashMap::new()),
+            measuring: Mutex::new(()),
+        }
     }
 
     /// Whether products of `class` go to the BLAS: the decision already taken on this machine,
     /// or, the first time, the faster of `measure()`'s two timings (seconds for one product
     /// through the BLAS and through the gemm crate), recorded for every later process.
-    pub fn use_blas(&self, class: ShapeClass, flops: f64, measure: impl FnOnce() -> (f64, f64)) -> bool {
-        if let Some(e) = self.decided.lock().unwrap_or_else(|e| e.into_inner()).get(&class) {
+    pub fn use_blas(
+        &self,
+        class: ShapeClass,
+        flops: f64,
+        measure: impl FnOnce() -> (f64, f64),
+    ) -> bool {
+        if let Some(e) = self
+            .decided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&class)
+        {
             return e.chosen == "blas";
         }
         let _one_at_a_time = self.measuring.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = self.decided.lock().unwrap_or_else(|e| e.into_inner()).get(&class) {
+        if let Some(e) = self
+            .decided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&class)
+        {
             return e.chosen == "blas";
         }
         let entry = self.decide(class, flops, measure);
         let blas = entry.chosen == "blas";
-        self.decided.lock().unwrap_or_else(|e| e.into_inner()).insert(class, entry);
+        self.decided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(class, entry);
         blas
     }
 
     /// The decision for `class` from the cache file, or a new one measured and written there.
-    fn decide(&self, class: ShapeClass, flops: f64, measure: impl FnOnce() -> (f64, f64)) -> ProbeEntry {
+    fn decide(
+        &self,
+        class: ShapeClass,
+        flops: f64,
+        measure: impl FnOnce() -> (f64, f64),
+    ) -> ProbeEntry {
         let key = class.key();
         let lock = self.cache.as_deref().and_then(lock_cache);
         let mut file = self.cache.as_deref().map(read_cache).unwrap_or_default();
@@ -106,11 +147,25 @@ impl Probe {
         let (blas_s, gemm_s) = measure();
         let gflops = |s: f64| if s > 0.0 { flops / s / 1e9 } else { 0.0 };
         let chosen = if gemm_s < blas_s { "gemm" } else { "blas" };
-        let entry = ProbeEntry { shape: key.clone(), blas_gflops: gflops(blas_s), gemm_gflops: gflops(gemm_s), chosen: chosen.into() };
-        tracing::debug!("matmul probe {key}: BLAS {:.1} GFLOP/s, gemm crate {:.1} GFLOP/s -> {chosen}", entry.blas_gflops, entry.gemm_gflops);
+        let entry = ProbeEntry {
+            shape: key.clone(),
+            blas_gflops: gflops(blas_s),
+            gemm_gflops: gflops(gemm_s),
+            chosen: chosen.into(),
+        };
+        tracing::debug!(
+            "matmul probe {key}: BLAS {:.1} GFLOP/s, gemm crate {:.1} GFLOP/s -> {chosen}",
+            entry.blas_gflops,
+            entry.gemm_gflops
+        );
         if let (Some(path), Some(_)) = (&self.cache, &lock) {
-            file.machines.entry(self.machine.clone()).or_default().insert(key, entry.clone());
-            let written = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other).and_then(|b| crate::util::atomic::write_bytes_atomic(path, &b));
+            file.machines
+                .entry(self.machine.clone())
+                .or_default()
+                .insert(key, entry.clone());
+            let written = serde_json::to_vec_pretty(&file)
+                .map_err(std::io::Error::other)
+                .and_then(|b| crate::util::atomic::write_bytes_atomic(path, &b));
             if let Err(e) = written {
                 tracing::warn!("{}: cannot record the matmul probe ({e}); later processes may decide differently", path.display());
             }
@@ -120,7 +175,13 @@ impl Probe {
 
     /// The decisions this process has used, by shape.
     pub fn report(&self) -> Vec<ProbeEntry> {
-        let mut v: Vec<ProbeEntry> = self.decided.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut v: Vec<ProbeEntry> = self
+            .decided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.shape.cmp(&b.shape));
         v
     }
@@ -133,12 +194,23 @@ fn lock_cache(path: &Path) -> Option<File> {
     let locked = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| File::options().create(true).truncate(false).write(true).open(path.with_extension("lock")))
+        .and_then(|_| {
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path.with_extension("lock"))
+        })
         .and_then(|f| f.lock().map(|_| f));
     match locked {
         Ok(f) => Some(f),
         Err(e) => {
-            WARNED.call_once(|| tracing::warn!("{}: cannot lock the matmul probe cache ({e}); deciding for this process only", path.display()));
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "{}: cannot lock the matmul probe cache ({e}); deciding for this process only",
+                    path.display()
+                )
+            });
             None
         }
     }
@@ -148,7 +220,10 @@ fn lock_cache(path: &Path) -> Option<File> {
 fn read_cache(path: &Path) -> CacheFile {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!("{}: not a matmul probe cache ({e}); measuring again", path.display());
+            tracing::warn!(
+                "{}: not a matmul probe cache ({e}); measuring again",
+                path.display()
+            );
             CacheFile::default()
         }),
         Err(_) => CacheFile::default(),
@@ -158,9 +233,14 @@ fn read_cache(path: &Path) -> CacheFile {
 /// Where decisions are kept: `$FERRULE_CACHE_DIR`, `$XDG_CACHE_HOME/ferrule` or
 /// `~/.cache/ferrule`, file `matmul-probe.json`.
 pub(crate) fn default_cache_path() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let dir =
-        env("FERRULE_CACHE_DIR").or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ferrule"))).or_else(|| env("HOME").map(|h| h.join(".cache/ferrule")))?;
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let dir = env("FERRULE_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ferrule")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/ferrule")))?;
     Some(dir.join("matmul-probe.json"))
 }
 
@@ -169,7 +249,12 @@ pub(crate) fn default_cache_path() -> Option<PathBuf> {
 pub(crate) fn machine_key(library: &str, threads: usize) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let coretype = std::env::var("OPENBLAS_CORETYPE").unwrap_or_default();
@@ -188,8 +273,20 @@ mod tests {
         let first = Probe::new(Some(path.clone()), "machine A".into());
         // BLAS 2 s, gemm crate 1 s for 4e9 flops: the gemm crate, at 2 and 4 GFLOP/s.
         assert!(!first.use_blas(class, 4e9, || (2.0, 1.0)));
-        assert!(!first.use_blas(ShapeClass::of(2049, 1536, 384, false, true), 4e9, || panic!("same class (m <= 4096): no second measurement")));
-        assert_eq!(first.report(), vec![ProbeEntry { shape: "m<=4096 k=384 n=1536 AB^T".into(), blas_gflops: 2.0, gemm_gflops: 4.0, chosen: "gemm".into() }]);
+        assert!(!first.use_blas(
+            ShapeClass::of(2049, 1536, 384, false, true),
+            4e9,
+            || panic!("same class (m <= 4096): no second measurement")
+        ));
+        assert_eq!(
+            first.report(),
+            vec![ProbeEntry {
+                shape: "m<=4096 k=384 n=1536 AB^T".into(),
+                blas_gflops: 2.0,
+                gemm_gflops: 4.0,
+                chosen: "gemm".into()
+            }]
+        );
         // Another process on the same machine reads the decision instead of measuring.
         let later = Probe::new(Some(path.clone()), "machine A".into());
         assert!(!later.use_blas(class, 4e9, || panic!("decided already")));
@@ -199,14 +296,21 @@ mod tests {
         let again = Probe::new(Some(path), "machine A".into());
         assert!(!again.use_blas(class, 4e9, || panic!("decided already")));
         // Other layouts and widths are other classes.
-        assert!(again.use_blas(ShapeClass::of(3000, 1536, 384, false, false), 4e9, || (1.0, 1.5)));
+        assert!(
+            again.use_blas(ShapeClass::of(3000, 1536, 384, false, false), 4e9, || (
+                1.0, 1.5
+            ))
+        );
     }
 
     #[test]
     fn without_a_cache_file_decisions_last_for_the_process() {
         let p = Probe::new(None, "m".into());
         let class = ShapeClass::of(64, 64, 64, true, false);
-        assert!(p.use_blas(class, 1.0, || (1.0, 1.0)), "a tie keeps the BLAS");
+        assert!(
+            p.use_blas(class, 1.0, || (1.0, 1.0)),
+            "a tie keeps the BLAS"
+        );
         assert!(p.use_blas(class, 1.0, || panic!("decided already")));
     }
 

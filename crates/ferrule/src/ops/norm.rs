@@ -18,10 +18,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if kernels::fused_ok(x) && d > 0 && weight.dims() == [d] {
         if weight.track_op() {
-            return rms_norm(x, &Tensor::ones(d, DType::F32, x.device())?, eps)?.broadcast_mul(weight);
+            return rms_norm(x, &Tensor::ones(d, DType::F32, x.device())?, eps)?
+                .broadcast_mul(weight);
         }
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
-        return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(RmsNormOp { weight, eps: eps as f32 })));
+        return x
+            .contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(RmsNormOp {
+                weight,
+                eps: eps as f32,
+            })));
     }
     rms_norm_reference(x, weight, eps)
 }
@@ -33,20 +39,40 @@ pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
     let x = x.to_dtype(DType::F32)?;
     let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let y = x.broadcast_mul(&inv)?;
-    y.broadcast_mul(&weight.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    y.broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
 }
 
 /// LayerNorm (Ba et al. 2016): `(x − mean) / sqrt(var + eps) · w + b`, biased variance as torch.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    if kernels::fused_ok(x) && d > 0 && (weight.track_op() || bias.track_op()) && weight.dims() == [d] && bias.dims() == [d] {
+    if kernels::fused_ok(x)
+        && d > 0
+        && (weight.track_op() || bias.track_op())
+        && weight.dims() == [d]
+        && bias.dims() == [d]
+    {
         let (ones, zeros) = unit_affine(d, x.device())?;
-        return layer_norm(x, &ones, &zeros, eps)?.broadcast_mul(weight)?.broadcast_add(bias);
+        return layer_norm(x, &ones, &zeros, eps)?
+            .broadcast_mul(weight)?
+            .broadcast_add(bias);
     }
-    if kernels::fused_ok(x) && d > 0 && !weight.track_op() && !bias.track_op() && weight.dims() == [d] && bias.dims() == [d] {
+    if kernels::fused_ok(x)
+        && d > 0
+        && !weight.track_op()
+        && !bias.track_op()
+        && weight.dims() == [d]
+        && bias.dims() == [d]
+    {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
-        return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(LayerNormOp { weight, bias, eps: eps as f32 })));
+        return x
+            .contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(LayerNormOp {
+                weight,
+                bias,
+                eps: eps as f32,
+            })));
     }
     layer_norm_reference(x, weight, bias, eps)
 }
@@ -54,12 +80,25 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// `LayerNorm(a + b)`: a post-norm residual (BERT's `LayerNorm(sublayer(x) + x)`). On the CPU
 /// one op that forms the sum row by row and neither stores it nor leaves an add node in the
 /// graph (whose backward would zero-fill and add a buffer for the sum); elsewhere composite.
-pub fn add_layer_norm(a: &Tensor, b: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn add_layer_norm(
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let d = a.dim(D::Minus1)?;
-    let fusable = kernels::fused_ok(a) && kernels::fused_ok(b) && a.dims() == b.dims() && d > 0 && weight.dims() == [d] && bias.dims() == [d];
+    let fusable = kernels::fused_ok(a)
+        && kernels::fused_ok(b)
+        && a.dims() == b.dims()
+        && d > 0
+        && weight.dims() == [d]
+        && bias.dims() == [d];
     if fusable && (weight.track_op() || bias.track_op()) {
         let (ones, zeros) = unit_affine(d, a.device())?;
-        return add_layer_norm(a, b, &ones, &zeros, eps)?.broadcast_mul(weight)?.broadcast_add(bias);
+        return add_layer_norm(a, b, &ones, &zeros, eps)?
+            .broadcast_mul(weight)?
+            .broadcast_add(bias);
     }
     if kernels::fused_ok(a)
         && kernels::fused_ok(b)
@@ -72,18 +111,33 @@ pub fn add_layer_norm(a: &Tensor, b: &Tensor, weight: &Tensor, bias: &Tensor, ep
     {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = bias.to_dtype(DType::F32)?.contiguous()?;
-        return a.contiguous()?.apply_op2_arc(&b.contiguous()?, std::sync::Arc::new(Box::new(AddLayerNormOp(LayerNormOp { weight, bias, eps: eps as f32 }))));
+        return a.contiguous()?.apply_op2_arc(
+            &b.contiguous()?,
+            std::sync::Arc::new(Box::new(AddLayerNormOp(LayerNormOp {
+                weight,
+                bias,
+                eps: eps as f32,
+            }))),
+        );
     }
     layer_norm(&(a + b)?, weight, bias, eps)
 }
 
 /// A unit weight and a zero bias `[d]`: the fused ops' constants when the affine part trains.
 fn unit_affine(d: usize, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    Ok((Tensor::ones(d, DType::F32, device)?, Tensor::zeros(d, DType::F32, device)?))
+    Ok((
+        Tensor::ones(d, DType::F32, device)?,
+        Tensor::zeros(d, DType::F32, device)?,
+    ))
 }
 
 /// Composite LayerNorm from differentiable primitives (fallback and test reference).
-pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -133,14 +187,24 @@ impl CustomOp1 for RmsNormOp {
         let mut y = vec![0f32; x.len()];
         kernels::with_f32(&self.weight, self.name(), |w| {
             let d = w.len();
-            kernels::par_rows(&mut y, d, d, |r0, y| rms_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, self.eps, y));
+            kernels::par_rows(&mut y, d, d, |r0, y| {
+                rms_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, self.eps, y)
+            });
             Ok(())
         })?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        rows_bwd(self.name(), arg, grad_res, &self.weight, self.eps, 2, rms_bwd_rows)
+        rows_bwd(
+            self.name(),
+            arg,
+            grad_res,
+            &self.weight,
+            self.eps,
+            2,
+            rms_bwd_rows,
+        )
     }
 }
 
@@ -198,24 +262,45 @@ impl CustomOp1 for LayerNormOp {
         let mut y = vec![0f32; x.len()];
         kernels::with_f32s([&self.weight, &self.bias], self.name(), |[w, b]| {
             let d = w.len();
-            kernels::par_rows(&mut y, d, 2 * d, |r0, y| ln_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, b, self.eps, y));
+            kernels::par_rows(&mut y, d, 2 * d, |r0, y| {
+                ln_fwd_rows(&x[r0 * d..r0 * d + y.len()], w, b, self.eps, y)
+            });
             Ok(())
         })?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        rows_bwd(self.name(), arg, grad_res, &self.weight, self.eps, 3, ln_bwd_rows)
+        rows_bwd(
+            self.name(),
+            arg,
+            grad_res,
+            &self.weight,
+            self.eps,
+            3,
+            ln_bwd_rows,
+        )
     }
 }
 
 /// Spreads rows of `d` over threads like [`kernels::par_rows`] and calls `f(span, a + b, out)`
 /// for each chunk: the chunk's element range, its rows of `a + b` in a scratch buffer, and its
 /// rows of `out`.
-fn par_row_sums(a: &[f32], b: &[f32], d: usize, out: &mut [f32], passes: usize, f: impl Fn(std::ops::Range<usize>, &[f32], &mut [f32]) + Sync) {
+fn par_row_sums(
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    out: &mut [f32],
+    passes: usize,
+    f: impl Fn(std::ops::Range<usize>, &[f32], &mut [f32]) + Sync,
+) {
     kernels::par_rows(out, d, passes * d, |r0, out| {
         let span = r0 * d..r0 * d + out.len();
-        let sum: Vec<f32> = a[span.clone()].iter().zip(&b[span.clone()]).map(|(a, b)| a + b).collect();
+        let sum: Vec<f32> = a[span.clone()]
+            .iter()
+            .zip(&b[span.clone()])
+            .map(|(a, b)| a + b)
+            .collect();
         f(span, &sum, out)
     });
 }
@@ -228,22 +313,38 @@ impl CustomOp2 for AddLayerNormOp {
         "fused-add-layer-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let a = kernels::contiguous_f32(s1, l1, self.name())?;
         let b = kernels::contiguous_f32(s2, l2, self.name())?;
         let mut y = vec![0f32; a.len()];
         kernels::with_f32s([&self.0.weight, &self.0.bias], self.name(), |[w, bias]| {
-            par_row_sums(a, b, w.len(), &mut y, 3, |_, x, y| ln_fwd_rows(x, w, bias, self.0.eps, y));
+            par_row_sums(a, b, w.len(), &mut y, 3, |_, x, y| {
+                ln_fwd_rows(x, w, bias, self.0.eps, y)
+            });
             Ok(())
         })?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad_res.contiguous()?;
         let mut dx = vec![0f32; a.elem_count()];
         kernels::with_f32s([a, b, &g, &self.0.weight], self.name(), |[a, b, g, w]| {
-            par_row_sums(a, b, w.len(), &mut dx, 4, |span, x, dx| ln_bwd_rows(x, &g[span], w, self.0.eps, dx));
+            par_row_sums(a, b, w.len(), &mut dx, 4, |span, x, dx| {
+                ln_bwd_rows(x, &g[span], w, self.0.eps, dx)
+            });
             Ok(())
         })?;
         // d(a + b)/da = d(a + b)/db = 1: both inputs get the same gradient.
@@ -257,7 +358,15 @@ type RowBwdKernel = fn(&[f32], &[f32], &[f32], f32, &mut [f32]);
 
 /// The input gradient of a row-wise norm: `kernel(x, dy, weight, eps, dx)` over rows of
 /// `weight.len()`, spread over threads (`passes`: the kernel's passes over a row, for chunking).
-fn rows_bwd(name: &str, arg: &Tensor, grad_res: &Tensor, weight: &Tensor, eps: f32, passes: usize, kernel: RowBwdKernel) -> Result<Option<Tensor>> {
+fn rows_bwd(
+    name: &str,
+    arg: &Tensor,
+    grad_res: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    passes: usize,
+    kernel: RowBwdKernel,
+) -> Result<Option<Tensor>> {
     let g = grad_res.contiguous()?;
     let mut dx = vec![0f32; arg.elem_count()];
     kernels::with_f32s([arg, &g, weight], name, |[x, g, w]| {

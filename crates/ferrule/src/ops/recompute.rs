@@ -26,7 +26,10 @@ pub struct GradSink {
 
 impl GradSink {
     pub fn new(wanted: impl IntoIterator<Item = TensorId>) -> Self {
-        Self { wanted: wanted.into_iter().collect(), grads: Mutex::new(HashMap::new()) }
+        Self {
+            wanted: wanted.into_iter().collect(),
+            grads: Mutex::new(HashMap::new()),
+        }
     }
 
     fn collect(&self, store: &GradStore) -> Result<()> {
@@ -62,8 +65,16 @@ pub fn checkpoint(x: &Tensor, block: Block, sink: &Arc<GradSink>) -> Result<Tens
     let y = block(&x.detach())?.detach().contiguous()?;
     // The op only joins the graph when its input does; the first block's input (embeddings
     // of a frozen table) does not, yet the block's own trainable tensors need its backward.
-    let x = if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() };
-    x.apply_op1_arc(Arc::new(Box::new(Recompute { y: Mutex::new(Some(y)), block, sink: sink.clone() })))
+    let x = if x.track_op() {
+        x.clone()
+    } else {
+        Var::from_tensor(x)?.as_tensor().clone()
+    };
+    x.apply_op1_arc(Arc::new(Box::new(Recompute {
+        y: Mutex::new(Some(y)),
+        block,
+        sink: sink.clone(),
+    })))
 }
 
 struct Recompute {
@@ -79,10 +90,19 @@ impl CustomOp1 for Recompute {
     }
 
     fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.y.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("recompute: forward ran twice".into()))?;
+        let y = self
+            .y
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("recompute: forward ran twice".into()))?;
         let (storage, layout) = y.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("recompute: CPU only") };
-        let (a, b) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("recompute: output not contiguous".into()))?;
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("recompute: CPU only")
+        };
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("recompute: output not contiguous".into()))?;
         let data = match cpu {
             CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
             _ => candle_core::bail!("recompute: f32 only"),

@@ -34,11 +34,18 @@ pub struct Rope {
 
 /// `inv_freq[i] = θ^(−2i/d)`, then the scaling rule (as transformers' `ROPE_INIT_FUNCTIONS`).
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f64> {
-    let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+        .collect();
     match scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let low_wavelen = original_max_position_embeddings / low_freq_factor;
             let high_wavelen = original_max_position_embeddings / high_freq_factor;
             base.into_iter()
@@ -49,7 +56,8 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f64> 
                     } else if wavelen < high_wavelen {
                         f
                     } else {
-                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -59,7 +67,13 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f64> 
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, scaling: &RopeScaling, device: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        device: &Device,
+    ) -> Result<Self> {
         let inv = inv_freq(head_dim, theta, scaling);
         let half = head_dim / 2;
         let mut cos = vec![0f32; max_pos * head_dim];
@@ -75,7 +89,10 @@ impl Rope {
                 sin[p * head_dim + i + half] = s;
             }
         }
-        Ok(Self { cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?, sin: Tensor::from_vec(sin, (max_pos, head_dim), device)? })
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_pos, head_dim), device)?,
+            sin: Tensor::from_vec(sin, (max_pos, head_dim), device)?,
+        })
     }
 
     pub fn max_positions(&self) -> usize {
@@ -88,14 +105,26 @@ impl Rope {
         let (_, t, hd) = x.dims3()?;
         let d = self.cos.dim(1)?;
         if offset + t > self.max_positions() {
-            candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's {} positions",
+                offset + t,
+                self.max_positions()
+            )
         }
         if d == 0 || d % 2 != 0 || hd % d != 0 {
             candle_core::bail!("rope: {hd} features do not split into heads of {d}")
         }
         if kernels::fused_ok(x) && self.cos.dtype() == DType::F32 && self.cos.device().is_cpu() {
-            let op = RopeOp { cos: self.cos.clone(), sin: self.sin.clone(), offset, t, heads: hd / d };
-            return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+            let op = RopeOp {
+                cos: self.cos.clone(),
+                sin: self.sin.clone(),
+                offset,
+                t,
+                heads: hd / d,
+            };
+            return x
+                .contiguous()?
+                .apply_op1_arc(std::sync::Arc::new(Box::new(op)));
         }
         self.apply_reference(x, offset)
     }
@@ -107,19 +136,41 @@ impl Rope {
         let (b, t, hd) = x.dims3()?;
         let d = self.cos.dim(1)?;
         if b != 1 || positions.len() != t {
-            candle_core::bail!("rope: {} positions for x of shape {:?} (expected one row of {t})", positions.len(), x.dims())
+            candle_core::bail!(
+                "rope: {} positions for x of shape {:?} (expected one row of {t})",
+                positions.len(),
+                x.dims()
+            )
         }
-        if let Some(&p) = positions.iter().max().filter(|&&p| p as usize >= self.max_positions()) {
-            candle_core::bail!("position {p} exceeds the model's {} positions", self.max_positions())
+        if let Some(&p) = positions
+            .iter()
+            .max()
+            .filter(|&&p| p as usize >= self.max_positions())
+        {
+            candle_core::bail!(
+                "position {p} exceeds the model's {} positions",
+                self.max_positions()
+            )
         }
         if d == 0 || d % 2 != 0 || hd % d != 0 {
             candle_core::bail!("rope: {hd} features do not split into heads of {d}")
         }
         let idx = Tensor::from_slice(positions, t, self.cos.device())?;
-        let (cos, sin) = (self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?);
+        let (cos, sin) = (
+            self.cos.index_select(&idx, 0)?,
+            self.sin.index_select(&idx, 0)?,
+        );
         if kernels::fused_ok(x) && self.cos.dtype() == DType::F32 && self.cos.device().is_cpu() {
-            let op = RopeOp { cos, sin, offset: 0, t, heads: hd / d };
-            return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+            let op = RopeOp {
+                cos,
+                sin,
+                offset: 0,
+                t,
+                heads: hd / d,
+            };
+            return x
+                .contiguous()?
+                .apply_op1_arc(std::sync::Arc::new(Box::new(op)));
         }
         rotate(x, &cos, &sin)
     }
@@ -128,9 +179,17 @@ impl Rope {
     pub fn apply_reference(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(1)?;
         if offset + t > self.max_positions() {
-            candle_core::bail!("sequence of {} positions exceeds the model's {} positions", offset + t, self.max_positions())
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's {} positions",
+                offset + t,
+                self.max_positions()
+            )
         }
-        rotate(x, &self.cos.narrow(0, offset, t)?, &self.sin.narrow(0, offset, t)?)
+        rotate(
+            x,
+            &self.cos.narrow(0, offset, t)?,
+            &self.sin.narrow(0, offset, t)?,
+        )
     }
 }
 
@@ -146,7 +205,9 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)?.reshape((b, t, hd))
+    x.broadcast_mul(&cos)?
+        .add(&rotated.broadcast_mul(&sin)?)?
+        .reshape((b, t, hd))
 }
 
 /// Fused rotate-half rope over rows of `d` of `x: [b, t, heads·d]`; row `r` sits at position
@@ -215,7 +276,17 @@ impl RopeOp {
             let d = self.cos.dim(1)?;
             let rows = self.offset * d..(self.offset + self.t) * d;
             let (cos, sin) = (&cos[rows.clone()], &sin[rows]);
-            kernels::par_rows(&mut out, d, d, |r0, out| kernel(&src[r0 * d..r0 * d + out.len()], cos, sin, self.t, self.heads, r0, out));
+            kernels::par_rows(&mut out, d, d, |r0, out| {
+                kernel(
+                    &src[r0 * d..r0 * d + out.len()],
+                    cos,
+                    sin,
+                    self.t,
+                    self.heads,
+                    r0,
+                    out,
+                )
+            });
             Ok(())
         })?;
         Ok(out)

@@ -24,22 +24,47 @@ use super::FrozenLinear;
 /// `base(x) ⊙ l` (`input_side = false`, `l: [out]`) or `base(x ⊙ l)` (`l: [in]`), `x: [.., in]`.
 /// `l` may have any shape with that many elements (peft stores `[out, 1]` / `[1, in]`).
 /// Fused on the CPU in f32, composite otherwise.
-pub fn scaled_linear(x: &Tensor, base: &FrozenLinear, l: &Tensor, input_side: bool) -> Result<Tensor> {
+pub fn scaled_linear(
+    x: &Tensor,
+    base: &FrozenLinear,
+    l: &Tensor,
+    input_side: bool,
+) -> Result<Tensor> {
     let l = l.flatten_all()?;
-    let want = if input_side { base.in_features() } else { base.out_features() };
+    let want = if input_side {
+        base.in_features()
+    } else {
+        base.out_features()
+    };
     if l.elem_count() != want {
-        candle_core::bail!("scaled-linear: scale has {} values, the layer needs {want}", l.elem_count())
+        candle_core::bail!(
+            "scaled-linear: scale has {} values, the layer needs {want}",
+            l.elem_count()
+        )
     }
     if base.fused_ok(x) && kernels::fused_ok(&l) {
         let keep = l.track_op();
-        let op = ScaledLinear { weight: base.weight().clone(), bias: base.bias().cloned(), input_side, keep, z: Mutex::new(None) };
-        return x.contiguous()?.apply_op2_arc(&l.contiguous()?, Arc::new(Box::new(op)));
+        let op = ScaledLinear {
+            weight: base.weight().clone(),
+            bias: base.bias().cloned(),
+            input_side,
+            keep,
+            z: Mutex::new(None),
+        };
+        return x
+            .contiguous()?
+            .apply_op2_arc(&l.contiguous()?, Arc::new(Box::new(op)));
     }
     scaled_linear_reference(x, base, &l, input_side)
 }
 
 /// The same from candle's differentiable ops (other devices and dtypes; test reference).
-pub fn scaled_linear_reference(x: &Tensor, base: &FrozenLinear, l: &Tensor, input_side: bool) -> Result<Tensor> {
+pub fn scaled_linear_reference(
+    x: &Tensor,
+    base: &FrozenLinear,
+    l: &Tensor,
+    input_side: bool,
+) -> Result<Tensor> {
     let l = l.flatten_all()?;
     if input_side {
         base.forward(&x.broadcast_mul(&l)?)
@@ -60,7 +85,8 @@ struct ScaledLinear {
 
 /// `rows ← rows ⊙ l`, row by row.
 fn scale_rows(rows: &mut [f32], l: &[f32]) {
-    rows.par_chunks_mut(l.len().max(1)).for_each(|row| row.iter_mut().zip(l).for_each(|(v, s)| *v *= s));
+    rows.par_chunks_mut(l.len().max(1))
+        .for_each(|row| row.iter_mut().zip(l).for_each(|(v, s)| *v *= s));
 }
 
 impl CustomOp2 for ScaledLinear {
@@ -68,7 +94,13 @@ impl CustomOp2 for ScaledLinear {
         "scaled-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = kernels::contiguous_f32(s1, l1, self.name())?;
         let l = kernels::contiguous_f32(s2, l2, self.name())?;
         let (out_f, in_f) = self.weight.dims();
@@ -78,7 +110,11 @@ impl CustomOp2 for ScaledLinear {
         }
         let scaled = if self.input_side { in_f } else { out_f };
         if l.len() != scaled {
-            candle_core::bail!("scaled-linear: the scale has {} elements, the {} side has {scaled}", l.len(), if self.input_side { "input" } else { "output" })
+            candle_core::bail!(
+                "scaled-linear: the scale has {} elements, the {} side has {scaled}",
+                l.len(),
+                if self.input_side { "input" } else { "output" }
+            )
         }
         let m = x.len() / in_f.max(1);
         let mut y = vec![0f32; m * out_f];
@@ -100,7 +136,13 @@ impl CustomOp2 for ScaledLinear {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, l: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        l: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, in_f) = self.weight.dims();
         let m = x.elem_count() / in_f.max(1);
         let lv: Vec<f32> = l.to_vec1()?;
@@ -135,7 +177,11 @@ impl CustomOp2 for ScaledLinear {
             }
         })?;
         let dev = x.device();
-        let dx = if need_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let dx = if need_dx {
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
         Ok((dx, Some(Tensor::from_vec(dl, l.shape(), dev)?)))
     }
 }

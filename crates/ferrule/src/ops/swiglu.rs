@@ -18,7 +18,9 @@ use super::kernels::{self, multiversion};
 /// `silu(gate) ⊙ up`: fused on the CPU in f32 (same shapes), composite elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if kernels::fused_ok(gate) && kernels::fused_ok(up) && gate.dims() == up.dims() {
-        return gate.contiguous()?.apply_op2_arc(&up.contiguous()?, Arc::new(Box::new(SwiGlu)));
+        return gate
+            .contiguous()?
+            .apply_op2_arc(&up.contiguous()?, Arc::new(Box::new(SwiGlu)));
     }
     swiglu_reference(gate, up)
 }
@@ -69,7 +71,13 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = kernels::contiguous_f32(s1, l1, self.name())?;
         let u = kernels::contiguous_f32(s2, l2, self.name())?;
         let mut y = vec![0f32; g.len()];
@@ -80,19 +88,31 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = grad_res.contiguous()?;
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
         kernels::with_f32s([gate, up, &dy], self.name(), |[g, u, dy]| {
             const CHUNK: usize = 16 * 1024;
-            dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (dg, du))| {
-                let r = i * CHUNK..i * CHUNK + dg.len();
-                swiglu_bwd(&g[r.clone()], &u[r.clone()], &dy[r], dg, du)
-            });
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(i, (dg, du))| {
+                    let r = i * CHUNK..i * CHUNK + dg.len();
+                    swiglu_bwd(&g[r.clone()], &u[r.clone()], &dy[r], dg, du)
+                });
             Ok(())
         })?;
         let dev = gate.device();
-        Ok((Some(Tensor::from_vec(dg, gate.shape(), dev)?), Some(Tensor::from_vec(du, up.shape(), dev)?)))
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
+        ))
     }
 }

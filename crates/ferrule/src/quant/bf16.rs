@@ -16,7 +16,11 @@ pub struct Bf16Rows {
 impl Bf16Rows {
     /// Rounds to nearest (ties to even), as torch's `.to(torch.bfloat16)`.
     pub fn from_f32(values: &[f32], rows: usize, cols: usize) -> Self {
-        Self { rows, cols, data: values.iter().map(|&v| bf16::from_f32(v)).collect() }
+        Self {
+            rows,
+            cols,
+            data: values.iter().map(|&v| bf16::from_f32(v)).collect(),
+        }
     }
 }
 
@@ -26,7 +30,10 @@ impl QuantMatrix for Bf16Rows {
     }
 
     fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        for (o, v) in out.iter_mut().zip(&self.data[r0 * self.cols..r1 * self.cols]) {
+        for (o, v) in out
+            .iter_mut()
+            .zip(&self.data[r0 * self.cols..r1 * self.cols])
+        {
             *o = v.to_f32();
         }
     }
@@ -37,6 +44,14 @@ impl QuantMatrix for Bf16Rows {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn slice_rows(&self, r0: usize, r1: usize) -> anyhow::Result<std::sync::Arc<dyn QuantMatrix>> {
+        Ok(std::sync::Arc::new(Self {
+            rows: r1 - r0,
+            cols: self.cols,
+            data: self.data[r0 * self.cols..r1 * self.cols].to_vec(),
+        }))
     }
 
     fn format(&self) -> String {

@@ -43,7 +43,9 @@ const NF4: [f32; 16] = [
 
 /// FP4 values in bit-pattern order before normalization (`get_4bit_type("fp4")`). Index 8
 /// ("-0") is +0.0 there: Python's `-0` is the integer 0.
-const FP4_RAW: [f32; 16] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
+const FP4_RAW: [f32; 16] = [
+    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+];
 
 impl Code4 {
     pub fn parse(s: &str) -> Option<Self> {
@@ -113,8 +115,14 @@ impl Absmax {
     pub fn get(&self, b: usize) -> f32 {
         match self {
             Absmax::Plain(v) => v[b],
-            Absmax::Double { q, nested_absmax, nested_code, offset } => {
-                dynamic::dequantize_one(nested_code, q[b], nested_absmax[b / NESTED_BLOCKSIZE]) + offset
+            Absmax::Double {
+                q,
+                nested_absmax,
+                nested_code,
+                offset,
+            } => {
+                dynamic::dequantize_one(nested_code, q[b], nested_absmax[b / NESTED_BLOCKSIZE])
+                    + offset
             }
         }
     }
@@ -136,11 +144,20 @@ pub struct Blockwise4 {
 impl Blockwise4 {
     /// Quantizes `values` (row-major, `shape`) like `bitsandbytes.functional.quantize_4bit`
     /// with `compress_statistics = double_quant`.
-    pub fn quantize(values: &[f32], shape: &[usize], code: Code4, blocksize: usize, double_quant: bool) -> Result<Self> {
+    pub fn quantize(
+        values: &[f32],
+        shape: &[usize],
+        code: Code4,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
         check_blocksize(blocksize)?;
         let n: usize = shape.iter().product();
         if n != values.len() {
-            bail!("quantize: shape {shape:?} has {n} elements, got {}", values.len())
+            bail!(
+                "quantize: shape {shape:?} has {n} elements, got {}",
+                values.len()
+            )
         }
         let bounds = code.bounds();
         let order = code.order();
@@ -166,20 +183,39 @@ impl Blockwise4 {
             q.push(index(0.0));
         }
         let packed = q.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
-        let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::Plain(absmax) };
+        let absmax = if double_quant {
+            double_quantize(&absmax)
+        } else {
+            Absmax::Plain(absmax)
+        };
         Self::from_parts(code, shape.to_vec(), blocksize, packed, absmax)
     }
 
     /// Assembles a quantized tensor from its serialized parts, checking that they fit.
-    pub fn from_parts(code: Code4, shape: Vec<usize>, blocksize: usize, packed: Vec<u8>, absmax: Absmax) -> Result<Self> {
+    pub fn from_parts(
+        code: Code4,
+        shape: Vec<usize>,
+        blocksize: usize,
+        packed: Vec<u8>,
+        absmax: Absmax,
+    ) -> Result<Self> {
         check_blocksize(blocksize)?;
         let n: usize = shape.iter().product();
         if packed.len() != n.div_ceil(2) {
-            bail!("{} data has {} bytes; shape {shape:?} needs {}", code.name(), packed.len(), n.div_ceil(2))
+            bail!(
+                "{} data has {} bytes; shape {shape:?} needs {}",
+                code.name(),
+                packed.len(),
+                n.div_ceil(2)
+            )
         }
         let blocks = n.div_ceil(blocksize);
         if absmax.len() != blocks {
-            bail!("{} absmax has {} values; shape {shape:?} in blocks of {blocksize} needs {blocks}", code.name(), absmax.len())
+            bail!(
+                "{} absmax has {} values; shape {shape:?} in blocks of {blocksize} needs {blocks}",
+                code.name(),
+                absmax.len()
+            )
         }
         if let Absmax::Double { nested_absmax, .. } = &absmax {
             let nested = blocks.div_ceil(NESTED_BLOCKSIZE);
@@ -194,7 +230,14 @@ impl Blockwise4 {
             t[8] = -0.0;
         }
         let pairs = Box::new(std::array::from_fn(|b| [t[b >> 4], t[b & 15]]));
-        Ok(Self { code, shape, blocksize, packed, absmax, pairs })
+        Ok(Self {
+            code,
+            shape,
+            blocksize,
+            packed,
+            absmax,
+            pairs,
+        })
     }
 
     pub fn numel(&self) -> usize {
@@ -248,11 +291,25 @@ impl Blockwise4 {
 /// bitsandbytes takes the mean with torch's cascade summation; we sum in f64 and round, which
 /// agrees to the last bit or one ulp (the fixtures check it).
 fn double_quantize(absmax: &[f32]) -> Absmax {
-    let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let offset =
+        (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
     let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
     let code = dynamic::signed_map();
     let (q, nested_absmax) = dynamic::quantize_blockwise(&centred, &code, NESTED_BLOCKSIZE);
-    Absmax::Double { q, nested_absmax, nested_code: Arc::new(code), offset }
+    Absmax::Double {
+        q,
+        nested_absmax,
+        nested_code: Arc::new(code),
+        offset,
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 pub fn check_blocksize(blocksize: usize) -> Result<()> {
@@ -282,7 +339,9 @@ impl QuantMatrix for Blockwise4 {
         self.packed.len()
             + match &self.absmax {
                 Absmax::Plain(v) => 4 * v.len(),
-                Absmax::Double { q, nested_absmax, .. } => q.len() + 4 * nested_absmax.len() + 4,
+                Absmax::Double {
+                    q, nested_absmax, ..
+                } => q.len() + 4 * nested_absmax.len() + 4,
             }
     }
 
@@ -290,8 +349,49 @@ impl QuantMatrix for Blockwise4 {
         self
     }
 
+    /// The slice keeps the packed codes and the blocks' absmax as reconstructed in f32 (plain
+    /// statistics, 4 bytes per block instead of double quantization's 1 + 4/256): a nested
+    /// block of 256 absmax values would straddle the shards.
+    fn slice_rows(&self, r0: usize, r1: usize) -> Result<std::sync::Arc<dyn QuantMatrix>> {
+        let cols = self.dims().1;
+        let (e0, e1) = (r0 * cols, r1 * cols);
+        if !e0.is_multiple_of(self.blocksize)
+            || (e1 != self.numel() && !e1.is_multiple_of(self.blocksize))
+        {
+            bail!(
+                "{}: rows {r0}..{r1} do not hold whole blocks of {}",
+                self.code.name(),
+                self.blocksize
+            )
+        }
+        let (b0, b1) = (e0 / self.blocksize, e1.div_ceil(self.blocksize));
+        let absmax = Absmax::Plain((b0..b1).map(|b| self.absmax.get(b)).collect());
+        let shape = vec![r1 - r0, cols];
+        Ok(std::sync::Arc::new(Self::from_parts(
+            self.code,
+            shape,
+            self.blocksize,
+            self.packed[e0 / 2..e1.div_ceil(2)].to_vec(),
+            absmax,
+        )?))
+    }
+
+    fn row_granularity(&self) -> usize {
+        let cols = self.dims().1.max(1);
+        self.blocksize / gcd(self.blocksize, cols)
+    }
+
     fn format(&self) -> String {
-        format!("{} (blocksize {}{})", self.code.name(), self.blocksize, if self.double_quant() { ", double quant" } else { "" })
+        format!(
+            "{} (blocksize {}{})",
+            self.code.name(),
+            self.blocksize,
+            if self.double_quant() {
+                ", double quant"
+            } else {
+                ""
+            }
+        )
     }
 }
 
@@ -317,7 +417,9 @@ mod tests {
 
     #[test]
     fn ranges_agree_with_the_whole() {
-        let vals: Vec<f32> = (0..3 * 37).map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.1).collect();
+        let vals: Vec<f32> = (0..3 * 37)
+            .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.1)
+            .collect();
         for dq in [false, true] {
             let q = Blockwise4::quantize(&vals, &[3, 37], Code4::Nf4, 32, dq).unwrap();
             let whole = q.dequantize();
@@ -331,10 +433,27 @@ mod tests {
 
     #[test]
     fn bad_blocksize_and_sizes_are_refused() {
-        assert!(Blockwise4::quantize(&[1.0; 8], &[8], Code4::Nf4, 48, false).unwrap_err().to_string().contains("blocksize 48"));
-        let err = Blockwise4::from_parts(Code4::Nf4, vec![4, 64], 64, vec![0; 100], Absmax::Plain(vec![1.0; 4])).unwrap_err();
+        assert!(Blockwise4::quantize(&[1.0; 8], &[8], Code4::Nf4, 48, false)
+            .unwrap_err()
+            .to_string()
+            .contains("blocksize 48"));
+        let err = Blockwise4::from_parts(
+            Code4::Nf4,
+            vec![4, 64],
+            64,
+            vec![0; 100],
+            Absmax::Plain(vec![1.0; 4]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("needs 128"), "{err}");
-        let err = Blockwise4::from_parts(Code4::Nf4, vec![4, 64], 64, vec![0; 128], Absmax::Plain(vec![1.0; 3])).unwrap_err();
+        let err = Blockwise4::from_parts(
+            Code4::Nf4,
+            vec![4, 64],
+            64,
+            vec![0; 128],
+            Absmax::Plain(vec![1.0; 3]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("needs 4"), "{err}");
     }
 }

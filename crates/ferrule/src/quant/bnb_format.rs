@@ -27,7 +27,17 @@ const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
 /// Whether a checkpoint tensor is part of a bitsandbytes-quantized weight (other than the
 /// packed weight itself).
 pub fn is_component(name: &str) -> bool {
-    name.contains(QUANT_STATE) || [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format"].iter().any(|s| name.ends_with(s))
+    name.contains(QUANT_STATE)
+        || [
+            ".absmax",
+            ".quant_map",
+            ".nested_absmax",
+            ".nested_quant_map",
+            ".SCB",
+            ".weight_format",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 /// Whether a tensor of this dtype can be the packed data of a quantized weight.
@@ -35,37 +45,70 @@ pub fn is_packed_dtype(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::U8 | Dtype::I8)
 }
 
-fn take(raw: &mut HashMap<String, RawTensor>, file: &Path, key: &str, dtype: Dtype) -> Result<RawTensor> {
-    let t = raw.remove(key).ok_or_else(|| anyhow!("{}: bitsandbytes tensor {key:?} is missing", file.display()))?;
+fn take(
+    raw: &mut HashMap<String, RawTensor>,
+    file: &Path,
+    key: &str,
+    dtype: Dtype,
+) -> Result<RawTensor> {
+    let t = raw
+        .remove(key)
+        .ok_or_else(|| anyhow!("{}: bitsandbytes tensor {key:?} is missing", file.display()))?;
     if t.dtype != dtype {
-        bail!("{}: {key:?} has dtype {:?}, expected {dtype:?}", file.display(), t.dtype)
+        bail!(
+            "{}: {key:?} has dtype {:?}, expected {dtype:?}",
+            file.display(),
+            t.dtype
+        )
     }
     Ok(t)
 }
 
 fn f32s(t: &RawTensor) -> Vec<f32> {
-    t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    t.data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// Builds the quantized weights described by bitsandbytes tensors in `raw` (removing them);
 /// returns them by weight name. Anything left over or inconsistent is an error naming the
 /// file and key.
-pub fn assemble(raw: &mut HashMap<String, RawTensor>, file: &Path) -> Result<HashMap<String, Arc<dyn QuantMatrix>>> {
+pub fn assemble(
+    raw: &mut HashMap<String, RawTensor>,
+    file: &Path,
+) -> Result<HashMap<String, Arc<dyn QuantMatrix>>> {
     let mut out: HashMap<String, Arc<dyn QuantMatrix>> = HashMap::new();
-    let states: Vec<String> = raw.keys().filter(|k| k.contains(QUANT_STATE)).cloned().collect();
+    let states: Vec<String> = raw
+        .keys()
+        .filter(|k| k.contains(QUANT_STATE))
+        .cloned()
+        .collect();
     for key in states {
         let (w, qt) = key.split_once(QUANT_STATE).unwrap();
         let ctx = || format!("{}: {key:?}", file.display());
-        let code = Code4::parse(qt).ok_or_else(|| anyhow!("{}: unsupported 4-bit quant type {qt:?} (expected nf4 or fp4)", ctx()))?;
+        let code = Code4::parse(qt).ok_or_else(|| {
+            anyhow!(
+                "{}: unsupported 4-bit quant type {qt:?} (expected nf4 or fp4)",
+                ctx()
+            )
+        })?;
         let state = take(raw, file, &key, Dtype::U8)?;
-        let state: Value = serde_json::from_slice(&state.data).with_context(|| format!("{}: not a JSON quant state", ctx()))?;
-        let blocksize = state["blocksize"].as_u64().ok_or_else(|| anyhow!("{}: no integer \"blocksize\"", ctx()))? as usize;
+        let state: Value = serde_json::from_slice(&state.data)
+            .with_context(|| format!("{}: not a JSON quant state", ctx()))?;
+        let blocksize = state["blocksize"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("{}: no integer \"blocksize\"", ctx()))?
+            as usize;
         let shape: Vec<usize> = state["shape"]
             .as_array()
             .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect())
             .ok_or_else(|| anyhow!("{}: no integer list \"shape\"", ctx()))?;
         if shape.len() != 2 {
-            bail!("{}: shape {shape:?}; only 2-D (linear) weights are supported", ctx())
+            bail!(
+                "{}: shape {shape:?}; only 2-D (linear) weights are supported",
+                ctx()
+            )
         }
         let packed = take(raw, file, w, Dtype::U8)?.data;
         let quant_map = f32s(&take(raw, file, &format!("{w}.quant_map"), Dtype::F32)?);
@@ -75,23 +118,54 @@ pub fn assemble(raw: &mut HashMap<String, RawTensor>, file: &Path) -> Result<Has
         let nested = raw.contains_key(&format!("{w}.nested_absmax"));
         let absmax = if nested {
             if state["nested_blocksize"].as_u64() != Some(NESTED_BLOCKSIZE as u64) {
-                bail!("{}: nested_blocksize {}, expected {NESTED_BLOCKSIZE}", ctx(), state["nested_blocksize"])
+                bail!(
+                    "{}: nested_blocksize {}, expected {NESTED_BLOCKSIZE}",
+                    ctx(),
+                    state["nested_blocksize"]
+                )
             }
-            let offset = state["nested_offset"].as_f64().ok_or_else(|| anyhow!("{}: no number \"nested_offset\"", ctx()))? as f32;
+            let offset = state["nested_offset"]
+                .as_f64()
+                .ok_or_else(|| anyhow!("{}: no number \"nested_offset\"", ctx()))?
+                as f32;
             let q = take(raw, file, &format!("{w}.absmax"), Dtype::U8)?.data;
             let nested_absmax = f32s(&take(raw, file, &format!("{w}.nested_absmax"), Dtype::F32)?);
-            let code8 = f32s(&take(raw, file, &format!("{w}.nested_quant_map"), Dtype::F32)?);
-            let nested_code: [f32; 256] =
-                code8.try_into().map_err(|v: Vec<f32>| anyhow!("{}: {w}.nested_quant_map has {} values, expected 256", file.display(), v.len()))?;
-            Absmax::Double { q, nested_absmax, nested_code: Arc::new(nested_code), offset }
+            let code8 = f32s(&take(
+                raw,
+                file,
+                &format!("{w}.nested_quant_map"),
+                Dtype::F32,
+            )?);
+            let nested_code: [f32; 256] = code8.try_into().map_err(|v: Vec<f32>| {
+                anyhow!(
+                    "{}: {w}.nested_quant_map has {} values, expected 256",
+                    file.display(),
+                    v.len()
+                )
+            })?;
+            Absmax::Double {
+                q,
+                nested_absmax,
+                nested_code: Arc::new(nested_code),
+                offset,
+            }
         } else {
             Absmax::Plain(f32s(&take(raw, file, &format!("{w}.absmax"), Dtype::F32)?))
         };
-        let q = Blockwise4::from_parts(code, shape, blocksize, packed, absmax)
-            .with_context(|| format!("{}: {w:?}: the quantization statistics do not fit the shape", file.display()))?;
+        let q =
+            Blockwise4::from_parts(code, shape, blocksize, packed, absmax).with_context(|| {
+                format!(
+                    "{}: {w:?}: the quantization statistics do not fit the shape",
+                    file.display()
+                )
+            })?;
         out.insert(w.to_string(), Arc::new(q));
     }
-    let scbs: Vec<String> = raw.keys().filter(|k| k.ends_with(".SCB")).cloned().collect();
+    let scbs: Vec<String> = raw
+        .keys()
+        .filter(|k| k.ends_with(".SCB"))
+        .cloned()
+        .collect();
     for key in scbs {
         let module = key.strip_suffix(".SCB").unwrap();
         let w = format!("{module}.weight");
@@ -102,9 +176,16 @@ pub fn assemble(raw: &mut HashMap<String, RawTensor>, file: &Path) -> Result<Has
                 bail!("{}: {module}.weight_format is {}; only row-major int8 weights (0) are supported", file.display(), fmt.data[0])
             }
         }
-        let [rows, cols] = cb.shape[..] else { bail!("{}: {w:?} has shape {:?}, expected [out, in]", file.display(), cb.shape) };
+        let [rows, cols] = cb.shape[..] else {
+            bail!(
+                "{}: {w:?} has shape {:?}, expected [out, in]",
+                file.display(),
+                cb.shape
+            )
+        };
         let cb: Vec<i8> = cb.data.iter().map(|&b| b as i8).collect();
-        let q = Int8Rows::from_parts(rows, cols, cb, scb).with_context(|| format!("{}: {w:?}", file.display()))?;
+        let q = Int8Rows::from_parts(rows, cols, cb, scb)
+            .with_context(|| format!("{}: {w:?}", file.display()))?;
         out.insert(w, Arc::new(q));
     }
     if let Some(k) = raw.keys().min() {
@@ -114,41 +195,89 @@ pub fn assemble(raw: &mut HashMap<String, RawTensor>, file: &Path) -> Result<Has
 }
 
 /// The tensors bitsandbytes writes for the quantized weight `name` (`...q_proj.weight`).
-pub fn serialize(name: &str, q: &dyn QuantMatrix, out: &mut BTreeMap<String, RawTensor>) -> Result<()> {
+pub fn serialize(
+    name: &str,
+    q: &dyn QuantMatrix,
+    out: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
     let any: &dyn Any = q.as_any();
     if let Some(b) = any.downcast_ref::<Blockwise4>() {
-        out.insert(name.to_string(), RawTensor::new(Dtype::U8, vec![b.packed.len(), 1], b.packed.clone()));
-        out.insert(format!("{name}.quant_map"), RawTensor::f32s(vec![16], &b.code.table()));
-        let shape = b.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        out.insert(
+            name.to_string(),
+            RawTensor::new(Dtype::U8, vec![b.packed.len(), 1], b.packed.clone()),
+        );
+        out.insert(
+            format!("{name}.quant_map"),
+            RawTensor::f32s(vec![16], &b.code.table()),
+        );
+        let shape = b
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         // Written by hand to keep bitsandbytes' key order and Python's `json.dumps` spacing.
         let mut state = format!("{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"float32\", \"shape\": [{shape}]", b.code.name(), b.blocksize);
         match &b.absmax {
             Absmax::Plain(v) => {
                 out.insert(format!("{name}.absmax"), RawTensor::f32s(vec![v.len()], v));
             }
-            Absmax::Double { q, nested_absmax, nested_code, offset } => {
-                out.insert(format!("{name}.absmax"), RawTensor::new(Dtype::U8, vec![q.len()], q.clone()));
-                out.insert(format!("{name}.nested_absmax"), RawTensor::f32s(vec![nested_absmax.len()], nested_absmax));
-                out.insert(format!("{name}.nested_quant_map"), RawTensor::f32s(vec![256], &nested_code[..]));
+            Absmax::Double {
+                q,
+                nested_absmax,
+                nested_code,
+                offset,
+            } => {
+                out.insert(
+                    format!("{name}.absmax"),
+                    RawTensor::new(Dtype::U8, vec![q.len()], q.clone()),
+                );
+                out.insert(
+                    format!("{name}.nested_absmax"),
+                    RawTensor::f32s(vec![nested_absmax.len()], nested_absmax),
+                );
+                out.insert(
+                    format!("{name}.nested_quant_map"),
+                    RawTensor::f32s(vec![256], &nested_code[..]),
+                );
                 state += &format!(", \"nested_blocksize\": {NESTED_BLOCKSIZE}, \"nested_dtype\": \"float32\", \"nested_offset\": {}", json!(*offset as f64));
             }
         }
         state += "}";
         let key = format!("{name}{QUANT_STATE}{}", b.code.name());
-        out.insert(key, RawTensor::new(Dtype::U8, vec![state.len()], state.into_bytes()));
+        out.insert(
+            key,
+            RawTensor::new(Dtype::U8, vec![state.len()], state.into_bytes()),
+        );
         return Ok(());
     }
     if let Some(q) = any.downcast_ref::<Int8Rows>() {
         let module = name.strip_suffix(".weight").unwrap_or(name);
-        out.insert(name.to_string(), RawTensor::new(Dtype::I8, vec![q.rows, q.cols], q.cb.iter().map(|&v| v as u8).collect()));
-        out.insert(format!("{module}.SCB"), RawTensor::f32s(vec![q.rows], &q.scb));
-        out.insert(format!("{module}.weight_format"), RawTensor::new(Dtype::U8, vec![], vec![0]));
+        out.insert(
+            name.to_string(),
+            RawTensor::new(
+                Dtype::I8,
+                vec![q.rows, q.cols],
+                q.cb.iter().map(|&v| v as u8).collect(),
+            ),
+        );
+        out.insert(
+            format!("{module}.SCB"),
+            RawTensor::f32s(vec![q.rows], &q.scb),
+        );
+        out.insert(
+            format!("{module}.weight_format"),
+            RawTensor::new(Dtype::U8, vec![], vec![0]),
+        );
         return Ok(());
     }
     if let Some(h) = any.downcast_ref::<Bf16Rows>() {
         // Written widened to f32: transformers keeps a bf16 head in bf16 and then fails to
         // multiply it with f32 activations. Reading it back finds the values bf16-exact.
-        out.insert(name.to_string(), RawTensor::f32s(vec![h.rows, h.cols], &h.dequantize()));
+        out.insert(
+            name.to_string(),
+            RawTensor::f32s(vec![h.rows, h.cols], &h.dequantize()),
+        );
         return Ok(());
     }
     bail!("{name}: {} weights have no bitsandbytes layout; only nf4/fp4/int8 (and bf16) can be saved in it", q.format())
@@ -164,10 +293,22 @@ pub fn has_layout(q: &dyn QuantMatrix) -> bool {
 pub fn requantize(q: &dyn QuantMatrix, name: &str, values: &[f32]) -> Result<Arc<dyn QuantMatrix>> {
     let (rows, cols) = q.dims();
     let spec = if let Some(b) = q.as_any().downcast_ref::<Blockwise4>() {
-        let method = if b.code == Code4::Nf4 { QuantMethod::Nf4 } else { QuantMethod::Fp4 };
-        QuantSpec { method, blocksize: b.blocksize, double_quant: b.double_quant() }
+        let method = if b.code == Code4::Nf4 {
+            QuantMethod::Nf4
+        } else {
+            QuantMethod::Fp4
+        };
+        QuantSpec {
+            method,
+            blocksize: b.blocksize,
+            double_quant: b.double_quant(),
+        }
     } else if q.as_any().is::<Int8Rows>() {
-        QuantSpec { method: QuantMethod::Int8, blocksize: 64, double_quant: false }
+        QuantSpec {
+            method: QuantMethod::Int8,
+            blocksize: 64,
+            double_quant: false,
+        }
     } else if q.as_any().is::<Bf16Rows>() {
         return Ok(Arc::new(Bf16Rows::from_f32(values, rows, cols)));
     } else {
@@ -198,7 +339,9 @@ pub fn quantization_config(spec: &QuantSpec) -> Value {
 
 /// The quantization a config.json declares (`quantization_config` of bitsandbytes), if any.
 pub fn spec_from_config(config: &Value) -> Result<Option<QuantSpec>> {
-    let Some(q) = config.get("quantization_config") else { return Ok(None) };
+    let Some(q) = config.get("quantization_config") else {
+        return Ok(None);
+    };
     let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
     if method != "bitsandbytes" {
         bail!("quantization_config.quant_method {method:?} is not supported (only bitsandbytes nf4/fp4/int8 and GGUF files)")
@@ -207,11 +350,18 @@ pub fn spec_from_config(config: &Value) -> Result<Option<QuantSpec>> {
     let m = if flag("load_in_8bit") {
         QuantMethod::Int8
     } else if flag("load_in_4bit") {
-        q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4").parse()?
+        q.get("bnb_4bit_quant_type")
+            .and_then(Value::as_str)
+            .unwrap_or("fp4")
+            .parse()?
     } else {
         bail!("quantization_config has neither load_in_4bit nor load_in_8bit")
     };
     let dq = m != QuantMethod::Int8 && flag("bnb_4bit_use_double_quant");
     // The blocksize is per tensor (quant_state); 64 is what transformers uses.
-    Ok(Some(QuantSpec { method: m, blocksize: 64, double_quant: dq }))
+    Ok(Some(QuantSpec {
+        method: m,
+        blocksize: 64,
+        double_quant: dq,
+    }))
 }

@@ -49,7 +49,11 @@ pub fn signed_map() -> [f32; 256] {
 ///
 /// A block of zeros has absmax 0; bitsandbytes then divides 0/0 and its search turns the NaN
 /// into index 0, which we store too (it dequantizes to `code[0] · 0 = 0`).
-pub fn quantize_blockwise(values: &[f32], code: &[f32; 256], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+pub fn quantize_blockwise(
+    values: &[f32],
+    code: &[f32; 256],
+    blocksize: usize,
+) -> (Vec<u8>, Vec<f32>) {
     let mut q = Vec::with_capacity(values.len());
     let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
     for block in values.chunks(blocksize) {

@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Result};
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1,
 };
 use candle_core::quantized::{GgmlDType, GgmlType};
 use half::{bf16, f16};
@@ -23,7 +24,11 @@ pub struct GgmlMatrix {
 
 impl std::fmt::Debug for GgmlMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GgmlMatrix({:?}, {}x{})", self.dtype, self.rows, self.cols)
+        write!(
+            f,
+            "GgmlMatrix({:?}, {}x{})",
+            self.dtype, self.rows, self.cols
+        )
     }
 }
 
@@ -104,12 +109,23 @@ impl GgmlMatrix {
         }
         let want = rows * cols / bs * dtype.type_size();
         if data.len() != want {
-            bail!("{dtype:?} tensor [{rows}, {cols}] needs {want} bytes, got {}", data.len())
+            bail!(
+                "{dtype:?} tensor [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            )
         }
         let mut words = vec![0u32; data.len().div_ceil(4)];
         // SAFETY: `words` has at least `data.len()` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), words.as_mut_ptr() as *mut u8, data.len()) };
-        Ok(Self { dtype, rows, cols, words, bytes: data.len() })
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), words.as_mut_ptr() as *mut u8, data.len())
+        };
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            words,
+            bytes: data.len(),
+        })
     }
 
     pub fn dtype(&self) -> GgmlDType {
@@ -135,13 +151,31 @@ impl QuantMatrix for GgmlMatrix {
             // SAFETY: the buffer is 4-byte aligned and `start` is a multiple of the block size,
             // itself a multiple of the block's alignment (at most 4); every bit pattern is a
             // valid block (integers and floats only); `new` checked the length.
-            let blocks: &[T] = unsafe { std::slice::from_raw_parts((self.words.as_ptr() as *const u8).add(start) as *const T, n) };
+            let blocks: &[T] = unsafe {
+                std::slice::from_raw_parts(
+                    (self.words.as_ptr() as *const u8).add(start) as *const T,
+                    n,
+                )
+            };
             T::to_float(blocks, out);
         })
     }
 
     fn storage_bytes(&self) -> usize {
         self.bytes
+    }
+
+    fn slice_rows(&self, r0: usize, r1: usize) -> anyhow::Result<std::sync::Arc<dyn QuantMatrix>> {
+        let rb = self.row_bytes();
+        // SAFETY: `words` holds `self.bytes` = rows · row_bytes initialized bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.bytes) };
+        Ok(std::sync::Arc::new(Self::new(
+            self.dtype,
+            r1 - r0,
+            self.cols,
+            &bytes[r0 * rb..r1 * rb],
+        )?))
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -160,11 +194,25 @@ mod tests {
 
     #[test]
     fn rows_match_candle_dequantization() {
-        let vals: Vec<f32> = (0..4 * 64).map(|i| ((i * 37) % 101) as f32 / 40.0 - 1.2).collect();
+        let vals: Vec<f32> = (0..4 * 64)
+            .map(|i| ((i * 37) % 101) as f32 / 40.0 - 1.2)
+            .collect();
         let t = Tensor::from_vec(vals, (4, 64), &Device::Cpu).unwrap();
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_1, GgmlDType::F16] {
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_1,
+            GgmlDType::F16,
+        ] {
             let q = candle_core::quantized::QTensor::quantize(&t, dt).unwrap();
-            let whole: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let whole: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let m = GgmlMatrix::new(dt, 4, 64, &q.data().unwrap()).unwrap();
             let mut rows = vec![0f32; 2 * 64];
             m.dequantize_rows(1, 3, &mut rows);

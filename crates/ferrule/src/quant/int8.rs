@@ -27,7 +27,11 @@ impl Int8Rows {
     /// zeros.
     pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Result<Self> {
         if values.len() != rows * cols {
-            bail!("int8 quantize: {rows}x{cols} needs {} values, got {}", rows * cols, values.len())
+            bail!(
+                "int8 quantize: {rows}x{cols} needs {} values, got {}",
+                rows * cols,
+                values.len()
+            )
         }
         let mut cb = Vec::with_capacity(values.len());
         let mut scb = Vec::with_capacity(rows);
@@ -36,19 +40,37 @@ impl Int8Rows {
             scb.push(am);
             // torch evaluates `127.0 / t` as `reciprocal(t) * 127.0`.
             let s = (1.0 / am) * 127.0;
-            cb.extend(row.iter().map(|&v| if am == 0.0 { 0 } else { (v * s).round_ties_even() as i8 }));
+            cb.extend(row.iter().map(|&v| {
+                if am == 0.0 {
+                    0
+                } else {
+                    (v * s).round_ties_even() as i8
+                }
+            }));
         }
         Self::from_parts(rows, cols, cb, scb)
     }
 
     pub fn from_parts(rows: usize, cols: usize, cb: Vec<i8>, scb: Vec<f32>) -> Result<Self> {
         if cb.len() != rows * cols {
-            bail!("int8 weight has {} values; shape [{rows}, {cols}] needs {}", cb.len(), rows * cols)
+            bail!(
+                "int8 weight has {} values; shape [{rows}, {cols}] needs {}",
+                cb.len(),
+                rows * cols
+            )
         }
         if scb.len() != rows {
-            bail!("int8 SCB has {} values; {rows} rows need one each", scb.len())
+            bail!(
+                "int8 SCB has {} values; {rows} rows need one each",
+                scb.len()
+            )
         }
-        Ok(Self { rows, cols, cb, scb })
+        Ok(Self {
+            rows,
+            cols,
+            cb,
+            scb,
+        })
     }
 }
 
@@ -74,6 +96,16 @@ impl QuantMatrix for Int8Rows {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn slice_rows(&self, r0: usize, r1: usize) -> Result<std::sync::Arc<dyn QuantMatrix>> {
+        let c = self.cols;
+        Ok(std::sync::Arc::new(Self::from_parts(
+            r1 - r0,
+            c,
+            self.cb[r0 * c..r1 * c].to_vec(),
+            self.scb[r0..r1].to_vec(),
+        )?))
     }
 
     fn format(&self) -> String {

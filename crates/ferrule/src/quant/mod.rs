@@ -40,6 +40,16 @@ pub trait QuantMatrix: Send + Sync + fmt::Debug {
     /// For writers that need the concrete format (the bitsandbytes layout).
     fn as_any(&self) -> &dyn std::any::Any;
 
+    /// Rows `r0..r1` as a matrix of the same format (one rank's shard with `--shard-base`).
+    /// `r0` and `r1` are multiples of [`QuantMatrix::row_granularity`] (or `r1` the last row);
+    /// dequantizing the slice gives exactly the rows this matrix gives.
+    fn slice_rows(&self, r0: usize, r1: usize) -> anyhow::Result<std::sync::Arc<dyn QuantMatrix>>;
+
+    /// The smallest run of rows that holds whole quantization blocks (1 for row-wise formats).
+    fn row_granularity(&self) -> usize {
+        1
+    }
+
     /// The whole matrix in f32.
     fn dequantize(&self) -> Vec<f32> {
         let (r, c) = self.dims();
@@ -58,7 +68,10 @@ pub trait QuantMatrix: Send + Sync + fmt::Debug {
 /// Refuses NaN and infinite weights: quantizing them gives a silently wrong model.
 pub fn check_finite(name: &str, values: &[f32]) -> anyhow::Result<()> {
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        anyhow::bail!("{name}: element {i} is {}; refusing to quantize a tensor with NaN/inf values", values[i])
+        anyhow::bail!(
+            "{name}: element {i} is {}; refusing to quantize a tensor with NaN/inf values",
+            values[i]
+        )
     }
     Ok(())
 }
@@ -80,11 +93,21 @@ impl RoundTripError {
             max_abs = max_abs.max((a - b).abs());
             max_ref = max_ref.max(a.abs());
         }
-        Self { max_abs, rel: if max_ref > 0.0 { max_abs / max_ref } else { 0.0 } }
+        Self {
+            max_abs,
+            rel: if max_ref > 0.0 {
+                max_abs / max_ref
+            } else {
+                0.0
+            },
+        }
     }
 
     pub fn worst(self, other: Self) -> Self {
-        Self { max_abs: self.max_abs.max(other.max_abs), rel: self.rel.max(other.rel) }
+        Self {
+            max_abs: self.max_abs.max(other.max_abs),
+            rel: self.rel.max(other.rel),
+        }
     }
 }
 
@@ -97,7 +120,12 @@ pub struct WeightMemory {
     /// Parameters held dense (f32), and their bytes.
     pub dense_params: usize,
     pub dense_bytes: usize,
-    /// Per format (e.g. `nf4 (blocksize 64, double quant)`, `Q4_1`, `bf16`).
+    /// Matrices sharded across ranks (`--shard-base`): their parameters (whole matrices) and
+    /// the bytes of this rank's rows.
+    pub sharded_params: usize,
+    pub sharded_bytes: usize,
+    /// Per format (e.g. `nf4 (blocksize 64, double quant)`, `Q4_1`, `bf16`; a sharded matrix
+    /// as `f32, this rank's rows`), counting the parameters and bytes held.
     pub formats: std::collections::BTreeMap<String, FormatMemory>,
 }
 
@@ -113,7 +141,11 @@ pub struct FormatMemory {
 impl WeightMemory {
     pub fn of(weights: &crate::model::Weights) -> Self {
         let mut m = Self::default();
-        for (_, t) in weights.tensors().iter().filter(|(_, t)| t.dtype().is_float()) {
+        for (_, t) in weights
+            .tensors()
+            .iter()
+            .filter(|(_, t)| t.dtype().is_float())
+        {
             m.dense_params += t.elem_count();
             m.dense_bytes += t.elem_count() * t.dtype().size_in_bytes();
         }
@@ -127,6 +159,19 @@ impl WeightMemory {
             f.bytes += q.storage_bytes();
             f.bits_per_param = f.bytes as f64 * 8.0 / f.params.max(1) as f64;
         }
+        for s in weights.sharded().values() {
+            let (r, c) = s.dims();
+            m.sharded_params += r * c;
+            m.sharded_bytes += s.local_bytes();
+            let f = m
+                .formats
+                .entry(format!("{}, this rank's rows", s.format()))
+                .or_default();
+            f.tensors += 1;
+            f.params += s.local_rows() * c;
+            f.bytes += s.local_bytes();
+            f.bits_per_param = f.bytes as f64 * 8.0 / f.params.max(1) as f64;
+        }
         m
     }
 
@@ -135,12 +180,13 @@ impl WeightMemory {
         self.quantized_bytes as f64 * 8.0 / self.quantized_params.max(1) as f64
     }
 
+    /// Bytes held by this process (of a sharded matrix, this rank's rows).
     pub fn total_bytes(&self) -> usize {
-        self.quantized_bytes + self.dense_bytes
+        self.quantized_bytes + self.dense_bytes + self.sharded_bytes
     }
 
-    /// Bytes the same weights take in f32.
+    /// Bytes the whole weights take in f32.
     pub fn f32_bytes(&self) -> usize {
-        4 * (self.quantized_params + self.dense_params)
+        4 * (self.quantized_params + self.dense_params + self.sharded_params)
     }
 }

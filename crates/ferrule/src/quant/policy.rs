@@ -50,7 +50,11 @@ pub const SKIPPED_HEADS: [&str; 3] = ["lm_head", "classifier", "score"];
 
 impl QuantSpec {
     pub fn new(method: QuantMethod, blocksize: usize, double_quant: bool) -> Result<Self> {
-        let s = Self { method, blocksize, double_quant };
+        let s = Self {
+            method,
+            blocksize,
+            double_quant,
+        };
         s.validate()?;
         Ok(s)
     }
@@ -58,7 +62,9 @@ impl QuantSpec {
     pub fn validate(&self) -> Result<()> {
         match self.method {
             QuantMethod::Nf4 | QuantMethod::Fp4 => blockwise4::check_blocksize(self.blocksize),
-            QuantMethod::Int8 if self.double_quant => bail!("double quantization applies to nf4/fp4, not int8"),
+            QuantMethod::Int8 if self.double_quant => {
+                bail!("double quantization applies to nf4/fp4, not int8")
+            }
             QuantMethod::Int8 => Ok(()),
         }
     }
@@ -66,9 +72,14 @@ impl QuantSpec {
     /// Whether the checkpoint tensor `name` of `shape` is a linear weight this spec quantizes:
     /// 2-D `*.weight` tensors other than embeddings and the output head.
     pub fn wants(&self, name: &str, shape: &[usize]) -> bool {
-        let Some(module) = name.strip_suffix(".weight") else { return false };
+        let Some(module) = name.strip_suffix(".weight") else {
+            return false;
+        };
         let leaf = module.rsplit('.').next().unwrap_or(module);
-        shape.len() == 2 && !module.contains("embed") && !SKIPPED_HEADS.contains(&leaf) && !SKIPPED_HEADS.contains(&module)
+        shape.len() == 2
+            && !module.contains("embed")
+            && !SKIPPED_HEADS.contains(&leaf)
+            && !SKIPPED_HEADS.contains(&module)
     }
 
     /// Whether `name` is a frozen table this spec stores in bf16 rather than f32: a decoder's
@@ -79,14 +90,35 @@ impl QuantSpec {
     }
 
     /// Quantizes one `[rows, cols]` weight.
-    pub fn quantize(&self, name: &str, values: &[f32], rows: usize, cols: usize) -> Result<Arc<dyn QuantMatrix>> {
+    pub fn quantize(
+        &self,
+        name: &str,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Arc<dyn QuantMatrix>> {
         check_finite(name, values)?;
         Ok(match self.method {
-            QuantMethod::Nf4 => Arc::new(Blockwise4::quantize(values, &[rows, cols], Code4::Nf4, self.blocksize, self.double_quant)?),
-            QuantMethod::Fp4 => Arc::new(Blockwise4::quantize(values, &[rows, cols], Code4::Fp4, self.blocksize, self.double_quant)?),
+            QuantMethod::Nf4 => Arc::new(Blockwise4::quantize(
+                values,
+                &[rows, cols],
+                Code4::Nf4,
+                self.blocksize,
+                self.double_quant,
+            )?),
+            QuantMethod::Fp4 => Arc::new(Blockwise4::quantize(
+                values,
+                &[rows, cols],
+                Code4::Fp4,
+                self.blocksize,
+                self.double_quant,
+            )?),
             // bitsandbytes' Int8Params quantizes the f16 copy of the weight.
             QuantMethod::Int8 => {
-                let halves: Vec<f32> = values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+                let halves: Vec<f32> = values
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect();
                 Arc::new(Int8Rows::quantize(&halves, rows, cols)?)
             }
         })
@@ -99,7 +131,11 @@ impl QuantSpec {
                 "{} (blocksize {}{})",
                 if m == QuantMethod::Nf4 { "nf4" } else { "fp4" },
                 self.blocksize,
-                if self.double_quant { ", double quant" } else { "" }
+                if self.double_quant {
+                    ", double quant"
+                } else {
+                    ""
+                }
             ),
         }
     }

@@ -65,7 +65,12 @@ impl Batching {
     /// The micro-batches of one epoch, as indices into `lengths` (the records' token counts),
     /// given the epoch's seeded `order` (a permutation of the indices). Packed bins are put in
     /// the order of `bin_rng`'s shuffle.
-    pub fn epoch_batches(self, order: &[usize], lengths: &[usize], bin_rng: Rng) -> Vec<Vec<usize>> {
+    pub fn epoch_batches(
+        self,
+        order: &[usize],
+        lengths: &[usize],
+        bin_rng: Rng,
+    ) -> Vec<Vec<usize>> {
         match self {
             Batching::Records(b) => order.chunks(b.max(1)).map(<[usize]>::to_vec).collect(),
             Batching::Tokens(budget) => {
@@ -117,14 +122,22 @@ impl Batching {
 /// The order of records in `epoch`: a seeded shuffle, a pure function of (seed, epoch).
 pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    Rng::seed_from_u64(seed).fork(1_000 + epoch).shuffle(&mut order);
+    Rng::seed_from_u64(seed)
+        .fork(1_000 + epoch)
+        .shuffle(&mut order);
     order
 }
 
 /// The micro-batches of `epoch`: a pure function of (batching, seed, epoch, lengths).
 pub fn plan_epoch(batching: Batching, seed: u64, epoch: u64, lengths: &[usize]) -> Vec<Vec<usize>> {
     let order = epoch_order(seed, epoch, lengths.len());
-    batching.epoch_batches(&order, lengths, Rng::seed_from_u64(seed).fork(stream::PACKED_BINS).fork(epoch))
+    batching.epoch_batches(
+        &order,
+        lengths,
+        Rng::seed_from_u64(seed)
+            .fork(stream::PACKED_BINS)
+            .fork(epoch),
+    )
 }
 
 /// `ceil(x)`, except that a value within float error above a whole number is that number
@@ -136,7 +149,14 @@ fn ceil_tolerant(x: f64) -> usize {
 /// Optimizer steps for `epochs` passes over the data from the start, each step `grad_accum`
 /// global micro-batches of up to `world` micro-batches (cut short at an epoch's end), as
 /// [`DataCursor::next`] takes them. At least 1. See [`steps_left`].
-pub fn steps_for_epochs(batching: Batching, seed: u64, lengths: &[usize], epochs: f64, grad_accum: usize, world: usize) -> usize {
+pub fn steps_for_epochs(
+    batching: Batching,
+    seed: u64,
+    lengths: &[usize],
+    epochs: f64,
+    grad_accum: usize,
+    world: usize,
+) -> usize {
     steps_left(batching, seed, lengths, epochs, grad_accum, world, 0, 0).max(1)
 }
 
@@ -145,7 +165,16 @@ pub fn steps_for_epochs(batching: Batching, seed: u64, lengths: &[usize], epochs
 /// at the new one). A fractional last epoch ends after its share of that epoch's micro-batches,
 /// rounded up.
 #[allow(clippy::too_many_arguments)]
-pub fn steps_left(batching: Batching, seed: u64, lengths: &[usize], epochs: f64, grad_accum: usize, world: usize, epoch: u64, index: usize) -> usize {
+pub fn steps_left(
+    batching: Batching,
+    seed: u64,
+    lengths: &[usize],
+    epochs: f64,
+    grad_accum: usize,
+    world: usize,
+    epoch: u64,
+    index: usize,
+) -> usize {
     global_left(batching, seed, lengths, epochs, world, epoch, index).div_ceil(grad_accum.max(1))
 }
 
@@ -153,16 +182,29 @@ pub fn steps_left(batching: Batching, seed: u64, lengths: &[usize], epochs: f64,
 /// left until `epochs` passes over the data end, from micro-batch `index` of `epoch`. The
 /// trainer's last step takes only what is left of these, as transformers steps on the
 /// remainder at the end.
-pub fn global_left(batching: Batching, seed: u64, lengths: &[usize], epochs: f64, world: usize, epoch: u64, index: usize) -> usize {
+pub fn global_left(
+    batching: Batching,
+    seed: u64,
+    lengths: &[usize],
+    epochs: f64,
+    world: usize,
+    epoch: u64,
+    index: usize,
+) -> usize {
     let world = world.max(1);
     let whole = epochs.floor() as u64;
     let frac = epochs - whole as f64;
     // Record and packed batches are the same number every epoch; a token budget's depend on the order.
-    let fixed = matches!(batching, Batching::Records(_) | Batching::Packed(_)).then(|| plan_epoch(batching, seed, 0, lengths).len());
+    let fixed = matches!(batching, Batching::Records(_) | Batching::Packed(_))
+        .then(|| plan_epoch(batching, seed, 0, lengths).len());
     let count = |e: u64| fixed.unwrap_or_else(|| plan_epoch(batching, seed, e, lengths).len());
     // Global micro-batches of epoch `e` from micro-batch `start` on (the last epoch: its share).
     let global_in = |e: u64, start: usize| {
-        let end = if e == whole { ceil_tolerant(frac * count(e) as f64) } else { count(e) };
+        let end = if e == whole {
+            ceil_tolerant(frac * count(e) as f64)
+        } else {
+            count(e)
+        };
         end.saturating_sub(start).div_ceil(world)
     };
     let mut global = 0usize;
@@ -196,9 +238,24 @@ pub struct DataCursor {
 impl DataCursor {
     /// A cursor at `epoch` after `position` of its records (a checkpoint's `epoch_position`).
     /// Errors when `position` does not fall between two micro-batches of that epoch.
-    pub fn new(batching: Batching, seed: u64, lengths: Vec<usize>, epoch: u64, position: usize) -> Result<DataCursor> {
+    pub fn new(
+        batching: Batching,
+        seed: u64,
+        lengths: Vec<usize>,
+        epoch: u64,
+        position: usize,
+    ) -> Result<DataCursor> {
         let batches = plan_epoch(batching, seed, epoch, &lengths);
-        let mut cursor = DataCursor { batching, seed, lengths, epoch, batches, next: 0, consumed: 0, budget: None };
+        let mut cursor = DataCursor {
+            batching,
+            seed,
+            lengths,
+            epoch,
+            batches,
+            next: 0,
+            consumed: 0,
+            budget: None,
+        };
         while cursor.consumed < position && cursor.next < cursor.batches.len() {
             cursor.consumed += cursor.batches[cursor.next].len();
             cursor.next += 1;
@@ -277,11 +334,17 @@ mod tests {
         let mut seen: Vec<usize> = bins.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..500).collect::<Vec<_>>());
-        assert!(bins.iter().all(|b| b.iter().map(|&i| lengths[i]).sum::<usize>() <= 512));
+        assert!(bins
+            .iter()
+            .all(|b| b.iter().map(|&i| lengths[i]).sum::<usize>() <= 512));
         // No bound on best-fit decreasing follows from the tokens alone (they bound the optimum
         // from below); on these lengths it fills its bins to within one bin of that bound.
         let lower = lengths.iter().sum::<usize>().div_ceil(512);
-        assert!(bins.len() <= lower + 1, "{} bins for at least {lower}", bins.len());
+        assert!(
+            bins.len() <= lower + 1,
+            "{} bins for at least {lower}",
+            bins.len()
+        );
         // The bins come in a seeded order, different per epoch, the same for the same seed.
         assert_eq!(bins, plan_epoch(Batching::Packed(512), 7, 0, &lengths));
         assert_ne!(bins, plan_epoch(Batching::Packed(512), 7, 1, &lengths));
@@ -299,29 +362,63 @@ mod tests {
     fn steps_count_every_micro_batch_of_every_epoch() {
         let lengths = vec![5; 10];
         // 10 records of batch 4: micro-batches of 4, 4, 2 per epoch, so 3 epochs are 9.
-        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 3.0, 1, 1), 9);
-        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 3.0, 2, 1), 5);
+        assert_eq!(
+            steps_for_epochs(Batching::Records(4), 1, &lengths, 3.0, 1, 1),
+            9
+        );
+        assert_eq!(
+            steps_for_epochs(Batching::Records(4), 1, &lengths, 3.0, 2, 1),
+            5
+        );
         // Two ranks: global micro-batches {4, 4}, {2} per epoch.
-        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 1.0, 1, 2), 2);
-        assert_eq!(steps_for_epochs(Batching::Records(4), 1, &lengths, 0.5, 1, 1), 2);
+        assert_eq!(
+            steps_for_epochs(Batching::Records(4), 1, &lengths, 1.0, 1, 2),
+            2
+        );
+        assert_eq!(
+            steps_for_epochs(Batching::Records(4), 1, &lengths, 0.5, 1, 1),
+            2
+        );
         // Packed bins of 20 tokens: 4 records each, 3 bins.
-        assert_eq!(steps_for_epochs(Batching::Packed(20), 1, &lengths, 2.0, 1, 1), 6);
+        assert_eq!(
+            steps_for_epochs(Batching::Packed(20), 1, &lengths, 2.0, 1, 1),
+            6
+        );
         // 1.1 epochs of 10 micro-batches are 11, not 12 (1.1 x 10 is 11.000000000000002).
         let twenty = vec![5; 20];
-        assert_eq!(steps_for_epochs(Batching::Records(2), 1, &twenty, 1.1, 1, 1), 11);
-        assert_eq!(steps_for_epochs(Batching::Records(2), 1, &twenty, 1.3, 1, 1), 13);
+        assert_eq!(
+            steps_for_epochs(Batching::Records(2), 1, &twenty, 1.1, 1, 1),
+            11
+        );
+        assert_eq!(
+            steps_for_epochs(Batching::Records(2), 1, &twenty, 1.3, 1, 1),
+            13
+        );
     }
 
     #[test]
     fn steps_left_after_a_resume_add_up_to_the_whole_run() {
         let lengths: Vec<usize> = (0..37).map(|i| 1 + i % 9).collect();
-        for batching in [Batching::Records(4), Batching::Tokens(12), Batching::Packed(16)] {
+        for batching in [
+            Batching::Records(4),
+            Batching::Tokens(12),
+            Batching::Packed(16),
+        ] {
             for (epochs, accum, world) in [(2.0, 1, 1), (2.5, 2, 1), (3.0, 1, 2), (1.7, 3, 2)] {
                 let total = steps_for_epochs(batching, 9, &lengths, epochs, accum, world);
                 // Walk the cursor as the trainer does and resume at every step.
                 let mut cursor = DataCursor::new(batching, 9, lengths.clone(), 0, 0).unwrap();
                 for done in 0..total {
-                    let left = steps_left(batching, 9, &lengths, epochs, accum, world, cursor.epoch(), cursor.index());
+                    let left = steps_left(
+                        batching,
+                        9,
+                        &lengths,
+                        epochs,
+                        accum,
+                        world,
+                        cursor.epoch(),
+                        cursor.index(),
+                    );
                     assert_eq!(done + left, total, "{batching:?} epochs {epochs} accum {accum} world {world} after {done} steps");
                     for _ in 0..accum {
                         cursor.next(world);
@@ -335,8 +432,26 @@ mod tests {
             cursor.next(1);
         }
         let (one, two) = (
-            steps_left(Batching::Records(4), 9, &lengths, 1.0, 1, 1, cursor.epoch(), cursor.index()),
-            steps_left(Batching::Records(4), 9, &lengths, 1.0, 1, 2, cursor.epoch(), cursor.index()),
+            steps_left(
+                Batching::Records(4),
+                9,
+                &lengths,
+                1.0,
+                1,
+                1,
+                cursor.epoch(),
+                cursor.index(),
+            ),
+            steps_left(
+                Batching::Records(4),
+                9,
+                &lengths,
+                1.0,
+                1,
+                2,
+                cursor.epoch(),
+                cursor.index(),
+            ),
         );
         assert_eq!((one, two), (10 - 3, 4));
     }
@@ -348,11 +463,21 @@ mod tests {
         for _ in 0..3 {
             a.next(1);
         }
-        let mut b = DataCursor::new(Batching::Tokens(6), 5, lengths.clone(), a.epoch(), a.position()).unwrap();
+        let mut b = DataCursor::new(
+            Batching::Tokens(6),
+            5,
+            lengths.clone(),
+            a.epoch(),
+            a.position(),
+        )
+        .unwrap();
         for _ in 0..20 {
             assert_eq!(a.next(2), b.next(2));
         }
-        assert!(a.epoch() > 0, "20 global micro-batches cover more than one epoch");
+        assert!(
+            a.epoch() > 0,
+            "20 global micro-batches cover more than one epoch"
+        );
         // A position inside a micro-batch is no place to resume.
         let first = plan_epoch(Batching::Tokens(6), 5, 0, &lengths);
         let k = first.iter().position(|b| b.len() >= 2).unwrap();

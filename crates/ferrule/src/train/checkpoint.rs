@@ -132,7 +132,8 @@ pub fn config_hash<T: Serialize + ?Sized>(config: &T) -> Result<String> {
         use serde_json::Value;
         match v {
             Value::Object(map) => {
-                let sorted: BTreeMap<String, Value> = map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
+                let sorted: BTreeMap<String, Value> =
+                    map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
                 Value::Object(sorted.into_iter().collect())
             }
             Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
@@ -165,13 +166,19 @@ fn parse_checkpoint_name(name: &str) -> Option<u64> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn check_extra_name(name: &str) -> Result<()> {
     let reserved = [ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE];
     ensure!(
-        !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']) && !reserved.contains(&name),
+        !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', '\\'])
+            && !reserved.contains(&name),
         "invalid extra checkpoint file name {name:?}"
     );
     Ok(())
@@ -196,8 +203,10 @@ pub fn save_checkpoint(
     }
     // Serialize first so that a bad tensor fails before touching the disk.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let adapter_bytes = serialize_safetensors(adapter, Some(meta)).context("serializing adapter")?;
-    let optimizer_bytes = serialize_safetensors(optimizer, None).context("serializing optimizer state")?;
+    let adapter_bytes =
+        serialize_safetensors(adapter, Some(meta)).context("serializing adapter")?;
+    let optimizer_bytes =
+        serialize_safetensors(optimizer, None).context("serializing optimizer state")?;
     let state_bytes = serde_json::to_vec_pretty(state).context("serializing trainer state")?;
 
     let tmp_dir = begin_tmp(output_dir, state.step)?;
@@ -215,15 +224,22 @@ pub fn save_checkpoint(
             // Best effort: the error being returned matters more than cleanup.
             let _ = std::fs::remove_dir_all(&tmp_dir);
         })
-        .with_context(|| format!("saving checkpoint {}", checkpoint_dir(output_dir, state.step).display()))
+        .with_context(|| {
+            format!(
+                "saving checkpoint {}",
+                checkpoint_dir(output_dir, state.step).display()
+            )
+        })
 }
 
 /// Creates an empty `checkpoint-<step>.tmp/` under `output_dir` (replacing a stale one).
 fn begin_tmp(output_dir: &Path, step: u64) -> Result<PathBuf> {
-    std::fs::create_dir_all(output_dir).with_context(|| format!("creating output directory {}", output_dir.display()))?;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("creating output directory {}", output_dir.display()))?;
     let tmp_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}{TMP_SUFFIX}"));
     if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir).with_context(|| format!("removing stale {}", tmp_dir.display()))?;
+        std::fs::remove_dir_all(&tmp_dir)
+            .with_context(|| format!("removing stale {}", tmp_dir.display()))?;
     }
     std::fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     Ok(tmp_dir)
@@ -242,11 +258,15 @@ fn commit_tmp(output_dir: &Path, tmp_dir: &Path, step: u64) -> Result<PathBuf> {
             if old.exists() {
                 std::fs::remove_dir_all(&old)?;
             }
-            std::fs::rename(&final_dir, &old).with_context(|| format!("moving aside {}", final_dir.display()))?;
-            std::fs::rename(tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing replaced {}", old.display()))?;
+            std::fs::rename(&final_dir, &old)
+                .with_context(|| format!("moving aside {}", final_dir.display()))?;
+            std::fs::rename(tmp_dir, &final_dir)
+                .with_context(|| format!("renaming into {}", final_dir.display()))?;
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("removing replaced {}", old.display()))?;
         } else {
-            std::fs::rename(tmp_dir, &final_dir).with_context(|| format!("renaming into {}", final_dir.display()))?;
+            std::fs::rename(tmp_dir, &final_dir)
+                .with_context(|| format!("renaming into {}", final_dir.display()))?;
         }
         sync_dir(output_dir).with_context(|| format!("syncing {}", output_dir.display()))
     };
@@ -278,12 +298,17 @@ pub fn save_sharded_checkpoint(
 ) -> Result<PathBuf> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let tmp_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{}{TMP_SUFFIX}", state.step));
-    let begun = if rank == 0 { begin_tmp(output_dir, state.step).map(|_| ()) } else { Ok(()) };
+    let begun = if rank == 0 {
+        begin_tmp(output_dir, state.step).map(|_| ())
+    } else {
+        Ok(())
+    };
     comm.all_ok(begun.is_ok(), "creating the checkpoint folder")?;
     begun?;
     let written = (|| -> Result<()> {
         let meta = HashMap::from([(LAYOUT_KEY.to_string(), layout.to_string())]);
-        let bytes = serialize_safetensors(shard, Some(meta)).context("serializing the optimizer shard")?;
+        let bytes =
+            serialize_safetensors(shard, Some(meta)).context("serializing the optimizer shard")?;
         write_synced(&tmp_dir.join(shard_file_name(rank, world)), &bytes)
     })();
     comm.all_ok(written.is_ok(), "writing their optimizer shard")?;
@@ -291,8 +316,14 @@ pub fn save_sharded_checkpoint(
     let committed = if rank == 0 {
         (|| -> Result<PathBuf> {
             let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-            write_synced(&tmp_dir.join(ADAPTER_FILE), &serialize_safetensors(adapter, Some(meta))?)?;
-            write_synced(&tmp_dir.join(TRAINER_STATE_FILE), &serde_json::to_vec_pretty(state)?)?;
+            write_synced(
+                &tmp_dir.join(ADAPTER_FILE),
+                &serialize_safetensors(adapter, Some(meta))?,
+            )?;
+            write_synced(
+                &tmp_dir.join(TRAINER_STATE_FILE),
+                &serde_json::to_vec_pretty(state)?,
+            )?;
             commit_tmp(output_dir, &tmp_dir, state.step)
         })()
         .inspect_err(|_| {
@@ -307,12 +338,21 @@ pub fn save_sharded_checkpoint(
 
 /// Reads rank `rank`'s optimizer shard of a sharded checkpoint, with the flat layout it was
 /// written with.
-pub fn load_optimizer_shard(dir: &Path, state: &TrainerState, rank: usize, device: &Device) -> Result<(BTreeMap<String, Tensor>, FlatLayout)> {
+pub fn load_optimizer_shard(
+    dir: &Path,
+    state: &TrainerState,
+    rank: usize,
+    device: &Device,
+) -> Result<(BTreeMap<String, Tensor>, FlatLayout)> {
     let path = dir.join(shard_file_name(rank, state.world_size as usize));
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (tensors, meta) = deserialize_safetensors(&bytes, device).with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
-    let layout = meta.get(LAYOUT_KEY).with_context(|| format!("{}: no {LAYOUT_KEY:?} metadata", path.display()))?;
-    let layout = FlatLayout::from_json(&serde_json::from_str(layout)?).with_context(|| format!("{}: bad {LAYOUT_KEY:?}", path.display()))?;
+    let (tensors, meta) = deserialize_safetensors(&bytes, device)
+        .with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
+    let layout = meta
+        .get(LAYOUT_KEY)
+        .with_context(|| format!("{}: no {LAYOUT_KEY:?} metadata", path.display()))?;
+    let layout = FlatLayout::from_json(&serde_json::from_str(layout)?)
+        .with_context(|| format!("{}: bad {LAYOUT_KEY:?}", path.display()))?;
     Ok((tensors, layout))
 }
 
@@ -339,15 +379,21 @@ pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
     for rank in 0..state.world_size as usize {
         let (t, l) = load_optimizer_shard(dir, &state, rank, &Device::Cpu)?;
         if let Some(first) = &layout {
-            ensure!(first == &l, "{}: rank {rank}'s shard has another flat layout than rank 0's", dir.display());
+            ensure!(
+                first == &l,
+                "{}: rank {rank}'s shard has another flat layout than rank 0's",
+                dir.display()
+            );
         }
         layout = Some(l);
         shards.push(t);
     }
     let full = crate::dist::consolidate_shards(&shards, &layout.expect("world size >= 2"))?;
     let adapter_path = dir.join(ADAPTER_FILE);
-    let adapter_bytes = std::fs::read(&adapter_path).with_context(|| format!("reading {}", adapter_path.display()))?;
-    let (adapter, _) = deserialize_safetensors(&adapter_bytes, &Device::Cpu).with_context(|| format!("invalid or corrupt {}", adapter_path.display()))?;
+    let adapter_bytes = std::fs::read(&adapter_path)
+        .with_context(|| format!("reading {}", adapter_path.display()))?;
+    let (adapter, _) = deserialize_safetensors(&adapter_bytes, &Device::Cpu)
+        .with_context(|| format!("invalid or corrupt {}", adapter_path.display()))?;
     let adapter: Vec<(String, Tensor)> = adapter.into_iter().collect();
     // `checkpoint-3` given relative to the output folder has the parent "".
     let output_dir = match dir.parent() {
@@ -355,7 +401,11 @@ pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
         _ => Path::new("."),
     };
     let step = state.step;
-    ensure!(dir.file_name() == checkpoint_dir(output_dir, step).file_name(), "{} is not named checkpoint-{step}", dir.display());
+    ensure!(
+        dir.file_name() == checkpoint_dir(output_dir, step).file_name(),
+        "{} is not named checkpoint-{step}",
+        dir.display()
+    );
     // Stage 0 alone makes the state whole (`sharded()` is false); the world size stays, so a
     // resume with another one reports how the global batch changes.
     state.zero_stage = 0;
@@ -363,7 +413,10 @@ pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if ![ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE].contains(&name.as_str()) && !name.starts_with("optimizer-rank") && e.path().is_file() {
+        if ![ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE].contains(&name.as_str())
+            && !name.starts_with("optimizer-rank")
+            && e.path().is_file()
+        {
             names.push(name);
         }
     }
@@ -377,7 +430,8 @@ pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
 fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(TRAINER_STATE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let state: TrainerState = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let state: TrainerState =
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
     ensure!(
         state.format_version <= TRAINER_STATE_VERSION,
         "{} has format version {}, newer than supported {}",
@@ -391,9 +445,15 @@ fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
 /// Whether `dir` holds all required checkpoint files and a readable
 /// trainer state.
 fn is_complete(dir: &Path) -> bool {
-    let Ok(state) = read_trainer_state(dir) else { return false };
+    let Ok(state) = read_trainer_state(dir) else {
+        return false;
+    };
     let world = state.world_size as usize;
-    let optimizer = if state.sharded() { (0..world).all(|r| dir.join(shard_file_name(r, world)).is_file()) } else { dir.join(OPTIMIZER_FILE).is_file() };
+    let optimizer = if state.sharded() {
+        (0..world).all(|r| dir.join(shard_file_name(r, world)).is_file())
+    } else {
+        dir.join(OPTIMIZER_FILE).is_file()
+    };
     dir.join(ADAPTER_FILE).is_file() && optimizer
 }
 
@@ -432,18 +492,37 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
 /// Reads a checkpoint directory, loading tensors onto `device`.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let state = read_trainer_state(dir)?;
-    if let Some(step) = dir.file_name().and_then(|n| n.to_str()).and_then(parse_checkpoint_name) {
-        ensure!(step == state.step, "{} records step {}, but the directory is named for step {step}", dir.join(TRAINER_STATE_FILE).display(), state.step);
+    if let Some(step) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_checkpoint_name)
+    {
+        ensure!(
+            step == state.step,
+            "{} records step {}, but the directory is named for step {step}",
+            dir.join(TRAINER_STATE_FILE).display(),
+            state.step
+        );
     }
     let load = |name: &str| -> Result<BTreeMap<String, Tensor>> {
         let path = dir.join(name);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let (tensors, _) = deserialize_safetensors(&bytes, device).with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
+        let (tensors, _) = deserialize_safetensors(&bytes, device)
+            .with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))?;
         Ok(tensors)
     };
     // A sharded checkpoint's optimizer state is read per rank (`load_optimizer_shard`).
-    let optimizer = if state.sharded() { BTreeMap::new() } else { load(OPTIMIZER_FILE)? };
-    Ok(Checkpoint { dir: dir.to_path_buf(), adapter: load(ADAPTER_FILE)?, optimizer, state })
+    let optimizer = if state.sharded() {
+        BTreeMap::new()
+    } else {
+        load(OPTIMIZER_FILE)?
+    };
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        adapter: load(ADAPTER_FILE)?,
+        optimizer,
+        state,
+    })
 }
 
 /// Deletes all but the `keep_last` most recent complete checkpoints under
@@ -458,8 +537,12 @@ pub fn prune_checkpoints(output_dir: &Path, keep_last: usize) -> Result<Vec<Path
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with(CHECKPOINT_PREFIX) && name.ends_with(TMP_SUFFIX) && entry.path().is_dir() {
-                std::fs::remove_dir_all(entry.path()).with_context(|| format!("removing stale {}", entry.path().display()))?;
+            if name.starts_with(CHECKPOINT_PREFIX)
+                && name.ends_with(TMP_SUFFIX)
+                && entry.path().is_dir()
+            {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing stale {}", entry.path().display()))?;
             }
         }
     }
@@ -470,7 +553,8 @@ pub fn prune_checkpoints(output_dir: &Path, keep_last: usize) -> Result<Vec<Path
     for (step, path) in checkpoints.into_iter().take(n_delete) {
         let doomed = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}.deleting{TMP_SUFFIX}"));
         std::fs::rename(&path, &doomed).with_context(|| format!("removing {}", path.display()))?;
-        std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+        std::fs::remove_dir_all(&doomed)
+            .with_context(|| format!("removing {}", doomed.display()))?;
         deleted.push(path);
     }
     if !deleted.is_empty() {
@@ -513,15 +597,27 @@ mod tests {
 
     fn tensors(dev: &Device) -> (Named, Named) {
         let adapter = vec![
-            ("l0.lora_A.weight".to_string(), Tensor::arange(0f32, 6., dev).unwrap().reshape((2, 3)).unwrap()),
-            ("l0.lora_B.weight".to_string(), Tensor::ones((3, 2), DType::BF16, dev).unwrap()),
+            (
+                "l0.lora_A.weight".to_string(),
+                Tensor::arange(0f32, 6., dev)
+                    .unwrap()
+                    .reshape((2, 3))
+                    .unwrap(),
+            ),
+            (
+                "l0.lora_B.weight".to_string(),
+                Tensor::ones((3, 2), DType::BF16, dev).unwrap(),
+            ),
         ];
         let opt = vec![("step".to_string(), Tensor::new(5i64, dev).unwrap())];
         (adapter, opt)
     }
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
@@ -532,15 +628,33 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let (adapter, opt) = tensors(&dev);
         let cfg = br#"{"r": 8}"#;
-        let dir = save_checkpoint(out.path(), &state(5), &adapter, &opt, &[("adapter_config.json", cfg)]).unwrap();
+        let dir = save_checkpoint(
+            out.path(),
+            &state(5),
+            &adapter,
+            &opt,
+            &[("adapter_config.json", cfg)],
+        )
+        .unwrap();
         assert_eq!(dir, out.path().join("checkpoint-5"));
         assert_eq!(names(out.path()), vec!["checkpoint-5"]);
-        assert_eq!(names(&dir), vec!["adapter_config.json", ADAPTER_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE]);
+        assert_eq!(
+            names(&dir),
+            vec![
+                "adapter_config.json",
+                ADAPTER_FILE,
+                OPTIMIZER_FILE,
+                TRAINER_STATE_FILE
+            ]
+        );
         let ck = load_checkpoint(&dir, &dev).unwrap();
         assert_eq!(ck.state, state(5));
         assert_eq!(ck.adapter.len(), 2);
         assert_eq!(ck.adapter["l0.lora_B.weight"].dtype(), DType::BF16);
-        assert_eq!(ck.adapter["l0.lora_A.weight"].to_vec2::<f32>().unwrap(), vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+        assert_eq!(
+            ck.adapter["l0.lora_A.weight"].to_vec2::<f32>().unwrap(),
+            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
         assert_eq!(ck.optimizer["step"].to_scalar::<i64>().unwrap(), 5);
         assert_eq!(std::fs::read(dir.join("adapter_config.json")).unwrap(), cfg);
         // u64 words survive JSON exactly.
@@ -568,8 +682,15 @@ mod tests {
         std::fs::write(corrupt.join(TRAINER_STATE_FILE), b"{\"step\": 3").unwrap();
         std::fs::create_dir(out.path().join("checkpoint-x1")).unwrap();
         std::fs::create_dir(out.path().join("checkpoint-")).unwrap();
-        assert_eq!(latest_checkpoint(out.path()), Some(out.path().join("checkpoint-10")));
-        let steps: Vec<u64> = list_checkpoints(out.path()).unwrap().into_iter().map(|c| c.0).collect();
+        assert_eq!(
+            latest_checkpoint(out.path()),
+            Some(out.path().join("checkpoint-10"))
+        );
+        let steps: Vec<u64> = list_checkpoints(out.path())
+            .unwrap()
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(steps, vec![2, 9, 10]);
     }
 
@@ -584,7 +705,10 @@ mod tests {
         let dir = save_checkpoint(out.path(), &s, &adapter, &opt, &[]).unwrap();
         assert_eq!(names(out.path()), vec!["checkpoint-3"]);
         assert!(!dir.join("a.txt").exists());
-        assert_eq!(load_checkpoint(&dir, &dev).unwrap().state.epoch_position, 99);
+        assert_eq!(
+            load_checkpoint(&dir, &dev).unwrap().state.epoch_position,
+            99
+        );
     }
 
     #[test]
@@ -594,11 +718,24 @@ mod tests {
         let (adapter, opt) = tensors(&dev);
         save_checkpoint(out.path(), &state(1), &adapter, &opt, &[]).unwrap();
         // Unsupported dtype fails during serialization.
-        let bad = vec![("x".to_string(), Tensor::zeros(2, DType::F32, &dev).unwrap().to_dtype(DType::F8E4M3).unwrap())];
+        let bad = vec![(
+            "x".to_string(),
+            Tensor::zeros(2, DType::F32, &dev)
+                .unwrap()
+                .to_dtype(DType::F8E4M3)
+                .unwrap(),
+        )];
         assert!(save_checkpoint(out.path(), &state(2), &bad, &opt, &[]).is_err());
         // Invalid extra file name.
         assert!(save_checkpoint(out.path(), &state(2), &adapter, &opt, &[("../x", b"")]).is_err());
-        assert!(save_checkpoint(out.path(), &state(2), &adapter, &opt, &[(TRAINER_STATE_FILE, b"")]).is_err());
+        assert!(save_checkpoint(
+            out.path(),
+            &state(2),
+            &adapter,
+            &opt,
+            &[(TRAINER_STATE_FILE, b"")]
+        )
+        .is_err());
         assert_eq!(names(out.path()), vec!["checkpoint-1"]);
     }
 
@@ -629,11 +766,23 @@ mod tests {
         std::fs::create_dir(out.path().join("checkpoint-30.tmp")).unwrap();
         std::fs::write(out.path().join("metrics.jsonl"), b"").unwrap();
         let deleted = prune_checkpoints(out.path(), 2).unwrap();
-        assert_eq!(deleted, vec![out.path().join("checkpoint-1"), out.path().join("checkpoint-2"), out.path().join("checkpoint-3")]);
-        assert_eq!(names(out.path()), vec!["checkpoint-10", "checkpoint-20", "metrics.jsonl"]);
+        assert_eq!(
+            deleted,
+            vec![
+                out.path().join("checkpoint-1"),
+                out.path().join("checkpoint-2"),
+                out.path().join("checkpoint-3")
+            ]
+        );
+        assert_eq!(
+            names(out.path()),
+            vec!["checkpoint-10", "checkpoint-20", "metrics.jsonl"]
+        );
         prune_checkpoints(out.path(), 0).unwrap();
         assert_eq!(names(out.path()), vec!["checkpoint-20", "metrics.jsonl"]);
-        assert!(prune_checkpoints(&out.path().join("missing"), 1).unwrap().is_empty());
+        assert!(prune_checkpoints(&out.path().join("missing"), 1)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -641,9 +790,15 @@ mod tests {
         let a: HashMap<&str, i32> = HashMap::from([("x", 1), ("y", 2), ("z", 3)]);
         let b = serde_json::json!({"z": 3, "y": 2, "x": 1});
         assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
-        assert_ne!(config_hash(&a).unwrap(), config_hash(&serde_json::json!({"x": 1})).unwrap());
+        assert_ne!(
+            config_hash(&a).unwrap(),
+            config_hash(&serde_json::json!({"x": 1})).unwrap()
+        );
         assert_eq!(config_hash(&a).unwrap().len(), 16);
-        let s = TrainerState { config_hash: config_hash(&a).unwrap(), ..Default::default() };
+        let s = TrainerState {
+            config_hash: config_hash(&a).unwrap(),
+            ..Default::default()
+        };
         ensure_same_config(&s, &config_hash(&b).unwrap()).unwrap();
         assert!(ensure_same_config(&s, "0000").is_err());
     }

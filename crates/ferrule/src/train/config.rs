@@ -70,6 +70,11 @@ pub struct TrainConfig {
     /// Recompute each decoder layer's activations in backward instead of keeping them
     /// (gradient checkpointing): much less memory for about one extra forward pass.
     pub recompute: bool,
+    /// With several ranks, each keeps 1/N of every frozen matrix's rows and the others are
+    /// broadcast tile by tile when a layer reads them (FSDP-style, `dist::sharded_base`).
+    /// Changes memory and traffic, not the result.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shard_base: bool,
     /// Quantize the frozen base's linear weights while loading it (QLoRA): `[quantize]` table
     /// with `method = "nf4" | "fp4" | "int8"`, `blocksize`, `double_quant`.
     pub quantize: Option<QuantSpec>,
@@ -114,6 +119,7 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             seed: 42,
             recompute: false,
+            shard_base: false,
             quantize: None,
             eval_every: None,
             eval_batch_size: None,
@@ -199,7 +205,11 @@ impl TrainConfig {
     /// either token-based batching with padded batches.
     fn validate_batching(&self) -> Result<()> {
         if let (Some(b), Some(t)) = (self.batch_size, self.batch_tokens) {
-            let what = if self.packing { "the size of the packed bins" } else { "micro-batches by tokens" };
+            let what = if self.packing {
+                "the size of the packed bins"
+            } else {
+                "micro-batches by tokens"
+            };
             bail!(
                 "train: batch_size = {b} and batch_tokens = {t} (--batch-size, --batch-tokens) both set the micro-batch: \
                  batch_tokens gives {what}; set one of them"
@@ -257,8 +267,9 @@ impl TrainConfig {
         c.save_every = None;
         c.keep_checkpoints = 0;
         c.eval_batch_size = None;
-        // The default spelled out, so that checkpoints of runs before `batch_size` became
-        // optional (it was `8` then) keep their fingerprint.
+        c.shard_base = false; // memory layout only: a run may resume with or without it
+                              // The default spelled out, so that checkpoints of runs before `batch_size` became
+                              // optional (it was `8` then) keep their fingerprint.
         c.batch_size = Some(c.batch_size());
         Ok(serde_json::to_value(c)?)
     }

@@ -63,7 +63,11 @@ impl MetricsLog {
                     tracing::warn!(path = %path.display(), "dropping torn last line of metrics log");
                     continue;
                 }
-                Err(e) => return Err(e).with_context(|| format!("{} line {} is not valid JSON", path.display(), i + 1)),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("{} line {} is not valid JSON", path.display(), i + 1)
+                    })
+                }
             };
             let step = value.get("step").and_then(Value::as_u64);
             if step.is_none_or(|s| s <= resumed_step) {
@@ -71,13 +75,21 @@ impl MetricsLog {
                 kept.push('\n');
             }
         }
-        write_bytes_atomic(path, kept.as_bytes()).with_context(|| format!("rewriting {}", path.display()))?;
+        write_bytes_atomic(path, kept.as_bytes())
+            .with_context(|| format!("rewriting {}", path.display()))?;
         Self::open_append(path)
     }
 
     fn open_append(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new().append(true).create(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// The log's path.
@@ -108,22 +120,31 @@ impl MetricsLog {
         }
         let mut line = serde_json::to_string(&Value::Object(record))?;
         line.push('\n');
-        self.file.write_all(line.as_bytes()).and_then(|_| self.file.flush()).with_context(|| format!("appending to {}", self.path.display()))
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("appending to {}", self.path.display()))
     }
 
     /// Forces logged lines to stable storage (e.g. before a checkpoint).
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))
+        self.file
+            .sync_data()
+            .with_context(|| format!("syncing {}", self.path.display()))
     }
 }
 
 /// Reads every record of a metrics log (skipping blank lines).
 pub fn read_metrics(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {} is not valid JSON", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {} is not valid JSON", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -222,7 +243,8 @@ mod tests {
 
     fn log_steps(log: &mut MetricsLog, steps: std::ops::RangeInclusive<u64>) {
         for s in steps {
-            log.log(s, &json!({"loss": 1.0 / s as f64, "lr": 1e-4})).unwrap();
+            log.log(s, &json!({"loss": 1.0 / s as f64, "lr": 1e-4}))
+                .unwrap();
             if s % 4 == 0 {
                 log.log(s, &json!({"eval_loss": 0.5})).unwrap();
             }
@@ -249,7 +271,10 @@ mod tests {
         let mut log = MetricsLog::resume(&resumed, 4).unwrap();
         log_steps(&mut log, 5..=10);
         drop(log);
-        assert_eq!(std::fs::read(&full).unwrap(), std::fs::read(&resumed).unwrap());
+        assert_eq!(
+            std::fs::read(&full).unwrap(),
+            std::fs::read(&resumed).unwrap()
+        );
 
         let records = read_metrics(&full).unwrap();
         assert_eq!(records.len(), 12);
@@ -287,8 +312,22 @@ mod tests {
             loss: f32,
             grad_norm: f64,
         }
-        log.log(5, &M { loss: 0.5, grad_norm: 2.0 }).unwrap();
-        assert_eq!(read_metrics(&p).unwrap(), vec![json!({"step": 1, "x": 2}), json!({"step": 2}), json!({"step": 5, "loss": 0.5, "grad_norm": 2.0})]);
+        log.log(
+            5,
+            &M {
+                loss: 0.5,
+                grad_norm: 2.0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_metrics(&p).unwrap(),
+            vec![
+                json!({"step": 1, "x": 2}),
+                json!({"step": 2}),
+                json!({"step": 5, "loss": 0.5, "grad_norm": 2.0})
+            ]
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub mod schedule;
 pub mod trainer;
 
 pub use batching::{Batching, DataCursor};
-pub use checkpoint::{consolidate_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, Checkpoint, TrainerState};
+pub use checkpoint::{
+    consolidate_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+    Checkpoint, TrainerState,
+};
 pub use config::TrainConfig;
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
@@ -32,5 +35,6 @@ pub use plot::{write_loss_plot, PLOT_FILE};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
 pub use trainer::{
-    encode_file, encode_options, evaluate, evaluate_on, prepare, train, train_on, EvalReport, Progress, RunOptions, Silent, StepReport, TrainSummary,
+    encode_file, encode_options, evaluate, evaluate_on, prepare, train, train_on, EvalReport,
+    Progress, RunOptions, Silent, StepReport, TrainSummary,
 };

@@ -30,7 +30,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
 
@@ -40,10 +46,26 @@ impl AdamWConfig {
     pub fn validate(&self) -> Result<()> {
         let finite_nonneg = |x: f64| x.is_finite() && x >= 0.0;
         ensure!(finite_nonneg(self.lr), "invalid learning rate: {}", self.lr);
-        ensure!(finite_nonneg(self.eps), "invalid epsilon value: {}", self.eps);
-        ensure!((0.0..1.0).contains(&self.beta1), "invalid beta1 (must be in [0, 1)): {}", self.beta1);
-        ensure!((0.0..1.0).contains(&self.beta2), "invalid beta2 (must be in [0, 1)): {}", self.beta2);
-        ensure!(finite_nonneg(self.weight_decay), "invalid weight_decay value: {}", self.weight_decay);
+        ensure!(
+            finite_nonneg(self.eps),
+            "invalid epsilon value: {}",
+            self.eps
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.beta1),
+            "invalid beta1 (must be in [0, 1)): {}",
+            self.beta1
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.beta2),
+            "invalid beta2 (must be in [0, 1)): {}",
+            self.beta2
+        );
+        ensure!(
+            finite_nonneg(self.weight_decay),
+            "invalid weight_decay value: {}",
+            self.weight_decay
+        );
         Ok(())
     }
 }
@@ -110,8 +132,21 @@ impl AdamW {
     /// call [`AdamWConfig::validate`] to check user-provided settings.
     /// Names must be unique (duplicates make [`AdamW::state`] fail).
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
-        let params = params.into_iter().map(|(name, var)| ParamState { name, var, exp_avg: None, exp_avg_sq: None, step: 0 }).collect();
-        Self { params, cfg, step: 0 }
+        let params = params
+            .into_iter()
+            .map(|(name, var)| ParamState {
+                name,
+                var,
+                exp_avg: None,
+                exp_avg_sq: None,
+                step: 0,
+            })
+            .collect();
+        Self {
+            params,
+            cfg,
+            step: 0,
+        }
     }
 
     /// Sets the learning rate used by subsequent steps.
@@ -157,7 +192,10 @@ impl AdamW {
     /// `grads` are skipped; names that match no parameter are an error.
     pub fn step_with(&mut self, grads: &HashMap<String, Tensor>) -> Result<()> {
         for name in grads.keys() {
-            ensure!(self.params.iter().any(|p| &p.name == name), "gradient given for unknown parameter {name:?}");
+            ensure!(
+                self.params.iter().any(|p| &p.name == name),
+                "gradient given for unknown parameter {name:?}"
+            );
         }
         self.step += 1;
         let cfg = self.cfg;
@@ -177,11 +215,16 @@ impl AdamW {
         let mut out = Vec::with_capacity(3 * self.params.len() + 1);
         let mut seen = std::collections::HashSet::new();
         for p in &self.params {
-            ensure!(seen.insert(&p.name), "duplicate parameter name {:?}", p.name);
+            ensure!(
+                seen.insert(&p.name),
+                "duplicate parameter name {:?}",
+                p.name
+            );
             let (m, v) = match (&p.exp_avg, &p.exp_avg_sq) {
                 (Some(m), Some(v)) => (m.clone(), v.clone()),
                 _ => {
-                    let z = Tensor::zeros(p.var.shape(), state_dtype(p.var.dtype()), p.var.device())?;
+                    let z =
+                        Tensor::zeros(p.var.shape(), state_dtype(p.var.dtype()), p.var.device())?;
                     (z.clone(), z)
                 }
             };
@@ -204,14 +247,23 @@ impl AdamW {
         for p in &self.params {
             let get = |suffix: &str| -> Result<(String, &Tensor)> {
                 let key = format!("{}.{suffix}", p.name);
-                let t = state.get(&key).with_context(|| format!("optimizer state is missing {key:?}"))?;
+                let t = state
+                    .get(&key)
+                    .with_context(|| format!("optimizer state is missing {key:?}"))?;
                 Ok((key, t))
             };
             let mut moment = |suffix: &str| -> Result<Tensor> {
                 let (key, t) = get(suffix)?;
-                ensure!(t.shape() == p.var.shape(), "optimizer state {key:?} has shape {:?} but parameter {:?} has shape {:?}", t.dims(), p.name, p.var.dims());
+                ensure!(
+                    t.shape() == p.var.shape(),
+                    "optimizer state {key:?} has shape {:?} but parameter {:?} has shape {:?}",
+                    t.dims(),
+                    p.name,
+                    p.var.dims()
+                );
                 expected.insert(key);
-                Ok(t.to_dtype(state_dtype(p.var.dtype()))?.to_device(p.var.device())?)
+                Ok(t.to_dtype(state_dtype(p.var.dtype()))?
+                    .to_device(p.var.device())?)
             };
             let m = moment("exp_avg")?;
             let v = moment("exp_avg_sq")?;
@@ -221,9 +273,17 @@ impl AdamW {
             restored.push((m, v, step));
         }
         for key in state.keys() {
-            ensure!(expected.contains(key), "unexpected optimizer state entry {key:?}");
+            ensure!(
+                expected.contains(key),
+                "unexpected optimizer state entry {key:?}"
+            );
         }
-        let global = read_step("step", state.get("step").context("optimizer state is missing \"step\"")?)?;
+        let global = read_step(
+            "step",
+            state
+                .get("step")
+                .context("optimizer state is missing \"step\"")?,
+        )?;
         for (p, (m, v, step)) in self.params.iter_mut().zip(restored) {
             // A parameter that never had a gradient has step 0 and zero
             // moments; keep it lazily uninitialized as a fresh one would be.
@@ -247,17 +307,34 @@ fn step_tensor(step: u64) -> Result<Tensor> {
 }
 
 fn read_step(key: &str, t: &Tensor) -> Result<u64> {
-    ensure!(t.elem_count() == 1, "optimizer state {key:?} must be a scalar, has shape {:?}", t.dims());
+    ensure!(
+        t.elem_count() == 1,
+        "optimizer state {key:?} must be a scalar, has shape {:?}",
+        t.dims()
+    );
     let x = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-    ensure!(x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53), "optimizer state {key:?} is not a valid step count: {x}");
+    ensure!(
+        x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53),
+        "optimizer state {key:?} is not a valid step count: {x}"
+    );
     Ok(x as u64)
 }
 
 /// One AdamW update of a single parameter (see [`AdamW`] for the formula).
 fn update(p: &mut ParamState, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
     let pdtype = p.var.dtype();
-    ensure!(pdtype.is_float(), "parameter {:?} has non-float dtype {pdtype:?}", p.name);
-    ensure!(grad.shape() == p.var.shape(), "gradient for {:?} has shape {:?}, parameter has shape {:?}", p.name, grad.dims(), p.var.dims());
+    ensure!(
+        pdtype.is_float(),
+        "parameter {:?} has non-float dtype {pdtype:?}",
+        p.name
+    );
+    ensure!(
+        grad.shape() == p.var.shape(),
+        "gradient for {:?} has shape {:?}, parameter has shape {:?}",
+        p.name,
+        grad.dims(),
+        p.var.dims()
+    );
     let sdtype = state_dtype(pdtype);
     let g = grad.detach().to_dtype(sdtype)?.to_device(p.var.device())?;
     let (m, v) = match (&p.exp_avg, &p.exp_avg_sq) {
@@ -279,7 +356,11 @@ fn update(p: &mut ParamState, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
     // m <- lerp(m, g, 1 - beta1), with torch's two-sided lerp formula.
     let w = 1.0 - beta1;
     let diff = (&g - &m)?;
-    let m = if w < 0.5 { (&m + (diff * w)?)? } else { (&g - (diff * (1.0 - w))?)? };
+    let m = if w < 0.5 {
+        (&m + (diff * w)?)?
+    } else {
+        (&g - (diff * (1.0 - w))?)?
+    };
     // v <- beta2 * v + (1 - beta2) * g^2
     let v = ((&v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
     let bias_correction1 = 1.0 - beta1.powf(t);
@@ -347,7 +428,10 @@ impl GradAccumulator {
     }
 
     fn check_weight(&self, weight: f64) -> Result<()> {
-        ensure!(weight.is_finite() && weight >= 0.0, "gradient accumulation weight must be finite and non-negative, got {weight}");
+        ensure!(
+            weight.is_finite() && weight >= 0.0,
+            "gradient accumulation weight must be finite and non-negative, got {weight}"
+        );
         Ok(())
     }
 
@@ -356,7 +440,12 @@ impl GradAccumulator {
         let scaled = if weight == 1.0 { g } else { (g * weight)? };
         let sum = match self.sums.remove(name) {
             Some(acc) => {
-                ensure!(acc.shape() == scaled.shape(), "gradient for {name:?} changed shape from {:?} to {:?}", acc.dims(), scaled.dims());
+                ensure!(
+                    acc.shape() == scaled.shape(),
+                    "gradient for {name:?} changed shape from {:?} to {:?}",
+                    acc.dims(),
+                    scaled.dims()
+                );
                 (acc + scaled)?
             }
             None => scaled,
@@ -391,9 +480,14 @@ impl GradAccumulator {
     /// and resets. Errors if the total weight is zero.
     pub fn take_mean(&mut self) -> Result<HashMap<String, Tensor>> {
         let total = self.total_weight;
-        ensure!(total > 0.0, "no gradients accumulated (total weight is {total})");
+        ensure!(
+            total > 0.0,
+            "no gradients accumulated (total weight is {total})"
+        );
         let sums = self.take_sum();
-        sums.into_iter().map(|(k, t)| Ok((k, (t / total)?))).collect()
+        sums.into_iter()
+            .map(|(k, t)| Ok((k, (t / total)?)))
+            .collect()
     }
 }
 
@@ -414,7 +508,10 @@ impl GradAccumulator {
 /// norm is infinite and left untouched when it is NaN (torch multiplies by
 /// NaN), so callers should check the returned norm and skip the step.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    ensure!(max_norm.is_finite() && max_norm > 0.0, "max_norm must be finite and positive, got {max_norm}");
+    ensure!(
+        max_norm.is_finite() && max_norm > 0.0,
+        "max_norm must be finite and positive, got {max_norm}"
+    );
     if grads.is_empty() {
         return Ok(0.0);
     }
@@ -432,7 +529,10 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
             *t = t.to_device(&Device::Cpu)?;
         }
     }
-    let total_norm = Tensor::stack(&partial, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let total_norm = Tensor::stack(&partial, 0)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt();
     let coef = max_norm / (total_norm + 1e-6);
     if coef < 1.0 {
         for g in grads.values_mut() {
@@ -446,7 +546,13 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
 /// by-name map (variables without a gradient are omitted), e.g. to call
 /// [`clip_grad_norm`] and [`AdamW::step_with`] without accumulation.
 pub fn grads_by_name(grads: &GradStore, vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    vars.iter().filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.clone(), g.clone()))).collect()
+    vars.iter()
+        .filter_map(|(name, var)| {
+            grads
+                .get(var.as_tensor())
+                .map(|g| (name.clone(), g.clone()))
+        })
+        .collect()
 }
 
 /// Returns an error if `name` is duplicated in `vars` (helper for callers
@@ -487,20 +593,36 @@ mod tests {
 
     const P0_A: [f64; 6] = [0.5, -1.2, 3.0, 0.0, 1e-3, -0.7];
     fn grads_a() -> Vec<Vec<f64>> {
-        vec![vec![0.1, -0.2, 0.3, 1.0, 0.0, -0.05], vec![-0.3, 0.1, 0.2, 0.5, 2.0, 0.0], vec![0.05, 0.05, -1.0, 0.0, -0.4, 0.3]]
+        vec![
+            vec![0.1, -0.2, 0.3, 1.0, 0.0, -0.05],
+            vec![-0.3, 0.1, 0.2, 0.5, 2.0, 0.0],
+            vec![0.05, 0.05, -1.0, 0.0, -0.4, 0.3],
+        ]
     }
     fn test_cfg() -> AdamWConfig {
-        AdamWConfig { lr: 0.01, weight_decay: 0.1, ..AdamWConfig::default() }
+        AdamWConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        }
     }
 
     fn vec_of(t: &Tensor) -> Vec<f64> {
-        t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
     }
 
     #[test]
     fn defaults_match_torch() {
         let c = AdamWConfig::default();
-        assert_eq!((c.lr, c.beta1, c.beta2, c.eps, c.weight_decay), (1e-3, 0.9, 0.999, 1e-8, 1e-2));
+        assert_eq!(
+            (c.lr, c.beta1, c.beta2, c.eps, c.weight_decay),
+            (1e-3, 0.9, 0.999, 1e-8, 1e-2)
+        );
         c.validate().unwrap();
         assert!(AdamWConfig { beta1: 1.0, ..c }.validate().is_err());
         assert!(AdamWConfig { lr: -1.0, ..c }.validate().is_err());
@@ -516,11 +638,15 @@ mod tests {
         let mut opt = AdamW::new(vec![("a".into(), var.clone())], cfg);
         for g in grads_a() {
             let g = Tensor::from_slice(&g, (2, 3), &dev).unwrap();
-            opt.step_with(&HashMap::from([("a".to_string(), g)])).unwrap();
+            opt.step_with(&HashMap::from([("a".to_string(), g)]))
+                .unwrap();
         }
         let want = reference_adamw(&P0_A, &grads_a(), &cfg);
         for (g, w) in vec_of(&var).iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-14 * w.abs().max(1.0), "got {g}, want {w}");
+            assert!(
+                (g - w).abs() <= 1e-14 * w.abs().max(1.0),
+                "got {g}, want {w}"
+            );
         }
     }
 
@@ -543,20 +669,36 @@ mod tests {
     #[test]
     fn three_steps_match_torch_f32_with_skipped_param() {
         let dev = Device::Cpu;
-        let a = Var::from_tensor(&Tensor::from_slice(&P0_A, (2, 3), &dev).unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+        let a = Var::from_tensor(
+            &Tensor::from_slice(&P0_A, (2, 3), &dev)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        )
+        .unwrap();
         let b = Var::new(&[0.25f32, -0.5], &dev).unwrap();
         let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
         let mut opt = AdamW::new(vars, test_cfg());
         let gb = [Some([1.0f32, -1.0]), None, Some([0.2, 0.3])];
         for (ga, gb) in grads_a().into_iter().zip(gb) {
             let ga: Vec<f32> = ga.iter().map(|&x| x as f32).collect();
-            let mut grads = HashMap::from([("a".to_string(), Tensor::from_slice(&ga, (2, 3), &dev).unwrap())]);
+            let mut grads = HashMap::from([(
+                "a".to_string(),
+                Tensor::from_slice(&ga, (2, 3), &dev).unwrap(),
+            )]);
             if let Some(gb) = gb {
                 grads.insert("b".to_string(), Tensor::new(&gb, &dev).unwrap());
             }
             opt.step_with(&grads).unwrap();
         }
-        let torch_a = [4.962334633e-01, -1.183149099e+00, 2.974802971e+00, -2.649825998e-02, -1.082389057e-02, -6.866790056e-01];
+        let torch_a = [
+            4.962334633e-01,
+            -1.183149099e+00,
+            2.974802971e+00,
+            -2.649825998e-02,
+            -1.082389057e-02,
+            -6.866790056e-01,
+        ];
         let torch_b = [2.314798385e-01, -4.847320318e-01];
         let torch_b_exp_avg = [1.099999994e-01, -5.999999866e-02];
         let bit_equal = |got: Vec<f64>, want: &[f64]| {
@@ -580,15 +722,24 @@ mod tests {
         let dev = Device::Cpu;
         let w = Var::new(&[1.0f32, -2.0], &dev).unwrap();
         let frozen = Var::new(&[5.0f32], &dev).unwrap();
-        let mut opt =
-            AdamW::new(vec![("w".into(), w.clone()), ("frozen".into(), frozen.clone())], AdamWConfig { lr: 0.1, weight_decay: 0.0, ..Default::default() });
+        let mut opt = AdamW::new(
+            vec![("w".into(), w.clone()), ("frozen".into(), frozen.clone())],
+            AdamWConfig {
+                lr: 0.1,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        );
         // loss = sum(w^2): grad = 2w; `frozen` does not take part.
         let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         opt.step(&grads).unwrap();
         // First Adam step moves each coordinate by ~lr against the gradient sign.
         let got = w.to_vec1::<f32>().unwrap();
-        assert!((got[0] - 0.9).abs() < 1e-5 && (got[1] + 1.9).abs() < 1e-5, "{got:?}");
+        assert!(
+            (got[0] - 0.9).abs() < 1e-5 && (got[1] + 1.9).abs() < 1e-5,
+            "{got:?}"
+        );
         assert_eq!(frozen.to_vec1::<f32>().unwrap(), vec![5.0]);
     }
 
@@ -597,21 +748,44 @@ mod tests {
         let dev = Device::Cpu;
         let cfg = test_cfg();
         let mk = || Var::from_tensor(&Tensor::from_slice(&P0_A, (2, 3), &dev).unwrap()).unwrap();
-        let g = |k: usize| HashMap::from([("a".to_string(), Tensor::from_slice(&grads_a()[k], (2, 3), &dev).unwrap())]);
+        let g = |k: usize| {
+            HashMap::from([(
+                "a".to_string(),
+                Tensor::from_slice(&grads_a()[k], (2, 3), &dev).unwrap(),
+            )])
+        };
         // Uninterrupted: 3 steps.
         let v1 = mk();
-        let mut o1 = AdamW::new(vec![("a".into(), v1.clone()), ("unused".into(), Var::new(&[0f64], &dev).unwrap())], cfg);
+        let mut o1 = AdamW::new(
+            vec![
+                ("a".into(), v1.clone()),
+                ("unused".into(), Var::new(&[0f64], &dev).unwrap()),
+            ],
+            cfg,
+        );
         for k in 0..3 {
             o1.step_with(&g(k)).unwrap();
         }
         // Interrupted after 1 step, state saved through safetensors bytes.
         let v2 = mk();
-        let mut o2 = AdamW::new(vec![("a".into(), v2.clone()), ("unused".into(), Var::new(&[0f64], &dev).unwrap())], cfg);
+        let mut o2 = AdamW::new(
+            vec![
+                ("a".into(), v2.clone()),
+                ("unused".into(), Var::new(&[0f64], &dev).unwrap()),
+            ],
+            cfg,
+        );
         o2.step_with(&g(0)).unwrap();
         let bytes = crate::util::atomic::serialize_safetensors(&o2.state().unwrap(), None).unwrap();
         let (state, _) = crate::util::atomic::deserialize_safetensors(&bytes, &dev).unwrap();
         let v3 = Var::from_tensor(&v2.as_detached_tensor().copy().unwrap()).unwrap();
-        let mut o3 = AdamW::new(vec![("a".into(), v3.clone()), ("unused".into(), Var::new(&[0f64], &dev).unwrap())], cfg);
+        let mut o3 = AdamW::new(
+            vec![
+                ("a".into(), v3.clone()),
+                ("unused".into(), Var::new(&[0f64], &dev).unwrap()),
+            ],
+            cfg,
+        );
         o3.load_state(&state).unwrap();
         assert_eq!(o3.step_count(), 1);
         for k in 1..3 {
@@ -634,12 +808,18 @@ mod tests {
         assert!(err.to_string().contains("p.exp_avg_sq"), "{err}");
 
         let mut wrong_shape = good.clone();
-        wrong_shape.insert("p.exp_avg".into(), Tensor::zeros(3, DType::F32, &dev).unwrap());
+        wrong_shape.insert(
+            "p.exp_avg".into(),
+            Tensor::zeros(3, DType::F32, &dev).unwrap(),
+        );
         let err = opt.load_state(&wrong_shape).unwrap_err();
         assert!(err.to_string().contains("shape"), "{err}");
 
         let mut extra = good.clone();
-        extra.insert("q.exp_avg".into(), Tensor::zeros(2, DType::F32, &dev).unwrap());
+        extra.insert(
+            "q.exp_avg".into(),
+            Tensor::zeros(2, DType::F32, &dev).unwrap(),
+        );
         assert!(opt.load_state(&extra).is_err());
 
         let mut no_step = good;
@@ -661,22 +841,47 @@ mod tests {
     #[test]
     fn bf16_params_are_updated_with_f32_state() {
         let dev = Device::Cpu;
-        let var = Var::from_tensor(&Tensor::new(&[1f32, -1.0], &dev).unwrap().to_dtype(DType::BF16).unwrap()).unwrap();
-        let mut opt = AdamW::new(vec![("p".into(), var.clone())], AdamWConfig { lr: 0.125, weight_decay: 0.0, ..Default::default() });
-        let g = HashMap::from([("p".to_string(), Tensor::new(&[1f32, -1.0], &dev).unwrap().to_dtype(DType::BF16).unwrap())]);
+        let var = Var::from_tensor(
+            &Tensor::new(&[1f32, -1.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        let mut opt = AdamW::new(
+            vec![("p".into(), var.clone())],
+            AdamWConfig {
+                lr: 0.125,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        );
+        let g = HashMap::from([(
+            "p".to_string(),
+            Tensor::new(&[1f32, -1.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )]);
         opt.step_with(&g).unwrap();
         assert_eq!(var.dtype(), DType::BF16);
         let got = vec_of(&var);
         assert_eq!(got, vec![0.875, -0.875]);
         let state = opt.state().unwrap();
-        assert!(state.iter().filter(|(k, _)| k.ends_with("exp_avg")).all(|(_, t)| t.dtype() == DType::F32));
+        assert!(state
+            .iter()
+            .filter(|(k, _)| k.ends_with("exp_avg"))
+            .all(|(_, t)| t.dtype() == DType::F32));
     }
 
     #[test]
     fn accumulator_weighted_mean() {
         let dev = Device::Cpu;
         let mut acc = GradAccumulator::new();
-        let g1 = HashMap::from([("a".to_string(), Tensor::new(&[1f32, 2.0], &dev).unwrap()), ("b".to_string(), Tensor::new(&[4f32], &dev).unwrap())]);
+        let g1 = HashMap::from([
+            ("a".to_string(), Tensor::new(&[1f32, 2.0], &dev).unwrap()),
+            ("b".to_string(), Tensor::new(&[4f32], &dev).unwrap()),
+        ]);
         let g2 = HashMap::from([("a".to_string(), Tensor::new(&[3f32, 6.0], &dev).unwrap())]);
         acc.add_map(&g1, 1.0).unwrap();
         acc.add_map(&g2, 3.0).unwrap();
@@ -704,7 +909,10 @@ mod tests {
         }
         let mean = acc.take_mean().unwrap();
         assert_eq!(mean["w"].to_vec1::<f32>().unwrap(), vec![2.0, 2.0]);
-        let direct = grads_by_name(&(w.as_tensor().sum_all().unwrap()).backward().unwrap(), &vars);
+        let direct = grads_by_name(
+            &(w.as_tensor().sum_all().unwrap()).backward().unwrap(),
+            &vars,
+        );
         assert_eq!(direct["w"].to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
     }
 
@@ -712,7 +920,10 @@ mod tests {
     fn clip_grad_norm_matches_torch_semantics() {
         let dev = Device::Cpu;
         // total norm = sqrt(3^2 + 4^2 + 12^2) = 13
-        let mut grads = HashMap::from([("a".to_string(), Tensor::new(&[3f32, 4.0], &dev).unwrap()), ("b".to_string(), Tensor::new(&[[12f32]], &dev).unwrap())]);
+        let mut grads = HashMap::from([
+            ("a".to_string(), Tensor::new(&[3f32, 4.0], &dev).unwrap()),
+            ("b".to_string(), Tensor::new(&[[12f32]], &dev).unwrap()),
+        ]);
         let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
         assert!((norm - 13.0).abs() < 1e-6);
         let coef = 1.0 / (13.0 + 1e-6);
@@ -725,7 +936,8 @@ mod tests {
         assert!((again - 1.0).abs() < 1e-5);
 
         // Below the threshold nothing changes.
-        let mut small = HashMap::from([("a".to_string(), Tensor::new(&[0.3f32, 0.4], &dev).unwrap())]);
+        let mut small =
+            HashMap::from([("a".to_string(), Tensor::new(&[0.3f32, 0.4], &dev).unwrap())]);
         let n = clip_grad_norm(&mut small, 1.0).unwrap();
         assert!((n - 0.5).abs() < 1e-7);
         assert_eq!(small["a"].to_vec1::<f32>().unwrap(), vec![0.3, 0.4]);
@@ -743,7 +955,10 @@ mod tests {
         let v = Var::new(&[1f32], &dev).unwrap();
         check_unique_names(&[("a".into(), v.clone()), ("b".into(), v.clone())]).unwrap();
         assert!(check_unique_names(&[("a".into(), v.clone()), ("a".into(), v.clone())]).is_err());
-        let opt = AdamW::new(vec![("a".into(), v.clone()), ("a".into(), v)], AdamWConfig::default());
+        let opt = AdamW::new(
+            vec![("a".into(), v.clone()), ("a".into(), v)],
+            AdamWConfig::default(),
+        );
         assert!(opt.state().is_err());
     }
 }

@@ -26,16 +26,27 @@ impl Curves {
     /// that is not JSON is an error naming `file:line`, except a torn last line (a run killed
     /// mid-write), which is skipped as `MetricsLog::resume` skips it.
     pub fn read(path: &Path) -> Result<Curves> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let lines: Vec<&str> = text.lines().collect();
         let mut c = Curves::default();
-        for (i, line) in lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let v: Value = match serde_json::from_str(line) {
                 Ok(v) => v,
                 Err(_) if i + 1 == lines.len() => break,
-                Err(e) => bail!("{}:{}: not a JSON metrics record: {e}", path.display(), i + 1),
+                Err(e) => bail!(
+                    "{}:{}: not a JSON metrics record: {e}",
+                    path.display(),
+                    i + 1
+                ),
             };
-            let Some(step) = v.get("step").and_then(Value::as_u64) else { continue };
+            let Some(step) = v.get("step").and_then(Value::as_u64) else {
+                continue;
+            };
             let num = |k: &str| v.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
             if let Some(loss) = num("eval_loss") {
                 c.eval_loss.push((step, loss));
@@ -55,28 +66,44 @@ pub fn write_loss_plot(run_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
     ensure_file(&metrics, run_dir)?;
     let curves = Curves::read(&metrics)?;
     if curves.train_loss.is_empty() {
-        bail!("{}: no training step logged yet, nothing to plot", metrics.display())
+        bail!(
+            "{}: no training step logged yet, nothing to plot",
+            metrics.display()
+        )
     }
     let svg = render_svg(&curves, &run_dir.display().to_string())?;
     let out = out.map_or_else(|| run_dir.join(PLOT_FILE), Path::to_path_buf);
-    crate::util::atomic::write_bytes_atomic(&out, svg.as_bytes()).with_context(|| format!("writing {}", out.display()))?;
+    crate::util::atomic::write_bytes_atomic(&out, svg.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(out)
 }
 
 fn ensure_file(metrics: &Path, run_dir: &Path) -> Result<()> {
     if !run_dir.is_dir() {
-        bail!("{}: no such run folder (expected the --output folder of a ferrule train run)", run_dir.display())
+        bail!(
+            "{}: no such run folder (expected the --output folder of a ferrule train run)",
+            run_dir.display()
+        )
     }
     if !metrics.is_file() {
-        bail!("{}: no {METRICS_FILE} here (expected the --output folder of a ferrule train run)", run_dir.display())
+        bail!(
+            "{}: no {METRICS_FILE} here (expected the --output folder of a ferrule train run)",
+            run_dir.display()
+        )
     }
     Ok(())
 }
 
 /// `[lo, hi]` padded by 5% (a flat series gets a band around its value).
 fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.05 * lo.abs().max(1e-3) };
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    let pad = if hi > lo {
+        0.05 * (hi - lo)
+    } else {
+        0.05 * lo.abs().max(1e-3)
+    };
     (lo - pad, hi + pad)
 }
 
@@ -102,8 +129,18 @@ pub fn render_svg(c: &Curves, title: &str) -> Result<String> {
             .build_cartesian_2d(x.clone(), y_lo..y_hi)
             .map_err(|e| plot_err(&e))?
             .set_secondary_coord(x, 0.0..lr_hi);
-        chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw().map_err(|e| plot_err(&e))?;
-        chart.configure_secondary_axes().y_desc("learning rate").y_label_formatter(&|v| format!("{v:.1e}")).draw().map_err(|e| plot_err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("loss")
+            .draw()
+            .map_err(|e| plot_err(&e))?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("learning rate")
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .draw()
+            .map_err(|e| plot_err(&e))?;
         let train = ShapeStyle::from(&BLUE).stroke_width(2);
         chart
             .draw_series(LineSeries::new(c.train_loss.iter().copied(), train))
@@ -124,7 +161,12 @@ pub fn render_svg(c: &Curves, title: &str) -> Result<String> {
             .map_err(|e| plot_err(&e))?
             .label("learning rate (right axis)")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], lr));
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(&e))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_err(&e))?;
         root.present().map_err(|e| plot_err(&e))?;
     }
     Ok(svg)
@@ -152,9 +194,14 @@ mod tests {
         assert_eq!(c.lr, vec![(1, 1e-4), (2, 2e-4), (3, 1e-4), (4, 0.0)]);
         let broken = LOG.replacen("{\"step\":3", "{step:3", 1);
         std::fs::write(t.path().join(METRICS_FILE), broken).unwrap();
-        let err = Curves::read(&t.path().join(METRICS_FILE)).unwrap_err().to_string();
+        let err = Curves::read(&t.path().join(METRICS_FILE))
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.ends_with(&format!("{}:4: not a JSON metrics record: key must be a string at line 1 column 2", t.path().join(METRICS_FILE).display())),
+            err.ends_with(&format!(
+                "{}:4: not a JSON metrics record: key must be a string at line 1 column 2",
+                t.path().join(METRICS_FILE).display()
+            )),
             "{err}"
         );
     }
@@ -171,15 +218,35 @@ mod tests {
         assert_eq!(doc.root_element().tag_name().name(), "svg");
         // The first line of each series' colour is the series (its legend mark comes later).
         let points = |stroke: &str| {
-            let line = doc.descendants().find(|n| n.has_tag_name("polyline") && n.attribute("stroke") == Some(stroke));
+            let line = doc
+                .descendants()
+                .find(|n| n.has_tag_name("polyline") && n.attribute("stroke") == Some(stroke));
             line.map(|n| n.attribute("points").unwrap().split_whitespace().count())
         };
-        assert_eq!([points("#0000FF"), points("#FF0000"), points("#00FF00")], [Some(4), Some(2), Some(4)], "train, eval, learning rate");
-        for label in ["train loss", "eval loss", "learning rate (right axis)", "optimizer step"] {
-            assert!(doc.descendants().any(|n| n.has_tag_name("text") && n.text().map(str::trim) == Some(label)), "no {label:?} text");
+        assert_eq!(
+            [points("#0000FF"), points("#FF0000"), points("#00FF00")],
+            [Some(4), Some(2), Some(4)],
+            "train, eval, learning rate"
+        );
+        for label in [
+            "train loss",
+            "eval loss",
+            "learning rate (right axis)",
+            "optimizer step",
+        ] {
+            assert!(
+                doc.descendants()
+                    .any(|n| n.has_tag_name("text") && n.text().map(str::trim) == Some(label)),
+                "no {label:?} text"
+            );
         }
         // The eval points are marked.
-        assert_eq!(doc.descendants().filter(|n| n.has_tag_name("circle")).count(), 2);
+        assert_eq!(
+            doc.descendants()
+                .filter(|n| n.has_tag_name("circle"))
+                .count(),
+            2
+        );
     }
 
     #[test]

@@ -62,7 +62,12 @@ impl Rng {
     /// distinct consecutive states).
     pub fn seed_from_u64(seed: u64) -> Self {
         let mut sm = seed;
-        let s = [splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)];
+        let s = [
+            splitmix64(&mut sm),
+            splitmix64(&mut sm),
+            splitmix64(&mut sm),
+            splitmix64(&mut sm),
+        ];
         Self { s }
     }
 
@@ -219,9 +224,17 @@ impl rand::RngCore for Rng {
 /// element is kept when those bits are `>= round(p * 2^32)`, so the keep
 /// probability is exact to within 2^-33. The mask is generated on the host
 /// and copied to `device`.
-pub fn dropout_mask(rng: &mut Rng, shape: impl Into<Shape>, p: f64, device: &Device) -> Result<Tensor> {
+pub fn dropout_mask(
+    rng: &mut Rng,
+    shape: impl Into<Shape>,
+    p: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let shape = shape.into();
-    ensure!((0.0..=1.0).contains(&p), "dropout probability must be in [0, 1], got {p}");
+    ensure!(
+        (0.0..=1.0).contains(&p),
+        "dropout probability must be in [0, 1], got {p}"
+    );
     if p == 0.0 {
         return Ok(Tensor::ones(shape, candle_core::DType::F32, device)?);
     }
@@ -274,7 +287,13 @@ mod tests {
     fn splitmix_reference_vector() {
         // Vigna's splitmix64.c, seed 1234567.
         let mut s = 1234567u64;
-        let expected: [u64; 5] = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821];
+        let expected: [u64; 5] = [
+            6457827717110365317,
+            3203168211198807973,
+            9817491932198370423,
+            4593380528125082431,
+            16408922859458223821,
+        ];
         for e in expected {
             assert_eq!(splitmix64(&mut s), e);
         }

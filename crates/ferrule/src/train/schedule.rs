@@ -53,7 +53,9 @@ impl FromStr for LrSchedule {
             "constant" => Ok(LrSchedule::Constant),
             "linear" => Ok(LrSchedule::Linear),
             "cosine" => Ok(LrSchedule::Cosine),
-            other => anyhow::bail!("unknown learning-rate schedule {other:?} (expected constant, linear or cosine)"),
+            other => anyhow::bail!(
+                "unknown learning-rate schedule {other:?} (expected constant, linear or cosine)"
+            ),
         }
     }
 }
@@ -71,7 +73,12 @@ impl FromStr for LrSchedule {
 /// These are transformers' `_get_*_schedule_with_warmup_lr_lambda` functions
 /// verbatim, including their behaviour past `total_steps` (linear stays at
 /// `0`, cosine rises again since `progress > 1`) and when `w > T`.
-pub fn lr_lambda(schedule: LrSchedule, step: usize, warmup_steps: usize, total_steps: usize) -> f64 {
+pub fn lr_lambda(
+    schedule: LrSchedule,
+    step: usize,
+    warmup_steps: usize,
+    total_steps: usize,
+) -> f64 {
     let k = step as f64;
     if step < warmup_steps {
         // transformers: float(current_step) / float(max(1, num_warmup_steps))
@@ -98,7 +105,13 @@ pub fn lr_lambda(schedule: LrSchedule, step: usize, warmup_steps: usize, total_s
 /// `base_lr * lr_lambda(schedule, step, warmup_steps, total_steps)`, exactly
 /// as `LambdaLR` computes it. `step` counts optimizer steps (not
 /// micro-batches under gradient accumulation).
-pub fn lr_at(schedule: LrSchedule, base_lr: f64, step: usize, warmup_steps: usize, total_steps: usize) -> f64 {
+pub fn lr_at(
+    schedule: LrSchedule,
+    base_lr: f64,
+    step: usize,
+    warmup_steps: usize,
+    total_steps: usize,
+) -> f64 {
     base_lr * lr_lambda(schedule, step, warmup_steps, total_steps)
 }
 
@@ -109,7 +122,10 @@ mod tests {
     fn assert_close(got: &[f64], want: &[f64]) {
         assert_eq!(got.len(), want.len());
         for (k, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 1e-12 * w.abs().max(1e-12), "step {k}: got {g}, want {w}");
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1e-12),
+                "step {k}: got {g}, want {w}"
+            );
         }
     }
 
@@ -171,7 +187,11 @@ mod tests {
 
     #[test]
     fn serde_and_parse() {
-        for (s, name) in [(LrSchedule::Constant, "constant"), (LrSchedule::Linear, "linear"), (LrSchedule::Cosine, "cosine")] {
+        for (s, name) in [
+            (LrSchedule::Constant, "constant"),
+            (LrSchedule::Linear, "linear"),
+            (LrSchedule::Cosine, "cosine"),
+        ] {
             let json = format!("\"{name}\"");
             assert_eq!(serde_json::to_string(&s).unwrap(), json);
             assert_eq!(serde_json::from_str::<LrSchedule>(&json).unwrap(), s);

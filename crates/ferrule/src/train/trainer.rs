@@ -13,14 +13,20 @@ use serde::Serialize;
 
 use super::batching::{global_left, Batching, DataCursor};
 use super::checkpoint::{
-    latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
+    latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint,
+    save_sharded_checkpoint, Checkpoint, TrainerState,
 };
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
 use super::optim::{AdamWConfig, GradAccumulator};
 use super::schedule::lr_at;
-use crate::data::{self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation};
-use crate::dist::{Collective, FlatLayout, OptimizerState, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage};
+use crate::data::{
+    self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation,
+};
+use crate::dist::{
+    BaseComm, Collective, FlatLayout, OptimizerState, SingleProcess, StepTotals, Traffic,
+    ZeroOptimizer, ZeroStage,
+};
 use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
@@ -158,11 +164,25 @@ pub struct Prepared {
 
 /// Encoding settings of a training config, for sequences of at most `max_len` tokens.
 pub fn encode_options(cfg: &TrainConfig, max_len: usize) -> EncodeOptions {
-    EncodeOptions { max_len, truncation: if cfg.truncate { Truncation::Right } else { Truncation::Error }, completion_only: cfg.completion_only }
+    EncodeOptions {
+        max_len,
+        truncation: if cfg.truncate {
+            Truncation::Right
+        } else {
+            Truncation::Error
+        },
+        completion_only: cfg.completion_only,
+    }
 }
 
 /// Reads and encodes a JSONL file with the model's tokenizer and chat template.
-pub fn encode_file(path: &Path, source: &ModelSource, opts: EncodeOptions, labels: Option<&LabelMap>, limit: Option<usize>) -> Result<data::EncodedSet> {
+pub fn encode_file(
+    path: &Path,
+    source: &ModelSource,
+    opts: EncodeOptions,
+    labels: Option<&LabelMap>,
+    limit: Option<usize>,
+) -> Result<data::EncodedSet> {
     let mut examples = data::read_jsonl(path)?;
     if let Some(n) = limit {
         examples.truncate(n);
@@ -173,13 +193,32 @@ pub fn encode_file(path: &Path, source: &ModelSource, opts: EncodeOptions, label
     if let Some(l) = labels {
         enc = enc.with_label_map(l);
     }
-    enc.encode_all(&examples).with_context(|| format!("encoding {}", path.display()))
+    enc.encode_all(&examples)
+        .with_context(|| format!("encoding {}", path.display()))
 }
 
 /// Loads the model and data and builds the adapter (fresh, or from `adapter_weights`).
-pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTreeMap<String, Tensor>>) -> Result<Prepared> {
+pub fn prepare(
+    cfg: &TrainConfig,
+    device: &Device,
+    adapter_weights: Option<BTreeMap<String, Tensor>>,
+) -> Result<Prepared> {
+    prepare_sharded(cfg, device, adapter_weights, None)
+}
+
+/// [`prepare`] with the frozen base sharded over the ranks of `base` (`--shard-base`): every
+/// rank calls it alike, since building the model then reads the weights collectively.
+pub fn prepare_sharded(
+    cfg: &TrainConfig,
+    device: &Device,
+    adapter_weights: Option<BTreeMap<String, Tensor>>,
+    base: Option<Arc<dyn BaseComm>>,
+) -> Result<Prepared> {
     cfg.validate()?;
     let mut source = ModelSource::load_with(&cfg.model, device, cfg.quantize.as_ref())?;
+    if let Some(comm) = base {
+        source.weights.shard(comm)?;
+    }
     let label_map = if cfg.task == Task::SeqCls {
         let examples = data::read_jsonl(&cfg.data)?;
         let map = LabelMap::from_examples(&examples)?;
@@ -191,23 +230,54 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
     } else {
         None
     };
-    let context = source.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+    let context = source
+        .config
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize);
     let max_len = cfg.effective_max_len(context)?;
-    let train = encode_file(&cfg.data, &source, encode_options(cfg, max_len), label_map.as_ref(), None)?;
+    let train = encode_file(
+        &cfg.data,
+        &source,
+        encode_options(cfg, max_len),
+        label_map.as_ref(),
+        None,
+    )?;
     let eval = match &cfg.eval_data {
-        Some(p) => encode_file(p, &source, encode_options(cfg, max_len), label_map.as_ref(), cfg.eval_limit)?.items,
+        Some(p) => {
+            encode_file(
+                p,
+                &source,
+                encode_options(cfg, max_len),
+                label_map.as_ref(),
+                cfg.eval_limit,
+            )?
+            .items
+        }
         None => vec![],
     };
     let adapter = cfg.adapter()?.resolved(source.model_type(), cfg.task)?;
     let weights = adapter_weights.map(|w| w.into_iter().collect());
-    let tuner = registry::build(&adapter, BuildContext { seed: cfg.seed, device, weights, allow_unmatched: cfg.allow_unmatched })?;
+    let tuner = registry::build(
+        &adapter,
+        BuildContext {
+            seed: cfg.seed,
+            device,
+            weights,
+            allow_unmatched: cfg.allow_unmatched,
+        },
+    )?;
     let model = Model::build(&source, cfg.task, tuner.as_ref(), device, cfg.seed)?;
     let matches = tuner.finish()?;
     let pad_id = source.pad_token_id()?;
     let (padding, padding_note) = match cfg.padding()? {
-        Padding::Free if !model.supports_packed() => {
-            (Padding::Longest, Some(format!("{} adds positions before every record, which padding-free batches cannot hold", adapter.peft_type)))
-        }
+        Padding::Free if !model.supports_packed() => (
+            Padding::Longest,
+            Some(format!(
+                "{} adds positions before every record, which padding-free batches cannot hold",
+                adapter.peft_type
+            )),
+        ),
         p => (p, None),
     };
     let batching = Batching::of(cfg, max_len)?;
@@ -233,14 +303,24 @@ pub fn prepare(cfg: &TrainConfig, device: &Device, adapter_weights: Option<BTree
 }
 
 fn batch_inputs(batch: &Batch) -> Inputs<'_> {
-    Inputs { input_ids: &batch.input_ids, attention_mask: Some(&batch.attention_mask), token_type_ids: None }
+    Inputs {
+        input_ids: &batch.input_ids,
+        attention_mask: Some(&batch.attention_mask),
+        token_type_ids: None,
+    }
 }
 
 /// Where the first non-finite output of `batch` arose, as a clause for an error message
 /// ([`Model::non_finite_origin`]).
 fn non_finite_origin(model: &Model, batch: &Batch) -> String {
+    if model.lockstep {
+        // Tracing reruns the batch on this rank alone, which a sharded base cannot do.
+        return " (the layer is not traced with --shard-base; rerun without it to find it)".into();
+    }
     match &batch.seq_lens {
-        Some(lens) => crate::util::finite::origin_clause(model.trace_non_finite_packed(&batch.input_ids, lens)),
+        Some(lens) => crate::util::finite::origin_clause(
+            model.trace_non_finite_packed(&batch.input_ids, lens),
+        ),
         None => model.non_finite_origin(&batch_inputs(batch)),
     }
 }
@@ -249,7 +329,10 @@ fn non_finite_origin(model: &Model, batch: &Batch) -> String {
 /// correct predictions)`.
 pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
     if let (Task::CausalLm, crate::model::Arch::Decoder(lm)) = (model.task, &model.arch) {
-        let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
+        let labels = batch
+            .labels
+            .as_ref()
+            .context("causal-LM batch without labels")?;
         let (loss, n) = match &batch.seq_lens {
             Some(lens) => lm.causal_lm_loss_packed(&batch.input_ids, lens, labels)?,
             None => lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?,
@@ -262,15 +345,25 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)
     };
     match model.task {
         Task::CausalLm => {
-            let labels = batch.labels.as_ref().context("causal-LM batch without labels")?;
+            let labels = batch
+                .labels
+                .as_ref()
+                .context("causal-LM batch without labels")?;
             let (loss, n) = causal_lm_loss(&out, labels)?;
             Ok((loss, n, 0))
         }
         Task::SeqCls => {
-            let labels = batch.class_labels.as_ref().context("classification batch without class labels")?;
+            let labels = batch
+                .class_labels
+                .as_ref()
+                .context("classification batch without class labels")?;
             let (loss, n) = cross_entropy(&out, &labels.to_dtype(DType::I64)?)?;
             let pred = out.argmax(candle_core::D::Minus1)?.to_dtype(DType::U32)?;
-            let correct = pred.eq(&labels.to_dtype(DType::U32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+            let correct = pred
+                .eq(&labels.to_dtype(DType::U32)?)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
             Ok((loss, n, correct))
         }
         Task::FeatureExtraction => bail!("FEATURE_EXTRACTION has no loss"),
@@ -281,8 +374,23 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)
 /// out as `padding` says (padding-free falls back to padded batches for a method that adds
 /// positions; the result is the same either way, within float rounding).
 /// Adapter layers must be in eval mode (no dropout).
-pub fn evaluate(model: &Model, pad_id: u32, padding: Padding, items: &[Encoded], batch_size: usize, step: usize) -> Result<EvalReport> {
-    evaluate_on(model, pad_id, padding, items, batch_size, step, &SingleProcess)
+pub fn evaluate(
+    model: &Model,
+    pad_id: u32,
+    padding: Padding,
+    items: &[Encoded],
+    batch_size: usize,
+    step: usize,
+) -> Result<EvalReport> {
+    evaluate_on(
+        model,
+        pad_id,
+        padding,
+        items,
+        batch_size,
+        step,
+        &SingleProcess,
+    )
 }
 
 /// [`evaluate`] spread over the ranks of `comm`: rank `r` takes records `r, r + N, ...` and the
@@ -299,14 +407,40 @@ pub fn evaluate_on(
     if items.is_empty() {
         bail!("evaluation set is empty")
     }
-    let padding = if padding == Padding::Free && !model.supports_packed() { Padding::Longest } else { padding };
+    let padding = if padding == Padding::Free && !model.supports_packed() {
+        Padding::Longest
+    } else {
+        padding
+    };
     let max_len = items.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let dev = model.device().clone();
     let _no_grad = model.no_grad();
-    let mine: Vec<&Encoded> = items.iter().skip(comm.rank()).step_by(comm.world_size()).collect();
+    let mine: Vec<&Encoded> = items
+        .iter()
+        .skip(comm.rank())
+        .step_by(comm.world_size())
+        .collect();
     let mut sums = [0f64; 4]; // loss·n, n, correct, batches with a non-finite loss
     let mut first_bad = None;
-    for (j, chunk) in mine.chunks(batch_size.max(1)).enumerate() {
+    let bs = batch_size.max(1);
+    if model.lockstep {
+        // Every rank runs as many batches as rank 0 (which has the most records): the extra
+        // one repeats a record and is not counted.
+        let most = items.len().div_ceil(comm.world_size()).div_ceil(bs);
+        for _ in mine.len().div_ceil(bs)..most {
+            batch_loss(
+                model,
+                &make_batch(
+                    &items[..1].iter().collect::<Vec<_>>(),
+                    padding,
+                    pad_id,
+                    max_len,
+                    &dev,
+                )?,
+            )?;
+        }
+    }
+    for (j, chunk) in mine.chunks(bs).enumerate() {
         let batch = make_batch(chunk, padding, pad_id, max_len, &dev)?;
         let (loss, n, c) = batch_loss(model, &batch)?;
         let lv = loss.to_scalar::<f32>()? as f64;
@@ -353,7 +487,12 @@ impl Prepared {
 }
 
 /// Runs (or resumes) training as `cfg` describes, in this process alone.
-pub fn train(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, run: &RunOptions) -> Result<TrainSummary> {
+pub fn train(
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &mut dyn Progress,
+    run: &RunOptions,
+) -> Result<TrainSummary> {
     train_on(cfg, device, progress, run, &SingleProcess)
 }
 
@@ -388,15 +527,26 @@ fn find_resume(
     let ck = load_checkpoint(&dir, device)?;
     if ck.state.config_hash != fingerprint {
         let now = cfg.resume_settings()?;
-        let differ = ck.state.extra.get("settings").map(|old| settings_that_differ(old, &now)).unwrap_or_default();
-        let differ = if differ.is_empty() { String::new() } else { format!(" ({})", differ.join(", ")) };
+        let differ = ck
+            .state
+            .extra
+            .get("settings")
+            .map(|old| settings_that_differ(old, &now))
+            .unwrap_or_default();
+        let differ = if differ.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", differ.join(", "))
+        };
         bail!(
             "{}: this checkpoint was written by a run with different settings{differ}; resume with the same config, or use a new output folder",
             dir.display()
         )
     }
     let world = comm.world_size() as u64;
-    if ck.state.sharded() && (ck.state.world_size != world || ck.state.zero_stage != run.zero_stage.get()) {
+    if ck.state.sharded()
+        && (ck.state.world_size != world || ck.state.zero_stage != run.zero_stage.get())
+    {
         bail!(
             "{}: its optimizer state is sharded over {} ranks at ZeRO stage {}; resume it with `mpirun -np {} ... --zero-stage {}`, \
              or run `ferrule checkpoint consolidate {}` first to resume with {} rank(s) or another stage",
@@ -410,7 +560,11 @@ fn find_resume(
         )
     }
     if ck.state.world_size != world {
-        let (per_rank, unit) = if cfg.token_batching().is_some() { (cfg.grad_accum, "micro-batches") } else { (cfg.batch_size() * cfg.grad_accum, "records") };
+        let (per_rank, unit) = if cfg.token_batching().is_some() {
+            (cfg.grad_accum, "micro-batches")
+        } else {
+            (cfg.batch_size() * cfg.grad_accum, "records")
+        };
         progress.message(&format!(
             "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} {unit}",
             ck.state.world_size,
@@ -431,8 +585,17 @@ fn settings_that_differ(old: &serde_json::Value, new: &serde_json::Value) -> Vec
                 let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
                 for k in keys {
                     let null = serde_json::Value::Null;
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
                 }
             }
             _ if a != b => out.push(format!("{path}: {a} -> {b}")),
@@ -447,11 +610,23 @@ fn settings_that_differ(old: &serde_json::Value, new: &serde_json::Value) -> Vec
 
 /// A `checkpoint-<step>` folder (not a `.tmp` one) that is not a complete checkpoint.
 fn incomplete_checkpoint(out: &Path) -> Option<PathBuf> {
-    let complete: Vec<PathBuf> = crate::train::checkpoint::list_checkpoints(out).ok()?.into_iter().map(|(_, p)| p).collect();
-    std::fs::read_dir(out).ok()?.flatten().map(|e| e.path()).find(|p| {
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        p.is_dir() && name.strip_prefix("checkpoint-").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) && !complete.contains(p)
-    })
+    let complete: Vec<PathBuf> = crate::train::checkpoint::list_checkpoints(out)
+        .ok()?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    std::fs::read_dir(out)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            p.is_dir()
+                && name
+                    .strip_prefix("checkpoint-")
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                && !complete.contains(p)
+        })
 }
 
 /// One rank's share of one optimizer step. The global batch is `grad_accum` global
@@ -478,23 +653,34 @@ fn accumulate_step(
             break; // the run's epochs are done: the last step takes what was left
         };
         let Some(records) = group.get(comm.rank()) else {
+            if p.model.lockstep {
+                lockstep_pass(p, &group[0], sink, &dev)?;
+            }
             continue; // this rank's micro-batch lies past the epoch's end
         };
         let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
         let batch = make_batch(&items, p.padding, p.pad_id, p.max_len, &dev)?;
         p.tuner.mode().set_training(true);
         // Each rank's chunk draws its own dropout masks.
-        p.tuner.mode().set_step(((step * cfg.grad_accum + micro) * world + comm.rank()) as u64);
+        p.tuner
+            .mode()
+            .set_step(((step * cfg.grad_accum + micro) * world + comm.rank()) as u64);
         local.tokens += batch.num_tokens as f64;
         local.positions += batch.input_ids.elem_count() as f64;
         let (loss, counted, _) = batch_loss(&p.model, &batch)?;
         if counted == 0 {
+            if p.model.lockstep {
+                discard_backward(&loss, sink)?;
+            }
             continue; // nothing trained in this micro-batch (its weight would be 0)
         }
         let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
             let origin = non_finite_origin(&p.model, &batch);
-            bail!("loss became {lv} at step {}{origin}; lower the learning rate or check the data", step + 1)
+            bail!(
+                "loss became {lv} at step {}{origin}; lower the learning rate or check the data",
+                step + 1
+            )
         }
         let mut grads = loss.backward()?;
         if let Some(sink) = sink {
@@ -507,9 +693,40 @@ fn accumulate_step(
     Ok((acc.take_sum(), local))
 }
 
+/// The forward and backward passes of `records` with the result thrown away: a rank with no
+/// micro-batch of its own still reads the sharded base's weights with the others.
+fn lockstep_pass(
+    p: &Prepared,
+    records: &[usize],
+    sink: Option<&Arc<GradSink>>,
+    dev: &Device,
+) -> Result<()> {
+    let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
+    let (loss, _, _) = batch_loss(
+        &p.model,
+        &make_batch(&items, p.padding, p.pad_id, p.max_len, dev)?,
+    )?;
+    discard_backward(&loss, sink)
+}
+
+/// Runs the backward pass of `loss` (collectives included) and drops its gradients.
+fn discard_backward(loss: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<()> {
+    let mut grads = loss.backward()?;
+    if let Some(sink) = sink {
+        sink.drain_into(&mut grads)?;
+    }
+    Ok(())
+}
+
 /// Writes `checkpoint-<step>`: through rank 0 alone when every rank holds the whole state, by
 /// every rank (each its optimizer shard) when it is partitioned.
-fn save_step_checkpoint(comm: &dyn Collective, cfg: &TrainConfig, state: &TrainerState, adapter: &[(String, Tensor)], opt: &ZeroOptimizer) -> Result<()> {
+fn save_step_checkpoint(
+    comm: &dyn Collective,
+    cfg: &TrainConfig,
+    state: &TrainerState,
+    adapter: &[(String, Tensor)],
+    opt: &ZeroOptimizer,
+) -> Result<()> {
     let out = &cfg.output_dir;
     match opt.state()? {
         OptimizerState::Shard(shard, layout) if comm.world_size() > 1 => {
@@ -519,10 +736,23 @@ fn save_step_checkpoint(comm: &dyn Collective, cfg: &TrainConfig, state: &Traine
             // One rank owns the whole partition: store it as the whole state.
             let layout = FlatLayout::from_json(&layout)?;
             let full = crate::dist::consolidate_shards(&[shard.into_iter().collect()], &layout)?;
-            save_checkpoint(out, &TrainerState { zero_stage: 0, ..state.clone() }, adapter, &full, &[])?;
+            save_checkpoint(
+                out,
+                &TrainerState {
+                    zero_stage: 0,
+                    ..state.clone()
+                },
+                adapter,
+                &full,
+                &[],
+            )?;
         }
         OptimizerState::Full(full) => {
-            let saved = if comm.rank() == 0 { save_checkpoint(out, state, adapter, &full, &[]).map(|_| ()) } else { Ok(()) };
+            let saved = if comm.rank() == 0 {
+                save_checkpoint(out, state, adapter, &full, &[]).map(|_| ())
+            } else {
+                Ok(())
+            };
             comm.all_ok(saved.is_ok(), "saving the checkpoint")?;
             saved?;
         }
@@ -535,7 +765,10 @@ fn save_step_checkpoint(comm: &dyn Collective, cfg: &TrainConfig, state: &Traine
 
 /// Whether any rank was asked to stop (one tiny all-reduce per step when there are ranks).
 fn interrupt_requested(run: &RunOptions, comm: &dyn Collective) -> Result<bool> {
-    let mine = run.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    let mine = run
+        .interrupt
+        .as_ref()
+        .is_some_and(|f| f.load(Ordering::Relaxed));
     if comm.world_size() == 1 {
         return Ok(mine);
     }
@@ -546,19 +779,15 @@ fn interrupt_requested(run: &RunOptions, comm: &dyn Collective) -> Result<bool> 
 
 /// FNV-1a digest of the records' token ids and labels (the same on ranks that read the same data).
 fn records_digest(items: &[Encoded]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut bytes = Vec::new();
+    let mut eat = |x: u64| bytes.extend_from_slice(&x.to_le_bytes());
     for e in items {
         eat(e.input_ids.len() as u64);
         e.input_ids.iter().for_each(|&t| eat(t as u64));
         e.labels.iter().for_each(|&l| eat(l as u64));
         eat(e.class_label.map_or(u64::MAX, |c| c as u64));
     }
-    h
+    crate::util::fnv1a(&bytes)
 }
 
 /// Peak resident memory of this process (`VmHWM`), in bytes; `None` where `/proc` has none.
@@ -584,10 +813,22 @@ fn padding_description(p: &Prepared) -> String {
 
 /// What a run is about to train, for the progress display; `micro_batches` is
 /// [`Batching::describe`]'s line.
-fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, micro_batches: &str, total_steps: usize, world: usize, stage: ZeroStage) {
+fn describe(
+    progress: &mut dyn Progress,
+    p: &Prepared,
+    cfg: &TrainConfig,
+    micro_batches: &str,
+    total_steps: usize,
+    world: usize,
+    stage: ZeroStage,
+) {
     let memory = crate::quant::WeightMemory::of(&p.source.weights);
     if !memory.formats.is_empty() {
-        let formats: Vec<String> = memory.formats.iter().map(|(f, m)| format!("{} x {f}", m.tensors)).collect();
+        let formats: Vec<String> = memory
+            .formats
+            .iter()
+            .map(|(f, m)| format!("{} x {f}", m.tensors))
+            .collect();
         progress.message(&format!(
             "base weights {:.1} MB ({:.2}x of f32): {}",
             memory.total_bytes() as f64 / 1e6,
@@ -596,13 +837,22 @@ fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, micro_
         ));
     }
     for m in &p.matches {
-        progress.message(&format!("{} {} matched:\n{}", p.tuner.method().name, m.option, m.table()));
+        progress.message(&format!(
+            "{} {} matched:\n{}",
+            p.tuner.method().name,
+            m.option,
+            m.table()
+        ));
     }
     progress.message(&format!("batches: {}", padding_description(p)));
     progress.message(&format!("micro-batches: {micro_batches}"));
     let trainable = p.trainable_params();
     let total = total_params(p.model.base_params, p.tuner.as_ref());
-    let ranks = if world > 1 { format!(" x {world} ranks (ZeRO stage {})", stage.get()) } else { String::new() };
+    let ranks = if world > 1 {
+        format!(" x {world} ranks (ZeRO stage {})", stage.get())
+    } else {
+        String::new()
+    };
     progress.message(&format!(
         "{} records ({} skipped, {} truncated), {total_steps} optimizer step{} of {} micro-batch{}{ranks}, the {} learning-rate schedule \
          ({} warmup) counting those steps; trainable params {trainable} of {total} ({:.4}%)",
@@ -622,14 +872,23 @@ fn describe(progress: &mut dyn Progress, p: &Prepared, cfg: &TrainConfig, micro_
 /// stage `run.zero_stage`); with [`SingleProcess`] this is [`train`]. Every rank calls it with
 /// the same arguments. Rank 0 alone reports progress, writes `metrics.jsonl`, the adapter and
 /// the summary; the summary's throughput is summed over ranks.
-pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress, run: &RunOptions, comm: &dyn Collective) -> Result<TrainSummary> {
+pub fn train_on(
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &mut dyn Progress,
+    run: &RunOptions,
+    comm: &dyn Collective,
+) -> Result<TrainSummary> {
     let started = Instant::now();
     let (rank, world) = (comm.rank(), comm.world_size());
     let mut silent = Silent;
     let progress: &mut dyn Progress = if rank == 0 { progress } else { &mut silent };
     let out = &cfg.output_dir;
     if out.exists() && !out.is_dir() {
-        bail!("output {}: is a file, not a folder (the run's folder is created when missing)", out.display())
+        bail!(
+            "output {}: is a file, not a folder (the run's folder is created when missing)",
+            out.display()
+        )
     }
     // Settings that cannot work fail before anything is created.
     cfg.validate()?;
@@ -638,21 +897,49 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     // Every rank has decided (and read the checkpoint) before rank 0 may write into the folder.
     comm.barrier()?;
 
-    let p = prepare(cfg, device, checkpoint.as_ref().map(|c| c.adapter.clone()))?;
+    let base = match (cfg.shard_base, world) {
+        (false, _) => None,
+        (true, 1) => {
+            // A warning, not a progress line: -q must not hide that the flag did nothing.
+            tracing::warn!("--shard-base: a single process holds the whole base; nothing is sharded (run it under mpirun -np N)");
+            None
+        }
+        (true, _) => Some(comm.base_comm()?),
+    };
+    let p = prepare_sharded(
+        cfg,
+        device,
+        checkpoint.as_ref().map(|c| c.adapter.clone()),
+        base.clone(),
+    )?;
+    let sent = || {
+        base.as_ref()
+            .map_or(comm.traffic(), |b| comm.traffic().plus(&b.traffic()))
+    };
     let n = p.train.len();
     if n == 0 {
         bail!("{}: no trainable records", cfg.data.display())
     }
     // The folder appears once the model, data and method are known to work together.
-    std::fs::create_dir_all(out).with_context(|| format!("creating the output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output folder {}", out.display()))?;
     let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
     let (mut step, mut cursor) = match &checkpoint {
         Some(ck) => (
             ck.state.step as usize,
-            DataCursor::new(p.batching, cfg.seed, lengths.clone(), ck.state.epoch, ck.state.epoch_position as usize)
-                .with_context(|| format!("{}", ck.dir.display()))?,
+            DataCursor::new(
+                p.batching,
+                cfg.seed,
+                lengths.clone(),
+                ck.state.epoch,
+                ck.state.epoch_position as usize,
+            )
+            .with_context(|| format!("{}", ck.dir.display()))?,
         ),
-        None => (0, DataCursor::new(p.batching, cfg.seed, lengths.clone(), 0, 0)?),
+        None => (
+            0,
+            DataCursor::new(p.batching, cfg.seed, lengths.clone(), 0, 0)?,
+        ),
     };
     // What is left is counted from the cursor, so a run resumed with another number of ranks
     // still ends after its epochs (the steps done keep their count).
@@ -660,7 +947,15 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     let total_steps = match cfg.max_steps {
         Some(n) => n,
         None => {
-            let left = global_left(p.batching, cfg.seed, &lengths, cfg.epochs, world, cursor.epoch(), cursor.index());
+            let left = global_left(
+                p.batching,
+                cfg.seed,
+                &lengths,
+                cfg.epochs,
+                world,
+                cursor.epoch(),
+                cursor.index(),
+            );
             let left = if step == 0 { left.max(1) } else { left };
             cursor.limit(left);
             step + left.div_ceil(cfg.grad_accum)
@@ -671,19 +966,27 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     // (and only rank 0's adapter would be saved): refuse before anything is written.
     comm.ensure_same(
         &[
-            ("the training settings (config fingerprint)", u64::from_str_radix(&fingerprint, 16).unwrap_or(0)),
+            (
+                "the training settings (config fingerprint)",
+                u64::from_str_radix(&fingerprint, 16).unwrap_or(0),
+            ),
             ("the encoded training records", records_digest(&p.train)),
             ("the number of steps", total_steps as u64),
             ("--stop-after", stop_at as u64),
             ("--zero-stage", run.zero_stage.get() as u64),
-            ("the checkpoint resumed from", checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step)),
+            (
+                "the checkpoint resumed from",
+                checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step),
+            ),
         ],
         "the run",
     )?;
 
     let params = p.tuner.trainable();
     let sink = if cfg.recompute {
-        let sink = std::sync::Arc::new(GradSink::new(params.iter().map(|(_, v)| v.as_tensor().id())));
+        let sink = std::sync::Arc::new(GradSink::new(
+            params.iter().map(|(_, v)| v.as_tensor().id()),
+        ));
         if p.model.set_recompute(Some(sink.clone())) {
             Some(sink)
         } else {
@@ -693,7 +996,13 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
     } else {
         None
     };
-    let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
+    let adam = AdamWConfig {
+        lr: cfg.lr,
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
     let mut opt = ZeroOptimizer::new(params.clone(), adam, run.zero_stage, comm)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = None;
@@ -701,7 +1010,11 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         Some(ck) => {
             if ck.state.sharded() {
                 let (shard, layout) = load_optimizer_shard(&ck.dir, &ck.state, rank, device)?;
-                ensure!(&layout == opt.layout(), "{}: the optimizer shard's parameters differ from this run's", ck.dir.display());
+                ensure!(
+                    &layout == opt.layout(),
+                    "{}: the optimizer shard's parameters differ from this run's",
+                    ck.dir.display()
+                );
                 opt.load_state(&shard, true)?;
             } else {
                 opt.load_state(&ck.optimizer, false)?;
@@ -716,7 +1029,15 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
 
     let micro_batches = p.batching.describe(cursor.batches(), &lengths);
     let micro_batches_per_epoch = cursor.batches().len();
-    describe(progress, &p, cfg, &micro_batches, total_steps, world, run.zero_stage);
+    describe(
+        progress,
+        &p,
+        cfg,
+        &micro_batches,
+        total_steps,
+        world,
+        run.zero_stage,
+    );
     progress.start(total_steps, step);
     let mut throughput = Throughput::new(20);
     let mut positions = Throughput::new(20);
@@ -726,13 +1047,16 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
 
     while step < stop_at {
         let t0 = Instant::now();
-        let traffic0 = comm.traffic();
+        let traffic0 = sent();
         opt.materialize(comm)?;
-        let (sums, local) = accumulate_step(&p, cfg, &mut cursor, step, comm, &params, sink.as_ref())?;
+        let (sums, local) =
+            accumulate_step(&p, cfg, &mut cursor, step, comm, &params, sink.as_ref())?;
         let lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup_steps, total_steps);
-        let result = opt.step(comm, sums, local, cfg.max_grad_norm, lr).with_context(|| format!("optimizer step {}", step + 1))?;
+        let result = opt
+            .step(comm, sums, local, cfg.max_grad_norm, lr)
+            .with_context(|| format!("optimizer step {}", step + 1))?;
         // The busiest step: at stage 3 a step after an eval or a save needs no gather.
-        let t = comm.traffic().since(&traffic0);
+        let t = sent().since(&traffic0);
         if step_traffic.is_none_or(|b: Traffic| t.total_bytes() > b.total_bytes()) {
             step_traffic = Some(t);
         }
@@ -765,7 +1089,15 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e))) {
             opt.materialize(comm)?;
             p.tuner.mode().set_training(false);
-            let r = evaluate_on(&p.model, p.pad_id, p.padding, &p.eval, cfg.eval_batch_size.unwrap_or(cfg.batch_size()), step, comm)?;
+            let r = evaluate_on(
+                &p.model,
+                p.pad_id,
+                p.padding,
+                &p.eval,
+                cfg.eval_batch_size.unwrap_or(cfg.batch_size()),
+                step,
+                comm,
+            )?;
             if let Some(m) = &mut metrics {
                 m.log(step as u64, &r)?;
             }
@@ -773,7 +1105,9 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
             last_eval = Some(r);
         }
         interrupted = !last && interrupt_requested(run, comm)?;
-        let save_now = cfg.save_every.is_some_and(|s| step.is_multiple_of(s)) || (step == stop_at && !last) || interrupted;
+        let save_now = cfg.save_every.is_some_and(|s| step.is_multiple_of(s))
+            || (step == stop_at && !last)
+            || interrupted;
         if save_now {
             opt.materialize(comm)?;
             let state = TrainerState {
@@ -787,14 +1121,19 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
                 extra: serde_json::json!({ "settings": cfg.resume_settings()? }),
                 ..Default::default()
             };
-            let adapter: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+            let adapter: Vec<(String, Tensor)> = params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
             if let Some(m) = &metrics {
                 m.sync()?;
             }
             save_step_checkpoint(comm, cfg, &state, &adapter, &opt)?;
         }
         if interrupted {
-            progress.message(&format!("interrupted: checkpoint of step {step} saved; rerun with --resume to continue"));
+            progress.message(&format!(
+                "interrupted: checkpoint of step {step} saved; rerun with --resume to continue"
+            ));
             break;
         }
     }
@@ -802,13 +1141,20 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         m.sync()?;
         // The picture is a convenience: a failure to draw it is reported, not fatal.
         if let Err(e) = super::plot::write_loss_plot(out, None) {
-            progress.message(&format!("warning: {} not written: {e:#}", super::plot::PLOT_FILE));
+            progress.message(&format!(
+                "warning: {} not written: {e:#}",
+                super::plot::PLOT_FILE
+            ));
         }
     }
     let completed = step >= total_steps;
     if completed {
         opt.materialize(comm)?;
-        let saved = if rank == 0 { save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model) } else { Ok(()) };
+        let saved = if rank == 0 {
+            save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model)
+        } else {
+            Ok(())
+        };
         comm.all_ok(saved.is_ok(), "saving the adapter")?;
         saved?;
     }
@@ -848,7 +1194,10 @@ pub fn train_on(cfg: &TrainConfig, device: &Device, progress: &mut dyn Progress,
         comm_per_step: step_traffic.filter(|_| world > 1),
     };
     if completed && rank == 0 {
-        crate::util::atomic::write_bytes_atomic(&out.join("train_summary.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
+        crate::util::atomic::write_bytes_atomic(
+            &out.join("train_summary.json"),
+            (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
+        )?;
     }
     Ok(summary)
 }

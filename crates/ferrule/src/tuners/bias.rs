@@ -51,7 +51,10 @@ pub struct TrainedBiases {
 
 impl TrainedBiases {
     pub fn new(mode: BiasMode) -> Self {
-        Self { mode, taken: Mutex::new(Vec::new()) }
+        Self {
+            mode,
+            taken: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn mode(&self) -> BiasMode {
@@ -60,36 +63,69 @@ impl TrainedBiases {
 
     /// Splits a trained bias off `base`: `(base without its bias, the bias as a Var)` when the
     /// mode trains this layer's bias (`adapted`: the method wraps this layer), else `base` as is.
-    pub fn linear(&self, path: &str, adapted: bool, base: FrozenLinear, params: &ParamStore) -> Result<(FrozenLinear, Option<Var>)> {
+    pub fn linear(
+        &self,
+        path: &str,
+        adapted: bool,
+        base: FrozenLinear,
+        params: &ParamStore,
+    ) -> Result<(FrozenLinear, Option<Var>)> {
         let trains = match self.mode {
             BiasMode::None => false,
             BiasMode::All => true,
             BiasMode::AdaptedOnly => adapted,
         };
-        let Some(b) = base.bias().filter(|_| trains).cloned() else { return Ok((base, None)) };
+        let Some(b) = base.bias().filter(|_| trains).cloned() else {
+            return Ok((base, None));
+        };
         let key = peft_key(path, if adapted { "base_layer.bias" } else { "bias" });
         let var = params.take_or_init(&key, b.dims(), || Ok(b.copy()?))?;
-        self.taken.lock().unwrap().push((format!("{path}.bias"), key));
-        Ok((FrozenLinear::from_weight(base.weight().clone(), None), Some(var)))
+        self.taken
+            .lock()
+            .unwrap()
+            .push((format!("{path}.bias"), key));
+        Ok((
+            FrozenLinear::from_weight(base.weight().clone(), None),
+            Some(var),
+        ))
     }
 
     /// A norm's bias made trainable under `bias = "all"` (key `<path>.bias`).
     pub fn norm(&self, path: &str, params: NormParams, store: &ParamStore) -> Result<NormParams> {
-        let Some(b) = params.bias.as_ref().filter(|_| self.mode == BiasMode::All) else { return Ok(params) };
+        let Some(b) = params.bias.as_ref().filter(|_| self.mode == BiasMode::All) else {
+            return Ok(params);
+        };
         let key = peft_key(path, "bias");
         let var = store.take_or_init(&key, b.dims(), || Ok(b.copy()?))?;
-        self.taken.lock().unwrap().push((format!("{path}.bias"), key));
-        Ok(NormParams { weight: params.weight, bias: Some(var.as_tensor().clone()) })
+        self.taken
+            .lock()
+            .unwrap()
+            .push((format!("{path}.bias"), key));
+        Ok(NormParams {
+            weight: params.weight,
+            bias: Some(var.as_tensor().clone()),
+        })
     }
 
     /// Trained elements.
     pub fn count(&self, store: &ParamStore) -> usize {
-        self.taken.lock().unwrap().iter().filter_map(|(_, k)| store.get(k)).map(|v| v.elem_count()).sum()
+        self.taken
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, k)| store.get(k))
+            .map(|v| v.elem_count())
+            .sum()
     }
 
     /// The base tensors these biases replace in a merge: `(path.bias, trained tensor)`.
     pub fn replaced(&self, store: &ParamStore) -> Vec<(String, Tensor)> {
-        self.taken.lock().unwrap().iter().filter_map(|(name, k)| store.get(k).map(|v| (name.clone(), v.as_tensor().clone()))).collect()
+        self.taken
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(name, k)| store.get(k).map(|v| (name.clone(), v.as_tensor().clone())))
+            .collect()
     }
 }
 

@@ -9,10 +9,25 @@ use super::registry::{self, Method};
 use crate::model::Task;
 
 /// Keys of `adapter_config.json` that belong to PEFT's base config, not to a method.
-pub const COMMON_KEYS: &[&str] = &["peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"];
+pub const COMMON_KEYS: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+];
 
 /// PEFT options whose default values carry no meaning for the methods ferrule runs.
-const IGNORABLE_KEYS: &[&str] = &["megatron_core", "megatron_config", "runtime_config", "qalora_group_size", "use_qalora", "ensure_weight_tying"];
+const IGNORABLE_KEYS: &[&str] = &[
+    "megatron_core",
+    "megatron_config",
+    "runtime_config",
+    "qalora_group_size",
+    "use_qalora",
+    "ensure_weight_tying",
+];
 
 /// `peft_type` plus the method's keys (PEFT's names and JSON values).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,13 +51,17 @@ fn is_unset(v: &Value) -> bool {
 
 impl AdapterConfig {
     pub fn new(peft_type: &str, options: Map<String, Value>) -> Self {
-        Self { peft_type: peft_type.to_string(), options }
+        Self {
+            peft_type: peft_type.to_string(),
+            options,
+        }
     }
 
     /// From one JSON object holding `peft_type` and the method's keys, as
     /// `adapter_config.json` has them.
     pub fn from_json(v: Value) -> Result<Self> {
-        serde_json::from_value(v).context("adapter config: expected an object with a \"peft_type\" string")
+        serde_json::from_value(v)
+            .context("adapter config: expected an object with a \"peft_type\" string")
     }
 
     /// The registered method of `peft_type`; an unsupported one is an error naming it.
@@ -60,9 +79,21 @@ impl AdapterConfig {
     /// `lora: "r" is -1: invalid value: integer `-1`, expected usize`.
     pub fn typed<T: serde::de::DeserializeOwned>(&self, method: &str) -> Result<T> {
         serde_path_to_error::deserialize(self.options_json()).map_err(|e| {
-            let key = e.path().iter().next().map(|s| s.to_string()).unwrap_or_default();
-            let found = self.options.get(key.trim_matches('"')).map_or_else(|| "missing".to_string(), |v| format!("is {}", crate::util::shown_value(v)));
-            anyhow::anyhow!("{method}: {:?} {found}: {}", e.path().to_string(), e.inner())
+            let key = e
+                .path()
+                .iter()
+                .next()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let found = self.options.get(key.trim_matches('"')).map_or_else(
+                || "missing".to_string(),
+                |v| format!("is {}", crate::util::shown_value(v)),
+            );
+            anyhow::anyhow!(
+                "{method}: {:?} {found}: {}",
+                e.path().to_string(),
+                e.inner()
+            )
         })
     }
 
@@ -77,9 +108,16 @@ impl AdapterConfig {
                 continue;
             }
             if strict {
-                bail!("{origin}: {k:?} is not a {} option; its options are: {}", method.peft_type, method.keys.join(", "))
+                bail!(
+                    "{origin}: {k:?} is not a {} option; its options are: {}",
+                    method.peft_type,
+                    method.keys.join(", ")
+                )
             }
-            tracing::warn!("{origin}: ignoring {k:?} = {v}, which ferrule does not implement for {}", method.peft_type);
+            tracing::warn!(
+                "{origin}: ignoring {k:?} = {v}, which ferrule does not implement for {}",
+                method.peft_type
+            );
         }
         Ok(())
     }
@@ -91,11 +129,16 @@ impl AdapterConfig {
         let mut out = self.clone();
         (method.complete)(&mut out.options, model_type)?;
         if task == Task::SeqCls && method.keys.contains(&"modules_to_save") {
-            let list = out.options.entry("modules_to_save").or_insert(Value::Array(vec![]));
+            let list = out
+                .options
+                .entry("modules_to_save")
+                .or_insert(Value::Array(vec![]));
             if list.is_null() {
                 *list = Value::Array(vec![]);
             }
-            let Value::Array(items) = list else { bail!("modules_to_save must be a list of module names, got {list}") };
+            let Value::Array(items) = list else {
+                bail!("modules_to_save must be a list of module names, got {list}")
+            };
             for head in ["classifier", "score"] {
                 if !items.iter().any(|x| x.as_str() == Some(head)) {
                     items.push(Value::from(head));
@@ -108,13 +151,21 @@ impl AdapterConfig {
 
 /// Sets `target_modules` (and any other listed key) to PEFT's default for `model_type` when
 /// the config leaves it unset; an unknown model type is an error naming the key.
-pub fn default_list(options: &mut Map<String, Value>, key: &str, model_type: &str, defaults: fn(&str) -> Option<&'static [&'static str]>) -> Result<()> {
+pub fn default_list(
+    options: &mut Map<String, Value>,
+    key: &str,
+    model_type: &str,
+    defaults: fn(&str) -> Option<&'static [&'static str]>,
+) -> Result<()> {
     if options.get(key).is_some_and(|v| !v.is_null()) {
         return Ok(());
     }
     match defaults(model_type) {
         Some(d) => {
-            options.insert(key.to_string(), Value::from(d.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
+            options.insert(
+                key.to_string(),
+                Value::from(d.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            );
             Ok(())
         }
         None => bail!("no default {key} for model type {model_type:?}; set {key}"),
@@ -132,7 +183,10 @@ pub fn json_number(v: f64) -> Value {
 }
 
 /// serde `serialize_with` for [`json_number`].
-pub fn serialize_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+pub fn serialize_number<S: serde::Serializer>(
+    v: &f64,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     serde::Serialize::serialize(&json_number(*v), s)
 }
 

@@ -75,7 +75,11 @@ pub trait Tuner: ModelHook {
     /// method converts them for saving (PiSSA/OLoRA: a rank-2r LoRA for the unchanged base).
     /// Checkpoints keep [`Tuner::trainable`] as is.
     fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect())
+        Ok(self
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect())
     }
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;

@@ -14,7 +14,11 @@ pub struct Mode {
 
 impl Mode {
     pub fn new(seed: u64) -> Self {
-        Self { training: AtomicBool::new(false), step: AtomicU64::new(0), seed }
+        Self {
+            training: AtomicBool::new(false),
+            step: AtomicU64::new(0),
+            seed,
+        }
     }
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed)
@@ -27,17 +31,29 @@ impl Mode {
     }
     /// Seed for the dropout mask of `layer` at the current step.
     pub fn dropout_seed(&self, layer: &str) -> u64 {
-        crate::init::seed_for(self.seed ^ self.step.load(Ordering::Relaxed).wrapping_mul(0x2545_F491_4F6C_DD1D), layer)
+        crate::init::seed_for(
+            self.seed
+                ^ self
+                    .step
+                    .load(Ordering::Relaxed)
+                    .wrapping_mul(0x2545_F491_4F6C_DD1D),
+            layer,
+        )
     }
 }
 
 /// The inverted-dropout mask (Srivastava et al. 2014) for `x`, seeded: each element kept with
 /// probability 1 − p and scaled by 1/(1 − p), else 0. `None` when `p` is 0.
-pub fn dropout_mask(x: &candle_core::Tensor, p: f64, seed: u64) -> candle_core::Result<Option<candle_core::Tensor>> {
+pub fn dropout_mask(
+    x: &candle_core::Tensor,
+    p: f64,
+    seed: u64,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
     if p <= 0.0 {
         return Ok(None);
     }
     let mut rng = crate::train::rng::Rng::seed_from_u64(seed);
-    let mask = crate::train::rng::dropout_mask(&mut rng, x.shape(), p, x.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mask = crate::train::rng::dropout_mask(&mut rng, x.shape(), p, x.device())
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     Ok(Some(mask.to_dtype(x.dtype())?))
 }

@@ -28,7 +28,11 @@ impl ModulesToSave {
 
     /// Keys `<key_prefix><path>.weight` (prompt learning: `base_model.`).
     pub fn with_key_prefix(names: Option<&[String]>, key_prefix: &'static str) -> Self {
-        Self { names: names.map(<[String]>::to_vec).unwrap_or_default(), key_prefix, taken: Mutex::new(Vec::new()) }
+        Self {
+            names: names.map(<[String]>::to_vec).unwrap_or_default(),
+            key_prefix,
+            taken: Mutex::new(Vec::new()),
+        }
     }
 
     fn key(&self, path: &str, suffix: &str) -> String {
@@ -37,16 +41,25 @@ impl ModulesToSave {
 
     /// A trainable copy of `base` when its path is listed, with `weight` / `bias` under
     /// `<key prefix><path>.weight|bias`; else `base` back, untouched.
-    pub fn wrap(&self, info: &LinearInfo, base: FrozenLinear, params: &ParamStore) -> Result<std::result::Result<Box<dyn Linear>, FrozenLinear>> {
+    pub fn wrap(
+        &self,
+        info: &LinearInfo,
+        base: FrozenLinear,
+        params: &ParamStore,
+    ) -> Result<std::result::Result<Box<dyn Linear>, FrozenLinear>> {
         let path = info.path.as_str();
         if !self.names.iter().any(|n| suffix_match(path, n)) {
             return Ok(Err(base));
         }
         let (rows, cols) = base.weight().dims();
         let dev = params.device().clone();
-        let w = params.take_or_init(&self.key(path, "weight"), &[rows, cols], || Ok(base.weight().to_dense(&dev)?))?;
+        let w = params.take_or_init(&self.key(path, "weight"), &[rows, cols], || {
+            Ok(base.weight().to_dense(&dev)?)
+        })?;
         let b = match base.bias() {
-            Some(b) => Some(params.take_or_init(&self.key(path, "bias"), b.dims(), || Ok(b.clone()))?),
+            Some(b) => {
+                Some(params.take_or_init(&self.key(path, "bias"), b.dims(), || Ok(b.clone()))?)
+            }
             None => None,
         };
         self.taken.lock().unwrap().push(path.to_string());
@@ -75,6 +88,10 @@ pub struct FullLinear {
 
 impl Linear for FullLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::Linear::new(self.weight.as_tensor().clone(), self.bias.as_ref().map(|b| b.as_tensor().clone())).forward(x)
+        candle_nn::Linear::new(
+            self.weight.as_tensor().clone(),
+            self.bias.as_ref().map(|b| b.as_tensor().clone()),
+        )
+        .forward(x)
     }
 }

@@ -21,7 +21,12 @@ impl ParamStore {
     /// A store for a fresh adapter (`saved` = None) or for a saved one's tensors.
     pub fn new(device: &Device, saved: Option<HashMap<String, Tensor>>) -> Self {
         let loading = saved.is_some();
-        Self { device: device.clone(), preloaded: Mutex::new(saved.unwrap_or_default()), loading, params: Mutex::new(BTreeMap::new()) }
+        Self {
+            device: device.clone(),
+            preloaded: Mutex::new(saved.unwrap_or_default()),
+            loading,
+            params: Mutex::new(BTreeMap::new()),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -36,23 +41,41 @@ impl ParamStore {
     /// The trainable tensor `key` of shape `shape`: the saved one (f32, checked against
     /// `shape`), else `init()` for a fresh adapter. Errors: a saved tensor of another shape,
     /// or none when loading.
-    pub fn take_or_init(&self, key: &str, shape: &[usize], init: impl FnOnce() -> Result<Tensor>) -> Result<Var> {
+    pub fn take_or_init(
+        &self,
+        key: &str,
+        shape: &[usize],
+        init: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Var> {
         let pre = self.preloaded.lock().unwrap().remove(key);
         let t = match pre {
             Some(t) => {
                 if t.dims() != shape {
-                    bail!("adapter tensor {key:?} has shape {:?}, but the model's layer needs {:?}", t.dims(), shape)
+                    bail!(
+                        "adapter tensor {key:?} has shape {:?}, but the model's layer needs {:?}",
+                        t.dims(),
+                        shape
+                    )
                 }
                 t.to_dtype(DType::F32)?.to_device(&self.device)?
             }
-            None if self.loading => bail!("the adapter has no tensor {key:?} for a module its config targets"),
+            None if self.loading => {
+                bail!("the adapter has no tensor {key:?} for a module its config targets")
+            }
             None => {
-                crate::util::ensure_allocatable(&format!("the new trainable tensor {key:?} {shape:?} (f32)"), shape, 4)?;
+                crate::util::ensure_allocatable(
+                    &format!("the new trainable tensor {key:?} {shape:?} (f32)"),
+                    shape,
+                    4,
+                )?;
                 init()?
             }
         };
         let v = Var::from_tensor(&t)?;
-        self.params.lock().unwrap().insert(key.to_string(), v.clone());
+        self.params
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), v.clone());
         Ok(v)
     }
 
@@ -74,7 +97,12 @@ impl ParamStore {
 
     /// All trainable tensors, sorted by key.
     pub fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.params
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Fails when saved tensors found no module (another model, or a config that targets less).

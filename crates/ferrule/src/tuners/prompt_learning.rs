@@ -35,7 +35,14 @@ pub struct PromptLearningConfig {
 }
 
 /// The `PromptLearningConfig` keys every prompt-learning method has.
-pub const COMMON_KEYS: [&str; 6] = ["num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "modules_to_save"];
+pub const COMMON_KEYS: [&str; 6] = [
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "modules_to_save",
+];
 
 /// The model dimensions PEFT writes into a prompt-learning config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +58,9 @@ impl PromptLearningConfig {
         match self.num_virtual_tokens {
             Some(n) if n > 0 => Ok(n),
             Some(_) => bail!("{method}: num_virtual_tokens must be at least 1"),
-            None => bail!("{method}: num_virtual_tokens is required (e.g. 20; --num-virtual-tokens)"),
+            None => {
+                bail!("{method}: num_virtual_tokens is required (e.g. 20; --num-virtual-tokens)")
+            }
         }
     }
 
@@ -71,7 +80,11 @@ impl PromptLearningConfig {
     pub fn fill_dims(&mut self, method: &str, model: ModelDims, checked: &[&str]) -> Result<()> {
         let fields = [
             ("token_dim", &mut self.token_dim, model.token_dim),
-            ("num_attention_heads", &mut self.num_attention_heads, model.num_attention_heads),
+            (
+                "num_attention_heads",
+                &mut self.num_attention_heads,
+                model.num_attention_heads,
+            ),
             ("num_layers", &mut self.num_layers, model.num_layers),
         ];
         for (key, slot, want) in fields {
@@ -96,7 +109,12 @@ pub fn modules_to_save(config: &PromptLearningConfig) -> ModulesToSave {
 }
 
 /// A linear layer of a prompt-learning model: trained in full when listed in `modules_to_save`.
-pub fn linear(saved: &ModulesToSave, info: &LinearInfo, base: FrozenLinear, params: &ParamStore) -> Result<Box<dyn Linear>> {
+pub fn linear(
+    saved: &ModulesToSave,
+    info: &LinearInfo,
+    base: FrozenLinear,
+    params: &ParamStore,
+) -> Result<Box<dyn Linear>> {
     Ok(match saved.wrap(info, base, params)? {
         Ok(full) => full,
         Err(base) => Box::new(base),

@@ -57,7 +57,10 @@ pub static METHODS: &[&Method] = &[
 pub fn by_peft_type(peft_type: &str) -> Result<&'static Method> {
     match METHODS.iter().find(|m| m.peft_type == peft_type) {
         Some(m) => Ok(m),
-        None => bail!("peft_type {peft_type:?} is not supported; ferrule implements {}", list()),
+        None => bail!(
+            "peft_type {peft_type:?} is not supported; ferrule implements {}",
+            list()
+        ),
     }
 }
 
@@ -73,14 +76,21 @@ pub fn default_adapter() -> AdapterConfig {
 /// The method a CLI name (`lora`, `ia3`, `ln-tuning`) or a PEFT type (`LN_TUNING`) names.
 pub fn by_name(name: &str) -> Result<&'static Method> {
     let norm = name.trim().to_ascii_lowercase().replace('_', "-");
-    match METHODS.iter().find(|m| m.name == norm || m.peft_type.eq_ignore_ascii_case(name.trim())) {
+    match METHODS
+        .iter()
+        .find(|m| m.name == norm || m.peft_type.eq_ignore_ascii_case(name.trim()))
+    {
         Some(m) => Ok(m),
         None => bail!("unknown method {name:?}; ferrule implements {}", list()),
     }
 }
 
 fn list() -> String {
-    METHODS.iter().map(|m| format!("{} ({})", m.name, m.peft_type)).collect::<Vec<_>>().join(", ")
+    METHODS
+        .iter()
+        .map(|m| format!("{} ({})", m.name, m.peft_type))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Builds the tuner `config` describes; the config must be completed ([`AdapterConfig::resolved`]).
@@ -97,8 +107,14 @@ mod tests {
         assert_eq!(by_name("ln_tuning").unwrap().peft_type, "LN_TUNING");
         assert_eq!(by_name("IA3").unwrap().name, "ia3");
         let e = by_peft_type("ADALORA").unwrap_err().to_string();
-        assert!(e.contains("\"ADALORA\"") && e.contains("lora (LORA)"), "{e}");
-        assert!(by_name("dora-ish").unwrap_err().to_string().contains("unknown method \"dora-ish\""));
+        assert!(
+            e.contains("\"ADALORA\"") && e.contains("lora (LORA)"),
+            "{e}"
+        );
+        assert!(by_name("dora-ish")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown method \"dora-ish\""));
     }
 
     #[test]

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 
 /// `target_modules` / `exclude_modules` / `modules_to_save` as PEFT writes them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, expecting = "a list of module names, a regular expression string, or \"all-linear\"")]
+#[serde(
+    untagged,
+    expecting = "a list of module names, a regular expression string, or \"all-linear\""
+)]
 pub enum ModuleSpec {
     /// A regular expression (or the special value `all-linear`).
     Pattern(String),
@@ -39,7 +42,10 @@ impl Matcher {
     pub fn new(spec: &ModuleSpec) -> Result<Self> {
         Ok(match spec {
             ModuleSpec::Pattern(p) if p == "all-linear" => Matcher::AllLinear,
-            ModuleSpec::Pattern(p) => Matcher::Regex(Regex::new(&format!("^(?:{p})$")).with_context(|| format!("invalid regular expression {p:?}"))?),
+            ModuleSpec::Pattern(p) => Matcher::Regex(
+                Regex::new(&format!("^(?:{p})$"))
+                    .with_context(|| format!("invalid regular expression {p:?}"))?,
+            ),
             ModuleSpec::Names(n) => Matcher::Names(n.clone()),
         })
     }
@@ -56,14 +62,18 @@ impl Matcher {
 
 /// `path == name` or `path` ends with `.name`.
 pub fn suffix_match(path: &str, name: &str) -> bool {
-    path == name || (path.len() > name.len() && path.ends_with(name) && path.as_bytes()[path.len() - name.len() - 1] == b'.')
+    path == name
+        || (path.len() > name.len()
+            && path.ends_with(name)
+            && path.as_bytes()[path.len() - name.len() - 1] == b'.')
 }
 
 /// A `rank_pattern` / `alpha_pattern` key compiled as PEFT's `get_pattern_key` reads it: a
 /// regex that must match the end of a module path after a dotted prefix (`(.*\.)?(key)$`).
 /// An invalid key is an error naming it (PEFT would raise only when it first meets it).
 pub fn compile_pattern_key(option: &str, key: &str) -> Result<Regex> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).with_context(|| format!("{option}: key {key:?} is not a valid regular expression"))
+    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .with_context(|| format!("{option}: key {key:?} is not a valid regular expression"))
 }
 
 /// PEFT's `get_pattern_key`: the index of the first compiled pattern that matches `path`.
@@ -73,7 +83,10 @@ pub fn pattern_index(patterns: &[Regex], path: &str) -> Option<usize> {
 
 /// PEFT's `layers_to_transform`: one layer index or several.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(untagged, expecting = "a layer index or a list of layer indices (non-negative integers)")]
+#[serde(
+    untagged,
+    expecting = "a layer index or a list of layer indices (non-negative integers)"
+)]
 pub enum LayersToTransform {
     One(usize),
     Many(Vec<usize>),
@@ -91,7 +104,11 @@ pub enum LayersPattern {
 /// or an empty list; none outside a numbered layer when it is set), as PEFT's
 /// `check_target_module_exists`. An empty `layers_pattern` (`[]` or `""`) means any container,
 /// as in PEFT.
-pub fn in_layers(path: &str, layers_to_transform: Option<&LayersToTransform>, layers_pattern: Option<&LayersPattern>) -> bool {
+pub fn in_layers(
+    path: &str,
+    layers_to_transform: Option<&LayersToTransform>,
+    layers_pattern: Option<&LayersPattern>,
+) -> bool {
     let ltt = match layers_to_transform {
         None => return true,
         Some(LayersToTransform::Many(v)) if v.is_empty() => return true,
@@ -103,7 +120,9 @@ pub fn in_layers(path: &str, layers_to_transform: Option<&LayersToTransform>, la
             LayersPattern::Many(v) => v.clone(),
         })
         .filter(|p| !p.is_empty() && p.iter().any(|s| !s.is_empty()));
-    let Some(idx) = layer_index(path, pats.as_deref()) else { return false };
+    let Some(idx) = layer_index(path, pats.as_deref()) else {
+        return false;
+    };
     match ltt {
         LayersToTransform::One(i) => *i == idx,
         LayersToTransform::Many(v) => v.contains(&idx),
@@ -146,7 +165,11 @@ struct Seen {
 
 impl Targets {
     /// `option` names the config key in messages (`target_modules`).
-    pub fn new(option: &'static str, target: &ModuleSpec, exclude: Option<&ModuleSpec>) -> Result<Self> {
+    pub fn new(
+        option: &'static str,
+        target: &ModuleSpec,
+        exclude: Option<&ModuleSpec>,
+    ) -> Result<Self> {
         let entries = match target {
             ModuleSpec::Names(n) => n.clone(),
             ModuleSpec::Pattern(p) => vec![p.clone()],
@@ -155,9 +178,21 @@ impl Targets {
             bail!("{option} is an empty list; name at least one module")
         }
         let target = Matcher::new(target).context(option)?;
-        let exclude = exclude.map(Matcher::new).transpose().context("exclude_modules")?;
-        let seen = Mutex::new(Seen { counts: vec![0; entries.len()], paths: Vec::new() });
-        Ok(Self { option, target, entries, exclude, seen })
+        let exclude = exclude
+            .map(Matcher::new)
+            .transpose()
+            .context("exclude_modules")?;
+        let seen = Mutex::new(Seen {
+            counts: vec![0; entries.len()],
+            paths: Vec::new(),
+        });
+        Ok(Self {
+            option,
+            target,
+            entries,
+            exclude,
+            seen,
+        })
     }
 
     /// Whether the module at `path` is targeted and not excluded; records the offer.
@@ -165,13 +200,26 @@ impl Targets {
         let mut seen = self.seen.lock().unwrap();
         seen.paths.push(path.to_string());
         let hit: Vec<usize> = match &self.target {
-            Matcher::Names(names) => names.iter().enumerate().filter(|(_, n)| suffix_match(path, n)).map(|(i, _)| i).collect(),
-            m => m.matches(path, is_output_head).then_some(0).into_iter().collect(),
+            Matcher::Names(names) => names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| suffix_match(path, n))
+                .map(|(i, _)| i)
+                .collect(),
+            m => m
+                .matches(path, is_output_head)
+                .then_some(0)
+                .into_iter()
+                .collect(),
         };
         for &i in &hit {
             seen.counts[i] += 1;
         }
-        !hit.is_empty() && !self.exclude.as_ref().is_some_and(|m| m.matches(path, is_output_head))
+        !hit.is_empty()
+            && !self
+                .exclude
+                .as_ref()
+                .is_some_and(|m| m.matches(path, is_output_head))
     }
 
     /// [`Targets::select`] for a module that is not a linear layer (an embedding, a norm):
@@ -185,7 +233,12 @@ impl Targets {
         let seen = self.seen.lock().unwrap();
         MatchReport {
             option: self.option,
-            entries: self.entries.iter().cloned().zip(seen.counts.iter().copied()).collect(),
+            entries: self
+                .entries
+                .iter()
+                .cloned()
+                .zip(seen.counts.iter().copied())
+                .collect(),
             module_names: module_name_shapes(&seen.paths),
         }
     }
@@ -197,7 +250,16 @@ fn module_name_shapes(paths: &[String]) -> Vec<(String, usize)> {
     let mut order: Vec<String> = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for p in paths {
-        let shape: Vec<&str> = p.split('.').map(|part| if part.parse::<usize>().is_ok() { "*" } else { part }).collect();
+        let shape: Vec<&str> = p
+            .split('.')
+            .map(|part| {
+                if part.parse::<usize>().is_ok() {
+                    "*"
+                } else {
+                    part
+                }
+            })
+            .collect();
         let shape = shape.join(".");
         let c = counts.entry(shape.clone()).or_insert(0);
         if *c == 0 {
@@ -222,7 +284,11 @@ pub struct MatchReport {
 impl MatchReport {
     /// The entries that matched no module.
     pub fn unmatched(&self) -> Vec<&str> {
-        self.entries.iter().filter(|(_, n)| *n == 0).map(|(e, _)| e.as_str()).collect()
+        self.entries
+            .iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(e, _)| e.as_str())
+            .collect()
     }
 
     /// An error naming every entry that matched nothing, with the model's module names; with
@@ -232,7 +298,11 @@ impl MatchReport {
         if unmatched.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> = self.module_names.iter().map(|(n, c)| format!("{n} ({c})")).collect();
+        let names: Vec<String> = self
+            .module_names
+            .iter()
+            .map(|(n, c)| format!("{n} ({c})"))
+            .collect();
         let msg = format!(
             "{method}: {} entr{} {:?} matched no module of the model; its modules here are: {}",
             self.option,
@@ -253,7 +323,11 @@ impl MatchReport {
     /// One line per entry: `  q_proj   30 modules`.
     pub fn table(&self) -> String {
         let w = self.entries.iter().map(|(e, _)| e.len()).max().unwrap_or(0);
-        self.entries.iter().map(|(e, n)| format!("  {e:<w$}  {n} module{}", if *n == 1 { "" } else { "s" })).collect::<Vec<_>>().join("\n")
+        self.entries
+            .iter()
+            .map(|(e, n)| format!("  {e:<w$}  {n} module{}", if *n == 1 { "" } else { "s" }))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -287,17 +361,38 @@ mod tests {
 
     #[test]
     fn pattern_keys_follow_peft() {
-        let pats: Vec<Regex> = ["k_proj", "layers.1.self_attn.q_proj"].iter().map(|k| compile_pattern_key("rank_pattern", k).unwrap()).collect();
-        assert_eq!(pattern_index(&pats, "model.layers.0.self_attn.k_proj"), Some(0));
-        assert_eq!(pattern_index(&pats, "model.layers.1.self_attn.q_proj"), Some(1));
-        assert_eq!(pattern_index(&pats, "model.layers.0.self_attn.q_proj"), None);
+        let pats: Vec<Regex> = ["k_proj", "layers.1.self_attn.q_proj"]
+            .iter()
+            .map(|k| compile_pattern_key("rank_pattern", k).unwrap())
+            .collect();
+        assert_eq!(
+            pattern_index(&pats, "model.layers.0.self_attn.k_proj"),
+            Some(0)
+        );
+        assert_eq!(
+            pattern_index(&pats, "model.layers.1.self_attn.q_proj"),
+            Some(1)
+        );
+        assert_eq!(
+            pattern_index(&pats, "model.layers.0.self_attn.q_proj"),
+            None
+        );
         let err = compile_pattern_key("rank_pattern", "q_proj(").unwrap_err();
-        assert!(format!("{err:#}").contains("rank_pattern: key \"q_proj(\" is not a valid regular expression"), "{err:#}");
+        assert!(
+            format!("{err:#}")
+                .contains("rank_pattern: key \"q_proj(\" is not a valid regular expression"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn targets_count_each_entry_and_name_the_unmatched() {
-        let t = Targets::new("target_modules", &ModuleSpec::Names(vec!["q_proj".into(), "v_projx".into()]), None).unwrap();
+        let t = Targets::new(
+            "target_modules",
+            &ModuleSpec::Names(vec!["q_proj".into(), "v_projx".into()]),
+            None,
+        )
+        .unwrap();
         for l in 0..2 {
             for m in ["q_proj", "v_proj"] {
                 t.select(&format!("model.layers.{l}.self_attn.{m}"), false);
@@ -305,21 +400,45 @@ mod tests {
         }
         assert!(!t.select("lm_head", true));
         let r = t.report();
-        assert_eq!(r.entries, vec![("q_proj".to_string(), 2), ("v_projx".to_string(), 0)]);
-        assert_eq!(r.module_names[0], ("model.layers.*.self_attn.q_proj".to_string(), 2));
+        assert_eq!(
+            r.entries,
+            vec![("q_proj".to_string(), 2), ("v_projx".to_string(), 0)]
+        );
+        assert_eq!(
+            r.module_names[0],
+            ("model.layers.*.self_attn.q_proj".to_string(), 2)
+        );
         let err = format!("{:#}", r.check("lora", false).unwrap_err());
-        assert!(err.contains("\"v_projx\"") && err.contains("model.layers.*.self_attn.v_proj (2)") && err.contains("--allow-unmatched"), "{err}");
+        assert!(
+            err.contains("\"v_projx\"")
+                && err.contains("model.layers.*.self_attn.v_proj (2)")
+                && err.contains("--allow-unmatched"),
+            "{err}"
+        );
         r.check("lora", true).unwrap();
-        let none = Targets::new("target_modules", &ModuleSpec::Names(vec!["nope".into()]), None).unwrap();
+        let none = Targets::new(
+            "target_modules",
+            &ModuleSpec::Names(vec!["nope".into()]),
+            None,
+        )
+        .unwrap();
         none.select("lm_head", true);
-        assert!(none.report().check("lora", true).is_err(), "nothing targeted stays an error");
+        assert!(
+            none.report().check("lora", true).is_err(),
+            "nothing targeted stays an error"
+        );
     }
 
     #[test]
     fn exclusion_still_counts_the_name() {
-        let t =
-            Targets::new("target_modules", &ModuleSpec::Names(vec!["q_proj".into()]), Some(&ModuleSpec::Names(vec!["model.layers.0.self_attn.q_proj".into()])))
-                .unwrap();
+        let t = Targets::new(
+            "target_modules",
+            &ModuleSpec::Names(vec!["q_proj".into()]),
+            Some(&ModuleSpec::Names(vec![
+                "model.layers.0.self_attn.q_proj".into()
+            ])),
+        )
+        .unwrap();
         assert!(!t.select("model.layers.0.self_attn.q_proj", false));
         assert!(t.select("model.layers.1.self_attn.q_proj", false));
         assert_eq!(t.report().entries[0].1, 2);
@@ -328,7 +447,13 @@ mod tests {
     #[test]
     fn layer_indices() {
         assert_eq!(layer_index("model.layers.12.mlp.up_proj", None), Some(12));
-        assert_eq!(layer_index("bert.encoder.layer.3.attention.self.query", Some(&["layer".to_string()])), Some(3));
+        assert_eq!(
+            layer_index(
+                "bert.encoder.layer.3.attention.self.query",
+                Some(&["layer".to_string()])
+            ),
+            Some(3)
+        );
         assert_eq!(layer_index("lm_head", None), None);
     }
 }

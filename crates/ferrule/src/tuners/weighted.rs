@@ -31,8 +31,8 @@ use candle_core::Tensor;
 
 use super::Tuner;
 use crate::model::{
-    AttentionInfo, BranchInfo, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch,
-    VirtualTokens,
+    AttentionInfo, BranchInfo, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear, LinearInfo,
+    ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens,
 };
 use crate::ops::{FrozenLinear, FrozenWeight};
 
@@ -56,7 +56,11 @@ impl WeightedSum {
     pub fn new(members: Vec<Member>) -> Result<Self> {
         for (i, m) in members.iter().enumerate() {
             if !m.weight.is_finite() {
-                bail!("adapter {}: weight {} is not a finite number", m.name, m.weight)
+                bail!(
+                    "adapter {}: weight {} is not a finite number",
+                    m.name,
+                    m.weight
+                )
             }
             if members[..i].iter().any(|o| o.name == m.name) {
                 bail!("adapter {} is listed twice in the weighted sum", m.name)
@@ -69,23 +73,36 @@ impl WeightedSum {
     /// Each member's [`Tuner::finish`]: every one of its tensors found its module.
     pub fn finish(&self) -> Result<()> {
         for m in &self.members {
-            m.tuner.finish().map_err(|e| e.context(format!("adapter {}", m.name)))?;
+            m.tuner
+                .finish()
+                .map_err(|e| e.context(format!("adapter {}", m.name)))?;
         }
         Ok(())
     }
 
     /// Trainable elements over all members.
     pub fn params(&self) -> usize {
-        self.members.iter().map(|m| super::trainable_params(m.tuner.as_ref())).sum()
+        self.members
+            .iter()
+            .map(|m| super::trainable_params(m.tuner.as_ref()))
+            .sum()
     }
 
     /// `default×0.7 + other×-0.4`.
     pub fn describe(&self) -> String {
-        self.members.iter().map(|m| format!("{}×{}", m.name, m.weight)).collect::<Vec<_>>().join(" + ")
+        self.members
+            .iter()
+            .map(|m| format!("{}×{}", m.name, m.weight))
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
 
     /// The first member that adds positions, for the error.
-    fn refuse_positions(&self, what: &str, adds: impl Fn(&dyn Tuner) -> Result<bool>) -> Result<()> {
+    fn refuse_positions(
+        &self,
+        what: &str,
+        adds: impl Fn(&dyn Tuner) -> Result<bool>,
+    ) -> Result<()> {
         for m in &self.members {
             if adds(m.tuner.as_ref())? {
                 bail!(
@@ -148,7 +165,8 @@ impl ModelHook for WeightedSum {
                 parts.push((m.weight, b));
             }
         }
-        Ok((!parts.is_empty()).then(|| Box::new(WeightedBranch { parts }) as Box<dyn ResidualBranch>))
+        Ok((!parts.is_empty())
+            .then(|| Box::new(WeightedBranch { parts }) as Box<dyn ResidualBranch>))
     }
 
     fn virtual_tokens(&self, info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
@@ -163,7 +181,10 @@ impl ModelHook for WeightedSum {
 }
 
 /// `y₀ + Σ wᵢ (yᵢ − y₀)` for the members' outputs `yᵢ`, each detached (see [`WeightedLinear`]).
-fn add_changes(y0: &Tensor, outputs: impl Iterator<Item = (f64, candle_core::Result<Tensor>)>) -> candle_core::Result<Tensor> {
+fn add_changes(
+    y0: &Tensor,
+    outputs: impl Iterator<Item = (f64, candle_core::Result<Tensor>)>,
+) -> candle_core::Result<Tensor> {
     let mut y = y0.clone();
     for (w, yi) in outputs {
         y = (y + ((yi?.detach() - y0)? * w)?)?;
@@ -195,7 +216,12 @@ struct WeightedBranch {
 
 impl ResidualBranch for WeightedBranch {
     fn forward(&self, input: &Tensor, output: &Tensor) -> candle_core::Result<Tensor> {
-        add_changes(output, self.parts.iter().map(|(w, g)| (*w, g.forward(input, output))))
+        add_changes(
+            output,
+            self.parts
+                .iter()
+                .map(|(w, g)| (*w, g.forward(input, output))),
+        )
     }
 }
 
@@ -207,7 +233,10 @@ struct WeightedEmbedding {
 
 impl Embedding for WeightedEmbedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        add_changes(&self.base.rows(ids)?, self.parts.iter().map(|(w, e)| (*w, e.forward(ids))))
+        add_changes(
+            &self.base.rows(ids)?,
+            self.parts.iter().map(|(w, e)| (*w, e.forward(ids))),
+        )
     }
 
     fn base(&self) -> &FrozenWeight {

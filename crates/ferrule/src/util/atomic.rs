@@ -31,9 +31,19 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
 ///
 /// A new file gets the permissions `File::create` would give it (`0o666`
 /// minus the process umask on Unix); an existing file keeps its permissions.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
-    let file_name =
-        path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot write atomically to {}: no file name", path.display())))?;
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "cannot write atomically to {}: no file name",
+                path.display()
+            ),
+        )
+    })?;
     let dir = parent_dir(path);
 
     let mut builder = tempfile::Builder::new();
@@ -101,17 +111,26 @@ impl RawTensor {
     }
 
     pub fn f32s(shape: Vec<usize>, values: &[f32]) -> Self {
-        Self::new(StDtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Self::new(
+            StDtype::F32,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 }
 
 type HostView = RawTensor;
 
 /// Writes raw tensors (and string metadata) atomically to `path`.
-pub fn save_raw_safetensors_atomic(path: &Path, tensors: &BTreeMap<String, RawTensor>, metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save_raw_safetensors_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, RawTensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(n, v)| (n.as_str(), v)), metadata)
         .with_context(|| format!("serializing safetensors for {}", path.display()))?;
-    write_bytes_atomic(path, &bytes).with_context(|| format!("writing safetensors file {}", path.display()))
+    write_bytes_atomic(path, &bytes)
+        .with_context(|| format!("writing safetensors file {}", path.display()))
 }
 
 impl View for &HostView {
@@ -174,7 +193,11 @@ pub fn raw_tensor(name: &str, t: &Tensor) -> Result<RawTensor> {
         other => bail!("tensor {name:?}: dtype {other:?} is not supported for saving"),
     }
     .with_context(|| format!("copying tensor {name:?} to host"))?;
-    Ok(HostView { dtype: t.dtype().into(), shape: t.dims().to_vec(), data })
+    Ok(HostView {
+        dtype: t.dtype().into(),
+        shape: t.dims().to_vec(),
+        data,
+    })
 }
 
 /// Serializes named tensors (with optional string metadata, stored in the
@@ -182,13 +205,22 @@ pub fn raw_tensor(name: &str, t: &Tensor) -> Result<RawTensor> {
 ///
 /// Tensors may live on any device and be non-contiguous; they are copied to
 /// host memory with their dtype preserved. Duplicate names are an error.
-pub fn save_safetensors_atomic<S: AsRef<str>>(path: &Path, tensors: &[(S, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let bytes = serialize_safetensors(tensors, metadata).with_context(|| format!("serializing safetensors for {}", path.display()))?;
-    write_bytes_atomic(path, &bytes).with_context(|| format!("writing safetensors file {}", path.display()))
+pub fn save_safetensors_atomic<S: AsRef<str>>(
+    path: &Path,
+    tensors: &[(S, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = serialize_safetensors(tensors, metadata)
+        .with_context(|| format!("serializing safetensors for {}", path.display()))?;
+    write_bytes_atomic(path, &bytes)
+        .with_context(|| format!("writing safetensors file {}", path.display()))
 }
 
 /// Serializes named tensors to an in-memory safetensors buffer.
-pub fn serialize_safetensors<S: AsRef<str>>(tensors: &[(S, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn serialize_safetensors<S: AsRef<str>>(
+    tensors: &[(S, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut views: BTreeMap<&str, HostView> = BTreeMap::new();
     for (name, t) in tensors {
         let name = name.as_ref();
@@ -210,20 +242,30 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String,
 
 /// Like [`load_safetensors`], also returning the `__metadata__` header
 /// (empty when the file has none).
-pub fn load_safetensors_with_metadata(path: &Path, device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading safetensors file {}", path.display()))?;
-    deserialize_safetensors(&bytes, device).with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))
+pub fn load_safetensors_with_metadata(
+    path: &Path,
+    device: &Device,
+) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading safetensors file {}", path.display()))?;
+    deserialize_safetensors(&bytes, device)
+        .with_context(|| format!("invalid or corrupt safetensors file {}", path.display()))
 }
 
 /// Parses an in-memory safetensors buffer.
-pub fn deserialize_safetensors(bytes: &[u8], device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+pub fn deserialize_safetensors(
+    bytes: &[u8],
+    device: &Device,
+) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let (_, header) = SafeTensors::read_metadata(bytes)?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(bytes)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor {name:?} has an unsupported dtype"))?;
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device).with_context(|| format!("decoding tensor {name:?}"))?;
+        let dtype = DType::try_from(view.dtype())
+            .with_context(|| format!("tensor {name:?} has an unsupported dtype"))?;
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
+            .with_context(|| format!("decoding tensor {name:?}"))?;
         out.insert(name, t);
     }
     Ok((out, metadata))
@@ -234,7 +276,10 @@ mod tests {
     use super::*;
 
     fn dir_entries(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
@@ -295,7 +340,10 @@ mod tests {
         let ft = f.t().unwrap();
         let i = Tensor::new(&[i64::MIN, -1, 0, i64::MAX], &dev).unwrap();
         let u = Tensor::new(&[0u8, 7, 255], &dev).unwrap();
-        let b = Tensor::new(&[1.0f32, -0.5, 3.0e38], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let b = Tensor::new(&[1.0f32, -0.5, 3.0e38], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
         let scalar = Tensor::new(42i64, &dev).unwrap();
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         let tensors = vec![
@@ -315,11 +363,26 @@ mod tests {
             assert_eq!(l.dtype(), orig.dtype(), "{name}");
             assert_eq!(l.dims(), orig.dims(), "{name}");
         }
-        assert_eq!(loaded["f"].to_vec2::<f32>().unwrap(), f.to_vec2::<f32>().unwrap());
-        assert_eq!(loaded["ft"].to_vec2::<f32>().unwrap(), ft.to_vec2::<f32>().unwrap());
-        assert_eq!(loaded["i"].to_vec1::<i64>().unwrap(), i.to_vec1::<i64>().unwrap());
-        assert_eq!(loaded["u"].to_vec1::<u8>().unwrap(), u.to_vec1::<u8>().unwrap());
-        assert_eq!(loaded["b"].to_vec1::<half::bf16>().unwrap(), b.to_vec1::<half::bf16>().unwrap());
+        assert_eq!(
+            loaded["f"].to_vec2::<f32>().unwrap(),
+            f.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(
+            loaded["ft"].to_vec2::<f32>().unwrap(),
+            ft.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(
+            loaded["i"].to_vec1::<i64>().unwrap(),
+            i.to_vec1::<i64>().unwrap()
+        );
+        assert_eq!(
+            loaded["u"].to_vec1::<u8>().unwrap(),
+            u.to_vec1::<u8>().unwrap()
+        );
+        assert_eq!(
+            loaded["b"].to_vec1::<half::bf16>().unwrap(),
+            b.to_vec1::<half::bf16>().unwrap()
+        );
         assert_eq!(loaded["s"].to_scalar::<i64>().unwrap(), 42);
         assert_eq!(dir_entries(dir.path()), vec!["t.safetensors"]);
     }
@@ -337,7 +400,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.safetensors");
         let err = load_safetensors(&missing, &dev).unwrap_err();
-        assert!(format!("{err:#}").contains("missing.safetensors"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("missing.safetensors"),
+            "{err:#}"
+        );
 
         let good = dir.path().join("good.safetensors");
         let t = Tensor::arange(0f32, 64., &dev).unwrap();
@@ -347,7 +413,10 @@ mod tests {
         let truncated = dir.path().join("truncated.safetensors");
         std::fs::write(&truncated, &bytes[..bytes.len() - 10]).unwrap();
         let err = load_safetensors(&truncated, &dev).unwrap_err();
-        assert!(format!("{err:#}").contains("truncated.safetensors"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("truncated.safetensors"),
+            "{err:#}"
+        );
 
         let tiny = dir.path().join("tiny.safetensors");
         std::fs::write(&tiny, &bytes[..5]).unwrap();
@@ -360,7 +429,10 @@ mod tests {
         }
         std::fs::write(&corrupt, &c).unwrap();
         let err = load_safetensors(&corrupt, &dev).unwrap_err();
-        assert!(format!("{err:#}").contains("corrupt.safetensors"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("corrupt.safetensors"),
+            "{err:#}"
+        );
 
         let huge_header = dir.path().join("huge.safetensors");
         std::fs::write(&huge_header, u64::MAX.to_le_bytes()).unwrap();

@@ -8,7 +8,9 @@ use candle_core::{DType, Tensor};
 /// dimension and its value, or `None` when every element is finite.
 pub fn first_non_finite(t: &Tensor) -> Result<Option<(Vec<usize>, f32)>> {
     let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let Some(flat) = values.iter().position(|v| !v.is_finite()) else { return Ok(None) };
+    let Some(flat) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(None);
+    };
     let mut index = vec![0; t.rank()];
     let mut rest = flat;
     for (i, &d) in t.dims().iter().enumerate().rev() {
@@ -67,7 +69,9 @@ impl LayerTrace {
 pub fn origin_clause(traced: Result<Option<String>>) -> String {
     match traced {
         Ok(Some(stage)) => format!("; the first stage with a non-finite output: {stage}"),
-        Ok(None) => "; every layer's output was finite, so the output head or the loss made it".into(),
+        Ok(None) => {
+            "; every layer's output was finite, so the output head or the loss made it".into()
+        }
         Err(_) => String::new(),
     }
 }
@@ -79,12 +83,24 @@ mod tests {
 
     #[test]
     fn names_the_first_non_finite_element_by_its_index() {
-        let t = Tensor::new(&[[[1f32, 2.0, 3.0], [4.0, f32::NEG_INFINITY, f32::NAN]]], &Device::Cpu).unwrap();
-        assert_eq!(first_non_finite(&t).unwrap(), Some((vec![0, 1, 1], f32::NEG_INFINITY)));
+        let t = Tensor::new(
+            &[[[1f32, 2.0, 3.0], [4.0, f32::NEG_INFINITY, f32::NAN]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            first_non_finite(&t).unwrap(),
+            Some((vec![0, 1, 1], f32::NEG_INFINITY))
+        );
         let fine = Tensor::new(&[0f32, -1e38, 1e38], &Device::Cpu).unwrap();
         assert_eq!(first_non_finite(&fine).unwrap(), None);
-        let nan = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
-        let err = ensure_finite(&nan, || "the logits".into(), "check the model").unwrap_err().to_string();
+        let nan = Tensor::new(&[f32::NAN], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let err = ensure_finite(&nan, || "the logits".into(), "check the model")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "the logits holds NaN at [0]: check the model");
     }
 }

@@ -22,7 +22,10 @@ pub(crate) struct Keys<'a> {
 
 impl<'a> Keys<'a> {
     pub(crate) fn new(value: &'a Value) -> Self {
-        Self { value, read: RefCell::default() }
+        Self {
+            value,
+            read: RefCell::default(),
+        }
     }
 
     /// The value of `key`, as it is (`None` when missing), remembered as read.
@@ -34,21 +37,38 @@ impl<'a> Keys<'a> {
     /// A debug-level note naming the keys of the object that nothing asked for.
     pub(crate) fn note_unread(&self, file: &str) {
         let read = self.read.borrow();
-        let unread: Vec<&str> = self.value.as_object().into_iter().flat_map(|o| o.keys()).map(String::as_str).filter(|k| !read.contains(*k)).collect();
+        let unread: Vec<&str> = self
+            .value
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .map(String::as_str)
+            .filter(|k| !read.contains(*k))
+            .collect();
         if !unread.is_empty() {
-            tracing::debug!("{file}: keys ferrule does not use (ignored): {}", unread.join(", "));
+            tracing::debug!(
+                "{file}: keys ferrule does not use (ignored): {}",
+                unread.join(", ")
+            );
         }
     }
 
     pub(crate) fn wrong(&self, key: &str, expected: &str) -> anyhow::Error {
-        anyhow!("{key:?} is {}, expected {expected}", found(&self.value[key]))
+        anyhow!(
+            "{key:?} is {}, expected {expected}",
+            found(&self.value[key])
+        )
     }
 
     /// A non-negative integer (`null` is an error).
     pub(crate) fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.raw(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| Some(n as usize)).ok_or_else(|| self.wrong(key, "a non-negative integer")),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n <= u32::MAX as u64)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.wrong(key, "a non-negative integer")),
         }
     }
 
@@ -61,7 +81,8 @@ impl<'a> Keys<'a> {
     }
 
     pub(crate) fn required_count(&self, key: &str) -> Result<usize> {
-        self.count(key)?.ok_or_else(|| anyhow!("missing {key:?} (an integer of at least 1)"))
+        self.count(key)?
+            .ok_or_else(|| anyhow!("missing {key:?} (an integer of at least 1)"))
     }
 
     /// A non-negative integer, or `null` meaning none (token ids, `sliding_window`, `head_dim`).
@@ -76,7 +97,11 @@ impl<'a> Keys<'a> {
     pub(crate) fn f64(&self, key: &str) -> Result<Option<f64>> {
         match self.raw(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| self.wrong(key, "a finite number")),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a finite number")),
         }
     }
 
@@ -91,14 +116,20 @@ impl<'a> Keys<'a> {
     pub(crate) fn bool(&self, key: &str) -> Result<Option<bool>> {
         match self.raw(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong(key, "true or false")),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "true or false")),
         }
     }
 
     pub(crate) fn str(&self, key: &str) -> Result<Option<&str>> {
         match self.raw(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string")),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a string")),
         }
     }
 
@@ -121,7 +152,9 @@ impl<'a> Keys<'a> {
             };
         }
         match self.nullable_usize(key)? {
-            Some(id) if id >= vocab => Err(self.wrong(key, &format!("a token id below vocab_size ({vocab})"))),
+            Some(id) if id >= vocab => {
+                Err(self.wrong(key, &format!("a token id below vocab_size ({vocab})")))
+            }
             id => Ok(id.map(|i| i as u32)),
         }
     }

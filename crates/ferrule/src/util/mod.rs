@@ -12,15 +12,31 @@ pub fn ensure_allocatable(what: &str, shape: &[usize], elem_bytes: usize) -> any
     let bytes = shape.iter().try_fold(elem_bytes, |n, &d| n.checked_mul(d));
     let available = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemAvailable:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
         .map(|kb| kb.saturating_mul(1024));
     match (bytes, available) {
         (None, _) => anyhow::bail!("{what} would take more than 2^64 bytes"),
         (Some(b), Some(avail)) if b as u64 > avail => {
-            anyhow::bail!("{what} would take {:.3e} bytes, more than the {:.3e} this machine has available", b as f64, avail as f64)
+            anyhow::bail!(
+                "{what} would take {:.3e} bytes, more than the {:.3e} this machine has available",
+                b as f64,
+                avail as f64
+            )
         }
         _ => Ok(()),
     }
+}
+
+/// FNV-1a, 64 bits: a digest for ranks to compare what they loaded (not cryptographic).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// A JSON value as an error message shows it: its JSON text, cut after 60 characters.
@@ -39,7 +55,8 @@ pub fn release_pages(mmap: &memmap2::Mmap, offset: usize, len: usize) {
     {
         // SAFETY: a read-only private file mapping: dropped pages are re-read from the file.
         // Failure only means the pages stay resident.
-        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+        let _ =
+            unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
     }
     #[cfg(not(unix))]
     let _ = (mmap, offset, len);

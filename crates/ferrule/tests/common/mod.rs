@@ -26,13 +26,22 @@ pub fn assets_required() -> bool {
 /// test then says it was skipped. Where assets are required ([`assets_required`]) a missing
 /// one panics, so a test cannot pass without what it checks.
 pub fn asset(rel: &str) -> Option<PathBuf> {
-    let p = std::env::var("FERRULE_ASSETS").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("assets")).join(rel);
+    let p = std::env::var("FERRULE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("assets"))
+        .join(rel);
     if p.exists() {
         Some(p)
     } else if assets_required() {
-        panic!("asset {} missing (run scripts/fetch-assets.sh or set FERRULE_ASSETS)", p.display())
+        panic!(
+            "asset {} missing (run scripts/fetch-assets.sh or set FERRULE_ASSETS)",
+            p.display()
+        )
     } else {
-        eprintln!("skipping: asset {} missing (run scripts/fetch-assets.sh)", p.display());
+        eprintln!(
+            "skipping: asset {} missing (run scripts/fetch-assets.sh)",
+            p.display()
+        );
         None
     }
 }
@@ -65,9 +74,18 @@ pub fn load(rel: &str) -> HashMap<String, Tensor> {
 /// `[b, t, ...]`. Infinite when a compared value is NaN or infinite ([`max_abs_diff`]).
 pub fn max_diff_masked(a: &Tensor, b: &Tensor, mask: Option<&Tensor>) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let flat = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     let (a_values, b_values) = (flat(a), flat(b));
-    let Some(mask) = mask else { return max_abs_diff(&a_values, &b_values) };
+    let Some(mask) = mask else {
+        return max_abs_diff(&a_values, &b_values);
+    };
     let keep = flat(mask);
     let per_position = a_values.len() / keep.len().max(1);
     let (a_kept, b_kept): (Vec<f32>, Vec<f32>) = a_values
@@ -93,7 +111,11 @@ mod tests {
         let b = Tensor::new(&[[[1f32, 2.25], [5.0, 0.0]]], &Device::Cpu).unwrap();
         assert_eq!(max_diff(&a, &b), f32::INFINITY);
         let only_first = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
-        assert_eq!(max_diff_masked(&a, &b, Some(&only_first)), 0.25, "a masked-out NaN is not compared");
+        assert_eq!(
+            max_diff_masked(&a, &b, Some(&only_first)),
+            0.25,
+            "a masked-out NaN is not compared"
+        );
         let both = Tensor::new(&[[1f32, 1.0]], &Device::Cpu).unwrap();
         assert_eq!(max_diff_masked(&a, &b, Some(&both)), f32::INFINITY);
     }

@@ -79,7 +79,11 @@ pub struct GgufFile {
 
 impl fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).field("arch", &self.arch).field("tensors", &self.entries.len()).finish_non_exhaustive()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("arch", &self.arch)
+            .field("tensors", &self.entries.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,45 +92,72 @@ impl GgufFile {
     /// tensor's shape fits the config and its data lies inside the file.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
         let p = path.to_path_buf();
-        let file = std::fs::File::open(path).map_err(|source| GgufError::Io { path: p.clone(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| GgufError::Io {
+            path: p.clone(),
+            source,
+        })?;
         // SAFETY: the file is only read; as with any mmap, it must not be truncated while open.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| GgufError::Io { path: p.clone(), source })?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| GgufError::Io {
+            path: p.clone(),
+            source,
+        })?;
         let bytes: &[u8] = &mmap;
         if bytes.len() < 4 || &bytes[..4] != b"GGUF" {
             let head = &bytes[..bytes.len().min(4)];
-            return Err(GgufError::NotGguf { path: p, magic: String::from_utf8_lossy(head).escape_debug().to_string() });
+            return Err(GgufError::NotGguf {
+                path: p,
+                magic: String::from_utf8_lossy(head).escape_debug().to_string(),
+            });
         }
         let content = match gguf_file::Content::read(&mut std::io::Cursor::new(bytes)) {
             Ok(c) => c,
             Err(e) => return Err(diagnose_header(&p, bytes, e)),
         };
         let arch_name = meta_str(&p, &content.metadata, "general.architecture")?;
-        let arch = Arch::parse(arch_name).ok_or_else(|| GgufError::UnsupportedArchitecture { path: p.clone(), arch: arch_name.to_string() })?;
+        let arch = Arch::parse(arch_name).ok_or_else(|| GgufError::UnsupportedArchitecture {
+            path: p.clone(),
+            arch: arch_name.to_string(),
+        })?;
         let dims = read_dims(&p, &content.metadata, arch)?;
 
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
         let mut entries = Vec::with_capacity(names.len());
         for name in names {
-            let hf_name = hf_tensor_name(name, arch, dims.layers).ok_or_else(|| GgufError::UnknownTensor {
-                path: p.clone(),
-                name: name.clone(),
-                arch: arch.name().to_string(),
+            let hf_name = hf_tensor_name(name, arch, dims.layers).ok_or_else(|| {
+                GgufError::UnknownTensor {
+                    path: p.clone(),
+                    name: name.clone(),
+                    arch: arch.name().to_string(),
+                }
             })?;
             let permute = if arch.permutes_qk() {
                 if name.contains(".attn_q.") {
                     Some(Permute { heads: dims.heads })
                 } else if name.contains(".attn_k.") {
-                    Some(Permute { heads: dims.kv_heads })
+                    Some(Permute {
+                        heads: dims.kv_heads,
+                    })
                 } else {
                     None
                 }
             } else {
                 None
             };
-            entries.push(Entry { gguf_name: name.clone(), hf_name, permute });
+            entries.push(Entry {
+                gguf_name: name.clone(),
+                hf_name,
+                permute,
+            });
         }
-        let f = Self { path: p, mmap, content, arch, dims, entries };
+        let f = Self {
+            path: p,
+            mmap,
+            content,
+            arch,
+            dims,
+            entries,
+        };
         f.check_tensors()?;
         Ok(f)
     }
@@ -147,7 +178,9 @@ impl GgufFile {
 
     /// `(hf_name, gguf_name)` for every tensor, in layer order.
     pub fn tensor_names(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.entries.iter().map(|e| (e.hf_name.as_str(), e.gguf_name.as_str()))
+        self.entries
+            .iter()
+            .map(|e| (e.hf_name.as_str(), e.gguf_name.as_str()))
     }
 
     /// The GGUF type of the tensor with this HF name.
@@ -160,7 +193,9 @@ impl GgufFile {
     pub fn tensor_types(&self) -> Vec<(String, usize)> {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for info in self.content.tensor_infos.values() {
-            *counts.entry(ggml_type_name(info.ggml_dtype).to_string()).or_default() += 1;
+            *counts
+                .entry(ggml_type_name(info.ggml_dtype).to_string())
+                .or_default() += 1;
         }
         let mut v: Vec<_> = counts.into_iter().collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -173,13 +208,21 @@ impl GgufFile {
             .entries
             .iter()
             .find(|e| e.hf_name == hf_name)
-            .ok_or_else(|| GgufError::MissingTensor { path: self.path.clone(), name: hf_name.to_string() })?;
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: self.path.clone(),
+                name: hf_name.to_string(),
+            })?;
         self.qtensor_of(entry, device)
     }
 
     /// Every tensor as `(hf_name, QTensor)` in HF layout, read lazily one at a time.
-    pub fn qtensors<'a>(&'a self, device: &'a Device) -> impl Iterator<Item = Result<(String, QTensor), GgufError>> + 'a {
-        self.entries.iter().map(move |e| Ok((e.hf_name.clone(), self.qtensor_of(e, device)?)))
+    pub fn qtensors<'a>(
+        &'a self,
+        device: &'a Device,
+    ) -> impl Iterator<Item = Result<(String, QTensor), GgufError>> + 'a {
+        self.entries
+            .iter()
+            .map(move |e| Ok((e.hf_name.clone(), self.qtensor_of(e, device)?)))
     }
 
     pub(super) fn qtensor_of(&self, entry: &Entry, device: &Device) -> Result<QTensor, GgufError> {
@@ -196,7 +239,13 @@ impl GgufFile {
             }
             None => raw,
         };
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.ggml_dtype, data, dims, device).map_err(|e| self.candle_err(&entry.gguf_name, e));
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            info.ggml_dtype,
+            data,
+            dims,
+            device,
+        )
+        .map_err(|e| self.candle_err(&entry.gguf_name, e));
         // The tensor is copied out: let its file pages go (peak RSS while loading).
         crate::util::release_pages(&self.mmap, start, len);
         q
@@ -206,18 +255,32 @@ impl GgufFile {
         let dt = info.ggml_dtype;
         // Checked: a corrupt header's dims can overflow `Shape::elem_count` (found by fuzzing);
         // an overflowing size reads as usize::MAX, which no file holds.
-        let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        let len = elems.and_then(|e| (e / dt.block_size()).checked_mul(dt.type_size())).unwrap_or(usize::MAX);
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let len = elems
+            .and_then(|e| (e / dt.block_size()).checked_mul(dt.type_size()))
+            .unwrap_or(usize::MAX);
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         (usize::try_from(start).unwrap_or(usize::MAX), len)
     }
 
     pub(super) fn candle_err(&self, tensor: &str, source: candle_core::Error) -> GgufError {
-        GgufError::Candle { path: self.path.clone(), tensor: tensor.to_string(), source: Box::new(source) }
+        GgufError::Candle {
+            path: self.path.clone(),
+            tensor: tensor.to_string(),
+            source: Box::new(source),
+        }
     }
 
     pub(super) fn bad_tensor(&self, tensor: &str, detail: String) -> GgufError {
-        GgufError::BadTensor { path: self.path.clone(), tensor: tensor.to_string(), detail }
+        GgufError::BadTensor {
+            path: self.path.clone(),
+            tensor: tensor.to_string(),
+            detail,
+        }
     }
 
     /// Data inside the file, whole quantization blocks per row, shapes as the config says, and
@@ -232,9 +295,14 @@ impl GgufFile {
             let dt = info.ggml_dtype;
             let inner = *dims.last().unwrap_or(&1);
             if !inner.is_multiple_of(dt.block_size()) {
-                return Err(
-                    self.bad_tensor(&e.gguf_name, format!("row length {inner} is not a multiple of the {} block size {}", ggml_type_name(dt), dt.block_size()))
-                );
+                return Err(self.bad_tensor(
+                    &e.gguf_name,
+                    format!(
+                        "row length {inner} is not a multiple of the {} block size {}",
+                        ggml_type_name(dt),
+                        dt.block_size()
+                    ),
+                ));
             }
             let (start, len) = self.data_range(info);
             if start.saturating_add(len) > file_len {
@@ -258,11 +326,20 @@ impl GgufFile {
             };
             let want = if is_bias { vec![want[0]] } else { want };
             if dims != want.as_slice() {
-                return Err(self.bad_tensor(&e.gguf_name, format!("shape {dims:?} (HF order), expected {want:?} from the metadata")));
+                return Err(self.bad_tensor(
+                    &e.gguf_name,
+                    format!("shape {dims:?} (HF order), expected {want:?} from the metadata"),
+                ));
             }
             if let Some(Permute { heads }) = e.permute {
                 if heads == 0 || !dims[0].is_multiple_of(2 * heads) {
-                    return Err(self.bad_tensor(&e.gguf_name, format!("{} rows cannot be split into {heads} heads of pairs", dims[0])));
+                    return Err(self.bad_tensor(
+                        &e.gguf_name,
+                        format!(
+                            "{} rows cannot be split into {heads} heads of pairs",
+                            dims[0]
+                        ),
+                    ));
                 }
             }
         }
@@ -272,7 +349,10 @@ impl GgufFile {
             if self.entries.iter().any(|e| e.hf_name == name) {
                 return Ok(());
             }
-            Err(GgufError::MissingTensor { path: self.path.clone(), name: format!("{name} ({})", gguf_tensor_name(&name)) })
+            Err(GgufError::MissingTensor {
+                path: self.path.clone(),
+                name: format!("{name} ({})", gguf_tensor_name(&name)),
+            })
         };
         missing("model.embed_tokens.weight".to_string())?;
         missing("model.norm.weight".to_string())?;
@@ -308,7 +388,10 @@ impl GgufFile {
             // Fall back to the embedding's row count.
             _ => match self.content.tensor_infos.get("token_embd.weight") {
                 Some(info) => Ok(info.shape.dims()[0]),
-                None => Err(GgufError::MissingKey { path: self.path.clone(), key }),
+                None => Err(GgufError::MissingKey {
+                    path: self.path.clone(),
+                    key,
+                }),
             },
         }
     }
@@ -347,7 +430,10 @@ impl GgufFile {
         c.insert("tie_word_embeddings".into(), json!(tie));
         if self.arch != Arch::Qwen2 {
             // Qwen2 always has q/k/v biases; llama-family models have them when the file does.
-            c.insert("attention_bias".into(), json!(self.has_tensor("blk.0.attn_q.bias")));
+            c.insert(
+                "attention_bias".into(),
+                json!(self.has_tensor("blk.0.attn_q.bias")),
+            );
         }
         for (hf, gg) in [
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -356,7 +442,11 @@ impl GgufFile {
         ] {
             let id = opt_usize(p, md, gg)?;
             if let Some(id) = id.filter(|&id| id >= vocab) {
-                return Err(bad(p, gg, format!("token id {id} is not below the vocabulary size {vocab}")));
+                return Err(bad(
+                    p,
+                    gg,
+                    format!("token id {id} is not below the vocabulary size {vocab}"),
+                ));
             }
             c.insert(hf.into(), json!(id));
         }
@@ -466,7 +556,11 @@ pub(super) fn gguf_tensor_name(hf: &str) -> String {
 
 /// Sort key putting `blk.2` before `blk.10`.
 pub(super) fn natural_key(name: &str) -> (usize, usize, &str) {
-    match name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(i, leaf)| Some((i.parse::<usize>().ok()?, leaf))) {
+    match name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(i, leaf)| Some((i.parse::<usize>().ok()?, leaf)))
+    {
         Some((i, leaf)) => (1, i, leaf),
         None if name.starts_with("token_embd") => (0, 0, name),
         None => (2, 0, name),

@@ -70,7 +70,10 @@ pub(super) fn ggml_type_id_name(id: u32) -> String {
         "NVFP4",
         "Q1_0",
     ];
-    NAMES.get(id as usize).map(|s| s.to_string()).unwrap_or_else(|| format!("unknown type {id}"))
+    NAMES
+        .get(id as usize)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("unknown type {id}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,12 +88,23 @@ pub(super) fn diagnose_header(path: &Path, bytes: &[u8], err: candle_core::Error
         Ok(types) => {
             for (tensor, id) in types {
                 if !candle_knows_type(id) {
-                    return GgufError::UnsupportedTensorType { path: path.to_path_buf(), tensor, ggml_type: ggml_type_id_name(id), type_id: id };
+                    return GgufError::UnsupportedTensorType {
+                        path: path.to_path_buf(),
+                        tensor,
+                        ggml_type: ggml_type_id_name(id),
+                        type_id: id,
+                    };
                 }
             }
-            GgufError::Corrupt { path: path.to_path_buf(), detail: err.to_string() }
+            GgufError::Corrupt {
+                path: path.to_path_buf(),
+                detail: err.to_string(),
+            }
         }
-        Err(detail) => GgufError::Corrupt { path: path.to_path_buf(), detail: format!("{detail} (file is {} bytes; candle: {err})", bytes.len()) },
+        Err(detail) => GgufError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("{detail} (file is {} bytes; candle: {err})", bytes.len()),
+        },
     }
 }
 
@@ -107,14 +121,19 @@ pub(super) fn scan_tensor_types(b: &[u8]) -> Result<Vec<(String, u32)>, String> 
     }
     impl R<'_> {
         fn take(&mut self, n: u64, what: &str) -> Result<&[u8], String> {
-            let end = (self.pos as u64).checked_add(n).filter(|&e| e <= self.b.len() as u64);
+            let end = (self.pos as u64)
+                .checked_add(n)
+                .filter(|&e| e <= self.b.len() as u64);
             match end {
                 Some(end) => {
                     let s = &self.b[self.pos..end as usize];
                     self.pos = end as usize;
                     Ok(s)
                 }
-                None => Err(format!("header ends early: {what} at byte {} needs {n} bytes", self.pos)),
+                None => Err(format!(
+                    "header ends early: {what} at byte {} needs {n} bytes",
+                    self.pos
+                )),
             }
         }
         fn u32(&mut self, what: &str) -> Result<u32, String> {
@@ -160,7 +179,11 @@ pub(super) fn scan_tensor_types(b: &[u8]) -> Result<Vec<(String, u32)>, String> 
             self.take(size, "metadata value").map(drop)
         }
     }
-    let mut r = R { b, pos: 4, v1: false };
+    let mut r = R {
+        b,
+        pos: 4,
+        v1: false,
+    };
     let version = r.u32("version")?;
     r.v1 = version == 1;
     let n_tensors = r.len("tensor count")?;

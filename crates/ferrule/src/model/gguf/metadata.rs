@@ -10,17 +10,28 @@ use super::*;
 pub(super) type Meta = HashMap<String, gguf_file::Value>;
 
 pub(super) fn missing(path: &Path, key: &str) -> GgufError {
-    GgufError::MissingKey { path: path.to_path_buf(), key: key.to_string() }
+    GgufError::MissingKey {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+    }
 }
 
 pub(super) fn bad(path: &Path, key: &str, detail: impl Into<String>) -> GgufError {
-    GgufError::BadMetadata { path: path.to_path_buf(), key: key.to_string(), detail: detail.into() }
+    GgufError::BadMetadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        detail: detail.into(),
+    }
 }
 
 pub(super) fn meta_str<'a>(path: &Path, md: &'a Meta, key: &str) -> Result<&'a str, GgufError> {
     match md.get(key) {
         Some(gguf_file::Value::String(s)) => Ok(s),
-        Some(v) => Err(bad(path, key, format!("expected a string, got {:?}", v.value_type()))),
+        Some(v) => Err(bad(
+            path,
+            key,
+            format!("expected a string, got {:?}", v.value_type()),
+        )),
         None => Err(missing(path, key)),
     }
 }
@@ -37,9 +48,17 @@ pub(super) fn opt_usize(path: &Path, md: &Meta, key: &str) -> Result<Option<usiz
         Some(V::I32(x)) => (*x).into(),
         Some(V::U64(x)) => (*x).into(),
         Some(V::I64(x)) => (*x).into(),
-        Some(v) => return Err(bad(path, key, format!("expected an integer, got {:?}", v.value_type()))),
+        Some(v) => {
+            return Err(bad(
+                path,
+                key,
+                format!("expected an integer, got {:?}", v.value_type()),
+            ))
+        }
     };
-    usize::try_from(v).map(Some).map_err(|_| bad(path, key, format!("{v} is out of range")))
+    usize::try_from(v)
+        .map(Some)
+        .map_err(|_| bad(path, key, format!("{v} is out of range")))
 }
 
 pub(super) fn meta_usize(path: &Path, md: &Meta, key: &str) -> Result<usize, GgufError> {
@@ -55,7 +74,13 @@ pub(super) fn opt_f64(path: &Path, md: &Meta, key: &str) -> Result<Option<f64>, 
         Some(V::F64(x)) => *x,
         Some(v) => match opt_usize(path, md, key) {
             Ok(Some(n)) => n as f64,
-            _ => return Err(bad(path, key, format!("expected a number, got {:?}", v.value_type()))),
+            _ => {
+                return Err(bad(
+                    path,
+                    key,
+                    format!("expected a number, got {:?}", v.value_type()),
+                ))
+            }
         },
     }))
 }
@@ -63,7 +88,11 @@ pub(super) fn opt_f64(path: &Path, md: &Meta, key: &str) -> Result<Option<f64>, 
 /// A finite number > 0 (epsilons, rope bases and factors), the error naming the GGUF key.
 pub(super) fn opt_positive(path: &Path, md: &Meta, key: &str) -> Result<Option<f64>, GgufError> {
     match opt_f64(path, md, key)? {
-        Some(x) if !(x.is_finite() && x > 0.0) => Err(bad(path, key, format!("{x} is not a finite number greater than 0"))),
+        Some(x) if !(x.is_finite() && x > 0.0) => Err(bad(
+            path,
+            key,
+            format!("{x} is not a finite number greater than 0"),
+        )),
         x => Ok(x),
     }
 }
@@ -89,7 +118,11 @@ pub(super) fn read_dims(path: &Path, md: &Meta, arch: Arch) -> Result<Dims, Gguf
     let heads = meta_count(path, md, &key("attention.head_count"))?;
     let kv_heads = opt_usize(path, md, &key("attention.head_count_kv"))?.unwrap_or(heads);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(bad(path, &key("attention.head_count_kv"), format!("{kv_heads} kv heads do not divide {heads} heads")));
+        return Err(bad(
+            path,
+            &key("attention.head_count_kv"),
+            format!("{kv_heads} kv heads do not divide {heads} heads"),
+        ));
     }
     // transformers reads head_dim from `rope.dimension_count` for llama/mistral (not qwen2).
     let mut explicit_head_dim = opt_usize(path, md, &key("attention.key_length"))?;
@@ -99,7 +132,21 @@ pub(super) fn read_dims(path: &Path, md: &Meta, arch: Arch) -> Result<Dims, Gguf
     let head_dim = match explicit_head_dim {
         Some(hd) => hd,
         None if hidden % heads == 0 => hidden / heads,
-        None => return Err(bad(path, &key("attention.head_count"), format!("{heads} heads do not divide hidden size {hidden}"))),
+        None => {
+            return Err(bad(
+                path,
+                &key("attention.head_count"),
+                format!("{heads} heads do not divide hidden size {hidden}"),
+            ))
+        }
     };
-    Ok(Dims { layers, hidden, intermediate, heads, kv_heads, head_dim, explicit_head_dim })
+    Ok(Dims {
+        layers,
+        hidden,
+        intermediate,
+        heads,
+        kv_heads,
+        head_dim,
+        explicit_head_dim,
+    })
 }

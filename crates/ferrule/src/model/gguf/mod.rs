@@ -93,18 +93,22 @@ fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel,
     let config = file.hf_config()?;
     let tok = file.tokenizer()?;
     let mut tensors = HashMap::with_capacity(file.entries.len());
-    let mut quantized: HashMap<String, std::sync::Arc<dyn crate::quant::QuantMatrix>> = HashMap::new();
+    let mut quantized: HashMap<String, std::sync::Arc<dyn crate::quant::QuantMatrix>> =
+        HashMap::new();
     for entry in &file.entries {
         // One tensor at a time so that only one extra copy is alive.
         let q = file.qtensor_of(entry, &Device::Cpu)?;
         let is_blocks = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if let (true, true, [rows, cols]) = (keep_quantized, is_blocks, q.shape().dims()) {
             let data = q.data().map_err(|e| file.candle_err(&entry.gguf_name, e))?;
-            let m = crate::quant::ggml::GgmlMatrix::new(q.dtype(), *rows, *cols, &data).map_err(|e| file.bad_tensor(&entry.gguf_name, e.to_string()))?;
+            let m = crate::quant::ggml::GgmlMatrix::new(q.dtype(), *rows, *cols, &data)
+                .map_err(|e| file.bad_tensor(&entry.gguf_name, e.to_string()))?;
             quantized.insert(entry.hf_name.clone(), std::sync::Arc::new(m));
             continue;
         }
-        let t = q.dequantize(device).map_err(|e| file.candle_err(&entry.gguf_name, e))?;
+        let t = q
+            .dequantize(device)
+            .map_err(|e| file.candle_err(&entry.gguf_name, e))?;
         tensors.insert(entry.hf_name.clone(), t);
     }
     Ok(GgufModel {
@@ -148,25 +152,50 @@ mod tests {
             for &src in &perm {
                 file.extend_from_slice(&hf[src * row_bytes..(src + 1) * row_bytes]);
             }
-            assert_eq!(unpermute_rows(&file, rows, heads), hf, "rows {rows} heads {heads}");
+            assert_eq!(
+                unpermute_rows(&file, rows, heads),
+                hf,
+                "rows {rows} heads {heads}"
+            );
         }
     }
 
     #[test]
     fn maps_names() {
         let f = |n| hf_tensor_name(n, Arch::Llama, 30);
-        assert_eq!(f("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            f("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(f("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(f("output_norm.weight").as_deref(), Some("model.norm.weight"));
-        assert_eq!(f("blk.29.attn_k.weight").as_deref(), Some("model.layers.29.self_attn.k_proj.weight"));
-        assert_eq!(f("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.post_attention_layernorm.weight"));
+        assert_eq!(
+            f("output_norm.weight").as_deref(),
+            Some("model.norm.weight")
+        );
+        assert_eq!(
+            f("blk.29.attn_k.weight").as_deref(),
+            Some("model.layers.29.self_attn.k_proj.weight")
+        );
+        assert_eq!(
+            f("blk.3.ffn_norm.weight").as_deref(),
+            Some("model.layers.3.post_attention_layernorm.weight")
+        );
         assert_eq!(f("blk.30.attn_k.weight"), None);
         assert_eq!(f("blk.01.attn_k.weight"), None);
         assert_eq!(f("rope_freqs.weight"), None);
         assert_eq!(f("blk.0.ffn_up.bias"), None);
-        assert_eq!(hf_tensor_name("blk.0.attn_q.bias", Arch::Qwen2, 2).as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));
-        assert_eq!(hf_tensor_name("blk.0.attn_output.bias", Arch::Qwen2, 2), None);
-        assert_eq!(gguf_tensor_name("model.layers.4.post_attention_layernorm.weight"), "blk.4.ffn_norm.weight");
+        assert_eq!(
+            hf_tensor_name("blk.0.attn_q.bias", Arch::Qwen2, 2).as_deref(),
+            Some("model.layers.0.self_attn.q_proj.bias")
+        );
+        assert_eq!(
+            hf_tensor_name("blk.0.attn_output.bias", Arch::Qwen2, 2),
+            None
+        );
+        assert_eq!(
+            gguf_tensor_name("model.layers.4.post_attention_layernorm.weight"),
+            "blk.4.ffn_norm.weight"
+        );
     }
 
     #[test]

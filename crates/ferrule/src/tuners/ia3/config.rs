@@ -29,7 +29,14 @@ pub struct Ia3Config {
 }
 
 /// Keys of an IA3 `adapter_config.json` that ferrule understands.
-pub const KNOWN_KEYS: &[&str] = &["target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "modules_to_save", "init_ia3_weights"];
+pub const KNOWN_KEYS: &[&str] = &[
+    "target_modules",
+    "exclude_modules",
+    "feedforward_modules",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "init_ia3_weights",
+];
 
 impl Ia3Config {
     /// PEFT's checks (`feedforward_modules` ⊆ `target_modules` when both are lists) and
@@ -38,7 +45,9 @@ impl Ia3Config {
         if self.fan_in_fan_out {
             bail!("ia3: fan_in_fan_out (GPT-2 Conv1D layers) is not supported: no supported architecture uses Conv1D")
         }
-        if let (Some(ModuleSpec::Names(ff)), Some(ModuleSpec::Names(t))) = (&self.feedforward_modules, &self.target_modules) {
+        if let (Some(ModuleSpec::Names(ff)), Some(ModuleSpec::Names(t))) =
+            (&self.feedforward_modules, &self.target_modules)
+        {
             if let Some(extra) = ff.iter().find(|f| !t.contains(f)) {
                 bail!("ia3: feedforward_modules should be a subset of target_modules; {extra:?} is not in target_modules {t:?}")
             }

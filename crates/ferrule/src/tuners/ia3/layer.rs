@@ -18,13 +18,18 @@ pub struct Ia3Linear {
 
 impl Ia3Linear {
     pub fn new(base: FrozenLinear, l: Var, is_feedforward: bool) -> Self {
-        Self { base, l, is_feedforward }
+        Self {
+            base,
+            l,
+            is_feedforward,
+        }
     }
 }
 
 impl Linear for Ia3Linear {
     fn as_input_scaled(&self) -> Option<(&FrozenLinear, &Tensor)> {
-        self.is_feedforward.then(|| (&self.base, self.l.as_tensor()))
+        self.is_feedforward
+            .then(|| (&self.base, self.l.as_tensor()))
     }
 
     /// `x: [.., in]` → `[.., out]`.

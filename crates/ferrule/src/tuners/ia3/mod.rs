@@ -57,7 +57,12 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
     // PEFT's `_prepare_adapter_config`: each of the two defaults to the model type's when unset,
     // independently (user targets still get the default feed-forward list).
     default_list(options, "target_modules", model_type, default_targets)?;
-    default_list(options, "feedforward_modules", model_type, default_feedforward)
+    default_list(
+        options,
+        "feedforward_modules",
+        model_type,
+        default_feedforward,
+    )
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
@@ -76,7 +81,9 @@ impl Feedforward {
     fn new(spec: Option<&ModuleSpec>) -> Result<Self> {
         Ok(match spec {
             Some(ModuleSpec::Pattern(p)) => {
-                Feedforward::Regex(Regex::new(&format!("^(?:{p})$")).with_context(|| format!("ia3: feedforward_modules: invalid regular expression {p:?}"))?)
+                Feedforward::Regex(Regex::new(&format!("^(?:{p})$")).with_context(|| {
+                    format!("ia3: feedforward_modules: invalid regular expression {p:?}")
+                })?)
             }
             Some(ModuleSpec::Names(n)) => Feedforward::Suffixes(n.clone()),
             None => Feedforward::Suffixes(vec![]),
@@ -108,8 +115,12 @@ pub struct Ia3 {
 impl Ia3 {
     pub fn new(config: Ia3Config, ctx: BuildContext) -> Result<Self> {
         config.validate()?;
-        let target = config.target_modules.as_ref().ok_or_else(|| anyhow!("ia3: target_modules is required"))?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref()).context("ia3")?;
+        let target = config
+            .target_modules
+            .as_ref()
+            .ok_or_else(|| anyhow!("ia3: target_modules is required"))?;
+        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
+            .context("ia3")?;
         Ok(Self {
             feedforward: Feedforward::new(config.feedforward_modules.as_ref())?,
             saved: ModulesToSave::new(config.modules_to_save.as_deref()),
@@ -135,17 +146,30 @@ impl ModelHook for Ia3 {
             return Ok(Box::new(base));
         }
         let ff = self.feedforward.matches(path);
-        let shape = if ff { [1, base.in_features()] } else { [base.out_features(), 1] };
+        let shape = if ff {
+            [1, base.in_features()]
+        } else {
+            [base.out_features(), 1]
+        };
         let key = peft_key(path, "ia3_l");
         let dev = self.params.device().clone();
         let seed = crate::init::seed_for(self.seed, &key);
-        let l = self.params.take_or_init(&key, &shape, || match self.config.init_ia3_weights {
-            true => Ok(Tensor::ones(&shape, DType::F32, &dev)?),
-            false => crate::init::normal(&shape, 1.0, seed, &dev),
-        })?;
+        let l = self
+            .params
+            .take_or_init(&key, &shape, || match self.config.init_ia3_weights {
+                true => Ok(Tensor::ones(&shape, DType::F32, &dev)?),
+                false => crate::init::normal(&shape, 1.0, seed, &dev),
+            })?;
         let detail = if ff { "scales input" } else { "scales output" };
-        let module = AdaptedModule { path: path.to_string(), params: shape[0] * shape[1], detail: detail.into() };
-        self.adapted.lock().unwrap().push((module, ff, base.bias().is_some()));
+        let module = AdaptedModule {
+            path: path.to_string(),
+            params: shape[0] * shape[1],
+            detail: detail.into(),
+        };
+        self.adapted
+            .lock()
+            .unwrap()
+            .push((module, ff, base.bias().is_some()));
         Ok(Box::new(Ia3Linear::new(base, l, ff)))
     }
 }
@@ -161,7 +185,14 @@ impl Tuner for Ia3 {
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
         let adapted_any = !self.adapted.lock().unwrap().is_empty();
-        Ok(vec![check_finished("ia3", &self.targets, &self.params, self.allow_unmatched, adapted_any, "linear layer")?])
+        Ok(vec![check_finished(
+            "ia3",
+            &self.targets,
+            &self.params,
+            self.allow_unmatched,
+            adapted_any,
+            "linear layer",
+        )?])
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
@@ -169,7 +200,12 @@ impl Tuner for Ia3 {
     }
 
     fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted.lock().unwrap().iter().map(|(m, _, _)| m.clone()).collect()
+        self.adapted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, _, _)| m.clone())
+            .collect()
     }
 
     fn config_json(&self) -> Result<Value> {
@@ -181,10 +217,19 @@ impl Tuner for Ia3 {
     fn updates(&self) -> Result<Vec<(String, Update)>> {
         let mut out = Vec::new();
         for (m, ff, has_bias) in self.adapted.lock().unwrap().iter() {
-            let l = self.params.get(&peft_key(&m.path, "ia3_l")).ok_or_else(|| anyhow!("ia3: {} has no ia3_l", m.path))?;
-            out.push((format!("{}.weight", m.path), Update::Scale(l.as_tensor().clone())));
+            let l = self
+                .params
+                .get(&peft_key(&m.path, "ia3_l"))
+                .ok_or_else(|| anyhow!("ia3: {} has no ia3_l", m.path))?;
+            out.push((
+                format!("{}.weight", m.path),
+                Update::Scale(l.as_tensor().clone()),
+            ));
             if !ff && *has_bias {
-                out.push((format!("{}.bias", m.path), Update::Scale(l.as_tensor().flatten_all()?)));
+                out.push((
+                    format!("{}.bias", m.path),
+                    Update::Scale(l.as_tensor().flatten_all()?),
+                ));
             }
         }
         Ok(out)

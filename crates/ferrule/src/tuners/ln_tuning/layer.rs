@@ -16,6 +16,9 @@ impl TunedNorm {
     /// The parameters the model runs with: tracked tensors, so the model takes the
     /// differentiable norm path.
     pub fn params(&self) -> Result<NormParams> {
-        Ok(NormParams { weight: self.weight.as_tensor().clone(), bias: self.bias.as_ref().map(|b| b.as_tensor().clone()) })
+        Ok(NormParams {
+            weight: self.weight.as_tensor().clone(),
+            bias: self.bias.as_ref().map(|b| b.as_tensor().clone()),
+        })
     }
 }

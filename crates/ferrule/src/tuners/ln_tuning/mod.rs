@@ -27,7 +27,8 @@ use crate::ops::FrozenLinear;
 pub static METHOD: Method = Method {
     name: "ln-tuning",
     peft_type: "LN_TUNING",
-    summary: "LN tuning: the targeted norm layers' weights and biases are trained (Zhao et al. 2023)",
+    summary:
+        "LN tuning: the targeted norm layers' weights and biases are trained (Zhao et al. 2023)",
     keys: config::KNOWN_KEYS,
     complete,
     build,
@@ -64,8 +65,13 @@ pub struct LnTuning {
 
 impl LnTuning {
     pub fn new(config: LnTuningConfig, ctx: BuildContext) -> Result<Self> {
-        let target = config.target_modules.as_ref().ok_or_else(|| anyhow!("ln_tuning: target_modules is required (norm layer names, e.g. [\"LayerNorm\"])"))?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref()).context("ln_tuning")?;
+        let target = config.target_modules.as_ref().ok_or_else(|| {
+            anyhow!(
+                "ln_tuning: target_modules is required (norm layer names, e.g. [\"LayerNorm\"])"
+            )
+        })?;
+        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
+            .context("ln_tuning")?;
         Ok(Self {
             saved: ModulesToSave::new(config.modules_to_save.as_deref()),
             targets,
@@ -92,15 +98,31 @@ impl ModelHook for LnTuning {
         if !self.targets.select(path, false) {
             return Ok(params);
         }
-        let weight = self.params.take_or_init(&peft_key(path, "ln_tuning_layers.weight"), params.weight.dims(), || Ok(params.weight.copy()?))?;
+        let weight = self.params.take_or_init(
+            &peft_key(path, "ln_tuning_layers.weight"),
+            params.weight.dims(),
+            || Ok(params.weight.copy()?),
+        )?;
         let bias = match &params.bias {
-            Some(b) => Some(self.params.take_or_init(&peft_key(path, "ln_tuning_layers.bias"), b.dims(), || Ok(b.copy()?))?),
+            Some(b) => Some(self.params.take_or_init(
+                &peft_key(path, "ln_tuning_layers.bias"),
+                b.dims(),
+                || Ok(b.copy()?),
+            )?),
             None => None,
         };
         let tuned = TunedNorm { weight, bias };
         let n = params.weight.elem_count() + params.bias.as_ref().map_or(0, |b| b.elem_count());
-        let detail = if tuned.bias.is_some() { "weight and bias" } else { "weight" };
-        self.adapted.lock().unwrap().push(AdaptedModule { path: path.to_string(), params: n, detail: detail.into() });
+        let detail = if tuned.bias.is_some() {
+            "weight and bias"
+        } else {
+            "weight"
+        };
+        self.adapted.lock().unwrap().push(AdaptedModule {
+            path: path.to_string(),
+            params: n,
+            detail: detail.into(),
+        });
         Ok(tuned.params()?)
     }
 }
@@ -116,7 +138,14 @@ impl Tuner for LnTuning {
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
         let adapted_any = !self.adapted.lock().unwrap().is_empty();
-        Ok(vec![check_finished("ln_tuning", &self.targets, &self.params, self.allow_unmatched, adapted_any, "norm layer")?])
+        Ok(vec![check_finished(
+            "ln_tuning",
+            &self.targets,
+            &self.params,
+            self.allow_unmatched,
+            adapted_any,
+            "norm layer",
+        )?])
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
@@ -140,7 +169,10 @@ impl Tuner for LnTuning {
         let mut out = self.saved.replaced(&self.params);
         for m in self.adapted.lock().unwrap().iter() {
             for suffix in ["weight", "bias"] {
-                if let Some(v) = self.params.get(&peft_key(&m.path, &format!("ln_tuning_layers.{suffix}"))) {
+                if let Some(v) = self
+                    .params
+                    .get(&peft_key(&m.path, &format!("ln_tuning_layers.{suffix}")))
+                {
                     out.push((format!("{}.{suffix}", m.path), v.as_tensor().clone()));
                 }
             }

@@ -11,7 +11,10 @@ use crate::tuners::target::{compile_pattern_key, pattern_index, ModuleSpec};
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (both random, for
 /// tests), or a named scheme.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, expecting = "true, false or a scheme name (\"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")")]
+#[serde(
+    untagged,
+    expecting = "true, false or a scheme name (\"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")"
+)]
 pub enum InitLoraWeights {
     Flag(bool),
     Named(String),
@@ -38,7 +41,10 @@ fn default_bias() -> String {
 pub struct LoraConfig {
     #[serde(default = "default_r")]
     pub r: usize,
-    #[serde(default = "default_alpha", serialize_with = "crate::tuners::config::serialize_number")]
+    #[serde(
+        default = "default_alpha",
+        serialize_with = "crate::tuners::config::serialize_number"
+    )]
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
@@ -112,7 +118,10 @@ impl LoraConfig {
             bail!("lora: r must be at least 1")
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            bail!("lora: lora_dropout must be in [0, 1), got {}", self.lora_dropout)
+            bail!(
+                "lora: lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            )
         }
         crate::tuners::config::check_alpha("lora: lora_alpha", self.lora_alpha)?;
         if self.lora_bias && self.use_dora {
@@ -124,7 +133,9 @@ impl LoraConfig {
         // peft's LoraConfig.__post_init__ raises for these, so an adapter saved with them would
         // not load there ("all-linear" is saved as the list of names it matched).
         if let Some(ModuleSpec::Pattern(p)) = &self.target_modules {
-            if p != "all-linear" && (self.layers_to_transform.is_some() || self.layers_pattern.is_some()) {
+            if p != "all-linear"
+                && (self.layers_to_transform.is_some() || self.layers_pattern.is_some())
+            {
                 bail!("lora: layers_to_transform / layers_pattern cannot be used when target_modules is a regex ({p:?}), as in peft; list the module names instead")
             }
         }
@@ -143,7 +154,9 @@ impl LoraConfig {
         match &self.init_lora_weights {
             InitLoraWeights::Flag(_) => {}
             InitLoraWeights::Named(n) if n == "gaussian" => {}
-            InitLoraWeights::Named(n) if super::residual_init::ResidualInit::parse(n)?.is_some() => {
+            InitLoraWeights::Named(n)
+                if super::residual_init::ResidualInit::parse(n)?.is_some() =>
+            {
                 if self.use_dora {
                     bail!("lora: init_lora_weights={n:?} with use_dora is not supported: the DoRA magnitude would have to follow the residual base")
                 }
@@ -159,7 +172,9 @@ impl LoraConfig {
         }
         for (k, v) in self.alpha_pattern.iter() {
             match v.as_f64() {
-                Some(a) => crate::tuners::config::check_alpha(&format!("lora: alpha_pattern[{k:?}]"), a)?,
+                Some(a) => {
+                    crate::tuners::config::check_alpha(&format!("lora: alpha_pattern[{k:?}]"), a)?
+                }
                 None => bail!("lora: alpha_pattern[{k:?}] must be a number, got {v}"),
             }
         }
@@ -170,18 +185,50 @@ impl LoraConfig {
     /// `rank_pattern` and `alpha_pattern` compiled; an invalid regex is an error naming its key.
     pub fn patterns(&self) -> Result<Patterns> {
         let compile = |option: &str, m: &Map<String, Value>| -> Result<Vec<(String, Regex)>> {
-            m.keys().map(|k| Ok((k.clone(), compile_pattern_key(&format!("lora: {option}"), k)?))).collect()
+            m.keys()
+                .map(|k| {
+                    Ok((
+                        k.clone(),
+                        compile_pattern_key(&format!("lora: {option}"), k)?,
+                    ))
+                })
+                .collect()
         };
-        Ok(Patterns { rank: compile("rank_pattern", &self.rank_pattern)?, alpha: compile("alpha_pattern", &self.alpha_pattern)? })
+        Ok(Patterns {
+            rank: compile("rank_pattern", &self.rank_pattern)?,
+            alpha: compile("alpha_pattern", &self.alpha_pattern)?,
+        })
     }
 
     /// (rank, alpha) for the module at `path`, after `rank_pattern` / `alpha_pattern`, with
     /// the indices of the pattern keys that decided them.
-    pub fn rank_and_alpha(&self, patterns: &Patterns, path: &str) -> (usize, f64, Option<usize>, Option<usize>) {
-        let ri = pattern_index(&patterns.rank.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), path);
-        let ai = pattern_index(&patterns.alpha.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), path);
-        let r = ri.and_then(|i| self.rank_pattern[&patterns.rank[i].0].as_u64()).map_or(self.r, |r| r as usize);
-        let a = ai.and_then(|i| self.alpha_pattern[&patterns.alpha[i].0].as_f64()).unwrap_or(self.lora_alpha);
+    pub fn rank_and_alpha(
+        &self,
+        patterns: &Patterns,
+        path: &str,
+    ) -> (usize, f64, Option<usize>, Option<usize>) {
+        let ri = pattern_index(
+            &patterns
+                .rank
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect::<Vec<_>>(),
+            path,
+        );
+        let ai = pattern_index(
+            &patterns
+                .alpha
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect::<Vec<_>>(),
+            path,
+        );
+        let r = ri
+            .and_then(|i| self.rank_pattern[&patterns.rank[i].0].as_u64())
+            .map_or(self.r, |r| r as usize);
+        let a = ai
+            .and_then(|i| self.alpha_pattern[&patterns.alpha[i].0].as_f64())
+            .unwrap_or(self.lora_alpha);
         (r, a, ri, ai)
     }
 
@@ -287,7 +334,9 @@ mod tests {
                     Ok(_) if ok => {}
                     Ok(_) => wrong.push(format!("{key} = {v}: accepted")),
                     Err(e) if ok => wrong.push(format!("{key} = {v}: refused ({e:#})")),
-                    Err(e) if !format!("{e:#}").contains(key) => wrong.push(format!("{key} = {v}: the error does not name the key: {e:#}")),
+                    Err(e) if !format!("{e:#}").contains(key) => wrong.push(format!(
+                        "{key} = {v}: the error does not name the key: {e:#}"
+                    )),
                     Err(_) => {}
                 }
             }

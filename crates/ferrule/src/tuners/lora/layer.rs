@@ -45,21 +45,53 @@ pub struct Dora {
 }
 
 impl LoraLinear {
-    pub fn new(path: String, base: FrozenLinear, a: Var, b: Var, scaling: f64, dropout: f64, mode: Arc<Mode>) -> Self {
-        Self { path, base, a, b, scaling, dropout, mode, lora_b_bias: None, base_bias: None, dora: None }
+    pub fn new(
+        path: String,
+        base: FrozenLinear,
+        a: Var,
+        b: Var,
+        scaling: f64,
+        dropout: f64,
+        mode: Arc<Mode>,
+    ) -> Self {
+        Self {
+            path,
+            base,
+            a,
+            b,
+            scaling,
+            dropout,
+            mode,
+            lora_b_bias: None,
+            base_bias: None,
+            dora: None,
+        }
     }
 
     /// DoRA with magnitude `m: [out]`; `w0_sq` is `ops::dora::row_sq_norms` of the base weight.
     pub fn with_dora(mut self, magnitude: Var, w0_sq: Tensor) -> Self {
         let bias = self.base.bias().cloned();
         self.base = FrozenLinear::from_weight(self.base.weight().clone(), None);
-        self.dora = Some(Dora { magnitude, w0_sq, bias, eval_norm: Mutex::new(None) });
+        self.dora = Some(Dora {
+            magnitude,
+            w0_sq,
+            bias,
+            eval_norm: Mutex::new(None),
+        });
         self
     }
 
     /// `‖W₀ + s·B A‖_row` for this forward (cached across eval forwards, recomputed in training).
     fn dora_norm(&self, d: &Dora) -> Result<Tensor> {
-        let fresh = || weight_norm(&self.base, &d.w0_sq, self.a.as_tensor(), self.b.as_tensor(), self.scaling);
+        let fresh = || {
+            weight_norm(
+                &self.base,
+                &d.w0_sq,
+                self.a.as_tensor(),
+                self.b.as_tensor(),
+                self.scaling,
+            )
+        };
         let mut cache = d.eval_norm.lock().unwrap();
         if self.mode.training() {
             *cache = None;
@@ -81,10 +113,24 @@ impl LoraLinear {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mask = if self.mode.training() { dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))? } else { None };
+        let mask = if self.mode.training() {
+            dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))?
+        } else {
+            None
+        };
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
         let y = match &self.dora {
-            Some(d) => dora_linear(x, mask.as_ref(), &self.base, d.bias.as_ref(), &self.dora_norm(d)?, a, b, d.magnitude.as_tensor(), self.scaling)?,
+            Some(d) => dora_linear(
+                x,
+                mask.as_ref(),
+                &self.base,
+                d.bias.as_ref(),
+                &self.dora_norm(d)?,
+                a,
+                b,
+                d.magnitude.as_tensor(),
+                self.scaling,
+            )?,
             None => low_rank_linear(x, mask.as_ref(), &self.base, a, b, self.scaling)?,
         };
         let y = match &self.lora_b_bias {
@@ -114,7 +160,13 @@ pub struct LoraEmbedding {
 
 impl LoraEmbedding {
     pub fn new(base: FrozenWeight, padding_idx: Option<u32>, a: Var, b: Var, scaling: f64) -> Self {
-        Self { base, padding_idx, a, b, scaling }
+        Self {
+            base,
+            padding_idx,
+            a,
+            b,
+            scaling,
+        }
     }
 }
 
@@ -125,9 +177,14 @@ impl Embedding for LoraEmbedding {
         let mut after_a = self.a.as_tensor().index_select(ids, 1)?.t()?;
         if let Some(pad) = self.padding_idx {
             // Rows of the padding token read A without tracking it.
-            let is_pad = ids.to_dtype(candle_core::DType::U32)?.eq(pad)?.to_dtype(candle_core::DType::F32)?.unsqueeze(1)?;
+            let is_pad = ids
+                .to_dtype(candle_core::DType::U32)?
+                .eq(pad)?
+                .to_dtype(candle_core::DType::F32)?
+                .unsqueeze(1)?;
             if is_pad.sum_all()?.to_scalar::<f32>()? > 0.0 {
-                after_a = (after_a.broadcast_mul(&(1.0 - &is_pad)?)? + after_a.detach().broadcast_mul(&is_pad)?)?;
+                after_a = (after_a.broadcast_mul(&(1.0 - &is_pad)?)?
+                    + after_a.detach().broadcast_mul(&is_pad)?)?;
             }
         }
         rows + (after_a.matmul(&self.b.as_tensor().t()?)? * self.scaling)?
@@ -146,17 +203,38 @@ mod tests {
     #[test]
     fn embedding_lora_adds_the_scaled_update_and_skips_the_padding_row_in_backward() {
         let dev = Device::Cpu;
-        let table = Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((4, 3)).unwrap();
-        let a = Var::from_tensor(&Tensor::new(&[[1f32, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev).unwrap()).unwrap();
+        let table = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((4, 3))
+            .unwrap();
+        let a = Var::from_tensor(
+            &Tensor::new(&[[1f32, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], &dev).unwrap(),
+        )
+        .unwrap();
+        let b =
+            Var::from_tensor(&Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev).unwrap())
+                .unwrap();
         let layer = LoraEmbedding::new(FrozenWeight::Dense(table), Some(0), a.clone(), b, 2.0);
         let ids = Tensor::new(&[2u32, 0, 1], &dev).unwrap();
         let h = layer.forward(&ids).unwrap();
         // Row for id 2: W₀[2] + 2·(A[:,2]ᵀ Bᵀ) = [6, 7, 8] + 2·[3, 0, 3].
         assert_eq!(h.to_vec2::<f32>().unwrap()[0], vec![12.0, 7.0, 14.0]);
         let grads = h.sum_all().unwrap().backward().unwrap();
-        let ga: Vec<Vec<f32>> = grads.get(a.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
-        assert!(ga.iter().all(|row| row[0] == 0.0), "padding column gets no gradient: {ga:?}");
-        assert!(ga.iter().all(|row| row[1] != 0.0 && row[2] != 0.0 && row[3] == 0.0), "used columns only: {ga:?}");
+        let ga: Vec<Vec<f32>> = grads
+            .get(a.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!(
+            ga.iter().all(|row| row[0] == 0.0),
+            "padding column gets no gradient: {ga:?}"
+        );
+        assert!(
+            ga.iter()
+                .all(|row| row[1] != 0.0 && row[2] != 0.0 && row[3] == 0.0),
+            "used columns only: {ga:?}"
+        );
     }
 }

@@ -58,7 +58,13 @@ pub struct Residual {
 
 /// Decomposes the dense weight `w: [out, in]` per `init` for rank `r` and scaling `s`.
 /// `seed` drives the randomized SVD only.
-pub fn residual_init(init: ResidualInit, w: &Tensor, r: usize, scaling: f64, seed: u64) -> Result<Residual> {
+pub fn residual_init(
+    init: ResidualInit,
+    w: &Tensor,
+    r: usize,
+    scaling: f64,
+    seed: u64,
+) -> Result<Residual> {
     let (out_f, in_f) = w.dims2()?;
     if r > out_f.min(in_f) {
         bail!("lora: r={r} exceeds the rank a [{out_f}, {in_f}] weight can have; PiSSA/OLoRA need r ≤ {}", out_f.min(in_f))
@@ -81,7 +87,10 @@ pub fn residual_init(init: ResidualInit, w: &Tensor, r: usize, scaling: f64, see
             // Top r triplets in decreasing order of singular value; each √(σ/s) goes to both factors.
             let mut order: Vec<usize> = (0..s.len()).collect();
             order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
-            let root: Vec<f32> = order[..r].iter().map(|&k| (s[k] / scaling as f32).max(0.0).sqrt()).collect();
+            let root: Vec<f32> = order[..r]
+                .iter()
+                .map(|&k| (s[k] / scaling as f32).max(0.0).sqrt())
+                .collect();
             let b = Mat::<f32>::from_fn(out_f, r, |i, k| u[(i, order[k])] * root[k]);
             let a = Mat::<f32>::from_fn(r, in_f, |k, j| root[k] * v[(j, order[k])]);
             (a, b)
@@ -90,20 +99,35 @@ pub fn residual_init(init: ResidualInit, w: &Tensor, r: usize, scaling: f64, see
     let ba = &b * &a;
     let residual = Mat::<f32>::from_fn(out_f, in_f, |i, j| m[(i, j)] - scaling as f32 * ba[(i, j)]);
     let dev = w.device();
-    Ok(Residual { a: to_tensor(&a, dev)?, b: to_tensor(&b, dev)?, residual: to_tensor(&residual, dev)? })
+    Ok(Residual {
+        a: to_tensor(&a, dev)?,
+        b: to_tensor(&b, dev)?,
+        residual: to_tensor(&residual, dev)?,
+    })
 }
 
 /// `(U, σ, V)` with `W = U diag(σ) Vᵀ`.
 fn exact_svd(m: &Mat<f32>) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> {
-    let svd = m.thin_svd().map_err(|e| anyhow::anyhow!("lora: SVD did not converge: {e:?}"))?;
+    let svd = m
+        .thin_svd()
+        .map_err(|e| anyhow::anyhow!("lora: SVD did not converge: {e:?}"))?;
     let s = svd.S().column_vector();
-    Ok((svd.U().to_owned(), (0..s.nrows()).map(|i| s[i]).collect(), svd.V().to_owned()))
+    Ok((
+        svd.U().to_owned(),
+        (0..s.nrows()).map(|i| s[i]).collect(),
+        svd.V().to_owned(),
+    ))
 }
 
 /// `torch.svd_lowrank(W, q=r, niter)` (Halko et al. 2011, alg. 4.4): a Gaussian sketch
 /// `Q = orth(W Ω)`, `niter` power iterations `Q = orth(W orth(Wᵀ Q))`, then the exact SVD of
 /// the small `Qᵀ W`.
-fn randomized_svd(m: &Mat<f32>, r: usize, niter: usize, seed: u64) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> {
+fn randomized_svd(
+    m: &Mat<f32>,
+    r: usize,
+    niter: usize,
+    seed: u64,
+) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let omega = Mat::<f32>::from_fn(m.ncols(), r, |_, _| StandardNormal.sample(&mut rng));
     let orth = |x: Mat<f32>| x.qr().compute_thin_Q();
@@ -119,7 +143,9 @@ fn randomized_svd(m: &Mat<f32>, r: usize, niter: usize, seed: u64) -> Result<(Ma
 
 fn to_tensor(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
     let (rows, cols) = (m.nrows(), m.ncols());
-    let v: Vec<f32> = (0..rows).flat_map(|i| (0..cols).map(move |j| m[(i, j)])).collect();
+    let v: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| m[(i, j)]))
+        .collect();
     Ok(Tensor::from_vec(v, (rows, cols), device)?)
 }
 
@@ -128,23 +154,39 @@ mod tests {
     use super::*;
 
     fn weight(out_f: usize, in_f: usize) -> Tensor {
-        let v: Vec<f32> = (0..out_f * in_f).map(|k| ((k * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + (k % 7) as f32)).collect();
+        let v: Vec<f32> = (0..out_f * in_f)
+            .map(|k| ((k * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + (k % 7) as f32))
+            .collect();
         Tensor::from_vec(v, (out_f, in_f), &Device::Cpu).unwrap()
     }
 
     fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
     fn every_scheme_leaves_the_layer_unchanged() {
         let w = weight(24, 16);
-        for init in [ResidualInit::Pissa, ResidualInit::PissaNiter(4), ResidualInit::Olora] {
+        for init in [
+            ResidualInit::Pissa,
+            ResidualInit::PissaNiter(4),
+            ResidualInit::Olora,
+        ] {
             let res = residual_init(init, &w, 4, 2.0, 7).unwrap();
             assert_eq!(res.a.dims(), [4, 16]);
             assert_eq!(res.b.dims(), [24, 4]);
             let back = (&res.residual + (res.b.matmul(&res.a).unwrap() * 2.0).unwrap()).unwrap();
-            assert!(max_abs(&(back - &w).unwrap()) < 1e-4 * max_abs(&w), "{init:?}: W_res + s·B A = W");
+            assert!(
+                max_abs(&(back - &w).unwrap()) < 1e-4 * max_abs(&w),
+                "{init:?}: W_res + s·B A = W"
+            );
         }
     }
 
@@ -157,22 +199,37 @@ mod tests {
         let exact = residual_init(ResidualInit::Pissa, &w, 4, 1.0, 0).unwrap();
         // B A is the best rank-4 approximation: the randomized one with enough iterations agrees.
         let approx = residual_init(ResidualInit::PissaNiter(8), &w, 4, 1.0, 3).unwrap();
-        let d = max_abs(&(exact.b.matmul(&exact.a).unwrap() - approx.b.matmul(&approx.a).unwrap()).unwrap());
+        let d = max_abs(
+            &(exact.b.matmul(&exact.a).unwrap() - approx.b.matmul(&approx.a).unwrap()).unwrap(),
+        );
         assert!(d < 1e-3 * max_abs(&w), "randomized SVD off by {d}");
         // OLoRA: B has orthonormal columns and A is upper triangular.
         let o = residual_init(ResidualInit::Olora, &weight(24, 16), 4, 1.0, 0).unwrap();
         let gram = o.b.t().unwrap().matmul(&o.b).unwrap();
-        assert!(max_abs(&(gram - Tensor::eye(4, candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap()) < 1e-5);
+        assert!(
+            max_abs(
+                &(gram - Tensor::eye(4, candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap()
+            ) < 1e-5
+        );
         let a: Vec<Vec<f32>> = o.a.to_vec2().unwrap();
-        assert!((0..4).all(|k| (0..k).all(|j| a[k][j].abs() < 1e-5)), "R is upper triangular");
+        assert!(
+            (0..4).all(|k| (0..k).all(|j| a[k][j].abs() < 1e-5)),
+            "R is upper triangular"
+        );
     }
 
     #[test]
     fn bad_names_and_ranks_are_errors() {
         assert!(ResidualInit::parse("pissa_niter_x").is_err());
-        assert_eq!(ResidualInit::parse("pissa_niter_16").unwrap(), Some(ResidualInit::PissaNiter(16)));
+        assert_eq!(
+            ResidualInit::parse("pissa_niter_16").unwrap(),
+            Some(ResidualInit::PissaNiter(16))
+        );
         assert_eq!(ResidualInit::parse("gaussian").unwrap(), None);
-        let e = residual_init(ResidualInit::Pissa, &weight(6, 4), 5, 1.0, 0).err().unwrap().to_string();
+        let e = residual_init(ResidualInit::Pissa, &weight(6, 4), 5, 1.0, 0)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("r=5"), "{e}");
     }
 }

@@ -14,7 +14,13 @@ pub enum PrefixEncoder {
     /// `P: [n, L · 2 · d_kv]` trained directly (or a saved adapter's, however it was trained).
     Table(Var),
     /// `P = W₂ tanh(W₁ E + b₁) + b₂`, `E: [n, d_kv]`, `W₁: [h_enc, d_kv]`, `W₂: [L·2·d_kv, h_enc]`.
-    Projected { embedding: Var, w1: Var, b1: Var, w2: Var, b2: Var },
+    Projected {
+        embedding: Var,
+        w1: Var,
+        b1: Var,
+        w2: Var,
+        b2: Var,
+    },
 }
 
 impl PrefixEncoder {
@@ -22,9 +28,20 @@ impl PrefixEncoder {
     pub fn table(&self) -> Result<Tensor> {
         match self {
             PrefixEncoder::Table(t) => Ok(t.as_tensor().clone()),
-            PrefixEncoder::Projected { embedding, w1, b1, w2, b2 } => {
-                let h = embedding.as_tensor().matmul(&w1.as_tensor().t()?)?.broadcast_add(b1.as_tensor())?.tanh()?;
-                h.matmul(&w2.as_tensor().t()?)?.broadcast_add(b2.as_tensor())
+            PrefixEncoder::Projected {
+                embedding,
+                w1,
+                b1,
+                w2,
+                b2,
+            } => {
+                let h = embedding
+                    .as_tensor()
+                    .matmul(&w1.as_tensor().t()?)?
+                    .broadcast_add(b1.as_tensor())?
+                    .tanh()?;
+                h.matmul(&w2.as_tensor().t()?)?
+                    .broadcast_add(b2.as_tensor())
             }
         }
     }
@@ -42,7 +59,9 @@ impl KvPrefix for Prefix {
     fn key_values(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let p = self.encoder.table()?;
         let d = self.kv_dim;
-        (0..self.num_layers).map(|l| Ok((p.narrow(1, 2 * l * d, d)?, p.narrow(1, (2 * l + 1) * d, d)?))).collect()
+        (0..self.num_layers)
+            .map(|l| Ok((p.narrow(1, 2 * l * d, d)?, p.narrow(1, (2 * l + 1) * d, d)?)))
+            .collect()
     }
 
     fn num_tokens(&self) -> usize {

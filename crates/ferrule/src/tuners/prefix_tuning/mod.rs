@@ -30,7 +30,8 @@ use crate::ops::FrozenLinear;
 pub static METHOD: Method = Method {
     name: "prefix-tuning",
     peft_type: "PREFIX_TUNING",
-    summary: "prefix tuning: trained keys and values before every attention layer's (Li & Liang 2021)",
+    summary:
+        "prefix tuning: trained keys and values before every attention layer's (Li & Liang 2021)",
     keys: config::KNOWN_KEYS,
     complete,
     build,
@@ -103,15 +104,31 @@ impl PrefixTuning {
         let saved_table = self.params.loading() && !self.params.has_saved(EMBEDDING_KEY);
         if !cfg.prefix_projection || saved_table {
             let init = if zero { Init::Zero } else { Init::Embedding };
-            return Ok(PrefixEncoder::Table(self.param(PROMPT_KEY, &[s.num_tokens, width], init)?));
+            return Ok(PrefixEncoder::Table(self.param(
+                PROMPT_KEY,
+                &[s.num_tokens, width],
+                init,
+            )?));
         }
         let h = cfg.encoder_hidden_size.context("prefix_tuning: encoder_hidden_size is unset (kv_prefix fills it before the encoder is built)")?;
         let last = |fan_in| if zero { Init::Zero } else { Init::Bias(fan_in) };
         let enc = PrefixEncoder::Projected {
             embedding: self.param(EMBEDDING_KEY, &[s.num_tokens, s.kv_dim], Init::Embedding)?,
-            w1: self.param("prompt_encoder.transform.0.weight", &[h, s.kv_dim], Init::Weight)?,
-            b1: self.param("prompt_encoder.transform.0.bias", &[h], Init::Bias(s.kv_dim))?,
-            w2: self.param("prompt_encoder.transform.2.weight", &[width, h], if zero { Init::Zero } else { Init::Weight })?,
+            w1: self.param(
+                "prompt_encoder.transform.0.weight",
+                &[h, s.kv_dim],
+                Init::Weight,
+            )?,
+            b1: self.param(
+                "prompt_encoder.transform.0.bias",
+                &[h],
+                Init::Bias(s.kv_dim),
+            )?,
+            w2: self.param(
+                "prompt_encoder.transform.2.weight",
+                &[width, h],
+                if zero { Init::Zero } else { Init::Weight },
+            )?,
             b2: self.param("prompt_encoder.transform.2.bias", &[width], last(h))?,
         };
         *self.projected.lock().unwrap() = Some(s);
@@ -146,15 +163,45 @@ impl ModelHook for PrefixTuning {
         }
         let mut cfg = self.config.lock().unwrap();
         let kv_dim = info.num_kv_heads * info.head_dim;
-        let dims = ModelDims { token_dim: kv_dim, num_attention_heads: info.num_kv_heads, num_layers: info.num_layers };
-        cfg.common.fill_dims("prefix_tuning", dims, &["token_dim", "num_attention_heads", "num_layers"])?;
+        let dims = ModelDims {
+            token_dim: kv_dim,
+            num_attention_heads: info.num_kv_heads,
+            num_layers: info.num_layers,
+        };
+        cfg.common.fill_dims(
+            "prefix_tuning",
+            dims,
+            &["token_dim", "num_attention_heads", "num_layers"],
+        )?;
         cfg.encoder_hidden_size.get_or_insert(kv_dim);
-        let shape = PrefixShape { num_tokens: cfg.common.virtual_tokens("prefix_tuning")?, num_layers: info.num_layers, kv_dim };
+        let shape = PrefixShape {
+            num_tokens: cfg.common.virtual_tokens("prefix_tuning")?,
+            num_layers: info.num_layers,
+            kv_dim,
+        };
         let encoder = self.encoder(&cfg, shape)?;
-        let params = self.params.trainable().iter().filter(|(k, _)| k.starts_with("prompt_")).map(|(_, v)| v.elem_count()).sum();
-        let detail = format!("{} prefix positions × {} layers, keys and values of {kv_dim}", shape.num_tokens, shape.num_layers);
-        self.adapted.lock().unwrap().push(AdaptedModule { path: "attention key/value prefix".into(), params, detail });
-        Ok(Some(Box::new(Prefix { encoder, num_tokens: shape.num_tokens, num_layers: shape.num_layers, kv_dim })))
+        let params = self
+            .params
+            .trainable()
+            .iter()
+            .filter(|(k, _)| k.starts_with("prompt_"))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let detail = format!(
+            "{} prefix positions × {} layers, keys and values of {kv_dim}",
+            shape.num_tokens, shape.num_layers
+        );
+        self.adapted.lock().unwrap().push(AdaptedModule {
+            path: "attention key/value prefix".into(),
+            params,
+            detail,
+        });
+        Ok(Some(Box::new(Prefix {
+            encoder,
+            num_tokens: shape.num_tokens,
+            num_layers: shape.num_layers,
+            kv_dim,
+        })))
     }
 }
 
@@ -192,9 +239,16 @@ impl Tuner for PrefixTuning {
     fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let trainable = self.params.trainable();
         if self.projected.lock().unwrap().is_none() {
-            return Ok(trainable.into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect());
+            return Ok(trainable
+                .into_iter()
+                .map(|(k, v)| (k, v.as_tensor().clone()))
+                .collect());
         }
-        let get = |k: &str| self.params.get(k).with_context(|| format!("prefix_tuning: {k} missing"));
+        let get = |k: &str| {
+            self.params
+                .get(k)
+                .with_context(|| format!("prefix_tuning: {k} missing"))
+        };
         let enc = PrefixEncoder::Projected {
             embedding: get(EMBEDDING_KEY)?,
             w1: get("prompt_encoder.transform.0.weight")?,
@@ -203,7 +257,12 @@ impl Tuner for PrefixTuning {
             b2: get("prompt_encoder.transform.2.bias")?,
         };
         let mut out = vec![(PROMPT_KEY.to_string(), enc.table()?.detach())];
-        out.extend(trainable.into_iter().filter(|(k, _)| !k.starts_with("prompt_encoder.")).map(|(k, v)| (k, v.as_tensor().clone())));
+        out.extend(
+            trainable
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("prompt_encoder."))
+                .map(|(k, v)| (k, v.as_tensor().clone())),
+        );
         Ok(out)
     }
 

@@ -60,10 +60,20 @@ impl PromptTuningConfig {
     pub fn validate(&self) -> Result<()> {
         self.common.validate("prompt_tuning")?;
         let text = self.prompt_tuning_init == PromptTuningInit::Text;
-        if text && self.prompt_tuning_init_text.as_deref().is_none_or(str::is_empty) {
+        if text
+            && self
+                .prompt_tuning_init_text
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
             bail!("prompt_tuning: prompt_tuning_init = \"TEXT\" needs prompt_tuning_init_text")
         }
-        if text && self.tokenizer_name_or_path.as_deref().is_none_or(str::is_empty) {
+        if text
+            && self
+                .tokenizer_name_or_path
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
             bail!("prompt_tuning: prompt_tuning_init = \"TEXT\" needs tokenizer_name_or_path (a model folder with tokenizer.json)")
         }
         if let Some(kw) = self.tokenizer_kwargs.as_ref().filter(|k| !k.is_empty()) {

@@ -24,7 +24,11 @@ impl VirtualTokens for PromptEmbedding {
 /// PEFT's TEXT initialisation ids: the text's tokens cut to `n`, or repeated until there are
 /// `n` (`PromptEmbedding.__init__`: `ids * ceil(n / len)`, then `[:n]`).
 pub fn fit_to(ids: &[u32], n: usize) -> Vec<u32> {
-    ids.iter().copied().cycle().take(if ids.is_empty() { 0 } else { n }).collect()
+    ids.iter()
+        .copied()
+        .cycle()
+        .take(if ids.is_empty() { 0 } else { n })
+        .collect()
 }
 
 #[cfg(test)]

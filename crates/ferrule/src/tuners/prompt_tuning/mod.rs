@@ -31,7 +31,8 @@ use crate::ops::FrozenLinear;
 pub static METHOD: Method = Method {
     name: "prompt-tuning",
     peft_type: "PROMPT_TUNING",
-    summary: "prompt tuning: trained virtual token embeddings before the input (Lester et al. 2021)",
+    summary:
+        "prompt tuning: trained virtual token embeddings before the input (Lester et al. 2021)",
     keys: config::KNOWN_KEYS,
     complete,
     build,
@@ -74,11 +75,23 @@ impl PromptTuning {
     }
 
     /// The initial prompt `[n, hidden]` for a fresh adapter (PEFT's `PromptEmbedding.__init__`).
-    fn initial_prompt(&self, cfg: &PromptTuningConfig, info: &InputInfo, n: usize) -> Result<Tensor> {
+    fn initial_prompt(
+        &self,
+        cfg: &PromptTuningConfig,
+        info: &InputInfo,
+        n: usize,
+    ) -> Result<Tensor> {
         let device = self.params.device();
         let vocab = info.word_embeddings.base().dims().0;
         let ids: Vec<u32> = match cfg.prompt_tuning_init {
-            PromptTuningInit::Random => return normal(&[n, info.hidden_size], 1.0, seed_for(self.seed, PROMPT_KEY), device),
+            PromptTuningInit::Random => {
+                return normal(
+                    &[n, info.hidden_size],
+                    1.0,
+                    seed_for(self.seed, PROMPT_KEY),
+                    device,
+                )
+            }
             PromptTuningInit::SampleVocab => {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed_for(self.seed, PROMPT_KEY));
                 (0..n).map(|_| rng.gen_range(0..vocab as u32)).collect()
@@ -91,7 +104,9 @@ impl PromptTuning {
         if ids.len() != n {
             bail!("prompt_tuning: prompt_tuning_init_text tokenizes to no tokens")
         }
-        let rows = info.word_embeddings.forward(&Tensor::new(ids.as_slice(), device)?)?;
+        let rows = info
+            .word_embeddings
+            .forward(&Tensor::new(ids.as_slice(), device)?)?;
         Ok(rows.to_dtype(DType::F32)?)
     }
 }
@@ -99,18 +114,24 @@ impl PromptTuning {
 /// `prompt_tuning_init_text` tokenized as peft does (`tokenizer(text)["input_ids"]`, special
 /// tokens added) with the `tokenizer.json` of `tokenizer_name_or_path`.
 fn text_ids(cfg: &PromptTuningConfig) -> Result<Vec<u32>> {
-    let (Some(text), Some(dir)) = (&cfg.prompt_tuning_init_text, &cfg.tokenizer_name_or_path) else {
+    let (Some(text), Some(dir)) = (&cfg.prompt_tuning_init_text, &cfg.tokenizer_name_or_path)
+    else {
         bail!("prompt_tuning: TEXT init needs prompt_tuning_init_text and tokenizer_name_or_path")
     };
     let path = Path::new(dir);
     let context = || format!("prompt_tuning: tokenizer_name_or_path {dir:?}");
     // A GGUF file carries its tokenizer in the metadata; a folder has tokenizer.json.
     let tokenizer = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        crate::model::gguf::GgufFile::open(path).and_then(|g| g.tokenizer()).with_context(context)?.tokenizer
+        crate::model::gguf::GgufFile::open(path)
+            .and_then(|g| g.tokenizer())
+            .with_context(context)?
+            .tokenizer
     } else {
         crate::data::load_tokenizer(path).with_context(context)?
     };
-    let enc = tokenizer.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("prompt_tuning: tokenizing prompt_tuning_init_text: {e}"))?;
+    let enc = tokenizer
+        .encode(text.as_str(), true)
+        .map_err(|e| anyhow::anyhow!("prompt_tuning: tokenizing prompt_tuning_init_text: {e}"))?;
     Ok(enc.get_ids().to_vec())
 }
 
@@ -121,12 +142,25 @@ impl ModelHook for PromptTuning {
 
     fn virtual_tokens(&self, info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
         let mut cfg = self.config.lock().unwrap();
-        let dims = ModelDims { token_dim: info.hidden_size, num_attention_heads: info.num_heads, num_layers: info.num_layers };
-        cfg.common.fill_dims("prompt_tuning", dims, &["token_dim"])?;
+        let dims = ModelDims {
+            token_dim: info.hidden_size,
+            num_attention_heads: info.num_heads,
+            num_layers: info.num_layers,
+        };
+        cfg.common
+            .fill_dims("prompt_tuning", dims, &["token_dim"])?;
         let n = cfg.common.virtual_tokens("prompt_tuning")?;
-        let table: Var = self.params.take_or_init(PROMPT_KEY, &[n, info.hidden_size], || self.initial_prompt(&cfg, info, n))?;
+        let table: Var = self
+            .params
+            .take_or_init(PROMPT_KEY, &[n, info.hidden_size], || {
+                self.initial_prompt(&cfg, info, n)
+            })?;
         let detail = format!("{n} virtual tokens before the input");
-        self.adapted.lock().unwrap().push(AdaptedModule { path: info.path.clone(), params: n * info.hidden_size, detail });
+        self.adapted.lock().unwrap().push(AdaptedModule {
+            path: info.path.clone(),
+            params: n * info.hidden_size,
+            detail,
+        });
         Ok(Some(Box::new(PromptEmbedding { table })))
     }
 }

@@ -86,13 +86,19 @@ impl RandLoraConfig {
         }
         crate::tuners::config::check_alpha("randlora: randlora_alpha", self.randlora_alpha)?;
         if !(0.0..1.0).contains(&self.randlora_dropout) {
-            bail!("randlora: randlora_dropout must be in [0, 1), got {}", self.randlora_dropout)
+            bail!(
+                "randlora: randlora_dropout must be in [0, 1), got {}",
+                self.randlora_dropout
+            )
         }
         if self.fan_in_fan_out {
             bail!("randlora: fan_in_fan_out (GPT-2 Conv1D layers) is not supported: no supported architecture uses Conv1D")
         }
         if self.bias != "none" {
-            bail!("randlora: bias = {:?} is not implemented for RandLoRA (only \"none\")", self.bias)
+            bail!(
+                "randlora: bias = {:?} is not implemented for RandLoRA (only \"none\")",
+                self.bias
+            )
         }
         if !self.save_projection {
             bail!(

@@ -42,13 +42,28 @@ pub struct RandLoraLinear {
 impl RandLoraLinear {
     /// `(A_eff: [r·n_b, in], B_eff: [out, r·n_b])` with `ΔW = s · B_eff A_eff`.
     pub fn factors(&self) -> Result<(Tensor, Tensor)> {
-        let bases = self.bases.get().ok_or_else(|| candle_core::Error::Msg("randlora: the random bases are not set (Tuner::finish was not called)".into()))?;
+        let bases = self.bases.get().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "randlora: the random bases are not set (Tuner::finish was not called)".into(),
+            )
+        })?;
         let (r, nb) = self.lambda.dims2()?;
         let (in_f, out_f) = (self.base.in_features(), self.base.out_features());
         let (min, max) = (in_f.min(out_f), in_f.max(out_f));
         let a = bases.a.narrow(2, 0, min)?;
-        let ua = self.lambda.as_tensor().unsqueeze(2)?.broadcast_mul(&a)?.broadcast_mul(&self.gamma.as_tensor().unsqueeze(0)?)?.reshape((r * nb, min))?;
-        let ub = bases.b.narrow(0, 0, max)?.narrow(1, 0, nb)?.contiguous()?.reshape((max, nb * r))?;
+        let ua = self
+            .lambda
+            .as_tensor()
+            .unsqueeze(2)?
+            .broadcast_mul(&a)?
+            .broadcast_mul(&self.gamma.as_tensor().unsqueeze(0)?)?
+            .reshape((r * nb, min))?;
+        let ub = bases
+            .b
+            .narrow(0, 0, max)?
+            .narrow(1, 0, nb)?
+            .contiguous()?
+            .reshape((max, nb * r))?;
         if in_f == min {
             Ok((ua, ub))
         } else {
@@ -67,7 +82,11 @@ impl Linear for RandLoraLinear {
     /// `x: [.., in]` → `[.., out]`; LoRA's fused low-rank op over the effective factors, whose
     /// gradients candle carries on to `λ` and `γ`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mask = if self.mode.training() { dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))? } else { None };
+        let mask = if self.mode.training() {
+            dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))?
+        } else {
+            None
+        };
         let (a, b) = self.factors()?;
         low_rank_linear(x, mask.as_ref(), &self.base, &a, &b, self.scaling)
     }

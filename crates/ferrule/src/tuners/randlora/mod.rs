@@ -41,7 +41,12 @@ const BASE_B: &str = "base_model.randlora_B";
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_RANDLORA_TARGET_MODULES_MAPPING` is LoRA's.
 fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
-    default_list(options, "target_modules", model_type, super::lora::default_targets)
+    default_list(
+        options,
+        "target_modules",
+        model_type,
+        super::lora::default_targets,
+    )
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
@@ -66,7 +71,10 @@ pub struct RandLora {
 
 impl RandLora {
     pub fn new(config: RandLoraConfig, ctx: BuildContext) -> Result<Self> {
-        let target = config.target_modules.as_ref().ok_or_else(|| anyhow!("randlora: target_modules is required"))?;
+        let target = config
+            .target_modules
+            .as_ref()
+            .ok_or_else(|| anyhow!("randlora: target_modules is required"))?;
         let targets = Targets::new("target_modules", target, None).context("randlora")?;
         Ok(Self {
             saved: ModulesToSave::new(config.modules_to_save.as_deref()),
@@ -84,17 +92,34 @@ impl RandLora {
     /// The bases of a saved adapter, or fresh ones over the largest targeted `(out, in)`.
     fn bases(&self, largest: (usize, usize)) -> Result<Bases> {
         if self.params.loading() {
-            let a = self.params.take_frozen(BASE_A).ok_or_else(|| anyhow!("randlora: the adapter has no {BASE_A:?} (saved with save_projection = false?)"))?;
-            let b = self.params.take_frozen(BASE_B).ok_or_else(|| anyhow!("randlora: the adapter has no {BASE_B:?}"))?;
-            return Ok(Bases { a: a.to_dtype(DType::F32)?, b: b.to_dtype(DType::F32)? });
+            let a = self.params.take_frozen(BASE_A).ok_or_else(|| {
+                anyhow!(
+                    "randlora: the adapter has no {BASE_A:?} (saved with save_projection = false?)"
+                )
+            })?;
+            let b = self
+                .params
+                .take_frozen(BASE_B)
+                .ok_or_else(|| anyhow!("randlora: the adapter has no {BASE_B:?}"))?;
+            return Ok(Bases {
+                a: a.to_dtype(DType::F32)?,
+                b: b.to_dtype(DType::F32)?,
+            });
         }
         let (max, min) = (largest.0.max(largest.1), largest.0.min(largest.1));
         let r = self.config.r;
         let nb = min.div_ceil(r);
-        let sparsity = if self.config.very_sparse { Some((min as f64).sqrt()) } else { self.config.sparse.then_some(3.0) };
+        let sparsity = if self.config.very_sparse {
+            Some((min as f64).sqrt())
+        } else {
+            self.config.sparse.then_some(3.0)
+        };
         let key = self.config.projection_prng_key;
         let dev = self.params.device();
-        Ok(Bases { a: random_base(&[r, 1, min], sparsity, key, "randlora_A", dev)?, b: random_base(&[max, nb, r], sparsity, key, "randlora_B", dev)? })
+        Ok(Bases {
+            a: random_base(&[r, 1, min], sparsity, key, "randlora_A", dev)?,
+            b: random_base(&[max, nb, r], sparsity, key, "randlora_B", dev)?,
+        })
     }
 
     fn layer(&self, path: &str, base: &FrozenLinear) -> Result<(Var, Var, usize)> {
@@ -102,7 +127,10 @@ impl RandLora {
         let r = self.config.r;
         let (min, max) = (in_f.min(out_f), in_f.max(out_f));
         let nb = min.div_ceil(r);
-        let (key_l, key_g) = (peft_key(path, "randlora_lambda"), peft_key(path, "randlora_gamma"));
+        let (key_l, key_g) = (
+            peft_key(path, "randlora_lambda"),
+            peft_key(path, "randlora_gamma"),
+        );
         let dev = self.params.device().clone();
         let seed = crate::init::seed_for(self.seed, &key_l);
         let init = self.config.init_weights;
@@ -111,8 +139,14 @@ impl RandLora {
             false => crate::init::normal(&[r, nb], 1.0, seed, &dev),
         })?;
         // peft: ones / max(out, in) at creation, then 1 / max(γ's shape) when init_weights.
-        let g0 = if init { 1.0 / nb.max(min) as f64 } else { 1.0 / max as f64 };
-        let gamma = self.params.take_or_init(&key_g, &[nb, min], || Ok((Tensor::ones((nb, min), DType::F32, &dev)? * g0)?))?;
+        let g0 = if init {
+            1.0 / nb.max(min) as f64
+        } else {
+            1.0 / max as f64
+        };
+        let gamma = self.params.take_or_init(&key_g, &[nb, min], || {
+            Ok((Tensor::ones((nb, min), DType::F32, &dev)? * g0)?)
+        })?;
         // The per-module copies of the shared bases: the global ones are used.
         self.params.take_frozen(&peft_key(path, "randlora_A"));
         self.params.take_frozen(&peft_key(path, "randlora_B"));
@@ -125,12 +159,25 @@ impl RandLora {
 
     /// Each adapted layer's `ΔW = s · B_eff A_eff` (a merge's update).
     fn deltas(&self) -> Result<Vec<(String, Tensor)>> {
-        let adapted: Vec<(String, (usize, usize))> = self.adapted.lock().unwrap().iter().map(|(m, s)| (m.path.clone(), *s)).collect();
+        let adapted: Vec<(String, (usize, usize))> = self
+            .adapted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, s)| (m.path.clone(), *s))
+            .collect();
         let mut out = Vec::new();
         for (path, (out_f, in_f)) in adapted {
-            let get = |s: &str| self.params.get(&peft_key(&path, s)).ok_or_else(|| anyhow!("randlora: {path} has no {s}"));
+            let get = |s: &str| {
+                self.params
+                    .get(&peft_key(&path, s))
+                    .ok_or_else(|| anyhow!("randlora: {path} has no {s}"))
+            };
             // Only the base's shape enters ΔW.
-            let base = FrozenLinear::new(Tensor::zeros((out_f, in_f), DType::F32, self.params.device())?, None)?;
+            let base = FrozenLinear::new(
+                Tensor::zeros((out_f, in_f), DType::F32, self.params.device())?,
+                None,
+            )?;
             let layer = RandLoraLinear {
                 path: path.clone(),
                 base,
@@ -152,7 +199,13 @@ impl RandLora {
 /// with `sparsity s`, −1 / 0 / 1 with probabilities 1/(2s), 1 − 1/s, 1/(2s). Seeded by
 /// `projection_prng_key`, not bit-identical to torch's generator; the values are rounded to
 /// bf16, the dtype peft makes its bases in, so peft reloads them exactly whatever its dtype.
-fn random_base(shape: &[usize], sparsity: Option<f64>, key: u64, name: &str, dev: &Device) -> Result<Tensor> {
+fn random_base(
+    shape: &[usize],
+    sparsity: Option<f64>,
+    key: u64,
+    name: &str,
+    dev: &Device,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let mut rng = rand::rngs::StdRng::seed_from_u64(crate::init::seed_for(key, name));
     let v: Vec<f32> = (0..n)
@@ -173,7 +226,13 @@ fn random_base(shape: &[usize], sparsity: Option<f64>, key: u64, name: &str, dev
     let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
     let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
     let std = if var > 0.0 { var.sqrt() } else { 1.0 };
-    let t = Tensor::from_vec(v.iter().map(|&x| (x as f64 / std) as f32).collect::<Vec<_>>(), shape, dev)?;
+    let t = Tensor::from_vec(
+        v.iter()
+            .map(|&x| (x as f64 / std) as f32)
+            .collect::<Vec<_>>(),
+        shape,
+        dev,
+    )?;
     Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)
 }
 
@@ -184,13 +243,26 @@ impl ModelHook for RandLora {
             Err(base) => base,
         };
         let path = info.path.as_str();
-        if !self.targets.select(path, info.is_output_head) || !in_layers(path, self.config.layers_to_transform.as_ref(), self.config.layers_pattern.as_ref()) {
+        if !self.targets.select(path, info.is_output_head)
+            || !in_layers(
+                path,
+                self.config.layers_to_transform.as_ref(),
+                self.config.layers_pattern.as_ref(),
+            )
+        {
             return Ok(Box::new(base));
         }
         let (lambda, gamma, nb) = self.layer(path, &base)?;
         let params = lambda.elem_count() + gamma.elem_count();
         let detail = format!("r={} bases={nb} scaling={}", self.config.r, self.scaling());
-        self.adapted.lock().unwrap().push((AdaptedModule { path: path.to_string(), params, detail }, (base.out_features(), base.in_features())));
+        self.adapted.lock().unwrap().push((
+            AdaptedModule {
+                path: path.to_string(),
+                params,
+                detail,
+            },
+            (base.out_features(), base.in_features()),
+        ));
         Ok(Box::new(RandLoraLinear {
             path: path.to_string(),
             base,
@@ -216,13 +288,31 @@ impl Tuner for RandLora {
     /// Sets the shared bases (sized by the largest targeted layer, as peft's `_find_dim`) and
     /// checks they cover every layer.
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let shapes: Vec<(String, (usize, usize))> = self.adapted.lock().unwrap().iter().map(|(m, s)| (m.path.clone(), *s)).collect();
-        if let Some(largest) = shapes.iter().map(|(_, s)| *s).reduce(|a, b| (a.0.max(b.0), a.1.max(b.1))) {
+        let shapes: Vec<(String, (usize, usize))> = self
+            .adapted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, s)| (m.path.clone(), *s))
+            .collect();
+        if let Some(largest) = shapes
+            .iter()
+            .map(|(_, s)| *s)
+            .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)))
+        {
             if self.bases.get().is_none() {
                 let bases = self.bases(largest)?;
-                let (r, nb, min, max) = (bases.a.dim(0)?, bases.b.dim(1)?, bases.a.dim(2)?, bases.b.dim(0)?);
+                let (r, nb, min, max) = (
+                    bases.a.dim(0)?,
+                    bases.b.dim(1)?,
+                    bases.a.dim(2)?,
+                    bases.b.dim(0)?,
+                );
                 if r != self.config.r || bases.b.dim(2)? != r {
-                    bail!("randlora: the bases have rank {r}, the config r = {}", self.config.r)
+                    bail!(
+                        "randlora: the bases have rank {r}, the config r = {}",
+                        self.config.r
+                    )
                 }
                 for (path, (o, i)) in &shapes {
                     if max < *o.max(i) || min < *o.min(i) || nb < (*o.min(i)).div_ceil(r) {
@@ -232,7 +322,14 @@ impl Tuner for RandLora {
                 let _ = self.bases.set(bases);
             }
         }
-        Ok(vec![check_finished("randlora", &self.targets, &self.params, self.allow_unmatched, !shapes.is_empty(), "linear layer")?])
+        Ok(vec![check_finished(
+            "randlora",
+            &self.targets,
+            &self.params,
+            self.allow_unmatched,
+            !shapes.is_empty(),
+            "linear layer",
+        )?])
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
@@ -240,7 +337,12 @@ impl Tuner for RandLora {
     }
 
     fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted.lock().unwrap().iter().map(|(m, _)| m.clone()).collect()
+        self.adapted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
     }
 
     fn config_json(&self) -> Result<Value> {
@@ -250,8 +352,15 @@ impl Tuner for RandLora {
     /// The trained scales, and the bases as peft saves them (`save_projection`): once under
     /// `base_model.` and once under every adapted module.
     fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let bases = self.bases.get().ok_or_else(|| anyhow!("randlora: the random bases are not set (Tuner::finish was not called)"))?;
-        let mut out: Vec<(String, Tensor)> = self.params.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let bases = self.bases.get().ok_or_else(|| {
+            anyhow!("randlora: the random bases are not set (Tuner::finish was not called)")
+        })?;
+        let mut out: Vec<(String, Tensor)> = self
+            .params
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect();
         out.push((BASE_A.into(), bases.a.clone()));
         out.push((BASE_B.into(), bases.b.clone()));
         for (m, _) in self.adapted.lock().unwrap().iter() {
@@ -264,7 +373,11 @@ impl Tuner for RandLora {
 
     /// `W' = W + ΔW` (peft `Linear.merge`).
     fn updates(&self) -> Result<Vec<(String, Update)>> {
-        Ok(self.deltas()?.into_iter().map(|(k, d)| (k, Update::Add(d))).collect())
+        Ok(self
+            .deltas()?
+            .into_iter()
+            .map(|(k, d)| (k, Update::Add(d)))
+            .collect())
     }
 
     fn replaced(&self) -> Vec<(String, Tensor)> {
