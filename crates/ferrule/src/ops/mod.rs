@@ -18,6 +18,7 @@ pub mod loss;
 pub mod low_rank;
 pub mod matmul_probe;
 pub mod norm;
+pub mod onednn;
 pub mod recompute;
 pub mod rope;
 pub mod scaled_linear;
