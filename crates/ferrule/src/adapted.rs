@@ -12,7 +12,128 @@ use crate::model::{family_of, Family, Frozen, Model, ModelHook, ModelSource, Tas
 use crate::peft_io::{find_adapters, load_adapter, SavedAdapter};
 use crate::quant::QuantSpec;
 use crate::tuners::weighted::{Member, WeightedSum};
-use crate::tuners::Tuner;
+use crate::tuners::{
+    registry, total_params, trainable_params, AdaptedModule, AdapterConfig, BuildContext,
+    MatchReport, Tuner,
+};
+
+/// What an adapter trains on a model, as `ferrule inspect` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainingPlan {
+    /// The CLI name (`lora`).
+    pub method: &'static str,
+    pub peft_type: &'static str,
+    /// The method's part of `adapter_config.json`, completed for the model.
+    pub config: Value,
+    /// What each target option matched.
+    pub matches: Vec<MatchReport>,
+    /// How many modules it adapts.
+    pub modules: usize,
+    pub trainable_parameters: usize,
+    /// The model's parameters with the adapter, as peft counts them.
+    pub total_parameters: usize,
+    pub percent_trainable: f64,
+    pub adapted: Vec<AdaptedModule>,
+}
+
+impl TrainingPlan {
+    /// What `adapter` would train on the model at `model` (quantized as `quantize` says)
+    /// for `task` (the model family's default when `None`): the adapter attached fresh.
+    pub fn of(
+        model: &str,
+        adapter: &AdapterConfig,
+        task: Option<Task>,
+        quantize: Option<&QuantSpec>,
+        allow_unmatched: bool,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        let source = ModelSource::load_with(model, &device, quantize)?;
+        let task = task.unwrap_or(default_task(&source)?);
+        let ctx = BuildContext {
+            seed: 0,
+            device: &device,
+            weights: None,
+            allow_unmatched,
+        };
+        let tuned = attach(&source, task, adapter, ctx)?;
+        let tuner = tuned.tuner.as_ref();
+        let trainable = trainable_params(tuner);
+        let total = total_params(tuned.model.base_params, tuner);
+        Ok(Self {
+            method: tuner.method().name,
+            peft_type: tuner.method().peft_type,
+            config: tuner.config_json()?,
+            matches: tuned.matches,
+            modules: tuner.adapted().len(),
+            trainable_parameters: trainable,
+            total_parameters: total,
+            percent_trainable: 100.0 * trainable as f64 / total as f64,
+            adapted: tuner.adapted(),
+        })
+    }
+}
+
+/// A loaded adapter in brief, as `ferrule inspect` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub peft_type: &'static str,
+    /// How many modules it adapts.
+    pub modules: usize,
+    /// Its trainable parameters.
+    pub parameters: usize,
+    /// Of the model's parameters with it, as peft counts them.
+    pub percent_of_total: f64,
+    pub example_module: Option<AdaptedModule>,
+}
+
+impl AdapterSummary {
+    /// `tuner`, loaded under `name` on a base of `base_params` parameters.
+    pub fn of(name: &str, tuner: &dyn Tuner, base_params: usize) -> Self {
+        let trainable = trainable_params(tuner);
+        Self {
+            name: name.to_string(),
+            peft_type: tuner.method().peft_type,
+            modules: tuner.adapted().len(),
+            parameters: trainable,
+            percent_of_total: 100.0 * trainable as f64 / total_params(base_params, tuner) as f64,
+            example_module: tuner.adapted().first().cloned(),
+        }
+    }
+}
+
+/// A model built with one tuner attached: what [`attach`] returns.
+pub struct TunedModel {
+    pub model: Model,
+    pub tuner: Box<dyn Tuner>,
+    /// What each target option matched ([`Tuner::finish`]).
+    pub matches: Vec<MatchReport>,
+    /// The adapter config the tuner was built from, completed for this model.
+    pub adapter: AdapterConfig,
+}
+
+/// Attaches `adapter` to the model of `source` for `task`, as peft's `get_peft_model` does:
+/// the config completed for the model type ([`AdapterConfig::resolved`]), its tuner built
+/// ([`registry::build`], fresh or holding `ctx.weights`), the model built through the tuner
+/// ([`Model::build`], seeded by `ctx.seed`), and the targets checked ([`Tuner::finish`]).
+pub fn attach(
+    source: &ModelSource,
+    task: Task,
+    adapter: &AdapterConfig,
+    ctx: BuildContext,
+) -> Result<TunedModel> {
+    let adapter = adapter.resolved(source.model_type(), task)?;
+    let (device, seed) = (ctx.device, ctx.seed);
+    let tuner = registry::build(&adapter, ctx)?;
+    let model = Model::build(source, task, tuner.as_ref(), device, seed)?;
+    let matches = tuner.finish()?;
+    Ok(TunedModel {
+        model,
+        tuner,
+        matches,
+        adapter,
+    })
+}
 
 /// An adapter folder to load, optionally under a name of the caller's choosing
 /// (`--adapter NAME=DIR`). A folder in PEFT's several-adapter layout yields several adapters

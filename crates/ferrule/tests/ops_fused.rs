@@ -653,7 +653,7 @@ fn low_rank_linear_matches_composite() {
             |t| low_rank_linear_reference(&t[0], None, &base, &t[1], &t[2], scale),
         );
         // LoRA dropout: p = 0.3, the mask kept as a constant (scaled 1/0.7 or 0).
-        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 7 + k as u64)
+        let mask = ferrule::tuners::training_clock::dropout_mask(x.as_tensor(), 0.3, 7 + k as u64)
             .unwrap()
             .unwrap();
         let kept = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -738,7 +738,7 @@ fn dora_linear_matches_composite() {
                 )
             },
         );
-        let mask = ferrule::tuners::mode::dropout_mask(x.as_tensor(), 0.3, 9 + k as u64)
+        let mask = ferrule::tuners::training_clock::dropout_mask(x.as_tensor(), 0.3, 9 + k as u64)
             .unwrap()
             .unwrap();
         check(

@@ -11,20 +11,20 @@
 //! f32, so its own figures ([`TrainableState`]) use 4-byte parameters and gradients; both are
 //! printed.
 
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::zero::ZeroStage;
+use crate::adapted::{attach, default_task};
 use crate::model::config::{family_of, BertConfig, DecoderConfig, Family};
-
-/// A linear layer of every transformer block: its module name (PEFT's suffix), input and
-/// output features.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct BlockLinear {
-    pub name: &'static str,
-    pub in_features: usize,
-    pub out_features: usize,
-}
+use crate::model::{ModelSource, Task};
+use crate::quant::{QuantSpec, WeightMemory};
+pub use crate::tuners::registry::{BlockLinear, BlockShapes};
+use crate::tuners::{trainable_params, AdapterConfig, BuildContext};
 
 /// The shapes that size a run, read from `config.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -135,36 +135,135 @@ impl ModelShape {
         self.linear_params() + self.other_params
     }
 
+    /// The shapes of the blocks' linear layers (what a method counts itself from).
+    pub fn blocks(&self) -> BlockShapes<'_> {
+        BlockShapes {
+            family: self.family,
+            layers: self.layers,
+            linears: &self.block_linears,
+        }
+    }
+
     /// LoRA's trainable parameters, `r (in + out)` per targeted linear of every block
     /// (Hu et al. 2021, §4.1). `targets` are PEFT suffixes, or `all-linear`.
     pub fn lora_params(&self, targets: &[String], r: usize) -> anyhow::Result<usize> {
-        let all = targets.iter().any(|t| t == "all-linear");
-        let mut per_block = 0;
-        for t in targets.iter().filter(|t| *t != "all-linear") {
-            anyhow::ensure!(
-                self.block_linears
-                    .iter()
-                    .any(|l| l.name == t || l.name.ends_with(&format!(".{t}"))),
-                "--target-modules {t:?} names no linear layer of this {} model; its linears are {}",
-                self.family,
-                self.block_linears
-                    .iter()
-                    .map(|l| l.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        for l in &self.block_linears {
-            if all
-                || targets
-                    .iter()
-                    .any(|t| l.name == t || l.name.ends_with(&format!(".{t}")))
-            {
-                per_block += r * (l.in_features + l.out_features);
-            }
-        }
-        Ok(self.layers * per_block)
+        crate::tuners::lora::params_of_blocks(&self.blocks(), targets, r)
     }
+}
+
+/// The model side of a plan: its shape, the bytes its frozen weights take, and the adapter's
+/// trainable parameters.
+#[derive(Clone, Debug)]
+pub struct PlannedModel {
+    pub shape: ModelShape,
+    /// Bytes of the frozen base as held in memory (measured when the weights are there).
+    pub base_bytes: f64,
+    /// Ψ, trainable parameters.
+    pub trainable: usize,
+}
+
+impl PlannedModel {
+    /// The model at `model` (a folder, its `config.json` alone, or a `.gguf` file) with
+    /// `adapter` for `task` (by model family when `None`), its linear layers quantized as
+    /// `quantize` says. With the weights there the adapter is built on them and counted
+    /// exactly; from a `config.json` alone the weights' bytes are estimated and the method
+    /// counts itself from the layer shapes (`Method::count_from_shapes`), if it can.
+    pub fn load(
+        model: &str,
+        adapter: &AdapterConfig,
+        task: Option<Task>,
+        quantize: Option<&QuantSpec>,
+        allow_unmatched: bool,
+    ) -> Result<Self> {
+        if !Path::new(model).exists() {
+            bail!("{model}: no such file or folder (give a model folder, its config.json, or a .gguf file)")
+        }
+        let (config, has_weights) = read_config(model)?;
+        if has_weights {
+            return Self::counted(model, adapter, task, quantize, allow_unmatched);
+        }
+        let shape =
+            ModelShape::from_config(&config).with_context(|| format!("{model}: config.json"))?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let task = task.unwrap_or(if shape.family == "bert" {
+            Task::FeatureExtraction
+        } else {
+            Task::CausalLm
+        });
+        let adapter = adapter.resolved(model_type, task)?;
+        let method = adapter.method()?;
+        let counted = match method.count_from_shapes {
+            Some(count) => count(&adapter.options, &shape.blocks())?,
+            None => None,
+        };
+        let Some(trainable) = counted else {
+            bail!(
+                "{model}: without the model's weights only plain LoRA's parameters are counted; give a model folder with its weights to plan --method {}",
+                adapter.peft_type
+            )
+        };
+        let linear = shape.linear_params() as f64 * linear_bytes_per_param(quantize, shape.hidden);
+        let embedding = shape.embedding_params as f64 * if quantize.is_some() { 2.0 } else { 4.0 };
+        let other = (shape.other_params - shape.embedding_params) as f64 * 4.0;
+        Ok(Self {
+            shape,
+            base_bytes: linear + embedding + other,
+            trainable,
+        })
+    }
+
+    /// The adapter built on the model's weights ([`attach`]) and counted.
+    fn counted(
+        model: &str,
+        adapter: &AdapterConfig,
+        task: Option<Task>,
+        quantize: Option<&QuantSpec>,
+        allow_unmatched: bool,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        let source = ModelSource::load_with(model, &device, quantize)?;
+        let task = task.unwrap_or(default_task(&source)?);
+        let ctx = BuildContext {
+            seed: 0,
+            device: &device,
+            weights: None,
+            allow_unmatched,
+        };
+        let tuned = attach(&source, task, adapter, ctx)?;
+        Ok(Self {
+            shape: ModelShape::from_config(&source.config)?,
+            base_bytes: WeightMemory::of(&source.weights).total_bytes() as f64,
+            trainable: trainable_params(tuned.tuner.as_ref()),
+        })
+    }
+}
+
+/// The model's config.json, and whether its weights are there to count exactly.
+fn read_config(model: &str) -> Result<(Value, bool)> {
+    let path = Path::new(model);
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return Ok((Value::Null, true));
+    }
+    let (dir, file) = if path.is_dir() {
+        (path.to_path_buf(), path.join("config.json"))
+    } else {
+        (
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            path.to_path_buf(),
+        )
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let config =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    let has_weights = path.is_dir()
+        && std::fs::read_dir(&dir)?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+    Ok((config, has_weights))
 }
 
 /// What a run trains and on what shape of batch.

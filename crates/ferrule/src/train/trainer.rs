@@ -20,6 +20,7 @@ use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
 use super::optim::{AdamWConfig, GradAccumulator};
 use super::schedule::lr_at;
+use crate::adapted::{attach, TunedModel};
 use crate::data::{
     self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation,
 };
@@ -31,7 +32,7 @@ use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
 use crate::peft_io::save_adapter;
-use crate::tuners::{registry, total_params, BuildContext, MatchReport, Tuner};
+use crate::tuners::{total_params, BuildContext, MatchReport, Tuner};
 
 /// One optimizer step, as reported to the progress display and `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
@@ -256,19 +257,18 @@ pub fn prepare_sharded(
         }
         None => vec![],
     };
-    let adapter = cfg.adapter()?.resolved(source.model_type(), cfg.task)?;
-    let weights = adapter_weights.map(|w| w.into_iter().collect());
-    let tuner = registry::build(
-        &adapter,
-        BuildContext {
-            seed: cfg.seed,
-            device,
-            weights,
-            allow_unmatched: cfg.allow_unmatched,
-        },
-    )?;
-    let model = Model::build(&source, cfg.task, tuner.as_ref(), device, cfg.seed)?;
-    let matches = tuner.finish()?;
+    let ctx = BuildContext {
+        seed: cfg.seed,
+        device,
+        weights: adapter_weights.map(|w| w.into_iter().collect()),
+        allow_unmatched: cfg.allow_unmatched,
+    };
+    let TunedModel {
+        model,
+        tuner,
+        matches,
+        adapter,
+    } = attach(&source, cfg.task, &cfg.adapter()?, ctx)?;
     let pad_id = source.pad_token_id()?;
     let (padding, padding_note) = match cfg.padding()? {
         Padding::Free if !model.supports_packed() => (

@@ -1,6 +1,7 @@
 //! Parameter-efficient tuning methods. One folder per method, same shape each:
 //! `config.rs` (serde, PEFT keys), `layer.rs` (the math), `mod.rs` (the [`Tuner`]: which
-//! modules it changes, and its [`registry::Method`] entry).
+//! modules it changes, and its [`registry::Method`] entry). What every method shares lives
+//! in [`core::TunerCore`], so a method writes only what differs.
 //!
 //! A tuner is a [`ModelHook`]: the model passes every hook point (linear layers, norms)
 //! through it while it is built, and the tuner changes the ones its config targets. The rest
@@ -8,10 +9,11 @@
 
 pub mod bias;
 pub mod config;
+pub mod core;
+pub mod flags;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod lora;
-pub mod mode;
 pub mod modules_to_save;
 pub mod params;
 pub mod prefix_tuning;
@@ -20,6 +22,7 @@ pub mod prompt_tuning;
 pub mod randlora;
 pub mod registry;
 pub mod target;
+pub mod training_clock;
 pub mod weighted;
 
 use std::sync::Arc;
@@ -27,10 +30,11 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 
+pub use self::core::{AnyTunerCore, TunerCore};
 pub use config::AdapterConfig;
-pub use mode::Mode;
 pub use registry::{BuildContext, Method};
 pub use target::MatchReport;
+pub use training_clock::TrainingClock;
 
 use crate::model::ModelHook;
 
@@ -56,21 +60,35 @@ pub enum Update {
     RowRescaled { delta: Tensor, magnitude: Tensor },
 }
 
-/// What every method provides beyond its hook points.
+/// What every method provides beyond its hook points. A method implements [`Tuner::core`],
+/// [`Tuner::finish`] and [`Tuner::updates`]; the rest defaults to what its [`TunerCore`] holds.
 pub trait Tuner: ModelHook {
+    /// The state every tuner holds ([`TunerCore`]).
+    fn core(&self) -> &dyn AnyTunerCore;
     /// Its registry entry (PEFT's `peft_type`, the CLI name).
-    fn method(&self) -> &'static Method;
-    /// The train/eval switch its layers read.
-    fn mode(&self) -> &Arc<Mode>;
+    fn method(&self) -> &'static Method {
+        self.core().method()
+    }
+    /// The train/eval switch and step its layers read.
+    fn mode(&self) -> &Arc<TrainingClock> {
+        self.core().clock()
+    }
     /// Called once the model is built. Fails when a `target_modules` entry matched nothing
     /// (unless `allow_unmatched`), when nothing was targeted, or when a loaded adapter had
     /// tensors that found no module. Returns what each entry matched.
     fn finish(&self) -> Result<Vec<MatchReport>>;
     /// Trainable tensors under their PEFT on-disk keys, sorted by key.
-    fn trainable(&self) -> Vec<(String, Var)>;
-    fn adapted(&self) -> Vec<AdaptedModule>;
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.core().params().trainable()
+    }
+    /// The modules it changed, in the order the model offered them.
+    fn adapted(&self) -> Vec<AdaptedModule> {
+        self.core().adapted_modules()
+    }
     /// The method's part of `adapter_config.json`, as a final adapter is saved.
-    fn config_json(&self) -> Result<serde_json::Value>;
+    fn config_json(&self) -> Result<serde_json::Value> {
+        self.core().config_json()
+    }
     /// The tensors of the final adapter under their PEFT keys: the trainable ones, unless the
     /// method converts them for saving (PiSSA/OLoRA: a rank-2r LoRA for the unchanged base).
     /// Checkpoints keep [`Tuner::trainable`] as is.
@@ -84,7 +102,9 @@ pub trait Tuner: ModelHook {
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;
     /// Base tensors replaced outright by trained copies (`modules_to_save`, LN tuning).
-    fn replaced(&self) -> Vec<(String, Tensor)>;
+    fn replaced(&self) -> Vec<(String, Tensor)> {
+        self.core().saved_replaced()
+    }
     /// Trainable elements that are base parameters trained in place rather than copies (LoRA's
     /// `bias = "all" | "lora_only"`): PEFT counts them once in the model total.
     fn trained_in_place(&self) -> usize {
@@ -96,27 +116,6 @@ pub trait Tuner: ModelHook {
 /// `base_model.model.<path>.<suffix>`.
 pub fn peft_key(path: &str, suffix: &str) -> String {
     format!("base_model.model.{path}.{suffix}")
-}
-
-/// The checks every method's [`Tuner::finish`] makes, in order: each `target_modules` entry
-/// matched something (a saved adapter's entries are reported but not fatal: its tensors are
-/// checked one by one instead), something was adapted (`what`: "linear layer", "norm layer"),
-/// and every saved tensor found its module.
-pub(crate) fn check_finished(
-    method: &str,
-    targets: &target::Targets,
-    params: &params::ParamStore,
-    allow_unmatched: bool,
-    adapted_any: bool,
-    what: &str,
-) -> Result<MatchReport> {
-    let report = targets.report();
-    report.check(method, allow_unmatched || params.loading())?;
-    if !adapted_any {
-        anyhow::bail!("{method}: target_modules matched no {what} of the model")
-    }
-    params.check_all_used()?;
-    Ok(report)
 }
 
 /// Elements of all trainable tensors of `tuner`.

@@ -46,24 +46,27 @@ impl ModulesToSave {
         info: &LinearInfo,
         base: FrozenLinear,
         params: &ParamStore,
-    ) -> Result<std::result::Result<Box<dyn Linear>, FrozenLinear>> {
+    ) -> Result<Wrapped> {
         let path = info.path.as_str();
         if !self.names.iter().any(|n| suffix_match(path, n)) {
-            return Ok(Err(base));
+            return Ok(Wrapped::NotListed(base));
         }
         let (rows, cols) = base.weight().dims();
         let dev = params.device().clone();
-        let w = params.take_or_init(&self.key(path, "weight"), &[rows, cols], || {
+        let weight = params.take_or_init(&self.key(path, "weight"), &[rows, cols], || {
             Ok(base.weight().to_dense(&dev)?)
         })?;
-        let b = match base.bias() {
+        let bias = match base.bias() {
             Some(b) => {
                 Some(params.take_or_init(&self.key(path, "bias"), b.dims(), || Ok(b.clone()))?)
             }
             None => None,
         };
         self.taken.lock().unwrap().push(path.to_string());
-        Ok(Ok(Box::new(FullLinear { weight: w, bias: b })))
+        Ok(Wrapped::TrainedInFull(Box::new(FullLinear {
+            weight,
+            bias,
+        })))
     }
 
     /// The base tensors these copies replace in a merge: `(path.weight|bias, trained tensor)`.
@@ -78,6 +81,14 @@ impl ModulesToSave {
         }
         out
     }
+}
+
+/// What [`ModulesToSave::wrap`] made of a linear layer.
+pub enum Wrapped {
+    /// Listed in `modules_to_save`: a trainable copy, trained in full.
+    TrainedInFull(Box<dyn Linear>),
+    /// Not listed: the frozen base, untouched.
+    NotListed(FrozenLinear),
 }
 
 /// A layer trained in full: `y = x Wᵀ + b` with trainable `W: [out, in]`, `b: [out]`.

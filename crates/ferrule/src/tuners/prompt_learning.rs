@@ -5,10 +5,8 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::flags::{FlagValue, OptionFlag};
 use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
-use crate::model::{Linear, LinearInfo};
-use crate::ops::FrozenLinear;
 
 /// PEFT's `PromptLearningConfig` fields, flattened into each method's config.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -43,6 +41,15 @@ pub const COMMON_KEYS: [&str; 6] = [
     "num_layers",
     "modules_to_save",
 ];
+
+/// `--num-virtual-tokens`, which prompt and prefix tuning share.
+pub const NUM_VIRTUAL_TOKENS_FLAG: OptionFlag = OptionFlag {
+    name: "num-virtual-tokens",
+    value: FlagValue::Count,
+    value_name: None,
+    help: "Prompt / prefix tuning: virtual tokens (prefix positions) to train.",
+    keys: |v| vec![("num_virtual_tokens", v)],
+};
 
 /// The model dimensions PEFT writes into a prompt-learning config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,19 +113,6 @@ impl PromptLearningConfig {
 /// (the transformer is the PEFT model's `base_model` itself, without LoRA's `model.` level).
 pub fn modules_to_save(config: &PromptLearningConfig) -> ModulesToSave {
     ModulesToSave::with_key_prefix(config.modules_to_save.as_deref(), "base_model.")
-}
-
-/// A linear layer of a prompt-learning model: trained in full when listed in `modules_to_save`.
-pub fn linear(
-    saved: &ModulesToSave,
-    info: &LinearInfo,
-    base: FrozenLinear,
-    params: &ParamStore,
-) -> Result<Box<dyn Linear>> {
-    Ok(match saved.wrap(info, base, params)? {
-        Ok(full) => full,
-        Err(base) => Box::new(base),
-    })
 }
 
 /// The error a merge of a prompt-learning adapter gets: it adds positions, not weights.

@@ -3,8 +3,9 @@
 //! names none.
 //!
 //! Adding a method: a folder `tuners/<method>/` with `config.rs` (its PEFT keys, serde),
-//! `layer.rs` (the math), `mod.rs` (the [`Tuner`] and its `METHOD`), and one line in
-//! [`METHODS`]. `docs/ARCHITECTURE.md` walks through an example.
+//! `layer.rs` (the math), `mod.rs` (the [`Tuner`] on a [`super::TunerCore`], its `METHOD`
+//! and its command-line flags), and one line in [`METHODS`]. `docs/ARCHITECTURE.md` walks
+//! through an example.
 
 use std::collections::HashMap;
 
@@ -13,11 +14,12 @@ use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::config::AdapterConfig;
+use super::flags::OptionFlag;
 use super::Tuner;
 
 /// What a method's builder is given.
 pub struct BuildContext<'a> {
-    /// Seeds initialisation (and dropout masks through [`super::Mode`]).
+    /// Seeds initialisation (and dropout masks through [`super::TrainingClock`]).
     pub seed: u64,
     pub device: &'a Device,
     /// Tensors of a saved adapter or checkpoint under PEFT keys; `None` for a fresh adapter.
@@ -41,6 +43,42 @@ pub struct Method {
     pub complete: fn(&mut Map<String, Value>, &str) -> Result<()>,
     /// Builds the tuner from a completed config.
     pub build: fn(&AdapterConfig, BuildContext) -> Result<Box<dyn Tuner>>,
+    /// Its command-line flags beside [`super::flags::COMMON`] (`--lora-r`); a flag may be
+    /// listed by several methods that share its keys.
+    pub flags: &'static [OptionFlag],
+    /// Keys that follow from the flags given and the model path (`options`, model), once the
+    /// flags are set; `None` when nothing does.
+    pub complete_flags: Option<CompleteFlags>,
+    /// Its trainable parameters counted from the model's layer shapes alone, for `ferrule plan`
+    /// on a `config.json` without weights: `Ok(None)` for a config it cannot count that way.
+    /// `None` when only building the method on the weights counts it.
+    pub count_from_shapes: Option<CountFromShapes>,
+}
+
+/// [`Method::complete_flags`]: sets keys in the options from the flags given and the model path.
+pub type CompleteFlags = fn(&mut Map<String, Value>, &str) -> Result<()>;
+
+/// [`Method::count_from_shapes`]: trainable parameters from the options and the layer shapes.
+pub type CountFromShapes = fn(&Map<String, Value>, &BlockShapes) -> Result<Option<usize>>;
+
+/// A model known by the shapes of its linear layers alone, as `ferrule plan` reads them from a
+/// `config.json`: the linears of one block, repeated in every block.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockShapes<'a> {
+    /// The model family, for messages (`decoder`, `bert`).
+    pub family: &'a str,
+    /// Blocks.
+    pub layers: usize,
+    pub linears: &'a [BlockLinear],
+}
+
+/// A linear layer of every transformer block: its module name (PEFT's suffix), input and
+/// output features.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BlockLinear {
+    pub name: &'static str,
+    pub in_features: usize,
+    pub out_features: usize,
 }
 
 /// Every registered method.

@@ -154,6 +154,9 @@ pub struct Targets {
     target: Matcher,
     entries: Vec<String>,
     exclude: Option<Matcher>,
+    /// `layers_to_transform` / `layers_pattern`: the numbered layers adapted (all when unset).
+    layers_to_transform: Option<LayersToTransform>,
+    layers_pattern: Option<LayersPattern>,
     seen: Mutex<Seen>,
 }
 
@@ -191,8 +194,32 @@ impl Targets {
             target,
             entries,
             exclude,
+            layers_to_transform: None,
+            layers_pattern: None,
             seen,
         })
+    }
+
+    /// Adapts only the layers `layers_to_transform` selects ([`in_layers`]); see [`Targets::adapts`].
+    pub fn in_layers(
+        mut self,
+        layers_to_transform: Option<&LayersToTransform>,
+        layers_pattern: Option<&LayersPattern>,
+    ) -> Self {
+        self.layers_to_transform = layers_to_transform.cloned();
+        self.layers_pattern = layers_pattern.cloned();
+        self
+    }
+
+    /// Whether the module at `path` is adapted: [`Targets::select`]ed (which records the
+    /// offer and the entries it matched, whatever its layer) and in a selected layer.
+    pub fn adapts(&self, path: &str, is_output_head: bool) -> bool {
+        self.select(path, is_output_head)
+            && in_layers(
+                path,
+                self.layers_to_transform.as_ref(),
+                self.layers_pattern.as_ref(),
+            )
     }
 
     /// Whether the module at `path` is targeted and not excluded; records the offer.

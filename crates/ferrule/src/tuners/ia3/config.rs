@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use crate::tuners::flags::{names, text, FlagValue, OptionFlag};
 use crate::tuners::target::ModuleSpec;
 
 fn yes() -> bool {
@@ -55,3 +57,12 @@ impl Ia3Config {
         Ok(())
     }
 }
+
+/// IA3's command-line flags beside the common ones.
+pub static FLAGS: &[OptionFlag] = &[OptionFlag {
+    name: "feedforward-modules",
+    value: FlagValue::Text,
+    value_name: None,
+    help: "IA3: comma-separated targets whose input (not output) is scaled.",
+    keys: |v| vec![("feedforward_modules", Value::from(names(text(&v))))],
+}];

@@ -11,16 +11,16 @@ use crate::ops::FrozenLinear;
 /// A frozen linear with a trainable scaling vector.
 pub struct Ia3Linear {
     base: FrozenLinear,
-    /// `[out, 1]` (output scaling) or `[1, in]` (input scaling, `is_feedforward`).
-    l: Var,
+    /// peft's `ia3_l`: `[out, 1]` (output scaling) or `[1, in]` (input scaling, `is_feedforward`).
+    scales: Var,
     is_feedforward: bool,
 }
 
 impl Ia3Linear {
-    pub fn new(base: FrozenLinear, l: Var, is_feedforward: bool) -> Self {
+    pub fn new(base: FrozenLinear, scales: Var, is_feedforward: bool) -> Self {
         Self {
             base,
-            l,
+            scales,
             is_feedforward,
         }
     }
@@ -29,11 +29,11 @@ impl Ia3Linear {
 impl Linear for Ia3Linear {
     fn as_input_scaled(&self) -> Option<(&FrozenLinear, &Tensor)> {
         self.is_feedforward
-            .then(|| (&self.base, self.l.as_tensor()))
+            .then(|| (&self.base, self.scales.as_tensor()))
     }
 
     /// `x: [.., in]` → `[.., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        scaled_linear(x, &self.base, self.l.as_tensor(), self.is_feedforward)
+        scaled_linear(x, &self.base, self.scales.as_tensor(), self.is_feedforward)
     }
 }

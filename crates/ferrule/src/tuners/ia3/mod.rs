@@ -4,10 +4,8 @@
 pub mod config;
 pub mod layer;
 
-use std::sync::{Arc, Mutex};
-
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use regex::Regex;
 use serde_json::{Map, Value};
 
@@ -15,12 +13,11 @@ pub use config::Ia3Config;
 use layer::Ia3Linear;
 
 use super::config::{default_list, AdapterConfig};
-use super::mode::Mode;
+use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
 use super::target::{MatchReport, ModuleSpec, Targets};
-use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
+use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
 
@@ -32,6 +29,9 @@ pub static METHOD: Method = Method {
     keys: config::KNOWN_KEYS,
     complete,
     build,
+    flags: config::FLAGS,
+    complete_flags: None,
+    count_from_shapes: None,
 };
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`.
@@ -100,16 +100,17 @@ impl Feedforward {
 
 /// Builds IA3 layers for the modules an [`Ia3Config`] targets.
 pub struct Ia3 {
-    config: Ia3Config,
-    targets: Targets,
+    core: TunerCore<Ia3Config, Ia3Layer>,
     feedforward: Feedforward,
-    allow_unmatched: bool,
-    seed: u64,
-    mode: Arc<Mode>,
-    params: ParamStore,
-    saved: ModulesToSave,
-    /// Adapted modules, whether each scales its input, and whether its base has a bias.
-    adapted: Mutex<Vec<(AdaptedModule, bool, bool)>>,
+}
+
+/// What a merge needs of one adapted layer.
+#[derive(Clone, Copy, Debug)]
+struct Ia3Layer {
+    /// `ia3_l` scales the input (`[1, in]`, a feed-forward module), else the output (`[out, 1]`).
+    scales_input: bool,
+    /// The base layer has a bias (output scaling scales it too).
+    base_has_bias: bool,
 }
 
 impl Ia3 {
@@ -121,121 +122,88 @@ impl Ia3 {
             .ok_or_else(|| anyhow!("ia3: target_modules is required"))?;
         let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
             .context("ia3")?;
+        let feedforward = Feedforward::new(config.feedforward_modules.as_ref())?;
+        let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
-            feedforward: Feedforward::new(config.feedforward_modules.as_ref())?,
-            saved: ModulesToSave::new(config.modules_to_save.as_deref()),
-            targets,
-            allow_unmatched: ctx.allow_unmatched,
-            seed: ctx.seed,
-            mode: Arc::new(Mode::new(ctx.seed)),
-            params: ParamStore::new(ctx.device, ctx.weights),
-            adapted: Mutex::new(Vec::new()),
-            config,
+            core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
+            feedforward,
         })
     }
 }
 
 impl ModelHook for Ia3 {
     fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        let base = match self.saved.wrap(info, base, &self.params)? {
-            Ok(full) => return Ok(full),
-            Err(base) => base,
+        let base = match self.core.route_linear(info, base)? {
+            LinearRoute::Targeted(base) => base,
+            other => return Ok(other.unadapted()),
         };
         let path = info.path.as_str();
-        if !self.targets.select(path, info.is_output_head) {
-            return Ok(Box::new(base));
-        }
-        let ff = self.feedforward.matches(path);
-        let shape = if ff {
+        let scales_input = self.feedforward.matches(path);
+        let shape = if scales_input {
             [1, base.in_features()]
         } else {
             [base.out_features(), 1]
         };
         let key = peft_key(path, "ia3_l");
-        let dev = self.params.device().clone();
-        let seed = crate::init::seed_for(self.seed, &key);
-        let l = self
-            .params
-            .take_or_init(&key, &shape, || match self.config.init_ia3_weights {
+        let params = &self.core.params;
+        let dev = params.device().clone();
+        let seed = self.core.init_seed(&key);
+        let scales =
+            params.take_or_init(&key, &shape, || match self.core.config.init_ia3_weights {
                 true => Ok(Tensor::ones(&shape, DType::F32, &dev)?),
                 false => crate::init::normal(&shape, 1.0, seed, &dev),
             })?;
-        let detail = if ff { "scales input" } else { "scales output" };
+        let detail = if scales_input {
+            "scales input"
+        } else {
+            "scales output"
+        };
         let module = AdaptedModule {
             path: path.to_string(),
             params: shape[0] * shape[1],
             detail: detail.into(),
         };
-        self.adapted
-            .lock()
-            .unwrap()
-            .push((module, ff, base.bias().is_some()));
-        Ok(Box::new(Ia3Linear::new(base, l, ff)))
+        let layer = Ia3Layer {
+            scales_input,
+            base_has_bias: base.bias().is_some(),
+        };
+        self.core.record(module, layer);
+        Ok(Box::new(Ia3Linear::new(base, scales, scales_input)))
     }
 }
 
 impl Tuner for Ia3 {
-    fn method(&self) -> &'static Method {
-        &METHOD
-    }
-
-    fn mode(&self) -> &Arc<Mode> {
-        &self.mode
+    fn core(&self) -> &dyn AnyTunerCore {
+        &self.core
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let adapted_any = !self.adapted.lock().unwrap().is_empty();
-        Ok(vec![check_finished(
-            "ia3",
-            &self.targets,
-            &self.params,
-            self.allow_unmatched,
-            adapted_any,
-            "linear layer",
-        )?])
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.trainable()
-    }
-
-    fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(m, _, _)| m.clone())
-            .collect()
-    }
-
-    fn config_json(&self) -> Result<Value> {
-        Ok(serde_json::to_value(&self.config)?)
+        self.core
+            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// PEFT's `Linear.merge`: `W ⊙ l` (`l: [out, 1]` or `[1, in]`), and `b ⊙ l` for output
     /// scaling.
     fn updates(&self) -> Result<Vec<(String, Update)>> {
         let mut out = Vec::new();
-        for (m, ff, has_bias) in self.adapted.lock().unwrap().iter() {
-            let l = self
+        for adapted in self.core.adapted().iter() {
+            let path = &adapted.module.path;
+            let scales = self
+                .core
                 .params
-                .get(&peft_key(&m.path, "ia3_l"))
-                .ok_or_else(|| anyhow!("ia3: {} has no ia3_l", m.path))?;
+                .get(&peft_key(path, "ia3_l"))
+                .ok_or_else(|| anyhow!("ia3: {path} has no ia3_l"))?;
             out.push((
-                format!("{}.weight", m.path),
-                Update::Scale(l.as_tensor().clone()),
+                format!("{path}.weight"),
+                Update::Scale(scales.as_tensor().clone()),
             ));
-            if !ff && *has_bias {
+            if !adapted.layer.scales_input && adapted.layer.base_has_bias {
                 out.push((
-                    format!("{}.bias", m.path),
-                    Update::Scale(l.as_tensor().flatten_all()?),
+                    format!("{path}.bias"),
+                    Update::Scale(scales.as_tensor().flatten_all()?),
                 ));
             }
         }
         Ok(out)
-    }
-
-    fn replaced(&self) -> Vec<(String, Tensor)> {
-        self.saved.replaced(&self.params)
     }
 }

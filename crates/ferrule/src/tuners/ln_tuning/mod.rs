@@ -4,22 +4,19 @@
 pub mod config;
 pub mod layer;
 
-use std::sync::{Arc, Mutex};
-
 use anyhow::{anyhow, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde_json::{Map, Value};
 
 pub use config::LnTuningConfig;
 use layer::TunedNorm;
 
 use super::config::{default_list, AdapterConfig};
-use super::mode::Mode;
+use super::core::{AnyTunerCore, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
 use super::target::{MatchReport, Targets};
-use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
+use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::FrozenLinear;
 
@@ -32,6 +29,9 @@ pub static METHOD: Method = Method {
     keys: config::KNOWN_KEYS,
     complete,
     build,
+    flags: &[],
+    complete_flags: None,
+    count_from_shapes: None,
 };
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING` (it has none for BERT).
@@ -54,13 +54,7 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 
 /// Trains the norm layers an [`LnTuningConfig`] targets.
 pub struct LnTuning {
-    config: LnTuningConfig,
-    targets: Targets,
-    allow_unmatched: bool,
-    mode: Arc<Mode>,
-    params: ParamStore,
-    saved: ModulesToSave,
-    adapted: Mutex<Vec<AdaptedModule>>,
+    core: TunerCore<LnTuningConfig>,
 }
 
 impl LnTuning {
@@ -72,14 +66,9 @@ impl LnTuning {
         })?;
         let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
             .context("ln_tuning")?;
+        let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
-            saved: ModulesToSave::new(config.modules_to_save.as_deref()),
-            targets,
-            allow_unmatched: ctx.allow_unmatched,
-            mode: Arc::new(Mode::new(ctx.seed)),
-            params: ParamStore::new(ctx.device, ctx.weights),
-            adapted: Mutex::new(Vec::new()),
-            config,
+            core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
         })
     }
 }
@@ -87,24 +76,22 @@ impl LnTuning {
 impl ModelHook for LnTuning {
     /// Linear layers change only when listed in `modules_to_save`.
     fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        Ok(match self.saved.wrap(info, base, &self.params)? {
-            Ok(full) => full,
-            Err(base) => Box::new(base),
-        })
+        Ok(self.core.route_linear(info, base)?.unadapted())
     }
 
-    fn norm(&self, info: &NormInfo, params: NormParams) -> Result<NormParams> {
+    fn norm(&self, info: &NormInfo, frozen: NormParams) -> Result<NormParams> {
         let path = info.path.as_str();
-        if !self.targets.select(path, false) {
-            return Ok(params);
+        if !self.core.adapts(path, false) {
+            return Ok(frozen);
         }
-        let weight = self.params.take_or_init(
+        let params = &self.core.params;
+        let weight = params.take_or_init(
             &peft_key(path, "ln_tuning_layers.weight"),
-            params.weight.dims(),
-            || Ok(params.weight.copy()?),
+            frozen.weight.dims(),
+            || Ok(frozen.weight.copy()?),
         )?;
-        let bias = match &params.bias {
-            Some(b) => Some(self.params.take_or_init(
+        let bias = match &frozen.bias {
+            Some(b) => Some(params.take_or_init(
                 &peft_key(path, "ln_tuning_layers.bias"),
                 b.dims(),
                 || Ok(b.copy()?),
@@ -112,52 +99,31 @@ impl ModelHook for LnTuning {
             None => None,
         };
         let tuned = TunedNorm { weight, bias };
-        let n = params.weight.elem_count() + params.bias.as_ref().map_or(0, |b| b.elem_count());
+        let elements =
+            frozen.weight.elem_count() + frozen.bias.as_ref().map_or(0, |b| b.elem_count());
         let detail = if tuned.bias.is_some() {
             "weight and bias"
         } else {
             "weight"
         };
-        self.adapted.lock().unwrap().push(AdaptedModule {
+        let module = AdaptedModule {
             path: path.to_string(),
-            params: n,
+            params: elements,
             detail: detail.into(),
-        });
+        };
+        self.core.record(module, ());
         Ok(tuned.params()?)
     }
 }
 
 impl Tuner for LnTuning {
-    fn method(&self) -> &'static Method {
-        &METHOD
-    }
-
-    fn mode(&self) -> &Arc<Mode> {
-        &self.mode
+    fn core(&self) -> &dyn AnyTunerCore {
+        &self.core
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let adapted_any = !self.adapted.lock().unwrap().is_empty();
-        Ok(vec![check_finished(
-            "ln_tuning",
-            &self.targets,
-            &self.params,
-            self.allow_unmatched,
-            adapted_any,
-            "norm layer",
-        )?])
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.trainable()
-    }
-
-    fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted.lock().unwrap().clone()
-    }
-
-    fn config_json(&self) -> Result<Value> {
-        Ok(serde_json::to_value(&self.config)?)
+        self.core
+            .check_finished("target_modules matched no norm layer of the model")
     }
 
     fn updates(&self) -> Result<Vec<(String, Update)>> {
@@ -166,14 +132,13 @@ impl Tuner for LnTuning {
 
     /// PEFT's merge swaps the trained copy in: the norm tensors are replaced whole.
     fn replaced(&self) -> Vec<(String, Tensor)> {
-        let mut out = self.saved.replaced(&self.params);
-        for m in self.adapted.lock().unwrap().iter() {
+        let mut out = self.core.saved_replaced();
+        for adapted in self.core.adapted().iter() {
+            let path = &adapted.module.path;
             for suffix in ["weight", "bias"] {
-                if let Some(v) = self
-                    .params
-                    .get(&peft_key(&m.path, &format!("ln_tuning_layers.{suffix}")))
-                {
-                    out.push((format!("{}.{suffix}", m.path), v.as_tensor().clone()));
+                let key = peft_key(path, &format!("ln_tuning_layers.{suffix}"));
+                if let Some(v) = self.core.params.get(&key) {
+                    out.push((format!("{path}.{suffix}"), v.as_tensor().clone()));
                 }
             }
         }

@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 use regex::Regex;
 
+use crate::tuners::flags::{FlagValue, OptionFlag};
 use crate::tuners::target::{compile_pattern_key, pattern_index, ModuleSpec};
 
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (both random, for
@@ -241,6 +242,76 @@ impl LoraConfig {
         }
     }
 }
+
+/// `--lora-r`: also RandLoRA's rank, which has the same key.
+pub const RANK_FLAG: OptionFlag = OptionFlag {
+    name: "lora-r",
+    value: FlagValue::Count,
+    value_name: None,
+    help: "LoRA rank r.",
+    keys: |v| vec![("r", v)],
+};
+
+/// LoRA's command-line flags beside the common ones.
+pub static FLAGS: &[OptionFlag] = &[
+    RANK_FLAG,
+    OptionFlag {
+        name: "lora-alpha",
+        value: FlagValue::Number,
+        value_name: None,
+        help: "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora); default 16 for ferrule train's LoRA, else PEFT's default of the method.",
+        keys: |v| vec![("lora_alpha", v)],
+    },
+    OptionFlag {
+        name: "lora-dropout",
+        value: FlagValue::Number,
+        value_name: None,
+        help: "Dropout probability on the adapter input during training (default 0).",
+        keys: |v| vec![("lora_dropout", v)],
+    },
+    OptionFlag {
+        name: "use-rslora",
+        value: FlagValue::Switch,
+        value_name: None,
+        help: "rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.",
+        keys: |v| vec![("use_rslora", v)],
+    },
+    OptionFlag {
+        name: "use-dora",
+        value: FlagValue::Switch,
+        value_name: None,
+        help: "DoRA: a trained magnitude per output row over the normalised LoRA-updated weight.",
+        keys: |v| vec![("use_dora", v)],
+    },
+    OptionFlag {
+        name: "bias",
+        value: FlagValue::Text,
+        value_name: Some("none|all|lora_only"),
+        help: "Base biases trained beside the adapter: none (default), all, or lora_only (the targeted layers').",
+        keys: |v| vec![("bias", v)],
+    },
+    OptionFlag {
+        name: "lora-bias",
+        value: FlagValue::Switch,
+        value_name: None,
+        help: "A trainable bias on lora_B (scaled with the update).",
+        keys: |v| vec![("lora_bias", v)],
+    },
+    OptionFlag {
+        name: "init-lora-weights",
+        value: FlagValue::Text,
+        value_name: None,
+        help: "true (Kaiming A, zero B), false, gaussian, pissa, pissa_niter_<N> or olora (the last three move part of the base into the adapter; the saved adapter is converted to plain LoRA of rank 2r).",
+        keys: |v| {
+            let init = match v.as_str() {
+                Some("true") => Value::Bool(true),
+                Some("false") => Value::Bool(false),
+                _ => v,
+            };
+            vec![("init_lora_weights", init)]
+        },
+    },
+];
 
 #[cfg(test)]
 mod tests {

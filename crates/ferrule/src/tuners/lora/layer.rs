@@ -9,7 +9,7 @@ use crate::model::{Embedding, Linear};
 use crate::ops::dora::{dora_linear, weight_norm};
 use crate::ops::low_rank::low_rank_linear;
 use crate::ops::{FrozenLinear, FrozenWeight};
-use crate::tuners::mode::{dropout_mask, Mode};
+use crate::tuners::training_clock::{dropout_mask, TrainingClock};
 
 /// A frozen linear plus a trainable low-rank update:
 /// `y = x W₀ᵀ + s·(B A u + b_B) + b` with `u = dropout(x)`.
@@ -22,7 +22,7 @@ pub struct LoraLinear {
     b: Var,
     scaling: f64,
     dropout: f64,
-    mode: Arc<Mode>,
+    clock: Arc<TrainingClock>,
     /// `lora_bias = true`: `lora_B`'s bias `b_B: [out]`, scaled with the update.
     lora_b_bias: Option<Var>,
     /// The base bias `b: [out]` when it trains (`bias = "all" | "lora_only"`); `base` then has none.
@@ -52,7 +52,7 @@ impl LoraLinear {
         b: Var,
         scaling: f64,
         dropout: f64,
-        mode: Arc<Mode>,
+        clock: Arc<TrainingClock>,
     ) -> Self {
         Self {
             path,
@@ -61,7 +61,7 @@ impl LoraLinear {
             b,
             scaling,
             dropout,
-            mode,
+            clock,
             lora_b_bias: None,
             base_bias: None,
             dora: None,
@@ -93,7 +93,7 @@ impl LoraLinear {
             )
         };
         let mut cache = d.eval_norm.lock().unwrap();
-        if self.mode.training() {
+        if self.clock.training() {
             *cache = None;
             return fresh();
         }
@@ -113,8 +113,8 @@ impl LoraLinear {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mask = if self.mode.training() {
-            dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))?
+        let mask = if self.clock.training() {
+            dropout_mask(x, self.dropout, self.clock.dropout_seed(&self.path))?
         } else {
             None
         };

@@ -6,7 +6,7 @@ pub mod config;
 pub mod layer;
 pub mod residual_init;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -18,12 +18,11 @@ use residual_init::{residual_init, ResidualInit};
 
 use super::bias::{BiasMode, BiasTrainedLinear, TrainedBiases};
 use super::config::{default_list, json_number, AdapterConfig};
-use super::mode::Mode;
+use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
-use super::registry::{BuildContext, Method};
-use super::target::{in_layers, MatchReport, Targets};
-use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
+use super::registry::{BlockLinear, BlockShapes, BuildContext, Method};
+use super::target::{MatchReport, Targets};
+use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
 use crate::model::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::{dora, FrozenLinear, FrozenWeight};
@@ -36,6 +35,9 @@ pub static METHOD: Method = Method {
     keys: config::KNOWN_KEYS,
     complete,
     build,
+    flags: config::FLAGS,
+    complete_flags: None,
+    count_from_shapes: Some(count_from_shapes),
 };
 
 /// PEFT's default LoRA targets per model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
@@ -51,6 +53,53 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
     default_list(options, "target_modules", model_type, default_targets)
 }
 
+/// `ferrule plan` without weights: `r (in + out)` per targeted linear of every block
+/// ([`params_of_blocks`]; other options ignored); DoRA is not counted this way.
+fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
+    if options.get("use_dora") == Some(&Value::Bool(true)) {
+        return Ok(None);
+    }
+    let r = options.get("r").and_then(Value::as_u64).unwrap_or(8) as usize;
+    let targets: Vec<String> = match options.get("target_modules") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(v)) => v
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        _ => bail!("no target_modules for this model type; pass --target-modules"),
+    };
+    Ok(Some(params_of_blocks(blocks, &targets, r)?))
+}
+
+/// LoRA's trainable parameters, `r (in + out)` per targeted linear of every block
+/// (Hu et al. 2021, §4.1). `targets` are PEFT suffixes, or `all-linear`.
+pub fn params_of_blocks(blocks: &BlockShapes, targets: &[String], r: usize) -> Result<usize> {
+    let names = |linear: &BlockLinear, target: &str| {
+        linear.name == target || linear.name.ends_with(&format!(".{target}"))
+    };
+    let all = targets.iter().any(|t| t == "all-linear");
+    for target in targets.iter().filter(|t| *t != "all-linear") {
+        anyhow::ensure!(
+            blocks.linears.iter().any(|l| names(l, target)),
+            "--target-modules {target:?} names no linear layer of this {} model; its linears are {}",
+            blocks.family,
+            blocks
+                .linears
+                .iter()
+                .map(|l| l.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let per_block: usize = blocks
+        .linears
+        .iter()
+        .filter(|l| all || targets.iter().any(|t| names(l, t)))
+        .map(|l| r * (l.in_features + l.out_features))
+        .sum();
+    Ok(blocks.layers * per_block)
+}
+
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
     let cfg: LoraConfig = config.typed("lora")?;
     Ok(Box::new(Lora::new(cfg, ctx)?))
@@ -58,16 +107,27 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 
 /// Builds LoRA layers for the modules a [`LoraConfig`] targets.
 pub struct Lora {
-    config: LoraConfig,
+    core: TunerCore<LoraConfig, LoraLayer>,
     patterns: config::Patterns,
-    targets: Targets,
-    allow_unmatched: bool,
-    seed: u64,
-    mode: Arc<Mode>,
-    params: ParamStore,
-    saved: ModulesToSave,
     biases: TrainedBiases,
     state: Mutex<State>,
+}
+
+/// What a merge needs of one adapted module.
+#[derive(Clone, Copy, Debug)]
+struct LoraLayer {
+    kind: Kind,
+    /// `s = α/r` (or `α/√r` with rsLoRA).
+    scaling: f64,
+}
+
+/// PiSSA/OLoRA: a module's initial factors, kept for the rank-2r conversion on save.
+struct InitialFactors {
+    path: String,
+    /// `A₀: [r, in]`.
+    a: Tensor,
+    /// `B₀: [out, r]`.
+    b: Tensor,
 }
 
 /// What a LoRA layer wraps, for its merge update.
@@ -81,13 +141,11 @@ enum Kind {
 
 #[derive(Default)]
 struct State {
-    /// Adapted modules with their kind and scaling `s`.
-    adapted: Vec<(AdaptedModule, Kind, f64)>,
     /// Base tensors replaced by ones the adapter holds (PEFT's `<path>.base_layer.weight`)
     /// or by PiSSA/OLoRA residuals.
     base_replaced: Vec<(String, Tensor)>,
-    /// PiSSA/OLoRA: each module's initial `(A₀, B₀)`, for the rank-2r conversion on save.
-    initial: Vec<(String, Tensor, Tensor)>,
+    /// PiSSA/OLoRA: each module's initial factors, for the rank-2r conversion on save.
+    initial: Vec<InitialFactors>,
     /// Which `rank_pattern` / `alpha_pattern` keys decided some module.
     rank_keys_used: Vec<bool>,
     alpha_keys_used: Vec<bool>,
@@ -101,7 +159,11 @@ impl Lora {
         let target =
             config.target_modules.as_ref().ok_or_else(|| anyhow!("lora: target_modules is required (a list of module names, a regex, or \"all-linear\")"))?;
         let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
-            .context("lora")?;
+            .context("lora")?
+            .in_layers(
+                config.layers_to_transform.as_ref(),
+                config.layers_pattern.as_ref(),
+            );
         let patterns = config.patterns()?;
         let biases = TrainedBiases::new(BiasMode::parse("lora", &config.bias)?);
         let state = State {
@@ -109,57 +171,42 @@ impl Lora {
             alpha_keys_used: vec![false; patterns.alpha.len()],
             ..Default::default()
         };
+        let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
-            saved: ModulesToSave::new(config.modules_to_save.as_deref()),
+            core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
             biases,
             patterns,
-            targets,
-            allow_unmatched: ctx.allow_unmatched,
-            seed: ctx.seed,
-            mode: Arc::new(Mode::new(ctx.seed)),
-            params: ParamStore::new(ctx.device, ctx.weights),
             state: Mutex::new(state),
-            config,
         })
     }
 
     pub fn config(&self) -> &LoraConfig {
-        &self.config
-    }
-
-    fn in_layers(&self, path: &str) -> bool {
-        in_layers(
-            path,
-            self.config.layers_to_transform.as_ref(),
-            self.config.layers_pattern.as_ref(),
-        )
+        &self.core.config
     }
 
     /// `A: [r, in]` and `B: [out, r]`, saved or initialised per `init_lora_weights`.
     fn factors(&self, path: &str, r: usize, in_f: usize, out_f: usize) -> Result<(Var, Var)> {
         let key_a = peft_key(path, "lora_A.weight");
         let key_b = peft_key(path, "lora_B.weight");
+        let params = &self.core.params;
         if let Some((a0, b0)) = self
             .state
             .lock()
             .unwrap()
             .initial
             .iter()
-            .find(|(p, _, _)| p == path)
-            .map(|(_, a, b)| (a.clone(), b.clone()))
+            .find(|initial| initial.path == path)
+            .map(|initial| (initial.a.clone(), initial.b.clone()))
         {
             return Ok((
-                self.params.take_or_init(&key_a, &[r, in_f], || Ok(a0))?,
-                self.params.take_or_init(&key_b, &[out_f, r], || Ok(b0))?,
+                params.take_or_init(&key_a, &[r, in_f], || Ok(a0))?,
+                params.take_or_init(&key_b, &[out_f, r], || Ok(b0))?,
             ));
         }
-        let dev = self.params.device().clone();
-        let (seed_a, seed_b) = (
-            init::seed_for(self.seed, &key_a),
-            init::seed_for(self.seed, &key_b),
-        );
-        let a = self.params.take_or_init(&key_a, &[r, in_f], || {
-            match &self.config.init_lora_weights {
+        let dev = params.device().clone();
+        let (seed_a, seed_b) = (self.core.init_seed(&key_a), self.core.init_seed(&key_b));
+        let a = params.take_or_init(&key_a, &[r, in_f], || {
+            match &self.config().init_lora_weights {
                 // PEFT "gaussian": normal(0, 1/r) for A.
                 InitLoraWeights::Named(n) if n == "gaussian" => {
                     init::normal(&[r, in_f], 1.0 / r as f64, seed_a, &dev)
@@ -168,8 +215,8 @@ impl Lora {
                 _ => init::kaiming_uniform(&[r, in_f], 5f64.sqrt(), seed_a, &dev),
             }
         })?;
-        let b = self.params.take_or_init(&key_b, &[out_f, r], || {
-            match &self.config.init_lora_weights {
+        let b = params.take_or_init(&key_b, &[out_f, r], || {
+            match &self.config().init_lora_weights {
                 // init_lora_weights=false: B random too, so the adapter is not a no-op (tests).
                 InitLoraWeights::Flag(false) => {
                     init::kaiming_uniform(&[out_f, r], 5f64.sqrt(), seed_b, &dev)
@@ -182,18 +229,18 @@ impl Lora {
 
     /// `rank_pattern` / `alpha_pattern` keys that decided no targeted module: errors (or
     /// warnings with `allow_unmatched`), since such a key silently trains another rank.
-    fn check_pattern_keys(&self, st: &State) -> Result<()> {
+    fn check_pattern_keys(&self, state: &State) -> Result<()> {
         let unused: Vec<String> = (self
             .patterns
             .rank
             .iter()
-            .zip(&st.rank_keys_used)
+            .zip(&state.rank_keys_used)
             .map(|((k, _), u)| ("rank_pattern", k, *u)))
         .chain(
             self.patterns
                 .alpha
                 .iter()
-                .zip(&st.alpha_keys_used)
+                .zip(&state.alpha_keys_used)
                 .map(|((k, _), u)| ("alpha_pattern", k, *u)),
         )
         .filter(|(_, _, used)| !used)
@@ -203,7 +250,7 @@ impl Lora {
             return Ok(());
         }
         let msg = format!("lora: {} matched no targeted module", unused.join(", "));
-        if self.allow_unmatched {
+        if self.core.allow_unmatched {
             tracing::warn!("{msg} (continuing: --allow-unmatched)");
             return Ok(());
         }
@@ -216,33 +263,36 @@ impl Lora {
     /// saves a targeted embedding's base layer by default), recorded for merges; else `base`.
     fn saved_base(&self, path: &str, base: FrozenWeight) -> Result<FrozenWeight> {
         let key = peft_key(path, "base_layer.weight");
-        let Some(t) = self.params.take_frozen(&key) else {
+        let Some(saved) = self.core.params.take_frozen(&key) else {
             return Ok(base);
         };
         let (rows, cols) = base.dims();
-        if t.dims() != [rows, cols] {
-            bail!("lora: adapter tensor {key:?} has shape {:?}, but the model's layer is [{rows}, {cols}] (another vocabulary or model?)", t.dims())
+        if saved.dims() != [rows, cols] {
+            bail!("lora: adapter tensor {key:?} has shape {:?}, but the model's layer is [{rows}, {cols}] (another vocabulary or model?)", saved.dims())
         }
-        let t = t.to_dtype(DType::F32)?.to_device(self.params.device())?;
+        let saved = saved
+            .to_dtype(DType::F32)?
+            .to_device(self.core.params.device())?;
         self.state
             .lock()
             .unwrap()
             .base_replaced
-            .push((format!("{path}.weight"), t.clone()));
-        Ok(FrozenWeight::Dense(t))
+            .push((format!("{path}.weight"), saved.clone()));
+        Ok(FrozenWeight::Dense(saved))
     }
 
     /// Rank, alpha and scaling of the module at `path`, marking the pattern keys that decided them.
     fn rank_alpha_scaling(&self, path: &str) -> (usize, f64, f64) {
-        let (r, alpha, ri, ai) = self.config.rank_and_alpha(&self.patterns, path);
-        let mut st = self.state.lock().unwrap();
-        if let Some(i) = ri {
-            st.rank_keys_used[i] = true;
+        let config = self.config();
+        let (r, alpha, rank_key, alpha_key) = config.rank_and_alpha(&self.patterns, path);
+        let mut state = self.state.lock().unwrap();
+        if let Some(i) = rank_key {
+            state.rank_keys_used[i] = true;
         }
-        if let Some(i) = ai {
-            st.alpha_keys_used[i] = true;
+        if let Some(i) = alpha_key {
+            state.alpha_keys_used[i] = true;
         }
-        (r, alpha, self.config.scaling(r, alpha))
+        (r, alpha, config.scaling(r, alpha))
     }
 
     /// `lora_B`'s bias `[out]` (`lora_bias = true`): zero, or PyTorch's `nn.Linear` bias init
@@ -254,7 +304,7 @@ impl Lora {
         out_f: usize,
         base_has_bias: bool,
     ) -> Result<Option<Var>> {
-        if !self.config.lora_bias {
+        if !self.config().lora_bias {
             return Ok(None);
         }
         if !base_has_bias {
@@ -262,19 +312,16 @@ impl Lora {
             tracing::warn!("lora: lora_bias=True on {path}, which has no bias: merging this adapter won't be possible");
         }
         let key = peft_key(path, "lora_B.bias");
-        let (dev, seed) = (
-            self.params.device().clone(),
-            init::seed_for(self.seed, &key),
-        );
-        let v =
-            self.params
-                .take_or_init(&key, &[out_f], || match &self.config.init_lora_weights {
-                    InitLoraWeights::Flag(false) => {
-                        init::uniform(&[out_f], 1.0 / (r as f64).sqrt(), seed, &dev)
-                    }
-                    _ => Ok(Tensor::zeros(out_f, DType::F32, &dev)?),
-                })?;
-        Ok(Some(v))
+        let (dev, seed) = (self.core.params.device().clone(), self.core.init_seed(&key));
+        let bias = self.core.params.take_or_init(&key, &[out_f], || {
+            match &self.config().init_lora_weights {
+                InitLoraWeights::Flag(false) => {
+                    init::uniform(&[out_f], 1.0 / (r as f64).sqrt(), seed, &dev)
+                }
+                _ => Ok(Tensor::zeros(out_f, DType::F32, &dev)?),
+            }
+        })?;
+        Ok(Some(bias))
     }
 }
 
@@ -290,8 +337,8 @@ impl Lora {
         scaling: f64,
     ) -> Result<(Var, Tensor)> {
         let bare = FrozenLinear::from_weight(base.weight().clone(), None);
-        let w0_sq = dora::row_sq_norms(base.weight(), self.params.device())?;
-        let m = self.params.take_or_init(
+        let w0_sq = dora::row_sq_norms(base.weight(), self.core.params.device())?;
+        let magnitude = self.core.params.take_or_init(
             &peft_key(path, "lora_magnitude_vector"),
             &[base.out_features()],
             || {
@@ -304,7 +351,7 @@ impl Lora {
                 )?)
             },
         )?;
-        Ok((m, w0_sq))
+        Ok((magnitude, w0_sq))
     }
 }
 
@@ -319,7 +366,7 @@ impl Lora {
         r: usize,
         scaling: f64,
     ) -> Result<FrozenLinear> {
-        let InitLoraWeights::Named(name) = &self.config.init_lora_weights else {
+        let InitLoraWeights::Named(name) = &self.config().init_lora_weights else {
             return Ok(base);
         };
         let Some(scheme) = ResidualInit::parse(name)? else {
@@ -335,14 +382,19 @@ impl Lora {
                 "lora: init_lora_weights={name:?} on {path} replaces the base by its residual, which --shard-base cannot hold sharded; drop --shard-base or use another init_lora_weights"
             ),
         };
-        let seed = init::seed_for(self.seed, &peft_key(path, "lora_A.weight"));
-        let res = residual_init(scheme, &w.to_dtype(DType::F32)?, r, scaling, seed)
+        let seed = self.core.init_seed(&peft_key(path, "lora_A.weight"));
+        let residual = residual_init(scheme, &w.to_dtype(DType::F32)?, r, scaling, seed)
             .with_context(|| format!("lora: {name} initialisation of {path}"))?;
-        let mut st = self.state.lock().unwrap();
-        st.initial.push((path.to_string(), res.a, res.b));
-        st.base_replaced
-            .push((format!("{path}.weight"), res.residual.clone()));
-        Ok(FrozenLinear::new(res.residual, base.bias().cloned())?)
+        let mut state = self.state.lock().unwrap();
+        state.initial.push(InitialFactors {
+            path: path.to_string(),
+            a: residual.a,
+            b: residual.b,
+        });
+        state
+            .base_replaced
+            .push((format!("{path}.weight"), residual.residual.clone()));
+        Ok(FrozenLinear::new(residual.residual, base.bias().cloned())?)
     }
 }
 
@@ -351,22 +403,24 @@ impl Lora {
     /// `path_initial_model_for_weight_conversion`): `r` and `rank_pattern` doubled, `lora_alpha`
     /// and `alpha_pattern` doubled (times √2 with rsLoRA, keeping α/√r), `init_lora_weights = true`.
     fn converted_config(&self, obj: &mut Map<String, Value>) -> Result<()> {
-        let c = &self.config;
-        if c.use_rslora && (!c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty()) {
+        let config = self.config();
+        if config.use_rslora
+            && (!config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty())
+        {
             bail!("lora: cannot save a PiSSA/OLoRA adapter with use_rslora and rank_pattern/alpha_pattern as plain LoRA (peft refuses the same conversion)")
         }
-        let alpha_factor = if c.use_rslora { 2f64.sqrt() } else { 2.0 };
+        let alpha_factor = if config.use_rslora { 2f64.sqrt() } else { 2.0 };
         let doubled = |m: &Map<String, Value>, f: f64| -> Map<String, Value> {
             m.iter()
                 .map(|(k, v)| (k.clone(), json_number(v.as_f64().unwrap_or(0.0) * f)))
                 .collect()
         };
-        obj.insert("r".into(), serde_json::json!(2 * c.r));
+        obj.insert("r".into(), serde_json::json!(2 * config.r));
         obj.insert(
             "lora_alpha".into(),
-            json_number(c.lora_alpha * alpha_factor),
+            json_number(config.lora_alpha * alpha_factor),
         );
-        let ranks: Map<String, Value> = c
+        let ranks: Map<String, Value> = config
             .rank_pattern
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::json!(2 * v.as_u64().unwrap_or(0))))
@@ -374,7 +428,7 @@ impl Lora {
         obj.insert("rank_pattern".into(), Value::Object(ranks));
         obj.insert(
             "alpha_pattern".into(),
-            Value::Object(doubled(&c.alpha_pattern, 2.0)),
+            Value::Object(doubled(&config.alpha_pattern, 2.0)),
         );
         obj.insert("init_lora_weights".into(), Value::Bool(true));
         Ok(())
@@ -388,15 +442,15 @@ impl ModelHook for Lora {
             // (`original_module.bias`, `modules_to_save.bias`): copies of the base bias and of
             // the saved `<path>.bias`, which is what peft loads and uses.
             for inner in ["original_module.bias", "modules_to_save.bias"] {
-                self.params.take_frozen(&peft_key(&info.path, inner));
+                self.core.params.take_frozen(&peft_key(&info.path, inner));
             }
         }
-        let base = match self.saved.wrap(info, base, &self.params)? {
-            Ok(full) => return Ok(full),
-            Err(base) => base,
+        let (base, targeted) = match self.core.route_linear(info, base)? {
+            LinearRoute::TrainedInFull(full) => return Ok(full),
+            LinearRoute::Targeted(base) => (base, true),
+            LinearRoute::Untargeted(base) => (base, false),
         };
         let path = info.path.as_str();
-        let targeted = self.targets.select(path, info.is_output_head) && self.in_layers(path);
         let base_has_bias = base.bias().is_some();
         let base = if targeted {
             FrozenLinear::from_weight(
@@ -406,7 +460,9 @@ impl ModelHook for Lora {
         } else {
             base
         };
-        let (base, base_bias) = self.biases.linear(path, targeted, base, &self.params)?;
+        let (base, base_bias) = self
+            .biases
+            .linear(path, targeted, base, &self.core.params)?;
         if !targeted {
             return Ok(match base_bias {
                 Some(bias) => Box::new(BiasTrainedLinear { base, bias }),
@@ -418,7 +474,7 @@ impl ModelHook for Lora {
         let (out_f, in_f) = (base.out_features(), base.in_features());
         let (a, b) = self.factors(path, r, in_f, out_f)?;
         let lora_b_bias = self.lora_b_bias(path, r, out_f, base_has_bias)?;
-        let dora = if self.config.use_dora {
+        let dora = if self.config().use_dora {
             Some(self.magnitude(path, &base, &a, &b, scaling)?)
         } else {
             None
@@ -442,23 +498,20 @@ impl ModelHook for Lora {
             lora_bias: lora_b_bias.is_some(),
             dora: dora.is_some(),
         };
-        self.state.lock().unwrap().adapted.push((
-            AdaptedModule {
-                path: path.to_string(),
-                params,
-                detail,
-            },
-            kind,
-            scaling,
-        ));
+        let module = AdaptedModule {
+            path: path.to_string(),
+            params,
+            detail,
+        };
+        self.core.record(module, LoraLayer { kind, scaling });
         let mut layer = LoraLinear::new(
             path.to_string(),
             base,
             a,
             b,
             scaling,
-            self.config.lora_dropout,
-            self.mode.clone(),
+            self.config().lora_dropout,
+            self.core.clock.clone(),
         )
         .with_biases(lora_b_bias, base_bias);
         if let Some((magnitude, w0_sq)) = dora {
@@ -468,20 +521,21 @@ impl ModelHook for Lora {
     }
 
     fn norm(&self, info: &NormInfo, params: NormParams) -> Result<NormParams> {
-        self.biases.norm(&info.path, params, &self.params)
+        self.biases.norm(&info.path, params, &self.core.params)
     }
 
     /// `lora_embedding_A: [r, vocab]`, `lora_embedding_B: [hidden, r]` (peft `lora.Embedding`):
     /// A zero and B standard normal by default, both standard normal with `init_lora_weights = false`.
     fn embedding(&self, info: &EmbeddingInfo, base: FrozenWeight) -> Result<Box<dyn Embedding>> {
         let path = info.path.as_str();
-        if !self.targets.select_non_linear(path) || !self.in_layers(path) {
+        if !self.core.adapts(path, true) {
             return Ok(Box::new(self.saved_base(path, base)?));
         }
-        if self.config.lora_bias {
+        let config = self.config();
+        if config.lora_bias {
             bail!("lora: lora_bias=True is not supported for embedding layers ({path}), as in peft")
         }
-        if self.config.use_dora {
+        if config.use_dora {
             bail!("lora: use_dora on an embedding layer ({path}) is not supported yet; target linear layers only, or set use_dora=false")
         }
         let base = self.saved_base(path, base)?;
@@ -491,28 +545,29 @@ impl ModelHook for Lora {
             peft_key(path, "lora_embedding_A"),
             peft_key(path, "lora_embedding_B"),
         );
-        let dev = self.params.device().clone();
-        let random = self.config.init_lora_weights == InitLoraWeights::Flag(false);
-        let a = self.params.take_or_init(&key_a, &[r, vocab], || {
+        let params = &self.core.params;
+        let dev = params.device().clone();
+        let random = config.init_lora_weights == InitLoraWeights::Flag(false);
+        let a = params.take_or_init(&key_a, &[r, vocab], || {
             if random {
-                init::normal(&[r, vocab], 1.0, init::seed_for(self.seed, &key_a), &dev)
+                init::normal(&[r, vocab], 1.0, self.core.init_seed(&key_a), &dev)
             } else {
                 Ok(Tensor::zeros((r, vocab), DType::F32, &dev)?)
             }
         })?;
-        let b = self.params.take_or_init(&key_b, &[hidden, r], || {
-            init::normal(&[hidden, r], 1.0, init::seed_for(self.seed, &key_b), &dev)
+        let b = params.take_or_init(&key_b, &[hidden, r], || {
+            init::normal(&[hidden, r], 1.0, self.core.init_seed(&key_b), &dev)
         })?;
-        let detail = format!("embedding r={r} alpha={alpha} scaling={scaling}");
-        self.state.lock().unwrap().adapted.push((
-            AdaptedModule {
-                path: path.to_string(),
-                params: r * (vocab + hidden),
-                detail,
-            },
-            Kind::Embedding,
+        let module = AdaptedModule {
+            path: path.to_string(),
+            params: r * (vocab + hidden),
+            detail: format!("embedding r={r} alpha={alpha} scaling={scaling}"),
+        };
+        let layer = LoraLayer {
+            kind: Kind::Embedding,
             scaling,
-        ));
+        };
+        self.core.record(module, layer);
         Ok(Box::new(LoraEmbedding::new(
             base,
             info.padding_idx,
@@ -524,57 +579,40 @@ impl ModelHook for Lora {
 }
 
 impl Tuner for Lora {
-    fn method(&self) -> &'static Method {
-        &METHOD
-    }
-
-    fn mode(&self) -> &Arc<Mode> {
-        &self.mode
+    fn core(&self) -> &dyn AnyTunerCore {
+        &self.core
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let st = self.state.lock().unwrap();
-        let report =
-            check_finished("lora", &self.targets, &self.params, self.allow_unmatched, !st.adapted.is_empty(), "linear or embedding layer").map_err(|e| {
-                match (&self.config.layers_to_transform, st.adapted.is_empty()) {
-                    // As peft's error does: the layer selection may be what left nothing.
-                    (Some(l), true) => {
-                        let shown = |v: serde_json::Result<Value>| v.map(|v| v.to_string()).unwrap_or_default();
-                        let pattern = shown(serde_json::to_value(&self.config.layers_pattern));
-                        anyhow!(
-                            "{e} (layers_to_transform is {}, layers_pattern {pattern}: no targeted module lies in those layers)",
-                            shown(serde_json::to_value(l))
-                        )
-                    }
-                    _ => e,
+        let nothing_adapted = self.core.adapted().is_empty();
+        let report = self
+            .core
+            .check_finished("target_modules matched no linear or embedding layer of the model")
+            .map_err(|e| match (&self.config().layers_to_transform, nothing_adapted) {
+                // As peft's error does: the layer selection may be what left nothing.
+                (Some(layers), true) => {
+                    let shown =
+                        |v: serde_json::Result<Value>| v.map(|v| v.to_string()).unwrap_or_default();
+                    let pattern = shown(serde_json::to_value(&self.config().layers_pattern));
+                    anyhow!(
+                        "{e} (layers_to_transform is {}, layers_pattern {pattern}: no targeted module lies in those layers)",
+                        shown(serde_json::to_value(layers))
+                    )
                 }
+                _ => e,
             })?;
-        self.check_pattern_keys(&st)?;
-        Ok(vec![report])
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.trainable()
-    }
-
-    fn adapted(&self) -> Vec<AdaptedModule> {
-        self.state
-            .lock()
-            .unwrap()
-            .adapted
-            .iter()
-            .map(|(m, _, _)| m.clone())
-            .collect()
+        self.check_pattern_keys(&self.state.lock().unwrap())?;
+        Ok(report)
     }
 
     fn config_json(&self) -> Result<Value> {
-        let mut v = serde_json::to_value(&self.config)?;
-        let obj = v
+        let mut json = serde_json::to_value(self.config())?;
+        let obj = json
             .as_object_mut()
             .ok_or_else(|| anyhow!("config is not an object"))?;
         // PEFT writes the explicit list of full module paths when "all-linear" was asked for.
         if self
-            .config
+            .config()
             .target_modules
             .as_ref()
             .is_some_and(|t| t.is_all_linear())
@@ -587,7 +625,7 @@ impl Tuner for Lora {
         if !self.state.lock().unwrap().initial.is_empty() {
             self.converted_config(obj)?;
         }
-        Ok(v)
+        Ok(json)
     }
 
     /// PiSSA/OLoRA save as plain LoRA of rank 2r: `[A | A₀]` stacked on rows, `[B | −B₀]` on
@@ -595,19 +633,20 @@ impl Tuner for Lora {
     /// `LoraModel.subtract_mutated_init`). Other tensors (`modules_to_save`, biases) are kept;
     /// peft's conversion drops them.
     fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let st = self.state.lock().unwrap();
+        let state = self.state.lock().unwrap();
         let mut out = Vec::new();
-        for (key, v) in self.params.trainable() {
-            let t = v.as_tensor().clone();
-            let initial = st.initial.iter().find(|(p, _, _)| {
-                key == peft_key(p, "lora_A.weight") || key == peft_key(p, "lora_B.weight")
+        for (key, var) in self.trainable() {
+            let trained = var.as_tensor().clone();
+            let initial = state.initial.iter().find(|initial| {
+                key == peft_key(&initial.path, "lora_A.weight")
+                    || key == peft_key(&initial.path, "lora_B.weight")
             });
             out.push(match initial {
-                Some((_, a0, _)) if key.ends_with("lora_A.weight") => {
-                    (key, Tensor::cat(&[&t, a0], 0)?)
+                Some(initial) if key.ends_with("lora_A.weight") => {
+                    (key, Tensor::cat(&[&trained, &initial.a], 0)?)
                 }
-                Some((_, _, b0)) => (key, Tensor::cat(&[&t, &b0.neg()?], 1)?),
-                None => (key, t),
+                Some(initial) => (key, Tensor::cat(&[&trained, &initial.b.neg()?], 1)?),
+                None => (key, trained),
             });
         }
         Ok(out)
@@ -616,26 +655,28 @@ impl Tuner for Lora {
     /// `ΔW = s · B A` per adapted linear (`s·(B A)ᵀ` per embedding), and `Δb = s·b_B` with
     /// `lora_bias` (peft `lora.Linear.merge`); merge: `W' = W + ΔW`.
     fn updates(&self) -> Result<Vec<(String, Update)>> {
-        let st = self.state.lock().unwrap();
         let mut out = Vec::new();
-        for (m, kind, scaling) in &st.adapted {
+        for adapted in self.core.adapted().iter() {
+            let path = &adapted.module.path;
+            let scaling = adapted.layer.scaling;
             let get = |suffix: &str| {
-                self.params
-                    .get(&peft_key(&m.path, suffix))
-                    .ok_or_else(|| anyhow!("lora: {} has no {suffix}", m.path))
+                self.core
+                    .params
+                    .get(&peft_key(path, suffix))
+                    .ok_or_else(|| anyhow!("lora: {path} has no {suffix}"))
             };
-            let weight = format!("{}.weight", m.path);
-            match kind {
+            let weight = format!("{path}.weight");
+            match adapted.layer.kind {
                 Kind::Embedding => {
                     let (a, b) = (get("lora_embedding_A")?, get("lora_embedding_B")?);
                     out.push((
                         weight,
-                        Update::Add((b.as_tensor().matmul(a.as_tensor())?.t()? * *scaling)?),
+                        Update::Add((b.as_tensor().matmul(a.as_tensor())?.t()? * scaling)?),
                     ));
                 }
                 Kind::Linear { lora_bias, dora } => {
                     let (a, b) = (get("lora_A.weight")?, get("lora_B.weight")?);
-                    let delta = (b.as_tensor().matmul(a.as_tensor())? * *scaling)?;
+                    let delta = (b.as_tensor().matmul(a.as_tensor())? * scaling)?;
                     out.push(match dora {
                         true => (
                             weight,
@@ -646,10 +687,10 @@ impl Tuner for Lora {
                         ),
                         false => (weight, Update::Add(delta)),
                     });
-                    if *lora_bias {
+                    if lora_bias {
                         out.push((
-                            format!("{}.bias", m.path),
-                            Update::Add((get("lora_B.bias")?.as_tensor() * *scaling)?),
+                            format!("{path}.bias"),
+                            Update::Add((get("lora_B.bias")?.as_tensor() * scaling)?),
                         ));
                     }
                 }
@@ -659,12 +700,12 @@ impl Tuner for Lora {
     }
 
     fn trained_in_place(&self) -> usize {
-        self.biases.count(&self.params)
+        self.biases.count(&self.core.params)
     }
 
     fn replaced(&self) -> Vec<(String, Tensor)> {
-        let mut out = self.saved.replaced(&self.params);
-        out.extend(self.biases.replaced(&self.params));
+        let mut out = self.core.saved_replaced();
+        out.extend(self.biases.replaced(&self.core.params));
         out.extend(self.state.lock().unwrap().base_replaced.iter().cloned());
         out
     }

@@ -3,8 +3,10 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::tuners::prompt_learning::PromptLearningConfig;
+use crate::tuners::flags::{FlagValue, OptionFlag};
+use crate::tuners::prompt_learning::{PromptLearningConfig, NUM_VIRTUAL_TOKENS_FLAG};
 
 /// One prefix-tuning adapter's configuration, as `adapter_config.json` stores it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -55,3 +57,20 @@ impl PrefixTuningConfig {
         self.init_weights.as_deref() == Some("zero")
     }
 }
+
+/// Prefix tuning's command-line flags beside the common ones.
+pub static FLAGS: &[OptionFlag] = &[
+    NUM_VIRTUAL_TOKENS_FLAG,
+    OptionFlag {
+        name: "prefix-projection",
+        value: FlagValue::Count,
+        value_name: Some("WIDTH"),
+        help: "Prefix tuning: train the prefix through an MLP of this hidden width (prefix_projection).",
+        keys: |v| {
+            vec![
+                ("prefix_projection", Value::Bool(true)),
+                ("encoder_hidden_size", v),
+            ]
+        },
+    },
+];

@@ -5,7 +5,7 @@
 pub mod config;
 pub mod layer;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
@@ -15,14 +15,12 @@ pub use config::PrefixTuningConfig;
 use layer::{Prefix, PrefixEncoder};
 
 use super::config::AdapterConfig;
-use super::mode::Mode;
-use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
+use super::core::{AnyTunerCore, TunerCore};
 use super::prompt_learning::{self, ModelDims};
 use super::registry::{BuildContext, Method};
 use super::target::MatchReport;
 use super::{AdaptedModule, Tuner, Update};
-use crate::init::{kaiming_uniform, normal, seed_for, uniform};
+use crate::init::{kaiming_uniform, normal, uniform};
 use crate::model::{AttentionInfo, KvPrefix, Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
 
@@ -35,6 +33,9 @@ pub static METHOD: Method = Method {
     keys: config::KNOWN_KEYS,
     complete,
     build,
+    flags: config::FLAGS,
+    complete_flags: None,
+    count_from_shapes: None,
 };
 
 /// PEFT's key for the prefix table (`get_peft_model_state_dict`, prompt learning).
@@ -55,14 +56,10 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 
 /// Trains a key/value prefix for a [`PrefixTuningConfig`].
 pub struct PrefixTuning {
-    config: Mutex<PrefixTuningConfig>,
-    seed: u64,
-    mode: Arc<Mode>,
-    params: ParamStore,
-    saved: ModulesToSave,
+    /// The config sits in a `Mutex`: the model's dimensions are filled in while it is built.
+    core: TunerCore<Mutex<PrefixTuningConfig>>,
     /// The MLP's parameters when the prefix is computed (`prefix_projection`, not a saved table).
     projected: Mutex<Option<PrefixShape>>,
-    adapted: Mutex<Vec<AdaptedModule>>,
 }
 
 #[derive(Clone, Copy)]
@@ -74,22 +71,18 @@ struct PrefixShape {
 
 impl PrefixTuning {
     pub fn new(config: PrefixTuningConfig, ctx: BuildContext) -> Self {
+        let saved = prompt_learning::modules_to_save(&config.common);
         Self {
-            saved: prompt_learning::modules_to_save(&config.common),
-            config: Mutex::new(config),
-            seed: ctx.seed,
-            mode: Arc::new(Mode::new(ctx.seed)),
-            params: ParamStore::new(ctx.device, ctx.weights),
+            core: TunerCore::new(&METHOD, Mutex::new(config), saved, ctx),
             projected: Mutex::new(None),
-            adapted: Mutex::new(Vec::new()),
         }
     }
 
     /// A trainable tensor initialised as torch initialises the module (`nn.Embedding`:
     /// N(0, 1); `nn.Linear`: Kaiming-uniform weight with a = √5, bias U(±1/√fan_in)), or zeros.
     fn param(&self, key: &str, shape: &[usize], init: Init) -> Result<Var> {
-        let (seed, dev) = (seed_for(self.seed, key), self.params.device());
-        self.params.take_or_init(key, shape, || match init {
+        let (seed, dev) = (self.core.init_seed(key), self.core.params.device());
+        self.core.params.take_or_init(key, shape, || match init {
             Init::Zero => Ok(Tensor::zeros(shape, candle_core::DType::F32, dev)?),
             Init::Embedding => normal(shape, 1.0, seed, dev),
             Init::Weight => kaiming_uniform(shape, 5f64.sqrt(), seed, dev),
@@ -97,41 +90,46 @@ impl PrefixTuning {
         })
     }
 
-    fn encoder(&self, cfg: &PrefixTuningConfig, s: PrefixShape) -> Result<PrefixEncoder> {
-        let width = s.num_layers * 2 * s.kv_dim;
-        let zero = cfg.zero_init();
+    fn encoder(&self, config: &PrefixTuningConfig, shape: PrefixShape) -> Result<PrefixEncoder> {
+        let width = shape.num_layers * 2 * shape.kv_dim;
+        let zero = config.zero_init();
         // A saved adapter holds the table whatever produced it (peft loads it the same way).
-        let saved_table = self.params.loading() && !self.params.has_saved(EMBEDDING_KEY);
-        if !cfg.prefix_projection || saved_table {
+        let params = &self.core.params;
+        let saved_table = params.loading() && !params.has_saved(EMBEDDING_KEY);
+        if !config.prefix_projection || saved_table {
             let init = if zero { Init::Zero } else { Init::Embedding };
             return Ok(PrefixEncoder::Table(self.param(
                 PROMPT_KEY,
-                &[s.num_tokens, width],
+                &[shape.num_tokens, width],
                 init,
             )?));
         }
-        let h = cfg.encoder_hidden_size.context("prefix_tuning: encoder_hidden_size is unset (kv_prefix fills it before the encoder is built)")?;
+        let hidden = config.encoder_hidden_size.context("prefix_tuning: encoder_hidden_size is unset (kv_prefix fills it before the encoder is built)")?;
         let last = |fan_in| if zero { Init::Zero } else { Init::Bias(fan_in) };
         let enc = PrefixEncoder::Projected {
-            embedding: self.param(EMBEDDING_KEY, &[s.num_tokens, s.kv_dim], Init::Embedding)?,
+            embedding: self.param(
+                EMBEDDING_KEY,
+                &[shape.num_tokens, shape.kv_dim],
+                Init::Embedding,
+            )?,
             w1: self.param(
                 "prompt_encoder.transform.0.weight",
-                &[h, s.kv_dim],
+                &[hidden, shape.kv_dim],
                 Init::Weight,
             )?,
             b1: self.param(
                 "prompt_encoder.transform.0.bias",
-                &[h],
-                Init::Bias(s.kv_dim),
+                &[hidden],
+                Init::Bias(shape.kv_dim),
             )?,
             w2: self.param(
                 "prompt_encoder.transform.2.weight",
-                &[width, h],
+                &[width, hidden],
                 if zero { Init::Zero } else { Init::Weight },
             )?,
-            b2: self.param("prompt_encoder.transform.2.bias", &[width], last(h))?,
+            b2: self.param("prompt_encoder.transform.2.bias", &[width], last(hidden))?,
         };
-        *self.projected.lock().unwrap() = Some(s);
+        *self.projected.lock().unwrap() = Some(shape);
         Ok(enc)
     }
 }
@@ -146,7 +144,7 @@ enum Init {
 
 impl ModelHook for PrefixTuning {
     fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        prompt_learning::linear(&self.saved, info, base, &self.params)
+        Ok(self.core.route_linear(info, base)?.unadapted())
     }
 
     /// Decoders only: peft 0.21 cannot run prefix tuning on BERT with transformers 5 (its
@@ -161,26 +159,27 @@ impl ModelHook for PrefixTuning {
                 info.num_heads
             )
         }
-        let mut cfg = self.config.lock().unwrap();
+        let mut config = self.core.config.lock().unwrap();
         let kv_dim = info.num_kv_heads * info.head_dim;
         let dims = ModelDims {
             token_dim: kv_dim,
             num_attention_heads: info.num_kv_heads,
             num_layers: info.num_layers,
         };
-        cfg.common.fill_dims(
+        config.common.fill_dims(
             "prefix_tuning",
             dims,
             &["token_dim", "num_attention_heads", "num_layers"],
         )?;
-        cfg.encoder_hidden_size.get_or_insert(kv_dim);
+        config.encoder_hidden_size.get_or_insert(kv_dim);
         let shape = PrefixShape {
-            num_tokens: cfg.common.virtual_tokens("prefix_tuning")?,
+            num_tokens: config.common.virtual_tokens("prefix_tuning")?,
             num_layers: info.num_layers,
             kv_dim,
         };
-        let encoder = self.encoder(&cfg, shape)?;
+        let encoder = self.encoder(&config, shape)?;
         let params = self
+            .core
             .params
             .trainable()
             .iter()
@@ -191,11 +190,12 @@ impl ModelHook for PrefixTuning {
             "{} prefix positions × {} layers, keys and values of {kv_dim}",
             shape.num_tokens, shape.num_layers
         );
-        self.adapted.lock().unwrap().push(AdaptedModule {
+        let module = AdaptedModule {
             path: "attention key/value prefix".into(),
             params,
             detail,
-        });
+        };
+        self.core.record(module, ());
         Ok(Some(Box::new(Prefix {
             encoder,
             num_tokens: shape.num_tokens,
@@ -206,38 +206,18 @@ impl ModelHook for PrefixTuning {
 }
 
 impl Tuner for PrefixTuning {
-    fn method(&self) -> &'static Method {
-        &METHOD
-    }
-
-    fn mode(&self) -> &Arc<Mode> {
-        &self.mode
+    fn core(&self) -> &dyn AnyTunerCore {
+        &self.core
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        if self.adapted.lock().unwrap().is_empty() {
-            bail!("prefix_tuning: this model's attention takes no key/value prefix (decoders do; BERT-family encoders do not yet, and peft 0.21 with transformers 5 cannot run prefix tuning on them either)")
-        }
-        self.params.check_all_used()?;
-        Ok(vec![])
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.trainable()
-    }
-
-    fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted.lock().unwrap().clone()
-    }
-
-    fn config_json(&self) -> Result<Value> {
-        Ok(serde_json::to_value(&*self.config.lock().unwrap())?)
+        self.core.check_finished("this model's attention takes no key/value prefix (decoders do; BERT-family encoders do not yet, and peft 0.21 with transformers 5 cannot run prefix tuning on them either)")
     }
 
     /// With `prefix_projection`, the table the MLP computes, as peft's
     /// `get_prompt_embedding_to_save` saves it; the MLP itself is not saved.
     fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let trainable = self.params.trainable();
+        let trainable = self.core.params.trainable();
         if self.projected.lock().unwrap().is_none() {
             return Ok(trainable
                 .into_iter()
@@ -245,7 +225,8 @@ impl Tuner for PrefixTuning {
                 .collect());
         }
         let get = |k: &str| {
-            self.params
+            self.core
+                .params
                 .get(k)
                 .with_context(|| format!("prefix_tuning: {k} missing"))
         };
@@ -268,9 +249,5 @@ impl Tuner for PrefixTuning {
 
     fn updates(&self) -> Result<Vec<(String, Update)>> {
         Err(prompt_learning::no_merge(METHOD.peft_type))
-    }
-
-    fn replaced(&self) -> Vec<(String, Tensor)> {
-        self.saved.replaced(&self.params)
     }
 }

@@ -3,8 +3,10 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::tuners::prompt_learning::PromptLearningConfig;
+use crate::tuners::flags::{text, FlagValue, OptionFlag};
+use crate::tuners::prompt_learning::{PromptLearningConfig, NUM_VIRTUAL_TOKENS_FLAG};
 
 /// How the virtual token embeddings start (PEFT's `PromptTuningInit`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,4 +89,44 @@ impl PromptTuningConfig {
         }
         Ok(())
     }
+}
+
+/// Prompt tuning's command-line flags beside the common ones. `--prompt-tuning-init-text`
+/// implies TEXT, so it comes before `--prompt-tuning-init`, which overrides it when given.
+pub static FLAGS: &[OptionFlag] = &[
+    NUM_VIRTUAL_TOKENS_FLAG,
+    OptionFlag {
+        name: "prompt-tuning-init-text",
+        value: FlagValue::Text,
+        value_name: None,
+        help: "Prompt tuning: the text whose token embeddings start the prompt (implies TEXT; tokenized with the model's own tokenizer unless tokenizer_name_or_path is set).",
+        keys: |v| {
+            vec![
+                ("prompt_tuning_init_text", v),
+                ("prompt_tuning_init", Value::from("TEXT")),
+            ]
+        },
+    },
+    OptionFlag {
+        name: "prompt-tuning-init",
+        value: FlagValue::Text,
+        value_name: Some("RANDOM|SAMPLE_VOCAB|TEXT"),
+        help: "Prompt tuning: RANDOM (default), SAMPLE_VOCAB or TEXT.",
+        keys: |v| vec![("prompt_tuning_init", Value::from(text(&v).to_ascii_uppercase()))],
+    },
+];
+
+/// TEXT init reads a tokenizer (peft requires `tokenizer_name_or_path`): the model's own,
+/// written into the adapter config, unless the config names one.
+pub fn complete_flags(options: &mut Map<String, Value>, model: &str) -> anyhow::Result<()> {
+    let text_init = options.get("prompt_tuning_init").and_then(Value::as_str) == Some("TEXT");
+    if text_init
+        && options
+            .get("tokenizer_name_or_path")
+            .is_none_or(Value::is_null)
+    {
+        tracing::info!("prompt_tuning_init_text is tokenized with the model's tokenizer (tokenizer_name_or_path = {model:?})");
+        options.insert("tokenizer_name_or_path".into(), Value::from(model));
+    }
+    Ok(())
 }

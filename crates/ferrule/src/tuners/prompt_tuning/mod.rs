@@ -5,7 +5,7 @@ pub mod config;
 pub mod layer;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -16,14 +16,12 @@ pub use config::{PromptTuningConfig, PromptTuningInit};
 use layer::{fit_to, PromptEmbedding};
 
 use super::config::AdapterConfig;
-use super::mode::Mode;
-use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
+use super::core::{AnyTunerCore, TunerCore};
 use super::prompt_learning::{self, ModelDims};
 use super::registry::{BuildContext, Method};
 use super::target::MatchReport;
 use super::{AdaptedModule, Tuner, Update};
-use crate::init::{normal, seed_for};
+use crate::init::normal;
 use crate::model::{InputInfo, Linear, LinearInfo, ModelHook, VirtualTokens};
 use crate::ops::FrozenLinear;
 
@@ -36,6 +34,9 @@ pub static METHOD: Method = Method {
     keys: config::KNOWN_KEYS,
     complete,
     build,
+    flags: config::FLAGS,
+    complete_flags: Some(config::complete_flags),
+    count_from_shapes: None,
 };
 
 /// PEFT's key for the prompt (`get_peft_model_state_dict`, prompt learning).
@@ -54,54 +55,48 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 
 /// Trains virtual tokens for a [`PromptTuningConfig`].
 pub struct PromptTuning {
-    config: Mutex<PromptTuningConfig>,
-    seed: u64,
-    mode: Arc<Mode>,
-    params: ParamStore,
-    saved: ModulesToSave,
-    adapted: Mutex<Vec<AdaptedModule>>,
+    /// The config sits in a `Mutex`: the model's dimensions are filled in while it is built.
+    core: TunerCore<Mutex<PromptTuningConfig>>,
 }
 
 impl PromptTuning {
     pub fn new(config: PromptTuningConfig, ctx: BuildContext) -> Self {
+        let saved = prompt_learning::modules_to_save(&config.common);
         Self {
-            saved: prompt_learning::modules_to_save(&config.common),
-            config: Mutex::new(config),
-            seed: ctx.seed,
-            mode: Arc::new(Mode::new(ctx.seed)),
-            params: ParamStore::new(ctx.device, ctx.weights),
-            adapted: Mutex::new(Vec::new()),
+            core: TunerCore::new(&METHOD, Mutex::new(config), saved, ctx),
         }
     }
 
-    /// The initial prompt `[n, hidden]` for a fresh adapter (PEFT's `PromptEmbedding.__init__`).
+    /// The initial prompt `[num_tokens, hidden]` for a fresh adapter (PEFT's `PromptEmbedding.__init__`).
     fn initial_prompt(
         &self,
-        cfg: &PromptTuningConfig,
+        config: &PromptTuningConfig,
         info: &InputInfo,
-        n: usize,
+        num_tokens: usize,
     ) -> Result<Tensor> {
-        let device = self.params.device();
+        let device = self.core.params.device();
         let vocab = info.word_embeddings.base().dims().0;
-        let ids: Vec<u32> = match cfg.prompt_tuning_init {
+        let ids: Vec<u32> = match config.prompt_tuning_init {
             PromptTuningInit::Random => {
                 return normal(
-                    &[n, info.hidden_size],
+                    &[num_tokens, info.hidden_size],
                     1.0,
-                    seed_for(self.seed, PROMPT_KEY),
+                    self.core.init_seed(PROMPT_KEY),
                     device,
                 )
             }
             PromptTuningInit::SampleVocab => {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed_for(self.seed, PROMPT_KEY));
-                (0..n).map(|_| rng.gen_range(0..vocab as u32)).collect()
+                let mut rng = rand::rngs::StdRng::seed_from_u64(self.core.init_seed(PROMPT_KEY));
+                (0..num_tokens)
+                    .map(|_| rng.gen_range(0..vocab as u32))
+                    .collect()
             }
-            PromptTuningInit::Text => fit_to(&text_ids(cfg)?, n),
+            PromptTuningInit::Text => fit_to(&text_ids(config)?, num_tokens),
         };
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             bail!("prompt_tuning: prompt_tuning_init_text has token id {bad}, outside this model's vocabulary of {vocab}: tokenizer_name_or_path names another model's tokenizer")
         }
-        if ids.len() != n {
+        if ids.len() != num_tokens {
             bail!("prompt_tuning: prompt_tuning_init_text tokenizes to no tokens")
         }
         let rows = info
@@ -137,68 +132,47 @@ fn text_ids(cfg: &PromptTuningConfig) -> Result<Vec<u32>> {
 
 impl ModelHook for PromptTuning {
     fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        prompt_learning::linear(&self.saved, info, base, &self.params)
+        Ok(self.core.route_linear(info, base)?.unadapted())
     }
 
     fn virtual_tokens(&self, info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
-        let mut cfg = self.config.lock().unwrap();
+        let mut config = self.core.config.lock().unwrap();
         let dims = ModelDims {
             token_dim: info.hidden_size,
             num_attention_heads: info.num_heads,
             num_layers: info.num_layers,
         };
-        cfg.common
+        config
+            .common
             .fill_dims("prompt_tuning", dims, &["token_dim"])?;
-        let n = cfg.common.virtual_tokens("prompt_tuning")?;
-        let table: Var = self
-            .params
-            .take_or_init(PROMPT_KEY, &[n, info.hidden_size], || {
-                self.initial_prompt(&cfg, info, n)
-            })?;
-        let detail = format!("{n} virtual tokens before the input");
-        self.adapted.lock().unwrap().push(AdaptedModule {
+        let num_tokens = config.common.virtual_tokens("prompt_tuning")?;
+        let table: Var =
+            self.core
+                .params
+                .take_or_init(PROMPT_KEY, &[num_tokens, info.hidden_size], || {
+                    self.initial_prompt(&config, info, num_tokens)
+                })?;
+        let module = AdaptedModule {
             path: info.path.clone(),
-            params: n * info.hidden_size,
-            detail,
-        });
+            params: num_tokens * info.hidden_size,
+            detail: format!("{num_tokens} virtual tokens before the input"),
+        };
+        self.core.record(module, ());
         Ok(Some(Box::new(PromptEmbedding { table })))
     }
 }
 
 impl Tuner for PromptTuning {
-    fn method(&self) -> &'static Method {
-        &METHOD
-    }
-
-    fn mode(&self) -> &Arc<Mode> {
-        &self.mode
+    fn core(&self) -> &dyn AnyTunerCore {
+        &self.core
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        if self.params.get(PROMPT_KEY).is_none() {
-            bail!("prompt_tuning: this model has no input embeddings to put virtual tokens before")
-        }
-        self.params.check_all_used()?;
-        Ok(vec![])
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.trainable()
-    }
-
-    fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted.lock().unwrap().clone()
-    }
-
-    fn config_json(&self) -> Result<Value> {
-        Ok(serde_json::to_value(&*self.config.lock().unwrap())?)
+        self.core
+            .check_finished("this model has no input embeddings to put virtual tokens before")
     }
 
     fn updates(&self) -> Result<Vec<(String, Update)>> {
         Err(prompt_learning::no_merge(METHOD.peft_type))
-    }
-
-    fn replaced(&self) -> Vec<(String, Tensor)> {
-        self.saved.replaced(&self.params)
     }
 }

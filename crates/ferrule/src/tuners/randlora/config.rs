@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::tuners::config::serialize_number;
+use crate::tuners::flags::OptionFlag;
 use crate::tuners::target::{LayersPattern, LayersToTransform, ModuleSpec};
 
 fn r_default() -> usize {
@@ -108,3 +109,6 @@ impl RandLoraConfig {
         Ok(())
     }
 }
+
+/// RandLoRA's command-line flags beside the common ones: LoRA's `--lora-r` sets its `r`.
+pub static FLAGS: &[OptionFlag] = &[crate::tuners::lora::config::RANK_FLAG];

@@ -14,7 +14,7 @@ use candle_core::{Result, Tensor, Var};
 use crate::model::Linear;
 use crate::ops::low_rank::low_rank_linear;
 use crate::ops::FrozenLinear;
-use crate::tuners::mode::{dropout_mask, Mode};
+use crate::tuners::training_clock::{dropout_mask, TrainingClock};
 
 /// The shared random bases: `a: [r, 1, min_dim]`, `b: [max_dim, n_b, r]` over the largest
 /// targeted shape.
@@ -36,7 +36,7 @@ pub struct RandLoraLinear {
     pub bases: Arc<OnceLock<Bases>>,
     pub scaling: f64,
     pub dropout: f64,
-    pub mode: Arc<Mode>,
+    pub clock: Arc<TrainingClock>,
 }
 
 impl RandLoraLinear {
@@ -82,8 +82,8 @@ impl Linear for RandLoraLinear {
     /// `x: [.., in]` → `[.., out]`; LoRA's fused low-rank op over the effective factors, whose
     /// gradients candle carries on to `λ` and `γ`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mask = if self.mode.training() {
-            dropout_mask(x, self.dropout, self.mode.dropout_seed(&self.path))?
+        let mask = if self.clock.training() {
+            dropout_mask(x, self.dropout, self.clock.dropout_seed(&self.path))?
         } else {
             None
         };

@@ -4,7 +4,7 @@
 pub mod config;
 pub mod layer;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -15,12 +15,11 @@ pub use config::RandLoraConfig;
 use layer::{Bases, RandLoraLinear};
 
 use super::config::{default_list, AdapterConfig};
-use super::mode::Mode;
+use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::params::ParamStore;
 use super::registry::{BuildContext, Method};
-use super::target::{in_layers, MatchReport, Targets};
-use super::{check_finished, peft_key, AdaptedModule, Tuner, Update};
+use super::target::{MatchReport, Targets};
+use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
 
@@ -32,6 +31,9 @@ pub static METHOD: Method = Method {
     keys: config::KNOWN_KEYS,
     complete,
     build,
+    flags: config::FLAGS,
+    complete_flags: None,
+    count_from_shapes: None,
 };
 
 /// PEFT's keys of the shared bases (`save_projection = true`); peft also saves a copy under
@@ -57,16 +59,16 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 
 /// Trains the layers a [`RandLoraConfig`] targets.
 pub struct RandLora {
-    config: RandLoraConfig,
-    targets: Targets,
-    allow_unmatched: bool,
-    seed: u64,
-    mode: Arc<Mode>,
-    params: ParamStore,
-    saved: ModulesToSave,
+    core: TunerCore<RandLoraConfig, LayerShape>,
+    /// The random bases every layer shares, set in `finish` ([`RandLoraLinear::bases`]).
     bases: Arc<OnceLock<Bases>>,
-    /// Adapted layers: module report and `(out, in)`.
-    adapted: Mutex<Vec<(AdaptedModule, (usize, usize))>>,
+}
+
+/// The `(out, in)` of an adapted layer: what sizes the shared bases and a merge's `ΔW`.
+#[derive(Clone, Copy, Debug)]
+struct LayerShape {
+    out_features: usize,
+    in_features: usize,
 }
 
 impl RandLora {
@@ -75,30 +77,29 @@ impl RandLora {
             .target_modules
             .as_ref()
             .ok_or_else(|| anyhow!("randlora: target_modules is required"))?;
-        let targets = Targets::new("target_modules", target, None).context("randlora")?;
+        let targets = Targets::new("target_modules", target, None)
+            .context("randlora")?
+            .in_layers(
+                config.layers_to_transform.as_ref(),
+                config.layers_pattern.as_ref(),
+            );
+        let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
-            saved: ModulesToSave::new(config.modules_to_save.as_deref()),
-            targets,
-            allow_unmatched: ctx.allow_unmatched,
-            seed: ctx.seed,
-            mode: Arc::new(Mode::new(ctx.seed)),
-            params: ParamStore::new(ctx.device, ctx.weights),
+            core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
             bases: Arc::new(OnceLock::new()),
-            adapted: Mutex::new(Vec::new()),
-            config,
         })
     }
 
     /// The bases of a saved adapter, or fresh ones over the largest targeted `(out, in)`.
-    fn bases(&self, largest: (usize, usize)) -> Result<Bases> {
-        if self.params.loading() {
-            let a = self.params.take_frozen(BASE_A).ok_or_else(|| {
+    fn bases(&self, largest: LayerShape) -> Result<Bases> {
+        let params = &self.core.params;
+        if params.loading() {
+            let a = params.take_frozen(BASE_A).ok_or_else(|| {
                 anyhow!(
                     "randlora: the adapter has no {BASE_A:?} (saved with save_projection = false?)"
                 )
             })?;
-            let b = self
-                .params
+            let b = params
                 .take_frozen(BASE_B)
                 .ok_or_else(|| anyhow!("randlora: the adapter has no {BASE_B:?}"))?;
             return Ok(Bases {
@@ -106,76 +107,79 @@ impl RandLora {
                 b: b.to_dtype(DType::F32)?,
             });
         }
-        let (max, min) = (largest.0.max(largest.1), largest.0.min(largest.1));
-        let r = self.config.r;
-        let nb = min.div_ceil(r);
-        let sparsity = if self.config.very_sparse {
+        let (max, min) = (largest.max(), largest.min());
+        let config = &self.core.config;
+        let r = config.r;
+        let num_bases = min.div_ceil(r);
+        let sparsity = if config.very_sparse {
             Some((min as f64).sqrt())
         } else {
-            self.config.sparse.then_some(3.0)
+            config.sparse.then_some(3.0)
         };
-        let key = self.config.projection_prng_key;
-        let dev = self.params.device();
+        let key = config.projection_prng_key;
+        let dev = params.device();
         Ok(Bases {
             a: random_base(&[r, 1, min], sparsity, key, "randlora_A", dev)?,
-            b: random_base(&[max, nb, r], sparsity, key, "randlora_B", dev)?,
+            b: random_base(&[max, num_bases, r], sparsity, key, "randlora_B", dev)?,
         })
     }
 
-    fn layer(&self, path: &str, base: &FrozenLinear) -> Result<(Var, Var, usize)> {
-        let (in_f, out_f) = (base.in_features(), base.out_features());
-        let r = self.config.r;
-        let (min, max) = (in_f.min(out_f), in_f.max(out_f));
-        let nb = min.div_ceil(r);
-        let (key_l, key_g) = (
+    /// The trained scales `(λ: [r, n_b], γ: [n_b, min])` of the layer at `path`, and `n_b`.
+    fn layer(&self, path: &str, shape: LayerShape) -> Result<(Var, Var, usize)> {
+        let r = self.core.config.r;
+        let (min, max) = (shape.min(), shape.max());
+        let num_bases = min.div_ceil(r);
+        let (key_lambda, key_gamma) = (
             peft_key(path, "randlora_lambda"),
             peft_key(path, "randlora_gamma"),
         );
-        let dev = self.params.device().clone();
-        let seed = crate::init::seed_for(self.seed, &key_l);
-        let init = self.config.init_weights;
-        let lambda = self.params.take_or_init(&key_l, &[r, nb], || match init {
-            true => Ok(Tensor::zeros((r, nb), DType::F32, &dev)?),
-            false => crate::init::normal(&[r, nb], 1.0, seed, &dev),
+        let params = &self.core.params;
+        let dev = params.device().clone();
+        let seed = self.core.init_seed(&key_lambda);
+        let init = self.core.config.init_weights;
+        let lambda = params.take_or_init(&key_lambda, &[r, num_bases], || match init {
+            true => Ok(Tensor::zeros((r, num_bases), DType::F32, &dev)?),
+            false => crate::init::normal(&[r, num_bases], 1.0, seed, &dev),
         })?;
         // peft: ones / max(out, in) at creation, then 1 / max(γ's shape) when init_weights.
-        let g0 = if init {
-            1.0 / nb.max(min) as f64
+        let gamma0 = if init {
+            1.0 / num_bases.max(min) as f64
         } else {
             1.0 / max as f64
         };
-        let gamma = self.params.take_or_init(&key_g, &[nb, min], || {
-            Ok((Tensor::ones((nb, min), DType::F32, &dev)? * g0)?)
+        let gamma = params.take_or_init(&key_gamma, &[num_bases, min], || {
+            Ok((Tensor::ones((num_bases, min), DType::F32, &dev)? * gamma0)?)
         })?;
         // The per-module copies of the shared bases: the global ones are used.
-        self.params.take_frozen(&peft_key(path, "randlora_A"));
-        self.params.take_frozen(&peft_key(path, "randlora_B"));
-        Ok((lambda, gamma, nb))
+        params.take_frozen(&peft_key(path, "randlora_A"));
+        params.take_frozen(&peft_key(path, "randlora_B"));
+        Ok((lambda, gamma, num_bases))
     }
 
     fn scaling(&self) -> f64 {
-        self.config.randlora_alpha / self.config.r as f64
+        self.core.config.randlora_alpha / self.core.config.r as f64
     }
 
     /// Each adapted layer's `ΔW = s · B_eff A_eff` (a merge's update).
     fn deltas(&self) -> Result<Vec<(String, Tensor)>> {
-        let adapted: Vec<(String, (usize, usize))> = self
-            .adapted
-            .lock()
-            .unwrap()
+        let adapted: Vec<(String, LayerShape)> = self
+            .core
+            .adapted()
             .iter()
-            .map(|(m, s)| (m.path.clone(), *s))
+            .map(|a| (a.module.path.clone(), a.layer))
             .collect();
         let mut out = Vec::new();
-        for (path, (out_f, in_f)) in adapted {
-            let get = |s: &str| {
-                self.params
-                    .get(&peft_key(&path, s))
-                    .ok_or_else(|| anyhow!("randlora: {path} has no {s}"))
+        for (path, shape) in adapted {
+            let get = |suffix: &str| {
+                self.core
+                    .params
+                    .get(&peft_key(&path, suffix))
+                    .ok_or_else(|| anyhow!("randlora: {path} has no {suffix}"))
             };
             // Only the base's shape enters ΔW.
+            let zeros = (shape.out_features, shape.in_features);
             let base = FrozenLinear::new(
-                Tensor::zeros((out_f, in_f), DType::F32, self.params.device())?,
+                Tensor::zeros(zeros, DType::F32, self.core.params.device())?,
                 None,
             )?;
             let layer = RandLoraLinear {
@@ -186,7 +190,7 @@ impl RandLora {
                 bases: self.bases.clone(),
                 scaling: self.scaling(),
                 dropout: 0.0,
-                mode: self.mode.clone(),
+                clock: self.core.clock.clone(),
             };
             out.push((format!("{path}.weight"), layer.delta_weight()?));
         }
@@ -238,31 +242,26 @@ fn random_base(
 
 impl ModelHook for RandLora {
     fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        let base = match self.saved.wrap(info, base, &self.params)? {
-            Ok(full) => return Ok(full),
-            Err(base) => base,
+        let base = match self.core.route_linear(info, base)? {
+            LinearRoute::Targeted(base) => base,
+            other => return Ok(other.unadapted()),
         };
         let path = info.path.as_str();
-        if !self.targets.select(path, info.is_output_head)
-            || !in_layers(
-                path,
-                self.config.layers_to_transform.as_ref(),
-                self.config.layers_pattern.as_ref(),
-            )
-        {
-            return Ok(Box::new(base));
-        }
-        let (lambda, gamma, nb) = self.layer(path, &base)?;
-        let params = lambda.elem_count() + gamma.elem_count();
-        let detail = format!("r={} bases={nb} scaling={}", self.config.r, self.scaling());
-        self.adapted.lock().unwrap().push((
-            AdaptedModule {
-                path: path.to_string(),
-                params,
-                detail,
-            },
-            (base.out_features(), base.in_features()),
-        ));
+        let shape = LayerShape {
+            out_features: base.out_features(),
+            in_features: base.in_features(),
+        };
+        let (lambda, gamma, num_bases) = self.layer(path, shape)?;
+        let module = AdaptedModule {
+            path: path.to_string(),
+            params: lambda.elem_count() + gamma.elem_count(),
+            detail: format!(
+                "r={} bases={num_bases} scaling={}",
+                self.core.config.r,
+                self.scaling()
+            ),
+        };
+        self.core.record(module, shape);
         Ok(Box::new(RandLoraLinear {
             path: path.to_string(),
             base,
@@ -270,83 +269,47 @@ impl ModelHook for RandLora {
             gamma,
             bases: self.bases.clone(),
             scaling: self.scaling(),
-            dropout: self.config.randlora_dropout,
-            mode: self.mode.clone(),
+            dropout: self.core.config.randlora_dropout,
+            clock: self.core.clock.clone(),
         }))
     }
 }
 
-impl Tuner for RandLora {
-    fn method(&self) -> &'static Method {
-        &METHOD
+impl LayerShape {
+    fn min(self) -> usize {
+        self.out_features.min(self.in_features)
     }
 
-    fn mode(&self) -> &Arc<Mode> {
-        &self.mode
+    fn max(self) -> usize {
+        self.out_features.max(self.in_features)
+    }
+}
+
+impl Tuner for RandLora {
+    fn core(&self) -> &dyn AnyTunerCore {
+        &self.core
     }
 
     /// Sets the shared bases (sized by the largest targeted layer, as peft's `_find_dim`) and
     /// checks they cover every layer.
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        let shapes: Vec<(String, (usize, usize))> = self
-            .adapted
-            .lock()
-            .unwrap()
+        let shapes: Vec<(String, LayerShape)> = self
+            .core
+            .adapted()
             .iter()
-            .map(|(m, s)| (m.path.clone(), *s))
+            .map(|a| (a.module.path.clone(), a.layer))
             .collect();
-        if let Some(largest) = shapes
-            .iter()
-            .map(|(_, s)| *s)
-            .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)))
-        {
-            if self.bases.get().is_none() {
-                let bases = self.bases(largest)?;
-                let (r, nb, min, max) = (
-                    bases.a.dim(0)?,
-                    bases.b.dim(1)?,
-                    bases.a.dim(2)?,
-                    bases.b.dim(0)?,
-                );
-                if r != self.config.r || bases.b.dim(2)? != r {
-                    bail!(
-                        "randlora: the bases have rank {r}, the config r = {}",
-                        self.config.r
-                    )
-                }
-                for (path, (o, i)) in &shapes {
-                    if max < *o.max(i) || min < *o.min(i) || nb < (*o.min(i)).div_ceil(r) {
-                        bail!("randlora: the random bases ({BASE_A} {:?}, {BASE_B} {:?}) are too small for {path} ({o} × {i})", bases.a.dims(), bases.b.dims())
-                    }
-                }
-                let _ = self.bases.set(bases);
-            }
+        let largest = shapes.iter().map(|(_, s)| *s).reduce(|a, b| LayerShape {
+            out_features: a.out_features.max(b.out_features),
+            in_features: a.in_features.max(b.in_features),
+        });
+        if let (Some(largest), None) = (largest, self.bases.get()) {
+            let bases = self.bases(largest)?;
+            self.check_bases(&bases, &shapes)?;
+            let _ = self.bases.set(bases);
         }
-        Ok(vec![check_finished(
-            "randlora",
-            &self.targets,
-            &self.params,
-            self.allow_unmatched,
-            !shapes.is_empty(),
-            "linear layer",
-        )?])
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.trainable()
-    }
-
-    fn adapted(&self) -> Vec<AdaptedModule> {
-        self.adapted
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(m, _)| m.clone())
-            .collect()
-    }
-
-    fn config_json(&self) -> Result<Value> {
-        Ok(serde_json::to_value(&self.config)?)
+        self.core
+            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// The trained scales, and the bases as peft saves them (`save_projection`): once under
@@ -356,16 +319,16 @@ impl Tuner for RandLora {
             anyhow!("randlora: the random bases are not set (Tuner::finish was not called)")
         })?;
         let mut out: Vec<(String, Tensor)> = self
-            .params
             .trainable()
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect();
         out.push((BASE_A.into(), bases.a.clone()));
         out.push((BASE_B.into(), bases.b.clone()));
-        for (m, _) in self.adapted.lock().unwrap().iter() {
-            out.push((peft_key(&m.path, "randlora_A"), bases.a.clone()));
-            out.push((peft_key(&m.path, "randlora_B"), bases.b.clone()));
+        for adapted in self.core.adapted().iter() {
+            let path = &adapted.module.path;
+            out.push((peft_key(path, "randlora_A"), bases.a.clone()));
+            out.push((peft_key(path, "randlora_B"), bases.b.clone()));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -379,8 +342,35 @@ impl Tuner for RandLora {
             .map(|(k, d)| (k, Update::Add(d)))
             .collect())
     }
+}
 
-    fn replaced(&self) -> Vec<(String, Tensor)> {
-        self.saved.replaced(&self.params)
+impl RandLora {
+    /// The bases have the config's rank and cover every adapted layer (a saved adapter's may
+    /// not).
+    fn check_bases(&self, bases: &Bases, shapes: &[(String, LayerShape)]) -> Result<()> {
+        let (r, num_bases, min, max) = (
+            bases.a.dim(0)?,
+            bases.b.dim(1)?,
+            bases.a.dim(2)?,
+            bases.b.dim(0)?,
+        );
+        if r != self.core.config.r || bases.b.dim(2)? != r {
+            bail!(
+                "randlora: the bases have rank {r}, the config r = {}",
+                self.core.config.r
+            )
+        }
+        for (path, shape) in shapes {
+            if max < shape.max() || min < shape.min() || num_bases < shape.min().div_ceil(r) {
+                bail!(
+                    "randlora: the random bases ({BASE_A} {:?}, {BASE_B} {:?}) are too small for {path} ({} × {})",
+                    bases.a.dims(),
+                    bases.b.dims(),
+                    shape.out_features,
+                    shape.in_features
+                )
+            }
+        }
+        Ok(())
     }
 }

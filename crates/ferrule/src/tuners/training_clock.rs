@@ -1,10 +1,12 @@
-//! Train/eval switch and the step counter that tuner layers share (dropout needs both).
+//! The train/eval switch and micro-step counter that a tuner's layers share: dropout draws its
+//! masks only while training, seeded by the step; DoRA caches its weight norm only in eval.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Shared by every layer a tuner creates.
+/// Whether the layers are training, and which micro-step it is: shared by every layer a tuner
+/// creates (peft's `module.training`, plus the step that seeds dropout).
 #[derive(Debug, Default)]
-pub struct Mode {
+pub struct TrainingClock {
     training: AtomicBool,
     /// Micro-step counter: dropout masks are a pure function of (seed, step, layer), so a
     /// resumed run draws exactly the masks an uninterrupted run would.
@@ -12,7 +14,8 @@ pub struct Mode {
     seed: u64,
 }
 
-impl Mode {
+impl TrainingClock {
+    /// Eval mode at step 0; `seed` seeds every dropout mask.
     pub fn new(seed: u64) -> Self {
         Self {
             training: AtomicBool::new(false),
@@ -20,12 +23,15 @@ impl Mode {
             seed,
         }
     }
+    /// Train (dropout on, DoRA's norm recomputed) or eval.
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed)
     }
+    /// Whether the layers are training.
     pub fn training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }
+    /// The micro-step the next forward pass belongs to.
     pub fn set_step(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed)
     }
