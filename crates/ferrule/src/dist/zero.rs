@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::collective::Collective;
 use super::partition::FlatLayout;
 use crate::train::optim::{
-    adamw_update, clip_grad_norm, read_step, step_tensor, AdamW, AdamWConfig,
+    adamw_update, clip_grad_norm, grad_norm, read_step, step_tensor, AdamW, AdamWConfig,
 };
 
 /// A ZeRO stage, 0 to 3 (`--zero-stage`).
@@ -325,7 +325,8 @@ impl ZeroOptimizer {
     /// One optimizer step from this rank's gradient sums `sums` (Σ nᵢ·gᵢ over its
     /// micro-batches, by parameter name) and counts `local`: the gradient applied is the sum
     /// over all ranks divided by the global number of counted targets, clipped to
-    /// `max_grad_norm` (torch's `clip_grad_norm_` semantics), at learning rate `lr`.
+    /// `max_grad_norm` (torch's `clip_grad_norm_` semantics; `None` or 0: not clipped), at
+    /// learning rate `lr`.
     ///
     /// Errors when the whole global batch counted no target.
     pub fn step(
@@ -364,7 +365,7 @@ impl ZeroOptimizer {
         if totals.trained <= 0.0 {
             bail!("the global batch holds no trained token (every label is masked in all its micro-batches)")
         }
-        let max_norm = max_grad_norm.unwrap_or(f64::INFINITY);
+        let max_norm = max_grad_norm.filter(|&m| m > 0.0 && m.is_finite());
         let grad_norm = match &mut self.inner {
             Inner::Replicated(opt) => {
                 let mut sums = sums;
@@ -381,7 +382,10 @@ impl ZeroOptimizer {
                     .into_iter()
                     .map(|(k, t)| Ok((k, (t / totals.trained)?)))
                     .collect::<Result<_>>()?;
-                let norm = clip_grad_norm(&mut grads, max_norm)?;
+                let norm = match max_norm {
+                    Some(max_norm) => clip_grad_norm(&mut grads, max_norm)?,
+                    None => grad_norm(&grads)?,
+                };
                 ensure_finite_norm(norm)?;
                 opt.set_lr(lr);
                 opt.step_with(&grads)?;
@@ -405,7 +409,7 @@ impl ZeroOptimizer {
                 comm.all_reduce_sum_f64(&mut sq)?;
                 let norm = sq[0].sqrt();
                 ensure_finite_norm(norm)?; // the same sum on every rank: all stop together
-                let coef = max_norm / (norm + 1e-6);
+                let coef = max_norm.map_or(1.0, |m| m / (norm + 1e-6));
                 if coef < 1.0 {
                     let c = coef as f32;
                     part.iter_mut().for_each(|g| *g = *g * c + 0.0);
@@ -598,6 +602,55 @@ mod tests {
                 opt.materialize(&SingleProcess).unwrap();
                 assert_eq!(&values(&v), want, "stage {stage}, step {step}");
             }
+        }
+    }
+
+    /// No bound (`None`, or 0 as `--max-grad-norm 0` spells it) steps without clipping at every
+    /// stage, and reports the norm.
+    #[test]
+    fn no_bound_or_zero_steps_unclipped_at_every_stage() {
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            ..Default::default()
+        };
+        let local = StepTotals {
+            trained: 1.0,
+            ..Default::default()
+        };
+        let want = grads(0);
+        let norm = grad_norm(&want).unwrap();
+        assert!(norm > 1.0, "the default bound of 1 must clip this gradient");
+        let mut reference = AdamW::new(vars(), cfg);
+        reference.step_with(&want).unwrap();
+        let expected: Vec<f32> = reference
+            .params()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        for (stage, bound) in (0..=3).flat_map(|s| [(s, None), (s, Some(0.0))]) {
+            let v = vars();
+            let mut opt = ZeroOptimizer::new(
+                v.clone(),
+                cfg,
+                ZeroStage::new(stage).unwrap(),
+                &SingleProcess,
+            )
+            .unwrap();
+            let r = opt
+                .step(&SingleProcess, grads(0), local, bound, 0.1)
+                .unwrap();
+            // The partitioned norm sums squares in f64, the tensor one in f32.
+            assert!(
+                (r.grad_norm - norm).abs() < 1e-6,
+                "stage {stage}, {bound:?}"
+            );
+            opt.materialize(&SingleProcess).unwrap();
+            assert_eq!(values(&v), expected, "stage {stage}, {bound:?}");
         }
     }
 

@@ -531,6 +531,19 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
         max_norm.is_finite() && max_norm > 0.0,
         "max_norm must be finite and positive, got {max_norm}"
     );
+    let total_norm = grad_norm(grads)?;
+    let coef = max_norm / (total_norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(total_norm)
+}
+
+/// The total L2 norm of `grads`, as [`clip_grad_norm`] computes it (without clipping): the sum
+/// of squares in `f32` (`f64` for `f64` gradients), the norm as `f64`; 0 for no gradient.
+pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
@@ -548,17 +561,10 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
             *t = t.to_device(&Device::Cpu)?;
         }
     }
-    let total_norm = Tensor::stack(&partial, 0)?
+    Ok(Tensor::stack(&partial, 0)?
         .sum_all()?
         .to_scalar::<f64>()?
-        .sqrt();
-    let coef = max_norm / (total_norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(total_norm)
+        .sqrt())
 }
 
 /// Collects the gradients of named variables from a [`GradStore`] into a
