@@ -1,5 +1,5 @@
 //! Trainer failures users report (issue 25, item 7), each tried as a user runs it on the small
-//! fixture model: `--max-grad-norm 0`.
+//! fixture model: `--max-grad-norm 0`, and a run that stops learning.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,4 +140,34 @@ fn max_grad_norm_zero_disables_clipping() {
         &[&steps[..], &["--config", cfg.to_str().unwrap()]].concat(),
     ));
     assert_eq!(max_diff(&adapter(&off), &adapter(&toml)), 0.0);
+}
+
+#[test]
+fn a_run_that_stops_learning_is_named_with_its_likely_cause() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let out = t.path().join("run");
+    let args = train_args(
+        &data,
+        &out,
+        &["--max-steps", "12", "--batch-size", "4", "--lr", "1e30"],
+    );
+    let err = ok(&args);
+    let lines = train_lines(&out);
+    assert!(
+        lines.iter().any(|l| l.2 == 0.0) || lines.windows(2).any(|w| w[0].1 == w[1].1),
+        "the run was expected to stall: {lines:?}"
+    );
+    assert!(
+        err.contains("WARN") && err.contains("learning rate") && err.contains("--lr"),
+        "{err}"
+    );
+    // A run that learns says nothing of the kind.
+    let fine = t.path().join("fine");
+    let err = ok(&train_args(
+        &data,
+        &fine,
+        &["--max-steps", "12", "--batch-size", "4"],
+    ));
+    assert!(!err.contains("learning rate"), "{err}");
 }

@@ -42,12 +42,19 @@ pub trait Progress {
     fn step(&mut self, _report: &StepReport) {}
     fn eval(&mut self, _report: &EvalReport) {}
     fn message(&mut self, _text: &str) {}
+    /// Something the user should act on (a run that stopped learning, a checkpoint skipped):
+    /// logged as a warning by default, so that a quiet display still shows it.
+    fn warning(&mut self, text: &str) {
+        tracing::warn!("{text}");
+    }
     fn finish(&mut self) {}
 }
 
-/// Reports nothing.
+/// Reports nothing, warnings included (the ranks other than 0 report through it).
 pub struct Silent;
-impl Progress for Silent {}
+impl Progress for Silent {
+    fn warning(&mut self, _text: &str) {}
+}
 
 /// What a finished run produced.
 #[derive(Clone, Debug, Serialize)]

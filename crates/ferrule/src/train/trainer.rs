@@ -648,6 +648,73 @@ struct Tally {
     /// What this rank sent in its busiest step.
     busiest_traffic: Option<Traffic>,
     interrupted: bool,
+    stall: StallWatch,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            throughput: Throughput::new(20),
+            positions: Throughput::new(20),
+            step_seconds: Vec::new(),
+            last_loss: None,
+            last_eval: None,
+            busiest_traffic: None,
+            interrupted: false,
+            stall: StallWatch::default(),
+        }
+    }
+}
+
+/// Steps in a row with a gradient norm of exactly 0, or a loss that does not move, before a run
+/// says that it has stopped learning.
+const STALL_STEPS: usize = 5;
+
+/// Watches for a run that no longer learns. A learning rate far too high (`--lr 1e30`) can
+/// drive a model to constant outputs, where no gradient flows and the loss stays put: the run
+/// goes on to its end, so it must say so.
+#[derive(Default)]
+struct StallWatch {
+    /// Steps in a row that looked stalled, and the first of them.
+    stalled: usize,
+    first: usize,
+    last_loss: Option<f64>,
+    said: bool,
+}
+
+impl StallWatch {
+    /// The warning to give after `report` (once per invocation), for a run at learning rate `lr`.
+    fn observe(&mut self, report: &StepReport, lr: f64) -> Option<String> {
+        let unmoved = self.last_loss == Some(report.loss);
+        self.last_loss = Some(report.loss);
+        if report.grad_norm != 0.0 && !unmoved {
+            self.stalled = 0;
+            return None;
+        }
+        if self.stalled == 0 {
+            self.first = if unmoved {
+                report.step - 1
+            } else {
+                report.step
+            };
+        }
+        self.stalled += 1;
+        if self.stalled < STALL_STEPS || self.said {
+            return None;
+        }
+        self.said = true;
+        let what = if report.grad_norm == 0.0 {
+            "the gradient norm is 0"
+        } else {
+            "the loss has not moved"
+        };
+        Some(format!(
+            "steps {}-{}: {what} (loss {:.4}): the adapter has stopped learning. The likely cause is \
+             the learning rate: --lr {lr:e} can drive the model to constant outputs, where no \
+             gradient flows; lower --lr (the default is 2e-4)",
+            self.first, report.step, report.loss
+        ))
+    }
 }
 
 /// Whether the loop goes on after a step.
@@ -792,15 +859,7 @@ impl<'a> Run<'a> {
             cursor,
             plan,
             step,
-            tally: Tally {
-                throughput: Throughput::new(20),
-                positions: Throughput::new(20),
-                step_seconds: Vec::new(),
-                last_loss: None,
-                last_eval: None,
-                busiest_traffic: None,
-                interrupted: false,
-            },
+            tally: Tally::new(),
         })
     }
 
@@ -879,10 +938,14 @@ impl<'a> Run<'a> {
         Ok(report)
     }
 
-    /// The third phase, after each step: evaluates when due, saves a checkpoint when due (or
-    /// when this invocation stops early), and stops when any rank was interrupted.
-    fn after_step(&mut self, _report: &StepReport) -> Result<Next> {
+    /// The third phase, after each step: says when the run has stopped learning, evaluates
+    /// when due, saves a checkpoint when due (or when this invocation stops early), and stops
+    /// when any rank was interrupted.
+    fn after_step(&mut self, report: &StepReport) -> Result<Next> {
         let (cfg, step) = (self.cfg, self.step);
+        if let Some(warning) = self.tally.stall.observe(report, cfg.lr) {
+            self.progress.warning(&warning);
+        }
         let last = step == self.plan.total_steps;
         let eval_due = last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e));
         if !self.p.eval.is_empty() && eval_due {
