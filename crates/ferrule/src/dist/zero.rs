@@ -19,8 +19,8 @@
 //! forward pass, and keeps them through the backward pass: PEFT's trainable parameters are a
 //! small share of the model, and the frozen base is sharded separately.
 //!
-//! Every stage computes the same update (the partitioned AdamW, [`ShardedAdamW`], applies the
-//! element-wise formula of [`crate::train::AdamW`] to its slice), so every stage trains the
+//! Every stage computes the same update (the partitioned AdamW, [`ShardedAdamW`], applies
+//! [`crate::train::AdamW`]'s update function to its slice of each parameter), so every stage trains the
 //! same adapter up to float summation order (`tests/distributed.rs` checks it).
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,7 +31,9 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::collective::Collective;
 use super::partition::FlatLayout;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optim::{
+    adamw_update, clip_grad_norm, grad_norm, read_step, step_tensor, AdamW, AdamWConfig,
+};
 
 /// A ZeRO stage, 0 to 3 (`--zero-stage`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,8 +99,8 @@ pub enum OptimizerState {
 /// AdamW over one rank's partition of the flat parameter vector: ZeRO's partitioned optimizer
 /// state (`exp_avg`, `exp_avg_sq` and an `f32` master copy of the partition's parameters).
 ///
-/// The update is [`AdamW`]'s, element by element, in the same operation order and in `f32`;
-/// as in torch, a parameter without a gradient in a step is skipped and its own step count
+/// The update is [`AdamW`]'s own (`train::optim::adamw_update`, element-wise) applied to the
+/// partition's slice of each parameter, in `f32`; as in torch, a parameter without a gradient in a step is skipped and its own step count
 /// (which drives its bias corrections) does not advance.
 pub struct ShardedAdamW {
     cfg: AdamWConfig,
@@ -149,26 +151,25 @@ impl ShardedAdamW {
             grads.len(),
             self.range.len()
         );
-        let cfg = self.cfg;
         let lo = self.range.start;
         for (seg, r) in layout.overlaps(self.range.clone()) {
             if present[seg] == 0.0 {
                 continue;
             }
-            let t = (self.steps[seg] + 1) as f64;
-            let k = Coefficients::at(&cfg, t);
-            for i in r {
-                let j = i - lo;
-                let (p, m, v) = k.apply(
-                    self.params[j],
-                    grads[j],
-                    self.exp_avg[j],
-                    self.exp_avg_sq[j],
-                );
-                self.params[j] = p;
-                self.exp_avg[j] = m;
-                self.exp_avg_sq[j] = v;
-            }
+            let local = r.start - lo..r.end - lo;
+            let slice =
+                |v: &[f32]| Tensor::from_slice(&v[local.clone()], local.len(), &Device::Cpu);
+            let moments = (slice(&self.exp_avg)?, slice(&self.exp_avg_sq)?);
+            let (p, m, v) = adamw_update(
+                &self.cfg,
+                self.steps[seg] + 1,
+                &slice(&self.params)?,
+                &slice(grads)?,
+                Some((&moments.0, &moments.1)),
+            )?;
+            self.params[local.clone()].copy_from_slice(&p.to_vec1::<f32>()?);
+            self.exp_avg[local.clone()].copy_from_slice(&m.to_vec1::<f32>()?);
+            self.exp_avg_sq[local].copy_from_slice(&v.to_vec1::<f32>()?);
         }
         for (s, p) in self.steps.iter_mut().zip(present) {
             if *p > 0.0 {
@@ -194,9 +195,9 @@ impl ShardedAdamW {
             ),
         ];
         for (s, steps) in layout.segments.iter().zip(&self.steps) {
-            out.push((format!("{}.step", s.name), step_scalar(*steps)?));
+            out.push((format!("{}.step", s.name), step_tensor(*steps)?));
         }
-        out.push(("step".to_string(), step_scalar(self.step)?));
+        out.push(("step".to_string(), step_tensor(self.step)?));
         Ok(out)
     }
 
@@ -238,75 +239,6 @@ impl ShardedAdamW {
         self.steps = steps;
         Ok(())
     }
-}
-
-/// The scalars of one AdamW update at step `t` (see [`AdamW`] for the formula), cast to `f32`
-/// where candle's tensor ops cast them, so the element-wise update rounds as the tensor one.
-struct Coefficients {
-    decay: Option<f32>,
-    w: f64,
-    lerp_w: f32,
-    lerp_1w: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    inv_sqrt_bc2: f32,
-    eps: f32,
-    step_size: f32,
-}
-
-impl Coefficients {
-    fn at(cfg: &AdamWConfig, t: f64) -> Coefficients {
-        let w = 1.0 - cfg.beta1;
-        Coefficients {
-            decay: (cfg.weight_decay != 0.0).then_some((1.0 - cfg.lr * cfg.weight_decay) as f32),
-            w,
-            lerp_w: w as f32,
-            lerp_1w: (1.0 - w) as f32,
-            beta2: cfg.beta2 as f32,
-            one_minus_beta2: (1.0 - cfg.beta2) as f32,
-            inv_sqrt_bc2: (1.0 / (1.0 - cfg.beta2.powf(t)).sqrt()) as f32,
-            eps: cfg.eps as f32,
-            step_size: (cfg.lr / (1.0 - cfg.beta1.powf(t))) as f32,
-        }
-    }
-
-    /// `(p, m, v)` after one update with gradient `g`.
-    #[inline]
-    fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
-        let p = match self.decay {
-            Some(d) => p * d + 0.0,
-            None => p,
-        };
-        let diff = g - m;
-        let m = if self.w < 0.5 {
-            m + (diff * self.lerp_w + 0.0)
-        } else {
-            g - (diff * self.lerp_1w + 0.0)
-        };
-        let v = (v * self.beta2 + 0.0) + (g * g * self.one_minus_beta2 + 0.0);
-        let denom = v.sqrt() * self.inv_sqrt_bc2 + self.eps;
-        let p = p - ((m / denom) * self.step_size + 0.0);
-        (p, m, v)
-    }
-}
-
-fn step_scalar(step: u64) -> Result<Tensor> {
-    Ok(Tensor::new(
-        i64::try_from(step).context("step count overflows i64")?,
-        &Device::Cpu,
-    )?)
-}
-
-fn read_step(state: &BTreeMap<String, Tensor>, key: &str) -> Result<u64> {
-    let t = state
-        .get(key)
-        .with_context(|| format!("optimizer state is missing {key:?}"))?;
-    let x = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    ensure!(
-        x.len() == 1 && x[0] >= 0.0 && x[0].fract() == 0.0,
-        "optimizer state {key:?} is not a step count"
-    );
-    Ok(x[0] as u64)
 }
 
 fn read_f32(state: &BTreeMap<String, Tensor>, key: &str, len: usize) -> Result<Vec<f32>> {
@@ -393,7 +325,8 @@ impl ZeroOptimizer {
     /// One optimizer step from this rank's gradient sums `sums` (Σ nᵢ·gᵢ over its
     /// micro-batches, by parameter name) and counts `local`: the gradient applied is the sum
     /// over all ranks divided by the global number of counted targets, clipped to
-    /// `max_grad_norm` (torch's `clip_grad_norm_` semantics), at learning rate `lr`.
+    /// `max_grad_norm` (torch's `clip_grad_norm_` semantics; `None` or 0: not clipped), at
+    /// learning rate `lr`.
     ///
     /// Errors when the whole global batch counted no target.
     pub fn step(
@@ -432,7 +365,7 @@ impl ZeroOptimizer {
         if totals.trained <= 0.0 {
             bail!("the global batch holds no trained token (every label is masked in all its micro-batches)")
         }
-        let max_norm = max_grad_norm.unwrap_or(f64::INFINITY);
+        let max_norm = max_grad_norm.filter(|&m| m > 0.0 && m.is_finite());
         let grad_norm = match &mut self.inner {
             Inner::Replicated(opt) => {
                 let mut sums = sums;
@@ -449,7 +382,10 @@ impl ZeroOptimizer {
                     .into_iter()
                     .map(|(k, t)| Ok((k, (t / totals.trained)?)))
                     .collect::<Result<_>>()?;
-                let norm = clip_grad_norm(&mut grads, max_norm)?;
+                let norm = match max_norm {
+                    Some(max_norm) => clip_grad_norm(&mut grads, max_norm)?,
+                    None => grad_norm(&grads)?,
+                };
                 ensure_finite_norm(norm)?;
                 opt.set_lr(lr);
                 opt.step_with(&grads)?;
@@ -473,7 +409,7 @@ impl ZeroOptimizer {
                 comm.all_reduce_sum_f64(&mut sq)?;
                 let norm = sq[0].sqrt();
                 ensure_finite_norm(norm)?; // the same sum on every rank: all stop together
-                let coef = max_norm / (norm + 1e-6);
+                let coef = max_norm.map_or(1.0, |m| m / (norm + 1e-6));
                 if coef < 1.0 {
                     let c = coef as f32;
                     part.iter_mut().for_each(|g| *g = *g * c + 0.0);
@@ -554,9 +490,9 @@ pub fn consolidate_shards(
             format!("{}.exp_avg_sq", seg.name),
             Tensor::from_slice(&v[r], seg.shape.as_slice(), &Device::Cpu)?,
         ));
-        out.push((key, step_scalar(step)?));
+        out.push((key, step_tensor(step)?));
     }
-    out.push(("step".to_string(), step_scalar(read_step(first, "step")?)?));
+    out.push(("step".to_string(), step_tensor(read_step(first, "step")?)?));
     Ok(out)
 }
 
@@ -666,6 +602,55 @@ mod tests {
                 opt.materialize(&SingleProcess).unwrap();
                 assert_eq!(&values(&v), want, "stage {stage}, step {step}");
             }
+        }
+    }
+
+    /// No bound (`None`, or 0 as `--max-grad-norm 0` spells it) steps without clipping at every
+    /// stage, and reports the norm.
+    #[test]
+    fn no_bound_or_zero_steps_unclipped_at_every_stage() {
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            ..Default::default()
+        };
+        let local = StepTotals {
+            trained: 1.0,
+            ..Default::default()
+        };
+        let want = grads(0);
+        let norm = grad_norm(&want).unwrap();
+        assert!(norm > 1.0, "the default bound of 1 must clip this gradient");
+        let mut reference = AdamW::new(vars(), cfg);
+        reference.step_with(&want).unwrap();
+        let expected: Vec<f32> = reference
+            .params()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        for (stage, bound) in (0..=3).flat_map(|s| [(s, None), (s, Some(0.0))]) {
+            let v = vars();
+            let mut opt = ZeroOptimizer::new(
+                v.clone(),
+                cfg,
+                ZeroStage::new(stage).unwrap(),
+                &SingleProcess,
+            )
+            .unwrap();
+            let r = opt
+                .step(&SingleProcess, grads(0), local, bound, 0.1)
+                .unwrap();
+            // The partitioned norm sums squares in f64, the tensor one in f32.
+            assert!(
+                (r.grad_norm - norm).abs() < 1e-6,
+                "stage {stage}, {bound:?}"
+            );
+            opt.materialize(&SingleProcess).unwrap();
+            assert_eq!(values(&v), expected, "stage {stage}, {bound:?}");
         }
     }
 

@@ -64,7 +64,7 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_eps: f64,
-    /// Clip the global gradient L2 norm to this (none: no clipping).
+    /// Clip the global gradient L2 norm to this (none or 0: no clipping).
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
     /// Recompute each decoder layer's activations in backward instead of keeping them
@@ -175,6 +175,9 @@ impl TrainConfig {
         self.validate_batching()?;
         if self.max_len.is_some_and(|m| m < 2) {
             bail!("train: max_len must be at least 2")
+        }
+        if let Some(g) = self.max_grad_norm.filter(|g| g.is_nan() || *g < 0.0) {
+            bail!("train: max_grad_norm (--max-grad-norm) must be a positive number, or 0 for no clipping; got {g}")
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("train: lr must be a positive number, got {}", self.lr)

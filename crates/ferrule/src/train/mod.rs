@@ -12,6 +12,9 @@
 //! * [`batching`]: micro-batches by records, by token budget or packed, the
 //!   seeded data order and the optimizer steps an epoch count makes.
 //! * [`rng`]: a seedable generator whose state is saved in checkpoints.
+//! * [`trainer`]: the run in its phases (start, step, after the step, finish); `resume` holds
+//!   what a checkpoint keeps of a run and how `--resume` continues it, [`report`] what a run
+//!   reports.
 
 pub mod batching;
 pub mod checkpoint;
@@ -19,6 +22,8 @@ pub mod config;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod report;
+mod resume;
 pub mod rng;
 pub mod schedule;
 pub mod trainer;
@@ -32,9 +37,9 @@ pub use config::TrainConfig;
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use plot::{write_loss_plot, PLOT_FILE};
+pub use report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
 pub use trainer::{
-    encode_file, encode_options, evaluate, evaluate_on, prepare, train, train_on, EvalReport,
-    Progress, RunOptions, Silent, StepReport, TrainSummary,
+    encode_file, encode_options, evaluate, evaluate_on, prepare, train, train_on, RunOptions,
 };

@@ -267,8 +267,8 @@ impl AdamW {
             };
             let m = moment("exp_avg")?;
             let v = moment("exp_avg_sq")?;
-            let (key, t) = get("step")?;
-            let step = read_step(&key, t)?;
+            let key = format!("{}.step", p.name);
+            let step = read_step(state, &key)?;
             expected.insert(key);
             restored.push((m, v, step));
         }
@@ -278,12 +278,7 @@ impl AdamW {
                 "unexpected optimizer state entry {key:?}"
             );
         }
-        let global = read_step(
-            "step",
-            state
-                .get("step")
-                .context("optimizer state is missing \"step\"")?,
-        )?;
+        let global = read_step(state, "step")?;
         for (p, (m, v, step)) in self.params.iter_mut().zip(restored) {
             // A parameter that never had a gradient has step 0 and zero
             // moments; keep it lazily uninitialized as a fresh one would be.
@@ -301,12 +296,18 @@ impl AdamW {
     }
 }
 
-fn step_tensor(step: u64) -> Result<Tensor> {
+/// A step count as the `i64` scalar tensor torch's state dict holds.
+pub(crate) fn step_tensor(step: u64) -> Result<Tensor> {
     let step = i64::try_from(step).context("step count overflows i64")?;
     Ok(Tensor::new(step, &Device::Cpu)?)
 }
 
-fn read_step(key: &str, t: &Tensor) -> Result<u64> {
+/// The step count stored under `key` in an optimizer state: a scalar holding a whole number
+/// in `0..2^53` (what an `f64` holds exactly), any dtype.
+pub(crate) fn read_step(state: &BTreeMap<String, Tensor>, key: &str) -> Result<u64> {
+    let t = state
+        .get(key)
+        .with_context(|| format!("optimizer state is missing {key:?}"))?;
     ensure!(
         t.elem_count() == 1,
         "optimizer state {key:?} must be a scalar, has shape {:?}",
@@ -337,29 +338,51 @@ fn update(p: &mut ParamState, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
     );
     let sdtype = state_dtype(pdtype);
     let g = grad.detach().to_dtype(sdtype)?.to_device(p.var.device())?;
-    let (m, v) = match (&p.exp_avg, &p.exp_avg_sq) {
-        (Some(m), Some(v)) => (m.clone(), v.clone()),
-        _ => {
+    let param = p.var.as_detached_tensor().to_dtype(sdtype)?;
+    let moments = p.exp_avg.as_ref().zip(p.exp_avg_sq.as_ref());
+    let (param, m, v) = adamw_update(cfg, p.step + 1, &param, &g, moments)?;
+    p.var.set(&param.to_dtype(pdtype)?)?;
+    p.step += 1;
+    p.exp_avg = Some(m);
+    p.exp_avg_sq = Some(v);
+    Ok(())
+}
+
+/// The AdamW update of [`AdamW`]'s doc comment, applied to `param` with gradient `g` at the
+/// parameter's `t`-th update (from 1), with moments `(m, v)` (`None`: zeros, a first update).
+/// Every tensor is in the state dtype; returns the new `(param, m, v)`. The update is
+/// element-wise, so a slice of a parameter (ZeRO's partitions, `dist::zero`) updates exactly as
+/// the same elements of the whole parameter do.
+pub(crate) fn adamw_update(
+    cfg: &AdamWConfig,
+    t: u64,
+    param: &Tensor,
+    g: &Tensor,
+    moments: Option<(&Tensor, &Tensor)>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (m, v) = match moments {
+        Some((m, v)) => (m.clone(), v.clone()),
+        None => {
             let z = g.zeros_like()?;
             (z.clone(), z)
         }
     };
     // torch keeps the step as a float and computes `beta ** step` with libm pow.
-    let t = (p.step + 1) as f64;
+    let t = t as f64;
     let (lr, beta1, beta2) = (cfg.lr, cfg.beta1, cfg.beta2);
 
     // p <- p * (1 - lr * lambda)
-    let mut param = p.var.as_detached_tensor().to_dtype(sdtype)?;
+    let mut param = param.clone();
     if cfg.weight_decay != 0.0 {
         param = (param * (1.0 - lr * cfg.weight_decay))?;
     }
     // m <- lerp(m, g, 1 - beta1), with torch's two-sided lerp formula.
     let w = 1.0 - beta1;
-    let diff = (&g - &m)?;
+    let diff = (g - &m)?;
     let m = if w < 0.5 {
         (&m + (diff * w)?)?
     } else {
-        (&g - (diff * (1.0 - w))?)?
+        (g - (diff * (1.0 - w))?)?
     };
     // v <- beta2 * v + (1 - beta2) * g^2
     let v = ((&v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -370,11 +393,7 @@ fn update(p: &mut ParamState, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
     let denom = v.sqrt()?.affine(1.0 / bias_correction2.sqrt(), cfg.eps)?;
     // p <- p - step_size * m / denom
     let param = (param - (m.div(&denom)? * step_size)?)?;
-    p.var.set(&param.to_dtype(pdtype)?)?;
-    p.step += 1;
-    p.exp_avg = Some(m);
-    p.exp_avg_sq = Some(v);
-    Ok(())
+    Ok((param, m, v))
 }
 
 /// Accumulates gradients over micro-batches (gradient accumulation).
@@ -512,6 +531,19 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
         max_norm.is_finite() && max_norm > 0.0,
         "max_norm must be finite and positive, got {max_norm}"
     );
+    let total_norm = grad_norm(grads)?;
+    let coef = max_norm / (total_norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(total_norm)
+}
+
+/// The total L2 norm of `grads`, as [`clip_grad_norm`] computes it (without clipping): the sum
+/// of squares in `f32` (`f64` for `f64` gradients), the norm as `f64`; 0 for no gradient.
+pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
@@ -529,17 +561,10 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
             *t = t.to_device(&Device::Cpu)?;
         }
     }
-    let total_norm = Tensor::stack(&partial, 0)?
+    Ok(Tensor::stack(&partial, 0)?
         .sum_all()?
         .to_scalar::<f64>()?
-        .sqrt();
-    let coef = max_norm / (total_norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(total_norm)
+        .sqrt())
 }
 
 /// Collects the gradients of named variables from a [`GradStore`] into a

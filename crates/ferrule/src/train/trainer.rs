@@ -1,80 +1,34 @@
 //! The training loop: data order, micro-batches with gradient accumulation, AdamW with a
 //! warmup schedule and clipping, periodic evaluation, atomic checkpoints and exact resume.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use serde::Serialize;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::batching::{global_left, Batching, DataCursor};
-use super::checkpoint::{
-    latest_checkpoint, load_checkpoint, load_optimizer_shard, prune_checkpoints, save_checkpoint,
-    save_sharded_checkpoint, Checkpoint, TrainerState,
-};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
 use super::optim::{AdamWConfig, GradAccumulator};
+use super::report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
+use super::resume;
 use super::schedule::lr_at;
 use crate::adapted::{attach, TunedModel};
 use crate::data::{
     self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation,
 };
 use crate::dist::{
-    BaseComm, Collective, FlatLayout, OptimizerState, SingleProcess, StepTotals, Traffic,
-    ZeroOptimizer, ZeroStage,
+    BaseComm, Collective, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage,
 };
 use crate::model::{Inputs, Model, ModelSource, Task};
 use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
 use crate::peft_io::save_adapter;
 use crate::tuners::{total_params, BuildContext, MatchReport, Tuner};
-
-/// One optimizer step, as reported to the progress display and `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize)]
-pub struct StepReport {
-    pub step: usize,
-    pub total_steps: usize,
-    pub epoch: f64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    /// Non-padding tokens in this step.
-    pub tokens: usize,
-    /// Non-padding tokens per second over recent steps.
-    pub tokens_per_sec: f64,
-    /// All positions (padding included) per second over recent steps (equal to
-    /// `tokens_per_sec` with padding-free batches).
-    pub positions_per_sec: f64,
-    pub step_seconds: f64,
-}
-
-/// An evaluation pass.
-#[derive(Clone, Debug, Serialize)]
-pub struct EvalReport {
-    pub step: usize,
-    pub eval_loss: f64,
-    pub eval_perplexity: Option<f64>,
-    pub eval_accuracy: Option<f64>,
-    pub eval_records: usize,
-}
-
-/// Where a run reports what it does (the CLI draws a progress bar; tests stay quiet).
-pub trait Progress {
-    fn start(&mut self, _total_steps: usize, _first_step: usize) {}
-    fn step(&mut self, _report: &StepReport) {}
-    fn eval(&mut self, _report: &EvalReport) {}
-    fn message(&mut self, _text: &str) {}
-    fn finish(&mut self) {}
-}
-
-/// Reports nothing.
-pub struct Silent;
-impl Progress for Silent {}
 
 /// How this invocation runs (not part of the run's identity).
 #[derive(Clone, Debug, Default)]
@@ -90,53 +44,6 @@ pub struct RunOptions {
     /// run then ends with `interrupted` and `--resume` continues it. Ranks agree on it every
     /// step, so all stop at the same one.
     pub interrupt: Option<Arc<AtomicBool>>,
-}
-
-/// What a finished run produced.
-#[derive(Clone, Debug, Serialize)]
-pub struct TrainSummary {
-    pub output_dir: PathBuf,
-    pub steps: usize,
-    pub completed: bool,
-    /// Stopped early by [`RunOptions::interrupt`], after saving a checkpoint of step `steps`.
-    pub interrupted: bool,
-    pub trainable_params: usize,
-    pub total_params: usize,
-    /// Bytes of the frozen base's weights as held (quantized formats included).
-    pub base_weight_bytes: usize,
-    pub train_records: usize,
-    pub skipped_records: usize,
-    pub truncated_records: usize,
-    pub final_loss: Option<f64>,
-    pub eval: Option<EvalReport>,
-    pub tokens_per_sec: Option<f64>,
-    pub positions_per_sec: Option<f64>,
-    pub median_step_seconds: Option<f64>,
-    pub seconds: f64,
-    /// How batches were laid out (`padding`, and why it differs from the config's when it does).
-    pub padding: String,
-    /// How micro-batches were formed (records, a token budget or packed bins), with the
-    /// figures of the epoch the run started in.
-    pub batching: String,
-    /// Micro-batches in the epoch the run started in (with a token budget an epoch's count
-    /// depends on its order).
-    pub micro_batches_per_epoch: usize,
-    /// Optimizer steps per epoch: global micro-batches (`world` micro-batches each) over
-    /// `grad_accum`. The learning-rate schedule counts optimizer steps.
-    pub steps_per_epoch: f64,
-    /// What computed the large matrix products: the system BLAS opened, or the gemm crate
-    /// (`ops::blas`); step times depend on it.
-    pub matmul_backend: String,
-    /// The probe's measurements for the shape classes this process computed, when it chose
-    /// per shape (`ops::matmul_probe`; empty with an explicit `FERRULE_BLAS` or no BLAS).
-    pub matmul_probe: Vec<crate::ops::matmul_probe::ProbeEntry>,
-    /// Processes that trained (1 without a launcher).
-    pub world_size: usize,
-    pub zero_stage: u8,
-    /// Peak resident memory (`VmHWM`) of each rank, in bytes (0 where unknown).
-    pub peak_rss_bytes_per_rank: Vec<f64>,
-    /// What this rank sent in the collectives of its busiest step (none in a single process).
-    pub comm_per_step: Option<Traffic>,
 }
 
 /// A model with its tokenizer and encoded data, ready to train or evaluate.
@@ -496,154 +403,21 @@ pub fn train(
     train_on(cfg, device, progress, run, &SingleProcess)
 }
 
-/// The newest checkpoint to resume from, if `run.resume` asks and one exists; errors when
-/// checkpoints exist and resuming was not asked, or when they belong to another run.
-fn find_resume(
-    cfg: &TrainConfig,
-    run: &RunOptions,
-    comm: &dyn Collective,
-    fingerprint: &str,
-    progress: &mut dyn Progress,
-    device: &Device,
-) -> Result<Option<Checkpoint>> {
-    let out = &cfg.output_dir;
-    if !run.resume {
-        if latest_checkpoint(out).is_some() {
-            bail!("{} already holds checkpoints of a run; pass --resume to continue it, or choose another output folder", out.display())
-        }
-        return Ok(None);
-    }
-    let Some(dir) = latest_checkpoint(out) else {
-        if let Some(broken) = incomplete_checkpoint(out) {
-            bail!(
-                "{}: an incomplete checkpoint (a file is missing: adapter, trainer state or an optimizer shard); \
-                 restore it or remove it to start fresh",
-                broken.display()
-            )
-        }
-        progress.message("no checkpoint to resume from; starting fresh");
-        return Ok(None);
-    };
-    let ck = load_checkpoint(&dir, device)?;
-    if ck.state.config_hash != fingerprint {
-        let now = cfg.resume_settings()?;
-        let differ = ck
-            .state
-            .extra
-            .get("settings")
-            .map(|old| settings_that_differ(old, &now))
-            .unwrap_or_default();
-        let differ = if differ.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", differ.join(", "))
-        };
-        bail!(
-            "{}: this checkpoint was written by a run with different settings{differ}; resume with the same config, or use a new output folder",
-            dir.display()
-        )
-    }
-    let world = comm.world_size() as u64;
-    if ck.state.sharded()
-        && (ck.state.world_size != world || ck.state.zero_stage != run.zero_stage.get())
-    {
-        bail!(
-            "{}: its optimizer state is sharded over {} ranks at ZeRO stage {}; resume it with `mpirun -np {} ... --zero-stage {}`, \
-             or run `ferrule checkpoint consolidate {}` first to resume with {} rank(s) or another stage",
-            dir.display(),
-            ck.state.world_size,
-            ck.state.zero_stage,
-            ck.state.world_size,
-            ck.state.zero_stage,
-            dir.display(),
-            world
-        )
-    }
-    if ck.state.world_size != world {
-        let (per_rank, unit) = if cfg.token_batching().is_some() {
-            (cfg.grad_accum, "micro-batches")
-        } else {
-            (cfg.batch_size() * cfg.grad_accum, "records")
-        };
-        progress.message(&format!(
-            "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} {unit}",
-            ck.state.world_size,
-            per_rank as u64 * ck.state.world_size,
-            per_rank as u64 * world
-        ));
-    }
-    progress.message(&format!("resuming from {}", dir.display()));
-    Ok(Some(ck))
-}
-
-/// The settings whose values differ between a checkpoint's run (`old`) and this one, as
-/// `key: old -> new` (nested tables by their dotted path), at most 8.
-fn settings_that_differ(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
-    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
-        match (a, b) {
-            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
-                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-                for k in keys {
-                    let null = serde_json::Value::Null;
-                    let p = if path.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{path}.{k}")
-                    };
-                    walk(
-                        &p,
-                        x.get(k).unwrap_or(&null),
-                        y.get(k).unwrap_or(&null),
-                        out,
-                    );
-                }
-            }
-            _ if a != b => out.push(format!("{path}: {a} -> {b}")),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk("", old, new, &mut out);
-    out.truncate(8);
-    out
-}
-
-/// A `checkpoint-<step>` folder (not a `.tmp` one) that is not a complete checkpoint.
-fn incomplete_checkpoint(out: &Path) -> Option<PathBuf> {
-    let complete: Vec<PathBuf> = crate::train::checkpoint::list_checkpoints(out)
-        .ok()?
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    std::fs::read_dir(out)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            p.is_dir()
-                && name
-                    .strip_prefix("checkpoint-")
-                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-                && !complete.contains(p)
-        })
-}
-
 /// One rank's share of one optimizer step. The global batch is `grad_accum` global
 /// micro-batches, each the next `world` micro-batches of the epoch ([`DataCursor::next`]): rank
 /// r trains the r-th (none, when the epoch ends first). With batches of `batch_size` records the
 /// `world` micro-batches are consecutive runs of the seeded order, so N ranks with
-/// `--batch-size B` train what one process with `--batch-size B·N` trains. Returns this rank's weighted gradient sums (Σ nᵢ·gᵢ, nᵢ the
-/// counted targets of micro-batch i) and counts.
+/// `--batch-size B` train what one process with `--batch-size B·N` trains. Returns this rank's
+/// weighted gradient sums (Σ nᵢ·gᵢ, nᵢ the counted targets of micro-batch i) and counts.
 fn accumulate_step(
     p: &Prepared,
     cfg: &TrainConfig,
     cursor: &mut DataCursor,
     step: usize,
     comm: &dyn Collective,
-    params: &[(String, candle_core::Var)],
-    sink: Option<&std::sync::Arc<GradSink>>,
-) -> Result<(std::collections::HashMap<String, Tensor>, StepTotals)> {
+    params: &[(String, Var)],
+    sink: Option<&Arc<GradSink>>,
+) -> Result<(HashMap<String, Tensor>, StepTotals)> {
     let world = comm.world_size();
     let dev = p.model.device().clone();
     let mut acc = GradAccumulator::new();
@@ -718,51 +492,6 @@ fn discard_backward(loss: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<()> {
     Ok(())
 }
 
-/// Writes `checkpoint-<step>`: through rank 0 alone when every rank holds the whole state, by
-/// every rank (each its optimizer shard) when it is partitioned.
-fn save_step_checkpoint(
-    comm: &dyn Collective,
-    cfg: &TrainConfig,
-    state: &TrainerState,
-    adapter: &[(String, Tensor)],
-    opt: &ZeroOptimizer,
-) -> Result<()> {
-    let out = &cfg.output_dir;
-    match opt.state()? {
-        OptimizerState::Shard(shard, layout) if comm.world_size() > 1 => {
-            save_sharded_checkpoint(comm, out, state, adapter, &shard, &layout)?;
-        }
-        OptimizerState::Shard(shard, layout) => {
-            // One rank owns the whole partition: store it as the whole state.
-            let layout = FlatLayout::from_json(&layout)?;
-            let full = crate::dist::consolidate_shards(&[shard.into_iter().collect()], &layout)?;
-            save_checkpoint(
-                out,
-                &TrainerState {
-                    zero_stage: 0,
-                    ..state.clone()
-                },
-                adapter,
-                &full,
-                &[],
-            )?;
-        }
-        OptimizerState::Full(full) => {
-            let saved = if comm.rank() == 0 {
-                save_checkpoint(out, state, adapter, &full, &[]).map(|_| ())
-            } else {
-                Ok(())
-            };
-            comm.all_ok(saved.is_ok(), "saving the checkpoint")?;
-            saved?;
-        }
-    }
-    if comm.rank() == 0 {
-        prune_checkpoints(out, cfg.keep_checkpoints.max(1))?;
-    }
-    Ok(())
-}
-
 /// Whether any rank was asked to stop (one tiny all-reduce per step when there are ranks).
 fn interrupt_requested(run: &RunOptions, comm: &dyn Collective) -> Result<bool> {
     let mine = run
@@ -811,17 +540,16 @@ fn padding_description(p: &Prepared) -> String {
     }
 }
 
-/// What a run is about to train, for the progress display; `micro_batches` is
-/// [`Batching::describe`]'s line.
+/// What a run is about to train, for the progress display.
 fn describe(
     progress: &mut dyn Progress,
     p: &Prepared,
     cfg: &TrainConfig,
-    micro_batches: &str,
-    total_steps: usize,
+    plan: &Plan,
     world: usize,
     stage: ZeroStage,
 ) {
+    let (micro_batches, total_steps) = (&plan.micro_batches, plan.total_steps);
     let memory = crate::quant::WeightMemory::of(&p.source.weights);
     if !memory.formats.is_empty() {
         let formats: Vec<String> = memory
@@ -872,6 +600,10 @@ fn describe(
 /// stage `run.zero_stage`); with [`SingleProcess`] this is [`train`]. Every rank calls it with
 /// the same arguments. Rank 0 alone reports progress, writes `metrics.jsonl`, the adapter and
 /// the summary; the summary's throughput is summed over ranks.
+///
+/// The run goes through four phases: [`Run::start`] (resume, prepare, plan, optimizer), then
+/// [`Run::step`] and [`Run::after_step`] (evaluate, save, interrupt) until the plan's last
+/// step, then [`Run::finish`] (the adapter and the summary).
 pub fn train_on(
     cfg: &TrainConfig,
     device: &Device,
@@ -879,25 +611,487 @@ pub fn train_on(
     run: &RunOptions,
     comm: &dyn Collective,
 ) -> Result<TrainSummary> {
-    let started = Instant::now();
-    let (rank, world) = (comm.rank(), comm.world_size());
     let mut silent = Silent;
-    let progress: &mut dyn Progress = if rank == 0 { progress } else { &mut silent };
-    let out = &cfg.output_dir;
-    if out.exists() && !out.is_dir() {
-        bail!(
-            "output {}: is a file, not a folder (the run's folder is created when missing)",
-            out.display()
-        )
+    let progress: &mut dyn Progress = if comm.rank() == 0 {
+        progress
+    } else {
+        &mut silent
+    };
+    let mut run = Run::start(cfg, device, progress, run, comm)?;
+    while run.step < run.plan.stop_at {
+        let report = run.step()?;
+        if run.after_step(&report)? == Next::Stop {
+            break;
+        }
     }
-    // Settings that cannot work fail before anything is created.
-    cfg.validate()?;
-    let fingerprint = cfg.resume_fingerprint()?;
-    let checkpoint = find_resume(cfg, run, comm, &fingerprint, progress, device)?;
-    // Every rank has decided (and read the checkpoint) before rank 0 may write into the folder.
-    comm.barrier()?;
+    run.finish()
+}
 
-    let base = match (cfg.shard_base, world) {
+/// How many steps a run takes, and how its micro-batches were formed.
+struct Plan {
+    /// Steps of the whole run: the learning-rate schedule spans them.
+    total_steps: usize,
+    /// Where this invocation stops (`--stop-after`, else `total_steps`).
+    stop_at: usize,
+    /// [`Batching::describe`]'s line for the epoch the run starts in.
+    micro_batches: String,
+    micro_batches_per_epoch: usize,
+}
+
+/// What the steps so far measured, for the summary.
+struct Tally {
+    throughput: Throughput,
+    positions: Throughput,
+    step_seconds: Vec<f64>,
+    last_loss: Option<f64>,
+    last_eval: Option<EvalReport>,
+    /// What this rank sent in its busiest step.
+    busiest_traffic: Option<Traffic>,
+    interrupted: bool,
+    stall: StallWatch,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            throughput: Throughput::new(20),
+            positions: Throughput::new(20),
+            step_seconds: Vec::new(),
+            last_loss: None,
+            last_eval: None,
+            busiest_traffic: None,
+            interrupted: false,
+            stall: StallWatch::default(),
+        }
+    }
+}
+
+/// Steps in a row with a gradient norm of exactly 0, or a loss that does not move, before a run
+/// says that it has stopped learning.
+const STALL_STEPS: usize = 5;
+
+/// Watches for a run that no longer learns. A learning rate far too high (`--lr 1e30`) can
+/// drive a model to constant outputs, where no gradient flows and the loss stays put: the run
+/// goes on to its end, so it must say so.
+#[derive(Default)]
+struct StallWatch {
+    /// Steps in a row that looked stalled, and the first of them.
+    stalled: usize,
+    first: usize,
+    last_loss: Option<f64>,
+    said: bool,
+}
+
+impl StallWatch {
+    /// The warning to give after `report` (once per invocation), for a run at learning rate `lr`.
+    fn observe(&mut self, report: &StepReport, lr: f64) -> Option<String> {
+        let unmoved = self.last_loss == Some(report.loss);
+        self.last_loss = Some(report.loss);
+        if report.grad_norm != 0.0 && !unmoved {
+            self.stalled = 0;
+            return None;
+        }
+        if self.stalled == 0 {
+            self.first = if unmoved {
+                report.step - 1
+            } else {
+                report.step
+            };
+        }
+        self.stalled += 1;
+        if self.stalled < STALL_STEPS || self.said {
+            return None;
+        }
+        self.said = true;
+        let what = if report.grad_norm == 0.0 {
+            "the gradient norm is 0"
+        } else {
+            "the loss has not moved"
+        };
+        Some(format!(
+            "steps {}-{}: {what} (loss {:.4}): the adapter has stopped learning. The likely cause is \
+             the learning rate: --lr {lr:e} can drive the model to constant outputs, where no \
+             gradient flows; lower --lr (the default is 2e-4)",
+            self.first, report.step, report.loss
+        ))
+    }
+}
+
+/// Whether the loop goes on after a step.
+#[derive(PartialEq)]
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// A run between its phases: the prepared model, the optimizer, the data cursor and the tally.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    options: &'a RunOptions,
+    comm: &'a dyn Collective,
+    progress: &'a mut dyn Progress,
+    started: Instant,
+    fingerprint: String,
+    p: Prepared,
+    base: Option<Arc<dyn BaseComm>>,
+    params: Vec<(String, Var)>,
+    sink: Option<Arc<GradSink>>,
+    opt: ZeroOptimizer,
+    /// Rank 0's `metrics.jsonl`.
+    metrics: Option<MetricsLog>,
+    cursor: DataCursor,
+    plan: Plan,
+    /// Optimizer steps done.
+    step: usize,
+    tally: Tally,
+}
+
+impl<'a> Run<'a> {
+    /// The first phase: finds the checkpoint to resume from, prepares the model and data,
+    /// plans the steps, checks that every rank agrees, and builds (or restores) the optimizer.
+    fn start(
+        cfg: &'a TrainConfig,
+        device: &Device,
+        progress: &'a mut dyn Progress,
+        options: &'a RunOptions,
+        comm: &'a dyn Collective,
+    ) -> Result<Run<'a>> {
+        let started = Instant::now();
+        let out = &cfg.output_dir;
+        if out.exists() && !out.is_dir() {
+            bail!(
+                "output {}: is a file, not a folder (the run's folder is created when missing)",
+                out.display()
+            )
+        }
+        // Settings that cannot work fail before anything is created.
+        cfg.validate()?;
+        let fingerprint = cfg.resume_fingerprint()?;
+        let checkpoint = resume::find(cfg, options, comm, &fingerprint, progress, device)?;
+        // Every rank has decided (and read the checkpoint) before rank 0 may write into the
+        // folder.
+        comm.barrier()?;
+
+        let base = base_comm(cfg, comm)?;
+        let p = prepare_sharded(
+            cfg,
+            device,
+            checkpoint.as_ref().map(|c| c.adapter.clone()),
+            base.clone(),
+        )?;
+        if p.train.is_empty() {
+            bail!("{}: no trainable records", cfg.data.display())
+        }
+        // The folder appears once the model, data and method are known to work together.
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("creating the output folder {}", out.display()))?;
+        let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
+        let (step, mut cursor) =
+            resume::start_point(checkpoint.as_ref(), p.batching, cfg.seed, &lengths)?;
+        let plan = plan(
+            cfg,
+            options,
+            &p,
+            &lengths,
+            &mut cursor,
+            step,
+            comm.world_size(),
+        );
+        // Ranks started with other settings, other data or another checkpoint would train
+        // apart (and only rank 0's adapter would be saved): refuse before anything is written.
+        comm.ensure_same(
+            &[
+                (
+                    "the training settings (config fingerprint)",
+                    u64::from_str_radix(&fingerprint, 16).unwrap_or(0),
+                ),
+                ("the encoded training records", records_digest(&p.train)),
+                ("the number of steps", plan.total_steps as u64),
+                ("--stop-after", plan.stop_at as u64),
+                ("--zero-stage", options.zero_stage.get() as u64),
+                (
+                    "the checkpoint resumed from",
+                    checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step),
+                ),
+            ],
+            "the run",
+        )?;
+
+        let params = p.tuner.trainable();
+        let sink = recompute_sink(cfg, &p, &params, progress);
+        let mut opt = ZeroOptimizer::new(params.clone(), adamw(cfg), options.zero_stage, comm)?;
+        let metrics_path = out.join("metrics.jsonl");
+        let rank0 = comm.rank() == 0;
+        let metrics = match &checkpoint {
+            Some(ck) => {
+                resume::restore_optimizer(ck, &mut opt, comm.rank(), device)?;
+                rank0
+                    .then(|| MetricsLog::resume(&metrics_path, ck.state.step))
+                    .transpose()?
+            }
+            None => rank0
+                .then(|| MetricsLog::create(&metrics_path))
+                .transpose()?,
+        };
+
+        describe(
+            progress,
+            &p,
+            cfg,
+            &plan,
+            comm.world_size(),
+            options.zero_stage,
+        );
+        progress.start(plan.total_steps, step);
+        Ok(Run {
+            cfg,
+            options,
+            comm,
+            progress,
+            started,
+            fingerprint,
+            p,
+            base,
+            params,
+            sink,
+            opt,
+            metrics,
+            cursor,
+            plan,
+            step,
+            tally: Tally::new(),
+        })
+    }
+
+    /// What this rank has sent so far, the sharded base's collectives included.
+    fn sent(&self) -> Traffic {
+        let sent = self.comm.traffic();
+        self.base.as_ref().map_or(sent, |b| sent.plus(&b.traffic()))
+    }
+
+    /// The second phase, once per optimizer step: the global batch's forward and backward
+    /// passes, the optimizer update, and the step's report (logged to `metrics.jsonl` and the
+    /// progress display).
+    fn step(&mut self) -> Result<StepReport> {
+        let (cfg, comm) = (self.cfg, self.comm);
+        let t0 = Instant::now();
+        let traffic0 = self.sent();
+        self.opt.materialize(comm)?;
+        let (sums, local) = accumulate_step(
+            &self.p,
+            cfg,
+            &mut self.cursor,
+            self.step,
+            comm,
+            &self.params,
+            self.sink.as_ref(),
+        )?;
+        let total_steps = self.plan.total_steps;
+        let lr = lr_at(
+            cfg.schedule,
+            cfg.lr,
+            self.step,
+            cfg.warmup_steps,
+            total_steps,
+        );
+        let result = self
+            .opt
+            .step(comm, sums, local, cfg.max_grad_norm, lr)
+            .with_context(|| format!("optimizer step {}", self.step + 1))?;
+        // The busiest step: at stage 3 a step after an eval or a save needs no gather.
+        let t = self.sent().since(&traffic0);
+        let tally = &mut self.tally;
+        if tally
+            .busiest_traffic
+            .is_none_or(|b: Traffic| t.total_bytes() > b.total_bytes())
+        {
+            tally.busiest_traffic = Some(t);
+        }
+        self.step += 1;
+        let dt = t0.elapsed();
+        let totals = result.totals;
+        tally
+            .throughput
+            .record_with_duration(totals.tokens as u64, dt);
+        tally
+            .positions
+            .record_with_duration(totals.positions as u64, dt);
+        tally.step_seconds.push(dt.as_secs_f64());
+        let loss = totals.loss_sum / totals.trained;
+        tally.last_loss = Some(loss);
+        let report = StepReport {
+            step: self.step,
+            total_steps,
+            epoch: self.cursor.progress(),
+            loss,
+            lr,
+            grad_norm: result.grad_norm,
+            tokens: totals.tokens as usize,
+            tokens_per_sec: tally.throughput.window_tokens_per_sec().unwrap_or(0.0),
+            positions_per_sec: tally.positions.window_tokens_per_sec().unwrap_or(0.0),
+            step_seconds: dt.as_secs_f64(),
+        };
+        if let Some(m) = &mut self.metrics {
+            m.log(self.step as u64, &report)?;
+        }
+        self.progress.step(&report);
+        Ok(report)
+    }
+
+    /// The third phase, after each step: says when the run has stopped learning, evaluates
+    /// when due, saves a checkpoint when due (or when this invocation stops early), and stops
+    /// when any rank was interrupted.
+    fn after_step(&mut self, report: &StepReport) -> Result<Next> {
+        let (cfg, step) = (self.cfg, self.step);
+        if let Some(warning) = self.tally.stall.observe(report, cfg.lr) {
+            self.progress.warning(&warning);
+        }
+        let last = step == self.plan.total_steps;
+        let eval_due = last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e));
+        if !self.p.eval.is_empty() && eval_due {
+            self.evaluate()?;
+        }
+        let interrupted = !last && interrupt_requested(self.options, self.comm)?;
+        self.tally.interrupted = interrupted;
+        let save_due = cfg.save_every.is_some_and(|s| step.is_multiple_of(s))
+            || (step == self.plan.stop_at && !last)
+            || interrupted;
+        if save_due {
+            self.save_checkpoint()?;
+        }
+        if interrupted {
+            self.progress.message(&format!(
+                "interrupted: checkpoint of step {step} saved; rerun with --resume to continue"
+            ));
+            return Ok(Next::Stop);
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Evaluates on the eval records (spread over the ranks) and reports the result.
+    fn evaluate(&mut self) -> Result<()> {
+        self.opt.materialize(self.comm)?;
+        self.p.tuner.mode().set_training(false);
+        let report = evaluate_on(
+            &self.p.model,
+            self.p.pad_id,
+            self.p.padding,
+            &self.p.eval,
+            self.cfg.eval_batch_size.unwrap_or(self.cfg.batch_size()),
+            self.step,
+            self.comm,
+        )?;
+        if let Some(m) = &mut self.metrics {
+            m.log(self.step as u64, &report)?;
+        }
+        self.progress.eval(&report);
+        self.tally.last_eval = Some(report);
+        Ok(())
+    }
+
+    /// Writes `checkpoint-<step>` (every rank takes part; see [`resume::save`]).
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.opt.materialize(self.comm)?;
+        let state = resume::trainer_state(
+            self.cfg,
+            self.options,
+            self.comm.world_size(),
+            &self.fingerprint,
+            self.step,
+            &self.cursor,
+        )?;
+        let adapter: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        if let Some(m) = &self.metrics {
+            m.sync()?;
+        }
+        resume::save(self.comm, self.cfg, &state, &adapter, &self.opt)
+    }
+
+    /// The last phase: the loss plot, the adapter (when the run completed) and the summary,
+    /// written to `train_summary.json` by rank 0 when the run completed.
+    fn finish(mut self) -> Result<TrainSummary> {
+        let (cfg, comm) = (self.cfg, self.comm);
+        let out = &cfg.output_dir;
+        if let Some(m) = &self.metrics {
+            m.sync()?;
+            // The picture is a convenience: a failure to draw it is reported, not fatal.
+            if let Err(e) = super::plot::write_loss_plot(out, None) {
+                self.progress.message(&format!(
+                    "warning: {} not written: {e:#}",
+                    super::plot::PLOT_FILE
+                ));
+            }
+        }
+        let completed = self.step >= self.plan.total_steps;
+        if completed {
+            self.opt.materialize(comm)?;
+            let saved = if comm.rank() == 0 {
+                save_adapter(out, self.p.tuner.as_ref(), cfg.task, &cfg.model)
+            } else {
+                Ok(())
+            };
+            comm.all_ok(saved.is_ok(), "saving the adapter")?;
+            saved?;
+        }
+        self.progress.finish();
+        let summary = self.summary(completed)?;
+        if completed && comm.rank() == 0 {
+            crate::util::atomic::write_bytes_atomic(
+                &out.join("train_summary.json"),
+                (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
+            )?;
+        }
+        Ok(summary)
+    }
+
+    /// The run's summary; every rank takes part (the ranks' peak memory is all-reduced).
+    fn summary(&self, completed: bool) -> Result<TrainSummary> {
+        let (comm, p, tally) = (self.comm, &self.p, &self.tally);
+        let world = comm.world_size();
+        let mut rss = vec![0f64; world];
+        rss[comm.rank()] = peak_rss_bytes().unwrap_or(0.0);
+        comm.all_reduce_sum_f64(&mut rss)?;
+        let mut sorted = tally.step_seconds.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let per_epoch = self.plan.micro_batches_per_epoch;
+        Ok(TrainSummary {
+            output_dir: self.cfg.output_dir.clone(),
+            steps: self.step,
+            completed,
+            interrupted: tally.interrupted,
+            trainable_params: p.trainable_params(),
+            total_params: total_params(p.model.base_params, p.tuner.as_ref()),
+            base_weight_bytes: crate::quant::WeightMemory::of(&p.source.weights).total_bytes(),
+            train_records: p.train.len(),
+            skipped_records: p.skipped,
+            truncated_records: p.truncated,
+            final_loss: tally.last_loss,
+            eval: tally.last_eval.clone(),
+            tokens_per_sec: tally.throughput.overall_tokens_per_sec(),
+            positions_per_sec: tally.positions.overall_tokens_per_sec(),
+            median_step_seconds: sorted.get(sorted.len() / 2).copied(),
+            seconds: self.started.elapsed().as_secs_f64(),
+            padding: padding_description(p),
+            batching: self.plan.micro_batches.clone(),
+            micro_batches_per_epoch: per_epoch,
+            steps_per_epoch: per_epoch.div_ceil(world) as f64 / self.cfg.grad_accum as f64,
+            matmul_backend: crate::ops::blas::backend(),
+            matmul_probe: crate::ops::blas::probe_report(),
+            world_size: world,
+            zero_stage: self.options.zero_stage.get(),
+            peak_rss_bytes_per_rank: rss,
+            comm_per_step: tally.busiest_traffic.filter(|_| world > 1),
+        })
+    }
+}
+
+/// The communicator that shards the frozen base (`--shard-base` with several ranks).
+fn base_comm(cfg: &TrainConfig, comm: &dyn Collective) -> Result<Option<Arc<dyn BaseComm>>> {
+    Ok(match (cfg.shard_base, comm.world_size()) {
         (false, _) => None,
         (true, 1) => {
             // A warning, not a progress line: -q must not hide that the flag did nothing.
@@ -905,52 +1099,29 @@ pub fn train_on(
             None
         }
         (true, _) => Some(comm.base_comm()?),
-    };
-    let p = prepare_sharded(
-        cfg,
-        device,
-        checkpoint.as_ref().map(|c| c.adapter.clone()),
-        base.clone(),
-    )?;
-    let sent = || {
-        base.as_ref()
-            .map_or(comm.traffic(), |b| comm.traffic().plus(&b.traffic()))
-    };
-    let n = p.train.len();
-    if n == 0 {
-        bail!("{}: no trainable records", cfg.data.display())
-    }
-    // The folder appears once the model, data and method are known to work together.
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("creating the output folder {}", out.display()))?;
-    let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
-    let (mut step, mut cursor) = match &checkpoint {
-        Some(ck) => (
-            ck.state.step as usize,
-            DataCursor::new(
-                p.batching,
-                cfg.seed,
-                lengths.clone(),
-                ck.state.epoch,
-                ck.state.epoch_position as usize,
-            )
-            .with_context(|| format!("{}", ck.dir.display()))?,
-        ),
-        None => (
-            0,
-            DataCursor::new(p.batching, cfg.seed, lengths.clone(), 0, 0)?,
-        ),
-    };
-    // What is left is counted from the cursor, so a run resumed with another number of ranks
-    // still ends after its epochs (the steps done keep their count).
-    // A run of epochs takes no micro-batch past them: its last step takes what is left.
+    })
+}
+
+/// The steps of the run and of this invocation. What is left is counted from the cursor, so a
+/// run resumed with another number of ranks still ends after its epochs (the steps done keep
+/// their count); a run of epochs takes no micro-batch past them: its last step takes what is
+/// left (the cursor is limited to it).
+fn plan(
+    cfg: &TrainConfig,
+    options: &RunOptions,
+    p: &Prepared,
+    lengths: &[usize],
+    cursor: &mut DataCursor,
+    step: usize,
+    world: usize,
+) -> Plan {
     let total_steps = match cfg.max_steps {
         Some(n) => n,
         None => {
             let left = global_left(
                 p.batching,
                 cfg.seed,
-                &lengths,
+                lengths,
                 cfg.epochs,
                 world,
                 cursor.epoch(),
@@ -961,243 +1132,45 @@ pub fn train_on(
             step + left.div_ceil(cfg.grad_accum)
         }
     };
-    let stop_at = run.stop_after.map_or(total_steps, |s| s.min(total_steps));
-    // Ranks started with other settings, other data or another checkpoint would train apart
-    // (and only rank 0's adapter would be saved): refuse before anything is written.
-    comm.ensure_same(
-        &[
-            (
-                "the training settings (config fingerprint)",
-                u64::from_str_radix(&fingerprint, 16).unwrap_or(0),
-            ),
-            ("the encoded training records", records_digest(&p.train)),
-            ("the number of steps", total_steps as u64),
-            ("--stop-after", stop_at as u64),
-            ("--zero-stage", run.zero_stage.get() as u64),
-            (
-                "the checkpoint resumed from",
-                checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step),
-            ),
-        ],
-        "the run",
-    )?;
+    Plan {
+        total_steps,
+        stop_at: options
+            .stop_after
+            .map_or(total_steps, |s| s.min(total_steps)),
+        micro_batches: p.batching.describe(cursor.batches(), lengths),
+        micro_batches_per_epoch: cursor.batches().len(),
+    }
+}
 
-    let params = p.tuner.trainable();
-    let sink = if cfg.recompute {
-        let sink = std::sync::Arc::new(GradSink::new(
-            params.iter().map(|(_, v)| v.as_tensor().id()),
-        ));
-        if p.model.set_recompute(Some(sink.clone())) {
-            Some(sink)
-        } else {
-            progress.message("recompute: not supported for this architecture; keeping activations");
-            None
-        }
-    } else {
-        None
-    };
-    let adam = AdamWConfig {
+/// AdamW's settings from the run's.
+fn adamw(cfg: &TrainConfig) -> AdamWConfig {
+    AdamWConfig {
         lr: cfg.lr,
         beta1: cfg.adam_beta1,
         beta2: cfg.adam_beta2,
         eps: cfg.adam_eps,
         weight_decay: cfg.weight_decay,
-    };
-    let mut opt = ZeroOptimizer::new(params.clone(), adam, run.zero_stage, comm)?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = None;
-    match &checkpoint {
-        Some(ck) => {
-            if ck.state.sharded() {
-                let (shard, layout) = load_optimizer_shard(&ck.dir, &ck.state, rank, device)?;
-                ensure!(
-                    &layout == opt.layout(),
-                    "{}: the optimizer shard's parameters differ from this run's",
-                    ck.dir.display()
-                );
-                opt.load_state(&shard, true)?;
-            } else {
-                opt.load_state(&ck.optimizer, false)?;
-            }
-            if rank == 0 {
-                metrics = Some(MetricsLog::resume(&metrics_path, ck.state.step)?);
-            }
-        }
-        None if rank == 0 => metrics = Some(MetricsLog::create(&metrics_path)?),
-        None => {}
     }
+}
 
-    let micro_batches = p.batching.describe(cursor.batches(), &lengths);
-    let micro_batches_per_epoch = cursor.batches().len();
-    describe(
-        progress,
-        &p,
-        cfg,
-        &micro_batches,
-        total_steps,
-        world,
-        run.zero_stage,
-    );
-    progress.start(total_steps, step);
-    let mut throughput = Throughput::new(20);
-    let mut positions = Throughput::new(20);
-    let mut step_times = Vec::new();
-    let (mut last_loss, mut last_eval, mut step_traffic) = (None, None, None);
-    let mut interrupted = false;
-
-    while step < stop_at {
-        let t0 = Instant::now();
-        let traffic0 = sent();
-        opt.materialize(comm)?;
-        let (sums, local) =
-            accumulate_step(&p, cfg, &mut cursor, step, comm, &params, sink.as_ref())?;
-        let lr = lr_at(cfg.schedule, cfg.lr, step, cfg.warmup_steps, total_steps);
-        let result = opt
-            .step(comm, sums, local, cfg.max_grad_norm, lr)
-            .with_context(|| format!("optimizer step {}", step + 1))?;
-        // The busiest step: at stage 3 a step after an eval or a save needs no gather.
-        let t = sent().since(&traffic0);
-        if step_traffic.is_none_or(|b: Traffic| t.total_bytes() > b.total_bytes()) {
-            step_traffic = Some(t);
-        }
-        step += 1;
-        let dt = t0.elapsed();
-        let totals = result.totals;
-        throughput.record_with_duration(totals.tokens as u64, dt);
-        positions.record_with_duration(totals.positions as u64, dt);
-        step_times.push(dt.as_secs_f64());
-        let loss = totals.loss_sum / totals.trained;
-        last_loss = Some(loss);
-        let report = StepReport {
-            step,
-            total_steps,
-            epoch: cursor.progress(),
-            loss,
-            lr,
-            grad_norm: result.grad_norm,
-            tokens: totals.tokens as usize,
-            tokens_per_sec: throughput.window_tokens_per_sec().unwrap_or(0.0),
-            positions_per_sec: positions.window_tokens_per_sec().unwrap_or(0.0),
-            step_seconds: dt.as_secs_f64(),
-        };
-        if let Some(m) = &mut metrics {
-            m.log(step as u64, &report)?;
-        }
-        progress.step(&report);
-
-        let last = step == total_steps;
-        if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e))) {
-            opt.materialize(comm)?;
-            p.tuner.mode().set_training(false);
-            let r = evaluate_on(
-                &p.model,
-                p.pad_id,
-                p.padding,
-                &p.eval,
-                cfg.eval_batch_size.unwrap_or(cfg.batch_size()),
-                step,
-                comm,
-            )?;
-            if let Some(m) = &mut metrics {
-                m.log(step as u64, &r)?;
-            }
-            progress.eval(&r);
-            last_eval = Some(r);
-        }
-        interrupted = !last && interrupt_requested(run, comm)?;
-        let save_now = cfg.save_every.is_some_and(|s| step.is_multiple_of(s))
-            || (step == stop_at && !last)
-            || interrupted;
-        if save_now {
-            opt.materialize(comm)?;
-            let state = TrainerState {
-                step: step as u64,
-                epoch: cursor.epoch(),
-                epoch_position: cursor.position() as u64,
-                seed: cfg.seed,
-                config_hash: fingerprint.clone(),
-                world_size: world as u64,
-                zero_stage: run.zero_stage.get(),
-                extra: serde_json::json!({ "settings": cfg.resume_settings()? }),
-                ..Default::default()
-            };
-            let adapter: Vec<(String, Tensor)> = params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
-            if let Some(m) = &metrics {
-                m.sync()?;
-            }
-            save_step_checkpoint(comm, cfg, &state, &adapter, &opt)?;
-        }
-        if interrupted {
-            progress.message(&format!(
-                "interrupted: checkpoint of step {step} saved; rerun with --resume to continue"
-            ));
-            break;
-        }
+/// With `recompute`, where the recomputed layers leave the gradients of `params`; `None`
+/// without it, or where the architecture cannot recompute (said on `progress`).
+fn recompute_sink(
+    cfg: &TrainConfig,
+    p: &Prepared,
+    params: &[(String, Var)],
+    progress: &mut dyn Progress,
+) -> Option<Arc<GradSink>> {
+    if !cfg.recompute {
+        return None;
     }
-    if let Some(m) = &metrics {
-        m.sync()?;
-        // The picture is a convenience: a failure to draw it is reported, not fatal.
-        if let Err(e) = super::plot::write_loss_plot(out, None) {
-            progress.message(&format!(
-                "warning: {} not written: {e:#}",
-                super::plot::PLOT_FILE
-            ));
-        }
+    let sink = Arc::new(GradSink::new(
+        params.iter().map(|(_, v)| v.as_tensor().id()),
+    ));
+    if p.model.set_recompute(Some(sink.clone())) {
+        Some(sink)
+    } else {
+        progress.message("recompute: not supported for this architecture; keeping activations");
+        None
     }
-    let completed = step >= total_steps;
-    if completed {
-        opt.materialize(comm)?;
-        let saved = if rank == 0 {
-            save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model)
-        } else {
-            Ok(())
-        };
-        comm.all_ok(saved.is_ok(), "saving the adapter")?;
-        saved?;
-    }
-    progress.finish();
-    let mut rss = vec![0f64; world];
-    rss[rank] = peak_rss_bytes().unwrap_or(0.0);
-    comm.all_reduce_sum_f64(&mut rss)?;
-    let mut sorted = step_times.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let trainable = p.trainable_params();
-    let summary = TrainSummary {
-        output_dir: out.clone(),
-        steps: step,
-        completed,
-        interrupted,
-        trainable_params: trainable,
-        total_params: total_params(p.model.base_params, p.tuner.as_ref()),
-        base_weight_bytes: crate::quant::WeightMemory::of(&p.source.weights).total_bytes(),
-        train_records: n,
-        skipped_records: p.skipped,
-        truncated_records: p.truncated,
-        final_loss: last_loss,
-        eval: last_eval,
-        tokens_per_sec: throughput.overall_tokens_per_sec(),
-        positions_per_sec: positions.overall_tokens_per_sec(),
-        median_step_seconds: sorted.get(sorted.len() / 2).copied(),
-        seconds: started.elapsed().as_secs_f64(),
-        padding: padding_description(&p),
-        batching: micro_batches,
-        micro_batches_per_epoch,
-        steps_per_epoch: micro_batches_per_epoch.div_ceil(world) as f64 / cfg.grad_accum as f64,
-        matmul_backend: crate::ops::blas::backend(),
-        matmul_probe: crate::ops::blas::probe_report(),
-        world_size: world,
-        zero_stage: run.zero_stage.get(),
-        peak_rss_bytes_per_rank: rss,
-        comm_per_step: step_traffic.filter(|_| world > 1),
-    };
-    if completed && rank == 0 {
-        crate::util::atomic::write_bytes_atomic(
-            &out.join("train_summary.json"),
-            (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
-        )?;
-    }
-    Ok(summary)
 }
