@@ -66,6 +66,8 @@ pub struct EvalReport {
 pub trait Progress {
     fn start(&mut self, _total_steps: usize, _first_step: usize) {}
     fn step(&mut self, _report: &StepReport) {}
+    /// An evaluation of `records` records begins (it may take a while).
+    fn eval_start(&mut self, _records: usize) {}
     fn eval(&mut self, _report: &EvalReport) {}
     fn message(&mut self, _text: &str) {}
     fn finish(&mut self) {}
@@ -883,6 +885,8 @@ pub fn train_on(
     let (rank, world) = (comm.rank(), comm.world_size());
     let mut silent = Silent;
     let progress: &mut dyn Progress = if rank == 0 { progress } else { &mut silent };
+    let mut reporter = super::tensorboard::Reporter::for_run(progress, cfg, rank);
+    let progress: &mut dyn Progress = &mut reporter;
     let out = &cfg.output_dir;
     if out.exists() && !out.is_dir() {
         bail!(
@@ -1089,6 +1093,7 @@ pub fn train_on(
         if !p.eval.is_empty() && (last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e))) {
             opt.materialize(comm)?;
             p.tuner.mode().set_training(false);
+            progress.eval_start(p.eval.len());
             let r = evaluate_on(
                 &p.model,
                 p.pad_id,
