@@ -225,8 +225,7 @@ pub fn summary_lines(s: &TrainSummary, cfg: &TrainConfig) -> Vec<String> {
     ));
     if s.completed {
         lines.push(format!(
-            "adapter saved to {out} (adapter_config.json + adapter_model.safetensors); \
-             metrics.jsonl, loss.svg and train_summary.json beside it"
+            "adapter saved to {out} (with metrics.jsonl, loss.svg, train_summary.json)"
         ));
     } else {
         lines.push(format!("checkpoint of step {} in {out}", s.steps));
