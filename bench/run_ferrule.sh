@@ -29,11 +29,11 @@ run() {
     echo '{}' > "$dir/inspect.json"
   fi
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
-    "$F" train --threads 2 --output "$dir/run" -q "$@" > "$dir/summary.json"
+    "$F" train --threads 2 --output "$dir/run" -q "$@" > /dev/null
   python3 - "$dir" "$OUT/$name.json" "$*" <<'PY'
 import json, sys, os
 d, out, args = sys.argv[1:4]
-s = json.load(open(os.path.join(d, "summary.json")))
+s = json.load(open(os.path.join(d, "run", "train_summary.json")))
 t = json.load(open(os.path.join(d, "time.json")))
 w = json.load(open(os.path.join(d, "inspect.json"))).get("weights")
 steps = [json.loads(l) for l in open(os.path.join(d, "run", "metrics.jsonl")) if '"loss"' in l]

@@ -49,11 +49,11 @@ ferrule_run() {  # binary method round
   [ "$m" = randlora ] && extra=(--method randlora --lora-r 8 --peft-option randlora_alpha=16 --target-modules $LORA_TARGETS)
   case $m in prompt-tuning|prefix-tuning) extra=(--method "$m" --num-virtual-tokens 20) ;; esac
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
-    "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps 20 "${extra[@]}" > "$dir/summary.json"
+    "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps 20 "${extra[@]}" > /dev/null
   python3 - "$dir" "$OUT/${tag}_${m}_$i.json" <<'PY'
 import json, sys, os
 d, out = sys.argv[1:3]
-s = json.load(open(os.path.join(d, "summary.json"))); t = json.load(open(os.path.join(d, "time.json")))
+s = json.load(open(os.path.join(d, "run", "train_summary.json"))); t = json.load(open(os.path.join(d, "time.json")))
 r = {"median_step_s": s["median_step_seconds"], "peak_rss_bytes": t["peak_rss_kb"] * 1024, "final_loss": s["final_loss"],
      "trainable_params": s["trainable_params"], "load_avg": os.getloadavg()}
 json.dump(r, open(out, "w"), indent=1); print(out, json.dumps(r))

@@ -3,7 +3,8 @@
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
 # the adapter, and transformers' for the merged and the quantized folder, equal ferrule's own
-# (1e-4, f32). Fails, never skips, when the reference stack cannot be installed.
+# (1e-4, f32), and that the tensorboard package reads the event files of --report-to tensorboard
+# with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
 #
 #   scripts/check-interop.sh          (scripts/test.sh runs it)
 #
@@ -37,4 +38,8 @@ IN=tests/fixtures/inputs/decoder.safetensors
 "$BIN" quantize --threads 2 --model $M --quantize nf4 --double-quant --output "$work/nf4" >/dev/null
 "$BIN" logits --threads 2 --model "$work/nf4" --inputs $IN --out "$work/nf4.logits"
 "$PY" tests/fixtures/check_model_folder.py "$work/nf4" --inputs $IN --expected "$work/nf4.logits"
-echo "check-interop: peft loads the adapter, transformers the merged and the NF4 folder, with ferrule's logits"
+"$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --eval-data tests/fixtures/data/chat.jsonl \
+  --max-steps 4 --eval-every 2 --report-to tensorboard --output "$work/tb" >/dev/null
+"$PY" tests/fixtures/check_tensorboard.py "$work/tb"
+echo "check-interop: peft loads the adapter, transformers the merged and the NF4 folder, with ferrule's logits;"
+echo "check-interop: tensorboard reads the event files with the values of metrics.jsonl"

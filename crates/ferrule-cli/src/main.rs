@@ -4,13 +4,13 @@
 mod commands;
 mod progress;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 
 #[global_allocator]
 // docs/ARCHITECTURE.md, decisions, fix 2: glibc malloc's page faults dominate tensor-heavy loops; mimalloc does not.
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "ferrule",
     version,
@@ -69,7 +69,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN)
     };
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRULE_LOG")
@@ -136,6 +136,19 @@ fn main() {
         drop(comm); // MPI_Finalize before exiting
         std::process::exit(exit_code);
     }
+}
+
+/// The command line, parsed; `train` also learns which of its settings were given as flags
+/// (they override its config file).
+fn parse_command_line() -> Cli {
+    let mut cmd = Cli::command().mut_subcommand("train", commands::train::with_defaults);
+    let matches = cmd.get_matches_mut();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+    if let (Command::Train(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("train"))
+    {
+        args.given = commands::train::given_settings(m);
+    }
+    cli
 }
 
 #[cfg(test)]

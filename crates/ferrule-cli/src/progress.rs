@@ -1,5 +1,6 @@
-//! Training progress: a bar (step, loss, tokens/s, ETA) on a terminal; plain lines every
-//! `--log-every` steps when stderr is not one (nohup, CI, a file), where a bar shows nothing.
+//! Training progress: a bar (step, loss, tokens/s, ETA) on a terminal; plain lines for the
+//! first step and every `--log-every` steps when stderr is not one (nohup, CI, a file), where
+//! a bar shows nothing. Messages (evaluations, warnings) go above the bar, or plain to stderr.
 
 use std::io::IsTerminal;
 
@@ -9,7 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Bar {
     bar: Option<ProgressBar>,
     quiet: bool,
-    /// `Some(n)`: no bar; a line every n steps (and the last).
+    /// `Some(n)`: no bar; a line for the first step of this process, every n steps and the last.
     lines_every: Option<usize>,
     /// Seconds of the steps run in this process, and their count (the ETA).
     elapsed: f64,
@@ -31,7 +32,7 @@ impl Bar {
 }
 
 /// `1:02:03` from seconds.
-fn clock(secs: f64) -> String {
+pub fn clock(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
@@ -75,7 +76,8 @@ impl Progress for Bar {
         self.elapsed += r.step_seconds;
         self.steps_run += 1;
         if let (Some(every), false) = (self.lines_every, self.quiet) {
-            if r.step.is_multiple_of(every) || r.step == r.total_steps {
+            // The first step too: at 10 steps of a few seconds, the first line would come late.
+            if self.steps_run == 1 || r.step.is_multiple_of(every) || r.step == r.total_steps {
                 let eta = self.elapsed / self.steps_run as f64
                     * r.total_steps.saturating_sub(r.step) as f64;
                 eprintln!("{}", step_line(r, eta));
@@ -88,6 +90,13 @@ impl Progress for Bar {
                 r.loss, r.lr, r.tokens_per_sec
             ));
         }
+    }
+
+    fn eval_start(&mut self, records: usize) {
+        self.message(&format!(
+            "evaluating {records} record{}",
+            if records == 1 { "" } else { "s" }
+        ));
     }
 
     fn eval(&mut self, r: &EvalReport) {
@@ -113,14 +122,25 @@ impl Progress for Bar {
             return;
         }
         match &self.bar {
-            Some(b) => b.println(text),
-            None => eprintln!("{text}"),
+            // A bar that is drawn (stderr is a terminal) prints above itself.
+            Some(b) if self.lines_every.is_none() => b.println(text),
+            _ => eprintln!("{text}"),
         }
     }
 
     fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
+        let Some(b) = self.bar.take() else {
+            return;
+        };
+        // An interrupted run's bar stays where the run stopped; `finish` would fill it.
+        if b.length().is_some_and(|len| b.position() < len) {
+            b.abandon();
+        } else {
             b.finish();
+        }
+        if !b.is_hidden() {
+            // The bar's line ends without a newline: what is printed next starts a line.
+            eprintln!();
         }
     }
 }

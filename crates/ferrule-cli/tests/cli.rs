@@ -72,6 +72,7 @@ fn train_merge_generate_eval_inspect_logits() {
         "--target-modules",
         "all-linear",
         "-q",
+        "--json",
     ]);
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -513,6 +514,7 @@ fn toml_config_with_flag_overrides() {
         "--max-steps",
         "2",
         "-q",
+        "--json",
     ]);
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -536,6 +538,7 @@ fn toml_config_with_flag_overrides() {
         "--max-steps",
         "1",
         "-q",
+        "--json",
     ]);
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -750,6 +753,7 @@ fn qlora_train_eval_merge_quantize_inspect() {
                 "--target-modules",
                 "all-linear",
                 "-q",
+                "--json",
             ][..],
             &q,
         ]

@@ -68,6 +68,7 @@ fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
         "9",
         "--log-every",
         "1",
+        "--json",
     ]
     .map(String::from);
     base.into_iter()

@@ -83,6 +83,7 @@ fn train_args(data: &str, out: &Path, extra: &[&str]) -> Vec<String> {
         "--seed",
         "3",
         "-q",
+        "--json",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -336,6 +337,7 @@ fn a_sharded_bert_base_trains_what_one_process_trains() {
             "--epochs",
             "2",
             "-q",
+            "--json",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -13,10 +13,9 @@ pub mod plot;
 pub mod quantize;
 pub mod train;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Device;
 use ferrule::adapted::{AdaptedModel, AdapterSource, Selection};
-use ferrule::model::Task;
 use ferrule::quant::{QuantMethod, QuantSpec};
 
 /// The model flags shared by the inference commands.
@@ -79,7 +78,8 @@ impl ModelArgs {
 /// Quantizing a base model's linear layers while loading it.
 #[derive(clap::Args, Default)]
 pub struct QuantArgs {
-    /// Quantize the frozen base's linear layers while loading (QLoRA): nf4, fp4 or int8.
+    /// Quantize the frozen base's linear layers while loading (QLoRA): nf4, fp4 or int8 (default:
+    /// none, the weights as stored).
     #[arg(long, value_name = "METHOD")]
     pub quantize: Option<QuantMethod>,
     /// With nf4/fp4: quantize the absmax statistics too (QLoRA double quantization).
@@ -121,26 +121,7 @@ impl QuantArgs {
     }
 }
 
-/// `--task` values (PEFT names accepted too).
-pub fn parse_task(s: &str) -> Result<Task> {
-    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
-        "causal-lm" | "clm" => Task::CausalLm,
-        "seq-cls" | "classification" => Task::SeqCls,
-        "feature-extraction" | "embedding" => Task::FeatureExtraction,
-        other => bail!("unknown task {other:?}; expected causal-lm, seq-cls or feature-extraction"),
-    })
-}
-
-/// `--padding` values (`max_len`, the config file's spelling, accepted too).
-pub fn parse_padding(s: &str) -> Result<ferrule::data::Padding> {
-    use ferrule::data::Padding;
-    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
-        "free" => Padding::Free,
-        "longest" => Padding::Longest,
-        "max-len" => Padding::MaxLen,
-        other => bail!("unknown padding {other:?}; expected free, longest or max-len"),
-    })
-}
+pub use ferrule::train::config::{parse_padding, parse_task};
 
 pub fn device() -> Device {
     Device::Cpu

@@ -5,132 +5,109 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use clap::Args as _;
 use ferrule::dist::{Collective, ZeroStage};
-use ferrule::train::{train_on, LrSchedule, RunOptions, TrainConfig};
+use ferrule::train::config::heading;
+use ferrule::train::output::claim_output_dir;
+use ferrule::train::{train_on, RunOptions, TrainConfig, TrainSummary};
 
-use crate::progress::Bar;
+use crate::progress::{clock, Bar};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML file with the run's settings (the TrainConfig keys; the method's PEFT keys under [adapter] with
-    /// peft_type, or LoRA's under [lora]). Flags override it.
-    #[arg(long)]
+    /// TOML file with the run's settings (the keys are the flags' names with underscores, e.g.
+    /// max_len; the method's PEFT keys under [adapter] with peft_type, or LoRA's under [lora]).
+    /// Flags override it (default: none, the flags and the defaults alone).
+    #[arg(long, value_name = "FILE", help_heading = heading::RUN)]
     config: Option<PathBuf>,
-    /// Model folder (config.json + safetensors + tokenizer.json), .gguf file, or hub id.
-    #[arg(long)]
-    model: Option<String>,
-    /// Training data (JSONL: {"text"}, alpaca, {"messages"} chat, or {"text","label"}).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Held-out JSONL records (same shapes as --data), evaluated at the end and every --eval-every steps.
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    /// Output folder: adapter, checkpoints, metrics.jsonl.
-    #[arg(long, short)]
-    output: Option<PathBuf>,
-    /// causal-lm or seq-cls.
-    #[arg(long)]
-    task: Option<String>,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = heading::METHOD)]
     adapter: super::adapter_args::AdapterArgs,
-    /// Longest sequence in tokens (default: the model's context, at most 512).
-    #[arg(long)]
-    max_len: Option<usize>,
-    /// Fail on records longer than --max-len instead of truncating them.
-    #[arg(long)]
-    no_truncate: bool,
-    /// Train on prompt tokens too (default: completions only).
-    #[arg(long)]
-    train_on_prompt: bool,
-    /// Batch layout: free (padding-free: records end to end, attention within each; the
-    /// default), longest (padded to each batch's longest record) or max-len (padded to --max-len).
-    #[arg(long, value_parser = super::parse_padding)]
-    padding: Option<ferrule::data::Padding>,
-    /// Pad every batch to --max-len (the same as --padding max-len; fixed shapes for benchmarks).
-    #[arg(long, conflicts_with = "padding")]
-    pad_to_max_len: bool,
-    /// Records per micro-batch (default 8).
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Micro-batches by tokens: consecutive records of at most N tokens in all, instead of
-    /// --batch-size records (padding-free batches only). With --packing, the size of each bin.
-    #[arg(long, value_name = "N", conflicts_with = "batch_size")]
-    batch_tokens: Option<usize>,
-    /// Bin-pack each epoch's records into micro-batches of --batch-tokens tokens (default
-    /// --batch-size x --max-len) by best-fit decreasing; no record attends to another.
-    #[arg(long)]
-    packing: bool,
-    /// Micro-batches per optimizer step (default 1); the step averages over all their trained tokens.
-    #[arg(long)]
-    grad_accum: Option<usize>,
-    /// Optimizer steps to run (default: --epochs passes over the data).
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// Passes over the data when --max-steps is not given (default 1; fractions allowed).
-    #[arg(long)]
-    epochs: Option<f64>,
-    /// Peak learning rate of AdamW (default 2e-4).
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Steps of linear warmup from 0 to --lr (default 0).
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    /// constant, linear or cosine.
-    #[arg(long)]
-    schedule: Option<LrSchedule>,
-    /// AdamW decoupled weight decay (default 0).
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// 0 disables clipping.
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
-    /// Seed of initialisation, data order and dropout (default 42).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Recompute layer activations in backward (gradient checkpointing): less memory, ~1 extra forward.
-    #[arg(long)]
-    recompute: bool,
-    /// Under mpirun: each rank keeps 1/N of the frozen base's rows; layers gather the rest as they run.
-    #[arg(long)]
-    shard_base: bool,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = heading::METHOD)]
     quant: super::QuantArgs,
-    /// Evaluate every N steps as well as at the end (needs --eval-data).
-    #[arg(long)]
-    eval_every: Option<usize>,
-    /// Records per evaluation batch (default: --batch-size).
-    #[arg(long)]
-    eval_batch_size: Option<usize>,
-    /// Evaluate on the first N --eval-data records only.
-    #[arg(long)]
-    eval_limit: Option<usize>,
-    /// Write a checkpoint every N steps (for --resume).
-    #[arg(long)]
-    save_every: Option<usize>,
-    /// Checkpoints kept in the output folder; older ones are deleted (default 2).
-    #[arg(long)]
-    keep_checkpoints: Option<usize>,
+    /// The run's settings, declared once in the library (`TrainConfig`'s fields are the flags).
+    #[command(flatten)]
+    settings: TrainConfig,
     /// Continue from the newest checkpoint in the output folder.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OUTPUT)]
     resume: bool,
-    /// When stderr is not a terminal (nohup, CI, a file): a plain progress line every N steps.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// Replace an earlier run in the output folder (its adapter, checkpoints, metrics and
+    /// events are removed first); without it such a folder is an error.
+    #[arg(long, conflicts_with = "resume", help_heading = heading::OUTPUT)]
+    overwrite: bool,
+    /// When stderr is not a terminal (nohup, CI, a file): a plain progress line for the first
+    /// step and every N steps.
+    #[arg(long, value_name = "N", default_value_t = 10, help_heading = heading::OUTPUT)]
     log_every: usize,
-    /// No progress bar or messages; the summary JSON is still printed.
-    #[arg(long, short)]
+    /// No progress bar or messages; the summary is still printed.
+    #[arg(long, short, help_heading = heading::OUTPUT)]
     quiet: bool,
-    /// Under mpirun: how the trainable state is spread over the ranks (ZeRO, Rajbhandari et al. 2020):
+    /// Print the summary as one JSON line on stdout (train_summary.json's object, for scripts)
+    /// instead of a few lines for people.
+    #[arg(long, help_heading = heading::OUTPUT)]
+    json: bool,
+    /// How the trainable state is spread over the ranks (ZeRO, Rajbhandari et al. 2020):
     /// 0 gradients all-reduced, 1 also AdamW state partitioned, 2 gradients reduce-scattered too,
     /// 3 trainable parameters partitioned too. Every stage trains the same adapter.
-    #[arg(long, value_name = "0-3", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+    #[arg(long, value_name = "0-3", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3),
+          help_heading = heading::SCALE_OUT)]
     zero_stage: u8,
     /// Stop after this many steps as if interrupted (a checkpoint is written; resume later).
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
+    /// The settings given as flags on the command line ([`given_settings`]); the others come
+    /// from the config file or the defaults.
+    #[arg(skip)]
+    pub given: Vec<String>,
+}
+
+/// The ids of the flags that are settings: `TrainConfig`'s fields.
+fn setting_ids() -> Vec<String> {
+    TrainConfig::augment_args(clap::Command::new("train"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect()
+}
+
+/// `ferrule train`'s command with each setting's default (`TrainConfig::default()`, declared
+/// there once) shown in `--help`; the settings without one say what their absence means.
+pub fn with_defaults(mut train: clap::Command) -> clap::Command {
+    let defaults = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
+    for id in setting_ids() {
+        let Some(value) = defaults.get(&id) else {
+            continue;
+        };
+        let text = match value {
+            serde_json::Value::Number(n) => n.to_string(),
+            // Enum values in the flags' spelling: CAUSAL_LM -> causal-lm.
+            serde_json::Value::String(s) => s.to_ascii_lowercase().replace('_', "-"),
+            _ => continue,
+        };
+        // clap keeps default values as &'static str; these are a few short strings, once.
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        train = train.mut_arg(id, |arg| {
+            if !arg.get_action().takes_values() {
+                return arg;
+            }
+            // A required setting (model, data, output) may come from --config instead; an
+            // empty default lets TrainConfig::validate name what is missing.
+            arg.required(false)
+                .default_value(text)
+                .hide_default_value(text.is_empty())
+        });
+    }
+    train
+}
+
+/// The settings whose flags were given on the command line (`train`'s matches).
+pub fn given_settings(matches: &clap::ArgMatches) -> Vec<String> {
+    setting_ids()
+        .into_iter()
+        .filter(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .collect()
 }
 
 pub fn build_config(a: &Args) -> Result<TrainConfig> {
-    let mut c: TrainConfig = match &a.config {
+    let file: TrainConfig = match &a.config {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -139,85 +116,14 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
         }
         None => TrainConfig::default(),
     };
-    macro_rules! set {
-        ($field:expr, $flag:expr) => {
-            if let Some(v) = $flag.clone() {
-                $field = v;
-            }
-        };
-    }
-    set!(c.model, a.model);
-    set!(c.data, a.data);
-    if a.eval_data.is_some() {
-        c.eval_data = a.eval_data.clone();
-    }
-    set!(c.output_dir, a.output);
-    if let Some(t) = &a.task {
-        c.task = super::parse_task(t)?;
-    }
+    let given: Vec<&str> = a.given.iter().map(String::as_str).collect();
+    let mut c = file.with_keys_from(&a.settings, &given)?;
     c.adapter = Some(a.adapter.apply(&c)?);
     c.lora = None;
     if a.adapter.allow_unmatched {
         c.allow_unmatched = true;
     }
-    if a.max_len.is_some() {
-        c.max_len = a.max_len;
-    }
-    if a.no_truncate {
-        c.truncate = false;
-    }
-    if a.train_on_prompt {
-        c.completion_only = false;
-    }
-    if a.padding.is_some() {
-        c.padding = a.padding;
-    }
-    if a.pad_to_max_len {
-        c.pad_to_max_len = true;
-    }
-    // Either flag replaces both keys of the file: they set the same thing.
-    if a.batch_size.is_some() {
-        (c.batch_size, c.batch_tokens) = (a.batch_size, None);
-    }
-    if a.batch_tokens.is_some() {
-        (c.batch_size, c.batch_tokens) = (None, a.batch_tokens);
-    }
-    if a.packing {
-        c.packing = true;
-    }
-    set!(c.grad_accum, a.grad_accum);
-    if a.max_steps.is_some() {
-        c.max_steps = a.max_steps;
-    }
-    set!(c.epochs, a.epochs);
-    set!(c.lr, a.lr);
-    set!(c.warmup_steps, a.warmup_steps);
-    set!(c.schedule, a.schedule);
-    set!(c.weight_decay, a.weight_decay);
-    if let Some(g) = a.max_grad_norm {
-        c.max_grad_norm = (g > 0.0).then_some(g);
-    }
-    set!(c.seed, a.seed);
-    if a.recompute {
-        c.recompute = true;
-    }
-    if a.shard_base {
-        c.shard_base = true;
-    }
     c.quantize = a.quant.apply(c.quantize.take())?;
-    if a.eval_every.is_some() {
-        c.eval_every = a.eval_every;
-    }
-    if a.eval_batch_size.is_some() {
-        c.eval_batch_size = a.eval_batch_size;
-    }
-    if a.eval_limit.is_some() {
-        c.eval_limit = a.eval_limit;
-    }
-    if a.save_every.is_some() {
-        c.save_every = a.save_every;
-    }
-    set!(c.keep_checkpoints, a.keep_checkpoints);
     Ok(c)
 }
 
@@ -233,22 +139,109 @@ pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
         zero_stage: ZeroStage::new(a.zero_stage)?,
         interrupt: Some(interrupt),
     };
+    // A mistyped setting must not cost the earlier run that --overwrite would remove.
+    cfg.validate()?;
+    let claimed = if comm.rank() == 0 {
+        claim_output_dir(&cfg.output_dir, a.resume, a.overwrite)
+    } else {
+        Ok(())
+    };
+    comm.all_ok(claimed.is_ok(), "checking the output folder")?;
+    claimed?;
     let summary = train_on(&cfg, &super::device(), &mut bar, &run, comm)?;
     if comm.rank() != 0 {
         return Ok(summary.interrupted);
     }
-    println!("{}", serde_json::to_string(&summary)?);
-    if !a.quiet || summary.interrupted {
-        if summary.completed {
+    if !summary.completed {
+        // On stderr whatever stdout carries, and with -q too: the run has not finished.
+        eprintln!(
+            "stopped after step {} (checkpoint saved); run the same command with --resume to continue",
+            summary.steps
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+        if summary.completed && !a.quiet {
             eprintln!(
                 "adapter saved to {} (adapter_config.json + adapter_model.safetensors)",
                 summary.output_dir.display()
             );
-        } else {
-            eprintln!("stopped after step {} (checkpoint saved); run the same command with --resume to continue", summary.steps);
+        }
+    } else {
+        for line in summary_lines(&summary, &cfg) {
+            println!("{line}");
         }
     }
     Ok(summary.interrupted)
+}
+
+/// `4.2 s` under a minute, else `1:02:03`.
+fn duration(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.1} s")
+    } else {
+        clock(secs)
+    }
+}
+
+/// The summary for people: steps and losses, speed and memory, where the results went.
+pub fn summary_lines(s: &TrainSummary, cfg: &TrainConfig) -> Vec<String> {
+    let out = s.output_dir.display();
+    let mut lines = vec![format!(
+        "{} step{}{} ({} in this run): final loss {}",
+        s.steps,
+        if s.steps == 1 { "" } else { "s" },
+        if s.completed { "" } else { ", stopped early" },
+        duration(s.seconds),
+        s.final_loss
+            .map_or("- (no step in this run)".to_string(), |l| format!("{l:.4}"))
+    )];
+    if let Some(e) = &s.eval {
+        let figure = match (e.eval_accuracy, e.eval_perplexity) {
+            (Some(acc), _) => format!("accuracy {:.2}%", 100.0 * acc),
+            (None, Some(ppl)) => format!("perplexity {ppl:.2}"),
+            (None, None) => String::new(),
+        };
+        lines.push(format!(
+            "eval loss {:.4}, {figure} ({} records, step {})",
+            e.eval_loss, e.eval_records, e.step
+        ));
+    }
+    let peak = s
+        .peak_rss_bytes_per_rank
+        .iter()
+        .copied()
+        .fold(0.0, f64::max);
+    let per_rank = if s.world_size > 1 {
+        format!(" (the largest of {} ranks)", s.world_size)
+    } else {
+        String::new()
+    };
+    lines.push(format!(
+        "{} tokens/s, peak memory {:.1} MB{per_rank}",
+        s.tokens_per_sec
+            .map_or("-".to_string(), |t| format!("{t:.0}")),
+        peak / 1e6
+    ));
+    if s.completed {
+        lines.push(format!(
+            "adapter saved to {out} (with metrics.jsonl, loss.svg, train_summary.json)"
+        ));
+    } else {
+        lines.push(format!("checkpoint of step {} in {out}", s.steps));
+    }
+    if cfg
+        .report_to
+        .contains(&ferrule::train::ReportTo::Tensorboard)
+    {
+        lines.push(format!(
+            "TensorBoard events in {}",
+            s.output_dir
+                .join(ferrule::train::tensorboard::RUNS_DIR)
+                .display()
+        ));
+    }
+    lines
 }
 
 /// Ctrl-C, SIGTERM or SIGHUP: the first asks training to stop after the current step with a
@@ -270,4 +263,211 @@ fn stop_on_signal(announce: bool) -> Result<Arc<AtomicBool>> {
     })
     .context("installing the Ctrl-C handler")?;
     Ok(flag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+    use serde_json::{json, Value};
+
+    /// `ferrule train ARGS` parsed as `main` parses it, with the config it builds.
+    fn parse(args: &[&str]) -> Result<TrainConfig> {
+        let mut cmd = crate::Cli::command().mut_subcommand("train", with_defaults);
+        let argv = ["ferrule", "train"].iter().chain(args);
+        let matches = cmd.try_get_matches_from_mut(argv)?;
+        let crate::Command::Train(mut a) = crate::Cli::from_arg_matches(&matches)?.command else {
+            unreachable!()
+        };
+        a.given = given_settings(matches.subcommand_matches("train").unwrap());
+        build_config(&a)
+    }
+
+    fn as_json(c: &TrainConfig) -> serde_json::Map<String, Value> {
+        match serde_json::to_value(c).unwrap() {
+            Value::Object(o) => o,
+            _ => unreachable!(),
+        }
+    }
+
+    /// One use of each setting's flag, with the value its key gets.
+    fn samples() -> Vec<(Vec<&'static str>, &'static str, Value)> {
+        vec![
+            (vec!["--model", "m"], "model", json!("m")),
+            (vec!["--data", "d.jsonl"], "data", json!("d.jsonl")),
+            (
+                vec!["--eval-data", "e.jsonl"],
+                "eval_data",
+                json!("e.jsonl"),
+            ),
+            (vec!["-o", "out"], "output_dir", json!("out")),
+            (vec!["--task", "seq-cls"], "task", json!("SEQ_CLS")),
+            (vec!["--max-len", "64"], "max_len", json!(64)),
+            (vec!["--no-truncate"], "truncate", json!(false)),
+            (vec!["--train-on-prompt"], "completion_only", json!(false)),
+            (vec!["--padding", "longest"], "padding", json!("longest")),
+            (vec!["--pad-to-max-len"], "pad_to_max_len", json!(true)),
+            (vec!["--batch-size", "3"], "batch_size", json!(3)),
+            (vec!["--batch-tokens", "96"], "batch_tokens", json!(96)),
+            (vec!["--packing"], "packing", json!(true)),
+            (vec!["--grad-accum", "4"], "grad_accum", json!(4)),
+            (vec!["--max-steps", "7"], "max_steps", json!(7)),
+            (vec!["--epochs", "2.5"], "epochs", json!(2.5)),
+            (vec!["--lr", "0.01"], "lr", json!(0.01)),
+            (vec!["--warmup-steps", "5"], "warmup_steps", json!(5)),
+            (vec!["--schedule", "cosine"], "schedule", json!("cosine")),
+            (vec!["--weight-decay", "0.1"], "weight_decay", json!(0.1)),
+            (vec!["--adam-beta1", "0.8"], "adam_beta1", json!(0.8)),
+            (vec!["--adam-beta2", "0.99"], "adam_beta2", json!(0.99)),
+            (vec!["--adam-eps", "1e-6"], "adam_eps", json!(1e-6)),
+            (vec!["--max-grad-norm", "0"], "max_grad_norm", Value::Null),
+            (vec!["--seed", "7"], "seed", json!(7)),
+            (vec!["--recompute"], "recompute", json!(true)),
+            (vec!["--eval-every", "2"], "eval_every", json!(2)),
+            (
+                vec!["--eval-batch-size", "16"],
+                "eval_batch_size",
+                json!(16),
+            ),
+            (vec!["--eval-limit", "9"], "eval_limit", json!(9)),
+            (vec!["--save-every", "3"], "save_every", json!(3)),
+            (
+                vec!["--keep-checkpoints", "5"],
+                "keep_checkpoints",
+                json!(5),
+            ),
+            (
+                vec!["--report-to", "tensorboard"],
+                "report_to",
+                json!(["tensorboard"]),
+            ),
+            (vec!["--shard-base"], "shard_base", json!(true)),
+        ]
+    }
+
+    /// The keys set by the method's flags (`adapter_args`, `QuantArgs`), not by a flag each.
+    const METHOD_KEYS: &[&str] = &["adapter", "lora", "allow_unmatched", "quantize"];
+
+    /// Each setting's flag sets its key and no other; every key has a flag; every flag of
+    /// `train` is a setting, a method flag or an option of the invocation.
+    #[test]
+    fn every_flag_maps_to_a_config_key_and_back() {
+        let baseline = as_json(&parse(&[]).unwrap());
+        let samples = samples();
+        for (args, key, want) in &samples {
+            let got = as_json(&parse(args).unwrap_or_else(|e| panic!("{args:?}: {e:#}")));
+            assert_eq!(got.get(*key).unwrap_or(&Value::Null), want, "{args:?}");
+            for (k, v) in &baseline {
+                if k != key {
+                    assert_eq!(got.get(k), Some(v), "{args:?} changed {k}");
+                }
+            }
+        }
+        let flag_keys: Vec<&str> = samples.iter().map(|s| s.1).collect();
+        let ids = setting_ids();
+        assert_eq!(ids.len(), flag_keys.len(), "settings {ids:?}");
+        for id in &ids {
+            assert!(flag_keys.contains(&id.as_str()), "flag of {id} untested");
+            assert!(TrainConfig::is_key(id), "flag {id} is no config key");
+        }
+        for key in TrainConfig::keys() {
+            assert!(
+                ids.contains(&key) || METHOD_KEYS.contains(&key.as_str()),
+                "config key {key} has no flag"
+            );
+        }
+        let method: Vec<String> = [
+            super::super::adapter_args::AdapterArgs::augment_args(clap::Command::new("a")),
+            super::super::QuantArgs::augment_args(clap::Command::new("q")),
+        ]
+        .iter()
+        .flat_map(|c| c.get_arguments().map(|a| a.get_id().to_string()))
+        .collect();
+        let invocation = [
+            "config",
+            "resume",
+            "overwrite",
+            "json",
+            "log_every",
+            "quiet",
+            "zero_stage",
+            "stop_after",
+            "help",
+            "threads",
+        ];
+        let cmd = crate::Cli::command();
+        for arg in cmd.find_subcommand("train").unwrap().get_arguments() {
+            let id = arg.get_id().as_str();
+            assert!(
+                ids.iter().any(|i| i == id)
+                    || method.iter().any(|i| i == id)
+                    || invocation.contains(&id),
+                "train flag {id} is neither a setting, a method flag nor an invocation option"
+            );
+        }
+    }
+
+    #[test]
+    fn method_flags_set_their_keys() {
+        let c = parse(&[
+            "--allow-unmatched",
+            "--quantize",
+            "nf4",
+            "--quant-blocksize",
+            "128",
+            "--double-quant",
+        ])
+        .unwrap();
+        assert!(c.allow_unmatched);
+        let q = c.quantize.unwrap();
+        assert_eq!((q.blocksize, q.double_quant), (128, true));
+    }
+
+    /// Flags override the file's keys; the file's others stay; a micro-batch flag replaces
+    /// both micro-batch keys.
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(
+            &file,
+            "lr = 0.1\nbatch_tokens = 512\nseed = 3\nmax_grad_norm = 0\nschedule = \"cosine\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let c = parse(&["--config", file]).unwrap();
+        assert_eq!((c.lr, c.batch_tokens, c.seed), (0.1, Some(512), 3));
+        assert_eq!(c.max_grad_norm, None, "0 in the file disables clipping");
+        assert_eq!(c.schedule, ferrule::train::LrSchedule::Cosine);
+        let c = parse(&["--config", file, "--batch-size", "4", "--seed", "42"]).unwrap();
+        assert_eq!((c.batch_size, c.batch_tokens), (Some(4), None));
+        assert_eq!(
+            (c.lr, c.seed),
+            (0.1, 42),
+            "a flag at its default value still wins"
+        );
+    }
+
+    /// `--help` shows a default for every setting that takes a value, or says what its absence
+    /// means (the method's flags are `adapter_args`').
+    #[test]
+    fn every_setting_shows_its_default() {
+        let cmd = crate::Cli::command().mut_subcommand("train", with_defaults);
+        let train = cmd.find_subcommand("train").unwrap();
+        let method = super::super::adapter_args::AdapterArgs::augment_args(clap::Command::new("a"));
+        for arg in train.get_arguments() {
+            let is_method = method.get_arguments().any(|m| m.get_id() == arg.get_id());
+            if !arg.get_action().takes_values() || arg.is_hide_set() || is_method {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(
+                !arg.get_default_values().is_empty()
+                    || help.contains("default")
+                    || arg.is_hide_default_value_set(),
+                "--{} shows no default",
+                arg.get_long().unwrap_or_default()
+            );
+        }
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::LrSchedule;
@@ -12,79 +12,207 @@ use crate::quant::QuantSpec;
 use crate::tuners::AdapterConfig;
 
 /// A training run. Every field has a default except `model`, `data` and `output_dir`.
+///
+/// Each setting is declared here once: its doc comment is the `ferrule train --help` line,
+/// its name the TOML key (and the flag's id), its default the `Default` impl below (which
+/// `--help` shows). With the `cli` feature the struct is also the flags' clap definition:
+/// `ferrule train` flattens it and overlays the flags given on the command line over the
+/// config file ([`TrainConfig::with_keys_from`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Model folder, `.gguf` file, or hub id.
+    /// Model folder (config.json + safetensors + tokenizer.json), .gguf file, or hub id.
+    /// Required (the flag or the config file's key).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PATH", help_heading = heading::RUN))]
     pub model: String,
-    /// Training records (JSONL).
+    /// Training data (JSONL: {"text"}, alpaca, {"messages"} chat, or {"text","label"}).
+    /// Required (the flag or the config file's key).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE", value_parser = path, help_heading = heading::RUN))]
     pub data: PathBuf,
-    /// Held-out records for eval loss / accuracy.
+    /// Held-out JSONL records (same shapes as the training data), evaluated at the end and
+    /// every eval-every steps (default: none, no evaluation).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE", help_heading = heading::DATA))]
     pub eval_data: Option<PathBuf>,
-    /// Where the adapter, checkpoints and `metrics.jsonl` go.
+    /// Output folder: adapter, checkpoints, metrics.jsonl, train_summary.json. Required
+    /// (the flag or the config file's output_dir).
+    #[cfg_attr(feature = "cli", arg(long = "output", short = 'o', value_name = "DIR", value_parser = path, help_heading = heading::RUN))]
     pub output_dir: PathBuf,
+    /// What the model learns: causal-lm or seq-cls (PEFT's names, e.g. SEQ_CLS, work too).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = parse_task, help_heading = heading::DATA))]
     pub task: Task,
     /// The method and its settings with PEFT's keys: `[adapter]` in TOML, with `peft_type`
     /// (default: `tuners::registry::default_adapter`). See [`TrainConfig::adapter`].
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub adapter: Option<AdapterConfig>,
     /// LoRA settings under `[lora]` (the older spelling of `[adapter]` with `peft_type = "LORA"`).
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub lora: Option<serde_json::Map<String, serde_json::Value>>,
-    /// A `target_modules` entry or pattern key that matches no module is a warning, not an error.
+    /// A `target_modules` entry or pattern key that matches no module is a warning, not an
+    /// error (the flag is among the method's, `--allow-unmatched`).
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub allow_unmatched: bool,
     /// Longest sequence in tokens (default: the model's context, at most 512).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::DATA))]
     pub max_len: Option<usize>,
-    /// Cut longer records to `max_len` instead of failing.
+    /// Records longer than max-len are cut to it (true, the default) or are an error (false:
+    /// the flag --no-truncate).
+    #[cfg_attr(feature = "cli", arg(long = "no-truncate", action = clap::ArgAction::SetFalse, help_heading = heading::DATA))]
     pub truncate: bool,
-    /// Loss only on completions (assistant turns, Alpaca outputs).
+    /// Loss on completions only: assistant turns, Alpaca outputs (true, the default), or on
+    /// prompt tokens too (false: the flag --train-on-prompt).
+    #[cfg_attr(feature = "cli", arg(long = "train-on-prompt", action = clap::ArgAction::SetFalse, help_heading = heading::DATA))]
     pub completion_only: bool,
-    /// How batches lay out their records: `"free"` (padding-free, the default), `"longest"`
-    /// (padded to the batch's longest record) or `"max_len"` (padded to `max_len`).
+    /// Batch layout: free (padding-free: records end to end, attention within each; the
+    /// default), longest (padded to each batch's longest record) or max-len (padded to max-len).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = parse_padding, help_heading = heading::DATA))]
     pub padding: Option<Padding>,
-    /// The older spelling of `padding = "max_len"` (fixed shapes, e.g. for benchmarks).
+    /// Pad every batch to max-len: the older spelling of padding max-len (fixed shapes, e.g.
+    /// for benchmarks).
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with = "padding", help_heading = heading::DATA))]
     pub pad_to_max_len: bool,
-    /// Records per micro-batch (default [`DEFAULT_BATCH_SIZE`]); see [`TrainConfig::batch_size`].
+    /// Records per micro-batch (default 8).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::DATA))]
     pub batch_size: Option<usize>,
-    /// Micro-batches of consecutive records of at most this many tokens instead of
-    /// `batch_size` records; with `packing`, the size of the packed bins. Needs padding-free
-    /// batches (`train::batching`).
+    /// Micro-batches by tokens: consecutive records of at most N tokens in all, instead of
+    /// batch-size records (padding-free batches only). With packing, the size of each bin
+    /// (default: none, batches of batch-size records).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", conflicts_with = "batch_size", help_heading = heading::DATA))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_tokens: Option<usize>,
-    /// Bin-pack each epoch's records into micro-batches of `batch_tokens` tokens (default
-    /// `batch_size × max_len`) by best-fit decreasing (`train::batching`).
+    /// Bin-pack each epoch's records into micro-batches of batch-tokens tokens (default
+    /// batch-size x max-len) by best-fit decreasing; no record attends to another.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::DATA))]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub packing: bool,
+    /// Micro-batches per optimizer step; the step averages over all their trained tokens.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub grad_accum: usize,
-    /// Optimizer steps; when absent, `epochs` passes over the data.
+    /// Optimizer steps to run (default: epochs passes over the data).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub max_steps: Option<usize>,
+    /// Passes over the data when max-steps is not given (fractions allowed).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub epochs: f64,
+    /// Peak learning rate of AdamW.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub lr: f64,
+    /// Steps of linear warmup from 0 to lr.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub warmup_steps: usize,
+    /// Learning rate after warmup: constant, linear or cosine (decaying to 0 at the last step).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub schedule: LrSchedule,
+    /// AdamW's decoupled weight decay.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub weight_decay: f64,
+    /// AdamW's beta1 (decay of the gradient's running mean).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub adam_beta1: f64,
+    /// AdamW's beta2 (decay of the squared gradient's running mean).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub adam_beta2: f64,
+    /// AdamW's epsilon (added to the denominator).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub adam_eps: f64,
-    /// Clip the global gradient L2 norm to this (none or 0: no clipping).
+    /// Clip the global gradient L2 norm to this; 0 disables clipping.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
+    #[serde(deserialize_with = "clip_norm")]
     pub max_grad_norm: Option<f64>,
+    /// Seed of initialisation, data order and dropout.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub seed: u64,
     /// Recompute each decoder layer's activations in backward instead of keeping them
     /// (gradient checkpointing): much less memory for about one extra forward pass.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub recompute: bool,
-    /// With several ranks, each keeps 1/N of every frozen matrix's rows and the others are
-    /// broadcast tile by tile when a layer reads them (FSDP-style, `dist::sharded_base`).
-    /// Changes memory and traffic, not the result.
+    /// Quantize the frozen base's linear weights while loading it (QLoRA): `[quantize]` table
+    /// with `method = "nf4" | "fp4" | "int8"`, `blocksize`, `double_quant` (flags: --quantize,
+    /// --quant-blocksize, --double-quant).
+    #[cfg_attr(feature = "cli", arg(skip))]
+    pub quantize: Option<QuantSpec>,
+    /// Evaluate every N steps as well as at the end (needs eval-data; default: at the end only).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", help_heading = heading::OUTPUT))]
+    pub eval_every: Option<usize>,
+    /// Records per evaluation batch (default: batch-size).
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OUTPUT))]
+    pub eval_batch_size: Option<usize>,
+    /// Evaluate on the first N eval-data records only (default: all).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", help_heading = heading::OUTPUT))]
+    pub eval_limit: Option<usize>,
+    /// Write a checkpoint every N steps, for resuming (default: none; an interrupted run
+    /// still saves one).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", help_heading = heading::OUTPUT))]
+    pub save_every: Option<usize>,
+    /// Checkpoints kept in the output folder; older ones are deleted.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OUTPUT))]
+    pub keep_checkpoints: usize,
+    /// Where else the run reports its metrics (as transformers' report_to): tensorboard writes
+    /// event files to the output folder's runs/ (default: none; metrics.jsonl is always written).
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_name = "NAME", hide_possible_values = true, help_heading = heading::OUTPUT))]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<ReportTo>,
+    /// Under mpirun: each rank keeps 1/N of every frozen matrix's rows; layers gather the rest
+    /// tile by tile as they run (FSDP-style). Changes memory and traffic, not the result.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::SCALE_OUT))]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shard_base: bool,
-    /// Quantize the frozen base's linear weights while loading it (QLoRA): `[quantize]` table
-    /// with `method = "nf4" | "fp4" | "int8"`, `blocksize`, `double_quant`.
-    pub quantize: Option<QuantSpec>,
-    pub eval_every: Option<usize>,
-    pub eval_batch_size: Option<usize>,
-    /// Evaluate on the first N eval records only.
-    pub eval_limit: Option<usize>,
-    pub save_every: Option<usize>,
-    /// Checkpoints kept on disk (older ones are deleted).
-    pub keep_checkpoints: usize,
+}
+
+/// Where a run's metrics go besides `metrics.jsonl` (transformers' `report_to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// TensorBoard event files in `<output_dir>/runs/` ([`super::tensorboard`]).
+    Tensorboard,
+}
+
+/// The `--help` headings of `ferrule train`'s settings.
+pub mod heading {
+    /// The run's inputs and output folder: the required settings.
+    pub const RUN: &str = "Run (model, data and output are required, as flags or in --config)";
+    /// How records become batches.
+    pub const DATA: &str = "Data";
+    /// The adapter method and the base's quantization.
+    pub const METHOD: &str = "Method";
+    /// Steps, learning rate, AdamW and memory.
+    pub const OPTIM: &str = "Optimisation";
+    /// Evaluation, checkpoints, metrics and what is printed.
+    pub const OUTPUT: &str = "Evaluation and output";
+    /// Several processes under mpirun.
+    pub const SCALE_OUT: &str = "Scale-out (under mpirun)";
+}
+
+/// A path flag's value as given (an empty one is left for [`TrainConfig::validate`] to name).
+#[cfg(feature = "cli")]
+fn path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+/// `task` values: causal-lm, seq-cls or feature-extraction, PEFT's names (`CAUSAL_LM`) too.
+pub fn parse_task(s: &str) -> Result<Task> {
+    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
+        "causal-lm" | "clm" => Task::CausalLm,
+        "seq-cls" | "classification" => Task::SeqCls,
+        "feature-extraction" | "embedding" => Task::FeatureExtraction,
+        other => bail!("unknown task {other:?}; expected causal-lm, seq-cls or feature-extraction"),
+    })
+}
+
+/// `padding` values: free, longest or max-len (`max_len`, the config file's spelling, too).
+pub fn parse_padding(s: &str) -> Result<Padding> {
+    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
+        "free" => Padding::Free,
+        "longest" => Padding::Longest,
+        "max-len" => Padding::MaxLen,
+        other => bail!("unknown padding {other:?}; expected free, longest or max-len"),
+    })
+}
+
+/// `max_grad_norm`: 0 (or less) means no clipping, since a TOML file cannot say `none`.
+fn clip_norm<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.filter(|&g| g > 0.0))
 }
 
 impl Default for TrainConfig {
@@ -126,6 +254,7 @@ impl Default for TrainConfig {
             eval_limit: None,
             save_every: None,
             keep_checkpoints: 2,
+            report_to: Vec::new(),
         }
     }
 }
@@ -136,7 +265,60 @@ pub const MAX_EPOCHS: f64 = 100_000.0;
 /// Records per micro-batch when neither `batch_size` nor a token budget is given.
 pub const DEFAULT_BATCH_SIZE: usize = 8;
 
+/// Settings that describe one thing together: a value for any of them replaces all of them
+/// (the micro-batch is `batch_size` records or `batch_tokens` tokens, never both).
+const SET_TOGETHER: &[&[&str]] = &[&["batch_size", "batch_tokens"]];
+
 impl TrainConfig {
+    /// This config with the settings named in `keys` taken from `values` (flags given on the
+    /// command line over a config file's settings). A key of [`SET_TOGETHER`] brings its
+    /// group along; a key that is not a setting is an error naming it.
+    pub fn with_keys_from(&self, values: &TrainConfig, keys: &[&str]) -> Result<TrainConfig> {
+        let mut merged = serde_json::to_value(self)?;
+        let from = serde_json::to_value(values)?;
+        let (Some(into), Some(from)) = (merged.as_object_mut(), from.as_object()) else {
+            bail!("train: settings that are not a table")
+        };
+        let mut all: Vec<&str> = keys.to_vec();
+        for group in SET_TOGETHER {
+            if group.iter().any(|k| keys.contains(k)) {
+                all.extend_from_slice(group);
+            }
+        }
+        for key in all {
+            if !Self::is_key(key) {
+                bail!("train: {key:?} is not a training setting")
+            }
+            // A value its type leaves out when serialized (None, false, []) is the default.
+            match from.get(key) {
+                Some(v) => into.insert(key.to_string(), v.clone()),
+                None => into.remove(key),
+            };
+        }
+        serde_json::from_value(merged).context("train: the settings given as flags")
+    }
+
+    /// Whether `key` names a setting (a top-level key of the TOML file).
+    pub fn is_key(key: &str) -> bool {
+        Self::keys().iter().any(|k| k == key)
+    }
+
+    /// Every setting's key (the TOML file's top-level keys), in declaration order.
+    pub fn keys() -> Vec<String> {
+        // Keys left out of the serialized default when unset: set them to see them.
+        let every = TrainConfig {
+            batch_tokens: Some(1),
+            packing: true,
+            shard_base: true,
+            report_to: vec![ReportTo::Tensorboard],
+            ..Default::default()
+        };
+        match serde_json::to_value(every) {
+            Ok(serde_json::Value::Object(o)) => o.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Records per micro-batch: `batch_size`, else [`DEFAULT_BATCH_SIZE`]. With `batch_tokens`
     /// and no `packing`, micro-batches are formed by tokens and this is the eval batch size only.
     pub fn batch_size(&self) -> usize {
@@ -270,10 +452,56 @@ impl TrainConfig {
         c.save_every = None;
         c.keep_checkpoints = 0;
         c.eval_batch_size = None;
-        c.shard_base = false; // memory layout only: a run may resume with or without it
-                              // The default spelled out, so that checkpoints of runs before `batch_size` became
-                              // optional (it was `8` then) keep their fingerprint.
+        c.report_to = Vec::new(); // where metrics are reported, not what is trained
+                                  // Memory layout only: a run may resume with or without it.
+        c.shard_base = false;
+        // The default spelled out, so that checkpoints of runs before `batch_size` became
+        // optional (it was `8` then) keep their fingerprint.
         c.batch_size = Some(c.batch_size());
         Ok(serde_json::to_value(c)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_set_on_the_command_line_replace_the_files() {
+        let file: TrainConfig =
+            serde_json::from_str(r#"{"lr": 0.1, "batch_tokens": 512, "seed": 3}"#).unwrap();
+        let flags = TrainConfig {
+            batch_size: Some(4),
+            seed: 9,
+            lr: 0.5,
+            ..Default::default()
+        };
+        let c = file
+            .with_keys_from(&flags, &["batch_size", "seed"])
+            .unwrap();
+        assert_eq!((c.lr, c.seed), (0.1, 9));
+        assert_eq!((c.batch_size, c.batch_tokens), (Some(4), None));
+        let err = file.with_keys_from(&flags, &["learning_rate"]).unwrap_err();
+        assert!(format!("{err:#}").contains("\"learning_rate\" is not a training setting"));
+    }
+
+    #[test]
+    fn a_max_grad_norm_of_zero_disables_clipping() {
+        let c: TrainConfig = serde_json::from_str(r#"{"max_grad_norm": 0}"#).unwrap();
+        assert_eq!(c.max_grad_norm, None);
+        let c: TrainConfig = serde_json::from_str(r#"{"max_grad_norm": 0.5}"#).unwrap();
+        assert_eq!(c.max_grad_norm, Some(0.5));
+        assert_eq!(TrainConfig::default().max_grad_norm, Some(1.0));
+    }
+
+    #[test]
+    fn report_to_is_a_key_outside_the_resume_fingerprint() {
+        assert!(TrainConfig::is_key("report_to") && TrainConfig::is_key("packing"));
+        let c: TrainConfig = serde_json::from_str(r#"{"report_to": ["tensorboard"]}"#).unwrap();
+        assert_eq!(c.report_to, vec![ReportTo::Tensorboard]);
+        assert_eq!(
+            c.resume_fingerprint().unwrap(),
+            TrainConfig::default().resume_fingerprint().unwrap()
+        );
     }
 }

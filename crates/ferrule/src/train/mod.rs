@@ -21,11 +21,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod report;
 mod resume;
 pub mod rng;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use batching::{Batching, DataCursor};
@@ -33,7 +35,7 @@ pub use checkpoint::{
     consolidate_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
     Checkpoint, TrainerState,
 };
-pub use config::TrainConfig;
+pub use config::{ReportTo, TrainConfig};
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use plot::{write_loss_plot, PLOT_FILE};

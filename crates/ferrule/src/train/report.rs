@@ -40,6 +40,8 @@ pub struct EvalReport {
 pub trait Progress {
     fn start(&mut self, _total_steps: usize, _first_step: usize) {}
     fn step(&mut self, _report: &StepReport) {}
+    /// An evaluation of `records` records begins (it may take a while).
+    fn eval_start(&mut self, _records: usize) {}
     fn eval(&mut self, _report: &EvalReport) {}
     fn message(&mut self, _text: &str) {}
     /// Something the user should act on (a run that stopped learning, a checkpoint skipped):

@@ -617,7 +617,8 @@ pub fn train_on(
     } else {
         &mut silent
     };
-    let mut run = Run::start(cfg, device, progress, run, comm)?;
+    let mut reporter = super::tensorboard::Reporter::for_run(progress, cfg, comm.rank());
+    let mut run = Run::start(cfg, device, &mut reporter, run, comm)?;
     while run.step < run.plan.stop_at {
         let report = run.step()?;
         if run.after_step(&report)? == Next::Stop {
@@ -970,6 +971,7 @@ impl<'a> Run<'a> {
 
     /// Evaluates on the eval records (spread over the ranks) and reports the result.
     fn evaluate(&mut self) -> Result<()> {
+        self.progress.eval_start(self.p.eval.len());
         self.opt.materialize(self.comm)?;
         self.p.tuner.mode().set_training(false);
         let report = evaluate_on(
