@@ -2,7 +2,7 @@
 # The main job: fetch the offline assets, build ferrule, and fine-tune SmolLM2-135M-Instruct
 # with LoRA on the chatterbot conversation data, printing a generation before and after. The
 # base is the Q4_1 GGUF, trained through its 4-bit blocks (QLoRA on the file people download).
-# About 2-3 minutes on 2 cores (about 2 s per step, padding-free batches), plus the first release build.
+# About 7 minutes on 2 cores including the first release build (60 steps at about 2.4 s each).
 # Usage: [STEPS=60] scripts/finetune-demo.sh [OUTPUT_DIR] [extra `ferrule train` flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
