@@ -487,7 +487,7 @@ fn bad_training_inputs_are_refused_clearly() {
             "8",
             "--no-truncate",
         ],
-        "record 0: 25 tokens, more than max_len 8",
+        "chat.jsonl:1: 25 tokens, more than max_len 8",
     );
     // Nothing was left behind by the failed runs.
     assert!(!Path::new(&out).join("adapter_model.safetensors").exists());

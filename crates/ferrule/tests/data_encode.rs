@@ -566,7 +566,9 @@ fn classification_sets_the_class_and_no_labels() {
     let err = encoder.encode(0, &examples[0]).unwrap_err().to_string();
     assert_eq!(
         err,
-        "record 0: classification records need a label map (Encoder::with_label_map)"
+        "record 0: a classification record (\"text\" and \"label\") trains a \
+         sequence-classification head: pass --task seq-cls (or drop \"label\" to train on the \
+         text as language modelling)"
     );
     let encoder = encoder.with_label_map(&map);
     let set = encoder.encode_all(&examples).unwrap();
@@ -599,13 +601,15 @@ fn truncation() {
         err,
         DataError::TooLong {
             index: 2,
+            line: None,
             len: 10,
             max_len: 4
         }
     ));
     assert_eq!(
         err.to_string(),
-        "record 2: 10 tokens, more than max_len 4 (raise max_len or truncate long records)"
+        "record 2: 10 tokens, more than max_len 4 (--max-len); raise it, or let long records be \
+         cut at it (truncate = true: drop --no-truncate)"
     );
 
     let encoder = Encoder::new(&tok, None, options(4, Truncation::Right, true)).unwrap();
@@ -620,30 +624,41 @@ fn truncation() {
     let fits = chat(&[("user", "hi"), ("assistant", "ok")]);
     let encoder = Encoder::new(&tok, Some(&t), options(40, Truncation::Right, true)).unwrap();
     let err = encoder.encode(1, &cut).unwrap_err();
-    assert!(matches!(
-        err,
-        DataError::NoTrainableTokens {
-            index: 1,
-            truncated: true
-        }
-    ));
+    let DataError::PastMaxLen {
+        index: 1,
+        line: None,
+        prompt_len,
+        max_len: 40,
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    // The 200 bytes of the prompt, one token each, and the template's tokens around them.
+    assert!(prompt_len > 200, "{prompt_len}");
     assert_eq!(
         err.to_string(),
-        "record 1: no token is trained (every label is -100 after truncation); \
-         check that the record has a non-empty completion within max_len"
+        format!(
+            "record 1: its prompt takes {prompt_len} tokens, so cutting the record at max_len 40 \
+             (--max-len) leaves nothing of its answer to train; raise --max-len above {prompt_len}"
+        )
     );
     let encoder = Encoder::new(&tok, Some(&t), options(128, Truncation::Right, true)).unwrap();
     let set = encoder
         .encode_all(&[fits.clone(), cut.clone(), fits.clone()])
         .unwrap();
     assert_eq!(set.skipped, [1]);
+    assert_eq!(set.past_max_len, [(1, prompt_len)]);
     assert_eq!(set.record_indices, [0, 2]);
     assert_eq!(set.items.len(), 2);
     assert_eq!(set.truncated, 0);
     let err = encoder.encode_all(std::slice::from_ref(&cut)).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no record has a trained token (1 record(s) skipped because every label was -100)"
+        format!(
+            "no record has a trained token: 1 record whose prompt ({prompt_len} tokens) fills \
+             max_len 128 (--max-len), so nothing of its answer is left to train; raise \
+             --max-len above {prompt_len} to train on it"
+        )
     );
 
     // A reply that is only partly cut is kept, truncated.

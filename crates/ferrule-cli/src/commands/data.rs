@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use ferrule::data::preview::{spans, stats, DataStats};
-use ferrule::data::{read_jsonl, LabelMap};
+use ferrule::data::{read_records, Encoder, LabelMap};
 use ferrule::model::{ModelSource, Task};
-use ferrule::train::{encode_file, encode_options, TrainConfig};
+use ferrule::train::{encode_options, TrainConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,19 +62,25 @@ pub fn run(a: Args) -> Result<()> {
         .and_then(|v| v.as_u64())
         .map(|v| v as usize);
     let max_len = cfg.effective_max_len(context)?;
-    let records = read_jsonl(&a.data)?;
+    let records = read_records(&a.data)?;
     let labels = if cfg.task == Task::SeqCls {
-        Some(LabelMap::from_examples(&records)?)
+        Some(LabelMap::from_records(&records)?)
     } else {
         None
     };
-    let set = encode_file(
-        &a.data,
-        &source,
+    let tokenizer = source.tokenizer()?;
+    let eos = source.eos_token_ids().first().copied();
+    let mut encoder = Encoder::new(
+        tokenizer,
+        source.chat_template.as_ref(),
         encode_options(&cfg, max_len),
-        labels.as_ref(),
-        None,
-    )?;
+    )?
+    .with_eos_token_id(eos);
+    if let Some(l) = &labels {
+        encoder = encoder.with_label_map(l);
+    }
+    // The records cut before their answer are counted below, not warned about.
+    let set = encoder.encode_records(&records)?;
     if a.batch_size == 0 || a.batch_tokens == Some(0) {
         bail!(
             "--batch-size and --batch-tokens must be at least 1 (got {} and {:?})",
@@ -85,18 +91,17 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(t) = a.batch_tokens.filter(|&t| t < max_len) {
         bail!("--batch-tokens {t} is smaller than --max-len {max_len}: a record of max_len tokens would fit no bin")
     }
-    let counts = stats(&set, records.len(), a.batch_size, max_len, a.batch_tokens);
+    let counts = stats(&set, &records, a.batch_size, max_len, a.batch_tokens);
     if a.json {
         println!("{}", serde_json::to_string(&counts)?);
         return Ok(());
     }
     let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let tokenizer = source.tokenizer()?;
     for (item, &record) in set.items.iter().zip(&set.record_indices).take(a.show) {
         println!(
             "── {}:{} ({} tokens) ──",
             a.data.display(),
-            record + 1,
+            records.line(record),
             item.len()
         );
         let mut text = String::new();
@@ -134,6 +139,30 @@ fn print_counts(s: &DataStats, classification: bool, colour: bool) {
         s.skipped_lines.len(),
         s.truncated
     );
+    if let Some((lo, hi)) = prompt_range(s) {
+        let n = s.skipped_past_max_len.len();
+        let lines: Vec<String> = s
+            .skipped_past_max_len
+            .iter()
+            .take(10)
+            .map(|r| r.line.to_string())
+            .collect();
+        println!(
+            "truncated and skipped {n}: their prompt{} ({}) fill{} --max-len {}, so nothing of \
+             the answer is left to train (line{} {}{}); raise --max-len above {hi} to train on them",
+            if n == 1 { "" } else { "s" },
+            if lo == hi {
+                format!("{lo} tokens")
+            } else {
+                format!("{lo}–{hi} tokens")
+            },
+            if n == 1 { "s" } else { "" },
+            s.max_len,
+            if n == 1 { "" } else { "s" },
+            lines.join(", "),
+            if n > 10 { ", ..." } else { "" }
+        );
+    }
     if !s.skipped_lines.is_empty() {
         let shown: Vec<String> = s
             .skipped_lines
@@ -186,4 +215,10 @@ fn print_counts(s: &DataStats, classification: bool, colour: bool) {
             "#".repeat((40 * n).div_ceil(most))
         );
     }
+}
+
+/// The shortest and longest prompt of the records skipped for `--max-len`.
+fn prompt_range(s: &DataStats) -> Option<(usize, usize)> {
+    let prompts = s.skipped_past_max_len.iter().map(|r| r.prompt_tokens);
+    Some((prompts.clone().min()?, prompts.max()?))
 }

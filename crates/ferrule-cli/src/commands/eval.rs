@@ -35,14 +35,14 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
     let labels = if m.model.task == Task::SeqCls {
-        let examples = ferrule::data::read_jsonl(&a.data)?;
+        let records = ferrule::data::read_records(&a.data)?;
         let n = m
             .source
             .config
             .get("num_labels")
             .and_then(|v| v.as_u64())
             .unwrap_or(2) as usize;
-        let from_data = LabelMap::from_examples(&examples)?;
+        let from_data = LabelMap::from_records(&records)?;
         Some(match from_data.names() {
             Some(names) => LabelMap::from_names(names.to_vec())?,
             None => LabelMap::with_num_labels(n),

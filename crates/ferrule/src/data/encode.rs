@@ -46,10 +46,17 @@
 //!
 //! Records longer than [`EncodeOptions::max_len`] are cut at the end ([`Truncation::Right`]) or
 //! rejected ([`Truncation::Error`]). A text, Alpaca or chat record left without any trained
-//! target (all labels -100 after position 0, typically because truncation cut the whole
-//! completion) fails [`Encoder::encode`] with [`DataError::NoTrainableTokens`];
+//! target (all labels -100 after position 0) fails [`Encoder::encode`]: with
+//! [`DataError::PastMaxLen`] when its prompt fills `max_len` so the cut took its whole
+//! completion, with [`DataError::NoTrainableTokens`] when it has no completion to train at all.
 //! [`Encoder::encode_all`] skips such records and reports their indices in
-//! [`EncodedSet::skipped`], and fails only if no record is left.
+//! [`EncodedSet::skipped`] (and those cut before their answer, with their prompt lengths, in
+//! [`EncodedSet::past_max_len`]), and fails only if no record is left.
+//!
+//! TRL's `SFTTrainer` cuts at `max_length` too and keeps such a record in the batch with every
+//! label ignored (its older `DataCollatorForCompletionOnlyLM` warned "This instance will be
+//! ignored in loss calculation ... consider increasing the `max_seq_length`"); ferrule drops it
+//! instead, since it adds nothing to the loss, and counts it so the user can raise the limit.
 
 use std::ops::Range;
 
@@ -57,8 +64,8 @@ use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use super::chat::ChatTemplate;
-use super::error::{DataError, Result};
-use super::jsonl::{Example, Message};
+use super::error::{DataError, PastMaxLen, Result};
+use super::jsonl::{Example, Message, Records};
 use super::labels::LabelMap;
 
 /// Label of a position that does not count towards the loss.
@@ -138,6 +145,9 @@ pub struct EncodedSet {
     pub record_indices: Vec<usize>,
     /// Indices of records skipped because no token was left to train.
     pub skipped: Vec<usize>,
+    /// Of the skipped records, those whose prompt filled `max_len` so that truncation cut their
+    /// whole completion: `(index, prompt tokens)`.
+    pub past_max_len: Vec<(usize, usize)>,
     /// How many of the kept records were truncated.
     pub truncated: usize,
 }
@@ -223,7 +233,7 @@ impl<'a> Encoder<'a> {
     }
 
     /// Sets the map from classification labels to class indices (needed for classification
-    /// records).
+    /// records: a sequence-classification task).
     pub fn with_label_map(mut self, label_map: &'a LabelMap) -> Self {
         self.label_map = Some(label_map);
         self
@@ -246,6 +256,13 @@ impl<'a> Encoder<'a> {
             .map(|(encoded, _)| encoded)
     }
 
+    /// [`encode_all`](Self::encode_all) over the records of a file, with errors naming the
+    /// file and line of the record they are about.
+    pub fn encode_records(&self, records: &Records) -> Result<EncodedSet> {
+        self.encode_all(&records.examples)
+            .map_err(|e| e.located(records))
+    }
+
     /// Encodes all records in parallel, skipping those left without a trained token (see the
     /// [module documentation](self)). Any other error is returned for the first failing record.
     pub fn encode_all(&self, examples: &[Example]) -> Result<EncodedSet> {
@@ -265,12 +282,17 @@ impl<'a> Encoder<'a> {
                     set.record_indices.push(index);
                 }
                 Err(DataError::NoTrainableTokens { .. }) => set.skipped.push(index),
+                Err(DataError::PastMaxLen { prompt_len, .. }) => {
+                    set.skipped.push(index);
+                    set.past_max_len.push((index, prompt_len));
+                }
                 Err(e) => return Err(e),
             }
         }
         if set.items.is_empty() && !set.skipped.is_empty() {
             return Err(DataError::NoTrainableRecords {
                 skipped: set.skipped.len(),
+                past_max_len: set.past_max_len_summary(self.options.max_len),
             });
         }
         Ok(set)
@@ -303,13 +325,13 @@ impl<'a> Encoder<'a> {
                     (ids, labels, None)
                 }
                 None => {
-                    let eos = self.eos_token_id.ok_or_else(|| DataError::Record {
-                        index,
-                        message: "an Alpaca record without a chat template ends with the \
-                                  end-of-sequence token, but none is known (the model's \
-                                  tokenizer_config.json has no eos_token; set one with \
-                                  Encoder::with_eos_token_id)"
-                            .to_string(),
+                    let eos = self.eos_token_id.ok_or_else(|| {
+                        record_error(
+                            index,
+                            "an Alpaca record without a chat template ends with the \
+                             end-of-sequence token, but none is known (the model's \
+                             tokenizer_config.json has no eos_token)",
+                        )
                     })?;
                     let prompt = alpaca_prompt(instruction, input);
                     let text = format!("{prompt}{output}");
@@ -332,10 +354,13 @@ impl<'a> Encoder<'a> {
                 (ids, labels, None)
             }
             Example::Classification { text, label } => {
-                let map = self.label_map.ok_or_else(|| DataError::Record {
-                    index,
-                    message: "classification records need a label map (Encoder::with_label_map)"
-                        .to_string(),
+                let map = self.label_map.ok_or_else(|| {
+                    record_error(
+                        index,
+                        "a classification record (\"text\" and \"label\") trains a \
+                         sequence-classification head: pass --task seq-cls (or drop \"label\" \
+                         to train on the text as language modelling)",
+                    )
                 })?;
                 let class = map.class_index(index, label)?;
                 let encoding = self
@@ -359,11 +384,14 @@ impl<'a> Encoder<'a> {
         class_label: Option<usize>,
     ) -> Result<(Encoded, usize)> {
         let full_len = input_ids.len();
+        // Tokens before the first trained one, counted before the cut.
+        let prompt_len = labels
+            .iter()
+            .skip(1)
+            .position(|&l| l != IGNORE_INDEX)
+            .map(|p| p + 1);
         if full_len == 0 {
-            return Err(DataError::Record {
-                index,
-                message: "encodes to no token at all".to_string(),
-            });
+            return Err(record_error(index, "encodes to no token at all"));
         }
         let max_len = self.options.max_len;
         if full_len > max_len {
@@ -371,6 +399,7 @@ impl<'a> Encoder<'a> {
                 Truncation::Error => {
                     return Err(DataError::TooLong {
                         index,
+                        line: None,
                         len: full_len,
                         max_len,
                     })
@@ -387,9 +416,18 @@ impl<'a> Encoder<'a> {
             class_label,
         };
         if class_label.is_none() && encoded.num_targets() == 0 {
-            return Err(DataError::NoTrainableTokens {
-                index,
-                truncated: full_len > max_len,
+            return Err(match prompt_len {
+                Some(prompt_len) => DataError::PastMaxLen {
+                    index,
+                    line: None,
+                    prompt_len,
+                    max_len,
+                },
+                None => DataError::NoTrainableTokens {
+                    index,
+                    line: None,
+                    truncated: full_len > max_len,
+                },
             });
         }
         Ok((encoded, full_len))
@@ -398,19 +436,17 @@ impl<'a> Encoder<'a> {
     /// Renders a conversation and masks everything but the assistant replies (when
     /// `completion_only`).
     fn encode_chat(&self, index: usize, messages: &[Message]) -> Result<(Vec<u32>, Vec<i64>)> {
-        let template = self.template.ok_or_else(|| DataError::Record {
-            index,
-            message: "chat records need a chat template, and the model has none (no \
-                      chat_template.jinja and no \"chat_template\" in tokenizer_config.json)"
-                .to_string(),
+        let template = self.template.ok_or_else(|| {
+            record_error(
+                index,
+                "chat records need a chat template, and the model has none (no \
+                 chat_template.jinja and no \"chat_template\" in tokenizer_config.json)",
+            )
         })?;
         let render = |msgs: &[Message], generation_prompt: bool| {
             template
                 .render(msgs, generation_prompt)
-                .map_err(|e| DataError::Record {
-                    index,
-                    message: e.to_string(),
-                })
+                .map_err(|e| record_error(index, e.to_string()))
         };
         let full = render(messages, false)?;
         if !self.options.completion_only {
@@ -429,15 +465,15 @@ impl<'a> Encoder<'a> {
                 render(&messages[..=i], false)?
             };
             if !upto.starts_with(&prompt) || !full.starts_with(&upto) {
-                return Err(DataError::Record {
+                return Err(record_error(
                     index,
-                    message: format!(
+                    format!(
                         "cannot locate assistant message {i} in the rendered conversation: the chat \
                          template does not render the conversation up to it as a prefix of the \
                          whole (its text before and after the reply differ); use \
-                         completion_only = false for this template"
+                         completion_only = false (--train-on-prompt) for this template"
                     ),
-                });
+                ));
             }
             let end = prompt.len() + upto[prompt.len()..].trim_end().len();
             if end > prompt.len() {
@@ -515,9 +551,51 @@ fn overlaps(spans: &[Range<usize>], (start, end): (usize, usize)) -> bool {
 }
 
 fn tokenizer_error(index: usize, err: &tokenizers::Error) -> DataError {
-    DataError::Tokenizer {
-        context: format!("record {index}"),
-        message: err.to_string(),
+    record_error(index, format!("tokenizer error: {err}"))
+}
+
+fn record_error(index: usize, message: impl Into<String>) -> DataError {
+    DataError::Record {
+        index,
+        line: None,
+        message: message.into(),
+    }
+}
+
+impl EncodedSet {
+    /// The records skipped because their prompt filled `max_len`, summed up.
+    pub fn past_max_len_summary(&self, max_len: usize) -> Option<PastMaxLen> {
+        let prompts = self.past_max_len.iter().map(|&(_, p)| p);
+        Some(PastMaxLen {
+            count: self.past_max_len.len(),
+            prompt_tokens: (prompts.clone().min()?, prompts.max()?),
+            max_len,
+        })
+    }
+
+    /// Warns (through `tracing`) about the records of `records` skipped because their prompt
+    /// fills `max_len`, naming the file, their lines and the flag that keeps them.
+    pub fn warn_past_max_len(&self, records: &Records, max_len: usize) {
+        let Some(summary) = self.past_max_len_summary(max_len) else {
+            return;
+        };
+        let lines: Vec<String> = self
+            .past_max_len
+            .iter()
+            .take(10)
+            .map(|&(i, _)| records.line(i).to_string())
+            .collect();
+        let more = if self.past_max_len.len() > 10 {
+            ", ..."
+        } else {
+            ""
+        };
+        tracing::warn!(
+            "{}: skipped {summary} (line{} {}{more})",
+            records.path.display(),
+            if lines.len() == 1 { "" } else { "s" },
+            lines.join(", ")
+        );
     }
 }
 

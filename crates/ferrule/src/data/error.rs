@@ -126,61 +126,173 @@ pub enum DataError {
     Options(String),
 
     /// A record could not be encoded; `message` says why.
-    #[error("record {index}: {message}")]
+    #[error("{}: {message}", place(*index, line))]
     Record {
         /// 0-based index of the record in its file.
         index: usize,
+        /// Its file and line, when known ([`DataError::located`]).
+        line: Option<RecordLine>,
         /// What is wrong.
         message: String,
     },
 
     /// A record is longer than `max_len` and truncation is off.
     #[error(
-        "record {index}: {len} tokens, more than max_len {max_len} \
-         (raise max_len or truncate long records)"
+        "{}: {len} tokens, more than max_len {max_len} (--max-len); raise it, or let long \
+         records be cut at it (truncate = true: drop --no-truncate)",
+        place(*index, line)
     )]
     TooLong {
         /// 0-based index of the record in its file.
         index: usize,
+        /// Its file and line, when known.
+        line: Option<RecordLine>,
         /// Its length in tokens.
         len: usize,
         /// The limit.
         max_len: usize,
     },
 
-    /// After masking (and truncation) no token of a record contributes to the loss.
+    /// After masking (and truncation) no token of a record contributes to the loss, and
+    /// `max_len` is not the reason ([`DataError::PastMaxLen`] is).
     #[error(
-        "record {index}: no token is trained (every label is -100{}); \
-         check that the record has a non-empty completion within max_len",
+        "{}: no token is trained (every label is -100{}); \
+         check that the record has a non-empty completion",
+        place(*index, line),
         if *truncated { " after truncation" } else { "" }
     )]
     NoTrainableTokens {
         /// 0-based index of the record in its file.
         index: usize,
+        /// Its file and line, when known.
+        line: Option<RecordLine>,
         /// Whether the record was truncated.
         truncated: bool,
     },
 
-    /// Every record of a data set was skipped.
+    /// The prompt of a record fills `max_len`: its trained tokens (the answer) all lie beyond
+    /// the cut, so nothing of it is left to train.
     #[error(
-        "no record has a trained token ({skipped} record(s) skipped because every label was -100)"
+        "{}: its prompt takes {prompt_len} tokens, so cutting the record at max_len {max_len} \
+         (--max-len) leaves nothing of its answer to train; raise --max-len above {prompt_len}",
+        place(*index, line)
     )]
+    PastMaxLen {
+        /// 0-based index of the record in its file.
+        index: usize,
+        /// Its file and line, when known.
+        line: Option<RecordLine>,
+        /// Tokens before the first trained one.
+        prompt_len: usize,
+        /// The limit.
+        max_len: usize,
+    },
+
+    /// Every record of a data set was skipped.
+    #[error("no record has a trained token: {}", skipped_summary(*skipped, past_max_len))]
     NoTrainableRecords {
         /// How many records were skipped.
         skipped: usize,
+        /// Of those, the ones whose prompt filled `max_len` ([`DataError::PastMaxLen`]).
+        past_max_len: Option<PastMaxLen>,
     },
 
     /// A class label could not be mapped to a class index.
-    #[error("record {index}: {message}")]
+    #[error("{}: {message}", place(*index, line))]
     Label {
         /// 0-based index of the record.
         index: usize,
+        /// Its file and line, when known.
+        line: Option<RecordLine>,
         /// What is wrong.
         message: String,
     },
 }
 
+/// Where a record is: its file and 1-based line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordLine {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line number.
+    pub line: usize,
+}
+
+/// The records skipped because their prompt filled `max_len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PastMaxLen {
+    /// How many.
+    pub count: usize,
+    /// The shortest and longest of their prompts, in tokens.
+    pub prompt_tokens: (usize, usize),
+    /// The limit.
+    pub max_len: usize,
+}
+
+impl std::fmt::Display for PastMaxLen {
+    /// `3 records whose prompts (40–57 tokens) fill max_len 32 (--max-len), so nothing of
+    /// their answers is left to train; raise --max-len above 57 to train on them`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (lo, hi) = self.prompt_tokens;
+        let range = if lo == hi {
+            format!("{lo} tokens")
+        } else {
+            format!("{lo}–{hi} tokens")
+        };
+        let (records, prompts, fill, their, them) = if self.count == 1 {
+            ("record", "prompt", "fills", "its answer is", "it")
+        } else {
+            ("records", "prompts", "fill", "their answers are", "them")
+        };
+        write!(
+            f,
+            "{} {records} whose {prompts} ({range}) {fill} max_len {} (--max-len), so nothing \
+             of {their} left to train; raise --max-len above {hi} to train on {them}",
+            self.count, self.max_len
+        )
+    }
+}
+
+fn place(index: usize, line: &Option<RecordLine>) -> String {
+    match line {
+        Some(l) => format!("{}:{}", l.path.display(), l.line),
+        None => format!("record {index}"),
+    }
+}
+
+fn skipped_summary(skipped: usize, past_max_len: &Option<PastMaxLen>) -> String {
+    let other = skipped - past_max_len.as_ref().map_or(0, |p| p.count);
+    let mut parts = Vec::new();
+    if let Some(p) = past_max_len {
+        parts.push(p.to_string());
+    }
+    if other > 0 {
+        parts.push(format!(
+            "{other} record{} with no completion to train (every label -100)",
+            if other == 1 { "" } else { "s" }
+        ));
+    }
+    parts.join("; ")
+}
+
 impl DataError {
+    /// This error, if it is about one record of `records`, placed at that record's line of the
+    /// file (`train.jsonl:3: ...` rather than `record 1: ...`).
+    pub fn located(mut self, records: &super::Records) -> Self {
+        if let DataError::Record { index, line, .. }
+        | DataError::TooLong { index, line, .. }
+        | DataError::NoTrainableTokens { index, line, .. }
+        | DataError::PastMaxLen { index, line, .. }
+        | DataError::Label { index, line, .. } = &mut self
+        {
+            *line = Some(RecordLine {
+                path: records.path.clone(),
+                line: records.line(*index),
+            });
+        }
+        self
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, err: &std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),

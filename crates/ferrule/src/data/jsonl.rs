@@ -144,14 +144,53 @@ const EXPECTED_RECORD: &str = "a JSON object with \"text\" (and optionally \"lab
 /// a record of unknown shape or with a field of the wrong type, records of different shapes,
 /// labels of different kinds, and a file without any record.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, &e))?;
-    parse_jsonl(path, &bytes)
+    Ok(read_records(path)?.examples)
 }
 
 /// Parses JSONL content; `path` is only used in error messages.
 pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
+    Ok(parse_records(path, bytes)?.examples)
+}
+
+/// The records of one JSONL file with the line each came from, so that an error about a record
+/// (a chat template that fails on it, a label, its length) names `file:line` as JSON errors do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Records {
+    /// The file.
+    pub path: PathBuf,
+    /// The records, in file order.
+    pub examples: Vec<Example>,
+    /// The 1-based line of each record (blank lines hold none).
+    pub lines: Vec<usize>,
+    /// The keys of the first record, for messages about a key the data lacks.
+    pub first_keys: Vec<String>,
+}
+
+impl Records {
+    /// Keeps the first `n` records.
+    pub fn truncate(&mut self, n: usize) {
+        self.examples.truncate(n);
+        self.lines.truncate(n);
+    }
+
+    /// The 1-based line of record `index`.
+    pub fn line(&self, index: usize) -> usize {
+        self.lines.get(index).copied().unwrap_or(index + 1)
+    }
+}
+
+/// [`read_jsonl`], keeping where each record is.
+pub fn read_records(path: &Path) -> Result<Records> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, &e))?;
+    parse_records(path, &bytes)
+}
+
+/// [`parse_jsonl`], keeping where each record is.
+pub fn parse_records(path: &Path, bytes: &[u8]) -> Result<Records> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut examples = Vec::new();
+    let mut lines = Vec::new();
+    let mut first_keys = Vec::new();
     // (shape, line) of the first record, and (is_index, line) of the first label.
     let mut first_shape: Option<(Shape, usize)> = None;
     let mut first_label: Option<(bool, usize)> = None;
@@ -179,6 +218,9 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
             }
         })?;
         let ctx = Ctx { path, line };
+        if let (Value::Object(o), true) = (&value, examples.is_empty()) {
+            first_keys = o.keys().cloned().collect();
+        }
         let example = ctx.example(value)?;
 
         match first_shape {
@@ -212,6 +254,7 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
             }
         }
         examples.push(example);
+        lines.push(line);
     }
 
     if examples.is_empty() {
@@ -219,7 +262,12 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
             path: path.to_path_buf(),
         });
     }
-    Ok(examples)
+    Ok(Records {
+        path: path.to_path_buf(),
+        examples,
+        lines,
+        first_keys,
+    })
 }
 
 fn label_json(label: &LabelValue) -> Value {

@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::error::{DataError, Result};
-use super::jsonl::{Example, LabelValue};
+use super::error::{DataError, RecordLine, Result};
+use super::jsonl::{Example, LabelValue, Records};
 
 /// Maps the labels of classification records to class indices `0..num_labels()`.
 ///
@@ -39,6 +39,7 @@ impl LabelMap {
                 Some((first_index, first_is_index)) if first_is_index != is_index => {
                     return Err(DataError::Label {
                         index,
+                        line: None,
                         message: format!(
                             "label {label} is {} but record {first_index} has {} label; \
                              use either class indices or class names",
@@ -78,6 +79,45 @@ impl LabelMap {
                 })
             }
         }
+    }
+
+    /// [`LabelMap::from_examples`] over the records of a file, with errors naming the file, the
+    /// line and the key: a file without any `"label"` names the keys its first record has, and
+    /// the one that looks meant as the label (`"labels"`, `"Label"`, `"class"`, ...).
+    pub fn from_records(records: &Records) -> Result<Self> {
+        let any = records
+            .examples
+            .iter()
+            .any(|e| matches!(e, Example::Classification { .. }));
+        if any {
+            return Self::from_examples(&records.examples).map_err(|e| e.located(records));
+        }
+        let keys: Vec<String> = records
+            .first_keys
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect();
+        let has = if keys.is_empty() {
+            "no keys".to_string()
+        } else {
+            format!("keys {}", keys.join(", "))
+        };
+        let hint = match records.first_keys.iter().find(|k| looks_like_label(k)) {
+            Some(k) => format!("; rename {k:?} to \"label\""),
+            None => String::new(),
+        };
+        Err(DataError::Label {
+            index: 0,
+            line: Some(RecordLine {
+                path: records.path.clone(),
+                line: records.line(0),
+            }),
+            message: format!(
+                "a sequence-classification task (--task seq-cls) needs a class under the key \
+                 \"label\" (a class index or name) beside \"text\" in every record, but this \
+                 record has {has}{hint}"
+            ),
+        })
     }
 
     /// A map with `num_labels` unnamed classes; only integer labels can be mapped.
@@ -134,6 +174,7 @@ impl LabelMap {
             LabelValue::Index(i) if *i < self.num_labels => Ok(*i),
             LabelValue::Index(i) => Err(DataError::Label {
                 index,
+                line: None,
                 message: format!(
                     "label {i} is out of range: the model has {} classes (0..{})",
                     self.num_labels,
@@ -145,6 +186,7 @@ impl LabelMap {
                     let known: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
                     DataError::Label {
                         index,
+                        line: None,
                         message: format!(
                             "unknown label {name:?}; expected one of {}",
                             known.join(", ")
@@ -153,6 +195,7 @@ impl LabelMap {
                 }),
                 None => Err(DataError::Label {
                     index,
+                    line: None,
                     message: format!(
                         "label {name:?} is a name, but the classes are unnamed; \
                          use class indices 0..{}",
@@ -162,4 +205,12 @@ impl LabelMap {
             },
         }
     }
+}
+
+/// Keys that datasets use for a class label under another name.
+fn looks_like_label(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k != "label"
+        && (k.contains("label")
+            || ["class", "classes", "target", "category", "sentiment", "y"].contains(&k.as_str()))
 }

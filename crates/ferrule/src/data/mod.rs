@@ -48,8 +48,11 @@ pub use chat::ChatTemplate;
 pub use encode::{
     alpaca_prompt, EncodeOptions, Encoded, EncodedSet, Encoder, Truncation, IGNORE_INDEX,
 };
-pub use error::{DataError, Result};
-pub use jsonl::{parse_jsonl, read_jsonl, Example, LabelValue, Message, Shape};
+pub use error::{DataError, PastMaxLen, RecordLine, Result};
+pub use jsonl::{
+    parse_jsonl, parse_records, read_jsonl, read_records, Example, LabelValue, Message, Records,
+    Shape,
+};
 pub use labels::LabelMap;
 pub use packing::best_fit_decreasing;
 pub use tokenizer::{eos_token_id, load_tokenizer, pad_token_id, TokenizerConfig};

@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use super::encode::{Encoded, EncodedSet, IGNORE_INDEX};
+use super::jsonl::Records;
 
 /// A run of consecutive tokens that are all trained, or all not, decoded to text (special
 /// tokens included, as the model sees them).
@@ -59,6 +60,9 @@ pub struct DataStats {
     pub kept: usize,
     /// Records dropped because no token was left to train (1-based line numbers).
     pub skipped_lines: Vec<usize>,
+    /// Of those, the records whose prompt fills `max_len`, so that the cut takes their whole
+    /// answer: counted as truncated and skipped.
+    pub skipped_past_max_len: Vec<PastMaxLenRecord>,
     /// Kept records cut at `max_len`.
     pub truncated: usize,
     pub tokens: usize,
@@ -83,11 +87,20 @@ pub struct DataStats {
     pub length_histogram: Vec<(usize, usize, usize)>,
 }
 
-/// Counts for `set`, which encoded `records` records, at `batch_size` and `max_len`, with packed
-/// bins of `pack_budget` tokens (default `batch_size × max_len`, as `--packing` takes them).
+/// A record skipped because its prompt fills `max_len`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PastMaxLenRecord {
+    /// 1-based line in the file.
+    pub line: usize,
+    /// Tokens before its first trained token.
+    pub prompt_tokens: usize,
+}
+
+/// Counts for `set`, which encoded `records`, at `batch_size` and `max_len`, with packed bins of
+/// `pack_budget` tokens (default `batch_size × max_len`, as `--packing` takes them).
 pub fn stats(
     set: &EncodedSet,
-    records: usize,
+    records: &Records,
     batch_size: usize,
     max_len: usize,
     pack_budget: Option<usize>,
@@ -127,9 +140,17 @@ pub fn stats(
         packed_budget: budget,
         packed_bins,
         packed_fill: tokens as f64 / (packed_bins * budget).max(1) as f64,
-        records,
+        records: records.examples.len(),
         kept: set.items.len(),
-        skipped_lines: set.skipped.iter().map(|i| i + 1).collect(),
+        skipped_lines: set.skipped.iter().map(|&i| records.line(i)).collect(),
+        skipped_past_max_len: set
+            .past_max_len
+            .iter()
+            .map(|&(i, prompt_tokens)| PastMaxLenRecord {
+                line: records.line(i),
+                prompt_tokens,
+            })
+            .collect(),
         truncated: set.truncated,
         tokens,
         trained_tokens,
@@ -165,9 +186,17 @@ mod tests {
             items: vec![a, item(&[5]), item(&[8]), item(&[1])],
             record_indices: vec![0, 1, 3, 4],
             skipped: vec![2],
+            past_max_len: vec![(2, 9)],
             truncated: 1,
         };
-        let s = stats(&set, 5, 2, 8, None);
+        // Line 3 is blank: record 2 is on line 4.
+        let records = Records {
+            path: "t.jsonl".into(),
+            examples: vec![crate::data::Example::Text { text: "x".into() }; 5],
+            lines: vec![1, 2, 4, 5, 6],
+            first_keys: vec!["text".into()],
+        };
+        let s = stats(&set, &records, 2, 8, None);
         assert_eq!(
             (
                 s.records,
@@ -178,7 +207,14 @@ mod tests {
             ),
             (5, 4, 17, 1, 9)
         );
-        assert_eq!(s.skipped_lines, vec![3]);
+        assert_eq!(s.skipped_lines, vec![4]);
+        assert_eq!(
+            s.skipped_past_max_len,
+            vec![PastMaxLenRecord {
+                line: 4,
+                prompt_tokens: 9
+            }]
+        );
         assert_eq!(
             s.length_histogram,
             vec![(1, 2, 1), (2, 4, 1), (4, 8, 1), (8, 16, 1)]
@@ -189,7 +225,7 @@ mod tests {
         assert_eq!((s.packed_budget, s.packed_bins), (16, 2));
         assert!((s.packed_fill - 17.0 / 32.0).abs() < 1e-12);
         // Bins of 9: 8 | 5 + 3 | 1 would be three, but 1 fits beside 8: 8 + 1 | 5 + 3.
-        let s = stats(&set, 5, 2, 8, Some(9));
+        let s = stats(&set, &records, 2, 8, Some(9));
         assert_eq!((s.packed_budget, s.packed_bins), (9, 2));
     }
 }

@@ -91,9 +91,9 @@ pub fn encode_file(
     labels: Option<&LabelMap>,
     limit: Option<usize>,
 ) -> Result<data::EncodedSet> {
-    let mut examples = data::read_jsonl(path)?;
+    let mut records = data::read_records(path)?;
     if let Some(n) = limit {
-        examples.truncate(n);
+        records.truncate(n);
     }
     let tok = source.tokenizer()?;
     let eos = source.eos_token_ids().first().copied();
@@ -101,8 +101,9 @@ pub fn encode_file(
     if let Some(l) = labels {
         enc = enc.with_label_map(l);
     }
-    enc.encode_all(&examples)
-        .with_context(|| format!("encoding {}", path.display()))
+    let set = enc.encode_records(&records)?;
+    set.warn_past_max_len(&records, enc.options().max_len);
+    Ok(set)
 }
 
 /// Loads the model and data and builds the adapter (fresh, or from `adapter_weights`).
@@ -128,8 +129,7 @@ pub fn prepare_sharded(
         source.weights.shard(comm)?;
     }
     let label_map = if cfg.task == Task::SeqCls {
-        let examples = data::read_jsonl(&cfg.data)?;
-        let map = LabelMap::from_examples(&examples)?;
+        let map = LabelMap::from_records(&data::read_records(&cfg.data)?)?;
         if let serde_json::Value::Object(o) = &mut source.config {
             o.insert("num_labels".into(), serde_json::json!(map.num_labels()));
             o.remove("id2label");

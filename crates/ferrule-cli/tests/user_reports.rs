@@ -1,0 +1,245 @@
+//! Reports from users of tools like ferrule, tried on it as a new user would (issue 25, item 7):
+//! each error names the file, line, key or flag and the fix, and nothing differs silently.
+//! All run on the small fixture models.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fx(rel: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+/// Runs ferrule; returns (success, stdout, stderr).
+fn ferrule(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(args)
+        .args(["--threads", "1"])
+        .output()
+        .expect("run ferrule");
+    let (ok, out, err) = (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
+    (ok, out, err)
+}
+
+/// Runs ferrule, expecting it to fail; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let (ok, out, err) = ferrule(args);
+    assert!(
+        !ok,
+        "expected {args:?} to fail; stdout:\n{out}\nstderr:\n{err}"
+    );
+    err
+}
+
+/// Runs ferrule, expecting it to succeed; returns (stdout, stderr).
+fn succeeds(args: &[&str]) -> (String, String) {
+    let (ok, out, err) = ferrule(args);
+    assert!(ok, "{args:?} failed:\n{err}");
+    (out, err)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn write(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    path.display().to_string()
+}
+
+fn chat_line(turns: &[(&str, &str)]) -> String {
+    let messages: Vec<serde_json::Value> = turns
+        .iter()
+        .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+        .collect();
+    serde_json::json!({ "messages": messages }).to_string()
+}
+
+fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "-q",
+    ]
+}
+
+/// A template that, as Mistral's and Llama 2's do, refuses two user turns in a row.
+const ALTERNATING_TEMPLATE: &str = "{% for message in messages %}\
+{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}\
+{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}\
+{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A template error on the record of line 3 (line 2 is blank, so it is record 1) names
+/// `file:line`, as a JSON error does, in `ferrule data` and in `ferrule train`.
+#[test]
+fn chat_template_error_names_the_file_and_line() {
+    let t = tempfile::tempdir().unwrap();
+    let model = t.path().join("model");
+    copy_dir(Path::new(&fx("models/llama")), &model);
+    std::fs::write(model.join("chat_template.jinja"), ALTERNATING_TEMPLATE).unwrap();
+    let model = model.display().to_string();
+    let ok = chat_line(&[("user", "hi"), ("assistant", "hello")]);
+    let bad = chat_line(&[("user", "hi"), ("user", "again")]);
+    let data = write(&t.path().join("chat.jsonl"), &format!("{ok}\n\n{bad}\n"));
+    let at = format!("{data}:3: ");
+
+    let err = fails(&["data", "--model", &model, "--data", &data]);
+    assert!(err.contains(&at), "{err}");
+    assert!(err.contains("Conversation roles must alternate"), "{err}");
+    assert!(!err.contains("record 1"), "{err}");
+
+    let out = t.path().join("run").display().to_string();
+    let err = fails(&train_args(&model, &data, &out));
+    assert!(err.contains(&at), "{err}");
+    assert!(!err.contains("record 1"), "{err}");
+}
+
+/// Records whose prompt fills --max-len keep nothing of their answer: they are counted as
+/// truncated and skipped, by line, with the flag and the prompt length; when no record is
+/// left the error says the same.
+#[test]
+fn answers_beyond_max_len_are_counted_with_the_flag_and_prompt_length() {
+    let t = tempfile::tempdir().unwrap();
+    let model = fx("models/llama");
+    let long = "x ".repeat(30);
+    let short = chat_line(&[("user", "hi"), ("assistant", "hello there")]);
+    let cut = chat_line(&[("user", &long), ("assistant", "ok")]);
+    let data = write(
+        &t.path().join("mixed.jsonl"),
+        &format!("{short}\n{cut}\n{short}\n"),
+    );
+
+    // The prompt's length as the tokenizer counts it: the longest max_len that still skips it.
+    let (out, _) = succeeds(&[
+        "data",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--max-len",
+        "24",
+        "--json",
+    ]);
+    let counts: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(counts["skipped_lines"], serde_json::json!([2]), "{counts}");
+    let skipped = &counts["skipped_past_max_len"];
+    assert_eq!(skipped[0]["line"], 2, "{counts}");
+    let prompt = skipped[0]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt >= 24, "{counts}");
+
+    let (out, _) = succeeds(&[
+        "data",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--max-len",
+        "24",
+    ]);
+    assert!(out.contains("records 3 (kept 2, skipped 1"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "truncated and skipped 1: their prompt ({prompt} tokens) fills --max-len 24"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("raise --max-len above {prompt}")),
+        "{out}"
+    );
+
+    // train says so in its log, naming the file and line.
+    let run = t.path().join("run").display().to_string();
+    let mut args = train_args(&model, &data, &run);
+    args.extend(["--max-len", "24"]);
+    let (_, err) = succeeds(&args);
+    assert!(
+        err.contains(&format!(
+            "{data}: skipped 1 record whose prompt ({prompt} tokens) fills max_len 24 (--max-len)"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("(line 2)"), "{err}");
+
+    // Every record cut before its answer: the error names the flag and the prompt length.
+    let only = write(&t.path().join("cut.jsonl"), &format!("{cut}\n{cut}\n"));
+    let run = t.path().join("run2").display().to_string();
+    let mut args = train_args(&model, &only, &run);
+    args.extend(["--max-len", "24"]);
+    let err = fails(&args);
+    assert!(err.contains("--max-len"), "{err}");
+    assert!(err.contains(&format!("prompts ({prompt} tokens)")), "{err}");
+    assert!(
+        err.contains(&format!("raise --max-len above {prompt}")),
+        "{err}"
+    );
+}
+
+/// Classification records without --task seq-cls: say what to pass, not an internal name.
+#[test]
+fn classification_records_without_the_task_name_the_flag() {
+    let t = tempfile::tempdir().unwrap();
+    let data = write(
+        &t.path().join("cls.jsonl"),
+        "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n",
+    );
+    let model = fx("models/llama");
+    let run = t.path().join("run").display().to_string();
+    for args in [
+        vec!["data", "--model", &model, "--data", &data],
+        train_args(&model, &data, &run),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(&format!("{data}:1: ")), "{err}");
+        assert!(err.contains("pass --task seq-cls"), "{err}");
+        assert!(!err.contains("Encoder::"), "{err}");
+    }
+}
+
+/// "labels" where "label" is meant: the error names the file, the line, the key found and the
+/// key expected.
+#[test]
+fn a_misnamed_label_key_is_named_with_the_expected_one() {
+    let t = tempfile::tempdir().unwrap();
+    let data = write(
+        &t.path().join("cls.jsonl"),
+        "\n{\"text\": \"great film\", \"labels\": 1}\n{\"text\": \"dull\", \"labels\": 0}\n",
+    );
+    let model = fx("models/llama");
+    let run = t.path().join("run").display().to_string();
+    let mut train = train_args(&model, &data, &run);
+    train.extend(["--task", "seq-cls"]);
+    for args in [
+        vec![
+            "data", "--model", &model, "--data", &data, "--task", "seq-cls",
+        ],
+        train,
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(&format!("{data}:2: ")), "{err}");
+        assert!(err.contains("keys \"text\", \"labels\""), "{err}");
+        assert!(err.contains("rename \"labels\" to \"label\""), "{err}");
+    }
+}
