@@ -68,7 +68,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let plan = match args.adapter.given() {
         true => {
-            let adapter = args.adapter.apply(&TrainConfig::default())?;
+            let adapter = args.adapter.apply(&TrainConfig {
+                model: args.model.model.clone(),
+                ..TrainConfig::default()
+            })?;
             let quant = args.model.quant.spec()?;
             Some(TrainingPlan::of(
                 &args.model.model,

@@ -63,7 +63,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let quant = args.quant.spec()?;
     let task = args.task.as_deref().map(super::parse_task).transpose()?;
-    let adapter = args.adapter.apply(&TrainConfig::default())?;
+    let adapter = args.adapter.apply(&TrainConfig {
+        model: args.model.clone(),
+        ..TrainConfig::default()
+    })?;
     let planned = PlannedModel::load(
         &args.model,
         &adapter,

@@ -47,17 +47,17 @@ impl ModelShape {
     pub fn from_config(config: &Value) -> anyhow::Result<ModelShape> {
         Ok(match family_of(config)? {
             Family::Decoder => {
-                let c = DecoderConfig::from_json(config)?;
+                let decoder = DecoderConfig::from_json(config)?;
                 let (h, q, kv, i) = (
-                    c.hidden_size,
-                    c.num_attention_heads * c.head_dim,
-                    c.num_key_value_heads * c.head_dim,
-                    c.intermediate_size,
+                    decoder.hidden_size,
+                    decoder.num_attention_heads * decoder.head_dim,
+                    decoder.num_key_value_heads * decoder.head_dim,
+                    decoder.intermediate_size,
                 );
-                let lin = |name, a, b| BlockLinear {
+                let lin = |name, in_features, out_features| BlockLinear {
                     name,
-                    in_features: a,
-                    out_features: b,
+                    in_features,
+                    out_features,
                 };
                 let block_linears = vec![
                     lin("q_proj", h, q),
@@ -68,28 +68,31 @@ impl ModelShape {
                     lin("up_proj", h, i),
                     lin("down_proj", i, h),
                 ];
-                let biases = if c.qkv_bias { q + 2 * kv } else { 0 }
-                    + if c.o_bias { h } else { 0 }
-                    + if c.mlp_bias { 2 * i + h } else { 0 };
-                let embedding_params = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
+                let biases = if decoder.qkv_bias { q + 2 * kv } else { 0 }
+                    + if decoder.o_bias { h } else { 0 }
+                    + if decoder.mlp_bias { 2 * i + h } else { 0 };
+                let embedding_params =
+                    decoder.vocab_size * h * if decoder.tie_word_embeddings { 1 } else { 2 };
                 ModelShape {
                     family: "decoder",
-                    layers: c.num_hidden_layers,
+                    layers: decoder.num_hidden_layers,
                     hidden: h,
                     intermediate: i,
-                    vocab: c.vocab_size,
+                    vocab: decoder.vocab_size,
                     block_linears,
-                    other_params: embedding_params + c.num_hidden_layers * (2 * h + biases) + h,
+                    other_params: embedding_params
+                        + decoder.num_hidden_layers * (2 * h + biases)
+                        + h,
                     embedding_params,
                 }
             }
             Family::Bert => {
-                let c = BertConfig::from_json(config)?;
-                let (h, i) = (c.hidden_size, c.intermediate_size);
-                let lin = |name, a, b| BlockLinear {
+                let bert = BertConfig::from_json(config)?;
+                let (h, i) = (bert.hidden_size, bert.intermediate_size);
+                let lin = |name, in_features, out_features| BlockLinear {
                     name,
-                    in_features: a,
-                    out_features: b,
+                    in_features,
+                    out_features,
                 };
                 let block_linears = vec![
                     lin("query", h, h),
@@ -100,17 +103,17 @@ impl ModelShape {
                     lin("output.dense", i, h),
                 ];
                 let embedding_params =
-                    (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h;
+                    (bert.vocab_size + bert.max_position_embeddings + bert.type_vocab_size) * h;
                 ModelShape {
                     family: "bert",
-                    layers: c.num_hidden_layers,
+                    layers: bert.num_hidden_layers,
                     hidden: h,
                     intermediate: i,
-                    vocab: c.vocab_size,
+                    vocab: bert.vocab_size,
                     block_linears,
                     // Biases of the six linears, two LayerNorms per block, embedding LayerNorm, pooler.
                     other_params: embedding_params
-                        + c.num_hidden_layers * (5 * h + i + 4 * h)
+                        + bert.num_hidden_layers * (5 * h + i + 4 * h)
                         + 2 * h
                         + h * h
                         + h,

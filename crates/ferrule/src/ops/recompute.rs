@@ -15,7 +15,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
 
 /// A block's forward, recomputable at will (it must be deterministic: dropout masks are seeded
-/// per step, see `tuners::mode`).
+/// per step, see `tuners::training_clock`).
 pub type Block = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Collects the gradients of chosen tensors (the trainable ones) from inner backward passes.

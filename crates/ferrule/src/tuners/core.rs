@@ -205,3 +205,79 @@ impl<C: Serialize, L> AnyTunerCore for TunerCore<C, L> {
         self.saved.replaced(&self.params)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::tuners::target::ModuleSpec;
+
+    fn core(saved: &[&str]) -> TunerCore<Value> {
+        let names: Vec<String> = saved.iter().map(|s| s.to_string()).collect();
+        let ctx = BuildContext {
+            seed: 0,
+            device: &Device::Cpu,
+            weights: None,
+            allow_unmatched: false,
+        };
+        let targets = Targets::new(
+            "target_modules",
+            &ModuleSpec::Names(vec!["q_proj".into(), "k_proj".into()]),
+            None,
+        )
+        .unwrap();
+        let saved = ModulesToSave::new(Some(&names));
+        TunerCore::new(&crate::tuners::ia3::METHOD, Value::Null, saved, ctx).with_targets(targets)
+    }
+
+    fn route(core: &TunerCore<Value>, path: &str) -> &'static str {
+        let info = LinearInfo {
+            path: path.into(),
+            is_output_head: false,
+        };
+        let weight = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let base = FrozenLinear::new(weight, None).unwrap();
+        match core.route_linear(&info, base).unwrap() {
+            LinearRoute::TrainedInFull(_) => "trained in full",
+            LinearRoute::Targeted(_) => "targeted",
+            LinearRoute::Untargeted(_) => "untargeted",
+        }
+    }
+
+    #[test]
+    fn modules_to_save_come_before_the_targets() {
+        let core = core(&["k_proj"]);
+        assert_eq!(route(&core, "model.layers.0.self_attn.q_proj"), "targeted");
+        assert_eq!(
+            route(&core, "model.layers.0.self_attn.k_proj"),
+            "trained in full"
+        );
+        assert_eq!(
+            route(&core, "model.layers.0.self_attn.v_proj"),
+            "untargeted"
+        );
+        assert_eq!(core.params.trainable().len(), 1, "the k_proj copy's weight");
+    }
+
+    #[test]
+    fn finishing_with_nothing_adapted_names_the_method_and_the_reason() {
+        let core = core(&[]);
+        route(&core, "model.layers.0.self_attn.q_proj");
+        route(&core, "model.layers.0.self_attn.k_proj");
+        let e = core.check_finished("nothing here").unwrap_err().to_string();
+        assert_eq!(e, "ia3: nothing here");
+        core.record(
+            AdaptedModule {
+                path: "model.layers.0.self_attn.q_proj".into(),
+                params: 2,
+                detail: String::new(),
+            },
+            (),
+        );
+        let reports = core.check_finished("nothing here").unwrap();
+        let expected = vec![("q_proj".to_string(), 1), ("k_proj".to_string(), 1)];
+        assert_eq!(reports[0].entries, expected);
+        assert_eq!(core.adapted_modules().len(), 1);
+    }
+}

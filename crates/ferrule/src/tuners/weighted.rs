@@ -135,14 +135,14 @@ impl ModelHook for WeightedSum {
     fn norm(&self, info: &NormInfo, params: NormParams) -> Result<NormParams> {
         let mut weight = params.weight.clone();
         let mut bias = params.bias.clone();
-        for m in &self.members {
-            let p = m.tuner.norm(info, params.clone())?;
-            if p.weight.id() != params.weight.id() {
-                weight = (weight + ((p.weight.detach() - &params.weight)? * m.weight)?)?;
+        for member in &self.members {
+            let tuned = member.tuner.norm(info, params.clone())?;
+            if tuned.weight.id() != params.weight.id() {
+                weight = (weight + ((tuned.weight.detach() - &params.weight)? * member.weight)?)?;
             }
-            if let (Some(b0), Some(b), Some(acc)) = (&params.bias, &p.bias, &bias) {
+            if let (Some(b0), Some(b), Some(acc)) = (&params.bias, &tuned.bias, &bias) {
                 if b.id() != b0.id() {
-                    bias = Some((acc + ((b.detach() - b0)? * m.weight)?)?);
+                    bias = Some((acc + ((b.detach() - b0)? * member.weight)?)?);
                 }
             }
         }

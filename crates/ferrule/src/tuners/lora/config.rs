@@ -9,6 +9,17 @@ use regex::Regex;
 use crate::tuners::flags::{FlagValue, OptionFlag};
 use crate::tuners::target::{compile_pattern_key, pattern_index, ModuleSpec};
 
+/// A module's rank and alpha ([`LoraConfig::rank_and_alpha`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RankAlpha {
+    pub r: usize,
+    pub alpha: f64,
+    /// The `rank_pattern` key (its index in [`Patterns::rank`]) that set `r`, if one did.
+    pub rank_key: Option<usize>,
+    /// The `alpha_pattern` key (its index in [`Patterns::alpha`]) that set `alpha`, if one did.
+    pub alpha_key: Option<usize>,
+}
+
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (both random, for
 /// tests), or a named scheme.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,36 +212,26 @@ impl LoraConfig {
         })
     }
 
-    /// (rank, alpha) for the module at `path`, after `rank_pattern` / `alpha_pattern`, with
+    /// Rank and alpha of the module at `path`, after `rank_pattern` / `alpha_pattern`, with
     /// the indices of the pattern keys that decided them.
-    pub fn rank_and_alpha(
-        &self,
-        patterns: &Patterns,
-        path: &str,
-    ) -> (usize, f64, Option<usize>, Option<usize>) {
-        let ri = pattern_index(
-            &patterns
-                .rank
-                .iter()
-                .map(|(_, r)| r.clone())
-                .collect::<Vec<_>>(),
-            path,
-        );
-        let ai = pattern_index(
-            &patterns
-                .alpha
-                .iter()
-                .map(|(_, r)| r.clone())
-                .collect::<Vec<_>>(),
-            path,
-        );
-        let r = ri
+    pub fn rank_and_alpha(&self, patterns: &Patterns, path: &str) -> RankAlpha {
+        let keys = |list: &[(String, Regex)]| {
+            let regexes: Vec<Regex> = list.iter().map(|(_, re)| re.clone()).collect();
+            pattern_index(&regexes, path)
+        };
+        let (rank_key, alpha_key) = (keys(&patterns.rank), keys(&patterns.alpha));
+        let r = rank_key
             .and_then(|i| self.rank_pattern[&patterns.rank[i].0].as_u64())
             .map_or(self.r, |r| r as usize);
-        let a = ai
+        let alpha = alpha_key
             .and_then(|i| self.alpha_pattern[&patterns.alpha[i].0].as_f64())
             .unwrap_or(self.lora_alpha);
-        (r, a, ri, ai)
+        RankAlpha {
+            r,
+            alpha,
+            rank_key,
+            alpha_key,
+        }
     }
 
     /// LoRA's scale: α/r (Hu et al. 2021, §4.1), or α/√r with rsLoRA (Kalajdzievski 2023).

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use serde_json::{Map, Value};
 
-pub use config::{InitLoraWeights, LoraConfig};
+pub use config::{InitLoraWeights, LoraConfig, RankAlpha};
 use layer::{LoraEmbedding, LoraLinear};
 use residual_init::{residual_init, ResidualInit};
 
@@ -284,7 +284,12 @@ impl Lora {
     /// Rank, alpha and scaling of the module at `path`, marking the pattern keys that decided them.
     fn rank_alpha_scaling(&self, path: &str) -> (usize, f64, f64) {
         let config = self.config();
-        let (r, alpha, rank_key, alpha_key) = config.rank_and_alpha(&self.patterns, path);
+        let RankAlpha {
+            r,
+            alpha,
+            rank_key,
+            alpha_key,
+        } = config.rank_and_alpha(&self.patterns, path);
         let mut state = self.state.lock().unwrap();
         if let Some(i) = rank_key {
             state.rank_keys_used[i] = true;

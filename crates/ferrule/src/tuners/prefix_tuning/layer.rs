@@ -57,10 +57,15 @@ pub struct Prefix {
 
 impl KvPrefix for Prefix {
     fn key_values(&self) -> Result<Vec<(Tensor, Tensor)>> {
-        let p = self.encoder.table()?;
-        let d = self.kv_dim;
+        // Per layer, its keys then its values: `[tokens, num_layers · 2 · kv_dim]`.
+        let table = self.encoder.table()?;
+        let width = self.kv_dim;
         (0..self.num_layers)
-            .map(|l| Ok((p.narrow(1, 2 * l * d, d)?, p.narrow(1, (2 * l + 1) * d, d)?)))
+            .map(|layer| {
+                let keys = table.narrow(1, 2 * layer * width, width)?;
+                let values = table.narrow(1, (2 * layer + 1) * width, width)?;
+                Ok((keys, values))
+            })
             .collect()
     }
 
