@@ -113,6 +113,9 @@ pub struct Args {
     /// Continue from the newest checkpoint in the output folder.
     #[arg(long)]
     resume: bool,
+    /// Start a new run from this adapter folder's weights (same method and shapes).
+    #[arg(long, value_name = "DIR")]
+    init_adapter: Option<PathBuf>,
     /// When stderr is not a terminal (nohup, CI, a file): a plain progress line every N steps.
     #[arg(long, value_name = "N", default_value_t = 10)]
     log_every: usize,
@@ -218,6 +221,9 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
         c.save_every = a.save_every;
     }
     set!(c.keep_checkpoints, a.keep_checkpoints);
+    if a.init_adapter.is_some() {
+        c.init_adapter = a.init_adapter.clone();
+    }
     Ok(c)
 }
 

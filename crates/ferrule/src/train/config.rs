@@ -85,6 +85,10 @@ pub struct TrainConfig {
     pub save_every: Option<usize>,
     /// Checkpoints kept on disk (older ones are deleted).
     pub keep_checkpoints: usize,
+    /// Start a new run from the weights of this adapter folder (a PEFT folder of the same
+    /// method and shapes) instead of a fresh adapter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -126,12 +130,18 @@ impl Default for TrainConfig {
             eval_limit: None,
             save_every: None,
             keep_checkpoints: 2,
+            init_adapter: None,
         }
     }
 }
 
 /// The most `epochs` a run may ask for: each epoch's micro-batches are planned to count the steps.
 pub const MAX_EPOCHS: f64 = 100_000.0;
+
+/// Settings a resumed run may change: its length (the schedule is planned again) and how its
+/// global batch is split (`batch_size` × `grad_accum` × ranks; the trainer compares the
+/// product). They are kept in a checkpoint but left out of [`TrainConfig::resume_fingerprint`].
+pub const RESUMABLE_SETTINGS: [&str; 4] = ["max_steps", "epochs", "batch_size", "grad_accum"];
 
 /// Records per micro-batch when neither `batch_size` nor a token budget is given.
 pub const DEFAULT_BATCH_SIZE: usize = 8;
@@ -256,23 +266,32 @@ impl TrainConfig {
         }
     }
 
-    /// The settings a resumed run must share with the interrupted one (logging and
-    /// checkpoint cadence may change).
+    /// The settings a resumed run must share with the interrupted one: [`resume_settings`]
+    /// less [`RESUMABLE_SETTINGS`].
+    ///
+    /// [`resume_settings`]: TrainConfig::resume_settings
     pub fn resume_fingerprint(&self) -> Result<String> {
-        super::checkpoint::config_hash(&self.resume_settings()?)
+        let mut settings = self.resume_settings()?;
+        if let Some(table) = settings.as_object_mut() {
+            for key in RESUMABLE_SETTINGS {
+                table.remove(key);
+            }
+        }
+        super::checkpoint::config_hash(&settings)
     }
 
-    /// The settings [`TrainConfig::resume_fingerprint`] hashes, as JSON (a checkpoint keeps
-    /// them, so that a refused resume can name what differs).
+    /// The settings of the run as a checkpoint keeps them (logging and checkpoint cadence
+    /// left out: a resumed run may change them), so that a refused resume can name what
+    /// differs.
     pub fn resume_settings(&self) -> Result<serde_json::Value> {
         let mut c = self.clone();
         c.eval_every = None;
         c.save_every = None;
         c.keep_checkpoints = 0;
         c.eval_batch_size = None;
-        c.shard_base = false; // memory layout only: a run may resume with or without it
-                              // The default spelled out, so that checkpoints of runs before `batch_size` became
-                              // optional (it was `8` then) keep their fingerprint.
+        // Memory layout only: a run may resume with or without it.
+        c.shard_base = false;
+        // The default spelled out: a resume compares the global batch it makes.
         c.batch_size = Some(c.batch_size());
         Ok(serde_json::to_value(c)?)
     }
