@@ -278,6 +278,51 @@ fn a_resume_with_the_same_global_batch_split_otherwise_continues() {
     );
 }
 
+/// The user's report: a two-rank run's checkpoint, consolidated, resumes on one process with
+/// the same global batch (twice the batch size).
+#[cfg(feature = "mpi")]
+#[test]
+fn a_consolidated_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let steps = ["--max-steps", "4", "--lr", "1e-2", "--zero-stage", "1"];
+    let split = t.path().join("split");
+    let two = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .arg(env!("CARGO_BIN_EXE_ferrule"))
+        .args(train_args(
+            &data,
+            &split,
+            &[&steps[..], &["--batch-size", "2", "--stop-after", "2"]].concat(),
+        ))
+        .args(["--threads", "1"])
+        .output()
+        .expect("start mpirun (is Open MPI installed? scripts/install-deps.sh)");
+    assert!(two.status.success(), "{}", stderr(&two));
+    let checkpoint = split.join("checkpoint-2").display().to_string();
+    ok(&[
+        "checkpoint".to_string(),
+        "consolidate".to_string(),
+        checkpoint,
+    ]);
+    let err = ok(&train_args(
+        &data,
+        &split,
+        &[&steps[..], &["--batch-size", "4", "--resume"]].concat(),
+    ));
+    assert!(err.contains("the global batch stays 4 records"), "{err}");
+    let whole = t.path().join("whole");
+    ok(&train_args(
+        &data,
+        &whole,
+        &[&steps[..], &["--batch-size", "4"]].concat(),
+    ));
+    let d = max_diff(&adapter(&split), &adapter(&whole));
+    assert!(d < 1e-5, "resumed adapter differs by {d}");
+}
+
 #[test]
 fn raising_max_steps_or_epochs_on_resume_continues_and_says_so() {
     let t = tempfile::tempdir().unwrap();

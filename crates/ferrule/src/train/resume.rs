@@ -100,7 +100,8 @@ fn unusable_checkpoints(out: &Path, newest: Option<u64>) -> Vec<(PathBuf, String
 /// `check_length`.
 fn check_settings(cfg: &TrainConfig, ck: &Checkpoint, fingerprint: &str) -> Result<()> {
     let now = cfg.resume_settings()?;
-    // Checkpoints written before the resumable settings left the fingerprint hash them all.
+    // A checkpoint's hash may cover every setting, the resumable ones too: the same settings
+    // are the same run.
     if ck.state.config_hash == fingerprint || ck.state.config_hash == config_hash(&now)? {
         return Ok(());
     }
