@@ -802,25 +802,12 @@ impl<'a> Run<'a> {
         if let Some(ck) = &checkpoint {
             resume::check_length(cfg, ck, plan.total_steps, progress)?;
         }
-        // Ranks started with other settings, other data or another checkpoint would train
-        // apart (and only rank 0's adapter would be saved): refuse before anything is written.
-        comm.ensure_same(
-            &[
-                (
-                    "the training settings (config fingerprint)",
-                    u64::from_str_radix(&fingerprint, 16).unwrap_or(0),
-                ),
-                ("the encoded training records", records_digest),
-                ("the number of steps", plan.total_steps as u64),
-                ("--stop-after", plan.stop_at as u64),
-                ("--zero-stage", options.zero_stage.get() as u64),
-                (
-                    "the checkpoint resumed from",
-                    checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step),
-                ),
-            ],
-            "the run",
-        )?;
+        let identity = resume::Identity {
+            fingerprint: &fingerprint,
+            records_digest,
+            total_steps: plan.total_steps,
+        };
+        ranks_agree(comm, &identity, &plan, options, checkpoint.as_ref())?;
 
         let params = p.tuner.trainable();
         let sink = recompute_sink(cfg, &p, &params, progress);
@@ -1141,6 +1128,34 @@ fn initial_adapter(
         )
     }
     Ok(saved.tensors.into_iter().collect())
+}
+
+/// Refuses ranks started with other settings, other data or another checkpoint, which would
+/// train apart (and only rank 0's adapter would be saved), before anything is written.
+fn ranks_agree(
+    comm: &dyn Collective,
+    identity: &resume::Identity,
+    plan: &Plan,
+    options: &RunOptions,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<()> {
+    comm.ensure_same(
+        &[
+            (
+                "the training settings (config fingerprint)",
+                u64::from_str_radix(identity.fingerprint, 16).unwrap_or(0),
+            ),
+            ("the encoded training records", identity.records_digest),
+            ("the number of steps", plan.total_steps as u64),
+            ("--stop-after", plan.stop_at as u64),
+            ("--zero-stage", options.zero_stage.get() as u64),
+            (
+                "the checkpoint resumed from",
+                checkpoint.map_or(u64::MAX, |c| c.state.step),
+            ),
+        ],
+        "the run",
+    )
 }
 
 /// The communicator that shards the frozen base (`--shard-base` with several ranks).
