@@ -1,5 +1,7 @@
 //! Trainer failures users report (issue 25, item 7), each tried as a user runs it on the small
-//! fixture model: `--max-grad-norm 0`, and a run that stops learning.
+//! fixture model: `--max-grad-norm 0`, a run that stops learning, a data file changed before
+//! `--resume`, a resume with the same global batch split otherwise, a longer run on resume and
+//! `--init-adapter`, and a corrupt newest checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,15 @@ fn ok(args: &[String]) -> String {
     let out = ferrule(args);
     let err = stderr(&out);
     assert!(out.status.success(), "ferrule {args:?} failed:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Runs ferrule and returns its stderr, panicking when the command succeeds.
+fn fails(args: &[String]) -> String {
+    let out = ferrule(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "ferrule {args:?} succeeded:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
     err
 }
@@ -170,4 +181,255 @@ fn a_run_that_stops_learning_is_named_with_its_likely_cause() {
         &["--max-steps", "12", "--batch-size", "4"],
     ));
     assert!(!err.contains("learning rate"), "{err}");
+}
+
+#[test]
+fn a_data_file_changed_before_resume_is_refused_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data.jsonl");
+    std::fs::copy(fx("data/chat.jsonl"), &data).unwrap();
+    let data_arg = data.display().to_string();
+    let out = t.path().join("run");
+    let flags = ["--max-steps", "4", "--batch-size", "4"];
+    ok(&train_args(
+        &data_arg,
+        &out,
+        &[&flags[..], &["--stop-after", "2"]].concat(),
+    ));
+    // One answer edited in place: the same number of records, other tokens.
+    let text = std::fs::read_to_string(&data)
+        .unwrap()
+        .replace("hello there", "hello world");
+    std::fs::write(&data, text).unwrap();
+    let err = fails(&train_args(
+        &data_arg,
+        &out,
+        &[&flags[..], &["--resume"]].concat(),
+    ));
+    assert!(
+        err.contains(&data_arg) && err.contains("changed") && err.contains("checkpoint-2"),
+        "{err}"
+    );
+    // Restored, the run resumes.
+    std::fs::copy(fx("data/chat.jsonl"), &data).unwrap();
+    ok(&train_args(
+        &data_arg,
+        &out,
+        &[&flags[..], &["--resume"]].concat(),
+    ));
+}
+
+#[test]
+fn a_resume_with_the_same_global_batch_split_otherwise_continues() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let steps = ["--max-steps", "4", "--lr", "1e-2"];
+    // 4 records per step, as 2 micro-batches of 2.
+    let split = t.path().join("split");
+    ok(&train_args(
+        &data,
+        &split,
+        &[
+            &steps[..],
+            &[
+                "--batch-size",
+                "2",
+                "--grad-accum",
+                "2",
+                "--stop-after",
+                "2",
+            ],
+        ]
+        .concat(),
+    ));
+    // Resumed as one micro-batch of 4: the same global batch, so the run continues.
+    let err = ok(&train_args(
+        &data,
+        &split,
+        &[&steps[..], &["--batch-size", "4", "--resume"]].concat(),
+    ));
+    assert!(err.contains("resuming from"), "{err}");
+    // It ends where a run of micro-batches of 4 throughout ends (the same records in every
+    // step; only the gradient's summation order differs).
+    let whole = t.path().join("whole");
+    ok(&train_args(
+        &data,
+        &whole,
+        &[&steps[..], &["--batch-size", "4"]].concat(),
+    ));
+    let d = max_diff(&adapter(&split), &adapter(&whole));
+    assert!(d < 1e-5, "resumed adapter differs by {d}");
+
+    // Another global batch on the same number of ranks is another run: refused, named.
+    let other = t.path().join("other");
+    ok(&train_args(
+        &data,
+        &other,
+        &[&steps[..], &["--batch-size", "2", "--stop-after", "2"]].concat(),
+    ));
+    let err = fails(&train_args(
+        &data,
+        &other,
+        &[&steps[..], &["--batch-size", "4", "--resume"]].concat(),
+    ));
+    assert!(
+        err.contains("global batch") && err.contains("batch_size"),
+        "{err}"
+    );
+}
+
+/// The user's report: a two-rank run's checkpoint, consolidated, resumes on one process with
+/// the same global batch (twice the batch size).
+#[cfg(feature = "mpi")]
+#[test]
+fn a_consolidated_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let steps = ["--max-steps", "4", "--lr", "1e-2", "--zero-stage", "1"];
+    let split = t.path().join("split");
+    let two = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .arg(env!("CARGO_BIN_EXE_ferrule"))
+        .args(train_args(
+            &data,
+            &split,
+            &[&steps[..], &["--batch-size", "2", "--stop-after", "2"]].concat(),
+        ))
+        .args(["--threads", "1"])
+        .output()
+        .expect("start mpirun (is Open MPI installed? scripts/install-deps.sh)");
+    assert!(two.status.success(), "{}", stderr(&two));
+    let checkpoint = split.join("checkpoint-2").display().to_string();
+    ok(&[
+        "checkpoint".to_string(),
+        "consolidate".to_string(),
+        checkpoint,
+    ]);
+    let err = ok(&train_args(
+        &data,
+        &split,
+        &[&steps[..], &["--batch-size", "4", "--resume"]].concat(),
+    ));
+    assert!(err.contains("the global batch stays 4 records"), "{err}");
+    let whole = t.path().join("whole");
+    ok(&train_args(
+        &data,
+        &whole,
+        &[&steps[..], &["--batch-size", "4"]].concat(),
+    ));
+    let d = max_diff(&adapter(&split), &adapter(&whole));
+    assert!(d < 1e-5, "resumed adapter differs by {d}");
+}
+
+#[test]
+fn raising_max_steps_or_epochs_on_resume_continues_and_says_so() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let out = t.path().join("run");
+    let common = ["--batch-size", "4", "--save-every", "2"];
+    ok(&train_args(
+        &data,
+        &out,
+        &[&common[..], &["--max-steps", "4"]].concat(),
+    ));
+    let err = ok(&train_args(
+        &data,
+        &out,
+        &[&common[..], &["--max-steps", "6", "--resume"]].concat(),
+    ));
+    assert!(
+        err.contains("from 4 to 6 steps") && err.contains("learning-rate schedule"),
+        "{err}"
+    );
+    let steps: Vec<u64> = train_lines(&out).iter().map(|l| l.0).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    // Fewer steps than the checkpoint has done is an error that says so.
+    let err = fails(&train_args(
+        &data,
+        &out,
+        &[&common[..], &["--max-steps", "3", "--resume"]].concat(),
+    ));
+    assert!(err.contains("--max-steps 3"), "{err}");
+
+    // Epochs: one epoch of 24 records in steps of 4 is 6 steps; two are 12.
+    let epochs = t.path().join("epochs");
+    ok(&train_args(
+        &data,
+        &epochs,
+        &[&common[..], &["--epochs", "1"]].concat(),
+    ));
+    let err = ok(&train_args(
+        &data,
+        &epochs,
+        &[&common[..], &["--epochs", "2", "--resume"]].concat(),
+    ));
+    assert!(err.contains("from 6 to 12 steps"), "{err}");
+    assert_eq!(train_lines(&epochs).len(), 12);
+}
+
+#[test]
+fn init_adapter_starts_a_new_run_from_an_adapters_weights() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let first = t.path().join("first");
+    ok(&train_args(
+        &data,
+        &first,
+        &["--max-steps", "4", "--batch-size", "4"],
+    ));
+    // A new run from those weights with a negligible step stays where they were.
+    let tiny = ["--max-steps", "1", "--batch-size", "4", "--lr", "1e-30"];
+    let second = t.path().join("second");
+    ok(&train_args(
+        &data,
+        &second,
+        &[&tiny[..], &["--init-adapter", first.to_str().unwrap()]].concat(),
+    ));
+    let d = max_diff(&adapter(&first), &adapter(&second));
+    assert!(d < 1e-6, "the new run did not start from the adapter: {d}");
+    // Without the flag it starts from a fresh adapter.
+    let fresh = t.path().join("fresh");
+    ok(&train_args(&data, &fresh, &tiny));
+    assert!(max_diff(&adapter(&first), &adapter(&fresh)) > 1e-3);
+    // An adapter of another shape is refused, naming the folder.
+    let err = fails(&train_args(
+        &data,
+        &t.path().join("bad"),
+        &[
+            &tiny[..],
+            &["--init-adapter", first.to_str().unwrap(), "--lora-r", "8"],
+        ]
+        .concat(),
+    ));
+    assert!(err.contains(first.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_named_when_an_older_one_is_resumed() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let out = t.path().join("run");
+    let flags = ["--max-steps", "6", "--batch-size", "4", "--save-every", "2"];
+    ok(&train_args(
+        &data,
+        &out,
+        &[&flags[..], &["--stop-after", "4"]].concat(),
+    ));
+    let state = out.join("checkpoint-4").join("trainer_state.json");
+    std::fs::write(&state, "{\"step\": 4, \"epo").unwrap();
+    let err = ok(&train_args(
+        &data,
+        &out,
+        &[&flags[..], &["--resume"]].concat(),
+    ));
+    assert!(
+        err.contains("checkpoint-4")
+            && err.contains("trainer_state.json")
+            && err.contains("checkpoint-2"),
+        "{err}"
+    );
+    let steps: Vec<u64> = train_lines(&out).iter().map(|l| l.0).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
 }

@@ -342,6 +342,11 @@ mod tests {
                 json!(["tensorboard"]),
             ),
             (vec!["--shard-base"], "shard_base", json!(true)),
+            (
+                vec!["--init-adapter", "runs/a"],
+                "init_adapter",
+                json!("runs/a"),
+            ),
         ]
     }
 

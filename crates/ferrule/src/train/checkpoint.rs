@@ -442,24 +442,30 @@ fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// Whether `dir` holds all required checkpoint files and a readable
-/// trainer state.
-fn is_complete(dir: &Path) -> bool {
-    let Ok(state) = read_trainer_state(dir) else {
-        return false;
+/// Why `dir` is not a complete checkpoint (a trainer state that cannot be read, or a missing
+/// file), or `None` when it is one.
+pub fn incomplete_reason(dir: &Path) -> Option<String> {
+    let state = match read_trainer_state(dir) {
+        Ok(state) => state,
+        Err(e) => return Some(format!("{e:#}")),
     };
     let world = state.world_size as usize;
-    let optimizer = if state.sharded() {
-        (0..world).all(|r| dir.join(shard_file_name(r, world)).is_file())
+    let mut needed = vec![ADAPTER_FILE.to_string()];
+    if state.sharded() {
+        needed.extend((0..world).map(|r| shard_file_name(r, world)));
     } else {
-        dir.join(OPTIMIZER_FILE).is_file()
-    };
-    dir.join(ADAPTER_FILE).is_file() && optimizer
+        needed.push(OPTIMIZER_FILE.to_string());
+    }
+    needed
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|path| !path.is_file())
+        .map(|path| format!("{} is missing", path.display()))
 }
 
-/// Complete checkpoints under `output_dir`, sorted by ascending step.
-/// A missing `output_dir` yields an empty list.
-pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+/// Every `checkpoint-<step>` folder under `output_dir` (complete or not; `*.tmp` ones are not
+/// checkpoints), sorted by ascending step. A missing `output_dir` yields an empty list.
+pub fn checkpoint_folders(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(output_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -474,12 +480,20 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
             continue;
         };
         let path = entry.path();
-        if path.is_dir() && is_complete(&path) {
+        if path.is_dir() {
             out.push((step, path));
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Complete checkpoints under `output_dir`, sorted by ascending step.
+/// A missing `output_dir` yields an empty list.
+pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut folders = checkpoint_folders(output_dir)?;
+    folders.retain(|(_, path)| incomplete_reason(path).is_none());
+    Ok(folders)
 }
 
 /// The complete checkpoint with the highest step under `output_dir`, if any.

@@ -157,6 +157,11 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::SCALE_OUT))]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shard_base: bool,
+    /// Start a new run from the weights of this adapter folder (a PEFT folder of the same
+    /// method and shapes) instead of a fresh adapter.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 /// Where a run's metrics go besides `metrics.jsonl` (transformers' `report_to`).
@@ -210,9 +215,10 @@ pub fn parse_padding(s: &str) -> Result<Padding> {
     })
 }
 
-/// `max_grad_norm`: 0 (or less) means no clipping, since a TOML file cannot say `none`.
+/// `max_grad_norm`: 0 means no clipping, since a TOML file cannot say `none`; a negative value
+/// is kept for [`TrainConfig::validate`] to refuse by name.
 fn clip_norm<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.filter(|&g| g > 0.0))
+    Ok(Option::<f64>::deserialize(d)?.filter(|&g| g != 0.0))
 }
 
 impl Default for TrainConfig {
@@ -255,12 +261,18 @@ impl Default for TrainConfig {
             save_every: None,
             keep_checkpoints: 2,
             report_to: Vec::new(),
+            init_adapter: None,
         }
     }
 }
 
 /// The most `epochs` a run may ask for: each epoch's micro-batches are planned to count the steps.
 pub const MAX_EPOCHS: f64 = 100_000.0;
+
+/// Settings a resumed run may change: its length (the schedule is planned again) and how its
+/// global batch is split (`batch_size` × `grad_accum` × ranks; the trainer compares the
+/// product). They are kept in a checkpoint but left out of [`TrainConfig::resume_fingerprint`].
+pub const RESUMABLE_SETTINGS: [&str; 4] = ["max_steps", "epochs", "batch_size", "grad_accum"];
 
 /// Records per micro-batch when neither `batch_size` nor a token budget is given.
 pub const DEFAULT_BATCH_SIZE: usize = 8;
@@ -438,25 +450,35 @@ impl TrainConfig {
         }
     }
 
-    /// The settings a resumed run must share with the interrupted one (logging and
-    /// checkpoint cadence may change).
+    /// The settings a resumed run must share with the interrupted one: [`resume_settings`]
+    /// less [`RESUMABLE_SETTINGS`].
+    ///
+    /// [`resume_settings`]: TrainConfig::resume_settings
     pub fn resume_fingerprint(&self) -> Result<String> {
-        super::checkpoint::config_hash(&self.resume_settings()?)
+        let mut settings = self.resume_settings()?;
+        if let Some(table) = settings.as_object_mut() {
+            for key in RESUMABLE_SETTINGS {
+                table.remove(key);
+            }
+        }
+        super::checkpoint::config_hash(&settings)
     }
 
-    /// The settings [`TrainConfig::resume_fingerprint`] hashes, as JSON (a checkpoint keeps
-    /// them, so that a refused resume can name what differs).
+    /// The settings of the run as a checkpoint keeps them (logging and checkpoint cadence
+    /// left out: a resumed run may change them), so that a refused resume can name what
+    /// differs.
     pub fn resume_settings(&self) -> Result<serde_json::Value> {
         let mut c = self.clone();
         c.eval_every = None;
         c.save_every = None;
         c.keep_checkpoints = 0;
         c.eval_batch_size = None;
-        c.report_to = Vec::new(); // where metrics are reported, not what is trained
-                                  // Memory layout only: a run may resume with or without it.
+        // Where metrics are reported, not what is trained.
+        c.report_to = Vec::new();
+        // Memory layout only: a run may resume with or without it.
         c.shard_base = false;
-        // The default spelled out, so that checkpoints of runs before `batch_size` became
-        // optional (it was `8` then) keep their fingerprint.
+        // The default spelled out: a resume compares the global batch it makes (and checkpoints
+        // of runs before `batch_size` became optional, when it was `8`, keep their fingerprint).
         c.batch_size = Some(c.batch_size());
         Ok(serde_json::to_value(c)?)
     }
@@ -491,6 +513,12 @@ mod tests {
         assert_eq!(c.max_grad_norm, None);
         let c: TrainConfig = serde_json::from_str(r#"{"max_grad_norm": 0.5}"#).unwrap();
         assert_eq!(c.max_grad_norm, Some(0.5));
+        let c: TrainConfig = serde_json::from_str(
+            r#"{"model": "m", "data": "d", "output_dir": "o", "max_grad_norm": -1}"#,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("max_grad_norm (--max-grad-norm)"), "{err}");
         assert_eq!(TrainConfig::default().max_grad_norm, Some(1.0));
     }
 

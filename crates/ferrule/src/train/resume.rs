@@ -8,16 +8,18 @@ use candle_core::{Device, Tensor};
 
 use super::batching::{Batching, DataCursor};
 use super::checkpoint::{
-    latest_checkpoint, list_checkpoints, load_checkpoint, load_optimizer_shard, prune_checkpoints,
-    save_checkpoint, save_sharded_checkpoint, Checkpoint, TrainerState,
+    checkpoint_folders, config_hash, incomplete_reason, latest_checkpoint, load_checkpoint,
+    load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint,
+    TrainerState, CHECKPOINT_PREFIX,
 };
-use super::config::TrainConfig;
+use super::config::{TrainConfig, RESUMABLE_SETTINGS};
 use super::report::Progress;
 use super::trainer::RunOptions;
 use crate::dist::{Collective, FlatLayout, OptimizerState, ZeroOptimizer};
 
 /// The newest checkpoint to resume from, if `run.resume` asks and one exists; errors when
-/// checkpoints exist and resuming was not asked, or when they belong to another run.
+/// checkpoints exist and resuming was not asked, or when they belong to another run. Newer
+/// checkpoint folders that cannot be used are named, with why, on `progress`.
 pub(super) fn find(
     cfg: &TrainConfig,
     run: &RunOptions,
@@ -27,42 +29,34 @@ pub(super) fn find(
     device: &Device,
 ) -> Result<Option<Checkpoint>> {
     let out = &cfg.output_dir;
+    let latest = latest_checkpoint(out);
     if !run.resume {
-        if latest_checkpoint(out).is_some() {
+        if latest.is_some() {
             bail!("{} already holds checkpoints of a run; pass --resume to continue it, or choose another output folder", out.display())
         }
         return Ok(None);
     }
-    let Some(dir) = latest_checkpoint(out) else {
-        if let Some(broken) = incomplete_checkpoint(out) {
+    let newest_step = latest.as_deref().and_then(checkpoint_step);
+    let unusable = unusable_checkpoints(out, newest_step);
+    let Some(dir) = latest else {
+        if let Some((broken, why)) = unusable.last() {
             bail!(
-                "{}: an incomplete checkpoint (a file is missing: adapter, trainer state or an optimizer shard); \
-                 restore it or remove it to start fresh",
+                "{}: an incomplete checkpoint ({why}); restore it or remove it to start fresh",
                 broken.display()
             )
         }
         progress.message("no checkpoint to resume from; starting fresh");
         return Ok(None);
     };
-    let ck = load_checkpoint(&dir, device)?;
-    if ck.state.config_hash != fingerprint {
-        let now = cfg.resume_settings()?;
-        let differ = ck
-            .state
-            .extra
-            .get("settings")
-            .map(|old| settings_that_differ(old, &now))
-            .unwrap_or_default();
-        let differ = if differ.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", differ.join(", "))
-        };
-        bail!(
-            "{}: this checkpoint was written by a run with different settings{differ}; resume with the same config, or use a new output folder",
+    for (skipped, why) in &unusable {
+        progress.warning(&format!(
+            "skipping {}: {why}; resuming from the older {}",
+            skipped.display(),
             dir.display()
-        )
+        ));
     }
+    let ck = load_checkpoint(&dir, device)?;
+    check_settings(cfg, &ck, fingerprint)?;
     let world = comm.world_size() as u64;
     if ck.state.sharded()
         && (ck.state.world_size != world || ck.state.zero_stage != run.zero_stage.get())
@@ -79,21 +73,184 @@ pub(super) fn find(
             world
         )
     }
-    if ck.state.world_size != world {
-        let (per_rank, unit) = if cfg.token_batching().is_some() {
-            (cfg.grad_accum, "micro-batches")
-        } else {
-            (cfg.batch_size() * cfg.grad_accum, "records")
-        };
-        progress.message(&format!(
-            "the checkpoint was written by {} rank(s), this run has {world}: the global batch changes from {} to {} {unit}",
-            ck.state.world_size,
-            per_rank as u64 * ck.state.world_size,
-            per_rank as u64 * world
-        ));
-    }
+    check_global_batch(cfg, &ck, world, progress)?;
     progress.message(&format!("resuming from {}", dir.display()));
     Ok(Some(ck))
+}
+
+/// The step of a `checkpoint-<step>` folder.
+fn checkpoint_step(dir: &Path) -> Option<u64> {
+    let name = dir.file_name()?.to_str()?;
+    name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()
+}
+
+/// The checkpoint folders newer than step `newest` (all of them when there is no complete one)
+/// that are not complete checkpoints, with why.
+fn unusable_checkpoints(out: &Path, newest: Option<u64>) -> Vec<(PathBuf, String)> {
+    checkpoint_folders(out)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(step, _)| newest.is_none_or(|n| *step > n))
+        .filter_map(|(_, dir)| incomplete_reason(&dir).map(|why| (dir, why)))
+        .collect()
+}
+
+/// Refuses a checkpoint of a run with other settings, naming those that differ. The settings a
+/// resume may change ([`RESUMABLE_SETTINGS`]) are checked by [`check_global_batch`] and
+/// `check_length`.
+fn check_settings(cfg: &TrainConfig, ck: &Checkpoint, fingerprint: &str) -> Result<()> {
+    let now = cfg.resume_settings()?;
+    // A checkpoint's hash may cover every setting, the resumable ones too: the same settings
+    // are the same run.
+    if ck.state.config_hash == fingerprint || ck.state.config_hash == config_hash(&now)? {
+        return Ok(());
+    }
+    let differ: Vec<String> = ck
+        .state
+        .extra
+        .get("settings")
+        .map(|old| settings_that_differ(old, &now))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| {
+            !RESUMABLE_SETTINGS
+                .iter()
+                .any(|k| d.starts_with(&format!("{k}:")))
+        })
+        .collect();
+    let differ = if differ.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", differ.join(", "))
+    };
+    bail!(
+        "{}: this checkpoint was written by a run with different settings{differ}; resume with the same config, or use a new output folder",
+        ck.dir.display()
+    )
+}
+
+/// A resume may split the global batch otherwise (`batch_size` × `grad_accum` × ranks, e.g. on
+/// one rank after `ferrule checkpoint consolidate` of a two-rank run): the same records then
+/// make each step. Another global batch on as many ranks as the checkpoint's is another run,
+/// refused; on another number of ranks it is said (the run's data order carries on).
+fn check_global_batch(
+    cfg: &TrainConfig,
+    ck: &Checkpoint,
+    world: u64,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let old = ck.state.extra.get("settings");
+    let old_value = |key: &str, now: usize| {
+        old.and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(now as u64)
+    };
+    let (batch, accum) = (cfg.batch_size() as u64, cfg.grad_accum as u64);
+    let old_batch = old_value("batch_size", cfg.batch_size());
+    let old_accum = old_value("grad_accum", cfg.grad_accum);
+    let old_world = ck.state.world_size;
+    // With token budgets a micro-batch is a bin of `batch_tokens` (the same in both runs):
+    // the global batch counts micro-batches, and `batch_size` is the eval batch only.
+    let tokens = cfg.token_batching().is_some();
+    let (unit, split) = if tokens {
+        ("micro-batches", "accumulation x ranks")
+    } else {
+        ("records", "batch x accumulation x ranks")
+    };
+    let global = |b: u64, a: u64, w: u64| -> (u64, String) {
+        if tokens {
+            (a * w, format!("{a} x {w}"))
+        } else {
+            (b * a * w, format!("{b} x {a} x {w}"))
+        }
+    };
+    let (old_total, old_split) = global(old_batch, old_accum, old_world);
+    let (new_total, new_split) = global(batch, accum, world);
+    if old_split == new_split {
+        return Ok(());
+    }
+    if old_total == new_total {
+        progress.message(&format!(
+            "the global batch stays {new_total} {unit} ({split}: {old_split} in the checkpoint, {new_split} now)"
+        ));
+    } else if old_world == world {
+        let mut differ = Vec::new();
+        if !tokens && old_batch != batch {
+            differ.push(format!("batch_size: {old_batch} -> {batch}"));
+        }
+        if old_accum != accum {
+            differ.push(format!("grad_accum: {old_accum} -> {accum}"));
+        }
+        bail!(
+            "{}: this checkpoint's run trains global batches of {old_total} {unit} ({split}: {old_split}), this one {new_total} ({new_split}; {}); \
+             resume with a global batch of {old_total}, or use a new output folder",
+            ck.dir.display(),
+            differ.join(", ")
+        )
+    } else {
+        progress.message(&format!(
+            "the checkpoint was written by {old_world} rank(s), this run has {world}: the global batch changes from {old_total} to {new_total} {unit}"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses training records that differ from those the checkpoint's run trained on (an edited
+/// data file, or one that encodes otherwise): the data order would no longer continue the
+/// run's. Checkpoints that keep no digest are not checked.
+pub(super) fn check_data(cfg: &TrainConfig, ck: &Checkpoint, records_digest: u64) -> Result<()> {
+    let Some(kept) = ck
+        .state
+        .extra
+        .get("data")
+        .and_then(|d| d.get("records_digest"))
+        .and_then(serde_json::Value::as_str)
+    else {
+        return Ok(());
+    };
+    let now = format!("{records_digest:016x}");
+    if kept != now {
+        bail!(
+            "{}: the training data changed since {} was written (digest of its encoded records {kept} then, {now} now); \
+             resume with the data the run started with, or start a new run in another output folder",
+            cfg.data.display(),
+            ck.dir.display()
+        )
+    }
+    Ok(())
+}
+
+/// A resume may change the run's length (`--max-steps`, `--epochs`): the learning-rate schedule
+/// is then planned over the new `total_steps`, and the change is said. Fewer steps than the
+/// checkpoint has done is an error.
+pub(super) fn check_length(
+    cfg: &TrainConfig,
+    ck: &Checkpoint,
+    total_steps: usize,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let done = ck.state.step as usize;
+    let flag = match cfg.max_steps {
+        Some(n) => format!("--max-steps {n}"),
+        None => format!("--epochs {}", cfg.epochs),
+    };
+    if total_steps < done {
+        bail!(
+            "{}: the run has done {done} steps, more than the {total_steps} of {flag}; resume with more steps, or use a new output folder",
+            ck.dir.display()
+        )
+    }
+    let before = ck
+        .state
+        .extra
+        .get("total_steps")
+        .and_then(serde_json::Value::as_u64);
+    if let Some(before) = before.filter(|&b| b != total_steps as u64) {
+        progress.message(&format!(
+            "the run's length changes from {before} to {total_steps} steps ({flag}): the learning-rate schedule is planned over {total_steps} steps, continuing at step {done}"
+        ));
+    }
+    Ok(())
 }
 
 /// The settings whose values differ between a checkpoint's run (`old`) and this one, as
@@ -126,27 +283,6 @@ fn settings_that_differ(old: &serde_json::Value, new: &serde_json::Value) -> Vec
     walk("", old, new, &mut out);
     out.truncate(8);
     out
-}
-
-/// A `checkpoint-<step>` folder (not a `.tmp` one) that is not a complete checkpoint.
-fn incomplete_checkpoint(out: &Path) -> Option<PathBuf> {
-    let complete: Vec<PathBuf> = list_checkpoints(out)
-        .ok()?
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    std::fs::read_dir(out)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            p.is_dir()
-                && name
-                    .strip_prefix("checkpoint-")
-                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-                && !complete.contains(p)
-        })
 }
 
 /// The data cursor and step count a run starts from: the checkpoint's, or the start of the
@@ -194,13 +330,24 @@ pub(super) fn restore_optimizer(
     }
 }
 
+/// What this run is, as a checkpoint keeps it for [`find`], [`check_data`] and
+/// [`check_length`].
+pub(super) struct Identity<'a> {
+    /// [`TrainConfig::resume_fingerprint`].
+    pub fingerprint: &'a str,
+    /// The digest of the encoded training records.
+    pub records_digest: u64,
+    /// Steps of the whole run.
+    pub total_steps: usize,
+}
+
 /// What a checkpoint of this run at `step` records besides tensors: the data position, the
-/// run's identity (`fingerprint`) and its settings, so that a refused resume names what differs.
+/// run's identity and its settings (so that a refused resume names what differs).
 pub(super) fn trainer_state(
     cfg: &TrainConfig,
     run: &RunOptions,
     world: usize,
-    fingerprint: &str,
+    identity: &Identity,
     step: usize,
     cursor: &DataCursor,
 ) -> Result<TrainerState> {
@@ -209,10 +356,17 @@ pub(super) fn trainer_state(
         epoch: cursor.epoch(),
         epoch_position: cursor.position() as u64,
         seed: cfg.seed,
-        config_hash: fingerprint.to_string(),
+        config_hash: identity.fingerprint.to_string(),
         world_size: world as u64,
         zero_stage: run.zero_stage.get(),
-        extra: serde_json::json!({ "settings": cfg.resume_settings()? }),
+        extra: serde_json::json!({
+            "settings": cfg.resume_settings()?,
+            "data": {
+                "file": cfg.data,
+                "records_digest": format!("{:016x}", identity.records_digest),
+            },
+            "total_steps": identity.total_steps,
+        }),
         ..Default::default()
     })
 }

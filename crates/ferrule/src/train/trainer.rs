@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::batching::{global_left, Batching, DataCursor};
+use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
 use super::optim::{AdamWConfig, GradAccumulator};
@@ -733,6 +734,8 @@ struct Run<'a> {
     progress: &'a mut dyn Progress,
     started: Instant,
     fingerprint: String,
+    /// Digest of the encoded training records, which checkpoints keep.
+    records_digest: u64,
     p: Prepared,
     base: Option<Arc<dyn BaseComm>>,
     params: Vec<(String, Var)>,
@@ -774,14 +777,13 @@ impl<'a> Run<'a> {
         comm.barrier()?;
 
         let base = base_comm(cfg, comm)?;
-        let p = prepare_sharded(
-            cfg,
-            device,
-            checkpoint.as_ref().map(|c| c.adapter.clone()),
-            base.clone(),
-        )?;
+        let p = prepare_run(cfg, checkpoint.as_ref(), device, base.clone())?;
         if p.train.is_empty() {
             bail!("{}: no trainable records", cfg.data.display())
+        }
+        let records_digest = records_digest(&p.train);
+        if let Some(ck) = &checkpoint {
+            resume::check_data(cfg, ck, records_digest)?;
         }
         // The folder appears once the model, data and method are known to work together.
         std::fs::create_dir_all(out)
@@ -798,25 +800,15 @@ impl<'a> Run<'a> {
             step,
             comm.world_size(),
         );
-        // Ranks started with other settings, other data or another checkpoint would train
-        // apart (and only rank 0's adapter would be saved): refuse before anything is written.
-        comm.ensure_same(
-            &[
-                (
-                    "the training settings (config fingerprint)",
-                    u64::from_str_radix(&fingerprint, 16).unwrap_or(0),
-                ),
-                ("the encoded training records", records_digest(&p.train)),
-                ("the number of steps", plan.total_steps as u64),
-                ("--stop-after", plan.stop_at as u64),
-                ("--zero-stage", options.zero_stage.get() as u64),
-                (
-                    "the checkpoint resumed from",
-                    checkpoint.as_ref().map_or(u64::MAX, |c| c.state.step),
-                ),
-            ],
-            "the run",
-        )?;
+        if let Some(ck) = &checkpoint {
+            resume::check_length(cfg, ck, plan.total_steps, progress)?;
+        }
+        let identity = resume::Identity {
+            fingerprint: &fingerprint,
+            records_digest,
+            total_steps: plan.total_steps,
+        };
+        ranks_agree(comm, &identity, &plan, options, checkpoint.as_ref())?;
 
         let params = p.tuner.trainable();
         let sink = recompute_sink(cfg, &p, &params, progress);
@@ -851,6 +843,7 @@ impl<'a> Run<'a> {
             progress,
             started,
             fingerprint,
+            records_digest,
             p,
             base,
             params,
@@ -994,11 +987,16 @@ impl<'a> Run<'a> {
     /// Writes `checkpoint-<step>` (every rank takes part; see [`resume::save`]).
     fn save_checkpoint(&mut self) -> Result<()> {
         self.opt.materialize(self.comm)?;
+        let identity = resume::Identity {
+            fingerprint: &self.fingerprint,
+            records_digest: self.records_digest,
+            total_steps: self.plan.total_steps,
+        };
         let state = resume::trainer_state(
             self.cfg,
             self.options,
             self.comm.world_size(),
-            &self.fingerprint,
+            &identity,
             self.step,
             &self.cursor,
         )?;
@@ -1089,6 +1087,77 @@ impl<'a> Run<'a> {
             comm_per_step: tally.busiest_traffic.filter(|_| world > 1),
         })
     }
+}
+
+/// [`prepare_sharded`] with the adapter a run starts from: the checkpoint's, the one
+/// `init_adapter` names, or a fresh one.
+fn prepare_run(
+    cfg: &TrainConfig,
+    checkpoint: Option<&Checkpoint>,
+    device: &Device,
+    base: Option<Arc<dyn BaseComm>>,
+) -> Result<Prepared> {
+    match (checkpoint, &cfg.init_adapter) {
+        (Some(ck), _) => prepare_sharded(cfg, device, Some(ck.adapter.clone()), base),
+        (None, Some(dir)) => {
+            let weights = initial_adapter(cfg, dir, device)?;
+            prepare_sharded(cfg, device, Some(weights), base).with_context(|| {
+                format!(
+                    "training from the adapter in {} (--init-adapter)",
+                    dir.display()
+                )
+            })
+        }
+        (None, None) => prepare_sharded(cfg, device, None, base),
+    }
+}
+
+/// The weights of the adapter folder `dir` (`--init-adapter`), which must hold the method this
+/// run trains.
+fn initial_adapter(
+    cfg: &TrainConfig,
+    dir: &Path,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let saved = crate::peft_io::load_adapter(dir, device)
+        .with_context(|| format!("--init-adapter {}", dir.display()))?;
+    let method = cfg.adapter()?.peft_type;
+    if saved.peft_type() != method {
+        bail!(
+            "--init-adapter {}: its adapter is {}, this run trains {method}; start from an adapter of the same method",
+            dir.display(),
+            saved.peft_type()
+        )
+    }
+    Ok(saved.tensors.into_iter().collect())
+}
+
+/// Refuses ranks started with other settings, other data or another checkpoint, which would
+/// train apart (and only rank 0's adapter would be saved), before anything is written.
+fn ranks_agree(
+    comm: &dyn Collective,
+    identity: &resume::Identity,
+    plan: &Plan,
+    options: &RunOptions,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<()> {
+    comm.ensure_same(
+        &[
+            (
+                "the training settings (config fingerprint)",
+                u64::from_str_radix(identity.fingerprint, 16).unwrap_or(0),
+            ),
+            ("the encoded training records", identity.records_digest),
+            ("the number of steps", plan.total_steps as u64),
+            ("--stop-after", plan.stop_at as u64),
+            ("--zero-stage", options.zero_stage.get() as u64),
+            (
+                "the checkpoint resumed from",
+                checkpoint.map_or(u64::MAX, |c| c.state.step),
+            ),
+        ],
+        "the run",
+    )
 }
 
 /// The communicator that shards the frozen base (`--shard-base` with several ranks).
