@@ -197,6 +197,45 @@ fn answers_beyond_max_len_are_counted_with_the_flag_and_prompt_length() {
     );
 }
 
+/// A token added to the tokenizer without resizing the embeddings is refused when the model
+/// loads, naming the token and both sizes.
+#[test]
+fn tokens_past_the_embedding_are_named_at_load() {
+    let t = tempfile::tempdir().unwrap();
+    let model = t.path().join("model");
+    copy_dir(Path::new(&fx("models/llama")), &model);
+    let path = model.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // The fixture's embedding has 320 rows (config.json vocab_size), ids 0..319.
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 320, "content": "<|tool|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let model = model.display().to_string();
+    let data = write(
+        &t.path().join("d.jsonl"),
+        &format!(
+            "{}\n",
+            chat_line(&[("user", "<|tool|> hi"), ("assistant", "ok")])
+        ),
+    );
+    for args in [
+        vec!["data", "--model", &model, "--data", &data],
+        train_args(&model, &data, &t.path().join("run").display().to_string()),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains("token \"<|tool|>\" has id 320"), "{err}");
+        assert!(err.contains("embedding has 320 rows"), "{err}");
+        assert!(err.contains("the tokenizer needs 321"), "{err}");
+        assert!(err.contains("resize_token_embeddings"), "{err}");
+    }
+}
+
 /// Classification records without --task seq-cls: say what to pass, not an internal name.
 #[test]
 fn classification_records_without_the_task_name_the_flag() {
@@ -242,4 +281,20 @@ fn a_misnamed_label_key_is_named_with_the_expected_one() {
         assert!(err.contains("keys \"text\", \"labels\""), "{err}");
         assert!(err.contains("rename \"labels\" to \"label\""), "{err}");
     }
+}
+
+/// A folder that holds a .gguf file but no config.json: suggest the file.
+#[test]
+fn a_folder_holding_a_gguf_suggests_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let gguf = t.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let dir = t.path().display().to_string();
+    let data = fx("data/chat.jsonl");
+    let err = fails(&["data", "--model", &dir, "--data", &data]);
+    assert!(err.contains("no config.json"), "{err}");
+    assert!(
+        err.contains(&format!("pass --model {}", gguf.display())),
+        "{err}"
+    );
 }
