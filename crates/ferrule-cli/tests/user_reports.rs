@@ -298,3 +298,94 @@ fn a_folder_holding_a_gguf_suggests_the_file() {
         "{err}"
     );
 }
+
+/// The dtype and shape of each tensor in a safetensors file's header.
+fn header(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[8..8 + n]).unwrap()
+}
+
+/// `ferrule quantize` holds the embedding and head in bf16 but writes them in f32 (transformers
+/// fails on a bf16 head when loading the folder in f32): it says so with the file's size, and
+/// the values it writes are bf16-exact, so reading the folder back computes the same logits.
+#[test]
+fn quantize_reports_the_file_size_and_why_it_differs() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("nf4");
+    let out_s = out.display().to_string();
+    let model = fx("models/llama");
+    let (_, err) = succeeds(&[
+        "quantize",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--output",
+        &out_s,
+    ]);
+    let file = out.join("model.safetensors");
+    let size = std::fs::metadata(&file).unwrap().len() as f64 / 1e6;
+    assert!(
+        err.contains(&format!("{}: {size:.1} MB on disk", file.display())),
+        "{err}"
+    );
+    // The fixture's 320 x 64 embedding and head: 2 x 40 960 bf16 values.
+    assert!(
+        err.contains(
+            "the 2 bf16 tables (embedding, head) 0.1 MB in memory are written in f32 (0.2 MB"
+        ),
+        "{err}"
+    );
+    let h = header(&file);
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        assert_eq!(h[name]["dtype"], "F32", "{name}: {}", h[name]);
+    }
+    let tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let embed: Vec<f32> = tensors["model.embed_tokens.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(embed.iter().all(|v| v.to_bits() & 0xffff == 0));
+
+    // Read back, the folder computes what the quantized base computes.
+    let inputs = fx("inputs/decoder.safetensors");
+    let a = t.path().join("a.safetensors").display().to_string();
+    let b = t.path().join("b.safetensors").display().to_string();
+    succeeds(&[
+        "logits",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--inputs",
+        &inputs,
+        "--out",
+        &a,
+    ]);
+    succeeds(&[
+        "logits", "--model", &out_s, "--inputs", &inputs, "--out", &b,
+    ]);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+fn logits(path: &str) -> Vec<f32> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    t["logits"]
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &str, b: &str) -> f32 {
+    let (a, b) = (logits(a), logits(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
