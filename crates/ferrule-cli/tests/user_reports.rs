@@ -389,3 +389,104 @@ fn max_abs_diff(a: &str, b: &str) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// An adapter trained on an NF4 base (QLoRA) merged into the dense base gives another model:
+/// merge says so, naming the quantization and the flags that merge it as it was trained; with
+/// them (and --dequantize) the merged model computes what was trained.
+#[test]
+fn merging_a_qlora_adapter_into_a_dense_base_warns() {
+    let t = tempfile::tempdir().unwrap();
+    let model = fx("models/llama");
+    let data = fx("data/chat.jsonl");
+    let run = t.path().join("run").display().to_string();
+    let mut args = train_args(&model, &data, &run);
+    args.extend([
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--lr",
+        "0.05",
+        "--target-modules",
+        "all-linear",
+    ]);
+    succeeds(&args);
+    let record = std::fs::read_to_string(Path::new(&run).join("ferrule_base.json")).unwrap();
+    assert!(record.contains("nf4 (blocksize 64, double quant)"), "{record}");
+
+    let dense = t.path().join("dense").display().to_string();
+    let (_, err) = succeeds(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--output",
+        &dense,
+    ]);
+    assert!(
+        err.contains("was trained on a quantized base (bf16, nf4 (blocksize 64, double quant))"),
+        "{err}"
+    );
+    assert!(err.contains("add --quantize nf4 --double-quant"), "{err}");
+
+    let exact = t.path().join("exact").display().to_string();
+    let (_, err) = succeeds(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--output",
+        &exact,
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--dequantize",
+    ]);
+    assert!(!err.contains("was trained on a quantized base"), "{err}");
+
+    // What was trained, the merged dense base, and the merged dequantized base.
+    let inputs = fx("inputs/decoder.safetensors");
+    let out = |name: &str| t.path().join(name).display().to_string();
+    let (trained, merged_dense, merged_exact) =
+        (out("trained.st"), out("dense.st"), out("exact.st"));
+    succeeds(&[
+        "logits",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--inputs",
+        &inputs,
+        "--out",
+        &trained,
+    ]);
+    succeeds(&[
+        "logits",
+        "--model",
+        &dense,
+        "--inputs",
+        &inputs,
+        "--out",
+        &merged_dense,
+    ]);
+    succeeds(&[
+        "logits",
+        "--model",
+        &exact,
+        "--inputs",
+        &inputs,
+        "--out",
+        &merged_exact,
+    ]);
+    let exact_diff = max_abs_diff(&trained, &merged_exact);
+    let dense_diff = max_abs_diff(&trained, &merged_dense);
+    assert!(exact_diff < 1e-4, "{exact_diff}");
+    assert!(
+        dense_diff > 100.0 * exact_diff.max(1e-6),
+        "{dense_diff} vs {exact_diff}"
+    );
+}

@@ -1151,7 +1151,8 @@ pub fn train_on(
     if completed {
         opt.materialize(comm)?;
         let saved = if rank == 0 {
-            save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model)
+            let base = crate::merge::BaseRecord::of(&p.source.weights, cfg.quantize.as_ref());
+            save_adapter(out, p.tuner.as_ref(), cfg.task, &cfg.model).and_then(|_| base.save(out))
         } else {
             Ok(())
         };
