@@ -411,7 +411,10 @@ fn merging_a_qlora_adapter_into_a_dense_base_warns() {
     ]);
     succeeds(&args);
     let record = std::fs::read_to_string(Path::new(&run).join("ferrule_base.json")).unwrap();
-    assert!(record.contains("nf4 (blocksize 64, double quant)"), "{record}");
+    assert!(
+        record.contains("nf4 (blocksize 64, double quant)"),
+        "{record}"
+    );
 
     let dense = t.path().join("dense").display().to_string();
     let (_, err) = succeeds(&[
