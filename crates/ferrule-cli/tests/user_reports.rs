@@ -197,6 +197,45 @@ fn answers_beyond_max_len_are_counted_with_the_flag_and_prompt_length() {
     );
 }
 
+/// A token added to the tokenizer without resizing the embeddings is refused when the model
+/// loads, naming the token and both sizes.
+#[test]
+fn tokens_past_the_embedding_are_named_at_load() {
+    let t = tempfile::tempdir().unwrap();
+    let model = t.path().join("model");
+    copy_dir(Path::new(&fx("models/llama")), &model);
+    let path = model.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // The fixture's embedding has 320 rows (config.json vocab_size), ids 0..319.
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 320, "content": "<|tool|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let model = model.display().to_string();
+    let data = write(
+        &t.path().join("d.jsonl"),
+        &format!(
+            "{}\n",
+            chat_line(&[("user", "<|tool|> hi"), ("assistant", "ok")])
+        ),
+    );
+    for args in [
+        vec!["data", "--model", &model, "--data", &data],
+        train_args(&model, &data, &t.path().join("run").display().to_string()),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains("token \"<|tool|>\" has id 320"), "{err}");
+        assert!(err.contains("embedding has 320 rows"), "{err}");
+        assert!(err.contains("the tokenizer needs 321"), "{err}");
+        assert!(err.contains("resize_token_embeddings"), "{err}");
+    }
+}
+
 /// Classification records without --task seq-cls: say what to pass, not an internal name.
 #[test]
 fn classification_records_without_the_task_name_the_flag() {
@@ -242,4 +281,215 @@ fn a_misnamed_label_key_is_named_with_the_expected_one() {
         assert!(err.contains("keys \"text\", \"labels\""), "{err}");
         assert!(err.contains("rename \"labels\" to \"label\""), "{err}");
     }
+}
+
+/// A folder that holds a .gguf file but no config.json: suggest the file.
+#[test]
+fn a_folder_holding_a_gguf_suggests_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let gguf = t.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let dir = t.path().display().to_string();
+    let data = fx("data/chat.jsonl");
+    let err = fails(&["data", "--model", &dir, "--data", &data]);
+    assert!(err.contains("no config.json"), "{err}");
+    assert!(
+        err.contains(&format!("pass --model {}", gguf.display())),
+        "{err}"
+    );
+}
+
+/// The dtype and shape of each tensor in a safetensors file's header.
+fn header(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[8..8 + n]).unwrap()
+}
+
+/// `ferrule quantize` holds the embedding and head in bf16 but writes them in f32 (transformers
+/// fails on a bf16 head when loading the folder in f32): it says so with the file's size, and
+/// the values it writes are bf16-exact, so reading the folder back computes the same logits.
+#[test]
+fn quantize_reports_the_file_size_and_why_it_differs() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("nf4");
+    let out_s = out.display().to_string();
+    let model = fx("models/llama");
+    let (_, err) = succeeds(&[
+        "quantize",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--output",
+        &out_s,
+    ]);
+    let file = out.join("model.safetensors");
+    let size = std::fs::metadata(&file).unwrap().len() as f64 / 1e6;
+    assert!(
+        err.contains(&format!("{}: {size:.1} MB on disk", file.display())),
+        "{err}"
+    );
+    // The fixture's 320 x 64 embedding and head: 2 x 40 960 bf16 values.
+    assert!(
+        err.contains(
+            "the 2 bf16 tables (embedding, head) 0.1 MB in memory are written in f32 (0.2 MB"
+        ),
+        "{err}"
+    );
+    let h = header(&file);
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        assert_eq!(h[name]["dtype"], "F32", "{name}: {}", h[name]);
+    }
+    let tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let embed: Vec<f32> = tensors["model.embed_tokens.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(embed.iter().all(|v| v.to_bits() & 0xffff == 0));
+
+    // Read back, the folder computes what the quantized base computes.
+    let inputs = fx("inputs/decoder.safetensors");
+    let a = t.path().join("a.safetensors").display().to_string();
+    let b = t.path().join("b.safetensors").display().to_string();
+    succeeds(&[
+        "logits",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--inputs",
+        &inputs,
+        "--out",
+        &a,
+    ]);
+    succeeds(&[
+        "logits", "--model", &out_s, "--inputs", &inputs, "--out", &b,
+    ]);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+fn logits(path: &str) -> Vec<f32> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    t["logits"]
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &str, b: &str) -> f32 {
+    let (a, b) = (logits(a), logits(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// An adapter trained on an NF4 base (QLoRA) merged into the dense base gives another model:
+/// merge says so, naming the quantization and the flags that merge it as it was trained; with
+/// them (and --dequantize) the merged model computes what was trained.
+#[test]
+fn merging_a_qlora_adapter_into_a_dense_base_warns() {
+    let t = tempfile::tempdir().unwrap();
+    let model = fx("models/llama");
+    let data = fx("data/chat.jsonl");
+    let run = t.path().join("run").display().to_string();
+    let mut args = train_args(&model, &data, &run);
+    args.extend([
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--lr",
+        "0.05",
+        "--target-modules",
+        "all-linear",
+    ]);
+    succeeds(&args);
+    let record = std::fs::read_to_string(Path::new(&run).join("ferrule_base.json")).unwrap();
+    assert!(
+        record.contains("nf4 (blocksize 64, double quant)"),
+        "{record}"
+    );
+
+    let dense = t.path().join("dense").display().to_string();
+    let (_, err) = succeeds(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--output",
+        &dense,
+    ]);
+    assert!(
+        err.contains("was trained on a quantized base (bf16, nf4 (blocksize 64, double quant))"),
+        "{err}"
+    );
+    assert!(err.contains("add --quantize nf4 --double-quant"), "{err}");
+
+    let exact = t.path().join("exact").display().to_string();
+    let (_, err) = succeeds(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--output",
+        &exact,
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--dequantize",
+    ]);
+    assert!(!err.contains("was trained on a quantized base"), "{err}");
+
+    // What was trained, the merged dense base, and the merged dequantized base.
+    let inputs = fx("inputs/decoder.safetensors");
+    let out = |name: &str| t.path().join(name).display().to_string();
+    let (trained, merged_dense, merged_exact) =
+        (out("trained.st"), out("dense.st"), out("exact.st"));
+    succeeds(&[
+        "logits",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--inputs",
+        &inputs,
+        "--out",
+        &trained,
+    ]);
+    succeeds(&[
+        "logits",
+        "--model",
+        &dense,
+        "--inputs",
+        &inputs,
+        "--out",
+        &merged_dense,
+    ]);
+    succeeds(&[
+        "logits",
+        "--model",
+        &exact,
+        "--inputs",
+        &inputs,
+        "--out",
+        &merged_exact,
+    ]);
+    let exact_diff = max_abs_diff(&trained, &merged_exact);
+    let dense_diff = max_abs_diff(&trained, &merged_dense);
+    assert!(exact_diff < 1e-4, "{exact_diff}");
+    assert!(
+        dense_diff > 100.0 * exact_diff.max(1e-6),
+        "{dense_diff} vs {exact_diff}"
+    );
 }

@@ -34,6 +34,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
+    ferrule::merge::BaseRecord::warn_if_run_elsewhere(
+        m.adapters.iter().map(|l| l.dir.as_path()),
+        &m.source,
+        a.model.quant.spec()?.as_ref(),
+    )?;
     let labels = if m.model.task == Task::SeqCls {
         let records = ferrule::data::read_records(&a.data)?;
         let n = m

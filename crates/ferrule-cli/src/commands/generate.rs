@@ -113,6 +113,11 @@ fn sampling_options(
 
 pub fn run(a: Args) -> Result<()> {
     let m = a.model.load()?;
+    ferrule::merge::BaseRecord::warn_if_run_elsewhere(
+        m.adapters.iter().map(|l| l.dir.as_path()),
+        &m.source,
+        a.model.quant.spec()?.as_ref(),
+    )?;
     let Arch::Decoder(lm) = &m.model.arch else {
         bail!("generate needs a decoder model")
     };

@@ -21,6 +21,11 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
     let m = a.model.load()?;
+    ferrule::merge::BaseRecord::warn_if_run_elsewhere(
+        m.adapters.iter().map(|l| l.dir.as_path()),
+        &m.source,
+        a.model.quant.spec()?.as_ref(),
+    )?;
     let t = ferrule::model::weights::load_safetensors_file(&a.inputs, &dev)?;
     let ids = t
         .get("input_ids")

@@ -37,6 +37,23 @@ pub fn run(a: Args) -> Result<()> {
         m.f32_bytes() as f64 / 1e6,
         m.total_bytes() as f64 / m.f32_bytes() as f64
     );
+    let file = a.output.join("model.safetensors");
+    let file_bytes = std::fs::metadata(&file)
+        .with_context(|| format!("{}: reading its size", file.display()))?
+        .len();
+    if let Some(bf16) = m.formats.get("bf16") {
+        // Held in bf16, written in f32: see ferrule::quant::bnb_format::serialize.
+        eprintln!(
+            "{}: {:.1} MB on disk: the {} bf16 table{} (embedding, head) {:.1} MB in memory are written \
+             in f32 ({:.1} MB; the values are bf16-exact), as transformers needs to load the folder in f32",
+            file.display(),
+            file_bytes as f64 / 1e6,
+            bf16.tensors,
+            if bf16.tensors == 1 { "" } else { "s" },
+            bf16.bytes as f64 / 1e6,
+            2.0 * bf16.bytes as f64 / 1e6,
+        );
+    }
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("quantized model written to {}", a.output.display());
     Ok(())

@@ -240,14 +240,14 @@ impl std::fmt::Display for PastMaxLen {
             format!("{lo}–{hi} tokens")
         };
         let (records, prompts, fill, their, them) = if self.count == 1 {
-            ("record", "prompt", "fills", "its answer is", "it")
+            ("record", "prompt", "fills", "its answer", "it")
         } else {
-            ("records", "prompts", "fill", "their answers are", "them")
+            ("records", "prompts", "fill", "their answers", "them")
         };
         write!(
             f,
             "{} {records} whose {prompts} ({range}) {fill} max_len {} (--max-len), so nothing \
-             of {their} left to train; raise --max-len above {hi} to train on {them}",
+             of {their} is left to train; raise --max-len above {hi} to train on {them}",
             self.count, self.max_len
         )
     }

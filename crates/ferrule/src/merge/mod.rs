@@ -3,8 +3,17 @@
 //!
 //! A bitsandbytes-quantized base stays quantized: each adapted weight is dequantized, the
 //! update added, and the sum requantized in the same format (as peft's `merge` does for
-//! `Linear4bit`/`Linear8bitLt`); the rounding this adds is measured and reported. A GGUF base is
+//! `Linear4bit`/`Linear8bitLt`); the rounding this adds is measured and reported. With
+//! [`MergeOptions::dequantize`] it is written dequantized instead, `dequant(W) + ΔW` in f32:
+//! exactly the model an adapter trained on that quantized base computes. A GGUF base is
 //! written dequantized to f32 (safetensors has no GGUF block types).
+//!
+//! An adapter trained by ferrule records how its base was held ([`BaseRecord`]); merging one
+//! trained on a quantized base into a base held otherwise is warned about.
+
+mod base_record;
+
+pub use base_record::{BaseRecord, FILE as BASE_RECORD_FILE};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,12 +40,30 @@ pub struct MergeReport {
     pub requantize_error: Option<RoundTripError>,
 }
 
+/// How to merge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// Write a quantized base's weights dequantized, in f32, rather than requantizing the
+    /// merged ones.
+    pub dequantize: bool,
+}
+
 /// The base weights with `W' = W + ΔW` applied for every adapted module and the
 /// `modules_to_save` copies put in place, under the tensor names of the task's HF class.
 pub fn merged_tensors(
     source: &ModelSource,
     tuner: &dyn Tuner,
     task: Task,
+) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
+    merged_tensors_with(source, tuner, task, MergeOptions::default())
+}
+
+/// [`merged_tensors`] with options.
+pub fn merged_tensors_with(
+    source: &ModelSource,
+    tuner: &dyn Tuner,
+    task: Task,
+    options: MergeOptions,
 ) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
     let mut config = source.config.clone();
     let model_type = source.model_type().to_string();
@@ -61,7 +88,7 @@ pub fn merged_tensors(
     }
     for (k, q) in source.weights.quantized() {
         // bitsandbytes formats are written back in their layout; GGUF blocks are dequantized.
-        let w = if bnb_format::has_layout(q.as_ref()) {
+        let w = if bnb_format::has_layout(q.as_ref()) && !options.dequantize {
             FrozenWeight::Quantized(q.clone())
         } else {
             FrozenWeight::Quantized(q.clone())
@@ -182,8 +209,14 @@ pub fn merged_tensors(
     };
     config["architectures"] = json!([arch]);
     config["dtype"] = json!("float32");
+    let quantized = tensors
+        .values()
+        .any(|w| matches!(w, FrozenWeight::Quantized(_)));
     if let Value::Object(o) = &mut config {
         o.remove("torch_dtype");
+        if !quantized {
+            o.remove("quantization_config");
+        }
     }
     if task == Task::SeqCls {
         if let Some(t) = tensors.get("classifier.weight") {
@@ -208,7 +241,18 @@ pub fn merge_to_dir(
     task: Task,
     out: &Path,
 ) -> Result<MergeReport> {
-    let (tensors, config, report) = merged_tensors(source, tuner, task)?;
+    merge_to_dir_with(source, tuner, task, out, MergeOptions::default())
+}
+
+/// [`merge_to_dir`] with options.
+pub fn merge_to_dir_with(
+    source: &ModelSource,
+    tuner: &dyn Tuner,
+    task: Task,
+    out: &Path,
+    options: MergeOptions,
+) -> Result<MergeReport> {
+    let (tensors, config, report) = merged_tensors_with(source, tuner, task, options)?;
     let mut raw = BTreeMap::new();
     for (name, w) in &tensors {
         match w {

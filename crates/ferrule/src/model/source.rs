@@ -73,6 +73,9 @@ impl ModelSource {
         quantize: Option<&QuantSpec>,
     ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            bail!("{}", missing_config(dir))
+        }
         let text = std::fs::read_to_string(&cfg_path)
             .with_context(|| format!("reading {}", cfg_path.display()))?;
         let config: Value = serde_json::from_str(&text)
@@ -94,6 +97,7 @@ impl ModelSource {
             .unwrap_or(u32::MAX as u64) as usize; // checked above
         let generation_config = crate::generate::GenerationConfig::from_model_dir(dir, vocab_size)?;
         if let Some(t) = &tokenizer {
+            check_token_ids(t, vocab_size, dir)?;
             warn_unknown_special_tokens(t, tokenizer_config.as_ref());
         }
         Ok(Self {
@@ -190,6 +194,37 @@ impl ModelSource {
     }
 }
 
+/// Why a folder without `config.json` is no model folder, and what to pass instead: the `.gguf`
+/// files it holds, if any.
+fn missing_config(dir: &Path) -> String {
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()) == Some("gguf"))
+        .collect();
+    ggufs.sort();
+    let base = format!(
+        "{}: no config.json, so this is no Hugging Face model folder (config.json + safetensors)",
+        dir.display()
+    );
+    match ggufs.as_slice() {
+        [] => base,
+        [one] => format!(
+            "{base}; it holds a GGUF file: pass --model {}",
+            one.display()
+        ),
+        many => {
+            let names: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+            format!(
+                "{base}; it holds GGUF files: pass one of them as --model ({})",
+                names.join(", ")
+            )
+        }
+    }
+}
+
 fn is_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
@@ -238,6 +273,40 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
         }
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Every token id must index a row of the embedding table. Tokens added to a tokenizer
+/// (`tokenizer.add_tokens`) without resizing the model's embeddings get ids past its last row,
+/// which would fail deep inside the first forward pass that meets one.
+fn check_token_ids(tokenizer: &tokenizers::Tokenizer, rows: usize, dir: &Path) -> Result<()> {
+    let vocab = tokenizer.get_vocab(true);
+    let mut beyond: Vec<(u32, &String)> = vocab
+        .iter()
+        .filter(|(_, &id)| id as usize >= rows)
+        .map(|(t, &id)| (id, t))
+        .collect();
+    if beyond.is_empty() {
+        return Ok(());
+    }
+    beyond.sort();
+    let (first_id, first) = beyond[0];
+    let tokenizer_size = vocab.values().max().map_or(0, |&m| m as usize + 1);
+    let others = match beyond.len() {
+        1 => String::new(),
+        n => format!(
+            " (and {} more token{} past it)",
+            n - 1,
+            if n == 2 { "" } else { "s" }
+        ),
+    };
+    bail!(
+        "{}: token {first:?} has id {first_id}{others}, but the model's embedding has {rows} rows \
+         (config.json vocab_size {rows}) and the tokenizer needs {tokenizer_size}: the tokens were \
+         added to the tokenizer without resizing the embeddings. Resize them and save the model \
+         (transformers: model.resize_token_embeddings(len(tokenizer)), then save_pretrained), or \
+         use the tokenizer the model was saved with",
+        dir.join("tokenizer.json").display()
+    )
 }
 
 /// A special token that tokenizer_config.json names but tokenizer.json does not hold is never

@@ -272,8 +272,12 @@ pub fn serialize(
         return Ok(());
     }
     if let Some(h) = any.downcast_ref::<Bf16Rows>() {
-        // Written widened to f32: transformers keeps a bf16 head in bf16 and then fails to
-        // multiply it with f32 activations. Reading it back finds the values bf16-exact.
+        // Written widened to f32 (exactly; reading it back finds the values bf16-exact and
+        // holds them in bf16 again). transformers 5.24 + bitsandbytes 0.50 keep an unquantized
+        // table in the checkpoint's dtype even when loading with dtype=torch.float32: a bf16
+        // head then fails against f32 activations ("expected m1 and m2 to have the same
+        // dtype"; SmolLM2 ties its head to the embedding), and a bf16 embedding rounds the
+        // first layer's normalized input to bf16 (measured with check_model_folder.py).
         out.insert(
             name.to_string(),
             RawTensor::f32s(vec![h.rows, h.cols], &h.dequantize()),

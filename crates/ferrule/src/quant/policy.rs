@@ -124,6 +124,23 @@ impl QuantSpec {
         })
     }
 
+    /// The command-line flags that ask for this spec: `--quantize nf4 --double-quant`.
+    pub fn flags(&self) -> String {
+        let method = match self.method {
+            QuantMethod::Nf4 => "nf4",
+            QuantMethod::Fp4 => "fp4",
+            QuantMethod::Int8 => "int8",
+        };
+        let mut out = format!("--quantize {method}");
+        if self.double_quant {
+            out += " --double-quant";
+        }
+        if self.method != QuantMethod::Int8 && self.blocksize != default_blocksize() {
+            out += &format!(" --quant-blocksize {}", self.blocksize);
+        }
+        out
+    }
+
     pub fn describe(&self) -> String {
         match self.method {
             QuantMethod::Int8 => "int8".into(),

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 pub const RUN_FILES: &[&str] = &[
     crate::peft_io::CONFIG_FILE,
     crate::peft_io::WEIGHTS_FILE,
+    crate::merge::BASE_RECORD_FILE,
     "metrics.jsonl",
     "train_summary.json",
     super::plot::PLOT_FILE,

@@ -1030,7 +1030,10 @@ impl<'a> Run<'a> {
         if completed {
             self.opt.materialize(comm)?;
             let saved = if comm.rank() == 0 {
+                let base =
+                    crate::merge::BaseRecord::of(&self.p.source.weights, cfg.quantize.as_ref());
                 save_adapter(out, self.p.tuner.as_ref(), cfg.task, &cfg.model)
+                    .and_then(|_| base.save(out))
             } else {
                 Ok(())
             };
