@@ -126,7 +126,7 @@ fn the_packing_count_is_what_training_packs() {
         batch_tokens: Some(160),
         ..Default::default()
     };
-    let p = ferrule::train::trainer::prepare(&cfg, &candle_core::Device::Cpu, None).unwrap();
+    let p = ferrule::train::prepare(&cfg, &candle_core::Device::Cpu, None).unwrap();
     let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
     let bins = ferrule::train::batching::plan_epoch(p.batching, cfg.seed, 0, &lengths);
     assert_eq!(

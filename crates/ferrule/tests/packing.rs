@@ -13,7 +13,7 @@ use candle_core::Device;
 use common::*;
 use ferrule::data::{make_batch, Padding};
 use ferrule::train::batching::{plan_epoch, Batching};
-use ferrule::train::trainer::{batch_loss, prepare};
+use ferrule::train::{batch_loss, prepare};
 use ferrule::train::{train, RunOptions, Silent, TrainConfig, TrainSummary};
 use ferrule::tuners::AdapterConfig;
 

@@ -15,7 +15,7 @@ use ferrule::data::{collate, pack, Encoded, Padding, PaddingSide, IGNORE_INDEX};
 use ferrule::model::{Model, ModelSource, Task};
 use ferrule::ops::recompute::GradSink;
 use ferrule::quant::{QuantMethod, QuantSpec};
-use ferrule::train::trainer::batch_loss;
+use ferrule::train::batch_loss;
 use ferrule::train::{train, RunOptions, Silent, TrainConfig};
 use ferrule::tuners::registry::{self, BuildContext};
 use ferrule::tuners::{AdapterConfig, Tuner};

@@ -158,7 +158,7 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shard_base: bool,
     /// Start a new run from the weights of this adapter folder (a PEFT folder of the same
-    /// method and shapes) instead of a fresh adapter.
+    /// method and shapes) instead of a fresh adapter (default: none, a fresh adapter).
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_adapter: Option<PathBuf>,
@@ -323,6 +323,7 @@ impl TrainConfig {
             packing: true,
             shard_base: true,
             report_to: vec![ReportTo::Tensorboard],
+            init_adapter: Some(PathBuf::from("adapter")),
             ..Default::default()
         };
         match serde_json::to_value(every) {

@@ -19,10 +19,12 @@
 pub mod batching;
 pub mod checkpoint;
 pub mod config;
+pub mod evaluate;
 pub mod metrics;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod prepare;
 pub mod report;
 mod resume;
 pub mod rng;
@@ -36,12 +38,12 @@ pub use checkpoint::{
     Checkpoint, TrainerState,
 };
 pub use config::{ReportTo, TrainConfig};
+pub use evaluate::{batch_loss, evaluate, evaluate_on};
 pub use metrics::{MetricsLog, Throughput};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 pub use plot::{write_loss_plot, PLOT_FILE};
+pub use prepare::{encode_file, encode_options, prepare, prepare_sharded, Prepared};
 pub use report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
-pub use trainer::{
-    encode_file, encode_options, evaluate, evaluate_on, prepare, train, train_on, RunOptions,
-};
+pub use trainer::{train, train_on, RunOptions};

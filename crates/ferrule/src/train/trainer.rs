@@ -1,16 +1,15 @@
 //! The training loop: data order, micro-batches with gradient accumulation, AdamW with a
 //! warmup schedule and clipping, periodic evaluation, atomic checkpoints and exact resume.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 
-use super::batching::{global_left, Batching, DataCursor};
+use super::batching::{global_left, DataCursor};
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
@@ -18,18 +17,16 @@ use super::optim::{AdamWConfig, GradAccumulator};
 use super::report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
 use super::resume;
 use super::schedule::lr_at;
-use crate::adapted::{attach, TunedModel};
-use crate::data::{
-    self, make_batch, Batch, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation,
-};
+use crate::data::{make_batch, Encoded, Padding};
 use crate::dist::{
     BaseComm, Collective, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage,
 };
-use crate::model::{Inputs, Model, ModelSource, Task};
-use crate::ops::loss::{causal_lm_loss, cross_entropy};
 use crate::ops::recompute::GradSink;
 use crate::peft_io::save_adapter;
-use crate::tuners::{total_params, BuildContext, MatchReport, Tuner};
+use crate::tuners::total_params;
+
+use super::evaluate::{batch_loss, evaluate_on, non_finite_origin};
+use super::prepare::{prepare_run, Prepared};
 
 /// How this invocation runs (not part of the run's identity).
 #[derive(Clone, Debug, Default)]
@@ -45,353 +42,6 @@ pub struct RunOptions {
     /// run then ends with `interrupted` and `--resume` continues it. Ranks agree on it every
     /// step, so all stop at the same one.
     pub interrupt: Option<Arc<AtomicBool>>,
-}
-
-/// A model with its tokenizer and encoded data, ready to train or evaluate.
-pub struct Prepared {
-    pub source: ModelSource,
-    pub model: Model,
-    pub tuner: Box<dyn Tuner>,
-    /// What each `target_modules` entry matched.
-    pub matches: Vec<MatchReport>,
-    pub train: Vec<Encoded>,
-    pub eval: Vec<Encoded>,
-    pub label_map: Option<LabelMap>,
-    pub pad_id: u32,
-    /// Longest sequence, in tokens.
-    pub max_len: usize,
-    /// How batches are laid out: the config's choice, or padded to the longest record where
-    /// the method cannot take padding-free batches (see `padding_note`).
-    pub padding: Padding,
-    /// Why `padding` differs from what the config asked, when it does.
-    pub padding_note: Option<String>,
-    /// How micro-batches are formed: a record count, a token budget, or packed bins.
-    pub batching: Batching,
-    pub skipped: usize,
-    pub truncated: usize,
-}
-
-/// Encoding settings of a training config, for sequences of at most `max_len` tokens.
-pub fn encode_options(cfg: &TrainConfig, max_len: usize) -> EncodeOptions {
-    EncodeOptions {
-        max_len,
-        truncation: if cfg.truncate {
-            Truncation::Right
-        } else {
-            Truncation::Error
-        },
-        completion_only: cfg.completion_only,
-    }
-}
-
-/// Reads and encodes a JSONL file with the model's tokenizer and chat template.
-pub fn encode_file(
-    path: &Path,
-    source: &ModelSource,
-    opts: EncodeOptions,
-    labels: Option<&LabelMap>,
-    limit: Option<usize>,
-) -> Result<data::EncodedSet> {
-    let mut records = data::read_records(path)?;
-    if let Some(n) = limit {
-        records.truncate(n);
-    }
-    let tok = source.tokenizer()?;
-    let eos = source.eos_token_ids().first().copied();
-    let mut enc = Encoder::new(tok, source.chat_template.as_ref(), opts)?.with_eos_token_id(eos);
-    if let Some(l) = labels {
-        enc = enc.with_label_map(l);
-    }
-    let set = enc.encode_records(&records)?;
-    set.warn_past_max_len(&records, enc.options().max_len);
-    Ok(set)
-}
-
-/// Loads the model and data and builds the adapter (fresh, or from `adapter_weights`).
-pub fn prepare(
-    cfg: &TrainConfig,
-    device: &Device,
-    adapter_weights: Option<BTreeMap<String, Tensor>>,
-) -> Result<Prepared> {
-    prepare_sharded(cfg, device, adapter_weights, None)
-}
-
-/// [`prepare`] with the frozen base sharded over the ranks of `base` (`--shard-base`): every
-/// rank calls it alike, since building the model then reads the weights collectively.
-pub fn prepare_sharded(
-    cfg: &TrainConfig,
-    device: &Device,
-    adapter_weights: Option<BTreeMap<String, Tensor>>,
-    base: Option<Arc<dyn BaseComm>>,
-) -> Result<Prepared> {
-    cfg.validate()?;
-    let mut source = ModelSource::load_with(&cfg.model, device, cfg.quantize.as_ref())?;
-    if let Some(comm) = base {
-        source.weights.shard(comm)?;
-    }
-    let label_map = if cfg.task == Task::SeqCls {
-        let map = LabelMap::from_records(&data::read_records(&cfg.data)?)?;
-        if let serde_json::Value::Object(o) = &mut source.config {
-            o.insert("num_labels".into(), serde_json::json!(map.num_labels()));
-            o.remove("id2label");
-        }
-        Some(map)
-    } else {
-        None
-    };
-    let context = source
-        .config
-        .get("max_position_embeddings")
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize);
-    let max_len = cfg.effective_max_len(context)?;
-    let train = encode_file(
-        &cfg.data,
-        &source,
-        encode_options(cfg, max_len),
-        label_map.as_ref(),
-        None,
-    )?;
-    let eval = match &cfg.eval_data {
-        Some(p) => {
-            encode_file(
-                p,
-                &source,
-                encode_options(cfg, max_len),
-                label_map.as_ref(),
-                cfg.eval_limit,
-            )?
-            .items
-        }
-        None => vec![],
-    };
-    let ctx = BuildContext {
-        seed: cfg.seed,
-        device,
-        weights: adapter_weights.map(|w| w.into_iter().collect()),
-        allow_unmatched: cfg.allow_unmatched,
-    };
-    let TunedModel {
-        model,
-        tuner,
-        matches,
-        adapter,
-    } = attach(&source, cfg.task, &cfg.adapter()?, ctx)?;
-    let pad_id = source.pad_token_id()?;
-    let (padding, padding_note) = match cfg.padding()? {
-        Padding::Free if !model.supports_packed() => (
-            Padding::Longest,
-            Some(format!(
-                "{} adds positions before every record, which padding-free batches cannot hold",
-                adapter.peft_type
-            )),
-        ),
-        p => (p, None),
-    };
-    let batching = Batching::of(cfg, max_len)?;
-    if let Some((key, flag)) = cfg.token_batching().filter(|_| padding != Padding::Free) {
-        bail!("train: {key} needs padding-free batches, which {} cannot take (it adds positions before every record); drop {flag} ({key})", adapter.peft_type)
-    }
-    Ok(Prepared {
-        batching,
-        pad_id,
-        max_len,
-        padding,
-        padding_note,
-        skipped: train.skipped.len(),
-        truncated: train.truncated,
-        train: train.items,
-        eval,
-        label_map,
-        source,
-        model,
-        tuner,
-        matches,
-    })
-}
-
-fn batch_inputs(batch: &Batch) -> Inputs<'_> {
-    Inputs {
-        input_ids: &batch.input_ids,
-        attention_mask: Some(&batch.attention_mask),
-        token_type_ids: None,
-    }
-}
-
-/// Where the first non-finite output of `batch` arose, as a clause for an error message
-/// ([`Model::non_finite_origin`]).
-fn non_finite_origin(model: &Model, batch: &Batch) -> String {
-    if model.lockstep {
-        // Tracing reruns the batch on this rank alone, which a sharded base cannot do.
-        return " (the layer is not traced with --shard-base; rerun without it to find it)".into();
-    }
-    match &batch.seq_lens {
-        Some(lens) => crate::util::finite::origin_clause(
-            model.trace_non_finite_packed(&batch.input_ids, lens),
-        ),
-        None => model.non_finite_origin(&batch_inputs(batch)),
-    }
-}
-
-/// Forward pass and loss of one batch (padded or padding-free): `(loss, counted targets,
-/// correct predictions)`.
-pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {
-    if let (Task::CausalLm, crate::model::Arch::Decoder(lm)) = (model.task, &model.arch) {
-        let labels = batch
-            .labels
-            .as_ref()
-            .context("causal-LM batch without labels")?;
-        let (loss, n) = match &batch.seq_lens {
-            Some(lens) => lm.causal_lm_loss_packed(&batch.input_ids, lens, labels)?,
-            None => lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?,
-        };
-        return Ok((loss, n, 0));
-    }
-    let out = match &batch.seq_lens {
-        Some(lens) => model.forward_packed(&batch.input_ids, lens)?,
-        None => model.forward(&batch_inputs(batch))?,
-    };
-    match model.task {
-        Task::CausalLm => {
-            let labels = batch
-                .labels
-                .as_ref()
-                .context("causal-LM batch without labels")?;
-            let (loss, n) = causal_lm_loss(&out, labels)?;
-            Ok((loss, n, 0))
-        }
-        Task::SeqCls => {
-            let labels = batch
-                .class_labels
-                .as_ref()
-                .context("classification batch without class labels")?;
-            let (loss, n) = cross_entropy(&out, &labels.to_dtype(DType::I64)?)?;
-            let pred = out.argmax(candle_core::D::Minus1)?.to_dtype(DType::U32)?;
-            let correct = pred
-                .eq(&labels.to_dtype(DType::U32)?)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize;
-            Ok((loss, n, correct))
-        }
-        Task::FeatureExtraction => bail!("FEATURE_EXTRACTION has no loss"),
-    }
-}
-
-/// Token-weighted eval loss (and accuracy for classification) over `items`, in batches laid
-/// out as `padding` says (padding-free falls back to padded batches for a method that adds
-/// positions; the result is the same either way, within float rounding).
-/// Adapter layers must be in eval mode (no dropout).
-pub fn evaluate(
-    model: &Model,
-    pad_id: u32,
-    padding: Padding,
-    items: &[Encoded],
-    batch_size: usize,
-    step: usize,
-) -> Result<EvalReport> {
-    evaluate_on(
-        model,
-        pad_id,
-        padding,
-        items,
-        batch_size,
-        step,
-        &SingleProcess,
-    )
-}
-
-/// [`evaluate`] spread over the ranks of `comm`: rank `r` takes records `r, r + N, ...` and the
-/// sums are all-reduced, so every rank returns the report of the whole set.
-pub fn evaluate_on(
-    model: &Model,
-    pad_id: u32,
-    padding: Padding,
-    items: &[Encoded],
-    batch_size: usize,
-    step: usize,
-    comm: &dyn Collective,
-) -> Result<EvalReport> {
-    if items.is_empty() {
-        bail!("evaluation set is empty")
-    }
-    let padding = if padding == Padding::Free && !model.supports_packed() {
-        Padding::Longest
-    } else {
-        padding
-    };
-    let max_len = items.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-    let dev = model.device().clone();
-    let _no_grad = model.no_grad();
-    let mine: Vec<&Encoded> = items
-        .iter()
-        .skip(comm.rank())
-        .step_by(comm.world_size())
-        .collect();
-    let mut sums = [0f64; 4]; // loss·n, n, correct, batches with a non-finite loss
-    let mut first_bad = None;
-    let bs = batch_size.max(1);
-    if model.lockstep {
-        // Every rank runs as many batches as rank 0 (which has the most records): the extra
-        // one repeats a record and is not counted.
-        let most = items.len().div_ceil(comm.world_size()).div_ceil(bs);
-        for _ in mine.len().div_ceil(bs)..most {
-            batch_loss(
-                model,
-                &make_batch(
-                    &items[..1].iter().collect::<Vec<_>>(),
-                    padding,
-                    pad_id,
-                    max_len,
-                    &dev,
-                )?,
-            )?;
-        }
-    }
-    for (j, chunk) in mine.chunks(bs).enumerate() {
-        let batch = make_batch(chunk, padding, pad_id, max_len, &dev)?;
-        let (loss, n, c) = batch_loss(model, &batch)?;
-        let lv = loss.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            sums[3] += 1.0;
-            if first_bad.is_none() {
-                first_bad = Some((j, lv, non_finite_origin(model, &batch)));
-            }
-            continue;
-        }
-        sums[0] += lv * n as f64;
-        sums[1] += n as f64;
-        sums[2] += c as f64;
-    }
-    // Every rank learns of a bad batch anywhere, so all stop together.
-    comm.all_reduce_sum_f64(&mut sums)?;
-    if sums[3] > 0.0 {
-        let (world, rank, bs) = (comm.world_size(), comm.rank(), batch_size.max(1));
-        let here = first_bad.map_or_else(
-            || "on another rank".to_string(),
-            |(j, lv, origin)| {
-                // Rank r evaluates records r, r + world, ...: the batch's first record.
-                let first = (j * bs) * world + rank + 1;
-                format!("first: loss {lv} in the eval batch starting at eval record {first} (batch size {bs}){origin}")
-            },
-        );
-        bail!("evaluation at step {step}: {} batch(es) gave a NaN or infinite loss ({here}); the model or adapter produces non-finite outputs", sums[3])
-    }
-    let eval_loss = sums[0] / sums[1].max(1.0);
-    let classification = model.task == Task::SeqCls;
-    Ok(EvalReport {
-        step,
-        eval_loss,
-        eval_perplexity: (!classification).then(|| eval_loss.exp()),
-        eval_accuracy: classification.then(|| sums[2] / items.len() as f64),
-        eval_records: items.len(),
-    })
-}
-
-impl Prepared {
-    pub fn trainable_params(&self) -> usize {
-        crate::tuners::trainable_params(self.tuner.as_ref())
-    }
 }
 
 /// Runs (or resumes) training as `cfg` describes, in this process alone.
@@ -1090,49 +740,6 @@ impl<'a> Run<'a> {
             comm_per_step: tally.busiest_traffic.filter(|_| world > 1),
         })
     }
-}
-
-/// [`prepare_sharded`] with the adapter a run starts from: the checkpoint's, the one
-/// `init_adapter` names, or a fresh one.
-fn prepare_run(
-    cfg: &TrainConfig,
-    checkpoint: Option<&Checkpoint>,
-    device: &Device,
-    base: Option<Arc<dyn BaseComm>>,
-) -> Result<Prepared> {
-    match (checkpoint, &cfg.init_adapter) {
-        (Some(ck), _) => prepare_sharded(cfg, device, Some(ck.adapter.clone()), base),
-        (None, Some(dir)) => {
-            let weights = initial_adapter(cfg, dir, device)?;
-            prepare_sharded(cfg, device, Some(weights), base).with_context(|| {
-                format!(
-                    "training from the adapter in {} (--init-adapter)",
-                    dir.display()
-                )
-            })
-        }
-        (None, None) => prepare_sharded(cfg, device, None, base),
-    }
-}
-
-/// The weights of the adapter folder `dir` (`--init-adapter`), which must hold the method this
-/// run trains.
-fn initial_adapter(
-    cfg: &TrainConfig,
-    dir: &Path,
-    device: &Device,
-) -> Result<BTreeMap<String, Tensor>> {
-    let saved = crate::peft_io::load_adapter(dir, device)
-        .with_context(|| format!("--init-adapter {}", dir.display()))?;
-    let method = cfg.adapter()?.peft_type;
-    if saved.peft_type() != method {
-        bail!(
-            "--init-adapter {}: its adapter is {}, this run trains {method}; start from an adapter of the same method",
-            dir.display(),
-            saved.peft_type()
-        )
-    }
-    Ok(saved.tensors.into_iter().collect())
 }
 
 /// Refuses ranks started with other settings, other data or another checkpoint, which would
