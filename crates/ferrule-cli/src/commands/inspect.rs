@@ -1,7 +1,7 @@
 //! `ferrule inspect`
 
 use anyhow::Result;
-use ferrule::adapted::{AdapterSummary, TrainingPlan};
+use ferrule::adapted::{AdaptedModel, AdapterSummary, TrainingPlan};
 use ferrule::train::TrainConfig;
 
 #[derive(clap::Args)]
@@ -38,7 +38,7 @@ pub fn run(args: Args) -> Result<()> {
         "f32_bytes": mem.f32_bytes(),
         "quantized_parameters": mem.quantized_params,
         "quantized_bits_per_param": (mem.quantized_params > 0).then(|| mem.quantized_bits_per_param()),
-        "bits_per_param": mem.total_bytes() as f64 * 8.0 / (mem.quantized_params + mem.dense_params).max(1) as f64,
+        "bits_per_param": bits_per_param(&mem),
         "formats": mem.formats,
     });
     let base_params = loaded.model.base_params;
@@ -66,23 +66,7 @@ pub fn run(args: Args) -> Result<()> {
             .map(|found| serde_json::json!({"name": found.name, "dir": found.dir}))
             .collect::<Vec<_>>());
     }
-    let plan = match args.adapter.given() {
-        true => {
-            let adapter = args.adapter.apply(&TrainConfig {
-                model: args.model.model.clone(),
-                ..TrainConfig::default()
-            })?;
-            let quant = args.model.quant.spec()?;
-            Some(TrainingPlan::of(
-                &args.model.model,
-                &adapter,
-                task,
-                quant.as_ref(),
-                args.adapter.allow_unmatched,
-            )?)
-        }
-        false => None,
-    };
+    let plan = training_plan(&args, task)?;
     if let Some(plan) = &plan {
         info["plan"] = serde_json::to_value(plan)?;
     }
@@ -90,39 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    println!("model        {}", args.model.model);
-    println!(
-        "architecture {} ({})",
-        loaded.source.model_type(),
-        loaded.model.task.peft_name()
-    );
-    let config = &loaded.source.config;
-    for k in [
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-        "vocab_size",
-        "max_position_embeddings",
-    ] {
-        if let Some(v) = config.get(k) {
-            println!("  {k:<24} {v}");
-        }
-    }
-    println!("parameters   {}", loaded.model.base_params);
-    println!(
-        "weights      {:.1} MB ({:.3} bits/param; f32 would be {:.1} MB)",
-        mem.total_bytes() as f64 / 1e6,
-        info["weights"]["bits_per_param"].as_f64().unwrap_or(0.0),
-        mem.f32_bytes() as f64 / 1e6
-    );
-    for (format, stats) in &mem.formats {
-        println!(
-            "  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)",
-            stats.tensors, stats.params, stats.bits_per_param
-        );
-    }
+    print_model(&args.model.model, &loaded, &mem);
     if loaded.adapters.len() > 1 {
         println!(
             "adapters     {} loaded: {}",
@@ -148,6 +100,67 @@ pub fn run(args: Args) -> Result<()> {
         print_plan(plan);
     }
     Ok(())
+}
+
+/// What the adapter flags given would train, or None when none was given.
+fn training_plan(args: &Args, task: Option<ferrule::model::Task>) -> Result<Option<TrainingPlan>> {
+    if !args.adapter.given() {
+        return Ok(None);
+    }
+    let adapter = args.adapter.apply(&TrainConfig {
+        model: args.model.model.clone(),
+        ..TrainConfig::default()
+    })?;
+    let quant = args.model.quant.spec()?;
+    Ok(Some(TrainingPlan::of(
+        &args.model.model,
+        &adapter,
+        task,
+        quant.as_ref(),
+        args.adapter.allow_unmatched,
+    )?))
+}
+
+/// Bits per base parameter over every weight, statistics included.
+fn bits_per_param(mem: &ferrule::quant::WeightMemory) -> f64 {
+    mem.total_bytes() as f64 * 8.0 / (mem.quantized_params + mem.dense_params).max(1) as f64
+}
+
+/// The model's architecture, sizes and weight formats, as text.
+fn print_model(model: &str, loaded: &AdaptedModel, mem: &ferrule::quant::WeightMemory) {
+    println!("model        {model}");
+    println!(
+        "architecture {} ({})",
+        loaded.source.model_type(),
+        loaded.model.task.peft_name()
+    );
+    let config = &loaded.source.config;
+    for k in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ] {
+        if let Some(v) = config.get(k) {
+            println!("  {k:<24} {v}");
+        }
+    }
+    println!("parameters   {}", loaded.model.base_params);
+    println!(
+        "weights      {:.1} MB ({:.3} bits/param; f32 would be {:.1} MB)",
+        mem.total_bytes() as f64 / 1e6,
+        bits_per_param(mem),
+        mem.f32_bytes() as f64 / 1e6
+    );
+    for (format, stats) in &mem.formats {
+        println!(
+            "  {:>4} x {format}: {} parameters at {:.3} bits/param (statistics included)",
+            stats.tensors, stats.params, stats.bits_per_param
+        );
+    }
 }
 
 fn print_adapter(label: &str, summary: &AdapterSummary) {
