@@ -46,16 +46,7 @@ impl TrainingPlan {
         quantize: Option<&QuantSpec>,
         allow_unmatched: bool,
     ) -> Result<Self> {
-        let device = Device::Cpu;
-        let source = ModelSource::load_with(model, &device, quantize)?;
-        let task = task.unwrap_or(default_task(&source)?);
-        let ctx = BuildContext {
-            seed: 0,
-            device: &device,
-            weights: None,
-            allow_unmatched,
-        };
-        let tuned = attach(&source, task, adapter, ctx)?;
+        let (_source, tuned) = attach_fresh(model, adapter, task, quantize, allow_unmatched)?;
         let tuner = tuned.tuner.as_ref();
         let trainable = trainable_params(tuner);
         let total = total_params(tuned.model.base_params, tuner);
@@ -110,6 +101,29 @@ pub struct TunedModel {
     pub matches: Vec<MatchReport>,
     /// The adapter config the tuner was built from, completed for this model.
     pub adapter: AdapterConfig,
+}
+
+/// Loads the model at `model` on the CPU (quantized as `quantize` says) and [`attach`]es a
+/// fresh `adapter` for `task` (the model family's default when `None`), seed 0: what
+/// `inspect` and `plan` count.
+pub fn attach_fresh(
+    model: &str,
+    adapter: &AdapterConfig,
+    task: Option<Task>,
+    quantize: Option<&QuantSpec>,
+    allow_unmatched: bool,
+) -> Result<(ModelSource, TunedModel)> {
+    let device = Device::Cpu;
+    let source = ModelSource::load_with(model, &device, quantize)?;
+    let task = task.unwrap_or(default_task(&source)?);
+    let ctx = BuildContext {
+        seed: 0,
+        device: &device,
+        weights: None,
+        allow_unmatched,
+    };
+    let tuned = attach(&source, task, adapter, ctx)?;
+    Ok((source, tuned))
 }
 
 /// Attaches `adapter` to the model of `source` for `task`, as peft's `get_peft_model` does:

@@ -14,17 +14,16 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::zero::ZeroStage;
-use crate::adapted::{attach, default_task};
+use crate::adapted::attach_fresh;
 use crate::model::config::{family_of, BertConfig, DecoderConfig, Family};
-use crate::model::{ModelSource, Task};
+use crate::model::Task;
 use crate::quant::{QuantSpec, WeightMemory};
 pub use crate::tuners::registry::{BlockLinear, BlockShapes};
-use crate::tuners::{trainable_params, AdapterConfig, BuildContext};
+use crate::tuners::{trainable_params, AdapterConfig};
 
 /// The shapes that size a run, read from `config.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -226,16 +225,7 @@ impl PlannedModel {
         quantize: Option<&QuantSpec>,
         allow_unmatched: bool,
     ) -> Result<Self> {
-        let device = Device::Cpu;
-        let source = ModelSource::load_with(model, &device, quantize)?;
-        let task = task.unwrap_or(default_task(&source)?);
-        let ctx = BuildContext {
-            seed: 0,
-            device: &device,
-            weights: None,
-            allow_unmatched,
-        };
-        let tuned = attach(&source, task, adapter, ctx)?;
+        let (source, tuned) = attach_fresh(model, adapter, task, quantize, allow_unmatched)?;
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
             base_bytes: WeightMemory::of(&source.weights).total_bytes() as f64,
