@@ -104,6 +104,9 @@ fn train_merge_generate_eval_inspect_logits() {
         "hi",
         "--max-new-tokens",
         "5",
+        // Merged and unmerged agree to f32 rounding; bf16 rounds the merged weight instead.
+        "--compute-dtype",
+        "f32",
     ]);
     assert!(ok, "{err}");
     let (ok2, out2, _) = ferrule(&[
@@ -114,6 +117,8 @@ fn train_merge_generate_eval_inspect_logits() {
         "hi",
         "--max-new-tokens",
         "5",
+        "--compute-dtype",
+        "f32",
     ]);
     assert!(ok2);
     assert_eq!(
@@ -129,6 +134,9 @@ fn train_merge_generate_eval_inspect_logits() {
         &run_s,
         "--data",
         &fx("data/chat.jsonl"),
+        // Checked against f32 logits to 1e-5.
+        "--compute-dtype",
+        "f32",
     ]);
     assert!(ok, "{err}");
     let ev: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -501,7 +509,7 @@ fn toml_config_with_flag_overrides() {
     std::fs::write(
         &cfg,
         format!(
-            "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nbatch_size = 4\nmax_steps = 5\nlr = 0.01\nschedule = \"cosine\"\n\n[lora]\nr = 2\nlora_alpha = 4\ntarget_modules = [\"q_proj\"]\n",
+            "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nbatch_size = 4\nmax_steps = 5\nlr = 0.01\nschedule = \"cosine\"\ncompute_dtype = \"f32\"\n\n[lora]\nr = 2\nlora_alpha = 4\ntarget_modules = [\"q_proj\"]\n",
             fx("models/llama"), fx("data/chat.jsonl"), out.display().to_string()
         ),
     )

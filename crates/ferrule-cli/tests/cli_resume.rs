@@ -34,6 +34,9 @@ fn ferrule(args: &[String]) -> (String, String) {
 fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
     let base = [
         "train",
+        // The FP4 run is compared with the f32 one by bytes held.
+        "--compute-dtype",
+        "f32",
         "--model",
         &fx("models/llama"),
         "--data",

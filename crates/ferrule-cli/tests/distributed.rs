@@ -84,6 +84,10 @@ fn train_args(data: &str, out: &Path, extra: &[&str]) -> Vec<String> {
         "3",
         "-q",
         "--json",
+        // Ranks against one process, bit for bit: f32 (bf16 products may round differently
+        // for another number of rows).
+        "--compute-dtype",
+        "f32",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -338,6 +342,8 @@ fn a_sharded_bert_base_trains_what_one_process_trains() {
             "2",
             "-q",
             "--json",
+            "--compute-dtype",
+            "f32",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -448,6 +454,9 @@ fn the_loss_is_token_weighted_over_ranks_with_unequal_token_counts() {
                 fx("models/llama"),
                 "--data".into(),
                 f.display().to_string(),
+                // Against the f32 training loss.
+                "--compute-dtype".into(),
+                "f32".into(),
             ],
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["eval_loss"]

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde_json::Value;
 
-use crate::model::{family_of, Family, Frozen, Model, ModelHook, ModelSource, Task};
+use crate::model::{family_of, Family, Frozen, LoadOptions, Model, ModelHook, ModelSource, Task};
 use crate::peft_io::{find_adapters, load_adapter, SavedAdapter};
 use crate::quant::QuantSpec;
 use crate::tuners::weighted::{Member, WeightedSum};
@@ -114,7 +114,7 @@ pub fn attach_fresh(
     allow_unmatched: bool,
 ) -> Result<(ModelSource, TunedModel)> {
     let device = Device::Cpu;
-    let source = ModelSource::load_with(model, &device, quantize)?;
+    let source = ModelSource::load_with(model, &device, LoadOptions::quantized(quantize))?;
     let task = task.unwrap_or(default_task(&source)?);
     let ctx = BuildContext {
         seed: 0,
@@ -250,17 +250,17 @@ impl AdaptedModel {
         task: Option<Task>,
         device: &Device,
     ) -> Result<Self> {
-        Self::load_with(model, adapter, task, device, None)
+        Self::load_with(model, adapter, task, device, LoadOptions::default())
     }
 
-    /// [`AdaptedModel::load`] with the base's linear layers quantized while loading (the same
-    /// `--quantize` an adapter was trained with).
+    /// [`AdaptedModel::load`] with load `options`: the base's linear layers quantized while
+    /// loading (the same `--quantize` an adapter was trained with), and the compute dtype.
     pub fn load_with(
         model: &str,
         adapter: Option<&Path>,
         task: Option<Task>,
         device: &Device,
-        quantize: Option<&QuantSpec>,
+        options: LoadOptions,
     ) -> Result<Self> {
         let sources: Vec<AdapterSource> = adapter
             .map(|d| AdapterSource {
@@ -279,7 +279,7 @@ impl AdaptedModel {
             }
             _ => Selection::Only,
         };
-        Self::load_adapters(model, &sources, &selection, task, device, quantize)
+        Self::load_adapters(model, &sources, &selection, task, device, options)
     }
 
     /// The base `model` with the adapters found in `adapters`, running the one(s) `selection`
@@ -292,11 +292,11 @@ impl AdaptedModel {
         selection: &Selection,
         task: Option<Task>,
         device: &Device,
-        quantize: Option<&QuantSpec>,
+        options: LoadOptions,
     ) -> Result<Self> {
         let found = expand(adapters)?;
         let chosen = choose(&found, selection)?;
-        let mut source = ModelSource::load_with(model, device, quantize)?;
+        let mut source = ModelSource::load_with(model, device, options)?;
         let mut saved = Vec::new();
         for (name, weight) in &chosen {
             let dir = &found

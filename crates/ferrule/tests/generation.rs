@@ -10,6 +10,7 @@ use common::*;
 use ferrule::adapted::{AdaptedModel, Selection};
 use ferrule::generate::{generate_with_reason, processed_scores, SamplingOptions, StopReason};
 use ferrule::model::Arch;
+use ferrule::model::LoadOptions;
 use serde_json::Value;
 
 fn cases() -> Value {
@@ -83,7 +84,7 @@ fn greedy_generation_with_repetition_penalty_equals_transformers() {
         &Selection::Only,
         None,
         &Device::Cpu,
-        None,
+        LoadOptions::default(),
     )
     .unwrap();
     let Arch::Decoder(lm) = &m.model.arch else {
@@ -120,7 +121,7 @@ fn generation_stops_at_a_stop_token_and_when_the_context_is_full() {
         &Selection::Only,
         None,
         &Device::Cpu,
-        None,
+        LoadOptions::default(),
     )
     .unwrap();
     let Arch::Decoder(lm) = &m.model.arch else {

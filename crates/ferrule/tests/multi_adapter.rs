@@ -5,6 +5,7 @@
 
 mod common;
 
+use ferrule::model::LoadOptions;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -33,7 +34,14 @@ fn weights(list: &[(&str, f64)]) -> Selection {
 }
 
 fn try_load(adapters: &[AdapterSource], sel: &Selection) -> anyhow::Result<AdaptedModel> {
-    AdaptedModel::load_adapters(&llama(), adapters, sel, None, &Device::Cpu, None)
+    AdaptedModel::load_adapters(
+        &llama(),
+        adapters,
+        sel,
+        None,
+        &Device::Cpu,
+        LoadOptions::default(),
+    )
 }
 
 fn logits(m: &AdaptedModel) -> Tensor {
@@ -270,7 +278,7 @@ fn modules_trained_in_full_and_different_tasks_are_refused() {
         &weights(&[("bert_ia3_seqcls", 1.0)]),
         None,
         &Device::Cpu,
-        None,
+        LoadOptions::default(),
     );
     let e = format!("{:#}", r.err().unwrap());
     assert!(
@@ -302,7 +310,7 @@ fn modules_trained_in_full_and_different_tasks_are_refused() {
         &weights(&[("bert_ln_tuning_seqcls", 0.5), ("feat", 0.5)]),
         None,
         &Device::Cpu,
-        None,
+        LoadOptions::default(),
     );
     let e = format!("{:#}", r.err().unwrap());
     assert!(

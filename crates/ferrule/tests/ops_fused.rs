@@ -636,7 +636,10 @@ fn low_rank_linear_matches_composite() {
         let base = if quantized {
             let vals = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let q = Blockwise4::quantize(&vals, &[o, i], Code4::Nf4, 64, true).unwrap();
-            FrozenLinear::from_weight(FrozenWeight::Quantized(Arc::new(q)), b)
+            FrozenLinear::from_weight(
+                FrozenWeight::Quantized(Arc::new(q), ferrule::ops::ComputeDtype::F32),
+                b,
+            )
         } else {
             FrozenLinear::new(w, b).unwrap()
         };
@@ -806,7 +809,10 @@ fn frozen(o: usize, i: usize, seed: u64, bias: bool, quantized: bool) -> FrozenL
     if quantized {
         let vals = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let q = Blockwise4::quantize(&vals, &[o, i], Code4::Nf4, 64, true).unwrap();
-        FrozenLinear::from_weight(FrozenWeight::Quantized(Arc::new(q)), b)
+        FrozenLinear::from_weight(
+            FrozenWeight::Quantized(Arc::new(q), ferrule::ops::ComputeDtype::F32),
+            b,
+        )
     } else {
         FrozenLinear::new(w, b).unwrap()
     }

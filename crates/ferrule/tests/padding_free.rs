@@ -6,6 +6,7 @@
 
 mod common;
 
+use ferrule::model::LoadOptions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -41,7 +42,7 @@ fn build(
     let mut src = ModelSource::load_with(
         fixtures().join("models").join(model).to_str().unwrap(),
         &dev,
-        quantize,
+        LoadOptions::quantized(quantize),
     )
     .unwrap();
     if task == Task::SeqCls {

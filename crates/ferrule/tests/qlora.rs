@@ -5,6 +5,7 @@
 
 mod common;
 
+use ferrule::model::LoadOptions;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -72,7 +73,12 @@ fn training_through_a_quantized_base_equals_training_on_its_dequantized_weights(
         QuantSpec::new(QuantMethod::Int8, 64, false).unwrap(),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let q = ModelSource::load_with(base.to_str().unwrap(), &Device::Cpu, Some(&spec)).unwrap();
+        let q = ModelSource::load_with(
+            base.to_str().unwrap(),
+            &Device::Cpu,
+            LoadOptions::quantized(Some(&spec)),
+        )
+        .unwrap();
         assert_eq!(
             q.weights.quantized().len(),
             16,
@@ -161,9 +167,13 @@ fn bad_quantization_input_gets_clear_errors() {
     let spec = QuantSpec::new(QuantMethod::Nf4, 64, true).unwrap();
     let err = format!(
         "{:#}",
-        ModelSource::load_with(nan_dir.to_str().unwrap(), &dev, Some(&spec))
-            .err()
-            .unwrap()
+        ModelSource::load_with(
+            nan_dir.to_str().unwrap(),
+            &dev,
+            LoadOptions::quantized(Some(&spec))
+        )
+        .err()
+        .unwrap()
     );
     assert!(
         err.contains(k) && err.contains("element 7") && err.contains("NaN"),
@@ -211,9 +221,13 @@ fn bad_quantization_input_gets_clear_errors() {
     // Quantizing what is already quantized.
     let err = format!(
         "{:#}",
-        ModelSource::load_with(q.to_str().unwrap(), &dev, Some(&spec))
-            .err()
-            .unwrap()
+        ModelSource::load_with(
+            q.to_str().unwrap(),
+            &dev,
+            LoadOptions::quantized(Some(&spec))
+        )
+        .err()
+        .unwrap()
     );
     assert!(err.contains("already quantized"), "{err}");
 }

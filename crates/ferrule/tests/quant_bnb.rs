@@ -3,6 +3,7 @@
 
 mod common;
 
+use ferrule::model::LoadOptions;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -277,8 +278,12 @@ fn quantized_folder_matches_the_transformers_bitsandbytes_save() {
             QuantSpec::new(QuantMethod::Int8, 64, false).unwrap(),
         ),
     ] {
-        let src =
-            ModelSource::load_with(base.to_str().unwrap(), &Device::Cpu, Some(&spec)).unwrap();
+        let src = ModelSource::load_with(
+            base.to_str().unwrap(),
+            &Device::Cpu,
+            LoadOptions::quantized(Some(&spec)),
+        )
+        .unwrap();
         let out = dir.path().join(name);
         let report = ferrule::export::quantize_to_dir(&src, &spec, &out).unwrap();
         // 14 linear weights, plus the embedding and the head kept in bf16.

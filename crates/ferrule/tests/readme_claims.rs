@@ -5,6 +5,7 @@
 
 mod common;
 
+use ferrule::model::LoadOptions;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -695,8 +696,12 @@ const BNB_FP4_F64: [f64; 16] = [
 fn the_fp4_base_holds_bitsandbytes_fp4_values_times_the_block_absmax() {
     let spec = QuantSpec::new(QuantMethod::Fp4, 64, false).unwrap();
     let dense = load_dir(&llama_dir()).unwrap();
-    let q =
-        ModelSource::load_with(llama_dir().to_str().unwrap(), &Device::Cpu, Some(&spec)).unwrap();
+    let q = ModelSource::load_with(
+        llama_dir().to_str().unwrap(),
+        &Device::Cpu,
+        LoadOptions::quantized(Some(&spec)),
+    )
+    .unwrap();
     let fp4: Vec<_> = q
         .weights
         .quantized()
@@ -772,6 +777,8 @@ fn fp4_train_config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> Tr
         lr: 3e-2,
         seed: 11,
         quantize,
+        // Compared bit for bit with the dequantized f32 base, and by bytes with the f32 one.
+        compute_dtype: ferrule::ops::ComputeDtypeChoice::F32,
         ..Default::default()
     }
 }
@@ -782,8 +789,12 @@ fn fp4_train_config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> Tr
 fn lora_trains_through_an_fp4_base() {
     let spec = QuantSpec::new(QuantMethod::Fp4, 64, false).unwrap();
     let t = tempfile::tempdir().unwrap();
-    let q =
-        ModelSource::load_with(llama_dir().to_str().unwrap(), &Device::Cpu, Some(&spec)).unwrap();
+    let q = ModelSource::load_with(
+        llama_dir().to_str().unwrap(),
+        &Device::Cpu,
+        LoadOptions::quantized(Some(&spec)),
+    )
+    .unwrap();
     let mut raw = BTreeMap::new();
     for (name, tensor) in q.weights.tensors() {
         raw.insert(

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use ferrule::adapted::AdaptedModel;
 use ferrule::data::{read_jsonl, LabelMap};
-use ferrule::model::{Inputs, Task};
+use ferrule::model::{Inputs, LoadOptions, Task};
 use ferrule::train::{
     encode_file, encode_options, evaluate, train, RunOptions, Silent, TrainConfig, TrainSummary,
 };
@@ -34,7 +34,13 @@ fn head(src: &Path, dst: &Path, n: usize) {
 fn reload_matches(cfg: &TrainConfig, s: &TrainSummary, ids: &Tensor) {
     let dev = Device::Cpu;
     let trained = s.eval.as_ref().expect("the run evaluates at its last step");
-    let a = AdaptedModel::load(&cfg.model, Some(&cfg.output_dir), None, &dev).unwrap();
+    // In the dtype the run computed in (auto: bf16 on CPUs that compute it faster).
+    let options = LoadOptions {
+        quantize: cfg.quantize.as_ref(),
+        compute_dtype: s.compute_dtype.dtype,
+    };
+    let a =
+        AdaptedModel::load_with(&cfg.model, Some(&cfg.output_dir), None, &dev, options).unwrap();
     let eval_data = cfg.eval_data.as_ref().unwrap();
     let labels = (a.model.task == Task::SeqCls)
         .then(|| LabelMap::from_examples(&read_jsonl(&cfg.data).unwrap()).unwrap());

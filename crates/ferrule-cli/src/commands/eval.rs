@@ -1,5 +1,6 @@
 //! `ferrule eval`
 
+use ferrule::ops::ComputeDtypeChoice;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -33,7 +34,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let m = a.model.load()?;
+    let m = a.model.load(ComputeDtypeChoice::Auto)?;
     ferrule::merge::BaseRecord::warn_if_run_elsewhere(
         m.adapters.iter().map(|l| l.dir.as_path()),
         &m.source,

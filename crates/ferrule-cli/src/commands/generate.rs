@@ -1,5 +1,6 @@
 //! `ferrule generate`
 
+use ferrule::ops::ComputeDtypeChoice;
 use std::io::Write;
 
 use anyhow::{bail, Result};
@@ -112,7 +113,7 @@ fn sampling_options(
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let m = a.model.load()?;
+    let m = a.model.load(ComputeDtypeChoice::Auto)?;
     ferrule::merge::BaseRecord::warn_if_run_elsewhere(
         m.adapters.iter().map(|l| l.dir.as_path()),
         &m.source,

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use ferrule::adapted::{AdaptedModel, AdapterSummary, TrainingPlan};
+use ferrule::ops::ComputeDtypeChoice;
 use ferrule::train::TrainConfig;
 
 #[derive(clap::Args)]
@@ -24,7 +25,7 @@ pub fn run(args: Args) -> Result<()> {
         .as_deref()
         .map(super::parse_task)
         .transpose()?;
-    let loaded = args.model.load()?;
+    let loaded = args.model.load(ComputeDtypeChoice::F32)?;
     let mut info = serde_json::json!({
         "model": args.model.model,
         "model_type": loaded.source.model_type(),

@@ -1,5 +1,6 @@
 //! `ferrule logits`: f32 outputs for given input tensors, for parity checks.
 
+use ferrule::ops::ComputeDtypeChoice;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -20,7 +21,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
-    let m = a.model.load()?;
+    let m = a.model.load(ComputeDtypeChoice::F32)?;
     ferrule::merge::BaseRecord::warn_if_run_elsewhere(
         m.adapters.iter().map(|l| l.dir.as_path()),
         &m.source,

@@ -1,5 +1,6 @@
 //! `ferrule merge`
 
+use ferrule::model::LoadOptions;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -34,7 +35,7 @@ pub fn run(a: Args) -> Result<()> {
         Some(&a.adapter),
         None,
         &super::device(),
-        spec.as_ref(),
+        LoadOptions::quantized(spec.as_ref()),
     )?;
     let target = BaseRecord::of(&m.source.weights, spec.as_ref());
     if a.dequantize && !target.is_quantized() {

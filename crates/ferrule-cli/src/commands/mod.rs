@@ -16,6 +16,8 @@ pub mod train;
 use anyhow::Result;
 use candle_core::Device;
 use ferrule::adapted::{AdaptedModel, AdapterSource, Selection};
+use ferrule::model::LoadOptions;
+use ferrule::ops::{ComputeDtype, ComputeDtypeChoice};
 use ferrule::quant::{QuantMethod, QuantSpec};
 
 /// The model flags shared by the inference commands.
@@ -40,10 +42,20 @@ pub struct ModelArgs {
     pub task: Option<String>,
     #[command(flatten)]
     pub quant: QuantArgs,
+    /// The frozen base's products: f32, bf16 (f32 accumulation) or auto (bf16 where the CPU
+    /// computes it faster). Default: auto for eval and generate, f32 for logits and inspect.
+    #[arg(long, value_name = "DTYPE")]
+    pub compute_dtype: Option<ComputeDtypeChoice>,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<AdaptedModel> {
+    /// Loads the model and adapters, computing in `--compute-dtype` (else `default`); the
+    /// choice and its reason go to stderr when it is bf16.
+    pub fn load(&self, default: ComputeDtypeChoice) -> Result<AdaptedModel> {
+        let compute = self.compute_dtype.unwrap_or(default).resolve()?;
+        if compute.dtype != ComputeDtype::F32 {
+            eprintln!("compute dtype: {compute}");
+        }
         let task = self.task.as_deref().map(parse_task).transpose()?;
         let sources: Vec<AdapterSource> = self
             .adapter
@@ -61,7 +73,10 @@ impl ModelArgs {
             &selection,
             task,
             &device(),
-            self.quant.spec()?.as_ref(),
+            LoadOptions {
+                quantize: self.quant.spec()?.as_ref(),
+                compute_dtype: compute.dtype,
+            },
         )?;
         if m.adapters.len() > 1 || m.weighted.is_some() {
             let names: Vec<_> = m.adapters.iter().map(|a| a.name.as_str()).collect();

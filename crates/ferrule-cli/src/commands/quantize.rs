@@ -1,5 +1,6 @@
 //! `ferrule quantize`
 
+use ferrule::model::LoadOptions;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -22,7 +23,11 @@ pub fn run(a: Args) -> Result<()> {
         .quant
         .spec()?
         .context("ferrule quantize needs --quantize nf4|fp4|int8")?;
-    let source = ModelSource::load_with(&a.model, &super::device(), Some(&spec))?;
+    let source = ModelSource::load_with(
+        &a.model,
+        &super::device(),
+        LoadOptions::quantized(Some(&spec)),
+    )?;
     let report = ferrule::export::quantize_to_dir(&source, &spec, &a.output)?;
     let m = &report.memory;
     for (format, f) in &m.formats {

@@ -218,10 +218,12 @@ pub fn summary_lines(s: &TrainSummary, cfg: &TrainConfig) -> Vec<String> {
         String::new()
     };
     lines.push(format!(
-        "{} tokens/s, peak memory {:.1} MB{per_rank}",
+        "{} tokens/s in {}, peak memory {:.1} MB{per_rank}, base weights {:.1} MB",
         s.tokens_per_sec
             .map_or("-".to_string(), |t| format!("{t:.0}")),
-        peak / 1e6
+        s.compute_dtype.dtype,
+        peak / 1e6,
+        s.base_weight_bytes as f64 / 1e6
     ));
     if s.completed {
         lines.push(format!(
@@ -342,6 +344,11 @@ mod tests {
                 json!(["tensorboard"]),
             ),
             (vec!["--shard-base"], "shard_base", json!(true)),
+            (
+                vec!["--compute-dtype", "bf16"],
+                "compute_dtype",
+                json!("bf16"),
+            ),
             (
                 vec!["--init-adapter", "runs/a"],
                 "init_adapter",

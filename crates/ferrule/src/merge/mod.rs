@@ -23,7 +23,7 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::model::{ModelSource, Task};
-use crate::ops::FrozenWeight;
+use crate::ops::{ComputeDtype, FrozenWeight};
 use crate::quant::{bnb_format, RoundTripError};
 use crate::tuners::{Tuner, Update};
 use crate::util::atomic::raw_tensor;
@@ -89,9 +89,9 @@ pub fn merged_tensors_with(
     for (k, q) in source.weights.quantized() {
         // bitsandbytes formats are written back in their layout; GGUF blocks are dequantized.
         let w = if bnb_format::has_layout(q.as_ref()) && !options.dequantize {
-            FrozenWeight::Quantized(q.clone())
+            FrozenWeight::Quantized(q.clone(), ComputeDtype::F32)
         } else {
-            FrozenWeight::Quantized(q.clone())
+            FrozenWeight::Quantized(q.clone(), ComputeDtype::F32)
                 .to_dense(&device)
                 .map(FrozenWeight::Dense)?
         };
@@ -178,17 +178,17 @@ pub fn merged_tensors_with(
             "the adapter's update is not finite; nothing was written",
         )?;
         let merged = match &base {
-            FrozenWeight::Quantized(q) => {
+            FrozenWeight::Quantized(q, dtype) => {
                 let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;
                 let requantized = bnb_format::requantize(q.as_ref(), &name, &exact)?;
                 let err = RoundTripError::between(&exact, &requantized.dequantize());
                 report.requantize_error =
                     Some(report.requantize_error.map_or(err, |e| e.worst(err)));
                 report.requantized += 1;
-                FrozenWeight::Quantized(requantized)
+                FrozenWeight::Quantized(requantized, *dtype)
             }
             // merge loads the model in one process: nothing is sharded.
-            FrozenWeight::Dense(_) | FrozenWeight::Sharded(_) => FrozenWeight::Dense(merged),
+            FrozenWeight::Dense(_) | FrozenWeight::Sharded(..) => FrozenWeight::Dense(merged),
         };
         tensors.insert(name, merged);
         report.merged_modules += 1;
@@ -211,7 +211,7 @@ pub fn merged_tensors_with(
     config["dtype"] = json!("float32");
     let quantized = tensors
         .values()
-        .any(|w| matches!(w, FrozenWeight::Quantized(_)));
+        .any(|w| matches!(w, FrozenWeight::Quantized(..)));
     if let Value::Object(o) = &mut config {
         o.remove("torch_dtype");
         if !quantized {
@@ -259,8 +259,8 @@ pub fn merge_to_dir_with(
             FrozenWeight::Dense(t) => {
                 raw.insert(name.clone(), raw_tensor(name, t)?);
             }
-            FrozenWeight::Quantized(q) => bnb_format::serialize(name, q.as_ref(), &mut raw)?,
-            FrozenWeight::Sharded(_) => {
+            FrozenWeight::Quantized(q, _) => bnb_format::serialize(name, q.as_ref(), &mut raw)?,
+            FrozenWeight::Sharded(..) => {
                 bail!("merge: {name:?} is sharded across ranks; merge runs in one process")
             }
         }

@@ -21,7 +21,7 @@ pub use hooks::{
     AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, Frozen, InputInfo, KvPrefix,
     Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens,
 };
-pub use source::ModelSource;
+pub use source::{LoadOptions, ModelSource};
 pub use weights::Weights;
 
 /// What the model is trained or run for.

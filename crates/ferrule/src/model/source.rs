@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde_json::Value;
 
 use super::weights::Weights;
+use crate::ops::ComputeDtype;
 use crate::quant::QuantSpec;
 
 /// A model's config, weights and tokenizer, before any architecture is built.
@@ -28,27 +29,48 @@ pub struct ModelSource {
     pub generation_config: Option<crate::generate::GenerationConfig>,
 }
 
+/// How a model's weights are loaded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions<'a> {
+    /// Quantize the linear weights of a safetensors checkpoint while reading it (`--quantize`).
+    pub quantize: Option<&'a QuantSpec>,
+    /// The frozen matrices' compute dtype: dense ones are held in it, quantized ones
+    /// dequantize to it ([`crate::ops::compute_dtype`]).
+    pub compute_dtype: ComputeDtype,
+}
+
+impl<'a> LoadOptions<'a> {
+    /// f32, quantized as `quantize` says.
+    pub fn quantized(quantize: Option<&'a QuantSpec>) -> Self {
+        Self {
+            quantize,
+            ..Self::default()
+        }
+    }
+}
+
 impl ModelSource {
     /// Loads `spec`: a folder with `config.json`, a `.gguf` file, or a hub id (`org/name`,
     /// fetched into the hub cache; needs network access to the hub).
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
-        Self::load_with(spec, device, None)
+        Self::load_with(spec, device, LoadOptions::default())
     }
 
-    /// [`ModelSource::load`], quantizing the linear weights of a safetensors checkpoint with
-    /// `quantize` while reading it. A GGUF file or a bitsandbytes checkpoint is already
-    /// quantized and keeps its own format; asking to quantize it again is an error.
-    pub fn load_with(spec: &str, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
+    /// [`ModelSource::load`] with `options`: the linear weights of a safetensors checkpoint
+    /// quantized while reading it, and the compute dtype. A GGUF file or a bitsandbytes
+    /// checkpoint is already quantized and keeps its own format; asking to quantize it again
+    /// is an error.
+    pub fn load_with(spec: &str, device: &Device, options: LoadOptions) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Self::from_dir_with(path, device, quantize);
+            return Self::from_dir_with(path, device, options);
         }
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
-                if quantize.is_some() {
+                if options.quantize.is_some() {
                     bail!("{spec}: a GGUF file is already quantized and is trained in its own blocks; drop --quantize")
                 }
-                return Self::from_gguf(path, device);
+                return Self::from_gguf(path, device, options.compute_dtype);
             }
             bail!("{spec}: expected a model folder (config.json + safetensors) or a .gguf file")
         }
@@ -58,20 +80,16 @@ impl ModelSource {
                     "{spec} is not a local path, and fetching it from the Hugging Face hub failed"
                 )
             })?;
-            return Self::from_dir_with(&dir, device, quantize);
+            return Self::from_dir_with(&dir, device, options);
         }
         bail!("{spec}: no such file or folder")
     }
 
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
-        Self::from_dir_with(dir, device, None)
+        Self::from_dir_with(dir, device, LoadOptions::default())
     }
 
-    pub fn from_dir_with(
-        dir: &Path,
-        device: &Device,
-        quantize: Option<&QuantSpec>,
-    ) -> Result<Self> {
+    pub fn from_dir_with(dir: &Path, device: &Device, options: LoadOptions) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
             bail!("{}", missing_config(dir))
@@ -83,7 +101,7 @@ impl ModelSource {
         super::config::check(&config).with_context(|| cfg_path.display().to_string())?;
         crate::quant::bnb_format::spec_from_config(&config)
             .with_context(|| cfg_path.display().to_string())?;
-        let weights = Weights::load_dir(dir, DType::F32, device, quantize)?;
+        let weights = Weights::load_dir(dir, options.compute_dtype, device, options.quantize)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(crate::data::load_tokenizer(dir)?)
         } else {
@@ -112,7 +130,7 @@ impl ModelSource {
         })
     }
 
-    pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
+    pub fn from_gguf(path: &Path, device: &Device, compute_dtype: ComputeDtype) -> Result<Self> {
         let g = super::gguf::load_gguf_quantized(path, device)?;
         let chat_template = match &g.chat_template {
             Some(src) => Some(crate::data::ChatTemplate::new(
@@ -133,7 +151,8 @@ impl ModelSource {
         Ok(Self {
             location: path.to_path_buf(),
             config: g.config,
-            weights: Weights::with_quantized(g.tensors, g.quantized, path),
+            weights: Weights::with_quantized(g.tensors, g.quantized, path)
+                .with_compute_dtype(compute_dtype)?,
             tokenizer: Some(g.tokenizer),
             dir: None,
             chat_template,

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::dist::{BaseComm, ShardedWeight};
-use crate::ops::FrozenWeight;
+use crate::ops::{ComputeDtype, FrozenWeight};
 use crate::quant::{bnb_format, Bf16Rows, QuantMatrix, QuantSpec};
 use crate::util::atomic::RawTensor;
 
@@ -25,6 +25,9 @@ pub struct Weights {
     source: PathBuf,
     /// Names a model has read, so it can count its parameters and spot unused tensors.
     used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// The dtype of the frozen matrices' products: dense matrices are held in it, quantized
+    /// and sharded ones dequantize their tiles to it ([`FrozenWeight::compute_dtype`]).
+    compute_dtype: ComputeDtype,
 }
 
 impl Weights {
@@ -43,7 +46,26 @@ impl Weights {
             sharded: HashMap::new(),
             source: source.into(),
             used: Default::default(),
+            compute_dtype: ComputeDtype::F32,
         }
+    }
+
+    /// These weights computing in `dtype`: every dense matrix (2-D floating tensor) converted
+    /// to it, one at a time. [`Weights::load_dir`] converts while reading instead, so that a
+    /// checkpoint in f32 is never whole in f32.
+    pub fn with_compute_dtype(mut self, dtype: ComputeDtype) -> Result<Self> {
+        for t in self.tensors.values_mut() {
+            if t.rank() == 2 && t.dtype().is_float() {
+                *t = t.to_dtype(dtype.dtype())?;
+            }
+        }
+        self.compute_dtype = dtype;
+        Ok(self)
+    }
+
+    /// The dtype the frozen matrices compute in.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
     }
 
     /// Keeps only this rank's rows of every frozen matrix: each 2-D floating tensor and each
@@ -112,10 +134,11 @@ impl Weights {
     }
 
     /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
-    /// Floating tensors are converted to `dtype`. A legacy `pytorch_model.bin` is refused:
-    /// it is a pickle and loading it would run arbitrary code.
-    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_dir(dir, dtype, device, None)
+    /// Matrices (2-D floating tensors) are held in `compute_dtype`, other floating tensors in
+    /// f32. A legacy `pytorch_model.bin` is refused: it is a pickle and loading it would run
+    /// arbitrary code.
+    pub fn from_dir(dir: &Path, compute_dtype: ComputeDtype, device: &Device) -> Result<Self> {
+        Self::load_dir(dir, compute_dtype, device, None)
     }
 
     /// Like [`Weights::from_dir`]; bitsandbytes-quantized weights stay quantized, and with
@@ -123,7 +146,7 @@ impl Weights {
     /// one tensor at a time, so the whole model is never in f32 at once.
     pub fn load_dir(
         dir: &Path,
-        dtype: DType,
+        compute_dtype: ComputeDtype,
         device: &Device,
         quantize: Option<&QuantSpec>,
     ) -> Result<Self> {
@@ -208,10 +231,10 @@ impl Weights {
                 }
                 let t = candle_core::safetensors::Load::load(&view, device)
                     .with_context(|| format!("{}: tensor {name:?}", f.display()))?;
-                let t = if t.dtype().is_float() {
-                    t.to_dtype(dtype)?
-                } else {
-                    t
+                let t = match t.rank() {
+                    _ if !t.dtype().is_float() => t,
+                    2 => t.to_dtype(compute_dtype.dtype())?,
+                    _ => t.to_dtype(DType::F32)?,
                 };
                 tensors.insert(name, t);
             }
@@ -225,7 +248,9 @@ impl Weights {
             }
             quantized.extend(bnb_format::assemble(&mut bnb, dir)?);
         }
-        Ok(Self::with_quantized(tensors, quantized, dir))
+        let mut weights = Self::with_quantized(tensors, quantized, dir);
+        weights.compute_dtype = compute_dtype;
+        Ok(weights)
     }
 
     pub fn source(&self) -> &Path {
@@ -238,9 +263,15 @@ impl Weights {
             || self.sharded.contains_key(name)
     }
 
-    /// The tensor `name`, checked against the expected shape.
-    /// A sharded tensor is gathered (a collective: every rank asks for it in the same order).
+    /// The tensor `name`, checked against the expected shape, in f32 (a copy of a matrix held
+    /// in bf16). A sharded tensor is gathered (a collective: every rank asks for it in the
+    /// same order).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.get_as_held(name, shape)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Weights::get`] without widening: a matrix in the dtype it is held in.
+    fn get_as_held(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         if let Some(s) = self.sharded.get(name) {
             let (r, c) = s.dims();
             if [r, c] != shape {
@@ -287,7 +318,7 @@ impl Weights {
                 )
             }
             self.used.lock().unwrap().insert(name.to_string());
-            return Ok(FrozenWeight::Sharded(s.clone()));
+            return Ok(FrozenWeight::Sharded(s.clone(), self.compute_dtype));
         }
         match self.quantized.get(name) {
             Some(q) => {
@@ -299,9 +330,9 @@ impl Weights {
                     )
                 }
                 self.used.lock().unwrap().insert(name.to_string());
-                Ok(FrozenWeight::Quantized(q.clone()))
+                Ok(FrozenWeight::Quantized(q.clone(), self.compute_dtype))
             }
-            None => Ok(FrozenWeight::Dense(self.get(name, &shape)?)),
+            None => Ok(FrozenWeight::Dense(self.get_as_held(name, &shape)?)),
         }
     }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen_linear::{add_input_grad, add_product, for_each_tile, FrozenWeight};
+use super::frozen_linear::{add_input_grad, add_product, for_each_tile_f32, FrozenWeight};
 use super::kernels;
 use super::low_rank::{low_rank_linear_reference, LowRankLinear};
 use super::FrozenLinear;
@@ -37,7 +37,7 @@ use super::FrozenLinear;
 pub fn row_sq_norms(weight: &FrozenWeight, device: &Device) -> Result<Tensor> {
     let (rows, cols) = weight.dims();
     let mut out = vec![0f32; rows];
-    for_each_tile(weight, |r0, r1, tile| {
+    for_each_tile_f32(weight, |r0, r1, tile| {
         out[r0..r1]
             .par_iter_mut()
             .zip(tile.par_chunks(cols.max(1)))

@@ -20,7 +20,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::blas::{gemm_par, Strided};
+use super::compute_dtype::ComputeDtype;
+use super::product::{self, Operand, Values};
 use crate::dist::ShardedWeight;
 use crate::quant::QuantMatrix;
 
@@ -30,11 +31,16 @@ pub const TILE_ELEMS: usize = 1 << 20;
 
 /// A frozen `[out, in]` weight: a dense tensor, a quantized matrix, or this rank's rows of
 /// either (`--shard-base`; reading it is a collective, see [`crate::dist::sharded_base`]).
+///
+/// Its products run in its compute dtype ([`FrozenWeight::compute_dtype`]): a dense weight's
+/// is its tensor's dtype (f32, or bf16 held in bf16); a quantized or sharded weight carries
+/// it, and its tiles are dequantized to it.
 #[derive(Clone, Debug)]
 pub enum FrozenWeight {
+    /// An f32 or bf16 tensor.
     Dense(Tensor),
-    Quantized(Arc<dyn QuantMatrix>),
-    Sharded(Arc<ShardedWeight>),
+    Quantized(Arc<dyn QuantMatrix>, ComputeDtype),
+    Sharded(Arc<ShardedWeight>, ComputeDtype),
 }
 
 impl FrozenWeight {
@@ -42,17 +48,27 @@ impl FrozenWeight {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             FrozenWeight::Dense(t) => t.dims2().unwrap_or((0, 0)),
-            FrozenWeight::Quantized(q) => q.dims(),
-            FrozenWeight::Sharded(s) => s.dims(),
+            FrozenWeight::Quantized(q, _) => q.dims(),
+            FrozenWeight::Sharded(s, _) => s.dims(),
         }
     }
 
-    /// The weight in f32 (a copy when quantized; gathered from every rank when sharded).
+    /// The dtype its products run in.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        match self {
+            FrozenWeight::Dense(t) if t.dtype() == DType::BF16 => ComputeDtype::Bf16,
+            FrozenWeight::Dense(_) => ComputeDtype::F32,
+            FrozenWeight::Quantized(_, d) | FrozenWeight::Sharded(_, d) => *d,
+        }
+    }
+
+    /// The weight in f32 (a copy when quantized or held in bf16; gathered from every rank
+    /// when sharded).
     pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
         match self {
-            FrozenWeight::Dense(t) => Ok(t.clone()),
-            FrozenWeight::Quantized(q) => Tensor::from_vec(q.dequantize(), q.dims(), device),
-            FrozenWeight::Sharded(s) => Tensor::from_vec(
+            FrozenWeight::Dense(t) => t.to_dtype(DType::F32),
+            FrozenWeight::Quantized(q, _) => Tensor::from_vec(q.dequantize(), q.dims(), device),
+            FrozenWeight::Sharded(s, _) => Tensor::from_vec(
                 s.gather().map_err(candle_core::Error::wrap)?,
                 s.dims(),
                 device,
@@ -60,12 +76,12 @@ impl FrozenWeight {
         }
     }
 
-    /// Rows `ids` (flattened) as `[n, cols]`: an embedding lookup that dequantizes only the
-    /// rows it reads.
+    /// Rows `ids` (flattened) as `[n, cols]` in f32: an embedding lookup that dequantizes only
+    /// the rows it reads.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
-            FrozenWeight::Dense(t) => t.index_select(ids, 0),
-            FrozenWeight::Quantized(q) => {
+            FrozenWeight::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
+            FrozenWeight::Quantized(q, _) => {
                 let (rows, cols) = q.dims();
                 let device = ids.device().clone();
                 let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
@@ -79,7 +95,7 @@ impl FrozenWeight {
                 }
                 Tensor::from_vec(out, (ids.len(), cols), &device)
             }
-            FrozenWeight::Sharded(s) => {
+            FrozenWeight::Sharded(s, _) => {
                 let device = ids.device().clone();
                 let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
                 let out = s.rows(&ids).map_err(candle_core::Error::wrap)?;
@@ -92,9 +108,15 @@ impl FrozenWeight {
     pub fn storage_bytes(&self) -> usize {
         match self {
             FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            FrozenWeight::Quantized(q) => q.storage_bytes(),
-            FrozenWeight::Sharded(s) => s.local_bytes(),
+            FrozenWeight::Quantized(q, _) => q.storage_bytes(),
+            FrozenWeight::Sharded(s, _) => s.local_bytes(),
         }
+    }
+
+    /// A dense f32 `weight` (e.g. a base modified by an adapter's initialisation) held in
+    /// `dtype`, the compute dtype of the weight it replaces.
+    pub fn dense_in(weight: Tensor, dtype: ComputeDtype) -> Result<Self> {
+        Ok(FrozenWeight::Dense(weight.to_dtype(dtype.dtype())?))
     }
 }
 
@@ -167,13 +189,15 @@ impl Module for FrozenLinear {
 
 impl FrozenLinear {
     /// Whether the CPU custom ops take `x` with this weight: f32 input on the CPU, and a
-    /// contiguous f32 or a quantized weight.
+    /// contiguous f32 or bf16 or a quantized weight.
     pub(crate) fn fused_ok(&self, x: &Tensor) -> bool {
         let weight_ok = match &self.weight {
             FrozenWeight::Dense(w) => {
-                w.dtype() == DType::F32 && w.is_contiguous() && w.device().is_cpu()
+                matches!(w.dtype(), DType::F32 | DType::BF16)
+                    && w.is_contiguous()
+                    && w.device().is_cpu()
             }
-            FrozenWeight::Quantized(_) | FrozenWeight::Sharded(_) => true,
+            FrozenWeight::Quantized(..) | FrozenWeight::Sharded(..) => true,
         };
         let bias_ok = self.bias.as_ref().is_none_or(|b| b.device().is_cpu());
         super::kernels::fused_ok(x) && weight_ok && bias_ok
@@ -185,56 +209,128 @@ struct FrozenMatmul {
     bias: Option<Tensor>,
 }
 
-fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let s = match storage {
-        Storage::Cpu(s) => s.as_slice::<f32>()?,
-        _ => candle_core::bail!("frozen-linear: {what} not on cpu"),
+/// A dense weight's values, in place.
+fn dense_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<Values<'a>> {
+    let Storage::Cpu(s) = storage else {
+        candle_core::bail!("frozen-linear: weight not on cpu")
     };
     let (a, b) = layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("frozen-linear: {what} not contiguous")))?;
-    Ok(&s[a..b])
+        .ok_or_else(|| candle_core::Error::Msg("frozen-linear: weight not contiguous".into()))?;
+    Ok(match s {
+        CpuStorage::BF16(v) => Values::Bf16(&v[a..b]),
+        _ => Values::F32(&s.as_slice::<f32>()?[a..b]),
+    })
 }
 
 /// Calls `f(r0, r1, tile)` for consecutive row tiles of the weight, `tile` holding rows
-/// `r0..r1` in f32: the dense weight itself, or a quantized tile dequantized (in parallel) into
-/// a reused buffer.
+/// `r0..r1` in the weight's compute dtype: the dense weight itself, or a quantized tile
+/// dequantized (in parallel) into a reused buffer.
 pub(crate) fn for_each_tile(
     weight: &FrozenWeight,
-    mut f: impl FnMut(usize, usize, &[f32]),
+    mut f: impl FnMut(usize, usize, Values),
 ) -> Result<()> {
     match weight {
         FrozenWeight::Dense(w) => {
             let (rows, _) = w.dims2()?;
             let (storage, layout) = w.storage_and_layout();
-            f(0, rows, cpu_slice(&storage, layout, "weight")?);
+            f(0, rows, dense_values(&storage, layout)?);
         }
-        FrozenWeight::Quantized(q) => {
+        FrozenWeight::Quantized(q, dtype) => {
             let (rows, cols) = q.dims();
             let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
-            let mut buf = vec![0f32; tile_rows * cols];
             let chunk_rows = tile_rows
                 .div_ceil(rayon::current_num_threads().max(1))
                 .max(1);
+            let mut tile = TileBuffer::new(*dtype, tile_rows * cols);
             for r0 in (0..rows).step_by(tile_rows) {
                 let r1 = (r0 + tile_rows).min(rows);
-                let tile = &mut buf[..(r1 - r0) * cols];
-                tile.par_chunks_mut(chunk_rows * cols)
-                    .enumerate()
-                    .for_each(|(i, part)| {
-                        let a = r0 + i * chunk_rows;
-                        q.dequantize_rows(a, a + part.len() / cols, part);
-                    });
-                f(r0, r1, tile);
+                tile.fill(r1 - r0, cols, chunk_rows, |a, b, out| {
+                    q.dequantize_rows(r0 + a, r0 + b, out)
+                });
+                f(r0, r1, tile.values((r1 - r0) * cols));
             }
         }
-        FrozenWeight::Sharded(s) => s.for_each_tile(f).map_err(candle_core::Error::wrap)?,
+        FrozenWeight::Sharded(s, dtype) => {
+            let mut rounded = Vec::new();
+            s.for_each_tile(|r0, r1, tile| match dtype {
+                ComputeDtype::F32 => f(r0, r1, Values::F32(tile)),
+                ComputeDtype::Bf16 => {
+                    rounded.resize(tile.len(), half::bf16::ZERO);
+                    super::bf16::to_bf16_into(tile, &mut rounded);
+                    f(r0, r1, Values::Bf16(&rounded));
+                }
+            })
+            .map_err(candle_core::Error::wrap)?
+        }
     }
     Ok(())
 }
 
+/// [`for_each_tile`] with every tile in f32 (widened when held in bf16), for the callers that
+/// read weight values rather than multiply with them (DoRA's row norms).
+pub(crate) fn for_each_tile_f32(
+    weight: &FrozenWeight,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) -> Result<()> {
+    for_each_tile(weight, |r0, r1, tile| f(r0, r1, &tile.to_f32()))
+}
+
+/// The reused buffer of a quantized weight's tiles, in its compute dtype.
+enum TileBuffer {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl TileBuffer {
+    fn new(dtype: ComputeDtype, len: usize) -> Self {
+        match dtype {
+            ComputeDtype::F32 => TileBuffer::F32(vec![0f32; len]),
+            ComputeDtype::Bf16 => TileBuffer::Bf16(vec![half::bf16::ZERO; len]),
+        }
+    }
+
+    /// Fills the first `rows × cols` values, `chunk_rows` rows per rayon task, with
+    /// `dequantize(first row, end row, out)` (rows counted from the tile's first); in bf16 each task dequantizes into f32 scratch
+    /// and rounds.
+    fn fill(
+        &mut self,
+        rows: usize,
+        cols: usize,
+        chunk_rows: usize,
+        dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) {
+        let len = rows * cols;
+        match self {
+            TileBuffer::F32(buf) => buf[..len]
+                .par_chunks_mut(chunk_rows * cols)
+                .enumerate()
+                .for_each(|(i, part)| {
+                    let a = i * chunk_rows;
+                    dequantize(a, a + part.len() / cols, part)
+                }),
+            TileBuffer::Bf16(buf) => buf[..len]
+                .par_chunks_mut(chunk_rows * cols)
+                .enumerate()
+                .for_each(|(i, part)| {
+                    let a = i * chunk_rows;
+                    let mut scratch = vec![0f32; part.len()];
+                    dequantize(a, a + part.len() / cols, &mut scratch);
+                    super::bf16::to_bf16_into(&scratch, part);
+                }),
+        }
+    }
+
+    fn values(&self, len: usize) -> Values<'_> {
+        match self {
+            TileBuffer::F32(b) => Values::F32(&b[..len]),
+            TileBuffer::Bf16(b) => Values::Bf16(&b[..len]),
+        }
+    }
+}
+
 /// `y += x Wᵀ` into `y: [m, out]` for row-major `x: [m, in]`, one weight tile at a time, each
-/// tile's product added in place into its columns of `y`.
+/// tile's product added in place into its columns of `y`. In bf16, `x` is rounded once.
 ///
 /// Callers pass a freshly zeroed `y`: adding to it costs nothing extra in a BLAS, whose kernels
 /// add to the output anyway, while overwriting (β = 0) makes OpenBLAS zero it in a pass of its
@@ -245,36 +341,33 @@ pub(crate) fn add_product(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f
         x.len() >= m * in_f && y.len() >= m * out_f,
         "frozen-linear: buffer too short"
     );
+    let x = Operand::new(&x[..m * in_f], weight.compute_dtype());
+    let mut result = Ok(());
     for_each_tile(weight, |r0, r1, tile| {
+        if result.is_err() {
+            return;
+        }
         // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, in]
         // row-major; the tile is [r1 - r0, in] row-major, read transposed (col stride in).
-        unsafe {
-            gemm_par(
+        result = unsafe {
+            product::gemm(
                 m,
                 r1 - r0,
                 in_f,
                 y.as_mut_ptr().add(r0),
                 out_f,
                 true,
-                Strided {
-                    ptr: x.as_ptr(),
-                    cs: 1,
-                    rs: in_f as isize,
-                },
-                Strided {
-                    ptr: tile.as_ptr(),
-                    cs: in_f as isize,
-                    rs: 1,
-                },
-                1.0,
-            );
-        }
-    })
+                x.values().view(0, in_f, 1),
+                tile.view(0, 1, in_f),
+            )
+        };
+    })?;
+    result
 }
 
 /// `dx += dy W` (the frozen layer's input gradient) for row-major `dy: [m, out]`, summed
 /// over the weight's tiles: `Σ dY[:, r0..r1] · W[r0..r1, :]`. As in [`add_product`], callers
-/// start from a zeroed `dx`.
+/// start from a zeroed `dx`. In bf16, `dy` is rounded once.
 pub(crate) fn add_input_grad(
     weight: &FrozenWeight,
     dy: &[f32],
@@ -286,31 +379,28 @@ pub(crate) fn add_input_grad(
         dy.len() >= m * out_f && dx.len() >= m * in_f,
         "frozen-linear: buffer too short"
     );
+    let dy = Operand::new(&dy[..m * out_f], weight.compute_dtype());
+    let mut result = Ok(());
     for_each_tile(weight, |r0, r1, tile| {
+        if result.is_err() {
+            return;
+        }
         // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
         // [r1 - r0, in] row-major; dX is [m, in].
-        unsafe {
-            gemm_par(
+        result = unsafe {
+            product::gemm(
                 m,
                 in_f,
                 r1 - r0,
                 dx.as_mut_ptr(),
                 in_f,
                 true,
-                Strided {
-                    ptr: dy.as_ptr().add(r0),
-                    cs: 1,
-                    rs: out_f as isize,
-                },
-                Strided {
-                    ptr: tile.as_ptr(),
-                    cs: 1,
-                    rs: in_f as isize,
-                },
-                1.0,
-            );
-        }
-    })
+                dy.values().view(r0, out_f, 1),
+                tile.view(0, in_f, 1),
+            )
+        };
+    })?;
+    result
 }
 
 /// Adds the bias `[out]` to every row of `y`.
@@ -378,7 +468,7 @@ mod tests {
             .collect();
         let q = Arc::new(Blockwise4::quantize(&vals, &[rows, cols], Code4::Nf4, 64, true).unwrap());
         let dense = Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap();
-        let lin_q = FrozenLinear::from_weight(FrozenWeight::Quantized(q), None);
+        let lin_q = FrozenLinear::from_weight(FrozenWeight::Quantized(q, ComputeDtype::F32), None);
         let lin_d = FrozenLinear::new(dense, None).unwrap();
         let x0: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut results = vec![];

@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::blas::{gemm_par, Strided};
+use super::compute_dtype::ComputeDtype;
 use super::frozen_linear::{for_each_tile, FrozenWeight};
 use super::kernels::{self, multiversion};
+use super::product::{self, Operand, Values};
 
 /// Mean cross-entropy of `hidden: [n, h]` through the frozen head `weight: [vocab, h]` against
 /// `labels` (all counted). Returns `(loss, n)`.
@@ -45,29 +46,54 @@ struct HeadCrossEntropy {
     lse: Mutex<Option<Vec<f32>>>,
 }
 
-/// `block[n, cols] = x[n, k] · tile[cols, k]ᵀ`.
-fn logits_block(x: &[f32], n: usize, k: usize, tile: &[f32], cols: usize, block: &mut [f32]) {
+/// `block[n, cols] = x[n, k] · tile[cols, k]ᵀ`, `x` in the tile's dtype.
+fn logits_block(
+    x: &Operand,
+    n: usize,
+    k: usize,
+    tile: Values,
+    cols: usize,
+    block: &mut [f32],
+) -> Result<()> {
     // SAFETY: x is [n, k], tile [cols, k] (read transposed), block [n, cols], all row-major.
     unsafe {
-        gemm_par(
+        product::gemm(
             n,
             cols,
             k,
             block.as_mut_ptr(),
             cols,
             false,
-            Strided {
-                ptr: x.as_ptr(),
-                cs: 1,
-                rs: k as isize,
-            },
-            Strided {
-                ptr: tile.as_ptr(),
-                cs: k as isize,
-                rs: 1,
-            },
-            1.0,
-        );
+            x.values().view(0, k, 1),
+            tile.view(0, 1, k),
+        )
+    }
+}
+
+/// `dx[n, k] += block[n, cols] · tile[cols, k]`, `block` rounded to the tile's dtype.
+fn add_block_grad(
+    block: &[f32],
+    n: usize,
+    k: usize,
+    tile: Values,
+    cols: usize,
+    dx: &mut [f32],
+    dtype: ComputeDtype,
+) -> Result<()> {
+    let block = Operand::new(block, dtype);
+    // SAFETY: block [n, cols], tile [cols, k], dx [n, k], row-major. Each tile's share is
+    // added to dx, zeroed by the caller (see `frozen_linear::add_product`).
+    unsafe {
+        product::gemm(
+            n,
+            k,
+            cols,
+            dx.as_mut_ptr(),
+            k,
+            true,
+            block.values().view(0, cols, 1),
+            tile.view(0, k, 1),
+        )
     }
 }
 
@@ -125,12 +151,18 @@ impl CustomOp1 for HeadCrossEntropy {
         }
         let (mut m, mut s, mut target) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
         let mut block = Vec::new();
+        let x = Operand::new(x, self.weight.compute_dtype());
+        let mut result = Ok(());
         for_each_tile(&self.weight, |c0, c1, tile| {
+            if result.is_err() {
+                return;
+            }
             let cols = c1 - c0;
             block.resize(n * cols, 0.0);
-            logits_block(x, n, k, tile, cols, &mut block);
+            result = logits_block(&x, n, k, tile, cols, &mut block);
             online_lse(&block, cols, c0, &self.labels, &mut m, &mut s, &mut target);
         })?;
+        result?;
         let lse: Vec<f32> = m.iter().zip(&s).map(|(m, s)| m + s.ln()).collect();
         let total: f64 = lse.iter().zip(&target).map(|(l, t)| (l - t) as f64).sum();
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
@@ -155,37 +187,23 @@ impl CustomOp1 for HeadCrossEntropy {
             None => candle_core::bail!("{}: backward without a forward", self.name()),
         };
         let mut dx = vec![0f32; n * k];
+        let dtype = self.weight.compute_dtype();
         kernels::with_f32(arg, self.name(), |x| {
+            let x = Operand::new(x, dtype);
             let mut block = Vec::new();
+            let mut result = Ok(());
             for_each_tile(&self.weight, |c0, c1, tile| {
+                if result.is_err() {
+                    return;
+                }
                 let cols = c1 - c0;
                 block.resize(n * cols, 0.0);
-                logits_block(x, n, k, tile, cols, &mut block);
-                softmax_grad(&mut block, cols, c0, &self.labels, &lse, coef);
-                // SAFETY: block [n, cols], tile [cols, k], dx [n, k], row-major. Each tile's
-                // share is added to dx, zeroed above (see `frozen_linear::add_product`).
-                unsafe {
-                    gemm_par(
-                        n,
-                        k,
-                        cols,
-                        dx.as_mut_ptr(),
-                        k,
-                        true,
-                        Strided {
-                            ptr: block.as_ptr(),
-                            cs: 1,
-                            rs: cols as isize,
-                        },
-                        Strided {
-                            ptr: tile.as_ptr(),
-                            cs: 1,
-                            rs: k as isize,
-                        },
-                        1.0,
-                    );
-                }
-            })
+                result = logits_block(&x, n, k, tile, cols, &mut block).and_then(|_| {
+                    softmax_grad(&mut block, cols, c0, &self.labels, &lse, coef);
+                    add_block_grad(&block, n, k, tile, cols, &mut dx, dtype)
+                });
+            })?;
+            result
         })?;
         Ok(Some(Tensor::from_vec(dx, (n, k), arg.device())?))
     }
@@ -241,7 +259,7 @@ mod tests {
         let (lr, dr) = run(None);
         for w in [
             FrozenWeight::Dense(dense.clone()),
-            FrozenWeight::Quantized(q.clone()),
+            FrozenWeight::Quantized(q.clone(), ComputeDtype::F32),
         ] {
             let (l, d) = run(Some(w));
             assert!((l - lr).abs() < 1e-4 * lr.abs(), "loss {l} vs {lr}");

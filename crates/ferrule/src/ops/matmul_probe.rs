@@ -70,10 +70,52 @@ pub struct ProbeEntry {
     pub chosen: String,
 }
 
-/// The cache file: decisions per machine key, then per shape class.
-#[derive(Default, Serialize, Deserialize)]
-struct CacheFile {
-    machines: BTreeMap<String, BTreeMap<String, ProbeEntry>>,
+/// A cache file: decisions per machine key, then per key (a shape class).
+#[derive(Serialize, Deserialize)]
+struct CacheFile<T> {
+    machines: BTreeMap<String, BTreeMap<String, T>>,
+}
+
+impl<T> Default for CacheFile<T> {
+    fn default() -> Self {
+        Self {
+            machines: BTreeMap::new(),
+        }
+    }
+}
+
+/// The decision for `key` on `machine` recorded in the JSON file `cache`, or, the first time,
+/// `decide()`'s, recorded for every later process. Made under an exclusive lock of the file
+/// after reading it again, so every process on the machine takes the first decision made.
+/// Without a cache file (or when it cannot be locked) the decision lasts for the caller.
+pub(crate) fn decide_once<T: Clone + Serialize + serde::de::DeserializeOwned>(
+    cache: Option<&Path>,
+    machine: &str,
+    key: &str,
+    decide: impl FnOnce() -> T,
+) -> T {
+    let lock = cache.and_then(lock_cache);
+    let mut file: CacheFile<T> = cache.map(read_cache).unwrap_or_default();
+    if let Some(e) = file.machines.get(machine).and_then(|m| m.get(key)) {
+        return e.clone();
+    }
+    let entry = decide();
+    if let (Some(path), Some(_)) = (cache, &lock) {
+        file.machines
+            .entry(machine.to_string())
+            .or_default()
+            .insert(key.to_string(), entry.clone());
+        let written = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::util::atomic::write_bytes_atomic(path, &b));
+        if let Err(e) = written {
+            tracing::warn!(
+                "{}: cannot record a measured decision ({e}); later processes may decide differently",
+                path.display()
+            );
+        }
+    }
+    entry
 }
 
 /// Measured decisions for one machine, shared by every caller in the process.
@@ -139,41 +181,25 @@ impl Probe {
         measure: impl FnOnce() -> (f64, f64),
     ) -> ProbeEntry {
         let key = class.key();
-        let lock = self.cache.as_deref().and_then(lock_cache);
-        let mut file = self.cache.as_deref().map(read_cache).unwrap_or_default();
-        if let Some(e) = file.machines.get(&self.machine).and_then(|m| m.get(&key)) {
-            return e.clone();
-        }
-        let (blas_s, gemm_s) = measure();
-        let gflops = |s: f64| if s > 0.0 { flops / s / 1e9 } else { 0.0 };
-        let chosen = if gemm_s < blas_s { "gemm" } else { "blas" };
-        let entry = ProbeEntry {
-            shape: key.clone(),
-            blas_gflops: gflops(blas_s),
-            gemm_gflops: gflops(gemm_s),
-            chosen: chosen.into(),
-        };
-        tracing::debug!(
-            "matmul probe {key}: BLAS {:.1} GFLOP/s, gemm crate {:.1} GFLOP/s -> {chosen}",
-            entry.blas_gflops,
-            entry.gemm_gflops
-        );
-        if let (Some(path), Some(_)) = (&self.cache, &lock) {
-            file.machines
-                .entry(self.machine.clone())
-                .or_default()
-                .insert(key, entry.clone());
-            let written = serde_json::to_vec_pretty(&file)
-                .map_err(std::io::Error::other)
-                .and_then(|b| crate::util::atomic::write_bytes_atomic(path, &b));
-            if let Err(e) = written {
-                tracing::warn!("{}: cannot record the matmul probe ({e}); later processes may decide differently", path.display());
-            }
-        }
-        entry
+        decide_once(self.cache.as_deref(), &self.machine, &key, || {
+            let (blas_s, gemm_s) = measure();
+            let gflops = |s: f64| if s > 0.0 { flops / s / 1e9 } else { 0.0 };
+            let chosen = if gemm_s < blas_s { "gemm" } else { "blas" };
+            let entry = ProbeEntry {
+                shape: key.clone(),
+                blas_gflops: gflops(blas_s),
+                gemm_gflops: gflops(gemm_s),
+                chosen: chosen.into(),
+            };
+            tracing::debug!(
+                "matmul probe {key}: BLAS {:.1} GFLOP/s, gemm crate {:.1} GFLOP/s -> {chosen}",
+                entry.blas_gflops,
+                entry.gemm_gflops
+            );
+            entry
+        })
     }
 
-    /// The decisions this process has used, by shape.
     pub fn report(&self) -> Vec<ProbeEntry> {
         let mut v: Vec<ProbeEntry> = self
             .decided
@@ -207,7 +233,7 @@ fn lock_cache(path: &Path) -> Option<File> {
         Err(e) => {
             WARNED.call_once(|| {
                 tracing::warn!(
-                    "{}: cannot lock the matmul probe cache ({e}); deciding for this process only",
+                    "{}: cannot lock the cache of measured decisions ({e}); deciding for this process only",
                     path.display()
                 )
             });
@@ -217,11 +243,11 @@ fn lock_cache(path: &Path) -> Option<File> {
 }
 
 /// The cache file's contents; empty when it is missing, and, with a warning, when unreadable.
-fn read_cache(path: &Path) -> CacheFile {
+fn read_cache<T: serde::de::DeserializeOwned>(path: &Path) -> CacheFile<T> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             tracing::warn!(
-                "{}: not a matmul probe cache ({e}); measuring again",
+                "{}: not a cache of measured decisions ({e}); measuring again",
                 path.display()
             );
             CacheFile::default()
@@ -232,7 +258,13 @@ fn read_cache(path: &Path) -> CacheFile {
 
 /// Where decisions are kept: `$FERRULE_CACHE_DIR`, `$XDG_CACHE_HOME/ferrule` or
 /// `~/.cache/ferrule`, file `matmul-probe.json`.
+/// `$FERRULE_CACHE_DIR/matmul-probe.json` (see the module docs for the fallbacks).
 pub(crate) fn default_cache_path() -> Option<PathBuf> {
+    Some(cache_dir()?.join("matmul-probe.json"))
+}
+
+/// `$FERRULE_CACHE_DIR`, else `$XDG_CACHE_HOME/ferrule`, else `~/.cache/ferrule`.
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
@@ -241,7 +273,7 @@ pub(crate) fn default_cache_path() -> Option<PathBuf> {
     let dir = env("FERRULE_CACHE_DIR")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ferrule")))
         .or_else(|| env("HOME").map(|h| h.join(".cache/ferrule")))?;
-    Some(dir.join("matmul-probe.json"))
+    Some(dir)
 }
 
 /// This machine, as far as the decision depends on it: CPU model, logical cores, threads used,
@@ -321,7 +353,8 @@ mod tests {
         std::fs::write(&path, "not json").unwrap();
         let p = Probe::new(Some(path.clone()), "m".into());
         assert!(!p.use_blas(ShapeClass::of(64, 64, 64, false, false), 1.0, || (2.0, 1.0)));
-        let file: CacheFile = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let file: CacheFile<ProbeEntry> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(file.machines["m"].len(), 1);
     }
 }

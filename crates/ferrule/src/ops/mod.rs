@@ -6,7 +6,9 @@
 //! gradient; the composite `*_reference` versions run on other devices/dtypes.
 
 pub mod attention;
+pub mod bf16;
 pub mod blas;
+pub mod compute_dtype;
 pub mod dora;
 pub mod frozen_linear;
 pub mod frozen_mlp;
@@ -19,9 +21,11 @@ pub mod low_rank;
 pub mod matmul_probe;
 pub mod norm;
 pub mod onednn;
+pub(crate) mod product;
 pub mod recompute;
 pub mod rope;
 pub mod scaled_linear;
 pub mod swiglu;
 
+pub use compute_dtype::{ComputeDtype, ComputeDtypeChoice, ComputeDtypeDecision};
 pub use frozen_linear::{FrozenLinear, FrozenWeight};

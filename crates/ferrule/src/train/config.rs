@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::schedule::LrSchedule;
 use crate::data::Padding;
 use crate::model::Task;
+use crate::ops::{ComputeDtype, ComputeDtypeChoice, ComputeDtypeDecision};
 use crate::quant::QuantSpec;
 use crate::tuners::AdapterConfig;
 
@@ -131,6 +132,11 @@ pub struct TrainConfig {
     /// --quant-blocksize, --double-quant).
     #[cfg_attr(feature = "cli", arg(skip))]
     pub quantize: Option<QuantSpec>,
+    /// The frozen base's products: f32, bf16 (bf16 weights and products, f32 accumulation;
+    /// trainable parameters, optimizer, norms and loss stay f32), or auto (bf16 where the CPU
+    /// computes it faster: AMX-BF16, or AVX512-BF16 when a measured product says so).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DTYPE", help_heading = heading::METHOD))]
+    pub compute_dtype: ComputeDtypeChoice,
     /// Evaluate every N steps as well as at the end (needs eval-data; default: at the end only).
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", help_heading = heading::OUTPUT))]
     pub eval_every: Option<usize>,
@@ -255,6 +261,7 @@ impl Default for TrainConfig {
             recompute: false,
             shard_base: false,
             quantize: None,
+            compute_dtype: ComputeDtypeChoice::Auto,
             eval_every: None,
             eval_batch_size: None,
             eval_limit: None,
@@ -478,10 +485,34 @@ impl TrainConfig {
         c.report_to = Vec::new();
         // Memory layout only: a run may resume with or without it.
         c.shard_base = false;
+        // Resolved before a run starts (`TrainConfig::with_compute_dtype_resolved`). f32 is
+        // left out, so that checkpoints of runs from before the setting existed still match.
+        let f32_compute = c.compute_dtype == ComputeDtypeChoice::F32;
         // The default spelled out: a resume compares the global batch it makes (and checkpoints
         // of runs before `batch_size` became optional, when it was `8`, keep their fingerprint).
         c.batch_size = Some(c.batch_size());
-        Ok(serde_json::to_value(c)?)
+        let mut settings = serde_json::to_value(c)?;
+        if let (true, Some(table)) = (f32_compute, settings.as_object_mut()) {
+            table.remove("compute_dtype");
+        }
+        Ok(settings)
+    }
+
+    /// This config with `compute_dtype` resolved on this machine (`auto` replaced by the
+    /// dtype it chose), and the decision with its reason, for the run's first lines and
+    /// summary. A checkpoint keeps the resolved dtype: a resume that would compute in another
+    /// is refused by name.
+    ///
+    /// # Errors
+    /// `bf16` where the CPU or oneDNN cannot do it ([`ComputeDtypeChoice::resolve`]).
+    pub fn with_compute_dtype_resolved(&self) -> Result<(TrainConfig, ComputeDtypeDecision)> {
+        let decision = self.compute_dtype.resolve()?;
+        let mut cfg = self.clone();
+        cfg.compute_dtype = match decision.dtype {
+            ComputeDtype::F32 => ComputeDtypeChoice::F32,
+            ComputeDtype::Bf16 => ComputeDtypeChoice::Bf16,
+        };
+        Ok((cfg, decision))
     }
 }
 

@@ -14,7 +14,7 @@ use super::config::TrainConfig;
 use crate::adapted::{attach, TunedModel};
 use crate::data::{self, EncodeOptions, Encoded, Encoder, LabelMap, Padding, Truncation};
 use crate::dist::BaseComm;
-use crate::model::{Model, ModelSource, Task};
+use crate::model::{LoadOptions, Model, ModelSource, Task};
 use crate::tuners::{BuildContext, MatchReport, Tuner};
 
 /// A model with its tokenizer and encoded data, ready to train or evaluate.
@@ -95,7 +95,11 @@ pub fn prepare_sharded(
     base: Option<Arc<dyn BaseComm>>,
 ) -> Result<Prepared> {
     cfg.validate()?;
-    let mut source = ModelSource::load_with(&cfg.model, device, cfg.quantize.as_ref())?;
+    let options = LoadOptions {
+        quantize: cfg.quantize.as_ref(),
+        compute_dtype: cfg.compute_dtype.resolve()?.dtype,
+    };
+    let mut source = ModelSource::load_with(&cfg.model, device, options)?;
     if let Some(comm) = base {
         source.weights.shard(comm)?;
     }

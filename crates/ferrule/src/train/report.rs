@@ -93,6 +93,8 @@ pub struct TrainSummary {
     /// What computed the large matrix products: the system BLAS opened, or the gemm crate
     /// (`ops::blas`); step times depend on it.
     pub matmul_backend: String,
+    /// The frozen base's compute dtype (`f32` or `bf16`) and why it was chosen.
+    pub compute_dtype: crate::ops::ComputeDtypeDecision,
     /// The probe's measurements for the shape classes this process computed, when it chose
     /// per shape (`ops::matmul_probe`; empty with an explicit `FERRULE_BLAS` or no BLAS).
     pub matmul_probe: Vec<crate::ops::matmul_probe::ProbeEntry>,

@@ -22,6 +22,7 @@ use crate::dist::{
     BaseComm, Collective, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage,
 };
 use crate::ops::recompute::GradSink;
+use crate::ops::ComputeDtypeDecision;
 use crate::peft_io::save_adapter;
 use crate::tuners::total_params;
 
@@ -268,8 +269,9 @@ pub fn train_on(
     } else {
         &mut silent
     };
-    let mut reporter = super::tensorboard::Reporter::for_run(progress, cfg, comm.rank());
-    let mut run = Run::start(cfg, device, &mut reporter, run, comm)?;
+    let (cfg, compute) = cfg.with_compute_dtype_resolved()?;
+    let mut reporter = super::tensorboard::Reporter::for_run(progress, &cfg, comm.rank());
+    let mut run = Run::start(&cfg, compute, device, &mut reporter, run, comm)?;
     while run.step < run.plan.stop_at {
         let report = run.step()?;
         if run.after_step(&report)? == Next::Stop {
@@ -383,6 +385,8 @@ struct Run<'a> {
     comm: &'a dyn Collective,
     progress: &'a mut dyn Progress,
     started: Instant,
+    /// The frozen base's compute dtype and why it was chosen.
+    compute: ComputeDtypeDecision,
     fingerprint: String,
     /// Digest of the encoded training records, which checkpoints keep.
     records_digest: u64,
@@ -405,6 +409,7 @@ impl<'a> Run<'a> {
     /// plans the steps, checks that every rank agrees, and builds (or restores) the optimizer.
     fn start(
         cfg: &'a TrainConfig,
+        compute: ComputeDtypeDecision,
         device: &Device,
         progress: &'a mut dyn Progress,
         options: &'a RunOptions,
@@ -477,6 +482,7 @@ impl<'a> Run<'a> {
                 .transpose()?,
         };
 
+        progress.message(&format!("compute dtype: {compute}"));
         describe(
             progress,
             &p,
@@ -492,6 +498,7 @@ impl<'a> Run<'a> {
             comm,
             progress,
             started,
+            compute,
             fingerprint,
             records_digest,
             p,
@@ -733,6 +740,7 @@ impl<'a> Run<'a> {
             micro_batches_per_epoch: per_epoch,
             steps_per_epoch: per_epoch.div_ceil(world) as f64 / self.cfg.grad_accum as f64,
             matmul_backend: crate::ops::blas::backend(),
+            compute_dtype: self.compute.clone(),
             matmul_probe: crate::ops::blas::probe_report(),
             world_size: world,
             zero_stage: self.options.zero_stage.get(),

@@ -278,7 +278,7 @@ impl Lora {
             .unwrap()
             .base_replaced
             .push((format!("{path}.weight"), saved.clone()));
-        Ok(FrozenWeight::Dense(saved))
+        Ok(FrozenWeight::dense_in(saved, base.compute_dtype())?)
     }
 
     /// Rank, alpha and scaling of the module at `path`, marking the pattern keys that decided them.
@@ -380,10 +380,10 @@ impl Lora {
         let w = match base.weight() {
             FrozenWeight::Dense(w) => w,
             // peft refuses PiSSA on a quantized base too (pissa_init); OLoRA there would need requantizing the residual.
-            FrozenWeight::Quantized(_) => bail!(
+            FrozenWeight::Quantized(..) => bail!(
                 "lora: init_lora_weights={name:?} on {path} needs a dense base weight, but this one is quantized; initialise on the f32/f16/bf16 model (and quantize the residual afterwards)"
             ),
-            FrozenWeight::Sharded(_) => bail!(
+            FrozenWeight::Sharded(..) => bail!(
                 "lora: init_lora_weights={name:?} on {path} replaces the base by its residual, which --shard-base cannot hold sharded; drop --shard-base or use another init_lora_weights"
             ),
         };
@@ -399,7 +399,9 @@ impl Lora {
         state
             .base_replaced
             .push((format!("{path}.weight"), residual.residual.clone()));
-        Ok(FrozenLinear::new(residual.residual, base.bias().cloned())?)
+        // The residual replaces the base in the base's compute dtype.
+        let weight = FrozenWeight::dense_in(residual.residual, base.weight().compute_dtype())?;
+        Ok(FrozenLinear::from_weight(weight, base.bias().cloned()))
     }
 }
 
