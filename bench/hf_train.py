@@ -96,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the absmax (nested)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="activation checkpointing per decoder layer (use_reentrant=False)")
+    p.add_argument("--autocast-bf16", action="store_true",
+                   help="forward (and so backward) under torch.autocast('cpu', torch.bfloat16): what HF "
+                        "Trainer's bf16=True does on CPU; weights, optimizer and LoRA stay f32")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--out", required=True, help="results JSON path")
     return p.parse_args(argv)
@@ -504,8 +507,9 @@ def main(argv=None):
             batch = flatten([{"input_ids": train[i]["input_ids"], "labels": train[i]["labels"]} for i in idx], return_tensors="pt")
         else:
             batch = collate(args.task, [train[i] for i in idx], pad_id, pad_to)
-        out = model(**batch)
-        loss = out.loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16):
+            out = model(**batch)
+            loss = out.loss
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -539,7 +543,8 @@ def main(argv=None):
             for s in range(0, len(evald), ebs):
                 batch = collate(args.task, evald[s: s + ebs], pad_id, pad_to)
                 labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16):
+                    logits = model(**batch).logits.float()
                 if args.task == "seq-cls":
                     tot_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                     tot_n += labels.numel()
@@ -600,6 +605,7 @@ def main(argv=None):
                   "trainable_non_lora": [n for n in trainable_names if "lora_" not in n],
                   "params_total_logical": n_params_logical,
                   "attn_implementation": attn_impl, "dtype": "float32",
+                  "autocast": "bfloat16 (cpu)" if args.autocast_bf16 else None,
                   "gradient_checkpointing": bool(args.gradient_checkpointing),
                   "model_dropout": "disabled" if args.no_model_dropout else "config values (train mode)"},
         "quantization": quant_record,

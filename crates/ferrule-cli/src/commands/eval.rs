@@ -76,6 +76,8 @@ pub fn run(a: Args) -> Result<()> {
         o.insert("skipped_records".into(), set.skipped.len().into());
         o.insert("truncated_records".into(), set.truncated.into());
         o.insert("adapter".into(), m.active.clone().into());
+        let dtype = m.source.weights.compute_dtype();
+        o.insert("compute_dtype".into(), dtype.as_str().into());
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

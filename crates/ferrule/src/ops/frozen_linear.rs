@@ -336,12 +336,25 @@ impl TileBuffer {
 /// add to the output anyway, while overwriting (β = 0) makes OpenBLAS zero it in a pass of its
 /// own (2.5% of a MiniLM step in perf).
 pub(crate) fn add_product(weight: &FrozenWeight, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    let (_, in_f) = weight.dims();
+    assert!(x.len() >= m * in_f, "frozen-linear: buffer too short");
+    let x = Operand::new(&x[..m * in_f], weight.compute_dtype());
+    add_product_of(weight, &x, m, y)
+}
+
+/// [`add_product`] for an `x` already in the weight's compute dtype, for callers that
+/// multiply one activation with several weights (the frozen MLP's gate and up projections).
+pub(crate) fn add_product_of(
+    weight: &FrozenWeight,
+    x: &Operand,
+    m: usize,
+    y: &mut [f32],
+) -> Result<()> {
     let (out_f, in_f) = weight.dims();
     assert!(
-        x.len() >= m * in_f && y.len() >= m * out_f,
+        x.values().len() >= m * in_f && y.len() >= m * out_f,
         "frozen-linear: buffer too short"
     );
-    let x = Operand::new(&x[..m * in_f], weight.compute_dtype());
     let mut result = Ok(());
     for_each_tile(weight, |r0, r1, tile| {
         if result.is_err() {

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen_linear::{add_bias, add_input_grad, add_product};
+use super::frozen_linear::{add_bias, add_input_grad, add_product, add_product_of};
+use super::product::Operand;
 use super::gelu::{gelu, gelu_value_and_slope};
 use super::kernels::{self, multiversion};
 use super::swiglu::{swiglu, swiglu_grads, swiglu_value};
@@ -201,11 +202,13 @@ impl FrozenMlp {
             Activation::SwiGlu { gate } => vec![gate, &self.up],
             Activation::Gelu => vec![&self.up],
         };
+        // Rounded once for both projections (they share a compute dtype).
+        let x = Operand::new(&x[..m * self.up.in_features()], self.up.weight().compute_dtype());
         linears
             .into_iter()
             .map(|lin| {
                 let mut h = vec![0f32; m * lin.out_features()];
-                add_product(lin.weight(), x, m, &mut h)?;
+                add_product_of(lin.weight(), &x, m, &mut h)?;
                 add_bias(lin.bias(), &mut h, lin.out_features())?;
                 Ok(h)
             })
