@@ -39,9 +39,27 @@ impl ModelSource {
     /// `quantize` while reading it. A GGUF file or a bitsandbytes checkpoint is already
     /// quantized and keeps its own format; asking to quantize it again is an error.
     pub fn load_with(spec: &str, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
+        Self::open(spec, device, quantize, TokenRows::MustFit)
+    }
+
+    /// [`ModelSource::load_with`], with the token embeddings grown to the tokenizer's size
+    /// where its tokens run past them ([`ModelSource::resize_token_embeddings`]), instead of
+    /// the error that names those tokens.
+    pub fn load_resized(spec: &str, device: &Device, quantize: Option<&QuantSpec>) -> Result<Self> {
+        let mut source = Self::open(spec, device, quantize, TokenRows::Grow)?;
+        source.resize_token_embeddings()?;
+        Ok(source)
+    }
+
+    fn open(
+        spec: &str,
+        device: &Device,
+        quantize: Option<&QuantSpec>,
+        rows: TokenRows,
+    ) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Self::from_dir_with(path, device, quantize);
+            return Self::read_dir(path, device, quantize, rows);
         }
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
@@ -58,7 +76,7 @@ impl ModelSource {
                     "{spec} is not a local path, and fetching it from the Hugging Face hub failed"
                 )
             })?;
-            return Self::from_dir_with(&dir, device, quantize);
+            return Self::read_dir(&dir, device, quantize, rows);
         }
         bail!("{spec}: no such file or folder")
     }
@@ -71,6 +89,15 @@ impl ModelSource {
         dir: &Path,
         device: &Device,
         quantize: Option<&QuantSpec>,
+    ) -> Result<Self> {
+        Self::read_dir(dir, device, quantize, TokenRows::MustFit)
+    }
+
+    fn read_dir(
+        dir: &Path,
+        device: &Device,
+        quantize: Option<&QuantSpec>,
+        rows: TokenRows,
     ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
@@ -97,7 +124,9 @@ impl ModelSource {
             .unwrap_or(u32::MAX as u64) as usize; // checked above
         let generation_config = crate::generate::GenerationConfig::from_model_dir(dir, vocab_size)?;
         if let Some(t) = &tokenizer {
-            check_token_ids(t, vocab_size, dir)?;
+            if rows == TokenRows::MustFit {
+                check_token_ids(t, vocab_size, dir)?;
+            }
             warn_unknown_special_tokens(t, tokenizer_config.as_ref());
         }
         Ok(Self {
@@ -184,6 +213,58 @@ impl ModelSource {
             }
         }
         ids
+    }
+
+    /// transformers' `model.resize_token_embeddings(len(tokenizer))`, for a tokenizer that holds
+    /// more tokens than the embedding has rows (tokens added to it): the token embedding, and
+    /// an output head that is not tied to it, grow to the tokenizer's size, the new rows the
+    /// mean of the old ([`Weights::grow_rows`]), and `vocab_size` in the config with them.
+    /// Returns `(rows before, rows after)`; a tokenizer that fits changes nothing (the table
+    /// never shrinks, where transformers' would to `len(tokenizer)`).
+    pub fn resize_token_embeddings(&mut self) -> Result<Option<(usize, usize)>> {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(None);
+        };
+        let needed = tokenizer_rows(tokenizer);
+        let rows = self
+            .config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        if needed <= rows {
+            return Ok(None);
+        }
+        let names: Vec<&str> = match super::config::family_of(&self.config)? {
+            super::config::Family::Decoder => {
+                let tied = self.config.get("tie_word_embeddings") == Some(&Value::Bool(true));
+                let mut names = vec!["model.embed_tokens.weight"];
+                if !tied && self.weights.contains("lm_head.weight") {
+                    names.push("lm_head.weight");
+                }
+                names
+            }
+            super::config::Family::Bert => [
+                "embeddings.word_embeddings.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ]
+            .into_iter()
+            .filter(|n| self.weights.contains(n))
+            .collect(),
+        };
+        for name in names {
+            self.weights.grow_rows(name, needed).with_context(|| {
+                format!(
+                    "{}: resizing the token embeddings to the tokenizer's {needed} tokens",
+                    self.location.display()
+                )
+            })?;
+        }
+        self.config["vocab_size"] = Value::from(needed);
+        tracing::info!(
+            "token embeddings resized from {rows} to {needed} rows (the tokenizer's size); the {} new rows start as the mean of the old",
+            needed - rows
+        );
+        Ok(Some((rows, needed)))
     }
 
     pub fn model_type(&self) -> &str {
@@ -275,6 +356,21 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// Whether loading refuses tokens past the embedding ([`check_token_ids`]) or leaves them
+/// for [`ModelSource::resize_token_embeddings`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenRows {
+    MustFit,
+    Grow,
+}
+
+/// The rows an embedding needs for every id of `tokenizer` (transformers' `len(tokenizer)`
+/// where ids are dense): its largest id plus one.
+fn tokenizer_rows(tokenizer: &tokenizers::Tokenizer) -> usize {
+    let vocab = tokenizer.get_vocab(true);
+    vocab.values().max().map_or(0, |&m| m as usize + 1)
+}
+
 /// Every token id must index a row of the embedding table. Tokens added to a tokenizer
 /// (`tokenizer.add_tokens`) without resizing the model's embeddings get ids past its last row,
 /// which would fail deep inside the first forward pass that meets one.
@@ -290,7 +386,7 @@ fn check_token_ids(tokenizer: &tokenizers::Tokenizer, rows: usize, dir: &Path) -
     }
     beyond.sort();
     let (first_id, first) = beyond[0];
-    let tokenizer_size = vocab.values().max().map_or(0, |&m| m as usize + 1);
+    let tokenizer_size = tokenizer_rows(tokenizer);
     let others = match beyond.len() {
         1 => String::new(),
         n => format!(
@@ -302,9 +398,11 @@ fn check_token_ids(tokenizer: &tokenizers::Tokenizer, rows: usize, dir: &Path) -
     bail!(
         "{}: token {first:?} has id {first_id}{others}, but the model's embedding has {rows} rows \
          (config.json vocab_size {rows}) and the tokenizer needs {tokenizer_size}: the tokens were \
-         added to the tokenizer without resizing the embeddings. Resize them and save the model \
-         (transformers: model.resize_token_embeddings(len(tokenizer)), then save_pretrained), or \
-         use the tokenizer the model was saved with",
+         added to the tokenizer without resizing the embeddings. To train them, pass \
+         --resize-token-embeddings and list their ids in --trainable-token-indices (LoRA); or \
+         resize them and save the model (transformers: \
+         model.resize_token_embeddings(len(tokenizer)), then save_pretrained), or use the \
+         tokenizer the model was saved with",
         dir.join("tokenizer.json").display()
     )
 }

@@ -25,6 +25,8 @@ pub struct Weights {
     source: PathBuf,
     /// Names a model has read, so it can count its parameters and spot unused tensors.
     used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// Tables grown by [`Weights::grow_rows`], with the rows the checkpoint had.
+    grown: HashMap<String, usize>,
 }
 
 impl Weights {
@@ -43,6 +45,7 @@ impl Weights {
             sharded: HashMap::new(),
             source: source.into(),
             used: Default::default(),
+            grown: HashMap::new(),
         }
     }
 
@@ -390,6 +393,39 @@ impl Weights {
 
     pub fn into_tensors(self) -> HashMap<String, Tensor> {
         self.tensors
+    }
+
+    /// Grows the dense table `name` (`[rows₀, cols]`) to `rows` rows, each new row the mean of
+    /// the old ones, in the table's dtype. transformers' `resize_token_embeddings` (with its
+    /// default `mean_resizing=True`) draws the new rows from a normal of that mean and 1e-9 times
+    /// the rows' covariance (`_init_added_embeddings_weights_with_mean`): a noise of about
+    /// 3·10⁻⁵ standard deviations, left out here so a resumed run rebuilds the same table.
+    pub fn grow_rows(&mut self, name: &str, rows: usize) -> Result<()> {
+        if self.quantized.contains_key(name) || self.sharded.contains_key(name) {
+            bail!(
+                "{}: tensor {name:?} is held quantized or sharded; only a dense table can grow",
+                self.source.display()
+            )
+        }
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
+        let (old, cols) = t.dims2()?;
+        if rows <= old {
+            return Ok(());
+        }
+        let mean = t.to_dtype(DType::F32)?.mean_keepdim(0)?;
+        let added = mean.broadcast_as((rows - old, cols))?.to_dtype(t.dtype())?;
+        let grown = Tensor::cat(&[t, &added], 0)?;
+        self.tensors.insert(name.to_string(), grown);
+        self.grown.entry(name.to_string()).or_insert(old);
+        Ok(())
+    }
+
+    /// The rows table `name` had in the checkpoint, when [`Weights::grow_rows`] grew it.
+    pub fn grown_from(&self, name: &str) -> Option<usize> {
+        self.grown.get(name).copied()
     }
 }
 
