@@ -1,0 +1,68 @@
+//! peft's `trainable_token_indices` (a `LoraConfig` key; peft `tuners/lora/config.py`): which
+//! rows of which tables train.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::tuners::flags::{text, FlagValue, OptionFlag};
+
+/// `trainable_token_indices`: a list of token ids (rows of the model's input embedding), or
+/// module name → ids (`{"embed_tokens": [..], "lm_head": [..]}`), the names matched as dotted
+/// suffixes of module paths, as `modules_to_save` names are.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a list of token ids, or an object of module name -> list of token ids"
+)]
+pub enum TokenIndices {
+    Embedding(Vec<u32>),
+    ByModule(BTreeMap<String, Vec<u32>>),
+}
+
+impl TokenIndices {
+    /// Refuses what would train nothing or be ambiguous, naming `key` (`lora:
+    /// trainable_token_indices`): no id, no module, or an id listed twice (peft would make two
+    /// trainable rows for it, and which one wins in the table is undefined).
+    pub fn validate(&self, key: &str) -> Result<()> {
+        let lists: Vec<(Option<&String>, &Vec<u32>)> = match self {
+            TokenIndices::Embedding(ids) => vec![(None, ids)],
+            TokenIndices::ByModule(m) if m.is_empty() => {
+                bail!("{key} names no module; give a list of token ids or {{\"embed_tokens\": [ids]}}")
+            }
+            TokenIndices::ByModule(m) => m.iter().map(|(k, v)| (Some(k), v)).collect(),
+        };
+        for (module, ids) in lists {
+            let at = module.map_or(String::new(), |m| format!("[{m:?}]"));
+            if ids.is_empty() {
+                bail!("{key}{at} lists no token id")
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = ids.iter().find(|id| !seen.insert(**id)) {
+                bail!("{key}{at} lists token id {dup} twice; list each id once")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--trainable-token-indices 49152,49153`: the list form.
+pub const FLAG: OptionFlag = OptionFlag {
+    name: "trainable-token-indices",
+    value: FlagValue::Text,
+    value_name: Some("IDS"),
+    help: "Comma-separated token ids whose rows of the input embedding train (and of a head tied to it), the rest of the table frozen (peft's trainable_token_indices). For tokens added to the tokenizer, with --resize-token-embeddings.",
+    keys: |v| {
+        let ids: Option<Vec<u64>> = text(&v)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().ok())
+            .collect();
+        // Anything but integers goes through as text, for the config's check to name.
+        let value = ids.map_or(v, Value::from);
+        vec![("trainable_token_indices", value)]
+    },
+};
