@@ -296,7 +296,6 @@ impl AdaptedModel {
     ) -> Result<Self> {
         let found = expand(adapters)?;
         let chosen = choose(&found, selection)?;
-        let mut source = ModelSource::load_with(model, device, quantize)?;
         let mut saved = Vec::new();
         for (name, weight) in &chosen {
             let dir = &found
@@ -310,6 +309,12 @@ impl AdaptedModel {
                 load_adapter(dir, device).with_context(|| format!("adapter {name}"))?,
             ));
         }
+        // An adapter holding a resized token embedding was trained on a base resized to the
+        // tokenizer (added tokens): resize this one alike, as peft's user resizes before loading.
+        let mut source = match saved.iter().any(|(_, _, s)| s.holds_resized_tables()) {
+            true => ModelSource::load_resized(model, device, quantize)?,
+            false => ModelSource::load_with(model, device, quantize)?,
+        };
         let task = match task {
             Some(t) => t,
             None => agreed_task(&saved)?.map_or_else(|| default_task(&source), Ok)?,

@@ -39,6 +39,14 @@ impl SavedAdapter {
         }
     }
 
+    /// Whether the adapter holds whole token tables that trainable token rows were trained on
+    /// (`…token_adapter.base_layer.weight`): peft saves them when the embeddings were resized.
+    pub fn holds_resized_tables(&self) -> bool {
+        self.tensors
+            .keys()
+            .any(|k| k.ends_with(".token_adapter.base_layer.weight"))
+    }
+
     /// The adapter's config: `peft_type` and the method's keys.
     pub fn adapter_config(&self) -> Result<AdapterConfig> {
         let origin = self.dir.join(CONFIG_FILE).display().to_string();

@@ -343,6 +343,11 @@ mod tests {
             ),
             (vec!["--shard-base"], "shard_base", json!(true)),
             (
+                vec!["--resize-token-embeddings"],
+                "resize_token_embeddings",
+                json!(true),
+            ),
+            (
                 vec!["--init-adapter", "runs/a"],
                 "init_adapter",
                 json!("runs/a"),

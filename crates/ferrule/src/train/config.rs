@@ -52,6 +52,13 @@ pub struct TrainConfig {
     /// error (the flag is among the method's, `--allow-unmatched`).
     #[cfg_attr(feature = "cli", arg(skip))]
     pub allow_unmatched: bool,
+    /// Grow the token embeddings (and an untied lm_head) to the tokenizer's size when tokens
+    /// were added to it, the new rows the mean of the old (transformers'
+    /// resize_token_embeddings); list the rows to train in trainable_token_indices. The adapter
+    /// then holds the resized tables, as peft saves them.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::METHOD))]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resize_token_embeddings: bool,
     /// Longest sequence in tokens (default: the model's context, at most 512).
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::DATA))]
     pub max_len: Option<usize>,
@@ -232,6 +239,7 @@ impl Default for TrainConfig {
             adapter: None,
             lora: None,
             allow_unmatched: false,
+            resize_token_embeddings: false,
             max_len: None,
             truncate: true,
             completion_only: true,
@@ -322,6 +330,7 @@ impl TrainConfig {
             batch_tokens: Some(1),
             packing: true,
             shard_base: true,
+            resize_token_embeddings: true,
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
             ..Default::default()
@@ -385,6 +394,20 @@ impl TrainConfig {
         }
         if self.task == Task::FeatureExtraction {
             bail!("train: FEATURE_EXTRACTION has no training objective; use CAUSAL_LM or SEQ_CLS")
+        }
+        self.validate_resize()
+    }
+
+    /// Rows added by `resize_token_embeddings` start as a mean row: unless they train
+    /// (`trainable_token_indices`), every added token reads the same embedding.
+    fn validate_resize(&self) -> Result<()> {
+        let adapter = self.adapter()?;
+        let rows_train = adapter
+            .options
+            .get("trainable_token_indices")
+            .is_some_and(|v| !v.is_null());
+        if self.resize_token_embeddings && !rows_train {
+            bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA)")
         }
         Ok(())
     }

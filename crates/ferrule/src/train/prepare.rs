@@ -95,7 +95,11 @@ pub fn prepare_sharded(
     base: Option<Arc<dyn BaseComm>>,
 ) -> Result<Prepared> {
     cfg.validate()?;
-    let mut source = ModelSource::load_with(&cfg.model, device, cfg.quantize.as_ref())?;
+    let load = match cfg.resize_token_embeddings {
+        true => ModelSource::load_resized,
+        false => ModelSource::load_with,
+    };
+    let mut source = load(&cfg.model, device, cfg.quantize.as_ref())?;
     if let Some(comm) = base {
         source.weights.shard(comm)?;
     }
