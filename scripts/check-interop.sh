@@ -58,7 +58,7 @@ printf '%s\n' '{"messages": [{"role": "user", "content": "weather?"}, {"role": "
   '{"messages": [{"role": "user", "content": "time?"}, {"role": "assistant", "content": "<|call|> clock <|result|> noon"}]}' > "$work/added.jsonl"
 "$BIN" train -q --threads 2 --model "$work/added" --data "$work/added.jsonl" --max-steps 3 --lr 0.05 \
   --resize-token-embeddings --trainable-token-indices 320,321,9 --output "$work/tokens" >/dev/null
-TIN=tests/fixtures/methods/llama_lora_tokens_resized_untied/inputs.safetensors  # ids 320, 321 and 9
+TIN=tests/fixtures/tokens/llama_lora_tokens_resized_untied/inputs.safetensors  # ids 320, 321 and 9
 "$BIN" logits --threads 2 --model "$work/added" --adapter "$work/tokens" --inputs $TIN --out "$work/tokens.logits"
 "$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/tokens" --model "$work/added" --resize 322 \
   --inputs $TIN --expected "$work/tokens.logits"

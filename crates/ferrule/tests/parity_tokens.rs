@@ -1,5 +1,5 @@
 //! Trainable token rows (LoRA's `trainable_token_indices`) against adapters Python peft saved
-//! (tests/fixtures/methods, made by make_token_fixtures.py): tokens added to the tokenizer,
+//! (tests/fixtures/tokens, made by make_token_fixtures.py): tokens added to the tokenizer,
 //! the embeddings resized as ferrule resizes them, and only the listed rows trained. Loading
 //! reproduces peft's logits, gradients, parameter counts and saved keys; a merged folder
 //! reproduces the adapter; bad indices fail naming the index and the table's size.
@@ -85,7 +85,7 @@ fn source(case: &Case) -> (ModelSource, Option<tempfile::TempDir>) {
 }
 
 fn case_dir(case: &Case) -> std::path::PathBuf {
-    fixtures().join("methods").join(case.name)
+    fixtures().join("tokens").join(case.name)
 }
 
 struct Built {
@@ -112,7 +112,7 @@ fn build(case: &Case) -> Built {
 }
 
 fn inputs(case: &Case) -> HashMap<String, Tensor> {
-    load(&format!("methods/{}/inputs.safetensors", case.name))
+    load(&format!("tokens/{}/inputs.safetensors", case.name))
 }
 
 fn forward(model: &Model, inp: &HashMap<String, Tensor>) -> Tensor {
@@ -145,7 +145,7 @@ fn resizing_adds_mean_rows_as_the_fixture_base_has() {
         let (src, _dir) = source(case);
         let rows = case.rows.unwrap();
         assert_eq!(src.config["vocab_size"], rows, "{}", case.name);
-        let added = load(&format!("methods/{}/added_rows.safetensors", case.name));
+        let added = load(&format!("tokens/{}/added_rows.safetensors", case.name));
         for (name, want) in &added {
             let table = &src.weights.tensors()[name];
             assert_eq!(table.dims(), [rows, 64], "{}: {name}", case.name);
@@ -161,12 +161,12 @@ fn peft_adapters_reproduce_peft_logits_gradients_and_counts() {
     for case in CASES {
         let b = build(case);
         let inp = inputs(case);
-        let want = &load(&format!("methods/{}/logits.safetensors", case.name))["logits"];
+        let want = &load(&format!("tokens/{}/logits.safetensors", case.name))["logits"];
         let got = forward(&b.model, &inp);
         let d = max_diff_masked(&got, want, Some(&inp["attention_mask"]));
         assert!(d < 1e-4, "{}: max |Δlogits| = {d}", case.name);
 
-        let exp = load(&format!("methods/{}/grads.safetensors", case.name));
+        let exp = load(&format!("tokens/{}/grads.safetensors", case.name));
         let Arch::Decoder(lm) = &b.model.arch else {
             panic!("a decoder")
         };
@@ -223,7 +223,7 @@ fn peft_adapters_reproduce_peft_logits_gradients_and_counts() {
 #[test]
 fn a_listed_padding_token_trains_through_the_tied_head_only() {
     let case = &CASES[0];
-    let exp = load(&format!("methods/{}/grads.safetensors", case.name));
+    let exp = load(&format!("tokens/{}/grads.safetensors", case.name));
     let key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
     let rows: Vec<Vec<f32>> = exp[key].to_vec2().unwrap();
     assert!(
