@@ -310,6 +310,46 @@ fn added_tokens_train_with_resized_embeddings_and_listed_rows() {
         "--data",
         &data,
     ]);
+
+    // peft's standalone method: the rows alone, keys without token_adapter.
+    let run = t.path().join("run-tokens").display().to_string();
+    let mut args = train_args(&model, &data, &run);
+    args.extend(["--resize-token-embeddings", "--method", "trainable-tokens"]);
+    args.extend(["--token-indices", "320"]);
+    succeeds(&args);
+    let saved = ferrule::model::weights::load_safetensors_file(
+        &Path::new(&run).join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut keys: Vec<(&str, Vec<usize>)> = saved
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.dims().to_vec()))
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            ("base_model.model.lm_head.weight", vec![321, 64]),
+            (
+                "base_model.model.model.embed_tokens.base_layer.weight",
+                vec![321, 64]
+            ),
+            (
+                "base_model.model.model.embed_tokens.trainable_tokens_delta",
+                vec![1, 64]
+            ),
+        ]
+    );
+    succeeds(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--data",
+        &data,
+    ]);
 }
 
 /// Classification records without --task seq-cls: say what to pass, not an internal name.

@@ -40,11 +40,19 @@ impl SavedAdapter {
     }
 
     /// Whether the adapter holds whole token tables that trainable token rows were trained on
-    /// (`…token_adapter.base_layer.weight`): peft saves them when the embeddings were resized.
+    /// (`…base_layer.weight` of a `TRAINABLE_TOKENS` adapter or of one with
+    /// `trainable_token_indices`): peft saves them when the embeddings were resized.
     pub fn holds_resized_tables(&self) -> bool {
-        self.tensors
-            .keys()
-            .any(|k| k.ends_with(".token_adapter.base_layer.weight"))
+        let token_rows = self.peft_type() == "TRAINABLE_TOKENS"
+            || self
+                .config
+                .get("trainable_token_indices")
+                .is_some_and(|v| !v.is_null());
+        token_rows
+            && self
+                .tensors
+                .keys()
+                .any(|k| k.ends_with(".base_layer.weight"))
     }
 
     /// The adapter's config: `peft_type` and the method's keys.

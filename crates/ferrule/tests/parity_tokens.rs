@@ -1,4 +1,5 @@
-//! Trainable token rows (LoRA's `trainable_token_indices`) against adapters Python peft saved
+//! Trainable token rows (LoRA's `trainable_token_indices`, and peft's standalone
+//! `TRAINABLE_TOKENS` method) against adapters Python peft saved
 //! (tests/fixtures/tokens, made by make_token_fixtures.py): tokens added to the tokenizer,
 //! the embeddings resized as ferrule resizes them, and only the listed rows trained. Loading
 //! reproduces peft's logits, gradients, parameter counts and saved keys; a merged folder
@@ -35,6 +36,16 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "smollm_lora_tokens",
+        model: "smollm",
+        rows: None,
+    },
+    Case {
+        name: "smollm_trainable_tokens_resized",
+        model: "smollm",
+        rows: Some(323),
+    },
+    Case {
+        name: "smollm_trainable_tokens",
         model: "smollm",
         rows: None,
     },
@@ -252,17 +263,25 @@ fn a_fresh_adapter_saves_the_keys_peft_saves() {
         let theirs: HashMap<String, Vec<usize>> =
             serde_json::from_value(keys_json(case)["saved"].clone()).unwrap();
         assert_eq!(ours, theirs, "{}", case.name);
+        // peft fills the standalone method's target_modules in with the embedding's path.
+        let config = tuned.tuner.config_json().unwrap();
+        let targets = &saved.config["target_modules"];
+        if saved.peft_type() == "TRAINABLE_TOKENS" {
+            assert_eq!(&config["target_modules"], targets, "{}", case.name);
+        }
 
-        let key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
         let (_, delta) = tuned
             .tuner
             .trainable()
             .into_iter()
-            .find(|(k, _)| k == key)
+            .find(|(k, _)| k.contains("embed_tokens") && k.ends_with("trainable_tokens_delta"))
             .unwrap();
-        let ids = match &saved.config["trainable_token_indices"] {
-            serde_json::Value::Array(ids) => ids.clone(),
-            other => other["embed_tokens"].as_array().unwrap().clone(),
+        let ids = match (
+            &saved.config["trainable_token_indices"],
+            &saved.config["token_indices"],
+        ) {
+            (serde_json::Value::Array(ids), _) | (_, serde_json::Value::Array(ids)) => ids.clone(),
+            (other, _) => other["embed_tokens"].as_array().unwrap().clone(),
         };
         let ids: Vec<u32> = ids.iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let table = &src.weights.tensors()["model.embed_tokens.weight"];
@@ -312,11 +331,14 @@ fn save_then_load_keeps_the_bytes_peft_wrote() {
         )
         .unwrap();
         let theirs = load_adapter(&case_dir(case), &Device::Cpu).unwrap().config;
-        assert_eq!(
-            cfg["trainable_token_indices"], theirs["trainable_token_indices"],
-            "{}",
-            case.name
-        );
+        for key in [
+            "peft_type",
+            "trainable_token_indices",
+            "token_indices",
+            "init_weights",
+        ] {
+            assert_eq!(cfg.get(key), theirs.get(key), "{}: {key}", case.name);
+        }
     }
 }
 
@@ -401,6 +423,34 @@ fn bad_indices_are_refused_by_name() {
     )];
     let e = attach_error(&src, lora_with(serde_json::json!([3]), &targeted));
     assert!(e.contains("model.embed_tokens is in target_modules"), "{e}");
+
+    // The standalone method: its ids and targets are checked alike.
+    let standalone = |options: serde_json::Value| {
+        AdapterConfig::new("TRAINABLE_TOKENS", options.as_object().unwrap().clone())
+    };
+    let e = attach_error(
+        &src,
+        standalone(serde_json::json!({"token_indices": [400]})),
+    );
+    assert!(e.contains("token id 400 is past the 320 rows"), "{e}");
+    let e = attach_error(&src, standalone(serde_json::json!({"token_indices": []})));
+    assert!(e.contains("token_indices lists no token id"), "{e}");
+    let e = attach_error(
+        &src,
+        standalone(serde_json::json!({"token_indices": [3], "target_modules": ["k_proj"]})),
+    );
+    assert!(
+        e.contains("k_proj is no token embedding or output head"),
+        "{e}"
+    );
+    let e = attach_error(
+        &src,
+        standalone(serde_json::json!({"token_indices": [3], "target_modules": ["nope"]})),
+    );
+    assert!(
+        e.contains("target_modules matched no token embedding"),
+        "{e}"
+    );
 
     // Past the resized table: the size named is the resized one, without the resize hint.
     let (resized, _dir) = source(&CASES[1]);

@@ -402,10 +402,11 @@ impl TrainConfig {
     /// (`trainable_token_indices`), every added token reads the same embedding.
     fn validate_resize(&self) -> Result<()> {
         let adapter = self.adapter()?;
-        let rows_train = adapter
-            .options
-            .get("trainable_token_indices")
-            .is_some_and(|v| !v.is_null());
+        let rows_train = adapter.peft_type == crate::tuners::trainable_tokens::METHOD.peft_type
+            || adapter
+                .options
+                .get("trainable_token_indices")
+                .is_some_and(|v| !v.is_null());
         if self.resize_token_embeddings && !rows_train {
             bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA)")
         }

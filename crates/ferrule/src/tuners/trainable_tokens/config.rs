@@ -66,3 +66,52 @@ pub const FLAG: OptionFlag = OptionFlag {
         vec![("trainable_token_indices", value)]
     },
 };
+
+fn yes() -> bool {
+    true
+}
+
+/// peft's standalone `TrainableTokensConfig` (`peft_type` `TRAINABLE_TOKENS`): the rows
+/// `token_indices` of every module `target_modules` selects (by default the model's token
+/// embedding) train, and nothing else.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainableTokensConfig {
+    #[serde(default)]
+    pub token_indices: Vec<u32>,
+    /// Module names (dotted suffixes) or a regex over whole paths; `None`: the token
+    /// embedding, whose path the saved config then names, as peft fills it in.
+    #[serde(default)]
+    pub target_modules: Option<crate::tuners::target::ModuleSpec>,
+    /// `true`: the rows start as copies of the table's (a no-op adapter); `false`: standard
+    /// normal.
+    #[serde(default = "yes")]
+    pub init_weights: bool,
+}
+
+/// Keys of a `TRAINABLE_TOKENS` `adapter_config.json` that ferrule understands.
+pub const KNOWN_KEYS: &[&str] = &["token_indices", "target_modules", "init_weights"];
+
+impl TrainableTokensConfig {
+    /// At least one id, each once.
+    pub fn validate(&self) -> Result<()> {
+        TokenIndices::Embedding(self.token_indices.clone())
+            .validate("trainable_tokens: token_indices")
+    }
+}
+
+/// `--token-indices 49152,49153`: the standalone method's `token_indices`.
+pub const TOKEN_INDICES_FLAG: OptionFlag = OptionFlag {
+    name: "token-indices",
+    value: FlagValue::Text,
+    value_name: Some("IDS"),
+    help: "Trainable tokens (--method trainable-tokens): comma-separated ids of the token embedding's rows that train, nothing else (peft's token_indices).",
+    keys: |v| {
+        let ids: Option<Vec<u64>> = text(&v)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().ok())
+            .collect();
+        vec![("token_indices", ids.map_or(v, Value::from))]
+    },
+};

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod layer;
+pub mod standalone;
 
 use std::sync::Mutex;
 
@@ -26,19 +27,46 @@ use candle_core::{DType, Tensor};
 
 pub use config::TokenIndices;
 use layer::{TokenRows, TokenRowsEmbedding, TokenRowsHead};
+pub use standalone::METHOD;
 
 use super::params::ParamStore;
-use super::target::suffix_match;
+use super::target::{suffix_match, Targets};
 use super::{peft_key, AdaptedModule};
 use crate::model::{Embedding, EmbeddingInfo, Linear, LinearInfo};
 use crate::ops::{FrozenLinear, FrozenWeight};
 
 /// The tables an adapter trains rows of, and what it took while the model was built.
 pub struct TrainableTokens {
-    spec: Option<TokenIndices>,
+    spec: Option<Listed>,
     /// The option in errors: `lora: trainable_token_indices`.
     label: String,
+    layout: Layout,
+    /// Fresh rows drawn from a standard normal with this run seed, instead of copies of the
+    /// table's (the standalone method's `init_weights = false`).
+    random_rows: Option<u64>,
     taken: Mutex<Taken>,
+}
+
+/// Which tables have which rows trained.
+pub enum Listed {
+    /// LoRA's `trainable_token_indices`.
+    Lora(TokenIndices),
+    /// The standalone method: `token_indices` of every module `target_modules` selects.
+    Targets {
+        targets: Box<Targets>,
+        ids: Vec<u32>,
+    },
+}
+
+/// How the saved keys of a table with trained rows read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Beside another method (LoRA): peft's `TrainableTokensWrapper` puts the layer under
+    /// `<path>.token_adapter.`; a tied head's copy of the rows is saved after a resize only.
+    Wrapped,
+    /// The standalone method: `<path>.trainable_tokens_delta`, `<path>.base_layer.weight`; a
+    /// tied head's copy of the rows is always saved.
+    Direct,
 }
 
 #[derive(Default)]
@@ -79,16 +107,49 @@ pub enum TokenLinear {
 }
 
 impl TrainableTokens {
-    /// For `spec` (none: nothing is trained this way), errors named after `label`.
+    /// For LoRA's `spec` (none: nothing is trained this way), errors named after `label`.
     pub fn new(spec: Option<&TokenIndices>, label: &str) -> Result<Self> {
         if let Some(s) = spec {
             s.validate(label)?;
         }
-        Ok(Self {
-            spec: spec.cloned(),
+        Ok(Self::with(
+            spec.cloned().map(Listed::Lora),
+            label,
+            Layout::Wrapped,
+        ))
+    }
+
+    /// For `listed` (checked by the caller), saved as `layout` says.
+    pub fn with(listed: Option<Listed>, label: &str, layout: Layout) -> Self {
+        Self {
+            spec: listed,
             label: label.to_string(),
+            layout,
+            random_rows: None,
             taken: Mutex::new(Taken::default()),
-        })
+        }
+    }
+
+    /// With rows drawn from a standard normal (seeded by `seed` and the key) when `seed` is
+    /// given, as peft's `init_weights=False` draws them.
+    pub fn random_rows(mut self, seed: Option<u64>) -> Self {
+        self.random_rows = seed;
+        self
+    }
+
+    /// The saved key of `suffix` of the layer at `path`.
+    fn key(&self, path: &str, suffix: &str) -> String {
+        match self.layout {
+            Layout::Wrapped => peft_key(path, &format!("token_adapter.{suffix}")),
+            Layout::Direct => peft_key(path, suffix),
+        }
+    }
+
+    /// The path of the token embedding that got trainable rows, if one did.
+    pub fn embedding_path(&self) -> Option<String> {
+        let taken = self.taken.lock().unwrap();
+        let layer = taken.layers.iter().find(|l| l.kind == Kind::Embedding)?;
+        Some(layer.path.clone())
     }
 
     /// Whether any rows train this way.
@@ -100,31 +161,37 @@ impl TrainableTokens {
     /// embedding, which the list form names), recording the key that matched.
     fn ids_for(&self, path: &str, input_embedding: bool) -> Option<Vec<u32>> {
         match self.spec.as_ref()? {
-            TokenIndices::Embedding(ids) => input_embedding.then(|| ids.clone()),
-            TokenIndices::ByModule(m) => {
+            Listed::Lora(TokenIndices::Embedding(ids)) => input_embedding.then(|| ids.clone()),
+            Listed::Lora(TokenIndices::ByModule(m)) => {
                 let (key, ids) = m.iter().find(|(k, _)| suffix_match(path, k))?;
                 self.taken.lock().unwrap().keys_used.push(key.clone());
                 Some(ids.clone())
             }
+            Listed::Targets { targets, ids } => targets.adapts(path, true).then(|| ids.clone()),
+        }
+    }
+
+    /// Whether the module at `path` is listed (the token embedding: `input_embedding`).
+    fn lists(&self, path: &str, input_embedding: bool) -> bool {
+        match &self.spec {
+            Some(Listed::Lora(TokenIndices::Embedding(_))) => input_embedding,
+            Some(Listed::Lora(TokenIndices::ByModule(m))) => {
+                m.keys().any(|k| suffix_match(path, k))
+            }
+            Some(Listed::Targets { targets, .. }) => targets.adapts(path, true),
+            None => false,
         }
     }
 
     /// Whether the token embedding at `path` gets trainable rows.
     pub fn takes_embedding(&self, path: &str) -> bool {
-        match &self.spec {
-            Some(TokenIndices::Embedding(_)) => true,
-            Some(TokenIndices::ByModule(m)) => m.keys().any(|k| suffix_match(path, k)),
-            None => false,
-        }
+        self.lists(path, true)
     }
 
     /// Whether the linear layer of `info` gets trainable rows: listed by name, or tied to an
     /// embedding that has them.
     pub fn takes_linear(&self, info: &LinearInfo) -> bool {
-        let listed = match &self.spec {
-            Some(TokenIndices::ByModule(m)) => m.keys().any(|k| suffix_match(&info.path, k)),
-            _ => false,
-        };
+        let listed = self.lists(&info.path, false);
         let tied = info.tied_to.as_ref().is_some_and(|e| {
             let taken = self.taken.lock().unwrap();
             taken.layers.iter().any(|l| &l.path == e)
@@ -143,12 +210,8 @@ impl TrainableTokens {
     ) -> Result<Box<dyn Embedding>> {
         let path = info.path.as_str();
         let ids = self.ids_for(path, true).unwrap_or_default();
-        let base = self.saved_table(
-            params,
-            &peft_key(path, "token_adapter.base_layer.weight"),
-            base,
-            path,
-        )?;
+        let key = self.key(path, "base_layer.weight");
+        let base = self.saved_table(params, &key, base, path)?;
         let resized = info.resized_from.map(|from| (from, base.dims().0));
         self.taken.lock().unwrap().resized = resized;
         let rows = self.rows(params, path, ids, &base)?;
@@ -184,7 +247,7 @@ impl TrainableTokens {
             (Some(ids), Some(shared)) if ids == shared.indices() => (Kind::TiedHead, shared),
             (None, Some(shared)) => (Kind::TiedHead, shared),
             (Some(ids), _) => {
-                let key = peft_key(path, "token_adapter.base_layer.weight");
+                let key = self.key(path, "base_layer.weight");
                 let table = self.saved_table(params, &key, base.weight().clone(), path)?;
                 let head = FrozenLinear::from_weight(table.clone(), None);
                 let rows = self.rows(params, path, ids, &table)?;
@@ -198,12 +261,9 @@ impl TrainableTokens {
             }
         };
         let (kind, rows) = rows;
-        // peft saves a tied head's copies only after a resize; they are the embedding's.
-        for suffix in [
-            "token_adapter.base_layer.weight",
-            "token_adapter.trainable_tokens_delta",
-        ] {
-            params.take_frozen(&peft_key(path, suffix));
+        // The copies peft saves of a tied head's table and rows are the embedding's.
+        for suffix in ["base_layer.weight", "trainable_tokens_delta"] {
+            params.take_frozen(&self.key(path, suffix));
         }
         self.record(path, kind, rows.clone(), base.weight().clone());
         Ok(TokenLinear::Rows(Box::new(TokenRowsHead::new(base, rows)?)))
@@ -275,9 +335,13 @@ impl TrainableTokens {
                 rows.saturating_sub(1)
             )
         }
-        let key = peft_key(path, "token_adapter.trainable_tokens_delta");
+        let key = self.key(path, "trainable_tokens_delta");
         let device = params.device().clone();
+        let seed = self.random_rows.map(|s| crate::init::seed_for(s, &key));
         let delta = params.take_or_init(&key, &[ids.len(), hidden], || {
+            if let Some(seed) = seed {
+                return crate::init::normal(&[ids.len(), hidden], 1.0, seed, &device);
+            }
             let idx = Tensor::new(ids.as_slice(), &device)?;
             Ok(table.rows(&idx)?.to_dtype(DType::F32)?.to_device(&device)?)
         })?;
@@ -299,14 +363,20 @@ impl TrainableTokens {
         let taken = self.taken.lock().unwrap();
         match &self.spec {
             None => Ok(()),
-            Some(TokenIndices::Embedding(_)) if taken.layers.is_empty() => {
+            Some(Listed::Lora(TokenIndices::Embedding(_))) if taken.layers.is_empty() => {
                 bail!(
                     "{}: the model has no token embedding to train rows of",
                     self.label
                 )
             }
-            Some(TokenIndices::Embedding(_)) => Ok(()),
-            Some(TokenIndices::ByModule(m)) => {
+            Some(Listed::Targets { .. }) if taken.layers.is_empty() => {
+                bail!(
+                    "{}: target_modules matched no token embedding or output head of the model",
+                    self.label
+                )
+            }
+            Some(Listed::Lora(TokenIndices::Embedding(_)) | Listed::Targets { .. }) => Ok(()),
+            Some(Listed::Lora(TokenIndices::ByModule(m))) => {
                 match m.keys().find(|k| !taken.keys_used.contains(k)) {
                     Some(k) => bail!(
                         "{}[{k:?}] matched no token embedding or output head of the model",
@@ -318,21 +388,22 @@ impl TrainableTokens {
         }
     }
 
-    /// What a saved adapter holds beside the trainable rows: after a resize, the whole
-    /// tables, under peft's keys (see the module's documentation).
+    /// What a saved adapter holds beside the trainable rows, under peft's keys (see the
+    /// module's documentation): after a resize, the whole tables; a tied head's copy of the
+    /// rows after a resize, or always in the standalone layout.
     pub fn saved_tables(&self) -> Result<Vec<(String, Tensor)>> {
         let taken = self.taken.lock().unwrap();
-        if taken.resized.is_none() {
-            return Ok(vec![]);
-        }
+        let resized = taken.resized.is_some();
         let mut out = Vec::new();
         for layer in &taken.layers {
-            let dense = |w: &FrozenWeight| w.to_dense(layer.rows.delta().device());
-            let table = peft_key(&layer.path, "token_adapter.base_layer.weight");
-            out.push((table, dense(&layer.table)?.to_dtype(DType::F32)?));
-            if layer.kind == Kind::TiedHead {
-                let delta = peft_key(&layer.path, "token_adapter.trainable_tokens_delta");
-                out.push((delta, layer.rows.delta().as_tensor().clone()));
+            if resized {
+                let table = layer.table.to_dense(layer.rows.delta().device())?;
+                let key = self.key(&layer.path, "base_layer.weight");
+                out.push((key, table.to_dtype(DType::F32)?));
+            }
+            if layer.kind == Kind::TiedHead && (resized || self.layout == Layout::Direct) {
+                let key = self.key(&layer.path, "trainable_tokens_delta");
+                out.push((key, layer.rows.delta().as_tensor().clone()));
             }
         }
         if let Some((path, table)) = &taken.head_table {
