@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use ferrule::model::{Arch, Inputs, Model, ModelSource, Task};
+use ferrule::ops::recompute::GradSink;
 use ferrule::peft_io::{load_adapter, save_adapter};
 use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
 
@@ -177,38 +178,8 @@ fn peft_adapters_reproduce_peft_logits_gradients_and_counts() {
         let d = max_diff_masked(&got, want, Some(&inp["attention_mask"]));
         assert!(d < 1e-4, "{}: max |Δlogits| = {d}", case.name);
 
-        let exp = load(&format!("tokens/{}/grads.safetensors", case.name));
-        let Arch::Decoder(lm) = &b.model.arch else {
-            panic!("a decoder")
-        };
-        let (loss, _) = lm
-            .causal_lm_loss(
-                &inp["input_ids"],
-                Some(&inp["attention_mask"]),
-                &inp["labels"],
-            )
-            .unwrap();
-        let want_loss = scalar(&exp["loss"]);
-        assert!(
-            (scalar(&loss) - want_loss).abs() < 1e-4,
-            "{}: loss {} vs {want_loss}",
-            case.name,
-            scalar(&loss)
-        );
-        let grads = loss.backward().unwrap();
-        let trainable = b.tuner.trainable();
-        assert_eq!(
-            trainable.len() + 1,
-            exp.len(),
-            "{}: same tensors",
-            case.name
-        );
-        for (key, var) in &trainable {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{key}: no gradient"));
-            let d = max_diff(g, &exp[key]);
-            assert!(d < 1e-5, "{}: {key}: max |Δgrad| = {d}", case.name);
+        for recompute in [false, true] {
+            check_gradients(case, recompute);
         }
 
         let counts = keys_json(case);
@@ -224,6 +195,59 @@ fn peft_adapters_reproduce_peft_logits_gradients_and_counts() {
             total as u64,
             counts["total_count"].as_u64().unwrap(),
             "{}",
+            case.name
+        );
+    }
+}
+
+/// The loss and every trainable tensor's gradient equal peft's, with or without recomputation
+/// of the decoder layers.
+fn check_gradients(case: &Case, recompute: bool) {
+    let b = build(case);
+    let inp = inputs(case);
+    let exp = load(&format!("tokens/{}/grads.safetensors", case.name));
+    let trainable = b.tuner.trainable();
+    let sink = recompute.then(|| {
+        std::sync::Arc::new(GradSink::new(
+            trainable.iter().map(|(_, v)| v.as_tensor().id()),
+        ))
+    });
+    assert_eq!(b.model.set_recompute(sink.clone()), recompute);
+    let Arch::Decoder(lm) = &b.model.arch else {
+        panic!("a decoder")
+    };
+    let (loss, _) = lm
+        .causal_lm_loss(
+            &inp["input_ids"],
+            Some(&inp["attention_mask"]),
+            &inp["labels"],
+        )
+        .unwrap();
+    let want_loss = scalar(&exp["loss"]);
+    assert!(
+        (scalar(&loss) - want_loss).abs() < 1e-4,
+        "{}: loss {} vs {want_loss}",
+        case.name,
+        scalar(&loss)
+    );
+    let mut grads = loss.backward().unwrap();
+    if let Some(s) = &sink {
+        s.drain_into(&mut grads).unwrap();
+    }
+    assert_eq!(
+        trainable.len() + 1,
+        exp.len(),
+        "{}: same tensors",
+        case.name
+    );
+    for (key, var) in &trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{key}: no gradient"));
+        let d = max_diff(g, &exp[key]);
+        assert!(
+            d < 1e-5,
+            "{} (recompute {recompute}): {key}: max |Δgrad| = {d}",
             case.name
         );
     }
