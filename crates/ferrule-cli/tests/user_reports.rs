@@ -315,7 +315,15 @@ fn added_tokens_train_with_resized_embeddings_and_listed_rows() {
     let run = t.path().join("run-tokens").display().to_string();
     let mut args = train_args(&model, &data, &run);
     args.extend(["--resize-token-embeddings", "--method", "trainable-tokens"]);
-    args.extend(["--token-indices", "320"]);
+    // Tokens by name, looked up in the model's tokenizer.json.
+    let mut misnamed = args.clone();
+    misnamed.extend(["--token-indices", "<|tol|>"]);
+    let err = fails(&misnamed);
+    assert!(
+        err.contains("--token-indices: \"<|tol|>\" is no token id and no token of"),
+        "{err}"
+    );
+    args.extend(["--token-indices", "<|tool|>"]);
     succeeds(&args);
     let saved = ferrule::model::weights::load_safetensors_file(
         &Path::new(&run).join("adapter_model.safetensors"),

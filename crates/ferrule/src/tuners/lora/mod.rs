@@ -37,7 +37,7 @@ pub static METHOD: Method = Method {
     complete,
     build,
     flags: config::FLAGS,
-    complete_flags: None,
+    complete_flags: Some(super::trainable_tokens::config::complete_lora_flags),
     count_from_shapes: Some(count_from_shapes),
 };
 

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::tuners::flags::{text, FlagValue, OptionFlag};
 
@@ -48,24 +48,71 @@ impl TokenIndices {
     }
 }
 
+/// A list of ids given on the command line as a JSON list of integers; anything else (token
+/// names) goes through as text, for [`resolve_token_names`] (or the config's check) to read.
+fn ids_or_text(v: Value) -> Value {
+    let ids: Option<Vec<u64>> = text(&v)
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().ok())
+        .collect();
+    ids.map_or(v, Value::from)
+}
+
 /// `--trainable-token-indices 49152,49153`: the list form.
 pub const FLAG: OptionFlag = OptionFlag {
     name: "trainable-token-indices",
     value: FlagValue::Text,
     value_name: Some("IDS"),
-    help: "Comma-separated token ids whose rows of the input embedding train (and of a head tied to it), the rest of the table frozen (peft's trainable_token_indices). For tokens added to the tokenizer, with --resize-token-embeddings.",
-    keys: |v| {
-        let ids: Option<Vec<u64>> = text(&v)
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().ok())
-            .collect();
-        // Anything but integers goes through as text, for the config's check to name.
-        let value = ids.map_or(v, Value::from);
-        vec![("trainable_token_indices", value)]
-    },
+    help: "Comma-separated token ids (or tokens, e.g. \"<|call|>,<|result|>\", looked up in the model's tokenizer.json) whose rows of the input embedding train (and of a head tied to it), the rest of the table frozen (peft's trainable_token_indices). For tokens added to the tokenizer, with --resize-token-embeddings.",
+    keys: |v| vec![("trainable_token_indices", ids_or_text(v))],
 };
+
+/// The ids of the tokens a flag named (`key` holds text: `<|call|>,7`), by the tokenizer.json of
+/// the model folder `model`; a name the tokenizer does not hold is an error naming it.
+pub fn resolve_token_names(
+    options: &mut Map<String, Value>,
+    model: &str,
+    key: &str,
+    flag: &str,
+) -> Result<()> {
+    let Some(Value::String(list)) = options.get(key) else {
+        return Ok(());
+    };
+    let dir = std::path::Path::new(model);
+    if !dir.join("tokenizer.json").is_file() {
+        bail!("--{flag} {list:?} names tokens, which are looked up in a model folder's tokenizer.json, and {model} has none; give their ids")
+    }
+    let tokenizer = crate::data::load_tokenizer(dir)?;
+    let ids = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.parse::<u32>() {
+            Ok(id) => Ok(id),
+            Err(_) => tokenizer.token_to_id(s).ok_or_else(|| {
+                anyhow!(
+                    "--{flag}: {s:?} is no token id and no token of {}",
+                    dir.join("tokenizer.json").display()
+                )
+            }),
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    options.insert(key.to_string(), Value::from(ids));
+    Ok(())
+}
+
+/// LoRA's [`Method::complete_flags`](crate::tuners::Method::complete_flags): token names in
+/// `--trainable-token-indices` become ids.
+pub fn complete_lora_flags(options: &mut Map<String, Value>, model: &str) -> Result<()> {
+    resolve_token_names(options, model, "trainable_token_indices", FLAG.name)
+}
+
+/// The standalone method's: token names in `--token-indices` become ids.
+pub fn complete_flags(options: &mut Map<String, Value>, model: &str) -> Result<()> {
+    resolve_token_names(options, model, "token_indices", TOKEN_INDICES_FLAG.name)
+}
 
 fn yes() -> bool {
     true
@@ -104,14 +151,6 @@ pub const TOKEN_INDICES_FLAG: OptionFlag = OptionFlag {
     name: "token-indices",
     value: FlagValue::Text,
     value_name: Some("IDS"),
-    help: "Trainable tokens (--method trainable-tokens): comma-separated ids of the token embedding's rows that train, nothing else (peft's token_indices).",
-    keys: |v| {
-        let ids: Option<Vec<u64>> = text(&v)
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().ok())
-            .collect();
-        vec![("token_indices", ids.map_or(v, Value::from))]
-    },
+    help: "Trainable tokens (--method trainable-tokens): comma-separated ids (or tokens of the model's tokenizer.json) of the token embedding's rows that train, nothing else (peft's token_indices).",
+    keys: |v| vec![("token_indices", ids_or_text(v))],
 };

@@ -25,7 +25,7 @@ pub static METHOD: Method = Method {
     complete,
     build,
     flags: &[TOKEN_INDICES_FLAG],
-    complete_flags: None,
+    complete_flags: Some(super::config::complete_flags),
     count_from_shapes: None,
 };
 
