@@ -408,7 +408,7 @@ impl TrainConfig {
                 .get("trainable_token_indices")
                 .is_some_and(|v| !v.is_null());
         if self.resize_token_embeddings && !rows_train {
-            bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA)")
+            bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA), or train them alone with --method trainable-tokens --token-indices")
         }
         Ok(())
     }

@@ -88,7 +88,8 @@ pub struct LoraConfig {
     #[serde(default)]
     pub lora_bias: bool,
     /// Rows of the token embedding that train beside LoRA (peft's `TrainableTokensWrapper`).
-    /// Left out of the saved config when unset, as ferrule wrote it before the key existed.
+    /// Left out of the saved config when unset (peft reads a missing key as None), so an adapter
+    /// without it keeps its bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainable_token_indices: Option<TokenIndices>,
 }

@@ -7,13 +7,16 @@
 //! - the trained rows start as copies of the table's rows (`init_weights=True`), so the
 //!   adapter starts as a no-op; they replace the table's rows in the forward pass;
 //! - an output head tied to the embedding (`tie_word_embeddings`) uses the same trained rows
-//!   (peft wraps it with a `tied_adapter`), and its own copy is not saved;
-//! - saved keys: `<path>.token_adapter.trainable_tokens_delta` (`[n, hidden]`); when the
-//!   vocabulary was resized (peft's `save_embedding_layers="auto"` compares the model's
-//!   `vocab_size` with the base's), also the whole tables: the embedding's
-//!   `<path>.token_adapter.base_layer.weight`, a tied head's `lm_head.token_adapter.base_layer.weight`
-//!   and `lm_head.token_adapter.trainable_tokens_delta`, an untied head's `lm_head.weight`.
-//!   Loading uses those tables in place of the model's (which must have the same size);
+//!   (peft wraps it with a `tied_adapter`);
+//! - saved keys, beside LoRA ([`Layout::Wrapped`]): `<path>.token_adapter.trainable_tokens_delta`
+//!   (`[n, hidden]`); when the vocabulary was resized (peft's `save_embedding_layers="auto"`
+//!   compares the model's `vocab_size` with the base's), also the whole tables: the
+//!   embedding's `<path>.token_adapter.base_layer.weight`, a tied head's
+//!   `lm_head.token_adapter.base_layer.weight` and its copy of the rows
+//!   `lm_head.token_adapter.trainable_tokens_delta`, an untied head's `lm_head.weight`. The
+//!   standalone method ([`Layout::Direct`], `standalone.rs`) drops `token_adapter.` and saves the
+//!   tied head's copy of the rows even without a resize. Loading uses saved tables in place of
+//!   the model's (which must have the same size);
 //! - a merge writes the table with the rows replaced (peft `TrainableTokensLayer.merge`).
 
 pub mod config;
