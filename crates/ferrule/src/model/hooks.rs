@@ -12,9 +12,9 @@
 //!
 //! | point | called for | used by |
 //! |---|---|---|
-//! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`) |
+//! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`, a tied head's token rows) |
 //! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning, LoRA `bias="all"` |
-//! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings |
+//! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings, trainable token rows |
 //! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model | prompt tuning |
 //! | [`ModelHook::kv_prefix`] | the attention keys and values of every layer, once per model | prefix tuning |
 //! | [`ModelHook::residual_branch`] | the attention and MLP branches of every layer, before the residual add | series / parallel adapters (none yet) |
