@@ -43,12 +43,8 @@ impl SavedAdapter {
     /// (`…base_layer.weight` of a `TRAINABLE_TOKENS` adapter or of one with
     /// `trainable_token_indices`): peft saves them when the embeddings were resized.
     pub fn holds_resized_tables(&self) -> bool {
-        let token_rows = self.peft_type() == "TRAINABLE_TOKENS"
-            || self
-                .config
-                .get("trainable_token_indices")
-                .is_some_and(|v| !v.is_null());
-        token_rows
+        let options = self.config.as_object().cloned().unwrap_or_default();
+        AdapterConfig::new(self.peft_type(), options).trains_token_rows()
             && self
                 .tensors
                 .keys()

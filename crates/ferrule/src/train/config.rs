@@ -401,13 +401,7 @@ impl TrainConfig {
     /// Rows added by `resize_token_embeddings` start as a mean row: unless they train
     /// (`trainable_token_indices`), every added token reads the same embedding.
     fn validate_resize(&self) -> Result<()> {
-        let adapter = self.adapter()?;
-        let rows_train = adapter.peft_type == crate::tuners::trainable_tokens::METHOD.peft_type
-            || adapter
-                .options
-                .get("trainable_token_indices")
-                .is_some_and(|v| !v.is_null());
-        if self.resize_token_embeddings && !rows_train {
+        if self.resize_token_embeddings && !self.adapter()?.trains_token_rows() {
             bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA), or train them alone with --method trainable-tokens --token-indices")
         }
         Ok(())
