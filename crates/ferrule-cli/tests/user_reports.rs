@@ -311,6 +311,27 @@ fn added_tokens_train_with_resized_embeddings_and_listed_rows() {
         &data,
     ]);
 
+    // On a quantized base the tables are held in bf16 rows; they resize alike.
+    let run_q = t.path().join("run-qlora").display().to_string();
+    let mut qlora = train_args(&model, &data, &run_q);
+    qlora.extend([
+        "--resize-token-embeddings",
+        "--trainable-token-indices",
+        "320",
+    ]);
+    qlora.extend(["--quantize", "nf4"]);
+    succeeds(&qlora);
+    let eval_q = [
+        "eval",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--adapter",
+        &run_q,
+    ];
+    succeeds(&[&eval_q[..], &["--data", &data]].concat());
+
     // peft's standalone method: the rows alone, keys without token_adapter.
     let run = t.path().join("run-tokens").display().to_string();
     let mut args = train_args(&model, &data, &run);
