@@ -3,7 +3,8 @@
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
 # the adapter, and transformers' for the merged and the quantized folder, equal ferrule's own
-# (1e-4, f32), and that the tensorboard package reads the event files of --report-to tensorboard
+# (1e-4, f32), that peft loads an adapter trained with tokens added to the tokenizer (resized
+# embeddings, trainable_token_indices) on a base it resizes itself, and that the tensorboard package reads the event files of --report-to tensorboard
 # with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
 #
 #   scripts/check-interop.sh          (scripts/test.sh runs it)
@@ -41,5 +42,27 @@ IN=tests/fixtures/inputs/decoder.safetensors
 "$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --eval-data tests/fixtures/data/chat.jsonl \
   --max-steps 4 --eval-every 2 --report-to tensorboard --output "$work/tb" >/dev/null
 "$PY" tests/fixtures/check_tensorboard.py "$work/tb"
+# Tokens added to the tokenizer: resized embeddings, only the listed rows trained. peft's user
+# resizes the base (random new rows); the adapter's saved tables replace them.
+mkdir "$work/added" && cp $M/* "$work/added/"
+"$PY" - "$work/added/tokenizer.json" <<'PYEOF'
+import json, sys
+p = sys.argv[1]
+t = json.load(open(p))
+for i, s in ((320, "<|call|>"), (321, "<|result|>")):
+    t["added_tokens"].append({"id": i, "content": s, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True})
+json.dump(t, open(p, "w"))
+PYEOF
+printf '%s\n' '{"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "<|call|> weather <|result|> sunny"}]}' \
+  '{"messages": [{"role": "user", "content": "time?"}, {"role": "assistant", "content": "<|call|> clock <|result|> noon"}]}' > "$work/added.jsonl"
+"$BIN" train -q --threads 2 --model "$work/added" --data "$work/added.jsonl" --max-steps 3 --lr 0.05 \
+  --resize-token-embeddings --trainable-token-indices 320,321,9 --output "$work/tokens" >/dev/null
+TIN=tests/fixtures/tokens/llama_lora_tokens_resized_untied/inputs.safetensors  # ids 320, 321 and 9
+"$BIN" logits --threads 2 --model "$work/added" --adapter "$work/tokens" --inputs $TIN --out "$work/tokens.logits"
+"$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/tokens" --model "$work/added" --resize 322 \
+  --inputs $TIN --expected "$work/tokens.logits"
+
 echo "check-interop: peft loads the adapter, transformers the merged and the NF4 folder, with ferrule's logits;"
+echo "check-interop: peft loads the adapter trained on added tokens (resized embeddings) with ferrule's logits;"
 echo "check-interop: tensorboard reads the event files with the values of metrics.jsonl"

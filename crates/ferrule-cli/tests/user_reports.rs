@@ -197,17 +197,14 @@ fn answers_beyond_max_len_are_counted_with_the_flag_and_prompt_length() {
     );
 }
 
-/// A token added to the tokenizer without resizing the embeddings is refused when the model
-/// loads, naming the token and both sizes.
-#[test]
-fn tokens_past_the_embedding_are_named_at_load() {
-    let t = tempfile::tempdir().unwrap();
-    let model = t.path().join("model");
+/// A copy of the llama fixture whose tokenizer holds one added token, `<|tool|>` with id 320,
+/// one past the embedding's 320 rows (config.json vocab_size).
+fn model_with_added_token(dir: &Path) -> String {
+    let model = dir.join("model");
     copy_dir(Path::new(&fx("models/llama")), &model);
     let path = model.join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    // The fixture's embedding has 320 rows (config.json vocab_size), ids 0..319.
     tok["added_tokens"]
         .as_array_mut()
         .unwrap()
@@ -216,7 +213,15 @@ fn tokens_past_the_embedding_are_named_at_load() {
             "rstrip": false, "normalized": false, "special": true
         }));
     std::fs::write(&path, tok.to_string()).unwrap();
-    let model = model.display().to_string();
+    model.display().to_string()
+}
+
+/// A token added to the tokenizer without resizing the embeddings is refused when the model
+/// loads, naming the token and both sizes.
+#[test]
+fn tokens_past_the_embedding_are_named_at_load() {
+    let t = tempfile::tempdir().unwrap();
+    let model = model_with_added_token(t.path());
     let data = write(
         &t.path().join("d.jsonl"),
         &format!(
@@ -233,7 +238,147 @@ fn tokens_past_the_embedding_are_named_at_load() {
         assert!(err.contains("embedding has 320 rows"), "{err}");
         assert!(err.contains("the tokenizer needs 321"), "{err}");
         assert!(err.contains("resize_token_embeddings"), "{err}");
+        assert!(err.contains("--resize-token-embeddings"), "{err}");
     }
+}
+
+/// What peft offers for added tokens: the embeddings resized to the tokenizer and only the
+/// listed rows trained (trainable_token_indices). The adapter holds the resized tables, as
+/// peft saves them, and eval on the same model folder resizes it alike and loads it.
+#[test]
+fn added_tokens_train_with_resized_embeddings_and_listed_rows() {
+    let t = tempfile::tempdir().unwrap();
+    let model = model_with_added_token(t.path());
+    let data = write(
+        &t.path().join("d.jsonl"),
+        &format!(
+            "{}\n{}\n",
+            chat_line(&[("user", "call <|tool|> now"), ("assistant", "<|tool|> ok")]),
+            chat_line(&[("user", "hi"), ("assistant", "<|tool|>")])
+        ),
+    );
+    succeeds(&[
+        "data",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--resize-token-embeddings",
+    ]);
+    let run = t.path().join("run").display().to_string();
+    let mut args = train_args(&model, &data, &run);
+    args.push("--resize-token-embeddings");
+    let err = fails(&args);
+    assert!(err.contains("--trainable-token-indices"), "{err}");
+    args.extend(["--trainable-token-indices", "320,5"]);
+    succeeds(&args);
+
+    let saved = ferrule::model::weights::load_safetensors_file(
+        &Path::new(&run).join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let shape = |k: &str| saved.get(k).map(|t| t.dims().to_vec());
+    let key = |s: &str| format!("base_model.model.{s}");
+    assert_eq!(
+        shape(&key(
+            "model.embed_tokens.token_adapter.trainable_tokens_delta"
+        )),
+        Some(vec![2, 64])
+    );
+    // The fixture's lm_head is untied: peft saves it whole after a resize.
+    assert_eq!(
+        shape(&key("model.embed_tokens.token_adapter.base_layer.weight")),
+        Some(vec![321, 64])
+    );
+    assert_eq!(shape(&key("lm_head.weight")), Some(vec![321, 64]));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&run).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([320, 5])
+    );
+
+    succeeds(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--data",
+        &data,
+    ]);
+
+    // On a quantized base the tables are held in bf16 rows; they resize alike.
+    let run_q = t.path().join("run-qlora").display().to_string();
+    let mut qlora = train_args(&model, &data, &run_q);
+    qlora.extend([
+        "--resize-token-embeddings",
+        "--trainable-token-indices",
+        "320",
+    ]);
+    qlora.extend(["--quantize", "nf4"]);
+    succeeds(&qlora);
+    let eval_q = [
+        "eval",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--adapter",
+        &run_q,
+    ];
+    succeeds(&[&eval_q[..], &["--data", &data]].concat());
+
+    // peft's standalone method: the rows alone, keys without token_adapter.
+    let run = t.path().join("run-tokens").display().to_string();
+    let mut args = train_args(&model, &data, &run);
+    args.extend(["--resize-token-embeddings", "--method", "trainable-tokens"]);
+    // Tokens by name, looked up in the model's tokenizer.json.
+    let mut misnamed = args.clone();
+    misnamed.extend(["--token-indices", "<|tol|>"]);
+    let err = fails(&misnamed);
+    assert!(
+        err.contains("--token-indices: \"<|tol|>\" is no token id and no token of"),
+        "{err}"
+    );
+    args.extend(["--token-indices", "<|tool|>"]);
+    succeeds(&args);
+    let saved = ferrule::model::weights::load_safetensors_file(
+        &Path::new(&run).join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut keys: Vec<(&str, Vec<usize>)> = saved
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.dims().to_vec()))
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            ("base_model.model.lm_head.weight", vec![321, 64]),
+            (
+                "base_model.model.model.embed_tokens.base_layer.weight",
+                vec![321, 64]
+            ),
+            (
+                "base_model.model.model.embed_tokens.trainable_tokens_delta",
+                vec![1, 64]
+            ),
+        ]
+    );
+    succeeds(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &run,
+        "--data",
+        &data,
+    ]);
 }
 
 /// Classification records without --task seq-cls: say what to pass, not an internal name.

@@ -296,7 +296,6 @@ impl AdaptedModel {
     ) -> Result<Self> {
         let found = expand(adapters)?;
         let chosen = choose(&found, selection)?;
-        let mut source = ModelSource::load_with(model, device, options)?;
         let mut saved = Vec::new();
         for (name, weight) in &chosen {
             let dir = &found
@@ -310,6 +309,14 @@ impl AdaptedModel {
                 load_adapter(dir, device).with_context(|| format!("adapter {name}"))?,
             ));
         }
+        // An adapter holding a resized token embedding was trained on a base resized to the
+        // tokenizer (added tokens): resize this one alike, as peft's user resizes before loading.
+        let resize_token_embeddings = saved.iter().any(|(_, _, s)| s.holds_resized_tables());
+        let options = LoadOptions {
+            resize_token_embeddings,
+            ..options
+        };
+        let mut source = ModelSource::load_with(model, device, options)?;
         let task = match task {
             Some(t) => t,
             None => agreed_task(&saved)?.map_or_else(|| default_task(&source), Ok)?,

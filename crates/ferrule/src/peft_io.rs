@@ -39,6 +39,18 @@ impl SavedAdapter {
         }
     }
 
+    /// Whether the adapter holds whole token tables that trainable token rows were trained on
+    /// (`…base_layer.weight` of a `TRAINABLE_TOKENS` adapter or of one with
+    /// `trainable_token_indices`): peft saves them when the embeddings were resized.
+    pub fn holds_resized_tables(&self) -> bool {
+        let options = self.config.as_object().cloned().unwrap_or_default();
+        AdapterConfig::new(self.peft_type(), options).trains_token_rows()
+            && self
+                .tensors
+                .keys()
+                .any(|k| k.ends_with(".base_layer.weight"))
+    }
+
     /// The adapter's config: `peft_type` and the method's keys.
     pub fn adapter_config(&self) -> Result<AdapterConfig> {
         let origin = self.dir.join(CONFIG_FILE).display().to_string();

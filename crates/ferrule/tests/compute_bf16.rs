@@ -254,8 +254,8 @@ fn fixture_models_loaded_in_bf16_track_transformers_f32_logits() {
         let dir = common::fixtures().join("models").join(name);
         let load = |compute_dtype| {
             let options = LoadOptions {
-                quantize: None,
                 compute_dtype,
+                ..Default::default()
             };
             ModelSource::load_with(dir.to_str().unwrap(), &dev, options).unwrap()
         };

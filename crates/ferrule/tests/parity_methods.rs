@@ -692,7 +692,7 @@ fn pissa_and_olora_match_peft_and_save_as_rank_2r_lora() {
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect();
-        let replaced: HashMap<String, Tensor> = tuner.replaced().into_iter().collect();
+        let replaced: HashMap<String, Tensor> = tuner.replaced().unwrap().into_iter().collect();
         assert_eq!(
             replaced.len(),
             residual.len(),

@@ -38,6 +38,7 @@ fn reload_matches(cfg: &TrainConfig, s: &TrainSummary, ids: &Tensor) {
     let options = LoadOptions {
         quantize: cfg.quantize.as_ref(),
         compute_dtype: s.compute_dtype.dtype,
+        ..Default::default()
     };
     let a =
         AdaptedModel::load_with(&cfg.model, Some(&cfg.output_dir), None, &dev, options).unwrap();

@@ -43,6 +43,10 @@ pub struct Args {
     /// Print the counts as one JSON object instead of text (no records).
     #[arg(long)]
     json: bool,
+    /// Tokens added to the tokenizer past the embedding are fine: train grows the embedding
+    /// to them (as ferrule train --resize-token-embeddings).
+    #[arg(long)]
+    resize_token_embeddings: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -55,7 +59,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(t) = &a.task {
         cfg.task = super::parse_task(t)?;
     }
-    let source = ModelSource::load(&a.model, &super::device())?;
+    let options = ferrule::model::LoadOptions {
+        resize_token_embeddings: a.resize_token_embeddings,
+        ..Default::default()
+    };
+    let source = ModelSource::load_with(&a.model, &super::device(), options)?;
     let context = source
         .config
         .get("max_position_embeddings")

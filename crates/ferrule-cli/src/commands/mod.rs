@@ -76,6 +76,7 @@ impl ModelArgs {
             LoadOptions {
                 quantize: self.quant.spec()?.as_ref(),
                 compute_dtype: compute.dtype,
+                ..Default::default()
             },
         )?;
         if m.adapters.len() > 1 || m.weighted.is_some() {

@@ -350,6 +350,11 @@ mod tests {
                 json!("bf16"),
             ),
             (
+                vec!["--resize-token-embeddings"],
+                "resize_token_embeddings",
+                json!(true),
+            ),
+            (
                 vec!["--init-adapter", "runs/a"],
                 "init_adapter",
                 json!("runs/a"),

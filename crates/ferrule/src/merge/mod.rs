@@ -106,7 +106,7 @@ pub fn merged_tensors_with(
     };
     // Replacements first: an update may apply on top of one (a LoRA delta on PEFT's saved
     // embedding base layer, lora_B's bias on a trained base bias), as in peft.
-    for (name, t) in tuner.replaced() {
+    for (name, t) in tuner.replaced()? {
         crate::util::finite::ensure_finite(
             &t,
             || format!("the adapter's replacement for {name}"),

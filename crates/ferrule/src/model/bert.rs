@@ -127,6 +127,7 @@ impl Bert {
                 &LinearInfo {
                     path: format!("{prefix}{n}"),
                     is_output_head: false,
+                    tied_to: None,
                 },
                 FrozenLinear::from_weight(weight, Some(bias)),
             )
@@ -188,6 +189,7 @@ impl Bert {
                     &LinearInfo {
                         path: "classifier".into(),
                         is_output_head: true,
+                        tied_to: None,
                     },
                     FrozenLinear::new(weight, Some(bias))?,
                 )?)
@@ -198,6 +200,12 @@ impl Bert {
             &EmbeddingInfo {
                 path: word_path.clone(),
                 padding_idx: Some(c.pad_token_id),
+                resized_from: [
+                    "embeddings.word_embeddings.weight",
+                    "bert.embeddings.word_embeddings.weight",
+                ]
+                .into_iter()
+                .find_map(|n| w.grown_from(n)),
             },
             w.frozen_any(
                 &names("embeddings.word_embeddings.weight"),

@@ -12,9 +12,9 @@
 //!
 //! | point | called for | used by |
 //! |---|---|---|
-//! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`) |
+//! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`, a tied head's token rows) |
 //! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning, LoRA `bias="all"` |
-//! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings |
+//! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings, trainable token rows |
 //! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model | prompt tuning |
 //! | [`ModelHook::kv_prefix`] | the attention keys and values of every layer, once per model | prefix tuning |
 //! | [`ModelHook::residual_branch`] | the attention and MLP branches of every layer, before the residual add | series / parallel adapters (none yet) |
@@ -72,6 +72,10 @@ pub struct LinearInfo {
     pub path: String,
     /// The model's output layer (`lm_head`, `classifier`): PEFT's `all-linear` skips it.
     pub is_output_head: bool,
+    /// The token embedding whose table this layer shares (a head with
+    /// `tie_word_embeddings`), e.g. `model.embed_tokens`; the layer is then handed the table
+    /// the embedding point returned as its [`Embedding::base`].
+    pub tied_to: Option<String>,
 }
 
 /// A token-embedding table as a model calls it: `ids: [n]` (u32) → rows `[n, hidden]`.
@@ -102,6 +106,9 @@ pub struct EmbeddingInfo {
     /// `padding_idx` (the config's `pad_token_id`): a trained table gives its row no gradient,
     /// as `torch.nn.functional.embedding` does.
     pub padding_idx: Option<u32>,
+    /// The rows the checkpoint's table had, when it was grown to a larger tokenizer
+    /// (`ModelSource::resize_token_embeddings`); peft then saves the table with the adapter.
+    pub resized_from: Option<usize>,
 }
 
 /// What a hook is told about a norm layer.

@@ -106,6 +106,7 @@ fn linear(
         &LinearInfo {
             path: path.to_string(),
             is_output_head: path == "lm_head",
+            tied_to: None,
         },
         FrozenLinear::from_weight(weight, bias),
     )
@@ -142,6 +143,7 @@ impl DecoderLm {
             &EmbeddingInfo {
                 path: "model.embed_tokens".into(),
                 padding_idx: c.pad_token_id,
+                resized_from: w.grown_from("model.embed_tokens.weight"),
             },
             table,
         )?;
@@ -231,7 +233,8 @@ impl DecoderLm {
             }));
         }
         let norm = rms_weight(w, hook, "model.norm", h)?;
-        let head_weight = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+        let tied = c.tie_word_embeddings || !w.contains("lm_head.weight");
+        let head_weight = if tied {
             embed_tokens.base().clone()
         } else {
             w.frozen("lm_head.weight", [c.vocab_size, h])?
@@ -240,6 +243,7 @@ impl DecoderLm {
             &LinearInfo {
                 path: "lm_head".into(),
                 is_output_head: true,
+                tied_to: tied.then(|| "model.embed_tokens".to_string()),
             },
             FrozenLinear::from_weight(head_weight, None),
         )?;

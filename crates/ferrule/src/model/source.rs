@@ -37,6 +37,9 @@ pub struct LoadOptions<'a> {
     /// The frozen matrices' compute dtype: dense ones are held in it, quantized ones
     /// dequantize to it ([`crate::ops::compute_dtype`]).
     pub compute_dtype: ComputeDtype,
+    /// Grow the token embeddings to the tokenizer (`--resize-token-embeddings`) instead of
+    /// refusing tokens past them.
+    pub resize_token_embeddings: bool,
 }
 
 impl<'a> LoadOptions<'a> {
@@ -57,13 +60,23 @@ impl ModelSource {
     }
 
     /// [`ModelSource::load`] with `options`: the linear weights of a safetensors checkpoint
-    /// quantized while reading it, and the compute dtype. A GGUF file or a bitsandbytes
-    /// checkpoint is already quantized and keeps its own format; asking to quantize it again
-    /// is an error.
+    /// quantized while reading it, the compute dtype, and the token embeddings grown to the
+    /// tokenizer's size where its tokens run past them
+    /// ([`ModelSource::resize_token_embeddings`]) instead of the error that names those
+    /// tokens. A GGUF file or a bitsandbytes checkpoint is already quantized and keeps its own
+    /// format; asking to quantize it again is an error.
     pub fn load_with(spec: &str, device: &Device, options: LoadOptions) -> Result<Self> {
+        let mut source = Self::open(spec, device, options)?;
+        if options.resize_token_embeddings {
+            source.resize_token_embeddings()?;
+        }
+        Ok(source)
+    }
+
+    fn open(spec: &str, device: &Device, options: LoadOptions) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Self::from_dir_with(path, device, options);
+            return Self::read_dir(path, device, options);
         }
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
@@ -80,7 +93,7 @@ impl ModelSource {
                     "{spec} is not a local path, and fetching it from the Hugging Face hub failed"
                 )
             })?;
-            return Self::from_dir_with(&dir, device, options);
+            return Self::read_dir(&dir, device, options);
         }
         bail!("{spec}: no such file or folder")
     }
@@ -90,6 +103,10 @@ impl ModelSource {
     }
 
     pub fn from_dir_with(dir: &Path, device: &Device, options: LoadOptions) -> Result<Self> {
+        Self::read_dir(dir, device, options)
+    }
+
+    fn read_dir(dir: &Path, device: &Device, options: LoadOptions) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
             bail!("{}", missing_config(dir))
@@ -115,7 +132,9 @@ impl ModelSource {
             .unwrap_or(u32::MAX as u64) as usize; // checked above
         let generation_config = crate::generate::GenerationConfig::from_model_dir(dir, vocab_size)?;
         if let Some(t) = &tokenizer {
-            check_token_ids(t, vocab_size, dir)?;
+            if !options.resize_token_embeddings {
+                check_token_ids(t, vocab_size, dir)?;
+            }
             warn_unknown_special_tokens(t, tokenizer_config.as_ref());
         }
         Ok(Self {
@@ -203,6 +222,58 @@ impl ModelSource {
             }
         }
         ids
+    }
+
+    /// transformers' `model.resize_token_embeddings(len(tokenizer))`, for a tokenizer that holds
+    /// more tokens than the embedding has rows (tokens added to it): the token embedding, and
+    /// an output head that is not tied to it, grow to the tokenizer's size, the new rows the
+    /// mean of the old ([`Weights::grow_rows`]), and `vocab_size` in the config with them.
+    /// Returns `(rows before, rows after)`; a tokenizer that fits changes nothing (the table
+    /// never shrinks, where transformers' would to `len(tokenizer)`).
+    pub fn resize_token_embeddings(&mut self) -> Result<Option<(usize, usize)>> {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(None);
+        };
+        let needed = tokenizer_rows(tokenizer);
+        let rows = self
+            .config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        if needed <= rows {
+            return Ok(None);
+        }
+        let names: Vec<&str> = match super::config::family_of(&self.config)? {
+            super::config::Family::Decoder => {
+                let tied = self.config.get("tie_word_embeddings") == Some(&Value::Bool(true));
+                let mut names = vec!["model.embed_tokens.weight"];
+                if !tied && self.weights.contains("lm_head.weight") {
+                    names.push("lm_head.weight");
+                }
+                names
+            }
+            super::config::Family::Bert => [
+                "embeddings.word_embeddings.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ]
+            .into_iter()
+            .filter(|n| self.weights.contains(n))
+            .collect(),
+        };
+        for name in names {
+            self.weights.grow_rows(name, needed).with_context(|| {
+                format!(
+                    "{}: resizing the token embeddings to the tokenizer's {needed} tokens",
+                    self.location.display()
+                )
+            })?;
+        }
+        self.config["vocab_size"] = Value::from(needed);
+        tracing::info!(
+            "token embeddings resized from {rows} to {needed} rows (the tokenizer's size); the {} new rows start as the mean of the old",
+            needed - rows
+        );
+        Ok(Some((rows, needed)))
     }
 
     pub fn model_type(&self) -> &str {
@@ -294,6 +365,13 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// The rows an embedding needs for every id of `tokenizer` (transformers' `len(tokenizer)`
+/// where ids are dense): its largest id plus one.
+fn tokenizer_rows(tokenizer: &tokenizers::Tokenizer) -> usize {
+    let vocab = tokenizer.get_vocab(true);
+    vocab.values().max().map_or(0, |&m| m as usize + 1)
+}
+
 /// Every token id must index a row of the embedding table. Tokens added to a tokenizer
 /// (`tokenizer.add_tokens`) without resizing the model's embeddings get ids past its last row,
 /// which would fail deep inside the first forward pass that meets one.
@@ -309,7 +387,7 @@ fn check_token_ids(tokenizer: &tokenizers::Tokenizer, rows: usize, dir: &Path) -
     }
     beyond.sort();
     let (first_id, first) = beyond[0];
-    let tokenizer_size = vocab.values().max().map_or(0, |&m| m as usize + 1);
+    let tokenizer_size = tokenizer_rows(tokenizer);
     let others = match beyond.len() {
         1 => String::new(),
         n => format!(
@@ -321,9 +399,11 @@ fn check_token_ids(tokenizer: &tokenizers::Tokenizer, rows: usize, dir: &Path) -
     bail!(
         "{}: token {first:?} has id {first_id}{others}, but the model's embedding has {rows} rows \
          (config.json vocab_size {rows}) and the tokenizer needs {tokenizer_size}: the tokens were \
-         added to the tokenizer without resizing the embeddings. Resize them and save the model \
-         (transformers: model.resize_token_embeddings(len(tokenizer)), then save_pretrained), or \
-         use the tokenizer the model was saved with",
+         added to the tokenizer without resizing the embeddings. To train them, pass \
+         --resize-token-embeddings and list their ids in --trainable-token-indices (LoRA); or \
+         resize them and save the model (transformers: \
+         model.resize_token_embeddings(len(tokenizer)), then save_pretrained), or use the \
+         tokenizer the model was saved with",
         dir.join("tokenizer.json").display()
     )
 }

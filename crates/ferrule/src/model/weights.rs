@@ -28,6 +28,8 @@ pub struct Weights {
     /// The dtype of the frozen matrices' products: dense matrices are held in it, quantized
     /// and sharded ones dequantize their tiles to it ([`FrozenWeight::compute_dtype`]).
     compute_dtype: ComputeDtype,
+    /// Tables grown by [`Weights::grow_rows`], with the rows the checkpoint had.
+    grown: HashMap<String, usize>,
 }
 
 impl Weights {
@@ -47,6 +49,7 @@ impl Weights {
             source: source.into(),
             used: Default::default(),
             compute_dtype: ComputeDtype::F32,
+            grown: HashMap::new(),
         }
     }
 
@@ -422,6 +425,71 @@ impl Weights {
     pub fn into_tensors(self) -> HashMap<String, Tensor> {
         self.tensors
     }
+
+    /// Grows the dense table `name` (`[rows₀, cols]`) to `rows` rows, each new row the mean of
+    /// the old ones, in the table's dtype. transformers' `resize_token_embeddings` (with its
+    /// default `mean_resizing=True`) draws the new rows from a normal of that mean and 1e-9 times
+    /// the rows' covariance (`_init_added_embeddings_weights_with_mean`): a noise of about
+    /// 3·10⁻⁵ standard deviations, left out here so a resumed run rebuilds the same table.
+    pub fn grow_rows(&mut self, name: &str, rows: usize) -> Result<()> {
+        if let Some(table) = self.quantized.get(name) {
+            if let Some(b) = table.as_any().downcast_ref::<Bf16Rows>() {
+                return self.grow_bf16_rows(name, b.clone(), rows);
+            }
+        }
+        if self.quantized.contains_key(name) || self.sharded.contains_key(name) {
+            bail!(
+                "{}: tensor {name:?} is held quantized or sharded; only a dense table can grow",
+                self.source.display()
+            )
+        }
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
+        let (old, cols) = t.dims2()?;
+        if rows <= old {
+            return Ok(());
+        }
+        let mean = t.to_dtype(DType::F32)?.mean_keepdim(0)?;
+        let added = mean.broadcast_as((rows - old, cols))?.to_dtype(t.dtype())?;
+        let grown = Tensor::cat(&[t, &added], 0)?;
+        self.tensors.insert(name.to_string(), grown);
+        self.grown.entry(name.to_string()).or_insert(old);
+        Ok(())
+    }
+
+    /// [`Weights::grow_rows`] for a table held in bf16 rows (the embedding and head beside a
+    /// `--quantize`d base): the mean taken in f32, rounded to bf16 as the old rows are.
+    fn grow_bf16_rows(&mut self, name: &str, table: Bf16Rows, rows: usize) -> Result<()> {
+        let (old, cols) = (table.rows, table.cols);
+        if rows <= old {
+            return Ok(());
+        }
+        let mut mean = vec![0f64; cols];
+        for row in table.data.chunks(cols) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v.to_f32() as f64;
+            }
+        }
+        let mean: Vec<half::bf16> = mean
+            .iter()
+            .map(|m| half::bf16::from_f32((m / old as f64) as f32))
+            .collect();
+        let mut data = table.data;
+        for _ in old..rows {
+            data.extend_from_slice(&mean);
+        }
+        let grown = Bf16Rows { rows, cols, data };
+        self.quantized.insert(name.to_string(), Arc::new(grown));
+        self.grown.entry(name.to_string()).or_insert(old);
+        Ok(())
+    }
+
+    /// The rows table `name` had in the checkpoint, when [`Weights::grow_rows`] grew it.
+    pub fn grown_from(&self, name: &str) -> Option<usize> {
+        self.grown.get(name).copied()
+    }
 }
 
 /// Drops a tensor's file pages from the process once it has been copied or quantized, so that
@@ -554,4 +622,56 @@ pub fn load_safetensors_file(path: &Path, device: &Device) -> Result<HashMap<Str
         out.insert(name.to_string(), t);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// New rows are the old rows' mean, in the table's dtype; the table never shrinks; a
+    /// quantized table cannot grow, and the error names it.
+    #[test]
+    fn grown_rows_are_the_mean_and_only_dense_tables_grow() {
+        let dev = Device::Cpu;
+        let table = Tensor::new(&[[1f32, 2.0], [3.0, 6.0]], &dev).unwrap();
+        let mut w = Weights::new(
+            HashMap::from([
+                ("t".to_string(), table.clone()),
+                ("h".to_string(), table.to_dtype(DType::BF16).unwrap()),
+            ]),
+            "m",
+        );
+        w.grow_rows("t", 4).unwrap();
+        let grown: Vec<Vec<f32>> = w.get("t", &[4, 2]).unwrap().to_vec2().unwrap();
+        assert_eq!(grown[2..], [vec![2.0, 4.0], vec![2.0, 4.0]]);
+        assert_eq!(w.grown_from("t"), Some(2));
+        w.grow_rows("t", 3).unwrap();
+        assert_eq!(w.get("t", &[4, 2]).unwrap().dims(), [4, 2], "never shrinks");
+        w.grow_rows("h", 3).unwrap();
+        let h = w.get("h", &[3, 2]).unwrap();
+        assert_eq!(h.dtype(), DType::BF16);
+        assert_eq!(w.grown_from("x"), None);
+
+        let spec = QuantSpec::new(crate::quant::QuantMethod::Nf4, 64, false).unwrap();
+        let q = spec.quantize("q", &[0.5f32; 2 * 64], 2, 64).unwrap();
+        let mut quantized =
+            Weights::with_quantized(HashMap::new(), HashMap::from([("q".to_string(), q)]), "m");
+        let e = quantized.grow_rows("q", 3).unwrap_err().to_string();
+        assert!(
+            e.contains("\"q\"") && e.contains("only a dense table can grow"),
+            "{e}"
+        );
+
+        // A bf16-row table (beside a quantized base) grows in bf16.
+        let rows = Bf16Rows::from_f32(&[1.0, 2.0, 3.0, 6.0], 2, 2);
+        let mut held = Weights::with_quantized(
+            HashMap::new(),
+            HashMap::from([("e".to_string(), Arc::new(rows) as Arc<dyn QuantMatrix>)]),
+            "m",
+        );
+        held.grow_rows("e", 3).unwrap();
+        let grown = held.quantized()["e"].dequantize();
+        assert_eq!(grown, vec![1.0, 2.0, 3.0, 6.0, 2.0, 4.0]);
+        assert_eq!(held.grown_from("e"), Some(2));
+    }
 }

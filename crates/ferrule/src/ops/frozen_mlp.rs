@@ -25,9 +25,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shap
 use rayon::prelude::*;
 
 use super::frozen_linear::{add_bias, add_input_grad, add_product, add_product_of};
-use super::product::Operand;
 use super::gelu::{gelu, gelu_value_and_slope};
 use super::kernels::{self, multiversion};
+use super::product::Operand;
 use super::swiglu::{swiglu, swiglu_grads, swiglu_value};
 use super::FrozenLinear;
 
@@ -203,7 +203,10 @@ impl FrozenMlp {
             Activation::Gelu => vec![&self.up],
         };
         // Rounded once for both projections (they share a compute dtype).
-        let x = Operand::new(&x[..m * self.up.in_features()], self.up.weight().compute_dtype());
+        let x = Operand::new(
+            &x[..m * self.up.in_features()],
+            self.up.weight().compute_dtype(),
+        );
         linears
             .into_iter()
             .map(|lin| {

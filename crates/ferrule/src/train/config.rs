@@ -53,6 +53,13 @@ pub struct TrainConfig {
     /// error (the flag is among the method's, `--allow-unmatched`).
     #[cfg_attr(feature = "cli", arg(skip))]
     pub allow_unmatched: bool,
+    /// Grow the token embeddings (and an untied lm_head) to the tokenizer's size when tokens
+    /// were added to it, the new rows the mean of the old (transformers'
+    /// resize_token_embeddings); list the rows to train in trainable_token_indices. The adapter
+    /// then holds the resized tables, as peft saves them.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::METHOD))]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resize_token_embeddings: bool,
     /// Longest sequence in tokens (default: the model's context, at most 512).
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::DATA))]
     pub max_len: Option<usize>,
@@ -238,6 +245,7 @@ impl Default for TrainConfig {
             adapter: None,
             lora: None,
             allow_unmatched: false,
+            resize_token_embeddings: false,
             max_len: None,
             truncate: true,
             completion_only: true,
@@ -329,6 +337,7 @@ impl TrainConfig {
             batch_tokens: Some(1),
             packing: true,
             shard_base: true,
+            resize_token_embeddings: true,
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
             ..Default::default()
@@ -392,6 +401,15 @@ impl TrainConfig {
         }
         if self.task == Task::FeatureExtraction {
             bail!("train: FEATURE_EXTRACTION has no training objective; use CAUSAL_LM or SEQ_CLS")
+        }
+        self.validate_resize()
+    }
+
+    /// Rows added by `resize_token_embeddings` start as a mean row: unless they train
+    /// (`trainable_token_indices`), every added token reads the same embedding.
+    fn validate_resize(&self) -> Result<()> {
+        if self.resize_token_embeddings && !self.adapter()?.trains_token_rows() {
+            bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA), or train them alone with --method trainable-tokens --token-indices")
         }
         Ok(())
     }

@@ -98,6 +98,7 @@ pub fn prepare_sharded(
     let options = LoadOptions {
         quantize: cfg.quantize.as_ref(),
         compute_dtype: cfg.compute_dtype.resolve()?.dtype,
+        resize_token_embeddings: cfg.resize_token_embeddings,
     };
     let mut source = ModelSource::load_with(&cfg.model, device, options)?;
     if let Some(comm) = base {

@@ -69,6 +69,16 @@ impl AdapterConfig {
         registry::by_peft_type(&self.peft_type)
     }
 
+    /// Whether the adapter trains rows of token tables: LoRA's `trainable_token_indices` or
+    /// the standalone `TRAINABLE_TOKENS` method (what a resized embedding needs to train).
+    pub fn trains_token_rows(&self) -> bool {
+        self.peft_type == super::trainable_tokens::METHOD.peft_type
+            || self
+                .options
+                .get("trainable_token_indices")
+                .is_some_and(|v| !v.is_null())
+    }
+
     /// The method's options as one JSON object (what its typed config deserializes from).
     pub fn options_json(&self) -> Value {
         Value::Object(self.options.clone())

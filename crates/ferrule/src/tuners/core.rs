@@ -235,6 +235,7 @@ mod tests {
         let info = LinearInfo {
             path: path.into(),
             is_output_head: false,
+            tied_to: None,
         };
         let weight = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         let base = FrozenLinear::new(weight, None).unwrap();

@@ -22,6 +22,7 @@ pub mod prompt_tuning;
 pub mod randlora;
 pub mod registry;
 pub mod target;
+pub mod trainable_tokens;
 pub mod training_clock;
 pub mod weighted;
 
@@ -101,9 +102,10 @@ pub trait Tuner: ModelHook {
     }
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;
-    /// Base tensors replaced outright by trained copies (`modules_to_save`, LN tuning).
-    fn replaced(&self) -> Vec<(String, Tensor)> {
-        self.core().saved_replaced()
+    /// Base tensors replaced outright by trained copies (`modules_to_save`, LN tuning, a
+    /// table with trained token rows).
+    fn replaced(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.core().saved_replaced())
     }
     /// Trainable elements that are base parameters trained in place rather than copies (LoRA's
     /// `bias = "all" | "lora_only"`): PEFT counts them once in the model total.

@@ -131,7 +131,7 @@ impl Tuner for LnTuning {
     }
 
     /// PEFT's merge swaps the trained copy in: the norm tensors are replaced whole.
-    fn replaced(&self) -> Vec<(String, Tensor)> {
+    fn replaced(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = self.core.saved_replaced();
         for adapted in self.core.adapted().iter() {
             let path = &adapted.module.path;
@@ -142,6 +142,6 @@ impl Tuner for LnTuning {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }

@@ -7,7 +7,8 @@ use serde_json::{Map, Value};
 use regex::Regex;
 
 use crate::tuners::flags::{FlagValue, OptionFlag};
-use crate::tuners::target::{compile_pattern_key, pattern_index, ModuleSpec};
+use crate::tuners::target::{compile_pattern_key, pattern_index, suffix_match, ModuleSpec};
+use crate::tuners::trainable_tokens::TokenIndices;
 
 /// A module's rank and alpha ([`LoraConfig::rank_and_alpha`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,6 +87,11 @@ pub struct LoraConfig {
     pub alpha_pattern: Map<String, Value>,
     #[serde(default)]
     pub lora_bias: bool,
+    /// Rows of the token embedding that train beside LoRA (peft's `TrainableTokensWrapper`).
+    /// Left out of the saved config when unset (peft reads a missing key as None), so an adapter
+    /// without it keeps its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<TokenIndices>,
 }
 
 pub use crate::tuners::target::{LayersPattern, LayersToTransform};
@@ -108,6 +114,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "rank_pattern",
     "alpha_pattern",
     "lora_bias",
+    "trainable_token_indices",
 ];
 
 /// Compiled `rank_pattern` / `alpha_pattern` keys, in the config's order.
@@ -191,6 +198,28 @@ impl LoraConfig {
             }
         }
         self.patterns()?;
+        self.check_token_indices()
+    }
+
+    /// `trainable_token_indices`: well formed, and not on an embedding that `modules_to_save`
+    /// trains in full (peft raises the same).
+    fn check_token_indices(&self) -> Result<()> {
+        let Some(indices) = &self.trainable_token_indices else {
+            return Ok(());
+        };
+        indices.validate("lora: trainable_token_indices")?;
+        let names: Vec<&str> = match indices {
+            TokenIndices::Embedding(_) => vec!["embed_tokens", "word_embeddings"],
+            TokenIndices::ByModule(m) => m.keys().map(String::as_str).collect(),
+        };
+        let mut full = self.modules_to_save.iter().flatten();
+        if let Some(m) = full.find(|m| {
+            names
+                .iter()
+                .any(|n| suffix_match(n, m) || suffix_match(m, n))
+        }) {
+            bail!("lora: {m:?} is both in modules_to_save (trained in full) and in trainable_token_indices (some rows trained); keep one of them, as peft requires")
+        }
         Ok(())
     }
 
@@ -312,6 +341,7 @@ pub static FLAGS: &[OptionFlag] = &[
             vec![("init_lora_weights", init)]
         },
     },
+    crate::tuners::trainable_tokens::config::FLAG,
 ];
 
 #[cfg(test)]

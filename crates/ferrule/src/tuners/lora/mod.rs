@@ -22,6 +22,7 @@ use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockLinear, BlockShapes, BuildContext, Method};
 use super::target::{MatchReport, Targets};
+use super::trainable_tokens::{TokenLinear, TrainableTokens};
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
 use crate::model::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
@@ -36,7 +37,7 @@ pub static METHOD: Method = Method {
     complete,
     build,
     flags: config::FLAGS,
-    complete_flags: None,
+    complete_flags: Some(super::trainable_tokens::config::complete_lora_flags),
     count_from_shapes: Some(count_from_shapes),
 };
 
@@ -110,6 +111,8 @@ pub struct Lora {
     core: TunerCore<LoraConfig, LoraLayer>,
     patterns: config::Patterns,
     biases: TrainedBiases,
+    /// `trainable_token_indices`: embedding rows trained beside LoRA.
+    tokens: TrainableTokens,
     state: Mutex<State>,
 }
 
@@ -172,9 +175,14 @@ impl Lora {
             ..Default::default()
         };
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
+        let tokens = TrainableTokens::new(
+            config.trainable_token_indices.as_ref(),
+            "lora: trainable_token_indices",
+        )?;
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
             biases,
+            tokens,
             patterns,
             state: Mutex::new(state),
         })
@@ -458,6 +466,13 @@ impl ModelHook for Lora {
             LinearRoute::Untargeted(base) => (base, false),
         };
         let path = info.path.as_str();
+        if targeted && self.tokens.takes_linear(info) {
+            bail!("lora: {path} is in target_modules and also gets trainable token rows (trainable_token_indices, or a head tied to that embedding); peft would train only one of them. Leave it out of one")
+        }
+        let base = match self.tokens.linear(info, base, &self.core.params)? {
+            TokenLinear::Rows(layer) => return Ok(layer),
+            TokenLinear::NotListed(base) => base,
+        };
         let base_has_bias = base.bias().is_some();
         let base = if targeted {
             FrozenLinear::from_weight(
@@ -535,6 +550,12 @@ impl ModelHook for Lora {
     /// A zero and B standard normal by default, both standard normal with `init_lora_weights = false`.
     fn embedding(&self, info: &EmbeddingInfo, base: FrozenWeight) -> Result<Box<dyn Embedding>> {
         let path = info.path.as_str();
+        if self.tokens.takes_embedding(path) {
+            if self.core.adapts(path, true) {
+                bail!("lora: {path} is in target_modules and in trainable_token_indices; peft would train only the token rows. Leave it out of one")
+            }
+            return self.tokens.embedding(info, base, &self.core.params);
+        }
         if !self.core.adapts(path, true) {
             return Ok(Box::new(self.saved_base(path, base)?));
         }
@@ -591,6 +612,7 @@ impl Tuner for Lora {
     }
 
     fn finish(&self) -> Result<Vec<MatchReport>> {
+        self.tokens.check_finished()?;
         let nothing_adapted = self.core.adapted().is_empty();
         let report = self
             .core
@@ -656,6 +678,7 @@ impl Tuner for Lora {
                 None => (key, trained),
             });
         }
+        out.extend(self.tokens.saved_tables()?);
         Ok(out)
     }
 
@@ -710,10 +733,17 @@ impl Tuner for Lora {
         self.biases.count(&self.core.params)
     }
 
-    fn replaced(&self) -> Vec<(String, Tensor)> {
+    fn replaced(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = self.core.saved_replaced();
         out.extend(self.biases.replaced(&self.core.params));
         out.extend(self.state.lock().unwrap().base_replaced.iter().cloned());
+        out.extend(self.tokens.replaced()?);
+        Ok(out)
+    }
+
+    fn adapted(&self) -> Vec<AdaptedModule> {
+        let mut out = self.core.adapted_modules();
+        out.extend(self.tokens.adapted());
         out
     }
 }
