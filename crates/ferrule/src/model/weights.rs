@@ -648,8 +648,12 @@ mod tests {
         w.grow_rows("t", 3).unwrap();
         assert_eq!(w.get("t", &[4, 2]).unwrap().dims(), [4, 2], "never shrinks");
         w.grow_rows("h", 3).unwrap();
-        let h = w.get("h", &[3, 2]).unwrap();
-        assert_eq!(h.dtype(), DType::BF16);
+        let h = w.frozen("h", [3, 2]).unwrap();
+        assert_eq!(
+            h.compute_dtype(),
+            ComputeDtype::Bf16,
+            "held in bf16 as before"
+        );
         assert_eq!(w.grown_from("x"), None);
 
         let spec = QuantSpec::new(crate::quant::QuantMethod::Nf4, 64, false).unwrap();
