@@ -466,6 +466,9 @@ fn a_resume_in_another_compute_dtype_is_refused_by_name() {
         eprintln!("skipping: no bf16 here: {err}");
         return;
     }
+    // The run's first lines say which dtype computes and why.
+    let said = stderr(&first);
+    assert!(said.contains("compute dtype: bf16 (asked for)"), "{said}");
     let f32 = [
         "--compute-dtype",
         "f32",

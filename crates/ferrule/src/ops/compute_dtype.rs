@@ -192,7 +192,8 @@ fn bf16_support() -> std::result::Result<Bf16Flags, String> {
                 .into(),
         );
     }
-    super::onednn::library().map_err(|why| why.to_string())?;
+    super::onednn::library()
+        .map_err(|why| format!("bf16 products need oneDNN, which is not available: {why}"))?;
     Ok(Bf16Flags { amx_bf16 })
 }
 
