@@ -240,6 +240,15 @@ fn tokens_past_the_embedding_are_named_at_load() {
         assert!(err.contains("resize_token_embeddings"), "{err}");
         assert!(err.contains("--resize-token-embeddings"), "{err}");
     }
+    // inspect takes the flag too: the model and what an adapter would train on it.
+    let inspect = ["inspect", "--model", &model, "--method", "lora"];
+    let err = fails(&inspect);
+    assert!(err.contains("--resize-token-embeddings"), "{err}");
+    let resized = [&inspect[..], &["--resize-token-embeddings", "--json"]].concat();
+    let (resized_ok, out, err) = ferrule(&resized);
+    assert!(resized_ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["config"]["vocab_size"], 321, "{out}");
 }
 
 /// What peft offers for added tokens: the embeddings resized to the tokenizer and only the

@@ -10,7 +10,6 @@ use serde_json::Value;
 
 use crate::model::{family_of, Family, Frozen, LoadOptions, Model, ModelHook, ModelSource, Task};
 use crate::peft_io::{find_adapters, load_adapter, SavedAdapter};
-use crate::quant::QuantSpec;
 use crate::tuners::weighted::{Member, WeightedSum};
 use crate::tuners::{
     registry, total_params, trainable_params, AdaptedModule, AdapterConfig, BuildContext,
@@ -37,16 +36,16 @@ pub struct TrainingPlan {
 }
 
 impl TrainingPlan {
-    /// What `adapter` would train on the model at `model` (quantized as `quantize` says)
-    /// for `task` (the model family's default when `None`): the adapter attached fresh.
+    /// What `adapter` would train on the model at `model` (loaded as `options` say) for
+    /// `task` (the model family's default when `None`): the adapter attached fresh.
     pub fn of(
         model: &str,
         adapter: &AdapterConfig,
         task: Option<Task>,
-        quantize: Option<&QuantSpec>,
+        options: LoadOptions,
         allow_unmatched: bool,
     ) -> Result<Self> {
-        let (_source, tuned) = attach_fresh(model, adapter, task, quantize, allow_unmatched)?;
+        let (_source, tuned) = attach_fresh(model, adapter, task, options, allow_unmatched)?;
         let tuner = tuned.tuner.as_ref();
         let trainable = trainable_params(tuner);
         let total = total_params(tuned.model.base_params, tuner);
@@ -103,18 +102,18 @@ pub struct TunedModel {
     pub adapter: AdapterConfig,
 }
 
-/// Loads the model at `model` on the CPU (quantized as `quantize` says) and [`attach`]es a
+/// Loads the model at `model` on the CPU (as `options` say) and [`attach`]es a
 /// fresh `adapter` for `task` (the model family's default when `None`), seed 0: what
 /// `inspect` and `plan` count.
 pub fn attach_fresh(
     model: &str,
     adapter: &AdapterConfig,
     task: Option<Task>,
-    quantize: Option<&QuantSpec>,
+    options: LoadOptions,
     allow_unmatched: bool,
 ) -> Result<(ModelSource, TunedModel)> {
     let device = Device::Cpu;
-    let source = ModelSource::load_with(model, &device, LoadOptions::quantized(quantize))?;
+    let source = ModelSource::load_with(model, &device, options)?;
     let task = task.unwrap_or(default_task(&source)?);
     let ctx = BuildContext {
         seed: 0,
@@ -311,7 +310,8 @@ impl AdaptedModel {
         }
         // An adapter holding a resized token embedding was trained on a base resized to the
         // tokenizer (added tokens): resize this one alike, as peft's user resizes before loading.
-        let resize_token_embeddings = saved.iter().any(|(_, _, s)| s.holds_resized_tables());
+        let resize_token_embeddings = options.resize_token_embeddings
+            || saved.iter().any(|(_, _, s)| s.holds_resized_tables());
         let options = LoadOptions {
             resize_token_embeddings,
             ..options

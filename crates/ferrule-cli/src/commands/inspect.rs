@@ -113,11 +113,16 @@ fn training_plan(args: &Args, task: Option<ferrule::model::Task>) -> Result<Opti
         ..TrainConfig::default()
     })?;
     let quant = args.model.quant.spec()?;
+    let options = ferrule::model::LoadOptions {
+        quantize: quant.as_ref(),
+        resize_token_embeddings: args.model.resize_token_embeddings,
+        ..Default::default()
+    };
     Ok(Some(TrainingPlan::of(
         &args.model.model,
         &adapter,
         task,
-        quant.as_ref(),
+        options,
         args.adapter.allow_unmatched,
     )?))
 }

@@ -46,6 +46,10 @@ pub struct ModelArgs {
     /// computes it faster). Default: auto for eval and generate, f32 for logits and inspect.
     #[arg(long, value_name = "DTYPE")]
     pub compute_dtype: Option<ComputeDtypeChoice>,
+    /// Grow the token embeddings to the tokenizer's tokens (added tokens), as train's flag
+    /// does; an adapter that holds resized tables resizes the base without it.
+    #[arg(long)]
+    pub resize_token_embeddings: bool,
 }
 
 impl ModelArgs {
@@ -76,7 +80,7 @@ impl ModelArgs {
             LoadOptions {
                 quantize: self.quant.spec()?.as_ref(),
                 compute_dtype: compute.dtype,
-                ..Default::default()
+                resize_token_embeddings: self.resize_token_embeddings,
             },
         )?;
         if m.adapters.len() > 1 || m.weighted.is_some() {

@@ -225,7 +225,13 @@ impl PlannedModel {
         quantize: Option<&QuantSpec>,
         allow_unmatched: bool,
     ) -> Result<Self> {
-        let (source, tuned) = attach_fresh(model, adapter, task, quantize, allow_unmatched)?;
+        let (source, tuned) = attach_fresh(
+            model,
+            adapter,
+            task,
+            crate::model::LoadOptions::quantized(quantize),
+            allow_unmatched,
+        )?;
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
             base_bytes: WeightMemory::of(&source.weights).total_bytes() as f64,
