@@ -19,6 +19,10 @@ pub struct Args {
     adapter: super::adapter_args::AdapterArgs,
     #[command(flatten)]
     quant: super::QuantArgs,
+    /// The compute dtype the run would use (train's --compute-dtype; default auto, decided on
+    /// this machine): dense frozen matrices are held in it.
+    #[arg(long, value_name = "DTYPE", default_value = "auto")]
+    compute_dtype: ferrule::ops::ComputeDtypeChoice,
     /// Ranks (processes) of the run.
     #[arg(long, default_value_t = 1)]
     world_size: usize,
@@ -67,11 +71,17 @@ pub fn run(args: Args) -> Result<()> {
         model: args.model.clone(),
         ..TrainConfig::default()
     })?;
+    let compute = args.compute_dtype.resolve()?;
+    let options = ferrule::model::LoadOptions {
+        quantize: quant.as_ref(),
+        compute_dtype: compute.dtype,
+        ..Default::default()
+    };
     let planned = PlannedModel::load(
         &args.model,
         &adapter,
         task,
-        quant.as_ref(),
+        options,
         args.adapter.allow_unmatched,
     )?;
     let req = PlanRequest {
@@ -108,7 +118,11 @@ pub fn run(args: Args) -> Result<()> {
     );
     println!("  base parameters       {}", estimate.base_params);
     println!("  trainable parameters  {}", estimate.trainable_params);
-    println!("  frozen weights        {}", gb(estimate.weights_bytes));
+    println!(
+        "  frozen weights        {} ({})",
+        gb(estimate.weights_bytes),
+        compute
+    );
     println!(
         "  trainable (f32 copy)  {}",
         gb(estimate.trainable_state.parameters)

@@ -20,8 +20,9 @@ use serde_json::Value;
 use super::zero::ZeroStage;
 use crate::adapted::attach_fresh;
 use crate::model::config::{family_of, BertConfig, DecoderConfig, Family};
+use crate::model::LoadOptions;
 use crate::model::Task;
-use crate::quant::{QuantSpec, WeightMemory};
+use crate::quant::WeightMemory;
 pub use crate::tuners::registry::{BlockLinear, BlockShapes};
 use crate::tuners::{trainable_params, AdapterConfig};
 
@@ -166,23 +167,25 @@ pub struct PlannedModel {
 
 impl PlannedModel {
     /// The model at `model` (a folder, its `config.json` alone, or a `.gguf` file) with
-    /// `adapter` for `task` (by model family when `None`), its linear layers quantized as
-    /// `quantize` says. With the weights there the adapter is built on them and counted
-    /// exactly; from a `config.json` alone the weights' bytes are estimated and the method
-    /// counts itself from the layer shapes (`Method::count_from_shapes`), if it can.
+    /// `adapter` for `task` (by model family when `None`), loaded as `options` say (linear
+    /// layers quantized, dense matrices in the compute dtype). With the weights there the
+    /// adapter is built on them and counted exactly; from a `config.json` alone the weights'
+    /// bytes are estimated and the method counts itself from the layer shapes
+    /// (`Method::count_from_shapes`), if it can.
     pub fn load(
         model: &str,
         adapter: &AdapterConfig,
         task: Option<Task>,
-        quantize: Option<&QuantSpec>,
+        options: LoadOptions,
         allow_unmatched: bool,
     ) -> Result<Self> {
+        let quantize = options.quantize;
         if !Path::new(model).exists() {
             bail!("{model}: no such file or folder (give a model folder, its config.json, or a .gguf file)")
         }
         let (config, has_weights) = read_config(model)?;
         if has_weights {
-            return Self::counted(model, adapter, task, quantize, allow_unmatched);
+            return Self::counted(model, adapter, task, options, allow_unmatched);
         }
         let shape =
             ModelShape::from_config(&config).with_context(|| format!("{model}: config.json"))?;
@@ -207,8 +210,17 @@ impl PlannedModel {
                 adapter.peft_type
             )
         };
-        let linear = shape.linear_params() as f64 * linear_bytes_per_param(quantize, shape.hidden);
-        let embedding = shape.embedding_params as f64 * if quantize.is_some() { 2.0 } else { 4.0 };
+        // Dense matrices are held in the compute dtype; beside a quantized base the embedding
+        // and head in bf16 (as `Weights::load_dir` holds them).
+        let dense = options.compute_dtype.dtype().size_in_bytes() as f64;
+        let linear = match quantize {
+            Some(_) => {
+                shape.linear_params() as f64 * linear_bytes_per_param(quantize, shape.hidden)
+            }
+            None => shape.linear_params() as f64 * dense,
+        };
+        let embedding =
+            shape.embedding_params as f64 * if quantize.is_some() { 2.0 } else { dense };
         let other = (shape.other_params - shape.embedding_params) as f64 * 4.0;
         Ok(Self {
             shape,
@@ -222,16 +234,10 @@ impl PlannedModel {
         model: &str,
         adapter: &AdapterConfig,
         task: Option<Task>,
-        quantize: Option<&QuantSpec>,
+        options: LoadOptions,
         allow_unmatched: bool,
     ) -> Result<Self> {
-        let (source, tuned) = attach_fresh(
-            model,
-            adapter,
-            task,
-            crate::model::LoadOptions::quantized(quantize),
-            allow_unmatched,
-        )?;
+        let (source, tuned) = attach_fresh(model, adapter, task, options, allow_unmatched)?;
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
             base_bytes: WeightMemory::of(&source.weights).total_bytes() as f64,
