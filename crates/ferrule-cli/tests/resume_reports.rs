@@ -480,14 +480,29 @@ fn a_resume_in_another_compute_dtype_is_refused_by_name() {
     ];
     let err = fails(&train_args(&data, &run, &f32));
     assert!(
-        err.contains("different settings") && err.contains("compute_dtype"),
+        err.contains("different settings")
+            && err.contains("compute_dtype: \"bf16\" -> \"f32\"")
+            && err.contains("--compute-dtype"),
         "{err}"
     );
-    ok(&train_args(
+    // auto resumes in the dtype the run computed in, whatever this machine would choose.
+    let auto = [
+        "--compute-dtype",
+        "auto",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+    ];
+    let resumed = ok(&train_args(
         &data,
         &run,
-        &[&bf16[..], &["--resume"]].concat(),
+        &[&auto[..], &["--resume"]].concat(),
     ));
+    assert!(
+        resumed.contains("compute dtype: bf16 (auto: the resumed run computed in bf16)"),
+        "{resumed}"
+    );
     let whole = t.path().join("whole");
     ok(&train_args(&data, &whole, &bf16));
     let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
@@ -495,4 +510,19 @@ fn a_resume_in_another_compute_dtype_is_refused_by_name() {
         bytes(&run) == bytes(&whole),
         "the bf16 resume trained another adapter"
     );
+    // And an f32 run (or one from before the setting) resumes under auto in f32.
+    let f32_run = t.path().join("f32");
+    let f32_steps = &f32[..f32.len() - 1];
+    ok(&train_args(
+        &data,
+        &f32_run,
+        &[f32_steps, &["--stop-after", "1"]].concat(),
+    ));
+    let resumed = ok(&train_args(
+        &data,
+        &f32_run,
+        &[&auto[..], &["--resume"]].concat(),
+    ));
+    let want = "compute dtype: f32 (auto: the resumed run computed in f32)";
+    assert!(resumed.contains(want), "{resumed}");
 }

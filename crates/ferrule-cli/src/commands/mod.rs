@@ -17,7 +17,7 @@ use anyhow::Result;
 use candle_core::Device;
 use ferrule::adapted::{AdaptedModel, AdapterSource, Selection};
 use ferrule::model::LoadOptions;
-use ferrule::ops::{ComputeDtype, ComputeDtypeChoice};
+use ferrule::ops::ComputeDtypeChoice;
 use ferrule::quant::{QuantMethod, QuantSpec};
 
 /// The model flags shared by the inference commands.
@@ -43,7 +43,8 @@ pub struct ModelArgs {
     #[command(flatten)]
     pub quant: QuantArgs,
     /// The frozen base's products: f32, bf16 (f32 accumulation) or auto (bf16 where the CPU
-    /// computes it faster). Default: auto for eval and generate, f32 for logits and inspect.
+    /// computes it faster). Default: auto for eval, f32 for generate (one-token steps ran slower
+    /// in bf16), logits and inspect.
     #[arg(long, value_name = "DTYPE")]
     pub compute_dtype: Option<ComputeDtypeChoice>,
     /// Grow the token embeddings to the tokenizer's tokens (added tokens), as train's flag
@@ -54,12 +55,10 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// Loads the model and adapters, computing in `--compute-dtype` (else `default`); the
-    /// choice and its reason go to stderr when it is bf16.
+    /// choice and its reason go to stderr.
     pub fn load(&self, default: ComputeDtypeChoice) -> Result<AdaptedModel> {
         let compute = self.compute_dtype.unwrap_or(default).resolve()?;
-        if compute.dtype != ComputeDtype::F32 {
-            eprintln!("compute dtype: {compute}");
-        }
+        eprintln!("compute dtype: {compute}");
         let task = self.task.as_deref().map(parse_task).transpose()?;
         let sources: Vec<AdapterSource> = self
             .adapter

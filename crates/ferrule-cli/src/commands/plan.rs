@@ -19,8 +19,9 @@ pub struct Args {
     adapter: super::adapter_args::AdapterArgs,
     #[command(flatten)]
     quant: super::QuantArgs,
-    /// The compute dtype the run would use (train's --compute-dtype; default auto, decided on
-    /// this machine): dense frozen matrices are held in it.
+    /// The compute dtype the run would use (train's --compute-dtype; default auto, as decided
+    /// on this machine): dense frozen matrices are held in it. f32 and bf16 are planned for
+    /// any machine.
     #[arg(long, value_name = "DTYPE", default_value = "auto")]
     compute_dtype: ferrule::ops::ComputeDtypeChoice,
     /// Ranks (processes) of the run.
@@ -71,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
         model: args.model.clone(),
         ..TrainConfig::default()
     })?;
-    let compute = args.compute_dtype.resolve()?;
+    let compute = args.compute_dtype.planned()?;
     let options = ferrule::model::LoadOptions {
         quantize: quant.as_ref(),
         compute_dtype: compute.dtype,
@@ -119,9 +120,10 @@ pub fn run(args: Args) -> Result<()> {
     println!("  base parameters       {}", estimate.base_params);
     println!("  trainable parameters  {}", estimate.trainable_params);
     println!(
-        "  frozen weights        {} ({})",
+        "  frozen weights        {} (in {}: {})",
         gb(estimate.weights_bytes),
-        compute
+        compute.dtype,
+        compute.reason
     );
     println!(
         "  trainable (f32 copy)  {}",

@@ -61,7 +61,7 @@ impl fmt::Display for ComputeDtype {
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtypeChoice {
-    /// f32 products (today's results bit for bit).
+    /// f32 products (bit-identical to ferrule before --compute-dtype existed).
     F32,
     /// bf16 products with f32 accumulation; an error on a CPU without bf16 instructions.
     Bf16,
@@ -97,6 +97,20 @@ impl fmt::Display for ComputeDtypeDecision {
 }
 
 impl ComputeDtypeChoice {
+    /// The dtype asked for, without checking this machine (`ferrule plan` plans for others);
+    /// `auto` is decided on this machine.
+    pub fn planned(self) -> Result<ComputeDtypeDecision> {
+        let asked = |dtype| ComputeDtypeDecision {
+            dtype,
+            reason: "asked for".into(),
+        };
+        Ok(match self {
+            Self::F32 => asked(ComputeDtype::F32),
+            Self::Bf16 => asked(ComputeDtype::Bf16),
+            Self::Auto => auto(),
+        })
+    }
+
     /// The dtype to compute in on this machine.
     ///
     /// # Errors
@@ -110,7 +124,11 @@ impl ComputeDtypeChoice {
         match self {
             Self::F32 => Ok(decided(ComputeDtype::F32, "asked for")),
             Self::Bf16 => {
-                bf16_support().map_err(|why| anyhow::anyhow!("compute dtype bf16: {why}"))?;
+                bf16_support().map_err(|why| {
+                    anyhow::anyhow!(
+                        "--compute-dtype bf16 (the config's compute_dtype): {why}; use f32, or auto to let ferrule choose"
+                    )
+                })?;
                 Ok(decided(ComputeDtype::Bf16, "asked for"))
             }
             Self::Auto => Ok(auto()),

@@ -427,7 +427,7 @@ pub fn consolidate_checkpoint(dir: &Path) -> Result<PathBuf> {
     save_checkpoint(output_dir, &state, &adapter, &full, &extra)
 }
 
-fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
+pub(super) fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(TRAINER_STATE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let state: TrainerState =

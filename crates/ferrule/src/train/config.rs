@@ -141,7 +141,8 @@ pub struct TrainConfig {
     pub quantize: Option<QuantSpec>,
     /// The frozen base's products: f32, bf16 (bf16 weights and products, f32 accumulation;
     /// trainable parameters, optimizer, norms and loss stay f32), or auto (bf16 where the CPU
-    /// computes it faster: AMX-BF16, or AVX512-BF16 when a measured product says so).
+    /// computes it faster: AMX-BF16, or AVX512-BF16 when a measured product says so; a resume
+    /// keeps the run's dtype).
     #[cfg_attr(feature = "cli", arg(long, value_name = "DTYPE", help_heading = heading::METHOD))]
     pub compute_dtype: ComputeDtypeChoice,
     /// Evaluate every N steps as well as at the end (needs eval-data; default: at the end only).
@@ -518,13 +519,31 @@ impl TrainConfig {
 
     /// This config with `compute_dtype` resolved on this machine (`auto` replaced by the
     /// dtype it chose), and the decision with its reason, for the run's first lines and
-    /// summary. A checkpoint keeps the resolved dtype: a resume that would compute in another
-    /// is refused by name.
+    /// summary. `resumed` is the dtype of the checkpoint a resume continues: `auto` takes it
+    /// (a run resumes as it ran); an explicit other dtype is refused by name when the
+    /// checkpoint's settings are compared.
     ///
     /// # Errors
-    /// `bf16` where the CPU or oneDNN cannot do it ([`ComputeDtypeChoice::resolve`]).
-    pub fn with_compute_dtype_resolved(&self) -> Result<(TrainConfig, ComputeDtypeDecision)> {
-        let decision = self.compute_dtype.resolve()?;
+    /// `bf16` where the CPU or oneDNN cannot do it ([`ComputeDtypeChoice::resolve`]), also
+    /// when an `auto` resume continues a bf16 run.
+    pub fn with_compute_dtype_resolved(
+        &self,
+        resumed: Option<ComputeDtype>,
+    ) -> Result<(TrainConfig, ComputeDtypeDecision)> {
+        let decision = match (self.compute_dtype, resumed) {
+            (ComputeDtypeChoice::Auto, Some(dtype)) => {
+                let explicit = match dtype {
+                    ComputeDtype::F32 => ComputeDtypeChoice::F32,
+                    ComputeDtype::Bf16 => ComputeDtypeChoice::Bf16,
+                };
+                let mut decision = explicit.resolve().with_context(|| {
+                    format!("resuming a run that computed in {dtype} (compute_dtype auto)")
+                })?;
+                decision.reason = format!("auto: the resumed run computed in {dtype}");
+                decision
+            }
+            (choice, _) => choice.resolve()?,
+        };
         let mut cfg = self.clone();
         cfg.compute_dtype = match decision.dtype {
             ComputeDtype::F32 => ComputeDtypeChoice::F32,

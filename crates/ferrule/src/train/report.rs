@@ -91,7 +91,7 @@ pub struct TrainSummary {
     /// `grad_accum`. The learning-rate schedule counts optimizer steps.
     pub steps_per_epoch: f64,
     /// What computed the large matrix products: the system BLAS opened, or the gemm crate
-    /// (`ops::blas`); step times depend on it.
+    /// (`ops::blas`), and in bf16 oneDNN for the frozen base's; step times depend on it.
     pub matmul_backend: String,
     /// The frozen base's compute dtype (`f32` or `bf16`) and why it was chosen.
     pub compute_dtype: crate::ops::ComputeDtypeDecision,

@@ -16,6 +16,7 @@ use super::config::{TrainConfig, RESUMABLE_SETTINGS};
 use super::report::Progress;
 use super::trainer::RunOptions;
 use crate::dist::{Collective, FlatLayout, OptimizerState, ZeroOptimizer};
+use crate::ops::ComputeDtype;
 
 /// The newest checkpoint to resume from, if `run.resume` asks and one exists; errors when
 /// checkpoints exist and resuming was not asked, or when they belong to another run. Newer
@@ -78,6 +79,19 @@ pub(super) fn find(
     Ok(Some(ck))
 }
 
+/// The compute dtype the run in `output_dir` computed in, from its newest checkpoint's
+/// settings (f32 where they name none: runs from before the setting), or None without one.
+/// A resume with `compute_dtype = auto` takes it, so that auto never refuses its own run.
+pub(super) fn checkpoint_compute_dtype(output_dir: &Path) -> Option<ComputeDtype> {
+    let dir = latest_checkpoint(output_dir)?;
+    let state = super::checkpoint::read_trainer_state(&dir).ok()?;
+    let saved = state.extra.get("settings")?.get("compute_dtype");
+    Some(match saved.and_then(|v| v.as_str()) {
+        Some("bf16") => ComputeDtype::Bf16,
+        _ => ComputeDtype::F32,
+    })
+}
+
 /// The step of a `checkpoint-<step>` folder.
 fn checkpoint_step(dir: &Path) -> Option<u64> {
     let name = dir.file_name()?.to_str()?;
@@ -116,6 +130,14 @@ fn check_settings(cfg: &TrainConfig, ck: &Checkpoint, fingerprint: &str) -> Resu
             !RESUMABLE_SETTINGS
                 .iter()
                 .any(|k| d.starts_with(&format!("{k}:")))
+        })
+        .map(|d| match d.strip_prefix("compute_dtype: ") {
+            // f32 is left out of the settings (older checkpoints have no key): name it.
+            Some(change) => format!(
+                "compute_dtype: {} (--compute-dtype; auto resumes in the run's dtype)",
+                change.replace("null", "\"f32\"")
+            ),
+            None => d,
         })
         .collect();
     let differ = if differ.is_empty() {

@@ -269,7 +269,11 @@ pub fn train_on(
     } else {
         &mut silent
     };
-    let (cfg, compute) = cfg.with_compute_dtype_resolved()?;
+    let resumed = run
+        .resume
+        .then(|| resume::checkpoint_compute_dtype(&cfg.output_dir))
+        .flatten();
+    let (cfg, compute) = cfg.with_compute_dtype_resolved(resumed)?;
     let mut reporter = super::tensorboard::Reporter::for_run(progress, &cfg, comm.rank());
     let mut run = Run::start(&cfg, compute, device, &mut reporter, run, comm)?;
     while run.step < run.plan.stop_at {
@@ -279,6 +283,19 @@ pub fn train_on(
         }
     }
     run.finish()
+}
+
+/// What computed the large products: the BLAS (or gemm crate) choice, and oneDNN for the
+/// frozen base's products in bf16.
+fn matmul_backend(dtype: crate::ops::ComputeDtype) -> String {
+    let f32_backend = crate::ops::blas::backend();
+    match dtype {
+        crate::ops::ComputeDtype::F32 => f32_backend,
+        crate::ops::ComputeDtype::Bf16 => format!(
+            "{} for the frozen base's bf16 products; {f32_backend} for the rest",
+            crate::ops::onednn::library().unwrap_or("oneDNN")
+        ),
+    }
 }
 
 /// How many steps a run takes, and how its micro-batches were formed.
@@ -739,7 +756,7 @@ impl<'a> Run<'a> {
             batching: self.plan.micro_batches.clone(),
             micro_batches_per_epoch: per_epoch,
             steps_per_epoch: per_epoch.div_ceil(world) as f64 / self.cfg.grad_accum as f64,
-            matmul_backend: crate::ops::blas::backend(),
+            matmul_backend: matmul_backend(self.compute.dtype),
             compute_dtype: self.compute.clone(),
             matmul_probe: crate::ops::blas::probe_report(),
             world_size: world,
