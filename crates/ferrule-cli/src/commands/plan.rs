@@ -1,8 +1,9 @@
 //! `ferrule plan`
 
 use anyhow::{bail, Result};
-use ferrule::dist::plan::{plan, PlanRequest, PlannedModel};
+use ferrule::dist::plan::{plan, Plan, PlanRequest, PlannedModel};
 use ferrule::dist::ZeroStage;
+use ferrule::ops::ComputeDtypeDecision;
 use ferrule::train::TrainConfig;
 
 #[derive(clap::Args)]
@@ -51,6 +52,23 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_sizes(&args)?;
+    let (estimate, compute) = estimate(&args)?;
+    let fits = args
+        .memory_per_rank
+        .map(|gb| estimate.total_bytes <= gb * 1e9);
+    if args.json {
+        let mut v = serde_json::to_value(&estimate)?;
+        v["fits"] = serde_json::json!(fits);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print_text(&args, &estimate, &compute, fits);
+    Ok(())
+}
+
+/// Refuses sizes no run can have, naming the flag.
+fn check_sizes(args: &Args) -> Result<()> {
     if args.world_size == 0 {
         bail!("--world-size is 0, expected at least 1")
     }
@@ -66,6 +84,12 @@ pub fn run(args: Args) -> Result<()> {
             bail!("--memory-per-rank is {gb}, expected a positive number of GB")
         }
     }
+    Ok(())
+}
+
+/// The model counted (or estimated from its config) and the per-rank memory and traffic of
+/// the run the flags describe, with the compute dtype it was planned in.
+fn estimate(args: &Args) -> Result<(Plan, ComputeDtypeDecision)> {
     let quant = args.quant.spec()?;
     let task = args.task.as_deref().map(super::parse_task).transpose()?;
     let adapter = args.adapter.apply(&TrainConfig {
@@ -96,16 +120,11 @@ pub fn run(args: Args) -> Result<()> {
         seq_len: args.max_len,
         recompute: args.recompute,
     };
-    let estimate = plan(&req);
-    let fits = args
-        .memory_per_rank
-        .map(|gb| estimate.total_bytes <= gb * 1e9);
-    if args.json {
-        let mut v = serde_json::to_value(&estimate)?;
-        v["fits"] = serde_json::json!(fits);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
+    Ok((plan(&req), compute))
+}
+
+/// The estimate for people, one line per part.
+fn print_text(args: &Args, estimate: &Plan, compute: &ComputeDtypeDecision, fits: Option<bool>) {
     let gb = |b: f64| format!("{:>9.3} GB", b / 1e9);
     println!(
         "estimate per rank: {} ranks, ZeRO stage {}{}",
@@ -164,5 +183,4 @@ pub fn run(args: Args) -> Result<()> {
     for n in &estimate.notes {
         println!("note: {n}");
     }
-    Ok(())
 }

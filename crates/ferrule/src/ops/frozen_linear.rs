@@ -225,16 +225,17 @@ fn dense_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<Values<'a>>
 
 /// Calls `f(r0, r1, tile)` for consecutive row tiles of the weight, `tile` holding rows
 /// `r0..r1` in the weight's compute dtype: the dense weight itself, or a quantized tile
-/// dequantized (in parallel) into a reused buffer.
+/// dequantized (in parallel) into a reused buffer. Stops at `f`'s first error, except for a
+/// sharded weight, whose tiles are a collective every rank walks to the end.
 pub(crate) fn for_each_tile(
     weight: &FrozenWeight,
-    mut f: impl FnMut(usize, usize, Values),
+    mut f: impl FnMut(usize, usize, Values) -> Result<()>,
 ) -> Result<()> {
     match weight {
         FrozenWeight::Dense(w) => {
             let (rows, _) = w.dims2()?;
             let (storage, layout) = w.storage_and_layout();
-            f(0, rows, dense_values(&storage, layout)?);
+            f(0, rows, dense_values(&storage, layout)?)?;
         }
         FrozenWeight::Quantized(q, dtype) => {
             let (rows, cols) = q.dims();
@@ -248,20 +249,27 @@ pub(crate) fn for_each_tile(
                 tile.fill(r1 - r0, cols, chunk_rows, |a, b, out| {
                     q.dequantize_rows(r0 + a, r0 + b, out)
                 });
-                f(r0, r1, tile.values((r1 - r0) * cols));
+                f(r0, r1, tile.values((r1 - r0) * cols))?;
             }
         }
         FrozenWeight::Sharded(s, dtype) => {
             let mut rounded = Vec::new();
-            s.for_each_tile(|r0, r1, tile| match dtype {
-                ComputeDtype::F32 => f(r0, r1, Values::F32(tile)),
-                ComputeDtype::Bf16 => {
-                    rounded.resize(tile.len(), half::bf16::ZERO);
-                    super::bf16::to_bf16_into(tile, &mut rounded);
-                    f(r0, r1, Values::Bf16(&rounded));
+            let mut first_error = Ok(());
+            s.for_each_tile(|r0, r1, tile| {
+                if first_error.is_err() {
+                    return;
                 }
+                first_error = match dtype {
+                    ComputeDtype::F32 => f(r0, r1, Values::F32(tile)),
+                    ComputeDtype::Bf16 => {
+                        rounded.resize(tile.len(), half::bf16::ZERO);
+                        super::bf16::to_bf16_into(tile, &mut rounded);
+                        f(r0, r1, Values::Bf16(&rounded))
+                    }
+                };
             })
-            .map_err(candle_core::Error::wrap)?
+            .map_err(candle_core::Error::wrap)?;
+            first_error?
         }
     }
     Ok(())
@@ -273,7 +281,10 @@ pub(crate) fn for_each_tile_f32(
     weight: &FrozenWeight,
     mut f: impl FnMut(usize, usize, &[f32]),
 ) -> Result<()> {
-    for_each_tile(weight, |r0, r1, tile| f(r0, r1, &tile.to_f32()))
+    for_each_tile(weight, |r0, r1, tile| {
+        f(r0, r1, &tile.to_f32());
+        Ok(())
+    })
 }
 
 /// The reused buffer of a quantized weight's tiles, in its compute dtype.
@@ -355,14 +366,10 @@ pub(crate) fn add_product_of(
         x.values().len() >= m * in_f && y.len() >= m * out_f,
         "frozen-linear: buffer too short"
     );
-    let mut result = Ok(());
     for_each_tile(weight, |r0, r1, tile| {
-        if result.is_err() {
-            return;
-        }
         // SAFETY: Y's sub-block starts at column r0 with row stride out_f; X is [m, in]
         // row-major; the tile is [r1 - r0, in] row-major, read transposed (col stride in).
-        result = unsafe {
+        unsafe {
             product::gemm(
                 m,
                 r1 - r0,
@@ -373,9 +380,8 @@ pub(crate) fn add_product_of(
                 x.values().view(0, in_f, 1),
                 tile.view(0, 1, in_f),
             )
-        };
-    })?;
-    result
+        }
+    })
 }
 
 /// `dx += dy W` (the frozen layer's input gradient) for row-major `dy: [m, out]`, summed
@@ -393,14 +399,10 @@ pub(crate) fn add_input_grad(
         "frozen-linear: buffer too short"
     );
     let dy = Operand::new(&dy[..m * out_f], weight.compute_dtype());
-    let mut result = Ok(());
     for_each_tile(weight, |r0, r1, tile| {
-        if result.is_err() {
-            return;
-        }
         // SAFETY: the dY sub-block starts at column r0 with row stride out_f; the tile is
         // [r1 - r0, in] row-major; dX is [m, in].
-        result = unsafe {
+        unsafe {
             product::gemm(
                 m,
                 in_f,
@@ -411,9 +413,8 @@ pub(crate) fn add_input_grad(
                 dy.values().view(r0, out_f, 1),
                 tile.view(0, in_f, 1),
             )
-        };
-    })?;
-    result
+        }
+    })
 }
 
 /// Adds the bias `[out]` to every row of `y`.

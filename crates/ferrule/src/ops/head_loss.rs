@@ -152,17 +152,13 @@ impl CustomOp1 for HeadCrossEntropy {
         let (mut m, mut s, mut target) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
         let mut block = Vec::new();
         let x = Operand::new(x, self.weight.compute_dtype());
-        let mut result = Ok(());
         for_each_tile(&self.weight, |c0, c1, tile| {
-            if result.is_err() {
-                return;
-            }
             let cols = c1 - c0;
             block.resize(n * cols, 0.0);
-            result = logits_block(&x, n, k, tile, cols, &mut block);
+            logits_block(&x, n, k, tile, cols, &mut block)?;
             online_lse(&block, cols, c0, &self.labels, &mut m, &mut s, &mut target);
+            Ok(())
         })?;
-        result?;
         let lse: Vec<f32> = m.iter().zip(&s).map(|(m, s)| m + s.ln()).collect();
         let total: f64 = lse.iter().zip(&target).map(|(l, t)| (l - t) as f64).sum();
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
@@ -191,19 +187,13 @@ impl CustomOp1 for HeadCrossEntropy {
         kernels::with_f32(arg, self.name(), |x| {
             let x = Operand::new(x, dtype);
             let mut block = Vec::new();
-            let mut result = Ok(());
             for_each_tile(&self.weight, |c0, c1, tile| {
-                if result.is_err() {
-                    return;
-                }
                 let cols = c1 - c0;
                 block.resize(n * cols, 0.0);
-                result = logits_block(&x, n, k, tile, cols, &mut block).and_then(|_| {
-                    softmax_grad(&mut block, cols, c0, &self.labels, &lse, coef);
-                    add_block_grad(&block, n, k, tile, cols, &mut dx, dtype)
-                });
-            })?;
-            result
+                logits_block(&x, n, k, tile, cols, &mut block)?;
+                softmax_grad(&mut block, cols, c0, &self.labels, &lse, coef);
+                add_block_grad(&block, n, k, tile, cols, &mut dx, dtype)
+            })
         })?;
         Ok(Some(Tensor::from_vec(dx, (n, k), arg.device())?))
     }
