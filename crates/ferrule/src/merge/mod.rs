@@ -12,6 +12,7 @@
 //! trained on a quantized base into a base held otherwise is warned about.
 
 mod base_record;
+pub mod delta;
 
 pub use base_record::{BaseRecord, FILE as BASE_RECORD_FILE};
 
