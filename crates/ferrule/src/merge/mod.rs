@@ -12,6 +12,7 @@
 //! trained on a quantized base into a base held otherwise is warned about.
 
 mod base_record;
+pub mod darex;
 pub mod delta;
 
 pub use base_record::{BaseRecord, FILE as BASE_RECORD_FILE};
@@ -66,6 +67,18 @@ pub fn merged_tensors_with(
     task: Task,
     options: MergeOptions,
 ) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
+    merged_tensors_from(source, tuner.replaced()?, tuner.updates()?, task, options)
+}
+
+/// The base weights with `replaced` tensors put in place, then `updates` applied (what
+/// [`Tuner::replaced`] and [`Tuner::updates`] give, or a combination of several adapters').
+pub fn merged_tensors_from(
+    source: &ModelSource,
+    replaced: Vec<(String, candle_core::Tensor)>,
+    updates: Vec<(String, Update)>,
+    task: Task,
+    options: MergeOptions,
+) -> Result<(BTreeMap<String, FrozenWeight>, Value, MergeReport)> {
     let mut config = source.config.clone();
     let model_type = source.model_type().to_string();
     // A bare encoder checkpoint gains the `bert.` prefix of BertForSequenceClassification.
@@ -107,7 +120,7 @@ pub fn merged_tensors_with(
     };
     // Replacements first: an update may apply on top of one (a LoRA delta on PEFT's saved
     // embedding base layer, lora_B's bias on a trained base bias), as in peft.
-    for (name, t) in tuner.replaced()? {
+    for (name, t) in replaced {
         crate::util::finite::ensure_finite(
             &t,
             || format!("the adapter's replacement for {name}"),
@@ -116,7 +129,6 @@ pub fn merged_tensors_with(
         tensors.insert(name, FrozenWeight::Dense(t));
         report.replaced_tensors += 1;
     }
-    let updates = tuner.updates()?;
     // A tied head shares the embedding's table, not its LoRA update (peft adds the update in
     // the embedding layer only): an updated embedding unties the head.
     let tied = !tensors.contains_key("lm_head.weight")
@@ -253,7 +265,26 @@ pub fn merge_to_dir_with(
     out: &Path,
     options: MergeOptions,
 ) -> Result<MergeReport> {
-    let (tensors, config, report) = merged_tensors_with(source, tuner, task, options)?;
+    merge_updates_to_dir(
+        source,
+        tuner.replaced()?,
+        tuner.updates()?,
+        task,
+        out,
+        options,
+    )
+}
+
+/// Writes the base with `replaced` and `updates` applied ([`merged_tensors_from`]) to `out`.
+pub fn merge_updates_to_dir(
+    source: &ModelSource,
+    replaced: Vec<(String, candle_core::Tensor)>,
+    updates: Vec<(String, Update)>,
+    task: Task,
+    out: &Path,
+    options: MergeOptions,
+) -> Result<MergeReport> {
+    let (tensors, config, report) = merged_tensors_from(source, replaced, updates, task, options)?;
     let mut raw = BTreeMap::new();
     for (name, w) in &tensors {
         match w {

@@ -1,0 +1,258 @@
+//! DARE and DAREx-q on the dense deltas of adapters, merged into the base.
+//!
+//! DARE (Yu et al. 2024, arXiv 2311.03099) drops each delta entry with probability `p` and
+//! rescales the kept ones by `1/(1−p)`; DAREx-q (Deng et al. 2025, "DARE the Extreme",
+//! arXiv 2410.09344, eq. 4) rescales them by `1/q` with `q ∈ [1−p, 1)` instead, because at
+//! high `p` the factor `1/(1−p)` overshoots. The deltas are each adapter's merged update
+//! `ΔW_i` (LoRA: `s·B·A`), not its factors: the paper prunes delta parameters
+//! (`vengdeng/DAREx utils/deltaprune.py`), and so does this module; peft's `dare_*`
+//! combinations instead prune `A` and `B` separately (`merge::adapters`).
+//!
+//! `q` is given, or chosen as the reference's "output change" criterion does it
+//! (`find_q_decoder.py --outputchange`): the `q` whose merged model's logits on one batch of
+//! the user's data are closest (mean squared difference) to those of the unpruned merge
+//! `W + Σ w_i ΔW_i`. The search is a golden-section search over `[1−p, 1]`, DARE's `q = 1−p`
+//! always among the points tried. The reference's other rule (a per-layer analytic `q` from
+//! `ΔW ⊙ x̄`, `utils/analyticalq.py`) needs its own hyperparameter `η` tuned on validation
+//! data, and is not implemented.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::delta::{mask_rng, sparsify, Rescale, Sparsify};
+use crate::model::hooks::{Linear, LinearInfo, ModelHook};
+use crate::model::{Model, ModelSource, Task};
+use crate::ops::FrozenLinear;
+use crate::tuners::{Tuner, Update};
+
+/// The weighted sum `Σ w_i m_i ⊙ ΔW_i` of the adapters' updates, per base tensor name, where
+/// `m_i` keeps each entry with probability `keep` (`1 − p`; the masks drawn from `seed`, the
+/// tensor's name and the adapter's index) and nothing is rescaled yet. `keep = 1` keeps
+/// every entry: the plain weighted sum.
+///
+/// Errors: an adapter whose merge is not a plain `W + ΔW` (IA3's scaling, DoRA's row norms,
+/// trained copies of whole modules), named with the tensor; `keep` outside `(0, 1]`.
+pub fn dropped_deltas(
+    adapters: &[(&str, &dyn Tuner, f32)],
+    keep: f32,
+    seed: u64,
+) -> Result<BTreeMap<String, Tensor>> {
+    if !(keep > 0.0 && keep <= 1.0) {
+        bail!("DARE: the keep rate 1 − p must be in (0, 1], got {keep}")
+    }
+    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (index, (name, tuner, weight)) in adapters.iter().enumerate() {
+        if let Some((t, _)) = tuner.replaced()?.first() {
+            bail!("DARE: adapter {name} replaces {t} outright (modules_to_save or a trained copy); only additive updates (W + ΔW) can be dropped and rescaled")
+        }
+        for (tensor, update) in tuner.updates()? {
+            let Update::Add(delta) = update else {
+                bail!("DARE: adapter {name} ({}) changes {tensor} by scaling or row renormalisation, not by adding ΔW; DARE applies to additive deltas only", tuner.method().peft_type)
+            };
+            let dims = delta.dims().to_vec();
+            let mut values: Vec<f32> = delta.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let mut rng = mask_rng(seed, &tensor, index);
+            sparsify(
+                &mut values,
+                dims[0],
+                keep,
+                Sparsify::Random,
+                Rescale::None,
+                &mut rng,
+            )?;
+            let dropped = (Tensor::from_vec(values, dims, &Device::Cpu)? * *weight as f64)?;
+            let sum = match sums.remove(&tensor) {
+                Some(s) if s.dims() == dropped.dims() => (s + dropped)?,
+                Some(s) => bail!(
+                    "DARE: adapter {name} changes {tensor} with shape {:?}, an earlier adapter with {:?}",
+                    dropped.dims(),
+                    s.dims()
+                ),
+                None => dropped,
+            };
+            sums.insert(tensor, sum);
+        }
+    }
+    Ok(sums)
+}
+
+/// A model hook adding `scale · Δ` to every linear layer that has a delta (keyed by base
+/// tensor name `path.weight`); `scale` can be changed between forward passes, so one built
+/// model serves every candidate `q`.
+pub struct ScaledDeltas {
+    deltas: HashMap<String, Tensor>,
+    scale: Arc<RwLock<f32>>,
+}
+
+impl ScaledDeltas {
+    pub fn new(deltas: &BTreeMap<String, Tensor>) -> Self {
+        Self {
+            deltas: deltas
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_suffix(".weight")?.to_string(), v.clone())))
+                .collect(),
+            scale: Arc::new(RwLock::new(1.0)),
+        }
+    }
+
+    pub fn set_scale(&self, scale: f32) {
+        *self.scale.write().expect("scale lock") = scale;
+    }
+}
+
+struct DeltaLinear {
+    base: FrozenLinear,
+    /// `Δᵀ: [in, out]`.
+    delta_t: Tensor,
+    scale: Arc<RwLock<f32>>,
+}
+
+impl Linear for DeltaLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = candle_core::Module::forward(&self.base, x)?;
+        let s = *self.scale.read().expect("scale lock") as f64;
+        y + (x.broadcast_matmul(&self.delta_t)? * s)?
+    }
+}
+
+impl ModelHook for ScaledDeltas {
+    fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
+        Ok(match self.deltas.get(&info.path) {
+            Some(delta) => Box::new(DeltaLinear {
+                base,
+                delta_t: delta.t()?.contiguous()?,
+                scale: self.scale.clone(),
+            }),
+            None => Box::new(base),
+        })
+    }
+}
+
+/// The outcome of the output-change search.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QChoice {
+    /// The chosen `q`; the kept deltas are scaled by `1/q`.
+    pub q: f32,
+    /// Mean squared difference of the logits from the unpruned merge's at the chosen `q`.
+    pub change: f64,
+    /// The same at DARE's `q = 1 − p`.
+    pub dare_change: f64,
+    /// Every `(q, change)` evaluated, in order.
+    pub tried: Vec<(f32, f64)>,
+}
+
+/// Chooses `q ∈ [keep, 1]` minimising the mean squared change of the logits on one packed
+/// batch (`input_ids: [1, n]` u32, `lens` its records' lengths) between the model with
+/// `W + Σ w_i ΔW_i` (`full`) and with `W + (1/q)·dropped` (both from [`dropped_deltas`], with
+/// the same adapters and weights).
+pub fn choose_q_by_output_change(
+    source: &ModelSource,
+    task: Task,
+    full: &BTreeMap<String, Tensor>,
+    dropped: &BTreeMap<String, Tensor>,
+    keep: f32,
+    input_ids: &Tensor,
+    lens: &[usize],
+) -> Result<QChoice> {
+    let device = Device::Cpu;
+    let logits_of = |model: &Model| -> Result<Tensor> {
+        let _no_grad = model.no_grad();
+        Ok(model
+            .forward_packed(input_ids, lens)?
+            .to_dtype(DType::F32)?)
+    };
+    let reference = {
+        let hook = ScaledDeltas::new(full);
+        logits_of(&Model::build(source, task, &hook, &device, 0)?)?
+    };
+    let hook = ScaledDeltas::new(dropped);
+    let model = Model::build(source, task, &hook, &device, 0)?;
+    let mut tried: Vec<(f32, f64)> = Vec::new();
+    let mut change = |q: f32| -> Result<f64> {
+        hook.set_scale(1.0 / q);
+        let diff = (logits_of(&model)? - &reference)?;
+        let mse = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        tried.push((q, mse));
+        Ok(mse)
+    };
+    let dare_change = change(keep)?;
+    if keep < 1.0 {
+        golden_section(keep, 1.0, 16, &mut change)?;
+    }
+    let (q, change) = tried
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .context("no q was tried")?;
+    Ok(QChoice {
+        q,
+        change,
+        dare_change,
+        tried,
+    })
+}
+
+/// Golden-section search for the minimum of `f` on `[lo, hi]` in `steps` evaluations after
+/// the first two (the points are recorded by `f` itself).
+fn golden_section(
+    mut lo: f32,
+    mut hi: f32,
+    steps: usize,
+    f: &mut impl FnMut(f32) -> Result<f64>,
+) -> Result<()> {
+    let r = (5f32.sqrt() - 1.0) / 2.0;
+    let (mut a, mut b) = (hi - r * (hi - lo), lo + r * (hi - lo));
+    let (mut fa, mut fb) = (f(a)?, f(b)?);
+    for _ in 0..steps {
+        if fa <= fb {
+            hi = b;
+            (b, fb) = (a, fa);
+            a = hi - r * (hi - lo);
+            fa = f(a)?;
+        } else {
+            lo = a;
+            (a, fa) = (b, fb);
+            b = lo + r * (hi - lo);
+            fb = f(b)?;
+        }
+    }
+    Ok(())
+}
+
+/// The updates a merge applies: the dropped deltas scaled by `1/q`.
+pub fn rescaled_updates(
+    dropped: BTreeMap<String, Tensor>,
+    q: f32,
+) -> Result<Vec<(String, Update)>> {
+    if !(q > 0.0 && q <= 1.0) {
+        bail!("DAREx: q must be in (0, 1], got {q}")
+    }
+    dropped
+        .into_iter()
+        .map(|(k, d)| Ok((k, Update::Add((d / q as f64)?))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_section_finds_the_minimum_of_a_parabola() {
+        let mut seen = Vec::new();
+        golden_section(0.1, 1.0, 20, &mut |x| {
+            seen.push(x);
+            Ok(((x - 0.37) as f64).powi(2))
+        })
+        .unwrap();
+        let best = seen
+            .iter()
+            .copied()
+            .min_by(|a, b| (a - 0.37).abs().total_cmp(&(b - 0.37).abs()))
+            .unwrap();
+        assert!((best - 0.37).abs() < 1e-3, "best {best}");
+    }
+}
