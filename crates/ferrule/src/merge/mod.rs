@@ -13,6 +13,7 @@
 
 mod base_record;
 pub mod delta;
+pub mod models;
 
 pub use base_record::{BaseRecord, FILE as BASE_RECORD_FILE};
 
