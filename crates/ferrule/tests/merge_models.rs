@@ -263,3 +263,85 @@ fn random_methods_keep_density_and_rescale_the_l1_norm() {
     let y = "merge_method: dare_linear\nbase_model: a\nmodels:\n  - model: b\n    parameters: {weight: 1, density: 0.5}\n";
     assert_eq!(run(y, "again1")[name].1, run(y, "again2")[name].1);
 }
+
+fn repo_fixture(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
+        .to_string_lossy()
+        .to_string()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Inputs mergekit cannot read: an NF4 folder and `base+adapter`; and an NF4 output.
+#[test]
+fn quantized_folders_and_base_plus_adapter_are_inputs() {
+    let base = repo_fixture("models/llama");
+    let nf4 = repo_fixture("quant/llama-nf4-dq");
+    let adapter = repo_fixture("adapters/llama_lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = read_f32(&Path::new(&base).join("model.safetensors"));
+    let q = "model.layers.0.self_attn.q_proj.weight";
+
+    // passthrough of the NF4 folder: dense f32, within NF4's rounding of the f32 model.
+    let yaml = format!("merge_method: passthrough\nmodels: [{{model: {nf4}}}]\n");
+    let cfg = tmp.path().join("nf4.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = tmp.path().join("from_nf4");
+    merge_from_config(&cfg, &out, &ModelMergeOptions::default()).unwrap();
+    let got = read_f32(&out.join("model.safetensors"));
+    let (shape, v) = &got[q];
+    assert_eq!(shape, &dense[q].0);
+    let scale = dense[q].1.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = max_abs_diff(v, &dense[q].1);
+    assert!(err > 0.0 && err < 0.2 * scale, "nf4 error {err} of {scale}");
+
+    // linear of the base and base+adapter at 0.5 each: base + ΔW/2 on adapted weights.
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.5}}}}\n  - {{model: {base}+{adapter}, parameters: {{weight: 0.5}}}}\n"
+    );
+    let cfg = tmp.path().join("adapter.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = tmp.path().join("with_adapter");
+    merge_from_config(&cfg, &out, &ModelMergeOptions::default()).unwrap();
+    let got = read_f32(&out.join("model.safetensors"));
+    let merged = ferrule::merge::models::inputs::InputModel::open(
+        &format!("{base}+{adapter}"),
+        &|s: &str| PathBuf::from(s),
+    )
+    .unwrap();
+    let full = merged.read(q).unwrap();
+    assert!(
+        max_abs_diff(&full, &dense[q].1) > 1e-4,
+        "the adapter changes {q}"
+    );
+    let want: Vec<f32> = full
+        .iter()
+        .zip(&dense[q].1)
+        .map(|(m, b)| 0.5 * m + 0.5 * b)
+        .collect();
+    assert!(max_abs_diff(&got[q].1, &want) < 1e-6);
+
+    // --quantize nf4: a bitsandbytes folder, with the rounding error reported.
+    let spec = ferrule::quant::QuantSpec::new(ferrule::quant::QuantMethod::Nf4, 64, false).unwrap();
+    let out = tmp.path().join("nf4_out");
+    let report = ferrule::merge::models::merge_quantized(
+        &cfg,
+        &out,
+        &ModelMergeOptions::default(),
+        Some(spec),
+    )
+    .unwrap();
+    assert!(report.quantized_tensors > 0);
+    let e = report.quantize_error.expect("an error is measured");
+    assert!(e.max_abs > 0.0 && e.max_abs < 0.2 * scale, "{e:?}");
+    let cfg_out = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(cfg_out.contains("quantization_config"));
+    assert!(!tmp.path().join("nf4_out.unquantized").exists());
+}
