@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 use super::parameters::{self, ParamSpec, Value};
 use crate::merge::delta::{self, MagnitudeCount, Norm, Rescale, SignElection, Sparsify};
@@ -230,46 +231,13 @@ fn task_arithmetic(
     let b = inputs.base.expect("checked when planned");
     let base = &inputs.values[b];
     let rescale = params.shared("rescale").bool();
-    let mut deltas: Vec<Vec<f32>> = Vec::new();
-    let mut weights: Vec<f32> = Vec::new();
-    for (i, x) in inputs.values.iter().enumerate() {
-        if i == b {
-            continue;
-        }
-        let mut d: Vec<f32> = x.iter().zip(base).map(|(x, b)| x - b).collect();
-        if let Some(s) = g.sparsification {
-            let density = params.input(i, "density").float() as f32;
-            let method = match s {
-                Sparsification::Magnitude => Sparsify::Magnitude(MagnitudeCount::Mergekit),
-                Sparsification::Random => Sparsify::Random,
-                Sparsification::MagnitudeOutliers => Sparsify::MagnitudeOutliers {
-                    gamma: params.input(i, "gamma").float() as f32,
-                },
-                Sparsification::DellaMagprune => Sparsify::DellaMagprune {
-                    epsilon: params.input(i, "epsilon").float() as f32,
-                },
-            };
-            let rescale = if rescale {
-                Rescale::Norm(Norm::L1)
-            } else {
-                Rescale::None
-            };
-            let mut rng = delta::mask_rng(inputs.seed, inputs.name, i);
-            delta::sparsify(
-                &mut d,
-                rows_of(inputs.shape),
-                density,
-                method,
-                rescale,
-                &mut rng,
-            )
-            .map_err(|e| anyhow::anyhow!("{} (input {i}): {e}", inputs.name))?;
-        }
-        let w = params.input(i, "weight").float() as f32;
-        d.iter_mut().for_each(|x| *x *= w);
-        deltas.push(d);
-        weights.push(w);
-    }
+    // Each input's delta is sparsified on its own (its own mask generator): in parallel.
+    let non_base: Vec<usize> = (0..inputs.values.len()).filter(|&i| i != b).collect();
+    let weighted: Vec<(Vec<f32>, f32)> = non_base
+        .par_iter()
+        .map(|&i| weighted_delta(g, inputs, params, i, rescale))
+        .collect::<Result<_>>()?;
+    let (deltas, weights): (Vec<Vec<f32>>, Vec<f32>) = weighted.into_iter().unzip();
     if deltas.is_empty() {
         return Ok(base.clone());
     }
@@ -309,6 +277,53 @@ fn task_arithmetic(
         mixed.iter_mut().for_each(|m| *m *= lambda);
     }
     Ok(base.iter().zip(&mixed).map(|(b, m)| b + m).collect())
+}
+
+/// Input `i`'s delta from the base, sparsified as the method says, times its weight.
+fn weighted_delta(
+    g: TaskArithmetic,
+    inputs: &TensorInputs,
+    params: &TensorParams,
+    i: usize,
+    rescale: bool,
+) -> Result<(Vec<f32>, f32)> {
+    let base = &inputs.values[inputs.base.expect("checked when planned")];
+    let mut d: Vec<f32> = inputs.values[i]
+        .iter()
+        .zip(base)
+        .map(|(x, b)| x - b)
+        .collect();
+    if let Some(s) = g.sparsification {
+        let density = params.input(i, "density").float() as f32;
+        let method = match s {
+            Sparsification::Magnitude => Sparsify::Magnitude(MagnitudeCount::Mergekit),
+            Sparsification::Random => Sparsify::Random,
+            Sparsification::MagnitudeOutliers => Sparsify::MagnitudeOutliers {
+                gamma: params.input(i, "gamma").float() as f32,
+            },
+            Sparsification::DellaMagprune => Sparsify::DellaMagprune {
+                epsilon: params.input(i, "epsilon").float() as f32,
+            },
+        };
+        let rescale = if rescale {
+            Rescale::Norm(Norm::L1)
+        } else {
+            Rescale::None
+        };
+        let mut rng = delta::mask_rng(inputs.seed, inputs.name, i);
+        delta::sparsify(
+            &mut d,
+            rows_of(inputs.shape),
+            density,
+            method,
+            rescale,
+            &mut rng,
+        )
+        .map_err(|e| anyhow::anyhow!("{} (input {i}): {e}", inputs.name))?;
+    }
+    let w = params.input(i, "weight").float() as f32;
+    d.iter_mut().for_each(|x| *x *= w);
+    Ok((d, w))
 }
 
 /// Spherical interpolation of the whole tensors seen as vectors (`slerp.py`): linear when
