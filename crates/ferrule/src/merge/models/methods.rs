@@ -171,8 +171,10 @@ pub struct TensorInputs<'a> {
     pub seed: u64,
 }
 
-/// Merges one tensor.
-pub fn merge(method: Method, inputs: &TensorInputs, params: &TensorParams) -> Result<Vec<f32>> {
+/// Merges one tensor. The inputs are consumed: their buffers become the deltas and the result,
+/// so that a merge holds as few copies of the tensor as it can.
+pub fn merge(method: Method, mut inputs: TensorInputs, params: &TensorParams) -> Result<Vec<f32>> {
+    let inputs = &mut inputs;
     match method {
         Method::Linear => linear(inputs, params),
         Method::TaskArithmetic(g) => task_arithmetic(g, inputs, params),
@@ -225,58 +227,65 @@ fn rows_of(shape: &[usize]) -> usize {
 /// The generalized task arithmetic of `generalized_task_arithmetic.py`.
 fn task_arithmetic(
     g: TaskArithmetic,
-    inputs: &TensorInputs,
+    inputs: &mut TensorInputs,
     params: &TensorParams,
 ) -> Result<Vec<f32>> {
     let b = inputs.base.expect("checked when planned");
-    let base = &inputs.values[b];
+    let mut values = std::mem::take(&mut inputs.values);
+    let mut base = std::mem::take(&mut values[b]);
     let rescale = params.shared("rescale").bool();
-    // Each input's delta is sparsified on its own (its own mask generator): in parallel.
-    let non_base: Vec<usize> = (0..inputs.values.len()).filter(|&i| i != b).collect();
-    let weighted: Vec<(Vec<f32>, f32)> = non_base
-        .par_iter()
-        .map(|&i| weighted_delta(g, inputs, params, i, rescale))
+    let meta: &TensorInputs = inputs;
+    // Each input's delta is sparsified on its own (its own mask generator): in parallel, in
+    // the input's own buffer.
+    let weighted: Vec<(Vec<f32>, f32)> = values
+        .into_par_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != b)
+        .map(|(i, x)| weighted_delta(g, meta, params, i, x, &base, rescale))
         .collect::<Result<_>>()?;
     let (deltas, weights): (Vec<Vec<f32>>, Vec<f32>) = weighted.into_iter().unzip();
     if deltas.is_empty() {
-        return Ok(base.clone());
+        return Ok(base);
     }
     let n = base.len();
+    let normalize = params.shared("normalize").bool();
     let mut mixed = vec![0f32; n];
-    let mut divisor = vec![0f32; n];
     if g.consensus {
         let refs: Vec<&[f32]> = deltas.iter().map(|d| d.as_slice()).collect();
         let signs = delta::elect_signs(&refs, SignElection::Total);
+        // The agreeing weights, the divisor of `normalize` (0 → 1, as mergekit).
+        let mut divisor = vec![0f32; if normalize { n } else { 0 }];
         for (d, w) in deltas.iter().zip(&weights) {
             for j in 0..n {
                 if delta::agrees(d[j], signs[j]) {
                     mixed[j] += d[j];
-                    divisor[j] += w;
+                    if normalize {
+                        divisor[j] += w;
+                    }
                 }
             }
         }
-        divisor
-            .iter_mut()
-            .filter(|x| **x == 0.0)
-            .for_each(|x| *x = 1.0);
+        for (m, d) in mixed.iter_mut().zip(&divisor) {
+            *m /= if *d == 0.0 { 1.0 } else { *d };
+        }
     } else {
         for d in &deltas {
             mixed.iter_mut().zip(d).for_each(|(m, d)| *m += d);
         }
-        let mut sum: f32 = weights.iter().sum();
-        if sum.abs() < 1e-8 {
-            sum = 1.0;
+        if normalize {
+            let mut sum: f32 = weights.iter().sum();
+            if sum.abs() < 1e-8 {
+                sum = 1.0;
+            }
+            mixed.iter_mut().for_each(|m| *m /= sum);
         }
-        divisor.iter_mut().for_each(|x| *x = sum);
-    }
-    if params.shared("normalize").bool() {
-        mixed.iter_mut().zip(&divisor).for_each(|(m, d)| *m /= d);
     }
     let lambda = params.shared("lambda").float() as f32;
     if lambda != 1.0 {
         mixed.iter_mut().for_each(|m| *m *= lambda);
     }
-    Ok(base.iter().zip(&mixed).map(|(b, m)| b + m).collect())
+    base.iter_mut().zip(&mixed).for_each(|(b, m)| *b += m);
+    Ok(base)
 }
 
 /// Input `i`'s delta from the base, sparsified as the method says, times its weight.
@@ -285,14 +294,11 @@ fn weighted_delta(
     inputs: &TensorInputs,
     params: &TensorParams,
     i: usize,
+    mut d: Vec<f32>,
+    base: &[f32],
     rescale: bool,
 ) -> Result<(Vec<f32>, f32)> {
-    let base = &inputs.values[inputs.base.expect("checked when planned")];
-    let mut d: Vec<f32> = inputs.values[i]
-        .iter()
-        .zip(base)
-        .map(|(x, b)| x - b)
-        .collect();
+    d.iter_mut().zip(base).for_each(|(x, b)| *x -= b);
     if let Some(s) = g.sparsification {
         let density = params.input(i, "density").float() as f32;
         let method = match s {

@@ -179,7 +179,7 @@ fn write(
         }
         let merged = methods::merge(
             plan.method,
-            &TensorInputs {
+            TensorInputs {
                 name: &t.name,
                 shape: &t.shape,
                 values,
@@ -196,7 +196,10 @@ fn write(
             )
         }
         shards.write(&t.name, &merged)?;
-        tracing::debug!("[{}/{total}] {}", k + 1, t.name);
+        // About twenty progress lines for a whole merge.
+        if (k + 1) % (total / 20).max(1) == 0 || k + 1 == total {
+            tracing::info!("merged {}/{total} tensors ({})", k + 1, t.name);
+        }
     }
     let n_shards = shards.finish()?;
     let reference = &models[&plan.reference];
