@@ -82,6 +82,29 @@ pub fn write_model_folder(
     Ok(())
 }
 
+/// Copies the tokenizer-side files of a model folder `from` into `out`; for a model without
+/// one (a GGUF file), writes them from `source`'s metadata.
+pub fn copy_tokenizer_files(
+    from: Option<&Path>,
+    source: Option<&ModelSource>,
+    out: &Path,
+) -> Result<()> {
+    match (from, source) {
+        (Some(dir), _) => {
+            for f in TOKENIZER_FILES {
+                let p = dir.join(f);
+                if p.is_file() {
+                    std::fs::copy(&p, out.join(f))
+                        .with_context(|| format!("copying {}", p.display()))?;
+                }
+            }
+            Ok(())
+        }
+        (None, Some(source)) => write_tokenizer_files(source, out),
+        (None, None) => Ok(()),
+    }
+}
+
 /// For a GGUF base: `tokenizer.json` and `tokenizer_config.json` from its metadata.
 fn write_tokenizer_files(source: &ModelSource, dir: &Path) -> Result<()> {
     let tok = source.tokenizer()?;

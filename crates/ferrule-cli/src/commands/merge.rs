@@ -10,11 +10,19 @@ use ferrule::merge::{merge_to_dir_with, BaseRecord, MergeOptions};
 #[derive(clap::Args)]
 pub struct Args {
     /// Base model folder, .gguf file, or hub id (the one the adapter was trained on).
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "config")]
+    model: Option<String>,
     /// The PEFT adapter folder to merge into the base.
-    #[arg(long)]
-    adapter: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    adapter: Option<PathBuf>,
+    /// Merge whole models as a mergekit YAML says (merge_method, models or slices, parameters;
+    /// docs/MERGING.md), instead of an adapter into its base.
+    #[arg(long, value_name = "YAML", conflicts_with_all = ["model", "adapter", "dequantize"])]
+    config: Option<PathBuf>,
+    /// With --config: seed of the random masks of dare_* and della* (torch's generator is
+    /// not reproduced: the same seed gives the same merge in ferrule, not mergekit's).
+    #[arg(long, default_value_t = 0, requires = "config")]
+    seed: u64,
     /// New folder for the merged model.
     #[arg(long, short)]
     output: PathBuf,
@@ -29,10 +37,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(config) = &a.config {
+        return run_config(config, &a);
+    }
+    let (Some(model), Some(adapter)) = (&a.model, &a.adapter) else {
+        bail!("merge: give --model and --adapter, or --config")
+    };
     let spec = a.quant.spec()?;
     let m = AdaptedModel::load_with(
-        &a.model,
-        Some(&a.adapter),
+        model,
+        Some(adapter.as_path()),
         None,
         &super::device(),
         LoadOptions::quantized(spec.as_ref()),
@@ -41,11 +55,11 @@ pub fn run(a: Args) -> Result<()> {
     if a.dequantize && !target.is_quantized() {
         bail!(
             "--dequantize: the base {} is not quantized; add the --quantize flags the adapter was trained with",
-            a.model
+            model
         )
     }
-    if let Some(trained) = BaseRecord::read(&a.adapter)? {
-        if let Some(w) = trained.mismatch_warning(&a.adapter, &target, &a.model, true) {
+    if let Some(trained) = BaseRecord::read(adapter)? {
+        if let Some(w) = trained.mismatch_warning(adapter, &target, model, true) {
             tracing::warn!("{w}");
         }
     }
@@ -54,6 +68,18 @@ pub fn run(a: Args) -> Result<()> {
         dequantize: a.dequantize,
     };
     let report = merge_to_dir_with(&m.source, tuner, m.model.task, &a.output, options)?;
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!("merged model written to {}", a.output.display());
+    Ok(())
+}
+
+fn run_config(config: &std::path::Path, a: &Args) -> Result<()> {
+    let options = ferrule::merge::models::ModelMergeOptions {
+        seed: a.seed,
+        ..Default::default()
+    };
+    let spec = a.quant.spec()?;
+    let report = ferrule::merge::models::merge_quantized(config, &a.output, &options, spec)?;
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("merged model written to {}", a.output.display());
     Ok(())

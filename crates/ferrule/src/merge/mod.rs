@@ -14,6 +14,7 @@
 mod base_record;
 pub mod darex;
 pub mod delta;
+pub mod models;
 
 pub use base_record::{BaseRecord, FILE as BASE_RECORD_FILE};
 

@@ -508,7 +508,7 @@ impl Drop for ReleasePages<'_> {
 
 /// `model.safetensors`, or the shards of `model.safetensors.index.json`, each with the tensor
 /// names the index places in it (none for a single file).
-fn checkpoint_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
+pub(crate) fn checkpoint_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     if single.exists() {
@@ -592,7 +592,7 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
 }
 
 /// Little-endian f32/f16/bf16 bytes as f32 values.
-fn decode_f32(dtype: safetensors::Dtype, d: &[u8]) -> Result<Vec<f32>> {
+pub(crate) fn decode_f32(dtype: safetensors::Dtype, d: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
         safetensors::Dtype::F32 => d
             .chunks_exact(4)

@@ -1,0 +1,339 @@
+//! Whole-model merges as mergekit does them (`ferrule merge --config merge.yaml`): mergekit's
+//! YAML ([`config`]), its parameters with gradients and filters ([`parameters`]), its merge
+//! methods over one tensor ([`methods`]), planned and checked in full before anything is
+//! written ([`plan`]), then streamed: one output tensor at a time, read from memory-mapped
+//! inputs ([`inputs`]) and appended to safetensors shards ([`writer`]) in a temporary folder
+//! renamed into place at the end.
+//!
+//! Source: mergekit 0.1.5 (`mergekit/config.py`, `plan.py`, `parameter_resolver.py`,
+//! `sparsify.py`, `merge_methods/`).
+
+pub mod config;
+pub mod inputs;
+pub mod methods;
+pub mod parameters;
+pub mod plan;
+pub mod tokenizer;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde_json::json;
+
+use config::MergeConfig;
+use inputs::InputModel;
+use methods::TensorInputs;
+
+/// How to run a merge beyond what the YAML says.
+#[derive(Clone, Debug)]
+pub struct ModelMergeOptions {
+    /// Seed of the random masks (DARE, DELLA).
+    pub seed: u64,
+    /// Largest output shard in bytes.
+    pub max_shard_bytes: usize,
+}
+
+impl Default for ModelMergeOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            max_shard_bytes: 5_000_000_000,
+        }
+    }
+}
+
+/// What a merge wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelMergeReport {
+    pub merge_method: String,
+    pub tensors_written: usize,
+    pub layers: usize,
+    pub shards: usize,
+    pub dtype: String,
+    /// Elements of the largest tensor: the merge holds a few tensors of this size at once.
+    pub largest_tensor_elements: usize,
+}
+
+/// Reads the YAML at `config_path`, merges, and writes a model folder at `out`.
+pub fn merge_from_config(
+    config_path: &Path,
+    out: &Path,
+    options: &ModelMergeOptions,
+) -> Result<ModelMergeReport> {
+    let config = MergeConfig::read(config_path)?;
+    let yaml_dir = config_path.parent().map(Path::to_path_buf);
+    merge(&config, yaml_dir.as_deref(), out, options)
+        .with_context(|| format!("merge config {}", config_path.display()))
+}
+
+/// A model path as mergekit finds it (relative to the working folder), or failing that
+/// relative to the YAML's folder.
+fn resolver(yaml_dir: Option<&Path>) -> impl Fn(&str) -> PathBuf + '_ {
+    move |spec: &str| {
+        let p = PathBuf::from(spec);
+        match yaml_dir {
+            Some(d) if !p.exists() && p.is_relative() && d.join(&p).exists() => d.join(p),
+            _ => p,
+        }
+    }
+}
+
+/// Merges as `config` says into a new folder `out`.
+pub fn merge(
+    config: &MergeConfig,
+    yaml_dir: Option<&Path>,
+    out: &Path,
+    options: &ModelMergeOptions,
+) -> Result<ModelMergeReport> {
+    if out.exists() {
+        bail!(
+            "{}: already exists; choose a new output folder",
+            out.display()
+        )
+    }
+    let resolve = resolver(yaml_dir);
+    let mut models = BTreeMap::new();
+    for spec in referenced(config) {
+        let m = InputModel::open(&spec, &resolve)?;
+        models.insert(spec, m);
+    }
+    let plan = plan::build(config, &models)?;
+    let tmp = temp_dir_for(out)?;
+    let result = write(config, &plan, &models, &tmp, options).and_then(|r| {
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        Ok(r)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn referenced(config: &MergeConfig) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    let mut add = |s: &String| {
+        if !v.contains(s) {
+            v.push(s.clone())
+        }
+    };
+    config.base_model.iter().for_each(&mut add);
+    for m in config.models.iter().flatten() {
+        add(&m.model);
+    }
+    for s in config.slices.iter().flatten() {
+        s.base_model.iter().for_each(&mut add);
+        for src in &s.sources {
+            add(&src.model);
+        }
+    }
+    v
+}
+
+fn temp_dir_for(out: &Path) -> Result<PathBuf> {
+    let mut name = out
+        .file_name()
+        .with_context(|| format!("{}: not a folder name", out.display()))?
+        .to_os_string();
+    name.push(".tmp");
+    let tmp = out.with_file_name(name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    Ok(tmp)
+}
+
+fn write(
+    config: &MergeConfig,
+    plan: &plan::Plan,
+    models: &BTreeMap<String, InputModel>,
+    dir: &Path,
+    options: &ModelMergeOptions,
+) -> Result<ModelMergeReport> {
+    let entries = plan
+        .tensors
+        .iter()
+        .map(|t| writer::Entry {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let mut shards = writer::ShardWriter::new(dir, entries, options.max_shard_bytes);
+    let total = plan.tensors.len();
+    for (k, t) in plan.tensors.iter().enumerate() {
+        // Inputs are decoded in parallel; each is one tensor of one model.
+        let mut values: Vec<Vec<f32>> = t
+            .inputs
+            .par_iter()
+            .map(|(model, name)| models[model].read(name))
+            .collect::<Result<_>>()?;
+        if let Some(p) = &t.remap {
+            let width = t.shape[1..].iter().product();
+            values = p.apply(&values, width);
+        }
+        let merged = methods::merge(
+            plan.method,
+            TensorInputs {
+                name: &t.name,
+                shape: &t.shape,
+                values,
+                base: t.base,
+                seed: options.seed,
+            },
+            &t.params,
+        )
+        .with_context(|| format!("merging {}", t.name))?;
+        if let Some(bad) = merged.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "merging {}: the result holds {bad}; nothing was written",
+                t.name
+            )
+        }
+        shards.write(&t.name, &merged)?;
+        // About twenty progress lines for a whole merge.
+        if (k + 1) % (total / 20).max(1) == 0 || k + 1 == total {
+            tracing::info!("merged {}/{total} tensors ({})", k + 1, t.name);
+        }
+    }
+    let n_shards = shards.finish()?;
+    let reference = &models[&plan.reference];
+    let dtype = plan
+        .tensors
+        .first()
+        .map(|t| t.dtype)
+        .unwrap_or(config::OutDtype::F32);
+    write_config(reference, plan, dtype, dir)?;
+    copy_tokenizer(config, reference, models, dir)?;
+    crate::util::atomic::sync_dir(dir)?;
+    Ok(ModelMergeReport {
+        merge_method: config.merge_method.clone(),
+        tensors_written: total,
+        layers: plan.layers,
+        shards: n_shards,
+        dtype: dtype.name().to_string(),
+        largest_tensor_elements: plan
+            .tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .max()
+            .unwrap_or(0),
+    })
+}
+
+fn write_config(
+    reference: &InputModel,
+    plan: &plan::Plan,
+    dtype: config::OutDtype,
+    dir: &Path,
+) -> Result<()> {
+    let mut cfg = reference.config.clone();
+    if let Some(o) = cfg.as_object_mut() {
+        o.remove("quantization_config");
+        o.insert("torch_dtype".into(), json!(dtype.name()));
+        if let Some(v) = plan.vocab_size {
+            o.insert("vocab_size".into(), json!(v));
+        }
+        if o.contains_key("num_hidden_layers") {
+            o.insert("num_hidden_layers".into(), json!(plan.layers));
+        }
+    }
+    crate::util::atomic::write_bytes_atomic(
+        &dir.join("config.json"),
+        (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// The tokenizer files of `tokenizer_source` (a model), else of the reference model (the base,
+/// else the first), as mergekit copies them.
+fn copy_tokenizer(
+    config: &MergeConfig,
+    reference: &InputModel,
+    models: &BTreeMap<String, InputModel>,
+    dir: &Path,
+) -> Result<()> {
+    let from = match config.tokenizer_source.as_deref() {
+        None | Some("base") => reference,
+        Some(m) => models
+            .get(m)
+            .with_context(|| format!("tokenizer_source: {m} is not one of the merged models"))?,
+    };
+    crate::export::copy_tokenizer_files(from.dir.as_deref(), from.source.as_ref(), dir)?;
+    if let Some(t) = &config.chat_template {
+        crate::util::atomic::write_bytes_atomic(&dir.join("chat_template.jinja"), t.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// What a merge with a quantized output wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QuantizedMergeReport {
+    #[serde(flatten)]
+    pub merge: ModelMergeReport,
+    pub quantized_tensors: usize,
+    /// Largest rounding error quantization added, against the merged f32 weights.
+    pub quantize_error: Option<crate::quant::RoundTripError>,
+}
+
+/// [`merge_from_config`], then with `quantize` the merged linear weights quantized
+/// (`--quantize nf4`) into the bitsandbytes layout, the rounding it added measured. The
+/// unquantized merge lives in a temporary folder beside `out` meanwhile.
+pub fn merge_quantized(
+    config_path: &Path,
+    out: &Path,
+    options: &ModelMergeOptions,
+    quantize: Option<crate::quant::QuantSpec>,
+) -> Result<QuantizedMergeReport> {
+    let Some(spec) = quantize else {
+        let merge = merge_from_config(config_path, out, options)?;
+        return Ok(QuantizedMergeReport {
+            merge,
+            quantized_tensors: 0,
+            quantize_error: None,
+        });
+    };
+    if out.exists() {
+        bail!(
+            "{}: already exists; choose a new output folder",
+            out.display()
+        )
+    }
+    let mut name = out
+        .file_name()
+        .with_context(|| format!("{}: not a folder name", out.display()))?
+        .to_os_string();
+    name.push(".unquantized");
+    let full = out.with_file_name(name);
+    if full.exists() {
+        std::fs::remove_dir_all(&full)
+            .with_context(|| format!("removing stale {}", full.display()))?;
+    }
+    let result = (|| {
+        let merge = merge_from_config(config_path, &full, options)?;
+        let source = crate::model::ModelSource::load_with(
+            &full.to_string_lossy(),
+            &candle_core::Device::Cpu,
+            crate::model::LoadOptions::quantized(Some(&spec)),
+        )?;
+        let exact = inputs::InputModel::open(&full.to_string_lossy(), &|s| PathBuf::from(s))?;
+        let mut error: Option<crate::quant::RoundTripError> = None;
+        for (name, q) in source.weights.quantized() {
+            let e = crate::quant::RoundTripError::between(&exact.read(name)?, &q.dequantize());
+            error = Some(error.map_or(e, |w| w.worst(e)));
+        }
+        let report = crate::export::quantize_to_dir(&source, &spec, out)?;
+        Ok(QuantizedMergeReport {
+            merge,
+            quantized_tensors: report.quantized_tensors,
+            quantize_error: error,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&full);
+    result
+}
