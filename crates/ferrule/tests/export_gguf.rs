@@ -423,15 +423,21 @@ fn gguf_py_reads_back_a_merged_model_and_a_lora_adapter() {
         model_dir("llama").to_str().unwrap(),
         adapter.to_str().unwrap(),
     ]);
-    // rsLoRA: PEFT's alpha / sqrt(r) is folded into lora_b, so that llama.cpp's alpha / r gives it.
-    let qwen = ModelSource::load(model_dir("qwen2").to_str().unwrap(), &dev).unwrap();
-    let rs = fixtures().join("adapters/qwen2_allin_rslora");
-    let lora = t.path().join("rslora.gguf");
-    export_lora_gguf(&qwen, &rs, &lora, opts(OutType::F32)).unwrap();
-    check_with_gguf_py(&[
-        "lora",
-        lora.to_str().unwrap(),
-        model_dir("qwen2").to_str().unwrap(),
-        rs.to_str().unwrap(),
-    ]);
+    // rsLoRA's alpha / sqrt(r) and an alpha_pattern entry are folded into lora_b, so that
+    // llama.cpp's alpha / r gives PEFT's update; rank_pattern needs nothing.
+    for (model, adapter) in [
+        ("qwen2", "qwen2_allin_rslora"),
+        ("mistral", "mistral_patterns"),
+    ] {
+        let src = ModelSource::load(model_dir(model).to_str().unwrap(), &dev).unwrap();
+        let dir = fixtures().join("adapters").join(adapter);
+        let lora = t.path().join(format!("{adapter}.gguf"));
+        export_lora_gguf(&src, &dir, &lora, opts(OutType::F32)).unwrap();
+        check_with_gguf_py(&[
+            "lora",
+            lora.to_str().unwrap(),
+            model_dir(model).to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ]);
+    }
 }
