@@ -441,3 +441,91 @@ fn gguf_py_reads_back_a_merged_model_and_a_lora_adapter() {
         ]);
     }
 }
+
+/// The python of the venv scripts/llama-cpp-venv.sh makes, if llama_cpp imports there.
+fn llama_cpp_python() -> Option<PathBuf> {
+    let venv = std::env::var("FERRULE_LLAMA_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/ferrule/llama-venv")
+        });
+    let py = venv.join("bin/python");
+    let imports = py.exists()
+        && Command::new(&py)
+            .args(["-c", "import llama_cpp"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !imports {
+        eprintln!(
+            "skipping: no llama-cpp-python in {} (scripts/llama-cpp-venv.sh builds it)",
+            venv.display()
+        );
+        return None;
+    }
+    Some(py)
+}
+
+/// ferrule's logits for `ids` (one sequence, no padding) as JSON rows.
+fn ferrule_logits(
+    source: &ModelSource,
+    hook: &dyn ferrule::model::ModelHook,
+    ids: &[i64],
+) -> Vec<Vec<f32>> {
+    let dev = Device::Cpu;
+    let model = Model::build(source, Task::CausalLm, hook, &dev, 0).unwrap();
+    let input = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+    let out = model
+        .forward(&Inputs {
+            input_ids: &input,
+            attention_mask: None,
+            token_type_ids: None,
+        })
+        .unwrap();
+    out.squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn llama_cpp_loads_the_model_and_the_lora_adapter_with_ferrules_logits() {
+    let Some(py) = llama_cpp_python() else { return };
+    let dev = Device::Cpu;
+    let t = tempfile::tempdir().unwrap();
+    let src = ModelSource::load(model_dir("llama").to_str().unwrap(), &dev).unwrap();
+    let adapter = fixtures().join("adapters/llama_lora");
+    let base = t.path().join("base.gguf");
+    let lora = t.path().join("lora.gguf");
+    export_model_gguf(&src, None, &base, opts(OutType::F32)).unwrap();
+    export_lora_gguf(&src, &adapter, &lora, opts(OutType::F32)).unwrap();
+    let ids: Vec<i64> = vec![1, 40, 75, 120, 7, 250, 33, 64, 99, 2];
+    let saved = ferrule::peft_io::load_adapter(&adapter, &dev).unwrap();
+    let tuner = saved.into_tuner(0, &dev).unwrap();
+    let plain = ferrule_logits(&src, &Frozen, &ids);
+    let adapted = ferrule_logits(&src, tuner.as_ref(), &ids);
+    let flat = |v: &Vec<Vec<f32>>| v.concat();
+    let effect = max_abs_diff(&flat(&plain), &flat(&adapted));
+    // The adapter must change the logits far more than the tolerance, or the check proves nothing.
+    assert!(
+        effect > 0.1,
+        "the adapter changes the logits by only {effect}"
+    );
+    for (gguf_lora, logits) in [(None, plain), (Some(&lora), adapted)] {
+        let expected = t.path().join("expected.json");
+        let json = serde_json::json!({"ids": ids, "logits": logits, "tol": 1e-4});
+        std::fs::write(&expected, json.to_string()).unwrap();
+        let mut cmd = Command::new(&py);
+        cmd.arg(fixtures().join("gguf_export/check_llama_cpp.py"))
+            .arg(&expected)
+            .arg(&base);
+        if let Some(l) = gguf_lora {
+            cmd.arg(l);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && text.contains("OK:"), "{text}");
+        eprint!("{text}");
+    }
+}
