@@ -126,7 +126,8 @@ pub struct GgufExportReport {
     pub bytes: u64,
 }
 
-/// The llama.cpp architecture a decoder is written as, and whether its q/k rows are permuted.
+/// The llama.cpp architecture a decoder is written as (`Arch::permutes_qk` says whether its q/k
+/// rows are permuted).
 pub(crate) fn gguf_arch(source: &ModelSource) -> Result<Arch> {
     match source.model_type() {
         // convert_hf_to_gguf.py's LlamaModel handles LlamaForCausalLM and MistralForCausalLM.
