@@ -39,6 +39,9 @@ enum Command {
     /// Quantize a model's linear layers (nf4/fp4 with optional double quantization, or int8)
     /// and write it in the bitsandbytes layout that transformers loads.
     Quantize(commands::quantize::Args),
+    /// Write a model or adapter in another ecosystem's format (GGUF for llama.cpp).
+    #[command(subcommand)]
+    Export(commands::export::Command),
     /// Show a model's architecture and parameters, and what an adapter config would train.
     Inspect(Box<commands::inspect::Args>),
     /// Write f32 logits for given input tensors (for parity checks).
@@ -127,6 +130,7 @@ fn main() {
             Command::Generate(a) => commands::generate::run(a),
             Command::Merge(a) => commands::merge::run(a),
             Command::Quantize(a) => commands::quantize::run(a),
+            Command::Export(c) => commands::export::run(c),
             Command::Inspect(a) => commands::inspect::run(*a),
             Command::Logits(a) => commands::logits::run(a),
             Command::Checkpoint(c) => commands::checkpoint::run(c),

@@ -1,6 +1,9 @@
 //! Writing a standalone Hugging Face model folder (config.json, tokenizer files,
 //! model.safetensors), for `ferrule merge` and `ferrule quantize`. The folder is built in
 //! `<out>.tmp` and renamed into place, so a failure leaves no half-written output.
+//! [`gguf`] writes GGUF files for llama.cpp (`ferrule export gguf`).
+
+pub mod gguf;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

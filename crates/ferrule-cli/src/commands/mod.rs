@@ -4,6 +4,7 @@ pub mod adapter_args;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod logits;

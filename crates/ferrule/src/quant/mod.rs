@@ -13,6 +13,7 @@ pub mod blockwise4;
 pub mod bnb_format;
 pub mod dynamic;
 pub mod ggml;
+pub mod ggml_quantize;
 pub mod int8;
 pub mod policy;
 

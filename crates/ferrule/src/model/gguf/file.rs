@@ -5,14 +5,14 @@ use super::*;
 
 /// Model architectures we translate. They share llama's tensor set; qwen2 adds q/k/v biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Arch {
+pub(crate) enum Arch {
     Llama,
     Mistral,
     Qwen2,
 }
 
 impl Arch {
-    pub(super) fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "llama" => Some(Self::Llama),
             "mistral" => Some(Self::Mistral),
@@ -20,7 +20,7 @@ impl Arch {
             _ => None,
         }
     }
-    pub(super) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
@@ -36,7 +36,7 @@ impl Arch {
     }
     /// llama.cpp's `LlamaModel` converter (and its subclasses, Mistral among them) permutes q/k
     /// rows; the Qwen2 converter does not.
-    pub(super) fn permutes_qk(self) -> bool {
+    pub(crate) fn permutes_qk(self) -> bool {
         matches!(self, Self::Llama | Self::Mistral)
     }
 }
@@ -483,7 +483,7 @@ impl GgufFile {
 
 /// `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; `None` for a name with no HF
 /// equivalent (or a layer index outside `0..layers`).
-pub(super) fn hf_tensor_name(name: &str, arch: Arch, layers: usize) -> Option<String> {
+pub(crate) fn hf_tensor_name(name: &str, arch: Arch, layers: usize) -> Option<String> {
     let (stem, suffix) = name.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
@@ -530,8 +530,8 @@ pub(super) fn hf_tensor_name(name: &str, arch: Arch, layers: usize) -> Option<St
     Some(format!("model.layers.{layer}.{hf_leaf}.{suffix}"))
 }
 
-/// The inverse of [`hf_tensor_name`], for error messages.
-pub(super) fn gguf_tensor_name(hf: &str) -> String {
+/// The inverse of [`hf_tensor_name`] (for a name it maps; GGUF export checks the round trip).
+pub(crate) fn gguf_tensor_name(hf: &str) -> String {
     let pairs = [
         ("model.embed_tokens", "token_embd"),
         ("model.norm", "output_norm"),
@@ -555,7 +555,7 @@ pub(super) fn gguf_tensor_name(hf: &str) -> String {
 }
 
 /// Sort key putting `blk.2` before `blk.10`.
-pub(super) fn natural_key(name: &str) -> (usize, usize, &str) {
+pub(crate) fn natural_key(name: &str) -> (usize, usize, &str) {
     match name
         .strip_prefix("blk.")
         .and_then(|r| r.split_once('.'))

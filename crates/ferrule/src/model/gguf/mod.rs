@@ -37,9 +37,11 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 pub use error::GgufError;
 pub use file::GgufFile;
 use file::*;
+pub(crate) use file::{gguf_tensor_name, hf_tensor_name, natural_key, Arch};
 pub use header::ggml_type_name;
 use header::*;
 use metadata::*;
+pub(crate) use tokenizer::pre_tokenizer_split;
 pub use tokenizer::GgufTokenizer;
 use tokenizer::*;
 

@@ -19,7 +19,7 @@ pub struct GgufTokenizer {
 /// `tokenizer.ggml.pre` values whose merges were learned on a split other than GPT-2's, with that
 /// split (transformers' `GGUF_PRE_TOKENIZER_SPLITS`). Anything else, `smollm` and `gpt-2`
 /// included, gets the GPT-2 split built into the ByteLevel pre-tokenizer, as in transformers.
-pub(super) fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
+pub(crate) fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

@@ -1,0 +1,105 @@
+//! `ferrule export gguf`
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use ferrule::adapted::AdaptedModel;
+use ferrule::export::gguf::{export_lora_gguf, export_model_gguf, GgufExportOptions, OutType};
+use ferrule::model::{LoadOptions, ModelSource};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Write a model (optionally with an adapter merged in), or a LoRA adapter alone
+    /// (--adapter-only), as a GGUF file that llama.cpp loads.
+    Gguf(GgufArgs),
+}
+
+#[derive(clap::Args)]
+pub struct GgufArgs {
+    /// Model folder, .gguf file, or hub id (Llama, Mistral, Qwen2, SmolLM2).
+    #[arg(long)]
+    model: String,
+    /// A PEFT adapter folder: merged into the model first, or with --adapter-only written alone
+    /// as a llama.cpp LoRA adapter.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Write the LoRA adapter alone in llama.cpp's LoRA GGUF layout (use it with
+    /// `llama-cli -m MODEL.gguf --lora FILE.gguf`); the model gives the architecture.
+    #[arg(long, requires = "adapter")]
+    adapter_only: bool,
+    /// Type of the weight matrices: f32, f16, q8_0 or q4_0 (norms and other 1-D tensors stay
+    /// f32). Default: f16 for a model, f32 for an adapter, as llama.cpp's converters.
+    #[arg(long, value_name = "TYPE", value_parser = parse_outtype)]
+    outtype: Option<OutType>,
+    /// The .gguf file to write.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+fn parse_outtype(s: &str) -> Result<OutType> {
+    s.parse()
+}
+
+pub fn run(c: Command) -> Result<()> {
+    match c {
+        Command::Gguf(a) => gguf(a),
+    }
+}
+
+fn gguf(a: GgufArgs) -> Result<()> {
+    let options = GgufExportOptions {
+        outtype: a.outtype.unwrap_or(if a.adapter_only {
+            OutType::F32
+        } else {
+            OutType::F16
+        }),
+        overwrite: a.overwrite,
+    };
+    let device = super::device();
+    let report = match (&a.adapter, a.adapter_only) {
+        (Some(adapter), true) => {
+            let source = ModelSource::load_with(&a.model, &device, LoadOptions::quantized(None))?;
+            export_lora_gguf(&source, adapter, &a.output, options)?
+        }
+        (adapter, _) => {
+            let m = AdaptedModel::load_with(
+                &a.model,
+                adapter.as_deref(),
+                None,
+                &device,
+                LoadOptions::quantized(None),
+            )?;
+            let tuner = match adapter {
+                Some(_) => Some(m.tuner.as_deref().context("no adapter was loaded")?),
+                None => None,
+            };
+            export_model_gguf(&m.source, tuner, &a.output, options)?
+        }
+    };
+    if !report.f16_fallback.is_empty() {
+        eprintln!(
+            "{} matri{} written in F16: rows not a whole number of {} blocks (convert_hf_to_gguf.py falls back the same way): {}",
+            report.f16_fallback.len(),
+            if report.f16_fallback.len() == 1 { "x" } else { "ces" },
+            report.outtype,
+            report.f16_fallback.join(", ")
+        );
+    }
+    if let Some(e) = &report.max_error {
+        eprintln!(
+            "largest rounding error: {:.3e} ({:.2e} of the largest weight)",
+            e.max_abs, e.rel
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!(
+        "GGUF {} written to {} ({:.1} MB)",
+        report.kind,
+        a.output.display(),
+        report.bytes as f64 / 1e6
+    );
+    Ok(())
+}
