@@ -15,6 +15,7 @@
 //! adapter, but not peft's.
 
 pub mod combine;
+pub mod darex;
 mod ia3;
 mod lora;
 
