@@ -149,7 +149,7 @@ fn bad_inputs_are_named_errors_that_write_nothing() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("x");
     let o = out.to_str().unwrap();
-    let (a, b, c, ia3) = (input("a"), input("b"), input("c"), input("ia3_a"));
+    let (a, b, c) = (input("a"), input("b"), input("c"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--adapter", &a, "--adapter", &b, "--weights", "1,2,3"],
@@ -175,10 +175,6 @@ fn bad_inputs_are_named_errors_that_write_nothing() {
         (
             vec!["--adapter", &a, "--adapter", &c],
             "needs adapters of one rank",
-        ),
-        (
-            vec!["--adapter", &a, "--adapter", &ia3],
-            "are of different methods",
         ),
         (
             vec![
@@ -221,4 +217,61 @@ fn bad_inputs_are_named_errors_that_write_nothing() {
             assert!(!t.path().join("x.tmp").exists());
         }
     }
+}
+
+#[test]
+fn other_methods_and_mixes_merge_by_task_arithmetic_on_the_merged_weights() {
+    let t = tempfile::tempdir().unwrap();
+    let path = |n: &str| t.path().join(n).display().to_string();
+    let (randlora, dora) = (fx("methods/llama_randlora"), fx("methods/llama_dora"));
+    for (adapter, out) in [(&randlora, "r"), (&dora, "d")] {
+        let (ok, err) = merge(&["--adapter", adapter, "--output", &path(out)]);
+        assert!(ok, "{err}");
+    }
+    let (ok, err) = merge(&[
+        "--adapter",
+        &randlora,
+        "--adapter",
+        &dora,
+        "--weights",
+        "0.6,-0.3",
+        "--output",
+        &path("mix"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("task arithmetic"), "{err}");
+    let load = |n: &str| tensors(&t.path().join(n).join("model.safetensors"));
+    let (r, d, mix) = (load("r"), load("d"), load("mix"));
+    let base = tensors(&root().join("tests/fixtures/models/llama/model.safetensors"));
+    let mut moved = 0.0f32;
+    for (k, w0) in &base {
+        let want: Vec<f32> = (0..w0.len())
+            .map(|i| w0[i] + 0.6 * (r[k][i] - w0[i]) - 0.3 * (d[k][i] - w0[i]))
+            .collect();
+        assert!(max_diff(&mix[k], &want) < 1e-5, "{k}");
+        moved = moved.max(max_diff(&mix[k], w0));
+    }
+    assert!(moved > 1e-3, "the merge changed nothing");
+    // peft's options do not apply to them, and no adapter folder can hold a mix of methods.
+    let (ok, err) = merge(&[
+        "--adapter",
+        &randlora,
+        "--adapter",
+        &dora,
+        "--density",
+        "0.5",
+        "--output",
+        &path("bad"),
+    ]);
+    assert!(!ok && err.contains("linear task arithmetic only"), "{err}");
+    let (ok, err) = merge(&[
+        "--adapter",
+        &randlora,
+        "--adapter",
+        &dora,
+        "--output-adapter",
+        &path("bad"),
+    ]);
+    assert!(!ok && err.contains("different methods"), "{err}");
+    assert!(!t.path().join("bad").exists());
 }

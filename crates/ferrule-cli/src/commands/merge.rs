@@ -96,6 +96,10 @@ pub fn run(a: Args) -> Result<()> {
     if chosen.len() == 1 && !a.combines() {
         return merge_one(&a, &sources, &chosen[0].name, spec.as_ref(), options);
     }
+    let linear = a.combination.as_deref().is_none_or(|c| c == "linear");
+    if a.output_adapter.is_none() && linear && outside_peft_combinations(&chosen)? {
+        return merge_task_arithmetic(&a, &sources, &chosen, spec.as_ref(), options);
+    }
     let combined = combine_chosen(&a, &chosen)?;
     if let Some(dir) = &a.output_adapter {
         combined.save(dir)?;
@@ -272,4 +276,81 @@ fn parse_weights(s: Option<&str>, chosen: &[LoadedAdapter]) -> Result<Vec<f64>> 
         )
     }
     Ok(out)
+}
+
+/// Whether the adapters are beyond peft's combinations (methods other than LoRA and IA3, DoRA,
+/// or a mix of methods): merged into the base by task arithmetic on the merged weights.
+fn outside_peft_combinations(chosen: &[LoadedAdapter]) -> Result<bool> {
+    let mut kinds = std::collections::BTreeSet::new();
+    for ad in chosen {
+        let file = ad.dir.join(ferrule::peft_io::CONFIG_FILE);
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", file.display()))?;
+        let kind = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+        let dora = cfg.get("use_dora").and_then(|v| v.as_bool()) == Some(true);
+        kinds.insert(if dora {
+            "DORA".to_string()
+        } else {
+            kind.to_string()
+        });
+    }
+    Ok(kinds.len() > 1 || kinds.iter().any(|k| k != "LORA" && k != "IA3"))
+}
+
+/// `W₀ + Σ wᵢ (Wᵢ − W₀)` into the base ([`ferrule::merge::adapters::task_arithmetic`]).
+fn merge_task_arithmetic(
+    a: &Args,
+    sources: &[AdapterSource],
+    chosen: &[LoadedAdapter],
+    spec: Option<&ferrule::quant::QuantSpec>,
+    options: MergeOptions,
+) -> Result<()> {
+    let out = a.output.as_ref().context("give --output")?;
+    if a.density.is_some() || a.svd_rank.is_some() || a.svd_clamp.is_some() || a.rescale_q.is_some()
+    {
+        bail!("--density, --svd-rank, --svd-clamp and --rescale-q apply to peft's LoRA combinations; these adapters (other methods, DoRA or a mix) combine by linear task arithmetic only")
+    }
+    let weights = parse_weights(a.weights.as_deref(), chosen)?;
+    let selection = Selection::Weighted(
+        chosen
+            .iter()
+            .zip(&weights)
+            .map(|(c, w)| (c.name.clone(), *w))
+            .collect(),
+    );
+    let m = AdaptedModel::load_adapters(
+        &a.model,
+        sources,
+        &selection,
+        None,
+        &super::device(),
+        LoadOptions::quantized(spec),
+    )?;
+    let target = BaseRecord::of(&m.source.weights, spec);
+    check_dequantize(a, &target)?;
+    for ad in chosen {
+        warn_base_mismatch(a, &ad.dir, &target)?;
+    }
+    let sum = m.weighted.as_ref().context("the weighted adapters")?;
+    let members: Vec<(String, f64, &dyn ferrule::tuners::Tuner)> = sum
+        .members
+        .iter()
+        .map(|mb| (mb.name.clone(), mb.weight, mb.tuner.as_ref()))
+        .collect();
+    eprintln!(
+        "combined {} (linear: task arithmetic on the merged weights)",
+        m.active
+    );
+    let report = ferrule::merge::adapters::task_arithmetic::task_arithmetic_to_dir(
+        &m.source,
+        &members,
+        m.model.task,
+        out,
+        options,
+    )?;
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!("merged model written to {}", out.display());
+    Ok(())
 }

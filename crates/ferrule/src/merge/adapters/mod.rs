@@ -18,6 +18,7 @@ pub mod combine;
 pub mod darex;
 mod ia3;
 mod lora;
+pub mod task_arithmetic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
