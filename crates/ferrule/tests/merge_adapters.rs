@@ -359,3 +359,22 @@ fn a_saved_combination_reloads_and_a_failed_save_leaves_nothing() {
     assert!(e.contains("already exists"), "{e}");
     assert!(!t.path().join("mix.tmp").exists());
 }
+
+#[test]
+fn ia3_without_feedforward_modules_keeps_them_unset_and_mixed_kinds_are_refused() {
+    let mut list = inputs(&["ia3_a", "ia3_b"], &[0.5, 0.5]);
+    for a in &mut list {
+        a.adapter.config["feedforward_modules"] = Value::Null;
+    }
+    let out = combine(&list, &CombineOptions::default()).unwrap();
+    assert_eq!(out.config["feedforward_modules"], Value::Null);
+    list[1].adapter.config["target_modules"] = Value::from(".*v_proj");
+    let e = format!(
+        "{:#}",
+        combine(&list, &CombineOptions::default()).err().unwrap()
+    );
+    assert!(
+        e.contains("ia3_a: a list") && e.contains("ia3_b: a regex string"),
+        "{e}"
+    );
+}

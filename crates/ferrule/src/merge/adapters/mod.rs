@@ -370,6 +370,7 @@ fn flat(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
 
 /// peft's union of target modules (`_check_add_weighted_adapter`): lists are united (written
 /// sorted; peft writes its set in hash order), strings joined as `(a)|(b)`, a mix refused.
+/// A key no adapter sets stays unset (peft fails on it with a TypeError).
 fn union_of(inputs: &[WeightedAdapter], key: &str) -> Result<Value> {
     let values: Vec<(&str, &Value)> = inputs
         .iter()
@@ -380,6 +381,9 @@ fn union_of(inputs: &[WeightedAdapter], key: &str) -> Result<Value> {
             )
         })
         .collect();
+    if values.iter().all(|(_, v)| v.is_null()) {
+        return Ok(Value::Null);
+    }
     if values.iter().all(|(_, v)| v.is_string()) {
         let joined: Vec<String> = values
             .iter()
