@@ -275,3 +275,41 @@ fn other_methods_and_mixes_merge_by_task_arithmetic_on_the_merged_weights() {
     assert!(!ok && err.contains("different methods"), "{err}");
     assert!(!t.path().join("bad").exists());
 }
+
+#[test]
+fn darex_analytic_q_runs_from_a_batch_and_only_for_the_svd_dare_types() {
+    let t = tempfile::tempdir().unwrap();
+    let batch = fx("inputs/decoder.safetensors");
+    let (a, b) = (input("a"), input("b"));
+    let args = |kind: &'static str, out: &str| -> Vec<String> {
+        [
+            "--adapter",
+            &a,
+            "--adapter",
+            &b,
+            "--combination",
+            kind,
+            "--density",
+            "0.3",
+            "--analytic-q",
+            &batch,
+            "--output-adapter",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let ok_out = t.path().join("q").display().to_string();
+    let full = args("dare_ties_svd", &ok_out);
+    let (ok, err) = merge(&full.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let bad_out = t.path().join("bad").display().to_string();
+    let full = args("dare_linear", &bad_out);
+    let (ok, err) = merge(&full.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !ok && err.contains("applies to dare_linear_svd and dare_ties_svd"),
+        "{err}"
+    );
+    assert!(!t.path().join("bad").exists());
+}

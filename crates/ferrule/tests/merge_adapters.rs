@@ -52,6 +52,7 @@ fn options_of(case: &Value) -> CombineOptions {
         svd_clamp: case["svd_clamp"].as_f64(),
         seed: 0,
         rescale_q: None,
+        analytic_q: None,
     }
 }
 
@@ -377,4 +378,83 @@ fn ia3_without_feedforward_modules_keeps_them_unset_and_mixed_kinds_are_refused(
         e.contains("ia3_a: a list") && e.contains("ia3_b: a regex string"),
         "{e}"
     );
+}
+
+#[test]
+fn darex_analytic_q_rescales_each_layer_by_its_own_q() {
+    use ferrule::merge::adapters::darex::{layer_q, mean_inputs, Analytic, AnalyticQ};
+    use ferrule::model::{Inputs, LoadOptions, ModelSource, Task};
+    let dev = Device::Cpu;
+    let source = ModelSource::load_with(
+        &fixtures().join("models/llama").display().to_string(),
+        &dev,
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let batch = load("inputs/decoder.safetensors");
+    let inputs = Inputs {
+        input_ids: &batch["input_ids"],
+        attention_mask: Some(&batch["attention_mask"]),
+        token_type_ids: None,
+    };
+    let means: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let tuner = saved(&format!("in/{n}")).into_tuner(0, &dev).unwrap();
+            mean_inputs(&source, Task::CausalLm, tuner.as_ref(), &inputs).unwrap()
+        })
+        .collect();
+    let run = |analytic: Option<Analytic>| {
+        let o = CombineOptions {
+            combination: Combination::DareLinearSvd,
+            density: Some(0.5),
+            seed: 5,
+            analytic_q: analytic,
+            ..Default::default()
+        };
+        combine(&inputs_of(&["a", "b"], &[1.0, 0.0]), &o).unwrap()
+    };
+    let with_q = products(
+        &run(Some(Analytic {
+            rule: AnalyticQ::default(),
+            means: means.clone(),
+        }))
+        .tensors,
+    );
+    let plain = products(&run(None).tensors);
+    // Weight 0 on b: the pruned ΔW is a's mask times ΔW_a / q instead of / density, and the
+    // SVD of a scaled matrix is the scaled SVD.
+    let a = as_btree(saved("in/a"));
+    for layer in ["0", "1"] {
+        let path = format!("model.layers.{layer}.self_attn.q_proj");
+        let key = |s: &str| format!("base_model.model.{path}.{s}");
+        let delta = (a[&key("lora_B.weight")]
+            .matmul(&a[&key("lora_A.weight")])
+            .unwrap()
+            * 4.0)
+            .unwrap();
+        let q = layer_q(
+            &values(&delta),
+            64,
+            64,
+            &means[0][&path],
+            0.5,
+            AnalyticQ::default(),
+        )
+        .unwrap();
+        assert!(q > 0.5 && q < 0.999, "{path}: q {q}");
+        let k = key("lora_B.weight");
+        let (x, y) = (values(&with_q[&k]), values(&plain[&k]));
+        let want: Vec<f32> = y.iter().map(|v| v * (0.5 / q) as f32).collect();
+        let scale = y.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let ratio: Vec<f32> = x.iter().zip(&y).take(5).map(|(a, b)| a / b).collect();
+        assert!(
+            max_abs_diff(&x, &want) < 1e-5 * scale,
+            "{path}: q {q}, ratios {ratio:?}"
+        );
+    }
+}
+
+fn inputs_of(names: &[&str], weights: &[f64]) -> Vec<WeightedAdapter> {
+    inputs(names, weights)
 }

@@ -55,6 +55,11 @@ pub struct Args {
     /// density; q in (0, 1].
     #[arg(long, value_name = "Q")]
     rescale_q: Option<f32>,
+    /// DAREx-q's per-layer analytic q (dare_linear_svd, dare_ties_svd) from each adapter's
+    /// mean layer inputs on this batch: a safetensors file with input_ids [batch, tokens]
+    /// (unpadded) and optionally attention_mask.
+    #[arg(long, value_name = "INPUTS", conflicts_with = "rescale_q")]
+    analytic_q: Option<PathBuf>,
     /// New folder for the merged model.
     #[arg(long, short, required_unless_present = "output_adapter")]
     output: Option<PathBuf>,
@@ -81,6 +86,7 @@ impl Args {
             || self.svd_rank.is_some()
             || self.svd_clamp.is_some()
             || self.rescale_q.is_some()
+            || self.analytic_q.is_some()
             || self.output_adapter.is_some()
     }
 }
@@ -228,6 +234,13 @@ fn combine_chosen(a: &Args, chosen: &[LoadedAdapter]) -> Result<CombinedAdapter>
         svd_clamp: a.svd_clamp,
         seed: a.seed,
         rescale_q: a.rescale_q,
+        analytic_q: match &a.analytic_q {
+            Some(file) => Some(ferrule::merge::adapters::darex::Analytic {
+                rule: Default::default(),
+                means: mean_inputs(a, chosen, file)?,
+            }),
+            None => None,
+        },
     };
     let mut inputs = Vec::new();
     for (ad, weight) in chosen.iter().zip(weights) {
@@ -353,4 +366,43 @@ fn merge_task_arithmetic(
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("merged model written to {}", out.display());
     Ok(())
+}
+
+/// Each adapter's mean layer inputs on the batch in `file` (`--analytic-q`), in the model
+/// fine-tuned with it.
+fn mean_inputs(
+    a: &Args,
+    chosen: &[LoadedAdapter],
+    file: &std::path::Path,
+) -> Result<Vec<ferrule::merge::adapters::darex::MeanInputs>> {
+    let spec = a.quant.spec()?;
+    let source = ModelSource::load_with(
+        &a.model,
+        &Device::Cpu,
+        LoadOptions::quantized(spec.as_ref()),
+    )?;
+    let t = ferrule::model::weights::load_safetensors_file(file, &Device::Cpu)?;
+    let ids = t
+        .get("input_ids")
+        .with_context(|| format!("--analytic-q {}: no \"input_ids\" tensor", file.display()))?;
+    let inputs = ferrule::model::Inputs {
+        input_ids: ids,
+        attention_mask: t.get("attention_mask"),
+        token_type_ids: t.get("token_type_ids"),
+    };
+    let mut out = Vec::new();
+    for ad in chosen {
+        let saved =
+            load_adapter(&ad.dir, &Device::Cpu).with_context(|| format!("adapter {}", ad.name))?;
+        let task = match saved.task() {
+            Some(t) => t,
+            None => ferrule::adapted::default_task(&source)?,
+        };
+        let tuner = saved.into_tuner(0, &Device::Cpu)?;
+        out.push(
+            ferrule::merge::adapters::darex::mean_inputs(&source, task, tuner.as_ref(), &inputs)
+                .with_context(|| format!("--analytic-q: adapter {}", ad.name))?,
+        );
+    }
+    Ok(out)
 }

@@ -28,7 +28,7 @@ pub enum Arithmetic {
 }
 
 /// What the pruning of an [`Arithmetic`] needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Pruning {
     /// Fraction kept, in `(0, 1]`; unused by [`Arithmetic::Linear`].
     pub density: f32,
@@ -36,6 +36,8 @@ pub struct Pruning {
     /// DARE's rescale of the kept entries: `1/density` in peft; `1/q` for DAREx-q
     /// (arXiv 2410.09344, eq. 4), `q` in `(0, 1]`.
     pub dare_rescale: f32,
+    /// One DARE rescale per input instead (DAREx-q's analytic rule, per layer and input).
+    pub per_input_rescale: Option<Vec<f32>>,
 }
 
 /// Combines `tensors` (equally long) with `weights` as `arithmetic` says. `rng(i)` draws the
@@ -66,6 +68,11 @@ pub fn combine<R: Rng>(
     };
     if let Some((method, rescale)) = sparsifier {
         for (i, t) in pruned.iter_mut().enumerate() {
+            // DAREx-q's analytic rule gives each input its own rescale.
+            let rescale = match (&pruning.per_input_rescale, rescale) {
+                (Some(r), Rescale::Factor(_)) => Rescale::Factor(r[i]),
+                _ => rescale,
+            };
             sparsify(t, 1, pruning.density, method, rescale, &mut rng(i))?;
         }
     }
@@ -174,6 +181,7 @@ mod tests {
             density,
             majority_sign: SignElection::Total,
             dare_rescale: 1.0 / density,
+            per_input_rescale: None,
         }
     }
 

@@ -13,7 +13,18 @@
 //! float16 on a GPU; this in f64, so a row whose objective is flat between two grid points may
 //! land one step (0.001) apart.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{
+    AttentionInfo, BranchInfo, Embedding, EmbeddingInfo, InputInfo, Inputs, KvPrefix, Linear,
+    LinearInfo, Model, ModelHook, ModelSource, NormInfo, NormParams, ResidualBranch, Task,
+    VirtualTokens,
+};
+use crate::ops::{FrozenLinear, FrozenWeight};
 
 /// The rule's constants; the defaults are `analytical_resolve_new`'s (`eta=0.45`,
 /// `prob=0.95`, `stop_iter=0.8`).
@@ -117,6 +128,105 @@ pub fn layer_q(
         .collect();
     let q = rows_q(&c, rows, cols, p, rule)?;
     Ok(q.iter().sum::<f64>() / q.len() as f64)
+}
+
+/// Mean inputs of a model's linear layers, by module path ([`mean_inputs`]).
+pub type MeanInputs = BTreeMap<String, Vec<f32>>;
+
+/// The analytic rule with what it reads: each input adapter's [`MeanInputs`], in input order.
+#[derive(Clone, Debug)]
+pub struct Analytic {
+    pub rule: AnalyticQ,
+    pub means: Vec<MeanInputs>,
+}
+
+/// The mean input of every linear layer over the tokens of `inputs` (padding included: give
+/// an unpadded batch), in the model of `source` built through `hook` (an adapter's tuner: the
+/// fine-tuned model, as the reference measures it), by module path.
+pub fn mean_inputs(
+    source: &ModelSource,
+    task: Task,
+    hook: &dyn ModelHook,
+    inputs: &Inputs,
+) -> Result<MeanInputs> {
+    let sums: Sums = Arc::new(Mutex::new(BTreeMap::new()));
+    let recording = Recording {
+        inner: hook,
+        sums: sums.clone(),
+    };
+    let model = Model::build(source, task, &recording, &Device::Cpu, 0)?;
+    model.set_grad_enabled(false);
+    model.forward(inputs)?;
+    drop(model);
+    let sums = sums
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a recorder panicked"))?;
+    Ok(sums
+        .iter()
+        .map(|(k, (s, n))| {
+            (
+                k.clone(),
+                s.iter().map(|x| (x / *n as f64) as f32).collect(),
+            )
+        })
+        .collect())
+}
+
+type Sums = Arc<Mutex<BTreeMap<String, (Vec<f64>, usize)>>>;
+
+/// A hook that wraps every linear layer `inner` makes in a [`Recorder`].
+struct Recording<'a> {
+    inner: &'a dyn ModelHook,
+    sums: Sums,
+}
+
+impl ModelHook for Recording<'_> {
+    fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
+        Ok(Box::new(Recorder {
+            path: info.path.clone(),
+            inner: self.inner.linear(info, base)?,
+            sums: self.sums.clone(),
+        }))
+    }
+    fn norm(&self, info: &NormInfo, params: NormParams) -> Result<NormParams> {
+        self.inner.norm(info, params)
+    }
+    fn embedding(&self, info: &EmbeddingInfo, base: FrozenWeight) -> Result<Box<dyn Embedding>> {
+        self.inner.embedding(info, base)
+    }
+    fn virtual_tokens(&self, info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
+        self.inner.virtual_tokens(info)
+    }
+    fn kv_prefix(&self, info: &AttentionInfo) -> Result<Option<Box<dyn KvPrefix>>> {
+        self.inner.kv_prefix(info)
+    }
+    fn residual_branch(&self, info: &BranchInfo) -> Result<Option<Box<dyn ResidualBranch>>> {
+        self.inner.residual_branch(info)
+    }
+}
+
+/// A linear layer that adds up its inputs (per feature, over tokens) before running.
+struct Recorder {
+    path: String,
+    inner: Box<dyn Linear>,
+    sums: Sums,
+}
+
+impl Linear for Recorder {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows: Vec<Vec<f32>> = x.reshape(((), d))?.to_dtype(DType::F32)?.to_vec2()?;
+        if let Ok(mut sums) = self.sums.lock() {
+            let (s, n) = sums
+                .entry(self.path.clone())
+                .or_insert_with(|| (vec![0.0; d], 0));
+            for row in &rows {
+                s.iter_mut().zip(row).for_each(|(a, b)| *a += *b as f64);
+            }
+            *n += rows.len();
+        }
+        self.inner.forward(x)
+    }
 }
 
 #[cfg(test)]

@@ -265,10 +265,11 @@ fn combine_module(
     let (rows, cols) = (m.factors[0].rows, m.factors[0].cols);
     let weight = |f: &Factors| inputs[f.input].weight;
     let density = o.density.unwrap_or(1.0);
-    let pruning = Pruning {
+    let mut pruning = Pruning {
         density,
         majority_sign: o.majority_sign,
         dare_rescale: 1.0 / o.rescale_q.unwrap_or(density),
+        per_input_rescale: None,
     };
     let (ka, kb) = if m.embedding { (EMB_A, EMB_B) } else { (A, B) };
     let rng = |suffix: &str, fs: &[Factors]| {
@@ -303,6 +304,23 @@ fn combine_module(
                 .map(|f| combine::product(&f.b, &f.a, rows, f.r, cols, f.scaling))
                 .collect();
             let weights: Vec<f64> = m.factors.iter().map(weight).collect();
+            if let (Some(analytic), true) = (&o.analytic_q, density < 1.0) {
+                let mut rescales = Vec::new();
+                for (f, delta) in m.factors.iter().zip(&deltas) {
+                    rescales.push(match analytic.means[f.input].get(path) {
+                        Some(x) => {
+                            let p = 1.0 - density as f64;
+                            let q = super::darex::layer_q(delta, rows, cols, x, p, analytic.rule)
+                                .with_context(|| {
+                                format!("{path}, adapter {}", inputs[f.input].name)
+                            })?;
+                            (1.0 / q) as f32
+                        }
+                        None => 1.0 / density,
+                    });
+                }
+                pruning.per_input_rescale = Some(rescales);
+            }
             let delta =
                 combine::combine(arith, &deltas, &weights, &pruning, rng("delta", &m.factors))?;
             let (mut b, mut a) = combine::truncated_svd(&delta, rows, cols, new_rank)

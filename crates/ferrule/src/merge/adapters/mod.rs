@@ -128,6 +128,11 @@ pub struct CombineOptions {
     /// DAREx-q (arXiv 2410.09344): DARE's kept entries divided by `q` instead of by the
     /// density. `q` in `(0, 1]`.
     pub rescale_q: Option<f32>,
+    /// DAREx-q's analytic rule ([`darex`]) instead of one `q`: with each input's mean layer
+    /// inputs ([`darex::mean_inputs`], by module path), a `q` per input and module. Used by
+    /// the `dare_*_svd` types, which prune `ΔW` as the rule assumes; a module without recorded
+    /// inputs (an embedding) keeps `1/density`.
+    pub analytic_q: Option<darex::Analytic>,
 }
 
 impl Default for CombineOptions {
@@ -140,6 +145,7 @@ impl Default for CombineOptions {
             svd_clamp: None,
             seed: 0,
             rescale_q: None,
+            analytic_q: None,
         }
     }
 }
@@ -253,6 +259,17 @@ fn check_options(o: &CombineOptions) -> Result<()> {
         }
         if q.is_nan() || q <= 0.0 || q > 1.0 {
             bail!("rescale q must be in (0, 1], got {q}")
+        }
+    }
+    if o.analytic_q.is_some() {
+        if !(o.combination.is_dare() && o.combination.is_svd()) {
+            bail!(
+                "the analytic q (DAREx) applies to dare_linear_svd and dare_ties_svd, which prune ΔW as it assumes, not {}",
+                o.combination.name()
+            )
+        }
+        if o.rescale_q.is_some() {
+            bail!("give one q (rescale q) or the analytic rule, not both")
         }
     }
     if o.svd_rank == Some(0) {
