@@ -403,8 +403,9 @@ impl Attached {
     }
 }
 
-/// The adapters of every source, names unique.
-fn expand(adapters: &[AdapterSource]) -> Result<Vec<LoadedAdapter>> {
+/// The adapters of every source, names unique ([`find_adapters`] on each folder; a name given
+/// as `NAME=DIR` applies to a folder of one adapter).
+pub fn expand(adapters: &[AdapterSource]) -> Result<Vec<LoadedAdapter>> {
     let mut found: Vec<LoadedAdapter> = Vec::new();
     for a in adapters {
         let mut here = find_adapters(&a.dir)?;

@@ -147,7 +147,10 @@ fn the_search_never_does_worse_than_dare_and_finds_q_1_without_dropping() {
     let dropped = dropped_deltas(&pairs, 0.1, 3).unwrap();
     let c = choose_q_by_output_change(&source, Task::CausalLm, &full, &dropped, 0.1, &ids, &lens)
         .unwrap();
-    eprintln!("q search at keep 0.1: q {} change {:.3e}, DARE {:.3e}", c.q, c.change, c.dare_change);
+    eprintln!(
+        "q search at keep 0.1: q {} change {:.3e}, DARE {:.3e}",
+        c.q, c.change, c.dare_change
+    );
     assert!((0.1..=1.0).contains(&c.q), "{c:?}");
     assert_eq!(c.tried[0], (0.1, c.dare_change));
     assert!(c.change <= c.dare_change, "{c:?}");

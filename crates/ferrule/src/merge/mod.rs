@@ -11,6 +11,7 @@
 //! An adapter trained by ferrule records how its base was held ([`BaseRecord`]); merging one
 //! trained on a quantized base into a base held otherwise is warned about.
 
+pub mod adapters;
 mod base_record;
 pub mod darex;
 pub mod delta;
