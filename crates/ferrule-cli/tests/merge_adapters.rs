@@ -313,3 +313,100 @@ fn darex_analytic_q_runs_from_a_batch_and_only_for_the_svd_dare_types() {
     );
     assert!(!t.path().join("bad").exists());
 }
+
+/// `dare_linear_dense`: DARE on the dense updates, q chosen on a batch (DAREx-q), merged into
+/// the base; the flags that do not fit it are refused with nothing written.
+#[test]
+fn dense_dare_chooses_q_on_a_batch_and_refuses_what_does_not_fit() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("darex");
+    let (a, b) = (
+        fx("adapters/llama_lora"),
+        fx("multi_adapter/peft_layout/other"),
+    );
+    let inputs = fx("inputs/decoder.safetensors");
+    let base = [
+        "--adapter",
+        a.as_str(),
+        "--adapter",
+        b.as_str(),
+        "--combination",
+        "dare_linear_dense",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["merge", "--model"];
+        let llama = fx("models/llama");
+        args.push(llama.as_str());
+        args.extend_from_slice(&base);
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_ferrule"))
+            .args(&args)
+            .output()
+            .expect("run ferrule")
+    };
+    let o = run(&[
+        "--density",
+        "0.2",
+        "--choose-q",
+        &inputs,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let q = report["q"].as_f64().unwrap();
+    let search = &report["search"];
+    assert!((0.2..=1.0).contains(&q), "{report}");
+    assert!(search["change"].as_f64().unwrap() <= search["dare_change"].as_f64().unwrap());
+    assert!(out.join("model.safetensors").is_file());
+
+    for (extra, says) in [
+        (
+            vec!["--choose-q", inputs.as_str(), "--output", "x"],
+            "needs --density",
+        ),
+        (
+            vec!["--density", "0.2", "--output-adapter", "x"],
+            "give --output",
+        ),
+        (
+            vec!["--density", "0.2", "--svd-rank", "2", "--output", "x"],
+            "do not apply",
+        ),
+    ] {
+        let dir = t.path().join("refused");
+        let mut extra: Vec<&str> = extra;
+        let target = dir.to_str().unwrap();
+        for e in extra.iter_mut() {
+            if *e == "x" {
+                *e = target;
+            }
+        }
+        let o = run(&extra);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains(says),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!dir.exists(), "{extra:?} wrote {}", dir.display());
+    }
+    let (ok, err) = merge(&[
+        "--adapter",
+        &a,
+        "--adapter",
+        &b,
+        "--combination",
+        "dare_linear",
+        "--density",
+        "0.5",
+        "--choose-q",
+        &inputs,
+        "--output-adapter",
+        t.path().join("y").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--choose-q applies to --combination dare_linear_dense"),
+        "{err}"
+    );
+}

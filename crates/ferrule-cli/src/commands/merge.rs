@@ -33,7 +33,9 @@ pub struct Args {
     active_adapter: Option<String>,
     /// How to combine several adapters, as peft's add_weighted_adapter: linear, cat, svd, ties,
     /// ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune,
-    /// magnitude_prune_svd (default: linear when several --adapter are given).
+    /// magnitude_prune_svd (default: linear when several --adapter are given); or
+    /// dare_linear_dense: DARE on each adapter's dense update ΔW (the DARE and DAREx papers'
+    /// delta parameters, not peft's factors), summed with the weights into the base.
     #[arg(long, value_name = "TYPE")]
     combination: Option<String>,
     /// One weight per adapter, in the order found (default 1 each); negative subtracts.
@@ -65,6 +67,11 @@ pub struct Args {
     /// (unpadded) and optionally attention_mask.
     #[arg(long, value_name = "INPUTS", conflicts_with = "rescale_q")]
     analytic_q: Option<PathBuf>,
+    /// DAREx-q for dare_linear_dense: the q whose merged model's logits on this batch are
+    /// closest to the undropped merge's (a safetensors file with input_ids [batch, tokens] and
+    /// optionally attention_mask).
+    #[arg(long, value_name = "INPUTS", conflicts_with_all = ["rescale_q", "analytic_q"])]
+    choose_q: Option<PathBuf>,
     /// New folder for the merged model.
     #[arg(long, short, required_unless_present = "output_adapter")]
     output: Option<PathBuf>,
@@ -97,6 +104,7 @@ impl Args {
             || self.svd_clamp.is_some()
             || self.rescale_q.is_some()
             || self.analytic_q.is_some()
+            || self.choose_q.is_some()
             || self.output_adapter.is_some()
     }
 }
@@ -114,6 +122,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     if chosen.len() == 1 && !a.combines() {
         return merge_one(&a, &sources, &chosen[0].name, spec.as_ref(), options);
+    }
+    if a.combination.as_deref() == Some(DENSE_DARE) {
+        return merge_dense_dare(&a, &sources, &chosen, spec.as_ref(), options);
+    }
+    if a.choose_q.is_some() {
+        bail!("--choose-q applies to --combination {DENSE_DARE} only")
     }
     let linear = a.combination.as_deref().is_none_or(|c| c == "linear");
     if a.output_adapter.is_none() && linear && outside_peft_combinations(&chosen)? {
@@ -338,6 +352,37 @@ fn merge_task_arithmetic(
     {
         bail!("--density, --svd-rank, --svd-clamp and --rescale-q apply to peft's LoRA combinations; these adapters (other methods, DoRA or a mix) combine by linear task arithmetic only")
     }
+    let m = load_weighted(a, sources, chosen, spec)?;
+    let sum = m.weighted.as_ref().context("the weighted adapters")?;
+    let members: Vec<(String, f64, &dyn ferrule::tuners::Tuner)> = sum
+        .members
+        .iter()
+        .map(|mb| (mb.name.clone(), mb.weight, mb.tuner.as_ref()))
+        .collect();
+    eprintln!(
+        "combined {} (linear: task arithmetic on the merged weights)",
+        m.active
+    );
+    let report = ferrule::merge::adapters::task_arithmetic::task_arithmetic_to_dir(
+        &m.source,
+        &members,
+        m.model.task,
+        out,
+        options,
+    )?;
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!("merged model written to {}", out.display());
+    Ok(())
+}
+
+/// The base with the chosen adapters loaded as a weighted sum (`--weights`), checked against
+/// the base each was trained on.
+fn load_weighted(
+    a: &Args,
+    sources: &[AdapterSource],
+    chosen: &[LoadedAdapter],
+    spec: Option<&ferrule::quant::QuantSpec>,
+) -> Result<AdaptedModel> {
     let weights = parse_weights(a.weights.as_deref(), chosen)?;
     let selection = Selection::Weighted(
         chosen
@@ -359,23 +404,77 @@ fn merge_task_arithmetic(
     for ad in chosen {
         warn_base_mismatch(a, &ad.dir, &target)?;
     }
+    Ok(m)
+}
+
+/// ferrule's own combination: DARE / DAREx-q on dense deltas (`merge::darex`).
+const DENSE_DARE: &str = "dare_linear_dense";
+
+/// `--combination dare_linear_dense`: each adapter's ΔW dropped at `--density`, rescaled by
+/// 1/density, `--rescale-q`'s 1/q, or the q `--choose-q` finds, summed into the base.
+fn merge_dense_dare(
+    a: &Args,
+    sources: &[AdapterSource],
+    chosen: &[LoadedAdapter],
+    spec: Option<&ferrule::quant::QuantSpec>,
+    options: MergeOptions,
+) -> Result<()> {
+    use ferrule::merge::darex::{merge_dense_dare, DenseDare, QRule};
+    let out = a
+        .output
+        .as_ref()
+        .with_context(|| format!("--combination {DENSE_DARE} merges into the base: give --output (a dense ΔW has no low-rank adapter form)"))?;
+    let density = a.density.with_context(|| {
+        format!("--combination {DENSE_DARE} needs --density (the keep rate 1 − p)")
+    })?;
+    if a.majority_sign_method.is_some()
+        || a.svd_rank.is_some()
+        || a.svd_clamp.is_some()
+        || a.analytic_q.is_some()
+    {
+        bail!("--majority-sign-method, --svd-rank, --svd-clamp and --analytic-q do not apply to --combination {DENSE_DARE}")
+    }
+    let q = match (&a.choose_q, a.rescale_q) {
+        (Some(file), _) => {
+            let t = ferrule::model::weights::load_safetensors_file(file, &Device::Cpu)?;
+            QRule::OutputChange {
+                input_ids: t
+                    .get("input_ids")
+                    .with_context(|| {
+                        format!("--choose-q {}: no \"input_ids\" tensor", file.display())
+                    })?
+                    .clone(),
+                attention_mask: t.get("attention_mask").cloned(),
+            }
+        }
+        (None, Some(q)) => QRule::Fixed(q),
+        (None, None) => QRule::Dare,
+    };
+    let m = load_weighted(a, sources, chosen, spec)?;
     let sum = m.weighted.as_ref().context("the weighted adapters")?;
-    let members: Vec<(String, f64, &dyn ferrule::tuners::Tuner)> = sum
+    let members: Vec<(&str, &dyn ferrule::tuners::Tuner, f32)> = sum
         .members
         .iter()
-        .map(|mb| (mb.name.clone(), mb.weight, mb.tuner.as_ref()))
+        .map(|mb| (mb.name.as_str(), mb.tuner.as_ref(), mb.weight as f32))
         .collect();
+    let dare = DenseDare {
+        density,
+        seed: a.seed,
+        q,
+    };
+    let report = merge_dense_dare(&m.source, m.model.task, &members, &dare, out, options)?;
     eprintln!(
-        "combined {} (linear: task arithmetic on the merged weights)",
-        m.active
+        "DARE on dense deltas: kept {density}, rescaled by 1/{} ({})",
+        report.q,
+        match &report.search {
+            Some(c) => format!(
+                "q chosen on the batch: logit change {:.4e}, {:.4e} at DARE's q",
+                c.change, c.dare_change
+            ),
+            None if a.rescale_q.is_some() => "--rescale-q".into(),
+            None => "DARE's 1/density".into(),
+        }
     );
-    let report = ferrule::merge::adapters::task_arithmetic::task_arithmetic_to_dir(
-        &m.source,
-        &members,
-        m.model.task,
-        out,
-        options,
-    )?;
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("merged model written to {}", out.display());
     Ok(())

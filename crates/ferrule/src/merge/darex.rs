@@ -222,6 +222,110 @@ fn golden_section(
     Ok(())
 }
 
+/// How `q` is chosen.
+#[derive(Clone, Debug)]
+pub enum QRule {
+    /// `q = 1 − p`: plain DARE.
+    Dare,
+    /// A given `q` for every layer.
+    Fixed(f32),
+    /// [`choose_q_by_output_change`] on these inputs (`input_ids: [b, t]` with an optional
+    /// 1/0 `attention_mask`, each row's real tokens contiguous).
+    OutputChange {
+        input_ids: Tensor,
+        attention_mask: Option<Tensor>,
+    },
+}
+
+/// DARE on dense deltas, as [`merge_dense_dare`] runs it.
+#[derive(Clone, Debug)]
+pub struct DenseDare {
+    /// The keep rate `1 − p`, in `(0, 1]`.
+    pub density: f32,
+    /// Seed of the masks ([`super::delta::mask_rng`]).
+    pub seed: u64,
+    /// How `q` is chosen.
+    pub q: QRule,
+}
+
+/// What [`merge_dense_dare`] did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DenseDareReport {
+    /// The keep rate `1 − p`.
+    pub density: f32,
+    /// The rescale was `1/q`.
+    pub q: f32,
+    /// The search, with [`QRule::OutputChange`].
+    pub search: Option<QChoice>,
+    #[serde(flatten)]
+    pub merge: super::MergeReport,
+}
+
+/// DARE (or DAREx-q) on each adapter's dense update, weighted and summed
+/// ([`dropped_deltas`]), merged into the base and written to `out` as a model folder.
+pub fn merge_dense_dare(
+    source: &ModelSource,
+    task: Task,
+    adapters: &[(&str, &dyn Tuner, f32)],
+    dare: &DenseDare,
+    out: &std::path::Path,
+    options: super::MergeOptions,
+) -> Result<DenseDareReport> {
+    let (density, seed) = (dare.density, dare.seed);
+    let dropped = dropped_deltas(adapters, density, seed)?;
+    let (q, search) = match &dare.q {
+        QRule::Dare => (density, None),
+        QRule::Fixed(q) => (*q, None),
+        QRule::OutputChange {
+            input_ids,
+            attention_mask,
+        } => {
+            let (ids, lens) = packed(input_ids, attention_mask.as_ref())?;
+            let full = dropped_deltas(adapters, 1.0, seed)?;
+            let c = choose_q_by_output_change(source, task, &full, &dropped, density, &ids, &lens)?;
+            (c.q, Some(c))
+        }
+    };
+    let updates = rescaled_updates(dropped, q)?;
+    let merge = super::merge_updates_to_dir(source, vec![], updates, task, out, options)?;
+    Ok(DenseDareReport {
+        density,
+        q,
+        search,
+        merge,
+    })
+}
+
+/// A padded batch as one padding-free row: each row's tokens where the mask is 1.
+fn packed(input_ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Vec<usize>)> {
+    let ids: Vec<Vec<u32>> = input_ids.to_dtype(DType::U32)?.to_vec2()?;
+    let mask: Option<Vec<Vec<u32>>> = match mask {
+        Some(m) => Some(m.to_dtype(DType::U32)?.to_vec2()?),
+        None => None,
+    };
+    let (mut flat, mut lens) = (Vec::new(), Vec::new());
+    for (i, row) in ids.iter().enumerate() {
+        let kept: Vec<u32> = match &mask {
+            Some(m) => row
+                .iter()
+                .zip(&m[i])
+                .filter(|(_, k)| **k != 0)
+                .map(|(t, _)| *t)
+                .collect(),
+            None => row.clone(),
+        };
+        if !kept.is_empty() {
+            lens.push(kept.len());
+            flat.extend(kept);
+        }
+    }
+    if flat.is_empty() {
+        bail!("the calibration batch holds no tokens")
+    }
+    let n = flat.len();
+    Ok((Tensor::from_vec(flat, (1, n), &Device::Cpu)?, lens))
+}
+
 /// The updates a merge applies: the dropped deltas scaled by `1/q`.
 pub fn rescaled_updates(
     dropped: BTreeMap<String, Tensor>,
