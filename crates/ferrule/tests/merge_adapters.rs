@@ -382,7 +382,7 @@ fn ia3_without_feedforward_modules_keeps_them_unset_and_mixed_kinds_are_refused(
 
 #[test]
 fn darex_analytic_q_rescales_each_layer_by_its_own_q() {
-    use ferrule::merge::adapters::darex::{layer_q, mean_inputs, Analytic, AnalyticQ};
+    use ferrule::merge::darex::{layer_q, mean_inputs, Analytic, AnalyticQ};
     use ferrule::model::{Inputs, LoadOptions, ModelSource, Task};
     let dev = Device::Cpu;
     let source = ModelSource::load_with(

@@ -262,7 +262,7 @@ fn combine_chosen(a: &Args, chosen: &[LoadedAdapter]) -> Result<CombinedAdapter>
         seed: a.seed,
         rescale_q: a.rescale_q,
         analytic_q: match &a.analytic_q {
-            Some(file) => Some(ferrule::merge::adapters::darex::Analytic {
+            Some(file) => Some(ferrule::merge::darex::Analytic {
                 rule: Default::default(),
                 means: mean_inputs(a, chosen, file)?,
             }),
@@ -486,7 +486,7 @@ fn mean_inputs(
     a: &Args,
     chosen: &[LoadedAdapter],
     file: &std::path::Path,
-) -> Result<Vec<ferrule::merge::adapters::darex::MeanInputs>> {
+) -> Result<Vec<ferrule::merge::darex::MeanInputs>> {
     let spec = a.quant.spec()?;
     let source = ModelSource::load_with(
         a.model(),
@@ -512,7 +512,7 @@ fn mean_inputs(
         };
         let tuner = saved.into_tuner(0, &Device::Cpu)?;
         out.push(
-            ferrule::merge::adapters::darex::mean_inputs(&source, task, tuner.as_ref(), &inputs)
+            ferrule::merge::darex::mean_inputs(&source, task, tuner.as_ref(), &inputs)
                 .with_context(|| format!("--analytic-q: adapter {}", ad.name))?,
         );
     }

@@ -310,10 +310,15 @@ fn combine_module(
                     rescales.push(match analytic.means[f.input].get(path) {
                         Some(x) => {
                             let p = 1.0 - density as f64;
-                            let q = super::darex::layer_q(delta, rows, cols, x, p, analytic.rule)
-                                .with_context(|| {
-                                format!("{path}, adapter {}", inputs[f.input].name)
-                            })?;
+                            let q = crate::merge::darex::layer_q(
+                                delta,
+                                rows,
+                                cols,
+                                x,
+                                p,
+                                analytic.rule,
+                            )
+                            .with_context(|| format!("{path}, adapter {}", inputs[f.input].name))?;
                             (1.0 / q) as f32
                         }
                         None => 1.0 / density,

@@ -15,7 +15,6 @@
 //! adapter, but not peft's.
 
 pub mod combine;
-pub mod darex;
 mod ia3;
 mod lora;
 pub mod task_arithmetic;
@@ -129,10 +128,10 @@ pub struct CombineOptions {
     /// density. `q` in `(0, 1]`.
     pub rescale_q: Option<f32>,
     /// DAREx-q's analytic rule ([`darex`]) instead of one `q`: with each input's mean layer
-    /// inputs ([`darex::mean_inputs`], by module path), a `q` per input and module. Used by
+    /// inputs ([`crate::merge::darex::mean_inputs`], by module path), a `q` per input and module. Used by
     /// the `dare_*_svd` types, which prune `ΔW` as the rule assumes; a module without recorded
     /// inputs (an embedding) keeps `1/density`.
-    pub analytic_q: Option<darex::Analytic>,
+    pub analytic_q: Option<crate::merge::darex::Analytic>,
 }
 
 impl Default for CombineOptions {

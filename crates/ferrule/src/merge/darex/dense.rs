@@ -1,20 +1,5 @@
-//! DARE and DAREx-q on the dense deltas of adapters, merged into the base.
-//!
-//! DARE (Yu et al. 2024, arXiv 2311.03099) drops each delta entry with probability `p` and
-//! rescales the kept ones by `1/(1−p)`; DAREx-q (Deng et al. 2025, "DARE the Extreme",
-//! arXiv 2410.09344, eq. 4) rescales them by `1/q` with `q ∈ [1−p, 1)` instead, because at
-//! high `p` the factor `1/(1−p)` overshoots. The deltas are each adapter's merged update
-//! `ΔW_i` (LoRA: `s·B·A`), not its factors: the paper prunes delta parameters
-//! (`vengdeng/DAREx utils/deltaprune.py`), and so does this module; peft's `dare_*`
-//! combinations instead prune `A` and `B` separately (`merge::adapters`).
-//!
-//! `q` is given, or chosen as the reference's "output change" criterion does it
-//! (`find_q_decoder.py --outputchange`): the `q` whose merged model's logits on one batch of
-//! the user's data are closest (mean squared difference) to those of the unpruned merge
-//! `W + Σ w_i ΔW_i`. The search is a golden-section search over `[1−p, 1]`, DARE's `q = 1−p`
-//! always among the points tried. The reference's other rule (a per-layer analytic `q` from
-//! `ΔW ⊙ x̄`, `utils/analyticalq.py`) needs its own hyperparameter `η` tuned on validation
-//! data, and is not implemented.
+//! DARE and DAREx-q on the dense deltas of adapters, merged into the base; `q` given or chosen
+//! by the output-change criterion (see the module above).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -22,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::delta::{mask_rng, sparsify, Rescale, Sparsify};
+use crate::merge::delta::{mask_rng, sparsify, Rescale, Sparsify};
 use crate::model::hooks::{Linear, LinearInfo, ModelHook};
 use crate::model::{Model, ModelSource, Task};
 use crate::ops::FrozenLinear;
@@ -242,7 +227,7 @@ pub enum QRule {
 pub struct DenseDare {
     /// The keep rate `1 − p`, in `(0, 1]`.
     pub density: f32,
-    /// Seed of the masks ([`super::delta::mask_rng`]).
+    /// Seed of the masks ([`crate::merge::delta::mask_rng`]).
     pub seed: u64,
     /// How `q` is chosen.
     pub q: QRule,
@@ -258,7 +243,7 @@ pub struct DenseDareReport {
     /// The search, with [`QRule::OutputChange`].
     pub search: Option<QChoice>,
     #[serde(flatten)]
-    pub merge: super::MergeReport,
+    pub merge: crate::merge::MergeReport,
 }
 
 /// DARE (or DAREx-q) on each adapter's dense update, weighted and summed
@@ -269,7 +254,7 @@ pub fn merge_dense_dare(
     adapters: &[(&str, &dyn Tuner, f32)],
     dare: &DenseDare,
     out: &std::path::Path,
-    options: super::MergeOptions,
+    options: crate::merge::MergeOptions,
 ) -> Result<DenseDareReport> {
     let (density, seed) = (dare.density, dare.seed);
     let dropped = dropped_deltas(adapters, density, seed)?;
@@ -287,7 +272,7 @@ pub fn merge_dense_dare(
         }
     };
     let updates = rescaled_updates(dropped, q)?;
-    let merge = super::merge_updates_to_dir(source, vec![], updates, task, out, options)?;
+    let merge = crate::merge::merge_updates_to_dir(source, vec![], updates, task, out, options)?;
     Ok(DenseDareReport {
         density,
         q,
