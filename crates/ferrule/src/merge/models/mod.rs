@@ -58,7 +58,8 @@ pub struct ModelMergeReport {
     pub layers: usize,
     pub shards: usize,
     pub dtype: String,
-    /// Elements of the largest tensor: the merge holds a few tensors of this size at once.
+    /// Elements of the largest tensor (merged in row blocks when larger than `block_bytes`
+    /// per input).
     pub largest_tensor_elements: usize,
 }
 
