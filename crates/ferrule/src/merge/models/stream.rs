@@ -70,6 +70,16 @@ impl Blocks<'_> {
         });
         Ok((base, values))
     }
+
+    fn error(&self, input: usize, e: anyhow::Error) -> anyhow::Error {
+        anyhow!("{} (input {input}): {e}", self.name)
+    }
+
+    /// The non-base inputs' indices, in input order.
+    fn others(&self) -> Vec<usize> {
+        let b = self.base.expect("checked when planned");
+        (0..self.inputs).filter(|i| *i != b).collect()
+    }
 }
 
 /// Merges the tensor block by block, handing each merged block to `write` in row order.
@@ -233,18 +243,6 @@ impl Mask {
             d.iter_mut().for_each(|x| *x *= s);
         }
         Ok(())
-    }
-}
-
-impl Blocks<'_> {
-    fn error(&self, input: usize, e: anyhow::Error) -> anyhow::Error {
-        anyhow!("{} (input {input}): {e}", self.name)
-    }
-
-    /// The non-base inputs' indices, in input order.
-    fn others(&self) -> Vec<usize> {
-        let b = self.base.expect("checked when planned");
-        (0..self.inputs).filter(|i| *i != b).collect()
     }
 }
 
