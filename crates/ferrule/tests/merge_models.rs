@@ -345,3 +345,66 @@ fn quantized_folders_and_base_plus_adapter_are_inputs() {
     assert!(cfg_out.contains("quantization_config"));
     assert!(!tmp.path().join("nf4_out.unquantized").exists());
 }
+
+/// A tensor merged in blocks of rows equals the same tensor merged whole, bit for bit, for the
+/// methods that need whole-tensor scalars (magnitude ranks, norms, cosines, L1 rescale) and
+/// the random ones (their generators carried from block to block), at blocks of 1 row, of 7
+/// (which do not divide the 1000 rows) and of 64.
+#[test]
+fn row_blocks_equal_whole_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, m) in ["base", "a", "b", "c"].iter().enumerate() {
+        let mut t = model(i as u32 + 11, 8, 4000);
+        // Coarse values: many equal magnitudes, so that ties at the rank cuts are exercised.
+        for (_, v) in t.values_mut() {
+            v.iter_mut().for_each(|x| *x = (*x * 16.0).round() / 16.0);
+        }
+        write_model(&tmp.path().join(m), 1, &t);
+    }
+    let three = "base_model: base\nmodels:\n  - {model: base}\n  - {model: a, parameters: {weight: 0.5, density: 0.3}}\n  - {model: b, parameters: {weight: 0.3, density: 0.6}}\n  - {model: c, parameters: {weight: 0.2, density: 0.45}}\n";
+    let yamls = [
+        format!("merge_method: ties\n{three}"),
+        format!("merge_method: ties\nparameters: {{rescale: true}}\n{three}"),
+        format!("merge_method: breadcrumbs\nparameters: {{gamma: 0.05}}\n{three}"),
+        format!("merge_method: breadcrumbs_ties\nparameters: {{gamma: 0.1}}\n{three}"),
+        format!("merge_method: della\nparameters: {{epsilon: 0.1}}\n{three}"),
+        format!("merge_method: dare_ties\n{three}"),
+        format!("merge_method: dare_linear\n{three}"),
+        "merge_method: model_stock\nbase_model: base\nmodels: [{model: base}, {model: a}, {model: b}, {model: c}]\n".into(),
+        "merge_method: model_stock\nparameters: {filter_wise: true}\nbase_model: base\nmodels: [{model: base}, {model: a}, {model: b}]\n".into(),
+        "merge_method: slerp\nbase_model: base\nparameters: {t: 0.3}\nmodels: [{model: base}, {model: a}]\n".into(),
+        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 0.7}}, {model: b, parameters: {weight: 0.3}}]\n".into(),
+    ];
+    let name = "model.layers.0.mlp.up_proj.weight";
+    for (k, yaml) in yamls.iter().enumerate() {
+        let cfg = tmp.path().join(format!("{k}.yaml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let run = |block_bytes: usize| {
+            let out = tmp.path().join(format!("{k}-{block_bytes}"));
+            let opts = ModelMergeOptions {
+                seed: 3,
+                block_bytes,
+                ..Default::default()
+            };
+            merge_from_config(&cfg, &out, &opts).unwrap();
+            read_f32(&out.join("model.safetensors"))
+        };
+        let whole = run(usize::MAX);
+        // Rows of 4 f32: 16 bytes.
+        for rows in [1, 7, 64] {
+            let blocks = run(16 * rows);
+            for (t, (shape, v)) in &whole {
+                assert_eq!(&blocks[t].0, shape);
+                assert!(
+                    blocks[t].1 == *v,
+                    "{yaml}: {t} differs in blocks of {rows} rows"
+                );
+            }
+        }
+        // The merge is not the base: the masks kept something.
+        assert_ne!(
+            whole[name].1,
+            read_f32(&tmp.path().join("base/model.safetensors"))[name].1
+        );
+    }
+}

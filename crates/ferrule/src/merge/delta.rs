@@ -77,11 +77,8 @@ pub fn sparsify(
     rescale: Rescale,
     rng: &mut impl Rng,
 ) -> Result<()> {
-    if density >= 1.0 {
+    if density_is_no_op(density)? {
         return Ok(());
-    }
-    if density.is_nan() || density <= 0.0 {
-        bail!("density must be in (0, 1], got {density}")
     }
     let n = delta.len();
     let before = match rescale {
@@ -89,19 +86,9 @@ pub fn sparsify(
         _ => None,
     };
     match method {
-        Sparsify::Magnitude(count) => {
-            let k = (density as f64 * n as f64).floor() as usize;
-            let k = match count {
-                MagnitudeCount::Peft => k,
-                MagnitudeCount::Mergekit => k.max(1),
-            };
-            keep_magnitude_ranks(delta, n - k.min(n), n);
-        }
-        Sparsify::MagnitudeOutliers { gamma } => {
-            let target = (density as f64 * n as f64).floor() as usize;
-            let top = (gamma as f64 * n as f64).floor() as usize;
-            let bottom = n.saturating_sub(target + top);
-            keep_magnitude_ranks(delta, bottom, bottom + target);
+        Sparsify::Magnitude(_) | Sparsify::MagnitudeOutliers { .. } => {
+            let (lo, hi) = rank_window(n, density, method).expect("a magnitude method");
+            keep_magnitude_ranks(delta, lo, hi);
         }
         Sparsify::Random => {
             for x in delta.iter_mut() {
@@ -130,6 +117,46 @@ pub fn sparsify(
         }
     }
     Ok(())
+}
+
+/// The ascending magnitude ranks `lo..hi` that a magnitude method keeps of `n` entries at
+/// `density` (`None` for the other methods). Rows merged in blocks find these ranks over the
+/// whole tensor without holding it (`merge::models::stream`).
+pub fn rank_window(n: usize, density: f32, method: Sparsify) -> Option<(usize, usize)> {
+    match method {
+        Sparsify::Magnitude(count) => {
+            let k = (density as f64 * n as f64).floor() as usize;
+            let k = match count {
+                MagnitudeCount::Peft => k,
+                MagnitudeCount::Mergekit => k.max(1),
+            };
+            Some((n - k.min(n), n))
+        }
+        Sparsify::MagnitudeOutliers { gamma } => {
+            let target = (density as f64 * n as f64).floor() as usize;
+            let top = (gamma as f64 * n as f64).floor() as usize;
+            let bottom = n.saturating_sub(target + top);
+            Some((bottom, bottom + target))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `density` leaves a delta untouched (`≥ 1`); an error outside `(0, 1]`.
+pub fn density_is_no_op(density: f32) -> Result<bool> {
+    if density >= 1.0 {
+        return Ok(true);
+    }
+    if density.is_nan() || density <= 0.0 {
+        bail!("density must be in (0, 1], got {density}")
+    }
+    Ok(false)
+}
+
+/// Magnitude ranks compare `|x|` by its f32 bit pattern (monotone for every non-NaN value),
+/// then by position.
+pub fn magnitude_key(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
 }
 
 /// Zeroes every entry whose ascending rank by magnitude lies outside `lo..hi`. Ties between

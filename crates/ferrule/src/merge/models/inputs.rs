@@ -234,6 +234,36 @@ impl InputModel {
         }
     }
 
+    /// Whether tensors are read from memory-mapped files, so that rows can be read alone.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.tensors, Tensors::Mapped { .. })
+    }
+
+    /// Rows `rows` (of the first axis) of `name` in f32, their file pages released once
+    /// decoded; a loaded (quantized or adapted) tensor is decoded whole and sliced.
+    pub fn read_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let shape = self
+            .shape(name)
+            .with_context(|| format!("model {}: no tensor {name:?}", self.spec))?;
+        let width: usize = shape.iter().skip(1).product();
+        let Tensors::Mapped { maps, index } = &self.tensors else {
+            let all = self.read(name)?;
+            return Ok(all[rows.start * width..rows.end * width].to_vec());
+        };
+        let t = &index[name];
+        let size = t.dtype.bitsize() / 8;
+        let start = t.start + rows.start * width * size;
+        let end = t.start + rows.end * width * size;
+        if end > t.end {
+            bail!("internal: rows {rows:?} of {name:?} outside its shape {shape:?}")
+        }
+        let (file, mmap) = &maps[t.file];
+        let values = decode_f32(t.dtype, &mmap[start..end])
+            .with_context(|| format!("{}: tensor {name:?}", file.display()))?;
+        crate::util::release_pages(mmap, start, end - start);
+        Ok(values)
+    }
+
     /// The tokenizer's vocabulary (token → id, added tokens included).
     pub fn vocab(&self) -> Result<super::tokenizer::Vocab> {
         if let Some(tok) = self.source.as_ref().and_then(|s| s.tokenizer.as_ref()) {

@@ -149,11 +149,11 @@ pub struct TensorParams {
 }
 
 impl TensorParams {
-    fn shared(&self, name: &str) -> Value {
+    pub(super) fn shared(&self, name: &str) -> Value {
         self.shared.get(name).copied().unwrap_or(Value::Unset)
     }
 
-    fn input(&self, i: usize, name: &str) -> Value {
+    pub(super) fn input(&self, i: usize, name: &str) -> Value {
         self.per_input[i].get(name).copied().unwrap_or(Value::Unset)
     }
 }
@@ -232,7 +232,7 @@ fn task_arithmetic(
 ) -> Result<Vec<f32>> {
     let b = inputs.base.expect("checked when planned");
     let mut values = std::mem::take(&mut inputs.values);
-    let mut base = std::mem::take(&mut values[b]);
+    let base = std::mem::take(&mut values[b]);
     let rescale = params.shared("rescale").bool();
     let meta: &TensorInputs = inputs;
     // Each input's delta is sparsified on its own (its own mask generator): in parallel, in
@@ -243,9 +243,21 @@ fn task_arithmetic(
         .filter(|(i, _)| *i != b)
         .map(|(i, x)| weighted_delta(g, meta, params, i, x, &base, rescale))
         .collect::<Result<_>>()?;
+    Ok(mix(g, base, weighted, params))
+}
+
+/// The task-arithmetic sum of the weighted (sparsified) deltas, added to `base`: sign-elected
+/// with `consensus`, divided by the (agreeing) weights with `normalize`, times `lambda`.
+/// Elementwise, so rows merged in blocks give the same result.
+pub(super) fn mix(
+    g: TaskArithmetic,
+    mut base: Vec<f32>,
+    weighted: Vec<(Vec<f32>, f32)>,
+    params: &TensorParams,
+) -> Vec<f32> {
     let (deltas, weights): (Vec<Vec<f32>>, Vec<f32>) = weighted.into_iter().unzip();
     if deltas.is_empty() {
-        return Ok(base);
+        return base;
     }
     let n = base.len();
     let normalize = params.shared("normalize").bool();
@@ -285,7 +297,7 @@ fn task_arithmetic(
         mixed.iter_mut().for_each(|m| *m *= lambda);
     }
     base.iter_mut().zip(&mixed).for_each(|(b, m)| *b += m);
-    Ok(base)
+    base
 }
 
 /// Input `i`'s delta from the base, sparsified as the method says, times its weight.
@@ -301,16 +313,6 @@ fn weighted_delta(
     d.iter_mut().zip(base).for_each(|(x, b)| *x -= b);
     if let Some(s) = g.sparsification {
         let density = params.input(i, "density").float() as f32;
-        let method = match s {
-            Sparsification::Magnitude => Sparsify::Magnitude(MagnitudeCount::Mergekit),
-            Sparsification::Random => Sparsify::Random,
-            Sparsification::MagnitudeOutliers => Sparsify::MagnitudeOutliers {
-                gamma: params.input(i, "gamma").float() as f32,
-            },
-            Sparsification::DellaMagprune => Sparsify::DellaMagprune {
-                epsilon: params.input(i, "epsilon").float() as f32,
-            },
-        };
         let rescale = if rescale {
             Rescale::Norm(Norm::L1)
         } else {
@@ -321,7 +323,7 @@ fn weighted_delta(
             &mut d,
             rows_of(inputs.shape),
             density,
-            method,
+            sparsify_method(s, params, i),
             rescale,
             &mut rng,
         )
@@ -332,19 +334,48 @@ fn weighted_delta(
     Ok((d, w))
 }
 
+/// Input `i`'s sparsification, with its parameters.
+pub(super) fn sparsify_method(s: Sparsification, params: &TensorParams, i: usize) -> Sparsify {
+    match s {
+        Sparsification::Magnitude => Sparsify::Magnitude(MagnitudeCount::Mergekit),
+        Sparsification::Random => Sparsify::Random,
+        Sparsification::MagnitudeOutliers => Sparsify::MagnitudeOutliers {
+            gamma: params.input(i, "gamma").float() as f32,
+        },
+        Sparsification::DellaMagprune => Sparsify::DellaMagprune {
+            epsilon: params.input(i, "epsilon").float() as f32,
+        },
+    }
+}
+
 /// Spherical interpolation of the whole tensors seen as vectors (`slerp.py`): linear when
 /// they are (anti)collinear, `|cos| > 0.9995`.
 pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
-    const EPS: f64 = 1e-8;
-    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let fix = |n: f64| if n > EPS { n } else { 1.0 };
-    let (na, nb) = (fix(norm(v0)), fix(norm(v1)));
-    let dot: f64 = v0
+    let norm = |v: &[f32]| v.iter().fold(0.0, |s, x| s + (*x as f64).powi(2)).sqrt();
+    let (na, nb) = slerp_norms(norm(v0), norm(v1));
+    let dot = v0
         .iter()
         .zip(v1)
-        .map(|(a, b)| (*a as f64 / na) * (*b as f64 / nb))
-        .sum::<f64>()
-        .clamp(-1.0, 1.0);
+        .fold(0.0, |s, (a, b)| s + slerp_dot(*a, *b, na, nb));
+    let (ca, cb) = slerp_factors(t, dot);
+    v0.iter().zip(v1).map(|(a, b)| ca * a + cb * b).collect()
+}
+
+/// The norms slerp normalises by: 1 for a norm at or below 1e-8.
+pub(super) fn slerp_norms(na: f64, nb: f64) -> (f64, f64) {
+    let fix = |n: f64| if n > 1e-8 { n } else { 1.0 };
+    (fix(na), fix(nb))
+}
+
+/// One term of slerp's cosine.
+pub(super) fn slerp_dot(a: f32, b: f32, na: f64, nb: f64) -> f64 {
+    (a as f64 / na) * (b as f64 / nb)
+}
+
+/// Slerp's coefficients of the two tensors from their cosine `dot`: linear when they are
+/// (anti)collinear, `|cos| > 0.9995`.
+pub(super) fn slerp_factors(t: f64, dot: f64) -> (f32, f32) {
+    let dot = dot.clamp(-1.0, 1.0);
     let (ca, cb) = if dot.abs() > 0.9995 {
         (1.0 - t, t)
     } else {
@@ -352,8 +383,7 @@ pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
         let s = theta.sin();
         (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
     };
-    let (ca, cb) = (ca as f32, cb as f32);
-    v0.iter().zip(v1).map(|(a, b)| ca * a + cb * b).collect()
+    (ca as f32, cb as f32)
 }
 
 /// Model Stock (arXiv 2403.19522, `model_stock.py`): interpolate between the base and the
@@ -386,27 +416,42 @@ fn model_stock(inputs: &TensorInputs, params: &TensorParams) -> Result<Vec<f32>>
                     .collect()
             })
             .collect();
-        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let sq = |v: &[f64]| v.iter().fold(0.0, |s, x| s + x * x);
         let mut cos = Vec::new();
         for (i, a) in offsets.iter().enumerate() {
             for bb in &offsets[i + 1..] {
-                let dot: f64 = a.iter().zip(bb).map(|(x, y)| x * y).sum();
-                cos.push((dot / (norm(a) * norm(bb)).max(1e-6)).clamp(-1.0, 1.0));
+                let dot = a.iter().zip(bb).fold(0.0, |s, (x, y)| s + x * y);
+                cos.push(stock_cos(dot, sq(a), sq(bb)));
             }
         }
-        let cos = cos.iter().sum::<f64>() / cos.len() as f64;
-        let den = 1.0 + (count - 1.0) * cos;
-        let t = if den.abs() < 1e-6 {
-            0.0
-        } else {
-            count * cos / den
-        } as f32;
+        let t = stock_t(&cos, count);
         for j in range {
-            let avg = ws.iter().map(|w| w[j]).sum::<f32>() / count as f32;
-            out[j] = t * avg + (1.0 - t) * w0[j];
+            out[j] = stock_value(t, ws.iter().map(|w| w[j]), count, w0[j]);
         }
     }
     Ok(out)
+}
+
+/// Model Stock's interpolation factor from the pairwise cosines of `count` deltas.
+pub(super) fn stock_t(cos: &[f64], count: f64) -> f32 {
+    let cos = cos.iter().sum::<f64>() / cos.len() as f64;
+    let den = 1.0 + (count - 1.0) * cos;
+    (if den.abs() < 1e-6 {
+        0.0
+    } else {
+        count * cos / den
+    }) as f32
+}
+
+/// One merged entry of Model Stock: `t·avg + (1−t)·base`.
+pub(super) fn stock_value(t: f32, ws: impl Iterator<Item = f32>, count: f64, base: f32) -> f32 {
+    let avg = ws.sum::<f32>() / count as f32;
+    t * avg + (1.0 - t) * base
+}
+
+/// Model Stock's cosine of two deltas from their dot product and squared norms.
+pub(super) fn stock_cos(dot: f64, sq_a: f64, sq_b: f64) -> f64 {
+    (dot / (sq_a.sqrt() * sq_b.sqrt()).max(1e-6)).clamp(-1.0, 1.0)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod inputs;
 pub mod methods;
 pub mod parameters;
 pub mod plan;
+pub mod stream;
 pub mod tokenizer;
 pub mod writer;
 
@@ -34,6 +35,9 @@ pub struct ModelMergeOptions {
     pub seed: u64,
     /// Largest output shard in bytes.
     pub max_shard_bytes: usize,
+    /// Bytes of f32 rows each input holds at once: larger tensors are merged in blocks of
+    /// rows ([`stream`]), smaller ones whole.
+    pub block_bytes: usize,
 }
 
 impl Default for ModelMergeOptions {
@@ -41,6 +45,7 @@ impl Default for ModelMergeOptions {
         Self {
             seed: 0,
             max_shard_bytes: 5_000_000_000,
+            block_bytes: 32 << 20,
         }
     }
 }
@@ -53,7 +58,8 @@ pub struct ModelMergeReport {
     pub layers: usize,
     pub shards: usize,
     pub dtype: String,
-    /// Elements of the largest tensor: the merge holds a few tensors of this size at once.
+    /// Elements of the largest tensor (merged in row blocks when larger than `block_bytes`
+    /// per input).
     pub largest_tensor_elements: usize,
 }
 
@@ -167,35 +173,20 @@ fn write(
     let mut shards = writer::ShardWriter::new(dir, entries, options.max_shard_bytes);
     let total = plan.tensors.len();
     for (k, t) in plan.tensors.iter().enumerate() {
-        // Inputs are decoded in parallel; each is one tensor of one model.
-        let mut values: Vec<Vec<f32>> = t
-            .inputs
-            .par_iter()
-            .map(|(model, name)| models[model].read(name))
-            .collect::<Result<_>>()?;
-        if let Some(p) = &t.remap {
-            let width = t.shape[1..].iter().product();
-            values = p.apply(&values, width);
+        let mut write = |merged: &[f32]| {
+            if let Some(bad) = merged.iter().find(|v| !v.is_finite()) {
+                bail!(
+                    "merging {}: the result holds {bad}; nothing was written",
+                    t.name
+                )
+            }
+            shards.write_rows(&t.name, merged)
+        };
+        match block_rows(t, models, options.block_bytes) {
+            Some(rows) => merge_blocks(plan, t, models, options, rows, &mut write),
+            None => merge_whole(plan, t, models, options, &mut write),
         }
-        let merged = methods::merge(
-            plan.method,
-            TensorInputs {
-                name: &t.name,
-                shape: &t.shape,
-                values,
-                base: t.base,
-                seed: options.seed,
-            },
-            &t.params,
-        )
         .with_context(|| format!("merging {}", t.name))?;
-        if let Some(bad) = merged.iter().find(|v| !v.is_finite()) {
-            bail!(
-                "merging {}: the result holds {bad}; nothing was written",
-                t.name
-            )
-        }
-        shards.write(&t.name, &merged)?;
         // About twenty progress lines for a whole merge.
         if (k + 1) % (total / 20).max(1) == 0 || k + 1 == total {
             tracing::info!("merged {}/{total} tensors ({})", k + 1, t.name);
@@ -224,6 +215,73 @@ fn write(
             .max()
             .unwrap_or(0),
     })
+}
+
+/// The rows per block when `t` is larger than `block_bytes` per input and can be read by
+/// rows: every input memory-mapped, the rows not remapped.
+fn block_rows(
+    t: &plan::PlannedTensor,
+    models: &BTreeMap<String, InputModel>,
+    block_bytes: usize,
+) -> Option<usize> {
+    if t.shape.len() < 2 || t.remap.is_some() {
+        return None;
+    }
+    let row_bytes = t.shape[1..].iter().product::<usize>().max(1) * 4;
+    let rows = (block_bytes / row_bytes).max(1);
+    let mapped = t.inputs.iter().all(|(m, _)| models[m].is_mapped());
+    (mapped && rows < t.shape[0]).then_some(rows)
+}
+
+fn merge_whole(
+    plan: &plan::Plan,
+    t: &plan::PlannedTensor,
+    models: &BTreeMap<String, InputModel>,
+    options: &ModelMergeOptions,
+    write: &mut dyn FnMut(&[f32]) -> Result<()>,
+) -> Result<()> {
+    // Inputs are decoded in parallel; each is one tensor of one model.
+    let mut values: Vec<Vec<f32>> = t
+        .inputs
+        .par_iter()
+        .map(|(model, name)| models[model].read(name))
+        .collect::<Result<_>>()?;
+    if let Some(p) = &t.remap {
+        let width = t.shape[1..].iter().product();
+        values = p.apply(&values, width);
+    }
+    let inputs = TensorInputs {
+        name: &t.name,
+        shape: &t.shape,
+        values,
+        base: t.base,
+        seed: options.seed,
+    };
+    write(&methods::merge(plan.method, inputs, &t.params)?)
+}
+
+fn merge_blocks(
+    plan: &plan::Plan,
+    t: &plan::PlannedTensor,
+    models: &BTreeMap<String, InputModel>,
+    options: &ModelMergeOptions,
+    block_rows: usize,
+    write: &mut dyn FnMut(&[f32]) -> Result<()>,
+) -> Result<()> {
+    let read = |i: usize, rows: std::ops::Range<usize>| {
+        let (model, name) = &t.inputs[i];
+        models[model].read_rows(name, rows)
+    };
+    let blocks = stream::Blocks {
+        name: &t.name,
+        shape: &t.shape,
+        inputs: t.inputs.len(),
+        base: t.base,
+        seed: options.seed,
+        block_rows,
+        read: &read,
+    };
+    stream::merge(plan.method, &blocks, &t.params, write)
 }
 
 fn write_config(

@@ -37,6 +37,8 @@ pub struct ShardWriter {
     shards: Vec<(String, Vec<Entry>)>,
     shard: usize,
     within: usize,
+    /// Values of the current tensor written so far.
+    written: usize,
     file: Option<BufWriter<File>>,
 }
 
@@ -72,6 +74,7 @@ impl ShardWriter {
             shards,
             shard: 0,
             within: 0,
+            written: 0,
             file: None,
         }
     }
@@ -83,6 +86,19 @@ impl ShardWriter {
 
     /// Appends the next tensor, given as f32 values converted here to its dtype.
     pub fn write(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        if self.written > 0 {
+            bail!("internal: {name:?} written whole after some of its rows")
+        }
+        self.write_part(name, values, true)
+    }
+
+    /// Appends the next values of the next tensor (rows merged in blocks, in order); the
+    /// tensor is complete when all its values are written.
+    pub fn write_rows(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.write_part(name, values, false)
+    }
+
+    fn write_part(&mut self, name: &str, values: &[f32], whole: bool) -> Result<()> {
         let entry = match self.next_entry() {
             Some(e) if e.name == name => e.clone(),
             other => bail!(
@@ -90,10 +106,17 @@ impl ShardWriter {
                 other.map(|e| &e.name)
             ),
         };
-        if entry.shape.iter().product::<usize>() != values.len() {
+        let total = entry.shape.iter().product::<usize>();
+        let fits = if whole {
+            total == values.len()
+        } else {
+            self.written + values.len() <= total
+        };
+        if !fits {
             bail!(
-                "internal: {name:?} has {} values for shape {:?}",
+                "internal: {name:?} has {} values after {} for shape {:?}",
                 values.len(),
+                self.written,
                 entry.shape
             )
         }
@@ -123,6 +146,11 @@ impl ShardWriter {
                 }
             }
         }
+        self.written += values.len();
+        if self.written < total {
+            return Ok(());
+        }
+        self.written = 0;
         self.within += 1;
         if self.within == self.shards[self.shard].1.len() {
             self.close_shard()?;
