@@ -408,3 +408,37 @@ fn row_blocks_equal_whole_tensors() {
         );
     }
 }
+
+/// A GGUF file is an input like a folder: the tiny SmolLM2 exported to an f32 GGUF (names
+/// mapped, q/k permuted as llama.cpp stores them) and merged 0.5/0.5 with its own HF folder
+/// (weights not normalized, so each input must count) gives the folder's tensors back.
+#[test]
+fn a_gguf_file_is_an_input() {
+    use ferrule::export::gguf::{export_model_gguf, GgufExportOptions, OutType};
+    let folder = repo_fixture("models/smollm");
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("smollm.gguf");
+    let source = ferrule::model::ModelSource::load(&folder, &candle_core::Device::Cpu).unwrap();
+    let options = GgufExportOptions {
+        outtype: OutType::F32,
+        overwrite: false,
+    };
+    export_model_gguf(&source, None, &gguf, options).unwrap();
+    let yaml = format!(
+        "merge_method: linear\nparameters: {{normalize: false}}\nmodels:\n  - {{model: {}, parameters: {{weight: 0.5}}}}\n  - {{model: {folder}, parameters: {{weight: 0.5}}}}\n",
+        gguf.display()
+    );
+    let cfg = tmp.path().join("gguf.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = tmp.path().join("merged");
+    merge_from_config(&cfg, &out, &ModelMergeOptions::default()).unwrap();
+    let got = read_f32(&out.join("model.safetensors"));
+    let want = read_f32(&Path::new(&folder).join("model.safetensors"));
+    assert_eq!(got.len(), want.len());
+    for (name, (shape, v)) in &want {
+        let (s, g) = &got[name];
+        assert_eq!(s, shape, "{name}");
+        let d = max_abs_diff(g, v);
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+}
