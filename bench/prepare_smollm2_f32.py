@@ -6,7 +6,8 @@
 
 transformers de-quantizes the GGUF to f32 (the same weights hf_train.py trains on
 when given the .gguf). This folder is the common base of the f32 and NF4/QLoRA
-runs of both tools (ferrule cannot write a dense copy of a GGUF).
+runs of both tools (`ferrule merge --config` with `merge_method: passthrough` writes the
+same tensors, bit for bit, from the GGUF; this script stays the reference).
 
 Idempotent: does nothing when the output folder already has config.json and
 model.safetensors (pass --force to rewrite). Run with the reference venv:

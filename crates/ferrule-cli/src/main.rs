@@ -34,7 +34,7 @@ enum Command {
     Eval(commands::eval::Args),
     /// Generate text from a decoder model, with or without an adapter.
     Generate(commands::generate::Args),
-    /// Merge an adapter into its base and write a standalone model folder.
+    /// Merge adapters into their base or into one adapter (peft's combinations, DARE/DAREx), or whole models from a mergekit YAML (--config).
     Merge(commands::merge::Args),
     /// Quantize a model's linear layers (nf4/fp4 with optional double quantization, or int8)
     /// and write it in the bitsandbytes layout that transformers loads.
