@@ -160,33 +160,7 @@ pub fn merged_tensors_from(
         };
         // Dequantized once: it is both the shape check and the sum's left side.
         let dense = base.to_dense(&device)?;
-        let merged = match update {
-            Update::Add(delta) if delta.dims() == dense.dims() => {
-                (dense + delta.to_dtype(candle_core::DType::F32)?)?
-            }
-            Update::Scale(s) if s.broadcast_as(dense.shape()).is_ok() => {
-                dense.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?
-            }
-            Update::RowRescaled { delta, magnitude }
-                if delta.dims() == dense.dims() && magnitude.dims() == [dense.dims()[0]] =>
-            {
-                let w = (dense + delta.to_dtype(candle_core::DType::F32)?)?;
-                let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
-                w.broadcast_mul(
-                    &magnitude
-                        .to_dtype(candle_core::DType::F32)?
-                        .unsqueeze(1)?
-                        .broadcast_div(&norm)?,
-                )?
-            }
-            Update::Add(u) | Update::Scale(u) | Update::RowRescaled { delta: u, .. } => {
-                bail!(
-                    "merge: {name:?} has shape {:?} but the adapter's update has {:?}",
-                    dense.dims(),
-                    u.dims()
-                )
-            }
-        };
+        let merged = apply_update(&name, dense, update)?;
         crate::util::finite::ensure_finite(
             &merged,
             || format!("the merged weight {name}"),
@@ -247,6 +221,42 @@ pub fn merged_tensors_from(
     }
     report.tensors_written = tensors.len();
     Ok((tensors, config, report))
+}
+
+/// `W'` for the dense base `dense` and one `update` of tensor `name` (the formulas at
+/// [`Update`]); a shape the update does not fit is an error naming the tensor.
+fn apply_update(
+    name: &str,
+    dense: candle_core::Tensor,
+    update: Update,
+) -> Result<candle_core::Tensor> {
+    Ok(match update {
+        Update::Add(delta) if delta.dims() == dense.dims() => {
+            (dense + delta.to_dtype(candle_core::DType::F32)?)?
+        }
+        Update::Scale(s) if s.broadcast_as(dense.shape()).is_ok() => {
+            dense.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?
+        }
+        Update::RowRescaled { delta, magnitude }
+            if delta.dims() == dense.dims() && magnitude.dims() == [dense.dims()[0]] =>
+        {
+            let w = (dense + delta.to_dtype(candle_core::DType::F32)?)?;
+            let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+            w.broadcast_mul(
+                &magnitude
+                    .to_dtype(candle_core::DType::F32)?
+                    .unsqueeze(1)?
+                    .broadcast_div(&norm)?,
+            )?
+        }
+        Update::Add(u) | Update::Scale(u) | Update::RowRescaled { delta: u, .. } => {
+            bail!(
+                "merge: {name:?} has shape {:?} but the adapter's update has {:?}",
+                dense.dims(),
+                u.dims()
+            )
+        }
+    })
 }
 
 /// Writes the merged model to `out` (see [`crate::export::write_model_folder`]).

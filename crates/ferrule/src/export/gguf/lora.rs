@@ -225,10 +225,7 @@ pub fn export_lora_gguf(
         max_error = worst(max_error, err);
         Ok(bytes)
     })?;
-    let mut tensor_types = BTreeMap::new();
-    for info in &infos {
-        *tensor_types.entry(info.ty.name().to_string()).or_default() += 1;
-    }
+    let tensor_types = super::writer::count_types(&infos);
     Ok(GgufExportReport {
         architecture: arch.name().into(),
         kind: "adapter".into(),

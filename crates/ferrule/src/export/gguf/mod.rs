@@ -395,10 +395,7 @@ pub fn export_model_gguf(
         max_error = worst(max_error, err);
         Ok(bytes)
     })?;
-    let mut tensor_types = BTreeMap::new();
-    for info in &infos {
-        *tensor_types.entry(info.ty.name().to_string()).or_default() += 1;
-    }
+    let tensor_types = writer::count_types(&infos);
     Ok(GgufExportReport {
         architecture: arch.name().into(),
         kind: "model".into(),

@@ -61,6 +61,16 @@ impl MetaValue {
     }
 }
 
+/// How many of `infos` have each tensor type, by ggml's type name (the export report's
+/// `tensor_types`).
+pub fn count_types(infos: &[TensorInfo]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for info in infos {
+        *counts.entry(info.ty.name().to_string()).or_default() += 1;
+    }
+    counts
+}
+
 /// One tensor's entry in the header.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
