@@ -2,7 +2,7 @@
 # Do transformers and peft load what today's ferrule writes? Trains a LoRA adapter on the tiny
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
-# the adapter, and transformers' for the merged and the quantized folder, equal ferrule's own
+# the adapter, and transformers' for the merged, the fully fine-tuned and the quantized folder, equal ferrule's own
 # (1e-4, f32), that peft loads an adapter trained with tokens added to the tokenizer (resized
 # embeddings, trainable_token_indices) on a base it resizes itself, and that the tensorboard package reads the event files of --report-to tensorboard
 # with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
@@ -36,6 +36,11 @@ IN=tests/fixtures/inputs/decoder.safetensors
 "$BIN" logits --threads 2 --model "$work/merged" --inputs $IN --out "$work/merged.logits"
 "$PY" tests/fixtures/check_model_folder.py "$work/merged" --inputs $IN --expected "$work/merged.logits"
 
+"$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --max-steps 3 --lr 1e-3 \
+  --method full --output "$work/full" >/dev/null
+"$BIN" logits --threads 2 --model "$work/full" --inputs $IN --out "$work/full.logits"
+"$PY" tests/fixtures/check_model_folder.py "$work/full" --inputs $IN --expected "$work/full.logits"
+
 "$BIN" quantize --threads 2 --model $M --quantize nf4 --double-quant --output "$work/nf4" >/dev/null
 "$BIN" logits --threads 2 --model "$work/nf4" --inputs $IN --out "$work/nf4.logits"
 "$PY" tests/fixtures/check_model_folder.py "$work/nf4" --inputs $IN --expected "$work/nf4.logits"
@@ -63,6 +68,6 @@ TIN=tests/fixtures/tokens/llama_lora_tokens_resized_untied/inputs.safetensors  #
 "$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/tokens" --model "$work/added" --resize 322 \
   --inputs $TIN --expected "$work/tokens.logits"
 
-echo "check-interop: peft loads the adapter, transformers the merged and the NF4 folder, with ferrule's logits;"
+echo "check-interop: peft loads the adapter, transformers the merged, the fully fine-tuned and the NF4 folder, with ferrule's logits;"
 echo "check-interop: peft loads the adapter trained on added tokens (resized embeddings) with ferrule's logits;"
 echo "check-interop: tensorboard reads the event files with the values of metrics.jsonl"

@@ -53,28 +53,7 @@ pub fn write_model_folder(
             .with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let fill = || -> Result<()> {
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        save_raw_safetensors_atomic(&tmp.join("model.safetensors"), tensors, Some(meta))?;
-        write_bytes_atomic(
-            &tmp.join("config.json"),
-            (serde_json::to_string_pretty(config)? + "\n").as_bytes(),
-        )?;
-        match &source.dir {
-            Some(dir) => {
-                for f in TOKENIZER_FILES {
-                    let p = dir.join(f);
-                    if p.is_file() {
-                        std::fs::copy(&p, tmp.join(f))
-                            .with_context(|| format!("copying {}", p.display()))?;
-                    }
-                }
-            }
-            None => write_tokenizer_files(source, &tmp)?,
-        }
-        Ok(sync_dir(&tmp)?)
-    };
-    if let Err(e) = fill().and_then(|_| {
+    if let Err(e) = write_model_files(source, &tmp, config, tensors).and_then(|_| {
         std::fs::rename(&tmp, out)
             .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
     }) {
@@ -83,6 +62,36 @@ pub fn write_model_folder(
         return Err(e);
     }
     Ok(())
+}
+
+/// Writes a model's files into the existing folder `dir` (a training run's output folder),
+/// each file atomically: `model.safetensors`, the tokenizer's files, then `config.json` last,
+/// so a folder that an interrupted write left without `config.json` is not taken for a model.
+pub fn write_model_files(
+    source: &ModelSource,
+    dir: &Path,
+    config: &Value,
+    tensors: &BTreeMap<String, RawTensor>,
+) -> Result<()> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_raw_safetensors_atomic(&dir.join("model.safetensors"), tensors, Some(meta))?;
+    match &source.dir {
+        Some(from) => {
+            for f in TOKENIZER_FILES {
+                let p = from.join(f);
+                if p.is_file() {
+                    std::fs::copy(&p, dir.join(f))
+                        .with_context(|| format!("copying {}", p.display()))?;
+                }
+            }
+        }
+        None => write_tokenizer_files(source, dir)?,
+    }
+    write_bytes_atomic(
+        &dir.join("config.json"),
+        (serde_json::to_string_pretty(config)? + "\n").as_bytes(),
+    )?;
+    Ok(sync_dir(dir)?)
 }
 
 /// Copies the tokenizer-side files of a model folder `from` into `out`; for a model without

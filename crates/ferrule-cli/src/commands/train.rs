@@ -162,10 +162,8 @@ pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
         if summary.completed && !a.quiet {
-            eprintln!(
-                "adapter saved to {} (adapter_config.json + adapter_model.safetensors)",
-                summary.output_dir.display()
-            );
+            let (what, files) = saved_what(&summary);
+            eprintln!("{what} saved to {} ({files})", summary.output_dir.display());
         }
     } else {
         for line in summary_lines(&summary, &cfg) {
@@ -227,7 +225,8 @@ pub fn summary_lines(s: &TrainSummary, cfg: &TrainConfig) -> Vec<String> {
     ));
     if s.completed {
         lines.push(format!(
-            "adapter saved to {out} (with metrics.jsonl, loss.svg, train_summary.json)"
+            "{} saved to {out} (with metrics.jsonl, loss.svg, train_summary.json)",
+            saved_what(s).0
         ));
     } else {
         lines.push(format!("checkpoint of step {} in {out}", s.steps));
@@ -265,6 +264,14 @@ fn stop_on_signal(announce: bool) -> Result<Arc<AtomicBool>> {
     })
     .context("installing the Ctrl-C handler")?;
     Ok(flag)
+}
+
+/// What a completed run left in its output folder, and its files.
+fn saved_what(s: &TrainSummary) -> (&'static str, &'static str) {
+    match s.whole_model {
+        true => ("model", "config.json + model.safetensors"),
+        false => ("adapter", "adapter_config.json + adapter_model.safetensors"),
+    }
 }
 
 #[cfg(test)]

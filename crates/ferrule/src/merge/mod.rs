@@ -30,7 +30,7 @@ use crate::model::{ModelSource, Task};
 use crate::ops::{ComputeDtype, FrozenWeight};
 use crate::quant::{bnb_format, RoundTripError};
 use crate::tuners::{Tuner, Update};
-use crate::util::atomic::raw_tensor;
+use crate::util::atomic::{raw_tensor, RawTensor};
 
 /// What a merge changed, for the user to check.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -296,6 +296,20 @@ pub fn merge_updates_to_dir(
     out: &Path,
     options: MergeOptions,
 ) -> Result<MergeReport> {
+    let (raw, config, report) = merged_raw(source, replaced, updates, task, options)?;
+    crate::export::write_model_folder(source, out, &config, &raw)?;
+    Ok(report)
+}
+
+/// The base with `replaced` and `updates` applied, serialized tensor by tensor as the
+/// model folder stores them (quantized ones in bitsandbytes' layout), with its `config.json`.
+pub fn merged_raw(
+    source: &ModelSource,
+    replaced: Vec<(String, candle_core::Tensor)>,
+    updates: Vec<(String, Update)>,
+    task: Task,
+    options: MergeOptions,
+) -> Result<(BTreeMap<String, RawTensor>, Value, MergeReport)> {
     let (tensors, config, report) = merged_tensors_from(source, replaced, updates, task, options)?;
     let mut raw = BTreeMap::new();
     for (name, w) in &tensors {
@@ -309,6 +323,5 @@ pub fn merge_updates_to_dir(
             }
         }
     }
-    crate::export::write_model_folder(source, out, &config, &raw)?;
-    Ok(report)
+    Ok((raw, config, report))
 }

@@ -5,6 +5,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use super::config::TrainConfig;
+use crate::model::ModelSource;
+use crate::tuners::Tuner;
+
 /// The files and folders a run writes into its output folder, besides `checkpoint-<step>/`.
 pub const RUN_FILES: &[&str] = &[
     crate::peft_io::CONFIG_FILE,
@@ -16,8 +20,34 @@ pub const RUN_FILES: &[&str] = &[
     super::tensorboard::RUNS_DIR,
 ];
 
-/// The names of what an earlier run left in `dir` (checkpoints and [`RUN_FILES`]), sorted;
-/// empty for a missing or foreign folder.
+/// The model files a run that trains the whole model writes (full fine-tuning). They count
+/// as an earlier run's only beside its other files: a model folder alone is not a run.
+const MODEL_FILES: &[&str] = &["model.safetensors", "config.json"];
+
+/// What a finished run leaves in `out`: the adapter and the record of the base it was trained
+/// on, or, for a method that trains the whole model ([`Tuner::trains_whole_model`]), the model
+/// as a Hugging Face folder (`model.safetensors` in f32 for the trained tensors, the tokenizer,
+/// `config.json` last).
+pub fn save_result(
+    out: &Path,
+    tuner: &dyn Tuner,
+    source: &ModelSource,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    if tuner.trains_whole_model() {
+        let replaced = tuner.replaced()?;
+        let (raw, config, _) =
+            crate::merge::merged_raw(source, replaced, vec![], cfg.task, Default::default())?;
+        return crate::export::write_model_files(source, out, &config, &raw);
+    }
+    let base = crate::merge::BaseRecord::of(&source.weights, cfg.quantize.as_ref());
+    crate::peft_io::save_adapter(out, tuner, cfg.task, &cfg.model)?;
+    base.save(out)
+}
+
+/// The names of what an earlier run left in `dir` (checkpoints and [`RUN_FILES`], and the
+/// model files of a full fine-tuning run beside them), sorted; empty for a missing or foreign
+/// folder.
 pub fn earlier_run(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -34,8 +64,34 @@ pub fn earlier_run(dir: &Path) -> Vec<String> {
                 })
         })
         .collect();
+    if !found.is_empty() {
+        found.extend(
+            MODEL_FILES
+                .iter()
+                .filter(|f| dir.join(f).is_file())
+                .map(|f| f.to_string()),
+        );
+    }
     found.sort();
     found
+}
+
+/// A run that writes a whole model must not write it over the model it trains from.
+pub fn check_not_the_base(output_dir: &Path, source: &ModelSource) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if let Some(dir) = &source.dir {
+        if same(output_dir, dir) {
+            bail!(
+                "output {} is the model's own folder: full fine-tuning writes a whole model there \
+                 and would replace the base; choose another output folder",
+                output_dir.display()
+            )
+        }
+    }
+    Ok(())
 }
 
 /// Makes `dir` ready for a run: an earlier run's files there are an error naming
@@ -102,5 +158,22 @@ mod tests {
         claim_output_dir(dir, false, true).unwrap();
         assert!(earlier_run(dir).is_empty());
         assert!(dir.join("notes.txt").exists(), "other files stay");
+    }
+
+    #[test]
+    fn model_files_count_as_a_run_only_beside_its_other_files() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), "").unwrap();
+        assert!(
+            earlier_run(dir).is_empty(),
+            "a model folder alone is not a run"
+        );
+        std::fs::write(dir.join("metrics.jsonl"), "").unwrap();
+        assert_eq!(
+            earlier_run(dir),
+            ["config.json", "metrics.jsonl", "model.safetensors"]
+        );
     }
 }

@@ -95,6 +95,13 @@ pub fn prepare_sharded(
     base: Option<Arc<dyn BaseComm>>,
 ) -> Result<Prepared> {
     cfg.validate()?;
+    if cfg.adapter()?.method()?.trains_whole_model && cfg.quantize.is_some() {
+        bail!(
+            "--quantize with full fine-tuning: every weight trains as an f32 copy, so a \
+             quantized base would not be used; drop --quantize (a quantized frozen base is for \
+             adapter methods: QLoRA)"
+        )
+    }
     let options = LoadOptions {
         quantize: cfg.quantize.as_ref(),
         compute_dtype: cfg.compute_dtype.resolve()?.dtype,
@@ -152,6 +159,9 @@ pub fn prepare_sharded(
         matches,
         adapter,
     } = attach(&source, cfg.task, &cfg.adapter()?, ctx)?;
+    if tuner.trains_whole_model() {
+        super::output::check_not_the_base(&cfg.output_dir, &source)?;
+    }
     let pad_id = source.pad_token_id()?;
     let (padding, padding_note) = match cfg.padding()? {
         Padding::Free if !model.supports_packed() => (

@@ -68,6 +68,9 @@ pub struct TrainSummary {
     pub interrupted: bool,
     pub trainable_params: usize,
     pub total_params: usize,
+    /// The run trained the whole model (full fine-tuning): the output folder holds a Hugging
+    /// Face model (`config.json`, `model.safetensors`), not an adapter.
+    pub whole_model: bool,
     /// Bytes of the frozen base's weights as held (quantized formats included).
     pub base_weight_bytes: usize,
     pub train_records: usize,

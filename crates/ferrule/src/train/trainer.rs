@@ -23,7 +23,6 @@ use crate::dist::{
 };
 use crate::ops::recompute::GradSink;
 use crate::ops::ComputeDtypeDecision;
-use crate::peft_io::save_adapter;
 use crate::tuners::total_params;
 
 use super::evaluate::{batch_loss, evaluate_on, non_finite_origin};
@@ -704,10 +703,7 @@ impl<'a> Run<'a> {
         if completed {
             self.opt.materialize(comm)?;
             let saved = if comm.rank() == 0 {
-                let base =
-                    crate::merge::BaseRecord::of(&self.p.source.weights, cfg.quantize.as_ref());
-                save_adapter(out, self.p.tuner.as_ref(), cfg.task, &cfg.model)
-                    .and_then(|_| base.save(out))
+                super::output::save_result(out, self.p.tuner.as_ref(), &self.p.source, cfg)
             } else {
                 Ok(())
             };
@@ -742,6 +738,7 @@ impl<'a> Run<'a> {
             interrupted: tally.interrupted,
             trainable_params: p.trainable_params(),
             total_params: total_params(p.model.base_params, p.tuner.as_ref()),
+            whole_model: p.tuner.trains_whole_model(),
             base_weight_bytes: crate::quant::WeightMemory::of(&p.source.weights).total_bytes(),
             train_records: p.train.len(),
             skipped_records: p.skipped,

@@ -11,6 +11,7 @@ pub mod bias;
 pub mod config;
 pub mod core;
 pub mod flags;
+pub mod full;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod lora;
@@ -111,6 +112,11 @@ pub trait Tuner: ModelHook {
     /// `bias = "all" | "lora_only"`): PEFT counts them once in the model total.
     fn trained_in_place(&self) -> usize {
         0
+    }
+    /// Whether a finished run is the whole model, written as a Hugging Face folder (full
+    /// fine-tuning), rather than an adapter ([`Method::trains_whole_model`]).
+    fn trains_whole_model(&self) -> bool {
+        self.method().trains_whole_model
     }
 }
 

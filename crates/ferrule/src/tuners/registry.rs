@@ -53,6 +53,9 @@ pub struct Method {
     /// on a `config.json` without weights: `Ok(None)` for a config it cannot count that way.
     /// `None` when only building the method on the weights counts it.
     pub count_from_shapes: Option<CountFromShapes>,
+    /// A finished run is the whole model, written as a Hugging Face folder (full
+    /// fine-tuning), rather than an adapter.
+    pub trains_whole_model: bool,
 }
 
 /// [`Method::complete_flags`]: sets keys in the options from the flags given and the model path.
@@ -90,6 +93,7 @@ pub static METHODS: &[&Method] = &[
     &super::prefix_tuning::METHOD,
     &super::randlora::METHOD,
     &super::trainable_tokens::METHOD,
+    &super::full::METHOD,
 ];
 
 /// The method with PEFT type `peft_type`; an unsupported type is an error that names it.
@@ -162,10 +166,11 @@ mod tests {
             for b in &METHODS[i + 1..] {
                 assert!(a.name != b.name && a.peft_type != b.peft_type);
             }
-            // peft's TrainableTokensConfig alone has no modules_to_save: it trains rows only.
-            let trains_rows_only = a.peft_type == "TRAINABLE_TOKENS";
+            // peft's TrainableTokensConfig alone has no modules_to_save: it trains rows only;
+            // full fine-tuning trains every module already.
+            let no_modules_to_save = matches!(a.peft_type, "TRAINABLE_TOKENS" | "FULL");
             assert!(
-                trains_rows_only || a.keys.contains(&"modules_to_save"),
+                no_modules_to_save || a.keys.contains(&"modules_to_save"),
                 "{}",
                 a.name
             );

@@ -32,6 +32,7 @@ pub static METHOD: Method = Method {
     flags: &[],
     complete_flags: None,
     count_from_shapes: None,
+    trains_whole_model: false,
 };
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING` (it has none for BERT).

@@ -39,6 +39,7 @@ pub static METHOD: Method = Method {
     flags: config::FLAGS,
     complete_flags: Some(super::trainable_tokens::config::complete_lora_flags),
     count_from_shapes: Some(count_from_shapes),
+    trains_whole_model: false,
 };
 
 /// PEFT's default LoRA targets per model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).

@@ -36,6 +36,7 @@ pub static METHOD: Method = Method {
     flags: config::FLAGS,
     complete_flags: None,
     count_from_shapes: None,
+    trains_whole_model: false,
 };
 
 /// PEFT's key for the prefix table (`get_peft_model_state_dict`, prompt learning).

@@ -37,6 +37,7 @@ pub static METHOD: Method = Method {
     flags: config::FLAGS,
     complete_flags: Some(config::complete_flags),
     count_from_shapes: None,
+    trains_whole_model: false,
 };
 
 /// PEFT's key for the prompt (`get_peft_model_state_dict`, prompt learning).

@@ -34,6 +34,7 @@ pub static METHOD: Method = Method {
     flags: config::FLAGS,
     complete_flags: None,
     count_from_shapes: None,
+    trains_whole_model: false,
 };
 
 /// PEFT's keys of the shared bases (`save_projection = true`); peft also saves a copy under

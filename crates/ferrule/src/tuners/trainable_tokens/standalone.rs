@@ -27,6 +27,7 @@ pub static METHOD: Method = Method {
     flags: &[TOKEN_INDICES_FLAG],
     complete_flags: Some(super::config::complete_flags),
     count_from_shapes: None,
+    trains_whole_model: false,
 };
 
 /// `target_modules` left unset means the token embedding, whatever its path.
