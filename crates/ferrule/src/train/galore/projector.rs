@@ -139,8 +139,9 @@ pub struct GaLoreProjector {
 
 impl GaLoreProjector {
     /// A projector for gradients of `shape`, without a basis yet (the first
-    /// [`GaLoreProjector::project`] computes it). `rank` must pass [`check_rank`] and
-    /// `update_proj_gap` must be at least 1.
+    /// [`GaLoreProjector::project`] computes it). `rank` must be in `1..=min(shape)` (callers
+    /// with a parameter name check it with [`check_rank`] first) and `update_proj_gap` at
+    /// least 1.
     pub fn new(
         shape: (usize, usize),
         rank: usize,
@@ -148,7 +149,13 @@ impl GaLoreProjector {
         scale: f64,
         proj_type: ProjType,
     ) -> Result<Self> {
-        check_rank("(projector)", shape, rank)?;
+        ensure!(
+            (1..=shape.0.min(shape.1)).contains(&rank),
+            "GaLore rank {rank} does not fit a [{}, {}] gradient (1 to {})",
+            shape.0,
+            shape.1,
+            shape.0.min(shape.1)
+        );
         ensure!(
             update_proj_gap >= 1,
             "GaLore update_proj_gap must be at least 1"
@@ -312,6 +319,9 @@ mod tests {
             "{err}"
         );
         assert!(check_rank("w", (4, 6), 0).is_err());
+        let err = GaLoreProjector::new((4, 6), 5, 1, 1.0, ProjType::Std).unwrap_err();
+        assert!(err.to_string().contains("[4, 6]"), "{err}");
+        assert!(GaLoreProjector::new((4, 6), 4, 0, 1.0, ProjType::Std).is_err());
     }
 
     /// A diagonal-dominant gradient whose SVD is known by hand: `G = diag(3, -2, 1)` padded to
