@@ -3,6 +3,8 @@
 //!
 //! * [`optim`]: AdamW (decoupled weight decay), gradient accumulation and
 //!   clipping, matching PyTorch numerics.
+//! * [`galore`]: GaLore and Natural GaLore (low-rank projected Adam for full fine-tuning),
+//!   matching galore-torch.
 //! * [`schedule`]: warmup + constant / linear / cosine schedules, matching
 //!   Hugging Face transformers.
 //! * [`checkpoint`]: atomically written, resumable `checkpoint-<step>/`
@@ -20,6 +22,7 @@ pub mod batching;
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
+pub mod galore;
 pub mod metrics;
 pub mod optim;
 pub mod output;

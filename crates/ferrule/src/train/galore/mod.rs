@@ -1,0 +1,87 @@
+//! GaLore (Zhao et al. 2024, arXiv 2403.03507) and Natural GaLore (Das 2024, arXiv
+//! 2410.16029): full-parameter training whose Adam state lives in a low-rank projection of
+//! each target weight's gradient, matching galore-torch 1.0's `GaLoreAdamW` (the optimizer HF
+//! Trainer runs for `optim="galore_adamw"`).
+//!
+//! * [`projector`]: `GaLoreProjector`, the SVD basis refreshed every `update_proj_gap` steps;
+//! * [`adamw`]: galore-torch's (transformers' legacy) AdamW update, which every parameter of
+//!   the optimizer uses;
+//! * [`natural`]: Natural GaLore's inverse-Fisher preconditioning by the Woodbury identity;
+//! * [`targets`]: which parameters are projected (HF's `optim_target_modules`);
+//! * [`optimizer`]: [`GaLoreAdamW`], with the public shape of [`crate::train::AdamW`]
+//!   (`set_lr`, `lr`, `step`, `step_with`, `state`, `load_state`).
+
+pub mod adamw;
+pub mod natural;
+pub mod optimizer;
+pub mod projector;
+pub mod targets;
+
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+
+pub use adamw::LegacyAdamWConfig;
+pub use natural::{NaturalConfig, NaturalGradient};
+pub use optimizer::GaLoreAdamW;
+pub use projector::{GaLoreProjector, ProjType};
+pub use targets::{select_targets, TargetModules};
+
+/// Settings of [`GaLoreAdamW`]. The GaLore defaults are HF Trainer's (`optim_args` absent:
+/// `rank=128, update_proj_gap=200, scale=0.25, proj_type=std`); the Adam defaults are
+/// galore-torch's (`eps = 1e-6`, `weight_decay = 0`, which HF keeps since it passes GaLore only
+/// the learning rate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GaLoreConfig {
+    /// The Adam update every parameter gets.
+    #[serde(flatten)]
+    pub adam: LegacyAdamWConfig,
+    /// Rank `r` of the projection; at most the smaller dimension of every target.
+    pub rank: usize,
+    /// Steps between SVD refreshes of a target's basis.
+    pub update_proj_gap: u64,
+    /// Factor applied to the projected-back update (`alpha` in the paper).
+    pub scale: f64,
+    /// Which singular vectors to project onto.
+    pub proj_type: ProjType,
+    /// Which linear weights are projected (HF's `optim_target_modules`).
+    pub target_modules: TargetModules,
+    /// Natural GaLore's preconditioning of the projected gradient; `None`: plain GaLore.
+    pub natural: Option<NaturalConfig>,
+}
+
+impl Default for GaLoreConfig {
+    fn default() -> Self {
+        Self {
+            adam: LegacyAdamWConfig::default(),
+            rank: 128,
+            update_proj_gap: 200,
+            scale: 0.25,
+            proj_type: ProjType::Std,
+            target_modules: TargetModules::default(),
+            natural: None,
+        }
+    }
+}
+
+impl GaLoreConfig {
+    /// Checks every setting's range (the rank against each target is checked by
+    /// [`GaLoreAdamW::new`]).
+    pub fn validate(&self) -> Result<()> {
+        self.adam.validate()?;
+        ensure!(self.rank >= 1, "GaLore rank must be at least 1");
+        ensure!(
+            self.update_proj_gap >= 1,
+            "GaLore update_proj_gap must be at least 1"
+        );
+        ensure!(
+            self.scale.is_finite(),
+            "GaLore scale must be finite, got {}",
+            self.scale
+        );
+        if let Some(n) = &self.natural {
+            n.validate()?;
+        }
+        Ok(())
+    }
+}

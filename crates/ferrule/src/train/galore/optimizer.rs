@@ -1,0 +1,415 @@
+//! [`GaLoreAdamW`]: galore-torch 1.0's `GaLoreAdamW` over named [`Var`]s.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use super::adamw::{adam_direction, apply_update};
+use super::natural::NaturalGradient;
+use super::projector::{check_rank, Bases, GaLoreProjector, Side};
+use super::targets::select_targets;
+use super::GaLoreConfig;
+use crate::train::optim::{read_step, step_tensor};
+
+/// The projection state of a target parameter.
+struct Projection {
+    projector: GaLoreProjector,
+    natural: Option<NaturalGradient>,
+}
+
+/// Per-parameter optimizer state.
+struct ParamState {
+    name: String,
+    var: Var,
+    /// `Some` for a GaLore target.
+    projection: Option<Projection>,
+    /// First moment, in the low-rank shape for targets; `None` before the first gradient.
+    exp_avg: Option<Tensor>,
+    /// Second moment.
+    exp_avg_sq: Option<Tensor>,
+    /// Updates applied to this parameter; drives bias correction and SVD refreshes.
+    step: u64,
+}
+
+impl ParamState {
+    fn dims2(&self) -> (usize, usize) {
+        let d = self.var.dims();
+        (d[0], d[1])
+    }
+
+    /// The shape of the moments: the low-rank shape for targets.
+    fn moment_shape(&self, cfg: &GaLoreConfig) -> Vec<usize> {
+        match self.projection {
+            Some(_) => {
+                let (a, b) = cfg.proj_type.low_rank_shape(self.dims2(), cfg.rank);
+                vec![a, b]
+            }
+            None => self.var.dims().to_vec(),
+        }
+    }
+}
+
+/// Dtype of the moments, bases and update: `f64` for `f64` parameters, else `f32` (as
+/// [`crate::train::AdamW`]; galore-torch keeps half-precision state in the parameter's dtype).
+fn state_dtype(param: DType) -> DType {
+    match param {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// GaLore AdamW (Zhao et al. 2024, Algorithm 2) as galore-torch 1.0's `GaLoreAdamW`: target
+/// weights' gradients are projected to rank `r` ([`GaLoreProjector`]), optionally
+/// preconditioned by Natural GaLore ([`NaturalGradient`]), Adam runs on the low-rank gradient,
+/// and its normalized step is projected back and scaled by `scale`; all other parameters get
+/// the same Adam step without projection. The Adam formula is galore-torch's, see
+/// [`super::adamw`]. Parameters without a gradient at a step are skipped (their step count does
+/// not advance), as in torch.
+pub struct GaLoreAdamW {
+    params: Vec<ParamState>,
+    cfg: GaLoreConfig,
+    /// Number of `step` / `step_with` calls.
+    step: u64,
+}
+
+impl GaLoreAdamW {
+    /// Creates the optimizer: validates `cfg`, picks the targets among `params` by
+    /// `cfg.target_modules` (an error when none matches) and checks `cfg.rank` against each.
+    pub fn new(params: Vec<(String, Var)>, cfg: GaLoreConfig) -> Result<Self> {
+        cfg.validate()?;
+        let targets: HashSet<String> = select_targets(
+            params.iter().map(|(n, v)| (n.as_str(), v.dims())),
+            &cfg.target_modules,
+        )?
+        .into_iter()
+        .collect();
+        let mut seen = HashSet::new();
+        let mut states = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            ensure!(
+                seen.insert(name.clone()),
+                "duplicate parameter name {name:?}"
+            );
+            let projection = if targets.contains(&name) {
+                let (m, n) = var.dims2()?;
+                check_rank(&name, (m, n), cfg.rank)?;
+                Some(Projection {
+                    projector: GaLoreProjector::new(
+                        (m, n),
+                        cfg.rank,
+                        cfg.update_proj_gap,
+                        cfg.scale,
+                        cfg.proj_type,
+                    )?,
+                    natural: cfg.natural.map(NaturalGradient::new),
+                })
+            } else {
+                None
+            };
+            states.push(ParamState {
+                name,
+                var,
+                projection,
+                exp_avg: None,
+                exp_avg_sq: None,
+                step: 0,
+            });
+        }
+        Ok(Self {
+            params: states,
+            cfg,
+            step: 0,
+        })
+    }
+
+    /// Sets the learning rate used by subsequent steps.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.adam.lr = lr;
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.cfg.adam.lr
+    }
+
+    /// The current settings.
+    pub fn config(&self) -> &GaLoreConfig {
+        &self.cfg
+    }
+
+    /// Number of optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The optimized parameters, in construction order.
+    pub fn params(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.params.iter().map(|p| (p.name.as_str(), &p.var))
+    }
+
+    /// The names of the projected parameters, in construction order.
+    pub fn targets(&self) -> impl Iterator<Item = &str> {
+        self.params
+            .iter()
+            .filter(|p| p.projection.is_some())
+            .map(|p| p.name.as_str())
+    }
+
+    /// Applies one update with the gradients of `loss.backward()`; parameters absent from
+    /// `grads` are skipped.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        for p in &mut self.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                update(p, g, &self.cfg)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one update with gradients by parameter name; absent parameters are skipped,
+    /// unknown names are an error.
+    pub fn step_with(&mut self, grads: &HashMap<String, Tensor>) -> Result<()> {
+        for name in grads.keys() {
+            ensure!(
+                self.params.iter().any(|p| &p.name == name),
+                "gradient given for unknown parameter {name:?}"
+            );
+        }
+        self.step += 1;
+        for p in &mut self.params {
+            if let Some(g) = grads.get(&p.name) {
+                update(p, g, &self.cfg)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one update to the single parameter `name` (the layer-wise form: the caller
+    /// steps each parameter as soon as its gradient is final, then drops the gradient). The
+    /// global step count advances with [`GaLoreAdamW::finish_layerwise_step`].
+    pub fn step_param(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        let p = self
+            .params
+            .iter_mut()
+            .find(|p| p.name == name)
+            .with_context(|| format!("gradient given for unknown parameter {name:?}"))?;
+        update(p, grad, &self.cfg)
+    }
+
+    /// Ends a step made of [`GaLoreAdamW::step_param`] calls.
+    pub fn finish_layerwise_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// The optimizer state as named tensors, for checkpointing. For every parameter:
+    /// `"<name>.exp_avg"`, `"<name>.exp_avg_sq"` (low-rank shapes for targets; zeros before the
+    /// first gradient) and `"<name>.step"` (`i64`); for targets also the bases
+    /// `"<name>.proj_left"` (`[m, r]`) and/or `"<name>.proj_right"` (`[r, n]`), as the
+    /// projection side has them, and with Natural GaLore `"<name>.natural_history"`
+    /// (`[s, k]`, oldest first; its first `min(step, s)` rows are the history, the rest zeros);
+    /// plus `"step"`, the global count.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            let sdtype = state_dtype(p.var.dtype());
+            let dev = p.var.device();
+            let zeros = |shape: &[usize]| Tensor::zeros(shape, sdtype, dev);
+            let shape = p.moment_shape(&self.cfg);
+            let (m, v) = match (&p.exp_avg, &p.exp_avg_sq) {
+                (Some(m), Some(v)) => (m.clone(), v.clone()),
+                _ => (zeros(&shape)?, zeros(&shape)?),
+            };
+            out.push((format!("{}.exp_avg", p.name), m));
+            out.push((format!("{}.exp_avg_sq", p.name), v));
+            out.push((format!("{}.step", p.name), step_tensor(p.step)?));
+            let Some(proj) = &p.projection else { continue };
+            let (m, n, r) = (p.dims2().0, p.dims2().1, self.cfg.rank);
+            let bases = proj.projector.bases();
+            let side = proj.projector.side();
+            if matches!(side, Side::Left | Side::Both) {
+                let t = bases.and_then(|b| b.left.clone());
+                out.push((
+                    format!("{}.proj_left", p.name),
+                    t.map_or_else(|| zeros(&[m, r]), Ok)?,
+                ));
+            }
+            if matches!(side, Side::Right | Side::Both) {
+                let t = bases.and_then(|b| b.right.clone());
+                out.push((
+                    format!("{}.proj_right", p.name),
+                    t.map_or_else(|| zeros(&[r, n]), Ok)?,
+                ));
+            }
+            if let (Some(nat), Some(ncfg)) = (&proj.natural, &self.cfg.natural) {
+                let k: usize = shape.iter().product();
+                let mut rows: Vec<Tensor> = nat.history().cloned().collect();
+                while rows.len() < ncfg.history {
+                    rows.push(zeros(&[k])?);
+                }
+                out.push((
+                    format!("{}.natural_history", p.name),
+                    Tensor::stack(&rows, 0)?,
+                ));
+            }
+        }
+        out.push(("step".to_string(), step_tensor(self.step)?));
+        Ok(out)
+    }
+
+    /// Restores state produced by [`GaLoreAdamW::state`] (after a safetensors round trip, the
+    /// continuation is bit-identical). Every entry must be present with the shape this
+    /// optimizer's settings give, and no other entry; on error `self` is unchanged.
+    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        let mut expected = HashSet::from(["step".to_string()]);
+        let mut restored = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            restored.push(read_param_state(p, &self.cfg, state, &mut expected)?);
+        }
+        for key in state.keys() {
+            ensure!(
+                expected.contains(key),
+                "unexpected GaLore optimizer state entry {key:?}"
+            );
+        }
+        let global = read_step(state, "step")?;
+        for (p, r) in self.params.iter_mut().zip(restored) {
+            p.step = r.step;
+            // A parameter that never had a gradient stays lazily uninitialized.
+            let fresh = r.step == 0;
+            p.exp_avg = (!fresh).then_some(r.exp_avg);
+            p.exp_avg_sq = (!fresh).then_some(r.exp_avg_sq);
+            if let Some(proj) = &mut p.projection {
+                proj.projector.set_bases((!fresh).then_some(r.bases));
+                if let Some(nat) = &mut proj.natural {
+                    nat.set_history(r.history)?;
+                }
+            }
+        }
+        self.step = global;
+        Ok(())
+    }
+}
+
+/// One parameter's entries of a saved state, checked.
+struct Restored {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+    bases: Bases,
+    history: Vec<Tensor>,
+}
+
+fn read_param_state(
+    p: &ParamState,
+    cfg: &GaLoreConfig,
+    state: &BTreeMap<String, Tensor>,
+    expected: &mut HashSet<String>,
+) -> Result<Restored> {
+    let mut tensor = |suffix: &str, shape: &[usize]| read_tensor(p, state, expected, suffix, shape);
+    let shape = p.moment_shape(cfg);
+    let exp_avg = tensor("exp_avg", &shape)?;
+    let exp_avg_sq = tensor("exp_avg_sq", &shape)?;
+    let step = read_step(state, &format!("{}.step", p.name))?;
+    let mut bases = Bases {
+        left: None,
+        right: None,
+    };
+    let mut history = Vec::new();
+    if let Some(proj) = &p.projection {
+        let ((m, n), r) = (p.dims2(), cfg.rank);
+        let side = proj.projector.side();
+        if matches!(side, Side::Left | Side::Both) {
+            bases.left = Some(tensor("proj_left", &[m, r])?);
+        }
+        if matches!(side, Side::Right | Side::Both) {
+            bases.right = Some(tensor("proj_right", &[r, n])?);
+        }
+        if let Some(ncfg) = &cfg.natural {
+            let k: usize = shape.iter().product();
+            let all = tensor("natural_history", &[ncfg.history, k])?;
+            let kept = (step as usize).min(ncfg.history);
+            history = (0..kept)
+                .map(|i| all.get(i))
+                .collect::<candle_core::Result<_>>()?;
+        }
+    }
+    expected.insert(format!("{}.step", p.name));
+    Ok(Restored {
+        exp_avg,
+        exp_avg_sq,
+        step,
+        bases,
+        history,
+    })
+}
+
+/// The entry `<name>.<suffix>` of a saved state, which must have `shape`, in the state dtype
+/// on the parameter's device; its key is added to `expected`.
+fn read_tensor(
+    p: &ParamState,
+    state: &BTreeMap<String, Tensor>,
+    expected: &mut HashSet<String>,
+    suffix: &str,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let key = format!("{}.{suffix}", p.name);
+    let t = state
+        .get(&key)
+        .with_context(|| format!("optimizer state is missing {key:?}"))?;
+    ensure!(
+        t.dims() == shape,
+        "optimizer state {key:?} has shape {:?}, but these GaLore settings give {shape:?} \
+         for parameter {:?} (a state from another run?)",
+        t.dims(),
+        p.name
+    );
+    expected.insert(key);
+    Ok(t.to_dtype(state_dtype(p.var.dtype()))?
+        .to_device(p.var.device())?)
+}
+
+/// One update of a single parameter: project (targets), precondition (Natural GaLore), Adam,
+/// project back, step and decay.
+fn update(p: &mut ParamState, grad: &Tensor, cfg: &GaLoreConfig) -> Result<()> {
+    let pdtype = p.var.dtype();
+    ensure!(
+        pdtype.is_float(),
+        "parameter {:?} has non-float dtype {pdtype:?}",
+        p.name
+    );
+    ensure!(
+        grad.shape() == p.var.shape(),
+        "gradient for {:?} has shape {:?}, parameter has shape {:?}",
+        p.name,
+        grad.dims(),
+        p.var.dims()
+    );
+    let sdtype = state_dtype(pdtype);
+    let g = grad.detach().to_dtype(sdtype)?.to_device(p.var.device())?;
+    let g = match &mut p.projection {
+        Some(proj) => {
+            let low = proj.projector.project(&g, p.step)?;
+            match &mut proj.natural {
+                Some(nat) => nat.precondition(&low)?,
+                None => low,
+            }
+        }
+        None => g,
+    };
+    let moments = p.exp_avg.as_ref().zip(p.exp_avg_sq.as_ref());
+    let (direction, m, v) = adam_direction(&cfg.adam, &g, moments)?;
+    let direction = match &p.projection {
+        Some(proj) => proj.projector.project_back(&direction)?,
+        None => direction,
+    };
+    let param = p.var.as_detached_tensor().to_dtype(sdtype)?;
+    let param = apply_update(&cfg.adam, p.step + 1, &param, &direction)?;
+    p.var.set(&param.to_dtype(pdtype)?)?;
+    p.step += 1;
+    p.exp_avg = Some(m);
+    p.exp_avg_sq = Some(v);
+    Ok(())
+}
