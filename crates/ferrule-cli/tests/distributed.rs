@@ -196,6 +196,47 @@ fn two_ranks_train_what_one_process_trains_at_every_zero_stage() {
     }
 }
 
+/// Full fine-tuning: ZeRO partitions every parameter of the model (stage 3: the parameters
+/// themselves), and the model folder equals one process's.
+#[test]
+fn full_fine_tuning_on_two_ranks_trains_what_one_process_trains() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let args = |out: &Path, batch: &str, stage: &str| -> Vec<String> {
+        let mut a = train_args(&data, out, &["--max-steps", "3", "--batch-size", batch]);
+        let at = a.iter().position(|x| x == "--target-modules").unwrap();
+        a.splice(at..at + 2, ["--method".to_string(), "full".to_string()]);
+        a.extend(["--zero-stage", stage].map(String::from));
+        a
+    };
+    let model = |dir: &Path| {
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        ferrule::util::atomic::deserialize_safetensors(&bytes, &Device::Cpu)
+            .unwrap()
+            .0
+    };
+    let one = t.path().join("one");
+    let single = summary(&run(ferrule(), &args(&one, "8", "0")));
+    assert_eq!(
+        single["trainable_params"], single["total_params"],
+        "every parameter trains"
+    );
+    for stage in ["1", "3"] {
+        let two = t.path().join(format!("two{stage}"));
+        let s = summary(&run(mpirun(2), &args(&two, "4", stage)));
+        let d = max_diff(&model(&one), &model(&two));
+        assert!(
+            d <= TOL,
+            "stage {stage}: model differs from one process by {d}"
+        );
+        let (l1, l2) = (
+            single["final_loss"].as_f64().unwrap(),
+            s["final_loss"].as_f64().unwrap(),
+        );
+        assert!((l1 - l2).abs() < 1e-5, "stage {stage}: loss {l2} vs {l1}");
+    }
+}
+
 /// `--shard-base`: each rank holds half of every frozen matrix and the layers broadcast the
 /// other half tile by tile; the result is the unsharded one's.
 #[test]
