@@ -4,7 +4,8 @@
 # and dora (r 8, α 16, query,value; dora = lora with use_dora), ia3 and ln-tuning with peft's defaults for BERT (ia3: key, value,
 # output.dense; LN tuning: LayerNorm, given explicitly since peft has no BERT default), prompt-tuning
 # and prefix-tuning with 20 virtual tokens (prefix tuning: workload b only, peft cannot run it on
-# BERT), randlora with r 8, randlora_alpha 16 on LoRA's targets.
+# BERT), randlora with r 8, randlora_alpha 16 on LoRA's targets; full: every parameter (ferrule
+# --method full, transformers without peft). STEPS=N changes the 20 optimizer steps.
 # OLD=path/to/older/ferrule adds a LoRA round of that binary (the A/B of two builds).
 # Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians);
 # OUT_DIR=... writes them elsewhere.
@@ -16,6 +17,7 @@ F=${FERRULE:-target/release/ferrule}
 PY=${PY:-$(scripts/reference-venv.sh)}
 OUT=${OUT_DIR:-bench/results/methods}
 REPEAT=${REPEAT:-3}
+STEPS=${STEPS:-20}
 A=assets
 METHODS=("$@")
 [ ${#METHODS[@]} -gt 0 ] || METHODS=(lora dora ia3 ln-tuning)
@@ -47,9 +49,9 @@ ferrule_run() {  # binary method round
   [ "$m" = lora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS)
   [ "$m" = dora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS --use-dora)
   [ "$m" = randlora ] && extra=(--method randlora --lora-r 8 --peft-option randlora_alpha=16 --target-modules $LORA_TARGETS)
-  case $m in prompt-tuning|prefix-tuning) extra=(--method "$m" --num-virtual-tokens 20) ;; esac
+  case $m in prompt-tuning|prefix-tuning) extra=(--method "$m" --num-virtual-tokens 20) ;; full) extra=(--method full) ;; esac
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
-    "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps 20 "${extra[@]}" > /dev/null
+    "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps "$STEPS" "${extra[@]}" > /dev/null
   python3 - "$dir" "$OUT/${tag}_${m}_$i.json" <<'PY'
 import json, sys, os
 d, out = sys.argv[1:3]
@@ -63,7 +65,8 @@ PY
 
 python_run() {  # method round
   local m=$1 i=$2 t; t=$(targets "$m")
-  "$PY" bench/hf_train.py "${COMMON[@]}" --steps 20 --threads 2 --method "$m" --targets "$t" --r 8 --alpha 16 \
+  local how=(--method "$m"); [ "$m" = full ] && how=(--full-finetune)
+  "$PY" bench/hf_train.py "${COMMON[@]}" --steps "$STEPS" --threads 2 "${how[@]}" --targets "$t" --r 8 --alpha 16 \
     --out "$OUT/python_${m}_$i.json" | tail -1
 }
 
