@@ -52,6 +52,10 @@ pub struct ModelArgs {
     /// does; an adapter that holds resized tables resizes the base without it.
     #[arg(long)]
     pub resize_token_embeddings: bool,
+    /// Read the frozen base in place from its memory-mapped checkpoint, each matrix paged in
+    /// when used and dropped after (as train's --stream-base): same results, less memory.
+    #[arg(long)]
+    pub stream_base: bool,
 }
 
 impl ModelArgs {
@@ -81,6 +85,7 @@ impl ModelArgs {
                 quantize: self.quant.spec()?.as_ref(),
                 compute_dtype: compute.dtype,
                 resize_token_embeddings: self.resize_token_embeddings,
+                stream_base: self.stream_base,
             },
         )?;
         if m.adapters.len() > 1 || m.weighted.is_some() {

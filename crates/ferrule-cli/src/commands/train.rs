@@ -351,6 +351,7 @@ mod tests {
                 json!(["tensorboard"]),
             ),
             (vec!["--shard-base"], "shard_base", json!(true)),
+            (vec!["--stream-base"], "stream_base", json!(true)),
             (
                 vec!["--compute-dtype", "bf16"],
                 "compute_dtype",

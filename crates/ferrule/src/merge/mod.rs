@@ -176,8 +176,10 @@ pub fn merged_tensors_from(
                 report.requantized += 1;
                 FrozenWeight::Quantized(requantized, *dtype)
             }
-            // merge loads the model in one process: nothing is sharded.
-            FrozenWeight::Dense(_) | FrozenWeight::Sharded(..) => FrozenWeight::Dense(merged),
+            // merge loads the model in one process: nothing is sharded or streamed.
+            FrozenWeight::Dense(_) | FrozenWeight::Sharded(..) | FrozenWeight::Streamed(..) => {
+                FrozenWeight::Dense(merged)
+            }
         };
         tensors.insert(name, merged);
         report.merged_modules += 1;
@@ -320,6 +322,9 @@ pub fn merged_raw(
             FrozenWeight::Quantized(q, _) => bnb_format::serialize(name, q.as_ref(), &mut raw)?,
             FrozenWeight::Sharded(..) => {
                 bail!("merge: {name:?} is sharded across ranks; merge runs in one process")
+            }
+            FrozenWeight::Streamed(..) => {
+                bail!("merge: {name:?} is streamed from disk; merge loads the base in memory")
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod hooks;
 pub mod llama;
 pub mod source;
+pub mod stream;
 pub mod weights;
 
 use anyhow::Result;

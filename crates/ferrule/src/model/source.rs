@@ -40,6 +40,9 @@ pub struct LoadOptions<'a> {
     /// Grow the token embeddings to the tokenizer (`--resize-token-embeddings`) instead of
     /// refusing tokens past them.
     pub resize_token_embeddings: bool,
+    /// Read the frozen matrices in place from the memory-mapped checkpoint, paged in for each
+    /// use and dropped after it (`--stream-base`, [`super::stream`]), instead of copying them.
+    pub stream_base: bool,
 }
 
 impl<'a> LoadOptions<'a> {
@@ -83,6 +86,9 @@ impl ModelSource {
                 if options.quantize.is_some() {
                     bail!("{spec}: a GGUF file is already quantized and is trained in its own blocks; drop --quantize")
                 }
+                if options.stream_base {
+                    bail!("{spec}: --stream-base maps safetensors folders (f32/f16/bf16, or the NF4/FP4 folder `ferrule quantize` writes); a GGUF file is not streamed yet (its q/k rows are reordered while loading). Drop --stream-base, or stream the safetensors model")
+                }
                 return Self::from_gguf(path, device, options.compute_dtype);
             }
             bail!("{spec}: expected a model folder (config.json + safetensors) or a .gguf file")
@@ -118,7 +124,13 @@ impl ModelSource {
         super::config::check(&config).with_context(|| cfg_path.display().to_string())?;
         crate::quant::bnb_format::spec_from_config(&config)
             .with_context(|| cfg_path.display().to_string())?;
-        let weights = Weights::load_dir(dir, options.compute_dtype, device, options.quantize)?;
+        let weights = Weights::load_dir_with(
+            dir,
+            options.compute_dtype,
+            device,
+            options.quantize,
+            options.stream_base,
+        )?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(crate::data::load_tokenizer(dir)?)
         } else {

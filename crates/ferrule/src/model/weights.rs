@@ -8,10 +8,12 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::stream::{Held, MappedRows, StreamedWeight, Streamer};
 use crate::dist::{BaseComm, ShardedWeight};
 use crate::ops::{ComputeDtype, FrozenWeight};
 use crate::quant::{bnb_format, Bf16Rows, QuantMatrix, QuantSpec};
 use crate::util::atomic::RawTensor;
+use crate::util::mapped::MappedBytes;
 
 /// Named tensors of a checkpoint, with the place they came from (for error messages). Linear
 /// weights may be held quantized ([`QuantMatrix`]): read from a bitsandbytes-quantized
@@ -22,6 +24,9 @@ pub struct Weights {
     quantized: HashMap<String, Arc<dyn QuantMatrix>>,
     /// Matrices of which this rank holds a run of rows (`--shard-base`).
     sharded: HashMap<String, Arc<ShardedWeight>>,
+    /// Matrices read in place from the checkpoint's mapping (`--stream-base`); the quantized
+    /// ones are also in `quantized`, which describes the base (formats, memory).
+    streamed: HashMap<String, Arc<StreamedWeight>>,
     source: PathBuf,
     /// Names a model has read, so it can count its parameters and spot unused tensors.
     used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -46,6 +51,7 @@ impl Weights {
             tensors,
             quantized,
             sharded: HashMap::new(),
+            streamed: HashMap::new(),
             source: source.into(),
             used: Default::default(),
             compute_dtype: ComputeDtype::F32,
@@ -76,6 +82,12 @@ impl Weights {
     /// whole. Every rank must call it on the same checkpoint; the names and shapes are checked
     /// to agree first (a collective).
     pub fn shard(&mut self, comm: Arc<dyn BaseComm>) -> Result<()> {
+        if !self.streamed.is_empty() {
+            bail!(
+                "{}: --shard-base cannot shard a base streamed from disk (--stream-base); pass one of the two",
+                self.source.display()
+            )
+        }
         self.ensure_same_matrices(comm.as_ref())?;
         let mut names: Vec<String> = self
             .tensors
@@ -153,6 +165,25 @@ impl Weights {
         device: &Device,
         quantize: Option<&QuantSpec>,
     ) -> Result<Self> {
+        Self::load_dir_with(dir, compute_dtype, device, quantize, false)
+    }
+
+    /// [`Weights::load_dir`]; with `stream`, the frozen matrices (2-D float tensors and the
+    /// packed codes of bitsandbytes 4-bit weights) are read in place from the file's mapping
+    /// ([`super::stream`]) instead of copied, and `quantize` is refused (it converts).
+    pub fn load_dir_with(
+        dir: &Path,
+        compute_dtype: ComputeDtype,
+        device: &Device,
+        quantize: Option<&QuantSpec>,
+        stream: bool,
+    ) -> Result<Self> {
+        if stream && quantize.is_some() {
+            bail!("{}: --stream-base reads the checkpoint as it is stored, and --quantize converts it while loading; quantize it once with `ferrule quantize` and stream the folder that writes", dir.display())
+        }
+        let streamer = Streamer::new();
+        let mut streamed: HashMap<String, Held> = HashMap::new();
+        let mut pages: HashMap<String, MappedBytes> = HashMap::new();
         let mut tensors = HashMap::new();
         let mut quantized: HashMap<String, Arc<dyn QuantMatrix>> = HashMap::new();
         let mut bnb: HashMap<String, RawTensor> = HashMap::new();
@@ -160,8 +191,10 @@ impl Weights {
             let file =
                 std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
             // SAFETY: read-only map of a checkpoint file we do not modify while it is mapped.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("mapping {}", f.display()))?;
+            let mmap = Arc::new(
+                unsafe { memmap2::Mmap::map(&file) }
+                    .with_context(|| format!("mapping {}", f.display()))?,
+            );
             let st = safetensors::SafeTensors::deserialize(&mmap)
                 .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
             let names: Vec<String> = st.names().into_iter().map(String::from).collect();
@@ -179,6 +212,19 @@ impl Weights {
                     mmap: &mmap,
                     data: view.data(),
                 };
+                if stream
+                    && has_bnb
+                    && view.dtype() == safetensors::Dtype::U8
+                    && !bnb_format::is_component(&name)
+                {
+                    // A 4-bit weight's packed codes: mapped, not copied.
+                    pages.insert(name.clone(), MappedBytes::of_slice(&mmap, view.data())?);
+                    bnb.insert(
+                        name,
+                        RawTensor::new(view.dtype(), view.shape().to_vec(), Vec::new()),
+                    );
+                    continue;
+                }
                 if bnb_format::is_component(&name)
                     || (has_bnb && bnb_format::is_packed_dtype(view.dtype()))
                 {
@@ -221,6 +267,17 @@ impl Weights {
                         .iter()
                         .all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits())
                     {
+                        if stream {
+                            let bytes = MappedBytes::of_slice(&mmap, view.data())?;
+                            let (rows, cols) = (view.shape()[0], view.shape()[1]);
+                            let dtype = candle_dtype(view.dtype())?;
+                            let q: Arc<dyn QuantMatrix> =
+                                Arc::new(MappedRows::new(dtype, rows, cols, bytes.clone())?);
+                            pages.insert(name.clone(), bytes);
+                            streamed.insert(name.clone(), Held::Quantized(q.clone()));
+                            quantized.insert(name, q);
+                            continue;
+                        }
                         quantized.insert(
                             name,
                             Arc::new(Bf16Rows::from_f32(
@@ -231,6 +288,16 @@ impl Weights {
                         );
                         continue;
                     }
+                }
+                if stream && is_float(view.dtype()) && view.shape().len() == 2 {
+                    pages.insert(name.clone(), MappedBytes::of_slice(&mmap, view.data())?);
+                    let held = Held::Dense {
+                        dtype: candle_dtype(view.dtype())?,
+                        rows: view.shape()[0],
+                        cols: view.shape()[1],
+                    };
+                    streamed.insert(name, held);
+                    continue;
                 }
                 let t = candle_core::safetensors::Load::load(&view, device)
                     .with_context(|| format!("{}: tensor {name:?}", f.display()))?;
@@ -249,10 +316,35 @@ impl Weights {
                     dir.display()
                 )
             }
-            quantized.extend(bnb_format::assemble(&mut bnb, dir)?);
+            let assembled = bnb_format::assemble_mapped(&mut bnb, &mut pages, dir)?;
+            for (name, q) in assembled {
+                if let Some(b) = q.as_any().downcast_ref::<crate::quant::Blockwise4>() {
+                    if let Some(m) = b.packed.mapped() {
+                        pages.insert(name.clone(), m.clone());
+                        streamed.insert(name.clone(), Held::Quantized(q.clone()));
+                    }
+                }
+                if stream && !streamed.contains_key(&name) {
+                    tracing::warn!("--stream-base: {}: {name} ({}) is held in memory; only 4-bit (NF4/FP4) bitsandbytes weights are streamed", dir.display(), q.format());
+                }
+                quantized.insert(name, q);
+            }
         }
         let mut weights = Self::with_quantized(tensors, quantized, dir);
         weights.compute_dtype = compute_dtype;
+        let mut names: Vec<String> = streamed.keys().cloned().collect();
+        // The file's order: the read-ahead's guess before the model's build order is known.
+        names.sort();
+        for name in names {
+            let held = streamed.remove(&name).expect("listed above");
+            let range = pages
+                .remove(&name)
+                .expect("every streamed matrix has its pages");
+            let w = streamer
+                .add(held, range)
+                .with_context(|| format!("{}: tensor {name:?}", dir.display()))?;
+            weights.streamed.insert(name, Arc::new(w));
+        }
         Ok(weights)
     }
 
@@ -264,6 +356,7 @@ impl Weights {
         self.tensors.contains_key(name)
             || self.quantized.contains_key(name)
             || self.sharded.contains_key(name)
+            || self.streamed.contains_key(name)
     }
 
     /// The tensor `name`, checked against the expected shape, in f32 (a copy of a matrix held
@@ -293,6 +386,12 @@ impl Weights {
                 q.format()
             )
         }
+        if let Some(s) = self.streamed.get(name) {
+            self.check_shape(name, s.dims(), shape)?;
+            self.used.lock().unwrap().insert(name.to_string());
+            let _in_use = s.use_pages();
+            return Ok(s.dense_tensor(self.compute_dtype)?);
+        }
         let t = self
             .tensors
             .get(name)
@@ -309,9 +408,38 @@ impl Weights {
         Ok(t.clone())
     }
 
+    /// Errors naming `name` unless `dims` is `shape`.
+    fn check_shape(&self, name: &str, (r, c): (usize, usize), shape: &[usize]) -> Result<()> {
+        if [r, c] != shape {
+            bail!(
+                "{}: tensor {name:?} has shape [{r}, {c}], expected {shape:?}",
+                self.source.display()
+            )
+        }
+        Ok(())
+    }
+
+    /// Whether any matrix is streamed from disk (`--stream-base`).
+    pub fn is_streamed(&self) -> bool {
+        !self.streamed.is_empty()
+    }
+
+    /// Names of the streamed matrices held dense (the quantized ones are in `quantized`).
+    fn streamed_dense(&self) -> impl Iterator<Item = (&String, &Arc<StreamedWeight>)> {
+        self.streamed
+            .iter()
+            .filter(|(_, s)| matches!(s.held(), Held::Dense { .. }))
+    }
+
     /// A frozen matrix (linear weight or embedding table): quantized when it is stored so,
-    /// dense otherwise.
+    /// dense otherwise; read in place from the file when streamed.
     pub fn frozen(&self, name: &str, shape: [usize; 2]) -> Result<FrozenWeight> {
+        if let Some(s) = self.streamed.get(name) {
+            self.check_shape(name, s.dims(), &shape)?;
+            self.used.lock().unwrap().insert(name.to_string());
+            s.streamer().built(s);
+            return Ok(FrozenWeight::Streamed(s.clone(), self.compute_dtype));
+        }
         if let Some(s) = self.sharded.get(name) {
             let (r, c) = s.dims();
             if [r, c] != shape {
@@ -354,7 +482,10 @@ impl Weights {
     /// The first of `names` that exists (checkpoints differ in prefixes, e.g. `bert.`).
     pub fn get_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
         for n in names {
-            if self.tensors.contains_key(n) || self.sharded.contains_key(n) {
+            if self.tensors.contains_key(n)
+                || self.sharded.contains_key(n)
+                || self.streamed_dense().any(|(s, _)| s == n)
+            {
                 return self.get(n, shape);
             }
         }
@@ -383,7 +514,12 @@ impl Weights {
             .filter_map(|n| self.sharded.get(n))
             .map(|s| s.dims().0 * s.dims().1)
             .sum();
-        dense + quantized + sharded
+        let streamed: usize = self
+            .streamed_dense()
+            .filter(|(n, _)| used.contains(*n))
+            .map(|(_, s)| s.dims().0 * s.dims().1)
+            .sum();
+        dense + quantized + sharded + streamed
     }
 
     /// Floating-point tensors in the checkpoint that no layer read.
@@ -399,6 +535,7 @@ impl Weights {
             self.quantized
                 .keys()
                 .chain(self.sharded.keys())
+                .chain(self.streamed_dense().map(|(n, _)| n))
                 .filter(|n| !used.contains(*n))
                 .cloned(),
         );
@@ -411,6 +548,7 @@ impl Weights {
             .keys()
             .chain(self.quantized.keys())
             .chain(self.sharded.keys())
+            .chain(self.streamed_dense().map(|(n, _)| n))
     }
 
     /// The weights held quantized, by tensor name.
@@ -436,6 +574,12 @@ impl Weights {
             if let Some(b) = table.as_any().downcast_ref::<Bf16Rows>() {
                 return self.grow_bf16_rows(name, b.clone(), rows);
             }
+        }
+        if self.streamed.contains_key(name) {
+            bail!(
+                "{}: tensor {name:?} is streamed from the file (--stream-base), which cannot grow it; resize the embeddings without --stream-base",
+                self.source.display()
+            )
         }
         if self.quantized.contains_key(name) || self.sharded.contains_key(name) {
             bail!(
@@ -576,6 +720,16 @@ fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -
         rows,
         cols,
         data: out,
+    })
+}
+
+/// The candle dtype of a float safetensors dtype.
+fn candle_dtype(dt: safetensors::Dtype) -> Result<DType> {
+    Ok(match dt {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        other => bail!("dtype {other:?} is not a float type"),
     })
 }
 

@@ -23,14 +23,17 @@ use rayon::prelude::*;
 use super::compute_dtype::ComputeDtype;
 use super::product::{self, Operand, Values};
 use crate::dist::ShardedWeight;
+use crate::model::stream::{Held, StreamedWeight};
 use crate::quant::QuantMatrix;
 
 /// Most weight values dequantized at once (4 MiB of f32); a SmolLM2 projection fits in one
 /// tile, its 49152-row embedding head takes 28.
 pub const TILE_ELEMS: usize = 1 << 20;
 
-/// A frozen `[out, in]` weight: a dense tensor, a quantized matrix, or this rank's rows of
-/// either (`--shard-base`; reading it is a collective, see [`crate::dist::sharded_base`]).
+/// A frozen `[out, in]` weight: a dense tensor, a quantized matrix, this rank's rows of
+/// either (`--shard-base`; reading it is a collective, see [`crate::dist::sharded_base`]), or
+/// either read in place from the checkpoint's mapping (`--stream-base`,
+/// [`crate::model::stream`]).
 ///
 /// Its products run in its compute dtype ([`FrozenWeight::compute_dtype`]): a dense weight's
 /// is its tensor's dtype (f32, or bf16 held in bf16); a quantized or sharded weight carries
@@ -41,6 +44,9 @@ pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<dyn QuantMatrix>, ComputeDtype),
     Sharded(Arc<ShardedWeight>, ComputeDtype),
+    /// Paged in from the checkpoint file for each use and dropped after it; computes exactly
+    /// as the dense or quantized weight the in-memory load holds.
+    Streamed(Arc<StreamedWeight>, ComputeDtype),
 }
 
 impl FrozenWeight {
@@ -50,6 +56,7 @@ impl FrozenWeight {
             FrozenWeight::Dense(t) => t.dims2().unwrap_or((0, 0)),
             FrozenWeight::Quantized(q, _) => q.dims(),
             FrozenWeight::Sharded(s, _) => s.dims(),
+            FrozenWeight::Streamed(s, _) => s.dims(),
         }
     }
 
@@ -58,7 +65,9 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(t) if t.dtype() == DType::BF16 => ComputeDtype::Bf16,
             FrozenWeight::Dense(_) => ComputeDtype::F32,
-            FrozenWeight::Quantized(_, d) | FrozenWeight::Sharded(_, d) => *d,
+            FrozenWeight::Quantized(_, d)
+            | FrozenWeight::Sharded(_, d)
+            | FrozenWeight::Streamed(_, d) => *d,
         }
     }
 
@@ -73,6 +82,13 @@ impl FrozenWeight {
                 s.dims(),
                 device,
             ),
+            FrozenWeight::Streamed(s, dtype) => {
+                let _in_use = s.use_pages();
+                match s.held() {
+                    Held::Dense { .. } => s.dense_tensor(*dtype)?.to_dtype(DType::F32),
+                    Held::Quantized(q) => Tensor::from_vec(q.dequantize(), q.dims(), device),
+                }
+            }
         }
     }
 
@@ -81,19 +97,16 @@ impl FrozenWeight {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             FrozenWeight::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
-            FrozenWeight::Quantized(q, _) => {
-                let (rows, cols) = q.dims();
-                let device = ids.device().clone();
-                let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-                let mut out = vec![0f32; ids.len() * cols];
-                for (i, &id) in ids.iter().enumerate() {
-                    let r = id as usize;
-                    if r >= rows {
-                        candle_core::bail!("embedding: id {r} out of range for {rows} rows")
+            FrozenWeight::Quantized(q, _) => quantized_rows(q.as_ref(), ids),
+            FrozenWeight::Streamed(s, dtype) => {
+                let _in_use = s.use_pages();
+                match s.held() {
+                    Held::Dense { .. } => {
+                        let flat: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+                        s.dense_rows(&flat, *dtype)?.to_device(ids.device())
                     }
-                    q.dequantize_rows(r, r + 1, &mut out[i * cols..(i + 1) * cols]);
+                    Held::Quantized(q) => quantized_rows(q.as_ref(), ids),
                 }
-                Tensor::from_vec(out, (ids.len(), cols), &device)
             }
             FrozenWeight::Sharded(s, _) => {
                 let device = ids.device().clone();
@@ -110,6 +123,7 @@ impl FrozenWeight {
             FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             FrozenWeight::Quantized(q, _) => q.storage_bytes(),
             FrozenWeight::Sharded(s, _) => s.local_bytes(),
+            FrozenWeight::Streamed(s, _) => s.mapped_bytes(),
         }
     }
 
@@ -197,7 +211,9 @@ impl FrozenLinear {
                     && w.is_contiguous()
                     && w.device().is_cpu()
             }
-            FrozenWeight::Quantized(..) | FrozenWeight::Sharded(..) => true,
+            FrozenWeight::Quantized(..)
+            | FrozenWeight::Sharded(..)
+            | FrozenWeight::Streamed(..) => true,
         };
         let bias_ok = self.bias.as_ref().is_none_or(|b| b.device().is_cpu());
         super::kernels::fused_ok(x) && weight_ok && bias_ok
@@ -237,19 +253,16 @@ pub(crate) fn for_each_tile(
             let (storage, layout) = w.storage_and_layout();
             f(0, rows, dense_values(&storage, layout)?)?;
         }
-        FrozenWeight::Quantized(q, dtype) => {
-            let (rows, cols) = q.dims();
-            let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
-            let chunk_rows = tile_rows
-                .div_ceil(rayon::current_num_threads().max(1))
-                .max(1);
-            let mut tile = TileBuffer::new(*dtype, tile_rows * cols);
-            for r0 in (0..rows).step_by(tile_rows) {
-                let r1 = (r0 + tile_rows).min(rows);
-                tile.fill(r1 - r0, cols, chunk_rows, |a, b, out| {
-                    q.dequantize_rows(r0 + a, r0 + b, out)
-                });
-                f(r0, r1, tile.values((r1 - r0) * cols))?;
+        FrozenWeight::Quantized(q, dtype) => quantized_tiles(q.as_ref(), *dtype, f)?,
+        FrozenWeight::Streamed(s, dtype) => {
+            // The pages are dropped when the walk ends, also on an error.
+            let _in_use = s.use_pages();
+            match s.held() {
+                Held::Dense { .. } => {
+                    let (rows, _) = s.dims();
+                    s.with_dense(*dtype, |values| f(0, rows, values))?
+                }
+                Held::Quantized(q) => quantized_tiles(q.as_ref(), *dtype, f)?,
             }
         }
         FrozenWeight::Sharded(s, dtype) => {
@@ -273,6 +286,44 @@ pub(crate) fn for_each_tile(
         }
     }
     Ok(())
+}
+
+/// A quantized weight's tiles: rows dequantized (in parallel) into a reused buffer.
+fn quantized_tiles(
+    q: &dyn QuantMatrix,
+    dtype: ComputeDtype,
+    mut f: impl FnMut(usize, usize, Values) -> Result<()>,
+) -> Result<()> {
+    let (rows, cols) = q.dims();
+    let tile_rows = (TILE_ELEMS / cols.max(1)).clamp(1, rows.max(1));
+    let chunk_rows = tile_rows
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(1);
+    let mut tile = TileBuffer::new(dtype, tile_rows * cols);
+    for r0 in (0..rows).step_by(tile_rows) {
+        let r1 = (r0 + tile_rows).min(rows);
+        tile.fill(r1 - r0, cols, chunk_rows, |a, b, out| {
+            q.dequantize_rows(r0 + a, r0 + b, out)
+        });
+        f(r0, r1, tile.values((r1 - r0) * cols))?;
+    }
+    Ok(())
+}
+
+/// Rows `ids` of a quantized table in f32, dequantizing only those rows.
+fn quantized_rows(q: &dyn QuantMatrix, ids: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = q.dims();
+    let device = ids.device().clone();
+    let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    let mut out = vec![0f32; ids.len() * cols];
+    for (i, &id) in ids.iter().enumerate() {
+        let r = id as usize;
+        if r >= rows {
+            candle_core::bail!("embedding: id {r} out of range for {rows} rows")
+        }
+        q.dequantize_rows(r, r + 1, &mut out[i * cols..(i + 1) * cols]);
+    }
+    Tensor::from_vec(out, (ids.len(), cols), &device)
 }
 
 /// [`for_each_tile`] with every tile in f32 (widened when held in bf16), for the callers that

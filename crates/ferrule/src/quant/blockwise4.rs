@@ -15,6 +15,7 @@ use anyhow::{bail, Result};
 
 use super::dynamic;
 use super::QuantMatrix;
+use crate::util::mapped::Bytes;
 
 /// Blocksizes bitsandbytes accepts.
 pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -134,8 +135,9 @@ pub struct Blockwise4 {
     pub code: Code4,
     pub shape: Vec<usize>,
     pub blocksize: usize,
-    /// Two indices per byte, the first in the high nibble; `ceil(n / 2)` bytes.
-    pub packed: Vec<u8>,
+    /// Two indices per byte, the first in the high nibble; `ceil(n / 2)` bytes, in memory or
+    /// mapped from the checkpoint (`--stream-base`).
+    pub packed: Bytes,
     pub absmax: Absmax,
     /// `(code[hi], code[lo])` for every byte value: dequantizes two values per lookup.
     pairs: Box<[[f32; 2]; 256]>,
@@ -182,7 +184,7 @@ impl Blockwise4 {
         if q.len() % 2 == 1 {
             q.push(index(0.0));
         }
-        let packed = q.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let packed: Vec<u8> = q.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
         let absmax = if double_quant {
             double_quantize(&absmax)
         } else {
@@ -196,10 +198,11 @@ impl Blockwise4 {
         code: Code4,
         shape: Vec<usize>,
         blocksize: usize,
-        packed: Vec<u8>,
+        packed: impl Into<Bytes>,
         absmax: Absmax,
     ) -> Result<Self> {
         check_blocksize(blocksize)?;
+        let packed = packed.into();
         let n: usize = shape.iter().product();
         if packed.len() != n.div_ceil(2) {
             bail!(

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use super::blockwise4::{Absmax, NESTED_BLOCKSIZE};
 use super::{Bf16Rows, Blockwise4, Code4, Int8Rows, QuantMatrix, QuantMethod, QuantSpec};
 use crate::util::atomic::RawTensor;
+use crate::util::mapped::{Bytes, MappedBytes};
 
 const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
 
@@ -78,6 +79,16 @@ pub fn assemble(
     raw: &mut HashMap<String, RawTensor>,
     file: &Path,
 ) -> Result<HashMap<String, Arc<dyn QuantMatrix>>> {
+    assemble_mapped(raw, &mut HashMap::new(), file)
+}
+
+/// [`assemble`] where the packed 4-bit codes of the weights in `mapped` are read in place from
+/// the checkpoint's mapping (`--stream-base`); their entries in `raw` carry no bytes.
+pub fn assemble_mapped(
+    raw: &mut HashMap<String, RawTensor>,
+    mapped: &mut HashMap<String, MappedBytes>,
+    file: &Path,
+) -> Result<HashMap<String, Arc<dyn QuantMatrix>>> {
     let mut out: HashMap<String, Arc<dyn QuantMatrix>> = HashMap::new();
     let states: Vec<String> = raw
         .keys()
@@ -110,7 +121,10 @@ pub fn assemble(
                 ctx()
             )
         }
-        let packed = take(raw, file, w, Dtype::U8)?.data;
+        let packed: Bytes = match (take(raw, file, w, Dtype::U8)?, mapped.remove(w)) {
+            (_, Some(m)) => Bytes::Mapped(m),
+            (t, None) => t.data.into(),
+        };
         let quant_map = f32s(&take(raw, file, &format!("{w}.quant_map"), Dtype::F32)?);
         if quant_map != code.table() {
             bail!("{}: {w}.quant_map is not bitsandbytes' {} code table; custom code tables are not supported", file.display(), code.name())
@@ -204,7 +218,7 @@ pub fn serialize(
     if let Some(b) = any.downcast_ref::<Blockwise4>() {
         out.insert(
             name.to_string(),
-            RawTensor::new(Dtype::U8, vec![b.packed.len(), 1], b.packed.clone()),
+            RawTensor::new(Dtype::U8, vec![b.packed.len(), 1], b.packed.to_vec()),
         );
         out.insert(
             format!("{name}.quant_map"),

@@ -171,6 +171,12 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::SCALE_OUT))]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shard_base: bool,
+    /// Read the frozen base in place from its memory-mapped checkpoint (safetensors f32/f16/bf16,
+    /// or the NF4/FP4 folder `ferrule quantize` writes): each matrix is paged in when a layer
+    /// uses it and dropped after, the next one read ahead. Same result, far less resident memory.
+    #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream_base: bool,
     /// Start a new run from the weights of this adapter folder (a PEFT folder of the same
     /// method and shapes) instead of a fresh adapter (default: none, a fresh adapter).
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
@@ -269,6 +275,7 @@ impl Default for TrainConfig {
             seed: 42,
             recompute: false,
             shard_base: false,
+            stream_base: false,
             quantize: None,
             compute_dtype: ComputeDtypeChoice::Auto,
             eval_every: None,
@@ -338,6 +345,7 @@ impl TrainConfig {
             batch_tokens: Some(1),
             packing: true,
             shard_base: true,
+            stream_base: true,
             resize_token_embeddings: true,
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
@@ -381,6 +389,7 @@ impl TrainConfig {
         if let Some(q) = &self.quantize {
             q.validate()?;
         }
+        self.validate_stream_base()?;
         if self.batch_size == Some(0) || self.grad_accum == 0 || self.batch_tokens == Some(0) {
             bail!("train: batch_size, batch_tokens and grad_accum (--batch-size, --batch-tokens, --grad-accum) must be at least 1")
         }
@@ -408,6 +417,23 @@ impl TrainConfig {
 
     /// Rows added by `resize_token_embeddings` start as a mean row: unless they train
     /// (`trainable_token_indices`), every added token reads the same embedding.
+    /// `stream_base` reads the checkpoint as stored: nothing may convert or split it first.
+    fn validate_stream_base(&self) -> Result<()> {
+        if !self.stream_base {
+            return Ok(());
+        }
+        if self.quantize.is_some() {
+            bail!("train: stream_base (--stream-base) reads the checkpoint as it is stored, and quantize (--quantize) converts it while loading; quantize it once with `ferrule quantize` and stream the folder that writes")
+        }
+        if self.shard_base {
+            bail!("train: stream_base (--stream-base) and shard_base (--shard-base) both bound the base's memory, in ways that do not combine; pass one of them")
+        }
+        if self.resize_token_embeddings {
+            bail!("train: resize_token_embeddings (--resize-token-embeddings) grows the embedding table, which stream_base (--stream-base) reads unchanged from the file; drop one of them")
+        }
+        Ok(())
+    }
+
     fn validate_resize(&self) -> Result<()> {
         if self.resize_token_embeddings && !self.adapter()?.trains_token_rows() {
             bail!("train: resize_token_embeddings (--resize-token-embeddings) adds embedding rows that nothing would train; list their ids in trainable_token_indices (--trainable-token-indices, LoRA), or train them alone with --method trainable-tokens --token-indices")
@@ -504,6 +530,7 @@ impl TrainConfig {
         c.report_to = Vec::new();
         // Memory layout only: a run may resume with or without it.
         c.shard_base = false;
+        c.stream_base = false;
         // Resolved before a run starts (`TrainConfig::with_compute_dtype_resolved`). f32 is
         // left out, so that checkpoints of runs from before the setting existed still match.
         let f32_compute = c.compute_dtype == ComputeDtypeChoice::F32;

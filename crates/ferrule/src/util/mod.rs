@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod finite;
 pub(crate) mod json_keys;
+pub mod mapped;
 
 /// Errors (instead of the allocator aborting the process) when a tensor of `shape` with
 /// `elem_bytes`-byte elements cannot fit in this machine's available memory (`MemAvailable` of

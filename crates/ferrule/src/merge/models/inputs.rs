@@ -182,6 +182,7 @@ impl InputModel {
                 FrozenWeight::Dense(t) => t.dims().to_vec(),
                 FrozenWeight::Quantized(q, _) => vec![q.dims().0, q.dims().1],
                 FrozenWeight::Sharded(s, _) => vec![s.dims().0, s.dims().1],
+                FrozenWeight::Streamed(s, _) => vec![s.dims().0, s.dims().1],
             }),
         }
     }

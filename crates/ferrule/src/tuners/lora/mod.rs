@@ -395,6 +395,9 @@ impl Lora {
             FrozenWeight::Sharded(..) => bail!(
                 "lora: init_lora_weights={name:?} on {path} replaces the base by its residual, which --shard-base cannot hold sharded; drop --shard-base or use another init_lora_weights"
             ),
+            FrozenWeight::Streamed(..) => bail!(
+                "lora: init_lora_weights={name:?} on {path} replaces the base by its residual, which is no longer the checkpoint that --stream-base reads from disk; drop --stream-base or use another init_lora_weights"
+            ),
         };
         let seed = self.core.init_seed(&peft_key(path, "lora_A.weight"));
         let residual = residual_init(scheme, &w.to_dtype(DType::F32)?, r, scaling, seed)
