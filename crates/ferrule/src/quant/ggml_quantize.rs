@@ -494,4 +494,33 @@ mod tests {
         assert_eq!(q[3] as i8, 3);
         assert_eq!(q[4] as i8, -3);
     }
+
+    #[test]
+    fn nearest_int_rounds_half_to_even_as_ggml() {
+        let got = [0.5f32, 1.5, 2.5, -0.5, -1.5, 2.4999, 7.0, -0.0].map(nearest_int);
+        assert_eq!(got, [0, 2, 2, 0, -2, 2, 7, 0]);
+    }
+
+    #[test]
+    fn q4_k_of_zeros_and_its_layout() {
+        let z = GgmlWriteType::Q4K.encode(&[0.0; 512]);
+        assert_eq!(z.len(), 2 * 144);
+        assert!(z.iter().all(|&b| b == 0));
+        assert_eq!(GgmlWriteType::Q4K.decode(&z), vec![0.0; 512]);
+        // A ramp over one super-block comes back within half a sub-block step (a wrong
+        // nibble or scale layout would put values a whole sub-block range away).
+        let x: Vec<f32> = (0..256).map(|i| i as f32 / 256.0 - 0.25).collect();
+        let q = GgmlWriteType::Q4K.encode(&x);
+        let back = GgmlWriteType::Q4K.decode(&q);
+        let worst = x
+            .iter()
+            .zip(&back)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // A sub-block's 15 steps span [min(0, min), max] (the min is never positive): the
+        // last spans [0, 0.746], half a step 0.025 (measured 0.0237).
+        assert!(worst > 0.004 && worst < 0.026, "{worst}");
+        assert_eq!(GgmlWriteType::Q4K.fallback(96), GgmlWriteType::Q5_0);
+        assert_eq!(GgmlWriteType::Q4K.fallback(48), GgmlWriteType::F16);
+        assert_eq!(GgmlWriteType::Q8_0.fallback(48), GgmlWriteType::F16);
+    }
 }

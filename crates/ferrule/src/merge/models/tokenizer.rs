@@ -503,4 +503,96 @@ mod tests {
         // "c" is missing from the other model: the base's row.
         assert_eq!(out[1], vec![10., 20., 3.]);
     }
+
+    #[test]
+    fn rules_force_zero_and_pad_as_the_tokenizer_block_says() {
+        let target = vocab(&["a", "b", "c"]);
+        let p = Permutation::new(
+            &target,
+            &[(vocab(&["a", "b", "c"]), 3), (vocab(&["a", "b"]), 2)],
+            Some(0),
+        )
+        .unwrap();
+        let rule = |token: &str, source, force| TokenRule {
+            token: token.into(),
+            source,
+            force,
+        };
+        let rules = HashMap::from([
+            // "a" forced to input 1's row 1 (its "b") for both inputs.
+            (0, rule("a", RowSource::Row { input: 1, row: 1 }, true)),
+            // "c", which input 1 lacks: zeros for it, its own row for input 0.
+            (2, rule("c", RowSource::Zero, false)),
+        ]);
+        let p = p.with_block(rules, 4);
+        assert_eq!(p.size, 4);
+        let tables = vec![vec![1., 2., 3.], vec![10., 20.]];
+        let out = p.apply(&tables, 1).unwrap();
+        // The padding row is the mean of each input's remapped rows.
+        assert_eq!(out[0], vec![20., 2., 3., 25. / 3.]);
+        assert_eq!(out[1], vec![20., 20., 0., 40. / 3.]);
+        // A needed row without a source is an error naming the token.
+        let p = Permutation::new(&target, &[(vocab(&["a", "b"]), 2)], None)
+            .unwrap()
+            .with_block(HashMap::from([(2, rule("c", RowSource::Unset, false))]), 1);
+        let e = p.apply(&[vec![1., 2.]], 1).unwrap_err().to_string();
+        assert!(e.contains("\"c\"") && e.contains("no source"), "{e}");
+    }
+
+    /// A word-level tokenizer over `words`, then `added` as added tokens (content, special).
+    fn word_level(words: &[&str], added: &[(&str, bool)]) -> Tokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": words[0]}
+        });
+        let mut tok: Tokenizer = json.to_string().parse().unwrap();
+        for (content, special) in added {
+            tok.add_tokens([AddedToken::from(*content, *special)])
+                .unwrap();
+        }
+        tok
+    }
+
+    #[test]
+    fn union_adds_other_words_then_added_tokens_skipping_unused_ones() {
+        let m = |model: &str, tokenizer, vocab_size| ModelTokenizer {
+            model: model.into(),
+            tokenizer,
+            vocab_size,
+        };
+        let base = m("base", word_level(&["<unk>", "a", "b"], &[]), Some(3));
+        // "z" lies past vocab_size 4 (its row is not in the model): skipped.
+        let one = m(
+            "one",
+            word_level(&["<unk>", "b", "c"], &[("<t>", true), ("z", false)]),
+            Some(4),
+        );
+        let two = m("two", word_level(&["<unk>", "d"], &[("<t>", true)]), None);
+        let out = union(&[base, one, two]).unwrap();
+        let ids: Vec<Option<u32>> = ["a", "c", "d", "<t>", "z"]
+            .iter()
+            .map(|t| out.token_to_id(t))
+            .collect();
+        assert_eq!(ids, [Some(1), Some(3), Some(4), Some(5), None]);
+        let decoder = out.get_added_tokens_decoder();
+        assert!(decoder[&5].special && !decoder[&3].special && decoder[&3].normalized);
+    }
+
+    #[test]
+    fn only_a_bpe_tokenizer_is_stripped() {
+        let mt = ModelTokenizer {
+            model: "m".into(),
+            tokenizer: word_level(&["<unk>", "a", "b"], &[]),
+            vocab_size: Some(2),
+        };
+        let e = strip_unused(mt).err().expect("an error").to_string();
+        assert!(e.contains("model m") && e.contains("only a BPE"), "{e}");
+    }
 }
