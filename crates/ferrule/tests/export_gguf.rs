@@ -199,6 +199,101 @@ fn odd_width_model(dir: &Path) -> PathBuf {
     m
 }
 
+/// A tiny llama with rows of 256 values (whole Q4_K super-blocks) except ffn_down's 480 (whole
+/// 32-value blocks only: Q5_0 under q4_k, as llama-quantize falls back).
+fn wide_model(dir: &Path) -> PathBuf {
+    let m = dir.join("wide");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir("llama").join(f), m.join(f)).unwrap();
+    }
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+        "intermediate_size": 480, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 320, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 128, "tie_word_embeddings": true, "rope_theta": 10000.0,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
+    });
+    std::fs::write(m.join("config.json"), config.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let mut tensors = vec![];
+    let mut add = |name: &str, shape: &[usize], scale: f32| {
+        let seed = tensors.len() as f32;
+        let n: usize = shape.iter().product();
+        // Irregular values: a sum of incommensurate sines, so blocks differ in range and sign.
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                let x = i as f32;
+                ((x * 0.618 + seed).sin() + 0.5 * (x * 0.0137 + 2.0 * seed).sin()) * scale
+            })
+            .collect();
+        tensors.push((name.to_string(), Tensor::from_vec(v, shape, &dev).unwrap()));
+    };
+    add("model.embed_tokens.weight", &[320, 256], 0.5);
+    add("model.norm.weight", &[256], 1.0);
+    let l = "model.layers.0";
+    add(&format!("{l}.input_layernorm.weight"), &[256], 1.0);
+    add(&format!("{l}.post_attention_layernorm.weight"), &[256], 1.0);
+    add(&format!("{l}.self_attn.q_proj.weight"), &[256, 256], 0.06);
+    add(&format!("{l}.self_attn.k_proj.weight"), &[128, 256], 0.06);
+    add(&format!("{l}.self_attn.v_proj.weight"), &[128, 256], 0.06);
+    add(&format!("{l}.self_attn.o_proj.weight"), &[256, 256], 0.06);
+    add(&format!("{l}.mlp.gate_proj.weight"), &[480, 256], 0.06);
+    add(&format!("{l}.mlp.up_proj.weight"), &[480, 256], 0.06);
+    add(&format!("{l}.mlp.down_proj.weight"), &[256, 480], 0.05);
+    ferrule::util::atomic::save_safetensors_atomic(&m.join("model.safetensors"), &tensors, None)
+        .unwrap();
+    m
+}
+
+#[test]
+fn q4_k_writes_super_blocks_and_falls_back_to_q5_0() {
+    let t = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let dir = wide_model(t.path());
+    let src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
+    let mut diffs = vec![];
+    for outtype in [OutType::Q8_0, OutType::Q4K] {
+        let out = t.path().join(format!("wide.{}.gguf", outtype.name()));
+        let report = export_model_gguf(&src, None, &out, opts(outtype)).unwrap();
+        let back = ModelSource::load(out.to_str().unwrap(), &dev).unwrap();
+        let msk = mask();
+        diffs.push(max_diff_masked(
+            &logits_of(&back),
+            &logits_of(&src),
+            Some(&msk),
+        ));
+        if outtype == OutType::Q4K {
+            // token_embd (tied head), q, k, v, output, gate, up: Q4_K; ffn_down: Q5_0.
+            assert_eq!(report.tensor_types["Q4_K"], 7, "{report:?}");
+            assert_eq!(report.tensor_types["Q5_0"], 1, "{report:?}");
+            assert_eq!(report.q5_0_fallback, ["blk.0.ffn_down.weight"]);
+            assert!(report.f16_fallback.is_empty(), "{report:?}");
+            check_with_gguf_py(&[
+                "model",
+                out.to_str().unwrap(),
+                dir.to_str().unwrap(),
+                "q4_k",
+            ]);
+        }
+    }
+    // Q4_K rounds more than Q8_0 (its steps are about 8 times Q8_0's: measured 2.86 against
+    // 0.377), and stays small against the logits (max |logit| 34).
+    let (q8, q4k) = (diffs[0], diffs[1]);
+    let scale = logits_of(&src)
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        q4k > 2.0 * q8 && q4k < 20.0 * q8 && q4k < 0.2 * scale,
+        "max |Δlogits|: q8_0 {q8}, q4_k {q4k}; max |logit| {scale}"
+    );
+    eprintln!("max |Δlogits|: q8_0 {q8}, q4_k {q4k}; max |logit| {scale}");
+}
+
 #[test]
 fn q4_0_falls_back_to_f16_for_rows_that_are_not_whole_blocks() {
     let t = tempfile::tempdir().unwrap();
@@ -261,8 +356,8 @@ fn bad_inputs_are_named_and_leave_nothing_written() {
     assert_eq!(&std::fs::read(&out).unwrap()[..4], b"GGUF");
 
     // An unknown outtype lists the valid ones.
-    let err = "q4_k".parse::<OutType>().unwrap_err().to_string();
-    assert!(err.contains("f32, f16, q8_0, q4_0"), "{err}");
+    let err = "q5_k".parse::<OutType>().unwrap_err().to_string();
+    assert!(err.contains("f32, f16, q8_0, q4_0, q4_k"), "{err}");
 
     // llama3 rope scaling is refused by name rather than written without its factors.
     let l3 = ModelSource::load(model_dir("llama3rope").to_str().unwrap(), &dev).unwrap();
@@ -301,16 +396,16 @@ fn lora_adapter_layout_and_refusals() {
         &[32, 4]
     );
 
-    // q4_0 is not one of convert_lora_to_gguf.py's types.
-    let err = export_lora_gguf(
-        &llama,
-        &adapter,
-        &t.path().join("q4.gguf"),
-        opts(OutType::Q4_0),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("f32, f16 or q8_0"), "{err}");
+    // q4_0 and q4_k are not among convert_lora_to_gguf.py's types.
+    for outtype in [OutType::Q4_0, OutType::Q4K] {
+        let err = export_lora_gguf(&llama, &adapter, &t.path().join("q4.gguf"), opts(outtype))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f32, f16 or q8_0") && err.contains(outtype.name()),
+            "{err}"
+        );
+    }
     // Methods llama.cpp cannot load as an adapter are named, and nothing is written.
     for (method, needle) in [
         ("llama_ia3", "IA3"),
@@ -514,10 +609,19 @@ fn llama_cpp_loads_the_model_and_the_lora_adapter_with_ferrules_logits() {
     export_model_gguf(&src, None, &q8, opts(OutType::Q8_0)).unwrap();
     let q8_src = ModelSource::load(q8.to_str().unwrap(), &dev).unwrap();
     let q8_logits = ferrule_logits(&q8_src, &Frozen, &ids);
+    // A q4_k file (Q4_K super-blocks, ffn_down in Q5_0): ferrule reads the blocks back to f32;
+    // llama.cpp rounds the activations to Q8_K / Q8_0 blocks in its products.
+    let wide = ModelSource::load(wide_model(t.path()).to_str().unwrap(), &dev).unwrap();
+    let q4k = t.path().join("q4k.gguf");
+    export_model_gguf(&wide, None, &q4k, opts(OutType::Q4K)).unwrap();
+    let q4k_src = ModelSource::load(q4k.to_str().unwrap(), &dev).unwrap();
+    let q4k_logits = ferrule_logits(&q4k_src, &Frozen, &ids);
     for (model, gguf_lora, logits, tol) in [
         (&base, None, plain, 1e-4),
         (&base, Some(&lora), adapted, 1e-4),
         (&q8, None, q8_logits, 0.15),
+        // Measured 0.51 (the logits reach 34): llama.cpp's Q8_K activations.
+        (&q4k, None, q4k_logits, 1.0),
     ] {
         let expected = t.path().join("expected.json");
         let json = serde_json::json!({"ids": ids, "logits": logits, "tol": tol});
@@ -538,4 +642,55 @@ fn llama_cpp_loads_the_model_and_the_lora_adapter_with_ferrules_logits() {
         assert!(out.status.success() && text.contains("OK:"), "{text}");
         eprint!("{text}");
     }
+}
+
+/// Rows of f32 weights with llama.cpp's Q4_K (and Q5_0 fallback) bytes and gguf-py's
+/// dequantization of them (tests/fixtures/gguf_export/make_q4_k_fixture.py).
+#[test]
+fn q4_k_and_q5_0_blocks_equal_llama_cpps_quantizer() {
+    use candle_core::quantized::GgmlDType;
+    use ferrule::quant::ggml::GgmlMatrix;
+    use ferrule::quant::ggml_quantize::GgmlWriteType;
+    use ferrule::quant::QuantMatrix;
+    let path = fixtures().join("gguf_export/q4_k_llama_cpp.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |name: &str| -> (Vec<usize>, Vec<f32>) {
+        let v = st.tensor(name).unwrap();
+        let vals = v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (v.shape().to_vec(), vals)
+    };
+    let mut checked = std::collections::BTreeMap::new();
+    for name in st.names() {
+        let Some(tensor) = name.strip_suffix(".f32") else {
+            continue;
+        };
+        let (ty, dtype, key) = if let Ok(v) = st.tensor(&format!("{tensor}.q4_k")) {
+            (GgmlWriteType::Q4K, GgmlDType::Q4K, v)
+        } else {
+            let v = st.tensor(&format!("{tensor}.q5_0")).unwrap();
+            (GgmlWriteType::Q5_0, GgmlDType::Q5_0, v)
+        };
+        let want = key.data();
+        let (shape, x) = f32s(name);
+        let got = ty.encode(&x);
+        let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
+        assert_eq!(
+            first_diff, None,
+            "{tensor} ({ty:?}): bytes differ from llama.cpp's"
+        );
+        assert_eq!(got.len(), want.len(), "{tensor}");
+        // Decoding: ferrule's writer-side decoder, its GGUF reader's (quant/ggml.rs) and
+        // gguf-py's agree exactly.
+        let (_, deq) = f32s(&format!("{tensor}.dequantized"));
+        assert_eq!(ty.decode(want), deq, "{tensor}: decode");
+        let m = GgmlMatrix::new(dtype, shape[0], shape[1], want).unwrap();
+        assert_eq!(m.dequantize(), deq, "{tensor}: GGUF reader");
+        *checked.entry(ty.name()).or_insert(0) += shape[0];
+    }
+    assert!(checked["Q4_K"] >= 16 && checked["Q5_0"] >= 4, "{checked:?}");
 }

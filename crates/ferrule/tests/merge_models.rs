@@ -200,6 +200,79 @@ fn bad_inputs_are_named_errors_that_write_nothing() {
     );
     let e = err_of("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n");
     assert!(e.contains("missing required parameter t"), "{e}");
+    // The `tokenizer:` block: with tokenizer_source too, an unknown key, a source given twice.
+    let e = err_of("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer_source: base\ntokenizer: {source: base}\n");
+    assert!(
+        e.contains("`tokenizer_source` and the `tokenizer` block"),
+        "{e}"
+    );
+    let e = err_of("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer: {source: base, pad_to: 8}\n");
+    assert!(e.contains("pad_to"), "{e}");
+    let e = err_of("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer:\n  tokens: {x: {source: {kind: model_token, model: a, token_id: 1, token: y}}}\n");
+    assert!(e.contains("one of token_id or token"), "{e}");
+    // A tokenizer that cannot be read: the error names the file.
+    let e = err_of("merge_method: linear\nbase_model: a\nmodels: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\ntokenizer_source: union\n");
+    assert!(e.contains("tokenizer.json") && e.contains("model a"), "{e}");
+}
+
+/// The added tokens of a `tokenizer.json`: (id, content, special, normalized).
+fn added_tokens(path: &Path) -> Vec<(u64, String, bool, bool)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_u64().unwrap(),
+                t["content"].as_str().unwrap().to_string(),
+                t["special"].as_bool().unwrap(),
+                t["normalized"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn union_tokenizer_equals_mergekits() {
+    // The tensors are checked with every other case; here the tokenizer and vocab_size, with
+    // `tokenizer_source: union` and with the `tokenizer:` block (a token added, padding).
+    for case in ["llama_ties_tokenizer_union", "llama_ties_tokenizer_block"] {
+        check_merged_tokenizer(case);
+    }
+}
+
+fn check_merged_tokenizer(case: &str) {
+    let root = fixtures();
+    let config = MergeConfig::read(&root.join("cases").join(format!("{case}.yaml"))).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("merged");
+    merge(&config, Some(&root), &dir, &ModelMergeOptions::default()).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("expected").join(format!("{case}.encoded.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], expected["vocab_size"], "{case}");
+    let ours = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let text = expected["text"].as_str().unwrap();
+    let ids = ours.encode(text, true).unwrap().get_ids().to_vec();
+    let want: Vec<u32> = expected["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want, "{case}: {text:?}");
+    assert_eq!(
+        added_tokens(&dir.join("tokenizer.json")),
+        added_tokens(&root.join("expected").join(format!("{case}.tokenizer.json")))
+    );
+    // The other tokenizer files are the base's.
+    assert!(dir.join("tokenizer_config.json").is_file());
 }
 
 #[test]

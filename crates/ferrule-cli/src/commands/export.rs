@@ -27,8 +27,8 @@ pub struct GgufArgs {
     /// `llama-cli -m MODEL.gguf --lora FILE.gguf`); the model gives the architecture.
     #[arg(long, requires = "adapter")]
     adapter_only: bool,
-    /// Type of the weight matrices: f32, f16, q8_0 or q4_0 (norms and other 1-D tensors stay
-    /// f32). Default: f16 for a model, f32 for an adapter, as llama.cpp's converters.
+    /// Type of the weight matrices: f32, f16, q8_0, q4_0 or q4_k (norms and other 1-D tensors
+    /// stay f32). Default: f16 for a model, f32 for an adapter, as llama.cpp's converters.
     #[arg(long, value_name = "TYPE", value_parser = parse_outtype)]
     outtype: Option<OutType>,
     /// The .gguf file to write.

@@ -1,7 +1,9 @@
-//! Encoding f32 rows as the GGUF tensor types ferrule writes (F32, F16, Q8_0, Q4_0), bit-exact
-//! to ggml's reference quantizers (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref` in
-//! ggml/src/ggml-quants.c, which gguf-py's `quants.py` reproduces in numpy): the same scale,
-//! the same rounding, the same f16 conversion (round to nearest even).
+//! Encoding f32 rows as the GGUF tensor types ferrule writes (F32, F16, Q8_0, Q4_0, Q5_0,
+//! Q4_K), bit-exact to ggml's reference quantizers (`quantize_row_q8_0_ref`,
+//! `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`, `quantize_row_q4_K_ref` in
+//! ggml/src/ggml-quants.c; gguf-py's `quants.py` reproduces the first three in numpy): the same
+//! scale, the same rounding, the same f16 conversion (round to nearest even), the same order
+//! of float operations (each rounded to f32; ggml-base is built without FMA contraction).
 
 use half::f16;
 
@@ -12,7 +14,13 @@ pub enum GgmlWriteType {
     F16,
     Q8_0,
     Q4_0,
+    /// Q4_K's fallback in llama-quantize for rows that are not whole 256-value super-blocks.
+    Q5_0,
+    Q4K,
 }
+
+/// Values per Q4_K super-block (ggml's `QK_K`).
+const QK_K: usize = 256;
 
 impl GgmlWriteType {
     /// The `ggml_type` id stored in the file (ggml.h).
@@ -21,7 +29,9 @@ impl GgmlWriteType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q5_0 => 6,
             Self::Q8_0 => 8,
+            Self::Q4K => 12,
         }
     }
 
@@ -32,6 +42,8 @@ impl GgmlWriteType {
             Self::F16 => "F16",
             Self::Q8_0 => "Q8_0",
             Self::Q4_0 => "Q4_0",
+            Self::Q5_0 => "Q5_0",
+            Self::Q4K => "Q4_K",
         }
     }
 
@@ -39,7 +51,8 @@ impl GgmlWriteType {
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 => 1,
-            Self::Q8_0 | Self::Q4_0 => 32,
+            Self::Q8_0 | Self::Q4_0 | Self::Q5_0 => 32,
+            Self::Q4K => QK_K,
         }
     }
 
@@ -52,6 +65,10 @@ impl GgmlWriteType {
             Self::Q8_0 => 34,
             // f16 scale + 32 nibbles
             Self::Q4_0 => 18,
+            // f16 scale + 32 high bits + 32 nibbles
+            Self::Q5_0 => 22,
+            // f16 d + f16 dmin + 12 bytes of 6-bit scales and mins + 256 nibbles
+            Self::Q4K => 144,
         }
     }
 
@@ -63,6 +80,16 @@ impl GgmlWriteType {
     /// Whether rows of `cols` values can be stored in this type (whole blocks per row).
     pub fn fits_row(self, cols: usize) -> bool {
         cols.is_multiple_of(self.block_size())
+    }
+
+    /// The type rows of `cols` values that do not fit this type are written in: Q4_K's is
+    /// Q5_0 when the rows are whole 32-value blocks (llama-quantize's
+    /// `convert_incompatible_tensor`), everything else's F16 (convert_hf_to_gguf.py's).
+    pub fn fallback(self, cols: usize) -> Self {
+        match self {
+            Self::Q4K if Self::Q5_0.fits_row(cols) => Self::Q5_0,
+            _ => Self::F16,
+        }
     }
 
     /// Encodes `values` (a whole number of blocks) as little-endian bytes of this type.
@@ -82,6 +109,12 @@ impl GgmlWriteType {
             Self::Q4_0 => values
                 .chunks_exact(32)
                 .for_each(|b| quantize_block_q4_0(b, &mut out)),
+            Self::Q5_0 => values
+                .chunks_exact(32)
+                .for_each(|b| quantize_block_q5_0(b, &mut out)),
+            Self::Q4K => values
+                .chunks_exact(QK_K)
+                .for_each(|b| quantize_block_q4_k(b, &mut out)),
         }
         out
     }
@@ -116,8 +149,252 @@ impl GgmlWriteType {
                     lo.chain(hi).collect::<Vec<_>>()
                 })
                 .collect(),
+            Self::Q5_0 => bytes
+                .chunks_exact(22)
+                .flat_map(dequantize_block_q5_0)
+                .collect(),
+            Self::Q4K => bytes
+                .chunks_exact(144)
+                .flat_map(dequantize_block_q4_k)
+                .collect(),
         }
     }
+}
+
+/// ggml's `nearest_int`: rounds half to even through the float adder (for |x| < 2^22, which
+/// every caller's argument is).
+fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// `quantize_row_q5_0_ref` for one block: as Q4_0 with 5 bits, `d = max / -16`, `q =
+/// min(31, (int8)(x / d + 16.5))`; the low nibbles as Q4_0's, the fifth bits of values `j` and
+/// `16 + j` in bits `j` and `16 + j` of a little-endian u32.
+fn quantize_block_q5_0(x: &[f32], out: &mut Vec<u8>) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+    let q = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
+    let mut qh = 0u32;
+    let mut qs = [0u8; 16];
+    for j in 0..16 {
+        let (x0, x1) = (q(x[j]), q(x[16 + j]));
+        qs[j] = (x0 & 0x0F) | ((x1 & 0x0F) << 4);
+        qh |= (((x0 & 0x10) >> 4) as u32) << j;
+        qh |= (((x1 & 0x10) >> 4) as u32) << (j + 16);
+    }
+    out.extend_from_slice(&qh.to_le_bytes());
+    out.extend_from_slice(&qs);
+}
+
+/// `dequantize_row_q5_0` for one block.
+fn dequantize_block_q5_0(b: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    let mut y = vec![0f32; 32];
+    for j in 0..16 {
+        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+        y[j] = (((qs[j] & 0x0F) | h0) as i32 - 16) as f32 * d;
+        y[j + 16] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
+    }
+    y
+}
+
+/// ggml's `make_qkx2_quants`: the scale and min (returned as `-min`) of an asymmetric
+/// `nmax + 1`-level quantization of `x` with the levels in `l`, chosen by a weighted
+/// least-squares fit at `nstep + 1` trial scales around `nmax / (max - min)`.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    x: &[f32],
+    weights: &[f32],
+    nmax: i32,
+    l: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let nmax_f = nmax as f32;
+    let mut iscale = nmax_f / (max - min);
+    let mut scale = 1.0 / iscale;
+    let error = |scale: f32, min: f32, levels: &[u8]| {
+        let mut e = 0f32;
+        for i in 0..n {
+            let diff = scale * levels[i] as f32 + min - x[i];
+            let diff = if use_mad { diff.abs() } else { diff * diff };
+            e += weights[i] * diff;
+        }
+        e
+    };
+    for i in 0..n {
+        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+    }
+    let mut best_error = error(scale, min, l);
+    if nstep < 1 {
+        return (scale, -min);
+    }
+    let mut laux = vec![0u8; n];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax_f) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = li as u8;
+            let (w, lf) = (weights[i], li as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let cur_error = error(this_scale, this_min, &laux);
+            if cur_error < best_error {
+                l.copy_from_slice(&laux);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` from the 12 packed bytes.
+fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// `quantize_row_q4_K_ref` for one 256-value super-block: eight sub-blocks of 32, each fitted
+/// by [`make_qkx2_quants`] (15 levels, weights `sqrt(mean x²) + |x|`, rmin -1, rdelta 0.1, 20
+/// steps); their scales and mins quantized to 6 bits against the largest of each (`d`, `dmin`
+/// stored as f16); the values requantized with the stored scales. Layout: `d`, `dmin`,
+/// `scales[12]`, then 128 bytes where byte `32k + l` holds value `64k + l` in its low nibble
+/// and `64k + 32 + l` in its high one.
+fn quantize_block_q4_k(x: &[f32], out: &mut Vec<u8>) {
+    let mut levels = [0u8; QK_K];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    let mut weights = [0f32; 32];
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * (j + 1)];
+        let mut sum_x2 = 0f32;
+        for v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let l = &mut levels[32 * j..32 * (j + 1)];
+        (scales[j], mins[j]) = make_qkx2_quants(xs, &weights, 15, l, -1.0, 0.1, 20, false);
+        max_scale = if scales[j] > max_scale {
+            scales[j]
+        } else {
+            max_scale
+        };
+        max_min = if mins[j] > max_min { mins[j] } else { max_min };
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        // C stores the int in a uint8_t (modulo 256) before the MIN.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, &packed);
+        let dj = d.to_f32() * sc as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m as f32;
+        for i in 32 * j..32 * (j + 1) {
+            levels[i] = nearest_int((x[i] + dm) / dj).clamp(0, 15) as u8;
+        }
+    }
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+    out.extend_from_slice(&packed);
+    for chunk in levels.chunks_exact(64) {
+        out.extend((0..32).map(|l| chunk[l] | (chunk[l + 32] << 4)));
+    }
+}
+
+/// `dequantize_row_q4_K` for one super-block.
+fn dequantize_block_q4_k(b: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let min = f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    let mut y = Vec::with_capacity(QK_K);
+    for (k, q) in qs.chunks_exact(32).enumerate() {
+        let (sc, m) = get_scale_min_k4(2 * k, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        y.extend(q.iter().map(|v| d1 * (v & 0xF) as f32 - m1));
+        let (sc, m) = get_scale_min_k4(2 * k + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        y.extend(q.iter().map(|v| d2 * (v >> 4) as f32 - m2));
+    }
+    y
 }
 
 /// `quantize_row_q8_0_ref` for one block: `d = amax / 127`, `q = roundf(x / d)` (half away
@@ -216,5 +493,34 @@ mod tests {
         assert_eq!(q[2] as i8, 127);
         assert_eq!(q[3] as i8, 3);
         assert_eq!(q[4] as i8, -3);
+    }
+
+    #[test]
+    fn nearest_int_rounds_half_to_even_as_ggml() {
+        let got = [0.5f32, 1.5, 2.5, -0.5, -1.5, 2.4999, 7.0, -0.0].map(nearest_int);
+        assert_eq!(got, [0, 2, 2, 0, -2, 2, 7, 0]);
+    }
+
+    #[test]
+    fn q4_k_of_zeros_and_its_layout() {
+        let z = GgmlWriteType::Q4K.encode(&[0.0; 512]);
+        assert_eq!(z.len(), 2 * 144);
+        assert!(z.iter().all(|&b| b == 0));
+        assert_eq!(GgmlWriteType::Q4K.decode(&z), vec![0.0; 512]);
+        // A ramp over one super-block comes back within half a sub-block step (a wrong
+        // nibble or scale layout would put values a whole sub-block range away).
+        let x: Vec<f32> = (0..256).map(|i| i as f32 / 256.0 - 0.25).collect();
+        let q = GgmlWriteType::Q4K.encode(&x);
+        let back = GgmlWriteType::Q4K.decode(&q);
+        let worst = x
+            .iter()
+            .zip(&back)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // A sub-block's 15 steps span [min(0, min), max] (the min is never positive): the
+        // last spans [0, 0.746], half a step 0.025 (measured 0.0237).
+        assert!(worst > 0.004 && worst < 0.026, "{worst}");
+        assert_eq!(GgmlWriteType::Q4K.fallback(96), GgmlWriteType::Q5_0);
+        assert_eq!(GgmlWriteType::Q4K.fallback(48), GgmlWriteType::F16);
+        assert_eq!(GgmlWriteType::Q8_0.fallback(48), GgmlWriteType::F16);
     }
 }

@@ -151,8 +151,11 @@ pub fn export_lora_gguf(
     options: GgufExportOptions,
 ) -> Result<GgufExportReport> {
     claim_output(out, options.overwrite)?;
-    if options.outtype == OutType::Q4_0 {
-        bail!("--outtype q4_0: a LoRA GGUF is written as f32, f16 or q8_0 (convert_lora_to_gguf.py's choices)")
+    if matches!(options.outtype, OutType::Q4_0 | OutType::Q4K) {
+        bail!(
+            "--outtype {}: a LoRA GGUF is written as f32, f16 or q8_0 (convert_lora_to_gguf.py's choices)",
+            options.outtype.name()
+        )
     }
     let arch = gguf_arch(source)?;
     let saved = crate::peft_io::load_adapter(adapter_dir, &Device::Cpu)?;
@@ -233,6 +236,7 @@ pub fn export_lora_gguf(
         tensors: infos.len(),
         tensor_types,
         f16_fallback: fallback,
+        q5_0_fallback: Vec::new(),
         max_error,
         tokenizer_pre: None,
         tokenizer_pre_recognised: None,

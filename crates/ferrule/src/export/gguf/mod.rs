@@ -5,8 +5,10 @@
 //! keys and value types, tensor names (`blk.N.attn_q.weight`, ...), the rope permutation of
 //! q/k rows for `llama` (which ferrule's GGUF reader undoes), norms and other 1-D tensors in
 //! F32, and each matrix in the chosen [`OutType`]. A matrix whose rows are not a whole number
-//! of 32-value blocks is written in F16, convert_hf_to_gguf.py's fallback. Quantized blocks are
-//! bit-exact to ggml's reference quantizers ([`crate::quant::ggml_quantize`]).
+//! of 32-value blocks is written in F16, convert_hf_to_gguf.py's fallback; under `q4_k`
+//! (llama-quantize's type, which the converter lacks) one whose rows are whole 32-value blocks
+//! but not 256-value super-blocks is written in Q5_0, llama-quantize's fallback. Quantized
+//! blocks are bit-exact to ggml's reference quantizers ([`crate::quant::ggml_quantize`]).
 //!
 //! A LoRA adapter is written in llama.cpp's adapter layout ([`lora`]), as
 //! `convert_lora_to_gguf.py` writes it.
@@ -44,10 +46,11 @@ pub enum OutType {
     F16,
     Q8_0,
     Q4_0,
+    Q4K,
 }
 
 impl OutType {
-    pub const NAMES: &'static str = "f32, f16, q8_0, q4_0";
+    pub const NAMES: &'static str = "f32, f16, q8_0, q4_0, q4_k";
 
     /// The tensor type of the 2-D weights.
     pub fn tensor_type(self) -> GgmlWriteType {
@@ -56,6 +59,7 @@ impl OutType {
             Self::F16 => GgmlWriteType::F16,
             Self::Q8_0 => GgmlWriteType::Q8_0,
             Self::Q4_0 => GgmlWriteType::Q4_0,
+            Self::Q4K => GgmlWriteType::Q4K,
         }
     }
 
@@ -66,6 +70,8 @@ impl OutType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            // MOSTLY_Q4_K_M, what `llama-quantize --pure … Q4_K_M` records.
+            Self::Q4K => 15,
         }
     }
 
@@ -75,6 +81,7 @@ impl OutType {
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q4K => "q4_k",
         }
     }
 }
@@ -87,6 +94,7 @@ impl FromStr for OutType {
             "f16" => Self::F16,
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
+            "q4_k" => Self::Q4K,
             _ => bail!("unknown GGUF outtype {s:?}; valid ones are {}", Self::NAMES),
         })
     }
@@ -113,6 +121,9 @@ pub struct GgufExportReport {
     pub tensor_types: BTreeMap<String, usize>,
     /// Matrices written in F16 instead of the outtype, their rows not being whole blocks.
     pub f16_fallback: Vec<String>,
+    /// Under `q4_k`: matrices written in Q5_0, their rows being whole 32-value blocks but not
+    /// 256-value super-blocks (llama-quantize's fallback).
+    pub q5_0_fallback: Vec<String>,
     /// Largest rounding error against the f32 weights, over the tensors not written in F32.
     pub max_error: Option<RoundTripError>,
     /// `tokenizer.ggml.pre`, and whether ferrule recognised the pre-tokenizer.
@@ -201,9 +212,10 @@ pub(crate) fn permuted_heads(gguf_name: &str, arch: Arch, cfg: &DecoderConfig) -
 }
 
 /// The type a tensor is written in, as convert_hf_to_gguf.py's `prepare_tensors` chooses it:
-/// 1-D tensors, norms and anything not a `.weight` stay F32; matrices get the outtype, or F16
-/// when a row is not a whole number of the outtype's blocks (its `QuantError` fallback).
-/// Returns the type and whether it fell back.
+/// 1-D tensors, norms and anything not a `.weight` stay F32; matrices get the outtype, or when
+/// a row is not a whole number of the outtype's blocks its fallback
+/// ([`GgmlWriteType::fallback`]: F16, or Q5_0 for Q4_K). Returns the type and whether it fell
+/// back.
 pub(crate) fn tensor_type(
     name: &str,
     shape: &[usize],
@@ -216,7 +228,7 @@ pub(crate) fn tensor_type(
     if out.fits_row(cols) {
         (out, false)
     } else {
-        (GgmlWriteType::F16, true)
+        (out.fallback(cols), true)
     }
 }
 
@@ -396,13 +408,20 @@ pub fn export_model_gguf(
         Ok(bytes)
     })?;
     let tensor_types = writer::count_types(&infos);
+    let fell_back_to = |ty: GgmlWriteType| -> Vec<String> {
+        plan.iter()
+            .filter(|p| p.4 && p.3 == ty)
+            .map(|p| p.0.clone())
+            .collect()
+    };
     Ok(GgufExportReport {
         architecture: arch.name().into(),
         kind: "model".into(),
         outtype: options.outtype.name().into(),
         tensors: infos.len(),
         tensor_types,
-        f16_fallback: plan.iter().filter(|p| p.4).map(|p| p.0.clone()).collect(),
+        f16_fallback: fell_back_to(GgmlWriteType::F16),
+        q5_0_fallback: fell_back_to(GgmlWriteType::Q5_0),
         max_error,
         tokenizer_pre: Some(vocab.pre),
         tokenizer_pre_recognised: Some(vocab.pre_recognised),
@@ -441,6 +460,17 @@ mod tests {
         assert_eq!(tensor_type("blk.0.attn_q.weight", &[64, 64], q), (q, false));
         assert_eq!(
             tensor_type("blk.0.ffn_down.weight", &[64, 48], q),
+            (GgmlWriteType::F16, true)
+        );
+        // Q4_K: rows of whole 256-value super-blocks; else Q5_0 (llama-quantize), else F16.
+        let k = GgmlWriteType::Q4K;
+        assert_eq!(tensor_type("output.weight", &[64, 512], k), (k, false));
+        assert_eq!(
+            tensor_type("output.weight", &[64, 96], k),
+            (GgmlWriteType::Q5_0, true)
+        );
+        assert_eq!(
+            tensor_type("output.weight", &[64, 48], k),
             (GgmlWriteType::F16, true)
         );
     }

@@ -99,13 +99,113 @@ pub struct MergeConfig {
     pub out_dtype: Option<String>,
     #[serde(default)]
     pub tokenizer_source: Option<String>,
-    /// mergekit's `tokenizer:` block (added tokens, padding); not supported.
+    /// mergekit's `tokenizer:` block: the source, tokens to add or whose rows to set, padding.
     #[serde(default)]
-    pub tokenizer: Option<serde_yaml_ng::Value>,
+    pub tokenizer: Option<TokenizerConfig>,
     #[serde(default)]
     pub chat_template: Option<String>,
     #[serde(default)]
     pub parameters: Option<Parameters>,
+}
+
+/// mergekit's `tokenizer:` block (`mergekit/tokenizer/config.py: TokenizerConfig`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// `base`, `union` (mergekit's default) or a model.
+    #[serde(default = "union_source")]
+    pub source: String,
+    /// Tokens added to the output vocabulary where it lacks them, and how their embedding and
+    /// head rows are made, in the file's order (which sets the ids of added tokens).
+    #[serde(default, deserialize_with = "ordered_tokens")]
+    pub tokens: Vec<(String, TokenEmbedding)>,
+    /// The vocabulary rows padded to a multiple of this, each padding row the mean of the rest.
+    #[serde(default)]
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+fn union_source() -> String {
+    "union".to_string()
+}
+
+/// `tokens.<token>` (`TokenEmbeddingConfig`): where the token's rows come from, and whether
+/// they replace the rows of models that have the token (`force`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEmbedding {
+    #[serde(default)]
+    pub source: Option<EmbeddingSource>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A token's row source: a model (its row of that token), or `{kind: ...}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingSource {
+    Model(String),
+    Kind(EmbeddingKind),
+}
+
+/// `{kind: model_token, model, token_id | token}` (another token's row of a model) or
+/// `{kind: zero}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EmbeddingKind {
+    ModelToken {
+        model: String,
+        #[serde(default)]
+        token_id: Option<u32>,
+        #[serde(default)]
+        token: Option<String>,
+    },
+    Zero,
+}
+
+/// A YAML map read into a list, keeping the file's order.
+fn ordered_tokens<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(String, TokenEmbedding)>, D::Error> {
+    struct Ordered;
+    impl<'de> serde::de::Visitor<'de> for Ordered {
+        type Value = Vec<(String, TokenEmbedding)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of token to {source, force}")
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                out.push(entry);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Ordered)
+}
+
+impl TokenizerConfig {
+    fn check(&self) -> Result<()> {
+        if self.pad_to_multiple_of == Some(0) {
+            bail!("tokenizer.pad_to_multiple_of: must be at least 1")
+        }
+        for (tok, e) in &self.tokens {
+            if let Some(EmbeddingSource::Kind(EmbeddingKind::ModelToken {
+                token_id, token, ..
+            })) = &e.source
+            {
+                if token_id.is_some() == token.is_some() {
+                    bail!("tokenizer.tokens.{tok:?}: a model_token source takes one of token_id or token")
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The floating types a merge reads into and writes (`dtype`, `out_dtype`).
@@ -155,6 +255,14 @@ impl OutDtype {
 }
 
 impl MergeConfig {
+    /// Where the output vocabulary comes from: `tokenizer_source`, else the `tokenizer:`
+    /// block's `source`.
+    pub fn vocabulary_source(&self) -> Option<&str> {
+        self.tokenizer_source
+            .as_deref()
+            .or(self.tokenizer.as_ref().map(|t| t.source.as_str()))
+    }
+
     /// Reads and checks `path`: unknown keys, the exclusive `models`/`slices`, dtypes.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -182,8 +290,11 @@ impl MergeConfig {
         if self.modules.is_some() {
             bail!("`modules` (multi-module architectures) is not supported by ferrule; use `models` or `slices`")
         }
-        if self.tokenizer.is_some() {
-            bail!("the `tokenizer` block is not supported by ferrule; use `tokenizer_source: base | union | <model>`")
+        if let Some(t) = &self.tokenizer {
+            if self.tokenizer_source.is_some() {
+                bail!("`tokenizer_source` and the `tokenizer` block are both given; give one (mergekit refuses both too)")
+            }
+            t.check()?;
         }
         match (&self.models, &self.slices) {
             (Some(m), None) if !m.is_empty() => {}

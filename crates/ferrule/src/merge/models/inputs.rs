@@ -267,16 +267,29 @@ impl InputModel {
 
     /// The tokenizer's vocabulary (token → id, added tokens included).
     pub fn vocab(&self) -> Result<super::tokenizer::Vocab> {
+        Ok(self.tokenizer()?.get_vocab(true))
+    }
+
+    /// The tokenizer (`tokenizer.json`, or a GGUF file's); the error names the file.
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         if let Some(tok) = self.source.as_ref().and_then(|s| s.tokenizer.as_ref()) {
-            return Ok(tok.get_vocab(true));
+            return Ok(tok.clone());
         }
         match &self.dir {
-            Some(d) => super::tokenizer::read_vocab(d, &self.spec),
+            Some(d) => super::tokenizer::read_tokenizer(d, &self.spec),
             None => bail!(
                 "model {}: no tokenizer to remap the vocabulary with",
                 self.spec
             ),
         }
+    }
+
+    /// `vocab_size` in the config: the rows of its embedding, which tokens past it lack.
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.config
+            .get("vocab_size")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
     }
 
     /// The number of decoder layers (`num_hidden_layers`), if the config says.

@@ -119,7 +119,8 @@ pub fn merge(
     result
 }
 
-fn referenced(config: &MergeConfig) -> Vec<String> {
+/// Every model the YAML names, in its order, the base first.
+pub(super) fn referenced(config: &MergeConfig) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
     let mut add = |s: &String| {
         if !v.contains(s) {
@@ -201,6 +202,9 @@ fn write(
         .unwrap_or(config::OutDtype::F32);
     write_config(reference, plan, dtype, dir)?;
     copy_tokenizer(config, reference, models, dir)?;
+    if let Some(tok) = &plan.tokenizer {
+        tokenizer::write_tokenizer(tok, dir)?;
+    }
     crate::util::atomic::sync_dir(dir)?;
     Ok(ModelMergeReport {
         merge_method: config.merge_method.clone(),
@@ -248,7 +252,7 @@ fn merge_whole(
         .collect::<Result<_>>()?;
     if let Some(p) = &t.remap {
         let width = t.shape[1..].iter().product();
-        values = p.apply(&values, width);
+        values = p.apply(&values, width)?;
     }
     let inputs = TensorInputs {
         name: &t.name,
@@ -316,8 +320,9 @@ fn copy_tokenizer(
     models: &BTreeMap<String, InputModel>,
     dir: &Path,
 ) -> Result<()> {
-    let from = match config.tokenizer_source.as_deref() {
-        None | Some("base") => reference,
+    let from = match config.vocabulary_source() {
+        // The union is the base's tokenizer with tokens added: its other files are the base's.
+        None | Some("base") | Some("union") => reference,
         Some(m) => models
             .get(m)
             .with_context(|| format!("tokenizer_source: {m} is not one of the merged models"))?,

@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use regex::Regex;
 
 use super::config::{MergeConfig, OutDtype, Parameters};
 use super::inputs::InputModel;
 use super::methods::{Method, TensorParams};
 use super::parameters::{self, Kind, Scope, Value};
-use super::tokenizer::{is_vocabulary_table, Permutation, Vocab};
+use super::tokenizer::{is_vocabulary_table, resolve_rules, Permutation, Vocab};
 
 /// One output tensor's recipe.
 #[derive(Clone, Debug)]
@@ -43,6 +43,8 @@ pub struct Plan {
     pub reference: String,
     /// The output vocabulary's size, under `tokenizer_source`.
     pub vocab_size: Option<usize>,
+    /// Under `tokenizer_source: union`, the tokenizer the output gets.
+    pub tokenizer: Option<tokenizers::Tokenizer>,
 }
 
 struct Source<'a> {
@@ -72,33 +74,29 @@ pub fn build(config: &MergeConfig, models: &BTreeMap<String, InputModel>) -> Res
         .base_model
         .clone()
         .unwrap_or_else(|| slices[0].sources[0].model.to_string());
-    let target = match config.tokenizer_source.as_deref() {
-        None => None,
-        Some("union") => {
-            bail!("tokenizer_source: union is not supported by ferrule; use base or a model's name")
-        }
-        Some(src) => {
-            let model = if src == "base" {
-                config
-                    .base_model
-                    .as_deref()
-                    .with_context(|| "tokenizer_source: base needs base_model")?
-            } else {
-                src
-            };
-            let m = models.get(model).with_context(|| {
-                format!("tokenizer_source: {model} is not one of the merged models")
-            })?;
-            Some(m.vocab()?)
-        }
+    let block = config.tokenizer.as_ref();
+    let added: Vec<String> = block
+        .map(|t| t.tokens.iter().map(|(tok, _)| tok.clone()).collect())
+        .unwrap_or_default();
+    let output = super::tokenizer::output_vocabulary(
+        config.vocabulary_source(),
+        &added,
+        config.base_model.as_deref(),
+        &super::referenced(config),
+        models,
+    )?;
+    let (target, tokenizer) = match output {
+        Some(o) => (Some(o.vocab), o.tokenizer),
+        None => (None, None),
     };
+    let pad_to = block.and_then(|t| t.pad_to_multiple_of).unwrap_or(1);
     let mut planner = Planner {
         config,
         models,
         method,
         specs: method.params(),
         out: Vec::new(),
-        vocab_size: target.as_ref().map(|v| v.len()),
+        vocab_size: target.as_ref().map(|v| v.len().div_ceil(pad_to) * pad_to),
         target,
         vocabs: BTreeMap::new(),
     };
@@ -156,6 +154,7 @@ pub fn build(config: &MergeConfig, models: &BTreeMap<String, InputModel>) -> Res
         tensors: planner.out,
         layers: out_layer,
         reference,
+        tokenizer,
     })
 }
 
@@ -386,7 +385,19 @@ impl Planner<'_> {
             let rows = self.models[model].shape(name).map_or(0, |s| s[0]);
             each.push((self.vocabs[model].clone(), rows));
         }
-        Ok(Arc::new(Permutation::new(target, &each, base)?))
+        let p = Permutation::new(target, &each, base)?;
+        let Some(block) = &self.config.tokenizer else {
+            return Ok(Arc::new(p));
+        };
+        let named: Vec<(&str, &Vocab, usize)> = inputs
+            .iter()
+            .zip(&each)
+            .map(|((m, _), (v, rows))| (m.as_str(), v, *rows))
+            .collect();
+        let table = &inputs[0].1;
+        let rules = resolve_rules(&block.tokens, target, &named, table)?;
+        let pad_to = block.pad_to_multiple_of.unwrap_or(1);
+        Ok(Arc::new(p.with_block(rules, pad_to)))
     }
 
     /// Every input has the tensor, as a float, of one shape: the error names the tensor and
@@ -414,7 +425,7 @@ impl Planner<'_> {
                 // Remapped tables may differ in rows, not in width.
                 Some((m0, s0)) if (*s0 != shape && !remapped) || s0[1..] != shape[1..] => {
                     let hint = if name.contains("embed") || name.contains("lm_head") {
-                        " (the vocabularies differ: `tokenizer_source: base` remaps the rows by token)"
+                        " (the vocabularies differ: `tokenizer_source: base` or `union` remaps the rows by token)"
                     } else {
                         " (the architectures differ)"
                     };
