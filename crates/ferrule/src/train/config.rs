@@ -128,12 +128,14 @@ pub struct TrainConfig {
     /// block-wise quantized to 8 bits), paged_adamw_8bit or paged_adamw_32bit (the state in a
     /// memory-mapped file in offload-dir); transformers' names (adamw_torch, adamw_bnb_8bit,
     /// ...) work too. 8-bit and paged state need --zero-stage 0.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "NAME", help_heading = heading::OPTIM))]
+    // Defaults spelled out for clap: the serialized default (`with_defaults`) leaves these out
+    // (old checkpoints' fingerprints), and a flag without a default would be required.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "NAME", default_value = "adamw", help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "is_default")]
     pub optim: OptimName,
     /// 8-bit optimizers: parameters with fewer elements keep 32-bit state (default 4096, as
     /// bitsandbytes).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "N", help_heading = heading::OPTIM))]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = DEFAULT_MIN_8BIT_SIZE, help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "is_default_min_8bit_size")]
     pub min_8bit_size: usize,
     /// Paged optimizers: the folder of the optimizer state file, removed at the end of the
