@@ -353,3 +353,83 @@ fn epochs_that_cannot_be_planned_are_refused() {
         );
     }
 }
+
+/// Each optimizer resumes exactly: a run stopped after step 3 and resumed ends with the
+/// adapter of the uninterrupted run, byte for byte; the paged ones equal their in-memory
+/// twins, and their state file does not outlive the run.
+#[test]
+fn every_optimizer_resumes_to_the_uninterrupted_adapter() {
+    use ferrule::train::OptimName;
+    let dev = Device::Cpu;
+    let with = |out: &Path, optim: OptimName| TrainConfig {
+        optim,
+        // Low enough that most LoRA matrices (256 and 512 elements) take 8-bit state and
+        // v_proj's B (128) keeps 32-bit state.
+        min_8bit_size: 256,
+        ..config(out)
+    };
+    let mut adapters = std::collections::HashMap::new();
+    for optim in OptimName::ALL {
+        let whole = tempfile::tempdir().unwrap();
+        let split = tempfile::tempdir().unwrap();
+        let offload = tempfile::tempdir().unwrap();
+        train(
+            &with(whole.path(), optim),
+            &dev,
+            &mut Silent,
+            &RunOptions::default(),
+        )
+        .unwrap();
+        let stop = RunOptions {
+            stop_after: Some(3),
+            ..Default::default()
+        };
+        let resume = RunOptions {
+            resume: true,
+            ..Default::default()
+        };
+        let cfg = TrainConfig {
+            offload_dir: Some(offload.path().to_path_buf()),
+            ..with(split.path(), optim)
+        };
+        train(&cfg, &dev, &mut Silent, &stop).unwrap();
+        let state = candle_core::safetensors::load(
+            split.path().join("checkpoint-3/optimizer.safetensors"),
+            &dev,
+        )
+        .unwrap();
+        let codes = state.keys().filter(|k| k.ends_with(".state1")).count();
+        assert_eq!(codes > 0, optim.is_8bit(), "{optim}: {:?}", state.keys());
+        // Another optimizer cannot take this state over.
+        let other = if optim == OptimName::Adamw {
+            OptimName::Adamw8bit
+        } else {
+            OptimName::Adamw
+        };
+        let err = train(&with(split.path(), other), &dev, &mut Silent, &resume)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("optim"), "{optim}: {err}");
+        train(&cfg, &dev, &mut Silent, &resume).unwrap();
+        assert_eq!(
+            adapter_bytes(whole.path()),
+            adapter_bytes(split.path()),
+            "{optim}: the resumed run diverged"
+        );
+        assert_eq!(
+            std::fs::read_dir(offload.path()).unwrap().count(),
+            0,
+            "{optim}: the paged state file was left behind"
+        );
+        adapters.insert(optim, adapter_bytes(whole.path()));
+    }
+    assert_eq!(
+        adapters[&OptimName::PagedAdamw32bit],
+        adapters[&OptimName::Adamw]
+    );
+    assert_eq!(
+        adapters[&OptimName::PagedAdamw8bit],
+        adapters[&OptimName::Adamw8bit]
+    );
+    assert_ne!(adapters[&OptimName::Adamw8bit], adapters[&OptimName::Adamw]);
+}

@@ -43,6 +43,10 @@ pub struct Args {
     /// Plan with gradient checkpointing (train's --recompute).
     #[arg(long)]
     recompute: bool,
+    /// The optimizer, as train's --optim: its state's bytes (8-bit: about a quarter of
+    /// adamw's; paged: a file, not resident).
+    #[arg(long, value_name = "NAME", default_value = "adamw")]
+    optim: ferrule::train::OptimName,
     /// Memory each rank has, in GB (10^9 bytes): say whether the plan fits.
     #[arg(long, value_name = "GB")]
     memory_per_rank: Option<f64>,
@@ -119,6 +123,7 @@ fn estimate(args: &Args) -> Result<(Plan, ComputeDtypeDecision)> {
         micro_batch: args.batch_size,
         seq_len: args.max_len,
         recompute: args.recompute,
+        optim: args.optim,
     };
     Ok((plan(&req), compute))
 }

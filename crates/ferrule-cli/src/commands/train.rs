@@ -329,6 +329,17 @@ mod tests {
             (vec!["--adam-beta1", "0.8"], "adam_beta1", json!(0.8)),
             (vec!["--adam-beta2", "0.99"], "adam_beta2", json!(0.99)),
             (vec!["--adam-eps", "1e-6"], "adam_eps", json!(1e-6)),
+            (
+                vec!["--optim", "adamw_bnb_8bit"],
+                "optim",
+                json!("adamw_8bit"),
+            ),
+            (vec!["--min-8bit-size", "64"], "min_8bit_size", json!(64)),
+            (
+                vec!["--offload-dir", "/tmp/x"],
+                "offload_dir",
+                json!("/tmp/x"),
+            ),
             (vec!["--max-grad-norm", "0"], "max_grad_norm", Value::Null),
             (vec!["--seed", "7"], "seed", json!(7)),
             (vec!["--recompute"], "recompute", json!(true)),

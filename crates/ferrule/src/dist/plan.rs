@@ -286,6 +286,37 @@ pub struct PlanRequest {
     pub micro_batch: usize,
     pub seq_len: usize,
     pub recompute: bool,
+    /// The optimizer (`--optim`): its state's bytes per parameter.
+    pub optim: crate::train::OptimName,
+}
+
+/// Resident bytes of `optim`'s state for `psi` parameters at stage 0: AdamW's two f32 moments
+/// (8 bytes a parameter); 8-bit, bitsandbytes' layout (two 1-byte codes and two f32 absmax per
+/// block of 256: 2.03 bytes, counting every parameter as 8-bit, as those of at least
+/// `min_8bit_size` elements are); paged, none resident beyond the parameter a step is on (the
+/// state is a file in `--offload-dir`, [`optimizer_file_bytes`]).
+pub fn optimizer_resident_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
+    use crate::train::OptimName;
+    match optim {
+        OptimName::Adamw => 8.0 * psi,
+        OptimName::Adamw8bit => eight_bit_state_bytes(psi),
+        OptimName::PagedAdamw8bit | OptimName::PagedAdamw32bit => 0.0,
+    }
+}
+
+/// Bytes of a paged optimizer's state file (0 for the others).
+pub fn optimizer_file_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
+    use crate::train::OptimName;
+    match optim {
+        OptimName::PagedAdamw8bit => eight_bit_state_bytes(psi),
+        OptimName::PagedAdamw32bit => 8.0 * psi,
+        OptimName::Adamw | OptimName::Adamw8bit => 0.0,
+    }
+}
+
+fn eight_bit_state_bytes(psi: f64) -> f64 {
+    let block = crate::train::optim::bnb::BLOCKSIZE as f64;
+    2.0 * psi + 8.0 * psi / block
 }
 
 /// Bytes one rank holds for the trainable state, ferrule's way (f32 throughout).
@@ -297,8 +328,8 @@ pub struct TrainableState {
     /// Accumulated gradients (4Ψ), and with several ranks the flat vector they are sent in
     /// (another 4Ψ).
     pub gradients: f64,
-    /// AdamW's moments (8Ψ), or at stages 1–3 this rank's partition of moments and f32 master
-    /// parameters (12Ψ/N).
+    /// AdamW's moments (8Ψ; 8-bit: about 2Ψ; paged: 0 resident, the state is a file), or at
+    /// stages 1–3 this rank's partition of moments and f32 master parameters (12Ψ/N).
     pub optimizer: f64,
 }
 
@@ -384,7 +415,7 @@ pub fn plan(req: &PlanRequest) -> Plan {
         optimizer: if stage >= 1 {
             12.0 * psi / n
         } else {
-            8.0 * psi
+            optimizer_resident_bytes(req.optim, psi)
         },
     };
     let paper_model_state_bytes = match stage {
@@ -421,6 +452,12 @@ pub fn plan(req: &PlanRequest) -> Plan {
     };
     let state = trainable_state.parameters + trainable_state.gradients + trainable_state.optimizer;
     let mut notes = vec!["estimates from the model's shapes and formulas; measured runs are in BENCHMARKS.md (Scale-out)".to_string()];
+    let file = optimizer_file_bytes(req.optim, psi);
+    if stage >= 1 && req.optim != crate::train::OptimName::Adamw {
+        notes.push(format!("--optim {} runs at --zero-stage 0 only: train refuses it at stage {stage} (counted here as AdamW's partition)", req.optim));
+    } else if file > 0.0 {
+        notes.push(format!("--optim {}: the optimizer state ({:.3} GB) is a file in --offload-dir, resident one parameter at a time", req.optim, file / 1e9));
+    }
     if sharded {
         notes.push("--shard-base: every frozen matrix is broadcast in f32 tiles in the forward and the backward pass (and the recomputation), once per micro-batch: the traffic is per micro-batch of each rank, times --grad-accum".into());
     }
@@ -532,11 +569,30 @@ mod tests {
                     micro_batch: 1,
                     seq_len: 1,
                     recompute: false,
+                    optim: Default::default(),
                 };
                 (plan(&req).paper_model_state_bytes / 1e9 * 100.0).round() / 100.0
             })
             .collect();
         assert_eq!(gb, vec![120.0, 31.41, 16.64, 1.88]);
+    }
+
+    /// 8-bit state is a quarter of AdamW's (plus the absmax), paged state is not resident.
+    #[test]
+    fn optimizer_state_bytes_per_optimizer() {
+        use crate::train::OptimName;
+        let psi = 1e6;
+        assert_eq!(optimizer_resident_bytes(OptimName::Adamw, psi), 8e6);
+        assert_eq!(
+            optimizer_resident_bytes(OptimName::Adamw8bit, psi),
+            2.03125e6
+        );
+        assert_eq!(
+            optimizer_resident_bytes(OptimName::PagedAdamw8bit, psi),
+            0.0
+        );
+        assert_eq!(optimizer_file_bytes(OptimName::PagedAdamw32bit, psi), 8e6);
+        assert_eq!(optimizer_file_bytes(OptimName::Adamw8bit, psi), 0.0);
     }
 
     #[test]

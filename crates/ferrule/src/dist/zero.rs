@@ -32,7 +32,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::collective::Collective;
 use super::partition::FlatLayout;
 use crate::train::optim::{
-    adamw_update, clip_grad_norm, grad_norm, read_step, step_tensor, AdamW, AdamWConfig,
+    adamw_update, build_optimizer, clip_grad_norm, grad_norm, read_step, step_tensor, AdamWConfig,
+    OptimName, Optimizer, OptimizerSpec,
 };
 
 /// A ZeRO stage, 0 to 3 (`--zero-stage`).
@@ -90,7 +91,7 @@ pub struct StepResult {
 
 /// This rank's optimizer state, as a checkpoint holds it.
 pub enum OptimizerState {
-    /// The whole state ([`AdamW::state`]'s keys), the same on every rank (stage 0).
+    /// The whole state ([`Optimizer::state`]'s keys), the same on every rank (stage 0).
     Full(Vec<(String, Tensor)>),
     /// This rank's partition ([`ShardedAdamW::state`]'s keys) and the flat layout as JSON.
     Shard(Vec<(String, Tensor)>, serde_json::Value),
@@ -99,7 +100,7 @@ pub enum OptimizerState {
 /// AdamW over one rank's partition of the flat parameter vector: ZeRO's partitioned optimizer
 /// state (`exp_avg`, `exp_avg_sq` and an `f32` master copy of the partition's parameters).
 ///
-/// The update is [`AdamW`]'s own (`train::optim::adamw_update`, element-wise) applied to the
+/// The update is [`crate::train::AdamW`]'s own (`train::optim::adamw_update`, element-wise) applied to the
 /// partition's slice of each parameter, in `f32`; as in torch, a parameter without a gradient in a step is skipped and its own step count
 /// (which drives its bias corrections) does not advance.
 pub struct ShardedAdamW {
@@ -181,7 +182,7 @@ impl ShardedAdamW {
     }
 
     /// This partition's state: `exp_avg` and `exp_avg_sq` (`f32` `[partition_len]`), each
-    /// parameter's `<name>.step` and the global `step` (`i64` scalars, as [`AdamW::state`]).
+    /// parameter's `<name>.step` and the global `step` (`i64` scalars, as [`crate::train::AdamW::state`]).
     pub fn state(&self, layout: &FlatLayout) -> Result<Vec<(String, Tensor)>> {
         let n = self.range.len();
         let mut out = vec![
@@ -202,7 +203,7 @@ impl ShardedAdamW {
     }
 
     /// Restores [`ShardedAdamW::state`]'s output, or cuts this partition out of a whole
-    /// [`AdamW::state`] (a world-size-1 checkpoint, e.g. one `ferrule checkpoint consolidate`
+    /// [`crate::train::AdamW::state`] (a world-size-1 checkpoint, e.g. one `ferrule checkpoint consolidate`
     /// wrote).
     pub fn load_state(
         &mut self,
@@ -254,11 +255,12 @@ fn read_f32(state: &BTreeMap<String, Tensor>, key: &str, len: usize) -> Result<V
 }
 
 enum Inner {
-    Replicated(AdamW),
+    Replicated(Box<dyn Optimizer>),
     Sharded(ShardedAdamW),
 }
 
-/// AdamW over data-parallel ranks at one ZeRO stage (see the module docs).
+/// An optimizer over data-parallel ranks at one ZeRO stage (see the module docs): at stage 0
+/// any [`OptimName`], replicated on every rank; at stages 1–3 AdamW over this rank's partition.
 pub struct ZeroOptimizer {
     stage: ZeroStage,
     vars: Vec<(String, Var)>,
@@ -269,13 +271,34 @@ pub struct ZeroOptimizer {
 }
 
 impl ZeroOptimizer {
-    /// The optimizer of `vars` (the same list, in the same order, on every rank).
+    /// AdamW over `vars` (the same list, in the same order, on every rank).
     pub fn new(
         vars: Vec<(String, Var)>,
         cfg: AdamWConfig,
         stage: ZeroStage,
         comm: &dyn Collective,
     ) -> Result<ZeroOptimizer> {
+        Self::with_optimizer(vars, &OptimizerSpec::adamw(cfg), stage, comm)
+    }
+
+    /// The optimizer `spec` names over `vars` (the same list, in the same order, on every
+    /// rank). Stages 1–3 partition AdamW's f32 state over the ranks and take `adamw` only: an
+    /// 8-bit or paged optimizer there is an error naming both.
+    pub fn with_optimizer(
+        vars: Vec<(String, Var)>,
+        spec: &OptimizerSpec,
+        stage: ZeroStage,
+        comm: &dyn Collective,
+    ) -> Result<ZeroOptimizer> {
+        if stage.partitions_optimizer() && spec.name != OptimName::Adamw {
+            bail!(
+                "--optim {} cannot run at --zero-stage {}: stages 1-3 partition AdamW's 32-bit state over the ranks; use --zero-stage 0 (every rank keeps the whole {} state) or --optim adamw",
+                spec.name,
+                stage.get(),
+                spec.name
+            )
+        }
+        let cfg = spec.adamw;
         let layout = FlatLayout::of_vars(&vars, comm.world_size());
         let inner = if stage.partitions_optimizer() {
             let flat = layout.flatten_vars(&vars)?;
@@ -286,7 +309,7 @@ impl ZeroOptimizer {
                 cfg,
             ))
         } else {
-            Inner::Replicated(AdamW::new(vars.clone(), cfg))
+            Inner::Replicated(build_optimizer(vars.clone(), spec)?)
         };
         Ok(ZeroOptimizer {
             stage,
@@ -453,7 +476,7 @@ impl ZeroOptimizer {
 }
 
 /// Joins the optimizer shards of every rank (in rank order, each with the layout it was
-/// written with) into one world-size-1 state with [`AdamW::state`]'s keys.
+/// written with) into one world-size-1 state with [`crate::train::AdamW::state`]'s keys.
 pub fn consolidate_shards(
     shards: &[BTreeMap<String, Tensor>],
     layout: &FlatLayout,
@@ -510,6 +533,7 @@ fn ensure_finite_norm(norm: f64) -> Result<()> {
 mod tests {
     use super::*;
     use crate::dist::SingleProcess;
+    use crate::train::optim::AdamW;
 
     fn vars() -> Vec<(String, Var)> {
         let dev = Device::Cpu;
@@ -690,6 +714,75 @@ mod tests {
             );
             opt.materialize(&SingleProcess).unwrap();
             assert_eq!(values(&v), before, "stage {stage}: parameters moved");
+        }
+    }
+
+    /// Stage 0 runs any optimizer (replicated, here `adamw_8bit` against itself outside ZeRO);
+    /// stages 1–3 refuse the 8-bit and paged ones, naming the stage and the optimizer.
+    #[test]
+    fn eight_bit_and_paged_optimizers_run_at_stage_0_and_are_refused_above() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |name| OptimizerSpec {
+            name,
+            adamw: AdamWConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+            min_8bit_size: 4,
+            offload_dir: dir.path(),
+        };
+        for name in [OptimName::Adamw8bit, OptimName::PagedAdamw8bit] {
+            let v = vars();
+            let mut opt = ZeroOptimizer::with_optimizer(
+                v.clone(),
+                &spec(name),
+                ZeroStage::default(),
+                &SingleProcess,
+            )
+            .unwrap();
+            let reference = vars();
+            let mut direct =
+                build_optimizer(reference.clone(), &spec(OptimName::Adamw8bit)).unwrap();
+            let local = StepTotals {
+                trained: 1.0,
+                ..Default::default()
+            };
+            for step in 0..3 {
+                opt.step(&SingleProcess, grads(step), local, None, 0.1)
+                    .unwrap();
+                direct.step_with(&grads(step)).unwrap();
+            }
+            assert_eq!(values(&v), values(&reference), "{name}");
+            let OptimizerState::Full(state) = opt.state().unwrap() else {
+                panic!("stage 0 keeps the whole state")
+            };
+            assert!(state
+                .iter()
+                .any(|(k, t)| k == "a.state1" && t.dtype() == DType::U8));
+        }
+        for (stage, name) in (1..=3).flat_map(|s| {
+            [
+                OptimName::Adamw8bit,
+                OptimName::PagedAdamw8bit,
+                OptimName::PagedAdamw32bit,
+            ]
+            .map(|n| (s, n))
+        }) {
+            let err = ZeroOptimizer::with_optimizer(
+                vars(),
+                &spec(name),
+                ZeroStage::new(stage).unwrap(),
+                &SingleProcess,
+            )
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(
+                err.contains(&format!(
+                    "--optim {name} cannot run at --zero-stage {stage}"
+                )),
+                "{err}"
+            );
         }
     }
 

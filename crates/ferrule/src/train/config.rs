@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::optim::{OptimName, DEFAULT_MIN_8BIT_SIZE};
 use super::schedule::LrSchedule;
 use crate::data::Padding;
 use crate::model::Task;
@@ -123,6 +124,25 @@ pub struct TrainConfig {
     /// AdamW's epsilon (added to the denominator).
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub adam_eps: f64,
+    /// The optimizer (default adamw): adamw, adamw_8bit (bitsandbytes' AdamW8bit: both moments
+    /// block-wise quantized to 8 bits), paged_adamw_8bit or paged_adamw_32bit (the state in a
+    /// memory-mapped file in offload-dir); transformers' names (adamw_torch, adamw_bnb_8bit,
+    /// ...) work too. 8-bit and paged state need --zero-stage 0.
+    // Defaults spelled out for clap: the serialized default (`with_defaults`) leaves these out
+    // (old checkpoints' fingerprints), and a flag without a default would be required.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "NAME", default_value = "adamw", help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "is_default")]
+    pub optim: OptimName,
+    /// 8-bit optimizers: parameters with fewer elements keep 32-bit state (default 4096, as
+    /// bitsandbytes).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = DEFAULT_MIN_8BIT_SIZE, help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "is_default_min_8bit_size")]
+    pub min_8bit_size: usize,
+    /// Paged optimizers: the folder of the optimizer state file, removed at the end of the
+    /// run (default: the output folder).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offload_dir: Option<PathBuf>,
     /// Clip the global gradient L2 norm to this; 0 disables clipping.
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     #[serde(deserialize_with = "clip_norm")]
@@ -271,6 +291,9 @@ impl Default for TrainConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
+            optim: OptimName::Adamw,
+            min_8bit_size: DEFAULT_MIN_8BIT_SIZE,
+            offload_dir: None,
             max_grad_norm: Some(1.0),
             seed: 42,
             recompute: false,
@@ -287,6 +310,14 @@ impl Default for TrainConfig {
             init_adapter: None,
         }
     }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_default_min_8bit_size(n: &usize) -> bool {
+    *n == DEFAULT_MIN_8BIT_SIZE
 }
 
 /// The most `epochs` a run may ask for: each epoch's micro-batches are planned to count the steps.
@@ -349,6 +380,9 @@ impl TrainConfig {
             resize_token_embeddings: true,
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
+            optim: OptimName::Adamw8bit,
+            min_8bit_size: 1,
+            offload_dir: Some(PathBuf::from("offload")),
             ..Default::default()
         };
         match serde_json::to_value(every) {
@@ -531,6 +565,8 @@ impl TrainConfig {
         // Memory layout only: a run may resume with or without it.
         c.shard_base = false;
         c.stream_base = false;
+        // Where the paged state file goes: a resumed run may put it elsewhere.
+        c.offload_dir = None;
         // Resolved before a run starts (`TrainConfig::with_compute_dtype_resolved`). f32 is
         // left out, so that checkpoints of runs from before the setting existed still match.
         let f32_compute = c.compute_dtype == ComputeDtypeChoice::F32;

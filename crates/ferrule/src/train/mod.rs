@@ -2,7 +2,8 @@
 //! checkpoints, metrics and deterministic randomness.
 //!
 //! * [`optim`]: AdamW (decoupled weight decay), gradient accumulation and
-//!   clipping, matching PyTorch numerics.
+//!   clipping, matching PyTorch numerics; bitsandbytes' 8-bit and paged AdamW
+//!   (`optim = "adamw_8bit"`, ...).
 //! * [`galore`]: GaLore and Natural GaLore (low-rank projected Adam for full fine-tuning),
 //!   matching galore-torch.
 //! * [`schedule`]: warmup + constant / linear / cosine schedules, matching
@@ -43,7 +44,10 @@ pub use checkpoint::{
 pub use config::{ReportTo, TrainConfig};
 pub use evaluate::{batch_loss, evaluate, evaluate_on};
 pub use metrics::{MetricsLog, Throughput};
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
+pub use optim::{
+    build_optimizer, clip_grad_norm, AdamW, AdamWConfig, BnbAdamW, GradAccumulator, OptimName,
+    Optimizer, OptimizerSpec,
+};
 pub use plot::{write_loss_plot, PLOT_FILE};
 pub use prepare::{encode_file, encode_options, prepare, prepare_sharded, Prepared};
 pub use report::{EvalReport, Progress, Silent, StepReport, TrainSummary};

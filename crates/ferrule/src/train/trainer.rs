@@ -13,7 +13,7 @@ use super::batching::{global_left, DataCursor};
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
-use super::optim::{AdamWConfig, GradAccumulator};
+use super::optim::{AdamWConfig, GradAccumulator, OptimizerSpec};
 use super::report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
 use super::resume;
 use super::schedule::lr_at;
@@ -483,7 +483,12 @@ impl<'a> Run<'a> {
 
         let params = p.tuner.trainable();
         let sink = recompute_sink(cfg, &p, &params, progress);
-        let mut opt = ZeroOptimizer::new(params.clone(), adamw(cfg), options.zero_stage, comm)?;
+        let mut opt = ZeroOptimizer::with_optimizer(
+            params.clone(),
+            &optimizer_spec(cfg),
+            options.zero_stage,
+            comm,
+        )?;
         let metrics_path = out.join("metrics.jsonl");
         let rank0 = comm.rank() == 0;
         let metrics = match &checkpoint {
@@ -842,6 +847,17 @@ fn plan(
             .map_or(total_steps, |s| s.min(total_steps)),
         micro_batches: p.batching.describe(cursor.batches(), lengths),
         micro_batches_per_epoch: cursor.batches().len(),
+    }
+}
+
+/// The run's optimizer: `optim` with AdamW's settings, the paged state file in `offload_dir`
+/// (default: the output folder).
+fn optimizer_spec(cfg: &TrainConfig) -> OptimizerSpec<'_> {
+    OptimizerSpec {
+        name: cfg.optim,
+        adamw: adamw(cfg),
+        min_8bit_size: cfg.min_8bit_size,
+        offload_dir: cfg.offload_dir.as_deref().unwrap_or(&cfg.output_dir),
     }
 }
 

@@ -1,6 +1,15 @@
-//! AdamW with decoupled weight decay, gradient accumulation and gradient
-//! clipping, numerically matching `torch.optim.AdamW` and
-//! `torch.nn.utils.clip_grad_norm_`.
+//! The optimizers and what feeds them: AdamW with decoupled weight decay, gradient
+//! accumulation and gradient clipping, numerically matching `torch.optim.AdamW` and
+//! `torch.nn.utils.clip_grad_norm_` (this file); bitsandbytes' 8-bit and paged AdamW
+//! ([`bnb`], state storage in [`arena`]); the `optim` setting, the [`Optimizer`] interface the
+//! trainer drives and [`build_optimizer`] ([`choice`]).
+
+mod arena;
+pub mod bnb;
+pub mod choice;
+
+pub use bnb::{BnbAdamW, StateBits};
+pub use choice::{build_optimizer, OptimName, Optimizer, OptimizerSpec, DEFAULT_MIN_8BIT_SIZE};
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -1,0 +1,326 @@
+//! Which optimizer a run uses (`optim`, `--optim`), the interface every optimizer offers the
+//! trainer ([`Optimizer`]), and the one place that builds them ([`build_optimizer`]).
+//!
+//! A new optimizer (e.g. GaLore) plugs in as one more [`OptimName`] variant, its names in
+//! [`OptimName::from_str`], an `impl Optimizer` and one arm of [`build_optimizer`]; the trainer,
+//! its checkpoints and `--resume` need no change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::bnb::{BnbAdamW, StateBits};
+use super::{AdamW, AdamWConfig};
+
+/// bitsandbytes' `min_8bit_size`: parameters with fewer elements keep 32-bit state.
+pub const DEFAULT_MIN_8BIT_SIZE: usize = 4096;
+
+/// What the trainer asks of an optimizer over named [`Var`]s, with the shape of
+/// [`AdamW`]'s own methods.
+pub trait Optimizer {
+    /// Sets the learning rate of the next steps (the schedule's, each step).
+    fn set_lr(&mut self, lr: f64);
+    /// Steps taken so far.
+    fn step_count(&self) -> u64;
+    /// One update from gradients by parameter name (absent: skipped; unknown: an error).
+    fn step_with(&mut self, grads: &HashMap<String, Tensor>) -> Result<()>;
+    /// The whole state as named tensors, for a checkpoint's optimizer file (safetensors).
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Restores [`Optimizer::state`]'s output; a missing, unknown or misshapen entry is an
+    /// error naming it, and leaves the optimizer as it was.
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+impl Optimizer for AdamW {
+    fn set_lr(&mut self, lr: f64) {
+        AdamW::set_lr(self, lr)
+    }
+    fn step_count(&self) -> u64 {
+        AdamW::step_count(self)
+    }
+    fn step_with(&mut self, grads: &HashMap<String, Tensor>) -> Result<()> {
+        AdamW::step_with(self, grads)
+    }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        AdamW::state(self)
+    }
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        AdamW::load_state(self, state)
+    }
+}
+
+impl Optimizer for BnbAdamW {
+    fn set_lr(&mut self, lr: f64) {
+        BnbAdamW::set_lr(self, lr)
+    }
+    fn step_count(&self) -> u64 {
+        BnbAdamW::step_count(self)
+    }
+    fn step_with(&mut self, grads: &HashMap<String, Tensor>) -> Result<()> {
+        BnbAdamW::step_with(self, grads)
+    }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        BnbAdamW::state(self)
+    }
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        BnbAdamW::load_state(self, state)
+    }
+}
+
+/// The optimizers ferrule has, by their `optim` name (transformers' `optim` names for the
+/// same optimizers are accepted too, see [`OptimName::from_str`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum OptimName {
+    /// `torch.optim.AdamW` ([`AdamW`]), state in memory.
+    #[default]
+    Adamw,
+    /// bitsandbytes' `AdamW8bit`: both moments block-wise quantized to 8 bits ([`BnbAdamW`]).
+    Adamw8bit,
+    /// `adamw_8bit` with its state in a memory-mapped file (bitsandbytes' `PagedAdamW8bit`).
+    PagedAdamw8bit,
+    /// `adamw` with its state in a memory-mapped file (bitsandbytes' `PagedAdamW32bit`).
+    PagedAdamw32bit,
+}
+
+impl OptimName {
+    /// Every optimizer, in the order error messages list them.
+    pub const ALL: [OptimName; 4] = [
+        OptimName::Adamw,
+        OptimName::Adamw8bit,
+        OptimName::PagedAdamw8bit,
+        OptimName::PagedAdamw32bit,
+    ];
+
+    /// The name in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptimName::Adamw => "adamw",
+            OptimName::Adamw8bit => "adamw_8bit",
+            OptimName::PagedAdamw8bit => "paged_adamw_8bit",
+            OptimName::PagedAdamw32bit => "paged_adamw_32bit",
+        }
+    }
+
+    /// transformers' (5.24) `OptimizerNames` values meaning the same optimizer.
+    pub fn hf_names(self) -> &'static [&'static str] {
+        match self {
+            OptimName::Adamw => &["adamw_torch", "adamw_torch_fused"],
+            OptimName::Adamw8bit => &["adamw_bnb_8bit"],
+            OptimName::PagedAdamw8bit => &[],
+            OptimName::PagedAdamw32bit => &[],
+        }
+    }
+
+    /// Whether the state lives in a memory-mapped file (`--offload-dir`).
+    pub fn is_paged(self) -> bool {
+        matches!(self, OptimName::PagedAdamw8bit | OptimName::PagedAdamw32bit)
+    }
+
+    /// Whether `min_8bit_size` applies.
+    pub fn is_8bit(self) -> bool {
+        matches!(self, OptimName::Adamw8bit | OptimName::PagedAdamw8bit)
+    }
+
+    /// "adamw (adamw_torch, adamw_torch_fused), adamw_8bit (adamw_bnb_8bit), ...".
+    pub fn listing() -> String {
+        OptimName::ALL
+            .iter()
+            .map(|o| match o.hf_names() {
+                [] => o.as_str().to_string(),
+                hf => format!("{} ({})", o.as_str(), hf.join(", ")),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// transformers' `OptimizerNames` (5.24) that ferrule does not have.
+const HF_OPTIMIZERS_NOT_IN_FERRULE: &[&str] = &[
+    "adamw_torch_xla",
+    "adamw_torch_npu_fused",
+    "adafactor",
+    "adamw_anyprecision",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "ademamix",
+    "sgd",
+    "adagrad",
+    "ademamix_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
+    "lomo",
+    "adalomo",
+    "grokadamw",
+    "schedule_free_radam",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
+    "stable_adamw",
+];
+
+impl FromStr for OptimName {
+    type Err = anyhow::Error;
+
+    /// A ferrule name or one of its [`OptimName::hf_names`], case and `-`/`_` ignored
+    /// (`--help` shows defaults with `-`).
+    fn from_str(s: &str) -> Result<OptimName> {
+        let key = s.trim().to_ascii_lowercase().replace('-', "_");
+        for o in OptimName::ALL {
+            if o.as_str() == key || o.hf_names().contains(&key.as_str()) {
+                return Ok(o);
+            }
+        }
+        if HF_OPTIMIZERS_NOT_IN_FERRULE.contains(&key.as_str()) {
+            bail!(
+                "optim {s:?} (--optim): transformers' optimizer {key} is not in ferrule; ferrule has {}",
+                OptimName::listing()
+            )
+        }
+        bail!(
+            "optim {s:?} (--optim): unknown optimizer; expected one of {}",
+            OptimName::listing()
+        )
+    }
+}
+
+impl fmt::Display for OptimName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for OptimName {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<OptimName> {
+        s.parse()
+    }
+}
+
+impl From<OptimName> for String {
+    fn from(o: OptimName) -> String {
+        o.as_str().to_string()
+    }
+}
+
+/// Everything [`build_optimizer`] needs besides the parameters.
+#[derive(Clone, Debug)]
+pub struct OptimizerSpec<'a> {
+    pub name: OptimName,
+    /// Learning rate, betas, eps and weight decay (every optimizer here is an AdamW).
+    pub adamw: AdamWConfig,
+    /// 8-bit optimizers: parameters with fewer elements keep 32-bit state.
+    pub min_8bit_size: usize,
+    /// Paged optimizers: the folder of the state file.
+    pub offload_dir: &'a Path,
+}
+
+impl OptimizerSpec<'_> {
+    /// Plain [`AdamW`] with `adamw`'s settings.
+    pub fn adamw(adamw: AdamWConfig) -> OptimizerSpec<'static> {
+        OptimizerSpec {
+            name: OptimName::Adamw,
+            adamw,
+            min_8bit_size: DEFAULT_MIN_8BIT_SIZE,
+            offload_dir: Path::new("."),
+        }
+    }
+}
+
+/// The optimizer `spec` names over `vars`. Paged optimizers create their state file here (an
+/// error names the folder when it cannot be created or filled).
+pub fn build_optimizer(
+    vars: Vec<(String, Var)>,
+    spec: &OptimizerSpec,
+) -> Result<Box<dyn Optimizer>> {
+    spec.adamw.validate()?;
+    Ok(match spec.name {
+        OptimName::Adamw => Box::new(AdamW::new(vars, spec.adamw)),
+        OptimName::Adamw8bit => Box::new(BnbAdamW::new(
+            vars,
+            spec.adamw,
+            StateBits::Eight {
+                min_8bit_size: spec.min_8bit_size,
+            },
+            None,
+        )?),
+        OptimName::PagedAdamw8bit => Box::new(BnbAdamW::new(
+            vars,
+            spec.adamw,
+            StateBits::Eight {
+                min_8bit_size: spec.min_8bit_size,
+            },
+            Some(spec.offload_dir),
+        )?),
+        OptimName::PagedAdamw32bit => Box::new(BnbAdamW::new(
+            vars,
+            spec.adamw,
+            StateBits::ThirtyTwo,
+            Some(spec.offload_dir),
+        )?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_with_transformers_aliases() {
+        for (s, want) in [
+            ("adamw", OptimName::Adamw),
+            ("adamw_torch", OptimName::Adamw),
+            ("adamw_torch_fused", OptimName::Adamw),
+            ("adamw_8bit", OptimName::Adamw8bit),
+            ("adamw-8bit", OptimName::Adamw8bit),
+            ("adamw_bnb_8bit", OptimName::Adamw8bit),
+            ("paged_adamw_8bit", OptimName::PagedAdamw8bit),
+            ("PAGED_ADAMW_32BIT", OptimName::PagedAdamw32bit),
+        ] {
+            assert_eq!(s.parse::<OptimName>().unwrap(), want, "{s}");
+        }
+        for o in OptimName::ALL {
+            assert_eq!(o.to_string().parse::<OptimName>().unwrap(), o);
+        }
+    }
+
+    #[test]
+    fn a_transformers_optimizer_ferrule_lacks_is_named_with_what_works() {
+        let err = "galore_adamw".parse::<OptimName>().unwrap_err().to_string();
+        assert!(
+            err.contains("transformers' optimizer galore_adamw is not in ferrule"),
+            "{err}"
+        );
+        assert!(
+            err.contains("adamw_8bit (adamw_bnb_8bit)") && err.contains("paged_adamw_32bit"),
+            "{err}"
+        );
+        let err = "adamw_hf".parse::<OptimName>().unwrap_err().to_string();
+        assert!(err.contains("unknown optimizer"), "{err}");
+        // Through serde, as a TOML file's `optim` key reaches it.
+        let err = serde_json::from_value::<OptimName>(serde_json::json!("adafactor"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adafactor"), "{err}");
+    }
+}
