@@ -366,6 +366,13 @@ fn every_optimizer_resumes_to_the_uninterrupted_adapter() {
         // Low enough that most LoRA matrices (256 and 512 elements) take 8-bit state and
         // v_proj's B (128) keeps 32-bit state.
         min_8bit_size: 256,
+        // GaLore on the LoRA factors (rank 4): projected to rank 2, the basis refreshed at
+        // steps 2 and 4, on both sides of the resume.
+        optim_args: matches!(
+            optim,
+            OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw
+        )
+        .then(|| "rank=2,update_proj_gap=2".to_string()),
         ..config(out)
     };
     let mut adapters = std::collections::HashMap::new();

@@ -336,6 +336,16 @@ mod tests {
             ),
             (vec!["--min-8bit-size", "64"], "min_8bit_size", json!(64)),
             (
+                vec!["--optim-args", "rank=4"],
+                "optim_args",
+                json!("rank=4"),
+            ),
+            (
+                vec!["--optim-target-modules", "q_proj,v_proj"],
+                "optim_target_modules",
+                json!(["q_proj", "v_proj"]),
+            ),
+            (
                 vec!["--offload-dir", "/tmp/x"],
                 "offload_dir",
                 json!("/tmp/x"),

@@ -294,11 +294,13 @@ pub struct PlanRequest {
 /// (8 bytes a parameter); 8-bit, bitsandbytes' layout (two 1-byte codes and two f32 absmax per
 /// block of 256: 2.03 bytes, counting every parameter as 8-bit, as those of at least
 /// `min_8bit_size` elements are); paged, none resident beyond the parameter a step is on (the
-/// state is a file in `--offload-dir`, [`optimizer_file_bytes`]).
+/// state is a file in `--offload-dir`, [`optimizer_file_bytes`]); GaLore, AdamW's as an upper
+/// bound (its projected targets hold rank-r moments, which the shapes alone do not give here,
+/// plus the projection bases).
 pub fn optimizer_resident_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
     use crate::train::OptimName;
     match optim {
-        OptimName::Adamw => 8.0 * psi,
+        OptimName::Adamw | OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw => 8.0 * psi,
         OptimName::Adamw8bit => eight_bit_state_bytes(psi),
         OptimName::PagedAdamw8bit | OptimName::PagedAdamw32bit => 0.0,
     }
@@ -310,7 +312,10 @@ pub fn optimizer_file_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
     match optim {
         OptimName::PagedAdamw8bit => eight_bit_state_bytes(psi),
         OptimName::PagedAdamw32bit => 8.0 * psi,
-        OptimName::Adamw | OptimName::Adamw8bit => 0.0,
+        OptimName::Adamw
+        | OptimName::Adamw8bit
+        | OptimName::GaloreAdamw
+        | OptimName::NaturalGaloreAdamw => 0.0,
     }
 }
 

@@ -730,6 +730,8 @@ mod tests {
             },
             min_8bit_size: 4,
             offload_dir: dir.path(),
+            optim_args: None,
+            target_modules: None,
         };
         for name in [OptimName::Adamw8bit, OptimName::PagedAdamw8bit] {
             let v = vars();

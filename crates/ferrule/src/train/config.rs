@@ -143,6 +143,18 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offload_dir: Option<PathBuf>,
+    /// GaLore (`--optim galore_adamw`, `natural_galore_adamw`): HF's optim_args,
+    /// "rank=128,update_proj_gap=200,scale=0.25,proj_type=std" (those defaults; Natural GaLore
+    /// also history=20,damping=1e-3).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "K=V,...", help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optim_args: Option<String>,
+    /// GaLore: which linear modules are projected, as HF's optim_target_modules: one name is a
+    /// regex matching whole module paths ("all-linear": every linear), a comma-separated list
+    /// matches names, substrings or regexes (default: paths holding attn or mlp).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MODULES", value_parser = optim_target_modules, help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optim_target_modules: Option<crate::train::galore::TargetModules>,
     /// Clip the global gradient L2 norm to this; 0 disables clipping.
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     #[serde(deserialize_with = "clip_norm")]
@@ -229,6 +241,18 @@ pub mod heading {
     pub const SCALE_OUT: &str = "Scale-out (under mpirun)";
 }
 
+/// `--optim-target-modules`: a comma-separated list, or one name (a regex, or "all-linear").
+#[cfg(feature = "cli")]
+fn optim_target_modules(
+    s: &str,
+) -> Result<crate::train::galore::TargetModules, std::convert::Infallible> {
+    use crate::train::galore::TargetModules;
+    Ok(match s.contains(',') {
+        true => TargetModules::List(crate::tuners::flags::names(s)),
+        false => TargetModules::One(s.trim().to_string()),
+    })
+}
+
 /// A path flag's value as given (an empty one is left for [`TrainConfig::validate`] to name).
 #[cfg(feature = "cli")]
 fn path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
@@ -294,6 +318,8 @@ impl Default for TrainConfig {
             optim: OptimName::Adamw,
             min_8bit_size: DEFAULT_MIN_8BIT_SIZE,
             offload_dir: None,
+            optim_args: None,
+            optim_target_modules: None,
             max_grad_norm: Some(1.0),
             seed: 42,
             recompute: false,
@@ -381,6 +407,8 @@ impl TrainConfig {
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
             optim: OptimName::Adamw8bit,
+            optim_args: Some("rank=1".into()),
+            optim_target_modules: Some(crate::train::galore::TargetModules::One("x".into())),
             min_8bit_size: 1,
             offload_dir: Some(PathBuf::from("offload")),
             ..Default::default()

@@ -858,6 +858,8 @@ fn optimizer_spec(cfg: &TrainConfig) -> OptimizerSpec<'_> {
         adamw: adamw(cfg),
         min_8bit_size: cfg.min_8bit_size,
         offload_dir: cfg.offload_dir.as_deref().unwrap_or(&cfg.output_dir),
+        optim_args: cfg.optim_args.as_deref(),
+        target_modules: cfg.optim_target_modules.as_ref(),
     }
 }
 

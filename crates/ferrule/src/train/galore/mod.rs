@@ -85,3 +85,51 @@ impl GaLoreConfig {
         Ok(())
     }
 }
+
+impl GaLoreConfig {
+    /// The settings of a run with `optim = "galore_adamw"` (or Natural GaLore when
+    /// `natural`): HF Trainer's `optim_args` string (`"rank=64, update_proj_gap=100,
+    /// scale=0.25, proj_type=std"`, spaces ignored, as transformers' `_get_galore_optimizer`
+    /// parses it; Natural GaLore adds `history` and `damping`), HF's `optim_target_modules`,
+    /// and the run's AdamW settings. HF hands GaLore only the learning rate (so eps 1e-6 and
+    /// no decay); ferrule passes the run's betas, eps and weight decay too, so that a setting
+    /// the user gave is not dropped. An unknown key or a bad value is an error naming it.
+    pub fn from_optim_args(
+        optim_args: Option<&str>,
+        target_modules: Option<&TargetModules>,
+        natural: bool,
+        adam: LegacyAdamWConfig,
+    ) -> Result<Self> {
+        let mut cfg = GaLoreConfig {
+            adam,
+            natural: natural.then(NaturalConfig::default),
+            ..Default::default()
+        };
+        if let Some(t) = target_modules {
+            cfg.target_modules = t.clone();
+        }
+        let args = optim_args.unwrap_or_default().replace(' ', "");
+        for pair in args.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("optim_args: {pair:?} is not key=value"))?;
+            let bad =
+                |e: &dyn std::fmt::Display| anyhow::anyhow!("optim_args: {key}={value:?}: {e}");
+            match (key, cfg.natural.as_mut()) {
+                ("rank", _) => cfg.rank = value.parse().map_err(|e| bad(&e))?,
+                ("update_proj_gap", _) => cfg.update_proj_gap = value.parse().map_err(|e| bad(&e))?,
+                ("scale", _) => cfg.scale = value.parse().map_err(|e| bad(&e))?,
+                ("proj_type", _) => cfg.proj_type = value.parse().map_err(|e| bad(&e))?,
+                ("history", Some(n)) => n.history = value.parse().map_err(|e| bad(&e))?,
+                ("damping", Some(n)) => n.damping = value.parse().map_err(|e| bad(&e))?,
+                _ => anyhow::bail!(
+                    "optim_args: unknown key {key:?} for {}; expected rank, update_proj_gap, scale, proj_type{}",
+                    if natural { "natural_galore_adamw" } else { "galore_adamw" },
+                    if natural { ", history, damping" } else { "" }
+                ),
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

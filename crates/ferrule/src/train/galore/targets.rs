@@ -112,7 +112,11 @@ pub fn select_targets<'a>(
         .map(|(name, _)| name.to_string())
         .collect();
     if chosen.is_empty() {
-        bail!("no GaLore target modules found for {targets:?} (only 2-D linear weights can be targets)");
+        let given = match targets {
+            TargetModules::One(p) => format!("{p:?} (one regex over whole module paths)"),
+            TargetModules::List(l) => format!("{l:?} (names, substrings or regexes)"),
+        };
+        bail!("no GaLore target modules found for optim_target_modules {given}; only 2-D linear weights can be targets");
     }
     Ok(chosen)
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bnb::{BnbAdamW, StateBits};
 use super::{AdamW, AdamWConfig};
+use crate::train::galore::{GaLoreAdamW, GaLoreConfig, LegacyAdamWConfig, TargetModules};
 
 /// bitsandbytes' `min_8bit_size`: parameters with fewer elements keep 32-bit state.
 pub const DEFAULT_MIN_8BIT_SIZE: usize = 4096;
@@ -54,6 +55,24 @@ impl Optimizer for AdamW {
     }
 }
 
+impl Optimizer for GaLoreAdamW {
+    fn set_lr(&mut self, lr: f64) {
+        GaLoreAdamW::set_lr(self, lr)
+    }
+    fn step_count(&self) -> u64 {
+        GaLoreAdamW::step_count(self)
+    }
+    fn step_with(&mut self, grads: &HashMap<String, Tensor>) -> Result<()> {
+        GaLoreAdamW::step_with(self, grads)
+    }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        GaLoreAdamW::state(self)
+    }
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        GaLoreAdamW::load_state(self, state)
+    }
+}
+
 impl Optimizer for BnbAdamW {
     fn set_lr(&mut self, lr: f64) {
         BnbAdamW::set_lr(self, lr)
@@ -86,15 +105,23 @@ pub enum OptimName {
     PagedAdamw8bit,
     /// `adamw` with its state in a memory-mapped file (bitsandbytes' `PagedAdamW32bit`).
     PagedAdamw32bit,
+    /// galore-torch's `GaLoreAdamW` ([`GaLoreAdamW`]): Adam on low-rank projections of the
+    /// target weights' gradients (`optim_args`, `optim_target_modules`).
+    GaloreAdamw,
+    /// GaLore with the projected gradient preconditioned by the inverse empirical Fisher
+    /// (Natural GaLore, arXiv 2410.16029).
+    NaturalGaloreAdamw,
 }
 
 impl OptimName {
     /// Every optimizer, in the order error messages list them.
-    pub const ALL: [OptimName; 4] = [
+    pub const ALL: [OptimName; 6] = [
         OptimName::Adamw,
         OptimName::Adamw8bit,
         OptimName::PagedAdamw8bit,
         OptimName::PagedAdamw32bit,
+        OptimName::GaloreAdamw,
+        OptimName::NaturalGaloreAdamw,
     ];
 
     /// The name in configs.
@@ -104,6 +131,8 @@ impl OptimName {
             OptimName::Adamw8bit => "adamw_8bit",
             OptimName::PagedAdamw8bit => "paged_adamw_8bit",
             OptimName::PagedAdamw32bit => "paged_adamw_32bit",
+            OptimName::GaloreAdamw => "galore_adamw",
+            OptimName::NaturalGaloreAdamw => "natural_galore_adamw",
         }
     }
 
@@ -114,6 +143,7 @@ impl OptimName {
             OptimName::Adamw8bit => &["adamw_bnb_8bit"],
             OptimName::PagedAdamw8bit => &[],
             OptimName::PagedAdamw32bit => &[],
+            OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw => &[],
         }
     }
 
@@ -162,7 +192,6 @@ const HF_OPTIMIZERS_NOT_IN_FERRULE: &[&str] = &[
     "rmsprop_bnb",
     "rmsprop_bnb_8bit",
     "rmsprop_bnb_32bit",
-    "galore_adamw",
     "galore_adamw_8bit",
     "galore_adafactor",
     "galore_adamw_layerwise",
@@ -233,6 +262,10 @@ pub struct OptimizerSpec<'a> {
     pub min_8bit_size: usize,
     /// Paged optimizers: the folder of the state file.
     pub offload_dir: &'a Path,
+    /// GaLore: HF's `optim_args` string (`rank=…, update_proj_gap=…, scale=…, proj_type=…`).
+    pub optim_args: Option<&'a str>,
+    /// GaLore: HF's `optim_target_modules` (default: modules whose path holds `attn` or `mlp`).
+    pub target_modules: Option<&'a TargetModules>,
 }
 
 impl OptimizerSpec<'_> {
@@ -243,6 +276,8 @@ impl OptimizerSpec<'_> {
             adamw,
             min_8bit_size: DEFAULT_MIN_8BIT_SIZE,
             offload_dir: Path::new("."),
+            optim_args: None,
+            target_modules: None,
         }
     }
 }
@@ -278,6 +313,21 @@ pub fn build_optimizer(
             StateBits::ThirtyTwo,
             Some(spec.offload_dir),
         )?),
+        OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw => {
+            let a = spec.adamw;
+            let adam = LegacyAdamWConfig {
+                lr: a.lr,
+                beta1: a.beta1,
+                beta2: a.beta2,
+                eps: a.eps,
+                weight_decay: a.weight_decay,
+                correct_bias: true,
+            };
+            let natural = spec.name == OptimName::NaturalGaloreAdamw;
+            let cfg =
+                GaLoreConfig::from_optim_args(spec.optim_args, spec.target_modules, natural, adam)?;
+            Box::new(GaLoreAdamW::new(vars, cfg)?)
+        }
     })
 }
 
@@ -306,10 +356,17 @@ mod tests {
 
     #[test]
     fn a_transformers_optimizer_ferrule_lacks_is_named_with_what_works() {
-        let err = "galore_adamw".parse::<OptimName>().unwrap_err().to_string();
+        let err = "galore_adamw_layerwise"
+            .parse::<OptimName>()
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("transformers' optimizer galore_adamw is not in ferrule"),
+            err.contains("transformers' optimizer galore_adamw_layerwise is not in ferrule"),
             "{err}"
+        );
+        assert_eq!(
+            "galore_adamw".parse::<OptimName>().unwrap(),
+            OptimName::GaloreAdamw
         );
         assert!(
             err.contains("adamw_8bit (adamw_bnb_8bit)") && err.contains("paged_adamw_32bit"),
