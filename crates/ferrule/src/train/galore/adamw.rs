@@ -20,8 +20,10 @@
 //! `eps = 1e-8`, `weight_decay = 1e-2` (here `1e-6` and `0`, which HF Trainer keeps: it passes
 //! GaLore only the learning rate). So `train::optim::adamw_update` is not reused.
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use candle_core::Tensor;
+
+use crate::train::optim::AdamWConfig;
 use serde::{Deserialize, Serialize};
 
 /// Hyper-parameters of galore-torch's `AdamW`, with its defaults.
@@ -56,31 +58,17 @@ impl Default for LegacyAdamWConfig {
 }
 
 impl LegacyAdamWConfig {
-    /// The ranges galore-torch's constructor checks (and a non-negative weight decay).
+    /// The ranges galore-torch's constructor checks (and a non-negative weight decay): those
+    /// of torch's AdamW ([`AdamWConfig::validate`]).
     pub fn validate(&self) -> Result<()> {
-        let finite_nonneg = |x: f64| x.is_finite() && x >= 0.0;
-        ensure!(finite_nonneg(self.lr), "invalid learning rate: {}", self.lr);
-        ensure!(
-            finite_nonneg(self.eps),
-            "invalid epsilon value: {}",
-            self.eps
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.beta1),
-            "invalid beta1 (must be in [0, 1)): {}",
-            self.beta1
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.beta2),
-            "invalid beta2 (must be in [0, 1)): {}",
-            self.beta2
-        );
-        ensure!(
-            finite_nonneg(self.weight_decay),
-            "invalid weight_decay value: {}",
-            self.weight_decay
-        );
-        Ok(())
+        AdamWConfig {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+        .validate()
     }
 
     /// The step size at the `t`-th update (from 1).

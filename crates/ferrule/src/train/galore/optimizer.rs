@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::adamw::{adam_direction, apply_update};
 use super::natural::NaturalGradient;
 use super::projector::{check_rank, Bases, GaLoreProjector, Side};
 use super::targets::select_targets;
 use super::GaLoreConfig;
-use crate::train::optim::{read_step, step_tensor};
+use crate::train::optim::{checked_grad, read_step, state_dtype, step_tensor};
 
 /// The projection state of a target parameter.
 struct Projection {
@@ -48,15 +48,6 @@ impl ParamState {
             }
             None => self.var.dims().to_vec(),
         }
-    }
-}
-
-/// Dtype of the moments, bases and update: `f64` for `f64` parameters, else `f32` (as
-/// [`crate::train::AdamW`]; galore-torch keeps half-precision state in the parameter's dtype).
-fn state_dtype(param: DType) -> DType {
-    match param {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
     }
 }
 
@@ -374,21 +365,8 @@ fn read_tensor(
 /// One update of a single parameter: project (targets), precondition (Natural GaLore), Adam,
 /// project back, step and decay.
 fn update(p: &mut ParamState, grad: &Tensor, cfg: &GaLoreConfig) -> Result<()> {
-    let pdtype = p.var.dtype();
-    ensure!(
-        pdtype.is_float(),
-        "parameter {:?} has non-float dtype {pdtype:?}",
-        p.name
-    );
-    ensure!(
-        grad.shape() == p.var.shape(),
-        "gradient for {:?} has shape {:?}, parameter has shape {:?}",
-        p.name,
-        grad.dims(),
-        p.var.dims()
-    );
-    let sdtype = state_dtype(pdtype);
-    let g = grad.detach().to_dtype(sdtype)?.to_device(p.var.device())?;
+    let g = checked_grad(&p.name, &p.var, grad)?;
+    let (pdtype, sdtype) = (p.var.dtype(), g.dtype());
     let g = match &mut p.projection {
         Some(proj) => {
             let low = proj.projector.project(&g, p.step)?;

@@ -96,7 +96,7 @@ struct ParamState {
 /// Dtype in which moments are kept and the update is computed: the
 /// parameter's own dtype for `f32`/`f64`, `f32` for half-precision
 /// parameters (see [`AdamW`]).
-fn state_dtype(param: DType) -> DType {
+pub(crate) fn state_dtype(param: DType) -> DType {
     match param {
         DType::F64 => DType::F64,
         _ => DType::F32,
@@ -330,23 +330,31 @@ pub(crate) fn read_step(state: &BTreeMap<String, Tensor>, key: &str) -> Result<u
     Ok(x as u64)
 }
 
-/// One AdamW update of a single parameter (see [`AdamW`] for the formula).
-fn update(p: &mut ParamState, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
-    let pdtype = p.var.dtype();
+/// `grad` checked against the parameter `name` (a float parameter, the same shape) and put in
+/// the state dtype ([`state_dtype`]) on the parameter's device: what every optimizer's update
+/// starts from.
+pub(crate) fn checked_grad(name: &str, var: &Var, grad: &Tensor) -> Result<Tensor> {
+    let pdtype = var.dtype();
     ensure!(
         pdtype.is_float(),
-        "parameter {:?} has non-float dtype {pdtype:?}",
-        p.name
+        "parameter {name:?} has non-float dtype {pdtype:?}"
     );
     ensure!(
-        grad.shape() == p.var.shape(),
-        "gradient for {:?} has shape {:?}, parameter has shape {:?}",
-        p.name,
+        grad.shape() == var.shape(),
+        "gradient for {name:?} has shape {:?}, parameter has shape {:?}",
         grad.dims(),
-        p.var.dims()
+        var.dims()
     );
-    let sdtype = state_dtype(pdtype);
-    let g = grad.detach().to_dtype(sdtype)?.to_device(p.var.device())?;
+    Ok(grad
+        .detach()
+        .to_dtype(state_dtype(pdtype))?
+        .to_device(var.device())?)
+}
+
+/// One AdamW update of a single parameter (see [`AdamW`] for the formula).
+fn update(p: &mut ParamState, grad: &Tensor, cfg: &AdamWConfig) -> Result<()> {
+    let g = checked_grad(&p.name, &p.var, grad)?;
+    let (pdtype, sdtype) = (p.var.dtype(), g.dtype());
     let param = p.var.as_detached_tensor().to_dtype(sdtype)?;
     let moments = p.exp_avg.as_ref().zip(p.exp_avg_sq.as_ref());
     let (param, m, v) = adamw_update(cfg, p.step + 1, &param, &g, moments)?;
