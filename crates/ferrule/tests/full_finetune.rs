@@ -2,7 +2,8 @@
 //! every parameter of the tiny llama, untied and with its head tied to the embedding
 //! (fixtures: tests/fixtures/full_finetune/make_full_finetune_fixtures.py), with and without
 //! recomputation; the model folder a run writes reloads with the trained model's logits; a
-//! `--trainable` subset leaves the rest bit for bit; resume is byte-identical.
+//! `--trainable` subset leaves the rest bit for bit; resume is byte-identical; GaLore's
+//! layer-wise step equals its whole-model step.
 
 mod common;
 
@@ -325,4 +326,79 @@ fn what_full_fine_tuning_cannot_do_is_refused_by_name() {
     assert!(!tmp.path().join("c/model.safetensors").exists());
     let own = err(train_config(&base, &base, None));
     assert!(own.contains("is the model's own folder"), "{own}");
+}
+
+/// `galore_adamw_layerwise` steps each layer inside the recomputed backward and the embedding,
+/// final norm and head after it; without clipping that is `galore_adamw`'s step, up to the
+/// rounding of the gradient's division by the token count.
+#[test]
+fn galore_layerwise_equals_the_whole_model_step() {
+    use ferrule::train::OptimName;
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let base = fixtures().join("models/llama");
+    let run = |optim: OptimName, out: &str| -> HashMap<String, Tensor> {
+        let out = tmp.path().join(out);
+        let cfg = TrainConfig {
+            optim,
+            // Rank 2 on every attention and MLP matrix, the basis refreshed at steps 2 and 4.
+            optim_args: Some("rank=2,update_proj_gap=2".into()),
+            recompute: true,
+            max_grad_norm: Some(0.0),
+            ..train_config(&base, &out, None)
+        };
+        train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
+        candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap()
+    };
+    let whole = run(OptimName::GaloreAdamw, "whole");
+    let layerwise = run(OptimName::GaloreAdamwLayerwise, "layerwise");
+    let before = candle_core::safetensors::load(base.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(whole.len(), layerwise.len());
+    for (name, t) in &whole {
+        // Every tensor trained, in the layers and outside them.
+        assert!(max_diff(t, &before[name]) > 0.0, "{name} did not move");
+        let d = relative_diff(&layerwise[name], t);
+        assert!(d < 1e-5, "{name}: layer-wise differs by {d}");
+    }
+}
+
+#[test]
+fn galore_layerwise_says_what_it_needs() {
+    use ferrule::train::OptimName;
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let base = fixtures().join("models/llama");
+    let err = |cfg: TrainConfig| {
+        format!(
+            "{:#}",
+            train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap_err()
+        )
+    };
+    let layerwise = TrainConfig {
+        optim: OptimName::GaloreAdamwLayerwise,
+        recompute: true,
+        ..train_config(&base, &tmp.path().join("a"), None)
+    };
+    let e = err(TrainConfig {
+        recompute: false,
+        ..layerwise.clone()
+    });
+    assert!(e.contains("add --recompute"), "{e}");
+    let e = err(TrainConfig {
+        grad_accum: 2,
+        ..layerwise.clone()
+    });
+    assert!(e.contains("set grad_accum (--grad-accum) to 1"), "{e}");
+    // GaLore's keys with another optimizer would be dropped without a word.
+    let e = err(TrainConfig {
+        optim_args: Some("rank=2".into()),
+        ..train_config(&base, &tmp.path().join("b"), None)
+    });
+    assert!(
+        e.contains("optim_args (--optim-args) is read by the GaLore optimizers only"),
+        "{e}"
+    );
+    for dir in ["a", "b"] {
+        assert!(!tmp.path().join(dir).exists(), "{dir} was created");
+    }
 }

@@ -368,11 +368,12 @@ fn every_optimizer_resumes_to_the_uninterrupted_adapter() {
         min_8bit_size: 256,
         // GaLore on the LoRA factors (rank 4): projected to rank 2, the basis refreshed at
         // steps 2 and 4, on both sides of the resume.
-        optim_args: matches!(
-            optim,
-            OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw
-        )
-        .then(|| "rank=2,update_proj_gap=2".to_string()),
+        optim_args: optim
+            .is_galore()
+            .then(|| "rank=2,update_proj_gap=2".to_string()),
+        // The layer-wise step runs in the recomputed layers' backward, one micro-batch a step.
+        recompute: optim.is_layerwise(),
+        grad_accum: if optim.is_layerwise() { 1 } else { 2 },
         ..config(out)
     };
     let mut adapters = std::collections::HashMap::new();

@@ -300,7 +300,10 @@ pub struct PlanRequest {
 pub fn optimizer_resident_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
     use crate::train::OptimName;
     match optim {
-        OptimName::Adamw | OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw => 8.0 * psi,
+        OptimName::Adamw
+        | OptimName::GaloreAdamw
+        | OptimName::NaturalGaloreAdamw
+        | OptimName::GaloreAdamwLayerwise => 8.0 * psi,
         OptimName::Adamw8bit => eight_bit_state_bytes(psi),
         OptimName::PagedAdamw8bit | OptimName::PagedAdamw32bit => 0.0,
     }
@@ -315,7 +318,8 @@ pub fn optimizer_file_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
         OptimName::Adamw
         | OptimName::Adamw8bit
         | OptimName::GaloreAdamw
-        | OptimName::NaturalGaloreAdamw => 0.0,
+        | OptimName::NaturalGaloreAdamw
+        | OptimName::GaloreAdamwLayerwise => 0.0,
     }
 }
 

@@ -25,15 +25,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::collective::Collective;
 use super::partition::FlatLayout;
+use crate::ops::recompute::GradHook;
 use crate::train::optim::{
     adamw_update, build_optimizer, clip_grad_norm, grad_norm, read_step, step_tensor, AdamWConfig,
-    OptimName, Optimizer, OptimizerSpec,
+    LayerwiseStepper, OptimName, Optimizer, OptimizerSpec,
 };
 
 /// A ZeRO stage, 0 to 3 (`--zero-stage`).
@@ -257,6 +259,8 @@ fn read_f32(state: &BTreeMap<String, Tensor>, key: &str, len: usize) -> Result<V
 enum Inner {
     Replicated(Box<dyn Optimizer>),
     Sharded(ShardedAdamW),
+    /// A layer-wise optimizer (one process): most parameters step during the backward pass.
+    Layerwise(Arc<LayerwiseStepper>),
 }
 
 /// An optimizer over data-parallel ranks at one ZeRO stage (see the module docs): at stage 0
@@ -298,9 +302,18 @@ impl ZeroOptimizer {
                 spec.name
             )
         }
+        if spec.name.is_layerwise() && comm.world_size() > 1 {
+            bail!(
+                "--optim {} runs in one process: each layer steps during the backward pass, before ranks could average its gradient; use --optim galore_adamw across ranks",
+                spec.name
+            )
+        }
         let cfg = spec.adamw;
         let layout = FlatLayout::of_vars(&vars, comm.world_size());
-        let inner = if stage.partitions_optimizer() {
+        let inner = if spec.name.is_layerwise() {
+            let opt = build_optimizer(vars.clone(), spec)?;
+            Inner::Layerwise(Arc::new(LayerwiseStepper::new(opt, &vars)))
+        } else if stage.partitions_optimizer() {
             let flat = layout.flatten_vars(&vars)?;
             Inner::Sharded(ShardedAdamW::new(
                 &layout,
@@ -322,6 +335,23 @@ impl ZeroOptimizer {
 
     pub fn stage(&self) -> ZeroStage {
         self.stage
+    }
+
+    /// For a layer-wise optimizer, the hook that steps each parameter as its recomputed
+    /// layer's backward ends ([`crate::ops::recompute::GradSink::with_hook`]).
+    pub fn layerwise_hook(&self) -> Option<GradHook> {
+        match &self.inner {
+            Inner::Layerwise(stepper) => Some(stepper.hook()),
+            _ => None,
+        }
+    }
+
+    /// Sets the learning rate before a step's backward pass, which a layer-wise optimizer
+    /// steps in ([`ZeroOptimizer::step`] sets it for the others).
+    pub fn set_lr(&mut self, lr: f64) {
+        if let Inner::Layerwise(stepper) = &self.inner {
+            stepper.set_lr(lr)
+        }
     }
 
     pub fn layout(&self) -> &FlatLayout {
@@ -414,6 +444,14 @@ impl ZeroOptimizer {
                 opt.step_with(&grads)?;
                 norm
             }
+            Inner::Layerwise(stepper) => {
+                // One process, one micro-batch: the layers stepped on this same division.
+                let rest: HashMap<String, Tensor> = sums
+                    .into_iter()
+                    .map(|(k, t)| Ok((k, (t / totals.trained)?)))
+                    .collect::<Result<_>>()?;
+                stepper.finish(&rest)?
+            }
             Inner::Sharded(opt) => {
                 let range = self.layout.partition(comm.rank());
                 let mut part = if self.stage.get() == 1 {
@@ -456,6 +494,7 @@ impl ZeroOptimizer {
     pub fn state(&self) -> Result<OptimizerState> {
         Ok(match &self.inner {
             Inner::Replicated(opt) => OptimizerState::Full(opt.state()?),
+            Inner::Layerwise(stepper) => OptimizerState::Full(stepper.state()?),
             Inner::Sharded(opt) => {
                 OptimizerState::Shard(opt.state(&self.layout)?, self.layout.to_json())
             }
@@ -469,6 +508,10 @@ impl ZeroOptimizer {
             Inner::Replicated(opt) => {
                 ensure!(!sharded, "a partitioned optimizer state cannot be loaded at ZeRO stage 0; consolidate the checkpoint first");
                 opt.load_state(state)
+            }
+            Inner::Layerwise(stepper) => {
+                ensure!(!sharded, "a partitioned optimizer state cannot be loaded by a layer-wise optimizer; consolidate the checkpoint first");
+                stepper.load_state(state)
             }
             Inner::Sharded(opt) => opt.load_state(&self.layout, state, sharded),
         }

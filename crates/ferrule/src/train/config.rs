@@ -126,8 +126,10 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// The optimizer (default adamw): adamw, adamw_8bit (bitsandbytes' AdamW8bit: both moments
     /// block-wise quantized to 8 bits), paged_adamw_8bit or paged_adamw_32bit (the state in a
-    /// memory-mapped file in offload-dir); transformers' names (adamw_torch, adamw_bnb_8bit,
-    /// ...) work too. 8-bit and paged state need --zero-stage 0.
+    /// memory-mapped file in offload-dir), galore_adamw, natural_galore_adamw,
+    /// galore_adamw_layerwise (steps each layer during backward: needs --recompute);
+    /// transformers' names (adamw_torch, adamw_bnb_8bit, ...) work too. Optimizers other than
+    /// adamw need --zero-stage 0.
     // Defaults spelled out for clap: the serialized default (`with_defaults`) leaves these out
     // (old checkpoints' fingerprints), and a flag without a default would be required.
     #[cfg_attr(feature = "cli", arg(long, value_name = "NAME", default_value = "adamw", help_heading = heading::OPTIM))]
@@ -456,6 +458,7 @@ impl TrainConfig {
             bail!("train: batch_size, batch_tokens and grad_accum (--batch-size, --batch-tokens, --grad-accum) must be at least 1")
         }
         self.validate_batching()?;
+        self.validate_optim()?;
         if self.max_len.is_some_and(|m| m < 2) {
             bail!("train: max_len must be at least 2")
         }
@@ -492,6 +495,34 @@ impl TrainConfig {
         }
         if self.resize_token_embeddings {
             bail!("train: resize_token_embeddings (--resize-token-embeddings) grows the embedding table, which stream_base (--stream-base) reads unchanged from the file; drop one of them")
+        }
+        Ok(())
+    }
+
+    /// GaLore's own keys go with a GaLore optimizer, and the layer-wise form with what it
+    /// needs: recomputed layers (whose backward hands each gradient over as it ends) and no
+    /// accumulation (transformers refuses it too: a layer steps before the next micro-batch).
+    fn validate_optim(&self) -> Result<()> {
+        let optim = self.optim;
+        if !optim.is_galore() {
+            for (set, key, flag) in [
+                (self.optim_args.is_some(), "optim_args", "--optim-args"),
+                (
+                    self.optim_target_modules.is_some(),
+                    "optim_target_modules",
+                    "--optim-target-modules",
+                ),
+            ] {
+                if set {
+                    bail!("train: {key} ({flag}) is read by the GaLore optimizers only, and optim is {optim}; pass --optim galore_adamw (or natural_galore_adamw, galore_adamw_layerwise) or drop {flag}")
+                }
+            }
+        }
+        if optim.is_layerwise() && !self.recompute {
+            bail!("train: optim {optim} steps each layer while the backward pass of recomputed layers runs; add --recompute (`recompute = true`)")
+        }
+        if optim.is_layerwise() && self.grad_accum != 1 {
+            bail!("train: optim {optim} steps each layer as soon as its gradient is ready, so gradients cannot accumulate; set grad_accum (--grad-accum) to 1 and raise --batch-size instead")
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use crate::data::{make_batch, Encoded, Padding};
 use crate::dist::{
     BaseComm, Collective, SingleProcess, StepTotals, Traffic, ZeroOptimizer, ZeroStage,
 };
-use crate::ops::recompute::GradSink;
+use crate::ops::recompute::{GradHook, GradSink};
 use crate::ops::ComputeDtypeDecision;
 use crate::tuners::total_params;
 
@@ -482,13 +482,13 @@ impl<'a> Run<'a> {
         ranks_agree(comm, &identity, &plan, options, checkpoint.as_ref())?;
 
         let params = p.tuner.trainable();
-        let sink = recompute_sink(cfg, &p, &params, progress);
         let mut opt = ZeroOptimizer::with_optimizer(
             params.clone(),
             &optimizer_spec(cfg),
             options.zero_stage,
             comm,
         )?;
+        let sink = recompute_sink(cfg, &p, &params, opt.layerwise_hook(), progress)?;
         let metrics_path = out.join("metrics.jsonl");
         let rank0 = comm.rank() == 0;
         let metrics = match &checkpoint {
@@ -549,6 +549,15 @@ impl<'a> Run<'a> {
         let t0 = Instant::now();
         let traffic0 = self.sent();
         self.opt.materialize(comm)?;
+        let total_steps = self.plan.total_steps;
+        let lr = lr_at(
+            cfg.schedule,
+            cfg.lr,
+            self.step,
+            cfg.warmup_steps,
+            total_steps,
+        );
+        self.opt.set_lr(lr);
         let (sums, local) = accumulate_step(
             &self.p,
             cfg,
@@ -558,14 +567,6 @@ impl<'a> Run<'a> {
             &self.params,
             self.sink.as_ref(),
         )?;
-        let total_steps = self.plan.total_steps;
-        let lr = lr_at(
-            cfg.schedule,
-            cfg.lr,
-            self.step,
-            cfg.warmup_steps,
-            total_steps,
-        );
         let result = self
             .opt
             .step(comm, sums, local, cfg.max_grad_norm, lr)
@@ -874,24 +875,38 @@ fn adamw(cfg: &TrainConfig) -> AdamWConfig {
     }
 }
 
-/// With `recompute`, where the recomputed layers leave the gradients of `params`; `None`
-/// without it, or where the architecture cannot recompute (said on `progress`).
+/// With `recompute`, where the recomputed layers leave the gradients of `params`: kept for the
+/// step, or handed to `layerwise` (a layer-wise optimizer's hook) as each layer's backward
+/// ends. `None` without `recompute`, or where the architecture cannot recompute (said on
+/// `progress`; an error for a layer-wise optimizer, which needs it).
 fn recompute_sink(
     cfg: &TrainConfig,
     p: &Prepared,
     params: &[(String, Var)],
+    layerwise: Option<GradHook>,
     progress: &mut dyn Progress,
-) -> Option<Arc<GradSink>> {
+) -> Result<Option<Arc<GradSink>>> {
     if !cfg.recompute {
-        return None;
+        return Ok(None);
     }
-    let sink = Arc::new(GradSink::new(
-        params.iter().map(|(_, v)| v.as_tensor().id()),
-    ));
+    let ids = params.iter().map(|(_, v)| v.as_tensor().id());
+    let is_layerwise = layerwise.is_some();
+    let sink = Arc::new(match layerwise {
+        Some(hook) => GradSink::with_hook(ids, hook),
+        None => GradSink::new(ids),
+    });
     if p.model.set_recompute(Some(sink.clone())) {
-        Some(sink)
-    } else {
-        progress.message("recompute: not supported for this architecture; keeping activations");
-        None
+        if is_layerwise && cfg.max_grad_norm.is_some_and(|m| m > 0.0) {
+            progress.warning(&format!("optim {}: gradients are not clipped (max_grad_norm is ignored): each layer steps before the global norm is known, as in transformers; set max_grad_norm = 0 to say so", cfg.optim));
+        }
+        return Ok(Some(sink));
     }
+    if is_layerwise {
+        bail!(
+            "optim {}: this architecture cannot recompute its layers, which the layer-wise step needs; use --optim galore_adamw",
+            cfg.optim
+        )
+    }
+    progress.message("recompute: not supported for this architecture; keeping activations");
+    Ok(None)
 }

@@ -23,7 +23,7 @@ pub const DEFAULT_MIN_8BIT_SIZE: usize = 4096;
 
 /// What the trainer asks of an optimizer over named [`Var`]s, with the shape of
 /// [`AdamW`]'s own methods.
-pub trait Optimizer {
+pub trait Optimizer: Send {
     /// Sets the learning rate of the next steps (the schedule's, each step).
     fn set_lr(&mut self, lr: f64);
     /// Steps taken so far.
@@ -35,6 +35,13 @@ pub trait Optimizer {
     /// Restores [`Optimizer::state`]'s output; a missing, unknown or misshapen entry is an
     /// error naming it, and leaves the optimizer as it was.
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()>;
+    /// The layer-wise form ([`OptimName::is_layerwise`]): one parameter's update as soon as
+    /// its gradient is final. The step ends with [`Optimizer::finish_layerwise_step`].
+    fn step_param(&mut self, name: &str, _grad: &Tensor) -> Result<()> {
+        bail!("parameter {name:?}: this optimizer has no layer-wise form")
+    }
+    /// Ends a step made of [`Optimizer::step_param`] calls (the step count advances).
+    fn finish_layerwise_step(&mut self) {}
 }
 
 impl Optimizer for AdamW {
@@ -70,6 +77,12 @@ impl Optimizer for GaLoreAdamW {
     }
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
         GaLoreAdamW::load_state(self, state)
+    }
+    fn step_param(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        GaLoreAdamW::step_param(self, name, grad)
+    }
+    fn finish_layerwise_step(&mut self) {
+        GaLoreAdamW::finish_layerwise_step(self)
     }
 }
 
@@ -111,17 +124,23 @@ pub enum OptimName {
     /// GaLore with the projected gradient preconditioned by the inverse empirical Fisher
     /// (Natural GaLore, arXiv 2410.16029).
     NaturalGaloreAdamw,
+    /// `galore_adamw` stepped layer by layer during the backward pass, each gradient dropped
+    /// once its layer has stepped (transformers' `galore_adamw_layerwise`): no full-model
+    /// gradient is ever held. Needs `recompute`, one process and `grad_accum = 1`; gradients
+    /// are not clipped.
+    GaloreAdamwLayerwise,
 }
 
 impl OptimName {
     /// Every optimizer, in the order error messages list them.
-    pub const ALL: [OptimName; 6] = [
+    pub const ALL: [OptimName; 7] = [
         OptimName::Adamw,
         OptimName::Adamw8bit,
         OptimName::PagedAdamw8bit,
         OptimName::PagedAdamw32bit,
         OptimName::GaloreAdamw,
         OptimName::NaturalGaloreAdamw,
+        OptimName::GaloreAdamwLayerwise,
     ];
 
     /// The name in configs.
@@ -133,6 +152,7 @@ impl OptimName {
             OptimName::PagedAdamw32bit => "paged_adamw_32bit",
             OptimName::GaloreAdamw => "galore_adamw",
             OptimName::NaturalGaloreAdamw => "natural_galore_adamw",
+            OptimName::GaloreAdamwLayerwise => "galore_adamw_layerwise",
         }
     }
 
@@ -143,13 +163,31 @@ impl OptimName {
             OptimName::Adamw8bit => &["adamw_bnb_8bit"],
             OptimName::PagedAdamw8bit => &[],
             OptimName::PagedAdamw32bit => &[],
-            OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw => &[],
+            OptimName::GaloreAdamw
+            | OptimName::NaturalGaloreAdamw
+            | OptimName::GaloreAdamwLayerwise => &[],
         }
     }
 
     /// Whether the state lives in a memory-mapped file (`--offload-dir`).
     pub fn is_paged(self) -> bool {
         matches!(self, OptimName::PagedAdamw8bit | OptimName::PagedAdamw32bit)
+    }
+
+    /// Whether each parameter steps as soon as its gradient is final, during the backward
+    /// pass ([`Optimizer::step_param`]).
+    pub fn is_layerwise(self) -> bool {
+        self == OptimName::GaloreAdamwLayerwise
+    }
+
+    /// Whether the optimizer is GaLore (`optim_args` and `optim_target_modules` apply).
+    pub fn is_galore(self) -> bool {
+        matches!(
+            self,
+            OptimName::GaloreAdamw
+                | OptimName::NaturalGaloreAdamw
+                | OptimName::GaloreAdamwLayerwise
+        )
     }
 
     /// Whether `min_8bit_size` applies.
@@ -194,7 +232,6 @@ const HF_OPTIMIZERS_NOT_IN_FERRULE: &[&str] = &[
     "rmsprop_bnb_32bit",
     "galore_adamw_8bit",
     "galore_adafactor",
-    "galore_adamw_layerwise",
     "galore_adamw_8bit_layerwise",
     "galore_adafactor_layerwise",
     "lomo",
@@ -313,7 +350,9 @@ pub fn build_optimizer(
             StateBits::ThirtyTwo,
             Some(spec.offload_dir),
         )?),
-        OptimName::GaloreAdamw | OptimName::NaturalGaloreAdamw => {
+        OptimName::GaloreAdamw
+        | OptimName::NaturalGaloreAdamw
+        | OptimName::GaloreAdamwLayerwise => {
             let a = spec.adamw;
             let adam = LegacyAdamWConfig {
                 lr: a.lr,
@@ -356,12 +395,12 @@ mod tests {
 
     #[test]
     fn a_transformers_optimizer_ferrule_lacks_is_named_with_what_works() {
-        let err = "galore_adamw_layerwise"
+        let err = "galore_adamw_8bit_layerwise"
             .parse::<OptimName>()
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("transformers' optimizer galore_adamw_layerwise is not in ferrule"),
+            err.contains("transformers' optimizer galore_adamw_8bit_layerwise is not in ferrule"),
             "{err}"
         );
         assert_eq!(

@@ -2,14 +2,17 @@
 //! accumulation and gradient clipping, numerically matching `torch.optim.AdamW` and
 //! `torch.nn.utils.clip_grad_norm_` (this file); bitsandbytes' 8-bit and paged AdamW
 //! ([`bnb`], state storage in [`arena`]); the `optim` setting, the [`Optimizer`] interface the
-//! trainer drives and [`build_optimizer`] ([`choice`]).
+//! trainer drives and [`build_optimizer`] ([`choice`]); the layer-wise step driven from the
+//! backward pass ([`layerwise`]).
 
 mod arena;
 pub mod bnb;
 pub mod choice;
+pub mod layerwise;
 
 pub use bnb::{BnbAdamW, StateBits};
 pub use choice::{build_optimizer, OptimName, Optimizer, OptimizerSpec, DEFAULT_MIN_8BIT_SIZE};
+pub use layerwise::LayerwiseStepper;
 
 use std::collections::{BTreeMap, HashMap};
 
