@@ -99,6 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--autocast-bf16", action="store_true",
                    help="forward (and so backward) under torch.autocast('cpu', torch.bfloat16): what HF "
                         "Trainer's bf16=True does on CPU; weights, optimizer and LoRA stay f32")
+    p.add_argument("--galore-layerwise", default=None, metavar="OPTIM_ARGS",
+                   help="full fine-tuning with HF Trainer's optim='galore_adamw_layerwise', built as "
+                        "transformers' _get_galore_optimizer builds it: one galore_torch.GaLoreAdamW per "
+                        "parameter (the attn/mlp linear weights projected with OPTIM_ARGS, e.g. "
+                        "'rank=64,update_proj_gap=50,scale=0.25,proj_type=std'), stepped with its own "
+                        "linear schedule from a post-accumulate-grad hook; no clipping")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--out", required=True, help="results JSON path")
     return p.parse_args(argv)
@@ -329,6 +335,42 @@ def batch_order(n, batch_size, seed):
 
 # ---------------------------------------------------------------- main
 
+def layerwise_galore(model, args, total_steps):
+    """transformers' optim='galore_adamw_layerwise' (trainer.py, _get_galore_optimizer): the
+    linear weights of modules whose name holds attn or mlp get GaLore's projection with
+    optim_args, every parameter its own GaLoreAdamW (lr only, as HF passes it) and linear
+    schedule, stepped and zeroed by a post-accumulate-grad hook."""
+    import re
+    from galore_torch import GaLoreAdamW
+    from transformers import get_linear_schedule_with_warmup
+
+    galore_kwargs = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+    for pair in args.galore_layerwise.replace(" ", "").split(","):
+        k, v = pair.split("=")
+        galore_kwargs[k] = v if k == "proj_type" else (float(v) if k == "scale" else int(v))
+    targets = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.search(r"attn|mlp", name):
+            targets.add(id(module.weight))
+    hooks = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        group = {"params": [p], **galore_kwargs} if id(p) in targets else {"params": [p]}
+        o = GaLoreAdamW([group], lr=args.lr)
+        hooks[p] = (o, get_linear_schedule_with_warmup(o, args.warmup_steps, total_steps))
+
+    def step(p):
+        if p.grad is not None:
+            o, sch = hooks[p]
+            o.step()
+            o.zero_grad()
+            sch.step()
+
+    for p in hooks:
+        p.register_post_accumulate_grad_hook(step)
+
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -476,8 +518,12 @@ def main(argv=None):
 
     # ---- optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, args.warmup_steps, total_steps)
+    if args.galore_layerwise:
+        layerwise_galore(model, args, total_steps)
+        opt = sched = None
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        sched = get_linear_schedule_with_warmup(opt, args.warmup_steps, total_steps)
 
     # ---- train
     poller = RssPoller().start()
@@ -500,7 +546,7 @@ def main(argv=None):
     t_train = time.perf_counter()
     for step in range(total_steps):
         epoch, idx = next(order)
-        lrs.append(sched.get_last_lr()[0])
+        lrs.append(sched.get_last_lr()[0] if sched else float("nan"))
         ts = time.perf_counter()
         cs = time.process_time()
         if flatten is not None:
@@ -511,11 +557,12 @@ def main(argv=None):
             out = model(**batch)
             loss = out.loss
         loss.backward()
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:  # layer-wise GaLore stepped in the backward's hooks
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - ts
         step_cpu.append(time.process_time() - cs)
         lv = float(loss.detach())

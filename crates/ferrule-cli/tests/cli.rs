@@ -905,6 +905,31 @@ fn bad_quantization_flags_are_refused_clearly() {
     assert!(!t.path().join("x").exists(), "nothing written");
 }
 
+/// `ferrule plan --stream-base` on the tiny llama's f32 weights, by hand: the norms stay
+/// resident (2 layers x 2 x 64 + 64 floats), the head (320 x 64 f32) is the largest use, and
+/// the largest matrix of another shape (gate_proj, 128 x 64) is read ahead meanwhile; the
+/// same-shaped embedding is not (its lookup touches only its rows).
+#[test]
+fn plan_a_streamed_base_counts_the_matrix_in_use_and_the_next() {
+    let model = fx("models/llama");
+    let plan = |extra: &[&str]| {
+        let mut a = vec!["plan", "--model", &model, "--compute-dtype", "f32", "--json"];
+        a.extend_from_slice(extra);
+        let (ok, out, err) = ferrule(&a);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["weights_bytes"]
+            .as_f64()
+            .unwrap()
+    };
+    let by_hand = 4.0 * (2.0 * 2.0 * 64.0 + 64.0) + 4.0 * 320.0 * 64.0 + 4.0 * 128.0 * 64.0;
+    assert_eq!(plan(&["--stream-base"]), by_hand);
+    assert!(plan(&[]) > 2.0 * by_hand);
+    fails_with(
+        &["plan", "--model", &model, "--stream-base", "--shard-base"],
+        "--stream-base and --shard-base",
+    );
+}
+
 /// `ferrule plan` from a config.json alone (Meta-Llama-3-70B's shapes): the ZeRO formulas for
 /// its LoRA parameters, the NF4 base sharded over 8 ranks, and the answer to "does it fit".
 #[test]
@@ -977,6 +1002,24 @@ fn plan_a_70b_model_this_machine_cannot_hold() {
     );
     assert!(eight["weights_bytes"].as_f64().unwrap() < weights / 4.0);
     assert_eq!(eight["fits"], true);
+    // Streamed from disk on one rank, by hand: the norms stay resident, and the head in use
+    // (128256 x 8192 in bf16) is the largest matrix, with one more of its size read ahead.
+    let streamed = args(&[
+        "--stream-base",
+        "--compute-dtype",
+        "bf16",
+        "--batch-size",
+        "1",
+        "--max-len",
+        "2048",
+        "--recompute",
+        "--memory-per-rank",
+        "24",
+    ]);
+    let by_hand = 4.0 * 1_318_912.0 + 2.0 * 2.0 * 128_256.0 * 8192.0;
+    let w = streamed["weights_bytes"].as_f64().unwrap();
+    assert!((w - by_hand).abs() < 1.0, "{w} vs {by_hand}");
+    assert_eq!(streamed["fits"], true);
     assert_eq!(args(&["--memory-per-rank", "24"])["fits"], false);
     fails_with(
         &["plan", "--model", &cfg, "--method", "ia3"],

@@ -34,6 +34,10 @@ pub struct Args {
     /// Plan with the frozen base sharded over the ranks (train's --shard-base, FSDP-style).
     #[arg(long)]
     shard_base: bool,
+    /// Plan with the frozen base streamed from disk (train's --stream-base): the resident
+    /// part of the base plus the matrix in use and the one read ahead.
+    #[arg(long)]
+    stream_base: bool,
     /// Records per micro-batch on each rank.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -83,6 +87,9 @@ fn check_sizes(args: &Args) -> Result<()> {
             args.max_len
         )
     }
+    if args.stream_base && args.shard_base {
+        bail!("--stream-base and --shard-base both bound the base's memory, in ways train does not combine; plan one of them")
+    }
     if let Some(gb) = args.memory_per_rank {
         if !(gb.is_finite() && gb > 0.0) {
             bail!("--memory-per-rank is {gb}, expected a positive number of GB")
@@ -104,6 +111,7 @@ fn estimate(args: &Args) -> Result<(Plan, ComputeDtypeDecision)> {
     let options = ferrule::model::LoadOptions {
         quantize: quant.as_ref(),
         compute_dtype: compute.dtype,
+        stream_base: args.stream_base,
         ..Default::default()
     };
     let planned = PlannedModel::load(
@@ -137,6 +145,8 @@ fn print_text(args: &Args, estimate: &Plan, compute: &ComputeDtypeDecision, fits
         estimate.zero_stage,
         if estimate.shard_base {
             ", base sharded"
+        } else if args.stream_base {
+            ", base streamed from disk"
         } else {
             ""
         }

@@ -159,7 +159,8 @@ impl ModelShape {
 #[derive(Clone, Debug)]
 pub struct PlannedModel {
     pub shape: ModelShape,
-    /// Bytes of the frozen base as held in memory (measured when the weights are there).
+    /// Bytes of the frozen base as held in memory (measured when the weights are there); with
+    /// `stream_base`, what stays resident plus the streaming window.
     pub base_bytes: f64,
     /// Ψ, trainable parameters.
     pub trainable: usize,
@@ -222,9 +223,26 @@ impl PlannedModel {
         let embedding =
             shape.embedding_params as f64 * if quantize.is_some() { 2.0 } else { dense };
         let other = (shape.other_params - shape.embedding_params) as f64 * 4.0;
+        let base_bytes = if options.stream_base {
+            // The largest matrix in use and the next prefetched: the head (or the embedding)
+            // against the largest linear, as the file would hold them in the compute dtype.
+            let table = (shape.vocab * shape.hidden) as f64 * dense;
+            let largest_linear = shape
+                .block_linears
+                .iter()
+                .map(|l| (l.in_features * l.out_features) as f64)
+                .fold(0.0, f64::max)
+                * match quantize {
+                    Some(_) => linear_bytes_per_param(quantize, shape.hidden),
+                    None => dense,
+                };
+            other + 2.0 * table.max(largest_linear)
+        } else {
+            linear + embedding + other
+        };
         Ok(Self {
             shape,
-            base_bytes: linear + embedding + other,
+            base_bytes,
             trainable,
         })
     }
@@ -237,10 +255,13 @@ impl PlannedModel {
         options: LoadOptions,
         allow_unmatched: bool,
     ) -> Result<Self> {
+        let dtype = options.compute_dtype;
         let (source, tuned) = attach_fresh(model, adapter, task, options, allow_unmatched)?;
+        let w = &source.weights;
+        let held = WeightMemory::of(w).total_bytes() - w.streamed_quantized_mapped_bytes();
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
-            base_bytes: WeightMemory::of(&source.weights).total_bytes() as f64,
+            base_bytes: (held + w.stream_window_bytes(dtype)) as f64,
             trainable: trainable_params(tuned.tuner.as_ref()),
         })
     }

@@ -102,6 +102,21 @@ impl StreamedWeight {
         self.pages.len()
     }
 
+    /// Bytes a use makes resident: the mapped pages, and for a dense matrix stored in another
+    /// dtype than `dtype` the converted copy [`StreamedWeight::with_dense`] makes (quantized
+    /// matrices dequantize in tiles, which are not counted).
+    pub fn use_bytes(&self, dtype: ComputeDtype) -> usize {
+        let converted = match self.held {
+            Held::Dense {
+                dtype: stored,
+                rows,
+                cols,
+            } if stored != dtype.dtype() => rows * cols * dtype.dtype().size_in_bytes(),
+            _ => 0,
+        };
+        self.mapped_bytes() + converted
+    }
+
     /// Starts a use: records it (for read-ahead), hands the matrix expected next to the
     /// read-ahead thread, and drops this matrix's pages when the returned guard goes.
     pub fn use_pages(&self) -> InUse<'_> {

@@ -419,6 +419,40 @@ impl Weights {
         Ok(())
     }
 
+    /// With `--stream-base`, what the streamed matrices make resident at the peak of a run:
+    /// the largest use ([`StreamedWeight::use_bytes`]) while the next matrix is read ahead.
+    /// The next one is taken as the largest matrix of another shape: a same-shaped matrix is
+    /// the other vocabulary table (the embedding, whose lookup touches only its rows' pages,
+    /// against the head) or the same matrix of another layer, which the layer walk does not
+    /// read next. An estimate for `ferrule plan` (the read-ahead's order is learnt as the run
+    /// goes); BENCHMARKS.md compares it with measured runs.
+    pub fn stream_window_bytes(&self, dtype: ComputeDtype) -> usize {
+        let mut uses: Vec<(usize, (usize, usize))> = self
+            .streamed
+            .values()
+            .map(|s| (s.use_bytes(dtype), s.dims()))
+            .collect();
+        uses.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(&(largest, dims)) = uses.first() else {
+            return 0;
+        };
+        let next = uses
+            .iter()
+            .find(|(_, d)| *d != dims && *d != (dims.1, dims.0))
+            .map_or(0, |&(bytes, _)| bytes);
+        largest + next
+    }
+
+    /// Bytes of the streamed matrices' mapped pages that [`crate::quant::WeightMemory`]
+    /// counts as held (a streamed quantized matrix reports its codes as its storage).
+    pub fn streamed_quantized_mapped_bytes(&self) -> usize {
+        self.streamed
+            .values()
+            .filter(|s| matches!(s.held(), Held::Quantized(_)))
+            .map(|s| s.mapped_bytes())
+            .sum()
+    }
+
     /// Whether any matrix is streamed from disk (`--stream-base`).
     pub fn is_streamed(&self) -> bool {
         !self.streamed.is_empty()
