@@ -5,7 +5,10 @@
 # output.dense; LN tuning: LayerNorm, given explicitly since peft has no BERT default), prompt-tuning
 # and prefix-tuning with 20 virtual tokens (prefix tuning: workload b only, peft cannot run it on
 # BERT), randlora with r 8, randlora_alpha 16 on LoRA's targets; full: every parameter (ferrule
-# --method full, transformers without peft). STEPS=N changes the 20 optimizer steps.
+# --method full, transformers without peft); galore-layerwise: every parameter with
+# transformers' optim galore_adamw_layerwise (rank 128, gap 200, scale 0.25, std) and
+# recomputation on both sides (bench/hf_train.py --galore-layerwise builds HF's optimizer).
+# STEPS=N changes the 20 optimizer steps.
 # OLD=path/to/older/ferrule adds a LoRA round of that binary (the A/B of two builds).
 # Results: bench/results/methods/<tool>_<method>_<round>.json and summary.json (medians);
 # OUT_DIR=... writes them elsewhere.
@@ -30,12 +33,20 @@ if [ "$WORKLOAD" = b ]; then
   COMMON=(--task causal-lm --model $A/smollm2-f32 --data $A/data/chatterbot/train.jsonl --batch-size 8 --max-len 256
           --pad-to-max-len --lr 2e-4 --warmup-steps 2 --weight-decay 0.0 --seed 42)
   LORA_TARGETS=q_proj,k_proj,v_proj,o_proj
+elif [ "$WORKLOAD" = c ]; then
+  # WORKLOAD=c: the random 1.07B Llama in f32 (bench/make_llama_1b.py), 4 x 64 fixed.
+  OUT=${OUT_DIR:-bench/results/methods_c}
+  TOKENS=$((4 * 64))
+  COMMON=(--task causal-lm --model $A/llama-1b-random --data $A/data/chatterbot/train.jsonl --batch-size 4 --max-len 64
+          --pad-to-max-len --lr 1e-5 --warmup-steps 0 --weight-decay 0.0 --seed 42)
+  LORA_TARGETS=q_proj,k_proj,v_proj,o_proj
 else
   TOKENS=$((32 * 128))
   COMMON=(--task seq-cls --model $A/minilm --data $A/data/rotten_tomatoes/train.jsonl --batch-size 32 --max-len 128
           --pad-to-max-len --lr 5e-4 --warmup-steps 2 --weight-decay 0.01 --seed 42)
   LORA_TARGETS=query,value
 fi
+GALORE=rank=128,update_proj_gap=200,scale=0.25,proj_type=std
 mkdir -p "$OUT"
 
 targets() {  # method -> target list for both tools
@@ -49,7 +60,8 @@ ferrule_run() {  # binary method round
   [ "$m" = lora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS)
   [ "$m" = dora ] && extra=(--lora-r 8 --lora-alpha 16 --target-modules $LORA_TARGETS --use-dora)
   [ "$m" = randlora ] && extra=(--method randlora --lora-r 8 --peft-option randlora_alpha=16 --target-modules $LORA_TARGETS)
-  case $m in prompt-tuning|prefix-tuning) extra=(--method "$m" --num-virtual-tokens 20) ;; full) extra=(--method full) ;; esac
+  case $m in prompt-tuning|prefix-tuning) extra=(--method "$m" --num-virtual-tokens 20) ;; full) extra=(--method full) ;;
+    galore-layerwise) extra=(--method full --optim galore_adamw_layerwise --optim-args "$GALORE" --recompute --max-grad-norm 0) ;; esac
   /usr/bin/time -f '{"wall_s": %e, "peak_rss_kb": %M}' -o "$dir/time.json" \
     "$bin" train --threads 2 -q --output "$dir/run" "${COMMON[@]}" --max-steps "$STEPS" "${extra[@]}" > /dev/null
   python3 - "$dir" "$OUT/${tag}_${m}_$i.json" <<'PY'
@@ -66,6 +78,7 @@ PY
 python_run() {  # method round
   local m=$1 i=$2 t; t=$(targets "$m")
   local how=(--method "$m"); [ "$m" = full ] && how=(--full-finetune)
+  [ "$m" = galore-layerwise ] && how=(--full-finetune --galore-layerwise "$GALORE" --gradient-checkpointing)
   "$PY" bench/hf_train.py "${COMMON[@]}" --steps "$STEPS" --threads 2 "${how[@]}" --targets "$t" --r 8 --alpha 16 \
     --out "$OUT/python_${m}_$i.json" | tail -1
 }
