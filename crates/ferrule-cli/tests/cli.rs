@@ -913,7 +913,14 @@ fn bad_quantization_flags_are_refused_clearly() {
 fn plan_a_streamed_base_counts_the_matrix_in_use_and_the_next() {
     let model = fx("models/llama");
     let plan = |extra: &[&str]| {
-        let mut a = vec!["plan", "--model", &model, "--compute-dtype", "f32", "--json"];
+        let mut a = vec![
+            "plan",
+            "--model",
+            &model,
+            "--compute-dtype",
+            "f32",
+            "--json",
+        ];
         a.extend_from_slice(extra);
         let (ok, out, err) = ferrule(&a);
         assert!(ok, "{err}");
