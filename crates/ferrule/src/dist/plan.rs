@@ -317,7 +317,7 @@ pub struct PlanRequest {
 /// `min_8bit_size` elements are); paged, none resident beyond the parameter a step is on (the
 /// state is a file in `--offload-dir`, [`optimizer_file_bytes`]); GaLore, AdamW's as an upper
 /// bound (its projected targets hold rank-r moments, which the shapes alone do not give here,
-/// plus the projection bases).
+/// plus the projection bases); GaLore 8-bit, likewise 8-bit's.
 pub fn optimizer_resident_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
     use crate::train::OptimName;
     match optim {
@@ -325,7 +325,9 @@ pub fn optimizer_resident_bytes(optim: crate::train::OptimName, psi: f64) -> f64
         | OptimName::GaloreAdamw
         | OptimName::NaturalGaloreAdamw
         | OptimName::GaloreAdamwLayerwise => 8.0 * psi,
-        OptimName::Adamw8bit => eight_bit_state_bytes(psi),
+        OptimName::Adamw8bit | OptimName::GaloreAdamw8bit | OptimName::GaloreAdamw8bitLayerwise => {
+            eight_bit_state_bytes(psi)
+        }
         OptimName::PagedAdamw8bit | OptimName::PagedAdamw32bit => 0.0,
     }
 }
@@ -340,7 +342,9 @@ pub fn optimizer_file_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
         | OptimName::Adamw8bit
         | OptimName::GaloreAdamw
         | OptimName::NaturalGaloreAdamw
-        | OptimName::GaloreAdamwLayerwise => 0.0,
+        | OptimName::GaloreAdamwLayerwise
+        | OptimName::GaloreAdamw8bit
+        | OptimName::GaloreAdamw8bitLayerwise => 0.0,
     }
 }
 

@@ -126,8 +126,9 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// The optimizer (default adamw): adamw, adamw_8bit (bitsandbytes' AdamW8bit: both moments
     /// block-wise quantized to 8 bits), paged_adamw_8bit or paged_adamw_32bit (the state in a
-    /// memory-mapped file in offload-dir), galore_adamw, natural_galore_adamw,
-    /// galore_adamw_layerwise (steps each layer during backward: needs --recompute);
+    /// memory-mapped file in offload-dir), galore_adamw, natural_galore_adamw, galore_adamw_8bit
+    /// (GaLore with 8-bit moments), galore_adamw_layerwise and galore_adamw_8bit_layerwise
+    /// (step each layer during backward: need --recompute);
     /// transformers' names (adamw_torch, adamw_bnb_8bit, ...) work too. Optimizers other than
     /// adamw need --zero-stage 0.
     // Defaults spelled out for clap: the serialized default (`with_defaults`) leaves these out
@@ -145,7 +146,7 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offload_dir: Option<PathBuf>,
-    /// GaLore (`--optim galore_adamw`, `natural_galore_adamw`): HF's optim_args,
+    /// GaLore (`--optim galore_adamw` and the other GaLore optimizers): HF's optim_args,
     /// "rank=128,update_proj_gap=200,scale=0.25,proj_type=std" (those defaults; Natural GaLore
     /// also history=20,damping=1e-3).
     #[cfg_attr(feature = "cli", arg(long, value_name = "K=V,...", help_heading = heading::OPTIM))]
@@ -514,7 +515,7 @@ impl TrainConfig {
                 ),
             ] {
                 if set {
-                    bail!("train: {key} ({flag}) is read by the GaLore optimizers only, and optim is {optim}; pass --optim galore_adamw (or natural_galore_adamw, galore_adamw_layerwise) or drop {flag}")
+                    bail!("train: {key} ({flag}) is read by the GaLore optimizers only, and optim is {optim}; pass --optim galore_adamw (or natural_galore_adamw, galore_adamw_8bit, a layer-wise form) or drop {flag}")
                 }
             }
         }

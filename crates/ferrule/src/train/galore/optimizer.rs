@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 
 use super::adamw::{adam_direction, apply_update};
 use super::natural::NaturalGradient;
-use super::projector::{check_rank, Bases, GaLoreProjector, Side};
+use super::projector::{check_rank, Bases, GaLoreProjector};
 use super::targets::select_targets;
 use super::GaLoreConfig;
 use crate::train::optim::{checked_grad, read_step, state_dtype, step_tensor};
@@ -217,22 +217,8 @@ impl GaLoreAdamW {
             out.push((format!("{}.exp_avg_sq", p.name), v));
             out.push((format!("{}.step", p.name), step_tensor(p.step)?));
             let Some(proj) = &p.projection else { continue };
-            let (m, n, r) = (p.dims2().0, p.dims2().1, self.cfg.rank);
-            let bases = proj.projector.bases();
-            let side = proj.projector.side();
-            if matches!(side, Side::Left | Side::Both) {
-                let t = bases.and_then(|b| b.left.clone());
-                out.push((
-                    format!("{}.proj_left", p.name),
-                    t.map_or_else(|| zeros(&[m, r]), Ok)?,
-                ));
-            }
-            if matches!(side, Side::Right | Side::Both) {
-                let t = bases.and_then(|b| b.right.clone());
-                out.push((
-                    format!("{}.proj_right", p.name),
-                    t.map_or_else(|| zeros(&[r, n]), Ok)?,
-                ));
+            for (suffix, t) in proj.projector.basis_tensors(p.dims2(), sdtype, dev)? {
+                out.push((format!("{}.{suffix}", p.name), t));
             }
             if let (Some(nat), Some(ncfg)) = (&proj.natural, &self.cfg.natural) {
                 let k: usize = shape.iter().product();
@@ -310,14 +296,7 @@ fn read_param_state(
     };
     let mut history = Vec::new();
     if let Some(proj) = &p.projection {
-        let ((m, n), r) = (p.dims2(), cfg.rank);
-        let side = proj.projector.side();
-        if matches!(side, Side::Left | Side::Both) {
-            bases.left = Some(tensor("proj_left", &[m, r])?);
-        }
-        if matches!(side, Side::Right | Side::Both) {
-            bases.right = Some(tensor("proj_right", &[r, n])?);
-        }
+        bases = proj.projector.read_bases(p.dims2(), &mut tensor)?;
         if let Some(ncfg) = &cfg.natural {
             let k: usize = shape.iter().product();
             let all = tensor("natural_history", &[ncfg.history, k])?;

@@ -214,6 +214,66 @@ impl GaLoreProjector {
     }
 }
 
+impl GaLoreProjector {
+    /// The checkpoint entries of the bases for a `[m, n]` parameter: the suffixes
+    /// `proj_left` (`[m, r]`) and/or `proj_right` (`[r, n]`), as the side has them.
+    pub fn basis_entries(&self, (m, n): (usize, usize)) -> Vec<(&'static str, [usize; 2])> {
+        let r = self.rank;
+        let mut out = Vec::with_capacity(2);
+        if matches!(self.side, Side::Left | Side::Both) {
+            out.push(("proj_left", [m, r]));
+        }
+        if matches!(self.side, Side::Right | Side::Both) {
+            out.push(("proj_right", [r, n]));
+        }
+        out
+    }
+
+    /// The bases as [`GaLoreProjector::basis_entries`] names them, zeros in `dtype` before
+    /// the first projection.
+    pub fn basis_tensors(
+        &self,
+        dims: (usize, usize),
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        self.basis_entries(dims)
+            .into_iter()
+            .map(|(suffix, shape)| {
+                let held = self.bases.as_ref().and_then(|b| match suffix {
+                    "proj_left" => b.left.clone(),
+                    _ => b.right.clone(),
+                });
+                Ok((
+                    suffix,
+                    held.map_or_else(|| Tensor::zeros(&shape, dtype, dev), Ok)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Bases from checkpoint entries: `read(suffix, shape)` returns the entry of each of
+    /// [`GaLoreProjector::basis_entries`], checked by the caller.
+    pub fn read_bases(
+        &self,
+        dims: (usize, usize),
+        mut read: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Bases> {
+        let mut bases = Bases {
+            left: None,
+            right: None,
+        };
+        for (suffix, shape) in self.basis_entries(dims) {
+            let t = read(suffix, &shape)?;
+            match suffix {
+                "proj_left" => bases.left = Some(t),
+                _ => bases.right = Some(t),
+            }
+        }
+        Ok(bases)
+    }
+}
+
 fn left(b: &Bases) -> Result<&Tensor> {
     b.left
         .as_ref()

@@ -24,6 +24,15 @@
 //! `paged_adamw_32bit` computes [`super::AdamW`]'s (torch's) update on f32 moments read from
 //! the file, so it equals `adamw` bit for bit; bitsandbytes' own 32-bit kernel computes the
 //! same formula in the order above (results within rounding).
+//!
+//! **GaLore 8-bit** ([`BnbAdamW::galore`]) is galore-torch 1.0's `GaLoreAdamW8bit`
+//! (`galore_torch/adamw8bit.py`, HF Trainer's `optim="galore_adamw_8bit"`): a target weight's
+//! gradient is projected to rank r ([`GaLoreProjector`]), the update above runs on a zero
+//! "parameter" of the low-rank shape without decay (its moments, 8-bit when the low-rank
+//! shape has at least `min_8bit_size` elements, live in that shape), and the result is
+//! projected back, scaled and added: `W <- W + scale · back(Δ)`; then the decay
+//! `W <- W + (-lr·λ)·W`, after the update as galore-torch applies it. Other parameters take
+//! the plain 8-bit update.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -35,6 +44,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::arena::{f32s, f32s_mut, Arena, ALIGN};
 use super::{adamw_update, read_step, step_tensor, AdamWConfig};
 use crate::quant::dynamic;
+use crate::train::galore::projector::check_rank;
+use crate::train::galore::{select_targets, GaLoreConfig, GaLoreProjector};
 
 /// bitsandbytes' block size for 8-bit optimizer state (fixed in its CPU kernel).
 pub const BLOCKSIZE: usize = 256;
@@ -52,7 +63,12 @@ pub enum StateBits {
 struct Slot {
     name: String,
     var: Var,
+    /// The moments' shape: the parameter's, or the low-rank one of a GaLore target.
+    dims: Vec<usize>,
+    /// Elements of the moments.
     len: usize,
+    /// A GaLore target's projector ([`BnbAdamW::galore`]).
+    projector: Option<GaLoreProjector>,
     /// 8-bit codes (else f32 moments).
     quantized: bool,
     range: Range<usize>,
@@ -144,11 +160,76 @@ impl BnbAdamW {
         bits: StateBits,
         offload_dir: Option<&Path>,
     ) -> Result<BnbAdamW> {
+        Self::build(params, cfg, bits, offload_dir, None)
+    }
+
+    /// galore-torch's `GaLoreAdamW8bit` (module docs): the targets of `galore` (its rank, gap,
+    /// scale, projection type and `target_modules`; an error when none matches or the rank
+    /// exceeds a target) get projected 8-bit updates, the others `adamw_8bit`'s. Adam's
+    /// settings are `galore.adam`'s (bitsandbytes always corrects the bias); Natural GaLore
+    /// has no 8-bit form here (an error).
+    pub fn galore(
+        params: Vec<(String, Var)>,
+        galore: &GaLoreConfig,
+        min_8bit_size: usize,
+        offload_dir: Option<&Path>,
+    ) -> Result<BnbAdamW> {
+        galore.validate()?;
+        ensure!(
+            galore.natural.is_none(),
+            "Natural GaLore has no 8-bit optimizer; use natural_galore_adamw"
+        );
+        let a = &galore.adam;
+        ensure!(
+            a.correct_bias,
+            "galore_adamw_8bit always corrects Adam's bias (bitsandbytes' update)"
+        );
+        let cfg = AdamWConfig {
+            lr: a.lr,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            weight_decay: a.weight_decay,
+        };
+        let bits = StateBits::Eight { min_8bit_size };
+        Self::build(params, cfg, bits, offload_dir, Some(galore))
+    }
+
+    fn build(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        bits: StateBits,
+        offload_dir: Option<&Path>,
+        galore: Option<&GaLoreConfig>,
+    ) -> Result<BnbAdamW> {
         super::check_unique_names(&params)?;
+        let targets = match galore {
+            Some(g) => select_targets(
+                params.iter().map(|(n, v)| (n.as_str(), v.dims())),
+                &g.target_modules,
+            )?,
+            None => Vec::new(),
+        };
         let mut slots = Vec::with_capacity(params.len());
         let mut offset = 0;
         for (name, var) in params {
-            let len = var.elem_count();
+            let (projector, dims) = match galore.filter(|_| targets.contains(&name)) {
+                Some(g) => {
+                    let (m, n) = var.dims2()?;
+                    check_rank(&name, (m, n), g.rank)?;
+                    let (a, b) = g.proj_type.low_rank_shape((m, n), g.rank);
+                    let p = GaLoreProjector::new(
+                        (m, n),
+                        g.rank,
+                        g.update_proj_gap,
+                        g.scale,
+                        g.proj_type,
+                    )?;
+                    (Some(p), vec![a, b])
+                }
+                None => (None, var.dims().to_vec()),
+            };
+            let len = dims.iter().product();
             let quantized = match bits {
                 StateBits::Eight { min_8bit_size } => len >= min_8bit_size,
                 StateBits::ThirtyTwo => false,
@@ -157,7 +238,9 @@ impl BnbAdamW {
             slots.push(Slot {
                 name,
                 var,
+                dims,
                 len,
+                projector,
                 quantized,
                 range: offset..offset + bytes,
                 step: 0,
@@ -219,6 +302,26 @@ impl BnbAdamW {
         Ok(())
     }
 
+    /// One parameter's update as soon as its gradient is final (the layer-wise form, as
+    /// [`crate::train::GaLoreAdamW::step_param`]); the step ends with
+    /// [`BnbAdamW::finish_layerwise_step`].
+    pub fn step_param(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        let i = self
+            .slots
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("gradient given for unknown parameter {name:?}"))?;
+        self.update(i, grad)
+            .with_context(|| format!("optimizer step of {name:?}"))?;
+        self.arena.release(self.slots[i].range.clone());
+        Ok(())
+    }
+
+    /// Ends a step made of [`BnbAdamW::step_param`] calls.
+    pub fn finish_layerwise_step(&mut self) {
+        self.step += 1;
+    }
+
     fn update(&mut self, i: usize, grad: &Tensor) -> Result<()> {
         let slot = &self.slots[i];
         let pdtype = slot.var.dtype();
@@ -233,28 +336,63 @@ impl BnbAdamW {
             slot.var.dims()
         );
         let t = slot.step + 1;
-        let (quantized, len, range) = (slot.quantized, slot.len, slot.range.clone());
         let var = slot.var.clone();
-        let cfg = self.cfg;
-        if !quantized && self.bits == StateBits::ThirtyTwo {
-            self.update_torch(&var, grad, t, range)?;
+        if slot.projector.is_some() {
+            self.update_projected(i, &var, grad, t)?;
+        } else if !slot.quantized && self.bits == StateBits::ThirtyTwo {
+            self.update_torch(&var, grad, t, slot.range.clone())?;
         } else {
             let g = flat_f32(grad)?;
             let mut p = flat_f32(var.as_tensor())?;
-            let bytes = self.arena.bytes_mut(range);
-            if quantized {
-                let q = split_quantized(bytes, len);
-                update_8bit(&cfg, t, &mut p, &g, q, &self.signed, &self.unsigned);
-            } else {
-                let (m, v) = split_moments(bytes, len);
-                update_32bit_bnb(&cfg, t, &mut p, &g, m, v);
-            }
-            let p = Tensor::from_vec(p, var.shape(), &Device::Cpu)?
-                .to_dtype(pdtype)?
-                .to_device(var.device())?;
-            var.set(&p)?;
+            let cfg = self.cfg;
+            self.update_bnb(i, &cfg, t, &mut p, &g);
+            set_f32(&var, p)?;
         }
         self.slots[i].step = t;
+        Ok(())
+    }
+
+    /// bitsandbytes' update of `p` by `g` with slot `i`'s moments (8-bit or 32-bit).
+    fn update_bnb(&mut self, i: usize, cfg: &AdamWConfig, t: u64, p: &mut [f32], g: &[f32]) {
+        let slot = &self.slots[i];
+        let (quantized, len) = (slot.quantized, slot.len);
+        let bytes = self.arena.bytes_mut(slot.range.clone());
+        if quantized {
+            let q = split_quantized(bytes, len);
+            update_8bit(cfg, t, p, g, q, &self.signed, &self.unsigned);
+        } else {
+            let (m, v) = split_moments(bytes, len);
+            update_32bit_bnb(cfg, t, p, g, m, v);
+        }
+    }
+
+    /// `GaLoreAdamW8bit`'s update of a target (module docs): project, the 8-bit update of a
+    /// zero low-rank parameter without decay, project back and add, then decay.
+    fn update_projected(&mut self, i: usize, var: &Var, grad: &Tensor, t: u64) -> Result<()> {
+        let cpu = Device::Cpu;
+        let step = self.slots[i].step;
+        let projector = self.slots[i].projector.as_mut().expect("a GaLore target");
+        let low = projector.project(&grad.detach().to_dtype(DType::F32)?.to_device(&cpu)?, step)?;
+        let g = flat_f32(&low)?;
+        let mut delta = vec![0f32; g.len()];
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            ..self.cfg
+        };
+        self.update_bnb(i, &cfg, t, &mut delta, &g);
+        let delta = Tensor::from_vec(delta, low.shape(), &cpu)?;
+        let projector = self.slots[i].projector.as_ref().expect("a GaLore target");
+        let back = projector.project_back(&delta)?;
+        let mut w = (var
+            .as_detached_tensor()
+            .to_dtype(DType::F32)?
+            .to_device(&cpu)?
+            + back)?;
+        if self.cfg.weight_decay > 0.0 {
+            // galore-torch: p.data.add_(p.data, alpha=-lr * weight_decay), after the update.
+            w = (&w + w.affine(-self.cfg.lr * self.cfg.weight_decay, 0.0)?)?;
+        }
+        var.set(&w.to_dtype(var.dtype())?.to_device(var.device())?)?;
         Ok(())
     }
 
@@ -287,13 +425,15 @@ impl BnbAdamW {
     /// The state as named tensors: per parameter `<name>.step` (`i64`) and either
     /// `<name>.state1`, `<name>.state2` (`u8` codes, the parameter's shape: bitsandbytes'
     /// names) with `<name>.absmax1`, `<name>.absmax2` (`f32` per block), or `<name>.exp_avg`,
-    /// `<name>.exp_avg_sq` (`f32`, [`super::AdamW::state`]'s keys); and the global `step`.
+    /// `<name>.exp_avg_sq` (`f32`, [`super::AdamW::state`]'s keys), in the low-rank shape for
+    /// a GaLore target, which also saves its bases (`<name>.proj_left` / `<name>.proj_right`,
+    /// [`GaLoreProjector::basis_entries`]); and the global `step`.
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(5 * self.slots.len() + 1);
         let cpu = Device::Cpu;
         for s in &self.slots {
             let bytes = self.arena.bytes(s.range.clone());
-            let shape = s.var.shape();
+            let shape = s.dims.as_slice();
             if s.quantized {
                 let nb = s.blocks();
                 let absmax = f32s(&bytes[..8 * nb]);
@@ -326,6 +466,11 @@ impl BnbAdamW {
                 ));
             }
             out.push((format!("{}.step", s.name), step_tensor(s.step)?));
+            if let Some(p) = &s.projector {
+                for (suffix, t) in p.basis_tensors(s.var.dims2()?, DType::F32, &cpu)? {
+                    out.push((format!("{}.{suffix}", s.name), t));
+                }
+            }
             self.arena.release(s.range.clone());
         }
         out.push(("step".to_string(), step_tensor(self.step)?));
@@ -353,9 +498,15 @@ impl BnbAdamW {
                     t.dims(),
                 );
                 expected.insert(key);
-                Ok(t.flatten_all()?)
+                Ok(t.clone())
             };
-            let dims = s.var.dims();
+            let dims = s.dims.as_slice();
+            let bases = match &s.projector {
+                Some(p) => Some(p.read_bases(s.var.dims2()?, |suffix, shape| {
+                    get(suffix, DType::F32, shape)
+                })?),
+                None => None,
+            };
             let parts = if s.quantized {
                 let nb = [s.blocks()];
                 vec![
@@ -373,7 +524,7 @@ impl BnbAdamW {
             let key = format!("{}.step", s.name);
             let step = read_step(state, &key)?;
             expected.insert(key);
-            restored.push((parts, step));
+            restored.push((parts, step, bases));
         }
         for key in state.keys() {
             ensure!(
@@ -382,10 +533,11 @@ impl BnbAdamW {
             );
         }
         let global = read_step(state, "step")?;
-        for (s, (parts, step)) in self.slots.iter_mut().zip(restored) {
+        for (s, (parts, step, bases)) in self.slots.iter_mut().zip(restored) {
             let bytes = self.arena.bytes_mut(s.range.clone());
             let mut at = 0;
             for t in parts {
+                let t = t.flatten_all()?;
                 let raw: Vec<u8> = match t.dtype() {
                     DType::U8 => t.to_vec1::<u8>()?,
                     _ => bytemuck::cast_slice(&t.to_vec1::<f32>()?).to_vec(),
@@ -394,11 +546,23 @@ impl BnbAdamW {
                 at += raw.len();
             }
             s.step = step;
+            if let Some(p) = &mut s.projector {
+                // A target that never stepped has no basis yet (zeros were saved).
+                p.set_bases(bases.filter(|_| step > 0));
+            }
             self.arena.release(s.range.clone());
         }
         self.step = global;
         Ok(())
     }
+}
+
+/// Sets `var` to the f32 values `p` (its shape), rounded to its dtype.
+fn set_f32(var: &Var, p: Vec<f32>) -> Result<()> {
+    let p = Tensor::from_vec(p, var.shape(), &Device::Cpu)?
+        .to_dtype(var.dtype())?
+        .to_device(var.device())?;
+    Ok(var.set(&p)?)
 }
 
 fn flat_f32(t: &Tensor) -> Result<Vec<f32>> {

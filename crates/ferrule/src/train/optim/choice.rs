@@ -90,6 +90,12 @@ impl Optimizer for BnbAdamW {
     fn set_lr(&mut self, lr: f64) {
         BnbAdamW::set_lr(self, lr)
     }
+    fn step_param(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        BnbAdamW::step_param(self, name, grad)
+    }
+    fn finish_layerwise_step(&mut self) {
+        BnbAdamW::finish_layerwise_step(self)
+    }
     fn step_count(&self) -> u64 {
         BnbAdamW::step_count(self)
     }
@@ -129,11 +135,17 @@ pub enum OptimName {
     /// gradient is ever held. Needs `recompute`, one process and `grad_accum = 1`; gradients
     /// are not clipped.
     GaloreAdamwLayerwise,
+    /// galore-torch's `GaLoreAdamW8bit`: GaLore's projection with bitsandbytes' 8-bit
+    /// block-wise moments in the low-rank shape ([`BnbAdamW::galore`]).
+    GaloreAdamw8bit,
+    /// `galore_adamw_8bit` stepped layer by layer during the backward pass (as
+    /// `galore_adamw_layerwise`).
+    GaloreAdamw8bitLayerwise,
 }
 
 impl OptimName {
     /// Every optimizer, in the order error messages list them.
-    pub const ALL: [OptimName; 7] = [
+    pub const ALL: [OptimName; 9] = [
         OptimName::Adamw,
         OptimName::Adamw8bit,
         OptimName::PagedAdamw8bit,
@@ -141,6 +153,8 @@ impl OptimName {
         OptimName::GaloreAdamw,
         OptimName::NaturalGaloreAdamw,
         OptimName::GaloreAdamwLayerwise,
+        OptimName::GaloreAdamw8bit,
+        OptimName::GaloreAdamw8bitLayerwise,
     ];
 
     /// The name in configs.
@@ -153,6 +167,8 @@ impl OptimName {
             OptimName::GaloreAdamw => "galore_adamw",
             OptimName::NaturalGaloreAdamw => "natural_galore_adamw",
             OptimName::GaloreAdamwLayerwise => "galore_adamw_layerwise",
+            OptimName::GaloreAdamw8bit => "galore_adamw_8bit",
+            OptimName::GaloreAdamw8bitLayerwise => "galore_adamw_8bit_layerwise",
         }
     }
 
@@ -165,7 +181,9 @@ impl OptimName {
             OptimName::PagedAdamw32bit => &[],
             OptimName::GaloreAdamw
             | OptimName::NaturalGaloreAdamw
-            | OptimName::GaloreAdamwLayerwise => &[],
+            | OptimName::GaloreAdamwLayerwise
+            | OptimName::GaloreAdamw8bit
+            | OptimName::GaloreAdamw8bitLayerwise => &[],
         }
     }
 
@@ -177,7 +195,10 @@ impl OptimName {
     /// Whether each parameter steps as soon as its gradient is final, during the backward
     /// pass ([`Optimizer::step_param`]).
     pub fn is_layerwise(self) -> bool {
-        self == OptimName::GaloreAdamwLayerwise
+        matches!(
+            self,
+            OptimName::GaloreAdamwLayerwise | OptimName::GaloreAdamw8bitLayerwise
+        )
     }
 
     /// Whether the optimizer is GaLore (`optim_args` and `optim_target_modules` apply).
@@ -187,12 +208,20 @@ impl OptimName {
             OptimName::GaloreAdamw
                 | OptimName::NaturalGaloreAdamw
                 | OptimName::GaloreAdamwLayerwise
+                | OptimName::GaloreAdamw8bit
+                | OptimName::GaloreAdamw8bitLayerwise
         )
     }
 
     /// Whether `min_8bit_size` applies.
     pub fn is_8bit(self) -> bool {
-        matches!(self, OptimName::Adamw8bit | OptimName::PagedAdamw8bit)
+        matches!(
+            self,
+            OptimName::Adamw8bit
+                | OptimName::PagedAdamw8bit
+                | OptimName::GaloreAdamw8bit
+                | OptimName::GaloreAdamw8bitLayerwise
+        )
     }
 
     /// "adamw (adamw_torch, adamw_torch_fused), adamw_8bit (adamw_bnb_8bit), ...".
@@ -230,9 +259,7 @@ const HF_OPTIMIZERS_NOT_IN_FERRULE: &[&str] = &[
     "rmsprop_bnb",
     "rmsprop_bnb_8bit",
     "rmsprop_bnb_32bit",
-    "galore_adamw_8bit",
     "galore_adafactor",
-    "galore_adamw_8bit_layerwise",
     "galore_adafactor_layerwise",
     "lomo",
     "adalomo",
@@ -352,7 +379,9 @@ pub fn build_optimizer(
         )?),
         OptimName::GaloreAdamw
         | OptimName::NaturalGaloreAdamw
-        | OptimName::GaloreAdamwLayerwise => {
+        | OptimName::GaloreAdamwLayerwise
+        | OptimName::GaloreAdamw8bit
+        | OptimName::GaloreAdamw8bitLayerwise => {
             let a = spec.adamw;
             let adam = LegacyAdamWConfig {
                 lr: a.lr,
@@ -365,7 +394,11 @@ pub fn build_optimizer(
             let natural = spec.name == OptimName::NaturalGaloreAdamw;
             let cfg =
                 GaLoreConfig::from_optim_args(spec.optim_args, spec.target_modules, natural, adam)?;
-            Box::new(GaLoreAdamW::new(vars, cfg)?)
+            if spec.name.is_8bit() {
+                Box::new(BnbAdamW::galore(vars, &cfg, spec.min_8bit_size, None)?)
+            } else {
+                Box::new(GaLoreAdamW::new(vars, cfg)?)
+            }
         }
     })
 }
@@ -395,12 +428,12 @@ mod tests {
 
     #[test]
     fn a_transformers_optimizer_ferrule_lacks_is_named_with_what_works() {
-        let err = "galore_adamw_8bit_layerwise"
+        let err = "galore_adafactor_layerwise"
             .parse::<OptimName>()
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("transformers' optimizer galore_adamw_8bit_layerwise is not in ferrule"),
+            err.contains("transformers' optimizer galore_adafactor_layerwise is not in ferrule"),
             "{err}"
         );
         assert_eq!(
