@@ -261,33 +261,26 @@ impl Weights {
                 // The embedding/head of a bitsandbytes checkpoint whose values are all exactly
                 // representable in bf16 (as `ferrule quantize` writes them) is held in bf16: no
                 // loss, half the bytes.
-                if has_bnb && is_float(view.dtype()) && QuantSpec::keeps_bf16(&name, view.shape()) {
-                    let values = to_f32(&view)?;
-                    if values
-                        .iter()
-                        .all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits())
-                    {
-                        if stream {
-                            let bytes = MappedBytes::of_slice(&mmap, view.data())?;
-                            let (rows, cols) = (view.shape()[0], view.shape()[1]);
-                            let dtype = candle_dtype(view.dtype())?;
-                            let q: Arc<dyn QuantMatrix> =
-                                Arc::new(MappedRows::new(dtype, rows, cols, bytes.clone())?);
-                            pages.insert(name.clone(), bytes);
-                            streamed.insert(name.clone(), Held::Quantized(q.clone()));
-                            quantized.insert(name, q);
-                            continue;
-                        }
-                        quantized.insert(
-                            name,
-                            Arc::new(Bf16Rows::from_f32(
-                                &values,
-                                view.shape()[0],
-                                view.shape()[1],
-                            )),
-                        );
+                if has_bnb
+                    && is_float(view.dtype())
+                    && QuantSpec::keeps_bf16(&name, view.shape())
+                    && is_bf16_exact(&mmap, &view)?
+                {
+                    if stream {
+                        let bytes = MappedBytes::of_slice(&mmap, view.data())?;
+                        let (rows, cols) = (view.shape()[0], view.shape()[1]);
+                        let dtype = candle_dtype(view.dtype())?;
+                        let q: Arc<dyn QuantMatrix> =
+                            Arc::new(MappedRows::new(dtype, rows, cols, bytes.clone())?);
+                        pages.insert(name.clone(), bytes);
+                        streamed.insert(name.clone(), Held::Quantized(q.clone()));
+                        quantized.insert(name, q);
                         continue;
                     }
+                    let rows = bf16_rows(&mmap, &view)
+                        .with_context(|| format!("{}: tensor {name:?}", f.display()))?;
+                    quantized.insert(name, Arc::new(rows));
+                    continue;
                 }
                 if stream && is_float(view.dtype()) && view.shape().len() == 2 {
                     pages.insert(name.clone(), MappedBytes::of_slice(&mmap, view.data())?);
@@ -755,6 +748,28 @@ fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -
         cols,
         data: out,
     })
+}
+
+/// Whether every value of a float tensor is exactly a bf16, read slice by slice with the
+/// file's pages released as it goes: a vocabulary table is the largest tensor, and a whole f32
+/// copy of it (1 GB for a 13B Llama's) outlived the load in the allocator's free memory.
+fn is_bf16_exact(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -> Result<bool> {
+    if view.dtype() == safetensors::Dtype::BF16 {
+        return Ok(true);
+    }
+    let data = view.data();
+    let base = data.as_ptr() as usize - mmap.as_ptr() as usize;
+    const SLICE: usize = 1 << 22;
+    for (i, chunk) in data.chunks(SLICE).enumerate() {
+        let exact = decode_f32(view.dtype(), chunk)?
+            .iter()
+            .all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        crate::util::release_pages(mmap, base + i * SLICE, chunk.len());
+        if !exact {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The candle dtype of a float safetensors dtype.
