@@ -317,7 +317,8 @@ pub struct PlanRequest {
 /// `min_8bit_size` elements are); paged, none resident beyond the parameter a step is on (the
 /// state is a file in `--offload-dir`, [`optimizer_file_bytes`]); GaLore, AdamW's as an upper
 /// bound (its projected targets hold rank-r moments, which the shapes alone do not give here,
-/// plus the projection bases); GaLore 8-bit, likewise 8-bit's.
+/// plus the projection bases); GaLore 8-bit, 8-bit's per element (an estimate, not a bound:
+/// the f32 bases, and low-rank moments under `min_8bit_size` kept in f32, are not counted).
 pub fn optimizer_resident_bytes(optim: crate::train::OptimName, psi: f64) -> f64 {
     use crate::train::OptimName;
     match optim {

@@ -304,8 +304,9 @@ impl ZeroOptimizer {
         }
         if spec.name.is_layerwise() && comm.world_size() > 1 {
             bail!(
-                "--optim {} runs in one process: each layer steps during the backward pass, before ranks could average its gradient; use --optim galore_adamw across ranks",
-                spec.name
+                "--optim {} runs in one process: each layer steps during the backward pass, before ranks could average its gradient; use --optim {} across ranks",
+                spec.name,
+                spec.name.whole_step()
             )
         }
         let cfg = spec.adamw;

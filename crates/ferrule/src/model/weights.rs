@@ -250,7 +250,7 @@ impl Weights {
                             // Converted slice by slice, releasing the file pages as it goes: the
                             // embedding is the largest tensor and is never whole in f32.
                             Arc::new(
-                                bf16_rows(&mmap, &view)
+                                bf16_rows(&mmap, &view, &name, true)
                                     .with_context(|| format!("{}: tensor {name:?}", f.display()))?,
                             )
                         };
@@ -277,7 +277,7 @@ impl Weights {
                         quantized.insert(name, q);
                         continue;
                     }
-                    let rows = bf16_rows(&mmap, &view)
+                    let rows = bf16_rows(&mmap, &view, &name, false)
                         .with_context(|| format!("{}: tensor {name:?}", f.display()))?;
                     quantized.insert(name, Arc::new(rows));
                     continue;
@@ -730,19 +730,46 @@ pub(crate) fn checkpoint_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<String>)>
     }
 }
 
-/// A 2-D float tensor as [`Bf16Rows`], read in slices whose file pages are released after use.
-fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -> Result<Bf16Rows> {
-    let (rows, cols) = (view.shape()[0], view.shape()[1]);
+/// Calls `f(first_element, values)` on a float tensor's values in 4 MB slices of the file,
+/// releasing each slice's pages after it, until `f` returns `false`. A vocabulary table is the
+/// largest tensor, and a whole f32 copy of it (1 GB for a 13B Llama's) outlived the load in
+/// the allocator's free memory.
+fn for_each_f32_slice(
+    mmap: &memmap2::Mmap,
+    view: &safetensors::tensor::TensorView<'_>,
+    mut f: impl FnMut(usize, &[f32]) -> Result<bool>,
+) -> Result<()> {
+    const SLICE: usize = 1 << 22;
     let data = view.data();
     let base = data.as_ptr() as usize - mmap.as_ptr() as usize;
-    let mut out = Vec::with_capacity(rows * cols);
-    const SLICE: usize = 1 << 22;
+    let elem = view.dtype().bitsize() / 8;
     for (i, chunk) in data.chunks(SLICE).enumerate() {
-        let values = decode_f32(view.dtype(), chunk)?;
-        crate::quant::check_finite("embedding", &values)?;
-        out.extend(values.iter().map(|&v| half::bf16::from_f32(v)));
+        let go_on = f(i * SLICE / elem, &decode_f32(view.dtype(), chunk)?)?;
         crate::util::release_pages(mmap, base + i * SLICE, chunk.len());
+        if !go_on {
+            break;
+        }
     }
+    Ok(())
+}
+
+/// A 2-D float tensor `name` as [`Bf16Rows`]; with `refuse_non_finite` (a model being
+/// quantized) a NaN or inf is an error naming the element.
+fn bf16_rows(
+    mmap: &memmap2::Mmap,
+    view: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+    refuse_non_finite: bool,
+) -> Result<Bf16Rows> {
+    let (rows, cols) = (view.shape()[0], view.shape()[1]);
+    let mut out = Vec::with_capacity(rows * cols);
+    for_each_f32_slice(mmap, view, |first, values| {
+        if refuse_non_finite {
+            crate::quant::check_finite(&format!("{name} (slice from element {first})"), values)?;
+        }
+        out.extend(values.iter().map(|&v| half::bf16::from_f32(v)));
+        Ok(true)
+    })?;
     Ok(Bf16Rows {
         rows,
         cols,
@@ -750,26 +777,20 @@ fn bf16_rows(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -
     })
 }
 
-/// Whether every value of a float tensor is exactly a bf16, read slice by slice with the
-/// file's pages released as it goes: a vocabulary table is the largest tensor, and a whole f32
-/// copy of it (1 GB for a 13B Llama's) outlived the load in the allocator's free memory.
+/// Whether every value of a float tensor is exactly a bf16 ([`for_each_f32_slice`]: no copy
+/// of the tensor is made).
 fn is_bf16_exact(mmap: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) -> Result<bool> {
     if view.dtype() == safetensors::Dtype::BF16 {
         return Ok(true);
     }
-    let data = view.data();
-    let base = data.as_ptr() as usize - mmap.as_ptr() as usize;
-    const SLICE: usize = 1 << 22;
-    for (i, chunk) in data.chunks(SLICE).enumerate() {
-        let exact = decode_f32(view.dtype(), chunk)?
+    let mut exact = true;
+    for_each_f32_slice(mmap, view, |_, values| {
+        exact = values
             .iter()
             .all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits());
-        crate::util::release_pages(mmap, base + i * SLICE, chunk.len());
-        if !exact {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+        Ok(exact)
+    })?;
+    Ok(exact)
 }
 
 /// The candle dtype of a float safetensors dtype.

@@ -500,6 +500,21 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Optimizer settings this run's optimizer does not read (warnings: transformers accepts
+    /// them silently): `min_8bit_size` without an 8-bit optimizer, `offload_dir` without a
+    /// paged one.
+    pub fn unread_optim_settings(&self) -> Vec<String> {
+        let optim = self.optim;
+        let mut out = Vec::new();
+        if self.min_8bit_size != DEFAULT_MIN_8BIT_SIZE && !optim.is_8bit() {
+            out.push(format!("min_8bit_size (--min-8bit-size {}) is read by the 8-bit optimizers only, and optim is {optim}; it has no effect", self.min_8bit_size));
+        }
+        if self.offload_dir.is_some() && !optim.is_paged() {
+            out.push(format!("offload_dir (--offload-dir) holds the state file of paged_adamw_8bit / paged_adamw_32bit only, and optim is {optim}; nothing is written there"));
+        }
+        out
+    }
+
     /// GaLore's own keys go with a GaLore optimizer, and the layer-wise form with what it
     /// needs: recomputed layers (whose backward hands each gradient over as it ends) and no
     /// accumulation (transformers refuses it too: a layer steps before the next micro-batch).
@@ -679,6 +694,31 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn optimizer_settings_the_optimizer_does_not_read_are_named() {
+        let cfg = TrainConfig {
+            min_8bit_size: 256,
+            offload_dir: Some("state".into()),
+            ..Default::default()
+        };
+        let w = cfg.unread_optim_settings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("--min-8bit-size 256") && w[0].contains("optim is adamw"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("--offload-dir"), "{w:?}");
+        for optim in [OptimName::PagedAdamw8bit, OptimName::GaloreAdamw8bit] {
+            let w = TrainConfig {
+                optim,
+                ..cfg.clone()
+            }
+            .unread_optim_settings();
+            assert_eq!(w.len(), usize::from(!optim.is_paged()), "{optim}: {w:?}");
+        }
+        assert!(TrainConfig::default().unread_optim_settings().is_empty());
+    }
 
     #[test]
     fn keys_set_on_the_command_line_replace_the_files() {

@@ -489,6 +489,9 @@ impl<'a> Run<'a> {
             comm,
         )?;
         let sink = recompute_sink(cfg, &p, &params, opt.layerwise_hook(), progress)?;
+        for warning in cfg.unread_optim_settings() {
+            progress.warning(&warning);
+        }
         let metrics_path = out.join("metrics.jsonl");
         let rank0 = comm.rank() == 0;
         let metrics = match &checkpoint {
@@ -903,8 +906,9 @@ fn recompute_sink(
     }
     if is_layerwise {
         bail!(
-            "optim {}: this architecture cannot recompute its layers, which the layer-wise step needs; use --optim galore_adamw",
-            cfg.optim
+            "optim {}: this architecture cannot recompute its layers, which the layer-wise step needs; use --optim {}",
+            cfg.optim,
+            cfg.optim.whole_step()
         )
     }
     progress.message("recompute: not supported for this architecture; keeping activations");

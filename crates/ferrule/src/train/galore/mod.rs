@@ -124,7 +124,7 @@ impl GaLoreConfig {
                 ("damping", Some(n)) => n.damping = value.parse().map_err(|e| bad(&e))?,
                 _ => anyhow::bail!(
                     "optim_args: unknown key {key:?} for {}; expected rank, update_proj_gap, scale, proj_type{}",
-                    if natural { "natural_galore_adamw" } else { "galore_adamw" },
+                    if natural { "natural_galore_adamw" } else { "GaLore" },
                     if natural { ", history, damping" } else { "" }
                 ),
             }

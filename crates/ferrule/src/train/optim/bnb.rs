@@ -119,7 +119,8 @@ fn split_moments(bytes: &mut [u8], len: usize) -> (&mut [f32], &mut [f32]) {
     (m, v)
 }
 
-/// bitsandbytes' `AdamW8bit`, `PagedAdamW8bit` and `PagedAdamW32bit` (see the module docs),
+/// bitsandbytes' `AdamW8bit`, `PagedAdamW8bit` and `PagedAdamW32bit`, and galore-torch's
+/// `GaLoreAdamW8bit` ([`BnbAdamW::galore`]) (see the module docs),
 /// with [`super::AdamW`]'s interface. Moments are kept in f32 (or 8-bit codes) whatever the
 /// parameter's dtype; parameters are updated in f32 and rounded back to their dtype.
 pub struct BnbAdamW {

@@ -201,6 +201,16 @@ impl OptimName {
         )
     }
 
+    /// The optimizer a layer-wise one equals when stepped once per step (`galore_adamw` for
+    /// `galore_adamw_layerwise`); itself for the others.
+    pub fn whole_step(self) -> OptimName {
+        match self {
+            OptimName::GaloreAdamwLayerwise => OptimName::GaloreAdamw,
+            OptimName::GaloreAdamw8bitLayerwise => OptimName::GaloreAdamw8bit,
+            other => other,
+        }
+    }
+
     /// Whether the optimizer is GaLore (`optim_args` and `optim_target_modules` apply).
     pub fn is_galore(self) -> bool {
         matches!(
