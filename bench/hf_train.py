@@ -341,6 +341,8 @@ def layerwise_galore(model, args, total_steps):
     optim_args, every parameter its own GaLoreAdamW (lr only, as HF passes it) and linear
     schedule, stepped and zeroed by a post-accumulate-grad hook."""
     import re
+
+    import torch
     from galore_torch import GaLoreAdamW
     from transformers import get_linear_schedule_with_warmup
 
