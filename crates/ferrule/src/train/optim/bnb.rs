@@ -494,9 +494,14 @@ impl BnbAdamW {
                 })?;
                 ensure!(
                     t.dtype() == dtype && t.dims() == dims,
-                    "optimizer state {key:?} is {:?} {:?}, expected {dtype:?} {dims:?}",
+                    "optimizer state {key:?} is {:?} {:?}, expected {dtype:?} {dims:?}{}",
                     t.dtype(),
                     t.dims(),
+                    if s.projector.is_some() {
+                        " (a GaLore target: the saved run had another rank or proj_type in optim_args?)"
+                    } else {
+                        ""
+                    }
                 );
                 expected.insert(key);
                 Ok(t.clone())
