@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::model::ModelSource;
-use crate::util::atomic::{save_raw_safetensors_atomic, sync_dir, write_bytes_atomic, RawTensor};
+use crate::util::atomic::{
+    save_raw_safetensors_atomic, save_safetensors_atomic, sync_dir, write_bytes_atomic, RawTensor,
+};
 
 /// Tokenizer-side files copied from a model folder when present.
 const TOKENIZER_FILES: &[&str] = &[
@@ -73,8 +75,29 @@ pub fn write_model_files(
     config: &Value,
     tensors: &BTreeMap<String, RawTensor>,
 ) -> Result<()> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    save_raw_safetensors_atomic(&dir.join("model.safetensors"), tensors, Some(meta))?;
+    save_raw_safetensors_atomic(&dir.join("model.safetensors"), tensors, Some(pt_format()))?;
+    write_side_files(source, dir, config)
+}
+
+/// [`write_model_files`] from candle tensors, each converted to bytes as the file reaches it
+/// (a fully fine-tuned model is written without a second copy of it in memory).
+pub fn write_dense_model_files(
+    source: &ModelSource,
+    dir: &Path,
+    config: &Value,
+    tensors: &[(String, candle_core::Tensor)],
+) -> Result<()> {
+    save_safetensors_atomic(&dir.join("model.safetensors"), tensors, Some(pt_format()))?;
+    write_side_files(source, dir, config)
+}
+
+/// The `format: pt` metadata transformers writes.
+fn pt_format() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// The tokenizer files and `config.json` (last) of a model folder.
+fn write_side_files(source: &ModelSource, dir: &Path, config: &Value) -> Result<()> {
     match &source.dir {
         Some(from) => {
             for f in TOKENIZER_FILES {

@@ -36,9 +36,21 @@ pub fn save_result(
 ) -> Result<()> {
     if tuner.trains_whole_model() {
         let replaced = tuner.replaced()?;
-        let (raw, config, _) =
-            crate::merge::merged_raw(source, replaced, vec![], cfg.task, Default::default())?;
-        return crate::export::write_model_files(source, out, &config, &raw);
+        let (tensors, config, _) = crate::merge::merged_tensors_from(
+            source,
+            replaced,
+            vec![],
+            cfg.task,
+            Default::default(),
+        )?;
+        let dense = tensors
+            .into_iter()
+            .map(|(name, w)| match w {
+                crate::ops::frozen_linear::FrozenWeight::Dense(t) => Ok((name, t)),
+                _ => anyhow::bail!("full fine-tuning: {name} is not a dense tensor; a fully fine-tuned model is written in f32"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return crate::export::write_dense_model_files(source, out, &config, &dense);
     }
     let base = crate::merge::BaseRecord::of(&source.weights, cfg.quantize.as_ref());
     crate::peft_io::save_adapter(out, tuner, cfg.task, &cfg.model)?;

@@ -127,10 +127,93 @@ pub fn save_raw_safetensors_atomic(
     tensors: &BTreeMap<String, RawTensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, v)| (n.as_str(), v)), metadata)
+    let entries: Vec<Entry> = tensors
+        .iter()
+        .map(|(name, t)| Entry {
+            name: name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            len: t.data.len(),
+        })
+        .collect();
+    write_safetensors_streamed(path, &entries, metadata, |i| {
+        Ok(tensors[&entries[i].name].data.clone())
+    })
+}
+
+/// A tensor's header entry: what the safetensors header needs, without the bytes.
+struct Entry {
+    name: String,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    /// Bytes of the data.
+    len: usize,
+}
+
+impl View for &Entry {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Writes a safetensors file atomically ([`write_atomic`]) with one tensor's bytes in memory at
+/// a time: `bytes(i)` makes `entries[i]`'s as the writer reaches it, so a whole model is never
+/// serialized into one buffer. The header is the safetensors crate's own (`serialize` over
+/// entries whose data is empty: the offsets need only the lengths), and the bytes follow in
+/// the order of the header's offsets.
+fn write_safetensors_streamed(
+    path: &Path,
+    entries: &[Entry],
+    metadata: Option<HashMap<String, String>>,
+    mut bytes: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let head = safetensors::serialize(entries.iter().map(|e| (e.name.as_str(), e)), metadata)
         .with_context(|| format!("serializing safetensors for {}", path.display()))?;
-    write_bytes_atomic(path, &bytes)
-        .with_context(|| format!("writing safetensors file {}", path.display()))
+    let order = data_order(&head, entries)?;
+    write_atomic(path, |f| {
+        f.write_all(&head)?;
+        for i in order {
+            let b = bytes(i).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            if b.len() != entries[i].len {
+                return Err(io::Error::other(format!(
+                    "tensor {:?}: {} bytes, the header says {}",
+                    entries[i].name,
+                    b.len(),
+                    entries[i].len
+                )));
+            }
+            f.write_all(&b)?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("writing safetensors file {}", path.display()))
+}
+
+/// The indices of `entries` in the order of their data in a header made by
+/// `safetensors::serialize` (`head`: the length prefix and the JSON header).
+fn data_order(head: &[u8], entries: &[Entry]) -> Result<Vec<usize>> {
+    let n = u64::from_le_bytes(head[..8].try_into()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&head[8..8 + n])?;
+    let mut order = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let start = header
+            .get(&e.name)
+            .and_then(|v| v["data_offsets"][0].as_u64())
+            .with_context(|| format!("safetensors header without {:?}", e.name))?;
+        order.push((start, i));
+    }
+    order.sort_unstable();
+    Ok(order.into_iter().map(|(_, i)| i).collect())
 }
 
 impl View for &HostView {
@@ -210,10 +293,24 @@ pub fn save_safetensors_atomic<S: AsRef<str>>(
     tensors: &[(S, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let bytes = serialize_safetensors(tensors, metadata)
-        .with_context(|| format!("serializing safetensors for {}", path.display()))?;
-    write_bytes_atomic(path, &bytes)
-        .with_context(|| format!("writing safetensors file {}", path.display()))
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let name = name.as_ref();
+        if !seen.insert(name) {
+            bail!("duplicate tensor name {name:?}");
+        }
+        entries.push(Entry {
+            name: name.to_string(),
+            dtype: t.dtype().into(),
+            shape: t.dims().to_vec(),
+            len: t.elem_count() * t.dtype().size_in_bytes(),
+        });
+    }
+    write_safetensors_streamed(path, &entries, metadata, |i| {
+        let (name, t) = &tensors[i];
+        Ok(raw_tensor(name.as_ref(), t)?.data)
+    })
 }
 
 /// Serializes named tensors to an in-memory safetensors buffer.
