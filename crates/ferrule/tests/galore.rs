@@ -9,40 +9,15 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use ferrule::train::galore::{
     GaLoreAdamW, GaLoreConfig, LegacyAdamWConfig, NaturalConfig, ProjType, TargetModules,
 };
 
 const PARAMS: [&str; 3] = ["tall.weight", "wide.weight", "bias"];
 
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-/// max |got − want| / max |want|: a whole-tensor relative error, so that entries near zero
-/// (a moment's small components) do not need an absolute tolerance of their own.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims(), "shape");
-    let (g, w) = (values(got), values(want));
-    let scale = w.iter().fold(0f64, |a, x| a.max(x.abs()));
-    let diff = g.iter().zip(&w).fold(0f64, |a, (x, y)| {
-        if (x - y).is_nan() {
-            f64::INFINITY
-        } else {
-            a.max((x - y).abs())
-        }
-    });
-    diff / scale
-}
-
 fn config_from(fix: &HashMap<String, Tensor>, proj_type: ProjType) -> (GaLoreConfig, usize) {
-    let c = values(&fix["config"]);
+    let c = common::values_f64(&fix["config"]);
     let cfg = GaLoreConfig {
         adam: LegacyAdamWConfig {
             lr: c[3],
@@ -124,7 +99,7 @@ fn galore_adamw_matches_galore_torch_for_every_proj_type() {
             for (p, var) in &vars {
                 let mut check = |what: &str, got: &Tensor| {
                     let want = &fix[&format!("{p}.{what}.{k}")];
-                    let e = rel_err(got, want);
+                    let e = common::rel_err(got, want);
                     assert!(
                         e <= tol_for(proj_type),
                         "{name} step {k}: {p} {what} differs by {e:e} (relative)"
@@ -199,7 +174,9 @@ fn resume_is_bit_identical_with_natural_galore() {
             }
             opt.step_with(&grads_at(&fix, k)).unwrap();
         }
-        opt.params().map(|(_, v)| values(v.as_tensor())).collect()
+        opt.params()
+            .map(|(_, v)| common::values_f64(v.as_tensor()))
+            .collect()
     };
     let straight = run(None);
     // Resumed before steps 2 and 4 the restored bases are used (no refresh: the step counts
@@ -221,7 +198,7 @@ fn resume_is_bit_identical_with_natural_galore() {
     for k in 1..=5 {
         plain.step_with(&grads_at(&fix, k)).unwrap();
     }
-    assert_ne!(values(vars[0].1.as_tensor()), straight[0]);
+    assert_ne!(common::values_f64(vars[0].1.as_tensor()), straight[0]);
 }
 
 /// Stepping each parameter on its own (the layer-wise form) equals the whole step.
@@ -242,12 +219,15 @@ fn layerwise_steps_equal_the_whole_step() {
         layerwise.finish_layerwise_step();
     }
     for ((_, x), (_, y)) in a.iter().zip(&b) {
-        assert_eq!(values(x.as_tensor()), values(y.as_tensor()));
+        assert_eq!(
+            common::values_f64(x.as_tensor()),
+            common::values_f64(y.as_tensor())
+        );
     }
     let (sa, sb) = (whole.state().unwrap(), layerwise.state().unwrap());
     for ((ka, ta), (kb, tb)) in sa.iter().zip(&sb) {
         assert_eq!(ka, kb);
-        assert_eq!(values(ta), values(tb), "{ka}");
+        assert_eq!(common::values_f64(ta), common::values_f64(tb), "{ka}");
     }
 }
 
@@ -302,7 +282,7 @@ fn bad_inputs_are_named_errors() {
 #[test]
 fn natural_galore_matches_the_reference() {
     let fix = common::load("galore/natural_galore.safetensors");
-    let c = values(&fix["config"]);
+    let c = common::values_f64(&fix["config"]);
     let cfg = GaLoreConfig {
         adam: LegacyAdamWConfig {
             lr: c[3],
@@ -344,7 +324,7 @@ fn natural_galore_matches_the_reference() {
                 ("param", var.as_tensor()),
                 ("exp_avg_sq", &state[&format!("{p}.exp_avg_sq")]),
             ] {
-                let e = rel_err(got, &fix[&format!("{p}.{what}.{k}")]);
+                let e = common::rel_err(got, &fix[&format!("{p}.{what}.{k}")]);
                 assert!(
                     e <= TOL_FULL,
                     "step {k}: {p} {what} differs by {e:e} (relative)"
@@ -356,7 +336,7 @@ fn natural_galore_matches_the_reference() {
     eprintln!("worst relative difference from Natural GaLore's reference: {worst:e}");
     // Plain GaLore on the same gradients ends elsewhere: the fixture checks the transform.
     let plain_tall = plain.params().next().unwrap().1.as_tensor().clone();
-    let e = rel_err(&plain_tall, &fix["tall.weight.param.5"]);
+    let e = common::rel_err(&plain_tall, &fix["tall.weight.param.5"]);
     assert!(e > 100.0 * TOL, "plain GaLore is only {e:e} away");
 }
 
@@ -438,11 +418,17 @@ fn layerwise_through_recompute_equals_the_whole_step() {
                 opt.step(&store).unwrap();
             }
         }
-        vars.iter().map(|(_, v)| values(v.as_tensor())).collect()
+        vars.iter()
+            .map(|(_, v)| common::values_f64(v.as_tensor()))
+            .collect()
     };
     let (whole, layerwise) = (run(false), run(true));
     assert_eq!(whole, layerwise);
     let (w1, w2) = (init(1, (5, 6)), init(2, (4, 5)));
-    assert_ne!(whole[0], values(w1.as_tensor()), "the weights moved");
-    assert_ne!(whole[1], values(w2.as_tensor()));
+    assert_ne!(
+        whole[0],
+        common::values_f64(w1.as_tensor()),
+        "the weights moved"
+    );
+    assert_ne!(whole[1], common::values_f64(w2.as_tensor()));
 }

@@ -15,29 +15,12 @@ use ferrule::train::optim::BnbAdamW;
 const PARAMS: [&str; 4] = ["tall.weight", "wide.weight", "big", "bias"];
 const MIN_8BIT_SIZE: usize = 4096;
 
-fn values(t: &Tensor) -> Vec<f64> {
-    let t = t.to_dtype(DType::F64).unwrap();
-    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
-}
-
-/// max |got − want| / max |want| over the tensor.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims(), "shape");
-    let (g, w) = (values(got), values(want));
-    let scale = w.iter().fold(0f64, |a, x| a.max(x.abs()));
-    let diff = g
-        .iter()
-        .zip(&w)
-        .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
-    diff / scale
-}
-
 fn fixture() -> HashMap<String, Tensor> {
     common::load("galore/galore_8bit.safetensors")
 }
 
 fn config(fix: &HashMap<String, Tensor>) -> (GaLoreConfig, usize) {
-    let c = values(&fix["config"]);
+    let c = common::values_f64(&fix["config"]);
     let cfg = GaLoreConfig {
         adam: LegacyAdamWConfig {
             lr: c[3],
@@ -82,7 +65,7 @@ fn optimizer(fix: &HashMap<String, Tensor>, vars: Vec<(String, Var)>) -> BnbAdam
 /// way after the projection's float noise), and at most 1% of them different.
 fn check_codes(key: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.dtype(), DType::U8, "{key}");
-    let (g, w) = (values(got), values(want));
+    let (g, w) = (common::values_f64(got), common::values_f64(want));
     let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
     let worst = g
         .iter()
@@ -105,7 +88,7 @@ fn galore_adamw_8bit_matches_galore_torch() {
         opt.step_with(&grads(&fix, k)).unwrap();
         let state: BTreeMap<String, Tensor> = opt.state().unwrap().into_iter().collect();
         for (n, v) in &vars {
-            let e = rel_err(v.as_tensor(), &fix[&format!("{n}.param.{k}")]);
+            let e = common::rel_err(v.as_tensor(), &fix[&format!("{n}.param.{k}")]);
             eprintln!("{n} step {k}: parameter rel err {e:e}");
             // The projection's f32 products (and ferrule's f64 SVD) move the update by ~1e-7
             // of the weight; a code one off moves a moment by one quantization step.
@@ -118,12 +101,13 @@ fn galore_adamw_8bit_matches_galore_torch() {
                     check_codes(&key, &state[&key], &fix[&format!("{key}.{k}")]);
                 }
                 for s in ["absmax1", "absmax2"] {
-                    let e = rel_err(&state[&format!("{n}.{s}")], &fix[&format!("{n}.{s}.{k}")]);
+                    let e =
+                        common::rel_err(&state[&format!("{n}.{s}")], &fix[&format!("{n}.{s}.{k}")]);
                     assert!(e <= 1e-4, "{n}.{s} after step {k}: rel err {e}");
                 }
             } else {
                 for (ours, theirs) in [("exp_avg", "state1"), ("exp_avg_sq", "state2")] {
-                    let e = rel_err(
+                    let e = common::rel_err(
                         &state[&format!("{n}.{ours}")],
                         &fix[&format!("{n}.{theirs}.{k}")],
                     );
@@ -135,7 +119,7 @@ fn galore_adamw_8bit_matches_galore_torch() {
                     // Rank 64 of 66 reaches singular values close to each other, whose
                     // vectors torch's f32 SVD finds less exactly than ferrule's f64 one
                     // (measured 2.1e-5); the parameters above agree to ~1e-7.
-                    let e = rel_err(&state[&format!("{n}.{side}")], want);
+                    let e = common::rel_err(&state[&format!("{n}.{side}")], want);
                     eprintln!("{n}.{side} at step {k}: rel err {e:e}");
                     assert!(e <= 1e-4, "{n}.{side} at step {k}: rel err {e}");
                 }
@@ -177,7 +161,9 @@ fn resumed_and_layerwise_runs_equal_the_straight_one() {
                 opt.step_with(&g).unwrap();
             }
         }
-        v.iter().map(|(_, x)| values(x.as_tensor())).collect()
+        v.iter()
+            .map(|(_, x)| common::values_f64(x.as_tensor()))
+            .collect()
     };
     let straight = run(None, false);
     for split in [2, 3] {

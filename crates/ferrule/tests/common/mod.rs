@@ -98,6 +98,32 @@ pub fn max_diff_masked(a: &Tensor, b: &Tensor, mask: Option<&Tensor>) -> f32 {
     max_abs_diff(&a_kept, &b_kept)
 }
 
+/// A tensor's values as f64, flattened.
+pub fn values_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// max |got − want| / max |want|: a whole-tensor relative error, so that entries near zero
+/// (a moment's small components) do not need an absolute tolerance of their own.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shape");
+    let (g, w) = (values_f64(got), values_f64(want));
+    let scale = w.iter().fold(0f64, |a, x| a.max(x.abs()));
+    let diff = g.iter().zip(&w).fold(0f64, |a, (x, y)| {
+        if (x - y).is_nan() {
+            f64::INFINITY
+        } else {
+            a.max((x - y).abs())
+        }
+    });
+    diff / scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
