@@ -37,6 +37,20 @@ pub fn write_model_folder(
     config: &Value,
     tensors: &BTreeMap<String, RawTensor>,
 ) -> Result<()> {
+    write_model_folder_with(source, out, config, |file| {
+        save_raw_safetensors_atomic(file, tensors, Some(pt_format()))
+    })
+}
+
+/// [`write_model_folder`] with the weights written by `write_weights(path)`, which creates the
+/// file `path` (`model.safetensors`, with [`pt_format`]'s metadata). The folder is built in
+/// `<out>.tmp` and renamed into place; on an error it is removed.
+pub fn write_model_folder_with(
+    source: &ModelSource,
+    out: &Path,
+    config: &Value,
+    write_weights: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     if out.exists() {
         bail!(
             "{}: already exists; choose a new output folder",
@@ -55,10 +69,13 @@ pub fn write_model_folder(
             .with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    if let Err(e) = write_model_files(source, &tmp, config, tensors).and_then(|_| {
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
-    }) {
+    let written = write_weights(&tmp.join("model.safetensors"))
+        .and_then(|_| write_side_files(source, &tmp, config))
+        .and_then(|_| {
+            std::fs::rename(&tmp, out)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+        });
+    if let Err(e) = written {
         // Best effort: the error matters more than the cleanup.
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -67,20 +84,10 @@ pub fn write_model_folder(
 }
 
 /// Writes a model's files into the existing folder `dir` (a training run's output folder),
-/// each file atomically: `model.safetensors`, the tokenizer's files, then `config.json` last,
-/// so a folder that an interrupted write left without `config.json` is not taken for a model.
-pub fn write_model_files(
-    source: &ModelSource,
-    dir: &Path,
-    config: &Value,
-    tensors: &BTreeMap<String, RawTensor>,
-) -> Result<()> {
-    save_raw_safetensors_atomic(&dir.join("model.safetensors"), tensors, Some(pt_format()))?;
-    write_side_files(source, dir, config)
-}
-
-/// [`write_model_files`] from candle tensors, each converted to bytes as the file reaches it
-/// (a fully fine-tuned model is written without a second copy of it in memory).
+/// each file atomically: `model.safetensors` from candle tensors, each converted to bytes as
+/// the file reaches it (a fully fine-tuned model is written without a second copy of it in
+/// memory), the tokenizer's files, then `config.json` last, so a folder that an interrupted
+/// write left without `config.json` is not taken for a model.
 pub fn write_dense_model_files(
     source: &ModelSource,
     dir: &Path,
@@ -92,7 +99,7 @@ pub fn write_dense_model_files(
 }
 
 /// The `format: pt` metadata transformers writes.
-fn pt_format() -> HashMap<String, String> {
+pub fn pt_format() -> HashMap<String, String> {
     HashMap::from([("format".to_string(), "pt".to_string())])
 }
 

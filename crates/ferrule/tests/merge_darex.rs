@@ -47,7 +47,7 @@ fn dare_keeps_its_rate_and_the_merged_folder_is_the_model_the_search_scores() {
     // keep = 1 is the plain weighted sum of the updates.
     let full = dropped_deltas(&pairs, 1.0, 0).unwrap();
     let (name, delta_a) = match ta.updates().unwrap().remove(0) {
-        (n, Update::Add(d)) => (n, d),
+        (n, Update::Add(d)) => (n, d.dense().unwrap()),
         _ => panic!("LoRA merges by adding"),
     };
     let delta_b = tb
@@ -56,7 +56,7 @@ fn dare_keeps_its_rate_and_the_merged_folder_is_the_model_the_search_scores() {
         .into_iter()
         .find(|(n, _)| *n == name)
         .map(|(_, u)| match u {
-            Update::Add(d) => d,
+            Update::Add(d) => d.dense().unwrap(),
             _ => panic!("LoRA merges by adding"),
         });
     let expected = match delta_b {

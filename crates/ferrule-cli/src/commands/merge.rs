@@ -146,7 +146,7 @@ pub fn run(a: Args) -> Result<()> {
     let source = ModelSource::load_with(
         a.model(),
         &super::device(),
-        LoadOptions::quantized(spec.as_ref()),
+        LoadOptions::read_once(spec.as_ref(), a.model()),
     )?;
     let target = BaseRecord::of(&source.weights, spec.as_ref());
     check_dequantize(&a, &target)?;
@@ -206,7 +206,7 @@ fn merge_one(
         &Selection::Active(name.to_string()),
         None,
         &super::device(),
-        LoadOptions::quantized(spec),
+        LoadOptions::read_once(spec, a.model()),
     )?;
     let target = BaseRecord::of(&m.source.weights, spec);
     check_dequantize(a, &target)?;
@@ -397,7 +397,7 @@ fn load_weighted(
         &selection,
         None,
         &super::device(),
-        LoadOptions::quantized(spec),
+        LoadOptions::read_once(spec, a.model()),
     )?;
     let target = BaseRecord::of(&m.source.weights, spec);
     check_dequantize(a, &target)?;
@@ -491,7 +491,7 @@ fn mean_inputs(
     let source = ModelSource::load_with(
         a.model(),
         &Device::Cpu,
-        LoadOptions::quantized(spec.as_ref()),
+        LoadOptions::read_once(spec.as_ref(), a.model()),
     )?;
     let t = ferrule::model::weights::load_safetensors_file(file, &Device::Cpu)?;
     let ids = t

@@ -53,6 +53,17 @@ impl<'a> LoadOptions<'a> {
             ..Self::default()
         }
     }
+
+    /// For a command that reads each weight about once (merge, export): f32, quantized as
+    /// `quantize` says, and a model folder `spec` memory-mapped as `stream_base` maps it
+    /// unless it is quantized while loading, so that only the weights in use are resident.
+    pub fn read_once(quantize: Option<&'a QuantSpec>, spec: &str) -> Self {
+        Self {
+            quantize,
+            stream_base: quantize.is_none() && Path::new(spec).is_dir(),
+            ..Self::default()
+        }
+    }
 }
 
 impl ModelSource {

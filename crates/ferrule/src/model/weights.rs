@@ -310,6 +310,7 @@ impl Weights {
                 )
             }
             let assembled = bnb_format::assemble_mapped(&mut bnb, &mut pages, dir)?;
+            let mut in_memory = Vec::new();
             for (name, q) in assembled {
                 if let Some(b) = q.as_any().downcast_ref::<crate::quant::Blockwise4>() {
                     if let Some(m) = b.packed.mapped() {
@@ -318,9 +319,12 @@ impl Weights {
                     }
                 }
                 if stream && !streamed.contains_key(&name) {
-                    tracing::warn!("--stream-base: {}: {name} ({}) is held in memory; only 4-bit (NF4/FP4) bitsandbytes weights are streamed", dir.display(), q.format());
+                    in_memory.push(format!("{name} ({})", q.format()));
                 }
                 quantized.insert(name, q);
+            }
+            if let Some(first) = in_memory.first() {
+                tracing::warn!("{}: {} quantized weight(s), e.g. {first}, are held in memory; of the bitsandbytes formats only 4-bit (NF4/FP4) weights are read in place from the file (--stream-base, and merge)", dir.display(), in_memory.len());
             }
         }
         let mut weights = Self::with_quantized(tensors, quantized, dir);
@@ -492,6 +496,37 @@ impl Weights {
             }
             None => Ok(FrozenWeight::Dense(self.get_as_held(name, &shape)?)),
         }
+    }
+
+    /// Every float tensor as a merge or an export reads it, by name: dense ones as held,
+    /// quantized ones in their blocks, sharded ones by their shards, and streamed ones
+    /// (`--stream-base`) as mapped matrices, each read bracketing its pages. Integer tensors
+    /// are left out.
+    pub fn held(&self) -> Vec<(String, FrozenWeight)> {
+        let dtype = self.compute_dtype;
+        let dense = self
+            .tensors
+            .iter()
+            .filter(|(_, t)| t.dtype().is_float())
+            .map(|(k, t)| (k.clone(), FrozenWeight::Dense(t.clone())));
+        let quantized = self
+            .quantized
+            .iter()
+            .filter(|(k, _)| !self.streamed.contains_key(*k))
+            .map(|(k, q)| (k.clone(), FrozenWeight::Quantized(q.clone(), dtype)));
+        let sharded = self
+            .sharded
+            .iter()
+            .map(|(k, s)| (k.clone(), FrozenWeight::Sharded(s.clone(), dtype)));
+        let streamed = self
+            .streamed
+            .iter()
+            .map(|(k, s)| (k.clone(), FrozenWeight::Streamed(s.clone(), dtype)));
+        dense
+            .chain(quantized)
+            .chain(sharded)
+            .chain(streamed)
+            .collect()
     }
 
     /// [`Weights::frozen`] for the first of `names` that exists.

@@ -54,12 +54,76 @@ pub struct AdaptedModule {
 /// How a merge changes one base tensor (`path.weight` or `path.bias`).
 pub enum Update {
     /// `W' = W + Δ`, `Δ` of `W`'s shape (LoRA: `ΔW = s·B A`).
-    Add(Tensor),
+    Add(Delta),
     /// `W' = W ⊙ s`, `s` broadcast against `W` (IA3: `[out, 1]` rows or `[1, in]` columns).
     Scale(Tensor),
     /// `W' = (m / ‖W + Δ‖_row) ⊙ (W + Δ)` with `magnitude: [out]`: DoRA's merge (Liu et al.
     /// 2024, eq. 5; peft `DoraLinearVariant.merge_safe`), the norm taken over each output row.
-    RowRescaled { delta: Tensor, magnitude: Tensor },
+    RowRescaled { delta: Delta, magnitude: Tensor },
+}
+
+impl Update {
+    /// The shape the update fixes: `Δ`'s for the additive forms, `s`'s (broadcast against `W`)
+    /// for [`Update::Scale`].
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Update::Add(d) | Update::RowRescaled { delta: d, .. } => d.dims(),
+            Update::Scale(s) => s.dims().to_vec(),
+        }
+    }
+}
+
+/// An additive change `Δ` of a base tensor.
+#[derive(Clone)]
+pub enum Delta {
+    /// `Δ` itself.
+    Dense(Tensor),
+    /// `Δ = s·B A` kept as its factors `b: [out, r]`, `a: [r, in]` until a merge reaches the
+    /// tensor, so that a merge holds one dense `Δ` at a time (LoRA, Hu et al. 2021, eq. 3;
+    /// peft `lora.Linear.get_delta_weight`). With `transposed`, `Δ = s·(B A)ᵀ`: LoRA on an
+    /// embedding table, whose factors peft stores as `lora_embedding_A: [r, vocab]` and
+    /// `lora_embedding_B: [dim, r]` (peft `lora.Embedding.get_delta_weight`).
+    LowRank {
+        b: Tensor,
+        a: Tensor,
+        scale: f64,
+        transposed: bool,
+    },
+}
+
+impl Delta {
+    /// `Δ`'s shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Delta::Dense(d) => d.dims().to_vec(),
+            Delta::LowRank {
+                b, a, transposed, ..
+            } => {
+                let (out, inp) = (b.dims()[0], a.dims()[a.rank() - 1]);
+                match transposed {
+                    false => vec![out, inp],
+                    true => vec![inp, out],
+                }
+            }
+        }
+    }
+
+    /// `Δ` as a dense tensor (multiplied out for [`Delta::LowRank`]).
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Delta::Dense(d) => Ok(d.clone()),
+            Delta::LowRank {
+                b,
+                a,
+                scale,
+                transposed,
+            } => {
+                let ba = b.matmul(a)?;
+                let ba = if *transposed { ba.t()? } else { ba };
+                ba * *scale
+            }
+        }
+    }
 }
 
 /// What every method provides beyond its hook points. A method implements [`Tuner::core`],

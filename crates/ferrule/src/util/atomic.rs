@@ -127,30 +127,44 @@ pub fn save_raw_safetensors_atomic(
     tensors: &BTreeMap<String, RawTensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let entries: Vec<Entry> = tensors
+    let entries: Vec<HeaderEntry> = tensors
         .iter()
-        .map(|(name, t)| Entry {
+        .map(|(name, t)| HeaderEntry {
             name: name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
             len: t.data.len(),
         })
         .collect();
-    write_safetensors_streamed(path, &entries, metadata, |i| {
-        Ok(tensors[&entries[i].name].data.clone())
+    write_safetensors_streamed(path, &entries, metadata, |i, out| {
+        Ok(out.write_all(&tensors[&entries[i].name].data)?)
     })
 }
 
 /// A tensor's header entry: what the safetensors header needs, without the bytes.
-struct Entry {
-    name: String,
-    dtype: StDtype,
-    shape: Vec<usize>,
+#[derive(Clone, Debug)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
     /// Bytes of the data.
-    len: usize,
+    pub len: usize,
 }
 
-impl View for &Entry {
+impl HeaderEntry {
+    /// The entry of a tensor of `dtype` and `shape`.
+    pub fn new(name: &str, dtype: StDtype, shape: Vec<usize>) -> Self {
+        let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        Self {
+            name: name.to_string(),
+            dtype,
+            shape,
+            len,
+        }
+    }
+}
+
+impl View for &HeaderEntry {
     fn dtype(&self) -> StDtype {
         self.dtype
     }
@@ -166,41 +180,62 @@ impl View for &Entry {
 }
 
 /// Writes a safetensors file atomically ([`write_atomic`]) with one tensor's bytes in memory at
-/// a time: `bytes(i)` makes `entries[i]`'s as the writer reaches it, so a whole model is never
-/// serialized into one buffer. The header is the safetensors crate's own (`serialize` over
-/// entries whose data is empty: the offsets need only the lengths), and the bytes follow in
-/// the order of the header's offsets.
-fn write_safetensors_streamed(
+/// a time: `write(i, out)` writes `entries[i]`'s bytes to `out` as the writer reaches it, so a
+/// whole model is never serialized into one buffer (and bytes already in memory, or in a
+/// mapped file, are written without a copy). The header is the safetensors crate's own
+/// (`serialize` over entries whose data is empty: the offsets need only the lengths), and the
+/// bytes follow in the order of the header's offsets. A tensor whose byte count differs from
+/// its entry's is an error, and nothing is written.
+pub fn write_safetensors_streamed(
     path: &Path,
-    entries: &[Entry],
+    entries: &[HeaderEntry],
     metadata: Option<HashMap<String, String>>,
-    mut bytes: impl FnMut(usize) -> Result<Vec<u8>>,
+    mut write: impl FnMut(usize, &mut dyn Write) -> Result<()>,
 ) -> Result<()> {
     let head = safetensors::serialize(entries.iter().map(|e| (e.name.as_str(), e)), metadata)
         .with_context(|| format!("serializing safetensors for {}", path.display()))?;
     let order = data_order(&head, entries)?;
     write_atomic(path, |f| {
-        f.write_all(&head)?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, f);
+        out.write_all(&head)?;
         for i in order {
-            let b = bytes(i).map_err(|e| io::Error::other(format!("{e:#}")))?;
-            if b.len() != entries[i].len {
+            let mut counted = Counted {
+                inner: &mut out,
+                bytes: 0,
+            };
+            write(i, &mut counted).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            if counted.bytes != entries[i].len {
                 return Err(io::Error::other(format!(
                     "tensor {:?}: {} bytes, the header says {}",
-                    entries[i].name,
-                    b.len(),
-                    entries[i].len
+                    entries[i].name, counted.bytes, entries[i].len
                 )));
             }
-            f.write_all(&b)?;
         }
-        Ok(())
+        out.flush()
     })
     .with_context(|| format!("writing safetensors file {}", path.display()))
 }
 
+/// A writer that counts what passes through it.
+struct Counted<'a> {
+    inner: &'a mut dyn Write,
+    bytes: usize,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The indices of `entries` in the order of their data in a header made by
 /// `safetensors::serialize` (`head`: the length prefix and the JSON header).
-fn data_order(head: &[u8], entries: &[Entry]) -> Result<Vec<usize>> {
+fn data_order(head: &[u8], entries: &[HeaderEntry]) -> Result<Vec<usize>> {
     let n = u64::from_le_bytes(head[..8].try_into()?) as usize;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&head[8..8 + n])?;
@@ -283,6 +318,21 @@ pub fn raw_tensor(name: &str, t: &Tensor) -> Result<RawTensor> {
     })
 }
 
+/// Writes `t`'s bytes (little-endian, its dtype) to `out`: an f32 tensor straight from its
+/// values, others through [`raw_tensor`].
+pub fn write_tensor(name: &str, t: &Tensor, out: &mut dyn Write) -> Result<()> {
+    if t.dtype() == DType::F32 && cfg!(target_endian = "little") {
+        let values = t
+            .flatten_all()?
+            .to_vec1::<f32>()
+            .with_context(|| format!("copying tensor {name:?} to host"))?;
+        out.write_all(bytemuck::cast_slice(&values))?;
+    } else {
+        out.write_all(&raw_tensor(name, t)?.data)?;
+    }
+    Ok(())
+}
+
 /// Serializes named tensors (with optional string metadata, stored in the
 /// safetensors `__metadata__` header) and writes them atomically to `path`.
 ///
@@ -300,16 +350,16 @@ pub fn save_safetensors_atomic<S: AsRef<str>>(
         if !seen.insert(name) {
             bail!("duplicate tensor name {name:?}");
         }
-        entries.push(Entry {
+        entries.push(HeaderEntry {
             name: name.to_string(),
             dtype: t.dtype().into(),
             shape: t.dims().to_vec(),
             len: t.elem_count() * t.dtype().size_in_bytes(),
         });
     }
-    write_safetensors_streamed(path, &entries, metadata, |i| {
+    write_safetensors_streamed(path, &entries, metadata, |i, out| {
         let (name, t) = &tensors[i];
-        Ok(raw_tensor(name.as_ref(), t)?.data)
+        write_tensor(name.as_ref(), t, out)
     })
 }
 

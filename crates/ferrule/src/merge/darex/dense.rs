@@ -11,7 +11,7 @@ use crate::merge::delta::{mask_rng, sparsify, Rescale, Sparsify};
 use crate::model::hooks::{Linear, LinearInfo, ModelHook};
 use crate::model::{Model, ModelSource, Task};
 use crate::ops::FrozenLinear;
-use crate::tuners::{Tuner, Update};
+use crate::tuners::{Delta, Tuner, Update};
 
 /// The weighted sum `Σ w_i m_i ⊙ ΔW_i` of the adapters' updates, per base tensor name, where
 /// `m_i` keeps each entry with probability `keep` (`1 − p`; the masks drawn from `seed`, the
@@ -37,6 +37,7 @@ pub fn dropped_deltas(
             let Update::Add(delta) = update else {
                 bail!("DARE: adapter {name} ({}) changes {tensor} by scaling or row renormalisation, not by adding ΔW; DARE applies to additive deltas only", tuner.method().peft_type)
             };
+            let delta = delta.dense()?;
             let dims = delta.dims().to_vec();
             let mut values: Vec<f32> = delta.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let mut rng = mask_rng(seed, &tensor, index);
@@ -321,7 +322,7 @@ pub fn rescaled_updates(
     }
     dropped
         .into_iter()
-        .map(|(k, d)| Ok((k, Update::Add((d / q as f64)?))))
+        .map(|(k, d)| Ok((k, Update::Add(Delta::Dense((d / q as f64)?)))))
         .collect()
 }
 

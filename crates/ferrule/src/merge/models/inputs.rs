@@ -2,10 +2,12 @@
 //!
 //! A plain safetensors folder is memory-mapped and each tensor decoded to f32 when the merge
 //! reaches it, its file pages released right after: the process never holds a whole model.
-//! Inputs mergekit cannot read are loaded through ferrule's own loaders and held in their
-//! compact form: a GGUF file and a bitsandbytes (NF4/int8) folder stay quantized and each
-//! tensor is dequantized when it is read. `base+adapter` (mergekit's spelling) is the base
-//! with the PEFT adapter merged in ([`crate::merge::merged_tensors_with`]), held whole.
+//! Inputs mergekit cannot read go through ferrule's own loaders: a bitsandbytes (NF4/FP4)
+//! folder is memory-mapped as `--stream-base` maps it ([`crate::model::stream`]), each matrix
+//! dequantized when it is read and its pages dropped after (int8 folders are held in memory);
+//! a GGUF file is held in its quantized blocks, each tensor dequantized when it is read.
+//! `base+adapter` (mergekit's spelling) is the base, mapped likewise, with the PEFT adapter
+//! merged into each tensor as it is read ([`crate::merge::MergedModel`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use super::config::OutDtype;
 use crate::adapted::AdaptedModel;
 use crate::model::weights::{checkpoint_files, decode_f32};
 use crate::model::{LoadOptions, ModelSource};
-use crate::ops::{ComputeDtype, FrozenWeight};
+use crate::ops::FrozenWeight;
 
 /// Where a mapped tensor lies.
 struct MappedTensor {
@@ -35,6 +37,8 @@ enum Tensors {
         index: HashMap<String, MappedTensor>,
     },
     Loaded(BTreeMap<String, FrozenWeight>),
+    /// The base with an adapter merged into each tensor as it is read.
+    Merged(crate::merge::MergedModel),
 }
 
 /// One input model: its config, where its tokenizer files are, and its tensors.
@@ -73,7 +77,7 @@ impl InputModel {
         )
         .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
         if config.get("quantization_config").is_some() {
-            let source = ModelSource::load_with(&path_str, &Device::Cpu, LoadOptions::default())
+            let source = ModelSource::load_with(&path_str, &Device::Cpu, mapped())
                 .with_context(|| format!("model {spec}"))?;
             return Ok(Self::loaded(spec, source, Some(path.to_path_buf())));
         }
@@ -116,18 +120,7 @@ impl InputModel {
     }
 
     fn loaded(spec: &str, source: ModelSource, dir: Option<PathBuf>) -> Self {
-        let mut tensors = BTreeMap::new();
-        for (k, t) in source.weights.tensors() {
-            if t.dtype().is_float() {
-                tensors.insert(k.clone(), FrozenWeight::Dense(t.clone()));
-            }
-        }
-        for (k, q) in source.weights.quantized() {
-            tensors.insert(
-                k.clone(),
-                FrozenWeight::Quantized(q.clone(), ComputeDtype::F32),
-            );
-        }
+        let tensors = source.weights.held().into_iter().collect();
         Self {
             spec: spec.to_string(),
             config: source.config.clone(),
@@ -138,12 +131,16 @@ impl InputModel {
     }
 
     fn with_adapter(spec: &str, base: &Path, adapter: &Path) -> Result<Self> {
+        let options = match base.is_dir() {
+            true => mapped(),
+            false => LoadOptions::default(),
+        };
         let m = AdaptedModel::load_with(
             &base.to_string_lossy(),
             Some(adapter),
             None,
             &Device::Cpu,
-            LoadOptions::default(),
+            options,
         )
         .with_context(|| format!("model {spec}"))?;
         let tuner = m
@@ -151,16 +148,21 @@ impl InputModel {
             .as_deref()
             .with_context(|| format!("model {spec}: no adapter in {}", adapter.display()))?;
         let options = crate::merge::MergeOptions { dequantize: true };
-        let (tensors, config, _) =
-            crate::merge::merged_tensors_with(&m.source, tuner, m.model.task, options)
-                .with_context(|| format!("model {spec}: merging the adapter"))?;
+        let merged = crate::merge::merged_model(
+            &m.source,
+            tuner.replaced()?,
+            tuner.updates()?,
+            m.model.task,
+            options,
+        )
+        .with_context(|| format!("model {spec}: merging the adapter"))?;
         let dir = m.source.dir.clone();
         Ok(Self {
             spec: spec.to_string(),
-            config,
+            config: merged.config().clone(),
             dir,
             source: Some(m.source),
-            tensors: Tensors::Loaded(tensors),
+            tensors: Tensors::Merged(merged),
         })
     }
 
@@ -169,6 +171,7 @@ impl InputModel {
         let mut v: Vec<String> = match &self.tensors {
             Tensors::Mapped { index, .. } => index.keys().cloned().collect(),
             Tensors::Loaded(t) => t.keys().cloned().collect(),
+            Tensors::Merged(m) => m.names().cloned().collect(),
         };
         v.sort();
         v
@@ -184,6 +187,7 @@ impl InputModel {
                 FrozenWeight::Sharded(s, _) => vec![s.dims().0, s.dims().1],
                 FrozenWeight::Streamed(s, _) => vec![s.dims().0, s.dims().1],
             }),
+            Tensors::Merged(m) => m.dims(name),
         }
     }
 
@@ -196,7 +200,7 @@ impl InputModel {
                 safetensors::Dtype::F16 => Some(OutDtype::F16),
                 _ => None,
             },
-            Tensors::Loaded(_) => Some(OutDtype::F32),
+            Tensors::Loaded(_) | Tensors::Merged(_) => Some(OutDtype::F32),
         }
     }
 
@@ -210,6 +214,7 @@ impl InputModel {
                 )
             }),
             Tensors::Loaded(t) => t.contains_key(name),
+            Tensors::Merged(m) => m.contains(name),
         }
     }
 
@@ -232,6 +237,11 @@ impl InputModel {
                     .with_context(|| format!("model {}: no tensor {name:?}", self.spec))?;
                 Ok(w.to_dense(&Device::Cpu)?.flatten_all()?.to_vec1()?)
             }
+            Tensors::Merged(m) => Ok(m
+                .tensor(name)?
+                .to_dense(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?),
         }
     }
 
@@ -298,6 +308,15 @@ impl InputModel {
             .get("num_hidden_layers")
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
+    }
+}
+
+/// How a bitsandbytes folder or an adapter's base folder is read: memory-mapped, each matrix's
+/// pages dropped after it is read (`--stream-base`'s loading).
+fn mapped() -> LoadOptions<'static> {
+    LoadOptions {
+        stream_base: true,
+        ..LoadOptions::default()
     }
 }
 

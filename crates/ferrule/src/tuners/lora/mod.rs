@@ -23,7 +23,7 @@ use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockLinear, BlockShapes, BuildContext, Method};
 use super::target::{MatchReport, Targets};
 use super::trainable_tokens::{TokenLinear, TrainableTokens};
-use super::{peft_key, AdaptedModule, Tuner, Update};
+use super::{peft_key, AdaptedModule, Delta, Tuner, Update};
 use crate::init;
 use crate::model::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::{dora, FrozenLinear, FrozenWeight};
@@ -705,12 +705,22 @@ impl Tuner for Lora {
                     let (a, b) = (get("lora_embedding_A")?, get("lora_embedding_B")?);
                     out.push((
                         weight,
-                        Update::Add((b.as_tensor().matmul(a.as_tensor())?.t()? * scaling)?),
+                        Update::Add(Delta::LowRank {
+                            b: b.as_tensor().clone(),
+                            a: a.as_tensor().clone(),
+                            scale: scaling,
+                            transposed: true,
+                        }),
                     ));
                 }
                 Kind::Linear { lora_bias, dora } => {
                     let (a, b) = (get("lora_A.weight")?, get("lora_B.weight")?);
-                    let delta = (b.as_tensor().matmul(a.as_tensor())? * scaling)?;
+                    let delta = Delta::LowRank {
+                        b: b.as_tensor().clone(),
+                        a: a.as_tensor().clone(),
+                        scale: scaling,
+                        transposed: false,
+                    };
                     out.push(match dora {
                         true => (
                             weight,
@@ -724,7 +734,7 @@ impl Tuner for Lora {
                     if lora_bias {
                         out.push((
                             format!("{path}.bias"),
-                            Update::Add((get("lora_B.bias")?.as_tensor() * scaling)?),
+                            Update::Add(Delta::Dense((get("lora_B.bias")?.as_tensor() * scaling)?)),
                         ));
                     }
                 }

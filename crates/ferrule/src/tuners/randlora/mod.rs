@@ -19,7 +19,7 @@ use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BuildContext, Method};
 use super::target::{MatchReport, Targets};
-use super::{peft_key, AdaptedModule, Tuner, Update};
+use super::{peft_key, AdaptedModule, Delta, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
 
@@ -340,7 +340,7 @@ impl Tuner for RandLora {
         Ok(self
             .deltas()?
             .into_iter()
-            .map(|(k, d)| (k, Update::Add(d)))
+            .map(|(k, d)| (k, Update::Add(Delta::Dense(d))))
             .collect())
     }
 }
