@@ -10,6 +10,7 @@ pub mod config;
 pub mod gguf;
 pub mod hooks;
 pub mod llama;
+pub(crate) mod packed;
 pub mod source;
 pub mod stream;
 pub mod weights;
@@ -203,15 +204,6 @@ impl Model {
         trace.run(|| self.forward_packed(input_ids, lens))
     }
 
-    /// Whether the model takes padding-free batches ([`Self::forward_packed`]): every method
-    /// but those that add positions before the input (prompt and prefix tuning).
-    pub fn supports_packed(&self) -> bool {
-        match &self.arch {
-            Arch::Decoder(m) => m.added_positions() == 0,
-            Arch::Bert(m) => m.added_positions() == 0,
-        }
-    }
-
     /// [`Self::forward`] of a padding-free batch: `input_ids: [1, n]` holds sequences of
     /// `lens` tokens end to end (positions restart at each, no attention across them).
     /// Causal-LM logits `[1, n, v]`, classification logits `[sequences, c]`, or each
@@ -239,8 +231,20 @@ impl Model {
     /// The task's output: causal-LM logits `[b,t,v]`, classification logits `[b,c]`, or
     /// mean-pooled embeddings `[b,h]`.
     pub fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        self.forward_at(inputs, None)
+    }
+
+    /// [`Self::forward`] with the tokens' rope positions, `position_ids: [b, t]` as
+    /// transformers takes them (decoders; see `DecoderLm::hidden_states` for what prompt and
+    /// prefix tuning do with them). BERT-family encoders refuse them.
+    pub fn forward_at(&self, inputs: &Inputs, position_ids: Option<&Tensor>) -> Result<Tensor> {
         match &self.arch {
-            Arch::Decoder(m) => m.forward(inputs.input_ids, inputs.attention_mask, None),
+            Arch::Decoder(m) => {
+                m.forward(inputs.input_ids, inputs.attention_mask, position_ids, None)
+            }
+            Arch::Bert(_) if position_ids.is_some() => {
+                anyhow::bail!("position_ids: BERT-family encoders number their positions from 0 and take no position_ids")
+            }
             Arch::Bert(m) => {
                 let out = m.forward(
                     inputs.input_ids,
