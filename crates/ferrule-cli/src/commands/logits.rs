@@ -39,12 +39,13 @@ pub fn run(a: Args) -> Result<()> {
         attention_mask: t.get("attention_mask"),
         token_type_ids: t.get("token_type_ids"),
     };
+    let position_ids = t.get("position_ids");
     let logits = m
         .model
-        .forward_at(&inputs, t.get("position_ids"))
+        .forward_at(&inputs, position_ids)
         .with_context(|| format!("{}", a.inputs.display()))?;
     if ferrule::util::finite::first_non_finite(&logits)?.is_some() {
-        let origin = m.model.non_finite_origin(&inputs);
+        let origin = m.model.non_finite_origin(&inputs, position_ids);
         ferrule::util::finite::ensure_finite(
             &logits,
             || {

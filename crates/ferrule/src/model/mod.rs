@@ -180,14 +180,19 @@ impl Model {
     /// Reruns `inputs` without autograd, checking each stage's output, and names the first
     /// stage (embeddings, a layer, the final norm) whose output holds a NaN or infinite value;
     /// `None` when all are finite (then the head, pooling or loss made it). For the error of a
-    /// command that met a non-finite result: a pass costs one forward.
-    pub fn trace_non_finite(&self, inputs: &Inputs) -> Result<Option<String>> {
+    /// command that met a non-finite result: a pass costs one forward. `position_ids` as
+    /// [`Self::forward_at`] takes them.
+    pub fn trace_non_finite(
+        &self,
+        inputs: &Inputs,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Option<String>> {
         let _no_grad = self.no_grad();
         let trace = match &self.arch {
             Arch::Decoder(m) => &m.trace,
             Arch::Bert(m) => &m.trace,
         };
-        trace.run(|| self.forward(inputs))
+        trace.run(|| self.forward_at(inputs, position_ids))
     }
 
     /// [`Self::trace_non_finite`] for a padding-free batch ([`Self::forward_packed`]).
@@ -224,8 +229,8 @@ impl Model {
     /// [`Self::trace_non_finite`] as a clause for an error message: "; the first non-finite
     /// output is layer 3's (model.layers.3)", or that every layer's output was finite; empty
     /// when the rerun itself fails.
-    pub fn non_finite_origin(&self, inputs: &Inputs) -> String {
-        crate::util::finite::origin_clause(self.trace_non_finite(inputs))
+    pub fn non_finite_origin(&self, inputs: &Inputs, position_ids: Option<&Tensor>) -> String {
+        crate::util::finite::origin_clause(self.trace_non_finite(inputs, position_ids))
     }
 
     /// The task's output: causal-LM logits `[b,t,v]`, classification logits `[b,c]`, or

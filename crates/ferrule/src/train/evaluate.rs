@@ -29,7 +29,7 @@ pub(super) fn non_finite_origin(model: &Model, batch: &Batch) -> String {
         Some(lens) => crate::util::finite::origin_clause(
             model.trace_non_finite_packed(&batch.input_ids, lens),
         ),
-        None => model.non_finite_origin(&batch_inputs(batch)),
+        None => model.non_finite_origin(&batch_inputs(batch), None),
     }
 }
 
