@@ -263,6 +263,59 @@ fn mean_token_loss_by_hand(model: &str, adapter: &Path, data: &Path) -> (f64, us
     (sum / count as f64, set.items.len())
 }
 
+/// `ferrule logits` on a left-padded batch with the `position_ids` of its `--inputs` file: a
+/// prefix-tuning adapter peft 0.21 made gives peft's logits (which shift the ids past the
+/// prefix) within 1e-5 (tests/fixtures/left_padding); ids of another shape name the file.
+#[test]
+fn logits_take_position_ids_as_peft_does() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("logits.safetensors").display().to_string();
+    let inputs = fx("left_padding/inputs.safetensors");
+    let args = |inputs: &str| {
+        [
+            "logits".to_string(),
+            "--model".into(),
+            fx("models/llama"),
+            "--adapter".into(),
+            fx("methods/llama_prefix_tuning"),
+            "--inputs".into(),
+            inputs.to_string(),
+            "--out".into(),
+            out.clone(),
+        ]
+    };
+    let run = |inputs: &str| ferrule(&args(inputs).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let (ok, _, err) = run(&inputs);
+    assert!(ok, "{err}");
+    let dev = candle_core::Device::Cpu;
+    let load =
+        |p: &str| ferrule::model::weights::load_safetensors_file(Path::new(p), &dev).unwrap();
+    let got = &load(&out)["logits"];
+    let want = &load(&fx("left_padding/llama_prefix_tuning.safetensors"))["logits_pos"];
+    let d = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "max |Δlogits| = {d}");
+    let mut tensors = load(&inputs);
+    let short = tensors["position_ids"].narrow(1, 0, 4).unwrap();
+    tensors.insert("position_ids".into(), short);
+    let bad = t.path().join("bad.safetensors");
+    candle_core::safetensors::save(&tensors, &bad).unwrap();
+    let bad = bad.display().to_string();
+    let (ok, _, err) = run(&bad);
+    assert!(
+        !ok && err.contains(&bad) && err.contains("position_ids have shape [3, 4]"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_models_are_refused_clearly() {
     let t = tempfile::tempdir().unwrap();

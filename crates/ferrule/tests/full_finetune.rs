@@ -87,6 +87,7 @@ fn loss_and_grads(
         .causal_lm_loss(
             &exp["input_ids"],
             Some(&inp["attention_mask"]),
+            None,
             &exp["labels"],
         )
         .unwrap();

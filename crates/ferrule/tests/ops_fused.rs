@@ -498,69 +498,74 @@ fn attention_long_keys_use_several_query_tiles() {
     );
 }
 
-/// Composite attention of each sequence alone (its own `[len, len]` mask), concatenated.
+/// Composite attention of each sequence alone (its own `[len, before + len]` mask over the
+/// `before` keys that precede it and its own), concatenated.
+#[allow(clippy::too_many_arguments)]
 fn attention_each_alone(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     h: usize,
     lens: &[usize],
+    before: usize,
     kind: MaskKind,
     scale: f64,
 ) -> Result<Tensor> {
     let mut outs = vec![];
-    let mut start = 0;
+    let (mut q0, mut k0) = (0, 0);
     for &len in lens {
-        let mask = build_mask(kind, len, len, None, &Device::Cpu)?;
+        let s = before + len;
+        let mask = build_mask(kind, len, s, None, &Device::Cpu)?;
         outs.push(attention_reference(
-            &q.narrow(1, start, len)?,
-            &k.narrow(1, start, len)?,
-            &v.narrow(1, start, len)?,
+            &q.narrow(1, q0, len)?,
+            &k.narrow(1, k0, s)?,
+            &v.narrow(1, k0, s)?,
             h,
             mask.as_ref(),
             scale,
         )?);
-        start += len;
+        (q0, k0) = (q0 + len, k0 + s);
     }
     Tensor::cat(&outs, 1)
 }
 
 #[test]
 fn attention_varlen_matches_each_sequence_alone() {
-    // (h, h_kv, d, lengths, mask kind): sequences end to end in one row, against the composite
-    // of each sequence on its own; values and the gradients of q, k and v. A query that saw
-    // another sequence's keys would change its output and fail this.
+    // (h, h_kv, d, lengths, keys before each sequence, mask kind): sequences end to end in one
+    // row, against the composite of each sequence on its own (with the keys before it, as a
+    // prefix-tuning prefix); values and the gradients of q, k and v. A query that saw another
+    // sequence's keys would change its output and fail this.
     let causal = MaskKind::Causal {
         sliding_window: None,
     };
-    let cases: Vec<(usize, usize, usize, Vec<usize>, MaskKind)> = vec![
-        (6, 2, 10, vec![7, 3, 1, 12], causal),
-        (9, 3, 64, vec![13, 13, 5], causal),
-        (
-            4,
-            4,
-            8,
-            vec![9, 2, 6],
-            MaskKind::Causal {
-                sliding_window: Some(3),
-            },
-        ),
-        (4, 4, 12, vec![5, 8, 1, 3], MaskKind::Bidirectional),
+    let window = MaskKind::Causal {
+        sliding_window: Some(3),
+    };
+    let cases: Vec<(usize, usize, usize, Vec<usize>, usize, MaskKind)> = vec![
+        (6, 2, 10, vec![7, 3, 1, 12], 0, causal),
+        (9, 3, 64, vec![13, 13, 5], 0, causal),
+        (4, 4, 8, vec![9, 2, 6], 0, window),
+        (4, 4, 12, vec![5, 8, 1, 3], 0, MaskKind::Bidirectional),
         // a 300-token sequence spans several query tiles, next to short ones
-        (2, 1, 8, vec![4, 300, 17], causal),
-        (1, 1, 8, vec![1], causal),
+        (2, 1, 8, vec![4, 300, 17], 0, causal),
+        (1, 1, 8, vec![1], 0, causal),
+        // keys before each sequence: causal, a window shorter than them, bidirectional
+        (6, 2, 10, vec![7, 3, 1, 12], 3, causal),
+        (4, 4, 8, vec![9, 2, 6], 4, window),
+        (4, 2, 12, vec![5, 8, 1], 2, MaskKind::Bidirectional),
     ];
-    for (c, (h, h_kv, d, lens, kind)) in cases.into_iter().enumerate() {
+    for (c, (h, h_kv, d, lens, before, kind)) in cases.into_iter().enumerate() {
         let n: usize = lens.iter().sum();
+        let kv = n + before * lens.len();
         let q = var(&[1, n, h * d], 400 + c as u64, 1.5);
-        let k = var(&[1, n, h_kv * d], 500 + c as u64, 1.5);
-        let v = var(&[1, n, h_kv * d], 600 + c as u64, 1.0);
+        let k = var(&[1, kv, h_kv * d], 500 + c as u64, 1.5);
+        let v = var(&[1, kv, h_kv * d], 600 + c as u64, 1.0);
         let scale = 1.0 / (d as f64).sqrt();
         check(
-            &format!("varlen attention case {c} {lens:?}"),
+            &format!("varlen attention case {c} {lens:?}, {before} keys before"),
             &[&q, &k, &v],
-            |i| attention_varlen(&i[0], &i[1], &i[2], h, &lens, kind, scale),
-            |i| attention_each_alone(&i[0], &i[1], &i[2], h, &lens, kind, scale),
+            |i| attention_varlen(&i[0], &i[1], &i[2], h, &lens, before, kind, scale),
+            |i| attention_each_alone(&i[0], &i[1], &i[2], h, &lens, before, kind, scale),
         );
     }
 }
@@ -569,7 +574,7 @@ fn attention_varlen_matches_each_sequence_alone() {
 fn attention_varlen_refuses_lengths_that_do_not_cover_the_row() {
     let q = randn(&[1, 6, 8], 1, 1.0);
     for lens in [vec![2, 3], vec![6, 0], vec![3, 4]] {
-        let err = attention_varlen(&q, &q, &q, 2, &lens, MaskKind::Bidirectional, 0.5)
+        let err = attention_varlen(&q, &q, &q, 2, &lens, 0, MaskKind::Bidirectional, 0.5)
             .unwrap_err()
             .to_string();
         assert!(err.contains("do not hold sequences"), "{lens:?}: {err}");

@@ -1,8 +1,9 @@
 //! Padding-free batches (records end to end in one row, `data::pack`) against padded ones
 //! (`data::collate`): the loss and the gradient of every trained tensor agree within 1e-5, on
 //! decoders (sliding window and GQA included) and BERT, on dense and NF4 bases, with and
-//! without recomputation; no record attends to another; and a whole training run gives the
-//! same adapter either way.
+//! without recomputation, for LoRA-family methods and for prompt and prefix tuning (virtual
+//! tokens and prefixes before every record); no record attends to another; and a whole
+//! training run gives the same adapter either way.
 
 mod common;
 
@@ -98,6 +99,16 @@ fn records(lens: &[usize], vocab: u32, classes: Option<usize>, seed: u64) -> Vec
         .collect()
 }
 
+/// Language-modelling records trained on every token, the first included: in a padded batch
+/// only prompt tuning's last virtual token predicts it.
+fn records_trained_whole(lens: &[usize], vocab: u32, seed: u64) -> Vec<Encoded> {
+    let mut items = records(lens, vocab, None, seed);
+    for e in &mut items {
+        e.labels = e.input_ids.iter().map(|&t| t as i64).collect();
+    }
+    items
+}
+
 /// Loss, counted targets and the gradient of every trainable tensor for one batch.
 fn loss_and_grads(
     b: &Built,
@@ -140,8 +151,9 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
     }
 }
 
-/// Padded and padding-free batches of the same records give the same loss and gradients.
-fn check_equal(what: &str, b: &Built, items: &[Encoded], recompute: bool) {
+/// Padded and padding-free batches of the same records give the same loss and gradients;
+/// returns the counted targets.
+fn check_equal(what: &str, b: &Built, items: &[Encoded], recompute: bool) -> usize {
     let dev = Device::Cpu;
     let refs: Vec<&Encoded> = items.iter().collect();
     let sink = recompute.then(|| {
@@ -177,6 +189,7 @@ fn check_equal(what: &str, b: &Built, items: &[Encoded], recompute: bool) {
         assert_close(&gf[k], g, &format!("{what}: grad of {k}"));
     }
     b.model.set_recompute(None);
+    nf
 }
 
 fn lora(targets: &[&str]) -> serde_json::Value {
@@ -233,6 +246,65 @@ fn decoder_losses_and_gradients_equal_the_padded_batch() {
     );
 }
 
+/// Prompt tuning (virtual tokens before each record) and prefix tuning (keys and values before
+/// each record's, with and without the MLP) on padding-free batches.
+fn prompt_methods() -> [(&'static str, serde_json::Value); 3] {
+    [
+        (
+            "prompt tuning",
+            serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}),
+        ),
+        (
+            "prefix tuning",
+            serde_json::json!({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}),
+        ),
+        (
+            "projected prefix tuning",
+            serde_json::json!({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "prefix_projection": true, "encoder_hidden_size": 8}),
+        ),
+    ]
+}
+
+#[test]
+fn prompt_and_prefix_tuning_losses_and_gradients_equal_the_padded_batch() {
+    let lens = [9, 3, 17, 6];
+    let tokens: usize = lens.iter().sum();
+    // llama: GQA; mistral: a sliding window of 4, shorter than the prefix plus a record.
+    for model in ["llama", "mistral"] {
+        for (name, adapter) in prompt_methods() {
+            let b = build(model, Task::CausalLm, adapter, None);
+            let what = format!("{model} {name}");
+            check_equal(&what, &b, &records(&lens, 200, None, 12), false);
+            check_equal(
+                &format!("{what}, recompute"),
+                &b,
+                &records(&lens, 200, None, 12),
+                true,
+            );
+            // A record's first label: the last virtual token predicts it (prompt tuning); with
+            // a prefix nothing does, as in the padded batch.
+            let counted = check_equal(
+                &format!("{what}, every label"),
+                &b,
+                &records_trained_whole(&lens, 200, 13),
+                false,
+            );
+            let first_labels = if name == "prompt tuning" {
+                0
+            } else {
+                lens.len()
+            };
+            assert_eq!(counted, tokens - first_labels, "{what}: counted targets");
+        }
+    }
+    let nf4 = QuantSpec::new(QuantMethod::Nf4, 64, true).unwrap();
+    for (name, adapter) in prompt_methods() {
+        let b = build("llama", Task::CausalLm, adapter, Some(&nf4));
+        let items = records_trained_whole(&lens, 200, 14);
+        check_equal(&format!("llama NF4 {name}, recompute"), &b, &items, true);
+    }
+}
+
 #[test]
 fn bert_classification_losses_and_gradients_equal_the_padded_batch() {
     let b = build(
@@ -250,6 +322,14 @@ fn bert_classification_losses_and_gradients_equal_the_padded_batch() {
         None,
     );
     check_equal("bert SEQ_CLS IA3", &b, &items, false);
+    // The pooler reads each record's first virtual token.
+    let b = build(
+        "bert",
+        Task::SeqCls,
+        serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}),
+        None,
+    );
+    check_equal("bert SEQ_CLS prompt tuning", &b, &items, false);
 }
 
 /// Outputs of the records of `items` when packed, one tensor per record (decoder: logits of
@@ -311,86 +391,77 @@ fn no_record_attends_to_another_in_a_padding_free_batch() {
 }
 
 #[test]
-fn methods_that_add_positions_train_on_padded_batches_and_say_so() {
+fn a_training_run_is_the_same_padded_or_padding_free() {
+    // 10 steps of batch 4 x accumulation 2 on chat records of unequal lengths, for LoRA and
+    // for the methods that add positions: the logged losses agree within 1e-5 and the adapters
+    // within 1e-4 (float rounding differs, and AdamW's first steps divide by tiny second
+    // moments).
+    let methods = [
+        ("LoRA", lora(&["q_proj", "v_proj", "down_proj"])),
+        ("prompt tuning", prompt_methods()[0].1.clone()),
+        ("projected prefix tuning", prompt_methods()[2].1.clone()),
+    ];
+    for (name, adapter) in methods {
+        let (free, lf, af) = training_run(&adapter, Padding::Free);
+        let (padded, lp, ap) = training_run(&adapter, Padding::Longest);
+        assert!(free.padding.starts_with("padding-free"), "{}", free.padding);
+        assert!(padded.padding.starts_with("padded"), "{}", padded.padding);
+        assert_eq!(
+            free.tokens_per_sec.is_some(),
+            padded.tokens_per_sec.is_some()
+        );
+        assert_eq!(lf.len(), 10);
+        for (i, (a, b)) in lf.iter().zip(&lp).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{name} step {}: loss {a} padding-free vs {b} padded",
+                i + 1
+            );
+        }
+        assert_eq!(af.len(), ap.len());
+        for (k, t) in &ap {
+            let d = max_diff(
+                &af[k].to_dtype(DType::F32).unwrap(),
+                &t.to_dtype(DType::F32).unwrap(),
+            );
+            assert!(d <= 1e-4, "{name} {k}: adapters differ by {d}");
+        }
+    }
+}
+
+/// A 10-step run of `adapter` with batches laid out as `padding` says: its summary, logged
+/// losses and saved adapter.
+fn training_run(
+    adapter: &serde_json::Value,
+    padding: Padding,
+) -> (
+    ferrule::train::TrainSummary,
+    Vec<f64>,
+    std::collections::HashMap<String, Tensor>,
+) {
+    let dev = Device::Cpu;
     let out = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
         model: fixtures().join("models/llama").display().to_string(),
         data: fixtures().join("data/chat.jsonl"),
         output_dir: out.path().to_path_buf(),
-        adapter: Some(
-            AdapterConfig::from_json(
-                serde_json::json!({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}),
-            )
-            .unwrap(),
-        ),
-        max_steps: Some(1),
+        adapter: Some(AdapterConfig::from_json(adapter.clone()).unwrap()),
+        padding: Some(padding),
+        max_len: Some(64),
+        batch_size: Some(4),
+        grad_accum: 2,
+        max_steps: Some(10),
+        lr: 1e-2,
+        seed: 3,
         ..Default::default()
     };
-    let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap();
-    assert!(
-        s.padding
-            .starts_with("padded to each batch's longest record: PROMPT_TUNING adds positions"),
-        "{}",
-        s.padding
-    );
-}
-
-#[test]
-fn a_training_run_is_the_same_padded_or_padding_free() {
-    // 10 steps of batch 4 x accumulation 2 on chat records of unequal lengths: the logged
-    // losses agree within 1e-5 and the adapters within 1e-4 (float rounding differs, and
-    // AdamW's first steps divide by tiny second moments).
-    let dev = Device::Cpu;
-    let run = |padding: Padding| {
-        let out = tempfile::tempdir().unwrap();
-        let cfg = TrainConfig {
-            model: fixtures().join("models/llama").display().to_string(),
-            data: fixtures().join("data/chat.jsonl"),
-            output_dir: out.path().to_path_buf(),
-            adapter: Some(
-                AdapterConfig::from_json(lora(&["q_proj", "v_proj", "down_proj"])).unwrap(),
-            ),
-            padding: Some(padding),
-            max_len: Some(64),
-            batch_size: Some(4),
-            grad_accum: 2,
-            max_steps: Some(10),
-            lr: 1e-2,
-            seed: 3,
-            ..Default::default()
-        };
-        let s = train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
-        let metrics =
-            ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl")).unwrap();
-        let losses: Vec<f64> = metrics
-            .iter()
-            .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
-            .collect();
-        let adapter =
-            candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &dev)
-                .unwrap();
-        (s, losses, adapter)
-    };
-    let (free, lf, af) = run(Padding::Free);
-    let (padded, lp, ap) = run(Padding::Longest);
-    assert!(free.padding.starts_with("padding-free"), "{}", free.padding);
-    assert_eq!(
-        free.tokens_per_sec.is_some(),
-        padded.tokens_per_sec.is_some()
-    );
-    assert_eq!(lf.len(), 10);
-    for (i, (a, b)) in lf.iter().zip(&lp).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-5 * b.abs(),
-            "step {}: loss {a} padding-free vs {b} padded",
-            i + 1
-        );
-    }
-    for (k, t) in &ap {
-        let d = max_diff(
-            &af[k].to_dtype(DType::F32).unwrap(),
-            &t.to_dtype(DType::F32).unwrap(),
-        );
-        assert!(d <= 1e-4, "{k}: adapters differ by {d}");
-    }
+    let s = train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
+    let metrics = ferrule::train::metrics::read_metrics(&out.path().join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .iter()
+        .filter_map(|m| m.get("loss").and_then(|v| v.as_f64()))
+        .collect();
+    let adapter =
+        candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &dev).unwrap();
+    (s, losses, adapter)
 }

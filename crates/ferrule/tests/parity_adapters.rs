@@ -127,6 +127,7 @@ fn assert_grads(case: &Case, grads_file: &str) {
                 .causal_lm_loss(
                     &inputs["input_ids"],
                     Some(&inputs["attention_mask"]),
+                    None,
                     &exp["labels"],
                 )
                 .unwrap();

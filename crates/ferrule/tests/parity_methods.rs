@@ -239,6 +239,7 @@ fn loss_grads(case: &Case, recompute: bool) -> (f32, HashMap<String, Tensor>) {
             .causal_lm_loss(
                 &inp["input_ids"],
                 Some(&inp["attention_mask"]),
+                None,
                 &exp["labels"],
             )
             .unwrap(),

@@ -219,7 +219,12 @@ fn loss_grads(
         panic!("decoder expected")
     };
     let (loss, _) = lm
-        .causal_lm_loss(&inp["input_ids"], Some(&inp["attention_mask"]), labels)
+        .causal_lm_loss(
+            &inp["input_ids"],
+            Some(&inp["attention_mask"]),
+            None,
+            labels,
+        )
         .unwrap();
     let mut grads = loss.backward().unwrap();
     if let Some(s) = &sink {
@@ -371,7 +376,7 @@ fn cached_greedy_decoding_equals_the_full_forward_loop() {
         let mut got: Vec<Vec<u32>> = vec![vec![]; want.len()];
         for _ in 0..want[0].len() {
             let logits = lm
-                .last_logits(&next, Some(&mask), Some(&mut cache))
+                .last_logits(&next, Some(&mask), None, Some(&mut cache))
                 .unwrap();
             let picked: Vec<u32> = logits
                 .argmax(1)
@@ -623,5 +628,187 @@ fn prompt_methods_train_save_and_resume() {
         bytes(whole.path()),
         bytes(split.path()),
         "resumed prefix-tuning run diverged"
+    );
+}
+
+/// A left-padded batch (rows padded by 0, 2 and 6: more than either adapter's virtual
+/// tokens) against peft 0.21 (tests/fixtures/left_padding, make_left_padding_fixtures.py):
+/// logits at every position and the loss, without position ids and with generate's
+/// (`cumsum(mask) − 1`; peft shifts them by the prefix for prefix tuning and ignores them for
+/// prompt tuning), within 1e-5.
+#[test]
+fn left_padded_batches_equal_peft_with_and_without_position_ids() {
+    let inp = load("left_padding/inputs.safetensors");
+    let positions = &inp["position_ids"];
+    for case in CASES.iter().take(2) {
+        let (model, _) = build(case);
+        let Arch::Decoder(lm) = &model.arch else {
+            unreachable!()
+        };
+        let want = load(&format!("left_padding/{}.safetensors", case.name));
+        let shifted = want.contains_key("logits_pos");
+        for pos in [None, Some(positions)] {
+            let what = format!("{} position_ids {}", case.name, pos.is_some());
+            let suffix = if pos.is_some() && shifted { "_pos" } else { "" };
+            let mut want_logits = want[&format!("logits{suffix}")].clone();
+            let t = inp["input_ids"].dim(1).unwrap();
+            want_logits = want_logits.narrow(1, case.virtual_positions, t).unwrap();
+            let got = model
+                .forward_at(
+                    &Inputs {
+                        input_ids: &inp["input_ids"],
+                        attention_mask: Some(&inp["attention_mask"]),
+                        token_type_ids: None,
+                    },
+                    pos,
+                )
+                .unwrap();
+            let d = max_diff_masked(&got, &want_logits, None);
+            assert!(d < 1e-5, "{what}: max |Δlogits| = {d}");
+            let (loss, _) = lm
+                .causal_lm_loss(
+                    &inp["input_ids"],
+                    Some(&inp["attention_mask"]),
+                    pos,
+                    &inp["labels"],
+                )
+                .unwrap();
+            let (loss, peft) = (
+                loss.to_scalar::<f32>().unwrap(),
+                scalar(&want[&format!("loss{suffix}")]),
+            );
+            assert!((loss - peft).abs() < 1e-5, "{what}: loss {loss} vs {peft}");
+        }
+    }
+}
+
+/// Cached greedy decoding of the left-padded batch (prefill, then one token a step, the mask
+/// extended with a one and, with position ids, each row's next position its last + 1) picks
+/// the tokens of peft's loop of full forwards, with and without position ids.
+#[test]
+fn cached_decoding_of_a_left_padded_batch_equals_peft() {
+    let inp = load("left_padding/inputs.safetensors");
+    for case in CASES.iter().take(2) {
+        let (model, _) = build(case);
+        let Arch::Decoder(lm) = &model.arch else {
+            unreachable!()
+        };
+        let record: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("left_padding/{}.json", case.name)))
+                .unwrap(),
+        )
+        .unwrap();
+        for (key, pos) in [
+            ("greedy_new_tokens", None),
+            ("greedy_new_tokens_pos", Some(&inp["position_ids"])),
+        ] {
+            let want: Vec<Vec<u32>> = serde_json::from_value(record[key].clone()).unwrap();
+            let got = cached_greedy(lm, &inp["input_ids"], &inp["attention_mask"], pos, 4);
+            assert_eq!(got, want, "{} {key}", case.name);
+        }
+    }
+}
+
+/// Greedy decoding over a KV cache: `steps` new tokens per row of `ids`.
+fn cached_greedy(
+    lm: &ferrule::model::llama::DecoderLm,
+    ids: &Tensor,
+    mask: &Tensor,
+    positions: Option<&Tensor>,
+    steps: usize,
+) -> Vec<Vec<u32>> {
+    let b = ids.dim(0).unwrap();
+    let ones = Tensor::ones((b, 1), mask.dtype(), &Device::Cpu).unwrap();
+    let (mut next, mut mask) = (ids.clone(), mask.clone());
+    let mut pos = positions.map(|p| p.to_dtype(DType::I64).unwrap());
+    let mut cache = lm.new_cache();
+    let mut got = vec![vec![]; b];
+    for _ in 0..steps {
+        let logits = lm
+            .last_logits(&next, Some(&mask), pos.as_ref(), Some(&mut cache))
+            .unwrap();
+        let picked: Vec<u32> = logits
+            .argmax(1)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (row, p) in picked.iter().enumerate() {
+            got[row].push(*p);
+        }
+        next = Tensor::new(picked.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        mask = Tensor::cat(&[&mask, &ones], 1).unwrap();
+        pos = pos.map(|p| {
+            let t = p.dim(1).unwrap();
+            (p.narrow(1, t - 1, 1).unwrap() + 1.0).unwrap()
+        });
+    }
+    got
+}
+
+/// Prompt tuning on BERT with a left-padded row: the classification logits of peft, within
+/// 1e-5 (positions count from the first virtual token in every row, padded or not).
+#[test]
+fn bert_prompt_tuning_on_a_left_padded_batch_equals_peft() {
+    let (model, _) = build(&CASES[3]);
+    let inp = load("left_padding/inputs.safetensors");
+    let got = model
+        .forward(&Inputs {
+            input_ids: &inp["bert_input_ids"],
+            attention_mask: Some(&inp["bert_attention_mask"]),
+            token_type_ids: Some(&inp["bert_token_type_ids"]),
+        })
+        .unwrap();
+    let want = &load("left_padding/bert_prompt_tuning_seqcls.safetensors")["logits"];
+    let d = max_diff_masked(&got, want, None);
+    assert!(d < 1e-5, "max |Δlogits| = {d}");
+    let e = model
+        .forward_at(
+            &Inputs {
+                input_ids: &inp["bert_input_ids"],
+                attention_mask: Some(&inp["bert_attention_mask"]),
+                token_type_ids: None,
+            },
+            Some(&inp["position_ids"]),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("position_ids"), "{e}");
+}
+
+/// The plain base with generate's position ids on the left-padded row (transformers,
+/// expected/llama_logits_maskpos.safetensors), and position ids that do not fit: named errors.
+#[test]
+fn position_ids_number_each_row_as_transformers_does() {
+    let dev = Device::Cpu;
+    let src = ModelSource::load(&model_dir("llama"), &dev).unwrap();
+    let model = Model::build(&src, Task::CausalLm, &ferrule::model::Frozen, &dev, 0).unwrap();
+    let inp = load("inputs/decoder.safetensors");
+    let want = load("expected/llama_logits_maskpos.safetensors");
+    let inputs = Inputs {
+        input_ids: &inp["input_ids"],
+        attention_mask: Some(&inp["attention_mask"]),
+        token_type_ids: None,
+    };
+    let got = model
+        .forward_at(&inputs, Some(&want["position_ids"]))
+        .unwrap();
+    let d = max_diff_masked(&got, &want["logits"], Some(&inp["attention_mask"]));
+    assert!(d < 1e-5, "max |Δlogits| = {d}");
+    let short = want["position_ids"].narrow(1, 0, 5).unwrap();
+    let e = format!("{:#}", model.forward_at(&inputs, Some(&short)).unwrap_err());
+    assert!(e.contains("position_ids have shape [2, 5]"), "{e}");
+    let far = (want["position_ids"].to_dtype(DType::F32).unwrap() + 500.0)
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap();
+    let e = format!("{:#}", model.forward_at(&inputs, Some(&far)).unwrap_err());
+    assert!(
+        e.contains("position_ids hold 500") && e.contains("max_position_embeddings"),
+        "{e}"
     );
 }

@@ -221,6 +221,7 @@ fn check_gradients(case: &Case, recompute: bool) {
         .causal_lm_loss(
             &inp["input_ids"],
             Some(&inp["attention_mask"]),
+            None,
             &inp["labels"],
         )
         .unwrap();

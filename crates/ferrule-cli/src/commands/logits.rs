@@ -11,7 +11,10 @@ use ferrule::model::Inputs;
 pub struct Args {
     #[command(flatten)]
     model: super::ModelArgs,
-    /// safetensors with `input_ids` and optionally `attention_mask`, `token_type_ids` ([b, t]).
+    /// safetensors with `input_ids` and optionally `attention_mask`, `token_type_ids` and
+    /// `position_ids` ([b, t]; decoders: each token's rope position as transformers takes it,
+    /// e.g. `cumsum(mask) - 1` for a left-padded batch; prefix tuning shifts them past its
+    /// prefix and prompt tuning ignores them, as peft does).
     #[arg(long)]
     inputs: PathBuf,
     /// safetensors written with a `logits` tensor (f32).
@@ -36,9 +39,13 @@ pub fn run(a: Args) -> Result<()> {
         attention_mask: t.get("attention_mask"),
         token_type_ids: t.get("token_type_ids"),
     };
-    let logits = m.model.forward(&inputs)?;
+    let position_ids = t.get("position_ids");
+    let logits = m
+        .model
+        .forward_at(&inputs, position_ids)
+        .with_context(|| format!("{}", a.inputs.display()))?;
     if ferrule::util::finite::first_non_finite(&logits)?.is_some() {
-        let origin = m.model.non_finite_origin(&inputs);
+        let origin = m.model.non_finite_origin(&inputs, position_ids);
         ferrule::util::finite::ensure_finite(
             &logits,
             || {

@@ -105,9 +105,11 @@ pub struct Batch {
 /// Lays `items` end to end in one row, without padding (the padding-free batches of
 /// transformers' `DataCollatorWithFlattening`): `input_ids`, `attention_mask` (all ones) and
 /// `labels` are `[1, n]`, `n` the total of the records' tokens, and `seq_lens` their lengths.
-/// The first label of every record is `IGNORE_INDEX`, as that collator sets it, so that no
-/// record's last token learns to predict the next record's first; a padded batch never
-/// trains that label either (position `i` predicts label `i + 1`), so the losses agree.
+/// The labels are the records' own: that collator sets every record's first label to
+/// `IGNORE_INDEX`, so that no record's last token learns to predict the next record's first,
+/// and the model's padding-free loss does the same from `seq_lens`
+/// (`DecoderLm::causal_lm_loss_packed`), except where prompt tuning's virtual tokens precede
+/// the record and predict its first label, as in a padded batch.
 /// Classification records give `class_labels: [records]`. Errors as [`collate`], and on a
 /// record of no tokens.
 pub fn pack(items: &[&Encoded], device: &Device) -> candle_core::Result<Batch> {
@@ -128,7 +130,7 @@ pub fn pack(items: &[&Encoded], device: &Device) -> candle_core::Result<Batch> {
     } else {
         let labels: Vec<i64> = items
             .iter()
-            .flat_map(|e| std::iter::once(IGNORE_INDEX).chain(e.labels.iter().copied().skip(1)))
+            .flat_map(|e| e.labels.iter().copied())
             .collect();
         Some(Tensor::from_vec(labels, (1, n), device)?)
     };

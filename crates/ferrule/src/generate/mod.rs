@@ -80,7 +80,7 @@ pub fn generate_with_reason(
         }
         let ids = Tensor::new(next_input.as_slice(), &device)?.unsqueeze(0)?;
         let logits = model
-            .last_logits(&ids, None, Some(&mut cache))?
+            .last_logits(&ids, None, None, Some(&mut cache))?
             .squeeze(0)?
             .to_dtype(DType::F32)?;
         if crate::util::finite::first_non_finite(&logits)?.is_some() {
@@ -89,7 +89,7 @@ pub fn generate_with_reason(
             let traced = Tensor::new(history.as_slice(), &device)?
                 .unsqueeze(0)
                 .map_err(Into::into)
-                .and_then(|ids| model.trace.run(|| model.forward(&ids, None, None)));
+                .and_then(|ids| model.trace.run(|| model.forward(&ids, None, None, None)));
             let origin = crate::util::finite::origin_clause(traced);
             crate::util::finite::ensure_finite(
                 &logits,

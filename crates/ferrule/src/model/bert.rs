@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::BertConfig;
 use super::hooks::{branch, fusable_down};
+use super::packed;
 use super::weights::Weights;
 use super::{
     BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, Linear, LinearInfo, ModelHook,
@@ -329,36 +330,42 @@ impl Bert {
     }
 
     /// Encodes a padding-free batch: `input_ids: [1, n]` holds sequences of `lens` tokens end
-    /// to end, each with positions from 0 and token type 0, attending within itself only.
-    /// `last_hidden_state` is `[1, n, hidden]`; the pooler reads each sequence's first token,
-    /// so `pooler_output` and `logits` have one row per sequence. Prompt tuning's virtual
-    /// tokens need padded batches.
+    /// to end, each with positions from 0 and token type 0, attending within itself only. With
+    /// prompt tuning, each sequence has the virtual tokens before it, as its padded row has
+    /// them. `last_hidden_state` is `[1, n, hidden]` (the sequences' own tokens); the pooler
+    /// reads each sequence's first position (a virtual token with prompt tuning, as in peft),
+    /// so `pooler_output` and `logits` have one row per sequence.
     pub fn forward_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<BertOutput> {
         let c = &self.config;
         let (one, n) = input_ids.dims2()?;
         if one != 1 || lens.iter().sum::<usize>() != n || lens.contains(&0) {
             anyhow::bail!("a padding-free batch is one row of sequences end to end: got ids {:?} for lengths {lens:?}", input_ids.dims())
         }
-        if self.virtual_tokens.is_some() {
-            anyhow::bail!("padding-free batches cannot take virtual tokens (prompt tuning); use padded batches")
-        }
-        if let Some(&len) = lens.iter().find(|&&l| l > c.max_position_embeddings) {
-            anyhow::bail!("sequence of {len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
+        let v = self.added_positions();
+        if let Some(&len) = lens.iter().find(|&&l| l + v > c.max_position_embeddings) {
+            anyhow::bail!("sequence of {len} tokens (and {v} virtual tokens) exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let words = self
+        let mut words = self
             .word_embeddings
             .forward(&ids)?
             .reshape((1, n, c.hidden_size))?;
-        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        if let Some(vt) = &self.virtual_tokens {
+            words = packed::before_each(&vt.embeddings()?.unsqueeze(0)?, &words, lens)?;
+        }
+        let stream = packed::with_added(lens, v);
+        let positions: Vec<u32> = stream.iter().flat_map(|&l| 0..l as u32).collect();
         let positions = self
             .position_embeddings
-            .index_select(&Tensor::from_vec(positions, n, &self.device)?, 0)?
+            .index_select(
+                &Tensor::from_vec(positions, words.dim(1)?, &self.device)?,
+                0,
+            )?
             .unsqueeze(0)?;
         let types = self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?;
         let x = words.add(&positions)?.broadcast_add(&types)?;
-        let x = self.encode(x, &Attend::Packed(lens))?;
-        let firsts: Vec<u32> = lens
+        let x = self.encode(x, &Attend::Packed(&stream))?;
+        let firsts: Vec<u32> = stream
             .iter()
             .scan(0u32, |start, &l| {
                 Some(std::mem::replace(start, *start + l as u32))
@@ -368,8 +375,16 @@ impl Bert {
             .squeeze(0)?
             .index_select(&Tensor::from_vec(firsts, lens.len(), &self.device)?, 0)?;
         let (pooler_output, logits) = self.head(&pooled_rows)?;
+        let last_hidden_state = if v == 0 {
+            x
+        } else {
+            x.index_select(
+                &Tensor::from_vec(packed::own_rows(lens, v), n, &self.device)?,
+                1,
+            )?
+        };
         Ok(BertOutput {
-            last_hidden_state: x,
+            last_hidden_state,
             pooler_output,
             logits,
         })
@@ -397,7 +412,7 @@ impl Bert {
             let att = match attend {
                 Attend::Padded(mask) => attention(&q, &k, &v, heads, mask.as_ref(), scale)?,
                 Attend::Packed(lens) => {
-                    attention_varlen(&q, &k, &v, heads, lens, MaskKind::Bidirectional, scale)?
+                    attention_varlen(&q, &k, &v, heads, lens, 0, MaskKind::Bidirectional, scale)?
                 }
             };
             let att = branch(

@@ -21,7 +21,8 @@
 //!
 //! The last two add positions before the user's tokens. A model that has them prepends them on
 //! a fresh pass (no KV cache, or an empty one), extends the attention mask it is given (which
-//! covers the user's positions only) with ones, and returns outputs for the user's positions.
+//! covers the user's positions only) with ones, and returns outputs for the user's positions;
+//! in a padding-free batch it puts them before every sequence of the row (`model::packed`).
 
 use anyhow::Result;
 use candle_core::{Module, Tensor};
@@ -163,7 +164,8 @@ pub struct AttentionInfo {
 }
 
 /// Keys and values put before every layer's own (prefix tuning, Li & Liang 2021). They act as
-/// cached positions: they are not rotated, and the user's tokens take rope positions `n..`.
+/// cached positions: they are not rotated, and the user's tokens take rope positions `n..`
+/// (given `position_ids` are shifted by `n`, as peft does).
 pub trait KvPrefix: Send + Sync {
     /// One `(key, value)` per layer, each `[n, kv_heads · head_dim]` (token-major, heads in
     /// order), f32. Evaluated once per forward pass.

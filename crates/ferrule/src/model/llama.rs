@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use super::hooks::{branch, fusable_down};
+use super::packed;
 use super::weights::Weights;
 use super::{
     AttentionInfo, BranchInfo, BranchKind, Embedding, EmbeddingInfo, InputInfo, KvPrefix, Linear,
@@ -296,15 +297,17 @@ impl DecoderLm {
 
     /// Logits `[b, t, vocab]` for `input_ids: [b, t]`. `attention_mask: [b, s]` (1 = real token)
     /// covers cached plus new positions of the caller's tokens (not the positions a method
-    /// adds, see [`Self::added_positions`]). With a cache, new positions continue after the
-    /// cached ones.
+    /// adds, see [`Self::added_positions`]). `position_ids: [b, t]` are the tokens' rope
+    /// positions as transformers takes them ([`Self::hidden_states`]); without them the new
+    /// positions continue after the cached ones, every row alike.
     pub fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        let hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)?;
         let (virtual_len, t) = (hidden.dim(1)? - input_ids.dim(1)?, input_ids.dim(1)?);
         Ok(self.lm_head.forward(&hidden.narrow(1, virtual_len, t)?)?)
     }
@@ -321,11 +324,17 @@ impl DecoderLm {
     }
 
     /// Final-norm hidden states `[b, v + t, hidden]`: `v` virtual tokens (prompt tuning, on a
-    /// fresh pass only) before the `t` of `input_ids`.
+    /// fresh pass only) before the `t` of `input_ids`. `position_ids: [b, t]` (integers) number
+    /// the caller's tokens for rope, row by row, as in transformers (what `generate` derives
+    /// from a left-padded mask: `cumsum(mask) − 1`); peft 0.21 adds the prefix length to them
+    /// for prefix tuning and ignores them, with a warning, for prompt tuning
+    /// (`PeftModel._adjust_prompt_learning_kwargs`), and so does this. Without them the tokens
+    /// take the positions after the cache, the prefix or the virtual tokens, every row alike.
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -356,9 +365,6 @@ impl DecoderLm {
             Some(p) => Some(batched_prefix(p.as_ref(), b, self.layers.len())?),
             None => None,
         };
-        // The caller's mask covers its own positions; the added ones are in this pass (fresh) or
-        // in the cache.
-        let added = self.added_positions();
         let q_len = x.dim(1)?;
         let offset = match (&cache, &prefix) {
             (Some(c), _) if !c.is_empty() => c.len(),
@@ -369,59 +375,127 @@ impl DecoderLm {
         if kv_len > c.max_position_embeddings {
             anyhow::bail!("sequence of {kv_len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
-        let mask = match attention_mask {
-            Some(m) if added > 0 => Some(Tensor::cat(
-                &[&Tensor::ones((b, added), m.dtype(), &self.device)?, m],
-                1,
-            )?),
-            _ => attention_mask.cloned(),
-        };
         let mask = build_mask(
             MaskKind::Causal {
                 sliding_window: c.sliding_window,
             },
             q_len,
             kv_len,
-            mask.as_ref(),
+            self.extended_mask(attention_mask, b)?.as_ref(),
             &self.device,
         )?;
-        self.run_layers(x, &AttnLayout::Padded { mask, offset }, prefix, cache)
+        let positions = self.rope_positions(position_ids, b, t)?;
+        let layout = AttnLayout::Padded {
+            mask,
+            offset,
+            positions,
+        };
+        self.run_layers(x, &layout, prefix, cache)
+    }
+
+    /// The caller's mask (its own positions) with ones before it for the positions a method
+    /// adds: in this pass (fresh) or in the cache, as peft concatenates them.
+    fn extended_mask(&self, attention_mask: Option<&Tensor>, b: usize) -> Result<Option<Tensor>> {
+        let added = self.added_positions();
+        Ok(match attention_mask {
+            Some(m) if added > 0 => Some(Tensor::cat(
+                &[&Tensor::ones((b, added), m.dtype(), &self.device)?, m],
+                1,
+            )?),
+            _ => attention_mask.cloned(),
+        })
+    }
+
+    /// The rope position of every caller token, row-major, from `position_ids: [b, t]`
+    /// ([`Self::hidden_states`]): shifted by the prefix length for prefix tuning; `None` when
+    /// there are none or prompt tuning drops them.
+    fn rope_positions(
+        &self,
+        position_ids: Option<&Tensor>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<Arc<Vec<u32>>>> {
+        let Some(p) = position_ids else {
+            return Ok(None);
+        };
+        if self.virtual_tokens.is_some() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| tracing::warn!("position_ids are ignored with prompt tuning's virtual tokens, as peft ignores them: the tokens take the positions after the virtual tokens"));
+            return Ok(None);
+        }
+        if p.dims() != [b, t] {
+            anyhow::bail!(
+                "position_ids have shape {:?}, the input_ids [{b}, {t}]",
+                p.dims()
+            )
+        }
+        let shift = self.kv_prefix.as_ref().map_or(0, |k| k.num_tokens()) as i64;
+        let values: Vec<i64> = p.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        let max = self.config.max_position_embeddings as i64;
+        match values.iter().find(|&&v| v < 0 || v + shift >= max) {
+            Some(v) => anyhow::bail!("position_ids hold {v}, outside 0..{} (max_position_embeddings, less the {shift} prefix positions)", max - shift),
+            None => Ok(Some(Arc::new(
+                values.iter().map(|&v| (v + shift) as u32).collect(),
+            ))),
+        }
     }
 
     /// Final-norm hidden states `[1, n, hidden]` of a padding-free batch: `input_ids: [1, n]`
     /// holds sequences of `lens` tokens end to end. Each sequence's positions start at 0 and
     /// its tokens attend within it only, so every token's state equals the one a padded batch
-    /// gives it. Methods that add positions (prompt and prefix tuning) need padded batches
-    /// ([`Self::added_positions`] must be 0).
+    /// gives it; with prompt or prefix tuning, every sequence has the virtual tokens or the
+    /// key/value prefix before it, as its padded row has ([`Self::packed_stream`]).
     pub fn hidden_states_packed(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let stream = self.packed_stream(input_ids, lens)?;
+        let v = self.virtual_len();
+        if v == 0 {
+            return Ok(stream);
+        }
+        let own = packed::own_rows(lens, v);
+        let own = Tensor::from_vec(own, input_ids.dim(1)?, &self.device)?;
+        Ok(stream.index_select(&own, 1)?)
+    }
+
+    /// The final-norm hidden states of a padding-free batch as the layers see it: `v` virtual
+    /// tokens (prompt tuning) before each sequence of `lens`, `[1, Σ (v + lᵢ), hidden]`, each
+    /// sequence at positions `p..p + v + lᵢ` after a key/value prefix of `p` (prefix tuning),
+    /// which every layer puts before each sequence's keys and values.
+    fn packed_stream(&self, input_ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
         let c = &self.config;
         let (one, n) = input_ids.dims2()?;
         if one != 1 || lens.iter().sum::<usize>() != n || lens.contains(&0) {
             anyhow::bail!("a padding-free batch is one row of sequences end to end: got ids {:?} for lengths {lens:?}", input_ids.dims())
         }
-        if self.added_positions() > 0 {
-            anyhow::bail!("padding-free batches cannot take the positions a method adds (virtual tokens, a key/value prefix); use padded batches")
-        }
-        if let Some(&len) = lens.iter().find(|&&l| l > c.max_position_embeddings) {
-            anyhow::bail!("sequence of {len} tokens exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
+        let added = self.added_positions();
+        if let Some(&len) = lens
+            .iter()
+            .find(|&&l| l + added > c.max_position_embeddings)
+        {
+            anyhow::bail!("sequence of {len} tokens (and {added} a method adds) exceeds the model's context of {} positions (max_position_embeddings)", c.max_position_embeddings)
         }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let x = self
+        let mut x = self
             .embed_tokens
             .forward(&ids)?
             .reshape((1, n, c.hidden_size))?;
         self.trace
             .check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
-        let positions = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        self.run_layers(
-            x,
-            &AttnLayout::Packed {
-                positions: Arc::new(positions),
-                lens: Arc::new(lens.to_vec()),
-            },
-            None,
-            None,
-        )
+        let v = self.virtual_len();
+        if let Some(vt) = &self.virtual_tokens {
+            x = packed::before_each(&vt.embeddings()?.unsqueeze(0)?, &x, lens)?;
+        }
+        let prefix = match &self.kv_prefix {
+            Some(p) => Some(batched_prefix(p.as_ref(), 1, self.layers.len())?),
+            None => None,
+        };
+        let p = added - v;
+        let lens = packed::with_added(lens, v);
+        let positions = lens.iter().flat_map(|&l| p as u32..(p + l) as u32);
+        let layout = AttnLayout::Packed {
+            positions: Arc::new(positions.collect()),
+            lens: Arc::new(lens),
+        };
+        self.run_layers(x, &layout, prefix, None)
     }
 
     /// The layers and the final norm over `x`, with each layer's key/value `prefix` (prefix
@@ -509,30 +583,31 @@ impl DecoderLm {
     /// completions only and padded batches, most positions need no logits, and the
     /// vocabulary projection is the largest matmul of a small model. Returns the same loss
     /// (mean over counted positions) as [`crate::ops::loss::causal_lm_loss`] on full logits.
+    /// `position_ids` as [`Self::hidden_states`] takes them.
     pub fn causal_lm_loss(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
         labels: &Tensor,
     ) -> Result<(Tensor, usize)> {
-        self.loss_of_hidden(
-            &self.hidden_states(input_ids, attention_mask, None)?,
-            labels,
-        )
+        let hidden = self.hidden_states(input_ids, attention_mask, position_ids, None)?;
+        self.loss_of_hidden(&hidden, labels)
     }
 
     /// [`Self::causal_lm_loss`] of a padding-free batch (`input_ids`, `labels`: `[1, n]`,
-    /// sequences of `lens` end to end, see [`Self::hidden_states_packed`]). The first label of
-    /// every sequence must be `IGNORE_INDEX` (`data::pack` makes it so), so that no sequence's
-    /// last token is trained to predict the next sequence's first: then the loss equals the
-    /// padded batch's.
+    /// sequences of `lens` end to end, see [`Self::hidden_states_packed`]). No sequence's last
+    /// token is trained to predict the next sequence's first: a sequence's first label counts
+    /// only when virtual tokens precede it (prompt tuning, whose last virtual token predicts it
+    /// in a padded batch too), so the loss equals the padded batch's ([`packed::stream_labels`]).
     pub fn causal_lm_loss_packed(
         &self,
         input_ids: &Tensor,
         lens: &[usize],
         labels: &Tensor,
     ) -> Result<(Tensor, usize)> {
-        self.loss_of_hidden(&self.hidden_states_packed(input_ids, lens)?, labels)
+        let labels = packed::stream_labels(labels, lens, self.virtual_len())?;
+        self.loss_of_hidden(&self.packed_stream(input_ids, lens)?, &labels)
     }
 
     /// Logits `[1, n, vocab]` of a padding-free batch ([`Self::hidden_states_packed`]).
@@ -598,9 +673,10 @@ impl DecoderLm {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        let hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)?;
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?;
         Ok(self.lm_head.forward(&last)?.squeeze(1)?)
@@ -626,10 +702,16 @@ fn batched_prefix(prefix: &dyn KvPrefix, b: usize, layers: usize) -> Result<Vec<
 /// Where a layer's queries sit and which keys they see.
 #[derive(Clone)]
 enum AttnLayout {
-    /// The rows of a padded batch: queries from rope position `offset` on (after a cache or a
-    /// prefix), the additive mask `[b|1, 1, t, s]`.
-    Padded { mask: Option<Tensor>, offset: usize },
-    /// Sequences of `lens` tokens end to end in one row, each token at `positions[i]`.
+    /// The rows of a padded batch: the additive mask `[b|1, 1, t, s]`; queries from rope
+    /// position `offset` on (after a cache or a prefix), or at `positions` (`b·t`, row-major:
+    /// the caller's `position_ids`, shifted past a prefix).
+    Padded {
+        mask: Option<Tensor>,
+        offset: usize,
+        positions: Option<Arc<Vec<u32>>>,
+    },
+    /// Sequences of `lens` tokens end to end in one row, each token at `positions[i]`; a
+    /// layer's prefix (prefix tuning) goes before each sequence's keys and values.
     Packed {
         positions: Arc<Vec<u32>>,
         lens: Arc<Vec<usize>>,
@@ -638,7 +720,7 @@ enum AttnLayout {
 
 /// One decoder layer: pre-norm attention and SwiGLU MLP with residuals. `past` holds this
 /// layer's keys/values of earlier positions (a KV cache, or a prefix-tuning prefix), extended
-/// with the new ones (padded batches only).
+/// with the new ones in a padded batch; in a padding-free one, the prefix before each sequence.
 fn layer_forward(
     layer: &Layer,
     c: &DecoderConfig,
@@ -657,18 +739,23 @@ fn layer_forward(
         a.k_proj.forward(&hs)?,
         a.v_proj.forward(&hs)?,
     );
-    let (mask, offset) = match layout {
-        AttnLayout::Padded { mask, offset } => (mask.as_ref(), *offset),
+    let (mask, offset, positions) = match layout {
+        AttnLayout::Padded {
+            mask,
+            offset,
+            positions,
+        } => (mask.as_ref(), *offset, positions.as_deref()),
         AttnLayout::Packed { positions, lens } => {
             let (q, k) = (rope.apply_at(&q, positions)?, rope.apply_at(&k, positions)?);
-            let kind = MaskKind::Causal {
-                sliding_window: c.sliding_window,
-            };
-            let att = attention_varlen(&q, &k, &v, c.num_attention_heads, lens, kind, scale)?;
+            let prefix = past.and_then(|slot| slot.as_ref());
+            let att = packed_attention(c, &q, &k, &v, lens, prefix, scale)?;
             return finish_layer(layer, c, residual, &hs, &att);
         }
     };
-    let (q, k) = (rope.apply(&q, offset)?, rope.apply(&k, offset)?);
+    let (q, k) = match positions {
+        Some(p) => (rope_rows(rope, &q, p)?, rope_rows(rope, &k, p)?),
+        None => (rope.apply(&q, offset)?, rope.apply(&k, offset)?),
+    };
     let (k, v) = match past {
         Some(slot) => {
             let (k, v) = match slot.as_ref() {
@@ -682,6 +769,40 @@ fn layer_forward(
     };
     let att = attention(&q, &k, &v, c.num_attention_heads, mask, scale)?;
     finish_layer(layer, c, residual, &hs, &att)
+}
+
+/// Rope on `x: [b, t, heads·head_dim]` with token `(r, i)` at `positions[r·t + i]`.
+fn rope_rows(rope: &Rope, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    let flat = rope.apply_at(&x.reshape((1, b * t, hd))?, positions)?;
+    Ok(flat.reshape((b, t, hd))?)
+}
+
+/// Causal attention within each sequence of a padding-free batch (`q, k, v: [1, n, ·]`), the
+/// layer's key/value `prefix` (`[1, p, kv_heads·head_dim]` each) before every sequence's keys.
+fn packed_attention(
+    c: &DecoderConfig,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+    prefix: Option<&(Tensor, Tensor)>,
+    scale: f64,
+) -> Result<Tensor> {
+    let kind = MaskKind::Causal {
+        sliding_window: c.sliding_window,
+    };
+    let heads = c.num_attention_heads;
+    Ok(match prefix {
+        Some((pk, pv)) => {
+            let (k, v) = (
+                packed::before_each(pk, k, lens)?,
+                packed::before_each(pv, v, lens)?,
+            );
+            attention_varlen(q, &k, &v, heads, lens, pk.dim(1)?, kind, scale)?
+        }
+        None => attention_varlen(q, k, v, heads, lens, 0, kind, scale)?,
+    })
 }
 
 /// The rest of a layer after attention: output projection and residual, then the MLP branch.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod gguf;
 pub mod hooks;
 pub mod llama;
+pub(crate) mod packed;
 pub mod source;
 pub mod stream;
 pub mod weights;
@@ -179,14 +180,19 @@ impl Model {
     /// Reruns `inputs` without autograd, checking each stage's output, and names the first
     /// stage (embeddings, a layer, the final norm) whose output holds a NaN or infinite value;
     /// `None` when all are finite (then the head, pooling or loss made it). For the error of a
-    /// command that met a non-finite result: a pass costs one forward.
-    pub fn trace_non_finite(&self, inputs: &Inputs) -> Result<Option<String>> {
+    /// command that met a non-finite result: a pass costs one forward. `position_ids` as
+    /// [`Self::forward_at`] takes them.
+    pub fn trace_non_finite(
+        &self,
+        inputs: &Inputs,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Option<String>> {
         let _no_grad = self.no_grad();
         let trace = match &self.arch {
             Arch::Decoder(m) => &m.trace,
             Arch::Bert(m) => &m.trace,
         };
-        trace.run(|| self.forward(inputs))
+        trace.run(|| self.forward_at(inputs, position_ids))
     }
 
     /// [`Self::trace_non_finite`] for a padding-free batch ([`Self::forward_packed`]).
@@ -201,15 +207,6 @@ impl Model {
             Arch::Bert(m) => &m.trace,
         };
         trace.run(|| self.forward_packed(input_ids, lens))
-    }
-
-    /// Whether the model takes padding-free batches ([`Self::forward_packed`]): every method
-    /// but those that add positions before the input (prompt and prefix tuning).
-    pub fn supports_packed(&self) -> bool {
-        match &self.arch {
-            Arch::Decoder(m) => m.added_positions() == 0,
-            Arch::Bert(m) => m.added_positions() == 0,
-        }
     }
 
     /// [`Self::forward`] of a padding-free batch: `input_ids: [1, n]` holds sequences of
@@ -232,15 +229,27 @@ impl Model {
     /// [`Self::trace_non_finite`] as a clause for an error message: "; the first non-finite
     /// output is layer 3's (model.layers.3)", or that every layer's output was finite; empty
     /// when the rerun itself fails.
-    pub fn non_finite_origin(&self, inputs: &Inputs) -> String {
-        crate::util::finite::origin_clause(self.trace_non_finite(inputs))
+    pub fn non_finite_origin(&self, inputs: &Inputs, position_ids: Option<&Tensor>) -> String {
+        crate::util::finite::origin_clause(self.trace_non_finite(inputs, position_ids))
     }
 
     /// The task's output: causal-LM logits `[b,t,v]`, classification logits `[b,c]`, or
     /// mean-pooled embeddings `[b,h]`.
     pub fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        self.forward_at(inputs, None)
+    }
+
+    /// [`Self::forward`] with the tokens' rope positions, `position_ids: [b, t]` as
+    /// transformers takes them (decoders; see `DecoderLm::hidden_states` for what prompt and
+    /// prefix tuning do with them). BERT-family encoders refuse them.
+    pub fn forward_at(&self, inputs: &Inputs, position_ids: Option<&Tensor>) -> Result<Tensor> {
         match &self.arch {
-            Arch::Decoder(m) => m.forward(inputs.input_ids, inputs.attention_mask, None),
+            Arch::Decoder(m) => {
+                m.forward(inputs.input_ids, inputs.attention_mask, position_ids, None)
+            }
+            Arch::Bert(_) if position_ids.is_some() => {
+                anyhow::bail!("position_ids: BERT-family encoders number their positions from 0 and take no position_ids")
+            }
             Arch::Bert(m) => {
                 let out = m.forward(
                     inputs.input_ids,

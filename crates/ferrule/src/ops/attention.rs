@@ -118,47 +118,52 @@ pub fn attention(
 }
 
 /// Attention within each of several sequences laid end to end in one row (a padding-free
-/// batch, FlashAttention's varlen form): `q: [1, n, heads·d]`, `k, v: [1, n, h_kv·d]`,
-/// `lens` the sequences' lengths in order (summing to `n`). Query `i` of a sequence sees the
-/// keys of its own sequence only, as `kind` allows (causal with an optional sliding window,
-/// or bidirectional); the result equals [`attention`] on each sequence alone. Output
-/// `[1, n, heads·d]`.
+/// batch, FlashAttention's varlen form): `q: [1, n, heads·d]`, `lens` the sequences' lengths in
+/// order (summing to `n`), and `k, v: [1, Σ (before + lᵢ), h_kv·d]`, each sequence's keys being
+/// `before` rows that precede its queries (a prefix-tuning prefix, as if cached; 0 for none)
+/// and then its own. Query `i` of a sequence sees its own sequence's keys only, as `kind`
+/// allows with the query at key position `before + i` (causal with an optional sliding window,
+/// or bidirectional); the result equals [`attention`] on each sequence alone with the same
+/// keys before it. Output `[1, n, heads·d]`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_varlen(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     lens: &[usize],
+    before: usize,
     kind: MaskKind,
     scale: f64,
 ) -> Result<Tensor> {
     let (one, n, _) = q.dims3()?;
-    if one != 1 || k.dims3()?.1 != n || lens.iter().sum::<usize>() != n || lens.contains(&0) {
+    let kv_rows = n + before * lens.len();
+    if one != 1 || k.dims3()?.1 != kv_rows || lens.iter().sum::<usize>() != n || lens.contains(&0) {
         candle_core::bail!(
-            "attention_varlen: q {:?}, k {:?} do not hold sequences of {lens:?} in one row",
+            "attention_varlen: q {:?}, k {:?} do not hold sequences of {lens:?} (with {before} keys before each) in one row",
             q.dims(),
             k.dims()
         )
     }
     if ![q, k, v].iter().all(|x| kernels::fused_ok(x)) {
         let mut outs = Vec::with_capacity(lens.len());
-        let mut start = 0;
+        let (mut q0, mut k0) = (0, 0);
         for &len in lens {
-            let part = |x: &Tensor| x.narrow(1, start, len);
-            let mask = build_mask(kind, len, len, None, q.device())?;
+            let s = before + len;
+            let mask = build_mask(kind, len, s, None, q.device())?;
             outs.push(attention_reference(
-                &part(q)?,
-                &part(k)?,
-                &part(v)?,
+                &q.narrow(1, q0, len)?,
+                &k.narrow(1, k0, s)?,
+                &v.narrow(1, k0, s)?,
                 heads,
                 mask.as_ref(),
                 scale,
             )?);
-            start += len;
+            (q0, k0) = (q0 + len, k0 + s);
         }
         return Tensor::cat(&outs, 1);
     }
-    let (mask, seqs) = varlen_masks(kind, lens, q.device())?;
+    let (mask, seqs) = varlen_masks(kind, lens, before, q.device())?;
     let op = FusedAttention::varlen(mask, seqs, scale as f32, heads)?;
     q.contiguous()?.apply_op3_arc(
         &k.contiguous()?,
@@ -167,24 +172,27 @@ pub fn attention_varlen(
     )
 }
 
-/// The sequences of a varlen call and their masks, flat: each distinct length's `[len, len]`
-/// causal mask once (none for bidirectional attention, which needs no mask within a sequence).
+/// The sequences of a varlen call and their masks, flat: each distinct length's
+/// `[len, before + len]` causal mask once (none for bidirectional attention, which needs no
+/// mask within a sequence).
 fn varlen_masks(
     kind: MaskKind,
     lens: &[usize],
+    before: usize,
     device: &Device,
 ) -> Result<(Option<Tensor>, Vec<Seq>)> {
     let mut data: Vec<f32> = Vec::new();
     let mut starts = std::collections::HashMap::new();
     let mut seqs = Vec::with_capacity(lens.len());
-    let mut row = 0;
+    let (mut q0, mut k0) = (0, 0);
     for &len in lens {
+        let s = before + len;
         let mask = match kind {
             MaskKind::Bidirectional => None,
             MaskKind::Causal { sliding_window } => Some(*starts.entry(len).or_insert_with(|| {
                 let start = data.len();
-                data.extend((0..len * len).map(|ij| {
-                    let (i, j) = (ij / len, ij % len);
+                data.extend((0..len * s).map(|ij| {
+                    let (i, j) = (ij / s + before, ij % s);
                     if j <= i && sliding_window.is_none_or(|w| i - j < w) {
                         0.0
                     } else {
@@ -195,13 +203,13 @@ fn varlen_masks(
             })),
         };
         seqs.push(Seq {
-            q0: row,
+            q0,
             t: len,
-            k0: row,
-            s: len,
-            mask: mask.map(|start| (start, len)),
+            k0,
+            s,
+            mask: mask.map(|start| (start, s)),
         });
-        row += len;
+        (q0, k0) = (q0 + len, k0 + s);
     }
     let n = data.len();
     let mask = if n == 0 {

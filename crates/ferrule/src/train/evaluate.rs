@@ -29,7 +29,7 @@ pub(super) fn non_finite_origin(model: &Model, batch: &Batch) -> String {
         Some(lens) => crate::util::finite::origin_clause(
             model.trace_non_finite_packed(&batch.input_ids, lens),
         ),
-        None => model.non_finite_origin(&batch_inputs(batch)),
+        None => model.non_finite_origin(&batch_inputs(batch), None),
     }
 }
 
@@ -43,7 +43,9 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)
             .context("causal-LM batch without labels")?;
         let (loss, n) = match &batch.seq_lens {
             Some(lens) => lm.causal_lm_loss_packed(&batch.input_ids, lens, labels)?,
-            None => lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), labels)?,
+            None => {
+                lm.causal_lm_loss(&batch.input_ids, Some(&batch.attention_mask), None, labels)?
+            }
         };
         return Ok((loss, n, 0));
     }
@@ -79,8 +81,7 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)
 }
 
 /// Token-weighted eval loss (and accuracy for classification) over `items`, in batches laid
-/// out as `padding` says (padding-free falls back to padded batches for a method that adds
-/// positions; the result is the same either way, within float rounding).
+/// out as `padding` says (the result is the same either way, within float rounding).
 /// Adapter layers must be in eval mode (no dropout).
 pub fn evaluate(
     model: &Model,
@@ -115,11 +116,6 @@ pub fn evaluate_on(
     if items.is_empty() {
         bail!("evaluation set is empty")
     }
-    let padding = if padding == Padding::Free && !model.supports_packed() {
-        Padding::Longest
-    } else {
-        padding
-    };
     let max_len = items.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let dev = model.device().clone();
     let _no_grad = model.no_grad();

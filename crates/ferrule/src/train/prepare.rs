@@ -30,11 +30,8 @@ pub struct Prepared {
     pub pad_id: u32,
     /// Longest sequence, in tokens.
     pub max_len: usize,
-    /// How batches are laid out: the config's choice, or padded to the longest record where
-    /// the method cannot take padding-free batches (see `padding_note`).
+    /// How batches are laid out (the config's choice).
     pub padding: Padding,
-    /// Why `padding` differs from what the config asked, when it does.
-    pub padding_note: Option<String>,
     /// How micro-batches are formed: a record count, a token budget, or packed bins.
     pub batching: Batching,
     pub skipped: usize,
@@ -158,32 +155,19 @@ pub fn prepare_sharded(
         model,
         tuner,
         matches,
-        adapter,
+        ..
     } = attach(&source, cfg.task, &cfg.adapter()?, ctx)?;
     if tuner.trains_whole_model() {
         super::output::check_not_the_base(&cfg.output_dir, &source)?;
     }
     let pad_id = source.pad_token_id()?;
-    let (padding, padding_note) = match cfg.padding()? {
-        Padding::Free if !model.supports_packed() => (
-            Padding::Longest,
-            Some(format!(
-                "{} adds positions before every record, which padding-free batches cannot hold",
-                adapter.peft_type
-            )),
-        ),
-        p => (p, None),
-    };
+    let padding = cfg.padding()?;
     let batching = Batching::of(cfg, max_len)?;
-    if let Some((key, flag)) = cfg.token_batching().filter(|_| padding != Padding::Free) {
-        bail!("train: {key} needs padding-free batches, which {} cannot take (it adds positions before every record); drop {flag} ({key})", adapter.peft_type)
-    }
     Ok(Prepared {
         batching,
         pad_id,
         max_len,
         padding,
-        padding_note,
         skipped: train.skipped.len(),
         truncated: train.truncated,
         train: train.items,

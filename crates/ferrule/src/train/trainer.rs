@@ -178,16 +178,12 @@ fn peak_rss_bytes() -> Option<f64> {
     Some(kb * 1024.0)
 }
 
-/// How batches are laid out, in words, with why when it is not what the config asked.
+/// How batches are laid out, in words.
 fn padding_description(p: &Prepared) -> String {
-    let what = match p.padding {
+    match p.padding {
         Padding::Free => "padding-free (records end to end, attention within each)".to_string(),
         Padding::Longest => "padded to each batch's longest record".to_string(),
         Padding::MaxLen => format!("padded to max_len ({} tokens)", p.max_len),
-    };
-    match &p.padding_note {
-        Some(note) => format!("{what}: {note}"),
-        None => what,
     }
 }
 
