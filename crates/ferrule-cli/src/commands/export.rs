@@ -61,7 +61,8 @@ fn gguf(a: GgufArgs) -> Result<()> {
     let device = super::device();
     let report = match (&a.adapter, a.adapter_only) {
         (Some(adapter), true) => {
-            let source = ModelSource::load_with(&a.model, &device, LoadOptions::quantized(None))?;
+            let source =
+                ModelSource::load_with(&a.model, &device, LoadOptions::read_once(None, &a.model))?;
             export_lora_gguf(&source, adapter, &a.output, options)?
         }
         (adapter, _) => {
@@ -70,7 +71,7 @@ fn gguf(a: GgufArgs) -> Result<()> {
                 adapter.as_deref(),
                 None,
                 &device,
-                LoadOptions::quantized(None),
+                LoadOptions::read_once(None, &a.model),
             )?;
             let tuner = match adapter {
                 Some(_) => Some(m.tuner.as_deref().context("no adapter was loaded")?),

@@ -26,11 +26,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde_json::Value;
 
+use crate::merge::{merged_model, MergeOptions, MergedModel};
 use crate::model::config::DecoderConfig;
 use crate::model::gguf::{gguf_tensor_name, hf_tensor_name, natural_key, Arch};
 use crate::model::{ModelSource, Task};
 use crate::ops::rope::RopeScaling;
-use crate::ops::FrozenWeight;
 use crate::quant::ggml_quantize::GgmlWriteType;
 use crate::quant::RoundTripError;
 use crate::tuners::Tuner;
@@ -247,31 +247,20 @@ fn worst(a: Option<RoundTripError>, b: Option<RoundTripError>) -> Option<RoundTr
     }
 }
 
-/// The model's weights as the export sees them: merged with `tuner` first when one is given.
+/// The model's weights as the export sees them, each made when the writer reaches it: merged
+/// with `tuner` first when one is given, dequantized; with the number of merged modules.
 fn weights_to_write(
     source: &ModelSource,
     tuner: Option<&dyn Tuner>,
-) -> Result<(BTreeMap<String, FrozenWeight>, Value, Option<usize>)> {
-    match tuner {
-        Some(t) => {
-            let (w, config, report) = crate::merge::merged_tensors(source, t, Task::CausalLm)?;
-            Ok((w, config, Some(report.merged_modules)))
-        }
-        None => {
-            let mut w = BTreeMap::new();
-            for (k, t) in source.weights.tensors() {
-                if t.dtype().is_float() {
-                    w.insert(k.clone(), FrozenWeight::Dense(t.clone()));
-                }
-            }
-            for (k, q) in source.weights.quantized() {
-                let dense = FrozenWeight::Quantized(q.clone(), crate::ops::ComputeDtype::F32)
-                    .to_dense(&Device::Cpu)?;
-                w.insert(k.clone(), FrozenWeight::Dense(dense));
-            }
-            Ok((w, source.config.clone(), None))
-        }
-    }
+) -> Result<(MergedModel, Option<usize>)> {
+    let dequantize = MergeOptions { dequantize: true };
+    let (replaced, updates) = match tuner {
+        Some(t) => (t.replaced()?, t.updates()?),
+        None => (vec![], vec![]),
+    };
+    let model = merged_model(source, replaced, updates, Task::CausalLm, dequantize)?;
+    let merged = tuner.map(|_| model.report().merged_modules);
+    Ok((model, merged))
 }
 
 /// The `general.*` and `<arch>.*` keys convert_hf_to_gguf.py writes for a llama-family model.
@@ -347,7 +336,8 @@ pub fn export_model_gguf(
 ) -> Result<GgufExportReport> {
     claim_output(out, options.overwrite)?;
     let arch = gguf_arch(source)?;
-    let (weights, config, merged_modules) = weights_to_write(source, tuner)?;
+    let (weights, merged_modules) = weights_to_write(source, tuner)?;
+    let config = weights.config().clone();
     let cfg = DecoderConfig::from_json(&config)
         .with_context(|| format!("{}: config", source.location.display()))?;
     let mut metadata = model_metadata(source, arch, &cfg, &config, options.outtype)?;
@@ -371,16 +361,10 @@ pub fn export_model_gguf(
         MetaValue::U32(QUANTIZATION_VERSION),
     ));
 
-    let mut plan = Vec::with_capacity(weights.len());
-    for (hf, w) in &weights {
+    let mut plan = Vec::new();
+    for hf in weights.names() {
         let name = gguf_name(hf, arch, cfg.num_hidden_layers)?;
-        let shape = match w {
-            FrozenWeight::Dense(t) => t.dims().to_vec(),
-            other => {
-                let (r, c) = other.dims();
-                vec![r, c]
-            }
-        };
+        let shape = weights.dims(hf).context("a listed tensor")?;
         let (ty, fell_back) = tensor_type(&name, &shape, options.outtype.tensor_type());
         plan.push((name, hf.as_str(), shape, ty, fell_back));
     }
@@ -396,7 +380,7 @@ pub fn export_model_gguf(
     let mut max_error = None;
     writer::write_gguf(out, &metadata, &infos, |i| {
         let (name, hf, _, ty, _) = &plan[i];
-        let t = weights[*hf].to_dense(&Device::Cpu)?;
+        let t = weights.tensor(hf)?.to_dense(&Device::Cpu)?;
         let mut values: Vec<f32> = t.flatten_all()?.to_vec1()?;
         crate::quant::check_finite(hf, &values)?;
         if let Some(heads) = permuted_heads(name, arch, &cfg) {
