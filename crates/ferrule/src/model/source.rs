@@ -173,7 +173,21 @@ impl ModelSource {
     }
 
     pub fn from_gguf(path: &Path, device: &Device, compute_dtype: ComputeDtype) -> Result<Self> {
-        let g = super::gguf::load_gguf_quantized(path, device)?;
+        Self::from_gguf_model(
+            path,
+            super::gguf::load_gguf_quantized(path, device)?,
+            compute_dtype,
+        )
+    }
+
+    /// The model a loaded GGUF checkpoint `g` (of the file `path`) describes; with
+    /// [`super::gguf::load_gguf_metadata`]'s `g`, a source without weights whose tensors are
+    /// read from the file one at a time.
+    pub fn from_gguf_model(
+        path: &Path,
+        g: super::gguf::GgufModel,
+        compute_dtype: ComputeDtype,
+    ) -> Result<Self> {
         let chat_template = match &g.chat_template {
             Some(src) => Some(crate::data::ChatTemplate::new(
                 src.clone(),

@@ -5,7 +5,8 @@
 //! Inputs mergekit cannot read go through ferrule's own loaders: a bitsandbytes (NF4/FP4)
 //! folder is memory-mapped as `--stream-base` maps it ([`crate::model::stream`]), each matrix
 //! dequantized when it is read and its pages dropped after (int8 folders are held in memory);
-//! a GGUF file is held in its quantized blocks, each tensor dequantized when it is read.
+//! a GGUF file is memory-mapped too, each tensor read from it and dequantized when it is
+//! reached.
 //! `base+adapter` (mergekit's spelling) is the base, mapped likewise, with the PEFT adapter
 //! merged into each tensor as it is read ([`crate::merge::MergedModel`]).
 
@@ -18,9 +19,10 @@ use serde_json::Value;
 
 use super::config::OutDtype;
 use crate::adapted::AdaptedModel;
+use crate::model::gguf::{load_gguf_metadata, GgufFile};
 use crate::model::weights::{checkpoint_files, decode_f32};
 use crate::model::{LoadOptions, ModelSource};
-use crate::ops::FrozenWeight;
+use crate::ops::{ComputeDtype, FrozenWeight};
 
 /// Where a mapped tensor lies.
 struct MappedTensor {
@@ -37,6 +39,8 @@ enum Tensors {
         index: HashMap<String, MappedTensor>,
     },
     Loaded(BTreeMap<String, FrozenWeight>),
+    /// A GGUF file, each tensor read from it (and dequantized) when the merge reaches it.
+    Gguf(GgufFile),
     /// The base with an adapter merged into each tensor as it is read.
     Merged(crate::merge::MergedModel),
 }
@@ -63,9 +67,7 @@ impl InputModel {
         let path = &resolve(spec);
         let path_str = path.to_string_lossy().to_string();
         if path.is_file() {
-            let source = ModelSource::load_with(&path_str, &Device::Cpu, LoadOptions::default())
-                .with_context(|| format!("model {spec}"))?;
-            return Ok(Self::loaded(spec, source, None));
+            return Self::gguf(spec, path);
         }
         if !path.is_dir() {
             bail!("model {spec}: no such folder or file ({})", path.display())
@@ -130,6 +132,23 @@ impl InputModel {
         }
     }
 
+    /// A GGUF file: its config and tokenizer translated now, its tensors read when merged.
+    fn gguf(spec: &str, path: &Path) -> Result<Self> {
+        if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+            bail!("model {spec}: expected a model folder (config.json + safetensors) or a .gguf file ({})", path.display())
+        }
+        let (file, meta) = load_gguf_metadata(path).with_context(|| format!("model {spec}"))?;
+        let source = ModelSource::from_gguf_model(path, meta, ComputeDtype::F32)
+            .with_context(|| format!("model {spec}"))?;
+        Ok(Self {
+            spec: spec.to_string(),
+            config: source.config.clone(),
+            dir: None,
+            source: Some(source),
+            tensors: Tensors::Gguf(file),
+        })
+    }
+
     fn with_adapter(spec: &str, base: &Path, adapter: &Path) -> Result<Self> {
         let options = match base.is_dir() {
             true => mapped(),
@@ -172,6 +191,7 @@ impl InputModel {
             Tensors::Mapped { index, .. } => index.keys().cloned().collect(),
             Tensors::Loaded(t) => t.keys().cloned().collect(),
             Tensors::Merged(m) => m.names().cloned().collect(),
+            Tensors::Gguf(f) => f.tensor_names().map(|(hf, _)| hf.to_string()).collect(),
         };
         v.sort();
         v
@@ -188,6 +208,7 @@ impl InputModel {
                 FrozenWeight::Streamed(s, _) => vec![s.dims().0, s.dims().1],
             }),
             Tensors::Merged(m) => m.dims(name),
+            Tensors::Gguf(f) => f.tensor_shape(name),
         }
     }
 
@@ -200,7 +221,7 @@ impl InputModel {
                 safetensors::Dtype::F16 => Some(OutDtype::F16),
                 _ => None,
             },
-            Tensors::Loaded(_) | Tensors::Merged(_) => Some(OutDtype::F32),
+            Tensors::Loaded(_) | Tensors::Merged(_) | Tensors::Gguf(_) => Some(OutDtype::F32),
         }
     }
 
@@ -215,6 +236,7 @@ impl InputModel {
             }),
             Tensors::Loaded(t) => t.contains_key(name),
             Tensors::Merged(m) => m.contains(name),
+            Tensors::Gguf(f) => f.tensor_type(name).is_some(),
         }
     }
 
@@ -242,6 +264,15 @@ impl InputModel {
                 .to_dense(&Device::Cpu)?
                 .flatten_all()?
                 .to_vec1()?),
+            Tensors::Gguf(f) => {
+                let q = f.qtensor(name, &Device::Cpu)?;
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .with_context(|| format!("{}: dequantizing {name:?}", f.path().display()))?;
+                Ok(t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            }
         }
     }
 

@@ -189,6 +189,17 @@ impl GgufFile {
         Some(self.content.tensor_infos[&e.gguf_name].ggml_dtype)
     }
 
+    /// The shape (row-major, HF layout) of the tensor with this HF name.
+    pub fn tensor_shape(&self, hf_name: &str) -> Option<Vec<usize>> {
+        let e = self.entries.iter().find(|e| e.hf_name == hf_name)?;
+        Some(
+            self.content.tensor_infos[&e.gguf_name]
+                .shape
+                .dims()
+                .to_vec(),
+        )
+    }
+
     /// GGUF tensor types (llama.cpp spelling) with their counts, most common first.
     pub fn tensor_types(&self) -> Vec<(String, usize)> {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();

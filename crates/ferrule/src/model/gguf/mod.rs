@@ -90,10 +90,27 @@ pub fn load_gguf_quantized(path: &Path, device: &Device) -> Result<GgufModel, Gg
     load(path, device, true)
 }
 
-fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel, GgufError> {
+/// Opens a GGUF checkpoint and translates everything but its tensors (config, tokenizer, chat
+/// template); the returned model's `tensors` and `quantized` are empty, and each tensor can be
+/// read from the file on its own ([`GgufFile::qtensor`]).
+pub fn load_gguf_metadata(path: &Path) -> Result<(GgufFile, GgufModel), GgufError> {
     let file = GgufFile::open(path)?;
-    let config = file.hf_config()?;
     let tok = file.tokenizer()?;
+    let model = GgufModel {
+        config: file.hf_config()?,
+        tensors: HashMap::new(),
+        quantized: HashMap::new(),
+        tokenizer: tok.tokenizer,
+        chat_template: tok.chat_template,
+        bos_token: tok.bos_token,
+        eos_token: tok.eos_token,
+        tensor_types: file.tensor_types(),
+    };
+    Ok((file, model))
+}
+
+fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel, GgufError> {
+    let (file, mut model) = load_gguf_metadata(path)?;
     let mut tensors = HashMap::with_capacity(file.entries.len());
     let mut quantized: HashMap<String, std::sync::Arc<dyn crate::quant::QuantMatrix>> =
         HashMap::new();
@@ -113,16 +130,9 @@ fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel,
             .map_err(|e| file.candle_err(&entry.gguf_name, e))?;
         tensors.insert(entry.hf_name.clone(), t);
     }
-    Ok(GgufModel {
-        config,
-        tensors,
-        quantized,
-        tokenizer: tok.tokenizer,
-        chat_template: tok.chat_template,
-        bos_token: tok.bos_token,
-        eos_token: tok.eos_token,
-        tensor_types: file.tensor_types(),
-    })
+    model.tensors = tensors;
+    model.quantized = quantized;
+    Ok(model)
 }
 
 #[cfg(test)]
