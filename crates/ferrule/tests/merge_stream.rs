@@ -13,29 +13,39 @@ use ferrule::merge::{merge_to_dir_with, MergeOptions};
 use ferrule::model::{LoadOptions, ModelSource};
 use ferrule::quant::{QuantMethod, QuantSpec};
 
-/// `model` with `adapter` merged (`dequantize` as `--dequantize`), the base memory-mapped or
-/// not; returns the folder's `model.safetensors` and `config.json`.
-fn merged(
-    model: &Path,
-    adapter: &Path,
-    mapped: bool,
-    dequantize: bool,
-    out: &Path,
-) -> Vec<Vec<u8>> {
-    let spec = model.to_str().unwrap();
-    let options = match mapped {
-        true => LoadOptions::read_once(None, spec),
-        false => LoadOptions::default(),
+/// `model` with `adapter` merged (`dequantize` as `--dequantize`) into `out` twice, the base
+/// held in memory and memory-mapped; asserts that both folders' `model.safetensors` and
+/// `config.json` are the same bytes.
+fn assert_mapped_merge_equal(model: &Path, adapter: &Path, dequantize: bool, out: &Path) {
+    let files = |mapped: bool| -> Vec<Vec<u8>> {
+        let spec = model.to_str().unwrap();
+        let options = match mapped {
+            true => LoadOptions::read_once(None, spec),
+            false => LoadOptions::default(),
+        };
+        let m = AdaptedModel::load_with(spec, Some(adapter), None, &Device::Cpu, options).unwrap();
+        assert_eq!(m.source.weights.is_streamed(), mapped, "{spec}");
+        let dir = out.join(if mapped { "mapped" } else { "in-memory" });
+        let tuner = m.tuner.as_deref().unwrap();
+        merge_to_dir_with(
+            &m.source,
+            tuner,
+            m.model.task,
+            &dir,
+            MergeOptions { dequantize },
+        )
+        .unwrap();
+        ["model.safetensors", "config.json"]
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect()
     };
-    let m = AdaptedModel::load_with(spec, Some(adapter), None, &Device::Cpu, options).unwrap();
-    assert_eq!(m.source.weights.is_streamed(), mapped, "{spec}");
-    let tuner = m.tuner.as_deref().unwrap();
-    let options = MergeOptions { dequantize };
-    merge_to_dir_with(&m.source, tuner, m.model.task, out, options).unwrap();
-    ["model.safetensors", "config.json"]
-        .iter()
-        .map(|f| std::fs::read(out.join(f)).unwrap())
-        .collect()
+    assert!(
+        files(false) == files(true),
+        "{} into {} (dequantize {dequantize}): the merged folders differ",
+        adapter.display(),
+        model.display()
+    );
 }
 
 #[test]
@@ -55,26 +65,8 @@ fn a_mapped_base_merges_to_the_same_bytes_for_every_method() {
     let tmp = tempfile::tempdir().unwrap();
     for (i, (model, adapter)) in cases.iter().enumerate() {
         let model = fixtures().join("models").join(model);
-        let adapter = fixtures().join(adapter);
-        let in_memory = merged(
-            &model,
-            &adapter,
-            false,
-            false,
-            &tmp.path().join(format!("m{i}")),
-        );
-        let mapped = merged(
-            &model,
-            &adapter,
-            true,
-            false,
-            &tmp.path().join(format!("s{i}")),
-        );
-        assert!(
-            in_memory == mapped,
-            "{}: the merged folders differ",
-            adapter.display()
-        );
+        let out = tmp.path().join(i.to_string());
+        assert_mapped_merge_equal(&model, &fixtures().join(adapter), false, &out);
     }
 }
 
@@ -82,42 +74,18 @@ fn a_mapped_base_merges_to_the_same_bytes_for_every_method() {
 fn a_mapped_nf4_base_merges_to_the_same_bytes_requantized_or_dequantized() {
     let tmp = tempfile::tempdir().unwrap();
     let nf4 = tmp.path().join("nf4");
-    let source = ModelSource::load_with(
-        fixtures().join("models/llama").to_str().unwrap(),
-        &Device::Cpu,
-        LoadOptions::default(),
-    )
-    .unwrap();
+    // The folder `ferrule quantize` writes: the base quantized while read, then saved.
     let spec = QuantSpec::new(QuantMethod::Nf4, 64, true).unwrap();
-    // The folder quantized by `ferrule quantize` (through the same writer, quantized while read).
     let quantized = ModelSource::load_with(
         fixtures().join("models/llama").to_str().unwrap(),
         &Device::Cpu,
         LoadOptions::quantized(Some(&spec)),
     )
     .unwrap();
-    drop(source);
     ferrule::export::quantize_to_dir(&quantized, &spec, &nf4).unwrap();
     let adapter = fixtures().join("adapters/llama_lora");
     for dequantize in [false, true] {
-        let d = dequantize as u8;
-        let in_memory = merged(
-            &nf4,
-            &adapter,
-            false,
-            dequantize,
-            &tmp.path().join(format!("m{d}")),
-        );
-        let mapped = merged(
-            &nf4,
-            &adapter,
-            true,
-            dequantize,
-            &tmp.path().join(format!("s{d}")),
-        );
-        assert!(
-            in_memory == mapped,
-            "dequantize {dequantize}: the merged folders differ"
-        );
+        let out = tmp.path().join(format!("dequantize-{dequantize}"));
+        assert_mapped_merge_equal(&nf4, &adapter, dequantize, &out);
     }
 }
