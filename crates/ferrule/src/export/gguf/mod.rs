@@ -259,7 +259,7 @@ fn weights_to_write(
         }
         None => {
             let mut w = BTreeMap::new();
-            for (k, t) in source.weights.tensors() {
+            for (k, t) in &source.weights.tensors() {
                 if t.dtype().is_float() {
                     w.insert(k.clone(), FrozenWeight::Dense(t.clone()));
                 }

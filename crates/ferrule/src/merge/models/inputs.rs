@@ -117,7 +117,7 @@ impl InputModel {
 
     fn loaded(spec: &str, source: ModelSource, dir: Option<PathBuf>) -> Self {
         let mut tensors = BTreeMap::new();
-        for (k, t) in source.weights.tensors() {
+        for (k, t) in &source.weights.tensors() {
             if t.dtype().is_float() {
                 tensors.insert(k.clone(), FrozenWeight::Dense(t.clone()));
             }
