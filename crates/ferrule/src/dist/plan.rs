@@ -464,7 +464,8 @@ pub struct TrainableState {
     pub gradients: f64,
     /// AdamW's moments (8Ψ; 8-bit: about 2Ψ; paged: 0 resident, the state is a file;
     /// GaLore with the trainable shapes: [`galore_state_bytes`]), or at stages 1–3 this rank's
-    /// partition of moments and f32 master parameters (12Ψ/N).
+    /// partition of moments and f32 master parameters (12Ψ/N; bitsandbytes': the master
+    /// parameters and its state, `(4Ψ + state)/N`).
     pub optimizer: f64,
 }
 
@@ -557,7 +558,9 @@ pub fn plan(req: &PlanRequest) -> Plan {
             (false, false) => 4.0 * psi,
         },
         optimizer: match (stage, &req.galore) {
-            (1.., _) => 12.0 * psi / n,
+            (1.., _) if req.optim == crate::train::OptimName::Adamw => 12.0 * psi / n,
+            // bitsandbytes' partition: the f32 master copy and the state (paged: in a file).
+            (1.., _) => (4.0 * psi + optimizer_resident_bytes(req.optim, psi)) / n,
             (0, Some(cfg)) if req.optim.is_galore() && !shapes.is_empty() => {
                 match galore_state_bytes(req.optim, cfg, shapes) {
                     Ok(bytes) => bytes,
@@ -606,9 +609,9 @@ pub fn plan(req: &PlanRequest) -> Plan {
         0.0
     };
     let state = trainable_state.parameters + trainable_state.gradients + trainable_state.optimizer;
-    let file = optimizer_file_bytes(req.optim, psi);
-    if stage >= 1 && req.optim != crate::train::OptimName::Adamw {
-        notes.push(format!("--optim {} runs at --zero-stage 0 only: train refuses it at stage {stage} (counted here as AdamW's partition)", req.optim));
+    let file = optimizer_file_bytes(req.optim, psi) / if stage >= 1 { n } else { 1.0 };
+    if stage >= 1 && req.optim.is_galore() {
+        notes.push(format!("--optim {} runs at --zero-stage 0 only: train refuses it at stage {stage} (counted here as a partition of its Adam state)", req.optim));
     } else if req.optim.is_galore() && !shapes.is_empty() && req.galore.is_some() {
         notes.push(format!("--optim {}: the state counted per tensor from the targets' low-rank shapes (--optim-args), with one basis refresh's SVD", req.optim));
     } else if file > 0.0 {
