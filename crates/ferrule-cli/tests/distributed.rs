@@ -237,6 +237,86 @@ fn full_fine_tuning_on_two_ranks_trains_what_one_process_trains() {
     }
 }
 
+/// bitsandbytes' optimizers at ZeRO stages 1-3: each rank keeps the state of its partition,
+/// cut at the 8-bit blocks' boundaries, so two ranks update as the replicated optimizer of
+/// stage 0 does, bit for bit (the same summed gradient reaches both), and as one process does
+/// within the summation-order tolerance. A stage-2 checkpoint consolidates into one process's
+/// state, which two ranks at stage 1 cut apart again and finish as the uninterrupted run.
+#[test]
+fn eight_bit_and_paged_optimizers_partition_their_state_at_every_zero_stage() {
+    let t = tempfile::tempdir().unwrap();
+    let data = fx("data/chat.jsonl");
+    let args = |out: &Path, optim: &str, batch: &str, stage: &str| -> Vec<String> {
+        let mut extra = vec![
+            "--max-steps",
+            "3",
+            "--batch-size",
+            batch,
+            "--optim",
+            optim,
+            "--max-grad-norm",
+            "0",
+            "--zero-stage",
+            stage,
+        ];
+        if optim.contains("8bit") {
+            // Most adapter tensors are 8-bit then (whole bnb blocks and a last partial one).
+            extra.extend(["--min-8bit-size", "256"]);
+        }
+        train_args(&data, out, &extra)
+    };
+    for optim in ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] {
+        let one = t.path().join(format!("{optim}-one"));
+        run(ferrule(), &args(&one, optim, "10", "0"));
+        let replicated = t.path().join(format!("{optim}-0"));
+        run(mpirun(2), &args(&replicated, optim, "5", "0"));
+        let d = max_diff(&adapter(&one), &adapter(&replicated));
+        assert!(
+            d <= TOL,
+            "{optim}: two ranks differ from one process by {d}"
+        );
+        for stage in ["1", "2", "3"] {
+            let two = t.path().join(format!("{optim}-{stage}"));
+            run(mpirun(2), &args(&two, optim, "5", stage));
+            let d = max_diff(&adapter(&replicated), &adapter(&two));
+            assert_eq!(
+                d, 0.0,
+                "{optim} at stage {stage}: differs from stage 0 by {d}"
+            );
+        }
+    }
+    let split = t.path().join("split");
+    let mut first = args(&split, "adamw_8bit", "5", "2");
+    first.extend(["--stop-after".into(), "2".into()]);
+    run(mpirun(2), &first);
+    let ck = split.join("checkpoint-2");
+    let out = ferrule()
+        .args(["checkpoint", "consolidate", &ck.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole =
+        candle_core::safetensors::load(ck.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(whole["step"].to_scalar::<i64>().unwrap(), 2);
+    assert!(
+        whole.keys().any(|k| k.ends_with(".state1")),
+        "{:?}",
+        whole.keys()
+    );
+    let mut resumed = args(&split, "adamw_8bit", "5", "1");
+    resumed.push("--resume".into());
+    run(mpirun(2), &resumed);
+    let d = max_diff(&adapter(&t.path().join("adamw_8bit-2")), &adapter(&split));
+    assert_eq!(
+        d, 0.0,
+        "consolidated and resumed at stage 1: differs by {d}"
+    );
+}
+
 /// `--shard-base`: each rank holds half of every frozen matrix and the layers broadcast the
 /// other half tile by tile; the result is the unsharded one's.
 #[test]

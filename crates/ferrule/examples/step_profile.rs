@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             device: &dev,
             weights: None,
             allow_unmatched: false,
+            release_base: None,
         },
     )?;
     let m = Model::build(&src, Task::CausalLm, lora.as_ref(), &dev, 0)?;

@@ -104,7 +104,8 @@ pub struct TunedModel {
 
 /// Loads the model at `model` on the CPU (as `options` say) and [`attach`]es a
 /// fresh `adapter` for `task` (the model family's default when `None`), seed 0: what
-/// `inspect` and `plan` count.
+/// `inspect` and `plan` count. As in training, a method that trains base tensors as its own
+/// copies releases them from the returned source's weights ([`BuildContext::release_base`]).
 pub fn attach_fresh(
     model: &str,
     adapter: &AdapterConfig,
@@ -120,6 +121,7 @@ pub fn attach_fresh(
         device: &device,
         weights: None,
         allow_unmatched,
+        release_base: Some(source.weights.release_handle()),
     };
     let tuned = attach(&source, task, adapter, ctx)?;
     Ok((source, tuned))

@@ -197,7 +197,7 @@ pub fn quantize_to_dir(
         )
     }
     let mut raw = BTreeMap::new();
-    for (name, t) in source.weights.tensors() {
+    for (name, t) in &source.weights.tensors() {
         raw.insert(name.clone(), crate::util::atomic::raw_tensor(name, t)?);
     }
     for (name, q) in source.weights.quantized() {

@@ -72,6 +72,7 @@ impl SavedAdapter {
                 device,
                 weights: Some(self.tensors),
                 allow_unmatched: false,
+                release_base: None,
             },
         )
         .with_context(|| origin)

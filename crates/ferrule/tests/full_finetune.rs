@@ -3,7 +3,8 @@
 //! (fixtures: tests/fixtures/full_finetune/make_full_finetune_fixtures.py), with and without
 //! recomputation; the model folder a run writes reloads with the trained model's logits; a
 //! `--trainable` subset leaves the rest bit for bit; resume is byte-identical; GaLore's
-//! layer-wise step equals its whole-model step.
+//! layer-wise step equals its whole-model step; a trained tensor is held once (its base is
+//! dropped from the loaded weights), with the same loss and gradients.
 
 mod common;
 
@@ -61,6 +62,7 @@ fn build(model_dir: &Path, adapter: &AdapterConfig) -> (ModelSource, Model, Box<
         device: &dev,
         weights: None,
         allow_unmatched: false,
+        release_base: None,
     };
     let tuned = attach(&source, Task::CausalLm, adapter, ctx).unwrap();
     (source, tuned.model, tuned.tuner)
@@ -332,6 +334,73 @@ fn what_full_fine_tuning_cannot_do_is_refused_by_name() {
 /// `galore_adamw_layerwise` steps each layer inside the recomputed backward and the embedding,
 /// final norm and head after it; without clipping that is `galore_adamw`'s step, up to the
 /// rounding of the gradient's division by the token count.
+/// Once its trainable copy exists, a base tensor is dropped from the loaded weights
+/// (`BuildContext::release_base`, which training sets): memory holds one copy. The model
+/// built so computes the loss and gradients bit for bit as one built beside the whole base,
+/// and counts the same parameters; a training run's summary counts only the tensors left
+/// frozen as base weights.
+#[test]
+fn a_trained_tensor_is_held_once_and_computes_the_same() {
+    use ferrule::quant::WeightMemory;
+    use std::collections::BTreeSet;
+    let dev = Device::Cpu;
+    let base = fixtures().join("models/llama");
+    let pattern = r"layers\.1\.|embed_tokens|lm_head";
+    let adapter = full(Some(pattern));
+    let source = ModelSource::load(base.to_str().unwrap(), &dev).unwrap();
+    let whole_bytes = WeightMemory::of(&source.weights).dense_bytes;
+    let ctx = BuildContext {
+        seed: 0,
+        device: &dev,
+        weights: None,
+        allow_unmatched: false,
+        release_base: Some(source.weights.release_handle()),
+    };
+    let released = attach(&source, Task::CausalLm, &adapter, ctx).unwrap();
+    let trained: BTreeSet<String> = released
+        .tuner
+        .trainable()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(trained.contains("lm_head.weight") && trained.len() > 10);
+    assert_eq!(
+        source
+            .weights
+            .released()
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        trained
+    );
+    for name in &trained {
+        assert!(!source.weights.contains(name), "{name} is still held");
+    }
+    let trained_bytes = 4 * ferrule::tuners::trainable_params(released.tuner.as_ref());
+    assert_eq!(
+        WeightMemory::of(&source.weights).dense_bytes,
+        whole_bytes - trained_bytes
+    );
+    let (_, model, tuner) = build(&base, &adapter);
+    assert_eq!(released.model.base_params, model.base_params);
+    let exp = load("full_finetune/llama_untied.safetensors");
+    for recompute in [false, true] {
+        let (loss_a, grads_a) =
+            loss_and_grads(&released.model, released.tuner.as_ref(), &exp, recompute);
+        let (loss_b, grads_b) = loss_and_grads(&model, tuner.as_ref(), &exp, recompute);
+        assert_eq!(loss_a.to_bits(), loss_b.to_bits());
+        for (name, g) in &grads_b {
+            assert_eq!(max_diff(&grads_a[name], g), 0.0, "{name}");
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        max_steps: Some(1),
+        ..train_config(&base, &tmp.path().join("out"), Some(pattern))
+    };
+    let summary = train(&cfg, &dev, &mut Silent, &RunOptions::default()).unwrap();
+    assert_eq!(summary.base_weight_bytes, whole_bytes - trained_bytes);
+}
+
 #[test]
 fn galore_layerwise_equals_the_whole_model_step() {
     use ferrule::train::OptimName;

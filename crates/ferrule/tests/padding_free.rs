@@ -60,6 +60,7 @@ fn build(
             device: &dev,
             weights: None,
             allow_unmatched: false,
+            release_base: None,
         },
     )
     .unwrap();

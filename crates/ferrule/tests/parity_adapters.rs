@@ -190,7 +190,7 @@ fn assert_grads(case: &Case, grads_file: &str) {
     // gradient under the id of `w.t()`, a new tensor. So: the store holds the trainable tensors
     // and, besides them, only batched activations `[b, t, hidden]` (the embedding output, a
     // constant the first adapted layer reads), nothing shaped like a weight.
-    for (name, t) in src.weights.tensors() {
+    for (name, t) in &src.weights.tensors() {
         assert!(
             grads.get(t).is_none(),
             "{}: frozen tensor {name} received a gradient",
@@ -237,6 +237,7 @@ fn fresh_adapter_is_a_no_op_and_b_starts_at_zero() {
             device: &dev,
             weights: None,
             allow_unmatched: false,
+            release_base: None,
         },
     )
     .unwrap();

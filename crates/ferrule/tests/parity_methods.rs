@@ -681,6 +681,7 @@ fn pissa_and_olora_match_peft_and_save_as_rank_2r_lora() {
                 device: &dev,
                 weights: None,
                 allow_unmatched: false,
+                release_base: None,
             },
         )
         .unwrap();

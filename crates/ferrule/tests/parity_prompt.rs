@@ -194,6 +194,7 @@ fn fresh(case: &Case) -> (Model, Box<dyn Tuner>) {
             device: &dev,
             weights: None,
             allow_unmatched: false,
+            release_base: None,
         },
     )
     .unwrap();
@@ -305,6 +306,7 @@ fn projected_prefix_equals_the_mlp_peft_trained() {
             device: &dev,
             weights: Some(encoder),
             allow_unmatched: false,
+            release_base: None,
         },
     )
     .unwrap();

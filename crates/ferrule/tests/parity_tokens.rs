@@ -324,6 +324,7 @@ fn ctx(dev: &Device) -> BuildContext<'_> {
         device: dev,
         weights: None,
         allow_unmatched: false,
+        release_base: None,
     }
 }
 

@@ -39,7 +39,7 @@ fn config(model: &Path, out: &Path, quantize: Option<QuantSpec>) -> TrainConfig 
 /// The f32 model whose linear weights are exactly the quantized ones, dequantized.
 fn dequantized_copy(quantized: &ModelSource, out: &Path) {
     let mut raw = BTreeMap::new();
-    for (name, t) in quantized.weights.tensors() {
+    for (name, t) in &quantized.weights.tensors() {
         raw.insert(
             name.clone(),
             ferrule::util::atomic::raw_tensor(name, t).unwrap(),

@@ -138,7 +138,7 @@ fn a_sharded_folder_loads_the_same_tensors_and_logits_as_the_single_file() {
         21,
         "embedding, 2 x 9 layer tensors, final norm, head"
     );
-    for (name, a) in single.weights.tensors() {
+    for (name, a) in &single.weights.tensors() {
         let (a, b) = (values(a), values(&sharded.weights.tensors()[name]));
         assert!(
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -345,6 +345,7 @@ fn fresh_lora(
             device: &dev,
             weights: None,
             allow_unmatched: false,
+            release_base: None,
         },
     )?;
     let model = Model::build(&src, Task::CausalLm, tuner.as_ref(), &dev, seed)?;
@@ -796,7 +797,7 @@ fn lora_trains_through_an_fp4_base() {
     )
     .unwrap();
     let mut raw = BTreeMap::new();
-    for (name, tensor) in q.weights.tensors() {
+    for (name, tensor) in &q.weights.tensors() {
         raw.insert(
             name.clone(),
             ferrule::util::atomic::raw_tensor(name, tensor).unwrap(),

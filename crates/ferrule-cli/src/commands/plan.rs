@@ -51,6 +51,10 @@ pub struct Args {
     /// adamw's; paged: a file, not resident).
     #[arg(long, value_name = "NAME", default_value = "adamw")]
     optim: ferrule::train::OptimName,
+    /// GaLore's settings, as train's --optim-args (`rank=128,proj_type=std,...`): with a model
+    /// folder its state is counted per target from the low-rank shapes.
+    #[arg(long, value_name = "K=V,...")]
+    optim_args: Option<String>,
     /// Memory each rank has, in GB (10^9 bytes): say whether the plan fits.
     #[arg(long, value_name = "GB")]
     memory_per_rank: Option<f64>,
@@ -121,6 +125,18 @@ fn estimate(args: &Args) -> Result<(Plan, ComputeDtypeDecision)> {
         options,
         args.adapter.allow_unmatched,
     )?;
+    let galore = args
+        .optim
+        .is_galore()
+        .then(|| {
+            ferrule::train::galore::GaLoreConfig::from_optim_args(
+                args.optim_args.as_deref(),
+                None,
+                args.optim == ferrule::train::OptimName::NaturalGaloreAdamw,
+                Default::default(),
+            )
+        })
+        .transpose()?;
     let req = PlanRequest {
         shape: planned.shape,
         base_bytes: planned.base_bytes,
@@ -132,6 +148,8 @@ fn estimate(args: &Args) -> Result<(Plan, ComputeDtypeDecision)> {
         seq_len: args.max_len,
         recompute: args.recompute,
         optim: args.optim,
+        trainable_shapes: planned.trainable_shapes,
+        galore,
     };
     Ok((plan(&req), compute))
 }

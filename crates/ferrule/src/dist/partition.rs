@@ -4,7 +4,10 @@
 //!
 //! The order is the tuner's `trainable()` order, identical on every rank. The vector is padded
 //! with zeros to `N · partition_len` so that every partition has the same length (MPI's
-//! block collectives need it); the padding never reaches a parameter.
+//! block collectives need it); the padding never reaches a parameter. An aligned layout
+//! ([`FlatLayout::aligned`]) also starts every parameter and every partition at a multiple of
+//! its alignment (zeros between), so that a partition cuts each parameter at a multiple of
+//! it: bitsandbytes' 8-bit blocks stay whole.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -29,9 +32,11 @@ pub struct FlatLayout {
     pub segments: Vec<Segment>,
     /// Ψ: trainable elements in all.
     pub total: usize,
-    /// Elements per partition, `ceil(total / world)`.
+    /// Elements per partition, `ceil(total / world)` rounded up to `align`.
     pub partition_len: usize,
     pub world: usize,
+    /// Every segment's offset and the partition length are multiples of it (1: none).
+    pub align: usize,
 }
 
 impl FlatLayout {
@@ -40,9 +45,22 @@ impl FlatLayout {
         shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
         world: usize,
     ) -> FlatLayout {
+        Self::aligned(shapes, world, 1)
+    }
+
+    /// [`FlatLayout::new`] with every segment starting at a multiple of `align` elements and
+    /// partitions of a multiple of `align`: a partition boundary inside a segment falls at a
+    /// multiple of `align` from the segment's start. `total` then counts the gaps too.
+    pub fn aligned<'a>(
+        shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+        world: usize,
+        align: usize,
+    ) -> FlatLayout {
+        let align = align.max(1);
         let mut segments = Vec::new();
-        let mut offset = 0;
+        let mut offset = 0usize;
         for (name, shape) in shapes {
+            offset = offset.div_ceil(align) * align;
             let len = shape.iter().product();
             segments.push(Segment {
                 name: name.to_string(),
@@ -56,14 +74,19 @@ impl FlatLayout {
         FlatLayout {
             segments,
             total: offset,
-            partition_len: offset.div_ceil(world),
+            partition_len: offset.div_ceil(world).div_ceil(align) * align,
             world,
+            align,
         }
     }
 
-    /// The layout of the trainable variables.
-    pub fn of_vars(vars: &[(String, Var)], world: usize) -> FlatLayout {
-        FlatLayout::new(vars.iter().map(|(n, v)| (n.as_str(), v.dims())), world)
+    /// The layout of the trainable variables, aligned to `align` elements.
+    pub fn of_vars(vars: &[(String, Var)], world: usize, align: usize) -> FlatLayout {
+        FlatLayout::aligned(
+            vars.iter().map(|(n, v)| (n.as_str(), v.dims())),
+            world,
+            align,
+        )
     }
 
     /// Length of the padded vector, `world · partition_len`.
@@ -168,15 +191,20 @@ impl FlatLayout {
         Ok(())
     }
 
-    /// The layout as JSON (`[[name, [shape...]], ...]` and the world size), stored with each
-    /// optimizer shard so that `ferrule checkpoint consolidate` can cut it apart.
+    /// The layout as JSON (`[[name, [shape...]], ...]`, the world size and, when not 1, the
+    /// alignment), stored with each optimizer shard so that `ferrule checkpoint consolidate`
+    /// can cut it apart.
     pub fn to_json(&self) -> serde_json::Value {
         let segs: Vec<serde_json::Value> = self
             .segments
             .iter()
             .map(|s| serde_json::json!([s.name, s.shape]))
             .collect();
-        serde_json::json!({ "world": self.world, "segments": segs })
+        let mut v = serde_json::json!({ "world": self.world, "segments": segs });
+        if self.align > 1 {
+            v["align"] = self.align.into();
+        }
+        v
     }
 
     /// Reads [`FlatLayout::to_json`]'s output.
@@ -199,9 +227,11 @@ impl FlatLayout {
                 .context("layout segment without a shape")?;
             shapes.push((name.to_string(), shape));
         }
-        Ok(FlatLayout::new(
+        let align = v.get("align").and_then(|a| a.as_u64()).unwrap_or(1) as usize;
+        Ok(FlatLayout::aligned(
             shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
             world,
+            align,
         ))
     }
 }
@@ -240,5 +270,18 @@ mod tests {
         assert_eq!(FlatLayout::from_json(&l.to_json()).unwrap(), l);
         let wrong = HashMap::from([("b".to_string(), a)]);
         assert!(l.flatten(&wrong).unwrap_err().to_string().contains("shape"));
+    }
+
+    #[test]
+    fn an_aligned_layout_cuts_segments_at_multiples_of_the_alignment() {
+        let l = FlatLayout::aligned([("a", &[5usize][..]), ("b", &[2, 7][..])], 3, 4);
+        assert_eq!((l.segments[1].offset, l.total), (8, 22));
+        assert_eq!((l.partition_len, l.padded_len()), (8, 24));
+        for rank in 0..3 {
+            for (seg, r) in l.overlaps(l.partition(rank)) {
+                assert_eq!((r.start - l.segments[seg].offset) % 4, 0);
+            }
+        }
+        assert_eq!(FlatLayout::from_json(&l.to_json()).unwrap(), l);
     }
 }

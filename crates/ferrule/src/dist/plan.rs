@@ -23,6 +23,7 @@ use crate::model::config::{family_of, BertConfig, DecoderConfig, Family};
 use crate::model::LoadOptions;
 use crate::model::Task;
 use crate::quant::WeightMemory;
+use crate::train::galore::projector::Side;
 pub use crate::tuners::registry::{BlockLinear, BlockShapes};
 use crate::tuners::{trainable_params, AdapterConfig};
 
@@ -164,6 +165,9 @@ pub struct PlannedModel {
     pub base_bytes: f64,
     /// Ψ, trainable parameters.
     pub trainable: usize,
+    /// The trainable tensors' names and shapes, as the method built them on the weights
+    /// (empty when planned from `config.json` alone).
+    pub trainable_shapes: Vec<(String, Vec<usize>)>,
 }
 
 impl PlannedModel {
@@ -244,6 +248,7 @@ impl PlannedModel {
             shape,
             base_bytes,
             trainable,
+            trainable_shapes: Vec::new(),
         })
     }
 
@@ -259,10 +264,17 @@ impl PlannedModel {
         let (source, tuned) = attach_fresh(model, adapter, task, options, allow_unmatched)?;
         let w = &source.weights;
         let held = WeightMemory::of(w).total_bytes() - w.streamed_quantized_mapped_bytes();
+        let trainable_shapes = tuned
+            .tuner
+            .trainable()
+            .into_iter()
+            .map(|(name, v)| (name, v.dims().to_vec()))
+            .collect();
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
             base_bytes: (held + w.stream_window_bytes(dtype)) as f64,
             trainable: trainable_params(tuned.tuner.as_ref()),
+            trainable_shapes,
         })
     }
 }
@@ -309,6 +321,11 @@ pub struct PlanRequest {
     pub recompute: bool,
     /// The optimizer (`--optim`): its state's bytes per parameter.
     pub optim: crate::train::OptimName,
+    /// The trainable tensors' names and shapes ([`PlannedModel::trainable_shapes`]): with
+    /// them GaLore's state and layer-wise gradients are counted per tensor.
+    pub trainable_shapes: Vec<(String, Vec<usize>)>,
+    /// GaLore's settings (`--optim-args`), for a GaLore optimizer.
+    pub galore: Option<crate::train::galore::GaLoreConfig>,
 }
 
 /// Resident bytes of `optim`'s state for `psi` parameters at stage 0: AdamW's two f32 moments
@@ -354,6 +371,88 @@ fn eight_bit_state_bytes(psi: f64) -> f64 {
     2.0 * psi + 8.0 * psi / block
 }
 
+/// Resident bytes of GaLore's state over the trainable tensors `shapes`, at stage 0: each
+/// target's moments in its low-rank shape (f32, or 8-bit's bytes for the 8-bit optimizers),
+/// its f32 bases and Natural GaLore's history of `s` low-rank gradients; Adam's (or 8-bit's)
+/// moments for the other tensors. Then the transient of a basis refresh: the SVD of the
+/// largest target's gradient, which holds it in f64 with its thin `U` and `V`.
+pub fn galore_state_bytes(
+    optim: crate::train::OptimName,
+    cfg: &crate::train::galore::GaLoreConfig,
+    shapes: &[(String, Vec<usize>)],
+) -> Result<f64> {
+    let targets = crate::train::galore::select_targets(
+        shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+        &cfg.target_modules,
+    )?;
+    let moments = |elements: usize| match optim.is_8bit() {
+        true => eight_bit_state_bytes(elements as f64),
+        false => 8.0 * elements as f64,
+    };
+    let history = cfg.natural.as_ref().map_or(0, |n| n.history);
+    let (mut bytes, mut refresh) = (0.0, 0.0f64);
+    for (name, shape) in shapes {
+        let elements: usize = shape.iter().product();
+        if !targets.contains(name) || shape.len() != 2 {
+            bytes += moments(elements);
+            continue;
+        }
+        let (m, n) = (shape[0], shape[1]);
+        let (a, b) = cfg.proj_type.low_rank_shape((m, n), cfg.rank);
+        let bases = match cfg.proj_type.side((m, n)) {
+            Side::Left => m * cfg.rank,
+            Side::Right => cfg.rank * n,
+            Side::Both => (m + n) * cfg.rank,
+        };
+        bytes += moments(a * b) + 4.0 * (bases + history * a * b) as f64;
+        let k = m.min(n);
+        refresh = refresh.max(8.0 * (m * n + m * k + k * n) as f64);
+    }
+    Ok(bytes + refresh)
+}
+
+/// f32 copies of the tensors outside the blocks that a layer-wise step holds at its peak beyond
+/// their gradient and Adam moments (counted elsewhere): measured, not derived. A 2-step
+/// layer-wise GaLore run of SmolLM2-135M (full fine-tuning, 8 × 256, rank 128) peaked 1.07 GB
+/// above this plan without it, 9.44 times its 113 MB outside the blocks (the vocabulary table).
+/// Likely: the tied head's and the lookup's gradients of the table before they are summed, and
+/// AdamW's temporaries when the table steps after the backward pass. Checked on the random
+/// 1.07B Llama (BENCHMARKS.md, "GaLore layer-wise").
+pub const LAYERWISE_OUTSIDE_COPIES: f64 = 9.44;
+
+/// Gradient bytes a layer-wise optimizer holds at once: every tensor outside the blocks
+/// (stepped after the backward pass), with [`LAYERWISE_OUTSIDE_COPIES`] more copies of them,
+/// and the largest block's (each block's tensors step, and their gradients go, as its
+/// recomputed backward ends). A block is the tensors named `….layers.<i>.…` (or BERT's
+/// `….layer.<i>.…`).
+pub fn layerwise_gradient_bytes(shapes: &[(String, Vec<usize>)]) -> f64 {
+    let mut blocks: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut outside = 0;
+    for (name, shape) in shapes {
+        let elements: usize = shape.iter().product();
+        match block_of(name) {
+            Some(block) => *blocks.entry(block).or_default() += elements,
+            None => outside += elements,
+        }
+    }
+    let largest = blocks.values().copied().max().unwrap_or(0) as f64;
+    4.0 * ((1.0 + LAYERWISE_OUTSIDE_COPIES) * outside as f64 + largest)
+}
+
+/// `model.layers.3` of `model.layers.3.mlp.up_proj.weight`: the name up to its layer index.
+fn block_of(name: &str) -> Option<&str> {
+    for marker in [".layers.", ".layer."] {
+        if let Some(at) = name.find(marker) {
+            let rest = &name[at + marker.len()..];
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 0 {
+                return Some(&name[..at + marker.len() + digits]);
+            }
+        }
+    }
+    None
+}
+
 /// Bytes one rank holds for the trainable state, ferrule's way (f32 throughout).
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainableState {
@@ -361,10 +460,12 @@ pub struct TrainableState {
     /// stage 3, since ferrule gathers once per step).
     pub parameters: f64,
     /// Accumulated gradients (4Ψ), and with several ranks the flat vector they are sent in
-    /// (another 4Ψ).
+    /// (another 4Ψ); a layer-wise optimizer's, [`layerwise_gradient_bytes`].
     pub gradients: f64,
-    /// AdamW's moments (8Ψ; 8-bit: about 2Ψ; paged: 0 resident, the state is a file), or at
-    /// stages 1–3 this rank's partition of moments and f32 master parameters (12Ψ/N).
+    /// AdamW's moments (8Ψ; 8-bit: about 2Ψ; paged: 0 resident, the state is a file;
+    /// GaLore with the trainable shapes: [`galore_state_bytes`]), or at stages 1–3 this rank's
+    /// partition of moments and f32 master parameters (12Ψ/N; bitsandbytes': the master
+    /// parameters and its state, `(4Ψ + state)/N`).
     pub optimizer: f64,
 }
 
@@ -444,13 +545,35 @@ pub fn plan(req: &PlanRequest) -> Plan {
     let n = req.world.max(1) as f64;
     let ring = (n - 1.0) / n;
     let stage = req.stage.get();
+    let shapes = &req.trainable_shapes;
+    let mut notes = vec!["estimates from the model's shapes and formulas; measured runs are in BENCHMARKS.md (Scale-out)".to_string()];
     let trainable_state = TrainableState {
         parameters: 4.0 * psi,
-        gradients: if req.world > 1 { 8.0 * psi } else { 4.0 * psi },
-        optimizer: if stage >= 1 {
-            12.0 * psi / n
-        } else {
-            optimizer_resident_bytes(req.optim, psi)
+        gradients: match (
+            req.world > 1,
+            req.optim.is_layerwise() && !shapes.is_empty(),
+        ) {
+            (true, _) => 8.0 * psi,
+            (false, true) => layerwise_gradient_bytes(shapes),
+            (false, false) => 4.0 * psi,
+        },
+        optimizer: match (stage, &req.galore) {
+            (1.., _) if req.optim == crate::train::OptimName::Adamw => 12.0 * psi / n,
+            // bitsandbytes' partition: the f32 master copy and the state (paged: in a file).
+            (1.., _) => (4.0 * psi + optimizer_resident_bytes(req.optim, psi)) / n,
+            (0, Some(cfg)) if req.optim.is_galore() && !shapes.is_empty() => {
+                match galore_state_bytes(req.optim, cfg, shapes) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        notes.push(format!(
+                            "--optim {}: {e:#}; its state is counted as AdamW's",
+                            req.optim
+                        ));
+                        optimizer_resident_bytes(req.optim, psi)
+                    }
+                }
+            }
+            (0, _) => optimizer_resident_bytes(req.optim, psi),
         },
     };
     let paper_model_state_bytes = match stage {
@@ -486,10 +609,11 @@ pub fn plan(req: &PlanRequest) -> Plan {
         0.0
     };
     let state = trainable_state.parameters + trainable_state.gradients + trainable_state.optimizer;
-    let mut notes = vec!["estimates from the model's shapes and formulas; measured runs are in BENCHMARKS.md (Scale-out)".to_string()];
-    let file = optimizer_file_bytes(req.optim, psi);
-    if stage >= 1 && req.optim != crate::train::OptimName::Adamw {
-        notes.push(format!("--optim {} runs at --zero-stage 0 only: train refuses it at stage {stage} (counted here as AdamW's partition)", req.optim));
+    let file = optimizer_file_bytes(req.optim, psi) / if stage >= 1 { n } else { 1.0 };
+    if stage >= 1 && req.optim.is_galore() {
+        notes.push(format!("--optim {} runs at --zero-stage 0 only: train refuses it at stage {stage} (counted here as a partition of its Adam state)", req.optim));
+    } else if req.optim.is_galore() && !shapes.is_empty() && req.galore.is_some() {
+        notes.push(format!("--optim {}: the state counted per tensor from the targets' low-rank shapes (--optim-args), with one basis refresh's SVD", req.optim));
     } else if file > 0.0 {
         notes.push(format!("--optim {}: the optimizer state ({:.3} GB) is a file in --offload-dir, resident one parameter at a time", req.optim, file / 1e9));
     }
@@ -605,6 +729,8 @@ mod tests {
                     seq_len: 1,
                     recompute: false,
                     optim: Default::default(),
+                    trainable_shapes: Vec::new(),
+                    galore: None,
                 };
                 (plan(&req).paper_model_state_bytes / 1e9 * 100.0).round() / 100.0
             })
@@ -613,6 +739,32 @@ mod tests {
     }
 
     /// 8-bit state is a quarter of AdamW's (plus the absmax), paged state is not resident.
+    /// Hand-counted: rank 2, `std` projects an [8, 4] target on the right (moments [8, 2],
+    /// basis [2, 4]) and a [4, 8] one on the left (moments [2, 8], basis [4, 2]); the
+    /// embedding keeps Adam's 8 bytes an element; the refresh's SVD of either target holds
+    /// 8 · (32 + 32 + 16) bytes. A layer-wise step holds the embedding's gradient (and the
+    /// measured copies beside it) and one block's.
+    #[test]
+    fn galore_state_and_layerwise_gradients_are_counted_per_tensor() {
+        let shapes: Vec<(String, Vec<usize>)> = [
+            ("model.embed_tokens.weight", vec![10, 4]),
+            ("model.layers.0.self_attn.q_proj.weight", vec![8, 4]),
+            ("model.layers.0.mlp.down_proj.weight", vec![4, 8]),
+            ("model.layers.1.mlp.down_proj.weight", vec![4, 8]),
+        ]
+        .map(|(n, s)| (n.to_string(), s))
+        .to_vec();
+        let cfg = crate::train::galore::GaLoreConfig {
+            rank: 2,
+            ..Default::default()
+        };
+        let optim = crate::train::OptimName::GaloreAdamw;
+        let bytes = galore_state_bytes(optim, &cfg, &shapes).unwrap();
+        assert_eq!(bytes, 320.0 + 3.0 * (8.0 * 16.0 + 4.0 * 8.0) + 640.0);
+        let outside = (1.0 + LAYERWISE_OUTSIDE_COPIES) * 40.0;
+        assert_eq!(layerwise_gradient_bytes(&shapes), 4.0 * (outside + 64.0));
+    }
+
     #[test]
     fn optimizer_state_bytes_per_optimizer() {
         use crate::train::OptimName;

@@ -21,7 +21,10 @@
 //!
 //! Every stage computes the same update (the partitioned AdamW, [`ShardedAdamW`], applies
 //! [`crate::train::AdamW`]'s update function to its slice of each parameter), so every stage trains the
-//! same adapter up to float summation order (`tests/distributed.rs` checks it).
+//! same adapter up to float summation order (`tests/distributed.rs` checks it). bitsandbytes'
+//! optimizers (`adamw_8bit`, `paged_adamw_8bit`, `paged_adamw_32bit`) partition their state
+//! the same way ([`super::sharded_bnb`]: whole 8-bit blocks on each rank). GaLore does not: its
+//! projector takes the SVD of each target's whole gradient matrix, which a partition cuts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -32,6 +35,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::collective::Collective;
 use super::partition::FlatLayout;
+use super::sharded_bnb::{alignment, consolidate_pieces, ShardedBnb};
 use crate::ops::recompute::GradHook;
 use crate::train::optim::{
     adamw_update, build_optimizer, clip_grad_norm, grad_norm, read_step, step_tensor, AdamWConfig,
@@ -256,15 +260,66 @@ fn read_f32(state: &BTreeMap<String, Tensor>, key: &str, len: usize) -> Result<V
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
+/// The optimizer over this rank's partition: AdamW's or bitsandbytes'.
+enum Partitioned {
+    AdamW(ShardedAdamW),
+    /// Boxed: bitsandbytes' dynamic maps make it large.
+    Bnb(Box<ShardedBnb>),
+}
+
+impl Partitioned {
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Partitioned::AdamW(o) => o.set_lr(lr),
+            Partitioned::Bnb(o) => o.set_lr(lr),
+        }
+    }
+
+    /// The partition's parameters.
+    fn params(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        Ok(match self {
+            Partitioned::AdamW(o) => o.params().into(),
+            Partitioned::Bnb(o) => o.params()?.into(),
+        })
+    }
+
+    fn update(&mut self, layout: &FlatLayout, grads: &[f32], present: &[f64]) -> Result<()> {
+        match self {
+            Partitioned::AdamW(o) => o.update(layout, grads, present),
+            Partitioned::Bnb(o) => o.update(layout, grads, present),
+        }
+    }
+
+    fn state(&self, layout: &FlatLayout) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Partitioned::AdamW(o) => o.state(layout),
+            Partitioned::Bnb(o) => o.state(),
+        }
+    }
+
+    fn load_state(
+        &mut self,
+        layout: &FlatLayout,
+        state: &BTreeMap<String, Tensor>,
+        sharded: bool,
+    ) -> Result<()> {
+        match self {
+            Partitioned::AdamW(o) => o.load_state(layout, state, sharded),
+            Partitioned::Bnb(o) => o.load_state(layout, state, sharded),
+        }
+    }
+}
+
 enum Inner {
     Replicated(Box<dyn Optimizer>),
-    Sharded(ShardedAdamW),
+    Sharded(Partitioned),
     /// A layer-wise optimizer (one process): most parameters step during the backward pass.
     Layerwise(Arc<LayerwiseStepper>),
 }
 
 /// An optimizer over data-parallel ranks at one ZeRO stage (see the module docs): at stage 0
-/// any [`OptimName`], replicated on every rank; at stages 1–3 AdamW over this rank's partition.
+/// any [`OptimName`], replicated on every rank; at stages 1–3 AdamW or bitsandbytes' AdamW
+/// over this rank's partition.
 pub struct ZeroOptimizer {
     stage: ZeroStage,
     vars: Vec<(String, Var)>,
@@ -286,20 +341,19 @@ impl ZeroOptimizer {
     }
 
     /// The optimizer `spec` names over `vars` (the same list, in the same order, on every
-    /// rank). Stages 1–3 partition AdamW's f32 state over the ranks and take `adamw` only: an
-    /// 8-bit or paged optimizer there is an error naming both.
+    /// rank). Stages 1–3 partition the state of `adamw`, `adamw_8bit`, `paged_adamw_8bit` and
+    /// `paged_adamw_32bit` over the ranks; GaLore there is an error saying why.
     pub fn with_optimizer(
         vars: Vec<(String, Var)>,
         spec: &OptimizerSpec,
         stage: ZeroStage,
         comm: &dyn Collective,
     ) -> Result<ZeroOptimizer> {
-        if stage.partitions_optimizer() && spec.name != OptimName::Adamw {
+        if stage.partitions_optimizer() && spec.name.is_galore() {
             bail!(
-                "--optim {} cannot run at --zero-stage {}: stages 1-3 partition AdamW's 32-bit state over the ranks; use --zero-stage 0 (every rank keeps the whole {} state) or --optim adamw",
+                "--optim {} cannot run at --zero-stage {}: GaLore projects each target's whole gradient matrix (an SVD of it every update_proj_gap steps), and stages 1-3 cut the parameters into flat partitions across the ranks; use --zero-stage 0 (every rank keeps the whole GaLore state) or another --optim",
                 spec.name,
-                stage.get(),
-                spec.name
+                stage.get()
             )
         }
         if spec.name.is_layerwise() && comm.world_size() > 1 {
@@ -310,18 +364,23 @@ impl ZeroOptimizer {
             )
         }
         let cfg = spec.adamw;
-        let layout = FlatLayout::of_vars(&vars, comm.world_size());
+        let align = match stage.partitions_optimizer() {
+            true => alignment(spec.name),
+            false => 1,
+        };
+        let layout = FlatLayout::of_vars(&vars, comm.world_size(), align);
         let inner = if spec.name.is_layerwise() {
             let opt = build_optimizer(vars.clone(), spec)?;
             Inner::Layerwise(Arc::new(LayerwiseStepper::new(opt, &vars)))
         } else if stage.partitions_optimizer() {
             let flat = layout.flatten_vars(&vars)?;
-            Inner::Sharded(ShardedAdamW::new(
-                &layout,
-                layout.partition(comm.rank()),
-                &flat,
-                cfg,
-            ))
+            let range = layout.partition(comm.rank());
+            Inner::Sharded(match spec.name {
+                OptimName::Adamw => {
+                    Partitioned::AdamW(ShardedAdamW::new(&layout, range, &flat, cfg))
+                }
+                _ => Partitioned::Bnb(Box::new(ShardedBnb::new(&layout, range, &flat, spec)?)),
+            })
         } else {
             Inner::Replicated(build_optimizer(vars.clone(), spec)?)
         };
@@ -370,7 +429,7 @@ impl ZeroOptimizer {
             unreachable!("only partitioned parameters go stale")
         };
         let mut full = vec![0f32; self.layout.padded_len()];
-        comm.all_gather_f32(opt.params(), &mut full)?;
+        comm.all_gather_f32(&opt.params()?, &mut full)?;
         self.layout.write_vars(&full, &self.vars)?;
         self.stale = false;
         Ok(())
@@ -482,7 +541,7 @@ impl ZeroOptimizer {
                     self.stale = true;
                 } else {
                     let mut full = vec![0f32; self.layout.padded_len()];
-                    comm.all_gather_f32(opt.params(), &mut full)?;
+                    comm.all_gather_f32(&opt.params()?, &mut full)?;
                     self.layout.write_vars(&full, &self.vars)?;
                 }
                 norm
@@ -520,7 +579,8 @@ impl ZeroOptimizer {
 }
 
 /// Joins the optimizer shards of every rank (in rank order, each with the layout it was
-/// written with) into one world-size-1 state with [`crate::train::AdamW::state`]'s keys.
+/// written with) into one world-size-1 state with [`crate::train::AdamW::state`]'s keys, or
+/// [`crate::train::optim::BnbAdamW::state`]'s for bitsandbytes' shards ([`consolidate_pieces`]).
 pub fn consolidate_shards(
     shards: &[BTreeMap<String, Tensor>],
     layout: &FlatLayout,
@@ -531,6 +591,10 @@ pub fn consolidate_shards(
         shards.len(),
         layout.world
     );
+    if !shards.iter().any(|s| s.contains_key("exp_avg")) {
+        // Not ShardedAdamW's flat moments: bitsandbytes' state, per parameter piece.
+        return consolidate_pieces(shards, layout);
+    }
     let mut m = Vec::with_capacity(layout.padded_len());
     let mut v = Vec::with_capacity(layout.padded_len());
     for s in shards {
@@ -761,10 +825,11 @@ mod tests {
         }
     }
 
-    /// Stage 0 runs any optimizer (replicated, here `adamw_8bit` against itself outside ZeRO);
-    /// stages 1–3 refuse the 8-bit and paged ones, naming the stage and the optimizer.
+    /// Every stage runs bitsandbytes' optimizers as they run outside ZeRO (stage 0 replicated,
+    /// 1–3 over the one rank's partition, whose state consolidates to the same keys); GaLore
+    /// is refused above stage 0, saying why.
     #[test]
-    fn eight_bit_and_paged_optimizers_run_at_stage_0_and_are_refused_above() {
+    fn eight_bit_and_paged_optimizers_run_at_every_stage_and_galore_at_stage_0_only() {
         let dir = tempfile::tempdir().unwrap();
         let spec = |name| OptimizerSpec {
             name,
@@ -777,59 +842,76 @@ mod tests {
             optim_args: None,
             target_modules: None,
         };
-        for name in [OptimName::Adamw8bit, OptimName::PagedAdamw8bit] {
+        let names = [
+            OptimName::Adamw8bit,
+            OptimName::PagedAdamw8bit,
+            OptimName::PagedAdamw32bit,
+        ];
+        for (stage, name) in (0..=3).flat_map(|s| names.map(|n| (s, n))) {
             let v = vars();
-            let mut opt = ZeroOptimizer::with_optimizer(
-                v.clone(),
-                &spec(name),
-                ZeroStage::default(),
-                &SingleProcess,
-            )
-            .unwrap();
+            let stage = ZeroStage::new(stage).unwrap();
+            let mut opt =
+                ZeroOptimizer::with_optimizer(v.clone(), &spec(name), stage, &SingleProcess)
+                    .unwrap();
             let reference = vars();
-            let mut direct =
-                build_optimizer(reference.clone(), &spec(OptimName::Adamw8bit)).unwrap();
+            let mut direct = build_optimizer(reference.clone(), &spec(name)).unwrap();
             let local = StepTotals {
                 trained: 1.0,
                 ..Default::default()
             };
             for step in 0..3 {
+                opt.materialize(&SingleProcess).unwrap();
                 opt.step(&SingleProcess, grads(step), local, None, 0.1)
                     .unwrap();
                 direct.step_with(&grads(step)).unwrap();
             }
-            assert_eq!(values(&v), values(&reference), "{name}");
-            let OptimizerState::Full(state) = opt.state().unwrap() else {
-                panic!("stage 0 keeps the whole state")
+            opt.materialize(&SingleProcess).unwrap();
+            assert_eq!(values(&v), values(&reference), "{name} at {stage:?}");
+            let state: BTreeMap<String, Tensor> = match opt.state().unwrap() {
+                OptimizerState::Full(state) => state.into_iter().collect(),
+                OptimizerState::Shard(shard, layout) => consolidate_shards(
+                    &[shard.into_iter().collect()],
+                    &FlatLayout::from_json(&layout).unwrap(),
+                )
+                .unwrap()
+                .into_iter()
+                .collect(),
             };
-            assert!(state
-                .iter()
-                .any(|(k, t)| k == "a.state1" && t.dtype() == DType::U8));
-        }
-        for (stage, name) in (1..=3).flat_map(|s| {
-            [
-                OptimName::Adamw8bit,
-                OptimName::PagedAdamw8bit,
-                OptimName::PagedAdamw32bit,
-            ]
-            .map(|n| (s, n))
-        }) {
-            let err = ZeroOptimizer::with_optimizer(
-                vars(),
-                &spec(name),
-                ZeroStage::new(stage).unwrap(),
-                &SingleProcess,
-            )
-            .err()
-            .unwrap()
-            .to_string();
-            assert!(
-                err.contains(&format!(
-                    "--optim {name} cannot run at --zero-stage {stage}"
-                )),
-                "{err}"
+            let want: BTreeMap<String, Tensor> = direct.state().unwrap().into_iter().collect();
+            assert_eq!(
+                state.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>()
             );
+            // u8 codes, f32 moments and i64 steps are all exact in f64.
+            let exact = |t: &Tensor| -> Vec<f64> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            for (k, t) in &state {
+                assert_eq!(exact(t), exact(&want[k]), "{name} at {stage:?}: {k}");
+            }
+            if name.is_8bit() {
+                assert_eq!(state["a.state1"].dtype(), DType::U8);
+            }
         }
+        let err = ZeroOptimizer::with_optimizer(
+            vars(),
+            &spec(OptimName::GaloreAdamw),
+            ZeroStage::new(2).unwrap(),
+            &SingleProcess,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("--optim galore_adamw cannot run at --zero-stage 2")
+                && err.contains("whole gradient matrix"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -106,7 +106,11 @@ pub fn merged_model(
     // A bare encoder checkpoint gains the `bert.` prefix of BertForSequenceClassification.
     let prefix = if task == Task::SeqCls
         && model_type == "bert"
-        && !source.weights.names().any(|n| n.starts_with("bert."))
+        && !source
+            .weights
+            .names()
+            .iter()
+            .any(|n| n.starts_with("bert."))
     {
         "bert."
     } else {

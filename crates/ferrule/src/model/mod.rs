@@ -24,7 +24,7 @@ pub use hooks::{
     Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch, VirtualTokens,
 };
 pub use source::{LoadOptions, ModelSource};
-pub use weights::Weights;
+pub use weights::{BaseRelease, Weights};
 
 /// What the model is trained or run for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

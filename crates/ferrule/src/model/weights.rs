@@ -1,9 +1,9 @@
 //! Loading a model's tensors from a Hugging Face folder (single or sharded safetensors).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -18,9 +18,10 @@ use crate::util::mapped::MappedBytes;
 /// Named tensors of a checkpoint, with the place they came from (for error messages). Linear
 /// weights may be held quantized ([`QuantMatrix`]): read from a bitsandbytes-quantized
 /// checkpoint or a GGUF file, or quantized while loading (`--quantize`).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    /// The dense tensors, shared with the [`BaseRelease`] handles of these weights.
+    dense: Arc<RwLock<Dense>>,
     quantized: HashMap<String, Arc<dyn QuantMatrix>>,
     /// Matrices of which this rank holds a run of rows (`--shard-base`).
     sharded: HashMap<String, Arc<ShardedWeight>>,
@@ -37,6 +38,58 @@ pub struct Weights {
     grown: HashMap<String, usize>,
 }
 
+/// The dense tensors of [`Weights`], and those released to a trainable copy.
+#[derive(Debug, Default, Clone)]
+struct Dense {
+    tensors: HashMap<String, Tensor>,
+    /// Tensors dropped by [`BaseRelease::release`], with their elements: a model built from
+    /// these weights read them, and still counts them among its parameters.
+    released: BTreeMap<String, usize>,
+}
+
+/// A clone holds the same tensors (candle tensors share their storage) in a map of its own:
+/// releasing a tensor from one leaves the other's.
+impl Clone for Weights {
+    fn clone(&self) -> Self {
+        Self {
+            dense: Arc::new(RwLock::new(self.dense().clone())),
+            quantized: self.quantized.clone(),
+            sharded: self.sharded.clone(),
+            streamed: self.streamed.clone(),
+            source: self.source.clone(),
+            used: self.used.clone(),
+            compute_dtype: self.compute_dtype,
+            grown: self.grown.clone(),
+        }
+    }
+}
+
+/// Drops dense tensors of a [`Weights`] while a model is built from it: a method that trains a
+/// base tensor as a copy of its own (full fine-tuning) releases the base once the copy exists,
+/// so that memory holds one copy. Later reads of a released tensor are an error naming it
+/// ("missing tensor"), so a run releases only from the weights it builds its one model from
+/// (`train::prepare`, `ferrule plan`).
+#[derive(Clone, Debug)]
+pub struct BaseRelease(Arc<RwLock<Dense>>);
+
+impl BaseRelease {
+    /// Drops the dense tensor `t` is (the tensor [`Weights::frozen`] or [`Weights::get`]
+    /// returned: the same tensor, by id) and returns its name; `None` when `t` is not one
+    /// of them (quantized, streamed or sharded matrices, a converted copy, or one already
+    /// released).
+    pub fn release(&self, t: &Tensor) -> Option<String> {
+        let mut dense = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let name = dense
+            .tensors
+            .iter()
+            .find(|(_, held)| held.id() == t.id())
+            .map(|(n, _)| n.clone())?;
+        dense.tensors.remove(&name);
+        dense.released.insert(name.clone(), t.elem_count());
+        Some(name)
+    }
+}
+
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<PathBuf>) -> Self {
         Self::with_quantized(tensors, HashMap::new(), source)
@@ -48,7 +101,10 @@ impl Weights {
         source: impl Into<PathBuf>,
     ) -> Self {
         Self {
-            tensors,
+            dense: Arc::new(RwLock::new(Dense {
+                tensors,
+                released: BTreeMap::new(),
+            })),
             quantized,
             sharded: HashMap::new(),
             streamed: HashMap::new(),
@@ -63,7 +119,7 @@ impl Weights {
     /// to it, one at a time. [`Weights::load_dir`] converts while reading instead, so that a
     /// checkpoint in f32 is never whole in f32.
     pub fn with_compute_dtype(mut self, dtype: ComputeDtype) -> Result<Self> {
-        for t in self.tensors.values_mut() {
+        for t in self.dense_mut().tensors.values_mut() {
             if t.rank() == 2 && t.dtype().is_float() {
                 *t = t.to_dtype(dtype.dtype())?;
             }
@@ -75,6 +131,26 @@ impl Weights {
     /// The dtype the frozen matrices compute in.
     pub fn compute_dtype(&self) -> ComputeDtype {
         self.compute_dtype
+    }
+
+    /// The dense tensors (a poisoned lock still holds whole tensors: a release is one removal).
+    fn dense(&self) -> RwLockReadGuard<'_, Dense> {
+        self.dense.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dense_mut(&self) -> RwLockWriteGuard<'_, Dense> {
+        self.dense.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that drops dense tensors of these weights while a model is built from them
+    /// ([`BaseRelease`]).
+    pub fn release_handle(&self) -> BaseRelease {
+        BaseRelease(self.dense.clone())
+    }
+
+    /// The dense tensors released to a trainable copy ([`BaseRelease::release`]), by name.
+    pub fn released(&self) -> Vec<String> {
+        self.dense().released.keys().cloned().collect()
     }
 
     /// Keeps only this rank's rows of every frozen matrix: each 2-D floating tensor and each
@@ -90,6 +166,7 @@ impl Weights {
         }
         self.ensure_same_matrices(comm.as_ref())?;
         let mut names: Vec<String> = self
+            .dense()
             .tensors
             .iter()
             .filter(|(_, t)| t.rank() == 2 && t.dtype().is_float())
@@ -97,7 +174,11 @@ impl Weights {
             .collect();
         names.sort();
         for name in names {
-            let t = self.tensors.remove(&name).expect("listed above");
+            let t = self
+                .dense_mut()
+                .tensors
+                .remove(&name)
+                .expect("listed above");
             let (rows, cols) = t.dims2()?;
             let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             drop(t);
@@ -116,6 +197,7 @@ impl Weights {
     /// Errors on every rank unless all ranks hold matrices of the same names and shapes.
     fn ensure_same_matrices(&self, comm: &dyn BaseComm) -> Result<()> {
         let mut shapes: Vec<(String, Vec<usize>)> = self
+            .dense()
             .tensors
             .iter()
             .map(|(n, t)| (n.clone(), t.dims().to_vec()))
@@ -349,8 +431,9 @@ impl Weights {
         &self.source
     }
 
+    /// Whether these weights hold `name` (a released tensor is no longer held).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.dense().tensors.contains_key(name)
             || self.quantized.contains_key(name)
             || self.sharded.contains_key(name)
             || self.streamed.contains_key(name)
@@ -390,8 +473,10 @@ impl Weights {
             return Ok(s.dense_tensor(self.compute_dtype)?);
         }
         let t = self
+            .dense()
             .tensors
             .get(name)
+            .cloned()
             .ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
         if t.dims() != shape {
             bail!(
@@ -402,7 +487,7 @@ impl Weights {
             )
         }
         self.used.lock().unwrap().insert(name.to_string());
-        Ok(t.clone())
+        Ok(t)
     }
 
     /// Errors naming `name` unless `dims` is `shape`.
@@ -504,7 +589,8 @@ impl Weights {
     /// are left out.
     pub fn held(&self) -> Vec<(String, FrozenWeight)> {
         let dtype = self.compute_dtype;
-        let dense = self
+        let held = self.dense();
+        let dense = held
             .tensors
             .iter()
             .filter(|(_, t)| t.dtype().is_float())
@@ -544,7 +630,7 @@ impl Weights {
     /// The first of `names` that exists (checkpoints differ in prefixes, e.g. `bert.`).
     pub fn get_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
         for n in names {
-            if self.tensors.contains_key(n)
+            if self.dense().tensors.contains_key(n)
                 || self.sharded.contains_key(n)
                 || self.streamed_dense().any(|(s, _)| s == n)
             {
@@ -558,13 +644,19 @@ impl Weights {
         ))
     }
 
-    /// Total elements of the distinct tensors read so far (a tied head counts once).
+    /// Total elements of the distinct tensors read so far (a tied head counts once), those
+    /// released since included.
     pub fn used_elements(&self) -> usize {
         let used = self.used.lock().unwrap();
+        let held = self.dense();
         let dense: usize = used
             .iter()
-            .filter_map(|n| self.tensors.get(n))
-            .map(|t| t.elem_count())
+            .filter_map(|n| {
+                held.tensors
+                    .get(n)
+                    .map(|t| t.elem_count())
+                    .or_else(|| held.released.get(n).copied())
+            })
             .sum();
         let quantized: usize = used
             .iter()
@@ -588,6 +680,7 @@ impl Weights {
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap();
         let mut v: Vec<String> = self
+            .dense()
             .tensors
             .iter()
             .filter(|(n, t)| t.dtype().is_float() && !used.contains(*n))
@@ -605,12 +698,17 @@ impl Weights {
         v
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors
+    /// The names of the tensors held (a released one is not).
+    pub fn names(&self) -> Vec<String> {
+        let dense = self.dense();
+        dense
+            .tensors
             .keys()
             .chain(self.quantized.keys())
             .chain(self.sharded.keys())
             .chain(self.streamed_dense().map(|(n, _)| n))
+            .cloned()
+            .collect()
     }
 
     /// The weights held quantized, by tensor name.
@@ -618,12 +716,13 @@ impl Weights {
         &self.quantized
     }
 
-    pub fn tensors(&self) -> &HashMap<String, Tensor> {
-        &self.tensors
+    /// The dense tensors held, by name (the tensors share their storage with these weights').
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.dense().tensors.clone()
     }
 
     pub fn into_tensors(self) -> HashMap<String, Tensor> {
-        self.tensors
+        std::mem::take(&mut self.dense_mut().tensors)
     }
 
     /// Grows the dense table `name` (`[rows₀, cols]`) to `rows` rows, each new row the mean of
@@ -650,8 +749,10 @@ impl Weights {
             )
         }
         let t = self
+            .dense()
             .tensors
             .get(name)
+            .cloned()
             .ok_or_else(|| anyhow!("{}: missing tensor {name:?}", self.source.display()))?;
         let (old, cols) = t.dims2()?;
         if rows <= old {
@@ -659,8 +760,8 @@ impl Weights {
         }
         let mean = t.to_dtype(DType::F32)?.mean_keepdim(0)?;
         let added = mean.broadcast_as((rows - old, cols))?.to_dtype(t.dtype())?;
-        let grown = Tensor::cat(&[t, &added], 0)?;
-        self.tensors.insert(name.to_string(), grown);
+        let grown = Tensor::cat(&[&t, &added], 0)?;
+        self.dense_mut().tensors.insert(name.to_string(), grown);
         self.grown.entry(name.to_string()).or_insert(old);
         Ok(())
     }

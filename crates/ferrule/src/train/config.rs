@@ -129,8 +129,8 @@ pub struct TrainConfig {
     /// memory-mapped file in offload-dir), galore_adamw, natural_galore_adamw, galore_adamw_8bit
     /// (GaLore with 8-bit moments), galore_adamw_layerwise and galore_adamw_8bit_layerwise
     /// (step each layer during backward: need --recompute);
-    /// transformers' names (adamw_torch, adamw_bnb_8bit, ...) work too. Optimizers other than
-    /// adamw need --zero-stage 0.
+    /// transformers' names (adamw_torch, adamw_bnb_8bit, ...) work too. GaLore needs
+    /// --zero-stage 0.
     // Defaults spelled out for clap: the serialized default (`with_defaults`) leaves these out
     // (old checkpoints' fingerprints), and a flag without a default would be required.
     #[cfg_attr(feature = "cli", arg(long, value_name = "NAME", default_value = "adamw", help_heading = heading::OPTIM))]

@@ -150,6 +150,9 @@ pub fn prepare_sharded(
         device,
         weights: adapter_weights.map(|w| w.into_iter().collect()),
         allow_unmatched: cfg.allow_unmatched,
+        // The run builds its one model from these weights: full fine-tuning's copies replace
+        // the base tensors they are made from.
+        release_base: Some(source.weights.release_handle()),
     };
     let TunedModel {
         model,

@@ -71,7 +71,9 @@ pub struct TrainSummary {
     /// The run trained the whole model (full fine-tuning): the output folder holds a Hugging
     /// Face model (`config.json`, `model.safetensors`), not an adapter.
     pub whole_model: bool,
-    /// Bytes of the frozen base's weights as held (quantized formats included).
+    /// Bytes of the frozen base's weights as held (quantized formats included). With full
+    /// fine-tuning, of the tensors left frozen: a trained tensor is one of the run's
+    /// parameters, and its base is dropped once the copy exists.
     pub base_weight_bytes: usize,
     pub train_records: usize,
     pub skipped_records: usize,

@@ -220,6 +220,7 @@ mod tests {
             device: &Device::Cpu,
             weights: None,
             allow_unmatched: false,
+            release_base: None,
         };
         let targets = Targets::new(
             "target_modules",

@@ -26,6 +26,10 @@ pub struct BuildContext<'a> {
     pub weights: Option<HashMap<String, Tensor>>,
     /// A `target_modules` entry (or pattern key) that matches nothing is a warning, not an error.
     pub allow_unmatched: bool,
+    /// Where a method that trains base tensors as copies of its own (full fine-tuning) drops
+    /// each base tensor once its copy exists ([`crate::model::BaseRelease`]); `None` keeps the
+    /// base whole (a caller that builds several models from the same weights).
+    pub release_base: Option<crate::model::BaseRelease>,
 }
 
 /// One adaptation method.

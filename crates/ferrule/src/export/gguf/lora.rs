@@ -105,7 +105,7 @@ fn lora_pairs(
             )
         };
         let hf = format!("{module}.weight");
-        if hf == "lm_head.weight" && !source.weights.names().any(|n| n == "lm_head.weight") {
+        if hf == "lm_head.weight" && !source.weights.names().iter().any(|n| n == "lm_head.weight") {
             // convert_lora_to_gguf.py: "lm_head is present in adapter, but is ignored in base model".
             bail!("{}: the adapter changes lm_head, but the base ties it to the embeddings (llama.cpp has no separate output weight to apply it to); merge the adapter into the model instead", dir.display())
         }

@@ -161,7 +161,23 @@ impl BnbAdamW {
         bits: StateBits,
         offload_dir: Option<&Path>,
     ) -> Result<BnbAdamW> {
-        Self::build(params, cfg, bits, offload_dir, None)
+        Self::build(params, cfg, bits, offload_dir, None, None)
+    }
+
+    /// The optimizer of pieces of parameters (one ZeRO partition, `dist::zero`): each piece
+    /// `(name, var, whole)` is a 1-D run of parameter `name`'s elements that starts at a
+    /// multiple of [`BLOCKSIZE`] in it, and `whole` is the parameter's element count, which
+    /// decides 8-bit or 32-bit state as for the whole parameter. The piece's blocks are then
+    /// the parameter's own, so its update equals one process's on those elements.
+    pub fn of_pieces(
+        pieces: Vec<(String, Var, usize)>,
+        cfg: AdamWConfig,
+        bits: StateBits,
+        offload_dir: Option<&Path>,
+    ) -> Result<BnbAdamW> {
+        let whole = pieces.iter().map(|(_, _, w)| *w).collect();
+        let params = pieces.into_iter().map(|(n, v, _)| (n, v)).collect();
+        Self::build(params, cfg, bits, offload_dir, None, Some(whole))
     }
 
     /// galore-torch's `GaLoreAdamW8bit` (module docs): the targets of `galore` (its rank, gap,
@@ -193,15 +209,18 @@ impl BnbAdamW {
             weight_decay: a.weight_decay,
         };
         let bits = StateBits::Eight { min_8bit_size };
-        Self::build(params, cfg, bits, offload_dir, Some(galore))
+        Self::build(params, cfg, bits, offload_dir, Some(galore), None)
     }
 
+    /// The slots of `params` in an arena; `whole`, when given, holds the element count each
+    /// parameter's 8-bit choice is made on (else its moments' own).
     fn build(
         params: Vec<(String, Var)>,
         cfg: AdamWConfig,
         bits: StateBits,
         offload_dir: Option<&Path>,
         galore: Option<&GaLoreConfig>,
+        whole: Option<Vec<usize>>,
     ) -> Result<BnbAdamW> {
         super::check_unique_names(&params)?;
         let targets = match galore {
@@ -213,7 +232,7 @@ impl BnbAdamW {
         };
         let mut slots = Vec::with_capacity(params.len());
         let mut offset = 0;
-        for (name, var) in params {
+        for (k, (name, var)) in params.into_iter().enumerate() {
             let (projector, dims) = match galore.filter(|_| targets.contains(&name)) {
                 Some(g) => {
                     let (m, n) = var.dims2()?;
@@ -231,8 +250,9 @@ impl BnbAdamW {
                 None => (None, var.dims().to_vec()),
             };
             let len = dims.iter().product();
+            let decides = whole.as_ref().map_or(len, |w| w[k]);
             let quantized = match bits {
-                StateBits::Eight { min_8bit_size } => len >= min_8bit_size,
+                StateBits::Eight { min_8bit_size } => decides >= min_8bit_size,
                 StateBits::ThirtyTwo => false,
             };
             let bytes = slot_bytes(len, quantized);

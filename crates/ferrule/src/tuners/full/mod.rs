@@ -2,6 +2,8 @@
 //! Hugging Face name `--trainable REGEX` matches. The trainable tensors are f32 copies of the
 //! base's, kept under their Hugging Face names (`model.layers.0.mlp.up_proj.weight`), and a
 //! finished run writes the whole model as a Hugging Face folder ([`Tuner::trains_whole_model`]).
+//! Once a copy exists its base tensor is dropped from the loaded weights
+//! ([`BuildContext::release_base`]), so memory holds one copy of each trained tensor.
 //!
 //! What trains: linear weights and biases (heads included), norm weights and biases, and the
 //! token embedding. A head tied to the embedding (`tie_word_embeddings`) is that one tensor,
@@ -28,7 +30,9 @@ use super::modules_to_save::ModulesToSave;
 use super::registry::{BuildContext, Method};
 use super::target::MatchReport;
 use super::{AdaptedModule, AdapterConfig, Tuner, Update};
-use crate::model::{Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams};
+use crate::model::{
+    BaseRelease, Embedding, EmbeddingInfo, Linear, LinearInfo, ModelHook, NormInfo, NormParams,
+};
 use crate::ops::{FrozenLinear, FrozenWeight};
 
 /// The registry entry.
@@ -60,16 +64,27 @@ pub struct Full {
     pattern: Option<regex::Regex>,
     /// The trained token table and its module path, which a tied head shares.
     embedding: Mutex<Option<(String, Var)>>,
+    /// Drops each base tensor from the loaded weights once its trainable copy exists.
+    release: Option<BaseRelease>,
 }
 
 impl Full {
-    pub fn new(config: FullConfig, ctx: BuildContext) -> Result<Self> {
+    pub fn new(config: FullConfig, mut ctx: BuildContext) -> Result<Self> {
         let pattern = config.pattern()?;
+        let release = ctx.release_base.take();
         Ok(Self {
             core: TunerCore::new(&METHOD, config, ModulesToSave::new(None), ctx),
             pattern,
             embedding: Mutex::new(None),
+            release,
         })
+    }
+
+    /// The base tensor `base` now has its trainable copy: the loaded weights stop holding it.
+    fn release(&self, base: &Tensor) {
+        if let Some(release) = &self.release {
+            release.release(base);
+        }
     }
 
     /// Whether the parameter named `name` (`path.weight`) trains.
@@ -79,9 +94,12 @@ impl Full {
 
     /// A trainable copy of `tensor`, under its Hugging Face `name`.
     fn trainable_copy(&self, name: &str, tensor: &Tensor) -> Result<Var> {
-        self.core
+        let v = self
+            .core
             .params
-            .take_or_init(name, tensor.dims(), || Ok(tensor.copy()?))
+            .take_or_init(name, tensor.dims(), || Ok(tensor.copy()?))?;
+        self.release(tensor);
+        Ok(v)
     }
 
     /// A trainable f32 copy of a frozen matrix: a quantized checkpoint's (GGUF blocks,
@@ -96,9 +114,14 @@ impl Full {
         }
         let (rows, cols) = weight.dims();
         let dev = self.core.params.device().clone();
-        self.core
-            .params
-            .take_or_init(name, &[rows, cols], || Ok(weight.to_dense(&dev)?))
+        let v =
+            self.core
+                .params
+                .take_or_init(name, &[rows, cols], || Ok(weight.to_dense(&dev)?))?;
+        if let FrozenWeight::Dense(base) = weight {
+            self.release(base);
+        }
+        Ok(v)
     }
 
     fn record(&self, path: &str, tensors: &[&Tensor], detail: &str) {
