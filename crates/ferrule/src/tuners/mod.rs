@@ -8,6 +8,7 @@
 //! of ferrule reaches methods through [`registry`] and [`Tuner`] only.
 
 pub mod bias;
+pub mod bitfit;
 pub mod config;
 pub mod core;
 pub mod flags;
