@@ -11,6 +11,7 @@ pub mod bias;
 pub mod bitfit;
 pub mod config;
 pub mod core;
+pub mod difffit;
 pub mod flags;
 pub mod full;
 pub mod ia3;

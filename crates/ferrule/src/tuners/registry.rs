@@ -89,6 +89,7 @@ pub static METHODS: &[&Method] = &[
     &super::lora::METHOD,
     &super::ia3::METHOD,
     &super::bitfit::METHOD,
+    &super::difffit::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
     &super::prefix_tuning::METHOD,

@@ -179,8 +179,8 @@ impl Tuner for BitFit {
             bail!(
                 "bitfit: the model has no bias terms: none of its linear layers or norms has a \
                  bias (Llama and Mistral checkpoints have none; Qwen2 has q/k/v biases only), \
-                 and BitFit trains only existing biases. Use a method that adds parameters \
-                 (--method lora, ia3, ln-tuning)"
+                 and BitFit trains only existing biases. Use --method difffit, which adds \
+                 biases, or another method that adds parameters"
             )
         }
         let report = self.report();
