@@ -141,7 +141,14 @@ pub fn attach(
     let (device, seed) = (ctx.device, ctx.seed);
     let tuner = registry::build(&adapter, ctx)?;
     let model = Model::build(source, task, tuner.as_ref(), device, seed)?;
-    let matches = tuner.finish()?;
+    // Which model a method found nothing to adapt in (BitFit on a model without biases).
+    let matches = tuner.finish().with_context(|| {
+        format!(
+            "{} ({} model)",
+            source.location.display(),
+            source.model_type()
+        )
+    })?;
     Ok(TunedModel {
         model,
         tuner,

@@ -8,8 +8,10 @@
 //! of ferrule reaches methods through [`registry`] and [`Tuner`] only.
 
 pub mod bias;
+pub mod bitfit;
 pub mod config;
 pub mod core;
+pub mod difffit;
 pub mod flags;
 pub mod full;
 pub mod ia3;

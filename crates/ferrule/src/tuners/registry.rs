@@ -92,6 +92,8 @@ pub struct BlockLinear {
 pub static METHODS: &[&Method] = &[
     &super::lora::METHOD,
     &super::ia3::METHOD,
+    &super::bitfit::METHOD,
+    &super::difffit::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
     &super::prefix_tuning::METHOD,

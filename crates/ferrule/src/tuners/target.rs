@@ -273,7 +273,7 @@ impl Targets {
 
 /// Module paths with layer indices folded (`model.layers.*.self_attn.q_proj`), each with its
 /// count, in first-seen order.
-fn module_name_shapes(paths: &[String]) -> Vec<(String, usize)> {
+pub(crate) fn module_name_shapes(paths: &[String]) -> Vec<(String, usize)> {
     let mut order: Vec<String> = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for p in paths {

@@ -1,0 +1,214 @@
+//! DiffFit (`--method difffit`): the layer's forward and gradients are checked by hand in
+//! `tuners/difffit/layer.rs` (no reference code runs: LLaMA-DiffFit's port needs its own peft
+//! fork). Here, on the tiny fixtures: the trainable count by hand, every trained tensor gets a
+//! gradient (the same with recomputation), the merged folder (γ folded into the weight, the
+//! biases and norms replaced) gives the adapted logits within 1e-5, a bias-free layer's merge
+//! is refused by name, and a run on an NF4 base resumes to the same bytes.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use ferrule::adapted::attach;
+use ferrule::model::{Arch, Frozen, Inputs, Model, ModelSource, Task};
+use ferrule::ops::recompute::GradSink;
+use ferrule::ops::ComputeDtypeChoice;
+use ferrule::quant::{QuantMethod, QuantSpec};
+use ferrule::train::{train, RunOptions, Silent, TrainConfig};
+use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
+
+fn difffit(options: serde_json::Value) -> AdapterConfig {
+    let mut cfg = serde_json::json!({"peft_type": "DIFFFIT"});
+    cfg.as_object_mut()
+        .unwrap()
+        .extend(options.as_object().unwrap().clone());
+    AdapterConfig::from_json(cfg).unwrap()
+}
+
+fn attached(model: &str, task: Task, cfg: &AdapterConfig) -> (ModelSource, Model, Box<dyn Tuner>) {
+    let dev = Device::Cpu;
+    let dir = fixtures().join("models").join(model);
+    let mut src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
+    if task == Task::SeqCls {
+        src.config["num_labels"] = serde_json::json!(2);
+    }
+    let ctx = BuildContext {
+        seed: 0,
+        device: &dev,
+        weights: None,
+        allow_unmatched: false,
+    };
+    let tuned = attach(&src, task, cfg, ctx).unwrap();
+    (src, tuned.model, tuned.tuner)
+}
+
+/// Moves every trained tensor off its initial value (γ = 1, b_f = 0, the norms' own), so that
+/// the merge has something to fold.
+fn perturb(tuner: &dyn Tuner) {
+    for (_, v) in tuner.trainable() {
+        let t = v.as_tensor();
+        let noise = Tensor::randn(0f32, 0.2, t.dims(), t.device()).unwrap();
+        v.set(&(t + noise).unwrap()).unwrap();
+    }
+}
+
+fn logits(model: &Model, task: Task) -> Tensor {
+    let inp = load(match task {
+        Task::SeqCls => "inputs/bert.safetensors",
+        _ => "inputs/decoder.safetensors",
+    });
+    model
+        .forward(&Inputs {
+            input_ids: &inp["input_ids"],
+            attention_mask: Some(&inp["attention_mask"]),
+            token_type_ids: inp.get("token_type_ids"),
+        })
+        .unwrap()
+}
+
+#[test]
+fn merged_model_equals_the_adapted_one() {
+    let cases = [
+        (
+            "qwen2",
+            Task::CausalLm,
+            serde_json::json!({"target_modules": ["q_proj", "k_proj", "v_proj"], "eta_exclude": ["k_proj"]}),
+        ),
+        ("bert", Task::SeqCls, serde_json::json!({})),
+    ];
+    for (model, task, options) in cases {
+        let (src, adapted, tuner) = attached(model, task, &difffit(options));
+        perturb(tuner.as_ref());
+        let want = logits(&adapted, task);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        ferrule::merge::merge_to_dir(&src, tuner.as_ref(), task, &out).unwrap();
+        let dev = Device::Cpu;
+        let merged_src = ModelSource::load(out.to_str().unwrap(), &dev).unwrap();
+        let merged = Model::build(&merged_src, task, &Frozen, &dev, 0).unwrap();
+        let d = max_diff_masked(&logits(&merged, task), &want, None);
+        assert!(d < 1e-5, "{model}: merged vs adapted logits differ by {d}");
+    }
+}
+
+#[test]
+fn a_bias_free_layer_cannot_be_merged_and_says_which() {
+    let (src, _, tuner) = attached("llama", Task::CausalLm, &difffit(serde_json::json!({})));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let e = ferrule::merge::merge_to_dir(&src, tuner.as_ref(), Task::CausalLm, &out).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("difffit: model.layers.0.self_attn.q_proj has no bias in the base model"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a failed merge writes nothing");
+}
+
+/// Qwen2's default targets: per layer q 64, k 32, v 32, o 64, gate 128, up 128, down 64 outputs,
+/// each with γ and b_f (1024), over 2 layers; the norms: 2 × (64 + 64) + the final 64.
+#[test]
+fn every_trained_tensor_gets_a_gradient_with_and_without_recomputation() {
+    let (_, model, tuner) = attached("qwen2", Task::CausalLm, &difffit(serde_json::json!({})));
+    assert_eq!(
+        ferrule::tuners::trainable_params(tuner.as_ref()),
+        2 * 1024 + 2 * 128 + 64
+    );
+    perturb(tuner.as_ref());
+    let inp = load("inputs/decoder.safetensors");
+    let labels = inp["input_ids"].clone();
+    let Arch::Decoder(lm) = &model.arch else {
+        panic!("a decoder")
+    };
+    let mut runs = Vec::new();
+    for recompute in [false, true] {
+        let sink = recompute.then(|| {
+            Arc::new(GradSink::new(
+                tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()),
+            ))
+        });
+        model.set_recompute(sink.clone());
+        let mask = Some(&inp["attention_mask"]);
+        let (loss, _) = lm
+            .causal_lm_loss(&inp["input_ids"], mask, None, &labels)
+            .unwrap();
+        let mut grads = loss.backward().unwrap();
+        if let Some(s) = &sink {
+            s.drain_into(&mut grads).unwrap();
+        }
+        let got: Vec<(String, Tensor)> = tuner
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{k}: no gradient"));
+                (k, g.clone())
+            })
+            .collect();
+        runs.push(got);
+    }
+    model.set_recompute(None);
+    for ((k, a), (_, b)) in runs[0].iter().zip(&runs[1]) {
+        assert!(
+            max_diff(a, b) < 1e-5,
+            "{k}: recomputation changes the gradient"
+        );
+    }
+}
+
+fn run_config(out: &Path) -> TrainConfig {
+    TrainConfig {
+        model: fixtures().join("models/llama").display().to_string(),
+        data: fixtures().join("data/chat.jsonl"),
+        output_dir: out.to_path_buf(),
+        adapter: Some(difffit(
+            serde_json::json!({"target_modules": ["o_proj", "down_proj"]}),
+        )),
+        max_len: Some(64),
+        batch_size: Some(4),
+        max_steps: Some(4),
+        lr: 1e-2,
+        seed: 5,
+        compute_dtype: ComputeDtypeChoice::F32,
+        quantize: Some(QuantSpec::new(QuantMethod::Nf4, 64, true).unwrap()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_run_on_an_nf4_base_resumes_to_the_same_adapter() {
+    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dev = Device::Cpu;
+    let s = train(
+        &run_config(whole.path()),
+        &dev,
+        &mut Silent,
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert!(s.completed && s.final_loss.is_some_and(f64::is_finite));
+    let stop = RunOptions {
+        stop_after: Some(2),
+        ..Default::default()
+    };
+    assert!(
+        !train(&run_config(split.path()), &dev, &mut Silent, &stop)
+            .unwrap()
+            .completed
+    );
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    train(&run_config(split.path()), &dev, &mut Silent, &resume).unwrap();
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        bytes(whole.path()),
+        bytes(split.path()),
+        "resumed run diverged"
+    );
+}
