@@ -108,6 +108,28 @@ fn a_bias_free_layer_cannot_be_merged_and_says_which() {
     assert!(!out.exists(), "a failed merge writes nothing");
 }
 
+#[test]
+fn an_eta_exclude_entry_that_excludes_nothing_is_named() {
+    let dev = Device::Cpu;
+    let dir = fixtures().join("models/qwen2");
+    let src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
+    let cfg = difffit(serde_json::json!({"target_modules": ["q_proj"], "eta_exclude": ["k_proj"]}));
+    let ctx = BuildContext {
+        seed: 0,
+        device: &dev,
+        weights: None,
+        allow_unmatched: false,
+    };
+    let e = format!(
+        "{:#}",
+        attach(&src, Task::CausalLm, &cfg, ctx).err().unwrap()
+    );
+    assert!(
+        e.contains("eta_exclude (--eta-exclude) entry \"k_proj\" matches no targeted layer"),
+        "{e}"
+    );
+}
+
 /// Qwen2's default targets: per layer q 64, k 32, v 32, o 64, gate 128, up 128, down 64 outputs,
 /// each with γ and b_f (1024), over 2 layers; the norms: 2 × (64 + 64) + the final 64.
 #[test]

@@ -79,3 +79,25 @@ pub static FLAGS: &[OptionFlag] = &[
         keys: |v| vec![("eta_exclude", Value::from(names(text(&v))))],
     },
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_or_infinite_initial_gamma_is_refused() {
+        let cfg = |eta: f64| DiffFitConfig {
+            target_modules: None,
+            exclude_modules: None,
+            eta_scale: eta,
+            eta_exclude: None,
+            train_norms: true,
+            modules_to_save: None,
+        };
+        assert!(cfg(0.5).validate().is_ok());
+        for bad in [0.0, f64::INFINITY, f64::NAN] {
+            let e = cfg(bad).validate().unwrap_err().to_string();
+            assert!(e.contains("eta_scale (--eta-scale)"), "{e}");
+        }
+    }
+}

@@ -202,9 +202,24 @@ impl Tuner for DiffFit {
         &self.core
     }
 
+    /// Also fails when an `eta_exclude` entry names no targeted layer (it would exclude
+    /// nothing, silently).
     fn finish(&self) -> Result<Vec<MatchReport>> {
-        self.core
-            .check_finished("target_modules matched no linear layer of the model")
+        let report = self
+            .core
+            .check_finished("target_modules matched no linear layer of the model")?;
+        let adapted = self.core.adapted();
+        let linears: Vec<&str> = adapted
+            .iter()
+            .filter(|a| !a.layer.norm)
+            .map(|a| a.module.path.as_str())
+            .collect();
+        for entry in self.core.config.eta_exclude.as_deref().unwrap_or_default() {
+            if !linears.iter().any(|p| suffix_match(p, entry)) {
+                bail!("difffit: eta_exclude (--eta-exclude) entry {entry:?} matches no targeted layer; the targets are e.g. {:?}", linears.first().copied().unwrap_or_default())
+            }
+        }
+        Ok(report)
     }
 
     /// `W' = diag(γ) W₀`: each output row scaled by its γ.
