@@ -268,6 +268,7 @@ fn attach_error(model: &str, bias_terms: serde_json::Value) -> String {
         device: &dev,
         weights: None,
         allow_unmatched: false,
+        release_base: None,
     };
     match attach(&src, Task::CausalLm, &cfg, ctx) {
         Ok(_) => panic!("bitfit attached to {model} with {bias_terms}"),

@@ -40,6 +40,7 @@ fn attached(model: &str, task: Task, cfg: &AdapterConfig) -> (ModelSource, Model
         device: &dev,
         weights: None,
         allow_unmatched: false,
+        release_base: None,
     };
     let tuned = attach(&src, task, cfg, ctx).unwrap();
     (src, tuned.model, tuned.tuner)
@@ -119,6 +120,7 @@ fn an_eta_exclude_entry_that_excludes_nothing_is_named() {
         device: &dev,
         weights: None,
         allow_unmatched: false,
+        release_base: None,
     };
     let e = format!(
         "{:#}",
