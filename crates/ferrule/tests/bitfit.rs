@@ -20,7 +20,7 @@ use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
 use ferrule::quant::{QuantMethod, QuantSpec};
 use ferrule::train::optim::{AdamW, AdamWConfig};
-use ferrule::train::{train, RunOptions, Silent, TrainConfig};
+use ferrule::train::TrainConfig;
 use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
 
 /// (fixture case, model, task)
@@ -323,36 +323,8 @@ fn run_config(out: &Path) -> TrainConfig {
 
 #[test]
 fn a_run_on_an_nf4_base_resumes_to_the_same_adapter_and_reloads() {
-    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = assert_resume_is_byte_identical(run_config, 2);
     let dev = Device::Cpu;
-    let summary = train(
-        &run_config(whole.path()),
-        &dev,
-        &mut Silent,
-        &RunOptions::default(),
-    )
-    .unwrap();
-    assert!(summary.completed);
-    let stop = RunOptions {
-        stop_after: Some(2),
-        ..Default::default()
-    };
-    assert!(
-        !train(&run_config(split.path()), &dev, &mut Silent, &stop)
-            .unwrap()
-            .completed
-    );
-    let resume = RunOptions {
-        resume: true,
-        ..Default::default()
-    };
-    train(&run_config(split.path()), &dev, &mut Silent, &resume).unwrap();
-    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(
-        bytes(whole.path()),
-        bytes(split.path()),
-        "resumed run diverged"
-    );
     // The adapter holds the q and v biases of both layers, changed by training.
     let saved = load_adapter(whole.path(), &dev).unwrap();
     let keys: BTreeSet<&str> = saved.tensors.keys().map(String::as_str).collect();

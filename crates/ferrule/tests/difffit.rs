@@ -17,7 +17,7 @@ use ferrule::model::{Arch, Frozen, Inputs, Model, ModelSource, Task};
 use ferrule::ops::recompute::GradSink;
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::quant::{QuantMethod, QuantSpec};
-use ferrule::train::{train, RunOptions, Silent, TrainConfig};
+use ferrule::train::TrainConfig;
 use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
 
 fn difffit(options: serde_json::Value) -> AdapterConfig {
@@ -205,34 +205,5 @@ fn run_config(out: &Path) -> TrainConfig {
 
 #[test]
 fn a_run_on_an_nf4_base_resumes_to_the_same_adapter() {
-    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let dev = Device::Cpu;
-    let s = train(
-        &run_config(whole.path()),
-        &dev,
-        &mut Silent,
-        &RunOptions::default(),
-    )
-    .unwrap();
-    assert!(s.completed && s.final_loss.is_some_and(f64::is_finite));
-    let stop = RunOptions {
-        stop_after: Some(2),
-        ..Default::default()
-    };
-    assert!(
-        !train(&run_config(split.path()), &dev, &mut Silent, &stop)
-            .unwrap()
-            .completed
-    );
-    let resume = RunOptions {
-        resume: true,
-        ..Default::default()
-    };
-    train(&run_config(split.path()), &dev, &mut Silent, &resume).unwrap();
-    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(
-        bytes(whole.path()),
-        bytes(split.path()),
-        "resumed run diverged"
-    );
+    assert_resume_is_byte_identical(run_config, 2);
 }

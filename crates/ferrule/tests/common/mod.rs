@@ -124,6 +124,40 @@ pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     diff / scale
 }
 
+/// Trains `config(dir)` once through, and once in another folder stopped after `stop_after`
+/// steps and resumed; asserts that both runs complete and write the same adapter bytes.
+/// Returns the uninterrupted run's folder.
+pub fn assert_resume_is_byte_identical(
+    config: impl Fn(&std::path::Path) -> ferrule::train::TrainConfig,
+    stop_after: usize,
+) -> tempfile::TempDir {
+    use ferrule::train::{train, RunOptions, Silent};
+    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dev = Device::Cpu;
+    let run = |dir: &std::path::Path, options: RunOptions| {
+        train(&config(dir), &dev, &mut Silent, &options).unwrap()
+    };
+    let s = run(whole.path(), RunOptions::default());
+    assert!(s.completed && s.final_loss.is_some_and(f64::is_finite));
+    let stop = RunOptions {
+        stop_after: Some(stop_after),
+        ..Default::default()
+    };
+    assert!(!run(split.path(), stop).completed, "the run did not stop");
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    assert!(run(split.path(), resume).completed);
+    let bytes = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        bytes(whole.path()),
+        bytes(split.path()),
+        "resumed run diverged"
+    );
+    whole
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
