@@ -227,7 +227,14 @@ impl FlatLayout {
                 .context("layout segment without a shape")?;
             shapes.push((name.to_string(), shape));
         }
-        let align = v.get("align").and_then(|a| a.as_u64()).unwrap_or(1) as usize;
+        // Absent in layouts written before alignment existed (and when it is 1).
+        let align =
+            match v.get("align") {
+                None => 1,
+                Some(a) => a.as_u64().filter(|&a| a >= 1).with_context(|| {
+                    format!("layout \"align\" = {a}: expected a positive integer")
+                })? as usize,
+            };
         Ok(FlatLayout::aligned(
             shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
             world,

@@ -1,6 +1,7 @@
 //! `DiffFitConfig`, with the key names of LLaMA-DiffFit's peft port (`peft_type` `DIFFFIT`,
 //! lawrence-cj/LLaMA-DiffFit `peft/src/peft/tuners/difffit.py`): `target_modules`,
-//! `eta_scale`, `eta_exclude`. Its `eta_layers` is not implemented (every layer gets γ).
+//! `eta_scale`, `eta_exclude`. Its `eta_layers` (γ on some layers only) is not implemented: a
+//! set value is refused by name rather than ignored.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,9 @@ pub struct DiffFitConfig {
     pub train_norms: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// The port's layer subset for γ; read only to refuse it when set (not implemented).
+    #[serde(default, skip_serializing)]
+    pub eta_layers: Option<Value>,
 }
 
 /// Keys of a DIFFFIT `adapter_config.json` that ferrule understands.
@@ -47,11 +51,16 @@ pub const KNOWN_KEYS: &[&str] = &[
     "eta_exclude",
     "train_norms",
     "modules_to_save",
+    "eta_layers",
 ];
 
 impl DiffFitConfig {
-    /// γ must start finite and non-zero (a zero γ cuts the layer's gradient to `b_f`).
+    /// γ must start finite and non-zero (a zero γ cuts the layer's gradient to `b_f`), and
+    /// `eta_layers` must be unset.
     pub fn validate(&self) -> Result<()> {
+        if let Some(layers) = self.eta_layers.as_ref().filter(|v| !v.is_null()) {
+            bail!("difffit: eta_layers = {layers} (γ on some layers only) is not implemented; ferrule gives every targeted layer γ. Remove eta_layers, or use eta_exclude for targets that should get the added bias only")
+        }
         if !self.eta_scale.is_finite() || self.eta_scale == 0.0 {
             bail!(
                 "difffit: eta_scale (--eta-scale) is {}: expected a finite, non-zero initial γ",
@@ -93,8 +102,16 @@ mod tests {
             eta_exclude: None,
             train_norms: true,
             modules_to_save: None,
+            eta_layers: None,
         };
         assert!(cfg(0.5).validate().is_ok());
+        let mut layers = cfg(1.0);
+        layers.eta_layers = Some(serde_json::json!([0, 1]));
+        let e = layers.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("eta_layers = [0,1]") && e.contains("not implemented"),
+            "{e}"
+        );
         for bad in [0.0, f64::INFINITY, f64::NAN] {
             let e = cfg(bad).validate().unwrap_err().to_string();
             assert!(e.contains("eta_scale (--eta-scale)"), "{e}");

@@ -11,7 +11,7 @@
 //! so nn.Linear never gets one; here every target does unless listed in `eta_exclude`. Its
 //! merge adds `b_f` only and fails on bias-free layers; here the merge folds γ into the weight
 //! (exact), and a layer without a base bias is an error naming it (its added bias has no tensor
-//! to go to in a Hugging Face folder). `eta_layers` is not implemented.
+//! to go to in a Hugging Face folder). `eta_layers` is not implemented and is refused when set.
 
 pub mod config;
 pub mod layer;
