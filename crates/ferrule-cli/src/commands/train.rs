@@ -322,6 +322,8 @@ mod tests {
             (vec!["--grad-accum", "4"], "grad_accum", json!(4)),
             (vec!["--max-steps", "7"], "max_steps", json!(7)),
             (vec!["--epochs", "2.5"], "epochs", json!(2.5)),
+            (vec!["--max-tokens", "4096"], "max_tokens", json!(4096)),
+            (vec!["--max-seconds", "90"], "max_seconds", json!(90.0)),
             (vec!["--lr", "0.01"], "lr", json!(0.01)),
             (vec!["--warmup-steps", "5"], "warmup_steps", json!(5)),
             (vec!["--schedule", "cosine"], "schedule", json!("cosine")),
