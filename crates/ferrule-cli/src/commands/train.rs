@@ -106,8 +106,13 @@ pub fn given_settings(matches: &clap::ArgMatches) -> Vec<String> {
         .collect()
 }
 
-pub fn build_config(a: &Args) -> Result<TrainConfig> {
-    let file: TrainConfig = match &a.config {
+/// The settings of a `--config` file (or the defaults) with those given as flags over them.
+pub fn settings_from(
+    config: Option<&std::path::Path>,
+    flags: &TrainConfig,
+    given: &[String],
+) -> Result<TrainConfig> {
+    let file: TrainConfig = match config {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -116,8 +121,12 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
         }
         None => TrainConfig::default(),
     };
-    let given: Vec<&str> = a.given.iter().map(String::as_str).collect();
-    let mut c = file.with_keys_from(&a.settings, &given)?;
+    let given: Vec<&str> = given.iter().map(String::as_str).collect();
+    file.with_keys_from(flags, &given)
+}
+
+pub fn build_config(a: &Args) -> Result<TrainConfig> {
+    let mut c = settings_from(a.config.as_deref(), &a.settings, &a.given)?;
     c.adapter = Some(a.adapter.apply(&c)?);
     c.lora = None;
     if a.adapter.allow_unmatched {
