@@ -198,7 +198,11 @@ pub fn summary_lines(s: &TrainSummary, cfg: &TrainConfig) -> Vec<String> {
         "{} step{}{} ({} in this run): final loss {}",
         s.steps,
         if s.steps == 1 { "" } else { "s" },
-        if s.completed { "" } else { ", stopped early" },
+        match (s.completed, s.time_limit_reached) {
+            (true, true) => ", max-seconds reached",
+            (true, false) => "",
+            (false, _) => ", stopped early",
+        },
         duration(s.seconds),
         s.final_loss
             .map_or("- (no step in this run)".to_string(), |l| format!("{l:.4}"))
