@@ -211,7 +211,7 @@ impl PlannedModel {
         };
         let Some(trainable) = counted else {
             bail!(
-                "{model}: without the model's weights only plain LoRA's parameters are counted; give a model folder with its weights to plan --method {}",
+                "{model}: without the model's weights only plain LoRA's and IA3's parameters are counted; give a model folder with its weights to plan --method {}",
                 adapter.peft_type
             )
         };
