@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA, BitFit, DiffFit: --method) on a JSONL dataset.
+    /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA, BitFit, DiffFit, bottleneck adapters: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
     /// Show records as training sees them (trained tokens marked) and count tokens, padding, lengths.
     Data(commands::data::Args),
