@@ -379,11 +379,11 @@ fn a_series_adapter_on_the_mlp_branch_is_the_output_adapter_on_down_proj() {
     .resolved("llama", Task::CausalLm)
     .unwrap();
     assert_eq!(cfg.options["target_modules"], json!(["mlp"]));
-    let ctx = BuildContext {
+    let saved = BuildContext {
         weights: Some(weights),
         ..ctx(&dev)
     };
-    let tuner = ferrule::tuners::registry::build(&cfg, ctx).unwrap();
+    let tuner = ferrule::tuners::registry::build(&cfg, saved).unwrap();
     let model = Model::build(&source("llama"), Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
     tuner.finish().unwrap();
     let adapted: Vec<String> = tuner.adapted().into_iter().map(|m| m.path).collect();
@@ -416,6 +416,24 @@ fn a_series_adapter_on_the_mlp_branch_is_the_output_adapter_on_down_proj() {
     assert!(both.tuner.adapted()[0]
         .detail
         .starts_with("parallel attention branch"));
+    // BERT: Houlsby's two branches of each layer by default (its SEQ_CLS head trains in full).
+    let mut bert = source("bert");
+    bert.config["num_labels"] = json!(2);
+    let cfg = AdapterConfig::from_json(
+        json!({"peft_type": "BOTTLENECK", "placement": "residual_branch", "bottleneck_size": 4}),
+    )
+    .unwrap();
+    let tuned = attach(&bert, Task::SeqCls, &cfg, ctx(&dev)).unwrap();
+    let paths: Vec<String> = tuned.tuner.adapted().into_iter().map(|m| m.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "bert.encoder.layer.0.attention",
+            "bert.encoder.layer.0.output",
+            "bert.encoder.layer.1.attention",
+            "bert.encoder.layer.1.output"
+        ]
+    );
     let e = error_of(
         "llama",
         json!({"placement": "residual_branch", "target_modules": "all-linear"}),
