@@ -94,6 +94,7 @@ pub static METHODS: &[&Method] = &[
     &super::ia3::METHOD,
     &super::bitfit::METHOD,
     &super::difffit::METHOD,
+    &super::bottleneck::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
     &super::prefix_tuning::METHOD,
