@@ -32,7 +32,10 @@ fn assert_mapped_merge_equal(model: &Path, adapter: &Path, dequantize: bool, out
             tuner,
             m.model.task,
             &dir,
-            MergeOptions { dequantize },
+            MergeOptions {
+                dequantize,
+                quantize: None,
+            },
         )
         .unwrap();
         ["model.safetensors", "config.json"]
