@@ -48,7 +48,7 @@ fn quantize_streamed(
     let source =
         ModelSource::load_with(path, &Device::Cpu, LoadOptions::read_once(None, path)).unwrap();
     assert!(source.weights.is_streamed(), "{path}: not mapped");
-    ferrule::export::quantize_to_dir(&source, &spec, out).unwrap()
+    ferrule::export::quantize_to_dir(&source, spec, out).unwrap()
 }
 
 /// FNV-1a (64-bit) of a file's bytes: enough to tell two outputs apart without a hashing
