@@ -181,33 +181,31 @@ fn write_tokenizer_files(source: &ModelSource, dir: &Path) -> Result<()> {
 pub struct QuantizeReport {
     pub quantized_tensors: usize,
     pub memory: crate::quant::WeightMemory,
+    /// The largest error quantizing added (bf16 tables included), against the source's
+    /// values.
+    pub quantize_error: Option<crate::quant::RoundTripError>,
 }
 
-/// Writes `source` (loaded with [`ModelSource::load_with`] and `spec`) as a quantized model
-/// folder in the bitsandbytes serialized layout, which transformers + bitsandbytes load.
+/// Writes the dense model `source` as a model folder with its linear weights quantized by
+/// `spec`, in the bitsandbytes serialized layout that transformers + bitsandbytes load
+/// ([`crate::merge::MergedModel::quantized`]): each weight quantized when the file reaches
+/// it, so with `source` memory-mapped (`LoadOptions::read_once`) about one tensor is held at
+/// a time. An already quantized source, or one without linear weights, is an error.
 pub fn quantize_to_dir(
     source: &ModelSource,
     spec: &crate::quant::QuantSpec,
     out: &Path,
 ) -> Result<QuantizeReport> {
-    if source.weights.quantized().is_empty() {
-        bail!(
-            "{}: no linear weights to quantize",
-            source.location.display()
-        )
-    }
-    let mut raw = BTreeMap::new();
-    for (name, t) in &source.weights.tensors() {
-        raw.insert(name.clone(), crate::util::atomic::raw_tensor(name, t)?);
-    }
-    for (name, q) in source.weights.quantized() {
-        crate::quant::bnb_format::serialize(name, q.as_ref(), &mut raw)?;
-    }
-    let mut config = source.config.clone();
-    config["quantization_config"] = crate::quant::bnb_format::quantization_config(spec);
-    write_model_folder(source, out, &config, &raw)?;
+    let model = crate::merge::MergedModel::quantized(source, spec)?;
+    write_model_folder_with(source, out, model.config(), |file| {
+        model
+            .write_safetensors(file, Some(pt_format()))
+            .with_context(|| format!("quantizing {}", source.location.display()))
+    })?;
+    let memory = model.weight_memory();
     Ok(QuantizeReport {
-        quantized_tensors: source.weights.quantized().len(),
-        memory: crate::quant::WeightMemory::of(&source.weights),
+        quantized_tensors: memory.formats.values().map(|f| f.tensors).sum(),
+        memory,
+        quantize_error: model.quantize_error(),
     })
 }

@@ -32,7 +32,10 @@ fn assert_mapped_merge_equal(model: &Path, adapter: &Path, dequantize: bool, out
             tuner,
             m.model.task,
             &dir,
-            MergeOptions { dequantize },
+            MergeOptions {
+                dequantize,
+                quantize: None,
+            },
         )
         .unwrap();
         ["model.safetensors", "config.json"]
@@ -74,14 +77,12 @@ fn a_mapped_base_merges_to_the_same_bytes_for_every_method() {
 fn a_mapped_nf4_base_merges_to_the_same_bytes_requantized_or_dequantized() {
     let tmp = tempfile::tempdir().unwrap();
     let nf4 = tmp.path().join("nf4");
-    // The folder `ferrule quantize` writes: the base quantized while read, then saved.
+    // The folder `ferrule quantize` writes: the base mapped, quantized while written.
     let spec = QuantSpec::new(QuantMethod::Nf4, 64, true).unwrap();
-    let quantized = ModelSource::load_with(
-        fixtures().join("models/llama").to_str().unwrap(),
-        &Device::Cpu,
-        LoadOptions::quantized(Some(&spec)),
-    )
-    .unwrap();
+    let llama = fixtures().join("models/llama");
+    let llama = llama.to_str().unwrap();
+    let quantized =
+        ModelSource::load_with(llama, &Device::Cpu, LoadOptions::read_once(None, llama)).unwrap();
     ferrule::export::quantize_to_dir(&quantized, &spec, &nf4).unwrap();
     let adapter = fixtures().join("adapters/llama_lora");
     for dequantize in [false, true] {

@@ -582,10 +582,10 @@ fn methods_train_on_dense_and_nf4_bases_and_resume_exactly() {
     let dev = Device::Cpu;
     let nf4 = ferrule::quant::QuantSpec::new(ferrule::quant::QuantMethod::Nf4, 64, true).unwrap();
     for method in ["ia3", "ln-tuning", "randlora"] {
-        for q in [None, Some(nf4.clone())] {
+        for q in [None, Some(nf4)] {
             let tmp = tempfile::tempdir().unwrap();
             let s = train(
-                &train_config(method, tmp.path(), q.clone()),
+                &train_config(method, tmp.path(), q),
                 &dev,
                 &mut Silent,
                 &RunOptions::default(),
@@ -800,9 +800,9 @@ fn lora_variants_train_on_dense_and_nf4_bases_and_resume_exactly() {
         ("olora", json!({"init_lora_weights": "olora"})),
     ];
     for (what, options) in &variants {
-        for (q, recompute) in [(None, false), (Some(nf4.clone()), true)] {
+        for (q, recompute) in [(None, false), (Some(nf4), true)] {
             let tmp = tempfile::tempdir().unwrap();
-            let mut cfg = train_config_with("lora", options.clone(), tmp.path(), q.clone());
+            let mut cfg = train_config_with("lora", options.clone(), tmp.path(), q);
             cfg.recompute = recompute;
             let r = train(&cfg, &dev, &mut Silent, &RunOptions::default());
             if matches!(*what, "pissa" | "olora") && q.is_some() {

@@ -558,10 +558,10 @@ fn prompt_methods_train_save_and_resume() {
         ),
     ];
     for (peft_type, options, want) in &methods {
-        for (q, recompute) in [(None, false), (Some(nf4.clone()), true)] {
+        for (q, recompute) in [(None, false), (Some(nf4), true)] {
             let tmp = tempfile::tempdir().unwrap();
             let s = train(
-                &config(peft_type, options.clone(), tmp.path(), q.clone(), recompute),
+                &config(peft_type, options.clone(), tmp.path(), q, recompute),
                 &dev,
                 &mut Silent,
                 &RunOptions::default(),

@@ -89,7 +89,7 @@ fn training_through_a_quantized_base_equals_training_on_its_dequantized_weights(
 
         let (qa, da) = (dir.path().join("q"), dir.path().join("d"));
         let sq = train(
-            &config(&base, &qa, Some(spec.clone())),
+            &config(&base, &qa, Some(spec)),
             &Device::Cpu,
             &mut Silent,
             &RunOptions::default(),

@@ -117,8 +117,11 @@ pub fn run(a: Args) -> Result<()> {
     let sources: Vec<AdapterSource> = a.adapter.iter().map(|s| AdapterSource::parse(s)).collect();
     let found = expand(&sources)?;
     let chosen = choose(&a, &found)?;
+    // The base is loaded quantized (`read_once` with the spec): merges that run the model
+    // (--choose-q, --analytic-q) need it so, and it is already what the writer quantizes.
     let options = MergeOptions {
         dequantize: a.dequantize,
+        quantize: None,
     };
     if chosen.len() == 1 && !a.combines() {
         return merge_one(&a, &sources, &chosen[0].name, spec.as_ref(), options);

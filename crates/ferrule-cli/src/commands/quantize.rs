@@ -23,10 +23,11 @@ pub fn run(a: Args) -> Result<()> {
         .quant
         .spec()?
         .context("ferrule quantize needs --quantize nf4|fp4|int8")?;
+    // Memory-mapped: each weight is read, quantized and written in turn.
     let source = ModelSource::load_with(
         &a.model,
         &super::device(),
-        LoadOptions::quantized(Some(&spec)),
+        LoadOptions::read_once(None, &a.model),
     )?;
     let report = ferrule::export::quantize_to_dir(&source, &spec, &a.output)?;
     let m = &report.memory;
@@ -57,6 +58,12 @@ pub fn run(a: Args) -> Result<()> {
             if bf16.tensors == 1 { "" } else { "s" },
             bf16.bytes as f64 / 1e6,
             2.0 * bf16.bytes as f64 / 1e6,
+        );
+    }
+    if let Some(e) = report.quantize_error {
+        eprintln!(
+            "largest error quantizing added: {:.3e} ({:.2e} of the largest weight)",
+            e.max_abs, e.rel
         );
     }
     println!("{}", serde_json::to_string(&report)?);

@@ -4,13 +4,18 @@
 //! base's own (held in memory, quantized, or memory-mapped with `--stream-base`'s
 //! [`crate::model::stream`]), a replacement, or a base tensor plus its updates. Nothing is
 //! computed until a tensor is asked for ([`MergedModel::tensor`]) or written
-//! ([`MergedModel::write_safetensors`]); an update's `ΔW` is kept as its low-rank factors
-//! until then ([`crate::tuners::Delta`]). So a merge of a memory-mapped base holds about one
-//! tensor's values at a time, plus the adapter.
+//! ([`MergedModel::write_safetensors`], in [`write`]); an update's `ΔW` is kept as its low-rank
+//! factors until then ([`crate::tuners::Delta`]). So a merge of a memory-mapped base holds
+//! about one tensor's values at a time, plus the adapter.
+//!
+//! With a quantization spec ([`super::MergeOptions::quantize`]), the base's dense linear
+//! weights are quantized as they are made, as loading with `--quantize` holds them, so a
+//! memory-mapped dense base is written quantized one tensor at a time: `ferrule quantize` is
+//! this model with no update ([`MergedModel::quantized`]).
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::Path;
+mod write;
+
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
@@ -18,12 +23,15 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::MergeReport;
-use crate::model::stream::{Held, StreamedWeight};
+use crate::model::stream::Held;
 use crate::ops::product::Values;
 use crate::ops::{ComputeDtype, FrozenWeight};
-use crate::quant::{bnb_format, QuantMatrix, RoundTripError};
+use crate::quant::{
+    bnb_format, ErrorMeter, QuantMatrix, QuantSpec, RoundTripError, Statistics, Target,
+    WeightMemory,
+};
 use crate::tuners::Update;
-use crate::util::atomic::{raw_tensor, write_safetensors_streamed, HeaderEntry, RawTensor};
+use crate::util::atomic::{raw_tensor, RawTensor};
 
 /// Where one tensor of the merged model comes from.
 enum Part {
@@ -45,21 +53,30 @@ pub struct MergedModel {
     /// Write bitsandbytes-quantized base weights back in their layout (merged ones
     /// requantized) rather than dequantized.
     keep_quantized: bool,
+    /// Quantize the base's dense linear weights (and keep its embedding and head in bf16) as
+    /// they are made, as `--quantize` does while loading.
+    quantize: Option<QuantSpec>,
     report: MergeReport,
     /// The largest requantization error of the merged weights made so far.
     requantize_error: Mutex<Option<RoundTripError>>,
+    /// What `quantize` made so far: each tensor's format, parameters and bytes, and the
+    /// largest error it added.
+    quantized: Mutex<BTreeMap<String, (String, usize, usize)>>,
+    quantize_error: Mutex<Option<RoundTripError>>,
 }
 
 impl MergedModel {
     /// The merged model's tensors under the given names, with its `config.json`; `keep_quantized`
-    /// as [`super::MergeOptions::dequantize`]'s opposite. Each update's shape is checked
-    /// against its tensor's here, so that a mismatch is an error before anything is written.
+    /// as [`super::MergeOptions::dequantize`]'s opposite, `quantize` as
+    /// [`super::MergeOptions::quantize`]. Each update's shape is checked against its tensor's
+    /// here, so that a mismatch is an error before anything is written.
     pub(super) fn new(
         base: Vec<(String, FrozenWeight)>,
         replaced: Vec<(String, Tensor)>,
         updates: Vec<(String, Update)>,
         config: Value,
         keep_quantized: bool,
+        quantize: Option<QuantSpec>,
     ) -> Result<Self> {
         let mut parts: BTreeMap<String, Part> =
             base.into_iter().map(|(k, w)| (k, Part::Base(w))).collect();
@@ -99,21 +116,65 @@ impl MergedModel {
             );
             report.merged_modules += 1;
         }
-        report.requantized = parts
-            .values()
-            .filter(|p| match p {
-                Part::Updated { base, .. } => keeps(base, keep_quantized).is_some(),
-                _ => false,
-            })
-            .count();
         report.tensors_written = parts.len();
-        Ok(Self {
+        let mut model = Self {
             parts,
             config,
             keep_quantized,
+            quantize,
             report,
             requantize_error: Mutex::new(None),
-        })
+            quantized: Mutex::new(BTreeMap::new()),
+            quantize_error: Mutex::new(None),
+        };
+        model.report.requantized = model
+            .parts
+            .iter()
+            .filter(|(name, p)| match p {
+                Part::Updated { base, .. } => model.target(name, base).is_some(),
+                _ => false,
+            })
+            .count();
+        Ok(model)
+    }
+
+    /// `source` as `ferrule quantize` writes it: its config with `spec`'s
+    /// `quantization_config`, every dense linear weight quantized with `spec` and the
+    /// embedding and head kept in bf16, each when it is written. A base already quantized (a
+    /// bitsandbytes folder, a GGUF file) is an error naming it.
+    pub fn quantized(source: &crate::model::ModelSource, spec: &QuantSpec) -> Result<Self> {
+        let formats = crate::merge::BaseRecord::of(&source.weights, None).formats;
+        if !formats.is_empty() {
+            bail!(
+                "{}: already quantized ({}); quantize reads a dense model folder (f32, f16 or bf16 safetensors)",
+                source.location.display(),
+                formats.join(", ")
+            )
+        }
+        let mut config = source.config.clone();
+        config["quantization_config"] = bnb_format::quantization_config(spec);
+        // Integer tensors (BERT's `position_ids`) too, written as they are: merges leave them
+        // out, the quantized folder keeps every tensor of the source.
+        let mut base = source.weights.held();
+        base.extend(
+            source
+                .weights
+                .tensors()
+                .into_iter()
+                .filter(|(_, t)| !t.dtype().is_float())
+                .map(|(k, t)| (k, FrozenWeight::Dense(t))),
+        );
+        let model = Self::new(base, vec![], vec![], config, true, Some(*spec))?;
+        if model.parts.iter().all(|(n, w)| match w {
+            Part::Base(w) => model.target(n, w).is_none(),
+            _ => true,
+        }) {
+            bail!(
+                "{}: no linear weights to quantize",
+                source.location.display()
+            )
+        }
+        Ok(model)
     }
 
     /// The merged model's `config.json`.
@@ -127,6 +188,32 @@ impl MergedModel {
         let mut r = self.report.clone();
         r.requantize_error = *self.requantize_error.lock().unwrap();
         r
+    }
+
+    /// The largest error [`super::MergeOptions::quantize`] added to the tensors it quantized
+    /// so far (against their dense values, merged where an update applies), or `None`.
+    pub fn quantize_error(&self) -> Option<RoundTripError> {
+        *self.quantize_error.lock().unwrap()
+    }
+
+    /// The weights as written (once the model is written): the tensors
+    /// [`super::MergeOptions::quantize`] quantized in their formats, the rest dense in f32.
+    pub fn weight_memory(&self) -> WeightMemory {
+        let mut m = WeightMemory::default();
+        let quantized = self.quantized.lock().unwrap();
+        for (name, part) in &self.parts {
+            if let Some((format, params, bytes)) = quantized.get(name) {
+                m.add_compressed(format.clone(), *params, *bytes);
+            } else if let Some(DType::F32 | DType::F16 | DType::BF16) = self.dense_dtype(name) {
+                let elems = match part {
+                    Part::Replaced(t) => t.elem_count(),
+                    Part::Base(w) | Part::Updated { base: w, .. } => base_dims(w).iter().product(),
+                };
+                m.dense_params += elems;
+                m.dense_bytes += elems * 4;
+            }
+        }
+        m
     }
 
     /// Every tensor name, sorted.
@@ -149,41 +236,128 @@ impl MergedModel {
 
     /// The merged tensor `name`, made now: dense in f32 (a base tensor held dense keeps its
     /// dtype), or quantized in the base's bitsandbytes format when that is kept (a merged one
-    /// requantized, its rounding error recorded for [`MergedModel::report`]).
+    /// requantized, its rounding error recorded for [`MergedModel::report`]); with a
+    /// quantization spec, the base's linear weights quantized first.
     pub fn tensor(&self, name: &str) -> Result<FrozenWeight> {
-        let part = self
-            .parts
-            .get(name)
-            .with_context(|| format!("merge: no tensor {name:?}"))?;
         let device = Device::Cpu;
-        match part {
+        match self.part(name)? {
             Part::Replaced(t) => Ok(FrozenWeight::Dense(t.clone())),
-            Part::Base(w @ FrozenWeight::Dense(_)) => Ok(w.clone()),
-            Part::Base(w) if keeps(w, self.keep_quantized).is_some() => Ok(w.clone()),
-            Part::Base(w) => Ok(FrozenWeight::Dense(w.to_dense(&device)?)),
-            Part::Updated { base, updates } => {
-                let mut merged = base.to_dense(&device)?;
-                for update in updates {
-                    merged = super::apply_update(name, merged, update)?;
-                }
-                crate::util::finite::ensure_finite(
-                    &merged,
-                    || format!("the merged weight {name}"),
-                    "the adapter's update is not finite; nothing was written",
-                )?;
-                match keeps(base, self.keep_quantized) {
-                    Some(q) => self.requantize(name, q.as_ref(), &merged),
+            Part::Base(w) => match self.held(name, w)? {
+                w @ FrozenWeight::Dense(_) => Ok(w),
+                w if keeps(&w, self.keep_quantized).is_some() => Ok(w),
+                w => Ok(FrozenWeight::Dense(w.to_dense(&device)?)),
+            },
+            Part::Updated { base, .. } => {
+                let merged = self.merged(name)?;
+                match self.target(name, base) {
+                    Some(target) => self.requantize(name, target, &merged),
                     None => Ok(FrozenWeight::Dense(merged)),
                 }
             }
         }
     }
 
-    /// `merged` requantized in `q`'s format, as peft's merge into `Linear4bit` /
+    fn part(&self, name: &str) -> Result<&Part> {
+        self.parts
+            .get(name)
+            .with_context(|| format!("merge: no tensor {name:?}"))
+    }
+
+    /// The updated tensor `name`, dense in f32: its base (as held, quantized first with a
+    /// quantization spec) plus its updates, checked finite.
+    fn merged(&self, name: &str) -> Result<Tensor> {
+        let Part::Updated { base, updates } = self.part(name)? else {
+            bail!("internal: {name:?} has no update")
+        };
+        let mut merged = self.held(name, base)?.to_dense(&Device::Cpu)?;
+        for update in updates {
+            merged = super::apply_update(name, merged, update)?;
+        }
+        crate::util::finite::ensure_finite(
+            &merged,
+            || format!("the merged weight {name}"),
+            "the adapter's update is not finite; nothing was written",
+        )?;
+        Ok(merged)
+    }
+
+    /// The format the quantization spec gives the base weight `w` of `name`: its linear
+    /// weights quantized, its embedding and head in bf16; `None` for anything else, and for
+    /// weights already held quantized.
+    fn spec_target(&self, name: &str, w: &FrozenWeight) -> Option<Target> {
+        let spec = self.quantize.as_ref()?;
+        let dense = match w {
+            FrozenWeight::Dense(t) => t.dtype().is_float(),
+            FrozenWeight::Streamed(s, _) => matches!(s.held(), Held::Dense { .. }),
+            FrozenWeight::Quantized(..) | FrozenWeight::Sharded(..) => false,
+        };
+        let dims = base_dims(w);
+        if !dense {
+            None
+        } else if spec.wants(name, &dims) {
+            Some(Target::Quantized(*spec))
+        } else {
+            QuantSpec::keeps_bf16(name, &dims).then_some(Target::Bf16)
+        }
+    }
+
+    /// The bitsandbytes format `name` (of base `w`) is written in, if it is written quantized.
+    fn target(&self, name: &str, w: &FrozenWeight) -> Option<Target> {
+        if !self.keep_quantized {
+            return None;
+        }
+        match keeps(w, true) {
+            Some(q) => Target::of(q.as_ref()),
+            None => self.spec_target(name, w),
+        }
+    }
+
+    /// The base weight `w` of `name` as the merge holds it: quantized now when the
+    /// quantization spec applies to it (its format, size and error recorded), else itself.
+    fn held(&self, name: &str, w: &FrozenWeight) -> Result<FrozenWeight> {
+        let Some(target) = self.spec_target(name, w) else {
+            return Ok(w.clone());
+        };
+        let (rows, cols) = w.dims();
+        let q = with_f32(w, |values| {
+            let q = target.quantize(name, values, rows, cols)?;
+            self.note_quantized(name, q.as_ref(), values);
+            Ok(q)
+        })?;
+        Ok(FrozenWeight::Quantized(q, ComputeDtype::F32))
+    }
+
+    /// Records what quantizing `name` made: its format and size, and its error against
+    /// `values` (dequantized a band of rows at a time).
+    fn note_quantized(&self, name: &str, q: &dyn QuantMatrix, values: &[f32]) {
+        let (rows, cols) = q.dims();
+        let band = (1 << 16) / cols.max(1) + 1;
+        let mut meter = ErrorMeter::default();
+        let mut buf = vec![0f32; band.min(rows) * cols];
+        for r0 in (0..rows).step_by(band) {
+            let r1 = (r0 + band).min(rows);
+            let out = &mut buf[..(r1 - r0) * cols];
+            q.dequantize_rows(r0, r1, out);
+            meter.add(&values[r0 * cols..r1 * cols], out);
+        }
+        self.note_error(name, q.format(), rows * cols, q.storage_bytes(), meter);
+    }
+
+    fn note_error(&self, name: &str, format: String, params: usize, bytes: usize, m: ErrorMeter) {
+        let mut worst = self.quantize_error.lock().unwrap();
+        *worst = Some(worst.map_or(m.error(), |e| e.worst(m.error())));
+        self.quantized
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), (format, params, bytes));
+    }
+
+    /// `merged` requantized in its base's format `target`, as peft's merge into `Linear4bit` /
     /// `Linear8bitLt` does; the rounding error it adds is recorded.
-    fn requantize(&self, name: &str, q: &dyn QuantMatrix, merged: &Tensor) -> Result<FrozenWeight> {
+    fn requantize(&self, name: &str, target: Target, merged: &Tensor) -> Result<FrozenWeight> {
         let exact: Vec<f32> = merged.flatten_all()?.to_vec1()?;
-        let requantized = bnb_format::requantize(q, name, &exact)?;
+        let (rows, cols) = merged.dims2()?;
+        let requantized = target.quantize(name, &exact, rows, cols)?;
         let err = RoundTripError::between(&exact, &requantized.dequantize());
         let mut worst = self.requantize_error.lock().unwrap();
         *worst = Some(worst.map_or(err, |e| e.worst(err)));
@@ -213,82 +387,47 @@ impl MergedModel {
         Ok(out)
     }
 
-    /// The header entry of `name` when its layout is known without making it (a dense
-    /// tensor); `None` for a quantized one, whose statistics' sizes depend on its values.
-    fn dense_entry(&self, name: &str) -> Option<HeaderEntry> {
-        let dtype = match &self.parts[name] {
-            Part::Replaced(t) | Part::Base(FrozenWeight::Dense(t)) => t.dtype(),
-            Part::Base(w) | Part::Updated { base: w, .. } => {
-                if keeps(w, self.keep_quantized).is_some() {
-                    return None;
+    /// The bitsandbytes statistics of the quantized tensor `name` (all it writes but its
+    /// codes), made without quantizing it: a kept base weight's own, or those of its values.
+    fn statistics(&self, name: &str, target: Target) -> Result<Statistics> {
+        let (rows, cols) = match self.part(name)? {
+            Part::Base(w) => {
+                if let Some(q) = keeps(w, self.keep_quantized) {
+                    return Statistics::of(q.as_ref());
                 }
-                DType::F32
+                return with_f32(w, |v| {
+                    let (rows, cols) = w.dims();
+                    Statistics::compute(target, v, rows, cols)
+                });
             }
+            Part::Updated { base, .. } => base.dims(),
+            Part::Replaced(_) => bail!("internal: {name:?} is a dense replacement"),
         };
-        Some(HeaderEntry::new(
-            name,
-            dtype.into(),
-            self.dims(name).expect("a part"),
-        ))
+        let merged: Vec<f32> = self.merged(name)?.flatten_all()?.to_vec1()?;
+        Statistics::compute(target, &merged, rows, cols)
     }
 
-    /// Writes the merged model as one safetensors file at `path` (atomically, with
-    /// `metadata`), making each tensor as the file reaches it. A quantized tensor is made once
-    /// first, for the sizes of its statistics (which are kept, being small), and again for its
-    /// codes when they are written: its header must precede the data.
-    pub fn write_safetensors(
-        &self,
-        path: &Path,
-        metadata: Option<HashMap<String, String>>,
-    ) -> Result<()> {
-        let mut entries = Vec::new();
-        let mut owner = Vec::new();
-        let mut kept: HashMap<String, Vec<u8>> = HashMap::new();
-        for name in self.parts.keys() {
-            if let Some(e) = self.dense_entry(name) {
-                entries.push(e);
-                owner.push(name.clone());
-                continue;
-            }
-            for (key, raw) in self.serialized(name)? {
-                entries.push(HeaderEntry::new(&key, raw.dtype, raw.shape.clone()));
-                owner.push(name.clone());
-                if &key != name {
-                    kept.insert(key, raw.data);
-                }
-            }
+    /// The bitsandbytes format `name` is written in, if it is written quantized.
+    fn written(&self, name: &str) -> Option<Target> {
+        match &self.parts[name] {
+            Part::Replaced(_) => None,
+            Part::Base(w) | Part::Updated { base: w, .. } => self.target(name, w),
         }
-        write_safetensors_streamed(path, &entries, metadata, |i, out| {
-            let key = &entries[i].name;
-            if let Some(bytes) = kept.remove(key) {
-                return Ok(out.write_all(&bytes)?);
-            }
-            self.write_tensor(&owner[i], key, out)
-        })?;
-        self.warn_requantized();
-        Ok(())
     }
 
-    /// Writes `key`'s bytes, `key` being `name` or one of its quantization statistics.
-    fn write_tensor(&self, name: &str, key: &str, out: &mut dyn Write) -> Result<()> {
-        match self.parts.get(name) {
-            Some(Part::Base(FrozenWeight::Streamed(s, _)))
-                if matches!(s.held(), Held::Dense { .. }) =>
-            {
-                write_streamed_f32(s, out)
-            }
-            Some(_) if self.dense_entry(name).is_some() => match self.tensor(name)? {
-                FrozenWeight::Dense(t) => crate::util::atomic::write_tensor(name, &t, out),
-                _ => bail!("internal: {name:?} planned dense, made otherwise"),
-            },
-            _ => {
-                let mut made = self.serialized(name)?;
-                let raw = made
-                    .remove(key)
-                    .with_context(|| format!("internal: {key:?} not made"))?;
-                Ok(out.write_all(&raw.data)?)
-            }
+    /// The dtype `name` is written in when it is written dense; `None` when it is written in
+    /// a bitsandbytes layout.
+    fn dense_dtype(&self, name: &str) -> Option<DType> {
+        if self.written(name).is_some() {
+            return None;
         }
+        Some(match &self.parts[name] {
+            Part::Replaced(t) => t.dtype(),
+            Part::Base(w @ FrozenWeight::Dense(t)) if self.spec_target(name, w).is_none() => {
+                t.dtype()
+            }
+            Part::Base(_) | Part::Updated { .. } => DType::F32,
+        })
     }
 
     /// peft's warning for a merge into quantized weights, with the measured error.
@@ -350,15 +489,18 @@ fn check_fits(name: &str, dims: &[usize], update: &Update) -> Result<()> {
     Ok(())
 }
 
-/// A streamed dense matrix's values as f32 bytes: straight from the mapping when the file
-/// holds f32, else converted as the in-memory load converts them; its pages dropped after.
-fn write_streamed_f32(s: &StreamedWeight, out: &mut dyn Write) -> Result<()> {
-    let _in_use = s.use_pages();
-    s.with_dense(ComputeDtype::F32, |values| match values {
-        Values::F32(v) => out
-            .write_all(bytemuck::cast_slice(v))
-            .map_err(candle_core::Error::wrap),
-        Values::Bf16(_) => candle_core::bail!("internal: f32 asked, bf16 given"),
-    })?;
-    Ok(())
+/// Calls `f` with `w`'s values in f32, row-major: a streamed f32 matrix's mapped values
+/// themselves (its pages dropped after), anything else converted or dequantized first.
+fn with_f32<R>(w: &FrozenWeight, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if let FrozenWeight::Streamed(s, _) = w {
+        if let Held::Dense { .. } = s.held() {
+            let _in_use = s.use_pages();
+            return s.with_dense(ComputeDtype::F32, |values| match values {
+                Values::F32(v) => Ok(f(v)),
+                Values::Bf16(_) => candle_core::bail!("internal: f32 asked, bf16 given"),
+            })?;
+        }
+    }
+    let values: Vec<f32> = w.to_dense(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    f(&values)
 }

@@ -45,11 +45,16 @@ pub struct MergeReport {
 }
 
 /// How to merge.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct MergeOptions {
     /// Write a quantized base's weights dequantized, in f32, rather than requantizing the
     /// merged ones.
     pub dequantize: bool,
+    /// Quantize a dense base's linear weights (and keep its embedding and head in bf16) as
+    /// they are made, exactly as loading it with `--quantize` holds them: the merged ones are
+    /// `requantize(dequant(Q(W)) + ΔW)`. A memory-mapped base (`LoadOptions::read_once`) is so
+    /// merged and written quantized one tensor at a time.
+    pub quantize: Option<crate::quant::QuantSpec>,
 }
 
 /// The base weights with `W' = W + ΔW` applied for every adapted module and the
@@ -155,7 +160,8 @@ pub fn merged_model(
     let keep_quantized = !options.dequantize;
     let quantized = base
         .values()
-        .any(|w| merged::keeps(w, keep_quantized).is_some());
+        .any(|w| merged::keeps(w, keep_quantized).is_some())
+        || (keep_quantized && options.quantize.is_some());
     let classifier = "classifier.weight";
     let labels = match replaced.iter().find(|(n, _)| n == classifier) {
         Some((_, t)) => Some(t.dims()[0]),
@@ -168,6 +174,7 @@ pub fn merged_model(
         updates,
         config,
         keep_quantized,
+        options.quantize,
     )
 }
 

@@ -164,33 +164,45 @@ impl Blockwise4 {
         let bounds = code.bounds();
         let order = code.order();
         let index = |x: f32| -> u8 { order[bounds.partition_point(|&b| b < x)] };
+        let absmax = block_absmax(values, blocksize);
         let full = n - n % blocksize;
-        let mut absmax = Vec::with_capacity(n.div_ceil(blocksize));
         let mut q = Vec::with_capacity(n + 1);
-        for block in values[..full].chunks(blocksize) {
-            let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            absmax.push(am);
+        for (block, &am) in values[..full].chunks(blocksize).zip(&absmax) {
             let inv = 1.0 / am.max(1e-38);
             q.extend(block.iter().map(|&v| index((v * inv).clamp(-1.0, 1.0))));
         }
         if full < n {
-            // bitsandbytes divides (not multiplies by the reciprocal) in the partial block and
-            // stores the clamped absmax.
-            let tail = &values[full..];
-            let am = tail.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-38);
-            absmax.push(am);
-            q.extend(tail.iter().map(|&v| index((v / am).clamp(-1.0, 1.0))));
+            // bitsandbytes divides (not multiplies by the reciprocal) in the partial block.
+            let am = absmax[absmax.len() - 1];
+            q.extend(
+                values[full..]
+                    .iter()
+                    .map(|&v| index((v / am).clamp(-1.0, 1.0))),
+            );
         }
         if q.len() % 2 == 1 {
             q.push(index(0.0));
         }
         let packed: Vec<u8> = q.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
-        let absmax = if double_quant {
-            double_quantize(&absmax)
-        } else {
-            Absmax::Plain(absmax)
-        };
-        Self::from_parts(code, shape.to_vec(), blocksize, packed, absmax)
+        Self::from_parts(
+            code,
+            shape.to_vec(),
+            blocksize,
+            packed,
+            absmax_statistics(absmax, double_quant),
+        )
+    }
+
+    /// The absmax statistics [`Blockwise4::quantize`] gives `values` (any code), without
+    /// encoding the values: one pass for the block maxima. A streaming writer needs them
+    /// before the codes (they come first in the file), and the double-quantization offset
+    /// sets the length of the quant state's JSON, which the header holds.
+    pub fn statistics(values: &[f32], blocksize: usize, double_quant: bool) -> Result<Absmax> {
+        check_blocksize(blocksize)?;
+        Ok(absmax_statistics(
+            block_absmax(values, blocksize),
+            double_quant,
+        ))
     }
 
     /// Assembles a quantized tensor from its serialized parts, checking that they fit.
@@ -285,6 +297,26 @@ impl Blockwise4 {
             }
             e = seg_end;
         }
+    }
+}
+
+/// The absmax of each block of `values`, the last one (partial) clamped to 1e-38 as
+/// bitsandbytes stores it.
+fn block_absmax(values: &[f32], blocksize: usize) -> Vec<f32> {
+    let full = values.len() - values.len() % blocksize;
+    let fold = |b: &[f32]| b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut absmax: Vec<f32> = values[..full].chunks(blocksize).map(fold).collect();
+    if full < values.len() {
+        absmax.push(fold(&values[full..]).max(1e-38));
+    }
+    absmax
+}
+
+fn absmax_statistics(absmax: Vec<f32>, double_quant: bool) -> Absmax {
+    if double_quant {
+        double_quantize(&absmax)
+    } else {
+        Absmax::Plain(absmax)
     }
 }
 

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::blockwise4::{Absmax, NESTED_BLOCKSIZE};
 use super::{Bf16Rows, Blockwise4, Code4, Int8Rows, QuantMatrix, QuantMethod, QuantSpec};
-use crate::util::atomic::RawTensor;
+use crate::util::atomic::{HeaderEntry, RawTensor};
 use crate::util::mapped::{Bytes, MappedBytes};
 
 const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
@@ -208,131 +208,312 @@ pub fn assemble_mapped(
     Ok(out)
 }
 
-/// The tensors bitsandbytes writes for the quantized weight `name` (`...q_proj.weight`).
+/// The tensors bitsandbytes writes for the quantized weight `name` (`...q_proj.weight`): its
+/// codes under `name` (not for bf16, which is written widened to f32 under `name`), and
+/// [`Statistics::insert`]'s.
 pub fn serialize(
     name: &str,
     q: &dyn QuantMatrix,
     out: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
     let any: &dyn Any = q.as_any();
-    if let Some(b) = any.downcast_ref::<Blockwise4>() {
-        out.insert(
-            name.to_string(),
-            RawTensor::new(Dtype::U8, vec![b.packed.len(), 1], b.packed.to_vec()),
-        );
-        out.insert(
-            format!("{name}.quant_map"),
-            RawTensor::f32s(vec![16], &b.code.table()),
-        );
-        let shape = b
-            .shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Written by hand to keep bitsandbytes' key order and Python's `json.dumps` spacing.
-        let mut state = format!("{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"float32\", \"shape\": [{shape}]", b.code.name(), b.blocksize);
-        match &b.absmax {
-            Absmax::Plain(v) => {
-                out.insert(format!("{name}.absmax"), RawTensor::f32s(vec![v.len()], v));
-            }
-            Absmax::Double {
-                q,
-                nested_absmax,
-                nested_code,
-                offset,
-            } => {
-                out.insert(
-                    format!("{name}.absmax"),
-                    RawTensor::new(Dtype::U8, vec![q.len()], q.clone()),
-                );
-                out.insert(
-                    format!("{name}.nested_absmax"),
-                    RawTensor::f32s(vec![nested_absmax.len()], nested_absmax),
-                );
-                out.insert(
-                    format!("{name}.nested_quant_map"),
-                    RawTensor::f32s(vec![256], &nested_code[..]),
-                );
-                state += &format!(", \"nested_blocksize\": {NESTED_BLOCKSIZE}, \"nested_dtype\": \"float32\", \"nested_offset\": {}", json!(*offset as f64));
-            }
-        }
-        state += "}";
-        let key = format!("{name}{QUANT_STATE}{}", b.code.name());
-        out.insert(
-            key,
-            RawTensor::new(Dtype::U8, vec![state.len()], state.into_bytes()),
-        );
-        return Ok(());
-    }
-    if let Some(q) = any.downcast_ref::<Int8Rows>() {
-        let module = name.strip_suffix(".weight").unwrap_or(name);
-        out.insert(
-            name.to_string(),
-            RawTensor::new(
-                Dtype::I8,
-                vec![q.rows, q.cols],
-                q.cb.iter().map(|&v| v as u8).collect(),
-            ),
-        );
-        out.insert(
-            format!("{module}.SCB"),
-            RawTensor::f32s(vec![q.rows], &q.scb),
-        );
-        out.insert(
-            format!("{module}.weight_format"),
-            RawTensor::new(Dtype::U8, vec![], vec![0]),
-        );
-        return Ok(());
-    }
-    if let Some(h) = any.downcast_ref::<Bf16Rows>() {
+    let codes = if let Some(b) = any.downcast_ref::<Blockwise4>() {
+        RawTensor::new(Dtype::U8, vec![b.packed.len(), 1], b.packed.to_vec())
+    } else if let Some(q) = any.downcast_ref::<Int8Rows>() {
+        RawTensor::new(
+            Dtype::I8,
+            vec![q.rows, q.cols],
+            q.cb.iter().map(|&v| v as u8).collect(),
+        )
+    } else if let Some(h) = any.downcast_ref::<Bf16Rows>() {
         // Written widened to f32 (exactly; reading it back finds the values bf16-exact and
         // holds them in bf16 again). transformers 5.24 + bitsandbytes 0.50 keep an unquantized
         // table in the checkpoint's dtype even when loading with dtype=torch.float32: a bf16
         // head then fails against f32 activations ("expected m1 and m2 to have the same
         // dtype"; SmolLM2 ties its head to the embedding), and a bf16 embedding rounds the
         // first layer's normalized input to bf16 (measured with check_model_folder.py).
-        out.insert(
-            name.to_string(),
-            RawTensor::f32s(vec![h.rows, h.cols], &h.dequantize()),
-        );
-        return Ok(());
+        RawTensor::f32s(vec![h.rows, h.cols], &h.dequantize())
+    } else {
+        bail!("{name}: {} weights have no bitsandbytes layout; only nf4/fp4/int8 (and bf16) can be saved in it", q.format())
+    };
+    out.insert(name.to_string(), codes);
+    Statistics::of(q)?.insert(name, out);
+    Ok(())
+}
+
+/// The format a weight is written in, in the bitsandbytes layout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target {
+    /// NF4/FP4 (blocksize, double quantization) or int8.
+    Quantized(QuantSpec),
+    /// An embedding or head kept in bf16, written widened to f32 ([`serialize`]).
+    Bf16,
+}
+
+impl Target {
+    /// The format of `q` (same code, blocksize, double quantization), if the layout holds it.
+    pub fn of(q: &dyn QuantMatrix) -> Option<Self> {
+        let spec = |method, blocksize, double_quant| {
+            Self::Quantized(QuantSpec {
+                method,
+                blocksize,
+                double_quant,
+            })
+        };
+        if let Some(b) = q.as_any().downcast_ref::<Blockwise4>() {
+            let method = match b.code {
+                Code4::Nf4 => QuantMethod::Nf4,
+                Code4::Fp4 => QuantMethod::Fp4,
+            };
+            Some(spec(method, b.blocksize, b.double_quant()))
+        } else if q.as_any().is::<Int8Rows>() {
+            Some(spec(QuantMethod::Int8, 64, false))
+        } else {
+            q.as_any().is::<Bf16Rows>().then_some(Self::Bf16)
+        }
     }
-    bail!("{name}: {} weights have no bitsandbytes layout; only nf4/fp4/int8 (and bf16) can be saved in it", q.format())
+
+    /// `values` (`[rows, cols]`) in this format.
+    pub fn quantize(
+        self,
+        name: &str,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Arc<dyn QuantMatrix>> {
+        match self {
+            Self::Quantized(spec) => spec.quantize(name, values, rows, cols),
+            Self::Bf16 => {
+                super::check_finite(name, values)?;
+                Ok(Arc::new(Bf16Rows::from_f32(values, rows, cols)))
+            }
+        }
+    }
+
+    /// Whether the header needs the values: the double-quantization offset is printed in the
+    /// quant state's JSON, whose length therefore depends on the data.
+    pub fn needs_offset(self) -> bool {
+        matches!(self, Self::Quantized(s) if s.method != QuantMethod::Int8 && s.double_quant)
+    }
+}
+
+/// What [`serialize`] writes of a weight besides its codes: a 4-bit weight's absmax (plain, or
+/// double-quantized with its nested absmax and offset), code tables and quant state; an int8
+/// weight's `SCB` and `weight_format`. [`Statistics::compute`] makes them from the values
+/// without quantizing them, for a writer that streams: in the file they come before the codes
+/// (the header orders the data by dtype, f32 first, then by name).
+#[derive(Clone, Debug)]
+pub enum Statistics {
+    Blockwise4 {
+        code: Code4,
+        blocksize: usize,
+        shape: Vec<usize>,
+        absmax: Absmax,
+    },
+    Int8 {
+        scb: Vec<f32>,
+    },
+    /// None: a bf16 table is only its values.
+    Bf16,
+}
+
+impl Statistics {
+    /// The statistics of `q`.
+    pub fn of(q: &dyn QuantMatrix) -> Result<Self> {
+        let any = q.as_any();
+        if let Some(b) = any.downcast_ref::<Blockwise4>() {
+            Ok(Self::Blockwise4 {
+                code: b.code,
+                blocksize: b.blocksize,
+                shape: b.shape.clone(),
+                absmax: b.absmax.clone(),
+            })
+        } else if let Some(q) = any.downcast_ref::<Int8Rows>() {
+            Ok(Self::Int8 { scb: q.scb.clone() })
+        } else if any.is::<Bf16Rows>() {
+            Ok(Self::Bf16)
+        } else {
+            bail!("{} weights have no bitsandbytes layout", q.format())
+        }
+    }
+
+    /// The statistics `target.quantize(values)` would have, from one pass over `values`
+    /// (`[rows, cols]`) for their block or row maxima.
+    pub fn compute(target: Target, values: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        let Target::Quantized(spec) = target else {
+            return Ok(Self::Bf16);
+        };
+        let code = match spec.method {
+            QuantMethod::Nf4 => Code4::Nf4,
+            QuantMethod::Fp4 => Code4::Fp4,
+            QuantMethod::Int8 => {
+                let scb = Int8Rows::row_absmax(&super::policy::int8_input(values), rows, cols);
+                return Ok(Self::Int8 { scb });
+            }
+        };
+        Ok(Self::Blockwise4 {
+            code,
+            blocksize: spec.blocksize,
+            shape: vec![rows, cols],
+            absmax: Blockwise4::statistics(values, spec.blocksize, spec.double_quant)?,
+        })
+    }
+
+    /// The double-quantization offset (the mean absmax), if any.
+    pub fn offset(&self) -> Option<f32> {
+        match self {
+            Self::Blockwise4 {
+                absmax: Absmax::Double { offset, .. },
+                ..
+            } => Some(*offset),
+            _ => None,
+        }
+    }
+
+    /// Inserts the tensors of the weight `name` other than its codes.
+    pub fn insert(&self, name: &str, out: &mut BTreeMap<String, RawTensor>) {
+        match self {
+            Self::Blockwise4 {
+                code,
+                blocksize,
+                shape,
+                absmax,
+            } => {
+                out.insert(
+                    format!("{name}.quant_map"),
+                    RawTensor::f32s(vec![16], &code.table()),
+                );
+                let offset = match absmax {
+                    Absmax::Plain(v) => {
+                        out.insert(format!("{name}.absmax"), RawTensor::f32s(vec![v.len()], v));
+                        None
+                    }
+                    Absmax::Double {
+                        q,
+                        nested_absmax,
+                        nested_code,
+                        offset,
+                    } => {
+                        out.insert(
+                            format!("{name}.absmax"),
+                            RawTensor::new(Dtype::U8, vec![q.len()], q.clone()),
+                        );
+                        out.insert(
+                            format!("{name}.nested_absmax"),
+                            RawTensor::f32s(vec![nested_absmax.len()], nested_absmax),
+                        );
+                        out.insert(
+                            format!("{name}.nested_quant_map"),
+                            RawTensor::f32s(vec![256], &nested_code[..]),
+                        );
+                        Some(*offset)
+                    }
+                };
+                let state = quant_state(*code, *blocksize, shape, offset);
+                out.insert(
+                    format!("{name}{QUANT_STATE}{}", code.name()),
+                    RawTensor::new(Dtype::U8, vec![state.len()], state.into_bytes()),
+                );
+            }
+            Self::Int8 { scb } => {
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                out.insert(
+                    format!("{module}.SCB"),
+                    RawTensor::f32s(vec![scb.len()], scb),
+                );
+                out.insert(
+                    format!("{module}.weight_format"),
+                    RawTensor::new(Dtype::U8, vec![], vec![0]),
+                );
+            }
+            Self::Bf16 => {}
+        }
+    }
+}
+
+/// bitsandbytes' `quant_state` JSON (`QuantState.as_dict(packed=True)`), written by hand to
+/// keep its key order and Python's `json.dumps` spacing; `nested_offset` with double
+/// quantization.
+fn quant_state(
+    code: Code4,
+    blocksize: usize,
+    shape: &[usize],
+    nested_offset: Option<f32>,
+) -> String {
+    let shape = shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut state = format!("{{\"quant_type\": \"{}\", \"blocksize\": {blocksize}, \"dtype\": \"float32\", \"shape\": [{shape}]", code.name());
+    if let Some(offset) = nested_offset {
+        state += &format!(", \"nested_blocksize\": {NESTED_BLOCKSIZE}, \"nested_dtype\": \"float32\", \"nested_offset\": {}", json!(offset as f64));
+    }
+    state + "}"
+}
+
+/// The header entries (names, dtypes, shapes, byte counts) of what [`serialize`] writes for a
+/// `[rows, cols]` weight `name` in `target`, from the shape alone, except the double
+/// quantization's `nested_offset` (printed in the quant state, so its length is the data's):
+/// `offset` gives it ([`Statistics::offset`]); missing when needed, it is an error.
+pub fn entries(
+    name: &str,
+    target: Target,
+    rows: usize,
+    cols: usize,
+    offset: Option<f32>,
+) -> Result<Vec<HeaderEntry>> {
+    let e = |key: String, dtype, shape| HeaderEntry::new(&key, dtype, shape);
+    let spec = match target {
+        Target::Bf16 => return Ok(vec![e(name.into(), Dtype::F32, vec![rows, cols])]),
+        Target::Quantized(spec) => spec,
+    };
+    let code = match spec.method {
+        QuantMethod::Nf4 => Code4::Nf4,
+        QuantMethod::Fp4 => Code4::Fp4,
+        QuantMethod::Int8 => {
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            return Ok(vec![
+                e(name.into(), Dtype::I8, vec![rows, cols]),
+                e(format!("{module}.SCB"), Dtype::F32, vec![rows]),
+                e(format!("{module}.weight_format"), Dtype::U8, vec![]),
+            ]);
+        }
+    };
+    let n = rows * cols;
+    let blocks = n.div_ceil(spec.blocksize);
+    let mut out = vec![
+        e(name.into(), Dtype::U8, vec![n.div_ceil(2), 1]),
+        e(format!("{name}.quant_map"), Dtype::F32, vec![16]),
+    ];
+    let offset = match (spec.double_quant, offset) {
+        (false, _) => {
+            out.push(e(format!("{name}.absmax"), Dtype::F32, vec![blocks]));
+            None
+        }
+        (true, None) => {
+            bail!("internal: {name}: the header of a double-quantized weight needs its offset")
+        }
+        (true, Some(offset)) => {
+            out.push(e(format!("{name}.absmax"), Dtype::U8, vec![blocks]));
+            let nested = blocks.div_ceil(NESTED_BLOCKSIZE);
+            out.push(e(format!("{name}.nested_absmax"), Dtype::F32, vec![nested]));
+            out.push(e(format!("{name}.nested_quant_map"), Dtype::F32, vec![256]));
+            Some(offset)
+        }
+    };
+    let state = quant_state(code, spec.blocksize, &[rows, cols], offset);
+    out.push(e(
+        format!("{name}{QUANT_STATE}{}", code.name()),
+        Dtype::U8,
+        vec![state.len()],
+    ));
+    Ok(out)
 }
 
 /// Whether `q` is a format the bitsandbytes layout can hold (nf4/fp4/int8).
 pub fn has_layout(q: &dyn QuantMatrix) -> bool {
     q.as_any().is::<Blockwise4>() || q.as_any().is::<Int8Rows>() || q.as_any().is::<Bf16Rows>()
-}
-
-/// `values` quantized in the same format as `q` (same code, blocksize, double quantization),
-/// as peft requantizes a merged `Linear4bit` / `Linear8bitLt` weight.
-pub fn requantize(q: &dyn QuantMatrix, name: &str, values: &[f32]) -> Result<Arc<dyn QuantMatrix>> {
-    let (rows, cols) = q.dims();
-    let spec = if let Some(b) = q.as_any().downcast_ref::<Blockwise4>() {
-        let method = if b.code == Code4::Nf4 {
-            QuantMethod::Nf4
-        } else {
-            QuantMethod::Fp4
-        };
-        QuantSpec {
-            method,
-            blocksize: b.blocksize,
-            double_quant: b.double_quant(),
-        }
-    } else if q.as_any().is::<Int8Rows>() {
-        QuantSpec {
-            method: QuantMethod::Int8,
-            blocksize: 64,
-            double_quant: false,
-        }
-    } else if q.as_any().is::<Bf16Rows>() {
-        return Ok(Arc::new(Bf16Rows::from_f32(values, rows, cols)));
-    } else {
-        bail!("{name}: cannot requantize {} weights", q.format())
-    };
-    spec.quantize(name, values, rows, cols)
 }
 
 /// The `quantization_config` transformers writes into config.json for this spec.

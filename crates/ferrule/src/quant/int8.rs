@@ -34,10 +34,8 @@ impl Int8Rows {
             )
         }
         let mut cb = Vec::with_capacity(values.len());
-        let mut scb = Vec::with_capacity(rows);
-        for row in values.chunks(cols.max(1)).take(rows) {
-            let am = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            scb.push(am);
+        let scb = Self::row_absmax(values, rows, cols);
+        for (row, &am) in values.chunks(cols.max(1)).take(rows).zip(&scb) {
             // torch evaluates `127.0 / t` as `reciprocal(t) * 127.0`.
             let s = (1.0 / am) * 127.0;
             cb.extend(row.iter().map(|&v| {
@@ -49,6 +47,16 @@ impl Int8Rows {
             }));
         }
         Self::from_parts(rows, cols, cb, scb)
+    }
+
+    /// `SCB`: the absmax of each row of `values` (`[rows, cols]`), what [`Int8Rows::quantize`]
+    /// stores, without the codes.
+    pub fn row_absmax(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        values
+            .chunks(cols.max(1))
+            .take(rows)
+            .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())))
+            .collect()
     }
 
     pub fn from_parts(rows: usize, cols: usize, cb: Vec<i8>, scb: Vec<f32>) -> Result<Self> {

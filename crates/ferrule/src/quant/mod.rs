@@ -21,6 +21,7 @@ use std::fmt;
 
 pub use bf16::Bf16Rows;
 pub use blockwise4::{Blockwise4, Code4};
+pub use bnb_format::{Statistics, Target};
 pub use int8::Int8Rows;
 pub use policy::{QuantMethod, QuantSpec};
 
@@ -88,26 +89,44 @@ pub struct RoundTripError {
 
 impl RoundTripError {
     pub fn between(reference: &[f32], approx: &[f32]) -> Self {
-        let mut max_abs = 0f32;
-        let mut max_ref = 0f32;
-        for (a, b) in reference.iter().zip(approx) {
-            max_abs = max_abs.max((a - b).abs());
-            max_ref = max_ref.max(a.abs());
-        }
-        Self {
-            max_abs,
-            rel: if max_ref > 0.0 {
-                max_abs / max_ref
-            } else {
-                0.0
-            },
-        }
+        let mut meter = ErrorMeter::default();
+        meter.add(reference, approx);
+        meter.error()
     }
 
     pub fn worst(self, other: Self) -> Self {
         Self {
             max_abs: self.max_abs.max(other.max_abs),
             rel: self.rel.max(other.rel),
+        }
+    }
+}
+
+/// [`RoundTripError`] of one tensor measured a piece at a time (a streaming writer's rows).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ErrorMeter {
+    max_abs: f32,
+    max_ref: f32,
+}
+
+impl ErrorMeter {
+    /// Takes in one piece: reference values and their approximations.
+    pub fn add(&mut self, reference: &[f32], approx: &[f32]) {
+        for (a, b) in reference.iter().zip(approx) {
+            self.max_abs = self.max_abs.max((a - b).abs());
+            self.max_ref = self.max_ref.max(a.abs());
+        }
+    }
+
+    /// The error over every piece taken in.
+    pub fn error(&self) -> RoundTripError {
+        RoundTripError {
+            max_abs: self.max_abs,
+            rel: if self.max_ref > 0.0 {
+                self.max_abs / self.max_ref
+            } else {
+                0.0
+            },
         }
     }
 }
@@ -152,13 +171,7 @@ impl WeightMemory {
         }
         for q in weights.quantized().values() {
             let (r, c) = q.dims();
-            m.quantized_params += r * c;
-            m.quantized_bytes += q.storage_bytes();
-            let f = m.formats.entry(q.format()).or_default();
-            f.tensors += 1;
-            f.params += r * c;
-            f.bytes += q.storage_bytes();
-            f.bits_per_param = f.bytes as f64 * 8.0 / f.params.max(1) as f64;
+            m.add_compressed(q.format(), r * c, q.storage_bytes());
         }
         for s in weights.sharded().values() {
             let (r, c) = s.dims();
@@ -174,6 +187,18 @@ impl WeightMemory {
             f.bits_per_param = f.bytes as f64 * 8.0 / f.params.max(1) as f64;
         }
         m
+    }
+
+    /// Counts one compressed matrix of `params` parameters in `bytes`, in `format`
+    /// ([`QuantMatrix::format`], [`QuantMatrix::storage_bytes`]).
+    pub fn add_compressed(&mut self, format: String, params: usize, bytes: usize) {
+        self.quantized_params += params;
+        self.quantized_bytes += bytes;
+        let f = self.formats.entry(format).or_default();
+        f.tensors += 1;
+        f.params += params;
+        f.bytes += bytes;
+        f.bits_per_param = f.bytes as f64 * 8.0 / f.params.max(1) as f64;
     }
 
     /// Bits per parameter of the compressed weights (statistics included).

@@ -28,7 +28,7 @@ impl std::str::FromStr for QuantMethod {
 }
 
 /// How the linear layers of a base model are quantized when it is loaded.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantSpec {
     pub method: QuantMethod,
@@ -38,6 +38,15 @@ pub struct QuantSpec {
     /// Quantize the 4-bit absmax statistics too (QLoRA's double quantization).
     #[serde(default)]
     pub double_quant: bool,
+}
+
+/// The values int8 quantizes: bitsandbytes' `Int8Params` quantizes the f16 copy of the
+/// weight.
+pub(crate) fn int8_input(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect()
 }
 
 fn default_blocksize() -> usize {
@@ -113,14 +122,7 @@ impl QuantSpec {
                 self.blocksize,
                 self.double_quant,
             )?),
-            // bitsandbytes' Int8Params quantizes the f16 copy of the weight.
-            QuantMethod::Int8 => {
-                let halves: Vec<f32> = values
-                    .iter()
-                    .map(|&v| half::f16::from_f32(v).to_f32())
-                    .collect();
-                Arc::new(Int8Rows::quantize(&halves, rows, cols)?)
-            }
+            QuantMethod::Int8 => Arc::new(Int8Rows::quantize(&int8_input(values), rows, cols)?),
         })
     }
 

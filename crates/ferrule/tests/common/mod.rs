@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod rss;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

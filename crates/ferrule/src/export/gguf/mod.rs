@@ -253,7 +253,10 @@ fn weights_to_write(
     source: &ModelSource,
     tuner: Option<&dyn Tuner>,
 ) -> Result<(MergedModel, Option<usize>)> {
-    let dequantize = MergeOptions { dequantize: true };
+    let dequantize = MergeOptions {
+        dequantize: true,
+        ..MergeOptions::default()
+    };
     let (replaced, updates) = match tuner {
         Some(t) => (t.replaced()?, t.updates()?),
         None => (vec![], vec![]),

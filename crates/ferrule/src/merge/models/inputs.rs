@@ -166,7 +166,10 @@ impl InputModel {
             .tuner
             .as_deref()
             .with_context(|| format!("model {spec}: no adapter in {}", adapter.display()))?;
-        let options = crate::merge::MergeOptions { dequantize: true };
+        let options = crate::merge::MergeOptions {
+            dequantize: true,
+            ..Default::default()
+        };
         let merged = crate::merge::merged_model(
             &m.source,
             tuner.replaced()?,

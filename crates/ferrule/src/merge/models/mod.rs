@@ -345,8 +345,9 @@ pub struct QuantizedMergeReport {
 }
 
 /// [`merge_from_config`], then with `quantize` the merged linear weights quantized
-/// (`--quantize nf4`) into the bitsandbytes layout, the rounding it added measured. The
-/// unquantized merge lives in a temporary folder beside `out` meanwhile.
+/// (`--quantize nf4`) into the bitsandbytes layout, the rounding it added measured, by
+/// [`crate::export::quantize_to_dir`] reading the merge memory-mapped. The unquantized merge
+/// lives in a temporary folder beside `out` meanwhile.
 pub fn merge_quantized(
     config_path: &Path,
     out: &Path,
@@ -379,22 +380,17 @@ pub fn merge_quantized(
     }
     let result = (|| {
         let merge = merge_from_config(config_path, &full, options)?;
+        let path = full.to_string_lossy();
         let source = crate::model::ModelSource::load_with(
-            &full.to_string_lossy(),
+            &path,
             &candle_core::Device::Cpu,
-            crate::model::LoadOptions::quantized(Some(&spec)),
+            crate::model::LoadOptions::read_once(None, &path),
         )?;
-        let exact = inputs::InputModel::open(&full.to_string_lossy(), &|s| PathBuf::from(s))?;
-        let mut error: Option<crate::quant::RoundTripError> = None;
-        for (name, q) in source.weights.quantized() {
-            let e = crate::quant::RoundTripError::between(&exact.read(name)?, &q.dequantize());
-            error = Some(error.map_or(e, |w| w.worst(e)));
-        }
         let report = crate::export::quantize_to_dir(&source, &spec, out)?;
         Ok(QuantizedMergeReport {
             merge,
             quantized_tensors: report.quantized_tensors,
-            quantize_error: error,
+            quantize_error: report.quantize_error,
         })
     })();
     let _ = std::fs::remove_dir_all(&full);
