@@ -1083,7 +1083,7 @@ fn plan_a_70b_model_this_machine_cannot_hold() {
     assert_eq!(args(&["--memory-per-rank", "24"])["fits"], false);
     fails_with(
         &["plan", "--model", &cfg, "--method", "ia3"],
-        "only plain LoRA",
+        "only these methods count their parameters: lora, dylora",
     );
     fails_with(
         &["plan", "--model", &cfg, "--target-modules", "query"],
