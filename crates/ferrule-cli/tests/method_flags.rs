@@ -113,13 +113,14 @@ fn dylora_counts_and_runs_at_chosen_ranks() {
         .collect();
     let ranks: Vec<u64> = lines.iter().map(|l| l["rank"].as_u64().unwrap()).collect();
     assert_eq!(ranks, [1, 2, 3, 4]);
-    assert_ne!(lines[0]["loss"], lines[3]["loss"]);
+    let loss = |l: &serde_json::Value| l["eval_loss"].as_f64().unwrap();
+    assert_ne!(loss(&lines[0]), loss(&lines[3]));
     let mut args = eval.to_vec();
     args.extend(["--rank", "4"]);
     let (ok, out, err) = ferrule(&args);
     assert!(ok, "{err}");
     let at_r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(at_r["loss"], lines[3]["loss"]);
+    assert_eq!(loss(&at_r), loss(&lines[3]));
 
     let mut args = eval.to_vec();
     args.extend(["--rank", "5"]);

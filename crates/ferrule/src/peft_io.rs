@@ -191,7 +191,7 @@ pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str)
 /// a chosen rank), written as [`save_adapter`] writes. A method without that form is an error
 /// naming it.
 pub fn save_plain_lora(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str) -> Result<()> {
-    let Some((config, tensors)) = tuner.plain_lora()? else {
+    let Some(crate::tuners::PlainLora { config, tensors }) = tuner.plain_lora()? else {
         bail!(
             "a {} adapter has no plain LoRA form to export; `export lora` converts DyLoRA adapters (LoRA adapters are plain LoRA already)",
             tuner.method().peft_type

@@ -83,12 +83,12 @@ pub fn export_plain_lora(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    let (_, tensors) = tuner.plain_lora()?.context("no plain LoRA form")?;
+    let form = tuner.plain_lora()?.context("no plain LoRA form")?;
     Ok(PlainLoraReport {
         rank,
         max_rank: *ranks.end(),
         modules: tuner.adapted().len(),
-        parameters: tensors.iter().map(|(_, t)| t.elem_count()).sum(),
+        parameters: form.tensors.iter().map(|(_, t)| t.elem_count()).sum(),
     })
 }
 

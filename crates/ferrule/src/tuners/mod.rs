@@ -129,6 +129,13 @@ impl Delta {
     }
 }
 
+/// An adapter as a plain PEFT LoRA ([`Tuner::plain_lora`]): a `LORA` config and the tensors
+/// under LoRA's keys.
+pub struct PlainLora {
+    pub config: AdapterConfig,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
 /// What every method provides beyond its hook points. A method implements [`Tuner::core`],
 /// [`Tuner::finish`] and [`Tuner::updates`]; the rest defaults to what its [`TunerCore`] holds.
 pub trait Tuner: ModelHook {
@@ -202,7 +209,7 @@ pub trait Tuner: ModelHook {
     /// The adapter at its current rank as a plain PEFT LoRA: a `LORA` config and the tensors
     /// under LoRA's keys, which peft loads as any LoRA. `None` for a method with no such form
     /// (LoRA itself is saved as it is).
-    fn plain_lora(&self) -> Result<Option<(AdapterConfig, Vec<(String, Tensor)>)>> {
+    fn plain_lora(&self) -> Result<Option<PlainLora>> {
         Ok(None)
     }
 }

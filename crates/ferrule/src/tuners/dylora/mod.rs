@@ -28,7 +28,7 @@ use super::lora::LoraConfig;
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockShapes, BuildContext, Method};
 use super::target::{MatchReport, ModuleSpec, Targets};
-use super::{peft_key, AdaptedModule, Delta, Tuner, Update};
+use super::{peft_key, AdaptedModule, Delta, PlainLora, Tuner, Update};
 use crate::init;
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
@@ -251,7 +251,7 @@ impl Tuner for Dylora {
 
     /// PEFT's LoRA with `r = b`, `lora_alpha = α` (so peft's `α/r` is DyLoRA's `α/b`) and each
     /// module's `A[:b]`, `B[:, :b]` (contiguous copies); `modules_to_save` as saved.
-    fn plain_lora(&self) -> Result<Option<(AdapterConfig, Vec<(String, Tensor)>)>> {
+    fn plain_lora(&self) -> Result<Option<PlainLora>> {
         let rank = self.rank.chosen();
         let Value::Object(options) = serde_json::to_value(self.lora_config(rank))? else {
             bail!("dylora: the LoRA config did not serialize to an object")
@@ -275,6 +275,6 @@ impl Tuner for Dylora {
             tensors.push((peft_key(path, "lora_B.weight"), b.contiguous()?));
         }
         tensors.sort_by(|x, y| x.0.cmp(&y.0));
-        Ok(Some((config, tensors)))
+        Ok(Some(PlainLora { config, tensors }))
     }
 }
