@@ -26,8 +26,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune an adapter (LoRA, DyLoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA, BitFit, DiffFit: --method) on a JSONL dataset.
+    /// Fine-tune an adapter (LoRA, DyLoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA, BitFit, DiffFit, bottleneck adapters: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
+    /// Train several methods on the same records under one budget (steps, tokens or seconds)
+    /// and write one table and one plot (--lr-sweep: each at its best learning rate).
+    Compare(Box<commands::compare::Args>),
     /// Show records as training sees them (trained tokens marked) and count tokens, padding, lengths.
     Data(commands::data::Args),
     /// Loss / perplexity (and accuracy for classification) on a JSONL dataset.
@@ -125,6 +128,7 @@ fn main() {
         match cli.command {
             Command::Train(a) => commands::train::run(*a, comm.as_ref())
                 .map(|interrupted| exit_code = if interrupted { 130 } else { 0 }),
+            Command::Compare(a) => commands::compare::run(*a, cli.threads),
             Command::Eval(a) => commands::eval::run(a),
             Command::Data(a) => commands::data::run(a),
             Command::Generate(a) => commands::generate::run(a),
@@ -160,12 +164,15 @@ fn main() {
 /// The command line, parsed; `train` also learns which of its settings were given as flags
 /// (they override its config file).
 fn parse_command_line() -> Cli {
-    let mut cmd = Cli::command().mut_subcommand("train", commands::train::with_defaults);
+    let mut cmd = Cli::command()
+        .mut_subcommand("train", commands::train::with_defaults)
+        .mut_subcommand("compare", commands::train::with_defaults);
     let matches = cmd.get_matches_mut();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
-    if let (Command::Train(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("train"))
-    {
-        args.given = commands::train::given_settings(m);
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Train(args), Some((_, m))) => args.given = commands::train::given_settings(m),
+        (Command::Compare(args), Some((_, m))) => args.given = commands::train::given_settings(m),
+        _ => {}
     }
     cli
 }

@@ -992,6 +992,25 @@ fn plan_a_streamed_base_counts_the_matrix_in_use_and_the_next() {
 
 /// `ferrule plan` from a config.json alone (Meta-Llama-3-70B's shapes): the ZeRO formulas for
 /// its LoRA parameters, the NF4 base sharded over 8 ranks, and the answer to "does it fit".
+/// IA3 counted from a `config.json` alone: by hand for the 70B Llama (k and v project to 8 kv
+/// heads of 128, down_proj's input is 28672 wide: (1024 + 1024 + 28672) x 80 layers), and equal to
+/// the count of the method built on the weights of the tiny Llama.
+#[test]
+fn plan_counts_ia3_from_the_config_alone() {
+    let trainable = |model: &str| {
+        let (ok, out, err) = ferrule(&["plan", "--model", model, "--method", "ia3", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["trainable_params"].as_u64().unwrap()
+    };
+    assert_eq!(
+        trainable(&fx("plan/llama-70b/config.json")),
+        (1024 + 1024 + 28672) * 80
+    );
+    let tiny = fx("models/llama");
+    assert_eq!(trainable(&format!("{tiny}/config.json")), trainable(&tiny));
+}
+
 #[test]
 fn plan_a_70b_model_this_machine_cannot_hold() {
     let cfg = fx("plan/llama-70b/config.json");
@@ -1082,8 +1101,8 @@ fn plan_a_70b_model_this_machine_cannot_hold() {
     assert_eq!(streamed["fits"], true);
     assert_eq!(args(&["--memory-per-rank", "24"])["fits"], false);
     fails_with(
-        &["plan", "--model", &cfg, "--method", "ia3"],
-        "only these methods count their parameters: lora, dylora",
+        &["plan", "--model", &cfg, "--method", "ln-tuning"],
+        "count their parameters, and not with every option (DoRA needs the weights): lora, dylora, ia3, bottleneck;",
     );
     fails_with(
         &["plan", "--model", &cfg, "--target-modules", "query"],

@@ -5,6 +5,7 @@
 //! [`data`] (JSONL, chat templates, batching) and [`peft_io`] (artifacts other tools open).
 
 pub mod adapted;
+pub mod compare;
 pub mod data;
 pub mod dist;
 pub mod export;

@@ -2,6 +2,7 @@
 
 pub mod adapter_args;
 pub mod checkpoint;
+pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod export;

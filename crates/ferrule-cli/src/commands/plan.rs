@@ -14,8 +14,8 @@ pub struct Args {
     /// causal-lm or seq-cls (default: by model family).
     #[arg(long)]
     task: Option<String>,
-    /// What would train (train's adapter flags). Without weights only LoRA is counted (r (in + out)
-    /// per targeted linear); with them the method is built and counted exactly.
+    /// What would train (train's adapter flags). Without weights only LoRA (r (in + out)
+    /// per targeted linear) and IA3 (one vector per targeted linear) are counted; with them the method is built and counted exactly.
     #[command(flatten)]
     adapter: super::adapter_args::AdapterArgs,
     #[command(flatten)]

@@ -106,8 +106,13 @@ pub fn given_settings(matches: &clap::ArgMatches) -> Vec<String> {
         .collect()
 }
 
-pub fn build_config(a: &Args) -> Result<TrainConfig> {
-    let file: TrainConfig = match &a.config {
+/// The settings of a `--config` file (or the defaults) with those given as flags over them.
+pub fn settings_from(
+    config: Option<&std::path::Path>,
+    flags: &TrainConfig,
+    given: &[String],
+) -> Result<TrainConfig> {
+    let file: TrainConfig = match config {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -116,8 +121,12 @@ pub fn build_config(a: &Args) -> Result<TrainConfig> {
         }
         None => TrainConfig::default(),
     };
-    let given: Vec<&str> = a.given.iter().map(String::as_str).collect();
-    let mut c = file.with_keys_from(&a.settings, &given)?;
+    let given: Vec<&str> = given.iter().map(String::as_str).collect();
+    file.with_keys_from(flags, &given)
+}
+
+pub fn build_config(a: &Args) -> Result<TrainConfig> {
+    let mut c = settings_from(a.config.as_deref(), &a.settings, &a.given)?;
     c.adapter = Some(a.adapter.apply(&c)?);
     c.lora = None;
     if a.adapter.allow_unmatched {
@@ -189,7 +198,11 @@ pub fn summary_lines(s: &TrainSummary, cfg: &TrainConfig) -> Vec<String> {
         "{} step{}{} ({} in this run): final loss {}",
         s.steps,
         if s.steps == 1 { "" } else { "s" },
-        if s.completed { "" } else { ", stopped early" },
+        match (s.completed, s.time_limit_reached) {
+            (true, true) => ", max-seconds reached",
+            (true, false) => "",
+            (false, _) => ", stopped early",
+        },
         duration(s.seconds),
         s.final_loss
             .map_or("- (no step in this run)".to_string(), |l| format!("{l:.4}"))
@@ -322,6 +335,8 @@ mod tests {
             (vec!["--grad-accum", "4"], "grad_accum", json!(4)),
             (vec!["--max-steps", "7"], "max_steps", json!(7)),
             (vec!["--epochs", "2.5"], "epochs", json!(2.5)),
+            (vec!["--max-tokens", "4096"], "max_tokens", json!(4096)),
+            (vec!["--max-seconds", "90"], "max_seconds", json!(90.0)),
             (vec!["--lr", "0.01"], "lr", json!(0.01)),
             (vec!["--warmup-steps", "5"], "warmup_steps", json!(5)),
             (vec!["--schedule", "cosine"], "schedule", json!("cosine")),

@@ -216,7 +216,7 @@ impl PlannedModel {
                 .map(|m| m.name)
                 .collect();
             bail!(
-                "{model}: without the model's weights only these methods count their parameters: {} (plain, without DoRA); give a model folder with its weights to plan --method {}",
+                "{model}: without the model's weights only these methods count their parameters, and not with every option (DoRA needs the weights): {}; give a model folder with its weights to plan --method {}",
                 counting.join(", "),
                 adapter.peft_type
             )

@@ -146,13 +146,13 @@ impl Bert {
                 output: lin(&format!("{p}.output.dense"), h, c.intermediate_size)?,
                 output_norm: norm(&format!("{p}.output.LayerNorm"))?,
                 attn_branch: hook.residual_branch(&BranchInfo {
-                    path: format!("{p}.attention"),
+                    path: format!("{prefix}{p}.attention"),
                     layer: i,
                     kind: BranchKind::Attention,
                     hidden_size: h,
                 })?,
                 mlp_branch: hook.residual_branch(&BranchInfo {
-                    path: format!("{p}.output"),
+                    path: format!("{prefix}{p}.output"),
                     layer: i,
                     kind: BranchKind::Mlp,
                     hidden_size: h,

@@ -17,7 +17,7 @@
 //! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings, trainable token rows |
 //! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model | prompt tuning |
 //! | [`ModelHook::kv_prefix`] | the attention keys and values of every layer, once per model | prefix tuning |
-//! | [`ModelHook::residual_branch`] | the attention and MLP branches of every layer, before the residual add | series / parallel adapters (none yet) |
+//! | [`ModelHook::residual_branch`] | the attention and MLP branches of every layer, before the residual add | bottleneck adapters with `placement = "residual_branch"` |
 //!
 //! The last two add positions before the user's tokens. A model that has them prepends them on
 //! a fresh pass (no KV cache, or an empty one), extends the attention mask it is given (which

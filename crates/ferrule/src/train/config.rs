@@ -103,6 +103,19 @@ pub struct TrainConfig {
     /// Passes over the data when max-steps is not given (fractions allowed).
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub epochs: f64,
+    /// Train on N tokens of the data (padding excluded), instead of max-steps or epochs: the
+    /// run takes the steps whose micro-batches first reach N tokens in the seeded data order,
+    /// so the learning-rate schedule spans them (default: none).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", conflicts_with = "max_steps", help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Stop after the step that reaches S seconds of training (steps and evaluations, summed
+    /// over resumed invocations; loading not counted) and save the result as a finished run.
+    /// The schedule stays planned over max-steps or epochs, as Lightning's max_time does
+    /// (default: none).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "S", help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_seconds: Option<f64>,
     /// Peak learning rate of AdamW.
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub lr: f64,
@@ -311,6 +324,8 @@ impl Default for TrainConfig {
             grad_accum: 1,
             max_steps: None,
             epochs: 1.0,
+            max_tokens: None,
+            max_seconds: None,
             lr: 2e-4,
             warmup_steps: 0,
             schedule: LrSchedule::Linear,
@@ -355,7 +370,14 @@ pub const MAX_EPOCHS: f64 = 100_000.0;
 /// Settings a resumed run may change: its length (the schedule is planned again) and how its
 /// global batch is split (`batch_size` × `grad_accum` × ranks; the trainer compares the
 /// product). They are kept in a checkpoint but left out of [`TrainConfig::resume_fingerprint`].
-pub const RESUMABLE_SETTINGS: [&str; 4] = ["max_steps", "epochs", "batch_size", "grad_accum"];
+pub const RESUMABLE_SETTINGS: [&str; 6] = [
+    "max_steps",
+    "epochs",
+    "max_tokens",
+    "max_seconds",
+    "batch_size",
+    "grad_accum",
+];
 
 /// Records per micro-batch when neither `batch_size` nor a token budget is given.
 pub const DEFAULT_BATCH_SIZE: usize = 8;
@@ -403,6 +425,8 @@ impl TrainConfig {
         // Keys left out of the serialized default when unset: set them to see them.
         let every = TrainConfig {
             batch_tokens: Some(1),
+            max_tokens: Some(1),
+            max_seconds: Some(1.0),
             packing: true,
             shard_base: true,
             stream_base: true,
@@ -472,13 +496,31 @@ impl TrainConfig {
         if !(self.epochs.is_finite() && self.epochs <= MAX_EPOCHS) {
             bail!("train: epochs = {} is not a number of passes ferrule can plan (at most {MAX_EPOCHS}); use max_steps for longer runs", self.epochs)
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs <= 0.0) {
-            bail!("train: nothing to do (max_steps = 0 or epochs <= 0)")
-        }
+        self.validate_length()?;
         if self.task == Task::FeatureExtraction {
             bail!("train: FEATURE_EXTRACTION has no training objective; use CAUSAL_LM or SEQ_CLS")
         }
         self.validate_resize()
+    }
+
+    /// The run's length: max_steps, max_tokens or epochs, and the time limit.
+    fn validate_length(&self) -> Result<()> {
+        if self.max_steps.is_some() && self.max_tokens.is_some() {
+            bail!("train: max_steps and max_tokens (--max-steps, --max-tokens) both set the run's length; give one of them")
+        }
+        let by_epochs = self.max_steps.is_none() && self.max_tokens.is_none();
+        if self.max_steps == Some(0)
+            || self.max_tokens == Some(0)
+            || (by_epochs && self.epochs <= 0.0)
+        {
+            bail!("train: nothing to do (max_steps = 0, max_tokens = 0 or epochs <= 0)")
+        }
+        if let Some(s) = self.max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            bail!(
+                "train: max_seconds (--max-seconds) must be a positive number of seconds, got {s}"
+            )
+        }
+        Ok(())
     }
 
     /// Rows added by `resize_token_embeddings` start as a mean row: unless they train

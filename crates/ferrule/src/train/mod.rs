@@ -13,13 +13,15 @@
 //! * [`metrics`]: `metrics.jsonl` logging consistent across resumes, and
 //!   throughput measurement.
 //! * [`batching`]: micro-batches by records, by token budget or packed, the
-//!   seeded data order and the optimizer steps an epoch count makes.
+//!   seeded data order and the optimizer steps an epoch count makes; [`budget`]: a run's
+//!   length as tokens (`max_tokens`) or seconds (`max_seconds`).
 //! * [`rng`]: a seedable generator whose state is saved in checkpoints.
 //! * [`trainer`]: the run in its phases (start, step, after the step, finish); `resume` holds
 //!   what a checkpoint keeps of a run and how `--resume` continues it, [`report`] what a run
 //!   reports.
 
 pub mod batching;
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;

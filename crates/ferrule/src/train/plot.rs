@@ -95,7 +95,7 @@ fn ensure_file(metrics: &Path, run_dir: &Path) -> Result<()> {
 }
 
 /// `[lo, hi]` padded by 5% (a flat series gets a band around its value).
-fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });

@@ -66,6 +66,8 @@ pub struct TrainSummary {
     pub completed: bool,
     /// Stopped early by [`crate::train::RunOptions::interrupt`], after saving a checkpoint of step `steps`.
     pub interrupted: bool,
+    /// Ended by `max_seconds` before the planned last step; the result was saved.
+    pub time_limit_reached: bool,
     pub trainable_params: usize,
     pub total_params: usize,
     /// The run trained the whole model (full fine-tuning): the output folder holds a Hugging

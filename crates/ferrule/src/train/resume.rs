@@ -7,6 +7,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 
 use super::batching::{Batching, DataCursor};
+use super::budget::TRAIN_SECONDS_KEY;
 use super::checkpoint::{
     checkpoint_folders, config_hash, incomplete_reason, latest_checkpoint, load_checkpoint,
     load_optimizer_shard, prune_checkpoints, save_checkpoint, save_sharded_checkpoint, Checkpoint,
@@ -245,6 +246,14 @@ pub(super) fn check_data(cfg: &TrainConfig, ck: &Checkpoint, records_digest: u64
 /// A resume may change the run's length (`--max-steps`, `--epochs`): the learning-rate schedule
 /// is then planned over the new `total_steps`, and the change is said. Fewer steps than the
 /// checkpoint has done is an error.
+/// Training seconds of the invocations before a checkpoint (0 without one, or for a
+/// checkpoint written before runs counted them).
+pub(super) fn train_seconds(ck: Option<&Checkpoint>) -> f64 {
+    ck.and_then(|ck| ck.state.extra.get(TRAIN_SECONDS_KEY))
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0)
+}
+
 pub(super) fn check_length(
     cfg: &TrainConfig,
     ck: &Checkpoint,
@@ -252,9 +261,10 @@ pub(super) fn check_length(
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let done = ck.state.step as usize;
-    let flag = match cfg.max_steps {
-        Some(n) => format!("--max-steps {n}"),
-        None => format!("--epochs {}", cfg.epochs),
+    let flag = match (cfg.max_steps, cfg.max_tokens) {
+        (Some(n), _) => format!("--max-steps {n}"),
+        (None, Some(t)) => format!("--max-tokens {t}"),
+        (None, None) => format!("--epochs {}", cfg.epochs),
     };
     if total_steps < done {
         bail!(
@@ -361,6 +371,8 @@ pub(super) struct Identity<'a> {
     pub records_digest: u64,
     /// Steps of the whole run.
     pub total_steps: usize,
+    /// Training seconds so far, earlier invocations included (`max_seconds`).
+    pub train_seconds: f64,
 }
 
 /// What a checkpoint of this run at `step` records besides tensors: the data position, the
@@ -388,6 +400,7 @@ pub(super) fn trainer_state(
                 "records_digest": format!("{:016x}", identity.records_digest),
             },
             "total_steps": identity.total_steps,
+            TRAIN_SECONDS_KEY: identity.train_seconds,
         }),
         ..Default::default()
     })

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 
 use super::batching::{global_left, DataCursor};
+use super::budget::TimeBudget;
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
@@ -146,17 +147,24 @@ fn discard_backward(loss: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<()> {
 }
 
 /// Whether any rank was asked to stop (one tiny all-reduce per step when there are ranks).
-fn interrupt_requested(run: &RunOptions, comm: &dyn Collective) -> Result<bool> {
-    let mine = run
+/// Whether to stop after this step, as every rank agrees: (a signal asked any rank to,
+/// `max_seconds` is spent on any rank).
+fn stop_requested(
+    run: &RunOptions,
+    time: &TimeBudget,
+    comm: &dyn Collective,
+) -> Result<(bool, bool)> {
+    let interrupted = run
         .interrupt
         .as_ref()
         .is_some_and(|f| f.load(Ordering::Relaxed));
+    let flags = [interrupted, time.spent()];
     if comm.world_size() == 1 {
-        return Ok(mine);
+        return Ok((flags[0], flags[1]));
     }
-    let mut any = [if mine { 1.0 } else { 0.0 }];
+    let mut any = flags.map(|f| if f { 1.0 } else { 0.0 });
     comm.all_reduce_sum_f64(&mut any)?;
-    Ok(any[0] > 0.0)
+    Ok((any[0] > 0.0, any[1] > 0.0))
 }
 
 /// FNV-1a digest of the records' token ids and labels (the same on ranks that read the same data).
@@ -273,6 +281,7 @@ pub fn train_on(
     let (cfg, compute) = cfg.with_compute_dtype_resolved(resumed)?;
     let mut reporter = super::tensorboard::Reporter::for_run(progress, &cfg, comm.rank());
     let mut run = Run::start(&cfg, compute, device, &mut reporter, run, comm)?;
+    run.time.start();
     while run.step < run.plan.stop_at {
         let report = run.step()?;
         if run.after_step(&report)? == Next::Stop {
@@ -316,6 +325,8 @@ struct Tally {
     /// What this rank sent in its busiest step.
     busiest_traffic: Option<Traffic>,
     interrupted: bool,
+    /// Stopped by `max_seconds` before the plan's last step (the result is saved).
+    time_limit_reached: bool,
     stall: StallWatch,
 }
 
@@ -329,6 +340,7 @@ impl Tally {
             last_eval: None,
             busiest_traffic: None,
             interrupted: false,
+            time_limit_reached: false,
             stall: StallWatch::default(),
         }
     }
@@ -416,6 +428,8 @@ struct Run<'a> {
     /// Optimizer steps done.
     step: usize,
     tally: Tally,
+    /// `max_seconds`, with the seconds of earlier invocations.
+    time: TimeBudget,
 }
 
 impl<'a> Run<'a> {
@@ -468,7 +482,7 @@ impl<'a> Run<'a> {
             &mut cursor,
             step,
             comm.world_size(),
-        );
+        )?;
         if let Some(ck) = &checkpoint {
             resume::check_length(cfg, ck, plan.total_steps, progress)?;
         }
@@ -476,6 +490,7 @@ impl<'a> Run<'a> {
             fingerprint: &fingerprint,
             records_digest,
             total_steps: plan.total_steps,
+            train_seconds: 0.0,
         };
         ranks_agree(comm, &identity, &plan, options, checkpoint.as_ref())?;
 
@@ -533,6 +548,7 @@ impl<'a> Run<'a> {
             plan,
             step,
             tally: Tally::new(),
+            time: TimeBudget::new(cfg.max_seconds, resume::train_seconds(checkpoint.as_ref())),
         })
     }
 
@@ -620,13 +636,19 @@ impl<'a> Run<'a> {
         if let Some(warning) = self.tally.stall.observe(report, cfg.lr) {
             self.progress.warning(&warning);
         }
-        let last = step == self.plan.total_steps;
+        let planned_last = step == self.plan.total_steps;
+        let (interrupted, time_up) = match planned_last {
+            true => (false, false),
+            false => stop_requested(self.options, &self.time, self.comm)?,
+        };
+        // The time limit ends the run as its last step would: evaluated, the result saved.
+        let last = planned_last || time_up;
+        let interrupted = interrupted && !time_up;
+        (self.tally.interrupted, self.tally.time_limit_reached) = (interrupted, time_up);
         let eval_due = last || cfg.eval_every.is_some_and(|e| step.is_multiple_of(e));
         if !self.p.eval.is_empty() && eval_due {
             self.evaluate()?;
         }
-        let interrupted = !last && interrupt_requested(self.options, self.comm)?;
-        self.tally.interrupted = interrupted;
         let save_due = cfg.save_every.is_some_and(|s| step.is_multiple_of(s))
             || (step == self.plan.stop_at && !last)
             || interrupted;
@@ -636,6 +658,14 @@ impl<'a> Run<'a> {
         if interrupted {
             self.progress.message(&format!(
                 "interrupted: checkpoint of step {step} saved; rerun with --resume to continue"
+            ));
+            return Ok(Next::Stop);
+        }
+        if time_up {
+            self.progress.message(&format!(
+                "max_seconds reached after step {step} of {} ({:.1} s of training)",
+                self.plan.total_steps,
+                self.time.seconds()
             ));
             return Ok(Next::Stop);
         }
@@ -671,6 +701,7 @@ impl<'a> Run<'a> {
             fingerprint: &self.fingerprint,
             records_digest: self.records_digest,
             total_steps: self.plan.total_steps,
+            train_seconds: self.time.seconds(),
         };
         let state = resume::trainer_state(
             self.cfg,
@@ -706,7 +737,7 @@ impl<'a> Run<'a> {
                 ));
             }
         }
-        let completed = self.step >= self.plan.total_steps;
+        let completed = self.step >= self.plan.total_steps || self.tally.time_limit_reached;
         if completed {
             self.opt.materialize(comm)?;
             let saved = if comm.rank() == 0 {
@@ -743,6 +774,7 @@ impl<'a> Run<'a> {
             steps: self.step,
             completed,
             interrupted: tally.interrupted,
+            time_limit_reached: tally.time_limit_reached,
             trainable_params: p.trainable_params(),
             total_params: total_params(p.model.base_params, p.tuner.as_ref()),
             whole_model: p.tuner.trains_whole_model(),
@@ -824,10 +856,18 @@ fn plan(
     cursor: &mut DataCursor,
     step: usize,
     world: usize,
-) -> Plan {
-    let total_steps = match cfg.max_steps {
-        Some(n) => n,
-        None => {
+) -> Result<Plan> {
+    let total_steps = match (cfg.max_steps, cfg.max_tokens) {
+        (Some(n), _) => n,
+        (None, Some(tokens)) => super::budget::steps_for_tokens(
+            p.batching,
+            cfg.seed,
+            lengths,
+            world,
+            cfg.grad_accum,
+            tokens,
+        )?,
+        (None, None) => {
             let left = global_left(
                 p.batching,
                 cfg.seed,
@@ -842,14 +882,14 @@ fn plan(
             step + left.div_ceil(cfg.grad_accum)
         }
     };
-    Plan {
+    Ok(Plan {
         total_steps,
         stop_at: options
             .stop_after
             .map_or(total_steps, |s| s.min(total_steps)),
         micro_batches: p.batching.describe(cursor.batches(), lengths),
         micro_batches_per_epoch: cursor.batches().len(),
-    }
+    })
 }
 
 /// The run's optimizer: `optim` with AdamW's settings, the paged state file in `offload_dir`

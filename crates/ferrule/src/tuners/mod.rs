@@ -9,6 +9,7 @@
 
 pub mod bias;
 pub mod bitfit;
+pub mod bottleneck;
 pub mod config;
 pub mod core;
 pub mod difffit;

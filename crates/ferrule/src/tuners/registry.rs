@@ -95,6 +95,7 @@ pub static METHODS: &[&Method] = &[
     &super::ia3::METHOD,
     &super::bitfit::METHOD,
     &super::difffit::METHOD,
+    &super::bottleneck::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
     &super::prefix_tuning::METHOD,
@@ -102,6 +103,68 @@ pub static METHODS: &[&Method] = &[
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];
+
+/// A named setting of a method that the field calls a method of its own (DoRA is LoRA with
+/// `use_dora`): `ferrule compare --methods dora` trains it beside plain LoRA.
+#[derive(Debug)]
+pub struct Variant {
+    pub name: &'static str,
+    pub method: &'static Method,
+    /// The PEFT key it sets, and the value as JSON.
+    pub key: &'static str,
+    pub value: &'static str,
+}
+
+/// The variants [`variant`] knows.
+pub static VARIANTS: &[Variant] = &[
+    Variant {
+        name: "dora",
+        method: &super::lora::METHOD,
+        key: "use_dora",
+        value: "true",
+    },
+    Variant {
+        name: "rslora",
+        method: &super::lora::METHOD,
+        key: "use_rslora",
+        value: "true",
+    },
+    Variant {
+        name: "pissa",
+        method: &super::lora::METHOD,
+        key: "init_lora_weights",
+        value: "\"pissa\"",
+    },
+];
+
+/// The adapter config a method name (`lora`, `ia3`, a PEFT type) or a [`Variant`]'s name
+/// (`dora`) stands for: the method's defaults ([`default_adapter`] for LoRA) with the variant's
+/// key set. An unknown name is an error listing both kinds of names.
+pub fn adapter_named(name: &str) -> Result<AdapterConfig> {
+    if let Some(v) = VARIANTS.iter().find(|v| v.name == name.trim()) {
+        let mut a = adapter_of(v.method);
+        let value = serde_json::from_str(v.value).expect("a variant's value is JSON");
+        a.options.insert(v.key.to_string(), value);
+        return Ok(a);
+    }
+    let m = by_name(name).map_err(|_| {
+        let variants: Vec<&str> = VARIANTS.iter().map(|v| v.name).collect();
+        anyhow::anyhow!(
+            "unknown method {name:?}; ferrule implements {}, and the variants {}",
+            list(),
+            variants.join(", ")
+        )
+    })?;
+    Ok(adapter_of(m))
+}
+
+/// A fresh adapter of `m` with its train defaults.
+fn adapter_of(m: &'static Method) -> AdapterConfig {
+    match m.peft_type == super::lora::METHOD.peft_type {
+        true => default_adapter(),
+        false => AdapterConfig::new(m.peft_type, Map::new()),
+    }
+}
 
 /// The method with PEFT type `peft_type`; an unsupported type is an error that names it.
 pub fn by_peft_type(peft_type: &str) -> Result<&'static Method> {

@@ -4,7 +4,7 @@
 pub mod config;
 pub mod layer;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -15,7 +15,7 @@ use layer::Ia3Linear;
 use super::config::{default_list, AdapterConfig};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::registry::{BuildContext, Method};
+use super::registry::{BlockLinear, BlockShapes, BuildContext, Method};
 use super::target::{MatchReport, ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
@@ -31,7 +31,7 @@ pub static METHOD: Method = Method {
     build,
     flags: config::FLAGS,
     complete_flags: None,
-    count_from_shapes: None,
+    count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
 };
 
@@ -64,6 +64,48 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
         model_type,
         default_feedforward,
     )
+}
+
+/// `ferrule plan` without weights: one vector per targeted linear of every block, of its input
+/// size for a feed-forward module and of its output size otherwise (PEFT's
+/// `IA3Layer.update_layer`). Regex targets, exclusions and `modules_to_save` are not counted
+/// this way (`Ok(None)`).
+fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
+    let names = |key: &str| -> Option<Vec<String>> {
+        match options.get(key) {
+            Some(Value::Array(v)) => v.iter().map(|x| x.as_str().map(String::from)).collect(),
+            _ => None,
+        }
+    };
+    let unset = |key: &str| options.get(key).is_none_or(Value::is_null);
+    let (Some(targets), Some(feedforward)) =
+        (names("target_modules"), names("feedforward_modules"))
+    else {
+        return Ok(None);
+    };
+    if !unset("exclude_modules") || !unset("modules_to_save") {
+        return Ok(None);
+    }
+    let mut per_block = 0;
+    for target in &targets {
+        let matched: Vec<&BlockLinear> = blocks
+            .linears
+            .iter()
+            .filter(|l| l.name == target || l.name.ends_with(&format!(".{target}")))
+            .collect();
+        if matched.is_empty() {
+            bail!(
+                "ia3: target_modules entry {target:?} names no linear layer of this {} model",
+                blocks.family
+            )
+        }
+        for l in matched {
+            // PEFT's feed-forward test is a plain suffix (`key.endswith(entry)`).
+            let ff = feedforward.iter().any(|f| l.name.ends_with(f.as_str()));
+            per_block += if ff { l.in_features } else { l.out_features };
+        }
+    }
+    Ok(Some(per_block * blocks.layers))
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
