@@ -2,7 +2,7 @@
 # Do transformers and peft load what today's ferrule writes? Trains a LoRA adapter on the tiny
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
-# the adapter, and transformers' for the merged, the fully fine-tuned and the quantized folder, equal ferrule's own
+# the adapter (and for a DyLoRA adapter exported at a rank as LoRA), and transformers' for the merged, the fully fine-tuned and the quantized folder, equal ferrule's own
 # (1e-4, f32), that peft loads an adapter trained with tokens added to the tokenizer (resized
 # embeddings, trainable_token_indices) on a base it resizes itself, and that the tensorboard package reads the event files of --report-to tensorboard
 # with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
@@ -31,6 +31,13 @@ IN=tests/fixtures/inputs/decoder.safetensors
   --target-modules all-linear --output "$work/adapter" >/dev/null
 "$BIN" logits --threads 2 --model $M --adapter "$work/adapter" --inputs $IN --out "$work/adapter.logits"
 "$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/adapter" --model $M --inputs $IN --expected "$work/adapter.logits"
+
+# DyLoRA at rank 2, exported as the plain LoRA peft loads.
+"$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --max-steps 3 --lr 0.05 \
+  --method dylora --lora-r 4 --target-modules q_proj,v_proj --output "$work/dylora" >/dev/null
+"$BIN" export lora --threads 2 --model $M --adapter "$work/dylora" --rank 2 --output "$work/dylora-r2" >/dev/null
+"$BIN" logits --threads 2 --model $M --adapter "$work/dylora" --rank 2 --inputs $IN --out "$work/dylora.logits"
+"$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/dylora-r2" --model $M --inputs $IN --expected "$work/dylora.logits"
 
 "$BIN" merge --threads 2 --model $M --adapter "$work/adapter" --output "$work/merged" >/dev/null
 "$BIN" logits --threads 2 --model "$work/merged" --inputs $IN --out "$work/merged.logits"
@@ -69,5 +76,6 @@ TIN=tests/fixtures/tokens/llama_lora_tokens_resized_untied/inputs.safetensors  #
   --inputs $TIN --expected "$work/tokens.logits"
 
 echo "check-interop: peft loads the adapter, transformers the merged, the fully fine-tuned and the NF4 folder, with ferrule's logits;"
+echo "check-interop: peft loads a DyLoRA adapter exported at rank 2 as LoRA, with ferrule's logits at that rank;"
 echo "check-interop: peft loads the adapter trained on added tokens (resized embeddings) with ferrule's logits;"
 echo "check-interop: tensorboard reads the event files with the values of metrics.jsonl"

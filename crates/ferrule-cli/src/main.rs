@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune an adapter (LoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA, BitFit, DiffFit, bottleneck adapters: --method) on a JSONL dataset.
+    /// Fine-tune an adapter (LoRA, DyLoRA, IA3, LN tuning, prompt or prefix tuning, RandLoRA, BitFit, DiffFit, bottleneck adapters: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
     /// Train several methods on the same records under one budget (steps, tokens or seconds)
     /// and write one table and one plot (--lr-sweep: each at its best learning rate).
@@ -42,7 +42,7 @@ enum Command {
     /// Quantize a model's linear layers (nf4/fp4 with optional double quantization, or int8)
     /// and write it in the bitsandbytes layout that transformers loads.
     Quantize(commands::quantize::Args),
-    /// Write a model or adapter in another ecosystem's format (GGUF for llama.cpp).
+    /// Write a model or adapter in another ecosystem's format (GGUF for llama.cpp; a DyLoRA adapter at one rank as peft's LoRA).
     #[command(subcommand)]
     Export(commands::export::Command),
     /// Show a model's architecture and parameters, and what an adapter config would train.

@@ -373,6 +373,41 @@ impl AdaptedModel {
         })
     }
 
+    /// Runs the loaded adapter at rank `rank` ([`Tuner::set_rank`]: a DyLoRA adapter, `1..=r`).
+    /// No adapter, a weighted sum, or an adapter of another method is an error that says so.
+    pub fn set_rank(&self, rank: usize) -> Result<()> {
+        self.ranked_tuner(&format!("--rank {rank}"))?
+            .set_rank(rank)
+            .with_context(|| format!("adapter {}", self.active))
+    }
+
+    /// The ranks the loaded DyLoRA adapter runs at, `1..=r`; `flag` names the asking option in
+    /// the errors of [`AdaptedModel::set_rank`].
+    pub fn ranks(&self, flag: &str) -> Result<std::ops::RangeInclusive<usize>> {
+        let tuner = self.ranked_tuner(flag)?;
+        match tuner.max_rank() {
+            Some(r) => Ok(1..=r),
+            None => bail!(
+                "{flag}: adapter {} is {}, which has one rank; only DyLoRA adapters run at several",
+                self.active,
+                tuner.method().peft_type
+            ),
+        }
+    }
+
+    /// The one adapter loaded, for an option that chooses its rank.
+    fn ranked_tuner(&self, flag: &str) -> Result<&dyn Tuner> {
+        if self.weighted.is_some() {
+            bail!(
+                "{flag}: applies to one DyLoRA adapter, not to a weighted sum ({})",
+                self.active
+            )
+        }
+        self.tuner
+            .as_deref()
+            .with_context(|| format!("{flag}: no adapter was loaded (give --adapter DIR)"))
+    }
+
     pub fn trainable_params(&self) -> usize {
         self.tuner
             .as_deref()

@@ -1,9 +1,11 @@
 //! Writing a standalone Hugging Face model folder (config.json, tokenizer files,
 //! model.safetensors), for `ferrule merge` and `ferrule quantize`. The folder is built in
 //! `<out>.tmp` and renamed into place, so a failure leaves no half-written output.
-//! [`gguf`] writes GGUF files for llama.cpp (`ferrule export gguf`).
+//! [`gguf`] writes GGUF files for llama.cpp (`ferrule export gguf`); [`lora`] a DyLoRA adapter at
+//! one rank as a plain PEFT LoRA (`ferrule export lora`).
 
 pub mod gguf;
+pub mod lora;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

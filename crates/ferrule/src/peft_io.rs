@@ -179,12 +179,46 @@ fn is_checkpoint_name(name: &str) -> bool {
 /// Writes `tuner` as a PEFT adapter folder. Each file is written to a temporary name,
 /// synced and renamed, so an interrupted save never leaves a half-written adapter.
 pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str) -> Result<()> {
+    let form = AdapterFiles {
+        peft_type: tuner.method().peft_type.to_string(),
+        config: tuner.config_json()?,
+        tensors: tuner.saved_tensors()?,
+    };
+    write_adapter(dir, form, task, base_model)
+}
+
+/// `tuner` at its current rank as a plain PEFT LoRA folder ([`Tuner::plain_lora`]: DyLoRA at
+/// a chosen rank), written as [`save_adapter`] writes. A method without that form is an error
+/// naming it.
+pub fn save_plain_lora(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str) -> Result<()> {
+    let Some(crate::tuners::PlainLora { config, tensors }) = tuner.plain_lora()? else {
+        bail!(
+            "a {} adapter has no plain LoRA form to export; `export lora` converts DyLoRA adapters (LoRA adapters are plain LoRA already)",
+            tuner.method().peft_type
+        )
+    };
+    let form = AdapterFiles {
+        peft_type: config.peft_type,
+        config: Value::Object(config.options),
+        tensors,
+    };
+    write_adapter(dir, form, task, base_model)
+}
+
+/// What an adapter folder holds: its `peft_type`, the method's config keys and its tensors.
+struct AdapterFiles {
+    peft_type: String,
+    config: Value,
+    tensors: Vec<(String, Tensor)>,
+}
+
+fn write_adapter(dir: &Path, form: AdapterFiles, task: Task, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cfg = match tuner.config_json()? {
+    let mut cfg = match form.config {
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    cfg.insert("peft_type".into(), Value::from(tuner.method().peft_type));
+    cfg.insert("peft_type".into(), Value::from(form.peft_type));
     cfg.insert("task_type".into(), Value::from(task.peft_name()));
     cfg.insert("base_model_name_or_path".into(), Value::from(base_model));
     cfg.insert("revision".into(), Value::Null);
@@ -193,8 +227,7 @@ pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str)
     // PEFT writes sorted keys with indent 2.
     let sorted: BTreeMap<String, Value> = cfg.into_iter().collect();
     let json = serde_json::to_string_pretty(&sorted)? + "\n";
-    let tensors = tuner.saved_tensors()?;
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &[("format", "pt")])?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), &form.tensors, &[("format", "pt")])?;
     crate::util::atomic::write_bytes_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
     Ok(())
 }

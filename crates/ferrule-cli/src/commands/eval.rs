@@ -31,6 +31,10 @@ pub struct Args {
     /// the loss is the same, within float rounding).
     #[arg(long, value_parser = super::parse_padding, default_value = "free")]
     padding: ferrule::data::Padding,
+    /// Evaluate a DyLoRA adapter at every rank 1..r, as the reference does (one JSON line per
+    /// rank, with its "rank").
+    #[arg(long, conflicts_with = "rank")]
+    every_rank: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -62,23 +66,35 @@ pub fn run(a: Args) -> Result<()> {
         completion_only: !a.include_prompt,
     };
     let set = encode_file(&a.data, &m.source, opts, labels.as_ref(), a.limit)?;
-    let report = evaluate(
-        &m.model,
-        m.source.pad_token_id()?,
-        a.padding,
-        &set.items,
-        a.batch_size,
-        0,
-    )?;
-    let mut out = serde_json::to_value(&report)?;
-    if let Some(o) = out.as_object_mut() {
-        o.remove("step");
-        o.insert("skipped_records".into(), set.skipped.len().into());
-        o.insert("truncated_records".into(), set.truncated.into());
-        o.insert("adapter".into(), m.active.clone().into());
-        let dtype = m.source.weights.compute_dtype();
-        o.insert("compute_dtype".into(), dtype.as_str().into());
+    let ranks: Vec<Option<usize>> = match a.every_rank {
+        true => m.ranks("--every-rank")?.map(Some).collect(),
+        false => vec![a.model.rank],
+    };
+    for rank in ranks {
+        if let Some(b) = rank {
+            m.set_rank(b)?;
+        }
+        let report = evaluate(
+            &m.model,
+            m.source.pad_token_id()?,
+            a.padding,
+            &set.items,
+            a.batch_size,
+            0,
+        )?;
+        let mut out = serde_json::to_value(&report)?;
+        if let Some(o) = out.as_object_mut() {
+            o.remove("step");
+            o.insert("skipped_records".into(), set.skipped.len().into());
+            o.insert("truncated_records".into(), set.truncated.into());
+            o.insert("adapter".into(), m.active.clone().into());
+            if let Some(b) = rank {
+                o.insert("rank".into(), b.into());
+            }
+            let dtype = m.source.weights.compute_dtype();
+            o.insert("compute_dtype".into(), dtype.as_str().into());
+        }
+        println!("{}", serde_json::to_string(&out)?);
     }
-    println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

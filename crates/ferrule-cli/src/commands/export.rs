@@ -1,10 +1,11 @@
-//! `ferrule export gguf`
+//! `ferrule export gguf` and `ferrule export lora`
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use ferrule::adapted::AdaptedModel;
 use ferrule::export::gguf::{export_lora_gguf, export_model_gguf, GgufExportOptions, OutType};
+use ferrule::export::lora::export_plain_lora;
 use ferrule::model::{LoadOptions, ModelSource};
 
 #[derive(clap::Subcommand)]
@@ -12,6 +13,25 @@ pub enum Command {
     /// Write a model (optionally with an adapter merged in), or a LoRA adapter alone
     /// (--adapter-only), as a GGUF file that llama.cpp loads.
     Gguf(GgufArgs),
+    /// Write a DyLoRA adapter at one rank as a plain PEFT LoRA folder (r = B, lora_alpha = alpha,
+    /// the first B components of A and B), which peft loads as any LoRA.
+    Lora(LoraArgs),
+}
+
+#[derive(clap::Args)]
+pub struct LoraArgs {
+    /// The base model the adapter was trained on (folder, .gguf file or hub id).
+    #[arg(long)]
+    model: String,
+    /// The DyLoRA adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The rank to write, 1..r (default r).
+    #[arg(long, value_name = "B")]
+    rank: Option<usize>,
+    /// The new adapter folder.
+    #[arg(long, short)]
+    output: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -46,7 +66,20 @@ fn parse_outtype(s: &str) -> Result<OutType> {
 pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Gguf(a) => gguf(a),
+        Command::Lora(a) => lora(a),
     }
+}
+
+fn lora(a: LoraArgs) -> Result<()> {
+    let report = export_plain_lora(&a.model, &a.adapter, a.rank, &a.output)?;
+    println!("{}", serde_json::to_string(&report)?);
+    eprintln!(
+        "LoRA adapter of rank {} (of {}) written to {}",
+        report.rank,
+        report.max_rank,
+        a.output.display()
+    );
+    Ok(())
 }
 
 fn gguf(a: GgufArgs) -> Result<()> {

@@ -86,6 +86,9 @@ pub struct Args {
     /// which is exactly the model an adapter trained on that quantized base computes.
     #[arg(long)]
     dequantize: bool,
+    /// Merge a DyLoRA adapter at rank B (1..r; default r): W += (alpha/B)·B[:, :B]·A[:B].
+    #[arg(long, value_name = "B", conflicts_with = "config")]
+    rank: Option<usize>,
 }
 
 impl Args {
@@ -125,6 +128,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     if chosen.len() == 1 && !a.combines() {
         return merge_one(&a, &sources, &chosen[0].name, spec.as_ref(), options);
+    }
+    if let Some(rank) = a.rank {
+        bail!("--rank {rank} applies to merging one DyLoRA adapter into its base, not to a combination of {} adapters", chosen.len())
     }
     if a.combination.as_deref() == Some(DENSE_DARE) {
         return merge_dense_dare(&a, &sources, &chosen, spec.as_ref(), options);
@@ -220,6 +226,9 @@ fn merge_one(
         .context("the chosen adapter")?
         .dir;
     warn_base_mismatch(a, dir, &target)?;
+    if let Some(rank) = a.rank {
+        m.set_rank(rank)?;
+    }
     let tuner = m.tuner.as_deref().context("no adapter")?;
     let report = merge_to_dir_with(&m.source, tuner, m.model.task, out, options)?;
     println!("{}", serde_json::to_string(&report)?);

@@ -57,6 +57,9 @@ pub struct ModelArgs {
     /// when used and dropped after (as train's --stream-base): same results, less memory.
     #[arg(long)]
     pub stream_base: bool,
+    /// Run a DyLoRA adapter at rank B (1..r; default r): the update (alpha/B)·B[:, :B]·A[:B].
+    #[arg(long, value_name = "B")]
+    pub rank: Option<usize>,
 }
 
 impl ModelArgs {
@@ -89,6 +92,9 @@ impl ModelArgs {
                 stream_base: self.stream_base,
             },
         )?;
+        if let Some(rank) = self.rank {
+            m.set_rank(rank)?;
+        }
         if m.adapters.len() > 1 || m.weighted.is_some() {
             let names: Vec<_> = m.adapters.iter().map(|a| a.name.as_str()).collect();
             eprintln!(

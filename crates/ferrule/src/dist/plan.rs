@@ -210,8 +210,14 @@ impl PlannedModel {
             None => None,
         };
         let Some(trainable) = counted else {
+            let counting: Vec<&str> = crate::tuners::registry::METHODS
+                .iter()
+                .filter(|m| m.count_from_shapes.is_some())
+                .map(|m| m.name)
+                .collect();
             bail!(
-                "{model}: without the model's weights only plain LoRA's and IA3's parameters are counted; give a model folder with its weights to plan --method {}",
+                "{model}: without the model's weights only these methods count their parameters, and not with every option (DoRA needs the weights): {}; give a model folder with its weights to plan --method {}",
+                counting.join(", "),
                 adapter.peft_type
             )
         };

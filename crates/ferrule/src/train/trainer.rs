@@ -74,6 +74,8 @@ fn accumulate_step(
     let dev = p.model.device().clone();
     let mut acc = GradAccumulator::new();
     let mut local = StepTotals::default();
+    // What a method draws once per step (DyLoRA's rank) is the same for every micro-batch and rank.
+    p.tuner.mode().set_optimizer_step(step as u64);
     for micro in 0..cfg.grad_accum {
         let Some(group) = cursor.take(world) else {
             break; // the run's epochs are done: the last step takes what was left

@@ -13,6 +13,7 @@ pub mod bottleneck;
 pub mod config;
 pub mod core;
 pub mod difffit;
+pub mod dylora;
 pub mod flags;
 pub mod full;
 pub mod ia3;
@@ -129,6 +130,13 @@ impl Delta {
     }
 }
 
+/// An adapter as a plain PEFT LoRA ([`Tuner::plain_lora`]): a `LORA` config and the tensors
+/// under LoRA's keys.
+pub struct PlainLora {
+    pub config: AdapterConfig,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
 /// What every method provides beyond its hook points. A method implements [`Tuner::core`],
 /// [`Tuner::finish`] and [`Tuner::updates`]; the rest defaults to what its [`TunerCore`] holds.
 pub trait Tuner: ModelHook {
@@ -184,6 +192,26 @@ pub trait Tuner: ModelHook {
     /// fine-tuning), rather than an adapter ([`Method::trains_whole_model`]).
     fn trains_whole_model(&self) -> bool {
         self.method().trains_whole_model
+    }
+    /// The largest rank of a method whose rank is chosen after training (DyLoRA's `r`: it runs
+    /// at any `b` in `1..=r`); `None` for a method with one rank.
+    fn max_rank(&self) -> Option<usize> {
+        None
+    }
+    /// Runs at rank `rank` from now on (outside training): forward passes, [`Tuner::updates`]
+    /// and [`Tuner::plain_lora`]. An error for a method without [`Tuner::max_rank`], or for a
+    /// rank outside `1..=max_rank`, naming it.
+    fn set_rank(&self, rank: usize) -> Result<()> {
+        anyhow::bail!(
+            "--rank {rank}: a {} adapter has one rank; --rank chooses the rank of a DyLoRA adapter",
+            self.method().peft_type
+        )
+    }
+    /// The adapter at its current rank as a plain PEFT LoRA: a `LORA` config and the tensors
+    /// under LoRA's keys, which peft loads as any LoRA. `None` for a method with no such form
+    /// (LoRA itself is saved as it is).
+    fn plain_lora(&self) -> Result<Option<PlainLora>> {
+        Ok(None)
     }
 }
 

@@ -91,6 +91,7 @@ pub struct BlockLinear {
 /// Every registered method.
 pub static METHODS: &[&Method] = &[
     &super::lora::METHOD,
+    &super::dylora::METHOD,
     &super::ia3::METHOD,
     &super::bitfit::METHOD,
     &super::difffit::METHOD,

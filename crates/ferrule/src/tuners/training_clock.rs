@@ -1,5 +1,6 @@
-//! The train/eval switch and micro-step counter that a tuner's layers share: dropout draws its
-//! masks only while training, seeded by the step; DoRA caches its weight norm only in eval.
+//! The train/eval switch and step counters that a tuner's layers share: dropout draws its
+//! masks only while training, seeded by the micro-step; DoRA caches its weight norm only in
+//! eval; DyLoRA draws its rank once per optimizer step.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -11,6 +12,9 @@ pub struct TrainingClock {
     /// Micro-step counter: dropout masks are a pure function of (seed, step, layer), so a
     /// resumed run draws exactly the masks an uninterrupted run would.
     step: AtomicU64,
+    /// Optimizer step counter: what is drawn once per step for every layer and rank (DyLoRA's
+    /// rank) is a pure function of (seed, optimizer step), so a resumed run draws the same.
+    optimizer_step: AtomicU64,
     seed: u64,
 }
 
@@ -20,6 +24,7 @@ impl TrainingClock {
         Self {
             training: AtomicBool::new(false),
             step: AtomicU64::new(0),
+            optimizer_step: AtomicU64::new(0),
             seed,
         }
     }
@@ -34,6 +39,22 @@ impl TrainingClock {
     /// The micro-step the next forward pass belongs to.
     pub fn set_step(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed)
+    }
+    /// The optimizer step the next forward passes belong to (all its micro-batches, on every rank).
+    pub fn set_optimizer_step(&self, step: u64) {
+        self.optimizer_step.store(step, Ordering::Relaxed)
+    }
+    /// Seed for what `what` draws once per optimizer step (the same in every layer that asks
+    /// with the same name, on every rank and micro-batch of the step).
+    pub fn optimizer_step_seed(&self, what: &str) -> u64 {
+        crate::init::seed_for(
+            self.seed
+                ^ self
+                    .optimizer_step
+                    .load(Ordering::Relaxed)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            what,
+        )
     }
     /// Seed for the dropout mask of `layer` at the current step.
     pub fn dropout_seed(&self, layer: &str) -> u64 {

@@ -161,7 +161,7 @@ pub fn export_lora_gguf(
     let saved = crate::peft_io::load_adapter(adapter_dir, &Device::Cpu)?;
     if saved.peft_type() != "LORA" {
         bail!(
-            "{}: a {} adapter; llama.cpp loads LoRA adapters only (adapter.type \"lora\"). Merge it into the model instead: ferrule export gguf --model M --adapter A, without --adapter-only",
+            "{}: a {} adapter; llama.cpp loads LoRA adapters only (adapter.type \"lora\"). Merge it into the model instead: ferrule export gguf --model M --adapter A, without --adapter-only (a DyLoRA adapter: write it at a rank as LoRA first, ferrule export lora --rank B)",
             adapter_dir.display(),
             saved.peft_type()
         )

@@ -282,23 +282,29 @@ pub const RANK_FLAG: OptionFlag = OptionFlag {
     keys: |v| vec![("r", v)],
 };
 
+/// `--lora-alpha`: also DyLoRA's α, which has the same key.
+pub const ALPHA_FLAG: OptionFlag = OptionFlag {
+    name: "lora-alpha",
+    value: FlagValue::Number,
+    value_name: None,
+    help: "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora; alpha/b at DyLoRA's rank b); default 16 for ferrule train's LoRA, else the method's default.",
+    keys: |v| vec![("lora_alpha", v)],
+};
+
+/// `--lora-dropout`: also DyLoRA's, which has the same key.
+pub const DROPOUT_FLAG: OptionFlag = OptionFlag {
+    name: "lora-dropout",
+    value: FlagValue::Number,
+    value_name: None,
+    help: "Dropout probability on the adapter input during training (default 0).",
+    keys: |v| vec![("lora_dropout", v)],
+};
+
 /// LoRA's command-line flags beside the common ones.
 pub static FLAGS: &[OptionFlag] = &[
     RANK_FLAG,
-    OptionFlag {
-        name: "lora-alpha",
-        value: FlagValue::Number,
-        value_name: None,
-        help: "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --use-rslora); default 16 for ferrule train's LoRA, else PEFT's default of the method.",
-        keys: |v| vec![("lora_alpha", v)],
-    },
-    OptionFlag {
-        name: "lora-dropout",
-        value: FlagValue::Number,
-        value_name: None,
-        help: "Dropout probability on the adapter input during training (default 0).",
-        keys: |v| vec![("lora_dropout", v)],
-    },
+    ALPHA_FLAG,
+    DROPOUT_FLAG,
     OptionFlag {
         name: "use-rslora",
         value: FlagValue::Switch,
