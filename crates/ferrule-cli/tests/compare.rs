@@ -112,6 +112,10 @@ fn every_method_is_reported_and_a_rerun_continues_the_comparison() {
         md.contains("- bitfit: ") && md.contains("| dora | 2e-4 | "),
         "{md}"
     );
+    assert!(
+        md.contains("are set with --method-option NAME:KEY=VALUE"),
+        "{md}"
+    );
     // Figures from each run's summary, and the same micro-batches for every method.
     let tokens = step_tokens(&out.join("lora"));
     assert_eq!(tokens.len(), 3);

@@ -173,6 +173,7 @@ pub fn markdown(rows: &[Row], spec: &CompareSpec) -> String {
                 r.error.as_deref().unwrap_or_default()
             );
         }
+        md += "\nA method's own keys are set with --method-option NAME:KEY=VALUE (e.g. prompt-tuning:num_virtual_tokens=20), not with train's flags.\n";
     }
     md
 }
