@@ -55,32 +55,23 @@ impl FromStr for Budget {
         let (kind, value) = s
             .split_once('=')
             .with_context(|| format!("budget {s:?}: {expected}"))?;
-        let bad = || format!("budget {s:?}: {value:?} is not a positive number ({expected})");
+        // One positive number, whichever the kind; each kind keeps its own type.
+        let number = value
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n > 0.0)
+            .with_context(|| {
+                format!("budget {s:?}: {value:?} is not a positive number ({expected})")
+            })?;
+        let whole = || match number.fract() == 0.0 {
+            true => Ok(number),
+            false => bail!("budget {s:?}: {value:?} is not a whole number ({expected})"),
+        };
         let budget = match kind.trim() {
-            "steps" => Budget::Steps(
-                value
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .with_context(bad)?,
-            ),
-            "tokens" => Budget::Tokens(
-                value
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .with_context(bad)?,
-            ),
-            "seconds" => Budget::Seconds(
-                value
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
-                    .with_context(bad)?,
-            ),
+            "steps" => Budget::Steps(whole()? as usize),
+            "tokens" => Budget::Tokens(whole()? as u64),
+            "seconds" => Budget::Seconds(number),
             other => bail!("budget {s:?}: unknown kind {other:?}; {expected}"),
         };
         Ok(budget)
@@ -356,7 +347,14 @@ mod tests {
             "seconds=90.5".parse::<Budget>().unwrap(),
             Budget::Seconds(90.5)
         );
-        for bad in ["steps", "steps=0", "minutes=3", "seconds=-1", "tokens=x"] {
+        for bad in [
+            "steps",
+            "steps=0",
+            "minutes=3",
+            "seconds=-1",
+            "tokens=x",
+            "steps=2.5",
+        ] {
             let e = bad.parse::<Budget>().unwrap_err().to_string();
             assert!(e.contains(bad), "{bad}: {e}");
         }
