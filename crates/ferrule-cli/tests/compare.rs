@@ -158,11 +158,29 @@ fn every_method_is_reported_and_a_rerun_continues_the_comparison() {
         "resumed equals uninterrupted"
     );
 
-    // Another comparison in the same folder is refused.
+    // A method added and another's keys changed: only those two runs train; the rest is kept.
+    let changed = [
+        "--methods",
+        "lora,dora,ia3,prompt-tuning,bitfit,ln-tuning",
+        "--method-option",
+        "prompt-tuning:num_virtual_tokens=3",
+        "--budget",
+        "steps=3",
+    ];
+    let (ok, _, stderr) = ferrule(&compare_args(&o, &model, &data, &changed));
+    assert!(ok, "{stderr}");
+    assert_eq!(stderr.matches("finished earlier").count(), 3, "{stderr}");
+    assert_eq!(stderr.matches("settings changed").count(), 1, "{stderr}");
+    let third = runs(&out);
+    assert_eq!((third.len(), third[5]["status"].as_str()), (6, Some("ok")));
+    assert_eq!(third[3]["adapter"]["num_virtual_tokens"], 3);
+    assert_eq!(third[0]["final_train_loss"], first[0]["final_train_loss"]);
+
+    // Another budget in the same folder is refused.
     let other = ["--methods", "lora", "--budget", "steps=4"];
     let (ok, _, stderr) = ferrule(&compare_args(&o, &model, &data, &other));
     assert!(
-        !ok && stderr.contains("holds another comparison"),
+        !ok && stderr.contains("holds a comparison with another budget"),
         "{stderr}"
     );
 }

@@ -116,6 +116,11 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
 /// label, to ours; a failure is the run's outcome, not an error of the comparison.
 fn run_one(r: &PlannedRun, out: &Path, overwrite: bool, threads: Option<usize>) -> Result<Outcome> {
     let state = r.state();
+    let changed = state != RunState::Fresh && r.config_changed(out)?;
+    if changed {
+        eprintln!("  its settings changed since the last invocation: starting it again");
+    }
+    let overwrite = overwrite || changed;
     if state == RunState::Done && !overwrite {
         eprintln!("  finished earlier: {}", r.config.output_dir.display());
         return Ok(Outcome::Finished);

@@ -255,6 +255,18 @@ impl PlannedRun {
         Ok(path)
     }
 
+    /// Whether an earlier invocation wrote this run's config with other settings (a method
+    /// option changed): its folder's run is then not this one's.
+    pub fn config_changed(&self, out: &Path) -> Result<bool> {
+        let path = self.config_path(out);
+        if !path.is_file() {
+            return Ok(false);
+        }
+        let before = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(before != toml::to_string(&self.config)?)
+    }
+
     /// Where the run stands in its folder.
     pub fn state(&self) -> RunState {
         RunState::of(&self.config.output_dir)
@@ -289,10 +301,11 @@ impl RunState {
     }
 }
 
-/// Makes `out` the comparison's folder: writes [`SPEC_FILE`], or checks that the one there is
-/// the same comparison (same methods, budget, grid and shared settings), so that a rerun
-/// continues it. Another comparison there is an error, unless `overwrite` (its runs are then
-/// started again).
+/// Makes `out` the comparison's folder: writes [`SPEC_FILE`], or checks that the one there has
+/// the same budget, learning-rate grid and shared settings, so that a rerun continues it.
+/// Methods may be added or their keys changed between invocations: a run whose own config
+/// changed starts again ([`PlannedRun::config_changed`]), the others are kept. Another budget,
+/// grid or shared setting is an error, unless `overwrite` (every run then starts again).
 pub fn claim_folder(
     out: &Path,
     spec: &CompareSpec,
@@ -304,7 +317,8 @@ pub fn claim_folder(
     if let Some(o) = shared.as_object_mut() {
         o.remove("output_dir");
     }
-    let record = serde_json::json!({"spec": spec, "settings": shared});
+    let record =
+        serde_json::json!({"budget": spec.budget, "lr_grid": spec.lr_grid, "settings": shared});
     let path = out.join(SPEC_FILE);
     if path.is_file() && !overwrite {
         let text = std::fs::read_to_string(&path)?;
@@ -312,7 +326,7 @@ pub fn claim_folder(
             .with_context(|| format!("{}: not a comparison's settings", path.display()))?;
         if before != record {
             bail!(
-                "{}: this folder holds another comparison (other methods, budget, learning rates or settings); use another --output, or --overwrite to start its runs again",
+                "{}: this folder holds a comparison with another budget, learning-rate grid or shared settings; use another --output, or --overwrite to start its runs again",
                 out.display()
             )
         }
