@@ -10,7 +10,7 @@ pub mod lora;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::model::ModelSource;
@@ -53,36 +53,10 @@ pub fn write_model_folder_with(
     config: &Value,
     write_weights: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    if out.exists() {
-        bail!(
-            "{}: already exists; choose a new output folder",
-            out.display()
-        )
-    }
-    // `OUT.tmp` beside it (appended: `with_extension` would turn `model.v2` into `model.tmp`).
-    let mut tmp_name = out
-        .file_name()
-        .with_context(|| format!("{}: not a folder name", out.display()))?
-        .to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = out.with_file_name(tmp_name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let written = write_weights(&tmp.join("model.safetensors"))
-        .and_then(|_| write_side_files(source, &tmp, config))
-        .and_then(|_| {
-            std::fs::rename(&tmp, out)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
-        });
-    if let Err(e) = written {
-        // Best effort: the error matters more than the cleanup.
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    Ok(())
+    crate::util::atomic::write_folder_atomic(out, |tmp| {
+        write_weights(&tmp.join("model.safetensors"))?;
+        write_side_files(source, tmp, config)
+    })
 }
 
 /// Writes a model's files into the existing folder `dir` (a training run's output folder),

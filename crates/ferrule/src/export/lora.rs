@@ -62,27 +62,10 @@ pub fn export_plain_lora(
         .and_then(|v| v.as_str())
         .unwrap_or(model)
         .to_string();
-    let mut tmp_name = out
-        .file_name()
-        .with_context(|| format!("{}: not a folder name", out.display()))?
-        .to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = out.with_file_name(tmp_name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    let written = save_plain_lora(&tmp, tuner, m.model.task, &base_model)
-        .and_then(|_| copy_base_record(adapter, &tmp))
-        .and_then(|_| {
-            std::fs::rename(&tmp, out)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
-        });
-    if let Err(e) = written {
-        // Best effort: the error matters more than the cleanup.
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    crate::util::atomic::write_folder_atomic(out, |tmp| {
+        save_plain_lora(tmp, tuner, m.model.task, &base_model)?;
+        copy_base_record(adapter, tmp)
+    })?;
     let form = tuner.plain_lora()?.context("no plain LoRA form")?;
     Ok(PlainLoraReport {
         rank,

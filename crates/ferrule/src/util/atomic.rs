@@ -87,6 +87,43 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates the folder `out`, which must not exist, as a whole or not at all: `fill` writes its
+/// files into `OUT.tmp` beside it (a stale one from a killed run is removed first), and the
+/// folder is renamed into place once `fill` succeeds. On an error the temporary folder is
+/// removed and the error returned; `out` never appears half-written.
+pub fn write_folder_atomic<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    if out.exists() {
+        bail!(
+            "{}: already exists; choose a new output folder",
+            out.display()
+        )
+    }
+    // Appended, not `with_extension`, which would turn `model.v2` into `model.tmp`.
+    let mut name = out
+        .file_name()
+        .with_context(|| format!("{}: not a folder name", out.display()))?
+        .to_os_string();
+    name.push(".tmp");
+    let tmp = out.with_file_name(name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    let written = std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))
+        .and_then(|_| fill(&tmp))
+        .and_then(|v| {
+            std::fs::rename(&tmp, out)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+            Ok(v)
+        });
+    if written.is_err() {
+        // Best effort: the error matters more than the cleanup.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
 /// The directory containing `path`, with `""` mapped to `"."`.
 pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {

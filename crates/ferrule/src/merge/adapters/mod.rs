@@ -286,24 +286,7 @@ impl CombinedAdapter {
     /// Writes the adapter as a PEFT folder at `dir`, which must not exist: both files go to
     /// `DIR.tmp` first, synced, and the folder is renamed into place, so a failure leaves nothing.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        if dir.exists() {
-            bail!(
-                "{}: already exists; choose a new output folder",
-                dir.display()
-            )
-        }
-        let mut tmp_name = dir
-            .file_name()
-            .with_context(|| format!("{}: not a folder name", dir.display()))?
-            .to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = dir.with_file_name(tmp_name);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .with_context(|| format!("removing stale {}", tmp.display()))?;
-        }
-        let fill = || -> Result<()> {
-            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        crate::util::atomic::write_folder_atomic(dir, |tmp| {
             let tensors: Vec<(String, Tensor)> = self
                 .tensors
                 .iter()
@@ -316,13 +299,7 @@ impl CombinedAdapter {
             )?;
             let json = serde_json::to_string_pretty(&self.config)? + "\n";
             crate::util::atomic::write_bytes_atomic(&tmp.join(CONFIG_FILE), json.as_bytes())?;
-            crate::util::atomic::sync_dir(&tmp)?;
-            std::fs::rename(&tmp, dir)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))
-        };
-        fill().inspect_err(|_| {
-            // Best effort: the error matters more than the cleanup.
-            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(crate::util::atomic::sync_dir(tmp)?)
         })
     }
 

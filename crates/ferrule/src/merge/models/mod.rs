@@ -107,16 +107,7 @@ pub fn merge(
         models.insert(spec, m);
     }
     let plan = plan::build(config, &models)?;
-    let tmp = temp_dir_for(out)?;
-    let result = write(config, &plan, &models, &tmp, options).and_then(|r| {
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-        Ok(r)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    crate::util::atomic::write_folder_atomic(out, |tmp| write(config, &plan, &models, tmp, options))
 }
 
 /// Every model the YAML names, in its order, the base first.
@@ -138,21 +129,6 @@ pub(super) fn referenced(config: &MergeConfig) -> Vec<String> {
         }
     }
     v
-}
-
-fn temp_dir_for(out: &Path) -> Result<PathBuf> {
-    let mut name = out
-        .file_name()
-        .with_context(|| format!("{}: not a folder name", out.display()))?
-        .to_os_string();
-    name.push(".tmp");
-    let tmp = out.with_file_name(name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    Ok(tmp)
 }
 
 fn write(
