@@ -2,7 +2,7 @@
 # Do transformers and peft load what today's ferrule writes? Trains a LoRA adapter on the tiny
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
-# the adapter (and for a DyLoRA adapter exported at a rank as LoRA), and transformers' for the merged, the fully fine-tuned and the quantized folder, equal ferrule's own
+# the adapter (and for a DyLoRA adapter exported at a rank as LoRA), and transformers' for the merged, the fully fine-tuned, the quantized and the QLoRA-merged NF4 folder, equal ferrule's own
 # (1e-4, f32), that peft loads an adapter trained with tokens added to the tokenizer (resized
 # embeddings, trainable_token_indices) on a base it resizes itself, and that the tensorboard package reads the event files of --report-to tensorboard
 # with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
@@ -51,6 +51,12 @@ IN=tests/fixtures/inputs/decoder.safetensors
 "$BIN" quantize --threads 2 --model $M --quantize nf4 --double-quant --output "$work/nf4" >/dev/null
 "$BIN" logits --threads 2 --model "$work/nf4" --inputs $IN --out "$work/nf4.logits"
 "$PY" tests/fixtures/check_model_folder.py "$work/nf4" --inputs $IN --expected "$work/nf4.logits"
+# A QLoRA adapter merged into its NF4 base: the folder says it is bitsandbytes NF4.
+"$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --max-steps 3 --lr 0.05 \
+  --quantize nf4 --double-quant --output "$work/qlora" >/dev/null
+"$BIN" merge --threads 2 --model $M --adapter "$work/qlora" --quantize nf4 --double-quant --output "$work/qmerged" >/dev/null
+"$BIN" logits --threads 2 --model "$work/qmerged" --inputs $IN --out "$work/qmerged.logits"
+"$PY" tests/fixtures/check_model_folder.py "$work/qmerged" --inputs $IN --expected "$work/qmerged.logits"
 "$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --eval-data tests/fixtures/data/chat.jsonl \
   --max-steps 4 --eval-every 2 --report-to tensorboard --output "$work/tb" >/dev/null
 "$PY" tests/fixtures/check_tensorboard.py "$work/tb"
@@ -75,7 +81,7 @@ TIN=tests/fixtures/tokens/llama_lora_tokens_resized_untied/inputs.safetensors  #
 "$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/tokens" --model "$work/added" --resize 322 \
   --inputs $TIN --expected "$work/tokens.logits"
 
-echo "check-interop: peft loads the adapter, transformers the merged, the fully fine-tuned and the NF4 folder, with ferrule's logits;"
+echo "check-interop: peft loads the adapter, transformers the merged, the fully fine-tuned, the NF4 and the QLoRA-merged NF4 folder, with ferrule's logits;"
 echo "check-interop: peft loads a DyLoRA adapter exported at rank 2 as LoRA, with ferrule's logits at that rank;"
 echo "check-interop: peft loads the adapter trained on added tokens (resized embeddings) with ferrule's logits;"
 echo "check-interop: tensorboard reads the event files with the values of metrics.jsonl"

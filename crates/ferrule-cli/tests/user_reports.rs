@@ -646,4 +646,37 @@ fn merging_a_qlora_adapter_into_a_dense_base_warns() {
         dense_diff > 100.0 * exact_diff.max(1e-6),
         "{dense_diff} vs {exact_diff}"
     );
+
+    // `--quantize` again on a base that is already bitsandbytes NF4 is named, and writes
+    // nothing (merge maps a dense base and quantizes it while writing).
+    let nf4 = out("nf4");
+    succeeds(&[
+        "quantize",
+        "--model",
+        &model,
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--output",
+        &nf4,
+    ]);
+    let again = out("again");
+    let err = fails(&[
+        "merge",
+        "--model",
+        &nf4,
+        "--adapter",
+        &run,
+        "--output",
+        &again,
+        "--quantize",
+        "nf4",
+    ]);
+    assert!(
+        err.contains(
+            "is already quantized (bf16, nf4 (blocksize 64, double quant)); drop --quantize"
+        ),
+        "{err}"
+    );
+    assert!(!Path::new(&again).exists());
 }

@@ -302,3 +302,63 @@ fn a_quantized_source_is_an_error_naming_it() {
         assert!(!out.exists());
     }
 }
+
+/// `merge --quantize` with an adapter streams too: the dense base mapped, each weight
+/// quantized as it is written (`MergeOptions::quantize`), the merged ones requantized. It
+/// writes the bytes of the merge into the base loaded quantized first (as the adapter
+/// trained), for every format, and both say in config.json how the weights are stored: a
+/// folder of bitsandbytes tensors without `quantization_config` is read by transformers as
+/// dense garbage.
+#[test]
+fn merging_an_adapter_quantized_while_written_equals_merging_into_the_quantized_base() {
+    use ferrule::adapted::AdaptedModel;
+    use ferrule::merge::{merge_to_dir_with, MergeOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models/llama");
+    let model = model.to_str().unwrap();
+    let adapter = fixtures().join("adapters/llama_lora");
+    for (tag, spec) in specs() {
+        let merge = |load: LoadOptions, quantize: Option<QuantSpec>, out: &Path, dequantize| {
+            let m =
+                AdaptedModel::load_with(model, Some(&adapter), None, &Device::Cpu, load).unwrap();
+            let options = MergeOptions {
+                dequantize,
+                quantize,
+            };
+            let tuner = m.tuner.as_deref().unwrap();
+            merge_to_dir_with(&m.source, tuner, m.model.task, out, options).unwrap()
+        };
+        let (reference, streamed) = (tmp.path().join(format!("{tag}-ref")), tmp.path().join(tag));
+        let in_memory = merge(LoadOptions::quantized(Some(&spec)), None, &reference, false);
+        let written = merge(
+            LoadOptions::read_once(None, model),
+            Some(spec),
+            &streamed,
+            false,
+        );
+        assert_same_folders(&reference, &streamed, tag);
+        // --dequantize: the weights the adapter trained on, in f32, plus the update.
+        let (dq_ref, dq) = (
+            tmp.path().join(format!("{tag}-dq-ref")),
+            tmp.path().join(format!("{tag}-dq")),
+        );
+        merge(LoadOptions::quantized(Some(&spec)), None, &dq_ref, true);
+        merge(LoadOptions::read_once(None, model), Some(spec), &dq, true);
+        assert_same_folders(&dq_ref, &dq, &format!("{tag} --dequantize"));
+        assert!(written.merged_modules > 0 && written.requantized == written.merged_modules);
+        assert_eq!(
+            serde_json::to_value(&written).unwrap(),
+            serde_json::to_value(&in_memory).unwrap(),
+            "{tag}: report"
+        );
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(streamed.join("config.json")).unwrap()).unwrap();
+        // The blocksize is not a `quantization_config` key: each tensor's quant_state has it.
+        let declared = bnb_format::spec_from_config(&config).unwrap().unwrap();
+        assert_eq!(
+            (declared.method, declared.double_quant),
+            (spec.method, spec.double_quant),
+            "{tag}: config.json's quantization_config"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use ferrule::merge::delta::SignElection;
 use ferrule::merge::{merge_to_dir_with, BaseRecord, MergeOptions};
 use ferrule::model::ModelSource;
 use ferrule::peft_io::load_adapter;
+use ferrule::quant::QuantSpec;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -117,30 +118,25 @@ pub fn run(a: Args) -> Result<()> {
         return run_config(config, &a);
     }
     let spec = a.quant.spec()?;
+    let base = Base::new(&a, spec.as_ref());
     let sources: Vec<AdapterSource> = a.adapter.iter().map(|s| AdapterSource::parse(s)).collect();
     let found = expand(&sources)?;
     let chosen = choose(&a, &found)?;
-    // The base is loaded quantized (`read_once` with the spec): merges that run the model
-    // (--choose-q, --analytic-q) need it so, and it is already what the writer quantizes.
-    let options = MergeOptions {
-        dequantize: a.dequantize,
-        quantize: None,
-    };
     if chosen.len() == 1 && !a.combines() {
-        return merge_one(&a, &sources, &chosen[0].name, spec.as_ref(), options);
+        return merge_one(&a, &sources, &chosen[0].name, base);
     }
     if let Some(rank) = a.rank {
         bail!("--rank {rank} applies to merging one DyLoRA adapter into its base, not to a combination of {} adapters", chosen.len())
     }
     if a.combination.as_deref() == Some(DENSE_DARE) {
-        return merge_dense_dare(&a, &sources, &chosen, spec.as_ref(), options);
+        return merge_dense_dare(&a, &sources, &chosen, base);
     }
     if a.choose_q.is_some() {
         bail!("--choose-q applies to --combination {DENSE_DARE} only")
     }
     let linear = a.combination.as_deref().is_none_or(|c| c == "linear");
     if a.output_adapter.is_none() && linear && outside_peft_combinations(&chosen)? {
-        return merge_task_arithmetic(&a, &sources, &chosen, spec.as_ref(), options);
+        return merge_task_arithmetic(&a, &sources, &chosen, base);
     }
     let combined = combine_chosen(&a, &chosen)?;
     if let Some(dir) = &a.output_adapter {
@@ -152,17 +148,13 @@ pub fn run(a: Args) -> Result<()> {
         .output
         .as_ref()
         .context("give --output or --output-adapter")?;
-    let source = ModelSource::load_with(
-        a.model(),
-        &super::device(),
-        LoadOptions::read_once(spec.as_ref(), a.model()),
-    )?;
-    let target = BaseRecord::of(&source.weights, spec.as_ref());
+    let source = ModelSource::load_with(a.model(), &super::device(), base.load_options(a.model()))?;
+    let target = base.record(a.model(), &source.weights)?;
     check_dequantize(&a, &target)?;
     for ad in &chosen {
         warn_base_mismatch(&a, &ad.dir, &target)?;
     }
-    let report = merge_into_base(&source, combined, out, options)?;
+    let report = merge_into_base(&source, combined, out, base.merge_options())?;
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("merged model written to {}", out.display());
     Ok(())
@@ -198,13 +190,7 @@ fn choose(a: &Args, found: &[LoadedAdapter]) -> Result<Vec<LoadedAdapter>> {
 }
 
 /// One adapter into its base, as it always was.
-fn merge_one(
-    a: &Args,
-    sources: &[AdapterSource],
-    name: &str,
-    spec: Option<&ferrule::quant::QuantSpec>,
-    options: MergeOptions,
-) -> Result<()> {
+fn merge_one(a: &Args, sources: &[AdapterSource], name: &str, base: Base) -> Result<()> {
     let out = a
         .output
         .as_ref()
@@ -215,9 +201,9 @@ fn merge_one(
         &Selection::Active(name.to_string()),
         None,
         &super::device(),
-        LoadOptions::read_once(spec, a.model()),
+        base.load_options(a.model()),
     )?;
-    let target = BaseRecord::of(&m.source.weights, spec);
+    let target = base.record(a.model(), &m.source.weights)?;
     check_dequantize(a, &target)?;
     let dir = &m
         .adapters
@@ -230,10 +216,67 @@ fn merge_one(
         m.set_rank(rank)?;
     }
     let tuner = m.tuner.as_deref().context("no adapter")?;
-    let report = merge_to_dir_with(&m.source, tuner, m.model.task, out, options)?;
+    let report = merge_to_dir_with(&m.source, tuner, m.model.task, out, base.merge_options())?;
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("merged model written to {}", out.display());
     Ok(())
+}
+
+/// How a merge reads its base. With `--quantize` the dense base is memory-mapped and each
+/// tensor quantized as the merged model is written ([`MergeOptions::quantize`]: about one
+/// tensor in memory at a time, the same bytes as loading it quantized first). `--choose-q`
+/// runs the model in its search, so it loads the base quantized, as it trained.
+#[derive(Clone, Copy)]
+struct Base<'a> {
+    spec: Option<&'a QuantSpec>,
+    quantize_when_written: bool,
+    dequantize: bool,
+}
+
+impl<'a> Base<'a> {
+    fn new(a: &Args, spec: Option<&'a QuantSpec>) -> Self {
+        Self {
+            spec,
+            quantize_when_written: spec.is_some()
+                && a.choose_q.is_none()
+                && std::path::Path::new(a.model()).is_dir(),
+            dequantize: a.dequantize,
+        }
+    }
+
+    fn load_options(&self, model: &str) -> LoadOptions<'a> {
+        let spec = if self.quantize_when_written {
+            None
+        } else {
+            self.spec
+        };
+        LoadOptions::read_once(spec, model)
+    }
+
+    fn merge_options(&self) -> MergeOptions {
+        MergeOptions {
+            dequantize: self.dequantize,
+            quantize: self.spec.copied().filter(|_| self.quantize_when_written),
+        }
+    }
+
+    /// The base as the adapters see it. Loaded dense for a quantizing write, a base that is
+    /// already quantized is the loader's error (`--quantize` on a bitsandbytes folder).
+    fn record(&self, model: &str, weights: &ferrule::model::Weights) -> Result<BaseRecord> {
+        match self.spec.filter(|_| self.quantize_when_written) {
+            None => Ok(BaseRecord::of(weights, self.spec)),
+            Some(spec) => {
+                let held = BaseRecord::of(weights, None);
+                if held.is_quantized() {
+                    bail!(
+                        "{model}: the checkpoint is already quantized ({}); drop --quantize",
+                        held.formats.join(", ")
+                    )
+                }
+                Ok(BaseRecord::planned(weights, spec))
+            }
+        }
+    }
 }
 
 fn check_dequantize(a: &Args, target: &BaseRecord) -> Result<()> {
@@ -356,15 +399,14 @@ fn merge_task_arithmetic(
     a: &Args,
     sources: &[AdapterSource],
     chosen: &[LoadedAdapter],
-    spec: Option<&ferrule::quant::QuantSpec>,
-    options: MergeOptions,
+    base: Base,
 ) -> Result<()> {
     let out = a.output.as_ref().context("give --output")?;
     if a.density.is_some() || a.svd_rank.is_some() || a.svd_clamp.is_some() || a.rescale_q.is_some()
     {
         bail!("--density, --svd-rank, --svd-clamp and --rescale-q apply to peft's LoRA combinations; these adapters (other methods, DoRA or a mix) combine by linear task arithmetic only")
     }
-    let m = load_weighted(a, sources, chosen, spec)?;
+    let m = load_weighted(a, sources, chosen, base)?;
     let sum = m.weighted.as_ref().context("the weighted adapters")?;
     let members: Vec<(String, f64, &dyn ferrule::tuners::Tuner)> = sum
         .members
@@ -380,7 +422,7 @@ fn merge_task_arithmetic(
         &members,
         m.model.task,
         out,
-        options,
+        base.merge_options(),
     )?;
     println!("{}", serde_json::to_string(&report)?);
     eprintln!("merged model written to {}", out.display());
@@ -393,7 +435,7 @@ fn load_weighted(
     a: &Args,
     sources: &[AdapterSource],
     chosen: &[LoadedAdapter],
-    spec: Option<&ferrule::quant::QuantSpec>,
+    base: Base,
 ) -> Result<AdaptedModel> {
     let weights = parse_weights(a.weights.as_deref(), chosen)?;
     let selection = Selection::Weighted(
@@ -409,9 +451,9 @@ fn load_weighted(
         &selection,
         None,
         &super::device(),
-        LoadOptions::read_once(spec, a.model()),
+        base.load_options(a.model()),
     )?;
-    let target = BaseRecord::of(&m.source.weights, spec);
+    let target = base.record(a.model(), &m.source.weights)?;
     check_dequantize(a, &target)?;
     for ad in chosen {
         warn_base_mismatch(a, &ad.dir, &target)?;
@@ -428,8 +470,7 @@ fn merge_dense_dare(
     a: &Args,
     sources: &[AdapterSource],
     chosen: &[LoadedAdapter],
-    spec: Option<&ferrule::quant::QuantSpec>,
-    options: MergeOptions,
+    base: Base,
 ) -> Result<()> {
     use ferrule::merge::darex::{merge_dense_dare, DenseDare, QRule};
     let out = a
@@ -462,7 +503,7 @@ fn merge_dense_dare(
         (None, Some(q)) => QRule::Fixed(q),
         (None, None) => QRule::Dare,
     };
-    let m = load_weighted(a, sources, chosen, spec)?;
+    let m = load_weighted(a, sources, chosen, base)?;
     let sum = m.weighted.as_ref().context("the weighted adapters")?;
     let members: Vec<(&str, &dyn ferrule::tuners::Tuner, f32)> = sum
         .members
@@ -474,7 +515,14 @@ fn merge_dense_dare(
         seed: a.seed,
         q,
     };
-    let report = merge_dense_dare(&m.source, m.model.task, &members, &dare, out, options)?;
+    let report = merge_dense_dare(
+        &m.source,
+        m.model.task,
+        &members,
+        &dare,
+        out,
+        base.merge_options(),
+    )?;
     eprintln!(
         "DARE on dense deltas: kept {density}, rescaled by 1/{} ({})",
         report.q,

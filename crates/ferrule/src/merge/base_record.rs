@@ -50,6 +50,31 @@ impl BaseRecord {
         }
     }
 
+    /// The record of the dense base `weights` as loading it with `--quantize` (`spec`) holds
+    /// it, without quantizing anything: the formats [`QuantSpec::wants`] and
+    /// [`QuantSpec::keeps_bf16`] give its matrices, as the loader chooses them. A merge that
+    /// quantizes while it writes (`MergeOptions::quantize`) checks the adapter against it.
+    pub fn planned(weights: &Weights, spec: &QuantSpec) -> Self {
+        let mut formats: Vec<String> = weights
+            .held()
+            .iter()
+            .filter_map(|(name, w)| {
+                let dims = super::merged::base_dims(w);
+                if spec.wants(name, &dims) {
+                    Some(spec.format())
+                } else {
+                    QuantSpec::keeps_bf16(name, &dims).then(|| "bf16".to_string())
+                }
+            })
+            .collect();
+        formats.sort();
+        formats.dedup();
+        Self {
+            formats,
+            quantize_flags: Some(spec.flags()),
+        }
+    }
+
     /// Whether the base held any compressed weight.
     pub fn is_quantized(&self) -> bool {
         !self.formats.is_empty()

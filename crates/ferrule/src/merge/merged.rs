@@ -457,7 +457,7 @@ pub(super) fn keeps(
     (keep_quantized && bnb_format::has_layout(q.as_ref())).then_some(q)
 }
 
-fn base_dims(w: &FrozenWeight) -> Vec<usize> {
+pub(super) fn base_dims(w: &FrozenWeight) -> Vec<usize> {
     match w {
         FrozenWeight::Dense(t) => t.dims().to_vec(),
         FrozenWeight::Quantized(q, _) => vec![q.dims().0, q.dims().1],

@@ -158,16 +158,15 @@ pub fn merged_model(
         bail!("merge: the adapter changes {name:?}, which the base checkpoint does not have")
     }
     let keep_quantized = !options.dequantize;
-    let quantized = base
-        .values()
-        .any(|w| merged::keeps(w, keep_quantized).is_some())
-        || (keep_quantized && options.quantize.is_some());
+    let written_spec = keep_quantized
+        .then(|| options.quantize.or_else(|| kept_spec(base.values())))
+        .flatten();
     let classifier = "classifier.weight";
     let labels = match replaced.iter().find(|(n, _)| n == classifier) {
         Some((_, t)) => Some(t.dims()[0]),
         None => base.get(classifier).map(|w| w.dims().0),
     };
-    set_merged_config(&mut config, &model_type, task, quantized, labels);
+    set_merged_config(&mut config, &model_type, task, written_spec, labels);
     MergedModel::new(
         base.into_iter().collect(),
         replaced,
@@ -178,14 +177,27 @@ pub fn merged_model(
     )
 }
 
-/// The merged model's `config.json`: its class for `task`, f32, no `quantization_config`
-/// unless weights stay quantized, and for sequence classification the labels of the
-/// classifier's `labels` rows (transformers' `LABEL_i` defaults).
+/// The 4-bit or int8 format of the first base weight the merge writes quantized (a base
+/// loaded with `--quantize`, or a bitsandbytes folder), if any.
+fn kept_spec<'a>(base: impl Iterator<Item = &'a FrozenWeight>) -> Option<crate::quant::QuantSpec> {
+    base.filter_map(|w| merged::keeps(w, true)).find_map(|q| {
+        match crate::quant::bnb_format::Target::of(q.as_ref()) {
+            Some(crate::quant::bnb_format::Target::Quantized(spec)) => Some(spec),
+            _ => None,
+        }
+    })
+}
+
+/// The merged model's `config.json`: its class for `task`, f32, the `quantization_config`
+/// of `quantized` when weights are written quantized (kept from the source where it has one,
+/// so a bitsandbytes folder keeps its own; else made from the spec, as transformers writes
+/// it) and none otherwise, and for sequence classification the labels of the classifier's
+/// `labels` rows (transformers' `LABEL_i` defaults).
 fn set_merged_config(
     config: &mut Value,
     model_type: &str,
     task: Task,
-    quantized: bool,
+    quantized: Option<crate::quant::QuantSpec>,
     labels: Option<usize>,
 ) {
     let arch = match (model_type, task) {
@@ -199,8 +211,14 @@ fn set_merged_config(
     config["dtype"] = json!("float32");
     if let Value::Object(o) = config {
         o.remove("torch_dtype");
-        if !quantized {
-            o.remove("quantization_config");
+        match quantized {
+            None => {
+                o.remove("quantization_config");
+            }
+            Some(spec) => {
+                o.entry("quantization_config")
+                    .or_insert_with(|| crate::quant::bnb_format::quantization_config(&spec));
+            }
         }
     }
     if let (Task::SeqCls, Some(n)) = (task, labels) {

@@ -417,16 +417,15 @@ impl QuantMatrix for Blockwise4 {
     }
 
     fn format(&self) -> String {
-        format!(
-            "{} (blocksize {}{})",
-            self.code.name(),
-            self.blocksize,
-            if self.double_quant() {
-                ", double quant"
-            } else {
-                ""
-            }
-        )
+        super::QuantSpec {
+            method: match self.code {
+                Code4::Nf4 => super::QuantMethod::Nf4,
+                Code4::Fp4 => super::QuantMethod::Fp4,
+            },
+            blocksize: self.blocksize,
+            double_quant: self.double_quant(),
+        }
+        .format()
     }
 }
 

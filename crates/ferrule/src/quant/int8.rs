@@ -117,7 +117,12 @@ impl QuantMatrix for Int8Rows {
     }
 
     fn format(&self) -> String {
-        "int8 (row absmax)".to_string()
+        super::QuantSpec {
+            method: super::QuantMethod::Int8,
+            blocksize: 64,
+            double_quant: false,
+        }
+        .format()
     }
 }
 

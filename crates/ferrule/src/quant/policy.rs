@@ -143,9 +143,11 @@ impl QuantSpec {
         out
     }
 
-    pub fn describe(&self) -> String {
+    /// The name of the format this spec makes, as [`super::QuantMatrix::format`] reports it
+    /// for the weights it quantized: `nf4 (blocksize 64, double quant)`, `int8 (row absmax)`.
+    pub fn format(&self) -> String {
         match self.method {
-            QuantMethod::Int8 => "int8".into(),
+            QuantMethod::Int8 => "int8 (row absmax)".into(),
             m => format!(
                 "{} (blocksize {}{})",
                 if m == QuantMethod::Nf4 { "nf4" } else { "fp4" },

@@ -76,8 +76,10 @@ impl MergedModel {
         let part = &self.parts[name];
         let target = match (self.written(name), part) {
             (None, Part::Base(w @ FrozenWeight::Streamed(s, _)))
-                if matches!(s.held(), Held::Dense { .. }) =>
+                if matches!(s.held(), Held::Dense { .. })
+                    && self.spec_target(name, w).is_none() =>
             {
+                // (With a quantization spec and --dequantize, it is dequant(Q(W)) instead.)
                 // The file's f32 values (or their conversion) written as they are mapped.
                 return with_f32(w, |v| Ok(out.write_all(bytemuck::cast_slice(v))?));
             }
