@@ -8,14 +8,12 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::method::*;
 use common::*;
 use ferrule::adapted::attach;
-use ferrule::model::{Arch, Frozen, Inputs, Model, ModelSource, Task};
-use ferrule::ops::loss::cross_entropy;
-use ferrule::ops::recompute::GradSink;
+use ferrule::model::{Frozen, Model, ModelSource, Task};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
 use ferrule::quant::{QuantMethod, QuantSpec};
@@ -30,82 +28,11 @@ const CASES: &[(&str, &str, Task)] = &[
     ("qwen2_all", "qwen2", Task::CausalLm),
 ];
 
-fn source(model: &str, task: Task) -> ModelSource {
-    let dir = fixtures().join("models").join(model);
-    let mut src = ModelSource::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
-    if task == Task::SeqCls {
-        src.config["num_labels"] = serde_json::json!(2);
-    }
-    src
-}
-
-/// The fixture's adapter (the trained tensors before the step), loaded as a saved adapter.
-fn build(case: &str, src: &ModelSource, task: Task) -> (Model, Box<dyn Tuner>) {
-    let dev = Device::Cpu;
-    let saved = load_adapter(&fixtures().join("bitfit").join(case), &dev).unwrap();
-    assert_eq!(saved.peft_type(), "BITFIT");
-    let tuner = saved.into_tuner(0, &dev).unwrap();
-    let model = Model::build(src, task, tuner.as_ref(), &dev, 0).unwrap();
-    tuner.finish().unwrap();
-    (model, tuner)
-}
-
 fn inputs(task: Task) -> HashMap<String, Tensor> {
     load(match task {
         Task::SeqCls => "inputs/bert.safetensors",
         _ => "inputs/decoder.safetensors",
     })
-}
-
-fn logits(model: &Model, inp: &HashMap<String, Tensor>) -> Tensor {
-    model
-        .forward(&Inputs {
-            input_ids: &inp["input_ids"],
-            attention_mask: Some(&inp["attention_mask"]),
-            token_type_ids: inp.get("token_type_ids"),
-        })
-        .unwrap()
-}
-
-/// The loss and every trainable tensor's gradient by key.
-fn loss_grads(
-    model: &Model,
-    tuner: &dyn Tuner,
-    inp: &HashMap<String, Tensor>,
-    labels: &Tensor,
-    recompute: bool,
-) -> (f32, HashMap<String, Tensor>) {
-    let sink = recompute.then(|| {
-        Arc::new(GradSink::new(
-            tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()),
-        ))
-    });
-    model.set_recompute(sink.clone());
-    let loss = match &model.arch {
-        Arch::Decoder(lm) => {
-            let mask = Some(&inp["attention_mask"]);
-            lm.causal_lm_loss(&inp["input_ids"], mask, None, labels)
-                .unwrap()
-                .0
-        }
-        Arch::Bert(_) => cross_entropy(&logits(model, inp), labels).unwrap().0,
-    };
-    let mut grads = loss.backward().unwrap();
-    if let Some(s) = &sink {
-        s.drain_into(&mut grads).unwrap();
-    }
-    model.set_recompute(None);
-    let by_key = tuner
-        .trainable()
-        .into_iter()
-        .map(|(k, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{k}: no gradient"));
-            (k, g.clone())
-        })
-        .collect();
-    (loss.to_scalar::<f32>().unwrap(), by_key)
 }
 
 /// Largest |value| of `t`.
@@ -139,32 +66,13 @@ fn relative_diff(got: &Tensor, want: &Tensor) -> f32 {
     max_diff(got, want) / scale.max(1e-6)
 }
 
-/// torch's `clip_grad_norm_(max_norm=1.0)`: every gradient times min(1, 1/(‖g‖ + 1e-6)).
-fn clipped(grads: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
-    let sq: f32 = grads
-        .values()
-        .map(|g| {
-            g.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .sum();
-    let coef = (1.0 / (sq.sqrt() as f64 + 1e-6)).min(1.0);
-    grads
-        .iter()
-        .map(|(k, g)| (k.clone(), (g * coef).unwrap()))
-        .collect()
-}
-
 #[test]
 fn biases_train_as_the_reference_trains_them() {
     for &(case, model_name, task) in CASES {
         let exp = load(&format!("bitfit/{case}/expected.safetensors"));
-        let src = source(model_name, task);
-        let (model, tuner) = build(case, &src, task);
+        let src = fixture_source(model_name, task);
+        let (model, tuner) =
+            saved_tuned(&fixtures().join("bitfit").join(case), "BITFIT", &src, task);
         let inp = inputs(task);
         // The selection: exactly the tensors torch trained.
         let trained: BTreeSet<String> = tuner.trainable().into_iter().map(|(k, _)| k).collect();

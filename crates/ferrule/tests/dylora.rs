@@ -8,14 +8,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use candle_core::{Device, Tensor};
+use common::method::*;
 use common::*;
 use ferrule::adapted::AdaptedModel;
-use ferrule::model::{Arch, Frozen, Inputs, Model, ModelSource, Task};
-use ferrule::ops::recompute::GradSink;
+use ferrule::model::{Frozen, Model, ModelSource, Task};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
 use ferrule::train::optim::{AdamW, AdamWConfig};
@@ -27,29 +24,13 @@ const CASES: &[&str] = &["frozen_b3", "unfrozen_b3", "frozen_b1"];
 const R: usize = 4;
 
 fn llama() -> ModelSource {
-    let dir = fixtures().join("models/llama");
-    ModelSource::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()
+    fixture_source("llama", Task::CausalLm)
 }
 
-/// The fixture's adapter (the factors before the step), loaded as a saved adapter.
+/// The fixture's adapter, loaded as a saved adapter.
 fn build(case: &str, src: &ModelSource) -> (Model, Box<dyn Tuner>) {
-    let dev = Device::Cpu;
-    let saved = load_adapter(&fixtures().join("dylora").join(case), &dev).unwrap();
-    assert_eq!(saved.peft_type(), "DYLORA");
-    let tuner = saved.into_tuner(0, &dev).unwrap();
-    let model = Model::build(src, Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
-    tuner.finish().unwrap();
-    (model, tuner)
-}
-
-fn logits(model: &Model, inp: &HashMap<String, Tensor>) -> Tensor {
-    model
-        .forward(&Inputs {
-            input_ids: &inp["input_ids"],
-            attention_mask: Some(&inp["attention_mask"]),
-            token_type_ids: None,
-        })
-        .unwrap()
+    let dir = fixtures().join("dylora").join(case);
+    saved_tuned(&dir, "DYLORA", src, Task::CausalLm)
 }
 
 /// Puts the tuner in training at an optimizer step whose drawn rank is `b`: the rank comes
@@ -65,69 +46,6 @@ fn train_at_rank(tuner: &dyn Tuner, b: usize) {
         })
         .expect("a step drawing b");
     clock.set_optimizer_step(step);
-}
-
-/// The loss and both factors' gradients by key.
-fn loss_grads(
-    model: &Model,
-    tuner: &dyn Tuner,
-    inp: &HashMap<String, Tensor>,
-    labels: &Tensor,
-    recompute: bool,
-) -> (f32, HashMap<String, Tensor>) {
-    let sink = recompute.then(|| {
-        Arc::new(GradSink::new(
-            tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()),
-        ))
-    });
-    model.set_recompute(sink.clone());
-    let Arch::Decoder(lm) = &model.arch else {
-        panic!("a decoder")
-    };
-    let (loss, _) = lm
-        .causal_lm_loss(
-            &inp["input_ids"],
-            Some(&inp["attention_mask"]),
-            None,
-            labels,
-        )
-        .unwrap();
-    let mut grads = loss.backward().unwrap();
-    if let Some(s) = &sink {
-        s.drain_into(&mut grads).unwrap();
-    }
-    model.set_recompute(None);
-    let by_key = tuner
-        .trainable()
-        .into_iter()
-        .map(|(k, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{k}: no gradient"));
-            (k, g.clone())
-        })
-        .collect();
-    (loss.to_scalar::<f32>().unwrap(), by_key)
-}
-
-/// torch's `clip_grad_norm_(max_norm=1.0)`.
-fn clipped(grads: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
-    let sq: f64 = grads
-        .values()
-        .map(|g| {
-            g.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        })
-        .sum();
-    let coef = (1.0 / (sq.sqrt() + 1e-6)).min(1.0);
-    grads
-        .iter()
-        .map(|(k, g)| (k.clone(), (g * coef).unwrap()))
-        .collect()
 }
 
 /// Components (rows of A, columns of B) whose gradient is exactly zero.

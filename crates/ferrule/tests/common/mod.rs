@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod method;
 pub mod rss;
 
 use std::collections::HashMap;
