@@ -708,6 +708,48 @@ fn cached_decoding_of_a_left_padded_batch_equals_peft() {
             let got = cached_greedy(lm, &inp["input_ids"], &inp["attention_mask"], pos, 4);
             assert_eq!(got, want, "{} {key}", case.name);
         }
+        // `generate_batch` (`ferrule generate --prompts`) on the rows unpadded: it pads them
+        // again and numbers positions as transformers' generate does.
+        let ids: Vec<Vec<u32>> = inp["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mask: Vec<Vec<u32>> = inp["attention_mask"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let prompts: Vec<Vec<u32>> = ids
+            .iter()
+            .zip(&mask)
+            .map(|(row, m)| {
+                row.iter()
+                    .zip(m)
+                    .filter(|(_, &k)| k == 1)
+                    .map(|(&t, _)| t)
+                    .collect()
+            })
+            .collect();
+        assert!(
+            prompts.iter().any(|p| p.len() < ids[0].len()),
+            "a padded row"
+        );
+        let opts = ferrule::generate::SamplingOptions {
+            max_new_tokens: 4,
+            do_sample: false,
+            stop_tokens: vec![],
+            ..Default::default()
+        };
+        let got: Vec<Vec<u32>> =
+            ferrule::generate::generate_batch(lm, &prompts, &opts, 0, |_, _| {})
+                .unwrap()
+                .into_iter()
+                .map(|g| g.tokens)
+                .collect();
+        let want: Vec<Vec<u32>> =
+            serde_json::from_value(record["greedy_new_tokens_pos"].clone()).unwrap();
+        assert_eq!(got, want, "{} generate_batch", case.name);
     }
 }
 

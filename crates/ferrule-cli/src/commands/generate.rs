@@ -5,22 +5,41 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use ferrule::data::Message;
-use ferrule::generate::{generate_with_reason, GenerationConfig, SamplingOptions, StopReason};
-use ferrule::model::Arch;
+use ferrule::generate::prompts::Prompt;
+use ferrule::generate::{
+    generate_with_reason, Generation, GenerationConfig, SamplingOptions, StopReason,
+};
+use ferrule::model::llama::DecoderLm;
+use ferrule::model::{Arch, ModelSource};
+
+mod batch;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     model: super::ModelArgs,
     /// The user message (rendered with the model's chat template unless --raw).
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
     /// Optional system message (chat models).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompts")]
     system: Option<String>,
     /// Use the prompt as raw text even when the model has a chat template.
     #[arg(long)]
     raw: bool,
+    /// A JSON Lines file of prompts, one a line: {"prompt": ..., "system": ...},
+    /// {"messages": [...]} (chat template) or {"text": ...} (raw). Generates for each, batched
+    /// and left-padded, and writes one JSON line per prompt: the prompt, its completion, the
+    /// new tokens' count and why it stopped.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<std::path::PathBuf>,
+    /// With --prompts: prompts decoded together (default 8).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: Option<u64>,
+    /// With --prompts: write the JSON lines here (default: standard output). Written whole at
+    /// the end, so a failed run leaves no partial file.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
     /// Tokens to generate at most (generation also stops at an end-of-sequence token).
     /// Default: generation_config.json's max_new_tokens (or max_length), else 64.
     #[arg(long)]
@@ -50,7 +69,7 @@ pub struct Args {
 }
 
 /// Decoding options: the flags given, over the model's generation_config.json, over
-/// transformers' defaults. Prints where sampling settings came from.
+/// transformers' defaults, for a prompt (a padded batch) of `prompt_len` tokens.
 fn sampling_options(
     a: &Args,
     generation_config: Option<&GenerationConfig>,
@@ -100,6 +119,11 @@ fn sampling_options(
     opts.validate().map_err(|e| {
         anyhow::anyhow!("{e}").context("decoding options (flags over generation_config.json)")
     })?;
+    Ok(opts)
+}
+
+/// Says on stderr how decoding runs and where its settings came from.
+fn print_decoding(opts: &SamplingOptions, generation_config: Option<&GenerationConfig>) {
     let from = match generation_config {
         Some(g) => format!("flags over {}", g.path.display()),
         None => "flags over transformers' defaults".to_string(),
@@ -109,10 +133,10 @@ fn sampling_options(
         opts.describe(),
         opts.stop_tokens
     );
-    Ok(opts)
 }
 
 pub fn run(a: Args) -> Result<()> {
+    check_flags(&a)?;
     // f32 by default: decoding multiplies one row at a time, and on a 2-core Zen 4 the SmolLM2
     // Q4_1 GGUF generated 48 tokens in 3.9-4.6 s in f32 against 5.3-5.7 s in bf16 (each bf16
     // step dequantizes every tile to f32 and rounds it again); prompts are short.
@@ -125,38 +149,79 @@ pub fn run(a: Args) -> Result<()> {
     let Arch::Decoder(lm) = &m.model.arch else {
         bail!("generate needs a decoder model")
     };
-    let tok = m.source.tokenizer()?;
-    let text = match (&m.source.chat_template, a.raw) {
-        (Some(t), false) => {
-            let mut msgs = Vec::new();
-            if let Some(s) = &a.system {
-                msgs.push(Message::new("system", s.clone()));
+    match &a.prompts {
+        Some(file) => batch::run(&a, file, &m.source, lm),
+        None => run_one(&a, &m.source, lm),
+    }
+}
+
+/// The flags that need `--prompts`, checked before the model loads (clap 4.6 did not enforce
+/// `requires = "prompts"` on them here).
+fn check_flags(a: &Args) -> Result<()> {
+    if a.prompts.is_none() {
+        for (given, flag) in [
+            (a.batch_size.is_some(), "--batch-size"),
+            (a.output.is_some(), "--output"),
+        ] {
+            if given {
+                bail!("{flag} applies to --prompts FILE (a file of prompts); --prompt prints its completion as it comes")
             }
-            msgs.push(Message::new("user", a.prompt.clone()));
-            t.render(&msgs, true)?
         }
-        _ => a.prompt.clone(),
+    }
+    Ok(())
+}
+
+/// The prompt as the model reads it: `messages` through the chat template (with the
+/// assistant's turn opened), or `text` as it is (`--raw`, or a model without a template).
+fn encode(source: &ModelSource, prompt: &Prompt, raw: bool) -> Result<Vec<u32>> {
+    let tok = source.tokenizer()?;
+    let (text, add_special) = match (prompt, &source.chat_template, raw) {
+        (Prompt::Chat(msgs), Some(t), false) => (t.render(msgs, true)?, false),
+        (Prompt::Chat(msgs), _, _) => match msgs.as_slice() {
+            [m] if m.role == "user" => (m.content.clone(), true),
+            _ => bail!("messages and a system message need the model's chat template; without one (or with --raw) give the prompt as one text"),
+        },
+        (Prompt::Text(t), _, _) => (t.clone(), true),
     };
-    let enc = tok
-        .encode(text.as_str(), m.source.chat_template.is_none() || a.raw)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    Ok(tok
+        .encode(text.as_str(), add_special)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+        .get_ids()
+        .to_vec())
+}
+
+/// One prompt, its tokens printed as they come.
+fn run_one(a: &Args, source: &ModelSource, lm: &DecoderLm) -> Result<()> {
+    let mut msgs = Vec::new();
+    if let Some(s) = &a.system {
+        msgs.push(Message::new("system", s.clone()));
+    }
+    let user = a.prompt.clone().unwrap_or_default();
+    msgs.push(Message::new("user", user.clone()));
+    let prompt = match (&source.chat_template, a.raw) {
+        (Some(_), false) => Prompt::Chat(msgs),
+        _ => Prompt::Text(user),
+    };
+    let ids = encode(source, &prompt, a.raw)?;
+    let tok = source.tokenizer()?;
     let opts = sampling_options(
-        &a,
-        m.source.generation_config.as_ref(),
-        enc.get_ids().len(),
-        m.source.eos_token_ids(),
+        a,
+        source.generation_config.as_ref(),
+        ids.len(),
+        source.eos_token_ids(),
     )?;
+    print_decoding(&opts, source.generation_config.as_ref());
     let mut out = std::io::stdout();
-    let mut ids: Vec<u32> = Vec::new();
+    let mut new: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let stops = opts.stop_tokens.clone();
-    let generation = generate_with_reason(lm, enc.get_ids(), &opts, |t| {
+    let generation = generate_with_reason(lm, &ids, &opts, |t| {
         if stops.contains(&t) {
             return;
         }
-        ids.push(t);
+        new.push(t);
         // Decode the whole continuation each time so multi-byte characters print whole.
-        if let Ok(s) = tok.decode(&ids, true) {
+        if let Ok(s) = tok.decode(&new, true) {
             if s.len() > printed && s.is_char_boundary(printed) {
                 let _ = out.write_all(&s.as_bytes()[printed..]);
                 let _ = out.flush();
@@ -165,17 +230,19 @@ pub fn run(a: Args) -> Result<()> {
         }
     })?;
     println!();
-    let n = generation.tokens.len();
-    match generation.stop {
-        StopReason::StopToken => eprintln!(
-            "stopped: stop token {} after {n} token(s)",
-            generation.tokens[n - 1]
-        ),
-        StopReason::MaxNewTokens => eprintln!("stopped: --max-new-tokens ({n}) reached"),
-        StopReason::ContextFull => eprintln!(
-            "stopped: the model's context ({} positions) is full after {n} token(s)",
+    eprintln!("stopped: {}", stop_text(&generation, lm));
+    Ok(())
+}
+
+/// Why `g` ended, in words.
+fn stop_text(g: &Generation, lm: &DecoderLm) -> String {
+    let n = g.tokens.len();
+    match g.stop {
+        StopReason::StopToken => format!("stop token {} after {n} token(s)", g.tokens[n - 1]),
+        StopReason::MaxNewTokens => format!("--max-new-tokens ({n}) reached"),
+        StopReason::ContextFull => format!(
+            "the model's context ({} positions) is full after {n} token(s)",
             lm.config.max_position_embeddings
         ),
     }
-    Ok(())
 }
