@@ -16,11 +16,14 @@
 //! targets choose (default: every linear of every block, as the reference's BERT run). Its
 //! first step runs at sparsity 0 whatever `initial_sparsity` is (the layer's initial
 //! `cur_sparsity`), here at the schedule's value at step 0. A bitsandbytes or GGUF-quantized
-//! base is refused: `W̃` and the merge need the dense `W`.
+//! base is refused: `W̃` and the merge need the dense `W`. A base held in bf16
+//! (`--compute-dtype bf16`, or `auto` where it picks bf16) gives `W̃` from bf16-rounded `W`
+//! while the merge reads the checkpoint's values; that is warned about once.
 
 pub mod config;
 pub mod layer;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,7 +42,7 @@ use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
 use crate::model::stream::Held;
 use crate::model::{Linear, LinearInfo, ModelHook};
-use crate::ops::{FrozenLinear, FrozenWeight};
+use crate::ops::{ComputeDtype, FrozenLinear, FrozenWeight};
 
 /// The registry entry.
 pub static METHOD: Method = Method {
@@ -102,6 +105,8 @@ pub struct Pst {
     core: TunerCore<PstConfig, Vec<usize>>,
     /// The sparsity every layer runs at ([`SparsitySchedule`]).
     schedule: Arc<SparsitySchedule>,
+    /// Whether the bf16 base was warned about (once per adapter).
+    warned_bf16: AtomicBool,
 }
 
 impl Pst {
@@ -122,6 +127,7 @@ impl Pst {
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
             schedule,
+            warned_bf16: AtomicBool::new(false),
         })
     }
 
@@ -201,6 +207,10 @@ impl ModelHook for Pst {
         };
         let path = info.path.as_str();
         check_dense(path, &base)?;
+        let bf16 = base.weight().compute_dtype() == ComputeDtype::Bf16;
+        if bf16 && !self.warned_bf16.swap(true, Ordering::Relaxed) {
+            tracing::warn!("pst: the base weights are held in bf16 (--compute-dtype), so W + βUV and its mask are computed from bf16-rounded W, while `ferrule merge` uses the checkpoint's own values: a score at the pruning threshold may fall the other way there. Pass --compute-dtype f32 to train and evaluate on the checkpoint's values (PST's product runs in f32 either way)");
+        }
         let (out_f, in_f) = (base.out_features(), base.in_features());
         let vars = self.factors(path, in_f, out_f)?;
         let c = &self.core.config;
