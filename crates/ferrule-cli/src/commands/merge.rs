@@ -218,6 +218,14 @@ fn merge_one(a: &Args, sources: &[AdapterSource], name: &str, base: Base) -> Res
     let tuner = m.tuner.as_deref().context("no adapter")?;
     let report = merge_to_dir_with(&m.source, tuner, m.model.task, out, base.merge_options())?;
     println!("{}", serde_json::to_string(&report)?);
+    for (name, p) in &report.pruned {
+        eprintln!(
+            "{name}: {} of {} entries zero ({:.2}% sparse)",
+            p.zeros,
+            p.elements,
+            100.0 * p.sparsity
+        );
+    }
     eprintln!("merged model written to {}", out.display());
     Ok(())
 }

@@ -59,6 +59,8 @@ pub struct MergedModel {
     report: MergeReport,
     /// The largest requantization error of the merged weights made so far.
     requantize_error: Mutex<Option<RoundTripError>>,
+    /// The zeros of each masked weight made so far ([`Update::Masked`]).
+    pruned: Mutex<BTreeMap<String, super::Pruned>>,
     /// What `quantize` made so far: each tensor's format, parameters and bytes, and the
     /// largest error it added.
     quantized: Mutex<BTreeMap<String, (String, usize, usize)>>,
@@ -86,6 +88,7 @@ impl MergedModel {
             tensors_written: 0,
             requantized: 0,
             requantize_error: None,
+            pruned: BTreeMap::new(),
         };
         for (name, t) in replaced {
             crate::util::finite::ensure_finite(
@@ -124,6 +127,7 @@ impl MergedModel {
             quantize,
             report,
             requantize_error: Mutex::new(None),
+            pruned: Mutex::new(BTreeMap::new()),
             quantized: Mutex::new(BTreeMap::new()),
             quantize_error: Mutex::new(None),
         };
@@ -187,6 +191,7 @@ impl MergedModel {
     pub fn report(&self) -> MergeReport {
         let mut r = self.report.clone();
         r.requantize_error = *self.requantize_error.lock().unwrap();
+        r.pruned = self.pruned.lock().unwrap().clone();
         r
     }
 
@@ -278,6 +283,10 @@ impl MergedModel {
             || format!("the merged weight {name}"),
             "the adapter's update is not finite; nothing was written",
         )?;
+        if updates.iter().any(|u| matches!(u, Update::Masked(_))) {
+            let pruned = super::Pruned::of(&merged)?;
+            self.pruned.lock().unwrap().insert(name.to_string(), pruned);
+        }
         Ok(merged)
     }
 

@@ -42,6 +42,36 @@ pub struct MergeReport {
     pub requantized: usize,
     /// Largest rounding error requantization added, against the exact `dequant(W) + ΔW`.
     pub requantize_error: Option<RoundTripError>,
+    /// Each weight a mask pruned ([`Update::Masked`], PST): its zeros as made (before any
+    /// requantization), once the model is written. Absent from the JSON when there are none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pruned: BTreeMap<String, Pruned>,
+}
+
+/// The zeros of one pruned weight ([`MergeReport::pruned`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Pruned {
+    pub zeros: usize,
+    pub elements: usize,
+    /// `zeros / elements`.
+    pub sparsity: f64,
+}
+
+impl Pruned {
+    /// The zeros of `w`.
+    pub fn of(w: &candle_core::Tensor) -> Result<Self> {
+        let values: Vec<f32> = w
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        let zeros = values.iter().filter(|v| **v == 0.0).count();
+        let elements = values.len();
+        Ok(Self {
+            zeros,
+            elements,
+            sparsity: zeros as f64 / elements.max(1) as f64,
+        })
+    }
 }
 
 /// How to merge.
@@ -253,6 +283,7 @@ fn apply_update(
                     .broadcast_div(&norm)?,
             )
         }
+        Update::Masked(m) => m.apply(&dense),
     };
     merged.with_context(|| format!("merge: applying the adapter's update to {name:?}"))
 }

@@ -486,6 +486,8 @@ impl<'a> Run<'a> {
         if let Some(ck) = &checkpoint {
             resume::check_length(cfg, ck, plan.total_steps, progress)?;
         }
+        // Schedules a method follows over the run (PST's sparsity) span the same steps.
+        p.tuner.mode().set_total_steps(plan.total_steps as u64);
         let identity = resume::Identity {
             fingerprint: &fingerprint,
             records_digest,
@@ -676,7 +678,11 @@ impl<'a> Run<'a> {
     fn evaluate(&mut self) -> Result<()> {
         self.progress.eval_start(self.p.eval.len());
         self.opt.materialize(self.comm)?;
-        self.p.tuner.mode().set_training(false);
+        let clock = self.p.tuner.mode();
+        clock.set_training(false);
+        // An evaluation after step k sees the adapter as step k left it: a schedule over the
+        // run (PST's sparsity) at k steps done, as the reference evaluates.
+        clock.set_optimizer_step(self.step as u64);
         let report = evaluate_on(
             &self.p.model,
             self.p.pad_id,

@@ -24,6 +24,7 @@ pub mod params;
 pub mod prefix_tuning;
 pub mod prompt_learning;
 pub mod prompt_tuning;
+pub mod pst;
 pub mod randlora;
 pub mod registry;
 pub mod target;
@@ -64,6 +65,19 @@ pub enum Update {
     /// `W' = (m / ‖W + Δ‖_row) ⊙ (W + Δ)` with `magnitude: [out]`: DoRA's merge (Liu et al.
     /// 2024, eq. 5; peft `DoraLinearVariant.merge_safe`), the norm taken over each output row.
     RowRescaled { delta: Delta, magnitude: Tensor },
+    /// `W' = f(W)`: a weight that a mask computed from `W` itself prunes (PST:
+    /// `M(S) ⊙ (W + βUV)` with the scores `S` built on `|W + βUV|`), made when the merge
+    /// reaches it; the merge reports each one's zeros ([`crate::merge::MergeReport::pruned`]).
+    Masked(Arc<dyn MaskedWeight>),
+}
+
+/// The merged weight of an [`Update::Masked`], made from the base weight.
+pub trait MaskedWeight: Send + Sync {
+    /// The base weight's shape, `[out, in]`.
+    fn dims(&self) -> Vec<usize>;
+    /// `f(W)` for the base weight `w` (f32, `[out, in]`): the method's own forward-pass
+    /// function, so that a merged model computes what the unmerged one does.
+    fn apply(&self, w: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 impl Update {
@@ -73,6 +87,7 @@ impl Update {
         match self {
             Update::Add(d) | Update::RowRescaled { delta: d, .. } => d.dims(),
             Update::Scale(s) => s.dims().to_vec(),
+            Update::Masked(m) => m.dims(),
         }
     }
 }

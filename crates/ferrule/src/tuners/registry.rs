@@ -96,6 +96,7 @@ pub static METHODS: &[&Method] = &[
     &super::bitfit::METHOD,
     &super::difffit::METHOD,
     &super::bottleneck::METHOD,
+    &super::pst::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
     &super::prefix_tuning::METHOD,

@@ -1,6 +1,7 @@
 //! The train/eval switch and step counters that a tuner's layers share: dropout draws its
 //! masks only while training, seeded by the micro-step; DoRA caches its weight norm only in
-//! eval; DyLoRA draws its rank once per optimizer step.
+//! eval; DyLoRA draws its rank once per optimizer step; PST's sparsity follows the optimizer
+//! step through the run's length.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -15,6 +16,9 @@ pub struct TrainingClock {
     /// Optimizer step counter: what is drawn once per step for every layer and rank (DyLoRA's
     /// rank) is a pure function of (seed, optimizer step), so a resumed run draws the same.
     optimizer_step: AtomicU64,
+    /// Optimizer steps of the whole run, when a trainer runs the layers (0: none does), for
+    /// schedules over the run (PST's sparsity, as the learning rate's).
+    total_steps: AtomicU64,
     seed: u64,
 }
 
@@ -25,6 +29,7 @@ impl TrainingClock {
             training: AtomicBool::new(false),
             step: AtomicU64::new(0),
             optimizer_step: AtomicU64::new(0),
+            total_steps: AtomicU64::new(0),
             seed,
         }
     }
@@ -43,6 +48,20 @@ impl TrainingClock {
     /// The optimizer step the next forward passes belong to (all its micro-batches, on every rank).
     pub fn set_optimizer_step(&self, step: u64) {
         self.optimizer_step.store(step, Ordering::Relaxed)
+    }
+    /// The optimizer step the next forward passes belong to: while training the step being
+    /// taken (0-based), in an evaluation between steps the number of steps done.
+    pub fn optimizer_step(&self) -> u64 {
+        self.optimizer_step.load(Ordering::Relaxed)
+    }
+    /// The run's length in optimizer steps (what the learning-rate schedule spans).
+    pub fn set_total_steps(&self, steps: u64) {
+        self.total_steps.store(steps, Ordering::Relaxed)
+    }
+    /// The run's length in optimizer steps; `None` outside a training run (an adapter loaded
+    /// for evaluation, merge or generation).
+    pub fn total_steps(&self) -> Option<u64> {
+        Some(self.total_steps.load(Ordering::Relaxed)).filter(|&t| t > 0)
     }
     /// Seed for what `what` draws once per optimizer step (the same in every layer that asks
     /// with the same name, on every rank and micro-batch of the step).

@@ -35,7 +35,7 @@ pub fn dropped_deltas(
         }
         for (tensor, update) in tuner.updates()? {
             let Update::Add(delta) = update else {
-                bail!("DARE: adapter {name} ({}) changes {tensor} by scaling or row renormalisation, not by adding ΔW; DARE applies to additive deltas only", tuner.method().peft_type)
+                bail!("DARE: adapter {name} ({}) changes {tensor} by scaling, row renormalisation or a mask, not by adding ΔW; DARE applies to additive deltas only", tuner.method().peft_type)
             };
             let delta = delta.dense()?;
             let dims = delta.dims().to_vec();
