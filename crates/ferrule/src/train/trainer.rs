@@ -711,11 +711,14 @@ impl<'a> Run<'a> {
             self.step,
             &self.cursor,
         )?;
-        let adapter: Vec<(String, Tensor)> = self
+        let mut adapter: Vec<(String, Tensor)> = self
             .params
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
+        // What the method derived from the base (SVFit's singular vectors): a resume reads it
+        // rather than deriving it again.
+        adapter.extend(self.p.tuner.frozen_state()?);
         if let Some(m) = &self.metrics {
             m.sync()?;
         }

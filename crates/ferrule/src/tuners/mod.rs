@@ -26,6 +26,8 @@ pub mod prompt_learning;
 pub mod prompt_tuning;
 pub mod randlora;
 pub mod registry;
+pub mod svd;
+pub mod svfit;
 pub mod target;
 pub mod trainable_tokens;
 pub mod training_clock;
@@ -175,6 +177,13 @@ pub trait Tuner: ModelHook {
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect())
+    }
+    /// Frozen tensors the method derived from the base when it was built fresh (SVFit's
+    /// singular vectors), under the keys it reads them back from: a checkpoint holds them
+    /// beside [`Tuner::trainable`], so that a resumed run reads them rather than deriving them
+    /// again (an SVD need not return the same vectors twice). Empty for most methods.
+    fn frozen_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
     }
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;
