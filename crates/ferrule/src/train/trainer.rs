@@ -110,6 +110,12 @@ fn accumulate_step(
                 step + 1
             )
         }
+        // A method's own term (PELA's regulariser) joins the loss that is differentiated, not
+        // the one reported.
+        let loss = match p.tuner.regularizer()? {
+            Some(term) => (loss + term)?,
+            None => loss,
+        };
         let mut grads = loss.backward()?;
         if let Some(sink) = sink {
             sink.drain_into(&mut grads)?;

@@ -21,6 +21,7 @@ pub mod ln_tuning;
 pub mod lora;
 pub mod modules_to_save;
 pub mod params;
+pub mod pela;
 pub mod prefix_tuning;
 pub mod prompt_learning;
 pub mod prompt_tuning;
@@ -184,6 +185,13 @@ pub trait Tuner: ModelHook {
     /// again (an SVD need not return the same vectors twice). Empty for most methods.
     fn frozen_state(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
+    }
+    /// A term the trainer adds to each micro-batch's loss, differentiable in the trainable
+    /// tensors (PELA's weight regulariser); `None` for most methods. Since gradients are
+    /// averaged over micro-batches, it counts once per optimizer step. It is not in the loss
+    /// that `metrics.jsonl` reports.
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;

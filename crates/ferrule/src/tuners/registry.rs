@@ -135,6 +135,7 @@ pub static METHODS: &[&Method] = &[
     &super::prefix_tuning::METHOD,
     &super::randlora::METHOD,
     &super::svfit::METHOD,
+    &super::pela::METHOD,
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];
