@@ -110,6 +110,12 @@ fn accumulate_step(
                 step + 1
             )
         }
+        // A method's own term (PELA's regulariser) joins the loss that is differentiated, not
+        // the one reported.
+        let loss = match p.tuner.regularizer()? {
+            Some(term) => (loss + term)?,
+            None => loss,
+        };
         let mut grads = loss.backward()?;
         if let Some(sink) = sink {
             sink.drain_into(&mut grads)?;
@@ -717,11 +723,14 @@ impl<'a> Run<'a> {
             self.step,
             &self.cursor,
         )?;
-        let adapter: Vec<(String, Tensor)> = self
+        let mut adapter: Vec<(String, Tensor)> = self
             .params
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
+        // What the method derived from the base (SVFit's singular vectors): a resume reads it
+        // rather than deriving it again.
+        adapter.extend(self.p.tuner.frozen_state()?);
         if let Some(m) = &self.metrics {
             m.sync()?;
         }

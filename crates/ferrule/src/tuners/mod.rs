@@ -21,12 +21,15 @@ pub mod ln_tuning;
 pub mod lora;
 pub mod modules_to_save;
 pub mod params;
+pub mod pela;
 pub mod prefix_tuning;
 pub mod prompt_learning;
 pub mod prompt_tuning;
 pub mod pst;
 pub mod randlora;
 pub mod registry;
+pub mod svd;
+pub mod svfit;
 pub mod target;
 pub mod trainable_tokens;
 pub mod training_clock;
@@ -190,6 +193,20 @@ pub trait Tuner: ModelHook {
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect())
+    }
+    /// Frozen tensors the method derived from the base when it was built fresh (SVFit's
+    /// singular vectors), under the keys it reads them back from: a checkpoint holds them
+    /// beside [`Tuner::trainable`], so that a resumed run reads them rather than deriving them
+    /// again (an SVD need not return the same vectors twice). Empty for most methods.
+    fn frozen_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// A term the trainer adds to each micro-batch's loss, differentiable in the trainable
+    /// tensors (PELA's weight regulariser); `None` for most methods. Since gradients are
+    /// averaged over micro-batches, it counts once per optimizer step. It is not in the loss
+    /// that `metrics.jsonl` reports.
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;

@@ -79,6 +79,40 @@ pub struct BlockShapes<'a> {
     pub linears: &'a [BlockLinear],
 }
 
+impl BlockShapes<'_> {
+    /// `Σ per_linear(l)` over the linears of every block that `targets` select (PEFT suffixes,
+    /// or `all-linear`). A target that names no linear is an error listing the block's linears.
+    pub fn sum_over_targets(
+        &self,
+        targets: &[String],
+        per_linear: impl Fn(&BlockLinear) -> Result<usize>,
+    ) -> Result<usize> {
+        let names = |linear: &BlockLinear, target: &str| {
+            linear.name == target || linear.name.ends_with(&format!(".{target}"))
+        };
+        let all = targets.iter().any(|t| t == "all-linear");
+        for target in targets.iter().filter(|t| *t != "all-linear") {
+            anyhow::ensure!(
+                self.linears.iter().any(|l| names(l, target)),
+                "--target-modules {target:?} names no linear layer of this {} model; its linears are {}",
+                self.family,
+                self.linears
+                    .iter()
+                    .map(|l| l.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let mut per_block = 0;
+        for l in self.linears.iter() {
+            if all || targets.iter().any(|t| names(l, t)) {
+                per_block += per_linear(l)?;
+            }
+        }
+        Ok(self.layers * per_block)
+    }
+}
+
 /// A linear layer of every transformer block: its module name (PEFT's suffix), input and
 /// output features.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -101,6 +135,8 @@ pub static METHODS: &[&Method] = &[
     &super::prompt_tuning::METHOD,
     &super::prefix_tuning::METHOD,
     &super::randlora::METHOD,
+    &super::svfit::METHOD,
+    &super::pela::METHOD,
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];

@@ -20,7 +20,7 @@ use super::bias::{BiasMode, BiasTrainedLinear, TrainedBiases};
 use super::config::{default_list, json_number, AdapterConfig};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::registry::{BlockLinear, BlockShapes, BuildContext, Method};
+use super::registry::{BlockShapes, BuildContext, Method};
 use super::target::{MatchReport, Targets};
 use super::trainable_tokens::{TokenLinear, TrainableTokens};
 use super::{peft_key, AdaptedModule, Delta, Tuner, Update};
@@ -76,30 +76,7 @@ fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Resu
 /// LoRA's trainable parameters, `r (in + out)` per targeted linear of every block
 /// (Hu et al. 2021, §4.1). `targets` are PEFT suffixes, or `all-linear`.
 pub fn params_of_blocks(blocks: &BlockShapes, targets: &[String], r: usize) -> Result<usize> {
-    let names = |linear: &BlockLinear, target: &str| {
-        linear.name == target || linear.name.ends_with(&format!(".{target}"))
-    };
-    let all = targets.iter().any(|t| t == "all-linear");
-    for target in targets.iter().filter(|t| *t != "all-linear") {
-        anyhow::ensure!(
-            blocks.linears.iter().any(|l| names(l, target)),
-            "--target-modules {target:?} names no linear layer of this {} model; its linears are {}",
-            blocks.family,
-            blocks
-                .linears
-                .iter()
-                .map(|l| l.name)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let per_block: usize = blocks
-        .linears
-        .iter()
-        .filter(|l| all || targets.iter().any(|t| names(l, t)))
-        .map(|l| r * (l.in_features + l.out_features))
-        .sum();
-    Ok(blocks.layers * per_block)
+    blocks.sum_over_targets(targets, |l| Ok(r * (l.in_features + l.out_features)))
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {

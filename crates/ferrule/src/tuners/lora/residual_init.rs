@@ -11,13 +11,14 @@
 //! Singular vectors and QR factors are defined up to sign; `B A`, the residual and the
 //! rank-2r conversion are not, and they are what tests compare against peft.
 //!
-//! SVD and QR come from `faer`: candle has neither.
+//! SVD and QR come from `faer`: candle has neither. The SVDs are the ones SVFit shares
+//! (`tuners/svd.rs`).
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use faer::Mat;
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
+
+use crate::tuners::svd::{descending, exact_svd, randomized_svd, to_mat, to_tensor};
 
 /// Which residual initialisation `init_lora_weights` names.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,8 +70,7 @@ pub fn residual_init(
     if r > out_f.min(in_f) {
         bail!("lora: r={r} exceeds the rank a [{out_f}, {in_f}] weight can have; PiSSA/OLoRA need r ≤ {}", out_f.min(in_f))
     }
-    let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
-    let m = Mat::<f32>::from_fn(out_f, in_f, |i, j| values[i * in_f + j]);
+    let m = to_mat(w)?;
     let (a, b) = match init {
         ResidualInit::Olora => {
             let qr = m.qr();
@@ -85,8 +85,7 @@ pub fn residual_init(
                 _ => exact_svd(&m)?,
             };
             // Top r triplets in decreasing order of singular value; each √(σ/s) goes to both factors.
-            let mut order: Vec<usize> = (0..s.len()).collect();
-            order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
+            let order = descending(&s);
             let root: Vec<f32> = order[..r]
                 .iter()
                 .map(|&k| (s[k] / scaling as f32).max(0.0).sqrt())
@@ -106,51 +105,10 @@ pub fn residual_init(
     })
 }
 
-/// `(U, σ, V)` with `W = U diag(σ) Vᵀ`.
-fn exact_svd(m: &Mat<f32>) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> {
-    let svd = m
-        .thin_svd()
-        .map_err(|e| anyhow::anyhow!("lora: SVD did not converge: {e:?}"))?;
-    let s = svd.S().column_vector();
-    Ok((
-        svd.U().to_owned(),
-        (0..s.nrows()).map(|i| s[i]).collect(),
-        svd.V().to_owned(),
-    ))
-}
-
-/// `torch.svd_lowrank(W, q=r, niter)` (Halko et al. 2011, alg. 4.4): a Gaussian sketch
-/// `Q = orth(W Ω)`, `niter` power iterations `Q = orth(W orth(Wᵀ Q))`, then the exact SVD of
-/// the small `Qᵀ W`.
-fn randomized_svd(
-    m: &Mat<f32>,
-    r: usize,
-    niter: usize,
-    seed: u64,
-) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let omega = Mat::<f32>::from_fn(m.ncols(), r, |_, _| StandardNormal.sample(&mut rng));
-    let orth = |x: Mat<f32>| x.qr().compute_thin_Q();
-    let mut q = orth(m * &omega);
-    for _ in 0..niter {
-        let z = orth(m.transpose() * &q);
-        q = orth(m * &z);
-    }
-    let small = q.transpose() * m;
-    let (ub, s, v) = exact_svd(&small)?;
-    Ok((&q * &ub, s, v))
-}
-
-fn to_tensor(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
-    let (rows, cols) = (m.nrows(), m.ncols());
-    let v: Vec<f32> = (0..rows)
-        .flat_map(|i| (0..cols).map(move |j| m[(i, j)]))
-        .collect();
-    Ok(Tensor::from_vec(v, (rows, cols), device)?)
-}
-
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+
     use super::*;
 
     fn weight(out_f: usize, in_f: usize) -> Tensor {
