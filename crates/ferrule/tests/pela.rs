@@ -12,31 +12,21 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use common::method::*;
 use common::*;
 use ferrule::adapted::attach;
-use ferrule::model::{Arch, Frozen, Inputs, Model, ModelSource, Task};
+use ferrule::model::{Arch, Frozen, Model, ModelSource, Task};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
 use ferrule::train::TrainConfig;
 use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
 
 fn source() -> ModelSource {
-    let dir = fixtures().join("models/llama");
-    ModelSource::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()
+    fixture_source("llama", Task::CausalLm)
 }
 
 fn expected() -> HashMap<String, Tensor> {
     load("pela/llama/expected.safetensors")
-}
-
-fn logits(model: &Model, inp: &HashMap<String, Tensor>) -> Tensor {
-    model
-        .forward(&Inputs {
-            input_ids: &inp["input_ids"],
-            attention_mask: Some(&inp["attention_mask"]),
-            token_type_ids: None,
-        })
-        .unwrap()
 }
 
 fn fresh(options: serde_json::Value) -> anyhow::Result<(Model, Box<dyn Tuner>)> {

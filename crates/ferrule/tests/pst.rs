@@ -9,14 +9,13 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use common::method::*;
 use common::*;
 use ferrule::adapted::attach;
 use ferrule::dist::plan::PlannedModel;
-use ferrule::model::{Arch, Frozen, Inputs, LoadOptions, Model, ModelSource, Task};
-use ferrule::ops::recompute::GradSink;
+use ferrule::model::{Frozen, LoadOptions, Model, ModelSource, Task};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
 use ferrule::quant::{QuantMethod, QuantSpec};
@@ -30,72 +29,12 @@ use serde_json::json;
 const SPARSITY: f64 = 0.55;
 
 fn llama() -> ModelSource {
-    let dir = fixtures().join("models/llama");
-    ModelSource::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()
+    fixture_source("llama", Task::CausalLm)
 }
 
 /// The fixture's adapter, loaded as a saved adapter (outside a run: at its `sparsity`).
 fn build(src: &ModelSource) -> (Model, Box<dyn Tuner>) {
-    let dev = Device::Cpu;
-    let saved = load_adapter(&fixtures().join("pst/case"), &dev).unwrap();
-    assert_eq!(saved.peft_type(), "PST");
-    let tuner = saved.into_tuner(0, &dev).unwrap();
-    let model = Model::build(src, Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
-    tuner.finish().unwrap();
-    (model, tuner)
-}
-
-fn logits(model: &Model, inp: &HashMap<String, Tensor>) -> Tensor {
-    model
-        .forward(&Inputs {
-            input_ids: &inp["input_ids"],
-            attention_mask: Some(&inp["attention_mask"]),
-            token_type_ids: None,
-        })
-        .unwrap()
-}
-
-/// The loss and every trainable tensor's gradient by key.
-fn loss_grads(
-    model: &Model,
-    tuner: &dyn Tuner,
-    inp: &HashMap<String, Tensor>,
-    labels: &Tensor,
-    recompute: bool,
-) -> (f32, HashMap<String, Tensor>) {
-    let sink = recompute.then(|| {
-        Arc::new(GradSink::new(
-            tuner.trainable().iter().map(|(_, v)| v.as_tensor().id()),
-        ))
-    });
-    model.set_recompute(sink.clone());
-    let Arch::Decoder(lm) = &model.arch else {
-        panic!("a decoder")
-    };
-    let (loss, _) = lm
-        .causal_lm_loss(
-            &inp["input_ids"],
-            Some(&inp["attention_mask"]),
-            None,
-            labels,
-        )
-        .unwrap();
-    let mut grads = loss.backward().unwrap();
-    if let Some(s) = &sink {
-        s.drain_into(&mut grads).unwrap();
-    }
-    model.set_recompute(None);
-    let by_key = tuner
-        .trainable()
-        .into_iter()
-        .map(|(k, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{k}: no gradient"));
-            (k, g.clone())
-        })
-        .collect();
-    (loss.to_scalar::<f32>().unwrap(), by_key)
+    saved_tuned(&fixtures().join("pst/case"), "PST", src, Task::CausalLm)
 }
 
 #[test]
