@@ -98,6 +98,7 @@ pub static METHODS: &[&Method] = &[
     &super::bottleneck::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
+    &super::dept::METHOD,
     &super::prefix_tuning::METHOD,
     &super::randlora::METHOD,
     &super::trainable_tokens::METHOD,
