@@ -434,6 +434,7 @@ impl TrainConfig {
             batch_tokens: Some(1),
             max_tokens: Some(1),
             max_seconds: Some(1.0),
+            lora_embedding_lr: Some(1.0),
             packing: true,
             shard_base: true,
             stream_base: true,
