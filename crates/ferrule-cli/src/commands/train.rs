@@ -338,6 +338,11 @@ mod tests {
             (vec!["--max-tokens", "4096"], "max_tokens", json!(4096)),
             (vec!["--max-seconds", "90"], "max_seconds", json!(90.0)),
             (vec!["--lr", "0.01"], "lr", json!(0.01)),
+            (
+                vec!["--lora-embedding-lr", "0.005"],
+                "lora_embedding_lr",
+                json!(0.005),
+            ),
             (vec!["--warmup-steps", "5"], "warmup_steps", json!(5)),
             (vec!["--schedule", "cosine"], "schedule", json!("cosine")),
             (vec!["--weight-decay", "0.1"], "weight_decay", json!(0.1)),

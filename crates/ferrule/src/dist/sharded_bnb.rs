@@ -292,6 +292,7 @@ mod tests {
             offload_dir: dir,
             optim_args: None,
             target_modules: None,
+            lr_groups: &[],
         }
     }
 

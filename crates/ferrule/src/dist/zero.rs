@@ -356,6 +356,12 @@ impl ZeroOptimizer {
                 stage.get()
             )
         }
+        if stage.partitions_optimizer() && !spec.lr_groups.is_empty() {
+            bail!(
+                "lora_embedding_lr (--lora-embedding-lr) cannot run at --zero-stage {}: the partitioned optimizers hold one learning rate for the flat parameter vector; use --zero-stage 0, or leave lora_embedding_lr unset (one rate, lr)",
+                stage.get()
+            )
+        }
         if spec.name.is_layerwise() && comm.world_size() > 1 {
             bail!(
                 "--optim {} runs in one process: each layer steps during the backward pass, before ranks could average its gradient; use --optim {} across ranks",
@@ -841,6 +847,7 @@ mod tests {
             offload_dir: dir.path(),
             optim_args: None,
             target_modules: None,
+            lr_groups: &[],
         };
         let names = [
             OptimName::Adamw8bit,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::BertConfig;
-use super::hooks::{branch, fusable_down};
+use super::hooks::{branch, fusable_down, with_input_delta};
 use super::packed;
 use super::weights::Weights;
 use super::{
@@ -277,7 +277,9 @@ impl Bert {
         let (b, t) = input_ids.dims2()?;
         let h = c.hidden_size;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut words = self.word_embeddings.forward(&ids)?.reshape((b, t, h))?;
+        let words = self.word_embeddings.forward(&ids)?.reshape((b, t, h))?;
+        let columns: Vec<u32> = (0..t as u32).collect();
+        let mut words = with_input_delta(self.virtual_tokens.as_deref(), words, &columns)?;
         let mut types = match token_type_ids {
             Some(tt) => Some(tt.to_dtype(DType::U32)?),
             None => None,
@@ -350,6 +352,8 @@ impl Bert {
             .word_embeddings
             .forward(&ids)?
             .reshape((1, n, c.hidden_size))?;
+        let within = packed::positions_within(lens);
+        words = with_input_delta(self.virtual_tokens.as_deref(), words, &within)?;
         if let Some(vt) = &self.virtual_tokens {
             words = packed::before_each(&vt.embeddings()?.unsqueeze(0)?, &words, lens)?;
         }

@@ -15,7 +15,7 @@
 //! | [`ModelHook::linear`] | every linear layer, the output head included | LoRA, IA3 (and `modules_to_save`, a tied head's token rows) |
 //! | [`ModelHook::norm`] | every RMSNorm / LayerNorm weight and bias | LN tuning, LoRA `bias="all"` |
 //! | [`ModelHook::embedding`] | the token embedding (`embed_tokens`, `word_embeddings`) | LoRA on embeddings, trainable token rows |
-//! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model | prompt tuning |
+//! | [`ModelHook::virtual_tokens`] | the input embeddings, once per model: tokens put before them, an additive change by position | prompt tuning, DePT |
 //! | [`ModelHook::kv_prefix`] | the attention keys and values of every layer, once per model | prefix tuning |
 //! | [`ModelHook::residual_branch`] | the attention and MLP branches of every layer, before the residual add | bottleneck adapters with `placement = "residual_branch"` |
 //!
@@ -149,6 +149,33 @@ pub trait VirtualTokens: Send + Sync {
     fn embeddings(&self) -> candle_core::Result<Tensor>;
     /// `n`.
     fn num_tokens(&self) -> usize;
+    /// An additive change `[m, hidden]` (f32) to the caller's token embeddings before the
+    /// virtual tokens go in front of them: row `i` for the token at position `positions[i]`
+    /// (`m` entries) of its own sequence, counted from 0 without the virtual tokens (DePT's
+    /// `E + s·A B`, Shi & Lipani 2024, eq. 2). `None` (the default) changes nothing. Asked on
+    /// a fresh pass only, so tokens that come later through a KV cache get none.
+    fn input_delta(&self, _positions: &[u32]) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// `x: [b, m, hidden]` with the input delta of `tokens` added ([`VirtualTokens::input_delta`]),
+/// the same rows for every row of the batch; `positions` (`m` entries) number `x`'s tokens in
+/// their sequences: `0..t` for a padded batch (by column, as DePT's reference adds its rows to
+/// a batch padded to `max_length`), each sequence from 0 in a padding-free one.
+pub fn with_input_delta(
+    tokens: Option<&dyn VirtualTokens>,
+    x: Tensor,
+    positions: &[u32],
+) -> candle_core::Result<Tensor> {
+    match tokens
+        .map(|t| t.input_delta(positions))
+        .transpose()?
+        .flatten()
+    {
+        Some(delta) => x.broadcast_add(&delta.unsqueeze(0)?),
+        None => Ok(x),
+    }
 }
 
 /// What a hook is told about the attention layers.

@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
-use super::hooks::{branch, fusable_down};
+use super::hooks::{branch, fusable_down, with_input_delta};
 use super::packed;
 use super::weights::Weights;
 use super::{
@@ -347,7 +347,12 @@ impl DecoderLm {
             .reshape((b, t, c.hidden_size))?;
         self.trace
             .check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
-        // Prompt tuning: virtual tokens first; a cache holds them after the first pass.
+        // DePT: its change by column on a fresh pass (the reference adds it before the first
+        // cached step only); then prompt tuning's virtual tokens, which a cache holds after.
+        if fresh {
+            let columns: Vec<u32> = (0..t as u32).collect();
+            x = with_input_delta(self.virtual_tokens.as_deref(), x, &columns)?;
+        }
         if let Some(vt) = self.virtual_tokens.as_ref().filter(|_| fresh) {
             let p = vt.embeddings()?;
             x = Tensor::cat(
@@ -481,6 +486,8 @@ impl DecoderLm {
         self.trace
             .check(|| "the token embeddings (model.embed_tokens)".into(), &x)?;
         let v = self.virtual_len();
+        let within = packed::positions_within(lens);
+        x = with_input_delta(self.virtual_tokens.as_deref(), x, &within)?;
         if let Some(vt) = &self.virtual_tokens {
             x = packed::before_each(&vt.embeddings()?.unsqueeze(0)?, &x, lens)?;
         }

@@ -27,6 +27,13 @@ pub fn with_added(lens: &[usize], m: usize) -> Vec<usize> {
     lens.iter().map(|l| l + m).collect()
 }
 
+/// Each token's position within its own sequence, for sequences of `lens` end to end:
+/// `0..l₀, 0..l₁, …` (what a method that changes tokens by position indexes by,
+/// [`super::hooks::with_input_delta`]).
+pub fn positions_within(lens: &[usize]) -> Vec<u32> {
+    lens.iter().flat_map(|&l| 0..l as u32).collect()
+}
+
 /// The indices of the sequences' own rows in a stream where `m` rows precede each sequence
 /// of `lens` ([`before_each`]), in order: `n = Σ lᵢ` indices.
 pub fn own_rows(lens: &[usize], m: usize) -> Vec<u32> {
@@ -81,6 +88,7 @@ mod tests {
         let got: Vec<f32> = s.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(got, [9., 8., 1., 9., 8., 2., 3.]);
         assert_eq!(own_rows(&[1, 2], 2), [2, 5, 6]);
+        assert_eq!(positions_within(&[1, 3]), [0, 0, 1, 2]);
         assert_eq!(with_added(&[1, 2], 2), [3, 4]);
         let labels = Tensor::new(&[[5i64, 6, 7]], &dev).unwrap();
         let with_m: Vec<i64> = stream_labels(&labels, &[1, 2], 2)

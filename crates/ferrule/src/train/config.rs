@@ -119,6 +119,12 @@ pub struct TrainConfig {
     /// Peak learning rate of AdamW.
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub lr: f64,
+    /// DePT (--method dept): the learning rate of its low-rank pair (lora_embedding_A/B), as
+    /// the reference train.py's lora_embedding_lr; the prompt takes lr. It follows lr's
+    /// schedule (default: none, every tensor at lr). Other methods refuse it.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "LR", help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_embedding_lr: Option<f64>,
     /// Steps of linear warmup from 0 to lr.
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     pub warmup_steps: usize,
@@ -327,6 +333,7 @@ impl Default for TrainConfig {
             max_tokens: None,
             max_seconds: None,
             lr: 2e-4,
+            lora_embedding_lr: None,
             warmup_steps: 0,
             schedule: LrSchedule::Linear,
             weight_decay: 0.0,
@@ -427,6 +434,7 @@ impl TrainConfig {
             batch_tokens: Some(1),
             max_tokens: Some(1),
             max_seconds: Some(1.0),
+            lora_embedding_lr: Some(1.0),
             packing: true,
             shard_base: true,
             stream_base: true,

@@ -14,7 +14,7 @@ use super::budget::TimeBudget;
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, Throughput};
-use super::optim::{AdamWConfig, GradAccumulator, OptimizerSpec};
+use super::optim::{AdamWConfig, GradAccumulator, LrGroup, OptimizerSpec};
 use super::report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
 use super::resume;
 use super::schedule::lr_at;
@@ -24,7 +24,7 @@ use crate::dist::{
 };
 use crate::ops::recompute::{GradHook, GradSink};
 use crate::ops::ComputeDtypeDecision;
-use crate::tuners::total_params;
+use crate::tuners::{total_params, Tuner};
 
 use super::evaluate::{batch_loss, evaluate_on, non_finite_origin};
 use super::prepare::{prepare_run, Prepared};
@@ -474,6 +474,7 @@ impl<'a> Run<'a> {
         if let Some(ck) = &checkpoint {
             resume::check_data(cfg, ck, records_digest)?;
         }
+        let groups = lr_groups(cfg, p.tuner.as_ref())?;
         // The folder appears once the model, data and method are known to work together.
         std::fs::create_dir_all(out)
             .with_context(|| format!("creating the output folder {}", out.display()))?;
@@ -503,12 +504,12 @@ impl<'a> Run<'a> {
         ranks_agree(comm, &identity, &plan, options, checkpoint.as_ref())?;
 
         let params = p.tuner.trainable();
-        let mut opt = ZeroOptimizer::with_optimizer(
-            params.clone(),
-            &optimizer_spec(cfg),
-            options.zero_stage,
-            comm,
-        )?;
+        let spec = OptimizerSpec {
+            lr_groups: &groups,
+            ..optimizer_spec(cfg)
+        };
+        let mut opt =
+            ZeroOptimizer::with_optimizer(params.clone(), &spec, options.zero_stage, comm)?;
         let sink = recompute_sink(cfg, &p, &params, opt.layerwise_hook(), progress)?;
         for warning in cfg.unread_optim_settings() {
             progress.warning(&warning);
@@ -917,7 +918,27 @@ fn optimizer_spec(cfg: &TrainConfig) -> OptimizerSpec<'_> {
         offload_dir: cfg.offload_dir.as_deref().unwrap_or(&cfg.output_dir),
         optim_args: cfg.optim_args.as_deref(),
         target_modules: cfg.optim_target_modules.as_ref(),
+        lr_groups: &[],
     }
+}
+
+/// The tensors that train at `lora_embedding_lr` (the method's [`Tuner::lr_group_keys`]), or
+/// none when it is unset; set for a method with one learning rate, an error naming it.
+fn lr_groups(cfg: &TrainConfig, tuner: &dyn Tuner) -> Result<Vec<LrGroup>> {
+    let Some(lr) = cfg.lora_embedding_lr else {
+        return Ok(Vec::new());
+    };
+    let keys = tuner.lr_group_keys();
+    if keys.is_empty() {
+        bail!(
+            "lora_embedding_lr (--lora-embedding-lr) is the learning rate of DePT's low-rank pair; --method {} has one learning rate (lr)",
+            tuner.method().name
+        )
+    }
+    if !(lr.is_finite() && lr >= 0.0) {
+        bail!("lora_embedding_lr (--lora-embedding-lr) is {lr}: expected a finite number of at least 0")
+    }
+    Ok(vec![LrGroup { keys, lr }])
 }
 
 /// AdamW's settings from the run's.

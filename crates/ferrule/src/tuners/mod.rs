@@ -12,6 +12,7 @@ pub mod bitfit;
 pub mod bottleneck;
 pub mod config;
 pub mod core;
+pub mod dept;
 pub mod difffit;
 pub mod dylora;
 pub mod flags;
@@ -224,6 +225,12 @@ pub trait Tuner: ModelHook {
     /// fine-tuning), rather than an adapter ([`Method::trains_whole_model`]).
     fn trains_whole_model(&self) -> bool {
         self.method().trains_whole_model
+    }
+    /// Keys of [`Tuner::trainable`] that take the learning rate `lora_embedding_lr` instead
+    /// of `lr` when a run sets it (DePT's low-rank pair); empty for a method with one learning
+    /// rate, where setting it is an error naming the method.
+    fn lr_group_keys(&self) -> Vec<String> {
+        Vec::new()
     }
     /// The largest rank of a method whose rank is chosen after training (DyLoRA's `r`: it runs
     /// at any `b` in `1..=r`); `None` for a method with one rank.

@@ -133,6 +133,7 @@ pub static METHODS: &[&Method] = &[
     &super::pst::METHOD,
     &super::ln_tuning::METHOD,
     &super::prompt_tuning::METHOD,
+    &super::dept::METHOD,
     &super::prefix_tuning::METHOD,
     &super::randlora::METHOD,
     &super::svfit::METHOD,

@@ -15,6 +15,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::bnb::{BnbAdamW, StateBits};
+use super::groups::{Grouped, LrGroup};
 use super::{AdamW, AdamWConfig};
 use crate::train::galore::{GaLoreAdamW, GaLoreConfig, LegacyAdamWConfig, TargetModules};
 
@@ -340,6 +341,8 @@ pub struct OptimizerSpec<'a> {
     pub optim_args: Option<&'a str>,
     /// GaLore: HF's `optim_target_modules` (default: modules whose path holds `attn` or `mlp`).
     pub target_modules: Option<&'a TargetModules>,
+    /// Tensors with learning rates of their own ([`super::groups`]); empty: one rate.
+    pub lr_groups: &'a [LrGroup],
 }
 
 impl OptimizerSpec<'_> {
@@ -352,6 +355,7 @@ impl OptimizerSpec<'_> {
             offload_dir: Path::new("."),
             optim_args: None,
             target_modules: None,
+            lr_groups: &[],
         }
     }
 }
@@ -363,6 +367,9 @@ pub fn build_optimizer(
     spec: &OptimizerSpec,
 ) -> Result<Box<dyn Optimizer>> {
     spec.adamw.validate()?;
+    if !spec.lr_groups.is_empty() {
+        return Ok(Box::new(Grouped::new(vars, spec)?));
+    }
     Ok(match spec.name {
         OptimName::Adamw => Box::new(AdamW::new(vars, spec.adamw)),
         OptimName::Adamw8bit => Box::new(BnbAdamW::new(

@@ -2,16 +2,19 @@
 //! accumulation and gradient clipping, numerically matching `torch.optim.AdamW` and
 //! `torch.nn.utils.clip_grad_norm_` (this file); bitsandbytes' 8-bit and paged AdamW
 //! ([`bnb`], state storage in [`arena`]); the `optim` setting, the [`Optimizer`] interface the
-//! trainer drives and [`build_optimizer`] ([`choice`]); the layer-wise step driven from the
+//! trainer drives and [`build_optimizer`] ([`choice`]); learning rates per parameter group
+//! ([`groups`]); the layer-wise step driven from the
 //! backward pass ([`layerwise`]).
 
 mod arena;
 pub mod bnb;
 pub mod choice;
+pub mod groups;
 pub mod layerwise;
 
 pub use bnb::{BnbAdamW, StateBits};
 pub use choice::{build_optimizer, OptimName, Optimizer, OptimizerSpec, DEFAULT_MIN_8BIT_SIZE};
+pub use groups::LrGroup;
 pub use layerwise::LayerwiseStepper;
 
 use std::collections::{BTreeMap, HashMap};

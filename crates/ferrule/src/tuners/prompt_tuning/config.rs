@@ -60,7 +60,13 @@ impl PromptTuningConfig {
     /// PEFT's `__post_init__` checks (TEXT needs a text and a tokenizer; `tokenizer_kwargs`
     /// only with TEXT), and ferrule's: it does not pass `tokenizer_kwargs` on.
     pub fn validate(&self) -> Result<()> {
-        self.common.validate("prompt_tuning")?;
+        self.validate_as("prompt_tuning")
+    }
+
+    /// [`Self::validate`] with `method` naming the method in its errors (DePT's config holds
+    /// this one).
+    pub fn validate_as(&self, method: &str) -> Result<()> {
+        self.common.validate(method)?;
         let text = self.prompt_tuning_init == PromptTuningInit::Text;
         if text
             && self
@@ -68,7 +74,7 @@ impl PromptTuningConfig {
                 .as_deref()
                 .is_none_or(str::is_empty)
         {
-            bail!("prompt_tuning: prompt_tuning_init = \"TEXT\" needs prompt_tuning_init_text")
+            bail!("{method}: prompt_tuning_init = \"TEXT\" needs prompt_tuning_init_text")
         }
         if text
             && self
@@ -76,14 +82,14 @@ impl PromptTuningConfig {
                 .as_deref()
                 .is_none_or(str::is_empty)
         {
-            bail!("prompt_tuning: prompt_tuning_init = \"TEXT\" needs tokenizer_name_or_path (a model folder with tokenizer.json)")
+            bail!("{method}: prompt_tuning_init = \"TEXT\" needs tokenizer_name_or_path (a model folder with tokenizer.json)")
         }
         if let Some(kw) = self.tokenizer_kwargs.as_ref().filter(|k| !k.is_empty()) {
             if !text {
-                bail!("prompt_tuning: tokenizer_kwargs is only valid with prompt_tuning_init = \"TEXT\"")
+                bail!("{method}: tokenizer_kwargs is only valid with prompt_tuning_init = \"TEXT\"")
             }
             bail!(
-                "prompt_tuning: tokenizer_kwargs ({}) is not supported: ferrule tokenizes with tokenizer.json as saved",
+                "{method}: tokenizer_kwargs ({}) is not supported: ferrule tokenizes with tokenizer.json as saved",
                 kw.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         }
@@ -91,30 +97,37 @@ impl PromptTuningConfig {
     }
 }
 
-/// Prompt tuning's command-line flags beside the common ones. `--prompt-tuning-init-text`
-/// implies TEXT, so it comes before `--prompt-tuning-init`, which overrides it when given.
-pub static FLAGS: &[OptionFlag] = &[
-    NUM_VIRTUAL_TOKENS_FLAG,
-    OptionFlag {
-        name: "prompt-tuning-init-text",
-        value: FlagValue::Text,
-        value_name: None,
-        help: "Prompt tuning: the text whose token embeddings start the prompt (implies TEXT; tokenized with the model's own tokenizer unless tokenizer_name_or_path is set).",
-        keys: |v| {
-            vec![
-                ("prompt_tuning_init_text", v),
-                ("prompt_tuning_init", Value::from("TEXT")),
-            ]
-        },
+/// `--prompt-tuning-init-text`, which DePT shares. It implies TEXT, so it comes before
+/// `--prompt-tuning-init`, which overrides it when given.
+pub const INIT_TEXT_FLAG: OptionFlag = OptionFlag {
+    name: "prompt-tuning-init-text",
+    value: FlagValue::Text,
+    value_name: None,
+    help: "Prompt tuning, DePT: the text whose token embeddings start the prompt (implies TEXT; tokenized with the model's own tokenizer unless tokenizer_name_or_path is set).",
+    keys: |v| {
+        vec![
+            ("prompt_tuning_init_text", v),
+            ("prompt_tuning_init", Value::from("TEXT")),
+        ]
     },
-    OptionFlag {
-        name: "prompt-tuning-init",
-        value: FlagValue::Text,
-        value_name: Some("RANDOM|SAMPLE_VOCAB|TEXT"),
-        help: "Prompt tuning: RANDOM (default), SAMPLE_VOCAB or TEXT.",
-        keys: |v| vec![("prompt_tuning_init", Value::from(text(&v).to_ascii_uppercase()))],
+};
+
+/// `--prompt-tuning-init`, which DePT shares.
+pub const INIT_FLAG: OptionFlag = OptionFlag {
+    name: "prompt-tuning-init",
+    value: FlagValue::Text,
+    value_name: Some("RANDOM|SAMPLE_VOCAB|TEXT"),
+    help: "Prompt tuning: RANDOM (default), SAMPLE_VOCAB or TEXT (DePT: RANDOM or TEXT).",
+    keys: |v| {
+        vec![(
+            "prompt_tuning_init",
+            Value::from(text(&v).to_ascii_uppercase()),
+        )]
     },
-];
+};
+
+/// Prompt tuning's command-line flags beside the common ones.
+pub static FLAGS: &[OptionFlag] = &[NUM_VIRTUAL_TOKENS_FLAG, INIT_TEXT_FLAG, INIT_FLAG];
 
 /// TEXT init reads a tokenizer (peft requires `tokenizer_name_or_path`): the model's own,
 /// written into the adapter config, unless the config names one.

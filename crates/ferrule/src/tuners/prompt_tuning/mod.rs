@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
 
@@ -17,6 +17,7 @@ use layer::{fit_to, PromptEmbedding};
 
 use super::config::AdapterConfig;
 use super::core::{AnyTunerCore, TunerCore};
+use super::params::ParamStore;
 use super::prompt_learning::{self, ModelDims};
 use super::registry::{BuildContext, Method};
 use super::target::MatchReport;
@@ -67,44 +68,63 @@ impl PromptTuning {
             core: TunerCore::new(&METHOD, Mutex::new(config), saved, ctx),
         }
     }
+}
 
-    /// The initial prompt `[num_tokens, hidden]` for a fresh adapter (PEFT's `PromptEmbedding.__init__`).
-    fn initial_prompt(
-        &self,
-        config: &PromptTuningConfig,
-        info: &InputInfo,
-        num_tokens: usize,
-    ) -> Result<Tensor> {
-        let device = self.core.params.device();
-        let vocab = info.word_embeddings.base().dims().0;
-        let ids: Vec<u32> = match config.prompt_tuning_init {
-            PromptTuningInit::Random => {
-                return normal(
-                    &[num_tokens, info.hidden_size],
-                    1.0,
-                    self.core.init_seed(PROMPT_KEY),
-                    device,
-                )
-            }
-            PromptTuningInit::SampleVocab => {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(self.core.init_seed(PROMPT_KEY));
-                (0..num_tokens)
-                    .map(|_| rng.gen_range(0..vocab as u32))
-                    .collect()
-            }
-            PromptTuningInit::Text => fit_to(&text_ids(config)?, num_tokens),
-        };
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            bail!("prompt_tuning: prompt_tuning_init_text has token id {bad}, outside this model's vocabulary of {vocab}: tokenizer_name_or_path names another model's tokenizer")
+/// The prompt `P: [num_virtual_tokens, hidden]` (`prompt_embeddings`) of a prompt-tuning
+/// config: the saved one, or a fresh one as peft's `PromptEmbedding.__init__` makes it (seeded
+/// by `seed`). Fills the model's dimensions into `config` first; `method` names the method in
+/// errors (DePT builds its prompt here too).
+pub(crate) fn prompt_table(
+    params: &ParamStore,
+    seed: u64,
+    config: &mut PromptTuningConfig,
+    info: &InputInfo,
+    method: &str,
+) -> Result<PromptEmbedding> {
+    let dims = ModelDims {
+        token_dim: info.hidden_size,
+        num_attention_heads: info.num_heads,
+        num_layers: info.num_layers,
+    };
+    config.common.fill_dims(method, dims, &["token_dim"])?;
+    let num_tokens = config.common.virtual_tokens(method)?;
+    let table = params.take_or_init(PROMPT_KEY, &[num_tokens, info.hidden_size], || {
+        initial_prompt(config, info, num_tokens, seed, params.device())
+    })?;
+    Ok(PromptEmbedding { table })
+}
+
+/// The initial prompt `[num_tokens, hidden]` for a fresh adapter (PEFT's `PromptEmbedding.__init__`).
+fn initial_prompt(
+    config: &PromptTuningConfig,
+    info: &InputInfo,
+    num_tokens: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    let vocab = info.word_embeddings.base().dims().0;
+    let ids: Vec<u32> = match config.prompt_tuning_init {
+        PromptTuningInit::Random => {
+            return normal(&[num_tokens, info.hidden_size], 1.0, seed, device)
         }
-        if ids.len() != num_tokens {
-            bail!("prompt_tuning: prompt_tuning_init_text tokenizes to no tokens")
+        PromptTuningInit::SampleVocab => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            (0..num_tokens)
+                .map(|_| rng.gen_range(0..vocab as u32))
+                .collect()
         }
-        let rows = info
-            .word_embeddings
-            .forward(&Tensor::new(ids.as_slice(), device)?)?;
-        Ok(rows.to_dtype(DType::F32)?)
+        PromptTuningInit::Text => fit_to(&text_ids(config)?, num_tokens),
+    };
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        bail!("prompt_tuning: prompt_tuning_init_text has token id {bad}, outside this model's vocabulary of {vocab}: tokenizer_name_or_path names another model's tokenizer")
     }
+    if ids.len() != num_tokens {
+        bail!("prompt_tuning: prompt_tuning_init_text tokenizes to no tokens")
+    }
+    let rows = info
+        .word_embeddings
+        .forward(&Tensor::new(ids.as_slice(), device)?)?;
+    Ok(rows.to_dtype(DType::F32)?)
 }
 
 /// `prompt_tuning_init_text` tokenized as peft does (`tokenizer(text)["input_ids"]`, special
@@ -138,28 +158,16 @@ impl ModelHook for PromptTuning {
 
     fn virtual_tokens(&self, info: &InputInfo) -> Result<Option<Box<dyn VirtualTokens>>> {
         let mut config = self.core.config.lock().unwrap();
-        let dims = ModelDims {
-            token_dim: info.hidden_size,
-            num_attention_heads: info.num_heads,
-            num_layers: info.num_layers,
-        };
-        config
-            .common
-            .fill_dims("prompt_tuning", dims, &["token_dim"])?;
-        let num_tokens = config.common.virtual_tokens("prompt_tuning")?;
-        let table: Var =
-            self.core
-                .params
-                .take_or_init(PROMPT_KEY, &[num_tokens, info.hidden_size], || {
-                    self.initial_prompt(&config, info, num_tokens)
-                })?;
+        let seed = self.core.init_seed(PROMPT_KEY);
+        let prompt = prompt_table(&self.core.params, seed, &mut config, info, "prompt_tuning")?;
+        let num_tokens = prompt.num_tokens();
         let module = AdaptedModule {
             path: info.path.clone(),
             params: num_tokens * info.hidden_size,
             detail: format!("{num_tokens} virtual tokens before the input"),
         };
         self.core.record(module, ());
-        Ok(Some(Box::new(PromptEmbedding { table })))
+        Ok(Some(Box::new(prompt)))
     }
 }
 
