@@ -498,6 +498,35 @@ fn check_fits(name: &str, dims: &[usize], update: &Update) -> Result<()> {
     Ok(())
 }
 
+/// Calls `f` with `w`'s values in f32, row-major, in pieces of whole rows of about
+/// `piece_bytes` of f32 each: a streamed matrix stored in bf16 or f16 is converted one piece at
+/// a time (a 1B Llama's embedding would be 403 MB in f32 at once); anything else is
+/// [`with_f32`] cut into pieces.
+fn with_f32_pieces(
+    w: &FrozenWeight,
+    piece_bytes: usize,
+    mut f: impl FnMut(&[f32]) -> Result<()>,
+) -> Result<()> {
+    let (rows, cols) = w.dims();
+    let rows_per_piece = (piece_bytes / (4 * cols.max(1))).max(1);
+    if let FrozenWeight::Streamed(s, _) = w {
+        if let Held::Dense { dtype, .. } = s.held() {
+            if *dtype != DType::F32 {
+                let _in_use = s.use_pages();
+                for r0 in (0..rows).step_by(rows_per_piece) {
+                    f(&s.dense_row_block_f32(r0, (r0 + rows_per_piece).min(rows))?)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+    with_f32(w, |values| {
+        values
+            .chunks(rows_per_piece * cols.max(1))
+            .try_for_each(&mut f)
+    })
+}
+
 /// Calls `f` with `w`'s values in f32, row-major: a streamed f32 matrix's mapped values
 /// themselves (its pages dropped after), anything else converted or dequantized first.
 fn with_f32<R>(w: &FrozenWeight, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {

@@ -179,6 +179,33 @@ impl StreamedWeight {
             .to_dtype(dtype.dtype())
     }
 
+    /// Rows `r0..r1` of a dense matrix in f32, row-major, converted from the file's dtype as
+    /// [`StreamedWeight::dense_tensor`] converts the whole: for a writer that goes through a
+    /// bf16 or f16 table a block at a time instead of holding all of it in f32.
+    pub(crate) fn dense_row_block_f32(
+        &self,
+        r0: usize,
+        r1: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let Held::Dense {
+            dtype: stored,
+            rows,
+            cols,
+        } = self.held
+        else {
+            candle_core::bail!("streamed weight: not a dense matrix")
+        };
+        if r0 > r1 || r1 > rows {
+            candle_core::bail!("streamed weight: rows {r0}..{r1} of {rows}")
+        }
+        let row_bytes = cols * stored.size_in_bytes();
+        let block = &self.pages[r0 * row_bytes..r1 * row_bytes];
+        Tensor::from_raw_buffer(block, stored, &[r1 - r0, cols], &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()
+    }
+
     /// Rows `ids` of a dense matrix as `[n, cols]` in f32, as the in-memory lookup gives them
     /// (the file's values rounded to the compute dtype first, then widened).
     pub(crate) fn dense_rows(

@@ -69,9 +69,16 @@ pub trait QuantMatrix: Send + Sync + fmt::Debug {
 
 /// Refuses NaN and infinite weights: quantizing them gives a silently wrong model.
 pub fn check_finite(name: &str, values: &[f32]) -> anyhow::Result<()> {
+    check_finite_from(name, values, 0)
+}
+
+/// [`check_finite`] on a piece of a tensor that starts at element `offset` (the error names
+/// the element's index in the whole tensor).
+pub fn check_finite_from(name: &str, values: &[f32], offset: usize) -> anyhow::Result<()> {
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         anyhow::bail!(
-            "{name}: element {i} is {}; refusing to quantize a tensor with NaN/inf values",
+            "{name}: element {} is {}; refusing to quantize a tensor with NaN/inf values",
+            offset + i,
             values[i]
         )
     }

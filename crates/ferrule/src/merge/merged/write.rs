@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::{with_f32, MergedModel, Part};
+use super::{with_f32, with_f32_pieces, MergedModel, Part};
 use crate::model::stream::Held;
 use crate::ops::FrozenWeight;
 use crate::quant::{bnb_format, ErrorMeter, Target};
@@ -118,21 +118,22 @@ impl MergedModel {
     fn write_bf16(&self, name: &str, w: &FrozenWeight, out: &mut dyn Write) -> Result<()> {
         let (rows, cols) = w.dims();
         let quantized_now = self.spec_target(name, w).is_some();
-        with_f32(w, |values| {
-            crate::quant::check_finite(name, values)?;
-            let mut meter = ErrorMeter::default();
-            let mut widened = Vec::with_capacity(values.len().min(1 << 16));
-            for slice in values.chunks(1 << 16) {
-                widened.clear();
-                widened.extend(slice.iter().map(|&v| half::bf16::from_f32(v).to_f32()));
-                meter.add(slice, &widened);
-                out.write_all(bytemuck::cast_slice(&widened))?;
-            }
-            if quantized_now {
-                // As `Bf16Rows` counts itself: format "bf16", two bytes a value.
-                self.note_error(name, "bf16".into(), rows * cols, 2 * rows * cols, meter);
-            }
+        let mut meter = ErrorMeter::default();
+        let mut widened = Vec::new();
+        let mut done = 0;
+        with_f32_pieces(w, 4 << 20, |piece| {
+            crate::quant::check_finite_from(name, piece, done)?;
+            widened.clear();
+            widened.extend(piece.iter().map(|&v| half::bf16::from_f32(v).to_f32()));
+            meter.add(piece, &widened);
+            out.write_all(bytemuck::cast_slice(&widened))?;
+            done += piece.len();
             Ok(())
-        })
+        })?;
+        if quantized_now {
+            // As `Bf16Rows` counts itself: format "bf16", two bytes a value.
+            self.note_error(name, "bf16".into(), rows * cols, 2 * rows * cols, meter);
+        }
+        Ok(())
     }
 }
