@@ -178,6 +178,8 @@ pub trait AnyTunerCore {
     fn config_json(&self) -> Result<Value>;
     /// Base tensors the `modules_to_save` copies replace in a merge.
     fn saved_replaced(&self) -> Vec<(String, Tensor)>;
+    /// [`TunerCore::check_finished`].
+    fn check_finished(&self, nothing_adapted: &str) -> Result<Vec<MatchReport>>;
 }
 
 impl<C: Serialize, L> AnyTunerCore for TunerCore<C, L> {
@@ -203,6 +205,10 @@ impl<C: Serialize, L> AnyTunerCore for TunerCore<C, L> {
 
     fn saved_replaced(&self) -> Vec<(String, Tensor)> {
         self.saved.replaced(&self.params)
+    }
+
+    fn check_finished(&self, nothing_adapted: &str) -> Result<Vec<MatchReport>> {
+        TunerCore::check_finished(self, nothing_adapted)
     }
 }
 

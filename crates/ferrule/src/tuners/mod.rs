@@ -156,8 +156,9 @@ pub struct PlainLora {
     pub tensors: Vec<(String, Tensor)>,
 }
 
-/// What every method provides beyond its hook points. A method implements [`Tuner::core`],
-/// [`Tuner::finish`] and [`Tuner::updates`]; the rest defaults to what its [`TunerCore`] holds.
+/// What every method provides beyond its hook points. A method implements [`Tuner::core`]
+/// and [`Tuner::updates`]; the rest defaults to what its [`TunerCore`] holds ([`Tuner::finish`]
+/// to the checks for a method on linear layers).
 pub trait Tuner: ModelHook {
     /// The state every tuner holds ([`TunerCore`]).
     fn core(&self) -> &dyn AnyTunerCore;
@@ -171,8 +172,12 @@ pub trait Tuner: ModelHook {
     }
     /// Called once the model is built. Fails when a `target_modules` entry matched nothing
     /// (unless `allow_unmatched`), when nothing was targeted, or when a loaded adapter had
-    /// tensors that found no module. Returns what each entry matched.
-    fn finish(&self) -> Result<Vec<MatchReport>>;
+    /// tensors that found no module. Returns what each entry matched. The default is the
+    /// checks of a method on linear layers; others name what they adapt.
+    fn finish(&self) -> Result<Vec<MatchReport>> {
+        self.core()
+            .check_finished("target_modules matched no linear layer of the model")
+    }
     /// Trainable tensors under their PEFT on-disk keys, sorted by key.
     fn trainable(&self) -> Vec<(String, Var)> {
         self.core().params().trainable()

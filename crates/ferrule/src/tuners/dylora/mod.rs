@@ -27,7 +27,7 @@ use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::lora::LoraConfig;
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockShapes, BuildContext, Method};
-use super::target::{MatchReport, ModuleSpec, Targets};
+use super::target::{ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Delta, PlainLora, Tuner, Update};
 use crate::init;
 use crate::model::{Linear, LinearInfo, ModelHook};
@@ -209,11 +209,6 @@ impl ModelHook for Dylora {
 impl Tuner for Dylora {
     fn core(&self) -> &dyn AnyTunerCore {
         &self.core
-    }
-
-    fn finish(&self) -> Result<Vec<MatchReport>> {
-        self.core
-            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// `ΔW = (α/b) · B[:, :b] A[:b]` at the chosen rank `b`: the reference's `eval()` merge

@@ -16,7 +16,7 @@ use super::config::{default_list, AdapterConfig};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockLinear, BlockShapes, BuildContext, Method};
-use super::target::{MatchReport, ModuleSpec, Targets};
+use super::target::{ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::FrozenLinear;
@@ -218,11 +218,6 @@ impl ModelHook for Ia3 {
 impl Tuner for Ia3 {
     fn core(&self) -> &dyn AnyTunerCore {
         &self.core
-    }
-
-    fn finish(&self) -> Result<Vec<MatchReport>> {
-        self.core
-            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// PEFT's `Linear.merge`: `W ⊙ l` (`l: [out, 1]` or `[1, in]`), and `b ⊙ l` for output

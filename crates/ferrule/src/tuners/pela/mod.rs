@@ -28,7 +28,7 @@ use layer::{inf_norm_term, PelaLinear};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BuildContext, Method};
-use super::target::{MatchReport, ModuleSpec, Targets};
+use super::target::{ModuleSpec, Targets};
 use super::{AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::{FrozenLinear, FrozenWeight};
@@ -174,11 +174,6 @@ impl ModelHook for Pela {
 impl Tuner for Pela {
     fn core(&self) -> &dyn AnyTunerCore {
         &self.core
-    }
-
-    fn finish(&self) -> Result<Vec<MatchReport>> {
-        self.core
-            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// The factors replace the weight outright: no additive update.

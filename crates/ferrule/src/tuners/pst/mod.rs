@@ -37,7 +37,7 @@ use super::config::AdapterConfig;
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockShapes, BuildContext, Method};
-use super::target::{MatchReport, Targets};
+use super::target::Targets;
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
 use crate::model::stream::Held;
@@ -237,11 +237,6 @@ impl ModelHook for Pst {
 impl Tuner for Pst {
     fn core(&self) -> &dyn AnyTunerCore {
         &self.core
-    }
-
-    fn finish(&self) -> Result<Vec<MatchReport>> {
-        self.core
-            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// `W' = M ⊙ (W + βUV)` per adapted layer at the sparsity the layers run at now (the

@@ -30,7 +30,7 @@ use super::config::{default_list, AdapterConfig};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockShapes, BuildContext, Method};
-use super::target::{MatchReport, ModuleSpec, Targets};
+use super::target::{ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Delta, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::{FrozenLinear, FrozenWeight};
@@ -202,11 +202,6 @@ impl ModelHook for Svfit {
 impl Tuner for Svfit {
     fn core(&self) -> &dyn AnyTunerCore {
         &self.core
-    }
-
-    fn finish(&self) -> Result<Vec<MatchReport>> {
-        self.core
-            .check_finished("target_modules matched no linear layer of the model")
     }
 
     /// The trained singular values and each module's basis, sorted by key.
