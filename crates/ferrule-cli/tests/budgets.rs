@@ -2,16 +2,11 @@
 //! tokens (checked against the tokens each step logged), and `--max-seconds` ends the run after
 //! the step that spends the time, evaluated and saved as a finished run.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::fx;
 
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
+use std::path::Path;
+use std::process::Command;
 
 /// `ferrule train` on the tiny Llama with `extra`; returns (success, stdout, stderr).
 fn train(out: &Path, extra: &[&str]) -> (bool, String, String) {

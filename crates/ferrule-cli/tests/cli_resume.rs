@@ -3,16 +3,11 @@
 //! uninterrupted run, with dropout, gradient accumulation, warmup + cosine schedule and
 //! periodic evaluation in play; also through an FP4-quantized base (`--quantize fp4`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::fx;
 
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
+use std::path::Path;
+use std::process::Command;
 
 /// Runs ferrule with `args`; returns (stdout, stderr), panicking with stderr on failure.
 fn ferrule(args: &[String]) -> (String, String) {

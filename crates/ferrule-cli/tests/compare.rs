@@ -3,18 +3,13 @@
 //! that continues (finished runs kept, a stopped one resumed), a learning-rate sweep that
 //! marks each method's best, and mistakes named before anything runs.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::fx;
+
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
 
 /// `ferrule ARGS --threads 1`: (success, stdout, stderr).
 fn ferrule(args: &[&str]) -> (bool, String, String) {

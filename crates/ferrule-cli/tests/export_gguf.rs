@@ -1,16 +1,10 @@
 //! `ferrule export gguf` as a user runs it: a model (with an adapter merged in), an adapter
 //! alone, and the bad inputs, each a clear error that writes nothing.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+use common::fx;
 
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
+use std::process::Command;
 
 /// Runs ferrule; returns (success, stdout, stderr).
 fn ferrule(args: &[&str]) -> (bool, String, String) {

@@ -2,16 +2,10 @@
 //! batches gives each prompt the completion it gets alone, one JSON line each; mistakes in
 //! the file or the flags are named and write nothing.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+use common::fx;
 
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
+use std::process::Command;
 
 /// Runs ferrule; returns (success, stdout, stderr).
 fn ferrule(args: &[&str]) -> (bool, String, String) {

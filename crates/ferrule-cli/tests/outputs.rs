@@ -2,16 +2,11 @@
 //! scripts), progress lines when stderr is not a terminal, the bar on one, TensorBoard event
 //! files, and an output folder that an earlier run is not silently lost from.
 
+mod common;
+use common::fx;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
 
 /// `ferrule train` on the tiny fixture model into `out`, with `extra` flags: (success,
 /// stdout, stderr).

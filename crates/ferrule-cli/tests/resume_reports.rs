@@ -3,19 +3,14 @@
 //! `--resume`, a resume with the same global batch split otherwise, a longer run on resume and
 //! `--init-adapter`, and a corrupt newest checkpoint.
 
+mod common;
+use common::fx;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
 
 /// Runs ferrule with `args` on one thread.
 fn ferrule(args: &[String]) -> Output {

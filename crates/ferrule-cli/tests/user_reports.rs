@@ -2,16 +2,11 @@
 //! each error names the file, line, key or flag and the fix, and nothing differs silently.
 //! All run on the small fixture models.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::fx;
 
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
+use std::path::Path;
+use std::process::Command;
 
 /// Runs ferrule; returns (success, stdout, stderr).
 fn ferrule(args: &[&str]) -> (bool, String, String) {

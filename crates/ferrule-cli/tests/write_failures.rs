@@ -3,17 +3,12 @@
 //! is a file; a folder ferrule may not write in. Each gives an error naming the file, leaves no
 //! partial output, keeps every earlier file as it was, and `--resume` continues afterwards.
 
+mod common;
+use common::fx;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn fx(rel: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-        .display()
-        .to_string()
-}
 
 /// Runs ferrule with a file-size limit of `blocks` KiB (bash's `ulimit -f` unit; none when `None`).
 fn ferrule(limit_blocks: Option<u64>, args: &[&str]) -> (bool, String) {
