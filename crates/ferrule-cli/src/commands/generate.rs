@@ -3,7 +3,7 @@
 use ferrule::ops::ComputeDtypeChoice;
 use std::io::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ferrule::data::Message;
 use ferrule::generate::prompts::Prompt;
 use ferrule::generate::{
@@ -196,7 +196,10 @@ fn run_one(a: &Args, source: &ModelSource, lm: &DecoderLm) -> Result<()> {
     if let Some(s) = &a.system {
         msgs.push(Message::new("system", s.clone()));
     }
-    let user = a.prompt.clone().unwrap_or_default();
+    let user = a
+        .prompt
+        .clone()
+        .context("give --prompt TEXT, or --prompts FILE for a file of prompts")?;
     msgs.push(Message::new("user", user.clone()));
     let prompt = match (&source.chat_template, a.raw) {
         (Some(_), false) => Prompt::Chat(msgs),

@@ -26,8 +26,8 @@ pub(super) fn run(a: &Args, file: &Path, source: &ModelSource, lm: &DecoderLm) -
                 .with_context(|| format!("--prompts {}: prompt {}", file.display(), i + 1))
         })
         .collect::<Result<Vec<_>>>()?;
-    // Any id serves for the pads: they are masked out.
-    let pad = source.pad_token_id().unwrap_or(0);
+    // The tokenizer's pad id, else its eos, else 0: pads are masked out, so any id serves.
+    let pad = source.pad_token_id()?;
     let tok = source.tokenizer()?;
     let size = a.batch_size.unwrap_or(DEFAULT_BATCH) as usize;
     let batches = ids.len().div_ceil(size);
