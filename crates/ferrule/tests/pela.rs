@@ -4,7 +4,9 @@
 //! the reference's factors gives its logits, its regulariser and the gradients of
 //! `loss + regulariser`; a fresh adapter starts at the reference's products `R L` (its
 //! factors differ only by the SVD's signs); the merged dense folder gives the factorised
-//! model's logits; a run with the regulariser resumes to the same bytes; and a layer whose rank
+//! model's logits; the feature distillation against the unfactorised model gives the
+//! reference's term and gradients; a run with the regulariser and the distillation resumes to
+//! the same bytes; and a layer whose rank
 //! would be 0 is an error naming it.
 
 mod common;
@@ -15,9 +17,11 @@ use candle_core::{Device, Tensor};
 use common::method::*;
 use common::*;
 use ferrule::adapted::attach;
+use ferrule::data::Batch;
 use ferrule::model::{Arch, Frozen, Model, ModelSource, Task};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
+use ferrule::train::distill::loss_with_distillation;
 use ferrule::train::TrainConfig;
 use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
 
@@ -121,6 +125,55 @@ fn a_fresh_adapter_starts_at_the_references_low_rank_products() {
     }
 }
 
+/// The feature distillation against the unfactorised model (`Pretrain.py`'s `0.1 · loss_kd`
+/// over transformers' hidden states, real tokens only): its value and its gradients in every
+/// factor are the reference's.
+#[test]
+fn the_distillation_term_and_its_gradients_are_the_references() {
+    let dev = Device::Cpu;
+    let saved = load_adapter(&fixtures().join("pela/llama"), &dev).unwrap();
+    let tuner = saved.into_tuner(0, &dev).unwrap();
+    let model = Model::build(&source(), Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
+    tuner.finish().unwrap();
+    assert_eq!(
+        tuner.distillation_weight(),
+        Some(0.1),
+        "the reference's weight"
+    );
+    let (exp, inp) = (expected(), load("inputs/decoder.safetensors"));
+    let batch = Batch {
+        input_ids: inp["input_ids"].clone(),
+        attention_mask: inp["attention_mask"].clone(),
+        labels: Some(exp["labels"].clone()),
+        class_labels: None,
+        num_tokens: 0,
+        seq_lens: None,
+    };
+    let (loss, _, term) = loss_with_distillation(&model, tuner.as_ref(), &batch).unwrap();
+    let scalar = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (scalar(&loss) - scalar(&exp["loss"])).abs() < 1e-5,
+        "the task loss is the student's"
+    );
+    let term = term.expect("distill_weight 0.1");
+    let (got, want) = (scalar(&term), 0.1 * scalar(&exp["kd"]));
+    assert!(
+        (got - want).abs() < 1e-5 * want,
+        "distillation {got} vs {want}"
+    );
+    let grads = term.backward().unwrap();
+    for (k, v) in tuner.trainable() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{k}: no gradient"));
+        let e = rel_err(g, &exp[&format!("grad_kd.{k}")]);
+        assert!(
+            e < 1e-4,
+            "{k}: distillation gradient off by {e} of its largest entry"
+        );
+    }
+}
+
 #[test]
 fn the_merged_dense_folder_gives_the_factorised_models_logits() {
     let (model, tuner) = fresh(serde_json::json!({})).unwrap();
@@ -169,7 +222,8 @@ fn run_config(out: &std::path::Path) -> TrainConfig {
     }
 }
 
-/// The regulariser joins every micro-batch's loss; the run resumes to the same bytes.
+/// The regulariser and the distillation (defaults: weights 1 and 0.1) join every micro-batch's
+/// loss; the run resumes to the same bytes.
 #[test]
 fn a_run_with_the_regulariser_resumes_to_the_same_adapter() {
     assert_resume_is_byte_identical(run_config, 2);

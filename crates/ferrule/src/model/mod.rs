@@ -188,11 +188,7 @@ impl Model {
         position_ids: Option<&Tensor>,
     ) -> Result<Option<String>> {
         let _no_grad = self.no_grad();
-        let trace = match &self.arch {
-            Arch::Decoder(m) => &m.trace,
-            Arch::Bert(m) => &m.trace,
-        };
-        trace.run(|| self.forward_at(inputs, position_ids))
+        self.trace().run(|| self.forward_at(inputs, position_ids))
     }
 
     /// [`Self::trace_non_finite`] for a padding-free batch ([`Self::forward_packed`]).
@@ -202,11 +198,32 @@ impl Model {
         lens: &[usize],
     ) -> Result<Option<String>> {
         let _no_grad = self.no_grad();
-        let trace = match &self.arch {
+        self.trace().run(|| self.forward_packed(input_ids, lens))
+    }
+
+    /// Runs `pass` (a forward pass of this model, e.g. its loss) and returns its result with
+    /// the hidden states of transformers' `output_hidden_states`: the embeddings, then each
+    /// layer's output (in a decoder the last one after the final norm), each `[b, t, hidden]`
+    /// (`[1, n, hidden]` padding-free) and in the pass's graph. For a distillation loss over
+    /// every layer's features (PELA).
+    pub fn with_stage_outputs<T>(
+        &self,
+        pass: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Vec<Tensor>)> {
+        let (out, mut stages) = self.trace().capture(pass)?;
+        // A decoder reports its last layer's output and then the final norm's; transformers'
+        // hidden_states hold the latter in place of the former.
+        if matches!(self.arch, Arch::Decoder(_)) && stages.len() >= 2 {
+            stages.remove(stages.len() - 2);
+        }
+        Ok((out, stages))
+    }
+
+    fn trace(&self) -> &crate::util::finite::LayerTrace {
+        match &self.arch {
             Arch::Decoder(m) => &m.trace,
             Arch::Bert(m) => &m.trace,
-        };
-        trace.run(|| self.forward_packed(input_ids, lens))
+        }
     }
 
     /// [`Self::forward`] of a padding-free batch: `input_ids: [1, n]` holds sequences of

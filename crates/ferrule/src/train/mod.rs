@@ -24,6 +24,7 @@ pub mod batching;
 pub mod budget;
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod evaluate;
 pub mod galore;
 pub mod metrics;

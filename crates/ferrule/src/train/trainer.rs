@@ -26,6 +26,7 @@ use crate::ops::recompute::{GradHook, GradSink};
 use crate::ops::ComputeDtypeDecision;
 use crate::tuners::{total_params, Tuner};
 
+use super::distill::loss_with_distillation;
 use super::evaluate::{batch_loss, evaluate_on, non_finite_origin};
 use super::prepare::{prepare_run, Prepared};
 
@@ -95,7 +96,8 @@ fn accumulate_step(
             .set_step(((step * cfg.grad_accum + micro) * world + comm.rank()) as u64);
         local.tokens += batch.num_tokens as f64;
         local.positions += batch.input_ids.elem_count() as f64;
-        let (loss, counted, _) = batch_loss(&p.model, &batch)?;
+        let (loss, counted, distillation) =
+            loss_with_distillation(&p.model, p.tuner.as_ref(), &batch)?;
         if counted == 0 {
             if p.model.lockstep {
                 discard_backward(&loss, sink)?;
@@ -110,12 +112,12 @@ fn accumulate_step(
                 step + 1
             )
         }
-        // A method's own term (PELA's regulariser) joins the loss that is differentiated, not
-        // the one reported.
-        let loss = match p.tuner.regularizer()? {
-            Some(term) => (loss + term)?,
-            None => loss,
-        };
+        // A method's own terms (PELA's regulariser and distillation) join the loss that is
+        // differentiated, not the one reported.
+        let mut loss = loss;
+        for term in [p.tuner.regularizer()?, distillation].into_iter().flatten() {
+            loss = (loss + term)?;
+        }
         let mut grads = loss.backward()?;
         if let Some(sink) = sink {
             sink.drain_into(&mut grads)?;

@@ -214,6 +214,15 @@ pub trait Tuner: ModelHook {
     fn regularizer(&self) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// The weight of a feature-distillation term against the model the method changes, when it
+    /// learns from it (PELA: `0.1 · mean over stages of MSE(student, teacher)`, see
+    /// `train::distill`); `None` for most methods.
+    fn distillation_weight(&self) -> Option<f64> {
+        None
+    }
+    /// While on, the method's layers compute what the model they replace computed (the
+    /// teacher of [`Tuner::distillation_weight`]); a no-op for methods without one.
+    fn set_teaching(&self, _on: bool) {}
     /// How a merge changes base tensors, keyed by base tensor name (`path.weight`).
     fn updates(&self) -> Result<Vec<(String, Update)>>;
     /// Base tensors replaced outright by trained copies (`modules_to_save`, LN tuning, a

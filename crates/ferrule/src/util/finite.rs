@@ -29,20 +29,33 @@ pub fn ensure_finite(t: &Tensor, what: impl FnOnce() -> String, hint: &str) -> R
     Ok(())
 }
 
-/// A per-layer check of a forward pass, off unless [`LayerTrace::run`] diagnoses a non-finite
-/// result: models call [`LayerTrace::check`] after each stage, which costs one atomic load
-/// when off.
+/// The stage outputs of a forward pass (token embeddings, then each layer's output), which
+/// models report by calling [`LayerTrace::check`] after each stage. Off, that costs one atomic
+/// load; [`LayerTrace::run`] checks them for a non-finite value, to diagnose a non-finite
+/// result; [`LayerTrace::capture`] keeps them, as transformers' `output_hidden_states` does
+/// (for a distillation loss on every layer's features).
 #[derive(Debug, Default)]
 pub struct LayerTrace {
     on: std::sync::atomic::AtomicBool,
     first: std::sync::Mutex<Option<String>>,
+    captured: std::sync::Mutex<Option<Vec<Tensor>>>,
 }
 
 impl LayerTrace {
-    /// While tracing, remembers `stage()` (e.g. `"layer 3 (model.layers.3)"`) if it is the first
-    /// stage whose output `x` holds a NaN or infinite value.
+    /// Reports the output `x` of `stage()` (e.g. `"layer 3 (model.layers.3)"`): while tracing,
+    /// remembers the stage if it is the first whose output holds a NaN or infinite value;
+    /// while capturing, keeps `x`.
     pub fn check(&self, stage: impl FnOnce() -> String, x: &Tensor) -> Result<()> {
         if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(kept) = self
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            kept.push(x.clone());
             return Ok(());
         }
         let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
@@ -61,6 +74,20 @@ impl LayerTrace {
         self.on.store(false, std::sync::atomic::Ordering::Relaxed);
         result?;
         Ok(self.first.lock().unwrap_or_else(|e| e.into_inner()).take())
+    }
+
+    /// Runs `pass` and returns its result with every stage output it reported, in order.
+    pub fn capture<T>(&self, pass: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tensor>)> {
+        *self.captured.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        self.on.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = pass();
+        self.on.store(false, std::sync::atomic::Ordering::Relaxed);
+        let kept = self
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        Ok((result?, kept.unwrap_or_default()))
     }
 }
 

@@ -2,7 +2,8 @@
 //! no adapter format, so `peft_type` `PELA` and these keys are ferrule's: `compress_ratio` is
 //! the reference's `ModuleLowRank(compress_ratio=3)` (`ALBEF/models/low_rank.py`), `norm_weight`
 //! and `norm_eps` the weight and target of its `inf_norm` term (`models/model_pretrain.py`,
-//! `inf_norm(..., eps=1e-3)`, added with weight 1 in `Pretrain.py`).
+//! `inf_norm(..., eps=1e-3)`, added with weight 1 in `Pretrain.py`), `distill_weight` the
+//! weight of its feature distillation (`Pretrain.py`: `0.1 * loss_kd`).
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,9 @@ fn one() -> f64 {
 }
 fn eps_default() -> f64 {
     1e-3
+}
+fn distill_default() -> f64 {
+    0.1
 }
 
 /// One PELA adapter's configuration, as `adapter_config.json` stores it.
@@ -42,6 +46,11 @@ pub struct PelaConfig {
     /// Its target for the largest entry of `R L − W`.
     #[serde(default = "eps_default", serialize_with = "serialize_number")]
     pub norm_eps: f64,
+    /// Weight of the feature distillation against the original model, `mean_s MSE(student_s,
+    /// teacher_s)` over every stage output (`train::distill`); 0 leaves it out (and saves the
+    /// teacher's forward pass per micro-batch).
+    #[serde(default = "distill_default", serialize_with = "serialize_number")]
+    pub distill_weight: f64,
 }
 
 /// Keys of a PELA `adapter_config.json` that ferrule understands.
@@ -52,11 +61,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "modules_to_save",
     "norm_weight",
     "norm_eps",
+    "distill_weight",
 ];
 
 impl PelaConfig {
-    /// A positive, finite `compress_ratio`, and a finite, non-negative `norm_weight` and
-    /// `norm_eps`.
+    /// A positive, finite `compress_ratio`, and a finite, non-negative `norm_weight`,
+    /// `norm_eps` and `distill_weight`.
     pub fn validate(&self) -> Result<()> {
         if !(self.compress_ratio.is_finite() && self.compress_ratio > 0.0) {
             bail!(
@@ -67,6 +77,7 @@ impl PelaConfig {
         for (key, v) in [
             ("norm_weight", self.norm_weight),
             ("norm_eps", self.norm_eps),
+            ("distill_weight", self.distill_weight),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("pela: {key} is {v}: expected a finite number ≥ 0")
@@ -82,13 +93,22 @@ impl PelaConfig {
 }
 
 /// PELA's flags beside the common ones.
-pub static FLAGS: &[OptionFlag] = &[OptionFlag {
-    name: "compress-ratio",
-    value: FlagValue::Number,
-    value_name: Some("C"),
-    help: "PELA: each targeted linear is factorised at rank in·out/(C·(in+out)) (default 3).",
-    keys: |v| vec![("compress_ratio", v)],
-}];
+pub static FLAGS: &[OptionFlag] = &[
+    OptionFlag {
+        name: "compress-ratio",
+        value: FlagValue::Number,
+        value_name: Some("C"),
+        help: "PELA: each targeted linear is factorised at rank in·out/(C·(in+out)) (default 3).",
+        keys: |v| vec![("compress_ratio", v)],
+    },
+    OptionFlag {
+        name: "distill-weight",
+        value: FlagValue::Number,
+        value_name: Some("W"),
+        help: "PELA: weight of the feature distillation against the original model (default 0.1; 0 skips the teacher pass).",
+        keys: |v| vec![("distill_weight", v)],
+    },
+];
 
 #[cfg(test)]
 mod tests {

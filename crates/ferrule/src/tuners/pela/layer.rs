@@ -12,12 +12,21 @@
 //! near the original weight: `(max|R L − W| − ε)²`, averaged over the layers; `torch.norm(M,
 //! inf)` of a matrix without `dim` is its largest absolute entry, not the matrix ∞-norm.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor, Var};
 
 use crate::model::Linear;
+use crate::ops::FrozenLinear;
 
 /// A linear factorised into two trained linears.
 pub struct PelaLinear {
+    /// The linear it replaces, which computes the output while `teaching` is on (the teacher
+    /// of the feature distillation).
+    pub original: FrozenLinear,
+    /// Shared by every layer of the tuner ([`crate::tuners::Tuner::set_teaching`]).
+    pub teaching: Arc<AtomicBool>,
     /// `L: [k, in]` (the reference's `<path>.0.weight`).
     pub first: Var,
     /// `R: [out, k]` (`<path>.1.weight`).
@@ -29,6 +38,9 @@ pub struct PelaLinear {
 impl Linear for PelaLinear {
     /// `x: [.., in]` → `[.., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.teaching.load(Ordering::Relaxed) {
+            return Linear::forward(&self.original, x);
+        }
         let mut dims = x.dims().to_vec();
         let in_f = *dims.last().unwrap_or(&0);
         let h = x
@@ -43,9 +55,30 @@ impl Linear for PelaLinear {
     }
 }
 
-/// `(max|R L − W| − ε)²` for one layer, differentiable in `R` and `L` (`w: [out, in]` f32).
+/// `(max|R L − W| − ε)²` for one layer, differentiable in `R: [out, k]` and `L: [k, in]`
+/// (`w: [out, in]` f32).
+///
+/// The maximum's gradient reaches only its entry `(i, j)`, so the entry is found without a
+/// graph and the term is built from `R[i, :] · L[:, j]` alone: the same value and gradients as
+/// differentiating through the whole `|R L − W|`, whose graph would hold an `[out, in]`
+/// product per layer until the backward pass (5 GB for SmolLM2-135M's linears).
 pub fn inf_norm_term(first: &Tensor, second: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let largest = (second.matmul(first)? - w)?.abs()?.flatten_all()?.max(0)?;
+    let in_f = w.dim(1)?;
+    let residual = (second.detach().matmul(&first.detach())? - w)?;
+    let at = residual
+        .abs()?
+        .flatten_all()?
+        .argmax(0)?
+        .to_scalar::<u32>()? as usize;
+    let (i, j) = (at / in_f, at % in_f);
+    let entry = second.narrow(0, i, 1)?.matmul(&first.narrow(1, j, 1)?)?;
+    // A scalar, not a view: a view would keep all of `w` alive in the graph.
+    let target = w
+        .get(i)?
+        .get(j)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    let largest = entry.affine(1.0, -target)?.abs()?.reshape(())?;
     (largest - eps)?.sqr()
 }
 
@@ -61,12 +94,20 @@ mod tests {
     #[test]
     fn forward_and_gradients_by_hand() {
         let dev = Device::Cpu;
+        let original = Tensor::new(&[[1f32, 2., 3.], [0., 0., -1.]], &dev).unwrap();
         let layer = PelaLinear {
+            original: FrozenLinear::new(original, None).unwrap(),
+            teaching: Arc::new(AtomicBool::new(false)),
             first: Var::new(&[[1f32, 0., 2.]], &dev).unwrap(),
             second: Var::new(&[[1f32], [-2.]], &dev).unwrap(),
             bias: Some(Var::new(&[0.5f32, 0.], &dev).unwrap()),
         };
         let x = Tensor::new(&[[[1f32, 1., 1.]]], &dev).unwrap();
+        // The teacher is the replaced linear: W x = (6, −1).
+        layer.teaching.store(true, Ordering::Relaxed);
+        let taught = layer.forward(&x).unwrap().flatten_all().unwrap();
+        assert_eq!(taught.to_vec1::<f32>().unwrap(), [6., -1.]);
+        layer.teaching.store(false, Ordering::Relaxed);
         let y = layer.forward(&x).unwrap();
         assert_eq!(y.dims(), [1, 1, 2]);
         assert_eq!(

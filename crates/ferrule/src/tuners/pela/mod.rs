@@ -9,14 +9,18 @@
 //! `<path>.0.weight` (`L: [k, in]`), `<path>.1.weight` (`R: [out, k]`), `<path>.1.bias`, f32,
 //! without peft's `base_model.model.` prefix. `peft_type` `PELA` is ferrule's.
 //!
-//! Not implemented: the reference's feature distillation against the frozen original model
-//! (`Pretrain.py`: `+ 0.1 · mean MSE(feat_s, feat_t)` over the model's features), which needs
-//! a second, frozen forward pass inside the step; and training every other parameter of the
-//! model as the reference does (here only the factorised linears and their biases, plus
-//! `modules_to_save`).
+//! The reference's feature distillation (`Pretrain.py`: `+ 0.1 · mean MSE(feat_s, feat_t)`
+//! over the model's hidden states) runs the original model as the teacher: the layers
+//! compute their replaced linear while [`Tuner::set_teaching`] is on (`train::distill`).
+//!
+//! Not implemented: training every other parameter of the model as the reference does (here
+//! only the factorised linears and their biases, plus `modules_to_save`).
 
 pub mod config;
 pub mod layer;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Tensor, Var};
@@ -37,7 +41,7 @@ use crate::ops::{FrozenLinear, FrozenWeight};
 pub static METHOD: Method = Method {
     name: "pela",
     peft_type: "PELA",
-    summary: "PELA: each targeted linear factorised into two trained low-rank linears from its SVD, with the paper's weight regulariser (Guo et al. 2023; no distillation)",
+    summary: "PELA: each targeted linear factorised into two trained low-rank linears from its SVD, with the paper's weight regulariser and feature distillation (Guo et al. 2023)",
     keys: config::KNOWN_KEYS,
     complete,
     build,
@@ -76,6 +80,8 @@ struct PelaLayer {
 /// Factorises the linears a [`PelaConfig`] targets.
 pub struct Pela {
     core: TunerCore<PelaConfig, PelaLayer>,
+    /// Whether the layers compute the linears they replace (the distillation's teacher).
+    teaching: Arc<AtomicBool>,
 }
 
 impl Pela {
@@ -90,6 +96,7 @@ impl Pela {
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
+            teaching: Arc::default(),
         })
     }
 
@@ -164,6 +171,8 @@ impl ModelHook for Pela {
         };
         self.core.record(module, layer);
         Ok(Box::new(PelaLinear {
+            original: base,
+            teaching: self.teaching.clone(),
             first,
             second,
             bias,
@@ -195,6 +204,15 @@ impl Tuner for Pela {
             }
         }
         Ok(out)
+    }
+
+    /// `distill_weight`, unless 0.
+    fn distillation_weight(&self) -> Option<f64> {
+        Some(self.core.config.distill_weight).filter(|&w| w > 0.0)
+    }
+
+    fn set_teaching(&self, on: bool) {
+        self.teaching.store(on, Ordering::Relaxed)
     }
 
     /// `norm_weight · mean_l (max|R_l L_l − W_l| − norm_eps)²` (`inf_norm`), or none when
