@@ -18,7 +18,8 @@ use common::method::*;
 use common::*;
 use ferrule::adapted::attach;
 use ferrule::data::Batch;
-use ferrule::model::{Arch, Frozen, Model, ModelSource, Task};
+use ferrule::dist::plan::PlannedModel;
+use ferrule::model::{Arch, Frozen, LoadOptions, Model, ModelSource, Task};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::peft_io::load_adapter;
 use ferrule::train::distill::loss_with_distillation;
@@ -34,6 +35,14 @@ fn expected() -> HashMap<String, Tensor> {
 }
 
 fn fresh(options: serde_json::Value) -> anyhow::Result<(Model, Box<dyn Tuner>)> {
+    fresh_on("llama", Task::CausalLm, options)
+}
+
+fn fresh_on(
+    model: &str,
+    task: Task,
+    options: serde_json::Value,
+) -> anyhow::Result<(Model, Box<dyn Tuner>)> {
     let mut cfg = serde_json::json!({"peft_type": "PELA"});
     cfg.as_object_mut()
         .unwrap()
@@ -46,12 +55,47 @@ fn fresh(options: serde_json::Value) -> anyhow::Result<(Model, Box<dyn Tuner>)> 
         release_base: None,
     };
     let tuned = attach(
-        &source(),
-        Task::CausalLm,
+        &fixture_source(model, task),
+        task,
         &AdapterConfig::from_json(cfg)?,
         ctx,
     )?;
     Ok((tuned.model, tuned.tuner))
+}
+
+/// `ferrule plan` on a `config.json` alone counts what the built adapter holds: the tiny
+/// Llama's linears have no bias, BERT's have.
+#[test]
+fn plan_counts_from_shapes_what_the_adapter_holds() {
+    let cases = [
+        ("llama", Task::CausalLm, serde_json::json!({})),
+        (
+            "llama",
+            Task::CausalLm,
+            serde_json::json!({"target_modules": ["q_proj", "down_proj"], "compress_ratio": 2}),
+        ),
+        ("bert", Task::FeatureExtraction, serde_json::json!({})),
+    ];
+    for (model, task, options) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = fixtures().join("models").join(model).join("config.json");
+        std::fs::copy(config, tmp.path().join("config.json")).unwrap();
+        let (_, tuner) = fresh_on(model, task, options.clone()).unwrap();
+        let built = ferrule::tuners::trainable_params(tuner.as_ref());
+        let mut cfg = serde_json::json!({"peft_type": "PELA"});
+        cfg.as_object_mut()
+            .unwrap()
+            .extend(options.as_object().unwrap().clone());
+        let plan = PlannedModel::load(
+            tmp.path().to_str().unwrap(),
+            &AdapterConfig::from_json(cfg).unwrap(),
+            Some(task),
+            LoadOptions::default(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(plan.trainable, built, "{model} {options}");
+    }
 }
 
 #[test]
@@ -94,7 +138,14 @@ fn the_references_factors_give_its_logits_regulariser_and_gradients() {
 /// 2048 / 288 = 7, gate_proj ([128, 64]) 8192 / 576 = 14.
 #[test]
 fn a_fresh_adapter_starts_at_the_references_low_rank_products() {
-    let (_, tuner) = fresh(serde_json::json!({})).unwrap();
+    let (model, tuner) = fresh(serde_json::json!({})).unwrap();
+    // The factorised model's total: the base less the 14 replaced [out, in] weights (per block
+    // 2·64·64 + 2·32·64 + 3·128·64 = 36864) plus the factors (per block 10·128 + 2·7·96 +
+    // 10·128 + 3·14·192 = 11968).
+    assert_eq!(
+        ferrule::tuners::total_params(model.base_params, tuner.as_ref()),
+        model.base_params - 2 * 36864 + 2 * 11968
+    );
     let exp = expected();
     let trainable: HashMap<String, Tensor> = tuner
         .trainable()

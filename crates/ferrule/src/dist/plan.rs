@@ -37,6 +37,9 @@ pub struct ModelShape {
     pub vocab: usize,
     /// The linear layers of one block.
     pub block_linears: Vec<BlockLinear>,
+    /// Linears outside the blocks that a method can target (BERT's `pooler.dense`, which
+    /// transformers' BertModel has by default; its weights are in `other_params`).
+    pub outside_linears: Vec<BlockLinear>,
     /// Parameters outside the blocks' linear weights (embeddings, norms, biases, head).
     pub other_params: usize,
     /// Parameters of the embedding table and the untied head (bf16 when the base is quantized).
@@ -55,19 +58,21 @@ impl ModelShape {
                     decoder.num_key_value_heads * decoder.head_dim,
                     decoder.intermediate_size,
                 );
-                let lin = |name, in_features, out_features| BlockLinear {
+                let lin = |name, in_features, out_features, bias| BlockLinear {
                     name,
                     in_features,
                     out_features,
+                    bias,
                 };
+                let (qkv, o, mlp) = (decoder.qkv_bias, decoder.o_bias, decoder.mlp_bias);
                 let block_linears = vec![
-                    lin("q_proj", h, q),
-                    lin("k_proj", h, kv),
-                    lin("v_proj", h, kv),
-                    lin("o_proj", q, h),
-                    lin("gate_proj", h, i),
-                    lin("up_proj", h, i),
-                    lin("down_proj", i, h),
+                    lin("q_proj", h, q, qkv),
+                    lin("k_proj", h, kv, qkv),
+                    lin("v_proj", h, kv, qkv),
+                    lin("o_proj", q, h, o),
+                    lin("gate_proj", h, i, mlp),
+                    lin("up_proj", h, i, mlp),
+                    lin("down_proj", i, h, mlp),
                 ];
                 let biases = if decoder.qkv_bias { q + 2 * kv } else { 0 }
                     + if decoder.o_bias { h } else { 0 }
@@ -81,6 +86,7 @@ impl ModelShape {
                     intermediate: i,
                     vocab: decoder.vocab_size,
                     block_linears,
+                    outside_linears: Vec::new(),
                     other_params: embedding_params
                         + decoder.num_hidden_layers * (2 * h + biases)
                         + h,
@@ -94,6 +100,7 @@ impl ModelShape {
                     name,
                     in_features,
                     out_features,
+                    bias: true,
                 };
                 let block_linears = vec![
                     lin("query", h, h),
@@ -112,6 +119,7 @@ impl ModelShape {
                     intermediate: i,
                     vocab: bert.vocab_size,
                     block_linears,
+                    outside_linears: vec![lin("pooler.dense", h, h)],
                     // Biases of the six linears, two LayerNorms per block, embedding LayerNorm, pooler.
                     other_params: embedding_params
                         + bert.num_hidden_layers * (5 * h + i + 4 * h)
@@ -145,6 +153,7 @@ impl ModelShape {
             family: self.family,
             layers: self.layers,
             linears: &self.block_linears,
+            outside: &self.outside_linears,
         }
     }
 

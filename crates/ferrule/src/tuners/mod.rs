@@ -230,8 +230,10 @@ pub trait Tuner: ModelHook {
     fn replaced(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(self.core().saved_replaced())
     }
-    /// Trainable elements that are base parameters trained in place rather than copies (LoRA's
-    /// `bias = "all" | "lora_only"`): PEFT counts them once in the model total.
+    /// Base elements that the trainable ones stand in for: base parameters trained in place
+    /// rather than copies (LoRA's `bias = "all" | "lora_only"`), which PEFT counts once in the
+    /// model total, or base weights a method replaces (PELA's factorised linears), which the
+    /// adapted model no longer has.
     fn trained_in_place(&self) -> usize {
         0
     }

@@ -77,6 +77,9 @@ pub struct BlockShapes<'a> {
     /// Blocks.
     pub layers: usize,
     pub linears: &'a [BlockLinear],
+    /// Linears outside the blocks that targets can select, counted once (BERT's
+    /// `pooler.dense`, which `all-linear` takes; the output head is never a target).
+    pub outside: &'a [BlockLinear],
 }
 
 impl BlockShapes<'_> {
@@ -91,25 +94,25 @@ impl BlockShapes<'_> {
             linear.name == target || linear.name.ends_with(&format!(".{target}"))
         };
         let all = targets.iter().any(|t| t == "all-linear");
+        let every = || self.linears.iter().chain(self.outside);
         for target in targets.iter().filter(|t| *t != "all-linear") {
             anyhow::ensure!(
-                self.linears.iter().any(|l| names(l, target)),
+                every().any(|l| names(l, target)),
                 "--target-modules {target:?} names no linear layer of this {} model; its linears are {}",
                 self.family,
-                self.linears
-                    .iter()
-                    .map(|l| l.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                every().map(|l| l.name).collect::<Vec<_>>().join(", ")
             );
         }
+        let selected = |l: &&BlockLinear| all || targets.iter().any(|t| names(l, t));
         let mut per_block = 0;
-        for l in self.linears.iter() {
-            if all || targets.iter().any(|t| names(l, t)) {
-                per_block += per_linear(l)?;
-            }
+        for l in self.linears.iter().filter(selected) {
+            per_block += per_linear(l)?;
         }
-        Ok(self.layers * per_block)
+        let mut once = 0;
+        for l in self.outside.iter().filter(selected) {
+            once += per_linear(l)?;
+        }
+        Ok(self.layers * per_block + once)
     }
 }
 
@@ -120,6 +123,8 @@ pub struct BlockLinear {
     pub name: &'static str,
     pub in_features: usize,
     pub out_features: usize,
+    /// Whether the layer has a bias (`out_features` more parameters).
+    pub bias: bool,
 }
 
 /// Every registered method.

@@ -402,6 +402,7 @@ mod tests {
             name,
             in_features,
             out_features,
+            bias: false,
         };
         let linears = [
             lin("q_proj", 8, 8),
@@ -413,6 +414,7 @@ mod tests {
             family: "decoder",
             layers: 2,
             linears: &linears,
+            outside: &[],
         };
         let mut o = Map::new();
         o.insert("bottleneck_size".into(), 4.into());

@@ -90,6 +90,14 @@ impl PelaConfig {
     pub fn rank(&self, out_f: usize, in_f: usize) -> usize {
         ((in_f * out_f) as f64 / (self.compress_ratio * (in_f + out_f) as f64)).floor() as usize
     }
+
+    /// [`Self::rank`] of the `[out_f, in_f]` linear at `path`; an error naming it when 0.
+    pub fn checked_rank(&self, path: &str, out_f: usize, in_f: usize) -> Result<usize> {
+        match self.rank(out_f, in_f) {
+            0 => bail!("pela: {path} ([{out_f}, {in_f}]) gets rank ⌊in·out / (c (in + out))⌋ = 0 at compress_ratio {}; leave it out of target_modules (the reference skips layers with fewer than 10 outputs) or lower --compress-ratio", self.compress_ratio),
+            k => Ok(k),
+        }
+    }
 }
 
 /// PELA's flags beside the common ones.

@@ -31,7 +31,7 @@ use layer::{inf_norm_term, PelaLinear};
 
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::registry::{BuildContext, Method};
+use super::registry::{BlockShapes, BuildContext, Method};
 use super::target::{ModuleSpec, Targets};
 use super::{AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook};
@@ -47,7 +47,7 @@ pub static METHOD: Method = Method {
     build,
     flags: config::FLAGS,
     complete_flags: None,
-    count_from_shapes: None,
+    count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
 };
 
@@ -57,6 +57,27 @@ fn complete(options: &mut Map<String, Value>, _model_type: &str) -> Result<()> {
         options.insert("target_modules".into(), Value::from("all-linear"));
     }
     Ok(())
+}
+
+/// `ferrule plan` without weights: `k (in + out)` plus the bias per targeted linear of every
+/// block. A config with `exclude_modules`, `modules_to_save` or a regex is not counted this way.
+fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
+    let cfg: PelaConfig =
+        crate::tuners::AdapterConfig::new(METHOD.peft_type, options.clone()).typed("pela")?;
+    cfg.validate()?;
+    let targets = match &cfg.target_modules {
+        Some(ModuleSpec::Names(n)) => n.clone(),
+        Some(ModuleSpec::Pattern(p)) if p == "all-linear" => vec![p.clone()],
+        _ => return Ok(None),
+    };
+    if cfg.exclude_modules.is_some() || cfg.modules_to_save.is_some() {
+        return Ok(None);
+    }
+    let count = blocks.sum_over_targets(&targets, |l| {
+        let k = cfg.checked_rank(l.name, l.out_features, l.in_features)?;
+        Ok(k * (l.in_features + l.out_features) + if l.bias { l.out_features } else { 0 })
+    })?;
+    Ok(Some(count))
 }
 
 fn build(config: &crate::tuners::AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
@@ -143,10 +164,7 @@ impl ModelHook for Pela {
         };
         let path = info.path.as_str();
         let (out_f, in_f) = (base.out_features(), base.in_features());
-        let k = self.core.config.rank(out_f, in_f);
-        if k == 0 {
-            bail!("pela: {path} ([{out_f}, {in_f}]) gets rank ⌊in·out / (c (in + out))⌋ = 0 at compress_ratio {}; leave it out of target_modules (the reference skips layers with fewer than 10 outputs) or lower --compress-ratio", self.core.config.compress_ratio)
-        }
+        let k = self.core.config.checked_rank(path, out_f, in_f)?;
         let (first, second) = self.factors(path, &base, k)?;
         let bias = match base.bias() {
             Some(b) => {
@@ -204,6 +222,17 @@ impl Tuner for Pela {
             }
         }
         Ok(out)
+    }
+
+    /// The replaced weights and biases: the factorised model's total is the base's less them
+    /// plus the factors.
+    fn trained_in_place(&self) -> usize {
+        let adapted = self.core.adapted();
+        let replaced = |l: &PelaLayer| {
+            let (out_f, in_f) = l.original.dims();
+            out_f * in_f + if l.has_bias { out_f } else { 0 }
+        };
+        adapted.iter().map(|a| replaced(&a.layer)).sum()
     }
 
     /// `distill_weight`, unless 0.
