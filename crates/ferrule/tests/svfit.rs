@@ -240,6 +240,33 @@ fn a_saved_adapter_reloads_to_bit_identical_logits() {
 }
 
 /// Qwen2's k_proj is [32, 64]: r = 33 cannot be taken from it.
+/// `ferrule plan` on the weights counts the frozen basis SVFit derives: beside LoRA on the same
+/// targets, r = 4 on q_proj ([64, 64]) and v_proj ([32, 64]) of two blocks hold
+/// U_r, σ, V_r = 2 · ((64·4 + 4 + 4·64) + (32·4 + 4 + 4·64)) = 1808 more f32 values.
+#[test]
+fn plan_counts_the_frozen_basis() {
+    use ferrule::dist::plan::PlannedModel;
+    let model = fixtures().join("models/llama");
+    let plan = |peft_type: &str| {
+        let cfg = AdapterConfig::from_json(serde_json::json!({
+            "peft_type": peft_type, "r": 4, "target_modules": ["q_proj", "v_proj"]
+        }))
+        .unwrap();
+        let opts = ferrule::model::LoadOptions::default();
+        PlannedModel::load(
+            model.to_str().unwrap(),
+            &cfg,
+            Some(Task::CausalLm),
+            opts,
+            false,
+        )
+        .unwrap()
+    };
+    let (svfit, lora) = (plan("SVFIT"), plan("LORA"));
+    assert_eq!(svfit.base_bytes - lora.base_bytes, 1808.0 * 4.0);
+    assert_eq!(svfit.trainable, 2 * (4 + 4));
+}
+
 #[test]
 fn a_rank_above_a_targeted_layer_is_an_error_naming_it() {
     let src = source("qwen2", Task::CausalLm, None);

@@ -170,7 +170,8 @@ impl ModelShape {
 pub struct PlannedModel {
     pub shape: ModelShape,
     /// Bytes of the frozen base as held in memory (measured when the weights are there); with
-    /// `stream_base`, what stays resident plus the streaming window.
+    /// `stream_base`, what stays resident plus the streaming window. With the weights there,
+    /// it includes what the method derives from them and holds frozen (SVFit's U_r, σ, V_r).
     pub base_bytes: f64,
     /// Ψ, trainable parameters.
     pub trainable: usize,
@@ -285,9 +286,13 @@ impl PlannedModel {
             .into_iter()
             .map(|(name, v)| (name, v.dims().to_vec()))
             .collect();
+        // What the method derives from the base and holds frozen (SVFit's singular vectors).
+        let derived: usize = (tuned.tuner.frozen_state()?.iter())
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
-            base_bytes: (held + w.stream_window_bytes(dtype)) as f64,
+            base_bytes: (held + w.stream_window_bytes(dtype) + derived) as f64,
             trainable: trainable_params(tuned.tuner.as_ref()),
             trainable_shapes,
         })
