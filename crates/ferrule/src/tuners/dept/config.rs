@@ -65,17 +65,7 @@ fn default_max_length() -> usize {
 }
 
 /// Keys of a PROMPT_TUNING_LORA `adapter_config.json` that ferrule understands.
-pub const KNOWN_KEYS: &[&str] = &[
-    "num_virtual_tokens",
-    "token_dim",
-    "num_transformer_submodules",
-    "num_attention_heads",
-    "num_layers",
-    "modules_to_save",
-    "prompt_tuning_init",
-    "prompt_tuning_init_text",
-    "tokenizer_name_or_path",
-    "tokenizer_kwargs",
+pub const KNOWN_KEYS: &[&str] = crate::tuners::prompt_tuning::config::prompt_tuning_keys!(
     "r",
     "lora_alpha",
     "bias",
@@ -85,7 +75,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "save_lora_embeddings",
     "load_lora_embeddings",
     "load_lora_embedding_B",
-];
+);
 
 impl DeptConfig {
     /// The scale of the update, `lora_alpha / √r` (`PromptEmbeddingLoRA.__init__`).

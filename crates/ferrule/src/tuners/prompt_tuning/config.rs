@@ -42,19 +42,29 @@ pub struct PromptTuningConfig {
     pub tokenizer_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// Prompt tuning's `adapter_config.json` keys followed by `$extra` (DePT's config extends
+/// this one), as one `&[&str]` literal.
+macro_rules! prompt_tuning_keys {
+    ($($extra:literal),* $(,)?) => {
+        &[
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+            "modules_to_save",
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "tokenizer_name_or_path",
+            "tokenizer_kwargs",
+            $($extra),*
+        ]
+    };
+}
+pub(crate) use prompt_tuning_keys;
+
 /// Keys of a PROMPT_TUNING `adapter_config.json` that ferrule understands.
-pub const KNOWN_KEYS: &[&str] = &[
-    "num_virtual_tokens",
-    "token_dim",
-    "num_transformer_submodules",
-    "num_attention_heads",
-    "num_layers",
-    "modules_to_save",
-    "prompt_tuning_init",
-    "prompt_tuning_init_text",
-    "tokenizer_name_or_path",
-    "tokenizer_kwargs",
-];
+pub const KNOWN_KEYS: &[&str] = prompt_tuning_keys!();
 
 impl PromptTuningConfig {
     /// PEFT's `__post_init__` checks (TEXT needs a text and a tokenizer; `tokenizer_kwargs`
