@@ -247,6 +247,7 @@ fn adding_a_task_resumes_to_the_same_bytes() {
     let t = tempfile::tempdir().unwrap();
     let a = write_split(t.path(), "a.jsonl", &["sports", "food"]);
     let b = write_split(t.path(), "b.jsonl", &["weather", "music"]);
+    let c = write_split(t.path(), "c.jsonl", &["animals", "colors"]);
     let (whole, split) = (t.path().join("whole"), t.path().join("split"));
     let in_set = |data: &Path, set: &Path| TrainConfig {
         epochs: 1.0,
@@ -264,6 +265,27 @@ fn adding_a_task_resumes_to_the_same_bytes() {
             },
         );
         assert!(!stopped.completed);
+        // Neither a run without --resume nor one from another split continues it.
+        let again = add_task(
+            &in_set(data, &split),
+            &Device::Cpu,
+            &mut Silent,
+            &RunOptions::default(),
+        );
+        let e = again.unwrap_err().to_string();
+        assert!(
+            e.contains("was started and not finished") && e.contains("--resume"),
+            "{e}"
+        );
+        let other = &c;
+        let resume = RunOptions {
+            resume: true,
+            ..Default::default()
+        };
+        let e = add_task(&in_set(other, &split), &Device::Cpu, &mut Silent, &resume)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("was started from another split"), "{e}");
         assert!(
             add(
                 &in_set(data, &split),
@@ -291,6 +313,18 @@ fn bad_inputs_are_named() {
             .unwrap_err()
             .to_string()
     };
+    // --eval-data with a label of no task seen is refused before anything trains.
+    let b = write_split(t.path(), "b.jsonl", &["weather", "music"]);
+    let e = err(TrainConfig {
+        eval_data: Some(b),
+        ..config(&model, &a, &t.path().join("s"))
+    });
+    assert!(
+        e.contains(
+            "b.jsonl:1: label \"weather\" belongs to no task of the tasks seen after this run"
+        ),
+        "{e}"
+    );
     let e = err(config(&model, &a, &not_a_set));
     assert!(
         e.contains("not a ConPET task set (it has no conpet.json)"),

@@ -54,7 +54,7 @@ pub fn add_task(
     progress: &mut dyn Progress,
     run: &RunOptions,
 ) -> Result<ContinualSummary> {
-    let task = NewTask::open(cfg)?;
+    let task = NewTask::open(cfg, run.resume)?;
     let mut summary = ContinualSummary {
         set_dir: task.set_dir.clone(),
         task: task.n,
@@ -104,8 +104,9 @@ struct NewTask<'a> {
 }
 
 impl<'a> NewTask<'a> {
-    /// Checks the run against the set (or starts one) before anything trains.
-    fn open(cfg: &'a TrainConfig) -> Result<Self> {
+    /// Checks the run against the set (or starts one) before anything trains; an unfinished
+    /// task is continued only with `resume` and from the same split.
+    fn open(cfg: &'a TrainConfig, resume: bool) -> Result<Self> {
         cfg.validate()?;
         let set_dir = cfg
             .continual
@@ -119,10 +120,10 @@ impl<'a> NewTask<'a> {
             None => Manifest::new(&cfg.model, conpet.clone()),
         };
         manifest.check_new_labels(&labels, &cfg.data)?;
+        check_eval_labels(cfg, &manifest, &labels)?;
         let n = manifest.tasks.len() + 1;
         let pending = pending_dir(&set_dir, n);
-        std::fs::create_dir_all(&pending)
-            .with_context(|| format!("creating {}", pending.display()))?;
+        claim_pending(&pending, cfg, n, resume)?;
         if n == 1 {
             // A new set is a set from here on, with no task yet: a stopped first task resumes
             // into it rather than into a folder that is not one.
@@ -194,6 +195,53 @@ impl<'a> NewTask<'a> {
         std::fs::remove_dir_all(&self.pending)
             .with_context(|| format!("removing {}", self.pending.display()))
     }
+}
+
+/// `eval_data`, which scores the set once the task is in, may hold only labels of the tasks
+/// seen by then: checked before anything trains, so a bad file does not fail a run that has
+/// already added its task.
+fn check_eval_labels(cfg: &TrainConfig, manifest: &Manifest, labels: &[LabelValue]) -> Result<()> {
+    let Some(path) = &cfg.eval_data else {
+        return Ok(());
+    };
+    let records = read_records(path)?;
+    let known =
+        |l: &LabelValue| (manifest.column_of(l).is_some() || labels.contains(l)).then_some(0);
+    set::remap(
+        &records,
+        known,
+        "the tasks seen after this run (--eval-data scores those only)",
+    )?;
+    Ok(())
+}
+
+/// Starts `pending-<n>/` with a note of the split it holds, or, for a task started earlier,
+/// checks that this run resumes it with the same split (the phases' checkpoints would carry
+/// on with other records otherwise).
+fn claim_pending(pending: &Path, cfg: &TrainConfig, n: usize, resume: bool) -> Result<()> {
+    let note = pending.join("split.json");
+    let this = serde_json::json!({ "data": cfg.data, "task": n }).to_string();
+    if note.is_file() {
+        let earlier = std::fs::read_to_string(&note)
+            .with_context(|| format!("reading {}", note.display()))?;
+        if !resume {
+            anyhow::bail!(
+                "task {n} of this set was started and not finished ({}); run the same command with --resume to finish it",
+                pending.display()
+            )
+        }
+        if earlier != this {
+            anyhow::bail!(
+                "--data {}: the unfinished task {n} of this set was started from another split ({}: {earlier}); resume it with that --data",
+                cfg.data.display(),
+                note.display()
+            )
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(pending).with_context(|| format!("creating {}", pending.display()))?;
+    crate::util::atomic::write_bytes_atomic(&note, this.as_bytes())
+        .with_context(|| format!("writing {}", note.display()))
 }
 
 /// The manifest of an existing set, refused when this run's settings or base differ from the
