@@ -6,6 +6,7 @@
 
 pub mod adapted;
 pub mod compare;
+pub mod continual;
 pub mod data;
 pub mod dist;
 pub mod export;

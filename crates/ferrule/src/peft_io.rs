@@ -132,6 +132,14 @@ pub fn find_adapters(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     if !dir.is_dir() {
         bail!("{}: no such adapter folder", dir.display())
     }
+    if dir.join(crate::tuners::conpet::set::MANIFEST).is_file() {
+        bail!(
+            "{}: a ConPET task set, which runs only as a whole (`ferrule eval --adapter {}`: the selector routes each record); to use one expert alone name its folder, e.g. {}",
+            dir.display(),
+            dir.display(),
+            dir.join(crate::tuners::conpet::set::task_dir(1)).display()
+        )
+    }
     let mut subs = Vec::new();
     let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
     for e in entries {

@@ -38,6 +38,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let [dir] = a.model.adapter.as_slice() {
+        let dir = std::path::Path::new(dir);
+        if dir.join(ferrule::tuners::conpet::set::MANIFEST).is_file() {
+            return run_conpet(&a, dir);
+        }
+    }
     let m = a.model.load(ComputeDtypeChoice::Auto)?;
     ferrule::merge::BaseRecord::warn_if_run_elsewhere(
         m.adapters.iter().map(|l| l.dir.as_path()),
@@ -96,5 +102,21 @@ pub fn run(a: Args) -> Result<()> {
         }
         println!("{}", serde_json::to_string(&out)?);
     }
+    Ok(())
+}
+
+/// A ConPET task set (`--adapter DIR` holding `conpet.json`): the selector routes each record,
+/// the experts fill their label columns; accuracy over every task seen, and per task.
+fn run_conpet(a: &Args, dir: &std::path::Path) -> Result<()> {
+    if a.every_rank || a.model.rank.is_some() {
+        anyhow::bail!("--rank / --every-rank: a ConPET set's experts are LoRAs of one rank")
+    }
+    let set = ferrule::continual::RoutedSet::load(dir, &a.model.model, &super::device())?;
+    let report = set.evaluate_file(&a.data, a.max_len, a.batch_size, a.limit)?;
+    let mut out = serde_json::to_value(&report)?;
+    if let Some(o) = out.as_object_mut() {
+        o.insert("adapter".into(), dir.display().to_string().into());
+    }
+    println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

@@ -150,6 +150,9 @@ pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
     };
     // A mistyped setting must not cost the earlier run that --overwrite would remove.
     cfg.validate()?;
+    if cfg.continual.is_some() {
+        return run_continual(&cfg, &a, &mut bar, run, comm);
+    }
     let claimed = if comm.rank() == 0 {
         claim_output_dir(&cfg.output_dir, a.resume, a.overwrite)
     } else {
@@ -180,6 +183,50 @@ pub fn run(a: Args, comm: &dyn Collective) -> Result<bool> {
         }
     }
     Ok(summary.interrupted)
+}
+
+/// `--method conpet --continual DIR`: adds the training split to the set as a new task
+/// (`ferrule::continual::add_task`), one process only.
+fn run_continual(
+    cfg: &TrainConfig,
+    a: &Args,
+    bar: &mut Bar,
+    run: RunOptions,
+    comm: &dyn Collective,
+) -> Result<bool> {
+    if comm.world_size() > 1 {
+        anyhow::bail!("--continual trains in one process; run it without mpirun")
+    }
+    if a.overwrite {
+        anyhow::bail!("--overwrite with --continual: a ConPET set keeps its earlier tasks; to redo an unfinished task pass --resume, to start over give a new folder")
+    }
+    let s = ferrule::continual::add_task(cfg, &super::device(), bar, &run)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else if s.completed {
+        println!(
+            "task {} added to the ConPET set in {}",
+            s.task,
+            s.set_dir.display()
+        );
+        for (what, r) in [("selector", &s.selector), ("expert", &s.expert)] {
+            if let Some(r) = r {
+                let loss = r.final_loss.map_or("-".into(), |l| format!("{l:.4}"));
+                println!("{what}: {} steps, final loss {loss}", r.steps);
+            }
+        }
+        if let Some(e) = &s.eval {
+            println!(
+                "eval over every task: accuracy {:.2}%, routed to the right expert {:.2}% ({} records)",
+                100.0 * e.eval_accuracy,
+                100.0 * e.routing_accuracy,
+                e.eval_records
+            );
+        }
+    } else {
+        eprintln!("stopped before task {} was added (checkpoint saved); run the same command with --resume to continue", s.task);
+    }
+    Ok(!s.completed)
 }
 
 /// `4.2 s` under a minute, else `1:02:03`.
@@ -407,6 +454,11 @@ mod tests {
                 vec!["--init-adapter", "runs/a"],
                 "init_adapter",
                 json!("runs/a"),
+            ),
+            (
+                vec!["--continual", "runs/set"],
+                "continual",
+                json!("runs/set"),
             ),
         ]
     }

@@ -236,6 +236,12 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_adapter: Option<PathBuf>,
+    /// ConPET (--method conpet): the task set this run adds its training split to, as a new
+    /// task (created when the folder is new or empty); the set is the run's output, so
+    /// --output is not given with it.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continual: Option<PathBuf>,
 }
 
 /// Where a run's metrics go besides `metrics.jsonl` (transformers' `report_to`).
@@ -359,6 +365,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             report_to: Vec::new(),
             init_adapter: None,
+            continual: None,
         }
     }
 }
@@ -441,6 +448,7 @@ impl TrainConfig {
             resize_token_embeddings: true,
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
+            continual: Some(PathBuf::from("set")),
             optim: OptimName::Adamw8bit,
             optim_args: Some("rank=1".into()),
             optim_target_modules: Some(crate::train::galore::TargetModules::One("x".into())),
@@ -480,9 +488,7 @@ impl TrainConfig {
         if self.data.as_os_str().is_empty() {
             bail!("train: no training data given (--data or `data = ...`)")
         }
-        if self.output_dir.as_os_str().is_empty() {
-            bail!("train: no output folder given (--output or `output_dir = ...`)")
-        }
+        self.validate_continual()?;
         if let Some(q) = &self.quantize {
             q.validate()?;
         }
@@ -509,6 +515,23 @@ impl TrainConfig {
             bail!("train: FEATURE_EXTRACTION has no training objective; use CAUSAL_LM or SEQ_CLS")
         }
         self.validate_resize()
+    }
+
+    /// The output folder, or for ConPET the task set (`continual`) instead; each without the
+    /// other's method is an error.
+    fn validate_continual(&self) -> Result<()> {
+        let conpet = self
+            .adapter()
+            .is_ok_and(|a| a.peft_type == crate::tuners::conpet::METHOD.peft_type);
+        let has_output = !self.output_dir.as_os_str().is_empty();
+        match (&self.continual, conpet, has_output) {
+            (None, true, _) => bail!("train: --method conpet adds a task to a ConPET task set: give the set's folder with --continual DIR (a new or empty folder starts one)"),
+            (Some(_), false, _) => bail!("train: --continual DIR adds a task to a ConPET task set; it needs --method conpet (`[adapter] peft_type = \"CONPET\"`)"),
+            (Some(_), true, _) if self.task != Task::SeqCls => bail!("train: ConPET here is for sequence classification (--task seq-cls): each expert owns label columns and the selector routes by task; generative (causal-LM) ConPET is not implemented (the reference defines its selector's target for classification only)"),
+            (Some(dir), true, true) => bail!("train: --continual {} is where a ConPET run writes; drop --output {}", dir.display(), self.output_dir.display()),
+            (None, false, false) => bail!("train: no output folder given (--output or `output_dir = ...`)"),
+            _ => Ok(()),
+        }
     }
 
     /// The run's length: max_steps, max_tokens or epochs, and the time limit.

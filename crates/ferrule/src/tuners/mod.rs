@@ -11,6 +11,7 @@ pub mod bias;
 pub mod bitfit;
 pub mod bottleneck;
 pub mod config;
+pub mod conpet;
 pub mod core;
 pub mod dept;
 pub mod difffit;

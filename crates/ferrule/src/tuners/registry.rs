@@ -143,6 +143,7 @@ pub static METHODS: &[&Method] = &[
     &super::randlora::METHOD,
     &super::svfit::METHOD,
     &super::pela::METHOD,
+    &super::conpet::METHOD,
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];
