@@ -281,6 +281,18 @@ impl DataCursor {
         taken
     }
 
+    /// The records of the micro-batch [`DataCursor::next`] gives first (rank 0's), without
+    /// taking it: the first of the next epoch when this one is used up.
+    pub fn peek(&self) -> Vec<usize> {
+        match self.batches.get(self.next) {
+            Some(first) => first.clone(),
+            None => plan_epoch(self.batching, self.seed, self.epoch + 1, &self.lengths)
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        }
+    }
+
     /// Lets [`DataCursor::take`] give `n` more global micro-batches (the rest of a run's epochs).
     pub fn limit(&mut self, n: usize) {
         self.budget = Some(n);
