@@ -310,7 +310,7 @@ fn a_steps_frozen_layers_keep_their_tensors_and_moments() {
         };
         let scores_after: Vec<f32> = after_a[SCORES_KEY].to_vec1().unwrap();
         let mut rng = ist::step_rng(3, index);
-        if index > 0 && index % 2 == 0 {
+        if index > 0 && index.is_multiple_of(2) {
             scores::rollout_sets(&scores_before, 1, 2, &mut rng).unwrap();
             assert_ne!(
                 scores_before, scores_after,

@@ -469,6 +469,20 @@ mod tests {
     }
 
     #[test]
+    fn peek_shows_the_next_first_micro_batch_without_taking_it_across_epochs() {
+        let lengths: Vec<usize> = (0..10).map(|i| 3 + i % 4).collect();
+        let mut cursor = DataCursor::new(Batching::Records(4), 9, lengths, 0, 0).unwrap();
+        // 10 records in batches of 4: three micro-batches an epoch, taken two at a time.
+        for _ in 0..4 {
+            let peeked = cursor.peek();
+            let (position, epoch) = (cursor.position(), cursor.epoch());
+            assert_eq!(cursor.peek(), peeked, "peeking takes nothing");
+            assert_eq!((cursor.position(), cursor.epoch()), (position, epoch));
+            assert_eq!(cursor.next(2)[0], peeked);
+        }
+    }
+
+    #[test]
     fn cursor_resumes_between_micro_batches_and_rolls_over_epochs() {
         let lengths: Vec<usize> = (0..11).map(|i| 1 + i % 4).collect();
         let mut a = DataCursor::new(Batching::Tokens(6), 5, lengths.clone(), 0, 0).unwrap();
