@@ -2,7 +2,7 @@
 # Do transformers and peft load what today's ferrule writes? Trains a LoRA adapter on the tiny
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
-# the adapter (and for a DyLoRA adapter exported at a rank as LoRA), and transformers' for the merged, the fully fine-tuned, the quantized and the QLoRA-merged NF4 folder, equal ferrule's own
+# the adapter (and for a DyLoRA adapter exported at a rank as LoRA, and an IST run's DoRA), and transformers' for the merged, the fully fine-tuned, the quantized and the QLoRA-merged NF4 folder, equal ferrule's own
 # (1e-4, f32), that peft loads an adapter trained with tokens added to the tokenizer (resized
 # embeddings, trainable_token_indices) on a base it resizes itself, and that the tensorboard package reads the event files of --report-to tensorboard
 # with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
@@ -38,6 +38,13 @@ IN=tests/fixtures/inputs/decoder.safetensors
 "$BIN" export lora --threads 2 --model $M --adapter "$work/dylora" --rank 2 --output "$work/dylora-r2" >/dev/null
 "$BIN" logits --threads 2 --model $M --adapter "$work/dylora" --rank 2 --inputs $IN --out "$work/dylora.logits"
 "$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/dylora-r2" --model $M --inputs $IN --expected "$work/dylora.logits"
+
+# IST around DoRA (rollouts at steps 2 and 4): the run saves a plain PEFT DoRA folder.
+"$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --max-steps 5 --lr 0.05 \
+  --method ist --ist-base dora --ist-trainable-fraction 0.5 --ist-rollouts 2 --ist-update-interval 2 \
+  --lora-r 4 --target-modules q_proj,v_proj --output "$work/ist" >/dev/null
+"$BIN" logits --threads 2 --model $M --adapter "$work/ist" --inputs $IN --out "$work/ist.logits"
+"$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/ist" --model $M --inputs $IN --expected "$work/ist.logits"
 
 "$BIN" merge --threads 2 --model $M --adapter "$work/adapter" --output "$work/merged" >/dev/null
 "$BIN" logits --threads 2 --model "$work/merged" --inputs $IN --out "$work/merged.logits"

@@ -188,7 +188,7 @@ fn is_checkpoint_name(name: &str) -> bool {
 /// synced and renamed, so an interrupted save never leaves a half-written adapter.
 pub fn save_adapter(dir: &Path, tuner: &dyn Tuner, task: Task, base_model: &str) -> Result<()> {
     let form = AdapterFiles {
-        peft_type: tuner.method().peft_type.to_string(),
+        peft_type: tuner.saved_method().peft_type.to_string(),
         config: tuner.config_json()?,
         tensors: tuner.saved_tensors()?,
     };

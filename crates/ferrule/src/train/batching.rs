@@ -281,6 +281,18 @@ impl DataCursor {
         taken
     }
 
+    /// The records of the micro-batch [`DataCursor::next`] gives first (rank 0's), without
+    /// taking it: the first of the next epoch when this one is used up.
+    pub fn peek(&self) -> Vec<usize> {
+        match self.batches.get(self.next) {
+            Some(first) => first.clone(),
+            None => plan_epoch(self.batching, self.seed, self.epoch + 1, &self.lengths)
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        }
+    }
+
     /// Lets [`DataCursor::take`] give `n` more global micro-batches (the rest of a run's epochs).
     pub fn limit(&mut self, n: usize) {
         self.budget = Some(n);
@@ -454,6 +466,20 @@ mod tests {
             ),
         );
         assert_eq!((one, two), (10 - 3, 4));
+    }
+
+    #[test]
+    fn peek_shows_the_next_first_micro_batch_without_taking_it_across_epochs() {
+        let lengths: Vec<usize> = (0..10).map(|i| 3 + i % 4).collect();
+        let mut cursor = DataCursor::new(Batching::Records(4), 9, lengths, 0, 0).unwrap();
+        // 10 records in batches of 4: three micro-batches an epoch, taken two at a time.
+        for _ in 0..4 {
+            let peeked = cursor.peek();
+            let (position, epoch) = (cursor.position(), cursor.epoch());
+            assert_eq!(cursor.peek(), peeked, "peeking takes nothing");
+            assert_eq!((cursor.position(), cursor.epoch()), (position, epoch));
+            assert_eq!(cursor.next(2)[0], peeked);
+        }
     }
 
     #[test]

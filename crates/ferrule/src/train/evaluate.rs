@@ -33,6 +33,47 @@ pub(super) fn non_finite_origin(model: &Model, batch: &Batch) -> String {
     }
 }
 
+/// The loss a method asks for between optimizer steps ([`crate::tuners::LossProbe`]: IST's
+/// rollouts): the step's first micro-batch (`cursor`'s next, the same on every rank), made
+/// into a batch on the first call only, its loss taken in whatever mode the method has set
+/// (IST: eval) and never differentiated.
+pub(super) struct FirstBatchProbe<'a> {
+    p: &'a super::prepare::Prepared,
+    cursor: &'a super::batching::DataCursor,
+    batch: Option<Batch>,
+}
+
+impl<'a> FirstBatchProbe<'a> {
+    pub(super) fn new(
+        p: &'a super::prepare::Prepared,
+        cursor: &'a super::batching::DataCursor,
+    ) -> Self {
+        Self {
+            p,
+            cursor,
+            batch: None,
+        }
+    }
+}
+
+impl crate::tuners::LossProbe for FirstBatchProbe<'_> {
+    fn loss(&mut self) -> Result<f64> {
+        let p = self.p;
+        if self.batch.is_none() {
+            let records = self.cursor.peek();
+            let items: Vec<&Encoded> = records.iter().map(|&i| &p.train[i]).collect();
+            let dev = p.model.device().clone();
+            self.batch = Some(make_batch(&items, p.padding, p.pad_id, p.max_len, &dev)?);
+        }
+        let batch = self.batch.as_ref().expect("made above");
+        let (loss, counted, _) = batch_loss(&p.model, batch)?;
+        if counted == 0 {
+            bail!("the step's first micro-batch has no trained token, so it has no loss to compare")
+        }
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+}
+
 /// Forward pass and loss of one batch (padded or padding-free): `(loss, counted targets,
 /// correct predictions)`.
 pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize, usize)> {

@@ -586,6 +586,13 @@ impl<'a> Run<'a> {
             total_steps,
         );
         self.opt.set_lr(lr);
+        // A method that schedules its layers (IST) acts before the step, on its first
+        // micro-batch when it needs a loss.
+        let mut probe = super::evaluate::FirstBatchProbe::new(&self.p, &self.cursor);
+        self.p
+            .tuner
+            .before_step(self.step as u64, &mut probe)
+            .with_context(|| format!("before optimizer step {}", self.step + 1))?;
         let (sums, local) = accumulate_step(
             &self.p,
             cfg,

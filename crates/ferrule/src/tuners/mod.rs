@@ -19,6 +19,7 @@ pub mod dylora;
 pub mod flags;
 pub mod full;
 pub mod ia3;
+pub mod ist;
 pub mod ln_tuning;
 pub mod lora;
 pub mod modules_to_save;
@@ -157,6 +158,15 @@ pub struct PlainLora {
     pub tensors: Vec<(String, Tensor)>,
 }
 
+/// What a method that acts between optimizer steps ([`Tuner::before_step`]: IST's rollouts)
+/// may ask of the trainer.
+pub trait LossProbe {
+    /// The mean loss of the step's first micro-batch (the one rank 0 trains first, the same on
+    /// every rank) with the adapter as it is now: eval mode (no dropout), its gradient never
+    /// taken. A batch with no trained token is an error.
+    fn loss(&mut self) -> Result<f64>;
+}
+
 /// What every method provides beyond its hook points. A method implements [`Tuner::core`]
 /// and [`Tuner::updates`]; the rest defaults to what its [`TunerCore`] holds ([`Tuner::finish`]
 /// to the checks for a method on linear layers).
@@ -242,6 +252,21 @@ pub trait Tuner: ModelHook {
     /// fine-tuning), rather than an adapter ([`Method::trains_whole_model`]).
     fn trains_whole_model(&self) -> bool {
         self.method().trains_whole_model
+    }
+    /// Called by the trainer before each optimizer step `step` (0-based: the steps done), on
+    /// every rank alike: a method that schedules its layers (IST) updates its state here,
+    /// through `probe` when it needs the loss, and sets the step's layer gates
+    /// ([`TrainingClock::set_gates`]). What it draws must be a function of the run's seed, the
+    /// step and its [`Tuner::frozen_state`], so that a resumed run draws the same. Nothing for
+    /// most methods.
+    fn before_step(&self, _step: u64, _probe: &mut dyn LossProbe) -> Result<()> {
+        Ok(())
+    }
+    /// The registry entry the final adapter is saved as (its `peft_type`, beside
+    /// [`Tuner::config_json`]): the method's own, except for a schedule around another method
+    /// (IST saves its base's plain LoRA, DoRA or bottleneck folder).
+    fn saved_method(&self) -> &'static Method {
+        self.method()
     }
     /// Keys of [`Tuner::trainable`] that take the learning rate `lora_embedding_lr` instead
     /// of `lr` when a run sets it (DePT's low-rank pair); empty for a method with one learning

@@ -144,6 +144,7 @@ pub static METHODS: &[&Method] = &[
     &super::svfit::METHOD,
     &super::pela::METHOD,
     &super::conpet::METHOD,
+    &super::ist::METHOD,
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];

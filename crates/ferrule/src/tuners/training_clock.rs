@@ -1,9 +1,12 @@
 //! The train/eval switch and step counters that a tuner's layers share: dropout draws its
 //! masks only while training, seeded by the micro-step; DoRA caches its weight norm only in
 //! eval; DyLoRA draws its rank once per optimizer step; PST's sparsity follows the optimizer
-//! step through the run's length.
+//! step through the run's length; IST sets a gate per decoder layer ([`LayerGate`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use candle_core::{Tensor, Var};
 
 /// Whether the layers are training, and which micro-step it is: shared by every layer a tuner
 /// creates (peft's `module.training`, plus the step that seeds dropout).
@@ -20,6 +23,31 @@ pub struct TrainingClock {
     /// schedules over the run (PST's sparsity, as the learning rate's).
     total_steps: AtomicU64,
     seed: u64,
+    /// Per numbered layer (`model.layers.<i>.…`): the adapter's output scale and whether its
+    /// tensors train this step. Empty: every layer at scale 1, trainable (every method but IST).
+    gates: Mutex<Vec<LayerGate>>,
+}
+
+/// What a method that schedules layers (IST) sets for one numbered layer, and every adapter
+/// layer in it reads: LoRA's `s·B A` (DoRA's `s` inside its norm too, as the DoRA fork's
+/// `scaling`), a bottleneck's `s·U act(D z)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerGate {
+    /// Multiplies the adapter's own scale `s` (IST's rollouts: 0.25, the reference's
+    /// `response_suppression_factor`, ist.py `switch_active_adapter`).
+    pub scale: f64,
+    /// The layer's adapter tensors take no gradient in a training forward pass (torch's
+    /// `requires_grad = False`, ist.py `switch_active_layers`): the optimizer then skips them.
+    pub frozen: bool,
+}
+
+impl Default for LayerGate {
+    fn default() -> Self {
+        LayerGate {
+            scale: 1.0,
+            frozen: false,
+        }
+    }
 }
 
 impl TrainingClock {
@@ -31,6 +59,31 @@ impl TrainingClock {
             optimizer_step: AtomicU64::new(0),
             total_steps: AtomicU64::new(0),
             seed,
+            gates: Mutex::new(Vec::new()),
+        }
+    }
+    /// Sets every numbered layer's gate (`gates[i]` for layer `i`; a layer past the end, or a
+    /// module in no numbered layer, keeps the default: scale 1, trainable).
+    pub fn set_gates(&self, gates: Vec<LayerGate>) {
+        *self.gates.lock().unwrap() = gates
+    }
+    /// The gate of the numbered layer that holds the module at `path` (the first number in
+    /// the path, as `layers_to_transform` counts: `model.layers.3.mlp.up_proj` is layer 3).
+    pub fn gate(&self, path: &str) -> LayerGate {
+        let gates = self.gates.lock().unwrap();
+        if gates.is_empty() {
+            return LayerGate::default();
+        }
+        super::target::layer_index(path, None)
+            .and_then(|i| gates.get(i).copied())
+            .unwrap_or_default()
+    }
+    /// `var` as the forward pass of a module with gate `gate` uses it: detached (no gradient,
+    /// so no update this step) when the layer is frozen and training, else tracked.
+    pub fn tracked(&self, gate: LayerGate, var: &Var) -> Tensor {
+        match gate.frozen && self.training() {
+            true => var.as_tensor().detach(),
+            false => var.as_tensor().clone(),
         }
     }
     /// Train (dropout on, DoRA's norm recomputed) or eval.

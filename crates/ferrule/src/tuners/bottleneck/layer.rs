@@ -81,7 +81,9 @@ pub struct Bottleneck {
 
 impl Bottleneck {
     /// `h(z) = s · U act(D drop(z))`, `z` f32 (the frozen linear's output is f32 whatever its
-    /// compute dtype, so the adapter always computes in f32, as bottleneck.py casts to).
+    /// compute dtype, so the adapter always computes in f32, as bottleneck.py casts to). The
+    /// layer's [`LayerGate`](crate::tuners::training_clock::LayerGate) (IST) multiplies `s`, as
+    /// ist.py sets `adapter_scaling`, and when frozen detaches `D`, `U` and a learned `s`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let z = match self.clock.training() {
             true => match dropout_mask(z, self.dropout, self.clock.dropout_seed(&self.path))? {
@@ -90,12 +92,14 @@ impl Bottleneck {
             },
             false => z.clone(),
         };
-        let down = candle_nn::Linear::new(self.down.as_tensor().clone(), None);
-        let up = candle_nn::Linear::new(self.up.as_tensor().clone(), None);
+        let gate = self.clock.gate(&self.path);
+        let track = |v: &Var| self.clock.tracked(gate, v);
+        let down = candle_nn::Linear::new(track(&self.down), None);
+        let up = candle_nn::Linear::new(track(&self.up), None);
         let h = up.forward(&activate(&down.forward(&z)?, self.activation)?)?;
         match &self.scale {
-            Scale::Constant(s) => h * *s,
-            Scale::Learned(s) => h.broadcast_mul(s.as_tensor()),
+            Scale::Constant(s) => h * (*s * gate.scale),
+            Scale::Learned(s) => h.broadcast_mul(&(track(s) * gate.scale)?),
         }
     }
 }

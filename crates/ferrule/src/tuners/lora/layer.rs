@@ -39,9 +39,9 @@ pub struct Dora {
     pub w0_sq: Tensor,
     /// The frozen base bias (the op adds it after the magnitude scale).
     bias: Option<Tensor>,
-    /// `‖W₀ + s·B A‖_row` of the last eval forward: A and B only change after a training step,
-    /// and generation calls the layer once per token.
-    eval_norm: Mutex<Option<Tensor>>,
+    /// `‖W₀ + s·B A‖_row` of the last eval forward and the `s` it was taken at: A and B only
+    /// change after a training step, and generation calls the layer once per token.
+    eval_norm: Mutex<Option<(f64, Tensor)>>,
 }
 
 impl LoraLinear {
@@ -81,26 +81,23 @@ impl LoraLinear {
         self
     }
 
-    /// `‖W₀ + s·B A‖_row` for this forward (cached across eval forwards, recomputed in training).
-    fn dora_norm(&self, d: &Dora) -> Result<Tensor> {
-        let fresh = || {
-            weight_norm(
-                &self.base,
-                &d.w0_sq,
-                self.a.as_tensor(),
-                self.b.as_tensor(),
-                self.scaling,
-            )
-        };
+    /// `‖W₀ + s·B A‖_row` for this forward at scale `scaling` (cached across eval forwards at
+    /// the same scale, recomputed in training: IST's rollouts evaluate at other scales).
+    fn dora_norm(&self, d: &Dora, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+        let fresh = || weight_norm(&self.base, &d.w0_sq, a, b, scaling);
         let mut cache = d.eval_norm.lock().unwrap();
         if self.clock.training() {
             *cache = None;
             return fresh();
         }
-        if cache.is_none() {
-            *cache = Some(fresh()?);
+        match &*cache {
+            Some((s, norm)) if *s == scaling => Ok(norm.clone()),
+            _ => {
+                let norm = fresh()?;
+                *cache = Some((scaling, norm.clone()));
+                Ok(norm)
+            }
         }
-        Ok(cache.clone().unwrap())
     }
 
     /// With `lora_B`'s bias (`lora_bias = true`) and/or a trained base bias.
@@ -112,33 +109,38 @@ impl LoraLinear {
 }
 
 impl Linear for LoraLinear {
+    /// The layer's [`LayerGate`](crate::tuners::training_clock::LayerGate) (IST) scales `s`
+    /// and, when frozen, detaches its tensors; without one it is the plain layer.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mask = if self.clock.training() {
             dropout_mask(x, self.dropout, self.clock.dropout_seed(&self.path))?
         } else {
             None
         };
-        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        let gate = self.clock.gate(&self.path);
+        let scaling = self.scaling * gate.scale;
+        let track = |v: &Var| self.clock.tracked(gate, v);
+        let (a, b) = (track(&self.a), track(&self.b));
         let y = match &self.dora {
             Some(d) => dora_linear(
                 x,
                 mask.as_ref(),
                 &self.base,
                 d.bias.as_ref(),
-                &self.dora_norm(d)?,
-                a,
-                b,
-                d.magnitude.as_tensor(),
-                self.scaling,
+                &self.dora_norm(d, &a, &b, scaling)?,
+                &a,
+                &b,
+                &track(&d.magnitude),
+                scaling,
             )?,
-            None => low_rank_linear(x, mask.as_ref(), &self.base, a, b, self.scaling)?,
+            None => low_rank_linear(x, mask.as_ref(), &self.base, &a, &b, scaling)?,
         };
         let y = match &self.lora_b_bias {
-            Some(bb) => y.broadcast_add(&(bb.as_tensor() * self.scaling)?)?,
+            Some(bb) => y.broadcast_add(&(track(bb) * scaling)?)?,
             None => y,
         };
         match &self.base_bias {
-            Some(b) => y.broadcast_add(b.as_tensor()),
+            Some(b) => y.broadcast_add(&track(b)),
             None => Ok(y),
         }
     }
