@@ -138,6 +138,7 @@ pub static METHODS: &[&Method] = &[
     &super::randlora::METHOD,
     &super::svfit::METHOD,
     &super::pela::METHOD,
+    &super::l4q::METHOD,
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];
