@@ -280,6 +280,7 @@ fn the_exported_gguf_gives_the_in_training_logits_and_the_learned_codes() {
     let learned = report.learned.as_ref().unwrap();
     assert_eq!(learned.tensors, 2 * 7 + 1, "every linear and the head");
     assert_eq!(learned.max_abs_f16, 0.0, "f16-exact steps and offsets");
+    assert_eq!(learned.codes_changed_by_f16, 0);
     let back = ModelSource::load(out.to_str().unwrap(), &Device::Cpu).unwrap();
     let frozen = Model::build(
         &back,
@@ -333,9 +334,10 @@ fn the_exported_gguf_gives_the_in_training_logits_and_the_learned_codes() {
     let report = export(&src, tuner.as_ref(), &tmp.path().join("rounded.gguf"));
     let l = report.learned.unwrap();
     eprintln!(
-        "f16 steps and offsets change a value by at most {:.3e}",
-        l.max_abs_f16
+        "f16 steps and offsets change a value by at most {:.3e}; re-derived, {} of {} codes would differ",
+        l.max_abs_f16, l.codes_changed_by_f16, l.codes
     );
+    assert!(l.codes_changed_by_f16 < l.codes / 10, "{l:?}");
     assert!(
         l.max_abs_f16 > 0.0 && l.max_abs_f16 < 1e-3,
         "{}",

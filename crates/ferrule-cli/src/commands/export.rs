@@ -128,8 +128,8 @@ fn gguf(a: GgufArgs) -> Result<()> {
     }
     if let Some(l) = &report.learned {
         eprintln!(
-            "{} matrices written from their learned codes ({} codes, as learned); the f16 steps and offsets change a value by at most {:.3e}",
-            l.tensors, l.codes, l.max_abs_f16
+            "{} matrices written from their learned codes ({} codes, as learned); the f16 steps and offsets change a value by at most {:.3e}; re-deriving the codes from them would change {}",
+            l.tensors, l.codes, l.max_abs_f16, l.codes_changed_by_f16
         );
     }
     if let Some(e) = &report.max_error {

@@ -259,8 +259,8 @@ fn merge_learned_to_gguf(
     println!("{}", serde_json::to_string(&report)?);
     if let Some(l) = &report.learned {
         eprintln!(
-            "{} matrices written from their learned codes ({} codes); the f16 steps and offsets change a value by at most {:.3e}",
-            l.tensors, l.codes, l.max_abs_f16
+            "{} matrices written from their learned codes ({} codes); the f16 steps and offsets change a value by at most {:.3e}; re-deriving the codes from them would change {}",
+            l.tensors, l.codes, l.max_abs_f16, l.codes_changed_by_f16
         );
     }
     eprintln!("merged model written to {} (GGUF Q4_1)", out.display());

@@ -103,6 +103,9 @@ pub struct GroupCodes {
     pub codes: Vec<u8>,
     pub steps: Vec<f32>,
     pub offsets: Vec<f32>,
+    /// How many codes would differ if they were re-derived from the steps and offsets rounded
+    /// to f16 (what a GGUF Q4_1 block stores) instead of taken as learned.
+    pub changed_by_f16: usize,
 }
 
 /// The merged weight of an [`Update::Masked`], made from the base weight.

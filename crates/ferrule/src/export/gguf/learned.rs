@@ -19,6 +19,8 @@ pub struct LearnedReport {
     pub tensors: usize,
     /// Codes written (every one as learned).
     pub codes: usize,
+    /// Of those, how many re-deriving from the f16 steps and offsets would have changed.
+    pub codes_changed_by_f16: usize,
     /// Largest `|q·f16(d) + f16(m) − (q·s + b)|`: what the f16 rounding of the steps and
     /// offsets changes in a value.
     pub max_abs_f16: f32,
@@ -28,6 +30,7 @@ impl LearnedReport {
     fn add(&mut self, codes: &GroupCodes) {
         self.tensors += 1;
         self.codes += codes.codes.len();
+        self.codes_changed_by_f16 += codes.changed_by_f16;
         let gs = codes.group_size;
         for (i, q) in codes.codes.iter().enumerate() {
             let g = i / gs;

@@ -95,14 +95,21 @@ impl LearnedQuantization for L4qMerge {
                 offsets[i]
             )
         }
+        let codes = q.codes(&updated, &steps, &offsets, cols);
+        let f16 = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+        };
+        let rederived = q.codes(&updated, &f16(&steps), &f16(&offsets), cols);
+        let changed_by_f16 = codes.iter().zip(&rederived).filter(|(a, b)| a != b).count();
         Ok(GroupCodes {
             rows,
             cols,
             bits: q.bits,
             group_size: q.group_size,
-            codes: q.codes(&updated, &steps, &offsets, cols),
+            codes,
             steps,
             offsets,
+            changed_by_f16,
         })
     }
 }
