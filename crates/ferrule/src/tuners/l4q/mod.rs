@@ -17,8 +17,8 @@
 //!
 //! The base must be dense and held in f32: the quantizer codes `W₀ + ΔW`, and the export
 //! recomputes the codes from the checkpoint's `W₀`, so a base held quantized (NF4, FP4, int8,
-//! GGUF), in bf16 (`--compute-dtype bf16`), memory-mapped (`--stream-base`) or sharded is
-//! refused by name: quantizing a 4-bit base again would be a second rounding the result
+//! GGUF), in bf16 (`--compute-dtype bf16`) or sharded is refused by name (a memory-mapped
+//! dense checkpoint, as `merge` and `export gguf` read it, is read into f32 per layer): quantizing a 4-bit base again would be a second rounding the result
 //! does not record.
 //!
 //! Merge ([`crate::tuners::Update::Quantized`]): a Hugging Face folder gets `Ŵ = w̄·s + b` in
@@ -44,9 +44,10 @@ use super::registry::{BlockShapes, BuildContext, Method};
 use super::target::{ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::init;
+use crate::model::stream::Held;
 use crate::model::{Linear, LinearInfo, ModelHook};
 use crate::ops::lsq_linear::LsqLinearSpec;
-use crate::ops::{FrozenLinear, FrozenWeight};
+use crate::ops::{ComputeDtype, FrozenLinear, FrozenWeight};
 use crate::quant::lsq::GroupQuantizer;
 
 /// The registry entry.
@@ -116,12 +117,18 @@ fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Resu
 fn check_dense_f32(path: &str, base: &FrozenLinear) -> Result<()> {
     let why = match base.weight() {
         FrozenWeight::Dense(t) if t.dtype() == DType::F32 => return Ok(()),
+        // A memory-mapped dense checkpoint (`--stream-base`, and how `merge` and `export gguf`
+        // read the base): read whole into f32 for the layer, its values exact.
+        FrozenWeight::Streamed(s, ComputeDtype::F32) if matches!(s.held(), Held::Dense { .. }) => {
+            return Ok(())
+        }
         FrozenWeight::Dense(t) => format!("is held in {:?} (--compute-dtype)", t.dtype()),
         FrozenWeight::Quantized(q, _) => format!("is held quantized ({})", q.format()),
-        FrozenWeight::Streamed(..) => "is read from disk as it is used (--stream-base)".into(),
+        FrozenWeight::Streamed(_, ComputeDtype::Bf16) => "is held in bf16 (--compute-dtype)".into(),
+        FrozenWeight::Streamed(..) => "is a quantized matrix read from disk".into(),
         FrozenWeight::Sharded(..) => "is sharded across ranks (--shard-base)".into(),
     };
-    bail!("l4q: {path}.weight {why}; L4Q quantizes W0 + (alpha/r)·B A itself and writes the codes from the checkpoint's f32 W0, so it needs the dense weight in f32: load an f32, f16 or bf16 checkpoint (not NF4 or GGUF) with --compute-dtype f32, without --quantize, --stream-base or --shard-base")
+    bail!("l4q: {path}.weight {why}; L4Q quantizes W0 + (alpha/r)·B A itself and writes the codes from the checkpoint's f32 W0, so it needs the dense weight in f32: load an f32, f16 or bf16 checkpoint (not NF4 or GGUF) with --compute-dtype f32, without --quantize or --shard-base")
 }
 
 /// The layers an [`L4qConfig`] targets, each trained inside its quantizer.
