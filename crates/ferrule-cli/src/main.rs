@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune an adapter (LoRA, DyLoRA, IA3, LN tuning, prompt or prefix tuning, DePT, RandLoRA, BitFit, DiffFit, bottleneck adapters, PST, SVFit, PELA, ConPET with --continual, or any of LoRA, DoRA and bottleneck adapters under IST's layer schedule: --method) on a JSONL dataset.
+    /// Fine-tune an adapter (LoRA, DyLoRA, IA3, LN tuning, prompt or prefix tuning, DePT, RandLoRA, BitFit, DiffFit, bottleneck adapters, PST, SVFit, PELA, L4Q, ConPET with --continual, or any of LoRA, DoRA and bottleneck adapters under IST's layer schedule: --method) on a JSONL dataset.
     Train(Box<commands::train::Args>),
     /// Train several methods on the same records under one budget (steps, tokens or seconds)
     /// and write one table and one plot (--lr-sweep: each at its best learning rate).

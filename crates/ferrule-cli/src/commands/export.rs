@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use ferrule::adapted::AdaptedModel;
-use ferrule::export::gguf::{export_lora_gguf, export_model_gguf, GgufExportOptions, OutType};
+use ferrule::export::gguf::{
+    export_lora_gguf, export_model_gguf, learns_quantization, GgufExportOptions, OutType,
+};
 use ferrule::export::lora::export_plain_lora;
 use ferrule::model::{LoadOptions, ModelSource};
 
@@ -47,8 +49,9 @@ pub struct GgufArgs {
     /// `llama-cli -m MODEL.gguf --lora FILE.gguf`); the model gives the architecture.
     #[arg(long, requires = "adapter")]
     adapter_only: bool,
-    /// Type of the weight matrices: f32, f16, q8_0, q4_0 or q4_k (norms and other 1-D tensors
-    /// stay f32). Default: f16 for a model, f32 for an adapter, as llama.cpp's converters.
+    /// Type of the weight matrices: f32, f16, q8_0, q4_0, q4_1 or q4_k (norms and other 1-D
+    /// tensors stay f32). Default: f16 for a model, f32 for an adapter, as llama.cpp's
+    /// converters; q4_1 for a model with an L4Q adapter, whose learned codes it writes.
     #[arg(long, value_name = "TYPE", value_parser = parse_outtype)]
     outtype: Option<OutType>,
     /// The .gguf file to write.
@@ -83,11 +86,11 @@ fn lora(a: LoraArgs) -> Result<()> {
 }
 
 fn gguf(a: GgufArgs) -> Result<()> {
-    let options = GgufExportOptions {
-        outtype: a.outtype.unwrap_or(if a.adapter_only {
-            OutType::F32
-        } else {
-            OutType::F16
+    let options = |learned: bool| GgufExportOptions {
+        outtype: a.outtype.unwrap_or(match (a.adapter_only, learned) {
+            (true, _) => OutType::F32,
+            (false, true) => OutType::Q4_1,
+            (false, false) => OutType::F16,
         }),
         overwrite: a.overwrite,
     };
@@ -96,7 +99,7 @@ fn gguf(a: GgufArgs) -> Result<()> {
         (Some(adapter), true) => {
             let source =
                 ModelSource::load_with(&a.model, &device, LoadOptions::read_once(None, &a.model))?;
-            export_lora_gguf(&source, adapter, &a.output, options)?
+            export_lora_gguf(&source, adapter, &a.output, options(false))?
         }
         (adapter, _) => {
             let m = AdaptedModel::load_with(
@@ -110,6 +113,7 @@ fn gguf(a: GgufArgs) -> Result<()> {
                 Some(_) => Some(m.tuner.as_deref().context("no adapter was loaded")?),
                 None => None,
             };
+            let options = options(learns_quantization(tuner)?);
             export_model_gguf(&m.source, tuner, &a.output, options)?
         }
     };
@@ -120,6 +124,12 @@ fn gguf(a: GgufArgs) -> Result<()> {
             if report.f16_fallback.len() == 1 { "x" } else { "ces" },
             report.outtype,
             report.f16_fallback.join(", ")
+        );
+    }
+    if let Some(l) = &report.learned {
+        eprintln!(
+            "{} matrices written from their learned codes ({} codes, as learned); the f16 steps and offsets change a value by at most {:.3e}; re-deriving the codes from them would change {}",
+            l.tensors, l.codes, l.max_abs_f16, l.codes_changed_by_f16
         );
     }
     if let Some(e) = &report.max_error {

@@ -73,7 +73,8 @@ pub struct Args {
     /// optionally attention_mask).
     #[arg(long, value_name = "INPUTS", conflicts_with_all = ["rescale_q", "analytic_q"])]
     choose_q: Option<PathBuf>,
-    /// New folder for the merged model.
+    /// New folder for the merged model; for an L4Q adapter, a .gguf file takes its learned
+    /// codes, steps and offsets as Q4_1 blocks (a folder gets their values in f32).
     #[arg(long, short, required_unless_present = "output_adapter")]
     output: Option<PathBuf>,
     /// Write the combined adapter as a new PEFT adapter folder instead of a merged model.
@@ -216,6 +217,12 @@ fn merge_one(a: &Args, sources: &[AdapterSource], name: &str, base: Base) -> Res
         m.set_rank(rank)?;
     }
     let tuner = m.tuner.as_deref().context("no adapter")?;
+    if out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return merge_learned_to_gguf(&m.source, tuner, out);
+    }
     let report = merge_to_dir_with(&m.source, tuner, m.model.task, out, base.merge_options())?;
     println!("{}", serde_json::to_string(&report)?);
     for (name, p) in &report.pruned {
@@ -227,6 +234,36 @@ fn merge_one(a: &Args, sources: &[AdapterSource], name: &str, base: Base) -> Res
         );
     }
     eprintln!("merged model written to {}", out.display());
+    Ok(())
+}
+
+/// An adapter whose quantization was learned (L4Q) merged into a GGUF file: its codes, steps
+/// and offsets as Q4_1 blocks, the rest of the model quantized to Q4_1 by ggml's rule, as
+/// `ferrule export gguf --adapter` writes it. Any other adapter is told to use that command.
+fn merge_learned_to_gguf(
+    source: &ModelSource,
+    tuner: &dyn ferrule::tuners::Tuner,
+    out: &std::path::Path,
+) -> Result<()> {
+    use ferrule::export::gguf::{
+        export_model_gguf, learns_quantization, GgufExportOptions, OutType,
+    };
+    if !learns_quantization(Some(tuner))? {
+        bail!("{}: merge writes a .gguf file only for an adapter that learned its quantization (--method l4q); for a {} adapter use `ferrule export gguf --adapter DIR --outtype TYPE`", out.display(), tuner.method().peft_type)
+    }
+    let options = GgufExportOptions {
+        outtype: OutType::Q4_1,
+        overwrite: false,
+    };
+    let report = export_model_gguf(source, Some(tuner), out, options)?;
+    println!("{}", serde_json::to_string(&report)?);
+    if let Some(l) = &report.learned {
+        eprintln!(
+            "{} matrices written from their learned codes ({} codes); the f16 steps and offsets change a value by at most {:.3e}; re-deriving the codes from them would change {}",
+            l.tensors, l.codes, l.max_abs_f16, l.codes_changed_by_f16
+        );
+    }
+    eprintln!("merged model written to {} (GGUF Q4_1)", out.display());
     Ok(())
 }
 

@@ -239,6 +239,22 @@ impl MergedModel {
         })
     }
 
+    /// The learned codes of `name` when its only update is a learned quantization
+    /// ([`Update::Quantized`], L4Q), made now from its base weight; `None` for any other tensor.
+    pub fn learned_codes(&self, name: &str) -> Result<Option<crate::tuners::GroupCodes>> {
+        let Part::Updated { base, updates } = self.part(name)? else {
+            return Ok(None);
+        };
+        let [Update::Quantized(q)] = updates.as_slice() else {
+            if updates.iter().any(|u| matches!(u, Update::Quantized(_))) {
+                bail!("merge: {name:?} has a learned quantization and other updates on top of it; its codes cannot be written as learned")
+            }
+            return Ok(None);
+        };
+        let w = self.held(name, base)?.to_dense(&Device::Cpu)?;
+        Ok(Some(q.quantized(&w)?))
+    }
+
     /// The merged tensor `name`, made now: dense in f32 (a base tensor held dense keeps its
     /// dtype), or quantized in the base's bitsandbytes format when that is kept (a merged one
     /// requantized, its rounding error recorded for [`MergedModel::report`]); with a

@@ -284,6 +284,7 @@ fn apply_update(
             )
         }
         Update::Masked(m) => m.apply(&dense),
+        Update::Quantized(q) => q.apply(&dense),
     };
     merged.with_context(|| format!("merge: applying the adapter's update to {name:?}"))
 }

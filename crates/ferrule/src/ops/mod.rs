@@ -18,6 +18,7 @@ pub mod head_loss;
 pub(crate) mod kernels;
 pub mod loss;
 pub mod low_rank;
+pub mod lsq_linear;
 pub mod matmul_probe;
 pub mod norm;
 pub mod onednn;

@@ -1,6 +1,7 @@
-//! Encoding f32 rows as the GGUF tensor types ferrule writes (F32, F16, Q8_0, Q4_0, Q5_0,
-//! Q4_K), bit-exact to ggml's reference quantizers (`quantize_row_q8_0_ref`,
-//! `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`, `quantize_row_q4_K_ref` in
+//! Encoding f32 rows as the GGUF tensor types ferrule writes (F32, F16, Q8_0, Q4_0, Q4_1,
+//! Q5_0, Q4_K), bit-exact to ggml's reference quantizers (`quantize_row_q8_0_ref`,
+//! `quantize_row_q4_0_ref`, `quantize_row_q4_1_ref`, `quantize_row_q5_0_ref`,
+//! `quantize_row_q4_K_ref` in
 //! ggml/src/ggml-quants.c; gguf-py's `quants.py` reproduces the first three in numpy): the same
 //! scale, the same rounding, the same f16 conversion (round to nearest even), the same order
 //! of float operations (each rounded to f32; ggml-base is built without FMA contraction).
@@ -14,6 +15,8 @@ pub enum GgmlWriteType {
     F16,
     Q8_0,
     Q4_0,
+    /// `d·q + m`, `q` in 0..=15: what L4Q's 4-bit groups of 32 are ([`q4_1_from_codes`]).
+    Q4_1,
     /// Q4_K's fallback in llama-quantize for rows that are not whole 256-value super-blocks.
     Q5_0,
     Q4K,
@@ -29,6 +32,7 @@ impl GgmlWriteType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
             Self::Q5_0 => 6,
             Self::Q8_0 => 8,
             Self::Q4K => 12,
@@ -42,6 +46,7 @@ impl GgmlWriteType {
             Self::F16 => "F16",
             Self::Q8_0 => "Q8_0",
             Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
             Self::Q5_0 => "Q5_0",
             Self::Q4K => "Q4_K",
         }
@@ -51,7 +56,7 @@ impl GgmlWriteType {
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 => 1,
-            Self::Q8_0 | Self::Q4_0 | Self::Q5_0 => 32,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 => 32,
             Self::Q4K => QK_K,
         }
     }
@@ -65,6 +70,8 @@ impl GgmlWriteType {
             Self::Q8_0 => 34,
             // f16 scale + 32 nibbles
             Self::Q4_0 => 18,
+            // f16 d + f16 m + 32 nibbles
+            Self::Q4_1 => 20,
             // f16 scale + 32 high bits + 32 nibbles
             Self::Q5_0 => 22,
             // f16 d + f16 dmin + 12 bytes of 6-bit scales and mins + 256 nibbles
@@ -109,6 +116,9 @@ impl GgmlWriteType {
             Self::Q4_0 => values
                 .chunks_exact(32)
                 .for_each(|b| quantize_block_q4_0(b, &mut out)),
+            Self::Q4_1 => values
+                .chunks_exact(32)
+                .for_each(|b| quantize_block_q4_1(b, &mut out)),
             Self::Q5_0 => values
                 .chunks_exact(32)
                 .for_each(|b| quantize_block_q5_0(b, &mut out)),
@@ -146,6 +156,16 @@ impl GgmlWriteType {
                     let qs = &b[2..];
                     let lo = qs.iter().map(move |&q| ((q & 0x0F) as i32 - 8) as f32 * d);
                     let hi = qs.iter().map(move |&q| ((q >> 4) as i32 - 8) as f32 * d);
+                    lo.chain(hi).collect::<Vec<_>>()
+                })
+                .collect(),
+            Self::Q4_1 => bytes
+                .chunks_exact(20)
+                .flat_map(|b| {
+                    let (d, m) = (scale(b), scale(&b[2..]));
+                    let qs = &b[4..];
+                    let lo = qs.iter().map(move |&q| (q & 0x0F) as f32 * d + m);
+                    let hi = qs.iter().map(move |&q| (q >> 4) as f32 * d + m);
                     lo.chain(hi).collect::<Vec<_>>()
                 })
                 .collect(),
@@ -428,6 +448,53 @@ fn quantize_block_q4_0(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// `quantize_row_q4_1_ref` for one block: `d = (max − min)/15`, `m = min`, `q = min(15,
+/// (int8)((x − min)·(1/d) + 0.5))`, both stored as f16; nibbles as Q4_0's.
+fn quantize_block_q4_1(x: &[f32], out: &mut Vec<u8>) {
+    let min = x.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
+    let max = x.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q: Vec<u8> = x
+        .iter()
+        .map(|v| (((v - min) * id + 0.5) as i8).min(15) as u8)
+        .collect();
+    push_q4_1_block(&q, d, min, out);
+}
+
+/// One Q4_1 block from its 32 codes (0..=15) and its `d`, `m` (rounded to f16 here): value
+/// `j` in the low nibble of byte `j`, value `16 + j` in its high nibble (`block_q4_1`).
+fn push_q4_1_block(q: &[u8], d: f32, m: f32, out: &mut Vec<u8>) {
+    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+    out.extend_from_slice(&f16::from_f32(m).to_le_bytes());
+    for j in 0..16 {
+        out.push((q[j] & 0x0F) | ((q[16 + j] & 0x0F) << 4));
+    }
+}
+
+/// Q4_1 blocks written from given codes instead of ggml's choice: `codes` (0..=15, a whole
+/// number of 32-value blocks) with one `d` and one `m` per block, which the file holds as
+/// f16, so a value reads back as `q·f16(d) + f16(m)`. L4Q's learned codes, steps and offsets
+/// go to the file this way. A code above 15 is an error naming its index.
+pub fn q4_1_from_codes(codes: &[u8], d: &[f32], m: &[f32]) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(
+        codes.len() == 32 * d.len() && d.len() == m.len(),
+        "Q4_1: {} codes need {} steps and offsets, got {} and {}",
+        codes.len(),
+        codes.len() / 32,
+        d.len(),
+        m.len()
+    );
+    if let Some(i) = codes.iter().position(|&q| q > 15) {
+        anyhow::bail!("Q4_1: code {} at index {i} does not fit 4 bits", codes[i])
+    }
+    let mut out = Vec::with_capacity(GgmlWriteType::Q4_1.bytes_for(codes.len()));
+    for (k, q) in codes.chunks_exact(32).enumerate() {
+        push_q4_1_block(q, d[k], m[k], &mut out);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +515,7 @@ mod tests {
         for (ours, theirs) in [
             (GgmlWriteType::Q8_0, GgmlDType::Q8_0),
             (GgmlWriteType::Q4_0, GgmlDType::Q4_0),
+            (GgmlWriteType::Q4_1, GgmlDType::Q4_1),
             (GgmlWriteType::F16, GgmlDType::F16),
         ] {
             let q = QTensor::quantize(&t, theirs).unwrap();
@@ -480,6 +548,29 @@ mod tests {
         let q = GgmlWriteType::Q4_0.encode(&x);
         assert_eq!(f16::from_le_bytes([q[0], q[1]]).to_f32(), -0.25);
         assert_eq!(q[2 + 3] & 0x0F, 0);
+    }
+
+    /// Given codes, steps and offsets: ggml's own block re-encoded from its codes and its f16
+    /// `d`, `m` is the same bytes; a value reads back as `q·f16(d) + f16(m)`; a 5-bit code is
+    /// refused.
+    #[test]
+    fn q4_1_from_codes_writes_the_codes_given() {
+        let vals = sample(64);
+        let ggml = GgmlWriteType::Q4_1.encode(&vals);
+        let (mut codes, mut d, mut m) = (vec![], vec![], vec![]);
+        for b in ggml.chunks_exact(20) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            let lo: Vec<u8> = b[4..].iter().map(|q| q & 0x0F).collect();
+            codes.extend(lo);
+            codes.extend(b[4..].iter().map(|q| q >> 4));
+        }
+        assert_eq!(q4_1_from_codes(&codes, &d, &m).unwrap(), ggml);
+        let mine = q4_1_from_codes(&[3; 32], &[0.1], &[-1.0]).unwrap();
+        let want = 3.0 * f16::from_f32(0.1).to_f32() + f16::from_f32(-1.0).to_f32();
+        assert!(GgmlWriteType::Q4_1.decode(&mine).iter().all(|v| *v == want));
+        let e = q4_1_from_codes(&[16; 32], &[0.1], &[0.0]).unwrap_err();
+        assert!(e.to_string().contains("code 16 at index 0"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod dynamic;
 pub mod ggml;
 pub mod ggml_quantize;
 pub mod int8;
+pub mod lsq;
 pub mod policy;
 
 use std::fmt;

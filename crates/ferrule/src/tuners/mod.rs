@@ -20,6 +20,7 @@ pub mod flags;
 pub mod full;
 pub mod ia3;
 pub mod ist;
+pub mod l4q;
 pub mod ln_tuning;
 pub mod lora;
 pub mod modules_to_save;
@@ -75,6 +76,38 @@ pub enum Update {
     /// `M(S) ⊙ (W + βUV)` with the scores `S` built on `|W + βUV|`), made when the merge
     /// reaches it; the merge reports each one's zeros ([`crate::merge::MergeReport::pruned`]).
     Masked(Arc<dyn MaskedWeight>),
+    /// `W' = Q(f(W))`: a weight the method quantized with a quantizer it learned (L4Q:
+    /// `Q(W + (α/r)·B A)` with trained steps and offsets per group). A merge into a Hugging
+    /// Face folder writes the dequantized values `w̄·s + b`; a GGUF export writes the learned
+    /// codes, steps and offsets themselves ([`LearnedQuantization::quantized`]).
+    Quantized(Arc<dyn LearnedQuantization>),
+}
+
+/// The merged weight of an [`Update::Quantized`], made from the base weight.
+pub trait LearnedQuantization: Send + Sync {
+    /// The base weight's shape, `[out, in]`.
+    fn dims(&self) -> Vec<usize>;
+    /// `w̄·s + b` for the base weight `w` (f32, `[out, in]`): what the layer computes with.
+    fn apply(&self, w: &Tensor) -> candle_core::Result<Tensor>;
+    /// The integer codes with their steps and offsets, for the base weight `w`.
+    fn quantized(&self, w: &Tensor) -> anyhow::Result<GroupCodes>;
+}
+
+/// A matrix as integer codes with a step and an offset per group of `group_size` consecutive
+/// values of a row: value `j` of row `i` is `codes[i·cols + j]·steps[g] + offsets[g]`, `g = i ·
+/// (cols / group_size) + j / group_size`.
+#[derive(Clone, Debug)]
+pub struct GroupCodes {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    pub group_size: usize,
+    pub codes: Vec<u8>,
+    pub steps: Vec<f32>,
+    pub offsets: Vec<f32>,
+    /// How many codes would differ if they were re-derived from the steps and offsets rounded
+    /// to f16 (what a GGUF Q4_1 block stores) instead of taken as learned.
+    pub changed_by_f16: usize,
 }
 
 /// The merged weight of an [`Update::Masked`], made from the base weight.
@@ -94,6 +127,7 @@ impl Update {
             Update::Add(d) | Update::RowRescaled { delta: d, .. } => d.dims(),
             Update::Scale(s) => s.dims().to_vec(),
             Update::Masked(m) => m.dims(),
+            Update::Quantized(q) => q.dims(),
         }
     }
 }

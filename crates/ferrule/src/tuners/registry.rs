@@ -145,6 +145,7 @@ pub static METHODS: &[&Method] = &[
     &super::pela::METHOD,
     &super::conpet::METHOD,
     &super::ist::METHOD,
+    &super::l4q::METHOD,
     &super::trainable_tokens::METHOD,
     &super::full::METHOD,
 ];

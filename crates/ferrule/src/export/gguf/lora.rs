@@ -151,7 +151,10 @@ pub fn export_lora_gguf(
     options: GgufExportOptions,
 ) -> Result<GgufExportReport> {
     claim_output(out, options.overwrite)?;
-    if matches!(options.outtype, OutType::Q4_0 | OutType::Q4K) {
+    if matches!(
+        options.outtype,
+        OutType::Q4_0 | OutType::Q4_1 | OutType::Q4K
+    ) {
         bail!(
             "--outtype {}: a LoRA GGUF is written as f32, f16 or q8_0 (convert_lora_to_gguf.py's choices)",
             options.outtype.name()
@@ -242,6 +245,7 @@ pub fn export_lora_gguf(
         tokenizer_pre_recognised: None,
         merged_modules: None,
         sliding_window_dropped: None,
+        learned: None,
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
     })
 }

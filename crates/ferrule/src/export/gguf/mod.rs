@@ -13,7 +13,9 @@
 //! A LoRA adapter is written in llama.cpp's adapter layout ([`lora`]), as
 //! `convert_lora_to_gguf.py` writes it.
 
+pub mod learned;
 pub mod lora;
+pub use learned::{learns_quantization, LearnedReport};
 pub use lora::export_lora_gguf;
 mod vocab;
 pub mod writer;
@@ -46,11 +48,13 @@ pub enum OutType {
     F16,
     Q8_0,
     Q4_0,
+    /// `d·q + m` blocks of 32: ggml's reference quantizer, or an L4Q layer's learned codes.
+    Q4_1,
     Q4K,
 }
 
 impl OutType {
-    pub const NAMES: &'static str = "f32, f16, q8_0, q4_0, q4_k";
+    pub const NAMES: &'static str = "f32, f16, q8_0, q4_0, q4_1, q4_k";
 
     /// The tensor type of the 2-D weights.
     pub fn tensor_type(self) -> GgmlWriteType {
@@ -59,6 +63,7 @@ impl OutType {
             Self::F16 => GgmlWriteType::F16,
             Self::Q8_0 => GgmlWriteType::Q8_0,
             Self::Q4_0 => GgmlWriteType::Q4_0,
+            Self::Q4_1 => GgmlWriteType::Q4_1,
             Self::Q4K => GgmlWriteType::Q4K,
         }
     }
@@ -69,6 +74,7 @@ impl OutType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
             Self::Q8_0 => 7,
             // MOSTLY_Q4_K_M, what `llama-quantize --pure … Q4_K_M` records.
             Self::Q4K => 15,
@@ -81,6 +87,7 @@ impl OutType {
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
             Self::Q4K => "q4_k",
         }
     }
@@ -94,6 +101,7 @@ impl FromStr for OutType {
             "f16" => Self::F16,
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
             "q4_k" => Self::Q4K,
             _ => bail!("unknown GGUF outtype {s:?}; valid ones are {}", Self::NAMES),
         })
@@ -134,6 +142,10 @@ pub struct GgufExportReport {
     /// The model's sliding attention window, which llama.cpp's llama architecture does not
     /// have (convert_hf_to_gguf.py drops it too): attention past it differs in llama.cpp.
     pub sliding_window_dropped: Option<usize>,
+    /// Matrices written from an adapter's learned codes (L4Q), and what the f16 rounding of
+    /// their steps and offsets changed; absent when there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned: Option<LearnedReport>,
     pub bytes: u64,
 }
 
@@ -181,7 +193,7 @@ pub(crate) fn gguf_name(hf: &str, arch: Arch, layers: usize) -> Result<String> {
 /// llama.cpp's rope permutation of q/k rows (convert_hf_to_gguf.py `LlamaModel.permute`):
 /// within each head of `2d` rows, output row `2i + j` is input row `j·d + i`. `values` holds
 /// `rows` rows of equal length (a bias: rows of 1).
-pub(crate) fn permute_rows(values: &[f32], rows: usize, heads: usize) -> Result<Vec<f32>> {
+pub(crate) fn permute_rows<T: Copy>(values: &[T], rows: usize, heads: usize) -> Result<Vec<T>> {
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
         bail!("{rows} rows cannot be split into {heads} heads of row pairs")
     }
@@ -381,8 +393,21 @@ pub fn export_model_gguf(
         })
         .collect();
     let mut max_error = None;
+    let mut learned = LearnedReport::default();
     writer::write_gguf(out, &metadata, &infos, |i| {
-        let (name, hf, _, ty, _) = &plan[i];
+        let (name, hf, shape, ty, _) = &plan[i];
+        let codes = match *ty {
+            GgmlWriteType::F32 => None,
+            _ => weights.learned_codes(hf)?,
+        };
+        if let Some(codes) = codes {
+            let bytes = learned::learned_bytes(hf, &codes, *ty, &mut learned)?;
+            return match permuted_heads(name, arch, &cfg) {
+                Some(heads) => permute_rows(&bytes, shape[0], heads)
+                    .with_context(|| format!("{hf}: rope permutation")),
+                None => Ok(bytes),
+            };
+        }
         let t = weights.tensor(hf)?.to_dense(&Device::Cpu)?;
         let mut values: Vec<f32> = t.flatten_all()?.to_vec1()?;
         crate::quant::check_finite(hf, &values)?;
@@ -414,6 +439,7 @@ pub fn export_model_gguf(
         tokenizer_pre_recognised: Some(vocab.pre_recognised),
         merged_modules,
         sliding_window_dropped: cfg.sliding_window,
+        learned: (learned.tensors > 0).then_some(learned),
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
     })
 }
