@@ -357,7 +357,7 @@ fn bad_inputs_are_named_and_leave_nothing_written() {
 
     // An unknown outtype lists the valid ones.
     let err = "q5_k".parse::<OutType>().unwrap_err().to_string();
-    assert!(err.contains("f32, f16, q8_0, q4_0, q4_k"), "{err}");
+    assert!(err.contains("f32, f16, q8_0, q4_0, q4_1, q4_k"), "{err}");
 
     // llama3 rope scaling is refused by name rather than written without its factors.
     let l3 = ModelSource::load(model_dir("llama3rope").to_str().unwrap(), &dev).unwrap();
