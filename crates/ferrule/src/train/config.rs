@@ -238,7 +238,7 @@ pub struct TrainConfig {
     pub init_adapter: Option<PathBuf>,
     /// ConPET (--method conpet): the task set this run adds its training split to, as a new
     /// task (created when the folder is new or empty); the set is the run's output, so
-    /// --output is not given with it.
+    /// --output is not given with it (default: none, an ordinary run).
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub continual: Option<PathBuf>,
