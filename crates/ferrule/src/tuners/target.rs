@@ -201,6 +201,24 @@ impl Targets {
     }
 
     /// Adapts only the layers `layers_to_transform` selects ([`in_layers`]); see [`Targets::adapts`].
+    /// The targets of a method with PEFT's LoRA keys: `target_modules` (required; `method`
+    /// names the method in the errors) less `exclude_modules`, in the layers that
+    /// `layers_to_transform` / `layers_pattern` select.
+    pub fn required(
+        method: &str,
+        target: Option<&ModuleSpec>,
+        exclude: Option<&ModuleSpec>,
+        layers_to_transform: Option<&LayersToTransform>,
+        layers_pattern: Option<&LayersPattern>,
+    ) -> Result<Self> {
+        let Some(target) = target else {
+            bail!("{method}: target_modules is required (a list of module names, a regex, or \"all-linear\")")
+        };
+        Ok(Self::new("target_modules", target, exclude)
+            .context(method.to_string())?
+            .in_layers(layers_to_transform, layers_pattern))
+    }
+
     pub fn in_layers(
         mut self,
         layers_to_transform: Option<&LayersToTransform>,

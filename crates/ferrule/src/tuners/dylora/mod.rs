@@ -15,7 +15,7 @@ pub mod layer;
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor, Var};
 use serde_json::{Map, Value};
 
@@ -87,16 +87,13 @@ pub struct Dylora {
 
 impl Dylora {
     pub fn new(config: DyloraConfig, ctx: BuildContext) -> Result<Self> {
-        let target = config
-            .target_modules
-            .as_ref()
-            .ok_or_else(|| anyhow!("dylora: target_modules is required (a list of module names, a regex, or \"all-linear\")"))?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
-            .context("dylora")?
-            .in_layers(
-                config.layers_to_transform.as_ref(),
-                config.layers_pattern.as_ref(),
-            );
+        let targets = Targets::required(
+            "dylora",
+            config.target_modules.as_ref(),
+            config.exclude_modules.as_ref(),
+            config.layers_to_transform.as_ref(),
+            config.layers_pattern.as_ref(),
+        )?;
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         let rank = Arc::new(RankChoice::new(config.r));
         Ok(Self {

@@ -30,7 +30,7 @@ pub mod layer;
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor, Var};
 use serde_json::{Map, Value};
 
@@ -139,16 +139,13 @@ pub struct L4q {
 impl L4q {
     pub fn new(config: L4qConfig, ctx: BuildContext) -> Result<Self> {
         config.validate()?;
-        let target = config
-            .target_modules
-            .as_ref()
-            .ok_or_else(|| anyhow!("l4q: target_modules is required"))?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
-            .context("l4q")?
-            .in_layers(
-                config.layers_to_transform.as_ref(),
-                config.layers_pattern.as_ref(),
-            );
+        let targets = Targets::required(
+            "l4q",
+            config.target_modules.as_ref(),
+            config.exclude_modules.as_ref(),
+            config.layers_to_transform.as_ref(),
+            config.layers_pattern.as_ref(),
+        )?;
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),

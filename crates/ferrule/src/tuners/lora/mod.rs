@@ -137,14 +137,13 @@ impl Lora {
     /// `ctx.weights` (PEFT keys).
     pub fn new(config: LoraConfig, ctx: BuildContext) -> Result<Self> {
         config.validate()?;
-        let target =
-            config.target_modules.as_ref().ok_or_else(|| anyhow!("lora: target_modules is required (a list of module names, a regex, or \"all-linear\")"))?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
-            .context("lora")?
-            .in_layers(
-                config.layers_to_transform.as_ref(),
-                config.layers_pattern.as_ref(),
-            );
+        let targets = Targets::required(
+            "lora",
+            config.target_modules.as_ref(),
+            config.exclude_modules.as_ref(),
+            config.layers_to_transform.as_ref(),
+            config.layers_pattern.as_ref(),
+        )?;
         let patterns = config.patterns()?;
         let biases = TrainedBiases::new(BiasMode::parse("lora", &config.bias)?);
         let state = State {

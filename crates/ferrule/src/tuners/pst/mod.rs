@@ -26,7 +26,7 @@ pub mod layer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor, Var};
 use serde_json::{Map, Value};
 
@@ -111,15 +111,13 @@ pub struct Pst {
 
 impl Pst {
     pub fn new(config: PstConfig, ctx: BuildContext) -> Result<Self> {
-        let target = config.target_modules.as_ref().ok_or_else(|| {
-            anyhow!("pst: target_modules is required (module names, a regex, or \"all-linear\")")
-        })?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
-            .context("pst")?
-            .in_layers(
-                config.layers_to_transform.as_ref(),
-                config.layers_pattern.as_ref(),
-            );
+        let targets = Targets::required(
+            "pst",
+            config.target_modules.as_ref(),
+            config.exclude_modules.as_ref(),
+            config.layers_to_transform.as_ref(),
+            config.layers_pattern.as_ref(),
+        )?;
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         let schedule = Arc::new(SparsitySchedule {
             config: config.clone(),

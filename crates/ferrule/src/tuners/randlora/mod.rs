@@ -6,7 +6,7 @@ pub mod layer;
 
 use std::sync::{Arc, OnceLock};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
@@ -74,16 +74,13 @@ struct LayerShape {
 
 impl RandLora {
     pub fn new(config: RandLoraConfig, ctx: BuildContext) -> Result<Self> {
-        let target = config
-            .target_modules
-            .as_ref()
-            .ok_or_else(|| anyhow!("randlora: target_modules is required"))?;
-        let targets = Targets::new("target_modules", target, None)
-            .context("randlora")?
-            .in_layers(
-                config.layers_to_transform.as_ref(),
-                config.layers_pattern.as_ref(),
-            );
+        let targets = Targets::required(
+            "randlora",
+            config.target_modules.as_ref(),
+            None,
+            config.layers_to_transform.as_ref(),
+            config.layers_pattern.as_ref(),
+        )?;
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),

@@ -110,16 +110,13 @@ pub struct Svfit {
 impl Svfit {
     pub fn new(config: SvfitConfig, ctx: BuildContext) -> Result<Self> {
         config.validate()?;
-        let target = config
-            .target_modules
-            .as_ref()
-            .ok_or_else(|| anyhow!("svfit: target_modules is required"))?;
-        let targets = Targets::new("target_modules", target, config.exclude_modules.as_ref())
-            .context("svfit")?
-            .in_layers(
-                config.layers_to_transform.as_ref(),
-                config.layers_pattern.as_ref(),
-            );
+        let targets = Targets::required(
+            "svfit",
+            config.target_modules.as_ref(),
+            config.exclude_modules.as_ref(),
+            config.layers_to_transform.as_ref(),
+            config.layers_pattern.as_ref(),
+        )?;
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
