@@ -1,8 +1,11 @@
 //! The `ferrule` binary as a user runs it: the happy path through every subcommand, and the
 //! bad inputs users produce, each answered with a clear error and nothing half-written.
 
+mod common;
+
+use common::{fails_with, ferrule};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -13,31 +16,6 @@ fn fx(rel: &str) -> String {
         .join(rel)
         .display()
         .to_string()
-}
-
-/// Runs ferrule; returns (success, stdout, stderr).
-fn ferrule(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(args)
-        .arg("--threads")
-        .arg("1")
-        .output()
-        .expect("run ferrule");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let (ok, _, err) = ferrule(args);
-    assert!(!ok, "expected failure for {args:?}");
-    assert!(
-        err.contains(needle),
-        "error for {args:?} should mention {needle:?}, got:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -4,27 +4,11 @@
 //! marks each method's best, and mistakes named before anything runs.
 
 mod common;
-use common::fx;
+use common::{ferrule, fx};
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
-
-/// `ferrule ARGS --threads 1`: (success, stdout, stderr).
-fn ferrule(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(args)
-        .args(["--threads", "1"])
-        .output()
-        .expect("run ferrule");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    (o.status.success(), stdout, stderr)
-}
 
 fn compare_args<'a>(
     out: &'a str,

@@ -2,30 +2,7 @@
 //! alone, and the bad inputs, each a clear error that writes nothing.
 
 mod common;
-use common::fx;
-
-use std::process::Command;
-
-/// Runs ferrule; returns (success, stdout, stderr).
-fn ferrule(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(args)
-        .args(["--threads", "1"])
-        .output()
-        .expect("run ferrule");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let (ok, _, err) = ferrule(args);
-    assert!(!ok, "expected failure for {args:?}");
-    assert!(err.contains(needle), "{args:?}: want {needle:?} in:\n{err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
-}
+use common::{fails_with, ferrule, fx};
 
 #[test]
 fn exports_a_merged_model_and_an_adapter_then_generates_from_the_gguf() {

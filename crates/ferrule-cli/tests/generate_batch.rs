@@ -3,23 +3,7 @@
 //! the file or the flags are named and write nothing.
 
 mod common;
-use common::fx;
-
-use std::process::Command;
-
-/// Runs ferrule; returns (success, stdout, stderr).
-fn ferrule(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(args)
-        .args(["--threads", "1"])
-        .output()
-        .expect("run ferrule");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{ferrule, fx};
 
 const DECODING: [&str; 4] = ["--max-new-tokens", "6", "--compute-dtype", "f32"];
 

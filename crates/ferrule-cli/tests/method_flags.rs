@@ -1,29 +1,17 @@
 //! Method flags on `inspect` and `plan`, which take them from the method's own declaration
 //! (`ferrule::tuners::flags`) as `train` does.
 
+mod common;
+
+use common::ferrule;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 fn model() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models/llama")
         .display()
         .to_string()
-}
-
-/// Runs ferrule; returns (success, stdout, stderr).
-fn ferrule(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(args)
-        .arg("--threads")
-        .arg("1")
-        .output()
-        .expect("run ferrule");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 const TEXT_INIT: [&str; 6] = [

@@ -3,26 +3,9 @@
 //! All run on the small fixture models.
 
 mod common;
-use common::fx;
+use common::{ferrule, fx};
 
 use std::path::Path;
-use std::process::Command;
-
-/// Runs ferrule; returns (success, stdout, stderr).
-fn ferrule(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(args)
-        .args(["--threads", "1"])
-        .output()
-        .expect("run ferrule");
-    let (ok, out, err) = (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
-    (ok, out, err)
-}
 
 /// Runs ferrule, expecting it to fail; returns its stderr.
 fn fails(args: &[&str]) -> String {
