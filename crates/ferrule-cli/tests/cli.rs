@@ -1080,7 +1080,7 @@ fn plan_a_70b_model_this_machine_cannot_hold() {
     assert_eq!(args(&["--memory-per-rank", "24"])["fits"], false);
     fails_with(
         &["plan", "--model", &cfg, "--method", "ln-tuning"],
-        "count their parameters, and not with every option (DoRA needs the weights): lora, dylora, ia3, bottleneck, pst, dept, svfit, pela, ist, l4q;",
+        "count their parameters, and not with every option (DoRA needs the weights): lora, dylora, ia3, difffit, bottleneck, pst, dept, svfit, pela, ist, l4q;",
     );
     fails_with(
         &["plan", "--model", &cfg, "--target-modules", "query"],

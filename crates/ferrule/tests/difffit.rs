@@ -95,6 +95,35 @@ fn merged_model_equals_the_adapted_one() {
     }
 }
 
+/// `ferrule plan` on a `config.json` alone counts what the built adapter holds: the defaults
+/// (every projection, the norms), an `eta_exclude` entry, and the norms left frozen, on the
+/// tiny Llama and BERT.
+#[test]
+fn plan_counts_from_shapes_what_the_adapter_holds() {
+    use ferrule::dist::plan::PlannedModel;
+    let cases = [
+        ("llama", Task::CausalLm, serde_json::json!({})),
+        (
+            "llama",
+            Task::CausalLm,
+            serde_json::json!({"eta_exclude": ["down_proj"], "train_norms": false}),
+        ),
+        ("bert", Task::FeatureExtraction, serde_json::json!({})),
+    ];
+    for (model, task, options) in cases {
+        let cfg = difffit(options.clone());
+        let (_, _, tuner) = attached(model, task, &cfg);
+        let built = ferrule::tuners::trainable_params(tuner.as_ref());
+        let tmp = tempfile::tempdir().unwrap();
+        let config = fixtures().join("models").join(model).join("config.json");
+        std::fs::copy(config, tmp.path().join("config.json")).unwrap();
+        let opts = ferrule::model::LoadOptions::default();
+        let plan = PlannedModel::load(tmp.path().to_str().unwrap(), &cfg, Some(task), opts, false)
+            .unwrap();
+        assert_eq!(plan.trainable, built, "{model} {options}");
+    }
+}
+
 #[test]
 fn a_bias_free_layer_cannot_be_merged_and_says_which() {
     let (src, _, tuner) = attached("llama", Task::CausalLm, &difffit(serde_json::json!({})));

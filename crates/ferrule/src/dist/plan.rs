@@ -44,6 +44,8 @@ pub struct ModelShape {
     pub other_params: usize,
     /// Parameters of the embedding table and the untied head (bf16 when the base is quantized).
     pub embedding_params: usize,
+    /// Parameters of every norm layer (part of `other_params`).
+    pub norm_params: usize,
 }
 
 impl ModelShape {
@@ -91,6 +93,8 @@ impl ModelShape {
                         + decoder.num_hidden_layers * (2 * h + biases)
                         + h,
                     embedding_params,
+                    // Two RMSNorm weights a block, and the final norm's.
+                    norm_params: (2 * decoder.num_hidden_layers + 1) * h,
                 }
             }
             Family::Bert => {
@@ -127,6 +131,8 @@ impl ModelShape {
                         + h * h
                         + h,
                     embedding_params,
+                    // Two LayerNorms (weight and bias) a block, and the embeddings' LayerNorm.
+                    norm_params: (2 * bert.num_hidden_layers + 1) * 2 * h,
                 }
             }
         })
@@ -154,6 +160,7 @@ impl ModelShape {
             layers: self.layers,
             linears: &self.block_linears,
             outside: &self.outside_linears,
+            norm_params: self.norm_params,
         }
     }
 

@@ -80,6 +80,9 @@ pub struct BlockShapes<'a> {
     /// Linears outside the blocks that targets can select, counted once (BERT's
     /// `pooler.dense`, which `all-linear` takes; the output head is never a target).
     pub outside: &'a [BlockLinear],
+    /// Parameters of every norm layer (weights and biases of each block's norms and of the
+    /// final or embedding norm).
+    pub norm_params: usize,
 }
 
 impl BlockShapes<'_> {

@@ -415,6 +415,7 @@ mod tests {
             layers: 2,
             linears: &linears,
             outside: &[],
+            norm_params: 0,
         };
         let mut o = Map::new();
         o.insert("bottleneck_size".into(), 4.into());

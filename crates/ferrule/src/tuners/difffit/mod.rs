@@ -26,8 +26,8 @@ use layer::DiffFitLinear;
 use super::config::{default_list, AdapterConfig};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
-use super::registry::{BuildContext, Method};
-use super::target::{suffix_match, MatchReport, Targets};
+use super::registry::{BlockShapes, BuildContext, Method};
+use super::target::{suffix_match, MatchReport, ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::FrozenLinear;
@@ -42,7 +42,7 @@ pub static METHOD: Method = Method {
     build,
     flags: config::FLAGS,
     complete_flags: None,
-    count_from_shapes: None,
+    count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
 };
 
@@ -73,6 +73,37 @@ pub fn default_targets(model_type: &str) -> Option<&'static [&'static str]> {
 
 fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
     default_list(options, "target_modules", model_type, default_targets)
+}
+
+/// `ferrule plan` without weights: `out` (the added bias) plus `out` for γ (unless
+/// `eta_exclude` names the layer) per targeted linear of every block, and with `train_norms`
+/// every norm's weights and biases. A config with `exclude_modules`, `modules_to_save` or a
+/// regex is not counted this way.
+fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
+    let cfg: DiffFitConfig =
+        AdapterConfig::new(METHOD.peft_type, options.clone()).typed("difffit")?;
+    cfg.validate()?;
+    let targets = match &cfg.target_modules {
+        Some(ModuleSpec::Names(n)) => n.clone(),
+        Some(ModuleSpec::Pattern(p)) if p == "all-linear" => vec![p.clone()],
+        _ => return Ok(None),
+    };
+    if cfg.exclude_modules.is_some() || cfg.modules_to_save.is_some() {
+        return Ok(None);
+    }
+    let no_gamma = cfg.eta_exclude.as_deref().unwrap_or_default();
+    let linears = blocks.sum_over_targets(&targets, |l| {
+        let gamma = !no_gamma.iter().any(|e| suffix_match(l.name, e));
+        Ok(l.out_features * (1 + usize::from(gamma)))
+    })?;
+    Ok(Some(
+        linears
+            + if cfg.train_norms {
+                blocks.norm_params
+            } else {
+                0
+            },
+    ))
 }
 
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
