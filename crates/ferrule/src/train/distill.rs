@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::evaluate::batch_loss;
 use crate::data::Batch;
-use crate::model::Model;
+use crate::model::{Arch, Model};
 use crate::tuners::Tuner;
 
 /// A micro-batch's task loss, its counted targets, and the method's distillation term when it
@@ -40,9 +40,23 @@ pub fn loss_with_distillation(
 fn teacher_stages(model: &Model, tuner: &dyn Tuner, batch: &Batch) -> Result<Vec<Tensor>> {
     let _no_grad = model.no_grad();
     tuner.set_teaching(true);
-    let pass = model.with_stage_outputs(|| batch_loss(model, batch));
+    let pass = model.with_stage_outputs(|| hidden_pass(model, batch));
     tuner.set_teaching(false);
     Ok(pass?.1.iter().map(Tensor::detach).collect())
+}
+
+/// `batch` through the model as far as its hidden states: the teacher needs no loss, and a
+/// decoder's vocabulary projection is its largest matmul. (An encoder's head is small.)
+fn hidden_pass(model: &Model, batch: &Batch) -> Result<()> {
+    match (&model.arch, &batch.seq_lens) {
+        (Arch::Decoder(lm), Some(lens)) => drop(lm.hidden_states_packed(&batch.input_ids, lens)?),
+        (Arch::Decoder(lm), None) => {
+            let mask = Some(&batch.attention_mask);
+            drop(lm.hidden_states(&batch.input_ids, mask, None, None)?)
+        }
+        _ => drop(batch_loss(model, batch)?),
+    }
+    Ok(())
 }
 
 /// `f32 [b, t, 1]`: 1 at real tokens; `None` for a padding-free batch (every position is one).
