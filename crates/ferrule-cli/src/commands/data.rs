@@ -64,12 +64,7 @@ pub fn run(a: Args) -> Result<()> {
         ..Default::default()
     };
     let source = ModelSource::load_with(&a.model, &super::device(), options)?;
-    let context = source
-        .config
-        .get("max_position_embeddings")
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize);
-    let max_len = cfg.effective_max_len(context)?;
+    let max_len = cfg.effective_max_len(source.context())?;
     let records = read_records(&a.data)?;
     let labels = if cfg.task == Task::SeqCls {
         Some(LabelMap::from_records(&records)?)

@@ -171,6 +171,11 @@ impl RoutedSet {
         all.join(", ")
     }
 
+    /// The base model's context in positions, when its config gives one.
+    pub fn context(&self) -> Option<usize> {
+        self.experts.first()?.source.context()
+    }
+
     /// [`RoutedSet::encode_file`] then [`RoutedSet::evaluate`].
     pub fn evaluate_file(
         &self,

@@ -81,7 +81,7 @@ pub fn add_task(
     summary.completed = true;
     if let Some(eval) = &cfg.eval_data {
         let routed = super::RoutedSet::load(&summary.set_dir, &cfg.model, device)?;
-        let max_len = cfg.max_len.unwrap_or(512);
+        let max_len = cfg.effective_max_len(routed.context())?;
         summary.eval =
             Some(routed.evaluate_file(eval, max_len, cfg.batch_size(), cfg.eval_limit)?);
     }

@@ -67,6 +67,14 @@ impl<'a> LoadOptions<'a> {
 }
 
 impl ModelSource {
+    /// The model's context in positions (`max_position_embeddings`), when its config gives one.
+    pub fn context(&self) -> Option<usize> {
+        self.config
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    }
+
     /// Loads `spec`: a folder with `config.json`, a `.gguf` file, or a hub id (`org/name`,
     /// fetched into the hub cache; needs network access to the hub).
     pub fn load(spec: &str, device: &Device) -> Result<Self> {

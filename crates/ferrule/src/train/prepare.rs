@@ -119,12 +119,7 @@ pub fn prepare_sharded(
     } else {
         None
     };
-    let context = source
-        .config
-        .get("max_position_embeddings")
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize);
-    let max_len = cfg.effective_max_len(context)?;
+    let max_len = cfg.effective_max_len(source.context())?;
     let train = encode_file(
         &cfg.data,
         &source,
