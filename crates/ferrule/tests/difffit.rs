@@ -78,6 +78,11 @@ fn merged_model_equals_the_adapted_one() {
             Task::CausalLm,
             serde_json::json!({"target_modules": ["q_proj", "k_proj", "v_proj"], "eta_exclude": ["k_proj"]}),
         ),
+        (
+            "qwen2",
+            Task::CausalLm,
+            serde_json::json!({"target_modules": ["q_proj", "v_proj"], "eta_layers": [1]}),
+        ),
         ("bert", Task::SeqCls, serde_json::json!({})),
     ];
     for (model, task, options) in cases {
@@ -96,8 +101,9 @@ fn merged_model_equals_the_adapted_one() {
 }
 
 /// `ferrule plan` on a `config.json` alone counts what the built adapter holds: the defaults
-/// (every projection, the norms), an `eta_exclude` entry, and the norms left frozen, on the
-/// tiny Llama and BERT.
+/// (every projection, the norms), an `eta_exclude` entry, the norms left frozen, and γ on some
+/// layers only (`eta_layers`; BERT's `pooler.dense`, outside the layers, then has none), on
+/// the tiny Llama and BERT.
 #[test]
 fn plan_counts_from_shapes_what_the_adapter_holds() {
     use ferrule::dist::plan::PlannedModel;
@@ -108,7 +114,22 @@ fn plan_counts_from_shapes_what_the_adapter_holds() {
             Task::CausalLm,
             serde_json::json!({"eta_exclude": ["down_proj"], "train_norms": false}),
         ),
+        (
+            "llama",
+            Task::CausalLm,
+            serde_json::json!({"eta_layers": [1, 1]}),
+        ),
+        (
+            "llama",
+            Task::CausalLm,
+            serde_json::json!({"eta_layers": [100]}),
+        ),
         ("bert", Task::FeatureExtraction, serde_json::json!({})),
+        (
+            "bert",
+            Task::FeatureExtraction,
+            serde_json::json!({"target_modules": "all-linear", "eta_layers": [0]}),
+        ),
     ];
     for (model, task, options) in cases {
         let cfg = difffit(options.clone());
@@ -136,6 +157,41 @@ fn a_bias_free_layer_cannot_be_merged_and_says_which() {
         "{e}"
     );
     assert!(!out.exists(), "a failed merge writes nothing");
+}
+
+/// γ on layer 1 only: layer 0's targets train their added bias alone.
+#[test]
+fn eta_layers_gives_gamma_to_the_listed_layers_only() {
+    let cfg = difffit(serde_json::json!({"target_modules": ["q_proj"], "eta_layers": [1]}));
+    let (_, _, tuner) = attached("llama", Task::CausalLm, &cfg);
+    let keys: Vec<String> = tuner.trainable().into_iter().map(|(k, _)| k).collect();
+    let has = |k: &str| keys.iter().any(|x| x.contains(k));
+    assert!(has("layers.1.self_attn.q_proj.difffit.gamma"), "{keys:?}");
+    assert!(!has("layers.0.self_attn.q_proj.difffit.gamma"), "{keys:?}");
+    assert!(has("layers.0.self_attn.q_proj.difffit.bf"), "{keys:?}");
+}
+
+#[test]
+fn an_eta_layers_entry_beyond_the_model_is_named() {
+    let dev = Device::Cpu;
+    let dir = fixtures().join("models/llama");
+    let src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
+    let cfg = difffit(serde_json::json!({"eta_layers": [0, 40]}));
+    let ctx = BuildContext {
+        seed: 0,
+        device: &dev,
+        weights: None,
+        allow_unmatched: false,
+        release_base: None,
+    };
+    let e = format!(
+        "{:#}",
+        attach(&src, Task::CausalLm, &cfg, ctx).err().unwrap()
+    );
+    assert!(
+        e.contains("eta_layers entry 40 names no layer holding a targeted linear (the targeted layers are 0–1; 100 stands for every layer)"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! `DiffFitConfig`, with the key names of LLaMA-DiffFit's peft port (`peft_type` `DIFFFIT`,
 //! lawrence-cj/LLaMA-DiffFit `peft/src/peft/tuners/difffit.py`): `target_modules`,
-//! `eta_scale`, `eta_exclude`. Its `eta_layers` (γ on some layers only) is not implemented: a
-//! set value is refused by name rather than ignored.
+//! `eta_scale`, `eta_exclude`, `eta_layers`.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -9,7 +8,10 @@ use serde_json::Value;
 
 use crate::tuners::config::serialize_number;
 use crate::tuners::flags::{names, text, FlagValue, OptionFlag};
-use crate::tuners::target::ModuleSpec;
+use crate::tuners::target::{suffix_match, LayersToTransform, ModuleSpec};
+
+/// The `eta_layers` entry that stands for every layer (the port's `100 in eta_layers`).
+pub const ALL_LAYERS: usize = 100;
 
 fn one() -> f64 {
     1.0
@@ -38,9 +40,11 @@ pub struct DiffFitConfig {
     pub train_norms: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
-    /// The port's layer subset for γ; read only to refuse it when set (not implemented).
-    #[serde(default, skip_serializing)]
-    pub eta_layers: Option<Value>,
+    /// The numbered layers whose targets get γ (the port's `eta_layers`): unset, or holding
+    /// [`ALL_LAYERS`], for every layer; otherwise only the listed ones, so `[]` gives no
+    /// layer γ. Targets outside numbered layers get γ only with every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_layers: Option<LayersToTransform>,
 }
 
 /// Keys of a DIFFFIT `adapter_config.json` that ferrule understands.
@@ -55,12 +59,8 @@ pub const KNOWN_KEYS: &[&str] = &[
 ];
 
 impl DiffFitConfig {
-    /// γ must start finite and non-zero (a zero γ cuts the layer's gradient to `b_f`), and
-    /// `eta_layers` must be unset.
+    /// γ must start finite and non-zero (a zero γ cuts the layer's gradient to `b_f`).
     pub fn validate(&self) -> Result<()> {
-        if let Some(layers) = self.eta_layers.as_ref().filter(|v| !v.is_null()) {
-            bail!("difffit: eta_layers = {layers} (γ on some layers only) is not implemented; ferrule gives every targeted layer γ. Remove eta_layers, or use eta_exclude for targets that should get the added bias only")
-        }
         if !self.eta_scale.is_finite() || self.eta_scale == 0.0 {
             bail!(
                 "difffit: eta_scale (--eta-scale) is {}: expected a finite, non-zero initial γ",
@@ -68,6 +68,35 @@ impl DiffFitConfig {
             )
         }
         Ok(())
+    }
+
+    /// The layers `eta_layers` gives γ: `None` for every layer.
+    pub fn gamma_layers(&self) -> Option<Vec<usize>> {
+        let listed = match self.eta_layers.as_ref()? {
+            LayersToTransform::One(i) => vec![*i],
+            LayersToTransform::Many(v) => v.clone(),
+        };
+        match listed.contains(&ALL_LAYERS) {
+            true => None,
+            false => Some(listed),
+        }
+    }
+
+    /// Whether the targeted linear at `path`, in numbered layer `layer`, gets γ: in
+    /// `eta_layers` and not in `eta_exclude` (port `difffit.py` `_find_and_replace`).
+    pub fn has_gamma(&self, path: &str, layer: Option<usize>) -> bool {
+        let in_layers = match (self.gamma_layers(), layer) {
+            (None, _) => true,
+            (Some(listed), Some(i)) => listed.contains(&i),
+            (Some(_), None) => false,
+        };
+        in_layers && !self.excluded_from_gamma(path)
+    }
+
+    /// Whether `eta_exclude` names the linear at `path` (matched as a suffix).
+    pub fn excluded_from_gamma(&self, path: &str) -> bool {
+        let exclude = self.eta_exclude.as_deref().unwrap_or_default();
+        exclude.iter().any(|e| suffix_match(path, e))
     }
 }
 
@@ -105,16 +134,44 @@ mod tests {
             eta_layers: None,
         };
         assert!(cfg(0.5).validate().is_ok());
-        let mut layers = cfg(1.0);
-        layers.eta_layers = Some(serde_json::json!([0, 1]));
-        let e = layers.validate().unwrap_err().to_string();
-        assert!(
-            e.contains("eta_layers = [0,1]") && e.contains("not implemented"),
-            "{e}"
-        );
         for bad in [0.0, f64::INFINITY, f64::NAN] {
             let e = cfg(bad).validate().unwrap_err().to_string();
             assert!(e.contains("eta_scale (--eta-scale)"), "{e}");
         }
+    }
+
+    /// The port's reading of `eta_layers`: listed layers only, 100 for all, `[]` for none;
+    /// `eta_exclude` applies in every case.
+    #[test]
+    fn eta_layers_selects_the_layers_with_gamma() {
+        let cfg = |layers: serde_json::Value| -> DiffFitConfig {
+            serde_json::from_value(
+                serde_json::json!({"eta_layers": layers, "eta_exclude": ["down_proj"]}),
+            )
+            .unwrap()
+        };
+        let q = |i: usize| format!("model.layers.{i}.self_attn.q_proj");
+        let listed = cfg(serde_json::json!([0, 2]));
+        assert!(listed.has_gamma(&q(0), Some(0)) && listed.has_gamma(&q(2), Some(2)));
+        assert!(!listed.has_gamma(&q(1), Some(1)));
+        assert!(
+            !listed.has_gamma("pooler.dense", None),
+            "outside the numbered layers"
+        );
+        assert!(
+            !listed.has_gamma("model.layers.0.mlp.down_proj", Some(0)),
+            "excluded"
+        );
+        let one = cfg(serde_json::json!(1));
+        assert!(one.has_gamma(&q(1), Some(1)) && !one.has_gamma(&q(0), Some(0)));
+        let all = cfg(serde_json::json!([3, 100]));
+        assert!(all.has_gamma(&q(7), Some(7)) && all.has_gamma("pooler.dense", None));
+        assert!(!all.has_gamma("model.layers.7.mlp.down_proj", Some(7)));
+        assert!(!cfg(serde_json::json!([])).has_gamma(&q(0), Some(0)));
+        let bad = serde_json::from_value::<DiffFitConfig>(serde_json::json!({"eta_layers": "all"}));
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("a layer index or a list of layer indices"));
     }
 }

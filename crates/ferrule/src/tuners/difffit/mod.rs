@@ -7,11 +7,19 @@
 //! `base_model.model.<path>.difffit.bf`, `.difffit.gamma`; trained norms are saved under
 //! `base_model.model.<path>.weight|bias`.
 //!
+//! Which targets get γ: those in the numbered layers `eta_layers` lists (every layer when it is
+//! unset or lists 100, as the port reads it) and not in `eta_exclude`; the others train `b_f`
+//! alone.
+//!
 //! Differences from the port: it applies γ only on Conv1D layers (a `fan_in_fan_out` branch),
-//! so nn.Linear never gets one; here every target does unless listed in `eta_exclude`. Its
-//! merge adds `b_f` only and fails on bias-free layers; here the merge folds γ into the weight
-//! (exact), and a layer without a base bias is an error naming it (its added bias has no tensor
-//! to go to in a Hugging Face folder). `eta_layers` is not implemented and is refused when set.
+//! so nn.Linear never gets one; here every target `eta_layers` and `eta_exclude` select does.
+//! The port's test `eta_layers == 'all' or i in eta_layers and name not in eta_exclude` skips
+//! `eta_exclude` when `eta_layers` holds 100; here `eta_exclude` always applies (the port's
+//! Linear layers never reach that test's result, so no adapter of theirs depends on it). An
+//! `eta_layers` entry that names no targeted layer is an error here, where the port is silent.
+//! Its merge adds `b_f` only and fails on bias-free layers; here the merge folds γ into the
+//! weight (exact), and a layer without a base bias is an error naming it (its added bias has no
+//! tensor to go to in a Hugging Face folder).
 
 pub mod config;
 pub mod layer;
@@ -27,7 +35,7 @@ use super::config::{default_list, AdapterConfig};
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockShapes, BuildContext, Method};
-use super::target::{suffix_match, MatchReport, ModuleSpec, Targets};
+use super::target::{layer_index, suffix_match, MatchReport, ModuleSpec, Targets};
 use super::{peft_key, AdaptedModule, Tuner, Update};
 use crate::model::{Linear, LinearInfo, ModelHook, NormInfo, NormParams};
 use crate::ops::FrozenLinear;
@@ -75,9 +83,9 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
     default_list(options, "target_modules", model_type, default_targets)
 }
 
-/// `ferrule plan` without weights: `out` (the added bias) plus `out` for γ (unless
-/// `eta_exclude` names the layer) per targeted linear of every block, and with `train_norms`
-/// every norm's weights and biases. A config with `exclude_modules`, `modules_to_save` or a
+/// `ferrule plan` without weights: `out` (the added bias) per targeted linear of every block,
+/// `out` for γ on those `eta_layers` and `eta_exclude` select, and with `train_norms` every
+/// norm's weights and biases. A config with `exclude_modules`, `modules_to_save` or a
 /// regex is not counted this way.
 fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
     let cfg: DiffFitConfig =
@@ -91,13 +99,30 @@ fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Resu
     if cfg.exclude_modules.is_some() || cfg.modules_to_save.is_some() {
         return Ok(None);
     }
-    let no_gamma = cfg.eta_exclude.as_deref().unwrap_or_default();
-    let linears = blocks.sum_over_targets(&targets, |l| {
-        let gamma = !no_gamma.iter().any(|e| suffix_match(l.name, e));
-        Ok(l.out_features * (1 + usize::from(gamma)))
+    let biases = blocks.sum_over_targets(&targets, |l| Ok(l.out_features))?;
+    // γ in every layer, or in the listed blocks only (none outside the numbered layers).
+    let gamma_blocks = match cfg.gamma_layers() {
+        None => *blocks,
+        Some(listed) => {
+            let mut listed = listed;
+            if let Some(i) = listed.iter().find(|&&i| i >= blocks.layers) {
+                bail!("difffit: eta_layers entry {i} names no layer of this {}-layer model ({} stands for every layer)", blocks.layers, config::ALL_LAYERS)
+            }
+            listed.sort_unstable();
+            listed.dedup();
+            BlockShapes {
+                layers: listed.len(),
+                outside: &[],
+                ..*blocks
+            }
+        }
+    };
+    let gammas = gamma_blocks.sum_over_targets(&targets, |l| {
+        Ok(l.out_features * usize::from(!cfg.excluded_from_gamma(l.name)))
     })?;
     Ok(Some(
-        linears
+        biases
+            + gammas
             + if cfg.train_norms {
                 blocks.norm_params
             } else {
@@ -142,11 +167,6 @@ impl DiffFit {
         })
     }
 
-    fn has_gamma(&self, path: &str) -> bool {
-        let exclude = self.core.config.eta_exclude.as_deref().unwrap_or_default();
-        !exclude.iter().any(|e| suffix_match(path, e))
-    }
-
     /// A `[n]` trainable tensor filled with `value` under `key`.
     fn filled(&self, key: &str, n: usize, value: f64) -> Result<Var> {
         let dev = self.core.params.device().clone();
@@ -173,7 +193,7 @@ impl ModelHook for DiffFit {
         let path = info.path.as_str();
         let out = base.out_features();
         let bias = self.filled(&peft_key(path, "difffit.bf"), out, 0.0)?;
-        let gamma = match self.has_gamma(path) {
+        let gamma = match self.core.config.has_gamma(path, layer_index(path, None)) {
             true => {
                 let key = peft_key(path, "difffit.gamma");
                 Some(self.filled(&key, out, self.core.config.eta_scale)?)
@@ -234,7 +254,7 @@ impl Tuner for DiffFit {
     }
 
     /// Also fails when an `eta_exclude` entry names no targeted layer (it would exclude
-    /// nothing, silently).
+    /// nothing, silently), or an `eta_layers` entry no numbered layer holding a target.
     fn finish(&self) -> Result<Vec<MatchReport>> {
         let report = self
             .core
@@ -248,6 +268,19 @@ impl Tuner for DiffFit {
         for entry in self.core.config.eta_exclude.as_deref().unwrap_or_default() {
             if !linears.iter().any(|p| suffix_match(p, entry)) {
                 bail!("difffit: eta_exclude (--eta-exclude) entry {entry:?} matches no targeted layer; the targets are e.g. {:?}", linears.first().copied().unwrap_or_default())
+            }
+        }
+        let layers: Vec<usize> = linears
+            .iter()
+            .filter_map(|p| layer_index(p, None))
+            .collect();
+        for i in self.core.config.gamma_layers().unwrap_or_default() {
+            if !layers.contains(&i) {
+                let last = layers
+                    .iter()
+                    .max()
+                    .map_or("none".into(), |m| format!("0–{m}"));
+                bail!("difffit: eta_layers entry {i} names no layer holding a targeted linear (the targeted layers are {last}; {} stands for every layer)", config::ALL_LAYERS)
             }
         }
         Ok(report)
