@@ -2,7 +2,7 @@
 # Do transformers and peft load what today's ferrule writes? Trains a LoRA adapter on the tiny
 # fixture model, merges it, quantizes the base to NF4, and checks with the Python reference
 # stack (scripts/reference-venv.sh: created if missing, which needs PyPI) that peft's logits for
-# the adapter (and for a DyLoRA adapter exported at a rank as LoRA, and an IST run's DoRA), and transformers' for the merged, the fully fine-tuned, the quantized and the QLoRA-merged NF4 folder, equal ferrule's own
+# the adapter (and for a DyLoRA adapter exported at a rank as LoRA, and an IST run's DoRA), and transformers' for the merged (LoRA, and DiffFit with the biases it adds), the fully fine-tuned, the quantized and the QLoRA-merged NF4 folder, equal ferrule's own
 # (1e-4, f32), that peft loads an adapter trained with tokens added to the tokenizer (resized
 # embeddings, trainable_token_indices) on a base it resizes itself, and that the tensorboard package reads the event files of --report-to tensorboard
 # with metrics.jsonl's values. Fails, never skips, when the reference stack cannot be installed.
@@ -55,6 +55,13 @@ IN=tests/fixtures/inputs/decoder.safetensors
 "$BIN" logits --threads 2 --model "$work/full" --inputs $IN --out "$work/full.logits"
 "$PY" tests/fixtures/check_model_folder.py "$work/full" --inputs $IN --expected "$work/full.logits"
 
+# DiffFit on the bias-free Llama: the merge writes its biases through attention_bias/mlp_bias.
+"$BIN" train -q --threads 2 --model $M --data tests/fixtures/data/chat.jsonl --max-steps 3 --lr 0.05 \
+  --method difffit --output "$work/difffit" >/dev/null
+"$BIN" merge --threads 2 --model $M --adapter "$work/difffit" --output "$work/difffit-merged" >/dev/null
+"$BIN" logits --threads 2 --model $M --adapter "$work/difffit" --inputs $IN --out "$work/difffit.logits"
+"$PY" tests/fixtures/check_model_folder.py "$work/difffit-merged" --inputs $IN --expected "$work/difffit.logits"
+
 "$BIN" quantize --threads 2 --model $M --quantize nf4 --double-quant --output "$work/nf4" >/dev/null
 "$BIN" logits --threads 2 --model "$work/nf4" --inputs $IN --out "$work/nf4.logits"
 "$PY" tests/fixtures/check_model_folder.py "$work/nf4" --inputs $IN --expected "$work/nf4.logits"
@@ -88,7 +95,7 @@ TIN=tests/fixtures/tokens/llama_lora_tokens_resized_untied/inputs.safetensors  #
 "$PY" tests/fixtures/make_fixtures.py --check-roundtrip "$work/tokens" --model "$work/added" --resize 322 \
   --inputs $TIN --expected "$work/tokens.logits"
 
-echo "check-interop: peft loads the adapter, transformers the merged, the fully fine-tuned, the NF4 and the QLoRA-merged NF4 folder, with ferrule's logits;"
+echo "check-interop: peft loads the adapter, transformers the merged (LoRA, DiffFit), the fully fine-tuned, the NF4 and the QLoRA-merged NF4 folder, with ferrule's logits;"
 echo "check-interop: peft loads a DyLoRA adapter exported at rank 2 as LoRA, with ferrule's logits at that rank;"
 echo "check-interop: peft loads the adapter trained on added tokens (resized embeddings) with ferrule's logits;"
 echo "check-interop: tensorboard reads the event files with the values of metrics.jsonl"

@@ -2,8 +2,8 @@
 //! `tuners/difffit/layer.rs` (no reference code runs: LLaMA-DiffFit's port needs its own peft
 //! fork). Here, on the tiny fixtures: the trainable count by hand, every trained tensor gets a
 //! gradient (the same with recomputation), the merged folder (γ folded into the weight, the
-//! biases and norms replaced) gives the adapted logits within 1e-5, a bias-free layer's merge
-//! is refused by name, and a run on an NF4 base resumes to the same bytes.
+//! biases and norms replaced; a bias-free Llama's through its bias options) gives the adapted
+//! logits within 1e-5, a bias-free layer's merge where no option exists is refused by name, and a run on an NF4 base resumes to the same bytes.
 
 mod common;
 
@@ -145,15 +145,58 @@ fn plan_counts_from_shapes_what_the_adapter_holds() {
     }
 }
 
+/// A bias-free Llama merges through `attention_bias` / `mlp_bias`: zero biases on the
+/// untargeted linears those options cover, the same logits, in a folder and in GGUF. Qwen2's o_proj has no such option.
 #[test]
-fn a_bias_free_layer_cannot_be_merged_and_says_which() {
-    let (src, _, tuner) = attached("llama", Task::CausalLm, &difffit(serde_json::json!({})));
+fn a_bias_free_llama_merges_through_its_bias_options_and_qwen2_says_which_layer_cannot() {
+    let options = serde_json::json!({"target_modules": ["q_proj", "down_proj"]});
+    let (src, adapted, tuner) = attached("llama", Task::CausalLm, &difffit(options));
+    perturb(tuner.as_ref());
+    let want = logits(&adapted, Task::CausalLm);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
+    ferrule::merge::merge_to_dir(&src, tuner.as_ref(), Task::CausalLm, &out).unwrap();
+    let merged_src = ModelSource::load(out.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(merged_src.config["attention_bias"], true);
+    assert_eq!(merged_src.config["mlp_bias"], true);
+    let k_bias = merged_src
+        .weights
+        .get("model.layers.1.self_attn.k_proj.bias", &[32])
+        .unwrap();
+    assert_eq!(
+        k_bias
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let merged = Model::build(&merged_src, Task::CausalLm, &Frozen, &Device::Cpu, 0).unwrap();
+    let d = max_diff_masked(&logits(&merged, Task::CausalLm), &want, None);
+    assert!(d < 1e-5, "merged vs adapted logits differ by {d}");
+    // The same biases in GGUF (llama.cpp's optional attention and MLP biases), read back.
+    use ferrule::export::gguf::{export_model_gguf, GgufExportOptions, OutType};
+    let gguf = tmp.path().join("merged.gguf");
+    let opts = GgufExportOptions {
+        outtype: OutType::F32,
+        overwrite: false,
+    };
+    export_model_gguf(&src, Some(tuner.as_ref()), &gguf, opts).unwrap();
+    let back = ModelSource::load(gguf.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(back.config["mlp_bias"], true);
+    let back = Model::build(&back, Task::CausalLm, &Frozen, &Device::Cpu, 0).unwrap();
+    let d = max_diff_masked(&logits(&back, Task::CausalLm), &want, None);
+    assert!(d < 1e-5, "GGUF vs adapted logits differ by {d}");
+
+    let options = serde_json::json!({"target_modules": ["o_proj"]});
+    let (src, _, tuner) = attached("qwen2", Task::CausalLm, &difffit(options));
+    let out = tmp.path().join("qwen2");
     let e = ferrule::merge::merge_to_dir(&src, tuner.as_ref(), Task::CausalLm, &out).unwrap_err();
     let e = format!("{e:#}");
     assert!(
-        e.contains("difffit: model.layers.0.self_attn.q_proj has no bias in the base model"),
+        e.contains("the adapter gives model.layers.0.self_attn.o_proj a bias, which the base checkpoint has none of, and a Hugging Face qwen2 model has no option"),
         "{e}"
     );
     assert!(!out.exists(), "a failed merge writes nothing");

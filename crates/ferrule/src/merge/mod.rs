@@ -178,6 +178,8 @@ pub fn merged_model(
         base.insert("lm_head.weight".into(), table);
         config["tie_word_embeddings"] = json!(false);
     }
+    let mut replaced = replaced;
+    replaced.extend(added_biases(&base, &replaced, &mut config, &model_type)?);
     for (name, _) in &updates {
         if base.contains_key(name) || replaced.iter().any(|(n, _)| n == name) {
             continue;
@@ -205,6 +207,71 @@ pub fn merged_model(
         keep_quantized,
         options.quantize,
     )
+}
+
+/// The Llama option that gives every linear of a kind a bias (transformers' `LlamaConfig`
+/// `attention_bias` for q, k, v, o; `mlp_bias` for gate, up, down), by the module path's end.
+fn llama_bias_option(module: &str) -> Option<&'static str> {
+    let name = module.rsplit_once('.').map_or(module, |(parent, name)| {
+        if parent.ends_with(".self_attn") || parent.ends_with(".mlp") {
+            name
+        } else {
+            ""
+        }
+    });
+    match name {
+        "q_proj" | "k_proj" | "v_proj" | "o_proj" => Some("attention_bias"),
+        "gate_proj" | "up_proj" | "down_proj" => Some("mlp_bias"),
+        _ => None,
+    }
+}
+
+/// Biases a method gives linears the base has none for (DiffFit's added bias on a Llama):
+/// written through Llama's `attention_bias` / `mlp_bias`, set in `config`, with zero biases for
+/// the other linears the option covers, so that transformers builds the same model. Other
+/// model types have no such option for these layers (Qwen2's q, k, v biases are fixed, its o
+/// and MLP have none; Mistral has none): an error naming the layer.
+fn added_biases(
+    base: &BTreeMap<String, FrozenWeight>,
+    replaced: &[(String, candle_core::Tensor)],
+    config: &mut Value,
+    model_type: &str,
+) -> Result<Vec<(String, candle_core::Tensor)>> {
+    let mut options = std::collections::BTreeSet::new();
+    for (name, _) in replaced {
+        let Some(module) = name.strip_suffix(".bias") else {
+            continue;
+        };
+        if base.contains_key(name) || !base.contains_key(&format!("{module}.weight")) {
+            continue;
+        }
+        match (model_type, llama_bias_option(module)) {
+            ("llama", Some(option)) => {
+                options.insert(option);
+            }
+            _ => bail!("merge: the adapter gives {module} a bias, which the base checkpoint has none of, and a Hugging Face {model_type} model has no option for a bias there (Llama's attention_bias / mlp_bias); use the adapter unmerged"),
+        }
+    }
+    let mut zeros = Vec::new();
+    for option in options {
+        config[option] = json!(true);
+        for (name, w) in base {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            let bias = format!("{module}.bias");
+            let missing = !base.contains_key(&bias) && !replaced.iter().any(|(n, _)| *n == bias);
+            if missing && llama_bias_option(module) == Some(option) {
+                let out = w.dims().0;
+                let device = &candle_core::Device::Cpu;
+                zeros.push((
+                    bias,
+                    candle_core::Tensor::zeros(out, candle_core::DType::F32, device)?,
+                ));
+            }
+        }
+    }
+    Ok(zeros)
 }
 
 /// The 4-bit or int8 format of the first base weight the merge writes quantized (a base

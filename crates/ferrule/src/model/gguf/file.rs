@@ -445,6 +445,10 @@ impl GgufFile {
                 "attention_bias".into(),
                 json!(self.has_tensor("blk.0.attn_q.bias")),
             );
+            c.insert(
+                "mlp_bias".into(),
+                json!(self.has_tensor("blk.0.ffn_gate.bias")),
+            );
         }
         for (hf, gg) in [
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -528,11 +532,13 @@ pub(crate) fn hf_tensor_name(name: &str, arch: Arch, layers: usize) -> Option<St
     };
     if suffix == "bias" {
         let has_bias = match arch {
-            // Qwen2 has q/k/v biases; a llama with `attention_bias` has them on all four.
+            // Qwen2 has q/k/v biases; a llama with `attention_bias` has them on all four, and
+            // one with `mlp_bias` on its MLP (llama.cpp's "optional MLP bias").
             Arch::Qwen2 => matches!(leaf, "attn_q" | "attn_k" | "attn_v"),
-            Arch::Llama | Arch::Mistral => {
-                matches!(leaf, "attn_q" | "attn_k" | "attn_v" | "attn_output")
-            }
+            Arch::Llama | Arch::Mistral => matches!(
+                leaf,
+                "attn_q" | "attn_k" | "attn_v" | "attn_output" | "ffn_gate" | "ffn_up" | "ffn_down"
+            ),
         };
         if !has_bias {
             return None;

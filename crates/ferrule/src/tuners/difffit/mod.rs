@@ -18,8 +18,9 @@
 //! Linear layers never reach that test's result, so no adapter of theirs depends on it). An
 //! `eta_layers` entry that names no targeted layer is an error here, where the port is silent.
 //! Its merge adds `b_f` only and fails on bias-free layers; here the merge folds γ into the
-//! weight (exact), and a layer without a base bias is an error naming it (its added bias has no
-//! tensor to go to in a Hugging Face folder).
+//! weight (exact), and a Llama without biases gets them through `attention_bias` / `mlp_bias`
+//! (zero for the untargeted linears those options also cover); Mistral and Qwen2 have no such
+//! option, so a bias-free target there is an error naming it.
 
 pub mod config;
 pub mod layer;
@@ -301,8 +302,9 @@ impl Tuner for DiffFit {
         Ok(out)
     }
 
-    /// `b' = γ ⊙ (b₀ + b_f)` replaces each targeted layer's bias (an error for a layer without
-    /// one); trained norms replace theirs.
+    /// `b' = γ ⊙ (b₀ + b_f)` replaces each targeted layer's bias (`b₀ = 0` for a layer without
+    /// one, which the merge writes through Llama's `attention_bias` / `mlp_bias` and refuses
+    /// for model types without such an option); trained norms replace theirs.
     fn replaced(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = self.core.saved_replaced();
         for adapted in self.core.adapted().iter() {
@@ -315,10 +317,11 @@ impl Tuner for DiffFit {
                 }
                 continue;
             }
-            let Some(b0) = &adapted.layer.base_bias else {
-                bail!("difffit: {path} has no bias in the base model, so its added bias (difffit.bf) has no tensor to be merged into; a Hugging Face folder of this model type holds no bias there")
+            let bf = self.get(path, "difffit.bf")?;
+            let mut b = match &adapted.layer.base_bias {
+                Some(b0) => (b0 + bf)?,
+                None => bf,
             };
-            let mut b = (b0 + self.get(path, "difffit.bf")?)?;
             if adapted.layer.gamma {
                 b = (b * self.get(path, "difffit.gamma")?)?;
             }
