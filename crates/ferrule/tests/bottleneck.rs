@@ -1,6 +1,7 @@
 //! Bottleneck adapters (`--method bottleneck`) against LLM-Adapters' layer written out in torch
 //! (tests/fixtures/bottleneck/make_bottleneck_fixtures.py): AdapterH, AdapterP and parallel
-//! adapters read from the fork's keys, their logits, loss and every adapter tensor's gradient
+//! adapters read from the fork's keys, with `bias` none, `adapter_only` and `all`, their
+//! logits, loss and every trained tensor's gradient
 //! (with and without recomputation); the inits' distributions; `plan`'s count from shapes; a
 //! resumed run on an NF4 base is byte-identical; merge, pickles and bad settings are refused by
 //! name.
@@ -29,6 +30,8 @@ const CASES: &[(&str, &str)] = &[
     ("llama_parallel", "llama"),
     ("llama_p", "llama"),
     ("qwen2_parallel", "qwen2"),
+    ("qwen2_bias_adapter_only", "qwen2"),
+    ("qwen2_bias_all", "qwen2"),
 ];
 
 fn source(model: &str) -> ModelSource {
@@ -58,7 +61,7 @@ fn adapters_match_the_reference_layer() {
         let exp = load(&format!("bottleneck/{case}/expected.safetensors"));
         let src = source(model_name);
         let (model, tuner) = build(case, &src);
-        // Exactly the tensors torch trained: the adapters', no base tensor.
+        // Exactly the tensors torch trained: the adapters', and the biases `bias` names.
         let trained: BTreeSet<String> = tuner.trainable().into_iter().map(|(k, _)| k).collect();
         let want: BTreeSet<String> = exp
             .keys()
@@ -154,18 +157,29 @@ fn fresh_adapters_start_as_the_reference_inits() {
 /// `ferrule plan` on a `config.json` alone counts what the built adapter holds.
 #[test]
 fn plan_counts_from_shapes_what_the_adapter_holds() {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixtures().join("models/llama/config.json"),
-        tmp.path().join("config.json"),
-    )
-    .unwrap();
-    for options in [
-        json!({"bottleneck_size": 8, "scaling": "learned"}),
-        json!({"bottleneck_size": 4, "use_parallel_adapter": true}),
-        json!({"bottleneck_size": 16, "use_adapterp": true}),
+    for (model, options) in [
+        ("llama", json!({"bottleneck_size": 8, "scaling": "learned"})),
+        (
+            "llama",
+            json!({"bottleneck_size": 4, "use_parallel_adapter": true}),
+        ),
+        (
+            "llama",
+            json!({"bottleneck_size": 16, "use_adapterp": true}),
+        ),
+        (
+            "qwen2",
+            json!({"bottleneck_size": 4, "use_parallel_adapter": true,
+                   "target_modules": ["q_proj", "o_proj"], "bias": "adapter_only"}),
+        ),
     ] {
-        let built = fresh("llama", options.clone()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixtures().join("models").join(model).join("config.json"),
+            tmp.path().join("config.json"),
+        )
+        .unwrap();
+        let built = fresh(model, options.clone()).unwrap();
         let n = ferrule::tuners::trainable_params(built.tuner.as_ref());
         let mut o = options.clone();
         o["peft_type"] = json!("BOTTLENECK");

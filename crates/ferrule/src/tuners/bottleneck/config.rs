@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::tuners::bias::BiasMode;
 use crate::tuners::flags::{text, FlagValue, OptionFlag};
 use crate::tuners::target::ModuleSpec;
 
@@ -142,7 +143,9 @@ pub struct BottleneckConfig {
     pub use_adapterp: bool,
     #[serde(default = "Scaling::one")]
     pub scaling: Scaling,
-    /// Base biases trained beside the adapter; only `"none"` is implemented.
+    /// Base biases trained beside the adapter: `"none"`, `"all"` (every bias of the model) or
+    /// `"adapter_only"` (the targeted linears'), as bottleneck.py's
+    /// `mark_only_adapter_as_trainable`.
     #[serde(default = "none")]
     pub bias: String,
     #[serde(default = "InitWeights::bert")]
@@ -184,8 +187,8 @@ pub const KNOWN_KEYS: &[&str] = &[
 
 impl BottleneckConfig {
     /// What LLM-Adapters would fail on later or ferrule does not implement: a zero bottleneck,
-    /// an unknown activation, a dropout outside [0, 1), a non-finite scale, a `bias` other
-    /// than `"none"`.
+    /// an unknown activation, a dropout outside [0, 1), a non-finite scale, an unknown `bias`,
+    /// `"adapter_only"` where no linear is targeted (`placement = "residual_branch"`).
     pub fn validate(&self) -> Result<Activation> {
         if self.bottleneck_size == 0 {
             bail!("bottleneck: bottleneck_size (--bottleneck-size) is 0: expected at least 1 (the width of adapter_down's output)")
@@ -201,17 +204,17 @@ impl BottleneckConfig {
                 bail!("bottleneck: scaling (--adapter-scaling) is {s}: expected a finite number or \"learned\"")
             }
         }
-        match self.bias.as_str() {
-            "none" => {}
-            "all" | "adapter_only" => bail!(
-                "bottleneck: bias = {:?} is not implemented; only \"none\" (no base bias trains)",
-                self.bias
-            ),
-            other => bail!(
-                "bottleneck: bias must be \"none\", \"all\" or \"adapter_only\", got {other:?}"
-            ),
-        }
+        self.bias_mode()?;
         Activation::parse(&self.non_linearity)
+    }
+
+    /// The `bias` mode ([`BiasMode::parse_as`]).
+    pub fn bias_mode(&self) -> Result<BiasMode> {
+        let mode = BiasMode::parse_as("bottleneck", "adapter", &self.bias)?;
+        if mode == BiasMode::AdaptedOnly && self.placement == Placement::ResidualBranch {
+            bail!("bottleneck: bias = \"adapter_only\" trains the biases of the targeted linear layers, and placement = \"residual_branch\" targets branches, not linears; use \"all\" or \"none\"")
+        }
+        Ok(mode)
     }
 
     /// The constant scale, or `None` for a learned one.
@@ -276,6 +279,7 @@ pub static FLAGS: &[OptionFlag] = &[
         help: "Bottleneck adapter: the scale of its output, a number (default 1) or learned (one trained scalar per layer).",
         keys: |v| vec![("scaling", scaling_value(v))],
     },
+    crate::tuners::bias::BIAS_FLAG,
     OptionFlag {
         name: "adapter-placement",
         value: FlagValue::Text,
@@ -349,10 +353,18 @@ mod tests {
             e.contains("adapter_dropout (--adapter-dropout) is 1"),
             "{e}"
         );
-        let e = err(serde_json::json!({"bias": "adapter_only"}));
-        assert!(e.contains("not implemented"), "{e}");
+        let e = err(serde_json::json!({"bias": "adapter_only", "placement": "residual_branch"}));
+        assert!(
+            e.contains("placement = \"residual_branch\" targets branches"),
+            "{e}"
+        );
         let e = err(serde_json::json!({"bias": "lora_only"}));
-        assert!(e.contains("\"adapter_only\", got \"lora_only\""), "{e}");
+        assert!(
+            e.contains(
+                "bottleneck: bias must be \"none\", \"all\" or \"adapter_only\", got \"lora_only\""
+            ),
+            "{e}"
+        );
         for name in ACTIVATIONS {
             Activation::parse(name).unwrap();
         }

@@ -119,20 +119,34 @@ pub fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
 /// A frozen linear with a bottleneck adapter placed as `kind` says.
 pub struct BottleneckLinear {
     pub base: FrozenLinear,
+    /// The layer's own bias `b: [out]` when it trains (`bias = "all" | "adapter_only"`);
+    /// `base` then has none. Part of `L`, so an output adapter sees it.
+    pub bias: Option<Var>,
     pub adapter: Bottleneck,
     pub kind: AdapterType,
+}
+
+impl BottleneckLinear {
+    /// `L(z)`: the frozen op, plus the trained bias.
+    fn frozen(&self, z: &Tensor) -> Result<Tensor> {
+        let y = Module::forward(&self.base, z)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b.as_tensor()),
+            None => Ok(y),
+        }
+    }
 }
 
 impl Linear for BottleneckLinear {
     /// `x: [.., in]` → `[.., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.kind {
-            AdapterType::Mh => Module::forward(&self.base, &(x + self.adapter.forward(x)?)?),
+            AdapterType::Mh => self.frozen(&(x + self.adapter.forward(x)?)?),
             AdapterType::Output => {
-                let y = Module::forward(&self.base, x)?;
+                let y = self.frozen(x)?;
                 &y + self.adapter.forward(&y)?
             }
-            AdapterType::Parallel => Module::forward(&self.base, x)? + self.adapter.forward(x)?,
+            AdapterType::Parallel => self.frozen(x)? + self.adapter.forward(x)?,
         }
     }
 }
@@ -167,6 +181,7 @@ mod tests {
         let up: Vec<f32> = [2., 3.][..d_out].to_vec();
         BottleneckLinear {
             base,
+            bias: None,
             adapter: Bottleneck {
                 path: "p".into(),
                 down: Var::from_vec(down, (1, d_in), &dev).unwrap(),
@@ -194,6 +209,22 @@ mod tests {
             let l = layer(kind, Activation::Relu, Scale::Constant(0.5));
             let y = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(y, vec![vec![want]], "{kind:?}");
+        }
+    }
+
+    /// A trained bias is part of `L`: the output adapter sees it. Output, base bias split off
+    /// (W = [1, 2]) and trained b = 0.5: L(x) = 5.5 as before, so y = 11; with b = 1.5, L(x) =
+    /// 6.5, h = 0.5·2·relu(6.5) = 6.5, y = 13.
+    #[test]
+    fn a_trained_bias_sits_inside_the_output_adapter() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3f32, 1.]], &dev).unwrap();
+        for (b, want) in [(0.5f32, 11.0f32), (1.5, 13.0)] {
+            let mut l = layer(AdapterType::Output, Activation::Relu, Scale::Constant(0.5));
+            l.base = FrozenLinear::from_weight(l.base.weight().clone(), None);
+            l.bias = Some(Var::new(&[b], &dev).unwrap());
+            let y = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(y, vec![vec![want]], "b = {b}");
         }
     }
 

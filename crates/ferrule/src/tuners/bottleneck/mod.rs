@@ -27,10 +27,13 @@
 //! (`self_attn`, `mlp`; BERT `attention`, `output`), with `use_adapterp` Pfeiffer's MLP branch
 //! only. The fork has no such placement.
 //!
+//! `bias` is the fork's: `"all"` trains every bias of the model (linears and norms),
+//! `"adapter_only"` the targeted linears' own, saved as `<path>.bias` beside the adapter's
+//! keys ([`TrainedBiases::with_adapted_key`]).
+//!
 //! Differences from the fork: list targets match as exact names or dotted suffixes (peft's
-//! rule; the fork's `key.endswith(entry)` also lets `proj` match `q_proj`); `bias` other than
-//! `"none"` is not implemented and refused. No merge: the activation makes the change depend
-//! on the input, so it is no weight update.
+//! rule; the fork's `key.endswith(entry)` also lets `proj` match `q_proj`). No merge: the
+//! activation makes the change depend on the input, so it is no weight update.
 
 pub mod config;
 pub mod layer;
@@ -43,13 +46,16 @@ pub use config::BottleneckConfig;
 use config::{Activation, InitWeights, Placement};
 use layer::{AdapterType, Bottleneck, BottleneckLinear, BranchAdapter, Scale};
 
+use super::bias::{BiasMode, BiasTrainedLinear, TrainedBiases};
 use super::config::AdapterConfig;
 use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::{ModulesToSave, Wrapped};
 use super::registry::{BlockShapes, BuildContext, Method};
 use super::target::{MatchReport, Targets};
 use super::{peft_key, AdaptedModule, Tuner, Update};
-use crate::model::{BranchInfo, BranchKind, Linear, LinearInfo, ModelHook, ResidualBranch};
+use crate::model::{
+    BranchInfo, BranchKind, Linear, LinearInfo, ModelHook, NormInfo, NormParams, ResidualBranch,
+};
 use crate::ops::FrozenLinear;
 
 /// The registry entry.
@@ -142,6 +148,11 @@ fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Resu
         }
         _ => return Ok(None),
     };
+    // Every bias of the model (`"all"`) is not in a config's shapes alone.
+    let bias_mode = cfg.bias_mode()?;
+    if bias_mode == BiasMode::All {
+        return Ok(None);
+    }
     let learned = usize::from(cfg.constant_scaling().is_none());
     let mut per_block = 0;
     for target in &targets {
@@ -156,7 +167,8 @@ fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Resu
         for l in matched {
             let kind = adapter_type(l.name, cfg.use_parallel_adapter)?;
             let (d_in, d_out) = kind.dims(l.in_features, l.out_features);
-            per_block += cfg.bottleneck_size * (d_in + d_out) + learned;
+            let own_bias = usize::from(bias_mode == BiasMode::AdaptedOnly && l.bias);
+            per_block += cfg.bottleneck_size * (d_in + d_out) + learned + own_bias * l.out_features;
         }
     }
     Ok(Some(blocks.layers * per_block))
@@ -171,11 +183,13 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 pub struct BottleneckTuner {
     core: TunerCore<BottleneckConfig>,
     activation: Activation,
+    biases: TrainedBiases,
 }
 
 impl BottleneckTuner {
     pub fn new(config: BottleneckConfig, ctx: BuildContext) -> Result<Self> {
         let activation = config.validate()?;
+        let biases = TrainedBiases::with_adapted_key(config.bias_mode()?, "bias");
         let target = config
             .target_modules
             .as_ref()
@@ -186,6 +200,7 @@ impl BottleneckTuner {
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
             activation,
+            biases,
         })
     }
 
@@ -232,19 +247,27 @@ impl BottleneckTuner {
 
 impl ModelHook for BottleneckTuner {
     fn linear(&self, info: &LinearInfo, base: FrozenLinear) -> Result<Box<dyn Linear>> {
-        if self.core.config.placement == Placement::ResidualBranch {
-            // The targets name branches: a linear is only ever trained in full here.
-            let params = &self.core.params;
-            return Ok(match self.core.saved.wrap(info, base, params)? {
-                Wrapped::TrainedInFull(full) => full,
-                Wrapped::NotListed(base) => Box::new(base),
-            });
-        }
-        let base = match self.core.route_linear(info, base)? {
-            LinearRoute::Targeted(base) => base,
-            other => return Ok(other.unadapted()),
+        let params = &self.core.params;
+        let base = match self.core.config.placement {
+            // The targets name branches: a linear is trained in full or not adapted here.
+            Placement::ResidualBranch => match self.core.saved.wrap(info, base, params)? {
+                Wrapped::TrainedInFull(full) => return Ok(full),
+                Wrapped::NotListed(base) => LinearRoute::Untargeted(base),
+            },
+            Placement::Linear => self.core.route_linear(info, base)?,
         };
         let path = info.path.as_str();
+        let base = match base {
+            LinearRoute::Targeted(base) => base,
+            LinearRoute::Untargeted(base) => {
+                return Ok(match self.biases.linear(path, false, base, params)? {
+                    (base, Some(bias)) => Box::new(BiasTrainedLinear { base, bias }),
+                    (base, None) => Box::new(base),
+                })
+            }
+            other => return Ok(other.unadapted()),
+        };
+        let (base, bias) = self.biases.linear(path, true, base, params)?;
         let cfg = &self.core.config;
         let kind = adapter_type(path, cfg.use_parallel_adapter)?;
         let (d_in, d_out) = kind.dims(base.in_features(), base.out_features());
@@ -273,9 +296,15 @@ impl ModelHook for BottleneckTuner {
         };
         Ok(Box::new(BottleneckLinear {
             base,
+            bias,
             adapter,
             kind,
         }))
+    }
+
+    /// Norm biases train under `bias = "all"`.
+    fn norm(&self, info: &NormInfo, params: NormParams) -> Result<NormParams> {
+        self.biases.norm(&info.path, params, &self.core.params)
     }
 
     fn residual_branch(&self, info: &BranchInfo) -> Result<Option<Box<dyn ResidualBranch>>> {
@@ -329,7 +358,29 @@ impl Tuner for BottleneckTuner {
             Placement::Linear => "target_modules matched no linear layer of the model",
             Placement::ResidualBranch => "target_modules matched no residual branch of the model (their paths end in self_attn or mlp; BERT's in attention or output)",
         };
-        self.core.check_finished(what)
+        let report = self.core.check_finished(what)?;
+        if self.biases.mode() != BiasMode::None && self.biases.count(&self.core.params) == 0 {
+            tracing::warn!(
+                "bottleneck: bias = {:?}, but the {} have no bias: no bias trains",
+                self.core.config.bias,
+                match self.biases.mode() {
+                    BiasMode::AdaptedOnly => "targeted linear layers",
+                    _ => "model's layers",
+                }
+            );
+        }
+        Ok(report)
+    }
+
+    /// Trained biases are copies that replace the base's: the model's total counts them once.
+    fn trained_in_place(&self) -> usize {
+        self.biases.count(&self.core.params)
+    }
+
+    fn replaced(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.core.saved_replaced();
+        out.extend(self.biases.replaced(&self.core.params));
+        Ok(out)
     }
 
     /// None: `L(x + h(x))`, `L(x) + h(L(x))` and `L(x) + h(x)` are not `W' x` for any `W'`.

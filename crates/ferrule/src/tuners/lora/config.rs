@@ -319,13 +319,7 @@ pub static FLAGS: &[OptionFlag] = &[
         help: "DoRA: a trained magnitude per output row over the normalised LoRA-updated weight.",
         keys: |v| vec![("use_dora", v)],
     },
-    OptionFlag {
-        name: "bias",
-        value: FlagValue::Text,
-        value_name: Some("none|all|lora_only"),
-        help: "Base biases trained beside the adapter: none (default), all, or lora_only (the targeted layers').",
-        keys: |v| vec![("bias", v)],
-    },
+    crate::tuners::bias::BIAS_FLAG,
     OptionFlag {
         name: "lora-bias",
         value: FlagValue::Switch,
