@@ -5,6 +5,8 @@
 # times per trial); every trial's adapter must equal the uninterrupted one byte for byte.
 #
 #   scripts/kill-resume.sh [N]        (default N=20; scripts/test.sh runs N=3)
+#   OPTIM=paged_adamw_8bit scripts/kill-resume.sh [N]   (the same with another --optim: a kill
+#                                     may then land in a write of the paged state file)
 #
 # FERRULE picks the binary (default: the newer of target/release/ferrule and target/debug/ferrule).
 # Prints one line per trial and a summary; exits 1 on any difference or failure.
@@ -22,7 +24,8 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 args=(train --model tests/fixtures/models/llama --data tests/fixtures/data/chat.jsonl
-  --max-steps 300 --batch-size 2 --save-every 7 --keep-checkpoints 2 --threads 1 -q)
+  --max-steps 300 --batch-size 2 --save-every 7 --keep-checkpoints 2 --threads 1 -q
+  --optim "${OPTIM:-adamw}")
 
 start=$(date +%s.%N)
 "$BIN" "${args[@]}" --output "$work/reference" >/dev/null
@@ -54,6 +57,10 @@ for trial in $(seq 1 "$N"); do
     killed=$((killed + 1)) kills=$((kills + 1))
     resume=(--resume)
   done
+  if compgen -G "$out/ferrule-optimizer-state-*" >/dev/null; then
+    echo "trial $trial: a killed run left an optimizer state file in $out" >&2
+    failures=$((failures + 1))
+  fi
   got=$(sha256sum <"$out/adapter_model.safetensors")
   if [ "$got" = "$want" ]; then
     echo "trial $trial: identical after $killed kill(s)"
@@ -62,5 +69,5 @@ for trial in $(seq 1 "$N"); do
     failures=$((failures + 1))
   fi
 done
-echo "kill-resume: $N trials, $kills kills, $failures failures (uninterrupted run: ${span}s)"
+echo "kill-resume: ${OPTIM:-adamw}, $N trials, $kills kills, $failures failures (uninterrupted run: ${span}s)"
 [ "$failures" = 0 ]

@@ -16,5 +16,6 @@ FERRULE_REQUIRE_ASSETS=1 cargo test --workspace --all-targets "$@"
 # kill -9 at random moments, then --resume: the adapter must equal an uninterrupted run's
 # (a few trials here; RELIABILITY.md records a long run).
 scripts/kill-resume.sh 3
+OPTIM=paged_adamw_8bit scripts/kill-resume.sh 2
 # peft and transformers (the reference venv, created if missing) load what this build writes.
 scripts/check-interop.sh

@@ -160,8 +160,9 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, value_name = "N", default_value_t = DEFAULT_MIN_8BIT_SIZE, help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "is_default_min_8bit_size")]
     pub min_8bit_size: usize,
-    /// Paged optimizers: the folder of the optimizer state file, removed at the end of the
-    /// run (default: the output folder).
+    /// Paged optimizers: the folder whose disk holds the optimizer state file (default: the
+    /// output folder). The file has no name, so the space it takes is freed when the run
+    /// ends, killed or not.
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offload_dir: Option<PathBuf>,

@@ -17,11 +17,14 @@ pub(super) const ALIGN: usize = 8;
 pub(super) enum Arena {
     /// In memory (`u64` words: 8-byte aligned).
     Heap(Vec<u64>),
-    /// A memory-mapped file, removed when the arena is dropped.
+    /// A memory-mapped file without a name in the folder `dir` (`O_TMPFILE`, or created and
+    /// unlinked at once where that is missing): it takes its space on that disk while mapped,
+    /// and the kernel frees it when the process ends, a `kill -9` included, so no run leaves a
+    /// state file behind.
     Mapped {
         map: memmap2::MmapMut,
-        path: PathBuf,
-        _file: File,
+        dir: PathBuf,
+        file: File,
     },
 }
 
@@ -40,33 +43,24 @@ impl Arena {
                 dir.display()
             )
         })?;
-        let file = tempfile::Builder::new()
-            .prefix("ferrule-optimizer-state-")
-            .suffix(".bin")
-            .tempfile_in(dir)
-            .with_context(|| {
-                format!(
-                    "offload folder {} (--offload-dir): cannot create the optimizer state file there",
-                    dir.display()
-                )
-            })?;
-        let (file, path) = file.keep().context("keeping the optimizer state file")?;
-        let mapped = Self::map_file(&file, &path, len);
-        if mapped.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
+        let file = tempfile::tempfile_in(dir).with_context(|| {
+            format!(
+                "offload folder {} (--offload-dir): cannot create the optimizer state file there",
+                dir.display()
+            )
+        })?;
         Ok(Arena::Mapped {
-            map: mapped?,
-            path,
-            _file: file,
+            map: Self::map_file(&file, dir, len)?,
+            dir: dir.to_path_buf(),
+            file,
         })
     }
 
-    fn map_file(file: &File, path: &Path, len: usize) -> Result<memmap2::MmapMut> {
+    fn map_file(file: &File, dir: &Path, len: usize) -> Result<memmap2::MmapMut> {
         let ctx = || {
             format!(
-                "optimizer state file {} (--offload-dir): cannot reserve {len} bytes",
-                path.display()
+                "optimizer state file in {} (--offload-dir): cannot reserve {len} bytes",
+                dir.display()
             )
         };
         file.set_len(len.max(1) as u64).with_context(ctx)?;
@@ -86,11 +80,19 @@ impl Arena {
         unsafe { memmap2::MmapMut::map_mut(file) }.with_context(ctx)
     }
 
-    /// The file holding the state, for a paged arena.
-    pub fn path(&self) -> Option<&Path> {
+    /// The folder whose disk holds the state, for a paged arena.
+    pub fn dir(&self) -> Option<&Path> {
         match self {
             Arena::Heap(_) => None,
-            Arena::Mapped { path, .. } => Some(path),
+            Arena::Mapped { dir, .. } => Some(dir),
+        }
+    }
+
+    /// The state file's length in bytes, for a paged arena.
+    pub fn file_len(&self) -> Option<u64> {
+        match self {
+            Arena::Heap(_) => None,
+            Arena::Mapped { file, .. } => file.metadata().ok().map(|m| m.len()),
         }
     }
 
@@ -134,14 +136,6 @@ impl Arena {
         }
         #[cfg(not(unix))]
         let _ = range;
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        if let Arena::Mapped { path, .. } = self {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 
