@@ -13,7 +13,7 @@
 //! trainable tokens, embedding LoRA, residual initialisations (PiSSA, OLoRA, which change the
 //! base) and other methods are refused by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +25,7 @@ use super::{
     GgufExportOptions, GgufExportReport, OutType,
 };
 use crate::model::config::DecoderConfig;
+use crate::model::gguf::Arch;
 use crate::model::ModelSource;
 use crate::tuners::lora::config::{InitLoraWeights, LoraConfig};
 
@@ -143,6 +144,91 @@ fn lora_pairs(
     Ok(pairs)
 }
 
+/// The LoRA adapter in `dir`: its checked config and tensors. Another method is an error that
+/// says what to do instead.
+fn read_lora(dir: &Path) -> Result<(LoraConfig, HashMap<String, Tensor>)> {
+    let saved = crate::peft_io::load_adapter(dir, &Device::Cpu)?;
+    if saved.peft_type() != "LORA" {
+        bail!(
+            "{}: a {} adapter; llama.cpp loads LoRA adapters only (adapter.type \"lora\"). Merge it into the model instead: ferrule export gguf --model M --adapter A, without --adapter-only (a DyLoRA adapter: write it at a rank as LoRA first, ferrule export lora --rank B)",
+            dir.display(),
+            saved.peft_type()
+        )
+    }
+    let cfg: LoraConfig = serde_json::from_value(saved.config.clone())
+        .with_context(|| format!("{}: adapter_config.json", dir.display()))?;
+    cfg.validate()
+        .with_context(|| format!("{}: adapter_config.json", dir.display()))?;
+    refuse_unsupported(&cfg, dir)?;
+    Ok((cfg, saved.tensors))
+}
+
+/// convert_lora_to_gguf.py's keys: the base architecture, the adapter type and α.
+fn adapter_metadata(arch: Arch, cfg: &LoraConfig) -> Vec<(String, MetaValue)> {
+    vec![
+        (
+            "general.architecture".to_string(),
+            MetaValue::Str(arch.name().into()),
+        ),
+        ("general.type".to_string(), MetaValue::Str("adapter".into())),
+        ("adapter.type".to_string(), MetaValue::Str("lora".into())),
+        (
+            "adapter.lora.alpha".to_string(),
+            MetaValue::F32(cfg.lora_alpha as f32),
+        ),
+        (
+            "general.quantization_version".to_string(),
+            MetaValue::U32(super::QUANTIZATION_VERSION),
+        ),
+    ]
+}
+
+/// `<name>.lora_a` and `.lora_b` of every pair, typed on the base name (".weight"), as
+/// convert_hf_to_gguf.py chooses; with the names that fell back to F16.
+fn tensor_infos(pairs: &[Pair], outtype: OutType) -> (Vec<TensorInfo>, Vec<String>) {
+    let mut infos = Vec::new();
+    let mut fallback = Vec::new();
+    for p in pairs {
+        for (suffix, t) in [("lora_a", &p.a), ("lora_b", &p.b)] {
+            let name = format!("{}.{suffix}", p.gguf);
+            let shape = t.dims().to_vec();
+            let (ty, fell_back) = tensor_type(&p.gguf, &shape, outtype.tensor_type());
+            if fell_back {
+                fallback.push(name.clone());
+            }
+            infos.push(TensorInfo { name, shape, ty });
+        }
+    }
+    (infos, fallback)
+}
+
+/// The encoded bytes of a pair's A, or of its B (`is_b`: scaled by `b_factor`, its rows
+/// rope-permuted like the base weight's for `llama`).
+fn factor_bytes(
+    p: &Pair,
+    is_b: bool,
+    info: &TensorInfo,
+    arch: Arch,
+    dcfg: &DecoderConfig,
+) -> Result<(Vec<u8>, Option<crate::quant::RoundTripError>)> {
+    let t = if is_b { &p.b } else { &p.a };
+    let mut values: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    crate::quant::check_finite(&info.name, &values)?;
+    if is_b {
+        if p.b_factor != 1.0 {
+            values.iter_mut().for_each(|v| *v *= p.b_factor as f32);
+        }
+        if let Some(heads) = permuted_heads(&p.gguf, arch, dcfg) {
+            values = super::permute_rows(&values, t.dims()[0], heads)
+                .with_context(|| format!("{}: rope permutation", info.name))?;
+        }
+    }
+    Ok(encode(&values, info.ty))
+}
+
 /// Writes the LoRA adapter in `adapter_dir`, trained on `source`, as a llama.cpp LoRA GGUF.
 pub fn export_lora_gguf(
     source: &ModelSource,
@@ -161,73 +247,15 @@ pub fn export_lora_gguf(
         )
     }
     let arch = gguf_arch(source)?;
-    let saved = crate::peft_io::load_adapter(adapter_dir, &Device::Cpu)?;
-    if saved.peft_type() != "LORA" {
-        bail!(
-            "{}: a {} adapter; llama.cpp loads LoRA adapters only (adapter.type \"lora\"). Merge it into the model instead: ferrule export gguf --model M --adapter A, without --adapter-only (a DyLoRA adapter: write it at a rank as LoRA first, ferrule export lora --rank B)",
-            adapter_dir.display(),
-            saved.peft_type()
-        )
-    }
-    let cfg: LoraConfig = serde_json::from_value(saved.config.clone())
-        .with_context(|| format!("{}: adapter_config.json", adapter_dir.display()))?;
-    cfg.validate()
-        .with_context(|| format!("{}: adapter_config.json", adapter_dir.display()))?;
-    refuse_unsupported(&cfg, adapter_dir)?;
+    let (cfg, tensors) = read_lora(adapter_dir)?;
     let dcfg = DecoderConfig::from_json(&source.config)
         .with_context(|| format!("{}: config", source.location.display()))?;
-    let pairs = lora_pairs(&saved.tensors, &cfg, adapter_dir, source, &dcfg)?;
-
-    let metadata = vec![
-        (
-            "general.architecture".to_string(),
-            MetaValue::Str(arch.name().into()),
-        ),
-        ("general.type".to_string(), MetaValue::Str("adapter".into())),
-        ("adapter.type".to_string(), MetaValue::Str("lora".into())),
-        (
-            "adapter.lora.alpha".to_string(),
-            MetaValue::F32(cfg.lora_alpha as f32),
-        ),
-        (
-            "general.quantization_version".to_string(),
-            MetaValue::U32(super::QUANTIZATION_VERSION),
-        ),
-    ];
-    let mut infos = Vec::new();
-    let mut fallback = Vec::new();
-    for p in &pairs {
-        for (suffix, t) in [("lora_a", &p.a), ("lora_b", &p.b)] {
-            let name = format!("{}.{suffix}", p.gguf);
-            let shape = t.dims().to_vec();
-            // The type is chosen on the base name (".weight"), as convert_hf_to_gguf.py does.
-            let (ty, fell_back) = tensor_type(&p.gguf, &shape, options.outtype.tensor_type());
-            if fell_back {
-                fallback.push(name.clone());
-            }
-            infos.push(TensorInfo { name, shape, ty });
-        }
-    }
+    let pairs = lora_pairs(&tensors, &cfg, adapter_dir, source, &dcfg)?;
+    let metadata = adapter_metadata(arch, &cfg);
+    let (infos, fallback) = tensor_infos(&pairs, options.outtype);
     let mut max_error = None;
     super::writer::write_gguf(out, &metadata, &infos, |i| {
-        let p = &pairs[i / 2];
-        let is_b = i % 2 == 1;
-        let t = if is_b { &p.b } else { &p.a };
-        let mut values: Vec<f32> = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        crate::quant::check_finite(&infos[i].name, &values)?;
-        if is_b {
-            if p.b_factor != 1.0 {
-                values.iter_mut().for_each(|v| *v *= p.b_factor as f32);
-            }
-            if let Some(heads) = permuted_heads(&p.gguf, arch, &dcfg) {
-                values = super::permute_rows(&values, t.dims()[0], heads)
-                    .with_context(|| format!("{}: rope permutation", infos[i].name))?;
-            }
-        }
-        let (bytes, err) = encode(&values, infos[i].ty);
+        let (bytes, err) = factor_bytes(&pairs[i / 2], i % 2 == 1, &infos[i], arch, &dcfg)?;
         max_error = worst(max_error, err);
         Ok(bytes)
     })?;

@@ -355,75 +355,27 @@ pub fn export_model_gguf(
     let config = weights.config().clone();
     let cfg = DecoderConfig::from_json(&config)
         .with_context(|| format!("{}: config", source.location.display()))?;
-    let mut metadata = model_metadata(source, arch, &cfg, &config, options.outtype)?;
-    if let Some(w) = cfg.sliding_window {
-        tracing::warn!(
-            "{}: sliding_window {w} is not written: llama.cpp's {} architecture attends to the whole context (convert_hf_to_gguf.py drops it too), so outputs past {w} tokens differ",
-            source.location.display(),
-            arch.name()
-        );
-    }
-    let vocab = vocab::vocab_metadata(source, cfg.vocab_size)?;
-    if !vocab.pre_recognised {
-        tracing::warn!(
-            "{}: ferrule does not recognise this tokenizer's pre-tokenizer; tokenizer.ggml.pre is written as \"default\", and llama.cpp may split text differently than the tokenizer does",
-            source.location.display()
-        );
-    }
-    metadata.extend(vocab.entries);
-    metadata.push((
-        "general.quantization_version".into(),
-        MetaValue::U32(QUANTIZATION_VERSION),
-    ));
-
-    let mut plan = Vec::new();
-    for hf in weights.names() {
-        let name = gguf_name(hf, arch, cfg.num_hidden_layers)?;
-        let shape = weights.dims(hf).context("a listed tensor")?;
-        let (ty, fell_back) = tensor_type(&name, &shape, options.outtype.tensor_type());
-        plan.push((name, hf.as_str(), shape, ty, fell_back));
-    }
-    plan.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+    let (metadata, vocab) = file_metadata(source, arch, &cfg, &config, options.outtype)?;
+    let plan = tensor_plan(&weights, arch, &cfg, options.outtype)?;
     let infos: Vec<TensorInfo> = plan
         .iter()
-        .map(|(name, _, shape, ty, _)| TensorInfo {
-            name: name.clone(),
-            shape: shape.clone(),
-            ty: *ty,
+        .map(|p| TensorInfo {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+            ty: p.ty,
         })
         .collect();
     let mut max_error = None;
     let mut learned = LearnedReport::default();
     writer::write_gguf(out, &metadata, &infos, |i| {
-        let (name, hf, shape, ty, _) = &plan[i];
-        let codes = match *ty {
-            GgmlWriteType::F32 => None,
-            _ => weights.learned_codes(hf)?,
-        };
-        if let Some(codes) = codes {
-            let bytes = learned::learned_bytes(hf, &codes, *ty, &mut learned)?;
-            return match permuted_heads(name, arch, &cfg) {
-                Some(heads) => permute_rows(&bytes, shape[0], heads)
-                    .with_context(|| format!("{hf}: rope permutation")),
-                None => Ok(bytes),
-            };
-        }
-        let t = weights.tensor(hf)?.to_dense(&Device::Cpu)?;
-        let mut values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        crate::quant::check_finite(hf, &values)?;
-        if let Some(heads) = permuted_heads(name, arch, &cfg) {
-            values = permute_rows(&values, t.dims()[0], heads)
-                .with_context(|| format!("{hf}: rope permutation"))?;
-        }
-        let (bytes, err) = encode(&values, *ty);
+        let (bytes, err) = tensor_bytes(&weights, &plan[i], arch, &cfg, &mut learned)?;
         max_error = worst(max_error, err);
         Ok(bytes)
     })?;
-    let tensor_types = writer::count_types(&infos);
     let fell_back_to = |ty: GgmlWriteType| -> Vec<String> {
         plan.iter()
-            .filter(|p| p.4 && p.3 == ty)
-            .map(|p| p.0.clone())
+            .filter(|p| p.fell_back && p.ty == ty)
+            .map(|p| p.name.clone())
             .collect()
     };
     Ok(GgufExportReport {
@@ -431,7 +383,7 @@ pub fn export_model_gguf(
         kind: "model".into(),
         outtype: options.outtype.name().into(),
         tensors: infos.len(),
-        tensor_types,
+        tensor_types: writer::count_types(&infos),
         f16_fallback: fell_back_to(GgmlWriteType::F16),
         q5_0_fallback: fell_back_to(GgmlWriteType::Q5_0),
         max_error,
@@ -442,6 +394,109 @@ pub fn export_model_gguf(
         learned: (learned.tensors > 0).then_some(learned),
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
     })
+}
+
+/// The file's metadata: the model's keys, the vocabulary's (moved out of the returned
+/// [`vocab::VocabMeta`]) and the quantization version, with
+/// warnings for what llama.cpp will not do as the source model does (a sliding window, an
+/// unrecognised pre-tokenizer).
+fn file_metadata(
+    source: &ModelSource,
+    arch: Arch,
+    cfg: &DecoderConfig,
+    config: &Value,
+    outtype: OutType,
+) -> Result<(Vec<(String, MetaValue)>, vocab::VocabMeta)> {
+    let mut metadata = model_metadata(source, arch, cfg, config, outtype)?;
+    if let Some(w) = cfg.sliding_window {
+        tracing::warn!(
+            "{}: sliding_window {w} is not written: llama.cpp's {} architecture attends to the whole context (convert_hf_to_gguf.py drops it too), so outputs past {w} tokens differ",
+            source.location.display(),
+            arch.name()
+        );
+    }
+    let mut vocab = vocab::vocab_metadata(source, cfg.vocab_size)?;
+    if !vocab.pre_recognised {
+        tracing::warn!(
+            "{}: ferrule does not recognise this tokenizer's pre-tokenizer; tokenizer.ggml.pre is written as \"default\", and llama.cpp may split text differently than the tokenizer does",
+            source.location.display()
+        );
+    }
+    metadata.extend(std::mem::take(&mut vocab.entries));
+    metadata.push((
+        "general.quantization_version".into(),
+        MetaValue::U32(QUANTIZATION_VERSION),
+    ));
+    Ok((metadata, vocab))
+}
+
+/// One tensor of the file: its GGUF and Hugging Face names, shape and type, and whether the
+/// type is a fallback from the asked-for one.
+struct PlannedTensor<'a> {
+    name: String,
+    hf: &'a str,
+    shape: Vec<usize>,
+    ty: GgmlWriteType,
+    fell_back: bool,
+}
+
+/// Every tensor of `weights` under its GGUF name and type, in llama.cpp's order.
+fn tensor_plan<'a>(
+    weights: &'a MergedModel,
+    arch: Arch,
+    cfg: &DecoderConfig,
+    outtype: OutType,
+) -> Result<Vec<PlannedTensor<'a>>> {
+    let mut plan = Vec::new();
+    for hf in weights.names() {
+        let name = gguf_name(hf, arch, cfg.num_hidden_layers)?;
+        let shape = weights.dims(hf).context("a listed tensor")?;
+        let (ty, fell_back) = tensor_type(&name, &shape, outtype.tensor_type());
+        plan.push(PlannedTensor {
+            name,
+            hf: hf.as_str(),
+            shape,
+            ty,
+            fell_back,
+        });
+    }
+    plan.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+    Ok(plan)
+}
+
+/// The bytes of one planned tensor: an L4Q layer's learned codes as they are, else the merged
+/// values encoded (with the rounding error), q/k rows rope-permuted for `llama`.
+fn tensor_bytes(
+    weights: &MergedModel,
+    p: &PlannedTensor,
+    arch: Arch,
+    cfg: &DecoderConfig,
+    learned: &mut LearnedReport,
+) -> Result<(Vec<u8>, Option<RoundTripError>)> {
+    let heads = permuted_heads(&p.name, arch, cfg);
+    let codes = match p.ty {
+        GgmlWriteType::F32 => None,
+        _ => weights.learned_codes(p.hf)?,
+    };
+    if let Some(codes) = codes {
+        let bytes = learned::learned_bytes(p.hf, &codes, p.ty, learned)?;
+        return match heads {
+            Some(heads) => Ok((
+                permute_rows(&bytes, p.shape[0], heads)
+                    .with_context(|| format!("{}: rope permutation", p.hf))?,
+                None,
+            )),
+            None => Ok((bytes, None)),
+        };
+    }
+    let t = weights.tensor(p.hf)?.to_dense(&Device::Cpu)?;
+    let mut values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    crate::quant::check_finite(p.hf, &values)?;
+    if let Some(heads) = heads {
+        values = permute_rows(&values, t.dims()[0], heads)
+            .with_context(|| format!("{}: rope permutation", p.hf))?;
+    }
+    Ok(encode(&values, p.ty))
 }
 
 #[cfg(test)]
