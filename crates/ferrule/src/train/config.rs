@@ -733,7 +733,8 @@ impl TrainConfig {
     /// dtype it chose), and the decision with its reason, for the run's first lines and
     /// summary. `resumed` is the dtype of the checkpoint a resume continues: `auto` takes it
     /// (a run resumes as it ran); an explicit other dtype is refused by name when the
-    /// checkpoint's settings are compared.
+    /// checkpoint's settings are compared. A fresh `auto` run of a method that needs f32
+    /// weights ([`Method::f32_weights`](crate::tuners::Method::f32_weights)) takes f32.
     ///
     /// # Errors
     /// `bf16` where the CPU or oneDNN cannot do it ([`ComputeDtypeChoice::resolve`]), also
@@ -754,6 +755,13 @@ impl TrainConfig {
                 decision.reason = format!("auto: the resumed run computed in {dtype}");
                 decision
             }
+            (ComputeDtypeChoice::Auto, None) => match self.adapter()?.method()?.f32_weights {
+                Some(why) => ComputeDtypeDecision {
+                    dtype: ComputeDtype::F32,
+                    reason: format!("auto: {why}"),
+                },
+                None => ComputeDtypeChoice::Auto.resolve()?,
+            },
             (choice, _) => choice.resolve()?,
         };
         let mut cfg = self.clone();
@@ -768,6 +776,32 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `auto` takes f32 for a method that needs f32 weights, whatever this CPU offers, and
+    /// keeps its own choice for the others.
+    #[test]
+    fn auto_compute_dtype_is_f32_for_a_method_that_needs_f32_weights() {
+        let l4q = TrainConfig {
+            adapter: Some(AdapterConfig::new("L4Q", serde_json::Map::new())),
+            ..Default::default()
+        };
+        let (cfg, decision) = l4q.with_compute_dtype_resolved(None).unwrap();
+        assert_eq!(decision.dtype, ComputeDtype::F32);
+        assert!(
+            decision.reason.contains("L4Q quantizes"),
+            "{}",
+            decision.reason
+        );
+        assert_eq!(cfg.compute_dtype, ComputeDtypeChoice::F32);
+        let lora = TrainConfig::default()
+            .with_compute_dtype_resolved(None)
+            .unwrap()
+            .1;
+        assert_eq!(
+            lora.dtype,
+            ComputeDtypeChoice::Auto.resolve().unwrap().dtype
+        );
+    }
 
     #[test]
     fn optimizer_settings_the_optimizer_does_not_read_are_named() {

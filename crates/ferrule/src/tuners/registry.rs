@@ -60,6 +60,9 @@ pub struct Method {
     /// A finished run is the whole model, written as a Hugging Face folder (full
     /// fine-tuning), rather than an adapter.
     pub trains_whole_model: bool,
+    /// Why the method needs the dense base weights in f32, if it does: `--compute-dtype auto`
+    /// then picks f32 on every machine (an explicit bf16 stays an error the method names).
+    pub f32_weights: Option<&'static str>,
 }
 
 /// [`Method::complete_flags`]: sets keys in the options from the flags given and the model path.

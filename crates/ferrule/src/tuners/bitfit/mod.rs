@@ -47,6 +47,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 fn complete(_options: &mut Map<String, Value>, _model_type: &str) -> Result<()> {

@@ -70,6 +70,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// LLM-Adapters' `mapping.py` defaults for llama (`TRANSFORMERS_MODELS_TO_PARALLEL_`,

@@ -38,6 +38,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {

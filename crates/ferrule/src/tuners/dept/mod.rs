@@ -48,6 +48,7 @@ pub static METHOD: Method = Method {
     complete_flags: Some(super::prompt_tuning::config::complete_flags),
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// The reference's saved key of `A: [max_length, r]` (`get_peft_model_state_dict` keeps the

@@ -53,6 +53,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// LLaMA-DiffFit's targets (`finetune_difffit.py`: q, k, v, o, gate, down, up), and BERT's

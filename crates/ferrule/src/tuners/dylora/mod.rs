@@ -45,6 +45,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// LoRA's default targets (the reference adapts RoBERTa's query and value, as peft's LoRA

@@ -148,6 +148,7 @@ pub static METHOD: Method = Method {
     complete_flags: Some(complete_flags),
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// The base method `options` choose (`ist_base`, default LoRA), its registry entry.

@@ -62,6 +62,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: Some("L4Q quantizes W0 + (alpha/r)·B A from the f32 W0"),
 };
 
 /// Key suffixes of one adapted module's tensors, in [`factors_of`]'s order.

@@ -33,6 +33,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING` (it has none for BERT).

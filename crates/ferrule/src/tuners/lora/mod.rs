@@ -40,6 +40,7 @@ pub static METHOD: Method = Method {
     complete_flags: Some(super::trainable_tokens::config::complete_lora_flags),
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// PEFT's default LoRA targets per model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).

@@ -49,6 +49,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// `all-linear` unless set: the reference factorises every linear but its heads.

@@ -37,6 +37,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// PEFT's key for the prefix table (`get_peft_model_state_dict`, prompt learning).

@@ -39,6 +39,7 @@ pub static METHOD: Method = Method {
     complete_flags: Some(config::complete_flags),
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// PEFT's key for the prompt (`get_peft_model_state_dict`, prompt learning).

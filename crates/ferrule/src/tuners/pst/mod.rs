@@ -56,6 +56,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// The trained tensors' key suffixes, in [`PstLinear::factors_of`]'s order.

@@ -35,6 +35,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// PEFT's keys of the shared bases (`save_projection = true`); peft also saves a copy under

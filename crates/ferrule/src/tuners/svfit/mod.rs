@@ -47,6 +47,7 @@ pub static METHOD: Method = Method {
     complete_flags: None,
     count_from_shapes: Some(count_from_shapes),
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// Key suffixes of one adapted module's tensors.

@@ -28,6 +28,7 @@ pub static METHOD: Method = Method {
     complete_flags: Some(super::config::complete_flags),
     count_from_shapes: None,
     trains_whole_model: false,
+    f32_weights: None,
 };
 
 /// `target_modules` left unset means the token embedding, whatever its path.
