@@ -20,12 +20,14 @@ RUNS=runs/bench-compare-$WORKLOAD
 OUT=bench/results/compare_$WORKLOAD
 SWEEP=(); [ "${LR_SWEEP:-0}" = 1 ] && SWEEP=(--lr-sweep)
 if [ "$WORKLOAD" = b ]; then
-  METHODS=${METHODS:-lora,dora,ia3,ln-tuning,prompt-tuning,prefix-tuning,randlora,bottleneck,difffit,full}
+  # BitFit is left out: SmolLM2 (a Llama) has no biases, which BitFit refuses by name.
+  METHODS=${METHODS:-lora,dora,ia3,ln-tuning,prompt-tuning,prefix-tuning,randlora,bottleneck,difffit,full,dylora,svfit,pst,pela,ist,l4q,dept}
   COMMON=(--task causal-lm --model $A/smollm2-f32 --data $A/data/chatterbot/train.jsonl
           --eval-data $A/data/chatterbot/test.jsonl --eval-limit 64 --batch-size 8 --max-len 256
           --lr 2e-4 --warmup-steps 10 --seed 42 --budget steps=300)
 else
-  METHODS=${METHODS:-lora,dora,ia3,ln-tuning,prompt-tuning,randlora,bottleneck,bitfit,difffit,full}
+  # Prefix tuning is left out: BERT's attention takes no key/value prefix (refused by name).
+  METHODS=${METHODS:-lora,dora,ia3,ln-tuning,prompt-tuning,randlora,bottleneck,bitfit,difffit,full,dylora,svfit,pst,pela,ist,l4q,dept}
   TRAIN=$A/data/rotten_tomatoes/train.jsonl
   EPOCH_TOKENS=$("$F" data --model $A/minilm --task seq-cls --data $TRAIN --max-len 128 --json \
     | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens'])")
@@ -33,11 +35,11 @@ else
           --packing --batch-tokens 4096 --max-len 128 --lr 5e-4 --warmup-steps 2 --seed 42
           --budget "tokens=$EPOCH_TOKENS")
 fi
-# Prompt methods need their number of virtual tokens (20, as bench/run_methods.sh). Bottleneck
+# Prompt methods (DePT too) need their number of virtual tokens (20, as bench/run_methods.sh). Bottleneck
 # adapters have no BERT defaults in LLM-Adapters: parallel ones on LoRA's targets there.
 OPTS=()
 has() { [[ ",$METHODS," == *",$1,"* ]]; }
-for m in prompt-tuning prefix-tuning; do
+for m in prompt-tuning prefix-tuning dept; do
   if has $m; then OPTS+=(--method-option "$m:num_virtual_tokens=20"); fi
 done
 # LN tuning has no BERT default in peft either: its LayerNorms, as bench/run_methods.sh.
