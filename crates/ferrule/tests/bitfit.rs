@@ -171,13 +171,7 @@ fn attach_error(model: &str, bias_terms: serde_json::Value) -> String {
         serde_json::json!({"peft_type": "BITFIT", "bias_terms": bias_terms}),
     )
     .unwrap();
-    let ctx = BuildContext {
-        seed: 0,
-        device: &dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    };
+    let ctx = BuildContext::fresh(&dev);
     match attach(&src, Task::CausalLm, &cfg, ctx) {
         Ok(_) => panic!("bitfit attached to {model} with {bias_terms}"),
         Err(e) => format!("{e:#}"),

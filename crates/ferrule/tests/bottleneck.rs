@@ -45,13 +45,7 @@ fn build(case: &str, src: &ModelSource) -> (Model, Box<dyn Tuner>) {
 }
 
 fn ctx(dev: &Device) -> BuildContext<'_> {
-    BuildContext {
-        seed: 0,
-        device: dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    }
+    BuildContext::fresh(dev)
 }
 
 #[test]

@@ -35,13 +35,7 @@ fn attached(model: &str, task: Task, cfg: &AdapterConfig) -> (ModelSource, Model
     if task == Task::SeqCls {
         src.config["num_labels"] = serde_json::json!(2);
     }
-    let ctx = BuildContext {
-        seed: 0,
-        device: &dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    };
+    let ctx = BuildContext::fresh(&dev);
     let tuned = attach(&src, task, cfg, ctx).unwrap();
     (src, tuned.model, tuned.tuner)
 }
@@ -214,23 +208,19 @@ fn eta_layers_gives_gamma_to_the_listed_layers_only() {
     assert!(has("layers.0.self_attn.q_proj.difffit.bf"), "{keys:?}");
 }
 
+/// The error of attaching a DiffFit adapter with `options` to the fixture `model`.
+fn attach_error(model: &str, options: serde_json::Value) -> String {
+    let dev = Device::Cpu;
+    let dir = fixtures().join("models").join(model);
+    let src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
+    let ctx = BuildContext::fresh(&dev);
+    let attached = attach(&src, Task::CausalLm, &difffit(options), ctx);
+    format!("{:#}", attached.err().expect("attached"))
+}
+
 #[test]
 fn an_eta_layers_entry_beyond_the_model_is_named() {
-    let dev = Device::Cpu;
-    let dir = fixtures().join("models/llama");
-    let src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
-    let cfg = difffit(serde_json::json!({"eta_layers": [0, 40]}));
-    let ctx = BuildContext {
-        seed: 0,
-        device: &dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    };
-    let e = format!(
-        "{:#}",
-        attach(&src, Task::CausalLm, &cfg, ctx).err().unwrap()
-    );
+    let e = attach_error("llama", serde_json::json!({"eta_layers": [0, 40]}));
     assert!(
         e.contains("eta_layers entry 40 names no layer holding a targeted linear (the targeted layers are 0–1; 100 stands for every layer)"),
         "{e}"
@@ -239,21 +229,8 @@ fn an_eta_layers_entry_beyond_the_model_is_named() {
 
 #[test]
 fn an_eta_exclude_entry_that_excludes_nothing_is_named() {
-    let dev = Device::Cpu;
-    let dir = fixtures().join("models/qwen2");
-    let src = ModelSource::load(dir.to_str().unwrap(), &dev).unwrap();
-    let cfg = difffit(serde_json::json!({"target_modules": ["q_proj"], "eta_exclude": ["k_proj"]}));
-    let ctx = BuildContext {
-        seed: 0,
-        device: &dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    };
-    let e = format!(
-        "{:#}",
-        attach(&src, Task::CausalLm, &cfg, ctx).err().unwrap()
-    );
+    let options = serde_json::json!({"target_modules": ["q_proj"], "eta_exclude": ["k_proj"]});
+    let e = attach_error("qwen2", options);
     assert!(
         e.contains("eta_exclude (--eta-exclude) entry \"k_proj\" matches no targeted layer"),
         "{e}"

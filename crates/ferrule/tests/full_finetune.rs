@@ -57,13 +57,7 @@ fn tied_llama(dir: &Path) -> PathBuf {
 fn build(model_dir: &Path, adapter: &AdapterConfig) -> (ModelSource, Model, Box<dyn Tuner>) {
     let dev = Device::Cpu;
     let source = ModelSource::load(model_dir.to_str().unwrap(), &dev).unwrap();
-    let ctx = BuildContext {
-        seed: 0,
-        device: &dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    };
+    let ctx = BuildContext::fresh(&dev);
     let tuned = attach(&source, Task::CausalLm, adapter, ctx).unwrap();
     (source, tuned.model, tuned.tuner)
 }

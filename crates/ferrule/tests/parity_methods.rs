@@ -674,17 +674,7 @@ fn pissa_and_olora_match_peft_and_save_as_rank_2r_lora() {
             .unwrap()
             .resolved("llama", Task::CausalLm)
             .unwrap();
-        let tuner = registry::build(
-            &adapter,
-            BuildContext {
-                seed: 0,
-                device: &dev,
-                weights: None,
-                allow_unmatched: false,
-                release_base: None,
-            },
-        )
-        .unwrap();
+        let tuner = registry::build(&adapter, BuildContext::fresh(&dev)).unwrap();
         let model = Model::build(&src, Task::CausalLm, tuner.as_ref(), &dev, 0).unwrap();
         tuner.finish().unwrap();
         let theirs = load(&format!("methods/{name}/initial/adapter_model.safetensors"));

@@ -319,13 +319,7 @@ fn a_fresh_adapter_saves_the_keys_peft_saves() {
 }
 
 fn ctx(dev: &Device) -> BuildContext<'_> {
-    BuildContext {
-        seed: 0,
-        device: dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    }
+    BuildContext::fresh(dev)
 }
 
 #[test]

@@ -248,13 +248,7 @@ fn fresh(
     options: serde_json::Value,
 ) -> anyhow::Result<ferrule::adapted::TunedModel> {
     let dev = Device::Cpu;
-    let ctx = BuildContext {
-        seed: 0,
-        device: &dev,
-        weights: None,
-        allow_unmatched: false,
-        release_base: None,
-    };
+    let ctx = BuildContext::fresh(&dev);
     attach(src, Task::CausalLm, &adapter(options), ctx)
 }
 

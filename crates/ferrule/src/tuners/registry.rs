@@ -32,6 +32,20 @@ pub struct BuildContext<'a> {
     pub release_base: Option<crate::model::BaseRelease>,
 }
 
+impl<'a> BuildContext<'a> {
+    /// A fresh adapter on `device`: seed 0, no saved tensors, every target entry must match,
+    /// the base kept whole.
+    pub fn fresh(device: &'a Device) -> Self {
+        Self {
+            seed: 0,
+            device,
+            weights: None,
+            allow_unmatched: false,
+            release_base: None,
+        }
+    }
+}
+
 /// One adaptation method.
 #[derive(Debug)]
 pub struct Method {
