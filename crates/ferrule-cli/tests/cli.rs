@@ -966,6 +966,39 @@ fn plan_a_streamed_base_counts_the_matrix_in_use_and_the_next() {
         &["plan", "--model", &model, "--stream-base", "--shard-base"],
         "--stream-base and --shard-base",
     );
+    // --max-resident-gb: the least is --stream-base's plan; the whole base as budget is the
+    // in-memory plan (f32 file, f32 compute: a kept matrix costs its mapped bytes); a budget
+    // between gives a base between, within the budget; below the least is named.
+    let whole = plan(&[]);
+    let gb = |bytes: f64| format!("{:.9}", bytes / 1e9);
+    assert_eq!(plan(&["--max-resident-gb", &gb(by_hand)]), by_hand);
+    assert_eq!(plan(&["--max-resident-gb", &gb(whole)]), whole);
+    let half = (by_hand + whole) / 2.0;
+    let between = plan(&["--max-resident-gb", &gb(half)]);
+    assert!(between > by_hand && between <= half, "{between}");
+    fails_with(
+        &[
+            "plan",
+            "--model",
+            &model,
+            "--compute-dtype",
+            "f32",
+            "--max-resident-gb",
+            &gb(by_hand - 4.0),
+        ],
+        &format!("needs at least {:.3} GB ({by_hand} bytes)", by_hand / 1e9),
+    );
+    fails_with(
+        &[
+            "plan",
+            "--model",
+            &model,
+            "--max-resident-gb",
+            "1",
+            "--stream-base",
+        ],
+        "--stream-base keeps no frozen matrix resident",
+    );
 }
 
 /// `ferrule plan` from a config.json alone (Meta-Llama-3-70B's shapes): the ZeRO formulas for

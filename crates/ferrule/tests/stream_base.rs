@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use ferrule::adapted::AdaptedModel;
-use ferrule::model::{Inputs, LoadOptions, ModelSource};
+use ferrule::model::{residency, Inputs, LoadOptions, ModelSource};
 use ferrule::ops::{ComputeDtype, ComputeDtypeChoice};
 use ferrule::quant::{QuantMethod, QuantSpec};
 use ferrule::train::{train, RunOptions, Silent, TrainConfig};
@@ -243,4 +243,105 @@ fn what_cannot_be_streamed_is_refused_with_the_reason() {
     .unwrap()
     .to_string();
     assert!(e.contains("--stream-base") && e.contains("GGUF"), "{e}");
+}
+
+/// The tiny Llama's frozen base in bytes, streamed: the least `--max-resident-gb` accepts
+/// (nothing kept) and the whole base kept.
+fn least_and_whole(model: &Path) -> (usize, usize) {
+    let source = ModelSource::load_with(
+        model.to_str().unwrap(),
+        &Device::Cpu,
+        LoadOptions {
+            stream_base: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let w = &source.weights;
+    let least = residency::of(w).total();
+    let (all, kept) = residency::choose(w, usize::MAX, "--max-resident-gb").unwrap();
+    assert_eq!(all.streamed_matrices, 0, "{all:?}");
+    assert_eq!(all.window, 0);
+    assert_eq!(kept.len(), w.streamed().len());
+    (least, all.total())
+}
+
+/// `--max-resident-gb` between streaming's least and the whole base: the adapter is the
+/// in-memory and the streamed runs' byte for byte; some matrices are kept and some streamed;
+/// the streamer's high-water mark of resident mapped bytes stays within the budget less what
+/// is held anyway, and above what it keeps. With the whole base as budget, everything is kept.
+#[test]
+fn a_resident_budget_trains_the_same_adapter_within_it() {
+    let model = fixtures().join("models/llama");
+    let (least, whole) = least_and_whole(&model);
+    assert!(least < whole, "{least} {whole}");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, stream: bool, budget: Option<usize>| {
+        let out = dir.path().join(name);
+        let mut cfg = config(&model, &out, stream, ComputeDtypeChoice::F32);
+        cfg.max_resident_gb = budget.map(|b| b as f64 / 1e9);
+        let s = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap();
+        assert!(s.completed && s.steps == 3);
+        (folder_bytes(&out), s)
+    };
+    let (mem, s) = run("mem", false, None);
+    assert!(s.streamed_base.is_none());
+    let (streamed, s) = run("streamed", true, None);
+    let all_streamed = s.streamed_base.unwrap();
+    assert_eq!(all_streamed.residency.kept_matrices, 0);
+    let budget = (least + whole) / 2;
+    let (half, s) = run("half", false, Some(budget));
+    assert!(mem == streamed && mem == half, "the adapters differ");
+    let b = s.streamed_base.unwrap();
+    let r = b.residency;
+    assert!(r.kept_matrices > 0 && r.streamed_matrices > 0, "{r:?}");
+    assert!(r.total() <= budget, "{r:?} over {budget}");
+    let peak = b.peak_mapped_resident_bytes;
+    assert!(
+        peak >= r.kept && peak <= budget - r.held,
+        "peak {peak} outside [{}, {}] ({r:?})",
+        r.kept,
+        budget - r.held
+    );
+    // Streamed alone, the peak is the window's; with the budget, more stays.
+    assert!(all_streamed.peak_mapped_resident_bytes < peak);
+    let (full, s) = run("full", false, Some(whole));
+    assert!(full == mem);
+    let b = s.streamed_base.unwrap();
+    assert_eq!(b.residency.streamed_matrices, 0);
+    assert_eq!(b.residency.total(), whole);
+    assert_eq!(b.peak_mapped_resident_bytes, b.residency.kept);
+}
+
+/// A budget below what streaming needs names the least; with --stream-base, or negative, it
+/// is refused by name; nothing is written.
+#[test]
+fn a_resident_budget_too_small_or_doubled_is_refused_by_name() {
+    let model = fixtures().join("models/llama");
+    let (least, _) = least_and_whole(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |stream: bool, gb: f64| {
+        let out = dir.path().join("out");
+        let mut cfg = config(&model, &out, stream, ComputeDtypeChoice::F32);
+        cfg.max_resident_gb = Some(gb);
+        let e = train(&cfg, &Device::Cpu, &mut Silent, &RunOptions::default()).unwrap_err();
+        assert!(!out.join("adapter_model.safetensors").exists());
+        format!("{e:#}")
+    };
+    let e = run(false, (least - 1) as f64 / 1e9);
+    let named = format!(
+        "needs at least {:.3} GB ({least} bytes)",
+        least as f64 / 1e9
+    );
+    assert!(e.contains("--max-resident-gb") && e.contains(&named), "{e}");
+    let e = run(true, 1.0);
+    assert!(
+        e.contains("--stream-base") && e.contains("--max-resident-gb"),
+        "{e}"
+    );
+    let e = run(false, -1.0);
+    assert!(
+        e.contains("--max-resident-gb") && e.contains("-1") && e.contains("0 or more"),
+        "{e}"
+    );
 }

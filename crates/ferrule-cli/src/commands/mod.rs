@@ -57,6 +57,10 @@ pub struct ModelArgs {
     /// when used and dropped after (as train's --stream-base): same results, less memory.
     #[arg(long)]
     pub stream_base: bool,
+    /// Stream the base as --stream-base does, keeping as many of its matrices resident as fit
+    /// in GB (10^9 bytes) of frozen-base memory (as train's --max-resident-gb).
+    #[arg(long, value_name = "GB", conflicts_with = "stream_base")]
+    pub max_resident_gb: Option<f64>,
     /// Run a DyLoRA adapter at rank B (1..r; default r): the update (alpha/B)·B[:, :B]·A[:B].
     #[arg(long, value_name = "B")]
     pub rank: Option<usize>,
@@ -89,7 +93,10 @@ impl ModelArgs {
                 quantize: self.quant.spec()?.as_ref(),
                 compute_dtype: compute.dtype,
                 resize_token_embeddings: self.resize_token_embeddings,
-                stream_base: self.stream_base,
+                stream_base: self.stream_base || self.max_resident_gb.is_some(),
+                max_resident: (self.max_resident_gb)
+                    .map(|gb| ferrule::model::residency::budget_bytes(gb, "--max-resident-gb"))
+                    .transpose()?,
             },
         )?;
         if let Some(rank) = self.rank {

@@ -38,6 +38,11 @@ pub struct Args {
     /// part of the base plus the matrix in use and the one read ahead.
     #[arg(long)]
     stream_base: bool,
+    /// Plan with train's --max-resident-gb GB: the base streamed, with as many of its matrices
+    /// kept resident as fit in GB (10^9 bytes) of frozen-base memory (with the weights there,
+    /// chosen as train chooses them; from a config.json alone, the budget up to the whole base).
+    #[arg(long, value_name = "GB")]
+    max_resident_gb: Option<f64>,
     /// Records per micro-batch on each rank.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -91,8 +96,11 @@ fn check_sizes(args: &Args) -> Result<()> {
             args.max_len
         )
     }
-    if args.stream_base && args.shard_base {
-        bail!("--stream-base and --shard-base both bound the base's memory, in ways train does not combine; plan one of them")
+    if (args.stream_base || args.max_resident_gb.is_some()) && args.shard_base {
+        bail!("--stream-base and --shard-base (or --max-resident-gb and --shard-base) both bound the base's memory, in ways train does not combine; plan one of them")
+    }
+    if args.stream_base && args.max_resident_gb.is_some() {
+        bail!("--stream-base keeps no frozen matrix resident, and --max-resident-gb keeps as many as fit in its budget; plan one of them, as train takes one")
     }
     if let Some(gb) = args.memory_per_rank {
         if !(gb.is_finite() && gb > 0.0) {
@@ -115,7 +123,11 @@ fn estimate(args: &Args) -> Result<(Plan, ComputeDtypeDecision)> {
     let options = ferrule::model::LoadOptions {
         quantize: quant.as_ref(),
         compute_dtype: compute.dtype,
-        stream_base: args.stream_base,
+        stream_base: args.stream_base || args.max_resident_gb.is_some(),
+        max_resident: args
+            .max_resident_gb
+            .map(|gb| ferrule::model::residency::budget_bytes(gb, "--max-resident-gb"))
+            .transpose()?,
         ..Default::default()
     };
     let planned = PlannedModel::load(
@@ -165,6 +177,8 @@ fn print_text(args: &Args, estimate: &Plan, compute: &ComputeDtypeDecision, fits
             ", base sharded"
         } else if args.stream_base {
             ", base streamed from disk"
+        } else if args.max_resident_gb.is_some() {
+            ", base streamed beyond --max-resident-gb"
         } else {
             ""
         }

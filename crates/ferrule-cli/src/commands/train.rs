@@ -441,6 +441,11 @@ mod tests {
             (vec!["--shard-base"], "shard_base", json!(true)),
             (vec!["--stream-base"], "stream_base", json!(true)),
             (
+                vec!["--max-resident-gb", "2.5"],
+                "max_resident_gb",
+                json!(2.5),
+            ),
+            (
                 vec!["--compute-dtype", "bf16"],
                 "compute_dtype",
                 json!("bf16"),

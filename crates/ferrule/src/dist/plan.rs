@@ -22,7 +22,6 @@ use crate::adapted::attach_fresh;
 use crate::model::config::{family_of, BertConfig, DecoderConfig, Family};
 use crate::model::LoadOptions;
 use crate::model::Task;
-use crate::quant::WeightMemory;
 use crate::train::galore::projector::Side;
 pub use crate::tuners::registry::{BlockLinear, BlockShapes};
 use crate::tuners::{trainable_params, AdapterConfig};
@@ -177,8 +176,9 @@ impl ModelShape {
 pub struct PlannedModel {
     pub shape: ModelShape,
     /// Bytes of the frozen base as held in memory (measured when the weights are there); with
-    /// `stream_base`, what stays resident plus the streaming window. With the weights there,
-    /// it includes what the method derives from them and holds frozen (SVFit's U_r, σ, V_r).
+    /// `stream_base`, what stays resident plus the streaming window, and with a `max_resident`
+    /// budget the matrices it keeps ([`crate::model::residency`]). With the weights there, it
+    /// includes what the method derives from them and holds frozen (SVFit's U_r, σ, V_r).
     pub base_bytes: f64,
     /// Ψ, trainable parameters.
     pub trainable: usize,
@@ -250,22 +250,30 @@ impl PlannedModel {
         let embedding =
             shape.embedding_params as f64 * if quantize.is_some() { 2.0 } else { dense };
         let other = (shape.other_params - shape.embedding_params) as f64 * 4.0;
-        let base_bytes = if options.stream_base {
-            // The largest matrix in use and the next prefetched: the head (or the embedding)
-            // against the largest linear, as the file would hold them in the compute dtype.
-            let table = (shape.vocab * shape.hidden) as f64 * dense;
-            let largest_linear = shape
-                .block_linears
-                .iter()
-                .map(|l| (l.in_features * l.out_features) as f64)
-                .fold(0.0, f64::max)
-                * match quantize {
-                    Some(_) => linear_bytes_per_param(quantize, shape.hidden),
-                    None => dense,
-                };
-            other + 2.0 * table.max(largest_linear)
-        } else {
-            linear + embedding + other
+        let in_memory = linear + embedding + other;
+        // The largest matrix in use and the next prefetched: the head (or the embedding)
+        // against the largest linear, as the file would hold them in the compute dtype.
+        let table = (shape.vocab * shape.hidden) as f64 * dense;
+        let largest_linear = shape
+            .block_linears
+            .iter()
+            .map(|l| (l.in_features * l.out_features) as f64)
+            .fold(0.0, f64::max)
+            * match quantize {
+                Some(_) => linear_bytes_per_param(quantize, shape.hidden),
+                None => dense,
+            };
+        let streamed = other + 2.0 * table.max(largest_linear);
+        let base_bytes = match (options.stream_base, options.max_resident) {
+            (false, _) => in_memory,
+            (true, None) => streamed,
+            // Kept matrices fill the budget up to the whole base (`model::residency`).
+            (true, Some(budget)) => {
+                if (budget as f64) < streamed {
+                    bail!("--max-resident-gb {:.3}: the frozen base needs at least {:.3} GB when streamed (estimated from {model}'s config.json); give at least that, or --stream-base for the least", budget as f64 / 1e9, streamed / 1e9)
+                }
+                (budget as f64).min(in_memory.max(streamed))
+            }
         };
         Ok(Self {
             shape,
@@ -283,10 +291,8 @@ impl PlannedModel {
         options: LoadOptions,
         allow_unmatched: bool,
     ) -> Result<Self> {
-        let dtype = options.compute_dtype;
         let (source, tuned) = attach_fresh(model, adapter, task, options, allow_unmatched)?;
         let w = &source.weights;
-        let held = WeightMemory::of(w).total_bytes() - w.streamed_quantized_mapped_bytes();
         let trainable_shapes = tuned
             .tuner
             .trainable()
@@ -299,7 +305,7 @@ impl PlannedModel {
             .sum();
         Ok(Self {
             shape: ModelShape::from_config(&source.config)?,
-            base_bytes: (held + w.stream_window_bytes(dtype) + derived) as f64,
+            base_bytes: (crate::model::residency::of(w).total() + derived) as f64,
             trainable: trainable_params(tuned.tuner.as_ref()),
             trainable_shapes,
         })
@@ -547,9 +553,23 @@ pub fn block_floats_per_token(shape: &ModelShape) -> f64 {
     }
 }
 
+/// f32 values per token and unit of hidden size that a decoder's peak RSS gains when the
+/// backward pass begins at the loss, with recomputation: measured with `/proc` traces
+/// (RssAnon every 20–200 ms) of QLoRA runs at 4 × 64 tokens, `--recompute`, on random Llamas
+/// with a 49,152-token vocabulary: +72 MB at hidden 4096 (6.9B, 17.3 rows of `hidden` f32 per
+/// token) and +21–31 MB at 2048 (1.07B, 10–15 rows); on the 1.07B, half of it before the
+/// head's fused loss backward (`ops::head_loss`) runs and half while it does. What is
+/// allocated there is `[tokens, hidden]`-shaped (the loss's gradient rows, the row selection's
+/// and the final norm's backward; the head itself is walked in tiles), so it is counted per
+/// unit of hidden size; the allocator keeps it for the rest of the run (mimalloc does not
+/// return freed memory, `main.rs`). Both models have the same vocabulary. Without
+/// recomputation the per-block factor of [`block_floats_per_token`], fitted on whole runs,
+/// already holds it. BENCHMARKS.md ("The largest model on this machine") has the runs.
+pub const LOSS_BACKWARD_ROWS: f64 = 16.0;
+
 /// Saved activations of one micro-batch of `micro_batch × seq_len` tokens, in bytes (f32). With
 /// recomputation only each block's input is kept, plus one block's activations while it is
-/// recomputed.
+/// recomputed, plus for a decoder the loss backward's rows ([`LOSS_BACKWARD_ROWS`]).
 pub fn activation_bytes(
     shape: &ModelShape,
     micro_batch: usize,
@@ -558,10 +578,11 @@ pub fn activation_bytes(
 ) -> f64 {
     let tokens = (micro_batch * seq_len) as f64;
     let block = block_floats_per_token(shape);
-    let kept = if recompute {
-        shape.hidden as f64 * shape.layers as f64 + block
-    } else {
-        block * shape.layers as f64
+    let h = shape.hidden as f64;
+    let kept = match (recompute, shape.family == "decoder") {
+        (true, true) => h * shape.layers as f64 + block + LOSS_BACKWARD_ROWS * h,
+        (true, false) => h * shape.layers as f64 + block,
+        (false, _) => block * shape.layers as f64,
     };
     4.0 * tokens * kept
 }

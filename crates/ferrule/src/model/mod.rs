@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod hooks;
 pub mod llama;
 pub(crate) mod packed;
+pub mod residency;
 pub mod source;
 pub mod stream;
 pub mod weights;

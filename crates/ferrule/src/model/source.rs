@@ -43,6 +43,10 @@ pub struct LoadOptions<'a> {
     /// Read the frozen matrices in place from the memory-mapped checkpoint, paged in for each
     /// use and dropped after it (`--stream-base`, [`super::stream`]), instead of copying them.
     pub stream_base: bool,
+    /// With `stream_base`: keep as many of the streamed matrices resident as fit in this many
+    /// bytes of frozen base (`--max-resident-gb`, [`super::residency`]); too few to stream at
+    /// all is an error naming the least. `None`: nothing kept (plain `--stream-base`).
+    pub max_resident: Option<usize>,
 }
 
 impl<'a> LoadOptions<'a> {
@@ -143,6 +147,9 @@ impl ModelSource {
         super::config::check(&config).with_context(|| cfg_path.display().to_string())?;
         crate::quant::bnb_format::spec_from_config(&config)
             .with_context(|| cfg_path.display().to_string())?;
+        if options.max_resident.is_some() && !options.stream_base {
+            bail!("{}: a resident-memory budget (--max-resident-gb) bounds a base streamed from disk; it needs stream_base", dir.display())
+        }
         let weights = Weights::load_dir_with(
             dir,
             options.compute_dtype,
@@ -150,6 +157,10 @@ impl ModelSource {
             options.quantize,
             options.stream_base,
         )?;
+        if let Some(budget) = options.max_resident {
+            super::residency::keep_resident(&weights, budget, "--max-resident-gb")
+                .with_context(|| dir.display().to_string())?;
+        }
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(crate::data::load_tokenizer(dir)?)
         } else {

@@ -22,6 +22,12 @@
 //! process holds the matrix in use and the one prefetched, about two layers' matrices, plus
 //! the page cache the kernel shares with everyone (which RSS does not count).
 //!
+//! **Kept resident** (`--max-resident-gb`, [`crate::model::residency`]): a matrix can be
+//! pinned ([`StreamedWeight::pin`]); its pages come in at its first use and are never dropped,
+//! so it costs what the in-memory load's copy costs and no page faults after. The streamer
+//! counts the mapped bytes it holds resident (pinned, in use, read ahead) and their high-water
+//! mark ([`Streamer::peak_resident_bytes`]), which bounds the base's share of a run's RSS.
+//!
 //! **Read-ahead.** When a use begins, the matrix expected next is handed to a read-ahead
 //! thread that populates its pages (`MADV_POPULATE_READ`). The next one is learnt from the run
 //! itself: the matrix that followed the last two uses the previous time they occurred in that
@@ -30,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -71,6 +77,43 @@ pub struct StreamedWeight {
 struct Slot {
     pages: MappedBytes,
     in_use: AtomicUsize,
+    /// Kept resident (`--max-resident-gb`): its pages are never dropped.
+    pinned: AtomicBool,
+    /// Counted in `meter` as resident (paged in and not dropped since).
+    resident: AtomicBool,
+    meter: Arc<Meter>,
+}
+
+/// Mapped bytes the streamer holds resident, their high-water mark, and the pinned share.
+#[derive(Debug, Default)]
+struct Meter {
+    resident: AtomicUsize,
+    peak: AtomicUsize,
+    pinned: AtomicUsize,
+}
+
+impl Slot {
+    /// Counts the pages as resident (a use or the read-ahead is about to touch them).
+    fn page_in(&self) {
+        if !self.resident.swap(true, Ordering::SeqCst) {
+            let len = self.pages.len();
+            let now = self.meter.resident.fetch_add(len, Ordering::SeqCst) + len;
+            self.meter.peak.fetch_max(now, Ordering::SeqCst);
+        }
+    }
+
+    /// Drops the pages from the process, unless the matrix is pinned.
+    fn page_out(&self) {
+        if self.pinned.load(Ordering::SeqCst) {
+            return;
+        }
+        self.pages.release();
+        if self.resident.swap(false, Ordering::SeqCst) {
+            self.meter
+                .resident
+                .fetch_sub(self.pages.len(), Ordering::SeqCst);
+        }
+    }
 }
 
 impl fmt::Debug for StreamedWeight {
@@ -102,6 +145,19 @@ impl StreamedWeight {
         self.pages.len()
     }
 
+    /// Keeps the matrix's pages resident from now on (`--max-resident-gb`): they come in at
+    /// its next use, or the read-ahead's, and no use drops them after.
+    pub fn pin(&self) {
+        if !self.slot.pinned.swap(true, Ordering::SeqCst) {
+            (self.slot.meter.pinned).fetch_add(self.pages.len(), Ordering::SeqCst);
+        }
+    }
+
+    /// Whether [`StreamedWeight::pin`] kept the matrix resident.
+    pub fn is_pinned(&self) -> bool {
+        self.slot.pinned.load(Ordering::SeqCst)
+    }
+
     /// Bytes a use makes resident: the mapped pages, and for a dense matrix stored in another
     /// dtype than `dtype` the converted copy [`StreamedWeight::with_dense`] makes (quantized
     /// matrices dequantize in tiles, which are not counted).
@@ -121,6 +177,7 @@ impl StreamedWeight {
     /// read-ahead thread, and drops this matrix's pages when the returned guard goes.
     pub fn use_pages(&self) -> InUse<'_> {
         self.slot.in_use.fetch_add(1, Ordering::SeqCst);
+        self.slot.page_in();
         self.streamer.begin(self.id);
         InUse { weight: self }
     }
@@ -258,7 +315,7 @@ pub struct InUse<'a> {
 
 impl Drop for InUse<'_> {
     fn drop(&mut self) {
-        self.weight.pages.release();
+        self.weight.slot.page_out();
         self.weight.slot.in_use.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -270,6 +327,7 @@ pub struct Streamer {
     /// Uses begun so far: a read-ahead asked for by use n is stale once use n + 1 began.
     uses: Arc<AtomicU64>,
     ahead: Mutex<Option<mpsc::Sender<ReadAhead>>>,
+    meter: Arc<Meter>,
 }
 
 /// The pages of `slot`, asked for by use number `issued`.
@@ -303,7 +361,25 @@ impl Streamer {
             slots: Mutex::default(),
             uses: Arc::default(),
             ahead: Mutex::default(),
+            meter: Arc::default(),
         })
+    }
+
+    /// Mapped bytes held resident now: pinned matrices once used, those in use, and those
+    /// read ahead (the pages of a dense matrix's dtype conversion and of quantized tiles are
+    /// the ops' buffers, not counted here).
+    pub fn resident_bytes(&self) -> usize {
+        self.meter.resident.load(Ordering::SeqCst)
+    }
+
+    /// The high-water mark of [`Streamer::resident_bytes`] since the model was mapped.
+    pub fn peak_resident_bytes(&self) -> usize {
+        self.meter.peak.load(Ordering::SeqCst)
+    }
+
+    /// Mapped bytes of the pinned matrices ([`StreamedWeight::pin`]).
+    pub fn pinned_bytes(&self) -> usize {
+        self.meter.pinned.load(Ordering::SeqCst)
     }
 
     /// A streamed matrix held as `held`, reading `pages`.
@@ -326,6 +402,9 @@ impl Streamer {
         let slot = Arc::new(Slot {
             pages: pages.clone(),
             in_use: AtomicUsize::new(0),
+            pinned: AtomicBool::new(false),
+            resident: AtomicBool::new(false),
+            meter: self.meter.clone(),
         });
         let mut all = self.slots.lock().unwrap();
         all.push(slot.clone());
@@ -371,7 +450,7 @@ impl Streamer {
         // until its own next use.
         if let Some(wrong) = guessed.filter(|&g| g != id) {
             if slots[wrong].in_use.load(Ordering::SeqCst) == 0 {
-                slots[wrong].pages.release();
+                slots[wrong].page_out();
             }
         }
         if let Some(next) = predicted {
@@ -398,11 +477,12 @@ impl Streamer {
                         if uses.load(Ordering::SeqCst) != r.issued {
                             continue;
                         }
+                        r.slot.page_in();
                         r.slot.pages.populate();
                         if uses.load(Ordering::SeqCst) > r.issued + 1
                             && r.slot.in_use.load(Ordering::SeqCst) == 0
                         {
-                            r.slot.pages.release();
+                            r.slot.page_out();
                         }
                     }
                 });

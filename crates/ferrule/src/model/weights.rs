@@ -47,6 +47,31 @@ struct Dense {
     released: BTreeMap<String, usize>,
 }
 
+/// [`Weights::stream_window_bytes`] of the streamed matrices `(name, matrix)`: the largest
+/// use, and the largest other one, read ahead while it is used. The other vocabulary table of
+/// the same shape is not that one: the embedding's lookup touches only its rows' pages, so the
+/// head is read ahead of no lookup and the lookup's table of no head use. Any other matrix
+/// may be (gate and up of one layer share a shape and are used one after the other; down's
+/// is their transpose). Tables are told by their names (`embed`, `lm_head`).
+pub(crate) fn window_bytes<'a>(
+    streamed: impl Iterator<Item = (&'a str, &'a StreamedWeight)>,
+    dtype: ComputeDtype,
+) -> usize {
+    let is_table = |name: &str| name.contains("embed") || name.starts_with("lm_head");
+    let mut uses: Vec<(usize, (usize, usize), bool)> = streamed
+        .map(|(name, s)| (s.use_bytes(dtype), s.dims(), is_table(name)))
+        .collect();
+    uses.sort_unstable_by(|a, b| b.cmp(a));
+    let Some(&(largest, dims, table)) = uses.first() else {
+        return 0;
+    };
+    let next = uses[1..]
+        .iter()
+        .find(|(_, d, t)| !(table && *t && *d == dims))
+        .map_or(0, |&(bytes, _, _)| bytes);
+    largest + next
+}
+
 /// A clone holds the same tensors (candle tensors share their storage) in a map of its own:
 /// releasing a tensor from one leaves the other's.
 impl Clone for Weights {
@@ -502,27 +527,26 @@ impl Weights {
     }
 
     /// With `--stream-base`, what the streamed matrices make resident at the peak of a run:
-    /// the largest use ([`StreamedWeight::use_bytes`]) while the next matrix is read ahead.
-    /// The next one is taken as the largest matrix of another shape: a same-shaped matrix is
-    /// the other vocabulary table (the embedding, whose lookup touches only its rows' pages,
-    /// against the head) or the same matrix of another layer, which the layer walk does not
-    /// read next. An estimate for `ferrule plan` (the read-ahead's order is learnt as the run
-    /// goes); BENCHMARKS.md compares it with measured runs.
+    /// the largest use ([`StreamedWeight::use_bytes`]) while the next matrix is read ahead
+    /// ([`window_bytes`]). An estimate for `ferrule plan` (the read-ahead's order is learnt as
+    /// the run goes); BENCHMARKS.md compares it with measured runs.
     pub fn stream_window_bytes(&self, dtype: ComputeDtype) -> usize {
-        let mut uses: Vec<(usize, (usize, usize))> = self
-            .streamed
-            .values()
-            .map(|s| (s.use_bytes(dtype), s.dims()))
-            .collect();
-        uses.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(&(largest, dims)) = uses.first() else {
-            return 0;
-        };
-        let next = uses
-            .iter()
-            .find(|(_, d)| *d != dims && *d != (dims.1, dims.0))
-            .map_or(0, |&(bytes, _)| bytes);
-        largest + next
+        window_bytes(
+            self.streamed.iter().map(|(n, s)| (n.as_str(), s.as_ref())),
+            dtype,
+        )
+    }
+
+    /// The matrices read in place from the checkpoint's mapping (`--stream-base`), by name.
+    pub fn streamed(&self) -> &HashMap<String, Arc<StreamedWeight>> {
+        &self.streamed
+    }
+
+    /// Bytes held in memory besides the streamed matrices' mapped pages: everything for a base
+    /// loaded in memory; for a streamed one the tensors that are not mapped matrices and the
+    /// copied statistics of quantized ones.
+    pub fn held_bytes(&self) -> usize {
+        crate::quant::WeightMemory::of(self).total_bytes() - self.streamed_quantized_mapped_bytes()
     }
 
     /// Bytes of the streamed matrices' mapped pages that [`crate::quant::WeightMemory`]

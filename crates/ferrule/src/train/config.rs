@@ -232,6 +232,15 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "cli", arg(long, help_heading = heading::OPTIM))]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub stream_base: bool,
+    /// Stream the frozen base from its memory-mapped checkpoint as --stream-base does, but keep
+    /// as many of its matrices resident as fit in this many GB (10^9 bytes) of frozen-base
+    /// memory: a base that fits runs as in memory, a larger one streams the rest. Below what
+    /// streaming needs (held tensors, the matrix in use and the one read ahead) it is an error
+    /// naming that minimum; `ferrule plan --max-resident-gb` shows the split. Not with
+    /// --stream-base, which is the smallest budget (default: none, the base in memory).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "GB", help_heading = heading::OPTIM))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_resident_gb: Option<f64>,
     /// Start a new run from the weights of this adapter folder (a PEFT folder of the same
     /// method and shapes) instead of a fresh adapter (default: none, a fresh adapter).
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR", value_parser = path, help_heading = heading::METHOD))]
@@ -357,6 +366,7 @@ impl Default for TrainConfig {
             recompute: false,
             shard_base: false,
             stream_base: false,
+            max_resident_gb: None,
             quantize: None,
             compute_dtype: ComputeDtypeChoice::Auto,
             eval_every: None,
@@ -446,6 +456,7 @@ impl TrainConfig {
             packing: true,
             shard_base: true,
             stream_base: true,
+            max_resident_gb: Some(1.0),
             resize_token_embeddings: true,
             report_to: vec![ReportTo::Tensorboard],
             init_adapter: Some(PathBuf::from("adapter")),
@@ -557,19 +568,45 @@ impl TrainConfig {
 
     /// Rows added by `resize_token_embeddings` start as a mean row: unless they train
     /// (`trainable_token_indices`), every added token reads the same embedding.
-    /// `stream_base` reads the checkpoint as stored: nothing may convert or split it first.
+    /// Whether the frozen base is read from its mapped checkpoint: `stream_base`, or a
+    /// `max_resident_gb` budget (which streams what does not fit).
+    pub fn streams_base(&self) -> bool {
+        self.stream_base || self.max_resident_gb.is_some()
+    }
+
+    /// The resident-memory budget in bytes (`max_resident_gb`), checked.
+    pub fn max_resident_bytes(&self) -> Result<Option<usize>> {
+        self.max_resident_gb
+            .map(|gb| {
+                crate::model::residency::budget_bytes(
+                    gb,
+                    "train: max_resident_gb (--max-resident-gb)",
+                )
+            })
+            .transpose()
+    }
+
+    /// A streamed base reads the checkpoint as stored: nothing may convert or split it first.
     fn validate_stream_base(&self) -> Result<()> {
-        if !self.stream_base {
+        if !self.streams_base() {
             return Ok(());
         }
+        let flag = match self.stream_base {
+            true => "stream_base (--stream-base)",
+            false => "max_resident_gb (--max-resident-gb)",
+        };
+        if self.stream_base && self.max_resident_gb.is_some() {
+            bail!("train: stream_base (--stream-base) keeps no frozen matrix resident, and max_resident_gb (--max-resident-gb) keeps as many as fit in its budget and streams the rest; pass one of them")
+        }
+        self.max_resident_bytes()?;
         if self.quantize.is_some() {
-            bail!("train: stream_base (--stream-base) reads the checkpoint as it is stored, and quantize (--quantize) converts it while loading; quantize it once with `ferrule quantize` and stream the folder that writes")
+            bail!("train: {flag} reads the checkpoint as it is stored, and quantize (--quantize) converts it while loading; quantize it once with `ferrule quantize` and stream the folder that writes")
         }
         if self.shard_base {
-            bail!("train: stream_base (--stream-base) and shard_base (--shard-base) both bound the base's memory, in ways that do not combine; pass one of them")
+            bail!("train: {flag} and shard_base (--shard-base) both bound the base's memory, in ways that do not combine; pass one of them")
         }
         if self.resize_token_embeddings {
-            bail!("train: resize_token_embeddings (--resize-token-embeddings) grows the embedding table, which stream_base (--stream-base) reads unchanged from the file; drop one of them")
+            bail!("train: resize_token_embeddings (--resize-token-embeddings) grows the embedding table, which {flag} reads unchanged from the file; drop one of them")
         }
         Ok(())
     }
@@ -714,6 +751,7 @@ impl TrainConfig {
         // Memory layout only: a run may resume with or without it.
         c.shard_base = false;
         c.stream_base = false;
+        c.max_resident_gb = None;
         // Where the paged state file goes: a resumed run may put it elsewhere.
         c.offload_dir = None;
         // Resolved before a run starts (`TrainConfig::with_compute_dtype_resolved`). f32 is

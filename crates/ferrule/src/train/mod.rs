@@ -53,7 +53,7 @@ pub use optim::{
 };
 pub use plot::{write_loss_plot, PLOT_FILE};
 pub use prepare::{encode_file, encode_options, prepare, prepare_sharded, Prepared};
-pub use report::{EvalReport, Progress, Silent, StepReport, TrainSummary};
+pub use report::{EvalReport, Progress, Silent, StepReport, StreamedBase, TrainSummary};
 pub use rng::{dropout_mask, Rng};
 pub use schedule::{lr_at, LrSchedule};
 pub use trainer::{train, train_on, RunOptions};

@@ -103,7 +103,8 @@ pub fn prepare_sharded(
         quantize: cfg.quantize.as_ref(),
         compute_dtype: cfg.compute_dtype.resolve()?.dtype,
         resize_token_embeddings: cfg.resize_token_embeddings,
-        stream_base: cfg.stream_base,
+        stream_base: cfg.streams_base(),
+        max_resident: cfg.max_resident_bytes()?,
     };
     let mut source = ModelSource::load_with(&cfg.model, device, options)?;
     if let Some(comm) = base {

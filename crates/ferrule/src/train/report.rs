@@ -112,4 +112,18 @@ pub struct TrainSummary {
     pub peak_rss_bytes_per_rank: Vec<f64>,
     /// What this rank sent in the collectives of its busiest step (none in a single process).
     pub comm_per_step: Option<Traffic>,
+    /// With the base streamed (`--stream-base`, `--max-resident-gb`): what stayed resident.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_base: Option<StreamedBase>,
+}
+
+/// The frozen base of a streamed run: the planned split, and what the streamer held.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamedBase {
+    /// Held, kept resident (`--max-resident-gb`) and the streaming window, in bytes.
+    pub residency: crate::model::residency::Residency,
+    /// The high-water mark of the checkpoint's mapped bytes the streamer held resident: the
+    /// kept matrices once used, and the others while in use or read ahead
+    /// ([`crate::model::stream::Streamer::peak_resident_bytes`]).
+    pub peak_mapped_resident_bytes: usize,
 }

@@ -824,6 +824,7 @@ impl<'a> Run<'a> {
             zero_stage: self.options.zero_stage.get(),
             peak_rss_bytes_per_rank: rss,
             comm_per_step: tally.busiest_traffic.filter(|_| world > 1),
+            streamed_base: crate::model::residency::report(&p.source.weights),
         })
     }
 }
