@@ -79,8 +79,12 @@ fn main() {
     // Training frees and reallocates the same large activation buffers every step; returning
     // them to the OS in between made page faults ~30% of a step (measured with perf,
     // 24.6 s -> 17.4 s per SmolLM2 step). Keep freed memory for reuse instead.
-    // SAFETY: sets a process-wide allocator option; no allocation is in flight.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // `MIMALLOC_PURGE_DELAY` set in the environment (mimalloc reads it at start) wins, to
+    // trade speed for a lower peak RSS (BENCHMARKS.md, "GaLore layer-wise").
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide allocator option; no allocation is in flight.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     // A file-size limit (`ulimit -f`, RLIMIT_FSIZE) kills a process that writes past it with
     // SIGXFSZ unless the signal is ignored; ignored, the write fails with EFBIG and ferrule
     // reports which file it was writing and removes the partial copy.

@@ -87,6 +87,42 @@ impl GaLoreConfig {
 }
 
 impl GaLoreConfig {
+    /// One entry per parameter of `params` (name and shape), in order: a [`GaLoreProjector`]
+    /// for the targets that `target_modules` picks ([`select_targets`]), `None` for the others.
+    /// The one place both GaLore optimizers ([`GaLoreAdamW`] and
+    /// [`crate::train::optim::BnbAdamW::galore`]) choose their targets. Errors: no target
+    /// matches (HF raises too), or `rank` exceeds a target's smaller dimension
+    /// ([`projector::check_rank`], naming it).
+    pub fn projectors<'a>(
+        &self,
+        params: impl IntoIterator<Item = (&'a str, &'a [usize])> + Clone,
+    ) -> Result<Vec<Option<GaLoreProjector>>> {
+        let targets: std::collections::HashSet<String> =
+            select_targets(params.clone(), &self.target_modules)?
+                .into_iter()
+                .collect();
+        params
+            .into_iter()
+            .map(|(name, dims)| {
+                if !targets.contains(name) {
+                    return Ok(None);
+                }
+                let (m, n) = (dims[0], dims[1]);
+                projector::check_rank(name, (m, n), self.rank)?;
+                let p = GaLoreProjector::new(
+                    (m, n),
+                    self.rank,
+                    self.update_proj_gap,
+                    self.scale,
+                    self.proj_type,
+                )?;
+                Ok(Some(p))
+            })
+            .collect()
+    }
+}
+
+impl GaLoreConfig {
     /// The settings of a run with `optim = "galore_adamw"` (or Natural GaLore when
     /// `natural`): HF Trainer's `optim_args` string (`"rank=64, update_proj_gap=100,
     /// scale=0.25, proj_type=std"`, spaces ignored, as transformers' `_get_galore_optimizer`

@@ -6,10 +6,9 @@ use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use super::adamw::{adam_direction, apply_update};
+use super::adamw::{adam_direction, apply_update, fused_step};
 use super::natural::NaturalGradient;
-use super::projector::{check_rank, Bases, GaLoreProjector};
-use super::targets::select_targets;
+use super::projector::{Bases, GaLoreProjector};
 use super::GaLoreConfig;
 use crate::train::optim::{checked_grad, read_step, state_dtype, step_tensor};
 
@@ -70,35 +69,18 @@ impl GaLoreAdamW {
     /// `cfg.target_modules` (an error when none matches) and checks `cfg.rank` against each.
     pub fn new(params: Vec<(String, Var)>, cfg: GaLoreConfig) -> Result<Self> {
         cfg.validate()?;
-        let targets: HashSet<String> = select_targets(
-            params.iter().map(|(n, v)| (n.as_str(), v.dims())),
-            &cfg.target_modules,
-        )?
-        .into_iter()
-        .collect();
+        let projectors = cfg.projectors(params.iter().map(|(n, v)| (n.as_str(), v.dims())))?;
         let mut seen = HashSet::new();
         let mut states = Vec::with_capacity(params.len());
-        for (name, var) in params {
+        for ((name, var), projector) in params.into_iter().zip(projectors) {
             ensure!(
                 seen.insert(name.clone()),
                 "duplicate parameter name {name:?}"
             );
-            let projection = if targets.contains(&name) {
-                let (m, n) = var.dims2()?;
-                check_rank(&name, (m, n), cfg.rank)?;
-                Some(Projection {
-                    projector: GaLoreProjector::new(
-                        (m, n),
-                        cfg.rank,
-                        cfg.update_proj_gap,
-                        cfg.scale,
-                        cfg.proj_type,
-                    )?,
-                    natural: cfg.natural.map(NaturalGradient::new),
-                })
-            } else {
-                None
-            };
+            let projection = projector.map(|projector| Projection {
+                projector,
+                natural: cfg.natural.map(NaturalGradient::new),
+            });
             states.push(ParamState {
                 name,
                 var,
@@ -356,6 +338,15 @@ fn update(p: &mut ParamState, grad: &Tensor, cfg: &GaLoreConfig) -> Result<()> {
         }
         None => g,
     };
+    if p.projection.is_none() && p.var.dtype() == sdtype {
+        // The parameter's own shape (the vocabulary table when it is not a target): updated
+        // in place, bit-identical, without the tensor path's temporaries.
+        let t = p.step + 1;
+        if fused_step(&cfg.adam, t, &p.var, &g, &mut p.exp_avg, &mut p.exp_avg_sq)? {
+            p.step = t;
+            return Ok(());
+        }
+    }
     let moments = p.exp_avg.as_ref().zip(p.exp_avg_sq.as_ref());
     let (direction, m, v) = adam_direction(&cfg.adam, &g, moments)?;
     let direction = match &p.projection {

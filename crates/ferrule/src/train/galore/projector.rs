@@ -290,13 +290,21 @@ fn right(b: &Bases) -> Result<&Tensor> {
 /// dtype and on its device.
 pub fn top_singular_bases(grad: &Tensor, rank: usize, side: Side) -> Result<Bases> {
     let (m, n) = grad.dims2()?;
-    let host = grad.to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
-    let data = host.flatten_all()?.to_vec1::<f64>()?;
-    let mat = Mat::<f64>::from_fn(m, n, |i, j| data[i * n + j]);
-    let svd = mat
-        .thin_svd()
-        .map_err(|e| anyhow::anyhow!("GaLore: the SVD of a [{m}, {n}] gradient failed: {e:?}"))?;
-    let (mut u, mut v) = (svd.U().to_owned(), svd.V().to_owned());
+    // Only the f64 matrix and the SVD's factors are held: the f32 gradient is read in place
+    // when it can be (f32 widens to f64 exactly, as `to_dtype` does), and only the `rank`
+    // singular pairs kept are copied out of the factors (a pair's sign fix reads only its own
+    // column), which are dropped before the bases are made.
+    let (mut u, mut v) = {
+        let mat = f64_matrix(grad, m, n)?;
+        let svd = mat.thin_svd().map_err(|e| {
+            anyhow::anyhow!("GaLore: the SVD of a [{m}, {n}] gradient failed: {e:?}")
+        })?;
+        let (su, sv) = (svd.U(), svd.V());
+        (
+            Mat::<f64>::from_fn(m, rank, |i, j| su[(i, j)]),
+            Mat::<f64>::from_fn(n, rank, |i, j| sv[(i, j)]),
+        )
+    };
     canonical_signs(&mut u, &mut v);
     let to_tensor = |rows: usize, cols: usize, f: &dyn Fn(usize, usize) -> f64| -> Result<Tensor> {
         let vals: Vec<f64> = (0..rows)
@@ -317,6 +325,22 @@ pub fn top_singular_bases(grad: &Tensor, rank: usize, side: Side) -> Result<Base
             .then(|| to_tensor(rank, n, &|i, j| v[(j, i)]))
             .transpose()?,
     })
+}
+
+/// `grad` (`[m, n]`) as an f64 matrix: read in place when it is a contiguous f32 CPU tensor,
+/// else converted through a host copy.
+fn f64_matrix(grad: &Tensor, m: usize, n: usize) -> Result<Mat<f64>> {
+    if crate::ops::kernels::fused_ok(grad) && grad.is_contiguous() {
+        return Ok(crate::ops::kernels::with_f32(grad, "GaLore SVD", |g| {
+            Ok(Mat::<f64>::from_fn(m, n, |i, j| g[i * n + j] as f64))
+        })?);
+    }
+    let data = grad
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    Ok(Mat::<f64>::from_fn(m, n, |i, j| data[i * n + j]))
 }
 
 /// Flips each singular pair `(u_i, v_i)` (columns of `u` and `v`) so that the entry of `u_i`

@@ -44,8 +44,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::arena::{f32s, f32s_mut, Arena, ALIGN};
 use super::{adamw_update, read_step, step_tensor, AdamWConfig};
 use crate::quant::dynamic;
-use crate::train::galore::projector::check_rank;
-use crate::train::galore::{select_targets, GaLoreConfig, GaLoreProjector};
+use crate::train::galore::{GaLoreConfig, GaLoreProjector};
 
 /// bitsandbytes' block size for 8-bit optimizer state (fixed in its CPU kernel).
 pub const BLOCKSIZE: usize = 256;
@@ -223,31 +222,20 @@ impl BnbAdamW {
         whole: Option<Vec<usize>>,
     ) -> Result<BnbAdamW> {
         super::check_unique_names(&params)?;
-        let targets = match galore {
-            Some(g) => select_targets(
-                params.iter().map(|(n, v)| (n.as_str(), v.dims())),
-                &g.target_modules,
-            )?,
-            None => Vec::new(),
+        let mut projectors = match galore {
+            Some(g) => g.projectors(params.iter().map(|(n, v)| (n.as_str(), v.dims())))?,
+            None => vec![None; params.len()],
         };
         let mut slots = Vec::with_capacity(params.len());
         let mut offset = 0;
         for (k, (name, var)) in params.into_iter().enumerate() {
-            let (projector, dims) = match galore.filter(|_| targets.contains(&name)) {
-                Some(g) => {
-                    let (m, n) = var.dims2()?;
-                    check_rank(&name, (m, n), g.rank)?;
-                    let (a, b) = g.proj_type.low_rank_shape((m, n), g.rank);
-                    let p = GaLoreProjector::new(
-                        (m, n),
-                        g.rank,
-                        g.update_proj_gap,
-                        g.scale,
-                        g.proj_type,
-                    )?;
-                    (Some(p), vec![a, b])
+            let projector = projectors[k].take();
+            let dims = match (&projector, galore) {
+                (Some(_), Some(g)) => {
+                    let (a, b) = g.proj_type.low_rank_shape(var.dims2()?, g.rank);
+                    vec![a, b]
                 }
-                None => (None, var.dims().to_vec()),
+                _ => var.dims().to_vec(),
             };
             let len = dims.iter().product();
             let decides = whole.as_ref().map_or(len, |w| w[k]);
