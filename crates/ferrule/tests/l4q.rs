@@ -20,7 +20,7 @@ use ferrule::model::{Inputs, LoadOptions, Model, ModelSource, Task, Weights};
 use ferrule::ops::ComputeDtypeChoice;
 use ferrule::quant::ggml_quantize::GgmlWriteType;
 use ferrule::train::TrainConfig;
-use ferrule::tuners::{AdapterConfig, BuildContext, Tuner};
+use ferrule::tuners::{AdapterConfig, BuildContext, LossProbe, Tuner};
 use half::f16;
 
 const ALL_LINEARS: [&str; 8] = [
@@ -88,29 +88,44 @@ fn loss(model: &Model) -> Tensor {
         .0
 }
 
-/// Moves B off zero and the steps and offsets off their init; with `f16_exact`, rounds the
-/// steps and offsets to f16 values, so that a Q4_1 file holds them without rounding.
+/// Moves B off zero and the steps and offsets off their init; with `f16_exact`, makes the
+/// steps and the offsets of byte 0 (`b + Qn·s`, `Qn = −8` for the default signed 4-bit codes,
+/// what a Q4_1 block's `m` holds) f16 values, so that a Q4_1 file holds them without rounding.
 fn perturb(tuner: &dyn Tuner, f16_exact: bool) {
-    for (k, v) in tuner.trainable() {
-        let t = v.as_tensor();
-        let moved = if k.ends_with("lora_B.weight") {
-            Tensor::randn(0f32, 0.05, t.dims(), t.device()).unwrap()
-        } else if k.ends_with("l4q_step") {
-            (t * 1.1).unwrap()
-        } else if k.ends_with("l4q_offset") {
-            (t + 0.003).unwrap()
-        } else {
-            continue;
-        };
-        let moved = match f16_exact && !k.contains("lora_") {
-            true => moved
+    let f16_round = |t: Tensor| -> Tensor {
+        match f16_exact {
+            true => t
                 .to_dtype(DType::F16)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap(),
-            false => moved,
-        };
-        v.set(&moved).unwrap();
+            false => t,
+        }
+    };
+    let trainable = tuner.trainable();
+    let eight_steps = |k: &str| {
+        let key = k.replace("l4q_offset", "l4q_step");
+        let (_, s) = trainable.iter().find(|(n, _)| *n == key).unwrap();
+        (s.as_tensor() * 8.0).unwrap()
+    };
+    // Byte 0's value (the group's minimum at init) raised by 0.003: the lowest weights clamp.
+    let byte0: Vec<Tensor> = trainable
+        .iter()
+        .filter(|(k, _)| k.ends_with("l4q_offset"))
+        .map(|(k, v)| ((v.as_tensor() - eight_steps(k)).unwrap() + 0.003).unwrap())
+        .collect();
+    for (k, v) in &trainable {
+        let t = v.as_tensor();
+        if k.ends_with("lora_B.weight") {
+            v.set(&Tensor::randn(0f32, 0.05, t.dims(), t.device()).unwrap())
+                .unwrap();
+        } else if k.ends_with("l4q_step") {
+            v.set(&f16_round((t * 1.1).unwrap())).unwrap();
+        }
+    }
+    let offsets = trainable.iter().filter(|(k, _)| k.ends_with("l4q_offset"));
+    for ((k, v), m) in offsets.zip(byte0) {
+        v.set(&(f16_round(m) + eight_steps(k)).unwrap()).unwrap();
     }
 }
 
@@ -184,6 +199,10 @@ fn a_saved_adapter_reloads_to_bit_identical_logits() {
         (config["bits"].as_u64(), config["group_size"].as_u64()),
         (Some(4), Some(32))
     );
+    assert_eq!(
+        (config["codes"].as_str(), config["lora_alpha"].as_f64()),
+        (Some("signed"), Some(0.5))
+    );
     let saved = ferrule::model::weights::load_safetensors_file(
         &dir.join("adapter_model.safetensors"),
         &Device::Cpu,
@@ -210,6 +229,93 @@ fn a_saved_adapter_reloads_to_bit_identical_logits() {
         bits(&logits(&reloaded.model)),
         "reloaded logits differ"
     );
+
+    // The same folder read with the unsigned range: its offsets then mean other weights.
+    let mut config = config;
+    config["codes"] = "unsigned".into();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let unsigned = AdaptedModel::load(
+        llama_dir().to_str().unwrap(),
+        Some(&dir),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_ne!(bits(&logits(&adapted)), bits(&logits(&unsigned.model)));
+}
+
+/// `before_step` without a trainer: L4Q never asks for the loss.
+struct NoProbe;
+
+impl LossProbe for NoProbe {
+    fn loss(&mut self) -> anyhow::Result<f64> {
+        anyhow::bail!("l4q asked for a loss")
+    }
+}
+
+/// The LoRA warm-up (`warmup_steps`, v1's `T_wp`): before it ends the layers are `W₀` plus
+/// LoRA (with B = 0, the base model's logits), and the steps and offsets get no gradient. At
+/// its end (before step `warmup_steps`, 0-based) each group's step and offset are set from
+/// `W' = W₀ + (α/r)·B A` as trained, checked here against the group's own min and max of `W'`
+/// (`s = (max − min)/15`, byte 0's value `b − 8s` = min); then the layers are quantized.
+#[test]
+fn the_warm_up_trains_lora_then_sets_the_quantizer_from_the_update() {
+    let src = source();
+    let cfg = l4q(serde_json::json!({"r": 4, "warmup_steps": 2, "target_modules": ["q_proj"]}));
+    let (model, tuner) = try_attach(&src, &cfg).unwrap();
+    let frozen = Model::build(
+        &src,
+        Task::CausalLm,
+        &ferrule::model::Frozen,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let m = inputs()["attention_mask"].clone();
+    let d = max_diff_masked(&logits(&model), &logits(&frozen), Some(&m));
+    assert!(d < 1e-5, "warm-up with B = 0 vs the base model: {d}");
+    let q = "base_model.model.model.layers.0.self_attn.q_proj";
+    let var = |suffix: &str| {
+        tuner
+            .trainable()
+            .into_iter()
+            .find(|(k, _)| *k == format!("{q}.{suffix}"))
+            .unwrap()
+            .1
+    };
+    var("lora_B.weight")
+        .set(&Tensor::randn(0f32, 0.05, (64, 4), &Device::Cpu).unwrap())
+        .unwrap();
+    let grads = loss(&model).backward().unwrap();
+    for (k, v) in tuner.trainable() {
+        let lora = k.contains("lora_");
+        assert_eq!(grads.get(v.as_tensor()).is_some(), lora, "{k}");
+    }
+    let lora_logits = logits(&model);
+    tuner.before_step(1, &mut NoProbe).unwrap();
+    assert_eq!(max_diff_masked(&logits(&model), &lora_logits, None), 0.0);
+
+    tuner.before_step(2, &mut NoProbe).unwrap();
+    let w0 = src
+        .weights
+        .get("model.layers.0.self_attn.q_proj.weight", &[64, 64])
+        .unwrap();
+    let (a, b) = (var("lora_A.weight"), var("lora_B.weight"));
+    let update = (b.as_tensor().matmul(a.as_tensor()).unwrap() * (0.5 / 4.0)).unwrap();
+    let groups = (w0 + update).unwrap().reshape((64, 2, 32)).unwrap();
+    let (min, max) = (groups.min(2).unwrap(), groups.max(2).unwrap());
+    let want_s = ((&max - &min).unwrap() / 15.0).unwrap();
+    let s = var("l4q_step").as_tensor().clone();
+    let byte0 = (var("l4q_offset").as_tensor() - (&s * 8.0).unwrap()).unwrap();
+    assert!(max_diff_masked(&s, &want_s, None) < 1e-7);
+    assert!(max_diff_masked(&byte0, &min, None) < 1e-6);
+    let d = max_diff_masked(&logits(&model), &lora_logits, Some(&m));
+    assert!(d > 1e-4, "quantized after the warm-up: {d}");
+    let grads = loss(&model).backward().unwrap();
+    assert!(tuner
+        .trainable()
+        .iter()
+        .all(|(_, v)| grads.get(v.as_tensor()).is_some()));
 }
 
 fn run_config(out: &Path) -> TrainConfig {
@@ -233,6 +339,22 @@ fn run_config(out: &Path) -> TrainConfig {
 #[test]
 fn a_run_resumes_to_the_same_adapter() {
     assert_resume_is_byte_identical(run_config, 2);
+}
+
+/// With a warm-up of 2 steps, a run resumed after step 2 (whose checkpoint's steps and offsets
+/// were never trained: the resumed run sets them) ends in the same bytes.
+#[test]
+fn a_run_resumed_at_the_end_of_the_warm_up_ends_the_same() {
+    assert_resume_is_byte_identical(
+        |out| {
+            let mut cfg = run_config(out);
+            cfg.adapter = Some(l4q(serde_json::json!({
+                "r": 4, "warmup_steps": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]
+            })));
+            cfg
+        },
+        2,
+    );
 }
 
 /// The source with its token embedding replaced by its Q4_1 round trip: the one matrix L4Q

@@ -103,7 +103,7 @@ pub fn updated_weight(spec: &LsqLinearSpec, f: &LsqFactors) -> Result<Vec<f32>> 
 }
 
 /// The same from candle's differentiable ops (other devices and dtypes; the test reference).
-/// `round` passes its gradient straight through (`v + (round(v) − v).detach()`), and candle's
+/// the rounding passes its gradient straight through (`v + (⌊v + ½⌋ − v).detach()`), and candle's
 /// `clamp` gives the unclamped mask, so autograd yields LSQ's gradients; with the gradient
 /// scale, `s` and `b` enter as `g·t + (t − g·t).detach()` (LSQ's `grad_scale`).
 pub fn lsq_linear_reference(x: &Tensor, spec: &LsqLinearSpec, f: &LsqFactors) -> Result<Tensor> {
@@ -119,7 +119,7 @@ pub fn lsq_linear_reference(x: &Tensor, spec: &LsqLinearSpec, f: &LsqFactors) ->
     let (s, o) = (per_value(&f.steps)?, per_value(&f.offsets)?);
     let w = (spec.weight.to_dtype(DType::F32)? + (f.b.matmul(&f.a)? * spec.scale)?)?;
     let v = ((w - &o)? / &s)?.clamp(q.qn(), q.qp())?;
-    let code = (&v + (v.round()? - &v)?.detach())?;
+    let code = (&v + ((&v + 0.5)?.floor()? - &v)?.detach())?;
     let wq = ((code * s)? + o)?;
     let dims = x.dims().to_vec();
     let y = x.reshape(((), in_f))?.matmul(&wq.t()?)?;
@@ -289,13 +289,14 @@ mod tests {
         }
     }
 
-    /// By hand (the quantizer's example in `quant::lsq`, reached through the update): 2 bits,
-    /// one group of 4, `W₀ = (−0.5, 0.1, 0.4, 1.6)`, `A = (0, 0, 0.1, 0)`, `B = 1`, scale 2, so
-    /// `W' = (−0.5, 0.1, 0.6, 1.6)`; `s = 0.5`, `b = −0.2` give `Q(W') = (−0.2, 0.3, 0.8, 1.3)`.
+    /// By hand (the quantizer's example in `quant::lsq`, reached through the update): 2 signed
+    /// bits (`Qn = −2`, `Qp = 1`), one group of 4, `W₀ = (−0.5, 0.1, 0.4, 1.6)`, `A = (0, 0,
+    /// 0.1, 0)`, `B = 1`, scale 2, so `W' = (−0.5, 0.1, 0.6, 1.6)`; `s = 0.5`, `b = 0.8` give
+    /// `v = (−2.6, −1.4, −0.4, 1.6)`, codes `(−2, −1, 0, 1)`, `Q(W') = (−0.2, 0.3, 0.8, 1.3)`.
     /// For `x = (1, 0, 2, 1)` and bias 0.5: `y = −0.2 + 1.6 + 1.3 + 0.5 = 3.2`. For `L = y`:
     /// `G = x`, masked `M = (0, 0, 2, 0)` (values 1 and 4 are clamped); `dA = 2·B·M = (0, 0, 4,
-    /// 0)`, `dB = 2·M·Aᵀ = 0.4`; `ds = 1·0 + 0·0.4 + 2·0.4 + 1·3 = 3.8`; `db = 1 + 1 = 2`;
-    /// `dx = Q(W')`.
+    /// 0)`, `dB = 2·M·Aᵀ = 0.4`; `ds = 1·Qn + 0·0.4 + 2·0.4 + 1·Qp = −2 + 0.8 + 1 = −0.2`; `db =
+    /// 1 + 1 = 2`; `dx = Q(W')`.
     #[test]
     fn forward_and_gradients_by_hand() {
         let dev = Device::Cpu;
@@ -308,6 +309,7 @@ mod tests {
                 bits: 2,
                 group_size: 4,
                 grad_scale: false,
+                signed: true,
             },
             name: "layer".into(),
         };
@@ -315,7 +317,7 @@ mod tests {
             a: t(&[0.0, 0.0, 0.1, 0.0], &[1, 4]),
             b: t(&[1.0], &[1, 1]),
             steps: t(&[0.5], &[1, 1]),
-            offsets: t(&[-0.2], &[1, 1]),
+            offsets: t(&[0.8], &[1, 1]),
         });
         let x = Var::from_tensor(&t(&[1.0, 0.0, 2.0, 1.0], &[1, 4])).unwrap();
         let y = lsq_linear(x.as_tensor(), &spec, &factors_of(&v)).unwrap();
@@ -332,7 +334,7 @@ mod tests {
         };
         close(&g(v[0].as_tensor()), &[0.0, 0.0, 4.0, 0.0], 1e-5);
         close(&g(v[1].as_tensor()), &[0.4], 1e-5);
-        close(&g(v[2].as_tensor()), &[3.8], 1e-5);
+        close(&g(v[2].as_tensor()), &[-0.2], 1e-5);
         close(&g(v[3].as_tensor()), &[2.0], 1e-5);
         close(&g(x.as_tensor()), &[-0.2, 0.3, 0.8, 1.3], 1e-5);
         let wq = quantized_weight(&spec, &factors_of(&v)).unwrap();
@@ -355,6 +357,7 @@ mod tests {
                 bits: 4,
                 group_size: 8,
                 grad_scale,
+                signed: true,
             };
             let w0 = Tensor::randn(0f32, 1.0, (out_f, in_f), &dev).unwrap();
             let w: Vec<f32> = w0.flatten_all().unwrap().to_vec1().unwrap();

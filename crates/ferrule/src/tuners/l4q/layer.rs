@@ -12,19 +12,27 @@
 //! [`crate::ops::lsq_linear`]. The trained layer *is* its quantized weight: integer codes
 //! `w̄`, steps and offsets, with no adapter left beside it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor, Var};
 
 use crate::model::Linear;
+use crate::ops::low_rank::low_rank_linear;
 use crate::ops::lsq_linear::{
     lsq_linear, quantized_weight, updated_weight, LsqFactors, LsqLinearSpec,
 };
+use crate::ops::FrozenLinear;
 use crate::tuners::{GroupCodes, LearnedQuantization};
 
 /// One L4Q layer: the frozen weight and the quantizer's shape, and its four trained tensors
-/// (`A`, `B`, steps, offsets).
+/// (`A`, `B`, steps, offsets). `quantizing`, shared by the adapter's layers, is off during
+/// the LoRA warm-up ([`super::L4qConfig::warmup_steps`]), when the layer is `base` plus LoRA.
 pub struct L4qLinear {
     pub spec: LsqLinearSpec,
     pub vars: [Var; 4],
+    pub base: FrozenLinear,
+    pub quantizing: Arc<AtomicBool>,
 }
 
 /// The layer's tensors from its `Var`s (order `A, B, steps, offsets`).
@@ -39,8 +47,14 @@ pub fn factors_of(vars: &[Var; 4]) -> LsqFactors {
 }
 
 impl Linear for L4qLinear {
-    /// `x: [.., in]` → `[.., out]`: `x Ŵᵀ (+ bias)`.
+    /// `x: [.., in]` → `[.., out]`: `x Ŵᵀ (+ bias)`; during the warm-up, LoRA's `x W₀ᵀ (+
+    /// bias) + (α/r)·(x Aᵀ) Bᵀ` (the steps and offsets unused, so they get no gradient).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.quantizing.load(Ordering::Relaxed) {
+            let [a, b, ..] = &self.vars;
+            let (a, b) = (a.as_tensor(), b.as_tensor());
+            return low_rank_linear(x, None, &self.base, a, b, self.spec.scale);
+        }
         lsq_linear(x, &self.spec, &factors_of(&self.vars))
     }
 }
@@ -71,7 +85,8 @@ impl LearnedQuantization for L4qMerge {
         quantized_weight(&self.on(w)?, &self.factors)
     }
 
-    /// The codes `w̄` of `W' = w + (α/r)·B A`, with the trained steps and offsets.
+    /// The codes of `W' = w + (α/r)·B A` with the trained steps, as bytes `w̄ − Qn` with the
+    /// offsets of byte 0 (`b + Qn·s`; [`crate::quant::lsq::GroupQuantizer::byte_offsets`]).
     fn quantized(&self, w: &Tensor) -> anyhow::Result<GroupCodes> {
         let spec = self.on(w)?;
         let (rows, cols) = spec.dims()?;
@@ -95,11 +110,15 @@ impl LearnedQuantization for L4qMerge {
                 offsets[i]
             )
         }
+        // Bytes `w̄ − Qn` with the offset of byte 0: Q4_1's `q` and `m` in either code range.
         let codes = q.codes(&updated, &steps, &offsets, cols);
+        let offsets = q.byte_offsets(&steps, &offsets);
         let f16 = |v: &[f32]| -> Vec<f32> {
             v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
         };
-        let rederived = q.codes(&updated, &f16(&steps), &f16(&offsets), cols);
+        // What a reader of the f16 `d`, `m` would derive: the unsigned range's codes.
+        let unsigned = crate::quant::lsq::GroupQuantizer { signed: false, ..q };
+        let rederived = unsigned.codes(&updated, &f16(&steps), &f16(&offsets), cols);
         let changed_by_f16 = codes.iter().zip(&rederived).filter(|(a, b)| a != b).count();
         Ok(GroupCodes {
             rows,

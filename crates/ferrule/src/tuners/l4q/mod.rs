@@ -7,13 +7,17 @@
 //!
 //! Saved tensors, per adapted module `<path>` (all f32), under `base_model.model.<path>.`:
 //! `lora_A.weight` `[r, in]`, `lora_B.weight` `[out, r]` (LoRA's names and init: A
-//! kaiming-uniform with a = √5, B zero), `l4q_step` and `l4q_offset` `[out, in /
-//! group_size]`. A fresh adapter's steps and offsets come from each group's minimum and
-//! maximum of `W₀` (`GroupQuantizer::init_from_min_max`: `s = (max − min)/(2^bits − 1)`, `b =
-//! min`), so at step 0 the model is `W₀` quantized as ggml's Q4_1 would (4 bits, groups of
-//! 32), and B = 0 makes `W' = W₀`. The paper's init (a third-party summary says
-//! `max(|min/Qn|, |max/Qp|)`, a symmetric rule) could not be read, so min/max was chosen: it
-//! is the asymmetric quantizer's exact range and Q4_1's own, which the export writes.
+//! kaiming-uniform with a = √5, B zero; the paper's v1 draws A from `N(0, σ²)` with `σ`
+//! unstated), `l4q_step` and `l4q_offset` `[out, in / group_size]` (the offset `b` of the
+//! config's code range, `codes`). A fresh adapter's steps and offsets come from each group's
+//! minimum and maximum of `W₀` (`GroupQuantizer::init_from_min_max`: `s = (max − min)/(2^bits
+//! − 1)`, `b = min − Qn·s`), so at step 0 the model is `W₀` on ggml's Q4_1 grid (4 bits,
+//! groups of 32), and B = 0 makes `W' = W₀`. With a LoRA warm-up (`warmup_steps`, v1's
+//! `T_wp`) the layers are plain LoRA until then, and [`Tuner::before_step`] sets the steps and
+//! offsets the same way from `W₀ + (α/r)·B A` as trained (v1, Algorithm 1: "if t = T_wp + 1
+//! then Initialize s_w, b_w"). The paper's init formula could not be read, so min/max was
+//! chosen: the asymmetric quantizer's exact range and Q4_1's own, which the export writes.
+//! docs/PARITY.md ("L4Q") lists each of the paper's facts, with the version it comes from.
 //!
 //! The base must be dense and held in f32: the quantizer codes `W₀ + ΔW`, and the export
 //! recomputes the codes from the checkpoint's `W₀`, so a base held quantized (NF4, FP4, int8,
@@ -28,6 +32,7 @@
 pub mod config;
 pub mod layer;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
@@ -42,11 +47,11 @@ use super::core::{AnyTunerCore, LinearRoute, TunerCore};
 use super::modules_to_save::ModulesToSave;
 use super::registry::{BlockShapes, BuildContext, Method};
 use super::target::{ModuleSpec, Targets};
-use super::{peft_key, AdaptedModule, Tuner, Update};
+use super::{peft_key, AdaptedModule, LossProbe, Tuner, Update};
 use crate::init;
 use crate::model::stream::Held;
 use crate::model::{Linear, LinearInfo, ModelHook};
-use crate::ops::lsq_linear::LsqLinearSpec;
+use crate::ops::lsq_linear::{updated_weight, LsqLinearSpec};
 use crate::ops::{ComputeDtype, FrozenLinear, FrozenWeight};
 use crate::quant::lsq::GroupQuantizer;
 
@@ -135,6 +140,8 @@ fn check_dense_f32(path: &str, base: &FrozenLinear) -> Result<()> {
 /// The layers an [`L4qConfig`] targets, each trained inside its quantizer.
 pub struct L4q {
     core: TunerCore<L4qConfig, LsqLinearSpec>,
+    /// Off during the LoRA warm-up; shared with every layer ([`L4qLinear`]).
+    quantizing: Arc<AtomicBool>,
 }
 
 impl L4q {
@@ -148,9 +155,42 @@ impl L4q {
             config.layers_pattern.as_ref(),
         )?;
         let saved = ModulesToSave::new(config.modules_to_save.as_deref());
+        // A saved adapter is the quantized model; a resumed run sets the phase in before_step.
+        let quantizing = config.warmup_steps == 0 || ctx.weights.is_some();
         Ok(Self {
             core: TunerCore::new(&METHOD, config, saved, ctx).with_targets(targets),
+            quantizing: Arc::new(AtomicBool::new(quantizing)),
         })
+    }
+
+    /// The four trained tensors of the adapted module `path`, in [`SUFFIXES`]' order.
+    fn layer_vars(&self, path: &str) -> Result<[Var; 4]> {
+        let vars: Vec<Var> = SUFFIXES
+            .iter()
+            .map(|s| {
+                self.core
+                    .params
+                    .get(&peft_key(path, s))
+                    .ok_or_else(|| anyhow!("l4q: {path} has no {s}"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(vars.try_into().expect("four suffixes"))
+    }
+
+    /// The end of the warm-up (v1, Algorithm 1: "if t = T_wp + 1 then Initialize s_w, b_w"):
+    /// each layer's steps and offsets from the min/max of its `W₀ + (α/r)·B A` as trained so
+    /// far.
+    fn init_steps_from_update(&self) -> Result<()> {
+        let q = self.quantizer();
+        for adapted in self.core.adapted().iter() {
+            let vars = self.layer_vars(&adapted.module.path)?;
+            let w = updated_weight(&adapted.layer, &factors_of(&vars))?;
+            let (s, o) = q.init_from_min_max(&w, adapted.layer.dims()?.1);
+            let dev = vars[2].device().clone();
+            vars[2].set(&Tensor::from_vec(s, vars[2].dims(), &dev)?)?;
+            vars[3].set(&Tensor::from_vec(o, vars[3].dims(), &dev)?)?;
+        }
+        Ok(())
     }
 
     fn quantizer(&self) -> GroupQuantizer {
@@ -159,6 +199,7 @@ impl L4q {
             bits: c.bits,
             group_size: c.group_size,
             grad_scale: c.lsq_grad_scale,
+            signed: c.codes == config::CodeRange::Signed,
         }
     }
 
@@ -213,6 +254,7 @@ impl ModelHook for L4q {
         let params = layer_params(c, path, out_f, in_f)?;
         let weight = base.weight().to_dense(self.core.params.device())?;
         let vars = self.vars(path, &weight)?;
+        let base_layer = base.clone();
         let spec = LsqLinearSpec {
             weight,
             bias: base.bias().cloned(),
@@ -229,7 +271,12 @@ impl ModelHook for L4q {
             ),
         };
         self.core.record(module, spec.clone());
-        Ok(Box::new(L4qLinear { spec, vars }))
+        Ok(Box::new(L4qLinear {
+            spec,
+            vars,
+            base: base_layer,
+            quantizing: self.quantizing.clone(),
+        }))
     }
 }
 
@@ -238,22 +285,28 @@ impl Tuner for L4q {
         &self.core
     }
 
+    /// The warm-up's phase for step `step` (0-based): LoRA alone before `warmup_steps`, the
+    /// steps and offsets set from the trained update at `warmup_steps` (also when a run
+    /// resumes there: the checkpoint's were never trained), quantized after.
+    fn before_step(&self, step: u64, _probe: &mut dyn LossProbe) -> Result<()> {
+        let warmup = self.core.config.warmup_steps;
+        if warmup == 0 {
+            return Ok(());
+        }
+        if step == warmup {
+            self.init_steps_from_update()?;
+        }
+        self.quantizing.store(step >= warmup, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// `W' = Q(W + (α/r)·B A)` per adapted layer, as learned codes
     /// ([`Update::Quantized`]).
     fn updates(&self) -> Result<Vec<(String, Update)>> {
         let mut out = Vec::new();
         for adapted in self.core.adapted().iter() {
             let path = &adapted.module.path;
-            let vars: Vec<Var> = SUFFIXES
-                .iter()
-                .map(|s| {
-                    self.core
-                        .params
-                        .get(&peft_key(path, s))
-                        .ok_or_else(|| anyhow!("l4q: {path} has no {s}"))
-                })
-                .collect::<Result<_>>()?;
-            let vars: [Var; 4] = vars.try_into().expect("four suffixes");
+            let vars = self.layer_vars(path)?;
             let merge = L4qMerge {
                 spec: adapted.layer.clone(),
                 factors: factors_of(&vars),
