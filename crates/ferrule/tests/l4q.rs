@@ -242,6 +242,22 @@ fn a_saved_adapter_reloads_to_bit_identical_logits() {
     )
     .unwrap();
     assert_ne!(bits(&logits(&adapted)), bits(&logits(&unsigned.model)));
+    an_adapter_saved_before_the_codes_key_is_read_as_unsigned(&dir, &config, &unsigned.model);
+}
+
+/// A folder without `codes` (saved before the key existed, with unsigned codes) reads as
+/// `"unsigned"`: the same logits as the folder that says so.
+fn an_adapter_saved_before_the_codes_key_is_read_as_unsigned(
+    dir: &Path,
+    config: &serde_json::Value,
+    unsigned: &Model,
+) {
+    let mut config = config.clone();
+    config.as_object_mut().unwrap().remove("codes");
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let old =
+        AdaptedModel::load(llama_dir().to_str().unwrap(), Some(dir), None, &Device::Cpu).unwrap();
+    assert_eq!(max_diff(&logits(&old.model), &logits(unsigned)), 0.0);
 }
 
 /// `before_step` without a trainer: L4Q never asks for the loss.

@@ -195,7 +195,12 @@ mod tests {
         assert_eq!(f("blk.30.attn_k.weight"), None);
         assert_eq!(f("blk.01.attn_k.weight"), None);
         assert_eq!(f("rope_freqs.weight"), None);
-        assert_eq!(f("blk.0.ffn_up.bias"), None);
+        // llama.cpp's optional MLP bias (`mlp_bias`); Qwen2 has none there.
+        assert_eq!(
+            f("blk.0.ffn_up.bias").as_deref(),
+            Some("model.layers.0.mlp.up_proj.bias")
+        );
+        assert_eq!(hf_tensor_name("blk.0.ffn_up.bias", Arch::Qwen2, 2), None);
         assert_eq!(
             hf_tensor_name("blk.0.attn_q.bias", Arch::Qwen2, 2).as_deref(),
             Some("model.layers.0.self_attn.q_proj.bias")

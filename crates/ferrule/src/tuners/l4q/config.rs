@@ -63,8 +63,8 @@ pub struct L4qConfig {
     /// every targeted layer's `in_features`.
     #[serde(default = "default_group_size")]
     pub group_size: usize,
-    /// The code range (always written to a saved folder; one written before the key existed
-    /// holds offsets of the unsigned range and needs `"codes": "unsigned"` added by hand).
+    /// The code range (always written to a saved folder; a saved folder without the key was
+    /// written before it existed, with unsigned codes, and is read so: `l4q::build`).
     #[serde(default)]
     pub codes: CodeRange,
     /// L4Q's LoRA warm-up `T_wp` (v1, Algorithm 1: "Lora warm-up step T_wp ≪ Total training

@@ -74,7 +74,12 @@ pub static METHOD: Method = Method {
 const SUFFIXES: [&str; 4] = ["lora_A.weight", "lora_B.weight", "l4q_step", "l4q_offset"];
 
 /// LoRA's default targets (peft's mapping): the paper names none for these models.
+/// LoRA's default targets, and `codes` spelled out, so that every config a run builds from
+/// (fresh or resumed) and every folder it saves names its code range.
 fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
+    options
+        .entry("codes")
+        .or_insert_with(|| serde_json::json!("signed"));
     default_list(
         options,
         "target_modules",
@@ -83,7 +88,16 @@ fn complete(options: &mut Map<String, Value>, model_type: &str) -> Result<()> {
     )
 }
 
+/// A saved folder without `codes` was written before the key existed, when every code was
+/// unsigned: it is read so, with a warning, rather than misread as signed.
 fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
+    let mut config = config.clone();
+    if ctx.weights.is_some() && !config.options.contains_key("codes") {
+        tracing::warn!("l4q: the adapter names no \"codes\" range: it was saved before ferrule's L4Q followed the paper's signed codes, so it is read as \"unsigned\", as it was trained");
+        config
+            .options
+            .insert("codes".into(), serde_json::json!("unsigned"));
+    }
     let cfg: L4qConfig = config.typed("l4q")?;
     Ok(Box::new(L4q::new(cfg, ctx)?))
 }
