@@ -25,6 +25,17 @@ pub enum ModuleSpec {
 }
 
 impl ModuleSpec {
+    /// The targets as [`BlockShapes::sum_over_targets`](super::registry::BlockShapes::sum_over_targets)
+    /// takes them (names, or `all-linear`), for `ferrule plan` without weights; `None` for a
+    /// regular expression, which only the model's module paths can resolve.
+    pub fn shape_targets(spec: Option<&ModuleSpec>) -> Option<Vec<String>> {
+        match spec? {
+            ModuleSpec::Names(n) => Some(n.clone()),
+            ModuleSpec::Pattern(p) if p == "all-linear" => Some(vec![p.clone()]),
+            ModuleSpec::Pattern(_) => None,
+        }
+    }
+
     pub fn is_all_linear(&self) -> bool {
         matches!(self, ModuleSpec::Pattern(p) if p == "all-linear")
     }

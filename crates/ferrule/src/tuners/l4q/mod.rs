@@ -116,10 +116,9 @@ fn layer_params(c: &L4qConfig, path: &str, out_f: usize, in_f: usize) -> Result<
 fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
     let cfg: L4qConfig = AdapterConfig::new(METHOD.peft_type, options.clone()).typed("l4q")?;
     cfg.validate()?;
-    let targets = match &cfg.target_modules {
-        Some(ModuleSpec::Names(n)) => n.clone(),
-        Some(ModuleSpec::Pattern(p)) if p == "all-linear" => vec![p.clone()],
-        _ => return Ok(None),
+    let targets = match ModuleSpec::shape_targets(cfg.target_modules.as_ref()) {
+        Some(t) => t,
+        None => return Ok(None),
     };
     let selective = cfg.exclude_modules.is_some()
         || cfg.layers_to_transform.is_some()

@@ -66,10 +66,9 @@ fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Resu
     let cfg: PelaConfig =
         crate::tuners::AdapterConfig::new(METHOD.peft_type, options.clone()).typed("pela")?;
     cfg.validate()?;
-    let targets = match &cfg.target_modules {
-        Some(ModuleSpec::Names(n)) => n.clone(),
-        Some(ModuleSpec::Pattern(p)) if p == "all-linear" => vec![p.clone()],
-        _ => return Ok(None),
+    let targets = match ModuleSpec::shape_targets(cfg.target_modules.as_ref()) {
+        Some(t) => t,
+        None => return Ok(None),
     };
     if cfg.exclude_modules.is_some() || cfg.modules_to_save.is_some() {
         return Ok(None);

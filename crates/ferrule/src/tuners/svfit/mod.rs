@@ -76,10 +76,9 @@ fn build(config: &AdapterConfig, ctx: BuildContext) -> Result<Box<dyn Tuner>> {
 fn count_from_shapes(options: &Map<String, Value>, blocks: &BlockShapes) -> Result<Option<usize>> {
     let cfg: SvfitConfig = AdapterConfig::new(METHOD.peft_type, options.clone()).typed("svfit")?;
     cfg.validate()?;
-    let targets = match &cfg.target_modules {
-        Some(ModuleSpec::Names(n)) => n.clone(),
-        Some(ModuleSpec::Pattern(p)) if p == "all-linear" => vec![p.clone()],
-        _ => return Ok(None),
+    let targets = match ModuleSpec::shape_targets(cfg.target_modules.as_ref()) {
+        Some(t) => t,
+        None => return Ok(None),
     };
     let selective = cfg.exclude_modules.is_some()
         || cfg.layers_to_transform.is_some()
